@@ -1,0 +1,1 @@
+"""Analysis of fitted models: estimators compared, gaps, diagnostics, results, figures."""

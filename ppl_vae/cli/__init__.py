@@ -1,0 +1,1 @@
+"""Command-line interface: the click group ``ppl-vae``, one module per command."""

@@ -1,0 +1,26 @@
+"""``ppl-vae models``: list the registered models, priors, likelihoods, datasets, objectives."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+def models() -> None:
+    """List the names accepted by --model, --prior, --likelihood, --dataset, --elbo, --optimizer."""
+    from ppl_vae.data.datasets import DATASETS
+    from ppl_vae.inference.training import ELBOS, OPTIMIZERS
+    from ppl_vae.models import LIKELIHOODS, MODELS, PRIORS
+
+    for title, registry in (
+        ("models", MODELS),
+        ("priors", PRIORS),
+        ("likelihoods", LIKELIHOODS),
+        ("datasets", DATASETS),
+        ("elbos", ELBOS),
+        ("optimizers", OPTIMIZERS),
+    ):
+        click.echo(f"{title}:")
+        width = max(len(n) for n in registry.names())
+        for name in registry.names():
+            click.echo(f"  {name:<{width}}  {registry.describe(name)}")

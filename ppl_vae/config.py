@@ -1,0 +1,93 @@
+"""Plain dataclass configs that round-trip through JSON (a run directory's ``config.json``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, Optional, Type, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to build; ``None`` takes the model's own default."""
+
+    model: str = "gaussian_mlp"
+    prior: str = "standard_normal"
+    likelihood: Optional[str] = None
+    latent_dim: Optional[int] = None
+    hidden_dim: Optional[int] = None
+    prior_options: Dict[str, Any] = field(default_factory=dict)
+    likelihood_options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Which data to load (see :func:`ppl_vae.data.load_dataset`)."""
+
+    dataset: str = "digits"
+    data_dir: Optional[str] = None
+    binarize: str = "none"
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    train_size: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    """How to train: SVI objective, optimizer, schedule, device.
+
+    ``elbo``: "trace" (AEVB's SGVB estimator A, Trace_ELBO), "mean_field" (estimator B,
+    analytic KL where one exists, TraceMeanField_ELBO), or their JIT-compiled variants
+    "jit_trace" and "jit_mean_field". ``kl_warmup_epochs``: the KL weight rises linearly from
+    0 to 1 over this many epochs (0: no warm-up).
+    """
+
+    epochs: int = 100
+    batch_size: int = 100
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    elbo: str = "trace"
+    num_particles: int = 1
+    kl_warmup_epochs: int = 0
+    seed: int = 0
+    device: str = "auto"
+    eval_num_particles: int = 1
+    checkpoint_every: int = 1
+
+
+@dataclass
+class RunConfig:
+    """Everything needed to rebuild and continue a run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunConfig":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config is not valid JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ValueError("config must be a JSON object")
+        return cls(
+            model=_from_dict(ModelConfig, raw.get("model", {}), "model"),
+            data=_from_dict(DataConfig, raw.get("data", {}), "data"),
+            train=_from_dict(TrainConfig, raw.get("train", {}), "train"),
+        )
+
+
+def _from_dict(cls: Type[T], raw: Any, section: str) -> T:
+    if not isinstance(raw, dict):
+        raise ValueError(f"config section {section!r} must be a JSON object")
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(f"config section {section!r} has unknown key(s): {', '.join(unknown)}")
+    return cls(**raw)

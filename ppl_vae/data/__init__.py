@@ -1,0 +1,6 @@
+"""Datasets and file readers."""
+
+from ppl_vae.data.datasets import BINARIZE, DATASETS, Dataset, load_dataset
+from ppl_vae.data.readers import read_array_file, read_idx
+
+__all__ = ["BINARIZE", "DATASETS", "Dataset", "load_dataset", "read_array_file", "read_idx"]

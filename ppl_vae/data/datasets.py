@@ -1,0 +1,249 @@
+"""Datasets: the embedded default (8x8 digits), MNIST, Fashion-MNIST, Frey Face, user arrays.
+
+:func:`load_dataset` returns a :class:`Dataset` of float32 tensors, images as
+``(N, 1, H, W)`` in [0, 1]. Named datasets come from :data:`DATASETS`; any other name is read
+as a path to a ``.npy``, ``.npz`` or ``.csv`` file. Nothing is downloaded: files that are
+absent give an error that says where to get them and which checksum to expect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ppl_vae.data.readers import read_array_file, read_idx, read_mat_array
+from ppl_vae.errors import DataError
+from ppl_vae.registry import Registry
+
+Arrays = Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]
+"""(train, test or None, train labels or None, test labels or None)"""
+
+DATASETS: Registry[Callable[[Optional[Path]], Arrays]] = Registry("dataset")
+
+BINARIZE = ("none", "dynamic", "threshold")
+
+MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+}
+FREY_FACE_SHA256 = "265a83a23adb081755cd3de375509828e690324d1d60f076b8ecebc840d59c64"
+FASHION_MNIST_DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass
+class Dataset:
+    """Train and test tensors (float32, ``(N, *event_shape)``), optional integer labels.
+
+    ``dynamic_binarization``: training batches are resampled as x ~ Bernoulli(x) each time
+    they are drawn (the test set was binarized once, with a fixed seed, at load time).
+    """
+
+    name: str
+    train: Tensor
+    test: Tensor
+    train_labels: Optional[Tensor] = None
+    test_labels: Optional[Tensor] = None
+    dynamic_binarization: bool = False
+    info: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def event_shape(self) -> Tuple[int, ...]:
+        return tuple(self.train.shape[1:])
+
+    def to(self, device: torch.device | str) -> "Dataset":
+        """A copy with every tensor on ``device`` (data stays there for the whole training)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(
+            self,
+            train=move(self.train),
+            test=move(self.test),
+            train_labels=move(self.train_labels),
+            test_labels=move(self.test_labels),
+        )
+
+
+def _require_dir(data_dir: Optional[Path], dataset: str, files: Dict[str, str], where: str) -> Path:
+    if data_dir is None:
+        raise DataError(f"dataset {dataset!r} needs --data-dir: a folder holding {', '.join(files)} ({where})")
+    data_dir = Path(data_dir)
+    missing = [f for f in files if not (data_dir / f).is_file()]
+    if missing:
+        checks = "; ".join(f"{f} sha256 {files[f]}" for f in missing) if all(files.values()) else ""
+        raise DataError(
+            f"{dataset}: {', '.join(missing)} not found in {data_dir} ({where})"
+            + (f"; expected {checks}" if checks else "")
+        )
+    return data_dir
+
+
+def _idx_images(path: Path) -> np.ndarray:
+    images = read_idx(path)
+    if images.ndim != 3:
+        raise DataError(f"{path} holds an array of shape {images.shape}, expected (N, rows, cols) images")
+    return images[:, None].astype(np.float32) / 255.0
+
+
+def _idx_labels(path: Path, n: int) -> np.ndarray:
+    labels = read_idx(path)
+    if labels.shape != (n,):
+        raise DataError(f"{path} holds {labels.shape} labels for {n} images")
+    return labels.astype(np.int64)
+
+
+def _idx_dataset(data_dir: Path) -> Arrays:
+    train = _idx_images(data_dir / "train-images-idx3-ubyte.gz")
+    test = _idx_images(data_dir / "t10k-images-idx3-ubyte.gz")
+    train_labels = _idx_labels(data_dir / "train-labels-idx1-ubyte.gz", len(train))
+    test_labels = _idx_labels(data_dir / "t10k-labels-idx1-ubyte.gz", len(test))
+    return train, test, train_labels, test_labels
+
+
+@DATASETS.register("digits")
+def load_digits_arrays(data_dir: Optional[Path] = None) -> Arrays:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images), the embedded default."""
+    from sklearn.datasets import load_digits  # ships with scikit-learn; no download
+
+    bunch = load_digits()
+    images = (bunch.images[:, None] / 16.0).astype(np.float32)
+    return images, None, bunch.target.astype(np.int64), None
+
+
+@DATASETS.register("mnist")
+def load_mnist_arrays(data_dir: Optional[Path]) -> Arrays:
+    """MNIST (LeCun et al. 1998), the four original IDX gzip files in --data-dir."""
+    where = "the original files from http://yann.lecun.com/exdb/mnist/ or a mirror"
+    return _idx_dataset(_require_dir(data_dir, "mnist", MNIST_SHA256, where))
+
+
+@DATASETS.register("fashion-mnist")
+def load_fashion_mnist_arrays(data_dir: Optional[Path]) -> Arrays:
+    """Fashion-MNIST (Xiao et al. 2017), IDX gzip files; default dir from Debian's package."""
+    files = {name: "" for name in MNIST_SHA256}
+    where = "Debian's package dataset-fashion-mnist installs them in /usr/share/datasets/fashion-mnist"
+    data_dir = FASHION_MNIST_DEFAULT_DIR if data_dir is None else data_dir
+    return _idx_dataset(_require_dir(data_dir, "fashion-mnist", files, where))
+
+
+@DATASETS.register("frey-face")
+def load_frey_face_arrays(data_dir: Optional[Path]) -> Arrays:
+    """Frey Face: 1,965 greyscale 28x20 faces from frey_rawface.mat in --data-dir."""
+    where = "from Sam Roweis' data page, https://cs.nyu.edu/~roweis/data/frey_rawface.mat"
+    data_dir = _require_dir(data_dir, "frey-face", {"frey_rawface.mat": FREY_FACE_SHA256}, where)
+    ff = read_mat_array(data_dir / "frey_rawface.mat", "ff")
+    if ff.ndim != 2 or ff.shape[0] != 28 * 20:
+        raise DataError(f"frey_rawface.mat: variable 'ff' has shape {ff.shape}, expected (560, N)")
+    images = ff.T.reshape(-1, 1, 28, 20).astype(np.float32) / 255.0
+    return images, None, None, None
+
+
+def _arrays_from_file(path: Path) -> Arrays:
+    arrays = read_array_file(path)
+    if "train" in arrays:
+        if "test" not in arrays:
+            raise DataError(f"{path} has a 'train' array but no 'test' array")
+        return arrays["train"], arrays["test"], arrays.get("train_labels"), arrays.get("test_labels")
+    if "data" in arrays:
+        return arrays["data"], None, arrays.get("labels"), None
+    if len(arrays) == 1:
+        return next(iter(arrays.values())), None, None, None
+    raise DataError(
+        f"{path} holds arrays {', '.join(arrays)}; expected 'train' and 'test', or one array"
+    )
+
+
+def _as_float_tensor(array: np.ndarray, what: str) -> Tensor:
+    if array.dtype.kind not in "biuf":
+        raise DataError(f"{what} has non-numeric dtype {array.dtype}")
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 1:
+        array = array[:, None]
+    if array.shape[0] == 0 or array.size == 0:
+        raise DataError(f"{what} is empty")
+    n_bad = int(np.count_nonzero(~np.isfinite(array)))
+    if n_bad:
+        raise DataError(f"{what} contains {n_bad} NaN or infinite value(s)")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def load_dataset(
+    name: str = "digits",
+    data_dir: str | Path | None = None,
+    *,
+    binarize: str = "none",
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+    train_size: Optional[int] = None,
+) -> Dataset:
+    """Load a dataset by registered name or from a user's array file.
+
+    ``binarize``: "none", "dynamic" (resample x ~ Bernoulli(x) per training batch; the test
+    set is sampled once with ``split_seed``), or "threshold" (x > 0.5, static).
+    ``test_fraction``: held-out share when the source has no test split (seeded by
+    ``split_seed``). ``train_size``: keep only the first ``train_size`` training points.
+    """
+    if binarize not in BINARIZE:
+        raise ValueError(f"binarize must be one of {', '.join(BINARIZE)}, got {binarize!r}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    if train_size is not None and train_size < 1:
+        raise ValueError(f"train_size must be >= 1, got {train_size}")
+    data_dir = None if data_dir is None else Path(data_dir)
+    if name in DATASETS:
+        train, test, train_labels, test_labels = DATASETS.get(name)(data_dir)
+        label = name
+    else:
+        path = Path(name)
+        if path.suffix.lower() not in (".npy", ".npz", ".csv") and not path.exists():
+            DATASETS.get(name)  # raises: unknown name, listing the valid ones
+        train, test, train_labels, test_labels = _arrays_from_file(path)
+        label = path.name
+
+    generator = torch.Generator().manual_seed(split_seed)
+    train_t = _as_float_tensor(train, f"{label} (train)")
+    train_lab = None if train_labels is None else torch.as_tensor(np.asarray(train_labels)).long()
+    if train_lab is not None and len(train_lab) != len(train_t):
+        raise DataError(f"{label}: {len(train_lab)} labels for {len(train_t)} training points")
+    if test is None:
+        n = len(train_t)
+        n_test = max(1, int(round(test_fraction * n)))
+        if n - n_test < 1:
+            raise DataError(f"{label} has {n} datapoint(s): too few to hold out a test set")
+        perm = torch.randperm(n, generator=generator)
+        test_t, train_t = train_t[perm[:n_test]], train_t[perm[n_test:]]
+        if train_lab is not None:
+            test_lab, train_lab = train_lab[perm[:n_test]], train_lab[perm[n_test:]]
+        else:
+            test_lab = None
+    else:
+        test_t = _as_float_tensor(test, f"{label} (test)")
+        if test_t.shape[1:] != train_t.shape[1:]:
+            raise DataError(f"{label}: train points have shape {tuple(train_t.shape[1:])} but test points {tuple(test_t.shape[1:])}")
+        test_lab = None if test_labels is None else torch.as_tensor(np.asarray(test_labels)).long()
+    if train_size is not None:
+        train_t = train_t[:train_size]
+        train_lab = None if train_lab is None else train_lab[:train_size]
+
+    if binarize != "none":
+        for t, what in ((train_t, "train"), (test_t, "test")):
+            if float(t.min()) < 0 or float(t.max()) > 1:
+                raise DataError(f"cannot binarize {label} ({what}): values must lie in [0, 1]")
+        if binarize == "threshold":
+            train_t, test_t = (train_t > 0.5).float(), (test_t > 0.5).float()
+        else:
+            test_t = torch.bernoulli(test_t, generator=generator)
+    return Dataset(
+        name=label,
+        train=train_t,
+        test=test_t,
+        train_labels=train_lab,
+        test_labels=test_lab,
+        dynamic_binarization=binarize == "dynamic",
+        info={"binarize": binarize},
+    )

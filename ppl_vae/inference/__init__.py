@@ -1,0 +1,15 @@
+"""Inference: SVI training and importance-weighted estimators."""
+
+from ppl_vae.inference.importance import elbo_per_datapoint, iw_log_likelihood, log_importance_weights
+from ppl_vae.inference.training import ELBOS, OPTIMIZERS, TrainState, resolve_device, train
+
+__all__ = [
+    "ELBOS",
+    "OPTIMIZERS",
+    "TrainState",
+    "elbo_per_datapoint",
+    "iw_log_likelihood",
+    "log_importance_weights",
+    "resolve_device",
+    "train",
+]

@@ -1,0 +1,22 @@
+"""Models: networks, priors, likelihoods, the VAE model/guide pair and the model registry."""
+
+from ppl_vae.models.likelihoods import LIKELIHOODS, Likelihood, make_likelihood
+from ppl_vae.models.priors import PRIORS, MixtureOfGaussiansPrior, Prior, StandardNormalPrior, make_prior
+from ppl_vae.models.vae import VAE, data_plate
+from ppl_vae.models.zoo import MODELS, ModelSpec, build_vae
+
+__all__ = [
+    "LIKELIHOODS",
+    "MODELS",
+    "PRIORS",
+    "Likelihood",
+    "MixtureOfGaussiansPrior",
+    "ModelSpec",
+    "Prior",
+    "StandardNormalPrior",
+    "VAE",
+    "build_vae",
+    "data_plate",
+    "make_likelihood",
+    "make_prior",
+]

@@ -1,0 +1,98 @@
+"""The VAE as a Pyro model/guide pair assembled from four swappable parts.
+
+Contract (relied on by training and analysis, and by hand-written pairs alike):
+datapoints live in ``pyro.plate("data", ...)`` at dim -1, the latent site is ``"z"`` and the
+observed site is ``"x"``. ``num_data`` scales a minibatch to the full dataset (Kingma &
+Welling 2013, eq. 8); ``kl_weight`` scales log p(z) - log q(z|x) for KL warm-up.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import pyro
+import torch
+from pyro import distributions as dist
+from pyro import poutine
+from torch import Tensor, nn
+
+from ppl_vae.models.likelihoods import Likelihood
+from ppl_vae.models.priors import Prior
+
+
+def data_plate(x: Tensor, num_data: Optional[int]) -> pyro.plate:
+    """The ``"data"`` plate over the leading dim of ``x``, scaled to ``num_data`` points."""
+    batch_size = x.shape[0]
+    if num_data is None or num_data == batch_size:
+        return pyro.plate("data", batch_size)
+    # An explicit subsample avoids drawing a random permutation of num_data every step.
+    return pyro.plate("data", num_data, subsample=torch.arange(batch_size, device=x.device))
+
+
+class VAE(nn.Module):
+    """A variational autoencoder: encoder, decoder, prior over z, likelihood of x.
+
+    ``encoder(x) -> (loc, scale)`` of q(z|x); ``decoder(z) -> params``; ``prior() ->
+    Distribution`` over z; ``likelihood(*params) -> Distribution`` over x. Every part is an
+    ``nn.Module`` and every parameter is a module parameter, so ``vae.parameters()`` is all
+    that an optimizer needs (no global param store).
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        prior: Prior,
+        likelihood: Likelihood,
+        event_shape: Sequence[int],
+    ):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.prior = prior
+        self.likelihood = likelihood
+        self.event_shape = tuple(event_shape)
+        num_params = getattr(decoder, "num_params", likelihood.num_params)
+        if num_params != likelihood.num_params:
+            raise ValueError(
+                f"the decoder returns {num_params} parameter(s) per element but likelihood "
+                f"{likelihood.name!r} takes {likelihood.num_params}"
+            )
+
+    @property
+    def latent_dim(self) -> int:
+        return self.prior.latent_dim
+
+    def model(self, x: Tensor, *, num_data: Optional[int] = None, kl_weight: float = 1.0) -> Tensor:
+        """p(x, z) = p(z) p(x|z), with ``x`` observed; returns z."""
+        with data_plate(x, num_data):
+            with poutine.scale(scale=kl_weight):
+                z = pyro.sample("z", self.prior())
+            pyro.sample("x", self.likelihood(*self.decoder(z)), obs=x)
+        return z
+
+    def guide(self, x: Tensor, *, num_data: Optional[int] = None, kl_weight: float = 1.0) -> Tensor:
+        """q(z|x) = N(z; encoder(x)), the amortized guide (AEVB's recognition model)."""
+        with data_plate(x, num_data):
+            loc, scale = self.encoder(x)
+            with poutine.scale(scale=kl_weight):
+                return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    # Conveniences that bypass tracing (no sample sites are recorded).
+
+    def encode(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """(loc, scale) of q(z|x), each ``(batch, latent_dim)``."""
+        return self.encoder(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """E[x|z] under the likelihood, shape ``(..., *event_shape)``."""
+        return self.likelihood.mean(*self.decoder(z))
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """E[x | z = E_q[z|x]]: the decoded posterior mean."""
+        return self.decode(self.encoder(x)[0])
+
+    def sample(self, num_samples: int) -> Tensor:
+        """E[x|z] for ``num_samples`` draws z ~ p(z)."""
+        z = self.prior().sample((num_samples,))
+        return self.decode(z)

@@ -1,0 +1,54 @@
+"""A small registry of named factories (models, priors, likelihoods, datasets).
+
+Looking up an unknown name raises a ``ValueError`` that lists the valid names, so the CLI
+can turn it into a one-line message. Registries replace if/elif chains over names.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Generic, Iterator, List, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Maps names to objects (usually factories); ``kind`` names the registry in errors."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: Dict[str, T] = {}
+        self._docs: Dict[str, str] = {}
+
+    def register(self, name: str, doc: str | None = None) -> Callable[[T], T]:
+        """Decorator: ``@REGISTRY.register("name")``."""
+
+        def decorator(obj: T) -> T:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            self._entries[name] = obj
+            text = doc if doc is not None else (getattr(obj, "__doc__", None) or "")
+            self._docs[name] = text.strip().splitlines()[0] if text.strip() else ""
+            return obj
+
+        return decorator
+
+    def get(self, name: str) -> T:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise ValueError(
+                f"unknown {self.kind} {name!r}; valid {self.kind}s: {', '.join(self.names())}"
+            ) from None
+
+    def describe(self, name: str) -> str:
+        self.get(name)
+        return self._docs[name]
+
+    def names(self) -> List[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
