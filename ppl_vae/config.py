@@ -36,14 +36,16 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """How to train: SVI objective, optimizer, schedule, device.
+    """How to train: method, SVI objective, optimizer, schedule, device.
 
+    ``method``: a name from :data:`ppl_vae.inference.training.METHODS` ("svi" is AEVB).
     ``elbo``: "trace" (AEVB's SGVB estimator A, Trace_ELBO), "mean_field" (estimator B,
     analytic KL where one exists, TraceMeanField_ELBO), or their JIT-compiled variants
     "jit_trace" and "jit_mean_field". ``kl_warmup_epochs``: the KL weight rises linearly from
     0 to 1 over this many epochs (0: no warm-up).
     """
 
+    method: str = "svi"
     epochs: int = 100
     batch_size: int = 100
     lr: float = 1e-3

@@ -22,9 +22,9 @@ from ppl_vae.config import RunConfig
 from ppl_vae.data.datasets import Dataset, load_dataset
 from ppl_vae.errors import RunDirError
 from ppl_vae.inference.training import (
+    METHODS,
     TrainState,
     history_records,
-    make_optimizer,
     resolve_device,
     train,
     validate_train_config,
@@ -139,11 +139,12 @@ def resume(run_dir: Path, *, epochs: Optional[int] = None, progress: bool = True
     vae, data = _prepare(config)
     tensors, meta = runs.read_checkpoint(run_dir)
     runs.load_weights(vae, tensors, str(run_dir / runs.CHECKPOINT))
-    optimizer = make_optimizer(vae, config.train)
-    optim_state = runs.optimizer_state(tensors, meta)
-    if optim_state is not None:
+    stepper = METHODS.get(config.train.method)(vae, config.train)
+    for name, saved in runs.optimizer_states(tensors, meta).items():
+        if name not in stepper.optimizers:
+            raise RunDirError(f"{run_dir}: checkpoint has state for an unknown optimizer {name!r}")
         try:
-            optimizer.load_state_dict(optim_state)
+            stepper.optimizers[name].load_state_dict(saved)
         except (ValueError, KeyError) as exc:
             raise RunDirError(f"optimizer state in {run_dir} does not fit: {exc}") from None
     records = history_records(runs.load_history(run_dir)) if (run_dir / runs.HISTORY).is_file() else []
@@ -156,7 +157,7 @@ def resume(run_dir: Path, *, epochs: Optional[int] = None, progress: bool = True
     state = TrainState(epoch=int(meta["epoch"]), step=int(meta["step"]), records=records)
     if epochs is not None:
         runs.save_config(run_dir, config)
-    history = train(vae, data, config.train, run_dir=run_dir, optimizer=optimizer, state=state,
+    history = train(vae, data, config.train, run_dir=run_dir, stepper=stepper, state=state,
                     progress=progress, history_attrs=_history_attrs(config, data))
     return Run(run_dir, config, vae, history)
 

@@ -69,32 +69,45 @@ def load_config(run_dir: Path) -> RunConfig:
         raise RunDirError(f"{path}: {exc}") from None
 
 
-def _flatten_optimizer(state: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+def _flatten_optimizers(optimizers: Dict[str, torch.optim.Optimizer]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Optimizer state dicts as flat tensors ``optim.NAME.IDX.KEY`` plus JSON metadata."""
     tensors: Dict[str, torch.Tensor] = {}
-    scalars: Dict[str, Any] = {}
-    for idx, param_state in state["state"].items():
-        for key, value in param_state.items():
-            name = f"optim.{idx}.{key}"
-            if torch.is_tensor(value):
-                tensors[name] = value.detach().cpu().contiguous()
-            else:
-                scalars[name] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+    meta: Dict[str, Any] = {}
+    for opt_name, optimizer in optimizers.items():
+        if "." in opt_name:
+            raise ValueError(f"optimizer name {opt_name!r} must not contain '.'")
+        state = optimizer.state_dict()
+        scalars: Dict[str, Any] = {}
+        for idx, param_state in state["state"].items():
+            for key, value in param_state.items():
+                name = f"optim.{opt_name}.{idx}.{key}"
+                if torch.is_tensor(value):
+                    tensors[name] = value.detach().cpu().contiguous()
+                else:
+                    scalars[name] = value
+        meta[opt_name] = {"param_groups": state["param_groups"], "scalars": scalars}
+    return tensors, meta
 
 
-def _unflatten_optimizer(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> Dict[str, Any]:
-    state: Dict[int, Dict[str, Any]] = {}
-    items = list(tensors.items()) + list(meta.get("scalars", {}).items())
-    for name, value in items:
-        _, idx, key = name.split(".", 2)
-        state.setdefault(int(idx), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+def optimizer_states(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """The optimizer state dicts saved by :func:`save_checkpoint`, by optimizer name."""
+    saved = meta.get("optimizers", {})
+    states: Dict[str, Dict[str, Any]] = {
+        name: {"state": {}, "param_groups": m["param_groups"]} for name, m in saved.items()
+    }
+    scalars = {k: v for m in saved.values() for k, v in m.get("scalars", {}).items()}
+    for name, value in list(tensors.items()) + list(scalars.items()):
+        if not name.startswith("optim."):
+            continue
+        _, opt_name, idx, key = name.split(".", 3)
+        states[opt_name]["state"].setdefault(int(idx), {})[key] = value
+    return states
 
 
 def save_checkpoint(
     run_dir: Path,
     module: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    optimizers: Dict[str, torch.optim.Optimizer] | None,
     *,
     epoch: int,
     step: int,
@@ -105,10 +118,9 @@ def save_checkpoint(
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     meta: Dict[str, Any] = {"epoch": epoch, "step": step, "extra": extra or {}}
-    if optimizer is not None:
-        optim_tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
+    if optimizers:
+        optim_tensors, meta["optimizers"] = _flatten_optimizers(optimizers)
         tensors.update(optim_tensors)
-        meta["optimizer"] = optim_meta
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -149,13 +161,6 @@ def load_weights(module: torch.nn.Module, tensors: Dict[str, torch.Tensor], path
         module.load_state_dict(state)
     except RuntimeError as exc:
         raise RunDirError(f"weights in {path or 'checkpoint'} do not fit the model: {str(exc).splitlines()[0]}") from None
-
-
-def optimizer_state(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> Dict[str, Any] | None:
-    if "optimizer" not in meta:
-        return None
-    optim = {k: v for k, v in tensors.items() if k.startswith("optim.")}
-    return _unflatten_optimizer(optim, meta["optimizer"])
 
 
 def save_history(run_dir: Path, history: xr.Dataset) -> None:

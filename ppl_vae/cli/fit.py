@@ -10,7 +10,7 @@ from click.core import ParameterSource
 # Options that define a run; with --resume the run's own config decides them.
 RUN_OPTIONS = (
     "model", "dataset", "data_dir", "prior", "likelihood", "latent_dim", "hidden_dim",
-    "num_components", "batch_size", "lr", "optimizer", "elbo", "num_particles", "kl_warmup",
+    "num_components", "method", "batch_size", "lr", "optimizer", "elbo", "num_particles", "kl_warmup",
     "seed", "device", "out", "binarize", "train_size",
 )
 
@@ -25,6 +25,8 @@ RUN_OPTIONS = (
 @click.option("--latent-dim", type=int, default=None, help="Size of z (default: the model's).")
 @click.option("--hidden-dim", type=int, default=None, help="Hidden units per layer (default: the model's).")
 @click.option("--num-components", type=int, default=None, help="Components of the mixture_of_gaussians prior.")
+@click.option("--method", default="svi", show_default=True,
+              help="Training method: svi (AEVB); see `ppl-vae models` for the others.")
 @click.option("--epochs", type=int, default=100, show_default=True)
 @click.option("--batch-size", type=int, default=100, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate.")
@@ -74,6 +76,7 @@ def fit(ctx: click.Context, **opts) -> None:
                 train_size=opts["train_size"],
             ),
             train=TrainConfig(
+                method=opts["method"],
                 epochs=opts["epochs"],
                 batch_size=opts["batch_size"],
                 lr=opts["lr"],

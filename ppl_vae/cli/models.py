@@ -7,9 +7,9 @@ import click
 
 @click.command()
 def models() -> None:
-    """List the names accepted by --model, --prior, --likelihood, --dataset, --elbo, --optimizer."""
+    """List the names accepted by --model, --prior, --likelihood, --dataset, --method, --elbo, --optimizer."""
     from ppl_vae.data.datasets import DATASETS
-    from ppl_vae.inference.training import ELBOS, OPTIMIZERS
+    from ppl_vae.inference.training import ELBOS, METHODS, OPTIMIZERS
     from ppl_vae.models import LIKELIHOODS, MODELS, PRIORS
 
     for title, registry in (
@@ -17,6 +17,7 @@ def models() -> None:
         ("priors", PRIORS),
         ("likelihoods", LIKELIHOODS),
         ("datasets", DATASETS),
+        ("methods", METHODS),
         ("elbos", ELBOS),
         ("optimizers", OPTIMIZERS),
     ):

@@ -22,7 +22,7 @@ from pyro.infer import JitTrace_ELBO, JitTraceMeanField_ELBO, Trace_ELBO, TraceM
 from ppl_vae import runs
 from ppl_vae.config import TrainConfig
 from ppl_vae.data.datasets import Dataset
-from ppl_vae.errors import TrainingDiverged
+from ppl_vae.errors import DataError, TrainingDiverged
 from ppl_vae.inference.importance import elbo_per_datapoint
 from ppl_vae.models.vae import VAE
 from ppl_vae.registry import Registry
@@ -60,6 +60,7 @@ def resolve_device(name: str) -> torch.device:
 
 def validate_train_config(config: TrainConfig) -> None:
     """Raise ValueError naming the first bad field."""
+    METHODS.get(config.method)
     ELBOS.get(config.elbo)
     OPTIMIZERS.get(config.optimizer)
     for name in ("batch_size", "num_particles", "eval_num_particles", "checkpoint_every"):
@@ -76,8 +77,46 @@ def validate_train_config(config: TrainConfig) -> None:
     resolve_device(config.device)
 
 
-def make_optimizer(vae: VAE, config: TrainConfig) -> torch.optim.Optimizer:
-    return OPTIMIZERS.get(config.optimizer)(vae.parameters(), lr=config.lr)
+def make_optimizer(module: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The configured torch optimizer over ``module.parameters()``."""
+    return OPTIMIZERS.get(config.optimizer)(module.parameters(), lr=config.lr)
+
+
+class NonFiniteLoss(ArithmeticError):
+    """Raised by a stepper before it updates anything, when the loss is NaN or infinite."""
+
+    def __init__(self, value: float):
+        super().__init__(f"the loss became {value}")
+        self.value = value
+
+
+class Stepper:
+    """A training method: how one minibatch updates the model.
+
+    ``optimizers`` maps a name to each torch optimizer the method uses; their states are
+    checkpointed and restored by name. ``step`` returns the detached minibatch loss (the
+    negative objective, scaled to the full dataset) and must raise :class:`NonFiniteLoss`
+    *before* updating parameters when that loss is not finite.
+    """
+
+    optimizers: Dict[str, torch.optim.Optimizer]
+
+    def __init__(self, vae: VAE, config: TrainConfig):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def step(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - interface
+
+    @property
+    def drop_last(self) -> bool:
+        """Whether every minibatch must have the same size (compiled steppers)."""
+        return False
+
+    def close(self) -> None:
+        """Release anything the stepper registered globally."""
+
+
+METHODS: Registry[Callable[[VAE, TrainConfig], Stepper]] = Registry("method")
 
 
 class _JitPair:
@@ -91,18 +130,58 @@ class _JitPair:
         self.vae = vae
         self.name = f"ppl_vae_jit_{id(vae)}_{time.monotonic_ns()}"
 
-    def model(self, x, num_data=None):
+    def model(self, x, num_data=None, **kwargs):
         pyro.module(self.name, self.vae)
-        return self.vae.model(x, num_data=num_data)
+        return self.vae.model(x, num_data=num_data, **kwargs)
 
-    def guide(self, x, num_data=None):
+    def guide(self, x, num_data=None, **kwargs):
         pyro.module(self.name, self.vae)
-        return self.vae.guide(x, num_data=num_data)
+        return self.vae.guide(x, num_data=num_data, **kwargs)
 
     def close(self) -> None:
         store = pyro.get_param_store()
         for key in [k for k in store.keys() if k.startswith(self.name)]:
             del store[key]
+
+
+@METHODS.register("svi", doc="SVI on the ELBO: AEVB's algorithm 1 (encoder and decoder jointly)")
+class SVIStepper(Stepper):
+    """AEVB: one gradient step on the chosen ELBO for encoder and decoder together."""
+
+    def __init__(self, vae: VAE, config: TrainConfig):
+        self.vae = vae
+        self.jit = config.elbo.startswith("jit")
+        options = {"ignore_jit_warnings": True} if self.jit else {}
+        self.elbo = ELBOS.get(config.elbo)(
+            num_particles=config.num_particles,
+            vectorize_particles=config.num_particles > 1,
+            max_plate_nesting=1,
+            **options,
+        )
+        self._pair = _JitPair(vae) if self.jit else None
+        self.model, self.guide = (self._pair.model, self._pair.guide) if self._pair else (vae.model, vae.guide)
+        self.optimizers = {"svi": make_optimizer(vae, config)}
+
+    @property
+    def drop_last(self) -> bool:
+        # Pyro's JIT caches one trace per argument count, so the batch shape must not change.
+        return self.jit
+
+    def step(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> torch.Tensor:
+        if kl_weight != 1.0:
+            kwargs["kl_weight"] = kl_weight
+        loss = self.elbo.differentiable_loss(self.model, self.guide, x, num_data=num_data, **kwargs)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(float(loss))
+        optimizer = self.optimizers["svi"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    def close(self) -> None:
+        if self._pair is not None:
+            self._pair.close()
 
 
 @dataclass
@@ -153,7 +232,7 @@ def train(
     config: TrainConfig,
     *,
     run_dir: Optional[Path] = None,
-    optimizer: Optional[torch.optim.Optimizer] = None,
+    stepper: Optional[Stepper] = None,
     state: Optional[TrainState] = None,
     progress: bool = True,
     history_attrs: Optional[dict] = None,
@@ -164,34 +243,36 @@ def train(
     checkpoint and the history are written (atomically) every ``config.checkpoint_every``
     epochs and at the end. A NaN or infinite loss raises :class:`TrainingDiverged` naming
     the step; the run directory keeps the last good checkpoint. Returns the history.
+
+    ``stepper`` (default: the one ``config.method`` names) carries the optimizer state when
+    resuming. A VAE with ``conditional = True`` gets the labels as ``y``.
     """
     from tqdm.auto import tqdm
 
     validate_train_config(config)
     state = state or TrainState()
-    optimizer = optimizer or make_optimizer(vae, config)
-    elbo = ELBOS.get(config.elbo)(num_particles=config.num_particles, vectorize_particles=config.num_particles > 1,
-                                  max_plate_nesting=1)
-    jit = config.elbo.startswith("jit")
-    pair = _JitPair(vae) if jit else None
-    model, guide = (pair.model, pair.guide) if pair else (vae.model, vae.guide)
+    stepper = stepper or METHODS.get(config.method)(vae, config)
+    conditional = getattr(vae, "conditional", False)
+    if conditional and (data.train_labels is None or data.test_labels is None):
+        raise DataError(f"model {type(vae).__name__} is conditional and needs labels, but {data.name} has none")
 
     x_train = data.train
     n_train = x_train.shape[0]
     batch_size = min(config.batch_size, n_train)
     # The JIT trace fixes the batch shape, so it drops the last, smaller batch.
-    steps_per_epoch = n_train // batch_size if jit else math.ceil(n_train / batch_size)
+    steps_per_epoch = n_train // batch_size if stepper.drop_last else math.ceil(n_train / batch_size)
     attrs = dict(history_attrs or {})
 
-    def evaluate(x: torch.Tensor) -> float:
+    def evaluate(x: torch.Tensor, labels: Optional[torch.Tensor]) -> float:
         vae.eval()
-        value = elbo_per_datapoint(vae.model, vae.guide, x, num_particles=config.eval_num_particles).mean()
+        kwargs = {"y": labels} if conditional else {}
+        value = elbo_per_datapoint(vae.model, vae.guide, x, num_particles=config.eval_num_particles, **kwargs).mean()
         vae.train()
         return float(value)
 
     def checkpoint() -> None:
         if run_dir is not None:
-            runs.save_checkpoint(run_dir, vae, optimizer, epoch=state.epoch, step=state.step,
+            runs.save_checkpoint(run_dir, vae, stepper.optimizers, epoch=state.epoch, step=state.step,
                                  extra={"event_shape": list(data.event_shape)})
             runs.save_history(run_dir, history_to_xarray(state.records, attrs))
 
@@ -215,30 +296,28 @@ def train(
                 if data.dynamic_binarization:
                     x = torch.bernoulli(x)
                 kl_weight = _kl_weight(config, state.step, steps_per_epoch)
-                kwargs = {"num_data": n_train}
-                if not jit and kl_weight != 1.0:
-                    kwargs["kl_weight"] = kl_weight
-                loss = elbo.differentiable_loss(model, guide, x, **kwargs)
-                if not torch.isfinite(loss):
+                kwargs = {"y": data.train_labels[idx]} if conditional else {}
+                try:
+                    loss = stepper.step(x, num_data=n_train, kl_weight=kl_weight, **kwargs)
+                except NonFiniteLoss as exc:
+                    last = state.records[-1]["epoch"] if state.records else 0
                     raise TrainingDiverged(
-                        f"the loss became {float(loss)} at step {state.step + 1} (epoch {state.epoch + 1}); "
-                        f"the last good checkpoint is from epoch {state.records[-1]['epoch'] if state.records else 0}"
-                        + (f" in {run_dir}" if run_dir is not None else "")
+                        f"{exc} at step {state.step + 1} (epoch {state.epoch + 1}); the last good checkpoint "
+                        f"is from epoch {last}" + (f" in {run_dir}" if run_dir is not None else "")
                         + "; try a smaller --lr",
                         step=state.step + 1,
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.detach()  # each minibatch loss is scaled to the full data
+                    ) from None
+                loss_sum += loss  # each minibatch loss is scaled to the full data
                 state.step += 1
                 seen += len(idx)
             wall += time.perf_counter() - start
             state.epoch += 1
             record = {
                 "epoch": state.epoch,
-                "train_elbo": evaluate(x_train if not data.dynamic_binarization else torch.bernoulli(x_train)),
-                "test_elbo": evaluate(data.test),
+                "train_elbo": evaluate(
+                    torch.bernoulli(x_train) if data.dynamic_binarization else x_train, data.train_labels
+                ),
+                "test_elbo": evaluate(data.test, data.test_labels),
                 "train_loss": float(loss_sum) / (steps_per_epoch * n_train),
                 "kl_weight": kl_weight,
                 "wall_time": wall,
@@ -251,6 +330,5 @@ def train(
                 checkpoint()
     finally:
         bar.close()
-        if pair is not None:
-            pair.close()
+        stepper.close()
     return history_to_xarray(state.records, attrs)

@@ -1,0 +1,36 @@
+"""Shared fixtures: every test starts with an empty Pyro param store and seeded RNGs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyro
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(autouse=True)
+def _reset_pyro():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)  # seeds torch, numpy and random
+    np.random.seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+@pytest.fixture
+def shared_datasets() -> Path:
+    """../shared/datasets beside the checkout; tests that need it skip when it is absent."""
+    if not SHARED_DATASETS.is_dir():
+        pytest.skip(f"{SHARED_DATASETS} is absent")
+    return SHARED_DATASETS
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
