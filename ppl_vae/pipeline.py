@@ -70,7 +70,7 @@ def load_data(config: RunConfig) -> Dataset:
     )
 
 
-def build_model(config: RunConfig, event_shape) -> VAE:
+def build_model(config: RunConfig, event_shape, data_info: Optional[dict] = None) -> VAE:
     m = config.model
     return build_vae(
         m.model,
@@ -81,6 +81,7 @@ def build_model(config: RunConfig, event_shape) -> VAE:
         hidden_dim=m.hidden_dim,
         prior_options=m.prior_options,
         likelihood_options=m.likelihood_options,
+        data_info=data_info,
     )
 
 
@@ -98,7 +99,7 @@ def _prepare(config: RunConfig):
     validate_train_config(config.train)
     seed_everything(config.train.seed)
     data = load_data(config)
-    vae = build_model(config, data.event_shape)
+    vae = build_model(config, data.event_shape, data.data_info)
     vae.likelihood.check_support(data.train, what=f"the training data of {data.name}")
     vae.likelihood.check_support(data.test, what=f"the test data of {data.name}")
     device = resolve_device(config.train.device)
@@ -167,10 +168,13 @@ def load_run(run_dir: Path, device: str = "cpu") -> Run:
     run_dir = Path(run_dir)
     config = runs.load_config(run_dir)
     tensors, meta = runs.read_checkpoint(run_dir)
-    event_shape = meta.get("extra", {}).get("event_shape")
-    if event_shape is None:
-        event_shape = load_data(config).event_shape
-    vae = build_model(config, event_shape)
+    extra = meta.get("extra", {})
+    if "event_shape" in extra:
+        event_shape, data_info = extra["event_shape"], extra.get("data_info", {})
+    else:
+        data = load_data(config)
+        event_shape, data_info = data.event_shape, data.data_info
+    vae = build_model(config, event_shape, data_info)
     runs.load_weights(vae, tensors, str(run_dir / runs.CHECKPOINT))
     vae.eval()
     history = runs.load_history(run_dir) if (run_dir / runs.HISTORY).is_file() else xr.Dataset()

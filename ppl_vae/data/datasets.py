@@ -51,11 +51,20 @@ class Dataset:
     train_labels: Optional[Tensor] = None
     test_labels: Optional[Tensor] = None
     dynamic_binarization: bool = False
-    info: Dict[str, str] = field(default_factory=dict)
+    info: Dict[str, object] = field(default_factory=dict)  # JSON-able facts (vocab_size, ...)
 
     @property
     def event_shape(self) -> Tuple[int, ...]:
         return tuple(self.train.shape[1:])
+
+    @property
+    def data_info(self) -> Dict[str, object]:
+        """Facts a model builder may need: ``num_classes`` (when labelled) and ``info``'s entries."""
+        out: Dict[str, object] = dict(self.info)
+        labels = [t for t in (self.train_labels, self.test_labels) if t is not None]
+        if labels:
+            out["num_classes"] = int(max(int(t.max()) for t in labels)) + 1
+        return out
 
     def to(self, device: torch.device | str) -> "Dataset":
         """A copy with every tensor on ``device`` (data stays there for the whole training)."""

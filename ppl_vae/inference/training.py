@@ -273,7 +273,7 @@ def train(
     def checkpoint() -> None:
         if run_dir is not None:
             runs.save_checkpoint(run_dir, vae, stepper.optimizers, epoch=state.epoch, step=state.step,
-                                 extra={"event_shape": list(data.event_shape)})
+                                 extra={"event_shape": list(data.event_shape), "data_info": data.data_info})
             runs.save_history(run_dir, history_to_xarray(state.records, attrs))
 
     if run_dir is not None and state.epoch == 0 and state.step == 0:

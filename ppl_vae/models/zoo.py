@@ -20,7 +20,12 @@ Builder = Callable[..., VAE]
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A named model: how to build it and its defaults."""
+    """A named model: how to build it and its defaults.
+
+    ``build(event_shape, latent_dim, hidden_dim, prior, likelihood, **data_info)``: data_info
+    holds facts about the dataset a model may need (``num_classes``, ``vocab_size``, ...);
+    builders ignore the keys they do not use.
+    """
 
     build: Builder
     description: str
@@ -39,6 +44,7 @@ def _mlp_vae(
     hidden_dim: int,
     prior: Prior,
     likelihood: Likelihood,
+    **data_info,
 ) -> VAE:
     encoder = GaussianMLPEncoder(event_shape, latent_dim, (hidden_dim,), activation="tanh")
     decoder = MLPDecoder(latent_dim, event_shape, likelihood.num_params, (hidden_dim,), "tanh")
@@ -72,11 +78,14 @@ def build_vae(
     hidden_dim: Optional[int] = None,
     prior_options: Optional[dict] = None,
     likelihood_options: Optional[dict] = None,
+    data_info: Optional[dict] = None,
 ) -> VAE:
     """Build a registered model, swapping in a prior and likelihood by name or by object.
 
     >>> vae = build_vae("gaussian_mlp", (1, 8, 8), prior="mixture_of_gaussians",
     ...                 likelihood="laplace")  # doctest: +SKIP
+
+    ``data_info`` (see :class:`ModelSpec`) is passed on to the model's builder.
     """
     spec = MODELS.get(model)
     event_shape = tuple(int(s) for s in event_shape)
@@ -99,4 +108,4 @@ def build_vae(
         likelihood = spec.likelihood
     if not isinstance(likelihood, Likelihood):
         likelihood = make_likelihood(likelihood, event_dims=event_dims, **(likelihood_options or {}))
-    return spec.build(event_shape, latent_dim, hidden_dim, prior, likelihood)
+    return spec.build(event_shape, latent_dim, hidden_dim, prior, likelihood, **(data_info or {}))
