@@ -196,7 +196,7 @@ class TrainState:
 HISTORY_VARS = {
     "train_elbo": "ELBO per datapoint on the training set, nats (KL weight 1)",
     "test_elbo": "ELBO per datapoint on the test set, nats (KL weight 1)",
-    "train_loss": "mean minibatch objective per datapoint, nats (with the epoch's KL weight)",
+    "train_loss": "mean minibatch loss (negative ELBO) per datapoint during the epoch, nats (with its KL weight)",
     "kl_weight": "KL weight at the end of the epoch",
     "wall_time": "cumulative training time, seconds (evaluation excluded)",
     "num_train_samples": "training datapoints processed so far",
