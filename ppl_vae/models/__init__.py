@@ -4,6 +4,7 @@ from ppl_vae.models.likelihoods import LIKELIHOODS, Likelihood, make_likelihood
 from ppl_vae.models.priors import PRIORS, MixtureOfGaussiansPrior, Prior, StandardNormalPrior, make_prior
 from ppl_vae.models.vae import VAE, data_plate
 from ppl_vae.models.zoo import MODELS, ModelSpec, build_vae
+from ppl_vae.models import conv, cvae  # noqa: E402,F401  (registers the "conv" and "cvae" models)
 
 __all__ = [
     "LIKELIHOODS",
