@@ -10,7 +10,7 @@ import datetime as _dt
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import pyro
@@ -31,6 +31,9 @@ from ppl_vae.inference.training import (
 )
 from ppl_vae.models.vae import VAE
 from ppl_vae.models.zoo import build_vae
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ppl_vae.inference.distributed import DistContext
 
 
 @dataclass
@@ -94,7 +97,7 @@ def default_run_dir(config: RunConfig, root: Path = Path("runs")) -> Path:
     return path
 
 
-def _prepare(config: RunConfig):
+def _prepare(config: RunConfig, dist: Optional["DistContext"] = None):
     """Validate the config, load data, build the model; no files are touched."""
     validate_train_config(config.train)
     seed_everything(config.train.seed)
@@ -102,23 +105,28 @@ def _prepare(config: RunConfig):
     vae = build_model(config, data.event_shape, data.data_info)
     vae.likelihood.check_support(data.train, what=f"the training data of {data.name}")
     vae.likelihood.check_support(data.test, what=f"the test data of {data.name}")
-    device = resolve_device(config.train.device)
+    device = resolve_device(config.train.device) if dist is None else dist.device
     return vae.to(device), data.to(device)
 
 
-def fit(config: RunConfig, out: Optional[Path] = None, *, progress: bool = True) -> Run:
+def fit(config: RunConfig, out: Optional[Path] = None, *, progress: bool = True,
+        dist: Optional["DistContext"] = None) -> Run:
     """Train a model from ``config``, writing the run to ``out`` (a fresh ``runs/...`` when None).
 
     ``out`` must not exist or be an empty folder; use :func:`resume` to continue a run.
+    ``dist``: train as one rank of a data-parallel run (only rank 0 writes files); see
+    :func:`ppl_vae.inference.distributed.fit`.
     """
-    vae, data = _prepare(config)
+    vae, data = _prepare(config, dist)
     run_dir = default_run_dir(config) if out is None else Path(out)
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise RunDirError(f"{run_dir} already exists and is not empty; choose another --out or --resume it")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    runs.save_config(run_dir, config)
-    history = train(vae, data, config.train, run_dir=run_dir, progress=progress,
-                    history_attrs=_history_attrs(config, data))
+    writer = dist is None or dist.is_main
+    if writer:
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise RunDirError(f"{run_dir} already exists and is not empty; choose another --out or --resume it")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runs.save_config(run_dir, config)
+    history = train(vae, data, config.train, run_dir=run_dir if writer else None, progress=progress,
+                    history_attrs=_history_attrs(config, data), dist=dist)
     return Run(run_dir, config, vae, history)
 
 
@@ -131,19 +139,25 @@ def _history_attrs(config: RunConfig, data: Dataset) -> dict:
     }
 
 
-def resume(run_dir: Path, *, epochs: Optional[int] = None, progress: bool = True) -> Run:
-    """Continue a run from its checkpoint up to ``epochs`` (default: the config's)."""
+def resume(run_dir: Path, *, epochs: Optional[int] = None, progress: bool = True,
+           dist: Optional["DistContext"] = None) -> Run:
+    """Continue a run from its checkpoint up to ``epochs`` (default: the config's); ``dist`` as in :func:`fit`."""
     run_dir = Path(run_dir)
     config = runs.load_config(run_dir)
     if epochs is not None:
         config.train.epochs = epochs
-    vae, data = _prepare(config)
+    vae, data = _prepare(config, dist)
     tensors, meta = runs.read_checkpoint(run_dir)
     runs.load_weights(vae, tensors, str(run_dir / runs.CHECKPOINT))
     stepper = METHODS.get(config.train.method)(vae, config.train)
     for name, saved in runs.optimizer_states(tensors, meta).items():
         if name not in stepper.optimizers:
             raise RunDirError(f"{run_dir}: checkpoint has state for an unknown optimizer {name!r}")
+        saved_type, wanted_type = saved.pop("type", None), type(stepper.optimizers[name]).__name__
+        if saved_type is not None and saved_type != wanted_type:
+            raise RunDirError(
+                f"{run_dir}: the checkpoint holds {saved_type} state but the config asks for {wanted_type}"
+            )
         try:
             stepper.optimizers[name].load_state_dict(saved)
         except (ValueError, KeyError) as exc:
@@ -156,10 +170,11 @@ def resume(run_dir: Path, *, epochs: Optional[int] = None, progress: bool = True
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
     state = TrainState(epoch=int(meta["epoch"]), step=int(meta["step"]), records=records)
-    if epochs is not None:
+    writer = dist is None or dist.is_main
+    if epochs is not None and writer:
         runs.save_config(run_dir, config)
-    history = train(vae, data, config.train, run_dir=run_dir, stepper=stepper, state=state,
-                    progress=progress, history_attrs=_history_attrs(config, data))
+    history = train(vae, data, config.train, run_dir=run_dir if writer else None, stepper=stepper, state=state,
+                    progress=progress, history_attrs=_history_attrs(config, data), dist=dist)
     return Run(run_dir, config, vae, history)
 
 

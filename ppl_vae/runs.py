@@ -85,15 +85,23 @@ def _flatten_optimizers(optimizers: Dict[str, torch.optim.Optimizer]) -> Tuple[D
                     tensors[name] = value.detach().cpu().contiguous()
                 else:
                     scalars[name] = value
-        meta[opt_name] = {"param_groups": state["param_groups"], "scalars": scalars}
+        meta[opt_name] = {
+            "type": type(optimizer).__name__,
+            "param_groups": state["param_groups"],
+            "scalars": scalars,
+        }
     return tensors, meta
 
 
 def optimizer_states(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    """The optimizer state dicts saved by :func:`save_checkpoint`, by optimizer name."""
+    """The optimizer state dicts saved by :func:`save_checkpoint`, by optimizer name.
+
+    Each also carries ``"type"``, the optimizer's class name; pop it before ``load_state_dict``.
+    """
     saved = meta.get("optimizers", {})
     states: Dict[str, Dict[str, Any]] = {
-        name: {"state": {}, "param_groups": m["param_groups"]} for name, m in saved.items()
+        name: {"state": {}, "param_groups": m["param_groups"], "type": m.get("type")}
+        for name, m in saved.items()
     }
     scalars = {k: v for m in saved.values() for k, v in m.get("scalars", {}).items()}
     for name, value in list(tensors.items()) + list(scalars.items()):

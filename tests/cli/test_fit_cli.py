@@ -1,0 +1,123 @@
+"""`ppl-vae fit` and `ppl-vae models` through click's CliRunner, bad inputs included."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ppl_vae.cli.main import cli
+
+FAST = ["--epochs", "2", "--hidden-dim", "16", "--latent-dim", "2", "--train-size", "300", "--no-progress"]
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def invoke(runner, *args):
+    return runner.invoke(cli, list(args), catch_exceptions=False)
+
+
+def assert_one_line_error(result, pattern):
+    assert result.exit_code != 0
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("Error:"), result.output
+    assert pattern in lines[-1], result.output
+    assert "Traceback" not in result.output
+
+
+def test_fit_writes_a_run_and_prints_elbos(runner, tmp_path):
+    out = tmp_path / "run"
+    result = invoke(runner, "fit", "--model", "gaussian_mlp", "--out", str(out), *FAST)
+    assert result.exit_code == 0, result.output
+    assert "epoch 2: train ELBO" in result.output and "test ELBO" in result.output
+    assert (out / "checkpoint.safetensors").is_file() and (out / "history.nc").is_file()
+    result = invoke(runner, "fit", "--resume", str(out), "--epochs", "3", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "epoch 3:" in result.output
+
+
+def test_fit_default_out_is_a_fresh_folder_under_runs(runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        result = invoke(runner, "fit", "--model", "bernoulli_mlp", *FAST)
+        assert result.exit_code == 0, result.output
+    made = sorted((tmp_path / "runs").iterdir())
+    assert len(made) == 2 and all(p.name.startswith("bernoulli_mlp-digits-") for p in made)
+
+
+def test_fit_with_swapped_parts_from_the_cli(runner, tmp_path):
+    result = invoke(
+        runner, "fit", "--model", "gaussian_mlp", "--prior", "mixture_of_gaussians", "--num-components", "3",
+        "--likelihood", "laplace", "--elbo", "mean_field", "--optimizer", "adagrad", "--lr", "0.02",
+        "--kl-warmup", "1", "--num-particles", "2", "--device", "cpu", "--out", str(tmp_path / "r"), *FAST,
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_models_lists_every_registry(runner):
+    result = invoke(runner, "models")
+    assert result.exit_code == 0
+    for name in ["gaussian_mlp", "bernoulli_mlp", "mixture_of_gaussians", "continuous_bernoulli",
+                 "laplace", "fashion-mnist", "mean_field", "adagrad", "svi"]:
+        assert name in result.output
+
+
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (["--model", "nope"], "unknown model 'nope'; valid models: bernoulli_mlp"),
+        (["--prior", "nope"], "valid priors: mixture_of_gaussians, standard_normal"),
+        (["--likelihood", "nope"], "valid likelihoods: bernoulli"),
+        (["--dataset", "mnist"], "needs --data-dir"),
+        (["--dataset", "nope"], "valid datasets: digits"),
+        (["--dataset", "absent.npy"], "data file not found"),
+        (["--batch-size", "0"], "batch_size must be >= 1"),
+        (["--device", "tpu"], "device must be"),
+        (["--optimizer", "nope"], "valid optimizers: adagrad, adam, sgd"),
+    ],
+)
+def test_bad_inputs_give_one_line_errors_and_no_run_directory(runner, tmp_path, args, pattern):
+    out = tmp_path / "run"
+    result = invoke(runner, "fit", "--out", str(out), *FAST, *args)
+    assert_one_line_error(result, pattern)
+    assert not out.exists()
+
+
+def test_data_outside_the_likelihood_support(runner, tmp_path):
+    np.save(tmp_path / "wide.npy", np.random.rand(50, 3) * 4 - 2)
+    result = invoke(runner, "fit", "--model", "bernoulli_mlp", "--dataset", str(tmp_path / "wide.npy"),
+                    "--out", str(tmp_path / "run"), *FAST)
+    assert_one_line_error(result, "likelihood 'bernoulli' needs the training data")
+    assert not (tmp_path / "run").exists()
+    # the same data is fine under a Gaussian likelihood
+    result = invoke(runner, "fit", "--model", "gaussian_mlp", "--likelihood", "gaussian",
+                    "--dataset", str(tmp_path / "wide.npy"), "--out", str(tmp_path / "run2"), *FAST)
+    assert result.exit_code == 0, result.output
+
+
+def test_nan_in_data_and_corrupt_files(runner, tmp_path):
+    a = np.random.rand(50, 3)
+    a[0, 0] = np.nan
+    np.save(tmp_path / "nan.npy", a)
+    assert_one_line_error(invoke(runner, "fit", "--dataset", str(tmp_path / "nan.npy"), *FAST), "NaN")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b garbage")
+    for name in ["train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]:
+        (tmp_path / "d" / name).write_bytes(b"")
+    result = invoke(runner, "fit", "--dataset", "mnist", "--data-dir", str(tmp_path / "d"), *FAST)
+    assert_one_line_error(result, "corrupt or truncated gzip")
+
+
+def test_existing_out_and_resume_misuse(runner, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert_one_line_error(invoke(runner, "fit", "--out", str(out), *FAST), "already exists and is not empty")
+    assert (out / "keep.txt").read_text() == "x"
+    assert_one_line_error(invoke(runner, "fit", "--resume", str(tmp_path / "absent"), "--no-progress"),
+                          "run directory not found")
+    result = invoke(runner, "fit", "--resume", str(out), "--model", "bernoulli_mlp")
+    assert result.exit_code == 2 and "drop --model" in result.output

@@ -1,0 +1,167 @@
+"""Dataset loading: IDX, .mat, arrays, splits, binarization, and the errors for bad files."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from ppl_vae.data import load_dataset, read_idx
+from ppl_vae.data.datasets import MNIST_SHA256
+from ppl_vae.errors import DataError
+from tests.conftest import FASHION_MNIST_DIR
+
+
+def write_idx(path, array: np.ndarray, compress: bool = True) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (20, 5, 4)))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 20))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (7, 5, 4)))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 7))
+    return tmp_path
+
+
+def test_read_idx_round_trip(tmp_path):
+    a = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "a.idx", a, compress=False)
+    write_idx(tmp_path / "a.idx.gz", a)
+    assert np.array_equal(read_idx(tmp_path / "a.idx"), a)
+    assert np.array_equal(read_idx(tmp_path / "a.idx.gz"), a)
+
+
+def test_read_idx_rejects_truncated_and_corrupt_files(tmp_path):
+    a = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "a.idx", a, compress=False)
+    raw = (tmp_path / "a.idx").read_bytes()
+    (tmp_path / "short.idx").write_bytes(raw[:-5])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        read_idx(tmp_path / "short.idx")
+    (tmp_path / "bad.idx").write_bytes(b"\x12\x34" + raw[2:])
+    with pytest.raises(DataError, match="bad magic"):
+        read_idx(tmp_path / "bad.idx")
+    (tmp_path / "bad.gz").write_bytes(gzip.compress(raw)[:30])
+    with pytest.raises(DataError, match="corrupt or truncated gzip"):
+        read_idx(tmp_path / "bad.gz")
+    with pytest.raises(DataError, match="not found"):
+        read_idx(tmp_path / "missing.idx")
+
+
+def test_mnist_layout_from_a_data_dir(idx_dir):
+    data = load_dataset("mnist", idx_dir)
+    assert data.train.shape == (20, 1, 5, 4) and data.test.shape == (7, 1, 5, 4)
+    assert data.event_shape == (1, 5, 4)
+    raw = read_idx(idx_dir / "train-images-idx3-ubyte.gz")
+    assert torch.allclose(data.train[:, 0], torch.from_numpy(raw / 255.0).float())
+    assert data.train_labels.dtype == torch.int64 and len(data.test_labels) == 7
+    assert data.data_info["num_classes"] == int(max(data.train_labels.max(), data.test_labels.max())) + 1
+
+
+def test_missing_mnist_files_say_where_to_get_them(tmp_path):
+    with pytest.raises(DataError, match="needs --data-dir"):
+        load_dataset("mnist")
+    with pytest.raises(DataError, match=f"not found in {tmp_path}.*{MNIST_SHA256['train-images-idx3-ubyte.gz']}"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_digits_default_is_scaled_and_split_reproducibly():
+    a = load_dataset()
+    b = load_dataset()
+    assert a.name == "digits" and a.event_shape == (1, 8, 8)
+    assert a.train.shape[0] + a.test.shape[0] == 1797
+    assert a.test.shape[0] == round(0.2 * 1797)
+    assert a.train.min() >= 0 and a.train.max() == 1.0
+    assert torch.equal(a.test, b.test)
+    assert not torch.equal(load_dataset(split_seed=1).test, a.test)
+
+
+def test_npz_train_test_split_is_kept_and_npy_is_split(tmp_path):
+    train, test = np.random.rand(30, 3), np.random.rand(10, 3)
+    np.savez(tmp_path / "d.npz", train=train, test=test)
+    data = load_dataset(str(tmp_path / "d.npz"))
+    assert np.allclose(data.train.numpy(), train) and np.allclose(data.test.numpy(), test)
+    np.save(tmp_path / "d.npy", np.random.rand(50, 2))
+    data = load_dataset(str(tmp_path / "d.npy"), test_fraction=0.2)
+    assert data.train.shape == (40, 2) and data.test.shape == (10, 2)
+
+
+def test_csv_with_header(tmp_path):
+    (tmp_path / "d.csv").write_text("a,b\n0.1,0.2\n0.3,0.4\n0.5,0.6\n0.7,0.8\n")
+    data = load_dataset(str(tmp_path / "d.csv"), test_fraction=0.25)
+    assert data.train.shape == (3, 2) and data.test.shape == (1, 2)
+    assert sorted(torch.cat([data.train, data.test])[:, 0].tolist()) == pytest.approx([0.1, 0.3, 0.5, 0.7])
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("1,2\n3,x\n", "non-numeric value 'x' in data row 2"),
+        ("1,2\n3\n", "row 2 has 1 columns, expected 2"),
+        ("a,b\n", "no data rows"),
+    ],
+)
+def test_bad_csv_gives_one_line_errors(tmp_path, content, message):
+    (tmp_path / "d.csv").write_text(content)
+    with pytest.raises(DataError, match=message) as info:
+        load_dataset(str(tmp_path / "d.csv"))
+    assert "\n" not in str(info.value)
+
+
+def test_nan_and_bad_files_are_refused(tmp_path):
+    a = np.random.rand(10, 2)
+    a[3, 1] = np.nan
+    np.save(tmp_path / "nan.npy", a)
+    with pytest.raises(DataError, match="1 NaN or infinite"):
+        load_dataset(str(tmp_path / "nan.npy"))
+    (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(DataError, match="cannot read"):
+        load_dataset(str(tmp_path / "bad.npz"))
+    with pytest.raises(DataError, match="not found"):
+        load_dataset(str(tmp_path / "absent.npy"))
+    with pytest.raises(ValueError, match="valid datasets: digits, fashion-mnist, frey-face, mnist"):
+        load_dataset("imagenet")
+    (tmp_path / "x.txt").write_text("1")
+    with pytest.raises(DataError, match="unsupported data file type"):
+        load_dataset(str(tmp_path / "x.txt"))
+
+
+def test_binarization():
+    static = load_dataset(binarize="threshold")
+    assert set(static.train.unique().tolist()) == {0.0, 1.0}
+    dynamic = load_dataset(binarize="dynamic")
+    assert dynamic.dynamic_binarization
+    # the test set is sampled once, with the split seed: reproducible
+    assert torch.equal(dynamic.test, load_dataset(binarize="dynamic").test)
+    assert set(dynamic.test.unique().tolist()) == {0.0, 1.0}
+    with pytest.raises(ValueError, match="binarize must be one of"):
+        load_dataset(binarize="sometimes")
+
+
+def test_train_size_subsets():
+    assert load_dataset(train_size=100).train.shape[0] == 100
+
+
+def test_real_mnist_and_frey_face(shared_datasets):
+    mnist = load_dataset("mnist", shared_datasets / "mnist")
+    assert mnist.train.shape == (60000, 1, 28, 28) and mnist.test.shape == (10000, 1, 28, 28)
+    assert mnist.train.mean().item() * 255 == pytest.approx(33.318, abs=1e-3)
+    assert torch.bincount(mnist.train_labels).tolist()[:3] == [5923, 6742, 5958]
+    frey = load_dataset("frey-face", shared_datasets / "frey_face")
+    assert frey.event_shape == (1, 28, 20)
+    assert frey.train.shape[0] + frey.test.shape[0] == 1965
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_from_the_debian_package():
+    data = load_dataset("fashion-mnist")
+    assert data.train.shape == (60000, 1, 28, 28) and data.test.shape == (10000, 1, 28, 28)
+    assert torch.bincount(data.test_labels).tolist() == [1000] * 10

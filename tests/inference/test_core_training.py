@@ -1,0 +1,177 @@
+"""SVI training, checkpoints, resume, divergence handling, and run-directory safety."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+import xarray as xr
+
+import ppl_vae
+from ppl_vae import runs
+from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from ppl_vae.errors import RunDirError, TrainingDiverged
+
+
+def small_config(**train) -> RunConfig:
+    defaults = dict(epochs=3, batch_size=64, lr=3e-3, device="cpu")
+    defaults.update(train)
+    return RunConfig(
+        model=ModelConfig(model="bernoulli_mlp", latent_dim=4, hidden_dim=32),
+        data=DataConfig(dataset="digits", train_size=400),
+        train=TrainConfig(**defaults),
+    )
+
+
+def test_config_round_trips_through_json():
+    config = small_config(kl_warmup_epochs=2, elbo="mean_field")
+    config.model.prior_options = {"num_components": 3}
+    assert RunConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="unknown key"):
+        RunConfig.from_json(json.dumps({"train": {"epochz": 3}}))
+
+
+def test_training_improves_the_test_elbo(tmp_path):
+    run = ppl_vae.fit(small_config(epochs=6), tmp_path / "run", progress=False)
+    h = run.history
+    assert list(h.epoch.values) == [1, 2, 3, 4, 5, 6]
+    assert h.test_elbo[-1] > h.test_elbo[0] + 5.0  # nats per datapoint
+    assert (h.num_train_samples.diff("epoch") == 400).all()
+    assert float(h.wall_time[-1]) > 0 and (h.kl_weight == 1.0).all()
+
+
+def test_run_directory_contents_and_load(tmp_path):
+    run = ppl_vae.fit(small_config(epochs=2), tmp_path / "run", progress=False)
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert names == ["checkpoint.safetensors", "config.json", "history.nc"]
+    loaded = ppl_vae.load_run(tmp_path / "run")
+    assert loaded.config == run.config
+    for (k, a), (_, b) in zip(run.vae.state_dict().items(), loaded.vae.state_dict().items()):
+        assert torch.equal(a, b), k
+    history = xr.open_dataset(tmp_path / "run" / "history.nc", engine="h5netcdf")
+    assert history.test_elbo.dims == ("epoch",)
+    assert float(history.test_elbo[-1]) == pytest.approx(run.final["test_elbo"])
+    history.close()
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    straight = ppl_vae.fit(small_config(epochs=4), tmp_path / "a", progress=False)
+    ppl_vae.fit(small_config(epochs=2), tmp_path / "b", progress=False)
+    resumed = ppl_vae.resume(tmp_path / "b", epochs=4, progress=False)
+    assert list(resumed.history.epoch.values) == [1, 2, 3, 4]
+    for (k, a), (_, b) in zip(straight.vae.state_dict().items(), resumed.vae.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert resumed.final["test_elbo"] == straight.final["test_elbo"]
+    assert ppl_vae.load_run(tmp_path / "b").config.train.epochs == 4
+
+
+def test_kl_warmup_raises_the_weight_linearly(tmp_path):
+    run = ppl_vae.fit(small_config(epochs=3, kl_warmup_epochs=2), tmp_path / "run", progress=False)
+    assert run.history.kl_weight.values.tolist() == pytest.approx([0.5, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("elbo", ["mean_field", "jit_trace"])
+def test_other_elbos_train(tmp_path, elbo):
+    run = ppl_vae.fit(small_config(epochs=3, elbo=elbo), tmp_path / "run", progress=False)
+    assert run.history.test_elbo[-1] > run.history.test_elbo[0]
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    from ppl_vae.inference.training import train
+    from ppl_vae.pipeline import _prepare
+
+    config = small_config(epochs=5)
+    vae, data = _prepare(config)
+    calls = {"n": 0}
+
+    def poison_after_ten_training_steps(module, inputs, output):
+        if module.training:
+            calls["n"] += 1
+            if calls["n"] > 10:  # step 11 is in epoch 2 (7 steps per epoch)
+                return tuple(torch.full_like(o, float("nan")) for o in output)
+        return output
+
+    vae.decoder.register_forward_hook(poison_after_ten_training_steps)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 11 \(epoch 2\); the last good checkpoint is from epoch 1") as info:
+        train(vae, data, config.train, run_dir=run_dir, progress=False)
+    assert info.value.step == 11
+    tensors, meta = runs.read_checkpoint(run_dir)
+    assert meta["epoch"] == 1 and meta["step"] == 7
+    assert all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("model."))
+    assert runs.load_history(run_dir).epoch.values.tolist() == [1]
+
+
+def test_resume_refuses_a_changed_optimizer(tmp_path):
+    ppl_vae.fit(small_config(epochs=1), tmp_path / "run", progress=False)
+    config = runs.load_config(tmp_path / "run")
+    config.train.optimizer = "sgd"
+    runs.save_config(tmp_path / "run", config)
+    with pytest.raises(RunDirError, match="holds Adam state but the config asks for SGD"):
+        ppl_vae.resume(tmp_path / "run", epochs=2, progress=False)
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("keep me")
+    with pytest.raises(RunDirError, match="already exists and is not empty"):
+        ppl_vae.fit(small_config(), tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "notes.txt").read_text() == "keep me"
+
+
+def test_a_crafted_pickle_is_refused(tmp_path):
+    ppl_vae.fit(small_config(epochs=1), tmp_path / "run", progress=False)
+
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / "run" / "checkpoint.safetensors").write_bytes(pickle.dumps(Exploit(), protocol=2))
+    with pytest.raises(RunDirError, match="refusing to load"):
+        ppl_vae.load_run(tmp_path / "run")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_damaged_checkpoint_gives_a_clear_error(tmp_path, damage):
+    ppl_vae.fit(small_config(epochs=1), tmp_path / "run", progress=False)
+    path = tmp_path / "run" / "checkpoint.safetensors"
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2] if damage == "truncate" else b"\x00" * 64)
+    with pytest.raises(RunDirError, match="corrupt or not a ppl_vae checkpoint"):
+        ppl_vae.load_run(tmp_path / "run")
+
+
+def test_damaged_history_and_config(tmp_path):
+    ppl_vae.fit(small_config(epochs=1), tmp_path / "run", progress=False)
+    (tmp_path / "run" / "history.nc").write_bytes(b"not netcdf")
+    with pytest.raises(RunDirError, match="history.nc is corrupt"):
+        ppl_vae.load_run(tmp_path / "run")
+    (tmp_path / "run" / "config.json").write_text("{")
+    with pytest.raises(RunDirError, match="not valid JSON"):
+        ppl_vae.load_run(tmp_path / "run")
+    with pytest.raises(RunDirError, match="run directory not found"):
+        ppl_vae.load_run(tmp_path / "absent")
+
+
+def test_bad_train_settings_are_value_errors(tmp_path):
+    for train, message in [
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"lr": -1.0}, "lr must be a positive number"),
+        ({"optimizer": "lbfgs"}, "valid optimizers"),
+        ({"elbo": "renyi"}, "valid elbos"),
+        ({"method": "gibbs"}, "valid methods"),
+        ({"device": "tpu"}, "device must be"),
+        ({"elbo": "jit_trace", "kl_warmup_epochs": 2}, "KL warm-up needs a non-JIT elbo"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ppl_vae.fit(small_config(**train), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_requested_without_a_gpu_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        ppl_vae.fit(small_config(device="cuda"), tmp_path / "run", progress=False)

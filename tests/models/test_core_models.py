@@ -1,0 +1,146 @@
+"""The core model parts: registries, likelihood supports, priors, every model/prior/likelihood
+combination taking an SVI step that changes parameters."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from pyro.infer import Trace_ELBO
+
+from ppl_vae.errors import DataError
+from ppl_vae.models import LIKELIHOODS, MODELS, PRIORS, VAE, build_vae, make_likelihood, make_prior
+from ppl_vae.models.priors import MixtureOfGaussiansPrior
+from ppl_vae.registry import Registry
+
+CORE_MODELS = ["gaussian_mlp", "bernoulli_mlp"]
+
+
+def test_registry_lists_valid_names_on_unknown():
+    reg: Registry[int] = Registry("widget")
+    reg.register("a", doc="first")(1)
+    reg.register("b")(2)
+    assert reg.get("b") == 2
+    with pytest.raises(ValueError, match=r"unknown widget 'c'; valid widgets: a, b"):
+        reg.get("c")
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("a")(3)
+
+
+@pytest.mark.parametrize(
+    "model,prior,likelihood",
+    list(itertools.product(CORE_MODELS, PRIORS.names(), LIKELIHOODS.names())),
+)
+def test_every_combination_takes_an_svi_step_that_changes_parameters(model, prior, likelihood):
+    vae = build_vae(model, (1, 4, 4), prior=prior, likelihood=likelihood, latent_dim=3, hidden_dim=8)
+    x = torch.rand(6, 1, 4, 4)
+    if getattr(vae.likelihood, "support", (0, 1)) == (0.0, 1.0) and likelihood == "bernoulli":
+        x = torch.bernoulli(x)
+    before = {k: v.detach().clone() for k, v in vae.named_parameters()}
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-2)
+    loss = Trace_ELBO().differentiable_loss(vae.model, vae.guide, x, num_data=60)
+    assert torch.isfinite(loss)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    changed = {k for k, v in vae.named_parameters() if not torch.equal(v, before[k])}
+    # encoder and decoder always learn; a learnable prior learns too
+    assert any(k.startswith("encoder.") for k in changed)
+    assert any(k.startswith("decoder.") for k in changed)
+    if prior == "mixture_of_gaussians":
+        assert any(k.startswith("prior.") for k in changed)
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(ValueError, match="valid models: .*bernoulli_mlp.*gaussian_mlp"):
+        build_vae("nope", (4,))
+    with pytest.raises(ValueError, match="valid priors: .*standard_normal"):
+        build_vae("gaussian_mlp", (4,), prior="nope")
+    with pytest.raises(ValueError, match="valid likelihoods: .*bernoulli"):
+        build_vae("gaussian_mlp", (4,), likelihood="nope")
+
+
+def test_bad_sizes_are_value_errors():
+    with pytest.raises(ValueError, match="latent_dim must be >= 1"):
+        build_vae("gaussian_mlp", (4,), latent_dim=0)
+    with pytest.raises(ValueError, match="hidden_dim must be >= 1"):
+        build_vae("gaussian_mlp", (4,), hidden_dim=0)
+    with pytest.raises(ValueError, match="num_components must be >= 1"):
+        make_prior("mixture_of_gaussians", 2, num_components=0)
+
+
+def test_model_defaults_follow_the_paper():
+    assert MODELS.get("gaussian_mlp").likelihood == "gaussian_sigmoid"
+    assert MODELS.get("bernoulli_mlp").likelihood == "bernoulli"
+    vae = build_vae("gaussian_mlp", (1, 8, 8))
+    # AEVB C.2: tanh hidden layer; the decoder mean is squashed into (0, 1).
+    assert any(isinstance(m, torch.nn.Tanh) for m in vae.decoder.modules())
+    mean = vae.decode(torch.randn(100, vae.latent_dim) * 10)
+    assert mean.min() > 0 and mean.max() < 1
+
+
+def test_swapping_parts_by_object():
+    prior = MixtureOfGaussiansPrior(latent_dim=4, num_components=3)
+    likelihood = make_likelihood("laplace", event_dims=3)
+    vae = build_vae("gaussian_mlp", (1, 8, 8), prior=prior, likelihood=likelihood)
+    assert vae.prior is prior and vae.likelihood is likelihood and vae.latent_dim == 4
+    with pytest.raises(ValueError, match="disagrees"):
+        build_vae("gaussian_mlp", (1, 8, 8), prior=prior, latent_dim=5)
+
+
+@pytest.mark.parametrize(
+    "name,x,expected",
+    [
+        # Bernoulli(p=sigmoid(0)=0.5) per element: log 0.5 each, also for grey levels (cross-entropy)
+        ("bernoulli", torch.tensor([[0.0, 1.0, 0.3]]), 3 * math.log(0.5)),
+        # N(x; 0, 1) with the fixed scale 1
+        ("gaussian_fixed", torch.tensor([[0.0, 1.0, -1.0]]), -1.5 * math.log(2 * math.pi) - 1.0),
+    ],
+)
+def test_likelihood_log_prob_closed_form(name, x, expected):
+    options = {"scale": 1.0} if name == "gaussian_fixed" else {}
+    lik = make_likelihood(name, event_dims=1, **options)
+    params = [torch.zeros_like(x) for _ in range(lik.num_params)]
+    assert lik(*params).log_prob(x).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_gaussian_likelihood_scale_and_squash():
+    lik = make_likelihood("gaussian_sigmoid", event_dims=1)
+    d = lik(torch.zeros(1, 2), torch.full((1, 2), -50.0))
+    # softplus(-50) ~ 0: the scale sits at its floor, the mean at sigmoid(0)
+    assert torch.allclose(d.base_dist.scale, torch.full((1, 2), lik.min_scale), atol=1e-12)
+    assert torch.allclose(d.mean, torch.full((1, 2), 0.5))
+
+
+@pytest.mark.parametrize("name", ["bernoulli", "continuous_bernoulli"])
+def test_unit_interval_likelihoods_reject_data_outside_support(name):
+    lik = make_likelihood(name)
+    lik.check_support(torch.tensor([0.0, 0.5, 1.0]))
+    with pytest.raises(DataError, match=r"needs data in \[0, 1\].*\[-0.5, 2\]"):
+        lik.check_support(torch.tensor([-0.5, 2.0]))
+    with pytest.raises(DataError, match="NaN"):
+        lik.check_support(torch.tensor([0.5, float("nan")]))
+
+
+def test_mixture_prior_log_prob_matches_hand_computation():
+    prior = MixtureOfGaussiansPrior(latent_dim=2, num_components=2)
+    with torch.no_grad():
+        prior.locs.copy_(torch.tensor([[0.0, 0.0], [3.0, -1.0]]))
+        prior.logits.copy_(torch.log(torch.tensor([0.25, 0.75])))
+    z = torch.tensor([1.0, 0.5])
+    scales = torch.nn.functional.softplus(prior.raw_scales) + 1e-4
+    comp = torch.distributions.Normal(prior.locs, scales).log_prob(z).sum(-1)
+    expected = torch.logsumexp(comp + torch.log(torch.tensor([0.25, 0.75])), 0)
+    assert prior().log_prob(z).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_networks_accept_extra_leading_batch_dims():
+    vae = build_vae("bernoulli_mlp", (1, 4, 4), latent_dim=3, hidden_dim=8)
+    z = torch.randn(5, 7, 3)
+    assert vae.decode(z).shape == (5, 7, 1, 4, 4)
+    loc, scale = vae.encode(torch.rand(7, 1, 4, 4))
+    assert loc.shape == scale.shape == (7, 3) and (scale > 0).all()
+    assert vae.sample(4).shape == (4, 1, 4, 4)
+    assert isinstance(vae, VAE)
