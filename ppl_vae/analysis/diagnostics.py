@@ -1,0 +1,103 @@
+"""Posterior-collapse diagnostics: KL per latent dimension and active units.
+
+A latent dimension u "collapses" when q(z_u|x) equals the prior for every x: it then carries
+no information about x, its KL term is 0 and E_q[z_u] does not vary with x. Burda et al.
+(2015, section 5.2) call u *active* when A_u = Cov_x(E_{q(z|x)}[z_u]) > 0.01.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Tuple
+
+import numpy as np
+import torch
+import xarray as xr
+from pyro import distributions as dist
+from pyro import poutine
+from torch import Tensor
+
+from ppl_vae.inference.meanfield import LATENT_SITE, guide_moments
+
+ACTIVE_UNIT_THRESHOLD = 0.01
+
+
+def _factorized_normal(fn: dist.Distribution) -> Tuple[Tensor, Tensor]:
+    base = fn
+    while isinstance(base, (dist.Independent, dist.torch.Independent)):
+        base = base.base_dist
+    if not isinstance(base, (dist.Normal, torch.distributions.Normal)):
+        raise ValueError(
+            f"KL per dimension needs a factorized Gaussian prior and guide, got {type(base).__name__}"
+        )
+    return base.loc, base.scale
+
+
+@torch.no_grad()
+def kl_per_dimension(model: Callable, guide: Callable, x: Tensor, latent_site: str = LATENT_SITE,
+                     **kwargs: Any) -> xr.DataArray:
+    """KL(q(z_u|x) || p(z_u)) for each datapoint and latent dimension, dims (datapoint, latent).
+
+    Closed form for a diagonal-Gaussian guide and a factorized Gaussian prior (e.g. AEVB's
+    N(0, I)); the total KL of a datapoint is the sum over ``latent``. Averaged over
+    datapoints, a value near 0 marks a collapsed dimension.
+    """
+    guide_trace = poutine.trace(guide).get_trace(x, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, **kwargs)
+    if latent_site not in guide_trace.nodes or latent_site not in model_trace.nodes:
+        raise ValueError(f"the model and guide need a sample site {latent_site!r}")
+    q_loc, q_scale = _factorized_normal(guide_trace.nodes[latent_site]["fn"])
+    p_loc, p_scale = _factorized_normal(model_trace.nodes[latent_site]["fn"])
+    shape = torch.broadcast_shapes(q_loc.shape, p_loc.shape)
+    kl = torch.distributions.kl_divergence(
+        torch.distributions.Normal(q_loc.expand(shape), q_scale.expand(shape)),
+        torch.distributions.Normal(p_loc.expand(shape), p_scale.expand(shape)),
+    ).reshape(x.shape[0], -1)
+    return xr.DataArray(
+        kl.double().cpu().numpy(),
+        dims=("datapoint", "latent"),
+        coords={"datapoint": np.arange(x.shape[0]), "latent": np.arange(kl.shape[1])},
+        name="kl",
+        attrs={"long_name": "KL(q(z_u|x) || p(z_u))", "units": "nats"},
+    )
+
+
+def active_units(posterior_mean: Tensor | np.ndarray | xr.DataArray,
+                 threshold: float = ACTIVE_UNIT_THRESHOLD) -> xr.Dataset:
+    """Activity A_u = Var_x(E_q[z_u]) of each latent unit and whether it exceeds ``threshold``.
+
+    ``posterior_mean``: ``(N, d)`` encoder means E_q[z|x] over a set of datapoints (Burda et
+    al. 2015 use the test set). Returns ``activity`` and ``active`` over dim ``latent``, and
+    attribute ``num_active``.
+    """
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    mean = posterior_mean.values if isinstance(posterior_mean, xr.DataArray) else posterior_mean
+    mean = mean.detach().double().cpu().numpy() if torch.is_tensor(mean) else np.asarray(mean, dtype=float)
+    if mean.ndim != 2 or mean.shape[0] < 2:
+        raise ValueError(f"posterior_mean must be (num_datapoints >= 2, latent_dim), got shape {mean.shape}")
+    activity = mean.var(axis=0, ddof=1)
+    ds = xr.Dataset(
+        {"activity": ("latent", activity), "active": ("latent", activity > threshold)},
+        coords={"latent": np.arange(mean.shape[1])},
+    )
+    ds["activity"].attrs["long_name"] = "Cov_x(E_q[z_u])"
+    ds.attrs.update({"threshold": float(threshold), "num_active": int((activity > threshold).sum()),
+                     "reference": "Burda, Grosse & Salakhutdinov (2015), section 5.2"})
+    return ds
+
+
+@torch.no_grad()
+def collapse_diagnostics(model: Callable, guide: Callable, x: Tensor,
+                         threshold: float = ACTIVE_UNIT_THRESHOLD, **kwargs: Any) -> xr.Dataset:
+    """Mean KL per dimension and active units for datapoints ``x``, over dim ``latent``.
+
+    KL is included only when prior and guide are factorized Gaussians (otherwise NaN).
+    """
+    loc, _ = guide_moments(guide, x, **kwargs)
+    ds = active_units(loc.reshape(x.shape[0], -1), threshold)
+    try:
+        ds["kl"] = kl_per_dimension(model, guide, x, **kwargs).mean("datapoint")
+    except ValueError:
+        ds["kl"] = ("latent", np.full(ds.sizes["latent"], np.nan))
+    ds["kl"].attrs.update({"long_name": "mean over datapoints of KL(q(z_u|x) || p(z_u))", "units": "nats"})
+    return ds

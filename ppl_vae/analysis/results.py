@@ -1,0 +1,124 @@
+"""Results as ArviZ InferenceData and xarray files. The only module that imports ArviZ.
+
+:func:`guide_draws` draws z from each guide (the amortized q(z|x) and the mean-field q*)
+for a set of datapoints; :func:`to_inference_data` puts them in the groups ArviZ knows:
+
+- ``posterior``: ``z_<guide>`` over (chain, draw, datapoint, latent);
+- ``log_likelihood``: ``x_<guide>`` = log p(x_i | z) per draw and datapoint;
+- ``sample_stats``: ``log_weight_<guide>`` = log p(x, z) - log q(z|x) per draw and datapoint
+  (the importance weights behind the IW estimate of log p(x)).
+
+Files are written atomically (:func:`ppl_vae.runs.atomic_path`) as netCDF (h5netcdf).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+from torch import Tensor
+
+from ppl_vae.inference.importance import importance_samples
+from ppl_vae.runs import atomic_path
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)  # ArviZ announces its refactor on import
+    import arviz as az
+
+
+@torch.no_grad()
+def guide_draws(
+    model: Callable,
+    guides: Mapping[str, Callable],
+    x: Tensor,
+    *,
+    num_draws: int = 100,
+    **kwargs: Any,
+) -> Dict[str, Dict[str, Tensor]]:
+    """For each named guide, ``num_draws`` z ~ q(z|x) with log p(x|z) and log-weights.
+
+    Returns ``{name: {"z": (S, N, d), "log_likelihood": (S, N), "log_weight": (S, N)}}``
+    (see :func:`ppl_vae.inference.importance.importance_samples`).
+    """
+    return {name: importance_samples(model, g, x, num_samples=num_draws, **kwargs) for name, g in guides.items()}
+
+
+def to_inference_data(
+    draws: Mapping[str, Mapping[str, Tensor]],
+    *,
+    datapoint: Optional[Sequence[int]] = None,
+    attrs: Optional[Dict[str, Any]] = None,
+) -> az.InferenceData:
+    """ArviZ InferenceData from :func:`guide_draws` output (one chain per guide)."""
+    if not draws:
+        raise ValueError("draws is empty: give at least one guide's draws")
+    posterior, log_lik, stats = {}, {}, {}
+    dims: Dict[str, list] = {}
+    n = None
+    for name, d in draws.items():
+        z = d["z"].detach().double().cpu()
+        s, n = z.shape[0], z.shape[1]
+        z = z.reshape(s, n, -1).numpy()[None]  # (chain=1, draw, datapoint, latent)
+        posterior[f"z_{name}"] = z
+        log_lik[f"x_{name}"] = d["log_likelihood"].detach().double().cpu().numpy()[None]
+        stats[f"log_weight_{name}"] = d["log_weight"].detach().double().cpu().numpy()[None]
+        dims[f"z_{name}"] = ["datapoint", "latent"]
+        dims[f"x_{name}"] = ["datapoint"]
+        dims[f"log_weight_{name}"] = ["datapoint"]
+    coords = {"datapoint": np.arange(n) if datapoint is None else np.asarray(datapoint)}
+    return az.from_dict(
+        posterior=posterior,
+        log_likelihood=log_lik,
+        sample_stats=stats,
+        coords=coords,
+        dims=dims,
+        attrs={"inference_library": "pyro", "guides": ", ".join(draws), **(attrs or {})},
+    )
+
+
+def save_inference_data(idata: az.InferenceData, path: Path) -> Path:
+    """Write ``idata`` to a netCDF file atomically; returns ``path``."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        idata.to_netcdf(str(tmp), engine="h5netcdf")
+    return path
+
+
+def load_inference_data(path: Path) -> az.InferenceData:
+    """Read InferenceData written by :func:`save_inference_data` (into memory)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    idata = az.from_netcdf(str(path), engine="h5netcdf")
+    for group in idata.groups():
+        idata[group] = idata[group].load()
+    return idata
+
+
+def save_netcdf(ds: xr.Dataset, path: Path) -> Path:
+    """Write an xarray Dataset to netCDF (h5netcdf) atomically; returns ``path``."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        ds.to_netcdf(tmp, engine="h5netcdf")
+    return path
+
+
+def load_netcdf(path: Path) -> xr.Dataset:
+    """Read a Dataset written by :func:`save_netcdf` into memory."""
+    with xr.open_dataset(Path(path), engine="h5netcdf") as ds:
+        return ds.load()
+
+
+def save_csv(table: pd.DataFrame | xr.Dataset, path: Path) -> Path:
+    """Write a table (a DataFrame, or a Dataset flattened to one row per coordinate) atomically."""
+    if isinstance(table, xr.Dataset):
+        table = table.to_dataframe()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp)
+    return path

@@ -1,0 +1,249 @@
+"""Non-amortized mean-field VI: a separate diagonal Gaussian q*(z) for every datapoint.
+
+With the model's parameters frozen, q*_i(z) = N(loc_i, diag(scale_i^2)) maximizes the ELBO
+of datapoint i alone. Its ELBO L[q*] is the best a diagonal-Gaussian guide can do, so the
+amortized guide's shortfall L[q*] - L[q] is the *amortization gap* and log p(x) - L[q*] the
+*approximation gap* (Cremer, Li & Duvenaud 2018, "Inference Suboptimality in VAEs").
+
+All datapoints of a batch are optimized together: ``loc`` and ``log_scale`` are ``(B, d)``
+tensors and one Adam step updates every q*_i (the loss is a sum of independent terms, and
+Adam's steps are per element, so each datapoint follows its own trajectory). Only the
+contract is used: sites ``"z"`` and ``"x"`` in the ``"data"`` plate, so any model/guide pair
+that follows it works, not only :class:`ppl_vae.models.vae.VAE`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Tuple
+
+import numpy as np
+import pyro
+import torch
+import xarray as xr
+from pyro import distributions as dist
+from pyro import poutine
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from torch import Tensor
+
+from ppl_vae.inference.importance import (
+    ImportanceEstimate,
+    _batches,
+    _check_positive,
+    concat_estimates,
+    importance_estimate,
+)
+from ppl_vae.registry import Registry
+
+Moments = Tuple[Tensor, Tensor]
+
+LATENT_SITE = "z"
+
+MEAN_FIELD_ELBOS: Registry[Callable[..., pyro.infer.ELBO]] = Registry("mean-field elbo")
+MEAN_FIELD_ELBOS.register("mean_field", doc="TraceMeanField_ELBO: analytic KL where one exists")(
+    TraceMeanField_ELBO
+)
+MEAN_FIELD_ELBOS.register("trace", doc="Trace_ELBO: Monte Carlo KL")(Trace_ELBO)
+
+
+def _site_moments(fn: dist.Distribution, num_data: int) -> Moments:
+    """(mean, standard deviation) of a site's distribution, each ``(num_data, *event_shape)``."""
+    try:
+        mean, var = fn.mean, fn.variance
+    except NotImplementedError:
+        raise ValueError(f"cannot initialise mean-field VI from a {type(fn).__name__}: it has no mean/variance") from None
+    shape = (num_data,) + tuple(fn.event_shape)
+    return mean.expand(shape).clone(), var.expand(shape).sqrt().clone()
+
+
+@torch.no_grad()
+def guide_moments(guide: Callable, x: Tensor, latent_site: str = LATENT_SITE, **kwargs: Any) -> Moments:
+    """(loc, scale) of each datapoint's q(z|x) from a guide, each ``(N, *latent_shape)``.
+
+    Works for any guide whose latent site has a mean and variance (diagonal or not; for a
+    full-covariance guide ``scale`` is the marginal standard deviation).
+    """
+    trace = poutine.trace(guide).get_trace(x, **kwargs)
+    if latent_site not in trace.nodes:
+        raise ValueError(f"the guide has no sample site {latent_site!r}")
+    return _site_moments(trace.nodes[latent_site]["fn"], x.shape[0])
+
+
+@torch.no_grad()
+def prior_moments(model: Callable, x: Tensor, latent_site: str = LATENT_SITE, **kwargs: Any) -> Moments:
+    """(mean, standard deviation) of the model's prior p(z) for each datapoint, ``(N, *latent_shape)``."""
+    trace = poutine.trace(model).get_trace(x, **kwargs)
+    if latent_site not in trace.nodes:
+        raise ValueError(f"the model has no sample site {latent_site!r}")
+    return _site_moments(trace.nodes[latent_site]["fn"], x.shape[0])
+
+
+# name -> (model, guide, x, **kwargs) -> (loc, scale) of the starting q*.
+MEAN_FIELD_INITS: Registry[Callable[..., Moments]] = Registry("mean-field init")
+MEAN_FIELD_INITS.register("encoder", doc="start each q* at the amortized guide's q(z|x)")(
+    lambda model, guide, x, **kw: guide_moments(guide, x, **kw)
+)
+MEAN_FIELD_INITS.register("prior", doc="start each q* at the prior p(z)")(
+    lambda model, guide, x, **kw: prior_moments(model, x, **kw)
+)
+
+
+class MeanFieldGuide:
+    """A guide q(z) = N(loc_i, diag(scale_i^2)) per datapoint; ``loc``, ``log_scale``: ``(N, d)``.
+
+    Call it with the datapoints those rows belong to (same order); extra arguments are
+    ignored, so it stands in for any guide with the same model.
+    """
+
+    def __init__(self, loc: Tensor, log_scale: Tensor, latent_site: str = LATENT_SITE):
+        self.loc = loc
+        self.log_scale = log_scale
+        self.latent_site = latent_site
+
+    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if x.shape[0] != self.loc.shape[0]:
+            raise ValueError(f"this mean-field guide holds {self.loc.shape[0]} datapoints, got {x.shape[0]}")
+        event_dims = self.loc.dim() - 1
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample(self.latent_site, dist.Normal(self.loc, self.log_scale.exp()).to_event(event_dims))
+
+
+@dataclass
+class MeanFieldResult:
+    """Per-datapoint mean-field posteriors q*_i and their ELBOs.
+
+    ``loc``, ``scale``: ``(N, d)``. ``estimate``: L[q*] (``estimate.elbo``) with its standard
+    error, and the importance-weighted log p(x) with q* as proposal, from
+    ``num_eval_samples`` fresh samples. ``num_steps``: Adam steps taken per batch,
+    ``converged``: whether each batch met the stopping rule before ``max_steps``,
+    ``trace``: ``(batch, step)`` mean ELBO per datapoint at every step (NaN after a batch stopped).
+    """
+
+    loc: Tensor
+    scale: Tensor
+    estimate: ImportanceEstimate
+    num_steps: Tensor
+    converged: Tensor
+    trace: Tensor
+
+    @property
+    def elbo(self) -> Tensor:
+        """L[q*] per datapoint, ``(N,)``."""
+        return self.estimate.elbo
+
+    def guide(self) -> MeanFieldGuide:
+        """The fitted q* as a guide over all N datapoints (no gradients)."""
+        return MeanFieldGuide(self.loc, self.scale.log())
+
+    def to_dataset(self) -> xr.Dataset:
+        """loc/scale over (datapoint, latent) and the estimates over datapoint."""
+        ds = self.estimate.to_dataset()
+        flat = lambda t: t.detach().reshape(t.shape[0], -1).cpu().double().numpy()  # noqa: E731
+        ds["loc"] = (("datapoint", "latent"), flat(self.loc))
+        ds["scale"] = (("datapoint", "latent"), flat(self.scale))
+        ds.attrs["converged_batches"] = int(self.converged.sum())
+        ds.attrs["num_batches"] = int(self.converged.numel())
+        return ds
+
+
+def fit_mean_field(
+    model: Callable,
+    x: Tensor,
+    *,
+    guide: Optional[Callable] = None,
+    init: str = "encoder",
+    elbo: str = "mean_field",
+    lr: float = 1e-2,
+    max_steps: int = 2000,
+    num_particles: int = 1,
+    tol: float = 1e-4,
+    window: int = 50,
+    num_lr_decays: int = 3,
+    batch_size: int = 500,
+    num_eval_samples: int = 100,
+    progress: bool = True,
+    **kwargs: Any,
+) -> MeanFieldResult:
+    """Fit q*_i(z) = N(loc_i, diag(scale_i^2)) to each datapoint by SVI with the model frozen.
+
+    ``model(x, **kwargs)`` follows the contract (``"z"`` and ``"x"`` in the ``"data"``
+    plate); only ``loc`` and ``log_scale`` are optimized (gradients never reach the model's
+    parameters). ``init``: "encoder" (start at ``guide``'s q(z|x), which is then required)
+    or "prior". ``elbo``: "mean_field" (analytic KL when the model's prior allows it) or
+    "trace". Stopping rule: every ``window`` steps, the mean ELBO over the last window is
+    compared with the previous window's; when the relative change is below ``tol`` the
+    learning rate is halved, and after ``num_lr_decays`` halvings the next such plateau stops
+    the batch (as does ``max_steps``). L[q*] is then estimated with ``num_eval_samples``
+    fresh samples. Datapoints are processed ``batch_size`` at a time.
+    """
+    from tqdm.auto import tqdm
+
+    MEAN_FIELD_INITS.get(init)
+    elbo_cls = MEAN_FIELD_ELBOS.get(elbo)
+    for name, value in (("max_steps", max_steps), ("num_particles", num_particles), ("window", window),
+                        ("batch_size", batch_size), ("num_eval_samples", num_eval_samples)):
+        _check_positive(name, value)
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number, got {lr}")
+    if int(num_lr_decays) != num_lr_decays or num_lr_decays < 0:
+        raise ValueError(f"num_lr_decays must be an integer >= 0, got {num_lr_decays}")
+    if not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
+    if init == "encoder" and guide is None:
+        raise ValueError("init='encoder' needs the amortized guide; pass guide=... or use init='prior'")
+
+    loss_fn = elbo_cls(num_particles=num_particles, vectorize_particles=num_particles > 1,
+                       max_plate_nesting=1).differentiable_loss
+    locs, scales, estimates, steps, converged, traces = [], [], [], [], [], []
+    num_batches = math.ceil(x.shape[0] / batch_size)
+    bar = tqdm(total=num_batches * max_steps, disable=not progress, desc="mean-field VI", unit="step",
+               dynamic_ncols=True)
+    with bar:
+        for xb, kw in _batches(x, kwargs, batch_size):
+            loc0, scale0 = MEAN_FIELD_INITS.get(init)(model, guide, xb, **kw)
+            loc = loc0.detach().clone().requires_grad_(True)
+            log_scale = scale0.detach().clamp_min(1e-6).log().clone().requires_grad_(True)
+            q = MeanFieldGuide(loc, log_scale)
+            optim = torch.optim.Adam([loc, log_scale], lr=lr)
+            history = []
+            done, prev, decays_left = False, None, num_lr_decays
+            for step in range(max_steps):
+                # The loss is summed over the batch, each datapoint's ELBO depending only on its own
+                # (loc, log_scale); autograd.grad keeps gradients off the frozen model's parameters.
+                loss = loss_fn(model, q, xb, **kw)
+                if not torch.isfinite(loss):
+                    raise ValueError(f"mean-field VI diverged (non-finite ELBO at step {step}); lower lr (now {lr})")
+                grads = torch.autograd.grad(loss, [loc, log_scale])
+                optim.zero_grad(set_to_none=True)
+                loc.grad, log_scale.grad = grads
+                optim.step()
+                history.append(-float(loss.detach()) / xb.shape[0])
+                bar.update(1)
+                if (step + 1) % window == 0:
+                    current = float(np.mean(history[-window:]))
+                    if prev is not None and abs(current - prev) <= tol * max(abs(prev), 1e-8):
+                        if decays_left == 0:
+                            done = True
+                            bar.update(max_steps - step - 1)
+                            break
+                        # A plateau at this step size: halve it so the iterates settle (SGD noise ~ lr).
+                        decays_left -= 1
+                        for group in optim.param_groups:
+                            group["lr"] *= 0.5
+                    prev = current
+            locs.append(loc.detach())
+            scales.append(log_scale.detach().exp())
+            estimates.append(importance_estimate(model, MeanFieldGuide(locs[-1], log_scale.detach()), xb,
+                                                 num_samples=num_eval_samples, batch_size=xb.shape[0], **kw))
+            steps.append(len(history))
+            converged.append(done)
+            traces.append(history)
+
+    loc, scale = torch.cat(locs), torch.cat(scales)
+    estimate = concat_estimates(estimates)
+    longest = max(len(t) for t in traces)
+    trace = torch.full((len(traces), longest), math.nan)
+    for i, t in enumerate(traces):
+        trace[i, : len(t)] = torch.tensor(t)
+    return MeanFieldResult(loc, scale, estimate, torch.tensor(steps), torch.tensor(converged), trace)
