@@ -144,6 +144,7 @@ def resume(run_dir: Path, *, epochs: Optional[int] = None, progress: bool = True
     """Continue a run from its checkpoint up to ``epochs`` (default: the config's); ``dist`` as in :func:`fit`."""
     run_dir = Path(run_dir)
     config = runs.load_config(run_dir)
+    runs.remove_stale_temp_files(run_dir)
     if epochs is not None:
         config.train.epochs = epochs
     vae, data = _prepare(config, dist)

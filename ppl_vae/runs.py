@@ -48,6 +48,14 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Delete temporary files that a killed writer left in ``run_dir``; returns them."""
+    stale = [p for p in Path(run_dir).glob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink()
+    return stale
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
