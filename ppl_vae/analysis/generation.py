@@ -1,0 +1,475 @@
+"""Generation from a trained VAE: sample grids, grids saved as training goes (frames and an
+animated GIF), generation conditioned on a label, and inpainting.
+
+Sample grids decode E[x | z] for draws z ~ p(z) (Kingma & Welling 2013, fig. 4); the grids
+saved during training use the same draws at every epoch, as TensorFlow's CVAE tutorial does,
+so the frames show one set of latent points coming into focus. A conditional model
+(``vae.conditional``, e.g. ``cvae``, Doersch 2016 sec. 4) decodes the same z under every label:
+rows are labels, columns are z, so a column keeps its "style" across classes.
+
+Inpainting (:func:`inpaint`) completes an image from an observed part. The trained model is
+reused as it is; the missing pixels are inferred, not predicted by a separate network:
+self-normalized importance sampling with the prior as proposal, z_k ~ p(z), weights
+w_k ∝ p(x_obs | z_k, y) where the likelihood is restricted to the observed pixels (the
+pixels are independent given z, so masking is exact). The completion is
+E[x_miss | x_obs] ≈ Σ_k w_k E[x_miss | z_k, y]; posterior draws pick z_k with probability w_k.
+For a conditional model with an unknown label, every label is enumerated with a uniform
+p(y), which also gives p(y | x_obs). The effective sample size (Σ w)² / Σ w² says how well
+the prior covered the posterior (Owen 2013, ch. 9).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import Tensor
+
+from ppl_vae.models.vae import VAE
+from ppl_vae.registry import Registry
+from ppl_vae.runs import atomic_path
+
+IMAGE_DIMS = ("channel", "row", "col")
+
+# ---------------------------------------------------------------------------------------------
+# Observation masks for inpainting: name -> (rows, cols) -> bool tensor, True where observed.
+
+MASKS: Registry[Callable[[int, int], Tensor]] = Registry("mask")
+
+
+def _half(rows: int, cols: int, which: str) -> Tensor:
+    m = torch.zeros(rows, cols, dtype=torch.bool)
+    if which == "top":
+        m[: rows // 2] = True
+    elif which == "bottom":
+        m[rows // 2 :] = True
+    elif which == "left":
+        m[:, : cols // 2] = True
+    elif which == "right":
+        m[:, cols // 2 :] = True
+    else:  # the top-left quadrant: Pyro's CVAE tutorial observes one quarter and predicts the rest
+        m[: rows // 2, : cols // 2] = True
+    return m
+
+
+MASKS.register("top", doc="the top half is observed; complete the bottom half")(lambda r, c: _half(r, c, "top"))
+MASKS.register("bottom", doc="the bottom half is observed; complete the top half")(lambda r, c: _half(r, c, "bottom"))
+MASKS.register("left", doc="the left half is observed; complete the right half")(lambda r, c: _half(r, c, "left"))
+MASKS.register("right", doc="the right half is observed; complete the left half")(lambda r, c: _half(r, c, "right"))
+MASKS.register("quadrant", doc="the top-left quarter is observed; complete the other three")(
+    lambda r, c: _half(r, c, "quadrant")
+)
+
+
+def make_mask(name: str, event_shape: Sequence[int]) -> Tensor:
+    """The named observation mask as a bool tensor of ``event_shape`` (channels share it)."""
+    event_shape = tuple(event_shape)
+    if len(event_shape) < 2:
+        raise ValueError(f"inpainting masks need image data (channel, row, col), got event shape {event_shape}")
+    rows, cols = event_shape[-2:]
+    return MASKS.get(name)(rows, cols).expand(event_shape).clone()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+def _device(vae: VAE) -> torch.device:
+    return next(vae.parameters()).device
+
+
+def fixed_latents(vae: VAE, num_samples: int, seed: int = 0) -> Tensor:
+    """``num_samples`` draws z ~ p(z), ``(num_samples, latent_dim)``, the same for the same seed.
+
+    The global RNG state is left as it was, so saving grids does not change training.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    device = _device(vae)
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        return vae.prior().sample((num_samples,))
+
+
+def _check_labels(vae: VAE, labels: Optional[Sequence[int]]) -> Optional[List[int]]:
+    if not getattr(vae, "conditional", False):
+        if labels is not None:
+            raise ValueError(f"labels need a conditional model (cvae); this model ({type(vae).__name__}) takes none")
+        return None
+    num_classes = int(vae.num_classes)  # type: ignore[attr-defined]
+    labels = list(range(num_classes)) if labels is None else [int(c) for c in labels]
+    bad = [c for c in labels if not 0 <= c < num_classes]
+    if bad or not labels:
+        raise ValueError(f"labels must lie in [0, {num_classes - 1}], got {labels}")
+    return labels
+
+
+@torch.no_grad()
+def sample_images(
+    vae: VAE,
+    num_samples: int = 16,
+    *,
+    labels: Optional[Sequence[int]] = None,
+    seed: int = 0,
+    z: Optional[Tensor] = None,
+) -> xr.DataArray:
+    """Decoded means E[x | z] for z ~ p(z) (the draws ``fixed_latents(vae, num_samples, seed)``).
+
+    Unconditional models give dims ``(sample, channel, row, col)``. Conditional models decode
+    the same z under each label (default: every class) and add a leading dim ``label``.
+    """
+    labels = _check_labels(vae, labels)
+    was_training = vae.training
+    vae.eval()
+    try:
+        z = fixed_latents(vae, num_samples, seed) if z is None else z.to(_device(vae))
+        if labels is None:
+            images = vae.decode(z)
+            dims, coords = ("sample", *IMAGE_DIMS), {"sample": np.arange(len(z))}
+        else:
+            images = torch.stack([vae.decode(z, c) for c in labels])  # type: ignore[call-arg]
+            dims, coords = ("label", "sample", *IMAGE_DIMS), {"label": labels, "sample": np.arange(len(z))}
+    finally:
+        vae.train(was_training)
+    images = images.reshape(*images.shape[: images.dim() - len(vae.event_shape)], *_image_shape(vae.event_shape))
+    return xr.DataArray(images.cpu().numpy(), dims=dims, coords=coords, name="mean",
+                        attrs={"description": "E[x | z] for z ~ p(z)", "seed": seed})
+
+
+def _image_shape(event_shape: Sequence[int]) -> tuple:
+    event_shape = tuple(event_shape)
+    if len(event_shape) == 3:
+        return event_shape
+    if len(event_shape) == 2:
+        return (1, *event_shape)
+    if len(event_shape) == 1:  # vectors are shown as one-pixel-high strips
+        return (1, 1, *event_shape)
+    raise ValueError(f"images need at most 3 dims (channel, row, col), got event shape {event_shape}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def tile_images(images: np.ndarray, ncols: int, pad: int = 1, pad_value: Optional[float] = None) -> np.ndarray:
+    """``(n, C, H, W)`` images tiled row-major into one ``(rows*(H+pad)-pad, ncols*(W+pad)-pad, C)``
+    array; the padding shows white (``pad_value`` 0 for one channel, drawn with ``gray_r``; 1 for RGB)."""
+    n, c, h, w = images.shape
+    nrows = math.ceil(n / ncols)
+    if pad_value is None:
+        pad_value = 0.0 if c == 1 else 1.0
+    out = np.full((nrows * (h + pad) - pad, ncols * (w + pad) - pad, c), pad_value, dtype=np.float32)
+    for i in range(n):
+        r, k = divmod(i, ncols)
+        out[r * (h + pad) : r * (h + pad) + h, k * (w + pad) : k * (w + pad) + w] = images[i].transpose(1, 2, 0)
+    return out
+
+
+def _show(ax, tiled: np.ndarray) -> None:
+    tiled = np.clip(tiled, 0.0, 1.0)
+    if tiled.shape[-1] == 1:
+        ax.imshow(tiled[..., 0], cmap="gray_r", vmin=0.0, vmax=1.0, interpolation="nearest")
+    else:
+        ax.imshow(tiled, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_image_grid(images: Union[xr.DataArray, np.ndarray, Tensor], ncols: Optional[int] = None,
+                    title: Optional[str] = None, cell_inches: float = 0.6):
+    """A grid of images; a DataArray with a ``label`` dim gets one labelled row per label.
+
+    ``images``: ``(n, C, H, W)`` or a DataArray from :func:`sample_images`. Returns a Figure.
+    Dark pixels are high values (``gray_r``), as in the AEVB figures.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    labels = None
+    if isinstance(images, xr.DataArray):
+        if "label" in images.dims:
+            labels = [int(c) for c in images["label"].values]
+            ncols = images.sizes["sample"]
+            array = images.transpose("label", "sample", *IMAGE_DIMS).values
+            array = array.reshape(-1, *array.shape[2:])
+        else:
+            array = images.values
+    else:
+        array = images.detach().cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
+    if array.ndim != 4 or len(array) == 0:
+        raise ValueError(f"images must have shape (n, channel, row, col), got {array.shape}")
+    ncols = ncols or math.ceil(math.sqrt(len(array)))
+    tiled = tile_images(array, ncols)
+    nrows = math.ceil(len(array) / ncols)
+    fig = Figure(figsize=(max(2.0, ncols * cell_inches + (0.5 if labels else 0)), max(2.0, nrows * cell_inches + 0.4)),
+                 constrained_layout=True)
+    ax = fig.add_subplot()
+    _show(ax, tiled)
+    if labels is not None:
+        h = array.shape[2] + 1
+        ax.set_yticks([i * h + (h - 1) / 2 for i in range(len(labels))])
+        ax.set_yticklabels([str(c) for c in labels])
+        ax.set_ylabel("label y")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return fig
+
+
+def plot_inpainting(result: xr.Dataset, max_images: int = 8):
+    """Rows: the original, the observed part (missing pixels shaded), the posterior-mean
+    completion, then posterior draws; one column per image. Returns a Figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    n = min(max_images, result.sizes["image"])
+    mask = result["mask"].values.astype(bool)
+    observed = result["original"].values[:n].copy()
+    # Missing pixels shown mid-grey, so they read as "unknown", not as "off".
+    observed = np.where(mask[None], observed, 0.5)
+    rows = [("original", result["original"].values[:n]), ("observed", observed),
+            ("completion\n(posterior mean)", result["completion_mean"].values[:n])]
+    for j in range(result.sizes["draw"]):
+        rows.append((f"draw {j + 1}", result["completion_draws"].values[:n, j]))
+    fig = Figure(figsize=(1.0 + 0.9 * n, 0.9 * len(rows) + 0.6), constrained_layout=True)
+    axes = fig.subplots(len(rows), n, squeeze=False)
+    for r, (name, imgs) in enumerate(rows):
+        for i in range(n):
+            ax = axes[r, i]
+            _show(ax, imgs[i].transpose(1, 2, 0))
+            if i == 0:
+                ax.set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
+            if r == 0:
+                title = f"ESS {float(result['ess'][i]):.0f}"
+                if "label_posterior" in result:
+                    post = result["label_posterior"].values[i]
+                    title = f"y={int(post.argmax())} ({post.max():.2f})\n" + title
+                elif "label" in result:
+                    title = f"y={int(result['label'][i])}\n" + title
+                ax.set_title(title, fontsize=6)
+    fig.suptitle(f"inpainting, mask {result.attrs.get('mask', '')!r}, K={result.attrs.get('num_samples')}",
+                 fontsize=8)
+    return fig
+
+
+def save_figure(fig, path: Union[str, Path], dpi: int = 100) -> Path:
+    """Write a Figure atomically; the format follows the file's suffix (default PNG)."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=dpi)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Grids saved as training goes
+
+
+class SampleGridRecorder:
+    """Saves a grid of samples from fixed z after each epoch, and an animated GIF of them.
+
+    Call it as ``recorder(epoch, vae)`` (the signature of an ``on_epoch_end`` hook): it writes
+    ``out_dir/epoch_NNNN.png`` and rewrites ``out_dir/../samples.gif`` (``gif_path``) from every
+    frame in ``out_dir``, in epoch order. The z draws depend only on ``seed``, so frames
+    written by separate calls or processes show the same latent points.
+    """
+
+    def __init__(self, out_dir: Union[str, Path], *, num_samples: int = 16, seed: int = 0,
+                 labels: Optional[Sequence[int]] = None, gif_path: Union[str, Path, None] = None,
+                 frame_ms: int = 500, dpi: int = 80):
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        self.out_dir = Path(out_dir)
+        self.gif_path = Path(gif_path) if gif_path is not None else self.out_dir.parent / "samples.gif"
+        self.num_samples = num_samples
+        self.seed = seed
+        self.labels = labels
+        self.frame_ms = frame_ms
+        self.dpi = dpi
+
+    def frame_path(self, epoch: int) -> Path:
+        return self.out_dir / f"epoch_{epoch:04d}.png"
+
+    def __call__(self, epoch: int, vae: VAE) -> Path:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        images = sample_images(vae, self.num_samples, labels=self.labels, seed=self.seed)
+        fig = plot_image_grid(images, title=f"epoch {epoch}")
+        path = save_figure(fig, self.frame_path(epoch), dpi=self.dpi)
+        self.write_gif()
+        return path
+
+    def frames(self) -> List[Path]:
+        return sorted(self.out_dir.glob("epoch_*.png"))
+
+    def write_gif(self) -> Optional[Path]:
+        """Rewrite the GIF from the frames on disk; None when there are none."""
+        from PIL import Image
+
+        frames = []
+        for p in self.frames():
+            with Image.open(p) as im:
+                frames.append(im.convert("RGB"))
+        if not frames:
+            return None
+        # Frames of one size: the figure size is fixed, but guard against a changed layout.
+        size = frames[0].size
+        frames = [f if f.size == size else f.resize(size) for f in frames]
+        with atomic_path(self.gif_path) as tmp:
+            frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
+                           duration=self.frame_ms, loop=0)
+        return self.gif_path
+
+
+def train_with_sample_grids(
+    run_dir: Union[str, Path],
+    epochs: int,
+    *,
+    every: int = 1,
+    num_samples: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+):
+    """Continue a run up to ``epochs`` epochs, saving a sample grid every ``every`` epochs.
+
+    Training goes through :func:`ppl_vae.pipeline.resume` one stretch at a time (same
+    checkpoints, history and RNG as one long resume), so it works for any registered model.
+    Frames go to ``RUN/samples/epoch_NNNN.png``, the animation to ``RUN/samples.gif``; the
+    grid of the run's current epoch is saved first (start from ``fit --epochs 0`` to get the
+    untrained model's frame). Returns the final :class:`ppl_vae.pipeline.Run`.
+    """
+    from ppl_vae import pipeline, runs
+
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    run_dir = Path(run_dir)
+    run = pipeline.load_run(run_dir)
+    _, meta = runs.read_checkpoint(run_dir)
+    epoch = int(meta["epoch"])
+    if epochs < epoch:
+        raise ValueError(f"epochs must be >= the run's {epoch} epochs done, got {epochs}")
+    recorder = SampleGridRecorder(run_dir / "samples", num_samples=num_samples, seed=seed)
+    recorder(epoch, run.vae)
+    while epoch < epochs:
+        epoch = min(epochs, epoch + every)
+        run = pipeline.resume(run_dir, epochs=epoch, progress=progress)
+        recorder(epoch, run.vae)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Inpainting
+
+
+def _masked_log_lik(vae: VAE, params: Sequence[Tensor], x: Tensor, mask: Tensor) -> Tensor:
+    """log p(x_obs | params) summed over observed elements; params ``(..., *event)`` -> ``(...)``."""
+    d = vae.likelihood(*params)
+    base = getattr(d, "base_dist", d)
+    log_p = base.log_prob(x.expand(params[0].shape)) * mask
+    return log_p.flatten(start_dim=log_p.dim() - len(vae.event_shape)).sum(-1)
+
+
+@torch.no_grad()
+def inpaint(
+    vae: VAE,
+    x: Tensor,
+    mask: Union[str, Tensor],
+    *,
+    y: Optional[Tensor] = None,
+    num_samples: int = 2000,
+    num_draws: int = 4,
+    seed: int = 0,
+) -> xr.Dataset:
+    """Complete images ``x`` ``(N, *event_shape)`` from the pixels where ``mask`` is True.
+
+    Self-normalized importance sampling with proposal p(z) (see the module docstring):
+    ``num_samples`` draws z_k, shared by all images. For a conditional model, ``y`` gives the
+    labels ``(N,)``; when None, every label is tried with a uniform p(y) and the result holds
+    ``label_posterior`` p(y | x_obs) (the weights then cover ``num_samples * num_classes``
+    pairs (z_k, y), attribute ``num_weights``). Returns a Dataset with dims ``image``, ``draw``,
+    ``channel``, ``row``, ``col`` (and ``label``): ``original``, ``mask``, ``completion_mean``
+    (observed pixels kept, missing ones E[x_miss | x_obs]), ``completion_draws`` (decoded z drawn
+    from the weighted sample), ``log_evidence`` (the estimate log (1/K) Σ_k p(x_obs | z_k) of
+    log p(x_obs)) and ``ess`` (effective sample size of the K weights).
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if num_draws < 0:
+        raise ValueError(f"num_draws must be >= 0, got {num_draws}")
+    event_shape = tuple(vae.event_shape)
+    if tuple(x.shape[1:]) != event_shape:
+        raise ValueError(f"x must have shape (N, {', '.join(map(str, event_shape))}), got {tuple(x.shape)}")
+    mask_name = mask if isinstance(mask, str) else "custom"
+    mask_t = make_mask(mask, event_shape) if isinstance(mask, str) else mask.to(torch.bool)
+    if tuple(mask_t.shape) != event_shape:
+        raise ValueError(f"mask must have the datapoints' shape {event_shape}, got {tuple(mask_t.shape)}")
+    device = _device(vae)
+    x, mask_t = x.to(device), mask_t.to(device)
+    maskf = mask_t.to(x.dtype)
+    conditional = getattr(vae, "conditional", False)
+    if not conditional and y is not None:
+        raise ValueError(f"y needs a conditional model (cvae); this model ({type(vae).__name__}) takes no labels")
+    was_training = vae.training
+    vae.eval()
+    try:
+        z = fixed_latents(vae, num_samples, seed)
+        # One set of decoder outputs per hypothesis (label); unconditional models have one.
+        if conditional:
+            classes = list(range(vae.num_classes)) if y is None else sorted({int(c) for c in y.tolist()})  # type: ignore[attr-defined]
+            _check_labels(vae, classes)
+            params = {c: vae.decode_params(z, c) for c in classes}  # type: ignore[attr-defined]
+        else:
+            params = {None: tuple(vae.decoder(z))}
+        means = {c: vae.likelihood.mean(*p) for c, p in params.items()}
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        completion_mean, draws, log_evidence, ess, label_post = [], [], [], [], []
+        for n in range(x.shape[0]):
+            hyps = [None] if not conditional else (classes if y is None else [int(y[n])])
+            log_w = torch.stack([_masked_log_lik(vae, params[c], x[n], maskf) for c in hyps])  # (H, K)
+            if conditional and y is None:
+                log_w = log_w - math.log(len(hyps))  # uniform p(y)
+            flat = log_w.flatten()
+            w = torch.softmax(flat, 0)
+            mean_stack = torch.stack([means[c] for c in hyps]).flatten(0, 1)  # (H*K, *event)
+            m = torch.tensordot(w, mean_stack, dims=1)
+            completion_mean.append(torch.where(mask_t, x[n], m))
+            idx = torch.multinomial(w.cpu(), num_draws, replacement=True, generator=gen).to(device) if num_draws else []
+            draws.append(torch.stack([torch.where(mask_t, x[n], mean_stack[i]) for i in idx]) if num_draws
+                         else x.new_zeros((0, *event_shape)))
+            log_evidence.append(torch.logsumexp(flat, 0) - math.log(num_samples))
+            ess.append(1.0 / (w**2).sum())
+            if conditional and y is None:
+                label_post.append(torch.softmax(torch.logsumexp(log_w, 1), 0))
+    finally:
+        vae.train(was_training)
+
+    shape = _image_shape(event_shape)
+    as_img = lambda t: t.reshape(*t.shape[: t.dim() - len(event_shape)], *shape).cpu().numpy()  # noqa: E731
+    data_vars: Dict[str, tuple] = {
+        "original": (("image", *IMAGE_DIMS), as_img(x)),
+        "mask": (IMAGE_DIMS, as_img(mask_t)),
+        "completion_mean": (("image", *IMAGE_DIMS), as_img(torch.stack(completion_mean)),
+                            {"description": "observed pixels kept; missing ones E[x_miss | x_obs] (self-normalized IS)"}),
+        "completion_draws": (("image", "draw", *IMAGE_DIMS), as_img(torch.stack(draws)),
+                             {"description": "E[x | z] for z drawn from the weighted sample, observed pixels kept"}),
+        "log_evidence": ("image", torch.stack(log_evidence).cpu().numpy(),
+                         {"description": "log p(x_obs) estimated as log (1/K) sum_k p(x_obs | z_k), nats"}),
+        "ess": ("image", torch.stack(ess).cpu().numpy(), {"description": "effective sample size of the K weights"}),
+    }
+    if conditional and y is None:
+        data_vars["label_posterior"] = (("image", "label"), torch.stack(label_post).cpu().numpy(),
+                                        {"description": "p(y | x_obs) under a uniform p(y)"})
+    elif conditional:
+        data_vars["label"] = ("image", y.cpu().numpy())
+    num_weights = num_samples * (len(classes) if conditional and y is None else 1)
+    ds = xr.Dataset(data_vars, attrs={"mask": mask_name, "num_samples": num_samples, "num_weights": num_weights,
+                                      "seed": seed,
+                                      "method": "self-normalized importance sampling, proposal p(z)"})
+    return ds
