@@ -12,6 +12,9 @@ import click
 COMMANDS: Dict[str, str] = {
     "fit": "ppl_vae.cli.fit:fit",
     "models": "ppl_vae.cli.models:models",
+    "generate": "ppl_vae.cli.generate:generate",
+    "inpaint": "ppl_vae.cli.generate:inpaint",
+    "animate": "ppl_vae.cli.generate:animate",
 }
 
 
