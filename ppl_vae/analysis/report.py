@@ -1,0 +1,322 @@
+"""Evaluate a run directory and write a self-contained comparison report.
+
+:func:`evaluate_run`: importance-weighted log p(x), ELBO, standard errors and ESS per
+datapoint (``evaluation.nc`` / ``evaluation.csv``). :func:`compare_run`: the gap
+decomposition of Cremer et al. (2018), collapse diagnostics, ArviZ draws from both guides
+and ``report.html``, one HTML file with every figure embedded as a base64 PNG.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import pandas as pd
+import pyro
+import torch
+import xarray as xr
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from ppl_vae import runs
+from ppl_vae.analysis import plots, results
+from ppl_vae.analysis.diagnostics import collapse_diagnostics
+from ppl_vae.analysis.gaps import format_gap_table, gap_decomposition, gap_table
+from ppl_vae.inference.importance import importance_estimate
+from ppl_vae.inference.meanfield import MeanFieldGuide, fit_mean_field
+from ppl_vae.pipeline import Run, load_data, load_run
+
+SPLITS = ("test", "train")
+
+EVALUATION_FILES = {"netcdf": "evaluation.nc", "csv": "evaluation.csv"}
+COMPARE_FILES = {
+    "report": "report.html",
+    "gaps_netcdf": "gaps.nc",
+    "gaps_csv": "gaps.csv",
+    "table_csv": "gap_table.csv",
+    "diagnostics_netcdf": "diagnostics.nc",
+    "inference_data": "inference_data.nc",
+}
+
+
+@dataclass
+class Selection:
+    """The datapoints analysed: ``x`` ``(N, ...)``, their ``labels`` (or None), indices in the split."""
+
+    x: Tensor
+    labels: Optional[Tensor]
+    index: np.ndarray
+    split: str
+
+    def model_kwargs(self, run: Run) -> Dict[str, Tensor]:
+        """``{"y": labels}`` for conditional models, else nothing."""
+        if getattr(run.vae, "conditional", False):
+            if self.labels is None:
+                raise ValueError("this model is conditional but the dataset has no labels")
+            return {"y": self.labels}
+        return {}
+
+
+def select_datapoints(run: Run, split: str = "test", num_datapoints: Optional[int] = None,
+                      seed: int = 0) -> Selection:
+    """Load the run's data and pick ``num_datapoints`` of ``split`` (all when None; a seeded subset)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if num_datapoints is not None and num_datapoints < 1:
+        raise ValueError(f"num_datapoints must be >= 1, got {num_datapoints}")
+    data = load_data(run.config)
+    x = data.test if split == "test" else data.train
+    labels = data.test_labels if split == "test" else data.train_labels
+    n = x.shape[0]
+    if num_datapoints is None or num_datapoints >= n:
+        index = np.arange(n)
+    else:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:num_datapoints]
+        index = np.sort(perm.numpy())
+    device = next(run.vae.parameters()).device
+    idx = torch.as_tensor(index)
+    return Selection(x[idx].to(device), None if labels is None else labels[idx].to(device), index, split)
+
+
+def _out_dir(run: Run, out_dir: Optional[Path]) -> Path:
+    out = Path(run.run_dir) if out_dir is None else Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@dataclass
+class Evaluation:
+    """Per-datapoint IW estimates (``dataset``), the files written, and a printable summary."""
+
+    dataset: xr.Dataset
+    files: Dict[str, Path]
+
+    def summary(self) -> str:
+        ds = self.dataset
+        n = ds.sizes["datapoint"]
+        line = lambda name, v: f"{name:<28} {float(v.mean()):12.3f} ± {float(v.std(ddof=1) / np.sqrt(n)) if n > 1 else float('nan'):.3f}"  # noqa: E731
+        return "\n".join([
+            f"{n} {ds.attrs.get('split', '')} datapoints, K = {ds.attrs['num_samples']} importance samples "
+            "(nats per datapoint, mean ± se over datapoints)",
+            line("log p̂(x) (IW)", ds["log_likelihood"]),
+            line("ELBO L[q]", ds["elbo"]),
+            line("log p̂(x) − L[q]", ds["log_likelihood"] - ds["elbo"]),
+            f"{'Monte Carlo se of mean log p̂':<28} {float(np.sqrt((ds['log_likelihood_stderr'] ** 2).sum()) / n):12.3f}",
+            f"{'ESS of the weights (mean)':<28} {float(ds['ess'].mean()):12.1f} of {ds.attrs['num_samples']}",
+        ])
+
+
+def evaluate_run(
+    run_dir: Path,
+    *,
+    num_samples: int = 1000,
+    split: str = "test",
+    num_datapoints: Optional[int] = None,
+    batch_size: int = 100,
+    particle_batch_size: Optional[int] = None,
+    device: str = "cpu",
+    seed: int = 0,
+    out_dir: Optional[Path] = None,
+    progress: bool = True,
+) -> Evaluation:
+    """IW log p(x) with K = ``num_samples`` for a run's datapoints; writes evaluation.nc/.csv.
+
+    Files go to ``out_dir`` (default: the run directory).
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    run = load_run(run_dir, device)
+    sel = select_datapoints(run, split, num_datapoints, seed)
+    pyro.set_rng_seed(seed)
+    est = importance_estimate(run.vae.model, run.vae.guide, sel.x, num_samples=num_samples, batch_size=batch_size,
+                              particle_batch_size=particle_batch_size, progress=progress, **sel.model_kwargs(run))
+    ds = est.to_dataset(sel.index)
+    ds.attrs.update({"split": split, "run_dir": str(run.run_dir), "model": run.config.model.model,
+                     "dataset": run.config.data.dataset, "seed": seed})
+    out = _out_dir(run, out_dir)
+    files = {
+        "netcdf": results.save_netcdf(ds, out / EVALUATION_FILES["netcdf"]),
+        "csv": results.save_csv(ds, out / EVALUATION_FILES["csv"]),
+    }
+    return Evaluation(ds, files)
+
+
+@dataclass
+class Comparison:
+    """Everything :func:`compare_run` computed, and the files it wrote."""
+
+    gaps: xr.Dataset
+    table: pd.DataFrame
+    diagnostics: xr.Dataset
+    inference_data: Any
+    files: Dict[str, Path] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+
+
+def compare_run(
+    run_dir: Path,
+    *,
+    num_samples: int = 1000,
+    split: str = "test",
+    num_datapoints: Optional[int] = 500,
+    num_draws: int = 100,
+    batch_size: int = 100,
+    mean_field_options: Optional[Dict[str, Any]] = None,
+    device: str = "cpu",
+    seed: int = 0,
+    out_dir: Optional[Path] = None,
+    progress: bool = True,
+) -> Comparison:
+    """Gap decomposition, diagnostics, ArviZ draws and an HTML report for a run directory.
+
+    ``num_samples``: K for the IW estimates (and for evaluating L[q*]); ``num_draws``: draws
+    of z per guide and datapoint kept in the InferenceData; ``mean_field_options`` go to
+    :func:`~ppl_vae.inference.meanfield.fit_mean_field` (init, lr, max_steps, tol, ...).
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if num_draws < 1:
+        raise ValueError(f"num_draws must be >= 1, got {num_draws}")
+    run = load_run(run_dir, device)
+    vae = run.vae
+    sel = select_datapoints(run, split, num_datapoints, seed)
+    kwargs = sel.model_kwargs(run)
+    pyro.set_rng_seed(seed)
+    mf_options = {"batch_size": 500, "progress": progress, **(mean_field_options or {})}
+    mf_options.setdefault("num_eval_samples", num_samples)
+    mean_field = fit_mean_field(vae.model, sel.x, guide=vae.guide, **mf_options, **kwargs)
+    gaps = gap_decomposition(vae.model, vae.guide, sel.x, num_samples=num_samples, batch_size=batch_size,
+                             mean_field=mean_field, datapoint=sel.index, progress=progress, **kwargs)
+    gaps.attrs.update({"split": split, "run_dir": str(run.run_dir), "model": run.config.model.model,
+                       "dataset": run.config.data.dataset, "seed": seed})
+    table = gap_table(gaps)
+    diagnostics = collapse_diagnostics(vae.model, vae.guide, sel.x, **kwargs)
+
+    draw_n = min(sel.x.shape[0], 100)  # keep the InferenceData small: the first 100 datapoints
+    mf_guide = MeanFieldGuide(mean_field.loc[:draw_n], mean_field.scale[:draw_n].log())
+    draw_kwargs = {k: v[:draw_n] for k, v in kwargs.items()}
+    draws = results.guide_draws(vae.model, {"amortized": vae.guide, "meanfield": mf_guide}, sel.x[:draw_n],
+                                num_draws=num_draws, **draw_kwargs)
+    idata = results.to_inference_data(draws, datapoint=sel.index[:draw_n],
+                                      attrs={"run_dir": str(run.run_dir), "split": split})
+
+    out = _out_dir(run, out_dir)
+    comparison = Comparison(gaps, table, diagnostics, idata)
+    files = comparison.files
+    files["gaps_netcdf"] = results.save_netcdf(gaps, out / COMPARE_FILES["gaps_netcdf"])
+    per_datapoint = gaps[["estimate", "stderr"]].to_dataframe().unstack("estimator")
+    per_datapoint.columns = [f"{a}_{b}" if a != "estimate" else str(b) for a, b in per_datapoint.columns]
+    for g in ("approximation_gap", "amortization_gap", "inference_gap", "ess_amortized", "ess_meanfield"):
+        per_datapoint[g] = gaps[g].to_series()
+    files["gaps_csv"] = results.save_csv(per_datapoint, out / COMPARE_FILES["gaps_csv"])
+    files["table_csv"] = results.save_csv(table, out / COMPARE_FILES["table_csv"])
+    files["diagnostics_netcdf"] = results.save_netcdf(diagnostics, out / COMPARE_FILES["diagnostics_netcdf"])
+    files["inference_data"] = results.save_inference_data(idata, out / COMPARE_FILES["inference_data"])
+    figures = _report_figures(run, sel, gaps, diagnostics, comparison.notes)
+    files["report"] = write_report(out / COMPARE_FILES["report"], run, sel, comparison, figures)
+    return comparison
+
+
+def _report_figures(run: Run, sel: Selection, gaps: xr.Dataset, diagnostics: xr.Dataset,
+                    notes: List[str]) -> List[Tuple[str, Figure]]:
+    """(title, figure) pairs; a figure that does not apply to this model becomes a note."""
+    vae = run.vae
+    device = sel.x.device
+    makers: List[Tuple[str, Callable[[], Figure]]] = [
+        ("Training curves", lambda: plots.plot_training_curves(run.history)),
+        ("Per-datapoint gaps", lambda: plots.plot_gap_distributions(gaps)),
+        ("Estimators", lambda: plots.plot_estimators(gaps)),
+        ("KL per dimension and active units", lambda: plots.plot_kl_per_dimension(diagnostics)),
+        ("Reconstructions", lambda: plots.plot_reconstructions(sel.x[:10], vae.reconstruct(sel.x[:10]))),
+        ("Samples from the prior", lambda: plots.plot_samples(vae.sample(30))),
+    ]
+    if vae.latent_dim == 2:
+        makers.append(("Learned manifold", lambda: plots.plot_manifold(vae.decode, device=device)))
+        makers.append(("Latent space", lambda: plots.plot_latent_scatter(
+            torch.as_tensor(gaps["amortized_loc"].values), sel.labels)))
+    figures = []
+    for title, make in makers:
+        try:
+            with torch.no_grad():
+                figures.append((title, make()))
+        except (TypeError, ValueError, RuntimeError) as exc:
+            notes.append(f"{title}: not drawn ({' '.join(str(exc).split())})")
+    return figures
+
+
+def figure_to_data_uri(fig: Figure, dpi: int = 100) -> str:
+    """A figure as a ``data:image/png;base64,...`` URI (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 60em; margin: 2em auto; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; } td, th { padding: 0.2em 0.8em; border-bottom: 1px solid #ddd; }
+th { text-align: left; } td { text-align: right; font-variant-numeric: tabular-nums; }
+img { max-width: 100%; } .note { color: #666; font-size: 0.9em; } code { background: #f4f4f4; }
+"""
+
+
+def render_html(run: Run, sel: Selection, comparison: Comparison, figures: List[Tuple[str, Figure]]) -> str:
+    """The report as one HTML string; figures become embedded PNGs (no external files)."""
+    gaps, table = comparison.gaps, comparison.table
+    cfg = run.config
+    esc = html.escape
+    shown = table[["description", "mean", "se", "mc_se", "median"]].rename(
+        columns={"mean": "mean (nats)", "se": "se over datapoints", "mc_se": "Monte Carlo se"})
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>ppl-vae compare: {esc(str(run.run_dir))}</title><style>{_CSS}</style></head><body>",
+        f"<h1>Inference comparison: {esc(cfg.model.model)} on {esc(cfg.data.dataset)}</h1>",
+        f"<p>Run <code>{esc(str(run.run_dir))}</code>; {gaps.sizes['datapoint']} {esc(sel.split)} datapoints; "
+        f"latent dimension {run.vae.latent_dim}; K = {gaps.attrs['num_samples']} importance samples; "
+        f"mean-field VI converged in {gaps.attrs['meanfield_converged_batches']} of "
+        f"{gaps.attrs['meanfield_num_batches']} batch(es). Generated {_dt.datetime.now():%Y-%m-%d %H:%M}.</p>",
+        "<h2>Estimators and gaps</h2>",
+        "<p>log p̂ is the importance-weighted estimate with the amortized guide (Burda et al. 2015); "
+        "L[q*] is the ELBO of per-datapoint mean-field VI; L[q] the amortized ELBO. Approximation gap "
+        "= log p̂ − L[q*], amortization gap = L[q*] − L[q] (Cremer, Li &amp; Duvenaud 2018).</p>",
+        shown.to_html(float_format=lambda v: f"{v:.3f}", index=False),
+        f"<p>Active units (Cov<sub>x</sub>(E<sub>q</sub>[z<sub>u</sub>]) &gt; "
+        f"{comparison.diagnostics.attrs['threshold']}): {comparison.diagnostics.attrs['num_active']} of "
+        f"{comparison.diagnostics.sizes['latent']}.</p>",
+    ]
+    for title, fig in figures:
+        parts.append(f"<h2>{esc(title)}</h2><img alt='{esc(title)}' src='{figure_to_data_uri(fig)}'>")
+    for note in comparison.notes:
+        parts.append(f"<p class='note'>{esc(note)}</p>")
+    files = ", ".join(f"<code>{esc(p.name)}</code>" for k, p in comparison.files.items() if k != "report")
+    parts.append(f"<p class='note'>Tables: {files}.</p></body></html>")
+    return "\n".join(parts)
+
+
+def write_report(path: Path, run: Run, sel: Selection, comparison: Comparison,
+                 figures: List[Tuple[str, Figure]]) -> Path:
+    """Render and write the HTML report atomically; returns ``path``."""
+    path = Path(path)
+    runs.write_text_atomic(path, render_html(run, sel, comparison, figures))
+    return path
+
+
+__all__ = [
+    "Comparison",
+    "Evaluation",
+    "compare_run",
+    "evaluate_run",
+    "figure_to_data_uri",
+    "format_gap_table",
+    "render_html",
+    "select_datapoints",
+    "write_report",
+]

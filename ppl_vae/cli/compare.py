@@ -1,0 +1,48 @@
+"""``ppl-vae compare``: amortized vs mean-field inference for a run, as an HTML report and tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--num-samples", "-k", type=int, default=1000, show_default=True,
+              help="Importance samples K per datapoint for log p̂(x) and L[q*].")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option("--num-datapoints", type=int, default=500, show_default=True,
+              help="A seeded random subset of this size (0: all).")
+@click.option("--num-draws", type=int, default=100, show_default=True, help="Draws of z per guide kept for ArviZ.")
+@click.option("--init", type=click.Choice(["encoder", "prior"]), default="encoder", show_default=True,
+              help="Where mean-field VI starts.")
+@click.option("--mf-steps", type=int, default=2000, show_default=True, help="Most Adam steps of mean-field VI.")
+@click.option("--mf-lr", type=float, default=1e-2, show_default=True, help="Adam learning rate of mean-field VI.")
+@click.option("--mf-tol", type=float, default=1e-4, show_default=True,
+              help="Relative ELBO change that counts as a plateau (stopping rule).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for report.html and the tables (default: the run directory).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
+def compare(run_dir: Path, num_samples: int, split: str, num_datapoints: int, num_draws: int, init: str,
+            mf_steps: int, mf_lr: float, mf_tol: float, device: str, seed: int, out, progress: bool) -> None:
+    """Gap decomposition (Cremer et al. 2018), diagnostics and a self-contained HTML report."""
+    from ppl_vae.analysis.gaps import format_gap_table
+    from ppl_vae.analysis.report import compare_run
+
+    if num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+    if num_datapoints < 0:
+        raise ValueError(f"--num-datapoints must be >= 0, got {num_datapoints}")
+    result = compare_run(
+        run_dir, num_samples=num_samples, split=split, num_datapoints=num_datapoints or None,
+        num_draws=num_draws, device=device, seed=seed, out_dir=out, progress=progress,
+        mean_field_options={"init": init, "max_steps": mf_steps, "lr": mf_lr, "tol": mf_tol},
+    )
+    click.echo(format_gap_table(result.table))
+    click.echo(f"active units: {result.diagnostics.attrs['num_active']} of {result.diagnostics.sizes['latent']}")
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    click.echo("wrote " + ", ".join(str(p) for p in result.files.values()))
