@@ -11,6 +11,8 @@ import click
 # name -> "module:attribute"; a command's module is imported only when it runs.
 COMMANDS: Dict[str, str] = {
     "fit": "ppl_vae.cli.fit:fit",
+    "evaluate": "ppl_vae.cli.evaluate:evaluate",
+    "compare": "ppl_vae.cli.compare:compare",
     "models": "ppl_vae.cli.models:models",
     "generate": "ppl_vae.cli.generate:generate",
     "inpaint": "ppl_vae.cli.generate:inpaint",
