@@ -1,0 +1,73 @@
+"""Training speed: ppl_vae's SVI training against a hand-written PyTorch VAE loop.
+
+Both train the same network (bernoulli_mlp: 784-500-z tanh MLP encoder and decoder, AEVB C.1)
+with Adam at the same batch size; epochs alternate between the two in one process, and the
+script prints the per-epoch time ratio ppl_vae / hand-written (median and range).
+
+    python benchmarks/bench_train.py --batch-size 128 --repeats 5 [--data-dir ../shared/datasets/mnist]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+
+import torch
+
+from common import benchmark_data, handwritten_epoch, machine_description, summarize
+
+from ppl_vae.config import TrainConfig
+from ppl_vae.data.datasets import Dataset
+from ppl_vae.inference.training import TrainState, train, METHODS
+from ppl_vae.models import build_vae
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[128])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--num-data", type=int, default=10000)
+    parser.add_argument("--hidden-dim", type=int, default=500)
+    parser.add_argument("--latent-dim", type=int, default=20)
+    parser.add_argument("--elbo", default="trace")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    x = benchmark_data(args, device)
+    print(f"machine: {machine_description()}")
+    print(f"data: {tuple(x.shape)} on {device}; network 784-{args.hidden_dim}-{args.latent_dim}; elbo {args.elbo}")
+    for batch_size in args.batch_size:
+        torch.manual_seed(0)
+        vae = build_vae("bernoulli_mlp", x.shape[1:], latent_dim=args.latent_dim, hidden_dim=args.hidden_dim).to(device)
+        hand = copy.deepcopy(vae)
+        hand_opt = torch.optim.Adam(hand.parameters(), lr=1e-3)
+        config = TrainConfig(epochs=0, batch_size=batch_size, elbo=args.elbo, device=args.device)
+        data = Dataset("bench", x, x[:2])  # a tiny test set: evaluation is not timed anyway
+        stepper = METHODS.get("svi")(vae, config)
+        state = TrainState()
+        # warm-up epoch for each (allocator, JIT)
+        handwritten_epoch(hand, hand_opt, x, batch_size)
+        config.epochs += 1
+        train(vae, data, config, stepper=stepper, state=state, progress=False)
+        ratios, ours, theirs = [], [], []
+        for _ in range(args.repeats):
+            t_hand = handwritten_epoch(hand, hand_opt, x, batch_size)
+            config.epochs += 1
+            history = train(vae, data, config, stepper=stepper, state=state, progress=False)
+            t_ours = float(history.wall_time[-1] - history.wall_time[-2])
+            ratios.append(t_ours / t_hand)
+            ours.append(t_ours)
+            theirs.append(t_hand)
+        print(f"batch {batch_size}: ppl_vae {statistics.median(ours):.3f} s/epoch, hand-written "
+              f"{statistics.median(theirs):.3f} s/epoch ({x.shape[0] / statistics.median(ours):.0f} vs "
+              f"{x.shape[0] / statistics.median(theirs):.0f} images/s)")
+        print(summarize(f"batch {batch_size} ratio ppl_vae/hand-written", ratios))
+
+
+if __name__ == "__main__":
+    main()
