@@ -42,10 +42,15 @@ RUN_OPTIONS = (
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory (default: a new runs/...).")
 @click.option("--resume", type=click.Path(path_type=Path), default=None, help="Continue this run directory.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Data-parallel processes on this machine (DDP; one GPU each on CUDA). Under torchrun leave at 1.")
+@click.option("--dist-timeout", type=float, default=300.0, show_default=True,
+              help="Seconds a distributed collective may wait before the run stops with an error.")
 @click.pass_context
 def fit(ctx: click.Context, **opts) -> None:
     """Train a VAE with SVI and write config, checkpoint and history to a run directory."""
     from ppl_vae import pipeline
+    from ppl_vae.inference import distributed
     from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
     if opts["resume"] is not None:
@@ -56,7 +61,11 @@ def fit(ctx: click.Context, **opts) -> None:
             )
         epochs = opts["epochs"] if ctx.get_parameter_source("epochs") == ParameterSource.COMMANDLINE else None
         try:
-            run = pipeline.resume(opts["resume"], epochs=epochs, progress=opts["progress"])
+            if opts["nproc"] != 1 or distributed.launched_by_torchrun():
+                run = distributed.resume(opts["resume"], epochs=epochs, nproc=opts["nproc"],
+                                         progress=opts["progress"], timeout_s=opts["dist_timeout"])
+            else:
+                run = pipeline.resume(opts["resume"], epochs=epochs, progress=opts["progress"])
         except KeyboardInterrupt:
             _interrupted(opts["resume"])
     else:
@@ -90,9 +99,15 @@ def fit(ctx: click.Context, **opts) -> None:
         )
         out = opts["out"] or pipeline.default_run_dir(config)
         try:
-            run = pipeline.fit(config, out, progress=opts["progress"])
+            if opts["nproc"] != 1 or distributed.launched_by_torchrun():
+                run = distributed.fit(config, out, nproc=opts["nproc"], progress=opts["progress"],
+                                      timeout_s=opts["dist_timeout"])
+            else:
+                run = pipeline.fit(config, out, progress=opts["progress"])
         except KeyboardInterrupt:
             _interrupted(out)
+    if distributed.env_rank() != 0:
+        return  # under torchrun, rank 0 reports
     final = run.final
     click.echo(
         f"epoch {int(run.history.epoch[-1]) if run.history.sizes.get('epoch') else 0}: "

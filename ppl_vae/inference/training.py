@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import numpy as np
 import pyro
@@ -26,6 +26,9 @@ from ppl_vae.errors import DataError, TrainingDiverged
 from ppl_vae.inference.importance import elbo_per_datapoint
 from ppl_vae.models.vae import VAE
 from ppl_vae.registry import Registry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ppl_vae.inference.distributed import DistContext
 
 ELBOS: Registry[Callable[..., pyro.infer.ELBO]] = Registry("elbo")
 ELBOS.register("trace", doc="Trace_ELBO: AEVB's SGVB estimator A (Monte Carlo KL)")(Trace_ELBO)
@@ -236,6 +239,7 @@ def train(
     state: Optional[TrainState] = None,
     progress: bool = True,
     history_attrs: Optional[dict] = None,
+    dist: Optional["DistContext"] = None,
 ) -> xr.Dataset:
     """Train ``vae`` on ``data.train`` until ``config.epochs`` epochs are done.
 
@@ -246,29 +250,38 @@ def train(
 
     ``stepper`` (default: the one ``config.method`` names) carries the optimizer state when
     resuming. A VAE with ``conditional = True`` gets the labels as ``y``.
+
+    ``dist`` (see :mod:`ppl_vae.inference.distributed`) makes this one rank of a data-parallel
+    run: it trains on its shard of each global batch with gradients averaged over ranks, and
+    the losses and ELBOs are averaged over ranks. Pass ``run_dir`` on rank 0 only.
     """
     from tqdm.auto import tqdm
 
     validate_train_config(config)
     state = state or TrainState()
     stepper = stepper or METHODS.get(config.method)(vae, config)
+    if dist is not None:
+        stepper = dist.wrap_stepper(stepper)
     conditional = getattr(vae, "conditional", False)
     if conditional and (data.train_labels is None or data.test_labels is None):
         raise DataError(f"model {type(vae).__name__} is conditional and needs labels, but {data.name} has none")
 
     x_train = data.train
     n_train = x_train.shape[0]
-    batch_size = min(config.batch_size, n_train)
+    batch_size = min(config.batch_size, n_train) if dist is None else dist.local_batch_size(config.batch_size, n_train)
+    n_local, world = (n_train, 1) if dist is None else (dist.num_samples(n_train), dist.world_size)
     # The JIT trace fixes the batch shape, so it drops the last, smaller batch.
-    steps_per_epoch = n_train // batch_size if stepper.drop_last else math.ceil(n_train / batch_size)
+    steps_per_epoch = n_local // batch_size if stepper.drop_last else math.ceil(n_local / batch_size)
     attrs = dict(history_attrs or {})
 
     def evaluate(x: torch.Tensor, labels: Optional[torch.Tensor]) -> float:
         vae.eval()
+        if dist is not None:
+            x, labels = dist.shard(x), dist.shard(labels)
         kwargs = {"y": labels} if conditional else {}
-        value = elbo_per_datapoint(vae.model, vae.guide, x, num_particles=config.eval_num_particles, **kwargs).mean()
+        value = elbo_per_datapoint(vae.model, vae.guide, x, num_particles=config.eval_num_particles, **kwargs)
         vae.train()
-        return float(value)
+        return float(value.mean()) if dist is None else dist.global_mean(value)
 
     def checkpoint() -> None:
         if run_dir is not None:
@@ -287,7 +300,10 @@ def train(
         vae.train()
         while state.epoch < config.epochs:
             start = time.perf_counter()
-            order = torch.randperm(n_train, device=x_train.device)
+            if dist is None:
+                order = torch.randperm(n_train, device=x_train.device)
+            else:
+                order = dist.start_epoch(n_train, seed=config.seed, epoch=state.epoch, device=x_train.device)
             loss_sum = torch.zeros((), device=x_train.device)
             kl_weight = 1.0
             for b in range(steps_per_epoch):
@@ -309,7 +325,7 @@ def train(
                     ) from None
                 loss_sum += loss  # each minibatch loss is scaled to the full data
                 state.step += 1
-                seen += len(idx)
+                seen += len(idx) * world
             wall += time.perf_counter() - start
             state.epoch += 1
             record = {

@@ -1,0 +1,420 @@
+"""Data-parallel SVI on several processes, GPUs and machines with torch.distributed.
+
+Each process (a *rank*) holds a replica of the VAE and trains on its shard of every global
+minibatch: a :class:`torch.utils.data.DistributedSampler` splits each epoch's permutation so
+that, with world size W and ``--batch-size B``, rank r gets B/W points of the same global
+batch that a single process would draw. The ELBO is computed by an ``nn.Module`` whose
+``forward`` returns Pyro's ``differentiable_loss`` (:class:`ELBOLoss`), wrapped in
+:class:`~torch.nn.parallel.DistributedDataParallel`, which averages the gradients over ranks.
+
+Why the arithmetic matches one process: Pyro scales a minibatch of b = B/W points by
+N/b (AEVB eq. 8), so rank r's loss is (N W / B) sum_{i in shard r} l_i; DDP averages, giving
+(1/W) sum_r of that = (N / B) sum_{i in batch} l_i, the single-process loss of the global
+batch, and so the same gradient. Every rank has the same shard size (the sampler pads the
+epoch to a multiple of W), so this holds for the last, smaller batch too.
+
+Backends: gloo on CPU, nccl on CUDA (one GPU per rank, ``cuda:LOCAL_RANK``). Collectives
+have a timeout, so a rank that dies or stalls stops the run with :class:`DistributedError`
+instead of a hang. Only rank 0 writes the run directory. Launch with ``torchrun`` (several
+machines) or :func:`launch` / ``ppl-vae fit --nproc N`` (one machine).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import pickle
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from ppl_vae.config import RunConfig, TrainConfig
+from ppl_vae.errors import PplVaeError, RunDirError
+from ppl_vae.inference.training import METHODS, NonFiniteLoss, Stepper, SVIStepper, resolve_device
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ppl_vae.pipeline import Run
+
+DEFAULT_TIMEOUT_S = 300.0
+BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
+
+
+class DistributedError(PplVaeError, RuntimeError):
+    """A collective failed or timed out: another rank died or stalled."""
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one rank of several started by torchrun (or :func:`launch`)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def env_rank() -> int:
+    """This process's global rank from the environment (0 outside a distributed launch)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def check_config(config: TrainConfig, world_size: int) -> None:
+    """Raise ValueError unless ``config`` can be trained data-parallel on ``world_size`` ranks."""
+    from ppl_vae.inference.training import validate_train_config
+
+    validate_train_config(config)
+    if world_size < 1:
+        raise ValueError(f"nproc must be >= 1, got {world_size}")
+    method = METHODS.get(config.method)
+    if not (isinstance(method, type) and issubclass(method, SVIStepper)):
+        raise ValueError(f"distributed training supports SVI methods only, got method {config.method!r}")
+    if config.batch_size % world_size:
+        raise ValueError(
+            f"batch_size ({config.batch_size}) must be divisible by the number of processes ({world_size})"
+        )
+    if config.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or auto with several processes (each rank uses cuda:LOCAL_RANK), got {config.device!r}")
+    device = resolve_device(config.device)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if device.type == "cuda" and local > torch.cuda.device_count():
+        raise ValueError(f"{local} processes per machine need as many GPUs, but {torch.cuda.device_count()} are visible")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This rank's place in the process group, and the collectives training needs."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    timeout_s: float
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes files and shows progress."""
+        return self.rank == 0
+
+    @contextmanager
+    def collective(self, what: str) -> Iterator[None]:
+        """Turn a failed or timed-out collective into a one-line :class:`DistributedError`."""
+        try:
+            yield
+        except RuntimeError as exc:
+            if not isinstance(exc, tdist.DistError) and not _looks_like_comm_error(exc):
+                raise
+            first = " ".join(str(exc).split())[:300]
+            raise DistributedError(
+                f"rank {self.rank}/{self.world_size}: {what} failed or timed out (timeout {self.timeout_s:g} s); "
+                f"another process failed or stalled ({first})"
+            ) from None
+
+    # -- data ---------------------------------------------------------------------------
+
+    def num_samples(self, num_data: int) -> int:
+        """Points per rank per epoch: ceil(N / W), as DistributedSampler pads the epoch."""
+        return math.ceil(num_data / self.world_size)
+
+    def local_batch_size(self, batch_size: int, num_data: int) -> int:
+        """Each rank's share B/W of the global batch (all of its points when B >= N)."""
+        return min(batch_size // self.world_size, self.num_samples(num_data))
+
+    def start_epoch(self, num_data: int, *, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+        """This rank's indices for ``epoch`` (0-based), and a fresh RNG seed for its noise.
+
+        The indices are DistributedSampler's: a permutation seeded by ``seed + epoch`` (the
+        same on every rank), padded to a multiple of W and strided by rank, so positions
+        ``[b B/W, (b+1) B/W)`` of every rank together form the global batch b. The torch RNG
+        is reseeded from (seed, epoch, rank): ranks draw different z, and a resumed run
+        repeats the uninterrupted one.
+        """
+        from torch.utils.data import DistributedSampler
+
+        sampler = DistributedSampler(range(num_data), num_replicas=self.world_size, rank=self.rank,
+                                     shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+        torch.manual_seed(int(np.random.SeedSequence([seed, epoch, self.rank]).generate_state(1)[0]))
+        return torch.tensor(list(iter(sampler)), dtype=torch.long, device=device)
+
+    def shard(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Rows ``rank, rank + W, ...`` of ``x`` (evaluation work split; no padding)."""
+        return None if x is None else x[self.rank :: self.world_size]
+
+    # -- collectives ----------------------------------------------------------------------
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The average of a scalar tensor over ranks (each rank gets the same value)."""
+        value = value.detach().clone()
+        with self.collective("averaging the loss"):
+            tdist.all_reduce(value)
+        return value / self.world_size
+
+    def global_mean(self, values: torch.Tensor) -> float:
+        """Mean of per-datapoint ``values`` of all ranks' shards together (sum and count all-reduced)."""
+        total = torch.stack([values.double().sum(), values.new_tensor(values.numel(), dtype=torch.float64)])
+        with self.collective("averaging the ELBO"):
+            tdist.all_reduce(total)
+        return float(total[0] / total[1])
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        box = [obj]
+        with self.collective("broadcasting from rank 0"):
+            tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        with self.collective("waiting for all ranks"):
+            tdist.barrier()
+
+    def wrap_stepper(self, stepper: Stepper) -> Stepper:
+        """A stepper whose gradients are averaged over ranks (see :class:`DistributedSVIStepper`)."""
+        if isinstance(stepper, DistributedSVIStepper):
+            return stepper
+        if not isinstance(stepper, SVIStepper):
+            raise ValueError(f"distributed training supports SVI methods only, got {type(stepper).__name__}")
+        return DistributedSVIStepper(stepper, self)
+
+
+def _looks_like_comm_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(k in text for k in ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
+                                   "gloo", "nccl"))
+
+
+class ELBOLoss(nn.Module):
+    """``forward(x, **kwargs)`` = the ELBO loss of ``module``'s model/guide (Pyro's ELBOModule pattern).
+
+    DDP triggers its gradient all-reduce from the wrapped module's forward; the model and
+    guide are methods of the VAE, so this module owns the VAE (its parameters are DDP's) and
+    calls ``elbo.differentiable_loss(model, guide, x, ...)``.
+    """
+
+    def __init__(self, module: nn.Module, elbo: Any, model: Callable, guide: Callable):
+        super().__init__()
+        self.module = module
+        self.elbo = elbo
+        self._fns = (model, guide)
+
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        model, guide = self._fns
+        return self.elbo.differentiable_loss(model, guide, x, **kwargs)
+
+
+class DistributedSVIStepper(Stepper):
+    """An :class:`SVIStepper` whose ELBO runs through DistributedDataParallel.
+
+    Shares the base stepper's optimizers (so checkpoints and resume are unchanged). ``step``
+    returns the loss averaged over ranks, which equals the single-process loss of the
+    global batch; a non-finite average raises :class:`NonFiniteLoss` on every rank alike.
+    """
+
+    def __init__(self, base: SVIStepper, ctx: DistContext):
+        self.base = base
+        self.ctx = ctx
+        self.optimizers = base.optimizers
+        self._loss = ELBOLoss(base.vae, base.elbo, base.model, base.guide)
+        self._ddp: Optional[nn.parallel.DistributedDataParallel] = None
+
+    @property
+    def drop_last(self) -> bool:
+        return self.base.drop_last
+
+    def _wrap(self, x: torch.Tensor, kwargs: Dict[str, Any]) -> nn.parallel.DistributedDataParallel:
+        # DDP must be told about parameters that get no gradient; find out once with a probe.
+        # The probe runs on a forked RNG, so that a resumed run draws the same z as an uninterrupted one.
+        params = [p for p in self._loss.parameters() if p.requires_grad]
+        with torch.random.fork_rng(devices=[self.ctx.device] if self.ctx.device.type == "cuda" else []):
+            grads = torch.autograd.grad(self._loss(x, **kwargs), params, allow_unused=True)
+        unused = any(g is None for g in grads)
+        device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+        with self.ctx.collective("wrapping the model in DistributedDataParallel"):
+            return nn.parallel.DistributedDataParallel(self._loss, device_ids=device_ids,
+                                                       find_unused_parameters=unused)
+
+    def step(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> torch.Tensor:
+        if kl_weight != 1.0:
+            kwargs["kl_weight"] = kl_weight
+        kwargs["num_data"] = num_data
+        if self._ddp is None:
+            self._ddp = self._wrap(x, kwargs)
+        loss = self._ddp(x, **kwargs)
+        mean = self.ctx.all_reduce_mean(loss)
+        if not torch.isfinite(mean):
+            raise NonFiniteLoss(float(mean))
+        optimizer = self.optimizers["svi"]
+        optimizer.zero_grad(set_to_none=True)
+        with self.ctx.collective("the gradient all-reduce"):
+            loss.backward()
+        optimizer.step()
+        return mean
+
+    def close(self) -> None:
+        self.base.close()
+
+
+# -- process group --------------------------------------------------------------------------
+
+
+def init_process_group(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
+    """Join the process group described by torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, ...).
+
+    Backend gloo for ``device`` cpu, nccl for cuda (rank uses ``cuda:LOCAL_RANK``); "auto"
+    picks CUDA when available. Every collective fails after ``timeout_s`` seconds.
+    """
+    _check_timeout(timeout_s)
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ValueError(f"not launched by torchrun: {', '.join(missing)} not set; use torchrun or --nproc")
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    kind = resolve_device(device if device in ("cpu", "auto") else "cuda").type
+    dev = torch.device("cuda", local_rank) if kind == "cuda" else torch.device("cpu")
+    if kind == "cuda":
+        torch.cuda.set_device(dev)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not tdist.is_initialized():
+        tdist.init_process_group(BACKENDS[kind], timeout=timeout, rank=rank, world_size=world_size)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, timeout_s=timeout_s)
+
+
+@contextmanager
+def process_group(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[DistContext]:
+    """:func:`init_process_group` for the block, then leave the group."""
+    ctx = init_process_group(device, timeout_s)
+    try:
+        yield ctx
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+# -- one rank's fit / resume (under torchrun or launch) --------------------------------------
+
+
+def fit(config: RunConfig, out: Optional[Path] = None, *, nproc: int = 1, progress: bool = True,
+        timeout_s: float = DEFAULT_TIMEOUT_S) -> "Run":
+    """Data-parallel :func:`ppl_vae.pipeline.fit`.
+
+    Under torchrun this process trains as its rank (``nproc`` must be 1); otherwise
+    ``nproc`` processes are started on this machine (:func:`launch`) and the finished run is
+    loaded here. Only rank 0 writes ``out``; every rank returns the same history.
+    """
+    from ppl_vae import pipeline
+
+    _check_timeout(timeout_s)
+    if not launched_by_torchrun():
+        if nproc == 1:
+            return pipeline.fit(config, out, progress=progress)
+        check_config(config.train, nproc)
+        out = Path(out) if out is not None else pipeline.default_run_dir(config)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise RunDirError(f"{out} already exists and is not empty; choose another --out or --resume it")
+        launch(_quiet, (fit, config, out), {"progress": progress, "timeout_s": timeout_s}, nproc=nproc)
+        return pipeline.load_run(out, device="cpu")
+    _no_nproc_under_torchrun(nproc)
+    check_config(config.train, int(os.environ["WORLD_SIZE"]))
+    with process_group(config.train.device, timeout_s) as ctx:
+        chosen = ctx.broadcast_object(str(out or pipeline.default_run_dir(config)) if ctx.is_main else None)
+        run = pipeline.fit(config, Path(chosen), progress=progress and ctx.is_main, dist=ctx)
+        ctx.barrier()  # rank 0 has written the last checkpoint when every rank returns
+    return run
+
+
+def resume(run_dir: Path, *, epochs: Optional[int] = None, nproc: int = 1, progress: bool = True,
+           timeout_s: float = DEFAULT_TIMEOUT_S) -> "Run":
+    """Data-parallel :func:`ppl_vae.pipeline.resume` (every rank reads ``run_dir``: on several
+    machines it must be on a shared filesystem); ``nproc`` as in :func:`fit`."""
+    from ppl_vae import pipeline, runs
+
+    _check_timeout(timeout_s)
+    if not launched_by_torchrun():
+        if nproc == 1:
+            return pipeline.resume(run_dir, epochs=epochs, progress=progress)
+        check_config(runs.load_config(run_dir).train, nproc)
+        launch(_quiet, (resume, Path(run_dir)), {"epochs": epochs, "progress": progress, "timeout_s": timeout_s},
+               nproc=nproc)
+        return pipeline.load_run(run_dir, device="cpu")
+    _no_nproc_under_torchrun(nproc)
+    check_config(runs.load_config(run_dir).train, int(os.environ["WORLD_SIZE"]))
+    with process_group(runs.load_config(run_dir).train.device, timeout_s) as ctx:
+        run = pipeline.resume(run_dir, epochs=epochs, progress=progress and ctx.is_main, dist=ctx)
+        ctx.barrier()
+    return run
+
+
+def _quiet(fn: Callable, *args: Any, **kwargs: Any) -> None:
+    """``fn`` in a launched process, returning nothing (the parent reads the run directory)."""
+    fn(*args, **kwargs)
+
+
+def _check_timeout(timeout_s: float) -> None:
+    if not (timeout_s > 0 and math.isfinite(timeout_s)):
+        raise ValueError(f"dist_timeout must be a positive number of seconds, got {timeout_s}")
+
+
+def _no_nproc_under_torchrun(nproc: int) -> None:
+    if nproc != 1:
+        raise ValueError(f"nproc must be 1 under torchrun (torchrun starts the processes), got {nproc}")
+
+
+# -- launcher for one machine ---------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(local_rank: int, nproc: int, port: int, fn: Callable, args: Sequence, kwargs: dict,
+            errors: Any, results: Any) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc),
+                      RANK=str(local_rank), LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(nproc))
+    if "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as exc:
+        errors.put(f"rank {local_rank}: {type(exc).__name__}: {' '.join(str(exc).split())}")
+        raise
+    # plain pickle copies tensors; torch's queue pickler would share memory that dies with us
+    results.put((local_rank, pickle.dumps(result)))
+
+
+def launch(fn: Callable, args: Sequence = (), kwargs: Optional[dict] = None, *, nproc: int) -> List[Any]:
+    """Run ``fn(*args, **kwargs)`` in ``nproc`` processes on this machine, as torchrun would.
+
+    Each process gets torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT), so ``fn`` joins the group with :func:`init_process_group`. ``fn`` must be
+    importable (a module-level function) and its result picklable. Returns the results by
+    rank. When a process fails, the others are stopped and :class:`DistributedError` names
+    the first failure.
+    """
+    import torch.multiprocessing as mp
+
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    spawn = mp.get_context("spawn")
+    errors, results = spawn.SimpleQueue(), spawn.SimpleQueue()
+    context = mp.start_processes(_worker, args=(nproc, _free_port(), fn, tuple(args), dict(kwargs or {}),
+                                                errors, results),
+                                 nprocs=nproc, join=False, start_method="spawn")
+    by_rank: Dict[int, Any] = {}
+    try:
+        while True:
+            while not results.empty():  # drain, so a large result never blocks its process
+                rank, value = results.get()
+                by_rank[rank] = pickle.loads(value)
+            if context.join(timeout=0.2):
+                break
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+        first = errors.get() if not errors.empty() else f"process {exc.error_index} failed (exit code {getattr(exc, 'exit_code', '?')})"
+        raise DistributedError(f"distributed run stopped: {first}") from None
+    while not results.empty():
+        rank, value = results.get()
+        by_rank[rank] = pickle.loads(value)
+    return [by_rank.get(r) for r in range(nproc)]
