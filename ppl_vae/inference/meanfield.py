@@ -174,7 +174,8 @@ def fit_mean_field(
     "trace". Stopping rule: every ``window`` steps, the mean ELBO over the last window is
     compared with the previous window's; when the relative change is below ``tol`` the
     learning rate is halved, and after ``num_lr_decays`` halvings the next such plateau stops
-    the batch (as does ``max_steps``). L[q*] is then estimated with ``num_eval_samples``
+    the batch (as does ``max_steps``). q* is the mean iterate of the last full window
+    (Polyak averaging). L[q*] is then estimated with ``num_eval_samples``
     fresh samples. Datapoints are processed ``batch_size`` at a time.
     """
     from tqdm.auto import tqdm
@@ -208,6 +209,8 @@ def fit_mean_field(
             optim = torch.optim.Adam([loc, log_scale], lr=lr)
             history = []
             done, prev, decays_left = False, None, num_lr_decays
+            sum_loc, sum_log_scale = torch.zeros_like(loc), torch.zeros_like(loc)
+            avg_loc, avg_log_scale = loc.detach(), log_scale.detach()
             for step in range(max_steps):
                 # The loss is summed over the batch, each datapoint's ELBO depending only on its own
                 # (loc, log_scale); autograd.grad keeps gradients off the frozen model's parameters.
@@ -220,7 +223,13 @@ def fit_mean_field(
                 optim.step()
                 history.append(-float(loss.detach()) / xb.shape[0])
                 bar.update(1)
+                with torch.no_grad():
+                    sum_loc += loc
+                    sum_log_scale += log_scale
                 if (step + 1) % window == 0:
+                    # Polyak averaging: the window's mean iterate has far less SGD noise than the last one.
+                    avg_loc, avg_log_scale = sum_loc / window, sum_log_scale / window
+                    sum_loc, sum_log_scale = torch.zeros_like(loc), torch.zeros_like(loc)
                     current = float(np.mean(history[-window:]))
                     if prev is not None and abs(current - prev) <= tol * max(abs(prev), 1e-8):
                         if decays_left == 0:
@@ -232,9 +241,11 @@ def fit_mean_field(
                         for group in optim.param_groups:
                             group["lr"] *= 0.5
                     prev = current
-            locs.append(loc.detach())
-            scales.append(log_scale.detach().exp())
-            estimates.append(importance_estimate(model, MeanFieldGuide(locs[-1], log_scale.detach()), xb,
+            if len(history) < window:  # stopped before a full window: keep the last iterate
+                avg_loc, avg_log_scale = loc.detach(), log_scale.detach()
+            locs.append(avg_loc.clone())
+            scales.append(avg_log_scale.exp())
+            estimates.append(importance_estimate(model, MeanFieldGuide(avg_loc, avg_log_scale), xb,
                                                  num_samples=num_eval_samples, batch_size=xb.shape[0], **kw))
             steps.append(len(history))
             converged.append(done)
