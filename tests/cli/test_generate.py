@@ -1,0 +1,87 @@
+"""`ppl-vae generate`, `inpaint` and `animate` through click's CliRunner, bad inputs included,
+and the conv model's image-size error through `ppl-vae fit`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from ppl_vae.cli.main import cli
+
+SMALL = ["--hidden-dim", "16", "--latent-dim", "2", "--train-size", "200", "--batch-size", "100", "--no-progress"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_one_line_error(result, pattern):
+    assert result.exit_code != 0
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("Error:"), result.output
+    assert pattern in lines[-1], result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def cvae_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "cvae"
+    result = invoke("fit", "--model", "cvae", "--epochs", "1", "--out", out, *SMALL)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_generate_writes_one_row_per_label(cvae_run, tmp_path):
+    png = tmp_path / "grid.png"
+    result = invoke("generate", cvae_run, "--num-samples", "4", "--label", "3", "--label", "7", "--out", png)
+    assert result.exit_code == 0, result.output
+    assert "8 samples written" in result.output
+    with Image.open(png) as im:
+        assert im.format == "PNG"
+
+
+def test_inpaint_reports_evidence_ess_and_inferred_labels(cvae_run, tmp_path):
+    result = invoke("inpaint", cvae_run, "--mask", "quadrant", "--num-images", "3", "--num-samples", "50",
+                    "--no-label", "--out", tmp_path / "inp.png")
+    assert result.exit_code == 0, result.output
+    assert "mean log p(x_obs)" in result.output and "of 500 weights" in result.output
+    assert "label inferred from the observed part:" in result.output
+    assert (tmp_path / "inp.png").is_file()
+
+
+def test_animate_continues_the_run_and_writes_frames_and_a_gif(tmp_path):
+    out = tmp_path / "mlp"
+    assert invoke("fit", "--model", "bernoulli_mlp", "--epochs", "0", "--out", out, *SMALL).exit_code == 0
+    result = invoke("animate", out, "--epochs", "2", "--num-samples", "4", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "epoch 2: test ELBO" in result.output and "3 frames" in result.output
+    with Image.open(out / "samples.gif") as gif:
+        assert gif.n_frames == 3
+    from ppl_vae.runs import load_history
+
+    assert list(load_history(out)["epoch"].values) == [1, 2]
+
+
+def test_bad_inputs_give_one_line_errors(cvae_run, tmp_path):
+    assert_one_line_error(invoke("generate", cvae_run, "--label", "12"), "labels must lie in [0, 9]")
+    assert_one_line_error(invoke("inpaint", cvae_run, "--mask", "diagonal"), "unknown mask 'diagonal'")
+    assert_one_line_error(invoke("generate", tmp_path / "absent"), "run directory not found")
+    assert_one_line_error(invoke("animate", cvae_run, "--epochs", "0"), "epochs must be >=")
+
+
+def test_conv_on_8x8_digits_is_refused_before_a_run_dir_is_made(tmp_path):
+    out = tmp_path / "conv"
+    result = invoke("fit", "--model", "conv", "--epochs", "1", "--out", out, "--no-progress")
+    assert_one_line_error(result, "needs 28x28 images with event shape (channels, 28, 28)")
+    assert "(1, 8, 8)" in result.output
+    assert not out.exists()
+
+
+def test_cvae_on_unlabelled_data_is_refused(tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, np.random.default_rng(0).random((20, 1, 4, 4)).astype(np.float32))
+    result = invoke("fit", "--model", "cvae", "--dataset", path, "--epochs", "1", "--out", tmp_path / "r",
+                    "--no-progress")
+    assert_one_line_error(result, "needs labelled data")
