@@ -38,7 +38,14 @@ from torch import nn
 
 from ppl_vae.config import RunConfig, TrainConfig
 from ppl_vae.errors import PplVaeError, RunDirError
-from ppl_vae.inference.training import METHODS, NonFiniteLoss, Stepper, SVIStepper, resolve_device
+from ppl_vae.inference.training import (
+    METHODS,
+    NonFiniteLoss,
+    Stepper,
+    SVIStepper,
+    resolve_device,
+    validate_train_config,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ppl_vae.pipeline import Run
@@ -63,8 +70,6 @@ def env_rank() -> int:
 
 def check_config(config: TrainConfig, world_size: int) -> None:
     """Raise ValueError unless ``config`` can be trained data-parallel on ``world_size`` ranks."""
-    from ppl_vae.inference.training import validate_train_config
-
     validate_train_config(config)
     if world_size < 1:
         raise ValueError(f"nproc must be >= 1, got {world_size}")
@@ -76,11 +81,13 @@ def check_config(config: TrainConfig, world_size: int) -> None:
             f"batch_size ({config.batch_size}) must be divisible by the number of processes ({world_size})"
         )
     if config.device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be cpu, cuda or auto with several processes (each rank uses cuda:LOCAL_RANK), got {config.device!r}")
+        raise ValueError(
+            f"device must be cpu, cuda or auto with several processes (rank r uses cuda:r), got {config.device!r}"
+        )
     device = resolve_device(config.device)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if device.type == "cuda" and local > torch.cuda.device_count():
-        raise ValueError(f"{local} processes per machine need as many GPUs, but {torch.cuda.device_count()} are visible")
+        raise ValueError(f"{local} processes per machine need as many GPUs; {torch.cuda.device_count()} are visible")
 
 
 @dataclass(frozen=True)
@@ -379,7 +386,8 @@ def _worker(local_rank: int, nproc: int, port: int, fn: Callable, args: Sequence
     try:
         result = fn(*args, **kwargs)
     except BaseException as exc:
-        errors.put(f"rank {local_rank}: {type(exc).__name__}: {' '.join(str(exc).split())}")
+        text = " ".join(str(exc).split())
+        errors.put(text if isinstance(exc, DistributedError) else f"rank {local_rank}: {type(exc).__name__}: {text}")
         raise
     # plain pickle copies tensors; torch's queue pickler would share memory that dies with us
     results.put((local_rank, pickle.dumps(result)))
@@ -412,8 +420,12 @@ def launch(fn: Callable, args: Sequence = (), kwargs: Optional[dict] = None, *, 
             if context.join(timeout=0.2):
                 break
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
-        first = errors.get() if not errors.empty() else f"process {exc.error_index} failed (exit code {getattr(exc, 'exit_code', '?')})"
+        first = errors.get() if not errors.empty() else f"process {exc.error_index} failed ({exc})"
         raise DistributedError(f"distributed run stopped: {first}") from None
+    finally:  # on Ctrl-C (or any error here) leave no process behind
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
     while not results.empty():
         rank, value = results.get()
         by_rank[rank] = pickle.loads(value)

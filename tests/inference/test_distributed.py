@@ -179,6 +179,7 @@ def test_stalled_rank_stops_the_run_with_a_clear_error():
     assert "rank 0" in message and "timed out" in message and "timeout 2 s" in message
 
 
+@pytest.mark.slow  # a spawn of its own: the whole CLI path, launcher and run loading
 def test_cli_fit_with_nproc(tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(cli, ["fit", "--nproc", "2", "--epochs", "1", "--train-size", "200",
