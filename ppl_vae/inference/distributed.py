@@ -193,22 +193,21 @@ def _looks_like_comm_error(exc: BaseException) -> bool:
 
 
 class ELBOLoss(nn.Module):
-    """``forward(x, **kwargs)`` = the ELBO loss of ``module``'s model/guide (Pyro's ELBOModule pattern).
+    """``forward(x, **kwargs)`` = the SVI loss of ``module`` (Pyro's ELBOModule pattern).
 
     DDP triggers its gradient all-reduce from the wrapped module's forward; the model and
     guide are methods of the VAE, so this module owns the VAE (its parameters are DDP's) and
-    calls ``elbo.differentiable_loss(model, guide, x, ...)``.
+    its forward calls ``loss_fn``: the stepper's own loss, i.e.
+    ``elbo.differentiable_loss(vae.model, vae.guide, x, num_data=N)``.
     """
 
-    def __init__(self, module: nn.Module, elbo: Any, model: Callable, guide: Callable):
+    def __init__(self, module: nn.Module, loss_fn: Callable[..., torch.Tensor]):
         super().__init__()
         self.module = module
-        self.elbo = elbo
-        self._fns = (model, guide)
+        self._loss_fn = loss_fn
 
     def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        model, guide = self._fns
-        return self.elbo.differentiable_loss(model, guide, x, **kwargs)
+        return self._loss_fn(x, **kwargs)
 
 
 class DistributedSVIStepper(Stepper):
@@ -223,7 +222,9 @@ class DistributedSVIStepper(Stepper):
         self.base = base
         self.ctx = ctx
         self.optimizers = base.optimizers
-        self._loss = ELBOLoss(base.vae, base.elbo, base.model, base.guide)
+        loss_fn = getattr(base, "loss", None) or (  # the stepper's loss where it exposes one
+            lambda x, **kw: base.elbo.differentiable_loss(base.model, base.guide, x, **kw))
+        self._loss = ELBOLoss(base.vae, loss_fn)
         self._ddp: Optional[nn.parallel.DistributedDataParallel] = None
 
     @property
