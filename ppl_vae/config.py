@@ -42,7 +42,9 @@ class TrainConfig:
     ``elbo``: "trace" (AEVB's SGVB estimator A, Trace_ELBO), "mean_field" (estimator B,
     analytic KL where one exists, TraceMeanField_ELBO), or their JIT-compiled variants
     "jit_trace" and "jit_mean_field". ``kl_warmup_epochs``: the KL weight rises linearly from
-    0 to 1 over this many epochs (0: no warm-up).
+    0 to 1 over this many epochs (0: no warm-up). ``fused_elbo``: for VAEs whose model and guide
+    are the base class's, compute the same estimator without Pyro's tracing (faster, equal
+    values; see :mod:`ppl_vae.inference.fused`); False always goes through Pyro.
     """
 
     method: str = "svi"
@@ -57,6 +59,7 @@ class TrainConfig:
     device: str = "auto"
     eval_num_particles: int = 1
     checkpoint_every: int = 1
+    fused_elbo: bool = True
 
 
 @dataclass

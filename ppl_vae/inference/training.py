@@ -23,6 +23,7 @@ from ppl_vae import runs
 from ppl_vae.config import TrainConfig
 from ppl_vae.data.datasets import Dataset
 from ppl_vae.errors import DataError, TrainingDiverged
+from ppl_vae.inference.fused import fused_elbo_loss, supports_fused_elbo
 from ppl_vae.inference.importance import elbo_per_datapoint
 from ppl_vae.models.vae import VAE
 from ppl_vae.registry import Registry
@@ -163,6 +164,10 @@ class SVIStepper(Stepper):
         )
         self._pair = _JitPair(vae) if self.jit else None
         self.model, self.guide = (self._pair.model, self._pair.guide) if self._pair else (vae.model, vae.guide)
+        # The fused path computes the same estimator without Pyro's tracing (see inference/fused.py).
+        self.fused = config.fused_elbo and not self.jit and supports_fused_elbo(vae)
+        self._num_particles = config.num_particles
+        self._analytic_kl = config.elbo == "mean_field"
         self.optimizers = {"svi": make_optimizer(vae, config)}
 
     @property
@@ -170,10 +175,17 @@ class SVIStepper(Stepper):
         # Pyro's JIT caches one trace per argument count, so the batch shape must not change.
         return self.jit
 
-    def step(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> torch.Tensor:
+        """The differentiable minibatch loss (negative ELBO scaled to ``num_data``)."""
+        if self.fused:
+            return fused_elbo_loss(self.vae, x, num_data=num_data, kl_weight=kl_weight,
+                                   num_particles=self._num_particles, analytic_kl=self._analytic_kl)
         if kl_weight != 1.0:
             kwargs["kl_weight"] = kl_weight
-        loss = self.elbo.differentiable_loss(self.model, self.guide, x, num_data=num_data, **kwargs)
+        return self.elbo.differentiable_loss(self.model, self.guide, x, num_data=num_data, **kwargs)
+
+    def step(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> torch.Tensor:
+        loss = self.loss(x, num_data=num_data, kl_weight=kl_weight, **kwargs)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(float(loss))
         optimizer = self.optimizers["svi"]

@@ -59,3 +59,21 @@ def test_only_parts_based_vaes_take_the_fused_path():
     assert supports_fused_elbo(LinearGaussianVAE(3, 2))
     assert not supports_fused_elbo(Custom(3, 2))
     assert not supports_fused_elbo(object())
+
+
+@pytest.mark.parametrize("elbo", ["trace", "mean_field"])
+def test_training_with_and_without_the_fused_path_is_the_same(tmp_path, elbo):
+    import ppl_vae
+    from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+
+    runs = []
+    for fused in (True, False):
+        config = RunConfig(
+            model=ModelConfig(model="gaussian_mlp", latent_dim=3, hidden_dim=16),
+            data=DataConfig(train_size=300),
+            train=TrainConfig(epochs=2, batch_size=50, elbo=elbo, fused_elbo=fused, device="cpu", kl_warmup_epochs=1),
+        )
+        runs.append(ppl_vae.fit(config, tmp_path / f"run{fused}", progress=False))
+    assert runs[0].history.test_elbo.values == pytest.approx(runs[1].history.test_elbo.values, rel=1e-4)
+    for (name, a), (_, b) in zip(runs[0].vae.state_dict().items(), runs[1].vae.state_dict().items()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
