@@ -24,12 +24,14 @@ from torch import Tensor
 from ppl_vae.inference.importance import importance_estimate
 from ppl_vae.inference.meanfield import MeanFieldResult, fit_mean_field, guide_moments
 
-ESTIMATORS = ("iw_amortized", "elbo_meanfield", "elbo_amortized", "iw_meanfield")
-"""estimator coordinate: log p̂_K with q; L[q*]; L[q]; log p̂_K with q* as the proposal."""
+ESTIMATORS = ("log_px", "iw_amortized", "iw_meanfield", "elbo_meanfield", "elbo_amortized")
+"""estimator coordinate: log p̂ (the larger of the two IW estimates); log p̂_K with q as the
+proposal; log p̂_K with q* as the proposal; L[q*]; L[q]."""
 
 GAPS = ("approximation_gap", "amortization_gap", "inference_gap")
 
 LABELS = {
+    "log_px": "log p̂(x) (best IW estimate)",
     "iw_amortized": "log p̂(x) (IW, amortized q)",
     "elbo_meanfield": "L[q*] (mean-field VI)",
     "elbo_amortized": "L[q] (amortized)",
@@ -60,7 +62,8 @@ def gap_decomposition(
     log p̂ and L[q] come from the same ``num_samples`` importance samples of the amortized
     guide; L[q*] from :func:`~ppl_vae.inference.meanfield.fit_mean_field` (run here with
     ``mean_field_options`` unless a fitted ``mean_field`` is given; its evaluation also uses
-    ``num_samples`` unless the options say otherwise). ``datapoint``: the indices of ``x``
+    ``num_samples`` unless the options say otherwise); log p̂ is the larger of the IW
+    estimates with q and with q* as proposals. ``datapoint``: the indices of ``x``
     in its dataset, stored as the ``datapoint`` coordinate.
 
     Returns variables ``estimate`` and ``stderr`` over (datapoint, estimator) (see
@@ -80,13 +83,14 @@ def gap_decomposition(
     n = x.shape[0]
     as_np = lambda t: t.detach().double().cpu().numpy()  # noqa: E731
     flat = lambda t: as_np(t.reshape(n, -1))  # noqa: E731
-    estimate = np.stack([as_np(amortized.log_likelihood), as_np(mf.elbo), as_np(amortized.elbo),
-                         as_np(mf.log_likelihood)], axis=1)
-    stderr = np.stack([as_np(amortized.log_likelihood_stderr), as_np(mf.elbo_stderr),
-                       as_np(amortized.elbo_stderr), as_np(mf.log_likelihood_stderr)], axis=1)
+    raw = ESTIMATORS[1:]
+    estimate = np.stack([as_np(amortized.log_likelihood), as_np(mf.log_likelihood), as_np(mf.elbo),
+                         as_np(amortized.elbo)], axis=1)
+    stderr = np.stack([as_np(amortized.log_likelihood_stderr), as_np(mf.log_likelihood_stderr),
+                       as_np(mf.elbo_stderr), as_np(amortized.elbo_stderr)], axis=1)
     coords = {
         "datapoint": np.arange(n) if datapoint is None else np.asarray(datapoint),
-        "estimator": list(ESTIMATORS),
+        "estimator": list(raw),
         "latent": np.arange(flat(q_loc).shape[1]),
     }
     ds = xr.Dataset(
@@ -102,18 +106,6 @@ def gap_decomposition(
         },
         coords=coords,
     )
-    est, se = ds["estimate"], ds["stderr"]
-    pairs = {
-        "approximation_gap": ("iw_amortized", "elbo_meanfield"),
-        "amortization_gap": ("elbo_meanfield", "elbo_amortized"),
-        "inference_gap": ("iw_amortized", "elbo_amortized"),
-    }
-    for name, (hi, lo) in pairs.items():
-        ds[name] = est.sel(estimator=hi, drop=True) - est.sel(estimator=lo, drop=True)
-        # The two terms use independent samples, so their Monte Carlo variances add.
-        ds[f"{name}_stderr"] = np.hypot(se.sel(estimator=hi, drop=True), se.sel(estimator=lo, drop=True))
-        ds[name].attrs["long_name"] = LABELS[name]
-    ds["estimate"].attrs["units"] = "nats"
     ds.attrs.update(
         {
             "reference": "Cremer, Li & Duvenaud (2018), Inference Suboptimality in Variational Autoencoders",
@@ -124,6 +116,39 @@ def gap_decomposition(
             "meanfield_max_steps_taken": int(mean_field.num_steps.max()),
         }
     )
+    return decompose(ds)
+
+
+def decompose(estimates: xr.Dataset) -> xr.Dataset:
+    """Add log p̂ (the larger IW estimate per datapoint) and the three gaps to a Dataset of estimates.
+
+    ``estimates`` holds ``estimate`` and ``stderr`` over (datapoint, estimator) with at least
+    iw_amortized, iw_meanfield, elbo_meanfield and elbo_amortized; any gaps already there
+    are recomputed.
+    """
+    ds = estimates.drop_vars([g for g in GAPS + tuple(f"{g}_stderr" for g in GAPS) if g in estimates])
+    ds = ds.drop_sel(estimator=[e for e in ("log_px",) if e in ds.estimator.values])
+    est, se = ds["estimate"], ds["stderr"]
+    iw = est.sel(estimator=["iw_amortized", "iw_meanfield"])
+    best = iw.argmax("estimator")
+    log_px = iw.isel(estimator=best).drop_vars("estimator").expand_dims(estimator=["log_px"])
+    log_px_se = se.sel(estimator=["iw_amortized", "iw_meanfield"]).isel(estimator=best).drop_vars("estimator")
+    ds = xr.concat([xr.Dataset({"estimate": log_px, "stderr": log_px_se.expand_dims(estimator=["log_px"])}),
+                    ds[["estimate", "stderr"]]], dim="estimator").merge(ds.drop_vars(["estimate", "stderr", "estimator"]))
+    ds = ds.sel(estimator=[e for e in ESTIMATORS if e in ds.estimator.values]).transpose("datapoint", "estimator", ...)
+    est, se = ds["estimate"], ds["stderr"]
+    pairs = {
+        "approximation_gap": ("log_px", "elbo_meanfield"),
+        "amortization_gap": ("elbo_meanfield", "elbo_amortized"),
+        "inference_gap": ("log_px", "elbo_amortized"),
+    }
+    for name, (hi, lo) in pairs.items():
+        ds[name] = est.sel(estimator=hi, drop=True) - est.sel(estimator=lo, drop=True)
+        # The two terms use independent samples, so their Monte Carlo variances add.
+        ds[f"{name}_stderr"] = np.hypot(se.sel(estimator=hi, drop=True), se.sel(estimator=lo, drop=True))
+        ds[name].attrs["long_name"] = LABELS[name]
+    ds["estimate"].attrs["units"] = "nats"
+    ds["log_px_source"] = xr.DataArray(np.array(["iw_amortized", "iw_meanfield"])[best.values], dims="datapoint")
     return ds
 
 
