@@ -149,6 +149,7 @@ def decompose(estimates: xr.Dataset) -> xr.Dataset:
         ds[name].attrs["long_name"] = LABELS[name]
     ds["estimate"].attrs["units"] = "nats"
     ds["log_px_source"] = xr.DataArray(np.array(["iw_amortized", "iw_meanfield"])[best.values], dims="datapoint")
+    ds.attrs = dict(estimates.attrs)  # concat/merge drop them
     return ds
 
 
