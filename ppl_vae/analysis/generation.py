@@ -15,7 +15,9 @@ pixels are independent given z, so masking is exact). The completion is
 E[x_miss | x_obs] ≈ Σ_k w_k E[x_miss | z_k, y]; posterior draws pick z_k with probability w_k.
 For a conditional model with an unknown label, every label is enumerated with a uniform
 p(y), which also gives p(y | x_obs). The effective sample size (Σ w)² / Σ w² says how well
-the prior covered the posterior (Owen 2013, ch. 9).
+the prior covered the posterior (Owen 2013, ch. 9). ``proposal="encoder"`` adds a second
+pass whose proposal mixes p(z) with the encoder's q(z | x_completed, y) at the first pass's
+completion (a defensive mixture, Hesterberg 1995), for posteriors much narrower than the prior.
 """
 
 from __future__ import annotations
@@ -376,6 +378,30 @@ def _masked_log_lik(vae: VAE, params: Sequence[Tensor], x: Tensor, mask: Tensor)
     return log_p.flatten(start_dim=log_p.dim() - len(vae.event_shape)).sum(-1)
 
 
+PROPOSALS = ("prior", "encoder")
+
+
+def _weighted(log_w: Tensor, means: Tensor, x: Tensor, mask: Tensor, num_draws: int, gen: torch.Generator) -> dict:
+    """Summaries of one image's weighted sample: ``log_w`` ``(H, K)`` over hypotheses (labels)
+    and particles, ``means`` ``(H, K, *event)`` the matching E[x | z, y]."""
+    flat = log_w.flatten()
+    w = torch.softmax(flat, 0)
+    mean_stack = means.flatten(0, 1)
+    completion = torch.where(mask, x, torch.tensordot(w, mean_stack, dims=1))
+    if num_draws:
+        idx = torch.multinomial(w.cpu(), num_draws, replacement=True, generator=gen).to(x.device)
+        draws = torch.where(mask, x, mean_stack[idx])
+    else:
+        draws = x.new_zeros((0, *x.shape))
+    return {
+        "completion": completion,
+        "draws": draws,
+        "log_evidence": torch.logsumexp(flat, 0) - math.log(log_w.shape[1]),
+        "ess": 1.0 / (w**2).sum(),
+        "label_posterior": torch.softmax(torch.logsumexp(log_w, 1), 0),
+    }
+
+
 @torch.no_grad()
 def inpaint(
     vae: VAE,
@@ -385,24 +411,31 @@ def inpaint(
     y: Optional[Tensor] = None,
     num_samples: int = 2000,
     num_draws: int = 4,
+    proposal: str = "prior",
     seed: int = 0,
 ) -> xr.Dataset:
     """Complete images ``x`` ``(N, *event_shape)`` from the pixels where ``mask`` is True.
 
-    Self-normalized importance sampling with proposal p(z) (see the module docstring):
-    ``num_samples`` draws z_k, shared by all images. For a conditional model, ``y`` gives the
-    labels ``(N,)``; when None, every label is tried with a uniform p(y) and the result holds
-    ``label_posterior`` p(y | x_obs) (the weights then cover ``num_samples * num_classes``
+    Self-normalized importance sampling (see the module docstring) with ``num_samples``
+    particles. ``proposal="prior"``: z_k ~ p(z), shared by all images. ``proposal="encoder"``:
+    a second pass that encodes each image completed by the first pass and draws half the
+    particles from that q(z | x_completed, y) and half from p(z) (a defensive mixture, so the
+    weights p(x_obs | z) p(z) / q_mix(z) stay bounded); it raises the effective sample size
+    when the posterior is much narrower than the prior. For a conditional model, ``y`` gives
+    the labels ``(N,)``; when None, every label is tried with a uniform p(y) and the result
+    holds ``label_posterior`` p(y | x_obs) (the weights then cover ``num_samples * num_classes``
     pairs (z_k, y), attribute ``num_weights``). Returns a Dataset with dims ``image``, ``draw``,
     ``channel``, ``row``, ``col`` (and ``label``): ``original``, ``mask``, ``completion_mean``
     (observed pixels kept, missing ones E[x_miss | x_obs]), ``completion_draws`` (decoded z drawn
-    from the weighted sample), ``log_evidence`` (the estimate log (1/K) Σ_k p(x_obs | z_k) of
-    log p(x_obs)) and ``ess`` (effective sample size of the K weights).
+    from the weighted sample), ``log_evidence`` (the importance-sampling estimate of
+    log p(x_obs)) and ``ess`` (effective sample size of the weights).
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if num_samples < 2:
+        raise ValueError(f"num_samples must be >= 2, got {num_samples}")
     if num_draws < 0:
         raise ValueError(f"num_draws must be >= 0, got {num_draws}")
+    if proposal not in PROPOSALS:
+        raise ValueError(f"proposal must be one of {', '.join(PROPOSALS)}, got {proposal!r}")
     event_shape = tuple(vae.event_shape)
     if tuple(x.shape[1:]) != event_shape:
         raise ValueError(f"x must have shape (N, {', '.join(map(str, event_shape))}), got {tuple(x.shape)}")
@@ -416,39 +449,55 @@ def inpaint(
     conditional = getattr(vae, "conditional", False)
     if not conditional and y is not None:
         raise ValueError(f"y needs a conditional model (cvae); this model ({type(vae).__name__}) takes no labels")
+    if conditional:
+        classes = list(range(vae.num_classes)) if y is None else sorted({int(c) for c in y.tolist()})  # type: ignore[attr-defined]
+        _check_labels(vae, classes)
+    log_p_y = -math.log(len(classes)) if conditional and y is None else 0.0  # uniform p(y)
+
+    def decode_params(z: Tensor, c) -> tuple:
+        return vae.decode_params(z, c) if conditional else tuple(vae.decoder(z))  # type: ignore[attr-defined]
+
+    def hypotheses(n: int) -> list:
+        return [None] if not conditional else (classes if y is None else [int(y[n])])
+
     was_training = vae.training
     vae.eval()
     try:
         z = fixed_latents(vae, num_samples, seed)
-        # One set of decoder outputs per hypothesis (label); unconditional models have one.
-        if conditional:
-            classes = list(range(vae.num_classes)) if y is None else sorted({int(c) for c in y.tolist()})  # type: ignore[attr-defined]
-            _check_labels(vae, classes)
-            params = {c: vae.decode_params(z, c) for c in classes}  # type: ignore[attr-defined]
-        else:
-            params = {None: tuple(vae.decoder(z))}
-        means = {c: vae.likelihood.mean(*p) for c, p in params.items()}
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        completion_mean, draws, log_evidence, ess, label_post = [], [], [], [], []
+        # Pass 1, proposal p(z): one set of decoder outputs per hypothesis, shared by all images.
+        params = {c: decode_params(z, c) for c in (classes if conditional else [None])}
+        means = {c: vae.likelihood.mean(*p) for c, p in params.items()}
+        results = []
         for n in range(x.shape[0]):
-            hyps = [None] if not conditional else (classes if y is None else [int(y[n])])
-            log_w = torch.stack([_masked_log_lik(vae, params[c], x[n], maskf) for c in hyps])  # (H, K)
-            if conditional and y is None:
-                log_w = log_w - math.log(len(hyps))  # uniform p(y)
-            flat = log_w.flatten()
-            w = torch.softmax(flat, 0)
-            mean_stack = torch.stack([means[c] for c in hyps]).flatten(0, 1)  # (H*K, *event)
-            m = torch.tensordot(w, mean_stack, dims=1)
-            completion_mean.append(torch.where(mask_t, x[n], m))
-            idx = torch.multinomial(w.cpu(), num_draws, replacement=True, generator=gen).to(device) if num_draws else []
-            draws.append(torch.stack([torch.where(mask_t, x[n], mean_stack[i]) for i in idx]) if num_draws
-                         else x.new_zeros((0, *event_shape)))
-            log_evidence.append(torch.logsumexp(flat, 0) - math.log(num_samples))
-            ess.append(1.0 / (w**2).sum())
-            if conditional and y is None:
-                label_post.append(torch.softmax(torch.logsumexp(log_w, 1), 0))
+            hyps = hypotheses(n)
+            log_w = torch.stack([_masked_log_lik(vae, params[c], x[n], maskf) for c in hyps]) + log_p_y
+            results.append(_weighted(log_w, torch.stack([means[c] for c in hyps]), x[n], mask_t, num_draws, gen))
+        if proposal == "encoder":
+            prior = vae.prior()
+            half = num_samples // 2
+            for n in range(x.shape[0]):
+                hyps = hypotheses(n)
+                x_fill = results[n]["completion"][None]
+                log_ws, mean_list = [], []
+                for c in hyps:
+                    loc, scale = vae.encode(x_fill) if not conditional else vae.encode(x_fill, torch.tensor([c]))
+                    eps = torch.randn((num_samples - half, loc.shape[-1]), generator=gen).to(device)
+                    zk = torch.cat([z[:half], loc + scale * eps])
+                    log_prior = prior.log_prob(zk)
+                    log_enc = torch.distributions.Normal(loc, scale).log_prob(zk).sum(-1)
+                    log_q = torch.logaddexp(log_prior, log_enc) - math.log(2.0)
+                    p = decode_params(zk, c)
+                    log_ws.append(_masked_log_lik(vae, p, x[n], maskf) + log_prior - log_q + log_p_y)
+                    mean_list.append(vae.likelihood.mean(*p))
+                results[n] = _weighted(torch.stack(log_ws), torch.stack(mean_list), x[n], mask_t, num_draws, gen)
     finally:
         vae.train(was_training)
+    completion_mean = [r["completion"] for r in results]
+    draws = [r["draws"] for r in results]
+    log_evidence = [r["log_evidence"] for r in results]
+    ess = [r["ess"] for r in results]
+    label_post = [r["label_posterior"] for r in results]
 
     shape = _image_shape(event_shape)
     as_img = lambda t: t.reshape(*t.shape[: t.dim() - len(event_shape)], *shape).cpu().numpy()  # noqa: E731
@@ -460,7 +509,7 @@ def inpaint(
         "completion_draws": (("image", "draw", *IMAGE_DIMS), as_img(torch.stack(draws)),
                              {"description": "E[x | z] for z drawn from the weighted sample, observed pixels kept"}),
         "log_evidence": ("image", torch.stack(log_evidence).cpu().numpy(),
-                         {"description": "log p(x_obs) estimated as log (1/K) sum_k p(x_obs | z_k), nats"}),
+                         {"description": "log p(x_obs) estimated as log (1/K) sum_k w_k, nats"}),
         "ess": ("image", torch.stack(ess).cpu().numpy(), {"description": "effective sample size of the K weights"}),
     }
     if conditional and y is None:
@@ -471,5 +520,6 @@ def inpaint(
     num_weights = num_samples * (len(classes) if conditional and y is None else 1)
     ds = xr.Dataset(data_vars, attrs={"mask": mask_name, "num_samples": num_samples, "num_weights": num_weights,
                                       "seed": seed,
-                                      "method": "self-normalized importance sampling, proposal p(z)"})
+                                      "proposal": proposal,
+                                      "method": "self-normalized importance sampling"})
     return ds

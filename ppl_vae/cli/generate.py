@@ -35,12 +35,14 @@ def generate(run_dir: Path, num_samples: int, labels: Tuple[int, ...], seed: int
 @click.option("--num-images", type=int, default=8, show_default=True, help="Test images to complete (the first ones).")
 @click.option("--num-samples", type=int, default=2000, show_default=True, help="Importance samples z ~ p(z).")
 @click.option("--num-draws", type=int, default=4, show_default=True, help="Posterior completions shown per image.")
+@click.option("--proposal", type=click.Choice(["prior", "encoder"]), default="prior", show_default=True,
+              help="Importance proposal: p(z), or a second pass mixing p(z) with the encoder at the first completion.")
 @click.option("--label/--no-label", "use_label", default=True, show_default=True,
               help="Conditional models: give the true label, or infer it from the observed part.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Image file (default: RUN/inpainting-MASK.png).")
-def inpaint(run_dir: Path, mask: str, num_images: int, num_samples: int, num_draws: int, use_label: bool,
-            seed: int, out: Optional[Path]) -> None:
+def inpaint(run_dir: Path, mask: str, num_images: int, num_samples: int, num_draws: int, proposal: str,
+            use_label: bool, seed: int, out: Optional[Path]) -> None:
     """Complete test images from an observed part by importance sampling z given those pixels."""
     from ppl_vae.analysis.generation import MASKS, inpaint as inpaint_images, plot_inpainting, save_figure
     from ppl_vae.pipeline import load_data, load_run
@@ -53,7 +55,8 @@ def inpaint(run_dir: Path, mask: str, num_images: int, num_samples: int, num_dra
     x = data.test[:num_images]
     conditional = getattr(run.vae, "conditional", False)
     y = data.test_labels[:num_images] if conditional and use_label else None
-    result = inpaint_images(run.vae, x, mask, y=y, num_samples=num_samples, num_draws=num_draws, seed=seed)
+    result = inpaint_images(run.vae, x, mask, y=y, num_samples=num_samples, num_draws=num_draws,
+                            proposal=proposal, seed=seed)
     path = save_figure(plot_inpainting(result, max_images=num_images), out or run_dir / f"inpainting-{mask}.png")
     click.echo(f"{len(x)} images, mask {mask!r}: mean log p(x_obs) {float(result.log_evidence.mean()):.2f} nats, "
                f"mean ESS {float(result.ess.mean()):.1f} of {result.attrs['num_weights']} weights")

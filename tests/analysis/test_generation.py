@@ -21,7 +21,8 @@ from ppl_vae.models import build_vae
 from ppl_vae.models.linear_gaussian import LinearGaussianVAE
 
 
-def test_inpainting_matches_the_gaussian_conditional_of_a_linear_gaussian_model():
+@pytest.mark.parametrize("proposal", ["prior", "encoder"])
+def test_inpainting_matches_the_gaussian_conditional_of_a_linear_gaussian_model(proposal):
     """p(x) = N(b, C), C = W W^T + s^2 I: E[x_M | x_O] = b_M + C_MO C_OO^-1 (x_O - b_O) and
     p(x_O) = N(b_O, C_OO). Importance sampling from p(z) must reproduce both."""
     W = torch.tensor([[1.0, 0.5], [-0.8, 0.3], [0.2, -1.0], [0.7, 0.7], [-0.4, 0.9], [1.1, -0.2]])
@@ -35,7 +36,12 @@ def test_inpainting_matches_the_gaussian_conditional_of_a_linear_gaussian_model(
     exact_mean = b[M] + (x[:, O] - b[O]) @ gain.T
     exact_log_px = torch.distributions.MultivariateNormal(b[O], C[O][:, O]).log_prob(x[:, O])
 
-    result = inpaint(vae, x, mask, num_samples=20000, num_draws=2)
+    if proposal == "encoder":  # a fitted encoder: the exact posterior's mean map, a wider scale
+        with torch.no_grad():
+            A = torch.linalg.solve(torch.eye(2) + W.T @ W / 0.25, W.T / 0.25)
+            vae.encoder.linear.weight.copy_(A)
+            vae.encoder.linear.bias.copy_(-A @ b)
+    result = inpaint(vae, x, mask, num_samples=20000, num_draws=2, proposal=proposal)
     completion = torch.from_numpy(result["completion_mean"].values).reshape(3, 6)
     torch.testing.assert_close(completion[:, O], x[:, O])  # observed values kept as they are
     # Monte Carlo error of a self-normalized IS mean: about sd(W_M z | x_O) / sqrt(ESS), where
@@ -44,6 +50,7 @@ def test_inpainting_matches_the_gaussian_conditional_of_a_linear_gaussian_model(
     mc_sd = (W[M] @ post_cov @ W[M].T).diagonal().sqrt()
     ess = torch.from_numpy(result["ess"].values)
     assert (ess > 50).all()  # a point in the tail of p(x) gets few effective samples
+    assert result.attrs["proposal"] == proposal
     assert ((completion[:, M] - exact_mean).abs() < 4 * mc_sd / ess[:, None].sqrt()).all()
     # log of an IS mean: relative error about sqrt(1/ESS - 1/K); allow 4 of those.
     log_err = (torch.from_numpy(result["log_evidence"].values) - exact_log_px).abs()
