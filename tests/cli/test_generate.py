@@ -44,7 +44,7 @@ def test_generate_writes_one_row_per_label(cvae_run, tmp_path):
 
 def test_inpaint_reports_evidence_ess_and_inferred_labels(cvae_run, tmp_path):
     result = invoke("inpaint", cvae_run, "--mask", "quadrant", "--num-images", "3", "--num-samples", "50",
-                    "--no-label", "--out", tmp_path / "inp.png")
+                    "--no-label", "--proposal", "encoder", "--out", tmp_path / "inp.png")
     assert result.exit_code == 0, result.output
     assert "mean log p(x_obs)" in result.output and "of 500 weights" in result.output
     assert "label inferred from the observed part:" in result.output
