@@ -1,0 +1,89 @@
+"""Figures of merit and qualitative checks of a character-level text VAE (Semeniuta et al. 2017).
+
+- bits per character: -log2 p(x) per scored symbol (the characters and the end-of-text token),
+  over a whole corpus, bounded with the ELBO and estimated with the importance-weighted bound
+  of Burda et al. (2015);
+- KL(q(z|x) || p(z)) per sentence (nats): well above zero means z carries information about
+  the sentence (no posterior collapse);
+- sentences decoded from prior samples, and from points on the line between the posterior
+  means of two sentences (interpolation).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import Tensor
+
+from ppl_vae.data.text import END_INDEX, decode_indices, encode_text
+from ppl_vae.inference.importance import elbo_per_datapoint, iw_log_likelihood
+
+
+def num_scored_characters(x: Tensor) -> Tensor:
+    """Symbols each sentence is scored on: its characters and its end token, ``(N,)``."""
+    x = x.long()
+    is_end = (x == END_INDEX).long()
+    after = (is_end.cumsum(-1) - is_end) > 0
+    return (~after).sum(-1)
+
+
+@torch.no_grad()
+def kl_per_datapoint(vae, x: Tensor, num_samples: int = 16) -> Tensor:
+    """Monte Carlo KL(q(z|x) || p(z)) of each sentence in nats, ``(N,)`` (any prior)."""
+    loc, scale = vae.encode(x)
+    q = torch.distributions.Normal(loc, scale)
+    z = q.sample((num_samples,))
+    return (q.log_prob(z).sum(-1) - vae.prior().log_prob(z)).mean(0)
+
+
+@torch.no_grad()
+def text_metrics(vae, x: Tensor, *, num_samples: int = 10, batch_size: int = 200) -> xr.Dataset:
+    """Corpus bits per character (ELBO bound and IW estimate with ``num_samples``) and mean KL.
+
+    ``vae`` is put in eval mode, so an auxiliary training term is not counted.
+    """
+    was_training = vae.training
+    vae.eval()
+    try:
+        elbo = elbo_per_datapoint(vae.model, vae.guide, x, num_particles=num_samples, batch_size=batch_size)
+        iw = iw_log_likelihood(vae.model, vae.guide, x, num_samples=num_samples, batch_size=batch_size)
+        kl = kl_per_datapoint(vae, x, num_samples)
+    finally:
+        vae.train(was_training)
+    chars = float(num_scored_characters(x).sum())
+    to_bits = 1.0 / (chars * math.log(2.0))
+    return xr.Dataset(
+        {
+            "bits_per_character_elbo": ((), -float(elbo.sum()) * to_bits, {"description": "-ELBO in bits per scored symbol (an upper bound)"}),
+            "bits_per_character_iw": ((), -float(iw.sum()) * to_bits, {"description": f"-IW bound (K={num_samples}) in bits per scored symbol"}),
+            "kl": ((), float(kl.mean()), {"description": "mean KL(q(z|x) || p(z)) per sentence, nats"}),
+            "kl_bits_per_character": ((), float(kl.sum()) * to_bits, {"description": "KL share of the bits per character"}),
+        },
+        attrs={"num_sentences": int(len(x)), "num_scored_characters": int(chars), "num_samples": num_samples},
+    )
+
+
+@torch.no_grad()
+def sample_sentences(vae, num_samples: int, temperature: float = 0.0) -> List[str]:
+    """Sentences decoded from z ~ p(z) (greedy at ``temperature=0``)."""
+    vae.eval()
+    return [decode_indices(row) for row in vae.sample(num_samples, temperature=temperature)]
+
+
+@torch.no_grad()
+def interpolate_sentences(vae, first: str, second: str, num_steps: int = 5) -> List[str]:
+    """Greedy decodings of ``num_steps`` points evenly spaced from E_q[z|first] to E_q[z|second]."""
+    if num_steps < 2:
+        raise ValueError(f"num_steps must be >= 2, got {num_steps}")
+    vae.eval()
+    length = vae.event_shape[0]
+    device = next(vae.parameters()).device
+    x = torch.from_numpy(np.stack([encode_text(first, length), encode_text(second, length)])).float().to(device)
+    loc, _ = vae.encode(x)
+    w = torch.linspace(0.0, 1.0, num_steps, device=device)[:, None]
+    z = (1 - w) * loc[0] + w * loc[1]
+    return [decode_indices(row) for row in vae.decode(z)]

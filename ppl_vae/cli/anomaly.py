@@ -1,0 +1,68 @@
+"""``ppl-vae anomaly``: score a dataset with a trained run; AUROC and AUPRC when labels exist."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--dataset", default=None,
+              help="Dataset to score (default: the run's own), e.g. fashion-mnist-oneclass-3, timeseries-csv, or a path.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder (or, for timeseries-csv, the CSV file) holding the dataset.")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option("--score", default="neg_elbo", show_default=True,
+              help="neg_elbo (Kim et al. 2017) or reconstruction_probability (An & Cho 2015).")
+@click.option("--num-samples", type=int, default=10, show_default=True, help="Draws of z per datapoint.")
+@click.option("--normal-class", type=int, default=None,
+              help="Treat class labels as anomaly labels: 1 for every class but this one.")
+@click.option("--batch-size", type=int, default=500, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the scores to this netCDF file.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+def anomaly(run_dir: Path, **opts) -> None:
+    """Score each datapoint of a dataset with a trained run (higher = more anomalous)."""
+    from ppl_vae import pipeline, runs
+    from ppl_vae.analysis.anomaly import score_dataset
+    from ppl_vae.data.datasets import load_dataset
+
+    pipeline.seed_everything(opts["seed"])
+    run = pipeline.load_run(run_dir, device=opts["device"])
+    d = run.config.data
+    if opts["dataset"] is None:
+        data = pipeline.load_data(run.config) if opts["data_dir"] is None else load_dataset(d.dataset, opts["data_dir"])
+    else:
+        data = load_dataset(opts["dataset"], opts["data_dir"])
+    x = data.test if opts["split"] == "test" else data.train
+    labels = data.test_labels if opts["split"] == "test" else data.train_labels
+    if tuple(x.shape[1:]) != tuple(run.vae.event_shape):
+        raise ValueError(
+            f"--dataset {data.name} has datapoints of shape {tuple(x.shape[1:])}, but the run's model "
+            f"expects {tuple(run.vae.event_shape)}"
+        )
+    run.vae.likelihood.check_support(x, what=f"the {opts['split']} data of {data.name}")
+    device = next(run.vae.parameters()).device
+    result = score_dataset(
+        run.vae, x.to(device), labels, score=opts["score"], num_samples=opts["num_samples"],
+        batch_size=opts["batch_size"], normal_class=opts["normal_class"], progress=opts["progress"],
+    )
+    scores = result["score"]
+    click.echo(
+        f"{len(x)} datapoints of {data.name} ({opts['split']}) scored by {opts['score']}: "
+        f"median {float(scores.median()):.3f}, max {float(scores.max()):.3f}"
+    )
+    if "auroc" in result.attrs:
+        click.echo(
+            f"AUROC {result.attrs['auroc']:.4f}, AUPRC {result.attrs['auprc']:.4f} "
+            f"({result.attrs['num_anomalies']} anomalies among {len(x)})"
+        )
+    else:
+        click.echo("no labels: AUROC and AUPRC need 0/1 labels (or class labels with --normal-class)")
+    if opts["out"] is not None:
+        with runs.atomic_path(opts["out"]) as tmp:
+            result.to_netcdf(tmp, engine="h5netcdf")
+        click.echo(f"scores written to {opts['out']}")
