@@ -13,6 +13,7 @@ COMMANDS: Dict[str, str] = {
     "fit": "ppl_vae.cli.fit:fit",
     "evaluate": "ppl_vae.cli.evaluate:evaluate",
     "compare": "ppl_vae.cli.compare:compare",
+    "anomaly": "ppl_vae.cli.anomaly:anomaly",
     "models": "ppl_vae.cli.models:models",
     "generate": "ppl_vae.cli.generate:generate",
     "inpaint": "ppl_vae.cli.generate:inpaint",

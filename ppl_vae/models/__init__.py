@@ -5,6 +5,7 @@ from ppl_vae.models.priors import PRIORS, MixtureOfGaussiansPrior, Prior, Standa
 from ppl_vae.models.vae import VAE, data_plate
 from ppl_vae.models.zoo import MODELS, ModelSpec, build_vae
 from ppl_vae.models import conv, cvae  # noqa: E402,F401  (registers the "conv" and "cvae" models)
+from ppl_vae.models import scvae, text  # noqa: E402,F401  (registers "scvae", "scvae_plain", "text_hybrid")
 
 __all__ = [
     "LIKELIHOODS",
