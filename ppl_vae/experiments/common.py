@@ -1,0 +1,260 @@
+"""Shared parts of the figure experiments: data, models, training curves, resumable results, figures.
+
+Every experiment writes into one output folder:
+
+- ``settings.json``: the settings the numbers were made with (a rerun with other settings into
+  the same folder is refused, so finished units are never mixed with stale ones);
+- ``<name>.csv`` and ``<name>.nc``: the numbers, rewritten atomically after each finished unit
+  of work (one training curve, one trained model); a rerun skips the units already there;
+- ``<name>.png`` and ``<name>.svg``: the figure, drawn from the numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+
+from ppl_vae.config import TrainConfig
+from ppl_vae.data.datasets import Dataset, load_dataset
+from ppl_vae.inference.importance import elbo_per_datapoint
+from ppl_vae.inference.training import METHODS, NonFiniteLoss
+from ppl_vae.models.vae import VAE
+from ppl_vae.models.zoo import build_vae
+from ppl_vae.registry import Registry
+from ppl_vae.runs import atomic_path, write_text_atomic
+
+# Which model the paper used for each dataset, and the sub-folder a --data-dir root may hold.
+DATA_MODELS: Registry[str] = Registry("experiment dataset")
+DATA_MODELS.register("mnist", doc="MNIST, Bernoulli decoder on grey levels (appendix C.1)")("bernoulli_mlp")
+DATA_MODELS.register("frey-face", doc="Frey Face, Gaussian decoder (appendix C.2)")("gaussian_mlp")
+DATA_MODELS.register("digits", doc="scikit-learn's 8x8 digits (embedded; for quick runs)")("bernoulli_mlp")
+SUBFOLDERS = {"mnist": "mnist", "frey-face": "frey_face"}
+
+# The paper's method names in figures -> the registered training method.
+METHOD_NAMES = {"AEVB": "svi", "wake-sleep": "wake-sleep", "MCEM": "mcem"}
+
+
+def parse_ints(text: str, name: str) -> tuple:
+    """``"3,5,10"`` -> ``(3, 5, 10)``; ValueError naming ``name`` otherwise."""
+    try:
+        values = tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{name} must be a comma-separated list of integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{name} must list positive integers, got {text!r}")
+    return values
+
+
+def dataset_dir(name: str, data_dir: Optional[Path]) -> Optional[Path]:
+    """``data_dir`` itself, or its sub-folder for ``name`` (``mnist/``, ``frey_face/``) when present."""
+    if data_dir is None:
+        return None
+    sub = Path(data_dir) / SUBFOLDERS.get(name, name)
+    return sub if sub.is_dir() else Path(data_dir)
+
+
+def load_experiment_data(name: str, data_dir: Optional[Path], *, train_size: Optional[int] = None) -> Dataset:
+    """A dataset of the experiments, by name (see :data:`DATA_MODELS`)."""
+    DATA_MODELS.get(name)
+    return load_dataset(name, dataset_dir(name, data_dir), train_size=train_size)
+
+
+def build_model(dataset: str, data: Dataset, latent_dim: int, hidden_dim: int) -> VAE:
+    """The paper's MLP VAE for ``dataset`` (one hidden layer of ``hidden_dim`` tanh units)."""
+    vae = build_vae(DATA_MODELS.get(dataset), data.event_shape, latent_dim=latent_dim, hidden_dim=hidden_dim)
+    vae.likelihood.check_support(data.train, what=f"the training data of {dataset}")
+    return vae
+
+
+def seed_unit(seed: int, *key: Any) -> None:
+    """Seed all RNGs from ``seed`` and a unit's key, so a resumed run redoes a unit identically."""
+    from ppl_vae.pipeline import seed_everything
+
+    text = json.dumps([seed, *[str(k) for k in key]])
+    seed_everything(int.from_bytes(text.encode(), "little") % (2**31 - 1))
+
+
+def eval_steps(max_samples: int, batch_size: int, num_evals: int) -> List[int]:
+    """Optimizer steps (>= 1) after which to evaluate, log-spaced up to ``max_samples`` datapoints."""
+    last = max(1, max_samples // batch_size)
+    if num_evals == 1:
+        return [last]
+    steps = np.unique(np.round(np.logspace(0, math.log10(last), num_evals)).astype(int))
+    return [int(s) for s in steps]
+
+
+def train_curve(
+    vae: VAE,
+    data: Dataset,
+    method: str,
+    *,
+    max_samples: int,
+    batch_size: int,
+    lr: float,
+    optimizer: str,
+    num_evals: int,
+    evaluate: Callable[[VAE], Dict[str, float]],
+    progress: bool = True,
+    desc: str = "",
+    method_options: Optional[dict] = None,
+    evaluate_at_start: bool = True,
+) -> List[Dict[str, float]]:
+    """Train ``vae`` with registered ``method`` on minibatches drawn at random from ``data.train``.
+
+    ``evaluate(vae)`` runs at log-spaced numbers of training samples (the x-axis of the
+    paper's figures 2 and 3) and, with ``evaluate_at_start``, at 0; returns its records,
+    each with ``num_train_samples``.
+    A diverging run stops its curve early (the records so far are kept).
+    """
+    from tqdm.auto import tqdm
+
+    config = TrainConfig(method=method, batch_size=batch_size, lr=lr, optimizer=optimizer, device="cpu")
+    stepper = METHODS.get(method)(vae, config, **(method_options or {}))
+    n = data.train.shape[0]
+    batch = min(batch_size, n)
+    checkpoints = eval_steps(max_samples, batch, num_evals)
+    records = [{"num_train_samples": 0.0, **evaluate(vae)}] if evaluate_at_start else []
+    bar = tqdm(total=checkpoints[-1], disable=not progress, desc=desc, unit="step", leave=False, dynamic_ncols=True)
+    step = 0
+    try:
+        for target in checkpoints:
+            while step < target:
+                idx = torch.randint(0, n, (batch,), device=data.train.device)
+                try:
+                    stepper.step(data.train[idx], num_data=n)
+                except NonFiniteLoss:
+                    return records
+                step += 1
+                bar.update(1)
+            records.append({"num_train_samples": float(step * batch), **evaluate(vae)})
+    finally:
+        bar.close()
+        stepper.close()
+    return records
+
+
+def train_aevb(dataset: str, data: Dataset, latent_dim: int, hidden_dim: int, *, max_samples: int,
+               batch_size: int, lr: float, eval_size: int, progress: bool, desc: str) -> Tuple[VAE, Dict[str, float]]:
+    """Train the paper's VAE for ``dataset`` with AEVB (Adagrad); returns it and its final ELBOs."""
+    vae = build_model(dataset, data, latent_dim, hidden_dim)
+    records = train_curve(vae, data, "svi", max_samples=max_samples, batch_size=batch_size, lr=lr,
+                          optimizer="adagrad", num_evals=1, evaluate=elbo_evaluator(data, eval_size),
+                          progress=progress, desc=desc, evaluate_at_start=False)
+    vae.eval()
+    last = records[-1] if records else {"num_train_samples": 0.0, "train": float("nan"), "test": float("nan")}
+    return vae, {"num_train_samples": last["num_train_samples"], "train_elbo": last["train"], "test_elbo": last["test"]}
+
+
+def elbo_evaluator(data: Dataset, eval_size: int, num_particles: int = 1) -> Callable[[VAE], Dict[str, float]]:
+    """Mean ELBO per datapoint (nats) on the first ``eval_size`` train and test points."""
+    x_train, x_test = data.train[:eval_size], data.test[:eval_size]
+
+    def evaluate(vae: VAE) -> Dict[str, float]:
+        vae.eval()
+        out = {
+            split: float(elbo_per_datapoint(vae.model, vae.guide, x, num_particles=num_particles).mean())
+            for split, x in (("train", x_train), ("test", x_test))
+        }
+        vae.train()
+        return out
+
+    return evaluate
+
+
+class ResultTable:
+    """Rows of numbers in ``<out>/<name>.csv`` (and ``.nc``), grown one finished unit at a time.
+
+    ``unit_keys`` name the columns that identify a unit of work; ``index`` the columns that
+    become the netCDF's dims (the rest become its variables).
+    """
+
+    def __init__(self, out_dir: Path, name: str, unit_keys: Sequence[str], index: Sequence[str]):
+        self.out_dir = Path(out_dir)
+        self.name = name
+        self.unit_keys = list(unit_keys)
+        self.index = list(index)
+        self.csv_path = self.out_dir / f"{name}.csv"
+        self.nc_path = self.out_dir / f"{name}.nc"
+        self.frame = pd.read_csv(self.csv_path) if self.csv_path.is_file() else pd.DataFrame()
+
+    def done(self, **unit: Any) -> bool:
+        """Whether the unit with these key values has its rows already."""
+        if self.frame.empty:
+            return False
+        mask = np.ones(len(self.frame), dtype=bool)
+        for key in self.unit_keys:
+            mask &= self.frame[key].astype(str).to_numpy() == str(unit[key])
+        return bool(mask.any())
+
+    def add(self, rows: Iterable[Dict[str, Any]]) -> None:
+        """Append a finished unit's rows and rewrite the CSV and netCDF atomically."""
+        new = pd.DataFrame(list(rows))
+        self.frame = new if self.frame.empty else pd.concat([self.frame, new], ignore_index=True)
+        with atomic_path(self.csv_path) as tmp:
+            self.frame.to_csv(tmp, index=False)
+        with atomic_path(self.nc_path) as tmp:
+            self.to_xarray().to_netcdf(tmp, engine="h5netcdf")
+
+    def to_xarray(self) -> xr.Dataset:
+        """The rows as a Dataset with one dim per ``index`` column (missing cells are NaN)."""
+        return self.frame.set_index(self.index).sort_index().to_xarray()
+
+
+def check_settings(out_dir: Path, settings: Any) -> None:
+    """Create ``out_dir`` and record ``settings``; refuse a folder made with other settings."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out {out_dir} exists and is not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "settings.json"
+    text = json.dumps(dataclasses.asdict(settings), indent=2, sort_keys=True, default=str) + "\n"
+    if path.is_file():
+        if json.loads(path.read_text()) != json.loads(text):
+            raise ValueError(
+                f"out {out_dir} holds results made with other settings (see its settings.json); "
+                "choose another --out or delete the folder"
+            )
+        return
+    write_text_atomic(path, text)
+
+
+def save_figure(fig, out_dir: Path, name: str) -> List[Path]:
+    """Write ``fig`` as ``<name>.png`` and ``<name>.svg`` (atomically); returns the paths."""
+    paths = []
+    for ext in ("png", "svg"):
+        path = Path(out_dir) / f"{name}.{ext}"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
+        paths.append(path)
+    return paths
+
+
+def image_grid(images: np.ndarray, ncols: int) -> np.ndarray:
+    """Tile ``images`` ``(N, H, W)`` into one ``(rows*H, ncols*W)`` array (row-major)."""
+    n, h, w = images.shape
+    nrows = math.ceil(n / ncols)
+    canvas = np.ones((nrows * h, ncols * w), dtype=np.float64)
+    for i in range(n):
+        r, c = divmod(i, ncols)
+        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = images[i]
+    return canvas
+
+
+def validate_common(**values: Any) -> None:
+    """Raise ValueError naming the first non-positive count among ``values``."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, (tuple, list)):
+            if not value or min(value) < 1:
+                raise ValueError(f"{name} must list positive integers, got {value}")
+        elif not value > 0:
+            raise ValueError(f"{name} must be positive, got {value}")

@@ -1,0 +1,146 @@
+"""Figure 2 of Kingma & Welling (2013): the variational lower bound against the number of
+training samples evaluated, AEVB against wake-sleep (same encoder), train and test, for a sweep
+of latent dimensions. Adagrad, minibatches of 100, one hidden layer (500 units on MNIST,
+200 on Frey Face).
+
+A unit of work is one (dataset, latent dimension, method) training curve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import xarray as xr
+
+from ppl_vae.experiments import common
+
+PAPER_LATENT_DIMS = {"mnist": (3, 5, 10, 20, 200), "frey-face": (2, 5, 10, 20)}
+PAPER_HIDDEN = {"mnist": 500, "frey-face": 200}
+
+
+@dataclass
+class Fig2Settings:
+    """What figure 2 trains. ``latent_dims``/``hidden_dim``: None takes the paper's per dataset."""
+
+    datasets: Tuple[str, ...] = ("mnist",)
+    latent_dims: Optional[Tuple[int, ...]] = (3, 10, 20)
+    hidden_dim: Optional[int] = None
+    methods: Tuple[str, ...] = ("AEVB", "wake-sleep")
+    max_samples: int = 200_000
+    batch_size: int = 100
+    lr: float = 0.02
+    num_evals: int = 12
+    eval_size: int = 1000
+    train_size: Optional[int] = None
+    seed: int = 0
+
+    @classmethod
+    def paper(cls) -> "Fig2Settings":
+        """The paper's settings: both datasets, its latent sweep, 10^8 training samples."""
+        return cls(datasets=("mnist", "frey-face"), latent_dims=None, hidden_dim=None,
+                   max_samples=100_000_000, num_evals=30, eval_size=10_000)
+
+    def latent_dims_for(self, dataset: str) -> Tuple[int, ...]:
+        return self.latent_dims if self.latent_dims else PAPER_LATENT_DIMS.get(dataset, (2, 5, 10, 20))
+
+    def hidden_for(self, dataset: str) -> int:
+        return self.hidden_dim if self.hidden_dim else PAPER_HIDDEN.get(dataset, 200)
+
+    def validate(self) -> None:
+        for d in self.datasets:
+            common.DATA_MODELS.get(d)
+        for m in self.methods:
+            if m not in common.METHOD_NAMES:
+                raise ValueError(f"methods must be among {', '.join(common.METHOD_NAMES)}, got {m!r}")
+        common.validate_common(latent_dims=self.latent_dims, hidden_dim=self.hidden_dim,
+                               max_samples=self.max_samples, batch_size=self.batch_size, lr=self.lr,
+                               num_evals=self.num_evals, eval_size=self.eval_size, train_size=self.train_size)
+
+
+def run(settings: Fig2Settings, out_dir: Path, *, data_dir: Optional[Path] = None, progress: bool = True) -> xr.Dataset:
+    """Train every missing curve, write numbers and figure to ``out_dir``; returns the numbers.
+
+    Numbers: ``lower_bound`` (ELBO per datapoint, nats) with dims ``dataset``, ``latent_dim``,
+    ``method``, ``split`` and ``num_train_samples``.
+    """
+    from tqdm.auto import tqdm
+
+    settings.validate()
+    data = {d: common.load_experiment_data(d, data_dir, train_size=settings.train_size) for d in settings.datasets}
+    common.check_settings(out_dir, settings)
+    table = common.ResultTable(out_dir, "fig2", ["dataset", "latent_dim", "method"],
+                               ["dataset", "latent_dim", "method", "split", "num_train_samples"])
+    units = [(d, z, m) for d in settings.datasets for z in settings.latent_dims_for(d) for m in settings.methods]
+    for dataset, latent_dim, method in tqdm(units, disable=not progress, desc="fig2 curves", unit="curve"):
+        if table.done(dataset=dataset, latent_dim=latent_dim, method=method):
+            continue
+        common.seed_unit(settings.seed, "fig2", dataset, latent_dim, method)
+        ds = data[dataset]
+        vae = common.build_model(dataset, ds, latent_dim, settings.hidden_for(dataset))
+        records = common.train_curve(
+            vae, ds, common.METHOD_NAMES[method], max_samples=settings.max_samples,
+            batch_size=settings.batch_size, lr=settings.lr, optimizer="adagrad", num_evals=settings.num_evals,
+            evaluate=common.elbo_evaluator(ds, settings.eval_size), progress=progress,
+            desc=f"{dataset} z={latent_dim} {method}",
+        )
+        table.add(
+            {"dataset": dataset, "latent_dim": latent_dim, "method": method, "split": split,
+             "num_train_samples": r["num_train_samples"], "lower_bound": r[split]}
+            for r in records for split in ("train", "test")
+        )
+    result = table.to_xarray()
+    result["lower_bound"].attrs["description"] = "ELBO per datapoint, nats"
+    fig = plot(table.frame)
+    common.save_figure(fig, out_dir, "fig2")
+    return result
+
+
+def plot(frame):
+    """Lower bound vs training samples: one panel per (dataset, latent dim); returns the Figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    frame = frame[frame["num_train_samples"] > 0]
+    panels = list(frame[["dataset", "latent_dim"]].drop_duplicates().itertuples(index=False))
+    ncols = min(len(panels), 5) or 1
+    nrows = -(-len(panels) // ncols) or 1
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.0 * nrows), squeeze=False)
+    for ax, (dataset, latent_dim) in zip(axes.flat, panels):
+        sub = frame[(frame["dataset"] == dataset) & (frame["latent_dim"] == latent_dim)]
+        sns.lineplot(data=sub, x="num_train_samples", y="lower_bound", hue="method", style="split",
+                     style_order=["train", "test"], ax=ax, legend=ax is axes.flat[0])
+        ax.set_xscale("log")
+        ax.set_title(f"{dataset}, $N_z$ = {latent_dim}")
+        ax.set_xlabel("# training samples evaluated")
+        ax.set_ylabel("lower bound (nats)")
+        lo = sub["lower_bound"].quantile(0.1)
+        hi = sub["lower_bound"].max()
+        if hi > lo:
+            ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def summary(result: xr.Dataset) -> Dict[str, float]:
+    """Final lower bound per (dataset, latent_dim, method, split), as ``"key": value``."""
+    out = {}
+    lb = result["lower_bound"]
+    for dataset in lb["dataset"].values:
+        for latent_dim in lb["latent_dim"].values:
+            for method in lb["method"].values:
+                for split in lb["split"].values:
+                    series = lb.sel({"dataset": dataset, "latent_dim": latent_dim, "method": method, "split": split})
+                    series = series.dropna("num_train_samples")
+                    if series.size:
+                        out[f"{dataset} z={int(latent_dim)} {method} {split}"] = float(series[-1])
+    return out
+
+
+__all__ = ["Fig2Settings", "plot", "run", "summary"]

@@ -1,0 +1,138 @@
+"""Small-scale runs of every figure experiment on the embedded digits: files, numbers, resuming."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import xarray as xr
+from scipy.stats import norm
+
+from ppl_vae.experiments import common, fig2, fig3, fig4, fig5
+
+
+def test_eval_steps_log_spaced_and_end_at_budget():
+    assert common.eval_steps(10_000, 100, 3) == [1, 10, 100]
+    assert common.eval_steps(10_000, 100, 1) == [100]
+    assert common.eval_steps(50, 100, 4) == [1]
+
+
+def test_fig2_small_run_resumes_and_improves(tmp_path, monkeypatch):
+    settings = fig2.Fig2Settings(datasets=("digits",), latent_dims=(2,), hidden_dim=16, max_samples=1500,
+                                 num_evals=3, eval_size=100)  # 15 Adagrad steps
+    result = fig2.run(settings, tmp_path, progress=False)
+    for name in ("fig2.csv", "fig2.nc", "fig2.png", "fig2.svg", "settings.json"):
+        assert (tmp_path / name).is_file()
+    lb = result["lower_bound"]
+    assert set(lb["method"].values) == {"AEVB", "wake-sleep"}
+    for method in ("AEVB", "wake-sleep"):
+        curve = lb.sel({"dataset": "digits", "latent_dim": 2, "method": method, "split": "train"}).dropna("num_train_samples")
+        assert float(curve[-1]) > float(curve[0]) + 5  # training raised the bound
+    on_disk = xr.open_dataset(tmp_path / "fig2.nc", engine="h5netcdf").load()
+    xr.testing.assert_allclose(on_disk["lower_bound"], lb)
+    assert len(pd.read_csv(tmp_path / "fig2.csv")) == 2 * 2 * 4  # methods x splits x (0 + 3 evals)
+
+    # a rerun trains nothing: every unit is done
+    monkeypatch.setattr(common, "train_curve", lambda *a, **k: pytest.fail("a finished unit was retrained"))
+    again = fig2.run(settings, tmp_path, progress=False)
+    xr.testing.assert_allclose(again["lower_bound"], lb)
+
+
+def test_fig2_resumes_an_interrupted_run(tmp_path, monkeypatch):
+    settings = fig2.Fig2Settings(datasets=("digits",), latent_dims=(2,), hidden_dim=8, max_samples=300,
+                                 num_evals=2, eval_size=50)
+    real = common.train_curve
+    calls = []
+
+    def interrupted(vae, data, method, **kw):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(method)
+        return real(vae, data, method, **kw)
+
+    monkeypatch.setattr(common, "train_curve", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fig2.run(settings, tmp_path, progress=False)
+    assert set(pd.read_csv(tmp_path / "fig2.csv")["method"]) == {"AEVB"}  # the first unit was kept
+    monkeypatch.setattr(common, "train_curve", real)
+    result = fig2.run(settings, tmp_path, progress=False)
+    assert set(result["method"].values) == {"AEVB", "wake-sleep"}
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path):
+    settings = fig2.Fig2Settings(datasets=("digits",), latent_dims=(2,), hidden_dim=8, max_samples=100,
+                                 num_evals=1, eval_size=20, methods=("AEVB",))
+    fig2.run(settings, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        fig2.run(fig2.Fig2Settings(**{**settings.__dict__, "max_samples": 200}), tmp_path, progress=False)
+
+
+def test_fig3_small_run(tmp_path):
+    settings = fig3.Fig3Settings(dataset="digits", hidden_dim=8, train_sizes=(100,), max_samples=200,
+                                 mcem_max_samples=100, methods=("AEVB", "MCEM"), num_evals=1, eval_size=4, hmc_samples=6, hmc_warmup=5,
+                                 iw_samples=10)
+    result = fig3.run(settings, tmp_path, progress=False)
+    for name in ("fig3.csv", "fig3.nc", "fig3.png", "fig3.svg"):
+        assert (tmp_path / name).is_file()
+    lm = result["log_marginal"]
+    assert set(lm["method"].values) == {"AEVB", "MCEM"}
+    assert set(lm["estimator"].values) == {"appendix_d", "iw"}
+    # each method is evaluated at the end of its own budget (MCEM's is smaller)
+    aevb = lm.sel({"method": "AEVB", "num_train_samples": 200.0})
+    mcem = lm.sel({"method": "MCEM", "num_train_samples": 100.0})
+    assert np.isfinite(aevb).all() and np.isfinite(mcem).all()
+    assert np.isnan(lm.sel({"method": "MCEM", "num_train_samples": 200.0})).all()
+    # cross-entropy of 64 grey pixels in [0, 1]: a negative log-likelihood
+    assert float(aevb.max()) < 0 and float(mcem.max()) < 0
+
+
+def test_fig3_refuses_large_latent_dim(tmp_path):
+    with pytest.raises(ValueError, match="latent_dim"):
+        fig3.run(fig3.Fig3Settings(dataset="digits", latent_dim=5), tmp_path, progress=False)
+
+
+def test_manifold_grid_decodes_inverse_cdf_points():
+    data = common.load_experiment_data("digits", None)
+    vae = common.build_model("digits", data, 2, 8)
+    grid = fig4.manifold_grid(vae, 4)
+    u = np.array([0.125, 0.375, 0.625, 0.875])
+    np.testing.assert_allclose(grid["z1"].values, norm.ppf(u), rtol=1e-6)
+    np.testing.assert_allclose(grid["z2"].values, norm.ppf(u)[::-1], rtol=1e-6)
+    with torch.no_grad():  # row 0, col 3: the top-right cell is (z1, z2) = (max, max)
+        expected = vae.decode(torch.tensor([[norm.ppf(0.875), norm.ppf(0.875)]], dtype=torch.float32))
+    np.testing.assert_allclose(grid.isel(row=0, col=3).values, expected[0, 0].numpy(), atol=1e-6)
+
+
+def test_fig4_and_fig5_small_runs(tmp_path):
+    grids = fig4.run(fig4.Fig4Settings(datasets=("digits",), hidden_dim=8, max_samples=200, grid_size=3,
+                                       eval_size=20), tmp_path / "f4", progress=False)
+    assert grids["digits"].shape == (3, 3, 8, 8)
+    assert float(grids["digits"].min()) >= 0 and float(grids["digits"].max()) <= 1
+    for name in ("fig4.png", "fig4.svg", "fig4.csv", "fig4.nc", "fig4_digits.nc"):
+        assert (tmp_path / "f4" / name).is_file()
+    samples = fig5.run(fig5.Fig5Settings(dataset="digits", latent_dims=(2, 3), hidden_dim=8, max_samples=200,
+                                         num_images=4, eval_size=20), tmp_path / "f5", progress=False)
+    assert samples.dims == ("latent_dim", "sample", "height", "width")
+    assert samples.shape == (2, 4, 8, 8)
+    table = pd.read_csv(tmp_path / "f5" / "fig5.csv")
+    assert list(table["latent_dim"]) == [2, 3] and (table["train_elbo"] < 0).all()
+    for name in ("fig5.png", "fig5.svg", "fig5_samples.nc"):
+        assert (tmp_path / "f5" / name).is_file()
+
+
+def test_missing_mnist_names_source_and_checksum(tmp_path):
+    with pytest.raises(ValueError, match="sha256"):
+        common.load_experiment_data("mnist", tmp_path)
+
+
+def test_dataset_dir_finds_subfolder(tmp_path):
+    (tmp_path / "frey_face").mkdir()
+    assert common.dataset_dir("frey-face", tmp_path) == tmp_path / "frey_face"
+    assert common.dataset_dir("mnist", tmp_path) == tmp_path
+    assert common.dataset_dir("mnist", None) is None
+
+
+def test_mnist_fig2_loads_shared_data(shared_datasets):
+    data = common.load_experiment_data("mnist", shared_datasets, train_size=500)
+    assert data.train.shape == (500, 1, 28, 28) and data.test.shape == (10000, 1, 28, 28)
