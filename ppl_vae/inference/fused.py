@@ -23,6 +23,14 @@ def supports_fused_elbo(vae: object) -> bool:
     return isinstance(vae, VAE) and type(vae).model is VAE.model and type(vae).guide is VAE.guide
 
 
+def fused_model_owner(model: object) -> VAE | None:
+    """The VAE whose base-class ``model`` method ``model`` is, when the fused ELBO applies to it."""
+    owner = getattr(model, "__self__", None)
+    if isinstance(owner, VAE) and getattr(model, "__func__", None) is VAE.model and type(owner).model is VAE.model:
+        return owner
+    return None
+
+
 def fused_elbo_loss(
     vae: VAE,
     x: Tensor,
@@ -31,16 +39,20 @@ def fused_elbo_loss(
     kl_weight: float = 1.0,
     num_particles: int = 1,
     analytic_kl: bool = False,
+    q_loc: Tensor | None = None,
+    q_scale: Tensor | None = None,
 ) -> Tensor:
     """-ELBO of the minibatch ``x`` scaled by ``num_data / len(x)``, averaged over particles.
 
     ``analytic_kl=False`` is AEVB's estimator A (Trace_ELBO): log p(x|z) + log p(z) - log q(z|x)
     at z ~ q. ``analytic_kl=True`` is estimator B (TraceMeanField_ELBO): log p(x|z) - KL(q || p)
     with the KL in closed form where torch knows it, else estimated as in A.
+    ``q_loc``/``q_scale`` (``(N, latent_dim)``) replace the encoder's q(z|x), e.g. for
+    per-datapoint mean-field VI.
     """
     batch_size = x.shape[0]
     scale = 1.0 if num_data is None else num_data / batch_size
-    loc, z_scale = vae.encoder(x)
+    loc, z_scale = vae.encoder(x) if q_loc is None or q_scale is None else (q_loc, q_scale)
     q = dist.Normal(loc, z_scale).to_event(1)
     z = q.rsample((num_particles,)) if num_particles > 1 else q.rsample()
     prior = vae.prior()

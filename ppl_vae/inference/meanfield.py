@@ -27,6 +27,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch import Tensor
 
+from ppl_vae.inference.fused import fused_elbo_loss, fused_model_owner
 from ppl_vae.inference.importance import (
     ImportanceEstimate,
     _batches,
@@ -163,6 +164,7 @@ def fit_mean_field(
     batch_size: int = 500,
     num_eval_samples: int = 100,
     progress: bool = True,
+    fused: bool = True,
     **kwargs: Any,
 ) -> MeanFieldResult:
     """Fit q*_i(z) = N(loc_i, diag(scale_i^2)) to each datapoint by SVI with the model frozen.
@@ -176,7 +178,9 @@ def fit_mean_field(
     learning rate is halved, and after ``num_lr_decays`` halvings the next such plateau stops
     the batch (as does ``max_steps``). q* is the mean iterate of the last full window
     (Polyak averaging). L[q*] is then estimated with ``num_eval_samples``
-    fresh samples. Datapoints are processed ``batch_size`` at a time.
+    fresh samples. Datapoints are processed ``batch_size`` at a time. ``fused``: when ``model``
+    is a parts-based VAE's own ``model`` method, compute the same ELBO without Pyro's tracing
+    (:mod:`ppl_vae.inference.fused`; equal values for the same random draws).
     """
     from tqdm.auto import tqdm
 
@@ -196,6 +200,7 @@ def fit_mean_field(
 
     loss_fn = elbo_cls(num_particles=num_particles, vectorize_particles=num_particles > 1,
                        max_plate_nesting=1).differentiable_loss
+    owner = fused_model_owner(model) if fused else None
     locs, scales, estimates, steps, converged, traces = [], [], [], [], [], []
     num_batches = math.ceil(x.shape[0] / batch_size)
     bar = tqdm(total=num_batches * max_steps, disable=not progress, desc="mean-field VI", unit="step",
@@ -214,7 +219,11 @@ def fit_mean_field(
             for step in range(max_steps):
                 # The loss is summed over the batch, each datapoint's ELBO depending only on its own
                 # (loc, log_scale); autograd.grad keeps gradients off the frozen model's parameters.
-                loss = loss_fn(model, q, xb, **kw)
+                if owner is not None:
+                    loss = fused_elbo_loss(owner, xb, q_loc=loc, q_scale=log_scale.exp(),
+                                           num_particles=num_particles, analytic_kl=elbo == "mean_field")
+                else:
+                    loss = loss_fn(model, q, xb, **kw)
                 if not torch.isfinite(loss):
                     raise ValueError(f"mean-field VI diverged (non-finite ELBO at step {step}); lower lr (now {lr})")
                 grads = torch.autograd.grad(loss, [loc, log_scale])

@@ -77,3 +77,21 @@ def test_training_with_and_without_the_fused_path_is_the_same(tmp_path, elbo):
     assert runs[0].history.test_elbo.values == pytest.approx(runs[1].history.test_elbo.values, rel=1e-4)
     for (name, a), (_, b) in zip(runs[0].vae.state_dict().items(), runs[1].vae.state_dict().items()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+
+
+@pytest.mark.parametrize("elbo", ["trace", "mean_field"])
+def test_mean_field_vi_fused_equals_pyro_path(elbo):
+    from ppl_vae.inference.fused import fused_model_owner
+    from ppl_vae.inference.meanfield import fit_mean_field
+
+    torch.manual_seed(0)
+    vae = build_vae("gaussian_mlp", (5,), latent_dim=2, hidden_dim=6)
+    assert fused_model_owner(vae.model) is vae and fused_model_owner(vae.guide) is None
+    x = torch.rand(7, 5)
+    results = []
+    for fused in (True, False):
+        pyro.set_rng_seed(11)
+        results.append(fit_mean_field(vae.model, x, guide=vae.guide, elbo=elbo, max_steps=60, window=20,
+                                      num_eval_samples=10, progress=False, fused=fused))
+    assert torch.allclose(results[0].loc, results[1].loc, atol=1e-5)
+    assert torch.allclose(results[0].scale, results[1].scale, atol=1e-5)
