@@ -149,6 +149,8 @@ def plot(frame, estimator: str = "appendix_d"):
         sub = frame[frame["train_size"] == n]
         sns.lineplot(data=sub, x="num_train_samples", y="log_marginal", hue="method", style="split",
                      style_order=["train", "test"], marker="o", ax=ax, legend=ax is axes.flat[0])
+        if ax.get_legend() is not None:
+            sns.move_legend(ax, "lower right", fontsize=7, title_fontsize=7)
         ax.set_xscale("log")
         ax.set_title(f"$N_{{train}}$ = {n}")
         ax.set_xlabel("# training samples evaluated")
