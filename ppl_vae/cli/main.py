@@ -15,6 +15,7 @@ COMMANDS: Dict[str, str] = {
     "compare": "ppl_vae.cli.compare:compare",
     "anomaly": "ppl_vae.cli.anomaly:anomaly",
     "models": "ppl_vae.cli.models:models",
+    "text": "ppl_vae.cli.text:text",
     "experiment": "ppl_vae.cli.experiment:experiment",
     "generate": "ppl_vae.cli.generate:generate",
     "inpaint": "ppl_vae.cli.generate:inpaint",

@@ -1,0 +1,54 @@
+"""``ppl-vae text``: bits per character, KL, samples and interpolations of a trained text VAE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Tuple
+
+import click
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True,
+              help="Which sentences of the run's dataset to score.")
+@click.option("--num-samples", type=int, default=10, show_default=True,
+              help="Draws of z per sentence for the ELBO, IW bound and KL.")
+@click.option("--samples", "num_sentences", type=int, default=5, show_default=True,
+              help="Sentences to decode from z ~ p(z).")
+@click.option("--temperature", type=float, default=0.0, show_default=True,
+              help="Sampling temperature of decoded characters (0: greedy).")
+@click.option("--interpolate", nargs=2, type=str, default=None, metavar="FIRST SECOND",
+              help="Decode points between the codes of two sentences.")
+@click.option("--steps", type=int, default=5, show_default=True, help="Points of the interpolation.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def text(run_dir: Path, split: str, num_samples: int, num_sentences: int, temperature: float,
+         interpolate: Optional[Tuple[str, str]], steps: int, seed: int) -> None:
+    """Score a text VAE run on its corpus and show samples (Semeniuta et al. 2017)."""
+    from ppl_vae import pipeline
+    from ppl_vae.analysis.text import interpolate_sentences, sample_sentences, text_metrics
+    from ppl_vae.models.text import TextHybridVAE
+
+    if num_samples < 1 or num_sentences < 0 or temperature < 0:
+        raise ValueError("--num-samples must be >= 1, --samples >= 0 and --temperature >= 0")
+    pipeline.seed_everything(seed)
+    run = pipeline.load_run(run_dir)
+    if not isinstance(run.vae, TextHybridVAE):
+        raise ValueError(f"{run_dir} holds model {run.config.model.model!r}, not a text VAE (text_hybrid...)")
+    data = pipeline.load_data(run.config)
+    x = data.test if split == "test" else data.train
+    m = text_metrics(run.vae, x, num_samples=num_samples)
+    click.echo(
+        f"{m.attrs['num_sentences']} {split} sentences, {m.attrs['num_scored_characters']} scored symbols: "
+        f"{float(m['bits_per_character_iw']):.3f} bits/char (IW, K={num_samples}), "
+        f"{float(m['bits_per_character_elbo']):.3f} (ELBO); KL {float(m['kl']):.2f} nats/sentence "
+        f"({float(m['kl_bits_per_character']):.3f} bits/char)"
+    )
+    if num_sentences:
+        click.echo("samples:")
+        for s in sample_sentences(run.vae, num_sentences, temperature=temperature):
+            click.echo(f"  {s}")
+    if interpolate:
+        click.echo("interpolation:")
+        for s in interpolate_sentences(run.vae, interpolate[0], interpolate[1], num_steps=steps):
+            click.echo(f"  {s}")
