@@ -10,7 +10,7 @@ import datetime as _dt
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
 import pyro
@@ -110,7 +110,7 @@ def _prepare(config: RunConfig, dist: Optional["DistContext"] = None):
 
 
 def fit(config: RunConfig, out: Optional[Path] = None, *, progress: bool = True,
-        dist: Optional["DistContext"] = None) -> Run:
+        dist: Optional["DistContext"] = None, callbacks: Sequence[Callable[[int, VAE], object]] = ()) -> Run:
     """Train a model from ``config``, writing the run to ``out`` (a fresh ``runs/...`` when None).
 
     ``out`` must not exist or be an empty folder; use :func:`resume` to continue a run.
@@ -126,7 +126,7 @@ def fit(config: RunConfig, out: Optional[Path] = None, *, progress: bool = True,
         run_dir.mkdir(parents=True, exist_ok=True)
         runs.save_config(run_dir, config)
     history = train(vae, data, config.train, run_dir=run_dir if writer else None, progress=progress,
-                    history_attrs=_history_attrs(config, data), dist=dist)
+                    history_attrs=_history_attrs(config, data), dist=dist, callbacks=callbacks)
     return Run(run_dir, config, vae, history)
 
 
@@ -140,8 +140,9 @@ def _history_attrs(config: RunConfig, data: Dataset) -> dict:
 
 
 def resume(run_dir: Path, *, epochs: Optional[int] = None, progress: bool = True,
-           dist: Optional["DistContext"] = None) -> Run:
-    """Continue a run from its checkpoint up to ``epochs`` (default: the config's); ``dist`` as in :func:`fit`."""
+           dist: Optional["DistContext"] = None, callbacks: Sequence[Callable[[int, VAE], object]] = ()) -> Run:
+    """Continue a run from its checkpoint up to ``epochs`` (default: the config's); ``dist`` and
+    ``callbacks`` (see :func:`ppl_vae.inference.training.train`) as in :func:`fit`."""
     run_dir = Path(run_dir)
     config = runs.load_config(run_dir)
     runs.remove_stale_temp_files(run_dir)
@@ -175,7 +176,8 @@ def resume(run_dir: Path, *, epochs: Optional[int] = None, progress: bool = True
     if epochs is not None and writer:
         runs.save_config(run_dir, config)
     history = train(vae, data, config.train, run_dir=run_dir if writer else None, stepper=stepper, state=state,
-                    progress=progress, history_attrs=_history_attrs(config, data), dist=dist)
+                    progress=progress, history_attrs=_history_attrs(config, data), dist=dist,
+                    callbacks=callbacks)
     return Run(run_dir, config, vae, history)
 
 

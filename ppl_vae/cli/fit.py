@@ -41,6 +41,8 @@ RUN_OPTIONS = (
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory (default: a new runs/...).")
 @click.option("--resume", type=click.Path(path_type=Path), default=None, help="Continue this run directory.")
+@click.option("--sample-grids", is_flag=True, default=False,
+              help="Save a grid of samples from fixed z after every epoch (RUN/samples/*.png, RUN/samples.gif).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @click.option("--nproc", type=int, default=1, show_default=True,
               help="Data-parallel processes on this machine (DDP; one GPU each on CUDA). Under torchrun leave at 1.")
@@ -65,7 +67,8 @@ def fit(ctx: click.Context, **opts) -> None:
                 run = distributed.resume(opts["resume"], epochs=epochs, nproc=opts["nproc"],
                                          progress=opts["progress"], timeout_s=opts["dist_timeout"])
             else:
-                run = pipeline.resume(opts["resume"], epochs=epochs, progress=opts["progress"])
+                run = pipeline.resume(opts["resume"], epochs=epochs, progress=opts["progress"],
+                                      callbacks=_callbacks(opts, Path(opts["resume"])))
         except KeyboardInterrupt:
             _interrupted(opts["resume"])
     else:
@@ -103,7 +106,7 @@ def fit(ctx: click.Context, **opts) -> None:
                 run = distributed.fit(config, out, nproc=opts["nproc"], progress=opts["progress"],
                                       timeout_s=opts["dist_timeout"])
             else:
-                run = pipeline.fit(config, out, progress=opts["progress"])
+                run = pipeline.fit(config, out, progress=opts["progress"], callbacks=_callbacks(opts, Path(out)))
         except KeyboardInterrupt:
             _interrupted(out)
     if distributed.env_rank() != 0:
@@ -116,6 +119,14 @@ def fit(ctx: click.Context, **opts) -> None:
         f"({final.get('wall_time', 0.0):.1f} s training)"
     )
     click.echo(f"run directory: {run.run_dir}")
+
+
+def _callbacks(opts: dict, run_dir: Path) -> list:
+    if not opts["sample_grids"]:
+        return []
+    from ppl_vae.analysis.generation import SampleGridRecorder
+
+    return [SampleGridRecorder(run_dir / "samples")]
 
 
 def _interrupted(run_dir: Path) -> None:

@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import pyro
@@ -252,6 +252,7 @@ def train(
     progress: bool = True,
     history_attrs: Optional[dict] = None,
     dist: Optional["DistContext"] = None,
+    callbacks: Sequence[Callable[[int, VAE], object]] = (),
 ) -> xr.Dataset:
     """Train ``vae`` on ``data.train`` until ``config.epochs`` epochs are done.
 
@@ -266,6 +267,10 @@ def train(
     ``dist`` (see :mod:`ppl_vae.inference.distributed`) makes this one rank of a data-parallel
     run: it trains on its shard of each global batch with gradients averaged over ranks, and
     the losses and ELBOs are averaged over ranks. Pass ``run_dir`` on rank 0 only.
+
+    ``callbacks``: each is called as ``callback(epoch, vae)`` after every epoch's record and
+    checkpoint, and with epoch 0 before a fresh run's first step (on rank 0 only); e.g.
+    :class:`ppl_vae.analysis.generation.SampleGridRecorder`.
     """
     from tqdm.auto import tqdm
 
@@ -301,8 +306,12 @@ def train(
                                  extra={"event_shape": list(data.event_shape), "data_info": data.data_info})
             runs.save_history(run_dir, history_to_xarray(state.records, attrs))
 
-    if run_dir is not None and state.epoch == 0 and state.step == 0:
-        checkpoint()  # a good checkpoint exists before the first step
+    is_main = dist is None or dist.is_main
+    if state.epoch == 0 and state.step == 0:
+        if run_dir is not None:
+            checkpoint()  # a good checkpoint exists before the first step
+        for callback in callbacks if is_main else ():
+            callback(0, vae)
 
     wall = state.records[-1]["wall_time"] if state.records else 0.0
     seen = state.records[-1]["num_train_samples"] if state.records else 0.0
@@ -356,6 +365,8 @@ def train(
             bar.set_postfix(train=f"{record['train_elbo']:.2f}", test=f"{record['test_elbo']:.2f}")
             if state.epoch % config.checkpoint_every == 0 or state.epoch == config.epochs:
                 checkpoint()
+            for callback in callbacks if is_main else ():
+                callback(state.epoch, vae)
     finally:
         bar.close()
         stepper.close()

@@ -121,3 +121,11 @@ def test_existing_out_and_resume_misuse(runner, tmp_path):
                           "run directory not found")
     result = invoke(runner, "fit", "--resume", str(out), "--model", "bernoulli_mlp")
     assert result.exit_code == 2 and "drop --model" in result.output
+
+
+def test_fit_sample_grids_writes_frames_and_a_gif(runner, tmp_path):
+    out = tmp_path / "run"
+    result = invoke(runner, "fit", "--out", str(out), "--sample-grids", *FAST)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [f"epoch_000{i}.png" for i in range(3)]
+    assert (out / "samples.gif").read_bytes()[:6] == b"GIF89a"

@@ -175,3 +175,11 @@ def test_bad_train_settings_are_value_errors(tmp_path):
 def test_cuda_requested_without_a_gpu_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="CUDA is not available"):
         ppl_vae.fit(small_config(device="cuda"), tmp_path / "run", progress=False)
+
+
+def test_callbacks_run_before_training_and_after_every_epoch(tmp_path):
+    seen = []
+    ppl_vae.fit(small_config(epochs=2), tmp_path / "run", progress=False,
+                callbacks=[lambda epoch, vae: seen.append((epoch, vae.training))])
+    ppl_vae.resume(tmp_path / "run", epochs=3, progress=False, callbacks=[lambda epoch, vae: seen.append((epoch, None))])
+    assert [e for e, _ in seen] == [0, 1, 2, 3]
