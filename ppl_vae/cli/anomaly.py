@@ -60,6 +60,8 @@ def anomaly(run_dir: Path, **opts) -> None:
             f"AUROC {result.attrs['auroc']:.4f}, AUPRC {result.attrs['auprc']:.4f} "
             f"({result.attrs['num_anomalies']} anomalies among {len(x)})"
         )
+    elif "label" in result:
+        click.echo(f"the labels hold one class only ({result.attrs['num_anomalies']} anomalies): no AUROC or AUPRC")
     else:
         click.echo("no labels: AUROC and AUPRC need 0/1 labels (or class labels with --normal-class)")
     if opts["out"] is not None:
