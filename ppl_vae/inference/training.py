@@ -187,7 +187,7 @@ class SVIStepper(Stepper):
     def step(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> torch.Tensor:
         loss = self.loss(x, num_data=num_data, kl_weight=kl_weight, **kwargs)
         if not torch.isfinite(loss):
-            raise NonFiniteLoss(float(loss))
+            raise NonFiniteLoss(float(loss.detach()))
         optimizer = self.optimizers["svi"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
