@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--hidden-dim", type=int, default=500)
     parser.add_argument("--latent-dim", type=int, default=20)
     parser.add_argument("--elbo", default="trace")
+    parser.add_argument("--no-fused", action="store_true", help="train through Pyro's traced ELBO (no fused path)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--data-dir", default=None)
@@ -40,13 +41,15 @@ def main() -> None:
     device = torch.device(args.device)
     x = benchmark_data(args, device)
     print(f"machine: {machine_description()}")
-    print(f"data: {tuple(x.shape)} on {device}; network 784-{args.hidden_dim}-{args.latent_dim}; elbo {args.elbo}")
+    print(f"data: {tuple(x.shape)} on {device}; network 784-{args.hidden_dim}-{args.latent_dim}; elbo {args.elbo}"
+          f"{' through Pyro tracing (no fused path)' if args.no_fused else ''}")
     for batch_size in args.batch_size:
         torch.manual_seed(0)
         vae = build_vae("bernoulli_mlp", x.shape[1:], latent_dim=args.latent_dim, hidden_dim=args.hidden_dim).to(device)
         hand = copy.deepcopy(vae)
         hand_opt = torch.optim.Adam(hand.parameters(), lr=1e-3)
-        config = TrainConfig(epochs=0, batch_size=batch_size, elbo=args.elbo, device=args.device)
+        config = TrainConfig(epochs=0, batch_size=batch_size, elbo=args.elbo, device=args.device,
+                             fused_elbo=not args.no_fused)
         data = Dataset("bench", x, x[:2])  # a tiny test set: evaluation is not timed anyway
         stepper = METHODS.get("svi")(vae, config)
         state = TrainState()

@@ -54,6 +54,20 @@ def _independent(base: dist.Distribution, event_dims: int) -> dist.Distribution:
     return base.to_event(event_dims)
 
 
+class _SummedBernoulli(dist.Independent):
+    """Independent Bernoulli(logits) whose log_prob negates after summing over the event.
+
+    The same numbers as ``Bernoulli(logits).to_event(n).log_prob``, with one pass fewer over
+    every element: it matters when K = 5000 importance samples of 784 pixels are scored.
+    """
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        logits = self.base_dist.logits
+        shape = torch.broadcast_shapes(logits.shape, value.shape)
+        cross_entropy = F.binary_cross_entropy_with_logits(logits.expand(shape), value.expand(shape), reduction="none")
+        return -cross_entropy.sum(tuple(range(-self.reinterpreted_batch_ndims, 0)))
+
+
 class BernoulliLikelihood(Likelihood):
     """Bernoulli over each element (AEVB appendix C.1); values in [0, 1] score as cross-entropy.
 
@@ -71,7 +85,7 @@ class BernoulliLikelihood(Likelihood):
         self.event_dims = event_dims
 
     def forward(self, logits: Tensor) -> dist.Distribution:
-        return _independent(dist.Bernoulli(logits=logits, validate_args=False), self.event_dims)
+        return _SummedBernoulli(dist.Bernoulli(logits=logits, validate_args=False), self.event_dims)
 
     def mean(self, logits: Tensor) -> Tensor:
         return torch.sigmoid(logits)

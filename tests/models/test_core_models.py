@@ -144,3 +144,18 @@ def test_networks_accept_extra_leading_batch_dims():
     assert loc.shape == scale.shape == (7, 3) and (scale > 0).all()
     assert vae.sample(4).shape == (4, 1, 4, 4)
     assert isinstance(vae, VAE)
+
+
+def test_bernoulli_likelihood_equals_pyro_bernoulli_and_broadcasts():
+    from pyro import distributions as dist
+
+    logits = torch.randn(3, 5, 1, 4, 4) * 3
+    x = torch.rand(5, 1, 4, 4)  # grey levels: cross-entropy
+    lik = make_likelihood("bernoulli", event_dims=3)
+    expected = dist.Bernoulli(logits=logits, validate_args=False).to_event(3).log_prob(x)
+    d = lik(logits)
+    assert d.batch_shape == (3, 5) and d.event_shape == (1, 4, 4)
+    assert torch.allclose(d.log_prob(x), expected, rtol=1e-6)
+    expanded = d.expand((2, 3, 5))
+    assert torch.allclose(expanded.log_prob(x), expected.expand(2, 3, 5), rtol=1e-6)
+    assert torch.equal(d.mean, torch.sigmoid(logits))
