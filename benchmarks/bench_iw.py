@@ -9,14 +9,13 @@ process and the script prints the time ratio ppl_vae / hand-written (median and 
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 
 import torch
 from torch.distributions import Normal
 
-from common import benchmark_data, machine_description, summarize, timed
+from common import base_parser, setup, summarize, timed
 
 from ppl_vae.inference.importance import default_particle_batch_size, importance_estimate
 from ppl_vae.models import build_vae
@@ -42,23 +41,14 @@ def handwritten_iw(vae, x: torch.Tensor, num_samples: int, batch_size: int, part
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = base_parser(__doc__, num_data=200, repeats=5)
     parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--num-data", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    x = benchmark_data(args, device)
+    device, x = setup(args)
     torch.manual_seed(0)
     vae = build_vae("bernoulli_mlp", x.shape[1:], latent_dim=20, hidden_dim=500).to(device).eval()
     pbs = default_particle_batch_size(args.batch_size)
-    print(f"machine: {machine_description()}")
     print(f"data {tuple(x.shape)} on {device}, K={args.num_samples}, {args.batch_size} datapoints x {pbs} particles per chunk")
 
     def ours():

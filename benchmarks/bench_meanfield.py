@@ -9,13 +9,12 @@ process and the script prints the time ratio ppl_vae / hand-written (median and 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from common import benchmark_data, machine_description, summarize, timed
+from common import base_parser, setup, summarize, timed
 
 from ppl_vae.inference.meanfield import fit_mean_field
 from ppl_vae.models import build_vae
@@ -42,23 +41,14 @@ def handwritten_mean_field(vae, x: torch.Tensor, steps: int, lr: float) -> torch
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-data", type=int, default=1000)
+    parser = base_parser(__doc__, num_data=1000, repeats=3)
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    x = benchmark_data(args, device)
+    device, x = setup(args)
     torch.manual_seed(0)
     vae = build_vae("bernoulli_mlp", x.shape[1:], latent_dim=20, hidden_dim=500).to(device).eval()
     for p in vae.parameters():
         p.requires_grad_(False)
-    print(f"machine: {machine_description()}")
     print(f"{args.num_data} datapoints on {device}, {args.steps} steps each, all datapoints in one batch")
 
     def ours():

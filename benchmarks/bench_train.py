@@ -9,13 +9,12 @@ script prints the per-epoch time ratio ppl_vae / hand-written (median and range)
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 
 import torch
 
-from common import benchmark_data, handwritten_epoch, machine_description, summarize
+from common import base_parser, handwritten_epoch, setup, summarize
 
 from ppl_vae.config import TrainConfig
 from ppl_vae.data.datasets import Dataset
@@ -24,23 +23,14 @@ from ppl_vae.models import build_vae
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = base_parser(__doc__, num_data=10000, repeats=5)
     parser.add_argument("--batch-size", type=int, nargs="+", default=[128])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--num-data", type=int, default=10000)
     parser.add_argument("--hidden-dim", type=int, default=500)
     parser.add_argument("--latent-dim", type=int, default=20)
     parser.add_argument("--elbo", default="trace")
     parser.add_argument("--no-fused", action="store_true", help="train through Pyro's traced ELBO (no fused path)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    x = benchmark_data(args, device)
-    print(f"machine: {machine_description()}")
+    device, x = setup(args)
     print(f"data: {tuple(x.shape)} on {device}; network 784-{args.hidden_dim}-{args.latent_dim}; elbo {args.elbo}"
           f"{' through Pyro tracing (no fused path)' if args.no_fused else ''}")
     for batch_size in args.batch_size:

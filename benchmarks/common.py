@@ -21,6 +21,26 @@ def machine_description() -> str:
             f"torch {torch.__version__}, {cuda}, Python {platform.python_version()}")
 
 
+def base_parser(doc: str, *, num_data: int, repeats: int) -> argparse.ArgumentParser:
+    """The options every benchmark shares: data size, repeats, device, threads, data folder."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--num-data", type=int, default=num_data)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--data-dir", default=None, help="MNIST IDX files (default: synthetic images)")
+    return parser
+
+
+def setup(args: argparse.Namespace) -> tuple[torch.device, torch.Tensor]:
+    """Apply --threads, print the machine, and return (device, data on it)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"machine: {machine_description()}")
+    return device, benchmark_data(args, device)
+
+
 def benchmark_data(args: argparse.Namespace, device: torch.device) -> torch.Tensor:
     """MNIST training images from --data-dir if given, else seeded synthetic binary 28x28 images."""
     if args.data_dir:
