@@ -43,28 +43,24 @@ IMAGE_DIMS = ("channel", "row", "col")
 MASKS: Registry[Callable[[int, int], Tensor]] = Registry("mask")
 
 
-def _half(rows: int, cols: int, which: str) -> Tensor:
-    m = torch.zeros(rows, cols, dtype=torch.bool)
-    if which == "top":
-        m[: rows // 2] = True
-    elif which == "bottom":
-        m[rows // 2 :] = True
-    elif which == "left":
-        m[:, : cols // 2] = True
-    elif which == "right":
-        m[:, cols // 2 :] = True
-    else:  # the top-left quadrant: Pyro's CVAE tutorial observes one quarter and predicts the rest
-        m[: rows // 2, : cols // 2] = True
-    return m
+def _observed(row_part: str, col_part: str) -> Callable[[int, int], Tensor]:
+    """A mask builder observing the given part ("first" half, "last" half, "all") of rows and cols."""
+    parts = {"first": lambda n: slice(0, n // 2), "last": lambda n: slice(n // 2, None), "all": lambda n: slice(None)}
+
+    def build(rows: int, cols: int) -> Tensor:
+        m = torch.zeros(rows, cols, dtype=torch.bool)
+        m[parts[row_part](rows), parts[col_part](cols)] = True
+        return m
+
+    return build
 
 
-MASKS.register("top", doc="the top half is observed; complete the bottom half")(lambda r, c: _half(r, c, "top"))
-MASKS.register("bottom", doc="the bottom half is observed; complete the top half")(lambda r, c: _half(r, c, "bottom"))
-MASKS.register("left", doc="the left half is observed; complete the right half")(lambda r, c: _half(r, c, "left"))
-MASKS.register("right", doc="the right half is observed; complete the left half")(lambda r, c: _half(r, c, "right"))
-MASKS.register("quadrant", doc="the top-left quarter is observed; complete the other three")(
-    lambda r, c: _half(r, c, "quadrant")
-)
+MASKS.register("top", doc="the top half is observed; complete the bottom half")(_observed("first", "all"))
+MASKS.register("bottom", doc="the bottom half is observed; complete the top half")(_observed("last", "all"))
+MASKS.register("left", doc="the left half is observed; complete the right half")(_observed("all", "first"))
+MASKS.register("right", doc="the right half is observed; complete the left half")(_observed("all", "last"))
+# Pyro's CVAE tutorial observes one quarter and predicts the rest.
+MASKS.register("quadrant", doc="the top-left quarter is observed; complete the other three")(_observed("first", "first"))
 
 
 def make_mask(name: str, event_shape: Sequence[int]) -> Tensor:
