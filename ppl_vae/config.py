@@ -45,6 +45,11 @@ class TrainConfig:
     0 to 1 over this many epochs (0: no warm-up). ``fused_elbo``: for VAEs whose model and guide
     are the base class's, compute the same estimator without Pyro's tracing (faster, equal
     values; see :mod:`ppl_vae.inference.fused`); False always goes through Pyro.
+    ``finite_check``: when SVI checks that the loss is finite — "step" (before every update,
+    one host-device sync per step), "epoch" (tracked on the device, checked at each epoch's
+    end: no per-step sync, but updates after a NaN step are wasted), "auto" (step on CPU,
+    epoch on CUDA). Either way a NaN stops training with the step named and the last good
+    checkpoint kept.
     """
 
     method: str = "svi"
@@ -60,6 +65,7 @@ class TrainConfig:
     eval_num_particles: int = 1
     checkpoint_every: int = 1
     fused_elbo: bool = True
+    finite_check: str = "auto"
 
 
 @dataclass

@@ -76,6 +76,8 @@ def validate_train_config(config: TrainConfig) -> None:
         raise ValueError(f"lr must be a positive number, got {config.lr}")
     if config.kl_warmup_epochs < 0:
         raise ValueError(f"kl_warmup_epochs must be >= 0, got {config.kl_warmup_epochs}")
+    if config.finite_check not in FINITE_CHECKS:
+        raise ValueError(f"finite_check must be one of {', '.join(FINITE_CHECKS)}, got {config.finite_check!r}")
     if config.elbo.startswith("jit") and config.kl_warmup_epochs:
         raise ValueError("KL warm-up needs a non-JIT elbo (a changing KL weight would recompile every step)")
     resolve_device(config.device)
@@ -104,6 +106,9 @@ class Stepper:
     """
 
     optimizers: Dict[str, torch.optim.Optimizer]
+    #: True when ``step`` skips the host-side finiteness check (no device sync per step); the
+    #: training loop then tracks the first non-finite loss on the device and stops at epoch end.
+    defers_finite_check: bool = False
 
     def __init__(self, vae: VAE, config: TrainConfig):  # pragma: no cover - interface
         raise NotImplementedError
@@ -121,6 +126,10 @@ class Stepper:
 
 
 METHODS: Registry[Callable[[VAE, TrainConfig], Stepper]] = Registry("method")
+
+# When SVI checks that the loss is finite: every step (a host-device sync each step, and no
+# update ever sees a NaN) or once per epoch (no per-step sync: the right choice on a GPU).
+FINITE_CHECKS = {"auto": "step on CPU, epoch on CUDA", "step": "step", "epoch": "epoch"}
 
 
 class _JitPair:
@@ -169,6 +178,10 @@ class SVIStepper(Stepper):
         self._num_particles = config.num_particles
         self._analytic_kl = config.elbo == "mean_field"
         self.optimizers = {"svi": make_optimizer(vae, config)}
+        device_type = next(iter(vae.parameters()), torch.empty(0)).device.type
+        self.defers_finite_check = config.finite_check == "epoch" or (
+            config.finite_check == "auto" and device_type == "cuda"
+        )
 
     @property
     def drop_last(self) -> bool:
@@ -186,7 +199,7 @@ class SVIStepper(Stepper):
 
     def step(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> torch.Tensor:
         loss = self.loss(x, num_data=num_data, kl_weight=kl_weight, **kwargs)
-        if not torch.isfinite(loss):
+        if not self.defers_finite_check and not torch.isfinite(loss):
             raise NonFiniteLoss(float(loss.detach()))
         optimizer = self.optimizers["svi"]
         optimizer.zero_grad(set_to_none=True)
@@ -300,6 +313,14 @@ def train(
         vae.train()
         return float(value.mean()) if dist is None else dist.global_mean(value)
 
+    def diverged(what: str, step: int) -> TrainingDiverged:
+        last = state.records[-1]["epoch"] if state.records else 0
+        return TrainingDiverged(
+            f"{what} at step {step} (epoch {state.epoch + 1}); the last good checkpoint is from epoch {last}"
+            + (f" in {run_dir}" if run_dir is not None else "") + "; try a smaller --lr",
+            step=step,
+        )
+
     def checkpoint() -> None:
         if run_dir is not None:
             runs.save_checkpoint(run_dir, vae, stepper.optimizers, epoch=state.epoch, step=state.step,
@@ -326,6 +347,7 @@ def train(
             else:
                 order = dist.start_epoch(n_train, seed=config.seed, epoch=state.epoch, device=x_train.device)
             loss_sum = torch.zeros((), device=x_train.device)
+            first_bad = torch.full((), -1, dtype=torch.long, device=x_train.device)
             kl_weight = 1.0
             for b in range(steps_per_epoch):
                 idx = order[b * batch_size : (b + 1) * batch_size]
@@ -337,16 +359,14 @@ def train(
                 try:
                     loss = stepper.step(x, num_data=n_train, kl_weight=kl_weight, **kwargs)
                 except NonFiniteLoss as exc:
-                    last = state.records[-1]["epoch"] if state.records else 0
-                    raise TrainingDiverged(
-                        f"{exc} at step {state.step + 1} (epoch {state.epoch + 1}); the last good checkpoint "
-                        f"is from epoch {last}" + (f" in {run_dir}" if run_dir is not None else "")
-                        + "; try a smaller --lr",
-                        step=state.step + 1,
-                    ) from None
+                    raise diverged(str(exc), state.step + 1) from None
+                if stepper.defers_finite_check:  # recorded on the device: no sync here
+                    first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), state.step + 1, first_bad)
                 loss_sum += loss  # each minibatch loss is scaled to the full data
                 state.step += 1
                 seen += len(idx) * world
+            if stepper.defers_finite_check and int(first_bad) >= 0:
+                raise diverged("the loss became non-finite", int(first_bad))
             wall += time.perf_counter() - start
             state.epoch += 1
             record = {

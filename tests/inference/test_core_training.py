@@ -78,11 +78,13 @@ def test_other_elbos_train(tmp_path, elbo):
     assert run.history.test_elbo[-1] > run.history.test_elbo[0]
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("finite_check", ["step", "epoch"])
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, finite_check):
+    """Checked before every update, or tracked on the device and checked at the epoch's end."""
     from ppl_vae.inference.training import train
     from ppl_vae.pipeline import _prepare
 
-    config = small_config(epochs=5)
+    config = small_config(epochs=5, finite_check=finite_check)
     vae, data = _prepare(config)
     calls = {"n": 0}
 
@@ -96,7 +98,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     vae.decoder.register_forward_hook(poison_after_ten_training_steps)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 11 \(epoch 2\); the last good checkpoint is from epoch 1") as info:
+    with pytest.raises(TrainingDiverged, match=r"loss became n.* at step 11 \(epoch 2\); the last good checkpoint is from epoch 1") as info:
         train(vae, data, config.train, run_dir=run_dir, progress=False)
     assert info.value.step == 11
     tensors, meta = runs.read_checkpoint(run_dir)
@@ -165,6 +167,7 @@ def test_bad_train_settings_are_value_errors(tmp_path):
         ({"method": "gibbs"}, "valid methods"),
         ({"device": "tpu"}, "device must be"),
         ({"elbo": "jit_trace", "kl_warmup_epochs": 2}, "KL warm-up needs a non-JIT elbo"),
+        ({"finite_check": "never"}, "finite_check must be one of auto, step, epoch"),
     ]:
         with pytest.raises(ValueError, match=message):
             ppl_vae.fit(small_config(**train), tmp_path / "run", progress=False)
