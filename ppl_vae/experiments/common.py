@@ -12,6 +12,7 @@ Every experiment writes into one output folder:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from pathlib import Path
@@ -206,6 +207,19 @@ class ResultTable:
     def to_xarray(self) -> xr.Dataset:
         """The rows as a Dataset with one dim per ``index`` column (missing cells are NaN)."""
         return self.frame.set_index(self.index).sort_index().to_xarray()
+
+
+def final_values(curves: xr.DataArray, along: str = "num_train_samples") -> List[Tuple[Dict[str, Any], float, Any]]:
+    """For every combination of the other dims: (their labels, the last non-NaN value along
+    ``along``, that value's ``along`` coordinate); combinations with no value are left out."""
+    others = [d for d in curves.dims if d != along]
+    out = []
+    for combo in itertools.product(*[curves[d].values for d in others]):
+        labels = dict(zip(others, combo))
+        series = curves.sel(labels).dropna(along)
+        if series.size:
+            out.append((labels, float(series[-1]), series[along].values[-1]))
+    return out
 
 
 def check_settings(out_dir: Path, settings: Any) -> None:

@@ -134,17 +134,10 @@ def plot(frame):
 
 def summary(result: xr.Dataset) -> Dict[str, float]:
     """Final lower bound per (dataset, latent_dim, method, split), as ``"key": value``."""
-    out = {}
-    lb = result["lower_bound"]
-    for dataset in lb["dataset"].values:
-        for latent_dim in lb["latent_dim"].values:
-            for method in lb["method"].values:
-                for split in lb["split"].values:
-                    series = lb.sel({"dataset": dataset, "latent_dim": latent_dim, "method": method, "split": split})
-                    series = series.dropna("num_train_samples")
-                    if series.size:
-                        out[f"{dataset} z={int(latent_dim)} {method} {split}"] = float(series[-1])
-    return out
+    return {
+        f"{k['dataset']} z={int(k['latent_dim'])} {k['method']} {k['split']}": value
+        for k, value, _ in common.final_values(result["lower_bound"].transpose("dataset", "latent_dim", "method", "split", ...))
+    }
 
 
 __all__ = ["Fig2Settings", "plot", "run", "summary"]

@@ -161,13 +161,8 @@ def plot(frame, estimator: str = "appendix_d"):
 
 def summary(result: xr.Dataset, estimator: str = "appendix_d") -> Dict[str, float]:
     """Last estimate per (train_size, method, split)."""
-    out = {}
-    lm = result["log_marginal"]
-    for n in lm["train_size"].values:
-        for method in lm["method"].values:
-            for split in lm["split"].values:
-                series = lm.sel({"train_size": n, "method": method, "estimator": estimator, "split": split})
-                series = series.dropna("num_train_samples")
-                if series.size:
-                    out[f"N={int(n)} {method} {split} @{int(series.num_train_samples[-1])}"] = float(series[-1])
-    return out
+    curves = result["log_marginal"].sel(estimator=estimator).transpose("train_size", "method", "split", ...)
+    return {
+        f"N={int(k['train_size'])} {k['method']} {k['split']} @{int(at)}": value
+        for k, value, at in common.final_values(curves)
+    }
