@@ -15,7 +15,7 @@ import statistics
 import torch
 from torch.distributions import Normal
 
-from common import base_parser, setup, summarize, timed
+from common import base_parser, interleave, setup, summarize
 
 from ppl_vae.inference.importance import default_particle_batch_size, importance_estimate
 from ppl_vae.models import build_vae
@@ -60,13 +60,7 @@ def main() -> None:
 
     a, b = ours(), theirs()  # warm-up, and a check that both estimate the same thing
     print(f"mean log p(x): ppl_vae {a.mean():.3f}, hand-written {b.mean():.3f} (independent draws)")
-    ratios, t_ours, t_theirs = [], [], []
-    for _ in range(args.repeats):
-        t1 = timed(theirs, device)
-        t0 = timed(ours, device)
-        ratios.append(t0 / t1)
-        t_ours.append(t0)
-        t_theirs.append(t1)
+    ratios, t_ours, t_theirs = interleave(ours, theirs, args.repeats, device)
     print(f"ppl_vae {statistics.median(t_ours):.3f} s, hand-written {statistics.median(t_theirs):.3f} s per evaluation")
     print(summarize(f"IW K={args.num_samples} ratio ppl_vae/hand-written", ratios))
 

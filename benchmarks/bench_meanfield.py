@@ -14,7 +14,7 @@ import statistics
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from common import base_parser, setup, summarize, timed
+from common import base_parser, interleave, setup, summarize
 
 from ppl_vae.inference.meanfield import fit_mean_field
 from ppl_vae.models import build_vae
@@ -58,13 +58,7 @@ def main() -> None:
     def theirs():
         handwritten_mean_field(vae, x, args.steps, lr=1e-2)
 
-    ratios, t_ours, t_theirs = [], [], []
-    for _ in range(args.repeats):
-        t1 = timed(theirs, device)
-        t0 = timed(ours, device)
-        ratios.append(t0 / t1)
-        t_ours.append(t0)
-        t_theirs.append(t1)
+    ratios, t_ours, t_theirs = interleave(ours, theirs, args.repeats, device)
     print(f"ppl_vae {statistics.median(t_ours):.3f} s, hand-written {statistics.median(t_theirs):.3f} s per fit")
     print(summarize("mean-field VI ratio ppl_vae/hand-written", ratios))
 

@@ -97,6 +97,19 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def interleave(ours: Callable[[], object], theirs: Callable[[], object], repeats: int,
+               device: torch.device) -> tuple[List[float], List[float], List[float]]:
+    """Time the two alternately ``repeats`` times: (ratios ours/theirs, our times, their times)."""
+    ratios, t_ours, t_theirs = [], [], []
+    for _ in range(repeats):
+        t1 = timed(theirs, device)
+        t0 = timed(ours, device)
+        ratios.append(t0 / t1)
+        t_ours.append(t0)
+        t_theirs.append(t1)
+    return ratios, t_ours, t_theirs
+
+
 def summarize(name: str, ratios: List[float]) -> str:
     return (f"{name}: median {statistics.median(ratios):.3f}x, range {min(ratios):.3f}-{max(ratios):.3f}x "
             f"over {len(ratios)} interleaved runs")
