@@ -23,12 +23,30 @@ def supports_fused_elbo(vae: object) -> bool:
     return isinstance(vae, VAE) and type(vae).model is VAE.model and type(vae).guide is VAE.guide
 
 
+def fused_pair_owner(model: object, guide: object) -> VAE | None:
+    """The VAE when ``model`` and ``guide`` are that VAE's own base-class methods, else None."""
+    owner = fused_model_owner(model)
+    if (owner is not None and getattr(guide, "__self__", None) is owner
+            and getattr(guide, "__func__", None) is VAE.guide and type(owner).guide is VAE.guide):
+        return owner
+    return None
+
+
 def fused_model_owner(model: object) -> VAE | None:
     """The VAE whose base-class ``model`` method ``model`` is, when the fused ELBO applies to it."""
     owner = getattr(model, "__self__", None)
     if isinstance(owner, VAE) and getattr(model, "__func__", None) is VAE.model and type(owner).model is VAE.model:
         return owner
     return None
+
+
+def fused_log_weights(vae: VAE, x: Tensor, num_particles: int) -> Tensor:
+    """log p(x, z_k) - log q(z_k|x) for z_k ~ q(z|x), shape ``(num_particles, N)``: what
+    :func:`ppl_vae.inference.importance.log_importance_weights` computes through Pyro."""
+    loc, scale = vae.encoder(x)
+    q = dist.Normal(loc, scale).to_event(1)
+    z = q.rsample((num_particles,))
+    return vae.likelihood(*vae.decoder(z)).log_prob(x) + vae.prior().log_prob(z) - q.log_prob(z)
 
 
 def fused_elbo_loss(

@@ -19,6 +19,8 @@ import xarray as xr
 from pyro import poutine
 from torch import Tensor
 
+from ppl_vae.inference.fused import fused_log_weights, fused_pair_owner
+
 PARTICLE_PLATE = "num_particles_vectorized"
 
 
@@ -51,6 +53,9 @@ def log_importance_weights(
     """
     if num_particles < 1:
         raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+    owner = None if args or kwargs else fused_pair_owner(model, guide)
+    if owner is not None:  # a parts-based VAE: the same weights without Pyro's tracing
+        return fused_log_weights(owner, x, num_particles)
     num_data = x.shape[0]
     shape = (num_particles, num_data)
     with pyro.plate(PARTICLE_PLATE, num_particles, dim=-(max_plate_nesting + 1)):

@@ -95,3 +95,23 @@ def test_mean_field_vi_fused_equals_pyro_path(elbo):
                                       num_eval_samples=10, progress=False, fused=fused))
     assert torch.allclose(results[0].loc, results[1].loc, atol=1e-5)
     assert torch.allclose(results[0].scale, results[1].scale, atol=1e-5)
+
+
+@pytest.mark.parametrize("prior", PRIORS.names())
+def test_fused_log_weights_equal_pyro_traces(prior):
+    from ppl_vae.inference import importance
+    from ppl_vae.inference.fused import fused_pair_owner
+
+    torch.manual_seed(0)
+    vae = build_vae("bernoulli_mlp", (1, 3, 3), prior=prior, latent_dim=2, hidden_dim=6)
+    x = torch.bernoulli(torch.full((4, 1, 3, 3), 0.3))
+    assert fused_pair_owner(vae.model, vae.guide) is vae
+    assert fused_pair_owner(vae.model, LinearGaussianVAE(3, 2).guide) is None
+    pyro.set_rng_seed(5)
+    fused = importance.log_importance_weights(vae.model, vae.guide, x, num_particles=7)
+
+    # the traced path, forced by wrapping the methods so they are not the VAE's own
+    pyro.set_rng_seed(5)
+    traced = importance.log_importance_weights(lambda x: vae.model(x), lambda x: vae.guide(x), x, num_particles=7)
+    assert fused.shape == traced.shape == (7, 4)
+    assert torch.allclose(fused, traced, rtol=1e-5, atol=1e-5)
