@@ -33,4 +33,24 @@ def shared_datasets() -> Path:
     return SHARED_DATASETS
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: small training loops run several times faster on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def one_line_error(result, pattern: str = "") -> str:
+    """Assert a CliRunner result failed with a single-line "Error: ..." (the last line, no
+    traceback) containing ``pattern``; return that line."""
+    assert result.exit_code != 0, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("Error:"), result.output
+    assert pattern in lines[-1], result.output
+    assert "Traceback" not in result.output
+    return lines[-1]
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -9,25 +9,20 @@ import xarray as xr
 from click.testing import CliRunner
 
 from ppl_vae.cli.main import cli
+from tests.conftest import one_line_error
 from tests.models.test_scvae import planted_sensor_series
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Training in these tests runs several times faster on one thread on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Training in these tests runs several times faster on one thread on a shared machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = ["--epochs", "1", "--batch-size", "32", "--device", "cpu", "--no-progress"]
 
 
 def _one_line_error(result) -> str:
-    assert result.exit_code != 0
-    lines = [l for l in result.output.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
+    line = one_line_error(result)
+    assert len([l for l in result.output.splitlines() if l.strip()]) == 1, result.output
+    return line
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from ppl_vae.cli.main import cli
+from tests.conftest import one_line_error
 
 FAST = ["--epochs", "2", "--hidden-dim", "16", "--latent-dim", "2", "--train-size", "300", "--no-progress"]
 
@@ -20,12 +21,6 @@ def invoke(runner, *args):
     return runner.invoke(cli, list(args), catch_exceptions=False)
 
 
-def assert_one_line_error(result, pattern):
-    assert result.exit_code != 0
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert lines[-1].startswith("Error:"), result.output
-    assert pattern in lines[-1], result.output
-    assert "Traceback" not in result.output
 
 
 def test_fit_writes_a_run_and_prints_elbos(runner, tmp_path):
@@ -82,7 +77,7 @@ def test_models_lists_every_registry(runner):
 def test_bad_inputs_give_one_line_errors_and_no_run_directory(runner, tmp_path, args, pattern):
     out = tmp_path / "run"
     result = invoke(runner, "fit", "--out", str(out), *FAST, *args)
-    assert_one_line_error(result, pattern)
+    one_line_error(result, pattern)
     assert not out.exists()
 
 
@@ -90,7 +85,7 @@ def test_data_outside_the_likelihood_support(runner, tmp_path):
     np.save(tmp_path / "wide.npy", np.random.rand(50, 3) * 4 - 2)
     result = invoke(runner, "fit", "--model", "bernoulli_mlp", "--dataset", str(tmp_path / "wide.npy"),
                     "--out", str(tmp_path / "run"), *FAST)
-    assert_one_line_error(result, "likelihood 'bernoulli' needs the training data")
+    one_line_error(result, "likelihood 'bernoulli' needs the training data")
     assert not (tmp_path / "run").exists()
     # the same data is fine under a Gaussian likelihood
     result = invoke(runner, "fit", "--model", "gaussian_mlp", "--likelihood", "gaussian",
@@ -102,22 +97,22 @@ def test_nan_in_data_and_corrupt_files(runner, tmp_path):
     a = np.random.rand(50, 3)
     a[0, 0] = np.nan
     np.save(tmp_path / "nan.npy", a)
-    assert_one_line_error(invoke(runner, "fit", "--dataset", str(tmp_path / "nan.npy"), *FAST), "NaN")
+    one_line_error(invoke(runner, "fit", "--dataset", str(tmp_path / "nan.npy"), *FAST), "NaN")
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b garbage")
     for name in ["train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]:
         (tmp_path / "d" / name).write_bytes(b"")
     result = invoke(runner, "fit", "--dataset", "mnist", "--data-dir", str(tmp_path / "d"), *FAST)
-    assert_one_line_error(result, "corrupt or truncated gzip")
+    one_line_error(result, "corrupt or truncated gzip")
 
 
 def test_existing_out_and_resume_misuse(runner, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    assert_one_line_error(invoke(runner, "fit", "--out", str(out), *FAST), "already exists and is not empty")
+    one_line_error(invoke(runner, "fit", "--out", str(out), *FAST), "already exists and is not empty")
     assert (out / "keep.txt").read_text() == "x"
-    assert_one_line_error(invoke(runner, "fit", "--resume", str(tmp_path / "absent"), "--no-progress"),
+    one_line_error(invoke(runner, "fit", "--resume", str(tmp_path / "absent"), "--no-progress"),
                           "run directory not found")
     result = invoke(runner, "fit", "--resume", str(out), "--model", "bernoulli_mlp")
     assert result.exit_code == 2 and "drop --model" in result.output

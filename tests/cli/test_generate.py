@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ppl_vae.cli.main import cli
+from tests.conftest import one_line_error
 
 SMALL = ["--hidden-dim", "16", "--latent-dim", "2", "--train-size", "200", "--batch-size", "100", "--no-progress"]
 
@@ -17,12 +18,6 @@ def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
-def assert_one_line_error(result, pattern):
-    assert result.exit_code != 0
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert lines[-1].startswith("Error:"), result.output
-    assert pattern in lines[-1], result.output
-    assert "Traceback" not in result.output
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +60,16 @@ def test_animate_continues_the_run_and_writes_frames_and_a_gif(tmp_path):
 
 
 def test_bad_inputs_give_one_line_errors(cvae_run, tmp_path):
-    assert_one_line_error(invoke("generate", cvae_run, "--label", "12"), "labels must lie in [0, 9]")
-    assert_one_line_error(invoke("inpaint", cvae_run, "--mask", "diagonal"), "unknown mask 'diagonal'")
-    assert_one_line_error(invoke("generate", tmp_path / "absent"), "run directory not found")
-    assert_one_line_error(invoke("animate", cvae_run, "--epochs", "0"), "epochs must be >=")
+    one_line_error(invoke("generate", cvae_run, "--label", "12"), "labels must lie in [0, 9]")
+    one_line_error(invoke("inpaint", cvae_run, "--mask", "diagonal"), "unknown mask 'diagonal'")
+    one_line_error(invoke("generate", tmp_path / "absent"), "run directory not found")
+    one_line_error(invoke("animate", cvae_run, "--epochs", "0"), "epochs must be >=")
 
 
 def test_conv_on_8x8_digits_is_refused_before_a_run_dir_is_made(tmp_path):
     out = tmp_path / "conv"
     result = invoke("fit", "--model", "conv", "--epochs", "1", "--out", out, "--no-progress")
-    assert_one_line_error(result, "needs 28x28 images with event shape (channels, 28, 28)")
+    one_line_error(result, "needs 28x28 images with event shape (channels, 28, 28)")
     assert "(1, 8, 8)" in result.output
     assert not out.exists()
 
@@ -84,4 +79,4 @@ def test_cvae_on_unlabelled_data_is_refused(tmp_path):
     np.save(path, np.random.default_rng(0).random((20, 1, 4, 4)).astype(np.float32))
     result = invoke("fit", "--model", "cvae", "--dataset", path, "--epochs", "1", "--out", tmp_path / "r",
                     "--no-progress")
-    assert_one_line_error(result, "needs labelled data")
+    one_line_error(result, "needs labelled data")

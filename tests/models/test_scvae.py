@@ -16,13 +16,8 @@ from ppl_vae.models import build_vae
 from ppl_vae.models.scvae import Fire
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Training in these tests runs several times faster on one thread on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Training in these tests runs several times faster on one thread on a shared machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted_sensor_series(num_steps: int = 1600, seed: int = 0, anomaly_from: int = 0, num_anomalies: int = 12):

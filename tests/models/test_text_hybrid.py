@@ -19,13 +19,8 @@ from ppl_vae.models.priors import make_prior
 from ppl_vae.models.text import EndOfTextCategorical, build_text_hybrid
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Training in these tests runs several times faster on one thread on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Training in these tests runs several times faster on one thread on a shared machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _x(*sentences: str, length: int = 16) -> torch.Tensor:
