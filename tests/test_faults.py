@@ -58,3 +58,38 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     for (name, a), (_, b) in zip(straight.vae.state_dict().items(), resumed.vae.state_dict().items()):
         assert torch.allclose(a, b, rtol=0, atol=1e-5), name
     assert resumed.final["test_elbo"] == pytest.approx(straight.final["test_elbo"], abs=1e-3)
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL inside the process: not an Exception, so nothing catches it."""
+
+
+@pytest.mark.parametrize("die_in", ["save_history", "save_checkpoint"])
+def test_death_between_the_history_and_checkpoint_writes_loses_no_epoch(tmp_path, monkeypatch, one_thread, die_in):
+    """Dying inside either write of epoch 3 leaves a run that resumes with every epoch in its history.
+    (The SIGKILL test above reaches this window only by chance.)"""
+    from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+
+    config = RunConfig(
+        model=ModelConfig(model="bernoulli_mlp", latent_dim=2, hidden_dim=16),
+        data=DataConfig(train_size=200),
+        train=TrainConfig(epochs=4, batch_size=50, seed=1, device="cpu"),
+    )
+    real = getattr(runs, die_in)
+
+    def dying(run_dir, *args, **kwargs):
+        epoch = kwargs.get("epoch")
+        if epoch is None:  # save_history(run_dir, history)
+            epoch = int(args[0].epoch.values[-1]) if args[0].sizes.get("epoch") else 0
+        if epoch == 3:
+            raise _Killed
+        return real(run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(runs, die_in, dying)
+    with pytest.raises(_Killed):
+        ppl_vae.fit(config, tmp_path / "run", progress=False)
+    monkeypatch.setattr(runs, die_in, real)
+    assert checkpoint_epoch(tmp_path / "run") == 2
+    resumed = ppl_vae.resume(tmp_path / "run", progress=False)
+    assert resumed.history.epoch.values.tolist() == [1, 2, 3, 4]
+    assert runs.load_history(tmp_path / "run").epoch.values.tolist() == [1, 2, 3, 4]

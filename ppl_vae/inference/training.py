@@ -323,9 +323,12 @@ def train(
 
     def checkpoint() -> None:
         if run_dir is not None:
+            # History first, checkpoint last: the checkpoint is the commit point. A kill between the
+            # two writes leaves a history one epoch ahead, which resume trims to the checkpoint's
+            # epoch; the other order would leave an epoch missing from the history for good.
+            runs.save_history(run_dir, history_to_xarray(state.records, attrs))
             runs.save_checkpoint(run_dir, vae, stepper.optimizers, epoch=state.epoch, step=state.step,
                                  extra={"event_shape": list(data.event_shape), "data_info": data.data_info})
-            runs.save_history(run_dir, history_to_xarray(state.records, attrs))
 
     is_main = dist is None or dist.is_main
     if state.epoch == 0 and state.step == 0:
