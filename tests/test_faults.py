@@ -35,11 +35,16 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.monotonic() + 240
+        seen = {}  # checkpoint epoch -> when it was first seen
         while checkpoint_epoch(killed) < 2:
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "no checkpoint of epoch 2 within 240 s"
-            time.sleep(0.05)
-        time.sleep(0.15)  # into the next epoch: the kill lands mid-epoch or mid-write
+            seen.setdefault(checkpoint_epoch(killed), time.monotonic())
+            time.sleep(0.005)
+        # Half an epoch into epoch 3, measured on this machine rather than assumed, so a faster
+        # machine does not finish the run before the kill lands.
+        epoch_seconds = time.monotonic() - seen.get(1, seen.get(0, time.monotonic()))
+        time.sleep(epoch_seconds / 2)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
