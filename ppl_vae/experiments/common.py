@@ -30,7 +30,7 @@ from ppl_vae.inference.training import METHODS, NonFiniteLoss
 from ppl_vae.models.vae import VAE
 from ppl_vae.models.zoo import build_vae
 from ppl_vae.registry import Registry
-from ppl_vae.runs import atomic_path, write_text_atomic
+from ppl_vae.runs import atomic_path, remove_stale_temp_files, write_text_atomic
 
 # Which model the paper used for each dataset, and the sub-folder a --data-dir root may hold.
 DATA_MODELS: Registry[str] = Registry("experiment dataset")
@@ -196,17 +196,24 @@ class ResultTable:
         return bool(mask.any())
 
     def add(self, rows: Iterable[Dict[str, Any]]) -> None:
-        """Append a finished unit's rows and rewrite the CSV and netCDF atomically."""
+        """Append a finished unit's rows and rewrite the netCDF and CSV atomically.
+
+        The CSV is written last: it is what :meth:`done` reads, so a unit counts as finished only
+        once both files hold it. A kill between the writes makes a rerun redo the unit."""
         new = pd.DataFrame(list(rows))
-        self.frame = new if self.frame.empty else pd.concat([self.frame, new], ignore_index=True)
-        with atomic_path(self.csv_path) as tmp:
-            self.frame.to_csv(tmp, index=False)
+        frame = new if self.frame.empty else pd.concat([self.frame, new], ignore_index=True)
         with atomic_path(self.nc_path) as tmp:
-            self.to_xarray().to_netcdf(tmp, engine="h5netcdf")
+            self._as_xarray(frame).to_netcdf(tmp, engine="h5netcdf")
+        with atomic_path(self.csv_path) as tmp:
+            frame.to_csv(tmp, index=False)
+        self.frame = frame
 
     def to_xarray(self) -> xr.Dataset:
         """The rows as a Dataset with one dim per ``index`` column (missing cells are NaN)."""
-        return self.frame.set_index(self.index).sort_index().to_xarray()
+        return self._as_xarray(self.frame)
+
+    def _as_xarray(self, frame: pd.DataFrame) -> xr.Dataset:
+        return frame.set_index(self.index).sort_index().to_xarray()
 
 
 def final_values(curves: xr.DataArray, along: str = "num_train_samples") -> List[Tuple[Dict[str, Any], float, Any]]:
@@ -236,6 +243,7 @@ def check_settings(out_dir: Path, settings: Any) -> None:
                 f"out {out_dir} holds results made with other settings (see its settings.json); "
                 "choose another --out or delete the folder"
             )
+        remove_stale_temp_files(out_dir)  # what a killed earlier run left half-written
         return
     write_text_atomic(path, text)
 
