@@ -1,17 +1,31 @@
-"""Plain dataclass configs that round-trip through JSON (a run directory's ``config.json``)."""
+"""Plain dataclass configs that round-trip through JSON (a run directory's ``config.json``).
+
+Reading is strict: an unknown key, a missing section or a value of the wrong type is refused
+with a :class:`~ppl_vae.errors.ConfigError` that names the field (``train.lr``), so a damaged
+or hand-edited ``config.json`` never trains something other than what it says. Fields missing
+*inside* a section take their defaults, so configs written before a field existed still load.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import typing
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, Optional, Type, TypeVar
+from typing import Any, Dict, List, Optional, Type, TypeVar
+
+from ppl_vae.errors import ConfigError
 
 T = TypeVar("T")
 
 
 @dataclass
 class ModelConfig:
-    """Which model to build; ``None`` takes the model's own default."""
+    """Which model to build; ``None`` takes the model's own default.
+
+    ``guide``: the family of the amortized q(z|x) (a name from ``ppl_vae.models.GUIDES`` where
+    registered; ``"diagonal_normal"`` is AEVB's), with ``guide_options`` for it.
+    """
 
     model: str = "gaussian_mlp"
     prior: str = "standard_normal"
@@ -20,6 +34,8 @@ class ModelConfig:
     hidden_dim: Optional[int] = None
     prior_options: Dict[str, Any] = field(default_factory=dict)
     likelihood_options: Dict[str, Any] = field(default_factory=dict)
+    guide: str = "diagonal_normal"
+    guide_options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -50,6 +66,9 @@ class TrainConfig:
     end: no per-step sync, but updates after a NaN step are wasted), "auto" (step on CPU,
     epoch on CUDA). Either way a NaN stops training with the step named and the last good
     checkpoint kept.
+    ``train_eval_size``: the per-epoch ``train_elbo`` is computed on this many training points,
+    a subset drawn once from ``seed`` (``None``: the whole training set). ``test_elbo`` always
+    uses the whole test set.
     """
 
     method: str = "svi"
@@ -66,15 +85,21 @@ class TrainConfig:
     checkpoint_every: int = 1
     fused_elbo: bool = True
     finite_check: str = "auto"
+    train_eval_size: Optional[int] = 1000
 
 
 @dataclass
 class RunConfig:
-    """Everything needed to rebuild and continue a run."""
+    """Everything needed to rebuild and continue a run.
+
+    ``plugins``: modules imported before the run's parts are looked up (they register custom
+    models, priors, likelihoods, ...), so evaluate/compare/resume see the same parts as fit.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    plugins: List[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -84,21 +109,78 @@ class RunConfig:
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"config is not valid JSON: {exc}") from None
+            raise ConfigError(f"config is not valid JSON: {exc}") from None
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "RunConfig":
+        """A RunConfig from plain data; unknown keys, missing sections and wrong types are refused."""
         if not isinstance(raw, dict):
-            raise ValueError("config must be a JSON object")
-        return cls(
-            model=_from_dict(ModelConfig, raw.get("model", {}), "model"),
-            data=_from_dict(DataConfig, raw.get("data", {}), "data"),
-            train=_from_dict(TrainConfig, raw.get("train", {}), "train"),
-        )
+            raise ConfigError("config must be a JSON object")
+        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+        unknown = sorted(set(raw) - set(sections) - {"plugins"})
+        if unknown:
+            raise ConfigError(f"config has unknown key(s): {', '.join(unknown)}; valid: "
+                              f"{', '.join([*sections, 'plugins'])}")
+        missing = [name for name in sections if name not in raw]
+        if missing:
+            raise ConfigError(f"config lacks section(s): {', '.join(missing)}")
+        plugins = raw.get("plugins", [])
+        _check_type("plugins", plugins, List[str])
+        return cls(**{name: _from_dict(kind, raw[name], name) for name, kind in sections.items()},
+                   plugins=list(plugins))
 
 
 def _from_dict(cls: Type[T], raw: Any, section: str) -> T:
     if not isinstance(raw, dict):
-        raise ValueError(f"config section {section!r} must be a JSON object")
+        raise ConfigError(f"config section {section!r} must be a JSON object", field=section)
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise ValueError(f"config section {section!r} has unknown key(s): {', '.join(unknown)}")
+        raise ConfigError(f"config section {section!r} has unknown key(s): {', '.join(unknown)}", field=section)
+    for key, value in raw.items():
+        _check_type(f"{section}.{key}", value, hints[key])
     return cls(**raw)
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    """Raise ConfigError unless the JSON value ``value`` fits the type hint ``hint``."""
+    if not _fits(value, hint):
+        raise ConfigError(f"{name} must be {_describe(hint)}, got {json.dumps(value)}", field=name)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # JSON has no int/float split; NaN and infinities are never a setting
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, List):
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if origin in (dict, Dict):
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    raise AssertionError(f"unhandled config type {hint!r}")  # pragma: no cover - a new field's type
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return " or ".join(_describe(a) for a in args)
+    if hint is type(None):
+        return "null"
+    if origin in (list, List):
+        return f"a list of {_describe(args[0])}s"
+    if origin in (dict, Dict):
+        return "an object"
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(hint, str(hint))

@@ -1,8 +1,24 @@
 """Exceptions with messages meant for users; the CLI prints them as one line."""
 
+from __future__ import annotations
+
+from typing import Optional
+
 
 class PplVaeError(Exception):
     """Base class of the library's user-facing errors."""
+
+
+class ConfigError(PplVaeError, ValueError):
+    """A config value is missing, unknown or of the wrong type.
+
+    ``field`` names it as the config does (``"train.lr"``); the message uses that name, and
+    the CLI, which knows which flag sets which field, may show the flag instead.
+    """
+
+    def __init__(self, message: str, field: Optional[str] = None):
+        super().__init__(message)
+        self.field = field
 
 
 class DataError(PplVaeError, ValueError):
