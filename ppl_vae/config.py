@@ -180,7 +180,7 @@ def _describe(hint: Any) -> str:
     if hint is type(None):
         return "null"
     if origin in (list, List):
-        return f"a list of {_describe(args[0])}s"
+        return "a list of " + {str: "strings", int: "integers", float: "numbers"}.get(args[0], str(args[0]))
     if origin in (dict, Dict):
         return "an object"
     return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(hint, str(hint))

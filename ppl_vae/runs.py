@@ -14,56 +14,23 @@ killed at any moment leaves the previous complete file.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 import xarray as xr
 
 from ppl_vae.config import RunConfig
 from ppl_vae.errors import RunDirError
+from ppl_vae.io import atomic_path, remove_stale_temp_files, write_netcdf, write_text  # noqa: F401 (re-exported until callers move)
 
 CONFIG = "config.json"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 CHECKPOINT = "checkpoint.safetensors"
 HISTORY = "history.nc"
 
 
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        # mkstemp makes 0600 (and some writers recreate the file): give it the usual mode
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def remove_stale_temp_files(run_dir: Path) -> list[Path]:
-    """Delete temporary files that a killed writer left in ``run_dir``; returns them."""
-    stale = [p for p in Path(run_dir).glob(".*.tmp") if p.is_file()]
-    for path in stale:
-        path.unlink()
-    return stale
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 def save_config(run_dir: Path, config: RunConfig) -> None:
-    write_text_atomic(Path(run_dir) / CONFIG, config.to_json() + "\n")
+    write_text(Path(run_dir) / CONFIG, config.to_json() + "\n")
 
 
 def load_config(run_dir: Path) -> RunConfig:
@@ -181,8 +148,7 @@ def load_weights(module: torch.nn.Module, tensors: Dict[str, torch.Tensor], path
 
 
 def save_history(run_dir: Path, history: xr.Dataset) -> None:
-    with atomic_path(Path(run_dir) / HISTORY) as tmp:
-        history.to_netcdf(tmp, engine="h5netcdf")
+    write_netcdf(history, Path(run_dir) / HISTORY)
 
 
 def load_history(run_dir: Path) -> xr.Dataset:

@@ -18,13 +18,12 @@ import time
 from typing import Callable, Dict, Mapping, Optional
 
 import numpy as np
-import pyro
 import torch
 import xarray as xr
-from pyro import poutine
 from torch import Tensor, nn
 
-from ppl_vae.inference.importance import PARTICLE_PLATE, elbo_per_datapoint
+from ppl_vae.inference.importance import elbo_per_datapoint
+from ppl_vae.inference.traces import log_probs, trace_pair
 from ppl_vae.registry import Registry
 
 ScoreFn = Callable[[nn.Module, Tensor, int], Tensor]
@@ -44,11 +43,8 @@ def neg_elbo_score(vae: nn.Module, x: Tensor, num_samples: int) -> Tensor:
 @torch.no_grad()
 def reconstruction_probability_score(vae: nn.Module, x: Tensor, num_samples: int) -> Tensor:
     """-log (1/L) sum_l p(x | z_l) with z_l ~ q(z|x), ``L = num_samples``, shape ``(N,)``."""
-    with pyro.plate(PARTICLE_PLATE, num_samples, dim=-2):
-        guide_trace = poutine.trace(vae.guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
-    site = model_trace.nodes["x"]
-    log_px = site["fn"].log_prob(site["value"]).expand(num_samples, len(x))
+    model_trace, guide_trace = trace_pair(vae.model, vae.guide, x, num_particles=num_samples)
+    log_px = log_probs(model_trace, guide_trace, (num_samples, len(x))).log_likelihood
     return -(torch.logsumexp(log_px, 0) - math.log(num_samples))
 
 

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 import xarray as xr
 from pyro import distributions as dist
-from pyro import poutine
 from torch import Tensor
 
 from ppl_vae.inference.meanfield import LATENT_SITE, guide_moments
+from ppl_vae.inference.traces import trace_pair
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 
@@ -41,8 +41,7 @@ def kl_per_dimension(model: Callable, guide: Callable, x: Tensor, latent_site: s
     N(0, I)); the total KL of a datapoint is the sum over ``latent``. Averaged over
     datapoints, a value near 0 marks a collapsed dimension.
     """
-    guide_trace = poutine.trace(guide).get_trace(x, **kwargs)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, **kwargs)
+    model_trace, guide_trace = trace_pair(model, guide, x, **kwargs)
     if latent_site not in guide_trace.nodes or latent_site not in model_trace.nodes:
         raise ValueError(f"the model and guide need a sample site {latent_site!r}")
     q_loc, q_scale = _factorized_normal(guide_trace.nodes[latent_site]["fn"])

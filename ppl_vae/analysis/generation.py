@@ -4,7 +4,7 @@ animated GIF), generation conditioned on a label, and inpainting.
 Sample grids decode E[x | z] for draws z ~ p(z) (Kingma & Welling 2013, fig. 4); the grids
 saved during training use the same draws at every epoch, as TensorFlow's CVAE tutorial does,
 so the frames show one set of latent points coming into focus. A conditional model
-(``vae.conditional``, e.g. ``cvae``, Doersch 2016 sec. 4) decodes the same z under every label:
+(``vae.num_classes`` set, e.g. ``cvae``, Doersch 2016 sec. 4) decodes the same z under every label:
 rows are labels, columns are z, so a column keeps its "style" across classes.
 
 Inpainting (:func:`inpaint`) completes an image from an observed part. The trained model is
@@ -95,7 +95,7 @@ def fixed_latents(vae: VAE, num_samples: int, seed: int = 0) -> Tensor:
 
 
 def _check_labels(vae: VAE, labels: Optional[Sequence[int]]) -> Optional[List[int]]:
-    if not getattr(vae, "conditional", False):
+    if vae.num_classes is None:
         if labels is not None:
             raise ValueError(f"labels need a conditional model (cvae); this model ({type(vae).__name__}) takes none")
         return None
@@ -442,7 +442,7 @@ def inpaint(
     device = _device(vae)
     x, mask_t = x.to(device), mask_t.to(device)
     maskf = mask_t.to(x.dtype)
-    conditional = getattr(vae, "conditional", False)
+    conditional = vae.num_classes is not None
     if not conditional and y is not None:
         raise ValueError(f"y needs a conditional model (cvae); this model ({type(vae).__name__}) takes no labels")
     if conditional:

@@ -24,7 +24,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from ppl_vae import runs
+from ppl_vae.io import write_text
 from ppl_vae.analysis import plots, results
 from ppl_vae.analysis.diagnostics import collapse_diagnostics
 from ppl_vae.analysis.gaps import format_gap_table, gap_decomposition, gap_table
@@ -55,12 +55,9 @@ class Selection:
     split: str
 
     def model_kwargs(self, run: Run) -> Dict[str, Tensor]:
-        """``{"y": labels}`` for conditional models, else nothing."""
-        if getattr(run.vae, "conditional", False):
-            if self.labels is None:
-                raise ValueError("this model is conditional but the dataset has no labels")
-            return {"y": self.labels}
-        return {}
+        """``{"y": labels}`` when the dataset has labels (the model contract: models that
+        ignore labels ignore ``y``; a conditional model without them says so itself)."""
+        return {} if self.labels is None else {"y": self.labels}
 
 
 def select_datapoints(run: Run, split: str = "test", num_datapoints: Optional[int] = None,
@@ -305,7 +302,7 @@ def write_report(path: Path, run: Run, sel: Selection, comparison: Comparison,
                  figures: List[Tuple[str, Figure]]) -> Path:
     """Render and write the HTML report atomically; returns ``path``."""
     path = Path(path)
-    runs.write_text_atomic(path, render_html(run, sel, comparison, figures))
+    write_text(path, render_html(run, sel, comparison, figures))
     return path
 
 

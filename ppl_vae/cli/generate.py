@@ -53,8 +53,8 @@ def inpaint(run_dir: Path, mask: str, num_images: int, num_samples: int, num_dra
     run = load_run(run_dir)
     data = load_data(run.config)
     x = data.test[:num_images]
-    conditional = getattr(run.vae, "conditional", False)
-    y = data.test_labels[:num_images] if conditional and use_label else None
+    labelled = run.vae.num_classes is not None and data.test_labels is not None
+    y = data.test_labels[:num_images] if labelled and use_label else None
     result = inpaint_images(run.vae, x, mask, y=y, num_samples=num_samples, num_draws=num_draws,
                             proposal=proposal, seed=seed)
     path = save_figure(plot_inpainting(result, max_images=num_images), out or run_dir / f"inpainting-{mask}.png")

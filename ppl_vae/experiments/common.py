@@ -30,7 +30,7 @@ from ppl_vae.inference.training import METHODS, NonFiniteLoss
 from ppl_vae.models.vae import VAE
 from ppl_vae.models.zoo import build_vae
 from ppl_vae.registry import Registry
-from ppl_vae.runs import atomic_path, remove_stale_temp_files, write_text_atomic
+from ppl_vae.io import atomic_path, remove_stale_temp_files, write_text
 
 # Which model the paper used for each dataset, and the sub-folder a --data-dir root may hold.
 DATA_MODELS: Registry[str] = Registry("experiment dataset")
@@ -245,7 +245,7 @@ def check_settings(out_dir: Path, settings: Any) -> None:
             )
         remove_stale_temp_files(out_dir)  # what a killed earlier run left half-written
         return
-    write_text_atomic(path, text)
+    write_text(path, text)
 
 
 def save_figure(fig, out_dir: Path, name: str) -> List[Path]:

@@ -13,27 +13,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
-import pyro
 import torch
 import xarray as xr
-from pyro import poutine
 from torch import Tensor
 
 from ppl_vae.inference.fused import fused_log_weights, fused_pair_owner
+from ppl_vae.inference.traces import PARTICLE_PLATE, log_probs, trace_pair  # noqa: F401 (PARTICLE_PLATE re-exported)
 
-PARTICLE_PLATE = "num_particles_vectorized"
-
-
-def _site_log_prob(site: Dict[str, Any], shape: Tuple[int, int]) -> Tensor:
-    log_p = site["log_prob"]
-    try:
-        return log_p.expand(shape)
-    except RuntimeError:
-        raise ValueError(
-            f"site {site['name']!r} has log-prob shape {tuple(log_p.shape)}, which does not "
-            f"broadcast to (num_particles, num_datapoints) = {shape}; per-datapoint estimates need "
-            "every sample site inside the 'data' plate"
-        ) from None
 
 
 def log_importance_weights(
@@ -53,26 +39,12 @@ def log_importance_weights(
     """
     if num_particles < 1:
         raise ValueError(f"num_particles must be >= 1, got {num_particles}")
-    owner = None if args or kwargs else fused_pair_owner(model, guide)
+    owner = None if args or set(kwargs) - {"y"} else fused_pair_owner(model, guide)  # base VAEs ignore y
     if owner is not None:  # a parts-based VAE: the same weights without Pyro's tracing
         return fused_log_weights(owner, x, num_particles)
-    num_data = x.shape[0]
-    shape = (num_particles, num_data)
-    with pyro.plate(PARTICLE_PLATE, num_particles, dim=-(max_plate_nesting + 1)):
-        guide_trace = poutine.trace(guide).get_trace(x, *args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            x, *args, **kwargs
-        )
-    model_trace.compute_log_prob()
-    guide_trace.compute_log_prob()
-    log_w = x.new_zeros(shape)
-    for site in model_trace.nodes.values():
-        if site["type"] == "sample":
-            log_w = log_w + _site_log_prob(site, shape)
-    for site in guide_trace.nodes.values():
-        if site["type"] == "sample" and not site["is_observed"]:
-            log_w = log_w - _site_log_prob(site, shape)
-    return log_w
+    model_trace, guide_trace = trace_pair(model, guide, x, *args, num_particles=num_particles,
+                                          max_plate_nesting=max_plate_nesting, **kwargs)
+    return log_probs(model_trace, guide_trace, (num_particles, x.shape[0])).log_weight
 
 
 def _batches(x: Tensor, kwargs: Dict[str, Any], batch_size: int) -> Iterator[Tuple[Tensor, Dict[str, Any]]]:
@@ -296,23 +268,11 @@ def importance_samples(
     """
     _check_positive("num_samples", num_samples)
     shape = (num_samples, x.shape[0])
-    with pyro.plate(PARTICLE_PLATE, num_samples, dim=-(max_plate_nesting + 1)):
-        guide_trace = poutine.trace(guide).get_trace(x, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, **kwargs)
+    model_trace, guide_trace = trace_pair(model, guide, x, num_particles=num_samples,
+                                          max_plate_nesting=max_plate_nesting, **kwargs)
     if latent_site not in guide_trace.nodes:
         raise ValueError(f"the guide has no sample site {latent_site!r}")
-    model_trace.compute_log_prob()
-    guide_trace.compute_log_prob()
-    log_lik = x.new_zeros(shape)
-    log_w = x.new_zeros(shape)
-    for site in model_trace.nodes.values():
-        if site["type"] == "sample":
-            lp = _site_log_prob(site, shape)
-            log_w = log_w + lp
-            if site["is_observed"]:
-                log_lik = log_lik + lp
-    for site in guide_trace.nodes.values():
-        if site["type"] == "sample" and not site["is_observed"]:
-            log_w = log_w - _site_log_prob(site, shape)
+    lp = log_probs(model_trace, guide_trace, shape)
+    log_w, log_lik = lp.log_weight, lp.log_likelihood
     z = guide_trace.nodes[latent_site]["value"]
     return {"z": z.expand(shape + z.shape[len(shape):]), "log_weight": log_w, "log_likelihood": log_lik}

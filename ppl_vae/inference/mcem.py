@@ -19,6 +19,7 @@ import torch
 
 from ppl_vae.config import TrainConfig
 from ppl_vae.inference.marginal import hmc_posterior, log_joint
+from ppl_vae.inference.fused import supports_fused_elbo
 from ppl_vae.inference.training import METHODS, NonFiniteLoss, OPTIMIZERS, Stepper
 from ppl_vae.inference.wake_sleep import generative_parameters
 from ppl_vae.models.vae import VAE
@@ -48,8 +49,9 @@ class MCEMStepper(Stepper):
         target_accept_prob: float = 0.9,
         num_weight_updates: int = 5,
     ):
-        if getattr(vae, "conditional", False):
-            raise ValueError("method 'mcem' supports unconditional models only")
+        if not supports_fused_elbo(vae):
+            raise ValueError(f"method 'mcem' needs a VAE built from parts with the base class's model and "
+                             f"guide (it calls the encoder and decoder directly); {type(vae).__name__} overrides them")
         if config.kl_warmup_epochs:
             raise ValueError("kl_warmup_epochs must be 0 for method 'mcem' (it optimizes no KL term)")
         if vae.latent_dim > MAX_LATENT_DIM:
@@ -94,6 +96,7 @@ class MCEMStepper(Stepper):
         return result.samples[-1]
 
     def step(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> torch.Tensor:
+        kwargs.pop("y", None)  # labels: the base VAE's model ignores them
         if kwargs:
             raise ValueError(f"method 'mcem' takes no model arguments, got {', '.join(kwargs)}")
         z = self.e_step(x)

@@ -292,8 +292,8 @@ def train(
     stepper = stepper or METHODS.get(config.method)(vae, config)
     if dist is not None:
         stepper = dist.wrap_stepper(stepper)
-    conditional = getattr(vae, "conditional", False)
-    if conditional and (data.train_labels is None or data.test_labels is None):
+    labelled = data.train_labels is not None
+    if getattr(vae, "num_classes", None) is not None and not labelled:
         raise DataError(f"model {type(vae).__name__} is conditional and needs labels, but {data.name} has none")
 
     x_train = data.train
@@ -308,7 +308,7 @@ def train(
         vae.eval()
         if dist is not None:
             x, labels = dist.shard(x), dist.shard(labels)
-        kwargs = {"y": labels} if conditional else {}
+        kwargs = {"y": labels} if labels is not None else {}
         value = elbo_per_datapoint(vae.model, vae.guide, x, num_particles=config.eval_num_particles, **kwargs)
         vae.train()
         return float(value.mean()) if dist is None else dist.global_mean(value)
@@ -358,7 +358,7 @@ def train(
                 if data.dynamic_binarization:
                     x = torch.bernoulli(x)
                 kl_weight = _kl_weight(config, state.step, steps_per_epoch)
-                kwargs = {"y": data.train_labels[idx]} if conditional else {}
+                kwargs = {"y": data.train_labels[idx]} if labelled else {}
                 try:
                     loss = stepper.step(x, num_data=n_train, kl_weight=kl_weight, **kwargs)
                 except NonFiniteLoss as exc:

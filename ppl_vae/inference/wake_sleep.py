@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ppl_vae.config import TrainConfig
+from ppl_vae.inference.fused import supports_fused_elbo
 from ppl_vae.inference.training import METHODS, NonFiniteLoss, OPTIMIZERS, Stepper
 from ppl_vae.models.vae import VAE
 
@@ -38,8 +39,9 @@ class WakeSleepStepper(Stepper):
     """
 
     def __init__(self, vae: VAE, config: TrainConfig):
-        if getattr(vae, "conditional", False):
-            raise ValueError("method 'wake-sleep' supports unconditional models only")
+        if not supports_fused_elbo(vae):
+            raise ValueError(f"method 'wake-sleep' needs a VAE built from parts with the base class's model and "
+                             f"guide (it calls the encoder and decoder directly); {type(vae).__name__} overrides them")
         if config.kl_warmup_epochs:
             raise ValueError("kl_warmup_epochs must be 0 for method 'wake-sleep' (it optimizes no KL term)")
         self.vae = vae
@@ -50,6 +52,7 @@ class WakeSleepStepper(Stepper):
         }
 
     def step(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> torch.Tensor:
+        kwargs.pop("y", None)  # labels: the base VAE's model ignores them
         if kwargs:
             raise ValueError(f"method 'wake-sleep' takes no model arguments, got {', '.join(kwargs)}")
         vae = self.vae

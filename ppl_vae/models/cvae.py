@@ -87,8 +87,6 @@ class ConditionalVAE(VAE):
     ``y`` is an integer tensor ``(N,)`` with values in ``[0, num_classes)``, one per datapoint.
     """
 
-    conditional = True
-
     def __init__(
         self,
         encoder: ConditionalGaussianEncoder,

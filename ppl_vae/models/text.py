@@ -262,7 +262,8 @@ class TextHybridVAE(VAE):
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         self.alpha = alpha
 
-    def model(self, x: Tensor, *, num_data: Optional[int] = None, kl_weight: float = 1.0) -> Tensor:
+    def model(self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None,
+              kl_weight: float = 1.0) -> Tensor:
         """p(z) p(x|z) with the LSTM decoder; in training mode also alpha * log p_aux(x|z)."""
         with data_plate(x, num_data):
             with poutine.scale(scale=kl_weight):

@@ -2,7 +2,9 @@
 
 Contract (relied on by training and analysis, and by hand-written pairs alike):
 datapoints live in ``pyro.plate("data", ...)`` at dim -1, the latent site is ``"z"`` and the
-observed site is ``"x"``. ``num_data`` scales a minibatch to the full dataset (Kingma &
+observed site is ``"x"``. ``model(x, y=None)`` and ``guide(x, y=None)`` take the dataset's
+labels as ``y`` when it has them (callers always pass what the dataset holds; unconditional
+models ignore it, conditional ones need it and say so). ``num_data`` scales a minibatch to the full dataset (Kingma &
 Welling 2013, eq. 8); ``kl_weight`` scales log p(z) - log q(z|x) for KL warm-up.
 """
 
@@ -36,7 +38,12 @@ class VAE(nn.Module):
     Distribution`` over z; ``likelihood(*params) -> Distribution`` over x. Every part is an
     ``nn.Module`` and every parameter is a module parameter, so ``vae.parameters()`` is all
     that an optimizer needs (no global param store).
+
+    ``num_classes`` is None for a model that ignores labels; a conditional model (``cvae``)
+    sets it to the number of classes its ``y`` ranges over.
     """
+
+    num_classes: Optional[int] = None
 
     def __init__(
         self,
@@ -63,16 +70,18 @@ class VAE(nn.Module):
     def latent_dim(self) -> int:
         return self.prior.latent_dim
 
-    def model(self, x: Tensor, *, num_data: Optional[int] = None, kl_weight: float = 1.0) -> Tensor:
-        """p(x, z) = p(z) p(x|z), with ``x`` observed; returns z."""
+    def model(self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None,
+              kl_weight: float = 1.0) -> Tensor:
+        """p(x, z) = p(z) p(x|z), with ``x`` observed; returns z. Labels ``y`` are ignored."""
         with data_plate(x, num_data):
             with poutine.scale(scale=kl_weight):
                 z = pyro.sample("z", self.prior())
             pyro.sample("x", self.likelihood(*self.decoder(z)), obs=x)
         return z
 
-    def guide(self, x: Tensor, *, num_data: Optional[int] = None, kl_weight: float = 1.0) -> Tensor:
-        """q(z|x) = N(z; encoder(x)), the amortized guide (AEVB's recognition model)."""
+    def guide(self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None,
+              kl_weight: float = 1.0) -> Tensor:
+        """q(z|x) = N(z; encoder(x)), the amortized guide (AEVB's recognition model); ``y`` is ignored."""
         with data_plate(x, num_data):
             loc, scale = self.encoder(x)
             with poutine.scale(scale=kl_weight):

@@ -33,7 +33,7 @@ class DeltaPair(nn.Module):
     """A model/guide pair whose guide is a point mass z = enc(x): the ELBO, log p(x, enc(x)),
     has no Monte Carlo noise, so a 2-rank run must equal the single-process run exactly."""
 
-    conditional = False
+    num_classes = None
 
     def __init__(self):
         super().__init__()

