@@ -1,10 +1,19 @@
-"""The ``ppl-vae`` command group. Commands live one per module and load lazily."""
+"""The ``ppl-vae`` command group. Commands live one per module and load lazily.
+
+Exit codes: 0 success; 1 an error in what was asked (bad value, missing or corrupt file, data
+outside a likelihood's support, not enough memory), printed as one ``Error: ...`` line;
+2 a command line click cannot parse (unknown option, wrong type, missing argument), printed by
+click with the usage; 130 interrupted with Ctrl-C (files already written stay complete).
+
+Importing this module imports neither torch nor Pyro, so ``ppl-vae --help`` is fast.
+"""
 
 from __future__ import annotations
 
 import importlib
+import re
 import sys
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Tuple
 
 import click
 
@@ -22,10 +31,53 @@ COMMANDS: Dict[str, str] = {
     "animate": "ppl_vae.cli.generate:animate",
 }
 
+# ctx.meta key of the plugin specs loaded for this invocation (explicit first, then installed)
+PLUGINS_META_KEY = "ppl_vae.plugins"
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
 
 def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text
+
+
+def active_plugins(ctx: Optional[click.Context] = None) -> List[str]:
+    """The plugin specs loaded for the running ``ppl-vae`` command: every ``--plugin`` given to
+    the group, then each installed ``ppl_vae.plugins`` entry point that loaded. ``[]`` outside a
+    ``ppl-vae`` invocation. A new run records this list in ``RunConfig.plugins``."""
+    ctx = ctx or click.get_current_context(silent=True)
+    if ctx is None:
+        return []
+    return list(ctx.find_root().meta.get(PLUGINS_META_KEY, []))
+
+
+_ALLOC_BYTES = re.compile(r"allocate (?:memory: you tried to allocate )?(\d+) bytes")
+_ALLOC_SIZE = re.compile(r"Tried to allocate ([\d.]+ [KMGT]i?B)")
+
+
+def memory_message(exc: BaseException) -> Optional[str]:
+    """A one-line message for an allocation failure (CPU or CUDA), or None if ``exc`` is not one."""
+    text = str(exc)
+    if isinstance(exc, MemoryError):
+        size = ""
+    elif type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+    ):
+        size = ""
+    else:
+        return None
+    found = _ALLOC_BYTES.search(text)
+    if found:
+        size = f" of {int(found.group(1)) / 1e9:.3g} GB"
+    else:
+        found = _ALLOC_SIZE.search(text)
+        if found:
+            size = f" of {found.group(1)}"
+    device = "the GPU" if "CUDA" in text or type(exc).__name__ == "OutOfMemoryError" else "this machine"
+    return (f"not enough memory: an allocation{size} failed on {device}; choose smaller sizes "
+            "(--latent-dim, --hidden-dim, --batch-size, --num-samples)")
 
 
 class PplVaeGroup(click.Group):
@@ -47,15 +99,42 @@ class PplVaeGroup(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
-        except (PplVaeError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        except KeyboardInterrupt:
+            # click would print "Aborted!" and exit 1; say what state the files are in instead
+            click.echo("Error: interrupted; files already written are complete (each is written to a "
+                       "temporary name and renamed when done)", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except (PplVaeError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError,
+                NotADirectoryError, FileExistsError) as exc:
             click.echo(f"Error: {one_line(exc)}", err=True)
-            sys.exit(1)
+            sys.exit(EXIT_ERROR)
+        except (MemoryError, RuntimeError) as exc:
+            message = memory_message(exc)
+            if message is None:
+                raise
+            click.echo(f"Error: {message}", err=True)
+            sys.exit(EXIT_ERROR)
+
+
+def _load_plugins(ctx: click.Context, explicit: Tuple[str, ...]) -> None:
+    from ppl_vae import plugins
+
+    loaded = plugins.load_plugins(explicit)
+    installed, failures = plugins.load_installed_plugins()
+    for failure in failures:
+        click.echo(f"Warning: {failure}", err=True)
+    ctx.meta[PLUGINS_META_KEY] = plugins.merge(loaded, installed)
 
 
 @click.group(cls=PplVaeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ppl_vae")
-def cli() -> None:
+@click.option("--plugin", "plugin_modules", multiple=True, metavar="MODULE",
+              help="Import MODULE first (repeatable): it registers custom priors, likelihoods, models... "
+                   "Installed packages with a 'ppl_vae.plugins' entry point load without this flag.")
+@click.pass_context
+def cli(ctx: click.Context, plugin_modules: Tuple[str, ...]) -> None:
     """Variational autoencoders as Pyro probabilistic programs (Kingma & Welling 2013)."""
+    _load_plugins(ctx, plugin_modules)
 
 
 def main() -> None:  # console entry point

@@ -1,0 +1,132 @@
+"""Plugins: modules that register custom parts (priors, likelihoods, models, datasets, methods).
+
+A plugin is an ordinary Python module whose import registers its parts, e.g.
+``PRIORS.register("my_prior")(MyPrior)``. It is found in one of two ways:
+
+- named explicitly: ``ppl-vae --plugin mypkg.parts fit --prior my_prior`` or
+  :func:`load_plugins` ``(["mypkg.parts"])``;
+- installed with an entry point in the group ``ppl_vae.plugins`` (``setup.cfg``:
+  ``[options.entry_points] ppl_vae.plugins = mine = mypkg.parts``), which the CLI loads on
+  every start, so no flag is needed.
+
+A spec is ``"module"`` or ``"module:function"``; the function, when given, is called once
+with no arguments after the import (a registration hook). A run records the specs it used in
+``RunConfig.plugins`` so that evaluate, compare and resume load the same parts.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Sequence
+
+from ppl_vae.errors import PplVaeError
+
+ENTRY_POINT_GROUP = "ppl_vae.plugins"
+
+# spec -> True once imported (and its hook called): loading is idempotent, so a hook that
+# registers names is never called twice (the registries refuse a second registration).
+_LOADED: Dict[str, bool] = {}
+
+
+class PluginError(PplVaeError, ImportError):
+    """A plugin module cannot be imported (or its registration hook failed)."""
+
+
+@dataclass(frozen=True)
+class PluginEntryPoint:
+    """An installed plugin: the entry point's ``name``, its ``spec`` (module[:function]) and
+    the distribution that declares it (``None`` when unknown)."""
+
+    name: str
+    spec: str
+    distribution: str | None = None
+
+
+def _check_spec(spec: object) -> str:
+    if not isinstance(spec, str) or not spec.strip() or spec.count(":") > 1:
+        raise PluginError(f"plugin must be a module name such as 'mypkg.parts' (or 'module:function'), got {spec!r}")
+    module, _, attr = spec.strip().partition(":")
+    if not all(part.isidentifier() for part in module.split(".")) or (attr and not attr.isidentifier()):
+        raise PluginError(f"plugin must be a module name such as 'mypkg.parts' (or 'module:function'), got {spec!r}")
+    return spec.strip()
+
+
+def load_plugin(spec: str) -> str:
+    """Import one plugin (``"module"`` or ``"module:function"``) and return its spec.
+
+    Raises :class:`PluginError` with a one-line message naming the module when the import
+    (or the hook) fails; a spec already loaded is not loaded again.
+    """
+    spec = _check_spec(spec)
+    if _LOADED.get(spec):
+        return spec
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any error raised while importing the user's module
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise PluginError(
+            f"plugin module {module_name!r} cannot be imported: {type(exc).__name__}: {detail}"
+        ) from None
+    if attr:
+        hook = getattr(module, attr, None)
+        if not callable(hook):
+            raise PluginError(f"plugin {spec!r}: module {module_name!r} has no function {attr!r}")
+        try:
+            hook()
+        except Exception as exc:
+            detail = " ".join(str(exc).split()) or type(exc).__name__
+            raise PluginError(f"plugin {spec!r} failed while registering: {type(exc).__name__}: {detail}") from None
+    _LOADED[spec] = True
+    return spec
+
+
+def load_plugins(names: Iterable[str]) -> List[str]:
+    """Import each plugin in ``names`` in order (see :func:`load_plugin`); return their specs
+    without duplicates. The first one that fails raises :class:`PluginError` naming it."""
+    loaded: List[str] = []
+    for name in names:
+        spec = load_plugin(name)
+        if spec not in loaded:
+            loaded.append(spec)
+    return loaded
+
+
+def discover() -> List[PluginEntryPoint]:
+    """The plugins installed with an entry point in the group ``ppl_vae.plugins``, by name."""
+    from importlib.metadata import entry_points
+
+    found = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(ep, "dist", None)
+        found.append(PluginEntryPoint(ep.name, ep.value, None if dist is None else dist.metadata["Name"]))
+    unique = {(p.name, p.spec): p for p in found}  # a path listed twice on sys.path shows a dist twice
+    return sorted(unique.values(), key=lambda p: (p.name, p.spec))
+
+
+def load_installed_plugins() -> tuple[List[str], List[str]]:
+    """Load every plugin from :func:`discover`; return (loaded specs, one-line failure messages).
+
+    A broken installed plugin must not make every command unusable, so failures are returned
+    for the caller to show as warnings rather than raised.
+    """
+    loaded: List[str] = []
+    failures: List[str] = []
+    for ep in discover():
+        try:
+            spec = load_plugin(ep.spec)
+        except PluginError as exc:
+            failures.append(f"installed plugin {ep.name!r} ({ENTRY_POINT_GROUP} entry point) was skipped: {exc}")
+        else:
+            if spec not in loaded:
+                loaded.append(spec)
+    return loaded, failures
+
+
+def merge(*groups: Sequence[str]) -> List[str]:
+    """The specs of several lists in order, each once."""
+    out: List[str] = []
+    for group in groups:
+        out.extend(s for s in group if s not in out)
+    return out
