@@ -6,40 +6,205 @@ For a fitted model and its amortized guide q(z|x):
     inference gap   =  approximation gap  +  amortization gap
 
 where q* is the best diagonal Gaussian for that datapoint alone (non-amortized mean-field VI,
-:mod:`ppl_vae.inference.meanfield`) and log p(x) is estimated by importance weighting with K
-samples from q (Burda et al. 2015). Both gaps are >= 0 up to Monte Carlo and optimization
-error. Only the model/guide contract is used, so any conforming pair can be analysed.
+:mod:`ppl_vae.inference.meanfield`).
+
+log p(x) is estimated by multiple importance sampling (Veach & Guibas 1995; Owen 2013, ch. 9)
+with K draws from q and K draws from q*, every draw weighted against the mixture
+proposal ½q + ½q* (the balance heuristic):
+
+    p̂(x) = 1/(2K) Σ_{all 2K draws z} p(x, z) / (½ q(z|x) + ½ q*(z)).
+
+p̂(x) is an unbiased estimate of p(x), so log p̂(x) is a stochastic lower bound on log p(x)
+(E log p̂ <= log p by Jensen). Each mixture weight is at most twice either proposal's own
+weight, so the relative variance of p̂ exceeds that of the better proposal's K-sample
+estimate by at most 1/(2K): never much worse than the better of the two. Taking the per-datapoint maximum of two IW estimates instead is biased
+upward and no longer a bound. The plain IW estimates with q and with q* (Burda et al. 2015)
+and both ELBOs come from the same draws; every standard error is a delta-method error over
+the K independent (q-draw, q*-draw) pairs, so the gaps' errors account for shared samples.
+Only the model/guide contract is used, so any conforming pair can be analysed.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence
+import math
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
+import pyro
 import torch
 import xarray as xr
+from pyro import poutine
 from torch import Tensor
 
-from ppl_vae.inference.importance import importance_estimate
-from ppl_vae.inference.meanfield import MeanFieldResult, fit_mean_field, guide_moments
+from ppl_vae.inference.importance import _batches, _check_positive, default_particle_batch_size
+from ppl_vae.inference.meanfield import MeanFieldGuide, MeanFieldResult, fit_mean_field, guide_moments
+from ppl_vae.inference.traces import PARTICLE_PLATE, log_probs, trace_pair
 
 ESTIMATORS = ("log_px", "iw_amortized", "iw_meanfield", "elbo_meanfield", "elbo_amortized")
-"""estimator coordinate: log p̂ (the larger of the two IW estimates); log p̂_K with q as the
-proposal; log p̂_K with q* as the proposal; L[q*]; L[q]."""
+"""estimator coordinate: log p̂ by multiple importance sampling over ½q + ½q*; log p̂_K with q
+as the proposal; log p̂_K with q* as the proposal; L[q*]; L[q]."""
 
 GAPS = ("approximation_gap", "amortization_gap", "inference_gap")
 
 LABELS = {
-    "log_px": "log p̂(x) (best IW estimate)",
+    "log_px": "log p̂(x) (MIS, ½q + ½q*)",
     "iw_amortized": "log p̂(x) (IW, amortized q)",
+    "iw_meanfield": "log p̂(x) (IW, q* proposal)",
     "elbo_meanfield": "L[q*] (mean-field VI)",
     "elbo_amortized": "L[q] (amortized)",
-    "iw_meanfield": "log p̂(x) (IW, q* proposal)",
     "approximation_gap": "approximation gap log p̂ − L[q*]",
     "amortization_gap": "amortization gap L[q*] − L[q]",
     "inference_gap": "inference gap log p̂ − L[q]",
 }
+
+BOUNDS = {
+    "log_px": "lower bound",
+    "iw_amortized": "lower bound",
+    "iw_meanfield": "lower bound",
+    "elbo_meanfield": "lower bound",
+    "elbo_amortized": "lower bound",
+    "approximation_gap": "lower bound",
+    "amortization_gap": "neither",
+    "inference_gap": "lower bound",
+}
+"""What each number is with respect to its target: "lower bound", "upper bound" or "neither"."""
+
+MEANINGS = {
+    "log_px": "stochastic lower bound on log p(x): log of an unbiased estimate of p(x) (E log p̂ <= log p)",
+    "iw_amortized": "stochastic lower bound on log p(x) (IW with K draws of q; Burda et al. 2015)",
+    "iw_meanfield": "stochastic lower bound on log p(x) (IW with K draws of q*)",
+    "elbo_meanfield": "unbiased Monte Carlo estimate of L[q*], itself a lower bound on log p(x)",
+    "elbo_amortized": "unbiased Monte Carlo estimate of L[q], itself a lower bound on log p(x)",
+    "approximation_gap": "stochastic lower bound on log p(x) − L[q*] (log p̂ is one on log p(x)); "
+                         "overstated if q* is not the best diagonal Gaussian",
+    "amortization_gap": "unbiased estimate of L[q*] − L[q] for the fitted q*; understates the true gap "
+                        "if q* is not the best diagonal Gaussian",
+    "inference_gap": "stochastic lower bound on log p(x) − L[q]",
+}
+
+
+def describe(name: str) -> str:
+    """``"<label>: <what it is>"`` for an estimator or gap name."""
+    return f"{LABELS[name]}: {MEANINGS[name]}"
+
+
+def _draws(model: Callable, proposal: Callable, other: Callable, x: Tensor, k: int,
+           kw: Dict[str, Any]) -> Tuple[Tensor, Tensor, Tensor]:
+    """(log p(x,z), log proposal(z), log other(z)), each ``(k, B)``, for z ~ proposal.
+
+    ``other`` is replayed on the proposal's draws, so any guide that follows the contract can
+    be scored at points it did not draw.
+    """
+    model_trace, guide_trace = trace_pair(model, proposal, x, num_particles=k, **kw)
+    shape = (k, x.shape[0])
+    lp = log_probs(model_trace, guide_trace, shape)
+    with pyro.plate(PARTICLE_PLATE, k, dim=-2):
+        other_trace = poutine.trace(poutine.replay(other, trace=guide_trace)).get_trace(x, **kw)
+    return lp.log_joint, lp.log_guide, log_probs(model_trace, other_trace, shape).log_guide
+
+
+def _logmeanexp(a: Tensor, dim: int = 0) -> Tensor:
+    return torch.logsumexp(a, dim) - math.log(a.shape[dim])
+
+
+def _mean_se(u: Tensor) -> Tuple[Tensor, Tensor]:
+    """Mean over dim 0 and its standard error sd / sqrt(K)."""
+    k = u.shape[0]
+    se = u.std(0, unbiased=True) / math.sqrt(k) if k > 1 else torch.full_like(u[0], math.nan)
+    return u.mean(0), se
+
+
+def _ess(log_w: Tensor) -> Tensor:
+    """(Σ w)² / Σ w² over dim 0 (Kong 1992)."""
+    return torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0))
+
+
+@torch.no_grad()
+def mixture_estimates(
+    model: Callable,
+    guide: Callable,
+    meanfield_guide: Callable,
+    x: Tensor,
+    *,
+    num_samples: int = 1000,
+    batch_size: int = 100,
+    particle_batch_size: Optional[int] = None,
+    progress: bool = False,
+    **kwargs: Any,
+) -> Dict[str, Tensor]:
+    """Every estimator of :data:`ESTIMATORS` and every gap from K draws of q and K of q*.
+
+    ``guide``: the amortized q(z|x); ``meanfield_guide``: q* over the same ``x`` (e.g.
+    :meth:`MeanFieldResult.guide`). Returns ``{name: (N,)}`` for each estimator and gap, with
+    ``<name>_stderr``, and ``ess_amortized``, ``ess_meanfield``, ``ess_mixture`` (ESS of
+    the q, q* and mixture weights, out of K, K and 2K).
+
+    Standard errors: the K draws of q and the K of q* form K independent pairs; each quantity
+    is (to first order) a mean over pairs of an influence term, whose sample sd / sqrt(K) is
+    its error. For log p̂_MIS the term is ψ_k = (w_k^q + w_k^{q*}) / (2 p̂) with the mixture
+    weights w; for L[q*] it is log w*_k; for a gap, the difference of its two terms.
+    """
+    _check_positive("num_samples", num_samples)
+    _check_positive("batch_size", batch_size)
+    if particle_batch_size is None:
+        particle_batch_size = default_particle_batch_size(batch_size)
+    _check_positive("particle_batch_size", particle_batch_size)
+    if x.shape[0] == 0:
+        raise ValueError("x holds no datapoints")
+    from tqdm.auto import tqdm
+
+    log_half = math.log(0.5)
+    out: Dict[str, list] = {}
+    batches = list(_batches(x, kwargs, batch_size))
+    chunks = math.ceil(num_samples / particle_batch_size)
+    mf_batches = _split_guide(meanfield_guide, x.shape[0], batch_size)
+    with tqdm(total=len(batches) * chunks, disable=not progress, desc=f"MIS K={num_samples}+{num_samples}",
+              unit="chunk", dynamic_ncols=True) as bar:
+        for (xb, kw), mf in zip(batches, mf_batches):
+            parts = {"a": [], "b": [], "mq": [], "ms": []}
+            for start in range(0, num_samples, particle_batch_size):
+                k = min(particle_batch_size, num_samples - start)
+                joint_q, log_q, log_s_at_q = (t.double() for t in _draws(model, guide, mf, xb, k, kw))
+                joint_s, log_s, log_q_at_s = (t.double() for t in _draws(model, mf, guide, xb, k, kw))
+                parts["a"].append(joint_q - log_q)
+                parts["b"].append(joint_s - log_s)
+                parts["mq"].append(joint_q - torch.logaddexp(log_q + log_half, log_s_at_q + log_half))
+                parts["ms"].append(joint_s - torch.logaddexp(log_q_at_s + log_half, log_s + log_half))
+                bar.update(1)
+            a, b, mq, ms = (torch.cat(parts[n]) for n in ("a", "b", "mq", "ms"))
+            for t in (a, b, mq, ms):
+                if torch.isnan(t).any():
+                    raise ValueError("an importance weight is NaN: the model or a guide produced an invalid log-density")
+            log_px = _logmeanexp(torch.cat([mq, ms]))
+            psi = 0.5 * ((mq - log_px).exp() + (ms - log_px).exp())  # mean exactly 1
+            values = {}
+            values["log_px"] = (log_px, _mean_se(psi)[1])
+            for name, lw in (("iw_amortized", a), ("iw_meanfield", b)):
+                est = _logmeanexp(lw)
+                values[name] = (est, _mean_se((lw - est).exp())[1])
+            values["elbo_amortized"] = _mean_se(a)
+            values["elbo_meanfield"] = _mean_se(b)
+            # gaps: value from the estimates, error from the paired influence terms
+            values["approximation_gap"] = (log_px - b.mean(0), _mean_se(psi - b)[1])
+            values["amortization_gap"] = (b.mean(0) - a.mean(0), _mean_se(b - a)[1])
+            values["inference_gap"] = (log_px - a.mean(0), _mean_se(psi - a)[1])
+            for name, (v, se) in values.items():
+                out.setdefault(name, []).append(v)
+                out.setdefault(f"{name}_stderr", []).append(se)
+            for name, lw in (("ess_amortized", a), ("ess_meanfield", b), ("ess_mixture", torch.cat([mq, ms]))):
+                out.setdefault(name, []).append(_ess(lw))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _split_guide(guide: Callable, n: int, batch_size: int):
+    """q* restricted to each batch of datapoints (a MeanFieldGuide holds one row per datapoint)."""
+    if isinstance(guide, MeanFieldGuide):
+        if guide.loc.shape[0] != n:
+            raise ValueError(f"the mean-field guide holds {guide.loc.shape[0]} datapoints but x has {n}")
+        return [MeanFieldGuide(guide.loc[s : s + batch_size], guide.log_scale[s : s + batch_size], guide.latent_site)
+                for s in range(0, n, batch_size)]
+    return [guide] * math.ceil(n / batch_size)
 
 
 def gap_decomposition(
@@ -59,97 +224,74 @@ def gap_decomposition(
     """Per-datapoint estimates and gaps as an xarray Dataset (Cremer et al. 2018).
 
     ``x``: ``(N, ...)``; tensor kwargs with one row per datapoint (``y`` labels) go with it.
-    log p̂ and L[q] come from the same ``num_samples`` importance samples of the amortized
-    guide; L[q*] from :func:`~ppl_vae.inference.meanfield.fit_mean_field` (run here with
-    ``mean_field_options`` unless a fitted ``mean_field`` is given; its evaluation also uses
-    ``num_samples`` unless the options say otherwise); log p̂ is the larger of the IW
-    estimates with q and with q* as proposals. ``datapoint``: the indices of ``x``
-    in its dataset, stored as the ``datapoint`` coordinate.
+    q* comes from :func:`~ppl_vae.inference.meanfield.fit_mean_field` (run here with
+    ``mean_field_options`` unless a fitted ``mean_field`` is given). Then K = ``num_samples``
+    draws of q and K of q* give every estimate (:func:`mixture_estimates`). ``datapoint``: the
+    indices of ``x`` in its dataset, stored as the ``datapoint`` coordinate.
 
-    Returns variables ``estimate`` and ``stderr`` over (datapoint, estimator) (see
-    :data:`ESTIMATORS`), the gaps and their standard errors over datapoint, the ESS of both
-    proposals, and the (loc, scale) of q and q* over (datapoint, latent).
+    Returns ``estimate`` and ``stderr`` over (datapoint, estimator) (see :data:`ESTIMATORS`;
+    coordinates ``bound`` and ``meaning`` say what each one is), the gaps and their standard
+    errors over datapoint, the ESS of each proposal, whether q* converged per datapoint,
+    and the (loc, scale) of q and q* over (datapoint, latent). Dataset attrs
+    ``estimate_<name>`` describe each number in words.
     """
-    amortized = importance_estimate(model, guide, x, num_samples=num_samples, batch_size=batch_size,
-                                    particle_batch_size=particle_batch_size, progress=progress, **kwargs)
     if mean_field is None:
-        options = {"num_eval_samples": num_samples, "progress": progress, **(mean_field_options or {})}
+        options = {"progress": progress, **(mean_field_options or {})}
         mean_field = fit_mean_field(model, x, guide=guide, **options, **kwargs)
     elif mean_field.loc.shape[0] != x.shape[0]:
         raise ValueError(f"mean_field holds {mean_field.loc.shape[0]} datapoints but x has {x.shape[0]}")
     q_loc, q_scale = guide_moments(guide, x, **kwargs)
-    mf = mean_field.estimate
+    est = mixture_estimates(model, guide, mean_field.guide(), x, num_samples=num_samples, batch_size=batch_size,
+                            particle_batch_size=particle_batch_size, progress=progress, **kwargs)
 
     n = x.shape[0]
     as_np = lambda t: t.detach().double().cpu().numpy()  # noqa: E731
     flat = lambda t: as_np(t.reshape(n, -1))  # noqa: E731
-    raw = ESTIMATORS[1:]
-    estimate = np.stack([as_np(amortized.log_likelihood), as_np(mf.log_likelihood), as_np(mf.elbo),
-                         as_np(amortized.elbo)], axis=1)
-    stderr = np.stack([as_np(amortized.log_likelihood_stderr), as_np(mf.log_likelihood_stderr),
-                       as_np(mf.elbo_stderr), as_np(amortized.elbo_stderr)], axis=1)
     coords = {
         "datapoint": np.arange(n) if datapoint is None else np.asarray(datapoint),
-        "estimator": list(raw),
+        "estimator": list(ESTIMATORS),
         "latent": np.arange(flat(q_loc).shape[1]),
     }
-    ds = xr.Dataset(
-        {
-            "estimate": (("datapoint", "estimator"), estimate),
-            "stderr": (("datapoint", "estimator"), stderr),
-            "ess_amortized": ("datapoint", as_np(amortized.ess)),
-            "ess_meanfield": ("datapoint", as_np(mf.ess)),
-            "amortized_loc": (("datapoint", "latent"), flat(q_loc)),
-            "amortized_scale": (("datapoint", "latent"), flat(q_scale)),
-            "meanfield_loc": (("datapoint", "latent"), flat(mean_field.loc)),
-            "meanfield_scale": (("datapoint", "latent"), flat(mean_field.scale)),
-        },
-        coords=coords,
-    )
+    data = {
+        "estimate": (("datapoint", "estimator"), np.stack([as_np(est[e]) for e in ESTIMATORS], axis=1)),
+        "stderr": (("datapoint", "estimator"), np.stack([as_np(est[f"{e}_stderr"]) for e in ESTIMATORS], axis=1)),
+        "ess_amortized": ("datapoint", as_np(est["ess_amortized"])),
+        "ess_meanfield": ("datapoint", as_np(est["ess_meanfield"])),
+        "ess_mixture": ("datapoint", as_np(est["ess_mixture"])),
+        "meanfield_converged": ("datapoint", mean_field.converged.cpu().numpy().astype(bool)),
+        "amortized_loc": (("datapoint", "latent"), flat(q_loc)),
+        "amortized_scale": (("datapoint", "latent"), flat(q_scale)),
+        "meanfield_loc": (("datapoint", "latent"), flat(mean_field.loc)),
+        "meanfield_scale": (("datapoint", "latent"), flat(mean_field.scale)),
+    }
+    for g in GAPS:
+        data[g] = ("datapoint", as_np(est[g]))
+        data[f"{g}_stderr"] = ("datapoint", as_np(est[f"{g}_stderr"]))
+    ds = xr.Dataset(data, coords=coords)
+    ds = ds.assign_coords(bound=("estimator", [BOUNDS[e] for e in ESTIMATORS]),
+                          meaning=("estimator", [MEANINGS[e] for e in ESTIMATORS]))
+    ds["estimate"].attrs.update({"units": "nats", "long_name": "per-datapoint estimate (see coords bound, meaning)"})
+    ds["stderr"].attrs.update({"units": "nats", "long_name": "Monte Carlo standard error (delta method over K pairs)"})
+    for g in GAPS:
+        ds[g].attrs.update({"units": "nats", "long_name": LABELS[g], "bound": BOUNDS[g], "meaning": MEANINGS[g]})
+        ds[f"{g}_stderr"].attrs.update({"units": "nats", "long_name": f"Monte Carlo standard error of the {LABELS[g]}"})
+    ds["ess_amortized"].attrs["long_name"] = f"ESS of the IW weights of q, out of K = {num_samples}"
+    ds["ess_meanfield"].attrs["long_name"] = f"ESS of the IW weights of q*, out of K = {num_samples}"
+    ds["ess_mixture"].attrs["long_name"] = f"ESS of the mixture weights, out of 2K = {2 * num_samples}"
+    ds["meanfield_converged"].attrs["long_name"] = "mean-field VI met its stopping rule for this datapoint"
     ds.attrs.update(
         {
-            "reference": "Cremer, Li & Duvenaud (2018), Inference Suboptimality in Variational Autoencoders",
+            "reference": "Cremer, Li & Duvenaud (2018), Inference Suboptimality in Variational Autoencoders; "
+                         "multiple importance sampling: Veach & Guibas (1995)",
+            "log_px_estimator": "multiple importance sampling, balance heuristic, proposal ½q + ½q*, "
+                                f"K = {num_samples} draws of each",
             "num_samples": int(num_samples),
-            "meanfield_num_samples": int(mf.num_samples),
-            "meanfield_converged_batches": int(mean_field.converged.sum()),
-            "meanfield_num_batches": int(mean_field.converged.numel()),
+            "meanfield_num_converged": int(mean_field.converged.sum()),
+            "meanfield_num_datapoints": int(mean_field.converged.numel()),
             "meanfield_max_steps_taken": int(mean_field.num_steps.max()),
+            **{f"estimate_{name}": describe(name) for name in ESTIMATORS + GAPS},
         }
     )
-    return decompose(ds)
-
-
-def decompose(estimates: xr.Dataset) -> xr.Dataset:
-    """Add log p̂ (the larger IW estimate per datapoint) and the three gaps to a Dataset of estimates.
-
-    ``estimates`` holds ``estimate`` and ``stderr`` over (datapoint, estimator) with at least
-    iw_amortized, iw_meanfield, elbo_meanfield and elbo_amortized; any gaps already there
-    are recomputed.
-    """
-    ds = estimates.drop_vars([g for g in GAPS + tuple(f"{g}_stderr" for g in GAPS) if g in estimates])
-    ds = ds.drop_sel(estimator=[e for e in ("log_px",) if e in ds.estimator.values])
-    est, se = ds["estimate"], ds["stderr"]
-    iw = est.sel(estimator=["iw_amortized", "iw_meanfield"])
-    best = iw.argmax("estimator")
-    log_px = iw.isel(estimator=best).drop_vars("estimator").expand_dims(estimator=["log_px"])
-    log_px_se = se.sel(estimator=["iw_amortized", "iw_meanfield"]).isel(estimator=best).drop_vars("estimator")
-    ds = xr.concat([xr.Dataset({"estimate": log_px, "stderr": log_px_se.expand_dims(estimator=["log_px"])}),
-                    ds[["estimate", "stderr"]]], dim="estimator").merge(ds.drop_vars(["estimate", "stderr", "estimator"]))
-    ds = ds.sel(estimator=[e for e in ESTIMATORS if e in ds.estimator.values]).transpose("datapoint", "estimator", ...)
-    est, se = ds["estimate"], ds["stderr"]
-    pairs = {
-        "approximation_gap": ("log_px", "elbo_meanfield"),
-        "amortization_gap": ("elbo_meanfield", "elbo_amortized"),
-        "inference_gap": ("log_px", "elbo_amortized"),
-    }
-    for name, (hi, lo) in pairs.items():
-        ds[name] = est.sel(estimator=hi, drop=True) - est.sel(estimator=lo, drop=True)
-        # The two terms use independent samples, so their Monte Carlo variances add.
-        ds[f"{name}_stderr"] = np.hypot(se.sel(estimator=hi, drop=True), se.sel(estimator=lo, drop=True))
-        ds[name].attrs["long_name"] = LABELS[name]
-    ds["estimate"].attrs["units"] = "nats"
-    ds["log_px_source"] = xr.DataArray(np.array(["iw_amortized", "iw_meanfield"])[best.values], dims="datapoint")
-    ds.attrs = dict(estimates.attrs)  # concat/merge drop them
     return ds
 
 
@@ -158,7 +300,7 @@ def gap_table(gaps: xr.Dataset) -> pd.DataFrame:
 
     ``se``: the spread across datapoints, sd / sqrt(N) (how well the mean over the data
     population is known). ``mc_se``: the Monte Carlo error of the mean for these datapoints,
-    sqrt(sum_i se_i^2) / N.
+    sqrt(sum_i se_i^2) / N. ``bound``: lower bound, upper bound or neither.
     """
     rows = []
     n = gaps.sizes["datapoint"]
@@ -169,10 +311,12 @@ def gap_table(gaps: xr.Dataset) -> pd.DataFrame:
             {
                 "quantity": name,
                 "description": LABELS[name],
+                "bound": BOUNDS[name],
                 "mean": float(np.mean(v)),
                 "se": float(np.std(v, ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
                 "mc_se": float(np.sqrt(np.nansum(stderr.values**2)) / n),
                 "median": float(np.median(v)),
+                "meaning": MEANINGS[name],
             }
         )
 
@@ -184,9 +328,16 @@ def gap_table(gaps: xr.Dataset) -> pd.DataFrame:
 
 
 def format_gap_table(table: pd.DataFrame) -> str:
-    """The table as aligned text: ``mean ± se`` per quantity (nats)."""
+    """The table as aligned text: ``mean ± se`` per quantity (nats) and what each one bounds."""
     width = max(len(d) for d in table["description"])
-    lines = [f"{'quantity':<{width}}  {'mean ± se (nats)':>22}  {'MC se':>7}"]
+    lines = [f"{'quantity':<{width}}  {'mean ± se (nats)':>22}  {'MC se':>7}  kind"]
     for _, r in table.iterrows():
-        lines.append(f"{r['description']:<{width}}  {r['mean']:>12.3f} ± {r['se']:<7.3f}  {r['mc_se']:>7.3f}")
+        lines.append(f"{r['description']:<{width}}  {r['mean']:>12.3f} ± {r['se']:<7.3f}  {r['mc_se']:>7.3f}  "
+                     f"{r['bound']}")
+    lines.append("kind: stochastic lower bound on its target (log p(x) or a gap), or neither; "
+                 "log p̂ by multiple importance sampling over ½q + ½q*")
     return "\n".join(lines)
+
+
+__all__ = ["BOUNDS", "ESTIMATORS", "GAPS", "LABELS", "MEANINGS", "describe", "format_gap_table", "gap_decomposition",
+           "gap_table", "mixture_estimates"]

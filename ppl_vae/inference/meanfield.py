@@ -7,8 +7,13 @@ amortized guide's shortfall L[q*] - L[q] is the *amortization gap* and log p(x) 
 
 All datapoints of a batch are optimized together: ``loc`` and ``log_scale`` are ``(B, d)``
 tensors and one Adam step updates every q*_i (the loss is a sum of independent terms, and
-Adam's steps are per element, so each datapoint follows its own trajectory). Only the
-contract is used: sites ``"z"`` and ``"x"`` in the ``"data"`` plate, so any model/guide pair
+Adam's steps are per element, so each datapoint follows its own trajectory). Stochastic
+Adam alone stalls at the level of its own Monte Carlo noise, so a deterministic polish follows:
+the ELBO with fixed common random numbers (moment-matched, antithetic standard normals) and the
+Gaussian entropy in closed form is maximized by L-BFGS until every datapoint's gradient is
+below ``gtol`` (sample-average approximation; Kingma & Welling 2013 use the same
+reparameterization). A datapoint whose gradient is still larger is reported as not
+converged. Only the contract is used: sites ``"z"`` and ``"x"`` in the ``"data"`` plate, so any model/guide pair
 that follows it works, not only :class:`ppl_vae.models.vae.VAE`.
 """
 
@@ -35,6 +40,7 @@ from ppl_vae.inference.importance import (
     concat_estimates,
     importance_estimate,
 )
+from ppl_vae.inference.traces import log_probs, trace_pair
 from ppl_vae.registry import Registry
 
 Moments = Tuple[Tensor, Tensor]
@@ -116,9 +122,13 @@ class MeanFieldResult:
 
     ``loc``, ``scale``: ``(N, d)``. ``estimate``: L[q*] (``estimate.elbo``) with its standard
     error, and the importance-weighted log p(x) with q* as proposal, from
-    ``num_eval_samples`` fresh samples. ``num_steps``: Adam steps taken per batch,
-    ``converged``: whether each batch met the stopping rule before ``max_steps``,
-    ``trace``: ``(batch, step)`` mean ELBO per datapoint at every step (NaN after a batch stopped).
+    ``num_eval_samples`` fresh samples. ``num_steps``: ``(N,)`` Adam steps plus L-BFGS
+    iterations taken by each datapoint's batch. ``converged``: ``(N,)`` bool, whether each
+    datapoint met the stopping rule: with the polish, its largest gradient component of the
+    fixed-sample ELBO is <= ``gtol``; without it, its batch met the Adam plateau rule before
+    ``max_steps``. ``grad_norm``: ``(N,)`` that largest gradient component at the end (NaN
+    without the polish). ``trace``: ``(batch, step)`` mean ELBO per datapoint at every Adam
+    step (NaN after a batch stopped).
     """
 
     loc: Tensor
@@ -127,6 +137,7 @@ class MeanFieldResult:
     num_steps: Tensor
     converged: Tensor
     trace: Tensor
+    grad_norm: Optional[Tensor] = None
 
     @property
     def elbo(self) -> Tensor:
@@ -143,9 +154,94 @@ class MeanFieldResult:
         flat = lambda t: t.detach().reshape(t.shape[0], -1).cpu().double().numpy()  # noqa: E731
         ds["loc"] = (("datapoint", "latent"), flat(self.loc))
         ds["scale"] = (("datapoint", "latent"), flat(self.scale))
-        ds.attrs["converged_batches"] = int(self.converged.sum())
-        ds.attrs["num_batches"] = int(self.converged.numel())
+        ds["converged"] = ("datapoint", self.converged.cpu().numpy().astype(bool))
+        ds["converged"].attrs["long_name"] = "mean-field VI met its stopping rule for this datapoint"
+        if self.grad_norm is not None:
+            ds["grad_norm"] = ("datapoint", self.grad_norm.cpu().double().numpy())
+            ds["grad_norm"].attrs["long_name"] = "largest |gradient| of the fixed-sample ELBO at the end"
+        ds.attrs["num_converged"] = int(self.converged.sum())
         return ds
+
+
+def matched_normals(num_samples: int, num_data: int, dim: int, *, device=None,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normals ``(num_samples, num_data, dim)`` with exact first and second moments.
+
+    Half the draws are whitened per datapoint so that their second moment is exactly I
+    (when ``num_samples // 2 > dim``; otherwise each coordinate is rescaled to unit mean
+    square), and the other half are their negatives (antithetic), so every sample mean and odd
+    moment is exactly 0. As fixed common random numbers they make the sample-average ELBO
+    exact for any integrand that is quadratic in z (e.g. a Gaussian prior or a linear-Gaussian
+    likelihood) and much less noisy otherwise.
+    """
+    half = max(1, num_samples // 2)
+    e = torch.randn(half, num_data, dim, dtype=torch.float64, device=device)
+    if half > dim:
+        second = torch.einsum("sbi,sbj->bij", e, e) / half  # (B, d, d)
+        chol = torch.linalg.cholesky(second)
+        e = torch.linalg.solve_triangular(chol, e.permute(1, 2, 0), upper=False).permute(2, 0, 1)
+    else:
+        e = e / e.pow(2).mean(0, keepdim=True).sqrt()
+    return torch.cat([e, -e]).to(dtype)
+
+
+def _log_joint_at(model: Callable, owner, xb: Tensor, z: Tensor, kw: dict) -> Tensor:
+    """log p(x, z) for given draws ``z`` ``(S, B, *latent_shape)``, shape ``(S, B)``."""
+    if owner is not None:
+        return owner.likelihood(*owner.decoder(z)).log_prob(xb) + owner.prior().log_prob(z)
+    event_dims = z.dim() - 2
+
+    def fixed(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample(LATENT_SITE, dist.Delta(z, event_dim=event_dims))
+
+    model_trace, guide_trace = trace_pair(model, fixed, xb, num_particles=z.shape[0], **kw)
+    return log_probs(model_trace, guide_trace, tuple(z.shape[:2])).log_joint
+
+
+def _polish(model: Callable, owner, xb: Tensor, kw: dict, loc: Tensor, log_scale: Tensor, *,
+            num_particles: int, max_iter: int, gtol: float) -> Tuple[Tensor, Tensor, Tensor, int]:
+    """Maximize the fixed-sample ELBO over (loc, log_scale) by L-BFGS.
+
+    The objective for datapoint i is mean_s log p(x_i, loc_i + scale_i * eps_s) + H[q_i] with
+    ``eps`` from :func:`matched_normals` (fixed for the whole run) and the Gaussian entropy H in
+    closed form; being deterministic, its gradient can be driven to ``gtol``. Returns
+    (loc, log_scale, largest |gradient| per datapoint, iterations).
+    """
+    shape = loc.shape
+    b, d = shape[0], int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    eps = matched_normals(num_particles, b, d, device=loc.device, dtype=loc.dtype).reshape((-1,) + tuple(shape))
+    half_log_2pi_e = 0.5 * (1.0 + math.log(2 * math.pi))
+    loc = loc.detach().clone().requires_grad_(True)
+    log_scale = log_scale.detach().clone().requires_grad_(True)
+    start = (loc.detach().clone(), log_scale.detach().clone())
+
+    def objective() -> Tensor:
+        z = loc + log_scale.exp() * eps
+        entropy = log_scale.reshape(b, -1).sum(-1) + d * half_log_2pi_e
+        return -(_log_joint_at(model, owner, xb, z, kw).mean(0) + entropy).sum()
+
+    optim = torch.optim.LBFGS([loc, log_scale], lr=1.0, max_iter=max_iter, tolerance_grad=gtol,
+                              tolerance_change=0.0, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optim.zero_grad(set_to_none=True)
+        loss = objective()
+        loc.grad, log_scale.grad = torch.autograd.grad(loss, [loc, log_scale])
+        return loss
+
+    optim.step(closure)
+    iterations = int(optim.state[optim._params[0]].get("n_iter", 0))
+    loss = objective()
+    if not torch.isfinite(loss):  # a line search left the valid region: keep the Adam result
+        loc, log_scale = start
+        loss = objective()
+    g_loc, g_scale = torch.autograd.grad(loss, [loc, log_scale]) if loss.requires_grad else (None, None)
+    if g_loc is None:
+        grad = torch.full((b,), math.nan, device=loc.device)
+    else:
+        grad = torch.maximum(g_loc.reshape(b, -1).abs().amax(-1), g_scale.reshape(b, -1).abs().amax(-1))
+    return loc.detach(), log_scale.detach(), grad.detach(), iterations
 
 
 def fit_mean_field(
@@ -156,11 +252,15 @@ def fit_mean_field(
     init: str = "encoder",
     elbo: str = "mean_field",
     lr: float = 1e-2,
-    max_steps: int = 2000,
+    max_steps: int = 500,
     num_particles: int = 1,
     tol: float = 1e-4,
     window: int = 50,
     num_lr_decays: int = 3,
+    polish: bool = True,
+    polish_particles: int = 64,
+    polish_steps: int = 300,
+    gtol: float = 1e-3,
     batch_size: int = 500,
     num_eval_samples: int = 100,
     progress: bool = True,
@@ -173,21 +273,30 @@ def fit_mean_field(
     plate); only ``loc`` and ``log_scale`` are optimized (gradients never reach the model's
     parameters). ``init``: "encoder" (start at ``guide``'s q(z|x), which is then required)
     or "prior". ``elbo``: "mean_field" (analytic KL when the model's prior allows it) or
-    "trace". Stopping rule: every ``window`` steps, the mean ELBO over the last window is
-    compared with the previous window's; when the relative change is below ``tol`` the
-    learning rate is halved, and after ``num_lr_decays`` halvings the next such plateau stops
-    the batch (as does ``max_steps``). q* is the mean iterate of the last full window
-    (Polyak averaging). L[q*] is then estimated with ``num_eval_samples``
-    fresh samples. Datapoints are processed ``batch_size`` at a time. ``fused``: when ``model``
-    is a parts-based VAE's own ``model`` method, compute the same ELBO without Pyro's tracing
-    (:mod:`ppl_vae.inference.fused`; equal values for the same random draws).
+    "trace".
+
+    Two phases. (1) Adam on the stochastic ELBO with ``num_particles``: every ``window``
+    steps the mean ELBO over the last window is compared with the previous window's; when the
+    relative change is below ``tol`` the learning rate is halved, and after ``num_lr_decays``
+    halvings the next plateau (or ``max_steps``) ends the phase; the mean iterate of the last
+    full window is kept (Polyak averaging). (2) With ``polish`` (default), L-BFGS on the
+    fixed-sample ELBO with ``polish_particles`` moment-matched common random numbers, for at
+    most ``polish_steps`` iterations, until the largest gradient component is <= ``gtol``;
+    ``converged`` then says, per datapoint, whether it got there. L-BFGS finds the optimum of
+    that fixed-sample objective, which is the ELBO's own optimum exactly when log p(x, z) is
+    quadratic in z and close to it otherwise (more ``polish_particles`` bring it closer).
+
+    L[q*] is then estimated with ``num_eval_samples`` fresh samples. Datapoints are processed
+    ``batch_size`` at a time. ``fused``: when ``model`` is a parts-based VAE's own ``model``
+    method, compute the same ELBO without Pyro's tracing (:mod:`ppl_vae.inference.fused`).
     """
     from tqdm.auto import tqdm
 
     MEAN_FIELD_INITS.get(init)
     elbo_cls = MEAN_FIELD_ELBOS.get(elbo)
     for name, value in (("max_steps", max_steps), ("num_particles", num_particles), ("window", window),
-                        ("batch_size", batch_size), ("num_eval_samples", num_eval_samples)):
+                        ("batch_size", batch_size), ("num_eval_samples", num_eval_samples),
+                        ("polish_particles", polish_particles), ("polish_steps", polish_steps)):
         _check_positive(name, value)
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive number, got {lr}")
@@ -195,13 +304,15 @@ def fit_mean_field(
         raise ValueError(f"num_lr_decays must be an integer >= 0, got {num_lr_decays}")
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol}")
+    if not (gtol > 0 and math.isfinite(gtol)):
+        raise ValueError(f"gtol must be a positive number, got {gtol}")
     if init == "encoder" and guide is None:
         raise ValueError("init='encoder' needs the amortized guide; pass guide=... or use init='prior'")
 
     loss_fn = elbo_cls(num_particles=num_particles, vectorize_particles=num_particles > 1,
                        max_plate_nesting=1).differentiable_loss
     owner = fused_model_owner(model) if fused else None
-    locs, scales, estimates, steps, converged, traces = [], [], [], [], [], []
+    locs, scales, estimates, steps, converged, traces, grads = [], [], [], [], [], [], []
     num_batches = math.ceil(x.shape[0] / batch_size)
     bar = tqdm(total=num_batches * max_steps, disable=not progress, desc="mean-field VI", unit="step",
                dynamic_ncols=True)
@@ -226,9 +337,9 @@ def fit_mean_field(
                     loss = loss_fn(model, q, xb, **kw)
                 if not torch.isfinite(loss):
                     raise ValueError(f"mean-field VI diverged (non-finite ELBO at step {step}); lower lr (now {lr})")
-                grads = torch.autograd.grad(loss, [loc, log_scale])
+                grads_ = torch.autograd.grad(loss, [loc, log_scale])
                 optim.zero_grad(set_to_none=True)
-                loc.grad, log_scale.grad = grads
+                loc.grad, log_scale.grad = grads_
                 optim.step()
                 history.append(-float(loss.detach()) / xb.shape[0])
                 bar.update(1)
@@ -252,12 +363,22 @@ def fit_mean_field(
                     prev = current
             if len(history) < window:  # stopped before a full window: keep the last iterate
                 avg_loc, avg_log_scale = loc.detach(), log_scale.detach()
+            num_taken = len(history)
+            if polish:
+                avg_loc, avg_log_scale, grad, iters = _polish(
+                    model, owner, xb, kw, avg_loc, avg_log_scale, num_particles=polish_particles,
+                    max_iter=polish_steps, gtol=gtol)
+                num_taken += iters
+                grads.append(grad)
+                converged.append(grad <= gtol)
+            else:
+                converged.append(torch.full((xb.shape[0],), done, dtype=torch.bool, device=xb.device))
             locs.append(avg_loc.clone())
             scales.append(avg_log_scale.exp())
-            estimates.append(importance_estimate(model, MeanFieldGuide(avg_loc, avg_log_scale), xb,
-                                                 num_samples=num_eval_samples, batch_size=xb.shape[0], **kw))
-            steps.append(len(history))
-            converged.append(done)
+            with torch.no_grad():
+                estimates.append(importance_estimate(model, MeanFieldGuide(avg_loc, avg_log_scale), xb,
+                                                     num_samples=num_eval_samples, batch_size=xb.shape[0], **kw))
+            steps.append(torch.full((xb.shape[0],), num_taken, dtype=torch.long))
             traces.append(history)
 
     loc, scale = torch.cat(locs), torch.cat(scales)
@@ -266,4 +387,5 @@ def fit_mean_field(
     trace = torch.full((len(traces), longest), math.nan)
     for i, t in enumerate(traces):
         trace[i, : len(t)] = torch.tensor(t)
-    return MeanFieldResult(loc, scale, estimate, torch.tensor(steps), torch.tensor(converged), trace)
+    return MeanFieldResult(loc, scale, estimate, torch.cat(steps), torch.cat(converged).cpu(), trace,
+                           torch.cat(grads).cpu() if grads else None)
