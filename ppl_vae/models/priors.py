@@ -6,12 +6,20 @@ the decoder. Add a prior by subclassing :class:`Prior` and registering it in :da
 
 from __future__ import annotations
 
+import inspect
+import math
+from typing import TYPE_CHECKING, Optional, Sequence
+
 import torch
 import torch.nn.functional as F
 from pyro import distributions as dist
+from pyro.distributions import transforms as T
 from torch import nn
 
 from ppl_vae.registry import Registry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ppl_vae.models.vae import VAE
 
 PRIORS: Registry = Registry("prior")
 
@@ -27,6 +35,10 @@ class Prior(nn.Module):
 
     def forward(self) -> dist.Distribution:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def attach_to(self, vae: "VAE") -> None:
+        """Called by :func:`ppl_vae.models.build_vae` once the VAE is assembled; a prior that
+        needs other parts (the VampPrior needs the encoder) takes them here. Default: nothing."""
 
 
 @PRIORS.register("standard_normal")
@@ -62,6 +74,112 @@ class MixtureOfGaussiansPrior(Prior):
         return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
 
 
+@PRIORS.register("vamp")
+class VampPrior(Prior):
+    """VampPrior: p(z) = (1/K) sum_k q(z | u_k), the encoder at K learned pseudo-inputs (Tomczak & Welling 2018).
+
+    ``num_components`` K pseudo-inputs u_k, each of the datapoint's shape, start at
+    ``init_loc + init_scale * N(0, 1)`` (0.5 and 0.1 suit data in [0, 1]). The encoder is the
+    VAE's own (shared, not copied), attached by :meth:`attach_to` when ``build_vae`` assembles
+    the model; it is held without registering it as a submodule, so its parameters appear once,
+    under ``encoder.``. Needs an encoder of x alone that returns (loc, scale).
+    """
+
+    def __init__(self, latent_dim: int, num_components: int = 50, init_loc: float = 0.5, init_scale: float = 0.1):
+        super().__init__(latent_dim)
+        if isinstance(num_components, bool) or not isinstance(num_components, int) or num_components < 1:
+            raise ValueError(f"num_components must be >= 1, got {num_components!r}")
+        if not (init_scale >= 0 and math.isfinite(init_scale)):
+            raise ValueError(f"init_scale must be a finite number >= 0, got {init_scale}")
+        self.num_components = num_components
+        self.init_loc, self.init_scale = float(init_loc), float(init_scale)
+        self.register_parameter("pseudo_inputs", None)  # created by attach_to: it needs the datapoint shape
+        self._encoder: tuple = ()  # (encoder,): a tuple so nn.Module does not register it
+
+    def attach_to(self, vae: "VAE") -> None:
+        if getattr(vae, "num_classes", None) is not None:
+            raise ValueError(f"prior 'vamp' needs an encoder of x alone; {type(vae).__name__} conditions on labels")
+        shape = (self.num_components, *vae.event_shape)
+        pseudo = self.init_loc + self.init_scale * torch.randn(shape)
+        device = next(iter(vae.parameters()), torch.empty(0)).device
+        self.pseudo_inputs = nn.Parameter(pseudo.to(device))
+        self._encoder = (vae.encoder,)
+        try:
+            loc, scale = vae.encoder(self.pseudo_inputs.detach())
+        except Exception as exc:  # e.g. an encoder of token ids
+            raise ValueError(
+                f"prior 'vamp' needs an encoder of real-valued x; {type(vae.encoder).__name__} failed on "
+                f"pseudo-inputs of shape {tuple(shape)}: {exc}"
+            ) from None
+        if tuple(loc.shape) != (self.num_components, self.latent_dim):
+            raise ValueError(f"prior 'vamp': the encoder returned loc of shape {tuple(loc.shape)}, "
+                             f"expected {(self.num_components, self.latent_dim)}")
+
+    def forward(self) -> dist.Distribution:
+        if not self._encoder or self.pseudo_inputs is None:
+            raise ValueError("the VampPrior has no encoder: build the VAE with build_vae, or call prior.attach_to(vae)")
+        loc, scale = self._encoder[0](self.pseudo_inputs)
+        components = dist.Normal(loc, scale).to_event(1)
+        logits = loc.new_zeros(self.num_components)  # equal weights 1/K
+        return dist.MixtureSameFamily(dist.Categorical(logits=logits), components)
+
+
+@PRIORS.register("flow")
+class FlowPrior(Prior):
+    """N(0, I) pushed through ``num_flows`` learned affine autoregressive transforms (a MAF prior).
+
+    Each transform is Pyro's :class:`~pyro.distributions.transforms.AffineAutoregressive`, used
+    in the inverse direction (Papamakarios et al. 2017), so log p(z) of the guide's draws takes
+    one network pass per transform; sampling takes latent_dim passes. ``hidden_dims``: the
+    autoregressive networks' hidden sizes (default ``[3 * latent_dim + 1]``, Pyro's). Needs
+    latent_dim >= 2.
+    """
+
+    def __init__(self, latent_dim: int, num_flows: int = 2, hidden_dims: Optional[Sequence[int]] = None):
+        super().__init__(latent_dim)
+        if latent_dim < 2:
+            raise ValueError(f"prior 'flow' needs latent_dim >= 2 (autoregressive transforms), got {latent_dim}")
+        if isinstance(num_flows, bool) or not isinstance(num_flows, int) or num_flows < 1:
+            raise ValueError(f"num_flows must be >= 1, got {num_flows!r}")
+        hidden = _hidden_dims(hidden_dims, 3 * latent_dim + 1)
+        self.transforms = nn.ModuleList(T.affine_autoregressive(latent_dim, hidden) for _ in range(num_flows))
+        self.register_buffer("loc", torch.zeros(latent_dim))
+        self.register_buffer("scale", torch.ones(latent_dim))
+
+    def forward(self) -> dist.Distribution:
+        base = dist.Normal(self.loc, self.scale).to_event(1)
+        return dist.TransformedDistribution(base, [t.inv for t in self.transforms])
+
+
+def _hidden_dims(hidden_dims: Optional[Sequence[int]], default: int) -> list:
+    """``hidden_dims`` as a list of positive ints (``[default]`` when None)."""
+    if hidden_dims is None:
+        return [default]
+    if isinstance(hidden_dims, int) and not isinstance(hidden_dims, bool):
+        hidden_dims = [hidden_dims]
+    dims = list(hidden_dims)
+    if not dims or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in dims):
+        raise ValueError(f"hidden_dims must be a non-empty list of positive integers, got {hidden_dims!r}")
+    return dims
+
+
+def check_options(kind: str, name: str, factory, options: dict, skip: int) -> None:
+    """Raise a one-line ValueError when ``options`` has a key ``factory`` does not take.
+
+    ``skip``: how many leading positional parameters are not options (e.g. latent_dim).
+    """
+    params = list(inspect.signature(factory).parameters.values())[skip:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    allowed = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in options if k not in allowed]
+    if unknown:
+        takes = f"it takes {', '.join(allowed)}" if allowed else "it takes no options"
+        raise ValueError(f"{kind} {name!r} has no option {unknown[0]!r}; {takes}")
+
+
 def make_prior(name: str, latent_dim: int, **options) -> Prior:
-    """Build a registered prior by name; options go to its constructor."""
-    return PRIORS.get(name)(latent_dim, **options)
+    """Build a registered prior by name; options go to its constructor (unknown ones: ValueError)."""
+    cls = PRIORS.get(name)
+    check_options("prior", name, cls, options, skip=1)
+    return cls(latent_dim, **options)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
-from ppl_vae.models.likelihoods import Likelihood, make_likelihood
+from ppl_vae.models.likelihoods import LIKELIHOODS, Likelihood, make_likelihood
 from ppl_vae.models.networks import GaussianMLPEncoder, MLPDecoder
-from ppl_vae.models.priors import Prior, make_prior
+from ppl_vae.models.priors import Prior, check_options, make_prior
 from ppl_vae.models.vae import VAE
 from ppl_vae.registry import Registry
 
@@ -79,14 +79,22 @@ def build_vae(
     prior_options: Optional[dict] = None,
     likelihood_options: Optional[dict] = None,
     data_info: Optional[dict] = None,
+    guide: str = "diagonal_normal",
+    guide_options: Optional[dict] = None,
 ) -> VAE:
-    """Build a registered model, swapping in a prior and likelihood by name or by object.
+    """Build a registered model, swapping in a prior, likelihood and guide family by name.
 
-    >>> vae = build_vae("gaussian_mlp", (1, 8, 8), prior="mixture_of_gaussians",
-    ...                 likelihood="laplace")  # doctest: +SKIP
+    >>> vae = build_vae("gaussian_mlp", (1, 8, 8), prior="vamp", likelihood="laplace",
+    ...                 guide="iaf", guide_options={"num_flows": 2})  # doctest: +SKIP
 
-    ``data_info`` (see :class:`ModelSpec`) is passed on to the model's builder.
+    ``data_info`` (see :class:`ModelSpec`) is passed on to the model's builder. ``guide`` names
+    a family in :data:`ppl_vae.models.guides.GUIDES` ("diagonal_normal" is AEVB's). Options a
+    prior, guide or likelihood does not take raise a ValueError naming the option. A prior that
+    needs other parts (the VampPrior uses the encoder) is attached to the finished VAE.
     """
+    from ppl_vae.models.guides import GUIDES, make_guide
+
+    GUIDES.get(guide)
     spec = MODELS.get(model)
     event_shape = tuple(int(s) for s in event_shape)
     if not event_shape or min(event_shape) < 1:
@@ -107,5 +115,9 @@ def build_vae(
     if likelihood is None:
         likelihood = spec.likelihood
     if not isinstance(likelihood, Likelihood):
+        check_options("likelihood", likelihood, LIKELIHOODS.get(likelihood), likelihood_options or {}, skip=1)
         likelihood = make_likelihood(likelihood, event_dims=event_dims, **(likelihood_options or {}))
-    return spec.build(event_shape, latent_dim, hidden_dim, prior, likelihood, **(data_info or {}))
+    vae = spec.build(event_shape, latent_dim, hidden_dim, prior, likelihood, **(data_info or {}))
+    vae = make_guide(guide, vae, **(guide_options or {}))
+    vae.prior.attach_to(vae)
+    return vae
