@@ -55,9 +55,10 @@ class TrainConfig:
     """How to train: method, SVI objective, optimizer, schedule, device.
 
     ``method``: a name from :data:`ppl_vae.inference.training.METHODS` ("svi" is AEVB).
-    ``elbo``: "trace" (AEVB's SGVB estimator A, Trace_ELBO), "mean_field" (estimator B,
-    analytic KL where one exists, TraceMeanField_ELBO), or their JIT-compiled variants
-    "jit_trace" and "jit_mean_field". ``kl_warmup_epochs``: the KL weight rises linearly from
+    ``elbo``: "trace" (AEVB's SGVB estimator A, Trace_ELBO) or "mean_field" (estimator B,
+    analytic KL where one exists, TraceMeanField_ELBO). ``compile``: a ``torch.compile``
+    backend ("inductor" is torch's default) for the fused SVI loss, or None (not compiled);
+    it replaces Pyro's torch.jit-based ELBOs. ``kl_warmup_epochs``: the KL weight rises linearly from
     0 to 1 over this many epochs (0: no warm-up). ``fused_elbo``: for VAEs whose model and guide
     are the base class's, compute the same estimator without Pyro's tracing (faster, equal
     values; see :mod:`ppl_vae.inference.fused`); False always goes through Pyro.
@@ -86,6 +87,7 @@ class TrainConfig:
     fused_elbo: bool = True
     finite_check: str = "auto"
     train_eval_size: Optional[int] = 1000
+    compile: Optional[str] = None
 
 
 @dataclass

@@ -1,16 +1,30 @@
 """From a config to a trained run directory, and back: :func:`fit`, :func:`resume`, :func:`load_run`.
 
-Everything that can fail on bad input (names, data, support) is checked before the run
-directory is created, so a bad command never leaves a half-written run behind.
+Read top to bottom, this module is the whole run layer:
+
+1. :func:`prepare` checks the config, loads the data, builds the model and the training method's
+   stepper, and checks the data against the likelihood: everything that can fail on bad input,
+   before any file is touched.
+2. :func:`fit` and :func:`resume` describe the work as a :class:`Job` and hand it to
+   :func:`execute`, the one place that decides between this process, N processes started here
+   (``nproc``) and a rank of a torchrun launch.
+3. :func:`run_job` is what every process does: restore the checkpoint when resuming, then the one
+   training loop (:func:`ppl_vae.inference.training.train`) with the run directory's
+   :class:`~ppl_vae.runs.Checkpointer` and optional sample grids as callbacks (rank 0 only).
+
+A fresh run that stops before its first checkpoint (an error, Ctrl-C) removes what it wrote, and
+a folder that holds only a config (a run killed before its first checkpoint) is started again by
+:func:`resume` or reused by :func:`fit`.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import random
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 import pyro
@@ -18,40 +32,40 @@ import torch
 import xarray as xr
 
 from ppl_vae import runs
-from ppl_vae.config import RunConfig
+from ppl_vae.config import DataConfig, RunConfig
 from ppl_vae.data.datasets import Dataset, load_dataset
-from ppl_vae.errors import RunDirError
-from ppl_vae.inference.training import (
-    METHODS,
-    TrainState,
-    history_records,
-    resolve_device,
-    train,
-    validate_train_config,
-)
+from ppl_vae.errors import ConfigError, RunDirError, TrainingDiverged
+from ppl_vae.inference import distributed
+from ppl_vae.inference.training import METHODS, Stepper, TrainState, resolve_device, train, validate_train_config
 from ppl_vae.models.vae import VAE
 from ppl_vae.models.zoo import build_vae
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ppl_vae.inference.distributed import DistContext
 
 
 @dataclass
 class Run:
-    """A trained (or loaded) run: its directory, config, model, and history."""
+    """A trained (or loaded) run: its directory, config, model, and history; ``new_epochs``:
+    how many epochs the call that returned it trained (0 for :func:`load_run`)."""
 
     run_dir: Optional[Path]
     config: RunConfig
     vae: VAE
     history: xr.Dataset
+    new_epochs: int = 0
+
+    @property
+    def epochs_done(self) -> int:
+        return int(self.history.sizes.get("epoch", 0))
 
     @property
     def final(self) -> dict:
-        """The last epoch's record (train_elbo, test_elbo, ...)."""
-        if not self.history.sizes.get("epoch"):
+        """The last epoch's record (train_elbo, test_elbo, ...); empty before the first epoch."""
+        if not self.epochs_done:
             return {}
         last = self.history.isel(epoch=-1)
         return {k: float(last[k]) for k in self.history.data_vars}
+
+
+# -- 1. prepare ------------------------------------------------------------------------------------
 
 
 def seed_everything(seed: int) -> None:
@@ -61,16 +75,29 @@ def seed_everything(seed: int) -> None:
     pyro.set_rng_seed(seed)
 
 
-def load_data(config: RunConfig) -> Dataset:
+def load_plugins(config: RunConfig) -> None:
+    """Import the plugin modules the run names, so its custom parts are registered."""
+    if config.plugins:
+        from ppl_vae.plugins import load_plugins as _load
+
+        _load(config.plugins)
+
+
+def data_config(config: RunConfig, dataset: Optional[str] = None, data_dir: Optional[str] = None) -> DataConfig:
+    """The run's data config, with another ``dataset`` and/or ``data_dir`` when given: the run's
+    binarization, split and training size stay, so the new data is prepared as the training data was."""
     d = config.data
-    return load_dataset(
-        d.dataset,
-        d.data_dir,
-        binarize=d.binarize,
-        test_fraction=d.test_fraction,
-        split_seed=d.split_seed,
-        train_size=d.train_size,
-    )
+    if dataset is None and data_dir is None:
+        return d
+    return replace(d, dataset=d.dataset if dataset is None else str(dataset),
+                   data_dir=d.data_dir if data_dir is None else str(data_dir))
+
+
+def load_data(config: RunConfig, *, dataset: Optional[str] = None, data_dir: Optional[str] = None) -> Dataset:
+    """The run's data (see :func:`data_config` for ``dataset``/``data_dir``)."""
+    d = data_config(config, dataset, data_dir)
+    return load_dataset(d.dataset, d.data_dir, binarize=d.binarize, test_fraction=d.test_fraction,
+                        split_seed=d.split_seed, train_size=d.train_size)
 
 
 def build_model(config: RunConfig, event_shape, data_info: Optional[dict] = None) -> VAE:
@@ -85,7 +112,29 @@ def build_model(config: RunConfig, event_shape, data_info: Optional[dict] = None
         prior_options=m.prior_options,
         likelihood_options=m.likelihood_options,
         data_info=data_info,
+        guide=m.guide,
+        guide_options=m.guide_options,
     )
+
+
+def prepare(config: RunConfig, world_size: int = 1, device: Optional[torch.device] = None
+            ) -> Tuple[VAE, Dataset, Stepper]:
+    """Check ``config``, seed the RNGs, load the data, build the model and its stepper (on
+    ``device``, default the config's). Touches no file; raises on any bad input."""
+    load_plugins(config)
+    if world_size > 1:
+        distributed.check_config(config.train, world_size)
+    else:
+        validate_train_config(config.train)
+    seed_everything(config.train.seed)
+    data = load_data(config)
+    vae = build_model(config, data.event_shape, data.data_info)
+    vae.likelihood.check_support(data.train, what=f"the training data of {data.name}")
+    vae.likelihood.check_support(data.test, what=f"the test data of {data.name}")
+    device = resolve_device(config.train.device) if device is None else device
+    vae, data = vae.to(device), data.to(device)
+    stepper = METHODS.get(config.train.method)(vae, config.train)  # methods refuse models they cannot train
+    return vae, data, stepper
 
 
 def default_run_dir(config: RunConfig, root: Path = Path("runs")) -> Path:
@@ -97,40 +146,122 @@ def default_run_dir(config: RunConfig, root: Path = Path("runs")) -> Path:
     return path
 
 
-def _prepare(config: RunConfig, dist: Optional["DistContext"] = None):
-    """Validate the config, load data, build the model; no files are touched."""
-    validate_train_config(config.train)
-    seed_everything(config.train.seed)
-    data = load_data(config)
-    vae = build_model(config, data.event_shape, data.data_info)
-    vae.likelihood.check_support(data.train, what=f"the training data of {data.name}")
-    vae.likelihood.check_support(data.test, what=f"the test data of {data.name}")
-    device = resolve_device(config.train.device) if dist is None else dist.device
-    return vae.to(device), data.to(device)
+# -- 2. the job, and where it runs -------------------------------------------------------------------
 
 
-def fit(config: RunConfig, out: Optional[Path] = None, *, progress: bool = True,
-        dist: Optional["DistContext"] = None, callbacks: Sequence[Callable[[int, VAE], object]] = ()) -> Run:
-    """Train a model from ``config``, writing the run to ``out`` (a fresh ``runs/...`` when None).
+@dataclass(frozen=True)
+class Job:
+    """One training job as every process sees it (picklable, for launched ranks).
 
-    ``out`` must not exist or be an empty folder; use :func:`resume` to continue a run.
-    ``dist``: train as one rank of a data-parallel run (only rank 0 writes files); see
-    :func:`ppl_vae.inference.distributed.fit`.
+    ``fresh``: a new run written into ``run_dir`` (which :func:`fit` checked is reusable);
+    otherwise continue from its checkpoint. ``created``: ``run_dir`` did not exist before, so a
+    fresh run that fails before its first checkpoint removes it. ``callbacks`` run on rank 0.
     """
-    vae, data = _prepare(config, dist)
-    run_dir = default_run_dir(config) if out is None else Path(out)
+
+    config: RunConfig
+    run_dir: Path
+    fresh: bool
+    created: bool = False
+    progress: bool = True
+    sample_grids: bool = False
+    callbacks: Tuple[Any, ...] = ()
+    timeout_s: float = distributed.DEFAULT_TIMEOUT_S
+    start_epoch: int = 0
+
+
+def world_size(nproc: int) -> int:
+    """How many processes train: torchrun's WORLD_SIZE under torchrun (``nproc`` must be 1), else ``nproc``."""
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    if distributed.launched_by_torchrun():
+        if nproc != 1:
+            raise ValueError(f"nproc must be 1 under torchrun (torchrun starts the processes), got {nproc}")
+        return distributed.env_world_size()
+    return nproc
+
+
+def execute(job: Job, nproc: int, prepared: Optional[Tuple[VAE, Dataset, Stepper]] = None) -> Run:
+    """Run ``job`` here, on ``nproc`` processes started here, or as this torchrun rank.
+
+    ``prepared``: what :func:`prepare` returned in this process (reused when training here).
+    """
+    if distributed.launched_by_torchrun():
+        return _as_rank(job)
+    if nproc > 1:
+        try:
+            distributed.launch(_launched_rank, (job,), nproc=nproc)
+        except BaseException:
+            _discard_unstarted(job)  # a rank killed before its first checkpoint cannot clean up
+            raise
+        run = load_run(job.run_dir, device="cpu")
+        run.new_epochs = run.epochs_done - (0 if job.fresh else job.start_epoch)
+        return run
+    return run_job(job, prepared or prepare(job.config))
+
+
+def _launched_rank(job: Job) -> None:
+    """A process started by :func:`distributed.launch`: train as its rank; the parent loads the run."""
+    _as_rank(job)
+
+
+def _as_rank(job: Job) -> Run:
+    with distributed.process_group(job.config.train.device, job.timeout_s) as ctx:
+        if job.fresh:  # every rank writes to the folder rank 0 chose
+            job = replace(job, run_dir=Path(ctx.broadcast_object(str(job.run_dir) if ctx.is_main else None)))
+        run = run_job(job, prepare(job.config, ctx.world_size, ctx.device), ctx)
+        ctx.barrier()  # rank 0 has written the last checkpoint when every rank returns
+    return run
+
+
+# -- 3. what every process does ---------------------------------------------------------------------
+
+
+def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[distributed.DistContext] = None) -> Run:
+    """Restore (when resuming) and train; on the writing rank, checkpoint into ``job.run_dir``."""
+    vae, data, stepper = prepared
+    config, run_dir = job.config, job.run_dir
     writer = dist is None or dist.is_main
-    if writer:
-        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-            raise RunDirError(f"{run_dir} already exists and is not empty; choose another --out or --resume it")
+    if job.fresh and writer:
         run_dir.mkdir(parents=True, exist_ok=True)
         runs.save_config(run_dir, config)
-    history = train(vae, data, config.train, run_dir=run_dir if writer else None, progress=progress,
-                    history_attrs=_history_attrs(config, data), dist=dist, callbacks=callbacks)
-    return Run(run_dir, config, vae, history)
+    state = TrainState() if job.fresh else runs.restore(run_dir, vae, stepper)
+    start = state.epoch
+    checkpointer = runs.Checkpointer(run_dir, config.train.checkpoint_every,
+                                     extra={"event_shape": list(data.event_shape), "data_info": data.data_info})
+    callbacks: list = [checkpointer] if writer else []
+    if job.sample_grids and writer:
+        from ppl_vae.analysis.generation import SampleGridRecorder
+
+        callbacks.append(SampleGridRecorder(run_dir / "samples"))
+    callbacks.extend(job.callbacks)
+    try:
+        history = train(vae, data, config.train, stepper=stepper, state=state, callbacks=callbacks,
+                        progress=job.progress and writer, history_attrs=history_attrs(config, data), dist=dist)
+    except TrainingDiverged as exc:
+        if writer:
+            _discard_unstarted(job)
+        last = checkpointer.last_epoch
+        kept = "no checkpoint was written" if last is None else f"the last good checkpoint is from epoch {last} in {run_dir}"
+        raise TrainingDiverged(f"{exc}; {kept}", step=exc.step) from None
+    except BaseException:
+        if writer:
+            _discard_unstarted(job)
+        raise
+    return Run(run_dir, config, vae, history, new_epochs=int(history.sizes.get("epoch", 0)) - start)
 
 
-def _history_attrs(config: RunConfig, data: Dataset) -> dict:
+def _discard_unstarted(job: Job) -> None:
+    """Remove what a fresh run wrote when it stopped before its first checkpoint."""
+    if not job.fresh or runs.started(job.run_dir) or not job.run_dir.is_dir():
+        return
+    if job.created:
+        shutil.rmtree(job.run_dir, ignore_errors=True)
+    else:
+        (job.run_dir / runs.CONFIG).unlink(missing_ok=True)
+        runs.remove_stale_temp_files(job.run_dir)
+
+
+def history_attrs(config: RunConfig, data: Dataset) -> dict:
     return {
         "model": config.model.model,
         "dataset": data.name,
@@ -139,52 +270,86 @@ def _history_attrs(config: RunConfig, data: Dataset) -> dict:
     }
 
 
-def resume(run_dir: Path, *, epochs: Optional[int] = None, progress: bool = True,
-           dist: Optional["DistContext"] = None, callbacks: Sequence[Callable[[int, VAE], object]] = ()) -> Run:
-    """Continue a run from its checkpoint up to ``epochs`` (default: the config's); ``dist`` and
-    ``callbacks`` (see :func:`ppl_vae.inference.training.train`) as in :func:`fit`."""
+# -- the entry points ---------------------------------------------------------------------------------
+
+
+def fit(config: RunConfig, out: Optional[Path] = None, *, nproc: int = 1, progress: bool = True,
+        sample_grids: bool = False, callbacks: Sequence[Any] = (),
+        timeout_s: float = distributed.DEFAULT_TIMEOUT_S) -> Run:
+    """Train a model from ``config``, writing the run to ``out`` (a fresh ``runs/...`` when None).
+
+    ``out`` must not exist, be an empty folder, or hold a run that never started (a config and
+    no checkpoint); use :func:`resume` to continue a run. ``nproc`` > 1 trains data-parallel on
+    that many processes here (under torchrun leave it at 1). ``sample_grids`` saves a grid of
+    samples after every epoch (``RUN/samples/``, ``RUN/samples.gif``); ``callbacks``
+    (:class:`~ppl_vae.inference.training.Callback` or ``fn(epoch, vae)``, picklable when
+    ``nproc`` > 1) run on rank 0. ``timeout_s`` bounds every distributed collective.
+    """
+    distributed.check_timeout(timeout_s)
+    world = world_size(nproc)
+    prepared = prepare(config, world) if world == 1 or not distributed.launched_by_torchrun() else None
+    if world > 1 and prepared is not None:
+        prepared[2].close()  # checked here; every rank builds its own
+        prepared = None
+    run_dir = default_run_dir(config) if out is None else Path(out)
+    if not runs.is_reusable(run_dir):
+        what = "is a file" if run_dir.exists() and not run_dir.is_dir() else "already holds files"
+        raise RunDirError(f"{run_dir} {what}; write the run to another folder or resume it")
+    _check_parent(run_dir)
+    job = Job(config, run_dir, fresh=True, created=not run_dir.exists(), progress=progress,
+              sample_grids=sample_grids, callbacks=tuple(callbacks), timeout_s=timeout_s)
+    return execute(job, world, prepared)
+
+
+def _check_parent(run_dir: Path) -> None:
+    for parent in run_dir.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RunDirError(f"cannot create {run_dir}: {parent} is a file, not a folder")
+            return
+
+
+def resume(run_dir: Path, *, epochs: Optional[int] = None, nproc: int = 1, progress: bool = True,
+           sample_grids: bool = False, callbacks: Sequence[Any] = (),
+           timeout_s: float = distributed.DEFAULT_TIMEOUT_S) -> Run:
+    """Continue a run from its checkpoint up to ``epochs`` epochs (default: the config's).
+
+    ``epochs`` must exceed the epochs already done. A run that is already complete (and no
+    ``epochs`` given) is returned as it is. A run that never took its first step starts from
+    scratch with its config. Other arguments as in :func:`fit`; on several machines the run
+    directory must be on a shared filesystem.
+    """
+    distributed.check_timeout(timeout_s)
     run_dir = Path(run_dir)
     config = runs.load_config(run_dir)
-    runs.remove_stale_temp_files(run_dir)
+    world = world_size(nproc)
+    if not distributed.launched_by_torchrun():
+        runs.remove_stale_temp_files(run_dir)  # once, here: never by several ranks at a time
+    fresh = not runs.started(run_dir)
+    done = 0 if fresh else runs.checkpoint_epoch(run_dir)
     if epochs is not None:
+        if epochs <= done:
+            raise ConfigError(f"train.epochs ({epochs}) must be more than the {done} epochs {run_dir} has done "
+                              "to continue it", field="train.epochs")
         config.train.epochs = epochs
-    vae, data = _prepare(config, dist)
-    tensors, meta = runs.read_checkpoint(run_dir)
-    runs.load_weights(vae, tensors, str(run_dir / runs.CHECKPOINT))
-    stepper = METHODS.get(config.train.method)(vae, config.train)
-    for name, saved in runs.optimizer_states(tensors, meta).items():
-        if name not in stepper.optimizers:
-            raise RunDirError(f"{run_dir}: checkpoint has state for an unknown optimizer {name!r}")
-        saved_type, wanted_type = saved.pop("type", None), type(stepper.optimizers[name]).__name__
-        if saved_type is not None and saved_type != wanted_type:
-            raise RunDirError(
-                f"{run_dir}: the checkpoint holds {saved_type} state but the config asks for {wanted_type}"
-            )
-        try:
-            stepper.optimizers[name].load_state_dict(saved)
-        except (ValueError, KeyError) as exc:
-            raise RunDirError(f"optimizer state in {run_dir} does not fit: {exc}") from None
-    records = history_records(runs.load_history(run_dir)) if (run_dir / runs.HISTORY).is_file() else []
-    records = [r for r in records if r["epoch"] <= meta["epoch"]]
-    torch.set_rng_state(tensors["rng.cpu"])
-    if torch.cuda.is_available():
-        cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda")]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
-    state = TrainState(epoch=int(meta["epoch"]), step=int(meta["step"]), records=records)
-    writer = dist is None or dist.is_main
-    if epochs is not None and writer:
-        runs.save_config(run_dir, config)
-    history = train(vae, data, config.train, run_dir=run_dir if writer else None, stepper=stepper, state=state,
-                    progress=progress, history_attrs=_history_attrs(config, data), dist=dist,
-                    callbacks=callbacks)
-    return Run(run_dir, config, vae, history)
+    elif done >= config.train.epochs:
+        return load_run(run_dir)  # complete: nothing to do
+    prepared = prepare(config, world) if not distributed.launched_by_torchrun() else None
+    if world > 1 and prepared is not None:
+        prepared[2].close()
+        prepared = None
+    if epochs is not None and not distributed.launched_by_torchrun():
+        runs.save_config(run_dir, config)  # the new target, once it is known to be valid
+    job = Job(config, run_dir, fresh=fresh, created=False, progress=progress, sample_grids=sample_grids,
+              callbacks=tuple(callbacks), timeout_s=timeout_s, start_epoch=done)
+    return execute(job, world, prepared)
 
 
 def load_run(run_dir: Path, device: str = "cpu") -> Run:
-    """Rebuild a run's model with its trained weights (no data is loaded except its shape)."""
+    """Rebuild a run's model with its trained weights, in eval mode (no data is loaded except its shape)."""
     run_dir = Path(run_dir)
     config = runs.load_config(run_dir)
+    load_plugins(config)
     tensors, meta = runs.read_checkpoint(run_dir)
     extra = meta.get("extra", {})
     if "event_shape" in extra:

@@ -1,32 +1,49 @@
-"""Run directories: config, checkpoint and history, each written atomically.
+"""Run directories: config, checkpoint and history; :func:`save` and :func:`restore` side by side.
 
 Layout::
 
-    RUN/config.json          RunConfig as JSON
+    RUN/config.json             RunConfig as JSON (read strictly: see ppl_vae.config)
     RUN/checkpoint.safetensors  model weights, optimizer state, RNG state, epoch (safetensors:
-                                 plain tensors and JSON metadata, so loading never executes code)
-    RUN/history.nc           per-epoch history (xarray Dataset, netCDF)
+                                plain tensors and JSON metadata, so loading never executes code)
+    RUN/history.nc              per-epoch history (xarray Dataset, netCDF)
 
-A file is written to a temporary name in the same folder and renamed into place, so a run
-killed at any moment leaves the previous complete file.
+Every file is written atomically (:mod:`ppl_vae.io`). :func:`save` writes the history first
+and the checkpoint last: the checkpoint is the commit point. A kill between the two leaves a
+history one epoch ahead, which :func:`restore` trims; the other order would lose an epoch of
+history for good. A folder holding a config but no checkpoint is a run that never took its
+first step (:func:`started` is False): resume starts it from scratch.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import xarray as xr
 
 from ppl_vae.config import RunConfig
 from ppl_vae.errors import RunDirError
-from ppl_vae.io import atomic_path, remove_stale_temp_files, write_netcdf, write_text  # noqa: F401 (re-exported until callers move)
+from ppl_vae.inference.training import (
+    Callback,
+    Stepper,
+    TrainContext,
+    TrainState,
+    history_records,
+    history_to_xarray,
+)
+from ppl_vae.io import TEMP_SUFFIX, atomic_path, remove_stale_temp_files, write_netcdf, write_text
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.safetensors"
 HISTORY = "history.nc"
+
+__all__ = ["CONFIG", "CHECKPOINT", "HISTORY", "Checkpointer", "load_config", "load_history", "read_checkpoint",
+           "remove_stale_temp_files", "restore", "save", "save_config", "started", "is_reusable"]
+
+
+# -- config ---------------------------------------------------------------------------------------
 
 
 def save_config(run_dir: Path, config: RunConfig) -> None:
@@ -34,6 +51,7 @@ def save_config(run_dir: Path, config: RunConfig) -> None:
 
 
 def load_config(run_dir: Path) -> RunConfig:
+    """The run's config; a missing folder or file, bad JSON, unknown keys or wrong types raise RunDirError."""
     path = Path(run_dir) / CONFIG
     if not Path(run_dir).is_dir():
         raise RunDirError(f"run directory not found: {run_dir}")
@@ -43,6 +61,26 @@ def load_config(run_dir: Path) -> RunConfig:
         return RunConfig.from_json(path.read_text())
     except (ValueError, TypeError) as exc:
         raise RunDirError(f"{path}: {exc}") from None
+
+
+def started(run_dir: Path) -> bool:
+    """Whether the run has a checkpoint (a run whose first checkpoint was never written has not)."""
+    return (Path(run_dir) / CHECKPOINT).is_file()
+
+
+def is_reusable(path: Path) -> bool:
+    """True for a folder a fresh run may be written into: missing, empty, or a run that never
+    started (a config and perhaps temporary files, no checkpoint, history or anything else)."""
+    path = Path(path)
+    if not path.exists():
+        return True
+    if not path.is_dir():
+        return False
+    names = {p.name for p in path.iterdir() if not (p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX))}
+    return names <= {CONFIG}
+
+
+# -- checkpoint -----------------------------------------------------------------------------------
 
 
 def _flatten_optimizers(optimizers: Dict[str, torch.optim.Optimizer]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
@@ -61,23 +99,15 @@ def _flatten_optimizers(optimizers: Dict[str, torch.optim.Optimizer]) -> Tuple[D
                     tensors[name] = value.detach().cpu().contiguous()
                 else:
                     scalars[name] = value
-        meta[opt_name] = {
-            "type": type(optimizer).__name__,
-            "param_groups": state["param_groups"],
-            "scalars": scalars,
-        }
+        meta[opt_name] = {"type": type(optimizer).__name__, "param_groups": state["param_groups"], "scalars": scalars}
     return tensors, meta
 
 
-def optimizer_states(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    """The optimizer state dicts saved by :func:`save_checkpoint`, by optimizer name.
-
-    Each also carries ``"type"``, the optimizer's class name; pop it before ``load_state_dict``.
-    """
+def _optimizer_states(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """The optimizer state dicts saved by :func:`save`, by optimizer name (each with its ``"type"``)."""
     saved = meta.get("optimizers", {})
     states: Dict[str, Dict[str, Any]] = {
-        name: {"state": {}, "param_groups": m["param_groups"], "type": m.get("type")}
-        for name, m in saved.items()
+        name: {"state": {}, "param_groups": m["param_groups"], "type": m.get("type")} for name, m in saved.items()
     }
     scalars = {k: v for m in saved.values() for k, v in m.get("scalars", {}).items()}
     for name, value in list(tensors.items()) + list(scalars.items()):
@@ -88,35 +118,33 @@ def optimizer_states(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> 
     return states
 
 
-def save_checkpoint(
-    run_dir: Path,
-    module: torch.nn.Module,
-    optimizers: Dict[str, torch.optim.Optimizer] | None,
-    *,
-    epoch: int,
-    step: int,
-    extra: Dict[str, Any] | None = None,
-) -> None:
-    """Weights, optimizer state and the torch RNG state after ``epoch`` (0: before training)."""
+def save(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper], state: TrainState, *,
+         attrs: Optional[dict] = None, extra: Optional[Dict[str, Any]] = None) -> None:
+    """Write the history, then the checkpoint (weights, optimizer state, RNG state, epoch and step).
+
+    ``extra``: JSON metadata kept with the weights (e.g. ``event_shape``, ``data_info``, so that
+    :func:`ppl_vae.pipeline.load_run` can rebuild the model without loading the data).
+    """
     from safetensors.torch import save_file
 
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    meta: Dict[str, Any] = {"epoch": epoch, "step": step, "extra": extra or {}}
-    if optimizers:
-        optim_tensors, meta["optimizers"] = _flatten_optimizers(optimizers)
+    run_dir = Path(run_dir)
+    write_netcdf(history_to_xarray(state.records, attrs), run_dir / HISTORY)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
+    meta: Dict[str, Any] = {"epoch": state.epoch, "step": state.step, "extra": extra or {}}
+    if stepper is not None and stepper.optimizers:
+        optim_tensors, meta["optimizers"] = _flatten_optimizers(stepper.optimizers)
         tensors.update(optim_tensors)
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda{i}"] = s
-    path = Path(run_dir) / CHECKPOINT
-    with atomic_path(path) as tmp:
+    with atomic_path(run_dir / CHECKPOINT) as tmp:
         save_file(tensors, str(tmp), metadata={"ppl_vae": json.dumps(meta)})
 
 
 def read_checkpoint(run_dir: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """(tensors, metadata) of a run's checkpoint; corrupt or unsafe files raise RunDirError."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = Path(run_dir) / CHECKPOINT
@@ -128,8 +156,6 @@ def read_checkpoint(run_dir: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, A
         if head[:2] == b"\x80\x02" or head[:2] == b"PK":
             raise RunDirError(f"{path} is a pickle/zip file, not safetensors; refusing to load it")
         tensors = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as fh:
             meta = json.loads((fh.metadata() or {})["ppl_vae"])
     except RunDirError:
@@ -139,16 +165,74 @@ def read_checkpoint(run_dir: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, A
     return tensors, meta
 
 
+def checkpoint_epoch(run_dir: Path) -> int:
+    """The epoch of the run's checkpoint (0: saved before the first step)."""
+    return int(read_checkpoint(run_dir)[1]["epoch"])
+
+
 def load_weights(module: torch.nn.Module, tensors: Dict[str, torch.Tensor], path: str = "") -> None:
+    """Load the checkpoint's weights into ``module``; a mismatch says which tensors differ and how."""
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as exc:
-        raise RunDirError(f"weights in {path or 'checkpoint'} do not fit the model: {str(exc).splitlines()[0]}") from None
+    wanted = module.state_dict()
+    missing = sorted(set(wanted) - set(state))
+    unexpected = sorted(set(state) - set(wanted))
+    resized = [f"{k} {tuple(state[k].shape)} vs {tuple(wanted[k].shape)}" for k in sorted(set(state) & set(wanted))
+               if state[k].shape != wanted[k].shape]
+    if missing or unexpected or resized:
+        parts = []
+        if resized:
+            parts.append(f"{len(resized)} of other shape (saved vs model): {_few(resized)}")
+        if missing:
+            parts.append(f"{len(missing)} missing: {_few(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} not in the model: {_few(unexpected)}")
+        raise RunDirError(f"the weights in {path or 'the checkpoint'} do not fit the model built from its config: "
+                          + "; ".join(parts))
+    module.load_state_dict(state)
 
 
-def save_history(run_dir: Path, history: xr.Dataset) -> None:
-    write_netcdf(history, Path(run_dir) / HISTORY)
+def _few(names: list, limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def restore(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper] = None) -> TrainState:
+    """The inverse of :func:`save`: weights into ``vae``, optimizer states into ``stepper``, the
+    torch RNG state, and the history trimmed to the checkpoint's epoch; returns the TrainState.
+
+    A checkpoint past epoch 0 without its history, an optimizer the method does not have, or
+    state of another optimizer type raise RunDirError.
+    """
+    run_dir = Path(run_dir)
+    tensors, meta = read_checkpoint(run_dir)
+    load_weights(vae, tensors, str(run_dir / CHECKPOINT))
+    epoch = int(meta["epoch"])
+    if stepper is not None:
+        for name, saved in _optimizer_states(tensors, meta).items():
+            if name not in stepper.optimizers:
+                raise RunDirError(f"{run_dir}: checkpoint has state for an optimizer {name!r} that method has not")
+            saved_type, wanted_type = saved.pop("type", None), type(stepper.optimizers[name]).__name__
+            if saved_type is not None and saved_type != wanted_type:
+                raise RunDirError(f"{run_dir}: the checkpoint holds {saved_type} state but the config asks for "
+                                  f"{wanted_type}")
+            try:
+                stepper.optimizers[name].load_state_dict(saved)
+            except (ValueError, KeyError) as exc:
+                raise RunDirError(f"optimizer state in {run_dir} does not fit: {exc}") from None
+    if (run_dir / HISTORY).is_file():
+        records = [r for r in history_records(load_history(run_dir)) if r["epoch"] <= epoch]
+    elif epoch > 0:
+        raise RunDirError(f"{run_dir} has a checkpoint from epoch {epoch} but no {HISTORY}: the history of its "
+                          "epochs is lost; restore the file or start a new run")
+    else:
+        records = []
+    if [r["epoch"] for r in records] != list(range(1, epoch + 1)):
+        raise RunDirError(f"{run_dir / HISTORY} does not hold epochs 1..{epoch} of the checkpoint")
+    torch.set_rng_state(tensors["rng.cpu"])
+    if torch.cuda.is_available():
+        cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda")]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+    return TrainState(epoch=epoch, step=int(meta["step"]), records=records)
 
 
 def load_history(run_dir: Path) -> xr.Dataset:
@@ -160,3 +244,28 @@ def load_history(run_dir: Path) -> xr.Dataset:
             return ds.load()
     except Exception as exc:  # h5py/h5netcdf raise many types for damaged files
         raise RunDirError(f"{path} is corrupt ({type(exc).__name__})") from None
+
+
+class Checkpointer(Callback):
+    """Saves the run (:func:`save`) before a fresh run's first step, every ``every`` epochs and
+    after the last; ``last_epoch`` is the epoch of the newest checkpoint written."""
+
+    def __init__(self, run_dir: Path, every: int = 1, extra: Optional[Dict[str, Any]] = None):
+        self.run_dir = Path(run_dir)
+        self.every = every
+        self.extra = extra or {}
+        self.last_epoch: Optional[int] = None
+
+    def _save(self, ctx: TrainContext) -> None:
+        save(self.run_dir, ctx.vae, ctx.stepper, ctx.state, attrs=ctx.attrs, extra=self.extra)
+        self.last_epoch = ctx.state.epoch
+
+    def on_train_start(self, ctx: TrainContext) -> None:
+        if ctx.state.fresh:
+            self._save(ctx)  # a good checkpoint exists before the first step
+        else:
+            self.last_epoch = ctx.state.epoch
+
+    def on_epoch_end(self, ctx: TrainContext) -> None:
+        if ctx.state.epoch % self.every == 0 or ctx.state.epoch == ctx.config.epochs:
+            self._save(ctx)

@@ -111,6 +111,13 @@ def score_dataset(
     With ``labels`` (0/1, or class labels plus ``normal_class``: anomaly = any other class),
     the Dataset also holds ``label`` and attrs ``auroc``, ``auprc``, ``num_anomalies``.
     """
+    if normal_class is not None:
+        if labels is None:
+            raise ValueError("normal_class needs labels: this data has none")
+        classes = sorted(int(c) for c in torch.unique(torch.as_tensor(labels)).tolist())
+        if normal_class not in classes:
+            shown = f"{classes[0]}..{classes[-1]}" if classes == list(range(classes[0], classes[-1] + 1)) else classes
+            raise ValueError(f"normal_class {normal_class} is not one of the data's classes ({shown})")
     scores = anomaly_scores(vae, x, score=score, num_samples=num_samples, batch_size=batch_size,
                             progress=progress)
     data_vars = {"score": ("datapoint", scores.cpu().numpy().astype(np.float64),

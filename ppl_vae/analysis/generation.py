@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ppl_vae.models.vae import VAE
 from ppl_vae.registry import Registry
-from ppl_vae.runs import atomic_path
+from ppl_vae import io
 
 IMAGE_DIMS = ("channel", "row", "col")
 
@@ -260,11 +260,7 @@ def plot_inpainting(result: xr.Dataset, max_images: int = 8):
 
 def save_figure(fig, path: Union[str, Path], dpi: int = 100) -> Path:
     """Write a Figure atomically; the format follows the file's suffix (default PNG)."""
-    path = Path(path)
-    fmt = path.suffix.lstrip(".").lower() or "png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=dpi)
-    return path
+    return io.write_figure(fig, Path(path), dpi=dpi)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,10 +316,19 @@ class SampleGridRecorder:
         # Frames of one size: the figure size is fixed, but guard against a changed layout.
         size = frames[0].size
         frames = [f if f.size == size else f.resize(size) for f in frames]
-        with atomic_path(self.gif_path) as tmp:
-            frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
-                           duration=self.frame_ms, loop=0)
-        return self.gif_path
+        return io.write_with(self.gif_path, lambda tmp: frames[0].save(
+            tmp, format="GIF", save_all=True, append_images=frames[1:], duration=self.frame_ms, loop=0))
+
+
+class _EveryFewEpochs:
+    """``recorder(epoch, vae)`` every ``every`` epochs and at ``last`` (a picklable epoch callback)."""
+
+    def __init__(self, recorder: SampleGridRecorder, every: int, last: int):
+        self.recorder, self.every, self.last = recorder, every, last
+
+    def __call__(self, epoch: int, vae: VAE) -> None:
+        if epoch and (epoch % self.every == 0 or epoch == self.last):
+            self.recorder(epoch, vae)
 
 
 def train_with_sample_grids(
@@ -337,11 +342,10 @@ def train_with_sample_grids(
 ):
     """Continue a run up to ``epochs`` epochs, saving a sample grid every ``every`` epochs.
 
-    Training goes through :func:`ppl_vae.pipeline.resume` one stretch at a time (same
-    checkpoints, history and RNG as one long resume), so it works for any registered model.
-    Frames go to ``RUN/samples/epoch_NNNN.png``, the animation to ``RUN/samples.gif``; the
-    grid of the run's current epoch is saved first (start from ``fit --epochs 0`` to get the
-    untrained model's frame). Returns the final :class:`ppl_vae.pipeline.Run`.
+    One :func:`ppl_vae.pipeline.resume` with the grids as an epoch callback, so it works for
+    any registered model. Frames go to ``RUN/samples/epoch_NNNN.png``, the animation to
+    ``RUN/samples.gif``; the grid of the run's current epoch is saved first. Returns the final
+    :class:`ppl_vae.pipeline.Run`.
     """
     from ppl_vae import pipeline, runs
 
@@ -349,17 +353,15 @@ def train_with_sample_grids(
         raise ValueError(f"every must be >= 1, got {every}")
     run_dir = Path(run_dir)
     run = pipeline.load_run(run_dir)
-    _, meta = runs.read_checkpoint(run_dir)
-    epoch = int(meta["epoch"])
+    epoch = runs.checkpoint_epoch(run_dir)
     if epochs < epoch:
         raise ValueError(f"epochs must be >= the run's {epoch} epochs done, got {epochs}")
     recorder = SampleGridRecorder(run_dir / "samples", num_samples=num_samples, seed=seed)
     recorder(epoch, run.vae)
-    while epoch < epochs:
-        epoch = min(epochs, epoch + every)
-        run = pipeline.resume(run_dir, epochs=epoch, progress=progress)
-        recorder(epoch, run.vae)
-    return run
+    if epochs == epoch:
+        return run
+    return pipeline.resume(run_dir, epochs=epochs, progress=progress,
+                           callbacks=[_EveryFewEpochs(recorder, every, epochs)])
 
 
 # ---------------------------------------------------------------------------------------------

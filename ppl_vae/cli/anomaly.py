@@ -26,17 +26,13 @@ import click
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def anomaly(run_dir: Path, **opts) -> None:
     """Score each datapoint of a dataset with a trained run (higher = more anomalous)."""
-    from ppl_vae import pipeline, runs
+    from ppl_vae import io, pipeline
     from ppl_vae.analysis.anomaly import score_dataset
-    from ppl_vae.data.datasets import load_dataset
 
     pipeline.seed_everything(opts["seed"])
     run = pipeline.load_run(run_dir, device=opts["device"])
-    d = run.config.data
-    if opts["dataset"] is None:
-        data = pipeline.load_data(run.config) if opts["data_dir"] is None else load_dataset(d.dataset, opts["data_dir"])
-    else:
-        data = load_dataset(opts["dataset"], opts["data_dir"])
+    # another dataset is prepared as the run's training data was (binarization, split, size)
+    data = pipeline.load_data(run.config, dataset=opts["dataset"], data_dir=opts["data_dir"])
     x = data.test if opts["split"] == "test" else data.train
     labels = data.test_labels if opts["split"] == "test" else data.train_labels
     if tuple(x.shape[1:]) != tuple(run.vae.event_shape):
@@ -46,10 +42,13 @@ def anomaly(run_dir: Path, **opts) -> None:
         )
     run.vae.likelihood.check_support(x, what=f"the {opts['split']} data of {data.name}")
     device = next(run.vae.parameters()).device
-    result = score_dataset(
-        run.vae, x.to(device), labels, score=opts["score"], num_samples=opts["num_samples"],
-        batch_size=opts["batch_size"], normal_class=opts["normal_class"], progress=opts["progress"],
-    )
+    try:
+        result = score_dataset(
+            run.vae, x.to(device), labels, score=opts["score"], num_samples=opts["num_samples"],
+            batch_size=opts["batch_size"], normal_class=opts["normal_class"], progress=opts["progress"],
+        )
+    except ValueError as exc:
+        raise click.ClickException(str(exc).replace("normal_class", "--normal-class")) from None
     scores = result["score"]
     click.echo(
         f"{len(x)} datapoints of {data.name} ({opts['split']}) scored by {opts['score']}: "
@@ -65,6 +64,5 @@ def anomaly(run_dir: Path, **opts) -> None:
     else:
         click.echo("no labels: AUROC and AUPRC need 0/1 labels (or class labels with --normal-class)")
     if opts["out"] is not None:
-        with runs.atomic_path(opts["out"]) as tmp:
-            result.to_netcdf(tmp, engine="h5netcdf")
+        io.write_netcdf(result, opts["out"])
         click.echo(f"scores written to {opts['out']}")

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Optional
 
 import click
 from click.core import ParameterSource
+
+from ppl_vae.errors import PplVaeError
 
 # Options that define a run; with --resume the run's own config decides them.
 RUN_OPTIONS = (
     "model", "dataset", "data_dir", "prior", "likelihood", "latent_dim", "hidden_dim",
     "num_components", "method", "batch_size", "lr", "optimizer", "elbo", "num_particles", "kl_warmup",
-    "seed", "device", "out", "binarize", "train_size",
+    "seed", "device", "out", "binarize", "train_size", "train_eval_size", "compile",
 )
 
 
@@ -32,11 +36,15 @@ RUN_OPTIONS = (
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate.")
 @click.option("--optimizer", default="adam", show_default=True, help="adam, adagrad or sgd.")
 @click.option("--elbo", default="trace", show_default=True,
-              help="trace (SGVB estimator A), mean_field (estimator B), jit_trace, jit_mean_field.")
+              help="trace (SGVB estimator A, Monte Carlo KL) or mean_field (estimator B, analytic KL).")
+@click.option("--compile", "compile", default=None, metavar="BACKEND",
+              help="Compile the SVI loss with torch.compile (e.g. inductor); parts-based VAEs only.")
 @click.option("--num-particles", type=int, default=1, show_default=True, help="Samples of z per datapoint per step.")
 @click.option("--kl-warmup", type=int, default=0, show_default=True, help="Epochs over which the KL weight rises to 1.")
 @click.option("--binarize", type=click.Choice(["none", "dynamic", "threshold"]), default="none", show_default=True)
 @click.option("--train-size", type=int, default=None, help="Use only the first N training points.")
+@click.option("--train-eval-size", type=int, default=1000, show_default=True,
+              help="Training points (a fixed seeded subset) the per-epoch train ELBO uses; 0: all of them.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory (default: a new runs/...).")
@@ -53,82 +61,112 @@ def fit(ctx: click.Context, **opts) -> None:
     """Train a VAE with SVI and write config, checkpoint and history to a run directory."""
     from ppl_vae import pipeline
     from ppl_vae.inference import distributed
-    from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
-    if opts["resume"] is not None:
-        given = [o for o in RUN_OPTIONS if ctx.get_parameter_source(o) == ParameterSource.COMMANDLINE]
-        if given:
-            raise click.UsageError(
-                f"--resume continues a run with its own config; drop {', '.join('--' + g.replace('_', '-') for g in given)}"
-            )
-        epochs = opts["epochs"] if ctx.get_parameter_source("epochs") == ParameterSource.COMMANDLINE else None
-        try:
-            if opts["nproc"] != 1 or distributed.launched_by_torchrun():
-                run = distributed.resume(opts["resume"], epochs=epochs, nproc=opts["nproc"],
-                                         progress=opts["progress"], timeout_s=opts["dist_timeout"])
-            else:
-                run = pipeline.resume(opts["resume"], epochs=epochs, progress=opts["progress"],
-                                      callbacks=_callbacks(opts, Path(opts["resume"])))
-        except KeyboardInterrupt:
-            _interrupted(opts["resume"])
-    else:
-        config = RunConfig(
-            model=ModelConfig(
-                model=opts["model"],
-                prior=opts["prior"],
-                likelihood=opts["likelihood"],
-                latent_dim=opts["latent_dim"],
-                hidden_dim=opts["hidden_dim"],
-                prior_options={} if opts["num_components"] is None else {"num_components": opts["num_components"]},
-            ),
-            data=DataConfig(
-                dataset=str(opts["dataset"]),
-                data_dir=None if opts["data_dir"] is None else str(opts["data_dir"]),
-                binarize=opts["binarize"],
-                train_size=opts["train_size"],
-            ),
-            train=TrainConfig(
-                method=opts["method"],
-                epochs=opts["epochs"],
-                batch_size=opts["batch_size"],
-                lr=opts["lr"],
-                optimizer=opts["optimizer"],
-                elbo=opts["elbo"],
-                num_particles=opts["num_particles"],
-                kl_warmup_epochs=opts["kl_warmup"],
-                seed=opts["seed"],
-                device=opts["device"],
-            ),
-        )
-        out = opts["out"] or pipeline.default_run_dir(config)
-        try:
-            if opts["nproc"] != 1 or distributed.launched_by_torchrun():
-                run = distributed.fit(config, out, nproc=opts["nproc"], progress=opts["progress"],
-                                      timeout_s=opts["dist_timeout"])
-            else:
-                run = pipeline.fit(config, out, progress=opts["progress"], callbacks=_callbacks(opts, Path(out)))
-        except KeyboardInterrupt:
-            _interrupted(out)
+    run_dir = Path(opts["resume"]) if opts["resume"] is not None else (opts["out"] or None)
+    common = dict(nproc=opts["nproc"], progress=opts["progress"], sample_grids=opts["sample_grids"],
+                  timeout_s=opts["dist_timeout"])
+    try:
+        if opts["resume"] is not None:
+            given = [o for o in RUN_OPTIONS if ctx.get_parameter_source(o) == ParameterSource.COMMANDLINE]
+            if given:
+                raise click.UsageError(
+                    f"--resume continues a run with its own config; drop {', '.join(flag(g) for g in given)}")
+            epochs = opts["epochs"] if ctx.get_parameter_source("epochs") == ParameterSource.COMMANDLINE else None
+            run = pipeline.resume(run_dir, epochs=epochs, **common)
+        else:
+            config = run_config(opts)
+            run_dir = run_dir or pipeline.default_run_dir(config)
+            run = pipeline.fit(config, run_dir, **common)
+    except KeyboardInterrupt:
+        _interrupted(run_dir)
+    except (ValueError, PplVaeError) as exc:  # library errors name config fields; say the flags instead
+        raise click.ClickException(with_flags(" ".join(str(exc).split()))) from None
     if distributed.env_rank() != 0:
         return  # under torchrun, rank 0 reports
     final = run.final
+    if opts["resume"] is None and not final:  # --epochs 0: the initial checkpoint only (e.g. for animate)
+        click.echo(f"epoch 0: no training step taken, so no ELBO to report; {run.run_dir} holds the initialised "
+                   "model (ppl-vae fit --resume RUN --epochs N trains it)")
+        return
+    if run.new_epochs == 0:
+        click.echo(f"nothing to do: {run.run_dir} has done {run.epochs_done} of {run.config.train.epochs} epochs; "
+                   f"--epochs N (more than {run.epochs_done}) trains it longer")
+        return
     click.echo(
-        f"epoch {int(run.history.epoch[-1]) if run.history.sizes.get('epoch') else 0}: "
-        f"train ELBO {final.get('train_elbo', float('nan')):.3f}, "
-        f"test ELBO {final.get('test_elbo', float('nan')):.3f} nats per datapoint "
-        f"({final.get('wall_time', 0.0):.1f} s training)"
+        f"epoch {run.epochs_done}: train ELBO {final['train_elbo']:.3f}, test ELBO {final['test_elbo']:.3f} "
+        f"nats per datapoint (Monte Carlo estimates of lower bounds on log p(x); {final['wall_time']:.1f} s training)"
     )
     click.echo(f"run directory: {run.run_dir}")
 
 
-def _callbacks(opts: dict, run_dir: Path) -> list:
-    if not opts["sample_grids"]:
-        return []
-    from ppl_vae.analysis.generation import SampleGridRecorder
+def run_config(opts: dict):
+    """The RunConfig that the command-line options describe (plugins: those loaded for this command)."""
+    from ppl_vae.cli.main import active_plugins
+    from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
-    return [SampleGridRecorder(run_dir / "samples")]
+    return RunConfig(
+        model=ModelConfig(
+            model=opts["model"],
+            prior=opts["prior"],
+            likelihood=opts["likelihood"],
+            latent_dim=opts["latent_dim"],
+            hidden_dim=opts["hidden_dim"],
+            prior_options={} if opts["num_components"] is None else {"num_components": opts["num_components"]},
+        ),
+        data=DataConfig(
+            dataset=str(opts["dataset"]),
+            data_dir=None if opts["data_dir"] is None else str(opts["data_dir"]),
+            binarize=opts["binarize"],
+            train_size=opts["train_size"],
+        ),
+        train=TrainConfig(
+            method=opts["method"],
+            epochs=opts["epochs"],
+            batch_size=opts["batch_size"],
+            lr=opts["lr"],
+            optimizer=opts["optimizer"],
+            elbo=opts["elbo"],
+            num_particles=opts["num_particles"],
+            kl_warmup_epochs=opts["kl_warmup"],
+            seed=opts["seed"],
+            device=opts["device"],
+            train_eval_size=opts["train_eval_size"] or None,
+            compile=opts["compile"],
+        ),
+        plugins=active_plugins(),
+    )
 
 
-def _interrupted(run_dir: Path) -> None:
-    click.echo(f"Error: interrupted; the last checkpoint is kept: ppl-vae fit --resume {run_dir}", err=True)
+# config field -> the flag that sets it (errors from the library name fields)
+FIELD_FLAGS = {
+    "model.model": "--model", "model.prior": "--prior", "model.likelihood": "--likelihood",
+    "model.latent_dim": "--latent-dim", "model.hidden_dim": "--hidden-dim", "model.prior_options": "--num-components",
+    "data.dataset": "--dataset", "data.data_dir": "--data-dir", "data.binarize": "--binarize",
+    "data.train_size": "--train-size",
+    "train.method": "--method", "train.epochs": "--epochs", "train.batch_size": "--batch-size", "train.lr": "--lr",
+    "train.optimizer": "--optimizer", "train.elbo": "--elbo", "train.num_particles": "--num-particles",
+    "train.kl_warmup_epochs": "--kl-warmup", "train.seed": "--seed", "train.device": "--device",
+    "train.train_eval_size": "--train-eval-size", "train.compile": "--compile",
+    "timeout_s": "--dist-timeout", "nproc": "--nproc",
+}
+
+
+def flag(option: str) -> str:
+    return "--" + option.replace("_", "-")
+
+
+def with_flags(message: str) -> str:
+    """``message`` with each config field it names replaced by the flag that sets it."""
+    for name in sorted(FIELD_FLAGS, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w])", FIELD_FLAGS[name], message)
+    return message
+
+
+def _interrupted(run_dir: Optional[Path]) -> None:
+    from ppl_vae import runs
+
+    if run_dir is not None and runs.started(run_dir):
+        click.echo(f"Error: interrupted; the last checkpoint is kept: ppl-vae fit --resume {run_dir}", err=True)
+    else:
+        click.echo("Error: interrupted before the first checkpoint; nothing was kept", err=True)
     raise SystemExit(130)

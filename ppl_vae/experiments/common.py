@@ -15,22 +15,24 @@ import dataclasses
 import itertools
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
-import torch
 import xarray as xr
 
 from ppl_vae.config import TrainConfig
 from ppl_vae.data.datasets import Dataset, load_dataset
+from ppl_vae.errors import TrainingDiverged
 from ppl_vae.inference.importance import elbo_per_datapoint
-from ppl_vae.inference.training import METHODS, NonFiniteLoss
+from ppl_vae.inference.training import METHODS, Callback, TrainContext, resolve_device, train
 from ppl_vae.models.vae import VAE
 from ppl_vae.models.zoo import build_vae
+from ppl_vae.pipeline import seed_everything
 from ppl_vae.registry import Registry
-from ppl_vae.io import atomic_path, remove_stale_temp_files, write_text
+from ppl_vae.io import remove_stale_temp_files, write_figure, write_netcdf, write_text, write_with
 
 # Which model the paper used for each dataset, and the sub-folder a --data-dir root may hold.
 DATA_MODELS: Registry[str] = Registry("experiment dataset")
@@ -77,8 +79,6 @@ def build_model(dataset: str, data: Dataset, latent_dim: int, hidden_dim: int) -
 
 def seed_unit(seed: int, *key: Any) -> None:
     """Seed all RNGs from ``seed`` and a unit's key, so a resumed run redoes a unit identically."""
-    from ppl_vae.pipeline import seed_everything
-
     text = json.dumps([seed, *[str(k) for k in key]])
     seed_everything(int.from_bytes(text.encode(), "little") % (2**31 - 1))
 
@@ -90,6 +90,24 @@ def eval_steps(max_samples: int, batch_size: int, num_evals: int) -> List[int]:
         return [last]
     steps = np.unique(np.round(np.logspace(0, math.log10(last), num_evals)).astype(int))
     return [int(s) for s in steps]
+
+
+class CurveRecorder(Callback):
+    """Evaluates the model after chosen optimizer steps and stops training after the last one
+    (the x-axis of the paper's figures 2 and 3 is the number of training samples seen)."""
+
+    def __init__(self, steps: Sequence[int], batch_size: int, evaluate: Callable[[VAE], Dict[str, float]]):
+        self.steps = set(steps)
+        self.last = max(steps)
+        self.batch_size = batch_size
+        self.evaluate = evaluate
+        self.records: List[Dict[str, float]] = []
+
+    def on_step_end(self, ctx: TrainContext) -> bool:
+        step = ctx.state.step
+        if step in self.steps:
+            self.records.append({"num_train_samples": float(step * self.batch_size), **self.evaluate(ctx.vae)})
+        return step >= self.last
 
 
 def train_curve(
@@ -107,39 +125,34 @@ def train_curve(
     desc: str = "",
     method_options: Optional[dict] = None,
     evaluate_at_start: bool = True,
+    device: str = "auto",
 ) -> List[Dict[str, float]]:
-    """Train ``vae`` with registered ``method`` on minibatches drawn at random from ``data.train``.
+    """Train ``vae`` with registered ``method`` through the library's one training loop
+    (:func:`ppl_vae.inference.training.train`: epochs of minibatches without replacement).
 
     ``evaluate(vae)`` runs at log-spaced numbers of training samples (the x-axis of the
     paper's figures 2 and 3) and, with ``evaluate_at_start``, at 0; returns its records,
-    each with ``num_train_samples``.
-    A diverging run stops its curve early (the records so far are kept).
+    each with ``num_train_samples``. ``device``: where to train ("auto": CUDA when available).
+    A run whose loss becomes NaN stops its curve there with a warning naming the step; the
+    records so far are kept.
     """
-    from tqdm.auto import tqdm
-
-    config = TrainConfig(method=method, batch_size=batch_size, lr=lr, optimizer=optimizer, device="cpu")
-    stepper = METHODS.get(method)(vae, config, **(method_options or {}))
+    target = resolve_device(device)
+    vae, data = vae.to(target), data.to(target)
     n = data.train.shape[0]
     batch = min(batch_size, n)
     checkpoints = eval_steps(max_samples, batch, num_evals)
+    epochs = math.ceil(checkpoints[-1] / math.ceil(n / batch))
+    config = TrainConfig(method=method, epochs=epochs, batch_size=batch, lr=lr, optimizer=optimizer,
+                         device=str(target))
+    stepper = METHODS.get(method)(vae, config, **(method_options or {}))
     records = [{"num_train_samples": 0.0, **evaluate(vae)}] if evaluate_at_start else []
-    bar = tqdm(total=checkpoints[-1], disable=not progress, desc=desc, unit="step", leave=False, dynamic_ncols=True)
-    step = 0
+    recorder = CurveRecorder(checkpoints, batch, evaluate)
     try:
-        for target in checkpoints:
-            while step < target:
-                idx = torch.randint(0, n, (batch,), device=data.train.device)
-                try:
-                    stepper.step(data.train[idx], num_data=n)
-                except NonFiniteLoss:
-                    return records
-                step += 1
-                bar.update(1)
-            records.append({"num_train_samples": float(step * batch), **evaluate(vae)})
-    finally:
-        bar.close()
-        stepper.close()
-    return records
+        train(vae, data, config, stepper=stepper, callbacks=[recorder], progress=progress, evaluate=False)
+    except TrainingDiverged as exc:
+        warnings.warn(f"{desc or method}: training diverged ({exc}); the curve stops at "
+                      f"{len(recorder.records)} of {len(checkpoints)} evaluations", stacklevel=2)
+    return records + recorder.records
 
 
 def train_aevb(dataset: str, data: Dataset, latent_dim: int, hidden_dim: int, *, max_samples: int,
@@ -202,10 +215,8 @@ class ResultTable:
         once both files hold it. A kill between the writes makes a rerun redo the unit."""
         new = pd.DataFrame(list(rows))
         frame = new if self.frame.empty else pd.concat([self.frame, new], ignore_index=True)
-        with atomic_path(self.nc_path) as tmp:
-            self._as_xarray(frame).to_netcdf(tmp, engine="h5netcdf")
-        with atomic_path(self.csv_path) as tmp:
-            frame.to_csv(tmp, index=False)
+        write_netcdf(self._as_xarray(frame), self.nc_path)
+        write_with(self.csv_path, lambda tmp: frame.to_csv(tmp, index=False))
         self.frame = frame
 
     def to_xarray(self) -> xr.Dataset:
@@ -253,9 +264,7 @@ def save_figure(fig, out_dir: Path, name: str) -> List[Path]:
     paths = []
     for ext in ("png", "svg"):
         path = Path(out_dir) / f"{name}.{ext}"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
-        paths.append(path)
+        paths.append(write_figure(fig, path, dpi=150, bbox_inches="tight"))
     return paths
 
 

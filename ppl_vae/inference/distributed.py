@@ -28,16 +28,15 @@ import pickle
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 from torch import nn
 
-from ppl_vae.config import RunConfig, TrainConfig
-from ppl_vae.errors import PplVaeError, RunDirError
+from ppl_vae.config import TrainConfig
+from ppl_vae.errors import ConfigError, PplVaeError
 from ppl_vae.inference.training import (
     METHODS,
     NonFiniteLoss,
@@ -46,9 +45,6 @@ from ppl_vae.inference.training import (
     resolve_device,
     validate_train_config,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ppl_vae.pipeline import Run
 
 DEFAULT_TIMEOUT_S = 300.0
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
@@ -63,6 +59,11 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def env_world_size() -> int:
+    """The number of ranks torchrun started (1 outside a distributed launch)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def env_rank() -> int:
     """This process's global rank from the environment (0 outside a distributed launch)."""
     return int(os.environ.get("RANK", "0"))
@@ -75,15 +76,14 @@ def check_config(config: TrainConfig, world_size: int) -> None:
         raise ValueError(f"nproc must be >= 1, got {world_size}")
     method = METHODS.get(config.method)
     if not (isinstance(method, type) and issubclass(method, SVIStepper)):
-        raise ValueError(f"distributed training supports SVI methods only, got method {config.method!r}")
+        raise ConfigError(f"train.method {config.method!r} cannot run data-parallel: distributed training "
+                          "supports SVI methods only", field="train.method")
     if config.batch_size % world_size:
-        raise ValueError(
-            f"batch_size ({config.batch_size}) must be divisible by the number of processes ({world_size})"
-        )
+        raise ConfigError(f"train.batch_size ({config.batch_size}) must be divisible by the number of "
+                          f"processes ({world_size})", field="train.batch_size")
     if config.device not in ("auto", "cpu", "cuda"):
-        raise ValueError(
-            f"device must be cpu, cuda or auto with several processes (rank r uses cuda:r), got {config.device!r}"
-        )
+        raise ConfigError(f"train.device must be cpu, cuda or auto with several processes (rank r uses cuda:r), "
+                          f"got {config.device!r}", field="train.device")
     device = resolve_device(config.device)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if device.type == "cuda" and local > torch.cuda.device_count():
@@ -222,14 +222,8 @@ class DistributedSVIStepper(Stepper):
         self.base = base
         self.ctx = ctx
         self.optimizers = base.optimizers
-        loss_fn = getattr(base, "loss", None) or (  # the stepper's loss where it exposes one
-            lambda x, **kw: base.elbo.differentiable_loss(base.model, base.guide, x, **kw))
-        self._loss = ELBOLoss(base.vae, loss_fn)
+        self._loss = ELBOLoss(base.vae, base.loss)
         self._ddp: Optional[nn.parallel.DistributedDataParallel] = None
-
-    @property
-    def drop_last(self) -> bool:
-        return self.base.drop_last
 
     def _wrap(self, x: torch.Tensor, kwargs: Dict[str, Any]) -> nn.parallel.DistributedDataParallel:
         # DDP must be told about parameters that get no gradient; find out once with a probe.
@@ -273,7 +267,7 @@ def init_process_group(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_
     Backend gloo for ``device`` cpu, nccl for cuda (rank uses ``cuda:LOCAL_RANK``); "auto"
     picks CUDA when available. Every collective fails after ``timeout_s`` seconds.
     """
-    _check_timeout(timeout_s)
+    check_timeout(timeout_s)
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise ValueError(f"not launched by torchrun: {', '.join(missing)} not set; use torchrun or --nproc")
@@ -300,73 +294,9 @@ def process_group(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) ->
             tdist.destroy_process_group()
 
 
-# -- one rank's fit / resume (under torchrun or launch) --------------------------------------
-
-
-def fit(config: RunConfig, out: Optional[Path] = None, *, nproc: int = 1, progress: bool = True,
-        timeout_s: float = DEFAULT_TIMEOUT_S) -> "Run":
-    """Data-parallel :func:`ppl_vae.pipeline.fit`.
-
-    Under torchrun this process trains as its rank (``nproc`` must be 1); otherwise
-    ``nproc`` processes are started on this machine (:func:`launch`) and the finished run is
-    loaded here. Only rank 0 writes ``out``; every rank returns the same history.
-    """
-    from ppl_vae import pipeline
-
-    _check_timeout(timeout_s)
-    if not launched_by_torchrun():
-        if nproc == 1:
-            return pipeline.fit(config, out, progress=progress)
-        check_config(config.train, nproc)
-        out = Path(out) if out is not None else pipeline.default_run_dir(config)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise RunDirError(f"{out} already exists and is not empty; choose another --out or --resume it")
-        launch(_quiet, (fit, config, out), {"progress": progress, "timeout_s": timeout_s}, nproc=nproc)
-        return pipeline.load_run(out, device="cpu")
-    _no_nproc_under_torchrun(nproc)
-    check_config(config.train, int(os.environ["WORLD_SIZE"]))
-    with process_group(config.train.device, timeout_s) as ctx:
-        chosen = ctx.broadcast_object(str(out or pipeline.default_run_dir(config)) if ctx.is_main else None)
-        run = pipeline.fit(config, Path(chosen), progress=progress and ctx.is_main, dist=ctx)
-        ctx.barrier()  # rank 0 has written the last checkpoint when every rank returns
-    return run
-
-
-def resume(run_dir: Path, *, epochs: Optional[int] = None, nproc: int = 1, progress: bool = True,
-           timeout_s: float = DEFAULT_TIMEOUT_S) -> "Run":
-    """Data-parallel :func:`ppl_vae.pipeline.resume` (every rank reads ``run_dir``: on several
-    machines it must be on a shared filesystem); ``nproc`` as in :func:`fit`."""
-    from ppl_vae import pipeline, runs
-
-    _check_timeout(timeout_s)
-    if not launched_by_torchrun():
-        if nproc == 1:
-            return pipeline.resume(run_dir, epochs=epochs, progress=progress)
-        check_config(runs.load_config(run_dir).train, nproc)
-        launch(_quiet, (resume, Path(run_dir)), {"epochs": epochs, "progress": progress, "timeout_s": timeout_s},
-               nproc=nproc)
-        return pipeline.load_run(run_dir, device="cpu")
-    _no_nproc_under_torchrun(nproc)
-    check_config(runs.load_config(run_dir).train, int(os.environ["WORLD_SIZE"]))
-    with process_group(runs.load_config(run_dir).train.device, timeout_s) as ctx:
-        run = pipeline.resume(run_dir, epochs=epochs, progress=progress and ctx.is_main, dist=ctx)
-        ctx.barrier()
-    return run
-
-
-def _quiet(fn: Callable, *args: Any, **kwargs: Any) -> None:
-    """``fn`` in a launched process, returning nothing (the parent reads the run directory)."""
-    fn(*args, **kwargs)
-
-
-def _check_timeout(timeout_s: float) -> None:
+def check_timeout(timeout_s: float) -> None:
     if not (timeout_s > 0 and math.isfinite(timeout_s)):
-        raise ValueError(f"dist_timeout must be a positive number of seconds, got {timeout_s}")
-
-
-def _no_nproc_under_torchrun(nproc: int) -> None:
-    if nproc != 1:
-        raise ValueError(f"nproc must be 1 under torchrun (torchrun starts the processes), got {nproc}")
+        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s}")
 
 
 # -- launcher for one machine ---------------------------------------------------------------

@@ -10,7 +10,6 @@ estimator; the tests check that. Models that override ``model`` or ``guide`` use
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from torch.distributions import kl_divergence
 

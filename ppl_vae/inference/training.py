@@ -1,8 +1,12 @@
-"""SVI training of a VAE's encoder and decoder (AEVB algorithm 1).
+"""The training loop: SVI (and every registered training method) over minibatches, one loop.
 
-The loss is Pyro's ``differentiable_loss`` of the chosen ELBO, minimized with a plain torch
-optimizer over ``vae.parameters()``: no global param store is involved, so several models can
-live in one process and a checkpoint is just the module's and optimizer's state dicts.
+:func:`train` is the only training loop in the library: ``ppl-vae fit``, resume, the paper's
+experiments and every rank of a distributed run go through it. It writes no files; what
+happens around the steps (checkpoints, sample grids, evaluation curves, early stops) is a
+:class:`Callback`. The SVI loss is Pyro's ``differentiable_loss`` of the chosen ELBO (or the same
+estimator computed without tracing, :mod:`ppl_vae.inference.fused`), minimized with a plain
+torch optimizer over ``vae.parameters()``: no global param store is involved, so several models
+can live in one process and a checkpoint is just the module's and optimizers' state dicts.
 """
 
 from __future__ import annotations
@@ -10,41 +14,38 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import pyro
 import torch
 import xarray as xr
-from pyro.infer import JitTrace_ELBO, JitTraceMeanField_ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
-from ppl_vae import runs
 from ppl_vae.config import TrainConfig
 from ppl_vae.data.datasets import Dataset
-from ppl_vae.errors import DataError, TrainingDiverged
+from ppl_vae.errors import ConfigError, DataError, TrainingDiverged
 from ppl_vae.inference.fused import fused_elbo_loss, supports_fused_elbo
 from ppl_vae.inference.importance import elbo_per_datapoint
 from ppl_vae.models.vae import VAE
 from ppl_vae.registry import Registry
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ppl_vae.inference.distributed import DistContext
 
 ELBOS: Registry[Callable[..., pyro.infer.ELBO]] = Registry("elbo")
 ELBOS.register("trace", doc="Trace_ELBO: AEVB's SGVB estimator A (Monte Carlo KL)")(Trace_ELBO)
 ELBOS.register("mean_field", doc="TraceMeanField_ELBO: AEVB's estimator B (analytic KL)")(
     TraceMeanField_ELBO
 )
-ELBOS.register("jit_trace", doc="JitTrace_ELBO: estimator A, compiled with torch.jit")(JitTrace_ELBO)
-ELBOS.register("jit_mean_field", doc="JitTraceMeanField_ELBO: estimator B, compiled")(
-    JitTraceMeanField_ELBO
-)
+# Pyro's JitTrace_ELBO rests on torch.jit.trace, deprecated in torch 2.x: compile= replaces it.
+_REMOVED_ELBOS = {"jit_trace": "trace", "jit_mean_field": "mean_field"}
 
 OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
 OPTIMIZERS.register("adam", doc="Adam (Kingma & Ba 2015)")(torch.optim.Adam)
 OPTIMIZERS.register("adagrad", doc="Adagrad (Duchi et al. 2011), AEVB's choice")(torch.optim.Adagrad)
 OPTIMIZERS.register("sgd", doc="plain stochastic gradient descent")(torch.optim.SGD)
+
+# When SVI checks that the loss is finite: every step (a host-device sync each step, and no
+# update ever sees a NaN) or once per epoch (no per-step sync: the right choice on a GPU).
+FINITE_CHECKS = {"auto": "step on CPU, epoch on CUDA", "step": "step", "epoch": "epoch"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,32 +55,45 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {name!r}") from None
+        raise ConfigError(f"train.device must be cpu, cuda, cuda:N or auto, got {name!r}", field="train.device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was requested but CUDA is not available here")
+        raise ConfigError(f"train.device {name!r} was requested but CUDA is not available here", field="train.device")
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {name!r}")
+        raise ConfigError(f"train.device must be cpu, cuda, cuda:N or auto, got {name!r}", field="train.device")
     return device
 
 
 def validate_train_config(config: TrainConfig) -> None:
-    """Raise ValueError naming the first bad field."""
-    METHODS.get(config.method)
-    ELBOS.get(config.elbo)
-    OPTIMIZERS.get(config.optimizer)
+    """Raise :class:`ConfigError` naming the first bad field (``train.NAME``)."""
+    def bad(name: str, message: str) -> ConfigError:
+        return ConfigError(f"train.{name} {message}", field=f"train.{name}")
+
+    for name, registry in (("method", METHODS), ("elbo", ELBOS), ("optimizer", OPTIMIZERS)):
+        value = getattr(config, name)
+        if name == "elbo" and value in _REMOVED_ELBOS:
+            raise bad("elbo", f"{value!r} is no longer offered (it used torch.jit.trace, deprecated in torch 2); "
+                              f"use elbo {_REMOVED_ELBOS[value]!r} with compile 'inductor'")
+        if value not in registry:
+            raise bad(name, f"must be one of {', '.join(registry.names())}, got {value!r}")
     for name in ("batch_size", "num_particles", "eval_num_particles", "checkpoint_every"):
         if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+            raise bad(name, f"must be >= 1, got {getattr(config, name)}")
     if config.epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {config.epochs}")
+        raise bad("epochs", f"must be >= 0, got {config.epochs}")
     if not (config.lr > 0 and math.isfinite(config.lr)):
-        raise ValueError(f"lr must be a positive number, got {config.lr}")
+        raise bad("lr", f"must be a positive number, got {config.lr}")
     if config.kl_warmup_epochs < 0:
-        raise ValueError(f"kl_warmup_epochs must be >= 0, got {config.kl_warmup_epochs}")
+        raise bad("kl_warmup_epochs", f"must be >= 0, got {config.kl_warmup_epochs}")
     if config.finite_check not in FINITE_CHECKS:
-        raise ValueError(f"finite_check must be one of {', '.join(FINITE_CHECKS)}, got {config.finite_check!r}")
-    if config.elbo.startswith("jit") and config.kl_warmup_epochs:
-        raise ValueError("KL warm-up needs a non-JIT elbo (a changing KL weight would recompile every step)")
+        raise bad("finite_check", f"must be one of {', '.join(FINITE_CHECKS)}, got {config.finite_check!r}")
+    if config.train_eval_size is not None and config.train_eval_size < 1:
+        raise bad("train_eval_size", f"must be >= 1 or null (the whole training set), got {config.train_eval_size}")
+    if config.compile is not None:
+        import torch._dynamo  # only when compiling: importing dynamo costs a second
+
+        if config.compile not in torch._dynamo.list_backends(exclude_tags=()):
+            raise bad("compile", f"must be null or a torch.compile backend "
+                                 f"({', '.join(torch._dynamo.list_backends())}, ...), got {config.compile!r}")
     resolve_device(config.device)
 
 
@@ -102,7 +116,8 @@ class Stepper:
     ``optimizers`` maps a name to each torch optimizer the method uses; their states are
     checkpointed and restored by name. ``step`` returns the detached minibatch loss (the
     negative objective, scaled to the full dataset) and must raise :class:`NonFiniteLoss`
-    *before* updating parameters when that loss is not finite.
+    *before* updating parameters when that loss is not finite. ``step`` gets the dataset's
+    labels as ``y`` when it has them; a method that does not use labels ignores them.
     """
 
     optimizers: Dict[str, torch.optim.Optimizer]
@@ -116,86 +131,53 @@ class Stepper:
     def step(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - interface
 
-    @property
-    def drop_last(self) -> bool:
-        """Whether every minibatch must have the same size (compiled steppers)."""
-        return False
-
     def close(self) -> None:
-        """Release anything the stepper registered globally."""
+        """Release anything the stepper holds beyond its optimizers."""
 
 
 METHODS: Registry[Callable[[VAE, TrainConfig], Stepper]] = Registry("method")
 
-# When SVI checks that the loss is finite: every step (a host-device sync each step, and no
-# update ever sees a NaN) or once per epoch (no per-step sync: the right choice on a GPU).
-FINITE_CHECKS = {"auto": "step on CPU, epoch on CUDA", "step": "step", "epoch": "epoch"}
-
-
-class _JitPair:
-    """Model/guide that register the VAE's parameters, so Pyro's JIT passes them as inputs.
-
-    The unique name keeps this VAE's entries apart from anything else in the param store;
-    :meth:`close` removes them.
-    """
-
-    def __init__(self, vae: VAE):
-        self.vae = vae
-        self.name = f"ppl_vae_jit_{id(vae)}_{time.monotonic_ns()}"
-
-    def model(self, x, num_data=None, **kwargs):
-        pyro.module(self.name, self.vae)
-        return self.vae.model(x, num_data=num_data, **kwargs)
-
-    def guide(self, x, num_data=None, **kwargs):
-        pyro.module(self.name, self.vae)
-        return self.vae.guide(x, num_data=num_data, **kwargs)
-
-    def close(self) -> None:
-        store = pyro.get_param_store()
-        for key in [k for k in store.keys() if k.startswith(self.name)]:
-            del store[key]
-
 
 @METHODS.register("svi", doc="SVI on the ELBO: AEVB's algorithm 1 (encoder and decoder jointly)")
 class SVIStepper(Stepper):
-    """AEVB: one gradient step on the chosen ELBO for encoder and decoder together."""
+    """AEVB: one gradient step on the chosen ELBO for encoder and decoder together.
+
+    With ``config.compile`` (a torch.compile backend) the fused loss is compiled; that needs
+    the fused path (a parts-based VAE and ``fused_elbo``), since Pyro's tracing is not a graph.
+    """
 
     def __init__(self, vae: VAE, config: TrainConfig):
         self.vae = vae
-        self.jit = config.elbo.startswith("jit")
-        options = {"ignore_jit_warnings": True} if self.jit else {}
         self.elbo = ELBOS.get(config.elbo)(
             num_particles=config.num_particles,
             vectorize_particles=config.num_particles > 1,
             max_plate_nesting=1,
-            **options,
         )
-        self._pair = _JitPair(vae) if self.jit else None
-        self.model, self.guide = (self._pair.model, self._pair.guide) if self._pair else (vae.model, vae.guide)
         # The fused path computes the same estimator without Pyro's tracing (see inference/fused.py).
-        self.fused = config.fused_elbo and not self.jit and supports_fused_elbo(vae)
+        self.fused = config.fused_elbo and supports_fused_elbo(vae)
         self._num_particles = config.num_particles
         self._analytic_kl = config.elbo == "mean_field"
+        self._fused_loss: Callable[..., torch.Tensor] = fused_elbo_loss
+        if config.compile is not None:
+            if not self.fused:
+                raise ConfigError(
+                    f"train.compile needs the fused ELBO: a VAE with the base class's model and guide and "
+                    f"train.fused_elbo true ({type(vae).__name__} goes through Pyro's tracing)", field="train.compile")
+            self._fused_loss = torch.compile(fused_elbo_loss, backend=config.compile)
         self.optimizers = {"svi": make_optimizer(vae, config)}
         device_type = next(iter(vae.parameters()), torch.empty(0)).device.type
         self.defers_finite_check = config.finite_check == "epoch" or (
             config.finite_check == "auto" and device_type == "cuda"
         )
 
-    @property
-    def drop_last(self) -> bool:
-        # Pyro's JIT caches one trace per argument count, so the batch shape must not change.
-        return self.jit
-
     def loss(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> torch.Tensor:
         """The differentiable minibatch loss (negative ELBO scaled to ``num_data``)."""
-        if self.fused:
-            return fused_elbo_loss(self.vae, x, num_data=num_data, kl_weight=kl_weight,
-                                   num_particles=self._num_particles, analytic_kl=self._analytic_kl)
+        if self.fused:  # the base VAE ignores labels
+            return self._fused_loss(self.vae, x, num_data=num_data, kl_weight=kl_weight,
+                                    num_particles=self._num_particles, analytic_kl=self._analytic_kl)
         if kl_weight != 1.0:
             kwargs["kl_weight"] = kl_weight
-        return self.elbo.differentiable_loss(self.model, self.guide, x, num_data=num_data, **kwargs)
+        return self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x, num_data=num_data, **kwargs)
 
     def step(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> torch.Tensor:
         loss = self.loss(x, num_data=num_data, kl_weight=kl_weight, **kwargs)
@@ -207,10 +189,6 @@ class SVIStepper(Stepper):
         optimizer.step()
         return loss.detach()
 
-    def close(self) -> None:
-        if self._pair is not None:
-            self._pair.close()
-
 
 @dataclass
 class TrainState:
@@ -220,10 +198,17 @@ class TrainState:
     step: int = 0
     records: List[Dict[str, float]] = field(default_factory=list)
 
+    @property
+    def fresh(self) -> bool:
+        """No step taken yet."""
+        return self.epoch == 0 and self.step == 0
+
 
 HISTORY_VARS = {
-    "train_elbo": "ELBO per datapoint on the training set, nats (KL weight 1)",
-    "test_elbo": "ELBO per datapoint on the test set, nats (KL weight 1)",
+    "train_elbo": "ELBO per datapoint on the training set (or the fixed subset of train_eval_size points), "
+                  "nats (KL weight 1); a Monte Carlo estimate of a lower bound on log p(x)",
+    "test_elbo": "ELBO per datapoint on the test set, nats (KL weight 1); a Monte Carlo estimate of a lower "
+                 "bound on log p(x)",
     "train_loss": "mean minibatch loss (negative ELBO) per datapoint during the epoch, nats (with its KL weight)",
     "kl_weight": "KL weight at the end of the epoch",
     "wall_time": "cumulative training time, seconds (evaluation excluded)",
@@ -248,10 +233,81 @@ def history_records(history: xr.Dataset) -> List[Dict[str, float]]:
     ]
 
 
+@dataclass
+class TrainContext:
+    """What a :class:`Callback` sees: the model, data, config, stepper and the state so far."""
+
+    vae: VAE
+    data: Dataset
+    config: TrainConfig
+    stepper: Stepper
+    state: TrainState
+    attrs: Dict[str, Any]
+
+    def history(self) -> xr.Dataset:
+        """The per-epoch records so far as the history Dataset."""
+        return history_to_xarray(self.state.records, self.attrs)
+
+
+class Callback:
+    """Hooks of :func:`train`; override the ones you need. They run on the main rank only.
+
+    ``on_train_start``: before the first step of this call (fresh or resumed; ``ctx.state``
+    says which). ``on_step_end``: after every optimizer step; return True to stop training
+    there (only callbacks that override it are called, so the others cost nothing per step).
+    ``on_epoch_end``: after each epoch's record is appended.
+    """
+
+    def on_train_start(self, ctx: TrainContext) -> None:
+        pass
+
+    def on_step_end(self, ctx: TrainContext) -> bool:
+        return False
+
+    def on_epoch_end(self, ctx: TrainContext) -> None:
+        pass
+
+
+class EpochFunction(Callback):
+    """A plain ``fn(epoch, vae)`` as a callback: called at the start of a fresh run (epoch 0)
+    and after every epoch."""
+
+    def __init__(self, fn: Callable[[int, VAE], object]):
+        self.fn = fn
+
+    def on_train_start(self, ctx: TrainContext) -> None:
+        if ctx.state.fresh:
+            self.fn(0, ctx.vae)
+
+    def on_epoch_end(self, ctx: TrainContext) -> None:
+        self.fn(ctx.state.epoch, ctx.vae)
+
+
+def as_callbacks(callbacks: Sequence[Union[Callback, Callable[[int, VAE], object]]]) -> List[Callback]:
+    return [c if isinstance(c, Callback) else EpochFunction(c) for c in callbacks]
+
+
 def _kl_weight(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
     if config.kl_warmup_epochs == 0:
         return 1.0
     return min(1.0, (step + 1) / (config.kl_warmup_epochs * steps_per_epoch))
+
+
+def train_eval_set(data: Dataset, config: TrainConfig):
+    """The training points the per-epoch ``train_elbo`` is computed on: all of them, or a fixed
+    subset of ``config.train_eval_size`` drawn from ``config.seed``; under dynamic binarization
+    binarized once (seeded), so the curve measures the model, not fresh binarization noise.
+    Returns ``(x, labels)``; the global RNG is left as it was."""
+    x, labels = data.train, data.train_labels
+    n = x.shape[0]
+    gen = torch.Generator().manual_seed(config.seed)
+    if config.train_eval_size is not None and config.train_eval_size < n:
+        idx = torch.randperm(n, generator=gen)[: config.train_eval_size].sort().values.to(x.device)
+        x = x[idx]
+        labels = None if labels is None else labels[idx]
+    if data.dynamic_binarization:
+        x = (torch.rand(x.shape, generator=gen).to(x.device) < x).to(x.dtype)
+    return x, labels
 
 
 def train(
@@ -259,31 +315,31 @@ def train(
     data: Dataset,
     config: TrainConfig,
     *,
-    run_dir: Optional[Path] = None,
     stepper: Optional[Stepper] = None,
     state: Optional[TrainState] = None,
+    callbacks: Sequence[Union[Callback, Callable[[int, VAE], object]]] = (),
     progress: bool = True,
     history_attrs: Optional[dict] = None,
-    dist: Optional["DistContext"] = None,
-    callbacks: Sequence[Callable[[int, VAE], object]] = (),
+    dist: Any = None,
+    evaluate: bool = True,
 ) -> xr.Dataset:
-    """Train ``vae`` on ``data.train`` until ``config.epochs`` epochs are done.
+    """Train ``vae`` on ``data.train`` until ``config.epochs`` epochs are done; returns the history.
 
-    ``vae`` and ``data`` must already be on the training device. With ``run_dir``, a
-    checkpoint and the history are written (atomically) every ``config.checkpoint_every``
-    epochs and at the end. A NaN or infinite loss raises :class:`TrainingDiverged` naming
-    the step; the run directory keeps the last good checkpoint. Returns the history.
+    ``vae`` and ``data`` must already be on the training device. Each epoch visits the
+    training set once in a fresh random order, in minibatches of ``config.batch_size``; the
+    dataset's labels go to the model as ``y`` when it has them. After each epoch a record is
+    appended: ``train_elbo`` (on :func:`train_eval_set`) and ``test_elbo`` (whole test set),
+    both with the model in eval mode, unless ``evaluate`` is False (then they are NaN).
 
-    ``stepper`` (default: the one ``config.method`` names) carries the optimizer state when
-    resuming. A VAE with ``conditional = True`` gets the labels as ``y``.
+    ``stepper`` (default: the one ``config.method`` names) and ``state`` carry a resumed run's
+    optimizer state and progress. ``callbacks``: :class:`Callback` objects (or plain
+    ``fn(epoch, vae)``) for checkpoints, sample grids, curves, early stops; this function
+    itself writes no files. A NaN or infinite loss raises :class:`TrainingDiverged` naming
+    the step.
 
-    ``dist`` (see :mod:`ppl_vae.inference.distributed`) makes this one rank of a data-parallel
-    run: it trains on its shard of each global batch with gradients averaged over ranks, and
-    the losses and ELBOs are averaged over ranks. Pass ``run_dir`` on rank 0 only.
-
-    ``callbacks``: each is called as ``callback(epoch, vae)`` after every epoch's record and
-    checkpoint, and with epoch 0 before a fresh run's first step (on rank 0 only); e.g.
-    :class:`ppl_vae.analysis.generation.SampleGridRecorder`.
+    ``dist`` (a :class:`ppl_vae.inference.distributed.DistContext`) makes this one rank of a
+    data-parallel run: it trains on its shard of each global batch with gradients averaged
+    over ranks, the ELBOs are averaged over ranks, and callbacks run on rank 0 only.
     """
     from tqdm.auto import tqdm
 
@@ -293,64 +349,54 @@ def train(
     if dist is not None:
         stepper = dist.wrap_stepper(stepper)
     labelled = data.train_labels is not None
-    if getattr(vae, "num_classes", None) is not None and not labelled:
+    if vae.num_classes is not None and (not labelled or data.test_labels is None):
         raise DataError(f"model {type(vae).__name__} is conditional and needs labels, but {data.name} has none")
+    is_main = dist is None or dist.is_main
+    hooks = as_callbacks(callbacks) if is_main else []
+    step_hooks = [c for c in hooks if type(c).on_step_end is not Callback.on_step_end]
+    ctx = TrainContext(vae, data, config, stepper, state, dict(history_attrs or {}))
 
     x_train = data.train
     n_train = x_train.shape[0]
+    device = x_train.device
     batch_size = min(config.batch_size, n_train) if dist is None else dist.local_batch_size(config.batch_size, n_train)
     n_local, world = (n_train, 1) if dist is None else (dist.num_samples(n_train), dist.world_size)
-    # The JIT trace fixes the batch shape, so it drops the last, smaller batch.
-    steps_per_epoch = n_local // batch_size if stepper.drop_last else math.ceil(n_local / batch_size)
-    attrs = dict(history_attrs or {})
+    steps_per_epoch = math.ceil(n_local / batch_size)
+    x_eval, labels_eval = train_eval_set(data, config) if evaluate else (None, None)
 
-    def evaluate(x: torch.Tensor, labels: Optional[torch.Tensor]) -> float:
-        vae.eval()
+    def mean_elbo(x: torch.Tensor, labels: Optional[torch.Tensor]) -> float:
+        if not evaluate:
+            return float("nan")
         if dist is not None:
             x, labels = dist.shard(x), dist.shard(labels)
         kwargs = {"y": labels} if labels is not None else {}
-        value = elbo_per_datapoint(vae.model, vae.guide, x, num_particles=config.eval_num_particles, **kwargs)
-        vae.train()
+        vae.eval()
+        try:
+            value = elbo_per_datapoint(vae.model, vae.guide, x, num_particles=config.eval_num_particles, **kwargs)
+        finally:
+            vae.train()
         return float(value.mean()) if dist is None else dist.global_mean(value)
 
     def diverged(what: str, step: int) -> TrainingDiverged:
-        last = state.records[-1]["epoch"] if state.records else 0
-        return TrainingDiverged(
-            f"{what} at step {step} (epoch {state.epoch + 1}); the last good checkpoint is from epoch {last}"
-            + (f" in {run_dir}" if run_dir is not None else "") + "; try a smaller --lr",
-            step=step,
-        )
+        return TrainingDiverged(f"{what} at step {step} (epoch {state.epoch + 1}); try a smaller train.lr", step=step)
 
-    def checkpoint() -> None:
-        if run_dir is not None:
-            # History first, checkpoint last: the checkpoint is the commit point. A kill between the
-            # two writes leaves a history one epoch ahead, which resume trims to the checkpoint's
-            # epoch; the other order would leave an epoch missing from the history for good.
-            runs.save_history(run_dir, history_to_xarray(state.records, attrs))
-            runs.save_checkpoint(run_dir, vae, stepper.optimizers, epoch=state.epoch, step=state.step,
-                                 extra={"event_shape": list(data.event_shape), "data_info": data.data_info})
-
-    is_main = dist is None or dist.is_main
-    if state.epoch == 0 and state.step == 0:
-        if run_dir is not None:
-            checkpoint()  # a good checkpoint exists before the first step
-        for callback in callbacks if is_main else ():
-            callback(0, vae)
-
+    for hook in hooks:
+        hook.on_train_start(ctx)
     wall = state.records[-1]["wall_time"] if state.records else 0.0
     seen = state.records[-1]["num_train_samples"] if state.records else 0.0
     bar = tqdm(total=config.epochs, initial=state.epoch, disable=not progress, desc="epochs", unit="epoch",
                dynamic_ncols=True)
+    stop = False
     try:
         vae.train()
-        while state.epoch < config.epochs:
+        while state.epoch < config.epochs and not stop:
             start = time.perf_counter()
             if dist is None:
-                order = torch.randperm(n_train, device=x_train.device)
+                order = torch.randperm(n_train, device=device)
             else:
-                order = dist.start_epoch(n_train, seed=config.seed, epoch=state.epoch, device=x_train.device)
-            loss_sum = torch.zeros((), device=x_train.device)
-            first_bad = torch.full((), -1, dtype=torch.long, device=x_train.device)
+                order = dist.start_epoch(n_train, seed=config.seed, epoch=state.epoch, device=device)
+            loss_sum = torch.zeros((), device=device)
+            first_bad = torch.full((), -1, dtype=torch.long, device=device)
             kl_weight = 1.0
             for b in range(steps_per_epoch):
                 idx = order[b * batch_size : (b + 1) * batch_size]
@@ -368,16 +414,19 @@ def train(
                 loss_sum += loss  # each minibatch loss is scaled to the full data
                 state.step += 1
                 seen += len(idx) * world
+                if step_hooks and any([hook.on_step_end(ctx) for hook in step_hooks]):
+                    stop = True
+                    break
             if stepper.defers_finite_check and int(first_bad) >= 0:
                 raise diverged("the loss became non-finite", int(first_bad))
+            if stop:
+                break
             wall += time.perf_counter() - start
             state.epoch += 1
             record = {
                 "epoch": state.epoch,
-                "train_elbo": evaluate(
-                    torch.bernoulli(x_train) if data.dynamic_binarization else x_train, data.train_labels
-                ),
-                "test_elbo": evaluate(data.test, data.test_labels),
+                "train_elbo": mean_elbo(x_eval, labels_eval),
+                "test_elbo": mean_elbo(data.test, data.test_labels),
                 "train_loss": float(loss_sum) / (steps_per_epoch * n_train),
                 "kl_weight": kl_weight,
                 "wall_time": wall,
@@ -386,11 +435,9 @@ def train(
             state.records.append(record)
             bar.update(1)
             bar.set_postfix(train=f"{record['train_elbo']:.2f}", test=f"{record['test_elbo']:.2f}")
-            if state.epoch % config.checkpoint_every == 0 or state.epoch == config.epochs:
-                checkpoint()
-            for callback in callbacks if is_main else ():
-                callback(state.epoch, vae)
+            for hook in hooks:
+                hook.on_epoch_end(ctx)
     finally:
         bar.close()
         stepper.close()
-    return history_to_xarray(state.records, attrs)
+    return ctx.history()

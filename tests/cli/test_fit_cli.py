@@ -64,14 +64,14 @@ def test_models_lists_every_registry(runner):
     "args,pattern",
     [
         (["--model", "nope"], "unknown model 'nope'; valid models: bernoulli_mlp"),
-        (["--prior", "nope"], "valid priors: mixture_of_gaussians, standard_normal"),
+        (["--prior", "nope"], "unknown prior 'nope'; valid priors:"),
         (["--likelihood", "nope"], "valid likelihoods: bernoulli"),
         (["--dataset", "mnist"], "needs --data-dir"),
         (["--dataset", "nope"], "valid datasets: digits"),
         (["--dataset", "absent.npy"], "data file not found"),
-        (["--batch-size", "0"], "batch_size must be >= 1"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--device", "tpu"], "device must be"),
-        (["--optimizer", "nope"], "valid optimizers: adagrad, adam, sgd"),
+        (["--optimizer", "nope"], "--optimizer must be one of adagrad, adam, sgd"),
     ],
 )
 def test_bad_inputs_give_one_line_errors_and_no_run_directory(runner, tmp_path, args, pattern):
@@ -110,7 +110,7 @@ def test_existing_out_and_resume_misuse(runner, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    one_line_error(invoke(runner, "fit", "--out", str(out), *FAST), "already exists and is not empty")
+    one_line_error(invoke(runner, "fit", "--out", str(out), *FAST), "already holds files; write the run to another folder or resume it")
     assert (out / "keep.txt").read_text() == "x"
     one_line_error(invoke(runner, "fit", "--resume", str(tmp_path / "absent"), "--no-progress"),
                           "run directory not found")

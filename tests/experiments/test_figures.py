@@ -86,8 +86,9 @@ def test_fig3_small_run(tmp_path):
     mcem = lm.sel({"method": "MCEM", "num_train_samples": 100.0})
     assert np.isfinite(aevb).all() and np.isfinite(mcem).all()
     assert np.isnan(lm.sel({"method": "MCEM", "num_train_samples": 200.0})).all()
-    # cross-entropy of 64 grey pixels in [0, 1]: a negative log-likelihood
-    assert float(aevb.max()) < 0 and float(mcem.max()) < 0
+    # cross-entropy of 64 grey pixels in [0, 1]: a negative log-likelihood. The IW estimate is a
+    # stochastic lower bound; appendix D's estimate (of 1/p(x)) is too noisy at 6 HMC draws to bound.
+    assert float(aevb.sel(estimator="iw").max()) < 0 and float(mcem.sel(estimator="iw").max()) < 0
 
 
 def test_fig3_refuses_large_latent_dim(tmp_path):

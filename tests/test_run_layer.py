@@ -1,0 +1,300 @@
+"""The run layer (pipeline, runs, training loop, io): one test per bug that issue 10 reported,
+each failing before the fix, plus the structure it promised (no import cycle, one loop)."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import ppl_vae
+from ppl_vae import io, runs
+from ppl_vae.cli.main import cli
+from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from ppl_vae.errors import ConfigError, RunDirError
+
+from tests.conftest import one_line_error
+
+PACKAGE = Path(ppl_vae.__file__).parent
+
+
+def small_config(**train) -> RunConfig:
+    return RunConfig(
+        model=ModelConfig(model="bernoulli_mlp", latent_dim=2, hidden_dim=16),
+        data=DataConfig(train_size=200, binarize="threshold"),
+        train=TrainConfig(**{"epochs": 2, "batch_size": 50, "device": "cpu", **train}),
+    )
+
+
+# -- structure -------------------------------------------------------------------------------------
+
+
+def _module_imports() -> dict:
+    """module -> the ppl_vae modules it imports at import time (not inside functions or TYPE_CHECKING)."""
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        deps = set()
+        for node in ast.parse(path.read_text()).body:  # top level only: lazy imports cannot cycle at import
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ppl_vae"):
+                deps.add(node.module)
+                deps.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith("ppl_vae"))
+        graph[name] = deps
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def test_no_import_cycle_among_the_package_modules():
+    graph = _module_imports()
+    assert "ppl_vae.pipeline" in graph and "ppl_vae.inference.distributed" in graph
+    visiting, done = [], set()
+
+    def visit(module):
+        if module in done:
+            return
+        assert module not in visiting, "import cycle: " + " -> ".join(visiting[visiting.index(module):] + [module])
+        visiting.append(module)
+        for dep in graph[module]:
+            if not (dep.startswith(module + ".")):  # a package importing its own submodule is no cycle
+                visit(dep)
+        visiting.pop()
+        done.add(module)
+
+    for module in graph:
+        visit(module)
+    # the layers point one way: training knows nothing of run directories, processes or the pipeline
+    assert not graph["ppl_vae.inference.training"] & {"ppl_vae.pipeline", "ppl_vae.runs",
+                                                       "ppl_vae.inference.distributed"}
+    assert "ppl_vae.pipeline" not in graph["ppl_vae.inference.distributed"]
+
+
+def test_the_experiments_train_through_the_one_loop(monkeypatch):
+    """experiments/common.py had a second loop (batches with replacement, CPU only, silent NaN stop)."""
+    from ppl_vae.experiments import common
+    from ppl_vae.inference import training
+
+    calls = []
+    real = training.train
+    monkeypatch.setattr(common, "train", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    data = ppl_vae.load_dataset("digits", binarize="threshold", train_size=200)
+    vae = common.build_model("digits", data, 2, 8)
+    records = common.train_curve(vae, data, "svi", max_samples=400, batch_size=50, lr=0.01, optimizer="adagrad",
+                                 num_evals=3, evaluate=common.elbo_evaluator(data, 50), progress=False, device="cpu")
+    assert len(calls) == 1 and calls[0].method == "svi"
+    assert [r["num_train_samples"] for r in records] == [0.0, 50.0, 150.0, 400.0]
+
+
+def test_a_diverging_experiment_curve_warns_instead_of_stopping_silently():
+    from ppl_vae.experiments import common
+
+    data = ppl_vae.load_dataset("digits", binarize="threshold", train_size=100)
+    vae = common.build_model("digits", data, 2, 8)
+    with torch.no_grad():
+        vae.decoder.net[-1].bias.fill_(float("nan"))
+    with pytest.warns(UserWarning, match="training diverged .*loss became nan"):
+        records = common.train_curve(vae, data, "svi", max_samples=200, batch_size=50, lr=0.01,
+                                     optimizer="adagrad", num_evals=2, evaluate=lambda v: {"test": 0.0},
+                                     progress=False, device="cpu", evaluate_at_start=False)
+    assert records == []
+
+
+# -- bugs of issue 10 ------------------------------------------------------------------------------
+
+
+def test_anomaly_prepares_another_dataset_like_the_runs_training_data(tmp_path):
+    """`ppl-vae anomaly --dataset ...` rebuilt the data without the run's --binarize/--train-size
+    (AUROC 0.70 -> 0.36 on a thresholded run): the scores must equal those of the run's own data."""
+    run_dir = tmp_path / "run"
+    ppl_vae.fit(small_config(epochs=1), run_dir, progress=False)
+    runner = CliRunner()
+    own = runner.invoke(cli, ["anomaly", str(run_dir), "--no-progress", "--normal-class", "3",
+                              "--out", str(tmp_path / "own.nc")])
+    other = runner.invoke(cli, ["anomaly", str(run_dir), "--dataset", "digits", "--no-progress",
+                                "--normal-class", "3", "--out", str(tmp_path / "other.nc")])
+    assert own.exit_code == 0 and other.exit_code == 0, own.output + other.output
+    import xarray as xr
+
+    a, b = xr.load_dataset(tmp_path / "own.nc"), xr.load_dataset(tmp_path / "other.nc")
+    assert a.attrs["auroc"] == pytest.approx(b.attrs["auroc"])
+    assert (a.score == b.score).all()
+
+
+def test_anomaly_refuses_a_normal_class_the_data_does_not_have(tmp_path):
+    run_dir = tmp_path / "run"
+    ppl_vae.fit(small_config(epochs=1), run_dir, progress=False)
+    result = CliRunner().invoke(cli, ["anomaly", str(run_dir), "--normal-class", "11", "--no-progress"])
+    one_line_error(result, "--normal-class 11 is not one of the data's classes (0..9)")
+
+
+def test_stale_temp_files_removed_by_two_processes_at_once_are_no_error(tmp_path, monkeypatch):
+    """Ctrl-C during `fit --nproc 2` left a temp file; both ranks removed it on resume and one
+    failed. Now only the deciding process cleans, and cleaning tolerates a file already gone."""
+    gone = tmp_path / ".checkpoint.safetensors.abc.tmp"
+    gone.write_bytes(b"x")
+    real_glob = Path.glob
+
+    def glob_then_other_process_removes(self, pattern):
+        found = list(real_glob(self, pattern))
+        gone.unlink()  # the other rank was faster
+        return found
+
+    monkeypatch.setattr(Path, "glob", glob_then_other_process_removes)
+    monkeypatch.setattr(Path, "is_file", lambda self: True)
+    assert io.remove_stale_temp_files(tmp_path) == [gone]
+
+
+def test_resume_cleans_stale_temp_files_in_the_deciding_process_only(tmp_path, monkeypatch):
+    from ppl_vae import pipeline
+
+    run_dir = tmp_path / "run"
+    ppl_vae.fit(small_config(epochs=1), run_dir, progress=False)
+    stale = run_dir / ".checkpoint.safetensors.x1y2.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    cleaned = []
+    real = runs.remove_stale_temp_files
+    monkeypatch.setattr(runs, "remove_stale_temp_files", lambda d: cleaned.append(d) or real(d))
+    run = pipeline.resume(run_dir, epochs=2, progress=False)
+    assert run.epochs_done == 2 and not stale.exists() and cleaned == [run_dir]
+    # a rank under torchrun leaves the cleaning to the process that launched it
+    monkeypatch.setattr(pipeline.distributed, "launched_by_torchrun", lambda: True)
+    monkeypatch.setattr(pipeline, "execute", lambda job, world, prepared: job)
+    monkeypatch.setattr(pipeline.distributed, "env_world_size", lambda: 2)
+    stale.write_bytes(b"another")
+    pipeline.resume(run_dir, epochs=3, progress=False)
+    assert stale.exists() and cleaned == [run_dir]
+
+
+def test_a_run_interrupted_before_its_first_checkpoint_leaves_nothing_behind(tmp_path, monkeypatch):
+    real = runs.save
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ppl_vae.fit(small_config(), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(runs, "save", real)
+    assert ppl_vae.fit(small_config(), tmp_path / "run", progress=False).epochs_done == 2
+
+
+def test_a_folder_with_only_a_config_can_be_resumed_and_reused(tmp_path):
+    """A run killed between writing config.json and its first checkpoint (SIGKILL: no cleanup)."""
+    straight = ppl_vae.fit(small_config(), tmp_path / "straight", progress=False)
+    for name in ("resumed", "reused"):
+        (tmp_path / name).mkdir()
+        runs.save_config(tmp_path / name, small_config())
+    resumed = ppl_vae.resume(tmp_path / "resumed", progress=False)
+    reused = ppl_vae.fit(small_config(), tmp_path / "reused", progress=False)
+    for run in (resumed, reused):
+        assert run.history.epoch.values.tolist() == [1, 2]
+        assert run.final["test_elbo"] == pytest.approx(straight.final["test_elbo"], abs=1e-6)
+
+
+def test_a_method_refusing_the_model_is_refused_before_the_folder_is_created(tmp_path):
+    """`--method mcem --latent-dim 30` failed after config.json was written."""
+    result = CliRunner().invoke(cli, ["fit", "--method", "mcem", "--latent-dim", "30", "--epochs", "1",
+                                      "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu"])
+    one_line_error(result, "latent")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"foo": 1}', "unknown key(s): foo"),
+    ('{"model": {}, "data": {}, "train": {"lr": "fast"}}', "train.lr must be a finite number"),
+])
+def test_a_replaced_config_is_refused_by_every_command_and_not_rewritten(tmp_path, text, message):
+    run_dir = tmp_path / "run"
+    ppl_vae.fit(small_config(epochs=1), run_dir, progress=False)
+    (run_dir / "config.json").write_text(text)
+    for call in (lambda: ppl_vae.load_run(run_dir), lambda: ppl_vae.resume(run_dir, epochs=3, progress=False)):
+        with pytest.raises(RunDirError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            call()
+    runner = CliRunner()
+    for args in (["fit", "--resume", str(run_dir), "--epochs", "3"], ["evaluate", str(run_dir)],
+                 ["compare", str(run_dir)], ["generate", str(run_dir)]):
+        one_line_error(runner.invoke(cli, args), "config.json")
+    assert (run_dir / "config.json").read_text() == text
+
+
+def test_a_deleted_history_is_an_error_not_a_silent_restart(tmp_path):
+    run_dir = tmp_path / "run"
+    ppl_vae.fit(small_config(epochs=2), run_dir, progress=False)
+    (run_dir / "history.nc").unlink()
+    with pytest.raises(RunDirError, match="checkpoint from epoch 2 but no history.nc"):
+        ppl_vae.resume(run_dir, epochs=3, progress=False)
+
+
+def test_resume_to_fewer_epochs_than_done_is_refused_and_a_complete_run_says_so(tmp_path):
+    run_dir = tmp_path / "run"
+    ppl_vae.fit(small_config(epochs=2), run_dir, progress=False)
+    with pytest.raises(ConfigError, match=r"train.epochs \(1\) must be more than the 2 epochs"):
+        ppl_vae.resume(run_dir, epochs=1, progress=False)
+    runner = CliRunner()
+    one_line_error(runner.invoke(cli, ["fit", "--resume", str(run_dir), "--epochs", "2"]),
+                   "--epochs (2) must be more than the 2 epochs")
+    done = runner.invoke(cli, ["fit", "--resume", str(run_dir)])
+    assert done.exit_code == 0 and "nothing to do" in done.output and "2 of 2 epochs" in done.output
+
+
+def test_cli_errors_name_flags_and_library_errors_name_fields(tmp_path):
+    runner = CliRunner()
+    line = one_line_error(runner.invoke(cli, ["fit", "--lr", "-1", "--out", str(tmp_path / "r")]))
+    assert line == "Error: --lr must be a positive number, got -1.0"
+    with pytest.raises(ConfigError, match=r"^train.lr must be a positive number") as info:
+        ppl_vae.fit(small_config(lr=-1.0), tmp_path / "r", progress=False)
+    assert info.value.field == "train.lr"
+    assert not (tmp_path / "r").exists()
+    # --epochs 0 printed NaN ELBOs; it keeps the initialised model and says so
+    zero = runner.invoke(cli, ["fit", "--epochs", "0", "--out", str(tmp_path / "r"), "--train-size", "100"])
+    assert zero.exit_code == 0 and "nan" not in zero.output.lower() and "no training step" in zero.output
+    assert runs.checkpoint_epoch(tmp_path / "r") == 0
+
+
+def test_out_under_a_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "afile.txt").write_text("x")
+    result = CliRunner().invoke(cli, ["fit", "--epochs", "1", "--out", str(tmp_path / "afile.txt" / "run")])
+    one_line_error(result, "afile.txt is a file, not a folder")
+
+
+def test_a_checkpoint_that_does_not_fit_says_what_differs(tmp_path):
+    run_dir = tmp_path / "run"
+    ppl_vae.fit(small_config(epochs=1), run_dir, progress=False)
+    config = runs.load_config(run_dir)
+    config.model.hidden_dim = 17
+    runs.save_config(run_dir, config)
+    with pytest.raises(RunDirError, match=r"do not fit the model .* of other shape \(saved vs model\): "
+                                          r"decoder\.net\.0\.bias \(16,\) vs \(17,\)"):
+        ppl_vae.load_run(run_dir)
+
+
+def test_train_elbo_uses_a_fixed_subset_and_the_test_set_in_full(tmp_path):
+    from ppl_vae.inference.training import train_eval_set
+
+    data = ppl_vae.load_dataset("digits", binarize="dynamic", train_size=300)
+    config = TrainConfig(train_eval_size=100, seed=4)
+    x1, y1 = train_eval_set(data, config)
+    x2, _ = train_eval_set(data, config)
+    assert x1.shape[0] == 100 and torch.equal(x1, x2)  # fixed: the same points and binarization each epoch
+    assert set(x1.unique().tolist()) <= {0.0, 1.0}  # binarized like the training batches
+    assert y1 is not None and y1.shape == (100,)
+    everything, _ = train_eval_set(ppl_vae.load_dataset("digits", train_size=300), TrainConfig(train_eval_size=None))
+    assert everything.shape[0] == 300
+
+
+@pytest.mark.slow
+def test_sample_grids_are_written_by_a_two_process_run(tmp_path):
+    """`ppl-vae fit --sample-grids --nproc 2` wrote no samples: the grids now go to rank 0."""
+    from ppl_vae import pipeline
+
+    run = pipeline.fit(small_config(epochs=2), tmp_path / "run", nproc=2, progress=False, sample_grids=True,
+                       timeout_s=120)
+    frames = sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.png"))
+    assert frames == ["epoch_0000.png", "epoch_0001.png", "epoch_0002.png"]
+    assert (tmp_path / "run" / "samples.gif").is_file() and run.epochs_done == 2
