@@ -81,6 +81,33 @@ def to_inference_data(
     )
 
 
+def psis_khat(log_weights: np.ndarray | Tensor) -> np.ndarray:
+    """Pareto k̂ of each datapoint's importance weights (PSIS, Vehtari et al. 2024), via ``arviz.psislw``.
+
+    ``log_weights``: ``(K, N)``, K draws for each of N datapoints. k̂ is the shape of a
+    generalized Pareto distribution fitted to the largest weights: below 0.5 the weights have
+    finite variance; 0.5-0.7 the IW estimate is usable but noisy; above 0.7 its error is
+    dominated by rare huge weights and its standard error cannot be trusted (use more samples, a
+    better guide, or AIS). Constant weights (q equal to the posterior) have no tail: -inf. NaN
+    where K is too small for a tail fit (ArviZ needs 5 tail draws: K >= 21).
+    """
+    lw = (log_weights.detach().cpu().double().numpy() if torch.is_tensor(log_weights)
+          else np.asarray(log_weights, dtype=np.float64))
+    if lw.ndim != 2:
+        raise ValueError(f"log_weights must have shape (num_samples, num_datapoints), got {lw.shape}")
+    lw = (lw - lw.max(axis=0, keepdims=True)).T  # arviz reads the last dim as draws
+    if lw.shape[1] < 21:  # ArviZ fits the top ceil(0.2 K) draws and needs at least 5 of them
+        khat = np.full(lw.shape[0], np.nan)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # flat tails: k̂ comes back inf, with a warning
+            _, khat = az.psislw(lw)
+    khat = np.asarray(khat, dtype=np.float64).reshape(lw.shape[0])
+    khat[np.isposinf(khat)] = np.nan  # ArviZ's marker for "too few tail draws to fit"
+    khat[(lw.min(axis=1) == 0.0)] = -np.inf
+    return khat
+
+
 def save_inference_data(idata: az.InferenceData, path: Path) -> Path:
     """Write ``idata`` to a netCDF file atomically; returns ``path``."""
     path = Path(path)

@@ -1,4 +1,4 @@
-"""``ppl-vae evaluate``: importance-weighted log p(x) per datapoint for a run directory."""
+"""``ppl-vae evaluate``: log p(x) per datapoint for a run directory by IW, AIS or BDMC."""
 
 from __future__ import annotations
 
@@ -6,30 +6,64 @@ from pathlib import Path
 
 import click
 
+# library argument -> the flag a user types, for warnings that say what to raise
+FLAGS = {"num_samples": "--num-samples", "num_steps": "--ais-steps", "num_chains": "--num-chains",
+         "method": "--method"}
+
 
 @click.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--method", type=click.Choice(["iw", "ais", "bdmc"]), default="iw", show_default=True,
+              help="iw: importance sampling with the run's guide (Burda et al. 2015); ais: annealed importance "
+                   "sampling with HMC (Neal 2001); bdmc: lower and upper bounds on data simulated from the model "
+                   "(Grosse et al. 2015). All give log p(x) per datapoint.")
 @click.option("--num-samples", "-k", type=int, default=1000, show_default=True,
-              help="Importance samples K per datapoint (Burda et al. use 5000).")
+              help="IW: importance samples K per datapoint (Burda et al. use 5000).")
+@click.option("--ais-steps", type=int, multiple=True, default=(500,), show_default=True,
+              help="AIS/BDMC: number of temperatures T; repeat for BDMC (e.g. --ais-steps 10 --ais-steps 100).")
+@click.option("--num-chains", type=int, default=16, show_default=True, help="AIS/BDMC: chains per datapoint.")
+@click.option("--leapfrog-steps", type=int, default=10, show_default=True,
+              help="AIS/BDMC: leapfrog steps per HMC move.")
+@click.option("--step-size", type=float, default=0.1, show_default=True,
+              help="AIS/BDMC: initial leapfrog step size, adapted per datapoint toward 65% acceptance.")
+@click.option("--schedule", type=click.Choice(["sigmoid", "linear"]), default="sigmoid", show_default=True,
+              help="AIS/BDMC: spacing of the temperatures.")
+@click.option("--ais-start", type=click.Choice(["prior", "guide"]), default="prior", show_default=True,
+              help="AIS/BDMC: anneal from the prior p(z) or from the run's guide q(z|x).")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
 @click.option("--num-datapoints", type=int, default=None, help="A seeded random subset of this size (default: all).")
 @click.option("--batch-size", type=int, default=100, show_default=True, help="Datapoints per batch.")
 @click.option("--particle-batch-size", type=int, default=None,
-              help="Samples per chunk (default: about 65,536 samples of z per chunk).")
+              help="IW: samples per chunk (default: about 65,536 samples of z per chunk).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Folder for evaluation.nc and evaluation.csv (default: the run directory).")
+              help="Folder for the netCDF and CSV files (default: the run directory).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
-def evaluate(run_dir: Path, num_samples: int, split: str, num_datapoints, batch_size: int,
+def evaluate(run_dir: Path, method: str, num_samples: int, ais_steps, num_chains: int, leapfrog_steps: int,
+             step_size: float, schedule: str, ais_start: str, split: str, num_datapoints, batch_size: int,
              particle_batch_size, device: str, seed: int, out, progress: bool) -> None:
-    """Estimate log p(x) by importance sampling with K samples of the run's guide."""
-    from ppl_vae.analysis.report import evaluate_run
+    """Estimate log p(x) of a run's datapoints; every number printed and saved says which bound it is."""
+    from ppl_vae.analysis.evaluation import check_out_dir, evaluate_run
 
-    if num_samples < 1:
-        raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
-    result = evaluate_run(run_dir, num_samples=num_samples, split=split, num_datapoints=num_datapoints,
+    checks = [("--num-samples", num_samples, 1), ("--num-chains", num_chains, 1),
+              ("--leapfrog-steps", leapfrog_steps, 1), ("--batch-size", batch_size, 1)]
+    checks += [("--ais-steps", t, 1) for t in ais_steps]
+    for flag, value, low in checks:
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if not step_size > 0:
+        raise ValueError(f"--step-size must be > 0, got {step_size}")
+    if method == "ais" and len(ais_steps) != 1:
+        raise ValueError("--method ais takes one --ais-steps (repeat it only for --method bdmc)")
+    if out is not None:
+        check_out_dir(out, "--out")
+    result = evaluate_run(run_dir, method=method, num_samples=num_samples, num_steps=ais_steps,
+                          num_chains=num_chains, num_leapfrog_steps=leapfrog_steps, step_size=step_size,
+                          schedule=schedule, ais_start=ais_start, split=split, num_datapoints=num_datapoints,
                           batch_size=batch_size, particle_batch_size=particle_batch_size, device=device,
                           seed=seed, out_dir=out, progress=progress)
     click.echo(result.summary())
+    for line in result.warnings(FLAGS):
+        click.echo(f"Warning: {line}", err=True)
     click.echo("wrote " + ", ".join(str(p) for p in result.files.values()))

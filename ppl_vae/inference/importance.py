@@ -112,6 +112,9 @@ class ImportanceEstimate:
     evidence lower bound (AEVB eq. 3), with ``elbo_stderr`` = sd(log w) / sqrt(K).
     ``ess``: (sum w)^2 / sum w^2 (Kong 1992), between 1 and K; near K when q is close to
     p(z|x), near 1 when a single sample dominates (the estimate is then unreliable).
+    ``khat``: the PSIS Pareto k̂ of the weights' upper tail (Vehtari et al. 2024; see
+    :func:`ppl_vae.analysis.results.psis_khat`); above 0.7 the estimate and its standard
+    error are not reliable. None when not computed.
     """
 
     log_likelihood: Tensor
@@ -120,6 +123,7 @@ class ImportanceEstimate:
     elbo_stderr: Tensor
     ess: Tensor
     num_samples: int
+    khat: Optional[Tensor] = None
 
     def to_dataset(self, datapoint: Optional[Sequence[int]] = None) -> xr.Dataset:
         """The estimates as an xarray Dataset over dim ``datapoint``."""
@@ -132,13 +136,27 @@ class ImportanceEstimate:
             "elbo_stderr": self.elbo_stderr,
             "ess": self.ess,
         }
+        if self.khat is not None:
+            data["khat"] = self.khat
         ds = xr.Dataset(
             {k: ("datapoint", v.detach().cpu().double().numpy()) for k, v in data.items()}, coords=coords
         )
-        ds.attrs["num_samples"] = int(self.num_samples)
-        ds["log_likelihood"].attrs["long_name"] = "importance-weighted estimate of log p(x) (nats)"
-        ds["elbo"].attrs["long_name"] = "Monte Carlo ELBO of q (nats)"
-        ds["ess"].attrs["long_name"] = "effective sample size of the importance weights"
+        k = int(self.num_samples)
+        ds.attrs["num_samples"] = k
+        ds.attrs["method"] = "iw"
+        ds.attrs["reference"] = "Burda, Grosse & Salakhutdinov (2015); PSIS k-hat: Vehtari et al. (2024)"
+        described = {
+            "log_likelihood": ("lower", f"importance-weighted estimate of log p(x), K={k} "
+                                        "(nats; stochastic lower bound: log of an unbiased estimate)"),
+            "log_likelihood_stderr": ("estimate", "Monte Carlo standard error of log_likelihood (nats, delta method)"),
+            "elbo": ("lower", "Monte Carlo ELBO of q, E_q[log p(x,z) - log q(z|x)] (nats; lower bound)"),
+            "elbo_stderr": ("estimate", "Monte Carlo standard error of elbo (nats)"),
+            "ess": ("estimate", f"effective sample size of the {k} importance weights"),
+            "khat": ("estimate", "PSIS Pareto k-hat of the importance weights (> 0.7: unreliable)"),
+        }
+        for name, (bound, long_name) in described.items():
+            if name in ds:
+                ds[name].attrs.update({"bound": bound, "long_name": long_name})
         return ds
 
 
@@ -148,7 +166,8 @@ def concat_estimates(estimates: Sequence[ImportanceEstimate]) -> ImportanceEstim
         raise ValueError("concat_estimates needs one or more estimates with the same num_samples")
     fields = ("log_likelihood", "log_likelihood_stderr", "elbo", "elbo_stderr", "ess")
     joined = {f: torch.cat([getattr(e, f) for e in estimates]) for f in fields}
-    return ImportanceEstimate(**joined, num_samples=estimates[0].num_samples)
+    khat = None if any(e.khat is None for e in estimates) else torch.cat([e.khat for e in estimates])
+    return ImportanceEstimate(**joined, num_samples=estimates[0].num_samples, khat=khat)
 
 
 class _WeightAccumulator:
@@ -209,6 +228,7 @@ def importance_estimate(
     particle_batch_size: Optional[int] = None,
     max_plate_nesting: int = 1,
     progress: bool = False,
+    tail_diagnostic: bool = True,
     **kwargs: Any,
 ) -> ImportanceEstimate:
     """Importance-weighted log p(x), ELBO, standard errors and ESS per datapoint (Burda et al. 2015).
@@ -218,6 +238,8 @@ def importance_estimate(
     65,536 samples of z per chunk) for ``batch_size`` datapoints at a time, so memory stays
     bounded for the IWAE protocol's K = 5000. Tensor kwargs with one row per datapoint (e.g.
     labels ``y``) are sliced with ``x``. ``progress`` shows a tqdm bar over chunks.
+    ``tail_diagnostic`` also computes PSIS k̂ per datapoint, which keeps one batch's K
+    log-weights in memory (``batch_size * num_samples`` float64 values).
     """
     from tqdm.auto import tqdm
 
@@ -230,19 +252,29 @@ def importance_estimate(
     if n == 0:
         raise ValueError("x holds no datapoints")
     chunks = math.ceil(num_samples / particle_batch_size)
-    results = []
+    results, khats = [], []
     with tqdm(total=math.ceil(n / batch_size) * chunks, disable=not progress, desc=f"IW K={num_samples}",
               unit="chunk", dynamic_ncols=True) as bar:
         for xb, kw in _batches(x, kwargs, batch_size):
             acc = _WeightAccumulator(xb.shape[0], xb.device)
+            kept = []
             for start in range(0, num_samples, particle_batch_size):
                 k = min(particle_batch_size, num_samples - start)
-                acc.add(log_importance_weights(model, guide, xb, num_particles=k,
-                                               max_plate_nesting=max_plate_nesting, **kw))
+                log_w = log_importance_weights(model, guide, xb, num_particles=k,
+                                               max_plate_nesting=max_plate_nesting, **kw)
+                acc.add(log_w)
+                if tail_diagnostic:
+                    kept.append(log_w.detach().double().cpu())
                 bar.update(1)
-            results.append(acc.result())
-    parts = [torch.cat(p).to(x.dtype if x.dtype.is_floating_point else torch.float32) for p in zip(*results)]
-    return ImportanceEstimate(*parts, num_samples=num_samples)
+            result = acc.result()
+            if tail_diagnostic:
+                from ppl_vae.analysis.results import psis_khat  # lazy: results imports this module
+
+                khats.append(torch.from_numpy(psis_khat(torch.cat(kept))).to(xb.device))
+            results.append(result)
+    dtype = x.dtype if x.dtype.is_floating_point else torch.float32
+    parts = [torch.cat(p).to(dtype) for p in zip(*results)]
+    return ImportanceEstimate(*parts, num_samples=num_samples, khat=torch.cat(khats).to(dtype) if khats else None)
 
 
 def _check_positive(name: str, value: int) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 from pyro import distributions as dist
@@ -40,17 +40,34 @@ def log_joint(model: Callable, x: Tensor, z: Tensor, **kwargs: Any) -> Tensor:
     (same formula, without the cost of tracing, which dominates HMC's leapfrog steps);
     any other model is traced.
     """
+    log_prior, log_lik = log_prior_and_likelihood(model, x, z, **kwargs)
+    return log_prior + log_lik
+
+
+def log_prior_and_likelihood(model: Callable, x: Tensor, z: Tensor, **kwargs: Any) -> Tuple[Tensor, Tensor]:
+    """(log p(z), log p(x | z)) of each datapoint, each ``(N,)``, with site ``"z"`` set to ``z``.
+
+    log p(z) sums the model's latent sample sites (``"z"`` and any other the model draws),
+    log p(x | z) its observed sites; both together are :func:`log_joint`. Annealed importance
+    sampling (:mod:`ppl_vae.inference.ais`) tempers the second term only.
+    """
     owner = getattr(model, "__self__", None)
-    if isinstance(owner, VAE) and getattr(model, "__func__", None) is VAE.model and not kwargs:
-        return owner.prior().log_prob(z) + owner.likelihood(*owner.decoder(z)).log_prob(x)
+    # VAE.model ignores the labels y that callers pass whenever the dataset has them
+    if isinstance(owner, VAE) and getattr(model, "__func__", None) is VAE.model and not set(kwargs) - {"y"}:
+        return owner.prior().log_prob(z), owner.likelihood(*owner.decoder(z)).log_prob(x)
     conditioned = poutine.condition(model, data={"z": z})
     trace = poutine.trace(conditioned).get_trace(x, **kwargs)
     trace.compute_log_prob()
-    total = x.new_zeros(x.shape[0])
+    prior = x.new_zeros(x.shape[0])
+    lik = x.new_zeros(x.shape[0])
     for site in trace.nodes.values():
         if site["type"] == "sample":
-            total = total + site["log_prob"].expand(x.shape[0])
-    return total
+            lp = site["log_prob"].expand(x.shape[0])
+            if site["is_observed"] and site["name"] != "z":
+                lik = lik + lp
+            else:
+                prior = prior + lp
+    return prior, lik
 
 
 class _FixedStepsHMC(HMC):

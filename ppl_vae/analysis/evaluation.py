@@ -1,0 +1,239 @@
+"""log p(x) of a run's datapoints by importance sampling, AIS or BDMC, with what each number is.
+
+:func:`evaluate_run` loads a run directory, picks the datapoints of a split (the same selection
+as ``compare``: :func:`ppl_vae.analysis.report.select_datapoints`) and computes, per datapoint,
+
+- ``method="iw"``: the importance-weighted bound with K samples of the run's guide (Burda et
+  al. 2015), its standard error, the ELBO, the ESS and PSIS k̂ of the weights;
+- ``method="ais"``: annealed importance sampling from the prior (or the guide) with HMC
+  (Neal 2001), its standard error over chains, ESS and acceptance rate;
+- ``method="bdmc"``: on data simulated from the run's model (as many points as selected),
+  forward AIS lower and reverse AIS upper bounds for each number of steps (Grosse et al. 2015).
+
+Every variable of the saved netCDF has an attribute ``bound`` ("lower", "upper" or
+"estimate"), and :meth:`Evaluation.warnings` names the weak estimates and what to do.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import pyro
+import xarray as xr
+
+from ppl_vae.analysis import results
+
+METHODS = ("iw", "ais", "bdmc")
+FILES = {
+    "iw": ("evaluation.nc", "evaluation.csv"),
+    "ais": ("evaluation_ais.nc", "evaluation_ais.csv"),
+    "bdmc": ("evaluation_bdmc.nc", "evaluation_bdmc.csv"),
+}
+KHAT_THRESHOLD = 0.7  # Vehtari et al. (2024): above it the IW estimate is unreliable
+MIN_IW_ESS = 10.0
+
+
+def check_out_dir(out: Path, name: str = "out_dir") -> Path:
+    """Create the folder ``out`` if needed; a one-line ValueError naming ``name`` when it cannot hold files."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{name} {out} is an existing file; give a folder (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{name} {out} cannot be created: {exc.strerror or exc}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} {out} is not writable")
+    return out
+
+
+def _mean_se(v: xr.DataArray) -> str:
+    n = v.sizes["datapoint"]
+    se = float(v.std(ddof=1)) / np.sqrt(n) if n > 1 else float("nan")
+    return f"{float(v.mean()):12.3f} ± {se:.3f}"
+
+
+def _mc_se_of_mean(se: xr.DataArray) -> float:
+    return float(np.sqrt((se**2).sum())) / se.sizes["datapoint"]
+
+
+@dataclass
+class Evaluation:
+    """Per-datapoint estimates (``dataset``), the files written, and printable lines."""
+
+    dataset: xr.Dataset
+    files: Dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return str(self.dataset.attrs["method"])
+
+    def summary(self) -> str:
+        """What was estimated, each number with the kind of bound it is (nats per datapoint)."""
+        ds = self.dataset
+        n = ds.sizes["datapoint"]
+        split = ds.attrs.get("split", "")
+        if self.method == "iw":
+            k = ds.attrs["num_samples"]
+            lines = [
+                f"log p(x) >= {float(ds['log_likelihood'].mean()):.3f} (IW, K={k}, stochastic lower bound; "
+                f"mean over {n} {split} datapoints)",
+                f"{n} {split} datapoints, K = {k} importance samples (nats per datapoint, mean ± se over datapoints)",
+                f"{'log p̂(x) (IW)':<30} {_mean_se(ds['log_likelihood'])}  stochastic lower bound on log p(x)",
+                f"{'ELBO L[q]':<30} {_mean_se(ds['elbo'])}  lower bound",
+                f"{'log p̂(x) − L[q]':<30} {_mean_se(ds['log_likelihood'] - ds['elbo'])}  estimate (>= 0)",
+                f"{'Monte Carlo se of mean log p̂':<30} {_mc_se_of_mean(ds['log_likelihood_stderr']):12.3f}",
+                f"{'ESS of the weights (mean)':<30} {float(ds['ess'].mean()):12.1f} of {k}",
+            ]
+            if "khat" in ds:
+                khat = ds["khat"].values
+                finite = khat[np.isfinite(khat)]
+                worst = f"{finite.max():.2f}" if finite.size else "n/a"
+                lines.append(f"{'PSIS k̂ (max; share > 0.7)':<30} {worst:>12} "
+                             f"({int((khat > KHAT_THRESHOLD).sum())} of {n})")
+            return "\n".join(lines)
+        if self.method == "ais":
+            t, c, start = ds.attrs["num_steps"], ds.attrs["num_chains"], ds.attrs["start"]
+            return "\n".join([
+                f"log p(x) >= {float(ds['log_px'].mean()):.3f} (AIS, T={t} steps, C={c} chains from the {start}, "
+                f"stochastic lower bound; mean over {n} {split} datapoints)",
+                f"{'log p̂(x) (AIS)':<30} {_mean_se(ds['log_px'])}  stochastic lower bound on log p(x) "
+                "(mean ± se over datapoints)",
+                f"{'Monte Carlo se of mean log p̂':<30} {_mc_se_of_mean(ds['log_px_stderr']):12.3f}",
+                f"{'ESS of the chains (mean)':<30} {float(ds['ess'].mean()):12.1f} of {c}",
+                f"{'HMC acceptance (mean)':<30} {float(ds['accept_rate'].mean()):12.2f}",
+            ])
+        lines = [f"BDMC on {n} datapoints simulated from the model (C={ds.attrs['num_chains']} chains; "
+                 "nats per datapoint, mean over datapoints):",
+                 f"{'steps':>8} {'lower (fwd AIS)':>16} {'upper (rev AIS)':>16} {'gap':>8}"]
+        for t in ds["num_steps"].values:
+            s = ds.sel(num_steps=t)
+            lines.append(f"{int(t):>8} {float(s['lower'].mean()):16.3f} {float(s['upper'].mean()):16.3f} "
+                         f"{float(s['gap'].mean()):8.3f}")
+        last = ds.isel(num_steps=-1)
+        lines.append(f"{float(last['lower'].mean()):.3f} <= log p(x) <= {float(last['upper'].mean()):.3f} "
+                     f"(BDMC, T={int(last['num_steps'])}: stochastic lower and upper bounds on simulated data)")
+        return "\n".join(lines)
+
+    def warnings(self, names: Optional[Mapping[str, str]] = None) -> List[str]:
+        """One line per weak estimate, saying what to do; ``names`` maps argument names to the
+        caller's spelling (e.g. CLI flags)."""
+        names = {k: k for k in ("num_samples", "num_steps", "num_chains", "method")} | dict(names or {})
+        ds = self.dataset
+        n = ds.sizes["datapoint"]
+        out = []
+        if self.method == "iw":
+            k = ds.attrs["num_samples"]
+            if "khat" in ds:
+                bad = ds["khat"].values > KHAT_THRESHOLD
+                if bad.any():
+                    out.append(f"PSIS k̂ > {KHAT_THRESHOLD} for {int(bad.sum())} of {n} datapoints (max "
+                               f"{np.nanmax(ds['khat'].values):.2f}): their IW estimates and standard errors are "
+                               f"unreliable; raise {names['num_samples']} or use {names['method']} ais")
+                elif k < 21:
+                    out.append(f"K={k} is too few for a PSIS k̂ tail check; raise {names['num_samples']} to 21 or more")
+            low = ds["ess"].values < min(MIN_IW_ESS, k)
+            if low.any():
+                out.append(f"importance-weight ESS < {MIN_IW_ESS:g} for {int(low.sum())} of {n} datapoints: a few "
+                           f"samples carry the estimate; raise {names['num_samples']} or use {names['method']} ais")
+        elif self.method == "ais":
+            c = ds.attrs["num_chains"]
+            low = ds["ess"].values < c / 2
+            if c > 1 and low.sum() > 0.1 * n:
+                out.append(f"AIS chain ESS < {c / 2:g} of {c} for {int(low.sum())} of {n} datapoints: the chains "
+                           f"disagree and the standard error is optimistic; raise {names['num_steps']}")
+            acc = ds["accept_rate"].values
+            if np.nanmean(acc) < 0.3:
+                out.append(f"HMC acceptance is {np.nanmean(acc):.2f} on average: the chains barely move; raise "
+                           f"{names['num_steps']} (the step size adapts over more temperatures)")
+            if c == 1:
+                out.append(f"one chain per datapoint gives no standard error; raise {names['num_chains']}")
+        else:
+            gap = float(ds["gap"].isel(num_steps=-1).mean())
+            if gap > 1.0:
+                out.append(f"the BDMC sandwich is still {gap:.2f} nats wide at the largest step count: raise "
+                           f"{names['num_steps']} before trusting either bound to within a nat")
+        return out
+
+
+def evaluate_run(
+    run_dir: Path,
+    *,
+    method: str = "iw",
+    num_samples: int = 1000,
+    num_steps: Sequence[int] = (500,),
+    num_chains: int = 16,
+    num_leapfrog_steps: int = 10,
+    step_size: float = 0.1,
+    schedule: str = "sigmoid",
+    ais_start: str = "prior",
+    split: str = "test",
+    num_datapoints: Optional[int] = None,
+    batch_size: int = 100,
+    particle_batch_size: Optional[int] = None,
+    device: str = "cpu",
+    seed: int = 0,
+    out_dir: Optional[Path] = None,
+    progress: bool = True,
+) -> Evaluation:
+    """Estimate log p(x) for a run's datapoints by ``method`` ("iw", "ais" or "bdmc"); write netCDF + CSV.
+
+    ``num_samples``: K for IW. ``num_steps``: the AIS temperatures (exactly one for "ais"; one or
+    more for "bdmc"), ``num_chains`` per datapoint, ``num_leapfrog_steps`` per HMC move,
+    ``step_size`` the initial leapfrog step (adapted per datapoint), ``schedule`` "sigmoid" or
+    "linear", ``ais_start`` "prior" or "guide" (anneal from q(z|x)). Files go to ``out_dir``
+    (default: the run directory), checked before any work is done.
+    """
+    from ppl_vae.analysis.report import select_datapoints
+    from ppl_vae.inference.ais import ais_log_likelihood, bdmc, simulate_data
+    from ppl_vae.inference.importance import importance_estimate
+    from ppl_vae.pipeline import load_run
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if ais_start not in ("prior", "guide"):
+        raise ValueError(f"ais_start must be 'prior' or 'guide', got {ais_start!r}")
+    num_steps = list(num_steps)
+    if method == "ais" and len(num_steps) != 1:
+        raise ValueError(f"method 'ais' takes exactly one num_steps (several are for 'bdmc'), got {num_steps}")
+    if method != "iw":
+        if not num_steps or any(int(t) != t or t < 1 for t in num_steps):
+            raise ValueError(f"num_steps must be positive integers, got {num_steps}")
+        if int(num_chains) != num_chains or num_chains < 1:
+            raise ValueError(f"num_chains must be >= 1, got {num_chains}")
+    elif num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    run = load_run(run_dir, device)
+    out = check_out_dir(Path(run.run_dir) if out_dir is None else Path(out_dir))
+    sel = select_datapoints(run, split, num_datapoints, seed)
+    kwargs = sel.model_kwargs(run)
+    pyro.set_rng_seed(seed)
+    vae = run.vae
+    guide = None if ais_start == "prior" else vae.guide
+    ais_opts = dict(num_chains=num_chains, num_leapfrog_steps=num_leapfrog_steps, step_size=step_size,
+                    schedule=schedule, batch_size=batch_size, progress=progress, datapoint=sel.index, **kwargs)
+    if method == "iw":
+        est = importance_estimate(vae.model, vae.guide, sel.x, num_samples=num_samples, batch_size=batch_size,
+                                  particle_batch_size=particle_batch_size, progress=progress, **kwargs)
+        ds = est.to_dataset(sel.index)
+    elif method == "ais":
+        ds = ais_log_likelihood(vae.model, guide, sel.x, num_steps=num_steps[0], **ais_opts)
+    else:
+        x_sim, z_sim = simulate_data(vae.model, sel.x, **kwargs)
+        ds = bdmc(vae.model, guide, x_sim, z_sim, step_counts=num_steps, **ais_opts)
+        ds.attrs["data"] = "simulated from the run's model: z* ~ p(z), x ~ p(x|z*), one per selected datapoint"
+    ds.attrs.update({"split": split, "run_dir": str(run.run_dir), "model": run.config.model.model,
+                     "dataset": run.config.data.dataset, "seed": seed})
+    evaluation = Evaluation(ds)
+    ds.attrs["warnings"] = " | ".join(evaluation.warnings()) or "none"
+    nc_name, csv_name = FILES[method]
+    table = ds.drop_vars([v for v in ds.data_vars if "chain" in ds[v].dims])
+    evaluation.files = {
+        "netcdf": results.save_netcdf(ds, out / nc_name),
+        "csv": results.save_csv(table, out / csv_name),
+    }
+    return evaluation

@@ -1,0 +1,421 @@
+"""Annealed importance sampling of log p(x) per datapoint (Neal 2001), and BDMC (Grosse et al. 2015).
+
+AIS moves C chains per datapoint along the geometric path between a normalized start density
+f_0 and the unnormalized posterior f_1(z) = p(x, z):
+
+    f_beta(z) = f_0(z) (p(x, z) / f_0(z))^beta,   0 = beta_0 < beta_1 < ... < beta_T = 1,
+
+with f_0 = p(z) (so f_beta = p(z) p(x|z)^beta) or f_0 = q(z|x), a guide. Each chain starts at
+z_0 ~ f_0, adds log f_t(z_{t-1}) - log f_{t-1}(z_{t-1}) to its log-weight, then moves by one
+HMC transition that leaves f_t invariant. exp(log-weight) is an unbiased estimate of p(x), so
+the log of its mean over chains is a stochastic LOWER bound on log p(x) (Jensen), whose bias
+shrinks as T grows.
+
+BDMC (bidirectional Monte Carlo, Grosse, Ghahramani & Adams 2015): for data simulated from
+the model, (z*, x) ~ p(z) p(x|z), z* is an exact sample of p(z|x); AIS run backwards from z*
+(beta from 1 to 0) gives an unbiased estimate of 1/p(x), so minus the log of its mean is a
+stochastic UPPER bound. The two bounds sandwich log p(x); the gap between them bounds the
+error of either and closes as T grows.
+
+Transitions: HMC with Pyro's leapfrog integrator (:func:`pyro.ops.integrator.velocity_verlet`),
+an identity mass matrix, ``num_leapfrog_steps`` steps, and a step size per datapoint adapted
+toward ``target_accept_prob`` from the acceptance probability averaged over that datapoint's
+chains at the previous temperature (as in Wu et al. 2017, "On the quantitative analysis of
+decoder-based generative models"). Because the step size depends on earlier states, the weights
+are unbiased only up to this adaptation's (small, shared over C chains) influence; pass
+``adapt_step_size=False`` with a fixed ``step_size`` for the textbook estimator.
+
+Works for any model/guide pair that keeps the library's contract (datapoints in
+``pyro.plate("data")``, latent site ``"z"``, observed ``"x"``): chains and datapoints are
+flattened to ``C * N`` rows of one plate, so the model is called once per leapfrog step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import pyro
+import torch
+import xarray as xr
+from pyro import poutine
+from pyro.ops.integrator import potential_grad, velocity_verlet
+from torch import Tensor
+
+from ppl_vae.inference.marginal import log_prior_and_likelihood
+
+
+def sigmoid_schedule(num_steps: int, delta: float = 4.0) -> Tensor:
+    """beta_0 = 0 < ... < beta_T = 1 spaced as a rescaled sigmoid on [-delta, delta] (Grosse et al. 2015).
+
+    Denser near both ends, where the intermediate distributions change fastest.
+    """
+    s = torch.sigmoid(torch.linspace(-delta, delta, num_steps + 1, dtype=torch.float64))
+    return (s - s[0]) / (s[-1] - s[0])
+
+
+def linear_schedule(num_steps: int) -> Tensor:
+    """beta_t = t / T, shape ``(T + 1,)``."""
+    return torch.linspace(0.0, 1.0, num_steps + 1, dtype=torch.float64)
+
+
+SCHEDULES: Dict[str, Callable[[int], Tensor]] = {"sigmoid": sigmoid_schedule, "linear": linear_schedule}
+
+
+def _rows(v: Any, n: int, num_chains: int) -> Any:
+    """A tensor with one row per datapoint repeated for each chain: ``(C * N, ...)``, chain-major."""
+    if torch.is_tensor(v) and v.dim() and v.shape[0] == n:
+        return v.unsqueeze(0).expand(num_chains, *v.shape).reshape(num_chains * n, *v.shape[1:])
+    return v
+
+
+class _Path:
+    """The geometric path from f_0 (prior or guide) to p(x, z) over ``C * N`` flattened rows."""
+
+    def __init__(self, model: Callable, guide: Optional[Callable], x: Tensor, num_chains: int,
+                 kwargs: Dict[str, Any]):
+        n = x.shape[0]
+        self.model = model
+        self.x = _rows(x, n, num_chains)
+        self.kwargs = {k: _rows(v, n, num_chains) for k, v in kwargs.items()}
+        self.q = None
+        if guide is not None:
+            with torch.no_grad():  # q's parameters are constants for the chains
+                trace = poutine.trace(guide).get_trace(self.x, **self.kwargs)
+            if "z" not in trace.nodes:
+                raise ValueError("the guide has no sample site 'z'")
+            self.q = trace.nodes["z"]["fn"]
+            self._q_sample = trace.nodes["z"]["value"].detach()
+
+    def sample_start(self) -> Tensor:
+        """z_0 ~ f_0 for every row."""
+        if self.q is not None:
+            return self._q_sample
+        with torch.no_grad():
+            trace = poutine.trace(self.model).get_trace(self.x, **self.kwargs)
+        return trace.nodes["z"]["value"].detach()
+
+    def terms(self, z: Tensor) -> Tuple[Tensor, Tensor]:
+        """(log f_0(z), log p(x, z) - log f_0(z)), each ``(C * N,)``; log f_beta = first + beta * second."""
+        log_prior, log_lik = log_prior_and_likelihood(self.model, self.x, z, **self.kwargs)
+        if self.q is None:
+            return log_prior, log_lik
+        log_q = self.q.log_prob(z)
+        return log_q, log_prior + log_lik - log_q
+
+
+@dataclass
+class _Annealed:
+    log_weight: Tensor  # (C, N) float64
+    accept_rate: Tensor  # (N,) mean acceptance probability over transitions and chains
+    step_size: Tensor  # (N,) final step size
+
+
+def _hmc_transition(path: _Path, z: Tensor, beta: float, step: Tensor, num_leapfrog_steps: int,
+                    ) -> Tuple[Tensor, Tensor, Tensor]:
+    """One HMC move of every row leaving f_beta invariant.
+
+    Returns (new z, its log p(x,z) - log f_0(z), acceptance probability), each with ``M`` rows.
+    """
+    cache: Dict[str, Tensor] = {}
+
+    def potential(params: Dict[str, Tensor]) -> Tensor:
+        log_base, log_ratio = path.terms(params["z"])
+        energy = -(log_base + beta * log_ratio)
+        cache["energy"], cache["log_ratio"] = energy.detach(), log_ratio.detach()
+        return energy.sum()
+
+    grads, _ = potential_grad(potential, {"z": z})
+    energy0, log_ratio0 = cache["energy"], cache["log_ratio"]
+    r = torch.randn_like(z)
+    kinetic0 = 0.5 * r.pow(2).flatten(1).sum(1)
+    z_new, r_new, _, _ = velocity_verlet({"z": z}, {"z": r}, potential, lambda r_: r_, step,
+                                         num_leapfrog_steps, z_grads=grads)
+    z_new, r_new = z_new["z"].detach(), r_new["z"]
+    energy1, log_ratio1 = cache["energy"], cache["log_ratio"]  # the integrator's last evaluation is at z_new
+    log_accept = (energy0 + kinetic0) - (energy1 + 0.5 * r_new.pow(2).flatten(1).sum(1))
+    log_accept = torch.nan_to_num(log_accept, nan=-math.inf, posinf=-math.inf).clamp(max=0.0)
+    accept_prob = log_accept.exp()
+    accept = torch.rand_like(accept_prob) < accept_prob
+    shape = (-1,) + (1,) * (z.dim() - 1)
+    return (torch.where(accept.view(shape), z_new, z), torch.where(accept, log_ratio1, log_ratio0),
+            accept_prob)
+
+
+def _anneal(path: _Path, z: Tensor, betas: Tensor, *, num_chains: int, step_size: Tensor,
+            num_leapfrog_steps: int, adapt_step_size: bool, target_accept_prob: float,
+            step_size_jitter: float, adapt_rate: float = 0.5, bar: Any = None) -> _Annealed:
+    """Run the chains ``z`` ``(C * N, ...)`` (distributed as f_{betas[0]}) along ``betas``."""
+    m = z.shape[0]
+    n = m // num_chains
+    shape = (-1,) + (1,) * (z.dim() - 1)
+    log_step = step_size.double().log().clone()
+    log_w = torch.zeros(m, dtype=torch.float64, device=z.device)
+    accept_sum = torch.zeros(n, dtype=torch.float64, device=z.device)
+    with torch.no_grad():
+        log_ratio = path.terms(z)[1]
+    num_transitions = 0
+    for t in range(1, len(betas)):
+        log_w = log_w + float(betas[t] - betas[t - 1]) * log_ratio.double()
+        if t == len(betas) - 1:
+            break  # a move after the last weight update cannot change the weights
+        jitter = 1.0 + step_size_jitter * (2.0 * torch.rand(m, dtype=torch.float64, device=z.device) - 1.0)
+        step = (log_step.exp().repeat(num_chains) * jitter).to(z.dtype).view(shape)
+        with torch.enable_grad():
+            z, log_ratio, accept_prob = _hmc_transition(path, z, float(betas[t]), step, num_leapfrog_steps)
+        accept_n = accept_prob.double().view(num_chains, n).mean(0)
+        accept_sum += accept_n
+        num_transitions += 1
+        if adapt_step_size:
+            log_step = (log_step + adapt_rate * (accept_n - target_accept_prob)).clamp(math.log(1e-4), math.log(5.0))
+        if bar is not None:
+            bar.update(1)
+    accept_rate = accept_sum / num_transitions if num_transitions else torch.full_like(accept_sum, math.nan)
+    return _Annealed(log_w.view(num_chains, n), accept_rate, log_step.exp())
+
+
+def _check(name: str, value: Any, low: float, *, integer: bool = True) -> None:
+    if (integer and int(value) != value) or not value >= low:
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{name} must be {kind} >= {low:g}, got {value}")
+
+
+def _betas(num_steps: int, schedule: str) -> Tensor:
+    _check("num_steps", num_steps, 1)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    return SCHEDULES[schedule](int(num_steps))
+
+
+def log_mean_exp_stats(log_w: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(log mean w, its delta-method standard error, ESS) over dim 0 of ``log_w`` ``(C, N)``.
+
+    se = sqrt(Var(w) / C) / mean(w) = sqrt((1/ESS - 1/C) C / (C - 1)), ESS = (sum w)^2 / sum w^2
+    (Kong 1992); the se is NaN for C = 1.
+    """
+    c = log_w.shape[0]
+    lse = torch.logsumexp(log_w, 0)
+    ess = (2 * lse - torch.logsumexp(2 * log_w, 0)).exp()
+    if c > 1:
+        se = ((1.0 / ess - 1.0 / c).clamp_min(0.0) * c / (c - 1)).sqrt()
+    else:
+        se = torch.full_like(lse, math.nan)
+    return lse - math.log(c), se, ess
+
+
+def _run(model: Callable, guide: Optional[Callable], x: Tensor, betas: Tensor, *, num_chains: int,
+         num_leapfrog_steps: int, step_size: float, adapt_step_size: bool, target_accept_prob: float,
+         step_size_jitter: float, batch_size: int, initial_z: Optional[Tensor], progress: bool,
+         desc: str, kwargs: Dict[str, Any]) -> _Annealed:
+    """AIS over batches of datapoints; ``initial_z`` ``(N, ...)`` starts every chain of a datapoint there."""
+    from tqdm.auto import tqdm
+
+    _check("num_chains", num_chains, 1)
+    _check("num_leapfrog_steps", num_leapfrog_steps, 1)
+    _check("batch_size", batch_size, 1)
+    _check("step_size", step_size, 0.0, integer=False)
+    if not step_size > 0:
+        raise ValueError(f"step_size must be > 0, got {step_size}")
+    if not 0.0 < target_accept_prob < 1.0:
+        raise ValueError(f"target_accept_prob must lie in (0, 1), got {target_accept_prob}")
+    if not 0.0 <= step_size_jitter < 1.0:
+        raise ValueError(f"step_size_jitter must lie in [0, 1), got {step_size_jitter}")
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("x holds no datapoints")
+    if initial_z is not None and initial_z.shape[0] != n:
+        raise ValueError(f"initial_z must have one row per datapoint ({n}), got shape {tuple(initial_z.shape)}")
+    parts = []
+    num_batches = math.ceil(n / batch_size)
+    with tqdm(total=num_batches * max(len(betas) - 2, 0), disable=not progress, desc=desc, unit="step",
+              dynamic_ncols=True) as bar:
+        for start in range(0, n, batch_size):
+            sl = slice(start, start + batch_size)
+            xb = x[sl]
+            nb = xb.shape[0]
+            kw = {k: (v[sl] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v) for k, v in kwargs.items()}
+            path = _Path(model, guide, xb, num_chains, kw)
+            z0 = path.sample_start() if initial_z is None else _rows(initial_z[sl].detach(), nb, num_chains)
+            step0 = torch.full((nb,), float(step_size), dtype=torch.float64, device=x.device)
+            parts.append(_anneal(path, z0.detach(), betas, num_chains=num_chains, step_size=step0,
+                                 num_leapfrog_steps=num_leapfrog_steps, adapt_step_size=adapt_step_size,
+                                 target_accept_prob=target_accept_prob, step_size_jitter=step_size_jitter,
+                                 bar=bar))
+    return _Annealed(torch.cat([p.log_weight for p in parts], 1), torch.cat([p.accept_rate for p in parts]),
+                     torch.cat([p.step_size for p in parts]))
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().cpu().double().numpy()
+
+
+def ais_log_likelihood(
+    model: Callable,
+    guide: Optional[Callable],
+    x: Tensor,
+    *,
+    num_steps: int = 500,
+    num_chains: int = 16,
+    num_leapfrog_steps: int = 10,
+    step_size: float = 0.1,
+    adapt_step_size: bool = True,
+    target_accept_prob: float = 0.65,
+    step_size_jitter: float = 0.2,
+    schedule: str = "sigmoid",
+    batch_size: int = 100,
+    seed: Optional[int] = None,
+    progress: bool = False,
+    datapoint: Optional[Sequence[int]] = None,
+    **kwargs: Any,
+) -> xr.Dataset:
+    """AIS estimate of log p(x) for each row of ``x`` ``(N, ...)`` (Neal 2001), as an xarray Dataset.
+
+    ``num_chains`` independent chains per datapoint, ``num_steps`` temperatures on the
+    ``schedule`` ("sigmoid" or "linear"), one HMC transition (``num_leapfrog_steps`` leapfrog
+    steps) per temperature. ``guide=None`` anneals from the prior p(z); a guide q(z|x) starts
+    the chains at q and anneals q^(1-beta) p(x,z)^beta, usually far shorter a path. Tensor
+    kwargs with one row per datapoint (labels ``y``) are passed to model and guide. ``seed``
+    seeds Pyro's RNGs first.
+
+    Variables over dim ``datapoint`` (each with an attribute ``bound``):
+
+    - ``log_px``: log (1/C) sum_c w_c, a stochastic lower bound on log p(x);
+    - ``log_px_stderr``: its Monte Carlo standard error over chains (delta method);
+    - ``ess``: ESS of the C final AIS weights (near C: chains agree; near 1: one dominates);
+    - ``accept_rate``: HMC acceptance probability averaged over transitions and chains;
+    - ``step_size``: the final adapted leapfrog step size;
+    - ``log_weight`` over (``chain``, ``datapoint``): each chain's log-weight.
+    """
+    betas = _betas(num_steps, schedule)
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    res = _run(model, guide, x, betas, num_chains=num_chains, num_leapfrog_steps=num_leapfrog_steps,
+               step_size=step_size, adapt_step_size=adapt_step_size, target_accept_prob=target_accept_prob,
+               step_size_jitter=step_size_jitter, batch_size=batch_size, initial_z=None, progress=progress,
+               desc=f"AIS T={num_steps}", kwargs=kwargs)
+    log_px, se, ess = log_mean_exp_stats(res.log_weight)
+    n = x.shape[0]
+    ds = xr.Dataset(
+        {
+            "log_px": ("datapoint", _np(log_px)),
+            "log_px_stderr": ("datapoint", _np(se)),
+            "ess": ("datapoint", _np(ess)),
+            "accept_rate": ("datapoint", _np(res.accept_rate)),
+            "step_size": ("datapoint", _np(res.step_size)),
+            "log_weight": (("chain", "datapoint"), _np(res.log_weight)),
+        },
+        coords={"datapoint": np.arange(n) if datapoint is None else np.asarray(datapoint),
+                "chain": np.arange(num_chains)},
+    )
+    start = "prior" if guide is None else "guide"
+    _describe(ds, {
+        "log_px": ("lower", f"AIS estimate of log p(x), T={num_steps}, C={num_chains}, from the {start} "
+                            "(nats; stochastic lower bound: log of an unbiased estimate)"),
+        "log_px_stderr": ("estimate", "Monte Carlo standard error of log_px over chains (nats)"),
+        "ess": ("estimate", f"effective sample size of the {num_chains} final AIS weights"),
+        "accept_rate": ("estimate", "HMC acceptance probability, mean over transitions and chains"),
+        "step_size": ("estimate", "final adapted leapfrog step size"),
+        "log_weight": ("lower", "log AIS weight of each chain (nats; each is log of an unbiased estimate of p(x))"),
+    })
+    ds.attrs.update({"method": "ais", "num_steps": int(num_steps), "num_chains": int(num_chains),
+                     "num_leapfrog_steps": int(num_leapfrog_steps), "schedule": schedule, "start": start,
+                     "adapt_step_size": int(adapt_step_size), "target_accept_prob": float(target_accept_prob),
+                     "reference": "Neal (2001), Annealed importance sampling"})
+    return ds
+
+
+def _describe(ds: xr.Dataset, info: Dict[str, Tuple[str, str]]) -> None:
+    for name, (bound, long_name) in info.items():
+        ds[name].attrs.update({"bound": bound, "long_name": long_name})
+
+
+@torch.no_grad()
+def simulate_data(model: Callable, x_like: Tensor, **kwargs: Any) -> Tuple[Tensor, Tensor]:
+    """(x, z*) drawn from the model, z* ~ p(z) and x ~ p(x|z*), one per row of ``x_like``.
+
+    ``x_like`` only fixes the number and shape of the datapoints (the model is run with its
+    observed site unconditioned). z* is then an exact sample of p(z|x), which BDMC's reverse
+    chain needs (Grosse et al. 2015).
+    """
+    trace = poutine.trace(poutine.uncondition(model)).get_trace(x_like, **kwargs)
+    for site in ("x", "z"):
+        if site not in trace.nodes:
+            raise ValueError(f"the model has no sample site {site!r}")
+    return trace.nodes["x"]["value"].detach(), trace.nodes["z"]["value"].detach()
+
+
+def bdmc(
+    model: Callable,
+    guide: Optional[Callable],
+    x: Tensor,
+    z_exact: Tensor,
+    *,
+    step_counts: Sequence[int] = (10, 100, 1000),
+    num_chains: int = 4,
+    num_leapfrog_steps: int = 10,
+    step_size: float = 0.1,
+    adapt_step_size: bool = True,
+    target_accept_prob: float = 0.65,
+    step_size_jitter: float = 0.2,
+    schedule: str = "sigmoid",
+    batch_size: int = 100,
+    seed: Optional[int] = None,
+    progress: bool = False,
+    datapoint: Optional[Sequence[int]] = None,
+    **kwargs: Any,
+) -> xr.Dataset:
+    """Bidirectional Monte Carlo (Grosse et al. 2015): a lower and an upper bound on log p(x).
+
+    ``z_exact`` ``(N, ...)`` must be an exact sample of p(z|x) for each row of ``x``, e.g. from
+    :func:`simulate_data` (or a closed-form posterior). For each T in ``step_counts``: forward
+    AIS (f_0 -> p(x,z), chains from f_0) gives ``lower``, a stochastic lower bound; reverse AIS
+    (p(x,z) -> f_0, all ``num_chains`` chains of a datapoint from z_exact) estimates 1/p(x)
+    without bias, so ``upper`` = -log mean(reverse weights) is a stochastic upper bound.
+    ``gap`` = upper - lower bounds the error of either; it shrinks toward 0 as T grows.
+    The reverse chains share their start, so ``upper_stderr`` can understate their spread.
+    Other arguments as in :func:`ais_log_likelihood`. Dims (``num_steps``, ``datapoint``).
+    """
+    if not step_counts:
+        raise ValueError("step_counts must name at least one number of steps")
+    if z_exact.shape[0] != x.shape[0]:
+        raise ValueError(f"z_exact must have one row per datapoint ({x.shape[0]}), got {tuple(z_exact.shape)}")
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    opts = dict(num_chains=num_chains, num_leapfrog_steps=num_leapfrog_steps, step_size=step_size,
+                adapt_step_size=adapt_step_size, target_accept_prob=target_accept_prob,
+                step_size_jitter=step_size_jitter, batch_size=batch_size, progress=progress, kwargs=kwargs)
+    out: Dict[str, list] = {k: [] for k in ("lower", "lower_stderr", "upper", "upper_stderr",
+                                            "forward_accept_rate", "reverse_accept_rate")}
+    for steps in step_counts:
+        betas = _betas(steps, schedule)
+        fwd = _run(model, guide, x, betas, initial_z=None, desc=f"BDMC forward T={steps}", **opts)
+        rev = _run(model, guide, x, betas.flip(0), initial_z=z_exact, desc=f"BDMC reverse T={steps}", **opts)
+        lower, lower_se, _ = log_mean_exp_stats(fwd.log_weight)
+        neg_upper, upper_se, _ = log_mean_exp_stats(rev.log_weight)
+        for k, v in (("lower", lower), ("lower_stderr", lower_se), ("upper", -neg_upper),
+                     ("upper_stderr", upper_se), ("forward_accept_rate", fwd.accept_rate),
+                     ("reverse_accept_rate", rev.accept_rate)):
+            out[k].append(_np(v))
+    n = x.shape[0]
+    dims = ("num_steps", "datapoint")
+    ds = xr.Dataset({k: (dims, np.stack(v)) for k, v in out.items()},
+                    coords={"num_steps": np.asarray(list(step_counts), dtype=int),
+                            "datapoint": np.arange(n) if datapoint is None else np.asarray(datapoint)})
+    ds["gap"] = ds["upper"] - ds["lower"]
+    _describe(ds, {
+        "lower": ("lower", "forward AIS log p(x) (nats; stochastic lower bound)"),
+        "lower_stderr": ("estimate", "Monte Carlo standard error of lower over chains (nats)"),
+        "upper": ("upper", "reverse AIS -log mean(1/p-hat) from an exact posterior sample "
+                           "(nats; stochastic upper bound)"),
+        "upper_stderr": ("estimate", "Monte Carlo standard error of upper over chains (nats; chains share a start)"),
+        "forward_accept_rate": ("estimate", "HMC acceptance probability of the forward chains"),
+        "reverse_accept_rate": ("estimate", "HMC acceptance probability of the reverse chains"),
+        "gap": ("estimate", "upper - lower: the width of the BDMC sandwich (nats; bounds either bound's error)"),
+    })
+    ds.attrs.update({"method": "bdmc", "num_chains": int(num_chains), "num_leapfrog_steps": int(num_leapfrog_steps),
+                     "schedule": schedule, "start": "prior" if guide is None else "guide",
+                     "reference": "Grosse, Ghahramani & Adams (2015), Sandwiching the marginal likelihood "
+                                  "using bidirectional Monte Carlo"})
+    return ds
