@@ -285,12 +285,14 @@ def init_process_group(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_
 
 @contextmanager
 def process_group(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[DistContext]:
-    """:func:`init_process_group` for the block, then leave the group."""
+    """:func:`init_process_group` for the block, then leave the group if this block joined it
+    (a group that already existed, e.g. one the caller set up, stays)."""
+    joined = not tdist.is_initialized()
     ctx = init_process_group(device, timeout_s)
     try:
         yield ctx
     finally:
-        if tdist.is_initialized():
+        if joined and tdist.is_initialized():
             tdist.destroy_process_group()
 
 

@@ -77,12 +77,12 @@ def _ranks_worker(tmp: str) -> dict:
         history = train(pair, _delta_data(), _delta_config(), progress=False, dist=ctx)
         out = {"delta_params": {k: v.clone() for k, v in pair.state_dict().items()},
                "delta_loss": history.train_loss.values, "delta_elbo": history.train_elbo.values}
-        # rank 1 gets a path of its own: it must not create or write it
+        # as under torchrun, each process calls fit; rank 1 gets a path of its own: rank 0's choice
+        # is broadcast, so rank 1 must not create or write its own
         whole = pipeline.fit(_digits_config(2), tmp / ("whole" if ctx.rank == 0 else "whole-rank1"),
-                             progress=False, dist=ctx)
-        pipeline.fit(_digits_config(1), tmp / "resumed", progress=False, dist=ctx)
-        ctx.barrier()  # rank 0 has written the epoch-1 checkpoint
-        resumed = pipeline.resume(tmp / "resumed", epochs=2, progress=False, dist=ctx)
+                             progress=False)
+        pipeline.fit(_digits_config(1), tmp / "resumed", progress=False)
+        resumed = pipeline.resume(tmp / "resumed", epochs=2, progress=False)
         out["digits_elbo"] = whole.history.train_elbo.values
         out["whole_params"] = {k: v.clone() for k, v in whole.vae.state_dict().items()}
         out["resumed_params"] = {k: v.clone() for k, v in resumed.vae.state_dict().items()}
