@@ -13,7 +13,7 @@ from ppl_vae.errors import PplVaeError
 
 # Options that define a run; with --resume the run's own config decides them.
 RUN_OPTIONS = (
-    "model", "dataset", "data_dir", "prior", "likelihood", "latent_dim", "hidden_dim",
+    "model", "dataset", "data_dir", "prior", "likelihood", "latent_dim", "hidden_dim", "guide",
     "num_components", "method", "batch_size", "lr", "optimizer", "elbo", "num_particles", "kl_warmup",
     "seed", "device", "out", "binarize", "train_size", "train_eval_size", "compile",
 )
@@ -29,6 +29,8 @@ RUN_OPTIONS = (
 @click.option("--latent-dim", type=int, default=None, help="Size of z (default: the model's).")
 @click.option("--hidden-dim", type=int, default=None, help="Hidden units per layer (default: the model's).")
 @click.option("--num-components", type=int, default=None, help="Components of the mixture_of_gaussians prior.")
+@click.option("--guide", default="diagonal_normal", show_default=True,
+              help="Family of the amortized q(z|x): diagonal_normal (AEVB) or a flow (see `ppl-vae models`).")
 @click.option("--method", default="svi", show_default=True,
               help="Training method: svi (AEVB); see `ppl-vae models` for the others.")
 @click.option("--epochs", type=int, default=100, show_default=True)
@@ -104,43 +106,24 @@ def run_config(opts: dict):
     from ppl_vae.cli.main import active_plugins
     from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
-    return RunConfig(
-        model=ModelConfig(
-            model=opts["model"],
-            prior=opts["prior"],
-            likelihood=opts["likelihood"],
-            latent_dim=opts["latent_dim"],
-            hidden_dim=opts["hidden_dim"],
-            prior_options={} if opts["num_components"] is None else {"num_components": opts["num_components"]},
-        ),
-        data=DataConfig(
-            dataset=str(opts["dataset"]),
-            data_dir=None if opts["data_dir"] is None else str(opts["data_dir"]),
-            binarize=opts["binarize"],
-            train_size=opts["train_size"],
-        ),
-        train=TrainConfig(
-            method=opts["method"],
-            epochs=opts["epochs"],
-            batch_size=opts["batch_size"],
-            lr=opts["lr"],
-            optimizer=opts["optimizer"],
-            elbo=opts["elbo"],
-            num_particles=opts["num_particles"],
-            kl_warmup_epochs=opts["kl_warmup"],
-            seed=opts["seed"],
-            device=opts["device"],
-            train_eval_size=opts["train_eval_size"] or None,
-            compile=opts["compile"],
-        ),
-        plugins=active_plugins(),
-    )
+    values = {field: opts[flag[2:].replace("-", "_")] for field, flag in FIELD_FLAGS.items() if "." in field}
+    values["model.prior_options"] = {} if opts["num_components"] is None else {"num_components": opts["num_components"]}
+    values["data.dataset"] = str(opts["dataset"])
+    values["data.data_dir"] = None if opts["data_dir"] is None else str(opts["data_dir"])
+    values["train.train_eval_size"] = opts["train_eval_size"] or None  # 0: the whole training set
+
+    def section(name: str, cls):
+        return cls(**{field.split(".", 1)[1]: v for field, v in values.items() if field.startswith(name + ".")})
+
+    return RunConfig(model=section("model", ModelConfig), data=section("data", DataConfig),
+                     train=section("train", TrainConfig), plugins=active_plugins())
 
 
 # config field -> the flag that sets it (errors from the library name fields)
 FIELD_FLAGS = {
     "model.model": "--model", "model.prior": "--prior", "model.likelihood": "--likelihood",
     "model.latent_dim": "--latent-dim", "model.hidden_dim": "--hidden-dim", "model.prior_options": "--num-components",
+    "model.guide": "--guide",
     "data.dataset": "--dataset", "data.data_dir": "--data-dir", "data.binarize": "--binarize",
     "data.train_size": "--train-size",
     "train.method": "--method", "train.epochs": "--epochs", "train.batch_size": "--batch-size", "train.lr": "--lr",
