@@ -7,15 +7,17 @@ import click
 
 @click.command()
 def models() -> None:
-    """List the names accepted by --model, --prior, --likelihood, --dataset, --method, --elbo, --optimizer."""
+    """List the names accepted by --model, --prior, --likelihood, --dataset, --method, --elbo, --optimizer,
+    and the guide families of the config's model.guide."""
     from ppl_vae.data.datasets import DATASETS
     from ppl_vae.inference.training import ELBOS, METHODS, OPTIMIZERS
-    from ppl_vae.models import LIKELIHOODS, MODELS, PRIORS
+    from ppl_vae.models import GUIDES, LIKELIHOODS, MODELS, PRIORS
 
     for title, registry in (
         ("models", MODELS),
         ("priors", PRIORS),
         ("likelihoods", LIKELIHOODS),
+        ("guides", GUIDES),
         ("datasets", DATASETS),
         ("methods", METHODS),
         ("elbos", ELBOS),

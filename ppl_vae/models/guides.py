@@ -32,7 +32,7 @@ from ppl_vae.registry import Registry
 GUIDES: Registry[Callable[..., VAE]] = Registry("guide")
 
 
-@GUIDES.register("diagonal_normal", doc="AEVB's q(z|x) = N(loc(x), diag(scale(x)^2)) from the encoder")
+@GUIDES.register("diagonal_normal", doc="AEVB's q(z|x) = N(loc(x), diag(scale(x)^2)) from the encoder; no options")
 def diagonal_normal(vae: VAE) -> VAE:
     """The VAE as built: its base-class guide is the diagonal Gaussian."""
     return vae
@@ -78,7 +78,8 @@ class IAFGuideVAE(VAE):
                 return pyro.sample("z", q)
 
 
-@GUIDES.register("iaf", doc="inverse autoregressive flows on the encoder's Gaussian (Kingma et al. 2016)")
+@GUIDES.register("iaf", doc="inverse autoregressive flows on the encoder's Gaussian (Kingma et al. 2016); "
+                 "options num_flows (2), hidden_dims")
 def iaf(vae: VAE, num_flows: int = 2, hidden_dims: Optional[Sequence[int]] = None) -> IAFGuideVAE:
     """The same parts with an IAF guide; needs a VAE that uses the base class's model and guide.
 

@@ -55,7 +55,8 @@ class StandardNormalPrior(Prior):
         return dist.Normal(self.loc, self.scale).to_event(1)
 
 
-@PRIORS.register("mixture_of_gaussians")
+@PRIORS.register("mixture_of_gaussians", doc="a learnable mixture of diagonal Gaussians; options num_components (10), "
+                 "init_scale")
 class MixtureOfGaussiansPrior(Prior):
     """A learnable mixture of ``num_components`` diagonal Gaussians (weights, means, scales)."""
 
@@ -74,7 +75,8 @@ class MixtureOfGaussiansPrior(Prior):
         return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
 
 
-@PRIORS.register("vamp")
+@PRIORS.register("vamp", doc="VampPrior (Tomczak & Welling 2018): mixture of the encoder's q(z|u_k) at learned "
+                 "pseudo-inputs u_k; options num_components (50), init_loc, init_scale")
 class VampPrior(Prior):
     """VampPrior: p(z) = (1/K) sum_k q(z | u_k), the encoder at K learned pseudo-inputs (Tomczak & Welling 2018).
 
@@ -124,7 +126,8 @@ class VampPrior(Prior):
         return dist.MixtureSameFamily(dist.Categorical(logits=logits), components)
 
 
-@PRIORS.register("flow")
+@PRIORS.register("flow", doc="N(0, I) through learned affine autoregressive transforms (a MAF prior); "
+                 "options num_flows (2), hidden_dims")
 class FlowPrior(Prior):
     """N(0, I) pushed through ``num_flows`` learned affine autoregressive transforms (a MAF prior).
 
