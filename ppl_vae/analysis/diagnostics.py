@@ -16,6 +16,7 @@ from pyro import distributions as dist
 from torch import Tensor
 
 from ppl_vae.inference.meanfield import LATENT_SITE, guide_moments
+from ppl_vae.inference.modes import in_eval_mode
 from ppl_vae.inference.traces import trace_pair
 
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -33,6 +34,7 @@ def _factorized_normal(fn: dist.Distribution) -> Tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
+@in_eval_mode("model", "guide")
 def kl_per_dimension(model: Callable, guide: Callable, x: Tensor, latent_site: str = LATENT_SITE,
                      **kwargs: Any) -> xr.DataArray:
     """KL(q(z_u|x) || p(z_u)) for each datapoint and latent dimension, dims (datapoint, latent).
@@ -86,6 +88,7 @@ def active_units(posterior_mean: Tensor | np.ndarray | xr.DataArray,
 
 
 @torch.no_grad()
+@in_eval_mode("model", "guide")
 def collapse_diagnostics(model: Callable, guide: Callable, x: Tensor,
                          threshold: float = ACTIVE_UNIT_THRESHOLD, **kwargs: Any) -> xr.Dataset:
     """Mean KL per dimension and active units for datapoints ``x``, over dim ``latent``.

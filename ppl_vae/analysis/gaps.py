@@ -39,6 +39,7 @@ from torch import Tensor
 
 from ppl_vae.inference.importance import _batches, _check_positive, default_particle_batch_size
 from ppl_vae.inference.meanfield import MeanFieldGuide, MeanFieldResult, fit_mean_field, guide_moments
+from ppl_vae.inference.modes import in_eval_mode
 from ppl_vae.inference.traces import PARTICLE_PLATE, log_probs, trace_pair
 
 ESTIMATORS = ("log_px", "iw_amortized", "iw_meanfield", "elbo_meanfield", "elbo_amortized")
@@ -121,6 +122,7 @@ def _ess(log_w: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+@in_eval_mode("model", "guide")
 def mixture_estimates(
     model: Callable,
     guide: Callable,
@@ -138,7 +140,9 @@ def mixture_estimates(
     ``guide``: the amortized q(z|x); ``meanfield_guide``: q* over the same ``x`` (e.g.
     :meth:`MeanFieldResult.guide`). Returns ``{name: (N,)}`` for each estimator and gap, with
     ``<name>_stderr``, and ``ess_amortized``, ``ess_meanfield``, ``ess_mixture`` (ESS of
-    the q, q* and mixture weights, out of K, K and 2K).
+    the q, q* and mixture weights, out of K, K and 2K) with the PSIS Pareto k̂ of the same
+    weights as ``khat_*`` (Vehtari et al. 2024; above 0.7 the estimate and its standard error
+    are not to be trusted).
 
     Standard errors: the K draws of q and the K of q* form K independent pairs; each quantity
     is (to first order) a mean over pairs of an influence term, whose sample sd / sqrt(K) is
@@ -153,6 +157,8 @@ def mixture_estimates(
     if x.shape[0] == 0:
         raise ValueError("x holds no datapoints")
     from tqdm.auto import tqdm
+
+    from ppl_vae.analysis.results import psis_khat  # lazy: ArviZ is slow to import
 
     log_half = math.log(0.5)
     out: Dict[str, list] = {}
@@ -192,8 +198,9 @@ def mixture_estimates(
             for name, (v, se) in values.items():
                 out.setdefault(name, []).append(v)
                 out.setdefault(f"{name}_stderr", []).append(se)
-            for name, lw in (("ess_amortized", a), ("ess_meanfield", b), ("ess_mixture", torch.cat([mq, ms]))):
-                out.setdefault(name, []).append(_ess(lw))
+            for name, lw in (("amortized", a), ("meanfield", b), ("mixture", torch.cat([mq, ms]))):
+                out.setdefault(f"ess_{name}", []).append(_ess(lw))
+                out.setdefault(f"khat_{name}", []).append(torch.from_numpy(psis_khat(lw)).to(lw))
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -207,6 +214,7 @@ def _split_guide(guide: Callable, n: int, batch_size: int):
     return [guide] * math.ceil(n / batch_size)
 
 
+@in_eval_mode("model", "guide")
 def gap_decomposition(
     model: Callable,
     guide: Callable,
@@ -233,7 +241,8 @@ def gap_decomposition(
     coordinates ``bound`` and ``meaning`` say what each one is), the gaps and their standard
     errors over datapoint, the ESS of each proposal, whether q* converged per datapoint,
     and the (loc, scale) of q and q* over (datapoint, latent). Dataset attrs
-    ``estimate_<name>`` describe each number in words.
+    ``estimate_<name>`` describe each number in words. The model and guide are scored in eval
+    mode (their modes are restored afterwards).
     """
     if mean_field is None:
         options = {"progress": progress, **(mean_field_options or {})}
@@ -258,6 +267,9 @@ def gap_decomposition(
         "ess_amortized": ("datapoint", as_np(est["ess_amortized"])),
         "ess_meanfield": ("datapoint", as_np(est["ess_meanfield"])),
         "ess_mixture": ("datapoint", as_np(est["ess_mixture"])),
+        "khat_amortized": ("datapoint", as_np(est["khat_amortized"])),
+        "khat_meanfield": ("datapoint", as_np(est["khat_meanfield"])),
+        "khat_mixture": ("datapoint", as_np(est["khat_mixture"])),
         "meanfield_converged": ("datapoint", mean_field.converged.cpu().numpy().astype(bool)),
         "amortized_loc": (("datapoint", "latent"), flat(q_loc)),
         "amortized_scale": (("datapoint", "latent"), flat(q_scale)),
@@ -278,6 +290,8 @@ def gap_decomposition(
     ds["ess_amortized"].attrs["long_name"] = f"ESS of the IW weights of q, out of K = {num_samples}"
     ds["ess_meanfield"].attrs["long_name"] = f"ESS of the IW weights of q*, out of K = {num_samples}"
     ds["ess_mixture"].attrs["long_name"] = f"ESS of the mixture weights, out of 2K = {2 * num_samples}"
+    for name, what in (("amortized", "q"), ("meanfield", "q*"), ("mixture", "½q + ½q*")):
+        ds[f"khat_{name}"].attrs["long_name"] = f"PSIS Pareto k̂ of the weights of {what} (> 0.7: unreliable)"
     ds["meanfield_converged"].attrs["long_name"] = "mean-field VI met its stopping rule for this datapoint"
     ds.attrs.update(
         {

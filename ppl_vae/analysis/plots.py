@@ -1,13 +1,17 @@
 """Figures for a fitted model (seaborn/matplotlib). Every function returns a Figure.
 
 Nothing is shown: the Agg backend is selected here so figures render without a display,
-and callers save or embed them (:mod:`ppl_vae.analysis.report`).
+and callers save or embed them (:mod:`ppl_vae.analysis.report`). Conventions shared by every
+figure of the library: images use :data:`IMAGE_CMAP` (dark ink on white, values in [0, 1])
+through :func:`show_images`, tiles are separated by gaps drawn in :data:`TILE_GAP_COLOUR`
+(:func:`tile_images`), legends sit outside the axes (:func:`legend_outside`), and no
+plotted point falls outside its axes.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import matplotlib
 
@@ -25,6 +29,49 @@ from torch import Tensor  # noqa: E402
 from ppl_vae.analysis.gaps import LABELS  # noqa: E402
 
 
+IMAGE_CMAP = "gray_r"
+"""The one colour map for every image the library draws: 0 white, 1 black (ink on paper)."""
+TILE_GAP_COLOUR = "#9fb8d0"
+"""Colour of the gaps between tiled images: not a data value, so tiles stay distinct."""
+
+
+def image_cmap() -> matplotlib.colors.Colormap:
+    """:data:`IMAGE_CMAP` with NaN (the gaps of :func:`tile_images`) drawn in :data:`TILE_GAP_COLOUR`."""
+    return matplotlib.colormaps[IMAGE_CMAP].with_extremes(bad=TILE_GAP_COLOUR)
+
+
+def tile_images(images: np.ndarray, ncols: int, pad: int = 1) -> np.ndarray:
+    """Tile ``(N, H, W)`` images row-major into one array with ``pad``-pixel NaN gaps between tiles.
+
+    Missing tiles of the last row are gaps too. Draw it with :func:`show_images`.
+    """
+    images = np.asarray(images, dtype=np.float64)
+    if images.ndim != 3:
+        raise ValueError(f"images must have shape (N, H, W), got {images.shape}")
+    if ncols < 1:
+        raise ValueError(f"ncols must be >= 1, got {ncols}")
+    n, h, w = images.shape
+    nrows = max(1, math.ceil(n / ncols))
+    canvas = np.full((nrows * (h + pad) - pad, ncols * (w + pad) - pad), np.nan)
+    for i in range(n):
+        r, c = divmod(i, ncols)
+        canvas[r * (h + pad): r * (h + pad) + h, c * (w + pad): c * (w + pad) + w] = images[i]
+    return canvas
+
+
+def show_images(ax: matplotlib.axes.Axes, image: np.ndarray) -> None:
+    """Draw one image or a :func:`tile_images` canvas with the library's colour map, no ticks."""
+    ax.imshow(np.clip(image, 0.0, 1.0), cmap=image_cmap(), vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def legend_outside(ax: matplotlib.axes.Axes, **kwargs) -> None:
+    """Move an axes' legend to the right of it, where it cannot cover data."""
+    if ax.get_legend() is not None:
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, **kwargs)
+
+
 def _as_numpy(t: Tensor | np.ndarray) -> np.ndarray:
     return t.detach().cpu().numpy() if torch.is_tensor(t) else np.asarray(t)
 
@@ -39,34 +86,93 @@ def plot_training_curves(history: xr.Dataset) -> Figure:
         return fig
     frame = history[names].to_dataframe().reset_index().melt(id_vars="epoch", var_name="series", value_name="ELBO")
     sns.lineplot(frame, x="epoch", y="ELBO", hue="series", marker="o", ax=ax)
+    legend_outside(ax)
     ax.set_ylabel("ELBO (nats per datapoint)")
     ax.set_title("Training curves")
     return fig
 
 
-def plot_gap_distributions(gaps: xr.Dataset) -> Figure:
-    """Histograms over datapoints of the approximation and amortization gaps (Cremer et al. 2018)."""
+def plot_gap_distributions(gaps: xr.Dataset, zoom_quantile: float = 0.98) -> Figure:
+    """Histograms over datapoints of the approximation and amortization gaps (Cremer et al. 2018).
+
+    Left: the central ``zoom_quantile`` of the values on a linear axis, so a few outliers do not
+    squeeze the bulk into one bin (how many lie outside is written on the panel). Right: every
+    datapoint on a symmetric-log axis, outliers included.
+    """
+    if not 0 < zoom_quantile <= 1:
+        raise ValueError(f"zoom_quantile must be in (0, 1], got {zoom_quantile}")
     names = ["approximation_gap", "amortization_gap"]
     frame = pd.DataFrame({LABELS[n]: gaps[n].values for n in names}).melt(var_name="gap", value_name="nats")
-    fig, ax = plt.subplots(figsize=(6.5, 3.5), layout="constrained")
-    sns.histplot(frame, x="nats", hue="gap", element="step", stat="count", common_bins=True, ax=ax)
-    ax.axvline(0.0, color="black", lw=0.8)
-    ax.set_title(f"Per-datapoint gaps ({gaps.sizes['datapoint']} datapoints)")
+    values = frame["nats"].to_numpy()
+    tail = (1 - zoom_quantile) / 2
+    lo, hi = np.quantile(values, [tail, 1 - tail])
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    inside = frame[(frame["nats"] >= lo) & (frame["nats"] <= hi)]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
+    palette = dict(zip(frame["gap"].unique(), sns.color_palette("colorblind", 2)))
+    sns.histplot(inside, x="nats", hue="gap", element="step", stat="count", common_bins=True, palette=palette,
+                 ax=axes[0], legend=False)
+    outside = len(frame) - len(inside)
+    axes[0].set_title(f"central {zoom_quantile:.0%} of values ({outside} outside [{lo:.3g}, {hi:.3g}])",
+                      fontsize="medium")
+    # linear within ± a typical gap (a power of ten), logarithmic beyond
+    width = 10.0 ** math.floor(math.log10(max(float(np.median(np.abs(values))), 1e-4)))
+    sns.histplot(frame, x="nats", hue="gap", element="step", stat="count", common_bins=True, palette=palette,
+                 bins=_symlog_bins(values, width), ax=axes[1])
+    axes[1].set_xscale("symlog", linthresh=width, linscale=0.5)
+    axes[1].set_xticks(_symlog_ticks(values, width))
+    axes[1].xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axes[1].xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    axes[1].set_title(f"all {gaps.sizes['datapoint']} datapoints (symmetric log axis)", fontsize="medium")
+    for ax in axes:
+        ax.axvline(0.0, color="black", lw=0.8)
+        ax.set_xlabel("gap (nats)")
+    legend_outside(axes[1])
+    fig.suptitle("Per-datapoint gaps")
     return fig
 
 
+def _symlog_ticks(values: np.ndarray, width: float) -> List[float]:
+    """0, ± ``width`` and the powers of ten beyond it that the values reach (at most ~6 ticks)."""
+    ticks = [0.0]
+    for sign, extreme in ((1, float(np.max(values))), (-1, float(np.min(values)))):
+        v = width
+        while sign * extreme >= v * 0.999:
+            ticks.append(sign * v)
+            v *= 10
+    ticks = sorted(ticks)
+    while len(ticks) > 7:
+        ticks = ticks[::2] if 0.0 in ticks[::2] else ticks[1::2]
+    return ticks
+
+
+def _symlog_bins(values: np.ndarray, width: float, num: int = 40) -> np.ndarray:
+    """Bin edges evenly spaced on a symlog axis with linear part ± ``width``, covering ``values``."""
+    f = lambda v: np.sign(v) * np.log1p(np.abs(v) / width)  # noqa: E731
+    inv = lambda u: np.sign(u) * width * np.expm1(np.abs(u))  # noqa: E731
+    lo, hi = f(np.min(values)), f(np.max(values))
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    pad = 1e-9 * (hi - lo)
+    return inv(np.linspace(lo - pad, hi + pad, num + 1))
+
+
 def plot_estimators(gaps: xr.Dataset) -> Figure:
-    """Mean of each estimator over datapoints with a 2-standard-error bar."""
+    """Mean of each estimator over datapoints with a 2-standard-error bar, labelled with its kind."""
+    from ppl_vae.analysis.gaps import BOUNDS
+
     est = gaps["estimate"]
     n = gaps.sizes["datapoint"]
     means = est.mean("datapoint").values
     ses = est.std("datapoint", ddof=1).values / math.sqrt(n) if n > 1 else np.zeros_like(means)
-    labels = [LABELS[str(e)] for e in est.estimator.values]
-    fig, ax = plt.subplots(figsize=(6.5, 0.6 * len(labels) + 1.2), layout="constrained")
+    labels = [f"{LABELS[str(e)]}\n({BOUNDS[str(e)]} on log p(x))" for e in est.estimator.values]
+    fig, ax = plt.subplots(figsize=(7, 0.75 * len(labels) + 1.2), layout="constrained")
     ax.errorbar(means, np.arange(len(labels)), xerr=2 * ses, fmt="o", capsize=3)
     ax.set_yticks(np.arange(len(labels)), labels)
     ax.invert_yaxis()
-    ax.set_xlabel("nats per datapoint (mean ± 2 se)")
+    ax.margins(x=0.15, y=0.15)
+    ax.set_xlabel("nats per datapoint (mean ± 2 se over datapoints)")
     ax.set_title("Estimators")
     return fig
 
@@ -84,6 +190,9 @@ def plot_kl_per_dimension(diagnostics: xr.Dataset) -> Figure:
     sns.barplot(frame, x="latent", y="KL (nats)", hue="unit", palette=palette, dodge=False, ax=axes[0])
     axes[0].set_title("KL(q(z_u|x) || p(z_u)) per dimension")
     sns.barplot(frame, x="latent", y="activity", hue="unit", palette=palette, dodge=False, ax=axes[1])
+    if axes[0].get_legend() is not None:
+        axes[0].get_legend().remove()
+    legend_outside(axes[1])
     axes[1].axhline(diagnostics.attrs.get("threshold", 0.01), color="black", lw=0.8, ls="--")
     axes[1].set_yscale("log")
     axes[1].set_title(f"Activity Cov_x(E_q[z_u]): {diagnostics.attrs.get('num_active', '?')} active")
@@ -111,9 +220,7 @@ def _draw_rows(rows: Sequence[np.ndarray], row_titles: Sequence[str], title: str
                                  squeeze=False, layout="constrained")
         for r, (batch, name) in enumerate(zip(images, row_titles)):
             for c in range(ncol):
-                axes[r, c].imshow(batch[c], cmap="gray", vmin=0.0, vmax=1.0)
-                axes[r, c].set_xticks([])
-                axes[r, c].set_yticks([])
+                show_images(axes[r, c], batch[c])
             axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center")
     else:  # not images: draw each datapoint as a line over its features
         fig, axes = plt.subplots(1, ncol, figsize=(1.6 * ncol, 2.0), squeeze=False, layout="constrained")
@@ -121,7 +228,8 @@ def _draw_rows(rows: Sequence[np.ndarray], row_titles: Sequence[str], title: str
             for batch, name in zip(rows, row_titles):
                 axes[0, c].plot(batch[c].reshape(-1), lw=0.8, label=name)
             axes[0, c].set_xticks([])
-        axes[0, 0].legend(fontsize="small")
+        fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside lower center", ncols=len(rows),
+                   fontsize="small", frameon=False)
     fig.suptitle(title)
     return fig
 
@@ -152,14 +260,8 @@ def plot_manifold(decode: Callable[[Tensor], Tensor], num_per_axis: int = 15, *,
     if images is None:
         raise ValueError("the manifold plot needs image-shaped datapoints")
     h, w = images.shape[1:]
-    canvas = np.ones((num_per_axis * h, num_per_axis * w))
-    for k, im in enumerate(images):
-        r, c = divmod(k, num_per_axis)
-        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = im
     fig, ax = plt.subplots(figsize=(6, 6 * h / w), layout="constrained")
-    ax.imshow(canvas, cmap="gray", vmin=0.0, vmax=1.0)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    show_images(ax, tile_images(images, num_per_axis))
     ax.set_title("Learned manifold, z = Φ⁻¹(u) on a grid (AEVB fig. 4)")
     return fig
 
@@ -170,11 +272,15 @@ def plot_latent_scatter(loc: Tensor, labels: Optional[Tensor] = None) -> Figure:
     if loc.ndim != 2 or loc.shape[1] != 2:
         raise ValueError(f"the latent scatter needs 2-D latents, got shape {loc.shape}")
     frame = pd.DataFrame({"z1": loc[:, 0], "z2": loc[:, 1]})
-    hue = None
+    hue, order = None, None
     if labels is not None:
-        frame["label"] = _as_numpy(labels).astype(str)
+        raw = _as_numpy(labels)
+        frame["label"] = raw.astype(str)
+        order = [str(v) for v in np.unique(raw)]
         hue = "label"
-    fig, ax = plt.subplots(figsize=(5.5, 5), layout="constrained")
-    sns.scatterplot(frame, x="z1", y="z2", hue=hue, s=10, linewidth=0, palette="tab10" if hue else None, ax=ax)
+    fig, ax = plt.subplots(figsize=(6.2, 5), layout="constrained")
+    sns.scatterplot(frame, x="z1", y="z2", hue=hue, s=10, linewidth=0, palette="tab10" if hue else None,
+                    hue_order=order, ax=ax)
+    legend_outside(ax, title="label", markerscale=2)
     ax.set_title("Encoder means E_q[z|x]")
     return fig

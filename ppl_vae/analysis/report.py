@@ -30,6 +30,7 @@ from ppl_vae.analysis.diagnostics import collapse_diagnostics
 from ppl_vae.analysis.gaps import format_gap_table, gap_decomposition, gap_table
 from ppl_vae.inference.importance import importance_estimate
 from ppl_vae.inference.meanfield import MeanFieldGuide, fit_mean_field
+from ppl_vae.inference.modes import eval_mode
 from ppl_vae.pipeline import Run, load_data, load_run
 
 SPLITS = ("test", "train")
@@ -47,12 +48,14 @@ COMPARE_FILES = {
 
 @dataclass
 class Selection:
-    """The datapoints analysed: ``x`` ``(N, ...)``, their ``labels`` (or None), indices in the split."""
+    """The datapoints analysed: ``x`` ``(N, ...)``, their ``labels`` (or None), indices in the
+    split, and ``preprocessing``: what was done to them beyond loading (recorded in results)."""
 
     x: Tensor
     labels: Optional[Tensor]
     index: np.ndarray
     split: str
+    preprocessing: str = "none"
 
     def model_kwargs(self, run: Run) -> Dict[str, Tensor]:
         """``{"y": labels}`` when the dataset has labels (the model contract: models that
@@ -62,7 +65,13 @@ class Selection:
 
 def select_datapoints(run: Run, split: str = "test", num_datapoints: Optional[int] = None,
                       seed: int = 0) -> Selection:
-    """Load the run's data and pick ``num_datapoints`` of ``split`` (all when None; a seeded subset)."""
+    """Load the run's data and pick ``num_datapoints`` of ``split`` (all when None; a seeded subset).
+
+    Every split is scored as the model sees data: with dynamic binarization the training set
+    is held as grey levels and binarized afresh for each minibatch, so here its selected points
+    are binarized once, x ~ Bernoulli(grey level) with a generator seeded by ``seed``, as the
+    test set was at load time; a Bernoulli likelihood never scores grey levels.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if num_datapoints is not None and num_datapoints < 1:
@@ -78,13 +87,27 @@ def select_datapoints(run: Run, split: str = "test", num_datapoints: Optional[in
         index = np.sort(perm.numpy())
     device = next(run.vae.parameters()).device
     idx = torch.as_tensor(index)
-    return Selection(x[idx].to(device), None if labels is None else labels[idx].to(device), index, split)
+    x, preprocessing = x[idx], "none"
+    if split == "train" and getattr(data, "dynamic_binarization", False):
+        x = torch.bernoulli(x, generator=torch.Generator().manual_seed(seed))
+        preprocessing = f"dynamic binarization: x ~ Bernoulli(grey level), drawn once with seed {seed}"
+    elif getattr(data, "dynamic_binarization", False):
+        preprocessing = "dynamic binarization: binarized once at load time (the dataset's fixed test draw)"
+    elif run.config.data.binarize != "none":
+        preprocessing = f"binarize = {run.config.data.binarize}"
+    return Selection(x.to(device), None if labels is None else labels[idx].to(device), index, split, preprocessing)
 
 
-def _out_dir(run: Run, out_dir: Optional[Path]) -> Path:
+def _check_out_dir(run: Run, out_dir: Optional[Path]) -> Path:
+    """The folder for results (default: the run directory), created; refused before any work
+    when it names an existing file (or sits under one)."""
     out = Path(run.run_dir) if out_dir is None else Path(out_dir)
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"out_dir must be a folder, but {p} is an existing file")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
 
 
 @dataclass
@@ -129,14 +152,15 @@ def evaluate_run(
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     run = load_run(run_dir, device)
+    out = _check_out_dir(run, out_dir)
     sel = select_datapoints(run, split, num_datapoints, seed)
     pyro.set_rng_seed(seed)
-    est = importance_estimate(run.vae.model, run.vae.guide, sel.x, num_samples=num_samples, batch_size=batch_size,
-                              particle_batch_size=particle_batch_size, progress=progress, **sel.model_kwargs(run))
+    with eval_mode(run.vae):
+        est = importance_estimate(run.vae.model, run.vae.guide, sel.x, num_samples=num_samples, batch_size=batch_size,
+                                  particle_batch_size=particle_batch_size, progress=progress, **sel.model_kwargs(run))
     ds = est.to_dataset(sel.index)
     ds.attrs.update({"split": split, "run_dir": str(run.run_dir), "model": run.config.model.model,
-                     "dataset": run.config.data.dataset, "seed": seed})
-    out = _out_dir(run, out_dir)
+                     "dataset": run.config.data.dataset, "seed": seed, "preprocessing": sel.preprocessing})
     files = {
         "netcdf": results.save_netcdf(ds, out / EVALUATION_FILES["netcdf"]),
         "csv": results.save_csv(ds, out / EVALUATION_FILES["csv"]),
@@ -154,6 +178,7 @@ class Comparison:
     inference_data: Any
     files: Dict[str, Path] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
 
 
 def compare_run(
@@ -172,52 +197,97 @@ def compare_run(
 ) -> Comparison:
     """Gap decomposition, diagnostics, ArviZ draws and an HTML report for a run directory.
 
-    ``num_samples``: K for the IW estimates (and for evaluating L[q*]); ``num_draws``: draws
-    of z per guide and datapoint kept in the InferenceData; ``mean_field_options`` go to
-    :func:`~ppl_vae.inference.meanfield.fit_mean_field` (init, lr, max_steps, tol, ...).
+    ``num_samples``: K draws of q and K of q* for every estimate (log p̂ by multiple
+    importance sampling, the IW estimates, L[q], L[q*]); ``num_draws``: draws of z per guide
+    and datapoint kept in the InferenceData; ``mean_field_options`` go to
+    :func:`~ppl_vae.inference.meanfield.fit_mean_field` (init, lr, max_steps, gtol, ...).
+    The model is evaluated in eval mode; files go to ``out_dir`` (default: the run directory).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if num_draws < 1:
         raise ValueError(f"num_draws must be >= 1, got {num_draws}")
     run = load_run(run_dir, device)
+    out = _check_out_dir(run, out_dir)
     vae = run.vae
     sel = select_datapoints(run, split, num_datapoints, seed)
     kwargs = sel.model_kwargs(run)
     pyro.set_rng_seed(seed)
-    mf_options = {"batch_size": 500, "progress": progress, **(mean_field_options or {})}
-    mf_options.setdefault("num_eval_samples", num_samples)
-    mean_field = fit_mean_field(vae.model, sel.x, guide=vae.guide, **mf_options, **kwargs)
-    gaps = gap_decomposition(vae.model, vae.guide, sel.x, num_samples=num_samples, batch_size=batch_size,
-                             mean_field=mean_field, datapoint=sel.index, progress=progress, **kwargs)
-    gaps.attrs.update({"split": split, "run_dir": str(run.run_dir), "model": run.config.model.model,
-                       "dataset": run.config.data.dataset, "seed": seed})
-    table = gap_table(gaps)
-    diagnostics = collapse_diagnostics(vae.model, vae.guide, sel.x, **kwargs)
+    with eval_mode(vae):
+        mf_options = {"batch_size": 500, "progress": progress, **(mean_field_options or {})}
+        mean_field = fit_mean_field(vae.model, sel.x, guide=vae.guide, **mf_options, **kwargs)
+        gaps = gap_decomposition(vae.model, vae.guide, sel.x, num_samples=num_samples, batch_size=batch_size,
+                                 mean_field=mean_field, datapoint=sel.index, progress=progress, **kwargs)
+        gaps.attrs.update({"split": split, "run_dir": str(run.run_dir), "model": run.config.model.model,
+                           "dataset": run.config.data.dataset, "seed": seed, "preprocessing": sel.preprocessing})
+        table = gap_table(gaps)
+        diagnostics = collapse_diagnostics(vae.model, vae.guide, sel.x, **kwargs)
 
-    draw_n = min(sel.x.shape[0], 100)  # keep the InferenceData small: the first 100 datapoints
-    mf_guide = MeanFieldGuide(mean_field.loc[:draw_n], mean_field.scale[:draw_n].log())
-    draw_kwargs = {k: v[:draw_n] for k, v in kwargs.items()}
-    draws = results.guide_draws(vae.model, {"amortized": vae.guide, "meanfield": mf_guide}, sel.x[:draw_n],
-                                num_draws=num_draws, **draw_kwargs)
-    idata = results.to_inference_data(draws, datapoint=sel.index[:draw_n],
-                                      attrs={"run_dir": str(run.run_dir), "split": split})
+        draw_n = min(sel.x.shape[0], 100)  # keep the InferenceData small: the first 100 datapoints
+        mf_guide = MeanFieldGuide(mean_field.loc[:draw_n], mean_field.scale[:draw_n].log())
+        draw_kwargs = {k: v[:draw_n] for k, v in kwargs.items()}
+        draws = results.guide_draws(vae.model, {"amortized": vae.guide, "meanfield": mf_guide}, sel.x[:draw_n],
+                                    num_draws=num_draws, **draw_kwargs)
+        idata = results.to_inference_data(draws, datapoint=sel.index[:draw_n],
+                                          attrs={"run_dir": str(run.run_dir), "split": split})
 
-    out = _out_dir(run, out_dir)
-    comparison = Comparison(gaps, table, diagnostics, idata)
-    files = comparison.files
-    files["gaps_netcdf"] = results.save_netcdf(gaps, out / COMPARE_FILES["gaps_netcdf"])
-    per_datapoint = gaps[["estimate", "stderr"]].to_dataframe().unstack("estimator")
-    per_datapoint.columns = [f"{a}_{b}" if a != "estimate" else str(b) for a, b in per_datapoint.columns]
-    for g in ("approximation_gap", "amortization_gap", "inference_gap", "ess_amortized", "ess_meanfield"):
-        per_datapoint[g] = gaps[g].to_series()
-    files["gaps_csv"] = results.save_csv(per_datapoint, out / COMPARE_FILES["gaps_csv"])
-    files["table_csv"] = results.save_csv(table, out / COMPARE_FILES["table_csv"])
-    files["diagnostics_netcdf"] = results.save_netcdf(diagnostics, out / COMPARE_FILES["diagnostics_netcdf"])
-    files["inference_data"] = results.save_inference_data(idata, out / COMPARE_FILES["inference_data"])
-    figures = _report_figures(run, sel, gaps, diagnostics, comparison.notes)
-    files["report"] = write_report(out / COMPARE_FILES["report"], run, sel, comparison, figures)
+        comparison = Comparison(gaps, table, diagnostics, idata)
+        comparison.warnings.extend(estimate_warnings(gaps))
+        files = comparison.files
+        files["gaps_netcdf"] = results.save_netcdf(gaps, out / COMPARE_FILES["gaps_netcdf"])
+        files["gaps_csv"] = results.save_csv(per_datapoint_table(gaps), out / COMPARE_FILES["gaps_csv"])
+        files["table_csv"] = results.save_csv(table, out / COMPARE_FILES["table_csv"])
+        files["diagnostics_netcdf"] = results.save_netcdf(diagnostics, out / COMPARE_FILES["diagnostics_netcdf"])
+        files["inference_data"] = results.save_inference_data(idata, out / COMPARE_FILES["inference_data"])
+        figures = _report_figures(run, sel, gaps, diagnostics, comparison.notes)
+        files["report"] = write_report(out / COMPARE_FILES["report"], run, sel, comparison, figures)
     return comparison
+
+
+def per_datapoint_table(gaps: xr.Dataset) -> pd.DataFrame:
+    """One row per datapoint: every estimate with its stderr, the gaps, ESS, k̂ and convergence."""
+    frame = gaps[["estimate", "stderr"]].reset_coords(drop=True).to_dataframe().unstack("estimator")
+    frame.columns = [f"{b}_stderr" if a == "stderr" else str(b) for a, b in frame.columns]
+    extra = [v for v in gaps.data_vars if gaps[v].dims == ("datapoint",)]
+    for name in extra:
+        frame[name] = gaps[name].to_series()
+    return frame
+
+
+LOW_ESS_FRACTION = 0.01
+"""A weight set whose ESS is below this fraction of its draws is flagged as weak."""
+KHAT_THRESHOLD = 0.7
+"""PSIS k̂ above this: the importance-sampling estimate and its standard error are unreliable."""
+
+
+def estimate_warnings(gaps: xr.Dataset) -> List[str]:
+    """Plain-language warnings for weak estimates in a gap decomposition, each with what to do."""
+    n = gaps.sizes["datapoint"]
+    k = int(gaps.attrs["num_samples"])
+    out = []
+    not_converged = int((~gaps["meanfield_converged"].values.astype(bool)).sum())
+    if not_converged:
+        out.append(
+            f"Mean-field VI did not converge for {not_converged} of {n} datapoints: their L[q*] is below the best "
+            "diagonal Gaussian's, which understates the amortization gap and overstates the approximation gap. "
+            "Raise mean_field_options max_steps / polish_steps (CLI --mf-steps, --mf-polish-steps) or try init='prior'.")
+    low = int((gaps["ess_mixture"].values < LOW_ESS_FRACTION * 2 * k).sum())
+    if low:
+        out.append(
+            f"Low effective sample size: for {low} of {n} datapoints the mixture weights' ESS is below "
+            f"{LOW_ESS_FRACTION:.0%} of the 2K = {2 * k} draws, so log p̂ there rests on a few draws and may sit "
+            "well below log p(x). Use more samples (--num-samples), or AIS (ppl-vae evaluate --method ais).")
+    if "khat_mixture" in gaps:
+        high = int((gaps["khat_mixture"].values > KHAT_THRESHOLD).sum())
+        if high:
+            out.append(
+                f"Heavy-tailed importance weights: PSIS k̂ > {KHAT_THRESHOLD} for {high} of {n} datapoints, so "
+                "their log p̂ and its standard error are unreliable (Vehtari et al. 2024). A better proposal "
+                "(a flow guide) or AIS gives trustworthy numbers there.")
+    if n < 30:
+        out.append(f"Only {n} datapoints: the means over datapoints have wide standard errors (se column); "
+                   "use more datapoints (--num-datapoints) before comparing runs.")
+    return out
 
 
 def _report_figures(run: Run, sel: Selection, gaps: xr.Dataset, diagnostics: xr.Dataset,
@@ -258,11 +328,46 @@ def figure_to_data_uri(fig: Figure, dpi: int = 100) -> str:
 
 
 _CSS = """
-body { font-family: system-ui, sans-serif; max-width: 60em; margin: 2em auto; color: #222; }
+body { font-family: system-ui, sans-serif; max-width: 60em; margin: 2em auto; color: #222; line-height: 1.4; }
 table { border-collapse: collapse; margin: 1em 0; } td, th { padding: 0.2em 0.8em; border-bottom: 1px solid #ddd; }
-th { text-align: left; } td { text-align: right; font-variant-numeric: tabular-nums; }
+th { text-align: left; } td { text-align: right; font-variant-numeric: tabular-nums; } td.text { text-align: left; }
 img { max-width: 100%; } .note { color: #666; font-size: 0.9em; } code { background: #f4f4f4; }
+.warning { background: #fff4e5; border-left: 4px solid #e69500; padding: 0.4em 0.8em; margin: 0.5em 0; }
+.lead { background: #f3f6fa; border-left: 4px solid #4a78b0; padding: 0.6em 1em; }
 """
+
+GAP_EXPLANATION = (
+    "<p><b>What the gaps mean.</b> For each datapoint, the <i>inference gap</i> log p(x) − L[q] is how far "
+    "the ELBO of the trained encoder's q(z|x) falls short of the model's evidence. Cremer, Li &amp; Duvenaud "
+    "(2018) split it in two. The <i>approximation gap</i> log p(x) − L[q*] is the price of the variational "
+    "family: q* is the best diagonal Gaussian for that datapoint alone (fitted here by per-datapoint "
+    "mean-field VI), and even it misses the true posterior by this much. The <i>amortization gap</i> "
+    "L[q*] − L[q] is the price of sharing one encoder across all datapoints: the encoder's q(z|x) is worse "
+    "than its own family allows.</p>"
+    "<p><b>What to do about a large one.</b> A large approximation gap asks for a more flexible posterior: "
+    "a full-covariance or normalizing-flow guide (the model config's <code>guide</code>), or an "
+    "importance-weighted objective (IWAE) that makes the bound tighter for the same guide. A large "
+    "amortization gap asks for a better encoder: more capacity (hidden units, layers), longer training, or "
+    "iterative refinement of q(z|x) per datapoint at test time (semi-amortized VI, as q* here). Both gaps "
+    "also depend on the decoder, which adapts to the guide it was trained with (Cremer et al. 2018, §5.3), "
+    "so compare runs on the same datapoints with <code>ppl-vae compare RUN1 RUN2</code>.</p>"
+)
+
+
+def _estimator_paragraph(gaps: xr.Dataset) -> str:
+    k = gaps.attrs["num_samples"]
+    return (
+        f"<p><b>How the numbers are made.</b> log p̂(x) is a multiple-importance-sampling estimate "
+        f"(Veach &amp; Guibas 1995) from K = {k} draws of the amortized q(z|x) <i>and</i> K = {k} draws of q*, "
+        "every draw weighted against the mixture ½q + ½q* (balance heuristic). Its p̂(x) is an unbiased "
+        "estimate of p(x), so log p̂(x) is a stochastic lower bound on log p(x). The importance-weighted "
+        "estimates with q alone and with q* alone (Burda et al. 2015) are shown too; each is also a stochastic "
+        "lower bound. L[q] and L[q*] are unbiased Monte Carlo estimates of the two ELBOs, from the same draws. "
+        "The <i>kind</i> column says what each number is with respect to its target (lower bound, upper "
+        "bound or neither). <i>se over datapoints</i>: how well the mean over the data population is known; "
+        "<i>Monte Carlo se</i>: the sampling error of the mean for these datapoints, by the delta method over "
+        "the K independent (q, q*) draw pairs, so the gaps' errors include the samples they share.</p>"
+    )
 
 
 def render_html(run: Run, sel: Selection, comparison: Comparison, figures: List[Tuple[str, Figure]]) -> str:
@@ -270,21 +375,31 @@ def render_html(run: Run, sel: Selection, comparison: Comparison, figures: List[
     gaps, table = comparison.gaps, comparison.table
     cfg = run.config
     esc = html.escape
-    shown = table[["description", "mean", "se", "mc_se", "median"]].rename(
-        columns={"mean": "mean (nats)", "se": "se over datapoints", "mc_se": "Monte Carlo se"})
+    rows = ["<tr><th>quantity</th><th>kind</th><th>mean (nats)</th><th>se over datapoints</th>"
+            "<th>Monte Carlo se</th><th>median</th><th>what it is</th></tr>"]
+    for _, r in table.iterrows():
+        rows.append(
+            f"<tr><td class='text'>{esc(r['description'])}</td><td class='text'>{esc(r['bound'])}</td>"
+            f"<td>{r['mean']:.3f}</td><td>{r['se']:.3f}</td><td>{r['mc_se']:.3f}</td><td>{r['median']:.3f}</td>"
+            f"<td class='text note'>{esc(r['meaning'])}</td></tr>")
+    n = gaps.sizes["datapoint"]
+    converged = gaps.attrs["meanfield_num_converged"]
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>ppl-vae compare: {esc(str(run.run_dir))}</title><style>{_CSS}</style></head><body>",
         f"<h1>Inference comparison: {esc(cfg.model.model)} on {esc(cfg.data.dataset)}</h1>",
-        f"<p>Run <code>{esc(str(run.run_dir))}</code>; {gaps.sizes['datapoint']} {esc(sel.split)} datapoints; "
-        f"latent dimension {run.vae.latent_dim}; K = {gaps.attrs['num_samples']} importance samples; "
-        f"mean-field VI converged in {gaps.attrs['meanfield_converged_batches']} of "
-        f"{gaps.attrs['meanfield_num_batches']} batch(es). Generated {_dt.datetime.now():%Y-%m-%d %H:%M}.</p>",
+        f"<div class='lead'>{GAP_EXPLANATION}</div>",
+    ]
+    for warning in comparison.warnings:
+        parts.append(f"<p class='warning'><b>Warning.</b> {esc(warning)}</p>")
+    parts += [
+        f"<p>Run <code>{esc(str(run.run_dir))}</code>; {n} {esc(sel.split)} datapoints "
+        f"(preprocessing: {esc(sel.preprocessing)}); latent dimension {run.vae.latent_dim}; "
+        f"K = {gaps.attrs['num_samples']} draws from each of q and q*; mean-field VI converged for {converged} of "
+        f"{n} datapoints. Generated {_dt.datetime.now():%Y-%m-%d %H:%M}.</p>",
         "<h2>Estimators and gaps</h2>",
-        "<p>log p̂ is the importance-weighted estimate with the amortized guide (Burda et al. 2015); "
-        "L[q*] is the ELBO of per-datapoint mean-field VI; L[q] the amortized ELBO. Approximation gap "
-        "= log p̂ − L[q*], amortization gap = L[q*] − L[q] (Cremer, Li &amp; Duvenaud 2018).</p>",
-        shown.to_html(float_format=lambda v: f"{v:.3f}", index=False),
+        _estimator_paragraph(gaps),
+        "<table>" + "".join(rows) + "</table>",
         f"<p>Active units (Cov<sub>x</sub>(E<sub>q</sub>[z<sub>u</sub>]) &gt; "
         f"{comparison.diagnostics.attrs['threshold']}): {comparison.diagnostics.attrs['num_active']} of "
         f"{comparison.diagnostics.sizes['latent']}.</p>",
@@ -313,6 +428,8 @@ __all__ = [
     "evaluate_run",
     "figure_to_data_uri",
     "format_gap_table",
+    "estimate_warnings",
+    "per_datapoint_table",
     "render_html",
     "select_datapoints",
     "write_report",

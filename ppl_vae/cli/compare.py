@@ -17,17 +17,22 @@ import click
 @click.option("--num-draws", type=int, default=100, show_default=True, help="Draws of z per guide kept for ArviZ.")
 @click.option("--init", type=click.Choice(["encoder", "prior"]), default="encoder", show_default=True,
               help="Where mean-field VI starts.")
-@click.option("--mf-steps", type=int, default=2000, show_default=True, help="Most Adam steps of mean-field VI.")
+@click.option("--mf-steps", type=int, default=500, show_default=True,
+              help="Most Adam steps of mean-field VI (before the L-BFGS polish).")
+@click.option("--mf-polish-steps", type=int, default=300, show_default=True,
+              help="Most L-BFGS iterations of the deterministic polish of q*.")
+@click.option("--mf-gtol", type=float, default=1e-3, show_default=True,
+              help="q* counts as converged when its largest ELBO gradient component is below this.")
 @click.option("--mf-lr", type=float, default=1e-2, show_default=True, help="Adam learning rate of mean-field VI.")
 @click.option("--mf-tol", type=float, default=1e-4, show_default=True,
-              help="Relative ELBO change that counts as a plateau (stopping rule).")
+              help="Relative ELBO change that counts as a plateau (Adam's stopping rule).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for report.html and the tables (default: the run directory).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
 def compare(run_dir: Path, num_samples: int, split: str, num_datapoints: int, num_draws: int, init: str,
-            mf_steps: int, mf_lr: float, mf_tol: float, device: str, seed: int, out, progress: bool) -> None:
+            mf_steps: int, mf_polish_steps: int, mf_gtol: float, mf_lr: float, mf_tol: float, device: str, seed: int, out, progress: bool) -> None:
     """Gap decomposition (Cremer et al. 2018), diagnostics and a self-contained HTML report."""
     from ppl_vae.analysis.gaps import format_gap_table
     from ppl_vae.analysis.report import compare_run
@@ -39,10 +44,13 @@ def compare(run_dir: Path, num_samples: int, split: str, num_datapoints: int, nu
     result = compare_run(
         run_dir, num_samples=num_samples, split=split, num_datapoints=num_datapoints or None,
         num_draws=num_draws, device=device, seed=seed, out_dir=out, progress=progress,
-        mean_field_options={"init": init, "max_steps": mf_steps, "lr": mf_lr, "tol": mf_tol},
+        mean_field_options={"init": init, "max_steps": mf_steps, "lr": mf_lr, "tol": mf_tol,
+                            "polish_steps": mf_polish_steps, "gtol": mf_gtol},
     )
     click.echo(format_gap_table(result.table))
     click.echo(f"active units: {result.diagnostics.attrs['num_active']} of {result.diagnostics.sizes['latent']}")
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}")
     for note in result.notes:
         click.echo(f"note: {note}")
     click.echo("wrote " + ", ".join(str(p) for p in result.files.values()))

@@ -99,7 +99,13 @@ def run(settings: Fig2Settings, out_dir: Path, *, data_dir: Optional[Path] = Non
 
 
 def plot(frame):
-    """Lower bound vs training samples: one panel per (dataset, latent dim); returns the Figure."""
+    """Lower bound vs training samples, one column per (dataset, latent dim); returns the Figure.
+
+    Top row: every evaluation, axes fitted to all of them. Bottom row: the second half of
+    training (evaluations at or after the median number of samples), zoomed to where the
+    curves settle as in the paper. No plotted point lies outside its axes; the legend sits
+    below the panels.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,27 +114,28 @@ def plot(frame):
 
     frame = frame[frame["num_train_samples"] > 0]
     panels = list(frame[["dataset", "latent_dim"]].drop_duplicates().itertuples(index=False))
-    ncols = min(len(panels), 5) or 1
-    nrows = -(-len(panels) // ncols) or 1
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.0 * nrows), squeeze=False)
-    for ax, (dataset, latent_dim) in zip(axes.flat, panels):
+    ncols = max(len(panels), 1)
+    fig, axes = plt.subplots(2, ncols, figsize=(3.6 * ncols, 5.8), squeeze=False, layout="constrained")
+    handles = labels = None
+    for col, (dataset, latent_dim) in enumerate(panels):
         sub = frame[(frame["dataset"] == dataset) & (frame["latent_dim"] == latent_dim)]
-        sns.lineplot(data=sub, x="num_train_samples", y="lower_bound", hue="method", style="split",
-                     style_order=["train", "test"], ax=ax, legend=ax is axes.flat[0])
-        if ax.get_legend() is not None:
-            sns.move_legend(ax, "lower right", fontsize=7, title_fontsize=7)
-        ax.set_xscale("log")
-        ax.set_title(f"{dataset}, $N_z$ = {latent_dim}")
-        ax.set_xlabel("# training samples evaluated")
-        ax.set_ylabel("lower bound (nats)")
-        # Like the paper, show where the curves settle: the early transient may leave the axes.
-        late = sub[sub["num_train_samples"] >= sub["num_train_samples"].median()]["lower_bound"]
-        lo, hi = late.min(), sub["lower_bound"].max()
-        if hi > lo:
-            ax.set_ylim(lo - 0.3 * (hi - lo), hi + 0.1 * (hi - lo))
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
-    fig.tight_layout()
+        late = sub[sub["num_train_samples"] >= sub["num_train_samples"].median()]
+        for row, (data, what) in enumerate(((sub, "all evaluations"), (late, "second half, zoomed"))):
+            ax = axes[row, col]
+            sns.lineplot(data=data, x="num_train_samples", y="lower_bound", hue="method", style="split",
+                         style_order=["train", "test"], markers=True, dashes=True, ax=ax, legend=True)
+            if handles is None and ax.get_legend() is not None:
+                handles, labels = ax.get_legend_handles_labels()
+            if ax.get_legend() is not None:
+                ax.get_legend().remove()
+            ax.set_xscale("log")
+            ax.margins(x=0.05, y=0.08)  # autoscaled to every plotted point, with a margin
+            ax.set_title(f"{dataset}, $N_z$ = {latent_dim}: {what}", fontsize="medium")
+            ax.set_xlabel("# training samples evaluated")
+            ax.set_ylabel("lower bound (nats)")
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=2, frameon=False,
+                   fontsize="small")
     return fig
 
 

@@ -5,7 +5,11 @@ training samples evaluated, for AEVB, wake-sleep and Monte Carlo EM (HMC E-step)
 log p(x) is estimated with the paper's appendix-D estimator (HMC posterior samples, a fitted
 Gaussian, harmonic-mean-style estimate), which needs no encoder, so it rates MCEM's models
 too; the importance-weighted estimate (K samples from each model's encoder) is written beside
-it. A unit of work is one (train size, method) curve.
+it. The two bound log p(x) from opposite sides: appendix D averages q(z)/p(x, z) over
+posterior draws, an unbiased estimate of 1/p(x), so minus its log is a *stochastic upper
+bound* on log p(x) (E[log p̂] >= log p(x) by Jensen); the IW estimate is a stochastic
+*lower* bound (Burda et al. 2015). The figure draws both and names each. A unit of work is
+one (train size, method) curve.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from ppl_vae.models.vae import VAE
 from ppl_vae.data.datasets import Dataset
 
 ESTIMATORS = ("appendix_d", "iw")
+ESTIMATOR_LABELS = {
+    "appendix_d": "appendix D (HMC): stochastic upper bound",
+    "iw": "IW with the encoder: stochastic lower bound",
+}
 
 
 @dataclass
@@ -130,32 +138,49 @@ def run(settings: Fig3Settings, out_dir: Path, *, data_dir: Optional[Path] = Non
         )
     result = table.to_xarray()
     result["log_marginal"].attrs["description"] = "mean estimated log p(x) per datapoint, nats"
+    result["log_marginal"].attrs["bound"] = "; ".join(f"{k}: {v}" for k, v in ESTIMATOR_LABELS.items())
     common.save_figure(plot(table.frame), out_dir, "fig3")
     return result
 
 
-def plot(frame, estimator: str = "appendix_d"):
-    """Marginal likelihood vs training samples, one panel per train size; returns the Figure."""
+def plot(frame, estimators=ESTIMATORS):
+    """Marginal likelihood vs training samples; rows: split, columns: train size; returns the Figure.
+
+    Colour: method; line style and marker: estimator, named in the legend as a stochastic
+    upper bound (appendix D) or lower bound (IW), so the two are never read as one series.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    frame = frame[(frame["num_train_samples"] > 0) & (frame["estimator"] == estimator)]
+    frame = frame[(frame["num_train_samples"] > 0) & frame["estimator"].isin(list(estimators))].copy()
+    frame["estimate"] = frame["estimator"].map(ESTIMATOR_LABELS)
+    style_order = [ESTIMATOR_LABELS[e] for e in estimators if e in set(frame["estimator"])]
     sizes = sorted(frame["train_size"].unique())
-    fig, axes = plt.subplots(1, max(len(sizes), 1), figsize=(4.2 * max(len(sizes), 1), 3.4), squeeze=False)
-    for ax, n in zip(axes.flat, sizes):
-        sub = frame[frame["train_size"] == n]
-        sns.lineplot(data=sub, x="num_train_samples", y="log_marginal", hue="method", style="split",
-                     style_order=["train", "test"], marker="o", ax=ax, legend=ax is axes.flat[0])
-        if ax.get_legend() is not None:
-            sns.move_legend(ax, "lower right", fontsize=7, title_fontsize=7)
-        ax.set_xscale("log")
-        ax.set_title(f"$N_{{train}}$ = {n}")
-        ax.set_xlabel("# training samples evaluated")
-        ax.set_ylabel("marginal log-likelihood (nats)")
-    fig.tight_layout()
+    splits = [s for s in ("train", "test") if s in set(frame["split"])]
+    ncols, nrows = max(len(sizes), 1), max(len(splits), 1)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.3 * nrows), squeeze=False, layout="constrained")
+    handles = labels = None
+    for r, split in enumerate(splits):
+        for c, n in enumerate(sizes):
+            ax = axes[r, c]
+            sub = frame[(frame["train_size"] == n) & (frame["split"] == split)]
+            sns.lineplot(data=sub, x="num_train_samples", y="log_marginal", hue="method", style="estimate",
+                         style_order=style_order, markers=True, ax=ax)
+            if handles is None and ax.get_legend() is not None:
+                handles, labels = ax.get_legend_handles_labels()
+            if ax.get_legend() is not None:
+                ax.get_legend().remove()
+            ax.set_xscale("log")
+            ax.margins(x=0.05, y=0.08)
+            ax.set_title(f"$N_{{train}}$ = {n}, {split} set", fontsize="medium")
+            ax.set_xlabel("# training samples evaluated")
+            ax.set_ylabel("estimated log p(x) (nats)")
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=2, frameon=False,
+                   fontsize="small")
     return fig
 
 

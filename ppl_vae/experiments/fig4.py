@@ -108,12 +108,15 @@ def plot(grids):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ppl_vae.analysis.plots import show_images, tile_images
+
     fig, axes = plt.subplots(1, len(grids), figsize=(5 * len(grids), 5), squeeze=False)
     for ax, (dataset, grid) in zip(axes.flat, grids.items()):
         rows, cols, h, w = grid.shape
         tiles = grid.values.reshape(rows * cols, h, w)
-        ax.imshow(common.image_grid(tiles, cols), cmap="gray", vmin=0, vmax=1)
+        show_images(ax, tile_images(tiles, cols))
         ax.set_title(f"learned 2-D manifold: {dataset}")
-        ax.axis("off")
+        for spine in ax.spines.values():
+            spine.set_visible(False)
     fig.tight_layout()
     return fig

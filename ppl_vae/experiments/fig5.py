@@ -89,13 +89,16 @@ def plot(samples: xr.DataArray):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ppl_vae.analysis.plots import show_images, tile_images
+
     dims = samples["latent_dim"].values
     fig, axes = plt.subplots(1, len(dims), figsize=(3.5 * len(dims), 3.8), squeeze=False)
     for ax, d in zip(axes.flat, dims):
         images = samples.sel(latent_dim=d).values
         ncols = int(np.ceil(np.sqrt(images.shape[0])))
-        ax.imshow(common.image_grid(images, ncols), cmap="gray", vmin=0, vmax=1)
+        show_images(ax, tile_images(images, ncols))
         ax.set_title(f"{int(d)}-D latent space")
-        ax.axis("off")
+        for spine in ax.spines.values():
+            spine.set_visible(False)
     fig.tight_layout()
     return fig

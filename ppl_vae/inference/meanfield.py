@@ -40,6 +40,7 @@ from ppl_vae.inference.importance import (
     concat_estimates,
     importance_estimate,
 )
+from ppl_vae.inference.modes import in_eval_mode
 from ppl_vae.inference.traces import log_probs, trace_pair
 from ppl_vae.registry import Registry
 
@@ -65,6 +66,7 @@ def _site_moments(fn: dist.Distribution, num_data: int) -> Moments:
 
 
 @torch.no_grad()
+@in_eval_mode("guide")
 def guide_moments(guide: Callable, x: Tensor, latent_site: str = LATENT_SITE, **kwargs: Any) -> Moments:
     """(loc, scale) of each datapoint's q(z|x) from a guide, each ``(N, *latent_shape)``.
 
@@ -78,6 +80,7 @@ def guide_moments(guide: Callable, x: Tensor, latent_site: str = LATENT_SITE, **
 
 
 @torch.no_grad()
+@in_eval_mode("model")
 def prior_moments(model: Callable, x: Tensor, latent_site: str = LATENT_SITE, **kwargs: Any) -> Moments:
     """(mean, standard deviation) of the model's prior p(z) for each datapoint, ``(N, *latent_shape)``."""
     trace = poutine.trace(model).get_trace(x, **kwargs)
@@ -244,6 +247,7 @@ def _polish(model: Callable, owner, xb: Tensor, kw: dict, loc: Tensor, log_scale
     return loc.detach(), log_scale.detach(), grad.detach(), iterations
 
 
+@in_eval_mode("model", "guide")
 def fit_mean_field(
     model: Callable,
     x: Tensor,
@@ -287,7 +291,8 @@ def fit_mean_field(
     quadratic in z and close to it otherwise (more ``polish_particles`` bring it closer).
 
     L[q*] is then estimated with ``num_eval_samples`` fresh samples. Datapoints are processed
-    ``batch_size`` at a time. ``fused``: when ``model`` is a parts-based VAE's own ``model``
+    ``batch_size`` at a time. The model and guide are put in eval mode for the fit (and their
+    modes restored), so the result does not depend on how the caller left them. ``fused``: when ``model`` is a parts-based VAE's own ``model``
     method, compute the same ELBO without Pyro's tracing (:mod:`ppl_vae.inference.fused`).
     """
     from tqdm.auto import tqdm
