@@ -52,6 +52,9 @@ def inpaint(run_dir: Path, mask: str, num_images: int, num_samples: int, num_dra
         raise ValueError(f"--num-images must be >= 1, got {num_images}")
     run = load_run(run_dir)
     data = load_data(run.config)
+    if num_images > data.test.shape[0]:
+        raise ValueError(f"--num-images {num_images} is more than the {data.test.shape[0]} test images of "
+                         f"{data.name}; choose at most {data.test.shape[0]}")
     x = data.test[:num_images]
     labelled = run.vae.num_classes is not None and data.test_labels is not None
     y = data.test_labels[:num_images] if labelled and use_label else None

@@ -10,10 +10,13 @@ Importing this module imports neither torch nor Pyro, so ``ppl-vae --help`` is f
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import re
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import click
 
@@ -96,7 +99,8 @@ class PplVaeGroup(click.Group):
         from ppl_vae.errors import PplVaeError
 
         try:
-            return super().invoke(ctx)
+            with _library_warnings_as_one_line():
+                return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except KeyboardInterrupt:
@@ -114,6 +118,28 @@ class PplVaeGroup(click.Group):
                 raise
             click.echo(f"Error: {message}", err=True)
             sys.exit(EXIT_ERROR)
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+
+
+@contextlib.contextmanager
+def _library_warnings_as_one_line() -> Iterator[None]:
+    """Warnings the library raises print as one ``Warning: ...`` line, not file:line and source;
+    warnings from other packages keep Python's format."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if str(filename).startswith(_PACKAGE_DIR) and issubclass(category, UserWarning):
+            click.echo(f"Warning: {' '.join(str(message).split())}", err=True)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 def _load_plugins(ctx: click.Context, explicit: Tuple[str, ...]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -29,8 +30,14 @@ def text(run_dir: Path, split: str, num_samples: int, num_sentences: int, temper
     from ppl_vae.analysis.text import interpolate_sentences, sample_sentences, text_metrics
     from ppl_vae.models.text import TextHybridVAE
 
-    if num_samples < 1 or num_sentences < 0 or temperature < 0:
-        raise ValueError("--num-samples must be >= 1, --samples >= 0 and --temperature >= 0")
+    if num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+    if num_sentences < 0:
+        raise ValueError(f"--samples must be >= 0, got {num_sentences}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+    if steps < 2 and interpolate:
+        raise ValueError(f"--steps must be >= 2 to interpolate between two sentences, got {steps}")
     pipeline.seed_everything(seed)
     run = pipeline.load_run(run_dir)
     if not isinstance(run.vae, TextHybridVAE):

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ppl_vae.data.readers import read_array_file, read_idx, read_mat_array
+from ppl_vae.data.ondisk import NpyRows, file_size, open_npy
+from ppl_vae.data.readers import check_npy_magic, read_array_file, read_idx, read_mat_array
 from ppl_vae.errors import DataError
 from ppl_vae.registry import Registry
 
@@ -36,6 +37,11 @@ MNIST_SHA256 = {
 FREY_FACE_SHA256 = "265a83a23adb081755cd3de375509828e690324d1d60f076b8ecebc840d59c64"
 FASHION_MNIST_DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 
+#: a ``.npy`` at least this large stays on disk (rows read per batch) rather than being loaded
+ON_DISK_MIN_BYTES = 1 << 30
+
+Rows = Union[Tensor, NpyRows]
+
 
 @dataclass
 class Dataset:
@@ -43,11 +49,15 @@ class Dataset:
 
     ``dynamic_binarization``: training batches are resampled as x ~ Bernoulli(x) each time
     they are drawn (the test set was binarized once, with a fixed seed, at load time).
+
+    ``train`` and ``test`` of a large ``.npy`` are :class:`~ppl_vae.data.ondisk.NpyRows`
+    instead of tensors: ``x[idx]`` (indices, int or slice), ``x.shape``, ``x.device`` and
+    ``x.to(device)`` work as for a tensor, and each ``x[idx]`` reads only those rows from disk.
     """
 
     name: str
-    train: Tensor
-    test: Tensor
+    train: Rows
+    test: Rows
     train_labels: Optional[Tensor] = None
     test_labels: Optional[Tensor] = None
     dynamic_binarization: bool = False
@@ -117,11 +127,28 @@ def _idx_dataset(data_dir: Path) -> Arrays:
 @DATASETS.register("digits")
 def load_digits_arrays(data_dir: Optional[Path] = None) -> Arrays:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images), the embedded default."""
-    from sklearn.datasets import load_digits  # ships with scikit-learn; no download
+    pixels, target = _bundled_digits()
+    images = (pixels.reshape(-1, 1, 8, 8) / 16.0).astype(np.float32)
+    return images, None, target.astype(np.int64), None
+
+
+def _bundled_digits() -> Tuple[np.ndarray, np.ndarray]:
+    """(pixels (1797, 64) in 0..16, labels) from the CSV scikit-learn ships: read directly, as
+    ``sklearn.datasets.load_digits`` does, because importing scikit-learn costs about a second of
+    every ``ppl-vae fit`` on the default dataset. Falls back to ``load_digits`` if the file moved."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
+    if spec is not None and spec.origin is not None:
+        csv = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+        if csv.is_file():
+            table = np.loadtxt(csv, delimiter=",")
+            if table.shape == (1797, 65):
+                return table[:, :-1], table[:, -1]
+    from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    images = (bunch.images[:, None] / 16.0).astype(np.float32)
-    return images, None, bunch.target.astype(np.int64), None
+    return bunch.data, bunch.target
 
 
 @DATASETS.register("mnist")
@@ -170,6 +197,9 @@ def _arrays_from_file(path: Path) -> Arrays:
 def _as_float_tensor(array: np.ndarray, what: str) -> Tensor:
     if array.dtype.kind not in "biuf":
         raise DataError(f"{what} has non-numeric dtype {array.dtype}")
+    if array.ndim == 0:
+        raise DataError(f"{what} holds a single number (a 0-d array); expected datapoints along the first "
+                        "axis, shape (N, ...)")
     array = np.asarray(array, dtype=np.float32)
     if array.ndim == 1:
         array = array[:, None]
@@ -189,6 +219,7 @@ def load_dataset(
     test_fraction: float = 0.2,
     split_seed: int = 0,
     train_size: Optional[int] = None,
+    on_disk: Optional[bool] = None,
 ) -> Dataset:
     """Load a dataset by registered name or from a user's array file.
 
@@ -196,6 +227,9 @@ def load_dataset(
     set is sampled once with ``split_seed``), or "threshold" (x > 0.5, static).
     ``test_fraction``: held-out share when the source has no test split (seeded by
     ``split_seed``). ``train_size``: keep only the first ``train_size`` training points.
+    ``on_disk``: keep a ``.npy`` file on disk and read the rows of each batch from it instead of
+    loading it (see :mod:`ppl_vae.data.ondisk`); ``None`` (default) does so for files of at least
+    :data:`ON_DISK_MIN_BYTES` (1 GiB). The split is the same either way.
     """
     if binarize not in BINARIZE:
         raise ValueError(f"binarize must be one of {', '.join(BINARIZE)}, got {binarize!r}")
@@ -204,6 +238,12 @@ def load_dataset(
     if train_size is not None and train_size < 1:
         raise ValueError(f"train_size must be >= 1, got {train_size}")
     data_dir = None if data_dir is None else Path(data_dir)
+    if name not in DATASETS and Path(name).suffix.lower() == ".npy":
+        path = Path(name)
+        if on_disk or (on_disk is None and file_size(path) >= ON_DISK_MIN_BYTES):
+            return _load_on_disk(path, binarize, test_fraction, split_seed, train_size)
+    elif on_disk:
+        raise ValueError(f"on_disk=True needs a .npy file, got dataset {name!r}")
     if name in DATASETS:
         train, test, train_labels, test_labels = DATASETS.get(name)(data_dir)
         label = name
@@ -256,3 +296,33 @@ def load_dataset(
         dynamic_binarization=binarize == "dynamic",
         info={"binarize": binarize},
     )
+
+
+def _load_on_disk(path: Path, binarize: str, test_fraction: float, split_seed: int,
+                  train_size: Optional[int]) -> Dataset:
+    """:func:`load_dataset` for a ``.npy`` read from disk per batch: views of row indices, no copy."""
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    check_npy_magic(path)
+    if binarize == "dynamic":
+        raise DataError(
+            f"{path.name} stays on disk (rows are read per batch), and binarize='dynamic' needs a test set "
+            "sampled once in memory; use binarize='threshold', or binarize the file beforehand"
+        )
+    data = open_npy(path)
+    n = data.num_rows
+    n_test = max(1, int(round(test_fraction * n)))
+    if n - n_test < 1:
+        raise DataError(f"{path.name} has {n} datapoint(s): too few to hold out a test set")
+    # the same permutation as the in-memory path, so a file gets the same split either way
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed)).numpy()
+    test, train = data.take(perm[:n_test]), data.take(perm[n_test:])
+    if train_size is not None:
+        train = train.take(np.arange(min(train_size, train.num_rows)))
+    if binarize == "threshold":
+        for view, what in ((train, "train"), (test, "test")):
+            low, high, _ = view.value_range()
+            if low < 0 or high > 1:
+                raise DataError(f"cannot binarize {path.name} ({what}): values must lie in [0, 1]")
+        train, test = replace(train, threshold=True), replace(test, threshold=True)
+    return Dataset(name=path.name, train=train, test=test, info={"binarize": binarize})

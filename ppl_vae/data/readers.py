@@ -103,12 +103,46 @@ def _has_letters(line: str) -> bool:
     return any(not _is_float(f) for f in line.split(","))
 
 
+_MAGIC = {".npy": (b"\x93NUMPY", "a NumPy .npy file", "numpy.save"),
+          ".npz": (b"PK", "a NumPy .npz archive", "numpy.savez")}
+
+
+def check_npy_magic(path: Path) -> None:
+    """Refuse a ``.npy``/``.npz`` whose first bytes are not that format's (e.g. text named .npy),
+    before numpy would read it as a pickle and advise ``allow_pickle``."""
+    magic, what, writer = _MAGIC[path.suffix.lower()]
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(magic))
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if head != magic:
+        hint = " (it looks like text: use the .csv suffix for comma-separated numbers)" if _looks_like_text(path) else ""
+        raise DataError(f"{path} is not {what}: it does not start with the format's signature{hint}; "
+                        f"write arrays with {writer}")
+
+
+def _looks_like_text(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(512)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return bool(head) and all(c >= 32 or c in (9, 10, 13) for c in head)
+
+
 def read_array_file(path: str | Path) -> Dict[str, np.ndarray]:
-    """Arrays from a user's file: ``.npy`` -> {"data"}, ``.npz`` -> its arrays, ``.csv`` -> {"data"}."""
+    """Arrays from a user's file: ``.npy`` -> {"data"}, ``.npz`` -> its arrays, ``.csv`` -> {"data"}.
+
+    Never unpickles: a file that is not really ``.npy``/``.npz`` is refused by its first bytes.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     suffix = path.suffix.lower()
+    if suffix in _MAGIC:
+        check_npy_magic(path)
     try:
         if suffix == ".npy":
             return {"data": np.load(path, allow_pickle=False)}
@@ -116,6 +150,9 @@ def read_array_file(path: str | Path) -> Dict[str, np.ndarray]:
             with np.load(path, allow_pickle=False) as archive:
                 return {k: archive[k] for k in archive.files}
     except (ValueError, OSError, EOFError) as exc:
+        if "pickle" in str(exc) or "Python objects" in str(exc):
+            raise DataError(f"{path} holds Python objects (an object array), which are never unpickled; "
+                            "save a numeric array") from None
         raise DataError(f"cannot read {path}: {exc}".splitlines()[0]) from None
     except Exception as exc:  # zipfile.BadZipFile and friends
         raise DataError(f"cannot read {path}: corrupt file ({type(exc).__name__})") from None

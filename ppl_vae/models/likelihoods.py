@@ -9,7 +9,8 @@ subclass :class:`Likelihood` and register a factory in :data:`LIKELIHOODS`.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+import warnings
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +23,42 @@ from ppl_vae.registry import Registry
 LIKELIHOODS: Registry = Registry("likelihood")
 
 
+class DataRangeWarning(UserWarning):
+    """The data lies in a likelihood's support but far from the scale it starts training at."""
+
+
+def value_range(x) -> Tuple[float, float, int]:
+    """(min, max, number of NaN/infinite values) of ``x``.
+
+    ``x`` is a tensor or any array-like with its own ``value_range()`` (a memory-mapped dataset
+    scans its file in chunks rather than loading it).
+    """
+    own = getattr(x, "value_range", None)
+    if callable(own):
+        return own()
+    finite = torch.isfinite(x)
+    n_bad = int((~finite).sum())
+    values = x[finite] if n_bad else x
+    if values.numel() == 0:
+        return math.nan, math.nan, n_bad
+    return float(values.min()), float(values.max()), n_bad
+
+
 class Likelihood(nn.Module):
-    """Base class. ``support`` is ``(low, high)`` of the data this likelihood can score."""
+    """Base class. ``support`` is ``(low, high)`` of the data this likelihood can score.
+
+    ``unit_scale_bound``: for a likelihood on the whole real line whose decoder starts near
+    mean 0 and scale about 1, data with ``|x|`` above this bound gets a
+    :class:`DataRangeWarning` (it trains, but slowly, to a very low ELBO; rescaling fixes it).
+    ``None``: no such warning.
+    """
 
     num_params: int = 1
     support: Tuple[float, float] = (-math.inf, math.inf)
+    unit_scale_bound: Optional[float] = None
     name: str = "likelihood"
+    #: what to suggest when data falls outside ``support``
+    support_hint: str = "rescale the data or choose a likelihood for its range"
 
     def forward(self, *params: Tensor) -> dist.Distribution:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -37,16 +68,29 @@ class Likelihood(nn.Module):
         return self(*params).mean
 
     def check_support(self, x: Tensor, what: str = "data") -> None:
-        """Raise :class:`DataError` if ``x`` has values this likelihood cannot score."""
-        if not torch.isfinite(x).all():
-            raise DataError(f"{what} contains NaN or infinite values")
+        """Raise :class:`DataError` if ``x`` has values this likelihood cannot score; warn
+        (:class:`DataRangeWarning`, once per likelihood) if its scale is far from the one the
+        likelihood starts training at."""
+        x_min, x_max, n_bad = value_range(x)
+        if n_bad:
+            raise DataError(f"{what} contains {n_bad} NaN or infinite value(s)")
+        if math.isnan(x_min):
+            raise DataError(f"{what} is empty")
         low, high = self.support
-        x_min, x_max = float(x.min()), float(x.max())
         if x_min < low or x_max > high:
             raise DataError(
                 f"likelihood {self.name!r} needs {what} in [{low:g}, {high:g}], "
-                f"but its values lie in [{x_min:g}, {x_max:g}]; rescale the data or choose "
-                "another --likelihood (gaussian, laplace)"
+                f"but its values lie in [{x_min:g}, {x_max:g}]; {self.support_hint}"
+            )
+        bound = self.unit_scale_bound
+        if bound is not None and max(abs(x_min), abs(x_max)) > bound and not getattr(self, "_warned_scale", False):
+            self._warned_scale = True
+            warnings.warn(
+                f"{what} has values in [{x_min:g}, {x_max:g}], but likelihood {self.name!r} starts from a "
+                f"mean near 0 and a scale near 1: it will train slowly to a very low ELBO; rescale the "
+                f"data (e.g. divide 8-bit images by 255) or standardize it",
+                DataRangeWarning,
+                stacklevel=2,
             )
 
 
@@ -79,6 +123,8 @@ class BernoulliLikelihood(Likelihood):
     num_params = 1
     support = (0.0, 1.0)
     name = "bernoulli"
+    support_hint = ("rescale the data into [0, 1] (e.g. divide 8-bit images by 255) or choose a likelihood "
+                    "for real values (gaussian, laplace)")
 
     def __init__(self, event_dims: int = 1):
         super().__init__()
@@ -97,6 +143,7 @@ class ContinuousBernoulliLikelihood(Likelihood):
     num_params = 1
     support = (0.0, 1.0)
     name = "continuous_bernoulli"
+    support_hint = BernoulliLikelihood.support_hint
 
     def __init__(self, event_dims: int = 1):
         super().__init__()
@@ -116,12 +163,22 @@ class GaussianLikelihood(Likelihood):
 
     num_params = 2
     name = "gaussian"
+    unit_scale_bound = 10.0
 
     def __init__(self, event_dims: int = 1, squash: bool = False, min_scale: float = 1e-2):
         super().__init__()
         self.event_dims = event_dims
         self.squash = squash
         self.min_scale = min_scale
+        if squash:
+            # the mean cannot leave (0, 1): data outside [0, 1] could never be fitted
+            self.name = "gaussian_sigmoid"
+            self.support = (0.0, 1.0)
+            self.unit_scale_bound = None
+            self.support_hint = (
+                "its mean is squashed into (0, 1): rescale the data into [0, 1] (e.g. divide 8-bit "
+                "images by 255) or choose a likelihood with an unbounded mean (gaussian, laplace)"
+            )
 
     def _loc(self, raw: Tensor) -> Tensor:
         return torch.sigmoid(raw) if self.squash else raw
@@ -142,6 +199,7 @@ class FixedScaleGaussianLikelihood(GaussianLikelihood):
 
     def __init__(self, event_dims: int = 1, squash: bool = False, scale: float = 0.1):
         super().__init__(event_dims, squash)
+        self.name = "gaussian_fixed"
         if not scale > 0:
             raise ValueError(f"scale must be > 0, got {scale}")
         self.register_buffer("scale", torch.tensor(float(scale)))
@@ -159,6 +217,7 @@ class LaplaceLikelihood(Likelihood):
 
     num_params = 2
     name = "laplace"
+    unit_scale_bound = 10.0
 
     def __init__(self, event_dims: int = 1, min_scale: float = 1e-2):
         super().__init__()

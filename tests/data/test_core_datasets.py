@@ -165,3 +165,16 @@ def test_fashion_mnist_from_the_debian_package():
     data = load_dataset("fashion-mnist")
     assert data.train.shape == (60000, 1, 28, 28) and data.test.shape == (10000, 1, 28, 28)
     assert torch.bincount(data.test_labels).tolist() == [1000] * 10
+
+
+def test_embedded_digits_equal_scikit_learns_load_digits():
+    """The digits are read from scikit-learn's bundled CSV without importing scikit-learn
+    (a second of every `ppl-vae fit`); they must be exactly what load_digits returns."""
+    from sklearn.datasets import load_digits
+
+    from ppl_vae.data.datasets import load_digits_arrays
+
+    images, _, labels, _ = load_digits_arrays()
+    bunch = load_digits()
+    np.testing.assert_array_equal(images, (bunch.images[:, None] / 16.0).astype(np.float32))
+    np.testing.assert_array_equal(labels, bunch.target)

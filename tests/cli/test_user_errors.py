@@ -1,0 +1,199 @@
+"""Inputs a new user gets wrong: each ends in one ``Error: ...`` line (or a ``Warning:``), with
+the exit code the README gives, and never a traceback."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ppl_vae.cli.main import EXIT_ERROR, EXIT_INTERRUPTED, cli, memory_message
+from ppl_vae.errors import DataError
+from ppl_vae.models.likelihoods import LIKELIHOODS, DataRangeWarning, make_likelihood
+from tests.conftest import one_line_error
+
+SMALL = ["--hidden-dim", "8", "--latent-dim", "2", "--train-size", "100", "--no-progress"]
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny bernoulli_mlp run on the embedded digits (359 test images)."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    result = invoke("fit", "--model", "bernoulli_mlp", "--epochs", "1", "--out", out, *SMALL)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_huge_latent_dim_is_a_memory_error_naming_the_size(tmp_path):
+    # 10^12 x 8 float32 weights: 32 TB, more than any machine's memory or address space allows
+    out = tmp_path / "run"
+    result = invoke("fit", "--latent-dim", "1000000000000", "--epochs", "1", "--out", out, *SMALL[:2], "--no-progress")
+    line = one_line_error(result, "not enough memory")
+    assert result.exit_code == EXIT_ERROR
+    assert re.search(r"allocation of [\d.e+]+ GB failed", line), line
+    assert "--latent-dim" in line
+    assert not out.exists()
+
+
+def test_memory_message_reads_cpu_and_cuda_allocation_errors():
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 160000000000 bytes. Error code 12 (Cannot allocate memory)")
+    assert "allocation of 160 GB failed on this machine" in memory_message(cpu)
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79 GiB")
+    assert "allocation of 20.00 GiB failed on the GPU" in memory_message(cuda)
+    assert memory_message(MemoryError()).startswith("not enough memory")
+    assert memory_message(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+
+
+def test_zero_d_npy_is_refused(tmp_path):
+    path = tmp_path / "scalar.npy"
+    np.save(path, np.array(3.0))
+    one_line_error(invoke("fit", "--dataset", path, "--epochs", "1", "--out", tmp_path / "run", "--no-progress"),
+                   "holds a single number (a 0-d array)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_text_named_npy_is_not_read_as_a_pickle(tmp_path):
+    path = tmp_path / "table.npy"
+    path.write_text("1,2,3\n4,5,6\n")
+    line = one_line_error(invoke("fit", "--dataset", path, "--epochs", "1", "--out", tmp_path / "run", "--no-progress"),
+                          "is not a NumPy .npy file")
+    assert "pickle" not in line and ".csv" in line
+
+
+def test_object_npy_is_refused_without_advice_to_unpickle(tmp_path):
+    path = tmp_path / "objects.npy"
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    line = one_line_error(invoke("fit", "--dataset", path, "--epochs", "1", "--out", tmp_path / "run", "--no-progress"),
+                          "holds Python objects")
+    assert "allow_pickle" not in line
+
+
+def test_usage_errors_exit_2_and_the_readme_says_so():
+    result = invoke("fit", "--no-such-option")
+    assert result.exit_code == 2 and "No such option" in result.output and "Traceback" not in result.output
+    assert invoke("no-such-command").exit_code == 2
+    assert invoke("fit", "--epochs", "many").exit_code == 2
+    text = " ".join(README.read_text().split())
+    assert "exit code 1" in text and "exit code 2" in text and "130" in text
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["evaluate", "{run}", "--num-samples", "2"],
+        ["compare", "{run}"],
+        ["generate", "{run}"],
+        ["inpaint", "{run}"],
+        ["text", "{run}"],
+        ["anomaly", "{run}"],
+        ["animate", "{run}", "--epochs", "2"],
+    ],
+    ids=lambda a: a[0],
+)
+def test_ctrl_c_in_any_run_command_is_one_line_and_exit_130(run_dir, monkeypatch, args):
+    from ppl_vae import runs
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "load_config", interrupted)
+    result = invoke(*[a.format(run=run_dir) for a in args])
+    assert result.exit_code == EXIT_INTERRUPTED, result.output
+    one_line_error(result, "Error: interrupted")
+    assert "Aborted" not in result.output
+
+
+def test_ctrl_c_in_experiment_is_one_line_and_exit_130(tmp_path, monkeypatch):
+    from ppl_vae.experiments import fig4
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fig4, "run", interrupted)
+    result = invoke("experiment", "fig4", "--out", tmp_path / "fig4", "--no-progress")
+    assert result.exit_code == EXIT_INTERRUPTED
+    one_line_error(result, "Error: interrupted")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_text_temperature_must_be_finite_and_non_negative(tmp_path, value):
+    one_line_error(invoke("text", tmp_path / "absent", "--temperature", value), "--temperature must be a finite number >= 0")
+
+
+def test_inpaint_more_images_than_the_test_set_is_refused(run_dir):
+    one_line_error(invoke("inpaint", run_dir, "--num-images", "400"),
+                   "--num-images 400 is more than the 359 test images of digits; choose at most 359")
+
+
+# --- every likelihood's data range -------------------------------------------------------
+
+def _likelihood(name: str):
+    return make_likelihood(name, event_dims=1)
+
+
+@pytest.mark.parametrize("name", sorted(LIKELIHOODS.names()))
+def test_every_likelihood_refuses_or_warns_on_8_bit_data(name, recwarn):
+    """Binary data lies in every likelihood's support and scale; 0..255 data is either refused
+    with a hint to rescale (bounded likelihoods) or warned about (unbounded ones), never silent."""
+    lik = _likelihood(name)
+    lik.check_support(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    assert not [w for w in recwarn if issubclass(w.category, DataRangeWarning)]
+    pixels = torch.tensor([[0.0, 255.0], [17.0, 128.0]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            lik.check_support(pixels)
+        except DataError as exc:
+            assert re.search(r"needs data in \[.*\], but its values lie in \[0, 255\]", str(exc)), exc
+            assert "rescale" in str(exc) and not caught
+            return
+    messages = [str(w.message) for w in caught if issubclass(w.category, DataRangeWarning)]
+    assert len(messages) == 1, f"likelihood {name!r} accepted 0..255 data silently"
+    assert re.search(r"values in \[0, 255\].*rescale", messages[0]), messages[0]
+
+
+def test_gaussian_sigmoid_refuses_data_outside_0_1_and_gaussian_warns_once():
+    with pytest.raises(DataError, match=r"mean is squashed into \(0, 1\): rescale"):
+        _likelihood("gaussian_sigmoid").check_support(torch.tensor([0.0, 1.5]))
+    _likelihood("gaussian_sigmoid").check_support(torch.tensor([-0.0, 0.25, 1.0]))
+    lik = _likelihood("gaussian")
+    lik.check_support(torch.tensor([-3.0, 9.0]))  # standardized data: fine
+    with pytest.warns(DataRangeWarning) as caught:
+        lik.check_support(torch.tensor([0.0, 200.0]), what="the training data")
+        lik.check_support(torch.tensor([0.0, 210.0]), what="the test data")
+    assert len(caught) == 1 and "the training data" in str(caught[0].message)
+
+
+@pytest.fixture
+def pixels_npy(tmp_path):
+    path = tmp_path / "pixels.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 256, (60, 1, 4, 4)).astype(np.float32))
+    return path
+
+
+def test_default_model_on_8_bit_data_is_refused_with_a_hint(pixels_npy, tmp_path):
+    out = tmp_path / "run"
+    line = one_line_error(invoke("fit", "--dataset", pixels_npy, "--epochs", "1", "--out", out, "--no-progress"),
+                          "likelihood 'gaussian_sigmoid' needs the training data of pixels.npy in [0, 1]")
+    assert "divide 8-bit images by 255" in line
+    assert not out.exists()
+
+
+def test_unbounded_likelihood_on_8_bit_data_trains_with_a_one_line_warning(pixels_npy, tmp_path):
+    result = invoke("fit", "--dataset", pixels_npy, "--likelihood", "laplace", "--epochs", "1",
+                    "--out", tmp_path / "run", *SMALL[:4], "--no-progress")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("Warning:")]
+    assert len(warnings) == 1 and "likelihood 'laplace'" in warnings[0] and "rescale" in warnings[0]
+    assert "UserWarning" not in result.output
