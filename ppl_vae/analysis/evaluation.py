@@ -231,7 +231,8 @@ def evaluate_run(
     evaluation = Evaluation(ds)
     ds.attrs["warnings"] = " | ".join(evaluation.warnings()) or "none"
     nc_name, csv_name = FILES[method]
-    table = ds.drop_vars([v for v in ds.data_vars if "chain" in ds[v].dims])
+    per_chain = [v for v in ds.data_vars if "chain" in ds[v].dims]
+    table = ds.drop_vars(per_chain + (["chain"] if "chain" in ds.coords else []))
     evaluation.files = {
         "netcdf": results.save_netcdf(ds, out / nc_name),
         "csv": results.save_csv(table, out / csv_name),

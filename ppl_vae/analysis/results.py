@@ -81,6 +81,9 @@ def to_inference_data(
     )
 
 
+FLAT_LOG_WEIGHTS = 1e-4  # nats: log-weights spread less than this are constant up to rounding
+
+
 def psis_khat(log_weights: np.ndarray | Tensor) -> np.ndarray:
     """Pareto k̂ of each datapoint's importance weights (PSIS, Vehtari et al. 2024), via ``arviz.psislw``.
 
@@ -88,7 +91,8 @@ def psis_khat(log_weights: np.ndarray | Tensor) -> np.ndarray:
     generalized Pareto distribution fitted to the largest weights: below 0.5 the weights have
     finite variance; 0.5-0.7 the IW estimate is usable but noisy; above 0.7 its error is
     dominated by rare huge weights and its standard error cannot be trusted (use more samples, a
-    better guide, or AIS). Constant weights (q equal to the posterior) have no tail: -inf. NaN
+    better guide, or AIS). Weights constant to within 1e-4 nats (q equal to the posterior, up to
+float32 rounding of the log-weights) have no tail to fit: -inf. NaN
     where K is too small for a tail fit (ArviZ needs 5 tail draws: K >= 21).
     """
     lw = (log_weights.detach().cpu().double().numpy() if torch.is_tensor(log_weights)
@@ -104,7 +108,7 @@ def psis_khat(log_weights: np.ndarray | Tensor) -> np.ndarray:
             _, khat = az.psislw(lw)
     khat = np.asarray(khat, dtype=np.float64).reshape(lw.shape[0])
     khat[np.isposinf(khat)] = np.nan  # ArviZ's marker for "too few tail draws to fit"
-    khat[(lw.min(axis=1) == 0.0)] = -np.inf
+    khat[lw.min(axis=1) > -FLAT_LOG_WEIGHTS] = -np.inf
     return khat
 
 

@@ -165,3 +165,29 @@ def test_exact_guide_on_cuda(lg):
     est = importance_estimate(model.model, model.exact_posterior_guide, x.cuda(), num_samples=50, particle_batch_size=16)
     assert est.log_likelihood.is_cuda
     assert torch.allclose(est.log_likelihood.cpu(), exact, atol=1e-3)
+
+
+def test_psis_khat_small_for_exact_posterior_guide_and_large_for_a_mis_scaled_guide(lg):
+    model, x, _ = lg
+    exact_guide = importance_estimate(model.model, model.exact_posterior_guide, x, num_samples=500)
+    assert exact_guide.khat is not None and exact_guide.khat.shape == (12,)
+    assert bool((exact_guide.khat < 0.5).all())  # constant weights up to rounding: no heavy tail
+    assert bool(torch.isinf(exact_guide.khat).all())  # reported as -inf, not as a fit to rounding noise
+
+    def narrow_guide(x_, **kwargs):  # centred on p(z|x) but 10x too narrow: weights p/q explode in its tails
+        loc, cov = model.exact_posterior(x_)
+        with pyro.plate("data", x_.shape[0]):
+            pyro.sample("z", dist.Normal(loc, 0.1 * cov.diagonal().sqrt()).to_event(1))
+
+    narrow = importance_estimate(model.model, narrow_guide, x, num_samples=1000)
+    # w = p/q has a Pareto tail with k = 1 - (0.1)^2 = 0.99 here; k-hat scatters around it
+    assert float(narrow.khat.mean()) > 0.8 and bool((narrow.khat > 0.5).all()), narrow.khat
+    ds = narrow.to_dataset()
+    assert "khat" in ds and all(ds[v].attrs["bound"] in ("lower", "upper", "estimate") for v in ds.data_vars)
+    assert ds["log_likelihood"].attrs["bound"] == "lower" and ds.attrs["method"] == "iw"
+
+
+def test_psis_khat_needs_enough_samples_and_can_be_switched_off(lg):
+    model, x, _ = lg
+    assert torch.isnan(importance_estimate(model.model, model.guide, x, num_samples=10).khat).all()
+    assert importance_estimate(model.model, model.guide, x, num_samples=50, tail_diagnostic=False).khat is None
