@@ -30,7 +30,12 @@ from torch import Tensor, nn
 from torch.distributions import constraints
 
 from ppl_vae.inference.fused import fused_model_owner
-from ppl_vae.inference.importance import ImportanceEstimate, _batches, concat_estimates, importance_estimate
+from ppl_vae.inference.importance import (
+    ImportanceEstimate,
+    _batches,
+    concat_estimates,
+    importance_estimate,
+)
 from ppl_vae.inference.meanfield import LATENT_SITE, MEAN_FIELD_INITS
 from ppl_vae.inference.objectives import stl_loss
 from ppl_vae.inference.traces import log_probs, trace_pair

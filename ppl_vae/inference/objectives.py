@@ -203,7 +203,7 @@ def dreg_loss(
     lower variance. Needs a reparameterizable guide.
     """
     _check(num_particles, num_data, x)
-    model_trace, guide_trace, lp = _weights(model, guide, x, args, kwargs, num_particles, kl_weight)
+    _, guide_trace, lp = _weights(model, guide, x, args, kwargs, num_particles, kl_weight)
     zs = [s["value"] for s in _latent_sites(guide_trace)]
     if not all(z.requires_grad for z in zs):
         raise ValueError("dreg_loss needs a reparameterized guide (its draws of z carry no gradient)")

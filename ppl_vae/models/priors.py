@@ -107,7 +107,7 @@ class VampPrior(Prior):
         self.pseudo_inputs = nn.Parameter(pseudo.to(device))
         self._encoder = (vae.encoder,)
         try:
-            loc, scale = vae.encoder(self.pseudo_inputs.detach())
+            loc, _ = vae.encoder(self.pseudo_inputs.detach())
         except Exception as exc:  # e.g. an encoder of token ids
             raise ValueError(
                 f"prior 'vamp' needs an encoder of real-valued x; {type(vae.encoder).__name__} failed on "

@@ -13,7 +13,15 @@ from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from ppl_vae.inference.fused import supports_fused_elbo
 from ppl_vae.inference.importance import elbo_per_datapoint, iw_log_likelihood
 from ppl_vae.inference.objectives import dreg_loss, stl_loss
-from ppl_vae.models import GUIDES, PRIORS, IAFGuideVAE, VampPrior, build_vae, make_guide, make_prior
+from ppl_vae.models import (
+    GUIDES,
+    PRIORS,
+    IAFGuideVAE,
+    VampPrior,
+    build_vae,
+    make_guide,
+    make_prior,
+)
 
 
 def _grid_integral(log_density, half_width: float = 9.0, n: int = 301) -> float:
