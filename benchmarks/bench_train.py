@@ -29,17 +29,19 @@ def main() -> None:
     parser.add_argument("--latent-dim", type=int, default=20)
     parser.add_argument("--elbo", default="trace")
     parser.add_argument("--no-fused", action="store_true", help="train through Pyro's traced ELBO (no fused path)")
+    parser.add_argument("--compile", default=None, help="torch.compile backend for the fused loss (e.g. inductor)")
     args = parser.parse_args()
     device, x = setup(args)
     print(f"data: {tuple(x.shape)} on {device}; network 784-{args.hidden_dim}-{args.latent_dim}; elbo {args.elbo}"
-          f"{' through Pyro tracing (no fused path)' if args.no_fused else ''}")
+          f"{' through Pyro tracing (no fused path)' if args.no_fused else ''}"
+          f"{f'; loss compiled with torch.compile backend {args.compile}' if args.compile else ''}")
     for batch_size in args.batch_size:
         torch.manual_seed(0)
         vae = build_vae("bernoulli_mlp", x.shape[1:], latent_dim=args.latent_dim, hidden_dim=args.hidden_dim).to(device)
         hand = copy.deepcopy(vae)
         hand_opt = torch.optim.Adam(hand.parameters(), lr=1e-3)
         config = TrainConfig(epochs=0, batch_size=batch_size, elbo=args.elbo, device=args.device,
-                             fused_elbo=not args.no_fused)
+                             fused_elbo=not args.no_fused, compile=args.compile)
         data = Dataset("bench", x, x[:2])  # a tiny test set: evaluation is not timed anyway
         stepper = METHODS.get("svi")(vae, config)
         state = TrainState()
