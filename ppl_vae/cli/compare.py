@@ -1,4 +1,5 @@
-"""``ppl-vae compare``: amortized vs mean-field inference for a run, as an HTML report and tables."""
+"""``ppl-vae compare``: amortized vs mean-field inference for one run, or several runs on the same
+datapoints with paired differences; an HTML report and tables either way."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import click
 
 
 @click.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dirs", metavar="RUN...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--num-samples", "-k", type=int, default=1000, show_default=True,
-              help="Importance samples K per datapoint for log p̂(x) and L[q*].")
+              help="Draws K of q and K of q* per datapoint for log p̂(x), L[q], L[q*].")
+@click.option("--estimator", type=click.Choice(["mis", "iw"]), default="mis", show_default=True,
+              help="With several runs: 'mis' (gap decomposition, q* fitted per run) or 'iw' (amortized IW only).")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
 @click.option("--num-datapoints", type=int, default=500, show_default=True,
               help="A seeded random subset of this size (0: all).")
@@ -31,21 +34,38 @@ import click
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for report.html and the tables (default: the run directory).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
-def compare(run_dir: Path, num_samples: int, split: str, num_datapoints: int, num_draws: int, init: str,
+def compare(run_dirs, num_samples: int, estimator: str, split: str, num_datapoints: int, num_draws: int, init: str,
             mf_steps: int, mf_polish_steps: int, mf_gtol: float, mf_lr: float, mf_tol: float, device: str, seed: int, out, progress: bool) -> None:
-    """Gap decomposition (Cremer et al. 2018), diagnostics and a self-contained HTML report."""
-    from ppl_vae.analysis.gaps import format_gap_table
-    from ppl_vae.analysis.report import compare_run
+    """Gap decomposition (Cremer et al. 2018), diagnostics and a self-contained HTML report.
 
+    With several RUN directories: every run scored on the same datapoints with the same
+    estimator, and paired per-datapoint differences to the first run (default --out:
+    RUN1/multirun).
+    """
     if num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
     if num_datapoints < 0:
         raise ValueError(f"--num-datapoints must be >= 0, got {num_datapoints}")
+    mean_field_options = {"init": init, "max_steps": mf_steps, "lr": mf_lr, "tol": mf_tol,
+                          "polish_steps": mf_polish_steps, "gtol": mf_gtol}
+    if len(run_dirs) > 1:
+        from ppl_vae.analysis.multirun import compare_runs, format_paired_table
+
+        multi = compare_runs(run_dirs, estimator=estimator, num_samples=num_samples, split=split,
+                             num_datapoints=num_datapoints or None, mean_field_options=mean_field_options,
+                             device=device, seed=seed, out_dir=out, progress=progress)
+        click.echo(format_paired_table(multi.table))
+        for warning in multi.warnings:
+            click.echo(f"warning: {warning}")
+        click.echo("wrote " + ", ".join(str(p) for p in multi.files.values()))
+        return
+    from ppl_vae.analysis.gaps import format_gap_table
+    from ppl_vae.analysis.report import compare_run
+
     result = compare_run(
-        run_dir, num_samples=num_samples, split=split, num_datapoints=num_datapoints or None,
+        run_dirs[0], num_samples=num_samples, split=split, num_datapoints=num_datapoints or None,
         num_draws=num_draws, device=device, seed=seed, out_dir=out, progress=progress,
-        mean_field_options={"init": init, "max_steps": mf_steps, "lr": mf_lr, "tol": mf_tol,
-                            "polish_steps": mf_polish_steps, "gtol": mf_gtol},
+        mean_field_options=mean_field_options,
     )
     click.echo(format_gap_table(result.table))
     click.echo(f"active units: {result.diagnostics.attrs['num_active']} of {result.diagnostics.sizes['latent']}")

@@ -222,7 +222,8 @@ def _polish(model: Callable, owner, xb: Tensor, kw: dict, loc: Tensor, log_scale
     def objective() -> Tensor:
         z = loc + log_scale.exp() * eps
         entropy = log_scale.reshape(b, -1).sum(-1) + d * half_log_2pi_e
-        return -(_log_joint_at(model, owner, xb, z, kw).mean(0) + entropy).sum()
+        # summed in float64: the line search must resolve each datapoint's change within a large total
+        return -(_log_joint_at(model, owner, xb, z, kw).mean(0) + entropy).double().sum()
 
     optim = torch.optim.LBFGS([loc, log_scale], lr=1.0, max_iter=max_iter, tolerance_grad=gtol,
                               tolerance_change=0.0, history_size=20, line_search_fn="strong_wolfe")
@@ -245,6 +246,30 @@ def _polish(model: Callable, owner, xb: Tensor, kw: dict, loc: Tensor, log_scale
     else:
         grad = torch.maximum(g_loc.reshape(b, -1).abs().amax(-1), g_scale.reshape(b, -1).abs().amax(-1))
     return loc.detach(), log_scale.detach(), grad.detach(), iterations
+
+
+def _polish_rounds(model: Callable, owner, xb: Tensor, kw: dict, loc: Tensor, log_scale: Tensor, *,
+                   num_particles: int, max_iter: int, gtol: float, rounds: int = 3) -> Tuple[Tensor, Tensor, Tensor, int]:
+    """:func:`_polish` on the batch, then again on the datapoints still above ``gtol`` (a small
+    batch lets the shared line search and curvature memory serve the hard ones alone)."""
+    loc, log_scale = loc.detach().clone(), log_scale.detach().clone()
+    grad = torch.full((xb.shape[0],), math.inf, device=loc.device)
+    todo = torch.arange(xb.shape[0], device=loc.device)
+    total = 0
+    n = xb.shape[0]
+    for _ in range(rounds):
+        sub_kw = {k: (v[todo] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v) for k, v in kw.items()}
+        new_loc, new_log_scale, new_grad, iters = _polish(
+            model, owner, xb[todo], sub_kw, loc[todo], log_scale[todo], num_particles=num_particles,
+            max_iter=max_iter, gtol=gtol)
+        total += iters
+        better = ~(new_grad > grad[todo])  # keep a datapoint's earlier result if this round made it worse
+        keep = todo[better]
+        loc[keep], log_scale[keep], grad[keep] = new_loc[better], new_log_scale[better], new_grad[better]
+        todo = torch.nonzero(~(grad <= gtol)).flatten()
+        if todo.numel() == 0:
+            break
+    return loc, log_scale, grad, total
 
 
 @in_eval_mode("model", "guide")
@@ -370,7 +395,7 @@ def fit_mean_field(
                 avg_loc, avg_log_scale = loc.detach(), log_scale.detach()
             num_taken = len(history)
             if polish:
-                avg_loc, avg_log_scale, grad, iters = _polish(
+                avg_loc, avg_log_scale, grad, iters = _polish_rounds(
                     model, owner, xb, kw, avg_loc, avg_log_scale, num_particles=polish_particles,
                     max_iter=polish_steps, gtol=gtol)
                 num_taken += iters

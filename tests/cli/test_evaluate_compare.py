@@ -11,6 +11,7 @@ from ppl_vae import pipeline
 from ppl_vae.analysis import results
 from ppl_vae.cli.main import cli
 from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from tests.conftest import one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +45,55 @@ def test_compare_writes_self_contained_report_and_tables(run_dir, tmp_path):
                                       "--num-draws", "5", "--mf-steps", "30", "--out", str(tmp_path), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "amortization gap" in result.output
+    # every number printed says what it is
+    for line in result.output.splitlines()[1:9]:
+        assert line.rstrip().endswith(("lower bound", "upper bound", "neither")), line
     html = (tmp_path / "report.html").read_text()
+    assert html.index("What the gaps mean") < html.index("<table")  # the report opens with the explanation
+    assert "stochastic lower bound" in html and "multiple-importance-sampling" in html
+    assert "comes from the amortized guide" not in html
     assert html.count("src='data:image/png;base64,") >= 7  # incl. the 2-D manifold and latent scatter
     assert "http://" not in html and "https://" not in html
     gaps = results.load_netcdf(tmp_path / "gaps.nc")
     assert set(gaps["estimate"].dims) == {"datapoint", "estimator"}
     np.testing.assert_allclose(
         gaps["amortization_gap"], gaps["estimate"].sel(estimator="elbo_meanfield") - gaps["estimate"].sel(estimator="elbo_amortized"))
+    assert list(gaps["bound"].values) == ["lower bound"] * 5
+    assert gaps["meanfield_converged"].dtype == bool
     table = (tmp_path / "gap_table.csv").read_text()
-    assert "approximation_gap" in table and "mc_se" in table
+    assert "approximation_gap" in table and "mc_se" in table and "bound" in table
     idata = results.load_inference_data(tmp_path / "inference_data.nc")
     assert idata.posterior["z_meanfield"].shape == (1, 5, 12, 2)
     assert xr.open_dataset(tmp_path / "diagnostics.nc", engine="h5netcdf").sizes["latent"] == 2
+
+
+def test_compare_train_split_with_dynamic_binarization_scores_binary_data(tmp_path_factory, tmp_path):
+    run = tmp_path_factory.mktemp("runs") / "dyn"
+    config = RunConfig(
+        model=ModelConfig(model="bernoulli_mlp", latent_dim=2, hidden_dim=8),
+        data=DataConfig(dataset="digits", train_size=100, binarize="dynamic"),
+        train=TrainConfig(epochs=1, batch_size=50, device="cpu"),
+    )
+    pipeline.fit(config, run, progress=False)
+    result = CliRunner().invoke(cli, ["compare", str(run), "--split", "train", "-k", "10", "--num-datapoints", "8",
+                                      "--num-draws", "2", "--mf-steps", "5", "--mf-polish-steps", "5",
+                                      "--out", str(tmp_path), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    gaps = results.load_netcdf(tmp_path / "gaps.nc")
+    assert "Bernoulli" in gaps.attrs["preprocessing"] and gaps.attrs["split"] == "train"
+    # binary data under a Bernoulli likelihood: log p(x|z) <= 0, so every ELBO is negative
+    assert bool((gaps["estimate"] < 0).all())
+
+
+@pytest.mark.parametrize("command", ["evaluate", "compare"])
+def test_out_naming_an_existing_file_is_refused_and_left_alone(run_dir, tmp_path, command):
+    target = tmp_path / "afile.txt"
+    target.write_text("keep me")
+    for out in (target, target / "sub"):
+        result = CliRunner().invoke(cli, [command, str(run_dir), "-k", "5", "--num-datapoints", "3", "--out", str(out),
+                                          "--no-progress"])
+        assert "afile.txt" in one_line_error(result)
+    assert target.read_text() == "keep me"
 
 
 @pytest.mark.parametrize("command", ["evaluate", "compare"])

@@ -1,0 +1,320 @@
+"""Several runs scored on the same datapoints with the same estimator: paired differences.
+
+"Did IWAE / a flow guide / a VampPrior help, by how many nats, and is it more than noise?"
+is a question about *paired* differences: every run is evaluated on the same test
+datapoints, so the per-datapoint difference d_i = log p̂_B(x_i) − log p̂_A(x_i) cancels the
+large spread between easy and hard datapoints that dominates each run's own standard error.
+
+:func:`compare_runs` scores every run with the estimator of :func:`ppl_vae.analysis.gaps.gap_decomposition`
+(log p̂ by multiple importance sampling over ½q + ½q*, L[q*], L[q] and the gaps) or, with
+``estimator="iw"``, with the plain importance-weighted estimate of its amortized guide
+(Burda et al. 2015; no mean-field fit, faster). For each run and quantity it reports the mean
+over datapoints, and against the reference run (the first) the mean paired difference with
+two standard errors: ``se`` = sd_i(d_i) / sqrt(N) (what a new sample of datapoints would
+vary by; it includes the Monte Carlo noise) and ``mc_se`` = sqrt(Σ_i (se_A,i² + se_B,i²)) / N
+(the Monte Carlo part alone, for these datapoints; the runs' samples are independent).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+import pyro
+import torch
+import xarray as xr
+
+from ppl_vae.analysis import results
+from ppl_vae.analysis.gaps import BOUNDS, GAPS, LABELS, gap_decomposition
+from ppl_vae.inference.importance import importance_estimate
+from ppl_vae.inference.meanfield import fit_mean_field
+from ppl_vae.inference.modes import eval_mode
+from ppl_vae.io import write_text
+from ppl_vae.pipeline import load_run
+
+ESTIMATOR_CHOICES = ("mis", "iw")
+MULTIRUN_FILES = {"report": "report.html", "netcdf": "multirun.nc", "table_csv": "multirun_table.csv",
+                  "per_datapoint_csv": "multirun_per_datapoint.csv"}
+QUANTITIES = {
+    "mis": ("log_px", "elbo_amortized", "elbo_meanfield") + GAPS,
+    "iw": ("iw_amortized", "elbo_amortized"),
+}
+"""Quantities compared per estimator; the first is the headline log p̂."""
+
+
+@dataclass
+class MultiComparison:
+    """Per-run, per-datapoint ``values`` (run, datapoint, quantity) with ``stderr``, the summary
+    ``table`` (one row per run and quantity) and the files written."""
+
+    values: xr.Dataset
+    table: pd.DataFrame
+    files: Dict[str, Path] = field(default_factory=dict)
+    warnings: List[str] = field(default_factory=list)
+
+
+def _run_names(run_dirs: Sequence[Path]) -> List[str]:
+    """Short unique names: the folder names, with the parent added where two collide."""
+    names = [Path(p).name or str(p) for p in run_dirs]
+    if len(set(names)) < len(names):
+        names = [f"{Path(p).parent.name}/{Path(p).name}" for p in run_dirs]
+    if len(set(names)) < len(names):
+        names = [f"{i}:{n}" for i, n in enumerate(names)]
+    return names
+
+
+def _score_run(run, sel, estimator: str, num_samples: int, batch_size: int,
+               mean_field_options: Dict[str, Any], progress: bool) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray], List[str]]:
+    """(values, stderrs, warnings) per quantity of :data:`QUANTITIES` ``[estimator]``, each ``(N,)``."""
+    from ppl_vae.analysis.report import estimate_warnings
+
+    vae = run.vae
+    kwargs = sel.model_kwargs(run)
+    with eval_mode(vae):
+        if estimator == "iw":
+            est = importance_estimate(vae.model, vae.guide, sel.x, num_samples=num_samples, batch_size=batch_size,
+                                      progress=progress, **kwargs)
+            as_np = lambda t: t.detach().double().cpu().numpy()  # noqa: E731
+            values = {"iw_amortized": as_np(est.log_likelihood), "elbo_amortized": as_np(est.elbo)}
+            stderr = {"iw_amortized": as_np(est.log_likelihood_stderr), "elbo_amortized": as_np(est.elbo_stderr)}
+            low = int((as_np(est.ess) < 0.01 * num_samples).sum())
+            warns = [f"ESS below 1% of K for {low} of {len(sel.index)} datapoints"] if low else []
+            return values, stderr, warns
+        mf = fit_mean_field(vae.model, sel.x, guide=vae.guide, **{"progress": progress, **mean_field_options}, **kwargs)
+        gaps = gap_decomposition(vae.model, vae.guide, sel.x, num_samples=num_samples, batch_size=batch_size,
+                                 mean_field=mf, progress=progress, **kwargs)
+    values, stderr = {}, {}
+    for q in QUANTITIES["mis"]:
+        if q in GAPS:
+            values[q], stderr[q] = gaps[q].values, gaps[f"{q}_stderr"].values
+        else:
+            values[q] = gaps["estimate"].sel(estimator=q).values
+            stderr[q] = gaps["stderr"].sel(estimator=q).values
+    return values, stderr, estimate_warnings(gaps)
+
+
+def compare_runs(
+    run_dirs: Sequence[Path],
+    *,
+    estimator: str = "mis",
+    num_samples: int = 1000,
+    split: str = "test",
+    num_datapoints: Optional[int] = 500,
+    batch_size: int = 100,
+    mean_field_options: Optional[Dict[str, Any]] = None,
+    device: str = "cpu",
+    seed: int = 0,
+    out_dir: Optional[Path] = None,
+    progress: bool = True,
+) -> MultiComparison:
+    """Score every run on the same datapoints with the same estimator; paired differences and a report.
+
+    ``run_dirs``: two or more run directories on the same dataset (the same ``split``
+    datapoints are selected for each with ``seed``; runs whose datapoints differ are refused).
+    ``estimator``: "mis" (the gap decomposition: log p̂ by multiple importance sampling with q
+    and a fitted q*, plus L[q], L[q*] and the gaps) or "iw" (IW with the amortized guide).
+    Every run gets the same RNG seed. Files go to ``out_dir`` (default: ``multirun`` inside
+    the first run directory): ``multirun.nc`` (values over run, datapoint, quantity),
+    ``multirun_table.csv`` and ``report.html``.
+    """
+    from ppl_vae.analysis.report import _check_out_dir, select_datapoints
+
+    if estimator not in ESTIMATOR_CHOICES:
+        raise ValueError(f"estimator must be one of {', '.join(ESTIMATOR_CHOICES)}, got {estimator!r}")
+    if len(run_dirs) < 2:
+        raise ValueError(f"run_dirs must name at least two runs to compare, got {len(run_dirs)}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    runs = [load_run(Path(p), device) for p in run_dirs]
+    names = _run_names(run_dirs)
+    out = _check_out_dir(runs[0], Path(run_dirs[0]) / "multirun" if out_dir is None else Path(out_dir))
+    selections = [select_datapoints(run, split, num_datapoints, seed) for run in runs]
+    ref = selections[0]
+    for name, sel in zip(names[1:], selections[1:]):
+        if sel.x.shape != ref.x.shape or not np.array_equal(sel.index, ref.index) or not torch.equal(
+                sel.x.cpu(), ref.x.cpu()):
+            raise ValueError(f"run {name!r} does not evaluate the same {split} datapoints as {names[0]!r} "
+                             "(different dataset, binarization or split): paired differences need the same data")
+    quantities = QUANTITIES[estimator]
+    n = len(ref.index)
+    values = np.full((len(runs), n, len(quantities)), np.nan)
+    stderr = np.full_like(values, np.nan)
+    warnings: List[str] = []
+    for r, (run, sel, name) in enumerate(zip(runs, selections, names)):
+        pyro.set_rng_seed(seed)
+        v, se, warns = _score_run(run, sel, estimator, num_samples, batch_size, dict(mean_field_options or {}), progress)
+        for j, q in enumerate(quantities):
+            values[r, :, j], stderr[r, :, j] = v[q], se[q]
+        warnings.extend(f"{name}: {w}" for w in warns)
+    ds = xr.Dataset(
+        {"value": (("run", "datapoint", "quantity"), values), "stderr": (("run", "datapoint", "quantity"), stderr)},
+        coords={"run": names, "datapoint": ref.index, "quantity": list(quantities),
+                "bound": ("quantity", [BOUNDS[q] for q in quantities]),
+                "run_dir": ("run", [str(r.run_dir) for r in runs])},
+        attrs={"estimator": estimator, "num_samples": int(num_samples), "split": split, "seed": int(seed),
+               "preprocessing": ref.preprocessing, "reference_run": names[0],
+               "description": "per-datapoint estimates of each run on the same datapoints (nats); "
+                              "coordinate bound says what each quantity is"},
+    )
+    ds["value"].attrs.update({"units": "nats", "long_name": "per-datapoint estimate"})
+    ds["stderr"].attrs.update({"units": "nats", "long_name": "Monte Carlo standard error"})
+    table = paired_table(ds)
+    comparison = MultiComparison(ds, table, warnings=warnings)
+    files = comparison.files
+    files["netcdf"] = results.save_netcdf(ds, out / MULTIRUN_FILES["netcdf"])
+    files["table_csv"] = results.save_csv(table, out / MULTIRUN_FILES["table_csv"])
+    per_dp = ds["value"].to_dataframe().reset_index().pivot_table(index="datapoint", columns=["run", "quantity"],
+                                                                   values="value")
+    per_dp.columns = [f"{r}:{q}" for r, q in per_dp.columns]
+    files["per_datapoint_csv"] = results.save_csv(per_dp, out / MULTIRUN_FILES["per_datapoint_csv"])
+    files["report"] = out / MULTIRUN_FILES["report"]
+    write_text(files["report"], render_multirun_html(comparison))
+    return comparison
+
+
+def paired_table(ds: xr.Dataset) -> pd.DataFrame:
+    """One row per (run, quantity): mean over datapoints, and the paired difference to the reference run.
+
+    Columns: ``mean``, ``se`` (sd over datapoints / sqrt(N)), ``diff`` (mean of
+    value − reference value per datapoint), ``diff_se`` (sd_i of those differences / sqrt(N)),
+    ``diff_mc_se`` (their Monte Carlo error alone), ``z`` = diff / diff_se and ``beyond_noise``
+    (|z| > 2). The reference run's difference columns are NaN.
+    """
+    ref = ds.attrs.get("reference_run", str(ds.run.values[0]))
+    n = ds.sizes["datapoint"]
+    rows = []
+    for run in ds.run.values:
+        for q in ds.quantity.values:
+            v = ds["value"].sel(run=run, quantity=q).values
+            row = {"run": str(run), "quantity": str(q), "description": LABELS[str(q)], "bound": BOUNDS[str(q)],
+                   "mean": float(v.mean()), "se": float(v.std(ddof=1) / np.sqrt(n)) if n > 1 else np.nan,
+                   "diff": np.nan, "diff_se": np.nan, "diff_mc_se": np.nan, "z": np.nan, "beyond_noise": None}
+            if str(run) != ref:
+                d = v - ds["value"].sel(run=ref, quantity=q).values
+                mc = np.sqrt(np.nansum(ds["stderr"].sel(run=run, quantity=q).values ** 2
+                                       + ds["stderr"].sel(run=ref, quantity=q).values ** 2)) / n
+                se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else np.nan
+                z = float(d.mean() / se) if se and np.isfinite(se) and se > 0 else np.nan
+                row.update(diff=float(d.mean()), diff_se=se, diff_mc_se=float(mc), z=z,
+                           beyond_noise=bool(abs(z) > 2) if np.isfinite(z) else None)
+            rows.append(row)
+    return pd.DataFrame(rows).set_index(["run", "quantity"])
+
+
+def format_paired_table(table: pd.DataFrame) -> str:
+    """The table as aligned text for the terminal (nats)."""
+    lines = [f"{'run':<24} {'quantity':<36} {'mean':>10} {'± se':>7}  {'Δ vs ref':>9} {'± se':>7} {'MC se':>7}  kind"]
+    for (run, _), r in table.iterrows():
+        diff = "" if not np.isfinite(r["diff"]) else f"{r['diff']:>9.3f} {r['diff_se']:>7.3f} {r['diff_mc_se']:>7.3f}"
+        lines.append(f"{run[:24]:<24} {r['description'][:36]:<36} {r['mean']:>10.3f} {r['se']:>7.3f}  "
+                     f"{diff:<25}  {r['bound']}")
+    lines.append("Δ vs ref: mean over datapoints of (run − reference run) on the same datapoints; "
+                 "its se is the paired standard error")
+    return "\n".join(lines)
+
+
+def plot_paired_differences(ds: xr.Dataset):
+    """Per-datapoint paired differences to the reference run, with mean ± 2 paired se; returns a Figure.
+
+    Left: mean difference ± 2 se for each run and quantity (a forest plot). Right: the
+    distribution over datapoints of the headline difference (log p̂), one row per run.
+    """
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    from ppl_vae.analysis.plots import legend_outside
+
+    table = paired_table(ds)
+    ref = ds.attrs.get("reference_run", str(ds.run.values[0]))
+    others = [str(r) for r in ds.run.values if str(r) != ref]
+    quantities = [str(q) for q in ds.quantity.values]
+    headline = quantities[0]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 1.1 + 0.55 * len(others) * len(quantities) ** 0.5 + 1.5),
+                             layout="constrained")
+    palette = dict(zip(quantities, sns.color_palette("colorblind", len(quantities))))
+    ypos, labels = [], []
+    for i, run in enumerate(others):
+        for j, q in enumerate(quantities):
+            r = table.loc[(run, q)]
+            y = i * (len(quantities) + 1) + j
+            axes[0].errorbar(r["diff"], y, xerr=2 * r["diff_se"], fmt="o", capsize=3, color=palette[q],
+                             label=LABELS[q] if i == 0 else None)
+            ypos.append(y)
+            labels.append(run if j == 0 else "")
+    axes[0].axvline(0.0, color="black", lw=0.8)
+    axes[0].set_yticks(ypos, labels)
+    axes[0].invert_yaxis()
+    axes[0].margins(x=0.15, y=0.1)
+    axes[0].set_xlabel(f"mean paired difference vs {ref} (nats, ± 2 se)")
+    axes[0].set_title("Run − reference, same datapoints")
+    axes[0].legend(loc="upper left", bbox_to_anchor=(0.0, -0.18), frameon=False, fontsize="small", ncols=2)
+    frame = pd.DataFrame({
+        "run": np.repeat(others, ds.sizes["datapoint"]),
+        "difference": np.concatenate([(ds["value"].sel(run=r, quantity=headline)
+                                       - ds["value"].sel(run=ref, quantity=headline)).values for r in others]),
+    })
+    sns.stripplot(frame, x="difference", y="run", hue="run", size=2.5, alpha=0.5, jitter=0.25, ax=axes[1], legend=False)
+    sns.boxplot(frame, x="difference", y="run", fill=False, showfliers=False, width=0.5, color="black", ax=axes[1])
+    axes[1].axvline(0.0, color="black", lw=0.8)
+    axes[1].margins(x=0.05)
+    axes[1].set_xlabel(f"per-datapoint {LABELS[headline]}: run − {ref} (nats)")
+    axes[1].set_title(f"{ds.sizes['datapoint']} datapoints")
+    legend_outside(axes[1])
+    return fig
+
+
+def render_multirun_html(comparison: MultiComparison) -> str:
+    """One self-contained HTML page: what is compared, the paired table, the figure, warnings."""
+    from ppl_vae.analysis.report import _CSS, figure_to_data_uri
+
+    ds, table = comparison.values, comparison.table
+    esc = html.escape
+    ref = ds.attrs["reference_run"]
+    how = ("log p̂(x) by multiple importance sampling over ½q + ½q* (q* fitted per datapoint), a stochastic "
+           "lower bound on log p(x), with L[q], L[q*] and the gaps of Cremer et al. (2018)"
+           if ds.attrs["estimator"] == "mis" else
+           "the importance-weighted estimate with each run's amortized guide (Burda et al. 2015), a stochastic "
+           "lower bound on log p(x), and the ELBO L[q]")
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>ppl-vae compare: {len(ds.run)} runs</title><style>{_CSS}</style></head><body>",
+        f"<h1>Comparison of {ds.sizes['run']} runs on the same datapoints</h1>",
+        "<div class='lead'><p><b>How to read this.</b> Every run is scored on the same "
+        f"{ds.sizes['datapoint']} {esc(ds.attrs['split'])} datapoints (preprocessing: "
+        f"{esc(ds.attrs['preprocessing'])}) with the same estimator: {how}, K = {ds.attrs['num_samples']}. "
+        f"Differences are taken per datapoint against the reference run <code>{esc(ref)}</code> and then "
+        "averaged, so the spread between easy and hard datapoints, which dominates each run's own standard "
+        "error, cancels. A difference larger than about twice its paired standard error (|z| &gt; 2) is more "
+        "than noise; the Monte Carlo se is the part of that error due to sampling alone. Higher log p̂ and "
+        "ELBO are better; smaller gaps mean better inference.</p></div>",
+    ]
+    for w in comparison.warnings:
+        parts.append(f"<p class='warning'><b>Warning.</b> {esc(w)}</p>")
+    header = ("<tr><th>run</th><th>quantity</th><th>kind</th><th>mean (nats)</th><th>se</th>"
+              "<th>Δ vs reference</th><th>paired se</th><th>MC se</th><th>z</th><th>beyond noise?</th></tr>")
+    rows = [header]
+    fmt = lambda v: "" if v is None or not np.isfinite(v) else f"{v:.3f}"  # noqa: E731
+    for (run, _), r in table.iterrows():
+        beyond = "" if r["beyond_noise"] is None else ("yes" if r["beyond_noise"] else "no")
+        rows.append(f"<tr><td class='text'>{esc(run)}</td><td class='text'>{esc(r['description'])}</td>"
+                    f"<td class='text'>{esc(r['bound'])}</td><td>{fmt(r['mean'])}</td><td>{fmt(r['se'])}</td>"
+                    f"<td>{fmt(r['diff'])}</td><td>{fmt(r['diff_se'])}</td><td>{fmt(r['diff_mc_se'])}</td>"
+                    f"<td>{fmt(r['z'])}</td><td class='text'>{beyond}</td></tr>")
+    parts.append("<h2>Table</h2><table>" + "".join(rows) + "</table>")
+    parts.append("<h2>Paired differences</h2>"
+                 f"<img alt='paired differences' src='{figure_to_data_uri(plot_paired_differences(ds))}'>")
+    runs = "".join(f"<li><code>{esc(str(n))}</code>: <code>{esc(str(d))}</code></li>"
+                   for n, d in zip(ds.run.values, ds.run_dir.values))
+    parts.append(f"<h2>Runs</h2><ul>{runs}</ul>")
+    files = ", ".join(f"<code>{esc(p.name)}</code>" for k, p in comparison.files.items() if k != "report")
+    parts.append(f"<p class='note'>Tables: {files}. Generated {_dt.datetime.now():%Y-%m-%d %H:%M}.</p></body></html>")
+    return "\n".join(parts)
+
+
+__all__ = ["ESTIMATOR_CHOICES", "MultiComparison", "compare_runs", "format_paired_table", "paired_table",
+           "plot_paired_differences", "render_multirun_html"]
