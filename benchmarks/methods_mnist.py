@@ -28,7 +28,12 @@ VARIANTS = {
     "iwae_k50": dict(method="iwae", num_particles=50),
     "iaf_guide": dict(method="svi", num_particles=1, guide="iaf", guide_options={"num_flows": 2}),
     "vamp_prior": dict(method="svi", num_particles=1, prior="vamp", prior_options={"num_components": 100}),
+    # extras, not in the default set
+    "dreg_k50": dict(method="dreg", num_particles=50),
+    "vamp_prior_warmup": dict(method="svi", num_particles=1, prior="vamp", prior_options={"num_components": 100},
+                              train={"kl_warmup_epochs": 3}),
 }
+DEFAULT_VARIANTS = ["elbo", "iwae_k5", "iwae_k50", "iaf_guide", "vamp_prior"]
 
 
 def main() -> None:
@@ -41,19 +46,27 @@ def main() -> None:
     parser.add_argument("--hidden-dim", type=int, default=200)
     parser.add_argument("--num-test", type=int, default=1000)
     parser.add_argument("--num-samples", type=int, default=2000, help="K of the test log p̂_K(x)")
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
+    parser.add_argument("--baseline", type=Path, help="an earlier run of the 'elbo' variant to pair against")
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     results, per_datapoint = {}, {}
+    if args.baseline is not None:
+        base = pipeline.load_run(args.baseline)
+        x = pipeline.load_data(base.config).test[: args.num_test]
+        torch.manual_seed(0)
+        with torch.no_grad():
+            per_datapoint["elbo"] = importance_estimate(base.vae.model, base.vae.guide, x,
+                                                        num_samples=args.num_samples, batch_size=100).log_likelihood
     for name in args.variants:
         v = dict(VARIANTS[name])
-        method, k = v.pop("method"), v.pop("num_particles")
+        method, k, train_extra = v.pop("method"), v.pop("num_particles"), v.pop("train", {})
         config = RunConfig(
             model=ModelConfig(model="bernoulli_mlp", latent_dim=args.latent_dim, hidden_dim=args.hidden_dim, **v),
             data=DataConfig(dataset="mnist", data_dir=args.data_dir, binarize="dynamic", train_size=args.train_size),
             train=TrainConfig(method=method, num_particles=k, epochs=args.epochs, batch_size=100, lr=1e-3,
-                              device="cpu", train_eval_size=1000),
+                              device="cpu", train_eval_size=1000, **train_extra),
         )
         start = time.perf_counter()
         run = pipeline.fit(config, args.out / name, progress=False)
