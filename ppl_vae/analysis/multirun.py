@@ -227,8 +227,6 @@ def plot_paired_differences(ds: xr.Dataset):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    from ppl_vae.analysis.plots import legend_outside
-
     table = paired_table(ds)
     ref = ds.attrs.get("reference_run", str(ds.run.values[0]))
     others = [str(r) for r in ds.run.values if str(r) != ref]
@@ -259,12 +257,15 @@ def plot_paired_differences(ds: xr.Dataset):
                                        - ds["value"].sel(run=ref, quantity=headline)).values for r in others]),
     })
     sns.stripplot(frame, x="difference", y="run", hue="run", size=2.5, alpha=0.5, jitter=0.25, ax=axes[1], legend=False)
-    sns.boxplot(frame, x="difference", y="run", fill=False, showfliers=False, width=0.5, color="black", ax=axes[1])
+    for i, run in enumerate(others):  # the mean and its paired ± 2 se over the cloud of datapoints
+        r = table.loc[(run, headline)]
+        axes[1].errorbar(r["diff"], i, xerr=2 * r["diff_se"], fmt="D", color="black", capsize=4, zorder=3,
+                         label="mean ± 2 paired se" if i == 0 else None)
     axes[1].axvline(0.0, color="black", lw=0.8)
     axes[1].margins(x=0.05)
     axes[1].set_xlabel(f"per-datapoint {LABELS[headline]}: run − {ref} (nats)")
     axes[1].set_title(f"{ds.sizes['datapoint']} datapoints")
-    legend_outside(axes[1])
+    axes[1].legend(loc="upper left", bbox_to_anchor=(0.0, -0.18), frameon=False, fontsize="small")
     return fig
 
 
