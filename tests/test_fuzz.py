@@ -126,5 +126,50 @@ def test_fit_options_fail_cleanly(options, tmp_path_factory):
         assert (out / "checkpoint.safetensors").is_file()
     else:
         assert result.output.strip().splitlines()[-1].startswith("Error"), result.output
+        # README: 1 for a bad value or file, 2 for a command line click cannot parse
+        assert result.exit_code in (1, 2), result.output
+        if result.exit_code == 2:
+            assert "Usage:" in result.output
         if result.exit_code == 1:
             assert not out.exists() or not any(out.iterdir())
+
+
+_ROWS_FILE = {}
+
+
+def _rows_on_disk():
+    """One small .npy kept on disk for the whole module (hypothesis reuses it across examples)."""
+    if not _ROWS_FILE:
+        import torch
+
+        folder = Path(tempfile.mkdtemp(prefix="ppl-vae-fuzz-"))
+        values = np.random.default_rng(1).random((37, 3, 2)).astype(np.float32)
+        np.save(folder / "rows.npy", values)
+        _ROWS_FILE["disk"] = load_dataset(str(folder / "rows.npy"), on_disk=True)
+        _ROWS_FILE["memory"] = load_dataset(str(folder / "rows.npy"))
+        _ROWS_FILE["torch"] = torch
+    return _ROWS_FILE["disk"], _ROWS_FILE["memory"], _ROWS_FILE["torch"]
+
+
+@FUZZ
+@given(index=st.one_of(
+    st.lists(st.integers(-35, 34), max_size=40),
+    st.builds(slice, st.integers(-40, 40) | st.none(), st.integers(-40, 40) | st.none(),
+              st.integers(1, 5) | st.integers(-5, -1) | st.none()),
+    st.integers(-29, 28),
+))
+def test_rows_on_disk_index_like_the_loaded_tensor(index):
+    """Any int, slice or list of indices gives the rows the in-memory tensor gives, or the same
+    error (IndexError out of range, ValueError for a negative slice step)."""
+    disk, memory, torch = _rows_on_disk()
+    if isinstance(index, list):
+        key = torch.tensor(index, dtype=torch.long)
+    else:
+        key = index
+    try:
+        expected = memory.train[key]
+    except (IndexError, ValueError) as exc:
+        with pytest.raises(type(exc)):
+            disk.train[key]
+        return
+    assert torch.equal(disk.train[key], expected)

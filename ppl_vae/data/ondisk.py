@@ -32,6 +32,9 @@ SCAN_BYTES = 16 << 20
 
 Index = Union[Tensor, np.ndarray, slice, int, list]
 
+# numpy dtypes torch.from_numpy takes as they are (others are converted to float32 by numpy)
+_TORCH_READABLE = {"float16", "float32", "float64", "uint8", "int8", "int16", "int32", "int64", "bool"}
+
 
 class _NpyFile:
     """One ``.npy`` file, shared by its train and test views: header, an open descriptor, and
@@ -121,7 +124,7 @@ class _NpyFile:
         view = memoryview(out).cast("B")
         # runs of consecutive rows are read with one call each
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1 if n > 1 else np.empty(0, np.int64)
-        starts = [0, *breaks.tolist()]
+        starts = [0, *breaks.tolist()] if n else []
         ends = [*breaks.tolist(), n]
         for s, e in zip(starts, ends):
             self._read_into(view[s * rb : e * rb], self.offset + int(rows[s]) * rb)
@@ -174,6 +177,8 @@ class NpyRows:
         if isinstance(index, (int, np.integer)):
             return self._read(self._file_rows(np.array([int(index)])))[0]
         if isinstance(index, slice):
+            if index.step is not None and index.step <= 0:
+                raise ValueError("step must be greater than zero")  # as for a torch.Tensor
             positions = np.arange(*index.indices(self.num_rows))
         elif torch.is_tensor(index):
             positions = index.detach().cpu().numpy()
@@ -203,7 +208,10 @@ class NpyRows:
         cuda = self.device.type == "cuda"
         # on CUDA, read straight into pinned memory so the copy to the device is asynchronous
         staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
-        raw = torch.from_numpy(self.file.read_rows(file_rows, out=staging.numpy()))
+        array = self.file.read_rows(file_rows, out=staging.numpy())
+        if not array.dtype.isnative or array.dtype.name not in _TORCH_READABLE:
+            array = array.astype(np.float32)  # big-endian or unsigned wider than a byte: convert here
+        raw = torch.from_numpy(array)
         shape = (len(file_rows), *self.shape[1:])
         if cuda:
             out = raw.to(self.device, non_blocking=True).reshape(shape).to(torch.float32)
