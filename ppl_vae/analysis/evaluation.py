@@ -169,6 +169,7 @@ def evaluate_run(
     num_chains: int = 16,
     num_leapfrog_steps: int = 10,
     step_size: float = 0.1,
+    adaptation: str = "pilot",
     schedule: str = "sigmoid",
     ais_start: str = "prior",
     split: str = "test",
@@ -184,7 +185,8 @@ def evaluate_run(
 
     ``num_samples``: K for IW. ``num_steps``: the AIS temperatures (exactly one for "ais"; one or
     more for "bdmc"), ``num_chains`` per datapoint, ``num_leapfrog_steps`` per HMC move,
-    ``step_size`` the initial leapfrog step (adapted per datapoint), ``schedule`` "sigmoid" or
+    ``step_size`` the initial leapfrog step (adapted per datapoint as ``adaptation`` says:
+    "pilot", "online" or "none"; see :mod:`ppl_vae.inference.ais`), ``schedule`` "sigmoid" or
     "linear", ``ais_start`` "prior" or "guide" (anneal from q(z|x)). Files go to ``out_dir``
     (default: the run directory), checked before any work is done.
     """
@@ -215,7 +217,8 @@ def evaluate_run(
     vae = run.vae
     guide = None if ais_start == "prior" else vae.guide
     ais_opts = dict(num_chains=num_chains, num_leapfrog_steps=num_leapfrog_steps, step_size=step_size,
-                    schedule=schedule, batch_size=batch_size, progress=progress, datapoint=sel.index, **kwargs)
+                    adaptation=adaptation, schedule=schedule, batch_size=batch_size, progress=progress,
+                    datapoint=sel.index, **kwargs)
     if method == "iw":
         est = importance_estimate(vae.model, vae.guide, sel.x, num_samples=num_samples, batch_size=batch_size,
                                   particle_batch_size=particle_batch_size, progress=progress, **kwargs)

@@ -26,6 +26,9 @@ FLAGS = {"num_samples": "--num-samples", "num_steps": "--ais-steps", "num_chains
               help="AIS/BDMC: leapfrog steps per HMC move.")
 @click.option("--step-size", type=float, default=0.1, show_default=True,
               help="AIS/BDMC: initial leapfrog step size, adapted per datapoint toward 65% acceptance.")
+@click.option("--adaptation", type=click.Choice(["pilot", "online", "none"]), default="pilot", show_default=True,
+              help="AIS/BDMC: adapt step sizes in a separate pilot run then fix them (exact AIS), within the "
+                   "estimating chains (cheaper, slightly biased), or not at all.")
 @click.option("--schedule", type=click.Choice(["sigmoid", "linear"]), default="sigmoid", show_default=True,
               help="AIS/BDMC: spacing of the temperatures.")
 @click.option("--ais-start", type=click.Choice(["prior", "guide"]), default="prior", show_default=True,
@@ -41,8 +44,8 @@ FLAGS = {"num_samples": "--num-samples", "num_steps": "--ais-steps", "num_chains
               help="Folder for the netCDF and CSV files (default: the run directory).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def evaluate(run_dir: Path, method: str, num_samples: int, ais_steps, num_chains: int, leapfrog_steps: int,
-             step_size: float, schedule: str, ais_start: str, split: str, num_datapoints, batch_size: int,
-             particle_batch_size, device: str, seed: int, out, progress: bool) -> None:
+             step_size: float, adaptation: str, schedule: str, ais_start: str, split: str, num_datapoints,
+             batch_size: int, particle_batch_size, device: str, seed: int, out, progress: bool) -> None:
     """Estimate log p(x) of a run's datapoints; every number printed and saved says which bound it is."""
     from ppl_vae.analysis.evaluation import check_out_dir, evaluate_run
 
@@ -60,8 +63,8 @@ def evaluate(run_dir: Path, method: str, num_samples: int, ais_steps, num_chains
         check_out_dir(out, "--out")
     result = evaluate_run(run_dir, method=method, num_samples=num_samples, num_steps=ais_steps,
                           num_chains=num_chains, num_leapfrog_steps=leapfrog_steps, step_size=step_size,
-                          schedule=schedule, ais_start=ais_start, split=split, num_datapoints=num_datapoints,
-                          batch_size=batch_size, particle_batch_size=particle_batch_size, device=device,
+                          adaptation=adaptation, schedule=schedule, ais_start=ais_start, split=split,
+                          num_datapoints=num_datapoints, batch_size=batch_size, particle_batch_size=particle_batch_size, device=device,
                           seed=seed, out_dir=out, progress=progress)
     click.echo(result.summary())
     for line in result.warnings(FLAGS):

@@ -18,12 +18,15 @@ stochastic UPPER bound. The two bounds sandwich log p(x); the gap between them b
 error of either and closes as T grows.
 
 Transitions: HMC with Pyro's leapfrog integrator (:func:`pyro.ops.integrator.velocity_verlet`),
-an identity mass matrix, ``num_leapfrog_steps`` steps, and a step size per datapoint adapted
-toward ``target_accept_prob`` from the acceptance probability averaged over that datapoint's
-chains at the previous temperature (as in Wu et al. 2017, "On the quantitative analysis of
-decoder-based generative models"). Because the step size depends on earlier states, the weights
-are unbiased only up to this adaptation's (small, shared over C chains) influence; pass
-``adapt_step_size=False`` with a fixed ``step_size`` for the textbook estimator.
+an identity mass matrix, ``num_leapfrog_steps`` steps, and a step size per datapoint and
+temperature adapted toward ``target_accept_prob`` from the acceptance probability averaged over
+that datapoint's chains at the previous temperature (as in Wu et al. 2017, "On the quantitative
+analysis of decoder-based generative models"). By default (``adaptation="pilot"``) the
+adaptation runs in a separate pilot of ``pilot_chains`` chains and the step sizes it found are
+then fixed for the estimating chains: a step size that depends on the estimating chains' own
+earlier states breaks the invariance AIS needs, and on the linear-Gaussian model such "online"
+adaptation pushed log p̂ about 0.01-0.03 nat ABOVE the exact log p(x) at T = 500-2000.
+BDMC's reverse chains reuse the forward pilot's step sizes, temperature by temperature.
 
 Works for any model/guide pair that keeps the library's contract (datapoints in
 ``pyro.plate("data")``, latent site ``"z"``, observed ``"x"``): chains and datapoints are
@@ -110,7 +113,10 @@ class _Path:
 class _Annealed:
     log_weight: Tensor  # (C, N) float64
     accept_rate: Tensor  # (N,) mean acceptance probability over transitions and chains
-    step_size: Tensor  # (N,) final step size
+    log_steps: Tensor  # (T - 1, N) log leapfrog step size of each transition (before jitter)
+
+
+ADAPTATIONS = ("pilot", "online", "none")
 
 
 def _hmc_transition(path: _Path, z: Tensor, beta: float, step: Tensor, num_leapfrog_steps: int,
@@ -144,42 +150,49 @@ def _hmc_transition(path: _Path, z: Tensor, beta: float, step: Tensor, num_leapf
             accept_prob)
 
 
-def _anneal(path: _Path, z: Tensor, betas: Tensor, *, num_chains: int, step_size: Tensor,
-            num_leapfrog_steps: int, adapt_step_size: bool, target_accept_prob: float,
-            step_size_jitter: float, adapt_rate: float = 0.5, bar: Any = None) -> _Annealed:
-    """Run the chains ``z`` ``(C * N, ...)`` (distributed as f_{betas[0]}) along ``betas``."""
+def _anneal(path: _Path, z: Tensor, betas: Tensor, *, num_chains: int, num_leapfrog_steps: int,
+            step_size_jitter: float, log_steps: Optional[Tensor] = None, step_size: float = 0.1,
+            target_accept_prob: float = 0.65, adapt_rate: float = 0.5, bar: Any = None) -> _Annealed:
+    """Run the chains ``z`` ``(C * N, ...)`` (distributed as f_{betas[0]}) along ``betas``.
+
+    With ``log_steps`` ``(T - 1, N)`` the step sizes are fixed in advance (the chains are then
+    exact AIS); without, they start at ``step_size`` and adapt after each transition toward
+    ``target_accept_prob`` from the acceptance averaged over a datapoint's chains.
+    """
     m = z.shape[0]
     n = m // num_chains
     shape = (-1,) + (1,) * (z.dim() - 1)
-    log_step = step_size.double().log().clone()
+    log_step = torch.full((n,), math.log(step_size), dtype=torch.float64, device=z.device)
+    used = []
     log_w = torch.zeros(m, dtype=torch.float64, device=z.device)
     accept_sum = torch.zeros(n, dtype=torch.float64, device=z.device)
     with torch.no_grad():
         log_ratio = path.terms(z)[1]
-    num_transitions = 0
     for t in range(1, len(betas)):
         log_w = log_w + float(betas[t] - betas[t - 1]) * log_ratio.double()
         if t == len(betas) - 1:
             break  # a move after the last weight update cannot change the weights
+        if log_steps is not None:
+            log_step = log_steps[t - 1]
+        used.append(log_step)
         jitter = 1.0 + step_size_jitter * (2.0 * torch.rand(m, dtype=torch.float64, device=z.device) - 1.0)
         step = (log_step.exp().repeat(num_chains) * jitter).to(z.dtype).view(shape)
         with torch.enable_grad():
             z, log_ratio, accept_prob = _hmc_transition(path, z, float(betas[t]), step, num_leapfrog_steps)
         accept_n = accept_prob.double().view(num_chains, n).mean(0)
         accept_sum += accept_n
-        num_transitions += 1
-        if adapt_step_size:
+        if log_steps is None:
             log_step = (log_step + adapt_rate * (accept_n - target_accept_prob)).clamp(math.log(1e-4), math.log(5.0))
         if bar is not None:
             bar.update(1)
-    accept_rate = accept_sum / num_transitions if num_transitions else torch.full_like(accept_sum, math.nan)
-    return _Annealed(log_w.view(num_chains, n), accept_rate, log_step.exp())
+    accept_rate = accept_sum / len(used) if used else torch.full_like(accept_sum, math.nan)
+    schedule = torch.stack(used) if used else log_step.new_zeros(0, n)
+    return _Annealed(log_w.view(num_chains, n), accept_rate, schedule)
 
 
-def _check(name: str, value: Any, low: float, *, integer: bool = True) -> None:
-    if (integer and int(value) != value) or not value >= low:
-        kind = "an integer" if integer else "a number"
-        raise ValueError(f"{name} must be {kind} >= {low:g}, got {value}")
+def _check(name: str, value: Any, low: int) -> None:
+    if int(value) != value or not value >= low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value}")
 
 
 def _betas(num_steps: int, schedule: str) -> Tensor:
@@ -206,16 +219,23 @@ def log_mean_exp_stats(log_w: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
 
 
 def _run(model: Callable, guide: Optional[Callable], x: Tensor, betas: Tensor, *, num_chains: int,
-         num_leapfrog_steps: int, step_size: float, adapt_step_size: bool, target_accept_prob: float,
+         num_leapfrog_steps: int, step_size: float, adaptation: str, pilot_chains: int, target_accept_prob: float,
          step_size_jitter: float, batch_size: int, initial_z: Optional[Tensor], progress: bool,
-         desc: str, kwargs: Dict[str, Any]) -> _Annealed:
-    """AIS over batches of datapoints; ``initial_z`` ``(N, ...)`` starts every chain of a datapoint there."""
+         desc: str, kwargs: Dict[str, Any], log_steps: Optional[Tensor] = None) -> _Annealed:
+    """AIS over batches of datapoints; ``initial_z`` ``(N, ...)`` starts every chain of a datapoint there.
+
+    ``adaptation``: "pilot" adapts the step sizes in a separate run of ``pilot_chains`` chains
+    from f_0 and freezes them for the estimate; "online" adapts within the estimating chains;
+    "none" keeps ``step_size``. ``log_steps`` ``(T - 1, N)`` overrides all three.
+    """
     from tqdm.auto import tqdm
 
     _check("num_chains", num_chains, 1)
     _check("num_leapfrog_steps", num_leapfrog_steps, 1)
     _check("batch_size", batch_size, 1)
-    _check("step_size", step_size, 0.0, integer=False)
+    _check("pilot_chains", pilot_chains, 1)
+    if adaptation not in ADAPTATIONS:
+        raise ValueError(f"adaptation must be one of {', '.join(ADAPTATIONS)}, got {adaptation!r}")
     if not step_size > 0:
         raise ValueError(f"step_size must be > 0, got {step_size}")
     if not 0.0 < target_accept_prob < 1.0:
@@ -227,24 +247,37 @@ def _run(model: Callable, guide: Optional[Callable], x: Tensor, betas: Tensor, *
         raise ValueError("x holds no datapoints")
     if initial_z is not None and initial_z.shape[0] != n:
         raise ValueError(f"initial_z must have one row per datapoint ({n}), got shape {tuple(initial_z.shape)}")
+    pilot = adaptation == "pilot" and log_steps is None
+    opts = dict(num_leapfrog_steps=num_leapfrog_steps, step_size_jitter=step_size_jitter, step_size=step_size,
+                target_accept_prob=target_accept_prob)
     parts = []
     num_batches = math.ceil(n / batch_size)
-    with tqdm(total=num_batches * max(len(betas) - 2, 0), disable=not progress, desc=desc, unit="step",
-              dynamic_ncols=True) as bar:
+    with tqdm(total=num_batches * max(len(betas) - 2, 0) * (2 if pilot else 1), disable=not progress, desc=desc,
+              unit="step", dynamic_ncols=True) as bar:
         for start in range(0, n, batch_size):
             sl = slice(start, start + batch_size)
             xb = x[sl]
             nb = xb.shape[0]
             kw = {k: (v[sl] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v) for k, v in kwargs.items()}
+            steps = None if log_steps is None else log_steps[:, sl]
+            if adaptation == "none" and steps is None:
+                steps = torch.full((max(len(betas) - 2, 0), nb), math.log(step_size), dtype=torch.float64,
+                                   device=x.device)
+            if pilot:  # its weights are discarded: only the step sizes it found are kept
+                pilot_path = _Path(model, guide, xb, pilot_chains, kw)
+                steps = _anneal(pilot_path, pilot_path.sample_start(), betas, num_chains=pilot_chains, bar=bar,
+                                **opts).log_steps
             path = _Path(model, guide, xb, num_chains, kw)
             z0 = path.sample_start() if initial_z is None else _rows(initial_z[sl].detach(), nb, num_chains)
-            step0 = torch.full((nb,), float(step_size), dtype=torch.float64, device=x.device)
-            parts.append(_anneal(path, z0.detach(), betas, num_chains=num_chains, step_size=step0,
-                                 num_leapfrog_steps=num_leapfrog_steps, adapt_step_size=adapt_step_size,
-                                 target_accept_prob=target_accept_prob, step_size_jitter=step_size_jitter,
-                                 bar=bar))
+            parts.append(_anneal(path, z0.detach(), betas, num_chains=num_chains, log_steps=steps, bar=bar, **opts))
     return _Annealed(torch.cat([p.log_weight for p in parts], 1), torch.cat([p.accept_rate for p in parts]),
-                     torch.cat([p.step_size for p in parts]))
+                     torch.cat([p.log_steps for p in parts], 1))
+
+
+def _last_step(log_steps: Tensor, step_size: float) -> Tensor:
+    if log_steps.shape[0] == 0:
+        return torch.full((log_steps.shape[1],), float(step_size), dtype=torch.float64)
+    return log_steps[-1].exp()
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -260,7 +293,8 @@ def ais_log_likelihood(
     num_chains: int = 16,
     num_leapfrog_steps: int = 10,
     step_size: float = 0.1,
-    adapt_step_size: bool = True,
+    adaptation: str = "pilot",
+    pilot_chains: int = 4,
     target_accept_prob: float = 0.65,
     step_size_jitter: float = 0.2,
     schedule: str = "sigmoid",
@@ -277,7 +311,11 @@ def ais_log_likelihood(
     steps) per temperature. ``guide=None`` anneals from the prior p(z); a guide q(z|x) starts
     the chains at q and anneals q^(1-beta) p(x,z)^beta, usually far shorter a path. Tensor
     kwargs with one row per datapoint (labels ``y``) are passed to model and guide. ``seed``
-    seeds Pyro's RNGs first.
+    seeds Pyro's RNGs first. ``step_size``: the initial leapfrog step; ``adaptation``: "pilot"
+    (adapt in a separate run of ``pilot_chains`` chains, then fix; exact AIS), "online" (adapt
+    within the estimating chains; cheaper, slightly biased) or "none" (keep ``step_size``);
+    ``step_size_jitter``: each move's step is scaled by U(1 - j, 1 + j) to avoid periodic
+    trajectories (Neal 2011).
 
     Variables over dim ``datapoint`` (each with an attribute ``bound``):
 
@@ -285,14 +323,15 @@ def ais_log_likelihood(
     - ``log_px_stderr``: its Monte Carlo standard error over chains (delta method);
     - ``ess``: ESS of the C final AIS weights (near C: chains agree; near 1: one dominates);
     - ``accept_rate``: HMC acceptance probability averaged over transitions and chains;
-    - ``step_size``: the final adapted leapfrog step size;
+    - ``step_size``: the leapfrog step size (before jitter) at the last temperature;
     - ``log_weight`` over (``chain``, ``datapoint``): each chain's log-weight.
     """
     betas = _betas(num_steps, schedule)
     if seed is not None:
         pyro.set_rng_seed(seed)
     res = _run(model, guide, x, betas, num_chains=num_chains, num_leapfrog_steps=num_leapfrog_steps,
-               step_size=step_size, adapt_step_size=adapt_step_size, target_accept_prob=target_accept_prob,
+               step_size=step_size, adaptation=adaptation, pilot_chains=pilot_chains,
+               target_accept_prob=target_accept_prob,
                step_size_jitter=step_size_jitter, batch_size=batch_size, initial_z=None, progress=progress,
                desc=f"AIS T={num_steps}", kwargs=kwargs)
     log_px, se, ess = log_mean_exp_stats(res.log_weight)
@@ -303,7 +342,7 @@ def ais_log_likelihood(
             "log_px_stderr": ("datapoint", _np(se)),
             "ess": ("datapoint", _np(ess)),
             "accept_rate": ("datapoint", _np(res.accept_rate)),
-            "step_size": ("datapoint", _np(res.step_size)),
+            "step_size": ("datapoint", _np(_last_step(res.log_steps, step_size))),
             "log_weight": (("chain", "datapoint"), _np(res.log_weight)),
         },
         coords={"datapoint": np.arange(n) if datapoint is None else np.asarray(datapoint),
@@ -316,12 +355,12 @@ def ais_log_likelihood(
         "log_px_stderr": ("estimate", "Monte Carlo standard error of log_px over chains (nats)"),
         "ess": ("estimate", f"effective sample size of the {num_chains} final AIS weights"),
         "accept_rate": ("estimate", "HMC acceptance probability, mean over transitions and chains"),
-        "step_size": ("estimate", "final adapted leapfrog step size"),
+        "step_size": ("estimate", "leapfrog step size at the last temperature"),
         "log_weight": ("lower", "log AIS weight of each chain (nats; each is log of an unbiased estimate of p(x))"),
     })
     ds.attrs.update({"method": "ais", "num_steps": int(num_steps), "num_chains": int(num_chains),
                      "num_leapfrog_steps": int(num_leapfrog_steps), "schedule": schedule, "start": start,
-                     "adapt_step_size": int(adapt_step_size), "target_accept_prob": float(target_accept_prob),
+                     "adaptation": adaptation, "target_accept_prob": float(target_accept_prob),
                      "reference": "Neal (2001), Annealed importance sampling"})
     return ds
 
@@ -356,7 +395,8 @@ def bdmc(
     num_chains: int = 4,
     num_leapfrog_steps: int = 10,
     step_size: float = 0.1,
-    adapt_step_size: bool = True,
+    adaptation: str = "pilot",
+    pilot_chains: int = 4,
     target_accept_prob: float = 0.65,
     step_size_jitter: float = 0.2,
     schedule: str = "sigmoid",
@@ -384,14 +424,17 @@ def bdmc(
     if seed is not None:
         pyro.set_rng_seed(seed)
     opts = dict(num_chains=num_chains, num_leapfrog_steps=num_leapfrog_steps, step_size=step_size,
-                adapt_step_size=adapt_step_size, target_accept_prob=target_accept_prob,
+                adaptation=adaptation, pilot_chains=pilot_chains, target_accept_prob=target_accept_prob,
                 step_size_jitter=step_size_jitter, batch_size=batch_size, progress=progress, kwargs=kwargs)
     out: Dict[str, list] = {k: [] for k in ("lower", "lower_stderr", "upper", "upper_stderr",
                                             "forward_accept_rate", "reverse_accept_rate")}
     for steps in step_counts:
         betas = _betas(steps, schedule)
         fwd = _run(model, guide, x, betas, initial_z=None, desc=f"BDMC forward T={steps}", **opts)
-        rev = _run(model, guide, x, betas.flip(0), initial_z=z_exact, desc=f"BDMC reverse T={steps}", **opts)
+        # the reverse chains meet the temperatures in reverse order: reuse the forward step sizes
+        reuse = None if adaptation == "online" else fwd.log_steps.flip(0)
+        rev = _run(model, guide, x, betas.flip(0), initial_z=z_exact, desc=f"BDMC reverse T={steps}",
+                   log_steps=reuse, **opts)
         lower, lower_se, _ = log_mean_exp_stats(fwd.log_weight)
         neg_upper, upper_se, _ = log_mean_exp_stats(rev.log_weight)
         for k, v in (("lower", lower), ("lower_stderr", lower_se), ("upper", -neg_upper),
@@ -415,7 +458,7 @@ def bdmc(
         "gap": ("estimate", "upper - lower: the width of the BDMC sandwich (nats; bounds either bound's error)"),
     })
     ds.attrs.update({"method": "bdmc", "num_chains": int(num_chains), "num_leapfrog_steps": int(num_leapfrog_steps),
-                     "schedule": schedule, "start": "prior" if guide is None else "guide",
+                     "schedule": schedule, "start": "prior" if guide is None else "guide", "adaptation": adaptation,
                      "reference": "Grosse, Ghahramani & Adams (2015), Sandwiching the marginal likelihood "
                                   "using bidirectional Monte Carlo"})
     return ds
