@@ -53,7 +53,7 @@ def main() -> None:
 
     def ours():
         fit_mean_field(vae.model, x, guide=vae.guide, max_steps=args.steps, tol=0.0, num_lr_decays=0,
-                       batch_size=args.num_data, num_eval_samples=1, progress=False)
+                       batch_size=args.num_data, num_eval_samples=1, polish=False, progress=False)
 
     def theirs():
         handwritten_mean_field(vae, x, args.steps, lr=1e-2)
