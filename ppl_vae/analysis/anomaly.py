@@ -86,7 +86,7 @@ def detection_metrics(scores: Tensor | np.ndarray, labels: Tensor | np.ndarray) 
     if scores.shape != labels.shape:
         raise ValueError(f"scores {scores.shape} and labels {labels.shape} differ in shape")
     if not np.isin(labels, (0, 1)).all():
-        raise ValueError("labels must be 0 (normal) or 1 (anomaly); for class labels pass normal_class (--normal-class)")
+        raise ValueError("labels must be 0 (normal) or 1 (anomaly); for class labels pass normal_class")
     if len(np.unique(labels)) < 2:
         raise ValueError("AUROC needs both normal (0) and anomalous (1) datapoints among the labels")
     return {

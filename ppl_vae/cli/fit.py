@@ -130,7 +130,7 @@ FIELD_FLAGS = {
     "train.optimizer": "--optimizer", "train.elbo": "--elbo", "train.num_particles": "--num-particles",
     "train.kl_warmup_epochs": "--kl-warmup", "train.seed": "--seed", "train.device": "--device",
     "train.train_eval_size": "--train-eval-size", "train.compile": "--compile",
-    "timeout_s": "--dist-timeout", "nproc": "--nproc",
+    "timeout_s": "--dist-timeout", "nproc": "--nproc", "data_dir": "--data-dir",
 }
 
 

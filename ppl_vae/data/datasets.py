@@ -90,7 +90,7 @@ class Dataset:
 
 def _require_dir(data_dir: Optional[Path], dataset: str, files: Dict[str, str], where: str) -> Path:
     if data_dir is None:
-        raise DataError(f"dataset {dataset!r} needs --data-dir: a folder holding {', '.join(files)} ({where})")
+        raise DataError(f"dataset {dataset!r} needs data_dir: a folder holding {', '.join(files)} ({where})")
     data_dir = Path(data_dir)
     missing = [f for f in files if not (data_dir / f).is_file()]
     if missing:

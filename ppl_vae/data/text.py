@@ -129,12 +129,12 @@ def load_fortunes_arrays(data_dir: Optional[Path] = None) -> Arrays:
 
 
 @DATASETS.register(
-    "text-lines", doc=f"a user's text file (or folder of .txt), one sentence per line, as --data-dir; character indices"
+    "text-lines", doc=f"a user's text file (or folder of .txt), one sentence per line, as data_dir (--data-dir); character indices"
 )
 def load_text_lines_arrays(data_dir: Optional[Path]) -> Arrays:
     """Lines shorter than 64 characters of the text file (or ``.txt`` folder) that ``--data-dir`` names."""
     if data_dir is None:
-        raise DataError("dataset 'text-lines' needs --data-dir: a text file (or folder of .txt files), one sentence per line")
+        raise DataError("dataset 'text-lines' needs data_dir: a text file (or folder of .txt files), one sentence per line")
     return encode_corpus(read_text_lines(data_dir), what=str(data_dir)).astype(np.float32), None, None, None
 
 

@@ -129,12 +129,12 @@ def load_timeseries_arrays(
 
 @DATASETS.register(
     "timeseries-csv",
-    doc=f"sliding windows ({DEFAULT_WINDOW} steps) over the sensor CSV given as --data-dir; optional 0/1 'label' column",
+    doc=f"sliding windows ({DEFAULT_WINDOW} steps) over the sensor CSV given as data_dir (--data-dir); optional 0/1 'label' column",
 )
 def load_timeseries_csv_arrays(data_dir: Optional[Path]) -> Arrays:
     """Windows of the CSV file that ``--data-dir`` names (defaults of :func:`load_timeseries_arrays`)."""
     if data_dir is None:
-        raise DataError("dataset 'timeseries-csv' needs --data-dir: the path of a CSV file of sensor readings")
+        raise DataError("dataset 'timeseries-csv' needs data_dir: the path of a CSV file of sensor readings")
     return load_timeseries_arrays(data_dir)
 
 

@@ -270,7 +270,7 @@ def init_process_group(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_
     check_timeout(timeout_s)
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise ValueError(f"not launched by torchrun: {', '.join(missing)} not set; use torchrun or --nproc")
+        raise ValueError(f"not launched by torchrun: {', '.join(missing)} not set; use torchrun or nproc > 1")
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     kind = resolve_device(device if device in ("cpu", "auto") else "cuda").type

@@ -67,7 +67,7 @@ def test_mnist_layout_from_a_data_dir(idx_dir):
 
 
 def test_missing_mnist_files_say_where_to_get_them(tmp_path):
-    with pytest.raises(DataError, match="needs --data-dir"):
+    with pytest.raises(DataError, match="needs data_dir"):
         load_dataset("mnist")
     with pytest.raises(DataError, match=f"not found in {tmp_path}.*{MNIST_SHA256['train-images-idx3-ubyte.gz']}"):
         load_dataset("mnist", tmp_path)

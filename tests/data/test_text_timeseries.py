@@ -51,7 +51,7 @@ def test_empty_or_missing_text_gives_one_line_errors(tmp_path):
     with pytest.raises(DataError, match="empty") as info:
         load_dataset("text-lines", empty)
     assert "\n" not in str(info.value)
-    with pytest.raises(DataError, match="needs --data-dir"):
+    with pytest.raises(DataError, match="needs data_dir"):
         load_dataset("text-lines")
     with pytest.raises(DataError, match="no .txt files"):
         read_text_lines(tmp_path / "sub" if (tmp_path / "sub").mkdir() is None else tmp_path)

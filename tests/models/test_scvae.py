@@ -113,5 +113,5 @@ def test_detection_metrics_known_answers_and_bad_labels():
     assert m["auroc"] == pytest.approx(0.5)  # pairs (1,0) ranked right: (0.2>0.1, 0.8>0.1) of 4
     with pytest.raises(ValueError, match="both normal"):
         detection_metrics(torch.tensor([0.1, 0.2]), torch.tensor([0, 0]))
-    with pytest.raises(ValueError, match="--normal-class"):
+    with pytest.raises(ValueError, match="normal_class"):
         detection_metrics(torch.tensor([0.1, 0.2]), torch.tensor([0, 3]))
