@@ -103,6 +103,15 @@ def test_out_naming_an_existing_file_is_refused_and_left_untouched(run_dir, tmp_
     _one_line_error(_invoke([run_dir, "--num-samples", 5, "--out", target / "sub"]), "cannot be created")
 
 
+def test_out_not_writable_is_refused_before_any_work(run_dir, tmp_path, monkeypatch):
+    from ppl_vae.analysis import evaluation
+
+    real_access = os.access  # deny writing only, as a read-only mount would
+    monkeypatch.setattr(evaluation.os, "access", lambda path, mode: False if mode & os.W_OK else real_access(path, mode))
+    _one_line_error(_invoke([run_dir, "--method", "ais", "--out", tmp_path / "new"]), "--out")
+    assert not list((tmp_path / "new").iterdir())
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only folders")
 def test_out_in_a_read_only_folder_is_refused(run_dir, tmp_path):
     locked = tmp_path / "locked"
