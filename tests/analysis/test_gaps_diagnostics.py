@@ -12,6 +12,8 @@ from ppl_vae.analysis.gaps import BOUNDS, ESTIMATORS, gap_decomposition, gap_tab
 from ppl_vae.inference.meanfield import MeanFieldGuide
 from ppl_vae.models.linear_gaussian import LinearGaussianVAE
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small loops: one thread is several times faster
+
 
 @pytest.fixture
 def lg():

@@ -14,6 +14,8 @@ from ppl_vae.cli.main import cli
 from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from tests.conftest import one_line_error
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small loops: one thread is several times faster
+
 
 def _synthetic(n=400, shift=0.3, seed=0):
     rng = np.random.default_rng(seed)

@@ -17,6 +17,8 @@ from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from ppl_vae.inference.modes import eval_mode
 from ppl_vae.models.linear_gaussian import LinearGaussianVAE
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small loops: one thread is several times faster
+
 
 def _dropout_model():
     torch.manual_seed(3)

@@ -13,6 +13,8 @@ from ppl_vae.cli.main import cli
 from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from tests.conftest import one_line_error
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small loops: one thread is several times faster
+
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):

@@ -11,6 +11,8 @@ from scipy.stats import norm
 
 from ppl_vae.experiments import common, fig2, fig3, fig4, fig5
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small loops: one thread is several times faster
+
 
 def test_eval_steps_log_spaced_and_end_at_budget():
     assert common.eval_steps(10_000, 100, 3) == [1, 10, 100]

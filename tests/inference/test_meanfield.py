@@ -8,6 +8,8 @@ import torch
 from ppl_vae.inference.meanfield import MEAN_FIELD_INITS, fit_mean_field, guide_moments, matched_normals, prior_moments
 from ppl_vae.models.linear_gaussian import LinearGaussianVAE
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small loops: one thread is several times faster
+
 
 @pytest.fixture
 def lg():
