@@ -35,6 +35,7 @@ def _invoke(args):
     return CliRunner().invoke(cli, ["evaluate", *map(str, args), "--no-progress"])
 
 
+@pytest.mark.slow
 def test_ais_prints_a_lower_bound_and_saves_bounds_for_every_variable(run_dir, tmp_path):
     result = _invoke([run_dir, "--method", "ais", "--ais-steps", 8, "--num-chains", 4, "--num-datapoints", 6,
                       "--out", tmp_path])
