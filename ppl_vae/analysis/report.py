@@ -233,6 +233,12 @@ def compare_run(
 
         comparison = Comparison(gaps, table, diagnostics, idata)
         comparison.warnings.extend(estimate_warnings(gaps))
+        guide_family = getattr(run.config.model, "guide", "diagonal_normal")
+        if guide_family != "diagonal_normal":
+            comparison.warnings.append(
+                f"The amortized guide is {guide_family!r}, a richer family than q*'s diagonal Gaussian: "
+                "L[q*] − L[q] then mixes the amortization gap with the difference between the families and may be "
+                "negative. log p̂ is unaffected (the mixture proposal stays valid).")
         files = comparison.files
         files["gaps_netcdf"] = results.save_netcdf(gaps, out / COMPARE_FILES["gaps_netcdf"])
         files["gaps_csv"] = results.save_csv(per_datapoint_table(gaps), out / COMPARE_FILES["gaps_csv"])

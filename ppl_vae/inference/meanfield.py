@@ -55,13 +55,24 @@ MEAN_FIELD_ELBOS.register("mean_field", doc="TraceMeanField_ELBO: analytic KL wh
 MEAN_FIELD_ELBOS.register("trace", doc="Trace_ELBO: Monte Carlo KL")(Trace_ELBO)
 
 
+MOMENT_SAMPLES = 1024
+"""Draws used to estimate the moments of a distribution without closed-form ones (e.g. a flow)."""
+
+
 def _site_moments(fn: dist.Distribution, num_data: int) -> Moments:
-    """(mean, standard deviation) of a site's distribution, each ``(num_data, *event_shape)``."""
+    """(mean, standard deviation) of a site's distribution, each ``(num_data, *event_shape)``.
+
+    In closed form where the distribution has them; otherwise (normalizing flows) estimated
+    from :data:`MOMENT_SAMPLES` draws.
+    """
+    shape = (num_data,) + tuple(fn.event_shape)
     try:
         mean, var = fn.mean, fn.variance
     except NotImplementedError:
-        raise ValueError(f"cannot initialise mean-field VI from a {type(fn).__name__}: it has no mean/variance") from None
-    shape = (num_data,) + tuple(fn.event_shape)
+        if not fn.has_rsample and not hasattr(fn, "sample"):
+            raise ValueError(f"cannot take moments of a {type(fn).__name__}: no mean/variance and no sampler") from None
+        draws = fn.sample((MOMENT_SAMPLES,))
+        mean, var = draws.mean(0), draws.var(0)
     return mean.expand(shape).clone(), var.expand(shape).sqrt().clone()
 
 
