@@ -231,6 +231,8 @@ def evaluate_run(
         ds.attrs["data"] = "simulated from the run's model: z* ~ p(z), x ~ p(x|z*), one per selected datapoint"
     ds.attrs.update({"split": split, "run_dir": str(run.run_dir), "model": run.config.model.model,
                      "dataset": run.config.data.dataset, "seed": seed})
+    if getattr(sel, "preprocessing", None):  # how the split was binarized for scoring
+        ds.attrs["preprocessing"] = str(sel.preprocessing)
     evaluation = Evaluation(ds)
     ds.attrs["warnings"] = " | ".join(evaluation.warnings()) or "none"
     nc_name, csv_name = FILES[method]
