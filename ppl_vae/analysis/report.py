@@ -1,9 +1,10 @@
-"""Evaluate a run directory and write a self-contained comparison report.
+"""Compare amortized and per-datapoint inference for a run and write a self-contained report.
 
-:func:`evaluate_run`: importance-weighted log p(x), ELBO, standard errors and ESS per
-datapoint (``evaluation.nc`` / ``evaluation.csv``). :func:`compare_run`: the gap
-decomposition of Cremer et al. (2018), collapse diagnostics, ArviZ draws from both guides
-and ``report.html``, one HTML file with every figure embedded as a base64 PNG.
+:func:`compare_run`: the gap decomposition of Cremer et al. (2018), collapse diagnostics,
+ArviZ draws from both guides and ``report.html``, one HTML file with every figure embedded as
+a base64 PNG. :func:`select_datapoints` is the one rule, shared with ``evaluate``
+(:mod:`ppl_vae.analysis.evaluation`) and the multi-run comparison, for which datapoints of a
+split are scored and how.
 """
 
 from __future__ import annotations
@@ -28,14 +29,12 @@ from ppl_vae.io import write_text
 from ppl_vae.analysis import plots, results
 from ppl_vae.analysis.diagnostics import collapse_diagnostics
 from ppl_vae.analysis.gaps import format_gap_table, gap_decomposition, gap_table
-from ppl_vae.inference.importance import importance_estimate
 from ppl_vae.inference.meanfield import MeanFieldGuide, fit_mean_field
 from ppl_vae.inference.modes import eval_mode
 from ppl_vae.pipeline import Run, load_data, load_run
 
 SPLITS = ("test", "train")
 
-EVALUATION_FILES = {"netcdf": "evaluation.nc", "csv": "evaluation.csv"}
 COMPARE_FILES = {
     "report": "report.html",
     "gaps_netcdf": "gaps.nc",
@@ -100,72 +99,11 @@ def select_datapoints(run: Run, split: str = "test", num_datapoints: Optional[in
 
 def _check_out_dir(run: Run, out_dir: Optional[Path]) -> Path:
     """The folder for results (default: the run directory), created; refused before any work
-    when it names an existing file (or sits under one)."""
-    out = Path(run.run_dir) if out_dir is None else Path(out_dir)
-    for p in (out, *out.parents):
-        if p.exists() and not p.is_dir():
-            raise ValueError(f"out_dir must be a folder, but {p} is an existing file")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    when it names an existing file (:func:`ppl_vae.analysis.evaluation.check_out_dir`)."""
+    from ppl_vae.analysis.evaluation import check_out_dir
 
+    return check_out_dir(Path(run.run_dir) if out_dir is None else Path(out_dir), "out_dir")
 
-
-@dataclass
-class Evaluation:
-    """Per-datapoint IW estimates (``dataset``), the files written, and a printable summary."""
-
-    dataset: xr.Dataset
-    files: Dict[str, Path]
-
-    def summary(self) -> str:
-        ds = self.dataset
-        n = ds.sizes["datapoint"]
-        line = lambda name, v: f"{name:<28} {float(v.mean()):12.3f} ± {float(v.std(ddof=1) / np.sqrt(n)) if n > 1 else float('nan'):.3f}"  # noqa: E731
-        return "\n".join([
-            f"{n} {ds.attrs.get('split', '')} datapoints, K = {ds.attrs['num_samples']} importance samples "
-            "(nats per datapoint, mean ± se over datapoints)",
-            line("log p̂(x) (IW)", ds["log_likelihood"]),
-            line("ELBO L[q]", ds["elbo"]),
-            line("log p̂(x) − L[q]", ds["log_likelihood"] - ds["elbo"]),
-            f"{'Monte Carlo se of mean log p̂':<28} {float(np.sqrt((ds['log_likelihood_stderr'] ** 2).sum()) / n):12.3f}",
-            f"{'ESS of the weights (mean)':<28} {float(ds['ess'].mean()):12.1f} of {ds.attrs['num_samples']}",
-        ])
-
-
-def evaluate_run(
-    run_dir: Path,
-    *,
-    num_samples: int = 1000,
-    split: str = "test",
-    num_datapoints: Optional[int] = None,
-    batch_size: int = 100,
-    particle_batch_size: Optional[int] = None,
-    device: str = "cpu",
-    seed: int = 0,
-    out_dir: Optional[Path] = None,
-    progress: bool = True,
-) -> Evaluation:
-    """IW log p(x) with K = ``num_samples`` for a run's datapoints; writes evaluation.nc/.csv.
-
-    Files go to ``out_dir`` (default: the run directory).
-    """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    run = load_run(run_dir, device)
-    out = _check_out_dir(run, out_dir)
-    sel = select_datapoints(run, split, num_datapoints, seed)
-    pyro.set_rng_seed(seed)
-    with eval_mode(run.vae):
-        est = importance_estimate(run.vae.model, run.vae.guide, sel.x, num_samples=num_samples, batch_size=batch_size,
-                                  particle_batch_size=particle_batch_size, progress=progress, **sel.model_kwargs(run))
-    ds = est.to_dataset(sel.index)
-    ds.attrs.update({"split": split, "run_dir": str(run.run_dir), "model": run.config.model.model,
-                     "dataset": run.config.data.dataset, "seed": seed, "preprocessing": sel.preprocessing})
-    files = {
-        "netcdf": results.save_netcdf(ds, out / EVALUATION_FILES["netcdf"]),
-        "csv": results.save_csv(ds, out / EVALUATION_FILES["csv"]),
-    }
-    return Evaluation(ds, files)
 
 
 @dataclass
@@ -429,9 +367,7 @@ def write_report(path: Path, run: Run, sel: Selection, comparison: Comparison,
 
 __all__ = [
     "Comparison",
-    "Evaluation",
     "compare_run",
-    "evaluate_run",
     "figure_to_data_uri",
     "format_gap_table",
     "estimate_warnings",

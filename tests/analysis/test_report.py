@@ -86,7 +86,6 @@ def test_every_split_is_scored_as_binary_data_under_dynamic_binarization(dynamic
 
 
 def _gaps_for_warnings(converged, ess, khat, k=100):
-    n = len(converged)
     return xr.Dataset(
         {"meanfield_converged": ("datapoint", np.asarray(converged)), "ess_mixture": ("datapoint", np.asarray(ess, float)),
          "khat_mixture": ("datapoint", np.asarray(khat, float))},
