@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -31,13 +32,20 @@ HERE = Path(__file__).resolve().parent
 ENV = dict(os.environ)
 
 
-def timed(cmd: list[str]) -> tuple[float, str]:
+def timed(cmd: list[str]) -> tuple[float, str, float]:
+    """(wall seconds, first line of output, CPU seconds user + system) of one fresh process.
+
+    CPU time is the steadier measure on a shared machine: waiting for a core inflates wall
+    time but not CPU time (cache and memory-bandwidth contention still shows in both)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
-    return elapsed, proc.stdout.strip().splitlines()[0] if proc.stdout.strip() else ""
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return elapsed, proc.stdout.strip().splitlines()[0] if proc.stdout.strip() else "", cpu
 
 
 def main() -> None:
@@ -62,27 +70,30 @@ def main() -> None:
           f"{len(helps)} runs); python -c 'import torch': median {statistics.median(torches):.3f} s")
 
     work = Path(tempfile.mkdtemp(prefix="bench-whole-"))
-    ratios, ours, theirs = [], [], []
+    wall, cpu = {"ours": [], "theirs": []}, {"ours": [], "theirs": []}
     try:
         for i in range(args.repeats):
-            t_theirs, line_theirs = timed([sys.executable, str(HERE / "handwritten_fit.py"), "--data-dir",
-                                           args.data_dir, "--epochs", str(args.epochs), "--out", str(work / f"hw{i}")])
-            t_ours, line_ours = timed([str(exe), "fit", "--dataset", args.dataset, "--data-dir", args.data_dir,
-                                       "--epochs", str(args.epochs), "--out", str(work / f"run{i}"), "--no-progress"])
-            ratios.append(t_ours / t_theirs)
-            ours.append(t_ours)
-            theirs.append(t_theirs)
-            print(f"pair {i + 1}: ppl-vae fit {t_ours:.1f} s, hand-written {t_theirs:.1f} s, "
-                  f"ratio {t_ours / t_theirs:.3f}")
+            t_theirs, line_theirs, c_theirs = timed([sys.executable, str(HERE / "handwritten_fit.py"), "--data-dir",
+                                                     args.data_dir, "--epochs", str(args.epochs),
+                                                     "--out", str(work / f"hw{i}")])
+            t_ours, line_ours, c_ours = timed([str(exe), "fit", "--dataset", args.dataset, "--data-dir", args.data_dir,
+                                               "--epochs", str(args.epochs), "--out", str(work / f"run{i}"),
+                                               "--no-progress"])
+            wall["ours"].append(t_ours), wall["theirs"].append(t_theirs)
+            cpu["ours"].append(c_ours), cpu["theirs"].append(c_theirs)
+            print(f"pair {i + 1}: ppl-vae fit {t_ours:.1f} s wall / {c_ours:.1f} s CPU, hand-written "
+                  f"{t_theirs:.1f} s wall / {c_theirs:.1f} s CPU; ratios {t_ours / t_theirs:.3f} wall, "
+                  f"{c_ours / c_theirs:.3f} CPU (load average {os.getloadavg()[0]:.1f})")
             print(f"  ppl-vae:      {line_ours}")
             print(f"  hand-written: {line_theirs}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{args.dataset}, {args.epochs} epochs, whole process: ppl-vae fit median {statistics.median(ours):.1f} s, "
-          f"hand-written median {statistics.median(theirs):.1f} s; ratio ppl-vae / hand-written median "
-          f"{statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f}, {len(ratios)} interleaved pairs); "
-          f"load average {os.getloadavg()[0]:.1f} at the end")
-
+    for what, times in (("wall", wall), ("CPU", cpu)):
+        ratios = [a / b for a, b in zip(times["ours"], times["theirs"])]
+        print(f"{args.dataset}, {args.epochs} epochs, whole process, {what} time: ppl-vae fit median "
+              f"{statistics.median(times['ours']):.1f} s, hand-written median {statistics.median(times['theirs']):.1f} s; "
+              f"ratio ppl-vae / hand-written median {statistics.median(ratios):.3f} "
+              f"(range {min(ratios):.3f}-{max(ratios):.3f}, {len(ratios)} interleaved pairs)")
 
 if __name__ == "__main__":
     main()

@@ -36,6 +36,13 @@ def value_range(x) -> Tuple[float, float, int]:
     own = getattr(x, "value_range", None)
     if callable(own):
         return own()
+    if x.numel() == 0:
+        return math.nan, math.nan, 0
+    if x.is_floating_point():
+        # one pass: min and max propagate NaN and show infinities, so finite ones mean no bad value
+        low, high = torch.aminmax(x)
+        if torch.isfinite(low) and torch.isfinite(high):
+            return float(low), float(high), 0
     finite = torch.isfinite(x)
     n_bad = int((~finite).sum())
     values = x[finite] if n_bad else x

@@ -197,3 +197,16 @@ def test_unbounded_likelihood_on_8_bit_data_trains_with_a_one_line_warning(pixel
     warnings = [line for line in result.output.splitlines() if line.startswith("Warning:")]
     assert len(warnings) == 1 and "likelihood 'laplace'" in warnings[0] and "rescale" in warnings[0]
     assert "UserWarning" not in result.output
+
+
+def test_help_imports_neither_torch_nor_pyro():
+    """`ppl-vae --help` stays fast (issue: 1.9 s, nearly all of it importing torch): the group,
+    the package's top level and every command module it lists import no torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from ppl_vae.cli.main import cli; cli(['--help'], standalone_mode=False); "
+            "import ppl_vae; print(sorted(m for m in ('torch', 'pyro', 'xarray', 'sklearn') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
