@@ -101,8 +101,13 @@ class Likelihood(nn.Module):
             )
 
 
+# The distributions below are built with validate_args=False: their parameters are valid by
+# construction (sigmoid/softplus + a floor), the data was checked once by check_support, and a
+# NaN from a diverging decoder then reaches the loss, where training stops naming the step,
+# instead of failing inside the distribution. It also saves argument checks over every pixel
+# on every step.
 def _independent(base: dist.Distribution, event_dims: int) -> dist.Distribution:
-    return base.to_event(event_dims)
+    return dist.Independent(base, event_dims, validate_args=False)
 
 
 class _SummedBernoulli(dist.Independent):
@@ -157,7 +162,7 @@ class ContinuousBernoulliLikelihood(Likelihood):
         self.event_dims = event_dims
 
     def forward(self, logits: Tensor) -> dist.Distribution:
-        return _independent(dist.ContinuousBernoulli(logits=logits), self.event_dims)
+        return _independent(dist.ContinuousBernoulli(logits=logits, validate_args=False), self.event_dims)
 
 
 class GaussianLikelihood(Likelihood):
@@ -192,7 +197,7 @@ class GaussianLikelihood(Likelihood):
 
     def forward(self, loc: Tensor, scale: Tensor) -> dist.Distribution:
         scale = F.softplus(scale) + self.min_scale
-        return _independent(dist.Normal(self._loc(loc), scale), self.event_dims)
+        return _independent(dist.Normal(self._loc(loc), scale, validate_args=False), self.event_dims)
 
     def mean(self, loc: Tensor, scale: Tensor) -> Tensor:
         return self._loc(loc)
@@ -213,7 +218,7 @@ class FixedScaleGaussianLikelihood(GaussianLikelihood):
 
     def forward(self, loc: Tensor) -> dist.Distribution:  # type: ignore[override]
         loc = self._loc(loc)
-        return _independent(dist.Normal(loc, self.scale.expand_as(loc)), self.event_dims)
+        return _independent(dist.Normal(loc, self.scale.expand_as(loc), validate_args=False), self.event_dims)
 
     def mean(self, loc: Tensor) -> Tensor:  # type: ignore[override]
         return self._loc(loc)
@@ -232,7 +237,7 @@ class LaplaceLikelihood(Likelihood):
         self.min_scale = min_scale
 
     def forward(self, loc: Tensor, scale: Tensor) -> dist.Distribution:
-        return _independent(dist.Laplace(loc, F.softplus(scale) + self.min_scale), self.event_dims)
+        return _independent(dist.Laplace(loc, F.softplus(scale) + self.min_scale, validate_args=False), self.event_dims)
 
     def mean(self, loc: Tensor, scale: Tensor) -> Tensor:
         return loc
