@@ -93,6 +93,7 @@ def run(settings: Fig2Settings, out_dir: Path, *, data_dir: Optional[Path] = Non
         )
     result = table.to_xarray()
     result["lower_bound"].attrs["description"] = "ELBO per datapoint, nats"
+    result["lower_bound"].attrs["bound"] = "lower bound: Monte Carlo estimate of the ELBO, itself a lower bound on log p(x)"
     fig = plot(table.frame)
     common.save_figure(fig, out_dir, "fig2")
     return result

@@ -27,6 +27,7 @@ def test_fig2_small_run_resumes_and_improves(tmp_path, monkeypatch):
     for name in ("fig2.csv", "fig2.nc", "fig2.png", "fig2.svg", "settings.json"):
         assert (tmp_path / name).is_file()
     lb = result["lower_bound"]
+    assert lb.attrs["bound"].startswith("lower bound")
     assert set(lb["method"].values) == {"AEVB", "wake-sleep"}
     for method in ("AEVB", "wake-sleep"):
         curve = lb.sel({"dataset": "digits", "latent_dim": 2, "method": method, "split": "train"}).dropna("num_train_samples")
@@ -83,6 +84,7 @@ def test_fig3_small_run(tmp_path):
     lm = result["log_marginal"]
     assert set(lm["method"].values) == {"AEVB", "MCEM"}
     assert set(lm["estimator"].values) == {"appendix_d", "iw"}
+    assert "appendix_d: appendix D (HMC): stochastic upper bound" in lm.attrs["bound"]
     # each method is evaluated at the end of its own budget (MCEM's is smaller)
     aevb = lm.sel({"method": "AEVB", "num_train_samples": 200.0})
     mcem = lm.sel({"method": "MCEM", "num_train_samples": 100.0})
@@ -142,3 +144,44 @@ def test_dataset_dir_finds_subfolder(tmp_path):
 def test_mnist_fig2_loads_shared_data(shared_datasets):
     data = common.load_experiment_data("mnist", shared_datasets, train_size=500)
     assert data.train.shape == (500, 1, 28, 28) and data.test.shape == (10000, 1, 28, 28)
+
+
+def _points_inside(fig) -> bool:
+    for ax in fig.axes:
+        (x0, x1), (y0, y1) = sorted(ax.get_xlim()), sorted(ax.get_ylim())
+        for line in ax.get_lines():
+            x, y = (np.asarray(v, dtype=float) for v in line.get_data())
+            ok = np.isfinite(x) & np.isfinite(y)
+            if line.get_xydata().shape[0] > 2 and not (np.all((x[ok] >= x0) & (x[ok] <= x1))
+                                                      and np.all((y[ok] >= y0) & (y[ok] <= y1))):
+                return False
+    return True
+
+
+def test_figure_points_stay_inside_axes_and_fig3_names_each_bound():
+    n = np.logspace(2, 6, 10)
+    rows = [dict(dataset="mnist", latent_dim=3, method=m, split=s, num_train_samples=v,
+                 lower_bound=-100 - 400 / (1 + v / 300))  # a steep early transient, as in training
+            for m in ("AEVB", "wake-sleep") for s in ("train", "test") for v in n]
+    assert _points_inside(fig2.plot(pd.DataFrame(rows)))
+    rows = [dict(train_size=1000, method="AEVB", estimator=e, split=s, num_train_samples=v,
+                 log_marginal=-130 + np.log(v) + (2 if e == "appendix_d" else 0))
+            for e in ("appendix_d", "iw") for s in ("train", "test") for v in n]
+    fig = fig3.plot(pd.DataFrame(rows))
+    assert _points_inside(fig)
+    legend = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    assert "appendix D (HMC): stochastic upper bound" in legend and "IW with the encoder: stochastic lower bound" in legend
+
+
+def test_tiles_have_gaps_and_one_colour_map():
+    from ppl_vae.analysis.plots import IMAGE_CMAP, image_cmap, tile_images
+
+    canvas = tile_images(np.ones((5, 2, 3)), ncols=3)
+    assert canvas.shape == (2 * 2 + 1, 3 * 3 + 2)
+    assert np.isnan(canvas[2]).all() and np.isnan(canvas[:, 3]).all()  # a gap row and column
+    assert np.isnan(canvas[3:, 8:]).all()  # the missing sixth tile
+    assert np.nansum(canvas) == 5 * 6
+    assert image_cmap().name.startswith(IMAGE_CMAP)
+    for module in (fig4, fig5):  # the figure modules draw through the shared helper, not their own map
+        source = open(module.__file__).read()
+        assert "show_images(" in source and "cmap=" not in source
