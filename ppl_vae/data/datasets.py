@@ -212,6 +212,21 @@ def _as_float_tensor(array: np.ndarray, what: str) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
+def _as_labels(array: np.ndarray, what: str) -> Tensor:
+    """Class labels as a long tensor ``(N,)``; refuses text, fractions, NaN and extra dims."""
+    array = np.asarray(array)
+    if array.ndim != 1:
+        raise DataError(f"{what} must be a 1-d array of class indices, got shape {array.shape}")
+    if array.dtype.kind == "f":
+        if not (np.isfinite(array).all() and np.array_equal(array, np.round(array))):
+            raise DataError(f"{what} must be whole numbers (class indices)")
+    elif array.dtype.kind not in "biu":
+        raise DataError(f"{what} must be integer class indices, got dtype {array.dtype}")
+    if array.size and array.min() < 0:
+        raise DataError(f"{what} must be class indices >= 0, got {array.min()}")
+    return torch.as_tensor(array.astype(np.int64))
+
+
 def load_dataset(
     name: str = "digits",
     data_dir: str | Path | None = None,
@@ -257,7 +272,7 @@ def load_dataset(
 
     generator = torch.Generator().manual_seed(split_seed)
     train_t = _as_float_tensor(train, f"{label} (train)")
-    train_lab = None if train_labels is None else torch.as_tensor(np.asarray(train_labels)).long()
+    train_lab = None if train_labels is None else _as_labels(train_labels, f"{label} (train labels)")
     if train_lab is not None and len(train_lab) != len(train_t):
         raise DataError(f"{label}: {len(train_lab)} labels for {len(train_t)} training points")
     if test is None:
@@ -275,7 +290,7 @@ def load_dataset(
         test_t = _as_float_tensor(test, f"{label} (test)")
         if test_t.shape[1:] != train_t.shape[1:]:
             raise DataError(f"{label}: train points have shape {tuple(train_t.shape[1:])} but test points {tuple(test_t.shape[1:])}")
-        test_lab = None if test_labels is None else torch.as_tensor(np.asarray(test_labels)).long()
+        test_lab = None if test_labels is None else _as_labels(test_labels, f"{label} (test labels)")
     if train_size is not None:
         train_t = train_t[:train_size]
         train_lab = None if train_lab is None else train_lab[:train_size]
