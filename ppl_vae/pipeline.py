@@ -154,8 +154,8 @@ class Job:
     """One training job as every process sees it (picklable, for launched ranks).
 
     ``fresh``: a new run written into ``run_dir`` (which :func:`fit` checked is reusable);
-    otherwise continue from its checkpoint. ``write_config``: the writing rank (re)writes
-    ``config.json`` first (a fresh run, or a resume with a new number of epochs). ``created``: ``run_dir`` did not exist before, so a
+    otherwise continue from its checkpoint. ``write_config``: a resumed run's writing rank
+    rewrites ``config.json`` first (a new number of epochs); a fresh run always writes it. ``created``: ``run_dir`` did not exist before, so a
     fresh run that fails before its first checkpoint removes it. ``callbacks`` run on rank 0.
     """
 
@@ -223,7 +223,7 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
     vae, data, stepper = prepared
     config, run_dir = job.config, job.run_dir
     writer = dist is None or dist.is_main
-    if job.write_config and writer:
+    if (job.fresh or job.write_config) and writer:
         run_dir.mkdir(parents=True, exist_ok=True)
         runs.save_config(run_dir, config)
     state = TrainState() if job.fresh else runs.restore(run_dir, vae, stepper)
@@ -298,7 +298,7 @@ def fit(config: RunConfig, out: Optional[Path] = None, *, nproc: int = 1, progre
         what = "is a file" if run_dir.exists() and not run_dir.is_dir() else "already holds files"
         raise RunDirError(f"{run_dir} {what}; write the run to another folder or resume it")
     _check_parent(run_dir)
-    job = Job(config, run_dir, fresh=True, created=not run_dir.exists(), write_config=True, progress=progress,
+    job = Job(config, run_dir, fresh=True, created=not run_dir.exists(), progress=progress,
               sample_grids=sample_grids, callbacks=tuple(callbacks), timeout_s=timeout_s)
     return execute(job, world, prepared)
 

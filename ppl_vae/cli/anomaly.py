@@ -42,13 +42,10 @@ def anomaly(run_dir: Path, **opts) -> None:
         )
     run.vae.likelihood.check_support(x, what=f"the {opts['split']} data of {data.name}")
     device = next(run.vae.parameters()).device
-    try:
-        result = score_dataset(
-            run.vae, x.to(device), labels, score=opts["score"], num_samples=opts["num_samples"],
-            batch_size=opts["batch_size"], normal_class=opts["normal_class"], progress=opts["progress"],
-        )
-    except ValueError as exc:
-        raise click.ClickException(str(exc).replace("normal_class", "--normal-class")) from None
+    result = score_dataset(
+        run.vae, x.to(device), labels, score=opts["score"], num_samples=opts["num_samples"],
+        batch_size=opts["batch_size"], normal_class=opts["normal_class"], progress=opts["progress"],
+    )
     scores = result["score"]
     click.echo(
         f"{len(x)} datapoints of {data.name} ({opts['split']}) scored by {opts['score']}: "

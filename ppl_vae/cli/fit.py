@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -82,7 +81,10 @@ def fit(ctx: click.Context, **opts) -> None:
     except KeyboardInterrupt:
         _interrupted(run_dir)
     except (ValueError, PplVaeError) as exc:  # library errors name config fields; say the flags instead
-        raise click.ClickException(with_flags(" ".join(str(exc).split()))) from None
+        from ppl_vae.cli.main import option_flags, with_flags
+
+        flags = {**option_flags(ctx.command), **FIELD_FLAGS}
+        raise click.ClickException(with_flags(" ".join(str(exc).split()), flags)) from None
     if distributed.env_rank() != 0:
         return  # under torchrun, rank 0 reports
     final = run.final
@@ -136,13 +138,6 @@ FIELD_FLAGS = {
 
 def flag(option: str) -> str:
     return "--" + option.replace("_", "-")
-
-
-def with_flags(message: str) -> str:
-    """``message`` with each config field it names replaced by the flag that sets it."""
-    for name in sorted(FIELD_FLAGS, key=len, reverse=True):
-        message = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w])", FIELD_FLAGS[name], message)
-    return message
 
 
 def _interrupted(run_dir: Optional[Path]) -> None:

@@ -46,6 +46,27 @@ def one_line(exc: BaseException) -> str:
     return text
 
 
+def with_flags(message: str, flags: Dict[str, str]) -> str:
+    """``message`` with every name in ``flags`` (a config field like ``train.lr`` or an argument
+    like ``data_dir``) replaced by the flag that sets it: library errors name what Python
+    callers pass, the CLI shows what its users type."""
+    for name in sorted(flags, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w])", flags[name], message)
+    return message
+
+
+def option_flags(command: Optional[click.Command]) -> Dict[str, str]:
+    """Argument name -> flag for the options of ``command`` and its subcommands whose names
+    contain an underscore (plain words such as ``seed`` stay as they are)."""
+    flags: Dict[str, str] = {}
+    for cmd in [command, *getattr(command, "commands", {}).values()] if command is not None else []:
+        for param in cmd.params:
+            if isinstance(param, click.Option) and param.name and "_" in param.name:
+                long = [o for o in param.opts if o.startswith("--")]
+                flags.setdefault(param.name, long[0] if long else param.opts[0])
+    return flags
+
+
 def active_plugins(ctx: Optional[click.Context] = None) -> List[str]:
     """The plugin specs loaded for the running ``ppl-vae`` command: every ``--plugin`` given to
     the group, then each installed ``ppl_vae.plugins`` entry point that loaded. ``[]`` outside a
@@ -110,7 +131,9 @@ class PplVaeGroup(click.Group):
             sys.exit(EXIT_INTERRUPTED)
         except (PplVaeError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError,
                 NotADirectoryError, FileExistsError) as exc:
-            click.echo(f"Error: {one_line(exc)}", err=True)
+            name = ctx.invoked_subcommand
+            command = self.get_command(ctx, name) if name else None
+            click.echo(f"Error: {with_flags(one_line(exc), option_flags(command))}", err=True)
             sys.exit(EXIT_ERROR)
         except (MemoryError, RuntimeError) as exc:
             message = memory_message(exc)
