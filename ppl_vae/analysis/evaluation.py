@@ -10,8 +10,8 @@ as ``compare``: :func:`ppl_vae.analysis.report.select_datapoints`) and computes,
 - ``method="bdmc"``: on data simulated from the run's model (as many points as selected),
   forward AIS lower and reverse AIS upper bounds for each number of steps (Grosse et al. 2015).
 
-Every variable of the saved netCDF has an attribute ``bound`` ("lower", "upper" or
-"estimate"), and :meth:`Evaluation.warnings` names the weak estimates and what to do.
+Every variable of the saved netCDF has an attribute ``bound`` ("lower bound", "upper bound" or
+"neither"), and :meth:`Evaluation.warnings` names the weak estimates and what to do.
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ from pyro.ops.integrator import potential_grad, velocity_verlet
 from torch import Tensor
 
 from ppl_vae.inference.marginal import log_prior_and_likelihood
+from ppl_vae.inference.modes import in_eval_mode
 
 
 def sigmoid_schedule(num_steps: int, delta: float = 4.0) -> Tensor:
@@ -284,6 +285,7 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().cpu().double().numpy()
 
 
+@in_eval_mode("model", "guide")
 def ais_log_likelihood(
     model: Callable,
     guide: Optional[Callable],
@@ -350,13 +352,13 @@ def ais_log_likelihood(
     )
     start = "prior" if guide is None else "guide"
     _describe(ds, {
-        "log_px": ("lower", f"AIS estimate of log p(x), T={num_steps}, C={num_chains}, from the {start} "
+        "log_px": ("lower bound", f"AIS estimate of log p(x), T={num_steps}, C={num_chains}, from the {start} "
                             "(nats; stochastic lower bound: log of an unbiased estimate)"),
-        "log_px_stderr": ("estimate", "Monte Carlo standard error of log_px over chains (nats)"),
-        "ess": ("estimate", f"effective sample size of the {num_chains} final AIS weights"),
-        "accept_rate": ("estimate", "HMC acceptance probability, mean over transitions and chains"),
-        "step_size": ("estimate", "leapfrog step size at the last temperature"),
-        "log_weight": ("lower", "log AIS weight of each chain (nats; each is log of an unbiased estimate of p(x))"),
+        "log_px_stderr": ("neither", "Monte Carlo standard error of log_px over chains (nats)"),
+        "ess": ("neither", f"effective sample size of the {num_chains} final AIS weights"),
+        "accept_rate": ("neither", "HMC acceptance probability, mean over transitions and chains"),
+        "step_size": ("neither", "leapfrog step size at the last temperature"),
+        "log_weight": ("lower bound", "log AIS weight of each chain (nats; each is log of an unbiased estimate of p(x))"),
     })
     ds.attrs.update({"method": "ais", "num_steps": int(num_steps), "num_chains": int(num_chains),
                      "num_leapfrog_steps": int(num_leapfrog_steps), "schedule": schedule, "start": start,
@@ -385,6 +387,7 @@ def simulate_data(model: Callable, x_like: Tensor, **kwargs: Any) -> Tuple[Tenso
     return trace.nodes["x"]["value"].detach(), trace.nodes["z"]["value"].detach()
 
 
+@in_eval_mode("model")
 def bdmc(
     model: Callable,
     guide: Optional[Callable],
@@ -448,14 +451,14 @@ def bdmc(
                             "datapoint": np.arange(n) if datapoint is None else np.asarray(datapoint)})
     ds["gap"] = ds["upper"] - ds["lower"]
     _describe(ds, {
-        "lower": ("lower", "forward AIS log p(x) (nats; stochastic lower bound)"),
-        "lower_stderr": ("estimate", "Monte Carlo standard error of lower over chains (nats)"),
-        "upper": ("upper", "reverse AIS -log mean(1/p-hat) from an exact posterior sample "
+        "lower": ("lower bound", "forward AIS log p(x) (nats; stochastic lower bound)"),
+        "lower_stderr": ("neither", "Monte Carlo standard error of lower over chains (nats)"),
+        "upper": ("upper bound", "reverse AIS -log mean(1/p-hat) from an exact posterior sample "
                            "(nats; stochastic upper bound)"),
-        "upper_stderr": ("estimate", "Monte Carlo standard error of upper over chains (nats; chains share a start)"),
-        "forward_accept_rate": ("estimate", "HMC acceptance probability of the forward chains"),
-        "reverse_accept_rate": ("estimate", "HMC acceptance probability of the reverse chains"),
-        "gap": ("estimate", "upper - lower: the width of the BDMC sandwich (nats; bounds either bound's error)"),
+        "upper_stderr": ("neither", "Monte Carlo standard error of upper over chains (nats; chains share a start)"),
+        "forward_accept_rate": ("neither", "HMC acceptance probability of the forward chains"),
+        "reverse_accept_rate": ("neither", "HMC acceptance probability of the reverse chains"),
+        "gap": ("neither", "upper - lower: the width of the BDMC sandwich (nats; bounds either bound's error)"),
     })
     ds.attrs.update({"method": "bdmc", "num_chains": int(num_chains), "num_leapfrog_steps": int(num_leapfrog_steps),
                      "schedule": schedule, "start": "prior" if guide is None else "guide", "adaptation": adaptation,

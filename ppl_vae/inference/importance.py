@@ -18,6 +18,7 @@ import xarray as xr
 from torch import Tensor
 
 from ppl_vae.inference.fused import fused_log_weights, fused_pair_owner
+from ppl_vae.inference.modes import in_eval_mode
 from ppl_vae.inference.traces import PARTICLE_PLATE, log_probs, trace_pair  # noqa: F401 (PARTICLE_PLATE re-exported)
 
 
@@ -146,13 +147,13 @@ class ImportanceEstimate:
         ds.attrs["method"] = "iw"
         ds.attrs["reference"] = "Burda, Grosse & Salakhutdinov (2015); PSIS k-hat: Vehtari et al. (2024)"
         described = {
-            "log_likelihood": ("lower", f"importance-weighted estimate of log p(x), K={k} "
+            "log_likelihood": ("lower bound", f"importance-weighted estimate of log p(x), K={k} "
                                         "(nats; stochastic lower bound: log of an unbiased estimate)"),
-            "log_likelihood_stderr": ("estimate", "Monte Carlo standard error of log_likelihood (nats, delta method)"),
-            "elbo": ("lower", "Monte Carlo ELBO of q, E_q[log p(x,z) - log q(z|x)] (nats; lower bound)"),
-            "elbo_stderr": ("estimate", "Monte Carlo standard error of elbo (nats)"),
-            "ess": ("estimate", f"effective sample size of the {k} importance weights"),
-            "khat": ("estimate", "PSIS Pareto k-hat of the importance weights (> 0.7: unreliable)"),
+            "log_likelihood_stderr": ("neither", "Monte Carlo standard error of log_likelihood (nats, delta method)"),
+            "elbo": ("lower bound", "Monte Carlo ELBO of q, E_q[log p(x,z) - log q(z|x)] (nats; lower bound)"),
+            "elbo_stderr": ("neither", "Monte Carlo standard error of elbo (nats)"),
+            "ess": ("neither", f"effective sample size of the {k} importance weights"),
+            "khat": ("neither", "PSIS Pareto k-hat of the importance weights (> 0.7: unreliable)"),
         }
         for name, (bound, long_name) in described.items():
             if name in ds:
@@ -218,6 +219,7 @@ def default_particle_batch_size(batch_size: int, max_samples_per_chunk: int = 2*
 
 
 @torch.no_grad()
+@in_eval_mode("model", "guide")
 def importance_estimate(
     model: Callable,
     guide: Callable,

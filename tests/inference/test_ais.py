@@ -46,7 +46,7 @@ def test_ais_from_the_prior_matches_exact_log_marginal_within_its_standard_error
     assert 0.5 < z.std() < 1.6  # the stated standard error matches the observed error
     assert abs(err.mean()) < 3 * np.sqrt((se**2).sum()) / len(se) + 0.01
     assert 0.5 < float(ds["accept_rate"].mean()) < 0.8  # adapted toward 0.65
-    assert ds["log_px"].attrs["bound"] == "lower"
+    assert ds["log_px"].attrs["bound"] == "lower bound"
     assert all("bound" in ds[v].attrs for v in ds.data_vars)
     assert ds["log_weight"].dims == ("chain", "datapoint") and ds.sizes["chain"] == 16
 
@@ -113,7 +113,7 @@ def test_bdmc_sandwiches_exact_log_marginal_and_closes_with_steps(lg):
     assert np.all(upper.mean(1) >= exact.mean() - slack_up.mean(1))
     gap = ds["gap"].mean("datapoint").values
     assert gap[0] > 0.5 and gap[0] > gap[1] > gap[2] and gap[2] < 0.1, gap
-    assert ds["upper"].attrs["bound"] == "upper" and ds["lower"].attrs["bound"] == "lower"
+    assert ds["upper"].attrs["bound"] == "upper bound" and ds["lower"].attrs["bound"] == "lower bound"
 
 
 def test_bdmc_from_the_guide_with_exact_posterior_start(lg):
