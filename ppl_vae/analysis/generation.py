@@ -154,26 +154,23 @@ def _image_shape(event_shape: Sequence[int]) -> tuple:
 # Figures
 
 
-def tile_images(images: np.ndarray, ncols: int, pad: int = 1, pad_value: Optional[float] = None) -> np.ndarray:
-    """``(n, C, H, W)`` images tiled row-major into one ``(rows*(H+pad)-pad, ncols*(W+pad)-pad, C)``
-    array; the padding shows white (``pad_value`` 0 for one channel, drawn with ``gray_r``; 1 for RGB)."""
-    n, c, h, w = images.shape
-    nrows = math.ceil(n / ncols)
-    if pad_value is None:
-        pad_value = 0.0 if c == 1 else 1.0
-    out = np.full((nrows * (h + pad) - pad, ncols * (w + pad) - pad, c), pad_value, dtype=np.float32)
-    for i in range(n):
-        r, k = divmod(i, ncols)
-        out[r * (h + pad) : r * (h + pad) + h, k * (w + pad) : k * (w + pad) + w] = images[i].transpose(1, 2, 0)
-    return out
+def _tile(images: np.ndarray, ncols: int) -> np.ndarray:
+    """``(n, C, H, W)`` images tiled with gaps (:func:`ppl_vae.analysis.plots.tile_images`), one
+    canvas per channel, stacked last: ``(rows, cols, C)``."""
+    from ppl_vae.analysis.plots import tile_images
+
+    return np.stack([tile_images(images[:, k], ncols) for k in range(images.shape[1])], axis=-1)
 
 
 def _show(ax, tiled: np.ndarray) -> None:
-    tiled = np.clip(tiled, 0.0, 1.0)
+    """One channel in the library's one colour map (:func:`ppl_vae.analysis.plots.show_images`,
+    gaps coloured); several as RGB with white gaps."""
+    from ppl_vae.analysis.plots import show_images
+
     if tiled.shape[-1] == 1:
-        ax.imshow(tiled[..., 0], cmap="gray_r", vmin=0.0, vmax=1.0, interpolation="nearest")
-    else:
-        ax.imshow(tiled, interpolation="nearest")
+        show_images(ax, tiled[..., 0])
+        return
+    ax.imshow(np.clip(np.nan_to_num(tiled, nan=1.0), 0.0, 1.0), interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -183,7 +180,8 @@ def plot_image_grid(images: Union[xr.DataArray, np.ndarray, Tensor], ncols: Opti
     """A grid of images; a DataArray with a ``label`` dim gets one labelled row per label.
 
     ``images``: ``(n, C, H, W)`` or a DataArray from :func:`sample_images`. Returns a Figure.
-    Dark pixels are high values (``gray_r``), as in the AEVB figures.
+    Dark pixels are high values (the library's one colour map, ``plots.IMAGE_CMAP``), as in the
+    AEVB figures; tiles are separated by coloured gaps.
     """
     import matplotlib
 
@@ -204,7 +202,7 @@ def plot_image_grid(images: Union[xr.DataArray, np.ndarray, Tensor], ncols: Opti
     if array.ndim != 4 or len(array) == 0:
         raise ValueError(f"images must have shape (n, channel, row, col), got {array.shape}")
     ncols = ncols or math.ceil(math.sqrt(len(array)))
-    tiled = tile_images(array, ncols)
+    tiled = _tile(array, ncols)
     nrows = math.ceil(len(array) / ncols)
     fig = Figure(figsize=(max(2.0, ncols * cell_inches + (0.5 if labels else 0)), max(2.0, nrows * cell_inches + 0.4)),
                  constrained_layout=True)
