@@ -176,3 +176,15 @@ def test_installed_entry_point_needs_no_flag_in_the_console_script(tmp_path):
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert "plugpkg_d" in missing.stderr or "student_t_test" in missing.stderr, missing.stderr
+
+
+def test_a_broken_installed_plugin_is_a_warning_not_a_dead_cli(tmp_path, monkeypatch, clean_registries):
+    info = tmp_path / "plugpkg_e-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: plugpkg_e\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{plugins.ENTRY_POINT_GROUP}]\nparts = plugpkg_e_missing\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = invoke("models")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("Warning:")]
+    assert len(warnings) == 1 and "installed plugin 'parts'" in warnings[0] and "plugpkg_e_missing" in warnings[0]
