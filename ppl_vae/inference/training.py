@@ -209,7 +209,8 @@ HISTORY_VARS = {
                   "nats (KL weight 1); a Monte Carlo estimate of a lower bound on log p(x)",
     "test_elbo": "ELBO per datapoint on the test set, nats (KL weight 1); a Monte Carlo estimate of a lower "
                  "bound on log p(x)",
-    "train_loss": "mean minibatch loss (negative ELBO) per datapoint during the epoch, nats (with its KL weight)",
+    "train_loss": "mean minibatch loss per datapoint during the epoch, nats: the training method's objective "
+                  "negated (svi: the negative ELBO with its KL weight; iwae, dreg, rws: the negative IW bound)",
     "kl_weight": "KL weight at the end of the epoch",
     "wall_time": "cumulative training time, seconds (evaluation excluded)",
     "num_train_samples": "training datapoints processed so far",
