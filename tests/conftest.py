@@ -42,6 +42,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def invoke(*args):
+    """``ppl-vae ARGS`` through click's CliRunner (arguments str()-ed, exceptions not caught)."""
+    from click.testing import CliRunner
+
+    from ppl_vae.cli.main import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
 def one_line_error(result, pattern: str = "") -> str:
     """Assert a CliRunner result failed with a single-line "Error: ..." (the last line, no
     traceback) containing ``pattern``; return that line."""

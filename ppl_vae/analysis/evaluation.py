@@ -191,7 +191,7 @@ def evaluate_run(
     (default: the run directory), checked before any work is done.
     """
     from ppl_vae.analysis.report import select_datapoints
-    from ppl_vae.inference.ais import ais_log_likelihood, bdmc, simulate_data
+    from ppl_vae.inference.ais import AISSettings, ais_log_likelihood, bdmc, simulate_data
     from ppl_vae.inference.importance import importance_estimate
     from ppl_vae.pipeline import load_run
 
@@ -216,9 +216,9 @@ def evaluate_run(
     pyro.set_rng_seed(seed)
     vae = run.vae
     guide = None if ais_start == "prior" else vae.guide
-    ais_opts = dict(num_chains=num_chains, num_leapfrog_steps=num_leapfrog_steps, step_size=step_size,
-                    adaptation=adaptation, schedule=schedule, batch_size=batch_size, progress=progress,
-                    datapoint=sel.index, **kwargs)
+    settings = AISSettings(num_leapfrog_steps=num_leapfrog_steps, step_size=step_size, adaptation=adaptation,
+                           schedule=schedule, batch_size=batch_size)
+    ais_opts = dict(num_chains=num_chains, settings=settings, progress=progress, datapoint=sel.index, **kwargs)
     if method == "iw":
         est = importance_estimate(vae.model, vae.guide, sel.x, num_samples=num_samples, batch_size=batch_size,
                                   particle_batch_size=particle_batch_size, progress=progress, **kwargs)

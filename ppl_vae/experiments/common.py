@@ -259,6 +259,34 @@ def check_settings(out_dir: Path, settings: Any) -> None:
     write_text(path, text)
 
 
+class CurveLegend:
+    """Curve panels of figures 2 and 3: a log x-axis of training samples, autoscaled to every
+    plotted point with a margin, and one legend for the whole figure below the panels (no
+    per-axes legend covering data)."""
+
+    def __init__(self) -> None:
+        self.handles = self.labels = None
+
+    def style(self, ax, title: str, ylabel: str) -> None:
+        """Take the first legend's entries, remove the axes' legend, and label the axes."""
+        legend = ax.get_legend()
+        if legend is not None:
+            if self.handles is None:
+                self.handles, self.labels = ax.get_legend_handles_labels()
+            legend.remove()
+        ax.set_xscale("log")
+        ax.margins(x=0.05, y=0.08)
+        ax.set_title(title, fontsize="medium")
+        ax.set_xlabel("# training samples evaluated")
+        ax.set_ylabel(ylabel)
+
+    def finish(self, fig):
+        if self.handles:
+            fig.legend(self.handles, self.labels, loc="outside lower center", ncols=2, frameon=False,
+                       fontsize="small")
+        return fig
+
+
 def save_figure(fig, out_dir: Path, name: str) -> List[Path]:
     """Write ``fig`` as ``<name>.png`` and ``<name>.svg`` (atomically); returns the paths."""
     paths = []

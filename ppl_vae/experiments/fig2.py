@@ -117,7 +117,7 @@ def plot(frame):
     panels = list(frame[["dataset", "latent_dim"]].drop_duplicates().itertuples(index=False))
     ncols = max(len(panels), 1)
     fig, axes = plt.subplots(2, ncols, figsize=(3.6 * ncols, 5.8), squeeze=False, layout="constrained")
-    handles = labels = None
+    legend = common.CurveLegend()
     for col, (dataset, latent_dim) in enumerate(panels):
         sub = frame[(frame["dataset"] == dataset) & (frame["latent_dim"] == latent_dim)]
         late = sub[sub["num_train_samples"] >= sub["num_train_samples"].median()]
@@ -125,19 +125,8 @@ def plot(frame):
             ax = axes[row, col]
             sns.lineplot(data=data, x="num_train_samples", y="lower_bound", hue="method", style="split",
                          style_order=["train", "test"], markers=True, dashes=True, ax=ax, legend=True)
-            if handles is None and ax.get_legend() is not None:
-                handles, labels = ax.get_legend_handles_labels()
-            if ax.get_legend() is not None:
-                ax.get_legend().remove()
-            ax.set_xscale("log")
-            ax.margins(x=0.05, y=0.08)  # autoscaled to every plotted point, with a margin
-            ax.set_title(f"{dataset}, $N_z$ = {latent_dim}: {what}", fontsize="medium")
-            ax.set_xlabel("# training samples evaluated")
-            ax.set_ylabel("lower bound (nats)")
-    if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncols=2, frameon=False,
-                   fontsize="small")
-    return fig
+            legend.style(ax, f"{dataset}, $N_z$ = {latent_dim}: {what}", "lower bound (nats)")
+    return legend.finish(fig)
 
 
 def summary(result: xr.Dataset) -> Dict[str, float]:

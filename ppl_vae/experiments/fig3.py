@@ -162,26 +162,15 @@ def plot(frame, estimators=ESTIMATORS):
     splits = [s for s in ("train", "test") if s in set(frame["split"])]
     ncols, nrows = max(len(sizes), 1), max(len(splits), 1)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.3 * nrows), squeeze=False, layout="constrained")
-    handles = labels = None
+    legend = common.CurveLegend()
     for r, split in enumerate(splits):
         for c, n in enumerate(sizes):
             ax = axes[r, c]
             sub = frame[(frame["train_size"] == n) & (frame["split"] == split)]
             sns.lineplot(data=sub, x="num_train_samples", y="log_marginal", hue="method", style="estimate",
                          style_order=style_order, markers=True, ax=ax)
-            if handles is None and ax.get_legend() is not None:
-                handles, labels = ax.get_legend_handles_labels()
-            if ax.get_legend() is not None:
-                ax.get_legend().remove()
-            ax.set_xscale("log")
-            ax.margins(x=0.05, y=0.08)
-            ax.set_title(f"$N_{{train}}$ = {n}, {split} set", fontsize="medium")
-            ax.set_xlabel("# training samples evaluated")
-            ax.set_ylabel("estimated log p(x) (nats)")
-    if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncols=2, frameon=False,
-                   fontsize="small")
-    return fig
+            legend.style(ax, f"$N_{{train}}$ = {n}, {split} set", "estimated log p(x) (nats)")
+    return legend.finish(fig)
 
 
 def summary(result: xr.Dataset, estimator: str = "appendix_d") -> Dict[str, float]:

@@ -219,18 +219,41 @@ def log_mean_exp_stats(log_w: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return lse - math.log(c), se, ess
 
 
-def _run(model: Callable, guide: Optional[Callable], x: Tensor, betas: Tensor, *, num_chains: int,
-         num_leapfrog_steps: int, step_size: float, adaptation: str, pilot_chains: int, target_accept_prob: float,
-         step_size_jitter: float, batch_size: int, initial_z: Optional[Tensor], progress: bool,
-         desc: str, kwargs: Dict[str, Any], log_steps: Optional[Tensor] = None) -> _Annealed:
+@dataclass(frozen=True)
+class AISSettings:
+    """How the annealing runs, shared by :func:`ais_log_likelihood` and :func:`bdmc`.
+
+    One HMC transition of ``num_leapfrog_steps`` leapfrog steps per temperature, on the
+    ``schedule`` ("sigmoid" or "linear"); ``step_size``: the initial leapfrog step;
+    ``adaptation``: "pilot" (adapt in a separate run of ``pilot_chains`` chains, then fix:
+    exact AIS), "online" (adapt within the estimating chains; cheaper, slightly biased) or
+    "none" (keep ``step_size``), toward ``target_accept_prob``; ``step_size_jitter``: each
+    move's step is scaled by U(1 - j, 1 + j) to avoid periodic trajectories (Neal 2011);
+    ``batch_size``: datapoints annealed together.
+    """
+
+    num_leapfrog_steps: int = 10
+    step_size: float = 0.1
+    adaptation: str = "pilot"
+    pilot_chains: int = 4
+    target_accept_prob: float = 0.65
+    step_size_jitter: float = 0.2
+    schedule: str = "sigmoid"
+    batch_size: int = 100
+
+
+def _run(model: Callable, guide: Optional[Callable], x: Tensor, betas: Tensor, settings: AISSettings, *,
+         num_chains: int, initial_z: Optional[Tensor], progress: bool, desc: str, kwargs: Dict[str, Any],
+         log_steps: Optional[Tensor] = None) -> _Annealed:
     """AIS over batches of datapoints; ``initial_z`` ``(N, ...)`` starts every chain of a datapoint there.
 
-    ``adaptation``: "pilot" adapts the step sizes in a separate run of ``pilot_chains`` chains
-    from f_0 and freezes them for the estimate; "online" adapts within the estimating chains;
-    "none" keeps ``step_size``. ``log_steps`` ``(T - 1, N)`` overrides all three.
+    ``log_steps`` ``(T - 1, N)`` fixes the step sizes, overriding ``settings.adaptation``.
     """
     from tqdm.auto import tqdm
 
+    num_leapfrog_steps, step_size, adaptation = settings.num_leapfrog_steps, settings.step_size, settings.adaptation
+    pilot_chains, target_accept_prob = settings.pilot_chains, settings.target_accept_prob
+    step_size_jitter, batch_size = settings.step_size_jitter, settings.batch_size
     _check("num_chains", num_chains, 1)
     _check("num_leapfrog_steps", num_leapfrog_steps, 1)
     _check("batch_size", batch_size, 1)
@@ -293,14 +316,7 @@ def ais_log_likelihood(
     *,
     num_steps: int = 500,
     num_chains: int = 16,
-    num_leapfrog_steps: int = 10,
-    step_size: float = 0.1,
-    adaptation: str = "pilot",
-    pilot_chains: int = 4,
-    target_accept_prob: float = 0.65,
-    step_size_jitter: float = 0.2,
-    schedule: str = "sigmoid",
-    batch_size: int = 100,
+    settings: AISSettings = AISSettings(),
     seed: Optional[int] = None,
     progress: bool = False,
     datapoint: Optional[Sequence[int]] = None,
@@ -308,16 +324,11 @@ def ais_log_likelihood(
 ) -> xr.Dataset:
     """AIS estimate of log p(x) for each row of ``x`` ``(N, ...)`` (Neal 2001), as an xarray Dataset.
 
-    ``num_chains`` independent chains per datapoint, ``num_steps`` temperatures on the
-    ``schedule`` ("sigmoid" or "linear"), one HMC transition (``num_leapfrog_steps`` leapfrog
-    steps) per temperature. ``guide=None`` anneals from the prior p(z); a guide q(z|x) starts
+    ``num_chains`` independent chains per datapoint, ``num_steps`` temperatures, one HMC
+    transition per temperature (see :class:`AISSettings`). ``guide=None`` anneals from the prior p(z); a guide q(z|x) starts
     the chains at q and anneals q^(1-beta) p(x,z)^beta, usually far shorter a path. Tensor
     kwargs with one row per datapoint (labels ``y``) are passed to model and guide. ``seed``
-    seeds Pyro's RNGs first. ``step_size``: the initial leapfrog step; ``adaptation``: "pilot"
-    (adapt in a separate run of ``pilot_chains`` chains, then fix; exact AIS), "online" (adapt
-    within the estimating chains; cheaper, slightly biased) or "none" (keep ``step_size``);
-    ``step_size_jitter``: each move's step is scaled by U(1 - j, 1 + j) to avoid periodic
-    trajectories (Neal 2011).
+    seeds Pyro's RNGs first.
 
     Variables over dim ``datapoint`` (each with an attribute ``bound``):
 
@@ -328,13 +339,10 @@ def ais_log_likelihood(
     - ``step_size``: the leapfrog step size (before jitter) at the last temperature;
     - ``log_weight`` over (``chain``, ``datapoint``): each chain's log-weight.
     """
-    betas = _betas(num_steps, schedule)
+    betas = _betas(num_steps, settings.schedule)
     if seed is not None:
         pyro.set_rng_seed(seed)
-    res = _run(model, guide, x, betas, num_chains=num_chains, num_leapfrog_steps=num_leapfrog_steps,
-               step_size=step_size, adaptation=adaptation, pilot_chains=pilot_chains,
-               target_accept_prob=target_accept_prob,
-               step_size_jitter=step_size_jitter, batch_size=batch_size, initial_z=None, progress=progress,
+    res = _run(model, guide, x, betas, settings, num_chains=num_chains, initial_z=None, progress=progress,
                desc=f"AIS T={num_steps}", kwargs=kwargs)
     log_px, se, ess = log_mean_exp_stats(res.log_weight)
     n = x.shape[0]
@@ -344,7 +352,7 @@ def ais_log_likelihood(
             "log_px_stderr": ("datapoint", _np(se)),
             "ess": ("datapoint", _np(ess)),
             "accept_rate": ("datapoint", _np(res.accept_rate)),
-            "step_size": ("datapoint", _np(_last_step(res.log_steps, step_size))),
+            "step_size": ("datapoint", _np(_last_step(res.log_steps, settings.step_size))),
             "log_weight": (("chain", "datapoint"), _np(res.log_weight)),
         },
         coords={"datapoint": np.arange(n) if datapoint is None else np.asarray(datapoint),
@@ -360,11 +368,13 @@ def ais_log_likelihood(
         "step_size": ("neither", "leapfrog step size at the last temperature"),
         "log_weight": ("lower bound", "log AIS weight of each chain (nats; each is log of an unbiased estimate of p(x))"),
     })
-    ds.attrs.update({"method": "ais", "num_steps": int(num_steps), "num_chains": int(num_chains),
-                     "num_leapfrog_steps": int(num_leapfrog_steps), "schedule": schedule, "start": start,
-                     "adaptation": adaptation, "target_accept_prob": float(target_accept_prob),
-                     "reference": "Neal (2001), Annealed importance sampling"})
+    ds.attrs.update({"method": "ais", "num_steps": int(num_steps), "num_chains": int(num_chains), "start": start,
+                     **_settings_attrs(settings), "reference": "Neal (2001), Annealed importance sampling"})
     return ds
+
+
+def _settings_attrs(settings: AISSettings) -> Dict[str, Any]:
+    return {k: settings.__dict__[k] for k in ("num_leapfrog_steps", "schedule", "adaptation", "target_accept_prob")}
 
 
 def _describe(ds: xr.Dataset, info: Dict[str, Tuple[str, str]]) -> None:
@@ -396,14 +406,7 @@ def bdmc(
     *,
     step_counts: Sequence[int] = (10, 100, 1000),
     num_chains: int = 4,
-    num_leapfrog_steps: int = 10,
-    step_size: float = 0.1,
-    adaptation: str = "pilot",
-    pilot_chains: int = 4,
-    target_accept_prob: float = 0.65,
-    step_size_jitter: float = 0.2,
-    schedule: str = "sigmoid",
-    batch_size: int = 100,
+    settings: AISSettings = AISSettings(),
     seed: Optional[int] = None,
     progress: bool = False,
     datapoint: Optional[Sequence[int]] = None,
@@ -426,17 +429,15 @@ def bdmc(
         raise ValueError(f"z_exact must have one row per datapoint ({x.shape[0]}), got {tuple(z_exact.shape)}")
     if seed is not None:
         pyro.set_rng_seed(seed)
-    opts = dict(num_chains=num_chains, num_leapfrog_steps=num_leapfrog_steps, step_size=step_size,
-                adaptation=adaptation, pilot_chains=pilot_chains, target_accept_prob=target_accept_prob,
-                step_size_jitter=step_size_jitter, batch_size=batch_size, progress=progress, kwargs=kwargs)
+    opts = dict(num_chains=num_chains, progress=progress, kwargs=kwargs)
     out: Dict[str, list] = {k: [] for k in ("lower", "lower_stderr", "upper", "upper_stderr",
                                             "forward_accept_rate", "reverse_accept_rate")}
     for steps in step_counts:
-        betas = _betas(steps, schedule)
-        fwd = _run(model, guide, x, betas, initial_z=None, desc=f"BDMC forward T={steps}", **opts)
+        betas = _betas(steps, settings.schedule)
+        fwd = _run(model, guide, x, betas, settings, initial_z=None, desc=f"BDMC forward T={steps}", **opts)
         # the reverse chains meet the temperatures in reverse order: reuse the forward step sizes
-        reuse = None if adaptation == "online" else fwd.log_steps.flip(0)
-        rev = _run(model, guide, x, betas.flip(0), initial_z=z_exact, desc=f"BDMC reverse T={steps}",
+        reuse = None if settings.adaptation == "online" else fwd.log_steps.flip(0)
+        rev = _run(model, guide, x, betas.flip(0), settings, initial_z=z_exact, desc=f"BDMC reverse T={steps}",
                    log_steps=reuse, **opts)
         lower, lower_se, _ = log_mean_exp_stats(fwd.log_weight)
         neg_upper, upper_se, _ = log_mean_exp_stats(rev.log_weight)
@@ -460,8 +461,8 @@ def bdmc(
         "reverse_accept_rate": ("neither", "HMC acceptance probability of the reverse chains"),
         "gap": ("neither", "upper - lower: the width of the BDMC sandwich (nats; bounds either bound's error)"),
     })
-    ds.attrs.update({"method": "bdmc", "num_chains": int(num_chains), "num_leapfrog_steps": int(num_leapfrog_steps),
-                     "schedule": schedule, "start": "prior" if guide is None else "guide", "adaptation": adaptation,
+    ds.attrs.update({"method": "bdmc", "num_chains": int(num_chains), **_settings_attrs(settings),
+                     "start": "prior" if guide is None else "guide",
                      "reference": "Grosse, Ghahramani & Adams (2015), Sandwiching the marginal likelihood "
                                   "using bidirectional Monte Carlo"})
     return ds

@@ -21,7 +21,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
-import numpy as np
 import pyro
 import torch
 import xarray as xr
@@ -39,6 +38,7 @@ from ppl_vae.inference.importance import (
 from ppl_vae.inference.meanfield import LATENT_SITE, MEAN_FIELD_INITS
 from ppl_vae.inference.objectives import stl_loss
 from ppl_vae.inference.traces import log_probs, trace_pair
+from ppl_vae.inference.plateau import Plateau
 
 __all__ = ["LocalFlowGuide", "LocalFlowResult", "LocalFlows", "fit_local_flow"]
 
@@ -300,7 +300,7 @@ def fit_local_flow(
                 params = list(flows.parameters())
                 optim = torch.optim.Adam(params, lr=lr)
                 history: List[float] = []
-                done, prev, decays_left = False, None, num_lr_decays
+                done, plateau = False, Plateau(optim, window=window, tol=tol, num_decays=num_lr_decays)
                 for step in range(max_steps):
                     loss = _elbo_loss(model, owner, q, xb, kw, num_particles, stl)
                     if not torch.isfinite(loss):
@@ -311,17 +311,10 @@ def fit_local_flow(
                     optim.step()
                     history.append(-float(loss.detach()) / xb.shape[0])
                     bar.update(1)
-                    if (step + 1) % window == 0:
-                        current = float(np.mean(history[-window:]))
-                        if prev is not None and abs(current - prev) <= tol * max(abs(prev), 1e-8):
-                            if decays_left == 0:
-                                done = True
-                                bar.update(max_steps - step - 1)
-                                break
-                            decays_left -= 1
-                            for group in optim.param_groups:
-                                group["lr"] *= 0.5
-                        prev = current
+                    if plateau.update(history):  # a plateau halves the step size; the last one stops
+                        done = True
+                        bar.update(max_steps - step - 1)
+                        break
                 with torch.no_grad():
                     estimates.append(importance_estimate(model, q, xb, num_samples=num_eval_samples,
                                                          batch_size=xb.shape[0], **kw))

@@ -43,6 +43,7 @@ from ppl_vae.inference.importance import (
 from ppl_vae.inference.modes import in_eval_mode
 from ppl_vae.inference.traces import log_probs, trace_pair
 from ppl_vae.registry import Registry
+from ppl_vae.inference.plateau import Plateau
 
 Moments = Tuple[Tensor, Tensor]
 
@@ -365,7 +366,7 @@ def fit_mean_field(
             q = MeanFieldGuide(loc, log_scale)
             optim = torch.optim.Adam([loc, log_scale], lr=lr)
             history = []
-            done, prev, decays_left = False, None, num_lr_decays
+            done, plateau = False, Plateau(optim, window=window, tol=tol, num_decays=num_lr_decays)
             sum_loc, sum_log_scale = torch.zeros_like(loc), torch.zeros_like(loc)
             avg_loc, avg_log_scale = loc.detach(), log_scale.detach()
             for step in range(max_steps):
@@ -387,21 +388,14 @@ def fit_mean_field(
                 with torch.no_grad():
                     sum_loc += loc
                     sum_log_scale += log_scale
-                if (step + 1) % window == 0:
+                if plateau.window_ends(history):
                     # Polyak averaging: the window's mean iterate has far less SGD noise than the last one.
                     avg_loc, avg_log_scale = sum_loc / window, sum_log_scale / window
                     sum_loc, sum_log_scale = torch.zeros_like(loc), torch.zeros_like(loc)
-                    current = float(np.mean(history[-window:]))
-                    if prev is not None and abs(current - prev) <= tol * max(abs(prev), 1e-8):
-                        if decays_left == 0:
-                            done = True
-                            bar.update(max_steps - step - 1)
-                            break
-                        # A plateau at this step size: halve it so the iterates settle (SGD noise ~ lr).
-                        decays_left -= 1
-                        for group in optim.param_groups:
-                            group["lr"] *= 0.5
-                    prev = current
+                if plateau.update(history):  # a plateau halves the step size; the last one stops
+                    done = True
+                    bar.update(max_steps - step - 1)
+                    break
             if len(history) < window:  # stopped before a full window: keep the last iterate
                 avg_loc, avg_log_scale = loc.detach(), log_scale.detach()
             num_taken = len(history)

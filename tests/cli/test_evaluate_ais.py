@@ -9,26 +9,12 @@ import pytest
 import xarray as xr
 from click.testing import CliRunner
 
-from ppl_vae import pipeline
 from ppl_vae.analysis import results
 from ppl_vae.analysis.evaluation import Evaluation
 from ppl_vae.cli.evaluate import FLAGS
 from ppl_vae.cli.main import cli
-from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
 BOUNDS = {"lower bound", "upper bound", "neither"}
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    config = RunConfig(
-        model=ModelConfig(model="gaussian_mlp", latent_dim=2, hidden_dim=16),
-        data=DataConfig(dataset="digits", train_size=200),
-        train=TrainConfig(epochs=2, batch_size=50, device="cpu"),
-    )
-    pipeline.fit(config, out, progress=False)
-    return out
 
 
 def _invoke(args):

@@ -16,18 +16,6 @@ from tests.conftest import one_line_error
 pytestmark = pytest.mark.usefixtures("one_thread")  # small loops: one thread is several times faster
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    config = RunConfig(
-        model=ModelConfig(model="gaussian_mlp", latent_dim=2, hidden_dim=16),
-        data=DataConfig(dataset="digits", train_size=200),
-        train=TrainConfig(epochs=2, batch_size=50, device="cpu"),
-    )
-    pipeline.fit(config, out, progress=False)
-    return out
-
-
 def test_evaluate_prints_and_saves_estimates(run_dir, tmp_path):
     result = CliRunner().invoke(cli, ["evaluate", str(run_dir), "--num-samples", "20", "--num-datapoints", "15",
                                       "--out", str(tmp_path), "--no-progress"])

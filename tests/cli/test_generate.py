@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from ppl_vae.cli.main import cli
-from tests.conftest import one_line_error
+from tests.conftest import invoke, one_line_error
 
 SMALL = ["--hidden-dim", "16", "--latent-dim", "2", "--train-size", "200", "--batch-size", "100", "--no-progress"]
 
 
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 

@@ -10,19 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from ppl_vae.cli.main import EXIT_ERROR, EXIT_INTERRUPTED, cli, memory_message
+from ppl_vae.cli.main import EXIT_ERROR, EXIT_INTERRUPTED, memory_message
 from ppl_vae.errors import DataError
 from ppl_vae.models.likelihoods import LIKELIHOODS, DataRangeWarning, make_likelihood
-from tests.conftest import one_line_error
+from tests.conftest import invoke, one_line_error
 
 SMALL = ["--hidden-dim", "8", "--latent-dim", "2", "--train-size", "100", "--no-progress"]
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

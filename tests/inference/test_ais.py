@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ppl_vae.inference.ais import (
+    AISSettings,
     ais_log_likelihood,
     bdmc,
     linear_schedule,
@@ -64,8 +65,8 @@ def test_ais_error_shrinks_with_steps_and_short_runs_underestimate(lg):
 @pytest.mark.parametrize("adaptation", ["pilot", "online", "none"])
 def test_step_size_adaptation_modes(lg, adaptation):
     vae, x, _ = lg
-    ds = ais_log_likelihood(vae.model, None, x, num_steps=40, num_chains=4, seed=7, step_size=0.02,
-                            adaptation=adaptation)
+    ds = ais_log_likelihood(vae.model, None, x, num_steps=40, num_chains=4, seed=7,
+                            settings=AISSettings(step_size=0.02, adaptation=adaptation))
     assert ds.attrs["adaptation"] == adaptation
     if adaptation == "none":
         np.testing.assert_allclose(ds["step_size"].values, 0.02)
@@ -150,5 +151,8 @@ def test_log_mean_exp_stats_of_known_weights():
 ])
 def test_bad_arguments_name_the_argument(lg, kwargs, message):
     vae, x, _ = lg
+    fields = set(AISSettings.__dataclass_fields__)
+    settings = AISSettings(**{k: v for k, v in kwargs.items() if k in fields})
+    direct = {k: v for k, v in kwargs.items() if k not in fields}
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        ais_log_likelihood(vae.model, None, x, **{"num_steps": 2, **kwargs})
+        ais_log_likelihood(vae.model, None, x, settings=settings, **{"num_steps": 2, **direct})
