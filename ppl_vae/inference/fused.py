@@ -10,8 +10,14 @@ estimator; the tests check that. Models that override ``model`` or ``guide`` use
 
 from __future__ import annotations
 
+import math
+from typing import Tuple
+
+import torch
+
 from torch import Tensor
 from torch.distributions import kl_divergence
+from torch.distributions.utils import _standard_normal
 
 from ppl_vae.models.vae import VAE
 from pyro import distributions as dist
@@ -39,13 +45,25 @@ def fused_model_owner(model: object) -> VAE | None:
     return None
 
 
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _guide_sample(loc: Tensor, scale: Tensor, sample_shape: tuple = ()) -> Tuple[Tensor, Tensor]:
+    """(z, log q(z|x)) for the diagonal Normal q: the draw Normal(loc, scale).rsample makes
+    (the same standard-normal call, so the same RNG stream as Pyro's guide) and
+    Normal.log_prob's arithmetic summed over z, without building distribution objects."""
+    eps = _standard_normal(torch.Size(sample_shape) + loc.shape, dtype=loc.dtype, device=loc.device)
+    z = loc + eps * scale
+    log_q = (-((z - loc) ** 2) / (2 * scale**2) - scale.log() - HALF_LOG_2PI).sum(-1)
+    return z, log_q
+
+
 def fused_log_weights(vae: VAE, x: Tensor, num_particles: int) -> Tensor:
     """log p(x, z_k) - log q(z_k|x) for z_k ~ q(z|x), shape ``(num_particles, N)``: what
     :func:`ppl_vae.inference.importance.log_importance_weights` computes through Pyro."""
     loc, scale = vae.encoder(x)
-    q = dist.Normal(loc, scale).to_event(1)
-    z = q.rsample((num_particles,))
-    return vae.likelihood(*vae.decoder(z)).log_prob(x) + vae.prior().log_prob(z) - q.log_prob(z)
+    z, log_q = _guide_sample(loc, scale, (num_particles,))
+    return vae.likelihood.log_prob(x, *vae.decoder(z)) + vae.prior.log_prob(z) - log_q
 
 
 def fused_elbo_loss(
@@ -70,17 +88,15 @@ def fused_elbo_loss(
     batch_size = x.shape[0]
     scale = 1.0 if num_data is None else num_data / batch_size
     loc, z_scale = vae.encoder(x) if q_loc is None or q_scale is None else (q_loc, q_scale)
-    q = dist.Normal(loc, z_scale).to_event(1)
-    z = q.rsample((num_particles,)) if num_particles > 1 else q.rsample()
-    prior = vae.prior()
-    log_lik = vae.likelihood(*vae.decoder(z)).log_prob(x)
+    z, log_q = _guide_sample(loc, z_scale, (num_particles,) if num_particles > 1 else ())
+    log_lik = vae.likelihood.log_prob(x, *vae.decoder(z))
     latent = None
     if analytic_kl:
         try:
-            latent = -kl_divergence(q, prior)
+            latent = -kl_divergence(dist.Normal(loc, z_scale).to_event(1), vae.prior())
         except NotImplementedError:
             latent = None
     if latent is None:
-        latent = prior.log_prob(z) - q.log_prob(z)
+        latent = vae.prior.log_prob(z) - log_q
     elbo = log_lik.sum() + kl_weight * latent.expand(log_lik.shape).sum()
     return -elbo * (scale / num_particles)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from pyro import distributions as dist
 from pyro.distributions import transforms as T
-from torch import nn
+from torch import Tensor, nn
 
 from ppl_vae.registry import Registry
 
@@ -22,6 +22,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from ppl_vae.models.vae import VAE
 
 PRIORS: Registry = Registry("prior")
+
+
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class Prior(nn.Module):
@@ -35,6 +38,12 @@ class Prior(nn.Module):
 
     def forward(self) -> dist.Distribution:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log p(z) for ``z`` ``(..., latent_dim)`` -> ``(...)``: the distribution's own; a prior
+        with a closed form may compute it without building a distribution (the fused ELBO calls
+        this every step)."""
+        return self().log_prob(z)
 
     def attach_to(self, vae: "VAE") -> None:
         """Called by :func:`ppl_vae.models.build_vae` once the VAE is assembled; a prior that
@@ -53,6 +62,9 @@ class StandardNormalPrior(Prior):
 
     def forward(self) -> dist.Distribution:
         return dist.Normal(self.loc, self.scale).to_event(1)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        return (-(z**2) / 2 - HALF_LOG_2PI).sum(-1)  # Normal(0, 1).log_prob's arithmetic, summed
 
 
 @PRIORS.register("mixture_of_gaussians", doc="a learnable mixture of diagonal Gaussians; options num_components (10), "
@@ -97,6 +109,12 @@ class VampPrior(Prior):
         self.init_loc, self.init_scale = float(init_loc), float(init_scale)
         self.register_parameter("pseudo_inputs", None)  # created by attach_to: it needs the datapoint shape
         self._encoder: tuple = ()  # (encoder,): a tuple so nn.Module does not register it
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log p(z) for ``z`` ``(..., latent_dim)`` -> ``(...)``: the distribution's own; a prior
+        with a closed form may compute it without building a distribution (the fused ELBO calls
+        this every step)."""
+        return self().log_prob(z)
 
     def attach_to(self, vae: "VAE") -> None:
         if getattr(vae, "num_classes", None) is not None:
