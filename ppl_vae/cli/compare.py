@@ -46,6 +46,10 @@ def compare(run_dirs, num_samples: int, estimator: str, split: str, num_datapoin
         raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
     if num_datapoints < 0:
         raise ValueError(f"--num-datapoints must be >= 0, got {num_datapoints}")
+    if out is not None:
+        from ppl_vae.analysis.evaluation import check_out_dir
+
+        check_out_dir(out, "--out")  # before any work, naming the flag
     mean_field_options = {"init": init, "max_steps": mf_steps, "lr": mf_lr, "tol": mf_tol,
                           "polish_steps": mf_polish_steps, "gtol": mf_gtol}
     if len(run_dirs) > 1:

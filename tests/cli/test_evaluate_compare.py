@@ -82,7 +82,8 @@ def test_out_naming_an_existing_file_is_refused_and_left_alone(run_dir, tmp_path
     for out in (target, target / "sub"):
         result = CliRunner().invoke(cli, [command, str(run_dir), "-k", "5", "--num-datapoints", "3", "--out", str(out),
                                           "--no-progress"])
-        assert "afile.txt" in one_line_error(result)
+        line = one_line_error(result)
+        assert "afile.txt" in line and line.startswith("Error: --out ")  # the flag the user typed
     assert target.read_text() == "keep me"
 
 
