@@ -81,3 +81,12 @@ def test_train_with_wake_sleep_records_history():
 def test_refuses_kl_warmup():
     with pytest.raises(ValueError, match="kl_warmup_epochs"):
         WakeSleepStepper(LinearGaussianVAE(4, 2), TrainConfig(method="wake-sleep", kl_warmup_epochs=2))
+
+
+def test_refuses_a_prior_that_uses_the_encoder():
+    """The VampPrior evaluates the encoder, so the wake phase would train it too."""
+    from ppl_vae.models import build_vae
+
+    vae = build_vae("bernoulli_mlp", (1, 4, 4), prior="vamp", latent_dim=2, hidden_dim=8)
+    with pytest.raises(ValueError, match=r"needs a prior that does not use .* \(VampPrior does\)"):
+        WakeSleepStepper(vae, TrainConfig(method="wake-sleep"))
