@@ -33,7 +33,7 @@ from ppl_vae.inference.training import (
     history_records,
     history_to_xarray,
 )
-from ppl_vae.io import TEMP_SUFFIX, atomic_path, remove_stale_temp_files, write_netcdf, write_text
+from ppl_vae.io import TEMP_SUFFIX, remove_stale_temp_files, write_netcdf, write_text, write_with
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.safetensors"
@@ -138,8 +138,7 @@ def save(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper], state:
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda{i}"] = s
-    with atomic_path(run_dir / CHECKPOINT) as tmp:
-        save_file(tensors, str(tmp), metadata={"ppl_vae": json.dumps(meta)})
+    write_with(run_dir / CHECKPOINT, lambda tmp: save_file(tensors, str(tmp), metadata={"ppl_vae": json.dumps(meta)}))
 
 
 def read_checkpoint(run_dir: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:

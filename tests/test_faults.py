@@ -69,10 +69,10 @@ class _Killed(BaseException):
     """Stands in for SIGKILL inside the process: not an Exception, so nothing catches it."""
 
 
-@pytest.mark.parametrize("die_in", ["write_netcdf", "atomic_path"])
+@pytest.mark.parametrize("die_in", ["write_netcdf", "write_with"])
 def test_death_between_the_history_and_checkpoint_writes_loses_no_epoch(tmp_path, monkeypatch, one_thread, die_in):
     """Dying inside either write of epoch 3 (runs.save writes the history with write_netcdf, then
-    the checkpoint through atomic_path) leaves a run that resumes with every epoch in its history.
+    the checkpoint through write_with) leaves a run that resumes with every epoch in its history.
     (The SIGKILL test above reaches this window only by chance.)"""
     from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 

@@ -8,7 +8,7 @@ for a set of datapoints; :func:`to_inference_data` puts them in the groups ArviZ
 - ``sample_stats``: ``log_weight_<guide>`` = log p(x, z) - log q(z|x) per draw and datapoint
   (the importance weights behind the IW estimate of log p(x)).
 
-Files are written atomically (:func:`ppl_vae.runs.atomic_path`) as netCDF (h5netcdf).
+Files are written atomically (:mod:`ppl_vae.io`) as netCDF (h5netcdf).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import xarray as xr
 from torch import Tensor
 
 from ppl_vae.inference.importance import importance_samples
-from ppl_vae.runs import atomic_path
+from ppl_vae.io import write_netcdf, write_with
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # ArviZ announces its refactor on import
@@ -114,10 +114,7 @@ float32 rounding of the log-weights) have no tail to fit: -inf. NaN
 
 def save_inference_data(idata: az.InferenceData, path: Path) -> Path:
     """Write ``idata`` to a netCDF file atomically; returns ``path``."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        idata.to_netcdf(str(tmp), engine="h5netcdf")
-    return path
+    return write_with(Path(path), lambda tmp: idata.to_netcdf(str(tmp), engine="h5netcdf"))
 
 
 def load_inference_data(path: Path) -> az.InferenceData:
@@ -133,10 +130,7 @@ def load_inference_data(path: Path) -> az.InferenceData:
 
 def save_netcdf(ds: xr.Dataset, path: Path) -> Path:
     """Write an xarray Dataset to netCDF (h5netcdf) atomically; returns ``path``."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        ds.to_netcdf(tmp, engine="h5netcdf")
-    return path
+    return write_netcdf(ds, Path(path))
 
 
 def load_netcdf(path: Path) -> xr.Dataset:
@@ -149,7 +143,4 @@ def save_csv(table: pd.DataFrame | xr.Dataset, path: Path) -> Path:
     """Write a table (a DataFrame, or a Dataset flattened to one row per coordinate) atomically."""
     if isinstance(table, xr.Dataset):
         table = table.to_dataframe()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        table.to_csv(tmp)
-    return path
+    return write_with(Path(path), table.to_csv)

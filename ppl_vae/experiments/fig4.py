@@ -18,7 +18,7 @@ from scipy.stats import norm
 
 from ppl_vae.experiments import common
 from ppl_vae.models.vae import VAE
-from ppl_vae.runs import atomic_path
+from ppl_vae.io import write_netcdf
 
 PAPER_HIDDEN = {"mnist": 500, "frey-face": 200}
 
@@ -90,8 +90,7 @@ def run(settings: Fig4Settings, out_dir: Path, *, data_dir: Optional[Path] = Non
             batch_size=settings.batch_size, lr=settings.lr, eval_size=settings.eval_size, progress=progress,
             desc=f"{dataset} z=2",
         )
-        with atomic_path(out_dir / f"fig4_{dataset}.nc") as tmp:
-            manifold_grid(vae, settings.grid_size).to_dataset(name="mean_image").to_netcdf(tmp, engine="h5netcdf")
+        write_netcdf(manifold_grid(vae, settings.grid_size).to_dataset(name="mean_image"), out_dir / f"fig4_{dataset}.nc")
         table.add([{"dataset": dataset, **record}])
     grids = {}
     for dataset in settings.datasets:

@@ -14,7 +14,7 @@ import torch
 import xarray as xr
 
 from ppl_vae.experiments import common
-from ppl_vae.runs import atomic_path
+from ppl_vae.io import write_netcdf
 
 
 @dataclass
@@ -68,16 +68,14 @@ def run(settings: Fig5Settings, out_dir: Path, *, data_dir: Optional[Path] = Non
             images = vae.sample(settings.num_images).reshape(settings.num_images, *data.event_shape[-2:]).numpy()
         samples = xr.DataArray(images.astype(np.float64), dims=("sample", "height", "width"), name="mean_image",
                                attrs={"description": "E[x|z] for z ~ p(z)"})
-        with atomic_path(path) as tmp:
-            samples.to_dataset().to_netcdf(tmp, engine="h5netcdf")
+        write_netcdf(samples.to_dataset(), path)
         table.add([{"latent_dim": latent_dim, **record}])
     parts = []
     for latent_dim in settings.latent_dims:
         with xr.open_dataset(out_dir / f"fig5_z{latent_dim}.nc", engine="h5netcdf") as ds:
             parts.append(ds["mean_image"].load())
     samples = xr.concat(parts, dim=xr.DataArray(list(settings.latent_dims), dims="latent_dim", name="latent_dim"))
-    with atomic_path(out_dir / "fig5_samples.nc") as tmp:
-        samples.to_dataset().to_netcdf(tmp, engine="h5netcdf")
+    write_netcdf(samples.to_dataset(), out_dir / "fig5_samples.nc")
     common.save_figure(plot(samples), out_dir, "fig5")
     return samples
 
