@@ -141,8 +141,10 @@ def save(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper], state:
     write_with(run_dir / CHECKPOINT, lambda tmp: save_file(tensors, str(tmp), metadata={"ppl_vae": json.dumps(meta)}))
 
 
-def read_checkpoint(run_dir: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """(tensors, metadata) of a run's checkpoint; corrupt or unsafe files raise RunDirError."""
+def read_checkpoint(run_dir: Path, *, tensors: bool = True) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(tensors, metadata) of a run's checkpoint; corrupt or unsafe files raise RunDirError.
+
+    ``tensors=False`` reads the metadata only (the tensors come back empty)."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -154,19 +156,19 @@ def read_checkpoint(run_dir: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, A
             head = fh.read(16)
         if head[:2] == b"\x80\x02" or head[:2] == b"PK":
             raise RunDirError(f"{path} is a pickle/zip file, not safetensors; refusing to load it")
-        tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as fh:
             meta = json.loads((fh.metadata() or {})["ppl_vae"])
+        loaded = load_file(str(path)) if tensors else {}
     except RunDirError:
         raise
     except (SafetensorError, KeyError, ValueError, OSError, json.JSONDecodeError) as exc:
         raise RunDirError(f"{path} is corrupt or not a ppl_vae checkpoint ({str(exc).splitlines()[0]})") from None
-    return tensors, meta
+    return loaded, meta
 
 
 def checkpoint_epoch(run_dir: Path) -> int:
-    """The epoch of the run's checkpoint (0: saved before the first step)."""
-    return int(read_checkpoint(run_dir)[1]["epoch"])
+    """The epoch of the run's checkpoint (0: saved before the first step), from its metadata alone."""
+    return int(read_checkpoint(run_dir, tensors=False)[1]["epoch"])
 
 
 def load_weights(module: torch.nn.Module, tensors: Dict[str, torch.Tensor], path: str = "") -> None:
