@@ -10,7 +10,6 @@ estimator; the tests check that. Models that override ``model`` or ``guide`` use
 
 from __future__ import annotations
 
-import math
 from typing import Tuple
 
 import torch
@@ -19,6 +18,7 @@ from torch import Tensor
 from torch.distributions import kl_divergence
 from torch.distributions.utils import _standard_normal
 
+from ppl_vae.models.densities import normal_log_prob
 from ppl_vae.models.vae import VAE
 from pyro import distributions as dist
 
@@ -45,16 +45,13 @@ def fused_model_owner(model: object) -> VAE | None:
     return None
 
 
-HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-
-
 def _guide_sample(loc: Tensor, scale: Tensor, sample_shape: tuple = ()) -> Tuple[Tensor, Tensor]:
     """(z, log q(z|x)) for the diagonal Normal q: the draw Normal(loc, scale).rsample makes
     (the same standard-normal call, so the same RNG stream as Pyro's guide) and
     Normal.log_prob's arithmetic summed over z, without building distribution objects."""
     eps = _standard_normal(torch.Size(sample_shape) + loc.shape, dtype=loc.dtype, device=loc.device)
     z = loc + eps * scale
-    log_q = (-((z - loc) ** 2) / (2 * scale**2) - scale.log() - HALF_LOG_2PI).sum(-1)
+    log_q = normal_log_prob(z, loc, scale).sum(-1)
     return z, log_q
 
 

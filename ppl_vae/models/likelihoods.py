@@ -18,6 +18,7 @@ from pyro import distributions as dist
 from torch import Tensor, nn
 
 from ppl_vae.errors import DataError
+from ppl_vae.models.densities import normal_log_prob
 from ppl_vae.registry import Registry
 
 LIKELIHOODS: Registry = Registry("likelihood")
@@ -49,9 +50,6 @@ def value_range(x) -> Tuple[float, float, int]:
     if values.numel() == 0:
         return math.nan, math.nan, n_bad
     return float(values.min()), float(values.max()), n_bad
-
-
-HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class Likelihood(nn.Module):
@@ -215,9 +213,7 @@ class GaussianLikelihood(Likelihood):
         return _independent(dist.Normal(self._loc(loc), scale, validate_args=False), self.event_dims)
 
     def log_prob(self, x: Tensor, loc: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
-        scale = F.softplus(scale) + self.min_scale
-        # Normal.log_prob's arithmetic, without a distribution object per step
-        log_p = -((x - self._loc(loc)) ** 2) / (2 * scale**2) - scale.log() - HALF_LOG_2PI
+        log_p = normal_log_prob(x, self._loc(loc), F.softplus(scale) + self.min_scale)
         return log_p.sum(tuple(range(-self.event_dims, 0)))
 
     def mean(self, loc: Tensor, scale: Tensor) -> Tensor:

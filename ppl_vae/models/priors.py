@@ -16,15 +16,13 @@ from pyro import distributions as dist
 from pyro.distributions import transforms as T
 from torch import Tensor, nn
 
+from ppl_vae.models.densities import normal_log_prob
 from ppl_vae.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     from ppl_vae.models.vae import VAE
 
 PRIORS: Registry = Registry("prior")
-
-
-HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class Prior(nn.Module):
@@ -64,7 +62,7 @@ class StandardNormalPrior(Prior):
         return dist.Normal(self.loc, self.scale).to_event(1)
 
     def log_prob(self, z: Tensor) -> Tensor:
-        return (-(z**2) / 2 - HALF_LOG_2PI).sum(-1)  # Normal(0, 1).log_prob's arithmetic, summed
+        return normal_log_prob(z).sum(-1)
 
 
 @PRIORS.register("mixture_of_gaussians", doc="a learnable mixture of diagonal Gaussians; options num_components (10), "

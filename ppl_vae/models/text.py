@@ -24,7 +24,6 @@ from typing import Optional, Sequence, Tuple
 
 import pyro
 import torch
-import torch.nn.functional as F
 from pyro import distributions as dist
 from pyro import poutine
 from pyro.distributions import constraints
