@@ -8,7 +8,6 @@ from typing import Optional
 import click
 from click.core import ParameterSource
 
-from ppl_vae.errors import PplVaeError
 
 # Options that define a run; with --resume the run's own config decides them.
 RUN_OPTIONS = (
@@ -80,11 +79,6 @@ def fit(ctx: click.Context, **opts) -> None:
             run = pipeline.fit(config, run_dir, **common)
     except KeyboardInterrupt:
         _interrupted(run_dir)
-    except (ValueError, PplVaeError) as exc:  # library errors name config fields; say the flags instead
-        from ppl_vae.cli.main import option_flags, with_flags
-
-        flags = {**option_flags(ctx.command), **FIELD_FLAGS}
-        raise click.ClickException(with_flags(" ".join(str(exc).split()), flags)) from None
     if distributed.env_rank() != 0:
         return  # under torchrun, rank 0 reports
     final = run.final
@@ -134,6 +128,9 @@ FIELD_FLAGS = {
     "train.train_eval_size": "--train-eval-size", "train.compile": "--compile",
     "timeout_s": "--dist-timeout", "nproc": "--nproc", "data_dir": "--data-dir",
 }
+
+
+fit.field_flags = FIELD_FLAGS  # the group shows library errors (which name fields) with these flags
 
 
 def flag(option: str) -> str:

@@ -57,8 +57,9 @@ def with_flags(message: str, flags: Dict[str, str]) -> str:
 
 def option_flags(command: Optional[click.Command]) -> Dict[str, str]:
     """Argument name -> flag for the options of ``command`` and its subcommands whose names
-    contain an underscore (plain words such as ``seed`` stay as they are)."""
-    flags: Dict[str, str] = {}
+    contain an underscore (plain words such as ``seed`` stay as they are), plus the command's
+    own ``field_flags`` (config field -> flag, e.g. ``train.lr`` -> ``--lr``) where it has them."""
+    flags: Dict[str, str] = dict(getattr(command, "field_flags", {}))
     for cmd in [command, *getattr(command, "commands", {}).values()] if command is not None else []:
         for param in cmd.params:
             if isinstance(param, click.Option) and param.name and "_" in param.name:
