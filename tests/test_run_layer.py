@@ -3,7 +3,6 @@ each failing before the fix, plus the structure it promised (no import cycle, on
 
 from __future__ import annotations
 
-import ast
 import json
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from ppl_vae.errors import ConfigError, RunDirError
 
 from tests.conftest import one_line_error
 
-PACKAGE = Path(ppl_vae.__file__).parent
 
 
 def small_config(**train) -> RunConfig:
@@ -33,45 +31,7 @@ def small_config(**train) -> RunConfig:
 # -- structure -------------------------------------------------------------------------------------
 
 
-def _module_imports() -> dict:
-    """module -> the ppl_vae modules it imports at import time (not inside functions or TYPE_CHECKING)."""
-    graph = {}
-    for path in PACKAGE.rglob("*.py"):
-        rel = path.relative_to(PACKAGE.parent).with_suffix("")
-        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
-        deps = set()
-        for node in ast.parse(path.read_text()).body:  # top level only: lazy imports cannot cycle at import
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ppl_vae"):
-                deps.add(node.module)
-                deps.update(f"{node.module}.{a.name}" for a in node.names)
-            elif isinstance(node, ast.Import):
-                deps.update(a.name for a in node.names if a.name.startswith("ppl_vae"))
-        graph[name] = deps
-    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
-
-
-def test_no_import_cycle_among_the_package_modules():
-    graph = _module_imports()
-    assert "ppl_vae.pipeline" in graph and "ppl_vae.inference.distributed" in graph
-    visiting, done = [], set()
-
-    def visit(module):
-        if module in done:
-            return
-        assert module not in visiting, "import cycle: " + " -> ".join(visiting[visiting.index(module):] + [module])
-        visiting.append(module)
-        for dep in graph[module]:
-            if not (dep.startswith(module + ".")):  # a package importing its own submodule is no cycle
-                visit(dep)
-        visiting.pop()
-        done.add(module)
-
-    for module in graph:
-        visit(module)
-    # the layers point one way: training knows nothing of run directories, processes or the pipeline
-    assert not graph["ppl_vae.inference.training"] & {"ppl_vae.pipeline", "ppl_vae.runs",
-                                                       "ppl_vae.inference.distributed"}
-    assert "ppl_vae.pipeline" not in graph["ppl_vae.inference.distributed"]
+# The import structure (no cycle, layers) is checked in tests/test_layers.py.
 
 
 def test_the_experiments_train_through_the_one_loop(monkeypatch):

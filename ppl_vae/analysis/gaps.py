@@ -158,7 +158,7 @@ def mixture_estimates(
         raise ValueError("x holds no datapoints")
     from tqdm.auto import tqdm
 
-    from ppl_vae.analysis.results import psis_khat  # lazy: ArviZ is slow to import
+    from ppl_vae.inference.stats import psis_khat
 
     log_half = math.log(0.5)
     out: Dict[str, list] = {}

@@ -318,7 +318,7 @@ class SampleGridRecorder:
             tmp, format="GIF", save_all=True, append_images=frames[1:], duration=self.frame_ms, loop=0))
 
 
-class _EveryFewEpochs:
+class EveryFewEpochs:
     """``recorder(epoch, vae)`` every ``every`` epochs and at ``last`` (a picklable epoch callback)."""
 
     def __init__(self, recorder: SampleGridRecorder, every: int, last: int):
@@ -327,39 +327,6 @@ class _EveryFewEpochs:
     def __call__(self, epoch: int, vae: VAE) -> None:
         if epoch and (epoch % self.every == 0 or epoch == self.last):
             self.recorder(epoch, vae)
-
-
-def train_with_sample_grids(
-    run_dir: Union[str, Path],
-    epochs: int,
-    *,
-    every: int = 1,
-    num_samples: int = 16,
-    seed: int = 0,
-    progress: bool = True,
-):
-    """Continue a run up to ``epochs`` epochs, saving a sample grid every ``every`` epochs.
-
-    One :func:`ppl_vae.pipeline.resume` with the grids as an epoch callback, so it works for
-    any registered model. Frames go to ``RUN/samples/epoch_NNNN.png``, the animation to
-    ``RUN/samples.gif``; the grid of the run's current epoch is saved first. Returns the final
-    :class:`ppl_vae.pipeline.Run`.
-    """
-    from ppl_vae import pipeline, runs
-
-    if every < 1:
-        raise ValueError(f"every must be >= 1, got {every}")
-    run_dir = Path(run_dir)
-    run = pipeline.load_run(run_dir)
-    epoch = runs.checkpoint_epoch(run_dir)
-    if epochs < epoch:
-        raise ValueError(f"epochs must be >= the run's {epoch} epochs done, got {epochs}")
-    recorder = SampleGridRecorder(run_dir / "samples", num_samples=num_samples, seed=seed)
-    recorder(epoch, run.vae)
-    if epochs == epoch:
-        return run
-    return pipeline.resume(run_dir, epochs=epochs, progress=progress,
-                           callbacks=[_EveryFewEpochs(recorder, every, epochs)])
 
 
 # ---------------------------------------------------------------------------------------------

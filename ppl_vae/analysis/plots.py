@@ -1,7 +1,7 @@
 """Figures for a fitted model (seaborn/matplotlib). Every function returns a Figure.
 
 Nothing is shown: the Agg backend is selected here so figures render without a display,
-and callers save or embed them (:mod:`ppl_vae.analysis.report`). Conventions shared by every
+and callers save or embed them (:mod:`ppl_vae.reports.compare`). Conventions shared by every
 figure of the library: images use :data:`IMAGE_CMAP` (dark ink on white, values in [0, 1])
 through :func:`show_images`, tiles are separated by gaps drawn in :data:`TILE_GAP_COLOUR`
 (:func:`tile_images`), legends sit outside the axes (:func:`legend_outside`), and no

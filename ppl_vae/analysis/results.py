@@ -1,4 +1,4 @@
-"""Results as ArviZ InferenceData and xarray files. The only module that imports ArviZ.
+"""Results as ArviZ InferenceData and xarray files (ArviZ comes from :func:`ppl_vae.inference.stats.arviz`).
 
 :func:`guide_draws` draws z from each guide (the amortized q(z|x) and the mean-field q*)
 for a set of datapoints; :func:`to_inference_data` puts them in the groups ArviZ knows:
@@ -13,7 +13,6 @@ Files are written atomically (:mod:`ppl_vae.io`) as netCDF (h5netcdf).
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
@@ -23,12 +22,11 @@ import torch
 import xarray as xr
 from torch import Tensor
 
+from ppl_vae.inference import stats
 from ppl_vae.inference.importance import importance_samples
 from ppl_vae.io import write_netcdf, write_with
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)  # ArviZ announces its refactor on import
-    import arviz as az
+az = stats.arviz()
 
 
 @torch.no_grad()
@@ -79,37 +77,6 @@ def to_inference_data(
         dims=dims,
         attrs={"inference_library": "pyro", "guides": ", ".join(draws), **(attrs or {})},
     )
-
-
-FLAT_LOG_WEIGHTS = 1e-4  # nats: log-weights spread less than this are constant up to rounding
-
-
-def psis_khat(log_weights: np.ndarray | Tensor) -> np.ndarray:
-    """Pareto k̂ of each datapoint's importance weights (PSIS, Vehtari et al. 2024), via ``arviz.psislw``.
-
-    ``log_weights``: ``(K, N)``, K draws for each of N datapoints. k̂ is the shape of a
-    generalized Pareto distribution fitted to the largest weights: below 0.5 the weights have
-    finite variance; 0.5-0.7 the IW estimate is usable but noisy; above 0.7 its error is
-    dominated by rare huge weights and its standard error cannot be trusted (use more samples, a
-    better guide, or AIS). Weights constant to within 1e-4 nats (q equal to the posterior, up to
-float32 rounding of the log-weights) have no tail to fit: -inf. NaN
-    where K is too small for a tail fit (ArviZ needs 5 tail draws: K >= 21).
-    """
-    lw = (log_weights.detach().cpu().double().numpy() if torch.is_tensor(log_weights)
-          else np.asarray(log_weights, dtype=np.float64))
-    if lw.ndim != 2:
-        raise ValueError(f"log_weights must have shape (num_samples, num_datapoints), got {lw.shape}")
-    lw = (lw - lw.max(axis=0, keepdims=True)).T  # arviz reads the last dim as draws
-    if lw.shape[1] < 21:  # ArviZ fits the top ceil(0.2 K) draws and needs at least 5 of them
-        khat = np.full(lw.shape[0], np.nan)
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # flat tails: k̂ comes back inf, with a warning
-            _, khat = az.psislw(lw)
-    khat = np.asarray(khat, dtype=np.float64).reshape(lw.shape[0])
-    khat[np.isposinf(khat)] = np.nan  # ArviZ's marker for "too few tail draws to fit"
-    khat[lw.min(axis=1) > -FLAT_LOG_WEIGHTS] = -np.inf
-    return khat
 
 
 def save_inference_data(idata: az.InferenceData, path: Path) -> Path:

@@ -47,13 +47,13 @@ def compare(run_dirs, num_samples: int, estimator: str, split: str, num_datapoin
     if num_datapoints < 0:
         raise ValueError(f"--num-datapoints must be >= 0, got {num_datapoints}")
     if out is not None:
-        from ppl_vae.analysis.evaluation import check_out_dir
+        from ppl_vae.reports.evaluation import check_out_dir
 
         check_out_dir(out, "--out")  # before any work, naming the flag
     mean_field_options = {"init": init, "max_steps": mf_steps, "lr": mf_lr, "tol": mf_tol,
                           "polish_steps": mf_polish_steps, "gtol": mf_gtol}
     if len(run_dirs) > 1:
-        from ppl_vae.analysis.multirun import compare_runs, format_paired_table
+        from ppl_vae.reports.multirun import compare_runs, format_paired_table
 
         multi = compare_runs(run_dirs, estimator=estimator, num_samples=num_samples, split=split,
                              num_datapoints=num_datapoints or None, mean_field_options=mean_field_options,
@@ -64,7 +64,7 @@ def compare(run_dirs, num_samples: int, estimator: str, split: str, num_datapoin
         click.echo("wrote " + ", ".join(str(p) for p in multi.files.values()))
         return
     from ppl_vae.analysis.gaps import format_gap_table
-    from ppl_vae.analysis.report import compare_run
+    from ppl_vae.reports.compare import compare_run
 
     result = compare_run(
         run_dirs[0], num_samples=num_samples, split=split, num_datapoints=num_datapoints or None,

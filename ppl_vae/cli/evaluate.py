@@ -47,7 +47,7 @@ def evaluate(run_dir: Path, method: str, num_samples: int, ais_steps, num_chains
              step_size: float, adaptation: str, schedule: str, ais_start: str, split: str, num_datapoints,
              batch_size: int, particle_batch_size, device: str, seed: int, out, progress: bool) -> None:
     """Estimate log p(x) of a run's datapoints; every number printed and saved says which bound it is."""
-    from ppl_vae.analysis.evaluation import check_out_dir, evaluate_run
+    from ppl_vae.reports.evaluation import check_out_dir, evaluate_run
 
     checks = [("--num-samples", num_samples, 1), ("--num-chains", num_chains, 1),
               ("--leapfrog-steps", leapfrog_steps, 1), ("--batch-size", batch_size, 1)]

@@ -82,7 +82,7 @@ def animate(run_dir: Path, epochs: int, every: int, num_samples: int, seed: int,
 
     Start from `ppl-vae fit ... --epochs 0 --out RUN` to include the untrained model's frame.
     """
-    from ppl_vae.analysis.generation import train_with_sample_grids
+    from ppl_vae.reports.sample_grids import train_with_sample_grids
 
     run = train_with_sample_grids(run_dir, epochs, every=every, num_samples=num_samples, seed=seed,
                                   progress=progress)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ppl_vae.inference.fused import fused_log_weights, fused_pair_owner
 from ppl_vae.inference.modes import in_eval_mode
+from ppl_vae.inference.stats import psis_khat
 from ppl_vae.inference.traces import PARTICLE_PLATE, log_probs, trace_pair  # noqa: F401 (PARTICLE_PLATE re-exported)
 
 
@@ -114,7 +115,7 @@ class ImportanceEstimate:
     ``ess``: (sum w)^2 / sum w^2 (Kong 1992), between 1 and K; near K when q is close to
     p(z|x), near 1 when a single sample dominates (the estimate is then unreliable).
     ``khat``: the PSIS Pareto k̂ of the weights' upper tail (Vehtari et al. 2024; see
-    :func:`ppl_vae.analysis.results.psis_khat`); above 0.7 the estimate and its standard
+    :func:`ppl_vae.inference.stats.psis_khat`); above 0.7 the estimate and its standard
     error are not reliable. None when not computed.
     """
 
@@ -270,8 +271,6 @@ def importance_estimate(
                 bar.update(1)
             result = acc.result()
             if tail_diagnostic:
-                from ppl_vae.analysis.results import psis_khat  # lazy: results imports this module
-
                 khats.append(torch.from_numpy(psis_khat(torch.cat(kept))).to(xb.device))
             results.append(result)
     dtype = x.dtype if x.dtype.is_floating_point else torch.float32

@@ -20,7 +20,6 @@ import torch
 from ppl_vae.config import TrainConfig
 from ppl_vae.inference.fused import supports_fused_elbo
 from ppl_vae.inference.training import METHODS, NonFiniteLoss, OPTIMIZERS, Stepper
-from ppl_vae.models.priors import Prior
 from ppl_vae.models.vae import VAE
 
 
@@ -45,7 +44,7 @@ class WakeSleepStepper(Stepper):
                              f"guide (it calls the encoder and decoder directly); {type(vae).__name__} overrides them")
         if config.kl_warmup_epochs:
             raise ValueError("kl_warmup_epochs must be 0 for method 'wake-sleep' (it optimizes no KL term)")
-        if type(vae.prior).attach_to is not Prior.attach_to:  # e.g. the VampPrior evaluates the encoder
+        if vae.prior.uses_encoder:  # e.g. the VampPrior evaluates the encoder
             raise ValueError(f"method 'wake-sleep' needs a prior that does not use the model's other parts "
                              f"({type(vae.prior).__name__} does): its wake phase would train the encoder")
         self.vae = vae

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,14 +19,18 @@ from torch import Tensor, nn
 from ppl_vae.models.densities import normal_log_prob
 from ppl_vae.registry import Registry
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ppl_vae.models.vae import VAE
-
 PRIORS: Registry = Registry("prior")
 
 
 class Prior(nn.Module):
-    """Base class: ``latent_dim`` is the size of z."""
+    """Base class: ``latent_dim`` is the size of z.
+
+    Capabilities are declared, not probed: ``uses_encoder`` is True for a prior whose density
+    evaluates the VAE's encoder (the VampPrior), so methods that train the encoder and the
+    generative model separately (wake-sleep) can refuse it.
+    """
+
+    uses_encoder: bool = False
 
     def __init__(self, latent_dim: int):
         super().__init__()
@@ -43,9 +47,11 @@ class Prior(nn.Module):
         this every step)."""
         return self().log_prob(z)
 
-    def attach_to(self, vae: "VAE") -> None:
-        """Called by :func:`ppl_vae.models.build_vae` once the VAE is assembled; a prior that
-        needs other parts (the VampPrior needs the encoder) takes them here. Default: nothing."""
+    def attach_to(self, encoder: nn.Module, event_shape: Sequence[int], *, num_classes: Optional[int] = None) -> None:
+        """Called by :func:`ppl_vae.models.build_vae` once the VAE is assembled, with its encoder,
+        the datapoint shape and its class count (None unless conditional). A prior that needs
+        them (the VampPrior evaluates the encoder) declares :attr:`uses_encoder` and takes them
+        here. Default: nothing."""
 
 
 @PRIORS.register("standard_normal")
@@ -114,19 +120,21 @@ class VampPrior(Prior):
         this every step)."""
         return self().log_prob(z)
 
-    def attach_to(self, vae: "VAE") -> None:
-        if getattr(vae, "num_classes", None) is not None:
-            raise ValueError(f"prior 'vamp' needs an encoder of x alone; {type(vae).__name__} conditions on labels")
-        shape = (self.num_components, *vae.event_shape)
+    uses_encoder = True
+
+    def attach_to(self, encoder: nn.Module, event_shape: Sequence[int], *, num_classes: Optional[int] = None) -> None:
+        if num_classes is not None:
+            raise ValueError("prior 'vamp' needs an encoder of x alone; this model conditions on labels")
+        shape = (self.num_components, *event_shape)
         pseudo = self.init_loc + self.init_scale * torch.randn(shape)
-        device = next(iter(vae.parameters()), torch.empty(0)).device
+        device = next(iter(encoder.parameters()), torch.empty(0)).device
         self.pseudo_inputs = nn.Parameter(pseudo.to(device))
-        self._encoder = (vae.encoder,)
+        self._encoder = (encoder,)
         try:
-            loc, _ = vae.encoder(self.pseudo_inputs.detach())
+            loc, _ = encoder(self.pseudo_inputs.detach())
         except Exception as exc:  # e.g. an encoder of token ids
             raise ValueError(
-                f"prior 'vamp' needs an encoder of real-valued x; {type(vae.encoder).__name__} failed on "
+                f"prior 'vamp' needs an encoder of real-valued x; {type(encoder).__name__} failed on "
                 f"pseudo-inputs of shape {tuple(shape)}: {exc}"
             ) from None
         if tuple(loc.shape) != (self.num_components, self.latent_dim):
@@ -135,7 +143,7 @@ class VampPrior(Prior):
 
     def forward(self) -> dist.Distribution:
         if not self._encoder or self.pseudo_inputs is None:
-            raise ValueError("the VampPrior has no encoder: build the VAE with build_vae, or call prior.attach_to(vae)")
+            raise ValueError("the VampPrior has no encoder: build the VAE with build_vae, or call prior.attach_to(vae.encoder, vae.event_shape)")
         loc, scale = self._encoder[0](self.pseudo_inputs)
         components = dist.Normal(loc, scale).to_event(1)
         logits = loc.new_zeros(self.num_components)  # equal weights 1/K

@@ -119,5 +119,5 @@ def build_vae(
         likelihood = make_likelihood(likelihood, event_dims=event_dims, **(likelihood_options or {}))
     vae = spec.build(event_shape, latent_dim, hidden_dim, prior, likelihood, **(data_info or {}))
     vae = make_guide(guide, vae, **(guide_options or {}))
-    vae.prior.attach_to(vae)
+    vae.prior.attach_to(vae.encoder, vae.event_shape, num_classes=vae.num_classes)
     return vae

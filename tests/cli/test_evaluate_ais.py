@@ -10,7 +10,7 @@ import xarray as xr
 from click.testing import CliRunner
 
 from ppl_vae.analysis import results
-from ppl_vae.analysis.evaluation import Evaluation
+from ppl_vae.reports.evaluation import Evaluation
 from ppl_vae.cli.evaluate import FLAGS
 from ppl_vae.cli.main import cli
 
@@ -91,7 +91,7 @@ def test_out_naming_an_existing_file_is_refused_and_left_untouched(run_dir, tmp_
 
 
 def test_out_not_writable_is_refused_before_any_work(run_dir, tmp_path, monkeypatch):
-    from ppl_vae.analysis import evaluation
+    from ppl_vae.reports import common as evaluation  # where check_out_dir lives
 
     real_access = os.access  # deny writing only, as a read-only mount would
     monkeypatch.setattr(evaluation.os, "access", lambda path, mode: False if mode & os.W_OK else real_access(path, mode))

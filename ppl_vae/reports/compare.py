@@ -3,16 +3,14 @@
 :func:`compare_run`: the gap decomposition of Cremer et al. (2018), collapse diagnostics,
 ArviZ draws from both guides and ``report.html``, one HTML file with every figure embedded as
 a base64 PNG. :func:`select_datapoints` is the one rule, shared with ``evaluate``
-(:mod:`ppl_vae.analysis.evaluation`) and the multi-run comparison, for which datapoints of a
+(:mod:`ppl_vae.reports.evaluation`) and the multi-run comparison, for which datapoints of a
 split are scored and how.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
 import html
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -31,9 +29,8 @@ from ppl_vae.analysis.diagnostics import collapse_diagnostics
 from ppl_vae.analysis.gaps import format_gap_table, gap_decomposition, gap_table
 from ppl_vae.inference.meanfield import MeanFieldGuide, fit_mean_field
 from ppl_vae.inference.modes import eval_mode
-from ppl_vae.pipeline import Run, load_data, load_run
-
-SPLITS = ("test", "train")
+from ppl_vae.pipeline import Run, load_run
+from ppl_vae.reports.common import CSS, Selection, figure_to_data_uri, run_out_dir, select_datapoints
 
 COMPARE_FILES = {
     "report": "report.html",
@@ -43,67 +40,6 @@ COMPARE_FILES = {
     "diagnostics_netcdf": "diagnostics.nc",
     "inference_data": "inference_data.nc",
 }
-
-
-@dataclass
-class Selection:
-    """The datapoints analysed: ``x`` ``(N, ...)``, their ``labels`` (or None), indices in the
-    split, and ``preprocessing``: what was done to them beyond loading (recorded in results)."""
-
-    x: Tensor
-    labels: Optional[Tensor]
-    index: np.ndarray
-    split: str
-    preprocessing: str = "none"
-
-    def model_kwargs(self, run: Run) -> Dict[str, Tensor]:
-        """``{"y": labels}`` when the dataset has labels (the model contract: models that
-        ignore labels ignore ``y``; a conditional model without them says so itself)."""
-        return {} if self.labels is None else {"y": self.labels}
-
-
-def select_datapoints(run: Run, split: str = "test", num_datapoints: Optional[int] = None,
-                      seed: int = 0) -> Selection:
-    """Load the run's data and pick ``num_datapoints`` of ``split`` (all when None; a seeded subset).
-
-    Every split is scored as the model sees data: with dynamic binarization the training set
-    is held as grey levels and binarized afresh for each minibatch, so here its selected points
-    are binarized once, x ~ Bernoulli(grey level) with a generator seeded by ``seed``, as the
-    test set was at load time; a Bernoulli likelihood never scores grey levels.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if num_datapoints is not None and num_datapoints < 1:
-        raise ValueError(f"num_datapoints must be >= 1, got {num_datapoints}")
-    data = load_data(run.config)
-    x = data.test if split == "test" else data.train
-    labels = data.test_labels if split == "test" else data.train_labels
-    n = x.shape[0]
-    if num_datapoints is None or num_datapoints >= n:
-        index = np.arange(n)
-    else:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:num_datapoints]
-        index = np.sort(perm.numpy())
-    device = next(run.vae.parameters()).device
-    idx = torch.as_tensor(index)
-    x, preprocessing = x[idx], "none"
-    if split == "train" and getattr(data, "dynamic_binarization", False):
-        x = torch.bernoulli(x, generator=torch.Generator().manual_seed(seed))
-        preprocessing = f"dynamic binarization: x ~ Bernoulli(grey level), drawn once with seed {seed}"
-    elif getattr(data, "dynamic_binarization", False):
-        preprocessing = "dynamic binarization: binarized once at load time (the dataset's fixed test draw)"
-    elif run.config.data.binarize != "none":
-        preprocessing = f"binarize = {run.config.data.binarize}"
-    return Selection(x.to(device), None if labels is None else labels[idx].to(device), index, split, preprocessing)
-
-
-def _check_out_dir(run: Run, out_dir: Optional[Path]) -> Path:
-    """The folder for results (default: the run directory), created; refused before any work
-    when it names an existing file (:func:`ppl_vae.analysis.evaluation.check_out_dir`)."""
-    from ppl_vae.analysis.evaluation import check_out_dir
-
-    return check_out_dir(Path(run.run_dir) if out_dir is None else Path(out_dir), "out_dir")
-
 
 
 @dataclass
@@ -146,7 +82,7 @@ def compare_run(
     if num_draws < 1:
         raise ValueError(f"num_draws must be >= 1, got {num_draws}")
     run = load_run(run_dir, device)
-    out = _check_out_dir(run, out_dir)
+    out = run_out_dir(run, out_dir)
     vae = run.vae
     sel = select_datapoints(run, split, num_datapoints, seed)
     kwargs = sel.model_kwargs(run)
@@ -261,25 +197,6 @@ def _report_figures(run: Run, sel: Selection, gaps: xr.Dataset, diagnostics: xr.
     return figures
 
 
-def figure_to_data_uri(fig: Figure, dpi: int = 100) -> str:
-    """A figure as a ``data:image/png;base64,...`` URI (the figure is closed)."""
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-_CSS = """
-body { font-family: system-ui, sans-serif; max-width: 60em; margin: 2em auto; color: #222; line-height: 1.4; }
-table { border-collapse: collapse; margin: 1em 0; } td, th { padding: 0.2em 0.8em; border-bottom: 1px solid #ddd; }
-th { text-align: left; } td { text-align: right; font-variant-numeric: tabular-nums; } td.text { text-align: left; }
-img { max-width: 100%; } .note { color: #666; font-size: 0.9em; } code { background: #f4f4f4; }
-.warning { background: #fff4e5; border-left: 4px solid #e69500; padding: 0.4em 0.8em; margin: 0.5em 0; }
-.lead { background: #f3f6fa; border-left: 4px solid #4a78b0; padding: 0.6em 1em; }
-"""
-
 GAP_EXPLANATION = (
     "<p><b>What the gaps mean.</b> For each datapoint, the <i>inference gap</i> log p(x) − L[q] is how far "
     "the ELBO of the trained encoder's q(z|x) falls short of the model's evidence. Cremer, Li &amp; Duvenaud "
@@ -330,7 +247,7 @@ def render_html(run: Run, sel: Selection, comparison: Comparison, figures: List[
     converged = gaps.attrs["meanfield_num_converged"]
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-        f"<title>ppl-vae compare: {esc(str(run.run_dir))}</title><style>{_CSS}</style></head><body>",
+        f"<title>ppl-vae compare: {esc(str(run.run_dir))}</title><style>{CSS}</style></head><body>",
         f"<h1>Inference comparison: {esc(cfg.model.model)} on {esc(cfg.data.dataset)}</h1>",
         f"<div class='lead'>{GAP_EXPLANATION}</div>",
     ]

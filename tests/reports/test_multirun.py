@@ -1,4 +1,4 @@
-"""Several runs on the same datapoints: paired differences (ppl_vae.analysis.multirun, ppl-vae compare RUN...)."""
+"""Several runs on the same datapoints: paired differences (ppl_vae.reports.multirun, ppl-vae compare RUN...)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from ppl_vae import pipeline
 from ppl_vae.analysis import results
-from ppl_vae.analysis.multirun import compare_runs, paired_table, plot_paired_differences
+from ppl_vae.reports.multirun import compare_runs, paired_table, plot_paired_differences
 from ppl_vae.cli.main import cli
 from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from tests.conftest import one_line_error

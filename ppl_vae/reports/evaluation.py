@@ -1,7 +1,7 @@
 """log p(x) of a run's datapoints by importance sampling, AIS or BDMC, with what each number is.
 
 :func:`evaluate_run` loads a run directory, picks the datapoints of a split (the same selection
-as ``compare``: :func:`ppl_vae.analysis.report.select_datapoints`) and computes, per datapoint,
+as ``compare``: :func:`ppl_vae.reports.common.select_datapoints`) and computes, per datapoint,
 
 - ``method="iw"``: the importance-weighted bound with K samples of the run's guide (Burda et
   al. 2015), its standard error, the ELBO, the ESS and PSIS k̂ of the weights;
@@ -16,7 +16,6 @@ Every variable of the saved netCDF has an attribute ``bound`` ("lower bound", "u
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
@@ -26,6 +25,7 @@ import pyro
 import xarray as xr
 
 from ppl_vae.analysis import results
+from ppl_vae.reports.common import check_out_dir  # noqa: F401  (re-exported for the CLI)
 
 METHODS = ("iw", "ais", "bdmc")
 FILES = {
@@ -35,20 +35,6 @@ FILES = {
 }
 KHAT_THRESHOLD = 0.7  # Vehtari et al. (2024): above it the IW estimate is unreliable
 MIN_IW_ESS = 10.0
-
-
-def check_out_dir(out: Path, name: str = "out_dir") -> Path:
-    """Create the folder ``out`` if needed; a one-line ValueError naming ``name`` when it cannot hold files."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{name} {out} is an existing file; give a folder (it is created if missing)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"{name} {out} cannot be created: {exc.strerror or exc}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise ValueError(f"{name} {out} is not writable")
-    return out
 
 
 def _mean_se(v: xr.DataArray) -> str:
@@ -190,7 +176,7 @@ def evaluate_run(
     "linear", ``ais_start`` "prior" or "guide" (anneal from q(z|x)). Files go to ``out_dir``
     (default: the run directory), checked before any work is done.
     """
-    from ppl_vae.analysis.report import select_datapoints
+    from ppl_vae.reports.common import select_datapoints
     from ppl_vae.inference.ais import AISSettings, ais_log_likelihood, bdmc, simulate_data
     from ppl_vae.inference.importance import importance_estimate
     from ppl_vae.pipeline import load_run

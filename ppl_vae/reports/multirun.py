@@ -36,6 +36,8 @@ from ppl_vae.inference.meanfield import fit_mean_field
 from ppl_vae.inference.modes import eval_mode
 from ppl_vae.io import write_text
 from ppl_vae.pipeline import load_run
+from ppl_vae.reports.common import CSS, figure_to_data_uri, run_out_dir, select_datapoints
+from ppl_vae.reports.compare import estimate_warnings
 
 ESTIMATOR_CHOICES = ("mis", "iw")
 MULTIRUN_FILES = {"report": "report.html", "netcdf": "multirun.nc", "table_csv": "multirun_table.csv",
@@ -71,7 +73,6 @@ def _run_names(run_dirs: Sequence[Path]) -> List[str]:
 def _score_run(run, sel, estimator: str, num_samples: int, batch_size: int,
                mean_field_options: Dict[str, Any], progress: bool) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray], List[str]]:
     """(values, stderrs, warnings) per quantity of :data:`QUANTITIES` ``[estimator]``, each ``(N,)``."""
-    from ppl_vae.analysis.report import estimate_warnings
 
     vae = run.vae
     kwargs = sel.model_kwargs(run)
@@ -122,7 +123,6 @@ def compare_runs(
     the first run directory): ``multirun.nc`` (values over run, datapoint, quantity),
     ``multirun_table.csv`` and ``report.html``.
     """
-    from ppl_vae.analysis.report import _check_out_dir, select_datapoints
 
     if estimator not in ESTIMATOR_CHOICES:
         raise ValueError(f"estimator must be one of {', '.join(ESTIMATOR_CHOICES)}, got {estimator!r}")
@@ -132,7 +132,7 @@ def compare_runs(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     runs = [load_run(Path(p), device) for p in run_dirs]
     names = _run_names(run_dirs)
-    out = _check_out_dir(runs[0], Path(run_dirs[0]) / "multirun" if out_dir is None else Path(out_dir))
+    out = run_out_dir(runs[0], Path(run_dirs[0]) / "multirun" if out_dir is None else Path(out_dir))
     selections = [select_datapoints(run, split, num_datapoints, seed) for run in runs]
     ref = selections[0]
     for name, sel in zip(names[1:], selections[1:]):
@@ -271,7 +271,6 @@ def plot_paired_differences(ds: xr.Dataset):
 
 def render_multirun_html(comparison: MultiComparison) -> str:
     """One self-contained HTML page: what is compared, the paired table, the figure, warnings."""
-    from ppl_vae.analysis.report import _CSS, figure_to_data_uri
 
     ds, table = comparison.values, comparison.table
     esc = html.escape
@@ -283,7 +282,7 @@ def render_multirun_html(comparison: MultiComparison) -> str:
            "lower bound on log p(x), and the ELBO L[q]")
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-        f"<title>ppl-vae compare: {len(ds.run)} runs</title><style>{_CSS}</style></head><body>",
+        f"<title>ppl-vae compare: {len(ds.run)} runs</title><style>{CSS}</style></head><body>",
         f"<h1>Comparison of {ds.sizes['run']} runs on the same datapoints</h1>",
         "<div class='lead'><p><b>How to read this.</b> Every run is scored on the same "
         f"{ds.sizes['datapoint']} {esc(ds.attrs['split'])} datapoints (preprocessing: "

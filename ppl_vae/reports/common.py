@@ -1,0 +1,117 @@
+"""What every driver that reads a run directory shares: which datapoints are scored, where
+results go, and the HTML pieces of the reports.
+
+:func:`select_datapoints` is the one rule, shared by ``evaluate``, ``compare`` and the
+multi-run comparison, for which datapoints of a split are scored and how.
+:func:`check_out_dir` / :func:`run_out_dir` refuse an output folder that cannot hold files
+before any work is done.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from ppl_vae.pipeline import Run, load_data
+
+SPLITS = ("test", "train")
+
+
+@dataclass
+class Selection:
+    """The datapoints analysed: ``x`` ``(N, ...)``, their ``labels`` (or None), indices in the
+    split, and ``preprocessing``: what was done to them beyond loading (recorded in results)."""
+
+    x: Tensor
+    labels: Optional[Tensor]
+    index: np.ndarray
+    split: str
+    preprocessing: str = "none"
+
+    def model_kwargs(self, run: Run) -> Dict[str, Tensor]:
+        """``{"y": labels}`` when the dataset has labels (the model contract: models that
+        ignore labels ignore ``y``; a conditional model without them says so itself)."""
+        return {} if self.labels is None else {"y": self.labels}
+
+
+def select_datapoints(run: Run, split: str = "test", num_datapoints: Optional[int] = None,
+                      seed: int = 0) -> Selection:
+    """Load the run's data and pick ``num_datapoints`` of ``split`` (all when None; a seeded subset).
+
+    Every split is scored as the model sees data: with dynamic binarization the training set
+    is held as grey levels and binarized afresh for each minibatch, so here its selected points
+    are binarized once, x ~ Bernoulli(grey level) with a generator seeded by ``seed``, as the
+    test set was at load time; a Bernoulli likelihood never scores grey levels.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if num_datapoints is not None and num_datapoints < 1:
+        raise ValueError(f"num_datapoints must be >= 1, got {num_datapoints}")
+    data = load_data(run.config)
+    x = data.test if split == "test" else data.train
+    labels = data.test_labels if split == "test" else data.train_labels
+    n = x.shape[0]
+    if num_datapoints is None or num_datapoints >= n:
+        index = np.arange(n)
+    else:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:num_datapoints]
+        index = np.sort(perm.numpy())
+    device = next(run.vae.parameters()).device
+    idx = torch.as_tensor(index)
+    x, preprocessing = x[idx], "none"
+    if split == "train" and getattr(data, "dynamic_binarization", False):
+        x = torch.bernoulli(x, generator=torch.Generator().manual_seed(seed))
+        preprocessing = f"dynamic binarization: x ~ Bernoulli(grey level), drawn once with seed {seed}"
+    elif getattr(data, "dynamic_binarization", False):
+        preprocessing = "dynamic binarization: binarized once at load time (the dataset's fixed test draw)"
+    elif run.config.data.binarize != "none":
+        preprocessing = f"binarize = {run.config.data.binarize}"
+    return Selection(x.to(device), None if labels is None else labels[idx].to(device), index, split, preprocessing)
+
+
+def check_out_dir(out: Path, name: str = "out_dir") -> Path:
+    """Create the folder ``out`` if needed; a one-line ValueError naming ``name`` when it cannot hold files."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{name} {out} is an existing file; give a folder (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{name} {out} cannot be created: {exc.strerror or exc}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} {out} is not writable")
+    return out
+
+
+def run_out_dir(run: Run, out_dir: Optional[Path]) -> Path:
+    """The folder for a run's results (default: the run directory), checked by :func:`check_out_dir`."""
+    return check_out_dir(Path(run.run_dir) if out_dir is None else Path(out_dir), "out_dir")
+
+
+def figure_to_data_uri(fig: Figure, dpi: int = 100) -> str:
+    """A figure as a ``data:image/png;base64,...`` URI (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; max-width: 60em; margin: 2em auto; color: #222; line-height: 1.4; }
+table { border-collapse: collapse; margin: 1em 0; } td, th { padding: 0.2em 0.8em; border-bottom: 1px solid #ddd; }
+th { text-align: left; } td { text-align: right; font-variant-numeric: tabular-nums; } td.text { text-align: left; }
+img { max-width: 100%; } .note { color: #666; font-size: 0.9em; } code { background: #f4f4f4; }
+.warning { background: #fff4e5; border-left: 4px solid #e69500; padding: 0.4em 0.8em; margin: 0.5em 0; }
+.lead { background: #f3f6fa; border-left: 4px solid #4a78b0; padding: 0.6em 1em; }
+"""
