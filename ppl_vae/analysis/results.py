@@ -3,7 +3,8 @@
 :func:`guide_draws` draws z from each guide (the amortized q(z|x) and the mean-field q*)
 for a set of datapoints; :func:`to_inference_data` puts them in the groups ArviZ knows:
 
-- ``posterior``: ``z_<guide>`` over (chain, draw, datapoint, latent);
+- ``posterior``: ``<site>_<guide>`` for each latent site over (chain, draw, datapoint, latent)
+  (the latent dim is ``latent`` for site ``z``, ``<site>_latent`` for others);
 - ``log_likelihood``: ``x_<guide>`` = log p(x_i | z) per draw and datapoint;
 - ``sample_stats``: ``log_weight_<guide>`` = log p(x, z) - log q(z|x) per draw and datapoint
   (the importance weights behind the IW estimate of log p(x)).
@@ -38,9 +39,9 @@ def guide_draws(
     num_draws: int = 100,
     **kwargs: Any,
 ) -> Dict[str, Dict[str, Tensor]]:
-    """For each named guide, ``num_draws`` z ~ q(z|x) with log p(x|z) and log-weights.
+    """For each named guide, ``num_draws`` draws of every latent site with log p(x|z) and log-weights.
 
-    Returns ``{name: {"z": (S, N, d), "log_likelihood": (S, N), "log_weight": (S, N)}}``
+    Returns ``{name: {"latents": {site: (S, N, *event)}, "log_likelihood": (S, N), "log_weight": (S, N)}}``
     (see :func:`ppl_vae.inference.importance.importance_samples`).
     """
     return {name: importance_samples(model, g, x, num_samples=num_draws, **kwargs) for name, g in guides.items()}
@@ -59,13 +60,13 @@ def to_inference_data(
     dims: Dict[str, list] = {}
     n = None
     for name, d in draws.items():
-        z = d["z"].detach().double().cpu()
-        s, n = z.shape[0], z.shape[1]
-        z = z.reshape(s, n, -1).numpy()[None]  # (chain=1, draw, datapoint, latent)
-        posterior[f"z_{name}"] = z
+        for site, value in d["latents"].items():
+            z = value.detach().double().cpu()
+            s, n = z.shape[0], z.shape[1]
+            posterior[f"{site}_{name}"] = z.reshape(s, n, -1).numpy()[None]  # (chain=1, draw, datapoint, latent)
+            dims[f"{site}_{name}"] = ["datapoint", "latent" if site == "z" else f"{site}_latent"]
         log_lik[f"x_{name}"] = d["log_likelihood"].detach().double().cpu().numpy()[None]
         stats[f"log_weight_{name}"] = d["log_weight"].detach().double().cpu().numpy()[None]
-        dims[f"z_{name}"] = ["datapoint", "latent"]
         dims[f"x_{name}"] = ["datapoint"]
         dims[f"log_weight_{name}"] = ["datapoint"]
     coords = {"datapoint": np.arange(n) if datapoint is None else np.asarray(datapoint)}

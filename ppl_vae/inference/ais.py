@@ -29,8 +29,10 @@ adaptation pushed log p̂ about 0.01-0.03 nat ABOVE the exact log p(x) at T = 50
 BDMC's reverse chains reuse the forward pilot's step sizes, temperature by temperature.
 
 Works for any model/guide pair that keeps the library's contract (datapoints in
-``pyro.plate("data")``, latent site ``"z"``, observed ``"x"``): chains and datapoints are
-flattened to ``C * N`` rows of one plate, so the model is called once per leapfrog step.
+``pyro.plate("data")``, latent sites in it, observed ``"x"``): the chains move the flat vector of
+every continuous latent site (:mod:`ppl_vae.inference.latents`), discrete sites the model marks
+for enumeration are summed out, and chains and datapoints are flattened to ``C * N`` rows of
+one plate, so the model is called once per leapfrog step.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ from pyro import poutine
 from pyro.ops.integrator import potential_grad, velocity_verlet
 from torch import Tensor
 
-from ppl_vae.inference.marginal import log_prior_and_likelihood
-from ppl_vae.inference.modes import in_eval_mode
+from ppl_vae.inference.latents import Layout, flat_terms, model_layout
+from ppl_vae.inference.modes import in_eval_mode, rows, seeded
+from ppl_vae.inference.stats import log_mean_exp_stats
 
 
 def sigmoid_schedule(num_steps: int, delta: float = 4.0) -> Tensor:
@@ -76,37 +79,56 @@ def _rows(v: Any, n: int, num_chains: int) -> Any:
 
 
 class _Path:
-    """The geometric path from f_0 (prior or guide) to p(x, z) over ``C * N`` flattened rows."""
+    """The geometric path from f_0 (prior or guide) to p(x, z) over ``C * N`` flattened rows.
+
+    z is the flat vector of every continuous latent site (:class:`~ppl_vae.inference.latents.Layout`);
+    discrete sites the model marks for enumeration are summed out in every density.
+    """
 
     def __init__(self, model: Callable, guide: Optional[Callable], x: Tensor, num_chains: int,
-                 kwargs: Dict[str, Any]):
+                 kwargs: Dict[str, Any], layout: Layout):
         n = x.shape[0]
         self.model = model
+        self.guide = guide
+        self.layout = layout
         self.x = _rows(x, n, num_chains)
         self.kwargs = {k: _rows(v, n, num_chains) for k, v in kwargs.items()}
         self.q = None
         if guide is not None:
             with torch.no_grad():  # q's parameters are constants for the chains
-                trace = poutine.trace(guide).get_trace(self.x, **self.kwargs)
-            if "z" not in trace.nodes:
-                raise ValueError("the guide has no sample site 'z'")
-            self.q = trace.nodes["z"]["fn"]
-            self._q_sample = trace.nodes["z"]["value"].detach()
+                trace = poutine.trace(poutine.block(guide, hide_types=["param"])).get_trace(self.x, **self.kwargs)
+            latents = {}
+            for site in layout.sites:
+                if site.name not in trace.nodes:
+                    raise ValueError(f"the guide has no sample site {site.name!r}, a latent site of the model")
+                latents[site.name] = trace.nodes[site.name]["value"].detach()
+            self._q_sample = layout.join(latents, 1)
+            if len(layout.sites) == 1:  # one site: its distribution is fixed, score it directly
+                self.q = trace.nodes[layout.sites[0].name]["fn"]
+
+    def log_q(self, z: Tensor) -> Tensor:
+        """log q(latents | x) of the guide at ``z`` ``(C * N, size)``."""
+        if self.q is not None:
+            return self.q.log_prob(self.layout.split(z)[self.layout.sites[0].name])
+        conditioned = poutine.condition(poutine.block(self.guide, hide_types=["param"]), data=self.layout.split(z))
+        trace = poutine.trace(conditioned).get_trace(self.x, **self.kwargs)
+        trace.compute_log_prob()
+        return sum(trace.nodes[s.name]["log_prob"] for s in self.layout.sites)
 
     def sample_start(self) -> Tensor:
         """z_0 ~ f_0 for every row."""
-        if self.q is not None:
+        if self.guide is not None:
             return self._q_sample
         with torch.no_grad():
-            trace = poutine.trace(self.model).get_trace(self.x, **self.kwargs)
-        return trace.nodes["z"]["value"].detach()
+            trace = poutine.trace(poutine.block(self.model, hide_types=["param"])).get_trace(self.x, **self.kwargs)
+        return self.layout.join({s.name: trace.nodes[s.name]["value"].detach() for s in self.layout.sites}, 1)
 
     def terms(self, z: Tensor) -> Tuple[Tensor, Tensor]:
         """(log f_0(z), log p(x, z) - log f_0(z)), each ``(C * N,)``; log f_beta = first + beta * second."""
-        log_prior, log_lik = log_prior_and_likelihood(self.model, self.x, z, **self.kwargs)
-        if self.q is None:
+        log_prior, log_lik = flat_terms(self.model, self.x, z, self.layout, **self.kwargs)
+        if self.guide is None:
             return log_prior, log_lik
-        log_q = self.q.log_prob(z)
+        log_q = self.log_q(z)
         return log_q, log_prior + log_lik - log_q
 
 
@@ -203,22 +225,6 @@ def _betas(num_steps: int, schedule: str) -> Tensor:
     return SCHEDULES[schedule](int(num_steps))
 
 
-def log_mean_exp_stats(log_w: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """(log mean w, its delta-method standard error, ESS) over dim 0 of ``log_w`` ``(C, N)``.
-
-    se = sqrt(Var(w) / C) / mean(w) = sqrt((1/ESS - 1/C) C / (C - 1)), ESS = (sum w)^2 / sum w^2
-    (Kong 1992); the se is NaN for C = 1.
-    """
-    c = log_w.shape[0]
-    lse = torch.logsumexp(log_w, 0)
-    ess = (2 * lse - torch.logsumexp(2 * log_w, 0)).exp()
-    if c > 1:
-        se = ((1.0 / ess - 1.0 / c).clamp_min(0.0) * c / (c - 1)).sqrt()
-    else:
-        se = torch.full_like(lse, math.nan)
-    return lse - math.log(c), se, ess
-
-
 @dataclass(frozen=True)
 class AISSettings:
     """How the annealing runs, shared by :func:`ais_log_likelihood` and :func:`bdmc`.
@@ -271,6 +277,12 @@ def _run(model: Callable, guide: Optional[Callable], x: Tensor, betas: Tensor, s
         raise ValueError("x holds no datapoints")
     if initial_z is not None and initial_z.shape[0] != n:
         raise ValueError(f"initial_z must have one row per datapoint ({n}), got shape {tuple(initial_z.shape)}")
+    layout = model_layout(model, x, **kwargs)
+    if not layout.sites:
+        raise ValueError("the model has no continuous latent site to anneal")
+    if initial_z is not None and tuple(initial_z.shape[1:]) != (layout.size,):
+        raise ValueError(f"initial_z must be the flat latent vector ({layout.size} numbers: sites "
+                         f"{', '.join(layout.names)}), got shape {tuple(initial_z.shape)}")
     pilot = adaptation == "pilot" and log_steps is None
     opts = dict(num_leapfrog_steps=num_leapfrog_steps, step_size_jitter=step_size_jitter, step_size=step_size,
                 target_accept_prob=target_accept_prob)
@@ -282,16 +294,16 @@ def _run(model: Callable, guide: Optional[Callable], x: Tensor, betas: Tensor, s
             sl = slice(start, start + batch_size)
             xb = x[sl]
             nb = xb.shape[0]
-            kw = {k: (v[sl] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v) for k, v in kwargs.items()}
+            kw = {k: rows(v, n, sl) for k, v in kwargs.items()}
             steps = None if log_steps is None else log_steps[:, sl]
             if adaptation == "none" and steps is None:
                 steps = torch.full((max(len(betas) - 2, 0), nb), math.log(step_size), dtype=torch.float64,
                                    device=x.device)
             if pilot:  # its weights are discarded: only the step sizes it found are kept
-                pilot_path = _Path(model, guide, xb, pilot_chains, kw)
+                pilot_path = _Path(model, guide, xb, pilot_chains, kw, layout)
                 steps = _anneal(pilot_path, pilot_path.sample_start(), betas, num_chains=pilot_chains, bar=bar,
                                 **opts).log_steps
-            path = _Path(model, guide, xb, num_chains, kw)
+            path = _Path(model, guide, xb, num_chains, kw, layout)
             z0 = path.sample_start() if initial_z is None else _rows(initial_z[sl].detach(), nb, num_chains)
             parts.append(_anneal(path, z0.detach(), betas, num_chains=num_chains, log_steps=steps, bar=bar, **opts))
     return _Annealed(torch.cat([p.log_weight for p in parts], 1), torch.cat([p.accept_rate for p in parts]),
@@ -327,8 +339,10 @@ def ais_log_likelihood(
     ``num_chains`` independent chains per datapoint, ``num_steps`` temperatures, one HMC
     transition per temperature (see :class:`AISSettings`). ``guide=None`` anneals from the prior p(z); a guide q(z|x) starts
     the chains at q and anneals q^(1-beta) p(x,z)^beta, usually far shorter a path. Tensor
-    kwargs with one row per datapoint (labels ``y``) are passed to model and guide. ``seed``
-    seeds Pyro's RNGs first.
+    kwargs with one row per datapoint (labels ``y``) are passed to model and guide. ``seed``:
+    the chains' own random stream (the caller's RNG state is left as it was; None draws from
+    the caller's stream). z is the flat vector of every continuous latent site (each with its
+    own event shape); discrete sites the model marks for enumeration are summed out.
 
     Variables over dim ``datapoint`` (each with an attribute ``bound``):
 
@@ -340,10 +354,9 @@ def ais_log_likelihood(
     - ``log_weight`` over (``chain``, ``datapoint``): each chain's log-weight.
     """
     betas = _betas(num_steps, settings.schedule)
-    if seed is not None:
-        pyro.set_rng_seed(seed)
-    res = _run(model, guide, x, betas, settings, num_chains=num_chains, initial_z=None, progress=progress,
-               desc=f"AIS T={num_steps}", kwargs=kwargs)
+    with seeded(seed, x.device):
+        res = _run(model, guide, x, betas, settings, num_chains=num_chains, initial_z=None, progress=progress,
+                   desc=f"AIS T={num_steps}", kwargs=kwargs)
     log_px, se, ess = log_mean_exp_stats(res.log_weight)
     n = x.shape[0]
     ds = xr.Dataset(
@@ -383,18 +396,33 @@ def _describe(ds: xr.Dataset, info: Dict[str, Tuple[str, str]]) -> None:
 
 
 @torch.no_grad()
-def simulate_data(model: Callable, x_like: Tensor, **kwargs: Any) -> Tuple[Tensor, Tensor]:
+def simulate_data(model: Callable, x_like: Tensor, *, seed: Optional[int] = None, **kwargs: Any) -> Tuple[Tensor, Tensor]:
     """(x, z*) drawn from the model, z* ~ p(z) and x ~ p(x|z*), one per row of ``x_like``.
 
     ``x_like`` only fixes the number and shape of the datapoints (the model is run with its
-    observed site unconditioned). z* is then an exact sample of p(z|x), which BDMC's reverse
-    chain needs (Grosse et al. 2015).
+    observed site unconditioned). z* ``(N, size)`` is the flat vector of every continuous latent
+    site, an exact sample of p(z|x), which BDMC's reverse chain needs (Grosse et al. 2015). A
+    discrete site the model sums out is drawn too and forgotten, so z* is still exact for the
+    marginal posterior over the continuous sites.
     """
-    trace = poutine.trace(poutine.uncondition(model)).get_trace(x_like, **kwargs)
-    for site in ("x", "z"):
-        if site not in trace.nodes:
-            raise ValueError(f"the model has no sample site {site!r}")
-    return trace.nodes["x"]["value"].detach(), trace.nodes["z"]["value"].detach()
+    layout = model_layout(model, x_like, **kwargs)
+    with seeded(seed, x_like.device):
+        trace = poutine.trace(poutine.uncondition(poutine.block(model, hide_types=["param"]))).get_trace(x_like, **kwargs)
+    if "x" not in trace.nodes:
+        raise ValueError("the model has no sample site 'x'")
+    return trace.nodes["x"]["value"].detach(), layout.join({s.name: trace.nodes[s.name]["value"].detach()
+                                                            for s in layout.sites}, 1)
+
+
+def _bdmc_pair(model: Callable, guide: Optional[Callable], x: Tensor, z_exact: Tensor, betas: Tensor,
+               settings: AISSettings, steps: int, opts: Dict[str, Any]) -> Tuple[_Annealed, _Annealed]:
+    """The forward chains from f_0 and the reverse chains from the exact posterior sample."""
+    fwd = _run(model, guide, x, betas, settings, initial_z=None, desc=f"BDMC forward T={steps}", **opts)
+    # the reverse chains meet the temperatures in reverse order: reuse the forward step sizes
+    reuse = None if settings.adaptation == "online" else fwd.log_steps.flip(0)
+    rev = _run(model, guide, x, betas.flip(0), settings, initial_z=z_exact, desc=f"BDMC reverse T={steps}",
+               log_steps=reuse, **opts)
+    return fwd, rev
 
 
 @in_eval_mode("model")
@@ -427,18 +455,13 @@ def bdmc(
         raise ValueError("step_counts must name at least one number of steps")
     if z_exact.shape[0] != x.shape[0]:
         raise ValueError(f"z_exact must have one row per datapoint ({x.shape[0]}), got {tuple(z_exact.shape)}")
-    if seed is not None:
-        pyro.set_rng_seed(seed)
     opts = dict(num_chains=num_chains, progress=progress, kwargs=kwargs)
     out: Dict[str, list] = {k: [] for k in ("lower", "lower_stderr", "upper", "upper_stderr",
                                             "forward_accept_rate", "reverse_accept_rate")}
-    for steps in step_counts:
+    for i, steps in enumerate(step_counts):
         betas = _betas(steps, settings.schedule)
-        fwd = _run(model, guide, x, betas, settings, initial_z=None, desc=f"BDMC forward T={steps}", **opts)
-        # the reverse chains meet the temperatures in reverse order: reuse the forward step sizes
-        reuse = None if settings.adaptation == "online" else fwd.log_steps.flip(0)
-        rev = _run(model, guide, x, betas.flip(0), settings, initial_z=z_exact, desc=f"BDMC reverse T={steps}",
-                   log_steps=reuse, **opts)
+        with seeded(None if seed is None else seed + i, x.device):
+            fwd, rev = _bdmc_pair(model, guide, x, z_exact, betas, settings, steps, opts)
         lower, lower_se, _ = log_mean_exp_stats(fwd.log_weight)
         neg_upper, upper_se, _ = log_mean_exp_stats(rev.log_weight)
         for k, v in (("lower", lower), ("lower_stderr", lower_se), ("upper", -neg_upper),

@@ -10,58 +10,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import xarray as xr
+from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from ppl_vae.inference.fused import fused_log_weights, fused_pair_owner
-from ppl_vae.inference.modes import in_eval_mode
+from ppl_vae.inference.latents import log_importance_weights  # noqa: F401  (re-exported: the public name)
+from ppl_vae.inference.modes import batches, block_seed, in_eval_mode, seeded
 from ppl_vae.inference.stats import psis_khat
 from ppl_vae.inference.traces import PARTICLE_PLATE, log_probs, trace_pair  # noqa: F401 (PARTICLE_PLATE re-exported)
 
 
 
-def log_importance_weights(
-    model: Callable,
-    guide: Callable,
-    x: Tensor,
-    *args: Any,
-    num_particles: int = 1,
-    max_plate_nesting: int = 1,
-    **kwargs: Any,
-) -> Tensor:
-    """log p(x, z_k) - log q(z_k | x), shape ``(num_particles, num_datapoints)``.
-
-    ``model(x, *args, **kwargs)`` and ``guide(...)`` put datapoints in ``pyro.plate("data")``
-    at dim -1 (or inside ``max_plate_nesting`` plates); the particles live in one more plate
-    to the left, so the guide's networks run once per datapoint, not once per particle.
-    """
-    if num_particles < 1:
-        raise ValueError(f"num_particles must be >= 1, got {num_particles}")
-    owner = None if args or set(kwargs) - {"y"} else fused_pair_owner(model, guide)  # base VAEs ignore y
-    if owner is not None:  # a parts-based VAE: the same weights without Pyro's tracing
-        return fused_log_weights(owner, x, num_particles)
-    model_trace, guide_trace = trace_pair(model, guide, x, *args, num_particles=num_particles,
-                                          max_plate_nesting=max_plate_nesting, **kwargs)
-    return log_probs(model_trace, guide_trace, (num_particles, x.shape[0])).log_weight
-
-
-def _batches(x: Tensor, kwargs: Dict[str, Any], batch_size: int) -> Iterator[Tuple[Tensor, Dict[str, Any]]]:
-    """Slices of ``x`` and of every tensor kwarg that has one row per datapoint."""
-    n = x.shape[0]
-    for start in range(0, n, batch_size):
-        sl = slice(start, start + batch_size)
-        batch_kwargs = {
-            k: (v[sl] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v)
-            for k, v in kwargs.items()
-        }
-        yield x[sl], batch_kwargs
-
-
 @torch.no_grad()
+@in_eval_mode("model", "guide")
 def elbo_per_datapoint(
     model: Callable,
     guide: Callable,
@@ -72,12 +37,13 @@ def elbo_per_datapoint(
     max_plate_nesting: int = 1,
     **kwargs: Any,
 ) -> Tensor:
-    """Monte Carlo ELBO of each datapoint, E_q[log p(x,z) - log q(z|x)], shape ``(N,)``."""
+    """Monte Carlo ELBO of each datapoint, E_q[log p(x,z) - log q(z|x)], shape ``(N,)``, with the
+    model and guide in eval mode (their modes restored)."""
     parts = [
         log_importance_weights(
             model, guide, xb, num_particles=num_particles, max_plate_nesting=max_plate_nesting, **kw
         ).mean(0)
-        for xb, kw in _batches(x, kwargs, batch_size)
+        for xb, kw in batches(x, kwargs, batch_size)
     ]
     return torch.cat(parts)
 
@@ -232,6 +198,7 @@ def importance_estimate(
     max_plate_nesting: int = 1,
     progress: bool = False,
     tail_diagnostic: bool = True,
+    seed: Optional[int] = None,
     **kwargs: Any,
 ) -> ImportanceEstimate:
     """Importance-weighted log p(x), ELBO, standard errors and ESS per datapoint (Burda et al. 2015).
@@ -242,7 +209,10 @@ def importance_estimate(
     bounded for the IWAE protocol's K = 5000. Tensor kwargs with one row per datapoint (e.g.
     labels ``y``) are sliced with ``x``. ``progress`` shows a tqdm bar over chunks.
     ``tail_diagnostic`` also computes PSIS k̂ per datapoint, which keeps one batch's K
-    log-weights in memory (``batch_size * num_samples`` float64 values).
+    log-weights in memory (``batch_size * num_samples`` float64 values). ``seed``: each batch
+    draws from its own stream seeded by (seed, its first datapoint's index), so the result does
+    not depend on how datapoints are split across calls or processes, and the caller's RNG
+    state is left as it was; None draws from the caller's stream.
     """
     from tqdm.auto import tqdm
 
@@ -258,17 +228,18 @@ def importance_estimate(
     results, khats = [], []
     with tqdm(total=math.ceil(n / batch_size) * chunks, disable=not progress, desc=f"IW K={num_samples}",
               unit="chunk", dynamic_ncols=True) as bar:
-        for xb, kw in _batches(x, kwargs, batch_size):
+        for b, (xb, kw) in enumerate(batches(x, kwargs, batch_size)):
             acc = _WeightAccumulator(xb.shape[0], xb.device)
             kept = []
-            for start in range(0, num_samples, particle_batch_size):
-                k = min(particle_batch_size, num_samples - start)
-                log_w = log_importance_weights(model, guide, xb, num_particles=k,
-                                               max_plate_nesting=max_plate_nesting, **kw)
-                acc.add(log_w)
-                if tail_diagnostic:
-                    kept.append(log_w.detach().double().cpu())
-                bar.update(1)
+            with seeded(None if seed is None else block_seed(seed, b * batch_size), xb.device):
+                for start in range(0, num_samples, particle_batch_size):
+                    k = min(particle_batch_size, num_samples - start)
+                    log_w = log_importance_weights(model, guide, xb, num_particles=k,
+                                                   max_plate_nesting=max_plate_nesting, **kw)
+                    acc.add(log_w)
+                    if tail_diagnostic:
+                        kept.append(log_w.detach().double().cpu())
+                    bar.update(1)
             result = acc.result()
             if tail_diagnostic:
                 khats.append(torch.from_numpy(psis_khat(torch.cat(kept))).to(xb.device))
@@ -284,6 +255,7 @@ def _check_positive(name: str, value: int) -> None:
 
 
 @torch.no_grad()
+@in_eval_mode("model", "guide")
 def importance_samples(
     model: Callable,
     guide: Callable,
@@ -291,21 +263,24 @@ def importance_samples(
     *,
     num_samples: int,
     max_plate_nesting: int = 1,
-    latent_site: str = "z",
     **kwargs: Any,
-) -> Dict[str, Tensor]:
-    """Draws z_k ~ q(z|x) with their log-weights and log-likelihoods, for ArviZ results.
+) -> Dict[str, Any]:
+    """Draws of every latent site from q with their log-weights and log-likelihoods, for ArviZ.
 
-    Returns ``z`` ``(K, N, *latent_shape)``, ``log_weight`` ``(K, N)`` = log p(x,z) - log q(z|x)
-    and ``log_likelihood`` ``(K, N)`` = log p(x|z), the sum over the model's observed sites.
+    Returns ``latents`` ``{site: (K, N, *event_shape)}`` (each site the guide samples),
+    ``log_weight`` ``(K, N)`` = log p(x, latents) - log q(latents | x) and ``log_likelihood``
+    ``(K, N)`` = log p(x | latents), the sum over the model's observed sites.
     """
     _check_positive("num_samples", num_samples)
     shape = (num_samples, x.shape[0])
     model_trace, guide_trace = trace_pair(model, guide, x, num_particles=num_samples,
                                           max_plate_nesting=max_plate_nesting, **kwargs)
-    if latent_site not in guide_trace.nodes:
-        raise ValueError(f"the guide has no sample site {latent_site!r}")
     lp = log_probs(model_trace, guide_trace, shape)
-    log_w, log_lik = lp.log_weight, lp.log_likelihood
-    z = guide_trace.nodes[latent_site]["value"]
-    return {"z": z.expand(shape + z.shape[len(shape):]), "log_weight": log_w, "log_likelihood": log_lik}
+    latents = {}
+    for name, site in guide_trace.nodes.items():
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
+            value = site["value"]
+            latents[name] = value.expand(shape + value.shape[value.dim() - len(site["fn"].event_shape):])
+    if not latents:
+        raise ValueError("the guide has no latent sample site")
+    return {"latents": latents, "log_weight": lp.log_weight, "log_likelihood": lp.log_likelihood}

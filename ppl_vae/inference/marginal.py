@@ -8,8 +8,9 @@ samples and estimate
 
 (a harmonic-mean-style estimator that, unlike the raw harmonic mean, has finite variance when
 q has lighter tails than the posterior). Here q is a full-covariance Gaussian fitted per
-datapoint. The model must follow the library's contract (``pyro.plate("data")``, latent site
-``"z"``), so the estimator needs no guide and also serves models trained by MCEM.
+datapoint. The model must follow the library's contract (``pyro.plate("data")``, latent sites
+in it; z below is the flat vector of all continuous latent sites), so the estimator needs no
+guide and also serves models trained by MCEM.
 
 All datapoints of a batch run in one HMC chain over their joint latent: the potential is a sum
 over datapoints, so the joint posterior is the product of the per-datapoint posteriors and
@@ -20,54 +21,38 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from pyro import distributions as dist
-from pyro import poutine
 from pyro.infer.mcmc import HMC, MCMC
 from torch import Tensor
 
-from ppl_vae.models.vae import VAE
+from ppl_vae.inference.latents import Layout, flat_log_joint, model_layout
+from ppl_vae.inference.modes import batches, seeded
 
 MAX_LATENT_DIM = 4  # appendix D: "valid for latent dimension < 5"
 
 
-def log_joint(model: Callable, x: Tensor, z: Tensor, **kwargs: Any) -> Tensor:
-    """log p(x, z) of each datapoint, shape ``(N,)``, with site ``"z"`` set to ``z`` ``(N, d)``.
+def _layout(model: Callable, x: Tensor, latent_dim: Optional[int], kwargs: Dict[str, Any]) -> Layout:
+    layout = model_layout(model, x, **kwargs)
+    if not layout.sites:
+        raise ValueError("the model has no continuous latent site")
+    if latent_dim is not None and latent_dim != layout.size:
+        raise ValueError(f"latent_dim {latent_dim} does not match the model's {layout.size} latent numbers "
+                         f"(sites {', '.join(layout.names)})")
+    return layout
 
-    For a :class:`~ppl_vae.models.vae.VAE`'s own ``model`` the parts are called directly
-    (same formula, without the cost of tracing, which dominates HMC's leapfrog steps);
-    any other model is traced.
+
+def log_joint(model: Callable, x: Tensor, z: Tensor, *, layout: Optional[Layout] = None, **kwargs: Any) -> Tensor:
+    """log p(x, z) of each datapoint, ``(*draws, N)``, at the flat latent point ``z``
+    ``(*draws, N, layout.size)`` (every continuous latent site, :mod:`ppl_vae.inference.latents`).
+
+    Pairs that offer the fast-path protocol are scored without tracing (tracing would dominate
+    HMC's leapfrog steps); any other model is traced.
     """
-    log_prior, log_lik = log_prior_and_likelihood(model, x, z, **kwargs)
-    return log_prior + log_lik
-
-
-def log_prior_and_likelihood(model: Callable, x: Tensor, z: Tensor, **kwargs: Any) -> Tuple[Tensor, Tensor]:
-    """(log p(z), log p(x | z)) of each datapoint, each ``(N,)``, with site ``"z"`` set to ``z``.
-
-    log p(z) sums the model's latent sample sites (``"z"`` and any other the model draws),
-    log p(x | z) its observed sites; both together are :func:`log_joint`. Annealed importance
-    sampling (:mod:`ppl_vae.inference.ais`) tempers the second term only.
-    """
-    owner = getattr(model, "__self__", None)
-    # VAE.model ignores the labels y that callers pass whenever the dataset has them
-    if isinstance(owner, VAE) and getattr(model, "__func__", None) is VAE.model and not set(kwargs) - {"y"}:
-        return owner.prior().log_prob(z), owner.likelihood(*owner.decoder(z)).log_prob(x)
-    conditioned = poutine.condition(model, data={"z": z})
-    trace = poutine.trace(conditioned).get_trace(x, **kwargs)
-    trace.compute_log_prob()
-    prior = x.new_zeros(x.shape[0])
-    lik = x.new_zeros(x.shape[0])
-    for site in trace.nodes.values():
-        if site["type"] == "sample":
-            lp = site["log_prob"].expand(x.shape[0])
-            if site["is_observed"] and site["name"] != "z":
-                lik = lik + lp
-            else:
-                prior = prior + lp
-    return prior, lik
+    layout = layout if layout is not None else model_layout(model, x, **kwargs)
+    return flat_log_joint(model, x, z, layout, **kwargs)
 
 
 class _FixedStepsHMC(HMC):
@@ -102,7 +87,7 @@ class HMCResult:
 def hmc_posterior(
     model: Callable,
     x: Tensor,
-    latent_dim: int,
+    latent_dim: Optional[int] = None,
     *,
     num_samples: int = 100,
     warmup_steps: int = 100,
@@ -111,6 +96,7 @@ def hmc_posterior(
     step_size: Optional[float] = None,
     initial_z: Optional[Tensor] = None,
     step_size_jitter: float = 0.2,
+    seed: Optional[int] = None,
     **kwargs: Any,
 ) -> HMCResult:
     """Samples of z ~ p(z|x) for each row of ``x`` by Pyro's HMC (AEVB appendix E settings).
@@ -120,8 +106,11 @@ def hmc_posterior(
     size is jittered uniformly by +-``step_size_jitter`` of the adapted one (Neal 2011, sec.
     5.4.2.2), since a fixed trajectory that is close to a period of the posterior's
     oscillation (Gaussian posteriors) barely moves the chain. The model's parameters are held
-    fixed: gradients are taken with respect to z only. ``initial_z`` ``(N, d)`` starts the
-    chain (default: zeros, the prior mode of a standard normal prior).
+    fixed: gradients are taken with respect to z only. z is the flat vector of every continuous
+    latent site (``latent_dim`` = its size, checked when given; discrete sites the model marks
+    for enumeration are summed out). ``initial_z`` ``(N, d)`` starts the chain (default: zeros,
+    the prior mode of a standard normal prior). ``seed``: the chain's own random stream (the
+    caller's RNG state is left as it was); None draws from the caller's stream.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -132,10 +121,12 @@ def hmc_posterior(
     if not 0.0 < target_accept_prob < 1.0:
         raise ValueError(f"target_accept_prob must lie in (0, 1), got {target_accept_prob}")
     n = x.shape[0]
+    layout = _layout(model, x, latent_dim, kwargs)
+    latent_dim = layout.size
     z0 = x.new_zeros(n, latent_dim) if initial_z is None else initial_z.detach().clone()
 
     def potential_fn(params):
-        return -log_joint(model, x, params["z"], **kwargs).sum()
+        return -flat_log_joint(model, x, params["z"], layout, **kwargs).sum()
 
     kernel = _FixedStepsHMC(
         num_steps,
@@ -158,7 +149,7 @@ def hmc_posterior(
 
     mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps,
                 initial_params={"z": z0}, disable_progbar=True, hook_fn=jitter)
-    with torch.enable_grad():
+    with torch.enable_grad(), seeded(seed, x.device):
         mcmc.run()
     samples = mcmc.get_samples()["z"].reshape(num_samples, n, latent_dim)
     if num_samples > 1:
@@ -182,7 +173,7 @@ def fit_gaussian(samples: Tensor, jitter: float = 1e-6) -> dist.MultivariateNorm
 def hmc_log_marginal(
     model: Callable,
     x: Tensor,
-    latent_dim: int,
+    latent_dim: Optional[int] = None,
     *,
     num_samples: int = 500,
     warmup_steps: int = 200,
@@ -190,6 +181,7 @@ def hmc_log_marginal(
     target_accept_prob: float = 0.9,
     batch_size: int = 100,
     progress: bool = False,
+    seed: Optional[int] = None,
     **kwargs: Any,
 ) -> Tensor:
     """AEVB appendix-D estimate of log p(x) for each row of ``x``, shape ``(N,)``.
@@ -200,6 +192,8 @@ def hmc_log_marginal(
     """
     from tqdm.auto import tqdm
 
+    layout = _layout(model, x, latent_dim, kwargs)
+    latent_dim = layout.size
     if not 1 <= latent_dim <= MAX_LATENT_DIM:
         raise ValueError(
             f"latent_dim must be between 1 and {MAX_LATENT_DIM} for the appendix-D estimator, got {latent_dim}"
@@ -207,17 +201,16 @@ def hmc_log_marginal(
     if num_samples < latent_dim + 2:
         raise ValueError(f"num_samples must be >= latent_dim + 2 to fit a covariance, got {num_samples}")
     parts = []
-    starts = range(0, x.shape[0], batch_size)
-    for start in tqdm(starts, disable=not progress, desc="appendix-D log p(x)", unit="batch", leave=False):
-        xb = x[start : start + batch_size]
-        kw = {k: (v[start : start + batch_size] if torch.is_tensor(v) and v.dim() and v.shape[0] == x.shape[0] else v)
-              for k, v in kwargs.items()}
+    bar = tqdm(batches(x, kwargs, batch_size), disable=not progress, desc="appendix-D log p(x)", unit="batch",
+               leave=False, total=math.ceil(x.shape[0] / batch_size))
+    for b, (xb, kw) in enumerate(bar):
         result = hmc_posterior(model, xb, latent_dim, num_samples=2 * num_samples, warmup_steps=warmup_steps,
-                               num_steps=num_steps, target_accept_prob=target_accept_prob, **kw)
+                               num_steps=num_steps, target_accept_prob=target_accept_prob,
+                               seed=None if seed is None else seed + b, **kw)
         fit_part, eval_part = result.samples[:num_samples], result.samples[num_samples:]
         q = fit_gaussian(fit_part)
         with torch.no_grad():
-            log_p = torch.stack([log_joint(model, xb, z, **kw) for z in eval_part])  # (L, N)
+            log_p = flat_log_joint(model, xb, eval_part, layout, **kw)  # (L, N)
             log_ratio = q.log_prob(eval_part) - log_p
             parts.append(-(torch.logsumexp(log_ratio, 0) - math.log(num_samples)))
     return torch.cat(parts)

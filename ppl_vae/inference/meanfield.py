@@ -29,31 +29,23 @@ import torch
 import xarray as xr
 from pyro import distributions as dist
 from pyro import poutine
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch import Tensor
 
-from ppl_vae.inference.fused import fused_elbo_loss, fused_model_owner
-from ppl_vae.inference.importance import (
-    ImportanceEstimate,
-    _batches,
-    _check_positive,
-    concat_estimates,
-    importance_estimate,
-)
-from ppl_vae.inference.modes import in_eval_mode
-from ppl_vae.inference.traces import log_probs, trace_pair
-from ppl_vae.registry import Registry
+from ppl_vae.inference.importance import ImportanceEstimate, _check_positive, concat_estimates, importance_estimate
+from ppl_vae.inference.latents import Layout, Site, guide_layout, log_joint, model_layout
+from ppl_vae.inference.modes import batches, in_eval_mode, seeded
 from ppl_vae.inference.plateau import Plateau
+from ppl_vae.registry import Registry
 
 Moments = Tuple[Tensor, Tensor]
 
 LATENT_SITE = "z"
 
-MEAN_FIELD_ELBOS: Registry[Callable[..., pyro.infer.ELBO]] = Registry("mean-field elbo")
-MEAN_FIELD_ELBOS.register("mean_field", doc="TraceMeanField_ELBO: analytic KL where one exists")(
-    TraceMeanField_ELBO
-)
-MEAN_FIELD_ELBOS.register("trace", doc="Trace_ELBO: Monte Carlo KL")(Trace_ELBO)
+# name -> whether the Gaussian entropy of q* is taken in closed form (else estimated as -log q*(z)).
+MEAN_FIELD_ELBOS: Registry[bool] = Registry("mean-field elbo")
+MEAN_FIELD_ELBOS.register("mean_field", doc="E_q[log p(x, z)] by Monte Carlo, the Gaussian entropy of q* in "
+                          "closed form (lower variance)")(True)
+MEAN_FIELD_ELBOS.register("trace", doc="Trace_ELBO's estimator: Monte Carlo log p(x, z) - log q*(z)")(False)
 
 
 MOMENT_SAMPLES = 1024
@@ -77,65 +69,102 @@ def _site_moments(fn: dist.Distribution, num_data: int) -> Moments:
     return mean.expand(shape).clone(), var.expand(shape).sqrt().clone()
 
 
+def _trace_moments(fn: Callable, x: Tensor, layout: Optional[Layout], what: str, kwargs: Dict[str, Any]) -> Moments:
+    trace = poutine.trace(poutine.block(fn, hide_types=["param"])).get_trace(x, **kwargs)
+    if layout is None:
+        layout = Layout((Site(LATENT_SITE, tuple(trace.nodes[LATENT_SITE]["fn"].event_shape)),)) \
+            if LATENT_SITE in trace.nodes else Layout(())
+    if not layout.sites:
+        raise ValueError(f"the {what} has no sample site {LATENT_SITE!r}")
+    locs, scales = {}, {}
+    for site in layout.sites:
+        if site.name not in trace.nodes:
+            raise ValueError(f"the {what} has no sample site {site.name!r}")
+        locs[site.name], scales[site.name] = _site_moments(trace.nodes[site.name]["fn"], x.shape[0])
+    if len(layout.sites) == 1:  # one site: keep its own shape (N, *event_shape)
+        name = layout.sites[0].name
+        return locs[name], scales[name]
+    return layout.join(locs, 1), layout.join(scales, 1)
+
+
 @torch.no_grad()
 @in_eval_mode("guide")
-def guide_moments(guide: Callable, x: Tensor, latent_site: str = LATENT_SITE, **kwargs: Any) -> Moments:
-    """(loc, scale) of each datapoint's q(z|x) from a guide, each ``(N, *latent_shape)``.
+def guide_moments(guide: Callable, x: Tensor, layout: Optional[Layout] = None, **kwargs: Any) -> Moments:
+    """(loc, scale) of each datapoint's q(latents|x) from a guide.
 
-    Works for any guide whose latent site has a mean and variance (diagonal or not; for a
-    full-covariance guide ``scale`` is the marginal standard deviation).
+    With one latent site each is ``(N, *event_shape)``; with several (``layout``, from
+    :func:`~ppl_vae.inference.latents.model_layout`) each is the flat ``(N, layout.size)``.
+    Works for any guide whose latent sites have a mean and variance (for a full-covariance
+    guide ``scale`` is the marginal standard deviation; for a flow, sampled moments).
     """
-    trace = poutine.trace(guide).get_trace(x, **kwargs)
-    if latent_site not in trace.nodes:
-        raise ValueError(f"the guide has no sample site {latent_site!r}")
-    return _site_moments(trace.nodes[latent_site]["fn"], x.shape[0])
+    return _trace_moments(guide, x, layout, "guide", kwargs)
 
 
 @torch.no_grad()
 @in_eval_mode("model")
-def prior_moments(model: Callable, x: Tensor, latent_site: str = LATENT_SITE, **kwargs: Any) -> Moments:
-    """(mean, standard deviation) of the model's prior p(z) for each datapoint, ``(N, *latent_shape)``."""
-    trace = poutine.trace(model).get_trace(x, **kwargs)
-    if latent_site not in trace.nodes:
-        raise ValueError(f"the model has no sample site {latent_site!r}")
-    return _site_moments(trace.nodes[latent_site]["fn"], x.shape[0])
+def prior_moments(model: Callable, x: Tensor, layout: Optional[Layout] = None, **kwargs: Any) -> Moments:
+    """(mean, standard deviation) of the model's prior over its latent sites (as :func:`guide_moments`).
+
+    For a hierarchical prior (z1 | z2), a site's moments are those of its conditional at one
+    draw of its parents: a starting point for q*, not the marginal moments.
+    """
+    return _trace_moments(model, x, layout, "model", kwargs)
 
 
 # name -> (model, guide, x, **kwargs) -> (loc, scale) of the starting q*.
 MEAN_FIELD_INITS: Registry[Callable[..., Moments]] = Registry("mean-field init")
 MEAN_FIELD_INITS.register("encoder", doc="start each q* at the amortized guide's q(z|x)")(
-    lambda model, guide, x, **kw: guide_moments(guide, x, **kw)
+    lambda model, guide, x, layout=None, **kw: guide_moments(guide, x, layout, **kw)
 )
 MEAN_FIELD_INITS.register("prior", doc="start each q* at the prior p(z)")(
-    lambda model, guide, x, **kw: prior_moments(model, x, **kw)
+    lambda model, guide, x, layout=None, **kw: prior_moments(model, x, layout, **kw)
 )
 
 
 class MeanFieldGuide:
-    """A guide q(z) = N(loc_i, diag(scale_i^2)) per datapoint; ``loc``, ``log_scale``: ``(N, d)``.
+    """A guide q(latents) = prod over sites of N(loc_i, diag(scale_i^2)), one per datapoint.
 
-    Call it with the datapoints those rows belong to (same order); extra arguments are
-    ignored, so it stands in for any guide with the same model.
+    ``loc``, ``log_scale``: ``(N, *event_shape)`` for one latent site (``latent_site``, default
+    ``"z"``), or the flat ``(N, layout.size)`` of every continuous latent site when ``layout``
+    is given (:mod:`ppl_vae.inference.latents`). Call it with the datapoints those rows belong
+    to (same order); extra arguments are ignored, so it stands in for any guide with the same
+    model.
     """
 
-    def __init__(self, loc: Tensor, log_scale: Tensor, latent_site: str = LATENT_SITE):
+    def __init__(self, loc: Tensor, log_scale: Tensor, latent_site: str = LATENT_SITE,
+                 layout: Optional[Layout] = None):
         self.loc = loc
         self.log_scale = log_scale
         self.latent_site = latent_site
+        self.layout = layout
+        self._single = layout is None or len(layout.sites) == 1
+        if layout is not None and self._single:
+            self.latent_site = layout.sites[0].name
 
-    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Optional[Tensor]:
         if x.shape[0] != self.loc.shape[0]:
             raise ValueError(f"this mean-field guide holds {self.loc.shape[0]} datapoints, got {x.shape[0]}")
-        event_dims = self.loc.dim() - 1
         with pyro.plate("data", x.shape[0]):
-            return pyro.sample(self.latent_site, dist.Normal(self.loc, self.log_scale.exp()).to_event(event_dims))
+            if self._single:
+                event_dims = self.loc.dim() - 1
+                return pyro.sample(self.latent_site, dist.Normal(self.loc, self.log_scale.exp()).to_event(event_dims))
+            locs, log_scales = self.layout.split(self.loc), self.layout.split(self.log_scale)
+            for site in self.layout.sites:
+                pyro.sample(site.name, dist.Normal(locs[site.name], log_scales[site.name].exp())
+                            .to_event(len(site.event_shape)))
+        return None
+
+    def take(self, index: Any) -> "MeanFieldGuide":
+        """The guide of the datapoints ``index`` (a slice or index tensor)."""
+        return MeanFieldGuide(self.loc[index], self.log_scale[index], self.latent_site, self.layout)
 
 
 @dataclass
 class MeanFieldResult:
     """Per-datapoint mean-field posteriors q*_i and their ELBOs.
 
-    ``loc``, ``scale``: ``(N, d)``. ``estimate``: L[q*] (``estimate.elbo``) with its standard
+    ``loc``, ``scale``: ``(N, d)`` for a one-site model; ``(N, layout.size)``, the flat vector of
+    every continuous latent site, when ``layout`` is set (several sites). ``estimate``: L[q*] (``estimate.elbo``) with its standard
     error, and the importance-weighted log p(x) with q* as proposal, from
     ``num_eval_samples`` fresh samples. ``num_steps``: ``(N,)`` Adam steps plus L-BFGS
     iterations taken by each datapoint's batch. ``converged``: ``(N,)`` bool, whether each
@@ -153,6 +182,7 @@ class MeanFieldResult:
     converged: Tensor
     trace: Tensor
     grad_norm: Optional[Tensor] = None
+    layout: Optional[Layout] = None
 
     @property
     def elbo(self) -> Tensor:
@@ -161,7 +191,7 @@ class MeanFieldResult:
 
     def guide(self) -> MeanFieldGuide:
         """The fitted q* as a guide over all N datapoints (no gradients)."""
-        return MeanFieldGuide(self.loc, self.scale.log())
+        return MeanFieldGuide(self.loc, self.scale.log(), layout=self.layout)
 
     def to_dataset(self) -> xr.Dataset:
         """loc/scale over (datapoint, latent) and the estimates over datapoint."""
@@ -169,6 +199,9 @@ class MeanFieldResult:
         flat = lambda t: t.detach().reshape(t.shape[0], -1).cpu().double().numpy()  # noqa: E731
         ds["loc"] = (("datapoint", "latent"), flat(self.loc))
         ds["scale"] = (("datapoint", "latent"), flat(self.scale))
+        if self.layout is not None and len(self.layout.sites) > 1:  # which site each latent number belongs to
+            ds = ds.assign_coords(latent_site=("latent", self.layout.column_sites().astype(str)),
+                                  latent_index=("latent", self.layout.column_index()))
         ds["converged"] = ("datapoint", self.converged.cpu().numpy().astype(bool))
         ds["converged"].attrs["long_name"] = "mean-field VI met its stopping rule for this datapoint"
         if self.grad_norm is not None:
@@ -200,21 +233,14 @@ def matched_normals(num_samples: int, num_data: int, dim: int, *, device=None,
     return torch.cat([e, -e]).to(dtype)
 
 
-def _log_joint_at(model: Callable, owner, xb: Tensor, z: Tensor, kw: dict) -> Tensor:
-    """log p(x, z) for given draws ``z`` ``(S, B, *latent_shape)``, shape ``(S, B)``."""
-    if owner is not None:
-        return owner.likelihood(*owner.decoder(z)).log_prob(xb) + owner.prior().log_prob(z)
-    event_dims = z.dim() - 2
-
-    def fixed(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        with pyro.plate("data", x.shape[0]):
-            return pyro.sample(LATENT_SITE, dist.Delta(z, event_dim=event_dims))
-
-    model_trace, guide_trace = trace_pair(model, fixed, xb, num_particles=z.shape[0], **kw)
-    return log_probs(model_trace, guide_trace, tuple(z.shape[:2])).log_joint
+def _flat_log_joint(model: Callable, xb: Tensor, z: Tensor, layout: Layout, kw: dict) -> Tensor:
+    """log p(x, latents) ``(S, B)`` at ``z``: the one site's value ``(S, B, *event)``, or the flat
+    ``(S, B, layout.size)`` of several sites."""
+    latents = {layout.sites[0].name: z} if len(layout.sites) == 1 else layout.split(z)
+    return log_joint(model, xb, latents, layout=layout, **kw)
 
 
-def _polish(model: Callable, owner, xb: Tensor, kw: dict, loc: Tensor, log_scale: Tensor, *,
+def _polish(model: Callable, layout: Layout, xb: Tensor, kw: dict, loc: Tensor, log_scale: Tensor, *,
             num_particles: int, max_iter: int, gtol: float) -> Tuple[Tensor, Tensor, Tensor, int]:
     """Maximize the fixed-sample ELBO over (loc, log_scale) by L-BFGS.
 
@@ -235,7 +261,7 @@ def _polish(model: Callable, owner, xb: Tensor, kw: dict, loc: Tensor, log_scale
         z = loc + log_scale.exp() * eps
         entropy = log_scale.reshape(b, -1).sum(-1) + d * half_log_2pi_e
         # summed in float64: the line search must resolve each datapoint's change within a large total
-        return -(_log_joint_at(model, owner, xb, z, kw).mean(0) + entropy).double().sum()
+        return -(_flat_log_joint(model, xb, z, layout, kw).mean(0) + entropy).double().sum()
 
     optim = torch.optim.LBFGS([loc, log_scale], lr=1.0, max_iter=max_iter, tolerance_grad=gtol,
                               tolerance_change=0.0, history_size=20, line_search_fn="strong_wolfe")
@@ -254,25 +280,25 @@ def _polish(model: Callable, owner, xb: Tensor, kw: dict, loc: Tensor, log_scale
         loss = objective()
     g_loc, g_scale = torch.autograd.grad(loss, [loc, log_scale]) if loss.requires_grad else (None, None)
     if g_loc is None:
-        grad = torch.full((b,), math.nan, device=loc.device)
+        grad = torch.full((b,), math.nan, dtype=loc.dtype, device=loc.device)
     else:
         grad = torch.maximum(g_loc.reshape(b, -1).abs().amax(-1), g_scale.reshape(b, -1).abs().amax(-1))
     return loc.detach(), log_scale.detach(), grad.detach(), iterations
 
 
-def _polish_rounds(model: Callable, owner, xb: Tensor, kw: dict, loc: Tensor, log_scale: Tensor, *,
+def _polish_rounds(model: Callable, layout: Layout, xb: Tensor, kw: dict, loc: Tensor, log_scale: Tensor, *,
                    num_particles: int, max_iter: int, gtol: float, rounds: int = 3) -> Tuple[Tensor, Tensor, Tensor, int]:
     """:func:`_polish` on the batch, then again on the datapoints still above ``gtol`` (a small
     batch lets the shared line search and curvature memory serve the hard ones alone)."""
     loc, log_scale = loc.detach().clone(), log_scale.detach().clone()
-    grad = torch.full((xb.shape[0],), math.inf, device=loc.device)
+    grad = torch.full((xb.shape[0],), math.inf, dtype=loc.dtype, device=loc.device)
     todo = torch.arange(xb.shape[0], device=loc.device)
     total = 0
     n = xb.shape[0]
     for _ in range(rounds):
         sub_kw = {k: (v[todo] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v) for k, v in kw.items()}
         new_loc, new_log_scale, new_grad, iters = _polish(
-            model, owner, xb[todo], sub_kw, loc[todo], log_scale[todo], num_particles=num_particles,
+            model, layout, xb[todo], sub_kw, loc[todo], log_scale[todo], num_particles=num_particles,
             max_iter=max_iter, gtol=gtol)
         total += iters
         better = ~(new_grad > grad[todo])  # keep a datapoint's earlier result if this round made it worse
@@ -305,7 +331,7 @@ def fit_mean_field(
     batch_size: int = 500,
     num_eval_samples: int = 100,
     progress: bool = True,
-    fused: bool = True,
+    seed: Optional[int] = None,
     **kwargs: Any,
 ) -> MeanFieldResult:
     """Fit q*_i(z) = N(loc_i, diag(scale_i^2)) to each datapoint by SVI with the model frozen.
@@ -329,8 +355,11 @@ def fit_mean_field(
 
     L[q*] is then estimated with ``num_eval_samples`` fresh samples. Datapoints are processed
     ``batch_size`` at a time. The model and guide are put in eval mode for the fit (and their
-    modes restored), so the result does not depend on how the caller left them. ``fused``: when ``model`` is a parts-based VAE's own ``model``
-    method, compute the same ELBO without Pyro's tracing (:mod:`ppl_vae.inference.fused`).
+    modes restored), so the result does not depend on how the caller left them. Pairs that
+    offer the fast-path protocol (:mod:`ppl_vae.inference.latents`) are scored without tracing.
+    Models with several latent sites get one q* over all of them: a diagonal Gaussian over the
+    flat vector of every continuous site, i.e. a product of diagonal Gaussians, one per site.
+    ``seed``: the fit's own random stream (the caller's RNG state is left as it was).
     """
     from tqdm.auto import tqdm
 
@@ -351,19 +380,36 @@ def fit_mean_field(
     if init == "encoder" and guide is None:
         raise ValueError("init='encoder' needs the amortized guide; pass guide=... or use init='prior'")
 
-    loss_fn = elbo_cls(num_particles=num_particles, vectorize_particles=num_particles > 1,
-                       max_plate_nesting=1).differentiable_loss
-    owner = fused_model_owner(model) if fused else None
+    layout = model_layout(model, x, **kwargs)
+    if not layout.sites:
+        raise ValueError("the model has no continuous latent site for mean-field VI")
+    if guide is not None and init == "encoder":
+        guide_layout(guide, x, layout, **kwargs)
+    single = len(layout.sites) == 1
+    analytic_entropy = elbo_cls
+    half_log_2pi_e = 0.5 * (1.0 + math.log(2 * math.pi))
     locs, scales, estimates, steps, converged, traces, grads = [], [], [], [], [], [], []
     num_batches = math.ceil(x.shape[0] / batch_size)
     bar = tqdm(total=num_batches * max_steps, disable=not progress, desc="mean-field VI", unit="step",
                dynamic_ncols=True)
-    with bar:
-        for xb, kw in _batches(x, kwargs, batch_size):
-            loc0, scale0 = MEAN_FIELD_INITS.get(init)(model, guide, xb, **kw)
+
+    def stochastic_elbo(xb: Tensor, kw: dict, loc: Tensor, log_scale: Tensor) -> Tensor:
+        """The batch's summed ELBO estimate with ``num_particles`` reparameterized draws."""
+        scale_ = log_scale.exp()
+        z = loc + scale_ * torch.randn((num_particles,) + tuple(loc.shape), dtype=loc.dtype, device=loc.device)
+        log_p = _flat_log_joint(model, xb, z, layout, kw)  # (S, B)
+        if analytic_entropy:
+            d = loc[0].numel()
+            entropy = log_scale.reshape(loc.shape[0], -1).sum(-1) + d * half_log_2pi_e
+        else:
+            entropy = -dist.Normal(loc, scale_).log_prob(z).reshape(num_particles, loc.shape[0], -1).sum(-1)
+        return (log_p + entropy).mean(0).sum()
+
+    with bar, seeded(seed, x.device):
+        for xb, kw in batches(x, kwargs, batch_size):
+            loc0, scale0 = MEAN_FIELD_INITS.get(init)(model, guide, xb, layout=None if single else layout, **kw)
             loc = loc0.detach().clone().requires_grad_(True)
             log_scale = scale0.detach().clamp_min(1e-6).log().clone().requires_grad_(True)
-            q = MeanFieldGuide(loc, log_scale)
             optim = torch.optim.Adam([loc, log_scale], lr=lr)
             history = []
             done, plateau = False, Plateau(optim, window=window, tol=tol, num_decays=num_lr_decays)
@@ -372,11 +418,7 @@ def fit_mean_field(
             for step in range(max_steps):
                 # The loss is summed over the batch, each datapoint's ELBO depending only on its own
                 # (loc, log_scale); autograd.grad keeps gradients off the frozen model's parameters.
-                if owner is not None:
-                    loss = fused_elbo_loss(owner, xb, q_loc=loc, q_scale=log_scale.exp(),
-                                           num_particles=num_particles, analytic_kl=elbo == "mean_field")
-                else:
-                    loss = loss_fn(model, q, xb, **kw)
+                loss = -stochastic_elbo(xb, kw, loc, log_scale)
                 if not torch.isfinite(loss):
                     raise ValueError(f"mean-field VI diverged (non-finite ELBO at step {step}); lower lr (now {lr})")
                 grads_ = torch.autograd.grad(loss, [loc, log_scale])
@@ -401,7 +443,7 @@ def fit_mean_field(
             num_taken = len(history)
             if polish:
                 avg_loc, avg_log_scale, grad, iters = _polish_rounds(
-                    model, owner, xb, kw, avg_loc, avg_log_scale, num_particles=polish_particles,
+                    model, layout, xb, kw, avg_loc, avg_log_scale, num_particles=polish_particles,
                     max_iter=polish_steps, gtol=gtol)
                 num_taken += iters
                 grads.append(grad)
@@ -411,7 +453,7 @@ def fit_mean_field(
             locs.append(avg_loc.clone())
             scales.append(avg_log_scale.exp())
             with torch.no_grad():
-                estimates.append(importance_estimate(model, MeanFieldGuide(avg_loc, avg_log_scale), xb,
+                estimates.append(importance_estimate(model, MeanFieldGuide(avg_loc, avg_log_scale, layout=layout), xb,
                                                      num_samples=num_eval_samples, batch_size=xb.shape[0], **kw))
             steps.append(torch.full((xb.shape[0],), num_taken, dtype=torch.long))
             traces.append(history)
@@ -423,4 +465,4 @@ def fit_mean_field(
     for i, t in enumerate(traces):
         trace[i, : len(t)] = torch.tensor(t)
     return MeanFieldResult(loc, scale, estimate, torch.cat(steps), torch.cat(converged).cpu(), trace,
-                           torch.cat(grads).cpu() if grads else None)
+                           torch.cat(grads).cpu() if grads else None, layout)

@@ -1,4 +1,6 @@
-"""Evaluation mode for analysis: every estimator scores the model as it is used at test time.
+"""The shared work of every estimator: evaluation mode, batches of datapoints, and its own random stream.
+
+Evaluation mode: every estimator scores the model as it is used at test time.
 
 A model in training mode may behave differently (dropout, word dropout, batch-norm batch
 statistics), so an estimate computed on it depends on how the caller left it. The analysis
@@ -12,8 +14,9 @@ from __future__ import annotations
 import functools
 import inspect
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, List, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, TypeVar
 
+import torch
 from torch import nn
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -57,3 +60,63 @@ def in_eval_mode(*arg_names: str) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def batches(x: Any, kwargs: Mapping[str, Any], batch_size: int) -> Iterator[Tuple[Any, Dict[str, Any]]]:
+    """``(x[i:i+batch_size], kwargs sliced alike)`` in order: every tensor kwarg with one row per
+    datapoint (labels ``y``, say) is sliced with ``x``; other values pass through."""
+    n = x.shape[0]
+    for start in range(0, n, batch_size):
+        sl = slice(start, start + batch_size)
+        yield x[sl], {k: rows(v, n, sl) for k, v in kwargs.items()}
+
+
+def rows(value: Any, n: int, index: Any) -> Any:
+    """``value[index]`` when ``value`` is a tensor with one row per datapoint (``n`` rows), else ``value``."""
+    if torch.is_tensor(value) and value.dim() and value.shape[0] == n:
+        return value[index]
+    return value
+
+
+@contextmanager
+def seeded(seed: Optional[int], device: Any = None) -> Iterator[None]:
+    """Run the block on its own random stream: with ``seed``, torch (CPU and ``device``'s CUDA),
+    NumPy and Python's ``random`` are seeded for the block and the caller's states are restored
+    afterwards, so a library call never changes the caller's random stream. ``seed=None``: the
+    block draws from (and advances) the caller's stream, as any torch call does."""
+    if seed is None:
+        yield
+        return
+    import random
+
+    import numpy as np
+
+    devices = []
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        devices = [torch.device(device)]
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        if devices:
+            torch.cuda.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def block_seed(seed: int, start: int) -> int:
+    """A seed for the block of datapoints starting at index ``start``, derived from ``seed``:
+    results then do not depend on how the datapoints are split into batches or processes."""
+    return int((seed * 1_000_003 + start * 7_919 + 12_345) % (2**63 - 1))
+
+
+# What an estimator call shares: a model in eval mode and its own random stream.
+@contextmanager
+def evaluating(*fns: Any, seed: Optional[int] = None, device: Any = None) -> Iterator[None]:
+    """:func:`eval_mode` of ``fns`` and :func:`seeded` ``seed`` together, both restored afterwards."""
+    with eval_mode(*fns), seeded(seed, device):
+        yield

@@ -87,6 +87,8 @@ class ConditionalVAE(VAE):
     ``y`` is an integer tensor ``(N,)`` with values in ``[0, num_classes)``, one per datapoint.
     """
 
+    has_fast_path = False  # model/guide differ from the parts-based VAE's: analysis goes through traces
+
     def __init__(
         self,
         encoder: ConditionalGaussianEncoder,

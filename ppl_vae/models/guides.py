@@ -9,9 +9,9 @@ the VAE whose ``guide`` draws z from that family; the site stays ``"z"`` inside
   on the encoder's output (Kingma et al. 2016), built from Pyro's
   :class:`~pyro.distributions.transforms.ConditionalAffineAutoregressive`.
 
-A VAE with a flow guide overrides ``guide``, so it trains through Pyro's ELBO rather than the
-fused fast path (:mod:`ppl_vae.inference.fused`), and methods that call the encoder directly
-(wake-sleep, MCEM) refuse it.
+A VAE with a flow guide overrides ``guide`` and the protocol's ``sample_guide`` with it, so it
+keeps the fast path (:mod:`ppl_vae.inference.latents`); it declares ``encoder_is_guide = False``,
+so methods that call the encoder directly (wake-sleep, MCEM) refuse it.
 """
 
 from __future__ import annotations
@@ -69,6 +69,14 @@ class IAFGuideVAE(VAE):
         base = dist.Normal(loc, scale).to_event(1)
         return dist.TransformedDistribution(base, [flow.condition(context) for flow in self.flows])
 
+    encoder_is_guide = False
+
+    def sample_guide(self, x: Tensor, num_particles: Optional[int] = None, y: Optional[Tensor] = None):
+        """(``{"z": z}``, log q(z|x)) for z drawn through the flows (the fast-path protocol)."""
+        q = self.guide_distribution(x)
+        z = q.rsample(() if num_particles is None else (num_particles,))
+        return {"z": z}, q.log_prob(z)
+
     def guide(self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None,
               kl_weight: float = 1.0) -> Tensor:
         """q(z|x): the encoder's Gaussian through the IAF steps; ``y`` is ignored."""
@@ -86,9 +94,9 @@ def iaf(vae: VAE, num_flows: int = 2, hidden_dims: Optional[Sequence[int]] = Non
     ``num_flows``: IAF steps; ``hidden_dims``: hidden sizes of each step's autoregressive
     network (default ``[3 * latent_dim + 1]``).
     """
-    if type(vae).model is not VAE.model or type(vae).guide is not VAE.guide:
-        raise ValueError(f"guide 'iaf' needs a VAE built from parts with the base class's model and guide; "
-                         f"{type(vae).__name__} overrides them")
+    if not vae.has_fast_path or not vae.encoder_is_guide:
+        raise ValueError(f"guide 'iaf' needs a VAE whose guide is its encoder's Gaussian and whose model is "
+                         f"built from its parts; {type(vae).__name__} is not")
     return IAFGuideVAE(vae.encoder, vae.decoder, vae.prior, vae.likelihood, vae.event_shape,
                        num_flows=num_flows, hidden_dims=hidden_dims)
 

@@ -254,6 +254,8 @@ class HybridTextDecoder(nn.Module):
 class TextHybridVAE(VAE):
     """The hybrid VAE as a model/guide pair; ``alpha`` weighs the auxiliary term in training."""
 
+    has_fast_path = False  # model/guide differ from the parts-based VAE's: analysis goes through traces
+
     def __init__(self, encoder: ConvTextEncoder, decoder: HybridTextDecoder, prior: Prior,
                  likelihood: Likelihood, event_shape: Sequence[int], alpha: float = 1.0):
         super().__init__(encoder, decoder, prior, likelihood, event_shape)

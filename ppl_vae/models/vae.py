@@ -17,7 +17,9 @@ import torch
 from pyro import distributions as dist
 from pyro import poutine
 from torch import Tensor, nn
+from torch.distributions.utils import _standard_normal
 
+from ppl_vae.models.densities import normal_log_prob
 from ppl_vae.models.likelihoods import Likelihood
 from ppl_vae.models.priors import Prior
 
@@ -44,6 +46,15 @@ class VAE(nn.Module):
     """
 
     num_classes: Optional[int] = None
+
+    has_fast_path: bool = True
+    """Declares the fast-path protocol (:class:`ppl_vae.inference.latents.FastPair`): ``log_prior``,
+    ``log_likelihood`` and ``sample_guide`` below give the same numbers as ``model`` and ``guide``.
+    A subclass whose ``model`` or ``guide`` computes something else overrides them or sets this False."""
+
+    encoder_is_guide: bool = True
+    """The guide is the encoder's diagonal Gaussian N(loc(x), scale(x)^2) itself (a flow guide is not);
+    methods that fit or call the encoder directly (wake-sleep, MCEM, the fused analytic-KL ELBO) need it."""
 
     def __init__(
         self,
@@ -86,6 +97,34 @@ class VAE(nn.Module):
             loc, scale = self.encoder(x)
             with poutine.scale(scale=kl_weight):
                 return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    # The fast-path protocol: per-datapoint log densities and guide draws without tracing.
+
+    def latent_shapes(self) -> dict:
+        """``{site: event_shape}`` of the latent sites, in the model's order."""
+        return {"z": (self.latent_dim,)}
+
+    def log_prior(self, x: Tensor, latents, y: Optional[Tensor] = None) -> Tensor:
+        """log p(z), ``(*draws, N)`` for ``latents["z"]`` ``(*draws, N, latent_dim)``."""
+        return self.prior.log_prob(latents["z"])
+
+    def log_likelihood(self, x: Tensor, latents, y: Optional[Tensor] = None) -> Tensor:
+        """log p(x | z), ``(*draws, N)``."""
+        return self.likelihood.log_prob(x, *self.decoder(latents["z"]))
+
+    def log_joint(self, x: Tensor, latents, y: Optional[Tensor] = None) -> Tensor:
+        """log p(x, z) = log p(z) + log p(x | z), ``(*draws, N)``."""
+        return self.log_prior(x, latents, y) + self.log_likelihood(x, latents, y)
+
+    def sample_guide(self, x: Tensor, num_particles: Optional[int] = None, y: Optional[Tensor] = None):
+        """(``{"z": z}``, log q(z|x)) for z ~ q(z|x), ``(num_particles, N, d)`` and ``(num_particles, N)``
+        (no particle dim when ``num_particles`` is None). The draw is the one Pyro's guide makes
+        (``Normal(loc, scale).rsample``: the same standard-normal call and RNG stream)."""
+        loc, scale = self.encoder(x)
+        shape = torch.Size(() if num_particles is None else (num_particles,)) + loc.shape
+        eps = _standard_normal(shape, dtype=loc.dtype, device=loc.device)
+        z = loc + eps * scale
+        return {"z": z}, normal_log_prob(z, loc, scale).sum(-1)
 
     # Conveniences that bypass tracing (no sample sites are recorded).
 

@@ -49,16 +49,33 @@ def test_fused_with_vectorized_particles():
     assert fused.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
-def test_only_parts_based_vaes_take_the_fused_path():
+def test_the_fast_path_is_the_declared_protocol_not_the_class_of_a_method():
+    from ppl_vae.inference.latents import check_fast_path, fast_pair
+    from ppl_vae.models.cvae import ConditionalVAE
+
     assert supports_fused_elbo(build_vae("gaussian_mlp", (4,)))
 
-    class Custom(LinearGaussianVAE):
+    class Logged(LinearGaussianVAE):  # overrides the guide, changes nothing numerically: keeps the fast path
         def guide(self, x, **kwargs):
             return super().guide(x, **kwargs)
 
-    assert supports_fused_elbo(LinearGaussianVAE(3, 2))
-    assert not supports_fused_elbo(Custom(3, 2))
+    class Opted(LinearGaussianVAE):
+        has_fast_path = False
+
+    class Shifted(LinearGaussianVAE):  # changes the model but keeps the flag: check_fast_path catches it
+        def model(self, x, y=None, **kwargs):
+            return super().model(x + 1.0, y, **kwargs)
+
+    logged = Logged(3, 2)
+    assert supports_fused_elbo(logged) and fast_pair(logged.model, logged.guide) is logged
+    assert check_fast_path(logged, torch.randn(5, 3)) < 1e-4
+    opted = Opted(3, 2)
+    assert not supports_fused_elbo(opted) and fast_pair(opted.model, opted.guide) is None
+    with pytest.raises(ValueError, match="differs from its model/guide"):
+        check_fast_path(Shifted(3, 2), torch.randn(5, 3))
+    assert not ConditionalVAE.has_fast_path  # its model and guide take y: analysis goes through traces
     assert not supports_fused_elbo(object())
+    assert fast_pair(logged.model, logged.guide, {"num_data": 10}) is None  # kwargs the protocol does not take
 
 
 @pytest.mark.parametrize("elbo", ["trace", "mean_field"])
@@ -80,19 +97,18 @@ def test_training_with_and_without_the_fused_path_is_the_same(tmp_path, elbo):
 
 
 @pytest.mark.parametrize("elbo", ["trace", "mean_field"])
-def test_mean_field_vi_fused_equals_pyro_path(elbo):
-    from ppl_vae.inference.fused import fused_model_owner
+def test_mean_field_vi_fast_path_equals_pyro_path(elbo):
+    from ppl_vae.inference.latents import fast_pair
     from ppl_vae.inference.meanfield import fit_mean_field
 
     torch.manual_seed(0)
     vae = build_vae("gaussian_mlp", (5,), latent_dim=2, hidden_dim=6)
-    assert fused_model_owner(vae.model) is vae and fused_model_owner(vae.guide) is None
+    assert fast_pair(vae.model) is vae and fast_pair(vae.guide) is None
     x = torch.rand(7, 5)
     results = []
-    for fused in (True, False):
-        pyro.set_rng_seed(11)
-        results.append(fit_mean_field(vae.model, x, guide=vae.guide, elbo=elbo, max_steps=60, window=20,
-                                      num_eval_samples=10, progress=False, fused=fused))
+    for model in (vae.model, lambda x_, **kw: vae.model(x_, **kw)):  # the protocol, then traces
+        results.append(fit_mean_field(model, x, guide=vae.guide, elbo=elbo, max_steps=60, window=20,
+                                      num_eval_samples=10, progress=False, seed=11))
     assert torch.allclose(results[0].loc, results[1].loc, atol=1e-5)
     assert torch.allclose(results[0].scale, results[1].scale, atol=1e-5)
 
@@ -100,13 +116,13 @@ def test_mean_field_vi_fused_equals_pyro_path(elbo):
 @pytest.mark.parametrize("prior", PRIORS.names())
 def test_fused_log_weights_equal_pyro_traces(prior):
     from ppl_vae.inference import importance
-    from ppl_vae.inference.fused import fused_pair_owner
+    from ppl_vae.inference.latents import fast_pair
 
     torch.manual_seed(0)
     vae = build_vae("bernoulli_mlp", (1, 3, 3), prior=prior, latent_dim=2, hidden_dim=6)
     x = torch.bernoulli(torch.full((4, 1, 3, 3), 0.3))
-    assert fused_pair_owner(vae.model, vae.guide) is vae
-    assert fused_pair_owner(vae.model, LinearGaussianVAE(3, 2).guide) is None
+    assert fast_pair(vae.model, vae.guide) is vae
+    assert fast_pair(vae.model, LinearGaussianVAE(3, 2).guide) is None
     pyro.set_rng_seed(5)
     fused = importance.log_importance_weights(vae.model, vae.guide, x, num_particles=7)
 

@@ -130,7 +130,7 @@ def test_importance_samples_split_log_weight_into_likelihood_and_the_rest():
     x = torch.tensor([0.5, -1.0])
     y = torch.zeros(2)
     s = importance_samples(shifted_model, wide_shifted_guide, x, num_samples=6, y=y)
-    z = s["z"]
+    z = s["latents"]["z"]
     assert z.shape == (6, 2)
     expected_lik = dist.Normal(z, 1.0).log_prob(x)
     expected_w = expected_lik + dist.Normal(0.0, 1.0).log_prob(z) - dist.Normal(0.0, 2.0).log_prob(z)

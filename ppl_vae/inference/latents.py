@@ -1,0 +1,432 @@
+"""The estimator core: latents as named sites, and the one place that picks the fast path.
+
+Every estimator (ELBO, importance weighting, the MIS gap decomposition, mean-field q*, local
+flows, AIS/BDMC, the appendix-D HMC estimator) sees a model through three questions:
+
+1. Which latent sites does it have? :func:`model_layout` traces the model once and returns a
+   :class:`Layout`: every continuous latent site in the ``"data"`` plate with its event shape
+   (flattened, in the model's order, into one vector of ``layout.size`` numbers per datapoint
+   for estimators that move a point in latent space), plus the discrete sites the model marks
+   for enumeration (``infer={"enumerate": "parallel"}``), which are summed out exactly. A
+   discrete site that is not marked is refused with a one-line error naming it.
+2. What is log p(x, latents) per datapoint? :func:`log_joint` / :func:`log_prior_and_likelihood`.
+3. What are the guide's draws and their log q? :func:`sample_guide`.
+
+**The fast path is an explicit protocol** (:class:`FastPair`): an object whose ``model`` and
+``guide`` are the callables given, that declares ``has_fast_path = True`` and offers
+``log_prior(x, latents)``, ``log_likelihood(x, latents)`` and ``sample_guide(x, num_particles)``
+(per-datapoint log densities, no tracing). :class:`ppl_vae.models.VAE` is one; a subclass
+keeps the fast path whatever it overrides, and one whose ``model`` or ``guide`` changes the
+numbers declares ``has_fast_path = False`` (or overrides the protocol's methods to match).
+Any other pair goes through Pyro traces and gives the same numbers (tests check both paths
+on the same models). :func:`check_fast_path` compares the two for a user's own pair.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence, Tuple, runtime_checkable
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions import constraints
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor
+
+from ppl_vae.inference.traces import PARTICLE_PLATE, log_probs, trace_pair
+
+Latents = Dict[str, Tensor]
+
+
+@runtime_checkable
+class FastPair(Protocol):
+    """A model/guide pair that scores latents without tracing (see the module docstring).
+
+    ``latents`` maps site names to tensors ``(*sample_shape, N, *event_shape)``; every method
+    returns per-datapoint values ``(*sample_shape, N)``. ``y`` carries the dataset's labels.
+    """
+
+    has_fast_path: bool
+
+    def model(self, x: Tensor, y: Optional[Tensor] = None, **kwargs: Any) -> Any: ...
+
+    def guide(self, x: Tensor, y: Optional[Tensor] = None, **kwargs: Any) -> Any: ...
+
+    def log_prior(self, x: Tensor, latents: Mapping[str, Tensor], y: Optional[Tensor] = None) -> Tensor: ...
+
+    def log_likelihood(self, x: Tensor, latents: Mapping[str, Tensor], y: Optional[Tensor] = None) -> Tensor: ...
+
+    def sample_guide(self, x: Tensor, num_particles: Optional[int] = None,
+                     y: Optional[Tensor] = None) -> Tuple[Latents, Tensor]: ...
+
+
+FAST_PATH_KWARGS = frozenset({"y"})
+"""Keyword arguments the protocol's methods take; a call with others goes through traces."""
+
+
+def fast_pair(model: Callable, guide: Optional[Callable] = None, kwargs: Mapping[str, Any] = {}) -> Optional[Any]:
+    """The object whose protocol serves ``model`` (and ``guide``), or None for the traced path.
+
+    ``model`` (and ``guide``, when given) must be that object's own ``model``/``guide`` (bound
+    methods compare equal when they are the same object's), the object must declare
+    ``has_fast_path``, and ``kwargs`` must be ones the protocol takes.
+    """
+    owner = getattr(model, "__self__", None)
+    if owner is None or not getattr(owner, "has_fast_path", False) or not isinstance(owner, FastPair):
+        return None
+    if model != owner.model or (guide is not None and guide != owner.guide):
+        return None
+    if set(kwargs) - FAST_PATH_KWARGS:
+        return None
+    return owner
+
+
+# ---------------------------------------------------------------------------------------------
+# Sites
+
+
+@dataclass(frozen=True)
+class Site:
+    """A continuous latent site: its name and event shape."""
+
+    name: str
+    event_shape: Tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.event_shape)) if self.event_shape else 1
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The model's latent sites: continuous ones flattened into one vector per datapoint.
+
+    ``sites``: the continuous latent sites in the order the model samples them; a point of
+    the latent space is a tensor ``(..., size)`` whose columns ``offsets[i]:offsets[i] +
+    sites[i].size`` hold site i. ``enumerated``: discrete sites the model sums out.
+    """
+
+    sites: Tuple[Site, ...]
+    enumerated: Tuple[str, ...] = ()
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        return tuple(s.name for s in self.sites)
+
+    @property
+    def size(self) -> int:
+        return sum(s.size for s in self.sites)
+
+    @property
+    def offsets(self) -> Tuple[int, ...]:
+        out, total = [], 0
+        for s in self.sites:
+            out.append(total)
+            total += s.size
+        return tuple(out)
+
+    def split(self, flat: Tensor) -> Latents:
+        """``(..., size)`` -> ``{site: (..., *event_shape)}``."""
+        out = {}
+        for site, start in zip(self.sites, self.offsets):
+            out[site.name] = flat[..., start:start + site.size].reshape(flat.shape[:-1] + site.event_shape)
+        return out
+
+    def join(self, latents: Mapping[str, Tensor], batch_dims: int) -> Tensor:
+        """``{site: (*batch, *event_shape)}`` -> ``(*batch, size)``; ``batch_dims`` = len(batch)."""
+        missing = [n for n in self.names if n not in latents]
+        if missing:
+            raise ValueError(f"latents lack site(s) {', '.join(map(repr, missing))}")
+        parts = [latents[s.name].reshape(latents[s.name].shape[:batch_dims] + (s.size,)) for s in self.sites]
+        return torch.cat(parts, -1)
+
+    def column_sites(self) -> np.ndarray:
+        """The site name of each column of the flat vector, ``(size,)``."""
+        return np.concatenate([np.full(s.size, s.name, dtype=object) for s in self.sites]) if self.sites \
+            else np.empty(0, dtype=object)
+
+    def column_index(self) -> np.ndarray:
+        """Each column's index within its own site (flattened), ``(size,)``."""
+        return np.concatenate([np.arange(s.size) for s in self.sites]) if self.sites else np.empty(0, dtype=int)
+
+    def single(self) -> Site:
+        """The one continuous site (a ValueError naming the sites when there are several)."""
+        if len(self.sites) != 1:
+            raise ValueError(f"this needs a model with one latent site; it has {', '.join(self.names) or 'none'}")
+        return self.sites[0]
+
+
+def _is_real(support: constraints.Constraint) -> bool:
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real or isinstance(support, type(constraints.real_vector)) \
+        or support == constraints.real
+
+
+def _enumerated(site: Dict[str, Any]) -> bool:
+    return site["infer"].get("enumerate") == "parallel"
+
+
+def _latent_sample_sites(trace: poutine.Trace):
+    for name, site in trace.nodes.items():
+        if (site["type"] == "sample" and not site["is_observed"] and not site["infer"].get("is_auxiliary")
+                and not site_is_subsample(site)):
+            yield name, site
+
+
+@torch.no_grad()
+def model_layout(model: Callable, x: Tensor, *, continuous_only: bool = True, **kwargs: Any) -> Layout:
+    """The :class:`Layout` of ``model``'s latent sites, from one trace on (a few rows of) ``x``.
+
+    Every latent site must be in the ``"data"`` plate (its value ``(N, *event_shape)``).
+    Continuous sites must have real support (a site on (0, inf) needs a transform to the
+    real line first). A discrete site is summed out when the model marks it with
+    ``infer={"enumerate": "parallel"}`` and refused otherwise (with ``continuous_only``).
+    """
+    n = min(int(x.shape[0]), 2)
+    xb = x[:n]
+    kw = {k: (v[:n] if torch.is_tensor(v) and v.dim() and v.shape[0] == x.shape[0] else v) for k, v in kwargs.items()}
+    trace = poutine.trace(poutine.block(model, hide_types=["param"])).get_trace(xb, **kw)
+    sites, enumerated = [], []
+    for name, site in _latent_sample_sites(trace):
+        fn = site["fn"]
+        if fn.support.is_discrete:
+            if _enumerated(site) and getattr(fn, "has_enumerate_support", False):
+                enumerated.append(name)
+                continue
+            if continuous_only:
+                raise ValueError(
+                    f"latent site {name!r} is discrete: mark it infer={{'enumerate': 'parallel'}} in the model "
+                    "so that it is summed out, or use an estimator that samples it from the guide (iw, elbo)")
+            continue
+        value = site["value"]
+        if value.dim() < 1 or value.shape[0] != n:
+            raise ValueError(f"latent site {name!r} has value shape {tuple(value.shape)}: every latent site must sit "
+                             f"in the 'data' plate at dim -1 (one value per datapoint)")
+        if not _is_real(fn.support):
+            raise ValueError(f"latent site {name!r} has support {fn.support}, not the real line: these estimators "
+                             "move latents freely; reparameterize it (e.g. sample its log) in the model")
+        sites.append(Site(name, tuple(fn.event_shape)))
+    return Layout(tuple(sites), tuple(enumerated))
+
+
+# ---------------------------------------------------------------------------------------------
+# log p(x, latents)
+
+
+def _sample_dims(latents: Mapping[str, Tensor], layout: Optional[Layout], n: int) -> Tuple[int, ...]:
+    """The shape of the draws before the datapoint dim: ``()`` or ``(S,)``."""
+    if layout is not None and layout.sites:
+        site = layout.sites[0]
+        value = latents[site.name]
+        shape = value.shape[:value.dim() - len(site.event_shape)]
+    else:
+        value = next(iter(latents.values()))
+        shape = value.shape[:1] if value.dim() >= 2 and value.shape[1] == n else value.shape[:0]
+    if shape[-1:] != (n,):
+        raise ValueError(f"latents must have shape (*draws, {n}, *event_shape); got {tuple(value.shape)}")
+    if len(shape) > 2:
+        raise ValueError("latents may have at most one draw dim before the datapoint dim")
+    return tuple(shape[:-1])
+
+
+def _traced_terms(model: Callable, x: Tensor, latents: Mapping[str, Tensor], kwargs: Mapping[str, Any],
+                  max_plate_nesting: int = 1, layout: Optional[Layout] = None) -> Tuple[Tensor, Tensor]:
+    """(log p(latents), log p(x | latents)) through a trace of the conditioned model; enumerated
+    discrete sites summed out (log-sum-exp over their enumeration dims)."""
+    n = x.shape[0]
+    sample_shape = _sample_dims(latents, layout, n)
+    conditioned = poutine.condition(model, data=dict(latents))
+    has_particles = len(sample_shape) == 1
+    first_enum_dim = -(max_plate_nesting + (2 if has_particles else 1))
+    plate = pyro.plate(PARTICLE_PLATE, sample_shape[0], dim=-(max_plate_nesting + 1)) if has_particles \
+        else nullcontext()
+    with plate:
+        trace = poutine.trace(poutine.enum(conditioned, first_available_dim=first_enum_dim)).get_trace(x, **kwargs)
+    trace.compute_log_prob()
+    prior = lik = None
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        lp = site["log_prob"]
+        if not site["is_observed"] and not _enumerated(site) and not site["infer"].get("is_auxiliary"):
+            raise ValueError(f"latent site {name!r} of the model was not given a value (latents name "
+                             f"{', '.join(map(repr, latents)) or 'none'}); a discrete site must be marked "
+                             "infer={'enumerate': 'parallel'} to be summed out")
+        if site["is_observed"] and name not in latents:
+            lik = lp if lik is None else lik + lp
+        else:
+            prior = lp if prior is None else prior + lp
+    shape = sample_shape + (n,)
+    zero = x.new_zeros(shape)
+    prior = zero if prior is None else prior
+    lik = zero if lik is None else lik
+    joint = prior + lik
+    keep = len(shape)
+
+    def marginal(t: Tensor) -> Tensor:
+        if t.dim() > keep:  # enumeration dims on the left: sum the discrete sites out
+            t = t.reshape((-1,) + tuple(t.shape[-keep:])).logsumexp(0)
+        return t.expand(shape)
+
+    log_prior = marginal(prior)
+    return log_prior, marginal(joint) - log_prior
+
+
+def log_prior_and_likelihood(model: Callable, x: Tensor, latents: Mapping[str, Tensor], *,
+                             layout: Optional[Layout] = None, **kwargs: Any) -> Tuple[Tensor, Tensor]:
+    """(log p(latents), log p(x | latents)) per datapoint, each ``(*draws, N)``.
+
+    ``latents``: ``{site: (*draws, N, *event_shape)}`` for every continuous latent site (at most
+    one draw dim). Discrete sites the model marks for enumeration are summed out: log p(latents)
+    is then the marginal over them, and log p(x | latents) = log p(x, latents) - log p(latents).
+    Annealed importance sampling tempers the second term only. ``layout`` (the model's, from
+    :func:`model_layout`) tells the draw dims from the event dims; without it they are inferred
+    from the datapoint dim.
+    """
+    owner = fast_pair(model, None, kwargs)
+    if owner is not None:
+        return owner.log_prior(x, latents, **kwargs), owner.log_likelihood(x, latents, **kwargs)
+    return _traced_terms(model, x, latents, kwargs, layout=layout)
+
+
+def log_joint(model: Callable, x: Tensor, latents: Mapping[str, Tensor], *, layout: Optional[Layout] = None,
+              **kwargs: Any) -> Tensor:
+    """log p(x, latents) per datapoint, ``(*draws, N)`` (see :func:`log_prior_and_likelihood`)."""
+    prior, lik = log_prior_and_likelihood(model, x, latents, layout=layout, **kwargs)
+    return prior + lik
+
+
+# ---------------------------------------------------------------------------------------------
+# Guide draws and importance weights
+
+
+def sample_guide(model: Callable, guide: Callable, x: Tensor, num_particles: int,
+                 **kwargs: Any) -> Tuple[Latents, Tensor]:
+    """Draws of the guide's latent sites ``{site: (K, N, *event_shape)}`` and log q ``(K, N)``."""
+    owner = fast_pair(model, guide, kwargs)
+    if owner is not None:
+        return owner.sample_guide(x, num_particles, **kwargs)
+    with pyro.plate(PARTICLE_PLATE, num_particles, dim=-2):
+        trace = poutine.trace(poutine.block(guide, hide_types=["param"])).get_trace(x, **kwargs)
+    trace.compute_log_prob()
+    shape = (num_particles, x.shape[0])
+    latents, log_q = {}, x.new_zeros(shape)
+    for name, site in _latent_sample_sites(trace):
+        value = site["value"]
+        latents[name] = value.expand(shape + value.shape[value.dim() - len(site["fn"].event_shape):])
+        log_q = log_q + site["log_prob"].expand(shape)
+    return latents, log_q
+
+
+def log_importance_weights(model: Callable, guide: Callable, x: Tensor, *args: Any, num_particles: int = 1,
+                           max_plate_nesting: int = 1, **kwargs: Any) -> Tensor:
+    """log p(x, z_k) - log q(z_k | x), ``(num_particles, N)``, for z_k ~ q over every latent site.
+
+    Through the fast-path protocol where the pair offers it; otherwise through Pyro traces
+    (the guide traced, the model replayed on its draws), where discrete sites the model marks
+    for enumeration and the guide does not sample are summed out.
+    """
+    if num_particles < 1:
+        raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+    owner = None if args else fast_pair(model, guide, kwargs)
+    if owner is not None:
+        latents, log_q = owner.sample_guide(x, num_particles, **kwargs)
+        return owner.log_prior(x, latents, **kwargs) + owner.log_likelihood(x, latents, **kwargs) - log_q
+    model_trace, guide_trace = trace_pair(model, guide, x, *args, num_particles=num_particles,
+                                          max_plate_nesting=max_plate_nesting, **kwargs)
+    if not any(_enumerated(site) for _, site in _latent_sample_sites(model_trace)
+               if site["name"] not in guide_trace.nodes):
+        return log_probs(model_trace, guide_trace, (num_particles, x.shape[0])).log_weight
+    # the model sums out discrete sites the guide leaves to it: score the guide's draws exactly
+    guide_trace.compute_log_prob()
+    shape = (num_particles, x.shape[0])
+    latents, log_q = {}, x.new_zeros(shape)
+    for name, site in _latent_sample_sites(guide_trace):
+        latents[name] = site["value"]
+        log_q = log_q + site["log_prob"].expand(shape)
+    latents = {k: v.expand(shape + v.shape[v.dim() - len(guide_trace.nodes[k]["fn"].event_shape):])
+               for k, v in latents.items()}
+    layout = Layout(tuple(Site(k, tuple(guide_trace.nodes[k]["fn"].event_shape)) for k in latents))
+    prior, lik = _traced_terms(model, x, latents, kwargs, max_plate_nesting, layout=layout)
+    return prior + lik - log_q
+
+
+def check_fast_path(pair: Any, x: Tensor, *, num_particles: int = 4, atol: float = 1e-4, **kwargs: Any) -> float:
+    """Compare the fast path of ``pair`` with Pyro's traces on ``x``; returns the largest
+    difference of the log-weights (same guide draws), raising ValueError above ``atol``.
+
+    Use it on your own subclass that keeps ``has_fast_path`` to check that its protocol
+    methods agree with its ``model`` and ``guide``.
+    """
+    if not isinstance(pair, FastPair) or not getattr(pair, "has_fast_path", False):
+        raise ValueError(f"{type(pair).__name__} does not declare the fast-path protocol")
+    with torch.no_grad():
+        latents, log_q = pair.sample_guide(x, num_particles, **kwargs)
+        fast = pair.log_prior(x, latents, **kwargs) + pair.log_likelihood(x, latents, **kwargs)
+        layout = Layout(tuple(Site(k, tuple(v.shape[2:])) for k, v in latents.items()))
+        prior, lik = _traced_terms(pair.model, x, latents, kwargs, layout=layout)
+        diff = float((fast - prior - lik).abs().max())
+        with pyro.plate(PARTICLE_PLATE, num_particles, dim=-2):
+            trace = poutine.trace(poutine.condition(pair.guide, data=latents)).get_trace(x, **kwargs)
+        trace.compute_log_prob()
+        traced_q = sum(trace.nodes[name]["log_prob"] for name in latents)
+        diff = max(diff, float((traced_q - log_q).abs().max()))
+    if not diff <= atol:
+        raise ValueError(f"the fast path of {type(pair).__name__} differs from its model/guide by {diff:.3g} "
+                         f"(> {atol}): override log_prior/log_likelihood/sample_guide to match, or set "
+                         "has_fast_path = False")
+    return diff
+
+
+__all__ = [
+    "FastPair",
+    "Latents",
+    "Layout",
+    "Site",
+    "check_fast_path",
+    "fast_pair",
+    "log_importance_weights",
+    "log_joint",
+    "log_prior_and_likelihood",
+    "model_layout",
+    "sample_guide",
+]
+
+
+def batch_rows(value: Any, n: int, index: Sequence[int] | slice | Tensor) -> Any:
+    """``value[index]`` when ``value`` is a tensor with one row per datapoint (``n`` rows), else ``value``."""
+    if torch.is_tensor(value) and value.dim() and value.shape[0] == n:
+        return value[index]
+    return value
+
+
+def flat_terms(model: Callable, x: Tensor, z: Tensor, layout: Layout, **kwargs: Any) -> Tuple[Tensor, Tensor]:
+    """(log p(latents), log p(x | latents)) for a flat point ``z`` ``(*draws, N, layout.size)``
+    of the latent space (see :func:`log_prior_and_likelihood`)."""
+    return log_prior_and_likelihood(model, x, layout.split(z), layout=layout, **kwargs)
+
+
+def flat_log_joint(model: Callable, x: Tensor, z: Tensor, layout: Layout, **kwargs: Any) -> Tensor:
+    """log p(x, latents) for a flat point ``z`` ``(*draws, N, layout.size)``, ``(*draws, N)``."""
+    prior, lik = flat_terms(model, x, z, layout, **kwargs)
+    return prior + lik
+
+
+def guide_layout(guide: Callable, x: Tensor, layout: Layout, **kwargs: Any) -> None:
+    """Check that ``guide`` samples every continuous latent site of ``layout`` with its event shape
+    (a one-line ValueError naming the site otherwise)."""
+    n = min(int(x.shape[0]), 2)
+    kw = {k: (v[:n] if torch.is_tensor(v) and v.dim() and v.shape[0] == x.shape[0] else v) for k, v in kwargs.items()}
+    with torch.no_grad():
+        trace = poutine.trace(poutine.block(guide, hide_types=["param"])).get_trace(x[:n], **kw)
+    for site in layout.sites:
+        node = trace.nodes.get(site.name)
+        if node is None or node["type"] != "sample":
+            raise ValueError(f"the guide has no sample site {site.name!r}, a latent site of the model")
+        if tuple(node["fn"].event_shape) != site.event_shape:
+            raise ValueError(f"the guide's site {site.name!r} has event shape {tuple(node['fn'].event_shape)}, "
+                             f"the model's {site.event_shape}")
