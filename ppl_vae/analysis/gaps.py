@@ -37,9 +37,10 @@ import xarray as xr
 from pyro import poutine
 from torch import Tensor
 
-from ppl_vae.inference.importance import _batches, _check_positive, default_particle_batch_size
+from ppl_vae.inference.importance import default_particle_batch_size
 from ppl_vae.inference.meanfield import MeanFieldGuide, MeanFieldResult, fit_mean_field, guide_moments
-from ppl_vae.inference.modes import in_eval_mode
+from ppl_vae.inference.modes import batches as data_batches, block_seed, check_positive, in_eval_mode, seeded
+from ppl_vae.inference.stats import ess, log_mean_exp, mean_se, psis_khat
 from ppl_vae.inference.traces import PARTICLE_PLATE, log_probs, trace_pair
 
 ESTIMATORS = ("log_px", "iw_amortized", "iw_meanfield", "elbo_meanfield", "elbo_amortized")
@@ -105,22 +106,6 @@ def _draws(model: Callable, proposal: Callable, other: Callable, x: Tensor, k: i
     return lp.log_joint, lp.log_guide, log_probs(model_trace, other_trace, shape).log_guide
 
 
-def _logmeanexp(a: Tensor, dim: int = 0) -> Tensor:
-    return torch.logsumexp(a, dim) - math.log(a.shape[dim])
-
-
-def _mean_se(u: Tensor) -> Tuple[Tensor, Tensor]:
-    """Mean over dim 0 and its standard error sd / sqrt(K)."""
-    k = u.shape[0]
-    se = u.std(0, unbiased=True) / math.sqrt(k) if k > 1 else torch.full_like(u[0], math.nan)
-    return u.mean(0), se
-
-
-def _ess(log_w: Tensor) -> Tensor:
-    """(Σ w)² / Σ w² over dim 0 (Kong 1992)."""
-    return torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0))
-
-
 @torch.no_grad()
 @in_eval_mode("model", "guide")
 def mixture_estimates(
@@ -133,6 +118,7 @@ def mixture_estimates(
     batch_size: int = 100,
     particle_batch_size: Optional[int] = None,
     progress: bool = False,
+    seed: Optional[int] = None,
     **kwargs: Any,
 ) -> Dict[str, Tensor]:
     """Every estimator of :data:`ESTIMATORS` and every gap from K draws of q and K of q*.
@@ -149,57 +135,56 @@ def mixture_estimates(
     its error. For log p̂_MIS the term is ψ_k = (w_k^q + w_k^{q*}) / (2 p̂) with the mixture
     weights w; for L[q*] it is log w*_k; for a gap, the difference of its two terms.
     """
-    _check_positive("num_samples", num_samples)
-    _check_positive("batch_size", batch_size)
+    check_positive("num_samples", num_samples)
+    check_positive("batch_size", batch_size)
     if particle_batch_size is None:
         particle_batch_size = default_particle_batch_size(batch_size)
-    _check_positive("particle_batch_size", particle_batch_size)
+    check_positive("particle_batch_size", particle_batch_size)
     if x.shape[0] == 0:
         raise ValueError("x holds no datapoints")
     from tqdm.auto import tqdm
 
-    from ppl_vae.inference.stats import psis_khat
-
     log_half = math.log(0.5)
     out: Dict[str, list] = {}
-    batches = list(_batches(x, kwargs, batch_size))
+    batches = list(data_batches(x, kwargs, batch_size))
     chunks = math.ceil(num_samples / particle_batch_size)
     mf_batches = _split_guide(meanfield_guide, x.shape[0], batch_size)
     with tqdm(total=len(batches) * chunks, disable=not progress, desc=f"MIS K={num_samples}+{num_samples}",
               unit="chunk", dynamic_ncols=True) as bar:
-        for (xb, kw), mf in zip(batches, mf_batches):
+        for i, ((xb, kw), mf) in enumerate(zip(batches, mf_batches)):
             parts = {"a": [], "b": [], "mq": [], "ms": []}
-            for start in range(0, num_samples, particle_batch_size):
-                k = min(particle_batch_size, num_samples - start)
-                joint_q, log_q, log_s_at_q = (t.double() for t in _draws(model, guide, mf, xb, k, kw))
-                joint_s, log_s, log_q_at_s = (t.double() for t in _draws(model, mf, guide, xb, k, kw))
-                parts["a"].append(joint_q - log_q)
-                parts["b"].append(joint_s - log_s)
-                parts["mq"].append(joint_q - torch.logaddexp(log_q + log_half, log_s_at_q + log_half))
-                parts["ms"].append(joint_s - torch.logaddexp(log_q_at_s + log_half, log_s + log_half))
-                bar.update(1)
+            with seeded(None if seed is None else block_seed(seed, i * batch_size), xb.device):
+                for start in range(0, num_samples, particle_batch_size):
+                    k = min(particle_batch_size, num_samples - start)
+                    joint_q, log_q, log_s_at_q = (t.double() for t in _draws(model, guide, mf, xb, k, kw))
+                    joint_s, log_s, log_q_at_s = (t.double() for t in _draws(model, mf, guide, xb, k, kw))
+                    parts["a"].append(joint_q - log_q)
+                    parts["b"].append(joint_s - log_s)
+                    parts["mq"].append(joint_q - torch.logaddexp(log_q + log_half, log_s_at_q + log_half))
+                    parts["ms"].append(joint_s - torch.logaddexp(log_q_at_s + log_half, log_s + log_half))
+                    bar.update(1)
             a, b, mq, ms = (torch.cat(parts[n]) for n in ("a", "b", "mq", "ms"))
             for t in (a, b, mq, ms):
                 if torch.isnan(t).any():
                     raise ValueError("an importance weight is NaN: the model or a guide produced an invalid log-density")
-            log_px = _logmeanexp(torch.cat([mq, ms]))
+            log_px = log_mean_exp(torch.cat([mq, ms]))
             psi = 0.5 * ((mq - log_px).exp() + (ms - log_px).exp())  # mean exactly 1
             values = {}
-            values["log_px"] = (log_px, _mean_se(psi)[1])
+            values["log_px"] = (log_px, mean_se(psi)[1])
             for name, lw in (("iw_amortized", a), ("iw_meanfield", b)):
-                est = _logmeanexp(lw)
-                values[name] = (est, _mean_se((lw - est).exp())[1])
-            values["elbo_amortized"] = _mean_se(a)
-            values["elbo_meanfield"] = _mean_se(b)
+                est = log_mean_exp(lw)
+                values[name] = (est, mean_se((lw - est).exp())[1])
+            values["elbo_amortized"] = mean_se(a)
+            values["elbo_meanfield"] = mean_se(b)
             # gaps: value from the estimates, error from the paired influence terms
-            values["approximation_gap"] = (log_px - b.mean(0), _mean_se(psi - b)[1])
-            values["amortization_gap"] = (b.mean(0) - a.mean(0), _mean_se(b - a)[1])
-            values["inference_gap"] = (log_px - a.mean(0), _mean_se(psi - a)[1])
+            values["approximation_gap"] = (log_px - b.mean(0), mean_se(psi - b)[1])
+            values["amortization_gap"] = (b.mean(0) - a.mean(0), mean_se(b - a)[1])
+            values["inference_gap"] = (log_px - a.mean(0), mean_se(psi - a)[1])
             for name, (v, se) in values.items():
                 out.setdefault(name, []).append(v)
                 out.setdefault(f"{name}_stderr", []).append(se)
             for name, lw in (("amortized", a), ("meanfield", b), ("mixture", torch.cat([mq, ms]))):
-                out.setdefault(f"ess_{name}", []).append(_ess(lw))
+                out.setdefault(f"ess_{name}", []).append(ess(lw))
                 out.setdefault(f"khat_{name}", []).append(torch.from_numpy(psis_khat(lw)).to(lw))
     return {k: torch.cat(v) for k, v in out.items()}
 
@@ -209,8 +194,7 @@ def _split_guide(guide: Callable, n: int, batch_size: int):
     if isinstance(guide, MeanFieldGuide):
         if guide.loc.shape[0] != n:
             raise ValueError(f"the mean-field guide holds {guide.loc.shape[0]} datapoints but x has {n}")
-        return [MeanFieldGuide(guide.loc[s : s + batch_size], guide.log_scale[s : s + batch_size], guide.latent_site)
-                for s in range(0, n, batch_size)]
+        return [guide.take(slice(s, s + batch_size)) for s in range(0, n, batch_size)]
     return [guide] * math.ceil(n / batch_size)
 
 
@@ -227,6 +211,7 @@ def gap_decomposition(
     mean_field_options: Optional[Dict[str, Any]] = None,
     datapoint: Optional[Sequence[int]] = None,
     progress: bool = True,
+    seed: Optional[int] = None,
     **kwargs: Any,
 ) -> xr.Dataset:
     """Per-datapoint estimates and gaps as an xarray Dataset (Cremer et al. 2018).
@@ -235,7 +220,11 @@ def gap_decomposition(
     q* comes from :func:`~ppl_vae.inference.meanfield.fit_mean_field` (run here with
     ``mean_field_options`` unless a fitted ``mean_field`` is given). Then K = ``num_samples``
     draws of q and K of q* give every estimate (:func:`mixture_estimates`). ``datapoint``: the
-    indices of ``x`` in its dataset, stored as the ``datapoint`` coordinate.
+    indices of ``x`` in its dataset, stored as the ``datapoint`` coordinate. ``seed``: each
+    batch of datapoints draws from its own stream seeded by (seed, its first index), so the
+    result does not depend on how datapoints are split across calls or processes; the caller's
+    RNG state is left as it was (None: the caller's stream). Works for any number of latent
+    sites: q* is then the product of one diagonal Gaussian per site.
 
     Returns ``estimate`` and ``stderr`` over (datapoint, estimator) (see :data:`ESTIMATORS`;
     coordinates ``bound`` and ``meaning`` say what each one is), the gaps and their standard
@@ -246,11 +235,12 @@ def gap_decomposition(
     """
     if mean_field is None:
         options = {"progress": progress, **(mean_field_options or {})}
-        mean_field = fit_mean_field(model, x, guide=guide, **options, **kwargs)
+        mean_field = fit_mean_field(model, x, guide=guide, seed=seed, **options, **kwargs)
     elif mean_field.loc.shape[0] != x.shape[0]:
         raise ValueError(f"mean_field holds {mean_field.loc.shape[0]} datapoints but x has {x.shape[0]}")
-    q_loc, q_scale = guide_moments(guide, x, **kwargs)
-    est = mixture_estimates(model, guide, mean_field.guide(), x, num_samples=num_samples, batch_size=batch_size,
+    layout = mean_field.layout
+    q_loc, q_scale = guide_moments(guide, x, layout if layout is not None and len(layout.sites) > 1 else None, **kwargs)
+    est = mixture_estimates(model, guide, mean_field.guide(), x, num_samples=num_samples, batch_size=batch_size, seed=seed,
                             particle_batch_size=particle_batch_size, progress=progress, **kwargs)
 
     n = x.shape[0]
@@ -261,6 +251,8 @@ def gap_decomposition(
         "estimator": list(ESTIMATORS),
         "latent": np.arange(flat(q_loc).shape[1]),
     }
+    if layout is not None and len(layout.sites) > 1:  # which latent site each column belongs to
+        coords["latent_site"] = ("latent", layout.column_sites().astype(str))
     data = {
         "estimate": (("datapoint", "estimator"), np.stack([as_np(est[e]) for e in ESTIMATORS], axis=1)),
         "stderr": (("datapoint", "estimator"), np.stack([as_np(est[f"{e}_stderr"]) for e in ESTIMATORS], axis=1)),

@@ -19,7 +19,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from ppl_vae.inference.latents import log_importance_weights  # noqa: F401  (re-exported: the public name)
-from ppl_vae.inference.modes import batches, block_seed, in_eval_mode, seeded
+from ppl_vae.inference.modes import batches, block_seed, check_positive, in_eval_mode, seeded
 from ppl_vae.inference.stats import psis_khat
 from ppl_vae.inference.traces import PARTICLE_PLATE, log_probs, trace_pair  # noqa: F401 (PARTICLE_PLATE re-exported)
 
@@ -216,11 +216,11 @@ def importance_estimate(
     """
     from tqdm.auto import tqdm
 
-    _check_positive("num_samples", num_samples)
-    _check_positive("batch_size", batch_size)
+    check_positive("num_samples", num_samples)
+    check_positive("batch_size", batch_size)
     if particle_batch_size is None:
         particle_batch_size = default_particle_batch_size(batch_size)
-    _check_positive("particle_batch_size", particle_batch_size)
+    check_positive("particle_batch_size", particle_batch_size)
     n = x.shape[0]
     if n == 0:
         raise ValueError("x holds no datapoints")
@@ -249,11 +249,6 @@ def importance_estimate(
     return ImportanceEstimate(*parts, num_samples=num_samples, khat=torch.cat(khats).to(dtype) if khats else None)
 
 
-def _check_positive(name: str, value: int) -> None:
-    if int(value) != value or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value}")
-
-
 @torch.no_grad()
 @in_eval_mode("model", "guide")
 def importance_samples(
@@ -271,7 +266,7 @@ def importance_samples(
     ``log_weight`` ``(K, N)`` = log p(x, latents) - log q(latents | x) and ``log_likelihood``
     ``(K, N)`` = log p(x | latents), the sum over the model's observed sites.
     """
-    _check_positive("num_samples", num_samples)
+    check_positive("num_samples", num_samples)
     shape = (num_samples, x.shape[0])
     model_trace, guide_trace = trace_pair(model, guide, x, num_particles=num_samples,
                                           max_plate_nesting=max_plate_nesting, **kwargs)

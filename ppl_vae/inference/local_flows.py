@@ -28,16 +28,10 @@ from pyro import distributions as dist
 from torch import Tensor, nn
 from torch.distributions import constraints
 
-from ppl_vae.inference.fused import fused_model_owner
-from ppl_vae.inference.importance import (
-    ImportanceEstimate,
-    _batches,
-    concat_estimates,
-    importance_estimate,
-)
+from ppl_vae.inference.importance import ImportanceEstimate, concat_estimates, importance_estimate
+from ppl_vae.inference.latents import Layout, log_joint, model_layout
 from ppl_vae.inference.meanfield import LATENT_SITE, MEAN_FIELD_INITS
-from ppl_vae.inference.objectives import stl_loss
-from ppl_vae.inference.traces import log_probs, trace_pair
+from ppl_vae.inference.modes import batches, eval_mode, seeded
 from ppl_vae.inference.plateau import Plateau
 
 __all__ = ["LocalFlowGuide", "LocalFlowResult", "LocalFlows", "fit_local_flow"]
@@ -151,16 +145,24 @@ class LocalFlowGuide(nn.Module):
     Extra arguments are ignored, so it stands in for any guide of the same model.
     """
 
-    def __init__(self, flows: LocalFlows, latent_site: str = LATENT_SITE):
+    def __init__(self, flows: LocalFlows, latent_site: str = LATENT_SITE, layout: Optional[Layout] = None):
         super().__init__()
         self.flows = flows
         self.latent_site = latent_site
+        self.layout = layout if layout is not None and len(layout.sites) > 1 else None
 
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Optional[Tensor]:
         if x.shape[0] != self.flows.loc.shape[0]:
             raise ValueError(f"these local flows hold {self.flows.loc.shape[0]} datapoints, got {x.shape[0]}")
         with pyro.plate("data", x.shape[0]):
-            return pyro.sample(self.latent_site, self.flows.distribution())
+            if self.layout is None:
+                return pyro.sample(self.latent_site, self.flows.distribution())
+            # one flow over the flat vector of every site (as Pyro's AutoGuides do): an auxiliary site
+            # carries log q*, and each latent site is its slice (a Delta, log-density 0)
+            flat = pyro.sample("_local_flow_latents", self.flows.distribution(), infer={"is_auxiliary": True})
+            for site, value in self.layout.split(flat).items():
+                pyro.sample(site, dist.Delta(value, event_dim=value.dim() - flat.dim() + 1))
+        return None
 
 
 @dataclass
@@ -198,19 +200,16 @@ class LocalFlowResult:
         return ds
 
 
-def _elbo_loss(model: Callable, owner, guide: LocalFlowGuide, xb: Tensor, kw: dict, k: int, stl: bool) -> Tensor:
-    """-sum_i mean_k [log p(x_i, z_k) - log q*_i(z_k)] for K draws from the local flows; with ``stl``
-    log q* is scored with detached parameters (sticking the landing, Roeder et al. 2017)."""
-    if owner is None:
-        if stl:
-            return stl_loss(model, guide, xb, num_particles=k, **kw)
-        # the K-sample ELBO, not the IWAE bound: K separate single-sample terms
-        model_trace, guide_trace = trace_pair(model, guide, xb, num_particles=k, **kw)
-        return -log_probs(model_trace, guide_trace, (k, xb.shape[0])).log_weight.mean(0).sum()
-    q = guide.flows.distribution()  # a parts-based VAE: skip Pyro's tracing
+def _elbo_loss(model: Callable, layout: Layout, guide: LocalFlowGuide, xb: Tensor, kw: dict, k: int,
+               stl: bool) -> Tensor:
+    """-sum_i mean_k [log p(x_i, z_k) - log q*_i(z_k)] for K draws from the local flows (the K-sample
+    ELBO, not the IWAE bound); with ``stl`` log q* is scored with detached parameters (sticking the
+    landing, Roeder et al. 2017)."""
+    q = guide.flows.distribution()
     z = q.rsample((k,))
     log_q = (guide.flows.distribution(detach=True) if stl else q).log_prob(z)
-    log_w = owner.likelihood(*owner.decoder(z)).log_prob(xb) + owner.prior().log_prob(z) - log_q
+    latents = {layout.sites[0].name: z} if len(layout.sites) == 1 else layout.split(z)
+    log_w = log_joint(model, xb, latents, layout=layout, **kw) - log_q
     return -log_w.mean(0).sum()
 
 
@@ -234,6 +233,7 @@ def fit_local_flow(
     num_eval_samples: int = 1000,
     stl: bool = True,
     progress: bool = False,
+    seed: Optional[int] = None,
     **kwargs: Any,
 ) -> LocalFlowResult:
     """Fit a flow q*_i(z) to each datapoint by maximizing its ELBO with the model frozen.
@@ -252,6 +252,9 @@ def fit_local_flow(
     below ``tol`` halves the learning rate, and after ``num_lr_decays`` halvings the next
     plateau stops the batch (``converged``); ``max_steps`` stops it otherwise. L[q*] is then
     estimated from ``num_eval_samples`` fresh draws. Datapoints go ``batch_size`` at a time.
+    A model with several latent sites gets one flow per datapoint over the flat vector of all
+    of them (:mod:`ppl_vae.inference.latents`), so q* can capture their dependence. ``seed``:
+    the fit's own random stream (the caller's RNG state is left as it was).
     """
     from tqdm.auto import tqdm
 
@@ -277,54 +280,49 @@ def fit_local_flow(
             raise ValueError("init='encoder' needs the amortized guide; pass guide=..., init_loc/init_scale, "
                              "or use init='prior'")
 
-    owner = fused_model_owner(model)
-    modules = [m for m in (getattr(model, "__self__", None), getattr(guide, "__self__", None)) if isinstance(m, nn.Module)]
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.eval()
+    layout = model_layout(model, x, **kwargs)
+    if not layout.sites:
+        raise ValueError("the model has no continuous latent site for local flows")
+    single = len(layout.sites) == 1
     estimates, converged, steps, traces, fitted = [], [], [], [], []
     bar = tqdm(total=math.ceil(x.shape[0] / batch_size) * max_steps, disable=not progress, desc="local flow VI",
                unit="step", dynamic_ncols=True)
-    try:
-        with bar:
-            for i, (xb, kw) in enumerate(_batches(x, kwargs, batch_size)):
-                if init_loc is not None:
-                    sl = slice(i * batch_size, i * batch_size + xb.shape[0])
-                    loc0, scale0 = init_loc[sl], init_scale[sl]
-                else:
-                    loc0, scale0 = MEAN_FIELD_INITS.get(init)(model, guide, xb, **kw)
-                    if loc0.dim() != 2:
-                        raise ValueError(f"local flows need a vector latent z, got latent shape {tuple(loc0.shape[1:])}")
-                flows = LocalFlows(loc0.to(xb), scale0.to(xb), num_flows, hidden_dim)
-                q = LocalFlowGuide(flows)
-                params = list(flows.parameters())
-                optim = torch.optim.Adam(params, lr=lr)
-                history: List[float] = []
-                done, plateau = False, Plateau(optim, window=window, tol=tol, num_decays=num_lr_decays)
-                for step in range(max_steps):
-                    loss = _elbo_loss(model, owner, q, xb, kw, num_particles, stl)
-                    if not torch.isfinite(loss):
-                        raise ValueError(f"local flow VI diverged (non-finite ELBO at step {step}); lower lr (now {lr})")
-                    grads = torch.autograd.grad(loss, params)  # the model's parameters get no gradient
-                    for p, g in zip(params, grads):
-                        p.grad = g
-                    optim.step()
-                    history.append(-float(loss.detach()) / xb.shape[0])
-                    bar.update(1)
-                    if plateau.update(history):  # a plateau halves the step size; the last one stops
-                        done = True
-                        bar.update(max_steps - step - 1)
-                        break
-                with torch.no_grad():
-                    estimates.append(importance_estimate(model, q, xb, num_samples=num_eval_samples,
-                                                         batch_size=xb.shape[0], **kw))
-                converged.append(torch.full((xb.shape[0],), done, dtype=torch.bool))
-                steps.append(torch.full((xb.shape[0],), len(history), dtype=torch.long))
-                traces.append(history)
-                fitted.append(flows)
-    finally:
-        for m, mode in zip(modules, modes):
-            m.train(mode)
+    with eval_mode(model, guide), seeded(seed, x.device), bar:
+        for i, (xb, kw) in enumerate(batches(x, kwargs, batch_size)):
+            if init_loc is not None:
+                sl = slice(i * batch_size, i * batch_size + xb.shape[0])
+                loc0, scale0 = init_loc[sl], init_scale[sl]
+            else:
+                loc0, scale0 = MEAN_FIELD_INITS.get(init)(model, guide, xb, layout=None if single else layout, **kw)
+                if loc0.dim() != 2:
+                    raise ValueError(f"local flows need a vector latent z, got latent shape {tuple(loc0.shape[1:])}")
+            flows = LocalFlows(loc0.to(xb), scale0.to(xb), num_flows, hidden_dim)
+            q = LocalFlowGuide(flows, layout.sites[0].name, layout)
+            params = list(flows.parameters())
+            optim = torch.optim.Adam(params, lr=lr)
+            history: List[float] = []
+            done, plateau = False, Plateau(optim, window=window, tol=tol, num_decays=num_lr_decays)
+            for step in range(max_steps):
+                loss = _elbo_loss(model, layout, q, xb, kw, num_particles, stl)
+                if not torch.isfinite(loss):
+                    raise ValueError(f"local flow VI diverged (non-finite ELBO at step {step}); lower lr (now {lr})")
+                grads = torch.autograd.grad(loss, params)  # the model's parameters get no gradient
+                for p, g in zip(params, grads):
+                    p.grad = g
+                optim.step()
+                history.append(-float(loss.detach()) / xb.shape[0])
+                bar.update(1)
+                if plateau.update(history):  # a plateau halves the step size; the last one stops
+                    done = True
+                    bar.update(max_steps - step - 1)
+                    break
+            with torch.no_grad():
+                estimates.append(importance_estimate(model, q, xb, num_samples=num_eval_samples,
+                                                     batch_size=xb.shape[0], **kw))
+            converged.append(torch.full((xb.shape[0],), done, dtype=torch.bool))
+            steps.append(torch.full((xb.shape[0],), len(history), dtype=torch.long))
+            traces.append(history)
+            fitted.append(flows)
     longest = max(len(t) for t in traces)
     trace = torch.full((len(traces), longest), math.nan)
     for i, t in enumerate(traces):

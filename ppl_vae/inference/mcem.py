@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from ppl_vae.config import TrainConfig
-from ppl_vae.inference.marginal import hmc_posterior, log_joint
+from ppl_vae.inference.marginal import hmc_posterior
 from ppl_vae.inference.fused import supports_fused_elbo
 from ppl_vae.inference.training import METHODS, NonFiniteLoss, OPTIMIZERS, Stepper
 from ppl_vae.inference.wake_sleep import generative_parameters
@@ -49,9 +49,10 @@ class MCEMStepper(Stepper):
         target_accept_prob: float = 0.9,
         num_weight_updates: int = 5,
     ):
-        if not supports_fused_elbo(vae):
+        if not (supports_fused_elbo(vae) and getattr(vae, "encoder_is_guide", False)):
             raise ValueError(f"method 'mcem' needs a VAE built from parts with the base class's model and "
-                             f"guide (it calls the encoder and decoder directly); {type(vae).__name__} overrides them")
+                             f"guide (it calls the encoder and decoder directly); {type(vae).__name__} declares has_fast_path=False or a guide "
+                             f"that is not its encoder's Gaussian (encoder_is_guide=False)")
         if config.kl_warmup_epochs:
             raise ValueError("kl_warmup_epochs must be 0 for method 'mcem' (it optimizes no KL term)")
         if vae.latent_dim > MAX_LATENT_DIM:
@@ -104,7 +105,7 @@ class MCEMStepper(Stepper):
         optimizer = self.optimizers["mcem"]
         first = None
         for _ in range(self.num_weight_updates):
-            loss = -scale * log_joint(self.vae.model, x, z).sum()
+            loss = -scale * self.vae.log_joint(x, {"z": z}).sum()  # the fast-path protocol (checked in __init__)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(float(loss))
             first = loss.detach() if first is None else first

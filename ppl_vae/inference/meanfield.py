@@ -31,9 +31,9 @@ from pyro import distributions as dist
 from pyro import poutine
 from torch import Tensor
 
-from ppl_vae.inference.importance import ImportanceEstimate, _check_positive, concat_estimates, importance_estimate
+from ppl_vae.inference.importance import ImportanceEstimate, concat_estimates, importance_estimate
 from ppl_vae.inference.latents import Layout, Site, guide_layout, log_joint, model_layout
-from ppl_vae.inference.modes import batches, in_eval_mode, seeded
+from ppl_vae.inference.modes import batches, check_positive, in_eval_mode, seeded
 from ppl_vae.inference.plateau import Plateau
 from ppl_vae.registry import Registry
 
@@ -368,7 +368,7 @@ def fit_mean_field(
     for name, value in (("max_steps", max_steps), ("num_particles", num_particles), ("window", window),
                         ("batch_size", batch_size), ("num_eval_samples", num_eval_samples),
                         ("polish_particles", polish_particles), ("polish_steps", polish_steps)):
-        _check_positive(name, value)
+        check_positive(name, value)
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive number, got {lr}")
     if int(num_lr_decays) != num_lr_decays or num_lr_decays < 0:

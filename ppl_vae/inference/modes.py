@@ -120,3 +120,9 @@ def evaluating(*fns: Any, seed: Optional[int] = None, device: Any = None) -> Ite
     """:func:`eval_mode` of ``fns`` and :func:`seeded` ``seed`` together, both restored afterwards."""
     with eval_mode(*fns), seeded(seed, device):
         yield
+
+
+def check_positive(name: str, value: Any) -> None:
+    """A one-line ValueError naming ``name`` unless ``value`` is a positive integer."""
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
