@@ -7,7 +7,7 @@ no information about x, its KL term is 0 and E_q[z_u] does not vary with x. Burd
 
 from __future__ import annotations
 
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -15,7 +15,8 @@ import xarray as xr
 from pyro import distributions as dist
 from torch import Tensor
 
-from ppl_vae.inference.meanfield import LATENT_SITE, guide_moments
+from ppl_vae.inference.latents import model_layout
+from ppl_vae.inference.meanfield import guide_moments
 from ppl_vae.inference.modes import in_eval_mode
 from ppl_vae.inference.traces import trace_pair
 
@@ -33,30 +34,41 @@ def _factorized_normal(fn: dist.Distribution) -> Tuple[Tensor, Tensor]:
     return base.loc, base.scale
 
 
+def _site_kl(model_trace, guide_trace, site: str, n: int) -> Tensor:
+    q_loc, q_scale = _factorized_normal(guide_trace.nodes[site]["fn"])
+    p_loc, p_scale = _factorized_normal(model_trace.nodes[site]["fn"])
+    shape = torch.broadcast_shapes(q_loc.shape, p_loc.shape)
+    return torch.distributions.kl_divergence(
+        torch.distributions.Normal(q_loc.expand(shape), q_scale.expand(shape)),
+        torch.distributions.Normal(p_loc.expand(shape), p_scale.expand(shape)),
+    ).reshape(n, -1)
+
+
 @torch.no_grad()
 @in_eval_mode("model", "guide")
-def kl_per_dimension(model: Callable, guide: Callable, x: Tensor, latent_site: str = LATENT_SITE,
+def kl_per_dimension(model: Callable, guide: Callable, x: Tensor, latent_site: Optional[str] = None,
                      **kwargs: Any) -> xr.DataArray:
     """KL(q(z_u|x) || p(z_u)) for each datapoint and latent dimension, dims (datapoint, latent).
 
-    Closed form for a diagonal-Gaussian guide and a factorized Gaussian prior (e.g. AEVB's
-    N(0, I)); the total KL of a datapoint is the sum over ``latent``. Averaged over
-    datapoints, a value near 0 marks a collapsed dimension.
+    Closed form for diagonal-Gaussian guide sites and factorized Gaussian prior sites (e.g.
+    AEVB's N(0, I)); the total KL of a datapoint is the sum over ``latent``. Averaged over
+    datapoints, a value near 0 marks a collapsed dimension. Every continuous latent site is
+    included (coordinate ``latent_site`` names each column's site) unless ``latent_site``
+    picks one. For a hierarchical prior p(z1 | z2), the KL of z1 is that of its conditional at
+    one draw of z2 from the guide: a one-sample estimate of the expected KL.
     """
     model_trace, guide_trace = trace_pair(model, guide, x, **kwargs)
-    if latent_site not in guide_trace.nodes or latent_site not in model_trace.nodes:
-        raise ValueError(f"the model and guide need a sample site {latent_site!r}")
-    q_loc, q_scale = _factorized_normal(guide_trace.nodes[latent_site]["fn"])
-    p_loc, p_scale = _factorized_normal(model_trace.nodes[latent_site]["fn"])
-    shape = torch.broadcast_shapes(q_loc.shape, p_loc.shape)
-    kl = torch.distributions.kl_divergence(
-        torch.distributions.Normal(q_loc.expand(shape), q_scale.expand(shape)),
-        torch.distributions.Normal(p_loc.expand(shape), p_scale.expand(shape)),
-    ).reshape(x.shape[0], -1)
+    names = [latent_site] if latent_site is not None else list(model_layout(model, x, **kwargs).names)
+    for name in names:
+        if name not in guide_trace.nodes or name not in model_trace.nodes:
+            raise ValueError(f"the model and guide need a sample site {name!r}")
+    parts = [_site_kl(model_trace, guide_trace, name, x.shape[0]) for name in names]
+    kl = torch.cat(parts, 1)
+    sites = np.concatenate([np.full(p.shape[1], name) for name, p in zip(names, parts)])
     return xr.DataArray(
         kl.double().cpu().numpy(),
         dims=("datapoint", "latent"),
-        coords={"datapoint": np.arange(x.shape[0]), "latent": np.arange(kl.shape[1])},
+        coords={"datapoint": np.arange(x.shape[0]), "latent": np.arange(kl.shape[1]), "latent_site": ("latent", sites)},
         name="kl",
         attrs={"long_name": "KL(q(z_u|x) || p(z_u))", "units": "nats"},
     )
@@ -93,12 +105,19 @@ def collapse_diagnostics(model: Callable, guide: Callable, x: Tensor,
                          threshold: float = ACTIVE_UNIT_THRESHOLD, **kwargs: Any) -> xr.Dataset:
     """Mean KL per dimension and active units for datapoints ``x``, over dim ``latent``.
 
-    KL is included only when prior and guide are factorized Gaussians (otherwise NaN).
+    KL is included only when prior and guide are factorized Gaussians (otherwise NaN). Every
+    continuous latent site counts; the coordinate ``latent_site`` names each unit's site, and
+    attribute ``num_active_<site>`` counts the active units of each.
     """
-    loc, _ = guide_moments(guide, x, **kwargs)
+    layout = model_layout(model, x, **kwargs)
+    loc, _ = guide_moments(guide, x, layout if len(layout.sites) > 1 else None, **kwargs)
     ds = active_units(loc.reshape(x.shape[0], -1), threshold)
+    sites = layout.column_sites().astype(str)
+    ds = ds.assign_coords(latent_site=("latent", sites))
+    for name in layout.names:
+        ds.attrs[f"num_active_{name}"] = int(ds["active"].values[sites == name].sum())
     try:
-        ds["kl"] = kl_per_dimension(model, guide, x, **kwargs).mean("datapoint")
+        ds["kl"] = ("latent", kl_per_dimension(model, guide, x, **kwargs).mean("datapoint").values)
     except ValueError:
         ds["kl"] = ("latent", np.full(ds.sizes["latent"], np.nan))
     ds["kl"].attrs.update({"long_name": "mean over datapoints of KL(q(z_u|x) || p(z_u))", "units": "nats"})

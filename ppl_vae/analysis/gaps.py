@@ -233,6 +233,17 @@ def gap_decomposition(
     ``estimate_<name>`` describe each number in words. The model and guide are scored in eval
     mode (their modes are restored afterwards).
     """
+    with seeded(seed, x.device):
+        return _gap_decomposition(model, guide, x, num_samples=num_samples, batch_size=batch_size,
+                                  particle_batch_size=particle_batch_size, mean_field=mean_field,
+                                  mean_field_options=mean_field_options, datapoint=datapoint, progress=progress,
+                                  seed=seed, **kwargs)
+
+
+def _gap_decomposition(model: Callable, guide: Callable, x: Tensor, *, num_samples: int, batch_size: int,
+                       particle_batch_size: Optional[int], mean_field: Optional[MeanFieldResult],
+                       mean_field_options: Optional[Dict[str, Any]], datapoint: Optional[Sequence[int]],
+                       progress: bool, seed: Optional[int], **kwargs: Any) -> xr.Dataset:
     if mean_field is None:
         options = {"progress": progress, **(mean_field_options or {})}
         mean_field = fit_mean_field(model, x, guide=guide, seed=seed, **options, **kwargs)

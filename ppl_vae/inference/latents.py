@@ -189,7 +189,8 @@ def model_layout(model: Callable, x: Tensor, *, continuous_only: bool = True, **
     n = min(int(x.shape[0]), 2)
     xb = x[:n]
     kw = {k: (v[:n] if torch.is_tensor(v) and v.dim() and v.shape[0] == x.shape[0] else v) for k, v in kwargs.items()}
-    trace = poutine.trace(poutine.block(model, hide_types=["param"])).get_trace(xb, **kw)
+    with torch.random.fork_rng(devices=[]):  # a structural probe: it must not advance the caller's stream
+        trace = poutine.trace(poutine.block(model, hide_types=["param"])).get_trace(xb, **kw)
     sites, enumerated = [], []
     for name, site in _latent_sample_sites(trace):
         fn = site["fn"]
@@ -421,7 +422,7 @@ def guide_layout(guide: Callable, x: Tensor, layout: Layout, **kwargs: Any) -> N
     (a one-line ValueError naming the site otherwise)."""
     n = min(int(x.shape[0]), 2)
     kw = {k: (v[:n] if torch.is_tensor(v) and v.dim() and v.shape[0] == x.shape[0] else v) for k, v in kwargs.items()}
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
         trace = poutine.trace(poutine.block(guide, hide_types=["param"])).get_trace(x[:n], **kw)
     for site in layout.sites:
         node = trace.nodes.get(site.name)

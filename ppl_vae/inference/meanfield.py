@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import pyro
@@ -70,7 +70,8 @@ def _site_moments(fn: dist.Distribution, num_data: int) -> Moments:
 
 
 def _trace_moments(fn: Callable, x: Tensor, layout: Optional[Layout], what: str, kwargs: Dict[str, Any]) -> Moments:
-    trace = poutine.trace(poutine.block(fn, hide_types=["param"])).get_trace(x, **kwargs)
+    with torch.random.fork_rng(devices=[]):  # moments are read off the trace: no draw of the caller's is used
+        trace = poutine.trace(poutine.block(fn, hide_types=["param"])).get_trace(x, **kwargs)
     if layout is None:
         layout = Layout((Site(LATENT_SITE, tuple(trace.nodes[LATENT_SITE]["fn"].event_shape)),)) \
             if LATENT_SITE in trace.nodes else Layout(())
