@@ -23,6 +23,7 @@ import xarray as xr
 from torch import Tensor, nn
 
 from ppl_vae.inference.importance import elbo_per_datapoint
+from ppl_vae.inference.modes import eval_mode
 from ppl_vae.inference.traces import log_probs, trace_pair
 from ppl_vae.registry import Registry
 
@@ -66,14 +67,10 @@ def anomaly_scores(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    was_training = vae.training
-    vae.eval()
-    try:
+    with eval_mode(vae):
         starts = range(0, len(x), batch_size)
         parts = [fn(vae, x[s : s + batch_size], num_samples) for s in tqdm(starts, disable=not progress,
                                                                              desc="scoring", unit="batch")]
-    finally:
-        vae.train(was_training)
     return torch.cat(parts)
 
 

@@ -34,6 +34,7 @@ from torch import Tensor
 from ppl_vae.models.vae import VAE
 from ppl_vae.registry import Registry
 from ppl_vae import io
+from ppl_vae.inference.modes import eval_mode
 
 IMAGE_DIMS = ("channel", "row", "col")
 
@@ -122,9 +123,7 @@ def sample_images(
     the same z under each label (default: every class) and add a leading dim ``label``.
     """
     labels = _check_labels(vae, labels)
-    was_training = vae.training
-    vae.eval()
-    try:
+    with eval_mode(vae):
         z = fixed_latents(vae, num_samples, seed) if z is None else z.to(_device(vae))
         if labels is None:
             images = vae.decode(z)
@@ -132,8 +131,6 @@ def sample_images(
         else:
             images = torch.stack([vae.decode(z, c) for c in labels])  # type: ignore[call-arg]
             dims, coords = ("label", "sample", *IMAGE_DIMS), {"label": labels, "sample": np.arange(len(z))}
-    finally:
-        vae.train(was_training)
     images = images.reshape(*images.shape[: images.dim() - len(vae.event_shape)], *_image_shape(vae.event_shape))
     return xr.DataArray(images.cpu().numpy(), dims=dims, coords=coords, name="mean",
                         attrs={"description": "E[x | z] for z ~ p(z)", "seed": seed})
@@ -423,9 +420,7 @@ def inpaint(
     def hypotheses(n: int) -> list:
         return [None] if not conditional else (classes if y is None else [int(y[n])])
 
-    was_training = vae.training
-    vae.eval()
-    try:
+    with eval_mode(vae):
         z = fixed_latents(vae, num_samples, seed)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         # Pass 1, proposal p(z): one set of decoder outputs per hypothesis, shared by all images.
@@ -454,8 +449,6 @@ def inpaint(
                     log_ws.append(_masked_log_lik(vae, p, x[n], maskf) + log_prior - log_q + log_p_y)
                     mean_list.append(vae.likelihood.mean(*p))
                 results[n] = _weighted(torch.stack(log_ws), torch.stack(mean_list), x[n], mask_t, num_draws, gen)
-    finally:
-        vae.train(was_training)
     completion_mean = [r["completion"] for r in results]
     draws = [r["draws"] for r in results]
     log_evidence = [r["log_evidence"] for r in results]

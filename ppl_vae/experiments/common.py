@@ -172,13 +172,11 @@ def elbo_evaluator(data: Dataset, eval_size: int, num_particles: int = 1) -> Cal
     x_train, x_test = data.train[:eval_size], data.test[:eval_size]
 
     def evaluate(vae: VAE) -> Dict[str, float]:
-        vae.eval()
-        out = {
+        # elbo_per_datapoint scores in eval mode and restores the caller's mode
+        return {
             split: float(elbo_per_datapoint(vae.model, vae.guide, x, num_particles=num_particles).mean())
             for split, x in (("train", x_train), ("test", x_test))
         }
-        vae.train()
-        return out
 
     return evaluate
 

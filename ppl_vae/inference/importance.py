@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ppl_vae.inference.latents import log_importance_weights  # noqa: F401  (re-exported: the public name)
 from ppl_vae.inference.modes import batches, block_seed, check_positive, in_eval_mode, seeded
-from ppl_vae.inference.stats import psis_khat
+from ppl_vae.inference.stats import log_mean_exp_se_from_ess, psis_khat
 from ppl_vae.inference.traces import PARTICLE_PLATE, log_probs, trace_pair  # noqa: F401 (PARTICLE_PLATE re-exported)
 
 
@@ -173,10 +173,9 @@ class _WeightAccumulator:
         if k > 1:
             var_log_w = ((self.sum_log_w2 - k * elbo**2) / (k - 1)).clamp_min(0.0)
             elbo_se = (var_log_w / k).sqrt()
-            log_p_se = ((1.0 / ess - 1.0 / k).clamp_min(0.0) * k / (k - 1)).sqrt()
         else:
             elbo_se = torch.full_like(elbo, math.nan)
-            log_p_se = torch.full_like(elbo, math.nan)
+        log_p_se = log_mean_exp_se_from_ess(ess, k)
         return log_p, log_p_se, elbo, elbo_se, ess
 
 

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ppl_vae.inference.importance import ImportanceEstimate, concat_estimates, importance_estimate
 from ppl_vae.inference.latents import Layout, Site, guide_layout, log_joint, model_layout
-from ppl_vae.inference.modes import batches, check_positive, in_eval_mode, seeded
+from ppl_vae.inference.modes import batches, check_positive, in_eval_mode, rows, seeded
 from ppl_vae.inference.plateau import Plateau
 from ppl_vae.registry import Registry
 
@@ -297,7 +297,7 @@ def _polish_rounds(model: Callable, layout: Layout, xb: Tensor, kw: dict, loc: T
     total = 0
     n = xb.shape[0]
     for _ in range(rounds):
-        sub_kw = {k: (v[todo] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v) for k, v in kw.items()}
+        sub_kw = {k: rows(v, n, todo) for k, v in kw.items()}
         new_loc, new_log_scale, new_grad, iters = _polish(
             model, layout, xb[todo], sub_kw, loc[todo], log_scale[todo], num_particles=num_particles,
             max_iter=max_iter, gtol=gtol)
