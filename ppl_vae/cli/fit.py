@@ -13,7 +13,7 @@ from click.core import ParameterSource
 RUN_OPTIONS = (
     "model", "dataset", "data_dir", "prior", "likelihood", "latent_dim", "hidden_dim", "guide",
     "num_components", "method", "batch_size", "lr", "optimizer", "elbo", "num_particles", "kl_warmup",
-    "seed", "device", "out", "binarize", "train_size", "train_eval_size", "compile",
+    "seed", "device", "out", "binarize", "train_size", "train_eval_size", "compile", "model_option",
 )
 
 
@@ -26,6 +26,9 @@ RUN_OPTIONS = (
 @click.option("--likelihood", default=None, help="Likelihood of x (default: the model's own).")
 @click.option("--latent-dim", type=int, default=None, help="Size of z (default: the model's).")
 @click.option("--hidden-dim", type=int, default=None, help="Hidden units per layer (default: the model's).")
+@click.option("--model-option", "model_option", multiple=True, metavar="KEY=VALUE",
+              help="An option of the model's builder, VALUE in JSON (e.g. z1_dim=64, hidden_dims='[[64],[32]]', "
+                   "kl_warmup_fractions='[0.5,1]'); repeatable. See `ppl-vae models`.")
 @click.option("--num-components", type=int, default=None, help="Components of the mixture_of_gaussians prior.")
 @click.option("--guide", default="diagonal_normal", show_default=True,
               help="Family of the amortized q(z|x): diagonal_normal (AEVB) or a flow (see `ppl-vae models`).")
@@ -104,6 +107,7 @@ def run_config(opts: dict):
 
     values = {field: opts[flag[2:].replace("-", "_")] for field, flag in FIELD_FLAGS.items() if "." in field}
     values["model.prior_options"] = {} if opts["num_components"] is None else {"num_components": opts["num_components"]}
+    values["model.model_options"] = parse_model_options(opts.get("model_option") or ())
     values["data.dataset"] = str(opts["dataset"])
     values["data.data_dir"] = None if opts["data_dir"] is None else str(opts["data_dir"])
     values["train.train_eval_size"] = opts["train_eval_size"] or None  # 0: the whole training set
@@ -119,7 +123,7 @@ def run_config(opts: dict):
 FIELD_FLAGS = {
     "model.model": "--model", "model.prior": "--prior", "model.likelihood": "--likelihood",
     "model.latent_dim": "--latent-dim", "model.hidden_dim": "--hidden-dim", "model.prior_options": "--num-components",
-    "model.guide": "--guide",
+    "model.guide": "--guide", "model.model_options": "--model-option",
     "data.dataset": "--dataset", "data.data_dir": "--data-dir", "data.binarize": "--binarize",
     "data.train_size": "--train-size",
     "train.method": "--method", "train.epochs": "--epochs", "train.batch_size": "--batch-size", "train.lr": "--lr",
@@ -131,6 +135,22 @@ FIELD_FLAGS = {
 
 
 fit.field_flags = FIELD_FLAGS  # the group shows library errors (which name fields) with these flags
+
+
+def parse_model_options(items) -> dict:
+    """``KEY=VALUE`` strings -> {KEY: VALUE}, VALUE read as JSON (a bare word stays a string)."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--model-option must be KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
 
 
 def flag(option: str) -> str:
