@@ -72,7 +72,9 @@ def compare(run_dirs, num_samples: int, estimator: str, split: str, num_datapoin
         mean_field_options=mean_field_options,
     )
     click.echo(format_gap_table(result.table))
-    click.echo(f"active units: {result.diagnostics.attrs['num_active']} of {result.diagnostics.sizes['latent']}")
+    from ppl_vae.reports.compare import active_units_line
+
+    click.echo(f"active units: {active_units_line(result.diagnostics)}")
     for warning in result.warnings:
         click.echo(f"warning: {warning}")
     for note in result.notes:
