@@ -2,7 +2,7 @@
 equal epochs, through the command line exactly as a user would run it (docs/hierarchical.md).
 
 Every run: the same training subset (the first --train-size MNIST training images, binarized
-afresh each step), Adam at 1e-3, batch 100, the ELBO (``--method svi``), --epochs epochs, seed 0.
+afresh each step), Adam at 1e-3, batch --batch-size (20, Burda et al.'s), the ELBO (``--method svi``), --epochs epochs, seed 0.
 The ladder VAE also runs with its per-layer KL warm-up (z1's weight reaches 1 halfway through
 the warm-up, z2's at its end). Then one ``ppl-vae compare RUN1 RUN2 ... --estimator iw``
 scores every run on the same seeded subset of --num-datapoints test images with K importance
@@ -32,7 +32,7 @@ PPL_VAE = [sys.executable, "-m", "ppl_vae.cli"]
 def runs(args):
     common = ["--dataset", "mnist", "--data-dir", str(args.data_dir), "--binarize", "dynamic",
               "--train-size", str(args.train_size), "--epochs", str(args.epochs), "--method", "svi",
-              "--batch-size", "100", "--lr", "1e-3", "--seed", "0", "--device", "cpu", "--no-progress"]
+              "--batch-size", str(args.batch_size), "--lr", "1e-3", "--seed", "0", "--device", "cpu", "--no-progress"]
     yield "one_layer", ["--model", "one_layer"] + common
     yield "two_layer", ["--model", "two_layer"] + common
     yield "ladder", ["--model", "ladder"] + common
@@ -62,6 +62,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--train-size", type=int, default=10000)
     p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=20, help="Burda et al. used 20")
+    p.add_argument("--runs", nargs="+", default=["one_layer", "two_layer", "ladder", "ladder_warmup"])
     p.add_argument("--warmup", type=int, default=10, help="KL warm-up epochs of the ladder_warmup run")
     p.add_argument("--num-samples", type=int, default=5000)
     p.add_argument("--num-datapoints", type=int, default=500)
@@ -70,6 +72,8 @@ def main() -> None:
     total = 0.0
     dirs = []
     for name, opts in runs(args):
+        if name not in args.runs:
+            continue
         run_dir = args.out / name
         dirs.append(run_dir)
         if (run_dir / "history.nc").exists():
