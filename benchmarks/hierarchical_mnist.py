@@ -56,6 +56,25 @@ def timed(cmd, log):
     return cpu
 
 
+def diagnostics(dirs, num_datapoints: int) -> None:
+    """KL and active units per latent site on the compare's test subset (collapse_diagnostics)."""
+    import torch
+
+    from ppl_vae.analysis.diagnostics import collapse_diagnostics
+    from ppl_vae.pipeline import load_run
+    from ppl_vae.reports.common import select_datapoints
+    from ppl_vae.reports.compare import active_units_line
+
+    torch.set_num_threads(1)
+    for run_dir in dirs:
+        run = load_run(run_dir, "cpu")
+        sel = select_datapoints(run, "test", num_datapoints, 0)
+        start = time.process_time()
+        ds = collapse_diagnostics(run.vae.model, run.vae.guide, sel.x)
+        print(f"{run_dir.name}: active units {active_units_line(ds)}; total KL {float(ds['kl'].sum()):.2f} nats "
+              f"({time.process_time() - start:.0f} s CPU)", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", type=Path, required=True)
@@ -67,6 +86,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10, help="KL warm-up epochs of the ladder_warmup run")
     p.add_argument("--num-samples", type=int, default=5000)
     p.add_argument("--num-datapoints", type=int, default=500)
+    p.add_argument("--diagnostics-only", action="store_true", help="only the per-site KL / active units of the runs")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     total = 0.0
@@ -76,16 +96,22 @@ def main() -> None:
             continue
         run_dir = args.out / name
         dirs.append(run_dir)
+        if args.diagnostics_only:
+            continue
         if (run_dir / "history.nc").exists():
             print(f"{run_dir} exists: kept")
             continue
         total += timed(PPL_VAE + ["fit"] + opts + ["--out", str(run_dir)], args.out / f"fit_{name}.log")
+    if args.diagnostics_only:
+        diagnostics(dirs, args.num_datapoints)
+        return
     compare = PPL_VAE + ["compare", *map(str, dirs), "--estimator", "iw", "-k", str(args.num_samples),
                          "--num-datapoints", str(args.num_datapoints), "--seed", "0", "--no-progress",
                          "--out", str(args.out / "multirun")]
     total += timed(compare, args.out / "compare.log")
     print((args.out / "compare.log").read_text())
     print(f"total CPU time of the commands: {total / 60:.1f} min")
+    diagnostics(dirs, args.num_datapoints)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def compare_run(
         gaps.attrs.update({"split": split, "run_dir": str(run.run_dir), "model": run.config.model.model,
                            "dataset": run.config.data.dataset, "seed": seed, "preprocessing": sel.preprocessing})
         table = gap_table(gaps)
-        diagnostics = collapse_diagnostics(vae.model, vae.guide, sel.x, **kwargs)
+        diagnostics = collapse_diagnostics(vae.model, vae.guide, sel.x, seed=seed, **kwargs)
 
         draw_n = min(sel.x.shape[0], 100)  # keep the InferenceData small: the first 100 datapoints
         mf_guide = MeanFieldGuide(mean_field.loc[:draw_n], mean_field.scale[:draw_n].log(),

@@ -275,3 +275,30 @@ def test_iw_meets_the_exact_log_px_of_a_general_instance(cls, one_thread):
     ais = ais_log_likelihood(vae.model, None, x, num_steps=100, num_chains=8, seed=0)
     se = torch.as_tensor(ais["log_px_stderr"].values)
     assert abs(pooled_z(torch.as_tensor(ais["log_px"].values), se, exact)) < 3
+
+
+def test_active_units_of_a_lower_layer_average_over_the_draws_above_it():
+    import pyro
+    from pyro import distributions as dist
+
+    from ppl_vae.analysis.diagnostics import collapse_diagnostics
+
+    def model(x, y=None):
+        with pyro.plate("data", x.shape[0]):
+            z2 = pyro.sample("z2", dist.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(1))
+            z1 = pyro.sample("z1", dist.Normal(z2, 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z1, 1.0).to_event(1), obs=x)
+
+    def guide(x, y=None, informative=False):
+        with pyro.plate("data", x.shape[0]):
+            z2 = pyro.sample("z2", dist.Normal(x if informative else torch.zeros_like(x), 1.0).to_event(1))
+            pyro.sample("z1", dist.Normal(z2, 0.1).to_event(1))
+
+    x = torch.randn(200, 2)
+    state = torch.get_rng_state()
+    # E_q[z1 | x] = 0 for every x: no unit is active, though one draw of z2 would make z1 look active
+    ds = collapse_diagnostics(model, guide, x)
+    assert ds.attrs["num_active_z1"] == 0 and ds.attrs["num_active_z2"] == 0
+    assert torch.equal(torch.get_rng_state(), state)
+    ds = collapse_diagnostics(model, lambda x, y=None: guide(x, informative=True), x)
+    assert ds.attrs["num_active_z1"] == 2 and ds.attrs["num_active_z2"] == 2
