@@ -24,7 +24,8 @@ class ModelSpec:
 
     ``build(event_shape, latent_dim, hidden_dim, prior, likelihood, **data_info)``: data_info
     holds facts about the dataset a model may need (``num_classes``, ``vocab_size``, ...);
-    builders ignore the keys they do not use.
+    builders ignore the keys they do not use. A builder's keyword-only parameters are the
+    model's options (``ModelConfig.model_options``, ``--model-option``).
     """
 
     build: Builder
