@@ -14,6 +14,8 @@ RUN_OPTIONS = (
     "model", "dataset", "data_dir", "prior", "likelihood", "latent_dim", "hidden_dim", "guide",
     "num_components", "method", "batch_size", "lr", "optimizer", "elbo", "num_particles", "kl_warmup",
     "seed", "device", "out", "binarize", "train_size", "train_eval_size", "compile",
+    "lr_schedule", "lr_schedule_options", "clip_grad_norm", "val_fraction", "early_stopping_patience",
+    "kl_schedule", "kl_weight", "kl_cycle_epochs", "kl_cycle_ratio", "precision",
 )
 
 
@@ -41,6 +43,26 @@ RUN_OPTIONS = (
               help="Compile the SVI loss with torch.compile (e.g. inductor); parts-based VAEs only.")
 @click.option("--num-particles", type=int, default=1, show_default=True, help="Samples of z per datapoint per step.")
 @click.option("--kl-warmup", type=int, default=0, show_default=True, help="Epochs over which the KL weight rises to 1.")
+@click.option("--kl-schedule", default="linear", show_default=True,
+              help="KL weight over the steps: linear (rises over --kl-warmup epochs), cyclical (Fu et al. 2019) "
+                   "or constant.")
+@click.option("--kl-weight", type=float, default=1.0, show_default=True,
+              help="The KL weight a schedule rises to (or holds, constant).")
+@click.option("--kl-cycle-epochs", type=int, default=10, show_default=True, help="Epochs per cycle (cyclical).")
+@click.option("--kl-cycle-ratio", type=float, default=0.5, show_default=True,
+              help="Fraction of each cycle over which the weight rises (cyclical).")
+@click.option("--lr-schedule", default=None, metavar="NAME",
+              help="A torch.optim.lr_scheduler class, stepped per epoch (StepLR, CosineAnnealingLR, ...; "
+                   "ReduceLROnPlateau watches the validation ELBO).")
+@click.option("--lr-schedule-options", default=None, metavar="JSON",
+              help='Keyword arguments of the scheduler as a JSON object, e.g. \'{"step_size": 10}\'.')
+@click.option("--clip-grad-norm", type=float, default=None, help="Clip the total gradient norm to this before each update.")
+@click.option("--val-fraction", type=float, default=0.0, show_default=True,
+              help="Hold out this fraction of the training data (seeded) for the validation ELBO.")
+@click.option("--early-stopping-patience", type=int, default=None,
+              help="Stop after this many epochs without a better validation ELBO (needs --val-fraction).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16: bfloat16 autocast of the training loss (CUDA only).")
 @click.option("--binarize", type=click.Choice(["none", "dynamic", "threshold"]), default="none", show_default=True)
 @click.option("--train-size", type=int, default=None, help="Use only the first N training points.")
 @click.option("--train-eval-size", type=int, default=1000, show_default=True,
@@ -107,6 +129,7 @@ def run_config(opts: dict):
     values["data.dataset"] = str(opts["dataset"])
     values["data.data_dir"] = None if opts["data_dir"] is None else str(opts["data_dir"])
     values["train.train_eval_size"] = opts["train_eval_size"] or None  # 0: the whole training set
+    values["train.lr_schedule_options"] = _json_object(opts["lr_schedule_options"], "--lr-schedule-options")
 
     def section(name: str, cls):
         return cls(**{field.split(".", 1)[1]: v for field, v in values.items() if field.startswith(name + ".")})
@@ -126,11 +149,30 @@ FIELD_FLAGS = {
     "train.optimizer": "--optimizer", "train.elbo": "--elbo", "train.num_particles": "--num-particles",
     "train.kl_warmup_epochs": "--kl-warmup", "train.seed": "--seed", "train.device": "--device",
     "train.train_eval_size": "--train-eval-size", "train.compile": "--compile",
+    "train.lr_schedule": "--lr-schedule", "train.lr_schedule_options": "--lr-schedule-options",
+    "train.clip_grad_norm": "--clip-grad-norm", "train.val_fraction": "--val-fraction",
+    "train.early_stopping_patience": "--early-stopping-patience", "train.kl_schedule": "--kl-schedule",
+    "train.kl_weight": "--kl-weight", "train.kl_cycle_epochs": "--kl-cycle-epochs",
+    "train.kl_cycle_ratio": "--kl-cycle-ratio", "train.precision": "--precision",
     "timeout_s": "--dist-timeout", "nproc": "--nproc", "data_dir": "--data-dir",
 }
 
 
 fit.field_flags = FIELD_FLAGS  # the group shows library errors (which name fields) with these flags
+
+
+def _json_object(text: Optional[str], name: str) -> dict:
+    import json
+
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"must be a JSON object: {exc}", param_hint=name) from None
+    if not isinstance(value, dict):
+        raise click.BadParameter(f"must be a JSON object, got {text}", param_hint=name)
+    return value
 
 
 def flag(option: str) -> str:
