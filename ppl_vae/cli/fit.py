@@ -73,6 +73,11 @@ RUN_OPTIONS = (
 @click.option("--resume", type=click.Path(path_type=Path), default=None, help="Continue this run directory.")
 @click.option("--sample-grids", is_flag=True, default=False,
               help="Save a grid of samples from fixed z after every epoch (RUN/samples/*.png, RUN/samples.gif).")
+@click.option("--log", "log", multiple=True, metavar="NAME",
+              help="Log training to NAME under the run directory: tensorboard (RUN/tensorboard; needs the "
+                   "tensorboard extra). Repeatable.")
+@click.option("--log-every-steps", type=int, default=50, show_default=True,
+              help="Log the minibatch loss, KL weight and learning rate every N optimizer steps.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @click.option("--nproc", type=int, default=1, show_default=True,
               help="Data-parallel processes on this machine (DDP; one GPU each on CUDA). Under torchrun leave at 1.")
@@ -87,6 +92,11 @@ def fit(ctx: click.Context, **opts) -> None:
     run_dir = Path(opts["resume"]) if opts["resume"] is not None else (opts["out"] or None)
     common = dict(nproc=opts["nproc"], progress=opts["progress"], sample_grids=opts["sample_grids"],
                   timeout_s=opts["dist_timeout"])
+    def loggers(run_dir: Path) -> tuple:
+        from ppl_vae.loggers import make_logger
+
+        return tuple(make_logger(name, run_dir, every_steps=opts["log_every_steps"]) for name in opts["log"])
+
     try:
         if opts["resume"] is not None:
             given = [o for o in RUN_OPTIONS if ctx.get_parameter_source(o) == ParameterSource.COMMANDLINE]
@@ -94,11 +104,11 @@ def fit(ctx: click.Context, **opts) -> None:
                 raise click.UsageError(
                     f"--resume continues a run with its own config; drop {', '.join(flag(g) for g in given)}")
             epochs = opts["epochs"] if ctx.get_parameter_source("epochs") == ParameterSource.COMMANDLINE else None
-            run = pipeline.resume(run_dir, epochs=epochs, **common)
+            run = pipeline.resume(run_dir, epochs=epochs, callbacks=loggers(run_dir), **common)
         else:
             config = run_config(opts)
             run_dir = run_dir or pipeline.default_run_dir(config)
-            run = pipeline.fit(config, run_dir, **common)
+            run = pipeline.fit(config, run_dir, callbacks=loggers(run_dir), **common)
     except KeyboardInterrupt:
         _interrupted(run_dir)
     if distributed.env_rank() != 0:
@@ -154,7 +164,7 @@ FIELD_FLAGS = {
     "train.early_stopping_patience": "--early-stopping-patience", "train.kl_schedule": "--kl-schedule",
     "train.kl_weight": "--kl-weight", "train.kl_cycle_epochs": "--kl-cycle-epochs",
     "train.kl_cycle_ratio": "--kl-cycle-ratio", "train.precision": "--precision",
-    "timeout_s": "--dist-timeout", "nproc": "--nproc", "data_dir": "--data-dir",
+    "timeout_s": "--dist-timeout", "nproc": "--nproc", "data_dir": "--data-dir", "every_steps": "--log-every-steps",
 }
 
 

@@ -409,7 +409,8 @@ class Callback:
     ``on_train_start``: before the first step of this call (fresh or resumed; ``ctx.state``
     says which). ``on_step_end``: after every optimizer step; return True to stop training
     there (only callbacks that override it are called, so the others cost nothing per step).
-    ``on_epoch_end``: after each epoch's record is appended.
+    ``on_epoch_end``: after each epoch's record is appended. ``on_train_end``: when this call
+    ends, normally or by an error (close files there).
     """
 
     def on_train_start(self, ctx: TrainContext) -> None:
@@ -419,6 +420,9 @@ class Callback:
         return False
 
     def on_epoch_end(self, ctx: TrainContext) -> None:
+        pass
+
+    def on_train_end(self, ctx: TrainContext) -> None:
         pass
 
 
@@ -651,6 +655,8 @@ def train(
     finally:
         for handle in clip_handles:
             handle.remove()
+        for hook in hooks:
+            hook.on_train_end(ctx)
         bar.close()
         stepper.close()
     return ctx.history()
