@@ -4,7 +4,6 @@ each failing before the fix, plus the structure it promised (no import cycle, on
 from __future__ import annotations
 
 import ast
-import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from ppl_vae import io, runs
 from ppl_vae.cli.main import cli
 from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from ppl_vae.errors import ConfigError, RunDirError
-
 from tests.conftest import one_line_error
 
 PACKAGE = Path(ppl_vae.__file__).parent

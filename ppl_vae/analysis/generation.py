@@ -31,9 +31,9 @@ import torch
 import xarray as xr
 from torch import Tensor
 
+from ppl_vae import io
 from ppl_vae.models.vae import VAE
 from ppl_vae.registry import Registry
-from ppl_vae import io
 
 IMAGE_DIMS = ("channel", "row", "col")
 

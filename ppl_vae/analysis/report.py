@@ -25,12 +25,12 @@ import xarray as xr
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from ppl_vae.io import write_text
 from ppl_vae.analysis import plots, results
 from ppl_vae.analysis.diagnostics import collapse_diagnostics
 from ppl_vae.analysis.gaps import format_gap_table, gap_decomposition, gap_table
 from ppl_vae.inference.meanfield import MeanFieldGuide, fit_mean_field
 from ppl_vae.inference.modes import eval_mode
+from ppl_vae.io import write_text
 from ppl_vae.pipeline import Run, load_data, load_run
 
 SPLITS = ("test", "train")

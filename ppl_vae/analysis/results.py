@@ -21,7 +21,6 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-
 import numpy as np
 import pandas as pd
 import xarray as xr

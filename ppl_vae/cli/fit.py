@@ -8,7 +8,6 @@ from typing import Optional
 import click
 from click.core import ParameterSource
 
-
 # Options that define a run; with --resume the run's own config decides them.
 RUN_OPTIONS = (
     "model", "dataset", "data_dir", "prior", "likelihood", "latent_dim", "hidden_dim", "guide",

@@ -13,14 +13,13 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
-
+from pyro import distributions as dist
 from torch import Tensor
 from torch.distributions import kl_divergence
 from torch.distributions.utils import _standard_normal
 
 from ppl_vae.models.densities import normal_log_prob
 from ppl_vae.models.vae import VAE
-from pyro import distributions as dist
 
 
 def supports_fused_elbo(vae: object) -> bool:

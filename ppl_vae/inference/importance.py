@@ -22,7 +22,6 @@ from ppl_vae.inference.modes import in_eval_mode
 from ppl_vae.inference.traces import PARTICLE_PLATE, log_probs, trace_pair  # noqa: F401 (PARTICLE_PLATE re-exported)
 
 
-
 def log_importance_weights(
     model: Callable,
     guide: Callable,

@@ -37,8 +37,8 @@ from ppl_vae.inference.importance import (
 )
 from ppl_vae.inference.meanfield import LATENT_SITE, MEAN_FIELD_INITS
 from ppl_vae.inference.objectives import stl_loss
-from ppl_vae.inference.traces import log_probs, trace_pair
 from ppl_vae.inference.plateau import Plateau
+from ppl_vae.inference.traces import log_probs, trace_pair
 
 __all__ = ["LocalFlowGuide", "LocalFlowResult", "LocalFlows", "fit_local_flow"]
 

@@ -41,9 +41,9 @@ from ppl_vae.inference.importance import (
     importance_estimate,
 )
 from ppl_vae.inference.modes import in_eval_mode
+from ppl_vae.inference.plateau import Plateau
 from ppl_vae.inference.traces import log_probs, trace_pair
 from ppl_vae.registry import Registry
-from ppl_vae.inference.plateau import Plateau
 
 Moments = Tuple[Tensor, Tensor]
 

@@ -52,7 +52,7 @@ _UNNAMEABLE_SCHEDULERS = {"LambdaLR", "MultiplicativeLR", "SequentialLR", "Chain
 def lr_schedule_names() -> List[str]:
     """The ``torch.optim.lr_scheduler`` classes ``TrainConfig.lr_schedule`` may name."""
     sched = torch.optim.lr_scheduler
-    base = getattr(sched, "LRScheduler", None) or getattr(sched, "_LRScheduler")
+    base = getattr(sched, "LRScheduler", None) or sched._LRScheduler
     return sorted(
         name for name, obj in vars(sched).items()
         if isinstance(obj, type) and not name.startswith("_") and name not in _UNNAMEABLE_SCHEDULERS

@@ -12,9 +12,9 @@ import xarray as xr
 
 import ppl_vae
 from ppl_vae import runs
-from ppl_vae.pipeline import Job, prepare, run_job
 from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from ppl_vae.errors import RunDirError, TrainingDiverged
+from ppl_vae.pipeline import Job, prepare, run_job
 
 
 def small_config(**train) -> RunConfig:
