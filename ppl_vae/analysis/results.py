@@ -79,7 +79,7 @@ def to_inference_data(
         raise ValueError("draws is empty: give at least one guide's draws")
     posterior, log_lik, stats = {}, {}, {}
     dims: Dict[str, list] = {}
-    n = None
+    n = 0
     for name, d in draws.items():
         z = _numpy(d["z"])
         s, n = z.shape[0], z.shape[1]
@@ -91,7 +91,7 @@ def to_inference_data(
         dims[f"log_weight_{name}"] = ["datapoint"]
     coords = {"datapoint": np.arange(n) if datapoint is None else np.asarray(datapoint)}
     all_attrs = {"inference_library": "pyro", "guides": ", ".join(draws), **(attrs or {})}
-    groups = {"posterior": posterior, "log_likelihood": log_lik, "sample_stats": stats}
+    groups: Dict[str, Any] = {"posterior": posterior, "log_likelihood": log_lik, "sample_stats": stats}
     if ARVIZ_MAJOR >= 1:  # groups in one mapping; the attrs go on the root, as 0.x's on the InferenceData
         tree = az.from_dict(groups, coords=coords, dims=dims)
         tree.attrs.update(all_attrs)
@@ -101,7 +101,7 @@ def to_inference_data(
 
 def inference_data_groups(idata: InferenceData) -> List[str]:
     """The group names of ``idata`` (``posterior``, ``log_likelihood``, ...), for either ArviZ."""
-    if isinstance(idata, getattr(xr, "DataTree", ())):
+    if ARVIZ_MAJOR >= 1:  # an xarray.DataTree: one child per group
         return list(idata.children)
     return list(idata.groups())
 

@@ -103,7 +103,8 @@ def fit(ctx: click.Context, **opts) -> None:
                 raise click.UsageError(
                     f"--resume continues a run with its own config; drop {', '.join(flag(g) for g in given)}")
             epochs = opts["epochs"] if ctx.get_parameter_source("epochs") == ParameterSource.COMMANDLINE else None
-            run = pipeline.resume(run_dir, epochs=epochs, callbacks=loggers(run_dir), **common)
+            run = pipeline.resume(Path(opts["resume"]), epochs=epochs, callbacks=loggers(Path(opts["resume"])),
+                                  **common)
         else:
             config = run_config(opts)
             run_dir = run_dir or pipeline.default_run_dir(config)
@@ -167,7 +168,7 @@ FIELD_FLAGS = {
 }
 
 
-fit.field_flags = FIELD_FLAGS  # the group shows library errors (which name fields) with these flags
+fit.field_flags = FIELD_FLAGS  # type: ignore[attr-defined]  # the group shows library errors (which name fields) with these flags
 
 
 def _json_object(text: Optional[str], name: str) -> dict:

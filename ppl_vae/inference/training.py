@@ -88,17 +88,18 @@ def attach_lr_schedulers(stepper: "Stepper", config: TrainConfig) -> Dict[str, A
     State saved with a checkpoint (:func:`ppl_vae.runs.restore` leaves it in
     ``stepper.pending_scheduler_state``) is loaded here, after the optimizers' own state.
     """
-    if getattr(stepper, "schedulers", None) is None:
+    schedulers = getattr(stepper, "schedulers", None)
+    if schedulers is None:
         made = {name: make_lr_scheduler(opt, config) for name, opt in stepper.optimizers.items()}
-        stepper.schedulers = {name: s for name, s in made.items() if s is not None}
+        schedulers = stepper.schedulers = {name: s for name, s in made.items() if s is not None}
     pending = getattr(stepper, "pending_scheduler_state", None) or {}
     for name, saved in pending.items():
-        if name not in stepper.schedulers:
+        if name not in schedulers:
             raise ConfigError(f"the checkpoint holds a learning-rate schedule for optimizer {name!r} but "
                               f"train.lr_schedule is {config.lr_schedule!r}", field="train.lr_schedule")
-        stepper.schedulers[name].load_state_dict(saved)
+        schedulers[name].load_state_dict(saved)
     stepper.pending_scheduler_state = None
-    return stepper.schedulers
+    return schedulers
 
 
 # The KL weight at a step: name -> fn(config, step, steps_per_epoch) (step counts from 0).
@@ -273,7 +274,7 @@ class SVIStepper(Stepper):
 
     def __init__(self, vae: VAE, config: TrainConfig):
         self.vae = vae
-        self.elbo = ELBOS.get(config.elbo)(
+        self.elbo: Any = ELBOS.get(config.elbo)(
             num_particles=config.num_particles,
             vectorize_particles=config.num_particles > 1,
             max_plate_nesting=1,
@@ -470,8 +471,9 @@ def train_eval_set(data: Dataset, config: TrainConfig, indices: Optional[torch.T
     from ``config.seed``; under dynamic binarization binarized once (seeded), so the curve
     measures the model, not fresh binarization noise.
     Returns ``(x, labels)``; the global RNG is left as it was."""
-    x, labels = data.train, data.train_labels
-    n = x.shape[0] if indices is None else len(indices)
+    x: Any = data.train
+    labels = data.train_labels
+    n = int(x.shape[0]) if indices is None else len(indices)
     gen = torch.Generator().manual_seed(config.seed)
     if config.train_eval_size is not None and config.train_eval_size < n:
         idx = torch.randperm(n, generator=gen)[: config.train_eval_size].sort().values
@@ -527,7 +529,8 @@ def train(
         wrapped = dist.wrap_stepper(stepper)
         wrapped.schedulers = schedulers  # checkpointed through the stepper the callbacks see
         stepper = wrapped
-    labelled = data.train_labels is not None
+    train_labels = data.train_labels
+    labelled = train_labels is not None
     if vae.num_classes is not None and (not labelled or data.test_labels is None):
         raise DataError(f"model {type(vae).__name__} is conditional and needs labels, but {data.name} has none")
     is_main = dist is None or dist.is_main
@@ -547,12 +550,12 @@ def train(
     x_val, labels_val = (None, None) if split is None or not evaluate else train_eval_set(
         data, replace(config, train_eval_size=None), split[1])
 
-    def mean_elbo(x: Optional[torch.Tensor], labels: Optional[torch.Tensor]) -> float:
+    def mean_elbo(x: Any, labels: Optional[torch.Tensor]) -> float:
         if not evaluate or x is None:
             return float("nan")
         if dist is not None:
             x, labels = dist.shard(x), dist.shard(labels)
-        kwargs = {"y": labels} if labels is not None else {}
+        kwargs: Dict[str, Any] = {"y": labels} if labels is not None else {}
         vae.eval()
         try:
             value = elbo_per_datapoint(vae.model, vae.guide, x, num_particles=config.eval_num_particles, **kwargs)
@@ -574,9 +577,11 @@ def train(
     autocast_dtype = PRECISIONS[config.precision]
     clip_handles = []
     if config.clip_grad_norm is not None:
+        max_norm = float(config.clip_grad_norm)
+
         def clip(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
 
         # a pre-step hook clips for every method, whatever its stepper does before optimizer.step()
         clip_handles = [opt.register_step_pre_hook(clip) for opt in stepper.optimizers.values()]
@@ -608,7 +613,7 @@ def train(
                 if data.dynamic_binarization:
                     x = torch.bernoulli(x)
                 kl_weight = _kl_weight(config, state.step, steps_per_epoch)
-                kwargs = {"y": data.train_labels[idx]} if labelled else {}
+                kwargs = {"y": train_labels[idx]} if train_labels is not None else {}
                 try:
                     with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                           else contextlib.nullcontext()):
