@@ -118,10 +118,18 @@ def fit(ctx: click.Context, **opts) -> None:
         click.echo(f"epoch 0: no training step taken, so no ELBO to report; {run.run_dir} holds the initialised "
                    "model (ppl-vae fit --resume RUN --epochs N trains it)")
         return
+    from ppl_vae.inference.training import history_records, stopped_early
+
+    early = stopped_early(history_records(run.history), run.config.train) if run.epochs_done else None
     if run.new_epochs == 0:
-        click.echo(f"nothing to do: {run.run_dir} has done {run.epochs_done} of {run.config.train.epochs} epochs; "
-                   f"--epochs N (more than {run.epochs_done}) trains it longer")
+        if early:
+            click.echo(f"nothing to do: {run.run_dir} {early}")
+        else:
+            click.echo(f"nothing to do: {run.run_dir} has done {run.epochs_done} of {run.config.train.epochs} "
+                       f"epochs; --epochs N (more than {run.epochs_done}) trains it longer")
         return
+    if early:
+        click.echo(early)
     click.echo(
         f"epoch {run.epochs_done}: train ELBO {final['train_elbo']:.3f}, test ELBO {final['test_elbo']:.3f} "
         f"nats per datapoint (Monte Carlo estimates of lower bounds on log p(x); {final['wall_time']:.1f} s training)"

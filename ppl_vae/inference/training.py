@@ -364,6 +364,19 @@ def history_records(history: xr.Dataset) -> List[Dict[str, float]]:
     ]
 
 
+def stopped_early(records: Sequence[Dict[str, float]], config: TrainConfig) -> Optional[str]:
+    """Why training stopped before ``config.epochs`` (one line), or None if early stopping did not stop it."""
+    if config.early_stopping_patience is None or len(records) >= config.epochs:
+        return None
+    since = epochs_since_best(records)
+    if since is None or since < config.early_stopping_patience:
+        return None
+    best = len(records) - since
+    return (f"stopped early after epoch {len(records)}: the validation ELBO has not improved for {since} epochs "
+            f"(best {records[best - 1]['val_elbo']:.3f} at epoch {best}, kept in checkpoint-best.safetensors; "
+            "train.early_stopping_patience sets the patience)")
+
+
 def epochs_since_best(records: Sequence[Dict[str, float]], key: str = "val_elbo") -> Optional[int]:
     """Epochs since the one with the highest ``key`` (0: the last epoch is the best); None when no
     epoch has a finite value. Derived from the records alone, so resume needs no extra state."""

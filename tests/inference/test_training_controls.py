@@ -146,6 +146,21 @@ def test_early_stopping_keeps_the_best_checkpoint_and_a_resume_trains_no_further
     assert best_meta["epoch"] == 1
     assert any(not torch.equal(best_tensors[f"model.{k}"], v) for k, v in run.vae.state_dict().items())
     assert ppl_vae.resume(tmp_path / "run", progress=False).new_epochs == 0
+    assert training.stopped_early(run.history.pipe(training.history_records), run.config.train).startswith(
+        "stopped early after epoch 3: the validation ELBO has not improved for 2 epochs")
+    result = invoke("fit", "--resume", tmp_path / "run", "--no-progress")
+    assert result.exit_code == 0 and "nothing to do" in result.output and "stopped early after epoch 3" in result.output
+
+
+def test_a_history_written_before_the_new_variables_still_resumes(tmp_path):
+    """Runs written before val_elbo and lr existed: those read as NaN, and training goes on."""
+    ppl_vae.fit(small_config(epochs=1), tmp_path / "run", progress=False)
+    old = runs.load_history(tmp_path / "run").drop_vars(["val_elbo", "lr"])
+    from ppl_vae.io import write_netcdf
+
+    write_netcdf(old, tmp_path / "run" / runs.HISTORY)
+    resumed = ppl_vae.resume(tmp_path / "run", epochs=2, progress=False)
+    assert math.isnan(float(resumed.history.lr[0])) and float(resumed.history.lr[1]) == pytest.approx(3e-3)
 
 
 # -- KL schedules ---------------------------------------------------------------------------------
