@@ -19,6 +19,7 @@ first step (:func:`started` is False): resume starts it from scratch.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -129,6 +130,31 @@ def _json_safe(value: Any) -> Any:
     raise TypeError(f"cannot store {type(value).__name__} in a checkpoint's metadata")
 
 
+def _encode_state(value: Any) -> Any:
+    """A state dict as JSON-able data that :func:`_decode_state` turns back into the same
+    types: JSON object keys are strings, so a dict with other keys (MultiStepLR's milestones, a
+    Counter of ints) is kept as a tagged list of pairs."""
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value) and "__items__" not in value:
+            return {k: _encode_state(v) for k, v in value.items()}
+        return {"__items__": [[_encode_state(k), _encode_state(v)] for k, v in value.items()],
+                "__type__": "Counter" if isinstance(value, Counter) else "dict"}
+    if isinstance(value, (list, tuple)):
+        return [_encode_state(v) for v in value]
+    return value
+
+
+def _decode_state(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "__items__" in value:
+            pairs = {_decode_state(k): _decode_state(v) for k, v in value["__items__"]}
+            return Counter(pairs) if value.get("__type__") == "Counter" else pairs
+        return {k: _decode_state(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode_state(v) for v in value]
+    return value
+
+
 def save(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper], state: TrainState, *,
          attrs: Optional[dict] = None, extra: Optional[Dict[str, Any]] = None,
          checkpoint: str = CHECKPOINT) -> None:
@@ -150,7 +176,7 @@ def save(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper], state:
         optim_tensors, meta["optimizers"] = _flatten_optimizers(stepper.optimizers)
         tensors.update(optim_tensors)
     if stepper is not None and stepper.schedulers:
-        meta["schedulers"] = {name: sched.state_dict() for name, sched in stepper.schedulers.items()}
+        meta["schedulers"] = {name: _encode_state(sched.state_dict()) for name, sched in stepper.schedulers.items()}
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -240,7 +266,8 @@ def restore(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper] = No
             except (ValueError, KeyError) as exc:
                 raise RunDirError(f"optimizer state in {run_dir} does not fit: {exc}") from None
         # loaded by training.attach_lr_schedulers once the schedulers exist
-        stepper.pending_scheduler_state = meta.get("schedulers") or None
+        stepper.pending_scheduler_state = {name: _decode_state(state)
+                                           for name, state in meta.get("schedulers", {}).items()} or None
     if (run_dir / HISTORY).is_file():
         records = [r for r in history_records(load_history(run_dir)) if r["epoch"] <= epoch]
     elif epoch > 0:

@@ -87,7 +87,9 @@ def test_a_step_schedule_halves_the_learning_rate_each_epoch(tmp_path):
     # scheduler without its saved best and bad-epoch count would not do
     dict(lr_schedule="ReduceLROnPlateau", val_fraction=0.2, early_stopping_patience=10,
          lr_schedule_options={"patience": 1, "factor": 0.5, "threshold": 100.0, "threshold_mode": "abs"}),
-], ids=["step-clip-cyclical", "plateau-val-early-stopping"])
+    # milestones are a Counter of ints: JSON would turn its keys into strings and the lr would never fall
+    dict(lr_schedule="MultiStepLR", lr_schedule_options={"milestones": [3], "gamma": 0.7}),
+], ids=["step-clip-cyclical", "plateau-val-early-stopping", "multistep"])
 def test_resume_with_controls_matches_an_uninterrupted_run(tmp_path, controls):
     straight = ppl_vae.fit(small_config(epochs=4, **controls), tmp_path / "a", progress=False)
     ppl_vae.fit(small_config(epochs=2, **controls), tmp_path / "b", progress=False)
