@@ -18,12 +18,12 @@ from ppl_vae.inference.training import KL_SCHEDULES, epochs_since_best, validate
 from tests.conftest import invoke, one_line_error, requires_cuda
 
 
-def small_config(**train) -> RunConfig:
+def small_config(train_size: int = 200, **train) -> RunConfig:
     defaults = dict(epochs=3, batch_size=64, lr=3e-3, device="cpu")
     defaults.update(train)
     return RunConfig(
         model=ModelConfig(model="bernoulli_mlp", latent_dim=4, hidden_dim=32),
-        data=DataConfig(dataset="digits", train_size=400),
+        data=DataConfig(dataset="digits", train_size=train_size),
         train=TrainConfig(**defaults),
     )
 
@@ -34,7 +34,7 @@ def small_config(**train) -> RunConfig:
 def test_a_run_that_diverges_without_clipping_trains_with_it(tmp_path):
     """SGD at lr 0.1 on a loss scaled to the whole training set: the first updates are huge and the
     loss overflows within two epochs; clipping the gradient norm to 10 bounds every update."""
-    config = small_config(optimizer="sgd", lr=0.1)
+    config = small_config(optimizer="sgd", lr=0.1, train_size=400)
     with pytest.raises(TrainingDiverged, match=r"at step \d+ \(epoch \d\); try a smaller train.lr or gradient "
                                                r"clipping \(train.clip_grad_norm") as info:
         ppl_vae.fit(config, tmp_path / "plain", progress=False)
@@ -59,7 +59,7 @@ def test_clipping_bounds_the_update_of_every_step():
     """With SGD, one update moves the parameters by lr * (clipped gradient): its norm is at most lr * max_norm."""
     from ppl_vae.pipeline import prepare
 
-    config = small_config(optimizer="sgd", lr=0.1, clip_grad_norm=0.5, epochs=1, batch_size=400)
+    config = small_config(optimizer="sgd", lr=0.1, clip_grad_norm=0.5, epochs=1, batch_size=200)
     vae, data, stepper = prepare(config)
     before = torch.cat([p.detach().flatten().clone() for p in vae.parameters()])
     training.train(vae, data, config.train, stepper=stepper, progress=False, evaluate=False)
@@ -118,7 +118,7 @@ def test_the_validation_split_is_seeded_disjoint_and_never_trained_on(tmp_path):
     other, _ = validation_split(400, TrainConfig(val_fraction=0.25, seed=4))
     assert torch.equal(again, fit_idx) and not torch.equal(other, fit_idx)
     run = ppl_vae.fit(small_config(epochs=2, val_fraction=0.25), tmp_path / "run", progress=False)
-    assert (run.history.num_train_samples.diff("epoch") == 300).all()  # the 100 validation points are left out
+    assert (run.history.num_train_samples.diff("epoch") == 150).all()  # the 50 validation points are left out
     assert all(math.isfinite(v) for v in run.history.val_elbo.values)
     assert math.isnan(float(ppl_vae.fit(small_config(epochs=1), tmp_path / "noval", progress=False)
                             .history.val_elbo[0]))
@@ -147,6 +147,11 @@ def test_early_stopping_keeps_the_best_checkpoint_and_a_resume_trains_no_further
     best_tensors, best_meta = runs.read_checkpoint(tmp_path / "run", checkpoint=runs.CHECKPOINT_BEST)
     assert best_meta["epoch"] == 1
     assert any(not torch.equal(best_tensors[f"model.{k}"], v) for k, v in run.vae.state_dict().items())
+    best = ppl_vae.load_run(tmp_path / "run", best=True)
+    assert all(torch.equal(best_tensors[f"model.{k}"], v) for k, v in best.vae.state_dict().items())
+    ppl_vae.fit(small_config(epochs=1), tmp_path / "noval", progress=False)
+    with pytest.raises(ValueError, match="has no checkpoint-best.safetensors"):
+        ppl_vae.load_run(tmp_path / "noval", best=True)
     assert ppl_vae.resume(tmp_path / "run", progress=False).new_epochs == 0
     assert training.stopped_early(run.history.pipe(training.history_records), run.config.train).startswith(
         "stopped early after epoch 3: the validation ELBO has not improved for 2 epochs")
