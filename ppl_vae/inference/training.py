@@ -197,7 +197,8 @@ def _validate_controls(config: TrainConfig, bad: Callable[[str, str], ConfigErro
                                      f"got {config.lr_schedule!r}")
         if _is_plateau(config.lr_schedule) and config.val_fraction == 0:
             raise bad("lr_schedule", "ReduceLROnPlateau watches the validation ELBO: set train.val_fraction > 0")
-        make_lr_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.lr), config)
+        # the options are checked on the configured optimizer type (CyclicLR, say, needs momentum or betas)
+        make_lr_scheduler(OPTIMIZERS.get(config.optimizer)([torch.zeros(1, requires_grad=True)], lr=config.lr), config)
     elif config.lr_schedule_options:
         raise bad("lr_schedule_options", "are given but train.lr_schedule is null")
     if config.clip_grad_norm is not None and not (config.clip_grad_norm > 0 and math.isfinite(config.clip_grad_norm)):
@@ -409,8 +410,8 @@ class TrainContext:
     @property
     def lr(self) -> float:
         """The current learning rate of the (first) optimizer."""
-        optimizer = next(iter(self.stepper.optimizers.values()))
-        return float(optimizer.param_groups[0]["lr"])
+        optimizer = next(iter(self.stepper.optimizers.values()), None)
+        return float("nan") if optimizer is None else float(optimizer.param_groups[0]["lr"])
 
     def history(self) -> xr.Dataset:
         """The per-epoch records so far as the history Dataset."""
