@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 from ppl_vae.arviz_compat import ARVIZ_MAJOR, az
+
 #: what :func:`to_inference_data` returns: ``xarray.DataTree`` (ArviZ 1.x) or ``arviz.InferenceData`` (0.x)
 InferenceData = Any
 
@@ -49,7 +50,7 @@ def guide_draws(
     *,
     num_draws: int = 100,
     **kwargs: Any,
-) -> Dict[str, Dict[str, Tensor]]:
+) -> Dict[str, Dict[str, Any]]:
     """For each named guide, ``num_draws`` draws of every latent site with log p(x|z) and log-weights.
 
     Returns ``{name: {"latents": {site: (S, N, *event)}, "log_likelihood": (S, N), "log_weight": (S, N)}}``
@@ -64,7 +65,7 @@ def guide_draws(
 
 
 def to_inference_data(
-    draws: Mapping[str, Mapping[str, Tensor]],
+    draws: Mapping[str, Mapping[str, Any]],
     *,
     datapoint: Optional[Sequence[int]] = None,
     attrs: Optional[Dict[str, Any]] = None,
