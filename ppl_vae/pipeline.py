@@ -75,12 +75,15 @@ def seed_everything(seed: int) -> None:
     pyro.set_rng_seed(seed)
 
 
-def load_plugins(config: RunConfig) -> None:
-    """Import the plugin modules the run names, so its custom parts are registered."""
+def load_plugins(config: RunConfig, trust: Optional[bool] = None, source: str = "the run") -> None:
+    """Import the plugin modules the run names, so its custom parts are registered; only trusted
+    ones (see :func:`ppl_vae.plugins.load_run_plugins`): ``trust`` None follows the process's
+    setting (the CLI's ``--trust-plugins``)."""
     if config.plugins:
-        from ppl_vae.plugins import load_plugins as _load
+        from ppl_vae import plugins
 
-        _load(config.plugins)
+        plugins.load_run_plugins(config.plugins, trust=plugins.trust_all() if trust is None else trust,
+                                 source=source)
 
 
 def data_config(config: RunConfig, dataset: Optional[str] = None, data_dir: Optional[str] = None) -> DataConfig:
@@ -117,11 +120,13 @@ def build_model(config: RunConfig, event_shape, data_info: Optional[dict] = None
     )
 
 
-def prepare(config: RunConfig, world_size: int = 1, device: Optional[torch.device] = None
-            ) -> Tuple[VAE, Dataset, Stepper]:
+def prepare(config: RunConfig, world_size: int = 1, device: Optional[torch.device] = None,
+            trust_plugins: Optional[bool] = True) -> Tuple[VAE, Dataset, Stepper]:
     """Check ``config``, seed the RNGs, load the data, build the model and its stepper (on
-    ``device``, default the config's). Touches no file; raises on any bad input."""
-    load_plugins(config)
+    ``device``, default the config's). Touches no file; raises on any bad input.
+    ``trust_plugins``: whether the config's plugins may be imported (True for a config the caller
+    built; a received run's config goes through :func:`load_plugins`'s trust rule first)."""
+    load_plugins(config, trust_plugins)
     if world_size > 1:
         distributed.check_config(config.train, world_size)
     else:
@@ -223,10 +228,12 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
     vae, data, stepper = prepared
     config, run_dir = job.config, job.run_dir
     writer = dist is None or dist.is_main
-    if (job.fresh or job.write_config) and writer:
+    if job.fresh and writer:
         run_dir.mkdir(parents=True, exist_ok=True)
         runs.save_config(run_dir, config)
     state = TrainState() if job.fresh else runs.restore(run_dir, vae, stepper)
+    if job.write_config and not job.fresh and writer:
+        runs.save_config(run_dir, config)  # only once the checkpoint is known to restore
     start = state.epoch
     checkpointer = runs.Checkpointer(run_dir, config.train.checkpoint_every,
                                      extra={"event_shape": list(data.event_shape), "data_info": data.data_info})
@@ -313,7 +320,7 @@ def _check_parent(run_dir: Path) -> None:
 
 def resume(run_dir: Path, *, epochs: Optional[int] = None, nproc: int = 1, progress: bool = True,
            sample_grids: bool = False, callbacks: Sequence[Any] = (),
-           timeout_s: float = distributed.DEFAULT_TIMEOUT_S) -> Run:
+           timeout_s: float = distributed.DEFAULT_TIMEOUT_S, trust_plugins: Optional[bool] = None) -> Run:
     """Continue a run from its checkpoint up to ``epochs`` epochs (default: the config's).
 
     ``epochs`` must exceed the epochs already done. A run that is already complete (and no
@@ -324,6 +331,7 @@ def resume(run_dir: Path, *, epochs: Optional[int] = None, nproc: int = 1, progr
     distributed.check_timeout(timeout_s)
     run_dir = Path(run_dir)
     config = runs.load_config(run_dir)
+    load_plugins(config, trust_plugins, source=str(run_dir))  # before anything imports its parts
     world = world_size(nproc)
     if not distributed.launched_by_torchrun():
         runs.remove_stale_temp_files(run_dir)  # once, here: never by several ranks at a time
@@ -347,11 +355,14 @@ def resume(run_dir: Path, *, epochs: Optional[int] = None, nproc: int = 1, progr
     return execute(job, world, prepared)
 
 
-def load_run(run_dir: Path, device: str = "cpu") -> Run:
-    """Rebuild a run's model with its trained weights, in eval mode (no data is loaded except its shape)."""
+def load_run(run_dir: Path, device: str = "cpu", *, trust_plugins: Optional[bool] = None) -> Run:
+    """Rebuild a run's model with its trained weights, in eval mode (no data is loaded except its shape).
+
+    The plugins its config names are imported only when trusted (installed entry points, plugins
+    already loaded, or ``trust_plugins=True``; None: the process's ``--trust-plugins`` setting)."""
     run_dir = Path(run_dir)
     config = runs.load_config(run_dir)
-    load_plugins(config)
+    load_plugins(config, trust_plugins, source=str(run_dir))
     tensors, meta = runs.read_checkpoint(run_dir)
     extra = meta.get("extra", {})
     if "event_shape" in extra:

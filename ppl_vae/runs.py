@@ -47,7 +47,7 @@ __all__ = ["CONFIG", "CHECKPOINT", "HISTORY", "Checkpointer", "load_config", "lo
 
 
 def save_config(run_dir: Path, config: RunConfig) -> None:
-    write_text(Path(run_dir) / CONFIG, config.to_json() + "\n")
+    write_text(Path(run_dir) / CONFIG, config.to_json() + "\n", run_files=True)
 
 
 def load_config(run_dir: Path) -> RunConfig:
@@ -128,7 +128,7 @@ def save(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper], state:
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
-    write_netcdf(history_to_xarray(state.records, attrs), run_dir / HISTORY)
+    write_netcdf(history_to_xarray(state.records, attrs), run_dir / HISTORY, run_files=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
     meta: Dict[str, Any] = {"epoch": state.epoch, "step": state.step, "extra": extra or {}}
     if stepper is not None and stepper.optimizers:
@@ -138,7 +138,8 @@ def save(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper], state:
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda{i}"] = s
-    write_with(run_dir / CHECKPOINT, lambda tmp: save_file(tensors, str(tmp), metadata={"ppl_vae": json.dumps(meta)}))
+    write_with(run_dir / CHECKPOINT, lambda tmp: save_file(tensors, str(tmp), metadata={"ppl_vae": json.dumps(meta)}),
+               run_files=True)
 
 
 def read_checkpoint(run_dir: Path, *, tensors: bool = True) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:

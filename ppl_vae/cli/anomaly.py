@@ -29,6 +29,8 @@ def anomaly(run_dir: Path, **opts) -> None:
     from ppl_vae import io, pipeline
     from ppl_vae.analysis.anomaly import score_dataset
 
+    if opts["out"] is not None:
+        io.check_target(opts["out"])  # before any work: never a run's own file, never through a link
     pipeline.seed_everything(opts["seed"])
     run = pipeline.load_run(run_dir, device=opts["device"])
     # another dataset is prepared as the run's training data was (binarization, split, size)

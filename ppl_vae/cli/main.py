@@ -181,10 +181,18 @@ def _load_plugins(ctx: click.Context, explicit: Tuple[str, ...]) -> None:
 @click.option("--plugin", "plugin_modules", multiple=True, metavar="MODULE",
               help="Import MODULE first (repeatable): it registers custom priors, likelihoods, models... "
                    "Installed packages with a 'ppl_vae.plugins' entry point load without this flag.")
+@click.option("--trust-plugins", is_flag=True, default=False,
+              help="Import the plugin modules a run's config.json names even when they are neither installed "
+                   "entry points nor given with --plugin. A received run is code only with this flag: use it "
+                   "for runs you trust.")
 @click.pass_context
-def cli(ctx: click.Context, plugin_modules: Tuple[str, ...]) -> None:
+def cli(ctx: click.Context, plugin_modules: Tuple[str, ...], trust_plugins: bool) -> None:
     """Variational autoencoders as Pyro probabilistic programs (Kingma & Welling 2013)."""
+    from ppl_vae import plugins
+
     _load_plugins(ctx, plugin_modules)
+    previous = plugins.set_trust_all(trust_plugins)
+    ctx.call_on_close(lambda: plugins.set_trust_all(previous))
 
 
 def main() -> None:  # console entry point
