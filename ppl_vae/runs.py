@@ -162,9 +162,26 @@ def read_checkpoint(run_dir: Path, *, tensors: bool = True) -> Tuple[Dict[str, t
         loaded = load_file(str(path)) if tensors else {}
     except RunDirError:
         raise
-    except (SafetensorError, KeyError, ValueError, OSError, json.JSONDecodeError) as exc:
+    except KeyError:
+        raise RunDirError(f"{path} is not a ppl_vae checkpoint: it has no 'ppl_vae' metadata (epoch, step, "
+                          "optimizer state)") from None
+    except (SafetensorError, ValueError, OSError, json.JSONDecodeError) as exc:
         raise RunDirError(f"{path} is corrupt or not a ppl_vae checkpoint ({str(exc).splitlines()[0]})") from None
+    _check_meta(path, meta)
     return loaded, meta
+
+
+def _check_meta(path: Path, meta: Any) -> None:
+    """The checkpoint's metadata holds a non-negative integer ``epoch`` and ``step``."""
+    if not isinstance(meta, dict):
+        raise RunDirError(f"{path} is damaged: its metadata is not a JSON object")
+    for key in ("epoch", "step"):
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            what = "lacks" if key not in meta else f"has an invalid ({value!r})"
+            raise RunDirError(f"{path} is damaged: its metadata {what} {key!r}; restore the file or start a new run")
+    if not isinstance(meta.get("extra", {}), dict) or not isinstance(meta.get("optimizers", {}), dict):
+        raise RunDirError(f"{path} is damaged: its metadata 'extra'/'optimizers' are not JSON objects")
 
 
 def checkpoint_epoch(run_dir: Path) -> int:
@@ -197,18 +214,20 @@ def _few(names: list, limit: int = 3) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def restore(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper] = None) -> TrainState:
+def restore(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper] = None, *,
+            optimizer_state: bool = True) -> TrainState:
     """The inverse of :func:`save`: weights into ``vae``, optimizer states into ``stepper``, the
     torch RNG state, and the history trimmed to the checkpoint's epoch; returns the TrainState.
 
     A checkpoint past epoch 0 without its history, an optimizer the method does not have, or
-    state of another optimizer type raise RunDirError.
+    state of another optimizer type raise RunDirError. ``optimizer_state=False`` leaves the
+    stepper's optimizers as they are (a resume that switches optimizer starts its state afresh).
     """
     run_dir = Path(run_dir)
     tensors, meta = read_checkpoint(run_dir)
     load_weights(vae, tensors, str(run_dir / CHECKPOINT))
     epoch = int(meta["epoch"])
-    if stepper is not None:
+    if stepper is not None and optimizer_state:
         for name, saved in _optimizer_states(tensors, meta).items():
             if name not in stepper.optimizers:
                 raise RunDirError(f"{run_dir}: checkpoint has state for an optimizer {name!r} that method has not")
@@ -218,8 +237,9 @@ def restore(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper] = No
                                   f"{wanted_type}")
             try:
                 stepper.optimizers[name].load_state_dict(saved)
-            except (ValueError, KeyError) as exc:
-                raise RunDirError(f"optimizer state in {run_dir} does not fit: {exc}") from None
+            except (ValueError, KeyError, TypeError) as exc:
+                raise RunDirError(f"optimizer state in {run_dir} does not fit: {' '.join(str(exc).split())}") from None
+            _check_optimizer_shapes(stepper.optimizers[name], f"{run_dir / CHECKPOINT} (optimizer {name!r})")
     if (run_dir / HISTORY).is_file():
         records = [r for r in history_records(load_history(run_dir)) if r["epoch"] <= epoch]
     elif epoch > 0:
@@ -229,12 +249,25 @@ def restore(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper] = No
         records = []
     if [r["epoch"] for r in records] != list(range(1, epoch + 1)):
         raise RunDirError(f"{run_dir / HISTORY} does not hold epochs 1..{epoch} of the checkpoint")
-    torch.set_rng_state(tensors["rng.cpu"])
+    try:
+        torch.set_rng_state(tensors["rng.cpu"])
+    except (KeyError, TypeError, RuntimeError):
+        raise RunDirError(f"{run_dir / CHECKPOINT} is damaged: it lacks a valid tensor 'rng.cpu' (the random state "
+                          "a resumed run continues from)") from None
     if torch.cuda.is_available():
         cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda")]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
     return TrainState(epoch=epoch, step=int(meta["step"]), records=records)
+
+
+def _check_optimizer_shapes(optimizer: torch.optim.Optimizer, what: str) -> None:
+    """Every per-parameter state tensor (Adam's moments, Adagrad's sums) has its parameter's shape."""
+    for param, param_state in optimizer.state.items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                raise RunDirError(f"{what} is damaged: state {key!r} has shape {tuple(value.shape)} but its "
+                                  f"parameter has shape {tuple(param.shape)}")
 
 
 def load_history(run_dir: Path) -> xr.Dataset:

@@ -6,13 +6,18 @@ from pathlib import Path
 from typing import Optional
 
 import click
+
+from ppl_vae.cli import options as opt
 from click.core import ParameterSource
 
 
-# Options that define a run; with --resume the run's own config decides them.
+# Options that define a run; with --resume the run's own config decides them. --lr and
+# --optimizer are training settings a resume may change (a run that diverged continues with a
+# smaller step), like --epochs.
+RESUME_SETTINGS = ("lr", "optimizer")
 RUN_OPTIONS = (
     "model", "dataset", "data_dir", "prior", "likelihood", "latent_dim", "hidden_dim", "guide",
-    "num_components", "method", "batch_size", "lr", "optimizer", "elbo", "num_particles", "kl_warmup",
+    "num_components", "method", "batch_size", "elbo", "num_particles", "kl_warmup",
     "seed", "device", "out", "binarize", "train_size", "train_eval_size", "compile",
 )
 
@@ -45,20 +50,24 @@ RUN_OPTIONS = (
 @click.option("--train-size", type=int, default=None, help="Use only the first N training points.")
 @click.option("--train-eval-size", type=int, default=1000, show_default=True,
               help="Training points (a fixed seeded subset) the per-epoch train ELBO uses; 0: all of them.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory (default: a new runs/...).")
-@click.option("--resume", type=click.Path(path_type=Path), default=None, help="Continue this run directory.")
+@opt.seed_option()
+@opt.device_option("auto")
+@opt.out_option("Run directory (default: a new runs/...).")
+@opt.out_option("Continue this run directory.", "--resume")
 @click.option("--sample-grids", is_flag=True, default=False,
               help="Save a grid of samples from fixed z after every epoch (RUN/samples/*.png, RUN/samples.gif).")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@opt.progress_option()
 @click.option("--nproc", type=int, default=1, show_default=True,
               help="Data-parallel processes on this machine (DDP; one GPU each on CUDA). Under torchrun leave at 1.")
 @click.option("--dist-timeout", type=float, default=300.0, show_default=True,
               help="Seconds a distributed collective may wait before the run stops with an error.")
 @click.pass_context
 def fit(ctx: click.Context, **opts) -> None:
-    """Train a VAE with SVI and write config, checkpoint and history to a run directory."""
+    """Train a VAE with the --method chosen (svi: AEVB; see `ppl-vae models`) and write config,
+    checkpoint and history to a run directory.
+
+    --resume RUN continues a run with its own config; --epochs, --lr and --optimizer may change.
+    """
     from ppl_vae import pipeline
     from ppl_vae.inference import distributed
 
@@ -72,10 +81,13 @@ def fit(ctx: click.Context, **opts) -> None:
                 raise click.UsageError(
                     f"--resume continues a run with its own config; drop {', '.join(flag(g) for g in given)}")
             epochs = opts["epochs"] if ctx.get_parameter_source("epochs") == ParameterSource.COMMANDLINE else None
-            run = pipeline.resume(run_dir, epochs=epochs, **common)
+            settings = {o: opts[o] for o in RESUME_SETTINGS if ctx.get_parameter_source(o) == ParameterSource.COMMANDLINE}
+            _announce_compile(_compile_backend(run_dir))
+            run = pipeline.resume(run_dir, epochs=epochs, **settings, **common)
         else:
             config = run_config(opts)
             run_dir = run_dir or pipeline.default_run_dir(config)
+            _announce_compile(config.train.compile)
             run = pipeline.fit(config, run_dir, **common)
     except KeyboardInterrupt:
         _interrupted(run_dir)
@@ -131,6 +143,21 @@ FIELD_FLAGS = {
 
 
 fit.field_flags = FIELD_FLAGS  # the group shows library errors (which name fields) with these flags
+
+
+def _compile_backend(run_dir: Path) -> Optional[str]:
+    from ppl_vae import runs
+
+    try:
+        return runs.load_config(run_dir).train.compile
+    except Exception:  # resume itself reports a damaged run directory
+        return None
+
+
+def _announce_compile(backend: Optional[str]) -> None:
+    if backend:
+        click.echo(f"compiling the loss with torch.compile (backend {backend}): the first steps take longer "
+                   "(up to a minute or more on CPU), later ones are faster", err=True)
 
 
 def flag(option: str) -> str:

@@ -254,6 +254,8 @@ class HybridTextDecoder(nn.Module):
 class TextHybridVAE(VAE):
     """The hybrid VAE as a model/guide pair; ``alpha`` weighs the auxiliary term in training."""
 
+    generates_images = False  # x is a row of character indices: `ppl-vae text` decodes samples
+
     def __init__(self, encoder: ConvTextEncoder, decoder: HybridTextDecoder, prior: Prior,
                  likelihood: Likelihood, event_shape: Sequence[int], alpha: float = 1.0):
         super().__init__(encoder, decoder, prior, likelihood, event_shape)
