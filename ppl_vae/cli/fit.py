@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, List, Optional
 
 import click
 
@@ -68,31 +71,66 @@ def fit(ctx: click.Context, **opts) -> None:
 
     --resume RUN continues a run with its own config; --epochs, --lr and --optimizer may change.
     """
-    from ppl_vae import pipeline
     from ppl_vae.inference import distributed
 
     run_dir = Path(opts["resume"]) if opts["resume"] is not None else (opts["out"] or None)
     common = dict(nproc=opts["nproc"], progress=opts["progress"], sample_grids=opts["sample_grids"],
                   timeout_s=opts["dist_timeout"])
+    where = {"run_dir": run_dir}
     try:
-        if opts["resume"] is not None:
-            given = [o for o in RUN_OPTIONS if ctx.get_parameter_source(o) == ParameterSource.COMMANDLINE]
-            if given:
-                raise click.UsageError(
-                    f"--resume continues a run with its own config; drop {', '.join(flag(g) for g in given)}")
-            epochs = opts["epochs"] if ctx.get_parameter_source("epochs") == ParameterSource.COMMANDLINE else None
-            settings = {o: opts[o] for o in RESUME_SETTINGS if ctx.get_parameter_source(o) == ParameterSource.COMMANDLINE}
-            _announce_compile(_compile_backend(run_dir))
-            run = pipeline.resume(run_dir, epochs=epochs, **settings, **common)
-        else:
-            config = run_config(opts)
-            run_dir = run_dir or pipeline.default_run_dir(config)
-            _announce_compile(config.train.compile)
-            run = pipeline.fit(config, run_dir, **common)
+        with _interrupts_are_never_lost() as interrupted:
+            run = _fit_or_resume(ctx, opts, where, common)
+        if interrupted:
+            raise KeyboardInterrupt  # the KeyboardInterrupt raised for it was swallowed on the way
     except KeyboardInterrupt:
-        _interrupted(run_dir)
+        _interrupted(where["run_dir"])
     if distributed.env_rank() != 0:
         return  # under torchrun, rank 0 reports
+    _report(run, opts)
+
+
+def _fit_or_resume(ctx: click.Context, opts: dict, where: dict, common: dict):
+    """Train as the options say; ``where["run_dir"]`` holds the run directory as soon as it is known."""
+    from ppl_vae import pipeline
+
+    if opts["resume"] is not None:
+        given = [o for o in RUN_OPTIONS if ctx.get_parameter_source(o) == ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(
+                f"--resume continues a run with its own config; drop {', '.join(flag(g) for g in given)}")
+        epochs = opts["epochs"] if ctx.get_parameter_source("epochs") == ParameterSource.COMMANDLINE else None
+        settings = {o: opts[o] for o in RESUME_SETTINGS if ctx.get_parameter_source(o) == ParameterSource.COMMANDLINE}
+        _announce_compile(_compile_backend(where["run_dir"]))
+        return pipeline.resume(where["run_dir"], epochs=epochs, **settings, **common)
+    config = run_config(opts)
+    where["run_dir"] = where["run_dir"] or pipeline.default_run_dir(config)
+    _announce_compile(config.train.compile)
+    return pipeline.fit(config, where["run_dir"], **common)
+
+
+@contextlib.contextmanager
+def _interrupts_are_never_lost() -> Iterator[List[int]]:
+    """Record every SIGINT while training, besides raising KeyboardInterrupt for it as Python
+    does: an interrupt whose exception was swallowed on the way (raised inside a ``__del__`` or
+    a C callback, where Python prints "Exception ignored" and goes on) still stops the command
+    with exit 130 once training returns, instead of exit 0 as if nobody had pressed Ctrl-C."""
+    hits: List[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield hits
+        return
+
+    def handler(signum, frame):
+        hits.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield hits
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _report(run, opts: dict) -> None:
     final = run.final
     if opts["resume"] is None and not final:  # --epochs 0: the initial checkpoint only (e.g. for animate)
         click.echo(f"epoch 0: no training step taken, so no ELBO to report; {run.run_dir} holds the initialised "

@@ -19,7 +19,8 @@ from ppl_vae import pipeline, runs
 from ppl_vae.cli.main import cli, memory_message
 from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from ppl_vae.data.datasets import DATASETS, load_dataset
-from ppl_vae.errors import DataError, RunDirError
+from ppl_vae.errors import DataError
+from ppl_vae.inference.training import Callback
 from tests.conftest import one_line_error
 
 SMALL = ["--train-size", "100", "--batch-size", "50", "--latent-dim", "2", "--hidden-dim", "8",
@@ -185,7 +186,7 @@ def test_a_loader_returning_too_few_arrays_is_named(monkeypatch):
 # -- dead ends --------------------------------------------------------------------------------------
 
 
-class FailInFirstEpoch(pipeline.Callback):
+class FailInFirstEpoch(Callback):
     def on_step_end(self, ctx):
         raise RuntimeError("loss became inf at step 1")
 
@@ -300,3 +301,30 @@ def test_warnings_of_every_command_are_one_stderr_line():
 
     result = runner.invoke(warns)
     assert result.stderr == "Warning: something odd\n" and result.stdout == ""
+
+
+def test_a_sigint_swallowed_during_fit_still_stops_with_exit_130(one_epoch_run, monkeypatch, tmp_path):
+    import signal
+
+    def fit_that_swallows(config, out, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered here, its KeyboardInterrupt lost (a __del__, a C hook)
+            for _ in range(1000):
+                pass
+        except KeyboardInterrupt:
+            pass
+        return pipeline.load_run(one_epoch_run)
+
+    monkeypatch.setattr(pipeline, "fit", fit_that_swallows)
+    result = invoke("fit", *SMALL, "--epochs", 1, "--out", tmp_path / "r")
+    assert result.exit_code == 130, result.output
+    one_line_error(result, "interrupted")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+def test_a_malformed_launcher_variable_is_named(tmp_path, monkeypatch):
+    # "invalid literal for int() with base 10: 'abc'" reached users
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    line = one_line_error(invoke("fit", *SMALL, "--epochs", 1, "--out", tmp_path / "r"), "WORLD_SIZE")
+    assert "invalid literal" not in line
+    assert not (tmp_path / "r").exists()
