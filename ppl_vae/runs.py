@@ -106,6 +106,8 @@ def _flatten_optimizers(optimizers: Dict[str, torch.optim.Optimizer]) -> Tuple[D
 def _optimizer_states(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     """The optimizer state dicts saved by :func:`save`, by optimizer name (each with its ``"type"``)."""
     saved = meta.get("optimizers", {})
+    if not all(isinstance(m, dict) and isinstance(m.get("param_groups"), list) for m in saved.values()):
+        raise RunDirError("the checkpoint is damaged: its optimizer metadata lacks 'param_groups'")
     states: Dict[str, Dict[str, Any]] = {
         name: {"state": {}, "param_groups": m["param_groups"], "type": m.get("type")} for name, m in saved.items()
     }
@@ -113,7 +115,11 @@ def _optimizer_states(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) ->
     for name, value in list(tensors.items()) + list(scalars.items()):
         if not name.startswith("optim."):
             continue
-        _, opt_name, idx, key = name.split(".", 3)
+        parts = name.split(".", 3)
+        if len(parts) != 4 or not parts[2].isdigit() or parts[1] not in states:
+            raise RunDirError(f"the checkpoint is damaged: optimizer state {name!r} is not named "
+                              "optim.OPTIMIZER.INDEX.KEY after an optimizer it records")
+        _, opt_name, idx, key = parts
         states[opt_name]["state"].setdefault(int(idx), {})[key] = value
     return states
 
@@ -228,7 +234,11 @@ def restore(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper] = No
     load_weights(vae, tensors, str(run_dir / CHECKPOINT))
     epoch = int(meta["epoch"])
     if stepper is not None and optimizer_state:
-        for name, saved in _optimizer_states(tensors, meta).items():
+        try:
+            saved_states = _optimizer_states(tensors, meta)
+        except RunDirError as exc:
+            raise RunDirError(f"{run_dir / CHECKPOINT}: {exc}") from None
+        for name, saved in saved_states.items():
             if name not in stepper.optimizers:
                 raise RunDirError(f"{run_dir}: checkpoint has state for an optimizer {name!r} that method has not")
             saved_type, wanted_type = saved.pop("type", None), type(stepper.optimizers[name]).__name__

@@ -92,7 +92,11 @@ def test_empty_out_is_refused_instead_of_the_current_folder(tmp_path, monkeypatc
     (lambda t, m: t.pop("rng.cpu"), "lacks a valid tensor 'rng.cpu'"),
     (lambda t, m: t.update({next(k for k in t if k.startswith("optim.") and t[k].dim() > 1): torch.zeros(3)}),
      "has shape (3,) but its parameter has shape"),
-], ids=["no-epoch", "no-rng", "optimizer-shape"])
+    # these reached users as "not enough values to unpack (expected 4, got 2)" and
+    # "invalid literal for int() with base 10: 'abc'"
+    (lambda t, m: t.update({"optim.svi": torch.zeros(1)}), "is not named optim.OPTIMIZER.INDEX.KEY"),
+    (lambda t, m: t.update({"optim.svi.abc.exp_avg": torch.zeros(1)}), "is not named optim.OPTIMIZER.INDEX.KEY"),
+], ids=["no-epoch", "no-rng", "optimizer-shape", "optimizer-name", "optimizer-index"])
 def test_damaged_checkpoint_resume_is_one_line_and_keeps_the_config(run, damage, message):
     rewrite_checkpoint(run, damage)
     config_before = (run / runs.CONFIG).read_bytes()
@@ -100,6 +104,17 @@ def test_damaged_checkpoint_resume_is_one_line_and_keeps_the_config(run, damage,
     one_line_error(result, message)
     assert result.exit_code == 1
     assert (run / runs.CONFIG).read_bytes() == config_before  # a failed resume rewrote config.json
+
+
+def test_inpaint_without_label_counts_weights_as_draws_times_labels(tmp_path):
+    config = RunConfig(model=ModelConfig(model="cvae", latent_dim=2, hidden_dim=8),
+                       data=DataConfig(dataset="digits", train_size=100),
+                       train=TrainConfig(epochs=0, batch_size=50, device="cpu"))
+    pipeline.fit(config, tmp_path / "cvae", progress=False)
+    result = invoke("inpaint", tmp_path / "cvae", "--no-label", "--num-samples", 20, "--num-images", 2,
+                    "--num-draws", 1)
+    assert result.exit_code == 0, result.output
+    assert "of 200 weights (20 draws of z x 10 labels)" in result.output
 
 
 def test_checkpoint_without_ppl_vae_metadata_says_so(run):
