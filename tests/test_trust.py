@@ -147,3 +147,22 @@ def test_the_run_layer_still_writes_its_own_files(run):
     before = (run / "config.json").read_text()
     io.write_text(run / "config.json", before, run_files=True)
     assert pipeline.load_run(run).epochs_done == 0
+
+
+def test_text_on_a_config_naming_another_folder_reads_none_of_its_files(tmp_path):
+    # a received config with dataset fortunes, data_dir /etc read every regular file there
+    (tmp_path / "lines.txt").write_text("\n".join(f"sentence number {i}" for i in range(20)) + "\n")
+    config = RunConfig(model=ModelConfig(model="text_hybrid", latent_dim=2, hidden_dim=8),
+                       data=DataConfig(dataset="text-lines", data_dir=str(tmp_path / "lines.txt")),
+                       train=TrainConfig(epochs=0, batch_size=10, device="cpu"))
+    run_dir = tmp_path / "text"
+    pipeline.fit(config, run_dir, progress=False)
+    secrets = tmp_path / "etc"
+    secrets.mkdir()
+    (secrets / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n%\nroot2\n")
+    raw = json.loads((run_dir / "config.json").read_text())
+    raw["data"].update(dataset="fortunes", data_dir=str(secrets))
+    (run_dir / "config.json").write_text(json.dumps(raw))
+    result = invoke("text", run_dir, "--num-samples", 1, "--samples", 0)
+    assert result.exit_code == 1
+    assert "no fortune files" in result.stderr and "/bin/bash" not in result.output
