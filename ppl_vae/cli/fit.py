@@ -208,5 +208,5 @@ def _interrupted(run_dir: Optional[Path]) -> None:
     if run_dir is not None and runs.started(run_dir):
         click.echo(f"Error: interrupted; the last checkpoint is kept: ppl-vae fit --resume {run_dir}", err=True)
     else:
-        click.echo("Error: interrupted before the first checkpoint; nothing was kept", err=True)
+        click.echo("Error: interrupted before the first epoch ended; nothing was kept, so the same command can run again", err=True)
     raise SystemExit(130)
