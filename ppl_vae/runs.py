@@ -52,7 +52,7 @@ __all__ = ["CONFIG", "CHECKPOINT", "CHECKPOINT_BEST", "HISTORY", "Checkpointer",
 
 
 def save_config(run_dir: Path, config: RunConfig) -> None:
-    write_text(Path(run_dir) / CONFIG, config.to_json() + "\n")
+    write_text(Path(run_dir) / CONFIG, config.to_json() + "\n", run_files=True)
 
 
 def load_config(run_dir: Path) -> RunConfig:
@@ -111,6 +111,8 @@ def _flatten_optimizers(optimizers: Dict[str, torch.optim.Optimizer]) -> Tuple[D
 def _optimizer_states(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     """The optimizer state dicts saved by :func:`save`, by optimizer name (each with its ``"type"``)."""
     saved = meta.get("optimizers", {})
+    if not all(isinstance(m, dict) and isinstance(m.get("param_groups"), list) for m in saved.values()):
+        raise RunDirError("the checkpoint is damaged: its optimizer metadata lacks 'param_groups'")
     states: Dict[str, Dict[str, Any]] = {
         name: {"state": {}, "param_groups": m["param_groups"], "type": m.get("type")} for name, m in saved.items()
     }
@@ -118,7 +120,11 @@ def _optimizer_states(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) ->
     for name, value in list(tensors.items()) + list(scalars.items()):
         if not name.startswith("optim."):
             continue
-        _, opt_name, idx, key = name.split(".", 3)
+        parts = name.split(".", 3)
+        if len(parts) != 4 or not parts[2].isdigit() or parts[1] not in states:
+            raise RunDirError(f"the checkpoint is damaged: optimizer state {name!r} is not named "
+                              "optim.OPTIMIZER.INDEX.KEY after an optimizer it records")
+        _, opt_name, idx, key = parts
         states[opt_name]["state"].setdefault(int(idx), {})[key] = value
     return states
 
@@ -169,7 +175,7 @@ def save(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper], state:
 
     run_dir = Path(run_dir)
     if checkpoint == CHECKPOINT:
-        write_netcdf(history_to_xarray(state.records, attrs), run_dir / HISTORY)
+        write_netcdf(history_to_xarray(state.records, attrs), run_dir / HISTORY, run_files=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
     meta: Dict[str, Any] = {"epoch": state.epoch, "step": state.step, "extra": extra or {}}
     if stepper is not None and stepper.optimizers:
@@ -182,7 +188,8 @@ def save(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper], state:
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda{i}"] = s
     text = json.dumps(meta, default=_json_safe)
-    write_with(run_dir / checkpoint, lambda tmp: save_file(tensors, str(tmp), metadata={"ppl_vae": text}))
+    write_with(run_dir / checkpoint, lambda tmp: save_file(tensors, str(tmp), metadata={"ppl_vae": text}),
+               run_files=True)
 
 
 def read_checkpoint(run_dir: Path, *, tensors: bool = True, checkpoint: str = CHECKPOINT
@@ -207,9 +214,26 @@ def read_checkpoint(run_dir: Path, *, tensors: bool = True, checkpoint: str = CH
         loaded = load_file(str(path)) if tensors else {}
     except RunDirError:
         raise
-    except (SafetensorError, KeyError, ValueError, OSError, json.JSONDecodeError) as exc:
+    except KeyError:
+        raise RunDirError(f"{path} is not a ppl_vae checkpoint: it has no 'ppl_vae' metadata (epoch, step, "
+                          "optimizer state)") from None
+    except (SafetensorError, ValueError, OSError, json.JSONDecodeError) as exc:
         raise RunDirError(f"{path} is corrupt or not a ppl_vae checkpoint ({str(exc).splitlines()[0]})") from None
+    _check_meta(path, meta)
     return loaded, meta
+
+
+def _check_meta(path: Path, meta: Any) -> None:
+    """The checkpoint's metadata holds a non-negative integer ``epoch`` and ``step``."""
+    if not isinstance(meta, dict):
+        raise RunDirError(f"{path} is damaged: its metadata is not a JSON object")
+    for key in ("epoch", "step"):
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            what = "lacks" if key not in meta else f"has an invalid ({value!r})"
+            raise RunDirError(f"{path} is damaged: its metadata {what} {key!r}; restore the file or start a new run")
+    if not isinstance(meta.get("extra", {}), dict) or not isinstance(meta.get("optimizers", {}), dict):
+        raise RunDirError(f"{path} is damaged: its metadata 'extra'/'optimizers' are not JSON objects")
 
 
 def checkpoint_epoch(run_dir: Path) -> int:
@@ -242,19 +266,25 @@ def _few(names: list, limit: int = 3) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def restore(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper] = None) -> TrainState:
+def restore(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper] = None, *,
+            optimizer_state: bool = True) -> TrainState:
     """The inverse of :func:`save`: weights into ``vae``, optimizer states into ``stepper``, the
     torch RNG state, and the history trimmed to the checkpoint's epoch; returns the TrainState.
 
     A checkpoint past epoch 0 without its history, an optimizer the method does not have, or
-    state of another optimizer type raise RunDirError.
+    state of another optimizer type raise RunDirError. ``optimizer_state=False`` leaves the
+    stepper's optimizers as they are (a resume that switches optimizer starts its state afresh).
     """
     run_dir = Path(run_dir)
     tensors, meta = read_checkpoint(run_dir)
     load_weights(vae, tensors, str(run_dir / CHECKPOINT))
     epoch = int(meta["epoch"])
-    if stepper is not None:
-        for name, saved in _optimizer_states(tensors, meta).items():
+    if stepper is not None and optimizer_state:
+        try:
+            saved_states = _optimizer_states(tensors, meta)
+        except RunDirError as exc:
+            raise RunDirError(f"{run_dir / CHECKPOINT}: {exc}") from None
+        for name, saved in saved_states.items():
             if name not in stepper.optimizers:
                 raise RunDirError(f"{run_dir}: checkpoint has state for an optimizer {name!r} that method has not")
             saved_type, wanted_type = saved.pop("type", None), type(stepper.optimizers[name]).__name__
@@ -263,8 +293,9 @@ def restore(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper] = No
                                   f"{wanted_type}")
             try:
                 stepper.optimizers[name].load_state_dict(saved)
-            except (ValueError, KeyError) as exc:
-                raise RunDirError(f"optimizer state in {run_dir} does not fit: {exc}") from None
+            except (ValueError, KeyError, TypeError) as exc:
+                raise RunDirError(f"optimizer state in {run_dir} does not fit: {' '.join(str(exc).split())}") from None
+            _check_optimizer_shapes(stepper.optimizers[name], f"{run_dir / CHECKPOINT} (optimizer {name!r})")
         # loaded by training.attach_lr_schedulers once the schedulers exist
         stepper.pending_scheduler_state = {name: _decode_state(state)
                                            for name, state in meta.get("schedulers", {}).items()} or None
@@ -277,12 +308,25 @@ def restore(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper] = No
         records = []
     if [r["epoch"] for r in records] != list(range(1, epoch + 1)):
         raise RunDirError(f"{run_dir / HISTORY} does not hold epochs 1..{epoch} of the checkpoint")
-    torch.set_rng_state(tensors["rng.cpu"])
+    try:
+        torch.set_rng_state(tensors["rng.cpu"])
+    except (KeyError, TypeError, RuntimeError):
+        raise RunDirError(f"{run_dir / CHECKPOINT} is damaged: it lacks a valid tensor 'rng.cpu' (the random state "
+                          "a resumed run continues from)") from None
     if torch.cuda.is_available():
         cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda")]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
     return TrainState(epoch=epoch, step=int(meta["step"]), records=records)
+
+
+def _check_optimizer_shapes(optimizer: torch.optim.Optimizer, what: str) -> None:
+    """Every per-parameter state tensor (Adam's moments, Adagrad's sums) has its parameter's shape."""
+    for param, param_state in optimizer.state.items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                raise RunDirError(f"{what} is damaged: state {key!r} has shape {tuple(value.shape)} but its "
+                                  f"parameter has shape {tuple(param.shape)}")
 
 
 def load_history(run_dir: Path) -> xr.Dataset:

@@ -298,10 +298,23 @@ class SampleGridRecorder:
     def frames(self) -> List[Path]:
         return sorted(self.out_dir.glob("epoch_*.png"))
 
+    def check_frames(self) -> None:
+        """A one-line ValueError naming the first frame on disk that is not a readable image."""
+        from PIL import Image
+
+        for p in self.frames():
+            try:
+                with Image.open(p) as im:
+                    im.convert("RGB")
+            except (OSError, ValueError, SyntaxError):  # PIL's UnidentifiedImageError is an OSError
+                raise ValueError(f"{p} is not a readable image, so no animation can hold it; remove it (the frame "
+                                 "is saved again when its epoch is trained)") from None
+
     def write_gif(self) -> Optional[Path]:
         """Rewrite the GIF from the frames on disk; None when there are none."""
         from PIL import Image
 
+        self.check_frames()
         frames = []
         for p in self.frames():
             with Image.open(p) as im:

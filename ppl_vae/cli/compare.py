@@ -7,14 +7,16 @@ from pathlib import Path
 
 import click
 
+from ppl_vae.cli import options as opt
+
 
 @click.command()
 @click.argument("run_dirs", metavar="RUN...", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--num-samples", "-k", type=int, default=1000, show_default=True,
-              help="Draws K of q and K of q* per datapoint for log p̂(x), L[q], L[q*].")
+@opt.num_samples_option(1000, "Draws K of q and K of q* per datapoint for log p̂(x), L[q], L[q*].",
+                        "--num-samples", "-k")
 @click.option("--estimator", type=click.Choice(["mis", "iw"]), default="mis", show_default=True,
               help="With several runs: 'mis' (gap decomposition, q* fitted per run) or 'iw' (amortized IW only).")
-@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@opt.split_option()
 @click.option("--num-datapoints", type=int, default=500, show_default=True,
               help="A seeded random subset of this size (0: all).")
 @click.option("--num-draws", type=int, default=100, show_default=True, help="Draws of z per guide kept for ArviZ.")
@@ -29,11 +31,10 @@ import click
 @click.option("--mf-lr", type=float, default=1e-2, show_default=True, help="Adam learning rate of mean-field VI.")
 @click.option("--mf-tol", type=float, default=1e-4, show_default=True,
               help="Relative ELBO change that counts as a plateau (Adam's stopping rule).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Folder for report.html and the tables (default: the run directory).")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
+@opt.device_option()
+@opt.seed_option()
+@opt.out_option("Folder for report.html and the tables (default: the run directory; RUN1/multirun for several).")
+@opt.progress_option("Show progress bars.")
 def compare(run_dirs, num_samples: int, estimator: str, split: str, num_datapoints: int, num_draws: int, init: str,
             mf_steps: int, mf_polish_steps: int, mf_gtol: float, mf_lr: float, mf_tol: float, device: str, seed: int, out, progress: bool) -> None:
     """Gap decomposition (Cremer et al. 2018), diagnostics and a self-contained HTML report.
@@ -60,7 +61,7 @@ def compare(run_dirs, num_samples: int, estimator: str, split: str, num_datapoin
                              device=device, seed=seed, out_dir=out, progress=progress)
         click.echo(format_paired_table(multi.table))
         for warning in multi.warnings:
-            click.echo(f"warning: {warning}")
+            opt.warn(warning)
         click.echo("wrote " + ", ".join(str(p) for p in multi.files.values()))
         return
     from ppl_vae.analysis.gaps import format_gap_table
@@ -74,7 +75,7 @@ def compare(run_dirs, num_samples: int, estimator: str, split: str, num_datapoin
     click.echo(format_gap_table(result.table))
     click.echo(f"active units: {result.diagnostics.attrs['num_active']} of {result.diagnostics.sizes['latent']}")
     for warning in result.warnings:
-        click.echo(f"warning: {warning}")
+        opt.warn(warning)
     for note in result.notes:
         click.echo(f"note: {note}")
     click.echo("wrote " + ", ".join(str(p) for p in result.files.values()))

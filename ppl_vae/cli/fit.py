@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, List, Optional
 
 import click
+
+from ppl_vae.cli import options as opt
 from click.core import ParameterSource
 
-# Options that define a run; with --resume the run's own config decides them.
+
+# Options that define a run; with --resume the run's own config decides them. --lr and
+# --optimizer are training settings a resume may change (a run that diverged continues with a
+# smaller step), like --epochs.
+RESUME_SETTINGS = ("lr", "optimizer")
 RUN_OPTIONS = (
     "model", "dataset", "data_dir", "prior", "likelihood", "latent_dim", "hidden_dim", "guide",
-    "num_components", "method", "batch_size", "lr", "optimizer", "elbo", "num_particles", "kl_warmup",
+    "num_components", "method", "batch_size", "elbo", "num_particles", "kl_warmup",
     "seed", "device", "out", "binarize", "train_size", "train_eval_size", "compile",
     "lr_schedule", "lr_schedule_options", "clip_grad_norm", "val_fraction", "early_stopping_patience",
     "kl_schedule", "kl_weight", "kl_cycle_epochs", "kl_cycle_ratio", "precision",
@@ -66,10 +75,10 @@ RUN_OPTIONS = (
 @click.option("--train-size", type=int, default=None, help="Use only the first N training points.")
 @click.option("--train-eval-size", type=int, default=1000, show_default=True,
               help="Training points (a fixed seeded subset) the per-epoch train ELBO uses; 0: all of them.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory (default: a new runs/...).")
-@click.option("--resume", type=click.Path(path_type=Path), default=None, help="Continue this run directory.")
+@opt.seed_option()
+@opt.device_option("auto")
+@opt.out_option("Run directory (default: a new runs/...).")
+@opt.out_option("Continue this run directory.", "--resume")
 @click.option("--sample-grids", is_flag=True, default=False,
               help="Save a grid of samples from fixed z after every epoch (RUN/samples/*.png, RUN/samples.gif).")
 @click.option("--log", "log", multiple=True, metavar="NAME",
@@ -77,42 +86,86 @@ RUN_OPTIONS = (
                    "tensorboard extra). Repeatable.")
 @click.option("--log-every-steps", type=int, default=50, show_default=True,
               help="Log the minibatch loss, KL weight and learning rate every N optimizer steps.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@opt.progress_option()
 @click.option("--nproc", type=int, default=1, show_default=True,
               help="Data-parallel processes on this machine (DDP; one GPU each on CUDA). Under torchrun leave at 1.")
 @click.option("--dist-timeout", type=float, default=300.0, show_default=True,
               help="Seconds a distributed collective may wait before the run stops with an error.")
 @click.pass_context
 def fit(ctx: click.Context, **opts) -> None:
-    """Train a VAE with SVI and write config, checkpoint and history to a run directory."""
-    from ppl_vae import pipeline
+    """Train a VAE with the --method chosen (svi: AEVB; see `ppl-vae models`) and write config,
+    checkpoint and history to a run directory.
+
+    --resume RUN continues a run with its own config; --epochs, --lr and --optimizer may change.
+    """
     from ppl_vae.inference import distributed
 
     run_dir = Path(opts["resume"]) if opts["resume"] is not None else (opts["out"] or None)
     common = dict(nproc=opts["nproc"], progress=opts["progress"], sample_grids=opts["sample_grids"],
                   timeout_s=opts["dist_timeout"])
-    def loggers(run_dir: Path) -> tuple:
-        from ppl_vae.loggers import make_logger
-
-        return tuple(make_logger(name, run_dir, every_steps=opts["log_every_steps"]) for name in opts["log"])
-
+    where = {"run_dir": run_dir}
     try:
-        if opts["resume"] is not None:
-            given = [o for o in RUN_OPTIONS if ctx.get_parameter_source(o) == ParameterSource.COMMANDLINE]
-            if given:
-                raise click.UsageError(
-                    f"--resume continues a run with its own config; drop {', '.join(flag(g) for g in given)}")
-            epochs = opts["epochs"] if ctx.get_parameter_source("epochs") == ParameterSource.COMMANDLINE else None
-            run = pipeline.resume(Path(opts["resume"]), epochs=epochs, callbacks=loggers(Path(opts["resume"])),
-                                  **common)
-        else:
-            config = run_config(opts)
-            run_dir = run_dir or pipeline.default_run_dir(config)
-            run = pipeline.fit(config, run_dir, callbacks=loggers(run_dir), **common)
+        with _interrupts_are_never_lost() as interrupted:
+            run = _fit_or_resume(ctx, opts, where, common)
+        if interrupted:
+            raise KeyboardInterrupt  # the KeyboardInterrupt raised for it was swallowed on the way
     except KeyboardInterrupt:
-        _interrupted(run_dir)
+        _interrupted(where["run_dir"])
     if distributed.env_rank() != 0:
         return  # under torchrun, rank 0 reports
+    _report(run, opts)
+
+
+def _fit_or_resume(ctx: click.Context, opts: dict, where: dict, common: dict):
+    """Train as the options say; ``where["run_dir"]`` holds the run directory as soon as it is known."""
+    from ppl_vae import pipeline
+
+    if opts["resume"] is not None:
+        given = [o for o in RUN_OPTIONS if ctx.get_parameter_source(o) == ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(
+                f"--resume continues a run with its own config; drop {', '.join(flag(g) for g in given)}")
+        epochs = opts["epochs"] if ctx.get_parameter_source("epochs") == ParameterSource.COMMANDLINE else None
+        settings = {o: opts[o] for o in RESUME_SETTINGS if ctx.get_parameter_source(o) == ParameterSource.COMMANDLINE}
+        _announce_compile(_compile_backend(where["run_dir"]))
+        return pipeline.resume(where["run_dir"], epochs=epochs, callbacks=_loggers(opts, Path(where["run_dir"])),
+                               **settings, **common)
+    config = run_config(opts)
+    where["run_dir"] = where["run_dir"] or pipeline.default_run_dir(config)
+    _announce_compile(config.train.compile)
+    return pipeline.fit(config, where["run_dir"], callbacks=_loggers(opts, Path(where["run_dir"])), **common)
+
+
+def _loggers(opts: dict, run_dir: Path) -> tuple:
+    """The training loggers ``--log`` names, writing under ``run_dir``."""
+    from ppl_vae.loggers import make_logger
+
+    return tuple(make_logger(name, run_dir, every_steps=opts["log_every_steps"]) for name in opts["log"])
+
+
+@contextlib.contextmanager
+def _interrupts_are_never_lost() -> Iterator[List[int]]:
+    """Record every SIGINT while training, besides raising KeyboardInterrupt for it as Python
+    does: an interrupt whose exception was swallowed on the way (raised inside a ``__del__`` or
+    a C callback, where Python prints "Exception ignored" and goes on) still stops the command
+    with exit 130 once training returns, instead of exit 0 as if nobody had pressed Ctrl-C."""
+    hits: List[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield hits
+        return
+
+    def handler(signum, frame):
+        hits.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield hits
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _report(run, opts: dict) -> None:
     final = run.final
     if opts["resume"] is None and not final:  # --epochs 0: the initial checkpoint only (e.g. for animate)
         click.echo(f"epoch 0: no training step taken, so no ELBO to report; {run.run_dir} holds the initialised "
@@ -193,6 +246,21 @@ def _json_object(text: Optional[str], name: str) -> dict:
     return value
 
 
+def _compile_backend(run_dir: Path) -> Optional[str]:
+    from ppl_vae import runs
+
+    try:
+        return runs.load_config(run_dir).train.compile
+    except Exception:  # resume itself reports a damaged run directory
+        return None
+
+
+def _announce_compile(backend: Optional[str]) -> None:
+    if backend:
+        click.echo(f"compiling the loss with torch.compile (backend {backend}): the first steps take longer "
+                   "(up to a minute or more on CPU), later ones are faster", err=True)
+
+
 def flag(option: str) -> str:
     return "--" + option.replace("_", "-")
 
@@ -203,5 +271,5 @@ def _interrupted(run_dir: Optional[Path]) -> None:
     if run_dir is not None and runs.started(run_dir):
         click.echo(f"Error: interrupted; the last checkpoint is kept: ppl-vae fit --resume {run_dir}", err=True)
     else:
-        click.echo("Error: interrupted before the first checkpoint; nothing was kept", err=True)
+        click.echo("Error: interrupted before the first epoch ended; nothing was kept, so the same command can run again", err=True)
     raise SystemExit(130)

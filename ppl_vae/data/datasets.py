@@ -261,7 +261,12 @@ def load_dataset(
     elif on_disk:
         raise ValueError(f"on_disk=True needs a .npy file, got dataset {name!r}")
     if name in DATASETS:
-        train, test, train_labels, test_labels = DATASETS.get(name)(data_dir)
+        arrays = DATASETS.get(name)(data_dir)
+        if not isinstance(arrays, (tuple, list)) or len(arrays) != 4:
+            got = f"{len(arrays)} values" if isinstance(arrays, (tuple, list)) else type(arrays).__name__
+            raise DataError(f"dataset {name!r}: its loader returned {got}; a dataset loader returns 4: "
+                            "(train, test, train_labels, test_labels), None for the parts it lacks")
+        train, test, train_labels, test_labels = arrays
         label = name
     else:
         path = Path(name)
@@ -291,6 +296,8 @@ def load_dataset(
         if test_t.shape[1:] != train_t.shape[1:]:
             raise DataError(f"{label}: train points have shape {tuple(train_t.shape[1:])} but test points {tuple(test_t.shape[1:])}")
         test_lab = None if test_labels is None else _as_labels(test_labels, f"{label} (test labels)")
+        if test_lab is not None and len(test_lab) != len(test_t):
+            raise DataError(f"{label}: {len(test_lab)} test labels for {len(test_t)} test points")
     if train_size is not None:
         train_t = train_t[:train_size]
         train_lab = None if train_lab is None else train_lab[:train_size]

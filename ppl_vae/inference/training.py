@@ -169,6 +169,8 @@ def validate_train_config(config: TrainConfig) -> None:
         raise bad("epochs", f"must be >= 0, got {config.epochs}")
     if not (config.lr > 0 and math.isfinite(config.lr)):
         raise bad("lr", f"must be a positive number, got {config.lr}")
+    if config.lr > 3.4028234663852886e38:  # float32 parameters: a larger step overflows in the optimizer
+        raise bad("lr", f"must be at most 3.4e38 (the largest float32), got {config.lr}")
     if config.kl_warmup_epochs < 0:
         raise bad("kl_warmup_epochs", f"must be >= 0, got {config.kl_warmup_epochs}")
     if config.finite_check not in FINITE_CHECKS:

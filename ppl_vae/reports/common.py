@@ -80,7 +80,10 @@ def select_datapoints(run: Run, split: str = "test", num_datapoints: Optional[in
 
 def check_out_dir(out: Path, name: str = "out_dir") -> Path:
     """Create the folder ``out`` if needed; a one-line ValueError naming ``name`` when it cannot hold files."""
+    from ppl_vae.io import check_target
+
     out = Path(out)
+    check_target(out / ".probe")  # no folder is made through a symlink leaving a run directory
     if out.exists() and not out.is_dir():
         raise ValueError(f"{name} {out} is an existing file; give a folder (it is created if missing)")
     try:

@@ -66,8 +66,8 @@ class Evaluation:
         if self.method == "iw":
             k = ds.attrs["num_samples"]
             lines = [
-                f"log p(x) >= {float(ds['log_likelihood'].mean()):.3f} (IW, K={k}, stochastic lower bound; "
-                f"mean over {n} {split} datapoints)",
+                f"log p(x) estimate {float(ds['log_likelihood'].mean()):.3f} (IW, K={k}: a stochastic lower bound, "
+                f"below log p(x) in expectation; mean over {n} {split} datapoints)",
                 f"{n} {split} datapoints, K = {k} importance samples (nats per datapoint, mean ± se over datapoints)",
                 f"{'log p̂(x) (IW)':<30} {_mean_se(ds['log_likelihood'])}  stochastic lower bound on log p(x)",
                 f"{'ELBO L[q]':<30} {_mean_se(ds['elbo'])}  lower bound",
@@ -85,8 +85,8 @@ class Evaluation:
         if self.method == "ais":
             t, c, start = ds.attrs["num_steps"], ds.attrs["num_chains"], ds.attrs["start"]
             return "\n".join([
-                f"log p(x) >= {float(ds['log_px'].mean()):.3f} (AIS, T={t} steps, C={c} chains from the {start}, "
-                f"stochastic lower bound; mean over {n} {split} datapoints)",
+                f"log p(x) estimate {float(ds['log_px'].mean()):.3f} (AIS, T={t} steps, C={c} chains from the {start}: "
+                f"a stochastic lower bound, below log p(x) in expectation; mean over {n} {split} datapoints)",
                 f"{'log p̂(x) (AIS)':<30} {_mean_se(ds['log_px'])}  stochastic lower bound on log p(x) "
                 "(mean ± se over datapoints)",
                 f"{'Monte Carlo se of mean log p̂':<30} {_mc_se_of_mean(ds['log_px_stderr']):12.3f}",
