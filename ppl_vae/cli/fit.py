@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Iterator, List, Optional
 
 import click
-
-from ppl_vae.cli import options as opt
 from click.core import ParameterSource
 
+from ppl_vae.cli import options as opt
 
 # Options that define a run; with --resume the run's own config decides them. --lr and
 # --optimizer are training settings a resume may change (a run that diverged continues with a

@@ -64,7 +64,6 @@ def download(
     ``file://`` URLs work, for mirrors on disk). A checksum mismatch raises
     :class:`~ppl_vae.errors.DataError` and leaves no file behind.
     """
-    from tqdm.auto import tqdm
 
     source = SOURCES.get(dataset)
     base = url if url is not None else source.base_url
