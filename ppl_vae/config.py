@@ -70,6 +70,13 @@ class TrainConfig:
     ``train_eval_size``: the per-epoch ``train_elbo`` is computed on this many training points,
     a subset drawn once from ``seed`` (``None``: the whole training set). ``test_elbo`` always
     uses the whole test set.
+    ``objective``: what the "svi" method maximizes: "elbo" (the method's own), or a disentangling
+    objective from :data:`ppl_vae.inference.disentangle.OBJECTIVES` with its weights — "beta_vae"
+    (``beta``), "capacity" (``gamma`` |KL - C|, C rising from 0 to ``capacity_max`` nats between
+    ``capacity_start_epoch`` and ``capacity_end_epoch``), "beta_tc" (``tc_alpha``, ``tc_beta``,
+    ``tc_gamma`` on mutual information, total correlation and dimension-wise KL, estimated by
+    ``tc_estimator`` "mws" or "mss"), "free_bits" (a KL floor of ``free_bits`` nats per latent
+    dimension, or per each of ``free_bits_groups`` groups).
     """
 
     method: str = "svi"
@@ -88,6 +95,19 @@ class TrainConfig:
     finite_check: str = "auto"
     train_eval_size: Optional[int] = 1000
     compile: Optional[str] = None
+    # Disentangling objectives (ppl_vae.inference.disentangle; "elbo" is the method's own).
+    objective: str = "elbo"
+    beta: float = 1.0
+    capacity_max: float = 25.0
+    capacity_start_epoch: float = 0.0
+    capacity_end_epoch: float = 10.0
+    gamma: float = 1000.0
+    tc_alpha: float = 1.0
+    tc_beta: float = 1.0
+    tc_gamma: float = 1.0
+    tc_estimator: str = "mws"
+    free_bits: float = 0.0
+    free_bits_groups: Optional[int] = None
 
 
 @dataclass

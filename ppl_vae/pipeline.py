@@ -36,7 +36,8 @@ from ppl_vae.config import DataConfig, RunConfig
 from ppl_vae.data.datasets import Dataset, load_dataset
 from ppl_vae.errors import ConfigError, RunDirError, TrainingDiverged
 from ppl_vae.inference import distributed
-from ppl_vae.inference.training import METHODS, Stepper, TrainState, resolve_device, train, validate_train_config
+from ppl_vae.inference.training import (Stepper, TrainState, make_stepper, resolve_device, train,
+                                       validate_train_config)
 from ppl_vae.models.vae import VAE
 from ppl_vae.models.zoo import build_vae
 
@@ -133,7 +134,7 @@ def prepare(config: RunConfig, world_size: int = 1, device: Optional[torch.devic
     vae.likelihood.check_support(data.test, what=f"the test data of {data.name}")
     device = resolve_device(config.train.device) if device is None else device
     vae, data = vae.to(device), data.to(device)
-    stepper = METHODS.get(config.train.method)(vae, config.train)  # methods refuse models they cannot train
+    stepper = make_stepper(vae, config.train)  # methods and objectives refuse models they cannot train
     return vae, data, stepper
 
 

@@ -14,6 +14,9 @@ RUN_OPTIONS = (
     "model", "dataset", "data_dir", "prior", "likelihood", "latent_dim", "hidden_dim", "guide",
     "num_components", "method", "batch_size", "lr", "optimizer", "elbo", "num_particles", "kl_warmup",
     "seed", "device", "out", "binarize", "train_size", "train_eval_size", "compile",
+    # disentangling objectives (ppl_vae.inference.disentangle)
+    "objective", "beta", "capacity_max", "capacity_start_epoch", "capacity_end_epoch", "gamma", "tc_alpha",
+    "tc_beta", "tc_gamma", "tc_estimator", "free_bits", "free_bits_groups",
 )
 
 
@@ -45,6 +48,23 @@ RUN_OPTIONS = (
 @click.option("--train-size", type=int, default=None, help="Use only the first N training points.")
 @click.option("--train-eval-size", type=int, default=1000, show_default=True,
               help="Training points (a fixed seeded subset) the per-epoch train ELBO uses; 0: all of them.")
+@click.option("--objective", default="elbo", show_default=True,
+              help="What svi maximizes: elbo, beta_vae, capacity, beta_tc or free_bits (see docs/disentanglement.md).")
+@click.option("--beta", type=float, default=1.0, show_default=True, help="beta_vae: the KL weight beta.")
+@click.option("--capacity-max", type=float, default=25.0, show_default=True, help="capacity: the final capacity C, nats.")
+@click.option("--capacity-start-epoch", type=float, default=0.0, show_default=True,
+              help="capacity: C starts rising from 0 at this epoch.")
+@click.option("--capacity-end-epoch", type=float, default=10.0, show_default=True,
+              help="capacity: C reaches --capacity-max at this epoch.")
+@click.option("--gamma", type=float, default=1000.0, show_default=True, help="capacity: the weight gamma of |KL - C|.")
+@click.option("--tc-alpha", type=float, default=1.0, show_default=True, help="beta_tc: weight of the mutual information.")
+@click.option("--tc-beta", type=float, default=1.0, show_default=True, help="beta_tc: weight of the total correlation.")
+@click.option("--tc-gamma", type=float, default=1.0, show_default=True, help="beta_tc: weight of the dimension-wise KL.")
+@click.option("--tc-estimator", default="mws", show_default=True,
+              help="beta_tc: mws (minibatch-weighted sampling) or mss (minibatch-stratified sampling).")
+@click.option("--free-bits", type=float, default=0.0, show_default=True,
+              help="free_bits: the KL floor lambda, nats per latent dimension (or group).")
+@click.option("--free-bits-groups", type=int, default=None, help="free_bits: split z into this many groups (default: one per dimension).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory (default: a new runs/...).")
@@ -126,6 +146,11 @@ FIELD_FLAGS = {
     "train.optimizer": "--optimizer", "train.elbo": "--elbo", "train.num_particles": "--num-particles",
     "train.kl_warmup_epochs": "--kl-warmup", "train.seed": "--seed", "train.device": "--device",
     "train.train_eval_size": "--train-eval-size", "train.compile": "--compile",
+    "train.objective": "--objective", "train.beta": "--beta", "train.capacity_max": "--capacity-max",
+    "train.capacity_start_epoch": "--capacity-start-epoch", "train.capacity_end_epoch": "--capacity-end-epoch",
+    "train.gamma": "--gamma", "train.tc_alpha": "--tc-alpha", "train.tc_beta": "--tc-beta",
+    "train.tc_gamma": "--tc-gamma", "train.tc_estimator": "--tc-estimator", "train.free_bits": "--free-bits",
+    "train.free_bits_groups": "--free-bits-groups",
     "timeout_s": "--dist-timeout", "nproc": "--nproc", "data_dir": "--data-dir",
 }
 

@@ -68,7 +68,8 @@ def validate_train_config(config: TrainConfig) -> None:
     def bad(name: str, message: str) -> ConfigError:
         return ConfigError(f"train.{name} {message}", field=f"train.{name}")
 
-    for name, registry in (("method", METHODS), ("elbo", ELBOS), ("optimizer", OPTIMIZERS)):
+    for name, registry in (("method", METHODS), ("elbo", ELBOS), ("optimizer", OPTIMIZERS),
+                           ("objective", OBJECTIVES)):
         value = getattr(config, name)
         if name == "elbo" and value in _REMOVED_ELBOS:
             raise bad("elbo", f"{value!r} is no longer offered (it used torch.jit.trace, deprecated in torch 2); "
@@ -94,6 +95,9 @@ def validate_train_config(config: TrainConfig) -> None:
         if config.compile not in torch._dynamo.list_backends(exclude_tags=()):
             raise bad("compile", f"must be null or a torch.compile backend "
                                  f"({', '.join(torch._dynamo.list_backends())}, ...), got {config.compile!r}")
+    check_objective = getattr(OBJECTIVES.get(config.objective), "check_config", None)
+    if check_objective is not None:
+        check_objective(config)
     resolve_device(config.device)
 
 
@@ -134,8 +138,30 @@ class Stepper:
     def close(self) -> None:
         """Release anything the stepper holds beyond its optimizers."""
 
+    def begin(self, step: int, steps_per_epoch: int) -> None:
+        """Called by :func:`train` before its first step: ``step`` optimizer steps are done (a
+        resumed run's count), so a method whose objective follows a schedule resumes exactly."""
+
+    def epoch_terms(self) -> Dict[str, float]:
+        """The objective's terms averaged over the epoch just finished (nats per datapoint, names
+        from :data:`TERM_VARS`), and a fresh start for the next epoch; ``{}`` for most methods."""
+        return {}
+
 
 METHODS: Registry[Callable[[VAE, TrainConfig], Stepper]] = Registry("method")
+
+#: ``train.objective`` -> a factory ``(vae, config) -> Stepper``; "elbo" is the method's own
+#: objective, the disentangling ones live in :mod:`ppl_vae.inference.disentangle`. A factory may
+#: carry ``check_config(config)``, which :func:`validate_train_config` calls.
+OBJECTIVES: Registry[Callable[[VAE, TrainConfig], Stepper]] = Registry("objective")
+OBJECTIVES.register("elbo", doc="the training method's own objective (svi: the ELBO)")(
+    lambda vae, config: METHODS.get(config.method)(vae, config)
+)
+
+
+def make_stepper(vae: VAE, config: TrainConfig) -> Stepper:
+    """The stepper that ``config.method`` and ``config.objective`` name."""
+    return OBJECTIVES.get(config.objective)(vae, config)
 
 
 @METHODS.register("svi", doc="SVI on the ELBO: AEVB's algorithm 1 (encoder and decoder jointly)")
@@ -216,6 +242,10 @@ HISTORY_VARS = {
     "num_train_samples": "training datapoints processed so far",
 }
 
+#: Optional per-epoch variables (a stepper's :meth:`Stepper.epoch_terms`) -> description; a history
+#: holds those its method recorded.
+TERM_VARS: Dict[str, str] = {}
+
 
 def history_to_xarray(records: List[Dict[str, float]], attrs: Optional[dict] = None) -> xr.Dataset:
     """Per-epoch records as a Dataset with dim ``epoch``."""
@@ -224,12 +254,17 @@ def history_to_xarray(records: List[Dict[str, float]], attrs: Optional[dict] = N
         name: ("epoch", np.array([r[name] for r in records], dtype=np.float64), {"description": desc})
         for name, desc in HISTORY_VARS.items()
     }
+    extra = sorted({k for r in records for k in r} - set(HISTORY_VARS) - {"epoch"})
+    for name in extra:
+        values = np.array([r.get(name, np.nan) for r in records], dtype=np.float64)
+        data_vars[name] = ("epoch", values, {"description": TERM_VARS.get(name, "")})
     return xr.Dataset(data_vars, coords={"epoch": epochs}, attrs=attrs or {})
 
 
 def history_records(history: xr.Dataset) -> List[Dict[str, float]]:
+    names = [*HISTORY_VARS, *sorted(k for k in history.data_vars if k not in HISTORY_VARS)]
     return [
-        {"epoch": int(e), **{k: float(history[k].sel(epoch=e)) for k in HISTORY_VARS}}
+        {"epoch": int(e), **{k: float(history[k].sel(epoch=e)) for k in names if k in history}}
         for e in history["epoch"].values
     ]
 
@@ -346,7 +381,7 @@ def train(
 
     validate_train_config(config)
     state = state or TrainState()
-    stepper = stepper or METHODS.get(config.method)(vae, config)
+    stepper = stepper or make_stepper(vae, config)
     if dist is not None:
         stepper = dist.wrap_stepper(stepper)
     labelled = data.train_labels is not None
@@ -364,6 +399,7 @@ def train(
     n_local, world = (n_train, 1) if dist is None else (dist.num_samples(n_train), dist.world_size)
     steps_per_epoch = math.ceil(n_local / batch_size)
     x_eval, labels_eval = train_eval_set(data, config) if evaluate else (None, None)
+    stepper.begin(state.step, steps_per_epoch)
 
     def mean_elbo(x: torch.Tensor, labels: Optional[torch.Tensor]) -> float:
         if not evaluate:
@@ -432,6 +468,7 @@ def train(
                 "kl_weight": kl_weight,
                 "wall_time": wall,
                 "num_train_samples": seen,
+                **stepper.epoch_terms(),
             }
             state.records.append(record)
             bar.update(1)
