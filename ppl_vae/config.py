@@ -48,6 +48,7 @@ class DataConfig:
     test_fraction: float = 0.2
     split_seed: int = 0
     train_size: Optional[int] = None
+    num_images: Optional[int] = None  # dsprites: size of the seeded random subset (None: 10,000)
 
 
 @dataclass

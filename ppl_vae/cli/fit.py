@@ -11,7 +11,7 @@ from click.core import ParameterSource
 
 # Options that define a run; with --resume the run's own config decides them.
 RUN_OPTIONS = (
-    "model", "dataset", "data_dir", "prior", "likelihood", "latent_dim", "hidden_dim", "guide",
+    "model", "dataset", "data_dir", "num_images", "prior", "likelihood", "latent_dim", "hidden_dim", "guide",
     "num_components", "method", "batch_size", "lr", "optimizer", "elbo", "num_particles", "kl_warmup",
     "seed", "device", "out", "binarize", "train_size", "train_eval_size", "compile",
     # disentangling objectives (ppl_vae.inference.disentangle)
@@ -23,8 +23,10 @@ RUN_OPTIONS = (
 @click.command()
 @click.option("--model", default="gaussian_mlp", show_default=True, help="Registered model (see `ppl-vae models`).")
 @click.option("--dataset", default="digits", show_default=True,
-              help="digits (embedded), mnist, fashion-mnist, frey-face, or a .npy/.npz/.csv path.")
+              help="digits (embedded), mnist, fashion-mnist, frey-face, dsprites (generated), or a .npy/.npz/.csv path.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Folder holding the dataset's files.")
+@click.option("--num-images", type=int, default=None,
+              help="dsprites: render (or read) a seeded random subset of this many images (default 10,000).")
 @click.option("--prior", default="standard_normal", show_default=True, help="Prior over z.")
 @click.option("--likelihood", default=None, help="Likelihood of x (default: the model's own).")
 @click.option("--latent-dim", type=int, default=None, help="Size of z (default: the model's).")
@@ -141,7 +143,7 @@ FIELD_FLAGS = {
     "model.latent_dim": "--latent-dim", "model.hidden_dim": "--hidden-dim", "model.prior_options": "--num-components",
     "model.guide": "--guide",
     "data.dataset": "--dataset", "data.data_dir": "--data-dir", "data.binarize": "--binarize",
-    "data.train_size": "--train-size",
+    "data.train_size": "--train-size", "data.num_images": "--num-images",
     "train.method": "--method", "train.epochs": "--epochs", "train.batch_size": "--batch-size", "train.lr": "--lr",
     "train.optimizer": "--optimizer", "train.elbo": "--elbo", "train.num_particles": "--num-particles",
     "train.kl_warmup_epochs": "--kl-warmup", "train.seed": "--seed", "train.device": "--device",
