@@ -116,8 +116,9 @@ def test_dimension_wise_kl_of_a_factorized_q_matches_the_closed_form():
 
 def test_total_correlation_of_correlated_codes_matches_the_gaussian_closed_form():
     """loc_i = (u_i, u_i) with u at the quantiles of N(0, a^2), scale s: q(z) is (to the mixture's
-    resolution) N(0, [[a^2+s^2, a^2], [a^2, a^2+s^2]]), so TC = -log(1 - rho^2)/2 with rho = a^2/(a^2+s^2),
-    and MI = log(det Sigma / s^4)/2."""
+    resolution: 1500 components spaced far closer than s) N(0, [[a^2+s^2, a^2], [a^2, a^2+s^2]]), so
+    TC = -log(1 - rho^2)/2 with rho = a^2/(a^2+s^2), MI = log(det Sigma / s^4)/2 and the dimension-wise
+    KL is 2 KL(N(0, a^2+s^2) || N(0, 1)). (Under mws each term would be off by its log NM offset.)"""
     n, a, s = 1500, 1.0, 0.5
     u = a * torch.distributions.Normal(0.0, 1.0).icdf((torch.arange(n) + 0.5) / n)
     loc, scale = torch.stack([u, u], -1), torch.full((n, 2), s)
@@ -127,10 +128,11 @@ def test_total_correlation_of_correlated_codes_matches_the_gaussian_closed_form(
     v = a**2 + s**2
     rho = a**2 / v
     for name, closed in (("total_correlation", -0.5 * math.log(1 - rho**2)),
-                         ("mutual_info", 0.5 * math.log((v**2 - a**4) / s**4))):
+                         ("mutual_info", 0.5 * math.log((v**2 - a**4) / s**4)),
+                         ("dimwise_kl", 2 * 0.5 * (v - 1 - math.log(v)))):  # q(z_j) = N(0, v) against N(0, 1)
         values = parts[name]
         se = float(values.std()) / math.sqrt(n)
-        assert abs(float(values.mean()) - closed) < 3 * se + 0.02, (name, float(values.mean()), closed)
+        assert abs(float(values.mean()) - closed) < 3 * se, (name, float(values.mean()), closed)
 
 
 def _config(objective: str, epochs: int = 2, **train) -> RunConfig:
