@@ -6,7 +6,8 @@ re-rendered dSprites, at a CPU-sized budget (docs/disentanglement.md reports its
 
 Same architecture, data, optimizer and epochs for every objective; only ``train.objective`` and
 its weights differ. Runs that already exist in --out are reused (delete them to retrain). One
-torch thread. Prints a table and writes ``results.nc`` (dims objective, seed) in --out.
+torch thread. Metrics: MIG and DCI (25 trees per forest) on 10,000 training / 3,000 test points,
+seeded by the run's seed. Prints a table and writes ``results.nc`` (dims objective, seed) in --out.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
+    data = None
     for name, objective in OBJECTIVES.items():
         for seed in args.seeds:
             run_dir = args.out / f"{name}-seed{seed}"
@@ -67,8 +69,9 @@ def main() -> None:
             from ppl_vae.analysis.disentanglement import disentanglement_metrics
             from ppl_vae.pipeline import load_data
 
-            data = load_data(run.config)
-            metrics = disentanglement_metrics(run.vae, data, seed=seed)
+            if data is None:  # every run has the same data (same subset and split)
+                data = load_data(run.config)
+            metrics = disentanglement_metrics(run.vae, data, seed=seed, num_trees=25)
             rows.append((name, seed, run.final["test_elbo"], metrics))
     if args.train_only:
         return
