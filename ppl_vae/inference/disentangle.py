@@ -68,8 +68,9 @@ TERM_VARS.update({
 
 TC_ESTIMATORS = {
     "mws": "minibatch-weighted sampling, Chen et al. (2018) eq. S5 and their code: log q(z_i) ~ "
-           "logsumexp_j log q(z_i|x_j) - log(N M); the terms carry constant offsets (MI +log NM, "
-           "TC +(D-1) log NM, dimension-wise -D log NM) that cancel in their sum and leave gradients alone",
+           "logsumexp_j log q(z_i|x_j) - log(N M), i.e. log N below the minibatch average (1/M) sum_j "
+           "q(z_i|x_j); so the terms carry constant offsets (MI +log N, TC +(D-1) log N, dimension-wise "
+           "-D log N) that cancel in their sum and leave gradients alone",
     "mss": "minibatch-stratified sampling, Chen et al. (2018) eq. S6: importance weights 1/N for the "
            "point's own q(z|x_i), (N-M+1)/(N(M-1)) for one other and 1/(M-1) for the rest; no offsets",
 }

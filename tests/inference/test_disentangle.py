@@ -118,7 +118,7 @@ def test_total_correlation_of_correlated_codes_matches_the_gaussian_closed_form(
     """loc_i = (u_i, u_i) with u at the quantiles of N(0, a^2), scale s: q(z) is (to the mixture's
     resolution: 1500 components spaced far closer than s) N(0, [[a^2+s^2, a^2], [a^2, a^2+s^2]]), so
     TC = -log(1 - rho^2)/2 with rho = a^2/(a^2+s^2), MI = log(det Sigma / s^4)/2 and the dimension-wise
-    KL is 2 KL(N(0, a^2+s^2) || N(0, 1)). (Under mws each term would be off by its log NM offset.)"""
+    KL is 2 KL(N(0, a^2+s^2) || N(0, 1)). (Under mws each term would be off by its multiple of log N.)"""
     n, a, s = 1500, 1.0, 0.5
     u = a * torch.distributions.Normal(0.0, 1.0).icdf((torch.arange(n) + 0.5) / n)
     loc, scale = torch.stack([u, u], -1), torch.full((n, 2), s)
