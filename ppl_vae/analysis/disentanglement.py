@@ -26,9 +26,13 @@ import xarray as xr
 from torch import Tensor
 
 from ppl_vae.data.datasets import Dataset
+from ppl_vae.inference.modes import eval_mode
 
 __all__ = ["dci", "discretize", "disentanglement_metrics", "encode_means", "factor_classes", "mig",
-           "mutual_info_matrix"]
+           "mutual_info_matrix", "plot_mutual_info", "plot_objective_terms"]
+
+#: per-epoch history variables of the disentangling objectives that :func:`plot_objective_terms` draws
+TERMS = ("kl", "mutual_info", "total_correlation", "dimwise_kl", "capacity")
 
 
 def _as_2d(a, name: str) -> np.ndarray:
@@ -184,23 +188,9 @@ def dci(codes_train, factors_train, codes_test, factors_test, *, seed: int = 0, 
 def encode_means(vae, x, batch_size: int = 1000) -> Tensor:
     """E_q[z|x] ``(N, latent_dim)`` from the encoder, in eval mode, on the VAE's device."""
     device = next(iter(vae.parameters())).device
-    with _eval(vae):
+    with eval_mode(vae):
         out = [vae.encode(x[i : i + batch_size].to(device))[0].cpu() for i in range(0, x.shape[0], batch_size)]
     return torch.cat(out)
-
-
-class _eval:
-    """The VAE in eval mode for the block, restored after."""
-
-    def __init__(self, vae):
-        self.vae = vae
-
-    def __enter__(self):
-        self.was_training = self.vae.training
-        self.vae.eval()
-
-    def __exit__(self, *exc):
-        self.vae.train(self.was_training)
 
 
 def _subset(n: int, num_points: Optional[int], gen: np.random.Generator) -> np.ndarray:
@@ -242,3 +232,47 @@ def disentanglement_metrics(vae, data: Dataset, *, num_points: Optional[int] = 1
     ds.attrs.update({"dataset": data.name, "num_points": int(len(tr)), "num_test_points": int(len(te)),
                      "seed": int(seed), "num_bins": int(num_bins)})
     return ds
+
+
+def plot_mutual_info(metrics: xr.Dataset):
+    """Heat map of I(z_j; v_k) / H(v_k), latents by factors, with the MIG per factor. Returns a Figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    normalized = (metrics["mutual_info"] / metrics["factor_entropy"]).transpose("latent", "factor")
+    fig = Figure(figsize=(1.2 + 0.9 * metrics.sizes["factor"], 0.9 + 0.35 * metrics.sizes["latent"]),
+                 constrained_layout=True)
+    ax = fig.add_subplot()
+    sns.heatmap(normalized.values, ax=ax, vmin=0, vmax=1, cmap="Blues", annot=True, fmt=".2f",
+                annot_kws={"fontsize": 7}, cbar_kws={"label": "I(z_j; v_k) / H(v_k)"},
+                xticklabels=[f"{f}\nMIG {float(m):.2f}" for f, m in zip(metrics.factor.values,
+                                                                        metrics.mig_per_factor.values)],
+                yticklabels=[f"z{int(j)}" for j in metrics.latent.values])
+    ax.tick_params(labelsize=7)
+    ax.set_title(f"normalized mutual information; MIG {float(metrics.mig):.3f}", fontsize=9)
+    return fig
+
+
+def plot_objective_terms(history: xr.Dataset):
+    """The objective's terms per epoch (the KL and, for beta-TC, its three parts), or None when the
+    history holds none of them. Returns a Figure."""
+    present = [t for t in TERMS if t in history]
+    if not present:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.2), constrained_layout=True)
+    ax = fig.add_subplot()
+    for name in present:
+        ax.plot(history.epoch.values, history[name].values, marker="o", ms=3, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per datapoint")
+    ax.legend(fontsize=7)
+    ax.set_title("what the objective traded (epoch means)", fontsize=9)
+    return fig

@@ -517,10 +517,8 @@ def latent_traversal(
         raise ValueError(f"num_steps must be >= 2, got {num_steps}")
     if not (span > 0 and math.isfinite(span)):
         raise ValueError(f"span must be a positive number, got {span}")
-    was_training = vae.training
-    vae.eval()
     device = _device(vae)
-    try:
+    with eval_mode(vae):
         kl = np.full(latent_dim, np.nan)
         activity = np.full(latent_dim, np.nan)
         if x is not None:
@@ -539,8 +537,6 @@ def latent_traversal(
         for i, d in enumerate(dims):
             z[i, :, d] = values
         images = vae.decode(z.reshape(-1, latent_dim))
-    finally:
-        vae.train(was_training)
     images = images.reshape(len(dims), num_steps, *_image_shape(vae.event_shape)).cpu().numpy()
     return xr.Dataset(
         {"image": (("latent", "step", *IMAGE_DIMS), images),

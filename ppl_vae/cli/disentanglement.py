@@ -22,18 +22,10 @@ import click
 def disentanglement(run_dir: Path, out: Optional[Path], num_points: int, num_test_points: int, num_steps: int,
                     span: float, seed: int) -> None:
     """Score a run's encoder against the data's generative factors (dsprites, or an .npz with 'factors')."""
-    from ppl_vae.analysis.disentanglement_report import check_targets, disentanglement_report
-    from ppl_vae.pipeline import load_data, load_run
+    from ppl_vae.pipeline import load_run
+    from ppl_vae.reports.disentanglement import disentanglement_report
 
-    out = out if out is not None else run_dir / "disentanglement"
-    run = load_run(run_dir)
-    data = load_data(run.config)
-    if data.train_factors is None:
-        raise ValueError(f"MIG and DCI need a dataset with factor labels (dsprites, or an .npz with 'factors'); "
-                         f"the run's dataset {data.name!r} has none")
-    check_targets(out)
-    report = disentanglement_report(run.vae, data, run.history, out, run_name=str(run_dir),
-                                    config_text=run.config.to_json(), num_points=num_points or None,
+    report = disentanglement_report(load_run(run_dir), out, num_points=num_points or None,
                                     num_test_points=num_test_points or None, num_steps=num_steps, span=span,
                                     seed=seed)
     click.echo(report.summary())

@@ -104,12 +104,12 @@ def latent_terms(vae: VAE, x: Tensor, *, num_particles: int = 1, analytic_kl: bo
     loc, scale = vae.encoder(x)
     z = _draw(loc, scale, num_particles)
     zk = z if num_particles > 1 else z.unsqueeze(0)
-    log_lik = vae.likelihood.log_prob(x, *vae.decoder(z))
+    log_lik = vae.log_likelihood(x, {"z": z})
     log_lik = log_lik if num_particles > 1 else log_lik.unsqueeze(0)
     log_q_dims = normal_log_prob(zk, loc, scale)
     log_q = log_q_dims.sum(-1)
     prior = vae.prior()
-    log_prior = vae.prior.log_prob(zk)
+    log_prior = vae.log_prior(x, {"z": zk})
     out = {"z": zk, "loc": loc, "scale": scale, "log_q": log_q, "log_prior": log_prior,
            "log_lik": log_lik.mean(0)}
     marginal = _prior_marginals(prior) if per_dimension else None

@@ -1,10 +1,9 @@
-"""The disentanglement report of a trained run: MIG and DCI (netCDF), latent traversals and the
-objective's terms per epoch (PNG), all in one HTML page, written to an output folder.
+"""``ppl-vae disentanglement``'s driver: MIG and DCI (netCDF), latent traversals and the
+objective's terms per epoch (PNG) of a run, all in one HTML page, written to an output folder.
 
-It takes a loaded run (its VAE, config and history) and its data, as :mod:`ppl_vae.analysis.report`
-does; it writes only into ``out_dir`` and only files of its own names (:data:`FILES`), never the
-run's ``config.json``, checkpoint or history, and it refuses a target name that is a symlink, so
-nothing is written outside the folder.
+It writes only into ``out_dir`` (default ``RUN/disentanglement``) and only files of its own names
+(:data:`FILES`), never the run's ``config.json``, checkpoint or history, and it refuses a target
+name that is a symlink or a folder, so nothing is written outside the folder.
 """
 
 from __future__ import annotations
@@ -14,25 +13,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
 import xarray as xr
 
 from ppl_vae import io
-from ppl_vae.analysis.disentanglement import disentanglement_metrics
+from ppl_vae.analysis.disentanglement import disentanglement_metrics, plot_mutual_info, plot_objective_terms
 from ppl_vae.analysis.generation import latent_traversal, plot_traversal
-from ppl_vae.data.datasets import Dataset
+from ppl_vae.pipeline import Run, load_data
+from ppl_vae.reports.common import CSS, check_out_dir, figure_to_data_uri
 
 FILES = {"metrics": "disentanglement.nc", "traversal": "traversal.png", "mutual_info": "mutual_info.png",
          "terms": "objective_terms.png", "report": "disentanglement.html"}
-RUN_FILES = ("config.json", "checkpoint.safetensors", "history.nc")
-TERMS = ("kl", "mutual_info", "total_correlation", "dimwise_kl", "capacity")
 
 
 def check_targets(out_dir: Path) -> Dict[str, Path]:
     """The report's paths in ``out_dir``; ValueError if one is a symlink or a folder (the folder is
     created here when missing)."""
-    from ppl_vae.analysis.evaluation import check_out_dir
-
     out_dir = check_out_dir(Path(out_dir), "out")
     paths = {k: out_dir / name for k, name in FILES.items()}
     for path in paths.values():
@@ -42,50 +37,6 @@ def check_targets(out_dir: Path) -> Dict[str, Path]:
         if path.is_dir():
             raise ValueError(f"out: {path} is a folder; choose another --out")
     return paths
-
-
-def plot_mutual_info(metrics: xr.Dataset):
-    """Heat map of I(z_j; v_k) / H(v_k), latents by factors, with the MIG per factor. Returns a Figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import seaborn as sns
-    from matplotlib.figure import Figure
-
-    normalized = (metrics["mutual_info"] / metrics["factor_entropy"]).transpose("latent", "factor")
-    fig = Figure(figsize=(1.2 + 0.9 * metrics.sizes["factor"], 0.9 + 0.35 * metrics.sizes["latent"]),
-                 constrained_layout=True)
-    ax = fig.add_subplot()
-    sns.heatmap(normalized.values, ax=ax, vmin=0, vmax=1, cmap="Blues", annot=True, fmt=".2f",
-                annot_kws={"fontsize": 7}, cbar_kws={"label": "I(z_j; v_k) / H(v_k)"},
-                xticklabels=[f"{f}\nMIG {float(m):.2f}" for f, m in zip(metrics.factor.values,
-                                                                        metrics.mig_per_factor.values)],
-                yticklabels=[f"z{int(j)}" for j in metrics.latent.values])
-    ax.tick_params(labelsize=7)
-    ax.set_title(f"normalized mutual information; MIG {float(metrics.mig):.3f}", fontsize=9)
-    return fig
-
-
-def plot_objective_terms(history: xr.Dataset):
-    """The objective's terms per epoch (the KL and, for beta-TC, its three parts), or None when the
-    history holds none of them. Returns a Figure."""
-    present = [t for t in TERMS if t in history]
-    if not present:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.5, 3.2), constrained_layout=True)
-    ax = fig.add_subplot()
-    for name in present:
-        ax.plot(history.epoch.values, history[name].values, marker="o", ms=3, label=name)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("nats per datapoint")
-    ax.legend(fontsize=7)
-    ax.set_title("what the objective traded (epoch means)", fontsize=9)
-    return fig
 
 
 @dataclass
@@ -109,8 +60,6 @@ def _row(cells: List[str]) -> str:
 
 def render_html(run_name: str, config_text: str, report: DisentanglementReport,
                 figures: List[Tuple[str, object]]) -> str:
-    from ppl_vae.analysis.report import figure_to_data_uri
-
     m = report.metrics
     rows = [_row(["<th>factor</th>", "<th>entropy (nats)</th>", "<th>MIG</th>", "<th>DCI completeness</th>",
                   "<th>DCI informativeness</th>"])]
@@ -130,20 +79,25 @@ def render_html(run_name: str, config_text: str, report: DisentanglementReport,
     for title, fig in figures:
         body.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='{figure_to_data_uri(fig)}'>")
     body.append(f"<h2>Run configuration</h2><pre>{html.escape(config_text)}</pre>")
-    css = ("body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;color:#222}"
-           "table{border-collapse:collapse}td,th{padding:.2em .8em;border-bottom:1px solid #ddd}"
-           "td{text-align:right}td.text{text-align:left}.note{color:#666;font-size:.9em}"
-           ".lead{background:#f3f6fa;border-left:4px solid #4a78b0;padding:.6em 1em}img{max-width:100%}")
+    css = CSS + ".lead{background:#f3f6fa;border-left:4px solid #4a78b0;padding:.6em 1em}"
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>disentanglement</title><style>{css}</style>"
             f"</head><body>{''.join(body)}</body></html>")
 
 
-def disentanglement_report(vae, data: Dataset, history: xr.Dataset, out_dir: Path, *, run_name: str = "run",
-                           config_text: str = "", num_points: Optional[int] = 10_000,
+def disentanglement_report(run: Run, out_dir: Optional[Path] = None, *, num_points: Optional[int] = 10_000,
                            num_test_points: Optional[int] = 5_000, num_steps: int = 9, span: float = 3.0,
                            seed: int = 0) -> DisentanglementReport:
-    """Compute the metrics and the traversal and write :data:`FILES` into ``out_dir``."""
+    """Compute the metrics and the traversal of ``run`` on its own data and write :data:`FILES`
+    into ``out_dir`` (default ``RUN/disentanglement``). Everything that can be refused (data
+    without factor labels, a bad target) is refused before any file is written."""
+    out_dir = Path(run.run_dir) / "disentanglement" if out_dir is None else Path(out_dir)
+    data = load_data(run.config)
+    if data.train_factors is None or data.test_factors is None:
+        raise ValueError(f"MIG and DCI need a dataset with factor labels (dsprites, or an .npz with 'factors'); "
+                         f"the run's dataset {data.name!r} has none")
     paths = check_targets(out_dir)
+    vae, history = run.vae, run.history
+    run_name, config_text = str(run.run_dir), run.config.to_json()
     metrics = disentanglement_metrics(vae, data, num_points=num_points, num_test_points=num_test_points, seed=seed)
     x = data.test[: min(500, data.test.shape[0])]
     traversal = latent_traversal(vae, x, num_steps=num_steps, span=span)
