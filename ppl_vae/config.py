@@ -71,6 +71,23 @@ class TrainConfig:
     ``train_eval_size``: the per-epoch ``train_elbo`` is computed on this many training points,
     a subset drawn once from ``seed`` (``None``: the whole training set). ``test_elbo`` always
     uses the whole test set.
+
+    Training controls (see :func:`ppl_vae.inference.training.train`):
+    ``lr_schedule``: the name of a ``torch.optim.lr_scheduler`` class (``"StepLR"``,
+    ``"CosineAnnealingLR"``, ``"ReduceLROnPlateau"``, ...) built with ``lr_schedule_options``
+    and stepped once per epoch; ``ReduceLROnPlateau`` is stepped with the validation ELBO (it
+    needs ``val_fraction`` > 0; ``mode`` defaults to ``"max"``). ``clip_grad_norm``: the total
+    gradient norm is clipped to this before every update (None: no clipping).
+    ``val_fraction``: this fraction of the training data, drawn with ``seed``, is held out as a
+    validation set (its ELBO is the history's ``val_elbo``; the model never trains on it).
+    ``early_stopping_patience``: stop when the validation ELBO has not improved for this many
+    epochs (None: never); with a validation set the best epoch's weights are also kept in
+    ``checkpoint-best.safetensors``.
+    ``kl_schedule``: the KL weight over the steps: ``"linear"`` (rises from 0 to ``kl_weight``
+    over ``kl_warmup_epochs``; 0 epochs: ``kl_weight`` from the start), ``"cyclical"`` (Fu et al.
+    2019: cycles of ``kl_cycle_epochs`` epochs, rising linearly over the first ``kl_cycle_ratio``
+    of each, then held at ``kl_weight``) or ``"constant"`` (``kl_weight`` throughout).
+    ``precision``: ``"fp32"``, or ``"bf16"`` (bfloat16 autocast of the loss; CUDA only).
     ``objective``: what the "svi" method maximizes: "elbo" (the method's own), or a disentangling
     objective from :data:`ppl_vae.inference.disentangle.OBJECTIVES` with its weights — "beta_vae"
     (``beta``), "capacity" (``gamma`` |KL - C|, C rising from 0 to ``capacity_max`` nats between
@@ -96,6 +113,16 @@ class TrainConfig:
     finite_check: str = "auto"
     train_eval_size: Optional[int] = 1000
     compile: Optional[str] = None
+    lr_schedule: Optional[str] = None
+    lr_schedule_options: Dict[str, Any] = field(default_factory=dict)
+    clip_grad_norm: Optional[float] = None
+    val_fraction: float = 0.0
+    early_stopping_patience: Optional[int] = None
+    kl_schedule: str = "linear"
+    kl_weight: float = 1.0
+    kl_cycle_epochs: int = 10
+    kl_cycle_ratio: float = 0.5
+    precision: str = "fp32"
     # Disentangling objectives (ppl_vae.inference.disentangle; "elbo" is the method's own).
     objective: str = "elbo"
     beta: float = 1.0

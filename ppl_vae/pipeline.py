@@ -350,12 +350,16 @@ def resume(run_dir: Path, *, epochs: Optional[int] = None, nproc: int = 1, progr
     return execute(job, world, prepared)
 
 
-def load_run(run_dir: Path, device: str = "cpu") -> Run:
-    """Rebuild a run's model with its trained weights, in eval mode (no data is loaded except its shape)."""
+def load_run(run_dir: Path, device: str = "cpu", *, best: bool = False) -> Run:
+    """Rebuild a run's model with its trained weights, in eval mode (no data is loaded except its shape).
+
+    ``best``: the weights of the epoch with the best validation ELBO (``checkpoint-best.safetensors``,
+    written when the run has a validation split) instead of the last; the history stays whole."""
     run_dir = Path(run_dir)
     config = runs.load_config(run_dir)
     load_plugins(config)
-    tensors, meta = runs.read_checkpoint(run_dir)
+    name = runs.CHECKPOINT_BEST if best else runs.CHECKPOINT
+    tensors, meta = runs.read_checkpoint(run_dir, checkpoint=name)
     extra = meta.get("extra", {})
     if "event_shape" in extra:
         event_shape, data_info = extra["event_shape"], extra.get("data_info", {})
@@ -363,7 +367,7 @@ def load_run(run_dir: Path, device: str = "cpu") -> Run:
         data = load_data(config)
         event_shape, data_info = data.event_shape, data.data_info
     vae = build_model(config, event_shape, data_info)
-    runs.load_weights(vae, tensors, str(run_dir / runs.CHECKPOINT))
+    runs.load_weights(vae, tensors, str(run_dir / name))
     vae.eval()
     history = runs.load_history(run_dir) if (run_dir / runs.HISTORY).is_file() else xr.Dataset()
     return Run(run_dir, config, vae.to(resolve_device(device)), history)

@@ -31,10 +31,10 @@ import torch
 import xarray as xr
 from torch import Tensor
 
-from ppl_vae.models.vae import VAE
-from ppl_vae.registry import Registry
 from ppl_vae import io
 from ppl_vae.inference.modes import eval_mode
+from ppl_vae.models.vae import VAE
+from ppl_vae.registry import Registry
 
 IMAGE_DIMS = ("channel", "row", "col")
 

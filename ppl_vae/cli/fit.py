@@ -8,12 +8,13 @@ from typing import Optional
 import click
 from click.core import ParameterSource
 
-
 # Options that define a run; with --resume the run's own config decides them.
 RUN_OPTIONS = (
     "model", "dataset", "data_dir", "num_images", "prior", "likelihood", "latent_dim", "hidden_dim", "guide",
     "num_components", "method", "batch_size", "lr", "optimizer", "elbo", "num_particles", "kl_warmup",
     "seed", "device", "out", "binarize", "train_size", "train_eval_size", "compile",
+    "lr_schedule", "lr_schedule_options", "clip_grad_norm", "val_fraction", "early_stopping_patience",
+    "kl_schedule", "kl_weight", "kl_cycle_epochs", "kl_cycle_ratio", "precision",
     # disentangling objectives (ppl_vae.inference.disentangle)
     "objective", "beta", "capacity_max", "capacity_start_epoch", "capacity_end_epoch", "gamma", "tc_alpha",
     "tc_beta", "tc_gamma", "tc_estimator", "free_bits", "free_bits_groups",
@@ -46,6 +47,26 @@ RUN_OPTIONS = (
               help="Compile the SVI loss with torch.compile (e.g. inductor); parts-based VAEs only.")
 @click.option("--num-particles", type=int, default=1, show_default=True, help="Samples of z per datapoint per step.")
 @click.option("--kl-warmup", type=int, default=0, show_default=True, help="Epochs over which the KL weight rises to 1.")
+@click.option("--kl-schedule", default="linear", show_default=True,
+              help="KL weight over the steps: linear (rises over --kl-warmup epochs), cyclical (Fu et al. 2019) "
+                   "or constant.")
+@click.option("--kl-weight", type=float, default=1.0, show_default=True,
+              help="The KL weight a schedule rises to (or holds, constant).")
+@click.option("--kl-cycle-epochs", type=int, default=10, show_default=True, help="Epochs per cycle (cyclical).")
+@click.option("--kl-cycle-ratio", type=float, default=0.5, show_default=True,
+              help="Fraction of each cycle over which the weight rises (cyclical).")
+@click.option("--lr-schedule", default=None, metavar="NAME",
+              help="A torch.optim.lr_scheduler class, stepped per epoch (StepLR, CosineAnnealingLR, ...; "
+                   "ReduceLROnPlateau watches the validation ELBO).")
+@click.option("--lr-schedule-options", default=None, metavar="JSON",
+              help='Keyword arguments of the scheduler as a JSON object, e.g. \'{"step_size": 10}\'.')
+@click.option("--clip-grad-norm", type=float, default=None, help="Clip the total gradient norm to this before each update.")
+@click.option("--val-fraction", type=float, default=0.0, show_default=True,
+              help="Hold out this fraction of the training data (seeded) for the validation ELBO.")
+@click.option("--early-stopping-patience", type=int, default=None,
+              help="Stop after this many epochs without a better validation ELBO (needs --val-fraction).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16: bfloat16 autocast of the training loss (CUDA only).")
 @click.option("--binarize", type=click.Choice(["none", "dynamic", "threshold"]), default="none", show_default=True)
 @click.option("--train-size", type=int, default=None, help="Use only the first N training points.")
 @click.option("--train-eval-size", type=int, default=1000, show_default=True,
@@ -73,6 +94,11 @@ RUN_OPTIONS = (
 @click.option("--resume", type=click.Path(path_type=Path), default=None, help="Continue this run directory.")
 @click.option("--sample-grids", is_flag=True, default=False,
               help="Save a grid of samples from fixed z after every epoch (RUN/samples/*.png, RUN/samples.gif).")
+@click.option("--log", "log", multiple=True, metavar="NAME",
+              help="Log training to NAME under the run directory: tensorboard (RUN/tensorboard; needs the "
+                   "tensorboard extra). Repeatable.")
+@click.option("--log-every-steps", type=int, default=50, show_default=True,
+              help="Log the minibatch loss, KL weight and learning rate every N optimizer steps.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @click.option("--nproc", type=int, default=1, show_default=True,
               help="Data-parallel processes on this machine (DDP; one GPU each on CUDA). Under torchrun leave at 1.")
@@ -87,6 +113,11 @@ def fit(ctx: click.Context, **opts) -> None:
     run_dir = Path(opts["resume"]) if opts["resume"] is not None else (opts["out"] or None)
     common = dict(nproc=opts["nproc"], progress=opts["progress"], sample_grids=opts["sample_grids"],
                   timeout_s=opts["dist_timeout"])
+    def loggers(run_dir: Path) -> tuple:
+        from ppl_vae.loggers import make_logger
+
+        return tuple(make_logger(name, run_dir, every_steps=opts["log_every_steps"]) for name in opts["log"])
+
     try:
         if opts["resume"] is not None:
             given = [o for o in RUN_OPTIONS if ctx.get_parameter_source(o) == ParameterSource.COMMANDLINE]
@@ -94,11 +125,12 @@ def fit(ctx: click.Context, **opts) -> None:
                 raise click.UsageError(
                     f"--resume continues a run with its own config; drop {', '.join(flag(g) for g in given)}")
             epochs = opts["epochs"] if ctx.get_parameter_source("epochs") == ParameterSource.COMMANDLINE else None
-            run = pipeline.resume(run_dir, epochs=epochs, **common)
+            run = pipeline.resume(Path(opts["resume"]), epochs=epochs, callbacks=loggers(Path(opts["resume"])),
+                                  **common)
         else:
             config = run_config(opts)
             run_dir = run_dir or pipeline.default_run_dir(config)
-            run = pipeline.fit(config, run_dir, **common)
+            run = pipeline.fit(config, run_dir, callbacks=loggers(run_dir), **common)
     except KeyboardInterrupt:
         _interrupted(run_dir)
     if distributed.env_rank() != 0:
@@ -108,10 +140,18 @@ def fit(ctx: click.Context, **opts) -> None:
         click.echo(f"epoch 0: no training step taken, so no ELBO to report; {run.run_dir} holds the initialised "
                    "model (ppl-vae fit --resume RUN --epochs N trains it)")
         return
+    from ppl_vae.inference.training import history_records, stopped_early
+
+    early = stopped_early(history_records(run.history), run.config.train) if run.epochs_done else None
     if run.new_epochs == 0:
-        click.echo(f"nothing to do: {run.run_dir} has done {run.epochs_done} of {run.config.train.epochs} epochs; "
-                   f"--epochs N (more than {run.epochs_done}) trains it longer")
+        if early:
+            click.echo(f"nothing to do: {run.run_dir} {early}")
+        else:
+            click.echo(f"nothing to do: {run.run_dir} has done {run.epochs_done} of {run.config.train.epochs} "
+                       f"epochs; --epochs N (more than {run.epochs_done}) trains it longer")
         return
+    if early:
+        click.echo(early)
     click.echo(
         f"epoch {run.epochs_done}: train ELBO {final['train_elbo']:.3f}, test ELBO {final['test_elbo']:.3f} "
         f"nats per datapoint (Monte Carlo estimates of lower bounds on log p(x); {final['wall_time']:.1f} s training)"
@@ -129,6 +169,7 @@ def run_config(opts: dict):
     values["data.dataset"] = str(opts["dataset"])
     values["data.data_dir"] = None if opts["data_dir"] is None else str(opts["data_dir"])
     values["train.train_eval_size"] = opts["train_eval_size"] or None  # 0: the whole training set
+    values["train.lr_schedule_options"] = _json_object(opts["lr_schedule_options"], "--lr-schedule-options")
 
     def section(name: str, cls):
         return cls(**{field.split(".", 1)[1]: v for field, v in values.items() if field.startswith(name + ".")})
@@ -153,11 +194,30 @@ FIELD_FLAGS = {
     "train.gamma": "--gamma", "train.tc_alpha": "--tc-alpha", "train.tc_beta": "--tc-beta",
     "train.tc_gamma": "--tc-gamma", "train.tc_estimator": "--tc-estimator", "train.free_bits": "--free-bits",
     "train.free_bits_groups": "--free-bits-groups",
-    "timeout_s": "--dist-timeout", "nproc": "--nproc", "data_dir": "--data-dir",
+    "train.lr_schedule": "--lr-schedule", "train.lr_schedule_options": "--lr-schedule-options",
+    "train.clip_grad_norm": "--clip-grad-norm", "train.val_fraction": "--val-fraction",
+    "train.early_stopping_patience": "--early-stopping-patience", "train.kl_schedule": "--kl-schedule",
+    "train.kl_weight": "--kl-weight", "train.kl_cycle_epochs": "--kl-cycle-epochs",
+    "train.kl_cycle_ratio": "--kl-cycle-ratio", "train.precision": "--precision",
+    "timeout_s": "--dist-timeout", "nproc": "--nproc", "data_dir": "--data-dir", "every_steps": "--log-every-steps",
 }
 
 
-fit.field_flags = FIELD_FLAGS  # the group shows library errors (which name fields) with these flags
+fit.field_flags = FIELD_FLAGS  # type: ignore[attr-defined]  # the group shows library errors (which name fields) with these flags
+
+
+def _json_object(text: Optional[str], name: str) -> dict:
+    import json
+
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"must be a JSON object: {exc}", param_hint=name) from None
+    if not isinstance(value, dict):
+        raise click.BadParameter(f"must be a JSON object, got {text}", param_hint=name)
+    return value
 
 
 def flag(option: str) -> str:

@@ -63,7 +63,8 @@ def generate(run_dir: Path, num_samples: int, labels: Tuple[int, ...], seed: int
 def inpaint(run_dir: Path, mask: str, num_images: int, num_samples: int, num_draws: int, proposal: str,
             use_label: bool, seed: int, out: Optional[Path]) -> None:
     """Complete test images from an observed part by importance sampling z given those pixels."""
-    from ppl_vae.analysis.generation import MASKS, inpaint as inpaint_images, plot_inpainting, save_figure
+    from ppl_vae.analysis.generation import MASKS, plot_inpainting, save_figure
+    from ppl_vae.analysis.generation import inpaint as inpaint_images
     from ppl_vae.pipeline import load_data, load_run
 
     MASKS.get(mask)

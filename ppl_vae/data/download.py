@@ -18,8 +18,8 @@ from typing import Dict, List, Optional
 
 from ppl_vae.data.datasets import FREY_FACE_SHA256, MNIST_SHA256
 from ppl_vae.errors import DataError
-from ppl_vae.registry import Registry
 from ppl_vae.io import atomic_path
+from ppl_vae.registry import Registry
 
 CHUNK = 1 << 16
 

@@ -129,7 +129,7 @@ def load_fortunes_arrays(data_dir: Optional[Path] = None) -> Arrays:
 
 
 @DATASETS.register(
-    "text-lines", doc=f"a user's text file (or folder of .txt), one sentence per line, as data_dir (--data-dir); character indices"
+    "text-lines", doc="a user's text file (or folder of .txt), one sentence per line, as data_dir (--data-dir); character indices"
 )
 def load_text_lines_arrays(data_dir: Optional[Path]) -> Arrays:
     """Lines shorter than 64 characters of the text file (or ``.txt`` folder) that ``--data-dir`` names."""

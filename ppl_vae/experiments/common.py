@@ -28,11 +28,11 @@ from ppl_vae.data.datasets import Dataset, load_dataset
 from ppl_vae.errors import TrainingDiverged
 from ppl_vae.inference.importance import elbo_per_datapoint
 from ppl_vae.inference.training import METHODS, Callback, TrainContext, resolve_device, train
+from ppl_vae.io import remove_stale_temp_files, write_figure, write_netcdf, write_text, write_with
 from ppl_vae.models.vae import VAE
 from ppl_vae.models.zoo import build_vae
 from ppl_vae.pipeline import seed_everything
 from ppl_vae.registry import Registry
-from ppl_vae.io import remove_stale_temp_files, write_figure, write_netcdf, write_text, write_with
 
 # Which model the paper used for each dataset, and the sub-folder a --data-dir root may hold.
 DATA_MODELS: Registry[str] = Registry("experiment dataset")

@@ -15,20 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import numpy as np
 import pandas as pd
 import pyro
 import torch
 import xarray as xr
 from matplotlib.figure import Figure
-from torch import Tensor
 
-from ppl_vae.io import write_text
 from ppl_vae.analysis import plots, results
 from ppl_vae.analysis.diagnostics import collapse_diagnostics
 from ppl_vae.analysis.gaps import format_gap_table, gap_decomposition, gap_table
 from ppl_vae.inference.meanfield import MeanFieldGuide, fit_mean_field
 from ppl_vae.inference.modes import eval_mode
+from ppl_vae.io import write_text
 from ppl_vae.pipeline import Run, load_run
 from ppl_vae.reports.common import CSS, Selection, figure_to_data_uri, run_out_dir, select_datapoints
 

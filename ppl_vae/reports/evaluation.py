@@ -176,10 +176,10 @@ def evaluate_run(
     "linear", ``ais_start`` "prior" or "guide" (anneal from q(z|x)). Files go to ``out_dir``
     (default: the run directory), checked before any work is done.
     """
-    from ppl_vae.reports.common import select_datapoints
     from ppl_vae.inference.ais import AISSettings, ais_log_likelihood, bdmc, simulate_data
     from ppl_vae.inference.importance import importance_estimate
     from ppl_vae.pipeline import load_run
+    from ppl_vae.reports.common import select_datapoints
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")

@@ -10,9 +10,9 @@ import xarray as xr
 from click.testing import CliRunner
 
 from ppl_vae.analysis import results
-from ppl_vae.reports.evaluation import Evaluation
 from ppl_vae.cli.evaluate import FLAGS
 from ppl_vae.cli.main import cli
+from ppl_vae.reports.evaluation import Evaluation
 
 BOUNDS = {"lower bound", "upper bound", "neither"}
 

@@ -19,12 +19,13 @@ def test_e_step_samples_exact_posterior():
     torch.manual_seed(5)
     vae = LinearGaussianVAE(6, 2, sigma=0.6)
     x = torch.randn(1, 6).expand(200, 6)  # one datapoint repeated: 200 chains on p(z|x)
-    stepper = MCEMStepper(vae, TrainConfig(method="mcem"), warmup_steps=40, num_hmc_samples=5)
+    stepper = MCEMStepper(vae, TrainConfig(method="mcem"), warmup_steps=40, num_hmc_samples=21)
     z = stepper.e_step(x)
     loc, cov = vae.exact_posterior(x[:1])
     torch.testing.assert_close(z.mean(0), loc[0].detach(), atol=0.1, rtol=0)
     torch.testing.assert_close(torch.cov(z.T), cov.detach(), atol=0.08, rtol=0)
-    assert 0.75 < stepper.accept_rate <= 1.0
+    # 20 joint transitions at a target of 0.9: P(share of moves <= 0.6) < 1e-3 for a working sampler
+    assert 0.6 < stepper.accept_rate <= 1.0
     # the model's parameters are trainable again after the E-step
     assert all(p.requires_grad for p in vae.parameters())
 

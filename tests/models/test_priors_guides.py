@@ -74,8 +74,11 @@ def test_flow_prior_is_a_normalized_density_and_samples_match_it():
 def test_iaf_guide_is_a_normalized_density_consistent_under_inversion():
     vae = build_vae("bernoulli_mlp", (1, 4, 4), guide="iaf", guide_options={"num_flows": 2}, latent_dim=2,
                     hidden_dim=8)
-    assert isinstance(vae, IAFGuideVAE) and not supports_fused_elbo(vae)
+    assert isinstance(vae, IAFGuideVAE) and supports_fused_elbo(vae) and not vae.encoder_is_guide
     x = torch.bernoulli(torch.rand(1, 1, 4, 4))
+    from ppl_vae.inference.latents import check_fast_path
+
+    assert check_fast_path(vae, x.expand(3, 1, 4, 4), atol=1e-4) < 1e-4  # its protocol agrees with its guide
     with torch.no_grad():
         for p in vae.flows.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -150,7 +153,7 @@ def test_unknown_options_are_one_line_value_errors_naming_the_option():
 
 def test_iaf_refuses_models_that_override_the_guide():
     cvae = build_vae("cvae", (1, 4, 4), latent_dim=2, hidden_dim=8, data_info={"num_classes": 3})
-    with pytest.raises(ValueError, match="guide 'iaf' needs a VAE built from parts with the base class's"):
+    with pytest.raises(ValueError, match="guide 'iaf' needs a VAE whose guide is its encoder's Gaussian"):
         make_guide("iaf", cvae)
 
 
