@@ -36,8 +36,7 @@ from ppl_vae.config import DataConfig, RunConfig
 from ppl_vae.data.datasets import Dataset, load_dataset
 from ppl_vae.errors import ConfigError, RunDirError, TrainingDiverged
 from ppl_vae.inference import distributed
-from ppl_vae.inference.training import (Stepper, TrainState, make_stepper, resolve_device, train,
-                                       validate_train_config)
+from ppl_vae.inference.training import Stepper, TrainState, make_stepper, resolve_device, train, validate_train_config
 from ppl_vae.models.vae import VAE
 from ppl_vae.models.zoo import build_vae
 

@@ -29,7 +29,13 @@ def generate(run_dir: Path, num_samples: int, labels: Tuple[int, ...], seed: int
 
     With --traverse: one row per latent dimension, decoded along [-span, span] from the encoder
     mean of the first test image, rows in decreasing KL (measured on up to 500 test images)."""
-    from ppl_vae.analysis.generation import latent_traversal, plot_image_grid, plot_traversal, sample_images, save_figure
+    from ppl_vae.analysis.generation import (
+        latent_traversal,
+        plot_image_grid,
+        plot_traversal,
+        sample_images,
+        save_figure,
+    )
     from ppl_vae.pipeline import load_data, load_run
 
     run = load_run(run_dir)

@@ -108,7 +108,7 @@ def disentanglement_report(run: Run, out_dir: Optional[Path] = None, *, num_poin
         figures.append(("Objective terms per epoch", terms))
     report.files["metrics"] = io.write_netcdf(metrics.merge(traversal[["kl", "activity"]].rename(
         kl="traversal_kl", activity="traversal_activity").rename(latent="traversal_latent")), paths["metrics"])
-    for (title, fig), key in zip(figures, ("traversal", "mutual_info", "terms")):
+    for (_, fig), key in zip(figures, ("traversal", "mutual_info", "terms")):
         report.files[key] = io.write_figure(fig, paths[key], dpi=100)
     report.files["report"] = io.write_text(paths["report"], render_html(run_name, config_text, report, figures))
     return report

@@ -13,7 +13,12 @@ from ppl_vae.cli.main import cli
 from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from ppl_vae.errors import ConfigError
 from ppl_vae.inference.disentangle import (
-    beta_tc_loss, beta_vae_loss, capacity_at, capacity_loss, free_bits_loss, latent_terms, tc_decomposition,
+    beta_vae_loss,
+    capacity_at,
+    capacity_loss,
+    free_bits_loss,
+    latent_terms,
+    tc_decomposition,
 )
 from ppl_vae.inference.fused import fused_elbo_loss
 from ppl_vae.inference.training import make_stepper, validate_train_config
