@@ -48,6 +48,7 @@ class DataConfig:
     test_fraction: float = 0.2
     split_seed: int = 0
     train_size: Optional[int] = None
+    num_images: Optional[int] = None  # dsprites: size of the seeded random subset (None: 10,000)
 
 
 @dataclass
@@ -87,6 +88,13 @@ class TrainConfig:
     2019: cycles of ``kl_cycle_epochs`` epochs, rising linearly over the first ``kl_cycle_ratio``
     of each, then held at ``kl_weight``) or ``"constant"`` (``kl_weight`` throughout).
     ``precision``: ``"fp32"``, or ``"bf16"`` (bfloat16 autocast of the loss; CUDA only).
+    ``objective``: what the "svi" method maximizes: "elbo" (the method's own), or a disentangling
+    objective from :data:`ppl_vae.inference.disentangle.OBJECTIVES` with its weights — "beta_vae"
+    (``beta``), "capacity" (``gamma`` |KL - C|, C rising from 0 to ``capacity_max`` nats between
+    ``capacity_start_epoch`` and ``capacity_end_epoch``), "beta_tc" (``tc_alpha``, ``tc_beta``,
+    ``tc_gamma`` on mutual information, total correlation and dimension-wise KL, estimated by
+    ``tc_estimator`` "mws" or "mss"), "free_bits" (a KL floor of ``free_bits`` nats per latent
+    dimension, or per each of ``free_bits_groups`` groups).
     """
 
     method: str = "svi"
@@ -115,6 +123,19 @@ class TrainConfig:
     kl_cycle_epochs: int = 10
     kl_cycle_ratio: float = 0.5
     precision: str = "fp32"
+    # Disentangling objectives (ppl_vae.inference.disentangle; "elbo" is the method's own).
+    objective: str = "elbo"
+    beta: float = 1.0
+    capacity_max: float = 25.0
+    capacity_start_epoch: float = 0.0
+    capacity_end_epoch: float = 10.0
+    gamma: float = 1000.0
+    tc_alpha: float = 1.0
+    tc_beta: float = 1.0
+    tc_gamma: float = 1.0
+    tc_estimator: str = "mws"
+    free_bits: float = 0.0
+    free_bits_groups: Optional[int] = None
 
 
 @dataclass

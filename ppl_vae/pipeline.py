@@ -37,10 +37,10 @@ from ppl_vae.data.datasets import Dataset, load_dataset
 from ppl_vae.errors import ConfigError, RunDirError, TrainingDiverged
 from ppl_vae.inference import distributed
 from ppl_vae.inference.training import (
-    METHODS,
     Callback,
     Stepper,
     TrainState,
+    make_stepper,
     resolve_device,
     train,
     validate_train_config,
@@ -100,15 +100,17 @@ def data_config(config: RunConfig, dataset: Optional[str] = None, data_dir: Opti
     d = config.data
     if dataset is None and data_dir is None:
         return d
-    return replace(d, dataset=d.dataset if dataset is None else str(dataset),
-                   data_dir=d.data_dir if data_dir is None else str(data_dir))
+    new = replace(d, dataset=d.dataset if dataset is None else str(dataset),
+                  data_dir=d.data_dir if data_dir is None else str(data_dir))
+    # a subset size belongs to the run's own (generated) data set, not to another one
+    return new if new.dataset == d.dataset else replace(new, num_images=None)
 
 
 def load_data(config: RunConfig, *, dataset: Optional[str] = None, data_dir: Optional[str] = None) -> Dataset:
     """The run's data (see :func:`data_config` for ``dataset``/``data_dir``)."""
     d = data_config(config, dataset, data_dir)
     return load_dataset(d.dataset, d.data_dir, binarize=d.binarize, test_fraction=d.test_fraction,
-                        split_seed=d.split_seed, train_size=d.train_size)
+                        split_seed=d.split_seed, train_size=d.train_size, num_images=d.num_images)
 
 
 def build_model(config: RunConfig, event_shape, data_info: Optional[dict] = None) -> VAE:
@@ -146,7 +148,7 @@ def prepare(config: RunConfig, world_size: int = 1, device: Optional[torch.devic
     vae.likelihood.check_support(data.test, what=f"the test data of {data.name}")
     device = resolve_device(config.train.device) if device is None else device
     vae, data = vae.to(device), data.to(device)
-    stepper = METHODS.get(config.train.method)(vae, config.train)  # methods refuse models they cannot train
+    stepper = make_stepper(vae, config.train)  # methods and objectives refuse models they cannot train
     return vae, data, stepper
 
 

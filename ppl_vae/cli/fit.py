@@ -18,19 +18,24 @@ from ppl_vae.cli import options as opt
 # smaller step), like --epochs.
 RESUME_SETTINGS = ("lr", "optimizer")
 RUN_OPTIONS = (
-    "model", "dataset", "data_dir", "prior", "likelihood", "latent_dim", "hidden_dim", "guide",
+    "model", "dataset", "data_dir", "num_images", "prior", "likelihood", "latent_dim", "hidden_dim", "guide",
     "num_components", "method", "batch_size", "elbo", "num_particles", "kl_warmup",
     "seed", "device", "out", "binarize", "train_size", "train_eval_size", "compile",
     "lr_schedule", "lr_schedule_options", "clip_grad_norm", "val_fraction", "early_stopping_patience",
     "kl_schedule", "kl_weight", "kl_cycle_epochs", "kl_cycle_ratio", "precision",
+    # disentangling objectives (ppl_vae.inference.disentangle)
+    "objective", "beta", "capacity_max", "capacity_start_epoch", "capacity_end_epoch", "gamma", "tc_alpha",
+    "tc_beta", "tc_gamma", "tc_estimator", "free_bits", "free_bits_groups",
 )
 
 
 @click.command()
 @click.option("--model", default="gaussian_mlp", show_default=True, help="Registered model (see `ppl-vae models`).")
 @click.option("--dataset", default="digits", show_default=True,
-              help="digits (embedded), mnist, fashion-mnist, frey-face, or a .npy/.npz/.csv path.")
+              help="digits (embedded), mnist, fashion-mnist, frey-face, dsprites (generated), or a .npy/.npz/.csv path.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Folder holding the dataset's files.")
+@click.option("--num-images", type=int, default=None,
+              help="dsprites: render (or read) a seeded random subset of this many images (default 10,000).")
 @click.option("--prior", default="standard_normal", show_default=True, help="Prior over z.")
 @click.option("--likelihood", default=None, help="Likelihood of x (default: the model's own).")
 @click.option("--latent-dim", type=int, default=None, help="Size of z (default: the model's).")
@@ -74,6 +79,23 @@ RUN_OPTIONS = (
 @click.option("--train-size", type=int, default=None, help="Use only the first N training points.")
 @click.option("--train-eval-size", type=int, default=1000, show_default=True,
               help="Training points (a fixed seeded subset) the per-epoch train ELBO uses; 0: all of them.")
+@click.option("--objective", default="elbo", show_default=True,
+              help="What svi maximizes: elbo, beta_vae, capacity, beta_tc or free_bits (see docs/disentanglement.md).")
+@click.option("--beta", type=float, default=1.0, show_default=True, help="beta_vae: the KL weight beta.")
+@click.option("--capacity-max", type=float, default=25.0, show_default=True, help="capacity: the final capacity C, nats.")
+@click.option("--capacity-start-epoch", type=float, default=0.0, show_default=True,
+              help="capacity: C starts rising from 0 at this epoch.")
+@click.option("--capacity-end-epoch", type=float, default=10.0, show_default=True,
+              help="capacity: C reaches --capacity-max at this epoch.")
+@click.option("--gamma", type=float, default=1000.0, show_default=True, help="capacity: the weight gamma of |KL - C|.")
+@click.option("--tc-alpha", type=float, default=1.0, show_default=True, help="beta_tc: weight of the mutual information.")
+@click.option("--tc-beta", type=float, default=1.0, show_default=True, help="beta_tc: weight of the total correlation.")
+@click.option("--tc-gamma", type=float, default=1.0, show_default=True, help="beta_tc: weight of the dimension-wise KL.")
+@click.option("--tc-estimator", default="mws", show_default=True,
+              help="beta_tc: mws (minibatch-weighted sampling) or mss (minibatch-stratified sampling).")
+@click.option("--free-bits", type=float, default=0.0, show_default=True,
+              help="free_bits: the KL floor lambda, nats per latent dimension (or group).")
+@click.option("--free-bits-groups", type=int, default=None, help="free_bits: split z into this many groups (default: one per dimension).")
 @opt.seed_option()
 @opt.device_option("auto")
 @opt.out_option("Run directory (default: a new runs/...).")
@@ -214,11 +236,16 @@ FIELD_FLAGS = {
     "model.latent_dim": "--latent-dim", "model.hidden_dim": "--hidden-dim", "model.prior_options": "--num-components",
     "model.guide": "--guide",
     "data.dataset": "--dataset", "data.data_dir": "--data-dir", "data.binarize": "--binarize",
-    "data.train_size": "--train-size",
+    "data.train_size": "--train-size", "data.num_images": "--num-images",
     "train.method": "--method", "train.epochs": "--epochs", "train.batch_size": "--batch-size", "train.lr": "--lr",
     "train.optimizer": "--optimizer", "train.elbo": "--elbo", "train.num_particles": "--num-particles",
     "train.kl_warmup_epochs": "--kl-warmup", "train.seed": "--seed", "train.device": "--device",
     "train.train_eval_size": "--train-eval-size", "train.compile": "--compile",
+    "train.objective": "--objective", "train.beta": "--beta", "train.capacity_max": "--capacity-max",
+    "train.capacity_start_epoch": "--capacity-start-epoch", "train.capacity_end_epoch": "--capacity-end-epoch",
+    "train.gamma": "--gamma", "train.tc_alpha": "--tc-alpha", "train.tc_beta": "--tc-beta",
+    "train.tc_gamma": "--tc-gamma", "train.tc_estimator": "--tc-estimator", "train.free_bits": "--free-bits",
+    "train.free_bits_groups": "--free-bits-groups",
     "train.lr_schedule": "--lr-schedule", "train.lr_schedule_options": "--lr-schedule-options",
     "train.clip_grad_norm": "--clip-grad-norm", "train.val_fraction": "--val-fraction",
     "train.early_stopping_patience": "--early-stopping-patience", "train.kl_schedule": "--kl-schedule",

@@ -25,6 +25,7 @@ COMMANDS: Dict[str, str] = {
     "fit": "ppl_vae.cli.fit:fit",
     "evaluate": "ppl_vae.cli.evaluate:evaluate",
     "compare": "ppl_vae.cli.compare:compare",
+    "disentanglement": "ppl_vae.cli.disentanglement:disentanglement",
     "anomaly": "ppl_vae.cli.anomaly:anomaly",
     "models": "ppl_vae.cli.models:models",
     "text": "ppl_vae.cli.text:text",

@@ -1,6 +1,7 @@
 """Inference: SVI training and importance-weighted estimators."""
 
 from ppl_vae.inference import (  # noqa: F401,E402  (registers methods "mcem", "wake-sleep")
+    disentangle,  # noqa: F401,E402  (registers objectives "beta_vae", "beta_tc", ...)
     mcem,
     objectives,  # noqa: F401,E402  (registers "iwae", "dreg", "stl", "rws")
     wake_sleep,

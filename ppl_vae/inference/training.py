@@ -155,7 +155,7 @@ def validate_train_config(config: TrainConfig) -> None:
         return ConfigError(f"train.{name} {message}", field=f"train.{name}")
 
     for name, registry in (("method", METHODS), ("elbo", ELBOS), ("optimizer", OPTIMIZERS),
-                           ("kl_schedule", KL_SCHEDULES)):
+                           ("kl_schedule", KL_SCHEDULES), ("objective", OBJECTIVES)):
         value = getattr(config, name)
         if name == "elbo" and value in _REMOVED_ELBOS:
             raise bad("elbo", f"{value!r} is no longer offered (it used torch.jit.trace, deprecated in torch 2); "
@@ -184,6 +184,9 @@ def validate_train_config(config: TrainConfig) -> None:
             raise bad("compile", f"must be null or a torch.compile backend "
                                  f"({', '.join(torch._dynamo.list_backends())}, ...), got {config.compile!r}")
     _validate_controls(config, bad)
+    check_objective = getattr(OBJECTIVES.get(config.objective), "check_config", None)
+    if check_objective is not None:
+        check_objective(config)
     device = resolve_device(config.device)
     if PRECISIONS[config.precision] is not None and device.type != "cuda":
         raise bad("precision", f"{config.precision!r} (autocast) needs a CUDA device, but training runs on "
@@ -263,8 +266,30 @@ class Stepper:
     def close(self) -> None:
         """Release anything the stepper holds beyond its optimizers."""
 
+    def begin(self, step: int, steps_per_epoch: int) -> None:
+        """Called by :func:`train` before its first step: ``step`` optimizer steps are done (a
+        resumed run's count), so a method whose objective follows a schedule resumes exactly."""
+
+    def epoch_terms(self) -> Dict[str, float]:
+        """The objective's terms averaged over the epoch just finished (nats per datapoint, names
+        from :data:`TERM_VARS`), and a fresh start for the next epoch; ``{}`` for most methods."""
+        return {}
+
 
 METHODS: Registry[Callable[[VAE, TrainConfig], Stepper]] = Registry("method")
+
+#: ``train.objective`` -> a factory ``(vae, config) -> Stepper``; "elbo" is the method's own
+#: objective, the disentangling ones live in :mod:`ppl_vae.inference.disentangle`. A factory may
+#: carry ``check_config(config)``, which :func:`validate_train_config` calls.
+OBJECTIVES: Registry[Callable[[VAE, TrainConfig], Stepper]] = Registry("objective")
+OBJECTIVES.register("elbo", doc="the training method's own objective (svi: the ELBO)")(
+    lambda vae, config: METHODS.get(config.method)(vae, config)
+)
+
+
+def make_stepper(vae: VAE, config: TrainConfig) -> Stepper:
+    """The stepper that ``config.method`` and ``config.objective`` name."""
+    return OBJECTIVES.get(config.objective)(vae, config)
 
 
 @METHODS.register("svi", doc="SVI on the ELBO: AEVB's algorithm 1 (encoder and decoder jointly)")
@@ -348,6 +373,10 @@ HISTORY_VARS = {
     "num_train_samples": "training datapoints processed so far",
 }
 
+#: Optional per-epoch variables (a stepper's :meth:`Stepper.epoch_terms`) -> description; a history
+#: holds those its method recorded.
+TERM_VARS: Dict[str, str] = {}
+
 
 def history_to_xarray(records: List[Dict[str, float]], attrs: Optional[dict] = None) -> xr.Dataset:
     """Per-epoch records as a Dataset with dim ``epoch``."""
@@ -356,13 +385,20 @@ def history_to_xarray(records: List[Dict[str, float]], attrs: Optional[dict] = N
         name: ("epoch", np.array([r[name] for r in records], dtype=np.float64), {"description": desc})
         for name, desc in HISTORY_VARS.items()
     }
+    extra = sorted({k for r in records for k in r} - set(HISTORY_VARS) - {"epoch"})
+    for name in extra:
+        values = np.array([r.get(name, np.nan) for r in records], dtype=np.float64)
+        data_vars[name] = ("epoch", values, {"description": TERM_VARS.get(name, "")})
     return xr.Dataset(data_vars, coords={"epoch": epochs}, attrs=attrs or {})
 
 
 def history_records(history: xr.Dataset) -> List[Dict[str, float]]:
-    """The records of a history Dataset; variables a history written before they existed lacks are NaN."""
+    """The records of a history Dataset; variables a history written before they existed lacks are NaN
+    (an objective's own terms, :data:`TERM_VARS`, are read when the history has them)."""
+    extra = sorted(k for k in history.data_vars if k not in HISTORY_VARS)
     return [
-        {"epoch": int(e), **{k: float(history[k].sel(epoch=e)) if k in history else math.nan for k in HISTORY_VARS}}
+        {"epoch": int(e), **{k: float(history[k].sel(epoch=e)) if k in history else math.nan for k in HISTORY_VARS},
+         **{k: float(history[k].sel(epoch=e)) for k in extra}}
         for e in history["epoch"].values
     ]
 
@@ -539,7 +575,7 @@ def train(
 
     validate_train_config(config)
     state = state or TrainState()
-    stepper = stepper or METHODS.get(config.method)(vae, config)
+    stepper = stepper or make_stepper(vae, config)
     schedulers = attach_lr_schedulers(stepper, config)
     if dist is not None:
         wrapped = dist.wrap_stepper(stepper)
@@ -565,6 +601,7 @@ def train(
     x_eval, labels_eval = train_eval_set(data, config, None if split is None else split[0]) if evaluate else (None, None)
     x_val, labels_val = (None, None) if split is None or not evaluate else train_eval_set(
         data, replace(config, train_eval_size=None), split[1])
+    stepper.begin(state.step, steps_per_epoch)
 
     def mean_elbo(x: Any, labels: Optional[torch.Tensor]) -> float:
         if not evaluate or x is None:
@@ -661,6 +698,7 @@ def train(
                 "lr": lr,
                 "wall_time": wall,
                 "num_train_samples": seen,
+                **stepper.epoch_terms(),
             }
             state.records.append(record)
             for scheduler in schedulers.values():

@@ -137,7 +137,7 @@ def test_nan_and_bad_files_are_refused(tmp_path):
         load_dataset(str(tmp_path / "bad.npz"))
     with pytest.raises(DataError, match="not found"):
         load_dataset(str(tmp_path / "absent.npy"))
-    with pytest.raises(ValueError, match="unknown dataset .imagenet.; valid datasets: digits, fashion-mnist"):
+    with pytest.raises(ValueError, match="unknown dataset .imagenet.; valid datasets: digits, dsprites, fashion-mnist"):
         load_dataset("imagenet")
     (tmp_path / "x.txt").write_text("1")
     with pytest.raises(DataError, match="unsupported data file type"):
