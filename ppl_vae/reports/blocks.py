@@ -119,6 +119,7 @@ def _score_blocks(task: BlockTask, blocks: Sequence[Block], seed: int, threads: 
     from tqdm.auto import tqdm
 
     set_threads(threads, processes)
+    task.loaded  # load before any block is seeded: loading may draw random numbers (initial weights)
     out = []
     for start, stop in tqdm(blocks, disable=not progress, desc="blocks", unit="block", dynamic_ncols=True):
         out.append(seeded(lambda: task.score(start, stop), block_seed(seed, start), task.device))
