@@ -76,6 +76,10 @@ def fit(ctx: click.Context, **opts) -> None:
         else:
             config = run_config(opts)
             run_dir = run_dir or pipeline.default_run_dir(config)
+            if config.train.compile is not None and distributed.env_rank() == 0:
+                click.echo(f"compiling the loss with torch.compile (backend {config.train.compile}): the first "
+                           "training step waits for it (seconds to minutes; counted in the first epoch's time)",
+                           err=True)
             run = pipeline.fit(config, run_dir, **common)
     except KeyboardInterrupt:
         _interrupted(run_dir)
