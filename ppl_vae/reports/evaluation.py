@@ -36,7 +36,7 @@ FILES = {
 KHAT_THRESHOLD = 0.7  # Vehtari et al. (2024): above it the IW estimate is unreliable
 MIN_IW_ESS = 10.0
 NAMES = {"num_samples": "--num-samples (num_samples)", "num_steps": "--ais-steps (num_steps)",
-         "num_chains": "--num-chains (num_chains)", "method": "--method (method)"}
+         "num_chains": "--num-chains (num_chains)", "method": "--method ais (method='ais')"}
 """How warnings name what to change: the CLI flag, then the library argument."""
 
 
@@ -64,13 +64,13 @@ def evaluation_warnings(ds: xr.Dataset) -> List[str]:
             if bad.any():
                 out.append(f"PSIS k̂ > {KHAT_THRESHOLD} for {int(bad.sum())} of {n} datapoints (max "
                            f"{np.nanmax(ds['khat'].values):.2f}): their IW estimates and standard errors are "
-                           f"unreliable; raise {names['num_samples']} or use {names['method']} ais")
+                           f"unreliable; raise {names['num_samples']} or use {names['method']}")
             elif k < 21:
                 out.append(f"K={k} is too few for a PSIS k̂ tail check; raise {names['num_samples']} to 21 or more")
         low = ds["ess"].values < min(MIN_IW_ESS, k)
         if low.any():
             out.append(f"importance-weight ESS < {MIN_IW_ESS:g} for {int(low.sum())} of {n} datapoints: a few "
-                       f"samples carry the estimate; raise {names['num_samples']} or use {names['method']} ais")
+                       f"samples carry the estimate; raise {names['num_samples']} or use {names['method']}")
     elif method == "ais":
         c = ds.attrs["num_chains"]
         low = ds["ess"].values < c / 2

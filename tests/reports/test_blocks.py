@@ -70,12 +70,18 @@ def test_one_process_and_two_give_identical_per_datapoint_results(tiny_run, tmp_
     outs = {}
     for nproc in (1, 2):
         out = tmp_path / f"n{nproc}"
-        evaluate_run(tiny_run, out_dir=out / "eval", nproc=nproc, **iw)
-        compare_run(tiny_run, num_samples=20, num_draws=5, batch_size=5, mean_field_options=mf, out_dir=out / "cmp",
-                    nproc=nproc, **common)
-        compare_runs([tiny_run, tiny_run], estimator="iw", num_samples=20, batch_size=7, out_dir=out / "multi",
-                     nproc=nproc, **common)
+        made = [
+            evaluate_run(tiny_run, out_dir=out / "eval", nproc=nproc, **iw),
+            compare_run(tiny_run, num_samples=20, num_draws=5, batch_size=5, mean_field_options=mf,
+                        out_dir=out / "cmp", nproc=nproc, **common),
+            compare_runs([tiny_run, tiny_run], estimator="iw", num_samples=20, batch_size=7, out_dir=out / "multi",
+                         nproc=nproc, **common),
+        ]
         outs[nproc] = out
+        # one result convention: warnings a list of str, num_datapoints the datapoints scored
+        for result in made:
+            assert isinstance(result.warnings, list) and all(isinstance(w, str) for w in result.warnings)
+            assert result.num_datapoints == 30
     ev = ["log_likelihood", "log_likelihood_stderr", "elbo", "elbo_stderr", "ess", "khat"]
     gaps = ["estimate", "stderr", "ess_mixture", "khat_mixture", "meanfield_loc", "meanfield_scale",
             "amortization_gap"]
