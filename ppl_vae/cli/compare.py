@@ -18,7 +18,8 @@ from ppl_vae.cli import options as opt
               help="With several runs: 'mis' (gap decomposition, q* fitted per run) or 'iw' (amortized IW only).")
 @opt.split_option()
 @click.option("--num-datapoints", type=int, default=500, show_default=True,
-              help="A seeded random subset of this size (0: all).")
+              help="How many datapoints of the split to score: a seeded random subset of this size (0: all; the "
+                   "same rule as evaluate, whose default is all: q* is fitted per datapoint, hence 500 here).")
 @click.option("--num-draws", type=int, default=100, show_default=True, help="Draws of z per guide kept for ArviZ.")
 @click.option("--init", type=click.Choice(["encoder", "prior"]), default="encoder", show_default=True,
               help="Where mean-field VI starts.")
@@ -34,9 +35,16 @@ from ppl_vae.cli import options as opt
 @opt.device_option()
 @opt.seed_option()
 @opt.out_option("Folder for report.html and the tables (default: the run directory; RUN1/multirun for several).")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Processes to split the datapoints across (whole blocks of mean-field VI's 500, or --batch-size "
+                   "100 for --estimator iw); the results equal one process's for the same --seed. Under torchrun "
+                   "leave it at 1.")
+@click.option("--threads", type=int, default=None,
+              help="Torch threads per process (default: the available cores, shared among the processes).")
 @opt.progress_option("Show progress bars.")
 def compare(run_dirs, num_samples: int, estimator: str, split: str, num_datapoints: int, num_draws: int, init: str,
-            mf_steps: int, mf_polish_steps: int, mf_gtol: float, mf_lr: float, mf_tol: float, device: str, seed: int, out, progress: bool) -> None:
+            mf_steps: int, mf_polish_steps: int, mf_gtol: float, mf_lr: float, mf_tol: float, device: str, seed: int, out, nproc: int, threads,
+            progress: bool) -> None:
     """Gap decomposition (Cremer et al. 2018), diagnostics and a self-contained HTML report.
 
     With several RUN directories: every run scored on the same datapoints with the same
@@ -47,6 +55,10 @@ def compare(run_dirs, num_samples: int, estimator: str, split: str, num_datapoin
         raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
     if num_datapoints < 0:
         raise ValueError(f"--num-datapoints must be >= 0, got {num_datapoints}")
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
     if out is not None:
         from ppl_vae.reports.evaluation import check_out_dir
 
@@ -58,7 +70,10 @@ def compare(run_dirs, num_samples: int, estimator: str, split: str, num_datapoin
 
         multi = compare_runs(run_dirs, estimator=estimator, num_samples=num_samples, split=split,
                              num_datapoints=num_datapoints or None, mean_field_options=mean_field_options,
-                             device=device, seed=seed, out_dir=out, progress=progress)
+                             device=device, seed=seed, out_dir=out, progress=progress, nproc=nproc,
+                             threads=threads)
+        if not multi.files:  # a torchrun rank other than 0
+            return
         click.echo(format_paired_table(multi.table))
         for warning in multi.warnings:
             opt.warn(warning)
@@ -70,8 +85,10 @@ def compare(run_dirs, num_samples: int, estimator: str, split: str, num_datapoin
     result = compare_run(
         run_dirs[0], num_samples=num_samples, split=split, num_datapoints=num_datapoints or None,
         num_draws=num_draws, device=device, seed=seed, out_dir=out, progress=progress,
-        mean_field_options=mean_field_options,
+        mean_field_options=mean_field_options, nproc=nproc, threads=threads,
     )
+    if not result.files:  # a torchrun rank other than 0
+        return
     click.echo(format_gap_table(result.table))
     click.echo(f"active units: {result.diagnostics.attrs['num_active']} of {result.diagnostics.sizes['latent']}")
     for warning in result.warnings:

@@ -8,11 +8,6 @@ import click
 
 from ppl_vae.cli import options as opt
 
-# library argument -> the flag a user types, for warnings that say what to raise
-FLAGS = {"num_samples": "--num-samples", "num_steps": "--ais-steps", "num_chains": "--num-chains",
-         "method": "--method"}
-
-
 # Far beyond any useful estimate (Burda et al. use K = 5000): refused up front, not run for hours.
 MAX_NUM_SAMPLES = 100_000_000
 MAX_AIS_STEPS = 1_000_000
@@ -42,22 +37,33 @@ MAX_NUM_CHAINS = 100_000
 @click.option("--ais-start", type=click.Choice(["prior", "guide"]), default="prior", show_default=True,
               help="AIS/BDMC: anneal from the prior p(z) or from the run's guide q(z|x).")
 @opt.split_option()
-@click.option("--num-datapoints", type=int, default=None, help="A seeded random subset of this size (default: all).")
+@click.option("--num-datapoints", type=int, default=0, show_default=True,
+              help="How many datapoints of the split to score: a seeded random subset of this size (0: all; "
+                   "the same rule as compare).")
 @click.option("--batch-size", type=int, default=100, show_default=True, help="Datapoints per batch.")
 @click.option("--particle-batch-size", type=int, default=None,
               help="IW: samples per chunk (default: about 65,536 samples of z per chunk).")
 @opt.device_option()
 @opt.seed_option()
 @opt.out_option("Folder for the netCDF and CSV files (default: the run directory).")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Processes to split the datapoints across (whole blocks of --batch-size); the results equal "
+                   "one process's for the same --seed. Under torchrun leave it at 1.")
+@click.option("--threads", type=int, default=None,
+              help="Torch threads per process (default: the available cores, shared among the processes).")
 @opt.progress_option()
 def evaluate(run_dir: Path, method: str, num_samples: int, ais_steps, num_chains: int, leapfrog_steps: int,
              step_size: float, adaptation: str, schedule: str, ais_start: str, split: str, num_datapoints,
-             batch_size: int, particle_batch_size, device: str, seed: int, out, progress: bool) -> None:
+             batch_size: int, particle_batch_size, device: str, seed: int, out, nproc: int, threads,
+             progress: bool) -> None:
     """Estimate log p(x) of a run's datapoints; every number printed and saved says which bound it is."""
     from ppl_vae.reports.evaluation import check_out_dir, evaluate_run
 
     checks = [("--num-samples", num_samples, 1), ("--num-chains", num_chains, 1),
-              ("--leapfrog-steps", leapfrog_steps, 1), ("--batch-size", batch_size, 1)]
+              ("--leapfrog-steps", leapfrog_steps, 1), ("--batch-size", batch_size, 1), ("--nproc", nproc, 1),
+              ("--num-datapoints", num_datapoints, 0)]
+    if threads is not None:
+        checks.append(("--threads", threads, 1))
     checks += [("--ais-steps", t, 1) for t in ais_steps]
     for flag, value, low in checks:
         if value < low:
@@ -75,9 +81,11 @@ def evaluate(run_dir: Path, method: str, num_samples: int, ais_steps, num_chains
     result = evaluate_run(run_dir, method=method, num_samples=num_samples, num_steps=ais_steps,
                           num_chains=num_chains, num_leapfrog_steps=leapfrog_steps, step_size=step_size,
                           adaptation=adaptation, schedule=schedule, ais_start=ais_start, split=split,
-                          num_datapoints=num_datapoints, batch_size=batch_size, particle_batch_size=particle_batch_size, device=device,
-                          seed=seed, out_dir=out, progress=progress)
+                          num_datapoints=num_datapoints or None, batch_size=batch_size, particle_batch_size=particle_batch_size, device=device,
+                          seed=seed, out_dir=out, progress=progress, nproc=nproc, threads=threads)
+    if not result.files:  # a torchrun rank other than 0: rank 0 prints and writes
+        return
     click.echo(result.summary())
-    for line in result.warnings(FLAGS):
+    for line in result.warnings:
         opt.warn(line)
     click.echo("wrote " + ", ".join(str(p) for p in result.files.values()))

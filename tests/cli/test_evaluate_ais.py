@@ -10,7 +10,6 @@ import xarray as xr
 from click.testing import CliRunner
 
 from ppl_vae.analysis import results
-from ppl_vae.cli.evaluate import FLAGS
 from ppl_vae.cli.main import cli
 from ppl_vae.reports.evaluation import Evaluation
 
@@ -64,18 +63,18 @@ def test_bdmc_prints_the_sandwich_for_each_step_count(run_dir, tmp_path):
 def test_warnings_name_weak_estimates_and_what_to_do():
     ds = xr.Dataset({"khat": ("datapoint", [0.2, 0.95, 0.4]), "ess": ("datapoint", [300.0, 2.0, 150.0])},
                     attrs={"method": "iw", "num_samples": 1000})
-    lines = Evaluation(ds).warnings(FLAGS)
+    lines = Evaluation(ds).warnings
     assert len(lines) == 2
     assert "PSIS k̂ > 0.7 for 1 of 3 datapoints (max 0.95)" in lines[0] and "raise --num-samples" in lines[0]
     assert "ESS < 10 for 1 of 3 datapoints" in lines[1]
     ais = xr.Dataset({"ess": ("datapoint", [1.5, 2.0, 15.0]), "accept_rate": ("datapoint", [0.1, 0.2, 0.3])},
                      attrs={"method": "ais", "num_chains": 16})
-    lines = Evaluation(ais).warnings(FLAGS)
+    lines = Evaluation(ais).warnings
     assert any("chain ESS < 8 of 16 for 2 of 3" in line and "--ais-steps" in line for line in lines)
     assert any("acceptance is 0.20" in line for line in lines)
     good = xr.Dataset({"khat": ("datapoint", [0.2]), "ess": ("datapoint", [500.0])},
                       attrs={"method": "iw", "num_samples": 1000})
-    assert Evaluation(good).warnings(FLAGS) == []
+    assert Evaluation(good).warnings == []
 
 
 def _one_line_error(result, message):
