@@ -28,8 +28,10 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
+
+from ppl_vae.inference import modes
+from ppl_vae.inference.modes import block_seed
 
 Block = Tuple[int, int]
 
@@ -41,18 +43,10 @@ def block_bounds(num_datapoints: int, block_size: int) -> List[Block]:
     return [(s, min(s + block_size, num_datapoints)) for s in range(0, num_datapoints, block_size)]
 
 
-def block_seed(seed: int, start: int, stream: int = 0) -> int:
-    """A 63-bit seed for the block that starts at datapoint ``start`` (``stream`` separates
-    independent uses, e.g. the per-run scores and the report's draws)."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(stream), int(start)]).generate_state(2, np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1])) & (2**63 - 1)
-
-
 def seeded(fn: Callable[[], Any], seed: int, device: Optional[torch.device] = None) -> Any:
-    """``fn()`` with torch's RNG seeded by ``seed``; the caller's RNG state is restored after."""
-    devices = [device] if device is not None and torch.device(device).type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    """``fn()`` on its own random stream seeded by ``seed`` (:func:`ppl_vae.inference.modes.seeded`);
+    the caller's RNG state is restored after."""
+    with modes.seeded(seed, device):
         return fn()
 
 
@@ -119,10 +113,11 @@ def _score_blocks(task: BlockTask, blocks: Sequence[Block], seed: int, threads: 
     from tqdm.auto import tqdm
 
     set_threads(threads, processes)
-    task.loaded  # load before any block is seeded: loading may draw random numbers (initial weights)
+    _ = task.loaded  # load before any block is seeded: loading may draw random numbers (initial weights)
     out = []
     for start, stop in tqdm(blocks, disable=not progress, desc="blocks", unit="block", dynamic_ncols=True):
-        out.append(seeded(lambda: task.score(start, stop), block_seed(seed, start), task.device))
+        with modes.seeded(block_seed(seed, start), task.device):
+            out.append(task.score(start, stop))
     return out
 
 

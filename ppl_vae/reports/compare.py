@@ -15,16 +15,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
 from matplotlib.figure import Figure
+from torch import Tensor
 
 from ppl_vae.analysis import plots, results
 from ppl_vae.analysis.diagnostics import collapse_diagnostics
 from ppl_vae.analysis.gaps import format_gap_table, gap_decomposition, gap_table
+from ppl_vae.inference.latents import model_layout
 from ppl_vae.inference.meanfield import MeanFieldGuide, fit_mean_field, guide_moments
 from ppl_vae.inference.modes import eval_mode
+from ppl_vae.inference.stats import THRESHOLDS
 from ppl_vae.io import write_text
 from ppl_vae.pipeline import Run, load_run
 from ppl_vae.reports.blocks import BlockTask, block_seed, is_writer, map_blocks, seeded
@@ -154,7 +158,6 @@ def compare_run(
     run = load_run(run_dir, device)
     writer = is_writer()
     out = run_out_dir(run, out_dir) if writer else None
-    vae = run.vae
     sel = select_datapoints(run, split, num_datapoints or None, seed)
     kwargs = sel.model_kwargs(run)
     mf_options = dict(mean_field_options or {})
@@ -182,10 +185,13 @@ def _diagnostics_and_files(run: Run, sel: Selection, kwargs: Dict[str, Tensor], 
     with eval_mode(vae):
         comparison.diagnostics = collapse_diagnostics(vae.model, vae.guide, sel.x, **kwargs)
         draw_n = min(sel.x.shape[0], 100)  # keep the InferenceData small: the first 100 datapoints
-        shape = guide_moments(vae.guide, sel.x[:draw_n], **{k: v[:draw_n] for k, v in kwargs.items()})[0].shape
-        as_t = lambda a: torch.as_tensor(a[:draw_n], dtype=sel.x.dtype, device=sel.x.device).reshape(shape)  # noqa: E731
-        mf_guide = MeanFieldGuide(as_t(gaps["meanfield_loc"].values), as_t(np.log(gaps["meanfield_scale"].values)))
         draw_kwargs = {k: v[:draw_n] for k, v in kwargs.items()}
+        layout = model_layout(vae.model, sel.x[:draw_n], **draw_kwargs)
+        single = len(layout.sites) == 1
+        shape = guide_moments(vae.guide, sel.x[:draw_n], None if single else layout, **draw_kwargs)[0].shape
+        as_t = lambda a: torch.as_tensor(a[:draw_n], dtype=sel.x.dtype, device=sel.x.device).reshape(shape)  # noqa: E731
+        mf_guide = MeanFieldGuide(as_t(gaps["meanfield_loc"].values), as_t(np.log(gaps["meanfield_scale"].values)),
+                                  layout=layout)
         draws = results.guide_draws(vae.model, {"amortized": vae.guide, "meanfield": mf_guide}, sel.x[:draw_n],
                                     num_draws=num_draws, **draw_kwargs)
         comparison.inference_data = results.to_inference_data(draws, datapoint=sel.index[:draw_n],
@@ -224,12 +230,6 @@ def per_datapoint_table(gaps: xr.Dataset) -> pd.DataFrame:
     return frame
 
 
-LOW_ESS_FRACTION = 0.01
-"""A weight set whose ESS is below this fraction of its draws is flagged as weak."""
-KHAT_THRESHOLD = 0.7
-"""PSIS k̂ above this: the importance-sampling estimate and its standard error are unreliable."""
-
-
 def estimate_warnings(gaps: xr.Dataset) -> List[str]:
     """Plain-language warnings for weak estimates in a gap decomposition, each with what to do."""
     n = gaps.sizes["datapoint"]
@@ -241,20 +241,20 @@ def estimate_warnings(gaps: xr.Dataset) -> List[str]:
             f"Mean-field VI did not converge for {not_converged} of {n} datapoints: their L[q*] is below the best "
             "diagonal Gaussian's, which understates the amortization gap and overstates the approximation gap. "
             "Raise mean_field_options max_steps / polish_steps (CLI --mf-steps, --mf-polish-steps) or try init='prior'.")
-    low = int((gaps["ess_mixture"].values < LOW_ESS_FRACTION * 2 * k).sum())
+    low = int(THRESHOLDS.low_ess(gaps["ess_mixture"].values, 2 * k).sum())
     if low:
         out.append(
             f"Low effective sample size: for {low} of {n} datapoints the mixture weights' ESS is below "
-            f"{LOW_ESS_FRACTION:.0%} of the 2K = {2 * k} draws, so log p̂ there rests on a few draws and may sit "
+            f"{min(THRESHOLDS.min_ess, k):g} of the 2K = {2 * k} draws, so log p̂ there rests on a few draws and may sit "
             "well below log p(x). Use more samples (--num-samples), or AIS (ppl-vae evaluate --method ais).")
     if "khat_mixture" in gaps:
-        high = int((gaps["khat_mixture"].values > KHAT_THRESHOLD).sum())
+        high = int((gaps["khat_mixture"].values > THRESHOLDS.khat).sum())
         if high:
             out.append(
-                f"Heavy-tailed importance weights: PSIS k̂ > {KHAT_THRESHOLD} for {high} of {n} datapoints, so "
+                f"Heavy-tailed importance weights: PSIS k̂ > {THRESHOLDS.khat} for {high} of {n} datapoints, so "
                 "their log p̂ and its standard error are unreliable (Vehtari et al. 2024). A better proposal "
                 "(a flow guide) or AIS gives trustworthy numbers there.")
-    if n < 30:
+    if n < THRESHOLDS.min_datapoints:
         out.append(f"Only {n} datapoints: the means over datapoints have wide standard errors (se column); "
                    "use more datapoints (--num-datapoints) before comparing runs.")
     return out

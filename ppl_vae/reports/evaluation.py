@@ -24,6 +24,7 @@ import numpy as np
 import xarray as xr
 
 from ppl_vae.analysis import results
+from ppl_vae.inference.stats import THRESHOLDS
 from ppl_vae.reports.blocks import BlockTask, is_writer, map_blocks
 from ppl_vae.reports.common import check_out_dir  # noqa: F401  (re-exported for the CLI)
 
@@ -33,8 +34,7 @@ FILES = {
     "ais": ("evaluation_ais.nc", "evaluation_ais.csv"),
     "bdmc": ("evaluation_bdmc.nc", "evaluation_bdmc.csv"),
 }
-KHAT_THRESHOLD = 0.7  # Vehtari et al. (2024): above it the IW estimate is unreliable
-MIN_IW_ESS = 10.0
+KHAT_THRESHOLD = THRESHOLDS.khat  # Vehtari et al. (2024): above it the IW estimate is unreliable
 NAMES = {"num_samples": "--num-samples (num_samples)", "num_steps": "--ais-steps (num_steps)",
          "num_chains": "--num-chains (num_chains)", "method": "--method ais (method='ais')"}
 """How warnings name what to change: the CLI flag, then the library argument."""
@@ -67,15 +67,15 @@ def evaluation_warnings(ds: xr.Dataset) -> List[str]:
                            f"unreliable; raise {names['num_samples']} or use {names['method']}")
             elif k < 21:
                 out.append(f"K={k} is too few for a PSIS k̂ tail check; raise {names['num_samples']} to 21 or more")
-        low = ds["ess"].values < min(MIN_IW_ESS, k)
+        low = THRESHOLDS.low_ess(ds["ess"].values, k)
         if low.any():
-            out.append(f"importance-weight ESS < {MIN_IW_ESS:g} for {int(low.sum())} of {n} datapoints: a few "
+            out.append(f"importance-weight ESS < {min(THRESHOLDS.min_ess, k / 2):g} for {int(low.sum())} of {n} datapoints: a few "
                        f"samples carry the estimate; raise {names['num_samples']} or use {names['method']}")
     elif method == "ais":
         c = ds.attrs["num_chains"]
-        low = ds["ess"].values < c / 2
+        low = THRESHOLDS.low_ess(ds["ess"].values, c)
         if c > 1 and low.sum() > 0.1 * n:
-            out.append(f"AIS chain ESS < {c / 2:g} of {c} for {int(low.sum())} of {n} datapoints: the chains "
+            out.append(f"AIS chain ESS < {min(THRESHOLDS.min_ess, c / 2):g} of {c} for {int(low.sum())} of {n} datapoints: the chains "
                        f"disagree and the standard error is optimistic; raise {names['num_steps']}")
         acc = ds["accept_rate"].values
         if np.nanmean(acc) < 0.3:
