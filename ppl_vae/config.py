@@ -48,6 +48,8 @@ class DataConfig:
     test_fraction: float = 0.2
     split_seed: int = 0
     train_size: Optional[int] = None
+    labels: Optional[int] = None  # keep this many training labels, balanced per class (semi-supervised)
+    label_seed: int = 0  # which ones (see ppl_vae.data.labels.keep_labels)
 
 
 @dataclass

@@ -96,8 +96,13 @@ def data_config(config: RunConfig, dataset: Optional[str] = None, data_dir: Opti
 def load_data(config: RunConfig, *, dataset: Optional[str] = None, data_dir: Optional[str] = None) -> Dataset:
     """The run's data (see :func:`data_config` for ``dataset``/``data_dir``)."""
     d = data_config(config, dataset, data_dir)
-    return load_dataset(d.dataset, d.data_dir, binarize=d.binarize, test_fraction=d.test_fraction,
+    data = load_dataset(d.dataset, d.data_dir, binarize=d.binarize, test_fraction=d.test_fraction,
                         split_seed=d.split_seed, train_size=d.train_size)
+    if d.labels is not None:  # semi-supervised: the same seeded split wherever the run is loaded
+        from ppl_vae.data.labels import keep_labels
+
+        data = keep_labels(data, d.labels, d.label_seed)
+    return data
 
 
 def build_model(config: RunConfig, event_shape, data_info: Optional[dict] = None) -> VAE:

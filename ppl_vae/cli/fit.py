@@ -13,7 +13,7 @@ from click.core import ParameterSource
 RUN_OPTIONS = (
     "model", "dataset", "data_dir", "prior", "likelihood", "latent_dim", "hidden_dim", "guide",
     "num_components", "method", "batch_size", "lr", "optimizer", "elbo", "num_particles", "kl_warmup",
-    "seed", "device", "out", "binarize", "train_size", "train_eval_size", "compile",
+    "seed", "device", "out", "binarize", "train_size", "train_eval_size", "compile", "labels", "label_seed",
 )
 
 
@@ -43,6 +43,9 @@ RUN_OPTIONS = (
 @click.option("--kl-warmup", type=int, default=0, show_default=True, help="Epochs over which the KL weight rises to 1.")
 @click.option("--binarize", type=click.Choice(["none", "dynamic", "threshold"]), default="none", show_default=True)
 @click.option("--train-size", type=int, default=None, help="Use only the first N training points.")
+@click.option("--labels", type=int, default=None,
+              help="Semi-supervised (m2): keep N training labels, balanced per class, the rest unlabelled.")
+@click.option("--label-seed", type=int, default=0, show_default=True, help="Which N points keep labels (--labels).")
 @click.option("--train-eval-size", type=int, default=1000, show_default=True,
               help="Training points (a fixed seeded subset) the per-epoch train ELBO uses; 0: all of them.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -121,7 +124,7 @@ FIELD_FLAGS = {
     "model.latent_dim": "--latent-dim", "model.hidden_dim": "--hidden-dim", "model.prior_options": "--num-components",
     "model.guide": "--guide",
     "data.dataset": "--dataset", "data.data_dir": "--data-dir", "data.binarize": "--binarize",
-    "data.train_size": "--train-size",
+    "data.train_size": "--train-size", "data.labels": "--labels", "data.label_seed": "--label-seed",
     "train.method": "--method", "train.epochs": "--epochs", "train.batch_size": "--batch-size", "train.lr": "--lr",
     "train.optimizer": "--optimizer", "train.elbo": "--elbo", "train.num_particles": "--num-particles",
     "train.kl_warmup_epochs": "--kl-warmup", "train.seed": "--seed", "train.device": "--device",

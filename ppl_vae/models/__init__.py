@@ -8,6 +8,7 @@ from ppl_vae.models.zoo import MODELS, ModelSpec, build_vae
 from ppl_vae.models.guides import GUIDES, IAFGuideVAE, make_guide
 from ppl_vae.models import conv, cvae  # noqa: E402,F401  (registers the "conv" and "cvae" models)
 from ppl_vae.models import scvae, text  # noqa: E402,F401  (registers "scvae", "scvae_plain", "text_hybrid")
+from ppl_vae.models import discrete  # noqa: E402,F401  (registers "m2", "gmvae", "relaxed_gmvae")
 
 __all__ = [
     "GUIDES",
