@@ -61,3 +61,26 @@ def test_bad_label_options_give_one_line_errors(tmp_path):
                           *SMALL), "cannot sum out the discrete site")
     one_line_error(invoke("fit", "--model", "gmvae", "--prior", "vamp", "--epochs", "1", "--out", tmp_path / "d",
                           *SMALL), "mixture_of_gaussians")
+
+
+def test_evaluate_scores_m2_on_x_alone(m2_run, tmp_path):
+    """y is a latent site of M2: evaluate's IW scores log p(x) with y summed out (the guide samples
+    y), which the per-class estimator meets; log p(x, y), what labels would give, is lower."""
+    import torch
+    import xarray as xr
+
+    from ppl_vae.inference.enumerated import enumerated_estimate
+    from ppl_vae.reports.common import select_datapoints
+
+    result = invoke("evaluate", m2_run, "-k", "400", "--num-datapoints", "4", "--out", tmp_path, "--no-progress")
+    assert result.exit_code == 0, result.output
+    iw = xr.open_dataset(tmp_path / "evaluation.nc")
+    run = pipeline.load_run(m2_run)
+    sel = select_datapoints(run, "test", 4, 0)
+    per_class = enumerated_estimate(run.vae.model, run.vae.guide, sel.x, site="y", num_values=10, num_samples=200,
+                                    seed=0)
+    se = np.sqrt(iw["log_likelihood_stderr"].values ** 2 + per_class.log_likelihood_stderr.numpy() ** 2)
+    gap = iw["log_likelihood"].values - per_class.log_likelihood.numpy()
+    assert (np.abs(gap) < 4 * se + 0.05).all(), (gap, se)
+    labelled = per_class.log_joint.gather(-1, torch.as_tensor(sel.labels).unsqueeze(-1)).squeeze(-1).numpy()
+    assert (labelled < iw["log_likelihood"].values).all()
