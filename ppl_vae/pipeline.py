@@ -231,6 +231,8 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
     if (job.fresh or job.write_config) and writer:
         run_dir.mkdir(parents=True, exist_ok=True)
         runs.save_config(run_dir, config)
+    if not job.fresh:
+        _check_labelled_split(run_dir, data)
     state = TrainState() if job.fresh else runs.restore(run_dir, vae, stepper)
     start = state.epoch
     checkpointer = runs.Checkpointer(run_dir, config.train.checkpoint_every,
@@ -255,6 +257,17 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
             _discard_unstarted(job)
         raise
     return Run(run_dir, config, vae, history, new_epochs=int(history.sizes.get("epoch", 0)) - start)
+
+
+def _check_labelled_split(run_dir: Path, data: Dataset) -> None:
+    """A semi-supervised run resumes on the labelled points it was trained with (saved in the checkpoint)."""
+    if not runs.started(run_dir):
+        return
+    _, meta = runs.read_checkpoint(run_dir, tensors=False)
+    saved = meta.get("extra", {}).get("data_info", {}).get("labelled_indices")
+    if saved is not None and saved != data.data_info.get("labelled_indices"):
+        raise RunDirError(f"{run_dir}: the labelled training points differ from those the checkpoint was trained "
+                          "with (data.labels, data.label_seed or the data changed); start a new run")
 
 
 def _discard_unstarted(job: Job) -> None:

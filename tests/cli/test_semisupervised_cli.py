@@ -84,3 +84,16 @@ def test_evaluate_scores_m2_on_x_alone(m2_run, tmp_path):
     assert (np.abs(gap) < 4 * se + 0.05).all(), (gap, se)
     labelled = per_class.log_joint.gather(-1, torch.as_tensor(sel.labels).unsqueeze(-1)).squeeze(-1).numpy()
     assert (labelled < iw["log_likelihood"].values).all()
+
+
+def test_resume_refuses_another_labelled_split(m2_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "m2"
+    shutil.copytree(m2_run, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["data"]["label_seed"] = 4
+    (copy / "config.json").write_text(json.dumps(config))
+    one_line_error(invoke("fit", "--resume", copy, "--epochs", "2", "--no-progress"), "labelled training points differ")
+    result = invoke("fit", "--resume", m2_run, "--epochs", "2", "--no-progress")  # the same split resumes
+    assert result.exit_code == 0, result.output
