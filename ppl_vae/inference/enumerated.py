@@ -121,6 +121,8 @@ def enumerated_estimate(
     """log p̂(x) = log sum_c p̂(x, c) and U(x) for ``model``/``guide`` with categorical ``site``
     over ``num_values`` values (see the module docstring), ``num_samples`` draws of z per value.
 
+    The site is clamped to each value in turn, so labels passed as ``y`` do not change log p̂(x)
+    (they would clamp q(c | x) in ``elbo`` and ``log_q``): score M2 without them.
     ``seed``: each value draws from its own stream (and each block of datapoints, as in
     :func:`~ppl_vae.inference.importance.importance_estimate`); the caller's RNG state is kept.
     """

@@ -280,7 +280,8 @@ class GaussianMixtureVAE(EnumeratedCategoricalVAE):
     its own site. With ``relaxed`` the one-hot c is a Concrete (Gumbel-softmax) sample at the
     current temperature, tau = max(tau_min, tau_0 exp(-rate * steps)) (Jang et al. 2017, sec. 2.2),
     and z | c ~ N(c mu, (c sigma)^2): at a vertex of the simplex it is the discrete model.
-    ``steps`` counts guide calls in training mode (one per SVI step) and is saved with the weights.
+    ``steps`` counts guide calls in training mode (one per SVI step with method svi) and is saved
+    with the weights, so a resumed run continues the schedule.
     """
 
     site = "c"
