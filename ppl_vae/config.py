@@ -49,6 +49,8 @@ class DataConfig:
     split_seed: int = 0
     train_size: Optional[int] = None
     num_images: Optional[int] = None  # dsprites: size of the seeded random subset (None: 10,000)
+    labels: Optional[int] = None  # keep this many training labels, balanced per class (semi-supervised)
+    label_seed: int = 0  # which ones (see ppl_vae.data.labels.keep_labels)
 
 
 @dataclass

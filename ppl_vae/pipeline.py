@@ -109,8 +109,13 @@ def data_config(config: RunConfig, dataset: Optional[str] = None, data_dir: Opti
 def load_data(config: RunConfig, *, dataset: Optional[str] = None, data_dir: Optional[str] = None) -> Dataset:
     """The run's data (see :func:`data_config` for ``dataset``/``data_dir``)."""
     d = data_config(config, dataset, data_dir)
-    return load_dataset(d.dataset, d.data_dir, binarize=d.binarize, test_fraction=d.test_fraction,
+    data = load_dataset(d.dataset, d.data_dir, binarize=d.binarize, test_fraction=d.test_fraction,
                         split_seed=d.split_seed, train_size=d.train_size, num_images=d.num_images)
+    if d.labels is not None:  # semi-supervised: the same seeded split wherever the run is loaded
+        from ppl_vae.data.labels import keep_labels
+
+        data = keep_labels(data, d.labels, d.label_seed)
+    return data
 
 
 def build_model(config: RunConfig, event_shape, data_info: Optional[dict] = None) -> VAE:
@@ -243,6 +248,8 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
     if job.fresh and writer:
         run_dir.mkdir(parents=True, exist_ok=True)
         runs.save_config(run_dir, config)
+    if not job.fresh:
+        _check_labelled_split(run_dir, data)
     state = TrainState() if job.fresh else runs.restore(run_dir, vae, stepper,
                                                          optimizer_state=not job.reset_optimizer)
     if job.lr_scale is not None and not job.reset_optimizer:
@@ -303,6 +310,17 @@ class DivergenceCheck(Callback):
                     f"choose a smaller learning rate (train.lr, --lr; now {ctx.config.lr:g}) or another optimizer "
                     f"(train.optimizer, --optimizer; now {ctx.config.optimizer})", UserWarning, stacklevel=2)
                 return
+
+
+def _check_labelled_split(run_dir: Path, data: Dataset) -> None:
+    """A semi-supervised run resumes on the labelled points it was trained with (saved in the checkpoint)."""
+    if not runs.started(run_dir):
+        return
+    _, meta = runs.read_checkpoint(run_dir, tensors=False)
+    saved = meta.get("extra", {}).get("data_info", {}).get("labelled_indices")
+    if saved is not None and saved != data.data_info.get("labelled_indices"):
+        raise RunDirError(f"{run_dir}: the labelled training points differ from those the checkpoint was trained "
+                          "with (data.labels, data.label_seed or the data changed); start a new run")
 
 
 def _discard_unstarted(job: Job) -> None:

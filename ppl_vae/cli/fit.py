@@ -20,7 +20,7 @@ RESUME_SETTINGS = ("lr", "optimizer")
 RUN_OPTIONS = (
     "model", "dataset", "data_dir", "num_images", "prior", "likelihood", "latent_dim", "hidden_dim", "guide",
     "num_components", "method", "batch_size", "elbo", "num_particles", "kl_warmup",
-    "seed", "device", "out", "binarize", "train_size", "train_eval_size", "compile",
+    "seed", "device", "out", "binarize", "train_size", "train_eval_size", "compile", "labels", "label_seed",
     "lr_schedule", "lr_schedule_options", "clip_grad_norm", "val_fraction", "early_stopping_patience",
     "kl_schedule", "kl_weight", "kl_cycle_epochs", "kl_cycle_ratio", "precision",
     # disentangling objectives (ppl_vae.inference.disentangle)
@@ -77,6 +77,9 @@ RUN_OPTIONS = (
               help="bf16: bfloat16 autocast of the training loss (CUDA only).")
 @click.option("--binarize", type=click.Choice(["none", "dynamic", "threshold"]), default="none", show_default=True)
 @click.option("--train-size", type=int, default=None, help="Use only the first N training points.")
+@click.option("--labels", type=int, default=None,
+              help="Semi-supervised (m2): keep N training labels, balanced per class, the rest unlabelled.")
+@click.option("--label-seed", type=int, default=0, show_default=True, help="Which N points keep labels (--labels).")
 @click.option("--train-eval-size", type=int, default=1000, show_default=True,
               help="Training points (a fixed seeded subset) the per-epoch train ELBO uses; 0: all of them.")
 @click.option("--objective", default="elbo", show_default=True,
@@ -236,7 +239,8 @@ FIELD_FLAGS = {
     "model.latent_dim": "--latent-dim", "model.hidden_dim": "--hidden-dim", "model.prior_options": "--num-components",
     "model.guide": "--guide",
     "data.dataset": "--dataset", "data.data_dir": "--data-dir", "data.binarize": "--binarize",
-    "data.train_size": "--train-size", "data.num_images": "--num-images",
+    "data.train_size": "--train-size", "data.num_images": "--num-images", "data.labels": "--labels",
+    "data.label_seed": "--label-seed",
     "train.method": "--method", "train.epochs": "--epochs", "train.batch_size": "--batch-size", "train.lr": "--lr",
     "train.optimizer": "--optimizer", "train.elbo": "--elbo", "train.num_particles": "--num-particles",
     "train.kl_warmup_epochs": "--kl-warmup", "train.seed": "--seed", "train.device": "--device",

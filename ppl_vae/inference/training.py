@@ -21,7 +21,7 @@ import numpy as np
 import pyro
 import torch
 import xarray as xr
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 
 from ppl_vae.config import TrainConfig
 from ppl_vae.data.datasets import Dataset
@@ -35,6 +35,10 @@ ELBOS: Registry[Callable[..., pyro.infer.ELBO]] = Registry("elbo")
 ELBOS.register("trace", doc="Trace_ELBO: AEVB's SGVB estimator A (Monte Carlo KL)")(Trace_ELBO)
 ELBOS.register("mean_field", doc="TraceMeanField_ELBO: AEVB's estimator B (analytic KL)")(
     TraceMeanField_ELBO
+)
+ELBOS.register("enum", doc="TraceEnum_ELBO: Trace_ELBO with the discrete sites marked for enumeration summed "
+               "out exactly (M2, the GMVAE); 'trace' means this for a model that declares enumerated_sites")(
+    TraceEnum_ELBO
 )
 # Pyro's JitTrace_ELBO rests on torch.jit.trace, deprecated in torch 2.x: compile= replaces it.
 _REMOVED_ELBOS = {"jit_trace": "trace", "jit_mean_field": "mean_field"}
@@ -304,6 +308,19 @@ def make_stepper(vae: VAE, config: TrainConfig) -> Stepper:
     return OBJECTIVES.get(config.objective)(vae, config)
 
 
+def enumerating_elbo(vae: VAE, name: str) -> str:
+    """The ELBO to train ``vae`` with: "enum" for "trace" when the model declares
+    ``enumerated_sites`` (discrete sites summed out, e.g. M2's y), else ``name``; an ELBO that
+    cannot enumerate such a model is refused."""
+    sites = tuple(getattr(vae, "enumerated_sites", ()))
+    if not sites:
+        return name
+    if name not in ("trace", "enum"):
+        raise ConfigError(f"train.elbo {name!r} cannot sum out the discrete site(s) {', '.join(map(repr, sites))} of "
+                          f"{type(vae).__name__}: use 'trace' or 'enum' (TraceEnum_ELBO)", field="train.elbo")
+    return "enum"
+
+
 @METHODS.register("svi", doc="SVI on the ELBO: AEVB's algorithm 1 (encoder and decoder jointly)")
 class SVIStepper(Stepper):
     """AEVB: one gradient step on the chosen ELBO for encoder and decoder together.
@@ -314,7 +331,7 @@ class SVIStepper(Stepper):
 
     def __init__(self, vae: VAE, config: TrainConfig):
         self.vae = vae
-        self.elbo: Any = ELBOS.get(config.elbo)(
+        self.elbo: Any = ELBOS.get(enumerating_elbo(vae, config.elbo))(
             num_particles=config.num_particles,
             vectorize_particles=config.num_particles > 1,
             max_plate_nesting=1,

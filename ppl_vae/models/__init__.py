@@ -1,6 +1,12 @@
 """Models: networks, priors, likelihoods, the VAE model/guide pair and the model registry."""
 
-from ppl_vae.models import conv, cvae, scvae, text  # noqa: E402,F401  (registers the "conv" and "cvae" models)  # noqa: E402,F401  (registers "scvae", "scvae_plain", "text_hybrid")
+from ppl_vae.models import (  # noqa: E402,F401  (registers the "conv" and "cvae" models)  # noqa: E402,F401  (registers "scvae", "scvae_plain", "text_hybrid")
+                                   conv,
+                                   cvae,
+                                   discrete,  # noqa: E402,F401  (registers "m2", "gmvae", "relaxed_gmvae")
+                                   scvae,
+                                   text,
+)
 from ppl_vae.models.guides import GUIDES, IAFGuideVAE, make_guide
 from ppl_vae.models.likelihoods import LIKELIHOODS, Likelihood, make_likelihood
 from ppl_vae.models.priors import (

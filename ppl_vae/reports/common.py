@@ -39,8 +39,12 @@ class Selection:
 
     def model_kwargs(self, run: Run) -> Dict[str, Tensor]:
         """``{"y": labels}`` when the dataset has labels (the model contract: models that
-        ignore labels ignore ``y``; a conditional model without them says so itself)."""
-        return {} if self.labels is None else {"y": self.labels}
+        ignore labels ignore ``y``; a conditional model without them says so itself). A model
+        whose labels are a latent site it sums out (M2's y: ``enumerated_sites``) gets none, so
+        it is scored on x alone: log p(x) with y summed out, as for unlabelled data."""
+        if self.labels is None or getattr(run.vae, "enumerated_sites", ()):
+            return {}
+        return {"y": self.labels}
 
 
 def select_datapoints(run: Run, split: str = "test", num_datapoints: Optional[int] = None,
