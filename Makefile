@@ -1,10 +1,12 @@
-# `make demo` and `make test` each install what they need into .venv first.
+# `make demo`, `make test`, `make docs` and `make lint` each install what they need into .venv first.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.installed-docs
+LINT_STAMP := $(VENV)/.installed-lint
 
-.PHONY: demo test install clean
+.PHONY: demo test test-arviz1 docs lint install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +17,14 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+$(LINT_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[lint]"
+	touch $(LINT_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -23,5 +33,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# the documentation site (guides + API reference from the docstrings) in site/; warnings are errors
+docs: $(DOCS_STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
+# static checks (settings in pyproject.toml); formatting is not checked here
+lint: $(LINT_STAMP)
+	$(BIN)/ruff check ppl_vae tests
+	$(BIN)/mypy ppl_vae
+
+# ArviZ 1.x needs Python >= 3.12 (the main venv's torch is for 3.11): its export layer in a second venv
+test-arviz1:
+	bash .ci/arviz1
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-arviz1 site runs .pytest_cache

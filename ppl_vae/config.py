@@ -50,6 +50,9 @@ class DataConfig:
     test_fraction: float = 0.2
     split_seed: int = 0
     train_size: Optional[int] = None
+    num_images: Optional[int] = None  # dsprites: size of the seeded random subset (None: 10,000)
+    labels: Optional[int] = None  # keep this many training labels, balanced per class (semi-supervised)
+    label_seed: int = 0  # which ones (see ppl_vae.data.labels.keep_labels)
 
 
 @dataclass
@@ -72,6 +75,30 @@ class TrainConfig:
     ``train_eval_size``: the per-epoch ``train_elbo`` is computed on this many training points,
     a subset drawn once from ``seed`` (``None``: the whole training set). ``test_elbo`` always
     uses the whole test set.
+
+    Training controls (see :func:`ppl_vae.inference.training.train`):
+    ``lr_schedule``: the name of a ``torch.optim.lr_scheduler`` class (``"StepLR"``,
+    ``"CosineAnnealingLR"``, ``"ReduceLROnPlateau"``, ...) built with ``lr_schedule_options``
+    and stepped once per epoch; ``ReduceLROnPlateau`` is stepped with the validation ELBO (it
+    needs ``val_fraction`` > 0; ``mode`` defaults to ``"max"``). ``clip_grad_norm``: the total
+    gradient norm is clipped to this before every update (None: no clipping).
+    ``val_fraction``: this fraction of the training data, drawn with ``seed``, is held out as a
+    validation set (its ELBO is the history's ``val_elbo``; the model never trains on it).
+    ``early_stopping_patience``: stop when the validation ELBO has not improved for this many
+    epochs (None: never); with a validation set the best epoch's weights are also kept in
+    ``checkpoint-best.safetensors``.
+    ``kl_schedule``: the KL weight over the steps: ``"linear"`` (rises from 0 to ``kl_weight``
+    over ``kl_warmup_epochs``; 0 epochs: ``kl_weight`` from the start), ``"cyclical"`` (Fu et al.
+    2019: cycles of ``kl_cycle_epochs`` epochs, rising linearly over the first ``kl_cycle_ratio``
+    of each, then held at ``kl_weight``) or ``"constant"`` (``kl_weight`` throughout).
+    ``precision``: ``"fp32"``, or ``"bf16"`` (bfloat16 autocast of the loss; CUDA only).
+    ``objective``: what the "svi" method maximizes: "elbo" (the method's own), or a disentangling
+    objective from :data:`ppl_vae.inference.disentangle.OBJECTIVES` with its weights — "beta_vae"
+    (``beta``), "capacity" (``gamma`` |KL - C|, C rising from 0 to ``capacity_max`` nats between
+    ``capacity_start_epoch`` and ``capacity_end_epoch``), "beta_tc" (``tc_alpha``, ``tc_beta``,
+    ``tc_gamma`` on mutual information, total correlation and dimension-wise KL, estimated by
+    ``tc_estimator`` "mws" or "mss"), "free_bits" (a KL floor of ``free_bits`` nats per latent
+    dimension, or per each of ``free_bits_groups`` groups).
     """
 
     method: str = "svi"
@@ -90,6 +117,29 @@ class TrainConfig:
     finite_check: str = "auto"
     train_eval_size: Optional[int] = 1000
     compile: Optional[str] = None
+    lr_schedule: Optional[str] = None
+    lr_schedule_options: Dict[str, Any] = field(default_factory=dict)
+    clip_grad_norm: Optional[float] = None
+    val_fraction: float = 0.0
+    early_stopping_patience: Optional[int] = None
+    kl_schedule: str = "linear"
+    kl_weight: float = 1.0
+    kl_cycle_epochs: int = 10
+    kl_cycle_ratio: float = 0.5
+    precision: str = "fp32"
+    # Disentangling objectives (ppl_vae.inference.disentangle; "elbo" is the method's own).
+    objective: str = "elbo"
+    beta: float = 1.0
+    capacity_max: float = 25.0
+    capacity_start_epoch: float = 0.0
+    capacity_end_epoch: float = 10.0
+    gamma: float = 1000.0
+    tc_alpha: float = 1.0
+    tc_beta: float = 1.0
+    tc_gamma: float = 1.0
+    tc_estimator: str = "mws"
+    free_bits: float = 0.0
+    free_bits_groups: Optional[int] = None
 
 
 @dataclass

@@ -8,6 +8,7 @@ target, never the temporary file.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import tempfile
 from contextlib import contextmanager
@@ -19,15 +20,47 @@ os.umask(_UMASK)
 
 TEMP_SUFFIX = ".tmp"
 
+# a run directory's own files (ppl_vae.runs names them): only the run layer writes them
+RUN_CONFIG_NAME = "config.json"
+RUN_FILE_PATTERNS = (RUN_CONFIG_NAME, "checkpoint*.safetensors", "history.nc")
+
+
+def _is_run_dir(folder: Path) -> bool:
+    return (folder / RUN_CONFIG_NAME).is_file()
+
+
+def check_target(path: Path, *, run_files: bool = False) -> Path:
+    """Refuse (``ValueError``, one line) a write that would replace a run directory's own file
+    (config.json, checkpoint*.safetensors, history.nc; unless ``run_files``), or that would go
+    through a symlink leaving a run directory above it: a run directory may come from someone
+    else, and a link inside it (``RUN/multirun -> ~/elsewhere``) must not redirect our writes."""
+    path = Path(path)
+    absolute = Path(os.path.abspath(path))
+    if not run_files and _is_run_dir(absolute.parent) and any(fnmatch.fnmatch(absolute.name, pattern)
+                                                              for pattern in RUN_FILE_PATTERNS):
+        raise ValueError(f"refusing to write {path}: it is one of the run directory's own files "
+                         f"({', '.join(RUN_FILE_PATTERNS)}); write the output elsewhere")
+    real_parent = os.path.realpath(absolute.parent)
+    for ancestor in absolute.parents:
+        if _is_run_dir(ancestor):
+            root = os.path.realpath(ancestor)
+            if real_parent != root and not real_parent.startswith(root.rstrip(os.sep) + os.sep):
+                link = next((a for a in [absolute.parent, *absolute.parent.parents]
+                             if a != ancestor and a.is_symlink()), absolute.parent)
+                raise ValueError(f"refusing to write {path}: {link} is a symlink that leads out of the run "
+                                 f"directory {ancestor} (to {os.path.realpath(link)}); remove the link or "
+                                 "write elsewhere")
+    return path
+
 
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, *, run_files: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
 
     Raises ``ValueError`` naming ``path`` when its folder does not exist or is not a folder,
-    and when ``path`` is an existing folder.
+    and when ``path`` is an existing folder; :func:`check_target` refusals come first.
     """
-    path = Path(path)
+    path = check_target(Path(path), run_files=run_files)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file name")
     if not path.parent.is_dir():
@@ -48,24 +81,26 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def write_with(path: Path, writer: Callable[[Path], Any]) -> Path:
-    """``writer(tmp)`` writes the whole file to ``tmp``; it then replaces ``path``. Returns ``path``."""
-    with atomic_path(path) as tmp:
+def write_with(path: Path, writer: Callable[[Path], Any], *, run_files: bool = False) -> Path:
+    """``writer(tmp)`` writes the whole file to ``tmp``; it then replaces ``path``. Returns ``path``.
+
+    ``run_files``: the caller is the run layer, which may replace a run's own files."""
+    with atomic_path(path, run_files=run_files) as tmp:
         writer(tmp)
     return Path(path)
 
 
-def write_text(path: Path, text: str) -> Path:
-    return write_with(path, lambda tmp: tmp.write_text(text))
+def write_text(path: Path, text: str, *, run_files: bool = False) -> Path:
+    return write_with(path, lambda tmp: tmp.write_text(text), run_files=run_files)
 
 
 def write_bytes(path: Path, data: bytes) -> Path:
     return write_with(path, lambda tmp: tmp.write_bytes(data))
 
 
-def write_netcdf(dataset: Any, path: Path) -> Path:
+def write_netcdf(dataset: Any, path: Path, *, run_files: bool = False) -> Path:
     """An xarray Dataset or DataArray as netCDF (h5netcdf engine)."""
-    return write_with(path, lambda tmp: dataset.to_netcdf(tmp, engine="h5netcdf"))
+    return write_with(path, lambda tmp: dataset.to_netcdf(tmp, engine="h5netcdf"), run_files=run_files)
 
 
 def write_figure(fig: Any, path: Path, **savefig_kwargs: Any) -> Path:

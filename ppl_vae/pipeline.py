@@ -36,7 +36,15 @@ from ppl_vae.config import DataConfig, RunConfig
 from ppl_vae.data.datasets import Dataset, load_dataset
 from ppl_vae.errors import ConfigError, RunDirError, TrainingDiverged
 from ppl_vae.inference import distributed
-from ppl_vae.inference.training import METHODS, Stepper, TrainState, resolve_device, train, validate_train_config
+from ppl_vae.inference.training import (
+    Callback,
+    Stepper,
+    TrainState,
+    make_stepper,
+    resolve_device,
+    train,
+    validate_train_config,
+)
 from ppl_vae.models.vae import VAE
 from ppl_vae.models.zoo import build_vae
 
@@ -75,12 +83,15 @@ def seed_everything(seed: int) -> None:
     pyro.set_rng_seed(seed)
 
 
-def load_plugins(config: RunConfig) -> None:
-    """Import the plugin modules the run names, so its custom parts are registered."""
+def load_plugins(config: RunConfig, trust: Optional[bool] = None, source: str = "the run") -> None:
+    """Import the plugin modules the run names, so its custom parts are registered; only trusted
+    ones (see :func:`ppl_vae.plugins.load_run_plugins`): ``trust`` None follows the process's
+    setting (the CLI's ``--trust-plugins``)."""
     if config.plugins:
-        from ppl_vae.plugins import load_plugins as _load
+        from ppl_vae import plugins
 
-        _load(config.plugins)
+        plugins.load_run_plugins(config.plugins, trust=plugins.trust_all() if trust is None else trust,
+                                 source=source)
 
 
 def data_config(config: RunConfig, dataset: Optional[str] = None, data_dir: Optional[str] = None) -> DataConfig:
@@ -89,15 +100,22 @@ def data_config(config: RunConfig, dataset: Optional[str] = None, data_dir: Opti
     d = config.data
     if dataset is None and data_dir is None:
         return d
-    return replace(d, dataset=d.dataset if dataset is None else str(dataset),
-                   data_dir=d.data_dir if data_dir is None else str(data_dir))
+    new = replace(d, dataset=d.dataset if dataset is None else str(dataset),
+                  data_dir=d.data_dir if data_dir is None else str(data_dir))
+    # a subset size belongs to the run's own (generated) data set, not to another one
+    return new if new.dataset == d.dataset else replace(new, num_images=None)
 
 
 def load_data(config: RunConfig, *, dataset: Optional[str] = None, data_dir: Optional[str] = None) -> Dataset:
     """The run's data (see :func:`data_config` for ``dataset``/``data_dir``)."""
     d = data_config(config, dataset, data_dir)
-    return load_dataset(d.dataset, d.data_dir, binarize=d.binarize, test_fraction=d.test_fraction,
-                        split_seed=d.split_seed, train_size=d.train_size)
+    data = load_dataset(d.dataset, d.data_dir, binarize=d.binarize, test_fraction=d.test_fraction,
+                        split_seed=d.split_seed, train_size=d.train_size, num_images=d.num_images)
+    if d.labels is not None:  # semi-supervised: the same seeded split wherever the run is loaded
+        from ppl_vae.data.labels import keep_labels
+
+        data = keep_labels(data, d.labels, d.label_seed)
+    return data
 
 
 def build_model(config: RunConfig, event_shape, data_info: Optional[dict] = None) -> VAE:
@@ -118,11 +136,13 @@ def build_model(config: RunConfig, event_shape, data_info: Optional[dict] = None
     )
 
 
-def prepare(config: RunConfig, world_size: int = 1, device: Optional[torch.device] = None
-            ) -> Tuple[VAE, Dataset, Stepper]:
+def prepare(config: RunConfig, world_size: int = 1, device: Optional[torch.device] = None,
+            trust_plugins: Optional[bool] = True) -> Tuple[VAE, Dataset, Stepper]:
     """Check ``config``, seed the RNGs, load the data, build the model and its stepper (on
-    ``device``, default the config's). Touches no file; raises on any bad input."""
-    load_plugins(config)
+    ``device``, default the config's). Touches no file; raises on any bad input.
+    ``trust_plugins``: whether the config's plugins may be imported (True for a config the caller
+    built; a received run's config goes through :func:`load_plugins`'s trust rule first)."""
+    load_plugins(config, trust_plugins)
     if world_size > 1:
         distributed.check_config(config.train, world_size)
     else:
@@ -134,7 +154,7 @@ def prepare(config: RunConfig, world_size: int = 1, device: Optional[torch.devic
     vae.likelihood.check_support(data.test, what=f"the test data of {data.name}")
     device = resolve_device(config.train.device) if device is None else device
     vae, data = vae.to(device), data.to(device)
-    stepper = METHODS.get(config.train.method)(vae, config.train)  # methods refuse models they cannot train
+    stepper = make_stepper(vae, config.train)  # methods and objectives refuse models they cannot train
     return vae, data, stepper
 
 
@@ -170,6 +190,8 @@ class Job:
     callbacks: Tuple[Any, ...] = ()
     timeout_s: float = distributed.DEFAULT_TIMEOUT_S
     start_epoch: int = 0
+    lr_scale: Optional[float] = None
+    reset_optimizer: bool = False
 
 
 def world_size(nproc: int) -> int:
@@ -224,10 +246,19 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
     vae, data, stepper = prepared
     config, run_dir = job.config, job.run_dir
     writer = dist is None or dist.is_main
-    if (job.fresh or job.write_config) and writer:
+    if job.fresh and writer:
         run_dir.mkdir(parents=True, exist_ok=True)
         runs.save_config(run_dir, config)
-    state = TrainState() if job.fresh else runs.restore(run_dir, vae, stepper)
+    if not job.fresh:
+        _check_labelled_split(run_dir, data)
+    state = TrainState() if job.fresh else runs.restore(run_dir, vae, stepper,
+                                                         optimizer_state=not job.reset_optimizer)
+    if job.lr_scale is not None and not job.reset_optimizer:
+        for optimizer in stepper.optimizers.values():  # the restored state keeps the old rate
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] * job.lr_scale
+    if job.write_config and not job.fresh and writer:
+        runs.save_config(run_dir, config)  # only once the checkpoint is known to restore
     start = state.epoch
     checkpointer = runs.Checkpointer(run_dir, config.train.checkpoint_every,
                                      extra={"event_shape": list(data.event_shape), "data_info": data.data_info})
@@ -236,6 +267,7 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
         from ppl_vae.analysis.generation import SampleGridRecorder
 
         callbacks.append(SampleGridRecorder(run_dir / "samples"))
+    callbacks.append(DivergenceCheck(int(np.prod(data.event_shape))))
     callbacks.extend(job.callbacks)
     try:
         history = train(vae, data, config.train, stepper=stepper, state=state, callbacks=callbacks,
@@ -253,14 +285,64 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
     return Run(run_dir, config, vae, history, new_epochs=int(history.sizes.get("epoch", 0)) - start)
 
 
-def _discard_unstarted(job: Job) -> None:
-    """Remove what a fresh run wrote when it stopped before its first checkpoint."""
-    if not job.fresh or runs.started(job.run_dir) or not job.run_dir.is_dir():
+class DivergenceCheck(Callback):
+    """Warns, naming the epoch, the step and the setting to change, when an epoch's ELBO is NaN,
+    infinite, or below any plausible value: ``PLAUSIBLE_NATS_PER_DIM`` nats per data dimension
+    (-5.6e30 from an SGD run ended with exit 0 and no word)."""
+
+    PLAUSIBLE_NATS_PER_DIM = 1e6
+
+    def __init__(self, num_dims: int):
+        self.floor = -self.PLAUSIBLE_NATS_PER_DIM * max(1, num_dims)
+
+    def on_epoch_end(self, ctx) -> None:
+        import warnings
+
+        record = ctx.state.records[-1]
+        for key in ("train_elbo", "test_elbo"):
+            value = record.get(key)
+            if value is None:
+                continue
+            if not np.isfinite(value) or value < self.floor:
+                what = "is not finite" if not np.isfinite(value) else f"is below any plausible value ({self.floor:.3g})"
+                warnings.warn(
+                    f"training has diverged: epoch {ctx.state.epoch} (step {ctx.state.step}) ended with "
+                    f"{key.replace('_', ' ').replace('elbo', 'ELBO')} {value:.3g} nats per datapoint, which {what}; "
+                    f"choose a smaller learning rate (train.lr, --lr; now {ctx.config.lr:g}) or another optimizer "
+                    f"(train.optimizer, --optimizer; now {ctx.config.optimizer})", UserWarning, stacklevel=2)
+                return
+
+
+def _check_labelled_split(run_dir: Path, data: Dataset) -> None:
+    """A semi-supervised run resumes on the labelled points it was trained with (saved in the checkpoint)."""
+    if not runs.started(run_dir):
         return
+    _, meta = runs.read_checkpoint(run_dir, tensors=False)
+    saved = meta.get("extra", {}).get("data_info", {}).get("labelled_indices")
+    if saved is not None and saved != data.data_info.get("labelled_indices"):
+        raise RunDirError(f"{run_dir}: the labelled training points differ from those the checkpoint was trained "
+                          "with (data.labels, data.label_seed or the data changed); start a new run")
+
+
+def _discard_unstarted(job: Job) -> None:
+    """Remove what a fresh run wrote when it stopped before finishing its first epoch: an epoch-0
+    checkpoint only repeats the failure, and the folder would refuse a corrected ``fit``."""
+    if not job.fresh or not job.run_dir.is_dir():
+        return
+    if runs.started(job.run_dir):
+        try:
+            if runs.checkpoint_epoch(job.run_dir) > 0:
+                return
+        except RunDirError:
+            return
     if job.created:
         shutil.rmtree(job.run_dir, ignore_errors=True)
     else:
-        (job.run_dir / runs.CONFIG).unlink(missing_ok=True)
+        for name in (runs.CONFIG, runs.CHECKPOINT, runs.HISTORY):  # the folder held nothing else (is_reusable)
+            (job.run_dir / name).unlink(missing_ok=True)
+        if job.sample_grids:
+            shutil.rmtree(job.run_dir / "samples", ignore_errors=True)
+            (job.run_dir / "samples.gif").unlink(missing_ok=True)
         runs.remove_stale_temp_files(job.run_dir)
 
 
@@ -295,6 +377,9 @@ def fit(config: RunConfig, out: Optional[Path] = None, *, nproc: int = 1, progre
         prepared[2].close()  # checked here; every rank builds its own
         prepared = None
     run_dir = default_run_dir(config) if out is None else Path(out)
+    if str(out) == "" or str(out).isspace():
+        raise RunDirError("the run directory (--out) is an empty name; give a folder name")
+    _check_name_lengths(run_dir)
     if not runs.is_reusable(run_dir):
         what = "is a file" if run_dir.exists() and not run_dir.is_dir() else "already holds files"
         raise RunDirError(f"{run_dir} {what}; write the run to another folder or resume it")
@@ -312,9 +397,31 @@ def _check_parent(run_dir: Path) -> None:
             return
 
 
+def _check_name_lengths(path: Path) -> None:
+    """A one-line RunDirError for a path the filesystem would refuse as too long (before any work)."""
+    import os
+
+    absolute = Path(os.path.abspath(path))
+    try:  # (Path.exists itself raises for a name that is too long: ask the current folder's filesystem)
+        name_max = os.pathconf(os.getcwd(), "PC_NAME_MAX")
+        path_max = os.pathconf(os.getcwd(), "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max, path_max = 255, 4096
+    for part in absolute.parts:
+        if len(os.fsencode(part)) > name_max:
+            raise RunDirError(f"cannot create the run directory: the name {part[:20]}... is "
+                              f"{len(os.fsencode(part))} bytes long; the filesystem allows {name_max}")
+    longest = len(os.fsencode(str(absolute))) + 40  # room for the files written inside
+    if longest > path_max:
+        raise RunDirError(f"cannot create the run directory {str(path)[:40]}...: its path is "
+                          f"{len(os.fsencode(str(absolute)))} bytes long; the filesystem allows {path_max} "
+                          "including the files inside; choose a shorter --out")
+
+
 def resume(run_dir: Path, *, epochs: Optional[int] = None, nproc: int = 1, progress: bool = True,
            sample_grids: bool = False, callbacks: Sequence[Any] = (),
-           timeout_s: float = distributed.DEFAULT_TIMEOUT_S) -> Run:
+           timeout_s: float = distributed.DEFAULT_TIMEOUT_S, trust_plugins: Optional[bool] = None,
+           lr: Optional[float] = None, optimizer: Optional[str] = None) -> Run:
     """Continue a run from its checkpoint up to ``epochs`` epochs (default: the config's).
 
     ``epochs`` must exceed the epochs already done. A run that is already complete (and no
@@ -325,35 +432,59 @@ def resume(run_dir: Path, *, epochs: Optional[int] = None, nproc: int = 1, progr
     distributed.check_timeout(timeout_s)
     run_dir = Path(run_dir)
     config = runs.load_config(run_dir)
+    load_plugins(config, trust_plugins, source=str(run_dir))  # before anything imports its parts
     world = world_size(nproc)
     if not distributed.launched_by_torchrun():
         runs.remove_stale_temp_files(run_dir)  # once, here: never by several ranks at a time
     fresh = not runs.started(run_dir)
+    if fresh and (run_dir / runs.HISTORY).is_file():
+        raise RunDirError(f"{run_dir} has {runs.HISTORY} but no {runs.CHECKPOINT}: the trained weights are lost, "
+                          "so it cannot be continued; restore the checkpoint, or start a new run in another folder")
     done = 0 if fresh else runs.checkpoint_epoch(run_dir)
+    changed = {}
+    if lr is not None and lr != config.train.lr:
+        changed["lr"] = lr
+    if optimizer is not None and optimizer != config.train.optimizer:
+        changed["optimizer"] = optimizer
+    old_lr = config.train.lr
+    if changed:
+        config.train = replace(config.train, **changed)
     if epochs is not None:
         if epochs <= done:
             raise ConfigError(f"train.epochs ({epochs}) must be more than the {done} epochs {run_dir} has done "
                               "to continue it", field="train.epochs")
         config.train.epochs = epochs
     elif done >= config.train.epochs:
+        if changed:
+            raise ConfigError(f"{run_dir} has done all {done} of its epochs; give train.epochs (more than {done}) "
+                              "to train it further with new settings", field="train.epochs")
         return load_run(run_dir)  # complete: nothing to do
     prepared = prepare(config, world) if not distributed.launched_by_torchrun() else None
     if world > 1 and prepared is not None:
         prepared[2].close()
         prepared = None
     # config.json takes the new target once it is known to be valid (written by the writing rank)
-    job = Job(config, run_dir, fresh=fresh, created=False, write_config=epochs is not None,
+    job = Job(config, run_dir, fresh=fresh, created=False, write_config=epochs is not None or bool(changed),
               progress=progress, sample_grids=sample_grids,
-              callbacks=tuple(callbacks), timeout_s=timeout_s, start_epoch=done)
+              callbacks=tuple(callbacks), timeout_s=timeout_s, start_epoch=done,
+              lr_scale=config.train.lr / old_lr if "lr" in changed else None,
+              reset_optimizer="optimizer" in changed)
     return execute(job, world, prepared)
 
 
-def load_run(run_dir: Path, device: str = "cpu") -> Run:
-    """Rebuild a run's model with its trained weights, in eval mode (no data is loaded except its shape)."""
+def load_run(run_dir: Path, device: str = "cpu", *, best: bool = False,
+             trust_plugins: Optional[bool] = None) -> Run:
+    """Rebuild a run's model with its trained weights, in eval mode (no data is loaded except its shape).
+
+    ``best``: the weights of the epoch with the best validation ELBO (``checkpoint-best.safetensors``,
+    written when the run has a validation split) instead of the last; the history stays whole.
+    The plugins its config names are imported only when trusted (installed entry points, plugins
+    already loaded, or ``trust_plugins=True``; None: the process's ``--trust-plugins`` setting)."""
     run_dir = Path(run_dir)
     config = runs.load_config(run_dir)
-    load_plugins(config)
-    tensors, meta = runs.read_checkpoint(run_dir)
+    load_plugins(config, trust_plugins, source=str(run_dir))
+    name = runs.CHECKPOINT_BEST if best else runs.CHECKPOINT
+    tensors, meta = runs.read_checkpoint(run_dir, checkpoint=name)
     extra = meta.get("extra", {})
     if "event_shape" in extra:
         event_shape, data_info = extra["event_shape"], extra.get("data_info", {})
@@ -361,7 +492,7 @@ def load_run(run_dir: Path, device: str = "cpu") -> Run:
         data = load_data(config)
         event_shape, data_info = data.event_shape, data.data_info
     vae = build_model(config, event_shape, data_info)
-    runs.load_weights(vae, tensors, str(run_dir / runs.CHECKPOINT))
+    runs.load_weights(vae, tensors, str(run_dir / name))
     vae.eval()
     history = runs.load_history(run_dir) if (run_dir / runs.HISTORY).is_file() else xr.Dataset()
     return Run(run_dir, config, vae.to(resolve_device(device)), history)

@@ -12,11 +12,20 @@ A plugin is an ordinary Python module whose import registers its parts, e.g.
 A spec is ``"module"`` or ``"module:function"``; the function, when given, is called once
 with no arguments after the import (a registration hook). A run records the specs it used in
 ``RunConfig.plugins`` so that evaluate, compare and resume load the same parts.
+
+A run directory is data a user may receive from someone else, so the plugins its config names
+are imported by :func:`load_run_plugins` only when they are trusted: already loaded in this
+process (``--plugin``, :func:`load_plugins`, an installed entry point), installed as a
+``ppl_vae.plugins`` entry point, or when the caller trusts the run (``--trust-plugins``,
+``trust=True``). A name a run records must be a dotted module name (``mypkg.parts``): no
+``module:function`` hook, so ``"sys:exit"`` or ``"code:interact"`` never run from a config.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
+import sys
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Sequence
 
@@ -50,6 +59,16 @@ def _check_spec(spec: object) -> str:
     if not all(part.isidentifier() for part in module.split(".")) or (attr and not attr.isidentifier()):
         raise PluginError(f"plugin must be a module name such as 'mypkg.parts' (or 'module:function'), got {spec!r}")
     return spec.strip()
+
+
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
+
+
+def check_module_name(name: object, what: str = "plugin") -> str:
+    """``name`` when it is a dotted module name such as ``mypkg.parts``; else a PluginError."""
+    if not isinstance(name, str) or not _MODULE_NAME.match(name):
+        raise PluginError(f"{what} must be a dotted module name such as 'mypkg.parts', got {name!r}")
+    return name
 
 
 def load_plugin(spec: str) -> str:
@@ -130,3 +149,63 @@ def merge(*groups: Sequence[str]) -> List[str]:
     for group in groups:
         out.extend(s for s in group if s not in out)
     return out
+
+
+def _installed_specs() -> set:
+    specs = set()
+    for ep in discover():
+        specs.add(ep.spec)
+        specs.add(ep.spec.partition(":")[0])
+    return specs
+
+
+def load_run_plugins(names: Sequence[str], *, trust: bool = False, source: str = "the run") -> List[str]:
+    """Import the plugins a run's config names, when they are trusted (see the module docstring).
+
+    Each name must be a dotted module name, or exactly the spec of an installed entry point. A
+    name that is neither loaded, installed, nor covered by ``trust`` raises a one-line
+    :class:`PluginError` saying which flag loads it; nothing is imported then.
+    """
+    names = list(names or [])
+    if not names:
+        return []
+    installed = None
+    untrusted = []
+    for name in names:
+        if isinstance(name, str) and _LOADED.get(name.strip()):
+            continue
+        if installed is None:
+            installed = _installed_specs()
+        if isinstance(name, str) and name in installed:
+            continue
+        if isinstance(name, str) and name.count(":") == 1 and all(
+                _MODULE_NAME.match(part) for part in name.split(":")):
+            untrusted.append(name)  # a hook runs a function: only an explicit --plugin allows it
+            continue
+        check_module_name(name, f"plugin named by {source}")
+        if trust or name in sys.modules:  # an imported module runs no code when imported again
+            continue
+        untrusted.append(name)
+    if untrusted:
+        flags = " ".join(f"--plugin {n}" for n in untrusted)
+        raise PluginError(
+            f"{source} names plugin{'s' if len(untrusted) > 1 else ''} {', '.join(map(repr, untrusted))}, "
+            f"not installed as a {ENTRY_POINT_GROUP} entry point; a received run never imports code by itself: "
+            f"load it with `ppl-vae {flags} ...` (or `ppl-vae --trust-plugins ...` to import every plugin "
+            "the run names) if you trust it")
+    return load_plugins(names)
+
+
+_TRUST_ALL = False
+
+
+def set_trust_all(value: bool) -> bool:
+    """Whether runs' plugins are imported without being loaded first (the CLI's
+    ``--trust-plugins``); returns the previous value."""
+    global _TRUST_ALL
+    previous, _TRUST_ALL = _TRUST_ALL, bool(value)
+    return previous
+
+
+def trust_all() -> bool:
+    return _TRUST_ALL

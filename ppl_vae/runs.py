@@ -6,6 +6,8 @@ Layout::
     RUN/checkpoint.safetensors  model weights, optimizer state, RNG state, epoch (safetensors:
                                 plain tensors and JSON metadata, so loading never executes code)
     RUN/history.nc              per-epoch history (xarray Dataset, netCDF)
+    RUN/checkpoint-best.safetensors  with a validation split (train.val_fraction): the weights
+                                and state of the epoch with the best validation ELBO so far
 
 Every file is written atomically (:mod:`ppl_vae.io`). :func:`save` writes the history first
 and the checkpoint last: the checkpoint is the commit point. A kill between the two leaves a
@@ -17,6 +19,7 @@ first step (:func:`started` is False): resume starts it from scratch.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -30,6 +33,7 @@ from ppl_vae.inference.training import (
     Stepper,
     TrainContext,
     TrainState,
+    epochs_since_best,
     history_records,
     history_to_xarray,
 )
@@ -37,9 +41,10 @@ from ppl_vae.io import TEMP_SUFFIX, remove_stale_temp_files, write_netcdf, write
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_BEST = "checkpoint-best.safetensors"
 HISTORY = "history.nc"
 
-__all__ = ["CONFIG", "CHECKPOINT", "HISTORY", "Checkpointer", "load_config", "load_history", "read_checkpoint",
+__all__ = ["CONFIG", "CHECKPOINT", "CHECKPOINT_BEST", "HISTORY", "Checkpointer", "load_config", "load_history", "read_checkpoint",
            "remove_stale_temp_files", "restore", "save", "save_config", "started", "is_reusable"]
 
 
@@ -47,7 +52,7 @@ __all__ = ["CONFIG", "CHECKPOINT", "HISTORY", "Checkpointer", "load_config", "lo
 
 
 def save_config(run_dir: Path, config: RunConfig) -> None:
-    write_text(Path(run_dir) / CONFIG, config.to_json() + "\n")
+    write_text(Path(run_dir) / CONFIG, config.to_json() + "\n", run_files=True)
 
 
 def load_config(run_dir: Path) -> RunConfig:
@@ -106,6 +111,8 @@ def _flatten_optimizers(optimizers: Dict[str, torch.optim.Optimizer]) -> Tuple[D
 def _optimizer_states(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     """The optimizer state dicts saved by :func:`save`, by optimizer name (each with its ``"type"``)."""
     saved = meta.get("optimizers", {})
+    if not all(isinstance(m, dict) and isinstance(m.get("param_groups"), list) for m in saved.values()):
+        raise RunDirError("the checkpoint is damaged: its optimizer metadata lacks 'param_groups'")
     states: Dict[str, Dict[str, Any]] = {
         name: {"state": {}, "param_groups": m["param_groups"], "type": m.get("type")} for name, m in saved.items()
     }
@@ -113,44 +120,90 @@ def _optimizer_states(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) ->
     for name, value in list(tensors.items()) + list(scalars.items()):
         if not name.startswith("optim."):
             continue
-        _, opt_name, idx, key = name.split(".", 3)
+        parts = name.split(".", 3)
+        if len(parts) != 4 or not parts[2].isdigit() or parts[1] not in states:
+            raise RunDirError(f"the checkpoint is damaged: optimizer state {name!r} is not named "
+                              "optim.OPTIMIZER.INDEX.KEY after an optimizer it records")
+        _, opt_name, idx, key = parts
         states[opt_name]["state"].setdefault(int(idx), {})[key] = value
     return states
 
 
+def _json_safe(value: Any) -> Any:
+    """Scheduler state as JSON: tensors and numpy scalars become lists and numbers."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint's metadata")
+
+
+def _encode_state(value: Any) -> Any:
+    """A state dict as JSON-able data that :func:`_decode_state` turns back into the same
+    types: JSON object keys are strings, so a dict with other keys (MultiStepLR's milestones, a
+    Counter of ints) is kept as a tagged list of pairs."""
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value) and "__items__" not in value:
+            return {k: _encode_state(v) for k, v in value.items()}
+        return {"__items__": [[_encode_state(k), _encode_state(v)] for k, v in value.items()],
+                "__type__": "Counter" if isinstance(value, Counter) else "dict"}
+    if isinstance(value, (list, tuple)):
+        return [_encode_state(v) for v in value]
+    return value
+
+
+def _decode_state(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "__items__" in value:
+            pairs = {_decode_state(k): _decode_state(v) for k, v in value["__items__"]}
+            return Counter(pairs) if value.get("__type__") == "Counter" else pairs
+        return {k: _decode_state(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode_state(v) for v in value]
+    return value
+
+
 def save(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper], state: TrainState, *,
-         attrs: Optional[dict] = None, extra: Optional[Dict[str, Any]] = None) -> None:
-    """Write the history, then the checkpoint (weights, optimizer state, RNG state, epoch and step).
+         attrs: Optional[dict] = None, extra: Optional[Dict[str, Any]] = None,
+         checkpoint: str = CHECKPOINT) -> None:
+    """Write the history, then the checkpoint (weights, optimizer and learning-rate scheduler
+    state, RNG state, epoch and step).
 
     ``extra``: JSON metadata kept with the weights (e.g. ``event_shape``, ``data_info``, so that
     :func:`ppl_vae.pipeline.load_run` can rebuild the model without loading the data).
+    ``checkpoint``: the file name (:data:`CHECKPOINT_BEST` writes the best epoch's, and no history).
     """
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
-    write_netcdf(history_to_xarray(state.records, attrs), run_dir / HISTORY)
+    if checkpoint == CHECKPOINT:
+        write_netcdf(history_to_xarray(state.records, attrs), run_dir / HISTORY, run_files=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
     meta: Dict[str, Any] = {"epoch": state.epoch, "step": state.step, "extra": extra or {}}
     if stepper is not None and stepper.optimizers:
         optim_tensors, meta["optimizers"] = _flatten_optimizers(stepper.optimizers)
         tensors.update(optim_tensors)
+    if stepper is not None and stepper.schedulers:
+        meta["schedulers"] = {name: _encode_state(sched.state_dict()) for name, sched in stepper.schedulers.items()}
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda{i}"] = s
-    write_with(run_dir / CHECKPOINT, lambda tmp: save_file(tensors, str(tmp), metadata={"ppl_vae": json.dumps(meta)}))
+    text = json.dumps(meta, default=_json_safe)
+    write_with(run_dir / checkpoint, lambda tmp: save_file(tensors, str(tmp), metadata={"ppl_vae": text}),
+               run_files=True)
 
 
-def read_checkpoint(run_dir: Path, *, tensors: bool = True) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """(tensors, metadata) of a run's checkpoint; corrupt or unsafe files raise RunDirError.
+def read_checkpoint(run_dir: Path, *, tensors: bool = True, checkpoint: str = CHECKPOINT
+                    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(tensors, metadata) of a run's checkpoint (``checkpoint``: its file name); corrupt or
+    unsafe files raise RunDirError.
 
     ``tensors=False`` reads the metadata only (the tensors come back empty)."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    path = Path(run_dir) / CHECKPOINT
+    path = Path(run_dir) / checkpoint
     if not path.is_file():
-        raise RunDirError(f"{run_dir} has no {CHECKPOINT}")
+        raise RunDirError(f"{run_dir} has no {checkpoint}")
     try:
         with open(path, "rb") as fh:
             head = fh.read(16)
@@ -161,9 +214,26 @@ def read_checkpoint(run_dir: Path, *, tensors: bool = True) -> Tuple[Dict[str, t
         loaded = load_file(str(path)) if tensors else {}
     except RunDirError:
         raise
-    except (SafetensorError, KeyError, ValueError, OSError, json.JSONDecodeError) as exc:
+    except KeyError:
+        raise RunDirError(f"{path} is not a ppl_vae checkpoint: it has no 'ppl_vae' metadata (epoch, step, "
+                          "optimizer state)") from None
+    except (SafetensorError, ValueError, OSError, json.JSONDecodeError) as exc:
         raise RunDirError(f"{path} is corrupt or not a ppl_vae checkpoint ({str(exc).splitlines()[0]})") from None
+    _check_meta(path, meta)
     return loaded, meta
+
+
+def _check_meta(path: Path, meta: Any) -> None:
+    """The checkpoint's metadata holds a non-negative integer ``epoch`` and ``step``."""
+    if not isinstance(meta, dict):
+        raise RunDirError(f"{path} is damaged: its metadata is not a JSON object")
+    for key in ("epoch", "step"):
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            what = "lacks" if key not in meta else f"has an invalid ({value!r})"
+            raise RunDirError(f"{path} is damaged: its metadata {what} {key!r}; restore the file or start a new run")
+    if not isinstance(meta.get("extra", {}), dict) or not isinstance(meta.get("optimizers", {}), dict):
+        raise RunDirError(f"{path} is damaged: its metadata 'extra'/'optimizers' are not JSON objects")
 
 
 def checkpoint_epoch(run_dir: Path) -> int:
@@ -196,19 +266,25 @@ def _few(names: list, limit: int = 3) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def restore(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper] = None) -> TrainState:
+def restore(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper] = None, *,
+            optimizer_state: bool = True) -> TrainState:
     """The inverse of :func:`save`: weights into ``vae``, optimizer states into ``stepper``, the
     torch RNG state, and the history trimmed to the checkpoint's epoch; returns the TrainState.
 
     A checkpoint past epoch 0 without its history, an optimizer the method does not have, or
-    state of another optimizer type raise RunDirError.
+    state of another optimizer type raise RunDirError. ``optimizer_state=False`` leaves the
+    stepper's optimizers as they are (a resume that switches optimizer starts its state afresh).
     """
     run_dir = Path(run_dir)
     tensors, meta = read_checkpoint(run_dir)
     load_weights(vae, tensors, str(run_dir / CHECKPOINT))
     epoch = int(meta["epoch"])
-    if stepper is not None:
-        for name, saved in _optimizer_states(tensors, meta).items():
+    if stepper is not None and optimizer_state:
+        try:
+            saved_states = _optimizer_states(tensors, meta)
+        except RunDirError as exc:
+            raise RunDirError(f"{run_dir / CHECKPOINT}: {exc}") from None
+        for name, saved in saved_states.items():
             if name not in stepper.optimizers:
                 raise RunDirError(f"{run_dir}: checkpoint has state for an optimizer {name!r} that method has not")
             saved_type, wanted_type = saved.pop("type", None), type(stepper.optimizers[name]).__name__
@@ -217,8 +293,12 @@ def restore(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper] = No
                                   f"{wanted_type}")
             try:
                 stepper.optimizers[name].load_state_dict(saved)
-            except (ValueError, KeyError) as exc:
-                raise RunDirError(f"optimizer state in {run_dir} does not fit: {exc}") from None
+            except (ValueError, KeyError, TypeError) as exc:
+                raise RunDirError(f"optimizer state in {run_dir} does not fit: {' '.join(str(exc).split())}") from None
+            _check_optimizer_shapes(stepper.optimizers[name], f"{run_dir / CHECKPOINT} (optimizer {name!r})")
+        # loaded by training.attach_lr_schedulers once the schedulers exist
+        stepper.pending_scheduler_state = {name: _decode_state(state)
+                                           for name, state in meta.get("schedulers", {}).items()} or None
     if (run_dir / HISTORY).is_file():
         records = [r for r in history_records(load_history(run_dir)) if r["epoch"] <= epoch]
     elif epoch > 0:
@@ -228,12 +308,25 @@ def restore(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper] = No
         records = []
     if [r["epoch"] for r in records] != list(range(1, epoch + 1)):
         raise RunDirError(f"{run_dir / HISTORY} does not hold epochs 1..{epoch} of the checkpoint")
-    torch.set_rng_state(tensors["rng.cpu"])
+    try:
+        torch.set_rng_state(tensors["rng.cpu"])
+    except (KeyError, TypeError, RuntimeError):
+        raise RunDirError(f"{run_dir / CHECKPOINT} is damaged: it lacks a valid tensor 'rng.cpu' (the random state "
+                          "a resumed run continues from)") from None
     if torch.cuda.is_available():
         cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda")]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
     return TrainState(epoch=epoch, step=int(meta["step"]), records=records)
+
+
+def _check_optimizer_shapes(optimizer: torch.optim.Optimizer, what: str) -> None:
+    """Every per-parameter state tensor (Adam's moments, Adagrad's sums) has its parameter's shape."""
+    for param, param_state in optimizer.state.items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                raise RunDirError(f"{what} is damaged: state {key!r} has shape {tuple(value.shape)} but its "
+                                  f"parameter has shape {tuple(param.shape)}")
 
 
 def load_history(run_dir: Path) -> xr.Dataset:
@@ -249,7 +342,9 @@ def load_history(run_dir: Path) -> xr.Dataset:
 
 class Checkpointer(Callback):
     """Saves the run (:func:`save`) before a fresh run's first step, every ``every`` epochs and
-    after the last; ``last_epoch`` is the epoch of the newest checkpoint written."""
+    after the last (or the one training stops early after); ``last_epoch`` is the epoch of the
+    newest checkpoint written. With a validation split, the epoch with the best validation
+    ELBO so far is also saved as :data:`CHECKPOINT_BEST`."""
 
     def __init__(self, run_dir: Path, every: int = 1, extra: Optional[Dict[str, Any]] = None):
         self.run_dir = Path(run_dir)
@@ -268,5 +363,8 @@ class Checkpointer(Callback):
             self.last_epoch = ctx.state.epoch
 
     def on_epoch_end(self, ctx: TrainContext) -> None:
-        if ctx.state.epoch % self.every == 0 or ctx.state.epoch == ctx.config.epochs:
+        if ctx.config.val_fraction > 0 and epochs_since_best(ctx.state.records) == 0:
+            save(self.run_dir, ctx.vae, ctx.stepper, ctx.state, attrs=ctx.attrs, extra=self.extra,
+                 checkpoint=CHECKPOINT_BEST)
+        if ctx.state.epoch % self.every == 0 or ctx.state.epoch == ctx.config.epochs or ctx.stopping:
             self._save(ctx)

@@ -3,7 +3,6 @@ each failing before the fix, plus the structure it promised (no import cycle, on
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,7 @@ from ppl_vae import io, runs
 from ppl_vae.cli.main import cli
 from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from ppl_vae.errors import ConfigError, RunDirError
-
 from tests.conftest import one_line_error
-
 
 
 def small_config(**train) -> RunConfig:

@@ -39,7 +39,8 @@ from torch import Tensor
 
 from ppl_vae.inference.importance import default_particle_batch_size
 from ppl_vae.inference.meanfield import MeanFieldGuide, MeanFieldResult, fit_mean_field, guide_moments
-from ppl_vae.inference.modes import batches as data_batches, block_seed, check_positive, in_eval_mode, seeded
+from ppl_vae.inference.modes import batches as data_batches
+from ppl_vae.inference.modes import block_seed, check_positive, in_eval_mode, seeded
 from ppl_vae.inference.stats import ess, log_mean_exp, mean_se, psis_khat
 from ppl_vae.inference.traces import PARTICLE_PLATE, log_probs, trace_pair
 

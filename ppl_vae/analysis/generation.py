@@ -31,10 +31,10 @@ import torch
 import xarray as xr
 from torch import Tensor
 
-from ppl_vae.models.vae import VAE
-from ppl_vae.registry import Registry
 from ppl_vae import io
 from ppl_vae.inference.modes import eval_mode
+from ppl_vae.models.vae import VAE
+from ppl_vae.registry import Registry
 
 IMAGE_DIMS = ("channel", "row", "col")
 
@@ -298,10 +298,23 @@ class SampleGridRecorder:
     def frames(self) -> List[Path]:
         return sorted(self.out_dir.glob("epoch_*.png"))
 
+    def check_frames(self) -> None:
+        """A one-line ValueError naming the first frame on disk that is not a readable image."""
+        from PIL import Image
+
+        for p in self.frames():
+            try:
+                with Image.open(p) as im:
+                    im.convert("RGB")
+            except (OSError, ValueError, SyntaxError):  # PIL's UnidentifiedImageError is an OSError
+                raise ValueError(f"{p} is not a readable image, so no animation can hold it; remove it (the frame "
+                                 "is saved again when its epoch is trained)") from None
+
     def write_gif(self) -> Optional[Path]:
         """Rewrite the GIF from the frames on disk; None when there are none."""
         from PIL import Image
 
+        self.check_frames()
         frames = []
         for p in self.frames():
             with Image.open(p) as im:
@@ -479,3 +492,98 @@ def inpaint(
                                       "proposal": proposal,
                                       "method": "self-normalized importance sampling"})
     return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent traversals
+
+
+@torch.no_grad()
+def latent_traversal(
+    vae: VAE,
+    x: Optional[Tensor] = None,
+    *,
+    dims: Optional[Sequence[int]] = None,
+    num_steps: int = 9,
+    span: float = 3.0,
+    sort_by_kl: bool = True,
+) -> xr.Dataset:
+    """Decoded means E[x|z] as each latent dimension j sweeps ``num_steps`` values in
+    [-``span``, ``span``] with the others fixed (Higgins et al. 2017, fig. 7).
+
+    The fixed point is the encoder's mean for ``x[0]`` when ``x`` is given, else the prior's
+    mean (zero). ``x`` (a batch) also gives each dimension's mean KL(q(z_j|x) || p(z_j)) (closed form
+    for a diagonal Normal prior; else NaN) and activity Var_x E_q[z_j|x]; with ``sort_by_kl`` the
+    rows come in decreasing KL (activity where KL is unknown), so active units come first.
+    ``dims``: the latent dimensions to traverse (default all). Returns ``image`` with dims
+    ``(latent, step, channel, row, col)``, ``value`` (step), ``kl`` and ``activity`` (latent).
+    """
+    from ppl_vae.analysis.diagnostics import collapse_diagnostics
+
+    latent_dim = int(vae.latent_dim)
+    dims = list(range(latent_dim)) if dims is None else [int(d) for d in dims]
+    bad = [d for d in dims if not 0 <= d < latent_dim]
+    if bad or not dims:
+        raise ValueError(f"dims: latent dimension(s) {bad or dims} do not exist; the model's z has {latent_dim} "
+                         f"dimensions (0..{latent_dim - 1})")
+    if num_steps < 2:
+        raise ValueError(f"num_steps must be >= 2, got {num_steps}")
+    if not (span > 0 and math.isfinite(span)):
+        raise ValueError(f"span must be a positive number, got {span}")
+    device = _device(vae)
+    with eval_mode(vae):
+        kl = np.full(latent_dim, np.nan)
+        activity = np.full(latent_dim, np.nan)
+        if x is not None:
+            x = x.to(device)
+            base = vae.encode(x[:1])[0][0]
+            if x.shape[0] >= 2:
+                diag = collapse_diagnostics(vae.model, vae.guide, x)
+                kl, activity = diag["kl"].values, diag["activity"].values
+        else:
+            base = torch.zeros(latent_dim, device=device)
+        if sort_by_kl:
+            key = np.where(np.isfinite(kl), kl, np.where(np.isfinite(activity), activity, 0.0))
+            dims = sorted(dims, key=lambda d: -key[d])
+        values = torch.linspace(-span, span, num_steps, device=device)
+        z = base.repeat(len(dims), num_steps, 1)
+        for i, d in enumerate(dims):
+            z[i, :, d] = values
+        images = vae.decode(z.reshape(-1, latent_dim))
+    images = images.reshape(len(dims), num_steps, *_image_shape(vae.event_shape)).cpu().numpy()
+    return xr.Dataset(
+        {"image": (("latent", "step", *IMAGE_DIMS), images),
+         "value": ("step", values.cpu().numpy()),
+         "kl": ("latent", kl[dims]),
+         "activity": ("latent", activity[dims])},
+        coords={"latent": dims, "step": np.arange(num_steps)},
+        attrs={"description": "E[x|z] with z_j swept and the other dimensions fixed",
+               "fixed_point": "encoder mean of the first datapoint" if x is not None else "prior mean (zero)"},
+    )
+
+
+def plot_traversal(traversal: xr.Dataset, cell_inches: float = 0.55):
+    """One row per latent dimension (in the traversal's order), one column per value; each row
+    labelled with its dimension and KL. Returns a Figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    images = traversal["image"].transpose("latent", "step", *IMAGE_DIMS).values
+    nrows, ncols = images.shape[:2]
+    tiled = _tile(images.reshape(-1, *images.shape[2:]), ncols)
+    fig = Figure(figsize=(ncols * cell_inches + 1.4, nrows * cell_inches + 0.6), constrained_layout=True)
+    ax = fig.add_subplot()
+    _show(ax, tiled)
+    h, w = images.shape[3] + 1, images.shape[4] + 1
+    labels = []
+    for j, kl in zip(traversal["latent"].values, traversal["kl"].values):
+        labels.append(f"z{int(j)}" + (f"  KL {kl:.2f}" if np.isfinite(kl) else ""))
+    ax.set_yticks([i * h + (h - 1) / 2 for i in range(nrows)])
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_xticks([i * w + (w - 1) / 2 for i in range(ncols)])
+    ax.set_xticklabels([f"{v:.1f}" for v in traversal["value"].values], fontsize=6)
+    ax.set_xlabel("value of the traversed dimension (others fixed)", fontsize=7)
+    ax.set_title("latent traversals, sorted by KL (active units first)", fontsize=8)
+    return fig

@@ -28,7 +28,6 @@ from torch import Tensor  # noqa: E402
 
 from ppl_vae.analysis.gaps import LABELS  # noqa: E402
 
-
 IMAGE_CMAP = "gray_r"
 """The one colour map for every image the library draws: 0 white, 1 black (ink on paper)."""
 TILE_GAP_COLOUR = "#9fb8d0"

@@ -1,4 +1,8 @@
-"""Results as ArviZ InferenceData and xarray files (ArviZ comes from :func:`ppl_vae.inference.stats.arviz`).
+"""Results as ArviZ InferenceData and xarray files (ArviZ itself comes from :mod:`ppl_vae.arviz_compat`).
+
+ArviZ 1.x (an ``xarray.DataTree`` with one child per group; Python >= 3.12) and 0.x
+(``arviz.InferenceData``) are both supported: ``idata.posterior["z_amortized"]`` and
+:func:`inference_data_groups` read either.
 
 :func:`guide_draws` draws z from each guide (the amortized q(z|x) and the mean-field q*)
 for a set of datapoints; :func:`to_inference_data` puts them in the groups ArviZ knows:
@@ -15,22 +19,30 @@ Files are written atomically (:mod:`ppl_vae.io`) as netCDF (h5netcdf).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 import xarray as xr
-from torch import Tensor
 
-from ppl_vae.inference import stats
-from ppl_vae.inference.importance import importance_samples
 from ppl_vae.io import write_netcdf, write_with
 
-az = stats.arviz()
+if TYPE_CHECKING:
+    from torch import Tensor
+
+from ppl_vae.arviz_compat import ARVIZ_MAJOR, az
+
+#: what :func:`to_inference_data` returns: ``xarray.DataTree`` (ArviZ 1.x) or ``arviz.InferenceData`` (0.x)
+InferenceData = Any
 
 
-@torch.no_grad()
+def _numpy(value: Any) -> np.ndarray:
+    """A tensor or array as float64 numpy (tensors detached and moved to the CPU)."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().double().numpy()
+    return np.asarray(value, dtype=np.float64)
+
+
 def guide_draws(
     model: Callable,
     guides: Mapping[str, Callable],
@@ -38,59 +50,72 @@ def guide_draws(
     *,
     num_draws: int = 100,
     **kwargs: Any,
-) -> Dict[str, Dict[str, Tensor]]:
+) -> Dict[str, Dict[str, Any]]:
     """For each named guide, ``num_draws`` draws of every latent site with log p(x|z) and log-weights.
 
     Returns ``{name: {"latents": {site: (S, N, *event)}, "log_likelihood": (S, N), "log_weight": (S, N)}}``
     (see :func:`ppl_vae.inference.importance.importance_samples`).
     """
-    return {name: importance_samples(model, g, x, num_samples=num_draws, **kwargs) for name, g in guides.items()}
+    import torch
+
+    from ppl_vae.inference.importance import importance_samples
+
+    with torch.no_grad():
+        return {name: importance_samples(model, g, x, num_samples=num_draws, **kwargs) for name, g in guides.items()}
 
 
 def to_inference_data(
-    draws: Mapping[str, Mapping[str, Tensor]],
+    draws: Mapping[str, Mapping[str, Any]],
     *,
     datapoint: Optional[Sequence[int]] = None,
     attrs: Optional[Dict[str, Any]] = None,
-) -> az.InferenceData:
-    """ArviZ InferenceData from :func:`guide_draws` output (one chain per guide)."""
+) -> InferenceData:
+    """ArviZ InferenceData (a DataTree under ArviZ 1.x) from :func:`guide_draws` output (one chain per guide)."""
     if not draws:
         raise ValueError("draws is empty: give at least one guide's draws")
     posterior, log_lik, stats = {}, {}, {}
     dims: Dict[str, list] = {}
-    n = None
+    n = 0
     for name, d in draws.items():
         for site, value in d["latents"].items():
-            z = value.detach().double().cpu()
+            z = _numpy(value)
             s, n = z.shape[0], z.shape[1]
-            posterior[f"{site}_{name}"] = z.reshape(s, n, -1).numpy()[None]  # (chain=1, draw, datapoint, latent)
+            posterior[f"{site}_{name}"] = z.reshape(s, n, -1)[None]  # (chain=1, draw, datapoint, latent)
             dims[f"{site}_{name}"] = ["datapoint", "latent" if site == "z" else f"{site}_latent"]
-        log_lik[f"x_{name}"] = d["log_likelihood"].detach().double().cpu().numpy()[None]
-        stats[f"log_weight_{name}"] = d["log_weight"].detach().double().cpu().numpy()[None]
+        log_lik[f"x_{name}"] = _numpy(d["log_likelihood"])[None]
+        stats[f"log_weight_{name}"] = _numpy(d["log_weight"])[None]
         dims[f"x_{name}"] = ["datapoint"]
         dims[f"log_weight_{name}"] = ["datapoint"]
     coords = {"datapoint": np.arange(n) if datapoint is None else np.asarray(datapoint)}
-    return az.from_dict(
-        posterior=posterior,
-        log_likelihood=log_lik,
-        sample_stats=stats,
-        coords=coords,
-        dims=dims,
-        attrs={"inference_library": "pyro", "guides": ", ".join(draws), **(attrs or {})},
-    )
+    all_attrs = {"inference_library": "pyro", "guides": ", ".join(draws), **(attrs or {})}
+    groups: Dict[str, Any] = {"posterior": posterior, "log_likelihood": log_lik, "sample_stats": stats}
+    if ARVIZ_MAJOR >= 1:  # groups in one mapping; the attrs go on the root, as 0.x's on the InferenceData
+        tree = az.from_dict(groups, coords=coords, dims=dims)
+        tree.attrs.update(all_attrs)
+        return tree
+    return az.from_dict(**groups, coords=coords, dims=dims, attrs=all_attrs)
 
 
-def save_inference_data(idata: az.InferenceData, path: Path) -> Path:
+def inference_data_groups(idata: InferenceData) -> List[str]:
+    """The group names of ``idata`` (``posterior``, ``log_likelihood``, ...), for either ArviZ."""
+    if ARVIZ_MAJOR >= 1:  # an xarray.DataTree: one child per group
+        return list(idata.children)
+    return list(idata.groups())
+
+
+def save_inference_data(idata: InferenceData, path: Path) -> Path:
     """Write ``idata`` to a netCDF file atomically; returns ``path``."""
     return write_with(Path(path), lambda tmp: idata.to_netcdf(str(tmp), engine="h5netcdf"))
 
 
-def load_inference_data(path: Path) -> az.InferenceData:
+def load_inference_data(path: Path) -> InferenceData:
     """Read InferenceData written by :func:`save_inference_data` (into memory)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     idata = az.from_netcdf(str(path), engine="h5netcdf")
+    if ARVIZ_MAJOR >= 1:
+        return idata.load()
     for group in idata.groups():
         idata[group] = idata[group].load()
     return idata

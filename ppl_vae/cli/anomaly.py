@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from ppl_vae.cli import options as opt
+
 
 @click.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
@@ -13,22 +15,24 @@ import click
               help="Dataset to score (default: the run's own), e.g. fashion-mnist-oneclass-3, timeseries-csv, or a path.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="Folder (or, for timeseries-csv, the CSV file) holding the dataset.")
-@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@opt.split_option()
 @click.option("--score", default="neg_elbo", show_default=True,
               help="neg_elbo (Kim et al. 2017) or reconstruction_probability (An & Cho 2015).")
-@click.option("--num-samples", type=int, default=10, show_default=True, help="Draws of z per datapoint.")
+@opt.num_samples_option(10, "Draws of z per datapoint.")
 @click.option("--normal-class", type=int, default=None,
               help="Treat class labels as anomaly labels: 1 for every class but this one.")
 @click.option("--batch-size", type=int, default=500, show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the scores to this netCDF file.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@opt.out_option("Write the scores to this netCDF file.")
+@opt.device_option()
+@opt.seed_option()
+@opt.progress_option()
 def anomaly(run_dir: Path, **opts) -> None:
     """Score each datapoint of a dataset with a trained run (higher = more anomalous)."""
     from ppl_vae import io, pipeline
     from ppl_vae.analysis.anomaly import score_dataset
 
+    if opts["out"] is not None:
+        io.check_target(opts["out"])  # before any work: never a run's own file, never through a link
     pipeline.seed_everything(opts["seed"])
     run = pipeline.load_run(run_dir, device=opts["device"])
     # another dataset is prepared as the run's training data was (binarization, split, size)

@@ -7,16 +7,19 @@ from pathlib import Path
 
 import click
 
+from ppl_vae.cli import options as opt
+
 
 @click.command()
 @click.argument("run_dirs", metavar="RUN...", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--num-samples", "-k", type=int, default=1000, show_default=True,
-              help="Draws K of q and K of q* per datapoint for log p̂(x), L[q], L[q*].")
+@opt.num_samples_option(1000, "Draws K of q and K of q* per datapoint for log p̂(x), L[q], L[q*].",
+                        "--num-samples", "-k")
 @click.option("--estimator", type=click.Choice(["mis", "iw"]), default="mis", show_default=True,
               help="With several runs: 'mis' (gap decomposition, q* fitted per run) or 'iw' (amortized IW only).")
-@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@opt.split_option()
 @click.option("--num-datapoints", type=int, default=500, show_default=True,
-              help="A seeded random subset of this size (0: all).")
+              help="How many datapoints of the split to score: a seeded random subset of this size (0: all; the "
+                   "same rule as evaluate, whose default is all: q* is fitted per datapoint, hence 500 here).")
 @click.option("--num-draws", type=int, default=100, show_default=True, help="Draws of z per guide kept for ArviZ.")
 @click.option("--init", type=click.Choice(["encoder", "prior"]), default="encoder", show_default=True,
               help="Where mean-field VI starts.")
@@ -29,13 +32,19 @@ import click
 @click.option("--mf-lr", type=float, default=1e-2, show_default=True, help="Adam learning rate of mean-field VI.")
 @click.option("--mf-tol", type=float, default=1e-4, show_default=True,
               help="Relative ELBO change that counts as a plateau (Adam's stopping rule).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Folder for report.html and the tables (default: the run directory).")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
+@opt.device_option()
+@opt.seed_option()
+@opt.out_option("Folder for report.html and the tables (default: the run directory; RUN1/multirun for several).")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Processes to split the datapoints across (whole blocks of mean-field VI's 500, or --batch-size "
+                   "100 for --estimator iw); the results equal one process's for the same --seed. Under torchrun "
+                   "leave it at 1.")
+@click.option("--threads", type=int, default=None,
+              help="Torch threads per process (default: the available cores, shared among the processes).")
+@opt.progress_option("Show progress bars.")
 def compare(run_dirs, num_samples: int, estimator: str, split: str, num_datapoints: int, num_draws: int, init: str,
-            mf_steps: int, mf_polish_steps: int, mf_gtol: float, mf_lr: float, mf_tol: float, device: str, seed: int, out, progress: bool) -> None:
+            mf_steps: int, mf_polish_steps: int, mf_gtol: float, mf_lr: float, mf_tol: float, device: str, seed: int, out, nproc: int, threads,
+            progress: bool) -> None:
     """Gap decomposition (Cremer et al. 2018), diagnostics and a self-contained HTML report.
 
     With several RUN directories: every run scored on the same datapoints with the same
@@ -46,6 +55,10 @@ def compare(run_dirs, num_samples: int, estimator: str, split: str, num_datapoin
         raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
     if num_datapoints < 0:
         raise ValueError(f"--num-datapoints must be >= 0, got {num_datapoints}")
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
     if out is not None:
         from ppl_vae.reports.evaluation import check_out_dir
 
@@ -57,10 +70,13 @@ def compare(run_dirs, num_samples: int, estimator: str, split: str, num_datapoin
 
         multi = compare_runs(run_dirs, estimator=estimator, num_samples=num_samples, split=split,
                              num_datapoints=num_datapoints or None, mean_field_options=mean_field_options,
-                             device=device, seed=seed, out_dir=out, progress=progress)
+                             device=device, seed=seed, out_dir=out, progress=progress, nproc=nproc,
+                             threads=threads)
+        if not multi.files:  # a torchrun rank other than 0
+            return
         click.echo(format_paired_table(multi.table))
         for warning in multi.warnings:
-            click.echo(f"warning: {warning}")
+            opt.warn(warning)
         click.echo("wrote " + ", ".join(str(p) for p in multi.files.values()))
         return
     from ppl_vae.analysis.gaps import format_gap_table
@@ -69,14 +85,16 @@ def compare(run_dirs, num_samples: int, estimator: str, split: str, num_datapoin
     result = compare_run(
         run_dirs[0], num_samples=num_samples, split=split, num_datapoints=num_datapoints or None,
         num_draws=num_draws, device=device, seed=seed, out_dir=out, progress=progress,
-        mean_field_options=mean_field_options,
+        mean_field_options=mean_field_options, nproc=nproc, threads=threads,
     )
+    if not result.files:  # a torchrun rank other than 0
+        return
     click.echo(format_gap_table(result.table))
     from ppl_vae.reports.compare import active_units_line
 
     click.echo(f"active units: {active_units_line(result.diagnostics)}")
     for warning in result.warnings:
-        click.echo(f"warning: {warning}")
+        opt.warn(warning)
     for note in result.notes:
         click.echo(f"note: {note}")
     click.echo("wrote " + ", ".join(str(p) for p in result.files.values()))

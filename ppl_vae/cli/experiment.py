@@ -8,16 +8,17 @@ from typing import Any, Callable
 
 import click
 
+from ppl_vae.cli import options as opt
+
 
 def _common(func: Callable) -> Callable:
     options = [
-        click.option("--out", type=click.Path(path_type=Path), default=None,
-                     help="Output folder (default: experiments/<figure>); rerunning resumes it."),
+        opt.out_option("Output folder (default: experiments/<figure>); rerunning resumes it."),
         click.option("--data-dir", type=click.Path(path_type=Path), default=None,
                      help="Folder holding the dataset files, or their parent (with mnist/, frey_face/)."),
         click.option("--paper", is_flag=True, help="Start from the paper's settings instead of the CPU-sized ones."),
-        click.option("--seed", type=int, default=None, help="Seed (default 0)."),
-        click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars."),
+        opt.seed_option(None, "Seed (default 0)."),
+        opt.progress_option("Show progress bars."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -55,8 +56,12 @@ def _report(out: Path, lines) -> None:
 
 
 @click.group()
-def experiment() -> None:
+@click.pass_context
+def experiment(ctx: click.Context) -> None:
     """Reproduce Kingma & Welling (2013), figures 2-5: CPU-sized by default, --paper for its settings."""
+    from ppl_vae.cli.main import SUBCOMMAND_META_KEY
+
+    ctx.meta[SUBCOMMAND_META_KEY] = ctx.invoked_subcommand  # the group's error hints name its options
 
 
 @experiment.command()
@@ -143,7 +148,7 @@ def fig5(out, data_dir, paper, seed, progress, **opts) -> None:
 @click.argument("dataset")
 @click.option("--data-dir", type=click.Path(path_type=Path), required=True, help="Folder to put the files in.")
 @click.option("--url", default=None, help="Base URL of a mirror (file:// works).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@opt.progress_option("Show a progress bar.")
 def download(dataset, data_dir, url, progress) -> None:
     """Fetch DATASET (mnist or frey-face), verifying each file's sha256."""
     from ppl_vae.data.download import download as fetch

@@ -7,22 +7,58 @@ from typing import Optional, Tuple
 
 import click
 
+from ppl_vae.cli import options as opt
+
 _RUN = click.Path(path_type=Path)
+
+# Figures beyond these sizes are unreadable and take minutes to draw: refused up front.
+MAX_NUM_DRAWS = 100
+MAX_NUM_IMAGES = 1000
+MAX_INPAINT_SAMPLES = 1_000_000
+MAX_GRID_SAMPLES = 10_000
 
 
 @click.command()
 @click.argument("run_dir", type=_RUN)
-@click.option("--num-samples", type=int, default=16, show_default=True, help="Draws z ~ p(z) (per label for cvae).")
+@opt.num_samples_option(16, "Draws z ~ p(z) (per label for cvae).")
 @click.option("--label", "labels", type=int, multiple=True,
               help="Conditional models: generate this label (repeatable; default: every label).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the z draws.")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Image file (default: RUN/samples.png).")
-def generate(run_dir: Path, num_samples: int, labels: Tuple[int, ...], seed: int, out: Optional[Path]) -> None:
-    """Save a grid of samples E[x|z], z ~ p(z); for cvae one row per label, same z per column."""
-    from ppl_vae.analysis.generation import plot_image_grid, sample_images, save_figure
-    from ppl_vae.pipeline import load_run
+@opt.seed_option(0, "Seed of the z draws.")
+@opt.out_option("Image file (default: RUN/samples.png, or RUN/traversal.png with --traverse).")
+@click.option("--traverse", is_flag=True, default=False,
+              help="Latent traversals instead: each dimension swept with the others fixed, sorted by KL.")
+@click.option("--dim", "dims", type=int, multiple=True, help="--traverse: this latent dimension (repeatable; default all).")
+@click.option("--num-steps", type=int, default=9, show_default=True, help="--traverse: values per dimension.")
+@click.option("--span", type=float, default=3.0, show_default=True, help="--traverse: values in [-span, span].")
+def generate(run_dir: Path, num_samples: int, labels: Tuple[int, ...], seed: int, out: Optional[Path],
+             traverse: bool, dims: Tuple[int, ...], num_steps: int, span: float) -> None:
+    """Save a grid of samples E[x|z], z ~ p(z); for cvae one row per label, same z per column.
 
+    With --traverse: one row per latent dimension, decoded along [-span, span] from the encoder
+    mean of the first test image, rows in decreasing KL (measured on up to 500 test images)."""
+    from ppl_vae.analysis.generation import (
+        latent_traversal,
+        plot_image_grid,
+        plot_traversal,
+        sample_images,
+        save_figure,
+    )
+    from ppl_vae.pipeline import load_data, load_run
+
+    opt.check_size("--num-samples", num_samples, MAX_GRID_SAMPLES, "images in one grid")
     run = load_run(run_dir)
+    if not run.vae.generates_images:
+        raise ValueError(f"{run_dir} holds model {run.config.model.model!r}, whose datapoints are not images "
+                         "(a 1-pixel strip per sample would say nothing); use `ppl-vae text RUN` to decode samples")
+    if traverse:
+        if run.vae.num_classes is not None:
+            raise ValueError("--traverse needs an unconditional model (its decoder takes z alone)")
+        x = load_data(run.config).test[:500]
+        trav = latent_traversal(run.vae, x, dims=list(dims) or None, num_steps=num_steps, span=span)
+        path = save_figure(plot_traversal(trav), out or run_dir / "traversal.png")
+        order = ", ".join(f"z{int(j)}" for j in trav.latent.values)
+        click.echo(f"traversals of {trav.sizes['latent']} dimensions ({order}, by decreasing KL) written to {path}")
+        return
     images = sample_images(run.vae, num_samples, labels=list(labels) or None, seed=seed)
     path = save_figure(plot_image_grid(images), out or run_dir / "samples.png")
     click.echo(f"{images.sizes.get('label', 1) * images.sizes['sample']} samples written to {path}")
@@ -33,23 +69,27 @@ def generate(run_dir: Path, num_samples: int, labels: Tuple[int, ...], seed: int
 @click.option("--mask", default="top", show_default=True,
               help="Observed part: top, bottom, left, right, quadrant (the rest is completed).")
 @click.option("--num-images", type=int, default=8, show_default=True, help="Test images to complete (the first ones).")
-@click.option("--num-samples", type=int, default=2000, show_default=True, help="Importance samples z ~ p(z).")
+@opt.num_samples_option(2000, "Importance samples z ~ p(z).")
 @click.option("--num-draws", type=int, default=4, show_default=True, help="Posterior completions shown per image.")
 @click.option("--proposal", type=click.Choice(["prior", "encoder"]), default="prior", show_default=True,
               help="Importance proposal: p(z), or a second pass mixing p(z) with the encoder at the first completion.")
 @click.option("--label/--no-label", "use_label", default=True, show_default=True,
               help="Conditional models: give the true label, or infer it from the observed part.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Image file (default: RUN/inpainting-MASK.png).")
+@opt.seed_option()
+@opt.out_option("Image file (default: RUN/inpainting-MASK.png).")
 def inpaint(run_dir: Path, mask: str, num_images: int, num_samples: int, num_draws: int, proposal: str,
             use_label: bool, seed: int, out: Optional[Path]) -> None:
     """Complete test images from an observed part by importance sampling z given those pixels."""
-    from ppl_vae.analysis.generation import MASKS, inpaint as inpaint_images, plot_inpainting, save_figure
+    from ppl_vae.analysis.generation import MASKS, plot_inpainting, save_figure
+    from ppl_vae.analysis.generation import inpaint as inpaint_images
     from ppl_vae.pipeline import load_data, load_run
 
     MASKS.get(mask)
     if num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {num_images}")
+    opt.check_size("--num-draws", num_draws, MAX_NUM_DRAWS, "completions drawn in one figure per image")
+    opt.check_size("--num-samples", num_samples, MAX_INPAINT_SAMPLES, "decoded images held per test image")
+    opt.check_size("--num-images", num_images, MAX_NUM_IMAGES, "rows of one figure")
     run = load_run(run_dir)
     data = load_data(run.config)
     if num_images > data.test.shape[0]:
@@ -61,8 +101,10 @@ def inpaint(run_dir: Path, mask: str, num_images: int, num_samples: int, num_dra
     result = inpaint_images(run.vae, x, mask, y=y, num_samples=num_samples, num_draws=num_draws,
                             proposal=proposal, seed=seed)
     path = save_figure(plot_inpainting(result, max_images=num_images), out or run_dir / f"inpainting-{mask}.png")
+    weights = result.attrs["num_weights"]
+    per = "" if weights == num_samples else f" ({num_samples} draws of z x {weights // num_samples} labels)"
     click.echo(f"{len(x)} images, mask {mask!r}: mean log p(x_obs) {float(result.log_evidence.mean()):.2f} nats, "
-               f"mean ESS {float(result.ess.mean()):.1f} of {result.attrs['num_weights']} weights")
+               f"mean ESS {float(result.ess.mean()):.1f} of {weights} weights{per}")
     if "label_posterior" in result:
         predicted = result.label_posterior.argmax("label").values
         truth = data.test_labels[:num_images].numpy()
@@ -74,9 +116,9 @@ def inpaint(run_dir: Path, mask: str, num_images: int, num_samples: int, num_dra
 @click.argument("run_dir", type=_RUN)
 @click.option("--epochs", type=int, required=True, help="Train the run up to this many epochs.")
 @click.option("--every", type=int, default=1, show_default=True, help="Save a grid every N epochs.")
-@click.option("--num-samples", type=int, default=16, show_default=True, help="Fixed draws z ~ p(z) in every grid.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fixed z draws.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@opt.num_samples_option(16, "Fixed draws z ~ p(z) in every grid.")
+@opt.seed_option(0, "Seed of the fixed z draws.")
+@opt.progress_option()
 def animate(run_dir: Path, epochs: int, every: int, num_samples: int, seed: int, progress: bool) -> None:
     """Continue a run, saving a sample grid as training goes: RUN/samples/epoch_NNNN.png and RUN/samples.gif.
 
@@ -90,3 +132,6 @@ def animate(run_dir: Path, epochs: int, every: int, num_samples: int, seed: int,
     frames = sorted((run_dir / "samples").glob("epoch_*.png"))
     click.echo(f"epoch {epochs}: test ELBO {final.get('test_elbo', float('nan')):.3f} nats per datapoint; "
                f"{len(frames)} frames in {run_dir / 'samples'}, animation {run_dir / 'samples.gif'}")
+
+
+generate.field_flags = {"dims": "--dim"}  # library errors name the argument; users typed the flag

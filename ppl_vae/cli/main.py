@@ -25,6 +25,7 @@ COMMANDS: Dict[str, str] = {
     "fit": "ppl_vae.cli.fit:fit",
     "evaluate": "ppl_vae.cli.evaluate:evaluate",
     "compare": "ppl_vae.cli.compare:compare",
+    "disentanglement": "ppl_vae.cli.disentanglement:disentanglement",
     "anomaly": "ppl_vae.cli.anomaly:anomaly",
     "models": "ppl_vae.cli.models:models",
     "text": "ppl_vae.cli.text:text",
@@ -82,8 +83,15 @@ _ALLOC_BYTES = re.compile(r"allocate (?:memory: you tried to allocate )?(\d+) by
 _ALLOC_SIZE = re.compile(r"Tried to allocate ([\d.]+ [KMGT]i?B)")
 
 
-def memory_message(exc: BaseException) -> Optional[str]:
-    """A one-line message for an allocation failure (CPU or CUDA), or None if ``exc`` is not one."""
+# the options that size work, in the order a memory hint names them (those the command has)
+SIZE_FLAGS = ("--grid-size", "--latent-dims", "--latent-dim", "--hidden-dim", "--batch-size", "--num-samples",
+              "--num-particles", "--num-draws", "--num-images", "--num-chains", "--particle-batch-size")
+_DEFAULT_SIZE_FLAGS = ("--latent-dim", "--hidden-dim", "--batch-size", "--num-samples")
+
+
+def memory_message(exc: BaseException, flags: Optional[List[str]] = None) -> Optional[str]:
+    """A one-line message for an allocation failure (CPU or CUDA), or None if ``exc`` is not one;
+    ``flags``: the size options of the command that failed (the hint names those)."""
     text = str(exc)
     if isinstance(exc, MemoryError):
         size = ""
@@ -102,7 +110,7 @@ def memory_message(exc: BaseException) -> Optional[str]:
             size = f" of {found.group(1)}"
     device = "the GPU" if "CUDA" in text or type(exc).__name__ == "OutOfMemoryError" else "this machine"
     return (f"not enough memory: an allocation{size} failed on {device}; choose smaller sizes "
-            "(--latent-dim, --hidden-dim, --batch-size, --num-samples)")
+            f"({', '.join(flags or _DEFAULT_SIZE_FLAGS)})")
 
 
 class PplVaeGroup(click.Group):
@@ -137,11 +145,27 @@ class PplVaeGroup(click.Group):
             click.echo(f"Error: {with_flags(one_line(exc), option_flags(command))}", err=True)
             sys.exit(EXIT_ERROR)
         except (MemoryError, RuntimeError) as exc:
-            message = memory_message(exc)
+            message = memory_message(exc, _size_flags(self, ctx))
             if message is None:
                 raise
             click.echo(f"Error: {message}", err=True)
             sys.exit(EXIT_ERROR)
+
+
+SUBCOMMAND_META_KEY = "ppl_vae.subcommand"
+
+
+def _size_flags(group: click.Group, ctx: click.Context) -> List[str]:
+    """The :data:`SIZE_FLAGS` of the command that ran (a group's subcommand when it recorded one)."""
+    name = ctx.invoked_subcommand
+    command = group.get_command(ctx, name) if name else None
+    sub = ctx.meta.get(SUBCOMMAND_META_KEY)
+    if isinstance(command, click.Group) and sub in command.commands:
+        command = command.commands[sub]
+    if command is None:
+        return []
+    have = {opt for p in command.params if isinstance(p, click.Option) for opt in p.opts}
+    return [f for f in SIZE_FLAGS if f in have]
 
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
@@ -155,7 +179,9 @@ def _library_warnings_as_one_line() -> Iterator[None]:
 
     def show(message, category, filename, lineno, file=None, line=None):
         if str(filename).startswith(_PACKAGE_DIR) and issubclass(category, UserWarning):
-            click.echo(f"Warning: {' '.join(str(message).split())}", err=True)
+            from ppl_vae.cli.options import warn
+
+            warn(str(message))
         else:
             previous(message, category, filename, lineno, file, line)
 
@@ -168,11 +194,12 @@ def _library_warnings_as_one_line() -> Iterator[None]:
 
 def _load_plugins(ctx: click.Context, explicit: Tuple[str, ...]) -> None:
     from ppl_vae import plugins
+    from ppl_vae.cli.options import warn
 
     loaded = plugins.load_plugins(explicit)
     installed, failures = plugins.load_installed_plugins()
     for failure in failures:
-        click.echo(f"Warning: {failure}", err=True)
+        warn(failure)
     ctx.meta[PLUGINS_META_KEY] = plugins.merge(loaded, installed)
 
 
@@ -181,10 +208,18 @@ def _load_plugins(ctx: click.Context, explicit: Tuple[str, ...]) -> None:
 @click.option("--plugin", "plugin_modules", multiple=True, metavar="MODULE",
               help="Import MODULE first (repeatable): it registers custom priors, likelihoods, models... "
                    "Installed packages with a 'ppl_vae.plugins' entry point load without this flag.")
+@click.option("--trust-plugins", is_flag=True, default=False,
+              help="Import the plugin modules a run's config.json names even when they are neither installed "
+                   "entry points nor given with --plugin. A received run is code only with this flag: use it "
+                   "for runs you trust.")
 @click.pass_context
-def cli(ctx: click.Context, plugin_modules: Tuple[str, ...]) -> None:
+def cli(ctx: click.Context, plugin_modules: Tuple[str, ...], trust_plugins: bool) -> None:
     """Variational autoencoders as Pyro probabilistic programs (Kingma & Welling 2013)."""
+    from ppl_vae import plugins
+
     _load_plugins(ctx, plugin_modules)
+    previous = plugins.set_trust_all(trust_plugins)
+    ctx.call_on_close(lambda: plugins.set_trust_all(previous))
 
 
 def main() -> None:  # console entry point

@@ -7,10 +7,11 @@ import click
 
 @click.command()
 def models() -> None:
-    """List the names accepted by --model, --prior, --likelihood, --dataset, --method, --elbo, --optimizer,
+    """List the names accepted by --model, --prior, --likelihood, --dataset, --method, --objective, --elbo,
+    --optimizer,
     and the guide families of the config's model.guide."""
     from ppl_vae.data.datasets import DATASETS
-    from ppl_vae.inference.training import ELBOS, METHODS, OPTIMIZERS
+    from ppl_vae.inference.training import ELBOS, METHODS, OBJECTIVES, OPTIMIZERS
     from ppl_vae.models import GUIDES, LIKELIHOODS, MODELS, PRIORS
 
     for title, registry in (
@@ -20,6 +21,7 @@ def models() -> None:
         ("guides", GUIDES),
         ("datasets", DATASETS),
         ("methods", METHODS),
+        ("objectives", OBJECTIVES),
         ("elbos", ELBOS),
         ("optimizers", OPTIMIZERS),
     ):

@@ -8,13 +8,13 @@ from typing import Optional, Tuple
 
 import click
 
+from ppl_vae.cli import options as opt
+
 
 @click.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True,
-              help="Which sentences of the run's dataset to score.")
-@click.option("--num-samples", type=int, default=10, show_default=True,
-              help="Draws of z per sentence for the ELBO, IW bound and KL.")
+@opt.split_option("Which sentences of the run's dataset to score.")
+@opt.num_samples_option(10, "Draws of z per sentence for the ELBO, IW bound and KL.")
 @click.option("--samples", "num_sentences", type=int, default=5, show_default=True,
               help="Sentences to decode from z ~ p(z).")
 @click.option("--temperature", type=float, default=0.0, show_default=True,
@@ -22,7 +22,7 @@ import click
 @click.option("--interpolate", nargs=2, type=str, default=None, metavar="FIRST SECOND",
               help="Decode points between the codes of two sentences.")
 @click.option("--steps", type=int, default=5, show_default=True, help="Points of the interpolation.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@opt.seed_option()
 def text(run_dir: Path, split: str, num_samples: int, num_sentences: int, temperature: float,
          interpolate: Optional[Tuple[str, str]], steps: int, seed: int) -> None:
     """Score a text VAE run on its corpus and show samples (Semeniuta et al. 2017)."""

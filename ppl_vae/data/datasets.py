@@ -22,7 +22,17 @@ from ppl_vae.errors import DataError
 from ppl_vae.registry import Registry
 
 Arrays = Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]
-"""(train, test or None, train labels or None, test labels or None)"""
+"""(train, test or None, train labels or None, test labels or None); a loader of a data set with
+known generative factors appends a fifth item, :class:`Factors`."""
+
+
+@dataclass
+class Factors:
+    """Generative factors ``(N, F)`` of the train (and test, or None) points, one column per name."""
+
+    train: np.ndarray
+    test: Optional[np.ndarray]
+    names: Tuple[str, ...]
 
 DATASETS: Registry[Callable[[Optional[Path]], Arrays]] = Registry("dataset")
 
@@ -62,6 +72,11 @@ class Dataset:
     test_labels: Optional[Tensor] = None
     dynamic_binarization: bool = False
     info: Dict[str, object] = field(default_factory=dict)  # JSON-able facts (vocab_size, ...)
+    #: generative factors ``(N, F)`` per point (dsprites, or a user's ``.npz`` with ``factors``),
+    #: columns named by ``factor_names``; None for data without known factors
+    train_factors: Optional[Tensor] = None
+    test_factors: Optional[Tensor] = None
+    factor_names: Tuple[str, ...] = ()
 
     @property
     def event_shape(self) -> Tuple[int, ...]:
@@ -85,6 +100,8 @@ class Dataset:
             test=move(self.test),
             train_labels=move(self.train_labels),
             test_labels=move(self.test_labels),
+            train_factors=move(self.train_factors),
+            test_factors=move(self.test_factors),
         )
 
 
@@ -179,14 +196,44 @@ def load_frey_face_arrays(data_dir: Optional[Path]) -> Arrays:
     return images, None, None, None
 
 
-def _arrays_from_file(path: Path) -> Arrays:
+def _file_factors(path: Path, arrays: Dict[str, np.ndarray], train_key: str, test_key: Optional[str]
+                  ) -> Optional[Factors]:
+    """Factor labels of a user's ``.npz``: ``factors`` (with ``data``) or ``train_factors`` and
+    ``test_factors`` (with ``train``/``test``), ``(N, F)`` numbers; ``factor_names`` (F strings) optional."""
+    if train_key not in arrays:
+        return None
+    train = np.asarray(arrays[train_key])
+    test = None if test_key is None else arrays.get(test_key)
+    if test_key is not None and test is None:
+        raise DataError(f"{path} has '{train_key}' but no '{test_key}'")
+    for key, a in ((train_key, train), (test_key, test)):
+        if a is None:
+            continue
+        if a.dtype.kind not in "biuf" or a.ndim not in (1, 2) or not np.isfinite(a).all():
+            raise DataError(f"{path}: '{key}' must be finite numbers of shape (N,) or (N, F), got {a.dtype} {a.shape}")
+    train = train[:, None] if train.ndim == 1 else train
+    test = None if test is None else (test[:, None] if test.ndim == 1 else test)
+    if test is not None and test.shape[1] != train.shape[1]:
+        raise DataError(f"{path}: '{train_key}' has {train.shape[1]} factors but '{test_key}' {test.shape[1]}")
+    names = arrays.get("factor_names")
+    if names is None:
+        names = tuple(f"factor_{k}" for k in range(train.shape[1]))
+    else:
+        names = tuple(str(n) for n in np.asarray(names).reshape(-1))
+        if len(names) != train.shape[1] or len(set(names)) != len(names):
+            raise DataError(f"{path}: 'factor_names' must be {train.shape[1]} distinct names, got {list(names)}")
+    return Factors(train, test, names)
+
+
+def _arrays_from_file(path: Path):
     arrays = read_array_file(path)
     if "train" in arrays:
         if "test" not in arrays:
             raise DataError(f"{path} has a 'train' array but no 'test' array")
-        return arrays["train"], arrays["test"], arrays.get("train_labels"), arrays.get("test_labels")
+        return (arrays["train"], arrays["test"], arrays.get("train_labels"), arrays.get("test_labels"),
+                _file_factors(path, arrays, "train_factors", "test_factors"))
     if "data" in arrays:
-        return arrays["data"], None, arrays.get("labels"), None
+        return arrays["data"], None, arrays.get("labels"), None, _file_factors(path, arrays, "factors", None)
     if len(arrays) == 1:
         return next(iter(arrays.values())), None, None, None
     raise DataError(
@@ -236,6 +283,7 @@ def load_dataset(
     split_seed: int = 0,
     train_size: Optional[int] = None,
     on_disk: Optional[bool] = None,
+    num_images: Optional[int] = None,
 ) -> Dataset:
     """Load a dataset by registered name or from a user's array file.
 
@@ -246,6 +294,8 @@ def load_dataset(
     ``on_disk``: keep a ``.npy`` file on disk and read the rows of each batch from it instead of
     loading it (see :mod:`ppl_vae.data.ondisk`); ``None`` (default) does so for files of at least
     :data:`ON_DISK_MIN_BYTES` (1 GiB). The split is the same either way.
+    ``num_images``: for a data set drawn from a large or generated collection (``dsprites``), the
+    size of the seeded random subset taken (seeded by ``split_seed``; None: its default).
     """
     if binarize not in BINARIZE:
         raise ValueError(f"binarize must be one of {', '.join(BINARIZE)}, got {binarize!r}")
@@ -261,14 +311,34 @@ def load_dataset(
     elif on_disk:
         raise ValueError(f"on_disk=True needs a .npy file, got dataset {name!r}")
     if name in DATASETS:
-        train, test, train_labels, test_labels = DATASETS.get(name)(data_dir)
+        loader = DATASETS.get(name)
+        if getattr(loader, "takes_num_images", False):  # a declared capability of the loader
+            arrays = loader(data_dir, num_images=num_images, seed=split_seed)
+        elif num_images is not None:
+            raise ValueError(f"num_images applies to generated or subsampled data sets (dsprites), not {name!r}")
+        else:
+            arrays = loader(data_dir)
+        if not isinstance(arrays, (tuple, list)) or len(arrays) not in (4, 5):
+            got = f"{len(arrays)} values" if isinstance(arrays, (tuple, list)) else type(arrays).__name__
+            raise DataError(f"dataset {name!r}: its loader returned {got}; a dataset loader returns 4: "
+                            "(train, test, train_labels, test_labels), None for the parts it lacks (and factors)")
         label = name
     else:
+        if num_images is not None:
+            raise ValueError(f"num_images applies to generated or subsampled data sets (dsprites), not {name!r}")
         path = Path(name)
         if path.suffix.lower() not in (".npy", ".npz", ".csv") and not path.exists():
             DATASETS.get(name)  # raises: unknown name, listing the valid ones
-        train, test, train_labels, test_labels = _arrays_from_file(path)
+        arrays = _arrays_from_file(path)
         label = path.name
+    train, test, train_labels, test_labels = arrays[:4]
+    factors: Optional[Factors] = arrays[4] if len(arrays) > 4 else None
+    train_fac = None if factors is None else torch.as_tensor(np.asarray(factors.train))
+    test_fac = None if factors is None or factors.test is None else torch.as_tensor(np.asarray(factors.test))
+    if train_fac is not None and len(train_fac) != len(train):
+        raise DataError(f"{label}: {len(train_fac)} factor rows for {len(train)} training points")
+    if test_fac is not None and len(test_fac) != len(test):
+        raise DataError(f"{label}: {len(test_fac)} factor rows for {len(test)} test points")
 
     generator = torch.Generator().manual_seed(split_seed)
     train_t = _as_float_tensor(train, f"{label} (train)")
@@ -282,6 +352,8 @@ def load_dataset(
             raise DataError(f"{label} has {n} datapoint(s): too few to hold out a test set")
         perm = torch.randperm(n, generator=generator)
         test_t, train_t = train_t[perm[:n_test]], train_t[perm[n_test:]]
+        if train_fac is not None:
+            test_fac, train_fac = train_fac[perm[:n_test]], train_fac[perm[n_test:]]
         if train_lab is not None:
             test_lab, train_lab = train_lab[perm[:n_test]], train_lab[perm[n_test:]]
         else:
@@ -291,9 +363,12 @@ def load_dataset(
         if test_t.shape[1:] != train_t.shape[1:]:
             raise DataError(f"{label}: train points have shape {tuple(train_t.shape[1:])} but test points {tuple(test_t.shape[1:])}")
         test_lab = None if test_labels is None else _as_labels(test_labels, f"{label} (test labels)")
+        if test_lab is not None and len(test_lab) != len(test_t):
+            raise DataError(f"{label}: {len(test_lab)} test labels for {len(test_t)} test points")
     if train_size is not None:
         train_t = train_t[:train_size]
         train_lab = None if train_lab is None else train_lab[:train_size]
+        train_fac = None if train_fac is None else train_fac[:train_size]
 
     if binarize != "none":
         for t, what in ((train_t, "train"), (test_t, "test")):
@@ -311,6 +386,9 @@ def load_dataset(
         test_labels=test_lab,
         dynamic_binarization=binarize == "dynamic",
         info={"binarize": binarize},
+        train_factors=train_fac,
+        test_factors=test_fac,
+        factor_names=() if factors is None else tuple(factors.names),
     )
 
 
@@ -342,3 +420,17 @@ def _load_on_disk(path: Path, binarize: str, test_fraction: float, split_seed: i
                 raise DataError(f"cannot binarize {path.name} ({what}): values must lie in [0, 1]")
         train, test = replace(train, threshold=True), replace(test, threshold=True)
     return Dataset(name=path.name, train=train, test=test, info={"binarize": binarize})
+
+
+@DATASETS.register("dsprites")
+def load_dsprites_arrays(data_dir: Optional[Path] = None, *, num_images: Optional[int] = None, seed: int = 0):
+    """dSprites (Matthey et al. 2017): 64x64 binary shapes with known factors; a seeded subset of
+    num_images (default 10,000) re-rendered here, or read from the original .npz in --data-dir
+    (see :mod:`ppl_vae.data.dsprites`)."""
+    from ppl_vae.data import dsprites
+
+    images, classes = dsprites.load_dsprites(data_dir, num_images=num_images, seed=seed)
+    return images, None, None, None, Factors(classes, None, dsprites.FACTOR_NAMES)
+
+
+load_dsprites_arrays.takes_num_images = True

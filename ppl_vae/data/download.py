@@ -18,8 +18,8 @@ from typing import Dict, List, Optional
 
 from ppl_vae.data.datasets import FREY_FACE_SHA256, MNIST_SHA256
 from ppl_vae.errors import DataError
-from ppl_vae.registry import Registry
 from ppl_vae.io import atomic_path
+from ppl_vae.registry import Registry
 
 CHUNK = 1 << 16
 
@@ -64,7 +64,6 @@ def download(
     ``file://`` URLs work, for mirrors on disk). A checksum mismatch raises
     :class:`~ppl_vae.errors.DataError` and leaves no file behind.
     """
-    from tqdm.auto import tqdm
 
     source = SOURCES.get(dataset)
     base = url if url is not None else source.base_url
@@ -73,7 +72,22 @@ def download(
     data_dir = Path(data_dir)
     if data_dir.exists() and not data_dir.is_dir():
         raise ValueError(f"data_dir {data_dir} exists and is not a folder")
+    created = [p for p in [data_dir, *data_dir.parents] if not p.exists()]
     data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _fetch_all(dataset, source, base, data_dir, timeout, progress)
+    except BaseException:
+        for folder in created:  # a failed download leaves no empty folder behind (deepest first)
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _fetch_all(dataset: str, source: Source, base: str, data_dir: Path, timeout: float, progress: bool) -> List[Path]:
+    from tqdm.auto import tqdm
+
     paths = []
     for name, expected in source.files.items():
         path = data_dir / name
@@ -97,6 +111,22 @@ def download(
                         "nothing was written"
                     )
         except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", None) or exc
-            raise DataError(f"{dataset}: could not download {base + name} ({reason})") from None
+            raise DataError(f"{dataset}: could not download {base + name} ({_reason(exc)}); check the network "
+                            "connection, or pass --url with a mirror (file:// works)") from None
     return paths
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a download failed, in words: urllib's ``<urlopen error None>`` says nothing."""
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, BaseException):
+        text = getattr(reason, "strerror", None) or str(reason)
+        if text and text != "None":
+            return text
+        return type(reason).__name__
+    if isinstance(reason, str) and reason and reason != "None":
+        return reason
+    text = getattr(exc, "strerror", None) or str(exc)
+    if not text or "None" in text:
+        return "no connection could be made (offline?)" if isinstance(exc, urllib.error.URLError) else type(exc).__name__
+    return " ".join(text.split())

@@ -65,14 +65,18 @@ def read_mat_array(path: str | Path, key: str) -> np.ndarray:
 
 
 def read_csv(path: Path) -> np.ndarray:
-    """A numeric CSV (comma-separated, optional one-line header) as a float array."""
+    """A numeric CSV (comma-separated, optional one-line header) as a float array.
+
+    The first row is a header only when none of its fields is a number (``x1,x2,label``); a
+    first row that mixes numbers and text (``0.5x,1,2``: a typo) is an error, never a header
+    that silently drops a datapoint. A UTF-8 byte-order mark is ignored."""
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read {path} as text: {exc}") from None
     rows = [line for line in lines if line.strip()]
-    if rows and _has_letters(rows[0]):
-        rows = rows[1:]  # a header
+    if rows and is_csv_header(rows[0]):
+        rows = rows[1:]
     if not rows:
         raise DataError(f"{path} holds no data rows")
     values = []
@@ -99,8 +103,9 @@ def _is_float(text: str) -> bool:
     return True
 
 
-def _has_letters(line: str) -> bool:
-    return any(not _is_float(f) for f in line.split(","))
+def is_csv_header(line: str) -> bool:
+    """Whether a CSV line is a header: none of its fields is a number."""
+    return not any(_is_float(f) for f in line.split(","))
 
 
 _MAGIC = {".npy": (b"\x93NUMPY", "a NumPy .npy file", "numpy.save"),

@@ -100,7 +100,10 @@ def read_text_lines(path: str | Path) -> List[str]:
 def read_fortunes(folder: str | Path = FORTUNES_DEFAULT_DIR) -> List[str]:
     """Entries of the fortune-cookie files in ``folder`` (the text between ``%`` lines).
 
-    Index files (``.dat``) and the ``.u8`` symlinks are skipped.
+    A fortune file is one that ``strfile`` indexed: ``NAME`` beside a ``NAME.dat`` whose header
+    says so (version 1 or 2, delimiter ``%``). Only those are read, so a ``data_dir`` that names
+    some other folder (``/etc`` in a received config) reads nothing of it; the ``.u8`` symlinks
+    are skipped.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -110,13 +113,27 @@ def read_fortunes(folder: str | Path = FORTUNES_DEFAULT_DIR) -> List[str]:
         )
     entries: List[str] = []
     for f in sorted(folder.iterdir()):
-        if f.suffix in (".dat", ".u8") or f.is_symlink() or not f.is_file():
+        if f.suffix in (".dat", ".u8") or f.is_symlink() or not f.is_file() or not is_strfile_index(
+                f.with_name(f.name + ".dat")):
             continue
         text = f.read_text(encoding="utf-8", errors="replace")
         entries += [e for e in re.split(r"^%\s*$", text, flags=re.M) if e.strip()]
     if not entries:
-        raise DataError(f"{folder} holds no fortune entries")
+        raise DataError(f"{folder} holds no fortune files (a file NAME with its strfile index NAME.dat)")
     return entries
+
+
+def is_strfile_index(path: Path) -> bool:
+    """Whether ``path`` is a ``strfile`` index (``.dat``): a big-endian header of five 32-bit
+    words (version 1 or 2, count, longest, shortest, flags), then the delimiter ``%``."""
+    try:
+        if path.is_symlink() or not path.is_file():
+            return False
+        with open(path, "rb") as fh:
+            head = fh.read(21)
+    except OSError:
+        return False
+    return len(head) == 21 and int.from_bytes(head[:4], "big") in (1, 2) and head[20:21] == b"%"
 
 
 @DATASETS.register(
@@ -129,7 +146,7 @@ def load_fortunes_arrays(data_dir: Optional[Path] = None) -> Arrays:
 
 
 @DATASETS.register(
-    "text-lines", doc=f"a user's text file (or folder of .txt), one sentence per line, as data_dir (--data-dir); character indices"
+    "text-lines", doc="a user's text file (or folder of .txt), one sentence per line, as data_dir (--data-dir); character indices"
 )
 def load_text_lines_arrays(data_dir: Optional[Path]) -> Arrays:
     """Lines shorter than 64 characters of the text file (or ``.txt`` folder) that ``--data-dir`` names."""

@@ -24,7 +24,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from ppl_vae.data.datasets import DATASETS, Arrays, load_fashion_mnist_arrays
-from ppl_vae.data.readers import read_csv
+from ppl_vae.data.readers import is_csv_header, read_csv
 from ppl_vae.errors import DataError
 
 DEFAULT_WINDOW = 32
@@ -44,10 +44,10 @@ def read_timeseries_csv(
         raise DataError(f"time-series CSV not found: {path}")
     values = read_csv(path)
     try:
-        first = next(line for line in path.read_text().splitlines() if line.strip())
+        first = next(line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip())
     except (StopIteration, OSError, UnicodeDecodeError):  # read_csv has already rejected these
         first = ""
-    names = [f.strip() for f in first.split(",")] if _is_header(first) else [
+    names = [f.strip() for f in first.split(",")] if is_csv_header(first) else [
         f"sensor{i}" for i in range(values.shape[1])
     ]
     labels = None
@@ -64,16 +64,6 @@ def read_timeseries_csv(
     if not np.isfinite(values).all():
         raise DataError(f"{path} contains NaN or infinite values")
     return values, labels, names
-
-
-def _is_header(line: str) -> bool:
-    """Whether a CSV line has a non-numeric field (read_csv treats such a first line as a header)."""
-    for field in line.split(","):
-        try:
-            float(field)
-        except ValueError:
-            return True
-    return False
 
 
 def sliding_windows(values: np.ndarray, window: int, stride: int) -> np.ndarray:

@@ -28,11 +28,11 @@ from ppl_vae.data.datasets import Dataset, load_dataset
 from ppl_vae.errors import TrainingDiverged
 from ppl_vae.inference.importance import elbo_per_datapoint
 from ppl_vae.inference.training import METHODS, Callback, TrainContext, resolve_device, train
+from ppl_vae.io import remove_stale_temp_files, write_figure, write_netcdf, write_text, write_with
 from ppl_vae.models.vae import VAE
 from ppl_vae.models.zoo import build_vae
 from ppl_vae.pipeline import seed_everything
 from ppl_vae.registry import Registry
-from ppl_vae.io import remove_stale_temp_files, write_figure, write_netcdf, write_text, write_with
 
 # Which model the paper used for each dataset, and the sub-folder a --data-dir root may hold.
 DATA_MODELS: Registry[str] = Registry("experiment dataset")
@@ -247,6 +247,14 @@ def check_settings(out_dir: Path, settings: Any) -> None:
     path = out_dir / "settings.json"
     text = json.dumps(dataclasses.asdict(settings), indent=2, sort_keys=True, default=str) + "\n"
     if path.is_file():
+        others = [p for p in out_dir.iterdir()
+                  if p.name != "settings.json" and not (p.name.startswith(".") and p.name.endswith(".tmp"))]
+        if json.loads(path.read_text()) != json.loads(text) and not others:
+            # an earlier attempt stopped before writing any result (out of memory, Ctrl-C): nothing
+            # would be mixed, so the corrected command takes the folder
+            remove_stale_temp_files(out_dir)
+            write_text(path, text)
+            return
         if json.loads(path.read_text()) != json.loads(text):
             raise ValueError(
                 f"out {out_dir} holds results made with other settings (see its settings.json); "
@@ -305,8 +313,16 @@ def image_grid(images: np.ndarray, ncols: int) -> np.ndarray:
     return canvas
 
 
+# Sizes far beyond any machine these figures run on (a grid of grid_size**2 decoded images, a
+# weight matrix of hidden_dim x latent_dim): refused before any work rather than an
+# out-of-memory error minutes later.
+SIZE_LIMITS = {"grid_size": 500, "latent_dims": 10_000, "latent_dim": 10_000, "hidden_dim": 100_000,
+               "num_images": 10_000, "eval_size": 10_000_000, "batch_size": 10_000_000}
+
+
 def validate_common(**values: Any) -> None:
-    """Raise ValueError naming the first non-positive count among ``values``."""
+    """Raise ValueError naming the first non-positive count among ``values``, or the first
+    above its :data:`SIZE_LIMITS` entry."""
     for name, value in values.items():
         if value is None:
             continue
@@ -315,3 +331,8 @@ def validate_common(**values: Any) -> None:
                 raise ValueError(f"{name} must list positive integers, got {value}")
         elif not value > 0:
             raise ValueError(f"{name} must be positive, got {value}")
+        limit = SIZE_LIMITS.get(name)
+        largest = max(value) if isinstance(value, (tuple, list)) else value
+        if limit is not None and largest > limit:
+            raise ValueError(f"{name} {largest} is far beyond what this figure needs or a machine holds; "
+                             f"choose at most {limit}")

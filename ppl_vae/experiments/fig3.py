@@ -21,11 +21,11 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import xarray as xr
 
+from ppl_vae.data.datasets import Dataset
 from ppl_vae.experiments import common
 from ppl_vae.inference.importance import iw_log_likelihood
 from ppl_vae.inference.marginal import hmc_log_marginal
 from ppl_vae.models.vae import VAE
-from ppl_vae.data.datasets import Dataset
 
 ESTIMATORS = ("appendix_d", "iw")
 ESTIMATOR_LABELS = {

@@ -17,8 +17,8 @@ import xarray as xr
 from scipy.stats import norm
 
 from ppl_vae.experiments import common
-from ppl_vae.models.vae import VAE
 from ppl_vae.io import write_netcdf
+from ppl_vae.models.vae import VAE
 
 PAPER_HIDDEN = {"mnist": 500, "frey-face": 200}
 

@@ -1,9 +1,13 @@
 """Inference: SVI training and importance-weighted estimators."""
 
+from ppl_vae.inference import (  # noqa: F401,E402  (registers methods "mcem", "wake-sleep")
+    disentangle,  # noqa: F401,E402  (registers objectives "beta_vae", "beta_tc", ...)
+    mcem,
+    objectives,  # noqa: F401,E402  (registers "iwae", "dreg", "stl", "rws")
+    wake_sleep,
+)
 from ppl_vae.inference.importance import elbo_per_datapoint, iw_log_likelihood, log_importance_weights
 from ppl_vae.inference.training import ELBOS, OPTIMIZERS, TrainState, resolve_device, train
-from ppl_vae.inference import mcem, wake_sleep  # noqa: F401,E402  (registers methods "mcem", "wake-sleep")
-from ppl_vae.inference import objectives  # noqa: F401,E402  (registers "iwae", "dreg", "stl", "rws")
 
 __all__ = [
     "ELBOS",

@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
-import pyro
 import torch
 import xarray as xr
 from pyro import poutine

@@ -54,19 +54,30 @@ class DistributedError(PplVaeError, RuntimeError):
     """A collective failed or timed out: another rank died or stalled."""
 
 
+def env_int(name: str, default: object) -> int:
+    """The integer a launcher put in environment variable ``name`` (``default`` when unset); a
+    ValueError naming the variable otherwise (not Python's "invalid literal for int()")."""
+    value = os.environ.get(name, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"environment variable {name} must be an integer (torchrun sets it), got {value!r}; "
+                         f"unset it outside a distributed launch") from None
+
+
 def launched_by_torchrun() -> bool:
     """Whether this process is one rank of several started by torchrun (or :func:`launch`)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return env_int("WORLD_SIZE", "1") > 1
 
 
 def env_world_size() -> int:
     """The number of ranks torchrun started (1 outside a distributed launch)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return env_int("WORLD_SIZE", "1")
 
 
 def env_rank() -> int:
     """This process's global rank from the environment (0 outside a distributed launch)."""
-    return int(os.environ.get("RANK", "0"))
+    return env_int("RANK", "0")
 
 
 def check_config(config: TrainConfig, world_size: int) -> None:
@@ -85,7 +96,7 @@ def check_config(config: TrainConfig, world_size: int) -> None:
         raise ConfigError(f"train.device must be cpu, cuda or auto with several processes (rank r uses cuda:r), "
                           f"got {config.device!r}", field="train.device")
     device = resolve_device(config.device)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    local = env_int("LOCAL_WORLD_SIZE", world_size)
     if device.type == "cuda" and local > torch.cuda.device_count():
         raise ValueError(f"{local} processes per machine need as many GPUs; {torch.cuda.device_count()} are visible")
 
@@ -271,8 +282,8 @@ def init_process_group(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise ValueError(f"not launched by torchrun: {', '.join(missing)} not set; use torchrun or nproc > 1")
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    rank, world_size = env_int("RANK", None), env_int("WORLD_SIZE", None)
+    local_rank = env_int("LOCAL_RANK", rank)
     kind = resolve_device(device if device in ("cpu", "auto") else "cuda").type
     dev = torch.device("cuda", local_rank) if kind == "cuda" else torch.device("cpu")
     if kind == "cuda":

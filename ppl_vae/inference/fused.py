@@ -11,7 +11,6 @@ tests check that. Any other pair trains through Pyro.
 
 from __future__ import annotations
 
-import torch
 from pyro import distributions as dist
 from torch import Tensor
 from torch.distributions import kl_divergence

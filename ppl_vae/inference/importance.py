@@ -24,7 +24,6 @@ from ppl_vae.inference.stats import log_mean_exp_se_from_ess, psis_khat
 from ppl_vae.inference.traces import PARTICLE_PLATE, log_probs, trace_pair  # noqa: F401 (PARTICLE_PLATE re-exported)
 
 
-
 @torch.no_grad()
 @in_eval_mode("model", "guide")
 def elbo_per_datapoint(

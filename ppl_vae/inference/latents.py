@@ -166,13 +166,22 @@ def _is_real(support: constraints.Constraint) -> bool:
         or support == constraints.real
 
 
-def _enumerated(site: Dict[str, Any]) -> bool:
-    return site["infer"].get("enumerate") == "parallel"
+def _infer(site: Any) -> Dict[str, Any]:
+    return site.get("infer") or {}
+
+
+def _enumerated(site: Any) -> bool:
+    return _infer(site).get("enumerate") == "parallel"
+
+
+def _fn(site: Any) -> Any:
+    """A sample site's distribution."""
+    return site["fn"]
 
 
 def _latent_sample_sites(trace: poutine.Trace):
     for name, site in trace.nodes.items():
-        if (site["type"] == "sample" and not site["is_observed"] and not site["infer"].get("is_auxiliary")
+        if (site["type"] == "sample" and not site["is_observed"] and not _infer(site).get("is_auxiliary")
                 and not site_is_subsample(site)):
             yield name, site
 
@@ -253,7 +262,7 @@ def _traced_terms(model: Callable, x: Tensor, latents: Mapping[str, Tensor], kwa
         if site["type"] != "sample" or site_is_subsample(site):
             continue
         lp = site["log_prob"]
-        if not site["is_observed"] and not _enumerated(site) and not site["infer"].get("is_auxiliary"):
+        if not site["is_observed"] and not _enumerated(site) and not _infer(site).get("is_auxiliary"):
             raise ValueError(f"latent site {name!r} of the model was not given a value (latents name "
                              f"{', '.join(map(repr, latents)) or 'none'}); a discrete site must be marked "
                              "infer={'enumerate': 'parallel'} to be summed out")
@@ -349,9 +358,9 @@ def log_importance_weights(model: Callable, guide: Callable, x: Tensor, *args: A
     for name, site in _latent_sample_sites(guide_trace):
         latents[name] = site["value"]
         log_q = log_q + site["log_prob"].expand(shape)
-    latents = {k: v.expand(shape + v.shape[v.dim() - len(guide_trace.nodes[k]["fn"].event_shape):])
-               for k, v in latents.items()}
-    layout = Layout(tuple(Site(k, tuple(guide_trace.nodes[k]["fn"].event_shape)) for k in latents))
+    event_shapes = {k: tuple(_fn(guide_trace.nodes[k]).event_shape) for k in latents}
+    latents = {k: v.expand(shape + v.shape[v.dim() - len(event_shapes[k]):]) for k, v in latents.items()}
+    layout = Layout(tuple(Site(k, event_shapes[k]) for k in latents))
     prior, lik = _traced_terms(model, x, latents, kwargs, max_plate_nesting, layout=layout)
     return prior + lik - log_q
 
@@ -428,6 +437,6 @@ def guide_layout(guide: Callable, x: Tensor, layout: Layout, **kwargs: Any) -> N
         node = trace.nodes.get(site.name)
         if node is None or node["type"] != "sample":
             raise ValueError(f"the guide has no sample site {site.name!r}, a latent site of the model")
-        if tuple(node["fn"].event_shape) != site.event_shape:
-            raise ValueError(f"the guide's site {site.name!r} has event shape {tuple(node['fn'].event_shape)}, "
+        if tuple(_fn(node).event_shape) != site.event_shape:
+            raise ValueError(f"the guide's site {site.name!r} has event shape {tuple(_fn(node).event_shape)}, "
                              f"the model's {site.event_shape}")

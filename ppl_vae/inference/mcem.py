@@ -18,9 +18,9 @@ from typing import Optional
 import torch
 
 from ppl_vae.config import TrainConfig
-from ppl_vae.inference.marginal import hmc_posterior
 from ppl_vae.inference.fused import supports_fused_elbo
-from ppl_vae.inference.training import METHODS, NonFiniteLoss, OPTIMIZERS, Stepper
+from ppl_vae.inference.marginal import hmc_posterior
+from ppl_vae.inference.training import METHODS, OPTIMIZERS, NonFiniteLoss, Stepper
 from ppl_vae.inference.wake_sleep import generative_parameters
 from ppl_vae.models.vae import VAE
 

@@ -108,18 +108,14 @@ def seeded(seed: Optional[int], device: Any = None) -> Iterator[None]:
             np.random.set_state(np_state)
 
 
-def block_seed(seed: int, start: int) -> int:
-    """A seed for the block of datapoints starting at index ``start``, derived from ``seed``:
+def block_seed(seed: int, start: int, stream: int = 0) -> int:
+    """A 63-bit seed for the block of datapoints starting at index ``start``, derived from
+    ``seed`` (``stream`` separates independent uses, e.g. the scores and a report's draws):
     results then do not depend on how the datapoints are split into batches or processes."""
-    return int((seed * 1_000_003 + start * 7_919 + 12_345) % (2**63 - 1))
+    import numpy as np
 
-
-# What an estimator call shares: a model in eval mode and its own random stream.
-@contextmanager
-def evaluating(*fns: Any, seed: Optional[int] = None, device: Any = None) -> Iterator[None]:
-    """:func:`eval_mode` of ``fns`` and :func:`seeded` ``seed`` together, both restored afterwards."""
-    with eval_mode(*fns), seeded(seed, device):
-        yield
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(stream), int(start)]).generate_state(2, np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & (2**63 - 1)
 
 
 def check_positive(name: str, value: Any) -> None:

@@ -44,6 +44,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 
 from ppl_vae.config import TrainConfig
+from ppl_vae.errors import ConfigError
 from ppl_vae.inference.traces import PARTICLE_PLATE, LogProbs, log_probs, trace_pair
 from ppl_vae.inference.training import METHODS, NonFiniteLoss, Stepper, make_optimizer
 
@@ -276,6 +277,11 @@ class MultiSampleStepper(Stepper):
     objective: Callable[..., Tensor]
 
     def __init__(self, vae: nn.Module, config: TrainConfig):
+        sites = tuple(getattr(vae, "enumerated_sites", ()))
+        if sites and self.name != "rws":  # the guide would sample them, and they are not reparameterizable
+            raise ConfigError(f"method {self.name!r} needs reparameterized latents; {type(vae).__name__} has the "
+                              f"discrete site(s) {', '.join(map(repr, sites))}: use 'svi' (enumerated) or 'rws'",
+                              field="train.method")
         self.vae = vae
         self.num_particles = int(config.num_particles)
         self.optimizers = {self.name: make_optimizer(vae, config)}

@@ -2,8 +2,8 @@
 PSIS k-hat, and the one table of diagnostic thresholds.
 
 Inference estimators compute with these and the analysis code reads their results; neither
-re-implements them. This is the only module that imports ArviZ (lazily: it is slow to import),
-and :func:`arviz` hands the module to the code that builds InferenceData.
+re-implements them. PSIS k-hat comes from ArviZ through :mod:`ppl_vae.arviz_compat` (the one
+module that imports it), imported on first use since ArviZ is slow to import.
 
 Conventions: weights are given as log-weights with the draws along dim 0, ``(K, N)`` for K
 draws of each of N datapoints; every function reduces dim 0.
@@ -12,7 +12,6 @@ draws of each of N datapoints; every function reduces dim 0.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Tuple
@@ -37,7 +36,7 @@ class Thresholds:
 
     khat: float = 0.7
     min_ess: float = 10.0
-    flat_log_weights: float = 1e-4
+    flat_log_weights: float = 1e-4  # = ppl_vae.arviz_compat.FLAT_LOG_WEIGHTS, which k-hat reads
     min_datapoints: int = 30
 
     def low_ess(self, ess: Tensor | np.ndarray, num_draws: int) -> np.ndarray:
@@ -82,37 +81,16 @@ def mean_se(u: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def arviz() -> ModuleType:
-    """The ArviZ module, imported on first use (its import announcements silenced)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # ArviZ announces its refactor on import
-        import arviz as az
+    """The ArviZ module (imported once, in :mod:`ppl_vae.arviz_compat`)."""
+    from ppl_vae.arviz_compat import az
+
     return az
 
 
 def psis_khat(log_weights: np.ndarray | Tensor) -> np.ndarray:
-    """Pareto k̂ of each datapoint's importance weights (PSIS, Vehtari et al. 2024), via ArviZ.
+    """Pareto k̂ of each datapoint's importance weights ``(K, N)`` (PSIS, Vehtari et al. 2024):
+    :func:`ppl_vae.arviz_compat.psis_khat`, with ArviZ imported on first use. Above
+    :attr:`Thresholds.khat` (0.7) an IW estimate and its standard error are unreliable."""
+    from ppl_vae.arviz_compat import psis_khat as khat
 
-    ``log_weights``: ``(K, N)``, K draws for each of N datapoints. k̂ is the shape of a
-    generalized Pareto distribution fitted to the largest weights: below 0.5 the weights have
-    finite variance; 0.5-0.7 the IW estimate is usable but noisy; above
-    :attr:`Thresholds.khat` (0.7) its error is dominated by rare huge weights and its standard
-    error cannot be trusted (use more samples, a better guide, or AIS). Weights constant to
-    within :attr:`Thresholds.flat_log_weights` (q equal to the posterior, up to float32
-    rounding) have no tail to fit: -inf. NaN where K is too small for a tail fit (ArviZ needs
-    5 tail draws: K >= 21).
-    """
-    lw = (log_weights.detach().cpu().double().numpy() if torch.is_tensor(log_weights)
-          else np.asarray(log_weights, dtype=np.float64))
-    if lw.ndim != 2:
-        raise ValueError(f"log_weights must have shape (num_samples, num_datapoints), got {lw.shape}")
-    lw = (lw - lw.max(axis=0, keepdims=True)).T  # arviz reads the last dim as draws
-    if lw.shape[1] < 21:  # ArviZ fits the top ceil(0.2 K) draws and needs at least 5 of them
-        khat = np.full(lw.shape[0], np.nan)
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # flat tails: k̂ comes back inf, with a warning
-            _, khat = arviz().psislw(lw)
-    khat = np.asarray(khat, dtype=np.float64).reshape(lw.shape[0])
-    khat[np.isposinf(khat)] = np.nan  # ArviZ's marker for "too few tail draws to fit"
-    khat[lw.min(axis=1) > -THRESHOLDS.flat_log_weights] = -np.inf
-    return khat
+    return khat(log_weights)

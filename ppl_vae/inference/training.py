@@ -11,16 +11,17 @@ can live in one process and a checkpoint is just the module's and optimizers' st
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyro
 import torch
 import xarray as xr
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 
 from ppl_vae.config import TrainConfig
 from ppl_vae.data.datasets import Dataset
@@ -35,6 +36,10 @@ ELBOS.register("trace", doc="Trace_ELBO: AEVB's SGVB estimator A (Monte Carlo KL
 ELBOS.register("mean_field", doc="TraceMeanField_ELBO: AEVB's estimator B (analytic KL)")(
     TraceMeanField_ELBO
 )
+ELBOS.register("enum", doc="TraceEnum_ELBO: Trace_ELBO with the discrete sites marked for enumeration summed "
+               "out exactly (M2, the GMVAE); 'trace' means this for a model that declares enumerated_sites")(
+    TraceEnum_ELBO
+)
 # Pyro's JitTrace_ELBO rests on torch.jit.trace, deprecated in torch 2.x: compile= replaces it.
 _REMOVED_ELBOS = {"jit_trace": "trace", "jit_mean_field": "mean_field"}
 
@@ -42,6 +47,91 @@ OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer
 OPTIMIZERS.register("adam", doc="Adam (Kingma & Ba 2015)")(torch.optim.Adam)
 OPTIMIZERS.register("adagrad", doc="Adagrad (Duchi et al. 2011), AEVB's choice")(torch.optim.Adagrad)
 OPTIMIZERS.register("sgd", doc="plain stochastic gradient descent")(torch.optim.SGD)
+
+# ``torch.optim.lr_scheduler`` classes a config may name (LambdaLR and friends need callables,
+# SequentialLR and ChainedScheduler other schedulers: none of them can be built from JSON options).
+_UNNAMEABLE_SCHEDULERS = {"LambdaLR", "MultiplicativeLR", "SequentialLR", "ChainedScheduler", "LRScheduler"}
+
+
+def lr_schedule_names() -> List[str]:
+    """The ``torch.optim.lr_scheduler`` classes ``TrainConfig.lr_schedule`` may name."""
+    sched = torch.optim.lr_scheduler
+    base = getattr(sched, "LRScheduler", None) or sched._LRScheduler
+    return sorted(
+        name for name, obj in vars(sched).items()
+        if isinstance(obj, type) and not name.startswith("_") and name not in _UNNAMEABLE_SCHEDULERS
+        and (issubclass(obj, base) or issubclass(obj, sched.ReduceLROnPlateau))
+    )
+
+
+def _is_plateau(name: Optional[str]) -> bool:
+    return name == "ReduceLROnPlateau"
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> Any:
+    """The configured ``torch.optim.lr_scheduler`` over ``optimizer`` (None when there is none).
+
+    ReduceLROnPlateau watches the validation ELBO, which should rise: its ``mode`` defaults to "max".
+    """
+    if config.lr_schedule is None:
+        return None
+    options = dict(config.lr_schedule_options)
+    if _is_plateau(config.lr_schedule):
+        options.setdefault("mode", "max")
+    cls = getattr(torch.optim.lr_scheduler, config.lr_schedule)
+    try:
+        return cls(optimizer, **options)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ConfigError(f"train.lr_schedule_options do not fit {config.lr_schedule}: {' '.join(str(exc).split())}",
+                          field="train.lr_schedule_options") from None
+
+
+def attach_lr_schedulers(stepper: "Stepper", config: TrainConfig) -> Dict[str, Any]:
+    """``stepper.schedulers``: one scheduler per optimizer (by the optimizer's name), made once.
+
+    State saved with a checkpoint (:func:`ppl_vae.runs.restore` leaves it in
+    ``stepper.pending_scheduler_state``) is loaded here, after the optimizers' own state.
+    """
+    schedulers = getattr(stepper, "schedulers", None)
+    if schedulers is None:
+        made = {name: make_lr_scheduler(opt, config) for name, opt in stepper.optimizers.items()}
+        schedulers = stepper.schedulers = {name: s for name, s in made.items() if s is not None}
+    pending = getattr(stepper, "pending_scheduler_state", None) or {}
+    for name, saved in pending.items():
+        if name not in schedulers:
+            raise ConfigError(f"the checkpoint holds a learning-rate schedule for optimizer {name!r} but "
+                              f"train.lr_schedule is {config.lr_schedule!r}", field="train.lr_schedule")
+        schedulers[name].load_state_dict(saved)
+    stepper.pending_scheduler_state = None
+    return schedulers
+
+
+# The KL weight at a step: name -> fn(config, step, steps_per_epoch) (step counts from 0).
+KL_SCHEDULES: Registry[Callable[[TrainConfig, int, int], float]] = Registry("kl_schedule")
+
+
+@KL_SCHEDULES.register("linear", doc="rises linearly from 0 to kl_weight over kl_warmup_epochs (0: no warm-up)")
+def linear_kl_weight(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    if config.kl_warmup_epochs == 0:
+        return config.kl_weight
+    return config.kl_weight * min(1.0, (step + 1) / (config.kl_warmup_epochs * steps_per_epoch))
+
+
+@KL_SCHEDULES.register("cyclical", doc="Fu et al. 2019: cycles of kl_cycle_epochs, each rising over the first "
+                                       "kl_cycle_ratio of the cycle, then held at kl_weight")
+def cyclical_kl_weight(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    cycle = config.kl_cycle_epochs * steps_per_epoch
+    tau = (step % cycle + 1) / cycle
+    return config.kl_weight * min(1.0, tau / config.kl_cycle_ratio)
+
+
+@KL_SCHEDULES.register("constant", doc="kl_weight throughout")
+def constant_kl_weight(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    return config.kl_weight
+
+
+# Numerical precision of the training loss: name -> autocast dtype (None: full precision).
+PRECISIONS: Dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16}
 
 # When SVI checks that the loss is finite: every step (a host-device sync each step, and no
 # update ever sees a NaN) or once per epoch (no per-step sync: the right choice on a GPU).
@@ -68,7 +158,8 @@ def validate_train_config(config: TrainConfig) -> None:
     def bad(name: str, message: str) -> ConfigError:
         return ConfigError(f"train.{name} {message}", field=f"train.{name}")
 
-    for name, registry in (("method", METHODS), ("elbo", ELBOS), ("optimizer", OPTIMIZERS)):
+    for name, registry in (("method", METHODS), ("elbo", ELBOS), ("optimizer", OPTIMIZERS),
+                           ("kl_schedule", KL_SCHEDULES), ("objective", OBJECTIVES)):
         value = getattr(config, name)
         if name == "elbo" and value in _REMOVED_ELBOS:
             raise bad("elbo", f"{value!r} is no longer offered (it used torch.jit.trace, deprecated in torch 2); "
@@ -82,6 +173,8 @@ def validate_train_config(config: TrainConfig) -> None:
         raise bad("epochs", f"must be >= 0, got {config.epochs}")
     if not (config.lr > 0 and math.isfinite(config.lr)):
         raise bad("lr", f"must be a positive number, got {config.lr}")
+    if config.lr > 3.4028234663852886e38:  # float32 parameters: a larger step overflows in the optimizer
+        raise bad("lr", f"must be at most 3.4e38 (the largest float32), got {config.lr}")
     if config.kl_warmup_epochs < 0:
         raise bad("kl_warmup_epochs", f"must be >= 0, got {config.kl_warmup_epochs}")
     if config.finite_check not in FINITE_CHECKS:
@@ -94,12 +187,63 @@ def validate_train_config(config: TrainConfig) -> None:
         if config.compile not in torch._dynamo.list_backends(exclude_tags=()):
             raise bad("compile", f"must be null or a torch.compile backend "
                                  f"({', '.join(torch._dynamo.list_backends())}, ...), got {config.compile!r}")
-    resolve_device(config.device)
+    _validate_controls(config, bad)
+    check_objective = getattr(OBJECTIVES.get(config.objective), "check_config", None)
+    if check_objective is not None:
+        check_objective(config)
+    device = resolve_device(config.device)
+    if PRECISIONS[config.precision] is not None and device.type != "cuda":
+        raise bad("precision", f"{config.precision!r} (autocast) needs a CUDA device, but training runs on "
+                               f"{device.type}; use precision 'fp32'")
+
+
+def _validate_controls(config: TrainConfig, bad: Callable[[str, str], ConfigError]) -> None:
+    """The training controls: schedules, clipping, validation split, early stopping, precision."""
+    if config.lr_schedule is not None:
+        names = lr_schedule_names()
+        if config.lr_schedule not in names:
+            raise bad("lr_schedule", f"must be null or a torch.optim.lr_scheduler class ({', '.join(names)}), "
+                                     f"got {config.lr_schedule!r}")
+        if _is_plateau(config.lr_schedule) and config.val_fraction == 0:
+            raise bad("lr_schedule", "ReduceLROnPlateau watches the validation ELBO: set train.val_fraction > 0")
+        # the options are checked on the configured optimizer type (CyclicLR, say, needs momentum or betas)
+        make_lr_scheduler(OPTIMIZERS.get(config.optimizer)([torch.zeros(1, requires_grad=True)], lr=config.lr), config)
+    elif config.lr_schedule_options:
+        raise bad("lr_schedule_options", "are given but train.lr_schedule is null")
+    if config.clip_grad_norm is not None and not (config.clip_grad_norm > 0 and math.isfinite(config.clip_grad_norm)):
+        raise bad("clip_grad_norm", f"must be a positive number or null (no clipping), got {config.clip_grad_norm}")
+    if not 0 <= config.val_fraction < 1:
+        raise bad("val_fraction", f"must be in [0, 1), got {config.val_fraction}")
+    if config.early_stopping_patience is not None:
+        if config.early_stopping_patience < 1:
+            raise bad("early_stopping_patience", f"must be >= 1 or null, got {config.early_stopping_patience}")
+        if config.val_fraction == 0:
+            raise bad("early_stopping_patience", "watches the validation ELBO: set train.val_fraction > 0")
+    if not (config.kl_weight >= 0 and math.isfinite(config.kl_weight)):
+        raise bad("kl_weight", f"must be a finite number >= 0, got {config.kl_weight}")
+    if config.kl_cycle_epochs < 1:
+        raise bad("kl_cycle_epochs", f"must be >= 1, got {config.kl_cycle_epochs}")
+    if not 0 < config.kl_cycle_ratio <= 1:
+        raise bad("kl_cycle_ratio", f"must be in (0, 1], got {config.kl_cycle_ratio}")
+    if config.precision not in PRECISIONS:
+        raise bad("precision", f"must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
+
+
+# torch's fused Adam: one kernel per step over all parameters instead of several per tensor; the
+# same update rule (benchmarks/README.md: the optimizer's share of a CPU step fell from 26 to 0.7 ms)
+FUSED_OPTIMIZERS = ("adam",)
 
 
 def make_optimizer(module: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """The configured torch optimizer over ``module.parameters()``."""
-    return OPTIMIZERS.get(config.optimizer)(module.parameters(), lr=config.lr)
+    """The configured torch optimizer over ``module.parameters()`` (Adam fused where torch allows:
+    floating-point parameters on one CPU or CUDA device)."""
+    params = list(module.parameters())
+    options: Dict[str, Any] = {"lr": config.lr}
+    devices = {p.device for p in params}
+    if (config.optimizer in FUSED_OPTIMIZERS and params and len(devices) == 1
+            and next(iter(devices)).type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)):
+        options["fused"] = True
+    return OPTIMIZERS.get(config.optimizer)(params, **options)
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -121,6 +265,10 @@ class Stepper:
     """
 
     optimizers: Dict[str, torch.optim.Optimizer]
+    #: learning-rate schedulers by optimizer name (:func:`attach_lr_schedulers`; None: not made yet)
+    schedulers: Optional[Dict[str, Any]] = None
+    #: scheduler state from a checkpoint, loaded when the schedulers are made
+    pending_scheduler_state: Optional[Dict[str, Any]] = None
     #: True when ``step`` skips the host-side finiteness check (no device sync per step); the
     #: training loop then tracks the first non-finite loss on the device and stops at epoch end.
     defers_finite_check: bool = False
@@ -134,8 +282,43 @@ class Stepper:
     def close(self) -> None:
         """Release anything the stepper holds beyond its optimizers."""
 
+    def begin(self, step: int, steps_per_epoch: int) -> None:
+        """Called by :func:`train` before its first step: ``step`` optimizer steps are done (a
+        resumed run's count), so a method whose objective follows a schedule resumes exactly."""
+
+    def epoch_terms(self) -> Dict[str, float]:
+        """The objective's terms averaged over the epoch just finished (nats per datapoint, names
+        from :data:`TERM_VARS`), and a fresh start for the next epoch; ``{}`` for most methods."""
+        return {}
+
 
 METHODS: Registry[Callable[[VAE, TrainConfig], Stepper]] = Registry("method")
+
+#: ``train.objective`` -> a factory ``(vae, config) -> Stepper``; "elbo" is the method's own
+#: objective, the disentangling ones live in :mod:`ppl_vae.inference.disentangle`. A factory may
+#: carry ``check_config(config)``, which :func:`validate_train_config` calls.
+OBJECTIVES: Registry[Callable[[VAE, TrainConfig], Stepper]] = Registry("objective")
+OBJECTIVES.register("elbo", doc="the training method's own objective (svi: the ELBO)")(
+    lambda vae, config: METHODS.get(config.method)(vae, config)
+)
+
+
+def make_stepper(vae: VAE, config: TrainConfig) -> Stepper:
+    """The stepper that ``config.method`` and ``config.objective`` name."""
+    return OBJECTIVES.get(config.objective)(vae, config)
+
+
+def enumerating_elbo(vae: VAE, name: str) -> str:
+    """The ELBO to train ``vae`` with: "enum" for "trace" when the model declares
+    ``enumerated_sites`` (discrete sites summed out, e.g. M2's y), else ``name``; an ELBO that
+    cannot enumerate such a model is refused."""
+    sites = tuple(getattr(vae, "enumerated_sites", ()))
+    if not sites:
+        return name
+    if name not in ("trace", "enum"):
+        raise ConfigError(f"train.elbo {name!r} cannot sum out the discrete site(s) {', '.join(map(repr, sites))} of "
+                          f"{type(vae).__name__}: use 'trace' or 'enum' (TraceEnum_ELBO)", field="train.elbo")
+    return "enum"
 
 
 @METHODS.register("svi", doc="SVI on the ELBO: AEVB's algorithm 1 (encoder and decoder jointly)")
@@ -148,7 +331,7 @@ class SVIStepper(Stepper):
 
     def __init__(self, vae: VAE, config: TrainConfig):
         self.vae = vae
-        self.elbo = ELBOS.get(config.elbo)(
+        self.elbo: Any = ELBOS.get(enumerating_elbo(vae, config.elbo))(
             num_particles=config.num_particles,
             vectorize_particles=config.num_particles > 1,
             max_plate_nesting=1,
@@ -211,10 +394,17 @@ HISTORY_VARS = {
                  "bound on log p(x)",
     "train_loss": "mean minibatch loss per datapoint during the epoch, nats: the training method's objective "
                   "negated (svi: the negative ELBO with its KL weight; iwae, dreg, rws: the negative IW bound)",
+    "val_elbo": "ELBO per datapoint on the validation split (train.val_fraction of the training data, never "
+                "trained on), nats (KL weight 1); NaN without a validation split",
     "kl_weight": "KL weight at the end of the epoch",
+    "lr": "learning rate of the (first) optimizer during the epoch",
     "wall_time": "cumulative training time, seconds (evaluation excluded)",
     "num_train_samples": "training datapoints processed so far",
 }
+
+#: Optional per-epoch variables (a stepper's :meth:`Stepper.epoch_terms`) -> description; a history
+#: holds those its method recorded.
+TERM_VARS: Dict[str, str] = {}
 
 
 def history_to_xarray(records: List[Dict[str, float]], attrs: Optional[dict] = None) -> xr.Dataset:
@@ -224,14 +414,46 @@ def history_to_xarray(records: List[Dict[str, float]], attrs: Optional[dict] = N
         name: ("epoch", np.array([r[name] for r in records], dtype=np.float64), {"description": desc})
         for name, desc in HISTORY_VARS.items()
     }
+    extra = sorted({k for r in records for k in r} - set(HISTORY_VARS) - {"epoch"})
+    for name in extra:
+        values = np.array([r.get(name, np.nan) for r in records], dtype=np.float64)
+        data_vars[name] = ("epoch", values, {"description": TERM_VARS.get(name, "")})
     return xr.Dataset(data_vars, coords={"epoch": epochs}, attrs=attrs or {})
 
 
 def history_records(history: xr.Dataset) -> List[Dict[str, float]]:
+    """The records of a history Dataset; variables a history written before they existed lacks are NaN
+    (an objective's own terms, :data:`TERM_VARS`, are read when the history has them)."""
+    extra = sorted(k for k in history.data_vars if k not in HISTORY_VARS)
     return [
-        {"epoch": int(e), **{k: float(history[k].sel(epoch=e)) for k in HISTORY_VARS}}
+        {"epoch": int(e), **{k: float(history[k].sel(epoch=e)) if k in history else math.nan for k in HISTORY_VARS},
+         **{k: float(history[k].sel(epoch=e)) for k in extra}}
         for e in history["epoch"].values
     ]
+
+
+def stopped_early(records: Sequence[Dict[str, float]], config: TrainConfig) -> Optional[str]:
+    """Why training stopped before ``config.epochs`` (one line), or None if early stopping did not stop it."""
+    if config.early_stopping_patience is None or len(records) >= config.epochs:
+        return None
+    since = epochs_since_best(records)
+    if since is None or since < config.early_stopping_patience:
+        return None
+    best = len(records) - since
+    return (f"stopped early after epoch {len(records)}: the validation ELBO has not improved for {since} epochs "
+            f"(best {records[best - 1]['val_elbo']:.3f} at epoch {best}, kept in checkpoint-best.safetensors; "
+            "train.early_stopping_patience sets the patience)")
+
+
+def epochs_since_best(records: Sequence[Dict[str, float]], key: str = "val_elbo") -> Optional[int]:
+    """Epochs since the one with the highest ``key`` (0: the last epoch is the best); None when no
+    epoch has a finite value. Derived from the records alone, so resume needs no extra state."""
+    values = [r.get(key, math.nan) for r in records]
+    finite = [i for i, v in enumerate(values) if math.isfinite(v)]
+    if not finite:
+        return None
+    best = max(finite, key=lambda i: (values[i], -i))  # the first of equal maxima
+    return len(records) - 1 - best
 
 
 @dataclass
@@ -244,6 +466,19 @@ class TrainContext:
     stepper: Stepper
     state: TrainState
     attrs: Dict[str, Any]
+    #: the last minibatch loss (detached, on the device; scaled to the full training set)
+    last_loss: Optional[torch.Tensor] = None
+    kl_weight: float = 1.0
+    #: number of datapoints the model trains on (the training set less the validation split)
+    num_train: int = 0
+    #: True at the end of the epoch after which training stops early (checkpoint it)
+    stopping: bool = False
+
+    @property
+    def lr(self) -> float:
+        """The current learning rate of the (first) optimizer."""
+        optimizer = next(iter(self.stepper.optimizers.values()), None)
+        return float("nan") if optimizer is None else float(optimizer.param_groups[0]["lr"])
 
     def history(self) -> xr.Dataset:
         """The per-epoch records so far as the history Dataset."""
@@ -256,7 +491,8 @@ class Callback:
     ``on_train_start``: before the first step of this call (fresh or resumed; ``ctx.state``
     says which). ``on_step_end``: after every optimizer step; return True to stop training
     there (only callbacks that override it are called, so the others cost nothing per step).
-    ``on_epoch_end``: after each epoch's record is appended.
+    ``on_epoch_end``: after each epoch's record is appended. ``on_train_end``: when this call
+    ends, normally or by an error (close files there).
     """
 
     def on_train_start(self, ctx: TrainContext) -> None:
@@ -266,6 +502,9 @@ class Callback:
         return False
 
     def on_epoch_end(self, ctx: TrainContext) -> None:
+        pass
+
+    def on_train_end(self, ctx: TrainContext) -> None:
         pass
 
 
@@ -289,23 +528,42 @@ def as_callbacks(callbacks: Sequence[Union[Callback, Callable[[int, VAE], object
 
 
 def _kl_weight(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    if config.kl_warmup_epochs == 0:
-        return 1.0
-    return min(1.0, (step + 1) / (config.kl_warmup_epochs * steps_per_epoch))
+    return KL_SCHEDULES.get(config.kl_schedule)(config, step, steps_per_epoch)
 
 
-def train_eval_set(data: Dataset, config: TrainConfig):
-    """The training points the per-epoch ``train_elbo`` is computed on: all of them, or a fixed
-    subset of ``config.train_eval_size`` drawn from ``config.seed``; under dynamic binarization
-    binarized once (seeded), so the curve measures the model, not fresh binarization noise.
+def validation_split(n: int, config: TrainConfig) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(train_idx, val_idx)``: sorted indices into the training data, the validation part
+    ``round(val_fraction * n)`` points (at least 1) drawn with ``config.seed`` (a stream apart from
+    :func:`train_eval_set`'s); None when ``val_fraction`` is 0. The global RNG is left as it was."""
+    if config.val_fraction == 0:
+        return None
+    num_val = max(1, round(config.val_fraction * n))
+    if num_val >= n:
+        raise ConfigError(f"train.val_fraction {config.val_fraction} leaves no training data of {n} points",
+                          field="train.val_fraction")
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([config.seed, 0x7A1]).generate_state(1)[0]))
+    perm = torch.randperm(n, generator=gen)
+    return perm[num_val:].sort().values, perm[:num_val].sort().values
+
+
+def train_eval_set(data: Dataset, config: TrainConfig, indices: Optional[torch.Tensor] = None):
+    """The training points the per-epoch ``train_elbo`` is computed on: all of them (or of
+    ``indices``, the points trained on), or a fixed subset of ``config.train_eval_size`` drawn
+    from ``config.seed``; under dynamic binarization binarized once (seeded), so the curve
+    measures the model, not fresh binarization noise.
     Returns ``(x, labels)``; the global RNG is left as it was."""
-    x, labels = data.train, data.train_labels
-    n = x.shape[0]
+    x: Any = data.train
+    labels = data.train_labels
+    n = int(x.shape[0]) if indices is None else len(indices)
     gen = torch.Generator().manual_seed(config.seed)
     if config.train_eval_size is not None and config.train_eval_size < n:
-        idx = torch.randperm(n, generator=gen)[: config.train_eval_size].sort().values.to(x.device)
+        idx = torch.randperm(n, generator=gen)[: config.train_eval_size].sort().values
+        idx = (idx if indices is None else indices[idx]).to(x.device)
         x = x[idx]
         labels = None if labels is None else labels[idx]
+    elif indices is not None:
+        x = x[indices.to(x.device)]
+        labels = None if labels is None else labels[indices.to(labels.device)]
     if data.dynamic_binarization:
         x = (torch.rand(x.shape, generator=gen).to(x.device) < x).to(x.dtype)
     return x, labels
@@ -346,31 +604,40 @@ def train(
 
     validate_train_config(config)
     state = state or TrainState()
-    stepper = stepper or METHODS.get(config.method)(vae, config)
+    stepper = stepper or make_stepper(vae, config)
+    schedulers = attach_lr_schedulers(stepper, config)
     if dist is not None:
-        stepper = dist.wrap_stepper(stepper)
-    labelled = data.train_labels is not None
+        wrapped = dist.wrap_stepper(stepper)
+        wrapped.schedulers = schedulers  # checkpointed through the stepper the callbacks see
+        stepper = wrapped
+    train_labels = data.train_labels
+    labelled = train_labels is not None
     if vae.num_classes is not None and (not labelled or data.test_labels is None):
         raise DataError(f"model {type(vae).__name__} is conditional and needs labels, but {data.name} has none")
     is_main = dist is None or dist.is_main
     hooks = as_callbacks(callbacks) if is_main else []
     step_hooks = [c for c in hooks if type(c).on_step_end is not Callback.on_step_end]
-    ctx = TrainContext(vae, data, config, stepper, state, dict(history_attrs or {}))
 
     x_train = data.train
-    n_train = x_train.shape[0]
+    split = validation_split(x_train.shape[0], config)
+    fit_idx = None if split is None else split[0].to(x_train.device)
+    n_train = x_train.shape[0] if split is None else len(split[0])
+    ctx = TrainContext(vae, data, config, stepper, state, dict(history_attrs or {}), num_train=n_train)
     device = x_train.device
     batch_size = min(config.batch_size, n_train) if dist is None else dist.local_batch_size(config.batch_size, n_train)
     n_local, world = (n_train, 1) if dist is None else (dist.num_samples(n_train), dist.world_size)
     steps_per_epoch = math.ceil(n_local / batch_size)
-    x_eval, labels_eval = train_eval_set(data, config) if evaluate else (None, None)
+    x_eval, labels_eval = train_eval_set(data, config, None if split is None else split[0]) if evaluate else (None, None)
+    x_val, labels_val = (None, None) if split is None or not evaluate else train_eval_set(
+        data, replace(config, train_eval_size=None), split[1])
+    stepper.begin(state.step, steps_per_epoch)
 
-    def mean_elbo(x: torch.Tensor, labels: Optional[torch.Tensor]) -> float:
-        if not evaluate:
+    def mean_elbo(x: Any, labels: Optional[torch.Tensor]) -> float:
+        if not evaluate or x is None:
             return float("nan")
         if dist is not None:
             x, labels = dist.shard(x), dist.shard(labels)
-        kwargs = {"y": labels} if labels is not None else {}
+        kwargs: Dict[str, Any] = {"y": labels} if labels is not None else {}
         vae.eval()
         try:
             value = elbo_per_datapoint(vae.model, vae.guide, x, num_particles=config.eval_num_particles, **kwargs)
@@ -379,7 +646,27 @@ def train(
         return float(value.mean()) if dist is None else dist.global_mean(value)
 
     def diverged(what: str, step: int) -> TrainingDiverged:
-        return TrainingDiverged(f"{what} at step {step} (epoch {state.epoch + 1}); try a smaller train.lr", step=step)
+        advice = "a smaller train.lr" + (", a smaller train.clip_grad_norm" if config.clip_grad_norm is not None
+                                         else " or gradient clipping (train.clip_grad_norm, e.g. 10)")
+        return TrainingDiverged(f"{what} at step {step} (epoch {state.epoch + 1}); try {advice}", step=step)
+
+    def should_stop_early() -> bool:
+        if config.early_stopping_patience is None:
+            return False
+        since = epochs_since_best(state.records)
+        return since is not None and since >= config.early_stopping_patience
+
+    autocast_dtype = PRECISIONS[config.precision]
+    clip_handles = []
+    if config.clip_grad_norm is not None:
+        max_norm = float(config.clip_grad_norm)
+
+        def clip(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+        # a pre-step hook clips for every method, whatever its stepper does before optimizer.step()
+        clip_handles = [opt.register_step_pre_hook(clip) for opt in stepper.optimizers.values()]
 
     for hook in hooks:
         hook.on_train_start(ctx)
@@ -387,15 +674,18 @@ def train(
     seen = state.records[-1]["num_train_samples"] if state.records else 0.0
     bar = tqdm(total=config.epochs, initial=state.epoch, disable=not progress, desc="epochs", unit="epoch",
                dynamic_ncols=True)
-    stop = False
+    stop = should_stop_early()  # a resumed run that had already stopped early trains no further
     try:
         vae.train()
         while state.epoch < config.epochs and not stop:
             start = time.perf_counter()
+            lr = ctx.lr
             if dist is None:
                 order = torch.randperm(n_train, device=device)
             else:
                 order = dist.start_epoch(n_train, seed=config.seed, epoch=state.epoch, device=device)
+            if fit_idx is not None:
+                order = fit_idx[order]
             loss_sum = torch.zeros((), device=device)
             first_bad = torch.full((), -1, dtype=torch.long, device=device)
             kl_weight = 1.0
@@ -405,9 +695,11 @@ def train(
                 if data.dynamic_binarization:
                     x = torch.bernoulli(x)
                 kl_weight = _kl_weight(config, state.step, steps_per_epoch)
-                kwargs = {"y": data.train_labels[idx]} if labelled else {}
+                kwargs = {"y": train_labels[idx]} if train_labels is not None else {}
                 try:
-                    loss = stepper.step(x, num_data=n_train, kl_weight=kl_weight, **kwargs)
+                    with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                          else contextlib.nullcontext()):
+                        loss = stepper.step(x, num_data=n_train, kl_weight=kl_weight, **kwargs)
                 except NonFiniteLoss as exc:
                     raise diverged(str(exc), state.step + 1) from None
                 if stepper.defers_finite_check:  # recorded on the device: no sync here
@@ -415,6 +707,7 @@ def train(
                 loss_sum += loss  # each minibatch loss is scaled to the full data
                 state.step += 1
                 seen += len(idx) * world
+                ctx.last_loss, ctx.kl_weight = loss, kl_weight
                 if step_hooks and any([hook.on_step_end(ctx) for hook in step_hooks]):
                     stop = True
                     break
@@ -428,17 +721,30 @@ def train(
                 "epoch": state.epoch,
                 "train_elbo": mean_elbo(x_eval, labels_eval),
                 "test_elbo": mean_elbo(data.test, data.test_labels),
+                "val_elbo": mean_elbo(x_val, labels_val),
                 "train_loss": float(loss_sum) / (steps_per_epoch * n_train),
                 "kl_weight": kl_weight,
+                "lr": lr,
                 "wall_time": wall,
                 "num_train_samples": seen,
+                **stepper.epoch_terms(),
             }
             state.records.append(record)
+            for scheduler in schedulers.values():
+                if _is_plateau(config.lr_schedule):
+                    scheduler.step(record["val_elbo"])
+                else:
+                    scheduler.step()
+            stop = ctx.stopping = should_stop_early()
             bar.update(1)
             bar.set_postfix(train=f"{record['train_elbo']:.2f}", test=f"{record['test_elbo']:.2f}")
             for hook in hooks:
                 hook.on_epoch_end(ctx)
     finally:
+        for handle in clip_handles:
+            handle.remove()
+        for hook in hooks:
+            hook.on_train_end(ctx)
         bar.close()
         stepper.close()
     return ctx.history()

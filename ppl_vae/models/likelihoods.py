@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +81,7 @@ class Likelihood(nn.Module):
         fused ELBO calls this every step)."""
         return self(*params).log_prob(x)
 
-    def check_support(self, x: Tensor, what: str = "data") -> None:
+    def check_support(self, x: Any, what: str = "data") -> None:  # a Tensor or rows with value_range()
         """Raise :class:`DataError` if ``x`` has values this likelihood cannot score; warn
         (:class:`DataRangeWarning`, once per likelihood) if its scale is far from the one the
         likelihood starts training at."""

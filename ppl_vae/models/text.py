@@ -255,6 +255,7 @@ class TextHybridVAE(VAE):
     """The hybrid VAE as a model/guide pair; ``alpha`` weighs the auxiliary term in training."""
 
     has_fast_path = False  # model/guide differ from the parts-based VAE's: analysis goes through traces
+    generates_images = False  # x is a row of character indices: `ppl-vae text` decodes samples
 
     def __init__(self, encoder: ConvTextEncoder, decoder: HybridTextDecoder, prior: Prior,
                  likelihood: Likelihood, event_shape: Sequence[int], alpha: float = 1.0):

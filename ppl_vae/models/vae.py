@@ -42,10 +42,12 @@ class VAE(nn.Module):
     that an optimizer needs (no global param store).
 
     ``num_classes`` is None for a model that ignores labels; a conditional model (``cvae``)
-    sets it to the number of classes its ``y`` ranges over.
+    sets it to the number of classes its ``y`` ranges over. ``generates_images``: whether a
+    decoded mean E[x|z] is something to show as an image (False for text's character indices).
     """
 
     num_classes: Optional[int] = None
+    generates_images: bool = True
 
     has_fast_path: bool = True
     """Declares the fast-path protocol (:class:`ppl_vae.inference.latents.FastPair`): ``log_prior``,

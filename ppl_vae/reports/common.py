@@ -39,8 +39,12 @@ class Selection:
 
     def model_kwargs(self, run: Run) -> Dict[str, Tensor]:
         """``{"y": labels}`` when the dataset has labels (the model contract: models that
-        ignore labels ignore ``y``; a conditional model without them says so itself)."""
-        return {} if self.labels is None else {"y": self.labels}
+        ignore labels ignore ``y``; a conditional model without them says so itself). A model
+        whose labels are a latent site it sums out (M2's y: ``enumerated_sites``) gets none, so
+        it is scored on x alone: log p(x) with y summed out, as for unlabelled data."""
+        if self.labels is None or getattr(run.vae, "enumerated_sites", ()):
+            return {}
+        return {"y": self.labels}
 
 
 def select_datapoints(run: Run, split: str = "test", num_datapoints: Optional[int] = None,
@@ -80,7 +84,10 @@ def select_datapoints(run: Run, split: str = "test", num_datapoints: Optional[in
 
 def check_out_dir(out: Path, name: str = "out_dir") -> Path:
     """Create the folder ``out`` if needed; a one-line ValueError naming ``name`` when it cannot hold files."""
+    from ppl_vae.io import check_target
+
     out = Path(out)
+    check_target(out / ".probe")  # no folder is made through a symlink leaving a run directory
     if out.exists() and not out.is_dir():
         raise ValueError(f"{name} {out} is an existing file; give a folder (it is created if missing)")
     try:

@@ -17,19 +17,21 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
-import pyro
 import torch
 import xarray as xr
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from ppl_vae.io import write_text
 from ppl_vae.analysis import plots, results
 from ppl_vae.analysis.diagnostics import collapse_diagnostics
 from ppl_vae.analysis.gaps import format_gap_table, gap_decomposition, gap_table
-from ppl_vae.inference.meanfield import MeanFieldGuide, fit_mean_field
+from ppl_vae.inference.latents import model_layout
+from ppl_vae.inference.meanfield import MeanFieldGuide, fit_mean_field, guide_moments
 from ppl_vae.inference.modes import eval_mode
+from ppl_vae.inference.stats import THRESHOLDS
+from ppl_vae.io import write_text
 from ppl_vae.pipeline import Run, load_run
+from ppl_vae.reports.blocks import BlockTask, block_seed, is_writer, map_blocks, seeded
 from ppl_vae.reports.common import CSS, Selection, figure_to_data_uri, run_out_dir, select_datapoints
 
 COMPARE_FILES = {
@@ -54,6 +56,68 @@ class Comparison:
     notes: List[str] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
 
+    @property
+    def num_datapoints(self) -> int:
+        """The number of datapoints of the split that were scored."""
+        return int(self.gaps.sizes["datapoint"])
+
+
+class _GapTask(BlockTask):
+    """One block of ``compare``: q* fitted to datapoints [start, stop), then the gap decomposition."""
+
+    def __init__(self, run_dir: Path, device: str, split: str, num_datapoints: Optional[int], seed: int,
+                 num_samples: int, batch_size: int, mean_field_options: Dict[str, Any], loaded: Any = None):
+        super().__init__()
+        self.run_dir, self.device_name, self.split, self.num_datapoints = run_dir, device, split, num_datapoints
+        self.seed, self.num_samples, self.batch_size = seed, num_samples, batch_size
+        self.mean_field_options = mean_field_options
+        self._cache = loaded
+
+    @property
+    def device(self):  # type: ignore[override]
+        return None if self.device_name == "auto" else torch.device(self.device_name)
+
+    def load(self) -> Tuple[Run, Selection]:
+        run = load_run(self.run_dir, self.device_name)
+        return run, select_datapoints(run, self.split, self.num_datapoints, self.seed)
+
+    def score(self, start: int, stop: int) -> xr.Dataset:
+        run, sel = self.loaded
+        return score_gaps(run, sel, start, stop, self.num_samples, self.batch_size, self.mean_field_options)
+
+
+def score_gaps(run: Run, sel: Selection, start: int, stop: int, num_samples: int, batch_size: int,
+               mean_field_options: Dict[str, Any]) -> xr.Dataset:
+    """q* fitted to the selection's datapoints [start, stop) and their gap decomposition (one block)."""
+    vae = run.vae
+    x = sel.x[start:stop]
+    kwargs = {k: v[start:stop] for k, v in sel.model_kwargs(run).items()}
+    with eval_mode(vae):
+        mean_field = fit_mean_field(vae.model, x, guide=vae.guide, **{"progress": False, **mean_field_options},
+                                    **kwargs)
+        return gap_decomposition(vae.model, vae.guide, x, num_samples=num_samples, batch_size=batch_size,
+                                 mean_field=mean_field, datapoint=sel.index[start:stop], progress=False, **kwargs)
+
+
+def join_gap_blocks(parts: List[xr.Dataset]) -> xr.Dataset:
+    """Per-block gap decompositions joined along ``datapoint``; the attributes that count over
+    datapoints are recomputed for the whole."""
+    from ppl_vae.reports.evaluation import join_blocks
+
+    gaps = join_blocks(parts)
+    gaps.attrs.update({
+        "meanfield_num_converged": int(gaps["meanfield_converged"].values.sum()),
+        "meanfield_num_datapoints": int(gaps.sizes["datapoint"]),
+        "meanfield_max_steps_taken": max(int(p.attrs["meanfield_max_steps_taken"]) for p in parts),
+    })
+    return gaps
+
+
+def mean_field_block_size(mean_field_options: Optional[Dict[str, Any]]) -> int:
+    """Datapoints per block for estimators that fit q*: mean-field VI's own batch (its stopping
+    rule looks at the batch's mean ELBO, so a block must be a whole batch)."""
+    return int((mean_field_options or {}).get("batch_size", 500))
+
 
 def compare_run(
     run_dir: Path,
@@ -68,6 +132,8 @@ def compare_run(
     seed: int = 0,
     out_dir: Optional[Path] = None,
     progress: bool = True,
+    nproc: int = 1,
+    threads: Optional[int] = None,
 ) -> Comparison:
     """Gap decomposition, diagnostics, ArviZ draws and an HTML report for a run directory.
 
@@ -76,53 +142,82 @@ def compare_run(
     and datapoint kept in the InferenceData; ``mean_field_options`` go to
     :func:`~ppl_vae.inference.meanfield.fit_mean_field` (init, lr, max_steps, gtol, ...).
     The model is evaluated in eval mode; files go to ``out_dir`` (default: the run directory).
+
+    ``num_datapoints``: how many datapoints of ``split`` are scored, as in ``evaluate`` (None
+    or 0: all; else a seeded subset); the default here is 500 because q* is fitted per
+    datapoint. Datapoints are scored in blocks of mean-field VI's batch (``batch_size`` of
+    ``mean_field_options``, default 500), each seeded from (``seed``, its first datapoint)
+    (:mod:`ppl_vae.reports.blocks`), so ``nproc > 1`` or a ``torchrun`` launch splits the
+    blocks across processes and gives one process's numbers. ``threads``: torch threads per
+    process (default: the available cores, shared).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if num_draws < 1:
         raise ValueError(f"num_draws must be >= 1, got {num_draws}")
     run = load_run(run_dir, device)
-    out = run_out_dir(run, out_dir)
-    vae = run.vae
-    sel = select_datapoints(run, split, num_datapoints, seed)
+    writer = is_writer()
+    out = run_out_dir(run, out_dir) if writer else None
+    sel = select_datapoints(run, split, num_datapoints or None, seed)
     kwargs = sel.model_kwargs(run)
-    pyro.set_rng_seed(seed)
-    with eval_mode(vae):
-        mf_options = {"batch_size": 500, "progress": progress, **(mean_field_options or {})}
-        mean_field = fit_mean_field(vae.model, sel.x, guide=vae.guide, **mf_options, **kwargs)
-        gaps = gap_decomposition(vae.model, vae.guide, sel.x, num_samples=num_samples, batch_size=batch_size,
-                                 mean_field=mean_field, datapoint=sel.index, progress=progress, **kwargs)
-        gaps.attrs.update({"split": split, "run_dir": str(run.run_dir), "model": run.config.model.model,
-                           "dataset": run.config.data.dataset, "seed": seed, "preprocessing": sel.preprocessing})
-        table = gap_table(gaps)
-        diagnostics = collapse_diagnostics(vae.model, vae.guide, sel.x, seed=seed, **kwargs)
+    mf_options = dict(mean_field_options or {})
+    block = mean_field_block_size(mf_options)
+    task = _GapTask(Path(run_dir), device, split, num_datapoints or None, seed, num_samples, batch_size, mf_options,
+                    loaded=(run, sel))
+    gaps = join_gap_blocks(map_blocks(task, len(sel.index), block, seed, nproc=nproc, threads=threads,
+                                      progress=progress))
+    gaps.attrs.update({"split": split, "run_dir": str(run.run_dir), "model": run.config.model.model,
+                       "dataset": run.config.data.dataset, "seed": seed, "preprocessing": sel.preprocessing,
+                       "block_size": block, "num_datapoints": int(len(sel.index))})
+    comparison = Comparison(gaps, gap_table(gaps), xr.Dataset(), None)
+    comparison.warnings.extend(comparison_warnings(gaps, getattr(run.config.model, "guide", "diagonal_normal")))
+    gaps.attrs["warnings"] = " | ".join(comparison.warnings) or "none"
+    if not writer:
+        return comparison
+    # the rest runs once, on the writing process, under its own seed (the caller's RNG is left alone)
+    seeded(lambda: _diagnostics_and_files(run, sel, kwargs, comparison, num_draws, out), block_seed(seed, 0, 1))
+    return comparison
 
+
+def _diagnostics_and_files(run: Run, sel: Selection, kwargs: Dict[str, Tensor], comparison: Comparison,
+                           num_draws: int, out: Path) -> None:
+    vae, gaps = run.vae, comparison.gaps
+    with eval_mode(vae):
+        comparison.diagnostics = collapse_diagnostics(vae.model, vae.guide, sel.x, **kwargs)
         draw_n = min(sel.x.shape[0], 100)  # keep the InferenceData small: the first 100 datapoints
-        mf_guide = MeanFieldGuide(mean_field.loc[:draw_n], mean_field.scale[:draw_n].log(),
-                                  layout=mean_field.layout)  # every latent site under its own name
         draw_kwargs = {k: v[:draw_n] for k, v in kwargs.items()}
+        layout = model_layout(vae.model, sel.x[:draw_n], **draw_kwargs)
+        single = len(layout.sites) == 1
+        shape = guide_moments(vae.guide, sel.x[:draw_n], None if single else layout, **draw_kwargs)[0].shape
+        as_t = lambda a: torch.as_tensor(a[:draw_n], dtype=sel.x.dtype, device=sel.x.device).reshape(shape)  # noqa: E731
+        mf_guide = MeanFieldGuide(as_t(gaps["meanfield_loc"].values), as_t(np.log(gaps["meanfield_scale"].values)),
+                                  layout=layout)
         draws = results.guide_draws(vae.model, {"amortized": vae.guide, "meanfield": mf_guide}, sel.x[:draw_n],
                                     num_draws=num_draws, **draw_kwargs)
-        idata = results.to_inference_data(draws, datapoint=sel.index[:draw_n],
-                                          attrs={"run_dir": str(run.run_dir), "split": split})
-
-        comparison = Comparison(gaps, table, diagnostics, idata)
-        comparison.warnings.extend(estimate_warnings(gaps))
-        guide_family = getattr(run.config.model, "guide", "diagonal_normal")
-        if guide_family != "diagonal_normal":
-            comparison.warnings.append(
-                f"The amortized guide is {guide_family!r}, a richer family than q*'s diagonal Gaussian: "
-                "L[q*] − L[q] then mixes the amortization gap with the difference between the families and may be "
-                "negative. log p̂ is unaffected (the mixture proposal stays valid).")
+        comparison.inference_data = results.to_inference_data(draws, datapoint=sel.index[:draw_n],
+                                                              attrs={"run_dir": str(run.run_dir), "split": sel.split})
         files = comparison.files
         files["gaps_netcdf"] = results.save_netcdf(gaps, out / COMPARE_FILES["gaps_netcdf"])
         files["gaps_csv"] = results.save_csv(per_datapoint_table(gaps), out / COMPARE_FILES["gaps_csv"])
-        files["table_csv"] = results.save_csv(table, out / COMPARE_FILES["table_csv"])
-        files["diagnostics_netcdf"] = results.save_netcdf(diagnostics, out / COMPARE_FILES["diagnostics_netcdf"])
-        files["inference_data"] = results.save_inference_data(idata, out / COMPARE_FILES["inference_data"])
-        figures = _report_figures(run, sel, gaps, diagnostics, comparison.notes)
+        files["table_csv"] = results.save_csv(comparison.table, out / COMPARE_FILES["table_csv"])
+        files["diagnostics_netcdf"] = results.save_netcdf(comparison.diagnostics,
+                                                          out / COMPARE_FILES["diagnostics_netcdf"])
+        files["inference_data"] = results.save_inference_data(comparison.inference_data,
+                                                              out / COMPARE_FILES["inference_data"])
+        figures = _report_figures(run, sel, gaps, comparison.diagnostics, comparison.notes)
         files["report"] = write_report(out / COMPARE_FILES["report"], run, sel, comparison, figures)
-    return comparison
+
+
+def comparison_warnings(gaps: xr.Dataset, guide_family: str = "diagonal_normal") -> List[str]:
+    """Every warning of a one-run comparison: the weak estimates (:func:`estimate_warnings`)
+    and the guide family's caveat. The one place these are made."""
+    out = estimate_warnings(gaps)
+    if guide_family != "diagonal_normal":
+        out.append(
+            f"The amortized guide is {guide_family!r}, a richer family than q*'s diagonal Gaussian: "
+            "L[q*] − L[q] then mixes the amortization gap with the difference between the families and may be "
+            "negative. log p̂ is unaffected (the mixture proposal stays valid).")
+    return out
 
 
 def per_datapoint_table(gaps: xr.Dataset) -> pd.DataFrame:
@@ -133,12 +228,6 @@ def per_datapoint_table(gaps: xr.Dataset) -> pd.DataFrame:
     for name in extra:
         frame[name] = gaps[name].to_series()
     return frame
-
-
-LOW_ESS_FRACTION = 0.01
-"""A weight set whose ESS is below this fraction of its draws is flagged as weak."""
-KHAT_THRESHOLD = 0.7
-"""PSIS k̂ above this: the importance-sampling estimate and its standard error are unreliable."""
 
 
 def estimate_warnings(gaps: xr.Dataset) -> List[str]:
@@ -152,20 +241,20 @@ def estimate_warnings(gaps: xr.Dataset) -> List[str]:
             f"Mean-field VI did not converge for {not_converged} of {n} datapoints: their L[q*] is below the best "
             "diagonal Gaussian's, which understates the amortization gap and overstates the approximation gap. "
             "Raise mean_field_options max_steps / polish_steps (CLI --mf-steps, --mf-polish-steps) or try init='prior'.")
-    low = int((gaps["ess_mixture"].values < LOW_ESS_FRACTION * 2 * k).sum())
+    low = int(THRESHOLDS.low_ess(gaps["ess_mixture"].values, 2 * k).sum())
     if low:
         out.append(
             f"Low effective sample size: for {low} of {n} datapoints the mixture weights' ESS is below "
-            f"{LOW_ESS_FRACTION:.0%} of the 2K = {2 * k} draws, so log p̂ there rests on a few draws and may sit "
+            f"{min(THRESHOLDS.min_ess, k):g} of the 2K = {2 * k} draws, so log p̂ there rests on a few draws and may sit "
             "well below log p(x). Use more samples (--num-samples), or AIS (ppl-vae evaluate --method ais).")
     if "khat_mixture" in gaps:
-        high = int((gaps["khat_mixture"].values > KHAT_THRESHOLD).sum())
+        high = int((gaps["khat_mixture"].values > THRESHOLDS.khat).sum())
         if high:
             out.append(
-                f"Heavy-tailed importance weights: PSIS k̂ > {KHAT_THRESHOLD} for {high} of {n} datapoints, so "
+                f"Heavy-tailed importance weights: PSIS k̂ > {THRESHOLDS.khat} for {high} of {n} datapoints, so "
                 "their log p̂ and its standard error are unreliable (Vehtari et al. 2024). A better proposal "
                 "(a flow guide) or AIS gives trustworthy numbers there.")
-    if n < 30:
+    if n < THRESHOLDS.min_datapoints:
         out.append(f"Only {n} datapoints: the means over datapoints have wide standard errors (se column); "
                    "use more datapoints (--num-datapoints) before comparing runs.")
     return out
@@ -316,6 +405,7 @@ def write_report(path: Path, run: Run, sel: Selection, comparison: Comparison,
 __all__ = [
     "Comparison",
     "compare_run",
+    "comparison_warnings",
     "figure_to_data_uri",
     "active_units_line",
     "format_gap_table",

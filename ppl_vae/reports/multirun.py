@@ -25,19 +25,19 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
-import pyro
 import torch
 import xarray as xr
 
 from ppl_vae.analysis import results
-from ppl_vae.analysis.gaps import BOUNDS, GAPS, LABELS, gap_decomposition
+from ppl_vae.analysis.gaps import BOUNDS, GAPS, LABELS
 from ppl_vae.inference.importance import importance_estimate
-from ppl_vae.inference.meanfield import fit_mean_field
 from ppl_vae.inference.modes import eval_mode
 from ppl_vae.io import write_text
 from ppl_vae.pipeline import load_run
+from ppl_vae.reports.blocks import BlockTask, is_writer, map_blocks
 from ppl_vae.reports.common import CSS, figure_to_data_uri, run_out_dir, select_datapoints
-from ppl_vae.reports.compare import estimate_warnings
+from ppl_vae.reports.compare import estimate_warnings, join_gap_blocks, mean_field_block_size, score_gaps
+from ppl_vae.reports.evaluation import evaluation_warnings, join_blocks
 
 ESTIMATOR_CHOICES = ("mis", "iw")
 MULTIRUN_FILES = {"report": "report.html", "netcdf": "multirun.nc", "table_csv": "multirun_table.csv",
@@ -59,6 +59,11 @@ class MultiComparison:
     files: Dict[str, Path] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
 
+    @property
+    def num_datapoints(self) -> int:
+        """The number of datapoints of the split that were scored (the same for every run)."""
+        return int(self.values.sizes["datapoint"])
+
 
 def _run_names(run_dirs: Sequence[Path]) -> List[str]:
     """Short unique names: the folder names, with the parent added where two collide."""
@@ -70,33 +75,73 @@ def _run_names(run_dirs: Sequence[Path]) -> List[str]:
     return names
 
 
-def _score_run(run, sel, estimator: str, num_samples: int, batch_size: int,
-               mean_field_options: Dict[str, Any], progress: bool) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray], List[str]]:
-    """(values, stderrs, warnings) per quantity of :data:`QUANTITIES` ``[estimator]``, each ``(N,)``."""
+class _MultiTask(BlockTask):
+    """One block of the multi-run comparison: every run scored on datapoints [start, stop)."""
 
+    def __init__(self, run_dirs: Sequence[Path], device: str, split: str, num_datapoints: Optional[int], seed: int,
+                 estimator: str, num_samples: int, batch_size: int, mean_field_options: Dict[str, Any],
+                 loaded: Any = None):
+        super().__init__()
+        self.run_dirs, self.device_name, self.split, self.num_datapoints = list(run_dirs), device, split, num_datapoints
+        self.seed, self.estimator, self.num_samples, self.batch_size = seed, estimator, num_samples, batch_size
+        self.mean_field_options = mean_field_options
+        self._cache = loaded
+
+    @property
+    def device(self):  # type: ignore[override]
+        return None if self.device_name == "auto" else torch.device(self.device_name)
+
+    def load(self):
+        runs = [load_run(Path(p), self.device_name) for p in self.run_dirs]
+        return runs, [select_datapoints(run, self.split, self.num_datapoints, self.seed) for run in runs]
+
+    def score(self, start: int, stop: int) -> List[xr.Dataset]:
+        """One dataset per run, all from the same block seed (every run sees the same random numbers)."""
+        runs, selections = self.loaded
+        state = torch.random.get_rng_state()
+        out = []
+        for run, sel in zip(runs, selections):
+            torch.random.set_rng_state(state)
+            out.append(_score_block(run, sel, start, stop, self.estimator, self.num_samples, self.batch_size,
+                                    self.mean_field_options))
+        return out
+
+
+def _score_block(run, sel, start: int, stop: int, estimator: str, num_samples: int, batch_size: int,
+                 mean_field_options: Dict[str, Any]) -> xr.Dataset:
+    """The per-datapoint estimates of one run on the selection's datapoints [start, stop)."""
+    if estimator == "mis":
+        return score_gaps(run, sel, start, stop, num_samples, batch_size, mean_field_options)
     vae = run.vae
-    kwargs = sel.model_kwargs(run)
+    kwargs = {k: v[start:stop] for k, v in sel.model_kwargs(run).items()}
     with eval_mode(vae):
-        if estimator == "iw":
-            est = importance_estimate(vae.model, vae.guide, sel.x, num_samples=num_samples, batch_size=batch_size,
-                                      progress=progress, **kwargs)
-            as_np = lambda t: t.detach().double().cpu().numpy()  # noqa: E731
-            values = {"iw_amortized": as_np(est.log_likelihood), "elbo_amortized": as_np(est.elbo)}
-            stderr = {"iw_amortized": as_np(est.log_likelihood_stderr), "elbo_amortized": as_np(est.elbo_stderr)}
-            low = int((as_np(est.ess) < 0.01 * num_samples).sum())
-            warns = [f"ESS below 1% of K for {low} of {len(sel.index)} datapoints"] if low else []
-            return values, stderr, warns
-        mf = fit_mean_field(vae.model, sel.x, guide=vae.guide, **{"progress": progress, **mean_field_options}, **kwargs)
-        gaps = gap_decomposition(vae.model, vae.guide, sel.x, num_samples=num_samples, batch_size=batch_size,
-                                 mean_field=mf, progress=progress, **kwargs)
+        est = importance_estimate(vae.model, vae.guide, sel.x[start:stop], num_samples=num_samples,
+                                  batch_size=batch_size, **kwargs)
+    return est.to_dataset(sel.index[start:stop])
+
+
+def _values(ds: xr.Dataset, estimator: str) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """(values, stderrs) per quantity of :data:`QUANTITIES` ``[estimator]``, each ``(N,)``."""
+    if estimator == "iw":
+        return ({"iw_amortized": ds["log_likelihood"].values, "elbo_amortized": ds["elbo"].values},
+                {"iw_amortized": ds["log_likelihood_stderr"].values, "elbo_amortized": ds["elbo_stderr"].values})
     values, stderr = {}, {}
     for q in QUANTITIES["mis"]:
         if q in GAPS:
-            values[q], stderr[q] = gaps[q].values, gaps[f"{q}_stderr"].values
+            values[q], stderr[q] = ds[q].values, ds[f"{q}_stderr"].values
         else:
-            values[q] = gaps["estimate"].sel(estimator=q).values
-            stderr[q] = gaps["stderr"].sel(estimator=q).values
-    return values, stderr, estimate_warnings(gaps)
+            values[q] = ds["estimate"].sel(estimator=q).values
+            stderr[q] = ds["stderr"].sel(estimator=q).values
+    return values, stderr
+
+
+def run_warnings(ds: xr.Dataset, estimator: str) -> List[str]:
+    """The warnings for one run's scores: those of ``compare`` for "mis"
+    (:func:`~ppl_vae.reports.compare.estimate_warnings`), those of ``evaluate`` for "iw"
+    (:func:`~ppl_vae.reports.evaluation.evaluation_warnings`)."""
+    if estimator == "mis":
+        return estimate_warnings(ds)
+    return evaluation_warnings(ds)
 
 
 def compare_runs(
@@ -112,6 +157,8 @@ def compare_runs(
     seed: int = 0,
     out_dir: Optional[Path] = None,
     progress: bool = True,
+    nproc: int = 1,
+    threads: Optional[int] = None,
 ) -> MultiComparison:
     """Score every run on the same datapoints with the same estimator; paired differences and a report.
 
@@ -122,6 +169,12 @@ def compare_runs(
     Every run gets the same RNG seed. Files go to ``out_dir`` (default: ``multirun`` inside
     the first run directory): ``multirun.nc`` (values over run, datapoint, quantity),
     ``multirun_table.csv`` and ``report.html``.
+
+    ``num_datapoints``: how many datapoints of ``split`` are scored, as in ``evaluate`` and
+    ``compare`` (None or 0: all; else a seeded subset). Datapoints are scored in blocks
+    (``batch_size`` for "iw"; mean-field VI's batch, default 500, for "mis"), each seeded from
+    (``seed``, its first datapoint), so ``nproc > 1`` or a ``torchrun`` launch splits the blocks
+    across processes and gives one process's numbers (:mod:`ppl_vae.reports.blocks`).
     """
 
     if estimator not in ESTIMATOR_CHOICES:
@@ -132,8 +185,10 @@ def compare_runs(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     runs = [load_run(Path(p), device) for p in run_dirs]
     names = _run_names(run_dirs)
-    out = run_out_dir(runs[0], Path(run_dirs[0]) / "multirun" if out_dir is None else Path(out_dir))
-    selections = [select_datapoints(run, split, num_datapoints, seed) for run in runs]
+    writer = is_writer()
+    out = (run_out_dir(runs[0], Path(run_dirs[0]) / "multirun" if out_dir is None else Path(out_dir))
+           if writer else None)
+    selections = [select_datapoints(run, split, num_datapoints or None, seed) for run in runs]
     ref = selections[0]
     for name, sel in zip(names[1:], selections[1:]):
         if sel.x.shape != ref.x.shape or not np.array_equal(sel.index, ref.index) or not torch.equal(
@@ -142,29 +197,39 @@ def compare_runs(
                              "(different dataset, binarization or split): paired differences need the same data")
     quantities = QUANTITIES[estimator]
     n = len(ref.index)
+    mf_options = dict(mean_field_options or {})
+    block = mean_field_block_size(mf_options) if estimator == "mis" else int(batch_size)
+    task = _MultiTask(list(run_dirs), device, split, num_datapoints or None, seed, estimator, num_samples, batch_size,
+                      mf_options, loaded=(runs, selections))
+    parts = map_blocks(task, n, block, seed, nproc=nproc, threads=threads, progress=progress)
     values = np.full((len(runs), n, len(quantities)), np.nan)
     stderr = np.full_like(values, np.nan)
     warnings: List[str] = []
-    for r, (run, sel, name) in enumerate(zip(runs, selections, names)):
-        pyro.set_rng_seed(seed)
-        v, se, warns = _score_run(run, sel, estimator, num_samples, batch_size, dict(mean_field_options or {}), progress)
+    for r, name in enumerate(names):
+        joined = [p[r] for p in parts]
+        scores = join_gap_blocks(joined) if estimator == "mis" else join_blocks(joined)
+        v, se = _values(scores, estimator)
         for j, q in enumerate(quantities):
             values[r, :, j], stderr[r, :, j] = v[q], se[q]
-        warnings.extend(f"{name}: {w}" for w in warns)
+        warnings.extend(f"{name}: {w}" for w in run_warnings(scores, estimator))
     ds = xr.Dataset(
         {"value": (("run", "datapoint", "quantity"), values), "stderr": (("run", "datapoint", "quantity"), stderr)},
         coords={"run": names, "datapoint": ref.index, "quantity": list(quantities),
                 "bound": ("quantity", [BOUNDS[q] for q in quantities]),
                 "run_dir": ("run", [str(r.run_dir) for r in runs])},
         attrs={"estimator": estimator, "num_samples": int(num_samples), "split": split, "seed": int(seed),
-               "preprocessing": ref.preprocessing, "reference_run": names[0],
+               "preprocessing": ref.preprocessing, "reference_run": names[0], "num_datapoints": int(n),
+               "block_size": block,
                "description": "per-datapoint estimates of each run on the same datapoints (nats); "
                               "coordinate bound says what each quantity is"},
     )
     ds["value"].attrs.update({"units": "nats", "long_name": "per-datapoint estimate"})
     ds["stderr"].attrs.update({"units": "nats", "long_name": "Monte Carlo standard error"})
+    ds.attrs["warnings"] = " | ".join(warnings) or "none"
     table = paired_table(ds)
     comparison = MultiComparison(ds, table, warnings=warnings)
+    if not writer:
+        return comparison
     files = comparison.files
     files["netcdf"] = results.save_netcdf(ds, out / MULTIRUN_FILES["netcdf"])
     files["table_csv"] = results.save_csv(table, out / MULTIRUN_FILES["table_csv"])

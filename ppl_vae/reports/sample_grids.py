@@ -33,6 +33,7 @@ def train_with_sample_grids(
     if epochs < epoch:
         raise ValueError(f"epochs must be >= the run's {epoch} epochs done, got {epochs}")
     recorder = SampleGridRecorder(run_dir / "samples", num_samples=num_samples, seed=seed)
+    recorder.check_frames()  # before any training: a damaged frame would fail the animation at the end
     recorder(epoch, run.vae)
     if epochs == epoch:
         return run

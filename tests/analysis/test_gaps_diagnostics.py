@@ -105,7 +105,7 @@ def test_inference_data_groups_and_round_trip(lg, tmp_path):
     draws = results.guide_draws(model.model, {"amortized": model.guide, "exact": model.exact_posterior_guide},
                                 x, num_draws=7)
     idata = results.to_inference_data(draws, datapoint=np.arange(10, 18))
-    assert set(idata.groups()) == {"posterior", "log_likelihood", "sample_stats"}
+    assert set(results.inference_data_groups(idata)) == {"posterior", "log_likelihood", "sample_stats"}
     assert idata.posterior["z_exact"].dims == ("chain", "draw", "datapoint", "latent")
     # with the exact posterior as guide every log-weight equals log p(x)
     np.testing.assert_allclose(idata.sample_stats["log_weight_exact"].values[0],

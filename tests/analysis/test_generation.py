@@ -31,7 +31,7 @@ def test_inpainting_matches_the_gaussian_conditional_of_a_linear_gaussian_model(
     C = W @ W.T + 0.25 * torch.eye(6)
     x = torch.distributions.MultivariateNormal(b, C).sample((3,))
     mask = torch.tensor([True, False, True, False, True, False])
-    O, M = mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)
+    O, M = mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)  # noqa: E741 (O, M: observed and missing, as in the math)
     gain = C[M][:, O] @ torch.linalg.inv(C[O][:, O])
     exact_mean = b[M] + (x[:, O] - b[O]) @ gain.T
     exact_log_px = torch.distributions.MultivariateNormal(b[O], C[O][:, O]).log_prob(x[:, O])

@@ -11,7 +11,6 @@ from ppl_vae.cli.main import cli
 from tests.conftest import one_line_error
 from tests.models.test_scvae import planted_sensor_series
 
-
 # Training in these tests runs several times faster on one thread on a shared machine.
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,7 +19,7 @@ FAST = ["--epochs", "1", "--batch-size", "32", "--device", "cpu", "--no-progress
 
 def _one_line_error(result) -> str:
     line = one_line_error(result)
-    assert len([l for l in result.output.splitlines() if l.strip()]) == 1, result.output
+    assert len([line for line in result.output.splitlines() if line.strip()]) == 1, result.output
     return line
 
 
@@ -30,7 +29,7 @@ def sensor_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sensors")
     values, labels = planted_sensor_series(num_steps=1000, anomaly_from=700, num_anomalies=3)
     path = tmp / "sensors.csv"
-    rows = [",".join([f"{v:.5f}" for v in row] + [str(l)]) for row, l in zip(values, labels)]
+    rows = [",".join([f"{v:.5f}" for v in row] + [str(label)]) for row, label in zip(values, labels)]
     path.write_text("a,b,c,label\n" + "\n".join(rows) + "\n")
     run = tmp / "run"
     result = CliRunner().invoke(cli, ["fit", "--model", "scvae", "--dataset", "timeseries-csv", "--data-dir",

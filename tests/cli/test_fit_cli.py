@@ -124,3 +124,14 @@ def test_fit_sample_grids_writes_frames_and_a_gif(runner, tmp_path):
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (out / "samples").iterdir()) == [f"epoch_000{i}.png" for i in range(3)]
     assert (out / "samples.gif").read_bytes()[:6] == b"GIF89a"
+
+
+def test_fit_announces_compilation_before_the_first_step(runner, tmp_path):
+    out = tmp_path / "run"
+    result = invoke(runner, "fit", "--model", "gaussian_mlp", "--out", str(out), "--compile", "eager",
+                    "--epochs", "1", "--hidden-dim", "8", "--latent-dim", "2", "--train-size", "100", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "compiling the loss with torch.compile (backend eager)" in result.output
+    plain = invoke(runner, "fit", "--model", "gaussian_mlp", "--out", str(tmp_path / "plain"), "--epochs", "1",
+                   "--hidden-dim", "8", "--latent-dim", "2", "--train-size", "100", "--no-progress")
+    assert "compiling" not in plain.output

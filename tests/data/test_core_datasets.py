@@ -101,9 +101,19 @@ def test_csv_with_header(tmp_path):
     assert sorted(torch.cat([data.train, data.test])[:, 0].tolist()) == pytest.approx([0.1, 0.3, 0.5, 0.7])
 
 
+def test_csv_byte_order_mark_keeps_every_row(tmp_path):
+    # a UTF-8 BOM made the first data row look like a header, and it was dropped
+    (tmp_path / "d.csv").write_bytes("0.1,0.2\n0.3,0.4\n0.5,0.6\n0.7,0.8\n".encode("utf-8-sig"))
+    data = load_dataset(str(tmp_path / "d.csv"), test_fraction=0.25)
+    assert sorted(torch.cat([data.train, data.test])[:, 0].tolist()) == pytest.approx([0.1, 0.3, 0.5, 0.7])
+    (tmp_path / "h.csv").write_bytes("a,b\n0.1,0.2\n0.3,0.4\n".encode("utf-8-sig"))
+    assert load_dataset(str(tmp_path / "h.csv"), test_fraction=0.5).train.shape == (1, 2)
+
+
 @pytest.mark.parametrize(
     "content,message",
     [
+        ("0.5x,1\n3,4\n5,6\n", "non-numeric value '0.5x' in data row 1"),  # a typo is not a header
         ("1,2\n3,x\n", "non-numeric value 'x' in data row 2"),
         ("1,2\n3\n", "row 2 has 1 columns, expected 2"),
         ("a,b\n", "no data rows"),
@@ -127,7 +137,7 @@ def test_nan_and_bad_files_are_refused(tmp_path):
         load_dataset(str(tmp_path / "bad.npz"))
     with pytest.raises(DataError, match="not found"):
         load_dataset(str(tmp_path / "absent.npy"))
-    with pytest.raises(ValueError, match="unknown dataset .imagenet.; valid datasets: digits, fashion-mnist"):
+    with pytest.raises(ValueError, match="unknown dataset .imagenet.; valid datasets: digits, dsprites, fashion-mnist"):
         load_dataset("imagenet")
     (tmp_path / "x.txt").write_text("1")
     with pytest.raises(DataError, match="unsupported data file type"):

@@ -61,9 +61,28 @@ def test_empty_or_missing_text_gives_one_line_errors(tmp_path):
         read_text_lines(binary)
 
 
+def strfile_header(count: int) -> bytes:
+    """The header strfile writes: version 2, count, longest, shortest, flags, then '%'."""
+    import struct
+
+    return struct.pack(">5I", 2, count, 10, 5, 0) + b"%\0\0\0"
+
+
+def test_fortune_loader_reads_only_indexed_fortune_files(tmp_path):
+    # a received config with dataset fortunes, data_dir /etc read every file there as sentences
+    (tmp_path / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (tmp_path / "notes.dat").write_bytes(b"not an index")
+    (tmp_path / "notes").write_text("secret note\n")
+    with pytest.raises(DataError, match="no fortune files"):
+        read_fortunes(tmp_path)
+    (tmp_path / "wisdom").write_text("Short one.\n%\nOther.\n")
+    (tmp_path / "wisdom.dat").write_bytes(strfile_header(2))
+    assert [" ".join(e.split()) for e in read_fortunes(tmp_path)] == ["Short one.", "Other."]
+
+
 def test_fortune_files_split_on_percent_lines(tmp_path):
     (tmp_path / "wisdom").write_text("Short one.\n%\nTwo\nlines.\n%\n%\n")
-    (tmp_path / "wisdom.dat").write_bytes(b"\x00\x01binary index")
+    (tmp_path / "wisdom.dat").write_bytes(strfile_header(2))
     assert [" ".join(e.split()) for e in read_fortunes(tmp_path)] == ["Short one.", "Two lines."]
     data = load_dataset("fortunes", tmp_path, test_fraction=0.5)
     assert {decode_indices(r) for r in torch.cat([data.train, data.test])} == {"Short one.", "Two lines."}
@@ -79,8 +98,8 @@ def test_real_fortune_corpus_loads():
 
 def _write_csv(path, values, labels=None):
     header = ",".join([f"s{i}" for i in range(values.shape[1])] + (["label"] if labels is not None else []))
-    rows = [",".join([f"{v:.6f}" for v in row] + ([str(int(l))] if labels is not None else []))
-            for row, l in zip(values, labels if labels is not None else [None] * len(values))]
+    rows = [",".join([f"{v:.6f}" for v in row] + ([str(int(label))] if labels is not None else []))
+            for row, label in zip(values, labels if labels is not None else [None] * len(values))]
     path.write_text(header + "\n" + "\n".join(rows) + "\n")
 
 

@@ -70,38 +70,51 @@ def mean_and_se(values: np.ndarray) -> tuple:
 
 def check_ais_closes(errors_short: np.ndarray, errors_long: np.ndarray) -> list:
     """What a correct AIS must show (empty when it does): few steps leave a clear shortfall below
-    log p(x) (a stochastic lower bound), many steps meet it within 3 se, and the error shrinks.
-    The tolerances are 3 standard errors of means over datapoints."""
+    log p(x) (a stochastic lower bound), many steps come within 0.1 nat of it and never above it
+    (by more than 3 se; two chains leave a bias of a few hundredths at T=300), and the error
+    shrinks. The tolerances are 3 standard errors of means over datapoints."""
     failures = []
     m_short, se_short = mean_and_se(errors_short)
     m_long, se_long = mean_and_se(errors_long)
     if not m_short + 3 * se_short < 0:
         failures.append(f"T small: mean error {m_short:.3f} ± {se_short:.3f} is not below 0")
-    if not abs(m_long) < 3 * se_long + 0.01:
-        failures.append(f"T large: mean error {m_long:.3f} ± {se_long:.3f} is not 0")
+    if not -0.1 - 3 * se_long < m_long < 3 * se_long:
+        failures.append(f"T large: mean error {m_long:.3f} ± {se_long:.3f} is not within (-0.1, 0]")
     m_diff, se_diff = mean_and_se(np.abs(errors_short) - np.abs(errors_long))
     if not m_diff > 3 * se_diff:
         failures.append(f"|error| did not shrink: {m_diff:.3f} ± {se_diff:.3f}")
     return failures
 
 
-def test_ais_error_shrinks_with_steps_and_short_runs_underestimate(lg_many):
-    vae, x, exact = lg_many
-    errors = {steps: ais_log_likelihood(vae.model, None, x, num_steps=steps, num_chains=8, seed=2)["log_px"].values
+@pytest.fixture
+def lg_128(one_thread):
+    """128 datapoints: at T=3 with 2 chains the mean shortfall (about 1.9 nats, sd over datapoints
+    about 3.3) is some 6 standard errors below 0, so the check cannot pass or fail by seed."""
+    torch.manual_seed(5)
+    vae = LinearGaussianVAE(x_dim=5, latent_dim=2, sigma=0.4)
+    with torch.no_grad():
+        x, _ = simulate_data(vae.model, torch.zeros(128, 5), seed=0)
+        exact = vae.exact_log_marginal(x).double().numpy()
+    return vae, x, exact
+
+
+def test_ais_error_shrinks_with_steps_and_short_runs_underestimate(lg_128):
+    vae, x, exact = lg_128
+    errors = {steps: ais_log_likelihood(vae.model, None, x, num_steps=steps, num_chains=2, seed=2)["log_px"].values
               - exact for steps in (3, 300)}
     assert check_ais_closes(errors[3], errors[300]) == []
 
 
-def test_the_ais_check_fails_for_a_broken_estimator(lg_many, monkeypatch):
+def test_the_ais_check_fails_for_a_broken_estimator(lg_128, monkeypatch):
     """A weight update that uses the wrong temperature increment (here 2 x) biases AIS upward: the
     same check must then fail, so the test above can tell a broken estimator from a working one."""
     from ppl_vae.inference import ais
 
-    vae, x, exact = lg_many
+    vae, x, exact = lg_128
     real = ais._betas
     monkeypatch.setattr(ais, "_betas", lambda steps, schedule: torch.cat([real(steps, schedule)[:-1],
                                                                            torch.tensor([1.6], dtype=torch.float64)]))
-    errors = {steps: ais_log_likelihood(vae.model, None, x, num_steps=steps, num_chains=8, seed=2)["log_px"].values
+    errors = {steps: ais_log_likelihood(vae.model, None, x, num_steps=steps, num_chains=2, seed=2)["log_px"].values
               - exact for steps in (3, 300)}
     assert check_ais_closes(errors[3], errors[300]) != []
 

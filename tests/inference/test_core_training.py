@@ -12,9 +12,9 @@ import xarray as xr
 
 import ppl_vae
 from ppl_vae import runs
-from ppl_vae.pipeline import Job, prepare, run_job
 from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from ppl_vae.errors import RunDirError, TrainingDiverged
+from ppl_vae.pipeline import Job, prepare, run_job
 
 
 def small_config(**train) -> RunConfig:
@@ -117,7 +117,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     vae.decoder.register_forward_hook(poison_after_ten_training_steps)
     run_dir = tmp_path / "run"
     job = Job(config, run_dir, fresh=True, created=True, progress=False)
-    with pytest.raises(TrainingDiverged, match=r"loss became n.* at step 11 \(epoch 2\); try a smaller train.lr; "
+    with pytest.raises(TrainingDiverged, match=r"loss became n.* at step 11 \(epoch 2\); try a smaller train.lr or gradient "
+                                               r"clipping \(train.clip_grad_norm, e.g. 10\); "
                                                r"the last good checkpoint is from epoch 1") as info:
         run_job(job, (vae, data, stepper))
     assert info.value.step == 11

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 import ppl_vae
 from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from tests.conftest import requires_cuda

@@ -15,7 +15,6 @@ from ppl_vae.inference.training import train
 from ppl_vae.models import build_vae
 from ppl_vae.models.scvae import Fire
 
-
 # Training in these tests runs several times faster on one thread on a shared machine.
 pytestmark = pytest.mark.usefixtures("one_thread")
 

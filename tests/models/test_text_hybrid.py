@@ -8,16 +8,21 @@ import math
 import numpy as np
 import pytest
 import torch
+from pyro.infer import Trace_ELBO
 
-from ppl_vae.analysis.text import interpolate_sentences, kl_per_datapoint, num_scored_characters, sample_sentences, text_metrics
+from ppl_vae.analysis.text import (
+    interpolate_sentences,
+    kl_per_datapoint,
+    num_scored_characters,
+    sample_sentences,
+    text_metrics,
+)
 from ppl_vae.data.text import VOCAB_SIZE, encode_text, text_dataset
 from ppl_vae.errors import DataError
 from ppl_vae.inference.importance import log_importance_weights
-from pyro.infer import Trace_ELBO
 from ppl_vae.models import build_vae, make_likelihood
 from ppl_vae.models.priors import make_prior
 from ppl_vae.models.text import EndOfTextCategorical, build_text_hybrid
-
 
 # Training in these tests runs several times faster on one thread on a shared machine.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -130,7 +135,7 @@ def test_auxiliary_term_prevents_posterior_collapse():
                                 alpha=alpha)
         optimizer = torch.optim.Adam(vae.parameters(), lr=3e-3)
         vae.train()
-        for step in range(75):
+        for _ in range(75):
             batch = x[torch.randint(len(x), (50,))]
             loss = Trace_ELBO().differentiable_loss(vae.model, vae.guide, batch)
             optimizer.zero_grad()

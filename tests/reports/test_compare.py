@@ -12,10 +12,10 @@ from torch import nn
 from ppl_vae import pipeline
 from ppl_vae.analysis.diagnostics import collapse_diagnostics
 from ppl_vae.analysis.gaps import gap_decomposition
-from ppl_vae.reports.compare import estimate_warnings, select_datapoints
 from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from ppl_vae.inference.modes import eval_mode
 from ppl_vae.models.linear_gaussian import LinearGaussianVAE
+from ppl_vae.reports.compare import estimate_warnings, select_datapoints
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small loops: one thread is several times faster
 

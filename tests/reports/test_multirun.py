@@ -9,9 +9,9 @@ from click.testing import CliRunner
 
 from ppl_vae import pipeline
 from ppl_vae.analysis import results
-from ppl_vae.reports.multirun import compare_runs, paired_table, plot_paired_differences
 from ppl_vae.cli.main import cli
 from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from ppl_vae.reports.multirun import compare_runs, paired_table, plot_paired_differences
 from tests.conftest import one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small loops: one thread is several times faster

@@ -1,0 +1,65 @@
+"""Options several ``ppl-vae`` commands share, declared once (as rasterio's ``rio/options.py``),
+and the one way a command prints a warning.
+
+Each factory returns a click decorator; a command passes only what differs (its default, its
+help). Importing this module imports neither torch nor Pyro.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def _path_or_none(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[Path]:
+    """An output path; an empty name (``--out ""``) is refused instead of meaning the current folder."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise click.BadParameter("is an empty name; give a file or folder name", ctx=ctx, param=param)
+    return Path(value)
+
+
+def device_option(default: str = "cpu") -> Decorator:
+    return click.option("--device", default=default, show_default=True, help="cpu, cuda, cuda:N or auto.")
+
+
+def seed_option(default: Optional[int] = 0, help: str = "Seed of every random draw.") -> Decorator:
+    return click.option("--seed", type=int, default=default, show_default=default is not None, help=help)
+
+
+def out_option(help: str, *names: str) -> Decorator:
+    """``--out PATH`` (``None`` when absent); ``""`` is a usage error."""
+    return click.option(*(names or ("--out",)), type=str, default=None, metavar="PATH", callback=_path_or_none,
+                        help=help)
+
+
+def split_option(help: Optional[str] = None) -> Decorator:
+    return click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True,
+                        help=help or "Which split of the run's dataset.")
+
+
+def num_samples_option(default: int, help: str, *names: str) -> Decorator:
+    return click.option(*(names or ("--num-samples",)), type=int, default=default, show_default=True, help=help)
+
+
+def progress_option(help: str = "Show a progress bar.") -> Decorator:
+    return click.option("--progress/--no-progress", default=True, show_default=True, help=help)
+
+
+def warn(message: str) -> None:
+    """Print one ``Warning: ...`` line to stderr: every command warns this way (the group shows
+    the library's ``warnings.warn`` calls through it too)."""
+    click.echo(f"Warning: {' '.join(str(message).split())}", err=True)
+
+
+def check_size(flag: str, value: int, limit: int, what: str) -> None:
+    """Refuse, before any work, a size far beyond what a machine does in reasonable time or
+    memory: a one-line error naming ``flag`` and the limit (``what``: the work it sizes)."""
+    if value > limit:
+        raise ValueError(f"{flag} {value} is far beyond what this machine can do ({what}); "
+                               f"choose at most {limit:,}")

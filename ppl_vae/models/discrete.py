@@ -1,0 +1,463 @@
+"""VAEs with a categorical latent site summed out by enumeration: semi-supervised M2 and the GMVAE.
+
+- ``m2`` (Kingma, Rezende, Mohamed & Welling 2014, "Semi-supervised learning with deep generative
+  models", sec. 3.1.2): p(y) uniform over C classes, p(z) = N(0, I), p(x | y, z);
+  q(y | x) (a classifier) and q(z | x, y).
+- ``gmvae`` (a Gaussian-mixture VAE, e.g. Dilokthanakul et al. 2016, simplified): a mixture
+  component c ~ Cat(pi), z | c ~ N(mu_c, diag sigma_c^2), p(x | z); q(c | x) q(z | x, c).
+- ``relaxed_gmvae``: the same model with c a Concrete / Gumbel-softmax relaxation of the
+  one-hot component (Maddison et al. 2017; Jang et al. 2017) at a temperature that anneals
+  during training; :meth:`GaussianMixtureVAE.exact_discrete` scores its parameters under the
+  exact (enumerated) discrete model.
+
+The discrete site (``"y"`` for M2, ``"c"`` for the GMVAE) is sampled in the ``"data"`` plate
+of both model and guide and marked ``infer={"enumerate": "parallel"}``: Pyro's
+``TraceEnum_ELBO`` sums it out exactly (guide-side enumeration, as in Pyro's
+``examples/vae/ss_vae_M2.py``), and the estimators of :mod:`ppl_vae.inference.latents` sum it
+out where the guide leaves it to the model.
+
+**Labels (M2).** ``y`` is an integer tensor ``(N,)``; :data:`UNLABELLED` (-1) marks a point
+whose label is unknown (``y=None``: every point unlabelled). A labelled point observes y:
+its q(y | x) is the point mass at its label, so its ELBO is the paper's -L(x, y), a bound
+on log p(x, y); an unlabelled point's ELBO sums over classes, the paper's -U(x), a bound on
+log p(x). In training mode the model adds the classifier term (alpha / N_l) log q(y | x) of
+each labelled point (the paper's alpha = 0.1 N, spread over the N_l labelled points); in eval
+mode (every estimator) it does not, so ELBO and IW estimate the model's own densities.
+
+**Clamping.** ``model`` and ``guide`` take ``component`` (an integer tensor ``(N,)``, or
+None) to fix the discrete site: the guide then puts its mass there, so IW with
+``component=c`` estimates log p(x, c); :func:`ppl_vae.inference.enumerated.enumerated_estimate`
+sums these over c for log p(x) with the discrete site summed out exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import pyro
+import torch
+import torch.nn.functional as F
+from pyro import distributions as dist
+from pyro import poutine
+from torch import Tensor, nn
+
+from ppl_vae.models.cvae import ConditionalDecoder, ConditionalGaussianEncoder
+from ppl_vae.models.likelihoods import Likelihood
+from ppl_vae.models.networks import MLPDecoder, mlp
+from ppl_vae.models.priors import MixtureOfGaussiansPrior, Prior, StandardNormalPrior
+from ppl_vae.models.vae import VAE, data_plate
+from ppl_vae.models.zoo import MODELS, ModelSpec
+
+UNLABELLED = -1
+"""The label value of a point whose label is unknown."""
+
+#: Logit of the values a clamped site cannot take: exp() of it is exactly 0 in float32 and
+#: float64 (so enumerated sums give those values no weight), while it stays finite (so 0 * cost
+#: is 0, not NaN, where Pyro weights each enumerated value's cost by its probability).
+MASKED_LOGIT = -1.0e6
+
+
+class ClassifierMLP(nn.Module):
+    """x ``(..., *event_shape)`` -> logits ``(..., num_classes)`` of q(y | x) (normalized)."""
+
+    def __init__(self, event_shape: Sequence[int], num_classes: int, hidden_dims: Sequence[int] = (500,),
+                 activation: str = "relu"):
+        super().__init__()
+        self.event_shape = tuple(event_shape)
+        self.net = mlp([math.prod(self.event_shape), *hidden_dims, num_classes], activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.reshape(*x.shape[: x.dim() - len(self.event_shape)], -1)
+        return torch.log_softmax(self.net(h), -1)
+
+
+def clamp_logits(logits: Tensor, values: Optional[Tensor]) -> Tensor:
+    """``logits`` ``(N, C)`` with rows where ``values`` ``(N,)`` is >= 0 replaced by a point mass
+    at that value (log-probability 0 there, :data:`MASKED_LOGIT` elsewhere)."""
+    if values is None:
+        return logits
+    clamped = values >= 0
+    point = torch.where(F.one_hot(values.clamp_min(0), logits.shape[-1]).bool(),
+                        logits.new_zeros(()), logits.new_full((), MASKED_LOGIT))
+    return torch.where(clamped.unsqueeze(-1), point, logits)
+
+
+class EnumeratedCategoricalVAE(VAE):
+    """Base of the VAEs with one categorical latent site ``self.site`` over ``num_values`` values
+    and a continuous site ``"z"`` whose guide q(z | x, value) depends on it (see the module
+    docstring). Subclasses give the prior of z given the value and the decoder's inputs."""
+
+    has_fast_path = False  # the model sums a discrete site: analysis goes through Pyro's traces
+    encoder_is_guide = False  # q(z | x) is a mixture over values, not the encoder's one Gaussian
+    site: str = "c"
+
+    def __init__(self, classifier: nn.Module, encoder: nn.Module, decoder: nn.Module, prior: Prior,
+                 likelihood: Likelihood, event_shape: Sequence[int], num_values: int):
+        super().__init__(encoder, decoder, prior, likelihood, event_shape)
+        if int(num_values) < 2:
+            raise ValueError(f"the discrete site {self.site!r} needs at least 2 values, got {num_values}")
+        self.classifier = classifier
+        self.num_values = int(num_values)
+
+    @property
+    def enumerated_sites(self) -> Tuple[str, ...]:
+        """The discrete sites the model and guide sum out by enumeration (TraceEnum_ELBO trains them)."""
+        return (self.site,)
+
+    # -- values and labels
+
+    def check_values(self, values: Union[Tensor, int, None], n: int, what: str, allow_unlabelled: bool) -> Optional[Tensor]:
+        """``values`` as a long tensor ``(n,)`` (an int is broadcast); a one-line ValueError otherwise."""
+        if values is None:
+            return None
+        param = next(self.parameters())
+        values = torch.as_tensor(values, device=param.device)
+        if values.dtype.is_floating_point or values.dtype == torch.bool:
+            raise ValueError(f"{what} must be integers, got dtype {values.dtype}")
+        if values.dim() == 0:
+            values = values.expand(n)
+        if values.shape != (n,):
+            raise ValueError(f"{what} must have shape ({n},), got {tuple(values.shape)}")
+        low = UNLABELLED if allow_unlabelled else 0
+        if values.numel() and (int(values.min()) < low or int(values.max()) >= self.num_values):
+            raise ValueError(
+                f"{what} must lie in [{low}, {self.num_values - 1}] for this model ({self.num_values} values of "
+                f"site {self.site!r}), got values in [{int(values.min())}, {int(values.max())}]"
+                + ("; the class count must match the labels" if allow_unlabelled else ""))
+        return values.long()
+
+    def clamped_values(self, x: Tensor, y: Optional[Tensor], component: Optional[Tensor]) -> Optional[Tensor]:
+        """The values the site is fixed to per datapoint (-1: free), from ``component`` (and labels)."""
+        return self.check_values(component, x.shape[0], "component", allow_unlabelled=True)
+
+    def one_hot(self, values: Tensor) -> Tensor:
+        return F.one_hot(values, self.num_values).to(next(self.parameters()).dtype)
+
+    def value_logits(self, x: Tensor) -> Tensor:
+        """log q(value | x), ``(N, num_values)``."""
+        return self.classifier(x)
+
+    # -- the parts subclasses define
+
+    def value_prior(self) -> dist.Distribution:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def z_prior(self, value_onehot: Tensor) -> dist.Distribution:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def decoder_params(self, z: Tensor, value_onehot: Tensor) -> Tuple[Tensor, ...]:  # pragma: no cover
+        raise NotImplementedError
+
+    def sample_value(self, name: str, fn: dist.Distribution) -> Tensor:
+        """Sample the discrete site and return it as a one-hot (or relaxed one-hot) tensor."""
+        value = pyro.sample(name, fn, infer={"enumerate": "parallel"})
+        return self.one_hot(value)
+
+    def extra_model_terms(self, x: Tensor, y: Optional[Tensor]) -> None:
+        """Factors the model adds (M2's classifier term in training mode); default none."""
+
+    # -- model and guide
+
+    def model(self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None,  # type: ignore[override]
+              kl_weight: float = 1.0, component: Optional[Tensor] = None) -> Tensor:
+        """p(value) p(z | value) p(x | z, value), ``x`` observed; returns z."""
+        self.clamped_values(x, y, component)  # checks labels and clamps (the guide clamps)
+        with data_plate(x, num_data):
+            with poutine.scale(scale=kl_weight):
+                onehot = self.sample_value(self.site, self.value_prior())
+                z = pyro.sample("z", self.z_prior(onehot))
+            pyro.sample("x", self.likelihood(*self.decoder_params(z, onehot)), obs=x)
+            self.extra_model_terms(x, y)
+        return z
+
+    def guide_value_dist(self, x: Tensor, clamped: Optional[Tensor]) -> dist.Distribution:
+        return dist.Categorical(logits=clamp_logits(self.value_logits(x), clamped))
+
+    def guide(self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None,  # type: ignore[override]
+              kl_weight: float = 1.0, component: Optional[Tensor] = None) -> Tensor:
+        """q(value | x) q(z | x, value); clamped points put q(value | x) on their value."""
+        clamped = self.clamped_values(x, y, component)
+        with data_plate(x, num_data):
+            with poutine.scale(scale=kl_weight):
+                onehot = self.sample_value(self.site, self.guide_value_dist(x, clamped))
+                loc, scale = self.encoder(x, onehot)
+                return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    # -- the fast-path protocol's members are not offered (has_fast_path is False)
+
+    def latent_shapes(self) -> dict:
+        return {"z": (self.latent_dim,)}
+
+    def encode(self, x: Tensor, value: Union[Tensor, int, None] = None) -> Tuple[Tensor, Tensor]:  # type: ignore[override]
+        """(loc, scale) of q(z | x, value); ``value`` None: the most probable value under q(value | x)."""
+        values = self.value_logits(x).argmax(-1) if value is None else \
+            self.check_values(value, x.shape[0], "value", allow_unlabelled=False)
+        return self.encoder(x, self.one_hot(values))
+
+    def reconstruct(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        values = self.value_logits(x).argmax(-1)
+        loc, _ = self.encoder(x, self.one_hot(values))
+        return self.likelihood.mean(*self.decoder_params(loc, self.one_hot(values)))
+
+
+class SemiSupervisedVAE(EnumeratedCategoricalVAE):
+    """M2 (Kingma et al. 2014): p(y) uniform, p(z) = N(0, I), p(x | y, z); q(y | x) q(z | x, y).
+
+    ``alpha`` is the paper's weight of the classifier term (default 0.1 ``num_train``); each
+    labelled point's term is weighted alpha / ``num_labelled`` (the paper's expectation over
+    the labelled data), added by the model in training mode only.
+    """
+
+    site = "y"
+
+    def __init__(self, classifier: nn.Module, encoder: ConditionalGaussianEncoder, decoder: ConditionalDecoder,
+                 prior: Prior, likelihood: Likelihood, event_shape: Sequence[int], num_classes: int,
+                 alpha: float, num_labelled: int):
+        super().__init__(classifier, encoder, decoder, prior, likelihood, event_shape, num_classes)
+        self.num_classes = self.num_values
+        if not (alpha >= 0 and math.isfinite(alpha)):
+            raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
+        if num_labelled < 1:
+            raise ValueError(f"num_labelled must be >= 1, got {num_labelled}")
+        self.alpha, self.num_labelled = float(alpha), int(num_labelled)
+
+    @property
+    def classifier_weight(self) -> float:
+        """The weight of each labelled point's log q(y | x): alpha / num_labelled."""
+        return self.alpha / self.num_labelled
+
+    def clamped_values(self, x: Tensor, y: Optional[Tensor], component: Optional[Tensor]) -> Optional[Tensor]:
+        labels = self.check_values(y, x.shape[0], "labels y", allow_unlabelled=True)
+        forced = super().clamped_values(x, y, component)
+        if forced is None:
+            return labels
+        return forced if labels is None else torch.where(forced >= 0, forced, labels)
+
+    def value_prior(self) -> dist.Distribution:
+        param = next(self.parameters())
+        return dist.Categorical(logits=param.new_zeros(self.num_values))
+
+    def z_prior(self, value_onehot: Tensor) -> dist.Distribution:
+        return self.prior()
+
+    def decoder_params(self, z: Tensor, value_onehot: Tensor) -> Tuple[Tensor, ...]:
+        return self.decoder(z, value_onehot)
+
+    def extra_model_terms(self, x: Tensor, y: Optional[Tensor]) -> None:
+        if not self.training or y is None or self.alpha == 0:
+            return
+        labels = self.check_values(y, x.shape[0], "labels y", allow_unlabelled=True)
+        labelled = labels >= 0
+        if not bool(labelled.any()):
+            return
+        log_q = self.value_logits(x).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        pyro.factor("classifier", self.classifier_weight * torch.where(labelled, log_q, torch.zeros_like(log_q)))
+
+    # generation: the same z (style) under every class
+
+    def decode(self, z: Tensor, y: Union[Tensor, int, None] = None) -> Tensor:  # type: ignore[override]
+        """E[x | z, y]; ``y`` one class or ``(N,)`` classes (None: drawn uniformly)."""
+        n = z.shape[-2] if z.dim() >= 2 else 1
+        if y is None:
+            y = torch.randint(self.num_values, (n,), device=z.device)
+        values = self.check_values(y, n, "labels y", allow_unlabelled=False)
+        return self.likelihood.mean(*self.decoder(z, self.one_hot(values)))
+
+    def sample(self, num_samples: int, y: Union[Tensor, int, None] = None) -> Tensor:  # type: ignore[override]
+        return self.decode(self.prior().sample((num_samples,)), y)
+
+    def classify(self, x: Tensor) -> Tensor:
+        """argmax_y q(y | x), ``(N,)``."""
+        return self.value_logits(x).argmax(-1)
+
+
+class GaussianMixtureVAE(EnumeratedCategoricalVAE):
+    """A Gaussian-mixture VAE: c ~ Cat(pi), z | c ~ N(mu_c, sigma_c^2), x | z; q(c | x) q(z | x, c).
+
+    The component parameters are those of ``prior`` (a :class:`MixtureOfGaussiansPrior`), whose
+    ``forward()`` is the marginal mixture over z (for sampling), while the model samples c as
+    its own site. With ``relaxed`` the one-hot c is a Concrete (Gumbel-softmax) sample at the
+    current temperature, tau = max(tau_min, tau_0 exp(-rate * steps)) (Jang et al. 2017, sec. 2.2),
+    and z | c ~ N(c mu, (c sigma)^2): at a vertex of the simplex it is the discrete model.
+    ``steps`` counts guide calls in training mode (one per SVI step with method svi) and is saved
+    with the weights, so a resumed run continues the schedule.
+    """
+
+    site = "c"
+
+    def __init__(self, classifier: nn.Module, encoder: ConditionalGaussianEncoder, decoder: nn.Module,
+                 prior: MixtureOfGaussiansPrior, likelihood: Likelihood, event_shape: Sequence[int], *,
+                 relaxed: bool = False, temperature: float = 1.0, min_temperature: float = 0.5,
+                 anneal_rate: float = 1e-3):
+        super().__init__(classifier, encoder, decoder, prior, likelihood, event_shape, prior.num_components)
+        if not (0 < min_temperature <= temperature and math.isfinite(temperature)):
+            raise ValueError(f"temperatures need 0 < min_temperature <= temperature, got {min_temperature}, {temperature}")
+        if not (anneal_rate >= 0 and math.isfinite(anneal_rate)):
+            raise ValueError(f"anneal_rate must be a finite number >= 0, got {anneal_rate}")
+        self.relaxed = bool(relaxed)
+        self.initial_temperature, self.min_temperature = float(temperature), float(min_temperature)
+        self.anneal_rate = float(anneal_rate)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    @property
+    def enumerated_sites(self) -> Tuple[str, ...]:
+        return () if self.relaxed else (self.site,)
+
+    @property
+    def temperature(self) -> float:
+        return max(self.min_temperature, self.initial_temperature * math.exp(-self.anneal_rate * int(self.steps)))
+
+    def value_prior(self) -> dist.Distribution:
+        if self.relaxed:
+            return dist.RelaxedOneHotCategorical(torch.tensor(self.temperature), logits=self.prior.logits)
+        return dist.Categorical(logits=self.prior.logits)
+
+    def guide_value_dist(self, x: Tensor, clamped: Optional[Tensor]) -> dist.Distribution:
+        if self.relaxed:
+            if clamped is not None:
+                raise ValueError("the relaxed model cannot clamp its component; score it with exact_discrete()")
+            return dist.RelaxedOneHotCategorical(torch.tensor(self.temperature), logits=self.value_logits(x))
+        return super().guide_value_dist(x, clamped)
+
+    def sample_value(self, name: str, fn: dist.Distribution) -> Tensor:
+        if self.relaxed:
+            return pyro.sample(name, fn)
+        return super().sample_value(name, fn)
+
+    def guide(self, x: Tensor, y: Optional[Tensor] = None, **kwargs) -> Tensor:  # type: ignore[override]
+        if self.training and self.relaxed:
+            self.steps += 1
+        return super().guide(x, y, **kwargs)
+
+    def component_scales(self) -> Tensor:
+        return F.softplus(self.prior.raw_scales) + 1e-4
+
+    def z_prior(self, value_onehot: Tensor) -> dist.Distribution:
+        return dist.Normal(value_onehot @ self.prior.locs, value_onehot @ self.component_scales()).to_event(1)
+
+    def decoder_params(self, z: Tensor, value_onehot: Tensor) -> Tuple[Tensor, ...]:
+        return self.decoder(z)
+
+    def decode(self, z: Tensor) -> Tensor:  # type: ignore[override]
+        return self.likelihood.mean(*self.decoder(z))
+
+    def sample(self, num_samples: int) -> Tensor:  # type: ignore[override]
+        return self.decode(self.prior().sample((num_samples,)))
+
+    def cluster(self, x: Tensor) -> Tensor:
+        """argmax_c q(c | x), ``(N,)``."""
+        return self.value_logits(x).argmax(-1)
+
+    def exact_discrete(self) -> "_ExactDiscrete":
+        """A context in which this (relaxed) model is the discrete one with the same parameters:
+        ``with vae.exact_discrete(): enumerated_estimate(vae.model, vae.guide, x, ...)``."""
+        return _ExactDiscrete(self)
+
+
+class _ExactDiscrete:
+    def __init__(self, vae: GaussianMixtureVAE):
+        self.vae = vae
+
+    def __enter__(self) -> GaussianMixtureVAE:
+        self.was = self.vae.relaxed
+        self.vae.relaxed = False
+        return self.vae
+
+    def __exit__(self, *exc) -> None:
+        self.vae.relaxed = self.was
+
+
+# -- builders --------------------------------------------------------------------------------------
+
+
+def _need_classes(name: str, num_classes: Optional[int]) -> int:
+    if num_classes is None:
+        raise ValueError(f"model {name!r} is semi-supervised and needs labelled data (data_info must give "
+                         "num_classes); choose a dataset with labels (digits, mnist, fashion-mnist, or an .npz with labels)")
+    if int(num_classes) < 2:
+        raise ValueError(f"model {name!r} needs num_classes >= 2, got {num_classes}")
+    return int(num_classes)
+
+
+def build_m2(event_shape: Sequence[int], latent_dim: int, hidden_dim: int, prior: Prior, likelihood: Likelihood,
+             num_classes: Optional[int] = None, num_train: Optional[int] = None, num_labelled: Optional[int] = None,
+             alpha: Optional[float] = None, **data_info) -> SemiSupervisedVAE:
+    """The ``m2`` model: one hidden layer of ``hidden_dim`` ReLU units per network
+    (the paper: 500); alpha defaults to 0.1 ``num_train`` (the paper's 0.1 N)."""
+    num_classes = _need_classes("m2", num_classes)
+    if not isinstance(prior, StandardNormalPrior):
+        raise ValueError(f"model 'm2' has p(z) = N(0, I): use prior 'standard_normal', got {type(prior).__name__}")
+    num_train = 1 if num_train is None else int(num_train)
+    num_labelled = num_train if num_labelled is None else int(num_labelled)
+    alpha = 0.1 * num_train if alpha is None else float(alpha)
+    hidden = (hidden_dim,)
+    classifier = ClassifierMLP(event_shape, num_classes, hidden)
+    encoder = ConditionalGaussianEncoder(event_shape, num_classes, latent_dim, hidden)
+    decoder = ConditionalDecoder(latent_dim, num_classes, event_shape, likelihood.num_params, hidden)
+    return SemiSupervisedVAE(classifier, encoder, decoder, prior, likelihood, event_shape, num_classes,
+                             alpha=alpha, num_labelled=max(1, num_labelled))
+
+
+def _mixture_prior(name: str, prior: Prior, latent_dim: int, num_components: int) -> MixtureOfGaussiansPrior:
+    if isinstance(prior, MixtureOfGaussiansPrior):
+        return prior
+    if isinstance(prior, StandardNormalPrior):  # the default: a mixture with the model's own count
+        return MixtureOfGaussiansPrior(latent_dim, num_components=num_components)
+    raise ValueError(f"model {name!r} enumerates the component of a Gaussian mixture over z: use prior "
+                     f"'mixture_of_gaussians' (num_components) or the default, got {type(prior).__name__}")
+
+
+def build_gmvae(event_shape: Sequence[int], latent_dim: int, hidden_dim: int, prior: Prior, likelihood: Likelihood,
+                num_components: int = 10, relaxed: bool = False, uniform_weights: bool = True,
+                **data_info) -> GaussianMixtureVAE:
+    """The ``gmvae`` model: ReLU MLPs with one hidden layer of ``hidden_dim`` units; ``num_components``
+    (default 10) unless the prior given is a mixture_of_gaussians with its own count; p(c) uniform
+    (its logits not trained) unless ``uniform_weights`` is False."""
+    prior = _mixture_prior("relaxed_gmvae" if relaxed else "gmvae", prior, latent_dim, num_components)
+    k = prior.num_components
+    if k < 2:
+        raise ValueError(f"the mixture needs at least 2 components, got {k}")
+    if uniform_weights:  # a learned p(c) can collapse onto one component
+        prior.logits.requires_grad_(False)
+    hidden = (hidden_dim,)
+    classifier = ClassifierMLP(event_shape, k, hidden)
+    encoder = ConditionalGaussianEncoder(event_shape, k, latent_dim, hidden)
+    decoder = MLPDecoder(latent_dim, event_shape, likelihood.num_params, hidden, "relu")
+    return GaussianMixtureVAE(classifier, encoder, decoder, prior, likelihood, event_shape, relaxed=relaxed)
+
+
+def build_relaxed_gmvae(*args, **kwargs) -> GaussianMixtureVAE:
+    return build_gmvae(*args, relaxed=True, **kwargs)
+
+
+MODELS.register("m2", doc="Kingma et al. 2014: semi-supervised M2, y summed out by enumeration for unlabelled points")(
+    ModelSpec(
+        build_m2,
+        "Kingma et al. 2014 (M2): p(y) uniform, p(z) = N(0, I), p(x|y,z); q(y|x) q(z|x,y), ReLU MLPs; "
+        "unlabelled points (label -1) have y summed out by enumeration; needs labelled data (--labels N)",
+        likelihood="bernoulli",
+        latent_dim=50,
+        hidden_dim=500,
+    )
+)
+MODELS.register("gmvae", doc="Gaussian-mixture VAE: the component c is a latent site summed out by enumeration")(
+    ModelSpec(
+        build_gmvae,
+        "Gaussian-mixture VAE: c ~ Cat(pi) (enumerated), z|c ~ N(mu_c, sigma_c^2), p(x|z); q(c|x) q(z|x,c), "
+        "ReLU MLPs, 10 components (--prior mixture_of_gaussians --num-components K for another count)",
+        likelihood="bernoulli",
+        latent_dim=10,
+        hidden_dim=500,
+    )
+)
+MODELS.register("relaxed_gmvae", doc="the GMVAE with c relaxed (Concrete / Gumbel-softmax), annealed temperature")(
+    ModelSpec(
+        build_relaxed_gmvae,
+        "the gmvae with c a Concrete / Gumbel-softmax relaxation (Maddison et al. 2017, Jang et al. 2017), "
+        "temperature max(0.5, exp(-1e-3 step)); vae.exact_discrete() scores it as the discrete model",
+        likelihood="bernoulli",
+        latent_dim=10,
+        hidden_dim=500,
+    )
+)

@@ -1,0 +1,121 @@
+"""MIG and DCI on constructed codes with known answers; metrics of a VAE; latent traversals."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ppl_vae.analysis.disentanglement import dci, disentanglement_metrics, mig
+from ppl_vae.analysis.generation import latent_traversal, plot_traversal
+from ppl_vae.data import load_dataset
+from ppl_vae.models import build_vae
+
+N, F, L, BINS = 4000, 3, 10, 20
+
+
+def _factors(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, L, (N, F)).astype(float)
+
+
+def _plugin_mi_spread() -> tuple[float, float]:
+    """Mean and sd of the plug-in MI of independent variables with BINS and L classes: about
+    chi^2_dof / 2N with dof = (BINS-1)(L-1) (Miller 1955), in nats."""
+    dof = (BINS - 1) * (L - 1)
+    return dof / (2 * N), math.sqrt(2 * dof) / (2 * N)
+
+
+def test_mig_of_the_factors_themselves_is_one_up_to_the_estimators_bias():
+    f = _factors()
+    result = mig(f, f, num_bins=BINS, factor_names=["a", "b", "c"])
+    bias, sd = _plugin_mi_spread()
+    entropy = result.factor_entropy.values
+    assert np.allclose(entropy, math.log(L), atol=0.01)
+    # the gap is H - I(other dim) >= H - (bias + 4 sd): within that of 1 for every factor
+    assert (result.mig_per_factor.values > 1 - (bias + 4 * sd) / entropy).all()
+    assert result.mutual_info.dims == ("latent", "factor") and list(result.factor.values) == ["a", "b", "c"]
+
+
+def test_mig_of_an_independent_code_is_zero_within_the_plug_in_spread():
+    f = _factors()
+    code = np.random.default_rng(1).normal(size=(N, 4))
+    result = mig(code, f, num_bins=BINS)
+    bias, sd = _plugin_mi_spread()
+    # the gap between two independent plug-in estimates is at most a few of their sd
+    assert float(result.mig) < 4 * sd / math.log(L) and float(result.mig) >= 0
+    assert float(result.mutual_info.max()) < bias + 5 * sd
+
+
+def test_a_random_rotation_lowers_mig_and_dci_disentanglement():
+    f = _factors()
+    rng = np.random.default_rng(2)
+    q, _ = np.linalg.qr(rng.normal(size=(F, F)))
+    z = (f - f.mean(0)) / f.std(0)
+    ident, rotated = mig(z, f), mig(z @ q, f)
+    bias, sd = _plugin_mi_spread()
+    assert float(ident.mig) > 1 - (bias + 4 * sd) / math.log(L)
+    assert float(rotated.mig) < float(ident.mig) - 0.3
+    half = N // 2
+    d_id = dci(z[:half], f[:half], z[half:], f[half:], seed=0)
+    d_rot = dci((z @ q)[:half], f[:half], (z @ q)[half:], f[half:], seed=0)
+    assert float(d_id.dci_disentanglement) > 0.95 and float(d_id.dci_completeness) > 0.95
+    assert (d_id.dci_informativeness.values > 0.95).all()
+    assert float(d_rot.dci_disentanglement) < float(d_id.dci_disentanglement) - 0.3
+    noise = rng.normal(size=(N, F))
+    d_noise = dci(noise[:half], f[:half], noise[half:], f[half:], seed=0)
+    # accuracy at chance (1/L): a binomial over the held-out half, 4 sd
+    assert (np.abs(d_noise.dci_informativeness.values - 1 / L) < 4 * math.sqrt(0.1 * 0.9 / half)).all()
+
+
+def test_mig_refuses_bad_input():
+    f = _factors()
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        mig(f[:, :1], f)
+    with pytest.raises(ValueError, match="points"):
+        mig(f[:10], f)
+
+
+def _dsprites_vae():
+    data = load_dataset("dsprites", num_images=120)
+    torch.manual_seed(0)
+    vae = build_vae("bernoulli_mlp", data.event_shape, latent_dim=4, hidden_dim=16)
+    return vae, data
+
+
+def test_metrics_of_a_vae_on_dsprites_and_a_dataset_without_factors():
+    vae, data = _dsprites_vae()
+    state = torch.get_rng_state()
+    result = disentanglement_metrics(vae, data, num_points=80, num_test_points=20, seed=1, num_trees=5)
+    assert torch.equal(state, torch.get_rng_state())
+    assert list(result.factor.values) == ["shape", "scale", "orientation", "pos_x", "pos_y"]
+    assert result.mutual_info.dims == ("latent", "factor") and 0 <= float(result.mig) <= 1
+    assert 0 <= float(result.dci_disentanglement) <= 1 and int(result.active_units) <= 4
+    again = disentanglement_metrics(vae, data, num_points=80, num_test_points=20, seed=1, num_trees=5)
+    assert float(again.mig) == float(result.mig) and float(again.dci_disentanglement) == float(result.dci_disentanglement)
+    digits = load_dataset("digits")
+    with pytest.raises(ValueError, match="factor labels"):
+        disentanglement_metrics(vae, digits)
+
+
+def test_traversal_sweeps_one_dimension_sorted_by_kl():
+    vae, data = _dsprites_vae()
+    with torch.no_grad():  # make dimension 2 the only informative one: the others' encoder output is the prior
+        rows = [0, 1, 3, 4, 5, 7]  # loc and log-variance rows of dimensions 0, 1, 3: q = N(0, 1)
+        vae.encoder.head.weight[rows] = 0
+        vae.encoder.head.bias[rows] = 0
+    x = data.train[:50]
+    trav = latent_traversal(vae, x, num_steps=5, span=2.0)
+    assert trav.image.dims == ("latent", "step", "channel", "row", "col")
+    assert int(trav.latent.values[0]) == 2 and np.all(np.diff(trav.kl.values) <= 1e-9)
+    assert trav.value.values.tolist() == pytest.approx([-2, -1, 0, 1, 2])
+    # the images change along a row, and the fixed point decodes to the encoder's mean
+    assert not np.allclose(trav.image.values[0, 0], trav.image.values[0, -1])
+    z0 = vae.encode(x[:1])[0][0].clone()
+    z0[2] = 0.0
+    assert np.allclose(trav.image.sel(latent=2).values[2], vae.decode(z0[None]).detach().numpy()[0], atol=1e-6)
+    fig = plot_traversal(trav)
+    assert fig.__class__.__name__ == "Figure"
+    with pytest.raises(ValueError, match="latent dimension.*do not exist.*0..3"):
+        latent_traversal(vae, x, dims=[7])
