@@ -210,7 +210,7 @@ def gap_decomposition(
     particle_batch_size: Optional[int] = None,
     mean_field: Optional[MeanFieldResult] = None,
     mean_field_options: Optional[Dict[str, Any]] = None,
-    datapoint: Optional[Sequence[int]] = None,
+    datapoint: Optional[Sequence[int] | np.ndarray] = None,
     progress: bool = True,
     seed: Optional[int] = None,
     **kwargs: Any,
@@ -243,7 +243,7 @@ def gap_decomposition(
 
 def _gap_decomposition(model: Callable, guide: Callable, x: Tensor, *, num_samples: int, batch_size: int,
                        particle_batch_size: Optional[int], mean_field: Optional[MeanFieldResult],
-                       mean_field_options: Optional[Dict[str, Any]], datapoint: Optional[Sequence[int]],
+                       mean_field_options: Optional[Dict[str, Any]], datapoint: Optional[Sequence[int] | np.ndarray],
                        progress: bool, seed: Optional[int], **kwargs: Any) -> xr.Dataset:
     if mean_field is None:
         options = {"progress": progress, **(mean_field_options or {})}

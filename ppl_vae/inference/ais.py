@@ -330,7 +330,7 @@ def ais_log_likelihood(
     settings: AISSettings = AISSettings(),
     seed: Optional[int] = None,
     progress: bool = False,
-    datapoint: Optional[Sequence[int]] = None,
+    datapoint: Optional[Sequence[int] | np.ndarray] = None,
     **kwargs: Any,
 ) -> xr.Dataset:
     """AIS estimate of log p(x) for each row of ``x`` ``(N, ...)`` (Neal 2001), as an xarray Dataset.
@@ -436,7 +436,7 @@ def bdmc(
     settings: AISSettings = AISSettings(),
     seed: Optional[int] = None,
     progress: bool = False,
-    datapoint: Optional[Sequence[int]] = None,
+    datapoint: Optional[Sequence[int] | np.ndarray] = None,
     **kwargs: Any,
 ) -> xr.Dataset:
     """Bidirectional Monte Carlo (Grosse et al. 2015): a lower and an upper bound on log p(x).

@@ -93,7 +93,7 @@ class ImportanceEstimate:
     num_samples: int
     khat: Optional[Tensor] = None
 
-    def to_dataset(self, datapoint: Optional[Sequence[int]] = None) -> xr.Dataset:
+    def to_dataset(self, datapoint: Optional[Sequence[int] | np.ndarray] = None) -> xr.Dataset:
         """The estimates as an xarray Dataset over dim ``datapoint``."""
         n = self.log_likelihood.shape[0]
         coords = {"datapoint": np.arange(n) if datapoint is None else np.asarray(datapoint)}
