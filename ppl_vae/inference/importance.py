@@ -246,7 +246,8 @@ def importance_estimate(
             results.append(result)
     dtype = x.dtype if x.dtype.is_floating_point else torch.float32
     log_p, log_p_se, elbo, elbo_se, ess = (torch.cat(p).to(dtype) for p in zip(*results))  # acc.result()'s order
-    return ImportanceEstimate(log_p, log_p_se, elbo, elbo_se, ess, num_samples=num_samples, khat=torch.cat(khats).to(dtype) if khats else None)
+    return ImportanceEstimate(log_p, log_p_se, elbo, elbo_se, ess, num_samples=num_samples,
+                              khat=torch.cat(khats).to(dtype) if khats else None)
 
 
 @torch.no_grad()
