@@ -42,7 +42,7 @@ class Selection:
         ignore labels ignore ``y``; a conditional model without them says so itself). A model
         whose labels are a latent site it sums out (M2's y: ``enumerated_sites``) gets none, so
         it is scored on x alone: log p(x) with y summed out, as for unlabelled data."""
-        if self.labels is None or getattr(run.vae, "enumerated_sites", ()):
+        if self.labels is None or tuple(getattr(run.vae, "enumerated_sites", ())):
             return {}
         return {"y": self.labels}
 
