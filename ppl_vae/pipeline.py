@@ -24,7 +24,7 @@ import random
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import pyro
@@ -54,7 +54,7 @@ class Run:
     """A trained (or loaded) run: its directory, config, model, and history; ``new_epochs``:
     how many epochs the call that returned it trained (0 for :func:`load_run`)."""
 
-    run_dir: Optional[Path]
+    run_dir: Path
     config: RunConfig
     vae: VAE
     history: xr.Dataset
@@ -441,7 +441,7 @@ def resume(run_dir: Path, *, epochs: Optional[int] = None, nproc: int = 1, progr
         raise RunDirError(f"{run_dir} has {runs.HISTORY} but no {runs.CHECKPOINT}: the trained weights are lost, "
                           "so it cannot be continued; restore the checkpoint, or start a new run in another folder")
     done = 0 if fresh else runs.checkpoint_epoch(run_dir)
-    changed = {}
+    changed: Dict[str, Any] = {}
     if lr is not None and lr != config.train.lr:
         changed["lr"] = lr
     if optimizer is not None and optimizer != config.train.optimizer:

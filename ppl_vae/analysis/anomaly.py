@@ -22,17 +22,19 @@ import torch
 import xarray as xr
 from torch import Tensor, nn
 
+from ppl_vae.data.ondisk import NpyRows
 from ppl_vae.inference.importance import elbo_per_datapoint
 from ppl_vae.inference.modes import eval_mode
 from ppl_vae.inference.traces import log_probs, trace_pair
+from ppl_vae.models.vae import VAE
 from ppl_vae.registry import Registry
 
-ScoreFn = Callable[[nn.Module, Tensor, int], Tensor]
+ScoreFn = Callable[[VAE, Tensor, int], Tensor]
 SCORES: Registry[ScoreFn] = Registry("anomaly score")
 
 
 @SCORES.register("neg_elbo", doc="negative ELBO, -E_q[log p(x,z) - log q(z|x)] (Kim et al. 2017)")
-def neg_elbo_score(vae: nn.Module, x: Tensor, num_samples: int) -> Tensor:
+def neg_elbo_score(vae: VAE, x: Tensor, num_samples: int) -> Tensor:
     """-ELBO of each datapoint with ``num_samples`` draws of z, shape ``(N,)``."""
     return -elbo_per_datapoint(vae.model, vae.guide, x, num_particles=num_samples, batch_size=len(x))
 
@@ -42,7 +44,7 @@ def neg_elbo_score(vae: nn.Module, x: Tensor, num_samples: int) -> Tensor:
     doc="-log of p(x|z) averaged over z ~ q(z|x) (An & Cho 2015)",
 )
 @torch.no_grad()
-def reconstruction_probability_score(vae: nn.Module, x: Tensor, num_samples: int) -> Tensor:
+def reconstruction_probability_score(vae: VAE, x: Tensor, num_samples: int) -> Tensor:
     """-log (1/L) sum_l p(x | z_l) with z_l ~ q(z|x), ``L = num_samples``, shape ``(N,)``."""
     model_trace, guide_trace = trace_pair(vae.model, vae.guide, x, num_particles=num_samples)
     log_px = log_probs(model_trace, guide_trace, (num_samples, len(x))).log_likelihood
@@ -51,8 +53,8 @@ def reconstruction_probability_score(vae: nn.Module, x: Tensor, num_samples: int
 
 @torch.no_grad()
 def anomaly_scores(
-    vae: nn.Module,
-    x: Tensor,
+    vae: VAE,
+    x: Tensor | NpyRows,
     *,
     score: str = "neg_elbo",
     num_samples: int = 10,
@@ -93,8 +95,8 @@ def detection_metrics(scores: Tensor | np.ndarray, labels: Tensor | np.ndarray) 
 
 
 def score_dataset(
-    vae: nn.Module,
-    x: Tensor,
+    vae: VAE,
+    x: Tensor | NpyRows,
     labels: Optional[Tensor] = None,
     *,
     score: str = "neg_elbo",
@@ -139,7 +141,7 @@ def num_parameters(module: nn.Module) -> int:
 
 @torch.no_grad()
 def size_and_latency(
-    vaes: Mapping[str, nn.Module], x: Tensor, *, repeats: int = 50, warmup: int = 5
+    vaes: Mapping[str, VAE], x: Tensor, *, repeats: int = 50, warmup: int = 5
 ) -> xr.Dataset:
     """Parameter count and median latency of one forward pass (encoder, then decoder at the
     posterior mean) of each model on ``x``, all timed in this one process, interleaved so

@@ -78,7 +78,7 @@ def _entropy(labels: np.ndarray) -> float:
 
 def _mutual_info(a: np.ndarray, b: np.ndarray) -> float:
     """Plug-in I(a; b) in nats of two integer label arrays."""
-    joint = np.bincount(a * (b.max() + 1) + b, minlength=(a.max() + 1) * (b.max() + 1))
+    joint: np.ndarray = np.bincount(a * (b.max() + 1) + b, minlength=(a.max() + 1) * (b.max() + 1))
     joint = joint.reshape(a.max() + 1, b.max() + 1) / len(a)
     pa, pb = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
     nz = joint > 0

@@ -27,7 +27,7 @@ Only the model/guide contract is used, so any conforming pair can be analysed.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -153,7 +153,7 @@ def mixture_estimates(
     with tqdm(total=len(batches) * chunks, disable=not progress, desc=f"MIS K={num_samples}+{num_samples}",
               unit="chunk", dynamic_ncols=True) as bar:
         for i, ((xb, kw), mf) in enumerate(zip(batches, mf_batches)):
-            parts = {"a": [], "b": [], "mq": [], "ms": []}
+            parts: Dict[str, List[Tensor]] = {"a": [], "b": [], "mq": [], "ms": []}
             with seeded(None if seed is None else block_seed(seed, i * batch_size), xb.device):
                 for start in range(0, num_samples, particle_batch_size):
                     k = min(particle_batch_size, num_samples - start)
@@ -210,7 +210,7 @@ def gap_decomposition(
     particle_batch_size: Optional[int] = None,
     mean_field: Optional[MeanFieldResult] = None,
     mean_field_options: Optional[Dict[str, Any]] = None,
-    datapoint: Optional[Sequence[int]] = None,
+    datapoint: Optional[Sequence[int] | np.ndarray] = None,
     progress: bool = True,
     seed: Optional[int] = None,
     **kwargs: Any,
@@ -243,7 +243,7 @@ def gap_decomposition(
 
 def _gap_decomposition(model: Callable, guide: Callable, x: Tensor, *, num_samples: int, batch_size: int,
                        particle_batch_size: Optional[int], mean_field: Optional[MeanFieldResult],
-                       mean_field_options: Optional[Dict[str, Any]], datapoint: Optional[Sequence[int]],
+                       mean_field_options: Optional[Dict[str, Any]], datapoint: Optional[Sequence[int] | np.ndarray],
                        progress: bool, seed: Optional[int], **kwargs: Any) -> xr.Dataset:
     if mean_field is None:
         options = {"progress": progress, **(mean_field_options or {})}
@@ -258,7 +258,7 @@ def _gap_decomposition(model: Callable, guide: Callable, x: Tensor, *, num_sampl
     n = x.shape[0]
     as_np = lambda t: t.detach().double().cpu().numpy()  # noqa: E731
     flat = lambda t: as_np(t.reshape(n, -1))  # noqa: E731
-    coords = {
+    coords: Dict[str, Any] = {
         "datapoint": np.arange(n) if datapoint is None else np.asarray(datapoint),
         "estimator": list(ESTIMATORS),
         "latent": np.arange(flat(q_loc).shape[1]),

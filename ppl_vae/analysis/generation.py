@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from ppl_vae import io
 from ppl_vae.inference.modes import eval_mode
 from ppl_vae.models.vae import VAE
 from ppl_vae.registry import Registry
+
+if TYPE_CHECKING:
+    from ppl_vae.models.cvae import ConditionalVAE
 
 IMAGE_DIMS = ("channel", "row", "col")
 
@@ -125,6 +128,8 @@ def sample_images(
     labels = _check_labels(vae, labels)
     with eval_mode(vae):
         z = fixed_latents(vae, num_samples, seed) if z is None else z.to(_device(vae))
+        dims: Tuple[str, ...]
+        coords: Dict[str, Any]
         if labels is None:
             images = vae.decode(z)
             dims, coords = ("sample", *IMAGE_DIMS), {"sample": np.arange(len(z))}
@@ -420,15 +425,16 @@ def inpaint(
     x, mask_t = x.to(device), mask_t.to(device)
     maskf = mask_t.to(x.dtype)
     conditional = vae.num_classes is not None
+    cvae = cast("ConditionalVAE", vae)  # a conditional model's interface (labels y), used only when conditional
     if not conditional and y is not None:
         raise ValueError(f"y needs a conditional model (cvae); this model ({type(vae).__name__}) takes no labels")
     if conditional:
-        classes = list(range(vae.num_classes)) if y is None else sorted({int(c) for c in y.tolist()})  # type: ignore[attr-defined]
+        classes = list(range(cvae.num_classes)) if y is None else sorted({int(c) for c in y.tolist()})
         _check_labels(vae, classes)
     log_p_y = -math.log(len(classes)) if conditional and y is None else 0.0  # uniform p(y)
 
     def decode_params(z: Tensor, c) -> tuple:
-        return vae.decode_params(z, c) if conditional else tuple(vae.decoder(z))  # type: ignore[attr-defined]
+        return cvae.decode_params(z, c) if conditional else tuple(vae.decoder(z))
 
     def hypotheses(n: int) -> list:
         return [None] if not conditional else (classes if y is None else [int(y[n])])
@@ -452,7 +458,7 @@ def inpaint(
                 x_fill = results[n]["completion"][None]
                 log_ws, mean_list = [], []
                 for c in hyps:
-                    loc, scale = vae.encode(x_fill) if not conditional else vae.encode(x_fill, torch.tensor([c]))
+                    loc, scale = vae.encode(x_fill) if not conditional else cvae.encode(x_fill, torch.tensor([c]))
                     eps = torch.randn((num_samples - half, loc.shape[-1]), generator=gen).to(device)
                     zk = torch.cat([z[:half], loc + scale * eps])
                     log_prior = prior.log_prob(zk)
@@ -485,6 +491,7 @@ def inpaint(
         data_vars["label_posterior"] = (("image", "label"), torch.stack(label_post).cpu().numpy(),
                                         {"description": "p(y | x_obs) under a uniform p(y)"})
     elif conditional:
+        assert y is not None  # the branch above took y None
         data_vars["label"] = ("image", y.cpu().numpy())
     num_weights = num_samples * (len(classes) if conditional and y is None else 1)
     ds = xr.Dataset(data_vars, attrs={"mask": mask_name, "num_samples": num_samples, "num_weights": num_weights,
@@ -550,9 +557,9 @@ def latent_traversal(
         for i, d in enumerate(dims):
             z[i, :, d] = values
         images = vae.decode(z.reshape(-1, latent_dim))
-    images = images.reshape(len(dims), num_steps, *_image_shape(vae.event_shape)).cpu().numpy()
+    frames = images.reshape(len(dims), num_steps, *_image_shape(vae.event_shape)).cpu().numpy()
     return xr.Dataset(
-        {"image": (("latent", "step", *IMAGE_DIMS), images),
+        {"image": (("latent", "step", *IMAGE_DIMS), frames),
          "value": ("step", values.cpu().numpy()),
          "kl": ("latent", kl[dims]),
          "activity": ("latent", activity[dims])},

@@ -218,6 +218,7 @@ def _draw_rows(rows: Sequence[np.ndarray], row_titles: Sequence[str], title: str
         fig, axes = plt.subplots(len(rows), ncol, figsize=(0.9 * ncol + 0.5, 0.95 * len(rows) + 0.4),
                                  squeeze=False, layout="constrained")
         for r, (batch, name) in enumerate(zip(images, row_titles)):
+            assert batch is not None  # all are images here
             for c in range(ncol):
                 show_images(axes[r, c], batch[c])
             axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center")
@@ -265,7 +266,7 @@ def plot_manifold(decode: Callable[[Tensor], Tensor], num_per_axis: int = 15, *,
     return fig
 
 
-def plot_latent_scatter(loc: Tensor, labels: Optional[Tensor] = None) -> Figure:
+def plot_latent_scatter(loc: Tensor | np.ndarray, labels: Optional[Tensor] = None) -> Figure:
     """Encoder means E_q[z|x] of 2-D latents, coloured by label when given."""
     loc = _as_numpy(loc)
     if loc.ndim != 2 or loc.shape[1] != 2:

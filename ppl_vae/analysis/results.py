@@ -67,7 +67,7 @@ def guide_draws(
 def to_inference_data(
     draws: Mapping[str, Mapping[str, Any]],
     *,
-    datapoint: Optional[Sequence[int]] = None,
+    datapoint: Optional[Sequence[int] | np.ndarray] = None,
     attrs: Optional[Dict[str, Any]] = None,
 ) -> InferenceData:
     """ArviZ InferenceData (a DataTree under ArviZ 1.x) from :func:`guide_draws` output (one chain per guide)."""

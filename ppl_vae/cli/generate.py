@@ -97,7 +97,7 @@ def inpaint(run_dir: Path, mask: str, num_images: int, num_samples: int, num_dra
                          f"{data.name}; choose at most {data.test.shape[0]}")
     x = data.test[:num_images]
     labelled = run.vae.num_classes is not None and data.test_labels is not None
-    y = data.test_labels[:num_images] if labelled and use_label else None
+    y = data.test_labels[:num_images] if labelled and use_label and data.test_labels is not None else None
     result = inpaint_images(run.vae, x, mask, y=y, num_samples=num_samples, num_draws=num_draws,
                             proposal=proposal, seed=seed)
     path = save_figure(plot_inpainting(result, max_images=num_images), out or run_dir / f"inpainting-{mask}.png")
@@ -105,7 +105,7 @@ def inpaint(run_dir: Path, mask: str, num_images: int, num_samples: int, num_dra
     per = "" if weights == num_samples else f" ({num_samples} draws of z x {weights // num_samples} labels)"
     click.echo(f"{len(x)} images, mask {mask!r}: mean log p(x_obs) {float(result.log_evidence.mean()):.2f} nats, "
                f"mean ESS {float(result.ess.mean()):.1f} of {weights} weights{per}")
-    if "label_posterior" in result:
+    if "label_posterior" in result and data.test_labels is not None:
         predicted = result.label_posterior.argmax("label").values
         truth = data.test_labels[:num_images].numpy()
         click.echo(f"label inferred from the observed part: {int((predicted == truth).sum())}/{len(truth)} correct")
@@ -134,4 +134,4 @@ def animate(run_dir: Path, epochs: int, every: int, num_samples: int, seed: int,
                f"{len(frames)} frames in {run_dir / 'samples'}, animation {run_dir / 'samples.gif'}")
 
 
-generate.field_flags = {"dims": "--dim"}  # library errors name the argument; users typed the flag
+generate.__dict__["field_flags"] = {"dims": "--dim"}  # library errors name the argument; users typed the flag

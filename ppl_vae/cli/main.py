@@ -160,7 +160,7 @@ def _size_flags(group: click.Group, ctx: click.Context) -> List[str]:
     name = ctx.invoked_subcommand
     command = group.get_command(ctx, name) if name else None
     sub = ctx.meta.get(SUBCOMMAND_META_KEY)
-    if isinstance(command, click.Group) and sub in command.commands:
+    if isinstance(command, click.Group) and isinstance(sub, str) and sub in command.commands:
         command = command.commands[sub]
     if command is None:
         return []

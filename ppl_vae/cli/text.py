@@ -28,6 +28,7 @@ def text(run_dir: Path, split: str, num_samples: int, num_sentences: int, temper
     """Score a text VAE run on its corpus and show samples (Semeniuta et al. 2017)."""
     from ppl_vae import pipeline
     from ppl_vae.analysis.text import interpolate_sentences, sample_sentences, text_metrics
+    from ppl_vae.data.ondisk import NpyRows
     from ppl_vae.models.text import TextHybridVAE
 
     if num_samples < 1:
@@ -44,6 +45,7 @@ def text(run_dir: Path, split: str, num_samples: int, num_sentences: int, temper
         raise ValueError(f"{run_dir} holds model {run.config.model.model!r}, not a text VAE (text_hybrid...)")
     data = pipeline.load_data(run.config)
     x = data.test if split == "test" else data.train
+    assert not isinstance(x, NpyRows)  # text data sets are held in memory
     m = text_metrics(run.vae, x, num_samples=num_samples)
     click.echo(
         f"{m.attrs['num_sentences']} {split} sentences, {m.attrs['num_scored_characters']} scored symbols: "

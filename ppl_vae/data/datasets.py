@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -96,8 +96,8 @@ class Dataset:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return replace(
             self,
-            train=move(self.train),
-            test=move(self.test),
+            train=self.train.to(device),
+            test=self.test.to(device),
             train_labels=move(self.train_labels),
             test_labels=move(self.test_labels),
             train_factors=move(self.train_factors),
@@ -215,11 +215,11 @@ def _file_factors(path: Path, arrays: Dict[str, np.ndarray], train_key: str, tes
     test = None if test is None else (test[:, None] if test.ndim == 1 else test)
     if test is not None and test.shape[1] != train.shape[1]:
         raise DataError(f"{path}: '{train_key}' has {train.shape[1]} factors but '{test_key}' {test.shape[1]}")
-    names = arrays.get("factor_names")
-    if names is None:
+    given_names = arrays.get("factor_names")
+    if given_names is None:
         names = tuple(f"factor_{k}" for k in range(train.shape[1]))
     else:
-        names = tuple(str(n) for n in np.asarray(names).reshape(-1))
+        names = tuple(str(n) for n in np.asarray(given_names).reshape(-1))
         if len(names) != train.shape[1] or len(set(names)) != len(names):
             raise DataError(f"{path}: 'factor_names' must be {train.shape[1]} distinct names, got {list(names)}")
     return Factors(train, test, names)
@@ -313,7 +313,8 @@ def load_dataset(
     if name in DATASETS:
         loader = DATASETS.get(name)
         if getattr(loader, "takes_num_images", False):  # a declared capability of the loader
-            arrays = loader(data_dir, num_images=num_images, seed=split_seed)
+            subset_loader = cast(Callable[..., Arrays], loader)  # it takes the keywords too
+            arrays = subset_loader(data_dir, num_images=num_images, seed=split_seed)
         elif num_images is not None:
             raise ValueError(f"num_images applies to generated or subsampled data sets (dsprites), not {name!r}")
         else:
@@ -337,8 +338,10 @@ def load_dataset(
     test_fac = None if factors is None or factors.test is None else torch.as_tensor(np.asarray(factors.test))
     if train_fac is not None and len(train_fac) != len(train):
         raise DataError(f"{label}: {len(train_fac)} factor rows for {len(train)} training points")
-    if test_fac is not None and len(test_fac) != len(test):
-        raise DataError(f"{label}: {len(test_fac)} factor rows for {len(test)} test points")
+    if test_fac is not None:
+        assert test is not None, f"{label}: test factors without a test split"
+        if len(test_fac) != len(test):
+            raise DataError(f"{label}: {len(test_fac)} factor rows for {len(test)} test points")
 
     generator = torch.Generator().manual_seed(split_seed)
     train_t = _as_float_tensor(train, f"{label} (train)")
@@ -433,4 +436,4 @@ def load_dsprites_arrays(data_dir: Optional[Path] = None, *, num_images: Optiona
     return images, None, None, None, Factors(classes, None, dsprites.FACTOR_NAMES)
 
 
-load_dsprites_arrays.takes_num_images = True
+load_dsprites_arrays.__dict__["takes_num_images"] = True  # read with getattr by load_dataset

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, TypedDict
 
 import numpy as np
 
@@ -34,10 +34,21 @@ IMAGE_SIZE = 64
 DEFAULT_NUM_IMAGES = 10_000
 ORIGINAL_FILE = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
 
+
+class Geometry(TypedDict):
+    """The type of :data:`GEOMETRY`."""
+
+    radius: float
+    margin: float
+    square_half_side: float
+    ellipse_axes: Tuple[float, float]
+    heart_zoom: float
+
+
 #: The re-rendering's geometry, in pixels of the 64 x 64 image: a shape at scale 1 fits a circle
 #: of ``radius``; its centre moves over [``margin``, 64 - ``margin``] as pos_x, pos_y go 0 -> 1.
-GEOMETRY: Dict[str, float] = {"radius": 10.0, "margin": 12.0, "square_half_side": 0.75,
-                              "ellipse_axes": (1.0, 0.5), "heart_zoom": 1.2}
+GEOMETRY: Geometry = {"radius": 10.0, "margin": 12.0, "square_half_side": 0.75,
+                      "ellipse_axes": (1.0, 0.5), "heart_zoom": 1.2}
 
 
 def factor_values() -> Dict[str, np.ndarray]:

@@ -121,7 +121,7 @@ class _NpyFile:
         n, rb = len(rows), self.row_bytes
         if out is None:
             out = np.empty(n * rb, np.uint8)
-        view = memoryview(out).cast("B")
+        view = out.data.cast("B")  # the array's buffer, as memoryview(out)
         # runs of consecutive rows are read with one call each
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1 if n > 1 else np.empty(0, np.int64)
         starts = [0, *breaks.tolist()] if n else []

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Dict
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from ppl_vae.errors import DataError
 
 # IDX magic: two zero bytes, a type code, the number of dimensions.
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: Dict[int, DTypeLike] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 def read_idx(path: str | Path) -> np.ndarray:

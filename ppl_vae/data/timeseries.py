@@ -134,6 +134,7 @@ def load_fashion_mnist_oneclass_arrays(normal_class: int, data_dir: Optional[Pat
     if normal_class not in range(10):
         raise ValueError(f"normal_class must be 0..9, got {normal_class}")
     train, test, train_labels, test_labels = load_fashion_mnist_arrays(data_dir)
+    assert train_labels is not None and test_labels is not None  # Fashion-MNIST is labelled
     keep = train_labels == normal_class
     return (
         train[keep],

@@ -17,7 +17,7 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, cast
 
 import numpy as np
 import pandas as pd
@@ -228,7 +228,7 @@ class ResultTable:
 def final_values(curves: xr.DataArray, along: str = "num_train_samples") -> List[Tuple[Dict[str, Any], float, Any]]:
     """For every combination of the other dims: (their labels, the last non-NaN value along
     ``along``, that value's ``along`` coordinate); combinations with no value are left out."""
-    others = [d for d in curves.dims if d != along]
+    others = [cast(str, d) for d in curves.dims if d != along]  # dims are named by strings
     out = []
     for combo in itertools.product(*[curves[d].values for d in others]):
         labels = dict(zip(others, combo))

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, cast
 
 import numpy as np
 import torch
@@ -92,7 +92,7 @@ class _Path:
         self.layout = layout
         self.x = _rows(x, n, num_chains)
         self.kwargs = {k: _rows(v, n, num_chains) for k, v in kwargs.items()}
-        self.q = None
+        self.q: Optional[torch.distributions.Distribution] = None
         if guide is not None:
             with torch.no_grad():  # q's parameters are constants for the chains
                 trace = poutine.trace(poutine.block(guide, hide_types=["param"])).get_trace(self.x, **self.kwargs)
@@ -100,10 +100,10 @@ class _Path:
             for site in layout.sites:
                 if site.name not in trace.nodes:
                     raise ValueError(f"the guide has no sample site {site.name!r}, a latent site of the model")
-                latents[site.name] = trace.nodes[site.name]["value"].detach()
+                latents[site.name] = cast(Tensor, trace.nodes[site.name]["value"]).detach()
             self._q_sample = layout.join(latents, 1)
             if len(layout.sites) == 1:  # one site: its distribution is fixed, score it directly
-                self.q = trace.nodes[layout.sites[0].name]["fn"]
+                self.q = cast(torch.distributions.Distribution, trace.nodes[layout.sites[0].name]["fn"])
 
     def log_q(self, z: Tensor) -> Tensor:
         """log q(latents | x) of the guide at ``z`` ``(C * N, size)``."""
@@ -112,7 +112,7 @@ class _Path:
         conditioned = poutine.condition(poutine.block(self.guide, hide_types=["param"]), data=self.layout.split(z))
         trace = poutine.trace(conditioned).get_trace(self.x, **self.kwargs)
         trace.compute_log_prob()
-        return sum(trace.nodes[s.name]["log_prob"] for s in self.layout.sites)
+        return cast(Tensor, sum(trace.nodes[s.name]["log_prob"] for s in self.layout.sites))  # one or more sites
 
     def sample_start(self) -> Tensor:
         """z_0 ~ f_0 for every row."""
@@ -120,7 +120,7 @@ class _Path:
             return self._q_sample
         with torch.no_grad():
             trace = poutine.trace(poutine.block(self.model, hide_types=["param"])).get_trace(self.x, **self.kwargs)
-        return self.layout.join({s.name: trace.nodes[s.name]["value"].detach() for s in self.layout.sites}, 1)
+        return self.layout.join({s.name: cast(Tensor, trace.nodes[s.name]["value"]).detach() for s in self.layout.sites}, 1)
 
     def terms(self, z: Tensor) -> Tuple[Tensor, Tensor]:
         """(log f_0(z), log p(x, z) - log f_0(z)), each ``(C * N,)``; log f_beta = first + beta * second."""
@@ -283,7 +283,7 @@ def _run(model: Callable, guide: Optional[Callable], x: Tensor, betas: Tensor, s
         raise ValueError(f"initial_z must be the flat latent vector ({layout.size} numbers: sites "
                          f"{', '.join(layout.names)}), got shape {tuple(initial_z.shape)}")
     pilot = adaptation == "pilot" and log_steps is None
-    opts = dict(num_leapfrog_steps=num_leapfrog_steps, step_size_jitter=step_size_jitter, step_size=step_size,
+    opts: Dict[str, Any] = dict(num_leapfrog_steps=num_leapfrog_steps, step_size_jitter=step_size_jitter, step_size=step_size,
                 target_accept_prob=target_accept_prob)
     parts = []
     num_batches = math.ceil(n / batch_size)
@@ -330,7 +330,7 @@ def ais_log_likelihood(
     settings: AISSettings = AISSettings(),
     seed: Optional[int] = None,
     progress: bool = False,
-    datapoint: Optional[Sequence[int]] = None,
+    datapoint: Optional[Sequence[int] | np.ndarray] = None,
     **kwargs: Any,
 ) -> xr.Dataset:
     """AIS estimate of log p(x) for each row of ``x`` ``(N, ...)`` (Neal 2001), as an xarray Dataset.
@@ -409,8 +409,8 @@ def simulate_data(model: Callable, x_like: Tensor, *, seed: Optional[int] = None
         trace = poutine.trace(poutine.uncondition(poutine.block(model, hide_types=["param"]))).get_trace(x_like, **kwargs)
     if "x" not in trace.nodes:
         raise ValueError("the model has no sample site 'x'")
-    return trace.nodes["x"]["value"].detach(), layout.join({s.name: trace.nodes[s.name]["value"].detach()
-                                                            for s in layout.sites}, 1)
+    return cast(Tensor, trace.nodes["x"]["value"]).detach(), layout.join(
+        {s.name: cast(Tensor, trace.nodes[s.name]["value"]).detach() for s in layout.sites}, 1)
 
 
 def _bdmc_pair(model: Callable, guide: Optional[Callable], x: Tensor, z_exact: Tensor, betas: Tensor,
@@ -436,7 +436,7 @@ def bdmc(
     settings: AISSettings = AISSettings(),
     seed: Optional[int] = None,
     progress: bool = False,
-    datapoint: Optional[Sequence[int]] = None,
+    datapoint: Optional[Sequence[int] | np.ndarray] = None,
     **kwargs: Any,
 ) -> xr.Dataset:
     """Bidirectional Monte Carlo (Grosse et al. 2015): a lower and an upper bound on log p(x).

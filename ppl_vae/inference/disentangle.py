@@ -138,7 +138,9 @@ def latent_terms(vae: VAE, x: Tensor, *, num_particles: int = 1, analytic_kl: bo
 
 def _prior_marginals(prior: torch.distributions.Distribution) -> Optional[dist.Normal]:
     """The prior's per-dimension Normal, when it is a diagonal Normal (an Independent Normal)."""
-    base = prior.base_dist if isinstance(prior, torch.distributions.Independent) else None
+    if not isinstance(prior, torch.distributions.Independent):
+        return None
+    base = prior.base_dist
     if isinstance(base, torch.distributions.Normal) and prior.reinterpreted_batch_ndims == 1:
         return dist.Normal(base.loc, base.scale)
     return None

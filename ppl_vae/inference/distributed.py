@@ -28,7 +28,7 @@ import pickle
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, cast
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ class DistributedError(PplVaeError, RuntimeError):
 def env_int(name: str, default: object) -> int:
     """The integer a launcher put in environment variable ``name`` (``default`` when unset); a
     ValueError naming the variable otherwise (not Python's "invalid literal for int()")."""
-    value = os.environ.get(name, default)
+    value: Any = os.environ.get(name, default)
     try:
         return int(value)
     except (TypeError, ValueError):
@@ -149,9 +149,10 @@ class DistContext:
         is reseeded from (seed, epoch, rank): ranks draw different z, and a resumed run
         repeats the uninterrupted one.
         """
-        from torch.utils.data import DistributedSampler
+        from torch.utils.data import Dataset, DistributedSampler
 
-        sampler = DistributedSampler(range(num_data), num_replicas=self.world_size, rank=self.rank,
+        indices = cast("Dataset[int]", range(num_data))  # the sampler only takes its len()
+        sampler: DistributedSampler[int] = DistributedSampler(indices, num_replicas=self.world_size, rank=self.rank,
                                      shuffle=True, seed=seed)
         sampler.set_epoch(epoch)
         torch.manual_seed(int(np.random.SeedSequence([seed, epoch, self.rank]).generate_state(1)[0]))

@@ -91,12 +91,12 @@ def check_enumerable(model: Callable, x: Tensor, site: str, num_values: int, **k
     node = trace.nodes.get(site)
     if node is None or node["type"] != "sample" or node["is_observed"]:
         raise ValueError(f"the model has no latent sample site {site!r}")
-    fn = node["fn"]
+    fn: Any = node["fn"]
     name = type(getattr(fn, "base_dist", fn)).__name__
     if not (fn.support.is_discrete and getattr(fn, "has_enumerate_support", False)):
         raise ValueError(f"site {site!r} ({name}) cannot be enumerated: it needs a finite discrete support "
                          "(Categorical, Bernoulli, ...); sample it from the guide or relax it instead")
-    if node["infer"].get("enumerate") != "parallel":
+    if (node.get("infer") or {}).get("enumerate") != "parallel":
         raise ValueError(f"site {site!r} cannot be enumerated as the model samples it: mark it "
                          "infer={'enumerate': 'parallel'}")
     size = int(fn.enumerate_support(expand=False).shape[0])

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, cast
 
 import numpy as np
 import torch
 import xarray as xr
+from pyro.distributions import TorchDistribution
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
@@ -92,7 +93,7 @@ class ImportanceEstimate:
     num_samples: int
     khat: Optional[Tensor] = None
 
-    def to_dataset(self, datapoint: Optional[Sequence[int]] = None) -> xr.Dataset:
+    def to_dataset(self, datapoint: Optional[Sequence[int] | np.ndarray] = None) -> xr.Dataset:
         """The estimates as an xarray Dataset over dim ``datapoint``."""
         n = self.log_likelihood.shape[0]
         coords = {"datapoint": np.arange(n) if datapoint is None else np.asarray(datapoint)}
@@ -133,7 +134,8 @@ def concat_estimates(estimates: Sequence[ImportanceEstimate]) -> ImportanceEstim
         raise ValueError("concat_estimates needs one or more estimates with the same num_samples")
     fields = ("log_likelihood", "log_likelihood_stderr", "elbo", "elbo_stderr", "ess")
     joined = {f: torch.cat([getattr(e, f) for e in estimates]) for f in fields}
-    khat = None if any(e.khat is None for e in estimates) else torch.cat([e.khat for e in estimates])
+    khats = [e.khat for e in estimates if e.khat is not None]
+    khat = None if len(khats) < len(estimates) else torch.cat(khats)
     return ImportanceEstimate(**joined, num_samples=estimates[0].num_samples, khat=khat)
 
 
@@ -141,7 +143,7 @@ class _WeightAccumulator:
     """Streaming sums over particle chunks, kept stable by a running maximum (float64)."""
 
     def __init__(self, num_data: int, device: torch.device):
-        kw = dict(dtype=torch.float64, device=device)
+        kw: Dict[str, Any] = dict(dtype=torch.float64, device=device)
         self.max = torch.full((num_data,), -math.inf, **kw)
         self.sum_w = torch.zeros(num_data, **kw)  # sum exp(log_w - max)
         self.sum_w2 = torch.zeros(num_data, **kw)  # sum exp(2 (log_w - max))
@@ -243,8 +245,9 @@ def importance_estimate(
                 khats.append(torch.from_numpy(psis_khat(torch.cat(kept))).to(xb.device))
             results.append(result)
     dtype = x.dtype if x.dtype.is_floating_point else torch.float32
-    parts = [torch.cat(p).to(dtype) for p in zip(*results)]
-    return ImportanceEstimate(*parts, num_samples=num_samples, khat=torch.cat(khats).to(dtype) if khats else None)
+    log_p, log_p_se, elbo, elbo_se, ess = (torch.cat(p).to(dtype) for p in zip(*results))  # acc.result()'s order
+    return ImportanceEstimate(log_p, log_p_se, elbo, elbo_se, ess, num_samples=num_samples,
+                              khat=torch.cat(khats).to(dtype) if khats else None)
 
 
 @torch.no_grad()
@@ -272,8 +275,9 @@ def importance_samples(
     latents = {}
     for name, site in guide_trace.nodes.items():
         if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
-            value = site["value"]
-            latents[name] = value.expand(shape + value.shape[value.dim() - len(site["fn"].event_shape):])
+            value = cast(Tensor, site["value"])
+            fn = cast(TorchDistribution, site["fn"])
+            latents[name] = value.expand(shape + value.shape[value.dim() - len(fn.event_shape):])
     if not latents:
         raise ValueError("the guide has no latent sample site")
     return {"latents": latents, "log_weight": lp.log_weight, "log_likelihood": lp.log_likelihood}

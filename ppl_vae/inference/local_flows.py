@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Sequence, cast
 
 import pyro
 import torch
@@ -41,6 +41,10 @@ LOG_SCALE_CLIP = (-5.0, 3.0)
 
 class _BatchedMADE(nn.Module):
     """One autoregressive step's networks, one copy per datapoint: weights ``(N, ...)``."""
+
+    mask_in: Tensor  # buffers
+    mask_out: Tensor
+    mask_skip: Tensor
 
     def __init__(self, num_data: int, dim: int, hidden: int, reverse: bool, device=None, dtype=None):
         super().__init__()
@@ -136,7 +140,8 @@ class LocalFlows(nn.Module):
         density with no gradient path to the parameters (its log_prob of other points inverts the flows)."""
         loc, log_scale = (self.loc.detach(), self.log_scale.detach()) if detach else (self.loc, self.log_scale)
         base = dist.Normal(loc, log_scale.exp()).to_event(1)
-        return dist.TransformedDistribution(base, [_AffineStep(m, detach) for m in self.steps])
+        steps = cast(Sequence[_BatchedMADE], self.steps)
+        return dist.TransformedDistribution(base, [_AffineStep(m, detach) for m in steps])
 
 
 class LocalFlowGuide(nn.Module):
@@ -271,6 +276,7 @@ def fit_local_flow(
     if (init_loc is None) != (init_scale is None):
         raise ValueError("init_loc and init_scale go together: pass both or neither")
     if init_loc is not None:
+        assert init_scale is not None  # they go together (checked above)
         if init_loc.shape[0] != x.shape[0] or init_loc.shape != init_scale.shape or init_loc.dim() != 2:
             raise ValueError(f"init_loc and init_scale must be (num_data={x.shape[0]}, latent_dim), got "
                              f"{tuple(init_loc.shape)} and {tuple(init_scale.shape)}")
@@ -291,6 +297,7 @@ def fit_local_flow(
         for i, (xb, kw) in enumerate(batches(x, kwargs, batch_size)):
             if init_loc is not None:
                 sl = slice(i * batch_size, i * batch_size + xb.shape[0])
+                assert init_scale is not None
                 loc0, scale0 = init_loc[sl], init_scale[sl]
             else:
                 loc0, scale0 = MEAN_FIELD_INITS.get(init)(model, guide, xb, layout=None if single else layout, **kw)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from pyro import distributions as dist
@@ -138,7 +138,7 @@ def hmc_posterior(
     )
     if not 0.0 <= step_size_jitter < 1.0:
         raise ValueError(f"step_size_jitter must lie in [0, 1), got {step_size_jitter}")
-    adapted = []
+    adapted: List[float] = []
 
     def jitter(kernel_, params, stage, i):
         if stage == "Sample":

@@ -119,4 +119,5 @@ class MCEMStepper(Stepper):
             enc_opt.zero_grad(set_to_none=True)
             enc_loss.backward()
             enc_opt.step()
+        assert first is not None  # num_weight_updates >= 1 (checked in __init__)
         return first

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, cast
 
 import numpy as np
 import pyro
@@ -52,7 +52,7 @@ MOMENT_SAMPLES = 1024
 """Draws used to estimate the moments of a distribution without closed-form ones (e.g. a flow)."""
 
 
-def _site_moments(fn: dist.Distribution, num_data: int) -> Moments:
+def _site_moments(fn: dist.TorchDistribution, num_data: int) -> Moments:
     """(mean, standard deviation) of a site's distribution, each ``(num_data, *event_shape)``.
 
     In closed form where the distribution has them; otherwise (normalizing flows) estimated
@@ -73,15 +73,19 @@ def _trace_moments(fn: Callable, x: Tensor, layout: Optional[Layout], what: str,
     with torch.random.fork_rng(devices=[]):  # moments are read off the trace: no draw of the caller's is used
         trace = poutine.trace(poutine.block(fn, hide_types=["param"])).get_trace(x, **kwargs)
     if layout is None:
-        layout = Layout((Site(LATENT_SITE, tuple(trace.nodes[LATENT_SITE]["fn"].event_shape)),)) \
-            if LATENT_SITE in trace.nodes else Layout(())
+        if LATENT_SITE in trace.nodes:
+            latent_fn = cast(dist.TorchDistribution, trace.nodes[LATENT_SITE]["fn"])
+            layout = Layout((Site(LATENT_SITE, tuple(latent_fn.event_shape)),))
+        else:
+            layout = Layout(())
     if not layout.sites:
         raise ValueError(f"the {what} has no sample site {LATENT_SITE!r}")
     locs, scales = {}, {}
     for site in layout.sites:
         if site.name not in trace.nodes:
             raise ValueError(f"the {what} has no sample site {site.name!r}")
-        locs[site.name], scales[site.name] = _site_moments(trace.nodes[site.name]["fn"], x.shape[0])
+        fn = cast(dist.TorchDistribution, trace.nodes[site.name]["fn"])
+        locs[site.name], scales[site.name] = _site_moments(fn, x.shape[0])
     if len(layout.sites) == 1:  # one site: keep its own shape (N, *event_shape)
         name = layout.sites[0].name
         return locs[name], scales[name]
@@ -149,6 +153,7 @@ class MeanFieldGuide:
             if self._single:
                 event_dims = self.loc.dim() - 1
                 return pyro.sample(self.latent_site, dist.Normal(self.loc, self.log_scale.exp()).to_event(event_dims))
+            assert self.layout is not None  # several sites: a layout was given
             locs, log_scales = self.layout.split(self.loc), self.layout.split(self.log_scale)
             for site in self.layout.sites:
                 pyro.sample(site.name, dist.Normal(locs[site.name], log_scales[site.name].exp())
@@ -280,7 +285,7 @@ def _polish(model: Callable, layout: Layout, xb: Tensor, kw: dict, loc: Tensor, 
         loc, log_scale = start
         loss = objective()
     g_loc, g_scale = torch.autograd.grad(loss, [loc, log_scale]) if loss.requires_grad else (None, None)
-    if g_loc is None:
+    if g_loc is None or g_scale is None:  # both or neither
         grad = torch.full((b,), math.nan, dtype=loc.dtype, device=loc.device)
     else:
         grad = torch.maximum(g_loc.reshape(b, -1).abs().amax(-1), g_scale.reshape(b, -1).abs().amax(-1))

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple, cast
 
 import pyro
 import torch
@@ -160,9 +160,10 @@ def detached_guide_log_prob(
             else:
                 params = {f"owner.{k}": v.detach() for k, v in owner.named_parameters()}
                 rerun = torch.func.functional_call(_Call(owner, run), params, (x, *args), kwargs)
-        detached = [rerun.nodes[s["name"]]["fn"] for s in sites]
+        detached = [cast(dist.Distribution, rerun.nodes[s["name"]]["fn"]) for s in sites]
     total = x.new_zeros(shape)
     for site, fn in zip(sites, detached):
+        assert fn is not None  # every None was replaced by the rerun above
         lp = scale_and_mask(fn.log_prob(site["value"]), site["scale"], site["mask"])
         total = total + lp.expand(shape)
     return total

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import pyro
 from pyro import poutine
@@ -57,7 +57,7 @@ class LogProbs:
         return self.log_joint - self.log_guide
 
 
-def _site_log_prob(site: Dict[str, Any], shape: Tuple[int, ...]) -> Tensor:
+def _site_log_prob(site: Mapping[str, Any], shape: Tuple[int, ...]) -> Tensor:
     log_p = site["log_prob"]
     try:
         return log_p.expand(shape)

@@ -15,7 +15,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import pyro
@@ -424,7 +424,7 @@ def history_to_xarray(records: List[Dict[str, float]], attrs: Optional[dict] = N
 def history_records(history: xr.Dataset) -> List[Dict[str, float]]:
     """The records of a history Dataset; variables a history written before they existed lacks are NaN
     (an objective's own terms, :data:`TERM_VARS`, are read when the history has them)."""
-    extra = sorted(k for k in history.data_vars if k not in HISTORY_VARS)
+    extra = sorted(cast(str, k) for k in history.data_vars if k not in HISTORY_VARS)  # names written as str
     return [
         {"epoch": int(e), **{k: float(history[k].sel(epoch=e)) if k in history else math.nan for k in HISTORY_VARS},
          **{k: float(history[k].sel(epoch=e)) for k in extra}}

@@ -88,6 +88,7 @@ class ConditionalVAE(VAE):
     """
 
     has_fast_path = False  # model/guide differ from the parts-based VAE's: analysis goes through traces
+    num_classes: int  # always set here (Optional only on the base class)
 
     def __init__(
         self,

@@ -33,7 +33,7 @@ sums these over c for log p(x) with the discrete site summed out exactly.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union, cast
 
 import pyro
 import torch
@@ -127,6 +127,12 @@ class EnumeratedCategoricalVAE(VAE):
                 + ("; the class count must match the labels" if allow_unlabelled else ""))
         return values.long()
 
+    def given_values(self, values: Union[Tensor, int], n: int, what: str, allow_unlabelled: bool) -> Tensor:
+        """:meth:`check_values` of values that are given (not None)."""
+        checked = self.check_values(values, n, what, allow_unlabelled)
+        assert checked is not None  # values was not None
+        return checked
+
     def clamped_values(self, x: Tensor, y: Optional[Tensor], component: Optional[Tensor]) -> Optional[Tensor]:
         """The values the site is fixed to per datapoint (-1: free), from ``component`` (and labels)."""
         return self.check_values(component, x.shape[0], "component", allow_unlabelled=True)
@@ -149,7 +155,7 @@ class EnumeratedCategoricalVAE(VAE):
     def decoder_params(self, z: Tensor, value_onehot: Tensor) -> Tuple[Tensor, ...]:  # pragma: no cover
         raise NotImplementedError
 
-    def sample_value(self, name: str, fn: dist.Distribution) -> Tensor:
+    def sample_value(self, name: str, fn: Any) -> Tensor:
         """Sample the discrete site and return it as a one-hot (or relaxed one-hot) tensor."""
         value = pyro.sample(name, fn, infer={"enumerate": "parallel"})
         return self.one_hot(value)
@@ -166,7 +172,7 @@ class EnumeratedCategoricalVAE(VAE):
         with data_plate(x, num_data):
             with poutine.scale(scale=kl_weight):
                 onehot = self.sample_value(self.site, self.value_prior())
-                z = pyro.sample("z", self.z_prior(onehot))
+                z = pyro.sample("z", cast(Any, self.z_prior(onehot)))
             pyro.sample("x", self.likelihood(*self.decoder_params(z, onehot)), obs=x)
             self.extra_model_terms(x, y)
         return z
@@ -192,7 +198,7 @@ class EnumeratedCategoricalVAE(VAE):
     def encode(self, x: Tensor, value: Union[Tensor, int, None] = None) -> Tuple[Tensor, Tensor]:  # type: ignore[override]
         """(loc, scale) of q(z | x, value); ``value`` None: the most probable value under q(value | x)."""
         values = self.value_logits(x).argmax(-1) if value is None else \
-            self.check_values(value, x.shape[0], "value", allow_unlabelled=False)
+            self.given_values(value, x.shape[0], "value", allow_unlabelled=False)
         return self.encoder(x, self.one_hot(values))
 
     def reconstruct(self, x: Tensor) -> Tensor:  # type: ignore[override]
@@ -247,7 +253,7 @@ class SemiSupervisedVAE(EnumeratedCategoricalVAE):
     def extra_model_terms(self, x: Tensor, y: Optional[Tensor]) -> None:
         if not self.training or y is None or self.alpha == 0:
             return
-        labels = self.check_values(y, x.shape[0], "labels y", allow_unlabelled=True)
+        labels = self.given_values(y, x.shape[0], "labels y", allow_unlabelled=True)
         labelled = labels >= 0
         if not bool(labelled.any()):
             return
@@ -261,7 +267,7 @@ class SemiSupervisedVAE(EnumeratedCategoricalVAE):
         n = z.shape[-2] if z.dim() >= 2 else 1
         if y is None:
             y = torch.randint(self.num_values, (n,), device=z.device)
-        values = self.check_values(y, n, "labels y", allow_unlabelled=False)
+        values = self.given_values(y, n, "labels y", allow_unlabelled=False)
         return self.likelihood.mean(*self.decoder(z, self.one_hot(values)))
 
     def sample(self, num_samples: int, y: Union[Tensor, int, None] = None) -> Tensor:  # type: ignore[override]
@@ -298,7 +304,13 @@ class GaussianMixtureVAE(EnumeratedCategoricalVAE):
         self.relaxed = bool(relaxed)
         self.initial_temperature, self.min_temperature = float(temperature), float(min_temperature)
         self.anneal_rate = float(anneal_rate)
+        self.steps: Tensor
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    @property
+    def mixture(self) -> MixtureOfGaussiansPrior:
+        """The prior's mixture parameters (weights, means, scales of the components)."""
+        return cast(MixtureOfGaussiansPrior, self.prior)
 
     @property
     def enumerated_sites(self) -> Tuple[str, ...]:
@@ -310,8 +322,8 @@ class GaussianMixtureVAE(EnumeratedCategoricalVAE):
 
     def value_prior(self) -> dist.Distribution:
         if self.relaxed:
-            return dist.RelaxedOneHotCategorical(torch.tensor(self.temperature), logits=self.prior.logits)
-        return dist.Categorical(logits=self.prior.logits)
+            return dist.RelaxedOneHotCategorical(torch.tensor(self.temperature), logits=self.mixture.logits)
+        return dist.Categorical(logits=self.mixture.logits)
 
     def guide_value_dist(self, x: Tensor, clamped: Optional[Tensor]) -> dist.Distribution:
         if self.relaxed:
@@ -320,7 +332,7 @@ class GaussianMixtureVAE(EnumeratedCategoricalVAE):
             return dist.RelaxedOneHotCategorical(torch.tensor(self.temperature), logits=self.value_logits(x))
         return super().guide_value_dist(x, clamped)
 
-    def sample_value(self, name: str, fn: dist.Distribution) -> Tensor:
+    def sample_value(self, name: str, fn: Any) -> Tensor:
         if self.relaxed:
             return pyro.sample(name, fn)
         return super().sample_value(name, fn)
@@ -331,10 +343,10 @@ class GaussianMixtureVAE(EnumeratedCategoricalVAE):
         return super().guide(x, y, **kwargs)
 
     def component_scales(self) -> Tensor:
-        return F.softplus(self.prior.raw_scales) + 1e-4
+        return F.softplus(self.mixture.raw_scales) + 1e-4
 
     def z_prior(self, value_onehot: Tensor) -> dist.Distribution:
-        return dist.Normal(value_onehot @ self.prior.locs, value_onehot @ self.component_scales()).to_event(1)
+        return dist.Normal(value_onehot @ self.mixture.locs, value_onehot @ self.component_scales()).to_event(1)
 
     def decoder_params(self, z: Tensor, value_onehot: Tensor) -> Tuple[Tensor, ...]:
         return self.decoder(z)
@@ -427,8 +439,9 @@ def build_gmvae(event_shape: Sequence[int], latent_dim: int, hidden_dim: int, pr
     return GaussianMixtureVAE(classifier, encoder, decoder, prior, likelihood, event_shape, relaxed=relaxed)
 
 
-def build_relaxed_gmvae(*args, **kwargs) -> GaussianMixtureVAE:
-    return build_gmvae(*args, relaxed=True, **kwargs)
+def build_relaxed_gmvae(*args: Any, **kwargs: Any) -> GaussianMixtureVAE:
+    kwargs["relaxed"] = True
+    return build_gmvae(*args, **kwargs)
 
 
 MODELS.register("m2", doc="Kingma et al. 2014: semi-supervised M2, y summed out by enumeration for unlabelled points")(

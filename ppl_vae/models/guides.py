@@ -16,13 +16,14 @@ so methods that call the encoder directly (wake-sleep, MCEM) refuse it.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, cast
 
 import pyro
 import torch
 from pyro import distributions as dist
 from pyro import poutine
 from pyro.distributions import transforms as T
+from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor, nn
 
 from ppl_vae.models.priors import _hidden_dims, check_options
@@ -67,7 +68,8 @@ class IAFGuideVAE(VAE):
         loc, scale = self.encoder(x)
         context = torch.cat([loc, scale.log()], dim=-1)
         base = dist.Normal(loc, scale).to_event(1)
-        return dist.TransformedDistribution(base, [flow.condition(context) for flow in self.flows])
+        flows = cast(Sequence[ConditionalTransformModule], self.flows)
+        return dist.TransformedDistribution(base, [flow.condition(context) for flow in flows])
 
     encoder_is_guide = False
 

@@ -68,18 +68,20 @@ class Likelihood(nn.Module):
     #: what to suggest when data falls outside ``support``
     support_hint: str = "rescale the data or choose a likelihood for its range"
 
-    def forward(self, *params: Tensor) -> dist.Distribution:  # pragma: no cover - abstract
+    # Each likelihood takes its own number of decoder outputs (``num_params`` tensors): the
+    # signatures below accept any arguments, so subclasses may name theirs.
+    def forward(self, *params: Any, **kwargs: Any) -> dist.Distribution:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def mean(self, *params: Tensor) -> Tensor:
+    def mean(self, *params: Any, **kwargs: Any) -> Tensor:
         """E[x | decoder output], used for reconstructions and generated images."""
-        return self(*params).mean
+        return self(*params, **kwargs).mean
 
-    def log_prob(self, x: Tensor, *params: Tensor) -> Tensor:
+    def log_prob(self, x: Tensor, *params: Any, **kwargs: Any) -> Tensor:
         """log p(x | decoder output), summed over each datapoint's event: the distribution's own;
         a likelihood with a closed form may compute it without building a distribution (the
         fused ELBO calls this every step)."""
-        return self(*params).log_prob(x)
+        return self(*params, **kwargs).log_prob(x)
 
     def check_support(self, x: Any, what: str = "data") -> None:  # a Tensor or rows with value_range()
         """Raise :class:`DataError` if ``x`` has values this likelihood cannot score; warn
@@ -188,7 +190,7 @@ class GaussianLikelihood(Likelihood):
 
     num_params = 2
     name = "gaussian"
-    unit_scale_bound = 10.0
+    unit_scale_bound: Optional[float] = 10.0
 
     def __init__(self, event_dims: int = 1, squash: bool = False, min_scale: float = 1e-2):
         super().__init__()
@@ -225,6 +227,7 @@ class FixedScaleGaussianLikelihood(GaussianLikelihood):
 
     num_params = 1
     name = "gaussian_fixed"
+    scale: Tensor  # a buffer
 
     def __init__(self, event_dims: int = 1, squash: bool = False, scale: float = 0.1):
         super().__init__(event_dims, squash)

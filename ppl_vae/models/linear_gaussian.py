@@ -54,6 +54,8 @@ class LinearGaussianVAE(VAE):
     default W and b are random (seeded by the caller's torch RNG).
     """
 
+    decoder: LinearDecoder
+
     def __init__(
         self,
         x_dim: int,

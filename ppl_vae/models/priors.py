@@ -58,6 +58,9 @@ class Prior(nn.Module):
 class StandardNormalPrior(Prior):
     """N(0, I), the prior of AEVB."""
 
+    loc: Tensor  # buffers
+    scale: Tensor
+
     def __init__(self, latent_dim: int):
         super().__init__(latent_dim)
         # Buffers, so the prior follows the module to the chosen device.
@@ -161,6 +164,9 @@ class FlowPrior(Prior):
     autoregressive networks' hidden sizes (default ``[3 * latent_dim + 1]``, Pyro's). Needs
     latent_dim >= 2.
     """
+
+    loc: Tensor  # buffers
+    scale: Tensor
 
     def __init__(self, latent_dim: int, num_flows: int = 2, hidden_dims: Optional[Sequence[int]] = None):
         super().__init__(latent_dim)

@@ -69,6 +69,7 @@ def _he_init(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            assert m.bias is not None  # every convolution here has a bias
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):  # unit-variance outputs: z's location spread like the prior's
             nn.init.kaiming_normal_(m.weight, nonlinearity="linear")

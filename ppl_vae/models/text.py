@@ -165,6 +165,7 @@ class ConvTextEncoder(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Conv1d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu" if isinstance(m, nn.Conv1d) else "linear")
+                assert m.bias is not None  # built with bias=True above
                 nn.init.zeros_(m.bias)
         with torch.no_grad():
             self.head.bias[latent_dim:].fill_(-4.0)
@@ -256,6 +257,7 @@ class TextHybridVAE(VAE):
 
     has_fast_path = False  # model/guide differ from the parts-based VAE's: analysis goes through traces
     generates_images = False  # x is a row of character indices: `ppl-vae text` decodes samples
+    decoder: HybridTextDecoder
 
     def __init__(self, encoder: ConvTextEncoder, decoder: HybridTextDecoder, prior: Prior,
                  likelihood: Likelihood, event_shape: Sequence[int], alpha: float = 1.0):

@@ -14,7 +14,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -37,12 +37,12 @@ class Selection:
     split: str
     preprocessing: str = "none"
 
-    def model_kwargs(self, run: Run) -> Dict[str, Tensor]:
+    def model_kwargs(self, run: Run) -> Dict[str, Any]:
         """``{"y": labels}`` when the dataset has labels (the model contract: models that
         ignore labels ignore ``y``; a conditional model without them says so itself). A model
         whose labels are a latent site it sums out (M2's y: ``enumerated_sites``) gets none, so
         it is scored on x alone: log p(x) with y summed out, as for unlabelled data."""
-        if self.labels is None or getattr(run.vae, "enumerated_sites", ()):
+        if self.labels is None or tuple(getattr(run.vae, "enumerated_sites", ())):
             return {}
         return {"y": self.labels}
 

@@ -20,7 +20,6 @@ import pandas as pd
 import torch
 import xarray as xr
 from matplotlib.figure import Figure
-from torch import Tensor
 
 from ppl_vae.analysis import plots, results
 from ppl_vae.analysis.diagnostics import collapse_diagnostics
@@ -172,14 +171,14 @@ def compare_run(
     comparison = Comparison(gaps, gap_table(gaps), xr.Dataset(), None)
     comparison.warnings.extend(comparison_warnings(gaps, getattr(run.config.model, "guide", "diagonal_normal")))
     gaps.attrs["warnings"] = " | ".join(comparison.warnings) or "none"
-    if not writer:
+    if not writer or out is None:
         return comparison
     # the rest runs once, on the writing process, under its own seed (the caller's RNG is left alone)
     seeded(lambda: _diagnostics_and_files(run, sel, kwargs, comparison, num_draws, out), block_seed(seed, 0, 1))
     return comparison
 
 
-def _diagnostics_and_files(run: Run, sel: Selection, kwargs: Dict[str, Tensor], comparison: Comparison,
+def _diagnostics_and_files(run: Run, sel: Selection, kwargs: Dict[str, Any], comparison: Comparison,
                            num_draws: int, out: Path) -> None:
     vae, gaps = run.vae, comparison.gaps
     with eval_mode(vae):

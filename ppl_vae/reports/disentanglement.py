@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import xarray as xr
 
@@ -20,6 +20,9 @@ from ppl_vae.analysis.disentanglement import disentanglement_metrics, plot_mutua
 from ppl_vae.analysis.generation import latent_traversal, plot_traversal
 from ppl_vae.pipeline import Run, load_data
 from ppl_vae.reports.common import CSS, check_out_dir, figure_to_data_uri
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 FILES = {"metrics": "disentanglement.nc", "traversal": "traversal.png", "mutual_info": "mutual_info.png",
          "terms": "objective_terms.png", "report": "disentanglement.html"}
@@ -59,7 +62,7 @@ def _row(cells: List[str]) -> str:
 
 
 def render_html(run_name: str, config_text: str, report: DisentanglementReport,
-                figures: List[Tuple[str, object]]) -> str:
+                figures: List[Tuple[str, Figure]]) -> str:
     m = report.metrics
     rows = [_row(["<th>factor</th>", "<th>entropy (nats)</th>", "<th>MIG</th>", "<th>DCI completeness</th>",
                   "<th>DCI informativeness</th>"])]

@@ -103,10 +103,11 @@ class Evaluation:
 
     dataset: xr.Dataset
     files: Dict[str, Path] = field(default_factory=dict)
-    warnings: Optional[List[str]] = None
+    warnings: List[str] = field(default_factory=list)
+    """Filled from ``dataset`` by :func:`evaluation_warnings` when left empty."""
 
     def __post_init__(self) -> None:
-        if self.warnings is None:
+        if not self.warnings:
             self.warnings = evaluation_warnings(self.dataset)
 
     @property
@@ -306,7 +307,7 @@ def evaluate_run(
         ds.attrs["preprocessing"] = str(sel.preprocessing)
     evaluation = Evaluation(ds)
     ds.attrs["warnings"] = " | ".join(evaluation.warnings) or "none"
-    if not writer:
+    if not writer or out is None:
         return evaluation
     nc_name, csv_name = FILES[method]
     per_chain = [v for v in ds.data_vars if "chain" in ds[v].dims]

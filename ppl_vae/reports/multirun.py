@@ -228,7 +228,7 @@ def compare_runs(
     ds.attrs["warnings"] = " | ".join(warnings) or "none"
     table = paired_table(ds)
     comparison = MultiComparison(ds, table, warnings=warnings)
-    if not writer:
+    if not writer or out is None:
         return comparison
     files = comparison.files
     files["netcdf"] = results.save_netcdf(ds, out / MULTIRUN_FILES["netcdf"])
