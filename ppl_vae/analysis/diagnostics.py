@@ -7,7 +7,7 @@ no information about x, its KL term is 0 and E_q[z_u] does not vary with x. Burd
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple, cast
 
 import numpy as np
 import torch
@@ -119,7 +119,7 @@ def _posterior_means(guide: Callable, x: Tensor, layout, num_draws: int, seed: i
     for site in layout.sites:
         if site.name not in trace.nodes:
             raise ValueError(f"the guide has no sample site {site.name!r}")
-        mean = trace.nodes[site.name]["fn"].mean
+        mean = cast(torch.distributions.Distribution, trace.nodes[site.name]["fn"]).mean
         event = len(site.event_shape)
         means[site.name] = mean.mean(0) if mean.dim() > event + 1 else mean
     return layout.join({k: v.expand((x.shape[0],) + v.shape[-len(s.event_shape):]) for (k, v), s in

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, cast
 
 import pyro
 import torch
@@ -63,7 +63,7 @@ Params = Tuple[Tensor, Tensor]
 
 def site_names(num_layers: int) -> Tuple[str, ...]:
     """``("z1", ..., "zL")``, bottom to top."""
-    return tuple(f"z{l}" for l in range(1, num_layers + 1))
+    return tuple(f"z{layer}" for layer in range(1, num_layers + 1))
 
 
 def precision_weighted(loc_a: Tensor, scale_a: Tensor, loc_b: Tensor, scale_b: Tensor) -> Params:
@@ -165,8 +165,8 @@ class HierarchicalVAE(VAE):
         super().__init__(encoder, decoder, prior, likelihood, event_shape)
         # p(z_l | z_{l+1}), l = 1 .. L-1: its hidden sizes mirror layer l+1's inference network
         self.generative = nn.ModuleList(
-            GaussianMLPEncoder((latent_dims[l],), latent_dims[l - 1], tuple(reversed(hidden[l])), activation)
-            for l in range(1, num_layers))
+            GaussianMLPEncoder((latent_dims[layer],), latent_dims[layer - 1], tuple(reversed(hidden[layer])), activation)
+            for layer in range(1, num_layers))
         self.latent_dims = tuple(latent_dims)
         self.hidden_dims = tuple(tuple(h) for h in hidden)
         self.activation = activation
@@ -178,8 +178,13 @@ class HierarchicalVAE(VAE):
     def _inference_networks(event_shape, latent_dims, hidden, activation) -> nn.ModuleList:
         sizes = [None, *latent_dims]
         return nn.ModuleList(
-            GaussianMLPEncoder(event_shape if l == 0 else (sizes[l],), latent_dims[l], hidden[l], activation)
-            for l in range(len(latent_dims)))
+            GaussianMLPEncoder(event_shape if layer == 0 else (sizes[layer],), latent_dims[layer], hidden[layer], activation)
+            for layer in range(len(latent_dims)))
+
+    @property
+    def inference_steps(self) -> nn.ModuleList:
+        """``encoder`` as the list of its per-layer networks, bottom first."""
+        return cast(nn.ModuleList, self.encoder)
 
     @property
     def num_layers(self) -> int:
@@ -206,10 +211,10 @@ class HierarchicalVAE(VAE):
         with data_plate(x, num_data):
             with _scaled(weights[top - 1]):
                 z = pyro.sample(f"z{top}", self.prior())
-            for l in range(top - 1, 0, -1):
-                loc, scale = self.generative[l - 1](z)
-                with _scaled(weights[l - 1]):
-                    z = pyro.sample(f"z{l}", dist.Normal(loc, scale).to_event(1))
+            for layer in range(top - 1, 0, -1):
+                loc, scale = self.generative[layer - 1](z)
+                with _scaled(weights[layer - 1]):
+                    z = pyro.sample(f"z{layer}", dist.Normal(loc, scale).to_event(1))
             pyro.sample("x", self.likelihood(*self.decoder(z)), obs=x)
         return z
 
@@ -219,25 +224,25 @@ class HierarchicalVAE(VAE):
         weights = self.kl_weights(kl_weight)
         with data_plate(x, num_data):
             h = x
-            for l, net in enumerate(self.encoder, start=1):
+            for layer, net in enumerate(self.inference_steps, start=1):
                 loc, scale = net(h)
-                with _scaled(weights[l - 1]):
-                    h = pyro.sample(f"z{l}", dist.Normal(loc, scale).to_event(1))
+                with _scaled(weights[layer - 1]):
+                    h = pyro.sample(f"z{layer}", dist.Normal(loc, scale).to_event(1))
         return h
 
     # The fast-path protocol
 
     def latent_shapes(self) -> Dict[str, Tuple[int, ...]]:
         """``{site: event_shape}`` in the model's (top-down) order."""
-        return {f"z{l}": (self.latent_dims[l - 1],) for l in range(self.num_layers, 0, -1)}
+        return {f"z{layer}": (self.latent_dims[layer - 1],) for layer in range(self.num_layers, 0, -1)}
 
     def log_prior(self, x: Tensor, latents, y: Optional[Tensor] = None) -> Tensor:
         """log p(z_L) + sum_l log p(z_l | z_{l+1}), ``(*draws, N)``."""
         top = self.num_layers
         total = self.prior.log_prob(latents[f"z{top}"])
-        for l in range(top - 1, 0, -1):
-            loc, scale = self.generative[l - 1](latents[f"z{l + 1}"])
-            total = total + normal_log_prob(latents[f"z{l}"], loc, scale).sum(-1)
+        for layer in range(top - 1, 0, -1):
+            loc, scale = self.generative[layer - 1](latents[f"z{layer + 1}"])
+            total = total + normal_log_prob(latents[f"z{layer}"], loc, scale).sum(-1)
         return total
 
     def log_likelihood(self, x: Tensor, latents, y: Optional[Tensor] = None) -> Tensor:
@@ -246,11 +251,13 @@ class HierarchicalVAE(VAE):
 
     def sample_guide(self, x: Tensor, num_particles: Optional[int] = None, y: Optional[Tensor] = None):
         """(``{site: draws}``, log q), the draws Pyro's guide makes (same calls, same order)."""
-        latents, log_q, h = {}, 0.0, x
-        for l, net in enumerate(self.encoder, start=1):
+        latents: Dict[str, Tensor] = {}
+        log_q: Any = 0.0
+        h = x
+        for layer, net in enumerate(self.inference_steps, start=1):
             loc, scale = net(h)
-            h = _draw(loc, scale, num_particles if l == 1 else None)  # layers above inherit the particle dim
-            latents[f"z{l}"] = h
+            h = _draw(loc, scale, num_particles if layer == 1 else None)  # layers above inherit the particle dim
+            latents[f"z{layer}"] = h
             log_q = log_q + normal_log_prob(h, loc, scale).sum(-1)
         return latents, log_q
 
@@ -260,9 +267,9 @@ class HierarchicalVAE(VAE):
         """{site: (loc, scale)} of the guide's Gaussians along its mean path (each z_l at its
         conditional mean given the layers the guide drew before it), ``(N, d_l)`` each."""
         out, h = {}, x
-        for l, net in enumerate(self.encoder, start=1):
+        for layer, net in enumerate(self.inference_steps, start=1):
             loc, scale = net(h)
-            out[f"z{l}"] = (loc, scale)
+            out[f"z{layer}"] = (loc, scale)
             h = loc
         return out
 
@@ -272,8 +279,8 @@ class HierarchicalVAE(VAE):
 
     def decode(self, z: Tensor) -> Tensor:
         """E[x | z_1] with z_1 ... z_{L-1} set to their conditional means given the top ``z`` ``(..., d_L)``."""
-        for l in range(self.num_layers - 1, 0, -1):
-            z = self.generative[l - 1](z)[0]
+        for layer in range(self.num_layers - 1, 0, -1):
+            z = self.generative[layer - 1](z)[0]
         return self.likelihood.mean(*self.decoder(z))
 
     def reconstruct(self, x: Tensor) -> Tensor:
@@ -313,8 +320,8 @@ class LadderVAE(HierarchicalVAE):
     @staticmethod
     def _inference_networks(event_shape, latent_dims, hidden, activation) -> nn.ModuleList:
         steps, in_dim = [], math.prod(event_shape)
-        for l, d in enumerate(latent_dims):
-            step = _BottomUpStep(in_dim, d, hidden[l], activation)
+        for layer, d in enumerate(latent_dims):
+            step = _BottomUpStep(in_dim, d, hidden[layer], activation)
             steps.append(step)
             in_dim = step.out_dim
         return nn.ModuleList(steps)
@@ -323,18 +330,18 @@ class LadderVAE(HierarchicalVAE):
         """[(mu^_l, sigma^_l) for l = 1 .. L], each ``(N, d_l)``."""
         h = x.reshape(*x.shape[: x.dim() - len(self.event_shape)], -1)
         out = []
-        for step in self.encoder:
+        for step in self.inference_steps:
             h, loc, scale = step(h)
             out.append((loc, scale))
         return out
 
-    def _posterior(self, up: List[Params], l: int, z_above: Optional[Tensor]) -> Params:
+    def _posterior(self, up: List[Params], layer: int, z_above: Optional[Tensor]) -> Params:
         """(loc, scale) of q(z_l | z_{l+1}, x): the top layer's bottom-up Gaussian, below it the
         precision-weighted merge with p(z_l | z_{l+1})."""
         if z_above is None:
-            return up[l - 1]
-        p_loc, p_scale = self.generative[l - 1](z_above)
-        return precision_weighted(up[l - 1][0], up[l - 1][1], p_loc, p_scale)
+            return up[layer - 1]
+        p_loc, p_scale = self.generative[layer - 1](z_above)
+        return precision_weighted(up[layer - 1][0], up[layer - 1][1], p_loc, p_scale)
 
     def guide(self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None,
               kl_weight: float = 1.0) -> Tensor:
@@ -343,20 +350,22 @@ class LadderVAE(HierarchicalVAE):
         with data_plate(x, num_data):
             up = self.bottom_up(x)
             z = None
-            for l in range(self.num_layers, 0, -1):
-                loc, scale = self._posterior(up, l, z)
-                with _scaled(weights[l - 1]):
-                    z = pyro.sample(f"z{l}", dist.Normal(loc, scale).to_event(1))
-        return z
+            for layer in range(self.num_layers, 0, -1):
+                loc, scale = self._posterior(up, layer, z)
+                with _scaled(weights[layer - 1]):
+                    z = pyro.sample(f"z{layer}", dist.Normal(loc, scale).to_event(1))
+        return cast(Tensor, z)
 
     def sample_guide(self, x: Tensor, num_particles: Optional[int] = None, y: Optional[Tensor] = None):
         """(``{site: draws}``, log q), top-down, the draws Pyro's guide makes."""
         up = self.bottom_up(x)
-        latents, log_q, z = {}, 0.0, None
-        for l in range(self.num_layers, 0, -1):
-            loc, scale = self._posterior(up, l, z)
+        latents: Dict[str, Tensor] = {}
+        log_q: Any = 0.0
+        z: Optional[Tensor] = None
+        for layer in range(self.num_layers, 0, -1):
+            loc, scale = self._posterior(up, layer, z)
             z = _draw(loc, scale, num_particles if z is None else None)  # lower layers inherit the particle dim
-            latents[f"z{l}"] = z
+            latents[f"z{layer}"] = z
             log_q = log_q + normal_log_prob(z, loc, scale).sum(-1)
         return latents, log_q
 
@@ -364,9 +373,9 @@ class LadderVAE(HierarchicalVAE):
         """{site: (loc, scale)} of q along its mean path (top-down, each z_l at its mean)."""
         up = self.bottom_up(x)
         out, z = {}, None
-        for l in range(self.num_layers, 0, -1):
-            loc, scale = self._posterior(up, l, z)
-            out[f"z{l}"] = (loc, scale)
+        for layer in range(self.num_layers, 0, -1):
+            loc, scale = self._posterior(up, layer, z)
+            out[f"z{layer}"] = (loc, scale)
             z = loc
         return out
 
@@ -376,7 +385,7 @@ class LadderVAE(HierarchicalVAE):
 
 
 def _two_layer_sizes(latent_dim: int, hidden_dim: int, z1_dim: Optional[int],
-                     hidden_dims: Optional[Sequence[Sequence[int]]]) -> Tuple[List[int], List]:
+                     hidden_dims: Optional[Sequence[Sequence[int]]]) -> Tuple[List[int], Sequence]:
     z1 = 2 * latent_dim if z1_dim is None else z1_dim
     if isinstance(z1, bool) or not isinstance(z1, int) or z1 < 1:
         raise ValueError(f"z1_dim must be a positive integer, got {z1_dim!r}")
