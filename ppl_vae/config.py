@@ -24,7 +24,8 @@ class ModelConfig:
     """Which model to build; ``None`` takes the model's own default.
 
     ``guide``: the family of the amortized q(z|x) (a name from ``ppl_vae.models.GUIDES`` where
-    registered; ``"diagonal_normal"`` is AEVB's), with ``guide_options`` for it.
+    registered; ``"diagonal_normal"`` is AEVB's), with ``guide_options`` for it. ``model_options``
+    go to the model's builder (e.g. ``z1_dim``, ``hidden_dims`` of ``two_layer``).
     """
 
     model: str = "gaussian_mlp"
@@ -36,6 +37,7 @@ class ModelConfig:
     likelihood_options: Dict[str, Any] = field(default_factory=dict)
     guide: str = "diagonal_normal"
     guide_options: Dict[str, Any] = field(default_factory=dict)
+    model_options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -132,6 +132,7 @@ def build_model(config: RunConfig, event_shape, data_info: Optional[dict] = None
         data_info=data_info,
         guide=m.guide,
         guide_options=m.guide_options,
+        model_options=m.model_options,
     )
 
 

@@ -7,7 +7,7 @@ no information about x, its KL term is 0 and E_q[z_u] does not vary with x. Burd
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple, cast
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from torch import Tensor
 from ppl_vae.inference.latents import model_layout
 from ppl_vae.inference.meanfield import guide_moments
 from ppl_vae.inference.modes import in_eval_mode
-from ppl_vae.inference.traces import trace_pair
+from ppl_vae.inference.traces import PARTICLE_PLATE, trace_pair
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 
@@ -99,25 +99,60 @@ def active_units(posterior_mean: Tensor | np.ndarray | xr.DataArray,
     return ds
 
 
+POSTERIOR_MEAN_DRAWS = 256
+"""Draws of the sites a guide samples first, over which a later site's conditional mean is averaged."""
+
+
+def _posterior_means(guide: Callable, x: Tensor, layout, num_draws: int, seed: int, kwargs: dict) -> Tensor:
+    """E_q[latents | x] ``(N, layout.size)`` for a guide with several sites: each site's conditional
+    mean averaged over ``num_draws`` draws of the sites sampled before it (exact for a site with
+    no latent parents). One draw would add the parents' sampling noise to Cov_x(E_q[z_u]) and
+    count a collapsed unit of a lower layer as active."""
+    import pyro
+    from pyro import poutine
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with pyro.plate(PARTICLE_PLATE, num_draws, dim=-2):
+            trace = poutine.trace(poutine.block(guide, hide_types=["param"])).get_trace(x, **kwargs)
+    means = {}
+    for site in layout.sites:
+        if site.name not in trace.nodes:
+            raise ValueError(f"the guide has no sample site {site.name!r}")
+        mean = cast(torch.distributions.Distribution, trace.nodes[site.name]["fn"]).mean
+        event = len(site.event_shape)
+        means[site.name] = mean.mean(0) if mean.dim() > event + 1 else mean
+    return layout.join({k: v.expand((x.shape[0],) + v.shape[-len(s.event_shape):]) for (k, v), s in
+                        zip(means.items(), layout.sites)}, 1)
+
+
 @torch.no_grad()
 @in_eval_mode("model", "guide")
 def collapse_diagnostics(model: Callable, guide: Callable, x: Tensor,
-                         threshold: float = ACTIVE_UNIT_THRESHOLD, **kwargs: Any) -> xr.Dataset:
+                         threshold: float = ACTIVE_UNIT_THRESHOLD, *, seed: int = 0, **kwargs: Any) -> xr.Dataset:
     """Mean KL per dimension and active units for datapoints ``x``, over dim ``latent``.
 
     KL is included only when prior and guide are factorized Gaussians (otherwise NaN). Every
     continuous latent site counts; the coordinate ``latent_site`` names each unit's site, and
-    attribute ``num_active_<site>`` counts the active units of each.
+    attribute ``num_active_<site>`` counts the active units of each. With several sites, E_q[z_u]
+    of a site the guide samples after others is its conditional mean averaged over
+    :data:`POSTERIOR_MEAN_DRAWS` draws of those. The draws (those and the one behind a hierarchical
+    prior's KL) come from ``seed``; the caller's random state is left as it was.
     """
     layout = model_layout(model, x, **kwargs)
-    loc, _ = guide_moments(guide, x, layout if len(layout.sites) > 1 else None, **kwargs)
+    if len(layout.sites) > 1:  # a hierarchical guide: average over the draws of each site's parents
+        loc = _posterior_means(guide, x, layout, POSTERIOR_MEAN_DRAWS, seed, kwargs)
+    else:
+        loc, _ = guide_moments(guide, x, None, **kwargs)
     ds = active_units(loc.reshape(x.shape[0], -1), threshold)
     sites = layout.column_sites().astype(str)
     ds = ds.assign_coords(latent_site=("latent", sites))
     for name in layout.names:
         ds.attrs[f"num_active_{name}"] = int(ds["active"].values[sites == name].sum())
     try:
-        ds["kl"] = ("latent", kl_per_dimension(model, guide, x, **kwargs).mean("datapoint").values)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            ds["kl"] = ("latent", kl_per_dimension(model, guide, x, **kwargs).mean("datapoint").values)
     except ValueError:
         ds["kl"] = ("latent", np.full(ds.sizes["latent"], np.nan))
     ds["kl"].attrs.update({"long_name": "mean over datapoints of KL(q(z_u|x) || p(z_u))", "units": "nats"})

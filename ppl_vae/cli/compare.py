@@ -90,7 +90,9 @@ def compare(run_dirs, num_samples: int, estimator: str, split: str, num_datapoin
     if not result.files:  # a torchrun rank other than 0
         return
     click.echo(format_gap_table(result.table))
-    click.echo(f"active units: {result.diagnostics.attrs['num_active']} of {result.diagnostics.sizes['latent']}")
+    from ppl_vae.reports.compare import active_units_line
+
+    click.echo(f"active units: {active_units_line(result.diagnostics)}")
     for warning in result.warnings:
         opt.warn(warning)
     for note in result.notes:

@@ -23,6 +23,7 @@ RUN_OPTIONS = (
     "seed", "device", "out", "binarize", "train_size", "train_eval_size", "compile", "labels", "label_seed",
     "lr_schedule", "lr_schedule_options", "clip_grad_norm", "val_fraction", "early_stopping_patience",
     "kl_schedule", "kl_weight", "kl_cycle_epochs", "kl_cycle_ratio", "precision",
+    "model_option",
     # disentangling objectives (ppl_vae.inference.disentangle)
     "objective", "beta", "capacity_max", "capacity_start_epoch", "capacity_end_epoch", "gamma", "tc_alpha",
     "tc_beta", "tc_gamma", "tc_estimator", "free_bits", "free_bits_groups",
@@ -40,6 +41,9 @@ RUN_OPTIONS = (
 @click.option("--likelihood", default=None, help="Likelihood of x (default: the model's own).")
 @click.option("--latent-dim", type=int, default=None, help="Size of z (default: the model's).")
 @click.option("--hidden-dim", type=int, default=None, help="Hidden units per layer (default: the model's).")
+@click.option("--model-option", "model_option", multiple=True, metavar="KEY=VALUE",
+              help="An option of the model's builder, VALUE in JSON (e.g. z1_dim=64, hidden_dims='[[64],[32]]', "
+                   "kl_warmup_fractions='[0.5,1]'); repeatable. See `ppl-vae models`.")
 @click.option("--num-components", type=int, default=None, help="Components of the mixture_of_gaussians prior.")
 @click.option("--guide", default="diagonal_normal", show_default=True,
               help="Family of the amortized q(z|x): diagonal_normal (AEVB) or a flow (see `ppl-vae models`).")
@@ -221,6 +225,7 @@ def run_config(opts: dict):
 
     values = {field: opts[flag[2:].replace("-", "_")] for field, flag in FIELD_FLAGS.items() if "." in field}
     values["model.prior_options"] = {} if opts["num_components"] is None else {"num_components": opts["num_components"]}
+    values["model.model_options"] = parse_model_options(opts.get("model_option") or ())
     values["data.dataset"] = str(opts["dataset"])
     values["data.data_dir"] = None if opts["data_dir"] is None else str(opts["data_dir"])
     values["train.train_eval_size"] = opts["train_eval_size"] or None  # 0: the whole training set
@@ -237,7 +242,7 @@ def run_config(opts: dict):
 FIELD_FLAGS = {
     "model.model": "--model", "model.prior": "--prior", "model.likelihood": "--likelihood",
     "model.latent_dim": "--latent-dim", "model.hidden_dim": "--hidden-dim", "model.prior_options": "--num-components",
-    "model.guide": "--guide",
+    "model.guide": "--guide", "model.model_options": "--model-option",
     "data.dataset": "--dataset", "data.data_dir": "--data-dir", "data.binarize": "--binarize",
     "data.train_size": "--train-size", "data.num_images": "--num-images", "data.labels": "--labels",
     "data.label_seed": "--label-seed",
@@ -289,6 +294,22 @@ def _announce_compile(backend: Optional[str]) -> None:
     if backend:
         click.echo(f"compiling the loss with torch.compile (backend {backend}): the first steps take longer "
                    "(up to a minute or more on CPU), later ones are faster", err=True)
+
+
+def parse_model_options(items) -> dict:
+    """``KEY=VALUE`` strings -> {KEY: VALUE}, VALUE read as JSON (a bare word stays a string)."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--model-option must be KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
 
 
 def flag(option: str) -> str:

@@ -13,6 +13,7 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
     "softplus": nn.Softplus,
     "elu": nn.ELU,
+    "identity": nn.Identity,  # linear maps (e.g. a linear-Gaussian model built from the same parts)
 }
 
 

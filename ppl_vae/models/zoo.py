@@ -24,7 +24,8 @@ class ModelSpec:
 
     ``build(event_shape, latent_dim, hidden_dim, prior, likelihood, **data_info)``: data_info
     holds facts about the dataset a model may need (``num_classes``, ``vocab_size``, ...);
-    builders ignore the keys they do not use.
+    builders ignore the keys they do not use. A builder's keyword-only parameters are the
+    model's options (``ModelConfig.model_options``, ``--model-option``).
     """
 
     build: Builder
@@ -68,6 +69,18 @@ MODELS.register("bernoulli_mlp", doc="AEVB appendix C.1: tanh MLP, Bernoulli dec
 )
 
 
+def check_model_options(name: str, build: Builder, options: dict) -> None:
+    """A one-line ValueError for an option the builder of model ``name`` does not declare
+    (its keyword-only parameters are its options)."""
+    import inspect
+
+    allowed = [p.name for p in inspect.signature(build).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    unknown = [k for k in options if k not in allowed]
+    if unknown:
+        takes = f"it takes {', '.join(allowed)}" if allowed else "it takes no options"
+        raise ValueError(f"model {name!r} has no option {unknown[0]!r}; {takes}")
+
+
 def build_vae(
     model: str,
     event_shape: Sequence[int],
@@ -81,6 +94,7 @@ def build_vae(
     data_info: Optional[dict] = None,
     guide: str = "diagonal_normal",
     guide_options: Optional[dict] = None,
+    model_options: Optional[dict] = None,
 ) -> VAE:
     """Build a registered model, swapping in a prior, likelihood and guide family by name.
 
@@ -91,6 +105,8 @@ def build_vae(
     a family in :data:`ppl_vae.models.guides.GUIDES` ("diagonal_normal" is AEVB's). Options a
     prior, guide or likelihood does not take raise a ValueError naming the option. A prior that
     needs other parts (the VampPrior uses the encoder) is attached to the finished VAE.
+    ``model_options`` go to the model's builder: the keyword-only arguments it declares (e.g.
+    ``z1_dim``, ``hidden_dims`` for ``two_layer``); others raise a ValueError naming the option.
     """
     from ppl_vae.models.guides import GUIDES, make_guide
 
@@ -117,7 +133,9 @@ def build_vae(
     if not isinstance(likelihood, Likelihood):
         check_options("likelihood", likelihood, LIKELIHOODS.get(likelihood), likelihood_options or {}, skip=1)
         likelihood = make_likelihood(likelihood, event_dims=event_dims, **(likelihood_options or {}))
-    vae = spec.build(event_shape, latent_dim, hidden_dim, prior, likelihood, **(data_info or {}))
+    model_options = dict(model_options or {})
+    check_model_options(model, spec.build, model_options)
+    vae = spec.build(event_shape, latent_dim, hidden_dim, prior, likelihood, **{**(data_info or {}), **model_options})
     vae = make_guide(guide, vae, **(guide_options or {}))
     vae.prior.attach_to(vae.encoder, vae.event_shape, num_classes=vae.num_classes)
     return vae

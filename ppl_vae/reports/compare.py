@@ -272,8 +272,9 @@ def _report_figures(run: Run, sel: Selection, gaps: xr.Dataset, diagnostics: xr.
         ("Reconstructions", lambda: plots.plot_reconstructions(sel.x[:10], vae.reconstruct(sel.x[:10]))),
         ("Samples from the prior", lambda: plots.plot_samples(vae.sample(30))),
     ]
-    if vae.latent_dim == 2:
+    if vae.latent_dim == 2:  # decode maps the prior's (top) latent to x
         makers.append(("Learned manifold", lambda: plots.plot_manifold(vae.decode, device=device)))
+    if gaps["amortized_loc"].shape[-1] == 2:  # one 2-D latent site in all
         makers.append(("Latent space", lambda: plots.plot_latent_scatter(
             torch.as_tensor(gaps["amortized_loc"].values), sel.labels)))
     figures = []
@@ -344,15 +345,14 @@ def render_html(run: Run, sel: Selection, comparison: Comparison, figures: List[
         parts.append(f"<p class='warning'><b>Warning.</b> {esc(warning)}</p>")
     parts += [
         f"<p>Run <code>{esc(str(run.run_dir))}</code>; {n} {esc(sel.split)} datapoints "
-        f"(preprocessing: {esc(sel.preprocessing)}); latent dimension {run.vae.latent_dim}; "
+        f"(preprocessing: {esc(sel.preprocessing)}); {esc(latent_description(comparison.diagnostics))}; "
         f"K = {gaps.attrs['num_samples']} draws from each of q and q*; mean-field VI converged for {converged} of "
         f"{n} datapoints. Generated {_dt.datetime.now():%Y-%m-%d %H:%M}.</p>",
         "<h2>Estimators and gaps</h2>",
         _estimator_paragraph(gaps),
         "<table>" + "".join(rows) + "</table>",
         f"<p>Active units (Cov<sub>x</sub>(E<sub>q</sub>[z<sub>u</sub>]) &gt; "
-        f"{comparison.diagnostics.attrs['threshold']}): {comparison.diagnostics.attrs['num_active']} of "
-        f"{comparison.diagnostics.sizes['latent']}.</p>",
+        f"{comparison.diagnostics.attrs['threshold']}): {esc(active_units_line(comparison.diagnostics))}.</p>",
     ]
     for title, fig in figures:
         parts.append(f"<h2>{esc(title)}</h2><img alt='{esc(title)}' src='{figure_to_data_uri(fig)}'>")
@@ -361,6 +361,36 @@ def render_html(run: Run, sel: Selection, comparison: Comparison, figures: List[
     files = ", ".join(f"<code>{esc(p.name)}</code>" for k, p in comparison.files.items() if k != "report")
     parts.append(f"<p class='note'>Tables: {files}.</p></body></html>")
     return "\n".join(parts)
+
+
+def _site_sizes(diagnostics: xr.Dataset) -> Dict[str, int]:
+    """{latent site: its number of units}, in the layout's order."""
+    if "latent_site" not in diagnostics.coords:
+        return {}
+    sites = [str(s) for s in diagnostics["latent_site"].values]
+    return {s: sites.count(s) for s in dict.fromkeys(sites)}
+
+
+def latent_description(diagnostics: xr.Dataset) -> str:
+    """"latent dimension 20", or with several latent sites "latent sites z2 (50), z1 (100)"."""
+    sizes = _site_sizes(diagnostics)
+    if len(sizes) > 1:
+        return "latent sites " + ", ".join(f"{s} ({n})" for s, n in sizes.items())
+    return f"latent dimension {diagnostics.sizes['latent']}"
+
+
+def active_units_line(diagnostics: xr.Dataset) -> str:
+    """"3 of 20", with several latent sites followed by each site's count and its mean KL per unit."""
+    line = f"{diagnostics.attrs['num_active']} of {diagnostics.sizes['latent']}"
+    sizes = _site_sizes(diagnostics)
+    if len(sizes) > 1:
+        parts = []
+        for site, n in sizes.items():
+            kl = diagnostics["kl"].values[diagnostics["latent_site"].values == site] if "kl" in diagnostics else []
+            total = f", KL {float(np.sum(kl)):.2f} nats" if len(kl) and np.isfinite(kl).all() else ""
+            parts.append(f"{site}: {diagnostics.attrs.get(f'num_active_{site}', '?')} of {n}{total}")
+        line += " (" + "; ".join(parts) + ")"
+    return line
 
 
 def write_report(path: Path, run: Run, sel: Selection, comparison: Comparison,
@@ -376,7 +406,9 @@ __all__ = [
     "compare_run",
     "comparison_warnings",
     "figure_to_data_uri",
+    "active_units_line",
     "format_gap_table",
+    "latent_description",
     "estimate_warnings",
     "per_datapoint_table",
     "render_html",

@@ -1,0 +1,446 @@
+"""Hierarchical VAEs: several stochastic layers z1 ... zL, each a named site in the data plate.
+
+Models ``two_layer`` (Burda, Grosse & Salakhutdinov 2015, sec. 5), ``ladder`` (Sønderby,
+Raiko, Maaløe, Sønderby & Winther 2016) and Burda's one-stochastic-layer baseline
+``one_layer`` (a plain :class:`~ppl_vae.models.vae.VAE` with two hidden layers).
+
+Generative path, shared by both hierarchical models (top-down, z_L first):
+p(z_L) is the prior (N(0, I) by default), p(z_l | z_{l+1}) = N(mu_l(z_{l+1}), diag sigma_l(z_{l+1})^2)
+from an MLP, and p(x | z_1) is the likelihood of an MLP decoder. Inference:
+
+- :class:`HierarchicalVAE` (``two_layer``): bottom-up, q(z_1 | x) q(z_2 | z_1) ... q(z_L | z_{L-1}),
+  each a diagonal Gaussian from an MLP (Burda et al.'s architecture).
+- :class:`LadderVAE` (``ladder``): a deterministic bottom-up pass d_l = MLP_l(d_{l-1}) (d_0 = x)
+  with Gaussian heads N(mu^_l, sigma^_l^2); then top-down, q(z_L | x) = N(mu^_L, sigma^_L^2) and
+  q(z_l | z_{l+1}, x) is the precision-weighted product of N(mu^_l, sigma^_l^2) with the generative
+  p(z_l | z_{l+1}) (Sønderby et al. 2016, sec. 2.2, eqs. 18-19: :func:`precision_weighted`). The
+  guide shares the generative networks with the model, as in the paper.
+
+Sites are named ``"z1"`` (bottom) ... ``"zL"`` (top); the model samples them top-down, so the
+estimators' flat latent vector is [z_L, ..., z_1]. Both models declare the fast-path protocol
+(:class:`ppl_vae.inference.latents.FastPair`) over every site; ``check_fast_path`` compares it
+with the traced model and guide (the tests do).
+
+**Per-layer KL warm-up.** ``kl_weight`` (the training loop's warm-up weight beta in [0, 1]) is
+turned into one weight per layer, w_l = min(1, beta / f_l) for the fractions
+``kl_warmup_fractions`` = (f_1, ..., f_L) in (0, 1]: layer l reaches weight 1 after the share
+f_l of the warm-up (the KL term of layer l, log p(z_l | ...) - log q(z_l | ...), is scaled by
+w_l in both model and guide). The default, every f_l = 1, is Sønderby et al.'s single linear
+warm-up. Above 1 (after warm-up or a beta > 1 schedule) the loop's weight applies to every
+layer. With non-uniform fractions the model declares ``kl_weight_per_site``, so training goes
+through Pyro's traces (the fused ELBO scales all latent terms by one weight).
+
+Sizes from the command line: ``--latent-dim`` is the top layer's size (z_L, the prior's) and
+``--hidden-dim`` the first layer's hidden units; the second layer has twice the latent size
+and half the hidden units, so the defaults 50 and 200 give Burda et al.'s 784-200-200-100
+(z1) - 100-100-50 (z2). The model options ``z1_dim``, ``hidden_dims`` (one list per layer),
+``activation`` and ``kl_warmup_fractions`` set them one by one; from Python the classes take
+any number of layers.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Any, Dict, List, Optional, Sequence, Tuple, cast
+
+import pyro
+import torch
+from pyro import distributions as dist
+from pyro import poutine
+from torch import Tensor, nn
+from torch.distributions.utils import _standard_normal
+
+from ppl_vae.models.densities import normal_log_prob
+from ppl_vae.models.likelihoods import Likelihood
+from ppl_vae.models.networks import ACTIVATIONS, GaussianMLPEncoder, MLPDecoder, mlp
+from ppl_vae.models.priors import Prior
+from ppl_vae.models.vae import VAE, data_plate
+from ppl_vae.models.zoo import MODELS, ModelSpec
+
+Params = Tuple[Tensor, Tensor]
+
+
+def site_names(num_layers: int) -> Tuple[str, ...]:
+    """``("z1", ..., "zL")``, bottom to top."""
+    return tuple(f"z{layer}" for layer in range(1, num_layers + 1))
+
+
+def precision_weighted(loc_a: Tensor, scale_a: Tensor, loc_b: Tensor, scale_b: Tensor) -> Params:
+    """(loc, scale) of the Gaussian proportional to N(loc_a, scale_a^2) N(loc_b, scale_b^2),
+    element-wise (broadcast): precision 1/scale^2 = 1/scale_a^2 + 1/scale_b^2 and loc the
+    precision-weighted mean (Sønderby et al. 2016, eqs. 18-19), in the form that avoids
+    inverting small variances."""
+    var_a, var_b = scale_a**2, scale_b**2
+    total = var_a + var_b
+    return (loc_a * var_b + loc_b * var_a) / total, (var_a * var_b / total).sqrt()
+
+
+def _draw(loc: Tensor, scale: Tensor, num_particles: Optional[int]) -> Tensor:
+    """loc + eps * scale with eps the standard-normal call Pyro's ``Normal.rsample`` makes for
+    the same batch shape; ``num_particles`` (or None) adds a particle dim in front of ``loc``'s
+    (for a layer whose parameters do not carry one yet)."""
+    shape = loc.shape if num_particles is None else torch.Size((num_particles,)) + loc.shape
+    return loc + _standard_normal(shape, dtype=loc.dtype, device=loc.device) * scale
+
+
+def _scaled(weight: float):
+    return nullcontext() if weight == 1.0 else poutine.scale(scale=weight)
+
+
+def _positive_ints(name: str, values) -> List[int]:
+    values = list(values)
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise ValueError(f"{name} must be a non-empty list of positive integers (one per layer), got {values!r}")
+    return values
+
+
+def _check_hidden(hidden_dims, num_layers: int) -> List[List[int]]:
+    hidden = list(hidden_dims)
+    if len(hidden) != num_layers:
+        raise ValueError(f"hidden_dims must give one list of hidden sizes per stochastic layer ({num_layers}), "
+                         f"got {hidden_dims!r}")
+    out = []
+    for h in hidden:
+        h = [h] if isinstance(h, int) and not isinstance(h, bool) else list(h)
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in h):
+            raise ValueError(f"hidden_dims must hold lists of positive integers, got {hidden_dims!r}")
+        out.append(h)
+    return out
+
+
+def _check_fractions(fractions, num_layers: int) -> Tuple[float, ...]:
+    if fractions is None:
+        return (1.0,) * num_layers
+    values = list(fractions)
+    if len(values) != num_layers or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1
+                                        for f in values):
+        raise ValueError(f"kl_warmup_fractions must be {num_layers} numbers in (0, 1], one per layer (z1 first), "
+                         f"got {fractions!r}")
+    return tuple(float(f) for f in values)
+
+
+class HierarchicalVAE(VAE):
+    """L stochastic layers with bottom-up inference (Burda et al. 2015): see the module docstring.
+
+    ``latent_dims``: sizes of z_1 ... z_L (bottom to top; ``prior`` is over z_L).
+    ``hidden_dims``: one list per layer; layer l's list gives the hidden sizes of the networks
+    into z_l (from x or z_{l-1}) and, mirrored, out of it (to x or z_{l-1}). ``activation``:
+    a name from :data:`ppl_vae.models.networks.ACTIVATIONS` ("identity" makes every map linear).
+
+    Parts: ``encoder`` (one Gaussian network per layer: q(z_1|x), q(z_2|z_1), ...),
+    ``generative`` (p(z_l | z_{l+1}) for l = 1 .. L-1), ``decoder`` (p(x | z_1)), ``prior``
+    (p(z_L)), ``likelihood``. ``latent_dim`` is the top layer's size (what the prior draws).
+    """
+
+    has_fast_path = True
+    encoder_is_guide = False  # the guide is a chain of Gaussians, not the encoder's one Gaussian
+
+    def __init__(
+        self,
+        event_shape: Sequence[int],
+        latent_dims: Sequence[int],
+        prior: Prior,
+        likelihood: Likelihood,
+        *,
+        hidden_dims: Optional[Sequence[Sequence[int]]] = None,
+        activation: str = "tanh",
+        kl_warmup_fractions: Optional[Sequence[float]] = None,
+    ):
+        latent_dims = _positive_ints("latent_dims", latent_dims)
+        num_layers = len(latent_dims)
+        hidden = _check_hidden([[200, 200]] * num_layers if hidden_dims is None else hidden_dims, num_layers)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        if prior.latent_dim != latent_dims[-1]:
+            raise ValueError(f"the prior is over {prior.latent_dim} dims but the top layer z{num_layers} has "
+                             f"{latent_dims[-1]} (latent_dims={latent_dims})")
+        if prior.uses_encoder:
+            raise ValueError(f"a hierarchical model needs a prior that does not evaluate an encoder "
+                             f"({type(prior).__name__} does)")
+        event_shape = tuple(int(s) for s in event_shape)
+        encoder = self._inference_networks(event_shape, latent_dims, hidden, activation)
+        decoder = MLPDecoder(latent_dims[0], event_shape, likelihood.num_params, tuple(reversed(hidden[0])),
+                             activation)
+        super().__init__(encoder, decoder, prior, likelihood, event_shape)
+        # p(z_l | z_{l+1}), l = 1 .. L-1: its hidden sizes mirror layer l+1's inference network
+        self.generative = nn.ModuleList(
+            GaussianMLPEncoder((latent_dims[layer],), latent_dims[layer - 1], tuple(reversed(hidden[layer])), activation)
+            for layer in range(1, num_layers))
+        self.latent_dims = tuple(latent_dims)
+        self.hidden_dims = tuple(tuple(h) for h in hidden)
+        self.activation = activation
+        self.kl_warmup_fractions = _check_fractions(kl_warmup_fractions, num_layers)
+        self.kl_weight_per_site = any(f != 1.0 for f in self.kl_warmup_fractions)
+        """True when layers get different KL weights: the fused ELBO (one weight) cannot serve it."""
+
+    @staticmethod
+    def _inference_networks(event_shape, latent_dims, hidden, activation) -> nn.ModuleList:
+        sizes = [None, *latent_dims]
+        return nn.ModuleList(
+            GaussianMLPEncoder(event_shape if layer == 0 else (sizes[layer],), latent_dims[layer], hidden[layer], activation)
+            for layer in range(len(latent_dims)))
+
+    @property
+    def inference_steps(self) -> nn.ModuleList:
+        """``encoder`` as the list of its per-layer networks, bottom first."""
+        return cast(nn.ModuleList, self.encoder)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.latent_dims)
+
+    @property
+    def sites(self) -> Tuple[str, ...]:
+        """The latent sites, bottom (``"z1"``) to top."""
+        return site_names(self.num_layers)
+
+    def kl_weights(self, kl_weight: float = 1.0) -> Tuple[float, ...]:
+        """The KL weight of each layer (z1 first) for the training loop's ``kl_weight``."""
+        if kl_weight >= 1.0:
+            return (float(kl_weight),) * self.num_layers
+        return tuple(min(1.0, float(kl_weight) / f) for f in self.kl_warmup_fractions)
+
+    # Pyro model and guide
+
+    def model(self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None,
+              kl_weight: float = 1.0) -> Tensor:
+        """p(x, z_1..z_L) = p(z_L) prod_l p(z_l | z_{l+1}) p(x | z_1), top-down; returns z_1. ``y`` is ignored."""
+        weights = self.kl_weights(kl_weight)
+        top = self.num_layers
+        with data_plate(x, num_data):
+            with _scaled(weights[top - 1]):
+                z = pyro.sample(f"z{top}", self.prior())
+            for layer in range(top - 1, 0, -1):
+                loc, scale = self.generative[layer - 1](z)
+                with _scaled(weights[layer - 1]):
+                    z = pyro.sample(f"z{layer}", dist.Normal(loc, scale).to_event(1))
+            pyro.sample("x", self.likelihood(*self.decoder(z)), obs=x)
+        return z
+
+    def guide(self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None,
+              kl_weight: float = 1.0) -> Tensor:
+        """q(z_1 | x) prod_l q(z_l | z_{l-1}), bottom-up; returns z_L. ``y`` is ignored."""
+        weights = self.kl_weights(kl_weight)
+        with data_plate(x, num_data):
+            h = x
+            for layer, net in enumerate(self.inference_steps, start=1):
+                loc, scale = net(h)
+                with _scaled(weights[layer - 1]):
+                    h = pyro.sample(f"z{layer}", dist.Normal(loc, scale).to_event(1))
+        return h
+
+    # The fast-path protocol
+
+    def latent_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """``{site: event_shape}`` in the model's (top-down) order."""
+        return {f"z{layer}": (self.latent_dims[layer - 1],) for layer in range(self.num_layers, 0, -1)}
+
+    def log_prior(self, x: Tensor, latents, y: Optional[Tensor] = None) -> Tensor:
+        """log p(z_L) + sum_l log p(z_l | z_{l+1}), ``(*draws, N)``."""
+        top = self.num_layers
+        total = self.prior.log_prob(latents[f"z{top}"])
+        for layer in range(top - 1, 0, -1):
+            loc, scale = self.generative[layer - 1](latents[f"z{layer + 1}"])
+            total = total + normal_log_prob(latents[f"z{layer}"], loc, scale).sum(-1)
+        return total
+
+    def log_likelihood(self, x: Tensor, latents, y: Optional[Tensor] = None) -> Tensor:
+        """log p(x | z_1), ``(*draws, N)``."""
+        return self.likelihood.log_prob(x, *self.decoder(latents["z1"]))
+
+    def sample_guide(self, x: Tensor, num_particles: Optional[int] = None, y: Optional[Tensor] = None):
+        """(``{site: draws}``, log q), the draws Pyro's guide makes (same calls, same order)."""
+        latents: Dict[str, Tensor] = {}
+        log_q: Any = 0.0
+        h = x
+        for layer, net in enumerate(self.inference_steps, start=1):
+            loc, scale = net(h)
+            h = _draw(loc, scale, num_particles if layer == 1 else None)  # layers above inherit the particle dim
+            latents[f"z{layer}"] = h
+            log_q = log_q + normal_log_prob(h, loc, scale).sum(-1)
+        return latents, log_q
+
+    # Conveniences that bypass tracing
+
+    def guide_means(self, x: Tensor) -> Dict[str, Params]:
+        """{site: (loc, scale)} of the guide's Gaussians along its mean path (each z_l at its
+        conditional mean given the layers the guide drew before it), ``(N, d_l)`` each."""
+        out, h = {}, x
+        for layer, net in enumerate(self.inference_steps, start=1):
+            loc, scale = net(h)
+            out[f"z{layer}"] = (loc, scale)
+            h = loc
+        return out
+
+    def encode(self, x: Tensor) -> Params:
+        """(loc, scale) of the top layer's q(z_L | ...) along the guide's mean path, ``(N, d_L)``."""
+        return self.guide_means(x)[f"z{self.num_layers}"]
+
+    def decode(self, z: Tensor) -> Tensor:
+        """E[x | z_1] with z_1 ... z_{L-1} set to their conditional means given the top ``z`` ``(..., d_L)``."""
+        for layer in range(self.num_layers - 1, 0, -1):
+            z = self.generative[layer - 1](z)[0]
+        return self.likelihood.mean(*self.decoder(z))
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """E[x | z_1] at the guide's mean of z_1."""
+        return self.likelihood.mean(*self.decoder(self.guide_means(x)["z1"][0]))
+
+
+class _BottomUpStep(nn.Module):
+    """d_l = act(MLP(d_{l-1})) and the Gaussian head (mu^_l, sigma^_l) on it; inputs may have
+    leading batch dims. With no hidden sizes, d_l = d_{l-1}."""
+
+    def __init__(self, in_dim: int, latent_dim: int, hidden_dims: Sequence[int], activation: str):
+        super().__init__()
+        self.body = mlp([in_dim, *hidden_dims], activation)
+        self.act = ACTIVATIONS[activation]()
+        self.out_dim = hidden_dims[-1] if hidden_dims else in_dim
+        self.head = nn.Linear(self.out_dim, 2 * latent_dim)
+
+    def forward(self, h: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        if len(self.body):
+            h = self.act(self.body(h))
+        loc, log_var = self.head(h).chunk(2, dim=-1)
+        # The clamp keeps exp() finite early in training; it is inactive at sane values.
+        return h, loc, torch.exp(0.5 * log_var.clamp(-30.0, 20.0))
+
+
+class LadderVAE(HierarchicalVAE):
+    """The ladder VAE (Sønderby et al. 2016): the generative path of :class:`HierarchicalVAE`,
+    top-down inference that merges bottom-up and generative Gaussians by precision weighting.
+
+    ``encoder`` holds the bottom-up steps (layer l's ``hidden_dims`` list is its deterministic
+    MLP); the guide calls ``generative`` too, so those networks get gradients from both terms
+    of the ELBO (as in the paper; for reweighted wake-sleep it means the guide's wake phase
+    also moves them).
+    """
+
+    @staticmethod
+    def _inference_networks(event_shape, latent_dims, hidden, activation) -> nn.ModuleList:
+        steps, in_dim = [], math.prod(event_shape)
+        for layer, d in enumerate(latent_dims):
+            step = _BottomUpStep(in_dim, d, hidden[layer], activation)
+            steps.append(step)
+            in_dim = step.out_dim
+        return nn.ModuleList(steps)
+
+    def bottom_up(self, x: Tensor) -> List[Params]:
+        """[(mu^_l, sigma^_l) for l = 1 .. L], each ``(N, d_l)``."""
+        h = x.reshape(*x.shape[: x.dim() - len(self.event_shape)], -1)
+        out = []
+        for step in self.inference_steps:
+            h, loc, scale = step(h)
+            out.append((loc, scale))
+        return out
+
+    def _posterior(self, up: List[Params], layer: int, z_above: Optional[Tensor]) -> Params:
+        """(loc, scale) of q(z_l | z_{l+1}, x): the top layer's bottom-up Gaussian, below it the
+        precision-weighted merge with p(z_l | z_{l+1})."""
+        if z_above is None:
+            return up[layer - 1]
+        p_loc, p_scale = self.generative[layer - 1](z_above)
+        return precision_weighted(up[layer - 1][0], up[layer - 1][1], p_loc, p_scale)
+
+    def guide(self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None,
+              kl_weight: float = 1.0) -> Tensor:
+        """q(z_L | x) prod_l q(z_l | z_{l+1}, x), top-down; returns z_1. ``y`` is ignored."""
+        weights = self.kl_weights(kl_weight)
+        with data_plate(x, num_data):
+            up = self.bottom_up(x)
+            z = None
+            for layer in range(self.num_layers, 0, -1):
+                loc, scale = self._posterior(up, layer, z)
+                with _scaled(weights[layer - 1]):
+                    z = pyro.sample(f"z{layer}", dist.Normal(loc, scale).to_event(1))
+        return cast(Tensor, z)
+
+    def sample_guide(self, x: Tensor, num_particles: Optional[int] = None, y: Optional[Tensor] = None):
+        """(``{site: draws}``, log q), top-down, the draws Pyro's guide makes."""
+        up = self.bottom_up(x)
+        latents: Dict[str, Tensor] = {}
+        log_q: Any = 0.0
+        z: Optional[Tensor] = None
+        for layer in range(self.num_layers, 0, -1):
+            loc, scale = self._posterior(up, layer, z)
+            z = _draw(loc, scale, num_particles if z is None else None)  # lower layers inherit the particle dim
+            latents[f"z{layer}"] = z
+            log_q = log_q + normal_log_prob(z, loc, scale).sum(-1)
+        return latents, log_q
+
+    def guide_means(self, x: Tensor) -> Dict[str, Params]:
+        """{site: (loc, scale)} of q along its mean path (top-down, each z_l at its mean)."""
+        up = self.bottom_up(x)
+        out, z = {}, None
+        for layer in range(self.num_layers, 0, -1):
+            loc, scale = self._posterior(up, layer, z)
+            out[f"z{layer}"] = (loc, scale)
+            z = loc
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry entries
+
+
+def _two_layer_sizes(latent_dim: int, hidden_dim: int, z1_dim: Optional[int],
+                     hidden_dims: Optional[Sequence[Sequence[int]]]) -> Tuple[List[int], Sequence]:
+    z1 = 2 * latent_dim if z1_dim is None else z1_dim
+    if isinstance(z1, bool) or not isinstance(z1, int) or z1 < 1:
+        raise ValueError(f"z1_dim must be a positive integer, got {z1_dim!r}")
+    hidden = [[hidden_dim] * 2, [max(1, hidden_dim // 2)] * 2] if hidden_dims is None else hidden_dims
+    return [z1, latent_dim], hidden
+
+
+def build_two_layer(event_shape: Sequence[int], latent_dim: int, hidden_dim: int, prior: Prior,
+                    likelihood: Likelihood, *, z1_dim: Optional[int] = None,
+                    hidden_dims: Optional[Sequence[Sequence[int]]] = None, activation: str = "tanh",
+                    kl_warmup_fractions: Optional[Sequence[float]] = None, **data_info) -> HierarchicalVAE:
+    """The ``two_layer`` model: z2 has ``latent_dim`` units, z1 ``z1_dim`` (default twice that)."""
+    dims, hidden = _two_layer_sizes(latent_dim, hidden_dim, z1_dim, hidden_dims)
+    return HierarchicalVAE(event_shape, dims, prior, likelihood, hidden_dims=hidden, activation=activation,
+                           kl_warmup_fractions=kl_warmup_fractions)
+
+
+def build_ladder(event_shape: Sequence[int], latent_dim: int, hidden_dim: int, prior: Prior,
+                 likelihood: Likelihood, *, z1_dim: Optional[int] = None,
+                 hidden_dims: Optional[Sequence[Sequence[int]]] = None, activation: str = "tanh",
+                 kl_warmup_fractions: Optional[Sequence[float]] = None, **data_info) -> LadderVAE:
+    """The ``ladder`` model, with the sizes of ``two_layer``."""
+    dims, hidden = _two_layer_sizes(latent_dim, hidden_dim, z1_dim, hidden_dims)
+    return LadderVAE(event_shape, dims, prior, likelihood, hidden_dims=hidden, activation=activation,
+                     kl_warmup_fractions=kl_warmup_fractions)
+
+
+def build_one_layer(event_shape: Sequence[int], latent_dim: int, hidden_dim: int, prior: Prior,
+                    likelihood: Likelihood, *, activation: str = "tanh", **data_info) -> VAE:
+    """Burda et al.'s one-stochastic-layer model: two hidden layers of ``hidden_dim`` each way."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    hidden = (hidden_dim, hidden_dim)
+    encoder = GaussianMLPEncoder(event_shape, latent_dim, hidden, activation)
+    decoder = MLPDecoder(latent_dim, event_shape, likelihood.num_params, hidden, activation)
+    return VAE(encoder, decoder, prior, likelihood, event_shape)
+
+
+MODELS.register("one_layer", doc="Burda et al. 2015, one stochastic layer: x-200-200-z(50), tanh, Bernoulli")(
+    ModelSpec(build_one_layer,
+              "Burda et al. 2015 (sec. 5), one stochastic layer: tanh MLPs x-200-200-z (50) and back, "
+              "Bernoulli likelihood; latent site 'z'",
+              likelihood="bernoulli", latent_dim=50, hidden_dim=200))
+MODELS.register("two_layer", doc="Burda et al. 2015, two stochastic layers z1 (100), z2 (50); bottom-up inference")(
+    ModelSpec(build_two_layer,
+              "Burda et al. 2015 (sec. 5), two stochastic layers: x-200-200-z1 (100)-100-100-z2 (50), tanh, "
+              "generative path mirrored, Bernoulli likelihood; sites 'z1', 'z2'",
+              likelihood="bernoulli", latent_dim=50, hidden_dim=200))
+MODELS.register("ladder", doc="Sønderby et al. 2016 ladder VAE: top-down precision-weighted inference, z1, z2")(
+    ModelSpec(build_ladder,
+              "Sønderby et al. 2016 ladder VAE with the two_layer sizes: bottom-up deterministic pass, top-down "
+              "inference merging bottom-up and generative Gaussians by precision; per-layer KL warm-up "
+              "(option kl_warmup_fractions); sites 'z1', 'z2'",
+              likelihood="bernoulli", latent_dim=50, hidden_dim=200))
+
+
+__all__ = ["HierarchicalVAE", "LadderVAE", "build_ladder", "build_one_layer", "build_two_layer",
+           "precision_weighted", "site_names"]
