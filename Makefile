@@ -40,6 +40,7 @@ docs: $(DOCS_STAMP)
 # static checks (settings in pyproject.toml); formatting is not checked here
 lint: $(LINT_STAMP)
 	$(BIN)/ruff check ppl_vae tests
+	$(BIN)/ruff format --check ppl_vae tests benchmarks
 	$(BIN)/mypy ppl_vae
 
 # ArviZ 1.x needs Python >= 3.12 (the main venv's torch is for 3.11): its export layer in a second venv

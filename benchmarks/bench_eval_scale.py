@@ -60,10 +60,13 @@ def main() -> None:
     print(f"machine: {machine_description()}; {available_cores()} cores available to this process")
     tmp = Path(tempfile.mkdtemp(prefix="bench_eval_scale_"))
     run_dir = tmp / "run"
-    config = RunConfig(model=ModelConfig(model="bernoulli_mlp", latent_dim=20, hidden_dim=500),
-                       data=DataConfig(dataset="mnist", data_dir=str(Path(args.data_dir).resolve()),
-                                       binarize="threshold", train_size=2000),
-                       train=TrainConfig(epochs=1, batch_size=100, device="cpu"))
+    config = RunConfig(
+        model=ModelConfig(model="bernoulli_mlp", latent_dim=20, hidden_dim=500),
+        data=DataConfig(
+            dataset="mnist", data_dir=str(Path(args.data_dir).resolve()), binarize="threshold", train_size=2000
+        ),
+        train=TrainConfig(epochs=1, batch_size=100, device="cpu"),
+    )
     pipeline.fit(config, run_dir, progress=False)
     run = pipeline.load_run(run_dir)
     sel = select_datapoints(run, "test", args.num_datapoints, 0)
@@ -88,8 +91,10 @@ def main() -> None:
                 values[name] = result.dataset["log_likelihood"].values
     report(times, "hand-written", n, FULL_DATAPOINTS)
     diff = np.abs(values["evaluate nproc=1"] - values["evaluate nproc=2"]).max()
-    print(f"largest |1-process − 2-process| per-datapoint log p̂: {diff:.3g} nats; "
-          f"mean log p̂ {values['evaluate nproc=1'].mean():.3f}")
+    print(
+        f"largest |1-process − 2-process| per-datapoint log p̂: {diff:.3g} nats; "
+        f"mean log p̂ {values['evaluate nproc=1'].mean():.3f}"
+    )
 
     if args.skip_compare:
         return
@@ -101,8 +106,15 @@ def main() -> None:
         for nproc in (1, 2):
             name = f"compare nproc={nproc}"
             start = time.perf_counter()
-            result = compare_run(run_dir, num_samples=args.compare_samples, num_datapoints=m, num_draws=10,
-                                 out_dir=tmp / f"c{nproc}", nproc=nproc, progress=False)
+            result = compare_run(
+                run_dir,
+                num_samples=args.compare_samples,
+                num_datapoints=m,
+                num_draws=10,
+                out_dir=tmp / f"c{nproc}",
+                nproc=nproc,
+                progress=False,
+            )
             ctimes[name].append(time.perf_counter() - start)
             cvalues[name] = result.gaps["estimate"].values
     report(ctimes, "compare nproc=1", m, FULL_DATAPOINTS)
@@ -113,12 +125,16 @@ def main() -> None:
 def report(times: dict, reference: str, n: int, full: int) -> None:
     for name, ts in times.items():
         med = statistics.median(ts)
-        line = (f"{name:<20} median {med:8.2f} s (range {min(ts):.2f}-{max(ts):.2f}, {len(ts)} runs); "
-                f"extrapolated to {full:,} datapoints: {med * full / n / 60:.1f} min (linear in datapoints)")
+        line = (
+            f"{name:<20} median {med:8.2f} s (range {min(ts):.2f}-{max(ts):.2f}, {len(ts)} runs); "
+            f"extrapolated to {full:,} datapoints: {med * full / n / 60:.1f} min (linear in datapoints)"
+        )
         if name != reference:
             ratios = [a / b for a, b in zip(ts, times[reference])]
-            line += (f"; ratio to {reference}: median {statistics.median(ratios):.3f}x "
-                     f"({min(ratios):.3f}-{max(ratios):.3f}x)")
+            line += (
+                f"; ratio to {reference}: median {statistics.median(ratios):.3f}x "
+                f"({min(ratios):.3f}-{max(ratios):.3f}x)"
+            )
         print(line)
 
 

@@ -32,8 +32,11 @@ def handwritten_iw(vae, x: torch.Tensor, num_samples: int, batch_size: int, part
             k = min(particle_batch_size, num_samples - k0)
             z = loc + scale * torch.randn((k, *loc.shape), device=x.device)
             (logits,) = vae.decoder(z)
-            log_px = -torch.nn.functional.binary_cross_entropy_with_logits(
-                logits, xb.expand_as(logits), reduction="none").flatten(2).sum(-1)
+            log_px = (
+                -torch.nn.functional.binary_cross_entropy_with_logits(logits, xb.expand_as(logits), reduction="none")
+                .flatten(2)
+                .sum(-1)
+            )
             log_w = log_px + Normal(0.0, 1.0).log_prob(z).sum(-1) - Normal(loc, scale).log_prob(z).sum(-1)
             chunks.append(torch.logsumexp(log_w, 0))
         out.append(torch.logsumexp(torch.stack(chunks), 0) - math.log(num_samples))
@@ -49,11 +52,14 @@ def main() -> None:
     torch.manual_seed(0)
     vae = build_vae("bernoulli_mlp", x.shape[1:], latent_dim=20, hidden_dim=500).to(device).eval()
     pbs = default_particle_batch_size(args.batch_size)
-    print(f"data {tuple(x.shape)} on {device}, K={args.num_samples}, {args.batch_size} datapoints x {pbs} particles per chunk")
+    print(
+        f"data {tuple(x.shape)} on {device}, K={args.num_samples}, {args.batch_size} datapoints x {pbs} particles per chunk"
+    )
 
     def ours():
-        return importance_estimate(vae.model, vae.guide, x, num_samples=args.num_samples,
-                                   batch_size=args.batch_size, particle_batch_size=pbs).log_likelihood
+        return importance_estimate(
+            vae.model, vae.guide, x, num_samples=args.num_samples, batch_size=args.batch_size, particle_batch_size=pbs
+        ).log_likelihood
 
     def theirs():
         return handwritten_iw(vae, x, args.num_samples, args.batch_size, pbs)

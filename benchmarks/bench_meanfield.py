@@ -53,9 +53,19 @@ def main() -> None:
 
     def ours():
         # a window longer than the run: no plateau check stops it, so both sides take args.steps Adam steps
-        result = fit_mean_field(vae.model, x, guide=vae.guide, max_steps=args.steps, tol=0.0, num_lr_decays=0,
-                                window=args.steps + 1, batch_size=args.num_data, num_eval_samples=1, polish=False,
-                                progress=False)
+        result = fit_mean_field(
+            vae.model,
+            x,
+            guide=vae.guide,
+            max_steps=args.steps,
+            tol=0.0,
+            num_lr_decays=0,
+            window=args.steps + 1,
+            batch_size=args.num_data,
+            num_eval_samples=1,
+            polish=False,
+            progress=False,
+        )
         assert int(result.num_steps[0]) == args.steps, int(result.num_steps[0])
 
     def theirs():

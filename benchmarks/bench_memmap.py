@@ -57,8 +57,7 @@ def write_file(path: Path, gb: float, data_dir: str | None) -> int:
         base = load_dataset("mnist", data_dir, binarize="threshold").train.numpy()
     else:
         base = (np.random.default_rng(0).random((10_000, *ROW)) < 0.13).astype(np.float32)
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
-              "shape": (n, *ROW)}
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": (n, *ROW)}
     with open(path, "wb") as f:
         np.lib.format.write_array_header_1_0(f, header)
         written = 0
@@ -71,8 +70,7 @@ def write_file(path: Path, gb: float, data_dir: str | None) -> int:
     return n
 
 
-def child(path: str, epochs: int, batch_size: int, hidden_dim: int, mode: str,
-          train_size: int | None) -> dict:
+def child(path: str, epochs: int, batch_size: int, hidden_dim: int, mode: str, train_size: int | None) -> dict:
     import torch
 
     from ppl_vae import pipeline
@@ -118,20 +116,30 @@ def main() -> None:
     parser.add_argument("--dir", default="/tmp", help="Where to write it (removed afterwards).")
     parser.add_argument("--data-dir", default=None, help="MNIST IDX files (default: synthetic images).")
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--train-size", type=int, default=None,
-                        help="Train on this many of the training rows (random rows of the file; default all). "
-                             "The whole file is still scanned at load and the whole test split evaluated.")
+    parser.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="Train on this many of the training rows (random rows of the file; default all). "
+        "The whole file is still scanned at load and the whole test split evaluated.",
+    )
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--hidden-dim", type=int, default=200)
     parser.add_argument("--keep", action="store_true", help="Keep the .npy file.")
-    parser.add_argument("--mode", nargs="+", choices=["disk", "memory"], default=["disk"],
-                        help="disk: rows read per batch (the default for files >= 1 GiB); memory: loaded into "
-                             "tensors (the default below 1 GiB). Each runs in its own process.")
+    parser.add_argument(
+        "--mode",
+        nargs="+",
+        choices=["disk", "memory"],
+        default=["disk"],
+        help="disk: rows read per batch (the default for files >= 1 GiB); memory: loaded into "
+        "tensors (the default below 1 GiB). Each runs in its own process.",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(child(args.child, args.epochs, args.batch_size, args.hidden_dim, args.mode[0],
-                               args.train_size)))
+        print(
+            json.dumps(child(args.child, args.epochs, args.batch_size, args.hidden_dim, args.mode[0], args.train_size))
+        )
         return
 
     free = shutil.disk_usage(args.dir).free
@@ -142,25 +150,45 @@ def main() -> None:
         t0 = time.perf_counter()
         n = write_file(path, args.gb, args.data_dir)
         size = path.stat().st_size
-        print(f"wrote {path}: {n:,} rows of {ROW}, {size / 2**30:.2f} GiB, in {time.perf_counter() - t0:.1f} s "
-              f"({args.dir}: {free / 1e9:.0f} GB free before)")
+        print(
+            f"wrote {path}: {n:,} rows of {ROW}, {size / 2**30:.2f} GiB, in {time.perf_counter() - t0:.1f} s "
+            f"({args.dir}: {free / 1e9:.0f} GB free before)"
+        )
         for mode in args.mode:
-            cmd = [sys.executable, __file__, "--child", str(path), "--epochs", str(args.epochs),
-                   "--batch-size", str(args.batch_size), "--hidden-dim", str(args.hidden_dim), "--mode", mode]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                str(path),
+                "--epochs",
+                str(args.epochs),
+                "--batch-size",
+                str(args.batch_size),
+                "--hidden-dim",
+                str(args.hidden_dim),
+                "--mode",
+                mode,
+            ]
             if args.train_size:
                 cmd += ["--train-size", str(args.train_size)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.exit(proc.stderr)
             r = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(f"[{mode}] bernoulli_mlp 784-{args.hidden_dim}-20, batch {args.batch_size}, {args.epochs} epoch(s), "
-                  f"{r['num_train']:,} train / {r['num_test']:,} test rows, data held as {r['train_type']}")
-            print(f"[{mode}] fit: {r['fit_seconds']:.1f} s in all, {r['train_seconds']:.1f} s training "
-                  f"({r['num_train'] * args.epochs / r['train_seconds']:,.0f} rows/s); test ELBO {r['test_elbo']:.2f} "
-                  "nats per datapoint (Monte Carlo estimate of a lower bound)")
-            print(f"[{mode}] RSS after imports {r['rss_after_imports_mib']:.0f} MiB, after opening the data "
-                  f"{r['rss_after_load_mib']:.0f} MiB, peak {r['peak_rss_mib']:.0f} MiB; peak RSS / file size "
-                  f"{r['peak_rss_mib'] / (size / 2**20):.3f} ({r['peak_rss_mib']:.0f} MiB for a {size / 2**20:.0f} MiB file)")
+            print(
+                f"[{mode}] bernoulli_mlp 784-{args.hidden_dim}-20, batch {args.batch_size}, {args.epochs} epoch(s), "
+                f"{r['num_train']:,} train / {r['num_test']:,} test rows, data held as {r['train_type']}"
+            )
+            print(
+                f"[{mode}] fit: {r['fit_seconds']:.1f} s in all, {r['train_seconds']:.1f} s training "
+                f"({r['num_train'] * args.epochs / r['train_seconds']:,.0f} rows/s); test ELBO {r['test_elbo']:.2f} "
+                "nats per datapoint (Monte Carlo estimate of a lower bound)"
+            )
+            print(
+                f"[{mode}] RSS after imports {r['rss_after_imports_mib']:.0f} MiB, after opening the data "
+                f"{r['rss_after_load_mib']:.0f} MiB, peak {r['peak_rss_mib']:.0f} MiB; peak RSS / file size "
+                f"{r['peak_rss_mib'] / (size / 2**20):.3f} ({r['peak_rss_mib']:.0f} MiB for a {size / 2**20:.0f} MiB file)"
+            )
     finally:
         if not args.keep:
             path.unlink(missing_ok=True)

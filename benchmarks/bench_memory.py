@@ -51,9 +51,21 @@ def main() -> None:
         return
     print(f"IW peak memory, {args.num_data} datapoints, bernoulli_mlp 784-500-20, device {args.device}")
     for k in args.num_samples:
-        cmd = [sys.executable, __file__, "--child", str(k), "--device", args.device,
-               "--num-data", str(args.num_data), "--batch-size", str(args.batch_size)]
-        result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            str(k),
+            "--device",
+            args.device,
+            "--num-data",
+            str(args.num_data),
+            "--batch-size",
+            str(args.batch_size),
+        ]
+        result = json.loads(
+            subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        )
         line = f"K={k:>5}: peak RSS +{result['peak_rss_increase_mib']:.1f} MiB"
         if "peak_cuda_mib" in result:
             line += f", peak CUDA {result['peak_cuda_mib']:.1f} MiB"

@@ -42,7 +42,9 @@ def load_mnist(folder, n):
     return torch.from_numpy((raw.astype(np.float32) / 255.0 > 0.5).astype(np.float32))
 """
 
-PYTHAE = LOAD + r"""
+PYTHAE = (
+    LOAD
+    + r"""
 import sys, time, torch, tempfile
 from torch import nn
 from pythae.models import VAE, VAEConfig
@@ -73,8 +75,11 @@ with tempfile.TemporaryDirectory() as out:
     TrainingPipeline(training_config=config, model=model)(train_data=x)
     print("TRAIN_SECONDS", time.perf_counter() - start)
 """
+)
 
-HANDWRITTEN = LOAD + r"""
+HANDWRITTEN = (
+    LOAD
+    + r"""
 import sys, time, torch
 sys.path.insert(0, sys.argv[6])
 from common import handwritten_epoch
@@ -87,8 +92,11 @@ vae = build_vae("bernoulli_mlp", x.shape[1:], latent_dim=20, hidden_dim=500)
 opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
 print("TRAIN_SECONDS", sum(handwritten_epoch(vae, opt, x, batch) for _ in range(epochs)))
 """
+)
 
-PPL_VAE = LOAD + r"""
+PPL_VAE = (
+    LOAD
+    + r"""
 import sys, tempfile, torch
 import ppl_vae
 from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
@@ -101,6 +109,7 @@ with tempfile.TemporaryDirectory() as out:
     run = ppl_vae.fit(config, out + "/run", progress=False)
     print("TRAIN_SECONDS", float(run.history["wall_time"].values[-1]))
 """
+)
 
 
 def side(python: str, script: str, args: list) -> tuple[float, float]:
@@ -126,24 +135,35 @@ def main() -> None:
     threads = args.threads or len(os.sched_getaffinity(0))
     data_dir = str(Path(args.data_dir).resolve())
     common = [data_dir, args.num_data, args.batch_size, args.epochs, threads, HERE]
-    sides = {"ppl_vae": (sys.executable, PPL_VAE), "pythae": (args.pythae_python, PYTHAE),
-             "hand-written": (sys.executable, HANDWRITTEN)}
+    sides = {
+        "ppl_vae": (sys.executable, PPL_VAE),
+        "pythae": (args.pythae_python, PYTHAE),
+        "hand-written": (sys.executable, HANDWRITTEN),
+    }
     train = {k: [] for k in sides}
     wall = {k: [] for k in sides}
-    print(f"{args.num_data} MNIST images, batch {args.batch_size}, {args.epochs} epoch(s), {threads} threads per process")
+    print(
+        f"{args.num_data} MNIST images, batch {args.batch_size}, {args.epochs} epoch(s), {threads} threads per process"
+    )
     for r in range(args.repeats):
         for name, (python, script) in sides.items():
             t, w = side(python, script, common)
             train[name].append(t / args.epochs)
             wall[name].append(w)
-            print(f"  round {r + 1}: {name:<12} {t / args.epochs:7.2f} s/epoch training, {w:7.2f} s process", flush=True)
+            print(
+                f"  round {r + 1}: {name:<12} {t / args.epochs:7.2f} s/epoch training, {w:7.2f} s process", flush=True
+            )
     for name in sides:
-        print(f"{name:<12} median {statistics.median(train[name]):.2f} s/epoch, process {statistics.median(wall[name]):.2f} s")
+        print(
+            f"{name:<12} median {statistics.median(train[name]):.2f} s/epoch, process {statistics.median(wall[name]):.2f} s"
+        )
     for other in ("pythae", "hand-written"):
         for what, d in (("per epoch", train), ("whole process", wall)):
             ratios = [a / b for a, b in zip(d["ppl_vae"], d[other])]
-            print(f"ppl_vae / {other} {what}: median {statistics.median(ratios):.3f}x "
-                  f"({min(ratios):.3f}-{max(ratios):.3f}x, {len(ratios)} rounds)")
+            print(
+                f"ppl_vae / {other} {what}: median {statistics.median(ratios):.3f}x "
+                f"({min(ratios):.3f}-{max(ratios):.3f}x, {len(ratios)} rounds)"
+            )
 
 
 if __name__ == "__main__":

@@ -57,8 +57,18 @@ def main() -> None:
     times, modules = [], {}
     for i in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-c", f"HEAVY = {HEAVY!r}\n" + CHILD, "fit", "--epochs", "1", "--no-progress",
-                   "--out", os.path.join(tmp, "run"), *data]
+            cmd = [
+                sys.executable,
+                "-c",
+                f"HEAVY = {HEAVY!r}\n" + CHILD,
+                "fit",
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--out",
+                os.path.join(tmp, "run"),
+                *data,
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
             if not line:
@@ -66,8 +76,10 @@ def main() -> None:
             result = json.loads(line[0][7:])
             times.append(result["elapsed"])
             modules = result["modules"]
-    print(f"process start to the first training step: median {statistics.median(times):.2f} s "
-          f"(range {min(times):.2f}-{max(times):.2f}, {len(times)} fresh processes; /proc clock, 10 ms ticks)")
+    print(
+        f"process start to the first training step: median {statistics.median(times):.2f} s "
+        f"(range {min(times):.2f}-{max(times):.2f}, {len(times)} fresh processes; /proc clock, 10 ms ticks)"
+    )
     print("imported before the first step: " + ", ".join(f"{m} {'yes' if v else 'no'}" for m, v in modules.items()))
 
 

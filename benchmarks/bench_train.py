@@ -57,16 +57,24 @@ def main() -> None:
     parser.add_argument("--compile", default=None, help="torch.compile backend for the fused loss (e.g. inductor)")
     args = parser.parse_args()
     device, x = setup(args)
-    print(f"data: {tuple(x.shape)} on {device}; network 784-{args.hidden_dim}-{args.latent_dim}; elbo {args.elbo}"
-          f"{' through Pyro tracing (no fused path)' if args.no_fused else ''}"
-          f"{f'; loss compiled with torch.compile backend {args.compile}' if args.compile else ''}")
+    print(
+        f"data: {tuple(x.shape)} on {device}; network 784-{args.hidden_dim}-{args.latent_dim}; elbo {args.elbo}"
+        f"{' through Pyro tracing (no fused path)' if args.no_fused else ''}"
+        f"{f'; loss compiled with torch.compile backend {args.compile}' if args.compile else ''}"
+    )
     for batch_size in args.batch_size:
         torch.manual_seed(0)
         vae = build_vae("bernoulli_mlp", x.shape[1:], latent_dim=args.latent_dim, hidden_dim=args.hidden_dim).to(device)
         hand = copy.deepcopy(vae)
         hand_opt = torch.optim.Adam(hand.parameters(), lr=1e-3)
-        config = TrainConfig(epochs=0, batch_size=batch_size, elbo=args.elbo, device=args.device,
-                             fused_elbo=not args.no_fused, compile=args.compile)
+        config = TrainConfig(
+            epochs=0,
+            batch_size=batch_size,
+            elbo=args.elbo,
+            device=args.device,
+            fused_elbo=not args.no_fused,
+            compile=args.compile,
+        )
         data = Dataset("bench", x, x[:2])  # a tiny test set: evaluation is not timed anyway
         stepper = METHODS.get("svi")(vae, config)
         state = TrainState()
@@ -83,18 +91,22 @@ def main() -> None:
             ratios.append(t_ours / t_hand)
             ours.append(t_ours)
             theirs.append(t_hand)
-        print(f"batch {batch_size}: ppl_vae {statistics.median(ours):.3f} s/epoch, hand-written "
-              f"{statistics.median(theirs):.3f} s/epoch ({x.shape[0] / statistics.median(ours):.0f} vs "
-              f"{x.shape[0] / statistics.median(theirs):.0f} images/s)")
+        print(
+            f"batch {batch_size}: ppl_vae {statistics.median(ours):.3f} s/epoch, hand-written "
+            f"{statistics.median(theirs):.3f} s/epoch ({x.shape[0] / statistics.median(ours):.0f} vs "
+            f"{x.shape[0] / statistics.median(theirs):.0f} images/s)"
+        )
         print(summarize(f"batch {batch_size} ratio ppl_vae/hand-written", ratios))
         flops = training_flops(batch_size, x.shape[0], args.hidden_dim, args.latent_dim)
         peak = matmul_gflops([(2048, 2048, 2048)], device)
         shaped = matmul_gflops([(batch_size, 784, args.hidden_dim), (batch_size, args.hidden_dim, 784)], device)
-        print(f"FLOP limit: torch.matmul sustains {peak:.1f} GFLOP/s on 2048x2048 and {shaped:.1f} GFLOP/s at this "
-              f"batch's layer shapes; an epoch is {flops / 1e9:.1f} GFLOP of matrix products, so ppl_vae reaches "
-              f"{flops / statistics.median(ours) / 1e9:.1f} GFLOP/s ({flops / statistics.median(ours) / 1e9 / peak:.0%}"
-              f" of the 2048² rate, {flops / statistics.median(ours) / 1e9 / shaped:.0%} of the layer-shape rate), "
-              f"hand-written {flops / statistics.median(theirs) / 1e9:.1f} GFLOP/s")
+        print(
+            f"FLOP limit: torch.matmul sustains {peak:.1f} GFLOP/s on 2048x2048 and {shaped:.1f} GFLOP/s at this "
+            f"batch's layer shapes; an epoch is {flops / 1e9:.1f} GFLOP of matrix products, so ppl_vae reaches "
+            f"{flops / statistics.median(ours) / 1e9:.1f} GFLOP/s ({flops / statistics.median(ours) / 1e9 / peak:.0%}"
+            f" of the 2048² rate, {flops / statistics.median(ours) / 1e9 / shaped:.0%} of the layer-shape rate), "
+            f"hand-written {flops / statistics.median(theirs) / 1e9:.1f} GFLOP/s"
+        )
 
 
 if __name__ == "__main__":

@@ -55,45 +55,76 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--startup-repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="OMP_NUM_THREADS for both sides (default: torch's own choice)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="OMP_NUM_THREADS for both sides (default: torch's own choice)"
+    )
     args = parser.parse_args()
     if args.threads:
         ENV["OMP_NUM_THREADS"] = ENV["MKL_NUM_THREADS"] = str(args.threads)
 
     exe = Path(sys.executable).with_name("ppl-vae")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"load average {os.getloadavg()[0]:.1f} at start, OMP_NUM_THREADS={ENV.get('OMP_NUM_THREADS', 'unset')}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"load average {os.getloadavg()[0]:.1f} at start, OMP_NUM_THREADS={ENV.get('OMP_NUM_THREADS', 'unset')}"
+    )
     helps = [timed([str(exe), "--help"])[0] for _ in range(args.startup_repeats)]
     torches = [timed([sys.executable, "-c", "import torch"])[0] for _ in range(args.startup_repeats)]
-    print(f"ppl-vae --help: median {statistics.median(helps):.3f} s (range {min(helps):.3f}-{max(helps):.3f}, "
-          f"{len(helps)} runs); python -c 'import torch': median {statistics.median(torches):.3f} s")
+    print(
+        f"ppl-vae --help: median {statistics.median(helps):.3f} s (range {min(helps):.3f}-{max(helps):.3f}, "
+        f"{len(helps)} runs); python -c 'import torch': median {statistics.median(torches):.3f} s"
+    )
 
     work = Path(tempfile.mkdtemp(prefix="bench-whole-"))
     wall, cpu = {"ours": [], "theirs": []}, {"ours": [], "theirs": []}
     try:
         for i in range(args.repeats):
-            t_theirs, line_theirs, c_theirs = timed([sys.executable, str(HERE / "handwritten_fit.py"), "--data-dir",
-                                                     args.data_dir, "--epochs", str(args.epochs),
-                                                     "--out", str(work / f"hw{i}")])
-            t_ours, line_ours, c_ours = timed([str(exe), "fit", "--dataset", args.dataset, "--data-dir", args.data_dir,
-                                               "--epochs", str(args.epochs), "--out", str(work / f"run{i}"),
-                                               "--no-progress"])
+            t_theirs, line_theirs, c_theirs = timed(
+                [
+                    sys.executable,
+                    str(HERE / "handwritten_fit.py"),
+                    "--data-dir",
+                    args.data_dir,
+                    "--epochs",
+                    str(args.epochs),
+                    "--out",
+                    str(work / f"hw{i}"),
+                ]
+            )
+            t_ours, line_ours, c_ours = timed(
+                [
+                    str(exe),
+                    "fit",
+                    "--dataset",
+                    args.dataset,
+                    "--data-dir",
+                    args.data_dir,
+                    "--epochs",
+                    str(args.epochs),
+                    "--out",
+                    str(work / f"run{i}"),
+                    "--no-progress",
+                ]
+            )
             wall["ours"].append(t_ours), wall["theirs"].append(t_theirs)
             cpu["ours"].append(c_ours), cpu["theirs"].append(c_theirs)
-            print(f"pair {i + 1}: ppl-vae fit {t_ours:.1f} s wall / {c_ours:.1f} s CPU, hand-written "
-                  f"{t_theirs:.1f} s wall / {c_theirs:.1f} s CPU; ratios {t_ours / t_theirs:.3f} wall, "
-                  f"{c_ours / c_theirs:.3f} CPU (load average {os.getloadavg()[0]:.1f})")
+            print(
+                f"pair {i + 1}: ppl-vae fit {t_ours:.1f} s wall / {c_ours:.1f} s CPU, hand-written "
+                f"{t_theirs:.1f} s wall / {c_theirs:.1f} s CPU; ratios {t_ours / t_theirs:.3f} wall, "
+                f"{c_ours / c_theirs:.3f} CPU (load average {os.getloadavg()[0]:.1f})"
+            )
             print(f"  ppl-vae:      {line_ours}")
             print(f"  hand-written: {line_theirs}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for what, times in (("wall", wall), ("CPU", cpu)):
         ratios = [a / b for a, b in zip(times["ours"], times["theirs"])]
-        print(f"{args.dataset}, {args.epochs} epochs, whole process, {what} time: ppl-vae fit median "
-              f"{statistics.median(times['ours']):.1f} s, hand-written median {statistics.median(times['theirs']):.1f} s; "
-              f"ratio ppl-vae / hand-written median {statistics.median(ratios):.3f} "
-              f"(range {min(ratios):.3f}-{max(ratios):.3f}, {len(ratios)} interleaved pairs)")
+        print(
+            f"{args.dataset}, {args.epochs} epochs, whole process, {what} time: ppl-vae fit median "
+            f"{statistics.median(times['ours']):.1f} s, hand-written median {statistics.median(times['theirs']):.1f} s; "
+            f"ratio ppl-vae / hand-written median {statistics.median(ratios):.3f} "
+            f"(range {min(ratios):.3f}-{max(ratios):.3f}, {len(ratios)} interleaved pairs)"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -17,8 +17,10 @@ from ppl_vae.models import VAE
 
 def machine_description() -> str:
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA"
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-            f"torch {torch.__version__}, {cuda}, Python {platform.python_version()}")
+    return (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, {cuda}, Python {platform.python_version()}"
+    )
 
 
 def base_parser(doc: str, *, num_data: int, repeats: int) -> argparse.ArgumentParser:
@@ -97,8 +99,9 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def interleave(ours: Callable[[], object], theirs: Callable[[], object], repeats: int,
-               device: torch.device) -> tuple[List[float], List[float], List[float]]:
+def interleave(
+    ours: Callable[[], object], theirs: Callable[[], object], repeats: int, device: torch.device
+) -> tuple[List[float], List[float], List[float]]:
     """Time the two alternately ``repeats`` times: (ratios ours/theirs, our times, their times)."""
     ratios, t_ours, t_theirs = [], [], []
     for _ in range(repeats):
@@ -111,5 +114,7 @@ def interleave(ours: Callable[[], object], theirs: Callable[[], object], repeats
 
 
 def summarize(name: str, ratios: List[float]) -> str:
-    return (f"{name}: median {statistics.median(ratios):.3f}x, range {min(ratios):.3f}-{max(ratios):.3f}x "
-            f"over {len(ratios)} interleaved runs")
+    return (
+        f"{name}: median {statistics.median(ratios):.3f}x, range {min(ratios):.3f}-{max(ratios):.3f}x "
+        f"over {len(ratios)} interleaved runs"
+    )

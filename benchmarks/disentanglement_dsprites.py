@@ -35,9 +35,11 @@ def config(objective: dict, seed: int, epochs: int, num_images: int, latent_dim:
     train = dict(epochs=epochs, batch_size=64, lr=1e-3, seed=seed, device="cpu", train_eval_size=1000, **objective)
     if objective["objective"] == "capacity":
         train.update(capacity_start_epoch=0.0, capacity_end_epoch=0.75 * epochs)
-    return RunConfig(model=ModelConfig(model="bernoulli_mlp", latent_dim=latent_dim, hidden_dim=hidden_dim),
-                     data=DataConfig(dataset="dsprites", num_images=num_images, split_seed=0),
-                     train=TrainConfig(**train))
+    return RunConfig(
+        model=ModelConfig(model="bernoulli_mlp", latent_dim=latent_dim, hidden_dim=hidden_dim),
+        data=DataConfig(dataset="dsprites", num_images=num_images, split_seed=0),
+        train=TrainConfig(**train),
+    )
 
 
 def main() -> None:
@@ -62,8 +64,10 @@ def main() -> None:
                 run = ppl_vae.resume(run_dir, progress=False)
             else:
                 run = ppl_vae.fit(cfg, run_dir, progress=False)
-            print(f"{name} seed {seed}: test ELBO {run.final['test_elbo']:.2f} ({time.perf_counter() - start:.0f} s)",
-                  flush=True)
+            print(
+                f"{name} seed {seed}: test ELBO {run.final['test_elbo']:.2f} ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
             if args.train_only:
                 continue
             from ppl_vae.analysis.disentanglement import disentanglement_metrics
@@ -77,27 +81,42 @@ def main() -> None:
         return
     names = list(OBJECTIVES)
     shape = (len(names), len(args.seeds))
-    out = {"test_elbo": np.full(shape, np.nan), "mig": np.full(shape, np.nan), "dci_disentanglement": np.full(shape, np.nan),
-           "active_units": np.full(shape, np.nan)}
+    out = {
+        "test_elbo": np.full(shape, np.nan),
+        "mig": np.full(shape, np.nan),
+        "dci_disentanglement": np.full(shape, np.nan),
+        "active_units": np.full(shape, np.nan),
+    }
     for name, seed, elbo, m in rows:
         i, j = names.index(name), args.seeds.index(seed)
         out["test_elbo"][i, j] = elbo
         out["mig"][i, j] = float(m["mig"])
         out["dci_disentanglement"][i, j] = float(m["dci_disentanglement"])
         out["active_units"][i, j] = float(m["active_units"])
-    ds = xr.Dataset({k: (("objective", "seed"), v) for k, v in out.items()},
-                    coords={"objective": names, "seed": args.seeds},
-                    attrs={"epochs": args.epochs, "num_images": args.num_images, "latent_dim": args.latent_dim,
-                           "hidden_dim": args.hidden_dim, "data": "dsprites re-rendered (ppl_vae.data.dsprites)"})
+    ds = xr.Dataset(
+        {k: (("objective", "seed"), v) for k, v in out.items()},
+        coords={"objective": names, "seed": args.seeds},
+        attrs={
+            "epochs": args.epochs,
+            "num_images": args.num_images,
+            "latent_dim": args.latent_dim,
+            "hidden_dim": args.hidden_dim,
+            "data": "dsprites re-rendered (ppl_vae.data.dsprites)",
+        },
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     ds.to_netcdf(args.out / "results.nc", engine="h5netcdf")
     print(f"{'objective':<12} {'test ELBO':>18} {'MIG':>16} {'DCI dis.':>16} {'active':>8}")
     for i, name in enumerate(names):
         cell = lambda v: f"{np.mean(v):8.3f} ± {np.std(v, ddof=1) if len(v) > 1 else float('nan'):.3f}"  # noqa: E731
-        print(f"{name:<12} {cell(out['test_elbo'][i]):>18} {cell(out['mig'][i]):>16} "
-              f"{cell(out['dci_disentanglement'][i]):>16} {np.mean(out['active_units'][i]):8.1f}")
-        print(f"{'':<12} per seed: ELBO {np.round(out['test_elbo'][i], 2).tolist()} MIG "
-              f"{np.round(out['mig'][i], 3).tolist()}")
+        print(
+            f"{name:<12} {cell(out['test_elbo'][i]):>18} {cell(out['mig'][i]):>16} "
+            f"{cell(out['dci_disentanglement'][i]):>16} {np.mean(out['active_units'][i]):8.1f}"
+        )
+        print(
+            f"{'':<12} per seed: ELBO {np.round(out['test_elbo'][i], 2).tolist()} MIG "
+            f"{np.round(out['mig'][i], 3).tolist()}"
+        )
 
 
 if __name__ == "__main__":

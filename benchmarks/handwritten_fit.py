@@ -97,16 +97,26 @@ def main() -> None:
             loss.backward()
             opt.step()
         wall += time.perf_counter() - start
-        history.append({"epoch": epoch, "train_elbo": mean_elbo(enc, dec, train[eval_idx]),
-                        "test_elbo": mean_elbo(enc, dec, test), "wall_time": wall})
+        history.append(
+            {
+                "epoch": epoch,
+                "train_elbo": mean_elbo(enc, dec, train[eval_idx]),
+                "test_elbo": mean_elbo(enc, dec, test),
+                "wall_time": wall,
+            }
+        )
         tmp = out / "checkpoint.pt.tmp"
-        torch.save({"encoder": enc.state_dict(), "decoder": dec.state_dict(), "optimizer": opt.state_dict(),
-                    "epoch": epoch}, tmp)
+        torch.save(
+            {"encoder": enc.state_dict(), "decoder": dec.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch},
+            tmp,
+        )
         os.replace(tmp, out / "checkpoint.pt")
         (out / "history.json").write_text(json.dumps(history))
     last = history[-1]
-    print(f"epoch {last['epoch']}: train ELBO {last['train_elbo']:.3f}, test ELBO {last['test_elbo']:.3f} "
-          f"nats per datapoint ({wall:.1f} s training)")
+    print(
+        f"epoch {last['epoch']}: train ELBO {last['train_elbo']:.3f}, test ELBO {last['test_elbo']:.3f} "
+        f"nats per datapoint ({wall:.1f} s training)"
+    )
 
 
 if __name__ == "__main__":

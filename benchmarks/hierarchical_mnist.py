@@ -30,14 +30,37 @@ PPL_VAE = [sys.executable, "-m", "ppl_vae.cli"]
 
 
 def runs(args):
-    common = ["--dataset", "mnist", "--data-dir", str(args.data_dir), "--binarize", "dynamic",
-              "--train-size", str(args.train_size), "--epochs", str(args.epochs), "--method", "svi",
-              "--batch-size", str(args.batch_size), "--lr", "1e-3", "--seed", "0", "--device", "cpu", "--no-progress"]
+    common = [
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(args.data_dir),
+        "--binarize",
+        "dynamic",
+        "--train-size",
+        str(args.train_size),
+        "--epochs",
+        str(args.epochs),
+        "--method",
+        "svi",
+        "--batch-size",
+        str(args.batch_size),
+        "--lr",
+        "1e-3",
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     yield "one_layer", ["--model", "one_layer"] + common
     yield "two_layer", ["--model", "two_layer"] + common
     yield "ladder", ["--model", "ladder"] + common
-    yield "ladder_warmup", ["--model", "ladder", "--kl-warmup", str(args.warmup),
-                            "--model-option", "kl_warmup_fractions=[0.5,1.0]"] + common
+    yield (
+        "ladder_warmup",
+        ["--model", "ladder", "--kl-warmup", str(args.warmup), "--model-option", "kl_warmup_fractions=[0.5,1.0]"]
+        + common,
+    )
 
 
 def timed(cmd, log):
@@ -71,8 +94,11 @@ def diagnostics(dirs, num_datapoints: int) -> None:
         sel = select_datapoints(run, "test", num_datapoints, 0)
         start = time.process_time()
         ds = collapse_diagnostics(run.vae.model, run.vae.guide, sel.x)
-        print(f"{run_dir.name}: active units {active_units_line(ds)}; total KL {float(ds['kl'].sum()):.2f} nats "
-              f"({time.process_time() - start:.0f} s CPU)", flush=True)
+        print(
+            f"{run_dir.name}: active units {active_units_line(ds)}; total KL {float(ds['kl'].sum()):.2f} nats "
+            f"({time.process_time() - start:.0f} s CPU)",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -105,9 +131,21 @@ def main() -> None:
     if args.diagnostics_only:
         diagnostics(dirs, args.num_datapoints)
         return
-    compare = PPL_VAE + ["compare", *map(str, dirs), "--estimator", "iw", "-k", str(args.num_samples),
-                         "--num-datapoints", str(args.num_datapoints), "--seed", "0", "--no-progress",
-                         "--out", str(args.out / "multirun")]
+    compare = PPL_VAE + [
+        "compare",
+        *map(str, dirs),
+        "--estimator",
+        "iw",
+        "-k",
+        str(args.num_samples),
+        "--num-datapoints",
+        str(args.num_datapoints),
+        "--seed",
+        "0",
+        "--no-progress",
+        "--out",
+        str(args.out / "multirun"),
+    ]
     total += timed(compare, args.out / "compare.log")
     print((args.out / "compare.log").read_text())
     print(f"total CPU time of the commands: {total / 60:.1f} min")

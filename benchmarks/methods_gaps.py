@@ -47,8 +47,15 @@ def main() -> None:
             est = importance_estimate(vae.model, vae.guide, x, num_samples=args.num_samples, batch_size=100)
         init = "prior" if isinstance(vae, IAFGuideVAE) else "encoder"  # a flow guide has no closed-form moments
         mf = fit_mean_field(vae.model, x, guide=vae.guide, init=init, progress=False, num_eval_samples=1000)
-        flow = fit_local_flow(vae.model, x, init_loc=mf.loc, init_scale=mf.scale, num_flows=2,
-                              max_steps=args.flow_steps, num_eval_samples=args.num_samples)
+        flow = fit_local_flow(
+            vae.model,
+            x,
+            init_loc=mf.loc,
+            init_scale=mf.scale,
+            num_flows=2,
+            max_steps=args.flow_steps,
+            num_eval_samples=args.num_samples,
+        )
         # Both IW estimates are stochastic lower bounds on log p(x); the reference is the larger.
         best = torch.maximum(est.log_likelihood, flow.estimate.log_likelihood)
         row = {

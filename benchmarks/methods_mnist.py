@@ -30,8 +30,13 @@ VARIANTS = {
     "vamp_prior": dict(method="svi", num_particles=1, prior="vamp", prior_options={"num_components": 100}),
     # extras, not in the default set
     "dreg_k50": dict(method="dreg", num_particles=50),
-    "vamp_prior_warmup": dict(method="svi", num_particles=1, prior="vamp", prior_options={"num_components": 100},
-                              train={"kl_warmup_epochs": 3}),
+    "vamp_prior_warmup": dict(
+        method="svi",
+        num_particles=1,
+        prior="vamp",
+        prior_options={"num_components": 100},
+        train={"kl_warmup_epochs": 3},
+    ),
 }
 DEFAULT_VARIANTS = ["elbo", "iwae_k5", "iwae_k50", "iaf_guide", "vamp_prior"]
 
@@ -57,16 +62,25 @@ def main() -> None:
         x = pipeline.load_data(base.config).test[: args.num_test]
         torch.manual_seed(0)
         with torch.no_grad():
-            per_datapoint["elbo"] = importance_estimate(base.vae.model, base.vae.guide, x,
-                                                        num_samples=args.num_samples, batch_size=100).log_likelihood
+            per_datapoint["elbo"] = importance_estimate(
+                base.vae.model, base.vae.guide, x, num_samples=args.num_samples, batch_size=100
+            ).log_likelihood
     for name in args.variants:
         v = dict(VARIANTS[name])
         method, k, train_extra = v.pop("method"), v.pop("num_particles"), v.pop("train", {})
         config = RunConfig(
             model=ModelConfig(model="bernoulli_mlp", latent_dim=args.latent_dim, hidden_dim=args.hidden_dim, **v),
             data=DataConfig(dataset="mnist", data_dir=args.data_dir, binarize="dynamic", train_size=args.train_size),
-            train=TrainConfig(method=method, num_particles=k, epochs=args.epochs, batch_size=100, lr=1e-3,
-                              device="cpu", train_eval_size=1000, **train_extra),
+            train=TrainConfig(
+                method=method,
+                num_particles=k,
+                epochs=args.epochs,
+                batch_size=100,
+                lr=1e-3,
+                device="cpu",
+                train_eval_size=1000,
+                **train_extra,
+            ),
         )
         start = time.perf_counter()
         run = pipeline.fit(config, args.out / name, progress=False)
@@ -94,8 +108,9 @@ def main() -> None:
             results[name]["paired_gain_over_elbo"] = float(diff.mean())
             results[name]["paired_gain_over_elbo_sem"] = float(diff.std() / len(diff) ** 0.5)
         print(name, json.dumps(results[name]), flush=True)
-        (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                           "results": results}, indent=2))
+        (args.out / "results.json").write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2)
+        )
 
 
 if __name__ == "__main__":

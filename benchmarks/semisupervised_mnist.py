@@ -35,8 +35,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-size", type=int, default=500, help="test points for the ELBO and IW")
     parser.add_argument("--num-samples", type=int, default=100, help="IW draws of z per class")
-    parser.add_argument("--rows", nargs="+", default=["m2", "gmvae", "relaxed_gmvae"],
-                        choices=["m2", "gmvae", "relaxed_gmvae"])
+    parser.add_argument(
+        "--rows", nargs="+", default=["m2", "gmvae", "relaxed_gmvae"], choices=["m2", "gmvae", "relaxed_gmvae"]
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
@@ -56,10 +57,17 @@ def main() -> None:
     for model, labels in jobs:
         config = RunConfig(
             model=ModelConfig(model=model, hidden_dim=args.hidden_dim),
-            data=DataConfig(dataset="mnist", data_dir=args.data_dir, binarize="dynamic", train_size=args.train_size,
-                            labels=labels),
-            train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                              device="cpu", train_eval_size=1000),
+            data=DataConfig(
+                dataset="mnist", data_dir=args.data_dir, binarize="dynamic", train_size=args.train_size, labels=labels
+            ),
+            train=TrainConfig(
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                seed=args.seed,
+                device="cpu",
+                train_eval_size=1000,
+            ),
         )
         start = time.perf_counter()
         run = pipeline.fit(config, out / f"{model}-{labels}", progress=False)
@@ -69,29 +77,50 @@ def main() -> None:
         x_eval = data.test[: args.eval_size]
         row = {}
         if model == "relaxed_gmvae":  # IW on the relaxed model itself, K = num_samples * components draws
-            relaxed = importance_estimate(vae.model, vae.guide, x_eval, num_samples=args.num_samples * vae.num_values,
-                                          seed=args.seed)
+            relaxed = importance_estimate(
+                vae.model, vae.guide, x_eval, num_samples=args.num_samples * vae.num_values, seed=args.seed
+            )
             n = len(x_eval)
-            row.update(temperature=round(vae.temperature, 4),
-                       relaxed_iw_logp=round(float(relaxed.log_likelihood.mean()), 3),
-                       relaxed_iw_se=round(float(relaxed.log_likelihood.std() / n ** 0.5), 3),
-                       relaxed_khat_mean=round(float(relaxed.khat.mean()), 3))
+            row.update(
+                temperature=round(vae.temperature, 4),
+                relaxed_iw_logp=round(float(relaxed.log_likelihood.mean()), 3),
+                relaxed_iw_se=round(float(relaxed.log_likelihood.std() / n**0.5), 3),
+                relaxed_khat_mean=round(float(relaxed.khat.mean()), 3),
+            )
         with vae.exact_discrete() if model == "relaxed_gmvae" else contextlib.nullcontext():
-            est = enumerated_estimate(vae.model, vae.guide, x_eval, site=vae.site, num_values=vae.num_values,
-                                      num_samples=args.num_samples, seed=args.seed)
+            est = enumerated_estimate(
+                vae.model,
+                vae.guide,
+                x_eval,
+                site=vae.site,
+                num_values=vae.num_values,
+                num_samples=args.num_samples,
+                seed=args.seed,
+            )
         n = len(x_eval)
-        iw, iw_se = float(est.log_likelihood.mean()), float(est.log_likelihood.std() / n ** 0.5)
-        elbo, elbo_se = float(est.elbo.mean()), float(est.elbo.std() / n ** 0.5)
-        row = {**row, "model": model, "labels": labels, "epochs": run.epochs_done, "train_s": round(train_s, 1),
-               "test_elbo_history": round(run.final["test_elbo"], 3),
-               f"iw_logp_K{args.num_samples}_per_value": round(iw, 3), "iw_se": round(iw_se, 3),
-               "elbo_summed": round(elbo, 3), "elbo_se": round(elbo_se, 3), "eval_points": n}
+        iw, iw_se = float(est.log_likelihood.mean()), float(est.log_likelihood.std() / n**0.5)
+        elbo, elbo_se = float(est.elbo.mean()), float(est.elbo.std() / n**0.5)
+        row = {
+            **row,
+            "model": model,
+            "labels": labels,
+            "epochs": run.epochs_done,
+            "train_s": round(train_s, 1),
+            "test_elbo_history": round(run.final["test_elbo"], 3),
+            f"iw_logp_K{args.num_samples}_per_value": round(iw, 3),
+            "iw_se": round(iw_se, 3),
+            "elbo_summed": round(elbo, 3),
+            "elbo_se": round(elbo_se, 3),
+            "eval_points": n,
+        }
         if model == "m2":
             error, se = classification_error(vae, data.test, data.test_labels)
             row.update(test_error=round(error, 4), test_error_se=round(se, 4))
         else:
             with torch.no_grad():
-                train_clusters = torch.cat([vae.cluster(data.train[i:i + 1000]) for i in range(0, data.train.shape[0], 1000)])
+                train_clusters = torch.cat(
+                    [vae.cluster(data.train[i : i + 1000]) for i in range(0, data.train.shape[0], 1000)]
+                )
                 test_clusters = vae.cluster(data.test)
             mapping = majority_mapping(train_clusters, data.train_labels, vae.num_values)
             acc = cluster_accuracy(test_clusters, data.test_labels, vae.num_values, mapping=mapping)

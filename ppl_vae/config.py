@@ -174,15 +174,17 @@ class RunConfig:
         sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
         unknown = sorted(set(raw) - set(sections) - {"plugins"})
         if unknown:
-            raise ConfigError(f"config has unknown key(s): {', '.join(unknown)}; valid: "
-                              f"{', '.join([*sections, 'plugins'])}")
+            raise ConfigError(
+                f"config has unknown key(s): {', '.join(unknown)}; valid: {', '.join([*sections, 'plugins'])}"
+            )
         missing = [name for name in sections if name not in raw]
         if missing:
             raise ConfigError(f"config lacks section(s): {', '.join(missing)}")
         plugins = raw.get("plugins", [])
         _check_type("plugins", plugins, List[str])
-        return cls(**{name: _from_dict(kind, raw[name], name) for name, kind in sections.items()},
-                   plugins=list(plugins))
+        return cls(
+            **{name: _from_dict(kind, raw[name], name) for name, kind in sections.items()}, plugins=list(plugins)
+        )
 
 
 def _from_dict(cls: Type[T], raw: Any, section: str) -> T:

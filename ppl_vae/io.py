@@ -36,20 +36,29 @@ def check_target(path: Path, *, run_files: bool = False) -> Path:
     else, and a link inside it (``RUN/multirun -> ~/elsewhere``) must not redirect our writes."""
     path = Path(path)
     absolute = Path(os.path.abspath(path))
-    if not run_files and _is_run_dir(absolute.parent) and any(fnmatch.fnmatch(absolute.name, pattern)
-                                                              for pattern in RUN_FILE_PATTERNS):
-        raise ValueError(f"refusing to write {path}: it is one of the run directory's own files "
-                         f"({', '.join(RUN_FILE_PATTERNS)}); write the output elsewhere")
+    if (
+        not run_files
+        and _is_run_dir(absolute.parent)
+        and any(fnmatch.fnmatch(absolute.name, pattern) for pattern in RUN_FILE_PATTERNS)
+    ):
+        raise ValueError(
+            f"refusing to write {path}: it is one of the run directory's own files "
+            f"({', '.join(RUN_FILE_PATTERNS)}); write the output elsewhere"
+        )
     real_parent = os.path.realpath(absolute.parent)
     for ancestor in absolute.parents:
         if _is_run_dir(ancestor):
             root = os.path.realpath(ancestor)
             if real_parent != root and not real_parent.startswith(root.rstrip(os.sep) + os.sep):
-                link = next((a for a in [absolute.parent, *absolute.parent.parents]
-                             if a != ancestor and a.is_symlink()), absolute.parent)
-                raise ValueError(f"refusing to write {path}: {link} is a symlink that leads out of the run "
-                                 f"directory {ancestor} (to {os.path.realpath(link)}); remove the link or "
-                                 "write elsewhere")
+                link = next(
+                    (a for a in [absolute.parent, *absolute.parent.parents] if a != ancestor and a.is_symlink()),
+                    absolute.parent,
+                )
+                raise ValueError(
+                    f"refusing to write {path}: {link} is a symlink that leads out of the run "
+                    f"directory {ancestor} (to {os.path.realpath(link)}); remove the link or "
+                    "write elsewhere"
+                )
     return path
 
 

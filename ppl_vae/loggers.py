@@ -41,8 +41,9 @@ class ScalarLogger(Callback):
 
     def on_epoch_end(self, ctx: TrainContext) -> None:
         record = ctx.state.records[-1]
-        scalars = {f"epoch/{name}": record[name] for name in HISTORY_VARS
-                   if name in record and math.isfinite(record[name])}
+        scalars = {
+            f"epoch/{name}": record[name] for name in HISTORY_VARS if name in record and math.isfinite(record[name])
+        }
         self.log_scalars(scalars, ctx.state.epoch)
         self.log_epoch_end(ctx)
 
@@ -60,8 +61,9 @@ class TensorBoardLogger(ScalarLogger):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ValueError('--log tensorboard needs the tensorboard package: pip install "ppl_vae[tensorboard]"'
-                             ) from None
+            raise ValueError(
+                '--log tensorboard needs the tensorboard package: pip install "ppl_vae[tensorboard]"'
+            ) from None
         self.log_dir = Path(log_dir)
         self.num_images = num_images
         self.seed = seed

@@ -90,8 +90,7 @@ def load_plugins(config: RunConfig, trust: Optional[bool] = None, source: str = 
     if config.plugins:
         from ppl_vae import plugins
 
-        plugins.load_run_plugins(config.plugins, trust=plugins.trust_all() if trust is None else trust,
-                                 source=source)
+        plugins.load_run_plugins(config.plugins, trust=plugins.trust_all() if trust is None else trust, source=source)
 
 
 def data_config(config: RunConfig, dataset: Optional[str] = None, data_dir: Optional[str] = None) -> DataConfig:
@@ -100,8 +99,11 @@ def data_config(config: RunConfig, dataset: Optional[str] = None, data_dir: Opti
     d = config.data
     if dataset is None and data_dir is None:
         return d
-    new = replace(d, dataset=d.dataset if dataset is None else str(dataset),
-                  data_dir=d.data_dir if data_dir is None else str(data_dir))
+    new = replace(
+        d,
+        dataset=d.dataset if dataset is None else str(dataset),
+        data_dir=d.data_dir if data_dir is None else str(data_dir),
+    )
     # a subset size belongs to the run's own (generated) data set, not to another one
     return new if new.dataset == d.dataset else replace(new, num_images=None)
 
@@ -109,8 +111,15 @@ def data_config(config: RunConfig, dataset: Optional[str] = None, data_dir: Opti
 def load_data(config: RunConfig, *, dataset: Optional[str] = None, data_dir: Optional[str] = None) -> Dataset:
     """The run's data (see :func:`data_config` for ``dataset``/``data_dir``)."""
     d = data_config(config, dataset, data_dir)
-    data = load_dataset(d.dataset, d.data_dir, binarize=d.binarize, test_fraction=d.test_fraction,
-                        split_seed=d.split_seed, train_size=d.train_size, num_images=d.num_images)
+    data = load_dataset(
+        d.dataset,
+        d.data_dir,
+        binarize=d.binarize,
+        test_fraction=d.test_fraction,
+        split_seed=d.split_seed,
+        train_size=d.train_size,
+        num_images=d.num_images,
+    )
     if d.labels is not None:  # semi-supervised: the same seeded split wherever the run is loaded
         from ppl_vae.data.labels import keep_labels
 
@@ -136,8 +145,9 @@ def build_model(config: RunConfig, event_shape, data_info: Optional[dict] = None
     )
 
 
-def prepare(config: RunConfig, world_size: int = 1, device: Optional[torch.device] = None,
-            trust_plugins: Optional[bool] = True) -> Tuple[VAE, Dataset, Stepper]:
+def prepare(
+    config: RunConfig, world_size: int = 1, device: Optional[torch.device] = None, trust_plugins: Optional[bool] = True
+) -> Tuple[VAE, Dataset, Stepper]:
     """Check ``config``, seed the RNGs, load the data, build the model and its stepper (on
     ``device``, default the config's). Touches no file; raises on any bad input.
     ``trust_plugins``: whether the config's plugins may be imported (True for a config the caller
@@ -251,8 +261,7 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
         runs.save_config(run_dir, config)
     if not job.fresh:
         _check_labelled_split(run_dir, data)
-    state = TrainState() if job.fresh else runs.restore(run_dir, vae, stepper,
-                                                         optimizer_state=not job.reset_optimizer)
+    state = TrainState() if job.fresh else runs.restore(run_dir, vae, stepper, optimizer_state=not job.reset_optimizer)
     if job.lr_scale is not None and not job.reset_optimizer:
         for optimizer in stepper.optimizers.values():  # the restored state keeps the old rate
             for group in optimizer.param_groups:
@@ -260,8 +269,11 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
     if job.write_config and not job.fresh and writer:
         runs.save_config(run_dir, config)  # only once the checkpoint is known to restore
     start = state.epoch
-    checkpointer = runs.Checkpointer(run_dir, config.train.checkpoint_every,
-                                     extra={"event_shape": list(data.event_shape), "data_info": data.data_info})
+    checkpointer = runs.Checkpointer(
+        run_dir,
+        config.train.checkpoint_every,
+        extra={"event_shape": list(data.event_shape), "data_info": data.data_info},
+    )
     callbacks: list = [checkpointer] if writer else []
     if job.sample_grids and writer:
         from ppl_vae.analysis.generation import SampleGridRecorder
@@ -270,13 +282,26 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
     callbacks.append(DivergenceCheck(int(np.prod(data.event_shape))))
     callbacks.extend(job.callbacks)
     try:
-        history = train(vae, data, config.train, stepper=stepper, state=state, callbacks=callbacks,
-                        progress=job.progress and writer, history_attrs=history_attrs(config, data), dist=dist)
+        history = train(
+            vae,
+            data,
+            config.train,
+            stepper=stepper,
+            state=state,
+            callbacks=callbacks,
+            progress=job.progress and writer,
+            history_attrs=history_attrs(config, data),
+            dist=dist,
+        )
     except TrainingDiverged as exc:
         if writer:
             _discard_unstarted(job)
         last = checkpointer.last_epoch
-        kept = "no checkpoint was written" if last is None else f"the last good checkpoint is from epoch {last} in {run_dir}"
+        kept = (
+            "no checkpoint was written"
+            if last is None
+            else f"the last good checkpoint is from epoch {last} in {run_dir}"
+        )
         raise TrainingDiverged(f"{exc}; {kept}", step=exc.step) from None
     except BaseException:
         if writer:
@@ -309,7 +334,10 @@ class DivergenceCheck(Callback):
                     f"training has diverged: epoch {ctx.state.epoch} (step {ctx.state.step}) ended with "
                     f"{key.replace('_', ' ').replace('elbo', 'ELBO')} {value:.3g} nats per datapoint, which {what}; "
                     f"choose a smaller learning rate (train.lr, --lr; now {ctx.config.lr:g}) or another optimizer "
-                    f"(train.optimizer, --optimizer; now {ctx.config.optimizer})", UserWarning, stacklevel=2)
+                    f"(train.optimizer, --optimizer; now {ctx.config.optimizer})",
+                    UserWarning,
+                    stacklevel=2,
+                )
                 return
 
 
@@ -320,8 +348,10 @@ def _check_labelled_split(run_dir: Path, data: Dataset) -> None:
     _, meta = runs.read_checkpoint(run_dir, tensors=False)
     saved = meta.get("extra", {}).get("data_info", {}).get("labelled_indices")
     if saved is not None and saved != data.data_info.get("labelled_indices"):
-        raise RunDirError(f"{run_dir}: the labelled training points differ from those the checkpoint was trained "
-                          "with (data.labels, data.label_seed or the data changed); start a new run")
+        raise RunDirError(
+            f"{run_dir}: the labelled training points differ from those the checkpoint was trained "
+            "with (data.labels, data.label_seed or the data changed); start a new run"
+        )
 
 
 def _discard_unstarted(job: Job) -> None:
@@ -358,9 +388,16 @@ def history_attrs(config: RunConfig, data: Dataset) -> dict:
 # -- the entry points ---------------------------------------------------------------------------------
 
 
-def fit(config: RunConfig, out: Optional[Path] = None, *, nproc: int = 1, progress: bool = True,
-        sample_grids: bool = False, callbacks: Sequence[Any] = (),
-        timeout_s: float = distributed.DEFAULT_TIMEOUT_S) -> Run:
+def fit(
+    config: RunConfig,
+    out: Optional[Path] = None,
+    *,
+    nproc: int = 1,
+    progress: bool = True,
+    sample_grids: bool = False,
+    callbacks: Sequence[Any] = (),
+    timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
+) -> Run:
     """Train a model from ``config``, writing the run to ``out`` (a fresh ``runs/...`` when None).
 
     ``out`` must not exist, be an empty folder, or hold a run that never started (a config and
@@ -384,8 +421,16 @@ def fit(config: RunConfig, out: Optional[Path] = None, *, nproc: int = 1, progre
         what = "is a file" if run_dir.exists() and not run_dir.is_dir() else "already holds files"
         raise RunDirError(f"{run_dir} {what}; write the run to another folder or resume it")
     _check_parent(run_dir)
-    job = Job(config, run_dir, fresh=True, created=not run_dir.exists(), progress=progress,
-              sample_grids=sample_grids, callbacks=tuple(callbacks), timeout_s=timeout_s)
+    job = Job(
+        config,
+        run_dir,
+        fresh=True,
+        created=not run_dir.exists(),
+        progress=progress,
+        sample_grids=sample_grids,
+        callbacks=tuple(callbacks),
+        timeout_s=timeout_s,
+    )
     return execute(job, world, prepared)
 
 
@@ -409,19 +454,32 @@ def _check_name_lengths(path: Path) -> None:
         name_max, path_max = 255, 4096
     for part in absolute.parts:
         if len(os.fsencode(part)) > name_max:
-            raise RunDirError(f"cannot create the run directory: the name {part[:20]}... is "
-                              f"{len(os.fsencode(part))} bytes long; the filesystem allows {name_max}")
+            raise RunDirError(
+                f"cannot create the run directory: the name {part[:20]}... is "
+                f"{len(os.fsencode(part))} bytes long; the filesystem allows {name_max}"
+            )
     longest = len(os.fsencode(str(absolute))) + 40  # room for the files written inside
     if longest > path_max:
-        raise RunDirError(f"cannot create the run directory {str(path)[:40]}...: its path is "
-                          f"{len(os.fsencode(str(absolute)))} bytes long; the filesystem allows {path_max} "
-                          "including the files inside; choose a shorter --out")
+        raise RunDirError(
+            f"cannot create the run directory {str(path)[:40]}...: its path is "
+            f"{len(os.fsencode(str(absolute)))} bytes long; the filesystem allows {path_max} "
+            "including the files inside; choose a shorter --out"
+        )
 
 
-def resume(run_dir: Path, *, epochs: Optional[int] = None, nproc: int = 1, progress: bool = True,
-           sample_grids: bool = False, callbacks: Sequence[Any] = (),
-           timeout_s: float = distributed.DEFAULT_TIMEOUT_S, trust_plugins: Optional[bool] = None,
-           lr: Optional[float] = None, optimizer: Optional[str] = None) -> Run:
+def resume(
+    run_dir: Path,
+    *,
+    epochs: Optional[int] = None,
+    nproc: int = 1,
+    progress: bool = True,
+    sample_grids: bool = False,
+    callbacks: Sequence[Any] = (),
+    timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
+    trust_plugins: Optional[bool] = None,
+    lr: Optional[float] = None,
+    optimizer: Optional[str] = None,
+) -> Run:
     """Continue a run from its checkpoint up to ``epochs`` epochs (default: the config's).
 
     ``epochs`` must exceed the epochs already done. A run that is already complete (and no
@@ -438,8 +496,10 @@ def resume(run_dir: Path, *, epochs: Optional[int] = None, nproc: int = 1, progr
         runs.remove_stale_temp_files(run_dir)  # once, here: never by several ranks at a time
     fresh = not runs.started(run_dir)
     if fresh and (run_dir / runs.HISTORY).is_file():
-        raise RunDirError(f"{run_dir} has {runs.HISTORY} but no {runs.CHECKPOINT}: the trained weights are lost, "
-                          "so it cannot be continued; restore the checkpoint, or start a new run in another folder")
+        raise RunDirError(
+            f"{run_dir} has {runs.HISTORY} but no {runs.CHECKPOINT}: the trained weights are lost, "
+            "so it cannot be continued; restore the checkpoint, or start a new run in another folder"
+        )
     done = 0 if fresh else runs.checkpoint_epoch(run_dir)
     changed: Dict[str, Any] = {}
     if lr is not None and lr != config.train.lr:
@@ -451,29 +511,42 @@ def resume(run_dir: Path, *, epochs: Optional[int] = None, nproc: int = 1, progr
         config.train = replace(config.train, **changed)
     if epochs is not None:
         if epochs <= done:
-            raise ConfigError(f"train.epochs ({epochs}) must be more than the {done} epochs {run_dir} has done "
-                              "to continue it", field="train.epochs")
+            raise ConfigError(
+                f"train.epochs ({epochs}) must be more than the {done} epochs {run_dir} has done to continue it",
+                field="train.epochs",
+            )
         config.train.epochs = epochs
     elif done >= config.train.epochs:
         if changed:
-            raise ConfigError(f"{run_dir} has done all {done} of its epochs; give train.epochs (more than {done}) "
-                              "to train it further with new settings", field="train.epochs")
+            raise ConfigError(
+                f"{run_dir} has done all {done} of its epochs; give train.epochs (more than {done}) "
+                "to train it further with new settings",
+                field="train.epochs",
+            )
         return load_run(run_dir)  # complete: nothing to do
     prepared = prepare(config, world) if not distributed.launched_by_torchrun() else None
     if world > 1 and prepared is not None:
         prepared[2].close()
         prepared = None
     # config.json takes the new target once it is known to be valid (written by the writing rank)
-    job = Job(config, run_dir, fresh=fresh, created=False, write_config=epochs is not None or bool(changed),
-              progress=progress, sample_grids=sample_grids,
-              callbacks=tuple(callbacks), timeout_s=timeout_s, start_epoch=done,
-              lr_scale=config.train.lr / old_lr if "lr" in changed else None,
-              reset_optimizer="optimizer" in changed)
+    job = Job(
+        config,
+        run_dir,
+        fresh=fresh,
+        created=False,
+        write_config=epochs is not None or bool(changed),
+        progress=progress,
+        sample_grids=sample_grids,
+        callbacks=tuple(callbacks),
+        timeout_s=timeout_s,
+        start_epoch=done,
+        lr_scale=config.train.lr / old_lr if "lr" in changed else None,
+        reset_optimizer="optimizer" in changed,
+    )
     return execute(job, world, prepared)
 
 
-def load_run(run_dir: Path, device: str = "cpu", *, best: bool = False,
-             trust_plugins: Optional[bool] = None) -> Run:
+def load_run(run_dir: Path, device: str = "cpu", *, best: bool = False, trust_plugins: Optional[bool] = None) -> Run:
     """Rebuild a run's model with its trained weights, in eval mode (no data is loaded except its shape).
 
     ``best``: the weights of the epoch with the best validation ELBO (``checkpoint-best.safetensors``,

@@ -85,9 +85,7 @@ def load_plugin(spec: str) -> str:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any error raised while importing the user's module
         detail = " ".join(str(exc).split()) or type(exc).__name__
-        raise PluginError(
-            f"plugin module {module_name!r} cannot be imported: {type(exc).__name__}: {detail}"
-        ) from None
+        raise PluginError(f"plugin module {module_name!r} cannot be imported: {type(exc).__name__}: {detail}") from None
     if attr:
         hook = getattr(module, attr, None)
         if not callable(hook):
@@ -178,8 +176,7 @@ def load_run_plugins(names: Sequence[str], *, trust: bool = False, source: str =
             installed = _installed_specs()
         if isinstance(name, str) and name in installed:
             continue
-        if isinstance(name, str) and name.count(":") == 1 and all(
-                _MODULE_NAME.match(part) for part in name.split(":")):
+        if isinstance(name, str) and name.count(":") == 1 and all(_MODULE_NAME.match(part) for part in name.split(":")):
             untrusted.append(name)  # a hook runs a function: only an explicit --plugin allows it
             continue
         check_module_name(name, f"plugin named by {source}")
@@ -192,7 +189,8 @@ def load_run_plugins(names: Sequence[str], *, trust: bool = False, source: str =
             f"{source} names plugin{'s' if len(untrusted) > 1 else ''} {', '.join(map(repr, untrusted))}, "
             f"not installed as a {ENTRY_POINT_GROUP} entry point; a received run never imports code by itself: "
             f"load it with `ppl-vae {flags} ...` (or `ppl-vae --trust-plugins ...` to import every plugin "
-            "the run names) if you trust it")
+            "the run names) if you trust it"
+        )
     return load_plugins(names)
 
 

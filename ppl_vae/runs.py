@@ -44,8 +44,22 @@ CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_BEST = "checkpoint-best.safetensors"
 HISTORY = "history.nc"
 
-__all__ = ["CONFIG", "CHECKPOINT", "CHECKPOINT_BEST", "HISTORY", "Checkpointer", "load_config", "load_history", "read_checkpoint",
-           "remove_stale_temp_files", "restore", "save", "save_config", "started", "is_reusable"]
+__all__ = [
+    "CONFIG",
+    "CHECKPOINT",
+    "CHECKPOINT_BEST",
+    "HISTORY",
+    "Checkpointer",
+    "load_config",
+    "load_history",
+    "read_checkpoint",
+    "remove_stale_temp_files",
+    "restore",
+    "save",
+    "save_config",
+    "started",
+    "is_reusable",
+]
 
 
 # -- config ---------------------------------------------------------------------------------------
@@ -122,8 +136,10 @@ def _optimizer_states(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) ->
             continue
         parts = name.split(".", 3)
         if len(parts) != 4 or not parts[2].isdigit() or parts[1] not in states:
-            raise RunDirError(f"the checkpoint is damaged: optimizer state {name!r} is not named "
-                              "optim.OPTIMIZER.INDEX.KEY after an optimizer it records")
+            raise RunDirError(
+                f"the checkpoint is damaged: optimizer state {name!r} is not named "
+                "optim.OPTIMIZER.INDEX.KEY after an optimizer it records"
+            )
         _, opt_name, idx, key = parts
         states[opt_name]["state"].setdefault(int(idx), {})[key] = value
     return states
@@ -143,8 +159,10 @@ def _encode_state(value: Any) -> Any:
     if isinstance(value, dict):
         if all(isinstance(k, str) for k in value) and "__items__" not in value:
             return {k: _encode_state(v) for k, v in value.items()}
-        return {"__items__": [[_encode_state(k), _encode_state(v)] for k, v in value.items()],
-                "__type__": "Counter" if isinstance(value, Counter) else "dict"}
+        return {
+            "__items__": [[_encode_state(k), _encode_state(v)] for k, v in value.items()],
+            "__type__": "Counter" if isinstance(value, Counter) else "dict",
+        }
     if isinstance(value, (list, tuple)):
         return [_encode_state(v) for v in value]
     return value
@@ -161,9 +179,16 @@ def _decode_state(value: Any) -> Any:
     return value
 
 
-def save(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper], state: TrainState, *,
-         attrs: Optional[dict] = None, extra: Optional[Dict[str, Any]] = None,
-         checkpoint: str = CHECKPOINT) -> None:
+def save(
+    run_dir: Path,
+    vae: torch.nn.Module,
+    stepper: Optional[Stepper],
+    state: TrainState,
+    *,
+    attrs: Optional[dict] = None,
+    extra: Optional[Dict[str, Any]] = None,
+    checkpoint: str = CHECKPOINT,
+) -> None:
     """Write the history, then the checkpoint (weights, optimizer and learning-rate scheduler
     state, RNG state, epoch and step).
 
@@ -188,12 +213,14 @@ def save(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper], state:
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda{i}"] = s
     text = json.dumps(meta, default=_json_safe)
-    write_with(run_dir / checkpoint, lambda tmp: save_file(tensors, str(tmp), metadata={"ppl_vae": text}),
-               run_files=True)
+    write_with(
+        run_dir / checkpoint, lambda tmp: save_file(tensors, str(tmp), metadata={"ppl_vae": text}), run_files=True
+    )
 
 
-def read_checkpoint(run_dir: Path, *, tensors: bool = True, checkpoint: str = CHECKPOINT
-                    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+def read_checkpoint(
+    run_dir: Path, *, tensors: bool = True, checkpoint: str = CHECKPOINT
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """(tensors, metadata) of a run's checkpoint (``checkpoint``: its file name); corrupt or
     unsafe files raise RunDirError.
 
@@ -215,8 +242,9 @@ def read_checkpoint(run_dir: Path, *, tensors: bool = True, checkpoint: str = CH
     except RunDirError:
         raise
     except KeyError:
-        raise RunDirError(f"{path} is not a ppl_vae checkpoint: it has no 'ppl_vae' metadata (epoch, step, "
-                          "optimizer state)") from None
+        raise RunDirError(
+            f"{path} is not a ppl_vae checkpoint: it has no 'ppl_vae' metadata (epoch, step, optimizer state)"
+        ) from None
     except (SafetensorError, ValueError, OSError, json.JSONDecodeError) as exc:
         raise RunDirError(f"{path} is corrupt or not a ppl_vae checkpoint ({str(exc).splitlines()[0]})") from None
     _check_meta(path, meta)
@@ -243,12 +271,15 @@ def checkpoint_epoch(run_dir: Path) -> int:
 
 def load_weights(module: torch.nn.Module, tensors: Dict[str, torch.Tensor], path: str = "") -> None:
     """Load the checkpoint's weights into ``module``; a mismatch says which tensors differ and how."""
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     wanted = module.state_dict()
     missing = sorted(set(wanted) - set(state))
     unexpected = sorted(set(state) - set(wanted))
-    resized = [f"{k} {tuple(state[k].shape)} vs {tuple(wanted[k].shape)}" for k in sorted(set(state) & set(wanted))
-               if state[k].shape != wanted[k].shape]
+    resized = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(wanted[k].shape)}"
+        for k in sorted(set(state) & set(wanted))
+        if state[k].shape != wanted[k].shape
+    ]
     if missing or unexpected or resized:
         parts = []
         if resized:
@@ -257,8 +288,9 @@ def load_weights(module: torch.nn.Module, tensors: Dict[str, torch.Tensor], path
             parts.append(f"{len(missing)} missing: {_few(missing)}")
         if unexpected:
             parts.append(f"{len(unexpected)} not in the model: {_few(unexpected)}")
-        raise RunDirError(f"the weights in {path or 'the checkpoint'} do not fit the model built from its config: "
-                          + "; ".join(parts))
+        raise RunDirError(
+            f"the weights in {path or 'the checkpoint'} do not fit the model built from its config: " + "; ".join(parts)
+        )
     module.load_state_dict(state)
 
 
@@ -266,8 +298,9 @@ def _few(names: list, limit: int = 3) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def restore(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper] = None, *,
-            optimizer_state: bool = True) -> TrainState:
+def restore(
+    run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper] = None, *, optimizer_state: bool = True
+) -> TrainState:
     """The inverse of :func:`save`: weights into ``vae``, optimizer states into ``stepper``, the
     torch RNG state, and the history trimmed to the checkpoint's epoch; returns the TrainState.
 
@@ -289,21 +322,25 @@ def restore(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper] = No
                 raise RunDirError(f"{run_dir}: checkpoint has state for an optimizer {name!r} that method has not")
             saved_type, wanted_type = saved.pop("type", None), type(stepper.optimizers[name]).__name__
             if saved_type is not None and saved_type != wanted_type:
-                raise RunDirError(f"{run_dir}: the checkpoint holds {saved_type} state but the config asks for "
-                                  f"{wanted_type}")
+                raise RunDirError(
+                    f"{run_dir}: the checkpoint holds {saved_type} state but the config asks for {wanted_type}"
+                )
             try:
                 stepper.optimizers[name].load_state_dict(saved)
             except (ValueError, KeyError, TypeError) as exc:
                 raise RunDirError(f"optimizer state in {run_dir} does not fit: {' '.join(str(exc).split())}") from None
             _check_optimizer_shapes(stepper.optimizers[name], f"{run_dir / CHECKPOINT} (optimizer {name!r})")
         # loaded by training.attach_lr_schedulers once the schedulers exist
-        stepper.pending_scheduler_state = {name: _decode_state(state)
-                                           for name, state in meta.get("schedulers", {}).items()} or None
+        stepper.pending_scheduler_state = {
+            name: _decode_state(state) for name, state in meta.get("schedulers", {}).items()
+        } or None
     if (run_dir / HISTORY).is_file():
         records = [r for r in history_records(load_history(run_dir)) if r["epoch"] <= epoch]
     elif epoch > 0:
-        raise RunDirError(f"{run_dir} has a checkpoint from epoch {epoch} but no {HISTORY}: the history of its "
-                          "epochs is lost; restore the file or start a new run")
+        raise RunDirError(
+            f"{run_dir} has a checkpoint from epoch {epoch} but no {HISTORY}: the history of its "
+            "epochs is lost; restore the file or start a new run"
+        )
     else:
         records = []
     if [r["epoch"] for r in records] != list(range(1, epoch + 1)):
@@ -311,8 +348,10 @@ def restore(run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper] = No
     try:
         torch.set_rng_state(tensors["rng.cpu"])
     except (KeyError, TypeError, RuntimeError):
-        raise RunDirError(f"{run_dir / CHECKPOINT} is damaged: it lacks a valid tensor 'rng.cpu' (the random state "
-                          "a resumed run continues from)") from None
+        raise RunDirError(
+            f"{run_dir / CHECKPOINT} is damaged: it lacks a valid tensor 'rng.cpu' (the random state "
+            "a resumed run continues from)"
+        ) from None
     if torch.cuda.is_available():
         cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda")]
         if len(cuda_states) == torch.cuda.device_count():
@@ -325,8 +364,10 @@ def _check_optimizer_shapes(optimizer: torch.optim.Optimizer, what: str) -> None
     for param, param_state in optimizer.state.items():
         for key, value in param_state.items():
             if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
-                raise RunDirError(f"{what} is damaged: state {key!r} has shape {tuple(value.shape)} but its "
-                                  f"parameter has shape {tuple(param.shape)}")
+                raise RunDirError(
+                    f"{what} is damaged: state {key!r} has shape {tuple(value.shape)} but its "
+                    f"parameter has shape {tuple(param.shape)}"
+                )
 
 
 def load_history(run_dir: Path) -> xr.Dataset:
@@ -364,7 +405,14 @@ class Checkpointer(Callback):
 
     def on_epoch_end(self, ctx: TrainContext) -> None:
         if ctx.config.val_fraction > 0 and epochs_since_best(ctx.state.records) == 0:
-            save(self.run_dir, ctx.vae, ctx.stepper, ctx.state, attrs=ctx.attrs, extra=self.extra,
-                 checkpoint=CHECKPOINT_BEST)
+            save(
+                self.run_dir,
+                ctx.vae,
+                ctx.stepper,
+                ctx.state,
+                attrs=ctx.attrs,
+                extra=self.extra,
+                checkpoint=CHECKPOINT_BEST,
+            )
         if ctx.state.epoch % self.every == 0 or ctx.state.epoch == ctx.config.epochs or ctx.stopping:
             self._save(ctx)

@@ -24,7 +24,7 @@ def test_defaults_round_trip():
     [
         (lambda r: r.clear() or r.update(foo=1), None, "unknown key.*foo"),
         (lambda r: r.pop("train"), None, "lacks section.*train"),
-        (lambda r: r["train"].update(lr="fast"), "train.lr", "train.lr must be a finite number, got \"fast\""),
+        (lambda r: r["train"].update(lr="fast"), "train.lr", 'train.lr must be a finite number, got "fast"'),
         (lambda r: r["train"].update(epochs=1.5), "train.epochs", "train.epochs must be an integer"),
         (lambda r: r["train"].update(epochs=True), "train.epochs", "train.epochs must be an integer"),
         (lambda r: r["train"].update(fused_elbo=1), "train.fused_elbo", "true or false"),

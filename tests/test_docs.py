@@ -68,8 +68,9 @@ def test_python_block_runs(code, tmp_path, monkeypatch):
         runpy.run_path(str(script), run_name="__main__")
         return
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "MPLBACKEND": "Agg", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
 
 
@@ -117,7 +118,7 @@ def test_shell_block_parses(code):
     for line in commands(code):
         words = resolve_placeholders(line)
         if words[0] == "torchrun":
-            words = words[words.index("--no-python") + 1:]
+            words = words[words.index("--no-python") + 1 :]
         if words[0] == "ppl-vae":
             try:
                 parse_ppl_vae(words[1:])

@@ -15,8 +15,23 @@ import torch
 import ppl_vae
 from ppl_vae import runs
 
-ARGS = ["--model", "bernoulli_mlp", "--hidden-dim", "64", "--latent-dim", "4", "--batch-size", "16",
-        "--train-size", "800", "--seed", "3", "--no-progress", "--device", "cpu"]
+ARGS = [
+    "--model",
+    "bernoulli_mlp",
+    "--hidden-dim",
+    "64",
+    "--latent-dim",
+    "4",
+    "--batch-size",
+    "16",
+    "--train-size",
+    "800",
+    "--seed",
+    "3",
+    "--no-progress",
+    "--device",
+    "cpu",
+]
 EPOCHS = 5
 
 

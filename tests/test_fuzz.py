@@ -29,8 +29,12 @@ def idx_header(ndim: int, dims: list[int], type_code: int = 0x08) -> bytes:
 @given(
     header=st.one_of(
         st.binary(max_size=32),
-        st.builds(idx_header, st.integers(0, 4), st.lists(st.integers(0, 50), max_size=4),
-                  st.sampled_from([0x08, 0x09, 0x0B, 0x0D, 0x42])),
+        st.builds(
+            idx_header,
+            st.integers(0, 4),
+            st.lists(st.integers(0, 50), max_size=4),
+            st.sampled_from([0x08, 0x09, 0x0B, 0x0D, 0x42]),
+        ),
     ),
     body=st.binary(max_size=300),
     compress=st.booleans(),
@@ -70,12 +74,22 @@ def test_array_loaders_never_crash(suffix, content):
 
 
 @FUZZ
-@given(arrays=st.dictionaries(
-    st.sampled_from(["train", "test", "data", "labels", "other"]),
-    st.sampled_from([np.zeros((0, 3)), np.ones((5, 2)), np.array(["a", "b"]), np.full((4, 2), np.inf),
-                     np.ones((3, 4)), np.ones(6)]),
-    max_size=3,
-))
+@given(
+    arrays=st.dictionaries(
+        st.sampled_from(["train", "test", "data", "labels", "other"]),
+        st.sampled_from(
+            [
+                np.zeros((0, 3)),
+                np.ones((5, 2)),
+                np.array(["a", "b"]),
+                np.full((4, 2), np.inf),
+                np.ones((3, 4)),
+                np.ones(6),
+            ]
+        ),
+        max_size=3,
+    )
+)
 def test_npz_with_arbitrary_arrays(arrays):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "d.npz"
@@ -109,13 +123,14 @@ OPTION_VALUES = {
 
 
 @FUZZ
-@given(options=st.dictionaries(st.sampled_from(sorted(OPTION_VALUES)), st.just(None), max_size=5).flatmap(
-    lambda keys: st.fixed_dictionaries({k: OPTION_VALUES[k] for k in keys})
-))
+@given(
+    options=st.dictionaries(st.sampled_from(sorted(OPTION_VALUES)), st.just(None), max_size=5).flatmap(
+        lambda keys: st.fixed_dictionaries({k: OPTION_VALUES[k] for k in keys})
+    )
+)
 def test_fit_options_fail_cleanly(options, tmp_path_factory):
     out = tmp_path_factory.mktemp("fuzz") / "run"
-    args = ["fit", "--out", str(out), "--no-progress", "--epochs", "1", "--train-size", "40",
-            "--hidden-dim", "8"]
+    args = ["fit", "--out", str(out), "--no-progress", "--epochs", "1", "--train-size", "40", "--hidden-dim", "8"]
     for key, value in options.items():
         args += [key, value]
     result = CliRunner().invoke(cli, args)
@@ -152,12 +167,18 @@ def _rows_on_disk():
 
 
 @FUZZ
-@given(index=st.one_of(
-    st.lists(st.integers(-35, 34), max_size=40),
-    st.builds(slice, st.integers(-40, 40) | st.none(), st.integers(-40, 40) | st.none(),
-              st.integers(1, 5) | st.integers(-5, -1) | st.none()),
-    st.integers(-29, 28),
-))
+@given(
+    index=st.one_of(
+        st.lists(st.integers(-35, 34), max_size=40),
+        st.builds(
+            slice,
+            st.integers(-40, 40) | st.none(),
+            st.integers(-40, 40) | st.none(),
+            st.integers(1, 5) | st.integers(-5, -1) | st.none(),
+        ),
+        st.integers(-29, 28),
+    )
+)
 def test_rows_on_disk_index_like_the_loaded_tensor(index):
     """Any int, slice or list of indices gives the rows the in-memory tensor gives, or the same
     error (IndexError out of range, ValueError for a negative slice step)."""

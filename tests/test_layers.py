@@ -47,7 +47,7 @@ def find_cycle(graph: dict):
         if module in done:
             return None
         if module in visiting:
-            return visiting[visiting.index(module):] + [module]
+            return visiting[visiting.index(module) :] + [module]
         visiting.append(module)
         for dep in sorted(graph[module]):
             if dep.startswith(module + "."):  # a package importing its own submodule is no cycle
@@ -96,7 +96,9 @@ def test_each_layer_imports_only_the_layers_below_it(layer):
     graph = module_imports(lazy=True)
     offending = sorted(
         f"{m} imports {d}"
-        for m, deps in graph.items() if m == layer or m.startswith(layer + ".")
-        for d in deps if d.startswith(FORBIDDEN[layer])
+        for m, deps in graph.items()
+        if m == layer or m.startswith(layer + ".")
+        for d in deps
+        if d.startswith(FORBIDDEN[layer])
     )
     assert not offending, "; ".join(offending)

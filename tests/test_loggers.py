@@ -22,15 +22,40 @@ def events(log_dir):
 
 def test_fit_log_tensorboard_writes_scalars_and_sample_grids(tmp_path):
     out = tmp_path / "run"
-    result = invoke("fit", "--model", "bernoulli_mlp", "--latent-dim", 2, "--hidden-dim", 16, "--train-size", 200,
-                    "--batch-size", 50, "--epochs", 3, "--device", "cpu", "--no-progress", "--out", out,
-                    "--log", "tensorboard", "--log-every-steps", 2, "--lr-schedule", "StepLR",
-                    "--lr-schedule-options", '{"step_size": 1, "gamma": 0.5}')
+    result = invoke(
+        "fit",
+        "--model",
+        "bernoulli_mlp",
+        "--latent-dim",
+        2,
+        "--hidden-dim",
+        16,
+        "--train-size",
+        200,
+        "--batch-size",
+        50,
+        "--epochs",
+        3,
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        out,
+        "--log",
+        "tensorboard",
+        "--log-every-steps",
+        2,
+        "--lr-schedule",
+        "StepLR",
+        "--lr-schedule-options",
+        '{"step_size": 1, "gamma": 0.5}',
+    )
     assert result.exit_code == 0, result.output
     acc = events(out / "tensorboard")
     tags = acc.Tags()
     assert {"epoch/test_elbo", "epoch/train_elbo", "epoch/lr", "step/loss", "step/lr", "step/kl_weight"} <= set(
-        tags["scalars"])
+        tags["scalars"]
+    )
     history = ppl_vae.load_run(out).history
     test_elbo = [(e.step, e.value) for e in acc.Scalars("epoch/test_elbo")]
     assert [s for s, _ in test_elbo] == [1, 2, 3]
@@ -42,8 +67,11 @@ def test_fit_log_tensorboard_writes_scalars_and_sample_grids(tmp_path):
 
 
 def test_a_resumed_run_logs_its_new_epochs(tmp_path):
-    config = RunConfig(model=ModelConfig(model="bernoulli_mlp", latent_dim=2, hidden_dim=16),
-                       data=DataConfig(train_size=100), train=TrainConfig(epochs=1, batch_size=50, device="cpu"))
+    config = RunConfig(
+        model=ModelConfig(model="bernoulli_mlp", latent_dim=2, hidden_dim=16),
+        data=DataConfig(train_size=100),
+        train=TrainConfig(epochs=1, batch_size=50, device="cpu"),
+    )
     ppl_vae.fit(config, tmp_path / "run", progress=False)
     logger = TensorBoardLogger(tmp_path / "run" / "tensorboard", every_steps=1, num_images=0)
     logger = pickle.loads(pickle.dumps(logger))  # what nproc > 1 does to callbacks
@@ -64,8 +92,11 @@ def test_another_service_is_a_small_subclass(tmp_path):
             self.seen.append((step, scalars))
 
     recorder = Recorder()
-    config = RunConfig(model=ModelConfig(model="bernoulli_mlp", latent_dim=2, hidden_dim=16),
-                       data=DataConfig(train_size=100), train=TrainConfig(epochs=2, batch_size=50, device="cpu"))
+    config = RunConfig(
+        model=ModelConfig(model="bernoulli_mlp", latent_dim=2, hidden_dim=16),
+        data=DataConfig(train_size=100),
+        train=TrainConfig(epochs=2, batch_size=50, device="cpu"),
+    )
     ppl_vae.fit(config, tmp_path / "run", progress=False, callbacks=[recorder])
     epoch_logs = [(s, d) for s, d in recorder.seen if "epoch/test_elbo" in d]
     assert [s for s, _ in epoch_logs] == [1, 2]

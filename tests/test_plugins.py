@@ -113,7 +113,9 @@ def test_plugin_errors_name_the_module(tmp_path, monkeypatch, clean_registries):
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(plugins.PluginError, match="'plugpkg_missing' cannot be imported: ModuleNotFoundError"):
         plugins.load_plugins(["plugpkg_missing"])
-    with pytest.raises(plugins.PluginError, match="'plugpkg_broken' cannot be imported: RuntimeError: needs a licence key"):
+    with pytest.raises(
+        plugins.PluginError, match="'plugpkg_broken' cannot be imported: RuntimeError: needs a licence key"
+    ):
         plugins.load_plugins(["plugpkg_broken"])
     with pytest.raises(plugins.PluginError, match="has no function 'register'"):
         plugins.load_plugins(["json:register"])
@@ -134,8 +136,18 @@ def test_discover_lists_installed_entry_points(tmp_path, monkeypatch, clean_regi
 def test_fit_uses_parts_of_an_explicit_plugin(tmp_path, monkeypatch, clean_registries, one_thread):
     monkeypatch.syspath_prepend(str(write_plugin(tmp_path / "src", "plugpkg_c", entry_point=False)))
     out = tmp_path / "run"
-    result = invoke("--plugin", "plugpkg_c", "fit", "--prior", "student_t_test", "--likelihood",
-                    "laplace_fixed_test", "--out", out, *SMALL)
+    result = invoke(
+        "--plugin",
+        "plugpkg_c",
+        "fit",
+        "--prior",
+        "student_t_test",
+        "--likelihood",
+        "laplace_fixed_test",
+        "--out",
+        out,
+        *SMALL,
+    )
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["prior"] == "student_t_test"
@@ -161,18 +173,25 @@ def test_installed_entry_point_needs_no_flag_in_the_console_script(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
     exe = Path(sys.executable).with_name("ppl-vae")
     out = tmp_path / "run"
-    fit = subprocess.run([str(exe), "fit", "--prior", "student_t_test", "--likelihood", "laplace_fixed_test",
-                          "--out", str(out), *SMALL], env=env, capture_output=True, text=True, timeout=300)
+    fit = subprocess.run(
+        [str(exe), "fit", "--prior", "student_t_test", "--likelihood", "laplace_fixed_test", "--out", str(out), *SMALL],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert fit.returncode == 0, fit.stderr
     assert "test ELBO" in fit.stdout
     assert json.loads((out / "config.json").read_text())["plugins"] == ["plugpkg_d"]
-    evaluate = subprocess.run([str(exe), "evaluate", str(out), "--num-samples", "2"], env=env,
-                              capture_output=True, text=True, timeout=300)
+    evaluate = subprocess.run(
+        [str(exe), "evaluate", str(out), "--num-samples", "2"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert evaluate.returncode == 0, evaluate.stderr
     # without the plugin on the path the run's parts are unknown: a one-line error, no traceback
     bare = {k: v for k, v in env.items() if k != "PYTHONPATH"}
-    missing = subprocess.run([str(exe), "evaluate", str(out), "--num-samples", "2"], env=bare,
-                             capture_output=True, text=True, timeout=300)
+    missing = subprocess.run(
+        [str(exe), "evaluate", str(out), "--num-samples", "2"], env=bare, capture_output=True, text=True, timeout=300
+    )
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert "plugpkg_d" in missing.stderr or "student_t_test" in missing.stderr, missing.stderr
 

@@ -41,8 +41,19 @@ def test_the_experiments_train_through_the_one_loop(monkeypatch):
     monkeypatch.setattr(common, "train", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     data = ppl_vae.load_dataset("digits", binarize="threshold", train_size=200)
     vae = common.build_model("digits", data, 2, 8)
-    records = common.train_curve(vae, data, "svi", max_samples=400, batch_size=50, lr=0.01, optimizer="adagrad",
-                                 num_evals=3, evaluate=common.elbo_evaluator(data, 50), progress=False, device="cpu")
+    records = common.train_curve(
+        vae,
+        data,
+        "svi",
+        max_samples=400,
+        batch_size=50,
+        lr=0.01,
+        optimizer="adagrad",
+        num_evals=3,
+        evaluate=common.elbo_evaluator(data, 50),
+        progress=False,
+        device="cpu",
+    )
     assert len(calls) == 1 and calls[0].method == "svi"
     assert [r["num_train_samples"] for r in records] == [0.0, 50.0, 150.0, 400.0]
 
@@ -55,9 +66,20 @@ def test_a_diverging_experiment_curve_warns_instead_of_stopping_silently():
     with torch.no_grad():
         vae.decoder.net[-1].bias.fill_(float("nan"))
     with pytest.warns(UserWarning, match="training diverged .*loss became nan"):
-        records = common.train_curve(vae, data, "svi", max_samples=200, batch_size=50, lr=0.01,
-                                     optimizer="adagrad", num_evals=2, evaluate=lambda v: {"test": 0.0},
-                                     progress=False, device="cpu", evaluate_at_start=False)
+        records = common.train_curve(
+            vae,
+            data,
+            "svi",
+            max_samples=200,
+            batch_size=50,
+            lr=0.01,
+            optimizer="adagrad",
+            num_evals=2,
+            evaluate=lambda v: {"test": 0.0},
+            progress=False,
+            device="cpu",
+            evaluate_at_start=False,
+        )
     assert records == []
 
 
@@ -70,10 +92,23 @@ def test_anomaly_prepares_another_dataset_like_the_runs_training_data(tmp_path):
     run_dir = tmp_path / "run"
     ppl_vae.fit(small_config(epochs=1), run_dir, progress=False)
     runner = CliRunner()
-    own = runner.invoke(cli, ["anomaly", str(run_dir), "--no-progress", "--normal-class", "3",
-                              "--out", str(tmp_path / "own.nc")])
-    other = runner.invoke(cli, ["anomaly", str(run_dir), "--dataset", "digits", "--no-progress",
-                                "--normal-class", "3", "--out", str(tmp_path / "other.nc")])
+    own = runner.invoke(
+        cli, ["anomaly", str(run_dir), "--no-progress", "--normal-class", "3", "--out", str(tmp_path / "own.nc")]
+    )
+    other = runner.invoke(
+        cli,
+        [
+            "anomaly",
+            str(run_dir),
+            "--dataset",
+            "digits",
+            "--no-progress",
+            "--normal-class",
+            "3",
+            "--out",
+            str(tmp_path / "other.nc"),
+        ],
+    )
     assert own.exit_code == 0 and other.exit_code == 0, own.output + other.output
     import xarray as xr
 
@@ -156,16 +191,34 @@ def test_a_folder_with_only_a_config_can_be_resumed_and_reused(tmp_path):
 
 def test_a_method_refusing_the_model_is_refused_before_the_folder_is_created(tmp_path):
     """`--method mcem --latent-dim 30` failed after config.json was written."""
-    result = CliRunner().invoke(cli, ["fit", "--method", "mcem", "--latent-dim", "30", "--epochs", "1",
-                                      "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "fit",
+            "--method",
+            "mcem",
+            "--latent-dim",
+            "30",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+    )
     one_line_error(result, "latent")
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("text, message", [
-    ('{"foo": 1}', "unknown key(s): foo"),
-    ('{"model": {}, "data": {}, "train": {"lr": "fast"}}', "train.lr must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"foo": 1}', "unknown key(s): foo"),
+        ('{"model": {}, "data": {}, "train": {"lr": "fast"}}', "train.lr must be a finite number"),
+    ],
+)
 def test_a_replaced_config_is_refused_by_every_command_and_not_rewritten(tmp_path, text, message):
     run_dir = tmp_path / "run"
     ppl_vae.fit(small_config(epochs=1), run_dir, progress=False)
@@ -174,8 +227,12 @@ def test_a_replaced_config_is_refused_by_every_command_and_not_rewritten(tmp_pat
         with pytest.raises(RunDirError, match=message.replace("(", r"\(").replace(")", r"\)")):
             call()
     runner = CliRunner()
-    for args in (["fit", "--resume", str(run_dir), "--epochs", "3"], ["evaluate", str(run_dir)],
-                 ["compare", str(run_dir)], ["generate", str(run_dir)]):
+    for args in (
+        ["fit", "--resume", str(run_dir), "--epochs", "3"],
+        ["evaluate", str(run_dir)],
+        ["compare", str(run_dir)],
+        ["generate", str(run_dir)],
+    ):
         one_line_error(runner.invoke(cli, args), "config.json")
     assert (run_dir / "config.json").read_text() == text
 
@@ -194,8 +251,10 @@ def test_resume_to_fewer_epochs_than_done_is_refused_and_a_complete_run_says_so(
     with pytest.raises(ConfigError, match=r"train.epochs \(1\) must be more than the 2 epochs"):
         ppl_vae.resume(run_dir, epochs=1, progress=False)
     runner = CliRunner()
-    one_line_error(runner.invoke(cli, ["fit", "--resume", str(run_dir), "--epochs", "2"]),
-                   "--epochs (2) must be more than the 2 epochs")
+    one_line_error(
+        runner.invoke(cli, ["fit", "--resume", str(run_dir), "--epochs", "2"]),
+        "--epochs (2) must be more than the 2 epochs",
+    )
     done = runner.invoke(cli, ["fit", "--resume", str(run_dir)])
     assert done.exit_code == 0 and "nothing to do" in done.output and "2 of 2 epochs" in done.output
 
@@ -226,8 +285,11 @@ def test_a_checkpoint_that_does_not_fit_says_what_differs(tmp_path):
     config = runs.load_config(run_dir)
     config.model.hidden_dim = 17
     runs.save_config(run_dir, config)
-    with pytest.raises(RunDirError, match=r"do not fit the model .* of other shape \(saved vs model\): "
-                                          r"decoder\.net\.0\.bias \(16,\) vs \(17,\)"):
+    with pytest.raises(
+        RunDirError,
+        match=r"do not fit the model .* of other shape \(saved vs model\): "
+        r"decoder\.net\.0\.bias \(16,\) vs \(17,\)",
+    ):
         ppl_vae.load_run(run_dir)
 
 
@@ -250,8 +312,9 @@ def test_sample_grids_are_written_by_a_two_process_run(tmp_path):
     """`ppl-vae fit --sample-grids --nproc 2` wrote no samples: the grids now go to rank 0."""
     from ppl_vae import pipeline
 
-    run = pipeline.fit(small_config(epochs=2), tmp_path / "run", nproc=2, progress=False, sample_grids=True,
-                       timeout_s=120)
+    run = pipeline.fit(
+        small_config(epochs=2), tmp_path / "run", nproc=2, progress=False, sample_grids=True, timeout_s=120
+    )
     frames = sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.png"))
     assert frames == ["epoch_0000.png", "epoch_0001.png", "epoch_0002.png"]
     assert (tmp_path / "run" / "samples.gif").is_file() and run.epochs_done == 2

@@ -19,9 +19,11 @@ from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 def base_run(tmp_path_factory):
     """An initialised (epoch-0) tiny run: enough for evaluate, anomaly and compare to read it."""
     out = tmp_path_factory.mktemp("trust") / "run"
-    config = RunConfig(model=ModelConfig(model="gaussian_mlp", latent_dim=2, hidden_dim=8),
-                       data=DataConfig(dataset="digits", train_size=100),
-                       train=TrainConfig(epochs=0, batch_size=50, device="cpu"))
+    config = RunConfig(
+        model=ModelConfig(model="gaussian_mlp", latent_dim=2, hidden_dim=8),
+        data=DataConfig(dataset="digits", train_size=100),
+        train=TrainConfig(epochs=0, batch_size=50, device="cpu"),
+    )
     pipeline.fit(config, out, progress=False)
     return out
 
@@ -70,8 +72,9 @@ def test_a_received_run_does_not_import_a_module_beside_it(run, planted):
 @pytest.mark.parametrize("flags", [["--plugin", "beside_run"], ["--trust-plugins"]])
 def test_a_plugin_the_user_names_or_trusts_is_imported(run, planted, flags):
     name_plugin(run, ["beside_run"])
-    result = invoke(*flags, "evaluate", run, "-k", 2, "--num-datapoints", 2, "--no-progress",
-                    "--out", run.parent / "eval")
+    result = invoke(
+        *flags, "evaluate", run, "-k", 2, "--num-datapoints", 2, "--no-progress", "--out", run.parent / "eval"
+    )
     assert result.exit_code == 0, result.output + result.stderr
     assert planted.exists()
 
@@ -90,8 +93,9 @@ def test_entry_point_syntax_in_a_config_runs_nothing(run, name):
     # "sys:exit" made evaluate exit 0 having done nothing; "code:interact" opened a prompt
     name_plugin(run, [name])
     for flags in ([], ["--trust-plugins"]):
-        result = CliRunner().invoke(cli, [*flags, "evaluate", str(run), "-k", "2",
-                                                          "--num-datapoints", "2", "--no-progress"], input="")
+        result = CliRunner().invoke(
+            cli, [*flags, "evaluate", str(run), "-k", "2", "--num-datapoints", "2", "--no-progress"], input=""
+        )
         assert result.exit_code == 1, (name, flags, result.output)
         assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
         assert "Traceback" not in result.stderr
@@ -110,8 +114,7 @@ def test_compare_refuses_to_write_through_a_symlink_leaving_the_run(run, tmp_pat
     elsewhere.mkdir()
     (elsewhere / "report.html").write_text("precious")
     os.symlink(elsewhere, run / "multirun")
-    result = invoke("compare", run, run, "--num-datapoints", 2, "--num-samples", 2, "--mf-steps", 2,
-                    "--no-progress")
+    result = invoke("compare", run, run, "--num-datapoints", 2, "--num-samples", 2, "--mf-steps", 2, "--no-progress")
     assert result.exit_code == 1, result.output
     assert "symlink" in result.stderr and result.stderr.count("\n") == 1
     assert (elsewhere / "report.html").read_text() == "precious"
@@ -152,9 +155,11 @@ def test_the_run_layer_still_writes_its_own_files(run):
 def test_text_on_a_config_naming_another_folder_reads_none_of_its_files(tmp_path):
     # a received config with dataset fortunes, data_dir /etc read every regular file there
     (tmp_path / "lines.txt").write_text("\n".join(f"sentence number {i}" for i in range(20)) + "\n")
-    config = RunConfig(model=ModelConfig(model="text_hybrid", latent_dim=2, hidden_dim=8),
-                       data=DataConfig(dataset="text-lines", data_dir=str(tmp_path / "lines.txt")),
-                       train=TrainConfig(epochs=0, batch_size=10, device="cpu"))
+    config = RunConfig(
+        model=ModelConfig(model="text_hybrid", latent_dim=2, hidden_dim=8),
+        data=DataConfig(dataset="text-lines", data_dir=str(tmp_path / "lines.txt")),
+        train=TrainConfig(epochs=0, batch_size=10, device="cpu"),
+    )
     run_dir = tmp_path / "text"
     pipeline.fit(config, run_dir, progress=False)
     secrets = tmp_path / "etc"

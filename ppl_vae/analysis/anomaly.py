@@ -71,8 +71,10 @@ def anomaly_scores(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     with eval_mode(vae):
         starts = range(0, len(x), batch_size)
-        parts = [fn(vae, x[s : s + batch_size], num_samples) for s in tqdm(starts, disable=not progress,
-                                                                             desc="scoring", unit="batch")]
+        parts = [
+            fn(vae, x[s : s + batch_size], num_samples)
+            for s in tqdm(starts, disable=not progress, desc="scoring", unit="batch")
+        ]
     return torch.cat(parts)
 
 
@@ -117,10 +119,14 @@ def score_dataset(
         if normal_class not in classes:
             shown = f"{classes[0]}..{classes[-1]}" if classes == list(range(classes[0], classes[-1] + 1)) else classes
             raise ValueError(f"normal_class {normal_class} is not one of the data's classes ({shown})")
-    scores = anomaly_scores(vae, x, score=score, num_samples=num_samples, batch_size=batch_size,
-                            progress=progress)
-    data_vars = {"score": ("datapoint", scores.cpu().numpy().astype(np.float64),
-                           {"description": f"anomaly score {score} (higher = more anomalous)"})}
+    scores = anomaly_scores(vae, x, score=score, num_samples=num_samples, batch_size=batch_size, progress=progress)
+    data_vars = {
+        "score": (
+            "datapoint",
+            scores.cpu().numpy().astype(np.float64),
+            {"description": f"anomaly score {score} (higher = more anomalous)"},
+        )
+    }
     attrs: Dict[str, object] = {"score": score, "num_samples": num_samples}
     if labels is not None:
         labels = torch.as_tensor(labels).long().cpu()
@@ -140,9 +146,7 @@ def num_parameters(module: nn.Module) -> int:
 
 
 @torch.no_grad()
-def size_and_latency(
-    vaes: Mapping[str, VAE], x: Tensor, *, repeats: int = 50, warmup: int = 5
-) -> xr.Dataset:
+def size_and_latency(vaes: Mapping[str, VAE], x: Tensor, *, repeats: int = 50, warmup: int = 5) -> xr.Dataset:
     """Parameter count and median latency of one forward pass (encoder, then decoder at the
     posterior mean) of each model on ``x``, all timed in this one process, interleaved so
     that load on the machine affects every model alike. Dim ``model``."""
@@ -163,8 +167,11 @@ def size_and_latency(
     return xr.Dataset(
         {
             "num_parameters": ("model", np.array([num_parameters(vaes[n]) for n in names], dtype=np.int64)),
-            "latency_median_s": ("model", np.array([statistics.median(times[n]) for n in names]),
-                                 {"description": f"median over {repeats} timed forward passes"}),
+            "latency_median_s": (
+                "model",
+                np.array([statistics.median(times[n]) for n in names]),
+                {"description": f"median over {repeats} timed forward passes"},
+            ),
         },
         coords={"model": names},
         attrs={"batch_size": int(x.shape[0]), "repeats": repeats, "torch_threads": torch.get_num_threads()},

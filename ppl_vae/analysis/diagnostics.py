@@ -28,9 +28,7 @@ def _factorized_normal(fn: dist.Distribution) -> Tuple[Tensor, Tensor]:
     while isinstance(base, (dist.Independent, dist.torch.Independent)):
         base = base.base_dist
     if not isinstance(base, (dist.Normal, torch.distributions.Normal)):
-        raise ValueError(
-            f"KL per dimension needs a factorized Gaussian prior and guide, got {type(base).__name__}"
-        )
+        raise ValueError(f"KL per dimension needs a factorized Gaussian prior and guide, got {type(base).__name__}")
     return base.loc, base.scale
 
 
@@ -46,8 +44,9 @@ def _site_kl(model_trace, guide_trace, site: str, n: int) -> Tensor:
 
 @torch.no_grad()
 @in_eval_mode("model", "guide")
-def kl_per_dimension(model: Callable, guide: Callable, x: Tensor, latent_site: Optional[str] = None,
-                     **kwargs: Any) -> xr.DataArray:
+def kl_per_dimension(
+    model: Callable, guide: Callable, x: Tensor, latent_site: Optional[str] = None, **kwargs: Any
+) -> xr.DataArray:
     """KL(q(z_u|x) || p(z_u)) for each datapoint and latent dimension, dims (datapoint, latent).
 
     Closed form for diagonal-Gaussian guide sites and factorized Gaussian prior sites (e.g.
@@ -74,8 +73,9 @@ def kl_per_dimension(model: Callable, guide: Callable, x: Tensor, latent_site: O
     )
 
 
-def active_units(posterior_mean: Tensor | np.ndarray | xr.DataArray,
-                 threshold: float = ACTIVE_UNIT_THRESHOLD) -> xr.Dataset:
+def active_units(
+    posterior_mean: Tensor | np.ndarray | xr.DataArray, threshold: float = ACTIVE_UNIT_THRESHOLD
+) -> xr.Dataset:
     """Activity A_u = Var_x(E_q[z_u]) of each latent unit and whether it exceeds ``threshold``.
 
     ``posterior_mean``: ``(N, d)`` encoder means E_q[z|x] over a set of datapoints (Burda et
@@ -94,8 +94,13 @@ def active_units(posterior_mean: Tensor | np.ndarray | xr.DataArray,
         coords={"latent": np.arange(mean.shape[1])},
     )
     ds["activity"].attrs["long_name"] = "Cov_x(E_q[z_u])"
-    ds.attrs.update({"threshold": float(threshold), "num_active": int((activity > threshold).sum()),
-                     "reference": "Burda, Grosse & Salakhutdinov (2015), section 5.2"})
+    ds.attrs.update(
+        {
+            "threshold": float(threshold),
+            "num_active": int((activity > threshold).sum()),
+            "reference": "Burda, Grosse & Salakhutdinov (2015), section 5.2",
+        }
+    )
     return ds
 
 
@@ -122,14 +127,23 @@ def _posterior_means(guide: Callable, x: Tensor, layout, num_draws: int, seed: i
         mean = cast(torch.distributions.Distribution, trace.nodes[site.name]["fn"]).mean
         event = len(site.event_shape)
         means[site.name] = mean.mean(0) if mean.dim() > event + 1 else mean
-    return layout.join({k: v.expand((x.shape[0],) + v.shape[-len(s.event_shape):]) for (k, v), s in
-                        zip(means.items(), layout.sites)}, 1)
+    return layout.join(
+        {k: v.expand((x.shape[0],) + v.shape[-len(s.event_shape) :]) for (k, v), s in zip(means.items(), layout.sites)},
+        1,
+    )
 
 
 @torch.no_grad()
 @in_eval_mode("model", "guide")
-def collapse_diagnostics(model: Callable, guide: Callable, x: Tensor,
-                         threshold: float = ACTIVE_UNIT_THRESHOLD, *, seed: int = 0, **kwargs: Any) -> xr.Dataset:
+def collapse_diagnostics(
+    model: Callable,
+    guide: Callable,
+    x: Tensor,
+    threshold: float = ACTIVE_UNIT_THRESHOLD,
+    *,
+    seed: int = 0,
+    **kwargs: Any,
+) -> xr.Dataset:
     """Mean KL per dimension and active units for datapoints ``x``, over dim ``latent``.
 
     KL is included only when prior and guide are factorized Gaussians (otherwise NaN). Every

@@ -28,8 +28,17 @@ from torch import Tensor
 from ppl_vae.data.datasets import Dataset
 from ppl_vae.inference.modes import eval_mode
 
-__all__ = ["dci", "discretize", "disentanglement_metrics", "encode_means", "factor_classes", "mig",
-           "mutual_info_matrix", "plot_mutual_info", "plot_objective_terms"]
+__all__ = [
+    "dci",
+    "discretize",
+    "disentanglement_metrics",
+    "encode_means",
+    "factor_classes",
+    "mig",
+    "mutual_info_matrix",
+    "plot_mutual_info",
+    "plot_objective_terms",
+]
 
 #: per-epoch history variables of the disentangling objectives that :func:`plot_objective_terms` draws
 TERMS = ("kl", "mutual_info", "total_correlation", "dimwise_kl", "capacity")
@@ -87,8 +96,12 @@ def _mutual_info(a: np.ndarray, b: np.ndarray) -> float:
 
 def mutual_info_matrix(codes_d: np.ndarray, factors_d: np.ndarray) -> np.ndarray:
     """I(z_j; v_k) ``(D, F)`` in nats for discretized codes and factor classes."""
-    return np.array([[_mutual_info(codes_d[:, j], factors_d[:, k]) for k in range(factors_d.shape[1])]
-                     for j in range(codes_d.shape[1])])
+    return np.array(
+        [
+            [_mutual_info(codes_d[:, j], factors_d[:, k]) for k in range(factors_d.shape[1])]
+            for j in range(codes_d.shape[1])
+        ]
+    )
 
 
 def _coords(num_latent: int, factor_names: Optional[Sequence[str]], num_factors: int) -> dict:
@@ -118,21 +131,35 @@ def mig(codes, factors, *, num_bins: int = 20, factor_names: Optional[Sequence[s
         per_factor = np.where(entropy > 0, (top[0] - top[1]) / entropy, np.nan)
     coords = _coords(codes.shape[1], factor_names, factors.shape[1])
     ds = xr.Dataset(
-        {"mig": ((), float(np.nanmean(per_factor)) if np.isfinite(per_factor).any() else np.nan),
-         "mig_per_factor": ("factor", per_factor),
-         "mutual_info": (("latent", "factor"), mi),
-         "factor_entropy": ("factor", entropy)},
+        {
+            "mig": ((), float(np.nanmean(per_factor)) if np.isfinite(per_factor).any() else np.nan),
+            "mig_per_factor": ("factor", per_factor),
+            "mutual_info": (("latent", "factor"), mi),
+            "factor_entropy": ("factor", entropy),
+        },
         coords=coords,
-        attrs={"num_bins": int(num_bins), "num_points": int(len(codes)),
-               "reference": "Chen, Li, Grosse & Duvenaud (2018), Isolating sources of disentanglement in VAEs, eq. 6"},
+        attrs={
+            "num_bins": int(num_bins),
+            "num_points": int(len(codes)),
+            "reference": "Chen, Li, Grosse & Duvenaud (2018), Isolating sources of disentanglement in VAEs, eq. 6",
+        },
     )
     ds["mig"].attrs["long_name"] = "mutual information gap, mean over factors"
     ds["mutual_info"].attrs.update({"long_name": "I(z_j; v_k), plug-in estimate on discretized codes", "units": "nats"})
     return ds
 
 
-def dci(codes_train, factors_train, codes_test, factors_test, *, seed: int = 0, num_trees: int = 50,
-        max_depth: Optional[int] = 8, factor_names: Optional[Sequence[str]] = None) -> xr.Dataset:
+def dci(
+    codes_train,
+    factors_train,
+    codes_test,
+    factors_test,
+    *,
+    seed: int = 0,
+    num_trees: int = 50,
+    max_depth: Optional[int] = 8,
+    factor_names: Optional[Sequence[str]] = None,
+) -> xr.Dataset:
     """DCI disentanglement, completeness and informativeness (Eastwood & Williams 2018).
 
     A random forest (``num_trees`` trees, ``max_depth``, every feature considered at each split, so
@@ -145,17 +172,19 @@ def dci(codes_train, factors_train, codes_test, factors_test, *, seed: int = 0, 
     from sklearn.ensemble import RandomForestClassifier
 
     codes_train, codes_test = _as_2d(codes_train, "codes_train"), _as_2d(codes_test, "codes_test")
-    f_all = factor_classes(np.concatenate([_as_2d(factors_train, "factors_train"),
-                                           _as_2d(factors_test, "factors_test")]))
-    f_train, f_test = f_all[: len(codes_train)], f_all[len(codes_train):]
+    f_all = factor_classes(
+        np.concatenate([_as_2d(factors_train, "factors_train"), _as_2d(factors_test, "factors_test")])
+    )
+    f_train, f_test = f_all[: len(codes_train)], f_all[len(codes_train) :]
     if len(f_train) != len(codes_train) or len(f_test) != len(codes_test):
         raise ValueError("codes and factors must have the same number of points")
     num_latent, num_factors = codes_train.shape[1], f_all.shape[1]
     importance = np.zeros((num_latent, num_factors))
     accuracy = np.zeros(num_factors)
     for k in range(num_factors):
-        forest = RandomForestClassifier(n_estimators=num_trees, max_depth=max_depth, max_features=None,
-                                        random_state=seed, n_jobs=1)
+        forest = RandomForestClassifier(
+            n_estimators=num_trees, max_depth=max_depth, max_features=None, random_state=seed, n_jobs=1
+        )
         forest.fit(codes_train, f_train[:, k])
         importance[:, k] = np.abs(forest.feature_importances_)
         accuracy[k] = float((forest.predict(codes_test) == f_test[:, k]).mean())
@@ -169,16 +198,22 @@ def dci(codes_train, factors_train, codes_test, factors_test, *, seed: int = 0, 
     comp = one_minus_entropy(importance.T, num_latent)
     weight = importance.sum(1) / max(importance.sum(), 1e-12)
     ds = xr.Dataset(
-        {"dci_disentanglement": ((), float((dis * weight).sum())),
-         "dci_completeness": ((), float(comp.mean())),
-         "dci_informativeness": ("factor", accuracy),
-         "importance": (("latent", "factor"), importance),
-         "disentanglement_per_latent": ("latent", dis),
-         "completeness_per_factor": ("factor", comp)},
+        {
+            "dci_disentanglement": ((), float((dis * weight).sum())),
+            "dci_completeness": ((), float(comp.mean())),
+            "dci_informativeness": ("factor", accuracy),
+            "importance": (("latent", "factor"), importance),
+            "disentanglement_per_latent": ("latent", dis),
+            "completeness_per_factor": ("factor", comp),
+        },
         coords=_coords(num_latent, factor_names, num_factors),
-        attrs={"num_trees": int(num_trees), "max_depth": -1 if max_depth is None else int(max_depth), "seed": int(seed),
-               "reference": "Eastwood & Williams (2018), A framework for the quantitative evaluation of "
-                            "disentangled representations"},
+        attrs={
+            "num_trees": int(num_trees),
+            "max_depth": -1 if max_depth is None else int(max_depth),
+            "seed": int(seed),
+            "reference": "Eastwood & Williams (2018), A framework for the quantitative evaluation of "
+            "disentangled representations",
+        },
     )
     ds["dci_informativeness"].attrs["long_name"] = "random-forest accuracy on held-out points"
     return ds
@@ -199,9 +234,16 @@ def _subset(n: int, num_points: Optional[int], gen: np.random.Generator) -> np.n
     return np.sort(gen.choice(n, size=num_points, replace=False))
 
 
-def disentanglement_metrics(vae, data: Dataset, *, num_points: Optional[int] = 10_000,
-                            num_test_points: Optional[int] = 5_000, num_bins: int = 20, seed: int = 0,
-                            num_trees: int = 50) -> xr.Dataset:
+def disentanglement_metrics(
+    vae,
+    data: Dataset,
+    *,
+    num_points: Optional[int] = 10_000,
+    num_test_points: Optional[int] = 5_000,
+    num_bins: int = 20,
+    seed: int = 0,
+    num_trees: int = 50,
+) -> xr.Dataset:
     """MIG and DCI of ``vae``'s encoder means on ``data``'s factor-labelled points.
 
     MIG and DCI's forests use a seeded subset of ``num_points`` training points, DCI's accuracy
@@ -210,8 +252,10 @@ def disentanglement_metrics(vae, data: Dataset, *, num_points: Optional[int] = 1
     RNGs are not touched.
     """
     if data.train_factors is None or data.test_factors is None:
-        raise ValueError(f"MIG and DCI need a dataset with factor labels (dsprites, or an .npz with 'factors'); "
-                         f"dataset {data.name!r} has none")
+        raise ValueError(
+            f"MIG and DCI need a dataset with factor labels (dsprites, or an .npz with 'factors'); "
+            f"dataset {data.name!r} has none"
+        )
     for name, value in (("num_points", num_points), ("num_test_points", num_test_points)):
         if value is not None and value < 2:
             raise ValueError(f"{name} must be >= 2 or None (all), got {value}")
@@ -229,8 +273,15 @@ def disentanglement_metrics(vae, data: Dataset, *, num_points: Optional[int] = 1
     activity = codes_tr.var(axis=0, ddof=1)
     ds["activity"] = ("latent", activity)
     ds["active_units"] = ((), int((activity > 0.01).sum()))
-    ds.attrs.update({"dataset": data.name, "num_points": int(len(tr)), "num_test_points": int(len(te)),
-                     "seed": int(seed), "num_bins": int(num_bins)})
+    ds.attrs.update(
+        {
+            "dataset": data.name,
+            "num_points": int(len(tr)),
+            "num_test_points": int(len(te)),
+            "seed": int(seed),
+            "num_bins": int(num_bins),
+        }
+    )
     return ds
 
 
@@ -243,14 +294,23 @@ def plot_mutual_info(metrics: xr.Dataset):
     from matplotlib.figure import Figure
 
     normalized = (metrics["mutual_info"] / metrics["factor_entropy"]).transpose("latent", "factor")
-    fig = Figure(figsize=(1.2 + 0.9 * metrics.sizes["factor"], 0.9 + 0.35 * metrics.sizes["latent"]),
-                 constrained_layout=True)
+    fig = Figure(
+        figsize=(1.2 + 0.9 * metrics.sizes["factor"], 0.9 + 0.35 * metrics.sizes["latent"]), constrained_layout=True
+    )
     ax = fig.add_subplot()
-    sns.heatmap(normalized.values, ax=ax, vmin=0, vmax=1, cmap="Blues", annot=True, fmt=".2f",
-                annot_kws={"fontsize": 7}, cbar_kws={"label": "I(z_j; v_k) / H(v_k)"},
-                xticklabels=[f"{f}\nMIG {float(m):.2f}" for f, m in zip(metrics.factor.values,
-                                                                        metrics.mig_per_factor.values)],
-                yticklabels=[f"z{int(j)}" for j in metrics.latent.values])
+    sns.heatmap(
+        normalized.values,
+        ax=ax,
+        vmin=0,
+        vmax=1,
+        cmap="Blues",
+        annot=True,
+        fmt=".2f",
+        annot_kws={"fontsize": 7},
+        cbar_kws={"label": "I(z_j; v_k) / H(v_k)"},
+        xticklabels=[f"{f}\nMIG {float(m):.2f}" for f, m in zip(metrics.factor.values, metrics.mig_per_factor.values)],
+        yticklabels=[f"z{int(j)}" for j in metrics.latent.values],
+    )
     ax.tick_params(labelsize=7)
     ax.set_title(f"normalized mutual information; MIG {float(metrics.mig):.3f}", fontsize=9)
     return fig

@@ -80,9 +80,9 @@ MEANINGS = {
     "elbo_meanfield": "unbiased Monte Carlo estimate of L[q*], itself a lower bound on log p(x)",
     "elbo_amortized": "unbiased Monte Carlo estimate of L[q], itself a lower bound on log p(x)",
     "approximation_gap": "stochastic lower bound on log p(x) − L[q*] (log p̂ is one on log p(x)); "
-                         "overstated if q* is not the best diagonal Gaussian",
+    "overstated if q* is not the best diagonal Gaussian",
     "amortization_gap": "unbiased estimate of L[q*] − L[q] for the fitted q*; understates the true gap "
-                        "if q* is not the best diagonal Gaussian",
+    "if q* is not the best diagonal Gaussian",
     "inference_gap": "stochastic lower bound on log p(x) − L[q]",
 }
 
@@ -92,8 +92,9 @@ def describe(name: str) -> str:
     return f"{LABELS[name]}: {MEANINGS[name]}"
 
 
-def _draws(model: Callable, proposal: Callable, other: Callable, x: Tensor, k: int,
-           kw: Dict[str, Any]) -> Tuple[Tensor, Tensor, Tensor]:
+def _draws(
+    model: Callable, proposal: Callable, other: Callable, x: Tensor, k: int, kw: Dict[str, Any]
+) -> Tuple[Tensor, Tensor, Tensor]:
     """(log p(x,z), log proposal(z), log other(z)), each ``(k, B)``, for z ~ proposal.
 
     ``other`` is replayed on the proposal's draws, so any guide that follows the contract can
@@ -150,8 +151,13 @@ def mixture_estimates(
     batches = list(data_batches(x, kwargs, batch_size))
     chunks = math.ceil(num_samples / particle_batch_size)
     mf_batches = _split_guide(meanfield_guide, x.shape[0], batch_size)
-    with tqdm(total=len(batches) * chunks, disable=not progress, desc=f"MIS K={num_samples}+{num_samples}",
-              unit="chunk", dynamic_ncols=True) as bar:
+    with tqdm(
+        total=len(batches) * chunks,
+        disable=not progress,
+        desc=f"MIS K={num_samples}+{num_samples}",
+        unit="chunk",
+        dynamic_ncols=True,
+    ) as bar:
         for i, ((xb, kw), mf) in enumerate(zip(batches, mf_batches)):
             parts: Dict[str, List[Tensor]] = {"a": [], "b": [], "mq": [], "ms": []}
             with seeded(None if seed is None else block_seed(seed, i * batch_size), xb.device):
@@ -167,7 +173,9 @@ def mixture_estimates(
             a, b, mq, ms = (torch.cat(parts[n]) for n in ("a", "b", "mq", "ms"))
             for t in (a, b, mq, ms):
                 if torch.isnan(t).any():
-                    raise ValueError("an importance weight is NaN: the model or a guide produced an invalid log-density")
+                    raise ValueError(
+                        "an importance weight is NaN: the model or a guide produced an invalid log-density"
+                    )
             log_px = log_mean_exp(torch.cat([mq, ms]))
             psi = 0.5 * ((mq - log_px).exp() + (ms - log_px).exp())  # mean exactly 1
             values = {}
@@ -235,16 +243,37 @@ def gap_decomposition(
     mode (their modes are restored afterwards).
     """
     with seeded(seed, x.device):
-        return _gap_decomposition(model, guide, x, num_samples=num_samples, batch_size=batch_size,
-                                  particle_batch_size=particle_batch_size, mean_field=mean_field,
-                                  mean_field_options=mean_field_options, datapoint=datapoint, progress=progress,
-                                  seed=seed, **kwargs)
+        return _gap_decomposition(
+            model,
+            guide,
+            x,
+            num_samples=num_samples,
+            batch_size=batch_size,
+            particle_batch_size=particle_batch_size,
+            mean_field=mean_field,
+            mean_field_options=mean_field_options,
+            datapoint=datapoint,
+            progress=progress,
+            seed=seed,
+            **kwargs,
+        )
 
 
-def _gap_decomposition(model: Callable, guide: Callable, x: Tensor, *, num_samples: int, batch_size: int,
-                       particle_batch_size: Optional[int], mean_field: Optional[MeanFieldResult],
-                       mean_field_options: Optional[Dict[str, Any]], datapoint: Optional[Sequence[int] | np.ndarray],
-                       progress: bool, seed: Optional[int], **kwargs: Any) -> xr.Dataset:
+def _gap_decomposition(
+    model: Callable,
+    guide: Callable,
+    x: Tensor,
+    *,
+    num_samples: int,
+    batch_size: int,
+    particle_batch_size: Optional[int],
+    mean_field: Optional[MeanFieldResult],
+    mean_field_options: Optional[Dict[str, Any]],
+    datapoint: Optional[Sequence[int] | np.ndarray],
+    progress: bool,
+    seed: Optional[int],
+    **kwargs: Any,
+) -> xr.Dataset:
     if mean_field is None:
         options = {"progress": progress, **(mean_field_options or {})}
         mean_field = fit_mean_field(model, x, guide=guide, seed=seed, **options, **kwargs)
@@ -252,8 +281,18 @@ def _gap_decomposition(model: Callable, guide: Callable, x: Tensor, *, num_sampl
         raise ValueError(f"mean_field holds {mean_field.loc.shape[0]} datapoints but x has {x.shape[0]}")
     layout = mean_field.layout
     q_loc, q_scale = guide_moments(guide, x, layout if layout is not None and len(layout.sites) > 1 else None, **kwargs)
-    est = mixture_estimates(model, guide, mean_field.guide(), x, num_samples=num_samples, batch_size=batch_size, seed=seed,
-                            particle_batch_size=particle_batch_size, progress=progress, **kwargs)
+    est = mixture_estimates(
+        model,
+        guide,
+        mean_field.guide(),
+        x,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        seed=seed,
+        particle_batch_size=particle_batch_size,
+        progress=progress,
+        **kwargs,
+    )
 
     n = x.shape[0]
     as_np = lambda t: t.detach().double().cpu().numpy()  # noqa: E731
@@ -284,8 +323,9 @@ def _gap_decomposition(model: Callable, guide: Callable, x: Tensor, *, num_sampl
         data[g] = ("datapoint", as_np(est[g]))
         data[f"{g}_stderr"] = ("datapoint", as_np(est[f"{g}_stderr"]))
     ds = xr.Dataset(data, coords=coords)
-    ds = ds.assign_coords(bound=("estimator", [BOUNDS[e] for e in ESTIMATORS]),
-                          meaning=("estimator", [MEANINGS[e] for e in ESTIMATORS]))
+    ds = ds.assign_coords(
+        bound=("estimator", [BOUNDS[e] for e in ESTIMATORS]), meaning=("estimator", [MEANINGS[e] for e in ESTIMATORS])
+    )
     ds["estimate"].attrs.update({"units": "nats", "long_name": "per-datapoint estimate (see coords bound, meaning)"})
     ds["stderr"].attrs.update({"units": "nats", "long_name": "Monte Carlo standard error (delta method over K pairs)"})
     for g in GAPS:
@@ -300,9 +340,9 @@ def _gap_decomposition(model: Callable, guide: Callable, x: Tensor, *, num_sampl
     ds.attrs.update(
         {
             "reference": "Cremer, Li & Duvenaud (2018), Inference Suboptimality in Variational Autoencoders; "
-                         "multiple importance sampling: Veach & Guibas (1995)",
+            "multiple importance sampling: Veach & Guibas (1995)",
             "log_px_estimator": "multiple importance sampling, balance heuristic, proposal ½q + ½q*, "
-                                f"K = {num_samples} draws of each",
+            f"K = {num_samples} draws of each",
             "num_samples": int(num_samples),
             "meanfield_num_converged": int(mean_field.converged.sum()),
             "meanfield_num_datapoints": int(mean_field.converged.numel()),
@@ -350,12 +390,25 @@ def format_gap_table(table: pd.DataFrame) -> str:
     width = max(len(d) for d in table["description"])
     lines = [f"{'quantity':<{width}}  {'mean ± se (nats)':>22}  {'MC se':>7}  kind"]
     for _, r in table.iterrows():
-        lines.append(f"{r['description']:<{width}}  {r['mean']:>12.3f} ± {r['se']:<7.3f}  {r['mc_se']:>7.3f}  "
-                     f"{r['bound']}")
-    lines.append("kind: stochastic lower bound on its target (log p(x) or a gap), or neither; "
-                 "log p̂ by multiple importance sampling over ½q + ½q*")
+        lines.append(
+            f"{r['description']:<{width}}  {r['mean']:>12.3f} ± {r['se']:<7.3f}  {r['mc_se']:>7.3f}  {r['bound']}"
+        )
+    lines.append(
+        "kind: stochastic lower bound on its target (log p(x) or a gap), or neither; "
+        "log p̂ by multiple importance sampling over ½q + ½q*"
+    )
     return "\n".join(lines)
 
 
-__all__ = ["BOUNDS", "ESTIMATORS", "GAPS", "LABELS", "MEANINGS", "describe", "format_gap_table", "gap_decomposition",
-           "gap_table", "mixture_estimates"]
+__all__ = [
+    "BOUNDS",
+    "ESTIMATORS",
+    "GAPS",
+    "LABELS",
+    "MEANINGS",
+    "describe",
+    "format_gap_table",
+    "gap_decomposition",
+    "gap_table",
+    "mixture_estimates",
+]

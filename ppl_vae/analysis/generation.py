@@ -64,7 +64,9 @@ MASKS.register("bottom", doc="the bottom half is observed; complete the top half
 MASKS.register("left", doc="the left half is observed; complete the right half")(_observed("all", "first"))
 MASKS.register("right", doc="the right half is observed; complete the left half")(_observed("all", "last"))
 # Pyro's CVAE tutorial observes one quarter and predicts the rest.
-MASKS.register("quadrant", doc="the top-left quarter is observed; complete the other three")(_observed("first", "first"))
+MASKS.register("quadrant", doc="the top-left quarter is observed; complete the other three")(
+    _observed("first", "first")
+)
 
 
 def make_mask(name: str, event_shape: Sequence[int]) -> Tensor:
@@ -137,8 +139,13 @@ def sample_images(
             images = torch.stack([vae.decode(z, c) for c in labels])  # type: ignore[call-arg]
             dims, coords = ("label", "sample", *IMAGE_DIMS), {"label": labels, "sample": np.arange(len(z))}
     images = images.reshape(*images.shape[: images.dim() - len(vae.event_shape)], *_image_shape(vae.event_shape))
-    return xr.DataArray(images.cpu().numpy(), dims=dims, coords=coords, name="mean",
-                        attrs={"description": "E[x | z] for z ~ p(z)", "seed": seed})
+    return xr.DataArray(
+        images.cpu().numpy(),
+        dims=dims,
+        coords=coords,
+        name="mean",
+        attrs={"description": "E[x | z] for z ~ p(z)", "seed": seed},
+    )
 
 
 def _image_shape(event_shape: Sequence[int]) -> tuple:
@@ -177,8 +184,12 @@ def _show(ax, tiled: np.ndarray) -> None:
     ax.set_yticks([])
 
 
-def plot_image_grid(images: Union[xr.DataArray, np.ndarray, Tensor], ncols: Optional[int] = None,
-                    title: Optional[str] = None, cell_inches: float = 0.6):
+def plot_image_grid(
+    images: Union[xr.DataArray, np.ndarray, Tensor],
+    ncols: Optional[int] = None,
+    title: Optional[str] = None,
+    cell_inches: float = 0.6,
+):
     """A grid of images; a DataArray with a ``label`` dim gets one labelled row per label.
 
     ``images``: ``(n, C, H, W)`` or a DataArray from :func:`sample_images`. Returns a Figure.
@@ -206,8 +217,10 @@ def plot_image_grid(images: Union[xr.DataArray, np.ndarray, Tensor], ncols: Opti
     ncols = ncols or math.ceil(math.sqrt(len(array)))
     tiled = _tile(array, ncols)
     nrows = math.ceil(len(array) / ncols)
-    fig = Figure(figsize=(max(2.0, ncols * cell_inches + (0.5 if labels else 0)), max(2.0, nrows * cell_inches + 0.4)),
-                 constrained_layout=True)
+    fig = Figure(
+        figsize=(max(2.0, ncols * cell_inches + (0.5 if labels else 0)), max(2.0, nrows * cell_inches + 0.4)),
+        constrained_layout=True,
+    )
     ax = fig.add_subplot()
     _show(ax, tiled)
     if labels is not None:
@@ -233,8 +246,11 @@ def plot_inpainting(result: xr.Dataset, max_images: int = 8):
     observed = result["original"].values[:n].copy()
     # Missing pixels shown mid-grey, so they read as "unknown", not as "off".
     observed = np.where(mask[None], observed, 0.5)
-    rows = [("original", result["original"].values[:n]), ("observed", observed),
-            ("completion\n(posterior mean)", result["completion_mean"].values[:n])]
+    rows = [
+        ("original", result["original"].values[:n]),
+        ("observed", observed),
+        ("completion\n(posterior mean)", result["completion_mean"].values[:n]),
+    ]
     for j in range(result.sizes["draw"]):
         rows.append((f"draw {j + 1}", result["completion_draws"].values[:n, j]))
     fig = Figure(figsize=(1.0 + 0.9 * n, 0.9 * len(rows) + 0.6), constrained_layout=True)
@@ -253,8 +269,7 @@ def plot_inpainting(result: xr.Dataset, max_images: int = 8):
                 elif "label" in result:
                     title = f"y={int(result['label'][i])}\n" + title
                 ax.set_title(title, fontsize=6)
-    fig.suptitle(f"inpainting, mask {result.attrs.get('mask', '')!r}, K={result.attrs.get('num_samples')}",
-                 fontsize=8)
+    fig.suptitle(f"inpainting, mask {result.attrs.get('mask', '')!r}, K={result.attrs.get('num_samples')}", fontsize=8)
     return fig
 
 
@@ -276,9 +291,17 @@ class SampleGridRecorder:
     written by separate calls or processes show the same latent points.
     """
 
-    def __init__(self, out_dir: Union[str, Path], *, num_samples: int = 16, seed: int = 0,
-                 labels: Optional[Sequence[int]] = None, gif_path: Union[str, Path, None] = None,
-                 frame_ms: int = 500, dpi: int = 80):
+    def __init__(
+        self,
+        out_dir: Union[str, Path],
+        *,
+        num_samples: int = 16,
+        seed: int = 0,
+        labels: Optional[Sequence[int]] = None,
+        gif_path: Union[str, Path, None] = None,
+        frame_ms: int = 500,
+        dpi: int = 80,
+    ):
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         self.out_dir = Path(out_dir)
@@ -312,8 +335,10 @@ class SampleGridRecorder:
                 with Image.open(p) as im:
                     im.convert("RGB")
             except (OSError, ValueError, SyntaxError):  # PIL's UnidentifiedImageError is an OSError
-                raise ValueError(f"{p} is not a readable image, so no animation can hold it; remove it (the frame "
-                                 "is saved again when its epoch is trained)") from None
+                raise ValueError(
+                    f"{p} is not a readable image, so no animation can hold it; remove it (the frame "
+                    "is saved again when its epoch is trained)"
+                ) from None
 
     def write_gif(self) -> Optional[Path]:
         """Rewrite the GIF from the frames on disk; None when there are none."""
@@ -329,8 +354,12 @@ class SampleGridRecorder:
         # Frames of one size: the figure size is fixed, but guard against a changed layout.
         size = frames[0].size
         frames = [f if f.size == size else f.resize(size) for f in frames]
-        return io.write_with(self.gif_path, lambda tmp: frames[0].save(
-            tmp, format="GIF", save_all=True, append_images=frames[1:], duration=self.frame_ms, loop=0))
+        return io.write_with(
+            self.gif_path,
+            lambda tmp: frames[0].save(
+                tmp, format="GIF", save_all=True, append_images=frames[1:], duration=self.frame_ms, loop=0
+            ),
+        )
 
 
 class EveryFewEpochs:
@@ -479,25 +508,44 @@ def inpaint(
     data_vars: Dict[str, tuple] = {
         "original": (("image", *IMAGE_DIMS), as_img(x)),
         "mask": (IMAGE_DIMS, as_img(mask_t)),
-        "completion_mean": (("image", *IMAGE_DIMS), as_img(torch.stack(completion_mean)),
-                            {"description": "observed pixels kept; missing ones E[x_miss | x_obs] (self-normalized IS)"}),
-        "completion_draws": (("image", "draw", *IMAGE_DIMS), as_img(torch.stack(draws)),
-                             {"description": "E[x | z] for z drawn from the weighted sample, observed pixels kept"}),
-        "log_evidence": ("image", torch.stack(log_evidence).cpu().numpy(),
-                         {"description": "log p(x_obs) estimated as log (1/K) sum_k w_k, nats"}),
+        "completion_mean": (
+            ("image", *IMAGE_DIMS),
+            as_img(torch.stack(completion_mean)),
+            {"description": "observed pixels kept; missing ones E[x_miss | x_obs] (self-normalized IS)"},
+        ),
+        "completion_draws": (
+            ("image", "draw", *IMAGE_DIMS),
+            as_img(torch.stack(draws)),
+            {"description": "E[x | z] for z drawn from the weighted sample, observed pixels kept"},
+        ),
+        "log_evidence": (
+            "image",
+            torch.stack(log_evidence).cpu().numpy(),
+            {"description": "log p(x_obs) estimated as log (1/K) sum_k w_k, nats"},
+        ),
         "ess": ("image", torch.stack(ess).cpu().numpy(), {"description": "effective sample size of the K weights"}),
     }
     if conditional and y is None:
-        data_vars["label_posterior"] = (("image", "label"), torch.stack(label_post).cpu().numpy(),
-                                        {"description": "p(y | x_obs) under a uniform p(y)"})
+        data_vars["label_posterior"] = (
+            ("image", "label"),
+            torch.stack(label_post).cpu().numpy(),
+            {"description": "p(y | x_obs) under a uniform p(y)"},
+        )
     elif conditional:
         assert y is not None  # the branch above took y None
         data_vars["label"] = ("image", y.cpu().numpy())
     num_weights = num_samples * (len(classes) if conditional and y is None else 1)
-    ds = xr.Dataset(data_vars, attrs={"mask": mask_name, "num_samples": num_samples, "num_weights": num_weights,
-                                      "seed": seed,
-                                      "proposal": proposal,
-                                      "method": "self-normalized importance sampling"})
+    ds = xr.Dataset(
+        data_vars,
+        attrs={
+            "mask": mask_name,
+            "num_samples": num_samples,
+            "num_weights": num_weights,
+            "seed": seed,
+            "proposal": proposal,
+            "method": "self-normalized importance sampling",
+        },
+    )
     return ds
 
 
@@ -531,8 +579,10 @@ def latent_traversal(
     dims = list(range(latent_dim)) if dims is None else [int(d) for d in dims]
     bad = [d for d in dims if not 0 <= d < latent_dim]
     if bad or not dims:
-        raise ValueError(f"dims: latent dimension(s) {bad or dims} do not exist; the model's z has {latent_dim} "
-                         f"dimensions (0..{latent_dim - 1})")
+        raise ValueError(
+            f"dims: latent dimension(s) {bad or dims} do not exist; the model's z has {latent_dim} "
+            f"dimensions (0..{latent_dim - 1})"
+        )
     if num_steps < 2:
         raise ValueError(f"num_steps must be >= 2, got {num_steps}")
     if not (span > 0 and math.isfinite(span)):
@@ -559,13 +609,17 @@ def latent_traversal(
         images = vae.decode(z.reshape(-1, latent_dim))
     frames = images.reshape(len(dims), num_steps, *_image_shape(vae.event_shape)).cpu().numpy()
     return xr.Dataset(
-        {"image": (("latent", "step", *IMAGE_DIMS), frames),
-         "value": ("step", values.cpu().numpy()),
-         "kl": ("latent", kl[dims]),
-         "activity": ("latent", activity[dims])},
+        {
+            "image": (("latent", "step", *IMAGE_DIMS), frames),
+            "value": ("step", values.cpu().numpy()),
+            "kl": ("latent", kl[dims]),
+            "activity": ("latent", activity[dims]),
+        },
         coords={"latent": dims, "step": np.arange(num_steps)},
-        attrs={"description": "E[x|z] with z_j swept and the other dimensions fixed",
-               "fixed_point": "encoder mean of the first datapoint" if x is not None else "prior mean (zero)"},
+        attrs={
+            "description": "E[x|z] with z_j swept and the other dimensions fixed",
+            "fixed_point": "encoder mean of the first datapoint" if x is not None else "prior mean (zero)",
+        },
     )
 
 

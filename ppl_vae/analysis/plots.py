@@ -54,7 +54,7 @@ def tile_images(images: np.ndarray, ncols: int, pad: int = 1) -> np.ndarray:
     canvas = np.full((nrows * (h + pad) - pad, ncols * (w + pad) - pad), np.nan)
     for i in range(n):
         r, c = divmod(i, ncols)
-        canvas[r * (h + pad): r * (h + pad) + h, c * (w + pad): c * (w + pad) + w] = images[i]
+        canvas[r * (h + pad) : r * (h + pad) + h, c * (w + pad) : c * (w + pad) + w] = images[i]
     return canvas
 
 
@@ -110,15 +110,34 @@ def plot_gap_distributions(gaps: xr.Dataset, zoom_quantile: float = 0.98) -> Fig
     inside = frame[(frame["nats"] >= lo) & (frame["nats"] <= hi)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
     palette = dict(zip(frame["gap"].unique(), sns.color_palette("colorblind", 2)))
-    sns.histplot(inside, x="nats", hue="gap", element="step", stat="count", common_bins=True, palette=palette,
-                 ax=axes[0], legend=False)
+    sns.histplot(
+        inside,
+        x="nats",
+        hue="gap",
+        element="step",
+        stat="count",
+        common_bins=True,
+        palette=palette,
+        ax=axes[0],
+        legend=False,
+    )
     outside = len(frame) - len(inside)
-    axes[0].set_title(f"central {zoom_quantile:.0%} of values ({outside} outside [{lo:.3g}, {hi:.3g}])",
-                      fontsize="medium")
+    axes[0].set_title(
+        f"central {zoom_quantile:.0%} of values ({outside} outside [{lo:.3g}, {hi:.3g}])", fontsize="medium"
+    )
     # linear within ± a typical gap (a power of ten), logarithmic beyond
     width = 10.0 ** math.floor(math.log10(max(float(np.median(np.abs(values))), 1e-4)))
-    sns.histplot(frame, x="nats", hue="gap", element="step", stat="count", common_bins=True, palette=palette,
-                 bins=_symlog_bins(values, width), ax=axes[1])
+    sns.histplot(
+        frame,
+        x="nats",
+        hue="gap",
+        element="step",
+        stat="count",
+        common_bins=True,
+        palette=palette,
+        bins=_symlog_bins(values, width),
+        ax=axes[1],
+    )
     axes[1].set_xscale("symlog", linthresh=width, linscale=0.5)
     axes[1].set_xticks(_symlog_ticks(values, width))
     axes[1].xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
@@ -178,12 +197,14 @@ def plot_estimators(gaps: xr.Dataset) -> Figure:
 
 def plot_kl_per_dimension(diagnostics: xr.Dataset) -> Figure:
     """Mean KL per latent dimension, coloured by whether the unit is active (Burda et al. 2015)."""
-    frame = pd.DataFrame({
-        "latent": diagnostics.latent.values,
-        "KL (nats)": diagnostics["kl"].values,
-        "activity": diagnostics["activity"].values,
-        "unit": np.where(diagnostics["active"].values, "active", "inactive"),
-    })
+    frame = pd.DataFrame(
+        {
+            "latent": diagnostics.latent.values,
+            "KL (nats)": diagnostics["kl"].values,
+            "activity": diagnostics["activity"].values,
+            "unit": np.where(diagnostics["active"].values, "active", "inactive"),
+        }
+    )
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), layout="constrained")
     palette = {"active": "tab:blue", "inactive": "tab:gray"}
     sns.barplot(frame, x="latent", y="KL (nats)", hue="unit", palette=palette, dodge=False, ax=axes[0])
@@ -215,8 +236,9 @@ def _draw_rows(rows: Sequence[np.ndarray], row_titles: Sequence[str], title: str
     images = [_image_batch(r) for r in rows]
     ncol = rows[0].shape[0]
     if all(im is not None for im in images):
-        fig, axes = plt.subplots(len(rows), ncol, figsize=(0.9 * ncol + 0.5, 0.95 * len(rows) + 0.4),
-                                 squeeze=False, layout="constrained")
+        fig, axes = plt.subplots(
+            len(rows), ncol, figsize=(0.9 * ncol + 0.5, 0.95 * len(rows) + 0.4), squeeze=False, layout="constrained"
+        )
         for r, (batch, name) in enumerate(zip(images, row_titles)):
             assert batch is not None  # all are images here
             for c in range(ncol):
@@ -228,8 +250,13 @@ def _draw_rows(rows: Sequence[np.ndarray], row_titles: Sequence[str], title: str
             for batch, name in zip(rows, row_titles):
                 axes[0, c].plot(batch[c].reshape(-1), lw=0.8, label=name)
             axes[0, c].set_xticks([])
-        fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside lower center", ncols=len(rows),
-                   fontsize="small", frameon=False)
+        fig.legend(
+            *axes[0, 0].get_legend_handles_labels(),
+            loc="outside lower center",
+            ncols=len(rows),
+            fontsize="small",
+            frameon=False,
+        )
     fig.suptitle(title)
     return fig
 
@@ -247,7 +274,9 @@ def plot_samples(samples: Tensor, ncol: int = 10) -> Figure:
     return _draw_rows([s[i * ncol : (i + 1) * ncol] for i in range(nrow)], [""] * nrow, "Samples from the prior")
 
 
-def plot_manifold(decode: Callable[[Tensor], Tensor], num_per_axis: int = 15, *, device: str | torch.device = "cpu") -> Figure:
+def plot_manifold(
+    decode: Callable[[Tensor], Tensor], num_per_axis: int = 15, *, device: str | torch.device = "cpu"
+) -> Figure:
     """The learned 2-D manifold: E[x|z] on a grid z = Φ⁻¹(u), u evenly spaced in (0, 1) (AEVB fig. 4)."""
     if num_per_axis < 2:
         raise ValueError(f"num_per_axis must be >= 2, got {num_per_axis}")
@@ -279,8 +308,9 @@ def plot_latent_scatter(loc: Tensor | np.ndarray, labels: Optional[Tensor] = Non
         order = [str(v) for v in np.unique(raw)]
         hue = "label"
     fig, ax = plt.subplots(figsize=(6.2, 5), layout="constrained")
-    sns.scatterplot(frame, x="z1", y="z2", hue=hue, s=10, linewidth=0, palette="tab10" if hue else None,
-                    hue_order=order, ax=ax)
+    sns.scatterplot(
+        frame, x="z1", y="z2", hue=hue, s=10, linewidth=0, palette="tab10" if hue else None, hue_order=order, ax=ax
+    )
     legend_outside(ax, title="label", markerscale=2)
     ax.set_title("Encoder means E_q[z|x]")
     return fig

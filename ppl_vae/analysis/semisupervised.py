@@ -23,7 +23,7 @@ def _labels(y: Any, n: int, what: str) -> np.ndarray:
 def value_probs(vae: Any, x: Tensor, batch_size: int = 1000) -> Tensor:
     """q(c | x) ``(N, C)`` of a model with a categorical latent (``vae.value_logits``), in eval mode."""
     with eval_mode(vae):
-        parts = [vae.value_logits(x[i:i + batch_size]).exp() for i in range(0, x.shape[0], batch_size)]
+        parts = [vae.value_logits(x[i : i + batch_size]).exp() for i in range(0, x.shape[0], batch_size)]
     return torch.cat(parts)
 
 

@@ -55,10 +55,22 @@ def text_metrics(vae, x: Tensor, *, num_samples: int = 10, batch_size: int = 200
     to_bits = 1.0 / (chars * math.log(2.0))
     return xr.Dataset(
         {
-            "bits_per_character_elbo": ((), -float(elbo.sum()) * to_bits, {"description": "-ELBO in bits per scored symbol (an upper bound)"}),
-            "bits_per_character_iw": ((), -float(iw.sum()) * to_bits, {"description": f"-IW bound (K={num_samples}) in bits per scored symbol"}),
+            "bits_per_character_elbo": (
+                (),
+                -float(elbo.sum()) * to_bits,
+                {"description": "-ELBO in bits per scored symbol (an upper bound)"},
+            ),
+            "bits_per_character_iw": (
+                (),
+                -float(iw.sum()) * to_bits,
+                {"description": f"-IW bound (K={num_samples}) in bits per scored symbol"},
+            ),
             "kl": ((), float(kl.mean()), {"description": "mean KL(q(z|x) || p(z)) per sentence, nats"}),
-            "kl_bits_per_character": ((), float(kl.sum()) * to_bits, {"description": "KL share of the bits per character"}),
+            "kl_bits_per_character": (
+                (),
+                float(kl.sum()) * to_bits,
+                {"description": "KL share of the bits per character"},
+            ),
         },
         attrs={"num_sentences": int(len(x)), "num_scored_characters": int(chars), "num_samples": num_samples},
     )

@@ -11,16 +11,31 @@ from ppl_vae.cli import options as opt
 
 @click.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--dataset", default=None,
-              help="Dataset to score (default: the run's own), e.g. fashion-mnist-oneclass-3, timeseries-csv, or a path.")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-              help="Folder (or, for timeseries-csv, the CSV file) holding the dataset.")
+@click.option(
+    "--dataset",
+    default=None,
+    help="Dataset to score (default: the run's own), e.g. fashion-mnist-oneclass-3, timeseries-csv, or a path.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder (or, for timeseries-csv, the CSV file) holding the dataset.",
+)
 @opt.split_option()
-@click.option("--score", default="neg_elbo", show_default=True,
-              help="neg_elbo (Kim et al. 2017) or reconstruction_probability (An & Cho 2015).")
+@click.option(
+    "--score",
+    default="neg_elbo",
+    show_default=True,
+    help="neg_elbo (Kim et al. 2017) or reconstruction_probability (An & Cho 2015).",
+)
 @opt.num_samples_option(10, "Draws of z per datapoint.")
-@click.option("--normal-class", type=int, default=None,
-              help="Treat class labels as anomaly labels: 1 for every class but this one.")
+@click.option(
+    "--normal-class",
+    type=int,
+    default=None,
+    help="Treat class labels as anomaly labels: 1 for every class but this one.",
+)
 @click.option("--batch-size", type=int, default=500, show_default=True)
 @opt.out_option("Write the scores to this netCDF file.")
 @opt.device_option()
@@ -47,8 +62,14 @@ def anomaly(run_dir: Path, **opts) -> None:
     run.vae.likelihood.check_support(x, what=f"the {opts['split']} data of {data.name}")
     device = next(run.vae.parameters()).device
     result = score_dataset(
-        run.vae, x.to(device), labels, score=opts["score"], num_samples=opts["num_samples"],
-        batch_size=opts["batch_size"], normal_class=opts["normal_class"], progress=opts["progress"],
+        run.vae,
+        x.to(device),
+        labels,
+        score=opts["score"],
+        num_samples=opts["num_samples"],
+        batch_size=opts["batch_size"],
+        normal_class=opts["normal_class"],
+        progress=opts["progress"],
     )
     scores = result["score"]
     click.echo(

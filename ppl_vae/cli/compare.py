@@ -12,39 +12,101 @@ from ppl_vae.cli import options as opt
 
 @click.command()
 @click.argument("run_dirs", metavar="RUN...", nargs=-1, required=True, type=click.Path(path_type=Path))
-@opt.num_samples_option(1000, "Draws K of q and K of q* per datapoint for log p̂(x), L[q], L[q*].",
-                        "--num-samples", "-k")
-@click.option("--estimator", type=click.Choice(["mis", "iw"]), default="mis", show_default=True,
-              help="With several runs: 'mis' (gap decomposition, q* fitted per run) or 'iw' (amortized IW only).")
+@opt.num_samples_option(
+    1000, "Draws K of q and K of q* per datapoint for log p̂(x), L[q], L[q*].", "--num-samples", "-k"
+)
+@click.option(
+    "--estimator",
+    type=click.Choice(["mis", "iw"]),
+    default="mis",
+    show_default=True,
+    help="With several runs: 'mis' (gap decomposition, q* fitted per run) or 'iw' (amortized IW only).",
+)
 @opt.split_option()
-@click.option("--num-datapoints", type=int, default=500, show_default=True,
-              help="How many datapoints of the split to score: a seeded random subset of this size (0: all; the "
-                   "same rule as evaluate, whose default is all: q* is fitted per datapoint, hence 500 here).")
+@click.option(
+    "--num-datapoints",
+    type=int,
+    default=500,
+    show_default=True,
+    help="How many datapoints of the split to score: a seeded random subset of this size (0: all; the "
+    "same rule as evaluate, whose default is all: q* is fitted per datapoint, hence 500 here).",
+)
 @click.option("--num-draws", type=int, default=100, show_default=True, help="Draws of z per guide kept for ArviZ.")
-@click.option("--init", type=click.Choice(["encoder", "prior"]), default="encoder", show_default=True,
-              help="Where mean-field VI starts.")
-@click.option("--mf-steps", type=int, default=500, show_default=True,
-              help="Most Adam steps of mean-field VI (before the L-BFGS polish).")
-@click.option("--mf-polish-steps", type=int, default=300, show_default=True,
-              help="Most L-BFGS iterations of the deterministic polish of q*.")
-@click.option("--mf-gtol", type=float, default=1e-3, show_default=True,
-              help="q* counts as converged when its largest ELBO gradient component is below this.")
+@click.option(
+    "--init",
+    type=click.Choice(["encoder", "prior"]),
+    default="encoder",
+    show_default=True,
+    help="Where mean-field VI starts.",
+)
+@click.option(
+    "--mf-steps",
+    type=int,
+    default=500,
+    show_default=True,
+    help="Most Adam steps of mean-field VI (before the L-BFGS polish).",
+)
+@click.option(
+    "--mf-polish-steps",
+    type=int,
+    default=300,
+    show_default=True,
+    help="Most L-BFGS iterations of the deterministic polish of q*.",
+)
+@click.option(
+    "--mf-gtol",
+    type=float,
+    default=1e-3,
+    show_default=True,
+    help="q* counts as converged when its largest ELBO gradient component is below this.",
+)
 @click.option("--mf-lr", type=float, default=1e-2, show_default=True, help="Adam learning rate of mean-field VI.")
-@click.option("--mf-tol", type=float, default=1e-4, show_default=True,
-              help="Relative ELBO change that counts as a plateau (Adam's stopping rule).")
+@click.option(
+    "--mf-tol",
+    type=float,
+    default=1e-4,
+    show_default=True,
+    help="Relative ELBO change that counts as a plateau (Adam's stopping rule).",
+)
 @opt.device_option()
 @opt.seed_option()
 @opt.out_option("Folder for report.html and the tables (default: the run directory; RUN1/multirun for several).")
-@click.option("--nproc", type=int, default=1, show_default=True,
-              help="Processes to split the datapoints across (whole blocks of mean-field VI's 500, or --batch-size "
-                   "100 for --estimator iw); the results equal one process's for the same --seed. Under torchrun "
-                   "leave it at 1.")
-@click.option("--threads", type=int, default=None,
-              help="Torch threads per process (default: the available cores, shared among the processes).")
+@click.option(
+    "--nproc",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Processes to split the datapoints across (whole blocks of mean-field VI's 500, or --batch-size "
+    "100 for --estimator iw); the results equal one process's for the same --seed. Under torchrun "
+    "leave it at 1.",
+)
+@click.option(
+    "--threads",
+    type=int,
+    default=None,
+    help="Torch threads per process (default: the available cores, shared among the processes).",
+)
 @opt.progress_option("Show progress bars.")
-def compare(run_dirs, num_samples: int, estimator: str, split: str, num_datapoints: int, num_draws: int, init: str,
-            mf_steps: int, mf_polish_steps: int, mf_gtol: float, mf_lr: float, mf_tol: float, device: str, seed: int, out, nproc: int, threads,
-            progress: bool) -> None:
+def compare(
+    run_dirs,
+    num_samples: int,
+    estimator: str,
+    split: str,
+    num_datapoints: int,
+    num_draws: int,
+    init: str,
+    mf_steps: int,
+    mf_polish_steps: int,
+    mf_gtol: float,
+    mf_lr: float,
+    mf_tol: float,
+    device: str,
+    seed: int,
+    out,
+    nproc: int,
+    threads,
+    progress: bool,
+) -> None:
     """Gap decomposition (Cremer et al. 2018), diagnostics and a self-contained HTML report.
 
     With several RUN directories: every run scored on the same datapoints with the same
@@ -63,15 +125,31 @@ def compare(run_dirs, num_samples: int, estimator: str, split: str, num_datapoin
         from ppl_vae.reports.evaluation import check_out_dir
 
         check_out_dir(out, "--out")  # before any work, naming the flag
-    mean_field_options = {"init": init, "max_steps": mf_steps, "lr": mf_lr, "tol": mf_tol,
-                          "polish_steps": mf_polish_steps, "gtol": mf_gtol}
+    mean_field_options = {
+        "init": init,
+        "max_steps": mf_steps,
+        "lr": mf_lr,
+        "tol": mf_tol,
+        "polish_steps": mf_polish_steps,
+        "gtol": mf_gtol,
+    }
     if len(run_dirs) > 1:
         from ppl_vae.reports.multirun import compare_runs, format_paired_table
 
-        multi = compare_runs(run_dirs, estimator=estimator, num_samples=num_samples, split=split,
-                             num_datapoints=num_datapoints or None, mean_field_options=mean_field_options,
-                             device=device, seed=seed, out_dir=out, progress=progress, nproc=nproc,
-                             threads=threads)
+        multi = compare_runs(
+            run_dirs,
+            estimator=estimator,
+            num_samples=num_samples,
+            split=split,
+            num_datapoints=num_datapoints or None,
+            mean_field_options=mean_field_options,
+            device=device,
+            seed=seed,
+            out_dir=out,
+            progress=progress,
+            nproc=nproc,
+            threads=threads,
+        )
         if not multi.files:  # a torchrun rank other than 0
             return
         click.echo(format_paired_table(multi.table))
@@ -83,9 +161,18 @@ def compare(run_dirs, num_samples: int, estimator: str, split: str, num_datapoin
     from ppl_vae.reports.compare import compare_run
 
     result = compare_run(
-        run_dirs[0], num_samples=num_samples, split=split, num_datapoints=num_datapoints or None,
-        num_draws=num_draws, device=device, seed=seed, out_dir=out, progress=progress,
-        mean_field_options=mean_field_options, nproc=nproc, threads=threads,
+        run_dirs[0],
+        num_samples=num_samples,
+        split=split,
+        num_datapoints=num_datapoints or None,
+        num_draws=num_draws,
+        device=device,
+        seed=seed,
+        out_dir=out,
+        progress=progress,
+        mean_field_options=mean_field_options,
+        nproc=nproc,
+        threads=threads,
     )
     if not result.files:  # a torchrun rank other than 0
         return

@@ -14,8 +14,12 @@ from ppl_vae.cli import options as opt
 def _common(func: Callable) -> Callable:
     options = [
         opt.out_option("Output folder (default: experiments/<figure>); rerunning resumes it."),
-        click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-                     help="Folder holding the dataset files, or their parent (with mnist/, frey_face/)."),
+        click.option(
+            "--data-dir",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Folder holding the dataset files, or their parent (with mnist/, frey_face/).",
+        ),
         click.option("--paper", is_flag=True, help="Start from the paper's settings instead of the CPU-sized ones."),
         opt.seed_option(None, "Seed (default 0)."),
         opt.progress_option("Show progress bars."),
@@ -88,14 +92,18 @@ def fig2(out, data_dir, paper, seed, progress, datasets, methods, **opts) -> Non
 @experiment.command()
 @_common
 @click.option("--dataset", default=None, help="mnist (default) or digits.")
-@click.option("--train-sizes", callback=_ints("--train-sizes"), default=None, help="Comma-separated (default 1000,50000).")
+@click.option(
+    "--train-sizes", callback=_ints("--train-sizes"), default=None, help="Comma-separated (default 1000,50000)."
+)
 @click.option("--methods", default=None, help="Comma-separated among AEVB, wake-sleep, MCEM.")
 @click.option("--latent-dim", type=int, default=None, help="Latent dimension, < 5 (default 3).")
 @click.option("--hidden-dim", type=int, default=None, help="Hidden units (default 100).")
 @click.option("--max-samples", type=int, default=None, help="Training samples per curve (default 100000).")
 @click.option("--mcem-max-samples", type=int, default=None, help="MCEM's training samples (default 20000).")
 @click.option("--num-evals", type=int, default=None, help="Evaluations per curve (default 5).")
-@click.option("--eval-size", type=int, default=None, help="Train and test points whose log p(x) is estimated (default 50).")
+@click.option(
+    "--eval-size", type=int, default=None, help="Train and test points whose log p(x) is estimated (default 50)."
+)
 @click.option("--hmc-samples", type=int, default=None, help="HMC samples per datapoint for appendix D (default 30).")
 @click.option("--hmc-warmup", type=int, default=None, help="HMC warm-up iterations (default 30).")
 @click.option("--lr", type=float, default=None, help="Adagrad step size (default 0.02).")
@@ -129,7 +137,9 @@ def fig4(out, data_dir, paper, seed, progress, datasets, **opts) -> None:
 @experiment.command()
 @_common
 @click.option("--dataset", default=None, help="mnist (default), frey-face or digits.")
-@click.option("--latent-dims", callback=_ints("--latent-dims"), default=None, help="Comma-separated (default 2,5,10,20).")
+@click.option(
+    "--latent-dims", callback=_ints("--latent-dims"), default=None, help="Comma-separated (default 2,5,10,20)."
+)
 @click.option("--hidden-dim", type=int, default=None, help="Hidden units (default 500).")
 @click.option("--max-samples", type=int, default=None, help="Training samples per model (default 100000).")
 @click.option("--num-images", type=int, default=None, help="Samples drawn per model (default 100).")

@@ -21,17 +21,37 @@ MAX_GRID_SAMPLES = 10_000
 @click.command()
 @click.argument("run_dir", type=_RUN)
 @opt.num_samples_option(16, "Draws z ~ p(z) (per label for cvae).")
-@click.option("--label", "labels", type=int, multiple=True,
-              help="Conditional models: generate this label (repeatable; default: every label).")
+@click.option(
+    "--label",
+    "labels",
+    type=int,
+    multiple=True,
+    help="Conditional models: generate this label (repeatable; default: every label).",
+)
 @opt.seed_option(0, "Seed of the z draws.")
 @opt.out_option("Image file (default: RUN/samples.png, or RUN/traversal.png with --traverse).")
-@click.option("--traverse", is_flag=True, default=False,
-              help="Latent traversals instead: each dimension swept with the others fixed, sorted by KL.")
-@click.option("--dim", "dims", type=int, multiple=True, help="--traverse: this latent dimension (repeatable; default all).")
+@click.option(
+    "--traverse",
+    is_flag=True,
+    default=False,
+    help="Latent traversals instead: each dimension swept with the others fixed, sorted by KL.",
+)
+@click.option(
+    "--dim", "dims", type=int, multiple=True, help="--traverse: this latent dimension (repeatable; default all)."
+)
 @click.option("--num-steps", type=int, default=9, show_default=True, help="--traverse: values per dimension.")
 @click.option("--span", type=float, default=3.0, show_default=True, help="--traverse: values in [-span, span].")
-def generate(run_dir: Path, num_samples: int, labels: Tuple[int, ...], seed: int, out: Optional[Path],
-             traverse: bool, dims: Tuple[int, ...], num_steps: int, span: float) -> None:
+def generate(
+    run_dir: Path,
+    num_samples: int,
+    labels: Tuple[int, ...],
+    seed: int,
+    out: Optional[Path],
+    traverse: bool,
+    dims: Tuple[int, ...],
+    num_steps: int,
+    span: float,
+) -> None:
     """Save a grid of samples E[x|z], z ~ p(z); for cvae one row per label, same z per column.
 
     With --traverse: one row per latent dimension, decoded along [-span, span] from the encoder
@@ -48,8 +68,10 @@ def generate(run_dir: Path, num_samples: int, labels: Tuple[int, ...], seed: int
     opt.check_size("--num-samples", num_samples, MAX_GRID_SAMPLES, "images in one grid")
     run = load_run(run_dir)
     if not run.vae.generates_images:
-        raise ValueError(f"{run_dir} holds model {run.config.model.model!r}, whose datapoints are not images "
-                         "(a 1-pixel strip per sample would say nothing); use `ppl-vae text RUN` to decode samples")
+        raise ValueError(
+            f"{run_dir} holds model {run.config.model.model!r}, whose datapoints are not images "
+            "(a 1-pixel strip per sample would say nothing); use `ppl-vae text RUN` to decode samples"
+        )
     if traverse:
         if run.vae.num_classes is not None:
             raise ValueError("--traverse needs an unconditional model (its decoder takes z alone)")
@@ -66,19 +88,42 @@ def generate(run_dir: Path, num_samples: int, labels: Tuple[int, ...], seed: int
 
 @click.command()
 @click.argument("run_dir", type=_RUN)
-@click.option("--mask", default="top", show_default=True,
-              help="Observed part: top, bottom, left, right, quadrant (the rest is completed).")
+@click.option(
+    "--mask",
+    default="top",
+    show_default=True,
+    help="Observed part: top, bottom, left, right, quadrant (the rest is completed).",
+)
 @click.option("--num-images", type=int, default=8, show_default=True, help="Test images to complete (the first ones).")
 @opt.num_samples_option(2000, "Importance samples z ~ p(z).")
 @click.option("--num-draws", type=int, default=4, show_default=True, help="Posterior completions shown per image.")
-@click.option("--proposal", type=click.Choice(["prior", "encoder"]), default="prior", show_default=True,
-              help="Importance proposal: p(z), or a second pass mixing p(z) with the encoder at the first completion.")
-@click.option("--label/--no-label", "use_label", default=True, show_default=True,
-              help="Conditional models: give the true label, or infer it from the observed part.")
+@click.option(
+    "--proposal",
+    type=click.Choice(["prior", "encoder"]),
+    default="prior",
+    show_default=True,
+    help="Importance proposal: p(z), or a second pass mixing p(z) with the encoder at the first completion.",
+)
+@click.option(
+    "--label/--no-label",
+    "use_label",
+    default=True,
+    show_default=True,
+    help="Conditional models: give the true label, or infer it from the observed part.",
+)
 @opt.seed_option()
 @opt.out_option("Image file (default: RUN/inpainting-MASK.png).")
-def inpaint(run_dir: Path, mask: str, num_images: int, num_samples: int, num_draws: int, proposal: str,
-            use_label: bool, seed: int, out: Optional[Path]) -> None:
+def inpaint(
+    run_dir: Path,
+    mask: str,
+    num_images: int,
+    num_samples: int,
+    num_draws: int,
+    proposal: str,
+    use_label: bool,
+    seed: int,
+    out: Optional[Path],
+) -> None:
     """Complete test images from an observed part by importance sampling z given those pixels."""
     from ppl_vae.analysis.generation import MASKS, plot_inpainting, save_figure
     from ppl_vae.analysis.generation import inpaint as inpaint_images
@@ -93,18 +138,23 @@ def inpaint(run_dir: Path, mask: str, num_images: int, num_samples: int, num_dra
     run = load_run(run_dir)
     data = load_data(run.config)
     if num_images > data.test.shape[0]:
-        raise ValueError(f"--num-images {num_images} is more than the {data.test.shape[0]} test images of "
-                         f"{data.name}; choose at most {data.test.shape[0]}")
+        raise ValueError(
+            f"--num-images {num_images} is more than the {data.test.shape[0]} test images of "
+            f"{data.name}; choose at most {data.test.shape[0]}"
+        )
     x = data.test[:num_images]
     labelled = run.vae.num_classes is not None and data.test_labels is not None
     y = data.test_labels[:num_images] if labelled and use_label and data.test_labels is not None else None
-    result = inpaint_images(run.vae, x, mask, y=y, num_samples=num_samples, num_draws=num_draws,
-                            proposal=proposal, seed=seed)
+    result = inpaint_images(
+        run.vae, x, mask, y=y, num_samples=num_samples, num_draws=num_draws, proposal=proposal, seed=seed
+    )
     path = save_figure(plot_inpainting(result, max_images=num_images), out or run_dir / f"inpainting-{mask}.png")
     weights = result.attrs["num_weights"]
     per = "" if weights == num_samples else f" ({num_samples} draws of z x {weights // num_samples} labels)"
-    click.echo(f"{len(x)} images, mask {mask!r}: mean log p(x_obs) {float(result.log_evidence.mean()):.2f} nats, "
-               f"mean ESS {float(result.ess.mean()):.1f} of {weights} weights{per}")
+    click.echo(
+        f"{len(x)} images, mask {mask!r}: mean log p(x_obs) {float(result.log_evidence.mean()):.2f} nats, "
+        f"mean ESS {float(result.ess.mean()):.1f} of {weights} weights{per}"
+    )
     if "label_posterior" in result and data.test_labels is not None:
         predicted = result.label_posterior.argmax("label").values
         truth = data.test_labels[:num_images].numpy()
@@ -126,12 +176,13 @@ def animate(run_dir: Path, epochs: int, every: int, num_samples: int, seed: int,
     """
     from ppl_vae.reports.sample_grids import train_with_sample_grids
 
-    run = train_with_sample_grids(run_dir, epochs, every=every, num_samples=num_samples, seed=seed,
-                                  progress=progress)
+    run = train_with_sample_grids(run_dir, epochs, every=every, num_samples=num_samples, seed=seed, progress=progress)
     final = run.final
     frames = sorted((run_dir / "samples").glob("epoch_*.png"))
-    click.echo(f"epoch {epochs}: test ELBO {final.get('test_elbo', float('nan')):.3f} nats per datapoint; "
-               f"{len(frames)} frames in {run_dir / 'samples'}, animation {run_dir / 'samples.gif'}")
+    click.echo(
+        f"epoch {epochs}: test ELBO {final.get('test_elbo', float('nan')):.3f} nats per datapoint; "
+        f"{len(frames)} frames in {run_dir / 'samples'}, animation {run_dir / 'samples.gif'}"
+    )
 
 
 generate.__dict__["field_flags"] = {"dims": "--dim"}  # library errors name the argument; users typed the flag

@@ -84,8 +84,19 @@ _ALLOC_SIZE = re.compile(r"Tried to allocate ([\d.]+ [KMGT]i?B)")
 
 
 # the options that size work, in the order a memory hint names them (those the command has)
-SIZE_FLAGS = ("--grid-size", "--latent-dims", "--latent-dim", "--hidden-dim", "--batch-size", "--num-samples",
-              "--num-particles", "--num-draws", "--num-images", "--num-chains", "--particle-batch-size")
+SIZE_FLAGS = (
+    "--grid-size",
+    "--latent-dims",
+    "--latent-dim",
+    "--hidden-dim",
+    "--batch-size",
+    "--num-samples",
+    "--num-particles",
+    "--num-draws",
+    "--num-images",
+    "--num-chains",
+    "--particle-batch-size",
+)
 _DEFAULT_SIZE_FLAGS = ("--latent-dim", "--hidden-dim", "--batch-size", "--num-samples")
 
 
@@ -109,8 +120,10 @@ def memory_message(exc: BaseException, flags: Optional[List[str]] = None) -> Opt
         if found:
             size = f" of {found.group(1)}"
     device = "the GPU" if "CUDA" in text or type(exc).__name__ == "OutOfMemoryError" else "this machine"
-    return (f"not enough memory: an allocation{size} failed on {device}; choose smaller sizes "
-            f"({', '.join(flags or _DEFAULT_SIZE_FLAGS)})")
+    return (
+        f"not enough memory: an allocation{size} failed on {device}; choose smaller sizes "
+        f"({', '.join(flags or _DEFAULT_SIZE_FLAGS)})"
+    )
 
 
 class PplVaeGroup(click.Group):
@@ -135,11 +148,21 @@ class PplVaeGroup(click.Group):
             raise
         except KeyboardInterrupt:
             # click would print "Aborted!" and exit 1; say what state the files are in instead
-            click.echo("Error: interrupted; files already written are complete (each is written to a "
-                       "temporary name and renamed when done)", err=True)
+            click.echo(
+                "Error: interrupted; files already written are complete (each is written to a "
+                "temporary name and renamed when done)",
+                err=True,
+            )
             sys.exit(EXIT_INTERRUPTED)
-        except (PplVaeError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError,
-                NotADirectoryError, FileExistsError) as exc:
+        except (
+            PplVaeError,
+            ValueError,
+            FileNotFoundError,
+            PermissionError,
+            IsADirectoryError,
+            NotADirectoryError,
+            FileExistsError,
+        ) as exc:
             name = ctx.invoked_subcommand
             command = self.get_command(ctx, name) if name else None
             click.echo(f"Error: {with_flags(one_line(exc), option_flags(command))}", err=True)
@@ -205,13 +228,22 @@ def _load_plugins(ctx: click.Context, explicit: Tuple[str, ...]) -> None:
 
 @click.group(cls=PplVaeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ppl_vae")
-@click.option("--plugin", "plugin_modules", multiple=True, metavar="MODULE",
-              help="Import MODULE first (repeatable): it registers custom priors, likelihoods, models... "
-                   "Installed packages with a 'ppl_vae.plugins' entry point load without this flag.")
-@click.option("--trust-plugins", is_flag=True, default=False,
-              help="Import the plugin modules a run's config.json names even when they are neither installed "
-                   "entry points nor given with --plugin. A received run is code only with this flag: use it "
-                   "for runs you trust.")
+@click.option(
+    "--plugin",
+    "plugin_modules",
+    multiple=True,
+    metavar="MODULE",
+    help="Import MODULE first (repeatable): it registers custom priors, likelihoods, models... "
+    "Installed packages with a 'ppl_vae.plugins' entry point load without this flag.",
+)
+@click.option(
+    "--trust-plugins",
+    is_flag=True,
+    default=False,
+    help="Import the plugin modules a run's config.json names even when they are neither installed "
+    "entry points nor given with --plugin. A received run is code only with this flag: use it "
+    "for runs you trust.",
+)
 @click.pass_context
 def cli(ctx: click.Context, plugin_modules: Tuple[str, ...], trust_plugins: bool) -> None:
     """Variational autoencoders as Pyro probabilistic programs (Kingma & Welling 2013)."""

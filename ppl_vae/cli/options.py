@@ -34,13 +34,19 @@ def seed_option(default: Optional[int] = 0, help: str = "Seed of every random dr
 
 def out_option(help: str, *names: str) -> Decorator:
     """``--out PATH`` (``None`` when absent); ``""`` is a usage error."""
-    return click.option(*(names or ("--out",)), type=str, default=None, metavar="PATH", callback=_path_or_none,
-                        help=help)
+    return click.option(
+        *(names or ("--out",)), type=str, default=None, metavar="PATH", callback=_path_or_none, help=help
+    )
 
 
 def split_option(help: Optional[str] = None) -> Decorator:
-    return click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True,
-                        help=help or "Which split of the run's dataset.")
+    return click.option(
+        "--split",
+        type=click.Choice(["test", "train"]),
+        default="test",
+        show_default=True,
+        help=help or "Which split of the run's dataset.",
+    )
 
 
 def num_samples_option(default: int, help: str, *names: str) -> Decorator:
@@ -61,5 +67,4 @@ def check_size(flag: str, value: int, limit: int, what: str) -> None:
     """Refuse, before any work, a size far beyond what a machine does in reasonable time or
     memory: a one-line error naming ``flag`` and the limit (``what``: the work it sizes)."""
     if value > limit:
-        raise ValueError(f"{flag} {value} is far beyond what this machine can do ({what}); "
-                               f"choose at most {limit:,}")
+        raise ValueError(f"{flag} {value} is far beyond what this machine can do ({what}); choose at most {limit:,}")

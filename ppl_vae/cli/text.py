@@ -15,16 +15,36 @@ from ppl_vae.cli import options as opt
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @opt.split_option("Which sentences of the run's dataset to score.")
 @opt.num_samples_option(10, "Draws of z per sentence for the ELBO, IW bound and KL.")
-@click.option("--samples", "num_sentences", type=int, default=5, show_default=True,
-              help="Sentences to decode from z ~ p(z).")
-@click.option("--temperature", type=float, default=0.0, show_default=True,
-              help="Sampling temperature of decoded characters (0: greedy).")
-@click.option("--interpolate", nargs=2, type=str, default=None, metavar="FIRST SECOND",
-              help="Decode points between the codes of two sentences.")
+@click.option(
+    "--samples", "num_sentences", type=int, default=5, show_default=True, help="Sentences to decode from z ~ p(z)."
+)
+@click.option(
+    "--temperature",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Sampling temperature of decoded characters (0: greedy).",
+)
+@click.option(
+    "--interpolate",
+    nargs=2,
+    type=str,
+    default=None,
+    metavar="FIRST SECOND",
+    help="Decode points between the codes of two sentences.",
+)
 @click.option("--steps", type=int, default=5, show_default=True, help="Points of the interpolation.")
 @opt.seed_option()
-def text(run_dir: Path, split: str, num_samples: int, num_sentences: int, temperature: float,
-         interpolate: Optional[Tuple[str, str]], steps: int, seed: int) -> None:
+def text(
+    run_dir: Path,
+    split: str,
+    num_samples: int,
+    num_sentences: int,
+    temperature: float,
+    interpolate: Optional[Tuple[str, str]],
+    steps: int,
+    seed: int,
+) -> None:
     """Score a text VAE run on its corpus and show samples (Semeniuta et al. 2017)."""
     from ppl_vae import pipeline
     from ppl_vae.analysis.text import interpolate_sentences, sample_sentences, text_metrics

@@ -34,6 +34,7 @@ class Factors:
     test: Optional[np.ndarray]
     names: Tuple[str, ...]
 
+
 DATASETS: Registry[Callable[[Optional[Path]], Arrays]] = Registry("dataset")
 
 BINARIZE = ("none", "dynamic", "threshold")
@@ -196,8 +197,9 @@ def load_frey_face_arrays(data_dir: Optional[Path]) -> Arrays:
     return images, None, None, None
 
 
-def _file_factors(path: Path, arrays: Dict[str, np.ndarray], train_key: str, test_key: Optional[str]
-                  ) -> Optional[Factors]:
+def _file_factors(
+    path: Path, arrays: Dict[str, np.ndarray], train_key: str, test_key: Optional[str]
+) -> Optional[Factors]:
     """Factor labels of a user's ``.npz``: ``factors`` (with ``data``) or ``train_factors`` and
     ``test_factors`` (with ``train``/``test``), ``(N, F)`` numbers; ``factor_names`` (F strings) optional."""
     if train_key not in arrays:
@@ -230,23 +232,27 @@ def _arrays_from_file(path: Path):
     if "train" in arrays:
         if "test" not in arrays:
             raise DataError(f"{path} has a 'train' array but no 'test' array")
-        return (arrays["train"], arrays["test"], arrays.get("train_labels"), arrays.get("test_labels"),
-                _file_factors(path, arrays, "train_factors", "test_factors"))
+        return (
+            arrays["train"],
+            arrays["test"],
+            arrays.get("train_labels"),
+            arrays.get("test_labels"),
+            _file_factors(path, arrays, "train_factors", "test_factors"),
+        )
     if "data" in arrays:
         return arrays["data"], None, arrays.get("labels"), None, _file_factors(path, arrays, "factors", None)
     if len(arrays) == 1:
         return next(iter(arrays.values())), None, None, None
-    raise DataError(
-        f"{path} holds arrays {', '.join(arrays)}; expected 'train' and 'test', or one array"
-    )
+    raise DataError(f"{path} holds arrays {', '.join(arrays)}; expected 'train' and 'test', or one array")
 
 
 def _as_float_tensor(array: np.ndarray, what: str) -> Tensor:
     if array.dtype.kind not in "biuf":
         raise DataError(f"{what} has non-numeric dtype {array.dtype}")
     if array.ndim == 0:
-        raise DataError(f"{what} holds a single number (a 0-d array); expected datapoints along the first "
-                        "axis, shape (N, ...)")
+        raise DataError(
+            f"{what} holds a single number (a 0-d array); expected datapoints along the first axis, shape (N, ...)"
+        )
     array = np.asarray(array, dtype=np.float32)
     if array.ndim == 1:
         array = array[:, None]
@@ -321,8 +327,10 @@ def load_dataset(
             arrays = loader(data_dir)
         if not isinstance(arrays, (tuple, list)) or len(arrays) not in (4, 5):
             got = f"{len(arrays)} values" if isinstance(arrays, (tuple, list)) else type(arrays).__name__
-            raise DataError(f"dataset {name!r}: its loader returned {got}; a dataset loader returns 4: "
-                            "(train, test, train_labels, test_labels), None for the parts it lacks (and factors)")
+            raise DataError(
+                f"dataset {name!r}: its loader returned {got}; a dataset loader returns 4: "
+                "(train, test, train_labels, test_labels), None for the parts it lacks (and factors)"
+            )
         label = name
     else:
         if num_images is not None:
@@ -364,7 +372,9 @@ def load_dataset(
     else:
         test_t = _as_float_tensor(test, f"{label} (test)")
         if test_t.shape[1:] != train_t.shape[1:]:
-            raise DataError(f"{label}: train points have shape {tuple(train_t.shape[1:])} but test points {tuple(test_t.shape[1:])}")
+            raise DataError(
+                f"{label}: train points have shape {tuple(train_t.shape[1:])} but test points {tuple(test_t.shape[1:])}"
+            )
         test_lab = None if test_labels is None else _as_labels(test_labels, f"{label} (test labels)")
         if test_lab is not None and len(test_lab) != len(test_t):
             raise DataError(f"{label}: {len(test_lab)} test labels for {len(test_t)} test points")
@@ -395,8 +405,9 @@ def load_dataset(
     )
 
 
-def _load_on_disk(path: Path, binarize: str, test_fraction: float, split_seed: int,
-                  train_size: Optional[int]) -> Dataset:
+def _load_on_disk(
+    path: Path, binarize: str, test_fraction: float, split_seed: int, train_size: Optional[int]
+) -> Dataset:
     """:func:`load_dataset` for a ``.npy`` read from disk per batch: views of row indices, no copy."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}")

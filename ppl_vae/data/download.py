@@ -99,8 +99,14 @@ def _fetch_all(dataset: str, source: Source, base: str, data_dir: Path, timeout:
             with atomic_path(path) as tmp:
                 with urllib.request.urlopen(base + name, timeout=timeout) as response, open(tmp, "wb") as out:
                     total = response.headers.get("Content-Length")
-                    with tqdm(total=int(total) if total else None, unit="B", unit_scale=True, desc=name,
-                              disable=not progress, leave=False) as bar:
+                    with tqdm(
+                        total=int(total) if total else None,
+                        unit="B",
+                        unit_scale=True,
+                        desc=name,
+                        disable=not progress,
+                        leave=False,
+                    ) as bar:
                         for chunk in iter(lambda: response.read(CHUNK), b""):
                             digest.update(chunk)
                             out.write(chunk)
@@ -111,8 +117,10 @@ def _fetch_all(dataset: str, source: Source, base: str, data_dir: Path, timeout:
                         "nothing was written"
                     )
         except (urllib.error.URLError, OSError) as exc:
-            raise DataError(f"{dataset}: could not download {base + name} ({_reason(exc)}); check the network "
-                            "connection, or pass --url with a mirror (file:// works)") from None
+            raise DataError(
+                f"{dataset}: could not download {base + name} ({_reason(exc)}); check the network "
+                "connection, or pass --url with a mirror (file:// works)"
+            ) from None
     return paths
 
 
@@ -128,5 +136,7 @@ def _reason(exc: BaseException) -> str:
         return reason
     text = getattr(exc, "strerror", None) or str(exc)
     if not text or "None" in text:
-        return "no connection could be made (offline?)" if isinstance(exc, urllib.error.URLError) else type(exc).__name__
+        return (
+            "no connection could be made (offline?)" if isinstance(exc, urllib.error.URLError) else type(exc).__name__
+        )
     return " ".join(text.split())

@@ -47,8 +47,13 @@ class Geometry(TypedDict):
 
 #: The re-rendering's geometry, in pixels of the 64 x 64 image: a shape at scale 1 fits a circle
 #: of ``radius``; its centre moves over [``margin``, 64 - ``margin``] as pos_x, pos_y go 0 -> 1.
-GEOMETRY: Geometry = {"radius": 10.0, "margin": 12.0, "square_half_side": 0.75,
-                      "ellipse_axes": (1.0, 0.5), "heart_zoom": 1.2}
+GEOMETRY: Geometry = {
+    "radius": 10.0,
+    "margin": 12.0,
+    "square_half_side": 0.75,
+    "ellipse_axes": (1.0, 0.5),
+    "heart_zoom": 1.2,
+}
 
 
 def factor_values() -> Dict[str, np.ndarray]:
@@ -70,8 +75,11 @@ def index_to_classes(index: np.ndarray) -> np.ndarray:
 
 def subset_indices(num_images: int, seed: int) -> np.ndarray:
     """A seeded random subset of ``num_images`` combination indices, sorted."""
-    if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or not (
-            1 <= num_images <= NUM_COMBINATIONS):
+    if (
+        isinstance(num_images, bool)
+        or not isinstance(num_images, (int, np.integer))
+        or not (1 <= num_images <= NUM_COMBINATIONS)
+    ):
         raise ValueError(f"num_images must be an integer in 1..{NUM_COMBINATIONS}, got {num_images!r}")
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(NUM_COMBINATIONS, size=int(num_images), replace=False))
@@ -124,8 +132,10 @@ def read_original(path: Path, indices: np.ndarray) -> Tuple[np.ndarray, np.ndarr
     except Exception as exc:  # zipfile and numpy raise many types for damaged files
         raise DataError(f"cannot read {path}: {type(exc).__name__}") from None
     if imgs.shape != (NUM_COMBINATIONS, IMAGE_SIZE, IMAGE_SIZE) or classes.shape != (NUM_COMBINATIONS, 6):
-        raise DataError(f"{path} holds imgs {imgs.shape} and latents_classes {classes.shape}; expected "
-                        f"({NUM_COMBINATIONS}, 64, 64) and ({NUM_COMBINATIONS}, 6)")
+        raise DataError(
+            f"{path} holds imgs {imgs.shape} and latents_classes {classes.shape}; expected "
+            f"({NUM_COMBINATIONS}, 64, 64) and ({NUM_COMBINATIONS}, 6)"
+        )
     return imgs[indices], classes[indices, 1:].astype(np.int64)
 
 
@@ -136,9 +146,11 @@ def load_dsprites(data_dir: Optional[Path] = None, *, num_images: Optional[int] 
     if data_dir is not None:
         path = Path(data_dir) / ORIGINAL_FILE
         if not path.is_file():
-            raise DataError(f"dsprites: {ORIGINAL_FILE} not found in {data_dir} (the original file from "
-                            "https://github.com/deepmind/dsprites-dataset); without data_dir the images are "
-                            "re-rendered here")
+            raise DataError(
+                f"dsprites: {ORIGINAL_FILE} not found in {data_dir} (the original file from "
+                "https://github.com/deepmind/dsprites-dataset); without data_dir the images are "
+                "re-rendered here"
+            )
         images, classes = read_original(path, indices)
     else:
         classes = index_to_classes(indices)

@@ -20,8 +20,10 @@ def labelled_indices(labels: torch.Tensor, num_labels: int, seed: int) -> np.nda
     y = labels.detach().cpu().numpy().astype(np.int64)
     classes = np.unique(y)
     if num_labels < len(classes):
-        raise DataError(f"--labels {num_labels} is fewer than the {len(classes)} classes: a balanced split needs "
-                        f"at least one label per class")
+        raise DataError(
+            f"--labels {num_labels} is fewer than the {len(classes)} classes: a balanced split needs "
+            f"at least one label per class"
+        )
     if num_labels > len(y):
         raise DataError(f"--labels {num_labels} is larger than the training set ({len(y)} points)")
     rng = np.random.default_rng(seed)
@@ -31,7 +33,9 @@ def labelled_indices(labels: torch.Tensor, num_labels: int, seed: int) -> np.nda
     for c, k in zip(classes, per_class):
         members = np.flatnonzero(y == c)
         if k > len(members):
-            raise DataError(f"--labels {num_labels} needs {k} labels of class {c} but the training set has {len(members)}")
+            raise DataError(
+                f"--labels {num_labels} needs {k} labels of class {c} but the training set has {len(members)}"
+            )
         chosen.append(rng.choice(members, size=k, replace=False))
     return np.sort(np.concatenate(chosen))
 
@@ -48,6 +52,10 @@ def keep_labels(data: Dataset, num_labels: int, seed: int = 0) -> Dataset:
     masked = torch.full_like(data.train_labels, UNLABELLED)
     keep = torch.as_tensor(idx, device=data.train_labels.device)
     masked[keep] = data.train_labels[keep]
-    info = dict(data.info, num_labelled=int(num_labels), num_train=int(data.train.shape[0]),
-                labelled_indices=[int(i) for i in idx])
+    info = dict(
+        data.info,
+        num_labelled=int(num_labels),
+        num_train=int(data.train.shape[0]),
+        labelled_indices=[int(i) for i in idx],
+    )
     return replace(data, train_labels=masked, info=info)

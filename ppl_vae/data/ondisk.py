@@ -46,17 +46,23 @@ class _NpyFile:
             header = np.load(self.path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
             if "pickle" in str(exc) or "Python objects" in str(exc):
-                raise DataError(f"{self.path} holds Python objects (an object array), which are never "
-                                "unpickled; save a numeric array") from None
+                raise DataError(
+                    f"{self.path} holds Python objects (an object array), which are never "
+                    "unpickled; save a numeric array"
+                ) from None
             raise DataError(f"cannot read {self.path}: {' '.join(str(exc).split())}") from None
         if header.dtype.kind not in "biuf":
             raise DataError(f"{self.path.name} has non-numeric dtype {header.dtype}")
         if header.ndim == 0:
-            raise DataError(f"{self.path.name} holds a single number (a 0-d array); expected datapoints "
-                            "along the first axis, shape (N, ...)")
+            raise DataError(
+                f"{self.path.name} holds a single number (a 0-d array); expected datapoints "
+                "along the first axis, shape (N, ...)"
+            )
         if not header.flags.c_contiguous and header.ndim > 1:
-            raise DataError(f"{self.path.name} is stored in Fortran order; rows can only be read from a "
-                            "C-ordered .npy (save it with numpy.save(path, numpy.ascontiguousarray(a)))")
+            raise DataError(
+                f"{self.path.name} is stored in Fortran order; rows can only be read from a "
+                "C-ordered .npy (save it with numpy.save(path, numpy.ascontiguousarray(a)))"
+            )
         self.dtype = header.dtype
         self.shape = tuple(int(s) for s in header.shape)
         self.offset = int(header.offset)
@@ -191,8 +197,10 @@ class NpyRows:
         return self._read(self._file_rows(positions))
 
     def __repr__(self) -> str:
-        return (f"NpyRows({self.file.path.name}, shape={tuple(self.shape)}, device={self.device}"
-                f"{', threshold' if self.threshold else ''})")
+        return (
+            f"NpyRows({self.file.path.name}, shape={tuple(self.shape)}, device={self.device}"
+            f"{', threshold' if self.threshold else ''})"
+        )
 
     # reading -----------------------------------------------------------------------
     def _file_rows(self, positions: np.ndarray) -> np.ndarray:

@@ -109,8 +109,10 @@ def is_csv_header(line: str) -> bool:
     return not any(_is_float(f) for f in line.split(","))
 
 
-_MAGIC = {".npy": (b"\x93NUMPY", "a NumPy .npy file", "numpy.save"),
-          ".npz": (b"PK", "a NumPy .npz archive", "numpy.savez")}
+_MAGIC = {
+    ".npy": (b"\x93NUMPY", "a NumPy .npy file", "numpy.save"),
+    ".npz": (b"PK", "a NumPy .npz archive", "numpy.savez"),
+}
 
 
 def check_npy_magic(path: Path) -> None:
@@ -123,9 +125,12 @@ def check_npy_magic(path: Path) -> None:
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
     if head != magic:
-        hint = " (it looks like text: use the .csv suffix for comma-separated numbers)" if _looks_like_text(path) else ""
-        raise DataError(f"{path} is not {what}: it does not start with the format's signature{hint}; "
-                        f"write arrays with {writer}")
+        hint = (
+            " (it looks like text: use the .csv suffix for comma-separated numbers)" if _looks_like_text(path) else ""
+        )
+        raise DataError(
+            f"{path} is not {what}: it does not start with the format's signature{hint}; write arrays with {writer}"
+        )
 
 
 def _looks_like_text(path: Path) -> bool:
@@ -157,8 +162,9 @@ def read_array_file(path: str | Path) -> Dict[str, np.ndarray]:
                 return {k: archive[k] for k in archive.files}
     except (ValueError, OSError, EOFError) as exc:
         if "pickle" in str(exc) or "Python objects" in str(exc):
-            raise DataError(f"{path} holds Python objects (an object array), which are never unpickled; "
-                            "save a numeric array") from None
+            raise DataError(
+                f"{path} holds Python objects (an object array), which are never unpickled; save a numeric array"
+            ) from None
         raise DataError(f"cannot read {path}: {exc}".splitlines()[0]) from None
     except Exception as exc:  # zipfile.BadZipFile and friends
         raise DataError(f"cannot read {path}: corrupt file ({type(exc).__name__})") from None

@@ -113,8 +113,12 @@ def read_fortunes(folder: str | Path = FORTUNES_DEFAULT_DIR) -> List[str]:
         )
     entries: List[str] = []
     for f in sorted(folder.iterdir()):
-        if f.suffix in (".dat", ".u8") or f.is_symlink() or not f.is_file() or not is_strfile_index(
-                f.with_name(f.name + ".dat")):
+        if (
+            f.suffix in (".dat", ".u8")
+            or f.is_symlink()
+            or not f.is_file()
+            or not is_strfile_index(f.with_name(f.name + ".dat"))
+        ):
             continue
         text = f.read_text(encoding="utf-8", errors="replace")
         entries += [e for e in re.split(r"^%\s*$", text, flags=re.M) if e.strip()]
@@ -137,7 +141,8 @@ def is_strfile_index(path: Path) -> bool:
 
 
 @DATASETS.register(
-    "fortunes", doc=f"fortune cookies under {DEFAULT_MAX_LENGTH} characters (Debian package fortunes), character indices"
+    "fortunes",
+    doc=f"fortune cookies under {DEFAULT_MAX_LENGTH} characters (Debian package fortunes), character indices",
 )
 def load_fortunes_arrays(data_dir: Optional[Path] = None) -> Arrays:
     """Fortune cookies shorter than 64 characters as character indices ``(N, 64)``."""
@@ -146,12 +151,15 @@ def load_fortunes_arrays(data_dir: Optional[Path] = None) -> Arrays:
 
 
 @DATASETS.register(
-    "text-lines", doc="a user's text file (or folder of .txt), one sentence per line, as data_dir (--data-dir); character indices"
+    "text-lines",
+    doc="a user's text file (or folder of .txt), one sentence per line, as data_dir (--data-dir); character indices",
 )
 def load_text_lines_arrays(data_dir: Optional[Path]) -> Arrays:
     """Lines shorter than 64 characters of the text file (or ``.txt`` folder) that ``--data-dir`` names."""
     if data_dir is None:
-        raise DataError("dataset 'text-lines' needs data_dir: a text file (or folder of .txt files), one sentence per line")
+        raise DataError(
+            "dataset 'text-lines' needs data_dir: a text file (or folder of .txt files), one sentence per line"
+        )
     return encode_corpus(read_text_lines(data_dir), what=str(data_dir)).astype(np.float32), None, None, None
 
 
@@ -172,6 +180,4 @@ def text_dataset(
     n_test = max(1, int(round(test_fraction * len(x))))
     if len(x) - n_test < 1:
         raise DataError(f"{name} has {len(x)} sentence(s): too few to hold out a test set")
-    return Dataset(name, x[perm[n_test:]], x[perm[:n_test]],
-                   info={"vocab_size": VOCAB_SIZE, "max_length": max_length})
-
+    return Dataset(name, x[perm[n_test:]], x[perm[:n_test]], info={"vocab_size": VOCAB_SIZE, "max_length": max_length})

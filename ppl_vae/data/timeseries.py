@@ -47,9 +47,11 @@ def read_timeseries_csv(
         first = next(line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip())
     except (StopIteration, OSError, UnicodeDecodeError):  # read_csv has already rejected these
         first = ""
-    names = [f.strip() for f in first.split(",")] if is_csv_header(first) else [
-        f"sensor{i}" for i in range(values.shape[1])
-    ]
+    names = (
+        [f.strip() for f in first.split(",")]
+        if is_csv_header(first)
+        else [f"sensor{i}" for i in range(values.shape[1])]
+    )
     labels = None
     if label_column in names:
         j = names.index(label_column)

@@ -142,26 +142,50 @@ def train_curve(
     batch = min(batch_size, n)
     checkpoints = eval_steps(max_samples, batch, num_evals)
     epochs = math.ceil(checkpoints[-1] / math.ceil(n / batch))
-    config = TrainConfig(method=method, epochs=epochs, batch_size=batch, lr=lr, optimizer=optimizer,
-                         device=str(target))
+    config = TrainConfig(method=method, epochs=epochs, batch_size=batch, lr=lr, optimizer=optimizer, device=str(target))
     stepper = METHODS.get(method)(vae, config, **(method_options or {}))
     records = [{"num_train_samples": 0.0, **evaluate(vae)}] if evaluate_at_start else []
     recorder = CurveRecorder(checkpoints, batch, evaluate)
     try:
         train(vae, data, config, stepper=stepper, callbacks=[recorder], progress=progress, evaluate=False)
     except TrainingDiverged as exc:
-        warnings.warn(f"{desc or method}: training diverged ({exc}); the curve stops at "
-                      f"{len(recorder.records)} of {len(checkpoints)} evaluations", stacklevel=2)
+        warnings.warn(
+            f"{desc or method}: training diverged ({exc}); the curve stops at "
+            f"{len(recorder.records)} of {len(checkpoints)} evaluations",
+            stacklevel=2,
+        )
     return records + recorder.records
 
 
-def train_aevb(dataset: str, data: Dataset, latent_dim: int, hidden_dim: int, *, max_samples: int,
-               batch_size: int, lr: float, eval_size: int, progress: bool, desc: str) -> Tuple[VAE, Dict[str, float]]:
+def train_aevb(
+    dataset: str,
+    data: Dataset,
+    latent_dim: int,
+    hidden_dim: int,
+    *,
+    max_samples: int,
+    batch_size: int,
+    lr: float,
+    eval_size: int,
+    progress: bool,
+    desc: str,
+) -> Tuple[VAE, Dict[str, float]]:
     """Train the paper's VAE for ``dataset`` with AEVB (Adagrad); returns it and its final ELBOs."""
     vae = build_model(dataset, data, latent_dim, hidden_dim)
-    records = train_curve(vae, data, "svi", max_samples=max_samples, batch_size=batch_size, lr=lr,
-                          optimizer="adagrad", num_evals=1, evaluate=elbo_evaluator(data, eval_size),
-                          progress=progress, desc=desc, evaluate_at_start=False)
+    records = train_curve(
+        vae,
+        data,
+        "svi",
+        max_samples=max_samples,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer="adagrad",
+        num_evals=1,
+        evaluate=elbo_evaluator(data, eval_size),
+        progress=progress,
+        desc=desc,
+        evaluate_at_start=False,
+    )
     vae.eval()
     last = records[-1] if records else {"num_train_samples": 0.0, "train": float("nan"), "test": float("nan")}
     return vae, {"num_train_samples": last["num_train_samples"], "train_elbo": last["train"], "test_elbo": last["test"]}
@@ -247,8 +271,11 @@ def check_settings(out_dir: Path, settings: Any) -> None:
     path = out_dir / "settings.json"
     text = json.dumps(dataclasses.asdict(settings), indent=2, sort_keys=True, default=str) + "\n"
     if path.is_file():
-        others = [p for p in out_dir.iterdir()
-                  if p.name != "settings.json" and not (p.name.startswith(".") and p.name.endswith(".tmp"))]
+        others = [
+            p
+            for p in out_dir.iterdir()
+            if p.name != "settings.json" and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+        ]
         if json.loads(path.read_text()) != json.loads(text) and not others:
             # an earlier attempt stopped before writing any result (out of memory, Ctrl-C): nothing
             # would be mixed, so the corrected command takes the folder
@@ -288,8 +315,7 @@ class CurveLegend:
 
     def finish(self, fig):
         if self.handles:
-            fig.legend(self.handles, self.labels, loc="outside lower center", ncols=2, frameon=False,
-                       fontsize="small")
+            fig.legend(self.handles, self.labels, loc="outside lower center", ncols=2, frameon=False, fontsize="small")
         return fig
 
 
@@ -316,8 +342,15 @@ def image_grid(images: np.ndarray, ncols: int) -> np.ndarray:
 # Sizes far beyond any machine these figures run on (a grid of grid_size**2 decoded images, a
 # weight matrix of hidden_dim x latent_dim): refused before any work rather than an
 # out-of-memory error minutes later.
-SIZE_LIMITS = {"grid_size": 500, "latent_dims": 10_000, "latent_dim": 10_000, "hidden_dim": 100_000,
-               "num_images": 10_000, "eval_size": 10_000_000, "batch_size": 10_000_000}
+SIZE_LIMITS = {
+    "grid_size": 500,
+    "latent_dims": 10_000,
+    "latent_dim": 10_000,
+    "hidden_dim": 100_000,
+    "num_images": 10_000,
+    "eval_size": 10_000_000,
+    "batch_size": 10_000_000,
+}
 
 
 def validate_common(**values: Any) -> None:
@@ -334,5 +367,6 @@ def validate_common(**values: Any) -> None:
         limit = SIZE_LIMITS.get(name)
         largest = max(value) if isinstance(value, (tuple, list)) else value
         if limit is not None and largest > limit:
-            raise ValueError(f"{name} {largest} is far beyond what this figure needs or a machine holds; "
-                             f"choose at most {limit}")
+            raise ValueError(
+                f"{name} {largest} is far beyond what this figure needs or a machine holds; choose at most {limit}"
+            )

@@ -40,8 +40,14 @@ class Fig2Settings:
     @classmethod
     def paper(cls) -> "Fig2Settings":
         """The paper's settings: both datasets, its latent sweep, 10^8 training samples."""
-        return cls(datasets=("mnist", "frey-face"), latent_dims=None, hidden_dim=None,
-                   max_samples=100_000_000, num_evals=30, eval_size=10_000)
+        return cls(
+            datasets=("mnist", "frey-face"),
+            latent_dims=None,
+            hidden_dim=None,
+            max_samples=100_000_000,
+            num_evals=30,
+            eval_size=10_000,
+        )
 
     def latent_dims_for(self, dataset: str) -> Tuple[int, ...]:
         return self.latent_dims if self.latent_dims else PAPER_LATENT_DIMS.get(dataset, (2, 5, 10, 20))
@@ -55,9 +61,16 @@ class Fig2Settings:
         for m in self.methods:
             if m not in METHODS:
                 raise ValueError(f"methods must be among {', '.join(METHODS)}, got {m!r}")
-        common.validate_common(latent_dims=self.latent_dims, hidden_dim=self.hidden_dim,
-                               max_samples=self.max_samples, batch_size=self.batch_size, lr=self.lr,
-                               num_evals=self.num_evals, eval_size=self.eval_size, train_size=self.train_size)
+        common.validate_common(
+            latent_dims=self.latent_dims,
+            hidden_dim=self.hidden_dim,
+            max_samples=self.max_samples,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            num_evals=self.num_evals,
+            eval_size=self.eval_size,
+            train_size=self.train_size,
+        )
 
 
 def run(settings: Fig2Settings, out_dir: Path, *, data_dir: Optional[Path] = None, progress: bool = True) -> xr.Dataset:
@@ -71,8 +84,12 @@ def run(settings: Fig2Settings, out_dir: Path, *, data_dir: Optional[Path] = Non
     settings.validate()
     data = {d: common.load_experiment_data(d, data_dir, train_size=settings.train_size) for d in settings.datasets}
     common.check_settings(out_dir, settings)
-    table = common.ResultTable(out_dir, "fig2", ["dataset", "latent_dim", "method"],
-                               ["dataset", "latent_dim", "method", "split", "num_train_samples"])
+    table = common.ResultTable(
+        out_dir,
+        "fig2",
+        ["dataset", "latent_dim", "method"],
+        ["dataset", "latent_dim", "method", "split", "num_train_samples"],
+    )
     units = [(d, z, m) for d in settings.datasets for z in settings.latent_dims_for(d) for m in settings.methods]
     for dataset, latent_dim, method in tqdm(units, disable=not progress, desc="fig2 curves", unit="curve"):
         if table.done(dataset=dataset, latent_dim=latent_dim, method=method):
@@ -81,19 +98,35 @@ def run(settings: Fig2Settings, out_dir: Path, *, data_dir: Optional[Path] = Non
         ds = data[dataset]
         vae = common.build_model(dataset, ds, latent_dim, settings.hidden_for(dataset))
         records = common.train_curve(
-            vae, ds, common.METHOD_NAMES[method], max_samples=settings.max_samples,
-            batch_size=settings.batch_size, lr=settings.lr, optimizer="adagrad", num_evals=settings.num_evals,
-            evaluate=common.elbo_evaluator(ds, settings.eval_size), progress=progress,
+            vae,
+            ds,
+            common.METHOD_NAMES[method],
+            max_samples=settings.max_samples,
+            batch_size=settings.batch_size,
+            lr=settings.lr,
+            optimizer="adagrad",
+            num_evals=settings.num_evals,
+            evaluate=common.elbo_evaluator(ds, settings.eval_size),
+            progress=progress,
             desc=f"{dataset} z={latent_dim} {method}",
         )
         table.add(
-            {"dataset": dataset, "latent_dim": latent_dim, "method": method, "split": split,
-             "num_train_samples": r["num_train_samples"], "lower_bound": r[split]}
-            for r in records for split in ("train", "test")
+            {
+                "dataset": dataset,
+                "latent_dim": latent_dim,
+                "method": method,
+                "split": split,
+                "num_train_samples": r["num_train_samples"],
+                "lower_bound": r[split],
+            }
+            for r in records
+            for split in ("train", "test")
         )
     result = table.to_xarray()
     result["lower_bound"].attrs["description"] = "ELBO per datapoint, nats"
-    result["lower_bound"].attrs["bound"] = "lower bound: Monte Carlo estimate of the ELBO, itself a lower bound on log p(x)"
+    result["lower_bound"].attrs["bound"] = (
+        "lower bound: Monte Carlo estimate of the ELBO, itself a lower bound on log p(x)"
+    )
     fig = plot(table.frame)
     common.save_figure(fig, out_dir, "fig2")
     return result
@@ -123,8 +156,18 @@ def plot(frame):
         late = sub[sub["num_train_samples"] >= sub["num_train_samples"].median()]
         for row, (data, what) in enumerate(((sub, "all evaluations"), (late, "second half, zoomed"))):
             ax = axes[row, col]
-            sns.lineplot(data=data, x="num_train_samples", y="lower_bound", hue="method", style="split",
-                         style_order=["train", "test"], markers=True, dashes=True, ax=ax, legend=True)
+            sns.lineplot(
+                data=data,
+                x="num_train_samples",
+                y="lower_bound",
+                hue="method",
+                style="split",
+                style_order=["train", "test"],
+                markers=True,
+                dashes=True,
+                ax=ax,
+                legend=True,
+            )
             legend.style(ax, f"{dataset}, $N_z$ = {latent_dim}: {what}", "lower bound (nats)")
     return legend.finish(fig)
 
@@ -133,7 +176,9 @@ def summary(result: xr.Dataset) -> Dict[str, float]:
     """Final lower bound per (dataset, latent_dim, method, split), as ``"key": value``."""
     return {
         f"{k['dataset']} z={int(k['latent_dim'])} {k['method']} {k['split']}": value
-        for k, value, _ in common.final_values(result["lower_bound"].transpose("dataset", "latent_dim", "method", "split", ...))
+        for k, value, _ in common.final_values(
+            result["lower_bound"].transpose("dataset", "latent_dim", "method", "split", ...)
+        )
     }
 
 

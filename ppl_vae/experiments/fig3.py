@@ -63,8 +63,15 @@ class Fig3Settings:
     @classmethod
     def paper(cls) -> "Fig3Settings":
         """The paper's settings: up to 10^8 training samples for every method."""
-        return cls(max_samples=100_000_000, mcem_max_samples=None, num_evals=20, eval_size=1000,
-                   hmc_samples=500, hmc_warmup=200, iw_samples=1000)
+        return cls(
+            max_samples=100_000_000,
+            mcem_max_samples=None,
+            num_evals=20,
+            eval_size=1000,
+            hmc_samples=500,
+            hmc_warmup=200,
+            iw_samples=1000,
+        )
 
     def validate(self) -> None:
         common.DATA_MODELS.get(self.dataset)
@@ -72,11 +79,21 @@ class Fig3Settings:
             if m not in common.METHOD_NAMES:
                 raise ValueError(f"methods must be among {', '.join(common.METHOD_NAMES)}, got {m!r}")
         if not 1 <= self.latent_dim <= 4:
-            raise ValueError(f"latent_dim must be between 1 and 4 (the appendix-D estimator needs < 5), got {self.latent_dim}")
-        common.validate_common(hidden_dim=self.hidden_dim, train_sizes=self.train_sizes, max_samples=self.max_samples,
-                               mcem_max_samples=self.mcem_max_samples, batch_size=self.batch_size, lr=self.lr,
-                               num_evals=self.num_evals, eval_size=self.eval_size, hmc_samples=self.hmc_samples,
-                               iw_samples=self.iw_samples)
+            raise ValueError(
+                f"latent_dim must be between 1 and 4 (the appendix-D estimator needs < 5), got {self.latent_dim}"
+            )
+        common.validate_common(
+            hidden_dim=self.hidden_dim,
+            train_sizes=self.train_sizes,
+            max_samples=self.max_samples,
+            mcem_max_samples=self.mcem_max_samples,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            num_evals=self.num_evals,
+            eval_size=self.eval_size,
+            hmc_samples=self.hmc_samples,
+            iw_samples=self.iw_samples,
+        )
         if self.hmc_samples < self.latent_dim + 2:
             raise ValueError(f"hmc_samples must be >= latent_dim + 2, got {self.hmc_samples}")
 
@@ -89,11 +106,15 @@ def marginal_evaluator(data: Dataset, settings: Fig3Settings) -> Callable[[VAE],
         vae.eval()
         out = {}
         for split, x in (("train", x_train), ("test", x_test)):
-            out[f"appendix_d/{split}"] = float(hmc_log_marginal(
-                vae.model, x, vae.latent_dim, num_samples=settings.hmc_samples, warmup_steps=settings.hmc_warmup
-            ).mean())
+            out[f"appendix_d/{split}"] = float(
+                hmc_log_marginal(
+                    vae.model, x, vae.latent_dim, num_samples=settings.hmc_samples, warmup_steps=settings.hmc_warmup
+                ).mean()
+            )
             with torch.no_grad():
-                out[f"iw/{split}"] = float(iw_log_likelihood(vae.model, vae.guide, x, num_samples=settings.iw_samples).mean())
+                out[f"iw/{split}"] = float(
+                    iw_log_likelihood(vae.model, vae.guide, x, num_samples=settings.iw_samples).mean()
+                )
         vae.train()
         return out
 
@@ -113,10 +134,13 @@ def run(settings: Fig3Settings, out_dir: Path, *, data_dir: Optional[Path] = Non
     full = common.load_experiment_data(settings.dataset, data_dir)
     too_big = [n for n in settings.train_sizes if n > full.train.shape[0]]
     if too_big:
-        raise ValueError(f"train_sizes {too_big} exceed the {full.train.shape[0]} training points of {settings.dataset}")
+        raise ValueError(
+            f"train_sizes {too_big} exceed the {full.train.shape[0]} training points of {settings.dataset}"
+        )
     common.check_settings(out_dir, settings)
-    table = common.ResultTable(out_dir, "fig3", ["train_size", "method"],
-                               ["train_size", "method", "estimator", "split", "num_train_samples"])
+    table = common.ResultTable(
+        out_dir, "fig3", ["train_size", "method"], ["train_size", "method", "estimator", "split", "num_train_samples"]
+    )
     units = [(n, m) for n in settings.train_sizes for m in settings.methods]
     for train_size, method in tqdm(units, disable=not progress, desc="fig3 curves", unit="curve"):
         if table.done(train_size=train_size, method=method):
@@ -126,15 +150,31 @@ def run(settings: Fig3Settings, out_dir: Path, *, data_dir: Optional[Path] = Non
         vae = common.build_model(settings.dataset, data, settings.latent_dim, settings.hidden_dim)
         budget = settings.mcem_max_samples if method == "MCEM" and settings.mcem_max_samples else settings.max_samples
         records = common.train_curve(
-            vae, data, common.METHOD_NAMES[method], max_samples=budget, batch_size=settings.batch_size,
-            lr=settings.lr, optimizer="adagrad", num_evals=settings.num_evals,
-            evaluate=marginal_evaluator(data, settings), progress=progress, desc=f"N={train_size} {method}",
+            vae,
+            data,
+            common.METHOD_NAMES[method],
+            max_samples=budget,
+            batch_size=settings.batch_size,
+            lr=settings.lr,
+            optimizer="adagrad",
+            num_evals=settings.num_evals,
+            evaluate=marginal_evaluator(data, settings),
+            progress=progress,
+            desc=f"N={train_size} {method}",
             evaluate_at_start=False,  # HMC on an untrained model says nothing and costs much
         )
         table.add(
-            {"train_size": train_size, "method": method, "estimator": est, "split": split,
-             "num_train_samples": r["num_train_samples"], "log_marginal": r[f"{est}/{split}"]}
-            for r in records for est in ESTIMATORS for split in ("train", "test")
+            {
+                "train_size": train_size,
+                "method": method,
+                "estimator": est,
+                "split": split,
+                "num_train_samples": r["num_train_samples"],
+                "log_marginal": r[f"{est}/{split}"],
+            }
+            for r in records
+            for est in ESTIMATORS
+            for split in ("train", "test")
         )
     result = table.to_xarray()
     result["log_marginal"].attrs["description"] = "mean estimated log p(x) per datapoint, nats"
@@ -167,8 +207,16 @@ def plot(frame, estimators=ESTIMATORS):
         for c, n in enumerate(sizes):
             ax = axes[r, c]
             sub = frame[(frame["train_size"] == n) & (frame["split"] == split)]
-            sns.lineplot(data=sub, x="num_train_samples", y="log_marginal", hue="method", style="estimate",
-                         style_order=style_order, markers=True, ax=ax)
+            sns.lineplot(
+                data=sub,
+                x="num_train_samples",
+                y="log_marginal",
+                hue="method",
+                style="estimate",
+                style_order=style_order,
+                markers=True,
+                ax=ax,
+            )
             legend.style(ax, f"$N_{{train}}$ = {n}, {split} set", "estimated log p(x) (nats)")
     return legend.finish(fig)
 

@@ -47,8 +47,14 @@ class Fig4Settings:
     def validate(self) -> None:
         for d in self.datasets:
             common.DATA_MODELS.get(d)
-        common.validate_common(hidden_dim=self.hidden_dim, max_samples=self.max_samples, batch_size=self.batch_size,
-                               lr=self.lr, grid_size=self.grid_size, eval_size=self.eval_size)
+        common.validate_common(
+            hidden_dim=self.hidden_dim,
+            max_samples=self.max_samples,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            grid_size=self.grid_size,
+            eval_size=self.eval_size,
+        )
 
 
 def manifold_grid(vae: VAE, grid_size: int) -> xr.DataArray:
@@ -65,7 +71,8 @@ def manifold_grid(vae: VAE, grid_size: int) -> xr.DataArray:
     with torch.no_grad():
         images = vae.decode(z).reshape(grid_size, grid_size, *vae.event_shape[-2:]).numpy()
     return xr.DataArray(
-        images.astype(np.float64), dims=("row", "col", "height", "width"),
+        images.astype(np.float64),
+        dims=("row", "col", "height", "width"),
         coords={"z1": ("col", z_axis), "z2": ("row", z_axis[::-1])},
         attrs={"description": "E[x|z] at z = inverse Gaussian CDF of a regular grid"},
     )
@@ -86,11 +93,20 @@ def run(settings: Fig4Settings, out_dir: Path, *, data_dir: Optional[Path] = Non
             continue
         common.seed_unit(settings.seed, "fig4", dataset)
         vae, record = common.train_aevb(
-            dataset, data[dataset], 2, settings.hidden_for(dataset), max_samples=settings.max_samples,
-            batch_size=settings.batch_size, lr=settings.lr, eval_size=settings.eval_size, progress=progress,
+            dataset,
+            data[dataset],
+            2,
+            settings.hidden_for(dataset),
+            max_samples=settings.max_samples,
+            batch_size=settings.batch_size,
+            lr=settings.lr,
+            eval_size=settings.eval_size,
+            progress=progress,
             desc=f"{dataset} z=2",
         )
-        write_netcdf(manifold_grid(vae, settings.grid_size).to_dataset(name="mean_image"), out_dir / f"fig4_{dataset}.nc")
+        write_netcdf(
+            manifold_grid(vae, settings.grid_size).to_dataset(name="mean_image"), out_dir / f"fig4_{dataset}.nc"
+        )
         table.add([{"dataset": dataset, **record}])
     grids = {}
     for dataset in settings.datasets:

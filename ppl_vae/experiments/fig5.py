@@ -38,12 +38,20 @@ class Fig5Settings:
 
     def validate(self) -> None:
         common.DATA_MODELS.get(self.dataset)
-        common.validate_common(latent_dims=self.latent_dims, hidden_dim=self.hidden_dim, max_samples=self.max_samples,
-                               batch_size=self.batch_size, lr=self.lr, num_images=self.num_images,
-                               eval_size=self.eval_size)
+        common.validate_common(
+            latent_dims=self.latent_dims,
+            hidden_dim=self.hidden_dim,
+            max_samples=self.max_samples,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            num_images=self.num_images,
+            eval_size=self.eval_size,
+        )
 
 
-def run(settings: Fig5Settings, out_dir: Path, *, data_dir: Optional[Path] = None, progress: bool = True) -> xr.DataArray:
+def run(
+    settings: Fig5Settings, out_dir: Path, *, data_dir: Optional[Path] = None, progress: bool = True
+) -> xr.DataArray:
     """Train a VAE per missing latent dimension; writes ``fig5_z<d>.nc`` (samples), ``fig5_samples.nc``
     (all of them), ``fig5.csv``/``.nc`` (final ELBOs) and the figure. Returns the samples with
     dims ``latent_dim``, ``sample``, ``height``, ``width``."""
@@ -60,14 +68,25 @@ def run(settings: Fig5Settings, out_dir: Path, *, data_dir: Optional[Path] = Non
             continue
         common.seed_unit(settings.seed, "fig5", settings.dataset, latent_dim)
         vae, record = common.train_aevb(
-            settings.dataset, data, latent_dim, settings.hidden_dim, max_samples=settings.max_samples,
-            batch_size=settings.batch_size, lr=settings.lr, eval_size=settings.eval_size, progress=progress,
+            settings.dataset,
+            data,
+            latent_dim,
+            settings.hidden_dim,
+            max_samples=settings.max_samples,
+            batch_size=settings.batch_size,
+            lr=settings.lr,
+            eval_size=settings.eval_size,
+            progress=progress,
             desc=f"{settings.dataset} z={latent_dim}",
         )
         with torch.no_grad():
             images = vae.sample(settings.num_images).reshape(settings.num_images, *data.event_shape[-2:]).numpy()
-        samples = xr.DataArray(images.astype(np.float64), dims=("sample", "height", "width"), name="mean_image",
-                               attrs={"description": "E[x|z] for z ~ p(z)"})
+        samples = xr.DataArray(
+            images.astype(np.float64),
+            dims=("sample", "height", "width"),
+            name="mean_image",
+            attrs={"description": "E[x|z] for z ~ p(z)"},
+        )
         write_netcdf(samples.to_dataset(), path)
         table.add([{"latent_dim": latent_dim, **record}])
     parts = []

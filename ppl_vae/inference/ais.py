@@ -84,8 +84,15 @@ class _Path:
     discrete sites the model marks for enumeration are summed out in every density.
     """
 
-    def __init__(self, model: Callable, guide: Optional[Callable], x: Tensor, num_chains: int,
-                 kwargs: Dict[str, Any], layout: Layout):
+    def __init__(
+        self,
+        model: Callable,
+        guide: Optional[Callable],
+        x: Tensor,
+        num_chains: int,
+        kwargs: Dict[str, Any],
+        layout: Layout,
+    ):
         n = x.shape[0]
         self.model = model
         self.guide = guide
@@ -120,7 +127,9 @@ class _Path:
             return self._q_sample
         with torch.no_grad():
             trace = poutine.trace(poutine.block(self.model, hide_types=["param"])).get_trace(self.x, **self.kwargs)
-        return self.layout.join({s.name: cast(Tensor, trace.nodes[s.name]["value"]).detach() for s in self.layout.sites}, 1)
+        return self.layout.join(
+            {s.name: cast(Tensor, trace.nodes[s.name]["value"]).detach() for s in self.layout.sites}, 1
+        )
 
     def terms(self, z: Tensor) -> Tuple[Tensor, Tensor]:
         """(log f_0(z), log p(x, z) - log f_0(z)), each ``(C * N,)``; log f_beta = first + beta * second."""
@@ -141,8 +150,13 @@ class _Annealed:
 ADAPTATIONS = ("pilot", "online", "none")
 
 
-def _hmc_transition(path: _Path, z: Tensor, beta: float, step: Tensor, num_leapfrog_steps: int,
-                    ) -> Tuple[Tensor, Tensor, Tensor]:
+def _hmc_transition(
+    path: _Path,
+    z: Tensor,
+    beta: float,
+    step: Tensor,
+    num_leapfrog_steps: int,
+) -> Tuple[Tensor, Tensor, Tensor]:
     """One HMC move of every row leaving f_beta invariant.
 
     Returns (new z, its log p(x,z) - log f_0(z), acceptance probability), each with ``M`` rows.
@@ -159,8 +173,9 @@ def _hmc_transition(path: _Path, z: Tensor, beta: float, step: Tensor, num_leapf
     energy0, log_ratio0 = cache["energy"], cache["log_ratio"]
     r = torch.randn_like(z)
     kinetic0 = 0.5 * r.pow(2).flatten(1).sum(1)
-    z_new, r_new, _, _ = velocity_verlet({"z": z}, {"z": r}, potential, lambda r_: r_, step,
-                                         num_leapfrog_steps, z_grads=grads)
+    z_new, r_new, _, _ = velocity_verlet(
+        {"z": z}, {"z": r}, potential, lambda r_: r_, step, num_leapfrog_steps, z_grads=grads
+    )
     z_new, r_new = z_new["z"].detach(), r_new["z"]
     energy1, log_ratio1 = cache["energy"], cache["log_ratio"]  # the integrator's last evaluation is at z_new
     log_accept = (energy0 + kinetic0) - (energy1 + 0.5 * r_new.pow(2).flatten(1).sum(1))
@@ -168,13 +183,23 @@ def _hmc_transition(path: _Path, z: Tensor, beta: float, step: Tensor, num_leapf
     accept_prob = log_accept.exp()
     accept = torch.rand_like(accept_prob) < accept_prob
     shape = (-1,) + (1,) * (z.dim() - 1)
-    return (torch.where(accept.view(shape), z_new, z), torch.where(accept, log_ratio1, log_ratio0),
-            accept_prob)
+    return (torch.where(accept.view(shape), z_new, z), torch.where(accept, log_ratio1, log_ratio0), accept_prob)
 
 
-def _anneal(path: _Path, z: Tensor, betas: Tensor, *, num_chains: int, num_leapfrog_steps: int,
-            step_size_jitter: float, log_steps: Optional[Tensor] = None, step_size: float = 0.1,
-            target_accept_prob: float = 0.65, adapt_rate: float = 0.5, bar: Any = None) -> _Annealed:
+def _anneal(
+    path: _Path,
+    z: Tensor,
+    betas: Tensor,
+    *,
+    num_chains: int,
+    num_leapfrog_steps: int,
+    step_size_jitter: float,
+    log_steps: Optional[Tensor] = None,
+    step_size: float = 0.1,
+    target_accept_prob: float = 0.65,
+    adapt_rate: float = 0.5,
+    bar: Any = None,
+) -> _Annealed:
     """Run the chains ``z`` ``(C * N, ...)`` (distributed as f_{betas[0]}) along ``betas``.
 
     With ``log_steps`` ``(T - 1, N)`` the step sizes are fixed in advance (the chains are then
@@ -247,9 +272,20 @@ class AISSettings:
     batch_size: int = 100
 
 
-def _run(model: Callable, guide: Optional[Callable], x: Tensor, betas: Tensor, settings: AISSettings, *,
-         num_chains: int, initial_z: Optional[Tensor], progress: bool, desc: str, kwargs: Dict[str, Any],
-         log_steps: Optional[Tensor] = None) -> _Annealed:
+def _run(
+    model: Callable,
+    guide: Optional[Callable],
+    x: Tensor,
+    betas: Tensor,
+    settings: AISSettings,
+    *,
+    num_chains: int,
+    initial_z: Optional[Tensor],
+    progress: bool,
+    desc: str,
+    kwargs: Dict[str, Any],
+    log_steps: Optional[Tensor] = None,
+) -> _Annealed:
     """AIS over batches of datapoints; ``initial_z`` ``(N, ...)`` starts every chain of a datapoint there.
 
     ``log_steps`` ``(T - 1, N)`` fixes the step sizes, overriding ``settings.adaptation``.
@@ -280,15 +316,26 @@ def _run(model: Callable, guide: Optional[Callable], x: Tensor, betas: Tensor, s
     if not layout.sites:
         raise ValueError("the model has no continuous latent site to anneal")
     if initial_z is not None and tuple(initial_z.shape[1:]) != (layout.size,):
-        raise ValueError(f"initial_z must be the flat latent vector ({layout.size} numbers: sites "
-                         f"{', '.join(layout.names)}), got shape {tuple(initial_z.shape)}")
+        raise ValueError(
+            f"initial_z must be the flat latent vector ({layout.size} numbers: sites "
+            f"{', '.join(layout.names)}), got shape {tuple(initial_z.shape)}"
+        )
     pilot = adaptation == "pilot" and log_steps is None
-    opts: Dict[str, Any] = dict(num_leapfrog_steps=num_leapfrog_steps, step_size_jitter=step_size_jitter, step_size=step_size,
-                target_accept_prob=target_accept_prob)
+    opts: Dict[str, Any] = dict(
+        num_leapfrog_steps=num_leapfrog_steps,
+        step_size_jitter=step_size_jitter,
+        step_size=step_size,
+        target_accept_prob=target_accept_prob,
+    )
     parts = []
     num_batches = math.ceil(n / batch_size)
-    with tqdm(total=num_batches * max(len(betas) - 2, 0) * (2 if pilot else 1), disable=not progress, desc=desc,
-              unit="step", dynamic_ncols=True) as bar:
+    with tqdm(
+        total=num_batches * max(len(betas) - 2, 0) * (2 if pilot else 1),
+        disable=not progress,
+        desc=desc,
+        unit="step",
+        dynamic_ncols=True,
+    ) as bar:
         for start in range(0, n, batch_size):
             sl = slice(start, start + batch_size)
             xb = x[sl]
@@ -296,17 +343,22 @@ def _run(model: Callable, guide: Optional[Callable], x: Tensor, betas: Tensor, s
             kw = {k: rows(v, n, sl) for k, v in kwargs.items()}
             steps = None if log_steps is None else log_steps[:, sl]
             if adaptation == "none" and steps is None:
-                steps = torch.full((max(len(betas) - 2, 0), nb), math.log(step_size), dtype=torch.float64,
-                                   device=x.device)
+                steps = torch.full(
+                    (max(len(betas) - 2, 0), nb), math.log(step_size), dtype=torch.float64, device=x.device
+                )
             if pilot:  # its weights are discarded: only the step sizes it found are kept
                 pilot_path = _Path(model, guide, xb, pilot_chains, kw, layout)
-                steps = _anneal(pilot_path, pilot_path.sample_start(), betas, num_chains=pilot_chains, bar=bar,
-                                **opts).log_steps
+                steps = _anneal(
+                    pilot_path, pilot_path.sample_start(), betas, num_chains=pilot_chains, bar=bar, **opts
+                ).log_steps
             path = _Path(model, guide, xb, num_chains, kw, layout)
             z0 = path.sample_start() if initial_z is None else _rows(initial_z[sl].detach(), nb, num_chains)
             parts.append(_anneal(path, z0.detach(), betas, num_chains=num_chains, log_steps=steps, bar=bar, **opts))
-    return _Annealed(torch.cat([p.log_weight for p in parts], 1), torch.cat([p.accept_rate for p in parts]),
-                     torch.cat([p.log_steps for p in parts], 1))
+    return _Annealed(
+        torch.cat([p.log_weight for p in parts], 1),
+        torch.cat([p.accept_rate for p in parts]),
+        torch.cat([p.log_steps for p in parts], 1),
+    )
 
 
 def _last_step(log_steps: Tensor, step_size: float) -> Tensor:
@@ -354,8 +406,18 @@ def ais_log_likelihood(
     """
     betas = _betas(num_steps, settings.schedule)
     with seeded(seed, x.device):
-        res = _run(model, guide, x, betas, settings, num_chains=num_chains, initial_z=None, progress=progress,
-                   desc=f"AIS T={num_steps}", kwargs=kwargs)
+        res = _run(
+            model,
+            guide,
+            x,
+            betas,
+            settings,
+            num_chains=num_chains,
+            initial_z=None,
+            progress=progress,
+            desc=f"AIS T={num_steps}",
+            kwargs=kwargs,
+        )
     log_px, se, ess = log_mean_exp_stats(res.log_weight)
     n = x.shape[0]
     ds = xr.Dataset(
@@ -367,21 +429,40 @@ def ais_log_likelihood(
             "step_size": ("datapoint", _np(_last_step(res.log_steps, settings.step_size))),
             "log_weight": (("chain", "datapoint"), _np(res.log_weight)),
         },
-        coords={"datapoint": np.arange(n) if datapoint is None else np.asarray(datapoint),
-                "chain": np.arange(num_chains)},
+        coords={
+            "datapoint": np.arange(n) if datapoint is None else np.asarray(datapoint),
+            "chain": np.arange(num_chains),
+        },
     )
     start = "prior" if guide is None else "guide"
-    _describe(ds, {
-        "log_px": ("lower bound", f"AIS estimate of log p(x), T={num_steps}, C={num_chains}, from the {start} "
-                            "(nats; stochastic lower bound: log of an unbiased estimate)"),
-        "log_px_stderr": ("neither", "Monte Carlo standard error of log_px over chains (nats)"),
-        "ess": ("neither", f"effective sample size of the {num_chains} final AIS weights"),
-        "accept_rate": ("neither", "HMC acceptance probability, mean over transitions and chains"),
-        "step_size": ("neither", "leapfrog step size at the last temperature"),
-        "log_weight": ("lower bound", "log AIS weight of each chain (nats; each is log of an unbiased estimate of p(x))"),
-    })
-    ds.attrs.update({"method": "ais", "num_steps": int(num_steps), "num_chains": int(num_chains), "start": start,
-                     **_settings_attrs(settings), "reference": "Neal (2001), Annealed importance sampling"})
+    _describe(
+        ds,
+        {
+            "log_px": (
+                "lower bound",
+                f"AIS estimate of log p(x), T={num_steps}, C={num_chains}, from the {start} "
+                "(nats; stochastic lower bound: log of an unbiased estimate)",
+            ),
+            "log_px_stderr": ("neither", "Monte Carlo standard error of log_px over chains (nats)"),
+            "ess": ("neither", f"effective sample size of the {num_chains} final AIS weights"),
+            "accept_rate": ("neither", "HMC acceptance probability, mean over transitions and chains"),
+            "step_size": ("neither", "leapfrog step size at the last temperature"),
+            "log_weight": (
+                "lower bound",
+                "log AIS weight of each chain (nats; each is log of an unbiased estimate of p(x))",
+            ),
+        },
+    )
+    ds.attrs.update(
+        {
+            "method": "ais",
+            "num_steps": int(num_steps),
+            "num_chains": int(num_chains),
+            "start": start,
+            **_settings_attrs(settings),
+            "reference": "Neal (2001), Annealed importance sampling",
+        }
+    )
     return ds
 
 
@@ -395,7 +476,9 @@ def _describe(ds: xr.Dataset, info: Dict[str, Tuple[str, str]]) -> None:
 
 
 @torch.no_grad()
-def simulate_data(model: Callable, x_like: Tensor, *, seed: Optional[int] = None, **kwargs: Any) -> Tuple[Tensor, Tensor]:
+def simulate_data(
+    model: Callable, x_like: Tensor, *, seed: Optional[int] = None, **kwargs: Any
+) -> Tuple[Tensor, Tensor]:
     """(x, z*) drawn from the model, z* ~ p(z) and x ~ p(x|z*), one per row of ``x_like``.
 
     ``x_like`` only fixes the number and shape of the datapoints (the model is run with its
@@ -406,21 +489,41 @@ def simulate_data(model: Callable, x_like: Tensor, *, seed: Optional[int] = None
     """
     layout = model_layout(model, x_like, **kwargs)
     with seeded(seed, x_like.device):
-        trace = poutine.trace(poutine.uncondition(poutine.block(model, hide_types=["param"]))).get_trace(x_like, **kwargs)
+        trace = poutine.trace(poutine.uncondition(poutine.block(model, hide_types=["param"]))).get_trace(
+            x_like, **kwargs
+        )
     if "x" not in trace.nodes:
         raise ValueError("the model has no sample site 'x'")
     return cast(Tensor, trace.nodes["x"]["value"]).detach(), layout.join(
-        {s.name: cast(Tensor, trace.nodes[s.name]["value"]).detach() for s in layout.sites}, 1)
+        {s.name: cast(Tensor, trace.nodes[s.name]["value"]).detach() for s in layout.sites}, 1
+    )
 
 
-def _bdmc_pair(model: Callable, guide: Optional[Callable], x: Tensor, z_exact: Tensor, betas: Tensor,
-               settings: AISSettings, steps: int, opts: Dict[str, Any]) -> Tuple[_Annealed, _Annealed]:
+def _bdmc_pair(
+    model: Callable,
+    guide: Optional[Callable],
+    x: Tensor,
+    z_exact: Tensor,
+    betas: Tensor,
+    settings: AISSettings,
+    steps: int,
+    opts: Dict[str, Any],
+) -> Tuple[_Annealed, _Annealed]:
     """The forward chains from f_0 and the reverse chains from the exact posterior sample."""
     fwd = _run(model, guide, x, betas, settings, initial_z=None, desc=f"BDMC forward T={steps}", **opts)
     # the reverse chains meet the temperatures in reverse order: reuse the forward step sizes
     reuse = None if settings.adaptation == "online" else fwd.log_steps.flip(0)
-    rev = _run(model, guide, x, betas.flip(0), settings, initial_z=z_exact, desc=f"BDMC reverse T={steps}",
-               log_steps=reuse, **opts)
+    rev = _run(
+        model,
+        guide,
+        x,
+        betas.flip(0),
+        settings,
+        initial_z=z_exact,
+        desc=f"BDMC reverse T={steps}",
+        log_steps=reuse,
+        **opts,
+    )
     return fwd, rev
 
 
@@ -455,36 +558,57 @@ def bdmc(
     if z_exact.shape[0] != x.shape[0]:
         raise ValueError(f"z_exact must have one row per datapoint ({x.shape[0]}), got {tuple(z_exact.shape)}")
     opts = dict(num_chains=num_chains, progress=progress, kwargs=kwargs)
-    out: Dict[str, list] = {k: [] for k in ("lower", "lower_stderr", "upper", "upper_stderr",
-                                            "forward_accept_rate", "reverse_accept_rate")}
+    out: Dict[str, list] = {
+        k: [] for k in ("lower", "lower_stderr", "upper", "upper_stderr", "forward_accept_rate", "reverse_accept_rate")
+    }
     for i, steps in enumerate(step_counts):
         betas = _betas(steps, settings.schedule)
         with seeded(None if seed is None else seed + i, x.device):
             fwd, rev = _bdmc_pair(model, guide, x, z_exact, betas, settings, steps, opts)
         lower, lower_se, _ = log_mean_exp_stats(fwd.log_weight)
         neg_upper, upper_se, _ = log_mean_exp_stats(rev.log_weight)
-        for k, v in (("lower", lower), ("lower_stderr", lower_se), ("upper", -neg_upper),
-                     ("upper_stderr", upper_se), ("forward_accept_rate", fwd.accept_rate),
-                     ("reverse_accept_rate", rev.accept_rate)):
+        for k, v in (
+            ("lower", lower),
+            ("lower_stderr", lower_se),
+            ("upper", -neg_upper),
+            ("upper_stderr", upper_se),
+            ("forward_accept_rate", fwd.accept_rate),
+            ("reverse_accept_rate", rev.accept_rate),
+        ):
             out[k].append(_np(v))
     n = x.shape[0]
     dims = ("num_steps", "datapoint")
-    ds = xr.Dataset({k: (dims, np.stack(v)) for k, v in out.items()},
-                    coords={"num_steps": np.asarray(list(step_counts), dtype=int),
-                            "datapoint": np.arange(n) if datapoint is None else np.asarray(datapoint)})
+    ds = xr.Dataset(
+        {k: (dims, np.stack(v)) for k, v in out.items()},
+        coords={
+            "num_steps": np.asarray(list(step_counts), dtype=int),
+            "datapoint": np.arange(n) if datapoint is None else np.asarray(datapoint),
+        },
+    )
     ds["gap"] = ds["upper"] - ds["lower"]
-    _describe(ds, {
-        "lower": ("lower bound", "forward AIS log p(x) (nats; stochastic lower bound)"),
-        "lower_stderr": ("neither", "Monte Carlo standard error of lower over chains (nats)"),
-        "upper": ("upper bound", "reverse AIS -log mean(1/p-hat) from an exact posterior sample "
-                           "(nats; stochastic upper bound)"),
-        "upper_stderr": ("neither", "Monte Carlo standard error of upper over chains (nats; chains share a start)"),
-        "forward_accept_rate": ("neither", "HMC acceptance probability of the forward chains"),
-        "reverse_accept_rate": ("neither", "HMC acceptance probability of the reverse chains"),
-        "gap": ("neither", "upper - lower: the width of the BDMC sandwich (nats; bounds either bound's error)"),
-    })
-    ds.attrs.update({"method": "bdmc", "num_chains": int(num_chains), **_settings_attrs(settings),
-                     "start": "prior" if guide is None else "guide",
-                     "reference": "Grosse, Ghahramani & Adams (2015), Sandwiching the marginal likelihood "
-                                  "using bidirectional Monte Carlo"})
+    _describe(
+        ds,
+        {
+            "lower": ("lower bound", "forward AIS log p(x) (nats; stochastic lower bound)"),
+            "lower_stderr": ("neither", "Monte Carlo standard error of lower over chains (nats)"),
+            "upper": (
+                "upper bound",
+                "reverse AIS -log mean(1/p-hat) from an exact posterior sample (nats; stochastic upper bound)",
+            ),
+            "upper_stderr": ("neither", "Monte Carlo standard error of upper over chains (nats; chains share a start)"),
+            "forward_accept_rate": ("neither", "HMC acceptance probability of the forward chains"),
+            "reverse_accept_rate": ("neither", "HMC acceptance probability of the reverse chains"),
+            "gap": ("neither", "upper - lower: the width of the BDMC sandwich (nats; bounds either bound's error)"),
+        },
+    )
+    ds.attrs.update(
+        {
+            "method": "bdmc",
+            "num_chains": int(num_chains),
+            **_settings_attrs(settings),
+            "start": "prior" if guide is None else "guide",
+            "reference": "Grosse, Ghahramani & Adams (2015), Sandwiching the marginal likelihood "
+            "using bidirectional Monte Carlo",
+        }
+    )
     return ds

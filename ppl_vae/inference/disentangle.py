@@ -56,23 +56,25 @@ __all__ = [
     "tc_decomposition",
 ]
 
-TERM_VARS.update({
-    "kl": "KL(q(z|x) || p(z)) per datapoint, nats, epoch mean over minibatches (closed form with "
-          "elbo mean_field where known, else log q(z|x) - log p(z) at z ~ q)",
-    "reconstruction": "log p(x|z) at z ~ q(z|x) per datapoint, nats, epoch mean over minibatches",
-    "mutual_info": "beta-TC: index-code mutual information E[log q(z|x) - log q(z)], nats, minibatch estimate",
-    "total_correlation": "beta-TC: total correlation E[log q(z) - sum_j log q(z_j)], nats, minibatch estimate",
-    "dimwise_kl": "beta-TC: dimension-wise KL E[sum_j log q(z_j) - log p(z)], nats, minibatch estimate",
-    "capacity": "capacity-controlled beta-VAE: the target KL C at the epoch's last step, nats",
-})
+TERM_VARS.update(
+    {
+        "kl": "KL(q(z|x) || p(z)) per datapoint, nats, epoch mean over minibatches (closed form with "
+        "elbo mean_field where known, else log q(z|x) - log p(z) at z ~ q)",
+        "reconstruction": "log p(x|z) at z ~ q(z|x) per datapoint, nats, epoch mean over minibatches",
+        "mutual_info": "beta-TC: index-code mutual information E[log q(z|x) - log q(z)], nats, minibatch estimate",
+        "total_correlation": "beta-TC: total correlation E[log q(z) - sum_j log q(z_j)], nats, minibatch estimate",
+        "dimwise_kl": "beta-TC: dimension-wise KL E[sum_j log q(z_j) - log p(z)], nats, minibatch estimate",
+        "capacity": "capacity-controlled beta-VAE: the target KL C at the epoch's last step, nats",
+    }
+)
 
 TC_ESTIMATORS = {
     "mws": "minibatch-weighted sampling, Chen et al. (2018) eq. S5 and their code: log q(z_i) ~ "
-           "logsumexp_j log q(z_i|x_j) - log(N M), i.e. log N below the minibatch average (1/M) sum_j "
-           "q(z_i|x_j); so the terms carry constant offsets (MI +log N, TC +(D-1) log N, dimension-wise "
-           "-D log N) that cancel in their sum and leave gradients alone",
+    "logsumexp_j log q(z_i|x_j) - log(N M), i.e. log N below the minibatch average (1/M) sum_j "
+    "q(z_i|x_j); so the terms carry constant offsets (MI +log N, TC +(D-1) log N, dimension-wise "
+    "-D log N) that cancel in their sum and leave gradients alone",
     "mss": "minibatch-stratified sampling, Chen et al. (2018) eq. S6: importance weights 1/N for the "
-           "point's own q(z|x_i), (N-M+1)/(N(M-1)) for one other and 1/(M-1) for the rest; no offsets",
+    "point's own q(z|x_i), (N-M+1)/(N(M-1)) for one other and 1/(M-1) for the rest; no offsets",
 }
 
 
@@ -91,8 +93,9 @@ def _draw(loc: Tensor, scale: Tensor, num_particles: int) -> Tensor:
     return dist.Normal(loc, scale).rsample((num_particles,) if num_particles > 1 else ())
 
 
-def latent_terms(vae: VAE, x: Tensor, *, num_particles: int = 1, analytic_kl: bool = False,
-                 per_dimension: bool = False) -> Dict[str, Tensor]:
+def latent_terms(
+    vae: VAE, x: Tensor, *, num_particles: int = 1, analytic_kl: bool = False, per_dimension: bool = False
+) -> Dict[str, Tensor]:
     """Per-datapoint pieces of the ELBO of the minibatch ``x`` (``(N,)`` each, means over particles).
 
     ``log_lik``: log p(x|z); ``kl``: KL(q(z|x)||p(z)), closed form when ``analytic_kl`` and torch
@@ -110,12 +113,13 @@ def latent_terms(vae: VAE, x: Tensor, *, num_particles: int = 1, analytic_kl: bo
     log_q = log_q_dims.sum(-1)
     prior = vae.prior()
     log_prior = vae.log_prior(x, {"z": zk})
-    out = {"z": zk, "loc": loc, "scale": scale, "log_q": log_q, "log_prior": log_prior,
-           "log_lik": log_lik.mean(0)}
+    out = {"z": zk, "loc": loc, "scale": scale, "log_q": log_q, "log_prior": log_prior, "log_lik": log_lik.mean(0)}
     marginal = _prior_marginals(prior) if per_dimension else None
     if per_dimension and marginal is None:
-        raise ValueError(f"a KL per latent dimension needs a prior with independent dimensions (a diagonal "
-                         f"Normal); {type(vae.prior).__name__} is not: use one group (free_bits_groups=1)")
+        raise ValueError(
+            f"a KL per latent dimension needs a prior with independent dimensions (a diagonal "
+            f"Normal); {type(vae.prior).__name__} is not: use one group (free_bits_groups=1)"
+        )
     kl_dims = None
     if analytic_kl:
         if marginal is not None:
@@ -151,17 +155,23 @@ def _scaled(per_datapoint: Tensor, num_data: Optional[int]) -> Tensor:
     return per_datapoint.sum() * ((num_data or n) / n)
 
 
-def beta_vae_loss(vae: VAE, x: Tensor, *, beta: float = 1.0, num_data: Optional[int] = None,
-                  kl_weight: float = 1.0, num_particles: int = 1, analytic_kl: bool = False
-                  ) -> tuple[Tensor, Dict[str, Tensor]]:
+def beta_vae_loss(
+    vae: VAE,
+    x: Tensor,
+    *,
+    beta: float = 1.0,
+    num_data: Optional[int] = None,
+    kl_weight: float = 1.0,
+    num_particles: int = 1,
+    analytic_kl: bool = False,
+) -> tuple[Tensor, Dict[str, Tensor]]:
     """-(log p(x|z) - beta KL), summed and scaled to ``num_data`` (Higgins et al. 2017); and the terms."""
     _positive("beta", beta)
     t = latent_terms(vae, x, num_particles=num_particles, analytic_kl=analytic_kl)
     return -_scaled(t["log_lik"] - beta * kl_weight * t["kl"], num_data), t
 
 
-def capacity_at(step: int, steps_per_epoch: int, *, capacity_max: float, start_epoch: float,
-                end_epoch: float) -> float:
+def capacity_at(step: int, steps_per_epoch: int, *, capacity_max: float, start_epoch: float, end_epoch: float) -> float:
     """The capacity C after ``step`` optimizer steps: 0 until ``start_epoch``, rising linearly to
     ``capacity_max`` at ``end_epoch``, then constant (Burgess et al. 2018)."""
     start, end = start_epoch * steps_per_epoch, end_epoch * steps_per_epoch
@@ -172,9 +182,17 @@ def capacity_at(step: int, steps_per_epoch: int, *, capacity_max: float, start_e
     return float(capacity_max) * (step - start) / (end - start)
 
 
-def capacity_loss(vae: VAE, x: Tensor, *, capacity: float, gamma: float = 1000.0,
-                  num_data: Optional[int] = None, kl_weight: float = 1.0, num_particles: int = 1,
-                  analytic_kl: bool = False) -> tuple[Tensor, Dict[str, Tensor]]:
+def capacity_loss(
+    vae: VAE,
+    x: Tensor,
+    *,
+    capacity: float,
+    gamma: float = 1000.0,
+    num_data: Optional[int] = None,
+    kl_weight: float = 1.0,
+    num_particles: int = 1,
+    analytic_kl: bool = False,
+) -> tuple[Tensor, Dict[str, Tensor]]:
     """-(log p(x|z) - gamma |KL - C|) per datapoint, the KL the minibatch mean (Burgess et al. 2018,
     eq. 8), summed and scaled to ``num_data``; and the terms."""
     _positive("gamma", gamma)
@@ -197,8 +215,9 @@ def _log_stratified_weights(batch_size: int, num_data: int, device, dtype) -> Te
     return w.log()
 
 
-def tc_decomposition(z: Tensor, loc: Tensor, scale: Tensor, log_prior: Tensor, *, num_data: int,
-                     estimator: str = "mws") -> Dict[str, Tensor]:
+def tc_decomposition(
+    z: Tensor, loc: Tensor, scale: Tensor, log_prior: Tensor, *, num_data: int, estimator: str = "mws"
+) -> Dict[str, Tensor]:
     """Index-code MI, total correlation and dimension-wise KL per datapoint (Chen et al. 2018).
 
     ``z`` ``(K, M, D)`` draws from q(z|x_i) of the minibatch with ``loc``/``scale`` ``(M, D)``;
@@ -231,9 +250,18 @@ def tc_decomposition(z: Tensor, loc: Tensor, scale: Tensor, log_prior: Tensor, *
     }
 
 
-def beta_tc_loss(vae: VAE, x: Tensor, *, alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
-                 num_data: Optional[int] = None, kl_weight: float = 1.0, num_particles: int = 1,
-                 estimator: str = "mws") -> tuple[Tensor, Dict[str, Tensor]]:
+def beta_tc_loss(
+    vae: VAE,
+    x: Tensor,
+    *,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    num_data: Optional[int] = None,
+    kl_weight: float = 1.0,
+    num_particles: int = 1,
+    estimator: str = "mws",
+) -> tuple[Tensor, Dict[str, Tensor]]:
     """-(log p(x|z) - alpha MI - beta TC - gamma dimension-wise KL) (Chen et al. 2018, eq. 4),
     summed and scaled to ``num_data``; and the terms (``kl`` is their sum, the Monte Carlo KL)."""
     for name, value in (("tc_alpha", alpha), ("tc_beta", beta), ("tc_gamma", gamma)):
@@ -253,9 +281,17 @@ def _groups(latent_dim: int, num_groups: Optional[int]) -> list[Tensor]:
     return list(torch.arange(latent_dim).tensor_split(num_groups))
 
 
-def free_bits_loss(vae: VAE, x: Tensor, *, free_bits: float = 0.0, num_groups: Optional[int] = None,
-                   num_data: Optional[int] = None, kl_weight: float = 1.0, num_particles: int = 1,
-                   analytic_kl: bool = False) -> tuple[Tensor, Dict[str, Tensor]]:
+def free_bits_loss(
+    vae: VAE,
+    x: Tensor,
+    *,
+    free_bits: float = 0.0,
+    num_groups: Optional[int] = None,
+    num_data: Optional[int] = None,
+    kl_weight: float = 1.0,
+    num_particles: int = 1,
+    analytic_kl: bool = False,
+) -> tuple[Tensor, Dict[str, Tensor]]:
     """-(log p(x|z) - sum_g max(lambda, mean KL_g)) (Kingma et al. 2016, appendix C.8), summed and
     scaled to ``num_data``; and the terms. ``num_groups`` None: one group per latent dimension
     (needs a diagonal Normal prior); else that many contiguous groups of dimensions."""
@@ -281,11 +317,16 @@ class ObjectiveStepper(Stepper):
 
     def __init__(self, vae: VAE, config: TrainConfig):
         if config.method != "svi":
-            raise ConfigError(f"train.objective {config.objective!r} is an objective of method 'svi', "
-                              f"got method {config.method!r}", field="train.objective")
+            raise ConfigError(
+                f"train.objective {config.objective!r} is an objective of method 'svi', got method {config.method!r}",
+                field="train.objective",
+            )
         if not supports_fused_elbo(vae):
-            raise ConfigError(f"train.objective {config.objective!r} needs a parts-based VAE (the base class's "
-                              f"model and guide); {type(vae).__name__} overrides them", field="train.objective")
+            raise ConfigError(
+                f"train.objective {config.objective!r} needs a parts-based VAE (the base class's "
+                f"model and guide); {type(vae).__name__} overrides them",
+                field="train.objective",
+            )
         self.vae = vae
         self.config = config
         self.num_particles = int(config.num_particles)
@@ -334,86 +375,148 @@ def _register(name: str, doc: str, check: Callable[[TrainConfig], None]):
         cls.check_config = staticmethod(check)
         OBJECTIVES.register(name, doc=doc)(cls)
         return cls
+
     return wrap
 
 
 def _field_check(*checks: tuple) -> Callable[[TrainConfig], None]:
     """A ``check_config`` that raises ConfigError naming the field (``train.beta``)."""
+
     def check(config: TrainConfig) -> None:
         for name, fn in checks:
             try:
                 fn(name, getattr(config, name))
             except ValueError as exc:
                 raise ConfigError(f"train.{exc}", field=f"train.{name}") from None
+
     return check
 
 
 def _check_capacity(config: TrainConfig) -> None:
-    _field_check(("gamma", _positive), ("capacity_max", _nonnegative),
-                 ("capacity_start_epoch", _nonnegative), ("capacity_end_epoch", _nonnegative))(config)
+    _field_check(
+        ("gamma", _positive),
+        ("capacity_max", _nonnegative),
+        ("capacity_start_epoch", _nonnegative),
+        ("capacity_end_epoch", _nonnegative),
+    )(config)
     if config.capacity_end_epoch < config.capacity_start_epoch:
-        raise ConfigError(f"train.capacity_end_epoch ({config.capacity_end_epoch}) must not come before "
-                          f"train.capacity_start_epoch ({config.capacity_start_epoch}): the capacity schedule "
-                          "would end before it starts", field="train.capacity_end_epoch")
+        raise ConfigError(
+            f"train.capacity_end_epoch ({config.capacity_end_epoch}) must not come before "
+            f"train.capacity_start_epoch ({config.capacity_start_epoch}): the capacity schedule "
+            "would end before it starts",
+            field="train.capacity_end_epoch",
+        )
 
 
 def _check_tc(config: TrainConfig) -> None:
     _field_check(("tc_alpha", _nonnegative), ("tc_beta", _positive), ("tc_gamma", _nonnegative))(config)
     if config.tc_estimator not in TC_ESTIMATORS:
-        raise ConfigError(f"train.tc_estimator must be one of {', '.join(TC_ESTIMATORS)}, got "
-                          f"{config.tc_estimator!r}", field="train.tc_estimator")
+        raise ConfigError(
+            f"train.tc_estimator must be one of {', '.join(TC_ESTIMATORS)}, got {config.tc_estimator!r}",
+            field="train.tc_estimator",
+        )
     if config.batch_size < 2:
-        raise ConfigError("train.batch_size must be >= 2 for objective 'beta_tc' (q(z) is estimated from the "
-                          "minibatch)", field="train.batch_size")
+        raise ConfigError(
+            "train.batch_size must be >= 2 for objective 'beta_tc' (q(z) is estimated from the minibatch)",
+            field="train.batch_size",
+        )
 
 
 def _check_free_bits(config: TrainConfig) -> None:
     _field_check(("free_bits", _nonnegative))(config)
     if config.free_bits_groups is not None and config.free_bits_groups < 1:
-        raise ConfigError(f"train.free_bits_groups must be >= 1 or null (one group per dimension), got "
-                          f"{config.free_bits_groups}", field="train.free_bits_groups")
+        raise ConfigError(
+            f"train.free_bits_groups must be >= 1 or null (one group per dimension), got {config.free_bits_groups}",
+            field="train.free_bits_groups",
+        )
 
 
-@_register("beta_vae", "beta-VAE: log p(x|z) - beta KL, constant beta (Higgins et al. 2017)",
-           _field_check(("beta", _positive)))
+@_register(
+    "beta_vae", "beta-VAE: log p(x|z) - beta KL, constant beta (Higgins et al. 2017)", _field_check(("beta", _positive))
+)
 class BetaVAEStepper(ObjectiveStepper):
     def loss(self, x, *, num_data, kl_weight=1.0, **kwargs):
-        return beta_vae_loss(self.vae, x, beta=self.config.beta, num_data=num_data, kl_weight=kl_weight,
-                             num_particles=self.num_particles, analytic_kl=self.analytic_kl)
+        return beta_vae_loss(
+            self.vae,
+            x,
+            beta=self.config.beta,
+            num_data=num_data,
+            kl_weight=kl_weight,
+            num_particles=self.num_particles,
+            analytic_kl=self.analytic_kl,
+        )
 
 
-@_register("capacity", "capacity-controlled beta-VAE: log p(x|z) - gamma |KL - C|, C annealed linearly "
-                       "(Burgess et al. 2018)", _check_capacity)
+@_register(
+    "capacity",
+    "capacity-controlled beta-VAE: log p(x|z) - gamma |KL - C|, C annealed linearly (Burgess et al. 2018)",
+    _check_capacity,
+)
 class CapacityStepper(ObjectiveStepper):
     def capacity(self, step: int) -> float:
         c = self.config
-        return capacity_at(step, self.steps_per_epoch, capacity_max=c.capacity_max,
-                           start_epoch=c.capacity_start_epoch, end_epoch=c.capacity_end_epoch)
+        return capacity_at(
+            step,
+            self.steps_per_epoch,
+            capacity_max=c.capacity_max,
+            start_epoch=c.capacity_start_epoch,
+            end_epoch=c.capacity_end_epoch,
+        )
 
     def loss(self, x, *, num_data, kl_weight=1.0, **kwargs):
-        return capacity_loss(self.vae, x, capacity=self.capacity(self.step_count + 1), gamma=self.config.gamma,
-                             num_data=num_data, kl_weight=kl_weight, num_particles=self.num_particles,
-                             analytic_kl=self.analytic_kl)
+        return capacity_loss(
+            self.vae,
+            x,
+            capacity=self.capacity(self.step_count + 1),
+            gamma=self.config.gamma,
+            num_data=num_data,
+            kl_weight=kl_weight,
+            num_particles=self.num_particles,
+            analytic_kl=self.analytic_kl,
+        )
 
     def extra_terms(self) -> Dict[str, float]:
         return {"capacity": self.capacity(self.step_count)}
 
 
-@_register("beta_tc", "beta-TC-VAE: MI, total correlation and dimension-wise KL weighted by tc_alpha, tc_beta, "
-                      "tc_gamma (Chen et al. 2018)", _check_tc)
+@_register(
+    "beta_tc",
+    "beta-TC-VAE: MI, total correlation and dimension-wise KL weighted by tc_alpha, tc_beta, "
+    "tc_gamma (Chen et al. 2018)",
+    _check_tc,
+)
 class BetaTCStepper(ObjectiveStepper):
     recorded = ("kl", "reconstruction", "mutual_info", "total_correlation", "dimwise_kl")
 
     def loss(self, x, *, num_data, kl_weight=1.0, **kwargs):
         c = self.config
-        return beta_tc_loss(self.vae, x, alpha=c.tc_alpha, beta=c.tc_beta, gamma=c.tc_gamma, num_data=num_data,
-                            kl_weight=kl_weight, num_particles=self.num_particles, estimator=c.tc_estimator)
+        return beta_tc_loss(
+            self.vae,
+            x,
+            alpha=c.tc_alpha,
+            beta=c.tc_beta,
+            gamma=c.tc_gamma,
+            num_data=num_data,
+            kl_weight=kl_weight,
+            num_particles=self.num_particles,
+            estimator=c.tc_estimator,
+        )
 
 
-@_register("free_bits", "free bits: a KL floor of free_bits nats per latent dimension or group "
-                        "(Kingma et al. 2016)", _check_free_bits)
+@_register(
+    "free_bits",
+    "free bits: a KL floor of free_bits nats per latent dimension or group (Kingma et al. 2016)",
+    _check_free_bits,
+)
 class FreeBitsStepper(ObjectiveStepper):
     def loss(self, x, *, num_data, kl_weight=1.0, **kwargs):
-        return free_bits_loss(self.vae, x, free_bits=self.config.free_bits, num_groups=self.config.free_bits_groups,
-                              num_data=num_data, kl_weight=kl_weight, num_particles=self.num_particles,
-                              analytic_kl=self.analytic_kl)
+        return free_bits_loss(
+            self.vae,
+            x,
+            free_bits=self.config.free_bits,
+            num_groups=self.config.free_bits_groups,
+            num_data=num_data,
+            kl_weight=kl_weight,
+            num_particles=self.num_particles,
+            analytic_kl=self.analytic_kl,
+        )

@@ -61,8 +61,10 @@ def env_int(name: str, default: object) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"environment variable {name} must be an integer (torchrun sets it), got {value!r}; "
-                         f"unset it outside a distributed launch") from None
+        raise ValueError(
+            f"environment variable {name} must be an integer (torchrun sets it), got {value!r}; "
+            f"unset it outside a distributed launch"
+        ) from None
 
 
 def launched_by_torchrun() -> bool:
@@ -87,14 +89,21 @@ def check_config(config: TrainConfig, world_size: int) -> None:
         raise ValueError(f"nproc must be >= 1, got {world_size}")
     method = METHODS.get(config.method)
     if not (isinstance(method, type) and issubclass(method, SVIStepper)):
-        raise ConfigError(f"train.method {config.method!r} cannot run data-parallel: distributed training "
-                          "supports SVI methods only", field="train.method")
+        raise ConfigError(
+            f"train.method {config.method!r} cannot run data-parallel: distributed training supports SVI methods only",
+            field="train.method",
+        )
     if config.batch_size % world_size:
-        raise ConfigError(f"train.batch_size ({config.batch_size}) must be divisible by the number of "
-                          f"processes ({world_size})", field="train.batch_size")
+        raise ConfigError(
+            f"train.batch_size ({config.batch_size}) must be divisible by the number of processes ({world_size})",
+            field="train.batch_size",
+        )
     if config.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"train.device must be cpu, cuda or auto with several processes (rank r uses cuda:r), "
-                          f"got {config.device!r}", field="train.device")
+        raise ConfigError(
+            f"train.device must be cpu, cuda or auto with several processes (rank r uses cuda:r), "
+            f"got {config.device!r}",
+            field="train.device",
+        )
     device = resolve_device(config.device)
     local = env_int("LOCAL_WORLD_SIZE", world_size)
     if device.type == "cuda" and local > torch.cuda.device_count():
@@ -152,8 +161,9 @@ class DistContext:
         from torch.utils.data import Dataset, DistributedSampler
 
         indices = cast("Dataset[int]", range(num_data))  # the sampler only takes its len()
-        sampler: DistributedSampler[int] = DistributedSampler(indices, num_replicas=self.world_size, rank=self.rank,
-                                     shuffle=True, seed=seed)
+        sampler: DistributedSampler[int] = DistributedSampler(
+            indices, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=seed
+        )
         sampler.set_epoch(epoch)
         torch.manual_seed(int(np.random.SeedSequence([seed, epoch, self.rank]).generate_state(1)[0]))
         return torch.tensor(list(iter(sampler)), dtype=torch.long, device=device)
@@ -200,8 +210,10 @@ class DistContext:
 
 def _looks_like_comm_error(exc: BaseException) -> bool:
     text = str(exc).lower()
-    return any(k in text for k in ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
-                                   "gloo", "nccl"))
+    return any(
+        k in text
+        for k in ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "gloo", "nccl")
+    )
 
 
 class ELBOLoss(nn.Module):
@@ -246,8 +258,7 @@ class DistributedSVIStepper(Stepper):
         unused = any(g is None for g in grads)
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
         with self.ctx.collective("wrapping the model in DistributedDataParallel"):
-            return nn.parallel.DistributedDataParallel(self._loss, device_ids=device_ids,
-                                                       find_unused_parameters=unused)
+            return nn.parallel.DistributedDataParallel(self._loss, device_ids=device_ids, find_unused_parameters=unused)
 
     def step(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> torch.Tensor:
         if kl_weight != 1.0:
@@ -322,10 +333,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(local_rank: int, nproc: int, port: int, fn: Callable, args: Sequence, kwargs: dict,
-            errors: Any, results: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc),
-                      RANK=str(local_rank), LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(nproc))
+def _worker(
+    local_rank: int, nproc: int, port: int, fn: Callable, args: Sequence, kwargs: dict, errors: Any, results: Any
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(nproc),
+        RANK=str(local_rank),
+        LOCAL_RANK=str(local_rank),
+        LOCAL_WORLD_SIZE=str(nproc),
+    )
     if "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
     try:
@@ -353,9 +371,13 @@ def launch(fn: Callable, args: Sequence = (), kwargs: Optional[dict] = None, *, 
         raise ValueError(f"nproc must be >= 1, got {nproc}")
     spawn = mp.get_context("spawn")
     errors, results = spawn.SimpleQueue(), spawn.SimpleQueue()
-    context = mp.start_processes(_worker, args=(nproc, _free_port(), fn, tuple(args), dict(kwargs or {}),
-                                                errors, results),
-                                 nprocs=nproc, join=False, start_method="spawn")
+    context = mp.start_processes(
+        _worker,
+        args=(nproc, _free_port(), fn, tuple(args), dict(kwargs or {}), errors, results),
+        nprocs=nproc,
+        join=False,
+        start_method="spawn",
+    )
     by_rank: Dict[int, Any] = {}
     try:
         while True:

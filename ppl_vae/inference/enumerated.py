@@ -65,8 +65,11 @@ class EnumeratedEstimate:
                 "log_q": (("datapoint", "value"), arr(self.log_q)),
             },
             coords={"datapoint": np.arange(n), "value": np.arange(c)},
-            attrs={"num_samples": int(self.num_samples), "method": "iw_enumerated",
-                   "reference": "Burda et al. (2015) per value; Kingma et al. (2014) eq. 7"},
+            attrs={
+                "num_samples": int(self.num_samples),
+                "method": "iw_enumerated",
+                "reference": "Burda et al. (2015) per value; Kingma et al. (2014) eq. 7",
+            },
         )
         return ds
 
@@ -94,11 +97,14 @@ def check_enumerable(model: Callable, x: Tensor, site: str, num_values: int, **k
     fn: Any = node["fn"]
     name = type(getattr(fn, "base_dist", fn)).__name__
     if not (fn.support.is_discrete and getattr(fn, "has_enumerate_support", False)):
-        raise ValueError(f"site {site!r} ({name}) cannot be enumerated: it needs a finite discrete support "
-                         "(Categorical, Bernoulli, ...); sample it from the guide or relax it instead")
+        raise ValueError(
+            f"site {site!r} ({name}) cannot be enumerated: it needs a finite discrete support "
+            "(Categorical, Bernoulli, ...); sample it from the guide or relax it instead"
+        )
     if (node.get("infer") or {}).get("enumerate") != "parallel":
-        raise ValueError(f"site {site!r} cannot be enumerated as the model samples it: mark it "
-                         "infer={'enumerate': 'parallel'}")
+        raise ValueError(
+            f"site {site!r} cannot be enumerated as the model samples it: mark it infer={{'enumerate': 'parallel'}}"
+        )
     size = int(fn.enumerate_support(expand=False).shape[0])
     if size != num_values:
         raise ValueError(f"site {site!r} takes {size} values, not num_values={num_values}")
@@ -131,14 +137,27 @@ def enumerated_estimate(
     n = x.shape[0]
     if "component" in kwargs:
         raise ValueError("enumerated_estimate clamps the site itself: do not pass component")
-    check_enumerable(model, x[:2], site, num_values, **{k: (v[:2] if torch.is_tensor(v) and v.dim() and
-                                                           v.shape[0] == n else v) for k, v in kwargs.items()})
+    check_enumerable(
+        model,
+        x[:2],
+        site,
+        num_values,
+        **{k: (v[:2] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v) for k, v in kwargs.items()},
+    )
     log_joint, log_joint_se, elbo_c, elbo_c_se = [], [], [], []
     for c in range(num_values):
         component = torch.full((n,), c, dtype=torch.long, device=x.device)
-        est = importance_estimate(model, guide, x, num_samples=num_samples, batch_size=batch_size,
-                                  tail_diagnostic=False, seed=None if seed is None else seed + 7919 * (c + 1),
-                                  component=component, **kwargs)
+        est = importance_estimate(
+            model,
+            guide,
+            x,
+            num_samples=num_samples,
+            batch_size=batch_size,
+            tail_diagnostic=False,
+            seed=None if seed is None else seed + 7919 * (c + 1),
+            component=component,
+            **kwargs,
+        )
         log_joint.append(est.log_likelihood)
         log_joint_se.append(est.log_likelihood_stderr)
         elbo_c.append(est.elbo)

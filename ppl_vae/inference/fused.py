@@ -31,8 +31,11 @@ def supports_fused_elbo(vae: object) -> bool:
     """True when ``vae`` declares the fast-path protocol (``has_fast_path``) and scales every
     latent site's KL term by the one loop weight (a model declaring ``kl_weight_per_site``,
     e.g. a per-layer warm-up, trains through Pyro's traces)."""
-    return (bool(getattr(vae, "has_fast_path", False)) and isinstance(vae, FastPair)
-            and not getattr(vae, "kl_weight_per_site", False))
+    return (
+        bool(getattr(vae, "has_fast_path", False))
+        and isinstance(vae, FastPair)
+        and not getattr(vae, "kl_weight_per_site", False)
+    )
 
 
 def fused_elbo_loss(

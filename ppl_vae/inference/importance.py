@@ -64,8 +64,14 @@ def iw_log_likelihood(
     See :func:`importance_estimate` for its standard error and the ESS of the weights.
     """
     return importance_estimate(
-        model, guide, x, num_samples=num_samples, batch_size=batch_size,
-        particle_batch_size=particle_batch_size, max_plate_nesting=max_plate_nesting, **kwargs
+        model,
+        guide,
+        x,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        particle_batch_size=particle_batch_size,
+        max_plate_nesting=max_plate_nesting,
+        **kwargs,
     ).log_likelihood
 
 
@@ -106,16 +112,17 @@ class ImportanceEstimate:
         }
         if self.khat is not None:
             data["khat"] = self.khat
-        ds = xr.Dataset(
-            {k: ("datapoint", v.detach().cpu().double().numpy()) for k, v in data.items()}, coords=coords
-        )
+        ds = xr.Dataset({k: ("datapoint", v.detach().cpu().double().numpy()) for k, v in data.items()}, coords=coords)
         k = int(self.num_samples)
         ds.attrs["num_samples"] = k
         ds.attrs["method"] = "iw"
         ds.attrs["reference"] = "Burda, Grosse & Salakhutdinov (2015); PSIS k-hat: Vehtari et al. (2024)"
         described = {
-            "log_likelihood": ("lower bound", f"importance-weighted estimate of log p(x), K={k} "
-                                        "(nats; stochastic lower bound: log of an unbiased estimate)"),
+            "log_likelihood": (
+                "lower bound",
+                f"importance-weighted estimate of log p(x), K={k} "
+                "(nats; stochastic lower bound: log of an unbiased estimate)",
+            ),
             "log_likelihood_stderr": ("neither", "Monte Carlo standard error of log_likelihood (nats, delta method)"),
             "elbo": ("lower bound", "Monte Carlo ELBO of q, E_q[log p(x,z) - log q(z|x)] (nats; lower bound)"),
             "elbo_stderr": ("neither", "Monte Carlo standard error of elbo (nats)"),
@@ -226,16 +233,22 @@ def importance_estimate(
         raise ValueError("x holds no datapoints")
     chunks = math.ceil(num_samples / particle_batch_size)
     results, khats = [], []
-    with tqdm(total=math.ceil(n / batch_size) * chunks, disable=not progress, desc=f"IW K={num_samples}",
-              unit="chunk", dynamic_ncols=True) as bar:
+    with tqdm(
+        total=math.ceil(n / batch_size) * chunks,
+        disable=not progress,
+        desc=f"IW K={num_samples}",
+        unit="chunk",
+        dynamic_ncols=True,
+    ) as bar:
         for b, (xb, kw) in enumerate(batches(x, kwargs, batch_size)):
             acc = _WeightAccumulator(xb.shape[0], xb.device)
             kept = []
             with seeded(None if seed is None else block_seed(seed, b * batch_size), xb.device):
                 for start in range(0, num_samples, particle_batch_size):
                     k = min(particle_batch_size, num_samples - start)
-                    log_w = log_importance_weights(model, guide, xb, num_particles=k,
-                                                   max_plate_nesting=max_plate_nesting, **kw)
+                    log_w = log_importance_weights(
+                        model, guide, xb, num_particles=k, max_plate_nesting=max_plate_nesting, **kw
+                    )
                     acc.add(log_w)
                     if tail_diagnostic:
                         kept.append(log_w.detach().double().cpu())
@@ -246,8 +259,9 @@ def importance_estimate(
             results.append(result)
     dtype = x.dtype if x.dtype.is_floating_point else torch.float32
     log_p, log_p_se, elbo, elbo_se, ess = (torch.cat(p).to(dtype) for p in zip(*results))  # acc.result()'s order
-    return ImportanceEstimate(log_p, log_p_se, elbo, elbo_se, ess, num_samples=num_samples,
-                              khat=torch.cat(khats).to(dtype) if khats else None)
+    return ImportanceEstimate(
+        log_p, log_p_se, elbo, elbo_se, ess, num_samples=num_samples, khat=torch.cat(khats).to(dtype) if khats else None
+    )
 
 
 @torch.no_grad()
@@ -269,15 +283,16 @@ def importance_samples(
     """
     check_positive("num_samples", num_samples)
     shape = (num_samples, x.shape[0])
-    model_trace, guide_trace = trace_pair(model, guide, x, num_particles=num_samples,
-                                          max_plate_nesting=max_plate_nesting, **kwargs)
+    model_trace, guide_trace = trace_pair(
+        model, guide, x, num_particles=num_samples, max_plate_nesting=max_plate_nesting, **kwargs
+    )
     lp = log_probs(model_trace, guide_trace, shape)
     latents = {}
     for name, site in guide_trace.nodes.items():
         if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
             value = cast(Tensor, site["value"])
             fn = cast(TorchDistribution, site["fn"])
-            latents[name] = value.expand(shape + value.shape[value.dim() - len(fn.event_shape):])
+            latents[name] = value.expand(shape + value.shape[value.dim() - len(fn.event_shape) :])
     if not latents:
         raise ValueError("the guide has no latent sample site")
     return {"latents": latents, "log_weight": lp.log_weight, "log_likelihood": lp.log_likelihood}

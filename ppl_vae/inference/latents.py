@@ -59,8 +59,9 @@ class FastPair(Protocol):
 
     def log_likelihood(self, x: Tensor, latents: Mapping[str, Tensor], y: Optional[Tensor] = None) -> Tensor: ...
 
-    def sample_guide(self, x: Tensor, num_particles: Optional[int] = None,
-                     y: Optional[Tensor] = None) -> Tuple[Latents, Tensor]: ...
+    def sample_guide(
+        self, x: Tensor, num_particles: Optional[int] = None, y: Optional[Tensor] = None
+    ) -> Tuple[Latents, Tensor]: ...
 
 
 FAST_PATH_KWARGS = frozenset({"y"})
@@ -132,7 +133,7 @@ class Layout:
         """``(..., size)`` -> ``{site: (..., *event_shape)}``."""
         out = {}
         for site, start in zip(self.sites, self.offsets):
-            out[site.name] = flat[..., start:start + site.size].reshape(flat.shape[:-1] + site.event_shape)
+            out[site.name] = flat[..., start : start + site.size].reshape(flat.shape[:-1] + site.event_shape)
         return out
 
     def join(self, latents: Mapping[str, Tensor], batch_dims: int) -> Tensor:
@@ -145,8 +146,11 @@ class Layout:
 
     def column_sites(self) -> np.ndarray:
         """The site name of each column of the flat vector, ``(size,)``."""
-        return np.concatenate([np.full(s.size, s.name, dtype=object) for s in self.sites]) if self.sites \
+        return (
+            np.concatenate([np.full(s.size, s.name, dtype=object) for s in self.sites])
+            if self.sites
             else np.empty(0, dtype=object)
+        )
 
     def column_index(self) -> np.ndarray:
         """Each column's index within its own site (flattened), ``(size,)``."""
@@ -162,8 +166,9 @@ class Layout:
 def _is_real(support: constraints.Constraint) -> bool:
     while isinstance(support, constraints.independent):
         support = support.base_constraint
-    return support is constraints.real or isinstance(support, type(constraints.real_vector)) \
-        or support == constraints.real
+    return (
+        support is constraints.real or isinstance(support, type(constraints.real_vector)) or support == constraints.real
+    )
 
 
 def _infer(site: Any) -> Dict[str, Any]:
@@ -181,8 +186,12 @@ def _fn(site: Any) -> Any:
 
 def _latent_sample_sites(trace: poutine.Trace):
     for name, site in trace.nodes.items():
-        if (site["type"] == "sample" and not site["is_observed"] and not _infer(site).get("is_auxiliary")
-                and not site_is_subsample(site)):
+        if (
+            site["type"] == "sample"
+            and not site["is_observed"]
+            and not _infer(site).get("is_auxiliary")
+            and not site_is_subsample(site)
+        ):
             yield name, site
 
 
@@ -210,15 +219,20 @@ def model_layout(model: Callable, x: Tensor, *, continuous_only: bool = True, **
             if continuous_only:
                 raise ValueError(
                     f"latent site {name!r} is discrete: mark it infer={{'enumerate': 'parallel'}} in the model "
-                    "so that it is summed out, or use an estimator that samples it from the guide (iw, elbo)")
+                    "so that it is summed out, or use an estimator that samples it from the guide (iw, elbo)"
+                )
             continue
         value = site["value"]
         if value.dim() < 1 or value.shape[0] != n:
-            raise ValueError(f"latent site {name!r} has value shape {tuple(value.shape)}: every latent site must sit "
-                             f"in the 'data' plate at dim -1 (one value per datapoint)")
+            raise ValueError(
+                f"latent site {name!r} has value shape {tuple(value.shape)}: every latent site must sit "
+                f"in the 'data' plate at dim -1 (one value per datapoint)"
+            )
         if not _is_real(fn.support):
-            raise ValueError(f"latent site {name!r} has support {fn.support}, not the real line: these estimators "
-                             "move latents freely; reparameterize it (e.g. sample its log) in the model")
+            raise ValueError(
+                f"latent site {name!r} has support {fn.support}, not the real line: these estimators "
+                "move latents freely; reparameterize it (e.g. sample its log) in the model"
+            )
         sites.append(Site(name, tuple(fn.event_shape)))
     return Layout(tuple(sites), tuple(enumerated))
 
@@ -232,7 +246,7 @@ def _sample_dims(latents: Mapping[str, Tensor], layout: Optional[Layout], n: int
     if layout is not None and layout.sites:
         site = layout.sites[0]
         value = latents[site.name]
-        shape = value.shape[:value.dim() - len(site.event_shape)]
+        shape = value.shape[: value.dim() - len(site.event_shape)]
     else:
         value = next(iter(latents.values()))
         shape = value.shape[:1] if value.dim() >= 2 and value.shape[1] == n else value.shape[:0]
@@ -243,8 +257,14 @@ def _sample_dims(latents: Mapping[str, Tensor], layout: Optional[Layout], n: int
     return tuple(shape[:-1])
 
 
-def _traced_terms(model: Callable, x: Tensor, latents: Mapping[str, Tensor], kwargs: Mapping[str, Any],
-                  max_plate_nesting: int = 1, layout: Optional[Layout] = None) -> Tuple[Tensor, Tensor]:
+def _traced_terms(
+    model: Callable,
+    x: Tensor,
+    latents: Mapping[str, Tensor],
+    kwargs: Mapping[str, Any],
+    max_plate_nesting: int = 1,
+    layout: Optional[Layout] = None,
+) -> Tuple[Tensor, Tensor]:
     """(log p(latents), log p(x | latents)) through a trace of the conditioned model; enumerated
     discrete sites summed out (log-sum-exp over their enumeration dims)."""
     n = x.shape[0]
@@ -252,8 +272,9 @@ def _traced_terms(model: Callable, x: Tensor, latents: Mapping[str, Tensor], kwa
     conditioned = poutine.condition(model, data=dict(latents))
     has_particles = len(sample_shape) == 1
     first_enum_dim = -(max_plate_nesting + (2 if has_particles else 1))
-    plate = pyro.plate(PARTICLE_PLATE, sample_shape[0], dim=-(max_plate_nesting + 1)) if has_particles \
-        else nullcontext()
+    plate = (
+        pyro.plate(PARTICLE_PLATE, sample_shape[0], dim=-(max_plate_nesting + 1)) if has_particles else nullcontext()
+    )
     with plate:
         trace = poutine.trace(poutine.enum(conditioned, first_available_dim=first_enum_dim)).get_trace(x, **kwargs)
     trace.compute_log_prob()
@@ -263,9 +284,11 @@ def _traced_terms(model: Callable, x: Tensor, latents: Mapping[str, Tensor], kwa
             continue
         lp = site["log_prob"]
         if not site["is_observed"] and not _enumerated(site) and not _infer(site).get("is_auxiliary"):
-            raise ValueError(f"latent site {name!r} of the model was not given a value (latents name "
-                             f"{', '.join(map(repr, latents)) or 'none'}); a discrete site must be marked "
-                             "infer={'enumerate': 'parallel'} to be summed out")
+            raise ValueError(
+                f"latent site {name!r} of the model was not given a value (latents name "
+                f"{', '.join(map(repr, latents)) or 'none'}); a discrete site must be marked "
+                "infer={'enumerate': 'parallel'} to be summed out"
+            )
         if site["is_observed"] and name not in latents:
             lik = lp if lik is None else lik + lp
         else:
@@ -286,8 +309,9 @@ def _traced_terms(model: Callable, x: Tensor, latents: Mapping[str, Tensor], kwa
     return log_prior, marginal(joint) - log_prior
 
 
-def log_prior_and_likelihood(model: Callable, x: Tensor, latents: Mapping[str, Tensor], *,
-                             layout: Optional[Layout] = None, **kwargs: Any) -> Tuple[Tensor, Tensor]:
+def log_prior_and_likelihood(
+    model: Callable, x: Tensor, latents: Mapping[str, Tensor], *, layout: Optional[Layout] = None, **kwargs: Any
+) -> Tuple[Tensor, Tensor]:
     """(log p(latents), log p(x | latents)) per datapoint, each ``(*draws, N)``.
 
     ``latents``: ``{site: (*draws, N, *event_shape)}`` for every continuous latent site (at most
@@ -303,8 +327,9 @@ def log_prior_and_likelihood(model: Callable, x: Tensor, latents: Mapping[str, T
     return _traced_terms(model, x, latents, kwargs, layout=layout)
 
 
-def log_joint(model: Callable, x: Tensor, latents: Mapping[str, Tensor], *, layout: Optional[Layout] = None,
-              **kwargs: Any) -> Tensor:
+def log_joint(
+    model: Callable, x: Tensor, latents: Mapping[str, Tensor], *, layout: Optional[Layout] = None, **kwargs: Any
+) -> Tensor:
     """log p(x, latents) per datapoint, ``(*draws, N)`` (see :func:`log_prior_and_likelihood`)."""
     prior, lik = log_prior_and_likelihood(model, x, latents, layout=layout, **kwargs)
     return prior + lik
@@ -314,8 +339,9 @@ def log_joint(model: Callable, x: Tensor, latents: Mapping[str, Tensor], *, layo
 # Guide draws and importance weights
 
 
-def sample_guide(model: Callable, guide: Callable, x: Tensor, num_particles: int,
-                 **kwargs: Any) -> Tuple[Latents, Tensor]:
+def sample_guide(
+    model: Callable, guide: Callable, x: Tensor, num_particles: int, **kwargs: Any
+) -> Tuple[Latents, Tensor]:
     """Draws of the guide's latent sites ``{site: (K, N, *event_shape)}`` and log q ``(K, N)``."""
     owner = fast_pair(model, guide, kwargs)
     if owner is not None:
@@ -327,13 +353,20 @@ def sample_guide(model: Callable, guide: Callable, x: Tensor, num_particles: int
     latents, log_q = {}, x.new_zeros(shape)
     for name, site in _latent_sample_sites(trace):
         value = site["value"]
-        latents[name] = value.expand(shape + value.shape[value.dim() - len(site["fn"].event_shape):])
+        latents[name] = value.expand(shape + value.shape[value.dim() - len(site["fn"].event_shape) :])
         log_q = log_q + site["log_prob"].expand(shape)
     return latents, log_q
 
 
-def log_importance_weights(model: Callable, guide: Callable, x: Tensor, *args: Any, num_particles: int = 1,
-                           max_plate_nesting: int = 1, **kwargs: Any) -> Tensor:
+def log_importance_weights(
+    model: Callable,
+    guide: Callable,
+    x: Tensor,
+    *args: Any,
+    num_particles: int = 1,
+    max_plate_nesting: int = 1,
+    **kwargs: Any,
+) -> Tensor:
     """log p(x, z_k) - log q(z_k | x), ``(num_particles, N)``, for z_k ~ q over every latent site.
 
     Through the fast-path protocol where the pair offers it; otherwise through Pyro traces
@@ -346,10 +379,12 @@ def log_importance_weights(model: Callable, guide: Callable, x: Tensor, *args: A
     if owner is not None:
         latents, log_q = owner.sample_guide(x, num_particles, **kwargs)
         return owner.log_prior(x, latents, **kwargs) + owner.log_likelihood(x, latents, **kwargs) - log_q
-    model_trace, guide_trace = trace_pair(model, guide, x, *args, num_particles=num_particles,
-                                          max_plate_nesting=max_plate_nesting, **kwargs)
-    if not any(_enumerated(site) for _, site in _latent_sample_sites(model_trace)
-               if site["name"] not in guide_trace.nodes):
+    model_trace, guide_trace = trace_pair(
+        model, guide, x, *args, num_particles=num_particles, max_plate_nesting=max_plate_nesting, **kwargs
+    )
+    if not any(
+        _enumerated(site) for _, site in _latent_sample_sites(model_trace) if site["name"] not in guide_trace.nodes
+    ):
         return log_probs(model_trace, guide_trace, (num_particles, x.shape[0])).log_weight
     # the model sums out discrete sites the guide leaves to it: score the guide's draws exactly
     guide_trace.compute_log_prob()
@@ -359,7 +394,7 @@ def log_importance_weights(model: Callable, guide: Callable, x: Tensor, *args: A
         latents[name] = site["value"]
         log_q = log_q + site["log_prob"].expand(shape)
     event_shapes = {k: tuple(_fn(guide_trace.nodes[k]).event_shape) for k in latents}
-    latents = {k: v.expand(shape + v.shape[v.dim() - len(event_shapes[k]):]) for k, v in latents.items()}
+    latents = {k: v.expand(shape + v.shape[v.dim() - len(event_shapes[k]) :]) for k, v in latents.items()}
     layout = Layout(tuple(Site(k, event_shapes[k]) for k in latents))
     prior, lik = _traced_terms(model, x, latents, kwargs, max_plate_nesting, layout=layout)
     return prior + lik - log_q
@@ -386,9 +421,11 @@ def check_fast_path(pair: Any, x: Tensor, *, num_particles: int = 4, atol: float
         traced_q = sum(trace.nodes[name]["log_prob"] for name in latents)
         diff = max(diff, float((traced_q - log_q).abs().max()))
     if not diff <= atol:
-        raise ValueError(f"the fast path of {type(pair).__name__} differs from its model/guide by {diff:.3g} "
-                         f"(> {atol}): override log_prior/log_likelihood/sample_guide to match, or set "
-                         "has_fast_path = False")
+        raise ValueError(
+            f"the fast path of {type(pair).__name__} differs from its model/guide by {diff:.3g} "
+            f"(> {atol}): override log_prior/log_likelihood/sample_guide to match, or set "
+            "has_fast_path = False"
+        )
     return diff
 
 
@@ -438,5 +475,7 @@ def guide_layout(guide: Callable, x: Tensor, layout: Layout, **kwargs: Any) -> N
         if node is None or node["type"] != "sample":
             raise ValueError(f"the guide has no sample site {site.name!r}, a latent site of the model")
         if tuple(_fn(node).event_shape) != site.event_shape:
-            raise ValueError(f"the guide's site {site.name!r} has event shape {tuple(_fn(node).event_shape)}, "
-                             f"the model's {site.event_shape}")
+            raise ValueError(
+                f"the guide's site {site.name!r} has event shape {tuple(_fn(node).event_shape)}, "
+                f"the model's {site.event_shape}"
+            )

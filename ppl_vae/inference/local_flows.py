@@ -71,7 +71,8 @@ class _BatchedMADE(nn.Module):
         ``detach``: use the weights' values without a gradient path to them (for STL).
         """
         w_in, b_in, w_out, b_out, w_skip = (
-            (p.detach() if detach else p) for p in (self.w_in, self.b_in, self.w_out, self.b_out, self.w_skip))
+            (p.detach() if detach else p) for p in (self.w_in, self.b_in, self.w_out, self.b_out, self.w_skip)
+        )
         h = torch.tanh(torch.einsum("...nd,nhd->...nh", x, w_in * self.mask_in) + b_in)
         d = x.shape[-1]
         mask = torch.cat([self.mask_out, self.mask_out])
@@ -120,8 +121,9 @@ class LocalFlows(nn.Module):
     def __init__(self, loc: Tensor, scale: Tensor, num_flows: int = 2, hidden_dim: Optional[int] = None):
         super().__init__()
         if loc.dim() != 2 or loc.shape != scale.shape:
-            raise ValueError(f"loc and scale must both be (num_data, latent_dim), got {tuple(loc.shape)} and "
-                             f"{tuple(scale.shape)}")
+            raise ValueError(
+                f"loc and scale must both be (num_data, latent_dim), got {tuple(loc.shape)} and {tuple(scale.shape)}"
+            )
         if isinstance(num_flows, bool) or not isinstance(num_flows, int) or num_flows < 1:
             raise ValueError(f"num_flows must be an integer >= 1, got {num_flows!r}")
         n, d = loc.shape
@@ -205,8 +207,9 @@ class LocalFlowResult:
         return ds
 
 
-def _elbo_loss(model: Callable, layout: Layout, guide: LocalFlowGuide, xb: Tensor, kw: dict, k: int,
-               stl: bool) -> Tensor:
+def _elbo_loss(
+    model: Callable, layout: Layout, guide: LocalFlowGuide, xb: Tensor, kw: dict, k: int, stl: bool
+) -> Tensor:
     """-sum_i mean_k [log p(x_i, z_k) - log q*_i(z_k)] for K draws from the local flows (the K-sample
     ELBO, not the IWAE bound); with ``stl`` log q* is scored with detached parameters (sticking the
     landing, Roeder et al. 2017)."""
@@ -263,8 +266,14 @@ def fit_local_flow(
     """
     from tqdm.auto import tqdm
 
-    for name, value in (("num_flows", num_flows), ("max_steps", max_steps), ("num_particles", num_particles),
-                        ("window", window), ("batch_size", batch_size), ("num_eval_samples", num_eval_samples)):
+    for name, value in (
+        ("num_flows", num_flows),
+        ("max_steps", max_steps),
+        ("num_particles", num_particles),
+        ("window", window),
+        ("batch_size", batch_size),
+        ("num_eval_samples", num_eval_samples),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if not (lr > 0 and math.isfinite(lr)):
@@ -278,21 +287,29 @@ def fit_local_flow(
     if init_loc is not None:
         assert init_scale is not None  # they go together (checked above)
         if init_loc.shape[0] != x.shape[0] or init_loc.shape != init_scale.shape or init_loc.dim() != 2:
-            raise ValueError(f"init_loc and init_scale must be (num_data={x.shape[0]}, latent_dim), got "
-                             f"{tuple(init_loc.shape)} and {tuple(init_scale.shape)}")
+            raise ValueError(
+                f"init_loc and init_scale must be (num_data={x.shape[0]}, latent_dim), got "
+                f"{tuple(init_loc.shape)} and {tuple(init_scale.shape)}"
+            )
     else:
         MEAN_FIELD_INITS.get(init)
         if init == "encoder" and guide is None:
-            raise ValueError("init='encoder' needs the amortized guide; pass guide=..., init_loc/init_scale, "
-                             "or use init='prior'")
+            raise ValueError(
+                "init='encoder' needs the amortized guide; pass guide=..., init_loc/init_scale, or use init='prior'"
+            )
 
     layout = model_layout(model, x, **kwargs)
     if not layout.sites:
         raise ValueError("the model has no continuous latent site for local flows")
     single = len(layout.sites) == 1
     estimates, converged, steps, traces, fitted = [], [], [], [], []
-    bar = tqdm(total=math.ceil(x.shape[0] / batch_size) * max_steps, disable=not progress, desc="local flow VI",
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=math.ceil(x.shape[0] / batch_size) * max_steps,
+        disable=not progress,
+        desc="local flow VI",
+        unit="step",
+        dynamic_ncols=True,
+    )
     with eval_mode(model, guide), seeded(seed, x.device), bar:
         for i, (xb, kw) in enumerate(batches(x, kwargs, batch_size)):
             if init_loc is not None:
@@ -324,8 +341,9 @@ def fit_local_flow(
                     bar.update(max_steps - step - 1)
                     break
             with torch.no_grad():
-                estimates.append(importance_estimate(model, q, xb, num_samples=num_eval_samples,
-                                                     batch_size=xb.shape[0], **kw))
+                estimates.append(
+                    importance_estimate(model, q, xb, num_samples=num_eval_samples, batch_size=xb.shape[0], **kw)
+                )
             converged.append(torch.full((xb.shape[0],), done, dtype=torch.bool))
             steps.append(torch.full((xb.shape[0],), len(history), dtype=torch.long))
             traces.append(history)

@@ -39,8 +39,10 @@ def _layout(model: Callable, x: Tensor, latent_dim: Optional[int], kwargs: Dict[
     if not layout.sites:
         raise ValueError("the model has no continuous latent site")
     if latent_dim is not None and latent_dim != layout.size:
-        raise ValueError(f"latent_dim {latent_dim} does not match the model's {layout.size} latent numbers "
-                         f"(sites {', '.join(layout.names)})")
+        raise ValueError(
+            f"latent_dim {latent_dim} does not match the model's {layout.size} latent numbers "
+            f"(sites {', '.join(layout.names)})"
+        )
     return layout
 
 
@@ -147,8 +149,14 @@ def hmc_posterior(
             u = 2.0 * float(torch.rand(())) - 1.0
             kernel_._adapter.step_size = adapted[0] * (1.0 + step_size_jitter * u)
 
-    mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps,
-                initial_params={"z": z0}, disable_progbar=True, hook_fn=jitter)
+    mcmc = MCMC(
+        kernel,
+        num_samples=num_samples,
+        warmup_steps=warmup_steps,
+        initial_params={"z": z0},
+        disable_progbar=True,
+        hook_fn=jitter,
+    )
     with torch.enable_grad(), seeded(seed, x.device):
         mcmc.run()
     samples = mcmc.get_samples()["z"].reshape(num_samples, n, latent_dim)
@@ -201,12 +209,26 @@ def hmc_log_marginal(
     if num_samples < latent_dim + 2:
         raise ValueError(f"num_samples must be >= latent_dim + 2 to fit a covariance, got {num_samples}")
     parts = []
-    bar = tqdm(batches(x, kwargs, batch_size), disable=not progress, desc="appendix-D log p(x)", unit="batch",
-               leave=False, total=math.ceil(x.shape[0] / batch_size))
+    bar = tqdm(
+        batches(x, kwargs, batch_size),
+        disable=not progress,
+        desc="appendix-D log p(x)",
+        unit="batch",
+        leave=False,
+        total=math.ceil(x.shape[0] / batch_size),
+    )
     for b, (xb, kw) in enumerate(bar):
-        result = hmc_posterior(model, xb, latent_dim, num_samples=2 * num_samples, warmup_steps=warmup_steps,
-                               num_steps=num_steps, target_accept_prob=target_accept_prob,
-                               seed=None if seed is None else seed + b, **kw)
+        result = hmc_posterior(
+            model,
+            xb,
+            latent_dim,
+            num_samples=2 * num_samples,
+            warmup_steps=warmup_steps,
+            num_steps=num_steps,
+            target_accept_prob=target_accept_prob,
+            seed=None if seed is None else seed + b,
+            **kw,
+        )
         fit_part, eval_part = result.samples[:num_samples], result.samples[num_samples:]
         q = fit_gaussian(fit_part)
         with torch.no_grad():
@@ -214,4 +236,3 @@ def hmc_log_marginal(
             log_ratio = q.log_prob(eval_part) - log_p
             parts.append(-(torch.logsumexp(log_ratio, 0) - math.log(num_samples)))
     return torch.cat(parts)
-

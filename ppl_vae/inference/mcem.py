@@ -50,13 +50,17 @@ class MCEMStepper(Stepper):
         num_weight_updates: int = 5,
     ):
         if not (supports_fused_elbo(vae) and getattr(vae, "encoder_is_guide", False)):
-            raise ValueError(f"method 'mcem' needs a VAE built from parts with the base class's model and "
-                             f"guide (it calls the encoder and decoder directly); {type(vae).__name__} declares has_fast_path=False or a guide "
-                             f"that is not its encoder's Gaussian (encoder_is_guide=False)")
+            raise ValueError(
+                f"method 'mcem' needs a VAE built from parts with the base class's model and "
+                f"guide (it calls the encoder and decoder directly); {type(vae).__name__} declares has_fast_path=False or a guide "
+                f"that is not its encoder's Gaussian (encoder_is_guide=False)"
+            )
         if config.kl_warmup_epochs:
             raise ValueError("kl_warmup_epochs must be 0 for method 'mcem' (it optimizes no KL term)")
         if vae.latent_dim > MAX_LATENT_DIM:
-            raise ValueError(f"method 'mcem' is for small latent dimensions (<= {MAX_LATENT_DIM}), got {vae.latent_dim}")
+            raise ValueError(
+                f"method 'mcem' is for small latent dimensions (<= {MAX_LATENT_DIM}), got {vae.latent_dim}"
+            )
         if num_weight_updates < 1:
             raise ValueError(f"num_weight_updates must be >= 1, got {num_weight_updates}")
         self.vae = vae
@@ -84,10 +88,15 @@ class MCEMStepper(Stepper):
             p.requires_grad_(False)  # gradients w.r.t. z only during HMC
         try:
             result = hmc_posterior(
-                vae.model, x, vae.latent_dim,
-                num_samples=self.num_hmc_samples, warmup_steps=self.warmup_steps,
-                num_steps=self.num_steps, target_accept_prob=self.target_accept_prob,
-                step_size=self.step_size, initial_z=z0,
+                vae.model,
+                x,
+                vae.latent_dim,
+                num_samples=self.num_hmc_samples,
+                warmup_steps=self.warmup_steps,
+                num_steps=self.num_steps,
+                target_accept_prob=self.target_accept_prob,
+                step_size=self.step_size,
+                initial_z=z0,
             )
         finally:
             for p, flag in zip(self._generative, flags):

@@ -43,8 +43,9 @@ LATENT_SITE = "z"
 
 # name -> whether the Gaussian entropy of q* is taken in closed form (else estimated as -log q*(z)).
 MEAN_FIELD_ELBOS: Registry[bool] = Registry("mean-field elbo")
-MEAN_FIELD_ELBOS.register("mean_field", doc="E_q[log p(x, z)] by Monte Carlo, the Gaussian entropy of q* in "
-                          "closed form (lower variance)")(True)
+MEAN_FIELD_ELBOS.register(
+    "mean_field", doc="E_q[log p(x, z)] by Monte Carlo, the Gaussian entropy of q* in closed form (lower variance)"
+)(True)
 MEAN_FIELD_ELBOS.register("trace", doc="Trace_ELBO's estimator: Monte Carlo log p(x, z) - log q*(z)")(False)
 
 
@@ -136,8 +137,7 @@ class MeanFieldGuide:
     model.
     """
 
-    def __init__(self, loc: Tensor, log_scale: Tensor, latent_site: str = LATENT_SITE,
-                 layout: Optional[Layout] = None):
+    def __init__(self, loc: Tensor, log_scale: Tensor, latent_site: str = LATENT_SITE, layout: Optional[Layout] = None):
         self.loc = loc
         self.log_scale = log_scale
         self.latent_site = latent_site
@@ -156,8 +156,9 @@ class MeanFieldGuide:
             assert self.layout is not None  # several sites: a layout was given
             locs, log_scales = self.layout.split(self.loc), self.layout.split(self.log_scale)
             for site in self.layout.sites:
-                pyro.sample(site.name, dist.Normal(locs[site.name], log_scales[site.name].exp())
-                            .to_event(len(site.event_shape)))
+                pyro.sample(
+                    site.name, dist.Normal(locs[site.name], log_scales[site.name].exp()).to_event(len(site.event_shape))
+                )
         return None
 
     def take(self, index: Any) -> "MeanFieldGuide":
@@ -206,8 +207,10 @@ class MeanFieldResult:
         ds["loc"] = (("datapoint", "latent"), flat(self.loc))
         ds["scale"] = (("datapoint", "latent"), flat(self.scale))
         if self.layout is not None and len(self.layout.sites) > 1:  # which site each latent number belongs to
-            ds = ds.assign_coords(latent_site=("latent", self.layout.column_sites().astype(str)),
-                                  latent_index=("latent", self.layout.column_index()))
+            ds = ds.assign_coords(
+                latent_site=("latent", self.layout.column_sites().astype(str)),
+                latent_index=("latent", self.layout.column_index()),
+            )
         ds["converged"] = ("datapoint", self.converged.cpu().numpy().astype(bool))
         ds["converged"].attrs["long_name"] = "mean-field VI met its stopping rule for this datapoint"
         if self.grad_norm is not None:
@@ -217,8 +220,9 @@ class MeanFieldResult:
         return ds
 
 
-def matched_normals(num_samples: int, num_data: int, dim: int, *, device=None,
-                    dtype: torch.dtype = torch.float32) -> Tensor:
+def matched_normals(
+    num_samples: int, num_data: int, dim: int, *, device=None, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """Standard normals ``(num_samples, num_data, dim)`` with exact first and second moments.
 
     Half the draws are whitened per datapoint so that their second moment is exactly I
@@ -246,8 +250,18 @@ def _flat_log_joint(model: Callable, xb: Tensor, z: Tensor, layout: Layout, kw: 
     return log_joint(model, xb, latents, layout=layout, **kw)
 
 
-def _polish(model: Callable, layout: Layout, xb: Tensor, kw: dict, loc: Tensor, log_scale: Tensor, *,
-            num_particles: int, max_iter: int, gtol: float) -> Tuple[Tensor, Tensor, Tensor, int]:
+def _polish(
+    model: Callable,
+    layout: Layout,
+    xb: Tensor,
+    kw: dict,
+    loc: Tensor,
+    log_scale: Tensor,
+    *,
+    num_particles: int,
+    max_iter: int,
+    gtol: float,
+) -> Tuple[Tensor, Tensor, Tensor, int]:
     """Maximize the fixed-sample ELBO over (loc, log_scale) by L-BFGS.
 
     The objective for datapoint i is mean_s log p(x_i, loc_i + scale_i * eps_s) + H[q_i] with
@@ -269,8 +283,15 @@ def _polish(model: Callable, layout: Layout, xb: Tensor, kw: dict, loc: Tensor, 
         # summed in float64: the line search must resolve each datapoint's change within a large total
         return -(_flat_log_joint(model, xb, z, layout, kw).mean(0) + entropy).double().sum()
 
-    optim = torch.optim.LBFGS([loc, log_scale], lr=1.0, max_iter=max_iter, tolerance_grad=gtol,
-                              tolerance_change=0.0, history_size=20, line_search_fn="strong_wolfe")
+    optim = torch.optim.LBFGS(
+        [loc, log_scale],
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=gtol,
+        tolerance_change=0.0,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> Tensor:
         optim.zero_grad(set_to_none=True)
@@ -292,8 +313,19 @@ def _polish(model: Callable, layout: Layout, xb: Tensor, kw: dict, loc: Tensor, 
     return loc.detach(), log_scale.detach(), grad.detach(), iterations
 
 
-def _polish_rounds(model: Callable, layout: Layout, xb: Tensor, kw: dict, loc: Tensor, log_scale: Tensor, *,
-                   num_particles: int, max_iter: int, gtol: float, rounds: int = 3) -> Tuple[Tensor, Tensor, Tensor, int]:
+def _polish_rounds(
+    model: Callable,
+    layout: Layout,
+    xb: Tensor,
+    kw: dict,
+    loc: Tensor,
+    log_scale: Tensor,
+    *,
+    num_particles: int,
+    max_iter: int,
+    gtol: float,
+    rounds: int = 3,
+) -> Tuple[Tensor, Tensor, Tensor, int]:
     """:func:`_polish` on the batch, then again on the datapoints still above ``gtol`` (a small
     batch lets the shared line search and curvature memory serve the hard ones alone)."""
     loc, log_scale = loc.detach().clone(), log_scale.detach().clone()
@@ -304,8 +336,16 @@ def _polish_rounds(model: Callable, layout: Layout, xb: Tensor, kw: dict, loc: T
     for _ in range(rounds):
         sub_kw = {k: rows(v, n, todo) for k, v in kw.items()}
         new_loc, new_log_scale, new_grad, iters = _polish(
-            model, layout, xb[todo], sub_kw, loc[todo], log_scale[todo], num_particles=num_particles,
-            max_iter=max_iter, gtol=gtol)
+            model,
+            layout,
+            xb[todo],
+            sub_kw,
+            loc[todo],
+            log_scale[todo],
+            num_particles=num_particles,
+            max_iter=max_iter,
+            gtol=gtol,
+        )
         total += iters
         better = ~(new_grad > grad[todo])  # keep a datapoint's earlier result if this round made it worse
         keep = todo[better]
@@ -371,9 +411,15 @@ def fit_mean_field(
 
     MEAN_FIELD_INITS.get(init)
     elbo_cls = MEAN_FIELD_ELBOS.get(elbo)
-    for name, value in (("max_steps", max_steps), ("num_particles", num_particles), ("window", window),
-                        ("batch_size", batch_size), ("num_eval_samples", num_eval_samples),
-                        ("polish_particles", polish_particles), ("polish_steps", polish_steps)):
+    for name, value in (
+        ("max_steps", max_steps),
+        ("num_particles", num_particles),
+        ("window", window),
+        ("batch_size", batch_size),
+        ("num_eval_samples", num_eval_samples),
+        ("polish_particles", polish_particles),
+        ("polish_steps", polish_steps),
+    ):
         check_positive(name, value)
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive number, got {lr}")
@@ -396,8 +442,9 @@ def fit_mean_field(
     half_log_2pi_e = 0.5 * (1.0 + math.log(2 * math.pi))
     locs, scales, estimates, steps, converged, traces, grads = [], [], [], [], [], [], []
     num_batches = math.ceil(x.shape[0] / batch_size)
-    bar = tqdm(total=num_batches * max_steps, disable=not progress, desc="mean-field VI", unit="step",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=num_batches * max_steps, disable=not progress, desc="mean-field VI", unit="step", dynamic_ncols=True
+    )
 
     def stochastic_elbo(xb: Tensor, kw: dict, loc: Tensor, log_scale: Tensor) -> Tensor:
         """The batch's summed ELBO estimate with ``num_particles`` reparameterized draws."""
@@ -449,8 +496,16 @@ def fit_mean_field(
             num_taken = len(history)
             if polish:
                 avg_loc, avg_log_scale, grad, iters = _polish_rounds(
-                    model, layout, xb, kw, avg_loc, avg_log_scale, num_particles=polish_particles,
-                    max_iter=polish_steps, gtol=gtol)
+                    model,
+                    layout,
+                    xb,
+                    kw,
+                    avg_loc,
+                    avg_log_scale,
+                    num_particles=polish_particles,
+                    max_iter=polish_steps,
+                    gtol=gtol,
+                )
                 num_taken += iters
                 grads.append(grad)
                 converged.append(grad <= gtol)
@@ -459,8 +514,16 @@ def fit_mean_field(
             locs.append(avg_loc.clone())
             scales.append(avg_log_scale.exp())
             with torch.no_grad():
-                estimates.append(importance_estimate(model, MeanFieldGuide(avg_loc, avg_log_scale, layout=layout), xb,
-                                                     num_samples=num_eval_samples, batch_size=xb.shape[0], **kw))
+                estimates.append(
+                    importance_estimate(
+                        model,
+                        MeanFieldGuide(avg_loc, avg_log_scale, layout=layout),
+                        xb,
+                        num_samples=num_eval_samples,
+                        batch_size=xb.shape[0],
+                        **kw,
+                    )
+                )
             steps.append(torch.full((xb.shape[0],), num_taken, dtype=torch.long))
             traces.append(history)
 
@@ -470,5 +533,13 @@ def fit_mean_field(
     trace = torch.full((len(traces), longest), math.nan)
     for i, t in enumerate(traces):
         trace[i, : len(t)] = torch.tensor(t)
-    return MeanFieldResult(loc, scale, estimate, torch.cat(steps), torch.cat(converged).cpu(), trace,
-                           torch.cat(grads).cpu() if grads else None, layout)
+    return MeanFieldResult(
+        loc,
+        scale,
+        estimate,
+        torch.cat(steps),
+        torch.cat(converged).cpu(),
+        trace,
+        torch.cat(grads).cpu() if grads else None,
+        layout,
+    )

@@ -92,8 +92,15 @@ def _check(num_particles: int, num_data: Optional[int], x: Tensor) -> None:
 
 
 def _weights(
-    model: Callable, guide: Callable, x: Tensor, args: tuple, kwargs: dict, num_particles: int,
-    kl_weight: float, *, detach_latents: bool = False,
+    model: Callable,
+    guide: Callable,
+    x: Tensor,
+    args: tuple,
+    kwargs: dict,
+    num_particles: int,
+    kl_weight: float,
+    *,
+    detach_latents: bool = False,
 ) -> Tuple[poutine.Trace, poutine.Trace, LogProbs]:
     """Traces and per-datapoint log densities ``(K, N)``; ``kl_weight`` scales log p(z) - log q(z)."""
     if kl_weight != 1.0:
@@ -104,8 +111,9 @@ def _weights(
 
 
 def _latent_sites(trace: poutine.Trace):
-    return [s for s in trace.nodes.values()
-            if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)]
+    return [
+        s for s in trace.nodes.values() if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
+    ]
 
 
 def _detached_distribution(fn: Any) -> Optional[dist.Distribution]:
@@ -181,8 +189,14 @@ def _with_value(surrogate: Tensor, value: Tensor) -> Tensor:
 
 
 def iwae_loss(
-    model: Callable, guide: Callable, x: Tensor, *args: Any, num_particles: int = 5,
-    num_data: Optional[int] = None, kl_weight: float = 1.0, **kwargs: Any,
+    model: Callable,
+    guide: Callable,
+    x: Tensor,
+    *args: Any,
+    num_particles: int = 5,
+    num_data: Optional[int] = None,
+    kl_weight: float = 1.0,
+    **kwargs: Any,
 ) -> Tensor:
     """Negative IWAE bound -sum_i log (1/K) sum_k w_ik (Burda et al. 2015), scaled to ``num_data``.
 
@@ -194,8 +208,14 @@ def iwae_loss(
 
 
 def dreg_loss(
-    model: Callable, guide: Callable, x: Tensor, *args: Any, num_particles: int = 5,
-    num_data: Optional[int] = None, kl_weight: float = 1.0, **kwargs: Any,
+    model: Callable,
+    guide: Callable,
+    x: Tensor,
+    *args: Any,
+    num_particles: int = 5,
+    num_data: Optional[int] = None,
+    kl_weight: float = 1.0,
+    **kwargs: Any,
 ) -> Tensor:
     """The IWAE loss with doubly reparameterized guide gradients (Tucker et al. 2018).
 
@@ -211,8 +231,7 @@ def dreg_loss(
         raise ValueError("dreg_loss needs a reparameterized guide (its draws of z carry no gradient)")
     if kl_weight != 1.0:
         kwargs = dict(kwargs, kl_weight=kl_weight)
-    log_w = lp.log_joint - detached_guide_log_prob(guide, guide_trace, x, *args,
-                                                   num_particles=num_particles, **kwargs)
+    log_w = lp.log_joint - detached_guide_log_prob(guide, guide_trace, x, *args, num_particles=num_particles, **kwargs)
     bound = iwae_bound(log_w)  # model gradient: IWAE's; guide gradient through z: IWAE-STL's
     w = torch.softmax(log_w.detach(), 0)
     dreg = (w**2 * log_w).sum(0)  # guide gradient through z: DReG's
@@ -225,8 +244,14 @@ def dreg_loss(
 
 
 def stl_loss(
-    model: Callable, guide: Callable, x: Tensor, *args: Any, num_particles: int = 1,
-    num_data: Optional[int] = None, kl_weight: float = 1.0, **kwargs: Any,
+    model: Callable,
+    guide: Callable,
+    x: Tensor,
+    *args: Any,
+    num_particles: int = 1,
+    num_data: Optional[int] = None,
+    kl_weight: float = 1.0,
+    **kwargs: Any,
 ) -> Tensor:
     """Negative K-sample ELBO with sticking-the-landing gradients (Roeder et al. 2017).
 
@@ -240,14 +265,19 @@ def stl_loss(
         raise ValueError("stl_loss needs a reparameterized guide (its draws of z carry no gradient)")
     if kl_weight != 1.0:
         kwargs = dict(kwargs, kl_weight=kl_weight)
-    log_w = lp.log_joint - detached_guide_log_prob(guide, guide_trace, x, *args,
-                                                   num_particles=num_particles, **kwargs)
+    log_w = lp.log_joint - detached_guide_log_prob(guide, guide_trace, x, *args, num_particles=num_particles, **kwargs)
     return -_scaled(log_w.mean(0), num_data)
 
 
 def rws_loss(
-    model: Callable, guide: Callable, x: Tensor, *args: Any, num_particles: int = 5,
-    num_data: Optional[int] = None, kl_weight: float = 1.0, **kwargs: Any,
+    model: Callable,
+    guide: Callable,
+    x: Tensor,
+    *args: Any,
+    num_particles: int = 5,
+    num_data: Optional[int] = None,
+    kl_weight: float = 1.0,
+    **kwargs: Any,
 ) -> Tensor:
     """Reweighted wake-sleep, wake-theta and wake-phi phases (Bornschein & Bengio 2015).
 
@@ -280,16 +310,25 @@ class MultiSampleStepper(Stepper):
     def __init__(self, vae: nn.Module, config: TrainConfig):
         sites = tuple(getattr(vae, "enumerated_sites", ()))
         if sites and self.name != "rws":  # the guide would sample them, and they are not reparameterizable
-            raise ConfigError(f"method {self.name!r} needs reparameterized latents; {type(vae).__name__} has the "
-                              f"discrete site(s) {', '.join(map(repr, sites))}: use 'svi' (enumerated) or 'rws'",
-                              field="train.method")
+            raise ConfigError(
+                f"method {self.name!r} needs reparameterized latents; {type(vae).__name__} has the "
+                f"discrete site(s) {', '.join(map(repr, sites))}: use 'svi' (enumerated) or 'rws'",
+                field="train.method",
+            )
         self.vae = vae
         self.num_particles = int(config.num_particles)
         self.optimizers = {self.name: make_optimizer(vae, config)}
 
     def loss(self, x: Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs: Any) -> Tensor:
-        return type(self).objective(self.vae.model, self.vae.guide, x, num_particles=self.num_particles,
-                                    num_data=num_data, kl_weight=kl_weight, **kwargs)
+        return type(self).objective(
+            self.vae.model,
+            self.vae.guide,
+            x,
+            num_particles=self.num_particles,
+            num_data=num_data,
+            kl_weight=kl_weight,
+            **kwargs,
+        )
 
     def step(self, x: Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs: Any) -> Tensor:
         loss = self.loss(x, num_data=num_data, kl_weight=kl_weight, **kwargs)
@@ -303,8 +342,11 @@ class MultiSampleStepper(Stepper):
 
 
 def _register(name: str, objective: Callable[..., Tensor], doc: str) -> type:
-    cls = type(f"{name.upper()}Stepper", (MultiSampleStepper,),
-               {"name": name, "objective": staticmethod(objective), "__doc__": doc})
+    cls = type(
+        f"{name.upper()}Stepper",
+        (MultiSampleStepper,),
+        {"name": name, "objective": staticmethod(objective), "__doc__": doc},
+    )
     METHODS.register(name, doc=doc)(cls)
     return cls
 
@@ -312,4 +354,6 @@ def _register(name: str, objective: Callable[..., Tensor], doc: str) -> type:
 IWAEStepper = _register("iwae", iwae_loss, "IWAE, K = num_particles per datapoint (Burda et al. 2015)")
 DReGStepper = _register("dreg", dreg_loss, "IWAE with doubly reparameterized guide gradients (Tucker et al. 2018)")
 STLStepper = _register("stl", stl_loss, "K-sample ELBO with sticking-the-landing gradients (Roeder et al. 2017)")
-RWSStepper = _register("rws", rws_loss, "reweighted wake-sleep, wake phases, K = num_particles (Bornschein & Bengio 2015)")
+RWSStepper = _register(
+    "rws", rws_loss, "reweighted wake-sleep, wake phases, K = num_particles (Bornschein & Bengio 2015)"
+)

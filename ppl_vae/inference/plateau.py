@@ -34,7 +34,7 @@ class Plateau:
         left. True when the optimization has converged."""
         if not self.window_ends(history):
             return False
-        current = float(np.mean(history[-self.window:]))
+        current = float(np.mean(history[-self.window :]))
         previous, self.previous = self.previous, current
         if previous is None or abs(current - previous) > self.tol * max(abs(previous), 1e-8):
             return False

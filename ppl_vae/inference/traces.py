@@ -35,7 +35,8 @@ def trace_pair(
     """
     plate = (
         pyro.plate(PARTICLE_PLATE, num_particles, dim=-(max_plate_nesting + 1))
-        if num_particles is not None else nullcontext()
+        if num_particles is not None
+        else nullcontext()
     )
     with plate:
         guide_trace = poutine.trace(guide).get_trace(x, *args, **kwargs)

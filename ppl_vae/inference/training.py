@@ -33,13 +33,12 @@ from ppl_vae.registry import Registry
 
 ELBOS: Registry[Callable[..., pyro.infer.ELBO]] = Registry("elbo")
 ELBOS.register("trace", doc="Trace_ELBO: AEVB's SGVB estimator A (Monte Carlo KL)")(Trace_ELBO)
-ELBOS.register("mean_field", doc="TraceMeanField_ELBO: AEVB's estimator B (analytic KL)")(
-    TraceMeanField_ELBO
-)
-ELBOS.register("enum", doc="TraceEnum_ELBO: Trace_ELBO with the discrete sites marked for enumeration summed "
-               "out exactly (M2, the GMVAE); 'trace' means this for a model that declares enumerated_sites")(
-    TraceEnum_ELBO
-)
+ELBOS.register("mean_field", doc="TraceMeanField_ELBO: AEVB's estimator B (analytic KL)")(TraceMeanField_ELBO)
+ELBOS.register(
+    "enum",
+    doc="TraceEnum_ELBO: Trace_ELBO with the discrete sites marked for enumeration summed "
+    "out exactly (M2, the GMVAE); 'trace' means this for a model that declares enumerated_sites",
+)(TraceEnum_ELBO)
 # Pyro's JitTrace_ELBO rests on torch.jit.trace, deprecated in torch 2.x: compile= replaces it.
 _REMOVED_ELBOS = {"jit_trace": "trace", "jit_mean_field": "mean_field"}
 
@@ -58,8 +57,11 @@ def lr_schedule_names() -> List[str]:
     sched = torch.optim.lr_scheduler
     base = getattr(sched, "LRScheduler", None) or sched._LRScheduler
     return sorted(
-        name for name, obj in vars(sched).items()
-        if isinstance(obj, type) and not name.startswith("_") and name not in _UNNAMEABLE_SCHEDULERS
+        name
+        for name, obj in vars(sched).items()
+        if isinstance(obj, type)
+        and not name.startswith("_")
+        and name not in _UNNAMEABLE_SCHEDULERS
         and (issubclass(obj, base) or issubclass(obj, sched.ReduceLROnPlateau))
     )
 
@@ -82,8 +84,10 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> 
     try:
         return cls(optimizer, **options)
     except (TypeError, ValueError, KeyError) as exc:
-        raise ConfigError(f"train.lr_schedule_options do not fit {config.lr_schedule}: {' '.join(str(exc).split())}",
-                          field="train.lr_schedule_options") from None
+        raise ConfigError(
+            f"train.lr_schedule_options do not fit {config.lr_schedule}: {' '.join(str(exc).split())}",
+            field="train.lr_schedule_options",
+        ) from None
 
 
 def attach_lr_schedulers(stepper: "Stepper", config: TrainConfig) -> Dict[str, Any]:
@@ -99,8 +103,11 @@ def attach_lr_schedulers(stepper: "Stepper", config: TrainConfig) -> Dict[str, A
     pending = getattr(stepper, "pending_scheduler_state", None) or {}
     for name, saved in pending.items():
         if name not in schedulers:
-            raise ConfigError(f"the checkpoint holds a learning-rate schedule for optimizer {name!r} but "
-                              f"train.lr_schedule is {config.lr_schedule!r}", field="train.lr_schedule")
+            raise ConfigError(
+                f"the checkpoint holds a learning-rate schedule for optimizer {name!r} but "
+                f"train.lr_schedule is {config.lr_schedule!r}",
+                field="train.lr_schedule",
+            )
         schedulers[name].load_state_dict(saved)
     stepper.pending_scheduler_state = None
     return schedulers
@@ -117,8 +124,11 @@ def linear_kl_weight(config: TrainConfig, step: int, steps_per_epoch: int) -> fl
     return config.kl_weight * min(1.0, (step + 1) / (config.kl_warmup_epochs * steps_per_epoch))
 
 
-@KL_SCHEDULES.register("cyclical", doc="Fu et al. 2019: cycles of kl_cycle_epochs, each rising over the first "
-                                       "kl_cycle_ratio of the cycle, then held at kl_weight")
+@KL_SCHEDULES.register(
+    "cyclical",
+    doc="Fu et al. 2019: cycles of kl_cycle_epochs, each rising over the first "
+    "kl_cycle_ratio of the cycle, then held at kl_weight",
+)
 def cyclical_kl_weight(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
     cycle = config.kl_cycle_epochs * steps_per_epoch
     tau = (step % cycle + 1) / cycle
@@ -139,13 +149,15 @@ FINITE_CHECKS = {"auto": "step on CPU, epoch on CUDA", "step": "step", "epoch": 
 
 
 def resolve_device(name: str) -> torch.device:
-    """"cpu", "cuda", "cuda:N" or "auto" (CUDA when available, else CPU)."""
+    """ "cpu", "cuda", "cuda:N" or "auto" (CUDA when available, else CPU)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device must be cpu, cuda, cuda:N or auto, got {name!r}", field="train.device") from None
+        raise ConfigError(
+            f"train.device must be cpu, cuda, cuda:N or auto, got {name!r}", field="train.device"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device {name!r} was requested but CUDA is not available here", field="train.device")
     if device.type not in ("cpu", "cuda"):
@@ -155,15 +167,24 @@ def resolve_device(name: str) -> torch.device:
 
 def validate_train_config(config: TrainConfig) -> None:
     """Raise :class:`ConfigError` naming the first bad field (``train.NAME``)."""
+
     def bad(name: str, message: str) -> ConfigError:
         return ConfigError(f"train.{name} {message}", field=f"train.{name}")
 
-    for name, registry in (("method", METHODS), ("elbo", ELBOS), ("optimizer", OPTIMIZERS),
-                           ("kl_schedule", KL_SCHEDULES), ("objective", OBJECTIVES)):
+    for name, registry in (
+        ("method", METHODS),
+        ("elbo", ELBOS),
+        ("optimizer", OPTIMIZERS),
+        ("kl_schedule", KL_SCHEDULES),
+        ("objective", OBJECTIVES),
+    ):
         value = getattr(config, name)
         if name == "elbo" and value in _REMOVED_ELBOS:
-            raise bad("elbo", f"{value!r} is no longer offered (it used torch.jit.trace, deprecated in torch 2); "
-                              f"use elbo {_REMOVED_ELBOS[value]!r} with compile 'inductor'")
+            raise bad(
+                "elbo",
+                f"{value!r} is no longer offered (it used torch.jit.trace, deprecated in torch 2); "
+                f"use elbo {_REMOVED_ELBOS[value]!r} with compile 'inductor'",
+            )
         if value not in registry:
             raise bad(name, f"must be one of {', '.join(registry.names())}, got {value!r}")
     for name in ("batch_size", "num_particles", "eval_num_particles", "checkpoint_every"):
@@ -185,16 +206,22 @@ def validate_train_config(config: TrainConfig) -> None:
         import torch._dynamo  # only when compiling: importing dynamo costs a second
 
         if config.compile not in torch._dynamo.list_backends(exclude_tags=()):
-            raise bad("compile", f"must be null or a torch.compile backend "
-                                 f"({', '.join(torch._dynamo.list_backends())}, ...), got {config.compile!r}")
+            raise bad(
+                "compile",
+                f"must be null or a torch.compile backend "
+                f"({', '.join(torch._dynamo.list_backends())}, ...), got {config.compile!r}",
+            )
     _validate_controls(config, bad)
     check_objective = getattr(OBJECTIVES.get(config.objective), "check_config", None)
     if check_objective is not None:
         check_objective(config)
     device = resolve_device(config.device)
     if PRECISIONS[config.precision] is not None and device.type != "cuda":
-        raise bad("precision", f"{config.precision!r} (autocast) needs a CUDA device, but training runs on "
-                               f"{device.type}; use precision 'fp32'")
+        raise bad(
+            "precision",
+            f"{config.precision!r} (autocast) needs a CUDA device, but training runs on "
+            f"{device.type}; use precision 'fp32'",
+        )
 
 
 def _validate_controls(config: TrainConfig, bad: Callable[[str, str], ConfigError]) -> None:
@@ -202,8 +229,10 @@ def _validate_controls(config: TrainConfig, bad: Callable[[str, str], ConfigErro
     if config.lr_schedule is not None:
         names = lr_schedule_names()
         if config.lr_schedule not in names:
-            raise bad("lr_schedule", f"must be null or a torch.optim.lr_scheduler class ({', '.join(names)}), "
-                                     f"got {config.lr_schedule!r}")
+            raise bad(
+                "lr_schedule",
+                f"must be null or a torch.optim.lr_scheduler class ({', '.join(names)}), got {config.lr_schedule!r}",
+            )
         if _is_plateau(config.lr_schedule) and config.val_fraction == 0:
             raise bad("lr_schedule", "ReduceLROnPlateau watches the validation ELBO: set train.val_fraction > 0")
         # the options are checked on the configured optimizer type (CyclicLR, say, needs momentum or betas)
@@ -240,8 +269,13 @@ def make_optimizer(module: torch.nn.Module, config: TrainConfig) -> torch.optim.
     params = list(module.parameters())
     options: Dict[str, Any] = {"lr": config.lr}
     devices = {p.device for p in params}
-    if (config.optimizer in FUSED_OPTIMIZERS and params and len(devices) == 1
-            and next(iter(devices)).type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)):
+    if (
+        config.optimizer in FUSED_OPTIMIZERS
+        and params
+        and len(devices) == 1
+        and next(iter(devices)).type in ("cpu", "cuda")
+        and all(p.is_floating_point() for p in params)
+    ):
         options["fused"] = True
     return OPTIMIZERS.get(config.optimizer)(params, **options)
 
@@ -316,8 +350,11 @@ def enumerating_elbo(vae: VAE, name: str) -> str:
     if not sites:
         return name
     if name not in ("trace", "enum"):
-        raise ConfigError(f"train.elbo {name!r} cannot sum out the discrete site(s) {', '.join(map(repr, sites))} of "
-                          f"{type(vae).__name__}: use 'trace' or 'enum' (TraceEnum_ELBO)", field="train.elbo")
+        raise ConfigError(
+            f"train.elbo {name!r} cannot sum out the discrete site(s) {', '.join(map(repr, sites))} of "
+            f"{type(vae).__name__}: use 'trace' or 'enum' (TraceEnum_ELBO)",
+            field="train.elbo",
+        )
     return "enum"
 
 
@@ -345,7 +382,9 @@ class SVIStepper(Stepper):
             if not self.fused:
                 raise ConfigError(
                     f"train.compile needs the fused ELBO: a VAE with the base class's model and guide and "
-                    f"train.fused_elbo true ({type(vae).__name__} goes through Pyro's tracing)", field="train.compile")
+                    f"train.fused_elbo true ({type(vae).__name__} goes through Pyro's tracing)",
+                    field="train.compile",
+                )
             self._fused_loss = torch.compile(fused_elbo_loss, backend=config.compile)
         self.optimizers = {"svi": make_optimizer(vae, config)}
         device_type = next(iter(vae.parameters()), torch.empty(0)).device.type
@@ -356,8 +395,14 @@ class SVIStepper(Stepper):
     def loss(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> torch.Tensor:
         """The differentiable minibatch loss (negative ELBO scaled to ``num_data``)."""
         if self.fused:  # the base VAE ignores labels
-            return self._fused_loss(self.vae, x, num_data=num_data, kl_weight=kl_weight,
-                                    num_particles=self._num_particles, analytic_kl=self._analytic_kl)
+            return self._fused_loss(
+                self.vae,
+                x,
+                num_data=num_data,
+                kl_weight=kl_weight,
+                num_particles=self._num_particles,
+                analytic_kl=self._analytic_kl,
+            )
         if kl_weight != 1.0:
             kwargs["kl_weight"] = kl_weight
         return self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x, num_data=num_data, **kwargs)
@@ -389,13 +434,13 @@ class TrainState:
 
 HISTORY_VARS = {
     "train_elbo": "ELBO per datapoint on the training set (or the fixed subset of train_eval_size points), "
-                  "nats (KL weight 1); a Monte Carlo estimate of a lower bound on log p(x)",
+    "nats (KL weight 1); a Monte Carlo estimate of a lower bound on log p(x)",
     "test_elbo": "ELBO per datapoint on the test set, nats (KL weight 1); a Monte Carlo estimate of a lower "
-                 "bound on log p(x)",
+    "bound on log p(x)",
     "train_loss": "mean minibatch loss per datapoint during the epoch, nats: the training method's objective "
-                  "negated (svi: the negative ELBO with its KL weight; iwae, dreg, rws: the negative IW bound)",
+    "negated (svi: the negative ELBO with its KL weight; iwae, dreg, rws: the negative IW bound)",
     "val_elbo": "ELBO per datapoint on the validation split (train.val_fraction of the training data, never "
-                "trained on), nats (KL weight 1); NaN without a validation split",
+    "trained on), nats (KL weight 1); NaN without a validation split",
     "kl_weight": "KL weight at the end of the epoch",
     "lr": "learning rate of the (first) optimizer during the epoch",
     "wall_time": "cumulative training time, seconds (evaluation excluded)",
@@ -426,8 +471,11 @@ def history_records(history: xr.Dataset) -> List[Dict[str, float]]:
     (an objective's own terms, :data:`TERM_VARS`, are read when the history has them)."""
     extra = sorted(cast(str, k) for k in history.data_vars if k not in HISTORY_VARS)  # names written as str
     return [
-        {"epoch": int(e), **{k: float(history[k].sel(epoch=e)) if k in history else math.nan for k in HISTORY_VARS},
-         **{k: float(history[k].sel(epoch=e)) for k in extra}}
+        {
+            "epoch": int(e),
+            **{k: float(history[k].sel(epoch=e)) if k in history else math.nan for k in HISTORY_VARS},
+            **{k: float(history[k].sel(epoch=e)) for k in extra},
+        }
         for e in history["epoch"].values
     ]
 
@@ -440,9 +488,11 @@ def stopped_early(records: Sequence[Dict[str, float]], config: TrainConfig) -> O
     if since is None or since < config.early_stopping_patience:
         return None
     best = len(records) - since
-    return (f"stopped early after epoch {len(records)}: the validation ELBO has not improved for {since} epochs "
-            f"(best {records[best - 1]['val_elbo']:.3f} at epoch {best}, kept in checkpoint-best.safetensors; "
-            "train.early_stopping_patience sets the patience)")
+    return (
+        f"stopped early after epoch {len(records)}: the validation ELBO has not improved for {since} epochs "
+        f"(best {records[best - 1]['val_elbo']:.3f} at epoch {best}, kept in checkpoint-best.safetensors; "
+        "train.early_stopping_patience sets the patience)"
+    )
 
 
 def epochs_since_best(records: Sequence[Dict[str, float]], key: str = "val_elbo") -> Optional[int]:
@@ -539,8 +589,10 @@ def validation_split(n: int, config: TrainConfig) -> Optional[Tuple[torch.Tensor
         return None
     num_val = max(1, round(config.val_fraction * n))
     if num_val >= n:
-        raise ConfigError(f"train.val_fraction {config.val_fraction} leaves no training data of {n} points",
-                          field="train.val_fraction")
+        raise ConfigError(
+            f"train.val_fraction {config.val_fraction} leaves no training data of {n} points",
+            field="train.val_fraction",
+        )
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([config.seed, 0x7A1]).generate_state(1)[0]))
     perm = torch.randperm(n, generator=gen)
     return perm[num_val:].sort().values, perm[:num_val].sort().values
@@ -627,9 +679,14 @@ def train(
     batch_size = min(config.batch_size, n_train) if dist is None else dist.local_batch_size(config.batch_size, n_train)
     n_local, world = (n_train, 1) if dist is None else (dist.num_samples(n_train), dist.world_size)
     steps_per_epoch = math.ceil(n_local / batch_size)
-    x_eval, labels_eval = train_eval_set(data, config, None if split is None else split[0]) if evaluate else (None, None)
-    x_val, labels_val = (None, None) if split is None or not evaluate else train_eval_set(
-        data, replace(config, train_eval_size=None), split[1])
+    x_eval, labels_eval = (
+        train_eval_set(data, config, None if split is None else split[0]) if evaluate else (None, None)
+    )
+    x_val, labels_val = (
+        (None, None)
+        if split is None or not evaluate
+        else train_eval_set(data, replace(config, train_eval_size=None), split[1])
+    )
     stepper.begin(state.step, steps_per_epoch)
 
     def mean_elbo(x: Any, labels: Optional[torch.Tensor]) -> float:
@@ -646,8 +703,11 @@ def train(
         return float(value.mean()) if dist is None else dist.global_mean(value)
 
     def diverged(what: str, step: int) -> TrainingDiverged:
-        advice = "a smaller train.lr" + (", a smaller train.clip_grad_norm" if config.clip_grad_norm is not None
-                                         else " or gradient clipping (train.clip_grad_norm, e.g. 10)")
+        advice = "a smaller train.lr" + (
+            ", a smaller train.clip_grad_norm"
+            if config.clip_grad_norm is not None
+            else " or gradient clipping (train.clip_grad_norm, e.g. 10)"
+        )
         return TrainingDiverged(f"{what} at step {step} (epoch {state.epoch + 1}); try {advice}", step=step)
 
     def should_stop_early() -> bool:
@@ -672,8 +732,9 @@ def train(
         hook.on_train_start(ctx)
     wall = state.records[-1]["wall_time"] if state.records else 0.0
     seen = state.records[-1]["num_train_samples"] if state.records else 0.0
-    bar = tqdm(total=config.epochs, initial=state.epoch, disable=not progress, desc="epochs", unit="epoch",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=config.epochs, initial=state.epoch, disable=not progress, desc="epochs", unit="epoch", dynamic_ncols=True
+    )
     stop = should_stop_early()  # a resumed run that had already stopped early trains no further
     try:
         vae.train()
@@ -697,8 +758,11 @@ def train(
                 kl_weight = _kl_weight(config, state.step, steps_per_epoch)
                 kwargs = {"y": train_labels[idx]} if train_labels is not None else {}
                 try:
-                    with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                          else contextlib.nullcontext()):
+                    with (
+                        torch.autocast(device.type, dtype=autocast_dtype)
+                        if autocast_dtype is not None
+                        else contextlib.nullcontext()
+                    ):
                         loss = stepper.step(x, num_data=n_train, kl_weight=kl_weight, **kwargs)
                 except NonFiniteLoss as exc:
                     raise diverged(str(exc), state.step + 1) from None

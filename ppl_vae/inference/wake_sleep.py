@@ -40,14 +40,18 @@ class WakeSleepStepper(Stepper):
 
     def __init__(self, vae: VAE, config: TrainConfig):
         if not (supports_fused_elbo(vae) and getattr(vae, "encoder_is_guide", False)):
-            raise ValueError(f"method 'wake-sleep' needs a VAE built from parts with the base class's model and "
-                             f"guide (it calls the encoder and decoder directly); {type(vae).__name__} declares has_fast_path=False or a guide "
-                             f"that is not its encoder's Gaussian (encoder_is_guide=False)")
+            raise ValueError(
+                f"method 'wake-sleep' needs a VAE built from parts with the base class's model and "
+                f"guide (it calls the encoder and decoder directly); {type(vae).__name__} declares has_fast_path=False or a guide "
+                f"that is not its encoder's Gaussian (encoder_is_guide=False)"
+            )
         if config.kl_warmup_epochs:
             raise ValueError("kl_warmup_epochs must be 0 for method 'wake-sleep' (it optimizes no KL term)")
         if vae.prior.uses_encoder:  # e.g. the VampPrior evaluates the encoder
-            raise ValueError(f"method 'wake-sleep' needs a prior that does not use the model's other parts "
-                             f"({type(vae.prior).__name__} does): its wake phase would train the encoder")
+            raise ValueError(
+                f"method 'wake-sleep' needs a prior that does not use the model's other parts "
+                f"({type(vae.prior).__name__} does): its wake phase would train the encoder"
+            )
         self.vae = vae
         make = OPTIMIZERS.get(config.optimizer)
         self.optimizers = {

@@ -42,8 +42,15 @@ class TwoLayerLinearGaussian(nn.Module):
     ``"z1"`` (the model's order); the flat latent vector of the estimators is [z2, z1].
     """
 
-    def __init__(self, x_dim: int = 5, z1_dim: int = 3, z2_dim: int = 2, s1: float = 0.6, s: float = 0.4,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        x_dim: int = 5,
+        z1_dim: int = 3,
+        z2_dim: int = 2,
+        s1: float = 0.6,
+        s: float = 0.4,
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         self.x_dim, self.z1_dim, self.z2_dim = x_dim, z1_dim, z2_dim
         self.s1, self.s = float(s1), float(s)
@@ -78,15 +85,18 @@ class TwoLayerLinearGaussian(nn.Module):
         mx = self.W @ self.a + self.b
         c22 = eye(d2)
         c12 = self.A
-        c11 = self.A @ self.A.T + self.s1 ** 2 * eye(d1)
+        c11 = self.A @ self.A.T + self.s1**2 * eye(d1)
         cx2 = self.W @ self.A
         cx1 = self.W @ c11
-        cxx = self.W @ c11 @ self.W.T + self.s ** 2 * eye(dx)
-        cov = torch.cat([
-            torch.cat([c22, c12.T, cx2.T], 1),
-            torch.cat([c12, c11, cx1.T], 1),
-            torch.cat([cx2, cx1, cxx], 1),
-        ], 0)
+        cxx = self.W @ c11 @ self.W.T + self.s**2 * eye(dx)
+        cov = torch.cat(
+            [
+                torch.cat([c22, c12.T, cx2.T], 1),
+                torch.cat([c12, c11, cx1.T], 1),
+                torch.cat([cx2, cx1, cxx], 1),
+            ],
+            0,
+        )
         return torch.cat([m2, m1, mx]), cov
 
     def exact_log_marginal(self, x: Tensor) -> Tensor:
@@ -149,15 +159,15 @@ class TwoComponentLinearGaussian(nn.Module):
         """log pi_c + log N(x; W m_c + b, C) ``(2, N)`` and the posterior of z given c ((2, N, d), (d, d))."""
         d = self.W.shape[1]
         eye = torch.eye(d, dtype=x.dtype)
-        cov_x = self.W @ self.W.T + self.s ** 2 * torch.eye(self.W.shape[0], dtype=x.dtype)
+        cov_x = self.W @ self.W.T + self.s**2 * torch.eye(self.W.shape[0], dtype=x.dtype)
         log_pi = torch.log_softmax(self.logits, -1)
         terms, locs = [], []
-        precision = eye + self.W.T @ self.W / self.s ** 2
+        precision = eye + self.W.T @ self.W / self.s**2
         cov_z = torch.linalg.inv(precision)
         for c in range(2):
             m = self.means[c]
             terms.append(log_pi[c] + dist.MultivariateNormal(self.W @ m + self.b, covariance_matrix=cov_x).log_prob(x))
-            locs.append((m + (x - self.b) @ self.W / self.s ** 2) @ cov_z.T)
+            locs.append((m + (x - self.b) @ self.W / self.s**2) @ cov_z.T)
         return torch.stack(terms), torch.stack(locs), cov_z
 
     def exact_log_marginal(self, x: Tensor) -> Tensor:

@@ -113,7 +113,9 @@ class ConditionalVAE(VAE):
         if y.dim() == 0:
             y = y.expand(batch_size if batch_size is not None else 1)
         if y.dim() != 1 or (batch_size is not None and y.shape[0] != batch_size):
-            raise ValueError(f"labels y must have shape ({batch_size if batch_size is not None else 'N'},), got {tuple(y.shape)}")
+            raise ValueError(
+                f"labels y must have shape ({batch_size if batch_size is not None else 'N'},), got {tuple(y.shape)}"
+            )
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
             raise ValueError(
                 f"labels y must lie in [0, {self.num_classes - 1}] for this model, got values in "

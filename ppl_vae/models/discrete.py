@@ -61,8 +61,13 @@ MASKED_LOGIT = -1.0e6
 class ClassifierMLP(nn.Module):
     """x ``(..., *event_shape)`` -> logits ``(..., num_classes)`` of q(y | x) (normalized)."""
 
-    def __init__(self, event_shape: Sequence[int], num_classes: int, hidden_dims: Sequence[int] = (500,),
-                 activation: str = "relu"):
+    def __init__(
+        self,
+        event_shape: Sequence[int],
+        num_classes: int,
+        hidden_dims: Sequence[int] = (500,),
+        activation: str = "relu",
+    ):
         super().__init__()
         self.event_shape = tuple(event_shape)
         self.net = mlp([math.prod(self.event_shape), *hidden_dims, num_classes], activation)
@@ -78,8 +83,9 @@ def clamp_logits(logits: Tensor, values: Optional[Tensor]) -> Tensor:
     if values is None:
         return logits
     clamped = values >= 0
-    point = torch.where(F.one_hot(values.clamp_min(0), logits.shape[-1]).bool(),
-                        logits.new_zeros(()), logits.new_full((), MASKED_LOGIT))
+    point = torch.where(
+        F.one_hot(values.clamp_min(0), logits.shape[-1]).bool(), logits.new_zeros(()), logits.new_full((), MASKED_LOGIT)
+    )
     return torch.where(clamped.unsqueeze(-1), point, logits)
 
 
@@ -92,8 +98,16 @@ class EnumeratedCategoricalVAE(VAE):
     encoder_is_guide = False  # q(z | x) is a mixture over values, not the encoder's one Gaussian
     site: str = "c"
 
-    def __init__(self, classifier: nn.Module, encoder: nn.Module, decoder: nn.Module, prior: Prior,
-                 likelihood: Likelihood, event_shape: Sequence[int], num_values: int):
+    def __init__(
+        self,
+        classifier: nn.Module,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        prior: Prior,
+        likelihood: Likelihood,
+        event_shape: Sequence[int],
+        num_values: int,
+    ):
         super().__init__(encoder, decoder, prior, likelihood, event_shape)
         if int(num_values) < 2:
             raise ValueError(f"the discrete site {self.site!r} needs at least 2 values, got {num_values}")
@@ -107,7 +121,9 @@ class EnumeratedCategoricalVAE(VAE):
 
     # -- values and labels
 
-    def check_values(self, values: Union[Tensor, int, None], n: int, what: str, allow_unlabelled: bool) -> Optional[Tensor]:
+    def check_values(
+        self, values: Union[Tensor, int, None], n: int, what: str, allow_unlabelled: bool
+    ) -> Optional[Tensor]:
         """``values`` as a long tensor ``(n,)`` (an int is broadcast); a one-line ValueError otherwise."""
         if values is None:
             return None
@@ -124,7 +140,8 @@ class EnumeratedCategoricalVAE(VAE):
             raise ValueError(
                 f"{what} must lie in [{low}, {self.num_values - 1}] for this model ({self.num_values} values of "
                 f"site {self.site!r}), got values in [{int(values.min())}, {int(values.max())}]"
-                + ("; the class count must match the labels" if allow_unlabelled else ""))
+                + ("; the class count must match the labels" if allow_unlabelled else "")
+            )
         return values.long()
 
     def given_values(self, values: Union[Tensor, int], n: int, what: str, allow_unlabelled: bool) -> Tensor:
@@ -165,8 +182,15 @@ class EnumeratedCategoricalVAE(VAE):
 
     # -- model and guide
 
-    def model(self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None,  # type: ignore[override]
-              kl_weight: float = 1.0, component: Optional[Tensor] = None) -> Tensor:
+    def model(
+        self,
+        x: Tensor,
+        y: Optional[Tensor] = None,
+        *,
+        num_data: Optional[int] = None,  # type: ignore[override]
+        kl_weight: float = 1.0,
+        component: Optional[Tensor] = None,
+    ) -> Tensor:
         """p(value) p(z | value) p(x | z, value), ``x`` observed; returns z."""
         self.clamped_values(x, y, component)  # checks labels and clamps (the guide clamps)
         with data_plate(x, num_data):
@@ -180,8 +204,15 @@ class EnumeratedCategoricalVAE(VAE):
     def guide_value_dist(self, x: Tensor, clamped: Optional[Tensor]) -> dist.Distribution:
         return dist.Categorical(logits=clamp_logits(self.value_logits(x), clamped))
 
-    def guide(self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None,  # type: ignore[override]
-              kl_weight: float = 1.0, component: Optional[Tensor] = None) -> Tensor:
+    def guide(
+        self,
+        x: Tensor,
+        y: Optional[Tensor] = None,
+        *,
+        num_data: Optional[int] = None,  # type: ignore[override]
+        kl_weight: float = 1.0,
+        component: Optional[Tensor] = None,
+    ) -> Tensor:
         """q(value | x) q(z | x, value); clamped points put q(value | x) on their value."""
         clamped = self.clamped_values(x, y, component)
         with data_plate(x, num_data):
@@ -197,8 +228,11 @@ class EnumeratedCategoricalVAE(VAE):
 
     def encode(self, x: Tensor, value: Union[Tensor, int, None] = None) -> Tuple[Tensor, Tensor]:  # type: ignore[override]
         """(loc, scale) of q(z | x, value); ``value`` None: the most probable value under q(value | x)."""
-        values = self.value_logits(x).argmax(-1) if value is None else \
-            self.given_values(value, x.shape[0], "value", allow_unlabelled=False)
+        values = (
+            self.value_logits(x).argmax(-1)
+            if value is None
+            else self.given_values(value, x.shape[0], "value", allow_unlabelled=False)
+        )
         return self.encoder(x, self.one_hot(values))
 
     def reconstruct(self, x: Tensor) -> Tensor:  # type: ignore[override]
@@ -217,9 +251,18 @@ class SemiSupervisedVAE(EnumeratedCategoricalVAE):
 
     site = "y"
 
-    def __init__(self, classifier: nn.Module, encoder: ConditionalGaussianEncoder, decoder: ConditionalDecoder,
-                 prior: Prior, likelihood: Likelihood, event_shape: Sequence[int], num_classes: int,
-                 alpha: float, num_labelled: int):
+    def __init__(
+        self,
+        classifier: nn.Module,
+        encoder: ConditionalGaussianEncoder,
+        decoder: ConditionalDecoder,
+        prior: Prior,
+        likelihood: Likelihood,
+        event_shape: Sequence[int],
+        num_classes: int,
+        alpha: float,
+        num_labelled: int,
+    ):
         super().__init__(classifier, encoder, decoder, prior, likelihood, event_shape, num_classes)
         self.num_classes = self.num_values
         if not (alpha >= 0 and math.isfinite(alpha)):
@@ -292,13 +335,25 @@ class GaussianMixtureVAE(EnumeratedCategoricalVAE):
 
     site = "c"
 
-    def __init__(self, classifier: nn.Module, encoder: ConditionalGaussianEncoder, decoder: nn.Module,
-                 prior: MixtureOfGaussiansPrior, likelihood: Likelihood, event_shape: Sequence[int], *,
-                 relaxed: bool = False, temperature: float = 1.0, min_temperature: float = 0.5,
-                 anneal_rate: float = 1e-3):
+    def __init__(
+        self,
+        classifier: nn.Module,
+        encoder: ConditionalGaussianEncoder,
+        decoder: nn.Module,
+        prior: MixtureOfGaussiansPrior,
+        likelihood: Likelihood,
+        event_shape: Sequence[int],
+        *,
+        relaxed: bool = False,
+        temperature: float = 1.0,
+        min_temperature: float = 0.5,
+        anneal_rate: float = 1e-3,
+    ):
         super().__init__(classifier, encoder, decoder, prior, likelihood, event_shape, prior.num_components)
         if not (0 < min_temperature <= temperature and math.isfinite(temperature)):
-            raise ValueError(f"temperatures need 0 < min_temperature <= temperature, got {min_temperature}, {temperature}")
+            raise ValueError(
+                f"temperatures need 0 < min_temperature <= temperature, got {min_temperature}, {temperature}"
+            )
         if not (anneal_rate >= 0 and math.isfinite(anneal_rate)):
             raise ValueError(f"anneal_rate must be a finite number >= 0, got {anneal_rate}")
         self.relaxed = bool(relaxed)
@@ -385,16 +440,27 @@ class _ExactDiscrete:
 
 def _need_classes(name: str, num_classes: Optional[int]) -> int:
     if num_classes is None:
-        raise ValueError(f"model {name!r} is semi-supervised and needs labelled data (data_info must give "
-                         "num_classes); choose a dataset with labels (digits, mnist, fashion-mnist, or an .npz with labels)")
+        raise ValueError(
+            f"model {name!r} is semi-supervised and needs labelled data (data_info must give "
+            "num_classes); choose a dataset with labels (digits, mnist, fashion-mnist, or an .npz with labels)"
+        )
     if int(num_classes) < 2:
         raise ValueError(f"model {name!r} needs num_classes >= 2, got {num_classes}")
     return int(num_classes)
 
 
-def build_m2(event_shape: Sequence[int], latent_dim: int, hidden_dim: int, prior: Prior, likelihood: Likelihood,
-             num_classes: Optional[int] = None, num_train: Optional[int] = None, num_labelled: Optional[int] = None,
-             alpha: Optional[float] = None, **data_info) -> SemiSupervisedVAE:
+def build_m2(
+    event_shape: Sequence[int],
+    latent_dim: int,
+    hidden_dim: int,
+    prior: Prior,
+    likelihood: Likelihood,
+    num_classes: Optional[int] = None,
+    num_train: Optional[int] = None,
+    num_labelled: Optional[int] = None,
+    alpha: Optional[float] = None,
+    **data_info,
+) -> SemiSupervisedVAE:
     """The ``m2`` model: one hidden layer of ``hidden_dim`` ReLU units per network
     (the paper: 500); alpha defaults to 0.1 ``num_train`` (the paper's 0.1 N)."""
     num_classes = _need_classes("m2", num_classes)
@@ -407,8 +473,17 @@ def build_m2(event_shape: Sequence[int], latent_dim: int, hidden_dim: int, prior
     classifier = ClassifierMLP(event_shape, num_classes, hidden)
     encoder = ConditionalGaussianEncoder(event_shape, num_classes, latent_dim, hidden)
     decoder = ConditionalDecoder(latent_dim, num_classes, event_shape, likelihood.num_params, hidden)
-    return SemiSupervisedVAE(classifier, encoder, decoder, prior, likelihood, event_shape, num_classes,
-                             alpha=alpha, num_labelled=max(1, num_labelled))
+    return SemiSupervisedVAE(
+        classifier,
+        encoder,
+        decoder,
+        prior,
+        likelihood,
+        event_shape,
+        num_classes,
+        alpha=alpha,
+        num_labelled=max(1, num_labelled),
+    )
 
 
 def _mixture_prior(name: str, prior: Prior, latent_dim: int, num_components: int) -> MixtureOfGaussiansPrior:
@@ -416,13 +491,23 @@ def _mixture_prior(name: str, prior: Prior, latent_dim: int, num_components: int
         return prior
     if isinstance(prior, StandardNormalPrior):  # the default: a mixture with the model's own count
         return MixtureOfGaussiansPrior(latent_dim, num_components=num_components)
-    raise ValueError(f"model {name!r} enumerates the component of a Gaussian mixture over z: use prior "
-                     f"'mixture_of_gaussians' (num_components) or the default, got {type(prior).__name__}")
+    raise ValueError(
+        f"model {name!r} enumerates the component of a Gaussian mixture over z: use prior "
+        f"'mixture_of_gaussians' (num_components) or the default, got {type(prior).__name__}"
+    )
 
 
-def build_gmvae(event_shape: Sequence[int], latent_dim: int, hidden_dim: int, prior: Prior, likelihood: Likelihood,
-                num_components: int = 10, relaxed: bool = False, uniform_weights: bool = True,
-                **data_info) -> GaussianMixtureVAE:
+def build_gmvae(
+    event_shape: Sequence[int],
+    latent_dim: int,
+    hidden_dim: int,
+    prior: Prior,
+    likelihood: Likelihood,
+    num_components: int = 10,
+    relaxed: bool = False,
+    uniform_weights: bool = True,
+    **data_info,
+) -> GaussianMixtureVAE:
     """The ``gmvae`` model: ReLU MLPs with one hidden layer of ``hidden_dim`` units; ``num_components``
     (default 10) unless the prior given is a mixture_of_gaussians with its own count; p(c) uniform
     (its logits not trained) unless ``uniform_weights`` is False."""

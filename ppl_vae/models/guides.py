@@ -50,8 +50,17 @@ class IAFGuideVAE(VAE):
     The parameters live in ``flows``. ``encode``/``reconstruct`` use the base Gaussian's loc.
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, prior, likelihood, event_shape: Sequence[int],
-                 *, num_flows: int = 2, hidden_dims: Optional[Sequence[int]] = None):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        prior,
+        likelihood,
+        event_shape: Sequence[int],
+        *,
+        num_flows: int = 2,
+        hidden_dims: Optional[Sequence[int]] = None,
+    ):
         super().__init__(encoder, decoder, prior, likelihood, event_shape)
         d = self.latent_dim
         if d < 2:
@@ -79,8 +88,9 @@ class IAFGuideVAE(VAE):
         z = q.rsample(() if num_particles is None else (num_particles,))
         return {"z": z}, q.log_prob(z)
 
-    def guide(self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None,
-              kl_weight: float = 1.0) -> Tensor:
+    def guide(
+        self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None, kl_weight: float = 1.0
+    ) -> Tensor:
         """q(z|x): the encoder's Gaussian through the IAF steps; ``y`` is ignored."""
         with data_plate(x, num_data):
             q = self.guide_distribution(x)
@@ -88,8 +98,11 @@ class IAFGuideVAE(VAE):
                 return pyro.sample("z", q)
 
 
-@GUIDES.register("iaf", doc="inverse autoregressive flows on the encoder's Gaussian (Kingma et al. 2016); "
-                 "options num_flows (2), hidden_dims")
+@GUIDES.register(
+    "iaf",
+    doc="inverse autoregressive flows on the encoder's Gaussian (Kingma et al. 2016); "
+    "options num_flows (2), hidden_dims",
+)
 def iaf(vae: VAE, num_flows: int = 2, hidden_dims: Optional[Sequence[int]] = None) -> IAFGuideVAE:
     """The same parts with an IAF guide; needs a VAE that uses the base class's model and guide.
 
@@ -97,10 +110,19 @@ def iaf(vae: VAE, num_flows: int = 2, hidden_dims: Optional[Sequence[int]] = Non
     network (default ``[3 * latent_dim + 1]``).
     """
     if not vae.has_fast_path or not vae.encoder_is_guide:
-        raise ValueError(f"guide 'iaf' needs a VAE whose guide is its encoder's Gaussian and whose model is "
-                         f"built from its parts; {type(vae).__name__} is not")
-    return IAFGuideVAE(vae.encoder, vae.decoder, vae.prior, vae.likelihood, vae.event_shape,
-                       num_flows=num_flows, hidden_dims=hidden_dims)
+        raise ValueError(
+            f"guide 'iaf' needs a VAE whose guide is its encoder's Gaussian and whose model is "
+            f"built from its parts; {type(vae).__name__} is not"
+        )
+    return IAFGuideVAE(
+        vae.encoder,
+        vae.decoder,
+        vae.prior,
+        vae.likelihood,
+        vae.event_shape,
+        num_flows=num_flows,
+        hidden_dims=hidden_dims,
+    )
 
 
 def make_guide(name: str, vae: VAE, **options) -> VAE:

@@ -98,8 +98,9 @@ def _positive_ints(name: str, values) -> List[int]:
 def _check_hidden(hidden_dims, num_layers: int) -> List[List[int]]:
     hidden = list(hidden_dims)
     if len(hidden) != num_layers:
-        raise ValueError(f"hidden_dims must give one list of hidden sizes per stochastic layer ({num_layers}), "
-                         f"got {hidden_dims!r}")
+        raise ValueError(
+            f"hidden_dims must give one list of hidden sizes per stochastic layer ({num_layers}), got {hidden_dims!r}"
+        )
     out = []
     for h in hidden:
         h = [h] if isinstance(h, int) and not isinstance(h, bool) else list(h)
@@ -113,10 +114,12 @@ def _check_fractions(fractions, num_layers: int) -> Tuple[float, ...]:
     if fractions is None:
         return (1.0,) * num_layers
     values = list(fractions)
-    if len(values) != num_layers or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1
-                                        for f in values):
-        raise ValueError(f"kl_warmup_fractions must be {num_layers} numbers in (0, 1], one per layer (z1 first), "
-                         f"got {fractions!r}")
+    if len(values) != num_layers or any(
+        isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1 for f in values
+    ):
+        raise ValueError(
+            f"kl_warmup_fractions must be {num_layers} numbers in (0, 1], one per layer (z1 first), got {fractions!r}"
+        )
     return tuple(float(f) for f in values)
 
 
@@ -153,20 +156,25 @@ class HierarchicalVAE(VAE):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
         if prior.latent_dim != latent_dims[-1]:
-            raise ValueError(f"the prior is over {prior.latent_dim} dims but the top layer z{num_layers} has "
-                             f"{latent_dims[-1]} (latent_dims={latent_dims})")
+            raise ValueError(
+                f"the prior is over {prior.latent_dim} dims but the top layer z{num_layers} has "
+                f"{latent_dims[-1]} (latent_dims={latent_dims})"
+            )
         if prior.uses_encoder:
-            raise ValueError(f"a hierarchical model needs a prior that does not evaluate an encoder "
-                             f"({type(prior).__name__} does)")
+            raise ValueError(
+                f"a hierarchical model needs a prior that does not evaluate an encoder ({type(prior).__name__} does)"
+            )
         event_shape = tuple(int(s) for s in event_shape)
         encoder = self._inference_networks(event_shape, latent_dims, hidden, activation)
-        decoder = MLPDecoder(latent_dims[0], event_shape, likelihood.num_params, tuple(reversed(hidden[0])),
-                             activation)
+        decoder = MLPDecoder(latent_dims[0], event_shape, likelihood.num_params, tuple(reversed(hidden[0])), activation)
         super().__init__(encoder, decoder, prior, likelihood, event_shape)
         # p(z_l | z_{l+1}), l = 1 .. L-1: its hidden sizes mirror layer l+1's inference network
         self.generative = nn.ModuleList(
-            GaussianMLPEncoder((latent_dims[layer],), latent_dims[layer - 1], tuple(reversed(hidden[layer])), activation)
-            for layer in range(1, num_layers))
+            GaussianMLPEncoder(
+                (latent_dims[layer],), latent_dims[layer - 1], tuple(reversed(hidden[layer])), activation
+            )
+            for layer in range(1, num_layers)
+        )
         self.latent_dims = tuple(latent_dims)
         self.hidden_dims = tuple(tuple(h) for h in hidden)
         self.activation = activation
@@ -178,8 +186,11 @@ class HierarchicalVAE(VAE):
     def _inference_networks(event_shape, latent_dims, hidden, activation) -> nn.ModuleList:
         sizes = [None, *latent_dims]
         return nn.ModuleList(
-            GaussianMLPEncoder(event_shape if layer == 0 else (sizes[layer],), latent_dims[layer], hidden[layer], activation)
-            for layer in range(len(latent_dims)))
+            GaussianMLPEncoder(
+                event_shape if layer == 0 else (sizes[layer],), latent_dims[layer], hidden[layer], activation
+            )
+            for layer in range(len(latent_dims))
+        )
 
     @property
     def inference_steps(self) -> nn.ModuleList:
@@ -203,8 +214,9 @@ class HierarchicalVAE(VAE):
 
     # Pyro model and guide
 
-    def model(self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None,
-              kl_weight: float = 1.0) -> Tensor:
+    def model(
+        self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None, kl_weight: float = 1.0
+    ) -> Tensor:
         """p(x, z_1..z_L) = p(z_L) prod_l p(z_l | z_{l+1}) p(x | z_1), top-down; returns z_1. ``y`` is ignored."""
         weights = self.kl_weights(kl_weight)
         top = self.num_layers
@@ -218,8 +230,9 @@ class HierarchicalVAE(VAE):
             pyro.sample("x", self.likelihood(*self.decoder(z)), obs=x)
         return z
 
-    def guide(self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None,
-              kl_weight: float = 1.0) -> Tensor:
+    def guide(
+        self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None, kl_weight: float = 1.0
+    ) -> Tensor:
         """q(z_1 | x) prod_l q(z_l | z_{l-1}), bottom-up; returns z_L. ``y`` is ignored."""
         weights = self.kl_weights(kl_weight)
         with data_plate(x, num_data):
@@ -343,8 +356,9 @@ class LadderVAE(HierarchicalVAE):
         p_loc, p_scale = self.generative[layer - 1](z_above)
         return precision_weighted(up[layer - 1][0], up[layer - 1][1], p_loc, p_scale)
 
-    def guide(self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None,
-              kl_weight: float = 1.0) -> Tensor:
+    def guide(
+        self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None, kl_weight: float = 1.0
+    ) -> Tensor:
         """q(z_L | x) prod_l q(z_l | z_{l+1}, x), top-down; returns z_1. ``y`` is ignored."""
         weights = self.kl_weights(kl_weight)
         with data_plate(x, num_data):
@@ -384,8 +398,9 @@ class LadderVAE(HierarchicalVAE):
 # The registry entries
 
 
-def _two_layer_sizes(latent_dim: int, hidden_dim: int, z1_dim: Optional[int],
-                     hidden_dims: Optional[Sequence[Sequence[int]]]) -> Tuple[List[int], Sequence]:
+def _two_layer_sizes(
+    latent_dim: int, hidden_dim: int, z1_dim: Optional[int], hidden_dims: Optional[Sequence[Sequence[int]]]
+) -> Tuple[List[int], Sequence]:
     z1 = 2 * latent_dim if z1_dim is None else z1_dim
     if isinstance(z1, bool) or not isinstance(z1, int) or z1 < 1:
         raise ValueError(f"z1_dim must be a positive integer, got {z1_dim!r}")
@@ -393,28 +408,68 @@ def _two_layer_sizes(latent_dim: int, hidden_dim: int, z1_dim: Optional[int],
     return [z1, latent_dim], hidden
 
 
-def build_two_layer(event_shape: Sequence[int], latent_dim: int, hidden_dim: int, prior: Prior,
-                    likelihood: Likelihood, *, z1_dim: Optional[int] = None,
-                    hidden_dims: Optional[Sequence[Sequence[int]]] = None, activation: str = "tanh",
-                    kl_warmup_fractions: Optional[Sequence[float]] = None, **data_info) -> HierarchicalVAE:
+def build_two_layer(
+    event_shape: Sequence[int],
+    latent_dim: int,
+    hidden_dim: int,
+    prior: Prior,
+    likelihood: Likelihood,
+    *,
+    z1_dim: Optional[int] = None,
+    hidden_dims: Optional[Sequence[Sequence[int]]] = None,
+    activation: str = "tanh",
+    kl_warmup_fractions: Optional[Sequence[float]] = None,
+    **data_info,
+) -> HierarchicalVAE:
     """The ``two_layer`` model: z2 has ``latent_dim`` units, z1 ``z1_dim`` (default twice that)."""
     dims, hidden = _two_layer_sizes(latent_dim, hidden_dim, z1_dim, hidden_dims)
-    return HierarchicalVAE(event_shape, dims, prior, likelihood, hidden_dims=hidden, activation=activation,
-                           kl_warmup_fractions=kl_warmup_fractions)
+    return HierarchicalVAE(
+        event_shape,
+        dims,
+        prior,
+        likelihood,
+        hidden_dims=hidden,
+        activation=activation,
+        kl_warmup_fractions=kl_warmup_fractions,
+    )
 
 
-def build_ladder(event_shape: Sequence[int], latent_dim: int, hidden_dim: int, prior: Prior,
-                 likelihood: Likelihood, *, z1_dim: Optional[int] = None,
-                 hidden_dims: Optional[Sequence[Sequence[int]]] = None, activation: str = "tanh",
-                 kl_warmup_fractions: Optional[Sequence[float]] = None, **data_info) -> LadderVAE:
+def build_ladder(
+    event_shape: Sequence[int],
+    latent_dim: int,
+    hidden_dim: int,
+    prior: Prior,
+    likelihood: Likelihood,
+    *,
+    z1_dim: Optional[int] = None,
+    hidden_dims: Optional[Sequence[Sequence[int]]] = None,
+    activation: str = "tanh",
+    kl_warmup_fractions: Optional[Sequence[float]] = None,
+    **data_info,
+) -> LadderVAE:
     """The ``ladder`` model, with the sizes of ``two_layer``."""
     dims, hidden = _two_layer_sizes(latent_dim, hidden_dim, z1_dim, hidden_dims)
-    return LadderVAE(event_shape, dims, prior, likelihood, hidden_dims=hidden, activation=activation,
-                     kl_warmup_fractions=kl_warmup_fractions)
+    return LadderVAE(
+        event_shape,
+        dims,
+        prior,
+        likelihood,
+        hidden_dims=hidden,
+        activation=activation,
+        kl_warmup_fractions=kl_warmup_fractions,
+    )
 
 
-def build_one_layer(event_shape: Sequence[int], latent_dim: int, hidden_dim: int, prior: Prior,
-                    likelihood: Likelihood, *, activation: str = "tanh", **data_info) -> VAE:
+def build_one_layer(
+    event_shape: Sequence[int],
+    latent_dim: int,
+    hidden_dim: int,
+    prior: Prior,
+    likelihood: Likelihood,
+    *,
+    activation: str = "tanh",
+    **data_info,
+) -> VAE:
     """Burda et al.'s one-stochastic-layer model: two hidden layers of ``hidden_dim`` each way."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
@@ -425,22 +480,44 @@ def build_one_layer(event_shape: Sequence[int], latent_dim: int, hidden_dim: int
 
 
 MODELS.register("one_layer", doc="Burda et al. 2015, one stochastic layer: x-200-200-z(50), tanh, Bernoulli")(
-    ModelSpec(build_one_layer,
-              "Burda et al. 2015 (sec. 5), one stochastic layer: tanh MLPs x-200-200-z (50) and back, "
-              "Bernoulli likelihood; latent site 'z'",
-              likelihood="bernoulli", latent_dim=50, hidden_dim=200))
+    ModelSpec(
+        build_one_layer,
+        "Burda et al. 2015 (sec. 5), one stochastic layer: tanh MLPs x-200-200-z (50) and back, "
+        "Bernoulli likelihood; latent site 'z'",
+        likelihood="bernoulli",
+        latent_dim=50,
+        hidden_dim=200,
+    )
+)
 MODELS.register("two_layer", doc="Burda et al. 2015, two stochastic layers z1 (100), z2 (50); bottom-up inference")(
-    ModelSpec(build_two_layer,
-              "Burda et al. 2015 (sec. 5), two stochastic layers: x-200-200-z1 (100)-100-100-z2 (50), tanh, "
-              "generative path mirrored, Bernoulli likelihood; sites 'z1', 'z2'",
-              likelihood="bernoulli", latent_dim=50, hidden_dim=200))
+    ModelSpec(
+        build_two_layer,
+        "Burda et al. 2015 (sec. 5), two stochastic layers: x-200-200-z1 (100)-100-100-z2 (50), tanh, "
+        "generative path mirrored, Bernoulli likelihood; sites 'z1', 'z2'",
+        likelihood="bernoulli",
+        latent_dim=50,
+        hidden_dim=200,
+    )
+)
 MODELS.register("ladder", doc="Sønderby et al. 2016 ladder VAE: top-down precision-weighted inference, z1, z2")(
-    ModelSpec(build_ladder,
-              "Sønderby et al. 2016 ladder VAE with the two_layer sizes: bottom-up deterministic pass, top-down "
-              "inference merging bottom-up and generative Gaussians by precision; per-layer KL warm-up "
-              "(option kl_warmup_fractions); sites 'z1', 'z2'",
-              likelihood="bernoulli", latent_dim=50, hidden_dim=200))
+    ModelSpec(
+        build_ladder,
+        "Sønderby et al. 2016 ladder VAE with the two_layer sizes: bottom-up deterministic pass, top-down "
+        "inference merging bottom-up and generative Gaussians by precision; per-layer KL warm-up "
+        "(option kl_warmup_fractions); sites 'z1', 'z2'",
+        likelihood="bernoulli",
+        latent_dim=50,
+        hidden_dim=200,
+    )
+)
 
 
-__all__ = ["HierarchicalVAE", "LadderVAE", "build_ladder", "build_one_layer", "build_two_layer",
-           "precision_weighted", "site_names"]
+__all__ = [
+    "HierarchicalVAE",
+    "LadderVAE",
+    "build_ladder",
+    "build_one_layer",
+    "build_two_layer",
+    "precision_weighted",
+    "site_names",
+]

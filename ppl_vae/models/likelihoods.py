@@ -147,8 +147,10 @@ class BernoulliLikelihood(Likelihood):
     num_params = 1
     support = (0.0, 1.0)
     name = "bernoulli"
-    support_hint = ("rescale the data into [0, 1] (e.g. divide 8-bit images by 255) or choose a likelihood "
-                    "for real values (gaussian, laplace)")
+    support_hint = (
+        "rescale the data into [0, 1] (e.g. divide 8-bit images by 255) or choose a likelihood "
+        "for real values (gaussian, laplace)"
+    )
 
     def __init__(self, event_dims: int = 1):
         super().__init__()

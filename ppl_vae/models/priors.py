@@ -74,8 +74,9 @@ class StandardNormalPrior(Prior):
         return normal_log_prob(z).sum(-1)
 
 
-@PRIORS.register("mixture_of_gaussians", doc="a learnable mixture of diagonal Gaussians; options num_components (10), "
-                 "init_scale")
+@PRIORS.register(
+    "mixture_of_gaussians", doc="a learnable mixture of diagonal Gaussians; options num_components (10), init_scale"
+)
 class MixtureOfGaussiansPrior(Prior):
     """A learnable mixture of ``num_components`` diagonal Gaussians (weights, means, scales)."""
 
@@ -94,8 +95,11 @@ class MixtureOfGaussiansPrior(Prior):
         return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
 
 
-@PRIORS.register("vamp", doc="VampPrior (Tomczak & Welling 2018): mixture of the encoder's q(z|u_k) at learned "
-                 "pseudo-inputs u_k; options num_components (50), init_loc, init_scale")
+@PRIORS.register(
+    "vamp",
+    doc="VampPrior (Tomczak & Welling 2018): mixture of the encoder's q(z|u_k) at learned "
+    "pseudo-inputs u_k; options num_components (50), init_loc, init_scale",
+)
 class VampPrior(Prior):
     """VampPrior: p(z) = (1/K) sum_k q(z | u_k), the encoder at K learned pseudo-inputs (Tomczak & Welling 2018).
 
@@ -141,20 +145,26 @@ class VampPrior(Prior):
                 f"pseudo-inputs of shape {tuple(shape)}: {exc}"
             ) from None
         if tuple(loc.shape) != (self.num_components, self.latent_dim):
-            raise ValueError(f"prior 'vamp': the encoder returned loc of shape {tuple(loc.shape)}, "
-                             f"expected {(self.num_components, self.latent_dim)}")
+            raise ValueError(
+                f"prior 'vamp': the encoder returned loc of shape {tuple(loc.shape)}, "
+                f"expected {(self.num_components, self.latent_dim)}"
+            )
 
     def forward(self) -> dist.Distribution:
         if not self._encoder or self.pseudo_inputs is None:
-            raise ValueError("the VampPrior has no encoder: build the VAE with build_vae, or call prior.attach_to(vae.encoder, vae.event_shape)")
+            raise ValueError(
+                "the VampPrior has no encoder: build the VAE with build_vae, or call prior.attach_to(vae.encoder, vae.event_shape)"
+            )
         loc, scale = self._encoder[0](self.pseudo_inputs)
         components = dist.Normal(loc, scale).to_event(1)
         logits = loc.new_zeros(self.num_components)  # equal weights 1/K
         return dist.MixtureSameFamily(dist.Categorical(logits=logits), components)
 
 
-@PRIORS.register("flow", doc="N(0, I) through learned affine autoregressive transforms (a MAF prior); "
-                 "options num_flows (2), hidden_dims")
+@PRIORS.register(
+    "flow",
+    doc="N(0, I) through learned affine autoregressive transforms (a MAF prior); options num_flows (2), hidden_dims",
+)
 class FlowPrior(Prior):
     """N(0, I) pushed through ``num_flows`` learned affine autoregressive transforms (a MAF prior).
 

@@ -211,4 +211,3 @@ MODELS.register(
         hidden_dim=32,
     )
 )
-

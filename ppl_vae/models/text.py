@@ -134,8 +134,14 @@ class CategoricalLikelihood(Likelihood):
 LIKELIHOODS.register("categorical", doc="categorical over num_categories symbols per element (character indices)")(
     CategoricalLikelihood
 )
-@LIKELIHOODS.register("categorical_text", doc="categorical over the text alphabet; positions after end-of-text unscored")
-def text_likelihood(event_dims: int = 1, num_categories: int = VOCAB_SIZE, end_index: Optional[int] = END_INDEX) -> CategoricalLikelihood:
+
+
+@LIKELIHOODS.register(
+    "categorical_text", doc="categorical over the text alphabet; positions after end-of-text unscored"
+)
+def text_likelihood(
+    event_dims: int = 1, num_categories: int = VOCAB_SIZE, end_index: Optional[int] = END_INDEX
+) -> CategoricalLikelihood:
     """:class:`CategoricalLikelihood` over ``ppl_vae.data.text``'s alphabet, ending at its end token."""
     return CategoricalLikelihood(event_dims, num_categories, end_index)
 
@@ -155,9 +161,12 @@ class ConvTextEncoder(nn.Module):
         self.embed = nn.Embedding(vocab_size, embed_dim)
         c = channels
         self.convs = nn.Sequential(
-            nn.Conv1d(embed_dim, c, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv1d(c, 2 * c, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv1d(2 * c, 2 * c, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv1d(embed_dim, c, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(c, 2 * c, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(2 * c, 2 * c, 3, stride=2, padding=1),
+            nn.ReLU(),
         )
         self.head = nn.Linear(2 * c * (length // 8), 2 * latent_dim)
         # He init and a narrow q(z|x) at the start: the code then differs between sentences
@@ -186,8 +195,15 @@ class HybridTextDecoder(nn.Module):
     time when the decoder has history). :meth:`logits` also returns the auxiliary logits.
     """
 
-    def __init__(self, latent_dim: int, length: int, vocab_size: int, channels: int = 128,
-                 embed_dim: int = 32, history: bool = True):
+    def __init__(
+        self,
+        latent_dim: int,
+        length: int,
+        vocab_size: int,
+        channels: int = 128,
+        embed_dim: int = 32,
+        history: bool = True,
+    ):
         super().__init__()
         self.length, self.vocab_size, self.history = length, vocab_size, history
         self.num_params = vocab_size
@@ -196,9 +212,12 @@ class HybridTextDecoder(nn.Module):
         self.dense = nn.Linear(latent_dim, 2 * c * (length // 8))
         self.deconvs = nn.Sequential(
             nn.ReLU(),
-            nn.ConvTranspose1d(2 * c, 2 * c, 4, stride=2, padding=1), nn.ReLU(),
-            nn.ConvTranspose1d(2 * c, c, 4, stride=2, padding=1), nn.ReLU(),
-            nn.ConvTranspose1d(c, c, 4, stride=2, padding=1), nn.ReLU(),
+            nn.ConvTranspose1d(2 * c, 2 * c, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.ConvTranspose1d(2 * c, c, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.ConvTranspose1d(c, c, 4, stride=2, padding=1),
+            nn.ReLU(),
         )
         self.aux_head = nn.Conv1d(c, vocab_size, 1)
         self.embed = nn.Embedding(vocab_size + 1, embed_dim)  # the extra index starts a sentence
@@ -259,15 +278,23 @@ class TextHybridVAE(VAE):
     generates_images = False  # x is a row of character indices: `ppl-vae text` decodes samples
     decoder: HybridTextDecoder
 
-    def __init__(self, encoder: ConvTextEncoder, decoder: HybridTextDecoder, prior: Prior,
-                 likelihood: Likelihood, event_shape: Sequence[int], alpha: float = 1.0):
+    def __init__(
+        self,
+        encoder: ConvTextEncoder,
+        decoder: HybridTextDecoder,
+        prior: Prior,
+        likelihood: Likelihood,
+        event_shape: Sequence[int],
+        alpha: float = 1.0,
+    ):
         super().__init__(encoder, decoder, prior, likelihood, event_shape)
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         self.alpha = alpha
 
-    def model(self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None,
-              kl_weight: float = 1.0) -> Tensor:
+    def model(
+        self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None, kl_weight: float = 1.0
+    ) -> Tensor:
         """p(z) p(x|z) with the LSTM decoder; in training mode also alpha * log p_aux(x|z)."""
         with data_plate(x, num_data):
             with poutine.scale(scale=kl_weight):
@@ -328,8 +355,11 @@ def _variant(**options):
 for _name, _options, _doc in (
     ("text_hybrid", {}, "Semeniuta et al. 2017: conv encoder, deconv + LSTM decoder, auxiliary loss alpha=1"),
     ("text_hybrid_noaux", {"alpha": 0.0}, "text_hybrid without the auxiliary reconstruction term (alpha=0)"),
-    ("text_hybrid_historyless", {"history": False},
-     "text_hybrid whose LSTM sees no previous characters (historyless decoding)"),
+    (
+        "text_hybrid_historyless",
+        {"history": False},
+        "text_hybrid whose LSTM sees no previous characters (historyless decoding)",
+    ),
 ):
     MODELS.register(_name, doc=_doc)(
         ModelSpec(_variant(**_options), _doc, likelihood="categorical_text", latent_dim=32, hidden_dim=128)

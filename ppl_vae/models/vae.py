@@ -83,8 +83,9 @@ class VAE(nn.Module):
     def latent_dim(self) -> int:
         return self.prior.latent_dim
 
-    def model(self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None,
-              kl_weight: float = 1.0) -> Tensor:
+    def model(
+        self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None, kl_weight: float = 1.0
+    ) -> Tensor:
         """p(x, z) = p(z) p(x|z), with ``x`` observed; returns z. Labels ``y`` are ignored."""
         with data_plate(x, num_data):
             with poutine.scale(scale=kl_weight):
@@ -92,8 +93,9 @@ class VAE(nn.Module):
             pyro.sample("x", self.likelihood(*self.decoder(z)), obs=x)
         return z
 
-    def guide(self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None,
-              kl_weight: float = 1.0) -> Tensor:
+    def guide(
+        self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None, kl_weight: float = 1.0
+    ) -> Tensor:
         """q(z|x) = N(z; encoder(x)), the amortized guide (AEVB's recognition model); ``y`` is ignored."""
         with data_plate(x, num_data):
             loc, scale = self.encoder(x)

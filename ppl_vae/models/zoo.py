@@ -55,8 +55,7 @@ def _mlp_vae(
 MODELS.register("gaussian_mlp", doc="AEVB appendix C.2: tanh MLP, Gaussian encoder and decoder")(
     ModelSpec(
         _mlp_vae,
-        "AEVB appendix C.2: tanh MLP encoder, Gaussian decoder with learned variance "
-        "and mean squashed into (0, 1)",
+        "AEVB appendix C.2: tanh MLP encoder, Gaussian decoder with learned variance and mean squashed into (0, 1)",
         likelihood="gaussian_sigmoid",
     )
 )

@@ -108,8 +108,9 @@ class BlockTask:
         return state
 
 
-def _score_blocks(task: BlockTask, blocks: Sequence[Block], seed: int, threads: Optional[int],
-                  processes: int, progress: bool) -> List[Any]:
+def _score_blocks(
+    task: BlockTask, blocks: Sequence[Block], seed: int, threads: Optional[int], processes: int, progress: bool
+) -> List[Any]:
     from tqdm.auto import tqdm
 
     set_threads(threads, processes)
@@ -121,8 +122,9 @@ def _score_blocks(task: BlockTask, blocks: Sequence[Block], seed: int, threads: 
     return out
 
 
-def _launched_shard(task: BlockTask, blocks: Sequence[Block], seed: int, threads: Optional[int],
-                    nproc: int) -> List[Any]:
+def _launched_shard(
+    task: BlockTask, blocks: Sequence[Block], seed: int, threads: Optional[int], nproc: int
+) -> List[Any]:
     """One process started by :func:`map_blocks`: score this rank's share (no process group needed)."""
     rank = int(os.environ["RANK"])
     return _score_blocks(task, shard(blocks, rank, nproc), seed, threads, nproc, progress=False)
@@ -135,8 +137,16 @@ def is_writer() -> bool:
     return not distributed.launched_by_torchrun() or distributed.env_rank() == 0
 
 
-def map_blocks(task: BlockTask, num_datapoints: int, block_size: int, seed: int, *, nproc: int = 1,
-               threads: Optional[int] = None, progress: bool = False) -> List[Any]:
+def map_blocks(
+    task: BlockTask,
+    num_datapoints: int,
+    block_size: int,
+    seed: int,
+    *,
+    nproc: int = 1,
+    threads: Optional[int] = None,
+    progress: bool = False,
+) -> List[Any]:
     """``task(start, stop)`` for every block, each under :func:`block_seed`, in block order.
 
     ``nproc > 1`` starts that many processes here; under ``torchrun`` (``nproc`` must then
@@ -153,8 +163,9 @@ def map_blocks(task: BlockTask, num_datapoints: int, block_size: int, seed: int,
         device = task.device.type if task.device is not None else "cpu"
         with distributed.process_group(device) as ctx:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
-            mine = _score_blocks(task, shard(blocks, ctx.rank, ctx.world_size), seed, threads, local,
-                                 progress and ctx.is_main)
+            mine = _score_blocks(
+                task, shard(blocks, ctx.rank, ctx.world_size), seed, threads, local, progress and ctx.is_main
+            )
             gathered: List[Any] = [None] * ctx.world_size
             with ctx.collective("gathering the per-block results"):
                 torch.distributed.all_gather_object(gathered, mine)
@@ -167,5 +178,14 @@ def map_blocks(task: BlockTask, num_datapoints: int, block_size: int, seed: int,
     return _score_blocks(task, blocks, seed, threads, 1, progress)
 
 
-__all__ = ["BlockTask", "available_cores", "block_bounds", "block_seed", "is_writer", "map_blocks", "seeded",
-           "set_threads", "shard"]
+__all__ = [
+    "BlockTask",
+    "available_cores",
+    "block_bounds",
+    "block_seed",
+    "is_writer",
+    "map_blocks",
+    "seeded",
+    "set_threads",
+    "shard",
+]

@@ -47,8 +47,7 @@ class Selection:
         return {"y": self.labels}
 
 
-def select_datapoints(run: Run, split: str = "test", num_datapoints: Optional[int] = None,
-                      seed: int = 0) -> Selection:
+def select_datapoints(run: Run, split: str = "test", num_datapoints: Optional[int] = None, seed: int = 0) -> Selection:
     """Load the run's data and pick ``num_datapoints`` of ``split`` (all when None; a seeded subset).
 
     Every split is scored as the model sees data: with dynamic binarization the training set

@@ -64,8 +64,18 @@ class Comparison:
 class _GapTask(BlockTask):
     """One block of ``compare``: q* fitted to datapoints [start, stop), then the gap decomposition."""
 
-    def __init__(self, run_dir: Path, device: str, split: str, num_datapoints: Optional[int], seed: int,
-                 num_samples: int, batch_size: int, mean_field_options: Dict[str, Any], loaded: Any = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        device: str,
+        split: str,
+        num_datapoints: Optional[int],
+        seed: int,
+        num_samples: int,
+        batch_size: int,
+        mean_field_options: Dict[str, Any],
+        loaded: Any = None,
+    ):
         super().__init__()
         self.run_dir, self.device_name, self.split, self.num_datapoints = run_dir, device, split, num_datapoints
         self.seed, self.num_samples, self.batch_size = seed, num_samples, batch_size
@@ -85,17 +95,34 @@ class _GapTask(BlockTask):
         return score_gaps(run, sel, start, stop, self.num_samples, self.batch_size, self.mean_field_options)
 
 
-def score_gaps(run: Run, sel: Selection, start: int, stop: int, num_samples: int, batch_size: int,
-               mean_field_options: Dict[str, Any]) -> xr.Dataset:
+def score_gaps(
+    run: Run,
+    sel: Selection,
+    start: int,
+    stop: int,
+    num_samples: int,
+    batch_size: int,
+    mean_field_options: Dict[str, Any],
+) -> xr.Dataset:
     """q* fitted to the selection's datapoints [start, stop) and their gap decomposition (one block)."""
     vae = run.vae
     x = sel.x[start:stop]
     kwargs = {k: v[start:stop] for k, v in sel.model_kwargs(run).items()}
     with eval_mode(vae):
-        mean_field = fit_mean_field(vae.model, x, guide=vae.guide, **{"progress": False, **mean_field_options},
-                                    **kwargs)
-        return gap_decomposition(vae.model, vae.guide, x, num_samples=num_samples, batch_size=batch_size,
-                                 mean_field=mean_field, datapoint=sel.index[start:stop], progress=False, **kwargs)
+        mean_field = fit_mean_field(
+            vae.model, x, guide=vae.guide, **{"progress": False, **mean_field_options}, **kwargs
+        )
+        return gap_decomposition(
+            vae.model,
+            vae.guide,
+            x,
+            num_samples=num_samples,
+            batch_size=batch_size,
+            mean_field=mean_field,
+            datapoint=sel.index[start:stop],
+            progress=False,
+            **kwargs,
+        )
 
 
 def join_gap_blocks(parts: List[xr.Dataset]) -> xr.Dataset:
@@ -104,11 +131,13 @@ def join_gap_blocks(parts: List[xr.Dataset]) -> xr.Dataset:
     from ppl_vae.reports.evaluation import join_blocks
 
     gaps = join_blocks(parts)
-    gaps.attrs.update({
-        "meanfield_num_converged": int(gaps["meanfield_converged"].values.sum()),
-        "meanfield_num_datapoints": int(gaps.sizes["datapoint"]),
-        "meanfield_max_steps_taken": max(int(p.attrs["meanfield_max_steps_taken"]) for p in parts),
-    })
+    gaps.attrs.update(
+        {
+            "meanfield_num_converged": int(gaps["meanfield_converged"].values.sum()),
+            "meanfield_num_datapoints": int(gaps.sizes["datapoint"]),
+            "meanfield_max_steps_taken": max(int(p.attrs["meanfield_max_steps_taken"]) for p in parts),
+        }
+    )
     return gaps
 
 
@@ -161,13 +190,32 @@ def compare_run(
     kwargs = sel.model_kwargs(run)
     mf_options = dict(mean_field_options or {})
     block = mean_field_block_size(mf_options)
-    task = _GapTask(Path(run_dir), device, split, num_datapoints or None, seed, num_samples, batch_size, mf_options,
-                    loaded=(run, sel))
-    gaps = join_gap_blocks(map_blocks(task, len(sel.index), block, seed, nproc=nproc, threads=threads,
-                                      progress=progress))
-    gaps.attrs.update({"split": split, "run_dir": str(run.run_dir), "model": run.config.model.model,
-                       "dataset": run.config.data.dataset, "seed": seed, "preprocessing": sel.preprocessing,
-                       "block_size": block, "num_datapoints": int(len(sel.index))})
+    task = _GapTask(
+        Path(run_dir),
+        device,
+        split,
+        num_datapoints or None,
+        seed,
+        num_samples,
+        batch_size,
+        mf_options,
+        loaded=(run, sel),
+    )
+    gaps = join_gap_blocks(
+        map_blocks(task, len(sel.index), block, seed, nproc=nproc, threads=threads, progress=progress)
+    )
+    gaps.attrs.update(
+        {
+            "split": split,
+            "run_dir": str(run.run_dir),
+            "model": run.config.model.model,
+            "dataset": run.config.data.dataset,
+            "seed": seed,
+            "preprocessing": sel.preprocessing,
+            "block_size": block,
+            "num_datapoints": int(len(sel.index)),
+        }
+    )
     comparison = Comparison(gaps, gap_table(gaps), xr.Dataset(), None)
     comparison.warnings.extend(comparison_warnings(gaps, getattr(run.config.model, "guide", "diagonal_normal")))
     gaps.attrs["warnings"] = " | ".join(comparison.warnings) or "none"
@@ -178,8 +226,9 @@ def compare_run(
     return comparison
 
 
-def _diagnostics_and_files(run: Run, sel: Selection, kwargs: Dict[str, Any], comparison: Comparison,
-                           num_draws: int, out: Path) -> None:
+def _diagnostics_and_files(
+    run: Run, sel: Selection, kwargs: Dict[str, Any], comparison: Comparison, num_draws: int, out: Path
+) -> None:
     vae, gaps = run.vae, comparison.gaps
     with eval_mode(vae):
         comparison.diagnostics = collapse_diagnostics(vae.model, vae.guide, sel.x, **kwargs)
@@ -189,20 +238,29 @@ def _diagnostics_and_files(run: Run, sel: Selection, kwargs: Dict[str, Any], com
         single = len(layout.sites) == 1
         shape = guide_moments(vae.guide, sel.x[:draw_n], None if single else layout, **draw_kwargs)[0].shape
         as_t = lambda a: torch.as_tensor(a[:draw_n], dtype=sel.x.dtype, device=sel.x.device).reshape(shape)  # noqa: E731
-        mf_guide = MeanFieldGuide(as_t(gaps["meanfield_loc"].values), as_t(np.log(gaps["meanfield_scale"].values)),
-                                  layout=layout)
-        draws = results.guide_draws(vae.model, {"amortized": vae.guide, "meanfield": mf_guide}, sel.x[:draw_n],
-                                    num_draws=num_draws, **draw_kwargs)
-        comparison.inference_data = results.to_inference_data(draws, datapoint=sel.index[:draw_n],
-                                                              attrs={"run_dir": str(run.run_dir), "split": sel.split})
+        mf_guide = MeanFieldGuide(
+            as_t(gaps["meanfield_loc"].values), as_t(np.log(gaps["meanfield_scale"].values)), layout=layout
+        )
+        draws = results.guide_draws(
+            vae.model,
+            {"amortized": vae.guide, "meanfield": mf_guide},
+            sel.x[:draw_n],
+            num_draws=num_draws,
+            **draw_kwargs,
+        )
+        comparison.inference_data = results.to_inference_data(
+            draws, datapoint=sel.index[:draw_n], attrs={"run_dir": str(run.run_dir), "split": sel.split}
+        )
         files = comparison.files
         files["gaps_netcdf"] = results.save_netcdf(gaps, out / COMPARE_FILES["gaps_netcdf"])
         files["gaps_csv"] = results.save_csv(per_datapoint_table(gaps), out / COMPARE_FILES["gaps_csv"])
         files["table_csv"] = results.save_csv(comparison.table, out / COMPARE_FILES["table_csv"])
-        files["diagnostics_netcdf"] = results.save_netcdf(comparison.diagnostics,
-                                                          out / COMPARE_FILES["diagnostics_netcdf"])
-        files["inference_data"] = results.save_inference_data(comparison.inference_data,
-                                                              out / COMPARE_FILES["inference_data"])
+        files["diagnostics_netcdf"] = results.save_netcdf(
+            comparison.diagnostics, out / COMPARE_FILES["diagnostics_netcdf"]
+        )
+        files["inference_data"] = results.save_inference_data(
+            comparison.inference_data, out / COMPARE_FILES["inference_data"]
+        )
         figures = _report_figures(run, sel, gaps, comparison.diagnostics, comparison.notes)
         files["report"] = write_report(out / COMPARE_FILES["report"], run, sel, comparison, figures)
 
@@ -215,7 +273,8 @@ def comparison_warnings(gaps: xr.Dataset, guide_family: str = "diagonal_normal")
         out.append(
             f"The amortized guide is {guide_family!r}, a richer family than q*'s diagonal Gaussian: "
             "L[q*] − L[q] then mixes the amortization gap with the difference between the families and may be "
-            "negative. log p̂ is unaffected (the mixture proposal stays valid).")
+            "negative. log p̂ is unaffected (the mixture proposal stays valid)."
+        )
     return out
 
 
@@ -239,28 +298,34 @@ def estimate_warnings(gaps: xr.Dataset) -> List[str]:
         out.append(
             f"Mean-field VI did not converge for {not_converged} of {n} datapoints: their L[q*] is below the best "
             "diagonal Gaussian's, which understates the amortization gap and overstates the approximation gap. "
-            "Raise mean_field_options max_steps / polish_steps (CLI --mf-steps, --mf-polish-steps) or try init='prior'.")
+            "Raise mean_field_options max_steps / polish_steps (CLI --mf-steps, --mf-polish-steps) or try init='prior'."
+        )
     low = int(THRESHOLDS.low_ess(gaps["ess_mixture"].values, 2 * k).sum())
     if low:
         out.append(
             f"Low effective sample size: for {low} of {n} datapoints the mixture weights' ESS is below "
             f"{min(THRESHOLDS.min_ess, k):g} of the 2K = {2 * k} draws, so log p̂ there rests on a few draws and may sit "
-            "well below log p(x). Use more samples (--num-samples), or AIS (ppl-vae evaluate --method ais).")
+            "well below log p(x). Use more samples (--num-samples), or AIS (ppl-vae evaluate --method ais)."
+        )
     if "khat_mixture" in gaps:
         high = int((gaps["khat_mixture"].values > THRESHOLDS.khat).sum())
         if high:
             out.append(
                 f"Heavy-tailed importance weights: PSIS k̂ > {THRESHOLDS.khat} for {high} of {n} datapoints, so "
                 "their log p̂ and its standard error are unreliable (Vehtari et al. 2024). A better proposal "
-                "(a flow guide) or AIS gives trustworthy numbers there.")
+                "(a flow guide) or AIS gives trustworthy numbers there."
+            )
     if n < THRESHOLDS.min_datapoints:
-        out.append(f"Only {n} datapoints: the means over datapoints have wide standard errors (se column); "
-                   "use more datapoints (--num-datapoints) before comparing runs.")
+        out.append(
+            f"Only {n} datapoints: the means over datapoints have wide standard errors (se column); "
+            "use more datapoints (--num-datapoints) before comparing runs."
+        )
     return out
 
 
-def _report_figures(run: Run, sel: Selection, gaps: xr.Dataset, diagnostics: xr.Dataset,
-                    notes: List[str]) -> List[Tuple[str, Figure]]:
+def _report_figures(
+    run: Run, sel: Selection, gaps: xr.Dataset, diagnostics: xr.Dataset, notes: List[str]
+) -> List[Tuple[str, Figure]]:
     """(title, figure) pairs; a figure that does not apply to this model becomes a note."""
     vae = run.vae
     device = sel.x.device
@@ -275,8 +340,12 @@ def _report_figures(run: Run, sel: Selection, gaps: xr.Dataset, diagnostics: xr.
     if vae.latent_dim == 2:  # decode maps the prior's (top) latent to x
         makers.append(("Learned manifold", lambda: plots.plot_manifold(vae.decode, device=device)))
     if gaps["amortized_loc"].shape[-1] == 2:  # one 2-D latent site in all
-        makers.append(("Latent space", lambda: plots.plot_latent_scatter(
-            torch.as_tensor(gaps["amortized_loc"].values), sel.labels)))
+        makers.append(
+            (
+                "Latent space",
+                lambda: plots.plot_latent_scatter(torch.as_tensor(gaps["amortized_loc"].values), sel.labels),
+            )
+        )
     figures = []
     for title, make in makers:
         try:
@@ -326,13 +395,16 @@ def render_html(run: Run, sel: Selection, comparison: Comparison, figures: List[
     gaps, table = comparison.gaps, comparison.table
     cfg = run.config
     esc = html.escape
-    rows = ["<tr><th>quantity</th><th>kind</th><th>mean (nats)</th><th>se over datapoints</th>"
-            "<th>Monte Carlo se</th><th>median</th><th>what it is</th></tr>"]
+    rows = [
+        "<tr><th>quantity</th><th>kind</th><th>mean (nats)</th><th>se over datapoints</th>"
+        "<th>Monte Carlo se</th><th>median</th><th>what it is</th></tr>"
+    ]
     for _, r in table.iterrows():
         rows.append(
             f"<tr><td class='text'>{esc(r['description'])}</td><td class='text'>{esc(r['bound'])}</td>"
             f"<td>{r['mean']:.3f}</td><td>{r['se']:.3f}</td><td>{r['mc_se']:.3f}</td><td>{r['median']:.3f}</td>"
-            f"<td class='text note'>{esc(r['meaning'])}</td></tr>")
+            f"<td class='text note'>{esc(r['meaning'])}</td></tr>"
+        )
     n = gaps.sizes["datapoint"]
     converged = gaps.attrs["meanfield_num_converged"]
     parts = [
@@ -372,7 +444,7 @@ def _site_sizes(diagnostics: xr.Dataset) -> Dict[str, int]:
 
 
 def latent_description(diagnostics: xr.Dataset) -> str:
-    """"latent dimension 20", or with several latent sites "latent sites z2 (50), z1 (100)"."""
+    """ "latent dimension 20", or with several latent sites "latent sites z2 (50), z1 (100)"."""
     sizes = _site_sizes(diagnostics)
     if len(sizes) > 1:
         return "latent sites " + ", ".join(f"{s} ({n})" for s, n in sizes.items())
@@ -380,7 +452,7 @@ def latent_description(diagnostics: xr.Dataset) -> str:
 
 
 def active_units_line(diagnostics: xr.Dataset) -> str:
-    """"3 of 20", with several latent sites followed by each site's count and its mean KL per unit."""
+    """ "3 of 20", with several latent sites followed by each site's count and its mean KL per unit."""
     line = f"{diagnostics.attrs['num_active']} of {diagnostics.sizes['latent']}"
     sizes = _site_sizes(diagnostics)
     if len(sizes) > 1:
@@ -393,8 +465,9 @@ def active_units_line(diagnostics: xr.Dataset) -> str:
     return line
 
 
-def write_report(path: Path, run: Run, sel: Selection, comparison: Comparison,
-                 figures: List[Tuple[str, Figure]]) -> Path:
+def write_report(
+    path: Path, run: Run, sel: Selection, comparison: Comparison, figures: List[Tuple[str, Figure]]
+) -> Path:
     """Render and write the HTML report atomically; returns ``path``."""
     path = Path(path)
     write_text(path, render_html(run, sel, comparison, figures))

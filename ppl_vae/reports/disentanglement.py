@@ -24,8 +24,13 @@ from ppl_vae.reports.common import CSS, check_out_dir, figure_to_data_uri
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-FILES = {"metrics": "disentanglement.nc", "traversal": "traversal.png", "mutual_info": "mutual_info.png",
-         "terms": "objective_terms.png", "report": "disentanglement.html"}
+FILES = {
+    "metrics": "disentanglement.nc",
+    "traversal": "traversal.png",
+    "mutual_info": "mutual_info.png",
+    "terms": "objective_terms.png",
+    "report": "disentanglement.html",
+}
 
 
 def check_targets(out_dir: Path) -> Dict[str, Path]:
@@ -35,8 +40,9 @@ def check_targets(out_dir: Path) -> Dict[str, Path]:
     paths = {k: out_dir / name for k, name in FILES.items()}
     for path in paths.values():
         if path.is_symlink():
-            raise ValueError(f"out: {path} is a symbolic link; refusing to write through it (remove it or choose "
-                             "another --out)")
+            raise ValueError(
+                f"out: {path} is a symbolic link; refusing to write through it (remove it or choose another --out)"
+            )
         if path.is_dir():
             raise ValueError(f"out: {path} is a folder; choose another --out")
     return paths
@@ -51,26 +57,45 @@ class DisentanglementReport:
     def summary(self) -> str:
         m = self.metrics
         per = ", ".join(f"{f} {float(v):.3f}" for f, v in zip(m.factor.values, m.mig_per_factor.values))
-        return (f"MIG {float(m.mig):.3f} ({per}); DCI disentanglement {float(m.dci_disentanglement):.3f}, "
-                f"completeness {float(m.dci_completeness):.3f}, informativeness "
-                f"{float(m.dci_informativeness.mean()):.3f} (mean accuracy); active units {int(m.active_units)} "
-                f"of {m.sizes['latent']} ({m.attrs['num_points']} points of {m.attrs['dataset']})")
+        return (
+            f"MIG {float(m.mig):.3f} ({per}); DCI disentanglement {float(m.dci_disentanglement):.3f}, "
+            f"completeness {float(m.dci_completeness):.3f}, informativeness "
+            f"{float(m.dci_informativeness.mean()):.3f} (mean accuracy); active units {int(m.active_units)} "
+            f"of {m.sizes['latent']} ({m.attrs['num_points']} points of {m.attrs['dataset']})"
+        )
 
 
 def _row(cells: List[str]) -> str:
     return "<tr>" + "".join(cells) + "</tr>"
 
 
-def render_html(run_name: str, config_text: str, report: DisentanglementReport,
-                figures: List[Tuple[str, Figure]]) -> str:
+def render_html(
+    run_name: str, config_text: str, report: DisentanglementReport, figures: List[Tuple[str, Figure]]
+) -> str:
     m = report.metrics
-    rows = [_row(["<th>factor</th>", "<th>entropy (nats)</th>", "<th>MIG</th>", "<th>DCI completeness</th>",
-                  "<th>DCI informativeness</th>"])]
+    rows = [
+        _row(
+            [
+                "<th>factor</th>",
+                "<th>entropy (nats)</th>",
+                "<th>MIG</th>",
+                "<th>DCI completeness</th>",
+                "<th>DCI informativeness</th>",
+            ]
+        )
+    ]
     for k, f in enumerate(m.factor.values):
-        rows.append(_row([f"<td class='text'>{html.escape(str(f))}</td>", f"<td>{float(m.factor_entropy[k]):.3f}</td>",
-                          f"<td>{float(m.mig_per_factor[k]):.3f}</td>",
-                          f"<td>{float(m.completeness_per_factor[k]):.3f}</td>",
-                          f"<td>{float(m.dci_informativeness[k]):.3f}</td>"]))
+        rows.append(
+            _row(
+                [
+                    f"<td class='text'>{html.escape(str(f))}</td>",
+                    f"<td>{float(m.factor_entropy[k]):.3f}</td>",
+                    f"<td>{float(m.mig_per_factor[k]):.3f}</td>",
+                    f"<td>{float(m.completeness_per_factor[k]):.3f}</td>",
+                    f"<td>{float(m.dci_informativeness[k]):.3f}</td>",
+                ]
+            )
+        )
     body = [
         f"<h1>Disentanglement of {html.escape(run_name)}</h1>",
         f"<p class='lead'>{html.escape(report.summary())}</p>",
@@ -83,21 +108,32 @@ def render_html(run_name: str, config_text: str, report: DisentanglementReport,
         body.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='{figure_to_data_uri(fig)}'>")
     body.append(f"<h2>Run configuration</h2><pre>{html.escape(config_text)}</pre>")
     css = CSS + ".lead{background:#f3f6fa;border-left:4px solid #4a78b0;padding:.6em 1em}"
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>disentanglement</title><style>{css}</style>"
-            f"</head><body>{''.join(body)}</body></html>")
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>disentanglement</title><style>{css}</style>"
+        f"</head><body>{''.join(body)}</body></html>"
+    )
 
 
-def disentanglement_report(run: Run, out_dir: Optional[Path] = None, *, num_points: Optional[int] = 10_000,
-                           num_test_points: Optional[int] = 5_000, num_steps: int = 9, span: float = 3.0,
-                           seed: int = 0) -> DisentanglementReport:
+def disentanglement_report(
+    run: Run,
+    out_dir: Optional[Path] = None,
+    *,
+    num_points: Optional[int] = 10_000,
+    num_test_points: Optional[int] = 5_000,
+    num_steps: int = 9,
+    span: float = 3.0,
+    seed: int = 0,
+) -> DisentanglementReport:
     """Compute the metrics and the traversal of ``run`` on its own data and write :data:`FILES`
     into ``out_dir`` (default ``RUN/disentanglement``). Everything that can be refused (data
     without factor labels, a bad target) is refused before any file is written."""
     out_dir = Path(run.run_dir) / "disentanglement" if out_dir is None else Path(out_dir)
     data = load_data(run.config)
     if data.train_factors is None or data.test_factors is None:
-        raise ValueError(f"MIG and DCI need a dataset with factor labels (dsprites, or an .npz with 'factors'); "
-                         f"the run's dataset {data.name!r} has none")
+        raise ValueError(
+            f"MIG and DCI need a dataset with factor labels (dsprites, or an .npz with 'factors'); "
+            f"the run's dataset {data.name!r} has none"
+        )
     paths = check_targets(out_dir)
     vae, history = run.vae, run.history
     run_name, config_text = str(run.run_dir), run.config.to_json()
@@ -109,8 +145,14 @@ def disentanglement_report(run: Run, out_dir: Optional[Path] = None, *, num_poin
     terms = plot_objective_terms(history)
     if terms is not None:
         figures.append(("Objective terms per epoch", terms))
-    report.files["metrics"] = io.write_netcdf(metrics.merge(traversal[["kl", "activity"]].rename(
-        kl="traversal_kl", activity="traversal_activity").rename(latent="traversal_latent")), paths["metrics"])
+    report.files["metrics"] = io.write_netcdf(
+        metrics.merge(
+            traversal[["kl", "activity"]]
+            .rename(kl="traversal_kl", activity="traversal_activity")
+            .rename(latent="traversal_latent")
+        ),
+        paths["metrics"],
+    )
     for (_, fig), key in zip(figures, ("traversal", "mutual_info", "terms")):
         report.files[key] = io.write_figure(fig, paths[key], dpi=100)
     report.files["report"] = io.write_text(paths["report"], render_html(run_name, config_text, report, figures))

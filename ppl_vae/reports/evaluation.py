@@ -35,8 +35,12 @@ FILES = {
     "bdmc": ("evaluation_bdmc.nc", "evaluation_bdmc.csv"),
 }
 KHAT_THRESHOLD = THRESHOLDS.khat  # Vehtari et al. (2024): above it the IW estimate is unreliable
-NAMES = {"num_samples": "--num-samples (num_samples)", "num_steps": "--ais-steps (num_steps)",
-         "num_chains": "--num-chains (num_chains)", "method": "--method ais (method='ais')"}
+NAMES = {
+    "num_samples": "--num-samples (num_samples)",
+    "num_steps": "--ais-steps (num_steps)",
+    "num_chains": "--num-chains (num_chains)",
+    "method": "--method ais (method='ais')",
+}
 """How warnings name what to change: the CLI flag, then the library argument."""
 
 
@@ -62,32 +66,42 @@ def evaluation_warnings(ds: xr.Dataset) -> List[str]:
         if "khat" in ds:
             bad = ds["khat"].values > KHAT_THRESHOLD
             if bad.any():
-                out.append(f"PSIS k̂ > {KHAT_THRESHOLD} for {int(bad.sum())} of {n} datapoints (max "
-                           f"{np.nanmax(ds['khat'].values):.2f}): their IW estimates and standard errors are "
-                           f"unreliable; raise {names['num_samples']} or use {names['method']}")
+                out.append(
+                    f"PSIS k̂ > {KHAT_THRESHOLD} for {int(bad.sum())} of {n} datapoints (max "
+                    f"{np.nanmax(ds['khat'].values):.2f}): their IW estimates and standard errors are "
+                    f"unreliable; raise {names['num_samples']} or use {names['method']}"
+                )
             elif k < 21:
                 out.append(f"K={k} is too few for a PSIS k̂ tail check; raise {names['num_samples']} to 21 or more")
         low = THRESHOLDS.low_ess(ds["ess"].values, k)
         if low.any():
-            out.append(f"importance-weight ESS < {min(THRESHOLDS.min_ess, k / 2):g} for {int(low.sum())} of {n} datapoints: a few "
-                       f"samples carry the estimate; raise {names['num_samples']} or use {names['method']}")
+            out.append(
+                f"importance-weight ESS < {min(THRESHOLDS.min_ess, k / 2):g} for {int(low.sum())} of {n} datapoints: a few "
+                f"samples carry the estimate; raise {names['num_samples']} or use {names['method']}"
+            )
     elif method == "ais":
         c = ds.attrs["num_chains"]
         low = THRESHOLDS.low_ess(ds["ess"].values, c)
         if c > 1 and low.sum() > 0.1 * n:
-            out.append(f"AIS chain ESS < {min(THRESHOLDS.min_ess, c / 2):g} of {c} for {int(low.sum())} of {n} datapoints: the chains "
-                       f"disagree and the standard error is optimistic; raise {names['num_steps']}")
+            out.append(
+                f"AIS chain ESS < {min(THRESHOLDS.min_ess, c / 2):g} of {c} for {int(low.sum())} of {n} datapoints: the chains "
+                f"disagree and the standard error is optimistic; raise {names['num_steps']}"
+            )
         acc = ds["accept_rate"].values
         if np.nanmean(acc) < 0.3:
-            out.append(f"HMC acceptance is {np.nanmean(acc):.2f} on average: the chains barely move; raise "
-                       f"{names['num_steps']} (the step size adapts over more temperatures)")
+            out.append(
+                f"HMC acceptance is {np.nanmean(acc):.2f} on average: the chains barely move; raise "
+                f"{names['num_steps']} (the step size adapts over more temperatures)"
+            )
         if c == 1:
             out.append(f"one chain per datapoint gives no standard error; raise {names['num_chains']}")
     else:
         gap = float(ds["gap"].isel(num_steps=-1).mean())
         if gap > 1.0:
-            out.append(f"the BDMC sandwich is still {gap:.2f} nats wide at the largest step count: raise "
-                       f"{names['num_steps']} before trusting either bound to within a nat")
+            out.append(
+                f"the BDMC sandwich is still {gap:.2f} nats wide at the largest step count: raise "
+                f"{names['num_steps']} before trusting either bound to within a nat"
+            )
     return out
 
 
@@ -140,39 +154,56 @@ class Evaluation:
                 khat = ds["khat"].values
                 finite = khat[np.isfinite(khat)]
                 worst = f"{finite.max():.2f}" if finite.size else "n/a"
-                lines.append(f"{'PSIS k̂ (max; share > 0.7)':<30} {worst:>12} "
-                             f"({int((khat > KHAT_THRESHOLD).sum())} of {n})")
+                lines.append(
+                    f"{'PSIS k̂ (max; share > 0.7)':<30} {worst:>12} ({int((khat > KHAT_THRESHOLD).sum())} of {n})"
+                )
             return "\n".join(lines)
         if self.method == "ais":
             t, c, start = ds.attrs["num_steps"], ds.attrs["num_chains"], ds.attrs["start"]
-            return "\n".join([
-                f"log p(x) estimate {float(ds['log_px'].mean()):.3f} (AIS, T={t} steps, C={c} chains from the {start}: "
-                f"a stochastic lower bound, below log p(x) in expectation; mean over {n} {split} datapoints)",
-                f"{'log p̂(x) (AIS)':<30} {_mean_se(ds['log_px'])}  stochastic lower bound on log p(x) "
-                "(mean ± se over datapoints)",
-                f"{'Monte Carlo se of mean log p̂':<30} {_mc_se_of_mean(ds['log_px_stderr']):12.3f}",
-                f"{'ESS of the chains (mean)':<30} {float(ds['ess'].mean()):12.1f} of {c}",
-                f"{'HMC acceptance (mean)':<30} {float(ds['accept_rate'].mean()):12.2f}",
-            ])
-        lines = [f"BDMC on {n} datapoints simulated from the model (C={ds.attrs['num_chains']} chains; "
-                 "nats per datapoint, mean over datapoints):",
-                 f"{'steps':>8} {'lower (fwd AIS)':>16} {'upper (rev AIS)':>16} {'gap':>8}"]
+            return "\n".join(
+                [
+                    f"log p(x) estimate {float(ds['log_px'].mean()):.3f} (AIS, T={t} steps, C={c} chains from the {start}: "
+                    f"a stochastic lower bound, below log p(x) in expectation; mean over {n} {split} datapoints)",
+                    f"{'log p̂(x) (AIS)':<30} {_mean_se(ds['log_px'])}  stochastic lower bound on log p(x) "
+                    "(mean ± se over datapoints)",
+                    f"{'Monte Carlo se of mean log p̂':<30} {_mc_se_of_mean(ds['log_px_stderr']):12.3f}",
+                    f"{'ESS of the chains (mean)':<30} {float(ds['ess'].mean()):12.1f} of {c}",
+                    f"{'HMC acceptance (mean)':<30} {float(ds['accept_rate'].mean()):12.2f}",
+                ]
+            )
+        lines = [
+            f"BDMC on {n} datapoints simulated from the model (C={ds.attrs['num_chains']} chains; "
+            "nats per datapoint, mean over datapoints):",
+            f"{'steps':>8} {'lower (fwd AIS)':>16} {'upper (rev AIS)':>16} {'gap':>8}",
+        ]
         for t in ds["num_steps"].values:
             s = ds.sel(num_steps=t)
-            lines.append(f"{int(t):>8} {float(s['lower'].mean()):16.3f} {float(s['upper'].mean()):16.3f} "
-                         f"{float(s['gap'].mean()):8.3f}")
+            lines.append(
+                f"{int(t):>8} {float(s['lower'].mean()):16.3f} {float(s['upper'].mean()):16.3f} "
+                f"{float(s['gap'].mean()):8.3f}"
+            )
         last = ds.isel(num_steps=-1)
-        lines.append(f"{float(last['lower'].mean()):.3f} <= log p(x) <= {float(last['upper'].mean()):.3f} "
-                     f"(BDMC, T={int(last['num_steps'])}: stochastic lower and upper bounds on simulated data)")
+        lines.append(
+            f"{float(last['lower'].mean()):.3f} <= log p(x) <= {float(last['upper'].mean()):.3f} "
+            f"(BDMC, T={int(last['num_steps'])}: stochastic lower and upper bounds on simulated data)"
+        )
         return "\n".join(lines)
-
 
 
 class _EvaluateTask(BlockTask):
     """One block of ``evaluate``: the estimator on datapoints [start, stop) of the selection."""
 
-    def __init__(self, run_dir: Path, device: str, split: str, num_datapoints: Optional[int], seed: int,
-                 method: str, options: dict, loaded: Any = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        device: str,
+        split: str,
+        num_datapoints: Optional[int],
+        seed: int,
+        method: str,
+        options: dict,
+        loaded: Any = None,
+    ):
         super().__init__()
         self.run_dir, self.device_name, self.split, self.num_datapoints = run_dir, device, split, num_datapoints
         self.seed, self.method, self.options = seed, method, options
@@ -201,13 +232,24 @@ class _EvaluateTask(BlockTask):
         kwargs = {k: v[start:stop] for k, v in sel.model_kwargs(run).items()}
         index = sel.index[start:stop]
         if self.method == "iw":
-            est = importance_estimate(vae.model, vae.guide, x, num_samples=o["num_samples"],
-                                      batch_size=o["batch_size"], particle_batch_size=o["particle_batch_size"],
-                                      **kwargs)
+            est = importance_estimate(
+                vae.model,
+                vae.guide,
+                x,
+                num_samples=o["num_samples"],
+                batch_size=o["batch_size"],
+                particle_batch_size=o["particle_batch_size"],
+                **kwargs,
+            )
             return est.to_dataset(index)
         guide = None if o["ais_start"] == "prior" else vae.guide
-        settings = AISSettings(num_leapfrog_steps=o["num_leapfrog_steps"], step_size=o["step_size"],
-                               adaptation=o["adaptation"], schedule=o["schedule"], batch_size=o["batch_size"])
+        settings = AISSettings(
+            num_leapfrog_steps=o["num_leapfrog_steps"],
+            step_size=o["step_size"],
+            adaptation=o["adaptation"],
+            schedule=o["schedule"],
+            batch_size=o["batch_size"],
+        )
         ais_opts = dict(num_chains=o["num_chains"], settings=settings, progress=False, datapoint=index, **kwargs)
         if self.method == "ais":
             return ais_log_likelihood(vae.model, guide, x, num_steps=o["num_steps"][0], **ais_opts)
@@ -220,8 +262,9 @@ def join_blocks(parts: Sequence[xr.Dataset]) -> xr.Dataset:
     attributes come from the first block)."""
     if len(parts) == 1:
         return parts[0]
-    ds = xr.concat(parts, dim="datapoint", data_vars="minimal", coords="minimal", compat="override",
-                   combine_attrs="override")
+    ds = xr.concat(
+        parts, dim="datapoint", data_vars="minimal", coords="minimal", compat="override", combine_attrs="override"
+    )
     return ds
 
 
@@ -289,20 +332,37 @@ def evaluate_run(
     writer = is_writer()
     out = check_out_dir(Path(run.run_dir) if out_dir is None else Path(out_dir)) if writer else None
     sel = select_datapoints(run, split, num_datapoints or None, seed)
-    options = dict(num_samples=num_samples, batch_size=batch_size, particle_batch_size=particle_batch_size,
-                   num_steps=num_steps, num_chains=num_chains, num_leapfrog_steps=num_leapfrog_steps,
-                   step_size=step_size, adaptation=adaptation, schedule=schedule, ais_start=ais_start)
-    task = _EvaluateTask(Path(run_dir), device, split, num_datapoints or None, seed, method, options,
-                         loaded=(run, sel))
-    ds = join_blocks(map_blocks(task, len(sel.index), batch_size, seed, nproc=nproc, threads=threads,
-                                progress=progress))
+    options = dict(
+        num_samples=num_samples,
+        batch_size=batch_size,
+        particle_batch_size=particle_batch_size,
+        num_steps=num_steps,
+        num_chains=num_chains,
+        num_leapfrog_steps=num_leapfrog_steps,
+        step_size=step_size,
+        adaptation=adaptation,
+        schedule=schedule,
+        ais_start=ais_start,
+    )
+    task = _EvaluateTask(Path(run_dir), device, split, num_datapoints or None, seed, method, options, loaded=(run, sel))
+    ds = join_blocks(
+        map_blocks(task, len(sel.index), batch_size, seed, nproc=nproc, threads=threads, progress=progress)
+    )
     if method == "bdmc":
         ds.attrs["data"] = "simulated from the run's model: z* ~ p(z), x ~ p(x|z*), one per selected datapoint"
-    ds.attrs.update({"split": split, "run_dir": str(run.run_dir), "model": run.config.model.model,
-                     "dataset": run.config.data.dataset, "seed": seed, "block_size": int(batch_size),
-                     "num_datapoints": int(len(sel.index)),
-                     "seeding": "each block of block_size datapoints draws from a seed derived from "
-                                "(seed, its first datapoint): results do not depend on the number of processes"})
+    ds.attrs.update(
+        {
+            "split": split,
+            "run_dir": str(run.run_dir),
+            "model": run.config.model.model,
+            "dataset": run.config.data.dataset,
+            "seed": seed,
+            "block_size": int(batch_size),
+            "num_datapoints": int(len(sel.index)),
+            "seeding": "each block of block_size datapoints draws from a seed derived from "
+            "(seed, its first datapoint): results do not depend on the number of processes",
+        }
+    )
     if getattr(sel, "preprocessing", None):  # how the split was binarized for scoring
         ds.attrs["preprocessing"] = str(sel.preprocessing)
     evaluation = Evaluation(ds)

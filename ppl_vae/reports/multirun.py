@@ -40,8 +40,12 @@ from ppl_vae.reports.compare import estimate_warnings, join_gap_blocks, mean_fie
 from ppl_vae.reports.evaluation import evaluation_warnings, join_blocks
 
 ESTIMATOR_CHOICES = ("mis", "iw")
-MULTIRUN_FILES = {"report": "report.html", "netcdf": "multirun.nc", "table_csv": "multirun_table.csv",
-                  "per_datapoint_csv": "multirun_per_datapoint.csv"}
+MULTIRUN_FILES = {
+    "report": "report.html",
+    "netcdf": "multirun.nc",
+    "table_csv": "multirun_table.csv",
+    "per_datapoint_csv": "multirun_per_datapoint.csv",
+}
 QUANTITIES = {
     "mis": ("log_px", "elbo_amortized", "elbo_meanfield") + GAPS,
     "iw": ("iw_amortized", "elbo_amortized"),
@@ -78,9 +82,19 @@ def _run_names(run_dirs: Sequence[Path]) -> List[str]:
 class _MultiTask(BlockTask):
     """One block of the multi-run comparison: every run scored on datapoints [start, stop)."""
 
-    def __init__(self, run_dirs: Sequence[Path], device: str, split: str, num_datapoints: Optional[int], seed: int,
-                 estimator: str, num_samples: int, batch_size: int, mean_field_options: Dict[str, Any],
-                 loaded: Any = None):
+    def __init__(
+        self,
+        run_dirs: Sequence[Path],
+        device: str,
+        split: str,
+        num_datapoints: Optional[int],
+        seed: int,
+        estimator: str,
+        num_samples: int,
+        batch_size: int,
+        mean_field_options: Dict[str, Any],
+        loaded: Any = None,
+    ):
         super().__init__()
         self.run_dirs, self.device_name, self.split, self.num_datapoints = list(run_dirs), device, split, num_datapoints
         self.seed, self.estimator, self.num_samples, self.batch_size = seed, estimator, num_samples, batch_size
@@ -102,29 +116,43 @@ class _MultiTask(BlockTask):
         out = []
         for run, sel in zip(runs, selections):
             torch.random.set_rng_state(state)
-            out.append(_score_block(run, sel, start, stop, self.estimator, self.num_samples, self.batch_size,
-                                    self.mean_field_options))
+            out.append(
+                _score_block(
+                    run, sel, start, stop, self.estimator, self.num_samples, self.batch_size, self.mean_field_options
+                )
+            )
         return out
 
 
-def _score_block(run, sel, start: int, stop: int, estimator: str, num_samples: int, batch_size: int,
-                 mean_field_options: Dict[str, Any]) -> xr.Dataset:
+def _score_block(
+    run,
+    sel,
+    start: int,
+    stop: int,
+    estimator: str,
+    num_samples: int,
+    batch_size: int,
+    mean_field_options: Dict[str, Any],
+) -> xr.Dataset:
     """The per-datapoint estimates of one run on the selection's datapoints [start, stop)."""
     if estimator == "mis":
         return score_gaps(run, sel, start, stop, num_samples, batch_size, mean_field_options)
     vae = run.vae
     kwargs = {k: v[start:stop] for k, v in sel.model_kwargs(run).items()}
     with eval_mode(vae):
-        est = importance_estimate(vae.model, vae.guide, sel.x[start:stop], num_samples=num_samples,
-                                  batch_size=batch_size, **kwargs)
+        est = importance_estimate(
+            vae.model, vae.guide, sel.x[start:stop], num_samples=num_samples, batch_size=batch_size, **kwargs
+        )
     return est.to_dataset(sel.index[start:stop])
 
 
 def _values(ds: xr.Dataset, estimator: str) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
     """(values, stderrs) per quantity of :data:`QUANTITIES` ``[estimator]``, each ``(N,)``."""
     if estimator == "iw":
-        return ({"iw_amortized": ds["log_likelihood"].values, "elbo_amortized": ds["elbo"].values},
-                {"iw_amortized": ds["log_likelihood_stderr"].values, "elbo_amortized": ds["elbo_stderr"].values})
+        return (
+            {"iw_amortized": ds["log_likelihood"].values, "elbo_amortized": ds["elbo"].values},
+            {"iw_amortized": ds["log_likelihood_stderr"].values, "elbo_amortized": ds["elbo_stderr"].values},
+        )
     values, stderr = {}, {}
     for q in QUANTITIES["mis"]:
         if q in GAPS:
@@ -186,21 +214,35 @@ def compare_runs(
     runs = [load_run(Path(p), device) for p in run_dirs]
     names = _run_names(run_dirs)
     writer = is_writer()
-    out = (run_out_dir(runs[0], Path(run_dirs[0]) / "multirun" if out_dir is None else Path(out_dir))
-           if writer else None)
+    out = run_out_dir(runs[0], Path(run_dirs[0]) / "multirun" if out_dir is None else Path(out_dir)) if writer else None
     selections = [select_datapoints(run, split, num_datapoints or None, seed) for run in runs]
     ref = selections[0]
     for name, sel in zip(names[1:], selections[1:]):
-        if sel.x.shape != ref.x.shape or not np.array_equal(sel.index, ref.index) or not torch.equal(
-                sel.x.cpu(), ref.x.cpu()):
-            raise ValueError(f"run {name!r} does not evaluate the same {split} datapoints as {names[0]!r} "
-                             "(different dataset, binarization or split): paired differences need the same data")
+        if (
+            sel.x.shape != ref.x.shape
+            or not np.array_equal(sel.index, ref.index)
+            or not torch.equal(sel.x.cpu(), ref.x.cpu())
+        ):
+            raise ValueError(
+                f"run {name!r} does not evaluate the same {split} datapoints as {names[0]!r} "
+                "(different dataset, binarization or split): paired differences need the same data"
+            )
     quantities = QUANTITIES[estimator]
     n = len(ref.index)
     mf_options = dict(mean_field_options or {})
     block = mean_field_block_size(mf_options) if estimator == "mis" else int(batch_size)
-    task = _MultiTask(list(run_dirs), device, split, num_datapoints or None, seed, estimator, num_samples, batch_size,
-                      mf_options, loaded=(runs, selections))
+    task = _MultiTask(
+        list(run_dirs),
+        device,
+        split,
+        num_datapoints or None,
+        seed,
+        estimator,
+        num_samples,
+        batch_size,
+        mf_options,
+        loaded=(runs, selections),
+    )
     parts = map_blocks(task, n, block, seed, nproc=nproc, threads=threads, progress=progress)
     values = np.full((len(runs), n, len(quantities)), np.nan)
     stderr = np.full_like(values, np.nan)
@@ -214,14 +256,25 @@ def compare_runs(
         warnings.extend(f"{name}: {w}" for w in run_warnings(scores, estimator))
     ds = xr.Dataset(
         {"value": (("run", "datapoint", "quantity"), values), "stderr": (("run", "datapoint", "quantity"), stderr)},
-        coords={"run": names, "datapoint": ref.index, "quantity": list(quantities),
-                "bound": ("quantity", [BOUNDS[q] for q in quantities]),
-                "run_dir": ("run", [str(r.run_dir) for r in runs])},
-        attrs={"estimator": estimator, "num_samples": int(num_samples), "split": split, "seed": int(seed),
-               "preprocessing": ref.preprocessing, "reference_run": names[0], "num_datapoints": int(n),
-               "block_size": block,
-               "description": "per-datapoint estimates of each run on the same datapoints (nats); "
-                              "coordinate bound says what each quantity is"},
+        coords={
+            "run": names,
+            "datapoint": ref.index,
+            "quantity": list(quantities),
+            "bound": ("quantity", [BOUNDS[q] for q in quantities]),
+            "run_dir": ("run", [str(r.run_dir) for r in runs]),
+        },
+        attrs={
+            "estimator": estimator,
+            "num_samples": int(num_samples),
+            "split": split,
+            "seed": int(seed),
+            "preprocessing": ref.preprocessing,
+            "reference_run": names[0],
+            "num_datapoints": int(n),
+            "block_size": block,
+            "description": "per-datapoint estimates of each run on the same datapoints (nats); "
+            "coordinate bound says what each quantity is",
+        },
     )
     ds["value"].attrs.update({"units": "nats", "long_name": "per-datapoint estimate"})
     ds["stderr"].attrs.update({"units": "nats", "long_name": "Monte Carlo standard error"})
@@ -233,8 +286,12 @@ def compare_runs(
     files = comparison.files
     files["netcdf"] = results.save_netcdf(ds, out / MULTIRUN_FILES["netcdf"])
     files["table_csv"] = results.save_csv(table, out / MULTIRUN_FILES["table_csv"])
-    per_dp = ds["value"].to_dataframe().reset_index().pivot_table(index="datapoint", columns=["run", "quantity"],
-                                                                   values="value")
+    per_dp = (
+        ds["value"]
+        .to_dataframe()
+        .reset_index()
+        .pivot_table(index="datapoint", columns=["run", "quantity"], values="value")
+    )
     per_dp.columns = [f"{r}:{q}" for r, q in per_dp.columns]
     files["per_datapoint_csv"] = results.save_csv(per_dp, out / MULTIRUN_FILES["per_datapoint_csv"])
     files["report"] = out / MULTIRUN_FILES["report"]
@@ -256,17 +313,39 @@ def paired_table(ds: xr.Dataset) -> pd.DataFrame:
     for run in ds.run.values:
         for q in ds.quantity.values:
             v = ds["value"].sel(run=run, quantity=q).values
-            row = {"run": str(run), "quantity": str(q), "description": LABELS[str(q)], "bound": BOUNDS[str(q)],
-                   "mean": float(v.mean()), "se": float(v.std(ddof=1) / np.sqrt(n)) if n > 1 else np.nan,
-                   "diff": np.nan, "diff_se": np.nan, "diff_mc_se": np.nan, "z": np.nan, "beyond_noise": None}
+            row = {
+                "run": str(run),
+                "quantity": str(q),
+                "description": LABELS[str(q)],
+                "bound": BOUNDS[str(q)],
+                "mean": float(v.mean()),
+                "se": float(v.std(ddof=1) / np.sqrt(n)) if n > 1 else np.nan,
+                "diff": np.nan,
+                "diff_se": np.nan,
+                "diff_mc_se": np.nan,
+                "z": np.nan,
+                "beyond_noise": None,
+            }
             if str(run) != ref:
                 d = v - ds["value"].sel(run=ref, quantity=q).values
-                mc = np.sqrt(np.nansum(ds["stderr"].sel(run=run, quantity=q).values ** 2
-                                       + ds["stderr"].sel(run=ref, quantity=q).values ** 2)) / n
+                mc = (
+                    np.sqrt(
+                        np.nansum(
+                            ds["stderr"].sel(run=run, quantity=q).values ** 2
+                            + ds["stderr"].sel(run=ref, quantity=q).values ** 2
+                        )
+                    )
+                    / n
+                )
                 se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else np.nan
                 z = float(d.mean() / se) if se and np.isfinite(se) and se > 0 else np.nan
-                row.update(diff=float(d.mean()), diff_se=se, diff_mc_se=float(mc), z=z,
-                           beyond_noise=bool(abs(z) > 2) if np.isfinite(z) else None)
+                row.update(
+                    diff=float(d.mean()),
+                    diff_se=se,
+                    diff_mc_se=float(mc),
+                    z=z,
+                    beyond_noise=bool(abs(z) > 2) if np.isfinite(z) else None,
+                )
             rows.append(row)
     return pd.DataFrame(rows).set_index(["run", "quantity"])
 
@@ -276,10 +355,13 @@ def format_paired_table(table: pd.DataFrame) -> str:
     lines = [f"{'run':<24} {'quantity':<36} {'mean':>10} {'± se':>7}  {'Δ vs ref':>9} {'± se':>7} {'MC se':>7}  kind"]
     for (run, _), r in table.iterrows():
         diff = "" if not np.isfinite(r["diff"]) else f"{r['diff']:>9.3f} {r['diff_se']:>7.3f} {r['diff_mc_se']:>7.3f}"
-        lines.append(f"{run[:24]:<24} {r['description'][:36]:<36} {r['mean']:>10.3f} {r['se']:>7.3f}  "
-                     f"{diff:<25}  {r['bound']}")
-    lines.append("Δ vs ref: mean over datapoints of (run − reference run) on the same datapoints; "
-                 "its se is the paired standard error")
+        lines.append(
+            f"{run[:24]:<24} {r['description'][:36]:<36} {r['mean']:>10.3f} {r['se']:>7.3f}  {diff:<25}  {r['bound']}"
+        )
+    lines.append(
+        "Δ vs ref: mean over datapoints of (run − reference run) on the same datapoints; "
+        "its se is the paired standard error"
+    )
     return "\n".join(lines)
 
 
@@ -297,16 +379,24 @@ def plot_paired_differences(ds: xr.Dataset):
     others = [str(r) for r in ds.run.values if str(r) != ref]
     quantities = [str(q) for q in ds.quantity.values]
     headline = quantities[0]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 1.1 + 0.55 * len(others) * len(quantities) ** 0.5 + 1.5),
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        1, 2, figsize=(12, 1.1 + 0.55 * len(others) * len(quantities) ** 0.5 + 1.5), layout="constrained"
+    )
     palette = dict(zip(quantities, sns.color_palette("colorblind", len(quantities))))
     ypos, labels = [], []
     for i, run in enumerate(others):
         for j, q in enumerate(quantities):
             r = table.loc[(run, q)]
             y = i * (len(quantities) + 1) + j
-            axes[0].errorbar(r["diff"], y, xerr=2 * r["diff_se"], fmt="o", capsize=3, color=palette[q],
-                             label=LABELS[q] if i == 0 else None)
+            axes[0].errorbar(
+                r["diff"],
+                y,
+                xerr=2 * r["diff_se"],
+                fmt="o",
+                capsize=3,
+                color=palette[q],
+                label=LABELS[q] if i == 0 else None,
+            )
             ypos.append(y)
             labels.append(run if j == 0 else "")
     axes[0].axvline(0.0, color="black", lw=0.8)
@@ -316,16 +406,30 @@ def plot_paired_differences(ds: xr.Dataset):
     axes[0].set_xlabel(f"mean paired difference vs {ref} (nats, ± 2 se)")
     axes[0].set_title("Run − reference, same datapoints")
     axes[0].legend(loc="upper left", bbox_to_anchor=(0.0, -0.18), frameon=False, fontsize="small", ncols=2)
-    frame = pd.DataFrame({
-        "run": np.repeat(others, ds.sizes["datapoint"]),
-        "difference": np.concatenate([(ds["value"].sel(run=r, quantity=headline)
-                                       - ds["value"].sel(run=ref, quantity=headline)).values for r in others]),
-    })
+    frame = pd.DataFrame(
+        {
+            "run": np.repeat(others, ds.sizes["datapoint"]),
+            "difference": np.concatenate(
+                [
+                    (ds["value"].sel(run=r, quantity=headline) - ds["value"].sel(run=ref, quantity=headline)).values
+                    for r in others
+                ]
+            ),
+        }
+    )
     sns.stripplot(frame, x="difference", y="run", hue="run", size=2.5, alpha=0.5, jitter=0.25, ax=axes[1], legend=False)
     for i, run in enumerate(others):  # the mean and its paired ± 2 se over the cloud of datapoints
         r = table.loc[(run, headline)]
-        axes[1].errorbar(r["diff"], i, xerr=2 * r["diff_se"], fmt="D", color="black", capsize=4, zorder=3,
-                         label="mean ± 2 paired se" if i == 0 else None)
+        axes[1].errorbar(
+            r["diff"],
+            i,
+            xerr=2 * r["diff_se"],
+            fmt="D",
+            color="black",
+            capsize=4,
+            zorder=3,
+            label="mean ± 2 paired se" if i == 0 else None,
+        )
     axes[1].axvline(0.0, color="black", lw=0.8)
     axes[1].margins(x=0.05)
     axes[1].set_xlabel(f"per-datapoint {LABELS[headline]}: run − {ref} (nats)")
@@ -340,11 +444,13 @@ def render_multirun_html(comparison: MultiComparison) -> str:
     ds, table = comparison.values, comparison.table
     esc = html.escape
     ref = ds.attrs["reference_run"]
-    how = ("log p̂(x) by multiple importance sampling over ½q + ½q* (q* fitted per datapoint), a stochastic "
-           "lower bound on log p(x), with L[q], L[q*] and the gaps of Cremer et al. (2018)"
-           if ds.attrs["estimator"] == "mis" else
-           "the importance-weighted estimate with each run's amortized guide (Burda et al. 2015), a stochastic "
-           "lower bound on log p(x), and the ELBO L[q]")
+    how = (
+        "log p̂(x) by multiple importance sampling over ½q + ½q* (q* fitted per datapoint), a stochastic "
+        "lower bound on log p(x), with L[q], L[q*] and the gaps of Cremer et al. (2018)"
+        if ds.attrs["estimator"] == "mis"
+        else "the importance-weighted estimate with each run's amortized guide (Burda et al. 2015), a stochastic "
+        "lower bound on log p(x), and the ELBO L[q]"
+    )
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>ppl-vae compare: {len(ds.run)} runs</title><style>{CSS}</style></head><body>",
@@ -360,26 +466,41 @@ def render_multirun_html(comparison: MultiComparison) -> str:
     ]
     for w in comparison.warnings:
         parts.append(f"<p class='warning'><b>Warning.</b> {esc(w)}</p>")
-    header = ("<tr><th>run</th><th>quantity</th><th>kind</th><th>mean (nats)</th><th>se</th>"
-              "<th>Δ vs reference</th><th>paired se</th><th>MC se</th><th>z</th><th>beyond noise?</th></tr>")
+    header = (
+        "<tr><th>run</th><th>quantity</th><th>kind</th><th>mean (nats)</th><th>se</th>"
+        "<th>Δ vs reference</th><th>paired se</th><th>MC se</th><th>z</th><th>beyond noise?</th></tr>"
+    )
     rows = [header]
     fmt = lambda v: "" if v is None or not np.isfinite(v) else f"{v:.3f}"  # noqa: E731
     for (run, _), r in table.iterrows():
         beyond = "" if r["beyond_noise"] is None else ("yes" if r["beyond_noise"] else "no")
-        rows.append(f"<tr><td class='text'>{esc(run)}</td><td class='text'>{esc(r['description'])}</td>"
-                    f"<td class='text'>{esc(r['bound'])}</td><td>{fmt(r['mean'])}</td><td>{fmt(r['se'])}</td>"
-                    f"<td>{fmt(r['diff'])}</td><td>{fmt(r['diff_se'])}</td><td>{fmt(r['diff_mc_se'])}</td>"
-                    f"<td>{fmt(r['z'])}</td><td class='text'>{beyond}</td></tr>")
+        rows.append(
+            f"<tr><td class='text'>{esc(run)}</td><td class='text'>{esc(r['description'])}</td>"
+            f"<td class='text'>{esc(r['bound'])}</td><td>{fmt(r['mean'])}</td><td>{fmt(r['se'])}</td>"
+            f"<td>{fmt(r['diff'])}</td><td>{fmt(r['diff_se'])}</td><td>{fmt(r['diff_mc_se'])}</td>"
+            f"<td>{fmt(r['z'])}</td><td class='text'>{beyond}</td></tr>"
+        )
     parts.append("<h2>Table</h2><table>" + "".join(rows) + "</table>")
-    parts.append("<h2>Paired differences</h2>"
-                 f"<img alt='paired differences' src='{figure_to_data_uri(plot_paired_differences(ds))}'>")
-    runs = "".join(f"<li><code>{esc(str(n))}</code>: <code>{esc(str(d))}</code></li>"
-                   for n, d in zip(ds.run.values, ds.run_dir.values))
+    parts.append(
+        "<h2>Paired differences</h2>"
+        f"<img alt='paired differences' src='{figure_to_data_uri(plot_paired_differences(ds))}'>"
+    )
+    runs = "".join(
+        f"<li><code>{esc(str(n))}</code>: <code>{esc(str(d))}</code></li>"
+        for n, d in zip(ds.run.values, ds.run_dir.values)
+    )
     parts.append(f"<h2>Runs</h2><ul>{runs}</ul>")
     files = ", ".join(f"<code>{esc(p.name)}</code>" for k, p in comparison.files.items() if k != "report")
     parts.append(f"<p class='note'>Tables: {files}. Generated {_dt.datetime.now():%Y-%m-%d %H:%M}.</p></body></html>")
     return "\n".join(parts)
 
 
-__all__ = ["ESTIMATOR_CHOICES", "MultiComparison", "compare_runs", "format_paired_table", "paired_table",
-           "plot_paired_differences", "render_multirun_html"]
+__all__ = [
+    "ESTIMATOR_CHOICES",
+    "MultiComparison",
+    "compare_runs",
+    "format_paired_table",
+    "paired_table",
+    "plot_paired_differences",
+    "render_multirun_html",
+]

@@ -37,5 +37,6 @@ def train_with_sample_grids(
     recorder(epoch, run.vae)
     if epochs == epoch:
         return run
-    return pipeline.resume(run_dir, epochs=epochs, progress=progress,
-                           callbacks=[EveryFewEpochs(recorder, every, epochs)])
+    return pipeline.resume(
+        run_dir, epochs=epochs, progress=progress, callbacks=[EveryFewEpochs(recorder, every, epochs)]
+    )

@@ -13,10 +13,17 @@ from ppl_vae.analysis import results
 
 def numpy_draws(num_draws=6, num_datapoints=4, latent=3, seed=0):
     rng = np.random.default_rng(seed)
-    return {name: {"latents": {"z": rng.normal(size=(num_draws, num_datapoints, latent)),
-                               "z2": rng.normal(size=(num_draws, num_datapoints, 2))},
-                   "log_likelihood": rng.normal(size=(num_draws, num_datapoints)),
-                   "log_weight": rng.normal(size=(num_draws, num_datapoints))} for name in ("amortized", "meanfield")}
+    return {
+        name: {
+            "latents": {
+                "z": rng.normal(size=(num_draws, num_datapoints, latent)),
+                "z2": rng.normal(size=(num_draws, num_datapoints, 2)),
+            },
+            "log_likelihood": rng.normal(size=(num_draws, num_datapoints)),
+            "log_weight": rng.normal(size=(num_draws, num_datapoints)),
+        }
+        for name in ("amortized", "meanfield")
+    }
 
 
 def test_groups_dims_attrs_and_round_trip(tmp_path):
@@ -26,7 +33,9 @@ def test_groups_dims_attrs_and_round_trip(tmp_path):
     assert idata.posterior["z_meanfield"].dims == ("chain", "draw", "datapoint", "latent")
     assert idata.posterior["z_meanfield"].shape == (1, 6, 4, 3)
     assert idata.log_likelihood["x_amortized"].dims == ("chain", "draw", "datapoint")
-    np.testing.assert_array_equal(idata.sample_stats["log_weight_amortized"].values[0], draws["amortized"]["log_weight"])
+    np.testing.assert_array_equal(
+        idata.sample_stats["log_weight_amortized"].values[0], draws["amortized"]["log_weight"]
+    )
     assert idata.attrs["guides"] == "amortized, meanfield" and idata.attrs["model"] == "m"
     back = results.load_inference_data(results.save_inference_data(idata, tmp_path / "idata.nc"))
     np.testing.assert_array_equal(back.posterior["z_amortized"].values, draws["amortized"]["latents"]["z"][None])

@@ -93,7 +93,9 @@ def test_metrics_of_a_vae_on_dsprites_and_a_dataset_without_factors():
     assert result.mutual_info.dims == ("latent", "factor") and 0 <= float(result.mig) <= 1
     assert 0 <= float(result.dci_disentanglement) <= 1 and int(result.active_units) <= 4
     again = disentanglement_metrics(vae, data, num_points=80, num_test_points=20, seed=1, num_trees=5)
-    assert float(again.mig) == float(result.mig) and float(again.dci_disentanglement) == float(result.dci_disentanglement)
+    assert float(again.mig) == float(result.mig) and float(again.dci_disentanglement) == float(
+        result.dci_disentanglement
+    )
     digits = load_dataset("digits")
     with pytest.raises(ValueError, match="factor labels"):
         disentanglement_metrics(vae, digits)

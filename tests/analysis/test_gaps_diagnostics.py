@@ -26,8 +26,9 @@ def lg():
 
 def test_gaps_are_nonnegative_and_match_closed_forms(lg, tmp_path):
     model, x = lg
-    gaps = gap_decomposition(model.model, model.guide, x, num_samples=500, progress=False,
-                             mean_field_options=dict(init="prior"))
+    gaps = gap_decomposition(
+        model.model, model.guide, x, num_samples=500, progress=False, mean_field_options=dict(init="prior")
+    )
     with torch.no_grad():
         exact = model.exact_log_marginal(x).numpy()
         best_mf = model.elbo_closed_form(x, *model.optimal_mean_field(x)).numpy()
@@ -51,8 +52,11 @@ def test_gaps_are_nonnegative_and_match_closed_forms(lg, tmp_path):
     assert list(back["bound"].values) == [BOUNDS[e] for e in ESTIMATORS]
     assert "stochastic lower bound" in back.attrs["estimate_log_px"]
     assert back["amortization_gap"].attrs["bound"] == "neither"
-    np.testing.assert_allclose(back["amortization_gap"], back["estimate"].sel(estimator="elbo_meanfield")
-                               - back["estimate"].sel(estimator="elbo_amortized"), atol=1e-9)
+    np.testing.assert_allclose(
+        back["amortization_gap"],
+        back["estimate"].sel(estimator="elbo_meanfield") - back["estimate"].sel(estimator="elbo_amortized"),
+        atol=1e-9,
+    )
 
 
 @pytest.mark.slow
@@ -102,14 +106,18 @@ def test_active_units_threshold_on_planted_means():
 
 def test_inference_data_groups_and_round_trip(lg, tmp_path):
     model, x = lg
-    draws = results.guide_draws(model.model, {"amortized": model.guide, "exact": model.exact_posterior_guide},
-                                x, num_draws=7)
+    draws = results.guide_draws(
+        model.model, {"amortized": model.guide, "exact": model.exact_posterior_guide}, x, num_draws=7
+    )
     idata = results.to_inference_data(draws, datapoint=np.arange(10, 18))
     assert set(results.inference_data_groups(idata)) == {"posterior", "log_likelihood", "sample_stats"}
     assert idata.posterior["z_exact"].dims == ("chain", "draw", "datapoint", "latent")
     # with the exact posterior as guide every log-weight equals log p(x)
-    np.testing.assert_allclose(idata.sample_stats["log_weight_exact"].values[0],
-                               np.broadcast_to(model.exact_log_marginal(x).detach().numpy(), (7, 8)), atol=1e-4)
+    np.testing.assert_allclose(
+        idata.sample_stats["log_weight_exact"].values[0],
+        np.broadcast_to(model.exact_log_marginal(x).detach().numpy(), (7, 8)),
+        atol=1e-4,
+    )
     path = results.save_inference_data(idata, tmp_path / "idata.nc")
     back = results.load_inference_data(path)
     np.testing.assert_array_equal(back.posterior["z_amortized"].values, idata.posterior["z_amortized"].values)

@@ -32,8 +32,25 @@ def sensor_run(tmp_path_factory):
     rows = [",".join([f"{v:.5f}" for v in row] + [str(label)]) for row, label in zip(values, labels)]
     path.write_text("a,b,c,label\n" + "\n".join(rows) + "\n")
     run = tmp / "run"
-    result = CliRunner().invoke(cli, ["fit", "--model", "scvae", "--dataset", "timeseries-csv", "--data-dir",
-                                      str(path), "--hidden-dim", "8", "--latent-dim", "4", "--out", str(run), *FAST])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "fit",
+            "--model",
+            "scvae",
+            "--dataset",
+            "timeseries-csv",
+            "--data-dir",
+            str(path),
+            "--hidden-dim",
+            "8",
+            "--latent-dim",
+            "4",
+            "--out",
+            str(run),
+            *FAST,
+        ],
+    )
     assert result.exit_code == 0, result.output
     return path, run
 
@@ -42,8 +59,20 @@ def test_fit_scvae_then_anomaly_reports_auroc_and_writes_scores(tmp_path, sensor
     runner = CliRunner()
     _, run = sensor_run
     out = tmp_path / "scores.nc"
-    result = runner.invoke(cli, ["anomaly", str(run), "--num-samples", "2", "--no-progress", "--out", str(out),
-                                 "--score", "reconstruction_probability"])
+    result = runner.invoke(
+        cli,
+        [
+            "anomaly",
+            str(run),
+            "--num-samples",
+            "2",
+            "--no-progress",
+            "--out",
+            str(out),
+            "--score",
+            "reconstruction_probability",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "AUROC" in result.output and "AUPRC" in result.output
     scores = xr.load_dataset(out)
@@ -59,18 +88,48 @@ def test_anomaly_bad_inputs_give_one_line_errors(tmp_path, sensor_run):
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,oops\n")
     assert "non-numeric" in _one_line_error(
-        runner.invoke(cli, ["anomaly", str(run), "--dataset", "timeseries-csv", "--data-dir", str(bad)]))
+        runner.invoke(cli, ["anomaly", str(run), "--dataset", "timeseries-csv", "--data-dir", str(bad)])
+    )
     assert "non-numeric" in _one_line_error(
-        runner.invoke(cli, ["fit", "--model", "scvae", "--dataset", "timeseries-csv", "--data-dir", str(bad),
-                            "--out", str(tmp_path / "r2"), *FAST]))
+        runner.invoke(
+            cli,
+            [
+                "fit",
+                "--model",
+                "scvae",
+                "--dataset",
+                "timeseries-csv",
+                "--data-dir",
+                str(bad),
+                "--out",
+                str(tmp_path / "r2"),
+                *FAST,
+            ],
+        )
+    )
     assert not (tmp_path / "r2").exists()
 
 
 def test_wrong_image_size_is_a_one_line_error(tmp_path):
     path = tmp_path / "images.npy"
     np.save(path, np.random.default_rng(0).random((20, 1, 30, 30)).astype(np.float32))
-    msg = _one_line_error(CliRunner().invoke(cli, ["fit", "--model", "scvae", "--dataset", str(path),
-                                                   "--likelihood", "bernoulli", "--out", str(tmp_path / "r"), *FAST]))
+    msg = _one_line_error(
+        CliRunner().invoke(
+            cli,
+            [
+                "fit",
+                "--model",
+                "scvae",
+                "--dataset",
+                str(path),
+                "--likelihood",
+                "bernoulli",
+                "--out",
+                str(tmp_path / "r"),
+                *FAST,
+            ],
+        )
+    )
     assert "divisible by 4" in msg
 
 
@@ -79,11 +138,42 @@ def test_text_cli_reports_bits_per_character_samples_and_interpolation(tmp_path)
     corpus.write_text("\n".join(["the cat sat", "a dog ran", "the dog sat", "a cat ran"] * 5) + "\n")
     runner = CliRunner()
     run = tmp_path / "text_run"
-    result = runner.invoke(cli, ["fit", "--model", "text_hybrid", "--dataset", "text-lines", "--data-dir",
-                                 str(corpus), "--hidden-dim", "8", "--latent-dim", "2", "--out", str(run), *FAST])
+    result = runner.invoke(
+        cli,
+        [
+            "fit",
+            "--model",
+            "text_hybrid",
+            "--dataset",
+            "text-lines",
+            "--data-dir",
+            str(corpus),
+            "--hidden-dim",
+            "8",
+            "--latent-dim",
+            "2",
+            "--out",
+            str(run),
+            *FAST,
+        ],
+    )
     assert result.exit_code == 0, result.output
-    result = runner.invoke(cli, ["text", str(run), "--num-samples", "2", "--samples", "2",
-                                 "--interpolate", "the cat sat", "a dog ran", "--steps", "3"])
+    result = runner.invoke(
+        cli,
+        [
+            "text",
+            str(run),
+            "--num-samples",
+            "2",
+            "--samples",
+            "2",
+            "--interpolate",
+            "the cat sat",
+            "a dog ran",
+            "--steps",
+            "3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "bits/char" in result.output and "KL" in result.output
     assert result.output.count("\n") >= 1 + 1 + 2 + 1 + 3
@@ -93,9 +183,27 @@ def test_text_bad_inputs_give_one_line_errors(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     runner = CliRunner()
-    msg = _one_line_error(runner.invoke(cli, ["fit", "--model", "text_hybrid", "--dataset", "text-lines",
-                                              "--data-dir", str(empty), "--out", str(tmp_path / "r"), *FAST]))
+    msg = _one_line_error(
+        runner.invoke(
+            cli,
+            [
+                "fit",
+                "--model",
+                "text_hybrid",
+                "--dataset",
+                "text-lines",
+                "--data-dir",
+                str(empty),
+                "--out",
+                str(tmp_path / "r"),
+                *FAST,
+            ],
+        )
+    )
     assert "empty" in msg
-    msg = _one_line_error(runner.invoke(cli, ["fit", "--model", "text_hybrid", "--dataset", "digits",
-                                              "--out", str(tmp_path / "r"), *FAST]))
+    msg = _one_line_error(
+        runner.invoke(
+            cli, ["fit", "--model", "text_hybrid", "--dataset", "digits", "--out", str(tmp_path / "r"), *FAST]
+        )
+    )
     assert "text_hybrid" in msg

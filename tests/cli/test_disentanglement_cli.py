@@ -10,15 +10,40 @@ from PIL import Image
 
 from tests.conftest import invoke, one_line_error
 
-SMALL = ["--model", "bernoulli_mlp", "--hidden-dim", "16", "--latent-dim", "3", "--batch-size", "50",
-         "--no-progress", "--device", "cpu", "--epochs", "1"]
+SMALL = [
+    "--model",
+    "bernoulli_mlp",
+    "--hidden-dim",
+    "16",
+    "--latent-dim",
+    "3",
+    "--batch-size",
+    "50",
+    "--no-progress",
+    "--device",
+    "cpu",
+    "--epochs",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
 def sprites_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "sprites"
-    result = invoke("fit", "--dataset", "dsprites", "--num-images", "150", "--objective", "beta_tc",
-                    "--tc-beta", "6", "--out", out, *SMALL)
+    result = invoke(
+        "fit",
+        "--dataset",
+        "dsprites",
+        "--num-images",
+        "150",
+        "--objective",
+        "beta_tc",
+        "--tc-beta",
+        "6",
+        "--out",
+        out,
+        *SMALL,
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -26,12 +51,23 @@ def sprites_run(tmp_path_factory):
 def test_disentanglement_writes_netcdf_figures_and_html_into_its_folder(sprites_run, tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in sprites_run.iterdir()}
     out = tmp_path / "dis"
-    result = invoke("disentanglement", sprites_run, "--out", out, "--num-points", "100", "--num-test-points", "30",
-                    "--num-steps", "5")
+    result = invoke(
+        "disentanglement",
+        sprites_run,
+        "--out",
+        out,
+        "--num-points",
+        "100",
+        "--num-test-points",
+        "30",
+        "--num-steps",
+        "5",
+    )
     assert result.exit_code == 0, result.output
     assert "MIG" in result.output and "DCI disentanglement" in result.output
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["disentanglement.nc", "traversal.png", "mutual_info.png", "objective_terms.png", "disentanglement.html"])
+        ["disentanglement.nc", "traversal.png", "mutual_info.png", "objective_terms.png", "disentanglement.html"]
+    )
     with xr.open_dataset(out / "disentanglement.nc", engine="h5netcdf") as ds:
         assert ds.mutual_info.dims == ("latent", "factor") and "pos_x" in ds.factor.values
         assert 0 <= float(ds.mig) <= 1
@@ -58,5 +94,7 @@ def test_generate_traverse_writes_a_png_and_refuses_a_missing_dimension(sprites_
     assert "traversals of 3 dimensions" in result.output
     with Image.open(png) as im:
         assert im.format == "PNG"
-    one_line_error(invoke("generate", sprites_run, "--traverse", "--dim", "3", "--out", png),
-                   "--dim: latent dimension(s) [3] do not exist")
+    one_line_error(
+        invoke("generate", sprites_run, "--traverse", "--dim", "3", "--out", png),
+        "--dim: latent dimension(s) [3] do not exist",
+    )

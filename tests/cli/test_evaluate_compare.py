@@ -17,8 +17,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # small loops: one thread is
 
 
 def test_evaluate_prints_and_saves_estimates(run_dir, tmp_path):
-    result = CliRunner().invoke(cli, ["evaluate", str(run_dir), "--num-samples", "20", "--num-datapoints", "15",
-                                      "--out", str(tmp_path), "--no-progress"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "evaluate",
+            str(run_dir),
+            "--num-samples",
+            "20",
+            "--num-datapoints",
+            "15",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "K = 20" in result.output and "log p̂(x) (IW)" in result.output
     ds = results.load_netcdf(tmp_path / "evaluation.nc")
@@ -31,8 +43,24 @@ def test_evaluate_prints_and_saves_estimates(run_dir, tmp_path):
 
 
 def test_compare_writes_self_contained_report_and_tables(run_dir, tmp_path):
-    result = CliRunner().invoke(cli, ["compare", str(run_dir), "--num-samples", "20", "--num-datapoints", "12",
-                                      "--num-draws", "5", "--mf-steps", "30", "--out", str(tmp_path), "--no-progress"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "compare",
+            str(run_dir),
+            "--num-samples",
+            "20",
+            "--num-datapoints",
+            "12",
+            "--num-draws",
+            "5",
+            "--mf-steps",
+            "30",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "amortization gap" in result.output
     # every number printed says what it is
@@ -47,7 +75,9 @@ def test_compare_writes_self_contained_report_and_tables(run_dir, tmp_path):
     gaps = results.load_netcdf(tmp_path / "gaps.nc")
     assert set(gaps["estimate"].dims) == {"datapoint", "estimator"}
     np.testing.assert_allclose(
-        gaps["amortization_gap"], gaps["estimate"].sel(estimator="elbo_meanfield") - gaps["estimate"].sel(estimator="elbo_amortized"))
+        gaps["amortization_gap"],
+        gaps["estimate"].sel(estimator="elbo_meanfield") - gaps["estimate"].sel(estimator="elbo_amortized"),
+    )
     assert list(gaps["bound"].values) == ["lower bound"] * 5
     assert gaps["meanfield_converged"].dtype == bool
     table = (tmp_path / "gap_table.csv").read_text()
@@ -65,9 +95,28 @@ def test_compare_train_split_with_dynamic_binarization_scores_binary_data(tmp_pa
         train=TrainConfig(epochs=1, batch_size=50, device="cpu"),
     )
     pipeline.fit(config, run, progress=False)
-    result = CliRunner().invoke(cli, ["compare", str(run), "--split", "train", "-k", "10", "--num-datapoints", "8",
-                                      "--num-draws", "2", "--mf-steps", "5", "--mf-polish-steps", "5",
-                                      "--out", str(tmp_path), "--no-progress"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "compare",
+            str(run),
+            "--split",
+            "train",
+            "-k",
+            "10",
+            "--num-datapoints",
+            "8",
+            "--num-draws",
+            "2",
+            "--mf-steps",
+            "5",
+            "--mf-polish-steps",
+            "5",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     gaps = results.load_netcdf(tmp_path / "gaps.nc")
     assert "Bernoulli" in gaps.attrs["preprocessing"] and gaps.attrs["split"] == "train"
@@ -80,8 +129,9 @@ def test_out_naming_an_existing_file_is_refused_and_left_alone(run_dir, tmp_path
     target = tmp_path / "afile.txt"
     target.write_text("keep me")
     for out in (target, target / "sub"):
-        result = CliRunner().invoke(cli, [command, str(run_dir), "-k", "5", "--num-datapoints", "3", "--out", str(out),
-                                          "--no-progress"])
+        result = CliRunner().invoke(
+            cli, [command, str(run_dir), "-k", "5", "--num-datapoints", "3", "--out", str(out), "--no-progress"]
+        )
         line = one_line_error(result)
         assert "afile.txt" in line and line.startswith("Error: --out ")  # the flag the user typed
     assert target.read_text() == "keep me"

@@ -18,8 +18,25 @@ def invoke(*args):
 
 def test_fig2_command_writes_figure_and_numbers(tmp_path):
     out = tmp_path / "f2"
-    res = invoke("experiment", "fig2", "--dataset", "digits", "--latent-dims", "2", "--hidden-dim", "8",
-                 "--max-samples", "200", "--num-evals", "2", "--eval-size", "20", "--out", str(out), "--no-progress")
+    res = invoke(
+        "experiment",
+        "fig2",
+        "--dataset",
+        "digits",
+        "--latent-dims",
+        "2",
+        "--hidden-dim",
+        "8",
+        "--max-samples",
+        "200",
+        "--num-evals",
+        "2",
+        "--eval-size",
+        "20",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
     assert res.exit_code == 0, res.output
     assert "digits z=2 AEVB train" in res.output and "wake-sleep" in res.output
     frame = pd.read_csv(out / "fig2.csv")
@@ -28,25 +45,56 @@ def test_fig2_command_writes_figure_and_numbers(tmp_path):
 
 
 def test_fig5_and_fig4_commands(tmp_path):
-    res = invoke("experiment", "fig5", "--dataset", "digits", "--latent-dims", "2", "--hidden-dim", "8",
-                 "--max-samples", "100", "--num-images", "4", "--out", str(tmp_path / "f5"), "--no-progress")
+    res = invoke(
+        "experiment",
+        "fig5",
+        "--dataset",
+        "digits",
+        "--latent-dims",
+        "2",
+        "--hidden-dim",
+        "8",
+        "--max-samples",
+        "100",
+        "--num-images",
+        "4",
+        "--out",
+        str(tmp_path / "f5"),
+        "--no-progress",
+    )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "f5" / "fig5.png").is_file()
-    res = invoke("experiment", "fig4", "--dataset", "digits", "--hidden-dim", "8", "--max-samples", "100",
-                 "--grid-size", "2", "--out", str(tmp_path / "f4"), "--no-progress")
+    res = invoke(
+        "experiment",
+        "fig4",
+        "--dataset",
+        "digits",
+        "--hidden-dim",
+        "8",
+        "--max-samples",
+        "100",
+        "--grid-size",
+        "2",
+        "--out",
+        str(tmp_path / "f4"),
+        "--no-progress",
+    )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "f4" / "fig4_digits.nc").is_file()
 
 
-@pytest.mark.parametrize("args, words", [
-    (["fig2", "--dataset", "nope"], "experiment dataset"),
-    (["fig2", "--latent-dims", "a,b"], "--latent-dims"),
-    (["fig2", "--dataset", "digits", "--methods", "MCEM"], "methods"),
-    (["fig2", "--dataset", "digits", "--max-samples", "0"], "--max-samples must be positive"),
-    (["fig3", "--latent-dim", "7", "--dataset", "digits"], "--latent-dim must be between 1 and 4"),
-    (["fig4", "--dataset", "mnist", "--data-dir", "/nonexistent"], "sha256"),
-    (["fig5", "--dataset", "frey-face"], "--data-dir"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["fig2", "--dataset", "nope"], "experiment dataset"),
+        (["fig2", "--latent-dims", "a,b"], "--latent-dims"),
+        (["fig2", "--dataset", "digits", "--methods", "MCEM"], "methods"),
+        (["fig2", "--dataset", "digits", "--max-samples", "0"], "--max-samples must be positive"),
+        (["fig3", "--latent-dim", "7", "--dataset", "digits"], "--latent-dim must be between 1 and 4"),
+        (["fig4", "--dataset", "mnist", "--data-dir", "/nonexistent"], "sha256"),
+        (["fig5", "--dataset", "frey-face"], "--data-dir"),
+    ],
+)
 def test_bad_input_gives_one_line_error(tmp_path, args, words):
     res = invoke("experiment", *args, "--out", str(tmp_path / "o"), "--no-progress")
     assert res.exit_code != 0
@@ -73,16 +121,32 @@ def test_download_verifies_sha256(tmp_path, monkeypatch):
 
 def test_download_with_wrong_checksum_leaves_nothing(tmp_path):
     mirror, _ = _mirror(tmp_path)  # these bytes are not the real frey_rawface.mat
-    res = invoke("experiment", "download", "frey-face", "--data-dir", str(tmp_path / "data"),
-                 "--url", mirror.as_uri(), "--no-progress")
+    res = invoke(
+        "experiment",
+        "download",
+        "frey-face",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--url",
+        mirror.as_uri(),
+        "--no-progress",
+    )
     assert res.exit_code == 1
     assert "expected 265a83a2" in res.output and res.output.startswith("Error:")
     assert not (tmp_path / "data").exists()  # no file, and no empty folder either
 
 
 def test_download_missing_file_and_unknown_dataset(tmp_path):
-    res = invoke("experiment", "download", "mnist", "--data-dir", str(tmp_path / "d"),
-                 "--url", (tmp_path / "empty").as_uri(), "--no-progress")
+    res = invoke(
+        "experiment",
+        "download",
+        "mnist",
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--url",
+        (tmp_path / "empty").as_uri(),
+        "--no-progress",
+    )
     assert res.exit_code == 1 and "could not download" in res.output
     res = invoke("experiment", "download", "cifar", "--data-dir", str(tmp_path / "d"))
     assert res.exit_code == 1 and "downloadable dataset" in res.output

@@ -21,8 +21,6 @@ def invoke(runner, *args):
     return runner.invoke(cli, list(args), catch_exceptions=False)
 
 
-
-
 def test_fit_writes_a_run_and_prints_elbos(runner, tmp_path):
     out = tmp_path / "run"
     result = invoke(runner, "fit", "--model", "gaussian_mlp", "--out", str(out), *FAST)
@@ -45,9 +43,31 @@ def test_fit_default_out_is_a_fresh_folder_under_runs(runner, tmp_path, monkeypa
 
 def test_fit_with_swapped_parts_from_the_cli(runner, tmp_path):
     result = invoke(
-        runner, "fit", "--model", "gaussian_mlp", "--prior", "mixture_of_gaussians", "--num-components", "3",
-        "--likelihood", "laplace", "--elbo", "mean_field", "--optimizer", "adagrad", "--lr", "0.02",
-        "--kl-warmup", "1", "--num-particles", "2", "--device", "cpu", "--out", str(tmp_path / "r"), *FAST,
+        runner,
+        "fit",
+        "--model",
+        "gaussian_mlp",
+        "--prior",
+        "mixture_of_gaussians",
+        "--num-components",
+        "3",
+        "--likelihood",
+        "laplace",
+        "--elbo",
+        "mean_field",
+        "--optimizer",
+        "adagrad",
+        "--lr",
+        "0.02",
+        "--kl-warmup",
+        "1",
+        "--num-particles",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "r"),
+        *FAST,
     )
     assert result.exit_code == 0, result.output
 
@@ -55,8 +75,17 @@ def test_fit_with_swapped_parts_from_the_cli(runner, tmp_path):
 def test_models_lists_every_registry(runner):
     result = invoke(runner, "models")
     assert result.exit_code == 0
-    for name in ["gaussian_mlp", "bernoulli_mlp", "mixture_of_gaussians", "continuous_bernoulli",
-                 "laplace", "fashion-mnist", "mean_field", "adagrad", "svi"]:
+    for name in [
+        "gaussian_mlp",
+        "bernoulli_mlp",
+        "mixture_of_gaussians",
+        "continuous_bernoulli",
+        "laplace",
+        "fashion-mnist",
+        "mean_field",
+        "adagrad",
+        "svi",
+    ]:
         assert name in result.output
 
 
@@ -83,13 +112,33 @@ def test_bad_inputs_give_one_line_errors_and_no_run_directory(runner, tmp_path, 
 
 def test_data_outside_the_likelihood_support(runner, tmp_path):
     np.save(tmp_path / "wide.npy", np.random.rand(50, 3) * 4 - 2)
-    result = invoke(runner, "fit", "--model", "bernoulli_mlp", "--dataset", str(tmp_path / "wide.npy"),
-                    "--out", str(tmp_path / "run"), *FAST)
+    result = invoke(
+        runner,
+        "fit",
+        "--model",
+        "bernoulli_mlp",
+        "--dataset",
+        str(tmp_path / "wide.npy"),
+        "--out",
+        str(tmp_path / "run"),
+        *FAST,
+    )
     one_line_error(result, "likelihood 'bernoulli' needs the training data")
     assert not (tmp_path / "run").exists()
     # the same data is fine under a Gaussian likelihood
-    result = invoke(runner, "fit", "--model", "gaussian_mlp", "--likelihood", "gaussian",
-                    "--dataset", str(tmp_path / "wide.npy"), "--out", str(tmp_path / "run2"), *FAST)
+    result = invoke(
+        runner,
+        "fit",
+        "--model",
+        "gaussian_mlp",
+        "--likelihood",
+        "gaussian",
+        "--dataset",
+        str(tmp_path / "wide.npy"),
+        "--out",
+        str(tmp_path / "run2"),
+        *FAST,
+    )
     assert result.exit_code == 0, result.output
 
 
@@ -110,10 +159,14 @@ def test_existing_out_and_resume_misuse(runner, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    one_line_error(invoke(runner, "fit", "--out", str(out), *FAST), "already holds files; write the run to another folder or resume it")
+    one_line_error(
+        invoke(runner, "fit", "--out", str(out), *FAST),
+        "already holds files; write the run to another folder or resume it",
+    )
     assert (out / "keep.txt").read_text() == "x"
-    one_line_error(invoke(runner, "fit", "--resume", str(tmp_path / "absent"), "--no-progress"),
-                          "run directory not found")
+    one_line_error(
+        invoke(runner, "fit", "--resume", str(tmp_path / "absent"), "--no-progress"), "run directory not found"
+    )
     result = invoke(runner, "fit", "--resume", str(out), "--model", "bernoulli_mlp")
     assert result.exit_code == 2 and "drop --model" in result.output
 
@@ -128,10 +181,42 @@ def test_fit_sample_grids_writes_frames_and_a_gif(runner, tmp_path):
 
 def test_fit_announces_compilation_before_the_first_step(runner, tmp_path):
     out = tmp_path / "run"
-    result = invoke(runner, "fit", "--model", "gaussian_mlp", "--out", str(out), "--compile", "eager",
-                    "--epochs", "1", "--hidden-dim", "8", "--latent-dim", "2", "--train-size", "100", "--no-progress")
+    result = invoke(
+        runner,
+        "fit",
+        "--model",
+        "gaussian_mlp",
+        "--out",
+        str(out),
+        "--compile",
+        "eager",
+        "--epochs",
+        "1",
+        "--hidden-dim",
+        "8",
+        "--latent-dim",
+        "2",
+        "--train-size",
+        "100",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     assert "compiling the loss with torch.compile (backend eager)" in result.output
-    plain = invoke(runner, "fit", "--model", "gaussian_mlp", "--out", str(tmp_path / "plain"), "--epochs", "1",
-                   "--hidden-dim", "8", "--latent-dim", "2", "--train-size", "100", "--no-progress")
+    plain = invoke(
+        runner,
+        "fit",
+        "--model",
+        "gaussian_mlp",
+        "--out",
+        str(tmp_path / "plain"),
+        "--epochs",
+        "1",
+        "--hidden-dim",
+        "8",
+        "--latent-dim",
+        "2",
+        "--train-size",
+        "100",
+        "--no-progress",
+    )
     assert "compiling" not in plain.output

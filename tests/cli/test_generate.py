@@ -12,10 +12,6 @@ from tests.conftest import invoke, one_line_error
 SMALL = ["--hidden-dim", "16", "--latent-dim", "2", "--train-size", "200", "--batch-size", "100", "--no-progress"]
 
 
-
-
-
-
 @pytest.fixture(scope="module")
 def cvae_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "cvae"
@@ -34,8 +30,21 @@ def test_generate_writes_one_row_per_label(cvae_run, tmp_path):
 
 
 def test_inpaint_reports_evidence_ess_and_inferred_labels(cvae_run, tmp_path):
-    result = invoke("inpaint", cvae_run, "--mask", "quadrant", "--num-images", "3", "--num-samples", "50",
-                    "--no-label", "--proposal", "encoder", "--out", tmp_path / "inp.png")
+    result = invoke(
+        "inpaint",
+        cvae_run,
+        "--mask",
+        "quadrant",
+        "--num-images",
+        "3",
+        "--num-samples",
+        "50",
+        "--no-label",
+        "--proposal",
+        "encoder",
+        "--out",
+        tmp_path / "inp.png",
+    )
     assert result.exit_code == 0, result.output
     assert "mean log p(x_obs)" in result.output and "of 500 weights" in result.output
     assert "label inferred from the observed part:" in result.output
@@ -73,6 +82,7 @@ def test_conv_on_8x8_digits_is_refused_before_a_run_dir_is_made(tmp_path):
 def test_cvae_on_unlabelled_data_is_refused(tmp_path):
     path = tmp_path / "x.npy"
     np.save(path, np.random.default_rng(0).random((20, 1, 4, 4)).astype(np.float32))
-    result = invoke("fit", "--model", "cvae", "--dataset", path, "--epochs", "1", "--out", tmp_path / "r",
-                    "--no-progress")
+    result = invoke(
+        "fit", "--model", "cvae", "--dataset", path, "--epochs", "1", "--out", tmp_path / "r", "--no-progress"
+    )
     one_line_error(result, "needs labelled data")

@@ -13,8 +13,23 @@ from tests.conftest import invoke, one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAST = ["--dataset", "digits", "--train-size", "200", "--epochs", "1", "--batch-size", "50", "--hidden-dim", "16",
-        "--latent-dim", "2", "--device", "cpu", "--no-progress"]
+FAST = [
+    "--dataset",
+    "digits",
+    "--train-size",
+    "200",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "50",
+    "--hidden-dim",
+    "16",
+    "--latent-dim",
+    "2",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +39,24 @@ def runs(tmp_path_factory):
     result = invoke("fit", "--model", "two_layer", "--model-option", "z1_dim=3", "--out", two, *FAST)
     assert result.exit_code == 0, result.output
     ladder = root / "ladder"
-    result = invoke("fit", "--model", "ladder", "--kl-warmup", "1", "--model-option", "kl_warmup_fractions=[0.5, 1]",
-                    "--model-option", 'hidden_dims=[[16], [8, 8]]', "--method", "iwae", "--num-particles", "2",
-                    "--out", ladder, *FAST)
+    result = invoke(
+        "fit",
+        "--model",
+        "ladder",
+        "--kl-warmup",
+        "1",
+        "--model-option",
+        "kl_warmup_fractions=[0.5, 1]",
+        "--model-option",
+        "hidden_dims=[[16], [8, 8]]",
+        "--method",
+        "iwae",
+        "--num-particles",
+        "2",
+        "--out",
+        ladder,
+        *FAST,
+    )
     assert result.exit_code == 0, result.output
     return two, ladder
 
@@ -40,16 +70,20 @@ def test_fit_records_the_model_options_and_resumes_with_them(runs):
     assert result.exit_code == 0 and "epoch 2:" in result.output, result.output
 
 
-@pytest.mark.parametrize("method,extra", [
-    ("iw", ["--num-samples", "50"]),
-    ("ais", ["--ais-steps", "10", "--num-chains", "2"]),
-    ("bdmc", ["--ais-steps", "5", "--ais-steps", "10", "--num-chains", "2"]),
-])
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("iw", ["--num-samples", "50"]),
+        ("ais", ["--ais-steps", "10", "--num-chains", "2"]),
+        ("bdmc", ["--ais-steps", "5", "--ais-steps", "10", "--num-chains", "2"]),
+    ],
+)
 def test_evaluate_works_on_hierarchical_runs(runs, tmp_path, method, extra):
     for run in runs:
         out = tmp_path / run.name
-        result = invoke("evaluate", run, "--method", method, *extra, "--num-datapoints", "6", "--out", out,
-                        "--no-progress")
+        result = invoke(
+            "evaluate", run, "--method", method, *extra, "--num-datapoints", "6", "--out", out, "--no-progress"
+        )
         assert result.exit_code == 0, result.output
         assert "log p(x)" in result.output
         (nc,) = out.glob("evaluation*.nc")
@@ -60,10 +94,27 @@ def test_evaluate_works_on_hierarchical_runs(runs, tmp_path, method, extra):
 
 def test_compare_reports_kl_and_active_units_per_layer(runs, tmp_path):
     two, _ = runs
-    result = invoke("compare", two, "--num-samples", "20", "--num-datapoints", "12", "--num-draws", "5",
-                    "--mf-steps", "20", "--mf-polish-steps", "5", "--out", tmp_path, "--no-progress")
+    result = invoke(
+        "compare",
+        two,
+        "--num-samples",
+        "20",
+        "--num-datapoints",
+        "12",
+        "--num-draws",
+        "5",
+        "--mf-steps",
+        "20",
+        "--mf-polish-steps",
+        "5",
+        "--out",
+        tmp_path,
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
-    assert "z2: " in result.output and "z1: " in result.output  # "active units: a of 5 (z2: b of 2, ...; z1: c of 3, ...)"
+    assert (
+        "z2: " in result.output and "z1: " in result.output
+    )  # "active units: a of 5 (z2: b of 2, ...; z1: c of 3, ...)"
     diag = results.load_netcdf(tmp_path / "diagnostics.nc")
     assert list(diag["latent_site"].values) == ["z2"] * 2 + ["z1"] * 3
     assert {"num_active_z1", "num_active_z2"} <= set(diag.attrs)
@@ -77,18 +128,32 @@ def test_compare_reports_kl_and_active_units_per_layer(runs, tmp_path):
 
 
 def test_multirun_compare_pairs_hierarchical_runs(runs, tmp_path):
-    result = invoke("compare", *runs, "--estimator", "iw", "--num-samples", "20", "--num-datapoints", "10",
-                    "--out", tmp_path, "--no-progress")
+    result = invoke(
+        "compare",
+        *runs,
+        "--estimator",
+        "iw",
+        "--num-samples",
+        "20",
+        "--num-datapoints",
+        "10",
+        "--out",
+        tmp_path,
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     assert "ladder" in result.output and "two_layer" in result.output
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--latent-dim", "0"], "--latent-dim must be >= 1"),
-    (["--model-option", "z1_dim=0"], "z1_dim must be a positive integer"),
-    (["--model-option", "depth=3"], "model 'two_layer' has no option 'depth'"),
-    (["--model-option", "z1_dim"], "--model-option must be KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--latent-dim", "0"], "--latent-dim must be >= 1"),
+        (["--model-option", "z1_dim=0"], "z1_dim must be a positive integer"),
+        (["--model-option", "depth=3"], "model 'two_layer' has no option 'depth'"),
+        (["--model-option", "z1_dim"], "--model-option must be KEY=VALUE"),
+    ],
+)
 def test_bad_sizes_and_options_are_one_line_errors(tmp_path, args, message):
     result = invoke("fit", "--model", "two_layer", "--out", tmp_path / "r", *FAST, *args)  # the last value counts
     one_line_error(result, message)

@@ -18,7 +18,9 @@ SMALL = ["--hidden-dim", "16", "--latent-dim", "2", "--train-size", "200", "--ba
 @pytest.fixture(scope="module")
 def m2_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "m2"
-    result = invoke("fit", "--model", "m2", "--labels", "20", "--label-seed", "3", "--epochs", "1", "--out", out, *SMALL)
+    result = invoke(
+        "fit", "--model", "m2", "--labels", "20", "--label-seed", "3", "--epochs", "1", "--out", out, *SMALL
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -44,23 +46,56 @@ def test_m2_generates_the_same_style_under_every_class(m2_run, tmp_path):
 
 
 def test_gmvae_fits_from_the_command_line(tmp_path):
-    result = invoke("fit", "--model", "gmvae", "--prior", "mixture_of_gaussians", "--num-components", "4",
-                    "--epochs", "1", "--out", tmp_path / "gm", *SMALL)
+    result = invoke(
+        "fit",
+        "--model",
+        "gmvae",
+        "--prior",
+        "mixture_of_gaussians",
+        "--num-components",
+        "4",
+        "--epochs",
+        "1",
+        "--out",
+        tmp_path / "gm",
+        *SMALL,
+    )
     assert result.exit_code == 0, result.output
     assert pipeline.load_run(tmp_path / "gm").vae.num_values == 4
 
 
 def test_bad_label_options_give_one_line_errors(tmp_path):
-    one_line_error(invoke("fit", "--model", "m2", "--labels", "5000", "--epochs", "1", "--out", tmp_path / "a", *SMALL),
-                   "larger than the training set")
+    one_line_error(
+        invoke("fit", "--model", "m2", "--labels", "5000", "--epochs", "1", "--out", tmp_path / "a", *SMALL),
+        "larger than the training set",
+    )
     path = tmp_path / "x.npy"
     np.save(path, np.random.default_rng(0).random((20, 1, 4, 4)).astype(np.float32))
-    one_line_error(invoke("fit", "--model", "m2", "--dataset", path, "--labels", "4", "--epochs", "1",
-                          "--out", tmp_path / "b", "--no-progress"), "needs a dataset with labels")
-    one_line_error(invoke("fit", "--model", "m2", "--elbo", "mean_field", "--epochs", "1", "--out", tmp_path / "c",
-                          *SMALL), "cannot sum out the discrete site")
-    one_line_error(invoke("fit", "--model", "gmvae", "--prior", "vamp", "--epochs", "1", "--out", tmp_path / "d",
-                          *SMALL), "mixture_of_gaussians")
+    one_line_error(
+        invoke(
+            "fit",
+            "--model",
+            "m2",
+            "--dataset",
+            path,
+            "--labels",
+            "4",
+            "--epochs",
+            "1",
+            "--out",
+            tmp_path / "b",
+            "--no-progress",
+        ),
+        "needs a dataset with labels",
+    )
+    one_line_error(
+        invoke("fit", "--model", "m2", "--elbo", "mean_field", "--epochs", "1", "--out", tmp_path / "c", *SMALL),
+        "cannot sum out the discrete site",
+    )
+    one_line_error(
+        invoke("fit", "--model", "gmvae", "--prior", "vamp", "--epochs", "1", "--out", tmp_path / "d", *SMALL),
+        "mixture_of_gaussians",
+    )
 
 
 def test_evaluate_scores_m2_on_x_alone(m2_run, tmp_path):
@@ -77,8 +112,9 @@ def test_evaluate_scores_m2_on_x_alone(m2_run, tmp_path):
     iw = xr.open_dataset(tmp_path / "evaluation.nc")
     run = pipeline.load_run(m2_run)
     sel = select_datapoints(run, "test", 4, 0)
-    per_class = enumerated_estimate(run.vae.model, run.vae.guide, sel.x, site="y", num_values=10, num_samples=200,
-                                    seed=0)
+    per_class = enumerated_estimate(
+        run.vae.model, run.vae.guide, sel.x, site="y", num_values=10, num_samples=200, seed=0
+    )
     se = np.sqrt(iw["log_likelihood_stderr"].values ** 2 + per_class.log_likelihood_stderr.numpy() ** 2)
     gap = iw["log_likelihood"].values - per_class.log_likelihood.numpy()
     assert (np.abs(gap) < 4 * se + 0.05).all(), (gap, se)

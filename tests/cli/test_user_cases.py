@@ -23,8 +23,19 @@ from ppl_vae.errors import DataError
 from ppl_vae.inference.training import Callback
 from tests.conftest import one_line_error
 
-SMALL = ["--train-size", "100", "--batch-size", "50", "--latent-dim", "2", "--hidden-dim", "8",
-         "--device", "cpu", "--no-progress"]
+SMALL = [
+    "--train-size",
+    "100",
+    "--batch-size",
+    "50",
+    "--latent-dim",
+    "2",
+    "--hidden-dim",
+    "8",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
 
 
 def invoke(*args, **kwargs):
@@ -32,9 +43,11 @@ def invoke(*args, **kwargs):
 
 
 def tiny_config(epochs: int = 1, **train) -> RunConfig:
-    return RunConfig(model=ModelConfig(model="gaussian_mlp", latent_dim=2, hidden_dim=8),
-                     data=DataConfig(dataset="digits", train_size=100),
-                     train=TrainConfig(epochs=epochs, batch_size=50, device="cpu", **train))
+    return RunConfig(
+        model=ModelConfig(model="gaussian_mlp", latent_dim=2, hidden_dim=8),
+        data=DataConfig(dataset="digits", train_size=100),
+        train=TrainConfig(epochs=epochs, batch_size=50, device="cpu", **train),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,16 +100,22 @@ def test_empty_out_is_refused_instead_of_the_current_folder(tmp_path, monkeypatc
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda t, m: m.pop("epoch"), "its metadata lacks 'epoch'"),
-    (lambda t, m: t.pop("rng.cpu"), "lacks a valid tensor 'rng.cpu'"),
-    (lambda t, m: t.update({next(k for k in t if k.startswith("optim.") and t[k].dim() > 1): torch.zeros(3)}),
-     "has shape (3,) but its parameter has shape"),
-    # these reached users as "not enough values to unpack (expected 4, got 2)" and
-    # "invalid literal for int() with base 10: 'abc'"
-    (lambda t, m: t.update({"optim.svi": torch.zeros(1)}), "is not named optim.OPTIMIZER.INDEX.KEY"),
-    (lambda t, m: t.update({"optim.svi.abc.exp_avg": torch.zeros(1)}), "is not named optim.OPTIMIZER.INDEX.KEY"),
-], ids=["no-epoch", "no-rng", "optimizer-shape", "optimizer-name", "optimizer-index"])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda t, m: m.pop("epoch"), "its metadata lacks 'epoch'"),
+        (lambda t, m: t.pop("rng.cpu"), "lacks a valid tensor 'rng.cpu'"),
+        (
+            lambda t, m: t.update({next(k for k in t if k.startswith("optim.") and t[k].dim() > 1): torch.zeros(3)}),
+            "has shape (3,) but its parameter has shape",
+        ),
+        # these reached users as "not enough values to unpack (expected 4, got 2)" and
+        # "invalid literal for int() with base 10: 'abc'"
+        (lambda t, m: t.update({"optim.svi": torch.zeros(1)}), "is not named optim.OPTIMIZER.INDEX.KEY"),
+        (lambda t, m: t.update({"optim.svi.abc.exp_avg": torch.zeros(1)}), "is not named optim.OPTIMIZER.INDEX.KEY"),
+    ],
+    ids=["no-epoch", "no-rng", "optimizer-shape", "optimizer-name", "optimizer-index"],
+)
 def test_damaged_checkpoint_resume_is_one_line_and_keeps_the_config(run, damage, message):
     rewrite_checkpoint(run, damage)
     config_before = (run / runs.CONFIG).read_bytes()
@@ -107,12 +126,15 @@ def test_damaged_checkpoint_resume_is_one_line_and_keeps_the_config(run, damage,
 
 
 def test_inpaint_without_label_counts_weights_as_draws_times_labels(tmp_path):
-    config = RunConfig(model=ModelConfig(model="cvae", latent_dim=2, hidden_dim=8),
-                       data=DataConfig(dataset="digits", train_size=100),
-                       train=TrainConfig(epochs=0, batch_size=50, device="cpu"))
+    config = RunConfig(
+        model=ModelConfig(model="cvae", latent_dim=2, hidden_dim=8),
+        data=DataConfig(dataset="digits", train_size=100),
+        train=TrainConfig(epochs=0, batch_size=50, device="cpu"),
+    )
     pipeline.fit(config, tmp_path / "cvae", progress=False)
-    result = invoke("inpaint", tmp_path / "cvae", "--no-label", "--num-samples", 20, "--num-images", 2,
-                    "--num-draws", 1)
+    result = invoke(
+        "inpaint", tmp_path / "cvae", "--no-label", "--num-samples", 20, "--num-images", 2, "--num-draws", 1
+    )
     assert result.exit_code == 0, result.output
     assert "of 200 weights (20 draws of z x 10 labels)" in result.output
 
@@ -141,7 +163,8 @@ def test_an_implausible_elbo_warns_naming_the_step_and_the_setting():
     check = pipeline.DivergenceCheck(num_dims=64)
     ctx = types.SimpleNamespace(
         state=types.SimpleNamespace(records=[{"train_elbo": -5.6e30, "test_elbo": -5.5e30}], epoch=1, step=2),
-        config=types.SimpleNamespace(lr=1e-4, optimizer="sgd"))
+        config=types.SimpleNamespace(lr=1e-4, optimizer="sgd"),
+    )
     with pytest.warns(UserWarning, match=r"epoch 1 \(step 2\).*-5\.6e\+30.*--lr.*--optimizer") as record:
         check.on_epoch_end(ctx)
     assert len(record) == 1
@@ -156,9 +179,26 @@ def test_an_implausible_elbo_warns_naming_the_step_and_the_setting():
 
 def test_a_diverging_fit_prints_the_warning(tmp_path):
     np.save(tmp_path / "big.npy", (np.random.default_rng(0).random((60, 4)) * 1e12).astype(np.float32))
-    result = invoke("fit", "--dataset", tmp_path / "big.npy", "--likelihood", "gaussian", "--epochs", 1,
-                    "--batch-size", 20, "--latent-dim", 2, "--hidden-dim", 4, "--device", "cpu", "--no-progress",
-                    "--out", tmp_path / "r")
+    result = invoke(
+        "fit",
+        "--dataset",
+        tmp_path / "big.npy",
+        "--likelihood",
+        "gaussian",
+        "--epochs",
+        1,
+        "--batch-size",
+        20,
+        "--latent-dim",
+        2,
+        "--hidden-dim",
+        4,
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        tmp_path / "r",
+    )
     assert "Warning: training has diverged: epoch 1" in result.output, result.output
     assert "--lr" in result.output
 
@@ -172,9 +212,11 @@ def test_resume_with_history_but_no_checkpoint_is_refused(run):
 
 def test_generate_refuses_a_text_model(tmp_path):
     (tmp_path / "lines.txt").write_text("\n".join(f"sentence number {i}" for i in range(20)) + "\n")
-    config = RunConfig(model=ModelConfig(model="text_hybrid", latent_dim=2, hidden_dim=8),
-                       data=DataConfig(dataset="text-lines", data_dir=str(tmp_path / "lines.txt")),
-                       train=TrainConfig(epochs=0, batch_size=10, device="cpu"))
+    config = RunConfig(
+        model=ModelConfig(model="text_hybrid", latent_dim=2, hidden_dim=8),
+        data=DataConfig(dataset="text-lines", data_dir=str(tmp_path / "lines.txt")),
+        train=TrainConfig(epochs=0, batch_size=10, device="cpu"),
+    )
     pipeline.fit(config, tmp_path / "text", progress=False)
     result = invoke("generate", tmp_path / "text")
     one_line_error(result, "not images")
@@ -183,8 +225,13 @@ def test_generate_refuses_a_text_model(tmp_path):
 
 def test_cvae_test_labels_of_the_wrong_length_fail_at_load(tmp_path):
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "d.npz", train=rng.random((20, 4)), test=rng.random((10, 4)),
-             train_labels=rng.integers(0, 2, 20), test_labels=rng.integers(0, 2, 7))
+    np.savez(
+        tmp_path / "d.npz",
+        train=rng.random((20, 4)),
+        test=rng.random((10, 4)),
+        train_labels=rng.integers(0, 2, 20),
+        test_labels=rng.integers(0, 2, 7),
+    )
     with pytest.raises(DataError, match="7 test labels for 10 test points"):
         load_dataset(str(tmp_path / "d.npz"))
 
@@ -258,8 +305,10 @@ def test_settings_of_an_attempt_that_wrote_no_result_do_not_block_the_corrected_
 
 
 def test_evaluate_with_an_enormous_k_is_refused_up_front(one_epoch_run):
-    line = one_line_error(invoke("evaluate", one_epoch_run, "-k", 1000000000000, "--no-progress"),
-                          "--num-samples 1000000000000 is far beyond")
+    line = one_line_error(
+        invoke("evaluate", one_epoch_run, "-k", 1000000000000, "--no-progress"),
+        "--num-samples 1000000000000 is far beyond",
+    )
     assert "at most" in line
 
 

@@ -20,8 +20,6 @@ SMALL = ["--hidden-dim", "8", "--latent-dim", "2", "--train-size", "100", "--no-
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tiny bernoulli_mlp run on the embedded digits (359 test images)."""
@@ -43,10 +41,14 @@ def test_huge_latent_dim_is_a_memory_error_naming_the_size(tmp_path):
 
 
 def test_memory_message_reads_cpu_and_cuda_allocation_errors():
-    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
-                       "you tried to allocate 160000000000 bytes. Error code 12 (Cannot allocate memory)")
+    cpu = RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
+        "you tried to allocate 160000000000 bytes. Error code 12 (Cannot allocate memory)"
+    )
     assert "allocation of 160 GB failed on this machine" in memory_message(cpu)
-    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79 GiB")
+    cuda = torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79 GiB"
+    )
     assert "allocation of 20.00 GiB failed on the GPU" in memory_message(cuda)
     assert memory_message(MemoryError()).startswith("not enough memory")
     assert memory_message(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
@@ -55,24 +57,30 @@ def test_memory_message_reads_cpu_and_cuda_allocation_errors():
 def test_zero_d_npy_is_refused(tmp_path):
     path = tmp_path / "scalar.npy"
     np.save(path, np.array(3.0))
-    one_line_error(invoke("fit", "--dataset", path, "--epochs", "1", "--out", tmp_path / "run", "--no-progress"),
-                   "holds a single number (a 0-d array)")
+    one_line_error(
+        invoke("fit", "--dataset", path, "--epochs", "1", "--out", tmp_path / "run", "--no-progress"),
+        "holds a single number (a 0-d array)",
+    )
     assert not (tmp_path / "run").exists()
 
 
 def test_text_named_npy_is_not_read_as_a_pickle(tmp_path):
     path = tmp_path / "table.npy"
     path.write_text("1,2,3\n4,5,6\n")
-    line = one_line_error(invoke("fit", "--dataset", path, "--epochs", "1", "--out", tmp_path / "run", "--no-progress"),
-                          "is not a NumPy .npy file")
+    line = one_line_error(
+        invoke("fit", "--dataset", path, "--epochs", "1", "--out", tmp_path / "run", "--no-progress"),
+        "is not a NumPy .npy file",
+    )
     assert "pickle" not in line and ".csv" in line
 
 
 def test_object_npy_is_refused_without_advice_to_unpickle(tmp_path):
     path = tmp_path / "objects.npy"
     np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    line = one_line_error(invoke("fit", "--dataset", path, "--epochs", "1", "--out", tmp_path / "run", "--no-progress"),
-                          "holds Python objects")
+    line = one_line_error(
+        invoke("fit", "--dataset", path, "--epochs", "1", "--out", tmp_path / "run", "--no-progress"),
+        "holds Python objects",
+    )
     assert "allow_pickle" not in line
 
 
@@ -125,15 +133,20 @@ def test_ctrl_c_in_experiment_is_one_line_and_exit_130(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-1"])
 def test_text_temperature_must_be_finite_and_non_negative(tmp_path, value):
-    one_line_error(invoke("text", tmp_path / "absent", "--temperature", value), "--temperature must be a finite number >= 0")
+    one_line_error(
+        invoke("text", tmp_path / "absent", "--temperature", value), "--temperature must be a finite number >= 0"
+    )
 
 
 def test_inpaint_more_images_than_the_test_set_is_refused(run_dir):
-    one_line_error(invoke("inpaint", run_dir, "--num-images", "400"),
-                   "--num-images 400 is more than the 359 test images of digits; choose at most 359")
+    one_line_error(
+        invoke("inpaint", run_dir, "--num-images", "400"),
+        "--num-images 400 is more than the 359 test images of digits; choose at most 359",
+    )
 
 
 # --- every likelihood's data range -------------------------------------------------------
+
 
 def _likelihood(name: str):
     return make_likelihood(name, event_dims=1)
@@ -181,15 +194,28 @@ def pixels_npy(tmp_path):
 
 def test_default_model_on_8_bit_data_is_refused_with_a_hint(pixels_npy, tmp_path):
     out = tmp_path / "run"
-    line = one_line_error(invoke("fit", "--dataset", pixels_npy, "--epochs", "1", "--out", out, "--no-progress"),
-                          "likelihood 'gaussian_sigmoid' needs the training data of pixels.npy in [0, 1]")
+    line = one_line_error(
+        invoke("fit", "--dataset", pixels_npy, "--epochs", "1", "--out", out, "--no-progress"),
+        "likelihood 'gaussian_sigmoid' needs the training data of pixels.npy in [0, 1]",
+    )
     assert "divide 8-bit images by 255" in line
     assert not out.exists()
 
 
 def test_unbounded_likelihood_on_8_bit_data_trains_with_a_one_line_warning(pixels_npy, tmp_path):
-    result = invoke("fit", "--dataset", pixels_npy, "--likelihood", "laplace", "--epochs", "1",
-                    "--out", tmp_path / "run", *SMALL[:4], "--no-progress")
+    result = invoke(
+        "fit",
+        "--dataset",
+        pixels_npy,
+        "--likelihood",
+        "laplace",
+        "--epochs",
+        "1",
+        "--out",
+        tmp_path / "run",
+        *SMALL[:4],
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if line.startswith("Warning:")]
     assert len(warnings) == 1 and "likelihood 'laplace'" in warnings[0] and "rescale" in warnings[0]
@@ -202,8 +228,10 @@ def test_help_imports_neither_torch_nor_pyro():
     import subprocess
     import sys
 
-    code = ("import sys; from ppl_vae.cli.main import cli; cli(['--help'], standalone_mode=False); "
-            "import ppl_vae; print(sorted(m for m in ('torch', 'pyro', 'xarray', 'sklearn') if m in sys.modules))")
+    code = (
+        "import sys; from ppl_vae.cli.main import cli; cli(['--help'], standalone_mode=False); "
+        "import ppl_vae; print(sorted(m for m in ('torch', 'pyro', 'xarray', 'sklearn') if m in sys.modules))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout

@@ -25,11 +25,13 @@ def test_rendering_is_deterministic_and_the_subset_is_seeded():
 
 def test_each_factor_moves_scales_rotates_or_changes_the_shape():
     base = [1, 3, 5, 10, 20]
+
     def img(**change):
         c = list(base)
         for name, value in change.items():
             c[dsprites.FACTOR_NAMES.index(name)] = value
         return dsprites.render(np.array([c]))[0]
+
     # position: the centre of mass moves right with pos_x and down with pos_y, by the grid's step
     step = (64 - 2 * dsprites.GEOMETRY["margin"]) / 31
     assert _centre(img(pos_x=20))[0] - _centre(img())[0] == pytest.approx(10 * step, abs=0.5)
@@ -66,8 +68,11 @@ def test_the_dsprites_dataset_has_factors_split_with_the_images():
 
 
 def test_a_wrong_file_under_the_original_name_is_refused(tmp_path):
-    np.savez(tmp_path / dsprites.ORIGINAL_FILE, imgs=np.zeros((3, 64, 64), np.uint8),
-             latents_classes=np.zeros((3, 6), np.int64))
+    np.savez(
+        tmp_path / dsprites.ORIGINAL_FILE,
+        imgs=np.zeros((3, 64, 64), np.uint8),
+        latents_classes=np.zeros((3, 6), np.int64),
+    )
     with pytest.raises(DataError, match="expected"):
         load_dataset("dsprites", data_dir=tmp_path, num_images=2)
 

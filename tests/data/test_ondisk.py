@@ -137,14 +137,30 @@ def test_commands_after_fit_read_on_disk_data(npy, tmp_path, monkeypatch, one_th
     np.save(binary, (np.load(npy) > 0.5).astype(np.float32))
     out = tmp_path / "run"
     runner = CliRunner()
-    fit = runner.invoke(cli, ["fit", "--model", "bernoulli_mlp", "--dataset", str(binary), "--epochs", "1",
-                              "--hidden-dim", "8", "--out", str(out), "--no-progress"])
+    fit = runner.invoke(
+        cli,
+        [
+            "fit",
+            "--model",
+            "bernoulli_mlp",
+            "--dataset",
+            str(binary),
+            "--epochs",
+            "1",
+            "--hidden-dim",
+            "8",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+    )
     assert fit.exit_code == 0, fit.output
     evaluate = runner.invoke(cli, ["evaluate", str(out), "--num-samples", "3"])
     assert evaluate.exit_code == 0, evaluate.output
     assert (out / "evaluation.nc").is_file()
-    inpaint = runner.invoke(cli, ["inpaint", str(out), "--num-samples", "10", "--num-images", "50",
-                                  "--out", str(tmp_path / "inpaint.png")])
+    inpaint = runner.invoke(
+        cli, ["inpaint", str(out), "--num-samples", "10", "--num-images", "50", "--out", str(tmp_path / "inpaint.png")]
+    )
     assert inpaint.exit_code == 0, inpaint.output
     too_many = runner.invoke(cli, ["inpaint", str(out), "--num-images", "51"])
     assert too_many.exit_code == 1 and "more than the 50 test images" in too_many.output

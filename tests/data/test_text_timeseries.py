@@ -98,8 +98,10 @@ def test_real_fortune_corpus_loads():
 
 def _write_csv(path, values, labels=None):
     header = ",".join([f"s{i}" for i in range(values.shape[1])] + (["label"] if labels is not None else []))
-    rows = [",".join([f"{v:.6f}" for v in row] + ([str(int(label))] if labels is not None else []))
-            for row, label in zip(values, labels if labels is not None else [None] * len(values))]
+    rows = [
+        ",".join([f"{v:.6f}" for v in row] + ([str(int(label))] if labels is not None else []))
+        for row, label in zip(values, labels if labels is not None else [None] * len(values))
+    ]
     path.write_text(header + "\n" + "\n".join(rows) + "\n")
 
 

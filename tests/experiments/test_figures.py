@@ -21,8 +21,9 @@ def test_eval_steps_log_spaced_and_end_at_budget():
 
 
 def test_fig2_small_run_resumes_and_improves(tmp_path, monkeypatch):
-    settings = fig2.Fig2Settings(datasets=("digits",), latent_dims=(2,), hidden_dim=16, max_samples=1500,
-                                 num_evals=3, eval_size=100)  # 15 Adagrad steps
+    settings = fig2.Fig2Settings(
+        datasets=("digits",), latent_dims=(2,), hidden_dim=16, max_samples=1500, num_evals=3, eval_size=100
+    )  # 15 Adagrad steps
     result = fig2.run(settings, tmp_path, progress=False)
     for name in ("fig2.csv", "fig2.nc", "fig2.png", "fig2.svg", "settings.json"):
         assert (tmp_path / name).is_file()
@@ -30,7 +31,9 @@ def test_fig2_small_run_resumes_and_improves(tmp_path, monkeypatch):
     assert lb.attrs["bound"].startswith("lower bound")
     assert set(lb["method"].values) == {"AEVB", "wake-sleep"}
     for method in ("AEVB", "wake-sleep"):
-        curve = lb.sel({"dataset": "digits", "latent_dim": 2, "method": method, "split": "train"}).dropna("num_train_samples")
+        curve = lb.sel({"dataset": "digits", "latent_dim": 2, "method": method, "split": "train"}).dropna(
+            "num_train_samples"
+        )
         assert float(curve[-1]) > float(curve[0]) + 5  # training raised the bound
     on_disk = xr.open_dataset(tmp_path / "fig2.nc", engine="h5netcdf").load()
     xr.testing.assert_allclose(on_disk["lower_bound"], lb)
@@ -43,8 +46,9 @@ def test_fig2_small_run_resumes_and_improves(tmp_path, monkeypatch):
 
 
 def test_fig2_resumes_an_interrupted_run(tmp_path, monkeypatch):
-    settings = fig2.Fig2Settings(datasets=("digits",), latent_dims=(2,), hidden_dim=8, max_samples=300,
-                                 num_evals=2, eval_size=50)
+    settings = fig2.Fig2Settings(
+        datasets=("digits",), latent_dims=(2,), hidden_dim=8, max_samples=300, num_evals=2, eval_size=50
+    )
     real = common.train_curve
     calls = []
 
@@ -67,17 +71,34 @@ def test_fig2_resumes_an_interrupted_run(tmp_path, monkeypatch):
 
 
 def test_rerun_with_other_settings_is_refused(tmp_path):
-    settings = fig2.Fig2Settings(datasets=("digits",), latent_dims=(2,), hidden_dim=8, max_samples=100,
-                                 num_evals=1, eval_size=20, methods=("AEVB",))
+    settings = fig2.Fig2Settings(
+        datasets=("digits",),
+        latent_dims=(2,),
+        hidden_dim=8,
+        max_samples=100,
+        num_evals=1,
+        eval_size=20,
+        methods=("AEVB",),
+    )
     fig2.run(settings, tmp_path, progress=False)
     with pytest.raises(ValueError, match="other settings"):
         fig2.run(fig2.Fig2Settings(**{**settings.__dict__, "max_samples": 200}), tmp_path, progress=False)
 
 
 def test_fig3_small_run(tmp_path):
-    settings = fig3.Fig3Settings(dataset="digits", hidden_dim=8, train_sizes=(100,), max_samples=200,
-                                 mcem_max_samples=100, methods=("AEVB", "MCEM"), num_evals=1, eval_size=4, hmc_samples=6, hmc_warmup=5,
-                                 iw_samples=10)
+    settings = fig3.Fig3Settings(
+        dataset="digits",
+        hidden_dim=8,
+        train_sizes=(100,),
+        max_samples=200,
+        mcem_max_samples=100,
+        methods=("AEVB", "MCEM"),
+        num_evals=1,
+        eval_size=4,
+        hmc_samples=6,
+        hmc_warmup=5,
+        iw_samples=10,
+    )
     result = fig3.run(settings, tmp_path, progress=False)
     for name in ("fig3.csv", "fig3.nc", "fig3.png", "fig3.svg"):
         assert (tmp_path / name).is_file()
@@ -113,14 +134,22 @@ def test_manifold_grid_decodes_inverse_cdf_points():
 
 
 def test_fig4_and_fig5_small_runs(tmp_path):
-    grids = fig4.run(fig4.Fig4Settings(datasets=("digits",), hidden_dim=8, max_samples=200, grid_size=3,
-                                       eval_size=20), tmp_path / "f4", progress=False)
+    grids = fig4.run(
+        fig4.Fig4Settings(datasets=("digits",), hidden_dim=8, max_samples=200, grid_size=3, eval_size=20),
+        tmp_path / "f4",
+        progress=False,
+    )
     assert grids["digits"].shape == (3, 3, 8, 8)
     assert float(grids["digits"].min()) >= 0 and float(grids["digits"].max()) <= 1
     for name in ("fig4.png", "fig4.svg", "fig4.csv", "fig4.nc", "fig4_digits.nc"):
         assert (tmp_path / "f4" / name).is_file()
-    samples = fig5.run(fig5.Fig5Settings(dataset="digits", latent_dims=(2, 3), hidden_dim=8, max_samples=200,
-                                         num_images=4, eval_size=20), tmp_path / "f5", progress=False)
+    samples = fig5.run(
+        fig5.Fig5Settings(
+            dataset="digits", latent_dims=(2, 3), hidden_dim=8, max_samples=200, num_images=4, eval_size=20
+        ),
+        tmp_path / "f5",
+        progress=False,
+    )
     assert samples.dims == ("latent_dim", "sample", "height", "width")
     assert samples.shape == (2, 4, 8, 8)
     table = pd.read_csv(tmp_path / "f5" / "fig5.csv")
@@ -152,25 +181,48 @@ def _points_inside(fig) -> bool:
         for line in ax.get_lines():
             x, y = (np.asarray(v, dtype=float) for v in line.get_data())
             ok = np.isfinite(x) & np.isfinite(y)
-            if line.get_xydata().shape[0] > 2 and not (np.all((x[ok] >= x0) & (x[ok] <= x1))
-                                                      and np.all((y[ok] >= y0) & (y[ok] <= y1))):
+            if line.get_xydata().shape[0] > 2 and not (
+                np.all((x[ok] >= x0) & (x[ok] <= x1)) and np.all((y[ok] >= y0) & (y[ok] <= y1))
+            ):
                 return False
     return True
 
 
 def test_figure_points_stay_inside_axes_and_fig3_names_each_bound():
     n = np.logspace(2, 6, 10)
-    rows = [dict(dataset="mnist", latent_dim=3, method=m, split=s, num_train_samples=v,
-                 lower_bound=-100 - 400 / (1 + v / 300))  # a steep early transient, as in training
-            for m in ("AEVB", "wake-sleep") for s in ("train", "test") for v in n]
+    rows = [
+        dict(
+            dataset="mnist",
+            latent_dim=3,
+            method=m,
+            split=s,
+            num_train_samples=v,
+            lower_bound=-100 - 400 / (1 + v / 300),
+        )  # a steep early transient, as in training
+        for m in ("AEVB", "wake-sleep")
+        for s in ("train", "test")
+        for v in n
+    ]
     assert _points_inside(fig2.plot(pd.DataFrame(rows)))
-    rows = [dict(train_size=1000, method="AEVB", estimator=e, split=s, num_train_samples=v,
-                 log_marginal=-130 + np.log(v) + (2 if e == "appendix_d" else 0))
-            for e in ("appendix_d", "iw") for s in ("train", "test") for v in n]
+    rows = [
+        dict(
+            train_size=1000,
+            method="AEVB",
+            estimator=e,
+            split=s,
+            num_train_samples=v,
+            log_marginal=-130 + np.log(v) + (2 if e == "appendix_d" else 0),
+        )
+        for e in ("appendix_d", "iw")
+        for s in ("train", "test")
+        for v in n
+    ]
     fig = fig3.plot(pd.DataFrame(rows))
     assert _points_inside(fig)
     legend = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
-    assert "appendix D (HMC): stochastic upper bound" in legend and "IW with the encoder: stochastic lower bound" in legend
+    assert (
+        "appendix D (HMC): stochastic upper bound" in legend and "IW with the encoder: stochastic lower bound" in legend
+    )
 
 
 def test_tiles_have_gaps_and_one_colour_map():

@@ -100,8 +100,10 @@ def lg_128(one_thread):
 
 def test_ais_error_shrinks_with_steps_and_short_runs_underestimate(lg_128):
     vae, x, exact = lg_128
-    errors = {steps: ais_log_likelihood(vae.model, None, x, num_steps=steps, num_chains=2, seed=2)["log_px"].values
-              - exact for steps in (3, 300)}
+    errors = {
+        steps: ais_log_likelihood(vae.model, None, x, num_steps=steps, num_chains=2, seed=2)["log_px"].values - exact
+        for steps in (3, 300)
+    }
     assert check_ais_closes(errors[3], errors[300]) == []
 
 
@@ -112,18 +114,30 @@ def test_the_ais_check_fails_for_a_broken_estimator(lg_128, monkeypatch):
 
     vae, x, exact = lg_128
     real = ais._betas
-    monkeypatch.setattr(ais, "_betas", lambda steps, schedule: torch.cat([real(steps, schedule)[:-1],
-                                                                           torch.tensor([1.6], dtype=torch.float64)]))
-    errors = {steps: ais_log_likelihood(vae.model, None, x, num_steps=steps, num_chains=2, seed=2)["log_px"].values
-              - exact for steps in (3, 300)}
+    monkeypatch.setattr(
+        ais,
+        "_betas",
+        lambda steps, schedule: torch.cat([real(steps, schedule)[:-1], torch.tensor([1.6], dtype=torch.float64)]),
+    )
+    errors = {
+        steps: ais_log_likelihood(vae.model, None, x, num_steps=steps, num_chains=2, seed=2)["log_px"].values - exact
+        for steps in (3, 300)
+    }
     assert check_ais_closes(errors[3], errors[300]) != []
 
 
 @pytest.mark.parametrize("adaptation", ["pilot", "online", "none"])
 def test_step_size_adaptation_modes(lg, adaptation):
     vae, x, _ = lg
-    ds = ais_log_likelihood(vae.model, None, x, num_steps=40, num_chains=4, seed=7,
-                            settings=AISSettings(step_size=0.02, adaptation=adaptation))
+    ds = ais_log_likelihood(
+        vae.model,
+        None,
+        x,
+        num_steps=40,
+        num_chains=4,
+        seed=7,
+        settings=AISSettings(step_size=0.02, adaptation=adaptation),
+    )
     assert ds.attrs["adaptation"] == adaptation
     if adaptation == "none":
         np.testing.assert_allclose(ds["step_size"].values, 0.02)
@@ -143,8 +157,9 @@ def test_ais_from_exact_posterior_guide_is_exact_for_any_steps(lg):
 def test_traced_model_path_gives_the_fast_path_result(lg):
     vae, x, _ = lg
     fast = ais_log_likelihood(vae.model, vae.guide, x, num_steps=6, num_chains=2, seed=3)
-    traced = ais_log_likelihood(lambda x_, **kw: vae.model(x_, **kw), lambda x_, **kw: vae.guide(x_, **kw), x,
-                                num_steps=6, num_chains=2, seed=3)
+    traced = ais_log_likelihood(
+        lambda x_, **kw: vae.model(x_, **kw), lambda x_, **kw: vae.guide(x_, **kw), x, num_steps=6, num_chains=2, seed=3
+    )
     np.testing.assert_allclose(fast["log_px"].values, traced["log_px"].values, atol=1e-4)
 
 
@@ -219,15 +234,18 @@ def test_log_mean_exp_stats_of_known_weights():
     np.testing.assert_allclose(se.numpy(), [0.0, 1.0])  # sqrt((1/1 - 1/2) * 2 / 1)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"num_steps": 0}, "num_steps must be an integer >= 1"),
-    ({"num_chains": 0}, "num_chains must be an integer >= 1"),
-    ({"schedule": "cosine"}, "schedule must be one of sigmoid, linear"),
-    ({"step_size": -1.0}, "step_size must be"),
-    ({"target_accept_prob": 1.0}, "target_accept_prob must lie in (0, 1)"),
-    ({"adaptation": "dual"}, "adaptation must be one of pilot, online, none"),
-    ({"pilot_chains": 0}, "pilot_chains must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"num_steps": 0}, "num_steps must be an integer >= 1"),
+        ({"num_chains": 0}, "num_chains must be an integer >= 1"),
+        ({"schedule": "cosine"}, "schedule must be one of sigmoid, linear"),
+        ({"step_size": -1.0}, "step_size must be"),
+        ({"target_accept_prob": 1.0}, "target_accept_prob must lie in (0, 1)"),
+        ({"adaptation": "dual"}, "adaptation must be one of pilot, online, none"),
+        ({"pilot_chains": 0}, "pilot_chains must be an integer >= 1"),
+    ],
+)
 def test_bad_arguments_name_the_argument(lg, kwargs, message):
     vae, x, _ = lg
     fields = set(AISSettings.__dataclass_fields__)

@@ -117,9 +117,12 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     vae.decoder.register_forward_hook(poison_after_ten_training_steps)
     run_dir = tmp_path / "run"
     job = Job(config, run_dir, fresh=True, created=True, progress=False)
-    with pytest.raises(TrainingDiverged, match=r"loss became n.* at step 11 \(epoch 2\); try a smaller train.lr or gradient "
-                                               r"clipping \(train.clip_grad_norm, e.g. 10\); "
-                                               r"the last good checkpoint is from epoch 1") as info:
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"loss became n.* at step 11 \(epoch 2\); try a smaller train.lr or gradient "
+        r"clipping \(train.clip_grad_norm, e.g. 10\); "
+        r"the last good checkpoint is from epoch 1",
+    ) as info:
         run_job(job, (vae, data, stepper))
     assert info.value.step == 11
     tensors, meta = runs.read_checkpoint(run_dir)
@@ -205,7 +208,13 @@ def test_cuda_requested_without_a_gpu_is_a_clear_error(tmp_path):
 
 def test_callbacks_run_before_training_and_after_every_epoch(tmp_path):
     seen = []
-    ppl_vae.fit(small_config(epochs=2), tmp_path / "run", progress=False,
-                callbacks=[lambda epoch, vae: seen.append((epoch, vae.training))])
-    ppl_vae.resume(tmp_path / "run", epochs=3, progress=False, callbacks=[lambda epoch, vae: seen.append((epoch, None))])
+    ppl_vae.fit(
+        small_config(epochs=2),
+        tmp_path / "run",
+        progress=False,
+        callbacks=[lambda epoch, vae: seen.append((epoch, vae.training))],
+    )
+    ppl_vae.resume(
+        tmp_path / "run", epochs=3, progress=False, callbacks=[lambda epoch, vae: seen.append((epoch, None))]
+    )
     assert [e for e, _ in seen] == [0, 1, 2, 3]

@@ -30,8 +30,7 @@ OBJECTIVE_NAMES = ("beta_vae", "capacity", "beta_tc", "free_bits")
 def _vae(prior: str = "standard_normal", latent_dim: int = 3):
     torch.manual_seed(0)
     opts = {"num_components": 3} if prior == "mixture_of_gaussians" else {}
-    return build_vae("bernoulli_mlp", (1, 8, 8), latent_dim=latent_dim, hidden_dim=16, prior=prior,
-                     prior_options=opts)
+    return build_vae("bernoulli_mlp", (1, 8, 8), latent_dim=latent_dim, hidden_dim=16, prior=prior, prior_options=opts)
 
 
 def _x(n: int = 32) -> torch.Tensor:
@@ -42,10 +41,11 @@ def _x(n: int = 32) -> torch.Tensor:
 def test_beta_one_and_a_zero_floor_are_the_elbo(analytic_kl):
     vae, x = _vae(), _x()
     losses = []
-    for fn in (lambda: fused_elbo_loss(vae, x, num_data=100, analytic_kl=analytic_kl, kl_weight=0.7),
-               lambda: beta_vae_loss(vae, x, beta=1.0, num_data=100, analytic_kl=analytic_kl, kl_weight=0.7)[0],
-               lambda: free_bits_loss(vae, x, free_bits=0.0, num_data=100, analytic_kl=analytic_kl,
-                                      kl_weight=0.7)[0]):
+    for fn in (
+        lambda: fused_elbo_loss(vae, x, num_data=100, analytic_kl=analytic_kl, kl_weight=0.7),
+        lambda: beta_vae_loss(vae, x, beta=1.0, num_data=100, analytic_kl=analytic_kl, kl_weight=0.7)[0],
+        lambda: free_bits_loss(vae, x, free_bits=0.0, num_data=100, analytic_kl=analytic_kl, kl_weight=0.7)[0],
+    ):
         torch.manual_seed(5)  # the same draw of z: the identity is exact, not statistical
         losses.append(fn())
     assert torch.allclose(losses[1], losses[0], rtol=1e-6) and torch.allclose(losses[2], losses[0], rtol=1e-6)
@@ -107,8 +107,9 @@ def test_dimension_wise_kl_of_a_factorized_q_matches_the_closed_form():
     loc, scale = m.expand(n, 3), s.expand(n, 3)
     z = _gaussian_draws(loc, scale, seed=11)
     log_prior = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
-    closed = float(torch.distributions.kl_divergence(torch.distributions.Normal(m, s),
-                                                     torch.distributions.Normal(0.0, 1.0)).sum())
+    closed = float(
+        torch.distributions.kl_divergence(torch.distributions.Normal(m, s), torch.distributions.Normal(0.0, 1.0)).sum()
+    )
     for estimator, num_data, offset in (("mss", n, 0.0), ("mss", 10 * n, 0.0), ("mws", n, -3 * math.log(n))):
         parts = tc_decomposition(z, loc, scale, log_prior, num_data=num_data, estimator=estimator)
         dimwise = parts["dimwise_kl"]
@@ -132,20 +133,36 @@ def test_total_correlation_of_correlated_codes_matches_the_gaussian_closed_form(
     parts = tc_decomposition(z, loc, scale, log_prior, num_data=n, estimator="mss")
     v = a**2 + s**2
     rho = a**2 / v
-    for name, closed in (("total_correlation", -0.5 * math.log(1 - rho**2)),
-                         ("mutual_info", 0.5 * math.log((v**2 - a**4) / s**4)),
-                         ("dimwise_kl", 2 * 0.5 * (v - 1 - math.log(v)))):  # q(z_j) = N(0, v) against N(0, 1)
+    for name, closed in (
+        ("total_correlation", -0.5 * math.log(1 - rho**2)),
+        ("mutual_info", 0.5 * math.log((v**2 - a**4) / s**4)),
+        ("dimwise_kl", 2 * 0.5 * (v - 1 - math.log(v))),
+    ):  # q(z_j) = N(0, v) against N(0, 1)
         values = parts[name]
         se = float(values.std()) / math.sqrt(n)
         assert abs(float(values.mean()) - closed) < 3 * se, (name, float(values.mean()), closed)
 
 
 def _config(objective: str, epochs: int = 2, **train) -> RunConfig:
-    defaults = dict(epochs=epochs, batch_size=50, lr=3e-3, device="cpu", objective=objective, beta=4.0,
-                    tc_beta=6.0, free_bits=0.5, capacity_max=5.0, capacity_end_epoch=3.0, gamma=10.0)
+    defaults = dict(
+        epochs=epochs,
+        batch_size=50,
+        lr=3e-3,
+        device="cpu",
+        objective=objective,
+        beta=4.0,
+        tc_beta=6.0,
+        free_bits=0.5,
+        capacity_max=5.0,
+        capacity_end_epoch=3.0,
+        gamma=10.0,
+    )
     defaults.update(train)
-    return RunConfig(model=ModelConfig(model="bernoulli_mlp", latent_dim=3, hidden_dim=16),
-                     data=DataConfig(dataset="digits", train_size=200), train=TrainConfig(**defaults))
+    return RunConfig(
+        model=ModelConfig(model="bernoulli_mlp", latent_dim=3, hidden_dim=16),
+        data=DataConfig(dataset="digits", train_size=200),
+        train=TrainConfig(**defaults),
+    )
 
 
 @pytest.mark.parametrize("objective", OBJECTIVE_NAMES)
@@ -166,7 +183,8 @@ def test_each_objective_takes_a_step_that_changes_parameters(objective, prior):
     assert {"kl", "reconstruction"} <= set(terms) and all(math.isfinite(v) for v in terms.values())
     if objective == "beta_tc":
         assert terms["mutual_info"] + terms["total_correlation"] + terms["dimwise_kl"] == pytest.approx(
-            terms["kl"], abs=1e-3)
+            terms["kl"], abs=1e-3
+        )
     assert stepper.epoch_terms() == ({"capacity": pytest.approx(5.0 / 12)} if objective == "capacity" else {})
 
 
@@ -197,18 +215,27 @@ def test_beta_tc_history_records_the_three_parts(tmp_path):
     assert float(abs(total - h.kl).max()) < 1e-3
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("beta", 0.0, "train.beta must be a positive"),
-    ("beta", float("nan"), "train.beta must be a positive"),
-    ("tc_beta", -1.0, "train.tc_beta must be a positive"),
-    ("free_bits", -0.1, "train.free_bits must be a finite number >= 0"),
-    ("capacity_end_epoch", -1.0, "train.capacity_end_epoch"),
-    ("tc_estimator", "exact", "train.tc_estimator must be one of mws, mss"),
-    ("objective", "vampire", "train.objective must be one of"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("beta", 0.0, "train.beta must be a positive"),
+        ("beta", float("nan"), "train.beta must be a positive"),
+        ("tc_beta", -1.0, "train.tc_beta must be a positive"),
+        ("free_bits", -0.1, "train.free_bits must be a finite number >= 0"),
+        ("capacity_end_epoch", -1.0, "train.capacity_end_epoch"),
+        ("tc_estimator", "exact", "train.tc_estimator must be one of mws, mss"),
+        ("objective", "vampire", "train.objective must be one of"),
+    ],
+)
 def test_bad_objective_settings_are_refused_naming_the_field(field, value, message):
-    objective = {"beta": "beta_vae", "tc_beta": "beta_tc", "free_bits": "free_bits", "tc_estimator": "beta_tc",
-                 "capacity_end_epoch": "capacity", "objective": "elbo"}[field]
+    objective = {
+        "beta": "beta_vae",
+        "tc_beta": "beta_tc",
+        "free_bits": "free_bits",
+        "tc_estimator": "beta_tc",
+        "capacity_end_epoch": "capacity",
+        "objective": "elbo",
+    }[field]
     config = _config(objective).train
     setattr(config, field, value)
     with pytest.raises(ConfigError, match=message):
@@ -224,16 +251,34 @@ def test_a_capacity_schedule_ending_before_it_starts_and_another_method_are_refu
 
 def test_fit_cli_records_the_objective_and_refuses_bad_weights(tmp_path):
     runner = CliRunner()
-    args = ["fit", "--model", "bernoulli_mlp", "--latent-dim", "2", "--hidden-dim", "8", "--train-size", "100",
-            "--epochs", "1", "--no-progress", "--device", "cpu"]
+    args = [
+        "fit",
+        "--model",
+        "bernoulli_mlp",
+        "--latent-dim",
+        "2",
+        "--hidden-dim",
+        "8",
+        "--train-size",
+        "100",
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     ok = runner.invoke(cli, [*args, "--objective", "beta_tc", "--tc-beta", "6", "--out", str(tmp_path / "r")])
     assert ok.exit_code == 0, ok.output
     config = ppl_vae.load_run(tmp_path / "r").config.train
     assert (config.objective, config.tc_beta) == ("beta_tc", 6.0)
-    for flags, text in ((["--objective", "beta_vae", "--beta", "nan"], "--beta must be a positive"),
-                        (["--objective", "free_bits", "--free-bits", "-1"], "--free-bits must be"),
-                        (["--objective", "capacity", "--capacity-start-epoch", "4", "--capacity-end-epoch", "1"],
-                         "would end before it starts")):
+    for flags, text in (
+        (["--objective", "beta_vae", "--beta", "nan"], "--beta must be a positive"),
+        (["--objective", "free_bits", "--free-bits", "-1"], "--free-bits must be"),
+        (
+            ["--objective", "capacity", "--capacity-start-epoch", "4", "--capacity-end-epoch", "1"],
+            "would end before it starts",
+        ),
+    ):
         bad = runner.invoke(cli, [*args, *flags, "--out", str(tmp_path / "bad")])
         assert bad.exit_code == 1 and text in bad.output and len(bad.output.strip().splitlines()) == 1, bad.output
     assert not (tmp_path / "bad").exists()

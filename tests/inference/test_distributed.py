@@ -75,12 +75,14 @@ def _ranks_worker(tmp: str) -> dict:
         torch.manual_seed(0)
         pair = DeltaPair()
         history = train(pair, _delta_data(), _delta_config(), progress=False, dist=ctx)
-        out = {"delta_params": {k: v.clone() for k, v in pair.state_dict().items()},
-               "delta_loss": history.train_loss.values, "delta_elbo": history.train_elbo.values}
+        out = {
+            "delta_params": {k: v.clone() for k, v in pair.state_dict().items()},
+            "delta_loss": history.train_loss.values,
+            "delta_elbo": history.train_elbo.values,
+        }
         # as under torchrun, each process calls fit; rank 1 gets a path of its own: rank 0's choice
         # is broadcast, so rank 1 must not create or write its own
-        whole = pipeline.fit(_digits_config(2), tmp / ("whole" if ctx.rank == 0 else "whole-rank1"),
-                             progress=False)
+        whole = pipeline.fit(_digits_config(2), tmp / ("whole" if ctx.rank == 0 else "whole-rank1"), progress=False)
         pipeline.fit(_digits_config(1), tmp / "resumed", progress=False)
         resumed = pipeline.resume(tmp / "resumed", epochs=2, progress=False)
         out["digits_elbo"] = whole.history.train_elbo.values
@@ -106,8 +108,9 @@ def _single_process_delta():
         order = torch.randperm(NUM_DATA, generator=torch.Generator().manual_seed(config.seed + epoch))
         total = 0.0
         for b in range(math.ceil(NUM_DATA / BATCH)):
-            loss = elbo.differentiable_loss(pair.model, pair.guide, data.train[order[b * BATCH:(b + 1) * BATCH]],
-                                            num_data=NUM_DATA)
+            loss = elbo.differentiable_loss(
+                pair.model, pair.guide, data.train[order[b * BATCH : (b + 1) * BATCH]], num_data=NUM_DATA
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -131,8 +134,9 @@ def test_two_ranks_equal_single_process_with_the_same_global_batches(two_ranks):
     reference, losses = _single_process_delta()
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(r0["delta_params"][name], value, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch.as_tensor(r0["delta_loss"]), torch.tensor(losses, dtype=torch.float64),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.as_tensor(r0["delta_loss"]), torch.tensor(losses, dtype=torch.float64), rtol=1e-5, atol=1e-5
+    )
     # the ELBO is averaged over both ranks' shards, so both report the same number
     assert list(r0["delta_elbo"]) == list(r1["delta_elbo"])
     assert losses[-1] < losses[0]
@@ -182,9 +186,27 @@ def test_stalled_rank_stops_the_run_with_a_clear_error():
 @pytest.mark.slow  # a spawn of its own: the whole CLI path, launcher and run loading
 def test_cli_fit_with_nproc(tmp_path):
     out = tmp_path / "run"
-    result = CliRunner().invoke(cli, ["fit", "--nproc", "2", "--epochs", "1", "--train-size", "200",
-                                      "--hidden-dim", "16", "--batch-size", "50", "--device", "cpu",
-                                      "--no-progress", "--out", str(out)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "fit",
+            "--nproc",
+            "2",
+            "--epochs",
+            "1",
+            "--train-size",
+            "200",
+            "--hidden-dim",
+            "16",
+            "--batch-size",
+            "50",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "epoch 1:" in result.output
     assert runs.read_checkpoint(out)[1]["epoch"] == 1

@@ -27,8 +27,9 @@ def test_elbo_estimate_agrees_with_closed_form(lg):
     estimate = log_w.mean(0)
     stderr = log_w.std(0) / 20000**0.5
     assert torch.all((estimate - exact).abs() < 5 * stderr + 1e-4), (estimate, exact, stderr)
-    assert torch.allclose(elbo_per_datapoint(model.model, model.guide, x, num_particles=20000, batch_size=3),
-                          exact, atol=0.05)
+    assert torch.allclose(
+        elbo_per_datapoint(model.model, model.guide, x, num_particles=20000, batch_size=3), exact, atol=0.05
+    )
 
 
 @pytest.mark.parametrize("elbo_cls", [Trace_ELBO, TraceMeanField_ELBO])

@@ -38,17 +38,29 @@ def _estimators(model, x):
     return {
         "elbo": lambda: elbo_per_datapoint(m, g, x, num_particles=4),
         "iw": lambda: importance_estimate(m, g, x, num_samples=30, seed=1).log_likelihood,
-        "mean_field": lambda: fit_mean_field(m, x, guide=g, max_steps=20, window=10, polish_steps=20,
-                                             num_eval_samples=10, progress=False, seed=1).loc,
-        "local_flow": lambda: fit_local_flow(m, x, guide=g, max_steps=10, window=5, num_eval_samples=10,
-                                             seed=1).elbo,
-        "gaps": lambda: torch.from_numpy(gap_decomposition(
-            m, g, x, num_samples=30, seed=1, progress=False,
-            mean_field_options={"max_steps": 20, "window": 10, "polish_steps": 20, "progress": False},
-        )["estimate"].values),
-        "ais": lambda: torch.from_numpy(ais_log_likelihood(m, g, x, num_steps=5, num_chains=2, seed=1)["log_px"].values),
-        "bdmc": lambda: torch.from_numpy(bdmc(m, None, *simulate_data(m, x, seed=2), step_counts=(3,), num_chains=2,
-                                              seed=1)["upper"].values),
+        "mean_field": lambda: (
+            fit_mean_field(
+                m, x, guide=g, max_steps=20, window=10, polish_steps=20, num_eval_samples=10, progress=False, seed=1
+            ).loc
+        ),
+        "local_flow": lambda: fit_local_flow(m, x, guide=g, max_steps=10, window=5, num_eval_samples=10, seed=1).elbo,
+        "gaps": lambda: torch.from_numpy(
+            gap_decomposition(
+                m,
+                g,
+                x,
+                num_samples=30,
+                seed=1,
+                progress=False,
+                mean_field_options={"max_steps": 20, "window": 10, "polish_steps": 20, "progress": False},
+            )["estimate"].values
+        ),
+        "ais": lambda: torch.from_numpy(
+            ais_log_likelihood(m, g, x, num_steps=5, num_chains=2, seed=1)["log_px"].values
+        ),
+        "bdmc": lambda: torch.from_numpy(
+            bdmc(m, None, *simulate_data(m, x, seed=2), step_counts=(3,), num_chains=2, seed=1)["upper"].values
+        ),
         "appendix_d": lambda: hmc_log_marginal(m, x, num_samples=20, warmup_steps=10, seed=1),
         "diagnostics": lambda: torch.from_numpy(collapse_diagnostics(m, g, x)["activity"].values),
     }

@@ -34,8 +34,14 @@ def lg():
 @pytest.mark.parametrize("num_samples,particle_batch_size", [(1, None), (7, 3), (100, 32)])
 def test_exact_posterior_guide_gives_log_marginal_for_every_k(lg, num_samples, particle_batch_size):
     model, x, exact = lg
-    est = importance_estimate(model.model, model.exact_posterior_guide, x, num_samples=num_samples,
-                              batch_size=5, particle_batch_size=particle_batch_size)
+    est = importance_estimate(
+        model.model,
+        model.exact_posterior_guide,
+        x,
+        num_samples=num_samples,
+        batch_size=5,
+        particle_batch_size=particle_batch_size,
+    )
     assert torch.allclose(est.log_likelihood, exact, atol=1e-4)
     assert torch.allclose(est.elbo, exact, atol=1e-4)  # every weight equals p(x)
     assert torch.allclose(est.ess, torch.full_like(est.ess, float(num_samples)), rtol=1e-4)
@@ -46,8 +52,10 @@ def test_iw_rises_toward_exact_with_k_and_bounds_the_elbo(lg):
     repeats = 6
     bias, elbo_bias = {}, {}
     for k in (1, 10, 100, 1000):
-        runs = [importance_estimate(model.model, model.guide, x, num_samples=k, particle_batch_size=250)
-                for _ in range(repeats)]
+        runs = [
+            importance_estimate(model.model, model.guide, x, num_samples=k, particle_batch_size=250)
+            for _ in range(repeats)
+        ]
         bias[k] = torch.stack([r.log_likelihood - exact for r in runs]).mean().item()
         elbo_bias[k] = torch.stack([r.elbo - exact for r in runs]).mean().item()
     closed_elbo_gap = (model.elbo_closed_form(x) - exact).mean().item()
@@ -118,11 +126,13 @@ def test_hand_written_pair_with_labels_sliced_per_batch():
     exact = dist.Normal(y, math.sqrt(2.0)).log_prob(x)
     est = importance_estimate(shifted_model, exact_shifted_guide, x, num_samples=3, batch_size=4, y=y)
     assert torch.allclose(est.log_likelihood, exact, atol=1e-5)
-    est = importance_estimate(shifted_model, wide_shifted_guide, x, num_samples=3000, batch_size=4,
-                              particle_batch_size=500, y=y)
+    est = importance_estimate(
+        shifted_model, wide_shifted_guide, x, num_samples=3000, batch_size=4, particle_batch_size=500, y=y
+    )
     assert torch.all((est.log_likelihood - exact).abs() < 5 * est.log_likelihood_stderr + 0.02)
-    assert torch.allclose(iw_log_likelihood(shifted_model, exact_shifted_guide, x, num_samples=2, batch_size=2, y=y),
-                          exact, atol=1e-5)
+    assert torch.allclose(
+        iw_log_likelihood(shifted_model, exact_shifted_guide, x, num_samples=2, batch_size=2, y=y), exact, atol=1e-5
+    )
     assert elbo_per_datapoint(shifted_model, exact_shifted_guide, x, y=y).shape == (9,)
 
 
@@ -162,7 +172,9 @@ def test_bad_sizes_are_value_errors(lg, name):
 def test_exact_guide_on_cuda(lg):
     model, x, exact = lg
     model = model.cuda()
-    est = importance_estimate(model.model, model.exact_posterior_guide, x.cuda(), num_samples=50, particle_batch_size=16)
+    est = importance_estimate(
+        model.model, model.exact_posterior_guide, x.cuda(), num_samples=50, particle_batch_size=16
+    )
     assert est.log_likelihood.is_cuda
     assert torch.allclose(est.log_likelihood.cpu(), exact, atol=1e-3)
 

@@ -24,8 +24,17 @@ def test_flow_q_star_gets_closer_to_log_evidence_than_the_diagonal_optimum(one_t
     loc, scale = vae.optimal_mean_field(x)
     diagonal_gap = (exact - vae.elbo_closed_form(x, loc, scale)).mean().item()  # the best diagonal q, exactly
     assert diagonal_gap > 0.2  # the posterior is correlated: the diagonal family has a real gap
-    result = fit_local_flow(vae.model, x, init_loc=loc, init_scale=scale, num_flows=1, max_steps=300, lr=0.02,
-                            num_particles=8, num_eval_samples=4000)
+    result = fit_local_flow(
+        vae.model,
+        x,
+        init_loc=loc,
+        init_scale=scale,
+        num_flows=1,
+        max_steps=300,
+        lr=0.02,
+        num_particles=8,
+        num_eval_samples=4000,
+    )
     flow_gap = exact - result.elbo
     stderr = result.estimate.elbo_stderr
     print(f"mean gap log p(x) - L[q*]: diagonal {diagonal_gap:.4f} nats, flow {flow_gap.mean().item():.4f} nats")
@@ -40,8 +49,9 @@ def test_convergence_flag_says_whether_the_plateau_rule_was_met(one_thread):
     x = torch.randn(4, 4)
     short = fit_local_flow(vae.model, x, guide=vae.guide, max_steps=40, window=20, num_eval_samples=50)
     assert not short.converged.any() and (short.num_steps == 40).all()
-    loose = fit_local_flow(vae.model, x, guide=vae.guide, max_steps=400, window=20, tol=0.05, num_lr_decays=0,
-                           num_eval_samples=50)
+    loose = fit_local_flow(
+        vae.model, x, guide=vae.guide, max_steps=400, window=20, tol=0.05, num_lr_decays=0, num_eval_samples=50
+    )
     assert loose.converged.all() and (loose.num_steps < 400).all()
 
 

@@ -57,10 +57,13 @@ def test_appendix_d_estimator_matches_exact_log_marginal(lg):
     torch.testing.assert_close(estimate, exact, atol=0.15, rtol=0)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"latent_dim": 5}, "latent_dim"),
-    ({"latent_dim": 2, "num_samples": 2}, "num_samples"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"latent_dim": 5}, "latent_dim"),
+        ({"latent_dim": 2, "num_samples": 2}, "num_samples"),
+    ],
+)
 def test_estimator_rejects_bad_arguments(lg, kwargs, match):
     vae, x = lg
     with pytest.raises(ValueError, match=match):

@@ -59,7 +59,8 @@ def test_without_the_polish_noisy_adam_is_reported_not_converged(lg):
     assert result.grad_norm is None
     with torch.no_grad():
         shortfall = model.elbo_closed_form(x, *model.optimal_mean_field(x)) - model.elbo_closed_form(
-            x, result.loc, result.scale)
+            x, result.loc, result.scale
+        )
     assert float(shortfall.max()) > 0.005  # what the polish is for
 
 
@@ -75,8 +76,18 @@ def test_matched_normals_have_exact_moments():
 
 def test_encoder_init_starts_at_the_guide_and_batches_are_independent(lg):
     model, x = lg
-    one_step = fit_mean_field(model.model, x, guide=model.guide, init="encoder", lr=1e-9, max_steps=1, polish=False,
-                              batch_size=4, num_eval_samples=5, progress=False)
+    one_step = fit_mean_field(
+        model.model,
+        x,
+        guide=model.guide,
+        init="encoder",
+        lr=1e-9,
+        max_steps=1,
+        polish=False,
+        batch_size=4,
+        num_eval_samples=5,
+        progress=False,
+    )
     loc, scale = model.encoder(x)
     assert torch.allclose(one_step.loc, loc.detach(), atol=1e-6)
     assert torch.allclose(one_step.scale, scale.detach(), atol=1e-6)

@@ -43,7 +43,7 @@ def mixture(one_thread):
 
 def pooled_z(estimate: np.ndarray, se: np.ndarray, exact: np.ndarray) -> float:
     """The mean error over datapoints in units of its pooled standard error."""
-    return float((estimate - exact).mean() / (np.sqrt((se ** 2).sum()) / len(se)))
+    return float((estimate - exact).mean() / (np.sqrt((se**2).sum()) / len(se)))
 
 
 def test_the_layout_names_every_site_in_model_order(hier, mixture):
@@ -77,8 +77,9 @@ def test_the_closed_form_hierarchy_is_right():
 def test_iw_with_the_exact_posterior_guide_is_exact_for_any_k(hier, mixture):
     for model, x, exact in (hier, mixture):
         for k in (1, 7):
-            est = importance_estimate(model.model, model.exact_posterior_guide, x, num_samples=k, seed=0,
-                                      tail_diagnostic=False)
+            est = importance_estimate(
+                model.model, model.exact_posterior_guide, x, num_samples=k, seed=0, tail_diagnostic=False
+            )
             torch.testing.assert_close(est.log_likelihood, exact, atol=1e-8, rtol=0)
 
 
@@ -93,7 +94,7 @@ def wide_gaussian_guide(model, x):
         terms, locs, cov = model._per_component(x)
         w = (terms - terms.logsumexp(0)).exp().unsqueeze(-1)  # (2, N, 1)
         loc = (w * locs).sum(0)
-        scale = ((w * (locs ** 2)).sum(0) - loc ** 2 + cov.diagonal()).sqrt()
+        scale = ((w * (locs**2)).sum(0) - loc**2 + cov.diagonal()).sqrt()
     return MeanFieldGuide(loc.detach(), (1.5 * scale).log().detach(), layout=layout)
 
 
@@ -102,8 +103,12 @@ def test_iw_rises_toward_exact_log_marginal_with_k(hier, mixture):
         guide = wide_gaussian_guide(model, x)
         low = importance_estimate(model.model, guide, x, num_samples=2, seed=1, tail_diagnostic=False)
         high = importance_estimate(model.model, guide, x, num_samples=20_000, seed=2, tail_diagnostic=False)
-        elbo = torch.cat([elbo_per_datapoint(model.model, guide.take(slice(i, i + 1)), x[i:i + 1], num_particles=2000)
-                          for i in range(x.shape[0])])
+        elbo = torch.cat(
+            [
+                elbo_per_datapoint(model.model, guide.take(slice(i, i + 1)), x[i : i + 1], num_particles=2000)
+                for i in range(x.shape[0])
+            ]
+        )
         e, lo, hi = exact.numpy(), low.log_likelihood.numpy(), high.log_likelihood.numpy()
         # the ELBO and the K=2 bound sit clearly below log p(x); K = 20,000 meets it within its error
         assert (e - elbo.numpy()).mean() > 0.05
@@ -113,13 +118,22 @@ def test_iw_rises_toward_exact_log_marginal_with_k(hier, mixture):
 
 def test_mis_log_px_is_unbiased_and_gaps_add_up(hier):
     model, x, exact = hier
-    gaps = gap_decomposition(model.model, model.guide, x, num_samples=2000, batch_size=12, seed=0, progress=False,
-                             mean_field_options={"progress": False, "max_steps": 300})
+    gaps = gap_decomposition(
+        model.model,
+        model.guide,
+        x,
+        num_samples=2000,
+        batch_size=12,
+        seed=0,
+        progress=False,
+        mean_field_options={"progress": False, "max_steps": 300},
+    )
     est = gaps["estimate"].sel(estimator="log_px").values
     se = gaps["stderr"].sel(estimator="log_px").values
     assert abs(pooled_z(est, se, exact.numpy())) < 4
-    np.testing.assert_allclose(gaps["inference_gap"].values,
-                               (gaps["approximation_gap"] + gaps["amortization_gap"]).values, atol=1e-9)
+    np.testing.assert_allclose(
+        gaps["inference_gap"].values, (gaps["approximation_gap"] + gaps["amortization_gap"]).values, atol=1e-9
+    )
     assert list(gaps["latent_site"].values) == ["z2", "z2", "z1", "z1", "z1"]
 
 
@@ -138,12 +152,13 @@ def test_local_flows_over_several_sites_close_most_of_the_approximation_gap(hier
     model, x, exact = hier
     x, exact = x[:6], exact[:6]
     mf = fit_mean_field(model.model, x, guide=model.guide, progress=False, seed=0)
-    flow = fit_local_flow(model.model, x, init_loc=mf.loc, init_scale=mf.scale, max_steps=400, seed=1,
-                          num_eval_samples=2000)
+    flow = fit_local_flow(
+        model.model, x, init_loc=mf.loc, init_scale=mf.scale, max_steps=400, seed=1, num_eval_samples=2000
+    )
     mf_gap = (exact - mf.elbo).mean()
     flow_gap = (exact - flow.elbo).mean()
     assert float(mf_gap) > 0.02  # the correlated posterior is not diagonal
-    se = math.sqrt(float((flow.estimate.elbo_stderr ** 2).sum())) / 6
+    se = math.sqrt(float((flow.estimate.elbo_stderr**2).sum())) / 6
     assert float(flow_gap) < 0.5 * float(mf_gap) + 3 * se
 
 

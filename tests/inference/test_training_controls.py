@@ -35,8 +35,11 @@ def test_a_run_that_diverges_without_clipping_trains_with_it(tmp_path):
     """SGD at lr 0.1 on a loss scaled to the whole training set: the first updates are huge and the
     loss overflows within two epochs; clipping the gradient norm to 10 bounds every update."""
     config = small_config(optimizer="sgd", lr=0.1, train_size=400)
-    with pytest.raises(TrainingDiverged, match=r"at step \d+ \(epoch \d\); try a smaller train.lr or gradient "
-                                               r"clipping \(train.clip_grad_norm") as info:
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"at step \d+ \(epoch \d\); try a smaller train.lr or gradient "
+        r"clipping \(train.clip_grad_norm",
+    ) as info:
         ppl_vae.fit(config, tmp_path / "plain", progress=False)
     assert info.value.step >= 1
     config.train.clip_grad_norm = 10.0
@@ -48,9 +51,30 @@ def test_a_run_that_diverges_without_clipping_trains_with_it(tmp_path):
 
 
 def test_divergence_through_the_cli_names_the_flags_to_change(tmp_path):
-    result = invoke("fit", "--model", "bernoulli_mlp", "--latent-dim", 4, "--hidden-dim", 32, "--train-size", 400,
-                    "--optimizer", "sgd", "--lr", 0.1, "--epochs", 3, "--batch-size", 64, "--device", "cpu",
-                    "--no-progress", "--out", tmp_path / "run")
+    result = invoke(
+        "fit",
+        "--model",
+        "bernoulli_mlp",
+        "--latent-dim",
+        4,
+        "--hidden-dim",
+        32,
+        "--train-size",
+        400,
+        "--optimizer",
+        "sgd",
+        "--lr",
+        0.1,
+        "--epochs",
+        3,
+        "--batch-size",
+        64,
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        tmp_path / "run",
+    )
     line = one_line_error(result, "try a smaller --lr or gradient clipping (--clip-grad-norm")
     assert "at step" in line
 
@@ -76,20 +100,36 @@ def test_a_step_schedule_halves_the_learning_rate_each_epoch(tmp_path):
     run = ppl_vae.fit(config, tmp_path / "run", progress=False)
     assert run.history.lr.values.tolist() == pytest.approx([3e-3, 1.5e-3, 7.5e-4])
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["lr_schedule_options"] == {
-        "step_size": 1, "gamma": 0.5}
+        "step_size": 1,
+        "gamma": 0.5,
+    }
 
 
-@pytest.mark.parametrize("controls", [
-    # step_size 3: the scheduler's epoch count decides when the lr falls (after epoch 3, past the resume point)
-    dict(lr_schedule="StepLR", lr_schedule_options={"step_size": 3, "gamma": 0.7}, clip_grad_norm=50.0,
-         kl_schedule="cyclical", kl_cycle_epochs=3, kl_cycle_ratio=0.5),
-    # no gain counts as 100 nats: epochs 2 and 3 are bad ones, so the lr halves after epoch 3, which a
-    # scheduler without its saved best and bad-epoch count would not do
-    dict(lr_schedule="ReduceLROnPlateau", val_fraction=0.2, early_stopping_patience=10,
-         lr_schedule_options={"patience": 1, "factor": 0.5, "threshold": 100.0, "threshold_mode": "abs"}),
-    # milestones are a Counter of ints: JSON would turn its keys into strings and the lr would never fall
-    dict(lr_schedule="MultiStepLR", lr_schedule_options={"milestones": [3], "gamma": 0.7}),
-], ids=["step-clip-cyclical", "plateau-val-early-stopping", "multistep"])
+@pytest.mark.parametrize(
+    "controls",
+    [
+        # step_size 3: the scheduler's epoch count decides when the lr falls (after epoch 3, past the resume point)
+        dict(
+            lr_schedule="StepLR",
+            lr_schedule_options={"step_size": 3, "gamma": 0.7},
+            clip_grad_norm=50.0,
+            kl_schedule="cyclical",
+            kl_cycle_epochs=3,
+            kl_cycle_ratio=0.5,
+        ),
+        # no gain counts as 100 nats: epochs 2 and 3 are bad ones, so the lr halves after epoch 3, which a
+        # scheduler without its saved best and bad-epoch count would not do
+        dict(
+            lr_schedule="ReduceLROnPlateau",
+            val_fraction=0.2,
+            early_stopping_patience=10,
+            lr_schedule_options={"patience": 1, "factor": 0.5, "threshold": 100.0, "threshold_mode": "abs"},
+        ),
+        # milestones are a Counter of ints: JSON would turn its keys into strings and the lr would never fall
+        dict(lr_schedule="MultiStepLR", lr_schedule_options={"milestones": [3], "gamma": 0.7}),
+    ],
+    ids=["step-clip-cyclical", "plateau-val-early-stopping", "multistep"],
+)
 def test_resume_with_controls_matches_an_uninterrupted_run(tmp_path, controls):
     straight = ppl_vae.fit(small_config(epochs=4, **controls), tmp_path / "a", progress=False)
     ppl_vae.fit(small_config(epochs=2, **controls), tmp_path / "b", progress=False)
@@ -97,10 +137,12 @@ def test_resume_with_controls_matches_an_uninterrupted_run(tmp_path, controls):
     for (k, a), (_, b) in zip(straight.vae.state_dict().items(), resumed.vae.state_dict().items()):
         assert torch.equal(a, b), k
     for name in ("lr", "kl_weight", "test_elbo", "val_elbo", "train_loss"):
-        assert resumed.history[name].values.tolist() == pytest.approx(straight.history[name].values.tolist(),
-                                                                      nan_ok=True, rel=0, abs=0), name
-    assert straight.history.lr.values.tolist() == pytest.approx([3e-3] * 3 + [3e-3 * (0.7 if "gamma" in
-                                                                               controls["lr_schedule_options"] else 0.5)])
+        assert resumed.history[name].values.tolist() == pytest.approx(
+            straight.history[name].values.tolist(), nan_ok=True, rel=0, abs=0
+        ), name
+    assert straight.history.lr.values.tolist() == pytest.approx(
+        [3e-3] * 3 + [3e-3 * (0.7 if "gamma" in controls["lr_schedule_options"] else 0.5)]
+    )
     _, meta = runs.read_checkpoint(tmp_path / "b")
     assert set(meta["schedulers"]) == {"svi"}
 
@@ -120,8 +162,9 @@ def test_the_validation_split_is_seeded_disjoint_and_never_trained_on(tmp_path):
     run = ppl_vae.fit(small_config(epochs=2, val_fraction=0.25), tmp_path / "run", progress=False)
     assert (run.history.num_train_samples.diff("epoch") == 150).all()  # the 50 validation points are left out
     assert all(math.isfinite(v) for v in run.history.val_elbo.values)
-    assert math.isnan(float(ppl_vae.fit(small_config(epochs=1), tmp_path / "noval", progress=False)
-                            .history.val_elbo[0]))
+    assert math.isnan(
+        float(ppl_vae.fit(small_config(epochs=1), tmp_path / "noval", progress=False).history.val_elbo[0])
+    )
 
 
 def test_epochs_since_best():
@@ -140,8 +183,9 @@ def test_early_stopping_keeps_the_best_checkpoint_and_a_resume_trains_no_further
         return torch.full((x.shape[0],), -float(calls["n"]))
 
     monkeypatch.setattr(training, "elbo_per_datapoint", falling_elbo)
-    run = ppl_vae.fit(small_config(epochs=10, val_fraction=0.2, early_stopping_patience=2), tmp_path / "run",
-                      progress=False)
+    run = ppl_vae.fit(
+        small_config(epochs=10, val_fraction=0.2, early_stopping_patience=2), tmp_path / "run", progress=False
+    )
     assert run.history.epoch.values.tolist() == [1, 2, 3]
     assert runs.read_checkpoint(tmp_path / "run", tensors=False)[1]["epoch"] == 3
     best_tensors, best_meta = runs.read_checkpoint(tmp_path / "run", checkpoint=runs.CHECKPOINT_BEST)
@@ -154,7 +198,8 @@ def test_early_stopping_keeps_the_best_checkpoint_and_a_resume_trains_no_further
         ppl_vae.load_run(tmp_path / "noval", best=True)
     assert ppl_vae.resume(tmp_path / "run", progress=False).new_epochs == 0
     assert training.stopped_early(run.history.pipe(training.history_records), run.config.train).startswith(
-        "stopped early after epoch 3: the validation ELBO has not improved for 2 epochs")
+        "stopped early after epoch 3: the validation ELBO has not improved for 2 epochs"
+    )
     result = invoke("fit", "--resume", tmp_path / "run", "--no-progress")
     assert result.exit_code == 0 and "nothing to do" in result.output and "stopped early after epoch 3" in result.output
 
@@ -183,32 +228,39 @@ def test_kl_schedules():
     assert KL_SCHEDULES.get("constant")(TrainConfig(kl_schedule="constant", kl_weight=0.3), 5, spe) == 0.3
     old = TrainConfig(kl_warmup_epochs=2)  # a config written before kl_schedule existed
     assert [KL_SCHEDULES.get(old.kl_schedule)(old, s, spe) for s in (0, 3, 7, 8)] == pytest.approx(
-        [0.125, 0.5, 1.0, 1.0])
+        [0.125, 0.5, 1.0, 1.0]
+    )
 
 
 def test_cyclical_kl_weight_in_the_history(tmp_path):
-    run = ppl_vae.fit(small_config(epochs=4, kl_schedule="cyclical", kl_cycle_epochs=2, kl_cycle_ratio=1.0),
-                      tmp_path / "run", progress=False)
+    run = ppl_vae.fit(
+        small_config(epochs=4, kl_schedule="cyclical", kl_cycle_epochs=2, kl_cycle_ratio=1.0),
+        tmp_path / "run",
+        progress=False,
+    )
     assert run.history.kl_weight.values.tolist() == pytest.approx([0.5, 1.0, 0.5, 1.0])
 
 
 # -- refusals ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("lr_schedule", "NoSuchLR", "must be null or a torch.optim.lr_scheduler class"),
-    ("lr_schedule", "LambdaLR", "must be null or a torch.optim.lr_scheduler class"),
-    ("lr_schedule", "ReduceLROnPlateau", "set train.val_fraction > 0"),
-    ("lr_schedule_options", {"step_size": 2}, "are given but train.lr_schedule is null"),
-    ("clip_grad_norm", 0.0, "must be a positive number"),
-    ("val_fraction", 1.0, "must be in [0, 1)"),
-    ("early_stopping_patience", 3, "set train.val_fraction > 0"),
-    ("kl_schedule", "sigmoid", "must be one of constant, cyclical, linear"),
-    ("kl_weight", -1.0, "finite number >= 0"),
-    ("kl_cycle_epochs", 0, "must be >= 1"),
-    ("kl_cycle_ratio", 0.0, "must be in (0, 1]"),
-    ("precision", "fp8", "must be one of fp32, bf16"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("lr_schedule", "NoSuchLR", "must be null or a torch.optim.lr_scheduler class"),
+        ("lr_schedule", "LambdaLR", "must be null or a torch.optim.lr_scheduler class"),
+        ("lr_schedule", "ReduceLROnPlateau", "set train.val_fraction > 0"),
+        ("lr_schedule_options", {"step_size": 2}, "are given but train.lr_schedule is null"),
+        ("clip_grad_norm", 0.0, "must be a positive number"),
+        ("val_fraction", 1.0, "must be in [0, 1)"),
+        ("early_stopping_patience", 3, "set train.val_fraction > 0"),
+        ("kl_schedule", "sigmoid", "must be one of constant, cyclical, linear"),
+        ("kl_weight", -1.0, "finite number >= 0"),
+        ("kl_cycle_epochs", 0, "must be >= 1"),
+        ("kl_cycle_ratio", 0.0, "must be in (0, 1]"),
+        ("precision", "fp8", "must be one of fp32, bf16"),
+    ],
+)
 def test_bad_controls_are_refused_naming_the_field(field, value, message):
     config = TrainConfig(device="cpu", **{field: value})
     with pytest.raises(ConfigError, match=f"train.{field}") as info:
@@ -228,12 +280,18 @@ def test_bf16_on_cpu_is_a_one_line_cli_error(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--lr-schedule", "StepLR", "--lr-schedule-options", "[1]"], "must be a JSON object"),
-    (["--lr-schedule", "StepLR", "--lr-schedule-options", "{bad"], "must be a JSON object"),
-    (["--lr-schedule", "StepLR"], "--lr-schedule-options do not fit StepLR"),
-    (["--early-stopping-patience", "2"], "--early-stopping-patience watches the validation ELBO: set --val-fraction"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lr-schedule", "StepLR", "--lr-schedule-options", "[1]"], "must be a JSON object"),
+        (["--lr-schedule", "StepLR", "--lr-schedule-options", "{bad"], "must be a JSON object"),
+        (["--lr-schedule", "StepLR"], "--lr-schedule-options do not fit StepLR"),
+        (
+            ["--early-stopping-patience", "2"],
+            "--early-stopping-patience watches the validation ELBO: set --val-fraction",
+        ),
+    ],
+)
 def test_bad_control_flags_are_refused(tmp_path, args, message):
     result = invoke("fit", *args, "--epochs", 1, "--device", "cpu", "--out", tmp_path / "run")
     assert result.exit_code != 0 and message in result.output, result.output
@@ -241,17 +299,51 @@ def test_bad_control_flags_are_refused(tmp_path, args, message):
 
 
 def test_the_cli_records_the_controls_in_config_json(tmp_path):
-    result = invoke("fit", "--model", "bernoulli_mlp", "--latent-dim", 2, "--hidden-dim", 16, "--train-size", 200,
-                    "--epochs", 2, "--device", "cpu", "--no-progress", "--out", tmp_path / "run",
-                    "--lr-schedule", "ExponentialLR", "--lr-schedule-options", '{"gamma": 0.9}',
-                    "--clip-grad-norm", 5, "--val-fraction", 0.1, "--early-stopping-patience", 3,
-                    "--kl-schedule", "constant", "--kl-weight", 0.5)
+    result = invoke(
+        "fit",
+        "--model",
+        "bernoulli_mlp",
+        "--latent-dim",
+        2,
+        "--hidden-dim",
+        16,
+        "--train-size",
+        200,
+        "--epochs",
+        2,
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        tmp_path / "run",
+        "--lr-schedule",
+        "ExponentialLR",
+        "--lr-schedule-options",
+        '{"gamma": 0.9}',
+        "--clip-grad-norm",
+        5,
+        "--val-fraction",
+        0.1,
+        "--early-stopping-patience",
+        3,
+        "--kl-schedule",
+        "constant",
+        "--kl-weight",
+        0.5,
+    )
     assert result.exit_code == 0, result.output
     train = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert (train["lr_schedule"], train["lr_schedule_options"], train["clip_grad_norm"]) == (
-        "ExponentialLR", {"gamma": 0.9}, 5.0)
+        "ExponentialLR",
+        {"gamma": 0.9},
+        5.0,
+    )
     assert (train["val_fraction"], train["early_stopping_patience"], train["kl_schedule"], train["kl_weight"]) == (
-        0.1, 3, "constant", 0.5)
+        0.1,
+        3,
+        "constant",
+        0.5,
+    )
     assert (tmp_path / "run" / runs.CHECKPOINT_BEST).is_file()
 
 

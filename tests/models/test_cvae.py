@@ -18,8 +18,9 @@ SHAPE = (1, 8, 8)
 
 
 def small_cvae(likelihood=None, **kw):
-    return build_vae("cvae", SHAPE, likelihood=likelihood, latent_dim=2, hidden_dim=32,
-                     data_info={"num_classes": NUM_CLASSES}, **kw)
+    return build_vae(
+        "cvae", SHAPE, likelihood=likelihood, latent_dim=2, hidden_dim=32, data_info={"num_classes": NUM_CLASSES}, **kw
+    )
 
 
 def planted(n: int, seed: int):

@@ -65,8 +65,11 @@ def explicit_m2_elbo(vae, x, y, z, train_mode: bool):
         onehot = F.one_hot(torch.full((x.shape[0],), c), vae.num_values).to(x.dtype)
         loc, scale = vae.encoder(x, onehot)
         zc = z[c]
-        log_p = (-math.log(vae.num_values) + dist.Normal(0.0, 1.0).log_prob(zc).sum(-1)
-                 + vae.likelihood(*vae.decoder(zc, onehot)).log_prob(x))
+        log_p = (
+            -math.log(vae.num_values)
+            + dist.Normal(0.0, 1.0).log_prob(zc).sum(-1)
+            + vae.likelihood(*vae.decoder(zc, onehot)).log_prob(x)
+        )
         per_class.append(log_p - dist.Normal(loc, scale).log_prob(zc).sum(-1))
     per_class = torch.stack(per_class, -1)  # (N, C)
     labelled = y >= 0
@@ -74,7 +77,9 @@ def explicit_m2_elbo(vae, x, y, z, train_mode: bool):
     labelled_terms = per_class.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     total = torch.where(labelled, labelled_terms, unlabelled_terms).sum()
     if train_mode:
-        total = total + vae.classifier_weight * log_q.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)[labelled].sum()
+        total = (
+            total + vae.classifier_weight * log_q.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)[labelled].sum()
+        )
     return total
 
 
@@ -107,7 +112,8 @@ def test_m2_enumerated_elbo_agrees_in_expectation_with_the_per_class_estimator()
     particles, draws = 2000, 2000
     pyro.set_rng_seed(0)
     loss = TraceEnum_ELBO(max_plate_nesting=1, num_particles=particles, vectorize_particles=True).loss(
-        vae.model, vae.guide, x)
+        vae.model, vae.guide, x
+    )
     est = enumerated_estimate(vae.model, vae.guide, x, site="y", num_values=C, num_samples=draws, seed=0)
     se = float(est.elbo_stderr.square().sum().sqrt()) * math.sqrt(1 + draws / particles)
     assert abs(-loss - float(est.elbo.sum())) < 4 * se + 1e-9
@@ -127,8 +133,8 @@ class ExactComponentPosterior(nn.Module):
 
     def forward(self, x, onehot):
         cf = self.cf
-        var = 1.0 / (1.0 + (cf.W ** 2).sum(0) / cf.s ** 2)
-        loc = (onehot @ cf.means + (x - cf.b) @ cf.W / cf.s ** 2) * var + self.perturb
+        var = 1.0 / (1.0 + (cf.W**2).sum(0) / cf.s**2)
+        loc = (onehot @ cf.means + (x - cf.b) @ cf.W / cf.s**2) * var + self.perturb
         return loc, var.sqrt().expand_as(loc)
 
 
@@ -163,9 +169,21 @@ def linear_gmvae(perturb: float = 0.0, relaxed: bool = False, temperature: float
     prior.locs.data = cf.means.data.clone()
     prior.raw_scales.data.fill_(math.log(math.expm1(1.0 - 1e-4)))  # softplus(raw) + 1e-4 = 1
     likelihood = FixedScaleGaussianLikelihood(event_dims=1, scale=cf.s).double()
-    vae = GaussianMixtureVAE(ExactClassifier(cf, perturb), ExactComponentPosterior(cf, perturb), LinearDecoder(cf),
-                             prior, likelihood, (4,), relaxed=relaxed, temperature=temperature,
-                             min_temperature=temperature).double().eval()
+    vae = (
+        GaussianMixtureVAE(
+            ExactClassifier(cf, perturb),
+            ExactComponentPosterior(cf, perturb),
+            LinearDecoder(cf),
+            prior,
+            likelihood,
+            (4,),
+            relaxed=relaxed,
+            temperature=temperature,
+            min_temperature=temperature,
+        )
+        .double()
+        .eval()
+    )
     x = torch.randn(12, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6)) * 2
     return vae, cf, x
 
@@ -204,7 +222,9 @@ def test_gmvae_model_sums_the_component_out_for_continuous_estimators():
     z = torch.randn(5, x.shape[0], 2, dtype=torch.float64)
     prior, lik = log_prior_and_likelihood(vae.model, x, {"z": z}, layout=layout)
     log_pi = torch.log_softmax(cf.logits, -1)
-    expected_prior = torch.stack([log_pi[c] + dist.Normal(cf.means[c], 1.0).log_prob(z).sum(-1) for c in range(2)]).logsumexp(0)
+    expected_prior = torch.stack(
+        [log_pi[c] + dist.Normal(cf.means[c], 1.0).log_prob(z).sum(-1) for c in range(2)]
+    ).logsumexp(0)
     assert torch.allclose(prior, expected_prior, atol=1e-5)  # 1e-4 in the component scales
     assert torch.allclose(lik, dist.Normal(z @ cf.W.T + cf.b, cf.s).log_prob(x).sum(-1), atol=1e-8)
 
@@ -265,8 +285,11 @@ def test_keep_labels_is_balanced_seeded_and_leaves_the_global_rng_alone():
 
 def test_bad_label_requests_are_one_line_errors():
     data = labelled_data()
-    for args, match in [((61,), "larger than the training set"), ((2,), "fewer than the 3 classes"),
-                        ((0,), "positive number")]:
+    for args, match in [
+        ((61,), "larger than the training set"),
+        ((2,), "fewer than the 3 classes"),
+        ((0,), "positive number"),
+    ]:
         with pytest.raises(DataError, match=match) as info:
             keep_labels(data, *args)
         assert "\n" not in str(info.value)

@@ -110,8 +110,13 @@ def _site_terms(vae, x, seed):
     guide = poutine.trace(vae.guide).get_trace(x)
     model = poutine.trace(poutine.replay(vae.model, trace=guide)).get_trace(x)
     lik = model.nodes["x"]["fn"].log_prob(x).sum()
-    terms = {s: (model.nodes[s]["fn"].log_prob(model.nodes[s]["value"])
-                 - guide.nodes[s]["fn"].log_prob(guide.nodes[s]["value"])).sum() for s in vae.sites}
+    terms = {
+        s: (
+            model.nodes[s]["fn"].log_prob(model.nodes[s]["value"])
+            - guide.nodes[s]["fn"].log_prob(guide.nodes[s]["value"])
+        ).sum()
+        for s in vae.sites
+    }
     return lik, terms
 
 
@@ -220,8 +225,14 @@ def _linear_gaussian_vae(cls, lg: TwoLayerLinearGaussian, inflate: float = 1.0):
     """``cls`` with identity activations and no hidden layers, holding lg's model and (the diagonal
     part of) its exact posterior as the guide, the guide's scales times ``inflate``."""
     d2, d1, dx = lg.z2_dim, lg.z1_dim, lg.x_dim
-    vae = cls((dx,), [d1, d2], make_prior("standard_normal", d2), make_likelihood("gaussian_fixed", event_dims=1,
-              scale=lg.s), hidden_dims=[[], []], activation="identity").double()
+    vae = cls(
+        (dx,),
+        [d1, d2],
+        make_prior("standard_normal", d2),
+        make_likelihood("gaussian_fixed", event_dims=1, scale=lg.s),
+        hidden_dims=[[], []],
+        activation="identity",
+    ).double()
     _head(vae.generative[0].head, lg.A, lg.a, torch.full((d1,), lg.s1**2, dtype=torch.float64))
     vae.decoder.net[0].weight.copy_(lg.W)
     vae.decoder.net[0].bias.copy_(lg.b)
@@ -253,7 +264,7 @@ def test_with_the_exact_posterior_as_guide_every_weight_is_log_px(cls):
     assert torch.allclose(traced.log_likelihood, exact, atol=1e-8)
     # a wrong noise scale in the model is seen at once
     with torch.no_grad():
-        vae.generative[0].head.bias[lg.z1_dim:] += 0.2
+        vae.generative[0].head.bias[lg.z1_dim :] += 0.2
     off = importance_estimate(vae.model, vae.guide, x, num_samples=8, seed=0).log_likelihood
     assert (off - exact).abs().mean() > 0.05
 

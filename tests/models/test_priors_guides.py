@@ -34,8 +34,9 @@ def _grid_integral(log_density, half_width: float = 9.0, n: int = 301) -> float:
 
 
 def test_vamp_prior_log_prob_equals_the_hand_computed_mixture():
-    vae = build_vae("bernoulli_mlp", (1, 4, 4), prior="vamp", prior_options={"num_components": 3},
-                    latent_dim=2, hidden_dim=8)
+    vae = build_vae(
+        "bernoulli_mlp", (1, 4, 4), prior="vamp", prior_options={"num_components": 3}, latent_dim=2, hidden_dim=8
+    )
     z = torch.randn(7, 2)
     loc, scale = vae.encoder(vae.prior.pseudo_inputs)
     comp = torch.stack([torch.distributions.Normal(loc[k], scale[k]).log_prob(z).sum(-1) for k in range(3)])
@@ -72,8 +73,7 @@ def test_flow_prior_is_a_normalized_density_and_samples_match_it():
 
 
 def test_iaf_guide_is_a_normalized_density_consistent_under_inversion():
-    vae = build_vae("bernoulli_mlp", (1, 4, 4), guide="iaf", guide_options={"num_flows": 2}, latent_dim=2,
-                    hidden_dim=8)
+    vae = build_vae("bernoulli_mlp", (1, 4, 4), guide="iaf", guide_options={"num_flows": 2}, latent_dim=2, hidden_dim=8)
     assert isinstance(vae, IAFGuideVAE) and supports_fused_elbo(vae) and not vae.encoder_is_guide
     x = torch.bernoulli(torch.rand(1, 1, 4, 4))
     from ppl_vae.inference.latents import check_fast_path
@@ -97,7 +97,8 @@ def test_every_prior_and_guide_takes_an_svi_step_that_changes_parameters(prior, 
     before = {k: v.detach().clone() for k, v in vae.named_parameters()}
     optimizer = torch.optim.Adam(vae.parameters(), lr=1e-2)
     loss = Trace_ELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=1).differentiable_loss(
-        vae.model, vae.guide, x, num_data=60)
+        vae.model, vae.guide, x, num_data=60
+    )
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -128,16 +129,26 @@ def test_path_derivative_objectives_reach_the_flow_parameters(loss_fn):
 
 def test_unknown_options_are_one_line_value_errors_naming_the_option():
     cases = [
-        (dict(prior="standard_normal", prior_options={"num_components": 5}),
-         "prior 'standard_normal' has no option 'num_components'; it takes no options"),
-        (dict(prior="vamp", prior_options={"num_flows": 2}),
-         "prior 'vamp' has no option 'num_flows'; it takes num_components, init_loc, init_scale"),
-        (dict(guide="iaf", guide_options={"num_components": 2}),
-         "guide 'iaf' has no option 'num_components'; it takes num_flows, hidden_dims"),
-        (dict(guide="diagonal_normal", guide_options={"num_flows": 2}),
-         "guide 'diagonal_normal' has no option 'num_flows'; it takes no options"),
-        (dict(likelihood="bernoulli", likelihood_options={"scale": 0.1}),
-         "likelihood 'bernoulli' has no option 'scale'; it takes no options"),
+        (
+            dict(prior="standard_normal", prior_options={"num_components": 5}),
+            "prior 'standard_normal' has no option 'num_components'; it takes no options",
+        ),
+        (
+            dict(prior="vamp", prior_options={"num_flows": 2}),
+            "prior 'vamp' has no option 'num_flows'; it takes num_components, init_loc, init_scale",
+        ),
+        (
+            dict(guide="iaf", guide_options={"num_components": 2}),
+            "guide 'iaf' has no option 'num_components'; it takes num_flows, hidden_dims",
+        ),
+        (
+            dict(guide="diagonal_normal", guide_options={"num_flows": 2}),
+            "guide 'diagonal_normal' has no option 'num_flows'; it takes no options",
+        ),
+        (
+            dict(likelihood="bernoulli", likelihood_options={"scale": 0.1}),
+            "likelihood 'bernoulli' has no option 'scale'; it takes no options",
+        ),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError) as info:
@@ -162,8 +173,15 @@ def test_a_run_with_flow_guide_and_vamp_prior_reloads_the_same_model(tmp_path):
     from ppl_vae import pipeline
 
     config = RunConfig(
-        model=ModelConfig(model="bernoulli_mlp", prior="vamp", prior_options={"num_components": 4},
-                          guide="iaf", guide_options={"num_flows": 1}, latent_dim=2, hidden_dim=16),
+        model=ModelConfig(
+            model="bernoulli_mlp",
+            prior="vamp",
+            prior_options={"num_components": 4},
+            guide="iaf",
+            guide_options={"num_flows": 1},
+            latent_dim=2,
+            hidden_dim=16,
+        ),
         data=DataConfig(dataset="digits", binarize="threshold", train_size=200),
         train=TrainConfig(method="iwae", num_particles=3, epochs=1, batch_size=50, device="cpu"),
     )

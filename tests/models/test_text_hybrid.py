@@ -131,8 +131,9 @@ def test_auxiliary_term_prevents_posterior_collapse():
     kl = {}
     for alpha in (1.0, 0.0):
         torch.manual_seed(0)
-        vae = build_text_hybrid((16,), 4, 32, make_prior("standard_normal", 4), make_likelihood("categorical_text"),
-                                alpha=alpha)
+        vae = build_text_hybrid(
+            (16,), 4, 32, make_prior("standard_normal", 4), make_likelihood("categorical_text"), alpha=alpha
+        )
         optimizer = torch.optim.Adam(vae.parameters(), lr=3e-3)
         vae.train()
         for _ in range(75):

@@ -18,9 +18,11 @@ from ppl_vae.reports.multirun import compare_runs
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    config = RunConfig(model=ModelConfig(model="gaussian_mlp", latent_dim=2, hidden_dim=16),
-                       data=DataConfig(dataset="digits", train_size=200),
-                       train=TrainConfig(epochs=1, batch_size=50, device="cpu"))
+    config = RunConfig(
+        model=ModelConfig(model="gaussian_mlp", latent_dim=2, hidden_dim=16),
+        data=DataConfig(dataset="digits", train_size=200),
+        train=TrainConfig(epochs=1, batch_size=50, device="cpu"),
+    )
     pipeline.fit(config, out, progress=False)
     return out
 
@@ -72,10 +74,25 @@ def test_one_process_and_two_give_identical_per_datapoint_results(tiny_run, tmp_
         out = tmp_path / f"n{nproc}"
         made = [
             evaluate_run(tiny_run, out_dir=out / "eval", nproc=nproc, **iw),
-            compare_run(tiny_run, num_samples=20, num_draws=5, batch_size=5, mean_field_options=mf,
-                        out_dir=out / "cmp", nproc=nproc, **common),
-            compare_runs([tiny_run, tiny_run], estimator="iw", num_samples=20, batch_size=7, out_dir=out / "multi",
-                         nproc=nproc, **common),
+            compare_run(
+                tiny_run,
+                num_samples=20,
+                num_draws=5,
+                batch_size=5,
+                mean_field_options=mf,
+                out_dir=out / "cmp",
+                nproc=nproc,
+                **common,
+            ),
+            compare_runs(
+                [tiny_run, tiny_run],
+                estimator="iw",
+                num_samples=20,
+                batch_size=7,
+                out_dir=out / "multi",
+                nproc=nproc,
+                **common,
+            ),
         ]
         outs[nproc] = out
         # one result convention: warnings a list of str, num_datapoints the datapoints scored
@@ -83,8 +100,7 @@ def test_one_process_and_two_give_identical_per_datapoint_results(tiny_run, tmp_
             assert isinstance(result.warnings, list) and all(isinstance(w, str) for w in result.warnings)
             assert result.num_datapoints == 30
     ev = ["log_likelihood", "log_likelihood_stderr", "elbo", "elbo_stderr", "ess", "khat"]
-    gaps = ["estimate", "stderr", "ess_mixture", "khat_mixture", "meanfield_loc", "meanfield_scale",
-            "amortization_gap"]
+    gaps = ["estimate", "stderr", "ess_mixture", "khat_mixture", "meanfield_loc", "meanfield_scale", "amortization_gap"]
     for name, vars_ in (("eval/evaluation.nc", ev), ("cmp/gaps.nc", gaps), ("multi/multirun.nc", ["value", "stderr"])):
         one, two = _values(outs[1] / name, vars_), _values(outs[2] / name, vars_)
         for v in vars_:

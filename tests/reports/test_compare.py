@@ -87,8 +87,11 @@ def test_every_split_is_scored_as_binary_data_under_dynamic_binarization(dynamic
 
 def _gaps_for_warnings(converged, ess, khat, k=100):
     return xr.Dataset(
-        {"meanfield_converged": ("datapoint", np.asarray(converged)), "ess_mixture": ("datapoint", np.asarray(ess, float)),
-         "khat_mixture": ("datapoint", np.asarray(khat, float))},
+        {
+            "meanfield_converged": ("datapoint", np.asarray(converged)),
+            "ess_mixture": ("datapoint", np.asarray(ess, float)),
+            "khat_mixture": ("datapoint", np.asarray(khat, float)),
+        },
         attrs={"num_samples": k},
     )
 

@@ -23,12 +23,18 @@ def _synthetic(n=400, shift=0.3, seed=0):
     a = hardness + rng.normal(0, 0.2, n)
     b = hardness + shift + rng.normal(0, 0.2, n)
     values = np.stack([a, b])[..., None]
-    return xr.Dataset(
-        {"value": (("run", "datapoint", "quantity"), values),
-         "stderr": (("run", "datapoint", "quantity"), np.full_like(values, 0.05))},
-        coords={"run": ["A", "B"], "datapoint": np.arange(n), "quantity": ["iw_amortized"]},
-        attrs={"reference_run": "A"},
-    ), a, b
+    return (
+        xr.Dataset(
+            {
+                "value": (("run", "datapoint", "quantity"), values),
+                "stderr": (("run", "datapoint", "quantity"), np.full_like(values, 0.05)),
+            },
+            coords={"run": ["A", "B"], "datapoint": np.arange(n), "quantity": ["iw_amortized"]},
+            attrs={"reference_run": "A"},
+        ),
+        a,
+        b,
+    )
 
 
 def test_paired_differences_cancel_the_spread_between_datapoints():
@@ -68,8 +74,26 @@ def two_runs(tmp_path_factory):
 @pytest.mark.slow
 def test_compare_several_runs_from_the_cli(two_runs, tmp_path):
     a, b = two_runs
-    result = CliRunner().invoke(cli, ["compare", str(a), str(b), str(a), "-k", "8", "--num-datapoints", "10",
-                                      "--mf-steps", "5", "--mf-polish-steps", "5", "--out", str(tmp_path), "--no-progress"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "compare",
+            str(a),
+            str(b),
+            str(a),
+            "-k",
+            "8",
+            "--num-datapoints",
+            "10",
+            "--mf-steps",
+            "5",
+            "--mf-polish-steps",
+            "5",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "Δ vs ref" in result.output and "lower bound" in result.output
     ds = results.load_netcdf(tmp_path / "multirun.nc")
@@ -93,6 +117,8 @@ def test_iw_estimator_and_refusals(two_runs, tmp_path):
     with pytest.raises(ValueError, match="estimator must be one of mis, iw"):
         compare_runs([a, b], estimator="ais", progress=False)
     other = _fit(tmp_path / "binary", binarize="threshold")  # other test data: no pairing possible
-    result = CliRunner().invoke(cli, ["compare", str(a), str(other), "-k", "3", "--estimator", "iw",
-                                      "--out", str(tmp_path / "x"), "--no-progress"])
+    result = CliRunner().invoke(
+        cli,
+        ["compare", str(a), str(other), "-k", "3", "--estimator", "iw", "--out", str(tmp_path / "x"), "--no-progress"],
+    )
     one_line_error(result, "does not evaluate the same test datapoints")
