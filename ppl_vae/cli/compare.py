@@ -71,21 +71,8 @@ from ppl_vae.cli import options as opt
 @opt.device_option()
 @opt.seed_option()
 @opt.out_option("Folder for report.html and the tables (default: the run directory; RUN1/multirun for several).")
-@click.option(
-    "--nproc",
-    type=int,
-    default=1,
-    show_default=True,
-    help="Processes to split the datapoints across (whole blocks of mean-field VI's 500, or --batch-size "
-    "100 for --estimator iw); the results equal one process's for the same --seed. Under torchrun "
-    "leave it at 1.",
-)
-@click.option(
-    "--threads",
-    type=int,
-    default=None,
-    help="Torch threads per process (default: the available cores, shared among the processes).",
-)
+@opt.nproc_option("mean-field VI's 500, or --batch-size 100 for --estimator iw")
+@opt.threads_option()
 @opt.progress_option("Show progress bars.")
 def compare(
     run_dirs,
@@ -117,10 +104,7 @@ def compare(
         raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
     if num_datapoints < 0:
         raise ValueError(f"--num-datapoints must be >= 0, got {num_datapoints}")
-    if nproc < 1:
-        raise ValueError(f"--nproc must be >= 1, got {nproc}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
+    opt.check_processes(nproc, threads)
     if out is not None:
         from ppl_vae.reports.evaluation import check_out_dir
 

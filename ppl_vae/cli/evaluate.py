@@ -86,20 +86,8 @@ MAX_NUM_CHAINS = 100_000
 @opt.device_option()
 @opt.seed_option()
 @opt.out_option("Folder for the netCDF and CSV files (default: the run directory).")
-@click.option(
-    "--nproc",
-    type=int,
-    default=1,
-    show_default=True,
-    help="Processes to split the datapoints across (whole blocks of --batch-size); the results equal "
-    "one process's for the same --seed. Under torchrun leave it at 1.",
-)
-@click.option(
-    "--threads",
-    type=int,
-    default=None,
-    help="Torch threads per process (default: the available cores, shared among the processes).",
-)
+@opt.nproc_option("--batch-size")
+@opt.threads_option()
 @opt.progress_option()
 def evaluate(
     run_dir: Path,

@@ -53,6 +53,36 @@ def num_samples_option(default: int, help: str, *names: str) -> Decorator:
     return click.option(*(names or ("--num-samples",)), type=int, default=default, show_default=True, help=help)
 
 
+def nproc_option(blocks: str) -> Decorator:
+    """``--nproc``: processes that split the datapoints, in whole ``blocks``, for the same results."""
+    return click.option(
+        "--nproc",
+        type=int,
+        default=1,
+        show_default=True,
+        help=f"Processes to split the datapoints across (whole blocks of {blocks}); the results equal one "
+        "process's for the same --seed. Under torchrun leave it at 1.",
+    )
+
+
+def threads_option() -> Decorator:
+    """``--threads``: torch threads per process."""
+    return click.option(
+        "--threads",
+        type=int,
+        default=None,
+        help="Torch threads per process (default: the available cores, shared among the processes).",
+    )
+
+
+def check_processes(nproc: int, threads: Optional[int]) -> None:
+    """One-line errors for ``--nproc`` and ``--threads`` below 1."""
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+
+
 def progress_option(help: str = "Show a progress bar.") -> Decorator:
     return click.option("--progress/--no-progress", default=True, show_default=True, help=help)
 
