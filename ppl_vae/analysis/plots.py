@@ -196,10 +196,16 @@ def plot_estimators(gaps: xr.Dataset) -> Figure:
 
 
 def plot_kl_per_dimension(diagnostics: xr.Dataset) -> Figure:
-    """Mean KL per latent dimension, coloured by whether the unit is active (Burda et al. 2015)."""
+    """Mean KL per latent dimension, coloured by whether the unit is active (Burda et al. 2015).
+
+    With several latent sites (coordinate ``latent_site``) each site's units are one labelled
+    block, separated by vertical lines, and the x-axis counts units within the site.
+    """
+    n = diagnostics.sizes["latent"]
+    sites = diagnostics["latent_site"].values.astype(str) if "latent_site" in diagnostics.coords else np.full(n, "z")
     frame = pd.DataFrame(
         {
-            "latent": diagnostics.latent.values,
+            "position": np.arange(n),
             "KL (nats)": diagnostics["kl"].values,
             "activity": diagnostics["activity"].values,
             "unit": np.where(diagnostics["active"].values, "active", "inactive"),
@@ -207,15 +213,47 @@ def plot_kl_per_dimension(diagnostics: xr.Dataset) -> Figure:
     )
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), layout="constrained")
     palette = {"active": "tab:blue", "inactive": "tab:gray"}
-    sns.barplot(frame, x="latent", y="KL (nats)", hue="unit", palette=palette, dodge=False, ax=axes[0])
-    axes[0].set_title("KL(q(z_u|x) || p(z_u)) per dimension")
-    sns.barplot(frame, x="latent", y="activity", hue="unit", palette=palette, dodge=False, ax=axes[1])
+    for ax, column in zip(axes, ("KL (nats)", "activity")):
+        sns.barplot(
+            frame, x="position", y=column, hue="unit", palette=palette, dodge=False, ax=ax, native_scale=True, width=0.9
+        )
+        starts = [0] + [i for i in range(1, n) if sites[i] != sites[i - 1]]
+        for start in starts[1:]:
+            ax.axvline(start - 0.5, color="black", lw=0.8)
+        ticks = np.arange(n)
+        if n > 20:  # a readable axis: at most about ten ticks per site
+            ticks = np.concatenate([np.arange(a, b, max(1, (b - a) // 5)) for a, b in zip(starts, starts[1:] + [n])])
+        ax.set_xticks(ticks)
+        offsets = {name: a for a, name in zip(starts, (sites[a] for a in starts))}
+        ax.set_xticklabels([str(t - offsets[sites[t]]) for t in ticks], fontsize=7)
+        ax.set_xlabel(
+            "latent unit"
+            if len(starts) == 1
+            else "latent unit, per site: "
+            + ", ".join(f"{sites[a]} ({b - a})" for a, b in zip(starts, starts[1:] + [n]))
+        )
+        ax.set_xlim(-0.5, n - 0.5)
+        if len(starts) > 1:
+            for a, b in zip(starts, starts[1:] + [n]):
+                ax.text(
+                    (a + b - 1) / 2,
+                    1.0,
+                    sites[a],
+                    transform=ax.get_xaxis_transform(),
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                )
     if axes[0].get_legend() is not None:
         axes[0].get_legend().remove()
     legend_outside(axes[1])
     axes[1].axhline(diagnostics.attrs.get("threshold", 0.01), color="black", lw=0.8, ls="--")
     axes[1].set_yscale("log")
-    axes[1].set_title(f"Activity Cov_x(E_q[z_u]): {diagnostics.attrs.get('num_active', '?')} active")
+    axes[0].set_title("KL(q(z_u|x) || p(z_u)) per dimension", pad=14 if len(set(sites)) > 1 else 6)
+    axes[1].set_title(
+        f"Activity Cov_x(E_q[z_u]): {diagnostics.attrs.get('num_active', '?')} active",
+        pad=14 if len(set(sites)) > 1 else 6,
+    )
     return fig
 
 
