@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Any, Dict, List, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, cast
 
 import pyro
 import torch
@@ -408,56 +408,41 @@ def _two_layer_sizes(
     return [z1, latent_dim], hidden
 
 
-def build_two_layer(
-    event_shape: Sequence[int],
-    latent_dim: int,
-    hidden_dim: int,
-    prior: Prior,
-    likelihood: Likelihood,
-    *,
-    z1_dim: Optional[int] = None,
-    hidden_dims: Optional[Sequence[Sequence[int]]] = None,
-    activation: str = "tanh",
-    kl_warmup_fractions: Optional[Sequence[float]] = None,
-    **data_info,
-) -> HierarchicalVAE:
-    """The ``two_layer`` model: z2 has ``latent_dim`` units, z1 ``z1_dim`` (default twice that)."""
-    dims, hidden = _two_layer_sizes(latent_dim, hidden_dim, z1_dim, hidden_dims)
-    return HierarchicalVAE(
-        event_shape,
-        dims,
-        prior,
-        likelihood,
-        hidden_dims=hidden,
-        activation=activation,
-        kl_warmup_fractions=kl_warmup_fractions,
-    )
+def _hierarchy_builder(cls: Type[HierarchicalVAE], doc: str) -> Callable[..., HierarchicalVAE]:
+    """The registry's builder of ``cls`` with the two-layer sizes (:func:`_two_layer_sizes`)."""
+
+    def build(
+        event_shape: Sequence[int],
+        latent_dim: int,
+        hidden_dim: int,
+        prior: Prior,
+        likelihood: Likelihood,
+        *,
+        z1_dim: Optional[int] = None,
+        hidden_dims: Optional[Sequence[Sequence[int]]] = None,
+        activation: str = "tanh",
+        kl_warmup_fractions: Optional[Sequence[float]] = None,
+        **data_info: Any,
+    ) -> HierarchicalVAE:
+        dims, hidden = _two_layer_sizes(latent_dim, hidden_dim, z1_dim, hidden_dims)
+        return cls(
+            event_shape,
+            dims,
+            prior,
+            likelihood,
+            hidden_dims=hidden,
+            activation=activation,
+            kl_warmup_fractions=kl_warmup_fractions,
+        )
+
+    build.__doc__ = doc
+    return build
 
 
-def build_ladder(
-    event_shape: Sequence[int],
-    latent_dim: int,
-    hidden_dim: int,
-    prior: Prior,
-    likelihood: Likelihood,
-    *,
-    z1_dim: Optional[int] = None,
-    hidden_dims: Optional[Sequence[Sequence[int]]] = None,
-    activation: str = "tanh",
-    kl_warmup_fractions: Optional[Sequence[float]] = None,
-    **data_info,
-) -> LadderVAE:
-    """The ``ladder`` model, with the sizes of ``two_layer``."""
-    dims, hidden = _two_layer_sizes(latent_dim, hidden_dim, z1_dim, hidden_dims)
-    return LadderVAE(
-        event_shape,
-        dims,
-        prior,
-        likelihood,
-        hidden_dims=hidden,
-        activation=activation,
-        kl_warmup_fractions=kl_warmup_fractions,
-    )
+build_two_layer = _hierarchy_builder(
+    HierarchicalVAE, "The ``two_layer`` model: z2 has ``latent_dim`` units, z1 ``z1_dim`` (default twice that)."
+)
+build_ladder = _hierarchy_builder(LadderVAE, "The ``ladder`` model, with the sizes of ``two_layer``.")
 
 
 def build_one_layer(
