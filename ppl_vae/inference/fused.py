@@ -11,7 +11,7 @@ tests check that. Any other pair trains through Pyro.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Tuple, cast
+from typing import Any, Callable, Optional, Protocol, Tuple, cast
 
 from pyro import distributions as dist
 from torch import Tensor
@@ -25,6 +25,8 @@ class _EncoderGuide(FastPair, Protocol):
 
     encoder: Callable[[Tensor], Tuple[Tensor, Tensor]]
     prior: Callable[[], Distribution]
+
+    def sample_gaussian_guide(self, loc: Tensor, scale: Tensor, num_particles: Optional[int] = None) -> Any: ...
 
 
 def supports_fused_elbo(vae: object) -> bool:
@@ -56,16 +58,19 @@ def fused_elbo_loss(
     """
     batch_size = x.shape[0]
     scale = 1.0 if num_data is None else num_data / batch_size
-    latents, log_q = vae.sample_guide(x, num_particles if num_particles > 1 else None)
-    log_lik = vae.log_likelihood(x, latents)
+    particles = num_particles if num_particles > 1 else None
     latent = None
     if analytic_kl and getattr(vae, "encoder_is_guide", False):
         gaussian = cast(_EncoderGuide, vae)
-        loc, z_scale = gaussian.encoder(x)  # recomputed: cheap next to the decoder, and it keeps the protocol small
+        loc, z_scale = gaussian.encoder(x)  # once: for the draws and for the KL
+        latents, log_q = gaussian.sample_gaussian_guide(loc, z_scale, particles)
         try:
             latent = -kl_divergence(dist.Normal(loc, z_scale).to_event(1), gaussian.prior())
         except NotImplementedError:
             latent = None
+    else:
+        latents, log_q = vae.sample_guide(x, particles)
+    log_lik = vae.log_likelihood(x, latents)
     if latent is None:
         latent = vae.log_prior(x, latents) - log_q
     elbo = log_lik.sum() + kl_weight * latent.expand(log_lik.shape).sum()

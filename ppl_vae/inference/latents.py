@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple, runtime_checkable
 
 import numpy as np
 import pyro
@@ -442,13 +442,6 @@ __all__ = [
     "model_layout",
     "sample_guide",
 ]
-
-
-def batch_rows(value: Any, n: int, index: Sequence[int] | slice | Tensor) -> Any:
-    """``value[index]`` when ``value`` is a tensor with one row per datapoint (``n`` rows), else ``value``."""
-    if torch.is_tensor(value) and value.dim() and value.shape[0] == n:
-        return value[index]
-    return value
 
 
 def flat_terms(model: Callable, x: Tensor, z: Tensor, layout: Layout, **kwargs: Any) -> Tuple[Tensor, Tensor]:

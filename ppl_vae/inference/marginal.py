@@ -99,6 +99,7 @@ def hmc_posterior(
     initial_z: Optional[Tensor] = None,
     step_size_jitter: float = 0.2,
     seed: Optional[int] = None,
+    layout: Optional[Layout] = None,
     **kwargs: Any,
 ) -> HMCResult:
     """Samples of z ~ p(z|x) for each row of ``x`` by Pyro's HMC (AEVB appendix E settings).
@@ -112,7 +113,8 @@ def hmc_posterior(
     latent site (``latent_dim`` = its size, checked when given; discrete sites the model marks
     for enumeration are summed out). ``initial_z`` ``(N, d)`` starts the chain (default: zeros,
     the prior mode of a standard normal prior). ``seed``: the chain's own random stream (the
-    caller's RNG state is left as it was); None draws from the caller's stream.
+    caller's RNG state is left as it was); None draws from the caller's stream. ``layout``: the
+    model's :func:`~ppl_vae.inference.latents.model_layout`, when the caller has it already.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -123,7 +125,7 @@ def hmc_posterior(
     if not 0.0 < target_accept_prob < 1.0:
         raise ValueError(f"target_accept_prob must lie in (0, 1), got {target_accept_prob}")
     n = x.shape[0]
-    layout = _layout(model, x, latent_dim, kwargs)
+    layout = layout if layout is not None else _layout(model, x, latent_dim, kwargs)
     latent_dim = layout.size
     z0 = x.new_zeros(n, latent_dim) if initial_z is None else initial_z.detach().clone()
 
@@ -227,6 +229,7 @@ def hmc_log_marginal(
             num_steps=num_steps,
             target_accept_prob=target_accept_prob,
             seed=None if seed is None else seed + b,
+            layout=layout,
             **kw,
         )
         fit_part, eval_part = result.samples[:num_samples], result.samples[num_samples:]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Tuple
 
 import numpy as np
@@ -28,15 +27,13 @@ class Thresholds:
     ``khat``: PSIS k̂ above it means the importance-sampling estimate and its standard error are
     unreliable (Vehtari et al. 2024). ``min_ess``: K weights (importance draws or AIS chains)
     whose ESS is below ``min(min_ess, K / 2)`` rest on a few draws (:meth:`low_ess`, the one
-    rule for every estimator). ``flat_log_weights``:
-    log-weights spread less than this (nats) are constant up to rounding (q equals the
-    posterior), and have no tail for k̂ to fit. ``min_datapoints``: fewer datapoints than this
-    make means over datapoints too noisy to compare.
+    rule for every estimator). ``min_datapoints``: fewer datapoints than this make means over
+    datapoints too noisy to compare. (Log-weights flat to within
+    :data:`ppl_vae.arviz_compat.FLAT_LOG_WEIGHTS` have no tail for k̂ to fit.)
     """
 
     khat: float = 0.7
     min_ess: float = 10.0
-    flat_log_weights: float = 1e-4  # = ppl_vae.arviz_compat.FLAT_LOG_WEIGHTS, which k-hat reads
     min_datapoints: int = 30
 
     def low_ess(self, ess: Tensor | np.ndarray, num_draws: int) -> np.ndarray:
@@ -78,13 +75,6 @@ def mean_se(u: Tensor) -> Tuple[Tensor, Tensor]:
     k = u.shape[0]
     se = u.std(0, unbiased=True) / math.sqrt(k) if k > 1 else torch.full_like(u[0], math.nan)
     return u.mean(0), se
-
-
-def arviz() -> ModuleType:
-    """The ArviZ module (imported once, in :mod:`ppl_vae.arviz_compat`)."""
-    from ppl_vae.arviz_compat import az
-
-    return az
 
 
 def psis_khat(log_weights: np.ndarray | Tensor) -> np.ndarray:

@@ -125,6 +125,12 @@ class VAE(nn.Module):
         (no particle dim when ``num_particles`` is None). The draw is the one Pyro's guide makes
         (``Normal(loc, scale).rsample``: the same standard-normal call and RNG stream)."""
         loc, scale = self.encoder(x)
+        return self.sample_gaussian_guide(loc, scale, num_particles)
+
+    @staticmethod
+    def sample_gaussian_guide(loc: Tensor, scale: Tensor, num_particles: Optional[int] = None):
+        """:meth:`sample_guide` from the encoder's ``(loc, scale)`` already computed (the fused
+        analytic-KL ELBO needs them for the KL too)."""
         shape = torch.Size(() if num_particles is None else (num_particles,)) + loc.shape
         eps = _standard_normal(shape, dtype=loc.dtype, device=loc.device)
         z = loc + eps * scale

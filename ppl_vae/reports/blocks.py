@@ -26,7 +26,7 @@ the same (as in the tests); otherwise values agree to floating-point rounding.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -41,13 +41,6 @@ def block_bounds(num_datapoints: int, block_size: int) -> List[Block]:
     if int(block_size) != block_size or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size}")
     return [(s, min(s + block_size, num_datapoints)) for s in range(0, num_datapoints, block_size)]
-
-
-def seeded(fn: Callable[[], Any], seed: int, device: Optional[torch.device] = None) -> Any:
-    """``fn()`` on its own random stream seeded by ``seed`` (:func:`ppl_vae.inference.modes.seeded`);
-    the caller's RNG state is restored after."""
-    with modes.seeded(seed, device):
-        return fn()
 
 
 def shard(blocks: Sequence[Block], rank: int, world_size: int) -> List[Block]:
@@ -185,7 +178,6 @@ __all__ = [
     "block_seed",
     "is_writer",
     "map_blocks",
-    "seeded",
     "set_threads",
     "shard",
 ]

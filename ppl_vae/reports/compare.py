@@ -26,11 +26,11 @@ from ppl_vae.analysis.diagnostics import collapse_diagnostics
 from ppl_vae.analysis.gaps import format_gap_table, gap_decomposition, gap_table
 from ppl_vae.inference.latents import model_layout
 from ppl_vae.inference.meanfield import MeanFieldGuide, fit_mean_field, guide_moments
-from ppl_vae.inference.modes import eval_mode
+from ppl_vae.inference.modes import block_seed, eval_mode, seeded
 from ppl_vae.inference.stats import THRESHOLDS
 from ppl_vae.io import write_text
 from ppl_vae.pipeline import Run, load_run
-from ppl_vae.reports.blocks import BlockTask, block_seed, is_writer, map_blocks, seeded
+from ppl_vae.reports.blocks import BlockTask, is_writer, map_blocks
 from ppl_vae.reports.common import CSS, Selection, figure_to_data_uri, run_out_dir, select_datapoints
 
 COMPARE_FILES = {
@@ -222,7 +222,8 @@ def compare_run(
     if not writer or out is None:
         return comparison
     # the rest runs once, on the writing process, under its own seed (the caller's RNG is left alone)
-    seeded(lambda: _diagnostics_and_files(run, sel, kwargs, comparison, num_draws, out), block_seed(seed, 0, 1))
+    with seeded(block_seed(seed, 0, 1), sel.x.device):
+        _diagnostics_and_files(run, sel, kwargs, comparison, num_draws, out)
     return comparison
 
 

@@ -16,7 +16,7 @@ import torch
 from ppl_vae.analysis.gaps import gap_decomposition
 from ppl_vae.inference.ais import ais_log_likelihood, bdmc, simulate_data
 from ppl_vae.inference.importance import elbo_per_datapoint, importance_estimate
-from ppl_vae.inference.latents import model_layout
+from ppl_vae.inference.latents import log_importance_weights, model_layout
 from ppl_vae.inference.local_flows import fit_local_flow
 from ppl_vae.inference.marginal import hmc_log_marginal
 from ppl_vae.inference.meanfield import MeanFieldGuide, fit_mean_field
@@ -101,7 +101,11 @@ def wide_gaussian_guide(model, x):
 def test_iw_rises_toward_exact_log_marginal_with_k(hier, mixture):
     for model, x, exact in (hier, mixture):
         guide = wide_gaussian_guide(model, x)
-        low = importance_estimate(model.model, guide, x, num_samples=2, seed=1, tail_diagnostic=False)
+        # E[log p̂_2]: the K=2 estimate averaged over 100 independent replications per datapoint
+        torch.manual_seed(1)
+        with torch.no_grad():
+            log_w = log_importance_weights(model.model, guide, x, num_particles=200).reshape(100, 2, -1)
+        low_mean = (torch.logsumexp(log_w, 1) - math.log(2)).mean(0)
         high = importance_estimate(model.model, guide, x, num_samples=20_000, seed=2, tail_diagnostic=False)
         elbo = torch.cat(
             [
@@ -109,10 +113,11 @@ def test_iw_rises_toward_exact_log_marginal_with_k(hier, mixture):
                 for i in range(x.shape[0])
             ]
         )
-        e, lo, hi = exact.numpy(), low.log_likelihood.numpy(), high.log_likelihood.numpy()
-        # the ELBO and the K=2 bound sit clearly below log p(x); K = 20,000 meets it within its error
-        assert (e - elbo.numpy()).mean() > 0.05
-        assert (hi - lo).mean() > 0.05
+        e, lo, hi = exact.numpy(), low_mean.numpy(), high.log_likelihood.numpy()
+        # the ELBO and the K=2 bound sit below log p(x) by more than 3 se of their mean over datapoints
+        # (about 3.3 and 1.1 nats on the hierarchy, 0.45 and 0.19 on the mixture); K = 20,000 meets it
+        for shortfall in (e - elbo.numpy(), hi - lo):
+            assert shortfall.mean() > 3 * shortfall.std(ddof=1) / np.sqrt(len(shortfall))
         assert abs(pooled_z(hi, high.log_likelihood_stderr.numpy(), e)) < 4
 
 
