@@ -5,7 +5,8 @@ Layout::
     RUN/config.json             RunConfig as JSON (read strictly: see ppl_vae.config)
     RUN/checkpoint.safetensors  model weights, optimizer state, RNG state, epoch (safetensors:
                                 plain tensors and JSON metadata, so loading never executes code)
-    RUN/history.nc              per-epoch history (xarray Dataset, netCDF)
+    RUN/history.nc              per-epoch history (xarray Dataset, netCDF), from the first
+                                finished epoch on (an epoch-0 checkpoint has none)
     RUN/checkpoint-best.safetensors  with a validation split (train.val_fraction): the weights
                                 and state of the epoch with the best validation ELBO so far
 
@@ -21,13 +22,13 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import torch
-import xarray as xr
 
 from ppl_vae.config import RunConfig
 from ppl_vae.errors import RunDirError
+from ppl_vae.inference.optim import optimizer_kind
 from ppl_vae.inference.training import (
     Callback,
     Stepper,
@@ -38,6 +39,9 @@ from ppl_vae.inference.training import (
     history_to_xarray,
 )
 from ppl_vae.io import TEMP_SUFFIX, remove_stale_temp_files, write_netcdf, write_text, write_with
+
+if TYPE_CHECKING:  # xarray is imported where used: fit needs none of it before its first step
+    import xarray as xr
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.safetensors"
@@ -118,7 +122,7 @@ def _flatten_optimizers(optimizers: Dict[str, torch.optim.Optimizer]) -> Tuple[D
                     tensors[name] = value.detach().cpu().contiguous()
                 else:
                     scalars[name] = value
-        meta[opt_name] = {"type": type(optimizer).__name__, "param_groups": state["param_groups"], "scalars": scalars}
+        meta[opt_name] = {"type": optimizer_kind(optimizer), "param_groups": state["param_groups"], "scalars": scalars}
     return tensors, meta
 
 
@@ -199,7 +203,10 @@ def save(
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
-    if checkpoint == CHECKPOINT:
+    if checkpoint == CHECKPOINT and state.records:
+        # no epoch finished (the checkpoint before a fresh run's first step): there is no history
+        # to write yet, and restore() reads an epoch-0 checkpoint without one; skipping it keeps
+        # xarray and h5netcdf (0.3 s of imports) out of fit's start-up
         write_netcdf(history_to_xarray(state.records, attrs), run_dir / HISTORY, run_files=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
     meta: Dict[str, Any] = {"epoch": state.epoch, "step": state.step, "extra": extra or {}}
@@ -320,7 +327,7 @@ def restore(
         for name, saved in saved_states.items():
             if name not in stepper.optimizers:
                 raise RunDirError(f"{run_dir}: checkpoint has state for an optimizer {name!r} that method has not")
-            saved_type, wanted_type = saved.pop("type", None), type(stepper.optimizers[name]).__name__
+            saved_type, wanted_type = saved.pop("type", None), optimizer_kind(stepper.optimizers[name])
             if saved_type is not None and saved_type != wanted_type:
                 raise RunDirError(
                     f"{run_dir}: the checkpoint holds {saved_type} state but the config asks for {wanted_type}"
@@ -374,6 +381,8 @@ def load_history(run_dir: Path) -> xr.Dataset:
     path = Path(run_dir) / HISTORY
     if not path.is_file():
         raise RunDirError(f"{run_dir} has no {HISTORY}")
+    import xarray as xr
+
     try:
         with xr.open_dataset(path, engine="h5netcdf") as ds:
             return ds.load()

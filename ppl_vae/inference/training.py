@@ -15,12 +15,11 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import pyro
 import torch
-import xarray as xr
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 
 from ppl_vae.config import TrainConfig
@@ -28,8 +27,12 @@ from ppl_vae.data.datasets import Dataset
 from ppl_vae.errors import ConfigError, DataError, TrainingDiverged
 from ppl_vae.inference.fused import fused_elbo_loss, supports_fused_elbo
 from ppl_vae.inference.importance import elbo_per_datapoint
+from ppl_vae.inference.optim import EagerAdam
 from ppl_vae.models.vae import VAE
 from ppl_vae.registry import Registry
+
+if TYPE_CHECKING:  # xarray is imported where used: fit needs none of it before its first step
+    import xarray as xr
 
 ELBOS: Registry[Callable[..., pyro.infer.ELBO]] = Registry("elbo")
 ELBOS.register("trace", doc="Trace_ELBO: AEVB's SGVB estimator A (Monte Carlo KL)")(Trace_ELBO)
@@ -43,7 +46,9 @@ ELBOS.register(
 _REMOVED_ELBOS = {"jit_trace": "trace", "jit_mean_field": "mean_field"}
 
 OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
-OPTIMIZERS.register("adam", doc="Adam (Kingma & Ba 2015)")(torch.optim.Adam)
+OPTIMIZERS.register(
+    "adam", doc="Adam (Kingma & Ba 2015): torch's, bound so that it does not import torch._dynamo (inference/optim.py)"
+)(EagerAdam)
 OPTIMIZERS.register("adagrad", doc="Adagrad (Duchi et al. 2011), AEVB's choice")(torch.optim.Adagrad)
 OPTIMIZERS.register("sgd", doc="plain stochastic gradient descent")(torch.optim.SGD)
 
@@ -463,6 +468,8 @@ def history_to_xarray(records: List[Dict[str, float]], attrs: Optional[dict] = N
     for name in extra:
         values = np.array([r.get(name, np.nan) for r in records], dtype=np.float64)
         data_vars[name] = ("epoch", values, {"description": TERM_VARS.get(name, "")})
+    import xarray as xr
+
     return xr.Dataset(data_vars, coords={"epoch": epochs}, attrs=attrs or {})
 
 
