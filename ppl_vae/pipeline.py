@@ -24,12 +24,11 @@ import random
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import pyro
 import torch
-import xarray as xr
 
 from ppl_vae import runs
 from ppl_vae.config import DataConfig, RunConfig
@@ -47,6 +46,9 @@ from ppl_vae.inference.training import (
 )
 from ppl_vae.models.vae import VAE
 from ppl_vae.models.zoo import build_vae
+
+if TYPE_CHECKING:  # xarray is imported where used: fit needs none of it before its first step
+    import xarray as xr
 
 
 @dataclass
@@ -567,5 +569,7 @@ def load_run(run_dir: Path, device: str = "cpu", *, best: bool = False, trust_pl
     vae = build_model(config, event_shape, data_info)
     runs.load_weights(vae, tensors, str(run_dir / name))
     vae.eval()
+    import xarray as xr
+
     history = runs.load_history(run_dir) if (run_dir / runs.HISTORY).is_file() else xr.Dataset()
     return Run(run_dir, config, vae.to(resolve_device(device)), history)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple, cast
 
 import numpy as np
 import torch
-import xarray as xr
 from pyro.distributions import TorchDistribution
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
@@ -23,6 +22,9 @@ from ppl_vae.inference.latents import log_importance_weights  # noqa: F401  (re-
 from ppl_vae.inference.modes import batches, block_seed, check_positive, in_eval_mode, seeded
 from ppl_vae.inference.stats import log_mean_exp_se_from_ess, psis_khat
 from ppl_vae.inference.traces import PARTICLE_PLATE, log_probs, trace_pair  # noqa: F401 (PARTICLE_PLATE re-exported)
+
+if TYPE_CHECKING:  # xarray is imported where used: fit needs none of it before its first step
+    import xarray as xr
 
 
 @torch.no_grad()
@@ -112,6 +114,8 @@ class ImportanceEstimate:
         }
         if self.khat is not None:
             data["khat"] = self.khat
+        import xarray as xr
+
         ds = xr.Dataset({k: ("datapoint", v.detach().cpu().double().numpy()) for k, v in data.items()}, coords=coords)
         k = int(self.num_samples)
         ds.attrs["num_samples"] = k

@@ -1,0 +1,62 @@
+"""`ppl-vae fit` reaches its first training step without importing what it does not need then
+(torch._dynamo, xarray, h5netcdf, plotting), and the folder it leaves when killed in that step
+resumes to the result of an uninterrupted run. The seconds are measured in
+benchmarks/bench_startup.py, not here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ppl_vae
+from ppl_vae import runs
+from ppl_vae.config import RunConfig
+
+NOT_BEFORE_FIRST_STEP = ("torch._dynamo", "xarray", "pandas", "h5netcdf", "h5py", "matplotlib", "seaborn", "arviz")
+
+CHILD = r"""
+import json, os, sys
+import ppl_vae.inference.training as training
+
+def first_step(self, *args, **kwargs):
+    print("MODULES " + json.dumps({m: m in sys.modules for m in WATCHED}), flush=True)
+    os._exit(9)  # as SIGKILL would: no cleanup runs
+
+training.SVIStepper.step = first_step
+from ppl_vae.cli.main import cli
+cli.main(sys.argv[1:], standalone_mode=False)
+"""
+
+ARGS = ["--model", "gaussian_mlp", "--hidden-dim", "16", "--latent-dim", "2", "--train-size", "200", "--seed", "5"]
+ARGS += ["--batch-size", "50", "--device", "cpu", "--no-progress"]
+
+
+def test_first_step_imports_none_of_the_heavy_libraries_and_the_folder_resumes(tmp_path, one_thread):
+    run = tmp_path / "stopped"
+    code = f"WATCHED = {NOT_BEFORE_FIRST_STEP!r}\n" + CHILD
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", code, "fit", "--epochs", "2", "--out", str(run), *ARGS]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 9, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith("MODULES ")]
+    assert lines, out.stdout + out.stderr
+    imported = json.loads(lines[0][len("MODULES ") :])
+    assert not [m for m, yes in imported.items() if yes], imported
+    assert "torch" in sys.modules  # the check reads real module names: torch is there, as in the child
+
+    # killed inside its first step: an epoch-0 checkpoint, and no history since no epoch finished
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.safetensors", "config.json"]
+    assert runs.read_checkpoint(run)[1]["epoch"] == 0
+    resumed = ppl_vae.resume(run, progress=False)
+    config = RunConfig.from_json((run / "config.json").read_text())
+    straight = ppl_vae.fit(config, tmp_path / "straight", progress=False)
+    assert resumed.history.epoch.values.tolist() == [1, 2]
+    assert (run / "history.nc").is_file()
+    for (name, a), (_, b) in zip(straight.vae.state_dict().items(), resumed.vae.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert resumed.final["test_elbo"] == pytest.approx(straight.final["test_elbo"], abs=1e-9)
