@@ -71,14 +71,32 @@ def set_threads(threads: Optional[int] = None, processes: int = 1) -> int:
     return torch.get_num_threads()
 
 
+def rank_device(device: str) -> str:
+    """The device this process scores on. In a process of a torchrun launch or of
+    :func:`map_blocks`' own (``LOCAL_RANK`` set), an unindexed ``"cuda"``, or ``"auto"`` where CUDA
+    is present, is this process's GPU: ``cuda:LOCAL_RANK`` modulo the GPUs present, so ranks
+    spread over the GPUs instead of all loading onto ``cuda:0``. Anything else is unchanged."""
+    local = os.environ.get("LOCAL_RANK")
+    if local is None or device not in ("cuda", "auto") or not torch.cuda.is_available():
+        return device
+    return f"cuda:{int(local) % torch.cuda.device_count()}"
+
+
 class BlockTask:
     """Scores one block: ``task(start, stop) -> picklable result``.
 
     Subclasses keep what they loaded (the run, the selection) in ``self._cache``, which is
-    not pickled, so a task sent to another process reloads it there with :meth:`load`.
+    not pickled, so a task sent to another process reloads it there with :meth:`load`, on
+    ``device_name`` (which that process first passes through :func:`rank_device`).
     """
 
-    device: Optional[torch.device] = None
+    #: the device the task loads its runs onto ("cpu", "cuda", "cuda:1", "auto")
+    device_name: str = "auto"
+
+    @property
+    def device(self) -> Optional[torch.device]:
+        """``device_name`` as a torch device; None for "auto" (whatever the run loads onto)."""
+        return None if self.device_name == "auto" else torch.device(self.device_name)
 
     def __init__(self) -> None:
         self._cache: Optional[Any] = None
@@ -120,6 +138,7 @@ def _launched_shard(
 ) -> List[Any]:
     """One process started by :func:`map_blocks`: score this rank's share (no process group needed)."""
     rank = int(os.environ["RANK"])
+    task.device_name = rank_device(task.device_name)
     return _score_blocks(task, shard(blocks, rank, nproc), seed, threads, nproc, progress=False)
 
 
@@ -173,6 +192,7 @@ def map_blocks(
 
 __all__ = [
     "BlockTask",
+    "rank_device",
     "available_cores",
     "block_bounds",
     "block_seed",

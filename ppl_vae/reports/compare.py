@@ -30,7 +30,7 @@ from ppl_vae.inference.modes import block_seed, eval_mode, seeded
 from ppl_vae.inference.stats import THRESHOLDS
 from ppl_vae.io import write_text
 from ppl_vae.pipeline import Run, load_run
-from ppl_vae.reports.blocks import BlockTask, is_writer, map_blocks
+from ppl_vae.reports.blocks import BlockTask, is_writer, map_blocks, rank_device
 from ppl_vae.reports.common import CSS, Selection, figure_to_data_uri, run_out_dir, select_datapoints
 
 COMPARE_FILES = {
@@ -81,10 +81,6 @@ class _GapTask(BlockTask):
         self.seed, self.num_samples, self.batch_size = seed, num_samples, batch_size
         self.mean_field_options = mean_field_options
         self._cache = loaded
-
-    @property
-    def device(self):  # type: ignore[override]
-        return None if self.device_name == "auto" else torch.device(self.device_name)
 
     def load(self) -> Tuple[Run, Selection]:
         run = load_run(self.run_dir, self.device_name)
@@ -183,6 +179,7 @@ def compare_run(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if num_draws < 1:
         raise ValueError(f"num_draws must be >= 1, got {num_draws}")
+    device = rank_device(device)  # under torchrun: this rank's GPU
     run = load_run(run_dir, device)
     writer = is_writer()
     out = run_out_dir(run, out_dir) if writer else None

@@ -25,7 +25,7 @@ import xarray as xr
 
 from ppl_vae.analysis import results
 from ppl_vae.inference.stats import THRESHOLDS
-from ppl_vae.reports.blocks import BlockTask, is_writer, map_blocks
+from ppl_vae.reports.blocks import BlockTask, is_writer, map_blocks, rank_device
 from ppl_vae.reports.common import check_out_dir  # noqa: F401  (re-exported for the CLI)
 
 METHODS = ("iw", "ais", "bdmc")
@@ -54,10 +54,11 @@ def _mc_se_of_mean(se: xr.DataArray) -> float:
     return float(np.sqrt((se**2).sum())) / se.sizes["datapoint"]
 
 
-def evaluation_warnings(ds: xr.Dataset) -> List[str]:
+def evaluation_warnings(ds: xr.Dataset, names: Optional[Dict[str, str]] = None) -> List[str]:
     """One line per weak estimate in an evaluation dataset, saying what to raise (named as the
-    CLI flag and the library argument: :data:`NAMES`). The one place these warnings are made."""
-    names = NAMES
+    CLI flag and the library argument: ``names``, by default :data:`NAMES`, evaluate's; another
+    command passes its own). The one place these warnings are made."""
+    names = {**NAMES, **(names or {})}
     n = ds.sizes["datapoint"]
     out = []
     method = ds.attrs["method"]
@@ -216,12 +217,6 @@ class _EvaluateTask(BlockTask):
         run = load_run(self.run_dir, self.device_name)
         return run, select_datapoints(run, self.split, self.num_datapoints, self.seed)
 
-    @property
-    def device(self):  # type: ignore[override]
-        import torch
-
-        return torch.device(self.device_name) if self.device_name not in ("auto",) else None
-
     def score(self, start: int, stop: int) -> xr.Dataset:
         from ppl_vae.inference.ais import AISSettings, ais_log_likelihood, bdmc, simulate_data
         from ppl_vae.inference.importance import importance_estimate
@@ -328,6 +323,7 @@ def evaluate_run(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    device = rank_device(device)  # under torchrun: this rank's GPU
     run = load_run(run_dir, device)
     writer = is_writer()
     out = check_out_dir(Path(run.run_dir) if out_dir is None else Path(out_dir)) if writer else None

@@ -34,7 +34,7 @@ from ppl_vae.inference.importance import importance_estimate
 from ppl_vae.inference.modes import eval_mode
 from ppl_vae.io import write_text
 from ppl_vae.pipeline import load_run
-from ppl_vae.reports.blocks import BlockTask, is_writer, map_blocks
+from ppl_vae.reports.blocks import BlockTask, is_writer, map_blocks, rank_device
 from ppl_vae.reports.common import CSS, figure_to_data_uri, run_out_dir, select_datapoints
 from ppl_vae.reports.compare import estimate_warnings, join_gap_blocks, mean_field_block_size, score_gaps
 from ppl_vae.reports.evaluation import evaluation_warnings, join_blocks
@@ -101,10 +101,6 @@ class _MultiTask(BlockTask):
         self.mean_field_options = mean_field_options
         self._cache = loaded
 
-    @property
-    def device(self):  # type: ignore[override]
-        return None if self.device_name == "auto" else torch.device(self.device_name)
-
     def load(self):
         runs = [load_run(Path(p), self.device_name) for p in self.run_dirs]
         return runs, [select_datapoints(run, self.split, self.num_datapoints, self.seed) for run in runs]
@@ -163,13 +159,17 @@ def _values(ds: xr.Dataset, estimator: str) -> Tuple[Dict[str, np.ndarray], Dict
     return values, stderr
 
 
+#: how the IW warnings of a multi-run comparison name what to change: compare has no --method
+IW_NAMES = {"method": "AIS (ppl-vae evaluate RUN --method ais, evaluate_run(method='ais'))"}
+
+
 def run_warnings(ds: xr.Dataset, estimator: str) -> List[str]:
     """The warnings for one run's scores: those of ``compare`` for "mis"
     (:func:`~ppl_vae.reports.compare.estimate_warnings`), those of ``evaluate`` for "iw"
     (:func:`~ppl_vae.reports.evaluation.evaluation_warnings`)."""
     if estimator == "mis":
         return estimate_warnings(ds)
-    return evaluation_warnings(ds)
+    return evaluation_warnings(ds, names=IW_NAMES)
 
 
 def compare_runs(
@@ -211,6 +211,7 @@ def compare_runs(
         raise ValueError(f"run_dirs must name at least two runs to compare, got {len(run_dirs)}")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    device = rank_device(device)  # under torchrun: this rank's GPU
     runs = [load_run(Path(p), device) for p in run_dirs]
     names = _run_names(run_dirs)
     writer = is_writer()

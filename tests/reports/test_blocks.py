@@ -109,3 +109,50 @@ def test_one_process_and_two_give_identical_per_datapoint_results(tiny_run, tmp_
     assert ds.sizes["datapoint"] == 30 and ds.attrs["num_datapoints"] == 30
     # blocks differ from each other (each block has its own seed, not one shared stream restarted)
     assert not np.array_equal(ds["log_likelihood"].values[:8], ds["log_likelihood"].values[8:16])
+
+
+@pytest.mark.parametrize(
+    "device, local_rank, gpus, expected",
+    [
+        ("cuda", "1", 2, "cuda:1"),
+        ("cuda", "3", 2, "cuda:1"),  # more ranks than GPUs: they share, round robin
+        ("auto", "0", 2, "cuda:0"),
+        ("cuda:1", "0", 2, "cuda:1"),  # an explicit index is the user's choice
+        ("cpu", "1", 2, "cpu"),
+        ("cuda", None, 2, "cuda"),  # not a rank of a launch
+        ("auto", "1", 0, "auto"),  # no GPU: auto stays auto
+    ],
+)
+def test_rank_device_puts_each_rank_on_its_own_gpu(monkeypatch, device, local_rank, gpus, expected):
+    from ppl_vae.reports.blocks import rank_device
+
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert rank_device(device) == expected
+
+
+def test_multirun_iw_warnings_name_flags_that_compare_has():
+    import xarray as xr
+
+    from ppl_vae.reports.evaluation import evaluation_warnings
+    from ppl_vae.reports.multirun import run_warnings
+
+    n = 4
+    ds = xr.Dataset(
+        {
+            "log_likelihood": ("datapoint", np.zeros(n)),
+            "khat": ("datapoint", np.array([0.2, 0.9, 1.1, 0.3])),
+            "ess": ("datapoint", np.array([50.0, 1.5, 1.2, 40.0])),
+        },
+        attrs={"method": "iw", "num_samples": 100},
+    )
+    evaluate_lines = [w for w in evaluation_warnings(ds) if "k̂" in w]
+    compare_lines = [w for w in run_warnings(ds, "iw") if "k̂" in w]
+    assert len(evaluate_lines) == len(compare_lines) == 1
+    assert "2 of 4 datapoints" in compare_lines[0]
+    assert "--method ais (method='ais')" in evaluate_lines[0]  # evaluate's own flag
+    assert "--method ais (method" not in compare_lines[0] and "ppl-vae evaluate RUN --method ais" in compare_lines[0]
