@@ -458,11 +458,13 @@ def build_m2(
     num_classes: Optional[int] = None,
     num_train: Optional[int] = None,
     num_labelled: Optional[int] = None,
+    *,
     alpha: Optional[float] = None,
     **data_info,
 ) -> SemiSupervisedVAE:
     """The ``m2`` model: one hidden layer of ``hidden_dim`` ReLU units per network
-    (the paper: 500); alpha defaults to 0.1 ``num_train`` (the paper's 0.1 N)."""
+    (the paper: 500); ``alpha`` (a model option: ``--model-option alpha=...``, kept in the run's
+    config) defaults to 0.1 ``num_train`` (the paper's 0.1 N)."""
     num_classes = _need_classes("m2", num_classes)
     if not isinstance(prior, StandardNormalPrior):
         raise ValueError(f"model 'm2' has p(z) = N(0, I): use prior 'standard_normal', got {type(prior).__name__}")
@@ -497,21 +499,18 @@ def _mixture_prior(name: str, prior: Prior, latent_dim: int, num_components: int
     )
 
 
-def build_gmvae(
+def _mixture_vae(
+    name: str,
     event_shape: Sequence[int],
     latent_dim: int,
     hidden_dim: int,
     prior: Prior,
     likelihood: Likelihood,
-    num_components: int = 10,
-    relaxed: bool = False,
-    uniform_weights: bool = True,
-    **data_info,
+    num_components: int,
+    uniform_weights: bool,
+    **relaxation: Any,
 ) -> GaussianMixtureVAE:
-    """The ``gmvae`` model: ReLU MLPs with one hidden layer of ``hidden_dim`` units; ``num_components``
-    (default 10) unless the prior given is a mixture_of_gaussians with its own count; p(c) uniform
-    (its logits not trained) unless ``uniform_weights`` is False."""
-    prior = _mixture_prior("relaxed_gmvae" if relaxed else "gmvae", prior, latent_dim, num_components)
+    prior = _mixture_prior(name, prior, latent_dim, num_components)
     k = prior.num_components
     if k < 2:
         raise ValueError(f"the mixture needs at least 2 components, got {k}")
@@ -521,12 +520,59 @@ def build_gmvae(
     classifier = ClassifierMLP(event_shape, k, hidden)
     encoder = ConditionalGaussianEncoder(event_shape, k, latent_dim, hidden)
     decoder = MLPDecoder(latent_dim, event_shape, likelihood.num_params, hidden, "relu")
-    return GaussianMixtureVAE(classifier, encoder, decoder, prior, likelihood, event_shape, relaxed=relaxed)
+    return GaussianMixtureVAE(classifier, encoder, decoder, prior, likelihood, event_shape, **relaxation)
 
 
-def build_relaxed_gmvae(*args: Any, **kwargs: Any) -> GaussianMixtureVAE:
-    kwargs["relaxed"] = True
-    return build_gmvae(*args, **kwargs)
+def build_gmvae(
+    event_shape: Sequence[int],
+    latent_dim: int,
+    hidden_dim: int,
+    prior: Prior,
+    likelihood: Likelihood,
+    num_components: int = 10,
+    *,
+    uniform_weights: bool = True,
+    **data_info,
+) -> GaussianMixtureVAE:
+    """The ``gmvae`` model: ReLU MLPs with one hidden layer of ``hidden_dim`` units; ``num_components``
+    (default 10) unless the prior given is a mixture_of_gaussians with its own count; p(c) uniform
+    (its logits not trained) unless the model option ``uniform_weights`` is false."""
+    return _mixture_vae(
+        "gmvae", event_shape, latent_dim, hidden_dim, prior, likelihood, num_components, uniform_weights
+    )
+
+
+def build_relaxed_gmvae(
+    event_shape: Sequence[int],
+    latent_dim: int,
+    hidden_dim: int,
+    prior: Prior,
+    likelihood: Likelihood,
+    num_components: int = 10,
+    *,
+    uniform_weights: bool = True,
+    temperature: float = 1.0,
+    min_temperature: float = 0.5,
+    anneal_rate: float = 1e-3,
+    **data_info,
+) -> GaussianMixtureVAE:
+    """The ``relaxed_gmvae`` model: the gmvae with c relaxed. Its model options (``--model-option``,
+    kept in the run's config) are the gmvae's ``uniform_weights`` and the temperature schedule
+    tau = max(``min_temperature``, ``temperature`` exp(-``anneal_rate`` step))."""
+    return _mixture_vae(
+        "relaxed_gmvae",
+        event_shape,
+        latent_dim,
+        hidden_dim,
+        prior,
+        likelihood,
+        num_components,
+        uniform_weights,
+        relaxed=True,
+        temperature=temperature,
+        min_temperature=min_temperature,
+        anneal_rate=anneal_rate,
+    )
 
 
 MODELS.register("m2", doc="Kingma et al. 2014: semi-supervised M2, y summed out by enumeration for unlabelled points")(

@@ -133,3 +133,30 @@ def test_resume_refuses_another_labelled_split(m2_run, tmp_path):
     one_line_error(invoke("fit", "--resume", copy, "--epochs", "2", "--no-progress"), "labelled training points differ")
     result = invoke("fit", "--resume", m2_run, "--epochs", "2", "--no-progress")  # the same split resumes
     assert result.exit_code == 0, result.output
+
+
+def test_m2_alpha_and_the_relaxed_temperatures_are_model_options_kept_in_the_run(tmp_path):
+    m2 = tmp_path / "m2"
+    result = invoke(
+        "fit", "--model", "m2", "--labels", "20", "--model-option", "alpha=7.5", "--epochs", "1", "--out", m2, *SMALL
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((m2 / "config.json").read_text())["model"]["model_options"] == {"alpha": 7.5}
+    vae = pipeline.load_run(m2).vae
+    assert vae.alpha == 7.5 and vae.classifier_weight == pytest.approx(7.5 / 20)
+
+    relaxed = tmp_path / "relaxed"
+    options = ["--model-option", "temperature=2", "--model-option", "min_temperature=0.25"]
+    options += ["--model-option", "anneal_rate=0.01"]
+    result = invoke("fit", "--model", "relaxed_gmvae", *options, "--epochs", "1", "--out", relaxed, *SMALL)
+    assert result.exit_code == 0, result.output
+    config = json.loads((relaxed / "config.json").read_text())
+    assert config["model"]["model_options"] == {"temperature": 2, "min_temperature": 0.25, "anneal_rate": 0.01}
+    vae = pipeline.load_run(relaxed).vae
+    steps = int(vae.steps)  # 200 points in batches of 100: 2 steps
+    assert steps == 2 and vae.temperature == pytest.approx(max(0.25, 2 * np.exp(-0.01 * steps)))
+
+    # the exact gmvae has no temperature: refused in one line before anything is written
+    result = invoke("fit", "--model", "gmvae", "--model-option", "temperature=2", "--out", tmp_path / "g", *SMALL)
+    one_line_error(result, "has no option 'temperature'")
+    assert not (tmp_path / "g").exists()
