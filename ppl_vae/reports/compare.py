@@ -88,7 +88,14 @@ class _GapTask(BlockTask):
 
     def score(self, start: int, stop: int) -> xr.Dataset:
         run, sel = self.loaded
-        return score_gaps(run, sel, start, stop, self.num_samples, self.batch_size, self.mean_field_options)
+        return score_gaps(
+            run, sel, start, stop, self.num_samples, self.batch_size, self.mean_field_options, seed=self.seed
+        )
+
+
+#: :func:`block_seed` stream of a block's gap-decomposition draws (stream 0 is the block's own,
+#: which mean-field VI uses; 1 is compare's report draws)
+GAP_DRAWS_STREAM = 2
 
 
 def score_gaps(
@@ -99,8 +106,15 @@ def score_gaps(
     num_samples: int,
     batch_size: int,
     mean_field_options: Dict[str, Any],
+    seed: Optional[int] = None,
 ) -> xr.Dataset:
-    """q* fitted to the selection's datapoints [start, stop) and their gap decomposition (one block)."""
+    """q* fitted to the selection's datapoints [start, stop) and their gap decomposition (one block).
+
+    With ``seed``, the decomposition's draws come from their own stream,
+    ``block_seed(seed, start, GAP_DRAWS_STREAM)``: mean-field VI's stopping rule decides how many
+    random numbers the fit consumes, and a step more or less (as rounding under another thread
+    count can cause) would otherwise change every draw of q in the block.
+    """
     vae = run.vae
     x = sel.x[start:stop]
     kwargs = {k: v[start:stop] for k, v in sel.model_kwargs(run).items()}
@@ -108,17 +122,18 @@ def score_gaps(
         mean_field = fit_mean_field(
             vae.model, x, guide=vae.guide, **{"progress": False, **mean_field_options}, **kwargs
         )
-        return gap_decomposition(
-            vae.model,
-            vae.guide,
-            x,
-            num_samples=num_samples,
-            batch_size=batch_size,
-            mean_field=mean_field,
-            datapoint=sel.index[start:stop],
-            progress=False,
-            **kwargs,
-        )
+        with seeded(None if seed is None else block_seed(seed, start, GAP_DRAWS_STREAM), x.device):
+            return gap_decomposition(
+                vae.model,
+                vae.guide,
+                x,
+                num_samples=num_samples,
+                batch_size=batch_size,
+                mean_field=mean_field,
+                datapoint=sel.index[start:stop],
+                progress=False,
+                **kwargs,
+            )
 
 
 def join_gap_blocks(parts: List[xr.Dataset]) -> xr.Dataset:

@@ -114,7 +114,15 @@ class _MultiTask(BlockTask):
             torch.random.set_rng_state(state)
             out.append(
                 _score_block(
-                    run, sel, start, stop, self.estimator, self.num_samples, self.batch_size, self.mean_field_options
+                    run,
+                    sel,
+                    start,
+                    stop,
+                    self.estimator,
+                    self.num_samples,
+                    self.batch_size,
+                    self.mean_field_options,
+                    self.seed,
                 )
             )
         return out
@@ -129,10 +137,11 @@ def _score_block(
     num_samples: int,
     batch_size: int,
     mean_field_options: Dict[str, Any],
+    seed: int,
 ) -> xr.Dataset:
     """The per-datapoint estimates of one run on the selection's datapoints [start, stop)."""
     if estimator == "mis":
-        return score_gaps(run, sel, start, stop, num_samples, batch_size, mean_field_options)
+        return score_gaps(run, sel, start, stop, num_samples, batch_size, mean_field_options, seed=seed)
     vae = run.vae
     kwargs = {k: v[start:stop] for k, v in sel.model_kwargs(run).items()}
     with eval_mode(vae):
