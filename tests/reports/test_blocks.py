@@ -180,5 +180,6 @@ def test_gap_draws_do_not_depend_on_how_long_mean_field_vi_ran(tiny_run):
     np.testing.assert_array_equal(q_only, long["estimate"].sel(estimator=["iw_amortized", "elbo_amortized"]).values)
     # the fits did differ, so the check can fail: q*'s own estimates moved
     assert not np.array_equal(
-        short["estimate"].sel(estimator="elbo_meanfield").values, long["estimate"].sel(estimator="elbo_meanfield").values
+        short["estimate"].sel(estimator="elbo_meanfield").values,
+        long["estimate"].sel(estimator="elbo_meanfield").values,
     )
