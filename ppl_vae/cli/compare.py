@@ -23,13 +23,8 @@ from ppl_vae.cli import options as opt
     help="With several runs: 'mis' (gap decomposition, q* fitted per run) or 'iw' (amortized IW only).",
 )
 @opt.split_option()
-@click.option(
-    "--num-datapoints",
-    type=int,
-    default=500,
-    show_default=True,
-    help="How many datapoints of the split to score: a seeded random subset of this size (0: all; the "
-    "same rule as evaluate, whose default is all: q* is fitted per datapoint, hence 500 here).",
+@opt.num_datapoints_option(
+    500, "the same rule as evaluate, whose default is all: q* is fitted per datapoint, hence 500 here"
 )
 @click.option("--num-draws", type=int, default=100, show_default=True, help="Draws of z per guide kept for ArviZ.")
 @click.option(

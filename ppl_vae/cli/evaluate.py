@@ -68,14 +68,7 @@ MAX_NUM_CHAINS = 100_000
     help="AIS/BDMC: anneal from the prior p(z) or from the run's guide q(z|x).",
 )
 @opt.split_option()
-@click.option(
-    "--num-datapoints",
-    type=int,
-    default=0,
-    show_default=True,
-    help="How many datapoints of the split to score: a seeded random subset of this size (0: all; "
-    "the same rule as compare).",
-)
+@opt.num_datapoints_option(0, "the same rule as compare")
 @click.option("--batch-size", type=int, default=100, show_default=True, help="Datapoints per batch.")
 @click.option(
     "--particle-batch-size",

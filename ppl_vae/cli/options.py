@@ -53,6 +53,17 @@ def num_samples_option(default: int, help: str, *names: str) -> Decorator:
     return click.option(*(names or ("--num-samples",)), type=int, default=default, show_default=True, help=help)
 
 
+def num_datapoints_option(default: int, why: str) -> Decorator:
+    """How many datapoints of the split a command scores; the same rule for evaluate and compare."""
+    return click.option(
+        "--num-datapoints",
+        type=int,
+        default=default,
+        show_default=True,
+        help=f"How many datapoints of the split to score: a seeded random subset of this size (0: all; {why}).",
+    )
+
+
 def nproc_option(blocks: str) -> Decorator:
     """``--nproc``: processes that split the datapoints, in whole ``blocks``, for the same results."""
     return click.option(

@@ -18,7 +18,7 @@ that calls them; ppl_vae compiles the loss only, never the optimizer step.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -33,19 +33,15 @@ def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
     return type(optimizer).__name__
 
 
-def _unwrapped(method: Callable[..., Any]) -> Callable[..., Any]:
-    return inspect.unwrap(method)
-
-
 class EagerAdam(torch.optim.Adam):
     """``torch.optim.Adam`` (same arguments, update and state) whose methods do not import
     ``torch._dynamo``; see the module docstring."""
 
-    add_param_group = _unwrapped(torch.optim.Optimizer.add_param_group)
-    zero_grad = _unwrapped(torch.optim.Optimizer.zero_grad)
-    state_dict = _unwrapped(torch.optim.Optimizer.state_dict)
-    load_state_dict = _unwrapped(torch.optim.Optimizer.load_state_dict)
-    _adam_step = _unwrapped(torch.optim.Adam.step)
+    add_param_group = inspect.unwrap(torch.optim.Optimizer.add_param_group)
+    zero_grad = inspect.unwrap(torch.optim.Optimizer.zero_grad)
+    state_dict = inspect.unwrap(torch.optim.Optimizer.state_dict)
+    load_state_dict = inspect.unwrap(torch.optim.Optimizer.load_state_dict)
+    _adam_step = inspect.unwrap(torch.optim.Adam.step)
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
         """One Adam update (``closure``, if given, re-evaluates the loss with grad enabled)."""
