@@ -47,7 +47,7 @@ from ppl_vae.models.likelihoods import Likelihood
 from ppl_vae.models.networks import MLPDecoder, mlp
 from ppl_vae.models.priors import MixtureOfGaussiansPrior, Prior, StandardNormalPrior
 from ppl_vae.models.vae import VAE, data_plate
-from ppl_vae.models.zoo import MODELS, ModelSpec
+from ppl_vae.models.zoo import MODELS, ModelSpec, NonNegativeFloat, PositiveFloat
 
 UNLABELLED = -1
 """The label value of a point whose label is unknown."""
@@ -459,7 +459,7 @@ def build_m2(
     num_train: Optional[int] = None,
     num_labelled: Optional[int] = None,
     *,
-    alpha: Optional[float] = None,
+    alpha: Optional[NonNegativeFloat] = None,
     **data_info,
 ) -> SemiSupervisedVAE:
     """The ``m2`` model: one hidden layer of ``hidden_dim`` ReLU units per network
@@ -551,9 +551,9 @@ def build_relaxed_gmvae(
     num_components: int = 10,
     *,
     uniform_weights: bool = True,
-    temperature: float = 1.0,
-    min_temperature: float = 0.5,
-    anneal_rate: float = 1e-3,
+    temperature: PositiveFloat = 1.0,
+    min_temperature: PositiveFloat = 0.5,
+    anneal_rate: NonNegativeFloat = 1e-3,
     **data_info,
 ) -> GaussianMixtureVAE:
     """The ``relaxed_gmvae`` model: the gmvae with c relaxed. Its model options (``--model-option``,

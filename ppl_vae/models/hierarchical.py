@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, cast
+from typing import Annotated, Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union, cast
 
 import pyro
 import torch
@@ -56,9 +56,12 @@ from ppl_vae.models.likelihoods import Likelihood
 from ppl_vae.models.networks import ACTIVATIONS, GaussianMLPEncoder, MLPDecoder, mlp
 from ppl_vae.models.priors import Prior
 from ppl_vae.models.vae import VAE, data_plate
-from ppl_vae.models.zoo import MODELS, ModelSpec
+from ppl_vae.models.zoo import MODELS, Choice, ModelSpec, PositiveInt, UnitFraction
 
 Params = Tuple[Tensor, Tensor]
+
+# the type of the model option `activation`, read by ppl_vae.models.zoo.check_model_options
+Activation = Annotated[str, Choice(ACTIVATIONS)]
 
 
 def site_names(num_layers: int) -> Tuple[str, ...]:
@@ -418,10 +421,10 @@ def _hierarchy_builder(cls: Type[HierarchicalVAE], doc: str) -> Callable[..., Hi
         prior: Prior,
         likelihood: Likelihood,
         *,
-        z1_dim: Optional[int] = None,
-        hidden_dims: Optional[Sequence[Sequence[int]]] = None,
-        activation: str = "tanh",
-        kl_warmup_fractions: Optional[Sequence[float]] = None,
+        z1_dim: Optional[PositiveInt] = None,
+        hidden_dims: Optional[Sequence[Union[PositiveInt, Sequence[PositiveInt]]]] = None,
+        activation: Activation = "tanh",
+        kl_warmup_fractions: Optional[Sequence[UnitFraction]] = None,
         **data_info: Any,
     ) -> HierarchicalVAE:
         dims, hidden = _two_layer_sizes(latent_dim, hidden_dim, z1_dim, hidden_dims)
@@ -452,7 +455,7 @@ def build_one_layer(
     prior: Prior,
     likelihood: Likelihood,
     *,
-    activation: str = "tanh",
+    activation: Activation = "tanh",
     **data_info,
 ) -> VAE:
     """Burda et al.'s one-stochastic-layer model: two hidden layers of ``hidden_dim`` each way."""

@@ -6,8 +6,11 @@ sizes, a prior and a likelihood, plus the defaults the paper used for that model
 
 from __future__ import annotations
 
+import collections.abc
+import math
+import typing
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from ppl_vae.models.likelihoods import LIKELIHOODS, Likelihood, make_likelihood
 from ppl_vae.models.networks import GaussianMLPEncoder, MLPDecoder
@@ -25,7 +28,8 @@ class ModelSpec:
     ``build(event_shape, latent_dim, hidden_dim, prior, likelihood, **data_info)``: data_info
     holds facts about the dataset a model may need (``num_classes``, ``vocab_size``, ...);
     builders ignore the keys they do not use. A builder's keyword-only parameters are the
-    model's options (``ModelConfig.model_options``, ``--model-option``).
+    model's options (``ModelConfig.model_options``, ``--model-option``); their annotations
+    (with :class:`Range` or :class:`Choice` in ``typing.Annotated``) declare what each allows.
     """
 
     build: Builder
@@ -68,16 +72,177 @@ MODELS.register("bernoulli_mlp", doc="AEVB appendix C.1: tanh MLP, Bernoulli dec
 )
 
 
+# ---------------------------------------------------------------------------------------------
+# Model options: each builder declares its options once, as keyword-only parameters whose
+# annotations give the type, and (with typing.Annotated) the range or the choices. The check
+# below reads those declarations, so a value from --model-option or a received config.json is
+# refused with one line before the builder sees it.
+
+
+@dataclass(frozen=True)
+class Range:
+    """A marker for ``Annotated[int | float, Range(...)]``: the values an option allows.
+
+    ``low``/``high`` bound the value (``None``: unbounded); ``low_open``/``high_open`` exclude
+    the bound itself."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        return True
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return ""
+
+
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: the mapping is not hashable
+class Choice:
+    """A marker for ``Annotated[str, Choice(mapping)]``: the option is one of the mapping's keys
+    (read when checked, so a registry that grows is followed)."""
+
+    names: Mapping[str, Any]
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, str) and value in self.names
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(repr(n) for n in self.names)
+
+
+PositiveInt = typing.Annotated[int, Range(1)]
+"""A size: an integer >= 1."""
+PositiveFloat = typing.Annotated[float, Range(0.0, low_open=True)]
+"""A finite number > 0."""
+NonNegativeFloat = typing.Annotated[float, Range(0.0)]
+"""A finite number >= 0."""
+UnitFraction = typing.Annotated[float, Range(0.0, 1.0, low_open=True)]
+"""A share: a number in (0, 1]."""
+
+_SEQUENCES = (list, tuple, collections.abc.Sequence, typing.Sequence, typing.List, typing.Tuple)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)  # type: ignore[arg-type]
+
+
+def conforms(value: object, hint: Any) -> bool:
+    """Whether ``value`` (as read from JSON: None, bool, int, float, str, list) is of type ``hint``.
+
+    Reads ``Optional``/``Union``, ``Literal``, ``Annotated`` with :class:`Range` or
+    :class:`Choice`, ``Sequence``/``List``/``Tuple`` (a JSON list or a tuple, never a string),
+    ``bool`` (only true/false), ``int`` (not a bool, not 2.0), ``float`` (an int or a float,
+    finite) and ``str``; anything else (``Any``, a class it does not know) is accepted, the
+    builder then checks it."""
+    if hint is Any or hint is None and value is None:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Annotated:
+        return conforms(value, args[0]) and all(value in m for m in args[1:] if isinstance(m, (Range, Choice)))
+    if origin is Union or (origin is not None and getattr(origin, "__name__", "") == "UnionType"):
+        return any(conforms(value, arm) for arm in args)
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return _is_int(value)
+    if hint is float:
+        return _is_number(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in _SEQUENCES or hint in _SEQUENCES:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            return len(value) == len(args) and all(conforms(v, a) for v, a in zip(value, args))
+        item = args[0] if args else Any
+        return all(conforms(v, item) for v in value)
+    return True
+
+
+def describe_type(hint: Any, plural: bool = False) -> str:
+    """``hint`` in words for an error message: ``"a list of integers >= 1"``, ``"true or false"``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Annotated:
+        marks = [m for m in args[1:] if isinstance(m, (Range, Choice))]
+        choice = next((m for m in marks if isinstance(m, Choice)), None)
+        if choice is not None:
+            return choice.describe()
+        ranges = " ".join(m.describe() for m in marks if isinstance(m, Range))
+        return f"{describe_type(args[0], plural)} {ranges}".strip()
+    if origin is Union or (origin is not None and getattr(origin, "__name__", "") == "UnionType"):
+        arms = [a for a in args if a is not type(None)]
+        words = " or ".join(describe_type(a, plural) for a in arms)
+        if len(arms) != len(args):
+            return f"null or {words if len(arms) == 1 else f'({words})'}"
+        return words
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    simple = {
+        bool: ("true or false", "true or false values"),
+        int: ("an integer", "integers"),
+        float: ("a finite number", "finite numbers"),
+        str: ("a string", "strings"),
+    }
+    if hint in simple:
+        return simple[hint][plural]
+    if origin in _SEQUENCES or hint in _SEQUENCES:
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            items = ", ".join(describe_type(a) for a in args)
+            return f"{'lists' if plural else 'a list'} of {len(args)} items ({items})"
+        if not args:
+            return "lists" if plural else "a list"
+        item = describe_type(args[0], plural=True)
+        if " or " in item:
+            item = f"({describe_type(args[0])})"
+        return f"{'lists' if plural else 'a list'} of {item}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _option_hints(build: Builder) -> dict:
+    try:
+        return typing.get_type_hints(build, include_extras=True)
+    except Exception:  # a plugin's builder annotated with names only a type checker sees
+        return {}
+
+
 def check_model_options(name: str, build: Builder, options: dict) -> None:
-    """A one-line ValueError for an option the builder of model ``name`` does not declare
-    (its keyword-only parameters are its options)."""
+    """A one-line ValueError for an option the builder of model ``name`` does not declare (its
+    keyword-only parameters are its options), or for a value its annotation does not allow
+    (see :func:`conforms`); null is allowed for an option whose default is None."""
     import inspect
 
-    allowed = [p.name for p in inspect.signature(build).parameters.values() if p.kind is p.KEYWORD_ONLY]
-    unknown = [k for k in options if k not in allowed]
+    params = {p.name: p for p in inspect.signature(build).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    unknown = [k for k in options if k not in params]
     if unknown:
-        takes = f"it takes {', '.join(allowed)}" if allowed else "it takes no options"
+        takes = f"it takes {', '.join(params)}" if params else "it takes no options"
         raise ValueError(f"model {name!r} has no option {unknown[0]!r}; {takes}")
+    hints = _option_hints(build)
+    for key, value in options.items():
+        hint = hints.get(key, Any)
+        if value is None and params[key].default is None:
+            continue
+        if not conforms(value, hint):
+            raise ValueError(f"model {name!r}: option {key!r} must be {describe_type(hint)}, got {value!r}")
 
 
 def build_vae(
@@ -105,7 +270,8 @@ def build_vae(
     prior, guide or likelihood does not take raise a ValueError naming the option. A prior that
     needs other parts (the VampPrior uses the encoder) is attached to the finished VAE.
     ``model_options`` go to the model's builder: the keyword-only arguments it declares (e.g.
-    ``z1_dim``, ``hidden_dims`` for ``two_layer``); others raise a ValueError naming the option.
+    ``z1_dim``, ``hidden_dims`` for ``two_layer``); others, and values their annotations do not
+    allow (:func:`check_model_options`), raise a ValueError naming the model and the option.
     """
     from ppl_vae.models.guides import GUIDES, make_guide
 
