@@ -33,6 +33,7 @@ sums these over c for log p(x) with the discrete site summed out exactly.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Optional, Sequence, Tuple, Union, cast
 
 import pyro
@@ -329,8 +330,9 @@ class GaussianMixtureVAE(EnumeratedCategoricalVAE):
     its own site. With ``relaxed`` the one-hot c is a Concrete (Gumbel-softmax) sample at the
     current temperature, tau = max(tau_min, tau_0 exp(-rate * steps)) (Jang et al. 2017, sec. 2.2),
     and z | c ~ N(c mu, (c sigma)^2): at a vertex of the simplex it is the discrete model.
-    ``steps`` counts guide calls in training mode (one per SVI step with method svi) and is saved
-    with the weights, so a resumed run continues the schedule.
+    ``steps`` is the number of optimizer steps done, set by the training core through
+    :meth:`set_training_step` (so methods that run the guide more than once per step, such as
+    stl and dreg, follow the same schedule); it is a buffer saved with the weights.
     """
 
     site = "c"
@@ -392,10 +394,17 @@ class GaussianMixtureVAE(EnumeratedCategoricalVAE):
             return pyro.sample(name, fn)
         return super().sample_value(name, fn)
 
-    def guide(self, x: Tensor, y: Optional[Tensor] = None, **kwargs) -> Tensor:  # type: ignore[override]
-        if self.training and self.relaxed:
-            self.steps += 1
-        return super().guide(x, y, **kwargs)
+    def set_training_step(self, step: int) -> None:
+        """The training protocol: called by the training core before each optimizer step with
+        the number of optimizer steps done so far (a resumed run passes its own count), which
+        sets the temperature schedule's ``steps``."""
+        try:
+            count = -1 if isinstance(step, bool) else operator.index(step)  # int, numpy or 0-d tensor
+        except TypeError:
+            count = -1
+        if count < 0:
+            raise ValueError(f"step must be an integer >= 0 (optimizer steps done), got {step!r}")
+        self.steps.fill_(count)
 
     def component_scales(self) -> Tensor:
         return F.softplus(self.mixture.raw_scales) + 1e-4

@@ -245,16 +245,29 @@ def test_relaxed_gmvae_at_low_temperature_approaches_the_exact_discrete_marginal
     assert se < 0.25  # sharp enough to see a model that is not the mixture (gaps of nats)
 
 
-def test_relaxed_temperature_anneals_with_training_steps():
-    vae = small("relaxed_gmvae")
+def test_relaxed_temperature_follows_the_training_step_it_is_told_not_guide_calls():
+    """The training core calls ``set_training_step(n)`` before each optimizer step with the n
+    steps done so far; methods that run the guide twice per step (stl, dreg) or a resumed run
+    then see the same schedule."""
+    vae = small("relaxed_gmvae", num_components=3)
+    vae.train()
     assert vae.temperature == 1.0 and vae.enumerated_sites == ()
-    stepper = METHODS.get("svi")(vae, TrainConfig())
-    for _ in range(3):
-        stepper.step(binary(8, 0), num_data=8)
-    assert int(vae.steps) == 3 and vae.temperature == pytest.approx(math.exp(-3e-3))
-    vae.steps.fill_(10**6)
+    x = binary(8, 0)
+    for n in (0, 1, 7, 250, 10**6):
+        vae.set_training_step(n)
+        expected = max(vae.min_temperature, vae.initial_temperature * math.exp(-vae.anneal_rate * n))
+        assert vae.temperature == pytest.approx(expected, rel=1e-12)
+        for _ in range(3):  # guide calls in training mode (particles, a second pass) do not move it
+            vae.guide(x)
+            vae.model(x)
+        assert vae.temperature == pytest.approx(expected, rel=1e-12)
+        assert int(vae.state_dict()["steps"]) == n  # saved with the weights
     assert vae.temperature == vae.min_temperature
-    assert "steps" in vae.state_dict()  # saved with the weights: a resumed run keeps its temperature
+    restored = small("relaxed_gmvae", num_components=3)
+    restored.load_state_dict(vae.state_dict())
+    assert restored.temperature == vae.temperature
+    with pytest.raises(ValueError, match="step must be an integer >= 0"):
+        vae.set_training_step(-1)
 
 
 # -- the semi-supervised split ------------------------------------------------------------------------
