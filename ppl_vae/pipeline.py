@@ -35,6 +35,7 @@ from ppl_vae.config import DataConfig, RunConfig
 from ppl_vae.data.datasets import Dataset, load_dataset
 from ppl_vae.errors import ConfigError, RunDirError, TrainingDiverged
 from ppl_vae.inference import distributed
+from ppl_vae.inference.capabilities import check_compatible
 from ppl_vae.inference.training import (
     Callback,
     Stepper,
@@ -166,7 +167,15 @@ def prepare(
     vae.likelihood.check_support(data.test, what=f"the test data of {data.name}")
     device = resolve_device(config.train.device) if device is None else device
     vae, data = vae.to(device), data.to(device)
-    stepper = make_stepper(vae, config.train)  # methods and objectives refuse models they cannot train
+    check_compatible(
+        vae,
+        config.train,
+        world_size=world_size,
+        num_train=int(data.train.shape[0]),
+        model=config.model.model,
+        guide=config.model.guide,
+    )
+    stepper = make_stepper(vae, config.train)
     return vae, data, stepper
 
 

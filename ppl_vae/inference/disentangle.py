@@ -30,7 +30,7 @@ its terms in the history (``kl``, ``reconstruction``; ``mutual_info``, ``total_c
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, FrozenSet, Optional, Tuple
 
 import torch
 from pyro import distributions as dist
@@ -39,8 +39,7 @@ from torch.distributions import kl_divergence
 
 from ppl_vae.config import TrainConfig
 from ppl_vae.errors import ConfigError
-from ppl_vae.inference.fused import supports_fused_elbo
-from ppl_vae.inference.training import OBJECTIVES, TERM_VARS, NonFiniteLoss, Stepper, make_optimizer
+from ppl_vae.inference.training import KL_FIELDS, OBJECTIVES, TERM_VARS, Stepper
 from ppl_vae.models.densities import normal_log_prob
 from ppl_vae.models.vae import VAE
 
@@ -104,6 +103,8 @@ def latent_terms(
     dimensions (a diagonal Normal). Also returned: ``z`` ``(K, N, D)``, ``loc``, ``scale``,
     ``log_q`` and ``log_prior`` ``(K, N)`` for the estimators built on them.
     """
+    if not vae.encoder_is_guide:  # any guide of the fast-path protocol (a flow, a chain of Gaussians)
+        return _guide_terms(vae, x, num_particles=num_particles, per_dimension=per_dimension)
     loc, scale = vae.encoder(x)
     z = _draw(loc, scale, num_particles)
     zk = z if num_particles > 1 else z.unsqueeze(0)
@@ -138,6 +139,24 @@ def latent_terms(
     if kl_dims is not None:
         out["kl_dims"] = kl_dims
     return out
+
+
+def _guide_terms(vae: VAE, x: Tensor, *, num_particles: int, per_dimension: bool) -> Dict[str, Tensor]:
+    """:func:`latent_terms` for a guide that is not the encoder's Gaussian, through the fast-path
+    protocol (``sample_guide``, ``log_prior``, ``log_likelihood``): every latent site's terms, so
+    a flow's parameters and every layer of a hierarchy get their gradient. The KL is the Monte
+    Carlo estimate log q(z|x) - log p(z) (no closed form for such a q)."""
+    if per_dimension:
+        raise ValueError(
+            f"a KL per latent dimension needs the encoder's Gaussian guide; {type(vae).__name__}'s guide is "
+            "not: use one group (free_bits_groups=1)"
+        )
+    latents, log_q = vae.sample_guide(x, num_particles if num_particles > 1 else None)
+    log_lik = vae.log_likelihood(x, latents)
+    log_prior = vae.log_prior(x, latents)
+    if num_particles == 1:
+        log_q, log_prior, log_lik = log_q.unsqueeze(0), log_prior.unsqueeze(0), log_lik.unsqueeze(0)
+    return {"log_q": log_q, "log_prior": log_prior, "log_lik": log_lik.mean(0), "kl": (log_q - log_prior).mean(0)}
 
 
 def _prior_marginals(prior: torch.distributions.Distribution) -> Optional[dist.Normal]:
@@ -309,69 +328,33 @@ def free_bits_loss(
 
 
 class ObjectiveStepper(Stepper):
-    """One Adam (or ``config.optimizer``) step on a disentangling objective over all of the VAE's
-    parameters; records the epoch means of the objective's terms (:meth:`epoch_terms`)."""
+    """A disentangling objective of method "svi" over all of the VAE's parameters, through the
+    fast-path protocol (any guide it offers: the encoder's Gaussian, a flow, a hierarchy's chain);
+    records the epoch means of the objective's terms. The step is :class:`Stepper`'s."""
 
     name: str = ""
-    recorded: tuple = ("kl", "reconstruction")
+    recorded: Tuple[str, ...] = ("kl", "reconstruction")
+    compilable = True  # plain torch: no Pyro trace in the loss
+    #: the training methods this objective composes with (it replaces their loss)
+    methods: Tuple[str, ...] = ("svi",)
+    uses = frozenset({"elbo", "num_particles"}) | KL_FIELDS
+    #: the smallest minibatch the objective's estimator can use (beta-TC's q(z) needs 2 points)
+    min_batch_size: int = 1
+
+    @classmethod
+    def requires(cls, config: TrainConfig) -> FrozenSet[str]:
+        return frozenset({"fast_path", "one_kl_weight"})
 
     def __init__(self, vae: VAE, config: TrainConfig):
-        if config.method != "svi":
-            raise ConfigError(
-                f"train.objective {config.objective!r} is an objective of method 'svi', got method {config.method!r}",
-                field="train.objective",
-            )
-        if not supports_fused_elbo(vae):
-            raise ConfigError(
-                f"train.objective {config.objective!r} needs a parts-based VAE (the base class's "
-                f"model and guide); {type(vae).__name__} overrides them",
-                field="train.objective",
-            )
-        self.vae = vae
-        self.config = config
         self.num_particles = int(config.num_particles)
         self.analytic_kl = config.elbo == "mean_field"
-        self.optimizers = {"svi": make_optimizer(vae, config)}
-        self.step_count = 0
-        self.steps_per_epoch = 1
-        self._sums: Dict[str, Tensor] = {}
-        self._count = 0
-
-    def begin(self, step: int, steps_per_epoch: int) -> None:
-        self.step_count, self.steps_per_epoch = int(step), int(steps_per_epoch)
-        self._sums, self._count = {}, 0
-
-    def loss(self, x: Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> tuple[Tensor, Dict[str, Tensor]]:
-        raise NotImplementedError  # pragma: no cover - each objective's
-
-    def extra_terms(self) -> Dict[str, float]:
-        return {}
-
-    def step(self, x: Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> Tensor:
-        loss, terms = self.loss(x, num_data=num_data, kl_weight=kl_weight)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(float(loss.detach()))
-        optimizer = self.optimizers["svi"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        self.step_count += 1
-        terms = dict(terms, reconstruction=terms["log_lik"])
-        for name in self.recorded:
-            value = terms[name].detach().mean()
-            self._sums[name] = self._sums.get(name, 0.0) + value
-        self._count += 1
-        return loss.detach()
-
-    def epoch_terms(self) -> Dict[str, float]:
-        out = {name: float(total) / self._count for name, total in self._sums.items()} if self._count else {}
-        self._sums, self._count = {}, 0
-        return {**out, **self.extra_terms()}
+        super().__init__(vae, config)
 
 
 def _register(name: str, doc: str, check: Callable[[TrainConfig], None]):
     def wrap(cls):
         cls.name = name
+        cls.label = f"objective {name!r}"
         cls.check_config = staticmethod(check)
         OBJECTIVES.register(name, doc=doc)(cls)
         return cls
@@ -435,6 +418,8 @@ def _check_free_bits(config: TrainConfig) -> None:
     "beta_vae", "beta-VAE: log p(x|z) - beta KL, constant beta (Higgins et al. 2017)", _field_check(("beta", _positive))
 )
 class BetaVAEStepper(ObjectiveStepper):
+    data_parallel = True  # a sum of per-datapoint terms: the ranks' mean is the global batch's loss
+
     def loss(self, x, *, num_data, kl_weight=1.0, **kwargs):
         return beta_vae_loss(
             self.vae,
@@ -487,6 +472,12 @@ class CapacityStepper(ObjectiveStepper):
 )
 class BetaTCStepper(ObjectiveStepper):
     recorded = ("kl", "reconstruction", "mutual_info", "total_correlation", "dimwise_kl")
+    uses = frozenset({"num_particles"}) | KL_FIELDS
+    min_batch_size = 2
+
+    @classmethod
+    def requires(cls, config: TrainConfig) -> FrozenSet[str]:  # q(z_j) from the encoder's loc and scale
+        return super().requires(config) | {"encoder_guide"}
 
     def loss(self, x, *, num_data, kl_weight=1.0, **kwargs):
         c = self.config
@@ -509,6 +500,12 @@ class BetaTCStepper(ObjectiveStepper):
     _check_free_bits,
 )
 class FreeBitsStepper(ObjectiveStepper):
+    @classmethod
+    def requires(cls, config: TrainConfig) -> FrozenSet[str]:
+        if config.free_bits_groups == 1:
+            return super().requires(config)
+        return super().requires(config) | {"encoder_guide", "factorized_prior"}  # a KL per dimension
+
     def loss(self, x, *, num_data, kl_weight=1.0, **kwargs):
         return free_bits_loss(
             self.vae,

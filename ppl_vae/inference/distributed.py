@@ -37,14 +37,7 @@ from torch import nn
 
 from ppl_vae.config import TrainConfig
 from ppl_vae.errors import ConfigError, PplVaeError
-from ppl_vae.inference.training import (
-    METHODS,
-    NonFiniteLoss,
-    Stepper,
-    SVIStepper,
-    resolve_device,
-    validate_train_config,
-)
+from ppl_vae.inference.training import Stepper, resolve_device, stepper_class, validate_train_config
 
 DEFAULT_TIMEOUT_S = 300.0
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
@@ -87,11 +80,12 @@ def check_config(config: TrainConfig, world_size: int) -> None:
     validate_train_config(config)
     if world_size < 1:
         raise ValueError(f"nproc must be >= 1, got {world_size}")
-    method = METHODS.get(config.method)
-    if not (isinstance(method, type) and issubclass(method, SVIStepper)):
+    stepper = stepper_class(config)
+    if not stepper.data_parallel:
         raise ConfigError(
-            f"train.method {config.method!r} cannot run data-parallel: distributed training supports SVI methods only",
-            field="train.method",
+            f"{stepper.describe()} cannot run data-parallel: nproc {world_size} needs a method and objective "
+            "whose step is one loss over all parameters (see `ppl-vae models`); use nproc 1",
+            field="train.method" if config.objective == "elbo" else "train.objective",
         )
     if config.batch_size % world_size:
         raise ConfigError(
@@ -200,12 +194,33 @@ class DistContext:
             tdist.barrier()
 
     def wrap_stepper(self, stepper: Stepper) -> Stepper:
-        """A stepper whose gradients are averaged over ranks (see :class:`DistributedSVIStepper`)."""
-        if isinstance(stepper, DistributedSVIStepper):
-            return stepper
-        if not isinstance(stepper, SVIStepper):
-            raise ValueError(f"distributed training supports SVI methods only, got {type(stepper).__name__}")
-        return DistributedSVIStepper(stepper, self)
+        """Make ``stepper``'s step this rank's: its loss runs through DistributedDataParallel
+        (gradients averaged over ranks), the value it reports is the mean over ranks (the
+        single-process loss of the global batch), and a non-finite mean stops every rank alike."""
+        if not stepper.data_parallel:
+            raise ConfigError(
+                f"{stepper.describe()} cannot run data-parallel (train.method/train.objective); train it with nproc 1",
+                field="train.method",
+            )
+        stepper.dist = self
+        return stepper
+
+    def ddp_module(
+        self, vae: nn.Module, loss_fn: Callable[..., Any], x: torch.Tensor, kwargs: Dict[str, Any]
+    ) -> nn.parallel.DistributedDataParallel:
+        """``loss_fn`` (a stepper's loss) as the forward of a DDP module that owns ``vae``."""
+        module = ELBOLoss(vae, loss_fn)
+        # DDP must be told about parameters that get no gradient; find out once with a probe.
+        # The probe runs on a forked RNG, so that a resumed run draws the same z as an uninterrupted one.
+        params = [p for p in module.parameters() if p.requires_grad]
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            out = module(x, **kwargs)
+            loss = out[0] if isinstance(out, tuple) else out
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        unused = any(g is None for g in grads)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        with self.collective("wrapping the model in DistributedDataParallel"):
+            return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=unused)
 
 
 def _looks_like_comm_error(exc: BaseException) -> bool:
@@ -217,68 +232,20 @@ def _looks_like_comm_error(exc: BaseException) -> bool:
 
 
 class ELBOLoss(nn.Module):
-    """``forward(x, **kwargs)`` = the SVI loss of ``module`` (Pyro's ELBOModule pattern).
+    """``forward(x, **kwargs)`` = a stepper's loss of ``module`` (Pyro's ELBOModule pattern).
 
     DDP triggers its gradient all-reduce from the wrapped module's forward; the model and
     guide are methods of the VAE, so this module owns the VAE (its parameters are DDP's) and
-    its forward calls ``loss_fn``: the stepper's own loss, i.e.
-    ``elbo.differentiable_loss(vae.model, vae.guide, x, num_data=N)``.
+    its forward calls ``loss_fn``, the stepper's own loss.
     """
 
-    def __init__(self, module: nn.Module, loss_fn: Callable[..., torch.Tensor]):
+    def __init__(self, module: nn.Module, loss_fn: Callable[..., Any]):
         super().__init__()
         self.module = module
         self._loss_fn = loss_fn
 
-    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> Any:
         return self._loss_fn(x, **kwargs)
-
-
-class DistributedSVIStepper(Stepper):
-    """An :class:`SVIStepper` whose ELBO runs through DistributedDataParallel.
-
-    Shares the base stepper's optimizers (so checkpoints and resume are unchanged). ``step``
-    returns the loss averaged over ranks, which equals the single-process loss of the
-    global batch; a non-finite average raises :class:`NonFiniteLoss` on every rank alike.
-    """
-
-    def __init__(self, base: SVIStepper, ctx: DistContext):
-        self.base = base
-        self.ctx = ctx
-        self.optimizers = base.optimizers
-        self._loss = ELBOLoss(base.vae, base.loss)
-        self._ddp: Optional[nn.parallel.DistributedDataParallel] = None
-
-    def _wrap(self, x: torch.Tensor, kwargs: Dict[str, Any]) -> nn.parallel.DistributedDataParallel:
-        # DDP must be told about parameters that get no gradient; find out once with a probe.
-        # The probe runs on a forked RNG, so that a resumed run draws the same z as an uninterrupted one.
-        params = [p for p in self._loss.parameters() if p.requires_grad]
-        with torch.random.fork_rng(devices=[self.ctx.device] if self.ctx.device.type == "cuda" else []):
-            grads = torch.autograd.grad(self._loss(x, **kwargs), params, allow_unused=True)
-        unused = any(g is None for g in grads)
-        device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-        with self.ctx.collective("wrapping the model in DistributedDataParallel"):
-            return nn.parallel.DistributedDataParallel(self._loss, device_ids=device_ids, find_unused_parameters=unused)
-
-    def step(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> torch.Tensor:
-        if kl_weight != 1.0:
-            kwargs["kl_weight"] = kl_weight
-        kwargs["num_data"] = num_data
-        if self._ddp is None:
-            self._ddp = self._wrap(x, kwargs)
-        loss = self._ddp(x, **kwargs)
-        mean = self.ctx.all_reduce_mean(loss)
-        if not torch.isfinite(mean):
-            raise NonFiniteLoss(float(mean))
-        optimizer = self.optimizers["svi"]
-        optimizer.zero_grad(set_to_none=True)
-        with self.ctx.collective("the gradient all-reduce"):
-            loss.backward()
-        optimizer.step()
-        return mean
-
-    def close(self) -> None:
-        self.base.close()
 
 
 # -- process group --------------------------------------------------------------------------

@@ -13,18 +13,15 @@ history a meaningful ELBO; the decoder's updates are the paper's.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, FrozenSet, Iterator, Optional
 
 import torch
 
 from ppl_vae.config import TrainConfig
-from ppl_vae.inference.fused import supports_fused_elbo
 from ppl_vae.inference.marginal import hmc_posterior
-from ppl_vae.inference.training import METHODS, OPTIMIZERS, NonFiniteLoss, Stepper
+from ppl_vae.inference.training import METHODS, OPTIMIZERS, Stepper, Update
 from ppl_vae.inference.wake_sleep import generative_parameters
 from ppl_vae.models.vae import VAE
-
-MAX_LATENT_DIM = 20
 
 
 @METHODS.register("mcem", doc="Monte Carlo EM, HMC E-step (AEVB appendix E); small latent dims")
@@ -38,6 +35,8 @@ class MCEMStepper(Stepper):
     of which the last is the E-step's sample.
     """
 
+    label = "method 'mcem'"
+
     def __init__(
         self,
         vae: VAE,
@@ -49,18 +48,6 @@ class MCEMStepper(Stepper):
         target_accept_prob: float = 0.9,
         num_weight_updates: int = 5,
     ):
-        if not (supports_fused_elbo(vae) and getattr(vae, "encoder_is_guide", False)):
-            raise ValueError(
-                f"method 'mcem' needs a VAE built from parts with the base class's model and "
-                f"guide (it calls the encoder and decoder directly); {type(vae).__name__} declares has_fast_path=False or a guide "
-                f"that is not its encoder's Gaussian (encoder_is_guide=False)"
-            )
-        if config.kl_warmup_epochs:
-            raise ValueError("kl_warmup_epochs must be 0 for method 'mcem' (it optimizes no KL term)")
-        if vae.latent_dim > MAX_LATENT_DIM:
-            raise ValueError(
-                f"method 'mcem' is for small latent dimensions (<= {MAX_LATENT_DIM}), got {vae.latent_dim}"
-            )
         if num_weight_updates < 1:
             raise ValueError(f"num_weight_updates must be >= 1, got {num_weight_updates}")
         self.vae = vae
@@ -71,9 +58,17 @@ class MCEMStepper(Stepper):
         self.num_weight_updates = num_weight_updates
         self.step_size: Optional[float] = None
         self.accept_rate = float("nan")
-        make = OPTIMIZERS.get(config.optimizer)
         self._generative = generative_parameters(vae)
-        self.optimizers = {
+        super().__init__(vae, config)
+
+    @classmethod
+    def requires(cls, config: TrainConfig) -> FrozenSet[str]:
+        # it calls the encoder and decoder directly, and its HMC runs over z of a small dimension
+        return frozenset({"fast_path", "encoder_guide", "small_latent"})
+
+    def make_optimizers(self, vae: VAE, config: TrainConfig) -> Dict[str, torch.optim.Optimizer]:
+        make = OPTIMIZERS.get(config.optimizer)
+        return {
             "mcem": make(self._generative, lr=config.lr),
             "encoder": make(vae.encoder.parameters(), lr=config.lr),
         }
@@ -105,28 +100,14 @@ class MCEMStepper(Stepper):
         self.accept_rate = result.accept_rate
         return result.samples[-1]
 
-    def step(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> torch.Tensor:
+    def updates(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> Iterator[Update]:
         kwargs.pop("y", None)  # labels: the base VAE's model ignores them
         if kwargs:
             raise ValueError(f"method 'mcem' takes no model arguments, got {', '.join(kwargs)}")
         z = self.e_step(x)
         scale = num_data / x.shape[0]
-        optimizer = self.optimizers["mcem"]
-        first = None
         for _ in range(self.num_weight_updates):
-            loss = -scale * self.vae.log_joint(x, {"z": z}).sum()  # the fast-path protocol (checked in __init__)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(float(loss))
-            first = loss.detach() if first is None else first
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = -scale * self.vae.log_joint(x, {"z": z}).sum()  # the fast-path protocol (a declared need)
+            yield Update(loss, optimizers=("mcem",))
         loc, q_scale = self.vae.encoder(x)
-        enc_loss = -scale * torch.distributions.Normal(loc, q_scale).log_prob(z).sum()
-        if torch.isfinite(enc_loss):
-            enc_opt = self.optimizers["encoder"]
-            enc_opt.zero_grad(set_to_none=True)
-            enc_loss.backward()
-            enc_opt.step()
-        assert first is not None  # num_weight_updates >= 1 (checked in __init__)
-        return first
+        yield Update(-scale * torch.distributions.Normal(loc, q_scale).log_prob(z).sum(), optimizers=("encoder",))

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Any, Callable, Optional, Tuple, cast
+from typing import Any, Callable, FrozenSet, Optional, Tuple, cast
 
 import pyro
 import torch
@@ -44,9 +44,8 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 
 from ppl_vae.config import TrainConfig
-from ppl_vae.errors import ConfigError
 from ppl_vae.inference.traces import PARTICLE_PLATE, LogProbs, log_probs, trace_pair
-from ppl_vae.inference.training import METHODS, NonFiniteLoss, Stepper, make_optimizer
+from ppl_vae.inference.training import KL_FIELDS, METHODS, Stepper
 
 __all__ = [
     "dreg_loss",
@@ -296,28 +295,30 @@ def rws_loss(
 
 
 class MultiSampleStepper(Stepper):
-    """One optimizer step of a multi-sample objective over all of the VAE's parameters.
+    """A multi-sample objective as a training method, over all of the VAE's parameters.
 
-    ``optimizers``: {method name: ``config.optimizer`` over ``vae.parameters()``}. K is
-    ``config.num_particles``. The model and guide go through Pyro (not the fused ELBO path),
+    K is ``config.num_particles``. The model and guide go through Pyro (not the fused ELBO path),
     so any VAE that keeps the contract works, flow guides included. ``kl_weight`` (KL warm-up)
-    scales log p(z) - log q(z|x) inside each log weight.
+    scales log p(z) - log q(z|x) inside each log weight. The step is :class:`Stepper`'s.
     """
 
     name: str = ""
     objective: Callable[..., Tensor]
+    #: needs every latent site reparameterized (the guide's draws carry the gradient)
+    reparameterized: bool = True
+    uses = frozenset({"num_particles"}) | KL_FIELDS
+
+    @classmethod
+    def requires(cls, config: TrainConfig) -> FrozenSet[str]:
+        return frozenset({"reparameterized"}) if cls.reparameterized else frozenset()
+
+    @property
+    def optimizer_name(self) -> str:  # type: ignore[override]
+        return self.name
 
     def __init__(self, vae: nn.Module, config: TrainConfig):
-        sites = tuple(getattr(vae, "enumerated_sites", ()))
-        if sites and self.name != "rws":  # the guide would sample them, and they are not reparameterizable
-            raise ConfigError(
-                f"method {self.name!r} needs reparameterized latents; {type(vae).__name__} has the "
-                f"discrete site(s) {', '.join(map(repr, sites))}: use 'svi' (enumerated) or 'rws'",
-                field="train.method",
-            )
-        self.vae = vae
         self.num_particles = int(config.num_particles)
-        self.optimizers = {self.name: make_optimizer(vae, config)}
+        super().__init__(cast(Any, vae), config)
 
     def loss(self, x: Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs: Any) -> Tensor:
         return type(self).objective(
@@ -330,30 +331,29 @@ class MultiSampleStepper(Stepper):
             **kwargs,
         )
 
-    def step(self, x: Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs: Any) -> Tensor:
-        loss = self.loss(x, num_data=num_data, kl_weight=kl_weight, **kwargs)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(float(loss.detach()))
-        optimizer = self.optimizers[self.name]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
 
-
-def _register(name: str, objective: Callable[..., Tensor], doc: str) -> type:
+def _register(name: str, objective: Callable[..., Tensor], doc: str, **declared: Any) -> type:
     cls = type(
         f"{name.upper()}Stepper",
         (MultiSampleStepper,),
-        {"name": name, "objective": staticmethod(objective), "__doc__": doc},
+        {"name": name, "label": f"method {name!r}", "objective": staticmethod(objective), "__doc__": doc, **declared},
     )
     METHODS.register(name, doc=doc)(cls)
     return cls
 
 
-IWAEStepper = _register("iwae", iwae_loss, "IWAE, K = num_particles per datapoint (Burda et al. 2015)")
+IWAEStepper = _register(
+    "iwae", iwae_loss, "IWAE, K = num_particles per datapoint (Burda et al. 2015)", data_parallel=True
+)
+# DReG's gradient surgery (torch.autograd.grad inside the loss) has not been verified under DDP.
 DReGStepper = _register("dreg", dreg_loss, "IWAE with doubly reparameterized guide gradients (Tucker et al. 2018)")
-STLStepper = _register("stl", stl_loss, "K-sample ELBO with sticking-the-landing gradients (Roeder et al. 2017)")
+STLStepper = _register(
+    "stl", stl_loss, "K-sample ELBO with sticking-the-landing gradients (Roeder et al. 2017)", data_parallel=True
+)
 RWSStepper = _register(
-    "rws", rws_loss, "reweighted wake-sleep, wake phases, K = num_particles (Bornschein & Bengio 2015)"
+    "rws",
+    rws_loss,
+    "reweighted wake-sleep, wake phases, K = num_particles (Bornschein & Bengio 2015)",
+    reparameterized=False,
+    data_parallel=True,
 )

@@ -15,7 +15,21 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    FrozenSet,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    Union,
+    cast,
+)
 
 import numpy as np
 import pyro
@@ -293,30 +307,183 @@ class NonFiniteLoss(ArithmeticError):
         self.value = value
 
 
-class Stepper:
-    """A training method: how one minibatch updates the model.
+@dataclass
+class Update:
+    """One optimizer update that a method asks for: a differentiable ``loss``, the optimizers (by
+    name; None: all of the method's) that step on its gradient, the ``value`` the method reports
+    for it (default: the loss; wake-sleep reports the negative ELBO of its wake phase), and the
+    objective's per-datapoint ``terms`` to record (:attr:`Stepper.recorded`)."""
 
-    ``optimizers`` maps a name to each torch optimizer the method uses; their states are
-    checkpointed and restored by name. ``step`` returns the detached minibatch loss (the
-    negative objective, scaled to the full dataset) and must raise :class:`NonFiniteLoss`
-    *before* updating parameters when that loss is not finite. ``step`` gets the dataset's
-    labels as ``y`` when it has them; a method that does not use labels ignores them.
+    loss: torch.Tensor
+    optimizers: Optional[Tuple[str, ...]] = None
+    value: Optional[torch.Tensor] = None
+    terms: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Stepper:
+    """A training method or objective, and the one training step every one of them shares.
+
+    A subclass supplies its loss and nothing else, the way a Pyro ``ELBO`` subclass supplies a
+    loss and ``SVI.step`` does the rest: :meth:`loss` (one update over all parameters), or
+    :meth:`updates` for a method that makes several updates per minibatch (wake-sleep's two
+    optimizers, MCEM's E-step and weight updates). :meth:`step` owns everything else, once:
+    the finite check, ``zero_grad``, backward, gradient clipping, the optimizers, mixed
+    precision and ``torch.compile``, the model's step counter (``set_training_step``), and the
+    epoch means of the objective's terms.
+
+    Declarations, read by :func:`ppl_vae.inference.capabilities.check_compatible` before any
+    file is written: :meth:`requires` (what the model and guide must offer, names from
+    :data:`~ppl_vae.inference.capabilities.CAPABILITIES`), :attr:`data_parallel` (its step runs
+    under DistributedDataParallel), :attr:`compilable` (its loss is plain torch, so
+    ``train.compile`` applies), :attr:`uses` (the method-specific ``train`` fields it reads;
+    one of :data:`METHOD_FIELDS` that it does not read must keep its default).
+
+    ``optimizers`` maps a name to each torch optimizer; their states are checkpointed and
+    restored by name. ``step`` returns the detached minibatch loss (the negative objective,
+    scaled to the full dataset) and raises :class:`NonFiniteLoss` *before* updating anything
+    when a loss is not finite (or, with :attr:`defers_finite_check`, returns NaN and the
+    training loop stops at the epoch's end). Labels reach ``loss`` as ``y`` when the data has them.
     """
 
-    optimizers: Dict[str, torch.optim.Optimizer]
+    #: the name of the one optimizer of a single-update method (checkpoints use it)
+    optimizer_name: str = "svi"
+    #: per-datapoint terms recorded as epoch means in the history (names from :data:`TERM_VARS`)
+    recorded: Tuple[str, ...] = ()
+    data_parallel: bool = False
+    compilable: bool = False
+    uses: FrozenSet[str] = frozenset()
     #: learning-rate schedulers by optimizer name (:func:`attach_lr_schedulers`; None: not made yet)
     schedulers: Optional[Dict[str, Any]] = None
     #: scheduler state from a checkpoint, loaded when the schedulers are made
     pending_scheduler_state: Optional[Dict[str, Any]] = None
-    #: True when ``step`` skips the host-side finiteness check (no device sync per step); the
-    #: training loop then tracks the first non-finite loss on the device and stops at epoch end.
-    defers_finite_check: bool = False
+    #: set by :meth:`ppl_vae.inference.distributed.DistContext.wrap_stepper`: the step is one rank's
+    dist: Any = None
 
-    def __init__(self, vae: VAE, config: TrainConfig):  # pragma: no cover - interface
-        raise NotImplementedError
+    @classmethod
+    def requires(cls, config: TrainConfig) -> FrozenSet[str]:
+        """The capabilities a model and guide need for this method under ``config``."""
+        return frozenset()
+
+    def __init__(self, vae: VAE, config: TrainConfig):
+        from ppl_vae.inference.capabilities import check_compatible
+
+        check_compatible(vae, config, stepper=type(self))  # built directly too: refused before any work
+        self.vae = vae
+        self.config = config
+        self.optimizers = self.make_optimizers(vae, config)
+        device_type = next(iter(vae.parameters()), torch.empty(0)).device.type
+        #: True when ``step`` skips the host-side finiteness check (no device sync per step); the
+        #: training loop then tracks the first non-finite loss on the device and stops at epoch end.
+        self.defers_finite_check = config.finite_check == "epoch" or (
+            config.finite_check == "auto" and device_type == "cuda"
+        )
+        self.clip_grad_norm = config.clip_grad_norm
+        self.autocast = PRECISIONS[config.precision]
+        self.step_count = 0
+        self.steps_per_epoch = 1
+        self._sums: Dict[str, torch.Tensor] = {}
+        self._count = 0
+        self._ddp: Any = None
+        self.loss_fn: Callable[..., Any] = self.loss
+        if config.compile is not None:  # check_compatible refused a loss that is not plain torch
+            self.loss_fn = torch.compile(self.loss, backend=config.compile)
+
+    @classmethod
+    def compiles(cls, vae: VAE, config: TrainConfig) -> bool:
+        """Whether this method's loss on ``vae`` is plain torch (so ``train.compile`` applies)."""
+        return cls.compilable
+
+    @classmethod
+    def describe(cls) -> str:
+        return getattr(cls, "label", cls.__name__)
+
+    def make_optimizers(self, vae: VAE, config: TrainConfig) -> Dict[str, torch.optim.Optimizer]:
+        """``{name: optimizer}``; one ``config.optimizer`` over every parameter unless overridden."""
+        return {self.optimizer_name: make_optimizer(vae, config)}
+
+    # -- what a method supplies ------------------------------------------------------------------
+
+    def loss(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> Any:
+        """The differentiable minibatch loss (the negative objective scaled to ``num_data``), or
+        ``(loss, terms)`` with the per-datapoint terms to record."""
+        raise NotImplementedError  # pragma: no cover - each method's
+
+    def updates(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> Iterator[Update]:
+        """The updates of one minibatch, in order (default: one, on :meth:`loss`)."""
+        out = self._call_loss(x, num_data=num_data, kl_weight=kl_weight, **kwargs)
+        loss, terms = out if isinstance(out, tuple) else (out, {})
+        yield Update(loss, terms=terms)
+
+    # -- the one training step -------------------------------------------------------------------
+
+    def _call_loss(self, x: torch.Tensor, **kwargs) -> Any:
+        if self.dist is None:
+            return self.loss_fn(x, **kwargs)
+        if self._ddp is None:
+            self._ddp = self.dist.ddp_module(self.vae, self.loss_fn, x, kwargs)
+        return self._ddp(x, **kwargs)
 
     def step(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> torch.Tensor:
-        raise NotImplementedError  # pragma: no cover - interface
+        """One minibatch: every update of :meth:`updates`; returns the first update's value."""
+        set_step = getattr(self.vae, "set_training_step", None)
+        if set_step is not None:
+            set_step(self.step_count)
+        reported: Optional[torch.Tensor] = None
+        finite: Optional[torch.Tensor] = None
+        updates = self.updates(x, num_data=num_data, kl_weight=kl_weight, **kwargs)
+        while True:
+            with (
+                torch.autocast(x.device.type, dtype=self.autocast)
+                if self.autocast is not None
+                else contextlib.nullcontext()
+            ):
+                update = next(updates, None)
+            if update is None:
+                break
+            value = update.loss.detach() if update.value is None else update.value.detach()
+            if self.dist is not None:
+                value = self.dist.all_reduce_mean(value)
+            ok = torch.isfinite(update.loss.detach()) & torch.isfinite(value)
+            if self.defers_finite_check:
+                finite = ok if finite is None else finite & ok
+            elif not ok:
+                raise NonFiniteLoss(float(value if not torch.isfinite(value) else update.loss.detach()))
+            self._apply(update)
+            if reported is None:
+                reported = value
+                self._record(update.terms)
+        self.step_count += 1
+        assert reported is not None, f"{type(self).__name__}.updates made no update"
+        if finite is not None:  # deferred: NaN marks the step, with no host-device sync here
+            reported = torch.where(finite, reported, torch.full_like(reported, float("nan")))
+        return reported
+
+    def _apply(self, update: Update) -> None:
+        names = update.optimizers or tuple(self.optimizers)
+        optimizers = [self.optimizers[n] for n in names]
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        if self.dist is not None:
+            with self.dist.collective("the gradient all-reduce"):
+                update.loss.backward()
+        else:
+            update.loss.backward()
+        for optimizer in optimizers:
+            if self.clip_grad_norm is not None:  # each optimizer's parameters, as one norm
+                params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+                torch.nn.utils.clip_grad_norm_(params, float(self.clip_grad_norm))
+            optimizer.step()
+
+    def _record(self, terms: Dict[str, torch.Tensor]) -> None:
+        if not self.recorded:
+            return
+        terms = dict(terms)
+        if "log_lik" in terms:
+            terms.setdefault("reconstruction", terms["log_lik"])
+        for name in self.recorded:
+            value = terms[name].detach().mean()
+            self._sums[name] = self._sums.get(name, 0.0) + value
+        self._count += 1
 
     def close(self) -> None:
         """Release anything the stepper holds beyond its optimizers."""
@@ -324,34 +491,56 @@ class Stepper:
     def begin(self, step: int, steps_per_epoch: int) -> None:
         """Called by :func:`train` before its first step: ``step`` optimizer steps are done (a
         resumed run's count), so a method whose objective follows a schedule resumes exactly."""
+        self.step_count, self.steps_per_epoch = int(step), int(steps_per_epoch)
+        self._sums, self._count = {}, 0
+
+    def extra_terms(self) -> Dict[str, float]:
+        """Epoch-level values of the objective besides the recorded means (e.g. its capacity)."""
+        return {}
 
     def epoch_terms(self) -> Dict[str, float]:
         """The objective's terms averaged over the epoch just finished (nats per datapoint, names
         from :data:`TERM_VARS`), and a fresh start for the next epoch; ``{}`` for most methods."""
-        return {}
+        out = {name: float(total) / self._count for name, total in self._sums.items()} if self._count else {}
+        self._sums, self._count = {}, 0
+        return {**out, **self.extra_terms()}
 
 
-METHODS: Registry[Callable[[VAE, TrainConfig], Stepper]] = Registry("method")
+#: ``train`` fields that only some methods or objectives read (each declares those it does in
+#: :attr:`Stepper.uses`); a non-default value of one that the chosen one does not read is refused.
+METHOD_FIELDS = ("elbo", "num_particles", "fused_elbo", "kl_warmup_epochs", "kl_schedule", "kl_weight")
+#: the fields of the KL weight's schedule (a method without a KL term reads none of them)
+KL_FIELDS = frozenset({"kl_warmup_epochs", "kl_schedule", "kl_weight"})
 
-#: ``train.objective`` -> a factory ``(vae, config) -> Stepper``; "elbo" is the method's own
-#: objective, the disentangling ones live in :mod:`ppl_vae.inference.disentangle`. A factory may
-#: carry ``check_config(config)``, which :func:`validate_train_config` calls.
-OBJECTIVES: Registry[Callable[[VAE, TrainConfig], Stepper]] = Registry("objective")
-OBJECTIVES.register("elbo", doc="the training method's own objective (svi: the ELBO)")(
-    lambda vae, config: METHODS.get(config.method)(vae, config)
-)
+METHODS: Registry[Type[Stepper]] = Registry("method")
+
+#: ``train.objective`` -> a :class:`Stepper` class; "elbo" is the method's own objective, the
+#: disentangling ones live in :mod:`ppl_vae.inference.disentangle`. An objective class declares
+#: the ``methods`` it composes with.
+OBJECTIVES: Registry[Optional[Type[Stepper]]] = Registry("objective")
+OBJECTIVES.register("elbo", doc="the training method's own objective (svi: the ELBO)")(None)
+
+
+def stepper_class(config: TrainConfig) -> Type[Stepper]:
+    """The :class:`Stepper` that ``config.method`` and ``config.objective`` name."""
+    objective = OBJECTIVES.get(config.objective)
+    return METHODS.get(config.method) if objective is None else objective
 
 
 def make_stepper(vae: VAE, config: TrainConfig) -> Stepper:
-    """The stepper that ``config.method`` and ``config.objective`` name."""
-    return OBJECTIVES.get(config.objective)(vae, config)
+    """The stepper that ``config.method`` and ``config.objective`` name (its constructor checks the
+    combination with :func:`~ppl_vae.inference.capabilities.check_compatible`)."""
+    from ppl_vae.inference.capabilities import check_compatible
+
+    check_compatible(vae, config)  # the objective-method pairing, which a class alone does not know
+    return stepper_class(config)(vae, config)
 
 
 def enumerating_elbo(vae: VAE, name: str) -> str:
     """The ELBO to train ``vae`` with: "enum" for "trace" when the model declares
     ``enumerated_sites`` (discrete sites summed out, e.g. M2's y), else ``name``; an ELBO that
     cannot enumerate such a model is refused."""
-    sites = tuple(getattr(vae, "enumerated_sites", ()))
+    sites = tuple(vae.enumerated_sites) if hasattr(vae, "enumerated_sites") else ()
     if not sites:
         return name
     if name not in ("trace", "enum"):
@@ -367,40 +556,35 @@ def enumerating_elbo(vae: VAE, name: str) -> str:
 class SVIStepper(Stepper):
     """AEVB: one gradient step on the chosen ELBO for encoder and decoder together.
 
-    With ``config.compile`` (a torch.compile backend) the fused loss is compiled; that needs
-    the fused path (a parts-based VAE and ``fused_elbo``), since Pyro's tracing is not a graph.
+    A pair that offers the fast path (and ``train.fused_elbo``) computes the ELBO without Pyro's
+    tracing (:mod:`ppl_vae.inference.fused`); only then is it plain torch, so ``train.compile``
+    applies to it alone.
     """
 
+    label = "method 'svi'"
+    data_parallel = True
+    uses = frozenset(METHOD_FIELDS)
+
     def __init__(self, vae: VAE, config: TrainConfig):
-        self.vae = vae
         self.elbo: Any = ELBOS.get(enumerating_elbo(vae, config.elbo))(
             num_particles=config.num_particles,
             vectorize_particles=config.num_particles > 1,
             max_plate_nesting=1,
         )
         # The fused path computes the same estimator without Pyro's tracing (see inference/fused.py).
-        self.fused = config.fused_elbo and supports_fused_elbo(vae)
+        self.fused = self.compiles(vae, config)
         self._num_particles = config.num_particles
         self._analytic_kl = config.elbo == "mean_field"
-        self._fused_loss: Callable[..., torch.Tensor] = fused_elbo_loss
-        if config.compile is not None:
-            if not self.fused:
-                raise ConfigError(
-                    f"train.compile needs the fused ELBO: a VAE with the base class's model and guide and "
-                    f"train.fused_elbo true ({type(vae).__name__} goes through Pyro's tracing)",
-                    field="train.compile",
-                )
-            self._fused_loss = torch.compile(fused_elbo_loss, backend=config.compile)
-        self.optimizers = {"svi": make_optimizer(vae, config)}
-        device_type = next(iter(vae.parameters()), torch.empty(0)).device.type
-        self.defers_finite_check = config.finite_check == "epoch" or (
-            config.finite_check == "auto" and device_type == "cuda"
-        )
+        super().__init__(vae, config)
+
+    @classmethod
+    def compiles(cls, vae: VAE, config: TrainConfig) -> bool:
+        return config.fused_elbo and supports_fused_elbo(vae)  # only the fused path is plain torch
 
     def loss(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> torch.Tensor:
         """The differentiable minibatch loss (negative ELBO scaled to ``num_data``)."""
         if self.fused:  # the base VAE ignores labels
-            return self._fused_loss(
+            return fused_elbo_loss(
                 self.vae,
                 x,
                 num_data=num_data,
@@ -411,16 +595,6 @@ class SVIStepper(Stepper):
         if kl_weight != 1.0:
             kwargs["kl_weight"] = kl_weight
         return self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x, num_data=num_data, **kwargs)
-
-    def step(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> torch.Tensor:
-        loss = self.loss(x, num_data=num_data, kl_weight=kl_weight, **kwargs)
-        if not self.defers_finite_check and not torch.isfinite(loss):
-            raise NonFiniteLoss(float(loss.detach()))
-        optimizer = self.optimizers["svi"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
 
 
 @dataclass
@@ -666,9 +840,7 @@ def train(
     stepper = stepper or make_stepper(vae, config)
     schedulers = attach_lr_schedulers(stepper, config)
     if dist is not None:
-        wrapped = dist.wrap_stepper(stepper)
-        wrapped.schedulers = schedulers  # checkpointed through the stepper the callbacks see
-        stepper = wrapped
+        dist.wrap_stepper(stepper)
     train_labels = data.train_labels
     labelled = train_labels is not None
     if vae.num_classes is not None and (not labelled or data.test_labels is None):
@@ -723,18 +895,6 @@ def train(
         since = epochs_since_best(state.records)
         return since is not None and since >= config.early_stopping_patience
 
-    autocast_dtype = PRECISIONS[config.precision]
-    clip_handles = []
-    if config.clip_grad_norm is not None:
-        max_norm = float(config.clip_grad_norm)
-
-        def clip(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-        # a pre-step hook clips for every method, whatever its stepper does before optimizer.step()
-        clip_handles = [opt.register_step_pre_hook(clip) for opt in stepper.optimizers.values()]
-
     for hook in hooks:
         hook.on_train_start(ctx)
     wall = state.records[-1]["wall_time"] if state.records else 0.0
@@ -765,12 +925,7 @@ def train(
                 kl_weight = _kl_weight(config, state.step, steps_per_epoch)
                 kwargs = {"y": train_labels[idx]} if train_labels is not None else {}
                 try:
-                    with (
-                        torch.autocast(device.type, dtype=autocast_dtype)
-                        if autocast_dtype is not None
-                        else contextlib.nullcontext()
-                    ):
-                        loss = stepper.step(x, num_data=n_train, kl_weight=kl_weight, **kwargs)
+                    loss = stepper.step(x, num_data=n_train, kl_weight=kl_weight, **kwargs)
                 except NonFiniteLoss as exc:
                     raise diverged(str(exc), state.step + 1) from None
                 if stepper.defers_finite_check:  # recorded on the device: no sync here
@@ -812,8 +967,6 @@ def train(
             for hook in hooks:
                 hook.on_epoch_end(ctx)
     finally:
-        for handle in clip_handles:
-            handle.remove()
         for hook in hooks:
             hook.on_train_end(ctx)
         bar.close()

@@ -15,11 +15,12 @@ full data), computed from the wake phase's samples, so its history compares with
 
 from __future__ import annotations
 
+from typing import Dict, FrozenSet, Iterator
+
 import torch
 
 from ppl_vae.config import TrainConfig
-from ppl_vae.inference.fused import supports_fused_elbo
-from ppl_vae.inference.training import METHODS, OPTIMIZERS, NonFiniteLoss, Stepper
+from ppl_vae.inference.training import METHODS, OPTIMIZERS, Stepper, Update
 from ppl_vae.models.vae import VAE
 
 
@@ -35,31 +36,25 @@ class WakeSleepStepper(Stepper):
 
     ``optimizers``: "wake" (decoder, prior and likelihood parameters) and "sleep" (encoder),
     both of ``config.optimizer`` with ``config.lr``. The number of dreams per sleep step is
-    the minibatch size. KL warm-up has no meaning here and is refused.
+    the minibatch size. It optimizes no KL term, so the KL schedule's settings are refused.
     """
 
-    def __init__(self, vae: VAE, config: TrainConfig):
-        if not (supports_fused_elbo(vae) and getattr(vae, "encoder_is_guide", False)):
-            raise ValueError(
-                f"method 'wake-sleep' needs a VAE built from parts with the base class's model and "
-                f"guide (it calls the encoder and decoder directly); {type(vae).__name__} declares has_fast_path=False or a guide "
-                f"that is not its encoder's Gaussian (encoder_is_guide=False)"
-            )
-        if config.kl_warmup_epochs:
-            raise ValueError("kl_warmup_epochs must be 0 for method 'wake-sleep' (it optimizes no KL term)")
-        if vae.prior.uses_encoder:  # e.g. the VampPrior evaluates the encoder
-            raise ValueError(
-                f"method 'wake-sleep' needs a prior that does not use the model's other parts "
-                f"({type(vae.prior).__name__} does): its wake phase would train the encoder"
-            )
-        self.vae = vae
+    label = "method 'wake-sleep'"
+
+    @classmethod
+    def requires(cls, config: TrainConfig) -> FrozenSet[str]:
+        # it calls the encoder and decoder directly; a prior that evaluates the encoder
+        # (the VampPrior) would have its wake phase train the encoder
+        return frozenset({"fast_path", "encoder_guide", "prior_apart_from_encoder"})
+
+    def make_optimizers(self, vae: VAE, config: TrainConfig) -> Dict[str, torch.optim.Optimizer]:
         make = OPTIMIZERS.get(config.optimizer)
-        self.optimizers = {
+        return {
             "wake": make(generative_parameters(vae), lr=config.lr),
             "sleep": make(vae.encoder.parameters(), lr=config.lr),
         }
 
-    def step(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> torch.Tensor:
+    def updates(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> Iterator[Update]:
         kwargs.pop("y", None)  # labels: the base VAE's model ignores them
         if kwargs:
             raise ValueError(f"method 'wake-sleep' takes no model arguments, got {', '.join(kwargs)}")
@@ -73,20 +68,12 @@ class WakeSleepStepper(Stepper):
             log_q = q.log_prob(z).sum(-1)
         log_joint = vae.prior().log_prob(z) + vae.likelihood(*vae.decoder(z)).log_prob(x)
         wake_loss = -scale * log_joint.sum()
-        loss = (wake_loss + scale * log_q.sum()).detach()  # negative ELBO, one sample per datapoint
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(float(loss))
+        elbo_loss = (wake_loss + scale * log_q.sum()).detach()  # negative ELBO, one sample per datapoint
         # Sleep phase: dreams from the model (before the wake update, as one joint step).
         with torch.no_grad():
             z_dream = vae.prior().sample((x.shape[0],))
             x_dream = vae.likelihood(*vae.decoder(z_dream)).sample()
         d_loc, d_scale = vae.encoder(x_dream)
         sleep_loss = -scale * torch.distributions.Normal(d_loc, d_scale).log_prob(z_dream).sum()
-        if not torch.isfinite(sleep_loss):
-            raise NonFiniteLoss(float(sleep_loss))
-        for optimizer in self.optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
-        (wake_loss + sleep_loss).backward()  # disjoint parameters: each phase gets its own gradient
-        for optimizer in self.optimizers.values():
-            optimizer.step()
-        return loss
+        # disjoint parameters: each phase's optimizer gets its own gradient from the one backward
+        yield Update(wake_loss + sleep_loss, value=elbo_loss)

@@ -245,7 +245,7 @@ def test_bad_objective_settings_are_refused_naming_the_field(field, value, messa
 def test_a_capacity_schedule_ending_before_it_starts_and_another_method_are_refused():
     with pytest.raises(ConfigError, match="would end before it starts"):
         validate_train_config(_config("capacity", capacity_start_epoch=5.0, capacity_end_epoch=2.0).train)
-    with pytest.raises(ConfigError, match="objective of method 'svi'"):
+    with pytest.raises(ConfigError, match=r"replaces the loss of method\(s\) \'svi\' only; train.method is \'iwae\'"):
         make_stepper(_vae(), _config("beta_vae", method="iwae").train)
 
 

@@ -54,7 +54,7 @@ def test_mcem_improves_log_marginal_on_planted_model():
 
 
 def test_mcem_refuses_large_latent_and_warmup():
-    with pytest.raises(ValueError, match="small latent"):
+    with pytest.raises(ValueError, match="latent dimension is at most 20"):
         MCEMStepper(LinearGaussianVAE(30, 25), TrainConfig(method="mcem"))
     with pytest.raises(ValueError, match="kl_warmup_epochs"):
         MCEMStepper(LinearGaussianVAE(4, 2), TrainConfig(method="mcem", kl_warmup_epochs=1))

@@ -1,0 +1,185 @@
+"""What models, guides, methods and objectives need and offer, and the one check of a combination.
+
+A model (with its guide family) *offers* capabilities, derived from what it declares
+(``has_fast_path``, ``encoder_is_guide``, ``enumerated_sites``, ``kl_weight_per_site``,
+``Prior.uses_encoder``; never from which class a method came from). A training method or
+objective (a :class:`~ppl_vae.inference.training.Stepper` class) declares what it
+``requires``, whether it runs ``data_parallel``, whether it is ``compilable``, which
+method-specific ``train`` fields it ``uses`` and, for an objective, the ``methods`` it composes
+with. :func:`check_compatible` compares the two before anything is built or written, for
+``fit``, ``fit --resume``, ``--nproc`` and torchrun alike, and refuses a mismatch in one line
+that names both sides. A new registry entry is covered by declaring these, nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, FrozenSet, Optional, Tuple
+
+import torch
+
+from ppl_vae.config import TrainConfig
+from ppl_vae.errors import ConfigError
+from ppl_vae.inference.training import (
+    KL_FIELDS,
+    METHOD_FIELDS,
+    OBJECTIVES,
+    stepper_class,
+    validation_split,
+)
+
+#: the largest latent dimension MCEM's HMC E-step is meant for (AEVB appendix E, figure 3)
+MAX_MCEM_LATENT_DIM = 20
+
+
+def _factorized_prior(vae) -> bool:
+    prior = getattr(vae, "prior", None)
+    if prior is None:
+        return False
+    prior = prior()
+    return (
+        isinstance(prior, torch.distributions.Independent)
+        and isinstance(prior.base_dist, torch.distributions.Normal)
+        and prior.reinterpreted_batch_ndims == 1
+    )
+
+
+def _fast_path(vae) -> bool:
+    from ppl_vae.inference.latents import FastPair
+
+    return bool(getattr(vae, "has_fast_path", False)) and isinstance(vae, FastPair)
+
+
+def _declared(name: str, default):
+    """A capability read from a declared attribute; a pair written by hand that declares nothing
+    offers the conservative default (a module that is no :class:`~ppl_vae.models.VAE` at all)."""
+    return lambda vae: getattr(vae, name, default)
+
+
+#: capability -> (what it means, read in an error as "needs a model whose ...", how a model offers it)
+CAPABILITIES: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
+    "fast_path": (
+        "model and guide offer per-datapoint log densities and guide draws (has_fast_path)",
+        _fast_path,
+    ),
+    "encoder_guide": (
+        "guide is the encoder's Gaussian (encoder_is_guide; not a flow, not a hierarchy's chain)",
+        lambda vae: bool(_declared("encoder_is_guide", False)(vae)),
+    ),
+    "reparameterized": (
+        "latent sites are all continuous and reparameterized (no enumerated discrete site)",
+        lambda vae: not tuple(_declared("enumerated_sites", ())(vae)),
+    ),
+    "one_kl_weight": (
+        "latent sites share one KL weight (no per-layer warm-up, kl_weight_per_site)",
+        lambda vae: not _declared("kl_weight_per_site", False)(vae),
+    ),
+    "prior_apart_from_encoder": (
+        "prior does not evaluate the encoder (Prior.uses_encoder is False; the VampPrior does)",
+        lambda vae: hasattr(vae, "prior") and not getattr(vae.prior, "uses_encoder", True),
+    ),
+    "factorized_prior": (
+        "prior has independent latent dimensions (a diagonal Normal)",
+        _factorized_prior,
+    ),
+    "small_latent": (
+        f"latent dimension is at most {MAX_MCEM_LATENT_DIM} (an HMC E-step per datapoint)",
+        lambda vae: getattr(vae, "latent_dim", MAX_MCEM_LATENT_DIM + 1) <= MAX_MCEM_LATENT_DIM,
+    ),
+}
+
+
+def model_capabilities(vae) -> FrozenSet[str]:
+    """The capabilities ``vae`` (a model with its guide) offers."""
+    return frozenset(name for name, (_, offers) in CAPABILITIES.items() if offers(vae))
+
+
+def describe_model(vae, model: Optional[str] = None, guide: Optional[str] = None) -> str:
+    """``model 'two_layer' (guide 'diagonal_normal')`` or the class name where the names are unknown."""
+    if model is None:
+        return f"model {type(vae).__name__}"
+    return f"model {model!r}" + (f" with guide {guide!r}" if guide not in (None, "diagonal_normal") else "")
+
+
+def _side(config: TrainConfig) -> str:
+    return f"method {config.method!r}" if config.objective == "elbo" else f"objective {config.objective!r}"
+
+
+def check_compatible(
+    vae,
+    config: TrainConfig,
+    *,
+    world_size: int = 1,
+    num_train: Optional[int] = None,
+    model: Optional[str] = None,
+    guide: Optional[str] = None,
+    stepper: Optional[type] = None,
+) -> type:
+    """Raise :class:`ConfigError` (one line naming both sides) unless ``config``'s method and
+    objective can train ``vae`` as configured; returns the stepper class.
+
+    Checked: the objective composes with the method; the model offers every capability the
+    method or objective requires; ``train.compile`` only for a compilable loss; ``world_size``
+    > 1 only for a data-parallel step; a method-specific field (:data:`METHOD_FIELDS`) set away
+    from its default only where the method reads it; and, given ``num_train`` (the points
+    trained on), no minibatch smaller than the objective's estimator can use. ``stepper``: the
+    class to check when it is built directly (default: the one ``config`` names).
+    """
+    cls = stepper_class(config) if stepper is None else stepper
+    side = getattr(cls, "label", None) or _side(config)
+    what = describe_model(vae, model, guide)
+    objective = OBJECTIVES.get(config.objective) if stepper is None else None
+    if objective is not None and config.method not in getattr(objective, "methods", ()):
+        raise ConfigError(
+            f"train.objective {config.objective!r} replaces the loss of method(s) "
+            f"{', '.join(map(repr, objective.methods))} only; train.method is {config.method!r}",
+            field="train.objective",
+        )
+    offered = model_capabilities(vae)
+    for need in sorted(cls.requires(config) - offered):
+        raise ConfigError(
+            f"{side} needs a model whose {CAPABILITIES[need][0]}; {what} is not such a model",
+            field="train.objective" if objective is not None else "train.method",
+        )
+    if config.compile is not None and not cls.compiles(vae, config):
+        raise ConfigError(
+            f"train.compile applies to a loss written in plain torch; {side} on {what} runs through Pyro's "
+            "traces, which torch.compile cannot capture: drop train.compile",
+            field="train.compile",
+        )
+    if world_size > 1 and not cls.data_parallel:
+        raise ConfigError(
+            f"{side} cannot run data-parallel (its step is not one loss over all parameters that DDP can "
+            f"average); nproc is {world_size}: use nproc 1",
+            field="nproc",
+        )
+    defaults = TrainConfig()
+    for name in METHOD_FIELDS:
+        if name not in cls.uses and getattr(config, name) != getattr(defaults, name):
+            reason = "it optimizes no KL term" if name in KL_FIELDS else "it does not read it"
+            raise ConfigError(
+                f"train.{name} does not apply to {side} ({reason}); got {getattr(config, name)!r}, "
+                f"leave it at {getattr(defaults, name)!r}",
+                field=f"train.{name}",
+            )
+    min_batch = getattr(cls, "min_batch_size", 1)
+    if num_train is not None and min_batch > 1:
+        _check_last_batch(config, num_train, min_batch, side, world_size)
+    return cls
+
+
+def _check_last_batch(config: TrainConfig, num_train: int, min_batch: int, side: str, world_size: int) -> None:
+    split = validation_split(num_train, config)
+    n = num_train if split is None else len(split[0])
+    batch = min(config.batch_size, n)
+    last = n % batch or batch
+    if batch < min_batch or last < min_batch:
+        size = batch if batch < min_batch else last
+        raise ConfigError(
+            f"{side} needs minibatches of at least {min_batch} points; train.batch_size {config.batch_size} "
+            f"on {n} training points leaves one of {size}: choose a batch size that leaves no remainder "
+            f"below {min_batch}",
+            field="train.batch_size",
+        )
+
+
+__all__ = ["CAPABILITIES", "MAX_MCEM_LATENT_DIM", "check_compatible", "describe_model", "model_capabilities"]
