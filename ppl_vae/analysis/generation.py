@@ -18,26 +18,29 @@ p(y), which also gives p(y | x_obs). The effective sample size (Σ w)² / Σ w²
 the prior covered the posterior (Owen 2013, ch. 9). ``proposal="encoder"`` adds a second
 pass whose proposal mixes p(z) with the encoder's q(z | x_completed, y) at the first pass's
 completion (a defensive mixture, Hesterberg 1995), for posteriors much narrower than the prior.
+Here z stands for all of a model's latent sites (z1 and z2 of a hierarchy, a mixture component
+c with its z): draws and densities come from running the model's and guide's own Pyro programs
+(traced, with the particles in the data plate), so any pair that keeps the contract of
+:mod:`ppl_vae.models.vae` can be inpainted, and no decoder is called directly.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
 import xarray as xr
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from ppl_vae import io
 from ppl_vae.inference.modes import eval_mode
 from ppl_vae.models.vae import VAE
 from ppl_vae.registry import Registry
-
-if TYPE_CHECKING:
-    from ppl_vae.models.cvae import ConditionalVAE
 
 IMAGE_DIMS = ("channel", "row", "col")
 
@@ -377,12 +380,88 @@ class EveryFewEpochs:
 # Inpainting
 
 
-def _masked_log_lik(vae: VAE, params: Sequence[Tensor], x: Tensor, mask: Tensor) -> Tensor:
-    """log p(x_obs | params) summed over observed elements; params ``(..., *event)`` -> ``(...)``."""
-    d = vae.likelihood(*params)
-    base = getattr(d, "base_dist", d)
-    log_p = base.log_prob(x.expand(params[0].shape)) * mask
-    return log_p.flatten(start_dim=log_p.dim() - len(vae.event_shape)).sum(-1)
+class _Program:
+    """One run of a model's own program (its Pyro ``model``) on ``n`` particles: the latent draws
+    (every unobserved sample site, by name), their log density and the observed site ``"x"``.
+
+    The particles sit in the model's data plate (``n`` placeholder datapoints: the observed
+    values are never scored), so a draw of the whole prior, every latent site of any model that
+    keeps the contract, costs one run. ``latents`` conditions the program on given values (to
+    score draws made elsewhere); ``labels`` fixes a conditional model's label: passed as ``y``
+    and, where the model samples it as a site ``"y"``, observed there."""
+
+    def __init__(self, vae: VAE, n: int, labels: Optional[Tensor], latents: Optional[Dict[str, Tensor]] = None):
+        param = next(vae.parameters())
+        placeholder = param.new_zeros((n, *vae.event_shape))
+        data = dict(latents or {})
+        if labels is not None:
+            data["y"] = labels
+        program = poutine.condition(vae.model, data=data) if data else vae.model
+        trace = poutine.trace(program).get_trace(placeholder, labels)
+        site = trace.nodes.get("x")
+        if site is None or site["type"] != "sample" or not site["is_observed"]:
+            raise ValueError(
+                f"model {type(vae).__name__} cannot be inpainted: its program has no observed site 'x' "
+                "(the contract of ppl_vae.models.vae)"
+            )
+        # the latent sites, in the program's order: unobserved, or observed only because conditioned here
+        self.sites = [
+            name
+            for name, node in trace.nodes.items()
+            if node["type"] == "sample"
+            and not site_is_subsample(node)  # the data plate's own record
+            and (name in (latents or {}) or not node["is_observed"])
+        ]
+        self.trace, self.n, self.x_dist = trace, n, site["fn"]
+        self.vae_name = type(vae).__name__
+
+    @property
+    def latents(self) -> Dict[str, Tensor]:
+        return {name: self.trace.nodes[name]["value"] for name in self.sites}
+
+    def log_density(self, sites: Sequence[str]) -> Tensor:
+        """Sum over ``sites`` of each one's log density at its value, ``(n,)``."""
+        return _log_density(self.trace, sites, self.n, self.vae_name)
+
+    def mean(self) -> Tensor:
+        """E[x | latents], ``(n, *event)``."""
+        return self.x_dist.mean
+
+    def masked_log_lik(self, x: Tensor, mask: Tensor) -> Tensor:
+        """log p(x_obs | latents), ``(n,)``: the likelihood's per-element terms where ``mask`` is 1
+        (exact when the elements are independent given the latents, which is checked)."""
+        d = self.x_dist
+        while isinstance(d, torch.distributions.Independent):
+            d = d.base_dist
+        log_p = d.log_prob(x.expand(self.n, *x.shape))
+        if tuple(log_p.shape) != (self.n, *x.shape):
+            raise ValueError(
+                f"model {self.vae_name} cannot be inpainted: its likelihood does not score each element "
+                f"of a datapoint on its own (per-element log-probabilities of shape {tuple(log_p.shape)}, "
+                f"expected {(self.n, *x.shape)})"
+            )
+        return (log_p * mask).flatten(start_dim=1).sum(-1)
+
+
+def _log_density(trace: Any, sites: Sequence[str], n: int, vae_name: str) -> Tensor:
+    total: Any = 0.0
+    for name in sites:
+        node = trace.nodes[name]
+        log_p = node["fn"].log_prob(node["value"])
+        if tuple(log_p.shape) != (n,):
+            raise ValueError(
+                f"model {vae_name} cannot be inpainted: site {name!r} has log-density shape "
+                f"{tuple(log_p.shape)}, not one value per datapoint of the data plate ({n},)"
+            )
+        total = total + log_p
+    return total
+
+
+def _guide_trace(vae: VAE, x: Tensor, n: int, labels: Optional[Tensor], latents: Optional[Dict[str, Tensor]] = None):
+    """A run of the guide on ``n`` copies of one datapoint ``x`` ``(1, *event)``, conditioned
+    on ``latents`` when given."""
+    guide = poutine.condition(vae.guide, data=latents) if latents else vae.guide
+    return poutine.trace(guide).get_trace(x.expand(n, *x.shape[1:]), labels)
 
 
 PROPOSALS = ("prior", "encoder")
@@ -424,8 +503,9 @@ def inpaint(
     """Complete images ``x`` ``(N, *event_shape)`` from the pixels where ``mask`` is True.
 
     Self-normalized importance sampling (see the module docstring) with ``num_samples``
-    particles. ``proposal="prior"``: z_k ~ p(z), shared by all images. ``proposal="encoder"``:
-    a second pass that encodes each image completed by the first pass and draws half the
+    particles. ``proposal="prior"``: z_k ~ p(z) (every latent site, drawn by the model's program;
+    a conditional model's program runs once per label), shared by all images. ``proposal="encoder"``:
+    a second pass that runs the guide on each image completed by the first pass and draws half the
     particles from that q(z | x_completed, y) and half from p(z) (a defensive mixture, so the
     weights p(x_obs | z) p(z) / q_mix(z) stay bounded); it raises the effective sample size
     when the posterior is much narrower than the prior. For a conditional model, ``y`` gives
@@ -435,7 +515,10 @@ def inpaint(
     ``channel``, ``row``, ``col`` (and ``label``): ``original``, ``mask``, ``completion_mean``
     (observed pixels kept, missing ones E[x_miss | x_obs]), ``completion_draws`` (decoded z drawn
     from the weighted sample), ``log_evidence`` (the importance-sampling estimate of
-    log p(x_obs)) and ``ess`` (effective sample size of the weights).
+    log p(x_obs)) and ``ess`` (effective sample size of the weights). A model whose datapoints
+    are not images, whose program has no observed site ``"x"`` or whose likelihood does not
+    score each element on its own is refused with a ValueError naming it. The global RNG state
+    is left as it was.
     """
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2, got {num_samples}")
@@ -450,52 +533,69 @@ def inpaint(
     mask_t = make_mask(mask, event_shape) if isinstance(mask, str) else mask.to(torch.bool)
     if tuple(mask_t.shape) != event_shape:
         raise ValueError(f"mask must have the datapoints' shape {event_shape}, got {tuple(mask_t.shape)}")
+    if not vae.generates_images:
+        raise ValueError(
+            f"model {type(vae).__name__} cannot be inpainted: its datapoints are not images "
+            "(generates_images is False)"
+        )
     device = _device(vae)
     x, mask_t = x.to(device), mask_t.to(device)
     maskf = mask_t.to(x.dtype)
     conditional = vae.num_classes is not None
-    cvae = cast("ConditionalVAE", vae)  # a conditional model's interface (labels y), used only when conditional
     if not conditional and y is not None:
         raise ValueError(f"y needs a conditional model (cvae); this model ({type(vae).__name__}) takes no labels")
+    classes: List[Optional[int]] = [None]
     if conditional:
-        classes = list(range(cvae.num_classes)) if y is None else sorted({int(c) for c in y.tolist()})
-        _check_labels(vae, classes)
+        classes = list(range(int(cast(int, vae.num_classes)))) if y is None else sorted({int(c) for c in y.tolist()})
+        _check_labels(vae, cast(List[int], classes))
     log_p_y = -math.log(len(classes)) if conditional and y is None else 0.0  # uniform p(y)
 
-    def decode_params(z: Tensor, c) -> tuple:
-        return cvae.decode_params(z, c) if conditional else tuple(vae.decoder(z))
+    def labels(c: Optional[int], n: int) -> Optional[Tensor]:
+        return None if c is None else torch.full((n,), c, dtype=torch.long, device=device)
 
     def hypotheses(n: int) -> list:
         return [None] if not conditional else (classes if y is None else [int(y[n])])
 
-    with eval_mode(vae):
-        z = fixed_latents(vae, num_samples, seed)
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with eval_mode(vae), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        # Pass 1, proposal p(z): one set of decoder outputs per hypothesis, shared by all images.
-        params = {c: decode_params(z, c) for c in (classes if conditional else [None])}
-        means = {c: vae.likelihood.mean(*p) for c, p in params.items()}
+        # Pass 1, proposal p(latents): one run of the model's program per hypothesis (label),
+        # ``num_samples`` particles shared by all images.
+        prior_runs = {c: _Program(vae, num_samples, labels(c, num_samples)) for c in classes}
+        means = {c: run.mean() for c, run in prior_runs.items()}
         results = []
         for n in range(x.shape[0]):
             hyps = hypotheses(n)
-            log_w = torch.stack([_masked_log_lik(vae, params[c], x[n], maskf) for c in hyps]) + log_p_y
+            log_w = torch.stack([prior_runs[c].masked_log_lik(x[n], maskf) for c in hyps]) + log_p_y
             results.append(_weighted(log_w, torch.stack([means[c] for c in hyps]), x[n], mask_t, num_draws, gen))
         if proposal == "encoder":
-            prior = vae.prior()
+            # Pass 2: half the particles from the pass-1 prior draws, half from the guide at the
+            # pass-1 completion; each weighted against the mixture of the two densities.
             half = num_samples // 2
             for n in range(x.shape[0]):
-                hyps = hypotheses(n)
                 x_fill = results[n]["completion"][None]
                 log_ws, mean_list = [], []
-                for c in hyps:
-                    loc, scale = vae.encode(x_fill) if not conditional else cvae.encode(x_fill, torch.tensor([c]))
-                    eps = torch.randn((num_samples - half, loc.shape[-1]), generator=gen).to(device)
-                    zk = torch.cat([z[:half], loc + scale * eps])
-                    log_prior = prior.log_prob(zk)
-                    log_enc = torch.distributions.Normal(loc, scale).log_prob(zk).sum(-1)
-                    log_q = torch.logaddexp(log_prior, log_enc) - math.log(2.0)
-                    p = decode_params(zk, c)
-                    log_ws.append(_masked_log_lik(vae, p, x[n], maskf) + log_prior - log_q + log_p_y)
-                    mean_list.append(vae.likelihood.mean(*p))
+                for c in hypotheses(n):
+                    sites = prior_runs[c].sites
+                    drawn = _guide_trace(vae, x_fill, num_samples - half, labels(c, num_samples - half))
+                    missing = [s for s in sites if s not in drawn.nodes]
+                    if missing:
+                        raise ValueError(
+                            f"model {type(vae).__name__} cannot be inpainted with proposal 'encoder': its guide "
+                            f"does not sample the latent site(s) {', '.join(map(repr, missing))}"
+                        )
+                    latents = {
+                        s: torch.cat([prior_runs[c].trace.nodes[s]["value"][:half], drawn.nodes[s]["value"]])
+                        for s in sites
+                    }
+                    run = _Program(vae, num_samples, labels(c, num_samples), latents)
+                    log_prior = run.log_density(sites)
+                    scored = _guide_trace(vae, x_fill, num_samples, labels(c, num_samples), latents)
+                    log_guide = _log_density(scored, sites, num_samples, type(vae).__name__)
+                    log_q = torch.logaddexp(log_prior, log_guide) - math.log(2.0)
+                    log_ws.append(run.masked_log_lik(x[n], maskf) + log_prior - log_q + log_p_y)
+                    mean_list.append(run.mean())
                 results[n] = _weighted(torch.stack(log_ws), torch.stack(mean_list), x[n], mask_t, num_draws, gen)
     completion_mean = [r["completion"] for r in results]
     draws = [r["draws"] for r in results]

@@ -129,3 +129,78 @@ def test_recorder_writes_frames_and_an_animated_gif(tmp_path):
         assert gif.n_frames == 3
     fig = plot_inpainting(inpaint(vae, torch.rand(2, 1, 6, 6), "bottom", num_samples=10, num_draws=1))
     assert len(fig.axes) == 2 * 4  # original, observed, mean, one draw
+
+
+# ---------------------------------------------------------------------------------------------
+# Inpainting any model that keeps the contract: draws come from the model's own program
+
+INFO = {"num_classes": 3, "num_train": 40, "num_labelled": 6}
+IMAGE_MODELS = ["bernoulli_mlp", "one_layer", "two_layer", "ladder", "cvae", "m2", "gmvae", "relaxed_gmvae"]
+
+
+@pytest.mark.parametrize("proposal", ["prior", "encoder"])
+@pytest.mark.parametrize("name", IMAGE_MODELS)
+def test_every_image_model_inpaints_and_keeps_the_observed_pixels(name, proposal):
+    vae = build_vae(name, (1, 4, 4), latent_dim=2, hidden_dim=8, data_info=INFO)
+    x = torch.bernoulli(torch.full((3, 1, 4, 4), 0.4))
+    state = torch.get_rng_state()
+    result = inpaint(vae, x, "left", num_samples=40, num_draws=2, proposal=proposal, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    mask = make_mask("left", (1, 4, 4))
+    completion = torch.from_numpy(result["completion_mean"].values)
+    draws = torch.from_numpy(result["completion_draws"].values)
+    assert completion.shape == (3, 1, 4, 4) and draws.shape == (3, 2, 1, 4, 4)
+    assert torch.equal(completion[:, mask], x[:, mask])
+    assert torch.equal(draws[:, :, mask], x[:, None].expand_as(draws)[:, :, mask])
+    assert ((completion >= 0) & (completion <= 1)).all()  # Bernoulli means where pixels are missing
+    assert torch.isfinite(torch.from_numpy(result["log_evidence"].values)).all()
+    weights = result.attrs["num_weights"]
+    assert weights == 40 * (3 if vae.num_classes is not None else 1)
+    assert ((result["ess"].values >= 1 - 1e-6) & (result["ess"].values <= weights + 1e-6)).all()
+    again = inpaint(vae, x, "left", num_samples=40, num_draws=2, proposal=proposal, seed=1)
+    torch.testing.assert_close(torch.from_numpy(again["completion_mean"].values), completion)
+    if vae.num_classes is not None:
+        post = torch.from_numpy(result["label_posterior"].values)
+        torch.testing.assert_close(post.sum(-1), torch.ones(3, dtype=post.dtype))
+        given = inpaint(vae, x, "left", y=torch.tensor([0, 2, 1]), num_samples=40, proposal=proposal)
+        assert list(given["label"].values) == [0, 2, 1] and given.attrs["num_weights"] == 40
+
+
+@pytest.mark.parametrize("name", ["two_layer", "m2"])
+def test_a_decoder_blind_to_the_latents_gives_the_likelihood_mean_with_equal_weights(name):
+    """Where p(x | latents) does not depend on the latents, every weight is equal (ESS = K), the
+    completion is the likelihood's mean and log p(x_obs) is exact: the weights come from the
+    model's own observed site, whatever its latent sites are."""
+    vae = build_vae(name, (1, 4, 4), latent_dim=2, hidden_dim=8, data_info=INFO)
+    logits = torch.linspace(-2, 2, 16)
+    with torch.no_grad():
+        vae.decoder.net[-1].weight.zero_()
+        vae.decoder.net[-1].bias.copy_(logits)
+    x = torch.bernoulli(torch.full((2, 1, 4, 4), 0.5))
+    result = inpaint(vae, x, "top", num_samples=50)
+    mask = make_mask("top", (1, 4, 4))
+    expected = torch.where(mask, x, torch.sigmoid(logits).reshape(1, 4, 4))
+    torch.testing.assert_close(torch.from_numpy(result["completion_mean"].values), expected)
+    weights = result.attrs["num_weights"]
+    torch.testing.assert_close(torch.from_numpy(result["ess"].values), torch.full((2,), float(weights)))
+    exact = (torch.distributions.Bernoulli(logits=logits.reshape(1, 4, 4)).log_prob(x) * mask).flatten(1).sum(-1)
+    # for m2 the weights cover (z_k, y) pairs with a uniform p(y): the sum over y is still exact
+    torch.testing.assert_close(torch.from_numpy(result["log_evidence"].values), exact)
+    if vae.num_classes is not None:
+        torch.testing.assert_close(torch.from_numpy(result["label_posterior"].values), torch.full((2, 3), 1 / 3))
+
+
+def test_a_model_that_cannot_be_inpainted_is_refused_up_front_naming_it():
+    vae = build_vae("bernoulli_mlp", (1, 4, 4), latent_dim=2, hidden_dim=8)
+    vae.generates_images = False  # as the text models declare: x is not an image
+    with pytest.raises(ValueError, match="model VAE .*not images"):
+        inpaint(vae, torch.rand(2, 1, 4, 4), "top", num_samples=10)
+
+    class NoObservedX(type(vae)):  # type: ignore[misc]
+        def model(self, x, y=None, **kwargs):
+            return super().model(x, y, **kwargs) if False else None
+
+    blind = build_vae("bernoulli_mlp", (1, 4, 4), latent_dim=2, hidden_dim=8)
+    blind.__class__ = NoObservedX
+    with pytest.raises(ValueError, match="model NoObservedX .*observed site 'x'"):
+        inpaint(blind, torch.rand(2, 1, 4, 4), "top", num_samples=10)
