@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import click
+from click.core import ParameterSource
 
 from ppl_vae.cli import options as opt
 
@@ -16,6 +17,42 @@ MAX_NUM_DRAWS = 100
 MAX_NUM_IMAGES = 1000
 MAX_INPAINT_SAMPLES = 1_000_000
 MAX_GRID_SAMPLES = 10_000
+
+# What each generate option applies to: options read only by a traversal, and options read only
+# by a sample grid. An option given where it does not apply is a usage error, never ignored.
+TRAVERSAL_ONLY = ("dims", "num_steps", "span")
+GRID_ONLY = ("labels", "num_samples", "seed")
+
+
+def _flag(ctx: click.Context, name: str) -> str:
+    """The command-line spelling of parameter ``name`` (``--label/--no-label`` for a flag pair)."""
+    param = next(p for p in ctx.command.params if p.name == name)
+    return "/".join([*param.opts, *param.secondary_opts])
+
+
+def given_options(ctx: click.Context, names) -> list:
+    """The flags among ``names`` that the user gave (on the command line or in the environment)."""
+    sources = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return [_flag(ctx, n) for n in names if ctx.get_parameter_source(n) in sources]
+
+
+def check_generate_options(ctx: click.Context, traverse: bool) -> None:
+    """A usage error for an option given where it does not apply (see :data:`TRAVERSAL_ONLY`)."""
+    if traverse:
+        given = given_options(ctx, GRID_ONLY)
+        if given:
+            raise click.UsageError(
+                f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply with --traverse "
+                "(a traversal decodes the first test image's latents, one row per dimension); "
+                "drop it or drop --traverse"
+            )
+    else:
+        given = given_options(ctx, TRAVERSAL_ONLY)
+        if given:
+            raise click.UsageError(
+                f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only with --traverse; "
+                "add --traverse or drop it"
+            )
 
 
 @click.command()
@@ -56,6 +93,7 @@ def generate(
 
     With --traverse: one row per latent dimension, decoded along [-span, span] from the encoder
     mean of the first test image, rows in decreasing KL (measured on up to 500 test images)."""
+    check_generate_options(click.get_current_context(), traverse)
     from ppl_vae.analysis.generation import (
         latent_traversal,
         plot_image_grid,
@@ -136,6 +174,13 @@ def inpaint(
     opt.check_size("--num-samples", num_samples, MAX_INPAINT_SAMPLES, "decoded images held per test image")
     opt.check_size("--num-images", num_images, MAX_NUM_IMAGES, "rows of one figure")
     run = load_run(run_dir)
+    if run.vae.num_classes is None:
+        given = given_options(click.get_current_context(), ["use_label"])
+        if given:
+            raise click.UsageError(
+                f"{given[0]} applies only to conditional models (cvae, m2); {run_dir} holds model "
+                f"{run.config.model.model!r}, which takes no labels"
+            )
     data = load_data(run.config)
     if num_images > data.test.shape[0]:
         raise ValueError(

@@ -86,3 +86,51 @@ def test_cvae_on_unlabelled_data_is_refused(tmp_path):
         "fit", "--model", "cvae", "--dataset", path, "--epochs", "1", "--out", tmp_path / "r", "--no-progress"
     )
     one_line_error(result, "needs labelled data")
+
+
+@pytest.fixture(scope="module")
+def two_layer_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "two_layer"
+    result = invoke("fit", "--model", "two_layer", "--epochs", "0", "--out", out, *SMALL)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_inpaint_on_a_two_layer_run(two_layer_run, tmp_path):
+    png = tmp_path / "inp.png"
+    for proposal in ("prior", "encoder"):
+        result = invoke(
+            "inpaint", two_layer_run, "--num-images", "2", "--num-samples", "20", "--proposal", proposal, "--out", png
+        )
+        assert result.exit_code == 0, result.output
+        assert "mean log p(x_obs)" in result.output and "of 20 weights" in result.output
+        assert png.is_file()
+
+
+@pytest.mark.parametrize(
+    "args,named",
+    [
+        (["--dim", "0"], ("--dim", "--traverse")),
+        (["--num-steps", "5"], ("--num-steps", "--traverse")),
+        (["--span", "2"], ("--span", "--traverse")),
+        (["--traverse", "--label", "3"], ("--label", "--traverse")),
+        (["--traverse", "--num-samples", "4"], ("--num-samples", "--traverse")),
+        (["--traverse", "--seed", "4"], ("--seed", "--traverse")),
+    ],
+)
+def test_generate_options_that_do_not_apply_are_errors_naming_both(two_layer_run, tmp_path, args, named):
+    out = tmp_path / "grid.png"
+    result = invoke("generate", two_layer_run, *args, "--out", out)
+    line = one_line_error(result)
+    assert result.exit_code != 0
+    assert all(flag in line for flag in named), line
+    assert not out.exists()
+
+
+def test_inpaint_label_flag_on_an_unconditional_model_is_an_error(two_layer_run, tmp_path):
+    out = tmp_path / "inp.png"
+    for flag in ("--label", "--no-label"):
+        result = invoke("inpaint", two_layer_run, "--num-images", "1", "--num-samples", "4", flag, "--out", out)
+        line = one_line_error(result, "--label/--no-label")
+        assert "two_layer" in line and "conditional" in line
+        assert not out.exists()
