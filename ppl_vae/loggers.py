@@ -10,6 +10,7 @@ docs/training.md). Loggers run on the main rank only, like every callback.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Callable, Dict, Optional, Union
 
@@ -69,10 +70,26 @@ class TensorBoardLogger(ScalarLogger):
         self.seed = seed
         self._writer_cls = SummaryWriter
         self._writer: Optional[SummaryWriter] = None
+        self.check_log_dir()  # before the run starts: a resume writes nothing until every check passed
+
+    def check_log_dir(self) -> None:
+        """Refuse (ValueError, one line) a ``log_dir`` that is a file, or a symlink leading out of
+        the folder that holds it (the run directory): event files are never written through it."""
+        path = self.log_dir
+        if path.is_symlink():
+            real, parent = os.path.realpath(path), os.path.realpath(path.parent)
+            if not real.startswith(parent.rstrip(os.sep) + os.sep):
+                raise ValueError(
+                    f"refusing to log to {path}: it is a symlink that leads out of the run directory "
+                    f"(to {real}); remove the link or log elsewhere"
+                )
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"cannot log to {path}: it is a file, not a folder; move it away or log elsewhere")
 
     @property
     def writer(self):
         if self._writer is None:  # made at the first use, so a logger can be pickled to a rank
+            self.check_log_dir()
             self._writer = self._writer_cls(str(self.log_dir))
         return self._writer
 

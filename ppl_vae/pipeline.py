@@ -55,7 +55,11 @@ if TYPE_CHECKING:  # xarray is imported where used: fit needs none of it before 
 @dataclass
 class Run:
     """A trained (or loaded) run: its directory, config, model, and history; ``new_epochs``:
-    how many epochs the call that returned it trained (0 for :func:`load_run`)."""
+    how many epochs the call that returned it trained (0 for :func:`load_run`).
+
+    ``vae`` is in eval mode whichever call returned it. :func:`fit` and :func:`resume` leave it
+    on the device it trained on (CPU when it trained on several processes, or when a complete
+    run is returned as it is); :func:`load_run` puts it on its ``device`` (default CPU)."""
 
     run_dir: Path
     config: RunConfig
@@ -272,11 +276,15 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
         runs.save_config(run_dir, config)
     if not job.fresh:
         _check_labelled_split(run_dir, data)
-    state = TrainState() if job.fresh else runs.restore(run_dir, vae, stepper, optimizer_state=not job.reset_optimizer)
-    if job.lr_scale is not None and not job.reset_optimizer:
-        for optimizer in stepper.optimizers.values():  # the restored state keeps the old rate
-            for group in optimizer.param_groups:
-                group["lr"] = group["lr"] * job.lr_scale
+    if job.fresh:
+        state = TrainState()
+    else:
+        # a history without val_elbo would let a run with early stopping train on past its stop
+        needed = ("val_elbo",) if config.train.val_fraction > 0 else ()
+        state = runs.restore(run_dir, vae, stepper, optimizer_state=not job.reset_optimizer, history_vars=needed)
+        runs.restore_learning_rates(
+            run_dir, stepper, config.train, lr_scale=job.lr_scale or 1.0, fresh_optimizer=job.reset_optimizer
+        )
     if job.write_config and not job.fresh and writer:
         runs.save_config(run_dir, config)  # only once the checkpoint is known to restore
     start = state.epoch
@@ -318,6 +326,7 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
         if writer:
             _discard_unstarted(job)
         raise
+    vae.eval()  # as load_run gives it: a model may compute another density in training mode (M2)
     return Run(run_dir, config, vae, history, new_epochs=int(history.sizes.get("epoch", 0)) - start)
 
 
@@ -417,6 +426,7 @@ def fit(
     samples after every epoch (``RUN/samples/``, ``RUN/samples.gif``); ``callbacks``
     (:class:`~ppl_vae.inference.training.Callback` or ``fn(epoch, vae)``, picklable when
     ``nproc`` > 1) run on rank 0. ``timeout_s`` bounds every distributed collective.
+    The returned :class:`Run`'s model is in eval mode, on the device it trained on (see :class:`Run`).
     """
     distributed.check_timeout(timeout_s)
     world = world_size(nproc)
@@ -497,9 +507,18 @@ def resume(
     ``epochs`` given) is returned as it is. A run that never took its first step starts from
     scratch with its config. Other arguments as in :func:`fit`; on several machines the run
     directory must be on a shared filesystem.
+
+    ``lr`` and ``optimizer`` change those settings: the learning-rate schedule continues (its
+    epoch count and decayed rate; a new ``lr`` scales the rates by new/old), and a new optimizer
+    starts its own state afresh. Every check of the run directory (links, damaged checkpoint,
+    scheduler state or history) comes before anything is written.
     """
     distributed.check_timeout(timeout_s)
     run_dir = Path(run_dir)
+    if run_dir.is_dir():  # a resume writes nothing through a link, and finds nothing in its way
+        runs.check_writable(
+            run_dir, files=("samples.gif",) if sample_grids else (), folders=("samples",) if sample_grids else ()
+        )
     config = runs.load_config(run_dir)
     load_plugins(config, trust_plugins, source=str(run_dir))  # before anything imports its parts
     world = world_size(nproc)

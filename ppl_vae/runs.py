@@ -19,14 +19,17 @@ first step (:func:`started` is False): resume starts it from scratch.
 
 from __future__ import annotations
 
+import gc
 import json
+import os
+import sys
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ppl_vae.config import RunConfig
+from ppl_vae.config import RunConfig, TrainConfig
 from ppl_vae.errors import RunDirError
 from ppl_vae.inference.optim import optimizer_kind
 from ppl_vae.inference.training import (
@@ -34,6 +37,7 @@ from ppl_vae.inference.training import (
     Stepper,
     TrainContext,
     TrainState,
+    attach_lr_schedulers,
     epochs_since_best,
     history_records,
     history_to_xarray,
@@ -59,6 +63,8 @@ __all__ = [
     "read_checkpoint",
     "remove_stale_temp_files",
     "restore",
+    "restore_learning_rates",
+    "check_writable",
     "save",
     "save_config",
     "started",
@@ -207,7 +213,8 @@ def save(
         # no epoch finished (the checkpoint before a fresh run's first step): there is no history
         # to write yet, and restore() reads an epoch-0 checkpoint without one; skipping it keeps
         # xarray and h5netcdf (0.3 s of imports) out of fit's start-up
-        write_netcdf(history_to_xarray(state.records, attrs), run_dir / HISTORY, run_files=True)
+        history = history_to_xarray(state.records, attrs)
+        _interruptible(lambda: write_netcdf(history, run_dir / HISTORY, run_files=True))
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
     meta: Dict[str, Any] = {"epoch": state.epoch, "step": state.step, "extra": extra or {}}
     if stepper is not None and stepper.optimizers:
@@ -306,14 +313,21 @@ def _few(names: list, limit: int = 3) -> str:
 
 
 def restore(
-    run_dir: Path, vae: torch.nn.Module, stepper: Optional[Stepper] = None, *, optimizer_state: bool = True
+    run_dir: Path,
+    vae: torch.nn.Module,
+    stepper: Optional[Stepper] = None,
+    *,
+    optimizer_state: bool = True,
+    history_vars: Sequence[str] = (),
 ) -> TrainState:
     """The inverse of :func:`save`: weights into ``vae``, optimizer states into ``stepper``, the
     torch RNG state, and the history trimmed to the checkpoint's epoch; returns the TrainState.
 
-    A checkpoint past epoch 0 without its history, an optimizer the method does not have, or
-    state of another optimizer type raise RunDirError. ``optimizer_state=False`` leaves the
-    stepper's optimizers as they are (a resume that switches optimizer starts its state afresh).
+    A checkpoint past epoch 0 without its history, a history without one of ``history_vars``
+    (e.g. ``val_elbo`` for a run with a validation split), an optimizer the method does not have,
+    or state of another optimizer type raise RunDirError. ``optimizer_state=False`` leaves the
+    stepper's optimizers as they are (a resume that switches optimizer starts its state afresh);
+    the learning-rate schedule's state is kept for :func:`restore_lr_schedules` either way.
     """
     run_dir = Path(run_dir)
     tensors, meta = read_checkpoint(run_dir)
@@ -337,12 +351,25 @@ def restore(
             except (ValueError, KeyError, TypeError) as exc:
                 raise RunDirError(f"optimizer state in {run_dir} does not fit: {' '.join(str(exc).split())}") from None
             _check_optimizer_shapes(stepper.optimizers[name], f"{run_dir / CHECKPOINT} (optimizer {name!r})")
-        # loaded by training.attach_lr_schedulers once the schedulers exist
+    if stepper is not None:
+        # loaded by restore_learning_rates (or training.attach_lr_schedulers) once the schedulers exist;
+        # kept when the optimizer's state starts afresh: the schedule continues across a new optimizer
+        saved_schedules = meta.get("schedulers", {})
+        if not isinstance(saved_schedules, dict):
+            raise RunDirError(f"{run_dir / CHECKPOINT} is damaged: its metadata 'schedulers' is not a JSON object")
         stepper.pending_scheduler_state = {
-            name: _decode_state(state) for name, state in meta.get("schedulers", {}).items()
+            name: _decode_state(state) for name, state in saved_schedules.items()
         } or None
     if (run_dir / HISTORY).is_file():
-        records = [r for r in history_records(load_history(run_dir)) if r["epoch"] <= epoch]
+        history = load_history(run_dir)
+        lacking = [name for name in history_vars if name not in history.data_vars]
+        if lacking and epoch > 0:
+            raise RunDirError(
+                f"{run_dir / HISTORY} is damaged: it lacks {lacking[0]!r}, which this run records every "
+                "epoch (its validation split, early stopping and best checkpoint read it); restore the "
+                "file or start a new run"
+            )
+        records = [r for r in history_records(history) if r["epoch"] <= epoch]
     elif epoch > 0:
         raise RunDirError(
             f"{run_dir} has a checkpoint from epoch {epoch} but no {HISTORY}: the history of its "
@@ -377,17 +404,175 @@ def _check_optimizer_shapes(optimizer: torch.optim.Optimizer, what: str) -> None
                 )
 
 
+def restore_learning_rates(
+    run_dir: Path, stepper: Stepper, config: TrainConfig, *, lr_scale: float = 1.0, fresh_optimizer: bool = False
+) -> None:
+    """After :func:`restore`: make the stepper's learning-rate schedulers, load the checkpoint's
+    schedule state into them, and set every optimizer's rates where the schedule left them.
+
+    The schedule continues across a resume: its epoch count and decayed rate go on even when
+    the optimizer's own state starts afresh (``fresh_optimizer``: another train.optimizer).
+    ``lr_scale`` (new train.lr / old) multiplies the rates a resume continues from, and the
+    schedule's base rates, so the schedule goes on as if the run had started at the new rate.
+    A run with a schedule whose checkpoint lacks its state, or holds state of the wrong shape or
+    types, raises RunDirError (one line naming the checkpoint) before anything is written.
+    """
+    path = Path(run_dir) / CHECKPOINT
+    saved = stepper.pending_scheduler_state or {}
+    stepper.pending_scheduler_state = None
+    schedulers = attach_lr_schedulers(stepper, config)  # made afresh: nothing is pending
+    for name in saved:
+        if name not in schedulers:
+            raise RunDirError(
+                f"{path} holds a learning-rate schedule for optimizer {name!r} but the run's "
+                f"train.lr_schedule is {config.lr_schedule!r}; restore the run's config.json or start a new run"
+            )
+    for name, optimizer in stepper.optimizers.items():
+        scheduler = schedulers.get(name)
+        if scheduler is None:
+            if not fresh_optimizer:  # a fresh optimizer already has the new rate
+                for group in optimizer.param_groups:
+                    group["lr"] = group["lr"] * lr_scale
+            continue
+        if name not in saved:
+            raise RunDirError(
+                f"{path} lacks the learning-rate scheduler state of optimizer {name!r} (the run's "
+                f"train.lr_schedule is {config.lr_schedule}), so the schedule would restart; restore "
+                "the file or start a new run"
+            )
+        state = saved[name]
+        problem = _state_mismatch(state, scheduler.state_dict())
+        if problem is None:
+            try:
+                scheduler.load_state_dict(state)
+            except (TypeError, ValueError, KeyError, AttributeError) as exc:
+                problem = " ".join(str(exc).split())
+        if problem is not None:
+            raise RunDirError(
+                f"{path} is damaged: its learning-rate scheduler state for optimizer {name!r} {problem}; "
+                "restore the file or start a new run"
+            )
+        last = state.get("_last_lr") or [group["lr"] for group in optimizer.param_groups]
+        base = getattr(scheduler, "base_lrs", None)
+        for i, group in enumerate(optimizer.param_groups):
+            group["lr"] = float(last[i]) * lr_scale  # a fresh optimizer starts at the schedule's rate too
+            if base is not None:
+                base[i] = base[i] * lr_scale
+                if "initial_lr" in group:
+                    group["initial_lr"] = base[i]
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _state_mismatch(saved: Any, fresh: Any, key: str = "") -> Optional[str]:
+    """How ``saved`` (a scheduler's state read from a checkpoint) differs in kind from ``fresh``
+    (the state a new scheduler of the run's config has): a phrase naming the key, or None.
+    A damaged entry (``last_epoch`` as text) would otherwise fail only after an epoch's training."""
+    if not key and not isinstance(saved, dict):
+        return f"is {_short(saved)}, not a JSON object"
+    if not key and "last_epoch" in fresh and "last_epoch" not in saved:
+        return "lacks 'last_epoch'"
+    if fresh is None:
+        return None
+    if isinstance(fresh, dict):
+        if not isinstance(saved, dict):
+            return f"has {key} = {_short(saved)}, not a JSON object"
+        for k, v in fresh.items():
+            if k in saved:
+                problem = _state_mismatch(saved[k], v, f"{key}[{k!r}]" if key else repr(k))
+                if problem is not None:
+                    return problem
+        return None
+    if isinstance(fresh, (list, tuple)):
+        if not isinstance(saved, list) or len(saved) != len(fresh):
+            return f"has {key} = {_short(saved)}, not a list of {len(fresh)}"
+        for i, (s, f) in enumerate(zip(saved, fresh)):
+            problem = _state_mismatch(s, f, f"{key}[{i}]")
+            if problem is not None:
+                return problem
+        return None
+    number = isinstance(saved, (int, float)) and not isinstance(saved, bool)
+    if isinstance(fresh, bool):
+        ok, what = isinstance(saved, bool), "true or false"
+    elif isinstance(fresh, int):
+        ok, what = number and isinstance(saved, int), "an integer"
+    elif isinstance(fresh, float):
+        ok, what = number, "a number"
+    elif isinstance(fresh, str):
+        ok, what = isinstance(saved, str), "a string"
+    else:
+        return None
+    return None if ok else f"has {key} = {_short(saved)}, not {what}"
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_writable(run_dir: Path, *, files: Sequence[str] = (), folders: Sequence[str] = ()) -> None:
+    """Refuse (RunDirError, one line) a run directory where what a resume writes is a symlink or
+    of the wrong kind: the run's own files (config, checkpoints, history) and ``files``/``folders``
+    (a resume's sample grids, say). A received run directory could hold a link leading anywhere,
+    and a resume writes nothing through one; a folder where a file goes (or a file where a folder
+    goes) would fail only after training. Called before anything is written."""
+    run_dir = Path(run_dir)
+    wanted = [(name, "file") for name in (CONFIG, CHECKPOINT, CHECKPOINT_BEST, HISTORY, *files)]
+    for name, kind in wanted + [(name, "folder") for name in folders]:
+        path = run_dir / name
+        if path.is_symlink():
+            raise RunDirError(
+                f"{path} is a symlink (to {os.readlink(path)}); a run's files are written in the run "
+                "directory itself, never through a link: replace the link with what it points to, or start a new run"
+            )
+        if path.exists() and (path.is_dir() if kind == "file" else not path.is_dir()):
+            other = "folder" if kind == "file" else "file"
+            raise RunDirError(f"{path} is a {other} where the run writes a {kind}; move it away and resume again")
+
+
 def load_history(run_dir: Path) -> xr.Dataset:
     path = Path(run_dir) / HISTORY
     if not path.is_file():
         raise RunDirError(f"{run_dir} has no {HISTORY}")
     import xarray as xr
 
-    try:
+    def read() -> xr.Dataset:
         with xr.open_dataset(path, engine="h5netcdf") as ds:
             return ds.load()
+
+    try:
+        return _interruptible(read)
     except Exception as exc:  # h5py/h5netcdf raise many types for damaged files
         raise RunDirError(f"{path} is corrupt ({type(exc).__name__})") from None
+
+
+def _interruptible(io: Callable[[], Any]) -> Any:
+    """``io()`` (a netCDF read or write), where a Ctrl-C inside it stops it without noise.
+
+    An h5netcdf ``File`` interrupted while it was being built has no ``_closed`` yet: its
+    ``__del__`` printed "Exception ignored ... AttributeError: 'File' object has no attribute
+    '_closed'" when it was collected (about 1 Ctrl-C during ``fit`` in 12). The interrupted
+    call's frames, which hold that File, are freed here with h5netcdf/h5py's errors from
+    ``__del__`` dropped; then the KeyboardInterrupt goes on. (Writes are atomic, so the previous
+    file stays whole.)"""
+    try:
+        return io()
+    except KeyboardInterrupt as exc:
+        interrupted = exc  # keeps the frames, and any half-built File, alive until the hook is in place
+    hook = sys.unraisablehook
+
+    def quiet(args: Any) -> None:
+        if not str(getattr(args.object, "__module__", "")).startswith(("h5netcdf", "h5py")):
+            hook(args)
+
+    sys.unraisablehook = quiet
+    try:
+        interrupted.__traceback__ = None
+        interrupted.__context__ = None
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    raise interrupted
 
 
 class Checkpointer(Callback):

@@ -1,0 +1,265 @@
+"""Resume and fit bugs of the run layer, one test each (each failed before its fix): the learning-rate
+schedule across a resume that changes the optimizer or the rate, damaged scheduler state and
+histories refused up front, fit's model in eval mode, links and files in the way of a resume's
+writes, and a Ctrl-C during the history write."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import signal
+import sys
+import threading
+
+import pytest
+import torch
+
+from ppl_vae import pipeline, runs
+from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from ppl_vae.errors import RunDirError
+from tests.conftest import invoke, one_line_error
+
+STEP_LR = {"lr_schedule": "StepLR", "lr_schedule_options": {"step_size": 2, "gamma": 0.5}}
+
+
+def small_config(**train) -> RunConfig:
+    return RunConfig(
+        model=ModelConfig(model="bernoulli_mlp", latent_dim=2, hidden_dim=8),
+        data=DataConfig(train_size=100, binarize="threshold"),
+        train=TrainConfig(**{"epochs": 3, "batch_size": 50, "device": "cpu", "train_eval_size": 50, **train}),
+    )
+
+
+def lrs(run) -> list:
+    return [float(v) for v in run.history["lr"].values]
+
+
+def rewrite_checkpoint(run_dir, change) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = run_dir / runs.CHECKPOINT
+    with safe_open(str(path), framework="pt") as fh:
+        meta = json.loads(fh.metadata()["ppl_vae"])
+    tensors = load_file(str(path))
+    change(tensors, meta)
+    save_file(tensors, str(path), metadata={"ppl_vae": json.dumps(meta)})
+
+
+def snapshot(run_dir) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir()) if p.is_file() and not p.is_symlink()}
+
+
+# -- 1. the learning-rate schedule continues across a resume ------------------------------------------
+
+
+@pytest.mark.parametrize("change", [{}, {"optimizer": "adagrad"}], ids=["same-optimizer", "new-optimizer"])
+def test_resume_continues_the_lr_schedule(tmp_path, one_thread, change):
+    pipeline.fit(small_config(**STEP_LR), tmp_path / "r", progress=False)
+    run = pipeline.resume(tmp_path / "r", epochs=5, progress=False, **change)
+    # before: an optimizer change restarted the schedule ([.001, .001, .0005, .001, .001])
+    assert lrs(run) == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4])
+
+
+@pytest.mark.parametrize("change", [{}, {"optimizer": "adagrad"}], ids=["same-optimizer", "new-optimizer"])
+def test_resume_with_a_new_lr_scales_the_schedule(tmp_path, one_thread, change):
+    pipeline.fit(small_config(**STEP_LR), tmp_path / "r", progress=False)
+    run = pipeline.resume(tmp_path / "r", epochs=5, progress=False, lr=1e-2, **change)
+    # the decayed rate is scaled by new/old (x10) and the schedule goes on decaying from there
+    assert lrs(run) == pytest.approx([1e-3, 1e-3, 5e-4, 5e-3, 2.5e-3])
+    _, meta = runs.read_checkpoint(tmp_path / "r", tensors=False)
+    assert meta["schedulers"]["svi"]["base_lrs"] == pytest.approx([1e-2])
+
+
+def test_resume_with_a_new_lr_scales_the_schedule_base_too(tmp_path, one_thread):
+    """CosineAnnealingLR reads its base rate at a restart (epoch T_max + 1): scaled, it goes on
+    as a run started at the new rate does."""
+    cosine = {"lr_schedule": "CosineAnnealingLR", "lr_schedule_options": {"T_max": 2}}
+    pipeline.fit(small_config(**cosine, epochs=2), tmp_path / "a", progress=False)
+    scaled = pipeline.resume(tmp_path / "a", epochs=5, progress=False, lr=1e-2)
+    reference = pipeline.fit(small_config(**cosine, lr=1e-2, epochs=5), tmp_path / "b", progress=False)
+    assert lrs(scaled)[2:] == pytest.approx(lrs(reference)[2:])
+
+
+# -- 2. scheduler state missing or damaged ---------------------------------------------------------
+
+
+@pytest.fixture
+def scheduled_run(tmp_path, one_thread):
+    pipeline.fit(small_config(**STEP_LR, epochs=2), tmp_path / "r", progress=False)
+    return tmp_path / "r"
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda m: m.pop("schedulers"), "lacks the learning-rate scheduler state"),
+        (lambda m: m["schedulers"].pop("svi"), "lacks the learning-rate scheduler state"),
+        (lambda m: m["schedulers"].update(svi="abc"), "is damaged"),
+        (lambda m: m["schedulers"]["svi"].update(last_epoch="abc"), "last_epoch"),
+        (lambda m: m["schedulers"]["svi"].pop("last_epoch"), "last_epoch"),
+        (lambda m: m["schedulers"]["svi"].update(base_lrs=["x"]), "base_lrs"),
+    ],
+    ids=["no-schedulers", "no-entry", "string-entry", "text-last-epoch", "no-last-epoch", "text-base-lrs"],
+)
+def test_damaged_scheduler_state_is_refused_before_anything_is_written(scheduled_run, damage, message):
+    rewrite_checkpoint(scheduled_run, lambda t, m: damage(m))
+    before = snapshot(scheduled_run)
+    result = invoke("fit", "--resume", scheduled_run, "--epochs", 3, "--no-progress")
+    line = one_line_error(result, message)
+    assert str(scheduled_run / runs.CHECKPOINT) in line
+    assert snapshot(scheduled_run) == before
+
+
+# -- 3. fit returns the model as load_run does --------------------------------------------------------
+
+
+def test_fit_returns_the_model_in_eval_mode_like_load_run(tmp_path, one_thread):
+    import pyro.poutine as poutine
+
+    config = RunConfig(
+        model=ModelConfig(model="m2", latent_dim=2, hidden_dim=16),
+        data=DataConfig(dataset="digits", train_size=200, labels=20),
+        train=TrainConfig(epochs=1, batch_size=100, device="cpu"),
+    )
+    fitted = pipeline.fit(config, tmp_path / "m2", progress=False)
+    loaded = pipeline.load_run(tmp_path / "m2")
+    data = pipeline.load_data(config)
+    x, y = data.test[:8].cpu(), data.test_labels[:8].cpu()
+
+    def log_density(vae):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return float(poutine.trace(vae.model).get_trace(x, y).log_prob_sum())
+
+    # before: fit's model was in training mode, where M2 adds its classifier term
+    assert log_density(fitted.vae.to("cpu")) == pytest.approx(log_density(loaded.vae), rel=1e-6)
+    assert not fitted.vae.training and not loaded.vae.training
+
+
+# -- 4. nothing in the way of, or redirecting, a resume's writes ---------------------------------------
+
+
+@pytest.fixture
+def tiny_run(tmp_path, one_thread):
+    pipeline.fit(small_config(epochs=1), tmp_path / "r", progress=False)
+    return tmp_path / "r"
+
+
+def test_resume_refuses_a_tensorboard_file_before_writing(tiny_run):
+    pytest.importorskip("torch.utils.tensorboard")
+    (tiny_run / "tensorboard").write_text("not a folder")
+    before = snapshot(tiny_run)
+    result = invoke("fit", "--resume", tiny_run, "--epochs", 2, "--log", "tensorboard", "--no-progress")
+    one_line_error(result, "tensorboard")
+    assert snapshot(tiny_run) == before
+
+
+def test_resume_refuses_a_tensorboard_link_out_of_the_run(tiny_run, tmp_path):
+    pytest.importorskip("torch.utils.tensorboard")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (tiny_run / "tensorboard").symlink_to(outside)
+    before = snapshot(tiny_run)
+    result = invoke("fit", "--resume", tiny_run, "--epochs", 2, "--log", "tensorboard", "--no-progress")
+    one_line_error(result, "symlink")
+    assert os.listdir(outside) == []
+    assert snapshot(tiny_run) == before
+
+
+@pytest.mark.parametrize("name", [runs.HISTORY, runs.CHECKPOINT, runs.CONFIG, "samples"])
+def test_resume_refuses_run_files_that_are_links_out_of_the_run(tiny_run, tmp_path, name):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    target = outside / name
+    if name == "samples":
+        target.mkdir()
+    else:
+        (tiny_run / name).rename(target)
+    (tiny_run / name).symlink_to(target)
+    before = {p.name: p.read_bytes() for p in outside.iterdir() if p.is_file()}
+    result = invoke("fit", "--resume", tiny_run, "--epochs", 2, "--sample-grids", "--no-progress")
+    one_line_error(result, "symlink")
+    assert (tiny_run / name).is_symlink()
+    assert {p.name: p.read_bytes() for p in outside.iterdir() if p.is_file()} == before
+    assert runs.checkpoint_epoch(tiny_run) == 1
+
+
+# -- 5. a Ctrl-C in the history write -------------------------------------------------------------------
+
+
+def unraisable(monkeypatch) -> list:
+    """What Python would print as "Exception ignored in ..." (pytest turns it into a warning)."""
+    seen: list = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda args: seen.append(f"{args.exc_type.__name__}: {args.exc_value}"))
+    return seen
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals need the main thread")
+def test_ctrl_c_inside_the_history_write_leaves_a_whole_file_and_no_noise(tiny_run, capfd, monkeypatch):
+    import h5netcdf
+
+    run = pipeline.load_run(tiny_run)
+    state = runs.restore(tiny_run, run.vae)
+    real_init = h5netcdf.File.__init__
+
+    def interrupted_init(self, path, mode="r", *args, **kwargs):
+        if mode == "w":  # Ctrl-C arrives while the file object is being built
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_init(self, path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(h5netcdf.File, "__init__", interrupted_init)
+    ignored = unraisable(monkeypatch)
+    capfd.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        runs.save(tiny_run, run.vae, None, state)
+    monkeypatch.setattr(h5netcdf.File, "__init__", real_init)
+    gc.collect()
+    err = capfd.readouterr().err
+    assert not ignored and "Exception ignored" not in err and "AttributeError" not in err, (ignored, err)
+    assert runs.load_history(tiny_run).epoch.values.tolist() == [1]
+    assert not [p for p in tiny_run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_keyboard_interrupt_raised_inside_the_file_constructor_leaves_no_noise(tiny_run, capfd, monkeypatch):
+    """An interrupt raised in h5netcdf.File.__init__ before it sets ``_closed`` made its
+    ``__del__`` print "AttributeError: 'File' object has no attribute '_closed'"."""
+    import h5netcdf
+
+    run = pipeline.load_run(tiny_run)
+    state = runs.restore(tiny_run, run.vae)
+    before = (tiny_run / runs.HISTORY).read_bytes()
+    real_open = h5netcdf.core._open_h5py
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(h5netcdf.core, "_open_h5py", interrupted)
+    ignored = unraisable(monkeypatch)
+    capfd.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        runs.save(tiny_run, run.vae, None, state)
+    gc.collect()
+    monkeypatch.setattr(h5netcdf.core, "_open_h5py", real_open)
+    err = capfd.readouterr().err
+    assert not ignored and "Exception ignored" not in err and "_closed" not in err, (ignored, err)
+    assert (tiny_run / runs.HISTORY).read_bytes() == before
+
+
+# -- 6. a run with a validation split needs val_elbo in its history --------------------------------------
+
+
+def test_a_history_without_val_elbo_is_refused_for_a_run_with_early_stopping(tmp_path, one_thread):
+    config = small_config(epochs=4, val_fraction=0.2, early_stopping_patience=1)
+    pipeline.fit(config, tmp_path / "r", progress=False)
+    history = runs.load_history(tmp_path / "r").drop_vars("val_elbo")
+    (tmp_path / "r" / runs.HISTORY).unlink()
+    history.to_netcdf(tmp_path / "r" / runs.HISTORY, engine="h5netcdf")
+    before = snapshot(tmp_path / "r")
+    with pytest.raises(RunDirError, match="history.nc is damaged: it lacks 'val_elbo'") as info:
+        pipeline.resume(tmp_path / "r", epochs=6, progress=False)
+    assert "\n" not in str(info.value)
+    assert snapshot(tmp_path / "r") == before
+    assert math.isfinite(runs.checkpoint_epoch(tmp_path / "r"))
