@@ -7,7 +7,8 @@ A plugin is an ordinary Python module whose import registers its parts, e.g.
   :func:`load_plugins` ``(["mypkg.parts"])``;
 - installed with an entry point in the group ``ppl_vae.plugins`` (``setup.cfg``:
   ``[options.entry_points] ppl_vae.plugins = mine = mypkg.parts``), which the CLI loads on
-  every start, so no flag is needed.
+  every start, so no flag is needed. Only distributions installed on ``sys.path`` count, never
+  a ``.dist-info`` in the current folder (:func:`installed_paths`).
 
 A spec is ``"module"`` or ``"module:function"``; the function, when given, is called once
 with no arguments after the import (a registration hook). A run records the specs it used in
@@ -24,10 +25,12 @@ process (``--plugin``, :func:`load_plugins`, an installed entry point), installe
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Sequence
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
 
 from ppl_vae.errors import PplVaeError
 
@@ -110,15 +113,47 @@ def load_plugins(names: Iterable[str]) -> List[str]:
     return loaded
 
 
-def discover() -> List[PluginEntryPoint]:
-    """The plugins installed with an entry point in the group ``ppl_vae.plugins``, by name."""
-    from importlib.metadata import entry_points
+def installed_paths() -> List[str]:
+    """The ``sys.path`` entries that hold installed distributions: every absolute entry except
+    the current folder. ``python -m`` puts the current folder first (as its absolute path, or
+    ``''``), and a relative ``PYTHONPATH`` entry follows it too; a run folder received from
+    someone else may be that folder, with a ``.dist-info`` of its own."""
+    try:
+        cwd: Optional[Path] = Path.cwd().resolve()
+    except OSError:  # the current folder was removed: no entry can stand for it
+        cwd = None
+    keep = []
+    for entry in sys.path:
+        if not isinstance(entry, str) or not entry or not os.path.isabs(entry):
+            continue
+        try:
+            if cwd is not None and Path(entry).resolve() == cwd:
+                continue
+        except (OSError, RuntimeError):
+            continue
+        keep.append(entry)
+    return keep
 
-    found = []
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        dist = getattr(ep, "dist", None)
-        found.append(PluginEntryPoint(ep.name, ep.value, None if dist is None else dist.metadata["Name"]))
-    unique = {(p.name, p.spec): p for p in found}  # a path listed twice on sys.path shows a dist twice
+
+def discover() -> List[PluginEntryPoint]:
+    """The plugins installed with an entry point in the group ``ppl_vae.plugins``, by name.
+
+    Only distributions on :func:`installed_paths` count: a ``.dist-info`` in the current folder
+    (``python -m ppl_vae.cli evaluate .`` run inside a received run folder) declares nothing.
+    Where one distribution is found twice, the first on the path wins, as for ``import``."""
+    from importlib.metadata import distributions
+
+    found, seen = [], set()
+    for dist in distributions(path=installed_paths()):
+        name = dist.metadata["Name"] or ""
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in seen:
+            continue
+        seen.add(key)
+        for ep in dist.entry_points:
+            if ep.group == ENTRY_POINT_GROUP:
+                found.append(PluginEntryPoint(ep.name, ep.value, name or None))
+    unique = {(p.name, p.spec): p for p in found}
     return sorted(unique.values(), key=lambda p: (p.name, p.spec))
 
 

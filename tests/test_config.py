@@ -54,3 +54,49 @@ def test_nan_is_refused_and_missing_fields_take_defaults():
         RunConfig.from_json(json.dumps(raw))
     with pytest.raises(ConfigError, match="not valid JSON"):
         RunConfig.from_json("{")
+
+
+@pytest.mark.parametrize(
+    "edit, field, message",
+    [
+        (lambda r: r["train"].update(beta=float("nan")), "train.beta", r"^train.beta must be a finite number > 0, got nan$"),
+        (lambda r: r["train"].update(lr=-1), "train.lr", r"^train.lr must be a positive number, got -1$"),
+        (lambda r: r["train"].update(kl_cycle_ratio=0), "train.kl_cycle_ratio", r"must be a finite number in \(0, 1\]"),
+        (
+            lambda r: r["train"].update(beta=4.0),
+            "train.beta",
+            r"^train.beta applies to objective 'beta_vae' only; train.objective is 'elbo'$",
+        ),
+        (
+            lambda r: r["data"].update(labels=20),
+            "data.labels",
+            r"^data.labels applies to a model that trains on labels \(m2\) only; model.model is 'gaussian_mlp'$",
+        ),
+        (
+            lambda r: r["model"].update(prior_options={"num_components": 3}),
+            "model.prior_options",
+            r"^model.prior_options.num_components applies to prior 'mixture_of_gaussians' or 'vamp' only",
+        ),
+    ],
+)  # fmt: skip
+def test_a_received_config_out_of_range_or_not_applying_is_refused_at_load(edit, field, message):
+    raw = _raw()
+    edit(raw)
+    text = json.dumps(raw)  # Python's json writes NaN, as a hand-edited file might hold it
+    with pytest.raises(ConfigError, match=message) as info:
+        RunConfig.from_json(text)
+    assert info.value.field == field and "\n" not in str(info.value)
+
+
+def test_a_config_that_sets_what_applies_round_trips(tmp_path):
+    from ppl_vae import runs
+    from ppl_vae.config import DataConfig, ModelConfig, TrainConfig
+
+    config = RunConfig(
+        model=ModelConfig(model="m2", prior="mixture_of_gaussians", prior_options={"num_components": 3}),
+        data=DataConfig(labels=20, label_seed=1),
+        train=TrainConfig(objective="beta_tc", tc_beta=6.0, tc_estimator="mss", kl_schedule="cyclical", kl_cycle_epochs=3),
+    )
+    assert RunConfig.from_json(config.to_json()) == config
+    runs.save_config(tmp_path, RunConfig())
+    assert runs.load_config(tmp_path) == RunConfig()  # defaults, through a run directory's config.json

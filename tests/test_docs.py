@@ -136,3 +136,43 @@ def test_the_parser_check_catches_a_bad_option():
         parse_ppl_vae(["fit", "--no-such-option", "3"])
     with pytest.raises(click.BadParameter):
         parse_ppl_vae(["fit", "--epochs", "many"])
+
+
+# -- the options table -----------------------------------------------------------------------------
+
+
+def test_the_options_table_is_the_one_the_declarations_generate():
+    """docs/options.md holds :func:`ppl_vae.config.options_table`; regenerate it with the command
+    the page gives when a declaration changes."""
+    from ppl_vae.config import render_options_doc
+
+    path = ROOT / "docs" / "options.md"
+    text = path.read_text()
+    assert render_options_doc(text) == text, (
+        "docs/options.md differs from the declarations in ppl_vae/config.py: regenerate the table with "
+        "python -c \"import pathlib, ppl_vae.config as c; p = pathlib.Path('docs/options.md'); "
+        'p.write_text(c.render_options_doc(p.read_text()))"'
+    )
+    nav = (ROOT / "mkdocs.yml").read_text()
+    assert "options.md" in nav
+
+
+def test_every_documented_fit_command_passes_the_config_checks():
+    """A documented ``ppl-vae fit`` builds a config that ppl_vae.config.check_config accepts
+    (no setting where it does not apply, none out of range); nothing is run."""
+    from ppl_vae.cli.fit import fit, run_config
+
+    checked = 0
+    for param in blocks("shell"):
+        for line in commands(param.values[0]):
+            words = resolve_placeholders(line)
+            if words[0] == "torchrun":
+                words = words[words.index("--no-python") + 1 :]
+            if words[:2] != ["ppl-vae", "fit"] or "--resume" in words:
+                continue
+            try:
+                run_config(fit.make_context("fit", words[2:]).params)
+            except ValueError as exc:
+                pytest.fail(f"{line!r} ({param.id}) is refused: {exc}")
+            checked += 1
+    assert checked >= 10

@@ -206,3 +206,40 @@ def test_a_broken_installed_plugin_is_a_warning_not_a_dead_cli(tmp_path, monkeyp
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if line.startswith("Warning:")]
     assert len(warnings) == 1 and "installed plugin 'parts'" in warnings[0] and "plugpkg_e_missing" in warnings[0]
+
+
+def write_received_run_with_an_entry_point(folder: Path, marker: Path) -> Path:
+    """A run folder as someone could send it: beside the run's files, a module that writes
+    ``marker`` when imported and a ``.dist-info`` declaring it a ``ppl_vae.plugins`` entry point."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "evil_mod.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    info = folder / "evil-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: evil\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{plugins.ENTRY_POINT_GROUP}]\nevil = evil_mod\n")
+    return folder
+
+
+@pytest.mark.parametrize("entry", ["", ".", "cwd"])
+def test_entry_points_in_the_current_folder_are_never_discovered(tmp_path, monkeypatch, clean_registries, entry):
+    """`python -m ppl_vae.cli evaluate .` inside a received run folder puts that folder on
+    sys.path ('' or its absolute path; '.' from a relative PYTHONPATH): a .dist-info there must
+    not make its module an installed plugin, while a plugin really installed elsewhere still is."""
+    marker = tmp_path / "marker"
+    received = write_received_run_with_an_entry_point(tmp_path / "received", marker)
+    site = write_plugin(tmp_path / "site", "plugpkg_f", entry_point=True)
+    monkeypatch.chdir(received)
+    monkeypatch.setattr(sys, "path", [str(received) if entry == "cwd" else entry, str(site), *sys.path])
+    try:
+        found = plugins.discover()
+        assert [p.spec for p in found if p.distribution == "evil" or p.name == "evil"] == []
+        assert plugins.PluginEntryPoint("parts", "plugpkg_f", "plugpkg_f") in found
+        loaded, failures = plugins.load_installed_plugins()
+        assert "plugpkg_f" in loaded and "evil_mod" not in loaded and failures == []
+        with pytest.raises(plugins.PluginError, match="evil_mod"):
+            plugins.load_run_plugins(["evil_mod"])  # not trusted as an installed plugin either
+        assert invoke("models").exit_code == 0  # the CLI loads installed plugins on every start
+        assert not marker.exists() and "evil_mod" not in sys.modules
+    finally:
+        sys.modules.pop("evil_mod", None)

@@ -12,248 +12,20 @@ import click
 from click.core import ParameterSource
 
 from ppl_vae.cli import options as opt
+from ppl_vae.config import declarations
 
-# Options that define a run; with --resume the run's own config decides them. --lr and
-# --optimizer are training settings a resume may change (a run that diverged continues with a
-# smaller step), like --epochs.
-RESUME_SETTINGS = ("lr", "optimizer")
-RUN_OPTIONS = (
-    "model",
-    "dataset",
-    "data_dir",
-    "num_images",
-    "prior",
-    "likelihood",
-    "latent_dim",
-    "hidden_dim",
-    "guide",
-    "num_components",
-    "method",
-    "batch_size",
-    "elbo",
-    "num_particles",
-    "kl_warmup",
-    "seed",
-    "device",
-    "out",
-    "binarize",
-    "train_size",
-    "train_eval_size",
-    "compile",
-    "labels",
-    "label_seed",
-    "lr_schedule",
-    "lr_schedule_options",
-    "clip_grad_norm",
-    "val_fraction",
-    "early_stopping_patience",
-    "kl_schedule",
-    "kl_weight",
-    "kl_cycle_epochs",
-    "kl_cycle_ratio",
-    "precision",
-    "model_option",
-    # disentangling objectives (ppl_vae.inference.disentangle)
-    "objective",
-    "beta",
-    "capacity_max",
-    "capacity_start_epoch",
-    "capacity_end_epoch",
-    "gamma",
-    "tc_alpha",
-    "tc_beta",
-    "tc_gamma",
-    "tc_estimator",
-    "free_bits",
-    "free_bits_groups",
-)
+# The flags of the config fields are generated from the fields' declarations (ppl_vae.config);
+# their click parameter names, the fields they set and whether a resume may change them follow.
+_FLAGGED = [d for d in declarations() if d.flag is not None]
+# Options that define a run; with --resume the run's own config decides them. --epochs, --lr and
+# --optimizer are declared resumable: training settings a resume may change (a run that diverged
+# continues with a smaller step). --epochs goes to resume() as the new total.
+RESUME_SETTINGS = tuple(d.param for d in _FLAGGED if d.option.resumable and d.name != "epochs")
+RUN_OPTIONS = (*(d.param for d in _FLAGGED if not d.option.resumable), "out")
 
 
 @click.command()
-@click.option("--model", default="gaussian_mlp", show_default=True, help="Registered model (see `ppl-vae models`).")
-@click.option(
-    "--dataset",
-    default="digits",
-    show_default=True,
-    help="digits (embedded), mnist, fashion-mnist, frey-face, dsprites (generated), or a .npy/.npz/.csv path.",
-)
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Folder holding the dataset's files.")
-@click.option(
-    "--num-images",
-    type=int,
-    default=None,
-    help="dsprites: render (or read) a seeded random subset of this many images (default 10,000).",
-)
-@click.option("--prior", default="standard_normal", show_default=True, help="Prior over z.")
-@click.option("--likelihood", default=None, help="Likelihood of x (default: the model's own).")
-@click.option("--latent-dim", type=int, default=None, help="Size of z (default: the model's).")
-@click.option("--hidden-dim", type=int, default=None, help="Hidden units per layer (default: the model's).")
-@click.option(
-    "--model-option",
-    "model_option",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="An option of the model's builder, VALUE in JSON (e.g. z1_dim=64, hidden_dims='[[64],[32]]', "
-    "kl_warmup_fractions='[0.5,1]'); repeatable. See `ppl-vae models`.",
-)
-@click.option("--num-components", type=int, default=None, help="Components of the mixture_of_gaussians prior.")
-@click.option(
-    "--guide",
-    default="diagonal_normal",
-    show_default=True,
-    help="Family of the amortized q(z|x): diagonal_normal (AEVB) or a flow (see `ppl-vae models`).",
-)
-@click.option(
-    "--method",
-    default="svi",
-    show_default=True,
-    help="Training method: svi (AEVB); see `ppl-vae models` for the others.",
-)
-@click.option("--epochs", type=int, default=100, show_default=True)
-@click.option("--batch-size", type=int, default=100, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate.")
-@click.option("--optimizer", default="adam", show_default=True, help="adam, adagrad or sgd.")
-@click.option(
-    "--elbo",
-    default="trace",
-    show_default=True,
-    help="trace (SGVB estimator A, Monte Carlo KL) or mean_field (estimator B, analytic KL).",
-)
-@click.option(
-    "--compile",
-    "compile",
-    default=None,
-    metavar="BACKEND",
-    help="Compile the SVI loss with torch.compile (e.g. inductor); parts-based VAEs only.",
-)
-@click.option("--num-particles", type=int, default=1, show_default=True, help="Samples of z per datapoint per step.")
-@click.option("--kl-warmup", type=int, default=0, show_default=True, help="Epochs over which the KL weight rises to 1.")
-@click.option(
-    "--kl-schedule",
-    default="linear",
-    show_default=True,
-    help="KL weight over the steps: linear (rises over --kl-warmup epochs), cyclical (Fu et al. 2019) or constant.",
-)
-@click.option(
-    "--kl-weight",
-    type=float,
-    default=1.0,
-    show_default=True,
-    help="The KL weight a schedule rises to (or holds, constant).",
-)
-@click.option("--kl-cycle-epochs", type=int, default=10, show_default=True, help="Epochs per cycle (cyclical).")
-@click.option(
-    "--kl-cycle-ratio",
-    type=float,
-    default=0.5,
-    show_default=True,
-    help="Fraction of each cycle over which the weight rises (cyclical).",
-)
-@click.option(
-    "--lr-schedule",
-    default=None,
-    metavar="NAME",
-    help="A torch.optim.lr_scheduler class, stepped per epoch (StepLR, CosineAnnealingLR, ...; "
-    "ReduceLROnPlateau watches the validation ELBO).",
-)
-@click.option(
-    "--lr-schedule-options",
-    default=None,
-    metavar="JSON",
-    help="Keyword arguments of the scheduler as a JSON object, e.g. '{\"step_size\": 10}'.",
-)
-@click.option(
-    "--clip-grad-norm", type=float, default=None, help="Clip the total gradient norm to this before each update."
-)
-@click.option(
-    "--val-fraction",
-    type=float,
-    default=0.0,
-    show_default=True,
-    help="Hold out this fraction of the training data (seeded) for the validation ELBO.",
-)
-@click.option(
-    "--early-stopping-patience",
-    type=int,
-    default=None,
-    help="Stop after this many epochs without a better validation ELBO (needs --val-fraction).",
-)
-@click.option(
-    "--precision",
-    type=click.Choice(["fp32", "bf16"]),
-    default="fp32",
-    show_default=True,
-    help="bf16: bfloat16 autocast of the training loss (CUDA only).",
-)
-@click.option("--binarize", type=click.Choice(["none", "dynamic", "threshold"]), default="none", show_default=True)
-@click.option("--train-size", type=int, default=None, help="Use only the first N training points.")
-@click.option(
-    "--labels",
-    type=int,
-    default=None,
-    help="Semi-supervised (m2): keep N training labels, balanced per class, the rest unlabelled.",
-)
-@click.option("--label-seed", type=int, default=0, show_default=True, help="Which N points keep labels (--labels).")
-@click.option(
-    "--train-eval-size",
-    type=int,
-    default=1000,
-    show_default=True,
-    help="Training points (a fixed seeded subset) the per-epoch train ELBO uses; 0: all of them.",
-)
-@click.option(
-    "--objective",
-    default="elbo",
-    show_default=True,
-    help="What svi maximizes: elbo, beta_vae, capacity, beta_tc or free_bits (see docs/disentanglement.md).",
-)
-@click.option("--beta", type=float, default=1.0, show_default=True, help="beta_vae: the KL weight beta.")
-@click.option(
-    "--capacity-max", type=float, default=25.0, show_default=True, help="capacity: the final capacity C, nats."
-)
-@click.option(
-    "--capacity-start-epoch",
-    type=float,
-    default=0.0,
-    show_default=True,
-    help="capacity: C starts rising from 0 at this epoch.",
-)
-@click.option(
-    "--capacity-end-epoch",
-    type=float,
-    default=10.0,
-    show_default=True,
-    help="capacity: C reaches --capacity-max at this epoch.",
-)
-@click.option("--gamma", type=float, default=1000.0, show_default=True, help="capacity: the weight gamma of |KL - C|.")
-@click.option(
-    "--tc-alpha", type=float, default=1.0, show_default=True, help="beta_tc: weight of the mutual information."
-)
-@click.option("--tc-beta", type=float, default=1.0, show_default=True, help="beta_tc: weight of the total correlation.")
-@click.option(
-    "--tc-gamma", type=float, default=1.0, show_default=True, help="beta_tc: weight of the dimension-wise KL."
-)
-@click.option(
-    "--tc-estimator",
-    default="mws",
-    show_default=True,
-    help="beta_tc: mws (minibatch-weighted sampling) or mss (minibatch-stratified sampling).",
-)
-@click.option(
-    "--free-bits",
-    type=float,
-    default=0.0,
-    show_default=True,
-    help="free_bits: the KL floor lambda, nats per latent dimension (or group).",
-)
-@click.option(
-    "--free-bits-groups",
-    type=int,
-    default=None,
-    help="free_bits: split z into this many groups (default: one per dimension).",
-)
-@opt.seed_option()
-@opt.device_option("auto")
+@opt.config_options()
 @opt.out_option("Run directory (default: a new runs/...).")
 @opt.out_option("Continue this run directory.", "--resume")
 @click.option(
@@ -402,80 +174,19 @@ def _report(run, opts: dict) -> None:
 
 
 def run_config(opts: dict):
-    """The RunConfig that the command-line options describe (plugins: those loaded for this command)."""
+    """The RunConfig that the command-line options describe (plugins: those loaded for this
+    command), checked as :func:`ppl_vae.config.check_config` checks it, before any file is written."""
     from ppl_vae.cli.main import active_plugins
-    from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from ppl_vae.config import RunConfig
 
-    values = {field: opts[flag[2:].replace("-", "_")] for field, flag in FIELD_FLAGS.items() if "." in field}
-    values["model.prior_options"] = {} if opts["num_components"] is None else {"num_components": opts["num_components"]}
-    values["model.model_options"] = parse_model_options(opts.get("model_option") or ())
-    values["data.dataset"] = str(opts["dataset"])
-    values["data.data_dir"] = None if opts["data_dir"] is None else str(opts["data_dir"])
-    values["train.train_eval_size"] = opts["train_eval_size"] or None  # 0: the whole training set
-    values["train.lr_schedule_options"] = _json_object(opts["lr_schedule_options"], "--lr-schedule-options")
-
-    def section(name: str, cls):
-        return cls(**{field.split(".", 1)[1]: v for field, v in values.items() if field.startswith(name + ".")})
-
-    return RunConfig(
-        model=section("model", ModelConfig),
-        data=section("data", DataConfig),
-        train=section("train", TrainConfig),
-        plugins=active_plugins(),
-    )
+    return RunConfig.from_flags({d.path: opts[d.param] for d in _FLAGGED}, plugins=active_plugins())
 
 
-# config field -> the flag that sets it (errors from the library name fields)
+# config field -> the flag that sets it (errors from the library name fields), and the arguments
+# of pipeline.fit that fit's own options set
 FIELD_FLAGS = {
-    "model.model": "--model",
-    "model.prior": "--prior",
-    "model.likelihood": "--likelihood",
-    "model.latent_dim": "--latent-dim",
-    "model.hidden_dim": "--hidden-dim",
-    "model.prior_options": "--num-components",
-    "model.guide": "--guide",
-    "model.model_options": "--model-option",
-    "data.dataset": "--dataset",
-    "data.data_dir": "--data-dir",
-    "data.binarize": "--binarize",
-    "data.train_size": "--train-size",
-    "data.num_images": "--num-images",
-    "data.labels": "--labels",
-    "data.label_seed": "--label-seed",
-    "train.method": "--method",
-    "train.epochs": "--epochs",
-    "train.batch_size": "--batch-size",
-    "train.lr": "--lr",
-    "train.optimizer": "--optimizer",
-    "train.elbo": "--elbo",
-    "train.num_particles": "--num-particles",
-    "train.kl_warmup_epochs": "--kl-warmup",
-    "train.seed": "--seed",
-    "train.device": "--device",
-    "train.train_eval_size": "--train-eval-size",
-    "train.compile": "--compile",
-    "train.objective": "--objective",
-    "train.beta": "--beta",
-    "train.capacity_max": "--capacity-max",
-    "train.capacity_start_epoch": "--capacity-start-epoch",
-    "train.capacity_end_epoch": "--capacity-end-epoch",
-    "train.gamma": "--gamma",
-    "train.tc_alpha": "--tc-alpha",
-    "train.tc_beta": "--tc-beta",
-    "train.tc_gamma": "--tc-gamma",
-    "train.tc_estimator": "--tc-estimator",
-    "train.free_bits": "--free-bits",
-    "train.free_bits_groups": "--free-bits-groups",
-    "train.lr_schedule": "--lr-schedule",
-    "train.lr_schedule_options": "--lr-schedule-options",
-    "train.clip_grad_norm": "--clip-grad-norm",
-    "train.val_fraction": "--val-fraction",
-    "train.early_stopping_patience": "--early-stopping-patience",
-    "train.kl_schedule": "--kl-schedule",
-    "train.kl_weight": "--kl-weight",
-    "train.kl_cycle_epochs": "--kl-cycle-epochs",
-    "train.kl_cycle_ratio": "--kl-cycle-ratio",
-    "train.precision": "--precision",
+    **{d.path: d.flag for d in _FLAGGED},
+    **{d.label: d.flag for d in _FLAGGED if d.label != d.path},  # model.prior_options.num_components
     "timeout_s": "--dist-timeout",
     "nproc": "--nproc",
     "data_dir": "--data-dir",
@@ -484,20 +195,6 @@ FIELD_FLAGS = {
 
 
 fit.field_flags = FIELD_FLAGS  # type: ignore[attr-defined]  # the group shows library errors (which name fields) with these flags
-
-
-def _json_object(text: Optional[str], name: str) -> dict:
-    import json
-
-    if text is None:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"must be a JSON object: {exc}", param_hint=name) from None
-    if not isinstance(value, dict):
-        raise click.BadParameter(f"must be a JSON object, got {text}", param_hint=name)
-    return value
 
 
 def _compile_backend(run_dir: Path) -> Optional[str]:
@@ -520,18 +217,12 @@ def _announce_compile(backend: Optional[str]) -> None:
 
 def parse_model_options(items) -> dict:
     """``KEY=VALUE`` strings -> {KEY: VALUE}, VALUE read as JSON (a bare word stays a string)."""
-    import json
+    from ppl_vae.config import key_values
 
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--model-option must be KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
+    try:
+        return key_values(items)
+    except ValueError as exc:
+        raise ValueError(f"--model-option {exc}") from None
 
 
 def flag(option: str) -> str:

@@ -109,3 +109,38 @@ def check_size(flag: str, value: int, limit: int, what: str) -> None:
     memory: a one-line error naming ``flag`` and the limit (``what``: the work it sizes)."""
     if value > limit:
         raise ValueError(f"{flag} {value} is far beyond what this machine can do ({what}); choose at most {limit:,}")
+
+
+def config_options() -> Decorator:
+    """The flags of the config fields, generated from their declarations in
+    :mod:`ppl_vae.config` (every declared field that has a flag, in declaration order): type,
+    default, help, metavar and choices come from the declaration; the flag's value goes into
+    the config through :meth:`ppl_vae.config.RunConfig.from_flags`."""
+    from ppl_vae.config import declarations
+
+    made = [_config_option(d) for d in declarations() if d.flag is not None]
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        for make in reversed(made):  # click lists the last decorator applied first
+            f = make(f)
+        return f
+
+    return decorate
+
+
+def _config_option(declared: Any) -> Decorator:
+    from ppl_vae.config import OneOf
+
+    opt = declared.option
+    kind = click.Choice(list(opt.check.values)) if isinstance(opt.check, OneOf) else declared.flag_hint
+    default = declared.flag_default
+    return click.option(
+        declared.flag,
+        declared.param,
+        type=kind,
+        default=default,
+        show_default=default is not None and not opt.multiple,
+        multiple=opt.multiple,
+        metavar=opt.metavar,
+        help=opt.help,
+    )

@@ -185,11 +185,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 def validate_train_config(config: TrainConfig) -> None:
-    """Raise :class:`ConfigError` naming the first bad field (``train.NAME``)."""
+    """Raise :class:`ConfigError` naming the first bad field (``train.NAME``).
+
+    Types, ranges and what each field applies to are declared with the fields and checked by
+    :mod:`ppl_vae.config`; here, the names registries hold, the compile backend, the
+    learning-rate schedule (built and stepped), the objective's own checks and the device."""
+    from ppl_vae.config import RunConfig, check_applicability, check_values
 
     def bad(name: str, message: str) -> ConfigError:
         return ConfigError(f"train.{name} {message}", field=f"train.{name}")
 
+    as_run = RunConfig(train=config)
+    check_values(as_run, ("train",))
     for name, registry in (
         ("method", METHODS),
         ("elbo", ELBOS),
@@ -206,21 +213,7 @@ def validate_train_config(config: TrainConfig) -> None:
             )
         if value not in registry:
             raise bad(name, f"must be one of {', '.join(registry.names())}, got {value!r}")
-    for name in ("batch_size", "num_particles", "eval_num_particles", "checkpoint_every"):
-        if getattr(config, name) < 1:
-            raise bad(name, f"must be >= 1, got {getattr(config, name)}")
-    if config.epochs < 0:
-        raise bad("epochs", f"must be >= 0, got {config.epochs}")
-    if not (config.lr > 0 and math.isfinite(config.lr)):
-        raise bad("lr", f"must be a positive number, got {config.lr}")
-    if config.lr > 3.4028234663852886e38:  # float32 parameters: a larger step overflows in the optimizer
-        raise bad("lr", f"must be at most 3.4e38 (the largest float32), got {config.lr}")
-    if config.kl_warmup_epochs < 0:
-        raise bad("kl_warmup_epochs", f"must be >= 0, got {config.kl_warmup_epochs}")
-    if config.finite_check not in FINITE_CHECKS:
-        raise bad("finite_check", f"must be one of {', '.join(FINITE_CHECKS)}, got {config.finite_check!r}")
-    if config.train_eval_size is not None and config.train_eval_size < 1:
-        raise bad("train_eval_size", f"must be >= 1 or null (the whole training set), got {config.train_eval_size}")
+    check_applicability(as_run, ("train",))
     if config.compile is not None:
         import torch._dynamo  # only when compiling: importing dynamo costs a second
 
@@ -244,37 +237,55 @@ def validate_train_config(config: TrainConfig) -> None:
 
 
 def _validate_controls(config: TrainConfig, bad: Callable[[str, str], ConfigError]) -> None:
-    """The training controls: schedules, clipping, validation split, early stopping, precision."""
-    if config.lr_schedule is not None:
-        names = lr_schedule_names()
-        if config.lr_schedule not in names:
-            raise bad(
-                "lr_schedule",
-                f"must be null or a torch.optim.lr_scheduler class ({', '.join(names)}), got {config.lr_schedule!r}",
-            )
-        if _is_plateau(config.lr_schedule) and config.val_fraction == 0:
-            raise bad("lr_schedule", "ReduceLROnPlateau watches the validation ELBO: set train.val_fraction > 0")
-        # the options are checked on the configured optimizer type (CyclicLR, say, needs momentum or betas)
-        make_lr_scheduler(OPTIMIZERS.get(config.optimizer)([torch.zeros(1, requires_grad=True)], lr=config.lr), config)
-    elif config.lr_schedule_options:
-        raise bad("lr_schedule_options", "are given but train.lr_schedule is null")
-    if config.clip_grad_norm is not None and not (config.clip_grad_norm > 0 and math.isfinite(config.clip_grad_norm)):
-        raise bad("clip_grad_norm", f"must be a positive number or null (no clipping), got {config.clip_grad_norm}")
-    if not 0 <= config.val_fraction < 1:
-        raise bad("val_fraction", f"must be in [0, 1), got {config.val_fraction}")
-    if config.early_stopping_patience is not None:
-        if config.early_stopping_patience < 1:
-            raise bad("early_stopping_patience", f"must be >= 1 or null, got {config.early_stopping_patience}")
-        if config.val_fraction == 0:
-            raise bad("early_stopping_patience", "watches the validation ELBO: set train.val_fraction > 0")
-    if not (config.kl_weight >= 0 and math.isfinite(config.kl_weight)):
-        raise bad("kl_weight", f"must be a finite number >= 0, got {config.kl_weight}")
-    if config.kl_cycle_epochs < 1:
-        raise bad("kl_cycle_epochs", f"must be >= 1, got {config.kl_cycle_epochs}")
-    if not 0 < config.kl_cycle_ratio <= 1:
-        raise bad("kl_cycle_ratio", f"must be in (0, 1], got {config.kl_cycle_ratio}")
-    if config.precision not in PRECISIONS:
-        raise bad("precision", f"must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
+    """The learning-rate schedule: a class torch offers, built with its options on the configured
+    optimizer type and stepped once per epoch, as training steps it, on a throwaway optimizer
+    (up to 1000 epochs): options that fail only when stepped (``{"step_size": 0}``) or that send
+    the learning rate below 0 or to NaN (``ExponentialLR`` with ``{"gamma": -1}``) are refused
+    before training. (The fields' ranges and what they apply to are declared in ppl_vae.config.)"""
+    import warnings
+
+    if config.lr_schedule is None:
+        return
+    names = lr_schedule_names()
+    if config.lr_schedule not in names:
+        raise bad(
+            "lr_schedule",
+            f"must be null or a torch.optim.lr_scheduler class ({', '.join(names)}), got {config.lr_schedule!r}",
+        )
+    plateau = _is_plateau(config.lr_schedule)
+    if plateau and config.val_fraction == 0:
+        raise bad("lr_schedule", "ReduceLROnPlateau watches the validation ELBO: set train.val_fraction > 0")
+    # the options are checked on the configured optimizer type (CyclicLR, say, needs momentum or betas)
+    optimizer = OPTIMIZERS.get(config.optimizer)([torch.zeros(1, requires_grad=True)], lr=config.lr)
+    scheduler = make_lr_scheduler(optimizer, config)
+
+    def check_lr(when: str) -> None:
+        for group in optimizer.param_groups:
+            try:
+                lr = float(group["lr"])
+            except (TypeError, ValueError):
+                lr = math.nan
+            if not (math.isfinite(lr) and lr >= 0):
+                raise bad(
+                    "lr_schedule_options",
+                    f"make {config.lr_schedule} set the learning rate to {group['lr']} {when}; "
+                    "a learning rate must be a finite number >= 0",
+                )
+
+    check_lr("when it is built")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no optimizer step precedes these scheduler steps, on purpose
+        for epoch in range(1, min(max(config.epochs, 1), 1000) + 1):
+            try:
+                # ReduceLROnPlateau watches the validation ELBO: a constant one here
+                scheduler.step(0.0) if plateau else scheduler.step()
+            except (TypeError, ValueError, ArithmeticError, KeyError, IndexError, AttributeError) as exc:
+                raise bad(
+                    "lr_schedule_options",
+                    f"do not fit {config.lr_schedule}: stepping it after epoch {epoch} fails "
+                    f"({type(exc).__name__}: {' '.join(str(exc).split())})",
+                ) from None
+            check_lr(f"after epoch {epoch}")
 
 
 # torch's fused Adam: one kernel per step over all parameters instead of several per tensor; the

@@ -235,3 +235,28 @@ def test_help_imports_neither_torch_nor_pyro():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+
+
+@pytest.mark.parametrize(
+    "section, key, value, message",
+    [
+        ("train", "beta", float("nan"), "train.beta must be a finite number > 0, got nan"),
+        ("train", "beta", 4.0, "train.beta applies to objective 'beta_vae' only; train.objective is 'elbo'"),
+        ("data", "num_images", 100, "data.num_images applies to dataset 'dsprites' only; data.dataset is 'digits'"),
+    ],
+)
+def test_a_received_run_whose_config_is_out_of_range_or_does_not_apply_is_refused(
+    run_dir, tmp_path, section, key, value, message
+):
+    import json
+    import shutil
+
+    received = tmp_path / "received"
+    shutil.copytree(run_dir, received)
+    raw = json.loads((received / "config.json").read_text())
+    raw[section][key] = value
+    (received / "config.json").write_text(json.dumps(raw))  # NaN as Python's json writes it
+    result = invoke("evaluate", received, "--num-samples", "2", "--num-datapoints", "5")
+    line = one_line_error(result, message)
+    assert result.exit_code == EXIT_ERROR and "config.json" in line
+    assert sorted(p.name for p in received.iterdir()) == sorted(p.name for p in run_dir.iterdir())
