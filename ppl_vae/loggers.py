@@ -124,6 +124,23 @@ class TensorBoardLogger(ScalarLogger):
             self._writer = None
 
 
+class CompileNotice(Callback):
+    """Says on stderr, as training starts, that ``train.compile`` makes the first steps slow: after
+    every check has passed, so a refused ``--compile`` is never announced."""
+
+    def on_train_start(self, ctx: TrainContext) -> None:
+        backend = ctx.config.compile
+        if backend:
+            import sys
+
+            print(
+                f"compiling the loss with torch.compile (backend {backend}): the first steps take longer "
+                "(up to a minute or more on CPU), later ones are faster",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
 def make_logger(name: str, run_dir: Union[str, Path], every_steps: int = 50) -> Callback:
     """The logger ``name`` (see :data:`LOGGERS`) writing under ``run_dir``."""
     return LOGGERS.get(name)(Path(run_dir) / name, every_steps=every_steps)

@@ -105,21 +105,20 @@ def _fit_or_resume(ctx: click.Context, opts: dict, where: dict, common: dict):
             )
         epochs = opts["epochs"] if ctx.get_parameter_source("epochs") == ParameterSource.COMMANDLINE else None
         settings = {o: opts[o] for o in RESUME_SETTINGS if ctx.get_parameter_source(o) == ParameterSource.COMMANDLINE}
-        _announce_compile(_compile_backend(where["run_dir"]))
         return pipeline.resume(
             where["run_dir"], epochs=epochs, callbacks=_loggers(opts, Path(where["run_dir"])), **settings, **common
         )
     config = run_config(opts)
     where["run_dir"] = where["run_dir"] or pipeline.default_run_dir(config)
-    _announce_compile(config.train.compile)
     return pipeline.fit(config, where["run_dir"], callbacks=_loggers(opts, Path(where["run_dir"])), **common)
 
 
 def _loggers(opts: dict, run_dir: Path) -> tuple:
     """The training loggers ``--log`` names, writing under ``run_dir``."""
-    from ppl_vae.loggers import make_logger
+    from ppl_vae.loggers import CompileNotice, make_logger
 
-    return tuple(make_logger(name, run_dir, every_steps=opts["log_every_steps"]) for name in opts["log"])
+    loggers = tuple(make_logger(name, run_dir, every_steps=opts["log_every_steps"]) for name in opts["log"])
+    return (CompileNotice(), *loggers)
 
 
 @contextlib.contextmanager
@@ -195,24 +194,6 @@ FIELD_FLAGS = {
 
 
 fit.field_flags = FIELD_FLAGS  # type: ignore[attr-defined]  # the group shows library errors (which name fields) with these flags
-
-
-def _compile_backend(run_dir: Path) -> Optional[str]:
-    from ppl_vae import runs
-
-    try:
-        return runs.load_config(run_dir).train.compile
-    except Exception:  # resume itself reports a damaged run directory
-        return None
-
-
-def _announce_compile(backend: Optional[str]) -> None:
-    if backend:
-        click.echo(
-            f"compiling the loss with torch.compile (backend {backend}): the first steps take longer "
-            "(up to a minute or more on CPU), later ones are faster",
-            err=True,
-        )
 
 
 def parse_model_options(items) -> dict:

@@ -221,6 +221,8 @@ class HybridTextDecoder(nn.Module):
         )
         self.aux_head = nn.Conv1d(c, vocab_size, 1)
         self.embed = nn.Embedding(vocab_size + 1, embed_dim)  # the extra index starts a sentence
+        if not history:  # kept for the checkpoint's layout, but historyless decoding never reads it
+            self.embed.requires_grad_(False)
         self.lstm = nn.LSTM(c + embed_dim, c, batch_first=True)
         self.out = nn.Linear(c, vocab_size)
 
@@ -291,6 +293,8 @@ class TextHybridVAE(VAE):
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         self.alpha = alpha
+        if alpha == 0:  # no auxiliary term: its head gets no gradient, so it is frozen, not trained
+            decoder.aux_head.requires_grad_(False)
 
     def model(
         self, x: Tensor, y: Optional[Tensor] = None, *, num_data: Optional[int] = None, kl_weight: float = 1.0
