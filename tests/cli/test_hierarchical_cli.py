@@ -149,7 +149,7 @@ def test_multirun_compare_pairs_hierarchical_runs(runs, tmp_path):
     "args,message",
     [
         (["--latent-dim", "0"], "--latent-dim must be >= 1"),
-        (["--model-option", "z1_dim=0"], "z1_dim must be a positive integer"),
+        (["--model-option", "z1_dim=0"], "option 'z1_dim' must be null or an integer >= 1, got 0"),
         (["--model-option", "depth=3"], "model 'two_layer' has no option 'depth'"),
         (["--model-option", "z1_dim"], "--model-option must be KEY=VALUE"),
     ],
