@@ -70,8 +70,8 @@ class Range:
         (``upper=False``: without an upper bound that has its own reason)."""
         if is_float and self.low == 0 and self.low_open and (self.high is None or self.high_why):
             text = "a positive number"
-        elif is_float:
-            text = f"a finite number {self.bounds()}".rstrip()
+        elif is_float and not (self.low is not None and self.high is not None and not self.high_why):
+            text = f"a finite number {self.bounds()}".rstrip()  # an interval says it is finite
         else:
             text = self.bounds() or "an integer"
         if upper and self.high is not None and self.high_why:

@@ -162,7 +162,7 @@ def test_a_setting_is_refused_where_it_does_not_apply_and_accepted_where_it_does
         (["--beta", "nan"], "--beta must be a finite number > 0, got nan"),
         (["--objective", "beta_vae", "--beta", "-inf"], "--beta must be a finite number > 0, got -inf"),
         (["--capacity-max", "inf"], "--capacity-max must be a finite number >= 0, got inf"),
-        (["--kl-cycle-ratio", "1.5", "--kl-schedule", "cyclical"], "--kl-cycle-ratio must be a finite number in (0, 1]"),
+        (["--kl-cycle-ratio", "1.5", "--kl-schedule", "cyclical"], "--kl-cycle-ratio must be in (0, 1], got 1.5"),
         (["--val-fraction", "nan"], "--val-fraction must be a finite number in [0, 1), got nan"),
         (["--clip-grad-norm", "inf"], "--clip-grad-norm must be a finite number > 0 or null, got inf"),
         (["--labels", "0", "--model", "m2"], "--labels must be >= 1 or null, got 0"),
