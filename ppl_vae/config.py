@@ -280,9 +280,7 @@ class ModelConfig:
         flag_type=int,
         from_flag=_one_key("num_components"),
         check=AT_LEAST_1,
-        applies=when(
-            "model.prior", *COMPONENT_PRIORS, description=f"prior {' or '.join(map(repr, COMPONENT_PRIORS))}"
-        ),
+        applies=when("model.prior", *COMPONENT_PRIORS, description=f"prior {' or '.join(map(repr, COMPONENT_PRIORS))}"),
     )
     likelihood_options: Dict[str, Any] = option(
         default_factory=dict, help="Options of the likelihood's constructor.", flag=None
@@ -507,16 +505,12 @@ class TrainConfig:
     capacity_end_epoch: float = option(
         10.0, help="capacity: C reaches --capacity-max at this epoch.", check=NONNEGATIVE, applies=_CAPACITY
     )
-    gamma: float = option(
-        1000.0, help="capacity: the weight gamma of |KL - C|.", check=positive(), applies=_CAPACITY
-    )
+    gamma: float = option(1000.0, help="capacity: the weight gamma of |KL - C|.", check=positive(), applies=_CAPACITY)
     tc_alpha: float = option(
         1.0, help="beta_tc: weight of the mutual information.", check=NONNEGATIVE, applies=_BETA_TC
     )
     tc_beta: float = option(1.0, help="beta_tc: weight of the total correlation.", check=positive(), applies=_BETA_TC)
-    tc_gamma: float = option(
-        1.0, help="beta_tc: weight of the dimension-wise KL.", check=NONNEGATIVE, applies=_BETA_TC
-    )
+    tc_gamma: float = option(1.0, help="beta_tc: weight of the dimension-wise KL.", check=NONNEGATIVE, applies=_BETA_TC)
     tc_estimator: str = option(
         "mws",
         help="beta_tc: mws (minibatch-weighted sampling) or mss (minibatch-stratified sampling).",
@@ -714,13 +708,6 @@ def check_config(config: RunConfig) -> None:
     check_applicability(config)
 
 
-def check_train_config(train: TrainConfig) -> None:
-    """:func:`check_config` for the train section alone (its rules depend on it alone)."""
-    config = RunConfig(train=train)
-    check_values(config, ("train",))
-    check_applicability(config, ("train",))
-
-
 def check_values(config: RunConfig, sections: Sequence[str] = tuple(SECTIONS)) -> None:
     """Types and declared ranges of ``sections``."""
     if not isinstance(config, RunConfig):
@@ -874,7 +861,10 @@ OPTIONS_TABLE_END = "<!-- end of options table -->"
 def options_table() -> str:
     """A Markdown table of every declared field: flag, field, type, default, values allowed,
     what it applies to, help (docs/options.md holds it; a test keeps the two equal)."""
-    rows = ["| flag | field | type | default | values | applies to | help |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        "| flag | field | type | default | values | applies to | help |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for d in declarations():
         hint = d.value_hint
         check = d.option.check

@@ -95,7 +95,9 @@ def test_a_config_that_sets_what_applies_round_trips(tmp_path):
     config = RunConfig(
         model=ModelConfig(model="m2", prior="mixture_of_gaussians", prior_options={"num_components": 3}),
         data=DataConfig(labels=20, label_seed=1),
-        train=TrainConfig(objective="beta_tc", tc_beta=6.0, tc_estimator="mss", kl_schedule="cyclical", kl_cycle_epochs=3),
+        train=TrainConfig(
+            objective="beta_tc", tc_beta=6.0, tc_estimator="mss", kl_schedule="cyclical", kl_cycle_epochs=3
+        ),
     )
     assert RunConfig.from_json(config.to_json()) == config
     runs.save_config(tmp_path, RunConfig())
