@@ -412,12 +412,14 @@ class _Program:
             and not site_is_subsample(node)  # the data plate's own record
             and (name in (latents or {}) or not node["is_observed"])
         ]
-        self.trace, self.n, self.x_dist = trace, n, site["fn"]
+        # pyro.sample takes a (torch) distribution: the observed site's fn is the likelihood's
+        self.trace, self.n = trace, n
+        self.x_dist = cast(torch.distributions.Distribution, site["fn"])
         self.vae_name = type(vae).__name__
 
     @property
     def latents(self) -> Dict[str, Tensor]:
-        return {name: self.trace.nodes[name]["value"] for name in self.sites}
+        return {name: _site_value(self.trace, name) for name in self.sites}
 
     def log_density(self, sites: Sequence[str]) -> Tensor:
         """Sum over ``sites`` of each one's log density at its value, ``(n,)``."""
@@ -441,6 +443,13 @@ class _Program:
                 f"expected {(self.n, *x.shape)})"
             )
         return (log_p * mask).flatten(start_dim=1).sum(-1)
+
+
+def _site_value(trace: Any, name: str) -> Tensor:
+    """The value of the sample site ``name`` of ``trace`` (a traced sample site always has one)."""
+    value = trace.nodes[name]["value"]
+    assert value is not None, f"sample site {name!r} has no value"
+    return value
 
 
 def _log_density(trace: Any, sites: Sequence[str], n: int, vae_name: str) -> Tensor:
@@ -535,8 +544,7 @@ def inpaint(
         raise ValueError(f"mask must have the datapoints' shape {event_shape}, got {tuple(mask_t.shape)}")
     if not vae.generates_images:
         raise ValueError(
-            f"model {type(vae).__name__} cannot be inpainted: its datapoints are not images "
-            "(generates_images is False)"
+            f"model {type(vae).__name__} cannot be inpainted: its datapoints are not images (generates_images is False)"
         )
     device = _device(vae)
     x, mask_t = x.to(device), mask_t.to(device)
@@ -546,8 +554,9 @@ def inpaint(
         raise ValueError(f"y needs a conditional model (cvae); this model ({type(vae).__name__}) takes no labels")
     classes: List[Optional[int]] = [None]
     if conditional:
-        classes = list(range(int(cast(int, vae.num_classes)))) if y is None else sorted({int(c) for c in y.tolist()})
-        _check_labels(vae, cast(List[int], classes))
+        labelled = list(range(int(cast(int, vae.num_classes)))) if y is None else sorted({int(c) for c in y.tolist()})
+        _check_labels(vae, labelled)
+        classes = list(labelled)
     log_p_y = -math.log(len(classes)) if conditional and y is None else 0.0  # uniform p(y)
 
     def labels(c: Optional[int], n: int) -> Optional[Tensor]:
@@ -586,7 +595,7 @@ def inpaint(
                             f"does not sample the latent site(s) {', '.join(map(repr, missing))}"
                         )
                     latents = {
-                        s: torch.cat([prior_runs[c].trace.nodes[s]["value"][:half], drawn.nodes[s]["value"]])
+                        s: torch.cat([_site_value(prior_runs[c].trace, s)[:half], drawn.nodes[s]["value"]])
                         for s in sites
                     }
                     run = _Program(vae, num_samples, labels(c, num_samples), latents)

@@ -6,13 +6,13 @@ import contextlib
 import signal
 import threading
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import click
 from click.core import ParameterSource
 
 from ppl_vae.cli import options as opt
-from ppl_vae.config import declarations
+from ppl_vae.config import Declared, declarations
 
 # The flags of the config fields are generated from the fields' declarations (ppl_vae.config);
 # their click parameter names, the fields they set and whether a resume may change them follow.
@@ -20,8 +20,16 @@ _FLAGGED = [d for d in declarations() if d.flag is not None]
 # Options that define a run; with --resume the run's own config decides them. --epochs, --lr and
 # --optimizer are declared resumable: training settings a resume may change (a run that diverged
 # continues with a smaller step). --epochs goes to resume() as the new total.
-RESUME_SETTINGS = tuple(d.param for d in _FLAGGED if d.option.resumable and d.name != "epochs")
-RUN_OPTIONS = (*(d.param for d in _FLAGGED if not d.option.resumable), "out")
+
+
+def _param(d: Declared) -> str:
+    """The click parameter name of a flagged declaration (every one in ``_FLAGGED`` has a flag)."""
+    assert d.param is not None, d.path
+    return d.param
+
+
+RESUME_SETTINGS: Tuple[str, ...] = tuple(_param(d) for d in _FLAGGED if d.option.resumable and d.name != "epochs")
+RUN_OPTIONS: Tuple[str, ...] = (*(_param(d) for d in _FLAGGED if not d.option.resumable), "out")
 
 
 @click.command()

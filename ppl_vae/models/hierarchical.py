@@ -130,7 +130,7 @@ class HierarchicalVAE(VAE):
     """L stochastic layers with bottom-up inference (Burda et al. 2015): see the module docstring.
 
     ``latent_dims``: sizes of z_1 ... z_L (bottom to top; ``prior`` is over z_L).
-    ``hidden_dims``: one list per layer; layer l's list gives the hidden sizes of the networks
+    ``hidden_dims``: one list per layer (an integer: a list of one); layer l's list gives the hidden sizes of the networks
     into z_l (from x or z_{l-1}) and, mirrored, out of it (to x or z_{l-1}). ``activation``:
     a name from :data:`ppl_vae.models.networks.ACTIVATIONS` ("identity" makes every map linear).
 
@@ -149,7 +149,7 @@ class HierarchicalVAE(VAE):
         prior: Prior,
         likelihood: Likelihood,
         *,
-        hidden_dims: Optional[Sequence[Sequence[int]]] = None,
+        hidden_dims: Optional[Sequence[Union[int, Sequence[int]]]] = None,
         activation: str = "tanh",
         kl_warmup_fractions: Optional[Sequence[float]] = None,
     ):
@@ -402,12 +402,17 @@ class LadderVAE(HierarchicalVAE):
 
 
 def _two_layer_sizes(
-    latent_dim: int, hidden_dim: int, z1_dim: Optional[int], hidden_dims: Optional[Sequence[Sequence[int]]]
-) -> Tuple[List[int], Sequence]:
+    latent_dim: int,
+    hidden_dim: int,
+    z1_dim: Optional[int],
+    hidden_dims: Optional[Sequence[Union[int, Sequence[int]]]],
+) -> Tuple[List[int], Sequence[Union[int, Sequence[int]]]]:
     z1 = 2 * latent_dim if z1_dim is None else z1_dim
     if isinstance(z1, bool) or not isinstance(z1, int) or z1 < 1:
         raise ValueError(f"z1_dim must be a positive integer, got {z1_dim!r}")
-    hidden = [[hidden_dim] * 2, [max(1, hidden_dim // 2)] * 2] if hidden_dims is None else hidden_dims
+    hidden: Sequence[Union[int, Sequence[int]]] = (
+        [[hidden_dim] * 2, [max(1, hidden_dim // 2)] * 2] if hidden_dims is None else hidden_dims
+    )
     return [z1, latent_dim], hidden
 
 

@@ -142,6 +142,14 @@ def _is_number(value: object) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)  # type: ignore[arg-type]
 
 
+def _admits(marker: Union[Range, Choice], value: object) -> bool:
+    """Whether ``marker`` allows ``value``; a :class:`Range` marks a number (an int or a float:
+    the annotated type, which ``value`` conforms to), nothing else is in it."""
+    if isinstance(marker, Choice):
+        return value in marker
+    return isinstance(value, (int, float)) and value in marker
+
+
 def conforms(value: object, hint: Any) -> bool:
     """Whether ``value`` (as read from JSON: None, bool, int, float, str, list) is of type ``hint``.
 
@@ -154,7 +162,7 @@ def conforms(value: object, hint: Any) -> bool:
         return True
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Annotated:
-        return conforms(value, args[0]) and all(value in m for m in args[1:] if isinstance(m, (Range, Choice)))
+        return conforms(value, args[0]) and all(_admits(m, value) for m in args[1:] if isinstance(m, (Range, Choice)))
     if origin is Union or (origin is not None and getattr(origin, "__name__", "") == "UnionType"):
         return any(conforms(value, arm) for arm in args)
     if origin is typing.Literal:
