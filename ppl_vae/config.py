@@ -529,6 +529,29 @@ class TrainConfig:
         check=AT_LEAST_1,
         applies=_FREE_BITS,
     )
+    # Options a method or objective declares itself, as keyword-only constructor parameters (e.g.
+    # MCEM's HMC settings, an objective added in one file): checked against that declaration by
+    # ppl_vae.inference.capabilities.check_compatible, as model_options are against the builder.
+    method_options: Dict[str, Any] = option(
+        default_factory=dict,
+        help="An option of the training method, VALUE in JSON (e.g. mcem's num_steps=20); repeatable. "
+        "See docs/extending.md.",
+        flag="--method-option",
+        flag_type=str,
+        from_flag=key_values,
+        metavar="KEY=VALUE",
+        multiple=True,
+    )
+    objective_options: Dict[str, Any] = option(
+        default_factory=dict,
+        help="An option of an objective that declares its own (a plugin's), VALUE in JSON; repeatable. "
+        "See docs/extending.md.",
+        flag="--objective-option",
+        flag_type=str,
+        from_flag=key_values,
+        metavar="KEY=VALUE",
+        multiple=True,
+    )
 
     def __post_init__(self) -> None:
         check_types(self, "train")

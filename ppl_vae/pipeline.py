@@ -31,7 +31,7 @@ import pyro
 import torch
 
 from ppl_vae import runs
-from ppl_vae.config import DataConfig, RunConfig
+from ppl_vae.config import DataConfig, RunConfig, check_config
 from ppl_vae.data.datasets import Dataset, load_dataset
 from ppl_vae.errors import ConfigError, RunDirError, TrainingDiverged
 from ppl_vae.inference import distributed
@@ -41,6 +41,7 @@ from ppl_vae.inference.training import (
     Stepper,
     TrainState,
     make_stepper,
+    num_trained_on,
     resolve_device,
     train,
     validate_train_config,
@@ -160,6 +161,7 @@ def prepare(
     ``trust_plugins``: whether the config's plugins may be imported (True for a config the caller
     built; a received run's config goes through :func:`load_plugins`'s trust rule first)."""
     load_plugins(config, trust_plugins)
+    check_config(config)  # types, ranges and what each setting applies to, as declared
     if world_size > 1:
         distributed.check_config(config.train, world_size)
     else:
@@ -175,7 +177,7 @@ def prepare(
         vae,
         config.train,
         world_size=world_size,
-        num_train=int(data.train.shape[0]),
+        num_train=num_trained_on(int(data.train.shape[0]), config.train),
         model=config.model.model,
         guide=config.model.guide,
     )

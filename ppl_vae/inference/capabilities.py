@@ -19,13 +19,30 @@ import torch
 
 from ppl_vae.config import TrainConfig
 from ppl_vae.errors import ConfigError
-from ppl_vae.inference.training import (
-    KL_FIELDS,
-    METHOD_FIELDS,
-    OBJECTIVES,
-    stepper_class,
-    validation_split,
-)
+from ppl_vae.registry import Registry
+
+#: ``train`` fields that only some methods or objectives read (each declares those it does in
+#: ``Stepper.uses``); a non-default value of one that the chosen one does not read is refused.
+METHOD_FIELDS = ("elbo", "num_particles", "fused_elbo", "kl_warmup_epochs", "kl_schedule", "kl_weight")
+#: the fields of the KL weight's schedule (a method without a KL term reads none of them)
+KL_FIELDS = frozenset({"kl_warmup_epochs", "kl_schedule", "kl_weight"})
+
+#: ``train.method`` -> a :class:`~ppl_vae.inference.training.Stepper` class
+# Stepper lives in training.py, which imports this module: the registries hold its classes as Any
+METHODS: Registry[Any] = Registry("method")
+
+#: ``train.objective`` -> a Stepper class; "elbo" is the method's own objective, the disentangling
+#: ones live in :mod:`ppl_vae.inference.disentangle`. An objective class declares the ``methods``
+#: it composes with.
+OBJECTIVES: Registry[Any] = Registry("objective")
+OBJECTIVES.register("elbo", doc="the training method's own objective (svi: the ELBO)")(None)
+
+
+def stepper_class(config: TrainConfig) -> Any:
+    """The Stepper class that ``config.method`` and ``config.objective`` name."""
+    objective = OBJECTIVES.get(config.objective)
+    return METHODS.get(config.method) if objective is None else objective
+
 
 #: the largest latent dimension MCEM's HMC E-step is meant for (AEVB appendix E, figure 3)
 MAX_MCEM_LATENT_DIM = 20
@@ -112,8 +129,8 @@ def check_compatible(
     num_train: Optional[int] = None,
     model: Optional[str] = None,
     guide: Optional[str] = None,
-    stepper: Optional[type] = None,
-) -> type:
+    stepper: Any = None,
+) -> Any:
     """Raise :class:`ConfigError` (one line naming both sides) unless ``config``'s method and
     objective can train ``vae`` as configured; returns the stepper class.
 
@@ -121,7 +138,7 @@ def check_compatible(
     method or objective requires; ``train.compile`` only for a compilable loss; ``world_size``
     > 1 only for a data-parallel step; a method-specific field (:data:`METHOD_FIELDS`) set away
     from its default only where the method reads it; and, given ``num_train`` (the points
-    trained on), no minibatch smaller than the objective's estimator can use. ``stepper``: the
+    trained on, the validation split left out), no minibatch smaller than the objective's estimator can use. ``stepper``: the
     class to check when it is built directly (default: the one ``config`` names).
     """
     cls = stepper_class(config) if stepper is None else stepper
@@ -134,6 +151,8 @@ def check_compatible(
             f"{', '.join(map(repr, objective.methods))} only; train.method is {config.method!r}",
             field="train.objective",
         )
+    if stepper is None:
+        _check_options(config, objective)
     offered = model_capabilities(vae)
     for need in sorted(cls.requires(config) - offered):
         raise ConfigError(
@@ -167,19 +186,55 @@ def check_compatible(
     return cls
 
 
+def _check_options(config: TrainConfig, objective: Any) -> None:
+    """``train.method_options`` against the method's keyword-only constructor parameters (their
+    annotations give types and ranges, as a model builder's do), ``train.objective_options``
+    against the objective's."""
+    from ppl_vae.models.zoo import check_keyword_options
+
+    checks = [("method_options", f"method {config.method!r}", METHODS.get(config.method), config.method_options)]
+    if objective is not None:
+        checks.append(("objective_options", f"objective {config.objective!r}", objective, config.objective_options))
+    elif config.objective_options:
+        raise ConfigError(
+            "train.objective_options apply to an objective that replaces the method's loss; train.objective is 'elbo'",
+            field="train.objective_options",
+        )
+    for name, owner, cls, options in checks:
+        if objective is not None and name == "method_options" and options:
+            raise ConfigError(
+                f"train.method_options apply to {owner}'s own loss, which objective {config.objective!r} "
+                "replaces; give the objective's options as train.objective_options",
+                field="train.method_options",
+            )
+        try:
+            check_keyword_options(owner, cls.__init__, options)
+        except ValueError as exc:
+            raise ConfigError(f"train.{name}: {exc}", field=f"train.{name}") from None
+
+
 def _check_last_batch(config: TrainConfig, num_train: int, min_batch: int, side: str, world_size: int) -> None:
-    split = validation_split(num_train, config)
-    n = num_train if split is None else len(split[0])
-    batch = min(config.batch_size, n)
-    last = n % batch or batch
+    batch = min(config.batch_size, num_train)
+    last = num_train % batch or batch
     if batch < min_batch or last < min_batch:
         size = batch if batch < min_batch else last
         raise ConfigError(
             f"{side} needs minibatches of at least {min_batch} points; train.batch_size {config.batch_size} "
-            f"on {n} training points leaves one of {size}: choose a batch size that leaves no remainder "
+            f"on {num_train} training points leaves one of {size}: choose a batch size that leaves no remainder "
             f"below {min_batch}",
             field="train.batch_size",
         )
 
 
-__all__ = ["CAPABILITIES", "MAX_MCEM_LATENT_DIM", "check_compatible", "describe_model", "model_capabilities"]
+__all__ = [
+    "CAPABILITIES",
+    "KL_FIELDS",
+    "MAX_MCEM_LATENT_DIM",
+    "METHODS",
+    "METHOD_FIELDS",
+    "OBJECTIVES",
+    "check_compatible",
+    "describe_model",
+    "model_capabilities",
+    "stepper_class",
+]

@@ -13,7 +13,7 @@ history a meaningful ELBO; the decoder's updates are the paper's.
 
 from __future__ import annotations
 
-from typing import Dict, FrozenSet, Iterator, Optional
+from typing import Annotated, Dict, FrozenSet, Iterator, Optional
 
 import torch
 
@@ -22,6 +22,7 @@ from ppl_vae.inference.marginal import hmc_posterior
 from ppl_vae.inference.training import METHODS, OPTIMIZERS, Stepper, Update
 from ppl_vae.inference.wake_sleep import generative_parameters
 from ppl_vae.models.vae import VAE
+from ppl_vae.models.zoo import PositiveInt, Range, check_keyword_options
 
 
 @METHODS.register("mcem", doc="Monte Carlo EM, HMC E-step (AEVB appendix E); small latent dims")
@@ -32,7 +33,8 @@ class MCEMStepper(Stepper):
     to the HMC samples). ``num_steps``: leapfrog steps per HMC proposal; ``warmup_steps``:
     HMC iterations that adapt the step size toward ``target_accept_prob`` (the adapted step
     size carries over to the next E-step); ``num_hmc_samples``: HMC iterations after warm-up,
-    of which the last is the E-step's sample.
+    of which the last is the E-step's sample. These are the method's options
+    (``train.method_options``, ``--method-option num_steps=20``), declared here once.
     """
 
     label = "method 'mcem'"
@@ -42,14 +44,23 @@ class MCEMStepper(Stepper):
         vae: VAE,
         config: TrainConfig,
         *,
-        num_steps: int = 10,
-        warmup_steps: int = 10,
-        num_hmc_samples: int = 1,
-        target_accept_prob: float = 0.9,
-        num_weight_updates: int = 5,
+        num_steps: PositiveInt = 10,
+        warmup_steps: Annotated[int, Range(0)] = 10,
+        num_hmc_samples: PositiveInt = 1,
+        target_accept_prob: Annotated[float, Range(0.0, 1.0, low_open=True, high_open=True)] = 0.9,
+        num_weight_updates: PositiveInt = 5,
     ):
-        if num_weight_updates < 1:
-            raise ValueError(f"num_weight_updates must be >= 1, got {num_weight_updates}")
+        check_keyword_options(  # the same declaration train.method_options is checked against
+            "method 'mcem'",
+            MCEMStepper.__init__,
+            dict(
+                num_steps=num_steps,
+                warmup_steps=warmup_steps,
+                num_hmc_samples=num_hmc_samples,
+                target_accept_prob=target_accept_prob,
+                num_weight_updates=num_weight_updates,
+            ),
+        )
         self.vae = vae
         self.num_steps = num_steps
         self.warmup_steps = warmup_steps

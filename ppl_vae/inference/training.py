@@ -26,7 +26,6 @@ from typing import (
     Optional,
     Sequence,
     Tuple,
-    Type,
     Union,
     cast,
 )
@@ -39,6 +38,14 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from ppl_vae.config import TrainConfig
 from ppl_vae.data.datasets import Dataset
 from ppl_vae.errors import ConfigError, DataError, TrainingDiverged
+from ppl_vae.inference.capabilities import (  # the declarations and their registries, re-exported here
+    KL_FIELDS,  # noqa: F401
+    METHOD_FIELDS,
+    METHODS,
+    OBJECTIVES,  # noqa: F401
+    check_compatible,
+    stepper_class,
+)
 from ppl_vae.inference.fused import fused_elbo_loss, supports_fused_elbo
 from ppl_vae.inference.importance import elbo_per_datapoint
 from ppl_vae.inference.optim import EagerAdam
@@ -376,8 +383,6 @@ class Stepper:
         return frozenset()
 
     def __init__(self, vae: VAE, config: TrainConfig):
-        from ppl_vae.inference.capabilities import check_compatible
-
         check_compatible(vae, config, stepper=type(self))  # built directly too: refused before any work
         self.vae = vae
         self.config = config
@@ -464,6 +469,8 @@ class Stepper:
                 reported = value
                 self._record(update.terms)
         self.step_count += 1
+        if set_step is not None:  # at rest the model's counter says how many steps are done (checkpoints save it)
+            set_step(self.step_count)
         assert reported is not None, f"{type(self).__name__}.updates made no update"
         if finite is not None:  # deferred: NaN marks the step, with no host-device sync here
             reported = torch.where(finite, reported, torch.full_like(reported, float("nan")))
@@ -517,41 +524,25 @@ class Stepper:
         return {**out, **self.extra_terms()}
 
 
-#: ``train`` fields that only some methods or objectives read (each declares those it does in
-#: :attr:`Stepper.uses`); a non-default value of one that the chosen one does not read is refused.
-METHOD_FIELDS = ("elbo", "num_particles", "fused_elbo", "kl_warmup_epochs", "kl_schedule", "kl_weight")
-#: the fields of the KL weight's schedule (a method without a KL term reads none of them)
-KL_FIELDS = frozenset({"kl_warmup_epochs", "kl_schedule", "kl_weight"})
-
-METHODS: Registry[Type[Stepper]] = Registry("method")
-
-#: ``train.objective`` -> a :class:`Stepper` class; "elbo" is the method's own objective, the
-#: disentangling ones live in :mod:`ppl_vae.inference.disentangle`. An objective class declares
-#: the ``methods`` it composes with.
-OBJECTIVES: Registry[Optional[Type[Stepper]]] = Registry("objective")
-OBJECTIVES.register("elbo", doc="the training method's own objective (svi: the ELBO)")(None)
-
-
-def stepper_class(config: TrainConfig) -> Type[Stepper]:
-    """The :class:`Stepper` that ``config.method`` and ``config.objective`` name."""
-    objective = OBJECTIVES.get(config.objective)
-    return METHODS.get(config.method) if objective is None else objective
+def stepper_options(config: TrainConfig) -> Dict[str, Any]:
+    """The keyword options the stepper is built with: the objective's (``train.objective_options``)
+    when an objective replaces the method's loss, else the method's (``train.method_options``)."""
+    return dict(config.objective_options if config.objective != "elbo" else config.method_options)
 
 
 def make_stepper(vae: VAE, config: TrainConfig) -> Stepper:
-    """The stepper that ``config.method`` and ``config.objective`` name (its constructor checks the
-    combination with :func:`~ppl_vae.inference.capabilities.check_compatible`)."""
-    from ppl_vae.inference.capabilities import check_compatible
-
-    check_compatible(vae, config)  # the objective-method pairing, which a class alone does not know
-    return stepper_class(config)(vae, config)
+    """The stepper that ``config.method`` and ``config.objective`` name, built with
+    :func:`stepper_options` (its constructor checks the combination with
+    :func:`~ppl_vae.inference.capabilities.check_compatible`)."""
+    check_compatible(vae, config)  # the objective-method pairing and the options, which a class alone does not know
+    return stepper_class(config)(vae, config, **stepper_options(config))
 
 
 def enumerating_elbo(vae: VAE, name: str) -> str:
     """The ELBO to train ``vae`` with: "enum" for "trace" when the model declares
     ``enumerated_sites`` (discrete sites summed out, e.g. M2's y), else ``name``; an ELBO that
     cannot enumerate such a model is refused."""
-    sites = tuple(vae.enumerated_sites) if hasattr(vae, "enumerated_sites") else ()
+    sites = tuple(getattr(vae, "enumerated_sites", ()))  # declared by models that enumerate
     if not sites:
         return name
     if name not in ("trace", "enum"):
@@ -596,7 +587,7 @@ class SVIStepper(Stepper):
         """The differentiable minibatch loss (negative ELBO scaled to ``num_data``)."""
         if self.fused:  # the base VAE ignores labels
             return fused_elbo_loss(
-                self.vae,
+                cast(Any, self.vae),  # a FastPair: compiles() checked the protocol
                 x,
                 num_data=num_data,
                 kl_weight=kl_weight,
@@ -788,6 +779,12 @@ def validation_split(n: int, config: TrainConfig) -> Optional[Tuple[torch.Tensor
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([config.seed, 0x7A1]).generate_state(1)[0]))
     perm = torch.randperm(n, generator=gen)
     return perm[num_val:].sort().values, perm[:num_val].sort().values
+
+
+def num_trained_on(n: int, config: TrainConfig) -> int:
+    """How many of ``n`` training points the model trains on (the validation split left out)."""
+    split = validation_split(n, config)
+    return n if split is None else len(split[0])
 
 
 def train_eval_set(data: Dataset, config: TrainConfig, indices: Optional[torch.Tensor] = None):

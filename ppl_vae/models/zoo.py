@@ -233,24 +233,30 @@ def _option_hints(build: Builder) -> dict:
         return {}
 
 
-def check_model_options(name: str, build: Builder, options: dict) -> None:
-    """A one-line ValueError for an option the builder of model ``name`` does not declare (its
-    keyword-only parameters are its options), or for a value its annotation does not allow
-    (see :func:`conforms`); null is allowed for an option whose default is None."""
+def check_keyword_options(owner: str, fn: Callable[..., Any], options: Mapping[str, Any]) -> None:
+    """A one-line ValueError for an option ``fn`` does not declare (its keyword-only parameters
+    are its options), or for a value its annotation does not allow (see :func:`conforms`); null
+    is allowed for an option whose default is None. ``owner`` names it: ``"model 'm2'"``,
+    ``"method 'mcem'"``, ``"objective 'beta_vae'"``."""
     import inspect
 
-    params = {p.name: p for p in inspect.signature(build).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    params = {p.name: p for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY}
     unknown = [k for k in options if k not in params]
     if unknown:
         takes = f"it takes {', '.join(params)}" if params else "it takes no options"
-        raise ValueError(f"model {name!r} has no option {unknown[0]!r}; {takes}")
-    hints = _option_hints(build)
+        raise ValueError(f"{owner} has no option {unknown[0]!r}; {takes}")
+    hints = _option_hints(fn)
     for key, value in options.items():
         hint = hints.get(key, Any)
         if value is None and params[key].default is None:
             continue
         if not conforms(value, hint):
-            raise ValueError(f"model {name!r}: option {key!r} must be {describe_type(hint)}, got {value!r}")
+            raise ValueError(f"{owner}: option {key!r} must be {describe_type(hint)}, got {value!r}")
+
+
+def check_model_options(name: str, build: Builder, options: dict) -> None:
+    """:func:`check_keyword_options` of model ``name``'s builder."""
+    check_keyword_options(f"model {name!r}", build, options)
 
 
 def build_vae(

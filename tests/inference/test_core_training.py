@@ -29,7 +29,7 @@ def small_config(**train) -> RunConfig:
 
 def test_config_round_trips_through_json():
     config = small_config(kl_warmup_epochs=2, elbo="mean_field")
-    config.model.prior_options = {"num_components": 3}
+    config.model.prior, config.model.prior_options = "mixture_of_gaussians", {"num_components": 3}
     assert RunConfig.from_json(config.to_json()) == config
     raw = json.loads(config.to_json())
     raw["train"]["epochz"] = 3

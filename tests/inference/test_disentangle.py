@@ -144,18 +144,14 @@ def test_total_correlation_of_correlated_codes_matches_the_gaussian_closed_form(
 
 
 def _config(objective: str, epochs: int = 2, **train) -> RunConfig:
+    weights = {  # each objective's own settings only: another's is refused as not applying
+        "beta_vae": dict(beta=4.0),
+        "beta_tc": dict(tc_beta=6.0),
+        "free_bits": dict(free_bits=0.5),
+        "capacity": dict(capacity_max=5.0, capacity_end_epoch=3.0, gamma=10.0),
+    }
     defaults = dict(
-        epochs=epochs,
-        batch_size=50,
-        lr=3e-3,
-        device="cpu",
-        objective=objective,
-        beta=4.0,
-        tc_beta=6.0,
-        free_bits=0.5,
-        capacity_max=5.0,
-        capacity_end_epoch=3.0,
-        gamma=10.0,
+        epochs=epochs, batch_size=50, lr=3e-3, device="cpu", objective=objective, **weights.get(objective, {})
     )
     defaults.update(train)
     return RunConfig(
@@ -169,8 +165,9 @@ def _config(objective: str, epochs: int = 2, **train) -> RunConfig:
 @pytest.mark.parametrize("prior", ["standard_normal", "mixture_of_gaussians"])
 def test_each_objective_takes_a_step_that_changes_parameters(objective, prior):
     vae, x = _vae(prior), _x()
-    groups = 1 if prior == "mixture_of_gaussians" else None  # per-dimension KL needs a diagonal Normal prior
-    config = _config(objective, free_bits_groups=groups).train
+    # per-dimension KL needs a diagonal Normal prior (free_bits_groups applies to free_bits alone)
+    groups = {"free_bits_groups": 1} if prior == "mixture_of_gaussians" and objective == "free_bits" else {}
+    config = _config(objective, **groups).train
     validate_train_config(config)
     stepper = make_stepper(vae, config)
     stepper.begin(0, 4)
@@ -219,7 +216,7 @@ def test_beta_tc_history_records_the_three_parts(tmp_path):
     "field, value, message",
     [
         ("beta", 0.0, "train.beta must be a positive"),
-        ("beta", float("nan"), "train.beta must be a positive"),
+        ("beta", float("nan"), "train.beta must be a finite number > 0, got nan"),
         ("tc_beta", -1.0, "train.tc_beta must be a positive"),
         ("free_bits", -0.1, "train.free_bits must be a finite number >= 0"),
         ("capacity_end_epoch", -1.0, "train.capacity_end_epoch"),
@@ -272,7 +269,7 @@ def test_fit_cli_records_the_objective_and_refuses_bad_weights(tmp_path):
     config = ppl_vae.load_run(tmp_path / "r").config.train
     assert (config.objective, config.tc_beta) == ("beta_tc", 6.0)
     for flags, text in (
-        (["--objective", "beta_vae", "--beta", "nan"], "--beta must be a positive"),
+        (["--objective", "beta_vae", "--beta", "nan"], "--beta must be a finite number > 0"),
         (["--objective", "free_bits", "--free-bits", "-1"], "--free-bits must be"),
         (
             ["--objective", "capacity", "--capacity-start-epoch", "4", "--capacity-end-epoch", "1"],

@@ -250,10 +250,14 @@ def test_cyclical_kl_weight_in_the_history(tmp_path):
         ("lr_schedule", "NoSuchLR", "must be null or a torch.optim.lr_scheduler class"),
         ("lr_schedule", "LambdaLR", "must be null or a torch.optim.lr_scheduler class"),
         ("lr_schedule", "ReduceLROnPlateau", "set train.val_fraction > 0"),
-        ("lr_schedule_options", {"step_size": 2}, "are given but train.lr_schedule is null"),
+        (
+            "lr_schedule_options",
+            {"step_size": 2},
+            "applies to a learning-rate schedule (lr_schedule) only; train.lr_schedule is null",
+        ),
         ("clip_grad_norm", 0.0, "must be a positive number"),
         ("val_fraction", 1.0, "must be in [0, 1)"),
-        ("early_stopping_patience", 3, "set train.val_fraction > 0"),
+        ("early_stopping_patience", 3, "applies to a validation set (val_fraction > 0) only"),
         ("kl_schedule", "sigmoid", "must be one of constant, cyclical, linear"),
         ("kl_weight", -1.0, "finite number >= 0"),
         ("kl_cycle_epochs", 0, "must be >= 1"),
@@ -288,7 +292,7 @@ def test_bf16_on_cpu_is_a_one_line_cli_error(tmp_path):
         (["--lr-schedule", "StepLR"], "--lr-schedule-options do not fit StepLR"),
         (
             ["--early-stopping-patience", "2"],
-            "--early-stopping-patience watches the validation ELBO: set --val-fraction",
+            "--early-stopping-patience applies to a validation set (--val-fraction > 0) only",
         ),
     ],
 )

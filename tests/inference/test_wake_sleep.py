@@ -88,5 +88,7 @@ def test_refuses_a_prior_that_uses_the_encoder():
     from ppl_vae.models import build_vae
 
     vae = build_vae("bernoulli_mlp", (1, 4, 4), prior="vamp", latent_dim=2, hidden_dim=8)
-    with pytest.raises(ValueError, match=r"needs a model whose prior does not evaluate the encoder .*the VampPrior does"):
+    with pytest.raises(
+        ValueError, match=r"needs a model whose prior does not evaluate the encoder .*the VampPrior does"
+    ):
         WakeSleepStepper(vae, TrainConfig(method="wake-sleep"))

@@ -363,7 +363,9 @@ def test_m2_trains_on_a_semi_supervised_split_and_classifies_planted_classes():
 
 def test_multi_sample_objectives_that_need_reparameterization_are_refused_and_rws_trains():
     for method in ("iwae", "dreg", "stl"):
-        with pytest.raises(ConfigError, match="needs a model whose latent sites are all continuous and reparameterized"):
+        with pytest.raises(
+            ConfigError, match="needs a model whose latent sites are all continuous and reparameterized"
+        ):
             METHODS.get(method)(small("m2"), TrainConfig(method=method, num_particles=2))
     vae = small("m2")
     stepper = METHODS.get("rws")(vae, TrainConfig(method="rws", num_particles=3))

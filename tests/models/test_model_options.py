@@ -82,16 +82,41 @@ def test_json_from_the_command_line_is_checked_as_the_builder_declares():
 
 
 def test_the_checker_reads_typing_forms():
-    def builder(a, b, c, d, e, *, i: int = 1, f: float = 1.0, s: Optional[str] = None,
-                li: List[int] = (), t: Tuple[int, ...] = (), t2: Tuple[int, str] = (1, "a"),
-                u: Union[int, Sequence[int]] = 1, lit: Literal["x", "y"] = "x", free=None, **data):
+    def builder(
+        a,
+        b,
+        c,
+        d,
+        e,
+        *,
+        i: int = 1,
+        f: float = 1.0,
+        s: Optional[str] = None,
+        li: List[int] = (),
+        t: Tuple[int, ...] = (),
+        t2: Tuple[int, str] = (1, "a"),
+        u: Union[int, Sequence[int]] = 1,
+        lit: Literal["x", "y"] = "x",
+        free=None,
+        **data,
+    ):
         raise AssertionError("not called")
 
     good = {"i": 3, "f": 2, "s": None, "li": [1, 2], "t": [], "t2": [1, "b"], "u": [1], "lit": "y", "free": object()}
     check_model_options("toy", builder, good)
     for option, value in [
-        ("i", True), ("i", 1.0), ("f", "1"), ("f", float("-inf")), ("s", 1), ("li", "12"), ("li", [1, "2"]),
-        ("t", 3), ("t2", [1, 2]), ("t2", [1]), ("u", [True]), ("lit", "z"),
+        ("i", True),
+        ("i", 1.0),
+        ("f", "1"),
+        ("f", float("-inf")),
+        ("s", 1),
+        ("li", "12"),
+        ("li", [1, "2"]),
+        ("t", 3),
+        ("t2", [1, 2]),
+        ("t2", [1]),
+        ("u", [True]),
+        ("lit", "z"),
     ]:
         with pytest.raises(ValueError, match=rf"model 'toy': option '{option}' must be "):
             check_model_options("toy", builder, {option: value})
@@ -111,16 +136,44 @@ def test_descriptions_read_as_english():
 def test_fit_with_a_bad_model_option_is_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "run"
     result = invoke(
-        "fit", "--model", "two_layer", "--model-option", "hidden_dims=5", "--epochs", "1", "--out", out,
-        "--latent-dim", "2", "--hidden-dim", "8", "--train-size", "100", "--no-progress",
+        "fit",
+        "--model",
+        "two_layer",
+        "--model-option",
+        "hidden_dims=5",
+        "--epochs",
+        "1",
+        "--out",
+        out,
+        "--latent-dim",
+        "2",
+        "--hidden-dim",
+        "8",
+        "--train-size",
+        "100",
+        "--no-progress",
     )
     line = one_line_error(result, "model 'two_layer': option 'hidden_dims' must be")
     assert result.exit_code == 1
     assert "got 5" in line
     assert not out.exists()
     result = invoke(
-        "fit", "--model", "gmvae", "--model-option", "uniform_weights=no", "--epochs", "1", "--out", out,
-        "--latent-dim", "2", "--hidden-dim", "8", "--train-size", "100", "--no-progress",
+        "fit",
+        "--model",
+        "gmvae",
+        "--model-option",
+        "uniform_weights=no",
+        "--epochs",
+        "1",
+        "--out",
+        out,
+        "--latent-dim",
+        "2",
+        "--hidden-dim",
+        "8",
+        "--train-size",
+        "100",
+        "--no-progress",
     )
     one_line_error(result, "option 'uniform_weights' must be true or false, got 'no'")
     assert not out.exists()
@@ -129,8 +182,20 @@ def test_fit_with_a_bad_model_option_is_one_line_and_writes_nothing(tmp_path):
 def test_a_received_config_with_a_bad_option_is_one_line_on_evaluate(tmp_path):
     out = tmp_path / "run"
     result = invoke(
-        "fit", "--model", "two_layer", "--epochs", "0", "--out", out,
-        "--latent-dim", "2", "--hidden-dim", "8", "--train-size", "100", "--no-progress",
+        "fit",
+        "--model",
+        "two_layer",
+        "--epochs",
+        "0",
+        "--out",
+        out,
+        "--latent-dim",
+        "2",
+        "--hidden-dim",
+        "8",
+        "--train-size",
+        "100",
+        "--no-progress",
     )
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
