@@ -333,6 +333,8 @@ class LadderVAE(HierarchicalVAE):
     also moves them).
     """
 
+    has_fast_path = True  # its guide and sample_guide run the same bottom-up pass (tests compare them)
+
     @staticmethod
     def _inference_networks(event_shape, latent_dims, hidden, activation) -> nn.ModuleList:
         steps, in_dim = [], math.prod(event_shape)

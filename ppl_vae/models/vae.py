@@ -10,7 +10,7 @@ Welling 2013, eq. 8); ``kl_weight`` scales log p(z) - log q(z|x) for KL warm-up.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import pyro
 import torch
@@ -33,6 +33,11 @@ def data_plate(x: Tensor, num_data: Optional[int]) -> pyro.plate:
     return pyro.plate("data", num_data, subsample=torch.arange(batch_size, device=x.device))
 
 
+#: what the fast path and the Pyro program must agree on: overriding one without re-declaring
+#: ``has_fast_path`` drops the protocol (see :attr:`VAE.has_fast_path`)
+FAST_PATH_MEMBERS = ("model", "guide", "latent_shapes", "log_prior", "log_likelihood", "log_joint", "sample_guide")
+
+
 class VAE(nn.Module):
     """A variational autoencoder: encoder, decoder, prior over z, likelihood of x.
 
@@ -52,11 +57,22 @@ class VAE(nn.Module):
     has_fast_path: bool = True
     """Declares the fast-path protocol (:class:`ppl_vae.inference.latents.FastPair`): ``log_prior``,
     ``log_likelihood`` and ``sample_guide`` below give the same numbers as ``model`` and ``guide``.
-    A subclass whose ``model`` or ``guide`` computes something else overrides them or sets this False."""
+
+    The declaration is a class's own: a subclass that overrides ``model``, ``guide`` or a member
+    of the protocol (:data:`FAST_PATH_MEMBERS`) without declaring ``has_fast_path`` itself loses
+    it, so the estimators and the training step score the program it wrote, through Pyro's
+    traces (a power posterior written with ``poutine.scale`` in ``model`` is tempered, not
+    silently scored as the base model). A subclass that keeps both sides in step re-declares
+    ``has_fast_path = True`` (:func:`ppl_vae.inference.latents.check_fast_path` compares them)."""
 
     encoder_is_guide: bool = True
     """The guide is the encoder's diagonal Gaussian N(loc(x), scale(x)^2) itself (a flow guide is not);
     methods that fit or call the encoder directly (wake-sleep, MCEM, the fused analytic-KL ELBO) need it."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "has_fast_path" not in vars(cls) and any(name in vars(cls) for name in FAST_PATH_MEMBERS):
+            cls.has_fast_path = False
 
     def __init__(
         self,

@@ -55,16 +55,26 @@ def test_the_fast_path_is_the_declared_protocol_not_the_class_of_a_method():
 
     assert supports_fused_elbo(build_vae("gaussian_mlp", (4,)))
 
-    class Logged(LinearGaussianVAE):  # overrides the guide, changes nothing numerically: keeps the fast path
+    class Logged(LinearGaussianVAE):  # overrides the guide, changes nothing numerically, re-declares the path
+        has_fast_path = True
+
         def guide(self, x, **kwargs):
             return super().guide(x, **kwargs)
 
     class Opted(LinearGaussianVAE):
         has_fast_path = False
 
-    class Shifted(LinearGaussianVAE):  # changes the model but keeps the flag: check_fast_path catches it
+    class Shifted(LinearGaussianVAE):  # changes the model but re-declares the flag: check_fast_path catches it
+        has_fast_path = True
+
         def model(self, x, y=None, **kwargs):
             return super().model(x + 1.0, y, **kwargs)
+
+    class Undeclared(LinearGaussianVAE):  # changes the model and declares nothing: loses the fast path
+        def model(self, x, y=None, **kwargs):
+            return super().model(x + 1.0, y, **kwargs)
+
+    assert not Undeclared.has_fast_path and not supports_fused_elbo(Undeclared(3, 2))
 
     logged = Logged(3, 2)
     assert supports_fused_elbo(logged) and fast_pair(logged.model, logged.guide) is logged
