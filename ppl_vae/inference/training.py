@@ -456,14 +456,15 @@ class Stepper:
                 update = next(updates, None)
             if update is None:
                 break
-            value = update.loss.detach() if update.value is None else update.value.detach()
+            loss = update.loss.detach()
+            value = loss if update.value is None else update.value.detach()
             if self.dist is not None:
                 value = self.dist.all_reduce_mean(value)
-            ok = torch.isfinite(update.loss.detach()) & torch.isfinite(value)
+            ok = torch.isfinite(value) if value is loss else torch.isfinite(loss) & torch.isfinite(value)
             if self.defers_finite_check:
                 finite = ok if finite is None else finite & ok
             elif not ok:
-                raise NonFiniteLoss(float(value if not torch.isfinite(value) else update.loss.detach()))
+                raise NonFiniteLoss(float(value if not torch.isfinite(value) else loss))
             self._apply(update)
             if reported is None:
                 reported = value
