@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ppl_vae.inference.latents import log_importance_weights  # noqa: F401  (re-exported: the public name)
 from ppl_vae.inference.modes import batches, block_seed, check_positive, in_eval_mode, seeded
-from ppl_vae.inference.stats import log_mean_exp_se_from_ess, psis_khat
+from ppl_vae.inference.stats import jackknife_log_mean_exp, log_mean_exp_se_from_ess, psis_khat
 from ppl_vae.inference.traces import PARTICLE_PLATE, log_probs, trace_pair  # noqa: F401 (PARTICLE_PLATE re-exported)
 
 if TYPE_CHECKING:  # xarray is imported where used: fit needs none of it before its first step
@@ -100,6 +100,10 @@ class ImportanceEstimate:
     ess: Tensor
     num_samples: int
     khat: Optional[Tensor] = None
+    #: with ``jackknife=True``: the jackknife-debiased estimate of log p(x) (Nowozin 2018; bias
+    #: O(1/K^2), an estimate, not a bound) and its jackknife standard error; else None
+    log_likelihood_jackknife: Optional[Tensor] = None
+    log_likelihood_jackknife_stderr: Optional[Tensor] = None
 
     def to_dataset(self, datapoint: Optional[Sequence[int] | np.ndarray] = None) -> xr.Dataset:
         """The estimates as an xarray Dataset over dim ``datapoint``."""
@@ -114,6 +118,9 @@ class ImportanceEstimate:
         }
         if self.khat is not None:
             data["khat"] = self.khat
+        if self.log_likelihood_jackknife is not None and self.log_likelihood_jackknife_stderr is not None:
+            data["log_likelihood_jackknife"] = self.log_likelihood_jackknife
+            data["log_likelihood_jackknife_stderr"] = self.log_likelihood_jackknife_stderr
         import xarray as xr
 
         ds = xr.Dataset({k: ("datapoint", v.detach().cpu().double().numpy()) for k, v in data.items()}, coords=coords)
@@ -132,6 +139,12 @@ class ImportanceEstimate:
             "elbo_stderr": ("neither", "Monte Carlo standard error of elbo (nats)"),
             "ess": ("neither", f"effective sample size of the {k} importance weights"),
             "khat": ("neither", "PSIS Pareto k-hat of the importance weights (> 0.7: unreliable)"),
+            "log_likelihood_jackknife": (
+                "estimate",
+                f"jackknife-debiased estimate of log p(x) from the same K={k} weights (Nowozin 2018; "
+                "bias O(1/K^2); nats; neither a lower nor an upper bound)",
+            ),
+            "log_likelihood_jackknife_stderr": ("neither", "jackknife standard error of the IW estimate (nats)"),
         }
         for name, (bound, long_name) in described.items():
             if name in ds:
@@ -145,9 +158,11 @@ def concat_estimates(estimates: Sequence[ImportanceEstimate]) -> ImportanceEstim
         raise ValueError("concat_estimates needs one or more estimates with the same num_samples")
     fields = ("log_likelihood", "log_likelihood_stderr", "elbo", "elbo_stderr", "ess")
     joined = {f: torch.cat([getattr(e, f) for e in estimates]) for f in fields}
-    khats = [e.khat for e in estimates if e.khat is not None]
-    khat = None if len(khats) < len(estimates) else torch.cat(khats)
-    return ImportanceEstimate(**joined, num_samples=estimates[0].num_samples, khat=khat)
+    optional = {}
+    for name in ("khat", "log_likelihood_jackknife", "log_likelihood_jackknife_stderr"):
+        parts = [getattr(e, name) for e in estimates if getattr(e, name) is not None]
+        optional[name] = None if len(parts) < len(estimates) else torch.cat(parts)
+    return ImportanceEstimate(**joined, num_samples=estimates[0].num_samples, **optional)
 
 
 class _WeightAccumulator:
@@ -209,6 +224,7 @@ def importance_estimate(
     max_plate_nesting: int = 1,
     progress: bool = False,
     tail_diagnostic: bool = True,
+    jackknife: bool = False,
     seed: Optional[int] = None,
     **kwargs: Any,
 ) -> ImportanceEstimate:
@@ -223,7 +239,9 @@ def importance_estimate(
     log-weights in memory (``batch_size * num_samples`` float64 values). ``seed``: each batch
     draws from its own stream seeded by (seed, its first datapoint's index), so the result does
     not depend on how datapoints are split across calls or processes, and the caller's RNG
-    state is left as it was; None draws from the caller's stream.
+    state is left as it was; None draws from the caller's stream. ``jackknife`` also gives the
+    jackknife-debiased estimate from the same weights (:func:`~ppl_vae.inference.stats.jackknife_log_mean_exp`;
+    K >= 2), keeping one batch's weights in memory as the tail diagnostic does.
     """
     from tqdm.auto import tqdm
 
@@ -236,7 +254,12 @@ def importance_estimate(
     if n == 0:
         raise ValueError("x holds no datapoints")
     chunks = math.ceil(num_samples / particle_batch_size)
-    results, khats = [], []
+    if jackknife and num_samples < 2:
+        raise ValueError(
+            f"the jackknife estimate leaves one of num_samples draws out: needs num_samples >= 2, got {num_samples}"
+        )
+    keep = tail_diagnostic or jackknife
+    results, khats, jackknifed = [], [], []
     with tqdm(
         total=math.ceil(n / batch_size) * chunks,
         disable=not progress,
@@ -254,17 +277,28 @@ def importance_estimate(
                         model, guide, xb, num_particles=k, max_plate_nesting=max_plate_nesting, **kw
                     )
                     acc.add(log_w)
-                    if tail_diagnostic:
+                    if keep:
                         kept.append(log_w.detach().double().cpu())
                     bar.update(1)
             result = acc.result()
             if tail_diagnostic:
                 khats.append(torch.from_numpy(psis_khat(torch.cat(kept))).to(xb.device))
+            if jackknife:
+                jackknifed.append(tuple(t.to(xb.device) for t in jackknife_log_mean_exp(torch.cat(kept))))
             results.append(result)
     dtype = x.dtype if x.dtype.is_floating_point else torch.float32
     log_p, log_p_se, elbo, elbo_se, ess = (torch.cat(p).to(dtype) for p in zip(*results))  # acc.result()'s order
+    jk, jk_se = (torch.cat(p).to(dtype) for p in zip(*jackknifed)) if jackknifed else (None, None)
     return ImportanceEstimate(
-        log_p, log_p_se, elbo, elbo_se, ess, num_samples=num_samples, khat=torch.cat(khats).to(dtype) if khats else None
+        log_p,
+        log_p_se,
+        elbo,
+        elbo_se,
+        ess,
+        num_samples=num_samples,
+        khat=torch.cat(khats).to(dtype) if khats else None,
+        log_likelihood_jackknife=jk,
+        log_likelihood_jackknife_stderr=jk_se,
     )
 
 

@@ -70,6 +70,38 @@ def log_mean_exp_stats(log_w: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return log_mean_exp(log_w), log_mean_exp_se_from_ess(e, log_w.shape[0]), e
 
 
+def leave_one_out_log_mean_exp(log_w: Tensor) -> Tensor:
+    """log (1/(K-1)) sum_{j != i} w_j for each i, ``(K, N)`` from ``log_w`` ``(K, N)`` (K >= 2).
+
+    log(S - w_i) = log S + log1p(-w_i / S) is exact to rounding where w_i / S <= 1/2, which holds
+    for every weight but the largest; the largest one's sum of the others is a logsumexp of its own.
+    """
+    k = log_w.shape[0]
+    if k < 2:
+        raise ValueError(f"leaving one of K weights out needs K >= 2, got {k}")
+    log_s = torch.logsumexp(log_w, 0)
+    loo = log_s + torch.log1p(-torch.exp(log_w - log_s).clamp(max=0.5))
+    top = log_w.argmax(0, keepdim=True)
+    others = torch.logsumexp(log_w.scatter(0, top, -math.inf), 0, keepdim=True)
+    return loo.scatter(0, top, others) - math.log(k - 1)
+
+
+def jackknife_log_mean_exp(log_w: Tensor) -> Tuple[Tensor, Tensor]:
+    """The jackknife-debiased log mean w and its jackknife standard error over dim 0 (K >= 2).
+
+    L_JK = K L_K - (K-1) mean_i L_{K-1}^(-i), with L_K the IW estimate log (1/K) sum_k w_k and
+    L_{K-1}^(-i) the same without draw i (Nowozin 2018, "Debiasing evidence approximations",
+    eq. 8 with order 1): the O(1/K) bias of L_K cancels, leaving O(1/K^2). It is an estimate of
+    log p(x), neither a lower nor an upper bound. The standard error is the jackknife's,
+    sqrt((K-1)/K sum_i (L_{K-1}^(-i) - mean)^2) (Efron & Stein 1981)."""
+    k = log_w.shape[0]
+    loo = leave_one_out_log_mean_exp(log_w)
+    mean_loo = loo.mean(0)
+    estimate = k * log_mean_exp(log_w) - (k - 1) * mean_loo
+    se = ((k - 1) / k * ((loo - mean_loo) ** 2).sum(0)).sqrt()
+    return estimate, se
+
+
 def mean_se(u: Tensor) -> Tuple[Tensor, Tensor]:
     """Mean over dim 0 and its standard error sd / sqrt(K) (NaN for K = 1)."""
     k = u.shape[0]
