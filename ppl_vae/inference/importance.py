@@ -158,7 +158,7 @@ def concat_estimates(estimates: Sequence[ImportanceEstimate]) -> ImportanceEstim
         raise ValueError("concat_estimates needs one or more estimates with the same num_samples")
     fields = ("log_likelihood", "log_likelihood_stderr", "elbo", "elbo_stderr", "ess")
     joined = {f: torch.cat([getattr(e, f) for e in estimates]) for f in fields}
-    optional = {}
+    optional: Dict[str, Any] = {}
     for name in ("khat", "log_likelihood_jackknife", "log_likelihood_jackknife_stderr"):
         parts = [getattr(e, name) for e in estimates if getattr(e, name) is not None]
         optional[name] = None if len(parts) < len(estimates) else torch.cat(parts)
