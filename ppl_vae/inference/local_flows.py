@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, cast
+from typing import Any, Callable, List, Optional, Sequence, Tuple, cast
 
 import pyro
 import torch
@@ -30,9 +30,8 @@ from torch.distributions import constraints
 
 from ppl_vae.inference.importance import ImportanceEstimate, concat_estimates, importance_estimate
 from ppl_vae.inference.latents import Layout, log_joint, model_layout
+from ppl_vae.inference.local_fit import LocalBlock, fit_local
 from ppl_vae.inference.meanfield import LATENT_SITE, MEAN_FIELD_INITS
-from ppl_vae.inference.modes import batches, eval_mode, seeded
-from ppl_vae.inference.plateau import Plateau
 
 __all__ = ["LocalFlowGuide", "LocalFlowResult", "LocalFlows", "fit_local_flow"]
 
@@ -264,8 +263,6 @@ def fit_local_flow(
     of them (:mod:`ppl_vae.inference.latents`), so q* can capture their dependence. ``seed``:
     the fit's own random stream (the caller's RNG state is left as it was).
     """
-    from tqdm.auto import tqdm
-
     for name, value in (
         ("num_flows", num_flows),
         ("max_steps", max_steps),
@@ -301,55 +298,41 @@ def fit_local_flow(
     layout = model_layout(model, x, **kwargs)
     if not layout.sites:
         raise ValueError("the model has no continuous latent site for local flows")
-    single = len(layout.sites) == 1
-    estimates, converged, steps, traces, fitted = [], [], [], [], []
-    bar = tqdm(
-        total=math.ceil(x.shape[0] / batch_size) * max_steps,
-        disable=not progress,
-        desc="local flow VI",
-        unit="step",
-        dynamic_ncols=True,
+
+    def start(xb: Tensor, kw: dict, index: slice) -> LocalBlock[Tuple[ImportanceEstimate, LocalFlows]]:
+        if init_loc is not None:
+            assert init_scale is not None
+            loc0, scale0 = init_loc[index], init_scale[index]
+        else:
+            loc0, scale0 = MEAN_FIELD_INITS.get(init)(
+                model, guide, xb, layout=None if len(layout.sites) == 1 else layout, **kw
+            )
+            if loc0.dim() != 2:
+                raise ValueError(f"local flows need a vector latent z, got latent shape {tuple(loc0.shape[1:])}")
+        flows = LocalFlows(loc0.to(xb), scale0.to(xb), num_flows, hidden_dim)
+        q = LocalFlowGuide(flows, layout.sites[0].name, layout)
+
+        @torch.no_grad()
+        def finish(fitted: List[Tensor], history: List[float], done: bool) -> Tuple[ImportanceEstimate, LocalFlows]:
+            return importance_estimate(model, q, xb, num_samples=num_eval_samples, batch_size=xb.shape[0], **kw), flows
+
+        loss = lambda: _elbo_loss(model, layout, q, xb, kw, num_particles, stl)  # noqa: E731
+        return LocalBlock(list(flows.parameters()), loss, finish)
+
+    fit = fit_local(
+        x,
+        kwargs,
+        start,
+        what="local flow VI",
+        modules=(model, guide),
+        lr=lr,
+        max_steps=max_steps,
+        window=window,
+        tol=tol,
+        num_lr_decays=num_lr_decays,
+        batch_size=batch_size,
+        progress=progress,
+        seed=seed,
     )
-    with eval_mode(model, guide), seeded(seed, x.device), bar:
-        for i, (xb, kw) in enumerate(batches(x, kwargs, batch_size)):
-            if init_loc is not None:
-                sl = slice(i * batch_size, i * batch_size + xb.shape[0])
-                assert init_scale is not None
-                loc0, scale0 = init_loc[sl], init_scale[sl]
-            else:
-                loc0, scale0 = MEAN_FIELD_INITS.get(init)(model, guide, xb, layout=None if single else layout, **kw)
-                if loc0.dim() != 2:
-                    raise ValueError(f"local flows need a vector latent z, got latent shape {tuple(loc0.shape[1:])}")
-            flows = LocalFlows(loc0.to(xb), scale0.to(xb), num_flows, hidden_dim)
-            q = LocalFlowGuide(flows, layout.sites[0].name, layout)
-            params = list(flows.parameters())
-            optim = torch.optim.Adam(params, lr=lr)
-            history: List[float] = []
-            done, plateau = False, Plateau(optim, window=window, tol=tol, num_decays=num_lr_decays)
-            for step in range(max_steps):
-                loss = _elbo_loss(model, layout, q, xb, kw, num_particles, stl)
-                if not torch.isfinite(loss):
-                    raise ValueError(f"local flow VI diverged (non-finite ELBO at step {step}); lower lr (now {lr})")
-                grads = torch.autograd.grad(loss, params)  # the model's parameters get no gradient
-                for p, g in zip(params, grads):
-                    p.grad = g
-                optim.step()
-                history.append(-float(loss.detach()) / xb.shape[0])
-                bar.update(1)
-                if plateau.update(history):  # a plateau halves the step size; the last one stops
-                    done = True
-                    bar.update(max_steps - step - 1)
-                    break
-            with torch.no_grad():
-                estimates.append(
-                    importance_estimate(model, q, xb, num_samples=num_eval_samples, batch_size=xb.shape[0], **kw)
-                )
-            converged.append(torch.full((xb.shape[0],), done, dtype=torch.bool))
-            steps.append(torch.full((xb.shape[0],), len(history), dtype=torch.long))
-            traces.append(history)
-            fitted.append(flows)
-    longest = max(len(t) for t in traces)
-    trace = torch.full((len(traces), longest), math.nan)
-    for i, t in enumerate(traces):
-        trace[i, : len(t)] = torch.tensor(t)
-    return LocalFlowResult(concat_estimates(estimates), torch.cat(converged), torch.cat(steps), trace, fitted)
+    estimates, fitted = zip(*fit.blocks)
+    return LocalFlowResult(concat_estimates(list(estimates)), fit.converged, fit.num_steps, fit.trace, list(fitted))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple, cast
+from typing import Any, Callable, Dict, List, Optional, Tuple, cast
 
 import numpy as np
 import pyro
@@ -33,8 +33,8 @@ from torch import Tensor
 
 from ppl_vae.inference.importance import ImportanceEstimate, concat_estimates, importance_estimate
 from ppl_vae.inference.latents import Layout, Site, guide_layout, log_joint, model_layout
-from ppl_vae.inference.modes import batches, check_positive, in_eval_mode, rows, seeded
-from ppl_vae.inference.plateau import Plateau
+from ppl_vae.inference.local_fit import LocalBlock, fit_local
+from ppl_vae.inference.modes import check_positive, in_eval_mode, rows
 from ppl_vae.registry import Registry
 
 Moments = Tuple[Tensor, Tensor]
@@ -51,6 +51,8 @@ MEAN_FIELD_ELBOS.register("trace", doc="Trace_ELBO's estimator: Monte Carlo log 
 
 MOMENT_SAMPLES = 1024
 """Draws used to estimate the moments of a distribution without closed-form ones (e.g. a flow)."""
+
+HALF_LOG_2PI_E = 0.5 * (1.0 + math.log(2 * math.pi))  # a diagonal Gaussian's entropy: d of these + sum log scale
 
 
 def _site_moments(fn: dist.TorchDistribution, num_data: int) -> Moments:
@@ -272,14 +274,13 @@ def _polish(
     shape = loc.shape
     b, d = shape[0], int(np.prod(shape[1:])) if len(shape) > 1 else 1
     eps = matched_normals(num_particles, b, d, device=loc.device, dtype=loc.dtype).reshape((-1,) + tuple(shape))
-    half_log_2pi_e = 0.5 * (1.0 + math.log(2 * math.pi))
     loc = loc.detach().clone().requires_grad_(True)
     log_scale = log_scale.detach().clone().requires_grad_(True)
     start = (loc.detach().clone(), log_scale.detach().clone())
 
     def objective() -> Tensor:
         z = loc + log_scale.exp() * eps
-        entropy = log_scale.reshape(b, -1).sum(-1) + d * half_log_2pi_e
+        entropy = log_scale.reshape(b, -1).sum(-1) + d * HALF_LOG_2PI_E
         # summed in float64: the line search must resolve each datapoint's change within a large total
         return -(_flat_log_joint(model, xb, z, layout, kw).mean(0) + entropy).double().sum()
 
@@ -356,6 +357,10 @@ def _polish_rounds(
     return loc, log_scale, grad, total
 
 
+_BlockResult = Tuple[Tensor, Tensor, ImportanceEstimate, Optional[Tensor], Tensor]
+"""What a block of :func:`fit_mean_field` leaves: loc, scale, estimate, polish gradient, polish iterations."""
+
+
 @in_eval_mode("model", "guide")
 def fit_mean_field(
     model: Callable,
@@ -407,8 +412,6 @@ def fit_mean_field(
     flat vector of every continuous site, i.e. a product of diagonal Gaussians, one per site.
     ``seed``: the fit's own random stream (the caller's RNG state is left as it was).
     """
-    from tqdm.auto import tqdm
-
     MEAN_FIELD_INITS.get(init)
     elbo_cls = MEAN_FIELD_ELBOS.get(elbo)
     for name, value in (
@@ -438,62 +441,26 @@ def fit_mean_field(
     if guide is not None and init == "encoder":
         guide_layout(guide, x, layout, **kwargs)
     single = len(layout.sites) == 1
-    analytic_entropy = elbo_cls
-    half_log_2pi_e = 0.5 * (1.0 + math.log(2 * math.pi))
-    locs, scales, estimates, steps, converged, traces, grads = [], [], [], [], [], [], []
-    num_batches = math.ceil(x.shape[0] / batch_size)
-    bar = tqdm(
-        total=num_batches * max_steps, disable=not progress, desc="mean-field VI", unit="step", dynamic_ncols=True
-    )
 
-    def stochastic_elbo(xb: Tensor, kw: dict, loc: Tensor, log_scale: Tensor) -> Tensor:
-        """The batch's summed ELBO estimate with ``num_particles`` reparameterized draws."""
-        scale_ = log_scale.exp()
-        z = loc + scale_ * torch.randn((num_particles,) + tuple(loc.shape), dtype=loc.dtype, device=loc.device)
-        log_p = _flat_log_joint(model, xb, z, layout, kw)  # (S, B)
-        if analytic_entropy:
-            d = loc[0].numel()
-            entropy = log_scale.reshape(loc.shape[0], -1).sum(-1) + d * half_log_2pi_e
-        else:
-            entropy = -dist.Normal(loc, scale_).log_prob(z).reshape(num_particles, loc.shape[0], -1).sum(-1)
-        return (log_p + entropy).mean(0).sum()
+    def start(xb: Tensor, kw: dict, index: slice) -> LocalBlock[_BlockResult]:
+        loc0, scale0 = MEAN_FIELD_INITS.get(init)(model, guide, xb, layout=None if single else layout, **kw)
+        loc = loc0.detach().clone().requires_grad_(True)
+        log_scale = scale0.detach().clamp_min(1e-6).log().clone().requires_grad_(True)
 
-    with bar, seeded(seed, x.device):
-        for xb, kw in batches(x, kwargs, batch_size):
-            loc0, scale0 = MEAN_FIELD_INITS.get(init)(model, guide, xb, layout=None if single else layout, **kw)
-            loc = loc0.detach().clone().requires_grad_(True)
-            log_scale = scale0.detach().clamp_min(1e-6).log().clone().requires_grad_(True)
-            optim = torch.optim.Adam([loc, log_scale], lr=lr)
-            history = []
-            done, plateau = False, Plateau(optim, window=window, tol=tol, num_decays=num_lr_decays)
-            sum_loc, sum_log_scale = torch.zeros_like(loc), torch.zeros_like(loc)
-            avg_loc, avg_log_scale = loc.detach(), log_scale.detach()
-            for step in range(max_steps):
-                # The loss is summed over the batch, each datapoint's ELBO depending only on its own
-                # (loc, log_scale); autograd.grad keeps gradients off the frozen model's parameters.
-                loss = -stochastic_elbo(xb, kw, loc, log_scale)
-                if not torch.isfinite(loss):
-                    raise ValueError(f"mean-field VI diverged (non-finite ELBO at step {step}); lower lr (now {lr})")
-                grads_ = torch.autograd.grad(loss, [loc, log_scale])
-                optim.zero_grad(set_to_none=True)
-                loc.grad, log_scale.grad = grads_
-                optim.step()
-                history.append(-float(loss.detach()) / xb.shape[0])
-                bar.update(1)
-                with torch.no_grad():
-                    sum_loc += loc
-                    sum_log_scale += log_scale
-                if plateau.window_ends(history):
-                    # Polyak averaging: the window's mean iterate has far less SGD noise than the last one.
-                    avg_loc, avg_log_scale = sum_loc / window, sum_log_scale / window
-                    sum_loc, sum_log_scale = torch.zeros_like(loc), torch.zeros_like(loc)
-                if plateau.update(history):  # a plateau halves the step size; the last one stops
-                    done = True
-                    bar.update(max_steps - step - 1)
-                    break
-            if len(history) < window:  # stopped before a full window: keep the last iterate
-                avg_loc, avg_log_scale = loc.detach(), log_scale.detach()
-            num_taken = len(history)
+        def loss() -> Tensor:
+            """Minus the batch's summed ELBO estimate with ``num_particles`` reparameterized draws."""
+            scale = log_scale.exp()
+            z = loc + scale * torch.randn((num_particles,) + tuple(loc.shape), dtype=loc.dtype, device=loc.device)
+            log_p = _flat_log_joint(model, xb, z, layout, kw)  # (S, B)
+            if elbo_cls:  # the Gaussian entropy in closed form
+                entropy = log_scale.reshape(loc.shape[0], -1).sum(-1) + loc[0].numel() * HALF_LOG_2PI_E
+            else:
+                entropy = -dist.Normal(loc, scale).log_prob(z).reshape(num_particles, loc.shape[0], -1).sum(-1)
+            return -(log_p + entropy).mean(0).sum()
+
+        def finish(fitted: List[Tensor], history: List[float], done: bool) -> _BlockResult:
+            avg_loc, avg_log_scale = fitted  # the last window's mean iterate
+            grad, iters = None, 0
             if polish:
                 avg_loc, avg_log_scale, grad, iters = _polish_rounds(
                     model,
@@ -506,40 +473,44 @@ def fit_mean_field(
                     max_iter=polish_steps,
                     gtol=gtol,
                 )
-                num_taken += iters
-                grads.append(grad)
-                converged.append(grad <= gtol)
-            else:
-                converged.append(torch.full((xb.shape[0],), done, dtype=torch.bool, device=xb.device))
-            locs.append(avg_loc.clone())
-            scales.append(avg_log_scale.exp())
             with torch.no_grad():
-                estimates.append(
-                    importance_estimate(
-                        model,
-                        MeanFieldGuide(avg_loc, avg_log_scale, layout=layout),
-                        xb,
-                        num_samples=num_eval_samples,
-                        batch_size=xb.shape[0],
-                        **kw,
-                    )
-                )
-            steps.append(torch.full((xb.shape[0],), num_taken, dtype=torch.long))
-            traces.append(history)
+                q = MeanFieldGuide(avg_loc, avg_log_scale, layout=layout)
+                estimate = importance_estimate(model, q, xb, num_samples=num_eval_samples, batch_size=xb.shape[0], **kw)
+            return (
+                avg_loc.clone(),
+                avg_log_scale.exp(),
+                estimate,
+                grad,
+                torch.full((xb.shape[0],), iters, dtype=torch.long),
+            )
 
-    loc, scale = torch.cat(locs), torch.cat(scales)
-    estimate = concat_estimates(estimates)
-    longest = max(len(t) for t in traces)
-    trace = torch.full((len(traces), longest), math.nan)
-    for i, t in enumerate(traces):
-        trace[i, : len(t)] = torch.tensor(t)
+        return LocalBlock([loc, log_scale], loss, finish)
+
+    fit = fit_local(
+        x,
+        kwargs,
+        start,
+        what="mean-field VI",
+        modules=(model, guide),
+        lr=lr,
+        max_steps=max_steps,
+        window=window,
+        tol=tol,
+        num_lr_decays=num_lr_decays,
+        batch_size=batch_size,
+        progress=progress,
+        seed=seed,
+        average=True,
+    )
+    locs, scales, estimates, grads, polish_iters = zip(*fit.blocks)
+    grad_norm = torch.cat(grads).cpu() if polish else None
     return MeanFieldResult(
-        loc,
-        scale,
-        estimate,
-        torch.cat(steps),
-        torch.cat(converged).cpu(),
-        trace,
-        torch.cat(grads).cpu() if grads else None,
+        torch.cat(locs),
+        torch.cat(scales),
+        concat_estimates(list(estimates)),
+        fit.num_steps + torch.cat(polish_iters),
+        fit.converged if grad_norm is None else grad_norm <= gtol,
+        fit.trace,
+        grad_norm,
         layout,
     )
