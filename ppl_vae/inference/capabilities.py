@@ -197,7 +197,7 @@ def _check_options(config: TrainConfig, objective: Any) -> None:
         checks.append(("objective_options", f"objective {config.objective!r}", objective, config.objective_options))
     elif config.objective_options:
         raise ConfigError(
-            "train.objective_options apply to an objective that replaces the method's loss; train.objective is 'elbo'",
+            "train.objective_options: options of an objective that replaces the method's loss, but train.objective is 'elbo'",
             field="train.objective_options",
         )
     for name, owner, cls, options in checks:
