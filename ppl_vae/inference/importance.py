@@ -140,7 +140,7 @@ class ImportanceEstimate:
             "ess": ("neither", f"effective sample size of the {k} importance weights"),
             "khat": ("neither", "PSIS Pareto k-hat of the importance weights (> 0.7: unreliable)"),
             "log_likelihood_jackknife": (
-                "estimate",
+                "neither",
                 f"jackknife-debiased estimate of log p(x) from the same K={k} weights (Nowozin 2018; "
                 "bias O(1/K^2); nats; neither a lower nor an upper bound)",
             ),

@@ -4,7 +4,8 @@
 as ``compare``: :func:`ppl_vae.reports.common.select_datapoints`) and computes, per datapoint,
 
 - ``method="iw"``: the importance-weighted bound with K samples of the run's guide (Burda et
-  al. 2015), its standard error, the ELBO, the ESS and PSIS k̂ of the weights;
+  al. 2015), its standard error, the ELBO, the ESS and PSIS k̂ of the weights, and (K >= 2) the
+  jackknife-debiased estimate from the same weights (Nowozin 2018; neither bound);
 - ``method="ais"``: annealed importance sampling from the prior (or the guide) with HMC
   (Neal 2001), its standard error over chains, ESS and acceptance rate;
 - ``method="bdmc"``: on data simulated from the run's model (as many points as selected),
@@ -147,6 +148,13 @@ class Evaluation:
                 f"{n} {split} datapoints, K = {k} importance samples (nats per datapoint, mean ± se over datapoints)",
                 f"{'log p̂(x) (IW)':<30} {_mean_se(ds['log_likelihood'])}  stochastic lower bound on log p(x)",
                 f"{'ELBO L[q]':<30} {_mean_se(ds['elbo'])}  lower bound",
+                *(
+                    [
+                        f"{'log p̂(x) (IW, jackknife)':<30} {_mean_se(ds['log_likelihood_jackknife'])}  estimate, neither bound"
+                    ]
+                    if "log_likelihood_jackknife" in ds
+                    else []
+                ),
                 f"{'log p̂(x) − L[q]':<30} {_mean_se(ds['log_likelihood'] - ds['elbo'])}  estimate (>= 0)",
                 f"{'Monte Carlo se of mean log p̂':<30} {_mc_se_of_mean(ds['log_likelihood_stderr']):12.3f}",
                 f"{'ESS of the weights (mean)':<30} {float(ds['ess'].mean()):12.1f} of {k}",
@@ -234,6 +242,7 @@ class _EvaluateTask(BlockTask):
                 num_samples=o["num_samples"],
                 batch_size=o["batch_size"],
                 particle_batch_size=o["particle_batch_size"],
+                jackknife=o["num_samples"] >= 2,  # from the same weights: nearly free
                 **kwargs,
             )
             return est.to_dataset(index)

@@ -43,6 +43,7 @@ def test_iw_saves_khat_and_bounds_and_warns_when_k_is_too_small_for_it(run_dir, 
     assert "log p(x) >= " not in result.output
     assert "log p(x) estimate " in result.output and "(IW, K=10: a stochastic lower bound" in result.output
     assert "Warning: K=10 is too few for a PSIS k̂ tail check; raise --num-samples" in result.output
+    assert "log p̂(x) (IW, jackknife)" in result.output and "estimate, neither bound" in result.output
     ds = results.load_netcdf(tmp_path / "evaluation.nc")
     assert "khat" in ds and all(ds[v].attrs.get("bound") in BOUNDS for v in ds.data_vars)
     assert ds["log_likelihood"].attrs["bound"] == "lower bound" and ds["elbo"].attrs["bound"] == "lower bound"

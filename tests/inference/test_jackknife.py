@@ -80,12 +80,13 @@ def test_leave_one_out_and_jackknife_match_direct_computation():
         leave_one_out_log_mean_exp(log_w[:1])
 
 
-def test_the_dataset_says_it_is_an_estimate():
+def test_the_dataset_says_it_bounds_neither_way():
     torch.manual_seed(1)
     model = LinearGaussianVAE(x_dim=4, latent_dim=2, sigma=0.5)
     e = importance_estimate(model.model, model.guide, torch.randn(3, 4), num_samples=10, jackknife=True, seed=0)
     ds = e.to_dataset()
-    assert ds["log_likelihood_jackknife"].attrs["bound"] == "estimate"
+    assert ds["log_likelihood_jackknife"].attrs["bound"] == "neither"
+    assert "neither a lower nor an upper bound" in ds["log_likelihood_jackknife"].attrs["long_name"]
     assert ds["log_likelihood"].attrs["bound"] == "lower bound"
     with pytest.raises(ValueError, match="needs num_samples >= 2"):
         importance_estimate(model.model, model.guide, torch.randn(3, 4), num_samples=1, jackknife=True)
