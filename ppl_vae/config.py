@@ -58,11 +58,14 @@ class Range:
         return True
 
     def bounds(self) -> str:
-        """``"> 0"``, ``">= 1"``, ``"in (0, 1]"`` (empty when unbounded)."""
+        """``"> 0"``, ``">= 1"``, ``"in (0, 1]"``, ``"<= 5"`` (empty when unbounded; an upper bound
+        with its own reason, ``high_why``, is left to :meth:`describe`)."""
         if self.low is not None and self.high is not None and not self.high_why:
             return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
         if self.low is not None:
             return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None and not self.high_why:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
         return ""
 
     def describe(self, is_float: bool, upper: bool = True) -> str:
@@ -230,6 +233,20 @@ def key_values(items: Sequence[str]) -> Dict[str, Any]:
     return out
 
 
+def keyword_options(flag: str, help: str) -> Any:
+    """A dict of keyword options for a builder or constructor, given as repeatable ``FLAG KEY=VALUE``
+    (VALUE read as JSON); what they may be is declared by the function they go to."""
+    return option(
+        default_factory=dict,
+        help=help,
+        flag=flag,
+        flag_type=str,
+        from_flag=key_values,
+        metavar="KEY=VALUE",
+        multiple=True,
+    )
+
+
 def _one_key(key: str) -> Callable[[Any], Dict[str, Any]]:
     return lambda value: {} if value is None else {key: value}
 
@@ -290,15 +307,10 @@ class ModelConfig:
         help="Family of the amortized q(z|x): diagonal_normal (AEVB) or a flow (see `ppl-vae models`).",
     )
     guide_options: Dict[str, Any] = option(default_factory=dict, help="Options of the guide family.", flag=None)
-    model_options: Dict[str, Any] = option(
-        default_factory=dict,
-        help="An option of the model's builder, VALUE in JSON (e.g. z1_dim=64, hidden_dims='[[64],[32]]', "
+    model_options: Dict[str, Any] = keyword_options(
+        "--model-option",
+        "An option of the model's builder, VALUE in JSON (e.g. z1_dim=64, hidden_dims='[[64],[32]]', "
         "kl_warmup_fractions='[0.5,1]'); repeatable. See `ppl-vae models`.",
-        flag="--model-option",
-        flag_type=str,
-        from_flag=key_values,
-        metavar="KEY=VALUE",
-        multiple=True,
     )
 
     def __post_init__(self) -> None:
@@ -532,25 +544,14 @@ class TrainConfig:
     # Options a method or objective declares itself, as keyword-only constructor parameters (e.g.
     # MCEM's HMC settings, an objective added in one file): checked against that declaration by
     # ppl_vae.inference.capabilities.check_compatible, as model_options are against the builder.
-    method_options: Dict[str, Any] = option(
-        default_factory=dict,
-        help="An option of the training method, VALUE in JSON (e.g. mcem's num_steps=20); repeatable. "
-        "See docs/extending.md.",
-        flag="--method-option",
-        flag_type=str,
-        from_flag=key_values,
-        metavar="KEY=VALUE",
-        multiple=True,
+    method_options: Dict[str, Any] = keyword_options(
+        "--method-option",
+        "An option of the training method, VALUE in JSON (e.g. mcem's num_steps=20); repeatable. See docs/extending.md.",
     )
-    objective_options: Dict[str, Any] = option(
-        default_factory=dict,
-        help="An option of an objective that declares its own (a plugin's), VALUE in JSON; repeatable. "
+    objective_options: Dict[str, Any] = keyword_options(
+        "--objective-option",
+        "An option of an objective that declares its own (a plugin's), VALUE in JSON; repeatable. "
         "See docs/extending.md.",
-        flag="--objective-option",
-        flag_type=str,
-        from_flag=key_values,
-        metavar="KEY=VALUE",
-        multiple=True,
     )
 
     def __post_init__(self) -> None:

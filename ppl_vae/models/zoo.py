@@ -12,6 +12,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+from ppl_vae.config import Range  # one declaration of a range, for config fields and builder options
 from ppl_vae.models.likelihoods import LIKELIHOODS, Likelihood, make_likelihood
 from ppl_vae.models.networks import GaussianMLPEncoder, MLPDecoder
 from ppl_vae.models.priors import Prior, check_options, make_prior
@@ -77,35 +78,6 @@ MODELS.register("bernoulli_mlp", doc="AEVB appendix C.1: tanh MLP, Bernoulli dec
 # annotations give the type, and (with typing.Annotated) the range or the choices. The check
 # below reads those declarations, so a value from --model-option or a received config.json is
 # refused with one line before the builder sees it.
-
-
-@dataclass(frozen=True)
-class Range:
-    """A marker for ``Annotated[int | float, Range(...)]``: the values an option allows.
-
-    ``low``/``high`` bound the value (``None``: unbounded); ``low_open``/``high_open`` exclude
-    the bound itself."""
-
-    low: Optional[float] = None
-    high: Optional[float] = None
-    low_open: bool = False
-    high_open: bool = False
-
-    def __contains__(self, value: float) -> bool:
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            return False
-        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
-            return False
-        return True
-
-    def describe(self) -> str:
-        if self.low is not None and self.high is not None:
-            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-        if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        if self.high is not None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
-        return ""
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: the mapping is not hashable
@@ -195,7 +167,7 @@ def describe_type(hint: Any, plural: bool = False) -> str:
         choice = next((m for m in marks if isinstance(m, Choice)), None)
         if choice is not None:
             return choice.describe()
-        ranges = " ".join(m.describe() for m in marks if isinstance(m, Range))
+        ranges = " ".join(m.bounds() for m in marks if isinstance(m, Range))
         return f"{describe_type(args[0], plural)} {ranges}".strip()
     if origin is Union or (origin is not None and getattr(origin, "__name__", "") == "UnionType"):
         arms = [a for a in args if a is not type(None)]
