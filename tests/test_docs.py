@@ -57,6 +57,11 @@ def test_the_docs_have_blocks_of_both_kinds():
 
 @pytest.mark.parametrize("code", blocks("python"))
 def test_python_block_runs(code, tmp_path, monkeypatch):
+    from ppl_vae.inference.capabilities import METHODS, OBJECTIVES
+
+    for registry in (METHODS, OBJECTIVES):  # a block that registers one (docs/extending.md) leaves no trace
+        monkeypatch.setattr(registry, "_entries", dict(registry._entries))
+        monkeypatch.setattr(registry, "_docs", dict(registry._docs))
     script = tmp_path / "block.py"
     script.write_text(code)
     monkeypatch.chdir(tmp_path)
@@ -176,3 +181,34 @@ def test_every_documented_fit_command_passes_the_config_checks():
                 pytest.fail(f"{line!r} ({param.id}) is refused: {exc}")
             checked += 1
     assert checked >= 10
+
+
+def test_the_methods_table_is_the_one_the_declarations_generate(monkeypatch):
+    """docs/methods.md holds :func:`ppl_vae.inference.capabilities.declarations_table`; a method or
+    objective whose declaration changes changes the table (checked by adding one here)."""
+    import ppl_vae.inference  # noqa: F401  (registers every method and objective)
+    from ppl_vae.inference.capabilities import METHODS, declarations_table, render_declarations_doc
+    from ppl_vae.inference.training import Stepper
+
+    path = ROOT / "docs" / "methods.md"
+    text = path.read_text()
+    assert render_declarations_doc(text) == text, (
+        "docs/methods.md differs from the methods' and objectives' declarations: regenerate the table with "
+        'python -c "import pathlib, ppl_vae.inference, ppl_vae.inference.capabilities as c; '
+        "p = pathlib.Path('docs/methods.md'); p.write_text(c.render_declarations_doc(p.read_text()))\""
+    )
+    monkeypatch.setattr(METHODS, "_entries", dict(METHODS._entries))
+    monkeypatch.setattr(METHODS, "_docs", dict(METHODS._docs))
+
+    class Extra(Stepper):
+        data_parallel = True
+
+        @classmethod
+        def requires(cls, config):
+            return frozenset({"encoder_guide"})
+
+    METHODS.register("zz_extra", doc="a method added in the test")(Extra)
+    (row,) = [r for r in declarations_table().splitlines() if r.startswith("| `zz_extra` |")]
+    assert row.startswith("| `zz_extra` | method | guide is the encoder's Gaussian") and "| yes | no | none |" in row, (
+        row
+    )

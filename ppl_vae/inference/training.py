@@ -369,6 +369,8 @@ class Stepper:
     recorded: Tuple[str, ...] = ()
     data_parallel: bool = False
     compilable: bool = False
+    #: where ``compilable`` depends on the model (:meth:`compiles`), what the docs table says instead
+    compile_note: Optional[str] = None
     uses: FrozenSet[str] = frozenset()
     #: learning-rate schedulers by optimizer name (:func:`attach_lr_schedulers`; None: not made yet)
     schedulers: Optional[Dict[str, Any]] = None
@@ -566,6 +568,7 @@ class SVIStepper(Stepper):
 
     label = "method 'svi'"
     data_parallel = True
+    compile_note = "on the fused path (a fast-path pair, fused_elbo)"
     uses = frozenset(METHOD_FIELDS)
 
     def __init__(self, vae: VAE, config: TrainConfig):
