@@ -260,6 +260,8 @@ LABELLED_MODELS = ("m2",)
 # The built-in priors whose constructor takes num_components (ppl_vae.models.priors).
 COMPONENT_PRIORS = ("mixture_of_gaussians", "vamp")
 
+_ADAM = when("train.optimizer", "adam")
+_UNIT_OPEN_ABOVE = Range(0.0, 1.0, high_open=True)
 _BETA_VAE = when("train.objective", "beta_vae")
 _CAPACITY = when("train.objective", "capacity")
 _BETA_TC = when("train.objective", "beta_tc")
@@ -420,6 +422,21 @@ class TrainConfig:
         resumable=True,
     )
     optimizer: str = option("adam", help="adam, adagrad or sgd.", resumable=True)
+    adam_eps: float = option(
+        1e-8,
+        help="Adam's epsilon (torch's default 1e-8; Burda et al. 2015 train with 1e-4).",
+        check=positive(),
+        applies=_ADAM,
+    )
+    adam_beta1: float = option(
+        0.9, help="Adam's beta1, the decay of its first-moment average.", check=_UNIT_OPEN_ABOVE, applies=_ADAM
+    )
+    adam_beta2: float = option(
+        0.999, help="Adam's beta2, the decay of its second-moment average.", check=_UNIT_OPEN_ABOVE, applies=_ADAM
+    )
+    weight_decay: float = option(
+        0.0, help="L2 weight decay of the optimizer (every optimizer takes it).", check=NONNEGATIVE
+    )
     elbo: str = option(
         "trace", help="trace (SGVB estimator A, Monte Carlo KL) or mean_field (estimator B, analytic KL)."
     )

@@ -55,9 +55,17 @@ RULES = {
     "--tc-estimator": ("mss", ["--objective", "beta_tc"]),
     "--free-bits": ("0.5", ["--objective", "free_bits"]),
     "--free-bits-groups": ("2", ["--objective", "free_bits"]),
+    "--adam-eps": ("1e-4", ["--optimizer", "adam"]),
+    "--adam-beta1": ("0.5", ["--optimizer", "adam"]),
+    "--adam-beta2": ("0.99", ["--optimizer", "adam"]),
 }
 # Where the default does not let a rule hold, the flags that make it fail.
-BREAKS = {"--kl-warmup": ["--kl-schedule", "constant"]}
+BREAKS = {
+    "--kl-warmup": ["--kl-schedule", "constant"],
+    "--adam-eps": ["--optimizer", "sgd"],
+    "--adam-beta1": ["--optimizer", "adagrad"],
+    "--adam-beta2": ["--optimizer", "sgd"],
+}
 
 
 def config_of(*args: str) -> RunConfig:

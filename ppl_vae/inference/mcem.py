@@ -19,7 +19,7 @@ import torch
 
 from ppl_vae.config import TrainConfig
 from ppl_vae.inference.marginal import hmc_posterior
-from ppl_vae.inference.training import METHODS, OPTIMIZERS, Stepper, Update
+from ppl_vae.inference.training import METHODS, Stepper, Update, make_optimizer
 from ppl_vae.inference.wake_sleep import generative_parameters
 from ppl_vae.models.vae import VAE
 from ppl_vae.models.zoo import PositiveInt, Range, check_keyword_options
@@ -78,10 +78,9 @@ class MCEMStepper(Stepper):
         return frozenset({"fast_path", "encoder_guide", "small_latent"})
 
     def make_optimizers(self, vae: VAE, config: TrainConfig) -> Dict[str, torch.optim.Optimizer]:
-        make = OPTIMIZERS.get(config.optimizer)
         return {
-            "mcem": make(self._generative, lr=config.lr),
-            "encoder": make(vae.encoder.parameters(), lr=config.lr),
+            "mcem": make_optimizer(self._generative, config),
+            "encoder": make_optimizer(vae.encoder, config),
         }
 
     def e_step(self, x: torch.Tensor) -> torch.Tensor:

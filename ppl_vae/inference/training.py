@@ -263,7 +263,7 @@ def _validate_controls(config: TrainConfig, bad: Callable[[str, str], ConfigErro
     if plateau and config.val_fraction == 0:
         raise bad("lr_schedule", "ReduceLROnPlateau watches the validation ELBO: set train.val_fraction > 0")
     # the options are checked on the configured optimizer type (CyclicLR, say, needs momentum or betas)
-    optimizer = OPTIMIZERS.get(config.optimizer)([torch.zeros(1, requires_grad=True)], lr=config.lr)
+    optimizer = OPTIMIZERS.get(config.optimizer)([torch.zeros(1, requires_grad=True)], **optimizer_options(config))
     scheduler = make_lr_scheduler(optimizer, config)
 
     def check_lr(when: str) -> None:
@@ -300,11 +300,23 @@ def _validate_controls(config: TrainConfig, bad: Callable[[str, str], ConfigErro
 FUSED_OPTIMIZERS = ("adam",)
 
 
-def make_optimizer(module: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """The configured torch optimizer over ``module.parameters()`` (Adam fused where torch allows:
-    floating-point parameters on one CPU or CUDA device)."""
-    params = list(module.parameters())
-    options: Dict[str, Any] = {"lr": config.lr}
+def optimizer_options(config: TrainConfig) -> Dict[str, Any]:
+    """The keyword arguments of ``config.optimizer``: the learning rate, weight decay and, for Adam,
+    its eps and betas (Burda et al. 2015 train with eps = 1e-4; torch's default is 1e-8)."""
+    options: Dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
+    if config.optimizer == "adam":
+        options.update(eps=config.adam_eps, betas=(config.adam_beta1, config.adam_beta2))
+    return options
+
+
+def make_optimizer(
+    params: Union[torch.nn.Module, Sequence[torch.nn.Parameter]], config: TrainConfig
+) -> torch.optim.Optimizer:
+    """The configured torch optimizer over ``params`` (a module's parameters, or a list), with
+    :func:`optimizer_options`; Adam fused where torch allows (floating-point parameters on one
+    CPU or CUDA device)."""
+    params = list(params.parameters() if isinstance(params, torch.nn.Module) else params)
+    options = optimizer_options(config)
     devices = {p.device for p in params}
     if (
         config.optimizer in FUSED_OPTIMIZERS

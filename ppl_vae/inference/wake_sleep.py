@@ -20,7 +20,7 @@ from typing import Dict, FrozenSet, Iterator
 import torch
 
 from ppl_vae.config import TrainConfig
-from ppl_vae.inference.training import METHODS, OPTIMIZERS, Stepper, Update
+from ppl_vae.inference.training import METHODS, Stepper, Update, make_optimizer
 from ppl_vae.models.vae import VAE
 
 
@@ -48,10 +48,9 @@ class WakeSleepStepper(Stepper):
         return frozenset({"fast_path", "encoder_guide", "prior_apart_from_encoder"})
 
     def make_optimizers(self, vae: VAE, config: TrainConfig) -> Dict[str, torch.optim.Optimizer]:
-        make = OPTIMIZERS.get(config.optimizer)
         return {
-            "wake": make(generative_parameters(vae), lr=config.lr),
-            "sleep": make(vae.encoder.parameters(), lr=config.lr),
+            "wake": make_optimizer(generative_parameters(vae), config),
+            "sleep": make_optimizer(vae.encoder, config),
         }
 
     def updates(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> Iterator[Update]:

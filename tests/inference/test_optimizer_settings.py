@@ -1,0 +1,63 @@
+"""Adam's eps and betas and weight decay, declared once, reach every optimizer a method builds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ppl_vae.config import TrainConfig
+from ppl_vae.errors import ConfigError
+from ppl_vae.inference.training import METHODS, make_stepper, validate_train_config
+from ppl_vae.models import build_vae
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_every_optimizer_of_every_method_takes_the_settings(method):
+    vae = build_vae("bernoulli_mlp", (1, 8, 8), latent_dim=2, hidden_dim=8)
+    config = TrainConfig(method=method, adam_eps=1e-4, adam_beta1=0.5, adam_beta2=0.99, weight_decay=1e-3)
+    stepper = make_stepper(vae, config)
+    for optimizer in stepper.optimizers.values():
+        for group in optimizer.param_groups:
+            assert group["eps"] == 1e-4 and tuple(group["betas"]) == (0.5, 0.99) and group["weight_decay"] == 1e-3
+    sgd = make_stepper(vae, TrainConfig(method=method, optimizer="sgd", weight_decay=1e-3))
+    assert all(g["weight_decay"] == 1e-3 for o in sgd.optimizers.values() for g in o.param_groups)
+
+
+def test_defaults_are_torchs_so_training_is_unchanged_and_eps_moves_it():
+    """Default settings give torch's Adam bit for bit; Burda et al.'s eps = 1e-4 gives other weights."""
+    x = (torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+
+    def trained(**settings):
+        torch.manual_seed(1)
+        vae = build_vae("bernoulli_mlp", (1, 8, 8), latent_dim=2, hidden_dim=8)
+        stepper = make_stepper(vae, TrainConfig(**settings))
+        for _ in range(5):
+            stepper.step(x, num_data=16)
+        return torch.cat([p.detach().flatten() for p in vae.parameters()])
+
+    torch.manual_seed(1)
+    reference = build_vae("bernoulli_mlp", (1, 8, 8), latent_dim=2, hidden_dim=8)
+    stepper = make_stepper(reference, TrainConfig())
+    stepper.optimizers["svi"] = torch.optim.Adam(reference.parameters(), lr=1e-3, fused=True)
+    for _ in range(5):
+        stepper.step(x, num_data=16)
+    expected = torch.cat([p.detach().flatten() for p in reference.parameters()])
+    assert torch.equal(trained(), expected)
+    assert not torch.allclose(trained(adam_eps=1e-4), expected, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"adam_eps": 0.0}, "train.adam_eps must be a positive number"),
+        ({"adam_beta2": 1.0}, "train.adam_beta2 must be"),
+        ({"weight_decay": -1.0}, "train.weight_decay must be a finite number >= 0"),
+        (
+            {"optimizer": "sgd", "adam_eps": 1e-4},
+            "train.adam_eps applies to optimizer 'adam' only; train.optimizer is 'sgd'",
+        ),
+    ],
+)
+def test_bad_or_inapplicable_settings_are_refused(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_train_config(TrainConfig(**settings))
