@@ -52,3 +52,33 @@ class EagerAdam(torch.optim.Adam):
             return self._adam_step(closure)
         finally:
             torch.set_grad_enabled(previous)
+
+
+def burda_stage(epoch: int, num_stages: int) -> int:
+    """The stage i of Burda et al.'s schedule that epoch ``epoch`` (from 0) falls in: stage i spans
+    the 3^i epochs [(3^i - 1) / 2, (3^(i+1) - 1) / 2); after the last stage it stays there."""
+    stage, end = 0, 1
+    while epoch >= end and stage < num_stages - 1:
+        stage += 1
+        end += 3**stage
+    return stage
+
+
+class BurdaLR(torch.optim.lr_scheduler.LRScheduler):
+    """Burda, Grosse & Salakhutdinov (2015), section 5: 3^i epochs at lr · 10^(-i/7) for i = 0 ..
+    ``num_stages`` - 1 (3,280 epochs for their 8 stages), then the last rate. Stepped once per
+    epoch like every ``train.lr_schedule``; ``train.lr`` is the first stage's rate (theirs: 1e-3)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, num_stages: int = 8, last_epoch: int = -1):
+        if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
+            raise ValueError(f"num_stages must be an integer >= 1, got {num_stages!r}")
+        self.num_stages = num_stages
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list:  # type: ignore[override]
+        factor = 10 ** (-burda_stage(max(self.last_epoch, 0), self.num_stages) / 7)
+        return [base * factor for base in self.base_lrs]
+
+
+#: learning-rate schedules of the library's own, beside torch's ``lr_scheduler`` classes
+LR_SCHEDULES = {"BurdaLR": BurdaLR}

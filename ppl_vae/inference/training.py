@@ -48,7 +48,7 @@ from ppl_vae.inference.capabilities import (  # the declarations and their regis
 )
 from ppl_vae.inference.fused import fused_elbo_loss, supports_fused_elbo
 from ppl_vae.inference.importance import elbo_per_datapoint
-from ppl_vae.inference.optim import EagerAdam
+from ppl_vae.inference.optim import LR_SCHEDULES, EagerAdam
 from ppl_vae.models.vae import VAE
 from ppl_vae.registry import Registry
 
@@ -79,16 +79,20 @@ _UNNAMEABLE_SCHEDULERS = {"LambdaLR", "MultiplicativeLR", "SequentialLR", "Chain
 
 
 def lr_schedule_names() -> List[str]:
-    """The ``torch.optim.lr_scheduler`` classes ``TrainConfig.lr_schedule`` may name."""
+    """The ``torch.optim.lr_scheduler`` classes ``TrainConfig.lr_schedule`` may name, and the
+    library's own (:data:`ppl_vae.inference.optim.LR_SCHEDULES`: ``BurdaLR``)."""
     sched = torch.optim.lr_scheduler
     base = getattr(sched, "LRScheduler", None) or sched._LRScheduler
     return sorted(
-        name
-        for name, obj in vars(sched).items()
-        if isinstance(obj, type)
-        and not name.startswith("_")
-        and name not in _UNNAMEABLE_SCHEDULERS
-        and (issubclass(obj, base) or issubclass(obj, sched.ReduceLROnPlateau))
+        [
+            name
+            for name, obj in vars(sched).items()
+            if isinstance(obj, type)
+            and not name.startswith("_")
+            and name not in _UNNAMEABLE_SCHEDULERS
+            and (issubclass(obj, base) or issubclass(obj, sched.ReduceLROnPlateau))
+        ]
+        + list(LR_SCHEDULES)
     )
 
 
@@ -106,7 +110,7 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> 
     options = dict(config.lr_schedule_options)
     if _is_plateau(config.lr_schedule):
         options.setdefault("mode", "max")
-    cls = getattr(torch.optim.lr_scheduler, config.lr_schedule)
+    cls = LR_SCHEDULES.get(config.lr_schedule) or getattr(torch.optim.lr_scheduler, config.lr_schedule)
     try:
         return cls(optimizer, **options)
     except (TypeError, ValueError, KeyError) as exc:

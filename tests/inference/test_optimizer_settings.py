@@ -61,3 +61,34 @@ def test_defaults_are_torchs_so_training_is_unchanged_and_eps_moves_it():
 def test_bad_or_inapplicable_settings_are_refused(settings, message):
     with pytest.raises(ConfigError, match=message):
         validate_train_config(TrainConfig(**settings))
+
+
+def test_burdas_schedule_runs_3_to_the_i_epochs_per_stage_and_resumes(tmp_path, one_thread):
+    """Burda et al. (2015): 3^i epochs at 1e-3 * 10^(-i/7); a resumed run continues the stages."""
+    import ppl_vae
+    from ppl_vae.config import DataConfig, ModelConfig, RunConfig
+
+    def config(epochs):
+        return RunConfig(
+            model=ModelConfig(model="bernoulli_mlp", latent_dim=2, hidden_dim=8),
+            data=DataConfig(dataset="digits", binarize="threshold", train_size=50),
+            train=TrainConfig(
+                epochs=epochs,
+                batch_size=25,
+                device="cpu",
+                train_eval_size=10,
+                adam_eps=1e-4,
+                lr_schedule="BurdaLR",
+                lr_schedule_options={"num_stages": 3},
+            ),
+        )
+
+    r = 10 ** (-1 / 7)
+    expected = [1e-3, 1e-3 * r, 1e-3 * r, 1e-3 * r, 1e-3 * r**2, 1e-3 * r**2, 1e-3 * r**2]
+    whole = ppl_vae.fit(config(7), tmp_path / "whole", progress=False)
+    assert whole.history.lr.values.tolist() == pytest.approx(expected, rel=1e-12)
+    ppl_vae.fit(config(3), tmp_path / "split", progress=False)
+    resumed = ppl_vae.resume(tmp_path / "split", epochs=7, progress=False)
+    assert resumed.history.lr.values.tolist() == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ConfigError, match="lr_schedule_options"):
+        validate_train_config(TrainConfig(lr_schedule="BurdaLR", lr_schedule_options={"num_stages": 0}))
