@@ -33,6 +33,7 @@ COMMANDS: Dict[str, str] = {
     "generate": "ppl_vae.cli.generate:generate",
     "inpaint": "ppl_vae.cli.generate:inpaint",
     "animate": "ppl_vae.cli.generate:animate",
+    "calibrate": "ppl_vae.cli.calibrate:calibrate",
 }
 
 # ctx.meta key of the plugin specs loaded for this invocation (explicit first, then installed)
