@@ -404,6 +404,8 @@ def plot_sbc_ecdf(uniformity: xr.Dataset, *, max_dimensions: int = 4, ncols: int
         ax.fill_between(frac, lower, upper, step="mid", color="0.85", label=f"{uniformity.attrs['level']:.0%} band")
         colour = "#c0392b" if bool(uniformity["outside_band"].values[j]) else "#1f4e79"
         ax.step(frac, diff, where="mid", color=colour, lw=1.2)
+        out = (diff < lower) | (diff > upper)  # where it leaves the band: a step can be too short to see
+        ax.plot(frac[out], diff[out], "o", ms=2.5, color=colour)
         ax.axhline(0.0, color="0.4", lw=0.6)
         ax.set_title(f"{uniformity['quantity'].values[j]}  (p = {float(uniformity['ecdf_p_value'].values[j]):.2g})")
         ax.set_xlim(0, 1)
