@@ -11,6 +11,7 @@ from ppl_vae import pipeline
 from ppl_vae.analysis import results
 from ppl_vae.cli.main import cli
 from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from tests.cli.conftest import tiny_run
 from tests.conftest import one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,14 +32,7 @@ SMALL = [
 @pytest.fixture(scope="module")
 def bernoulli_run(tmp_path_factory):
     """A tiny bernoulli_mlp run on the embedded digits (1 epoch on 200 training images)."""
-    out = tmp_path_factory.mktemp("runs") / "bernoulli"
-    config = RunConfig(
-        model=ModelConfig(model="bernoulli_mlp", latent_dim=2, hidden_dim=16),
-        data=DataConfig(dataset="digits", train_size=200),
-        train=TrainConfig(epochs=1, batch_size=50, device="cpu"),
-    )
-    pipeline.fit(config, out, progress=False)
-    return out
+    return tiny_run(tmp_path_factory, "bernoulli_mlp", epochs=1)
 
 
 def _hashes(folder):
