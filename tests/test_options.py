@@ -269,6 +269,19 @@ def test_check_config_checks_what_was_set_after_building():
         check_config(config)
 
 
+def test_labels_apply_to_the_models_that_declare_them(monkeypatch):
+    """data.labels follows ModelSpec.uses_labels, not a table of names: a plugin model may declare it."""
+    from dataclasses import replace
+
+    from ppl_vae.models import MODELS
+
+    monkeypatch.setitem(MODELS._entries, "labelled_plugin", replace(MODELS.get("gaussian_mlp"), uses_labels=True))
+    check_config(RunConfig(model=ModelConfig(model="labelled_plugin"), data=DataConfig(labels=20)))
+    assert not MODELS.get("gaussian_mlp").uses_labels and MODELS.get("m2").uses_labels
+    with pytest.raises(ValueError, match="unknown model 'nosuch'"):
+        check_config(RunConfig(model=ModelConfig(model="nosuch"), data=DataConfig(labels=20)))
+
+
 def test_fit_module_keeps_its_helpers():
     assert fit_module.parse_model_options(["a=1", "b=x"]) == {"a": 1, "b": "x"}
     with pytest.raises(ValueError, match="^--model-option must be KEY=VALUE"):

@@ -592,6 +592,7 @@ MODELS.register("m2", doc="Kingma et al. 2014: semi-supervised M2, y summed out 
         likelihood="bernoulli",
         latent_dim=50,
         hidden_dim=500,
+        uses_labels=True,
     )
 )
 MODELS.register("gmvae", doc="Gaussian-mixture VAE: the component c is a latent site summed out by enumeration")(

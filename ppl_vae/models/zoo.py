@@ -39,6 +39,8 @@ class ModelSpec:
     latent_dim: int = 10
     hidden_dim: int = 200
     event_dims: Optional[int] = None  # None: all of a datapoint's dims form one event
+    #: trains on partly labelled data (``data.labels``, ``--labels N``): the config check reads it
+    uses_labels: bool = False
 
 
 MODELS: Registry[ModelSpec] = Registry("model")
