@@ -253,6 +253,7 @@ def _one_key(key: str) -> Callable[[Any], Dict[str, Any]]:
 
 # -- what settings apply to ----------------------------------------------------------------------------
 
+
 def _uses_labels(model: Any) -> bool:
     """Whether the registered model ``model`` declares that it trains on labels
     (:attr:`ppl_vae.models.zoo.ModelSpec.uses_labels`); an unknown name is refused naming the valid ones."""
