@@ -198,6 +198,7 @@ def save(
     attrs: Optional[dict] = None,
     extra: Optional[Dict[str, Any]] = None,
     checkpoint: str = CHECKPOINT,
+    descriptions: Optional[Dict[str, str]] = None,
 ) -> None:
     """Write the history, then the checkpoint (weights, optimizer and learning-rate scheduler
     state, RNG state, epoch and step).
@@ -205,6 +206,7 @@ def save(
     ``extra``: JSON metadata kept with the weights (e.g. ``event_shape``, ``data_info``, so that
     :func:`ppl_vae.pipeline.load_run` can rebuild the model without loading the data).
     ``checkpoint``: the file name (:data:`CHECKPOINT_BEST` writes the best epoch's, and no history).
+    ``descriptions``: what the history's variables beside the ELBOs are (``TrainContext.descriptions``).
     """
     from safetensors.torch import save_file
 
@@ -213,7 +215,7 @@ def save(
         # no epoch finished (the checkpoint before a fresh run's first step): there is no history
         # to write yet, and restore() reads an epoch-0 checkpoint without one; skipping it keeps
         # xarray and h5netcdf (0.3 s of imports) out of fit's start-up
-        history = history_to_xarray(state.records, attrs)
+        history = history_to_xarray(state.records, attrs, descriptions)
         _interruptible(lambda: write_netcdf(history, run_dir / HISTORY, run_files=True))
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
     meta: Dict[str, Any] = {"epoch": state.epoch, "step": state.step, "extra": extra or {}}
@@ -588,7 +590,15 @@ class Checkpointer(Callback):
         self.last_epoch: Optional[int] = None
 
     def _save(self, ctx: TrainContext) -> None:
-        save(self.run_dir, ctx.vae, ctx.stepper, ctx.state, attrs=ctx.attrs, extra=self.extra)
+        save(
+            self.run_dir,
+            ctx.vae,
+            ctx.stepper,
+            ctx.state,
+            attrs=ctx.attrs,
+            extra=self.extra,
+            descriptions=ctx.descriptions,
+        )
         self.last_epoch = ctx.state.epoch
 
     def on_train_start(self, ctx: TrainContext) -> None:

@@ -653,8 +653,23 @@ HISTORY_VARS = {
 TERM_VARS: Dict[str, str] = {}
 
 
-def history_to_xarray(records: List[Dict[str, float]], attrs: Optional[dict] = None) -> xr.Dataset:
-    """Per-epoch records as a Dataset with dim ``epoch``."""
+@dataclass(frozen=True)
+class EpochMetrics:
+    """Values :func:`train` records after each epoch beside the ELBOs, such as M2's test error
+    (:func:`ppl_vae.analysis.semisupervised.epoch_label_metrics` builds them from what a model
+    declares): ``compute(vae)``, called with the model in eval mode (on every rank of a
+    distributed run), returns ``{name: value}`` for the names of ``descriptions``, which say what
+    each is (the history's variable attributes)."""
+
+    compute: Callable[[VAE], Dict[str, float]]
+    descriptions: Dict[str, str]
+
+
+def history_to_xarray(
+    records: List[Dict[str, float]], attrs: Optional[dict] = None, descriptions: Optional[Dict[str, str]] = None
+) -> xr.Dataset:
+    """Per-epoch records as a Dataset with dim ``epoch``; ``descriptions`` say what variables
+    beside :data:`HISTORY_VARS` and :data:`TERM_VARS` are (:attr:`EpochMetrics.descriptions`)."""
     epochs = np.array([int(r["epoch"]) for r in records], dtype=np.int64)
     data_vars = {
         name: ("epoch", np.array([r[name] for r in records], dtype=np.float64), {"description": desc})
@@ -663,7 +678,8 @@ def history_to_xarray(records: List[Dict[str, float]], attrs: Optional[dict] = N
     extra = sorted({k for r in records for k in r} - set(HISTORY_VARS) - {"epoch"})
     for name in extra:
         values = np.array([r.get(name, np.nan) for r in records], dtype=np.float64)
-        data_vars[name] = ("epoch", values, {"description": TERM_VARS.get(name, "")})
+        described = (descriptions or {}).get(name, TERM_VARS.get(name, ""))
+        data_vars[name] = ("epoch", values, {"description": described})
     import xarray as xr
 
     return xr.Dataset(data_vars, coords={"epoch": epochs}, attrs=attrs or {})
@@ -726,6 +742,8 @@ class TrainContext:
     num_train: int = 0
     #: True at the end of the epoch after which training stops early (checkpoint it)
     stopping: bool = False
+    #: what the records' variables beside the ELBOs and the objective's terms are (:class:`EpochMetrics`)
+    descriptions: Dict[str, str] = field(default_factory=dict)
 
     @property
     def lr(self) -> float:
@@ -735,7 +753,7 @@ class TrainContext:
 
     def history(self) -> xr.Dataset:
         """The per-epoch records so far as the history Dataset."""
-        return history_to_xarray(self.state.records, self.attrs)
+        return history_to_xarray(self.state.records, self.attrs, self.descriptions)
 
 
 class Callback:
@@ -842,6 +860,7 @@ def train(
     history_attrs: Optional[dict] = None,
     dist: Any = None,
     evaluate: bool = True,
+    metrics: Optional[EpochMetrics] = None,
 ) -> xr.Dataset:
     """Train ``vae`` on ``data.train`` until ``config.epochs`` epochs are done; returns the history.
 
@@ -849,7 +868,8 @@ def train(
     training set once in a fresh random order, in minibatches of ``config.batch_size``; the
     dataset's labels go to the model as ``y`` when it has them. After each epoch a record is
     appended: ``train_elbo`` (on :func:`train_eval_set`) and ``test_elbo`` (whole test set),
-    both with the model in eval mode, unless ``evaluate`` is False (then they are NaN).
+    both with the model in eval mode, unless ``evaluate`` is False (then they are NaN), and the
+    values of ``metrics`` (:class:`EpochMetrics`, e.g. M2's test error; NaN too without ``evaluate``).
 
     ``stepper`` (default: the one ``config.method`` names) and ``state`` carry a resumed run's
     optimizer state and progress. ``callbacks``: :class:`Callback` objects (or plain
@@ -882,6 +902,8 @@ def train(
     fit_idx = None if split is None else split[0].to(x_train.device)
     n_train = x_train.shape[0] if split is None else len(split[0])
     ctx = TrainContext(vae, data, config, stepper, state, dict(history_attrs or {}), num_train=n_train)
+    if metrics is not None:
+        ctx.descriptions.update(metrics.descriptions)
     device = x_train.device
     batch_size = min(config.batch_size, n_train) if dist is None else dist.local_batch_size(config.batch_size, n_train)
     n_local, world = (n_train, 1) if dist is None else (dist.num_samples(n_train), dist.world_size)
@@ -908,6 +930,18 @@ def train(
         finally:
             vae.train()
         return float(value.mean()) if dist is None else dist.global_mean(value)
+
+    def epoch_metrics() -> Dict[str, float]:
+        if metrics is None:
+            return {}
+        if not evaluate:
+            return {name: float("nan") for name in metrics.descriptions}
+        vae.eval()
+        try:
+            values = metrics.compute(vae)
+        finally:
+            vae.train()
+        return {name: float(values[name]) for name in metrics.descriptions}
 
     def diverged(what: str, step: int) -> TrainingDiverged:
         advice = "a smaller train.lr" + (
@@ -982,6 +1016,7 @@ def train(
                 "wall_time": wall,
                 "num_train_samples": seen,
                 **stepper.epoch_terms(),
+                **epoch_metrics(),
             }
             state.records.append(record)
             for scheduler in schedulers.values():
