@@ -302,6 +302,11 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
         callbacks.append(SampleGridRecorder(run_dir / "samples"))
     callbacks.append(DivergenceCheck(int(np.prod(data.event_shape))))
     callbacks.extend(job.callbacks)
+    metrics = None
+    if vae.label_metrics:  # what the model declares, on the test set where the data has labels
+        from ppl_vae.analysis.semisupervised import epoch_label_metrics
+
+        metrics = epoch_label_metrics(vae, data.test, data.test_labels)
     try:
         history = train(
             vae,
@@ -313,6 +318,7 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
             progress=job.progress and writer,
             history_attrs=history_attrs(config, data),
             dist=dist,
+            metrics=metrics,
         )
     except TrainingDiverged as exc:
         if writer:

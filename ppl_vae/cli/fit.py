@@ -177,6 +177,12 @@ def _report(run, opts: dict) -> None:
         f"epoch {run.epochs_done}: train ELBO {final['train_elbo']:.3f}, test ELBO {final['test_elbo']:.3f} "
         f"nats per datapoint (Monte Carlo estimates of lower bounds on log p(x); {final['wall_time']:.1f} s training)"
     )
+    if run.vae.label_metrics:
+        from ppl_vae.analysis.semisupervised import describe_label_metrics
+
+        num_test = int(run.history.attrs.get("num_test", 0))
+        for line in describe_label_metrics(run.vae, final, num_test):
+            click.echo(f"epoch {run.epochs_done}: {line}")
     click.echo(f"run directory: {run.run_dir}")
 
 

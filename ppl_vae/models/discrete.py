@@ -251,6 +251,7 @@ class SemiSupervisedVAE(EnumeratedCategoricalVAE):
     """
 
     site = "y"
+    label_metrics = ("test_error",)
 
     def __init__(
         self,
@@ -336,6 +337,7 @@ class GaussianMixtureVAE(EnumeratedCategoricalVAE):
     """
 
     site = "c"
+    label_metrics = ("cluster_accuracy", "clusters_used")
 
     def __init__(
         self,

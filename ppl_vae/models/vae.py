@@ -65,6 +65,13 @@ class VAE(nn.Module):
     silently scored as the base model). A subclass that keeps both sides in step re-declares
     ``has_fast_path = True`` (:func:`ppl_vae.inference.latents.check_fast_path` compares them)."""
 
+    label_metrics: Tuple[str, ...] = ()
+    """Metrics of the model against the data's labels that ``ppl-vae fit`` records per epoch on the
+    test set where the data has labels (names from
+    :data:`ppl_vae.analysis.semisupervised.LABEL_METRICS`, each a function of argmax of
+    ``value_logits(x)``): M2 declares ``("test_error",)``, a GMVAE ``("cluster_accuracy",
+    "clusters_used")``; most models none."""
+
     encoder_is_guide: bool = True
     """The guide is the encoder's diagonal Gaussian N(loc(x), scale(x)^2) itself (a flow guide is not);
     methods that fit or call the encoder directly (wake-sleep, MCEM, the fused analytic-KL ELBO) need it."""
