@@ -4,6 +4,7 @@ from ppl_vae.inference import (  # noqa: F401,E402  (registers methods "mcem", "
     disentangle,  # noqa: F401,E402  (registers objectives "beta_vae", "beta_tc", ...)
     mcem,
     objectives,  # noqa: F401,E402  (registers "iwae", "dreg", "stl", "rws")
+    semi_amortized,  # noqa: F401,E402  (registers "sa")
     wake_sleep,
 )
 from ppl_vae.inference.importance import elbo_per_datapoint, iw_log_likelihood, log_importance_weights
