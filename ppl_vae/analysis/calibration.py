@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,8 +34,16 @@ from scipy import stats
 from torch import Tensor
 
 from ppl_vae.inference.ais import simulate_data
-from ppl_vae.inference.latents import guide_layout, log_prior_and_likelihood, model_layout, sample_guide
-from ppl_vae.inference.modes import check_positive, in_eval_mode, rows, seeded
+from ppl_vae.inference.latents import (
+    Layout,
+    Site,
+    guide_layout,
+    log_joint,
+    log_prior_and_likelihood,
+    model_layout,
+    sample_guide,
+)
+from ppl_vae.inference.modes import batches, block_seed, check_positive, in_eval_mode, rows, seeded
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -49,6 +58,108 @@ ECDF_REFERENCE = (
 )
 LOG_LIKELIHOOD = "log p(x|z)"
 """The name of the log-likelihood quantity in :func:`sbc_ranks`' ``quantity`` coordinate."""
+
+
+SIR_REFERENCE = "Rubin (1988), Using the SIR algorithm to simulate posterior distributions; Smith & Gelfand (1992)"
+MAX_SAMPLES_PER_CHUNK = 2**16
+"""SIR scores its K proposals in chunks of about this many latent draws (datapoints x proposals)."""
+
+
+@dataclass
+class SIRDraws:
+    """Sampling-importance-resampling draws (:func:`sir_draws`): ``latents`` ``{site: (L, N,
+    *event_shape)}`` for every site the guide samples, and ``ess`` ``(N,)``, the effective sample
+    size (sum w)^2 / sum w^2 of the K proposals' weights (near 1: the draws repeat one proposal)."""
+
+    latents: Dict[str, Tensor]
+    ess: Tensor
+    num_samples: int
+    num_draws: int
+
+
+def _check_sir(num_samples: Any, num_draws: Any) -> None:
+    check_positive("num_samples", num_samples)
+    check_positive("num_draws", num_draws)
+    if int(num_samples) < 2:
+        raise ValueError(
+            f"num_samples (SIR's K proposals) must be >= 2: with one proposal every draw is the guide's, got {num_samples}"
+        )
+
+
+def _sir_batch(
+    model: Callable, guide: Callable, x: Tensor, num_samples: int, num_draws: int, kw: Dict[str, Any]
+) -> Tuple[Dict[str, Tensor], Tensor]:
+    """SIR draws ``{site: (L, B, ...)}`` and the ESS ``(B,)`` for one block of datapoints, drawn
+    from the current random stream: K proposals z_k ~ q(z|x) (in chunks), weights
+    w_k = p(x, z_k) / q(z_k|x), then L indices drawn with replacement with probabilities w_k / sum w."""
+    b = x.shape[0]
+    chunk = max(1, MAX_SAMPLES_PER_CHUNK // max(1, b))
+    parts: List[Dict[str, Tensor]] = []
+    log_ws: List[Tensor] = []
+    for start in range(0, num_samples, chunk):
+        k = min(chunk, num_samples - start)
+        latents, log_q = sample_guide(model, guide, x, k, **kw)
+        layout = Layout(tuple(Site(n, tuple(v.shape[2:])) for n, v in latents.items()))
+        log_ws.append((log_joint(model, x, latents, layout=layout, **kw) - log_q).double())
+        parts.append(latents)
+    log_w = torch.cat(log_ws, 0)  # (K, B)
+    if torch.isnan(log_w).any() or not bool(torch.isfinite(log_w).any(0).all()):
+        raise ValueError("SIR: an importance weight is NaN, or every weight of a datapoint is zero")
+    probs = torch.softmax(log_w, 0)
+    ess = 1.0 / probs.square().sum(0)
+    index = torch.multinomial(probs.T.float(), num_draws, replacement=True).T  # (L, B)
+    cols = torch.arange(b, device=x.device)
+    draws = {}
+    for name in parts[0]:
+        value = torch.cat([p[name] for p in parts], 0)  # (K, B, ...)
+        draws[name] = value[index, cols]
+    return draws, ess
+
+
+@torch.no_grad()
+@in_eval_mode("model", "guide")
+def sir_draws(
+    model: Callable,
+    guide: Callable,
+    x: Tensor,
+    *,
+    seed: int,
+    num_samples: int = 1000,
+    num_draws: int = 100,
+    batch_size: int = 100,
+    progress: bool = False,
+    **kwargs: Any,
+) -> SIRDraws:
+    """Sampling-importance-resampling from the guide (Rubin 1988): per datapoint, K =
+    ``num_samples`` proposals z_k ~ q(z|x) weighted by w_k = p(x, z_k) / q(z_k|x), and
+    L = ``num_draws`` draws made by resampling the proposals with replacement in proportion to
+    their weights. As K grows the draws' distribution tends to p(z|x) whatever the guide (as
+    long as q covers the posterior); with few proposals, or an ESS far below L, they repeat a
+    few proposals and inherit the guide's errors.
+
+    Returns :class:`SIRDraws`. ``x`` ``(N, ...)``; tensor ``kwargs`` with one row per datapoint
+    are sliced with it. Each block of ``batch_size`` datapoints draws from its own stream seeded
+    by (``seed``, its first index); the caller's RNG state is left as found.
+    """
+    from tqdm.auto import tqdm
+
+    _check_sir(num_samples, num_draws)
+    check_positive("batch_size", batch_size)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("x holds no datapoints")
+    parts, esses = [], []
+    with tqdm(total=math.ceil(n / batch_size), disable=not progress, desc=f"SIR K={num_samples}") as bar:
+        for b, (xb, kw) in enumerate(batches(x, kwargs, batch_size)):
+            with seeded(block_seed(int(seed), b * batch_size, 2), xb.device):
+                draws, ess = _sir_batch(model, guide, xb, int(num_samples), int(num_draws), kw)
+            parts.append(draws)
+            esses.append(ess)
+            bar.update(1)
+    latents = {name: torch.cat([p[name] for p in parts], 1) for name in parts[0]}
+    return SIRDraws(latents, torch.cat(esses), int(num_samples), int(num_draws))
 
 
 def _x_template(model: Callable, x_like: Optional[Tensor]) -> Tensor:
@@ -98,6 +209,7 @@ def sbc_ranks(
     latent_sites: Optional[Sequence[str]] = None,
     x_like: Optional[Tensor] = None,
     batch_size: int = 256,
+    sir_num_samples: Optional[int] = None,
     **kwargs: Any,
 ) -> xr.Dataset:
     """SBC ranks of the guide q(z|x) against the model's prior predictive (Talts et al. 2018).
@@ -116,14 +228,21 @@ def sbc_ranks(
     declares its ``event_shape``. ``kwargs`` go to model and guide; a tensor with
     ``num_simulations`` rows (labels ``y``) is sliced with the simulations. The draws come
     from ``seed`` alone (the caller's random state is left as found); the same ``seed`` and
-    ``batch_size`` give identical ranks.
+    ``batch_size`` give identical ranks. The simulations (z*, x) and the posterior draws use
+    separate streams, so the same ``seed`` gives the same simulations whatever ranks them.
+
+    ``sir_num_samples`` K: rank among L draws of sampling-importance-resampling from the guide
+    with K proposals (:func:`sir_draws`) instead of the guide's own draws, so that the guide's
+    miscalibration can be set beside SIR's on the same simulations.
 
     Returns a Dataset with ``rank`` ``(simulation, quantity)`` (int), coordinates ``quantity``
     (``"z[0]"``, ..., ``"|z|"``, ``"log p(x|z)"``), ``site`` and ``kind`` (``"dimension"``,
     ``"norm"``, ``"log_likelihood"``) per quantity; attrs ``num_posterior_samples``, ``seed``,
-    ``reference``.
+    ``posterior`` (``"guide"`` or ``"sir"``, with ``sir_num_samples``), ``reference``.
     """
     check_positive("num_simulations", num_simulations)
+    if sir_num_samples is not None:
+        _check_sir(sir_num_samples, num_posterior_samples)
     check_positive("num_posterior_samples", num_posterior_samples)
     check_positive("batch_size", batch_size)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -153,32 +272,46 @@ def sbc_ranks(
     )
     names, sites, kinds = _quantities(ranked)
 
-    blocks = []
-    with seeded(int(seed), template.device):
-        for start in range(0, n, batch_size):
-            sl = slice(start, min(start + batch_size, n))
-            count = sl.stop - sl.start
-            kw = {k: rows(v, n, sl) for k, v in kwargs.items()}
+    blocks, esses = [], []
+    for start in range(0, n, batch_size):
+        sl = slice(start, min(start + batch_size, n))
+        count = sl.stop - sl.start
+        kw = {k: rows(v, n, sl) for k, v in kwargs.items()}
+        with seeded(block_seed(int(seed), start, 0), template.device):
             x, z_star = simulate_data(model, shaped(count), seed=None, **kw)  # (B, ...), (B, size)
-            draws, _ = sample_guide(model, guide, x, L, **kw)
-            z = layout.join({s: draws[s] for s in layout.names}, 2)  # (L, B, size)
-            # per-quantity values at z* (B, Q) and at the draws (L, B, Q)
-            true_parts = [z_star[:, columns]]
-            draw_parts = [z[..., columns]]
-            for site in ranked:
-                i = layout.names.index(site.name)
-                cols = slice(layout.offsets[i], layout.offsets[i] + site.size)
-                true_parts.append(z_star[:, cols].norm(dim=-1, keepdim=True))
-                draw_parts.append(z[..., cols].norm(dim=-1, keepdim=True))
-            _, lik_star = log_prior_and_likelihood(model, x, layout.split(z_star), layout=layout, **kw)
-            _, lik_draws = log_prior_and_likelihood(model, x, layout.split(z), layout=layout, **kw)
-            true_parts.append(lik_star.reshape(count, 1))
-            draw_parts.append(lik_draws.reshape(L, count, 1))
-            truth, sampled = torch.cat(true_parts, -1), torch.cat(draw_parts, -1)
-            blocks.append((sampled < truth).sum(0).cpu().numpy().astype(np.int64))
+        with seeded(block_seed(int(seed), start, 1), template.device):
+            if sir_num_samples is None:
+                draws, _ = sample_guide(model, guide, x, L, **kw)
+            else:
+                draws, ess = _sir_batch(model, guide, x, int(sir_num_samples), L, kw)
+                esses.append(ess.cpu().numpy())
+        z = layout.join({s: draws[s] for s in layout.names}, 2)  # (L, B, size)
+        # per-quantity values at z* (B, Q) and at the draws (L, B, Q)
+        true_parts = [z_star[:, columns]]
+        draw_parts = [z[..., columns]]
+        for site in ranked:
+            i = layout.names.index(site.name)
+            cols = slice(layout.offsets[i], layout.offsets[i] + site.size)
+            true_parts.append(z_star[:, cols].norm(dim=-1, keepdim=True))
+            draw_parts.append(z[..., cols].norm(dim=-1, keepdim=True))
+        _, lik_star = log_prior_and_likelihood(model, x, layout.split(z_star), layout=layout, **kw)
+        _, lik_draws = log_prior_and_likelihood(model, x, layout.split(z), layout=layout, **kw)
+        true_parts.append(lik_star.reshape(count, 1))
+        draw_parts.append(lik_draws.reshape(L, count, 1))
+        truth, sampled = torch.cat(true_parts, -1), torch.cat(draw_parts, -1)
+        blocks.append((sampled < truth).sum(0).cpu().numpy().astype(np.int64))
     rank = np.concatenate(blocks, 0)
+    data: Dict[str, Any] = {"rank": (("simulation", "quantity"), rank)}
+    posterior: Dict[str, Any] = {"posterior": "guide"}
+    if sir_num_samples is not None:
+        data["sir_ess"] = ("simulation", np.concatenate(esses))
+        posterior = {
+            "posterior": "sir",
+            "sir_num_samples": int(sir_num_samples),
+            "sir_reference": SIR_REFERENCE,
+        }
     return xr.Dataset(
-        {"rank": (("simulation", "quantity"), rank)},
+        data,
         coords={
             "simulation": np.arange(n),
             "quantity": np.asarray(names, dtype=object),
@@ -190,6 +323,7 @@ def sbc_ranks(
             "num_simulations": n,
             "seed": int(seed),
             "batch_size": int(batch_size),
+            **posterior,
             "reference": SBC_REFERENCE,
         },
     )
@@ -379,12 +513,30 @@ def coverage(ranks: xr.Dataset, levels: Sequence[float] = (0.5, 0.8, 0.9, 0.95))
     )
 
 
-def plot_sbc_ecdf(uniformity: xr.Dataset, *, max_dimensions: int = 4, ncols: int = 3) -> Figure:
+def plot_sbc_ecdf(
+    uniformity: xr.Dataset,
+    *,
+    max_dimensions: int = 4,
+    ncols: int = 3,
+    compare: Optional[Mapping[str, xr.Dataset]] = None,
+    label: str = "guide q(z|x)",
+) -> Figure:
     """ECDF differences of the ranks with their simultaneous band (:func:`sbc_uniformity`), one
     panel per quantity: the first ``max_dimensions`` latent dimensions and every summary (norms,
-    log-likelihood). A curve leaving the grey band rejects uniformity at the band's level."""
+    log-likelihood). A curve leaving the grey band rejects uniformity at the band's level.
+
+    ``compare``: other posteriors' uniformity on the same simulations and L (e.g. SIR's, from
+    ``sbc_ranks(..., sir_num_samples=K)``), drawn dashed in the same panels, ``{label: dataset}``;
+    ``label`` names the first. Solid blue / dashed green stay inside the band; red / orange leave it."""
     from ppl_vae.analysis.plots import plt  # selects the Agg backend
 
+    others = dict(compare or {})
+    frac = uniformity["fractional_rank"].values
+    for name, other in others.items():
+        if other.sizes.get("fractional_rank") != len(frac) or list(other["quantity"].values) != list(
+            uniformity["quantity"].values
+        ):
+            raise ValueError(f"compare[{name!r}] must rank the same quantities with the same N and L")
     if "kind" in uniformity.coords:
         kinds = np.asarray(uniformity["kind"].values)
         dims = np.flatnonzero(kinds == "dimension")[:max_dimensions]
@@ -395,22 +547,30 @@ def plot_sbc_ecdf(uniformity: xr.Dataset, *, max_dimensions: int = 4, ncols: int
     ncols = max(1, min(ncols, num))
     nrows = math.ceil(num / ncols)
     fig, axes = plt.subplots(
-        nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows), squeeze=False, sharex=True, layout="constrained"
-    )
-    frac = uniformity["fractional_rank"].values
+        nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows + (0.4 if others else 0)), squeeze=False, sharex=True,
+        layout="constrained",
+    )  # fmt: skip
     lower, upper = uniformity["band_lower"].values, uniformity["band_upper"].values
+    curves = [(label, uniformity, "-", ("#1f4e79", "#c0392b"))]
+    curves += [(name, other, "--", ("#2e8b57", "#e67e22")) for name, other in others.items()]
     for ax, j in zip(axes.flat, chosen):
-        diff = uniformity["ecdf_diff"].isel(quantity=int(j)).values
         ax.fill_between(frac, lower, upper, step="mid", color="0.85", label=f"{uniformity.attrs['level']:.0%} band")
-        colour = "#c0392b" if bool(uniformity["outside_band"].values[j]) else "#1f4e79"
-        ax.step(frac, diff, where="mid", color=colour, lw=1.2)
-        out = (diff < lower) | (diff > upper)  # where it leaves the band: a step can be too short to see
-        ax.plot(frac[out], diff[out], "o", ms=2.5, color=colour)
+        low, high = float(lower.min()), float(upper.max())
+        p_values = []
+        for name, u, style, (inside_colour, outside_colour) in curves:
+            diff = u["ecdf_diff"].isel(quantity=int(j)).values
+            colour = outside_colour if bool(u["outside_band"].values[j]) else inside_colour
+            ax.step(frac, diff, where="mid", color=colour, lw=1.2, ls=style, label=name)
+            out = (diff < lower) | (diff > upper)  # where it leaves the band: a step can be too short to see
+            ax.plot(frac[out], diff[out], "o", ms=2.5, color=colour)
+            low, high = min(low, float(diff.min())), max(high, float(diff.max()))
+            p_values.append(float(u["ecdf_p_value"].values[j]))
         ax.axhline(0.0, color="0.4", lw=0.6)
-        ax.set_title(f"{uniformity['quantity'].values[j]}  (p = {float(uniformity['ecdf_p_value'].values[j]):.2g})")
+        shown = f"p = {p_values[0]:.2g}" + "".join(
+            f"; {name.split(' ')[0]} {p:.2g}" for (name, *_), p in zip(curves[1:], p_values[1:])
+        )
+        ax.set_title(f"{uniformity['quantity'].values[j]}  ({shown})", fontsize=9 if others else None)
         ax.set_xlim(0, 1)
-        low = min(float(lower.min()), float(diff.min()))
-        high = max(float(upper.max()), float(diff.max()))
         pad = 0.05 * (high - low or 1.0)
         ax.set_ylim(low - pad, high + pad)
     for ax in axes.flat[num:]:
@@ -419,10 +579,405 @@ def plot_sbc_ecdf(uniformity: xr.Dataset, *, max_dimensions: int = 4, ncols: int
         ax.set_xlabel("fractional rank")
     for row in axes:
         row[0].set_ylabel("ECDF difference")
+    if others:
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8)
     fig.suptitle(
         f"SBC: {uniformity.attrs['num_simulations']} simulations, L = {uniformity.attrs['num_posterior_samples']}"
     )
     return fig
 
 
-__all__ = ["LOG_LIKELIHOOD", "coverage", "plot_sbc_ecdf", "sbc_ranks", "sbc_uniformity"]
+# ---------------------------------------------------------------------------------------------
+# Discrete sites: q(y|x) against the model's own posterior p(y|x)
+
+ECE_REFERENCE = (
+    "Naeini, Cooper & Hauskrecht (2015); Guo, Pleiss, Sun & Weinberger (2017), On calibration of modern "
+    "neural networks; debiased squared error: Kumar, Liang & Ma (2019), Verified uncertainty calibration"
+)
+BINNINGS = ("equal_width", "equal_mass")
+SIGNIFICANCE = 3.0
+"""A calibration error is flagged when its debiased square exceeds this many bootstrap se."""
+
+
+@torch.no_grad()
+@in_eval_mode("model", "guide")
+def discrete_posterior(
+    model: Callable,
+    guide: Callable,
+    x: Tensor,
+    *,
+    site: str,
+    num_values: int,
+    seed: int,
+    num_samples: int = 100,
+    batch_size: int = 100,
+    progress: bool = False,
+    **kwargs: Any,
+) -> xr.Dataset:
+    """The guide's q(c|x) and the model's own posterior p(c|x) over a discrete ``site`` it
+    enumerates, per datapoint.
+
+    p(c|x) = p(x, c) / sum_c' p(x, c'), each p(x, c) estimated by importance weighting with
+    K = ``num_samples`` draws of the guide's continuous part conditioned on the value,
+    z ~ q(z|x, c) (:func:`ppl_vae.inference.enumerated.enumerated_estimate`; Burda et al. 2015):
+    a ratio of estimates, consistent as K grows, with a bias of order 1/K. Its Monte Carlo se
+    (delta method over the C independent estimates) is ``posterior_se``. The pair must accept
+    ``component=`` that clamps the site (as :class:`ppl_vae.models.discrete.EnumeratedCategoricalVAE`).
+
+    Returns a Dataset over ``(datapoint, value)``: ``q``, ``posterior``, ``posterior_se``, and
+    ``log_px`` (log p̂(x), ``(datapoint,)``).
+    """
+    from ppl_vae.inference.enumerated import check_enumerable, guide_value_log_probs
+    from ppl_vae.inference.importance import importance_estimate
+
+    check_positive("num_samples", num_samples)
+    check_positive("num_values", num_values)
+    check_positive("batch_size", batch_size)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if "component" in kwargs:
+        raise ValueError("discrete_posterior clamps the site itself: do not pass component")
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("x holds no datapoints")
+    check_enumerable(model, x[:2], site, num_values, **{k: rows(v, n, slice(0, 2)) for k, v in kwargs.items()})
+    log_joint_c, log_joint_se = [], []
+    for c in range(int(num_values)):  # the seeds of enumerated_estimate: the same p̂(x, c)
+        est = importance_estimate(
+            model,
+            guide,
+            x,
+            num_samples=num_samples,
+            batch_size=batch_size,
+            tail_diagnostic=False,
+            progress=progress,
+            seed=int(seed) + 7919 * (c + 1),
+            component=torch.full((n,), c, dtype=torch.long, device=x.device),
+            **kwargs,
+        )
+        log_joint_c.append(est.log_px.double())
+        log_joint_se.append(est.log_px_stderr.double())
+    lj, lj_se = torch.stack(log_joint_c, -1), torch.stack(log_joint_se, -1)  # (N, C)
+    with seeded(int(seed), x.device):
+        log_q = torch.cat([guide_value_log_probs(guide, xb, site, **kw) for xb, kw in batches(x, kwargs, batch_size)])
+    post = torch.softmax(lj, -1)
+    # d p_c / d l_j = p_c (delta_cj - p_j), the l_j = log p̂(x, j) independent across values:
+    # Var p̂_c = sum_j p_c^2 (delta_cj - p_j)^2 Var l_j
+    eye = torch.eye(post.shape[-1], dtype=post.dtype, device=post.device)
+    jac = post.unsqueeze(-1) * (eye - post.unsqueeze(-2))  # (N, C, C)
+    post_se = (jac.square() * lj_se.square().unsqueeze(-2)).sum(-1).sqrt()
+    arr = lambda t: t.detach().cpu().double().numpy()  # noqa: E731
+    return xr.Dataset(
+        {
+            "q": (("datapoint", "value"), arr(log_q.exp())),
+            "posterior": (("datapoint", "value"), arr(post)),
+            "posterior_se": (("datapoint", "value"), arr(post_se)),
+            "log_px": ("datapoint", arr(lj.logsumexp(-1))),
+        },
+        coords={"datapoint": np.arange(x.shape[0]), "value": np.arange(num_values)},
+        attrs={
+            "site": site,
+            "num_samples": int(num_samples),
+            "seed": int(seed),
+            "method": "enumeration over the site, importance-weighted p(x, c) with z ~ q(z|x, c)",
+            "reference": "Burda et al. (2015) per value; Kingma et al. (2014) eq. 7",
+        },
+    )
+
+
+def _as_array(value: Any, name: str) -> np.ndarray:
+    if torch.is_tensor(value):
+        value = value.detach().cpu().double().numpy()
+    try:
+        return np.asarray(value)
+    except Exception:  # noqa: BLE001 - any unconvertible input is the caller's error
+        raise ValueError(f"{name} must be an array") from None
+
+
+def _bin_index(conf: np.ndarray, num_values: int, num_bins: int, binning: str) -> Tuple[np.ndarray, np.ndarray]:
+    """(bin of each datapoint ``(N,)``, edges ``(B + 1,)``). Top-label confidences lie in
+    [1/C, 1]: equal-width bins split that interval, equal-mass bins its empirical quantiles."""
+    if binning == "equal_width":
+        edges = np.linspace(1.0 / num_values, 1.0, num_bins + 1)
+    else:
+        edges = np.quantile(conf, np.linspace(0.0, 1.0, num_bins + 1))
+        edges[0], edges[-1] = min(edges[0], 1.0 / num_values), 1.0
+    index = np.clip(np.searchsorted(edges[1:-1], conf, side="right"), 0, num_bins - 1)
+    return index, edges
+
+
+def _binned(index: np.ndarray, gap: np.ndarray, num_bins: int, weights: Optional[np.ndarray] = None):
+    """(count, sum of gaps, sum of squared gaps) per bin; ``weights`` the bootstrap multiplicities."""
+    w = np.ones_like(gap) if weights is None else weights
+    count = np.bincount(index, weights=w, minlength=num_bins)
+    return (
+        count,
+        np.bincount(index, weights=w * gap, minlength=num_bins),
+        np.bincount(index, weights=w * gap**2, minlength=num_bins),
+    )
+
+
+def _errors(count: np.ndarray, total: np.ndarray, total2: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """ECE = sum_b (n_b / N) |mean gap_b| and the debiased squared error sum_b (n_b / N)
+    (mean gap_b^2 - s_b^2 / n_b) (unbiased for bins of 2 or more), over the last axis."""
+    n = count.sum(-1, keepdims=True)
+    safe = np.maximum(count, 1)
+    mean = total / safe
+    var = np.where(count > 1, (total2 - count * mean**2) / np.maximum(count - 1, 1), 0.0)
+    ece = (count / n * np.abs(mean)).sum(-1)
+    ce2 = (count / n * (mean**2 - np.maximum(var, 0.0) / safe)).sum(-1)
+    return ece, ce2
+
+
+def expected_calibration_error(
+    probs: Any,
+    target: Any,
+    *,
+    num_bins: int = 10,
+    binning: str = "equal_width",
+    num_bootstrap: int = 1000,
+    seed: int = 0,
+) -> xr.Dataset:
+    """Top-label calibration of predicted probabilities ``probs`` ``(N, C)`` against ``target``:
+    integer labels ``(N,)`` or reference probabilities ``(N, C)`` (e.g. the model's posterior).
+
+    For each datapoint the confidence is max_c probs and the "accuracy" is 1[label = argmax] or
+    the reference probability of the argmax. Datapoints are binned by confidence (``binning``:
+    ``"equal_width"`` splits [1/C, 1] into ``num_bins`` intervals, ``"equal_mass"`` puts about
+    N / ``num_bins`` in each); ECE = sum_b (n_b / N) |confidence_b - accuracy_b| (Naeini et al.
+    2015; Guo et al. 2017). ECE is biased upward by sampling noise, by about sqrt(2 / pi) times
+    the bins' gap se, so it is not 0 for a calibrated q; ``ce2`` = sum_b (n_b / N)
+    (gap_b^2 - s_b^2 / n_b), the debiased squared calibration error (Kumar et al. 2019), is
+    unbiased (0 in expectation for a calibrated q, and may be negative), and
+    ``miscalibrated`` is 1 when it exceeds :data:`SIGNIFICANCE` bootstrap se.
+
+    Standard errors (``ece_se``, ``ce2_se``): bootstrap over datapoints (``num_bootstrap``
+    resamples from ``seed``'s own generator; bins fixed). Returns scalars ``ece``, ``ece_se``,
+    ``ce2``, ``ce2_se``, ``rms_calibration_error`` = sqrt(max(ce2, 0)), ``accuracy``,
+    ``confidence``, ``miscalibrated``, and per ``bin``: ``bin_lower``, ``bin_upper``,
+    ``count``, ``bin_confidence``, ``bin_accuracy``, ``bin_gap_se``.
+    """
+    p = _as_array(probs, "probs").astype(np.float64)
+    if p.ndim != 2 or p.shape[1] < 2 or p.shape[0] < 2:
+        raise ValueError(f"probs must have shape (N, C) with N >= 2 datapoints and C >= 2 values, got {p.shape}")
+    if not np.all(np.isfinite(p)) or np.any(p < 0) or np.any(np.abs(p.sum(1) - 1) > 1e-4):
+        raise ValueError("probs must be finite probabilities whose rows sum to 1")
+    n, c = p.shape
+    t = _as_array(target, "target")
+    check_positive("num_bins", num_bins)
+    check_positive("num_bootstrap", num_bootstrap)
+    if binning not in BINNINGS:
+        raise ValueError(f"binning must be one of {', '.join(BINNINGS)}, got {binning!r}")
+    pred = p.argmax(1)
+    conf = p[np.arange(n), pred]
+    if t.shape == (n,):
+        if t.dtype.kind not in "iu" or t.min() < 0 or t.max() >= c:
+            raise ValueError(f"target labels must be integers in 0..{c - 1}")
+        acc = (t == pred).astype(np.float64)
+        kind = "labels"
+    elif t.shape == (n, c):
+        acc = t.astype(np.float64)[np.arange(n), pred]
+        kind = "probabilities"
+    else:
+        raise ValueError(f"target must be labels ({n},) or probabilities ({n}, {c}), got shape {t.shape}")
+    index, edges = _bin_index(conf, c, int(num_bins), binning)
+    gap = conf - acc
+    count, total, total2 = _binned(index, gap, num_bins)
+    ece, ce2 = _errors(count, total, total2)
+    rng = np.random.default_rng(seed)
+    multiplicity = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(int(num_bootstrap))])
+    boot = [_binned(index, gap, num_bins, m.astype(np.float64)) for m in multiplicity]
+    b_ece, b_ce2 = _errors(*(np.stack(parts) for parts in zip(*boot)))
+    ece_se, ce2_se = (
+        float(b_ece.std(ddof=1)) if num_bootstrap > 1 else math.nan,
+        (float(b_ce2.std(ddof=1)) if num_bootstrap > 1 else math.nan),
+    )
+    safe = np.maximum(count, 1)
+    bin_conf = np.bincount(index, weights=conf, minlength=num_bins) / safe
+    bin_acc = np.bincount(index, weights=acc, minlength=num_bins) / safe
+    mean_gap = total / safe
+    var = np.where(count > 1, (total2 - count * mean_gap**2) / np.maximum(count - 1, 1), np.nan)
+    empty = count == 0
+    return xr.Dataset(
+        {
+            "ece": ((), float(ece)),
+            "ece_se": ((), ece_se),
+            "ce2": ((), float(ce2)),
+            "ce2_se": ((), ce2_se),
+            "rms_calibration_error": ((), math.sqrt(max(float(ce2), 0.0))),
+            "accuracy": ((), float(acc.mean())),
+            "confidence": ((), float(conf.mean())),
+            "miscalibrated": ((), int(ce2 > SIGNIFICANCE * ce2_se)),
+            "bin_lower": ("bin", edges[:-1]),
+            "bin_upper": ("bin", edges[1:]),
+            "count": ("bin", count.astype(np.int64)),
+            "bin_confidence": ("bin", np.where(empty, np.nan, bin_conf)),
+            "bin_accuracy": ("bin", np.where(empty, np.nan, bin_acc)),
+            "bin_gap_se": ("bin", np.sqrt(np.maximum(var, 0.0) / safe)),
+        },
+        coords={"bin": np.arange(num_bins)},
+        attrs={
+            "binning": binning,
+            "num_bins": int(num_bins),
+            "num_bootstrap": int(num_bootstrap),
+            "bootstrap_seed": int(seed),
+            "target": kind,
+            "num_datapoints": int(n),
+            "significance_se": SIGNIFICANCE,
+            "reference": ECE_REFERENCE,
+        },
+    )
+
+
+def posterior_distance(q: Any, posterior: Any) -> xr.Dataset:
+    """How far q(c|x) ``(N, C)`` is from a reference posterior ``(N, C)``, averaged over
+    datapoints: ``mean_tv`` (total variation, (1/2) sum_c |p - q|, in [0, 1]) and ``mean_kl``
+    (KL(p || q), nats), each with its se over datapoints (sd / sqrt(N)). An estimated
+    posterior's own noise adds to both (they are not 0 for q = p unless p is exact)."""
+    qa, pa = _as_array(q, "q").astype(np.float64), _as_array(posterior, "posterior").astype(np.float64)
+    if qa.shape != pa.shape or qa.ndim != 2 or qa.shape[0] < 2:
+        raise ValueError(f"q and posterior must have the same shape (N, C), N >= 2; got {qa.shape} and {pa.shape}")
+    tv = 0.5 * np.abs(pa - qa).sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(pa > 0, pa * (np.log(pa) - np.log(qa)), 0.0)
+    kl = terms.sum(1)
+    n = qa.shape[0]
+    return xr.Dataset(
+        {
+            "mean_tv": ((), float(tv.mean())),
+            "mean_tv_se": ((), float(tv.std(ddof=1) / math.sqrt(n))),
+            "mean_kl": ((), float(kl.mean())),
+            "mean_kl_se": ((), float(kl.std(ddof=1) / math.sqrt(n))),
+            "tv": ("datapoint", tv),
+            "kl": ("datapoint", kl),
+        },
+        coords={"datapoint": np.arange(n)},
+    )
+
+
+def discrete_calibration(
+    posterior: xr.Dataset,
+    labels: Any = None,
+    *,
+    num_bins: int = 10,
+    binning: str = "equal_width",
+    num_bootstrap: int = 1000,
+    seed: int = 0,
+) -> xr.Dataset:
+    """Calibration of q(c|x) against the model's posterior p(c|x) (``posterior`` from
+    :func:`discrete_posterior`), and, with true ``labels`` ``(N,)``, of q(c|x) and of p(c|x)
+    against them (:func:`expected_calibration_error`); plus the distance of q to p(c|x)
+    (:func:`posterior_distance`).
+
+    Returns ``posterior`` with, over dim ``comparison`` (``"q vs p(c|x)"``, then ``"q vs labels"``
+    and ``"p(c|x) vs labels"`` with labels), the variables of :func:`expected_calibration_error`,
+    and ``mean_tv``, ``mean_kl`` with their se, ``tv`` and ``kl`` per datapoint.
+    """
+    site = str(posterior.attrs.get("site", "c"))
+    q, post = posterior["q"].values, posterior["posterior"].values
+    options = dict(num_bins=num_bins, binning=binning, num_bootstrap=num_bootstrap, seed=seed)
+    parts = {f"q({site}|x) vs p({site}|x)": expected_calibration_error(q, post, **options)}
+    if labels is not None:
+        lab = _as_array(labels, "labels")
+        if lab.shape != (q.shape[0],):
+            raise ValueError(f"labels must have one value per datapoint ({q.shape[0]}), got shape {lab.shape}")
+        parts[f"q({site}|x) vs labels"] = expected_calibration_error(q, lab, **options)
+        parts[f"p({site}|x) vs labels"] = expected_calibration_error(post, lab, **options)
+    first = next(iter(parts.values()))
+    joined = xr.concat(
+        [ds.drop_vars(["bin_lower", "bin_upper"], errors="ignore") for ds in parts.values()], "comparison"
+    )
+    joined = joined.assign_coords(comparison=np.asarray(list(parts), dtype=object))
+    joined["target"] = ("comparison", np.asarray([ds.attrs["target"] for ds in parts.values()], dtype=object))
+    # equal-mass edges differ per comparison; equal-width ones are shared
+    joined["bin_lower"] = xr.concat([ds["bin_lower"] for ds in parts.values()], "comparison")
+    joined["bin_upper"] = xr.concat([ds["bin_upper"] for ds in parts.values()], "comparison")
+    joined.attrs = {k: v for k, v in first.attrs.items() if k != "target"}
+    distance = posterior_distance(q, post)
+    out = xr.merge([posterior, joined, distance.assign_coords(datapoint=posterior["datapoint"])])
+    out.attrs = {**posterior.attrs, **joined.attrs, "site": site}
+    if labels is not None:
+        out["label"] = ("datapoint", _as_array(labels, "labels").astype(np.int64))
+    return out
+
+
+def plot_reliability(calibration: xr.Dataset) -> Figure:
+    """Reliability diagrams of :func:`discrete_calibration`, one column per comparison: the mean
+    accuracy (reference probability of the top value, or the share of correct labels) against
+    the mean confidence per bin, with ± 2 se bars; on the diagonal the predictions are
+    calibrated, below it overconfident. Under each, the number of datapoints per bin."""
+    from ppl_vae.analysis.plots import plt  # selects the Agg backend
+
+    comparisons = [str(c) for c in calibration["comparison"].values]
+    ncols = len(comparisons)
+    fig, axes = plt.subplots(
+        2,
+        ncols,
+        figsize=(3.6 * ncols, 4.6),
+        squeeze=False,
+        gridspec_kw={"height_ratios": [3, 1]},
+        layout="constrained",
+    )
+    low = 1.0 / calibration.sizes["value"]
+    for j, name in enumerate(comparisons):
+        ds = calibration.sel(comparison=name)
+        ax, hist = axes[0, j], axes[1, j]
+        lower, upper = ds["bin_lower"].values, ds["bin_upper"].values
+        counts = ds["count"].values
+        keep = counts > 0
+        conf, acc, se = ds["bin_confidence"].values, ds["bin_accuracy"].values, ds["bin_gap_se"].values
+        ax.plot([low, 1], [low, 1], color="0.5", lw=0.8, ls="--", label="calibrated")
+        ax.bar(
+            (lower + upper)[keep] / 2,
+            acc[keep],
+            width=(upper - lower)[keep] * 0.9,
+            color="#9fb8d0",
+            edgecolor="#1f4e79",
+            lw=0.6,
+            label="accuracy per bin",
+        )
+        ax.errorbar(
+            conf[keep],
+            acc[keep],
+            yerr=2 * se[keep],
+            fmt="o",
+            ms=3,
+            color="#c0392b",
+            lw=1,
+            label="(mean confidence, accuracy) ± 2 se",
+        )
+        ax.set_xlim(low - 0.02, 1.02)
+        ax.set_ylim(0, 1.02)
+        target = "P(label = top)" if str(ds["target"].values) == "labels" else "reference prob. of top value"
+        ax.set_ylabel(target)
+        flag = "  miscalibrated" if int(ds["miscalibrated"]) else ""
+        ax.set_title(f"{name}\nECE {float(ds['ece']):.3f} ± {float(ds['ece_se']):.3f}{flag}", fontsize=9)
+        hist.bar((lower + upper) / 2, counts, width=(upper - lower) * 0.9, color="0.6")
+        hist.set_xlim(low - 0.02, 1.02)
+        hist.set_xlabel(f"confidence (max of {name.split(' vs ')[0]})")
+        hist.set_ylabel("datapoints")
+    axes[0, 0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(
+        f"Reliability of the discrete site {calibration.attrs.get('site', '')!r}: "
+        f"{calibration.attrs.get('num_bins')} {str(calibration.attrs.get('binning', '')).replace('_', '-')} bins, "
+        f"{calibration.sizes['datapoint']} datapoints",
+        fontsize=10,
+    )
+    return fig
+
+
+__all__ = [
+    "LOG_LIKELIHOOD",
+    "SIRDraws",
+    "coverage",
+    "discrete_calibration",
+    "discrete_posterior",
+    "expected_calibration_error",
+    "plot_reliability",
+    "plot_sbc_ecdf",
+    "posterior_distance",
+    "sbc_ranks",
+    "sbc_uniformity",
+    "sir_draws",
+]
