@@ -579,9 +579,16 @@ def plot_sbc_ecdf(
         ax.set_xlabel("fractional rank")
     for row in axes:
         row[0].set_ylabel("ECDF difference")
-    if others:
-        handles, labels = axes.flat[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8)
+    if others:  # proxies: a curve's colour in a panel says whether it leaves the band there
+        from matplotlib.lines import Line2D
+        from matplotlib.patches import Patch
+
+        handles = [Patch(color="0.85", label=f"{uniformity.attrs['level']:.0%} band")]
+        handles += [
+            Line2D([], [], color=inside, ls=style, label=f"{name} ({'red' if i == 0 else 'orange'}: leaves the band)")
+            for i, (name, _, style, (inside, _outside)) in enumerate(curves)
+        ]
+        fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8)
     fig.suptitle(
         f"SBC: {uniformity.attrs['num_simulations']} simulations, L = {uniformity.attrs['num_posterior_samples']}"
     )
@@ -608,7 +615,7 @@ def discrete_posterior(
     x: Tensor,
     *,
     site: str,
-    num_values: int,
+    num_values: Optional[int] = None,
     seed: int,
     num_samples: int = 100,
     batch_size: int = 100,
@@ -625,6 +632,7 @@ def discrete_posterior(
     (delta method over the C independent estimates) is ``posterior_se``. The pair must accept
     ``component=`` that clamps the site (as :class:`ppl_vae.models.discrete.EnumeratedCategoricalVAE`).
 
+    ``num_values``: the number of values of the site (None: read from the model's trace).
     Returns a Dataset over ``(datapoint, value)``: ``q``, ``posterior``, ``posterior_se``, and
     ``log_px`` (log p̂(x), ``(datapoint,)``).
     """
@@ -632,7 +640,6 @@ def discrete_posterior(
     from ppl_vae.inference.importance import importance_estimate
 
     check_positive("num_samples", num_samples)
-    check_positive("num_values", num_values)
     check_positive("batch_size", batch_size)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed must be an integer, got {seed!r}")
@@ -641,7 +648,11 @@ def discrete_posterior(
     n = x.shape[0]
     if n == 0:
         raise ValueError("x holds no datapoints")
-    check_enumerable(model, x[:2], site, num_values, **{k: rows(v, n, slice(0, 2)) for k, v in kwargs.items()})
+    probe = {k: rows(v, n, slice(0, 2)) for k, v in kwargs.items()}
+    if num_values is None:
+        num_values = enumerated_num_values(model, x[:2], site, **probe)
+    check_positive("num_values", num_values)
+    check_enumerable(model, x[:2], site, num_values, **probe)
     log_joint_c, log_joint_se = [], []
     for c in range(int(num_values)):  # the seeds of enumerated_estimate: the same p̂(x, c)
         est = importance_estimate(
@@ -684,6 +695,21 @@ def discrete_posterior(
             "reference": "Burda et al. (2015) per value; Kingma et al. (2014) eq. 7",
         },
     )
+
+
+@torch.no_grad()
+def enumerated_num_values(model: Callable, x: Tensor, site: str, **kwargs: Any) -> int:
+    """The number of values of the model's discrete ``site`` (its enumeration support), from one
+    trace on ``x``; a one-line ValueError when the model has no such site."""
+    from pyro import poutine
+
+    with torch.random.fork_rng(devices=[]):  # a structural probe: the caller's stream is untouched
+        trace = poutine.trace(poutine.block(model, hide_types=["param"])).get_trace(x, **kwargs)
+    node = trace.nodes.get(site)
+    fn = None if node is None or node["type"] != "sample" else node["fn"]
+    if fn is None or not getattr(fn, "has_enumerate_support", False):
+        raise ValueError(f"the model has no discrete sample site {site!r} with a finite support")
+    return int(fn.enumerate_support(expand=False).shape[0])
 
 
 def _as_array(value: Any, name: str) -> np.ndarray:
@@ -973,6 +999,7 @@ __all__ = [
     "coverage",
     "discrete_calibration",
     "discrete_posterior",
+    "enumerated_num_values",
     "expected_calibration_error",
     "plot_reliability",
     "plot_sbc_ecdf",

@@ -1,4 +1,5 @@
-"""``ppl-vae calibrate``: simulation-based calibration of a run's guide and posterior predictive checks."""
+"""``ppl-vae calibrate``: simulation-based calibration of a run's guide, posterior predictive checks,
+SIR beside the guide, and the calibration of a discrete site's q(c|x)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from ppl_vae.cli import options as opt
 MAX_NUM_SIMULATIONS = 1_000_000
 MAX_NUM_POSTERIOR_SAMPLES = 100_000
 MAX_NUM_REPLICATES = 100_000
+MAX_SIR = 1_000_000
+MAX_DISCRETE_NUM_SAMPLES = 1_000_000
 
 
 @click.command()
@@ -34,6 +37,29 @@ MAX_NUM_REPLICATES = 100_000
     show_default=True,
     help="Predictive checks: replicates x_rep ~ p(x|z), z ~ q(z|x), per datapoint.",
 )
+@click.option(
+    "--sir",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Also SBC of sampling-importance-resampling with K proposals from the guide (K >= L), "
+    "on the same simulations; 0: off.",
+)
+@click.option(
+    "--discrete-num-samples",
+    type=int,
+    default=100,
+    show_default=True,
+    help="Discrete site (M2's y, gmvae's c): IW draws of z ~ q(z|x,c) per value for the posterior p(c|x).",
+)
+@click.option("--ece-bins", type=int, default=10, show_default=True, help="Discrete site: confidence bins of the ECE.")
+@click.option(
+    "--ece-binning",
+    type=click.Choice(["equal-width", "equal-mass"]),
+    default="equal-width",
+    show_default=True,
+    help="Discrete site: bins of equal width over [1/C, 1], or holding equal numbers of datapoints.",
+)
 @opt.num_datapoints_option(500, "the same rule as evaluate")
 @opt.split_option("Which split of the run's dataset the predictive checks use.")
 @opt.seed_option()
@@ -45,6 +71,10 @@ def calibrate(
     num_simulations: int,
     num_posterior_samples: int,
     num_replicates: int,
+    sir: int,
+    discrete_num_samples: int,
+    ece_bins: int,
+    ece_binning: str,
     num_datapoints: int,
     split: str,
     seed: int,
@@ -52,7 +82,8 @@ def calibrate(
     device: str,
     progress: bool,
 ) -> None:
-    """Is the encoder calibrated? SBC of q(z|x) against the run's model and posterior predictive checks."""
+    """Is the encoder calibrated? SBC of q(z|x) against the run's model (and of SIR with --sir K),
+    posterior predictive checks, and for a discrete site q(c|x) against the model's p(c|x)."""
     from ppl_vae.reports.calibration import calibrate_run
     from ppl_vae.runs import load_config
 
@@ -61,12 +92,22 @@ def calibrate(
         ("--num-posterior-samples", num_posterior_samples, 1),
         ("--num-replicates", num_replicates, 1),
         ("--num-datapoints", num_datapoints, 0),
+        ("--sir", sir, 0),
+        ("--discrete-num-samples", discrete_num_samples, 1),
+        ("--ece-bins", ece_bins, 1),
     ):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if sir and sir < max(2, num_posterior_samples):
+        raise ValueError(
+            f"--sir must be 0 (off) or >= --num-posterior-samples ({num_posterior_samples}) and >= 2: "
+            f"L draws resampled from fewer proposals repeat them, got {sir}"
+        )
     opt.check_size("--num-simulations", num_simulations, MAX_NUM_SIMULATIONS, "SBC simulations")
     opt.check_size("--num-posterior-samples", num_posterior_samples, MAX_NUM_POSTERIOR_SAMPLES, "guide draws each")
     opt.check_size("--num-replicates", num_replicates, MAX_NUM_REPLICATES, "replicates per datapoint")
+    opt.check_size("--sir", sir, MAX_SIR, "SIR proposals per simulation")
+    opt.check_size("--discrete-num-samples", discrete_num_samples, MAX_DISCRETE_NUM_SAMPLES, "draws per value")
     load_config(run_dir)  # a missing or broken run directory is refused before anything else
     result = calibrate_run(
         run_dir,
@@ -79,9 +120,18 @@ def calibrate(
         out_dir=out,
         progress=progress,
         device=device,
+        sir=sir or None,
+        discrete_num_samples=discrete_num_samples,
+        num_bins=ece_bins,
+        binning=ece_binning.replace("-", "_"),
     )
     click.echo(result.summary())
     click.echo("wrote " + ", ".join(str(p) for p in result.files.values()))
 
 
-calibrate.field_flags = {"out_dir": "--out"}  # type: ignore[attr-defined]  # library errors name the flag
+calibrate.field_flags = {  # type: ignore[attr-defined]  # library errors name the flag
+    "out_dir": "--out",
+    "sir": "--sir",
+    "num_bins": "--ece-bins",
+    "binning": "--ece-binning",
+}

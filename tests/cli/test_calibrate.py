@@ -105,3 +105,57 @@ def test_calibrate_refuses_a_model_it_cannot_simulate_up_front(tmp_path):
     result = CliRunner().invoke(cli, ["calibrate", str(run), *SMALL, "--out", str(out)])
     one_line_error(result, "model 'relaxed_gmvae' cannot be calibrated")
     assert not out.exists() and _hashes(run) == before
+
+
+@pytest.fixture(scope="module")
+def m2_run(tmp_path_factory):
+    """A tiny m2 run on the embedded digits (20 labels, 1 epoch on 200 training images)."""
+    out = tmp_path_factory.mktemp("runs") / "m2"
+    config = RunConfig(
+        model=ModelConfig(model="m2", latent_dim=2, hidden_dim=16),
+        data=DataConfig(dataset="digits", train_size=200, labels=20),
+        train=TrainConfig(epochs=1, batch_size=50, device="cpu"),
+    )
+    pipeline.fit(config, out, progress=False)
+    return out
+
+
+def test_calibrate_m2_gets_its_discrete_site_calibrated_and_sir_beside_the_guide(m2_run, tmp_path):
+    before = _hashes(m2_run)
+    out = tmp_path / "out"
+    args = ["calibrate", str(m2_run), *SMALL, "--out", str(out), "--sir", "40", "--discrete-num-samples", "20"]
+    result = CliRunner().invoke(cli, [*args, "--ece-bins", "5", "--ece-binning", "equal-mass"])
+    assert result.exit_code == 0, result.output
+    assert _hashes(m2_run) == before
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "calibration_discrete.nc",
+        "calibration_discrete.png",
+        "calibration_sbc_sir.nc",
+        "calibration_sbc.nc",
+    } <= names
+    d = results.load_netcdf(out / "calibration_discrete.nc")
+    assert d.attrs["site"] == "y" and d.attrs["binning"] == "equal_mass" and d.attrs["num_bins"] == 5
+    assert d.sizes["datapoint"] == 20 and d.sizes["value"] == 10 and d.attrs["num_samples"] == 20
+    assert [str(c) for c in d["comparison"].values] == ["q(y|x) vs p(y|x)", "q(y|x) vs labels", "p(y|x) vs labels"]
+    for var in ("q", "posterior", "posterior_se", "ece", "ece_se", "ce2", "ce2_se", "mean_tv", "mean_kl", "label"):
+        assert var in d, var
+    assert abs(float(d["posterior"].sum("value").max()) - 1) < 1e-6 and abs(float(d["q"].sum("value").min()) - 1) < 1e-6
+    assert bool(((d["ece"] >= 0) & (d["ece"] <= 1)).all()) and 0 <= float(d["mean_tv"]) <= 1
+    sir = results.load_netcdf(out / "calibration_sbc_sir.nc")
+    sbc = results.load_netcdf(out / "calibration_sbc.nc")
+    assert sir.attrs["posterior"] == "sir" and sir.attrs["sir_num_samples"] == 40 and sbc.attrs["posterior"] == "guide"
+    assert sir.sizes["simulation"] == sbc.sizes["simulation"] == 40 and "sir_ess" in sir
+    assert "discrete site 'y'" in result.output and "q(y|x) vs labels" in result.output
+    assert "mean total variation" in result.output and "SBC of SIR from the guide (K = 40" in result.output
+
+
+def test_calibrate_refuses_too_few_sir_proposals_or_draws(m2_run, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "out"
+    few = runner.invoke(cli, ["calibrate", str(m2_run), *SMALL, "--sir", "10", "--out", str(out)])
+    one_line_error(few, "--sir must be 0 (off) or >= --num-posterior-samples (19)")
+    for flag in ("--discrete-num-samples", "--ece-bins"):
+        bad = runner.invoke(cli, ["calibrate", str(m2_run), *SMALL, flag, "0", "--out", str(out)])
+        one_line_error(bad, flag)
+    assert not out.exists()
