@@ -940,7 +940,7 @@ def plot_reliability(calibration: xr.Dataset) -> Figure:
     fig, axes = plt.subplots(
         2,
         ncols,
-        figsize=(3.6 * ncols, 4.6),
+        figsize=(max(3.6 * ncols, 5.4), 4.8),
         squeeze=False,
         gridspec_kw={"height_ratios": [3, 1]},
         layout="constrained",
@@ -985,8 +985,9 @@ def plot_reliability(calibration: xr.Dataset) -> Figure:
         hist.set_ylabel("datapoints")
     axes[0, 0].legend(fontsize=7, loc="upper left")
     fig.suptitle(
-        f"Reliability of the discrete site {calibration.attrs.get('site', '')!r}: "
-        f"{calibration.attrs.get('num_bins')} {str(calibration.attrs.get('binning', '')).replace('_', '-')} bins, "
+        f"Reliability of the discrete site {calibration.attrs.get('site', '')!r}:"
+        + (" " if ncols > 1 else "\n")
+        + f"{calibration.attrs.get('num_bins')} {str(calibration.attrs.get('binning', '')).replace('_', '-')} bins, "
         f"{calibration.sizes['datapoint']} datapoints",
         fontsize=10,
     )
