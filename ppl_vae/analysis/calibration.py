@@ -583,7 +583,7 @@ def plot_sbc_ecdf(
         from matplotlib.lines import Line2D
         from matplotlib.patches import Patch
 
-        handles = [Patch(color="0.85", label=f"{uniformity.attrs['level']:.0%} band")]
+        handles: List[Any] = [Patch(color="0.85", label=f"{uniformity.attrs['level']:.0%} band")]
         handles += [
             Line2D([], [], color=inside, ls=style, label=f"{name} ({'red' if i == 0 else 'orange'}: leaves the band)")
             for i, (name, _, style, (inside, _outside)) in enumerate(curves)
@@ -706,7 +706,7 @@ def enumerated_num_values(model: Callable, x: Tensor, site: str, **kwargs: Any) 
     with torch.random.fork_rng(devices=[]):  # a structural probe: the caller's stream is untouched
         trace = poutine.trace(poutine.block(model, hide_types=["param"])).get_trace(x, **kwargs)
     node = trace.nodes.get(site)
-    fn = None if node is None or node["type"] != "sample" else node["fn"]
+    fn: Any = None if node is None or node["type"] != "sample" else node["fn"]
     if fn is None or not getattr(fn, "has_enumerate_support", False):
         raise ValueError(f"the model has no discrete sample site {site!r} with a finite support")
     return int(fn.enumerate_support(expand=False).shape[0])
@@ -902,7 +902,7 @@ def discrete_calibration(
     """
     site = str(posterior.attrs.get("site", "c"))
     q, post = posterior["q"].values, posterior["posterior"].values
-    options = dict(num_bins=num_bins, binning=binning, num_bootstrap=num_bootstrap, seed=seed)
+    options: Dict[str, Any] = dict(num_bins=num_bins, binning=binning, num_bootstrap=num_bootstrap, seed=seed)
     parts = {f"q({site}|x) vs p({site}|x)": expected_calibration_error(q, post, **options)}
     if labels is not None:
         lab = _as_array(labels, "labels")

@@ -159,3 +159,21 @@ def test_calibrate_refuses_too_few_sir_proposals_or_draws(m2_run, tmp_path):
         bad = runner.invoke(cli, ["calibrate", str(m2_run), *SMALL, flag, "0", "--out", str(out)])
         one_line_error(bad, flag)
     assert not out.exists()
+
+
+def test_a_discrete_model_that_cannot_be_simulated_still_gets_its_discrete_site_calibrated(
+    m2_run, tmp_path, monkeypatch
+):
+    from ppl_vae.reports import calibration
+
+    def refuse(*args, **kwargs):
+        raise ValueError("model 'm2' cannot be calibrated: (stand-in for a model that cannot be simulated)")
+
+    monkeypatch.setattr(calibration, "check_simulable", refuse)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        cli, ["calibrate", str(m2_run), *SMALL, "--discrete-num-samples", "5", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("skipped: SBC and predictive checks of the continuous sites (model 'm2'")
+    assert sorted(p.name for p in out.iterdir()) == ["calibration_discrete.nc", "calibration_discrete.png"]
