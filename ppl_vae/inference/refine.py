@@ -69,7 +69,9 @@ class RefineResult:
     layout: Optional[Layout] = None
 
     def guide(self) -> MeanFieldGuide:
-        """The refined q_K as a guide over the N datapoints (for ``importance_estimate``)."""
+        """The refined q_K as a guide over the N datapoints. It holds one row per datapoint, so
+        call ``importance_estimate(model, result.guide(), x, batch_size=len(x), ...)`` with the
+        same ``x`` in one batch (or ``result.guide().take(rows)`` per batch of rows)."""
         return MeanFieldGuide(self.loc, self.scale.log(), layout=self.layout)
 
     def initial_guide(self) -> MeanFieldGuide:
