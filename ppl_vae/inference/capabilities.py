@@ -110,6 +110,12 @@ def model_capabilities(vae) -> FrozenSet[str]:
     return frozenset(name for name, (_, offers) in CAPABILITIES.items() if offers(vae))
 
 
+def offers(vae, *names: str) -> bool:
+    """Whether ``vae`` offers every capability ``names`` (read as :data:`CAPABILITIES` reads it:
+    the one place a declared flag is read)."""
+    return all(CAPABILITIES[name][1](vae) for name in names)
+
+
 def describe_model(vae, model: Optional[str] = None, guide: Optional[str] = None) -> str:
     """``model 'two_layer' (guide 'diagonal_normal')`` or the class name where the names are unknown."""
     if model is None:
@@ -289,5 +295,6 @@ __all__ = [
     "declarations_table",
     "describe_model",
     "model_capabilities",
+    "offers",
     "stepper_class",
 ]

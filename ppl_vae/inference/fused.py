@@ -17,6 +17,7 @@ from pyro import distributions as dist
 from torch import Tensor
 from torch.distributions import Distribution, kl_divergence
 
+from ppl_vae.inference.capabilities import offers
 from ppl_vae.inference.latents import FastPair
 
 
@@ -33,11 +34,7 @@ def supports_fused_elbo(vae: object) -> bool:
     """True when ``vae`` declares the fast-path protocol (``has_fast_path``) and scales every
     latent site's KL term by the one loop weight (a model declaring ``kl_weight_per_site``,
     e.g. a per-layer warm-up, trains through Pyro's traces)."""
-    return (
-        bool(getattr(vae, "has_fast_path", False))
-        and isinstance(vae, FastPair)
-        and not getattr(vae, "kl_weight_per_site", False)
-    )
+    return offers(vae, "fast_path", "one_kl_weight")
 
 
 def fused_elbo_loss(
@@ -60,7 +57,7 @@ def fused_elbo_loss(
     scale = 1.0 if num_data is None else num_data / batch_size
     particles = num_particles if num_particles > 1 else None
     latent = None
-    if analytic_kl and getattr(vae, "encoder_is_guide", False):
+    if analytic_kl and offers(vae, "encoder_guide"):
         gaussian = cast(_EncoderGuide, vae)
         loc, z_scale = gaussian.encoder(x)  # once: for the draws and for the KL
         latents, log_q = gaussian.sample_gaussian_guide(loc, z_scale, particles)
