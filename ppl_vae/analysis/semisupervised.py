@@ -140,7 +140,7 @@ def label_metrics(vae: Any, x: Tensor, labels: Any, batch_size: int = 1000) -> D
     return {name: float(LABEL_METRICS.get(name).compute(predicted, y, vae.num_values)) for name in names}
 
 
-def epoch_label_metrics(vae: Any, x: Tensor, labels: Optional[Any], batch_size: int = 1000) -> Optional[EpochMetrics]:
+def epoch_label_metrics(vae: Any, x: Any, labels: Optional[Any], batch_size: int = 1000) -> Optional[EpochMetrics]:
     """What the training loop records after each epoch (``train(..., metrics=...)``): the model's
     :func:`label_metrics` on ``x`` (the test set) against ``labels``; None where the model declares
     none, or the data has no labels (or labels that are not class indices >= 0)."""
