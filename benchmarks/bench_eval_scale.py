@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from bench_iw import handwritten_iw
 from common import machine_description
 

@@ -13,9 +13,8 @@ import math
 import statistics
 
 import torch
-from torch.distributions import Normal
-
 from common import base_parser, interleave, setup, summarize
+from torch.distributions import Normal
 
 from ppl_vae.inference.importance import default_particle_batch_size, importance_estimate
 from ppl_vae.models import build_vae
@@ -59,7 +58,7 @@ def main() -> None:
     def ours():
         return importance_estimate(
             vae.model, vae.guide, x, num_samples=args.num_samples, batch_size=args.batch_size, particle_batch_size=pbs
-        ).log_likelihood
+        ).log_px
 
     def theirs():
         return handwritten_iw(vae, x, args.num_samples, args.batch_size, pbs)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import statistics
 
 import torch
-from torch.distributions import Normal, kl_divergence
-
 from common import base_parser, interleave, setup, summarize
+from torch.distributions import Normal, kl_divergence
 
 from ppl_vae.inference.meanfield import fit_mean_field
 from ppl_vae.models import build_vae
@@ -55,8 +54,8 @@ def main() -> None:
         # a window longer than the run: no plateau check stops it, so both sides take args.steps Adam steps
         result = fit_mean_field(
             vae.model,
+            vae.guide,
             x,
-            guide=vae.guide,
             max_steps=args.steps,
             tol=0.0,
             num_lr_decays=0,

@@ -32,7 +32,7 @@ def child(k: int, device: str, num_data: int, batch_size: int) -> dict:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     est = importance_estimate(vae.model, vae.guide, x, num_samples=k, batch_size=batch_size)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"K": k, "peak_rss_increase_mib": (after - before) / 1024, "mean_log_px": float(est.log_likelihood.mean())}
+    out = {"K": k, "peak_rss_increase_mib": (after - before) / 1024, "mean_log_px": float(est.log_px.mean())}
     if dev.type == "cuda":
         out["peak_cuda_mib"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
     return out

@@ -13,12 +13,11 @@ import copy
 import statistics
 
 import torch
-
 from common import base_parser, handwritten_epoch, setup, summarize
 
 from ppl_vae.config import TrainConfig
 from ppl_vae.data.datasets import Dataset
-from ppl_vae.inference.training import TrainState, train, METHODS
+from ppl_vae.inference.training import METHODS, TrainState, train
 from ppl_vae.models import build_vae
 
 

@@ -46,9 +46,10 @@ def main() -> None:
         with torch.no_grad():
             est = importance_estimate(vae.model, vae.guide, x, num_samples=args.num_samples, batch_size=100)
         init = "prior" if isinstance(vae, IAFGuideVAE) else "encoder"  # a flow guide has no closed-form moments
-        mf = fit_mean_field(vae.model, x, guide=vae.guide, init=init, progress=False, num_eval_samples=1000)
+        mf = fit_mean_field(vae.model, vae.guide, x, init=init, progress=False, num_eval_samples=1000)
         flow = fit_local_flow(
             vae.model,
+            None,
             x,
             init_loc=mf.loc,
             init_scale=mf.scale,
@@ -57,10 +58,10 @@ def main() -> None:
             num_eval_samples=args.num_samples,
         )
         # Both IW estimates are stochastic lower bounds on log p(x); the reference is the larger.
-        best = torch.maximum(est.log_likelihood, flow.estimate.log_likelihood)
+        best = torch.maximum(est.log_px, flow.estimate.log_px)
         row = {
-            "log_p_hat_encoder": float(est.log_likelihood.mean()),
-            "log_p_hat_flow_q_star": float(flow.estimate.log_likelihood.mean()),
+            "log_p_hat_encoder": float(est.log_px.mean()),
+            "log_p_hat_flow_q_star": float(flow.estimate.log_px.mean()),
             "log_p_hat": float(best.mean()),
             "elbo_encoder": float(est.elbo.mean()),
             "elbo_mean_field_q_star": float(mf.elbo.mean()),

@@ -64,7 +64,7 @@ def main() -> None:
         with torch.no_grad():
             per_datapoint["elbo"] = importance_estimate(
                 base.vae.model, base.vae.guide, x, num_samples=args.num_samples, batch_size=100
-            ).log_likelihood
+            ).log_px
     for name in args.variants:
         v = dict(VARIANTS[name])
         method, k, train_extra = v.pop("method"), v.pop("num_particles"), v.pop("train", {})
@@ -94,17 +94,17 @@ def main() -> None:
             est = importance_estimate(run.vae.model, run.vae.guide, x, num_samples=args.num_samples, batch_size=100)
         eval_s = time.perf_counter() - start
         results[name] = {
-            "test_log_p_hat": float(est.log_likelihood.mean()),
-            "test_log_p_hat_stderr_mean": float(est.log_likelihood_stderr.mean()),
-            "test_log_p_hat_sem_over_datapoints": float(est.log_likelihood.std() / len(x) ** 0.5),
+            "test_log_p_hat": float(est.log_px.mean()),
+            "test_log_p_hat_stderr_mean": float(est.log_px_stderr.mean()),
+            "test_log_p_hat_sem_over_datapoints": float(est.log_px.std() / len(x) ** 0.5),
             "test_elbo": float(est.elbo.mean()),
             "train_s": train_s,
             "eval_s": eval_s,
             "last_epoch": run.final,
         }
-        per_datapoint[name] = est.log_likelihood
+        per_datapoint[name] = est.log_px
         if "elbo" in per_datapoint and name != "elbo":  # paired: the same test datapoints
-            diff = est.log_likelihood - per_datapoint["elbo"]
+            diff = est.log_px - per_datapoint["elbo"]
             results[name]["paired_gain_over_elbo"] = float(diff.mean())
             results[name]["paired_gain_over_elbo_sem"] = float(diff.std() / len(diff) ** 0.5)
         print(name, json.dumps(results[name]), flush=True)

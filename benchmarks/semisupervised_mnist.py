@@ -83,8 +83,8 @@ def main() -> None:
             n = len(x_eval)
             row.update(
                 temperature=round(vae.temperature, 4),
-                relaxed_iw_logp=round(float(relaxed.log_likelihood.mean()), 3),
-                relaxed_iw_se=round(float(relaxed.log_likelihood.std() / n**0.5), 3),
+                relaxed_iw_logp=round(float(relaxed.log_px.mean()), 3),
+                relaxed_iw_se=round(float(relaxed.log_px.std() / n**0.5), 3),
                 relaxed_khat_mean=round(float(relaxed.khat.mean()), 3),
             )
         with vae.exact_discrete() if model == "relaxed_gmvae" else contextlib.nullcontext():
@@ -98,7 +98,7 @@ def main() -> None:
                 seed=args.seed,
             )
         n = len(x_eval)
-        iw, iw_se = float(est.log_likelihood.mean()), float(est.log_likelihood.std() / n**0.5)
+        iw, iw_se = float(est.log_px.mean()), float(est.log_px.std() / n**0.5)
         elbo, elbo_se = float(est.elbo.mean()), float(est.elbo.std() / n**0.5)
         row = {
             **row,

@@ -568,7 +568,7 @@ class TrainConfig:
     # ppl_vae.inference.capabilities.check_compatible, as model_options are against the builder.
     method_options: Dict[str, Any] = keyword_options(
         "--method-option",
-        "An option of the training method, VALUE in JSON (e.g. mcem's num_steps=20); repeatable. See docs/extending.md.",
+        "An option of the training method, VALUE in JSON (e.g. mcem's num_leapfrog_steps=20); repeatable. See docs/extending.md.",
     )
     objective_options: Dict[str, Any] = keyword_options(
         "--objective-option",

@@ -57,9 +57,12 @@ def test_the_docs_have_blocks_of_both_kinds():
 
 @pytest.mark.parametrize("code", blocks("python"))
 def test_python_block_runs(code, tmp_path, monkeypatch):
+    from ppl_vae.inference import estimators
     from ppl_vae.inference.capabilities import METHODS, OBJECTIVES
 
-    for registry in (METHODS, OBJECTIVES):  # a block that registers one (docs/extending.md) leaves no trace
+    estimators.names()  # the built-in estimators are registered before a block adds one
+    # a block that registers one (docs/extending.md, docs/estimators.md) leaves no trace
+    for registry in (METHODS, OBJECTIVES, estimators.ESTIMATORS):
         monkeypatch.setattr(registry, "_entries", dict(registry._entries))
         monkeypatch.setattr(registry, "_docs", dict(registry._docs))
     script = tmp_path / "block.py"
@@ -212,3 +215,26 @@ def test_the_methods_table_is_the_one_the_declarations_generate(monkeypatch):
     assert row.startswith("| `zz_extra` | method | guide is the encoder's Gaussian") and "| yes | no | none |" in row, (
         row
     )
+
+
+def test_the_estimators_table_is_the_one_the_registrations_generate(monkeypatch):
+    """docs/estimators.md holds :func:`ppl_vae.inference.estimators.estimators_table`; a new
+    registration appears in it (checked by adding one here)."""
+    from ppl_vae.inference import estimators
+    from ppl_vae.inference.estimators import ESTIMATORS, Estimate, register_estimator
+
+    path = ROOT / "docs" / "estimators.md"
+    text = path.read_text()
+    assert estimators.render_estimators_doc(text) == text, (
+        "docs/estimators.md differs from the estimators' registrations: regenerate the table with "
+        "python -c \"import pathlib, ppl_vae.inference.estimators as e; p = pathlib.Path('docs/estimators.md'); "
+        'p.write_text(e.render_estimators_doc(p.read_text()))"'
+    )
+    monkeypatch.setattr(ESTIMATORS, "_entries", dict(ESTIMATORS._entries))
+    monkeypatch.setattr(ESTIMATORS, "_docs", dict(ESTIMATORS._docs))
+
+    @register_estimator("zz_extra", title="an estimator added in the test", bound="upper bound", needs_guide=False)
+    def zz_extra(model, guide, x, *, seed=None, num_chains=3, batch_size=1, progress=False) -> Estimate: ...
+
+    (row,) = [r for r in estimators.estimators_table().splitlines() if r.startswith("| zz_extra |")]
+    assert row.startswith("| zz_extra | upper bound | an estimator added in the test | no | `--num-chains`"), row

@@ -37,11 +37,12 @@ import xarray as xr
 from pyro import poutine
 from torch import Tensor
 
+from ppl_vae.inference.estimators import Estimate, diagnostic, register_estimator, variable
 from ppl_vae.inference.importance import default_particle_batch_size
 from ppl_vae.inference.meanfield import MeanFieldGuide, MeanFieldResult, fit_mean_field, guide_moments
 from ppl_vae.inference.modes import batches as data_batches
-from ppl_vae.inference.modes import block_seed, check_positive, in_eval_mode, seeded
-from ppl_vae.inference.stats import ess, log_mean_exp, mean_se, psis_khat
+from ppl_vae.inference.modes import block_seed, check_positive, eval_mode, in_eval_mode, seeded
+from ppl_vae.inference.stats import THRESHOLDS, ess, log_mean_exp, mean_se, psis_khat
 from ppl_vae.inference.traces import PARTICLE_PLATE, log_probs, trace_pair
 
 ESTIMATORS = ("log_px", "iw_amortized", "iw_meanfield", "elbo_meanfield", "elbo_amortized")
@@ -276,7 +277,7 @@ def _gap_decomposition(
 ) -> xr.Dataset:
     if mean_field is None:
         options = {"progress": progress, **(mean_field_options or {})}
-        mean_field = fit_mean_field(model, x, guide=guide, seed=seed, **options, **kwargs)
+        mean_field = fit_mean_field(model, guide, x, seed=seed, **options, **kwargs)
     elif mean_field.loc.shape[0] != x.shape[0]:
         raise ValueError(f"mean_field holds {mean_field.loc.shape[0]} datapoints but x has {x.shape[0]}")
     layout = mean_field.layout
@@ -412,3 +413,171 @@ __all__ = [
     "gap_table",
     "mixture_estimates",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# the estimator interface (ppl_vae.inference.estimators): "mis"
+
+
+def fit_and_decompose(
+    model: Callable,
+    guide: Callable,
+    x: Tensor,
+    *,
+    num_samples: int = 1000,
+    batch_size: int = 100,
+    particle_batch_size: Optional[int] = None,
+    mean_field_options: Optional[Dict[str, Any]] = None,
+    datapoint: Optional[Sequence[int] | np.ndarray] = None,
+    progress: bool = False,
+    **kwargs: Any,
+) -> xr.Dataset:
+    """q* fitted by mean-field VI (``mean_field_options``), then :func:`gap_decomposition`, from
+    the caller's random stream: one number is drawn first and seeds the decomposition's draws,
+    so a fit that takes a step more or less (as rounding under another thread count can cause)
+    changes q* but not the draws. ``compare``'s blocks and the ``"mis"`` estimator both call it."""
+    draw_seed = int(torch.randint(0, 2**62, (), device="cpu"))
+    with eval_mode(model, guide):
+        mean_field = fit_mean_field(model, guide, x, **{"progress": progress, **(mean_field_options or {})}, **kwargs)
+    return gap_decomposition(
+        model,
+        guide,
+        x,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        particle_batch_size=particle_batch_size,
+        mean_field=mean_field,
+        datapoint=datapoint,
+        progress=False,
+        seed=draw_seed,
+        **kwargs,
+    )
+
+
+def as_estimate(gaps: xr.Dataset) -> Estimate:
+    """A gap decomposition as an :class:`~ppl_vae.inference.estimators.Estimate`: ``log_px`` the
+    MIS estimate, the other estimates, the gaps and their standard errors as variables, the
+    ESS, k̂ and convergence of q* as diagnostics."""
+    as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    variables = {}
+    for q in ESTIMATORS[1:]:
+        variables[q] = variable(
+            as_t(gaps["estimate"].sel(estimator=q).values), BOUNDS[q], f"{LABELS[q]}: {MEANINGS[q]}"
+        )
+        variables[f"{q}_stderr"] = variable(
+            as_t(gaps["stderr"].sel(estimator=q).values), "neither", f"Monte Carlo standard error of {q} (nats)"
+        )
+    for q in GAPS:
+        variables[q] = variable(as_t(gaps[q].values), BOUNDS[q], f"{LABELS[q]}: {gaps[q].attrs['meaning']}")
+        variables[f"{q}_stderr"] = variable(
+            as_t(gaps[f"{q}_stderr"].values), "neither", gaps[f"{q}_stderr"].attrs["long_name"]
+        )
+    for name in gaps.data_vars:
+        if gaps[name].dims == ("datapoint",) and name not in variables:
+            variables[str(name)] = diagnostic(as_t(gaps[name].values), gaps[name].attrs.get("long_name", str(name)))
+    # the counts over datapoints are the meanfield_converged variable's (a block's count would not join)
+    settings = {
+        k: v
+        for k, v in gaps.attrs.items()
+        if not k.startswith(("estimate_", "meanfield_num_", "meanfield_max_")) and k != "reference"
+    }
+    return Estimate(
+        "mis",
+        as_t(gaps["estimate"].sel(estimator="log_px").values),
+        as_t(gaps["stderr"].sel(estimator="log_px").values),
+        BOUNDS["log_px"],
+        f"{LABELS['log_px']}: {MEANINGS['log_px']}",
+        variables,
+        settings=settings,
+        reference=str(gaps.attrs.get("reference", "")),
+    )
+
+
+def mis_warnings(ds: xr.Dataset, names: Dict[str, str]) -> List[str]:
+    """Plain-language warnings for weak estimates of a gap decomposition (or a ``"mis"``
+    estimate's dataset: the same variable names), each with what to do; ``names`` spell the
+    options as the calling command does."""
+    n = ds.sizes["datapoint"]
+    k = int(ds.attrs["num_samples"])
+    out = []
+    not_converged = int((~ds["meanfield_converged"].values.astype(bool)).sum())
+    if not_converged:
+        out.append(
+            f"Mean-field VI did not converge for {not_converged} of {n} datapoints: their L[q*] is below the best "
+            "diagonal Gaussian's, which understates the amortization gap and overstates the approximation gap. "
+            f"Raise {names['mean_field_steps']} or try init='prior'."
+        )
+    low = int(THRESHOLDS.low_ess(ds["ess_mixture"].values, 2 * k).sum())
+    if low:
+        out.append(
+            f"Low effective sample size: for {low} of {n} datapoints the mixture weights' ESS is below "
+            f"{min(THRESHOLDS.min_ess, k):g} of the 2K = {2 * k} draws, so log p̂ there rests on a few draws and may sit "
+            f"well below log p(x). Raise {names['num_samples']}, or use {names['estimator']}."
+        )
+    if "khat_mixture" in ds:
+        high = int((ds["khat_mixture"].values > THRESHOLDS.khat).sum())
+        if high:
+            out.append(
+                f"Heavy-tailed importance weights: PSIS k̂ > {THRESHOLDS.khat} for {high} of {n} datapoints, so "
+                "their log p̂ and its standard error are unreliable (Vehtari et al. 2024). A better proposal "
+                f"(a flow guide) or {names['estimator']} gives trustworthy numbers there."
+            )
+    if n < THRESHOLDS.min_datapoints:
+        out.append(
+            f"Only {n} datapoints: the means over datapoints have wide standard errors (se column); "
+            f"use more datapoints ({names.get('num_datapoints', '--num-datapoints')}) before comparing runs."
+        )
+    return out
+
+
+MIS_NAMES = {
+    "mean_field_steps": "mean_field_options max_steps / polish_steps (CLI --mf-steps, --mf-polish-steps)",
+    "estimator": "AIS (ppl-vae evaluate RUN --estimator ais)",
+}
+"""How the ``"mis"`` warnings name what to change, unless the command says otherwise."""
+
+
+def mean_field_batch(options: Dict[str, Any]) -> int:
+    """Datapoints per block for an estimator that fits q*: mean-field VI's own batch (its
+    stopping rule looks at the batch's mean ELBO, so a block must be a whole batch)."""
+    return int((options.get("mean_field_options") or {}).get("batch_size", 500))
+
+
+@register_estimator(
+    "mis",
+    title="multiple importance sampling over ½q + ½q*, q* fitted per datapoint by mean-field VI; "
+    "with L[q], L[q*] and the gap decomposition",
+    bound="lower bound",
+    reference="Cremer, Li & Duvenaud (2018); Veach & Guibas (1995)",
+    warnings=lambda ds, names: mis_warnings(ds, {**MIS_NAMES, **names}),
+    block_size=mean_field_batch,
+)
+def mis(
+    model: Callable,
+    guide: Callable,
+    x: Tensor,
+    *,
+    seed: Optional[int] = None,
+    num_samples: int = 1000,
+    batch_size: int = 100,
+    particle_batch_size: Optional[int] = None,
+    mean_field_options: Optional[Dict[str, Any]] = None,
+    progress: bool = False,
+    **kwargs: Any,
+) -> Estimate:
+    """log p̂(x) by multiple importance sampling with K draws of q and K of q* (the balance
+    heuristic), with the IW estimates of each, L[q], L[q*] and the gaps from the same draws
+    (:func:`fit_and_decompose`)."""
+    with seeded(seed, x.device):
+        gaps = fit_and_decompose(
+            model,
+            guide,
+            x,
+            num_samples=num_samples,
+            batch_size=batch_size,
+            particle_batch_size=particle_batch_size,
+            mean_field_options=mean_field_options,
+            progress=progress,
+            **kwargs,
+        )
+    return as_estimate(gaps)

@@ -20,7 +20,7 @@ import xarray as xr
 from torch import Tensor
 
 from ppl_vae.data.text import END_INDEX, decode_indices, encode_text
-from ppl_vae.inference.importance import elbo_per_datapoint, iw_log_likelihood
+from ppl_vae.inference.importance import elbo_per_datapoint, iw_log_px
 from ppl_vae.inference.modes import eval_mode
 
 
@@ -49,7 +49,7 @@ def text_metrics(vae, x: Tensor, *, num_samples: int = 10, batch_size: int = 200
     """
     with eval_mode(vae):
         elbo = elbo_per_datapoint(vae.model, vae.guide, x, num_particles=num_samples, batch_size=batch_size)
-        iw = iw_log_likelihood(vae.model, vae.guide, x, num_samples=num_samples, batch_size=batch_size)
+        iw = iw_log_px(vae.model, vae.guide, x, num_samples=num_samples, batch_size=batch_size)
         kl = kl_per_datapoint(vae, x, num_samples)
     chars = float(num_scored_characters(x).sum())
     to_bits = 1.0 / (chars * math.log(2.0))

@@ -4,10 +4,12 @@ datapoints with paired differences; an HTML report and tables either way."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Dict
 
 import click
 
 from ppl_vae.cli import options as opt
+from ppl_vae.cli.evaluate import estimator_option
 
 
 @click.command()
@@ -15,12 +17,10 @@ from ppl_vae.cli import options as opt
 @opt.num_samples_option(
     1000, "Draws K of q and K of q* per datapoint for log p̂(x), L[q], L[q*].", "--num-samples", "-k"
 )
-@click.option(
-    "--estimator",
-    type=click.Choice(["mis", "iw"]),
-    default="mis",
-    show_default=True,
-    help="With several runs: 'mis' (gap decomposition, q* fitted per run) or 'iw' (amortized IW only).",
+@estimator_option(
+    "mis",
+    "With several runs: any estimator of log p(x) (docs/estimators.md), e.g. 'mis' (gap decomposition, q* fitted "
+    "per run) or 'iw' (amortized IW only). One run's compare is always the gap decomposition.",
 )
 @opt.split_option()
 @opt.num_datapoints_option(
@@ -95,11 +95,32 @@ def compare(
     estimator, and paired per-datapoint differences to the first run (default --out:
     RUN1/multirun).
     """
+    ctx = click.get_current_context()
+    given = {p for p in ctx.params if ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT}
+    if len(run_dirs) == 1 and "estimator" in given and estimator != "mis":
+        raise ValueError(
+            f"--estimator {estimator} applies to a comparison of several runs; one run's compare is the gap "
+            "decomposition (mis): use ppl-vae evaluate RUN --estimator " + estimator
+        )
+    if len(run_dirs) > 1 and "num_draws" in given:
+        raise ValueError("--num-draws applies to one run's compare (its ArviZ draws); a comparison of runs keeps none")
     if num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
     if num_datapoints < 0:
         raise ValueError(f"--num-datapoints must be >= 0, got {num_datapoints}")
     opt.check_processes(nproc, threads)
+    options: Dict[str, Any] = {}
+    takes: Dict[str, Any] = {}
+    if len(run_dirs) > 1:  # what the estimator takes, checked before anything is written
+        from ppl_vae.inference import estimators
+
+        takes = estimators.get(estimator).options
+        if "num_samples" in takes or "num_samples" in given:  # given but not taken: refused, naming both
+            options["num_samples"] = num_samples
+        mf_given = sorted(f"--{p.replace('_', '-')}" for p in given if p.startswith("mf_") or p == "init")
+        if mf_given and "mean_field_options" not in takes:
+            raise ValueError(f"{', '.join(mf_given)} do not apply to estimator {estimator!r} (it fits no q*)")
+        estimators.check_options(estimator, options, given=list(options))
     if out is not None:
         from ppl_vae.reports.evaluation import check_out_dir
 
@@ -115,13 +136,14 @@ def compare(
     if len(run_dirs) > 1:
         from ppl_vae.reports.multirun import compare_runs, format_paired_table
 
+        if "mean_field_options" in takes:
+            options["mean_field_options"] = mean_field_options
         multi = compare_runs(
             run_dirs,
             estimator=estimator,
-            num_samples=num_samples,
             split=split,
             num_datapoints=num_datapoints or None,
-            mean_field_options=mean_field_options,
+            **options,
             device=device,
             seed=seed,
             out_dir=out,

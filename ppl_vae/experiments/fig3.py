@@ -23,7 +23,7 @@ import xarray as xr
 
 from ppl_vae.data.datasets import Dataset
 from ppl_vae.experiments import common
-from ppl_vae.inference.importance import iw_log_likelihood
+from ppl_vae.inference.importance import iw_log_px
 from ppl_vae.inference.marginal import hmc_log_marginal
 from ppl_vae.models.vae import VAE
 
@@ -108,13 +108,16 @@ def marginal_evaluator(data: Dataset, settings: Fig3Settings) -> Callable[[VAE],
         for split, x in (("train", x_train), ("test", x_test)):
             out[f"appendix_d/{split}"] = float(
                 hmc_log_marginal(
-                    vae.model, x, vae.latent_dim, num_samples=settings.hmc_samples, warmup_steps=settings.hmc_warmup
+                    vae.model,
+                    None,
+                    x,
+                    latent_dim=vae.latent_dim,
+                    num_samples=settings.hmc_samples,
+                    warmup_steps=settings.hmc_warmup,
                 ).mean()
             )
             with torch.no_grad():
-                out[f"iw/{split}"] = float(
-                    iw_log_likelihood(vae.model, vae.guide, x, num_samples=settings.iw_samples).mean()
-                )
+                out[f"iw/{split}"] = float(iw_log_px(vae.model, vae.guide, x, num_samples=settings.iw_samples).mean())
         vae.train()
         return out
 

@@ -7,7 +7,7 @@ from ppl_vae.inference import (  # noqa: F401,E402  (registers methods "mcem", "
     semi_amortized,  # noqa: F401,E402  (registers "sa")
     wake_sleep,
 )
-from ppl_vae.inference.importance import elbo_per_datapoint, iw_log_likelihood, log_importance_weights
+from ppl_vae.inference.importance import elbo_per_datapoint, iw_log_px, log_importance_weights
 from ppl_vae.inference.training import ELBOS, OPTIMIZERS, TrainState, resolve_device, train
 
 __all__ = [
@@ -15,7 +15,7 @@ __all__ = [
     "OPTIMIZERS",
     "TrainState",
     "elbo_per_datapoint",
-    "iw_log_likelihood",
+    "iw_log_px",
     "log_importance_weights",
     "resolve_device",
     "train",

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import numpy as np
 import torch
@@ -48,9 +48,10 @@ from pyro import poutine
 from pyro.ops.integrator import potential_grad, velocity_verlet
 from torch import Tensor
 
+from ppl_vae.inference.estimators import Estimate, Variable, register_estimator
 from ppl_vae.inference.latents import Layout, flat_terms, model_layout
 from ppl_vae.inference.modes import in_eval_mode, rows, seeded
-from ppl_vae.inference.stats import log_mean_exp_stats
+from ppl_vae.inference.stats import THRESHOLDS, log_mean_exp_stats
 
 
 def sigmoid_schedule(num_steps: int, delta: float = 4.0) -> Tensor:
@@ -251,7 +252,7 @@ def _betas(num_steps: int, schedule: str) -> Tensor:
 
 @dataclass(frozen=True)
 class AISSettings:
-    """How the annealing runs, shared by :func:`ais_log_likelihood` and :func:`bdmc`.
+    """How the annealing runs, shared by :func:`ais_log_px` and :func:`bdmc`.
 
     One HMC transition of ``num_leapfrog_steps`` leapfrog steps per temperature, on the
     ``schedule`` ("sigmoid" or "linear"); ``step_size``: the initial leapfrog step;
@@ -372,7 +373,7 @@ def _np(t: Tensor) -> np.ndarray:
 
 
 @in_eval_mode("model", "guide")
-def ais_log_likelihood(
+def ais_log_px(
     model: Callable,
     guide: Optional[Callable],
     x: Tensor,
@@ -551,7 +552,7 @@ def bdmc(
     without bias, so ``upper`` = -log mean(reverse weights) is a stochastic upper bound.
     ``gap`` = upper - lower bounds the error of either; it shrinks toward 0 as T grows.
     The reverse chains share their start, so ``upper_stderr`` can understate their spread.
-    Other arguments as in :func:`ais_log_likelihood`. Dims (``num_steps``, ``datapoint``).
+    Other arguments as in :func:`ais_log_px`. Dims (``num_steps``, ``datapoint``).
     """
     if not step_counts:
         raise ValueError("step_counts must name at least one number of steps")
@@ -612,3 +613,215 @@ def bdmc(
         }
     )
     return ds
+
+
+# --------------------------------------------------------------------------------------------
+# the estimator interface (ppl_vae.inference.estimators): "ais" and "bdmc"
+
+
+def _from_dataset(ds: xr.Dataset, name: str, headline: str, stderr: str, skip: Sequence[str] = ()) -> Estimate:
+    """An :class:`~ppl_vae.inference.estimators.Estimate` holding the variables of ``ds`` (the
+    ``headline`` one as ``log_px``), each with its bound and long name."""
+    as_t = lambda v: torch.from_numpy(np.ascontiguousarray(ds[v].values))  # noqa: E731
+    variables = {}
+    for v in ds.data_vars:
+        if v in (headline, stderr) or v in skip:
+            continue
+        attrs = ds[v].attrs
+        diag = attrs["bound"] == "neither" and not str(v).endswith("stderr") and v != "gap"
+        variables[str(v)] = Variable(as_t(v), attrs["bound"], attrs["long_name"], tuple(map(str, ds[v].dims)), diag)
+    coords = {str(c): ds[c].values for c in ds.coords if c != "datapoint"}
+    settings = {k: v for k, v in ds.attrs.items() if k not in ("method", "reference")}
+    return Estimate(
+        name,
+        as_t(headline),
+        as_t(stderr),
+        ds[headline].attrs["bound"],
+        ds[headline].attrs["long_name"],
+        variables,
+        coords,
+        settings,
+        str(ds.attrs.get("reference", "")),
+    )
+
+
+def _one_step_count(num_steps: int | Sequence[int]) -> int:
+    if isinstance(num_steps, (list, tuple)):
+        if len(num_steps) != 1:
+            raise ValueError(
+                f"AIS takes one number of temperatures (num_steps, --ais-steps), got {list(num_steps)}; "
+                "several are for the estimator 'bdmc'"
+            )
+        return int(num_steps[0])
+    return int(num_steps)  # type: ignore[arg-type]
+
+
+def _ais_warnings(ds: xr.Dataset, names: Dict[str, str]) -> List[str]:
+    n = ds.sizes["datapoint"]
+    out = []
+    c = int(ds.attrs["num_chains"])
+    low = THRESHOLDS.low_ess(ds["ess"].values, c)
+    if c > 1 and low.sum() > 0.1 * n:
+        out.append(
+            f"AIS chain ESS < {min(THRESHOLDS.min_ess, c / 2):g} of {c} for {int(low.sum())} of {n} datapoints: the "
+            f"chains disagree and the standard error is optimistic; raise {names['num_steps']}"
+        )
+    acc = ds["accept_rate"].values
+    if np.nanmean(acc) < 0.3:
+        out.append(
+            f"HMC acceptance is {np.nanmean(acc):.2f} on average: the chains barely move; raise "
+            f"{names['num_steps']} (the step size adapts over more temperatures)"
+        )
+    if c == 1:
+        out.append(f"one chain per datapoint gives no standard error; raise {names['num_chains']}")
+    return out
+
+
+@register_estimator(
+    "ais",
+    title="annealed importance sampling with HMC, from the prior or the guide",
+    bound="lower bound",
+    reference="Neal (2001), Annealed importance sampling",
+    files=("evaluation_ais.nc", "evaluation_ais.csv"),
+    needs_guide=False,
+    warnings=_ais_warnings,
+)
+def ais(
+    model: Callable,
+    guide: Optional[Callable],
+    x: Tensor,
+    *,
+    seed: Optional[int] = None,
+    num_steps: int | Sequence[int] = 500,
+    num_chains: int = 16,
+    num_leapfrog_steps: int = 10,
+    step_size: float = 0.1,
+    adaptation: str = "pilot",
+    schedule: str = "sigmoid",
+    start: str = "prior",
+    batch_size: int = 100,
+    progress: bool = False,
+    **kwargs: Any,
+) -> Estimate:
+    """AIS log p̂(x) per datapoint (:func:`ais_log_px`): ``num_chains`` chains of
+    ``num_steps`` temperatures from the prior (``start="prior"``; the guide is not used) or from
+    the guide (``start="guide"``), settings as in :class:`AISSettings`."""
+    if start not in ("prior", "guide"):
+        raise ValueError(f"start must be 'prior' or 'guide', got {start!r}")
+    settings = AISSettings(
+        num_leapfrog_steps=num_leapfrog_steps,
+        step_size=step_size,
+        adaptation=adaptation,
+        schedule=schedule,
+        batch_size=batch_size,
+    )
+    ds = ais_log_px(
+        model,
+        None if start == "prior" else guide,
+        x,
+        num_steps=_one_step_count(num_steps),
+        num_chains=num_chains,
+        settings=settings,
+        seed=seed,
+        progress=progress,
+        **kwargs,
+    )
+    return _from_dataset(ds, "ais", "log_px", "log_px_stderr")
+
+
+def _bdmc_summary(ds: xr.Dataset) -> List[str]:
+    n = ds.sizes["datapoint"]
+    lines = [
+        f"BDMC on {n} datapoints simulated from the model (C={ds.attrs['num_chains']} chains; "
+        "nats per datapoint, mean over datapoints):",
+        f"{'steps':>8} {'lower (fwd AIS)':>16} {'upper (rev AIS)':>16} {'gap':>8}",
+    ]
+    for t in ds["num_steps"].values:
+        s = ds.sel(num_steps=t)
+        lines.append(
+            f"{int(t):>8} {float(s['lower'].mean()):16.3f} {float(s['upper'].mean()):16.3f} "
+            f"{float(s['gap'].mean()):8.3f}"
+        )
+    last = ds.isel(num_steps=-1)
+    lines.append(
+        f"{float(last['lower'].mean()):.3f} <= log p(x) <= {float(last['upper'].mean()):.3f} "
+        f"(BDMC, T={int(last['num_steps'])}: stochastic lower and upper bounds on simulated data)"
+    )
+    return lines
+
+
+def _bdmc_warnings(ds: xr.Dataset, names: Dict[str, str]) -> List[str]:
+    gap = float(ds["gap"].isel(num_steps=-1).mean())
+    if gap > 1.0:
+        return [
+            f"the BDMC sandwich is still {gap:.2f} nats wide at the largest step count: raise "
+            f"{names['num_steps']} before trusting either bound to within a nat"
+        ]
+    return []
+
+
+@register_estimator(
+    "bdmc",
+    title="bidirectional Monte Carlo: forward-AIS lower and reverse-AIS upper bounds",
+    bound="lower bound",
+    reference="Grosse, Ghahramani & Adams (2015), Sandwiching the marginal likelihood using bidirectional Monte Carlo",
+    needs_guide=False,
+    simulated=True,
+    summary=_bdmc_summary,
+    warnings=_bdmc_warnings,
+)
+def bdmc_estimate(
+    model: Callable,
+    guide: Optional[Callable],
+    x: Tensor,
+    *,
+    seed: Optional[int] = None,
+    num_steps: int | Sequence[int] = (10, 100, 1000),
+    num_chains: int = 4,
+    num_leapfrog_steps: int = 10,
+    step_size: float = 0.1,
+    adaptation: str = "pilot",
+    schedule: str = "sigmoid",
+    start: str = "prior",
+    batch_size: int = 100,
+    progress: bool = False,
+    **kwargs: Any,
+) -> Estimate:
+    """BDMC on data simulated from the model, one datapoint per row of ``x`` (``x`` fixes only
+    their number and shape): for each T in ``num_steps``, forward AIS (a stochastic lower bound)
+    and reverse AIS from the exact z* (a stochastic upper bound) (:func:`bdmc`). ``log_px`` is
+    the lower bound at the largest T; ``upper`` over (num_steps, datapoint) the upper bounds."""
+    if start not in ("prior", "guide"):
+        raise ValueError(f"start must be 'prior' or 'guide', got {start!r}")
+    counts = [int(t) for t in num_steps] if isinstance(num_steps, (list, tuple)) else [int(num_steps)]  # type: ignore[arg-type]
+    settings = AISSettings(
+        num_leapfrog_steps=num_leapfrog_steps,
+        step_size=step_size,
+        adaptation=adaptation,
+        schedule=schedule,
+        batch_size=batch_size,
+    )
+    with seeded(seed, x.device):
+        x_sim, z_sim = simulate_data(model, x, **kwargs)
+        ds = bdmc(
+            model,
+            None if start == "prior" else guide,
+            x_sim,
+            z_sim,
+            step_counts=counts,
+            num_chains=num_chains,
+            settings=settings,
+            progress=progress,
+            **kwargs,
+        )
+    last = ds.isel(num_steps=-1)
+    ds["log_px"] = last["lower"].assign_attrs(
+        bound="lower bound",
+        long_name=f"forward AIS log p(x) at T={counts[-1]} on data simulated from the model (nats; stochastic lower "
+        "bound)",
+    )
+    ds["log_px_stderr"] = last["lower_stderr"].assign_attrs(last["lower_stderr"].attrs)
+    ds = ds.drop_vars([c for c in ("num_steps",) if c in ds.coords and c not in ds.dims])
+    est = _from_dataset(ds, "bdmc", "log_px", "log_px_stderr")
+    est.settings["data"] = "simulated from the model: z* ~ p(z), x ~ p(x|z*), one per row of x"
+    return est

@@ -34,13 +34,13 @@ from ppl_vae.inference.modes import batches, check_positive, in_eval_mode, seede
 
 @dataclass
 class EnumeratedEstimate:
-    """Per-datapoint results, each ``(N,)`` unless said: ``log_likelihood`` log p̂(x) with the site
-    summed out and its Monte Carlo ``log_likelihood_stderr`` (delta method over the C independent
+    """Per-datapoint results, each ``(N,)`` unless said: ``log_px`` log p̂(x) with the site
+    summed out and its Monte Carlo ``log_px_stderr`` (delta method over the C independent
     per-value estimates); ``elbo`` U(x) with ``elbo_stderr``; ``log_joint`` ``(N, C)`` the
     per-value log p̂(x, c); ``log_q`` ``(N, C)`` log q(c | x)."""
 
-    log_likelihood: Tensor
-    log_likelihood_stderr: Tensor
+    log_px: Tensor
+    log_px_stderr: Tensor
     elbo: Tensor
     elbo_stderr: Tensor
     log_joint: Tensor
@@ -50,15 +50,15 @@ class EnumeratedEstimate:
     @property
     def log_posterior(self) -> Tensor:
         """The estimated p(c | x), as logs ``(N, C)``."""
-        return self.log_joint - self.log_likelihood.unsqueeze(-1)
+        return self.log_joint - self.log_px.unsqueeze(-1)
 
     def to_dataset(self) -> xr.Dataset:
         n, c = self.log_joint.shape
         arr = lambda t: t.detach().cpu().double().numpy()  # noqa: E731
         ds = xr.Dataset(
             {
-                "log_likelihood": ("datapoint", arr(self.log_likelihood)),
-                "log_likelihood_stderr": ("datapoint", arr(self.log_likelihood_stderr)),
+                "log_px": ("datapoint", arr(self.log_px)),
+                "log_px_stderr": ("datapoint", arr(self.log_px_stderr)),
                 "elbo": ("datapoint", arr(self.elbo)),
                 "elbo_stderr": ("datapoint", arr(self.elbo_stderr)),
                 "log_joint": (("datapoint", "value"), arr(self.log_joint)),
@@ -158,8 +158,8 @@ def enumerated_estimate(
             component=component,
             **kwargs,
         )
-        log_joint.append(est.log_likelihood)
-        log_joint_se.append(est.log_likelihood_stderr)
+        log_joint.append(est.log_px)
+        log_joint_se.append(est.log_px_stderr)
         elbo_c.append(est.elbo)
         elbo_c_se.append(est.elbo_stderr)
     lj, lj_se = torch.stack(log_joint, -1), torch.stack(log_joint_se, -1)

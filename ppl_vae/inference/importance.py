@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import numpy as np
 import torch
@@ -18,9 +18,10 @@ from pyro.distributions import TorchDistribution
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
+from ppl_vae.inference.estimators import Estimate, diagnostic, register_estimator, variable, weight_warnings
 from ppl_vae.inference.latents import log_importance_weights  # noqa: F401  (re-exported: the public name)
 from ppl_vae.inference.modes import batches, block_seed, check_positive, in_eval_mode, seeded
-from ppl_vae.inference.stats import jackknife_log_mean_exp, log_mean_exp_se_from_ess, psis_khat
+from ppl_vae.inference.stats import log_mean_exp_se_from_ess, psis_khat
 from ppl_vae.inference.traces import PARTICLE_PLATE, log_probs, trace_pair  # noqa: F401 (PARTICLE_PLATE re-exported)
 
 if TYPE_CHECKING:  # xarray is imported where used: fit needs none of it before its first step
@@ -50,7 +51,7 @@ def elbo_per_datapoint(
     return torch.cat(parts)
 
 
-def iw_log_likelihood(
+def iw_log_px(
     model: Callable,
     guide: Callable,
     x: Tensor,
@@ -74,95 +75,74 @@ def iw_log_likelihood(
         particle_batch_size=particle_batch_size,
         max_plate_nesting=max_plate_nesting,
         **kwargs,
-    ).log_likelihood
+    ).log_px
 
 
 @dataclass
 class ImportanceEstimate:
     """Per-datapoint estimates from K importance samples z_k ~ q(z|x); every tensor is ``(N,)``.
 
-    ``log_likelihood``: log p̂_K(x) = log (1/K) sum_k w_k (Burda et al. 2015), a stochastic
-    lower bound on log p(x) whose bias shrinks as K grows. ``log_likelihood_stderr``: its
-    Monte Carlo standard error by the delta method, sqrt(Var(w) / K) / mean(w), which equals
-    sqrt((1/ESS - 1/K) K/(K-1)) in terms of the weights' ESS. ``elbo``: E_q[log w], the
-    evidence lower bound (AEVB eq. 3), with ``elbo_stderr`` = sd(log w) / sqrt(K).
-    ``ess``: (sum w)^2 / sum w^2 (Kong 1992), between 1 and K; near K when q is close to
-    p(z|x), near 1 when a single sample dominates (the estimate is then unreliable).
-    ``khat``: the PSIS Pareto k̂ of the weights' upper tail (Vehtari et al. 2024; see
-    :func:`ppl_vae.inference.stats.psis_khat`); above 0.7 the estimate and its standard
-    error are not reliable. None when not computed.
+    ``log_px``: log p̂_K(x) = log (1/K) sum_k w_k (Burda et al. 2015), a stochastic lower bound
+    on log p(x) whose bias shrinks as K grows. ``log_px_stderr``: its Monte Carlo standard
+    error by the delta method, sqrt(Var(w) / K) / mean(w), which equals sqrt((1/ESS - 1/K)
+    K/(K-1)) in terms of the weights' ESS. ``elbo``: E_q[log w], the evidence lower bound
+    (AEVB eq. 3), with ``elbo_stderr`` = sd(log w) / sqrt(K). ``ess``: (sum w)^2 / sum w^2
+    (Kong 1992), between 1 and K; near K when q is close to p(z|x), near 1 when a single sample
+    dominates (the estimate is then unreliable). ``khat``: the PSIS Pareto k̂ of the weights'
+    upper tail (Vehtari et al. 2024; see :func:`ppl_vae.inference.stats.psis_khat`); above 0.7
+    the estimate and its standard error are not reliable. None when not computed.
+
+    The estimator interface's result is :class:`~ppl_vae.inference.estimators.Estimate`
+    (:meth:`to_estimate`); this record keeps the IW numbers typed for code that builds on them.
     """
 
-    log_likelihood: Tensor
-    log_likelihood_stderr: Tensor
+    log_px: Tensor
+    log_px_stderr: Tensor
     elbo: Tensor
     elbo_stderr: Tensor
     ess: Tensor
     num_samples: int
     khat: Optional[Tensor] = None
-    #: with ``jackknife=True``: the jackknife-debiased estimate of log p(x) (Nowozin 2018; bias
-    #: O(1/K^2), an estimate, not a bound) and its jackknife standard error; else None
-    log_likelihood_jackknife: Optional[Tensor] = None
-    log_likelihood_jackknife_stderr: Optional[Tensor] = None
 
-    def to_dataset(self, datapoint: Optional[Sequence[int] | np.ndarray] = None) -> xr.Dataset:
-        """The estimates as an xarray Dataset over dim ``datapoint``."""
-        n = self.log_likelihood.shape[0]
-        coords = {"datapoint": np.arange(n) if datapoint is None else np.asarray(datapoint)}
-        data = {
-            "log_likelihood": self.log_likelihood,
-            "log_likelihood_stderr": self.log_likelihood_stderr,
-            "elbo": self.elbo,
-            "elbo_stderr": self.elbo_stderr,
-            "ess": self.ess,
+    def to_estimate(self, estimator: str = "iw") -> Estimate:
+        """The estimate in the estimators' one result type (log_px, its stderr, the ELBO, ESS, k̂)."""
+        k = int(self.num_samples)
+        variables = {
+            "elbo": variable(self.elbo, "lower bound", "Monte Carlo ELBO of q, E_q[log p(x,z) - log q(z|x)] (nats)"),
+            "elbo_stderr": variable(self.elbo_stderr, "neither", "Monte Carlo standard error of elbo (nats)"),
+            "ess": diagnostic(self.ess, f"effective sample size of the {k} importance weights"),
         }
         if self.khat is not None:
-            data["khat"] = self.khat
-        if self.log_likelihood_jackknife is not None and self.log_likelihood_jackknife_stderr is not None:
-            data["log_likelihood_jackknife"] = self.log_likelihood_jackknife
-            data["log_likelihood_jackknife_stderr"] = self.log_likelihood_jackknife_stderr
-        import xarray as xr
+            variables["khat"] = diagnostic(self.khat, "PSIS Pareto k-hat of the importance weights (> 0.7: unreliable)")
+        return Estimate(
+            estimator,
+            self.log_px,
+            self.log_px_stderr,
+            "lower bound",
+            f"importance-weighted estimate of log p(x), K={k} (nats; stochastic lower bound: log of an "
+            "unbiased estimate)",
+            variables,
+            settings={"num_samples": k},
+            reference=IW_REFERENCE,
+        )
 
-        ds = xr.Dataset({k: ("datapoint", v.detach().cpu().double().numpy()) for k, v in data.items()}, coords=coords)
-        k = int(self.num_samples)
-        ds.attrs["num_samples"] = k
-        ds.attrs["method"] = "iw"
-        ds.attrs["reference"] = "Burda, Grosse & Salakhutdinov (2015); PSIS k-hat: Vehtari et al. (2024)"
-        described = {
-            "log_likelihood": (
-                "lower bound",
-                f"importance-weighted estimate of log p(x), K={k} "
-                "(nats; stochastic lower bound: log of an unbiased estimate)",
-            ),
-            "log_likelihood_stderr": ("neither", "Monte Carlo standard error of log_likelihood (nats, delta method)"),
-            "elbo": ("lower bound", "Monte Carlo ELBO of q, E_q[log p(x,z) - log q(z|x)] (nats; lower bound)"),
-            "elbo_stderr": ("neither", "Monte Carlo standard error of elbo (nats)"),
-            "ess": ("neither", f"effective sample size of the {k} importance weights"),
-            "khat": ("neither", "PSIS Pareto k-hat of the importance weights (> 0.7: unreliable)"),
-            "log_likelihood_jackknife": (
-                "neither",
-                f"jackknife-debiased estimate of log p(x) from the same K={k} weights (Nowozin 2018; "
-                "bias O(1/K^2); nats; neither a lower nor an upper bound)",
-            ),
-            "log_likelihood_jackknife_stderr": ("neither", "jackknife standard error of the IW estimate (nats)"),
-        }
-        for name, (bound, long_name) in described.items():
-            if name in ds:
-                ds[name].attrs.update({"bound": bound, "long_name": long_name})
-        return ds
+    def to_dataset(self, datapoint: Optional[Sequence[int] | np.ndarray] = None) -> xr.Dataset:
+        """The estimates as an xarray Dataset over dim ``datapoint`` (:meth:`Estimate.to_dataset`)."""
+        return self.to_estimate().to_dataset(datapoint)
+
+
+IW_REFERENCE = "Burda, Grosse & Salakhutdinov (2015); PSIS k-hat: Vehtari et al. (2024)"
 
 
 def concat_estimates(estimates: Sequence[ImportanceEstimate]) -> ImportanceEstimate:
     """Join estimates for consecutive batches of datapoints (same ``num_samples``)."""
     if not estimates or len({e.num_samples for e in estimates}) != 1:
         raise ValueError("concat_estimates needs one or more estimates with the same num_samples")
-    fields = ("log_likelihood", "log_likelihood_stderr", "elbo", "elbo_stderr", "ess")
+    fields = ("log_px", "log_px_stderr", "elbo", "elbo_stderr", "ess")
     joined = {f: torch.cat([getattr(e, f) for e in estimates]) for f in fields}
-    optional: Dict[str, Any] = {}
-    for name in ("khat", "log_likelihood_jackknife", "log_likelihood_jackknife_stderr"):
-        parts = [getattr(e, name) for e in estimates if getattr(e, name) is not None]
-        optional[name] = None if len(parts) < len(estimates) else torch.cat(parts)
-    return ImportanceEstimate(**joined, num_samples=estimates[0].num_samples, **optional)
+    parts = [e.khat for e in estimates if e.khat is not None]
+    khat = None if len(parts) < len(estimates) else torch.cat(parts)
+    return ImportanceEstimate(**joined, num_samples=estimates[0].num_samples, khat=khat)
 
 
 class _WeightAccumulator:
@@ -211,6 +191,61 @@ def default_particle_batch_size(batch_size: int, max_samples_per_chunk: int = 2*
     return max(1, max_samples_per_chunk // max(1, batch_size))
 
 
+def weight_chunks(
+    model: Callable,
+    guide: Callable,
+    x: Tensor,
+    *,
+    num_samples: int,
+    batch_size: int,
+    particle_batch_size: Optional[int],
+    max_plate_nesting: int = 1,
+    progress: bool = False,
+    seed: Optional[int] = None,
+    desc: str = "IW",
+    **kwargs: Any,
+) -> Iterator[Tuple[Tensor, Iterator[Tensor]]]:
+    """The log importance weights of ``x``, batch by batch: yields ``(xb, chunks)`` where
+    ``chunks`` yields ``(k, n_b)`` log-weights, K = ``num_samples`` in all per batch.
+
+    The one place IW draws its particles, so every estimator built on the weights (IW, the
+    jackknife, ...) draws the same ones for the same seed: batch b draws from a stream seeded by
+    (``seed``, its first datapoint's index) (None: the caller's stream). Consume each batch's
+    chunks before the next batch. Call it under ``torch.no_grad()`` with the model and guide in
+    eval mode (as :func:`importance_estimate` does).
+    """
+    from tqdm.auto import tqdm
+
+    check_positive("num_samples", num_samples)
+    check_positive("batch_size", batch_size)
+    if particle_batch_size is None:
+        particle_batch_size = default_particle_batch_size(batch_size)
+    check_positive("particle_batch_size", particle_batch_size)
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("x holds no datapoints")
+    chunks = math.ceil(num_samples / particle_batch_size)
+    with tqdm(
+        total=math.ceil(n / batch_size) * chunks,
+        disable=not progress,
+        desc=f"{desc} K={num_samples}",
+        unit="chunk",
+        dynamic_ncols=True,
+    ) as bar:
+        for b, (xb, kw) in enumerate(batches(x, kwargs, batch_size)):
+
+            def draw(xb: Tensor = xb, kw: Dict[str, Any] = kw, b: int = b) -> Iterator[Tensor]:
+                with seeded(None if seed is None else block_seed(seed, b * batch_size), xb.device):
+                    for start in range(0, num_samples, particle_batch_size):
+                        k = min(particle_batch_size, num_samples - start)
+                        yield log_importance_weights(
+                            model, guide, xb, num_particles=k, max_plate_nesting=max_plate_nesting, **kw
+                        )
+                        bar.update(1)
+
+            yield xb, draw()
+
+
 @torch.no_grad()
 @in_eval_mode("model", "guide")
 def importance_estimate(
@@ -224,7 +259,6 @@ def importance_estimate(
     max_plate_nesting: int = 1,
     progress: bool = False,
     tail_diagnostic: bool = True,
-    jackknife: bool = False,
     seed: Optional[int] = None,
     **kwargs: Any,
 ) -> ImportanceEstimate:
@@ -239,56 +273,34 @@ def importance_estimate(
     log-weights in memory (``batch_size * num_samples`` float64 values). ``seed``: each batch
     draws from its own stream seeded by (seed, its first datapoint's index), so the result does
     not depend on how datapoints are split across calls or processes, and the caller's RNG
-    state is left as it was; None draws from the caller's stream. ``jackknife`` also gives the
-    jackknife-debiased estimate from the same weights (:func:`~ppl_vae.inference.stats.jackknife_log_mean_exp`;
-    K >= 2), keeping one batch's weights in memory as the tail diagnostic does.
+    state is left as it was; None draws from the caller's stream (:func:`weight_chunks`).
+    The registered estimator ``"iw"`` (:func:`iw`) returns the same numbers as an
+    :class:`~ppl_vae.inference.estimators.Estimate`.
     """
-    from tqdm.auto import tqdm
-
-    check_positive("num_samples", num_samples)
-    check_positive("batch_size", batch_size)
-    if particle_batch_size is None:
-        particle_batch_size = default_particle_batch_size(batch_size)
-    check_positive("particle_batch_size", particle_batch_size)
-    n = x.shape[0]
-    if n == 0:
-        raise ValueError("x holds no datapoints")
-    chunks = math.ceil(num_samples / particle_batch_size)
-    if jackknife and num_samples < 2:
-        raise ValueError(
-            f"the jackknife estimate leaves one of num_samples draws out: needs num_samples >= 2, got {num_samples}"
-        )
-    keep = tail_diagnostic or jackknife
-    results, khats, jackknifed = [], [], []
-    with tqdm(
-        total=math.ceil(n / batch_size) * chunks,
-        disable=not progress,
-        desc=f"IW K={num_samples}",
-        unit="chunk",
-        dynamic_ncols=True,
-    ) as bar:
-        for b, (xb, kw) in enumerate(batches(x, kwargs, batch_size)):
-            acc = _WeightAccumulator(xb.shape[0], xb.device)
-            kept = []
-            with seeded(None if seed is None else block_seed(seed, b * batch_size), xb.device):
-                for start in range(0, num_samples, particle_batch_size):
-                    k = min(particle_batch_size, num_samples - start)
-                    log_w = log_importance_weights(
-                        model, guide, xb, num_particles=k, max_plate_nesting=max_plate_nesting, **kw
-                    )
-                    acc.add(log_w)
-                    if keep:
-                        kept.append(log_w.detach().double().cpu())
-                    bar.update(1)
-            result = acc.result()
+    results, khats = [], []
+    for xb, chunks in weight_chunks(
+        model,
+        guide,
+        x,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        particle_batch_size=particle_batch_size,
+        max_plate_nesting=max_plate_nesting,
+        progress=progress,
+        seed=seed,
+        **kwargs,
+    ):
+        acc = _WeightAccumulator(xb.shape[0], xb.device)
+        kept = []
+        for log_w in chunks:
+            acc.add(log_w)
             if tail_diagnostic:
-                khats.append(torch.from_numpy(psis_khat(torch.cat(kept))).to(xb.device))
-            if jackknife:
-                jackknifed.append(tuple(t.to(xb.device) for t in jackknife_log_mean_exp(torch.cat(kept))))
-            results.append(result)
+                kept.append(log_w.detach().double().cpu())
+        if tail_diagnostic:
+            khats.append(torch.from_numpy(psis_khat(torch.cat(kept))).to(xb.device))
+        results.append(acc.result())
     dtype = x.dtype if x.dtype.is_floating_point else torch.float32
     log_p, log_p_se, elbo, elbo_se, ess = (torch.cat(p).to(dtype) for p in zip(*results))  # acc.result()'s order
-    jk, jk_se = (torch.cat(p).to(dtype) for p in zip(*jackknifed)) if jackknifed else (None, None)
     return ImportanceEstimate(
         log_p,
         log_p_se,
@@ -297,9 +309,46 @@ def importance_estimate(
         ess,
         num_samples=num_samples,
         khat=torch.cat(khats).to(dtype) if khats else None,
-        log_likelihood_jackknife=jk,
-        log_likelihood_jackknife_stderr=jk_se,
     )
+
+
+def _iw_warnings(ds: xr.Dataset, names: Dict[str, str]) -> List[str]:
+    return weight_warnings(ds, names, num_draws=int(ds.attrs["num_samples"]), what="IW")
+
+
+@register_estimator(
+    "iw",
+    title="importance sampling with the guide q(z|x) as proposal",
+    bound="lower bound",
+    reference=IW_REFERENCE,
+    files=("evaluation.nc", "evaluation.csv"),
+    warnings=_iw_warnings,
+)
+def iw(
+    model: Callable,
+    guide: Callable,
+    x: Tensor,
+    *,
+    seed: Optional[int] = None,
+    num_samples: int = 1000,
+    batch_size: int = 100,
+    particle_batch_size: Optional[int] = None,
+    progress: bool = False,
+    **kwargs: Any,
+) -> Estimate:
+    """log p̂_K(x) = log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x), per datapoint, with the
+    ELBO, ESS and PSIS k̂ of the same weights (:func:`importance_estimate`)."""
+    return importance_estimate(
+        model,
+        guide,
+        x,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        particle_batch_size=particle_batch_size,
+        progress=progress,
+        seed=seed,
+        **kwargs,
+    ).to_estimate("iw")
 
 
 @torch.no_grad()

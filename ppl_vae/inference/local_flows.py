@@ -32,6 +32,7 @@ from ppl_vae.inference.importance import ImportanceEstimate, concat_estimates, i
 from ppl_vae.inference.latents import Layout, log_joint, model_layout
 from ppl_vae.inference.local_fit import LocalBlock, fit_local
 from ppl_vae.inference.meanfield import LATENT_SITE, MEAN_FIELD_INITS
+from ppl_vae.inference.modes import check_call_convention
 
 __all__ = ["LocalFlowGuide", "LocalFlowResult", "LocalFlows", "fit_local_flow"]
 
@@ -177,7 +178,7 @@ class LocalFlowResult:
 
     ``estimate``: from ``num_eval_samples`` fresh draws of each q*_i, ``estimate.elbo`` is
     L[q*_flow] (a Monte Carlo estimate of a lower bound on log p(x)) with ``elbo_stderr``, and
-    ``estimate.log_likelihood`` the importance-weighted log p(x) with q*_i as proposal.
+    ``estimate.log_px`` the importance-weighted log p(x) with q*_i as proposal.
     ``converged``: ``(N,)`` bool, whether the datapoint's batch met the plateau rule before
     ``max_steps``. ``num_steps``: ``(N,)`` Adam steps taken. ``trace``: ``(batch, step)`` mean
     ELBO per datapoint at every step (NaN after a batch stopped). ``flows``: the fitted
@@ -222,9 +223,9 @@ def _elbo_loss(
 
 def fit_local_flow(
     model: Callable,
+    guide: Optional[Callable],
     x: Tensor,
     *,
-    guide: Optional[Callable] = None,
     init: str = "encoder",
     init_loc: Optional[Tensor] = None,
     init_scale: Optional[Tensor] = None,
@@ -263,6 +264,7 @@ def fit_local_flow(
     of them (:mod:`ppl_vae.inference.latents`), so q* can capture their dependence. ``seed``:
     the fit's own random stream (the caller's RNG state is left as it was).
     """
+    check_call_convention("fit_local_flow", guide, x)
     for name, value in (
         ("num_flows", num_flows),
         ("max_steps", max_steps),

@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from pyro import distributions as dist
 from pyro.infer.mcmc import HMC, MCMC
 from torch import Tensor
 
+from ppl_vae.inference.estimators import Estimate, diagnostic, register_estimator
 from ppl_vae.inference.latents import Layout, flat_log_joint, model_layout
 from ppl_vae.inference.modes import batches, seeded
+from ppl_vae.inference.stats import log_mean_exp_stats
 
 MAX_LATENT_DIM = 4  # appendix D: "valid for latent dimension < 5"
 
@@ -93,7 +95,7 @@ def hmc_posterior(
     *,
     num_samples: int = 100,
     warmup_steps: int = 100,
-    num_steps: int = 10,
+    num_leapfrog_steps: int = 10,
     target_accept_prob: float = 0.9,
     step_size: Optional[float] = None,
     initial_z: Optional[Tensor] = None,
@@ -104,7 +106,7 @@ def hmc_posterior(
 ) -> HMCResult:
     """Samples of z ~ p(z|x) for each row of ``x`` by Pyro's HMC (AEVB appendix E settings).
 
-    ``num_steps`` leapfrog steps per proposal; during the ``warmup_steps`` the step size is
+    ``num_leapfrog_steps`` leapfrog steps per proposal; during the ``warmup_steps`` the step size is
     adapted (dual averaging) toward ``target_accept_prob``; after warm-up each proposal's step
     size is jittered uniformly by +-``step_size_jitter`` of the adapted one (Neal 2011, sec.
     5.4.2.2), since a fixed trajectory that is close to a period of the posterior's
@@ -120,8 +122,8 @@ def hmc_posterior(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if num_leapfrog_steps < 1:
+        raise ValueError(f"num_leapfrog_steps must be >= 1, got {num_leapfrog_steps}")
     if not 0.0 < target_accept_prob < 1.0:
         raise ValueError(f"target_accept_prob must lie in (0, 1), got {target_accept_prob}")
     n = x.shape[0]
@@ -133,7 +135,7 @@ def hmc_posterior(
         return -flat_log_joint(model, x, params["z"], layout, **kwargs).sum()
 
     kernel = _FixedStepsHMC(
-        num_steps,
+        num_leapfrog_steps,
         potential_fn=potential_fn,
         step_size=1.0 if step_size is None else float(step_size),
         adapt_step_size=warmup_steps > 0,
@@ -182,12 +184,13 @@ def fit_gaussian(samples: Tensor, jitter: float = 1e-6) -> dist.MultivariateNorm
 
 def hmc_log_marginal(
     model: Callable,
+    guide: Optional[Callable],
     x: Tensor,
-    latent_dim: Optional[int] = None,
     *,
+    latent_dim: Optional[int] = None,
     num_samples: int = 500,
     warmup_steps: int = 200,
-    num_steps: int = 10,
+    num_leapfrog_steps: int = 10,
     target_accept_prob: float = 0.9,
     batch_size: int = 100,
     progress: bool = False,
@@ -199,7 +202,41 @@ def hmc_log_marginal(
     ``num_samples`` posterior samples fit the density and as many fresh ones enter the
     estimate, all from one HMC run per batch of ``batch_size`` datapoints. Valid only for
     ``latent_dim`` < 5, as the paper says (the fitted density must cover the posterior).
+    ``guide`` is not used (the estimator needs none; the argument keeps the estimators' one
+    calling convention). The registered estimator ``"appendix_d"`` (:func:`appendix_d`) gives
+    the same numbers with their standard errors as an
+    :class:`~ppl_vae.inference.estimators.Estimate`.
     """
+    return _appendix_d(
+        model,
+        x,
+        latent_dim,
+        num_samples=num_samples,
+        warmup_steps=warmup_steps,
+        num_leapfrog_steps=num_leapfrog_steps,
+        target_accept_prob=target_accept_prob,
+        batch_size=batch_size,
+        progress=progress,
+        seed=seed,
+        kwargs=kwargs,
+    )[0]
+
+
+def _appendix_d(
+    model: Callable,
+    x: Tensor,
+    latent_dim: Optional[int],
+    *,
+    num_samples: int,
+    warmup_steps: int,
+    num_leapfrog_steps: int,
+    target_accept_prob: float,
+    batch_size: int,
+    progress: bool,
+    seed: Optional[int],
+    kwargs: Dict[str, Any],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(log p̂(x), its delta-method standard error, HMC acceptance rate), each ``(N,)``."""
     from tqdm.auto import tqdm
 
     layout = _layout(model, x, latent_dim, kwargs)
@@ -210,7 +247,7 @@ def hmc_log_marginal(
         )
     if num_samples < latent_dim + 2:
         raise ValueError(f"num_samples must be >= latent_dim + 2 to fit a covariance, got {num_samples}")
-    parts = []
+    parts, errors, accepts = [], [], []
     bar = tqdm(
         batches(x, kwargs, batch_size),
         disable=not progress,
@@ -226,7 +263,7 @@ def hmc_log_marginal(
             latent_dim,
             num_samples=2 * num_samples,
             warmup_steps=warmup_steps,
-            num_steps=num_steps,
+            num_leapfrog_steps=num_leapfrog_steps,
             target_accept_prob=target_accept_prob,
             seed=None if seed is None else seed + b,
             layout=layout,
@@ -238,4 +275,61 @@ def hmc_log_marginal(
             log_p = flat_log_joint(model, xb, eval_part, layout, **kw)  # (L, N)
             log_ratio = q.log_prob(eval_part) - log_p
             parts.append(-(torch.logsumexp(log_ratio, 0) - math.log(num_samples)))
-    return torch.cat(parts)
+            errors.append(log_mean_exp_stats(log_ratio)[1])  # se of log mean(q/p) = se of its negative
+            accepts.append(torch.full((xb.shape[0],), float(result.accept_rate), dtype=x.dtype, device=x.device))
+    return torch.cat(parts), torch.cat(errors).to(x.dtype), torch.cat(accepts)
+
+
+@register_estimator(
+    "appendix_d",
+    title="AEVB appendix D: HMC posterior draws and a fitted Gaussian (latent dimension < 5; no guide)",
+    bound="neither",
+    reference="Kingma & Welling (2013), Auto-Encoding Variational Bayes, appendix D",
+    needs_guide=False,
+)
+def appendix_d(
+    model: Callable,
+    guide: Optional[Callable],
+    x: Tensor,
+    *,
+    seed: Optional[int] = None,
+    num_samples: int = 500,
+    warmup_steps: int = 200,
+    num_leapfrog_steps: int = 10,
+    batch_size: int = 100,
+    progress: bool = False,
+    **kwargs: Any,
+) -> Estimate:
+    """:func:`hmc_log_marginal` as an :class:`~ppl_vae.inference.estimators.Estimate`: log p̂(x)
+    = -log (1/L) sum_l q(z_l) / p(x, z_l) over L = ``num_samples`` HMC draws of p(z|x), q a
+    Gaussian fitted to as many other draws. 1/p̂ would be unbiased for 1/p(x) with exact
+    posterior draws, which would make log p̂ a stochastic upper bound; HMC's draws are only
+    approximately exact, so it is reported as an estimate, neither bound."""
+    log_px, se, accept = _appendix_d(
+        model,
+        x,
+        None,
+        num_samples=num_samples,
+        warmup_steps=warmup_steps,
+        num_leapfrog_steps=num_leapfrog_steps,
+        target_accept_prob=0.9,
+        batch_size=batch_size,
+        progress=progress,
+        seed=seed,
+        kwargs=kwargs,
+    )
+    return Estimate(
+        "appendix_d",
+        log_px,
+        se,
+        "neither",
+        f"AEVB appendix-D estimate of log p(x) from L={num_samples} HMC draws (nats; an upper bound in expectation "
+        "only if the draws were exact posterior samples: neither bound)",
+        {"accept_rate": diagnostic(accept, "HMC acceptance rate of the batch's chain after warm-up")},
+        settings={
+            "num_samples": int(num_samples),
+            "warmup_steps": int(warmup_steps),
+            "num_leapfrog_steps": int(num_leapfrog_steps),
+        },
+        reference="Kingma & Welling (2013), appendix D",
+    )

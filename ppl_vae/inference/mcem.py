@@ -30,11 +30,11 @@ class MCEMStepper(Stepper):
     """E-step by HMC on z, then ``num_weight_updates`` steps on log p(x, z) per minibatch.
 
     ``optimizers``: "mcem" (decoder, prior and likelihood parameters) and "encoder" (fitted
-    to the HMC samples). ``num_steps``: leapfrog steps per HMC proposal; ``warmup_steps``:
+    to the HMC samples). ``num_leapfrog_steps``: leapfrog steps per HMC proposal; ``warmup_steps``:
     HMC iterations that adapt the step size toward ``target_accept_prob`` (the adapted step
     size carries over to the next E-step); ``num_hmc_samples``: HMC iterations after warm-up,
     of which the last is the E-step's sample. These are the method's options
-    (``train.method_options``, ``--method-option num_steps=20``), declared here once.
+    (``train.method_options``, ``--method-option num_leapfrog_steps=20``), declared here once.
     """
 
     label = "method 'mcem'"
@@ -44,7 +44,7 @@ class MCEMStepper(Stepper):
         vae: VAE,
         config: TrainConfig,
         *,
-        num_steps: PositiveInt = 10,
+        num_leapfrog_steps: PositiveInt = 10,
         warmup_steps: Annotated[int, Range(0)] = 10,
         num_hmc_samples: PositiveInt = 1,
         target_accept_prob: Annotated[float, Range(0.0, 1.0, low_open=True, high_open=True)] = 0.9,
@@ -54,7 +54,7 @@ class MCEMStepper(Stepper):
             "method 'mcem'",
             MCEMStepper.__init__,
             dict(
-                num_steps=num_steps,
+                num_leapfrog_steps=num_leapfrog_steps,
                 warmup_steps=warmup_steps,
                 num_hmc_samples=num_hmc_samples,
                 target_accept_prob=target_accept_prob,
@@ -62,7 +62,7 @@ class MCEMStepper(Stepper):
             ),
         )
         self.vae = vae
-        self.num_steps = num_steps
+        self.num_leapfrog_steps = num_leapfrog_steps
         self.warmup_steps = warmup_steps
         self.num_hmc_samples = num_hmc_samples
         self.target_accept_prob = target_accept_prob
@@ -98,7 +98,7 @@ class MCEMStepper(Stepper):
                 vae.latent_dim,
                 num_samples=self.num_hmc_samples,
                 warmup_steps=self.warmup_steps,
-                num_steps=self.num_steps,
+                num_leapfrog_steps=self.num_leapfrog_steps,
                 target_accept_prob=self.target_accept_prob,
                 step_size=self.step_size,
                 initial_z=z0,

@@ -34,7 +34,7 @@ from torch import Tensor
 from ppl_vae.inference.importance import ImportanceEstimate, concat_estimates, importance_estimate
 from ppl_vae.inference.latents import Layout, Site, guide_layout, log_joint, model_layout
 from ppl_vae.inference.local_fit import LocalBlock, fit_local
-from ppl_vae.inference.modes import check_positive, in_eval_mode, rows
+from ppl_vae.inference.modes import check_call_convention, check_positive, in_eval_mode, rows
 from ppl_vae.registry import Registry
 
 Moments = Tuple[Tensor, Tensor]
@@ -364,9 +364,9 @@ _BlockResult = Tuple[Tensor, Tensor, ImportanceEstimate, Optional[Tensor], Tenso
 @in_eval_mode("model", "guide")
 def fit_mean_field(
     model: Callable,
+    guide: Optional[Callable],
     x: Tensor,
     *,
-    guide: Optional[Callable] = None,
     init: str = "encoder",
     elbo: str = "mean_field",
     lr: float = 1e-2,
@@ -381,7 +381,7 @@ def fit_mean_field(
     gtol: float = 1e-3,
     batch_size: int = 500,
     num_eval_samples: int = 100,
-    progress: bool = True,
+    progress: bool = False,
     seed: Optional[int] = None,
     **kwargs: Any,
 ) -> MeanFieldResult:
@@ -412,6 +412,7 @@ def fit_mean_field(
     flat vector of every continuous site, i.e. a product of diagonal Gaussians, one per site.
     ``seed``: the fit's own random stream (the caller's RNG state is left as it was).
     """
+    check_call_convention("fit_mean_field", guide, x)
     MEAN_FIELD_INITS.get(init)
     elbo_cls = MEAN_FIELD_ELBOS.get(elbo)
     for name, value in (

@@ -122,3 +122,13 @@ def check_positive(name: str, value: Any) -> None:
     """A one-line ValueError naming ``name`` unless ``value`` is a positive integer."""
     if isinstance(value, bool) or int(value) != value or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value}")
+
+
+def check_call_convention(name: str, guide: Any, x: Any) -> None:
+    """A one-line TypeError when ``name`` is called the old way, ``(model, x, guide=...)``:
+    every estimator takes ``(model, guide, x, *, ...)`` (guide None where none is used)."""
+    if isinstance(guide, torch.Tensor) or not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"{name} takes (model, guide, x, *, ...) like every estimator; got a "
+            f"{type(guide).__name__} as guide and a {type(x).__name__} as x (pass guide=None where none is used)"
+        )

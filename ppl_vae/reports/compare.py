@@ -23,11 +23,10 @@ from matplotlib.figure import Figure
 
 from ppl_vae.analysis import plots, results
 from ppl_vae.analysis.diagnostics import collapse_diagnostics
-from ppl_vae.analysis.gaps import format_gap_table, gap_decomposition, gap_table
+from ppl_vae.analysis.gaps import fit_and_decompose, format_gap_table, gap_table, mean_field_batch, mis_warnings
 from ppl_vae.inference.latents import model_layout
-from ppl_vae.inference.meanfield import MeanFieldGuide, fit_mean_field, guide_moments
+from ppl_vae.inference.meanfield import MeanFieldGuide, guide_moments
 from ppl_vae.inference.modes import block_seed, eval_mode, seeded
-from ppl_vae.inference.stats import THRESHOLDS
 from ppl_vae.io import write_text
 from ppl_vae.pipeline import Run, load_run
 from ppl_vae.reports.blocks import BlockTask, is_writer, map_blocks, rank_device
@@ -88,14 +87,7 @@ class _GapTask(BlockTask):
 
     def score(self, start: int, stop: int) -> xr.Dataset:
         run, sel = self.loaded
-        return score_gaps(
-            run, sel, start, stop, self.num_samples, self.batch_size, self.mean_field_options, seed=self.seed
-        )
-
-
-#: :func:`block_seed` stream of a block's gap-decomposition draws (stream 0 is the block's own,
-#: which mean-field VI uses; 1 is compare's report draws)
-GAP_DRAWS_STREAM = 2
+        return score_gaps(run, sel, start, stop, self.num_samples, self.batch_size, self.mean_field_options)
 
 
 def score_gaps(
@@ -106,34 +98,24 @@ def score_gaps(
     num_samples: int,
     batch_size: int,
     mean_field_options: Dict[str, Any],
-    seed: Optional[int] = None,
 ) -> xr.Dataset:
-    """q* fitted to the selection's datapoints [start, stop) and their gap decomposition (one block).
-
-    With ``seed``, the decomposition's draws come from their own stream,
-    ``block_seed(seed, start, GAP_DRAWS_STREAM)``: mean-field VI's stopping rule decides how many
-    random numbers the fit consumes, and a step more or less (as rounding under another thread
-    count can cause) would otherwise change every draw of q in the block.
-    """
+    """q* fitted to the selection's datapoints [start, stop) and their gap decomposition (one
+    block), from the caller's random stream (:func:`~ppl_vae.analysis.gaps.fit_and_decompose`,
+    which the ``"mis"`` estimator also calls: the same numbers as ``compare --estimator mis``
+    with several runs)."""
     vae = run.vae
     x = sel.x[start:stop]
     kwargs = {k: v[start:stop] for k, v in sel.model_kwargs(run).items()}
-    with eval_mode(vae):
-        mean_field = fit_mean_field(
-            vae.model, x, guide=vae.guide, **{"progress": False, **mean_field_options}, **kwargs
-        )
-        with seeded(None if seed is None else block_seed(seed, start, GAP_DRAWS_STREAM), x.device):
-            return gap_decomposition(
-                vae.model,
-                vae.guide,
-                x,
-                num_samples=num_samples,
-                batch_size=batch_size,
-                mean_field=mean_field,
-                datapoint=sel.index[start:stop],
-                progress=False,
-                **kwargs,
-            )
+    return fit_and_decompose(
+        vae.model,
+        vae.guide,
+        x,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        mean_field_options=mean_field_options,
+        datapoint=sel.index[start:stop],
+        **kwargs,
+    )
 
 
 def join_gap_blocks(parts: List[xr.Dataset]) -> xr.Dataset:
@@ -155,7 +137,7 @@ def join_gap_blocks(parts: List[xr.Dataset]) -> xr.Dataset:
 def mean_field_block_size(mean_field_options: Optional[Dict[str, Any]]) -> int:
     """Datapoints per block for estimators that fit q*: mean-field VI's own batch (its stopping
     rule looks at the batch's mean ELBO, so a block must be a whole batch)."""
-    return int((mean_field_options or {}).get("batch_size", 500))
+    return mean_field_batch({"mean_field_options": mean_field_options})
 
 
 def compare_run(
@@ -302,38 +284,17 @@ def per_datapoint_table(gaps: xr.Dataset) -> pd.DataFrame:
 
 
 def estimate_warnings(gaps: xr.Dataset) -> List[str]:
-    """Plain-language warnings for weak estimates in a gap decomposition, each with what to do."""
-    n = gaps.sizes["datapoint"]
-    k = int(gaps.attrs["num_samples"])
-    out = []
-    not_converged = int((~gaps["meanfield_converged"].values.astype(bool)).sum())
-    if not_converged:
-        out.append(
-            f"Mean-field VI did not converge for {not_converged} of {n} datapoints: their L[q*] is below the best "
-            "diagonal Gaussian's, which understates the amortization gap and overstates the approximation gap. "
-            "Raise mean_field_options max_steps / polish_steps (CLI --mf-steps, --mf-polish-steps) or try init='prior'."
-        )
-    low = int(THRESHOLDS.low_ess(gaps["ess_mixture"].values, 2 * k).sum())
-    if low:
-        out.append(
-            f"Low effective sample size: for {low} of {n} datapoints the mixture weights' ESS is below "
-            f"{min(THRESHOLDS.min_ess, k):g} of the 2K = {2 * k} draws, so log p̂ there rests on a few draws and may sit "
-            "well below log p(x). Use more samples (--num-samples), or AIS (ppl-vae evaluate --method ais)."
-        )
-    if "khat_mixture" in gaps:
-        high = int((gaps["khat_mixture"].values > THRESHOLDS.khat).sum())
-        if high:
-            out.append(
-                f"Heavy-tailed importance weights: PSIS k̂ > {THRESHOLDS.khat} for {high} of {n} datapoints, so "
-                "their log p̂ and its standard error are unreliable (Vehtari et al. 2024). A better proposal "
-                "(a flow guide) or AIS gives trustworthy numbers there."
-            )
-    if n < THRESHOLDS.min_datapoints:
-        out.append(
-            f"Only {n} datapoints: the means over datapoints have wide standard errors (se column); "
-            "use more datapoints (--num-datapoints) before comparing runs."
-        )
-    return out
+    """Plain-language warnings for weak estimates in a gap decomposition, each with what to do
+    (:func:`~ppl_vae.analysis.gaps.mis_warnings`, the ``"mis"`` estimator's, named as compare's flags)."""
+    return mis_warnings(gaps, COMPARE_NAMES)
+
+
+#: how compare's warnings name what to change
+COMPARE_NAMES = {
+    "mean_field_steps": "mean_field_options max_steps / polish_steps (CLI --mf-steps, --mf-polish-steps)",
+    "num_samples": "more samples (--num-samples)",
+    "estimator": "AIS (ppl-vae evaluate --estimator ais)",
+}
 
 
 def _report_figures(

@@ -5,10 +5,13 @@ is a question about *paired* differences: every run is evaluated on the same tes
 datapoints, so the per-datapoint difference d_i = log p̂_B(x_i) − log p̂_A(x_i) cancels the
 large spread between easy and hard datapoints that dominates each run's own standard error.
 
-:func:`compare_runs` scores every run with the estimator of :func:`ppl_vae.analysis.gaps.gap_decomposition`
-(log p̂ by multiple importance sampling over ½q + ½q*, L[q*], L[q] and the gaps) or, with
-``estimator="iw"``, with the plain importance-weighted estimate of its amortized guide
-(Burda et al. 2015; no mean-field fit, faster). For each run and quantity it reports the mean
+:func:`compare_runs` scores every run with any registered estimator of
+:data:`ppl_vae.inference.estimators.ESTIMATORS`: by default ``"mis"`` (log p̂ by multiple
+importance sampling over ½q + ½q*, L[q*], L[q] and the gaps of
+:func:`ppl_vae.analysis.gaps.gap_decomposition`), or e.g. ``"iw"`` (the importance-weighted
+estimate of its amortized guide, Burda et al. 2015; no mean-field fit, faster), ``"jackknife"``
+or ``"ais"``. The quantities compared are the estimator's log p̂ and every further per-datapoint
+estimate it returns with a standard error. For each run and quantity it reports the mean
 over datapoints, and against the reference run (the first) the mean paired difference with
 two standard errors: ``se`` = sd_i(d_i) / sqrt(N) (what a new sample of datapoints would
 vary by; it includes the Monte Carlo noise) and ``mc_se`` = sqrt(Σ_i (se_A,i² + se_B,i²)) / N
@@ -21,7 +24,7 @@ import datetime as _dt
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,28 +32,42 @@ import torch
 import xarray as xr
 
 from ppl_vae.analysis import results
-from ppl_vae.analysis.gaps import BOUNDS, GAPS, LABELS
-from ppl_vae.inference.importance import importance_estimate
-from ppl_vae.inference.modes import eval_mode
+from ppl_vae.inference import estimators
 from ppl_vae.io import write_text
 from ppl_vae.pipeline import load_run
 from ppl_vae.reports.blocks import BlockTask, is_writer, map_blocks, rank_device
 from ppl_vae.reports.common import CSS, figure_to_data_uri, run_out_dir, select_datapoints
-from ppl_vae.reports.compare import estimate_warnings, join_gap_blocks, mean_field_block_size, score_gaps
-from ppl_vae.reports.evaluation import evaluation_warnings, join_blocks
+from ppl_vae.reports.evaluation import join_blocks, score_block
 
-ESTIMATOR_CHOICES = ("mis", "iw")
 MULTIRUN_FILES = {
     "report": "report.html",
     "netcdf": "multirun.nc",
     "table_csv": "multirun_table.csv",
     "per_datapoint_csv": "multirun_per_datapoint.csv",
 }
-QUANTITIES = {
-    "mis": ("log_px", "elbo_amortized", "elbo_meanfield") + GAPS,
-    "iw": ("iw_amortized", "elbo_amortized"),
-}
-"""Quantities compared per estimator; the first is the headline log p̂."""
+
+
+def quantities(ds: xr.Dataset) -> List[str]:
+    """What a multi-run comparison compares for an estimator's dataset: ``log_px`` first (the
+    headline), then every further per-datapoint estimate that comes with a standard error."""
+    return ["log_px"] + [
+        str(v)
+        for v in ds.data_vars
+        if v != "log_px"
+        and ds[v].dims == ("datapoint",)
+        and not ds[v].attrs.get("diagnostic")
+        and not str(v).endswith("_stderr")
+        and f"{v}_stderr" in ds
+    ]
+
+
+def label(ds: xr.Dataset, q: str) -> str:
+    """A quantity's short label: log p̂(x) with the estimator's name, else the part of its long
+    name before a colon, else its name."""
+    if q == "log_px":
+        return f"log p̂(x) ({ds.attrs['estimator']})"
+    long_name = str(ds[q].attrs.get("long_name", q))
+    return long_name.split(":")[0] if ":" in long_name else q
 
 
 @dataclass
@@ -90,15 +107,12 @@ class _MultiTask(BlockTask):
         num_datapoints: Optional[int],
         seed: int,
         estimator: str,
-        num_samples: int,
-        batch_size: int,
-        mean_field_options: Dict[str, Any],
+        options: Dict[str, Any],
         loaded: Any = None,
     ):
         super().__init__()
         self.run_dirs, self.device_name, self.split, self.num_datapoints = list(run_dirs), device, split, num_datapoints
-        self.seed, self.estimator, self.num_samples, self.batch_size = seed, estimator, num_samples, batch_size
-        self.mean_field_options = mean_field_options
+        self.seed, self.estimator, self.options = seed, estimator, options
         self._cache = loaded
 
     def load(self):
@@ -112,114 +126,64 @@ class _MultiTask(BlockTask):
         out = []
         for run, sel in zip(runs, selections):
             torch.random.set_rng_state(state)
-            out.append(
-                _score_block(
-                    run,
-                    sel,
-                    start,
-                    stop,
-                    self.estimator,
-                    self.num_samples,
-                    self.batch_size,
-                    self.mean_field_options,
-                    self.seed,
-                )
-            )
+            out.append(score_block(run, sel, start, stop, self.estimator, self.options))
         return out
 
 
-def _score_block(
-    run,
-    sel,
-    start: int,
-    stop: int,
-    estimator: str,
-    num_samples: int,
-    batch_size: int,
-    mean_field_options: Dict[str, Any],
-    seed: int,
-) -> xr.Dataset:
-    """The per-datapoint estimates of one run on the selection's datapoints [start, stop)."""
-    if estimator == "mis":
-        return score_gaps(run, sel, start, stop, num_samples, batch_size, mean_field_options, seed=seed)
-    vae = run.vae
-    kwargs = {k: v[start:stop] for k, v in sel.model_kwargs(run).items()}
-    with eval_mode(vae):
-        est = importance_estimate(
-            vae.model, vae.guide, sel.x[start:stop], num_samples=num_samples, batch_size=batch_size, **kwargs
-        )
-    return est.to_dataset(sel.index[start:stop])
-
-
-def _values(ds: xr.Dataset, estimator: str) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
-    """(values, stderrs) per quantity of :data:`QUANTITIES` ``[estimator]``, each ``(N,)``."""
-    if estimator == "iw":
-        return (
-            {"iw_amortized": ds["log_likelihood"].values, "elbo_amortized": ds["elbo"].values},
-            {"iw_amortized": ds["log_likelihood_stderr"].values, "elbo_amortized": ds["elbo_stderr"].values},
-        )
-    values, stderr = {}, {}
-    for q in QUANTITIES["mis"]:
-        if q in GAPS:
-            values[q], stderr[q] = ds[q].values, ds[f"{q}_stderr"].values
-        else:
-            values[q] = ds["estimate"].sel(estimator=q).values
-            stderr[q] = ds["stderr"].sel(estimator=q).values
-    return values, stderr
-
-
-#: how the IW warnings of a multi-run comparison name what to change: compare has no --method
-IW_NAMES = {"method": "AIS (ppl-vae evaluate RUN --method ais, evaluate_run(method='ais'))"}
+#: how the warnings of a multi-run comparison name what to change
+MULTI_NAMES = {
+    "estimator": "another --estimator, or AIS (ppl-vae evaluate RUN --estimator ais)",
+    "mean_field_steps": "--mf-steps / --mf-polish-steps (mean_field_options max_steps / polish_steps)",
+}
 
 
 def run_warnings(ds: xr.Dataset, estimator: str) -> List[str]:
-    """The warnings for one run's scores: those of ``compare`` for "mis"
-    (:func:`~ppl_vae.reports.compare.estimate_warnings`), those of ``evaluate`` for "iw"
-    (:func:`~ppl_vae.reports.evaluation.evaluation_warnings`)."""
-    if estimator == "mis":
-        return estimate_warnings(ds)
-    return evaluation_warnings(ds, names=IW_NAMES)
+    """The warnings for one run's scores: the estimator's own (its registration makes them)."""
+    return estimators.get(estimator).weak(ds, MULTI_NAMES)
 
 
 def compare_runs(
     run_dirs: Sequence[Path],
     *,
     estimator: str = "mis",
-    num_samples: int = 1000,
     split: str = "test",
     num_datapoints: Optional[int] = 500,
     batch_size: int = 100,
-    mean_field_options: Optional[Dict[str, Any]] = None,
     device: str = "cpu",
     seed: int = 0,
     out_dir: Optional[Path] = None,
     progress: bool = True,
     nproc: int = 1,
     threads: Optional[int] = None,
+    **options: Any,
 ) -> MultiComparison:
     """Score every run on the same datapoints with the same estimator; paired differences and a report.
 
     ``run_dirs``: two or more run directories on the same dataset (the same ``split``
     datapoints are selected for each with ``seed``; runs whose datapoints differ are refused).
-    ``estimator``: "mis" (the gap decomposition: log p̂ by multiple importance sampling with q
-    and a fitted q*, plus L[q], L[q*] and the gaps) or "iw" (IW with the amortized guide).
-    Every run gets the same RNG seed. Files go to ``out_dir`` (default: ``multirun`` inside
-    the first run directory): ``multirun.nc`` (values over run, datapoint, quantity),
-    ``multirun_table.csv`` and ``report.html``.
+    ``estimator``: a name of :data:`~ppl_vae.inference.estimators.ESTIMATORS` ("mis": the gap
+    decomposition, log p̂ by multiple importance sampling with q and a fitted q*, plus L[q],
+    L[q*] and the gaps; "iw": IW with the amortized guide; ...), ``options`` its options
+    (``num_samples``, ``mean_field_options``, ...; one it does not take is refused). Every run
+    gets the same RNG seed. Files go to ``out_dir`` (default: ``multirun`` inside the first run
+    directory): ``multirun.nc`` (values over run, datapoint, quantity), ``multirun_table.csv``
+    and ``report.html``.
 
     ``num_datapoints``: how many datapoints of ``split`` are scored, as in ``evaluate`` and
     ``compare`` (None or 0: all; else a seeded subset). Datapoints are scored in blocks
-    (``batch_size`` for "iw"; mean-field VI's batch, default 500, for "mis"), each seeded from
-    (``seed``, its first datapoint), so ``nproc > 1`` or a ``torchrun`` launch splits the blocks
-    across processes and gives one process's numbers (:mod:`ppl_vae.reports.blocks`).
+    (``batch_size``, or the estimator's own block: mean-field VI's batch, default 500, for
+    "mis"), each seeded from (``seed``, its first datapoint), so ``nproc > 1`` or a ``torchrun``
+    launch splits the blocks across processes and gives one process's numbers
+    (:mod:`ppl_vae.reports.blocks`).
     """
-
-    if estimator not in ESTIMATOR_CHOICES:
-        raise ValueError(f"estimator must be one of {', '.join(ESTIMATOR_CHOICES)}, got {estimator!r}")
+    est = estimators.get(estimator)
     if len(run_dirs) < 2:
         raise ValueError(f"run_dirs must name at least two runs to compare, got {len(run_dirs)}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    options = estimators.check_options(estimator, {**options, "batch_size": batch_size}, given=list(options))
+    options.pop("seed", None)
+    options.pop("progress", None)
     device = rank_device(device)  # under torchrun: this rank's GPU
     runs = [load_run(Path(p), device) for p in run_dirs]
     names = _run_names(run_dirs)
@@ -237,45 +201,36 @@ def compare_runs(
                 f"run {name!r} does not evaluate the same {split} datapoints as {names[0]!r} "
                 "(different dataset, binarization or split): paired differences need the same data"
             )
-    quantities = QUANTITIES[estimator]
     n = len(ref.index)
-    mf_options = dict(mean_field_options or {})
-    block = mean_field_block_size(mf_options) if estimator == "mis" else int(batch_size)
+    block = est.blocks(options) or int(batch_size)
     task = _MultiTask(
-        list(run_dirs),
-        device,
-        split,
-        num_datapoints or None,
-        seed,
-        estimator,
-        num_samples,
-        batch_size,
-        mf_options,
-        loaded=(runs, selections),
+        list(run_dirs), device, split, num_datapoints or None, seed, estimator, options, loaded=(runs, selections)
     )
     parts = map_blocks(task, n, block, seed, nproc=nproc, threads=threads, progress=progress)
-    values = np.full((len(runs), n, len(quantities)), np.nan)
+    scores = [join_blocks([p[r] for p in parts]) for r in range(len(runs))]
+    compared = quantities(scores[0])
+    values = np.full((len(runs), n, len(compared)), np.nan)
     stderr = np.full_like(values, np.nan)
     warnings: List[str] = []
     for r, name in enumerate(names):
-        joined = [p[r] for p in parts]
-        scores = join_gap_blocks(joined) if estimator == "mis" else join_blocks(joined)
-        v, se = _values(scores, estimator)
-        for j, q in enumerate(quantities):
-            values[r, :, j], stderr[r, :, j] = v[q], se[q]
-        warnings.extend(f"{name}: {w}" for w in run_warnings(scores, estimator))
+        for j, q in enumerate(compared):
+            values[r, :, j], stderr[r, :, j] = scores[r][q].values, scores[r][f"{q}_stderr"].values
+        warnings.extend(f"{name}: {w}" for w in run_warnings(scores[r], estimator))
+    first = scores[0]
     ds = xr.Dataset(
         {"value": (("run", "datapoint", "quantity"), values), "stderr": (("run", "datapoint", "quantity"), stderr)},
         coords={
             "run": names,
             "datapoint": ref.index,
-            "quantity": list(quantities),
-            "bound": ("quantity", [BOUNDS[q] for q in quantities]),
+            "quantity": compared,
+            "bound": ("quantity", [str(first[q].attrs["bound"]) for q in compared]),
+            "description": ("quantity", [label(first, q) for q in compared]),
             "run_dir": ("run", [str(r.run_dir) for r in runs]),
         },
         attrs={
             "estimator": estimator,
-            "num_samples": int(num_samples),
+            "estimator_title": est.title,
+            **{k: v for k, v in first.attrs.items() if k in est.options and k != "mean_field_options"},
             "split": split,
             "seed": int(seed),
             "preprocessing": ref.preprocessing,
@@ -326,8 +281,8 @@ def paired_table(ds: xr.Dataset) -> pd.DataFrame:
             row = {
                 "run": str(run),
                 "quantity": str(q),
-                "description": LABELS[str(q)],
-                "bound": BOUNDS[str(q)],
+                "description": str(ds["description"].sel(quantity=q).values),
+                "bound": str(ds["bound"].sel(quantity=q).values),
                 "mean": float(v.mean()),
                 "se": float(v.std(ddof=1) / np.sqrt(n)) if n > 1 else np.nan,
                 "diff": np.nan,
@@ -405,7 +360,7 @@ def plot_paired_differences(ds: xr.Dataset):
                 fmt="o",
                 capsize=3,
                 color=palette[q],
-                label=LABELS[q] if i == 0 else None,
+                label=str(ds["description"].sel(quantity=q).values) if i == 0 else None,
             )
             ypos.append(y)
             labels.append(run if j == 0 else "")
@@ -442,7 +397,7 @@ def plot_paired_differences(ds: xr.Dataset):
         )
     axes[1].axvline(0.0, color="black", lw=0.8)
     axes[1].margins(x=0.05)
-    axes[1].set_xlabel(f"per-datapoint {LABELS[headline]}: run − {ref} (nats)")
+    axes[1].set_xlabel(f"per-datapoint {ds['description'].sel(quantity=headline).values}: run − {ref} (nats)")
     axes[1].set_title(f"{ds.sizes['datapoint']} datapoints")
     axes[1].legend(loc="upper left", bbox_to_anchor=(0.0, -0.18), frameon=False, fontsize="small")
     return fig
@@ -454,12 +409,12 @@ def render_multirun_html(comparison: MultiComparison) -> str:
     ds, table = comparison.values, comparison.table
     esc = html.escape
     ref = ds.attrs["reference_run"]
+    est = estimators.get(str(ds.attrs["estimator"]))
+    settings = ", ".join(f"{k} = {ds.attrs[k]}" for k in est.options if k in ds.attrs)
     how = (
-        "log p̂(x) by multiple importance sampling over ½q + ½q* (q* fitted per datapoint), a stochastic "
-        "lower bound on log p(x), with L[q], L[q*] and the gaps of Cremer et al. (2018)"
-        if ds.attrs["estimator"] == "mis"
-        else "the importance-weighted estimate with each run's amortized guide (Burda et al. 2015), a stochastic "
-        "lower bound on log p(x), and the ELBO L[q]"
+        f"<code>{esc(est.name)}</code>, {esc(est.title)} ({esc(est.reference)}); its log p̂(x) is "
+        f"{'an estimate, neither bound' if est.bound == 'neither' else 'a stochastic ' + est.bound + ' on log p(x)'}"
+        f"{'; ' + esc(settings) if settings else ''}"
     )
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
@@ -467,7 +422,7 @@ def render_multirun_html(comparison: MultiComparison) -> str:
         f"<h1>Comparison of {ds.sizes['run']} runs on the same datapoints</h1>",
         "<div class='lead'><p><b>How to read this.</b> Every run is scored on the same "
         f"{ds.sizes['datapoint']} {esc(ds.attrs['split'])} datapoints (preprocessing: "
-        f"{esc(ds.attrs['preprocessing'])}) with the same estimator: {how}, K = {ds.attrs['num_samples']}. "
+        f"{esc(ds.attrs['preprocessing'])}) with the same estimator: {how}. "
         f"Differences are taken per datapoint against the reference run <code>{esc(ref)}</code> and then "
         "averaged, so the spread between easy and hard datapoints, which dominates each run's own standard "
         "error, cancels. A difference larger than about twice its paired standard error (|z| &gt; 2) is more "
@@ -506,7 +461,6 @@ def render_multirun_html(comparison: MultiComparison) -> str:
 
 
 __all__ = [
-    "ESTIMATOR_CHOICES",
     "MultiComparison",
     "compare_runs",
     "format_paired_table",

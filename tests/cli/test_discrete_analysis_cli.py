@@ -41,12 +41,12 @@ def test_evaluate_iw_and_ais_on_a_discrete_latent_model(runs, model, one_thread)
     run = runs[model]
     assert invoke("evaluate", run, "--num-samples", 30, "--num-datapoints", 20, "--no-progress").exit_code == 0
     iw = xr.load_dataset(run / "evaluation.nc", engine="h5netcdf")
-    assert np.isfinite(iw["log_likelihood"].values).all() and iw["log_likelihood"].attrs["bound"] == "lower bound"
-    assert (iw["log_likelihood"] >= iw["elbo"] - 1e-6).all()  # log-mean-exp of the weights >= their mean
+    assert np.isfinite(iw["log_px"].values).all() and iw["log_px"].attrs["bound"] == "lower bound"
+    assert (iw["log_px"] >= iw["elbo"] - 1e-6).all()  # log-mean-exp of the weights >= their mean
     result = invoke(
         "evaluate",
         run,
-        "--method",
+        "--estimator",
         "ais",
         "--ais-steps",
         10,

@@ -1,4 +1,4 @@
-"""``ppl-vae evaluate --method iw|ais|bdmc`` through CliRunner: bounds named, warnings, bad --out."""
+"""``ppl-vae evaluate --estimator iw|ais|bdmc`` through CliRunner: bounds named, warnings, bad --out."""
 
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ def _invoke(args):
 @pytest.mark.slow
 def test_ais_prints_a_lower_bound_and_saves_bounds_for_every_variable(run_dir, tmp_path):
     result = _invoke(
-        [run_dir, "--method", "ais", "--ais-steps", 8, "--num-chains", 4, "--num-datapoints", 6, "--out", tmp_path]
+        [run_dir, "--estimator", "ais", "--ais-steps", 8, "--num-chains", 4, "--num-datapoints", 6, "--out", tmp_path]
     )
     assert result.exit_code == 0, result.output
     assert "log p(x) >= " not in result.output  # a stochastic bound is no hard inequality
-    assert "log p(x) estimate " in result.output and "(AIS, T=8 steps, C=4 chains from the prior" in result.output
+    assert "log p(x) estimate " in result.output and "(ais, num_steps=8, num_chains=4" in result.output
     assert "stochastic lower bound" in result.output
     ds = results.load_netcdf(tmp_path / "evaluation_ais.nc")
     assert ds.sizes["datapoint"] == 6 and ds.sizes["chain"] == 4
@@ -41,12 +41,24 @@ def test_iw_saves_khat_and_bounds_and_warns_when_k_is_too_small_for_it(run_dir, 
     result = _invoke([run_dir, "--num-samples", 10, "--num-datapoints", 5, "--out", tmp_path])
     assert result.exit_code == 0, result.output
     assert "log p(x) >= " not in result.output
-    assert "log p(x) estimate " in result.output and "(IW, K=10: a stochastic lower bound" in result.output
+    assert "log p(x) estimate " in result.output and "(iw, num_samples=10: a stochastic lower bound" in result.output
     assert "Warning: K=10 is too few for a PSIS k̂ tail check; raise --num-samples" in result.output
-    assert "log p̂(x) (IW, jackknife)" in result.output and "estimate, neither bound" in result.output
     ds = results.load_netcdf(tmp_path / "evaluation.nc")
     assert "khat" in ds and all(ds[v].attrs.get("bound") in BOUNDS for v in ds.data_vars)
-    assert ds["log_likelihood"].attrs["bound"] == "lower bound" and ds["elbo"].attrs["bound"] == "lower bound"
+    assert ds["log_px"].attrs["bound"] == "lower bound" and ds["elbo"].attrs["bound"] == "lower bound"
+
+
+def test_jackknife_is_an_estimate_from_the_same_weights_as_iw(run_dir, tmp_path):
+    common = ["--num-samples", 10, "--num-datapoints", 5]
+    iw = _invoke([run_dir, *common, "--out", tmp_path / "iw"])
+    jk = _invoke([run_dir, "--estimator", "jackknife", *common, "--out", tmp_path / "jk"])
+    assert jk.exit_code == 0, jk.output
+    assert "log p̂(x) (jackknife)" in jk.output and "estimate, neither bound" in jk.output
+    a = results.load_netcdf(tmp_path / "iw" / "evaluation.nc")
+    b = results.load_netcdf(tmp_path / "jk" / "evaluation_jackknife.nc")
+    assert b["log_px"].attrs["bound"] == "neither" and b.attrs["estimator"] == "jackknife"
+    np.testing.assert_allclose(b["log_px_iw"].values, a["log_px"].values, rtol=1e-6)  # same seed: same draws
+    assert iw.exit_code == 0
 
 
 @pytest.mark.slow
@@ -54,7 +66,7 @@ def test_bdmc_prints_the_sandwich_for_each_step_count(run_dir, tmp_path):
     result = _invoke(
         [
             run_dir,
-            "--method",
+            "--estimator",
             "bdmc",
             "--ais-steps",
             2,
@@ -80,7 +92,7 @@ def test_bdmc_prints_the_sandwich_for_each_step_count(run_dir, tmp_path):
 def test_warnings_name_weak_estimates_and_what_to_do():
     ds = xr.Dataset(
         {"khat": ("datapoint", [0.2, 0.95, 0.4]), "ess": ("datapoint", [300.0, 2.0, 150.0])},
-        attrs={"method": "iw", "num_samples": 1000},
+        attrs={"estimator": "iw", "num_samples": 1000},
     )
     lines = Evaluation(ds).warnings
     assert len(lines) == 2
@@ -88,13 +100,13 @@ def test_warnings_name_weak_estimates_and_what_to_do():
     assert "ESS < 10 for 1 of 3 datapoints" in lines[1]
     ais = xr.Dataset(
         {"ess": ("datapoint", [1.5, 2.0, 15.0]), "accept_rate": ("datapoint", [0.1, 0.2, 0.3])},
-        attrs={"method": "ais", "num_chains": 16},
+        attrs={"estimator": "ais", "num_chains": 16},
     )
     lines = Evaluation(ais).warnings
     assert any("chain ESS < 8 of 16 for 2 of 3" in line and "--ais-steps" in line for line in lines)
     assert any("acceptance is 0.20" in line for line in lines)
     good = xr.Dataset(
-        {"khat": ("datapoint", [0.2]), "ess": ("datapoint", [500.0])}, attrs={"method": "iw", "num_samples": 1000}
+        {"khat": ("datapoint", [0.2]), "ess": ("datapoint", [500.0])}, attrs={"estimator": "iw", "num_samples": 1000}
     )
     assert Evaluation(good).warnings == []
 
@@ -120,7 +132,7 @@ def test_out_not_writable_is_refused_before_any_work(run_dir, tmp_path, monkeypa
     monkeypatch.setattr(
         evaluation.os, "access", lambda path, mode: False if mode & os.W_OK else real_access(path, mode)
     )
-    _one_line_error(_invoke([run_dir, "--method", "ais", "--out", tmp_path / "new"]), "--out")
+    _one_line_error(_invoke([run_dir, "--estimator", "ais", "--out", tmp_path / "new"]), "--out")
     assert not list((tmp_path / "new").iterdir())
 
 
@@ -138,10 +150,10 @@ def test_out_in_a_read_only_folder_is_refused(run_dir, tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--method", "ais", "--ais-steps", 0], "--ais-steps must be >= 1"),
-        (["--method", "ais", "--num-chains", 0], "--num-chains must be >= 1"),
-        (["--method", "ais", "--step-size", 0], "--step-size must be > 0"),
-        (["--method", "ais", "--ais-steps", 3, "--ais-steps", 4], "--method ais takes one --ais-steps"),
+        (["--estimator", "ais", "--ais-steps", 0], "--ais-steps must be >= 1"),
+        (["--estimator", "ais", "--num-chains", 0], "--num-chains must be >= 1"),
+        (["--estimator", "ais", "--step-size", 0], "--step-size must be > 0"),
+        (["--estimator", "ais", "--ais-steps", 3, "--ais-steps", 4], "AIS takes one number of temperatures"),
     ],
 )
 def test_bad_ais_options_give_one_line_errors(run_dir, args, message):

@@ -32,14 +32,14 @@ def test_evaluate_prints_and_saves_estimates(run_dir, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    assert "K = 20" in result.output and "log p̂(x) (IW)" in result.output
+    assert "num_samples=20" in result.output and "log p̂(x) (iw)" in result.output
     ds = results.load_netcdf(tmp_path / "evaluation.nc")
     assert ds.sizes["datapoint"] == 15 and ds.attrs["num_samples"] == 20
     # the IW estimate is the log of a mean of weights, so it is at least their log-mean (the ELBO)
-    assert bool((ds["log_likelihood"] >= ds["elbo"] - 1e-9).all())
+    assert bool((ds["log_px"] >= ds["elbo"] - 1e-9).all())
     assert bool(((ds["ess"] >= 1 - 1e-9) & (ds["ess"] <= 20 + 1e-9)).all())
     csv = (tmp_path / "evaluation.csv").read_text().splitlines()
-    assert len(csv) == 16 and "log_likelihood" in csv[0]
+    assert len(csv) == 16 and "log_px" in csv[0]
 
 
 def test_compare_writes_self_contained_report_and_tables(run_dir, tmp_path):

@@ -82,7 +82,7 @@ def test_evaluate_works_on_hierarchical_runs(runs, tmp_path, method, extra):
     for run in runs:
         out = tmp_path / run.name
         result = invoke(
-            "evaluate", run, "--method", method, *extra, "--num-datapoints", "6", "--out", out, "--no-progress"
+            "evaluate", run, "--estimator", method, *extra, "--num-datapoints", "6", "--out", out, "--no-progress"
         )
         assert result.exit_code == 0, result.output
         assert "log p(x)" in result.output

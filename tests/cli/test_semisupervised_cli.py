@@ -115,11 +115,11 @@ def test_evaluate_scores_m2_on_x_alone(m2_run, tmp_path):
     per_class = enumerated_estimate(
         run.vae.model, run.vae.guide, sel.x, site="y", num_values=10, num_samples=200, seed=0
     )
-    se = np.sqrt(iw["log_likelihood_stderr"].values ** 2 + per_class.log_likelihood_stderr.numpy() ** 2)
-    gap = iw["log_likelihood"].values - per_class.log_likelihood.numpy()
+    se = np.sqrt(iw["log_px_stderr"].values ** 2 + per_class.log_px_stderr.numpy() ** 2)
+    gap = iw["log_px"].values - per_class.log_px.numpy()
     assert (np.abs(gap) < 4 * se + 0.05).all(), (gap, se)
     labelled = per_class.log_joint.gather(-1, torch.as_tensor(sel.labels).unsqueeze(-1)).squeeze(-1).numpy()
-    assert (labelled < iw["log_likelihood"].values).all()
+    assert (labelled < iw["log_px"].values).all()
 
 
 def test_resume_refuses_another_labelled_split(m2_run, tmp_path):

@@ -8,7 +8,7 @@ import torch
 
 from ppl_vae.inference.ais import (
     AISSettings,
-    ais_log_likelihood,
+    ais_log_px,
     bdmc,
     linear_schedule,
     log_mean_exp_stats,
@@ -39,7 +39,7 @@ def test_schedules_run_from_zero_to_one_and_increase(schedule):
 def test_ais_from_the_prior_matches_exact_log_marginal_within_its_standard_error(lg):
     vae, x, exact = lg
     x, exact = x.repeat(2, 1), np.tile(exact, 2)  # 16 independent estimates
-    ds = ais_log_likelihood(vae.model, None, x, num_steps=200, num_chains=16, seed=1)
+    ds = ais_log_px(vae.model, None, x, num_steps=200, num_chains=16, seed=1)
     err = ds["log_px"].values - exact
     se = ds["log_px_stderr"].values
     z = err / se
@@ -101,7 +101,7 @@ def lg_128(one_thread):
 def test_ais_error_shrinks_with_steps_and_short_runs_underestimate(lg_128):
     vae, x, exact = lg_128
     errors = {
-        steps: ais_log_likelihood(vae.model, None, x, num_steps=steps, num_chains=2, seed=2)["log_px"].values - exact
+        steps: ais_log_px(vae.model, None, x, num_steps=steps, num_chains=2, seed=2)["log_px"].values - exact
         for steps in (3, 300)
     }
     assert check_ais_closes(errors[3], errors[300]) == []
@@ -120,7 +120,7 @@ def test_the_ais_check_fails_for_a_broken_estimator(lg_128, monkeypatch):
         lambda steps, schedule: torch.cat([real(steps, schedule)[:-1], torch.tensor([1.6], dtype=torch.float64)]),
     )
     errors = {
-        steps: ais_log_likelihood(vae.model, None, x, num_steps=steps, num_chains=2, seed=2)["log_px"].values - exact
+        steps: ais_log_px(vae.model, None, x, num_steps=steps, num_chains=2, seed=2)["log_px"].values - exact
         for steps in (3, 300)
     }
     assert check_ais_closes(errors[3], errors[300]) != []
@@ -129,7 +129,7 @@ def test_the_ais_check_fails_for_a_broken_estimator(lg_128, monkeypatch):
 @pytest.mark.parametrize("adaptation", ["pilot", "online", "none"])
 def test_step_size_adaptation_modes(lg, adaptation):
     vae, x, _ = lg
-    ds = ais_log_likelihood(
+    ds = ais_log_px(
         vae.model,
         None,
         x,
@@ -148,7 +148,7 @@ def test_step_size_adaptation_modes(lg, adaptation):
 
 def test_ais_from_exact_posterior_guide_is_exact_for_any_steps(lg):
     vae, x, exact = lg
-    ds = ais_log_likelihood(vae.model, vae.exact_posterior_guide, x, num_steps=4, num_chains=3, seed=0)
+    ds = ais_log_px(vae.model, vae.exact_posterior_guide, x, num_steps=4, num_chains=3, seed=0)
     # f_beta = q p(x)^beta: every weight is p(x), whatever the chains do
     np.testing.assert_allclose(ds["log_px"].values, exact, atol=1e-4)
     np.testing.assert_allclose(ds["ess"].values, 3.0, rtol=1e-4)
@@ -156,8 +156,8 @@ def test_ais_from_exact_posterior_guide_is_exact_for_any_steps(lg):
 
 def test_traced_model_path_gives_the_fast_path_result(lg):
     vae, x, _ = lg
-    fast = ais_log_likelihood(vae.model, vae.guide, x, num_steps=6, num_chains=2, seed=3)
-    traced = ais_log_likelihood(
+    fast = ais_log_px(vae.model, vae.guide, x, num_steps=6, num_chains=2, seed=3)
+    traced = ais_log_px(
         lambda x_, **kw: vae.model(x_, **kw), lambda x_, **kw: vae.guide(x_, **kw), x, num_steps=6, num_chains=2, seed=3
     )
     np.testing.assert_allclose(fast["log_px"].values, traced["log_px"].values, atol=1e-4)
@@ -252,4 +252,4 @@ def test_bad_arguments_name_the_argument(lg, kwargs, message):
     settings = AISSettings(**{k: v for k, v in kwargs.items() if k in fields})
     direct = {k: v for k, v in kwargs.items() if k not in fields}
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        ais_log_likelihood(vae.model, None, x, settings=settings, **{"num_steps": 2, **direct})
+        ais_log_px(vae.model, None, x, settings=settings, **{"num_steps": 2, **direct})

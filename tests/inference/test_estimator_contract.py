@@ -11,7 +11,7 @@ import torch
 
 from ppl_vae.analysis.diagnostics import collapse_diagnostics
 from ppl_vae.analysis.gaps import gap_decomposition
-from ppl_vae.inference.ais import ais_log_likelihood, bdmc, simulate_data
+from ppl_vae.inference.ais import ais_log_px, bdmc, simulate_data
 from ppl_vae.inference.importance import elbo_per_datapoint, importance_estimate
 from ppl_vae.inference.local_flows import fit_local_flow
 from ppl_vae.inference.marginal import hmc_log_marginal
@@ -37,13 +37,13 @@ def _estimators(model, x):
     m, g = model.model, model.guide
     return {
         "elbo": lambda: elbo_per_datapoint(m, g, x, num_particles=4),
-        "iw": lambda: importance_estimate(m, g, x, num_samples=30, seed=1).log_likelihood,
+        "iw": lambda: importance_estimate(m, g, x, num_samples=30, seed=1).log_px,
         "mean_field": lambda: (
             fit_mean_field(
-                m, x, guide=g, max_steps=20, window=10, polish_steps=20, num_eval_samples=10, progress=False, seed=1
+                m, g, x, max_steps=20, window=10, polish_steps=20, num_eval_samples=10, progress=False, seed=1
             ).loc
         ),
-        "local_flow": lambda: fit_local_flow(m, x, guide=g, max_steps=10, window=5, num_eval_samples=10, seed=1).elbo,
+        "local_flow": lambda: fit_local_flow(m, g, x, max_steps=10, window=5, num_eval_samples=10, seed=1).elbo,
         "gaps": lambda: torch.from_numpy(
             gap_decomposition(
                 m,
@@ -56,12 +56,12 @@ def _estimators(model, x):
             )["estimate"].values
         ),
         "ais": lambda: torch.from_numpy(
-            ais_log_likelihood(m, g, x, num_steps=5, num_chains=2, seed=1)["log_px"].values
+            ais_log_px(m, g, x, num_steps=5, num_chains=2, seed=1)["log_px"].values
         ),
         "bdmc": lambda: torch.from_numpy(
             bdmc(m, None, *simulate_data(m, x, seed=2), step_counts=(3,), num_chains=2, seed=1)["upper"].values
         ),
-        "appendix_d": lambda: hmc_log_marginal(m, x, num_samples=20, warmup_steps=10, seed=1),
+        "appendix_d": lambda: hmc_log_marginal(m, None, x, num_samples=20, warmup_steps=10, seed=1),
         "diagnostics": lambda: torch.from_numpy(collapse_diagnostics(m, g, x)["activity"].values),
     }
 

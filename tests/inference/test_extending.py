@@ -107,7 +107,7 @@ def test_the_doc_method_takes_its_updates_in_one_step(extended, one_thread):
 def test_mcem_options_are_reachable_and_checked(tmp_path, one_thread):
     """MCEM's HMC settings were keyword arguments only Python could pass; now method options."""
     vae = build_vae("bernoulli_mlp", (1, 8, 8), latent_dim=2, hidden_dim=8)
-    stepper = make_stepper(vae, TrainConfig(method="mcem", method_options={"num_steps": 3, "warmup_steps": 2}))
-    assert (stepper.num_steps, stepper.warmup_steps) == (3, 2)
+    stepper = make_stepper(vae, TrainConfig(method="mcem", method_options={"num_leapfrog_steps": 3, "warmup_steps": 2}))
+    assert (stepper.num_leapfrog_steps, stepper.warmup_steps) == (3, 2)
     with pytest.raises(ConfigError, match=r"train.method_options: method 'mcem': option 'target_accept_prob'"):
         make_stepper(vae, TrainConfig(method="mcem", method_options={"target_accept_prob": 1.5}))

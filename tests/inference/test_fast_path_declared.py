@@ -36,12 +36,12 @@ def test_the_tempered_subclass_is_scored_as_the_program_it_wrote():
     est_user = importance_estimate(user.model, user.guide, x, num_samples=200, seed=0)
     # same weights, same seed: with the tempered joint the log weights are 0.5 log p(x,z) - log q(z|x),
     # so the estimates differ by far more than their Monte Carlo error (they were equal before)
-    base_v, user_v = (e.log_likelihood for e in (est_base, est_user))
-    base_se, user_se = (e.log_likelihood_stderr for e in (est_base, est_user))
+    base_v, user_v = (e.log_px for e in (est_base, est_user))
+    base_se, user_se = (e.log_px_stderr for e in (est_base, est_user))
     assert bool(((base_v - user_v).abs() > 10 * (base_se + user_se)).all())
     # and the traced numbers are the tempered program's: through the base model's traces by hand
     traced = importance_estimate(lambda x, **k: _scaled(base.model, x, **k), base.guide, x, num_samples=200, seed=0)
-    assert torch.allclose(traced.log_likelihood, user_v, atol=1e-4)
+    assert torch.allclose(traced.log_px, user_v, atol=1e-4)
 
 
 def _scaled(model, x, **kwargs):

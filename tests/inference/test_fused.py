@@ -119,15 +119,7 @@ def test_mean_field_vi_fast_path_equals_pyro_path(elbo):
     for model in (vae.model, lambda x_, **kw: vae.model(x_, **kw)):  # the protocol, then traces
         results.append(
             fit_mean_field(
-                model,
-                x,
-                guide=vae.guide,
-                elbo=elbo,
-                max_steps=60,
-                window=20,
-                num_eval_samples=10,
-                progress=False,
-                seed=11,
+                model, vae.guide, x, elbo=elbo, max_steps=60, window=20, num_eval_samples=10, progress=False, seed=11
             )
         )
     assert torch.allclose(results[0].loc, results[1].loc, atol=1e-5)

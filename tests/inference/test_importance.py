@@ -15,7 +15,7 @@ from ppl_vae.inference.importance import (
     elbo_per_datapoint,
     importance_estimate,
     importance_samples,
-    iw_log_likelihood,
+    iw_log_px,
 )
 from ppl_vae.models.linear_gaussian import LinearGaussianVAE
 from tests.conftest import requires_cuda
@@ -42,7 +42,7 @@ def test_exact_posterior_guide_gives_log_marginal_for_every_k(lg, num_samples, p
         batch_size=5,
         particle_batch_size=particle_batch_size,
     )
-    assert torch.allclose(est.log_likelihood, exact, atol=1e-4)
+    assert torch.allclose(est.log_px, exact, atol=1e-4)
     assert torch.allclose(est.elbo, exact, atol=1e-4)  # every weight equals p(x)
     assert torch.allclose(est.ess, torch.full_like(est.ess, float(num_samples)), rtol=1e-4)
 
@@ -56,7 +56,7 @@ def test_iw_rises_toward_exact_with_k_and_bounds_the_elbo(lg):
             importance_estimate(model.model, model.guide, x, num_samples=k, particle_batch_size=250)
             for _ in range(repeats)
         ]
-        bias[k] = torch.stack([r.log_likelihood - exact for r in runs]).mean().item()
+        bias[k] = torch.stack([r.log_px - exact for r in runs]).mean().item()
         elbo_bias[k] = torch.stack([r.elbo - exact for r in runs]).mean().item()
     closed_elbo_gap = (model.elbo_closed_form(x) - exact).mean().item()
     assert closed_elbo_gap < -1.0  # the untrained guide is poor, so K matters
@@ -80,9 +80,9 @@ def test_standard_error_predicts_the_spread_of_repeated_estimates(lg):
     model, x, _ = lg
     repeats = 200
     est = importance_estimate(model.model, model.guide, x[:3].repeat(repeats, 1), num_samples=200, batch_size=600)
-    estimates = est.log_likelihood.reshape(repeats, 3)  # independent repetitions of the same 3 points
+    estimates = est.log_px.reshape(repeats, 3)  # independent repetitions of the same 3 points
     spread = estimates.std(0)
-    predicted = est.log_likelihood_stderr.reshape(repeats, 3).median(0).values
+    predicted = est.log_px_stderr.reshape(repeats, 3).median(0).values
     ratio = spread / predicted
     assert torch.all((ratio > 0.5) & (ratio < 2.0)), ratio
 
@@ -125,13 +125,13 @@ def test_hand_written_pair_with_labels_sliced_per_batch():
     y = torch.arange(9.0) - 4
     exact = dist.Normal(y, math.sqrt(2.0)).log_prob(x)
     est = importance_estimate(shifted_model, exact_shifted_guide, x, num_samples=3, batch_size=4, y=y)
-    assert torch.allclose(est.log_likelihood, exact, atol=1e-5)
+    assert torch.allclose(est.log_px, exact, atol=1e-5)
     est = importance_estimate(
         shifted_model, wide_shifted_guide, x, num_samples=3000, batch_size=4, particle_batch_size=500, y=y
     )
-    assert torch.all((est.log_likelihood - exact).abs() < 5 * est.log_likelihood_stderr + 0.02)
+    assert torch.all((est.log_px - exact).abs() < 5 * est.log_px_stderr + 0.02)
     assert torch.allclose(
-        iw_log_likelihood(shifted_model, exact_shifted_guide, x, num_samples=2, batch_size=2, y=y), exact, atol=1e-5
+        iw_log_px(shifted_model, exact_shifted_guide, x, num_samples=2, batch_size=2, y=y), exact, atol=1e-5
     )
     assert elbo_per_datapoint(shifted_model, exact_shifted_guide, x, y=y).shape == (9,)
 
@@ -156,7 +156,7 @@ def test_estimate_to_dataset_and_concat(lg):
     ds = both.to_dataset(range(100, 112))
     assert ds.sizes["datapoint"] == 12 and int(ds.datapoint[0]) == 100
     assert ds.attrs["num_samples"] == 10
-    assert float(ds["log_likelihood"][5]) == pytest.approx(float(b.log_likelihood[1]))
+    assert float(ds["log_px"][5]) == pytest.approx(float(b.log_px[1]))
     with pytest.raises(ValueError, match="same num_samples"):
         concat_estimates([a, importance_estimate(model.model, model.guide, x[:2], num_samples=3)])
 
@@ -175,8 +175,8 @@ def test_exact_guide_on_cuda(lg):
     est = importance_estimate(
         model.model, model.exact_posterior_guide, x.cuda(), num_samples=50, particle_batch_size=16
     )
-    assert est.log_likelihood.is_cuda
-    assert torch.allclose(est.log_likelihood.cpu(), exact, atol=1e-3)
+    assert est.log_px.is_cuda
+    assert torch.allclose(est.log_px.cpu(), exact, atol=1e-3)
 
 
 def test_psis_khat_small_for_exact_posterior_guide_and_large_for_a_mis_scaled_guide(lg):
@@ -196,7 +196,7 @@ def test_psis_khat_small_for_exact_posterior_guide_and_large_for_a_mis_scaled_gu
     assert float(narrow.khat.mean()) > 0.8 and bool((narrow.khat > 0.5).all()), narrow.khat
     ds = narrow.to_dataset()
     assert "khat" in ds and all(ds[v].attrs["bound"] in ("lower bound", "upper bound", "neither") for v in ds.data_vars)
-    assert ds["log_likelihood"].attrs["bound"] == "lower bound" and ds.attrs["method"] == "iw"
+    assert ds["log_px"].attrs["bound"] == "lower bound" and ds.attrs["estimator"] == "iw"
 
 
 def test_psis_khat_needs_enough_samples_and_can_be_switched_off(lg):
@@ -226,6 +226,6 @@ def test_importance_estimate_scores_the_model_in_eval_mode_and_restores_its_mode
     for mode in (True, False):
         vae.train(mode)
         torch.manual_seed(1)
-        scores[mode] = importance_estimate(vae.model, vae.guide, x, num_samples=50).log_likelihood
+        scores[mode] = importance_estimate(vae.model, vae.guide, x, num_samples=50).log_px
         assert vae.training is mode and vae.encoder.drop.training is mode
     torch.testing.assert_close(scores[True], scores[False])

@@ -14,7 +14,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from ppl_vae.inference.importance import importance_estimate
+from ppl_vae.inference import estimators
 from ppl_vae.inference.stats import jackknife_log_mean_exp, leave_one_out_log_mean_exp
 from ppl_vae.models.linear_gaussian import LinearGaussianVAE
 
@@ -35,10 +35,10 @@ def errors():
 
     out = {}
     for k in (2, 8, 32):
-        e = importance_estimate(
-            model.model, wide_guide, x.repeat(REPEATS, 1), num_samples=k, jackknife=True, batch_size=2400, seed=k
+        e = estimators.estimate(
+            "jackknife", model.model, wide_guide, x.repeat(REPEATS, 1), num_samples=k, batch_size=2400, seed=k
         )
-        iw, jk = e.log_likelihood.double() - exact, e.log_likelihood_jackknife.double() - exact
+        iw, jk = e["log_px_iw"].double() - exact, e.log_px.double() - exact
         n = iw.numel()
         out[k] = (iw.mean(), iw.std() / math.sqrt(n), jk.mean(), jk.std() / math.sqrt(n))
     return out
@@ -80,13 +80,16 @@ def test_leave_one_out_and_jackknife_match_direct_computation():
         leave_one_out_log_mean_exp(log_w[:1])
 
 
-def test_the_dataset_says_it_bounds_neither_way():
+def test_the_dataset_says_it_bounds_neither_way_and_its_iw_is_the_iw_estimators():
     torch.manual_seed(1)
     model = LinearGaussianVAE(x_dim=4, latent_dim=2, sigma=0.5)
-    e = importance_estimate(model.model, model.guide, torch.randn(3, 4), num_samples=10, jackknife=True, seed=0)
-    ds = e.to_dataset()
-    assert ds["log_likelihood_jackknife"].attrs["bound"] == "neither"
-    assert "neither a lower nor an upper bound" in ds["log_likelihood_jackknife"].attrs["long_name"]
-    assert ds["log_likelihood"].attrs["bound"] == "lower bound"
+    x = torch.randn(3, 4)
+    ds = estimators.estimate("jackknife", model.model, model.guide, x, num_samples=10, seed=0).to_dataset()
+    assert ds["log_px"].attrs["bound"] == "neither"
+    assert "neither a lower nor an upper bound" in ds["log_px"].attrs["long_name"]
+    assert ds["log_px_iw"].attrs["bound"] == "lower bound"
+    # the same draws as IW for the same seed: its IW part is the "iw" estimator's number
+    iw = estimators.estimate("iw", model.model, model.guide, x, num_samples=10, seed=0)
+    assert ds["log_px_iw"].values.tolist() == pytest.approx(iw.log_px.tolist(), rel=1e-6)
     with pytest.raises(ValueError, match="needs num_samples >= 2"):
-        importance_estimate(model.model, model.guide, torch.randn(3, 4), num_samples=1, jackknife=True)
+        estimators.estimate("jackknife", model.model, model.guide, x, num_samples=1)

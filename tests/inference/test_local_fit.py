@@ -46,7 +46,7 @@ def _summary(result: Any) -> Dict[str, List[float]]:
     last = [float(row[~torch.isnan(row)][-1]) for row in trace]
     out = {
         "elbo": result.estimate.elbo.tolist(),
-        "log_likelihood": result.estimate.log_likelihood.tolist(),
+        "log_px": result.estimate.log_px.tolist(),
         "elbo_stderr": result.estimate.elbo_stderr.tolist(),
         "num_steps": [float(v) for v in result.num_steps.tolist()],
         "converged": [float(v) for v in result.converged.tolist()],
@@ -64,29 +64,25 @@ def _summary(result: Any) -> Dict[str, List[float]]:
 def _run(case: str) -> Dict[str, List[float]]:
     if case == "mean_field_linear_gaussian":
         vae, x = _linear_gaussian()
-        fit = fit_mean_field(
-            vae.model, x, guide=vae.guide, max_steps=150, polish_particles=16, polish_steps=50, **COMMON
-        )
+        fit = fit_mean_field(vae.model, vae.guide, x, max_steps=150, polish_particles=16, polish_steps=50, **COMMON)
     elif case == "mean_field_linear_gaussian_trace_prior_no_polish":
         vae, x = _linear_gaussian()
         fit = fit_mean_field(
-            vae.model, x, init="prior", elbo="trace", num_particles=2, max_steps=60, polish=False, **COMMON
+            vae.model, None, x, init="prior", elbo="trace", num_particles=2, max_steps=60, polish=False, **COMMON
         )
     elif case == "mean_field_bernoulli_mlp":
         vae, x = _bernoulli_mlp()
-        fit = fit_mean_field(
-            vae.model, x, guide=vae.guide, max_steps=150, polish_particles=16, polish_steps=50, **COMMON
-        )
+        fit = fit_mean_field(vae.model, vae.guide, x, max_steps=150, polish_particles=16, polish_steps=50, **COMMON)
     elif case == "local_flow_linear_gaussian":
         vae, x = _linear_gaussian()
-        fit = fit_local_flow(vae.model, x, guide=vae.guide, num_flows=1, max_steps=100, num_particles=4, **COMMON)
+        fit = fit_local_flow(vae.model, vae.guide, x, num_flows=1, max_steps=100, num_particles=4, **COMMON)
     elif case == "local_flow_linear_gaussian_given_start_no_stl":
         vae, x = _linear_gaussian()
         loc, scale = vae.optimal_mean_field(x)
-        fit = fit_local_flow(vae.model, x, init_loc=loc, init_scale=scale, stl=False, max_steps=60, **COMMON)
+        fit = fit_local_flow(vae.model, None, x, init_loc=loc, init_scale=scale, stl=False, max_steps=60, **COMMON)
     elif case == "local_flow_bernoulli_mlp":
         vae, x = _bernoulli_mlp()
-        fit = fit_local_flow(vae.model, x, init="prior", max_steps=100, num_particles=4, **COMMON)
+        fit = fit_local_flow(vae.model, None, x, init="prior", max_steps=100, num_particles=4, **COMMON)
     else:
         raise AssertionError(case)
     return _summary(fit)
@@ -95,7 +91,7 @@ def _run(case: str) -> Dict[str, List[float]]:
 PINNED: Dict[str, Dict[str, List[float]]] = {
     "mean_field_linear_gaussian": {
         "elbo": [-16.335281372070312, -5.497072696685791, -59.22639846801758, -6.2763752937316895, -37.6907958984375],
-        "log_likelihood": [
+        "log_px": [
             -16.19559097290039,
             -5.143447399139404,
             -59.01127624511719,
@@ -148,7 +144,7 @@ PINNED: Dict[str, Dict[str, List[float]]] = {
     },
     "mean_field_linear_gaussian_trace_prior_no_polish": {
         "elbo": [-37.015987396240234, -10.766819953918457, -67.58071899414062, -13.431777954101562, -41.29966735839844],
-        "log_likelihood": [
+        "log_px": [
             -22.967853546142578,
             -5.398436546325684,
             -57.79692459106445,
@@ -195,7 +191,7 @@ PINNED: Dict[str, Dict[str, List[float]]] = {
     },
     "mean_field_bernoulli_mlp": {
         "elbo": [-43.14653015136719, -44.24162292480469, -45.72837448120117, -45.17671203613281, -46.39631271362305],
-        "log_likelihood": [
+        "log_px": [
             -43.13676834106445,
             -44.224998474121094,
             -45.726661682128906,
@@ -248,7 +244,7 @@ PINNED: Dict[str, Dict[str, List[float]]] = {
     },
     "local_flow_linear_gaussian": {
         "elbo": [-17.387168884277344, -4.93319034576416, -63.608726501464844, -7.653408050537109, -37.396095275878906],
-        "log_likelihood": [
+        "log_px": [
             -16.09185028076172,
             -4.705540180206299,
             -58.88780212402344,
@@ -270,7 +266,7 @@ PINNED: Dict[str, Dict[str, List[float]]] = {
     },
     "local_flow_linear_gaussian_given_start_no_stl": {
         "elbo": [-16.26639747619629, -5.005723476409912, -58.97932815551758, -5.905232906341553, -37.232967376708984],
-        "log_likelihood": [
+        "log_px": [
             -16.178634643554688,
             -4.992557525634766,
             -58.84782028198242,
@@ -292,7 +288,7 @@ PINNED: Dict[str, Dict[str, List[float]]] = {
     },
     "local_flow_bernoulli_mlp": {
         "elbo": [-43.132537841796875, -44.22021484375, -45.73636245727539, -45.16361999511719, -46.4077033996582],
-        "log_likelihood": [
+        "log_px": [
             -43.12839889526367,
             -44.21305465698242,
             -45.73481750488281,

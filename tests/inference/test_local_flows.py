@@ -26,6 +26,7 @@ def test_flow_q_star_gets_closer_to_log_evidence_than_the_diagonal_optimum(one_t
     assert diagonal_gap > 0.2  # the posterior is correlated: the diagonal family has a real gap
     result = fit_local_flow(
         vae.model,
+        None,
         x,
         init_loc=loc,
         init_scale=scale,
@@ -47,10 +48,10 @@ def test_flow_q_star_gets_closer_to_log_evidence_than_the_diagonal_optimum(one_t
 def test_convergence_flag_says_whether_the_plateau_rule_was_met(one_thread):
     vae = _correlated_vae()
     x = torch.randn(4, 4)
-    short = fit_local_flow(vae.model, x, guide=vae.guide, max_steps=40, window=20, num_eval_samples=50)
+    short = fit_local_flow(vae.model, vae.guide, x, max_steps=40, window=20, num_eval_samples=50)
     assert not short.converged.any() and (short.num_steps == 40).all()
     loose = fit_local_flow(
-        vae.model, x, guide=vae.guide, max_steps=400, window=20, tol=0.05, num_lr_decays=0, num_eval_samples=50
+        vae.model, vae.guide, x, max_steps=400, window=20, tol=0.05, num_lr_decays=0, num_eval_samples=50
     )
     assert loose.converged.all() and (loose.num_steps < 400).all()
 
@@ -62,8 +63,8 @@ def test_a_hand_written_model_goes_through_pyro_and_improves_on_the_prior_start(
     def model(x, **kwargs):  # not a VAE's method: the Pyro path
         return vae.model(x, **kwargs)
 
-    start = fit_local_flow(model, x, init="prior", max_steps=1, num_eval_samples=2000).elbo
-    fitted = fit_local_flow(model, x, init="prior", max_steps=120, lr=0.05, num_eval_samples=2000).elbo
+    start = fit_local_flow(model, None, x, init="prior", max_steps=1, num_eval_samples=2000).elbo
+    fitted = fit_local_flow(model, None, x, init="prior", max_steps=120, lr=0.05, num_eval_samples=2000).elbo
     assert (fitted > start + 0.5).all()
     assert (fitted < vae.exact_log_marginal(x) + 0.05).all()
 
@@ -87,10 +88,10 @@ def test_bad_arguments_are_value_errors():
     vae = _correlated_vae()
     x = torch.randn(3, 4)
     with pytest.raises(ValueError, match="num_flows must be an integer >= 1"):
-        fit_local_flow(vae.model, x, guide=vae.guide, num_flows=0)
+        fit_local_flow(vae.model, vae.guide, x, num_flows=0)
     with pytest.raises(ValueError, match="init='encoder' needs the amortized guide"):
-        fit_local_flow(vae.model, x)
+        fit_local_flow(vae.model, None, x)
     with pytest.raises(ValueError, match="init_loc and init_scale go together"):
-        fit_local_flow(vae.model, x, init_loc=torch.zeros(3, 2))
+        fit_local_flow(vae.model, None, x, init_loc=torch.zeros(3, 2))
     with pytest.raises(ValueError, match=r"must be \(num_data=3, latent_dim\)"):
-        fit_local_flow(vae.model, x, init_loc=torch.zeros(2, 2), init_scale=torch.ones(2, 2))
+        fit_local_flow(vae.model, None, x, init_loc=torch.zeros(2, 2), init_scale=torch.ones(2, 2))

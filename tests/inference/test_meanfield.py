@@ -32,7 +32,7 @@ def test_default_settings_reach_the_best_diagonal_gaussian(init, fast):
     x = torch.randn(40, 5)
     before = [p.detach().clone() for p in model.parameters()]
     fn = model.model if fast else (lambda x_, **kw: model.model(x_, **kw))  # a lambda goes through traces
-    result = fit_mean_field(fn, x, guide=model.guide, init=init, progress=False)
+    result = fit_mean_field(fn, model.guide, x, init=init, progress=False)
     with torch.no_grad():
         loc, scale = model.optimal_mean_field(x)
         post_loc, _ = model.exact_posterior(x)
@@ -54,7 +54,7 @@ def test_default_settings_reach_the_best_diagonal_gaussian(init, fast):
 
 def test_without_the_polish_noisy_adam_is_reported_not_converged(lg):
     model, x = lg
-    result = fit_mean_field(model.model, x, guide=model.guide, polish=False, max_steps=100, progress=False)
+    result = fit_mean_field(model.model, model.guide, x, polish=False, max_steps=100, progress=False)
     assert result.converged.shape == (6,) and not bool(result.converged.any())
     assert result.grad_norm is None
     with torch.no_grad():
@@ -78,8 +78,8 @@ def test_encoder_init_starts_at_the_guide_and_batches_are_independent(lg):
     model, x = lg
     one_step = fit_mean_field(
         model.model,
+        model.guide,
         x,
-        guide=model.guide,
         init="encoder",
         lr=1e-9,
         max_steps=1,
@@ -123,15 +123,15 @@ def test_moments_of_a_guide_without_closed_form_moments_are_sampled(lg):
 def test_bad_arguments(lg):
     model, x = lg
     with pytest.raises(ValueError, match="needs the amortized guide"):
-        fit_mean_field(model.model, x, init="encoder", progress=False)
+        fit_mean_field(model.model, None, x, init="encoder", progress=False)
     with pytest.raises(ValueError, match="valid mean-field inits: encoder, prior"):
-        fit_mean_field(model.model, x, init="nowhere", progress=False)
+        fit_mean_field(model.model, None, x, init="nowhere", progress=False)
     with pytest.raises(ValueError, match="lr must be"):
-        fit_mean_field(model.model, x, init="prior", lr=-1.0, progress=False)
+        fit_mean_field(model.model, None, x, init="prior", lr=-1.0, progress=False)
     with pytest.raises(ValueError, match="max_steps"):
-        fit_mean_field(model.model, x, init="prior", max_steps=0, progress=False)
+        fit_mean_field(model.model, None, x, init="prior", max_steps=0, progress=False)
     with pytest.raises(ValueError, match="gtol must be"):
-        fit_mean_field(model.model, x, init="prior", gtol=0.0, progress=False)
+        fit_mean_field(model.model, None, x, init="prior", gtol=0.0, progress=False)
     with pytest.raises(ValueError, match="polish_particles"):
-        fit_mean_field(model.model, x, init="prior", polish_particles=0, progress=False)
+        fit_mean_field(model.model, None, x, init="prior", polish_particles=0, progress=False)
     assert set(MEAN_FIELD_INITS) == {"encoder", "prior"}

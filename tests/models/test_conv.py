@@ -8,7 +8,7 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from ppl_vae.errors import DataError
-from ppl_vae.inference.importance import elbo_per_datapoint, iw_log_likelihood
+from ppl_vae.inference.importance import elbo_per_datapoint, iw_log_px
 from ppl_vae.models import MODELS, build_vae
 from ppl_vae.models.conv import ConvDecoder, ConvEncoder
 
@@ -38,7 +38,7 @@ def test_networks_keep_extra_leading_batch_dims(likelihood):
     assert all(p.shape == (4, 5, 1, 28, 28) for p in params)
     torch.testing.assert_close(vae.decoder(z[2])[0], params[0][2])
     # the IW estimator puts the particle dim in front; per-datapoint results come back
-    log_px = iw_log_likelihood(vae.model, vae.guide, torch.rand(5, 1, 28, 28), num_samples=3)
+    log_px = iw_log_px(vae.model, vae.guide, torch.rand(5, 1, 28, 28), num_samples=3)
     assert log_px.shape == (5,) and torch.isfinite(log_px).all()
 
 
@@ -71,7 +71,7 @@ def test_iw_estimate_is_exact_when_the_decoder_ignores_z_and_the_guide_is_the_pr
     vae.decoder.register_forward_hook(lambda mod, inp, out: tuple(o + bias for o in out))
     x = torch.bernoulli(torch.full((4, 1, 28, 28), 0.3))
     exact = torch.distributions.Bernoulli(logits=bias).log_prob(x).flatten(1).sum(-1)
-    torch.testing.assert_close(iw_log_likelihood(vae.model, vae.guide, x, num_samples=7), exact)
+    torch.testing.assert_close(iw_log_px(vae.model, vae.guide, x, num_samples=7), exact)
     torch.testing.assert_close(elbo_per_datapoint(vae.model, vae.guide, x, num_particles=3), exact)
 
 

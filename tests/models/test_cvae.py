@@ -9,7 +9,7 @@ from pyro.infer import Trace_ELBO
 
 from ppl_vae.config import TrainConfig
 from ppl_vae.data.datasets import Dataset
-from ppl_vae.inference.importance import elbo_per_datapoint, iw_log_likelihood
+from ppl_vae.inference.importance import elbo_per_datapoint, iw_log_px
 from ppl_vae.inference.training import train
 from ppl_vae.models import MODELS, build_vae
 
@@ -67,7 +67,7 @@ def test_shapes_with_a_particle_dim_and_every_site_in_the_data_plate(likelihood)
     assert loc.shape == scale.shape == (5, 2)
     params = vae.decode_params(torch.randn(4, 5, 2), y)
     assert len(params) == vae.likelihood.num_params and all(p.shape == (4, 5, *SHAPE) for p in params)
-    log_px = iw_log_likelihood(vae.model, vae.guide, x, num_samples=6, y=y)
+    log_px = iw_log_px(vae.model, vae.guide, x, num_samples=6, y=y)
     assert log_px.shape == (5,) and torch.isfinite(log_px).all()
     loss = Trace_ELBO().differentiable_loss(vae.model, vae.guide, x, y, num_data=50)
     loss.backward()
@@ -113,7 +113,7 @@ def test_iw_estimate_is_exact_when_the_decoder_ignores_z_and_the_guide_is_the_pr
     y = torch.tensor([0, 1, 2, 2, 1, 0])
     logits = torch.linspace(-1.5, 1.5, 64) + (y[:, None] + 1.0) * torch.linspace(-1.0, 1.0, 64)
     exact = torch.distributions.Bernoulli(logits=logits).log_prob(x.flatten(1)).sum(-1)
-    torch.testing.assert_close(iw_log_likelihood(vae.model, vae.guide, x, num_samples=5, y=y), exact)
+    torch.testing.assert_close(iw_log_px(vae.model, vae.guide, x, num_samples=5, y=y), exact)
     torch.testing.assert_close(elbo_per_datapoint(vae.model, vae.guide, x, y=y), exact)
 
 

@@ -193,7 +193,7 @@ def test_gmvae_log_likelihood_with_the_component_summed_out_is_the_mixture_margi
     exact = cf.exact_log_marginal(x)
     est = enumerated_estimate(vae.model, vae.guide, x, site="c", num_values=2, num_samples=3, seed=0)
     # the exact posterior as guide: every importance weight is p(x, c), for any K
-    assert torch.allclose(est.log_likelihood, exact, atol=1e-8)
+    assert torch.allclose(est.log_px, exact, atol=1e-8)
     assert torch.allclose(est.log_posterior.exp().T, (cf._per_component(x)[0] - exact).exp(), atol=1e-8)
     assert torch.allclose(est.elbo, exact, atol=1e-8)  # the ELBO is tight too
 
@@ -202,13 +202,13 @@ def test_gmvae_with_an_inexact_guide_bounds_and_meets_the_marginal():
     vae, cf, x = linear_gmvae(perturb=0.4)
     exact = cf.exact_log_marginal(x)
     est = enumerated_estimate(vae.model, vae.guide, x, site="c", num_values=2, num_samples=4000, seed=0)
-    gap = est.log_likelihood - exact
-    se = est.log_likelihood_stderr
+    gap = est.log_px - exact
+    se = est.log_px_stderr
     assert (gap.abs() < 4 * se + 1e-3).all(), gap
     assert ((est.elbo - exact) < 4 * est.elbo_stderr).all() and float((est.elbo - exact).mean().detach()) < -0.01
     # the core's generic path (the guide samples c, the model scores it) estimates the same p(x)
     generic = importance_estimate(vae.model, vae.guide, x, num_samples=2000, seed=1)
-    assert ((generic.log_likelihood - exact).abs() < 4 * generic.log_likelihood_stderr + 4 * se + 1e-3).all()
+    assert ((generic.log_px - exact).abs() < 4 * generic.log_px_stderr + 4 * se + 1e-3).all()
 
 
 def test_gmvae_model_sums_the_component_out_for_continuous_estimators():
@@ -237,10 +237,10 @@ def test_relaxed_gmvae_at_low_temperature_approaches_the_exact_discrete_marginal
     exact = cf.exact_log_marginal(x)
     with vae.exact_discrete():
         discrete = enumerated_estimate(vae.model, vae.guide, x, site="c", num_values=2, num_samples=2, seed=0)
-    assert vae.relaxed and torch.allclose(discrete.log_likelihood, exact, atol=1e-8)
+    assert vae.relaxed and torch.allclose(discrete.log_px, exact, atol=1e-8)
     relaxed = importance_estimate(vae.model, vae.guide, x, num_samples=4000, seed=0)
-    gap = float((relaxed.log_likelihood - exact).mean())
-    se = float(relaxed.log_likelihood_stderr.square().sum().sqrt()) / x.shape[0]
+    gap = float((relaxed.log_px - exact).mean())
+    se = float(relaxed.log_px_stderr.square().sum().sqrt()) / x.shape[0]
     assert abs(gap) < 4 * se + 0.02, (gap, se)
     assert se < 0.25  # sharp enough to see a model that is not the mixture (gaps of nats)
 

@@ -13,7 +13,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from ppl_vae.config import TrainConfig
-from ppl_vae.inference.ais import ais_log_likelihood, simulate_data
+from ppl_vae.inference.ais import ais_log_px, simulate_data
 from ppl_vae.inference.fused import fused_elbo_loss, supports_fused_elbo
 from ppl_vae.inference.importance import importance_estimate
 from ppl_vae.inference.latents import check_fast_path, model_layout
@@ -260,14 +260,14 @@ def test_with_the_exact_posterior_as_guide_every_weight_is_log_px(cls):
     vae = _linear_gaussian_vae(cls, lg)
     # the model is the closed-form one: same log p(x, z) at the closed form's own posterior draws
     est = importance_estimate(vae.model, vae.guide, x, num_samples=8, seed=0)
-    assert torch.allclose(est.log_likelihood, exact, atol=1e-8)
+    assert torch.allclose(est.log_px, exact, atol=1e-8)
     assert torch.allclose(est.elbo, exact, atol=1e-8)  # zero-variance weights: ELBO = IW = log p(x)
     traced = importance_estimate(lambda x: vae.model(x), lambda x: vae.guide(x), x, num_samples=8, seed=0)
-    assert torch.allclose(traced.log_likelihood, exact, atol=1e-8)
+    assert torch.allclose(traced.log_px, exact, atol=1e-8)
     # a wrong noise scale in the model is seen at once
     with torch.no_grad():
         vae.generative[0].head.bias[lg.z1_dim :] += 0.2
-    off = importance_estimate(vae.model, vae.guide, x, num_samples=8, seed=0).log_likelihood
+    off = importance_estimate(vae.model, vae.guide, x, num_samples=8, seed=0).log_px
     assert (off - exact).abs().mean() > 0.05
 
 
@@ -282,10 +282,10 @@ def test_iw_meets_the_exact_log_px_of_a_general_instance(cls, one_thread):
     est = importance_estimate(vae.model, vae.guide, x, num_samples=4000, seed=0)
     gap = (exact - est.elbo).mean()
     assert gap > 0.05  # the guide is visibly not the posterior ...
-    assert abs(pooled_z(est.log_likelihood, est.log_likelihood_stderr, exact)) < 3  # ... and IW still finds log p(x)
-    assert (est.log_likelihood - exact).mean().abs() < 0.1 * gap
+    assert abs(pooled_z(est.log_px, est.log_px_stderr, exact)) < 3  # ... and IW still finds log p(x)
+    assert (est.log_px - exact).mean().abs() < 0.1 * gap
     # AIS on the same model (the fast path's log prior and tempered likelihood) meets it too
-    ais = ais_log_likelihood(vae.model, None, x, num_steps=100, num_chains=8, seed=0)
+    ais = ais_log_px(vae.model, None, x, num_steps=100, num_chains=8, seed=0)
     se = torch.as_tensor(ais["log_px_stderr"].values)
     assert abs(pooled_z(torch.as_tensor(ais["log_px"].values), se, exact)) < 3
 

@@ -11,7 +11,7 @@ from pyro.infer import Trace_ELBO
 
 from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from ppl_vae.inference.fused import supports_fused_elbo
-from ppl_vae.inference.importance import elbo_per_datapoint, iw_log_likelihood
+from ppl_vae.inference.importance import elbo_per_datapoint, iw_log_px
 from ppl_vae.inference.objectives import dreg_loss, stl_loss
 from ppl_vae.models import (
     GUIDES,
@@ -112,7 +112,7 @@ def test_a_flow_guide_keeps_the_contract_for_the_estimators():
     vae = build_vae("bernoulli_mlp", (1, 4, 4), prior="flow", guide="iaf", latent_dim=3, hidden_dim=8)
     x = torch.bernoulli(torch.rand(5, 1, 4, 4))
     elbo = elbo_per_datapoint(vae.model, vae.guide, x, num_particles=300)
-    iw = iw_log_likelihood(vae.model, vae.guide, x, num_samples=300)
+    iw = iw_log_px(vae.model, vae.guide, x, num_samples=300)
     assert elbo.shape == iw.shape == (5,)
     assert (elbo < iw).all()  # Jensen: the K-sample bound lies above the ELBO
 
@@ -191,7 +191,7 @@ def test_a_run_with_flow_guide_and_vamp_prior_reloads_the_same_model(tmp_path):
     x = torch.bernoulli(torch.full((3, *run.vae.event_shape), 0.3))
     run.vae.eval()
     torch.manual_seed(5)
-    a = iw_log_likelihood(run.vae.model, run.vae.guide, x, num_samples=10)
+    a = iw_log_px(run.vae.model, run.vae.guide, x, num_samples=10)
     torch.manual_seed(5)
-    b = iw_log_likelihood(loaded.vae.model, loaded.vae.guide, x, num_samples=10)
+    b = iw_log_px(loaded.vae.model, loaded.vae.guide, x, num_samples=10)
     assert torch.allclose(a, b, atol=1e-5)

@@ -10,7 +10,7 @@ from ppl_vae.analysis.anomaly import anomaly_scores, detection_metrics, num_para
 from ppl_vae.config import TrainConfig
 from ppl_vae.data.datasets import Dataset
 from ppl_vae.errors import DataError
-from ppl_vae.inference.importance import iw_log_likelihood
+from ppl_vae.inference.importance import iw_log_px
 from ppl_vae.inference.training import train
 from ppl_vae.models import build_vae
 from ppl_vae.models.scvae import Fire
@@ -58,7 +58,7 @@ def test_shapes_with_particle_dims_and_finite_iw(model, event_shape, likelihood)
     (logits,) = vae.decoder(torch.randn(3, 5, 4))[:1]
     assert logits.shape == (3, 5, *event_shape)
     assert vae.sample(7).shape == (7, *event_shape)
-    log_px = iw_log_likelihood(vae.model, vae.guide, x, num_samples=4)
+    log_px = iw_log_px(vae.model, vae.guide, x, num_samples=4)
     assert log_px.shape == (5,) and torch.isfinite(log_px).all()
 
 

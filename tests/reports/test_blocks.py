@@ -99,7 +99,7 @@ def test_one_process_and_two_give_identical_per_datapoint_results(tiny_run, tmp_
         for result in made:
             assert isinstance(result.warnings, list) and all(isinstance(w, str) for w in result.warnings)
             assert result.num_datapoints == 30
-    ev = ["log_likelihood", "log_likelihood_stderr", "elbo", "elbo_stderr", "ess", "khat"]
+    ev = ["log_px", "log_px_stderr", "elbo", "elbo_stderr", "ess", "khat"]
     gaps = ["estimate", "stderr", "ess_mixture", "khat_mixture", "meanfield_loc", "meanfield_scale", "amortization_gap"]
     for name, vars_ in (("eval/evaluation.nc", ev), ("cmp/gaps.nc", gaps), ("multi/multirun.nc", ["value", "stderr"])):
         one, two = _values(outs[1] / name, vars_), _values(outs[2] / name, vars_)
@@ -108,7 +108,7 @@ def test_one_process_and_two_give_identical_per_datapoint_results(tiny_run, tmp_
     ds = results.load_netcdf(outs[1] / "eval/evaluation.nc")
     assert ds.sizes["datapoint"] == 30 and ds.attrs["num_datapoints"] == 30
     # blocks differ from each other (each block has its own seed, not one shared stream restarted)
-    assert not np.array_equal(ds["log_likelihood"].values[:8], ds["log_likelihood"].values[8:16])
+    assert not np.array_equal(ds["log_px"].values[:8], ds["log_px"].values[8:16])
 
 
 @pytest.mark.parametrize(
@@ -144,18 +144,18 @@ def test_multirun_iw_warnings_name_flags_that_compare_has():
     n = 4
     ds = xr.Dataset(
         {
-            "log_likelihood": ("datapoint", np.zeros(n)),
+            "log_px": ("datapoint", np.zeros(n)),
             "khat": ("datapoint", np.array([0.2, 0.9, 1.1, 0.3])),
             "ess": ("datapoint", np.array([50.0, 1.5, 1.2, 40.0])),
         },
-        attrs={"method": "iw", "num_samples": 100},
+        attrs={"estimator": "iw", "num_samples": 100},
     )
     evaluate_lines = [w for w in evaluation_warnings(ds) if "k̂" in w]
     compare_lines = [w for w in run_warnings(ds, "iw") if "k̂" in w]
     assert len(evaluate_lines) == len(compare_lines) == 1
     assert "2 of 4 datapoints" in compare_lines[0]
-    assert "--method ais (method='ais')" in evaluate_lines[0]  # evaluate's own flag
-    assert "--method ais (method" not in compare_lines[0] and "ppl-vae evaluate RUN --method ais" in compare_lines[0]
+    assert "--estimator, e.g. ais (estimator='ais')" in evaluate_lines[0]  # evaluate's own flag
+    assert "(estimator='ais')" not in compare_lines[0] and "ppl-vae evaluate RUN --estimator ais" in compare_lines[0]
 
 
 def test_gap_draws_do_not_depend_on_how_long_mean_field_vi_ran(tiny_run):
@@ -170,8 +170,8 @@ def test_gap_draws_do_not_depend_on_how_long_mean_field_vi_ran(tiny_run):
     results = {}
     for steps in (3, 30):
         options = {"max_steps": steps, "tol": 0.0, "polish": False, "batch_size": 40}
-        torch.manual_seed(11)  # the block's own stream, as _score_blocks seeds it
-        results[steps] = score_gaps(run, sel, 0, 40, 50, 20, options, seed=5)
+        torch.manual_seed(11)  # the block's own stream, as map_blocks seeds it
+        results[steps] = score_gaps(run, sel, 0, 40, 50, 20, options)
     short, long = results[3], results[30]
     amortized = ["ess_amortized", "khat_amortized"]
     for name in amortized:

@@ -29,7 +29,13 @@ def _synthetic(n=400, shift=0.3, seed=0):
                 "value": (("run", "datapoint", "quantity"), values),
                 "stderr": (("run", "datapoint", "quantity"), np.full_like(values, 0.05)),
             },
-            coords={"run": ["A", "B"], "datapoint": np.arange(n), "quantity": ["iw_amortized"]},
+            coords={
+                "run": ["A", "B"],
+                "datapoint": np.arange(n),
+                "quantity": ["iw_amortized"],
+                "bound": ("quantity", ["lower bound"]),
+                "description": ("quantity", ["log p̂(x) (iw)"]),
+            },
             attrs={"reference_run": "A"},
         ),
         a,
@@ -110,12 +116,15 @@ def test_compare_several_runs_from_the_cli(two_runs, tmp_path):
 def test_iw_estimator_and_refusals(two_runs, tmp_path):
     a, b = two_runs
     multi = compare_runs([a, b], estimator="iw", num_samples=5, num_datapoints=6, out_dir=tmp_path, progress=False)
-    assert list(multi.values.quantity.values) == ["iw_amortized", "elbo_amortized"]
+    assert list(multi.values.quantity.values) == ["log_px", "elbo"]
+    assert list(multi.values.bound.values) == ["lower bound", "lower bound"]
     assert multi.table.shape[0] == 4
     with pytest.raises(ValueError, match="at least two runs"):
         compare_runs([a], progress=False)
-    with pytest.raises(ValueError, match="estimator must be one of mis, iw"):
-        compare_runs([a, b], estimator="ais", progress=False)
+    with pytest.raises(ValueError, match="unknown estimator 'nope'; valid estimators: ais, appendix_d"):
+        compare_runs([a, b], estimator="nope", progress=False)
+    with pytest.raises(ValueError, match="--num-samples does not apply to estimator 'ais'"):
+        compare_runs([a, b], estimator="ais", num_samples=5, progress=False)
     other = _fit(tmp_path / "binary", binarize="threshold")  # other test data: no pairing possible
     result = CliRunner().invoke(
         cli,

@@ -1,0 +1,83 @@
+"""An estimator added by registering it is evaluated and compared by the CLI with no other change."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ppl_vae.analysis import results
+from ppl_vae.cli.main import cli
+from ppl_vae.inference import estimators
+from ppl_vae.inference.estimators import ESTIMATORS, Estimate, register_estimator
+from ppl_vae.inference.importance import importance_estimate
+from tests.cli.conftest import tiny_run
+from tests.conftest import one_line_error
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    return tiny_run(tmp_path_factory), tiny_run(tmp_path_factory, epochs=1)
+
+
+@pytest.fixture
+def half_iw(monkeypatch):
+    """A new estimator: IW with half the draws, registered as a plugin would (then removed)."""
+    estimators.names()  # the built-ins first
+    monkeypatch.setattr(ESTIMATORS, "_entries", dict(ESTIMATORS._entries))
+    monkeypatch.setattr(ESTIMATORS, "_docs", dict(ESTIMATORS._docs))
+
+    @register_estimator("iw_half", title="IW with half the draws", bound="lower bound")
+    def iw_half(model, guide, x, *, seed=None, num_samples=40, batch_size=100, progress=False, **kwargs):
+        e = importance_estimate(
+            model, guide, x, num_samples=num_samples // 2, batch_size=batch_size, seed=seed, **kwargs
+        )
+        return Estimate("iw_half", e.log_px, e.log_px_stderr, "lower bound", "IW with K/2 draws (nats)")
+
+    return iw_half
+
+
+def test_a_registered_estimator_is_evaluated_and_compared(two_runs, half_iw, tmp_path):
+    a, b = two_runs
+    runner = CliRunner()
+    result = runner.invoke(
+        cli, ["evaluate", str(a), "--estimator", "iw_half", "-k", "10", "--num-datapoints", "8", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        "log p(x) estimate" in result.output and "(iw_half: a stochastic lower bound" in result.output
+    )
+    ds = results.load_netcdf(tmp_path / "evaluation_iw_half.nc")
+    assert ds.attrs["estimator"] == "iw_half" and ds.sizes["datapoint"] == 8 and np.isfinite(ds["log_px"]).all()
+    result = runner.invoke(
+        cli,
+        ["compare", str(a), str(b), "--estimator", "iw_half", "-k", "10", "--num-datapoints", "8"]
+        + ["--out", str(tmp_path / "multi"), "--no-progress"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "log p̂(x) (iw_half)" in result.output
+    multi = results.load_netcdf(tmp_path / "multi" / "multirun.nc")
+    assert list(multi.quantity.values) == ["log_px"] and multi.attrs["estimator"] == "iw_half"
+
+
+def test_flags_that_do_not_apply_are_refused_before_any_work(two_runs, tmp_path):
+    a, b = two_runs
+    runner = CliRunner()
+    out = tmp_path / "never"
+    one_line_error(
+        runner.invoke(cli, ["evaluate", str(a), "--num-chains", "4", "--out", str(out)]),
+        "--num-chains does not apply to estimator 'iw' (it applies to ais, bdmc)",
+    )
+    one_line_error(
+        runner.invoke(cli, ["compare", str(a), str(b), "--estimator", "iw", "--mf-steps", "5", "--out", str(out)]),
+        "--mf-steps do not apply to estimator 'iw'",
+    )
+    one_line_error(
+        runner.invoke(cli, ["compare", str(a), "--estimator", "iw", "--out", str(out)]),
+        "--estimator iw applies to a comparison of several runs",
+    )
+    one_line_error(
+        runner.invoke(cli, ["compare", str(a), str(b), "--num-draws", "5", "--out", str(out)]),
+        "--num-draws applies to one run's compare",
+    )
+    assert not out.exists()
