@@ -212,7 +212,9 @@ def weight_chunks(
     jackknife, ...) draws the same ones for the same seed: batch b draws from a stream seeded by
     (``seed``, its first datapoint's index) (None: the caller's stream). Consume each batch's
     chunks before the next batch. Call it under ``torch.no_grad()`` with the model and guide in
-    eval mode (as :func:`importance_estimate` does).
+    eval mode (as :func:`importance_estimate` does). A guide with one row per datapoint of ``x``
+    (:class:`~ppl_vae.inference.meanfield.MeanFieldGuide`, a refined q) offers ``take(rows)``
+    and is given each batch's rows.
     """
     from tqdm.auto import tqdm
 
@@ -233,13 +235,16 @@ def weight_chunks(
         dynamic_ncols=True,
     ) as bar:
         for b, (xb, kw) in enumerate(batches(x, kwargs, batch_size)):
+            # a guide with one row per datapoint (mean-field q*, a refined q) offers take(rows)
+            rows = slice(b * batch_size, b * batch_size + xb.shape[0])
+            g = guide.take(rows) if callable(getattr(guide, "take", None)) else guide
 
-            def draw(xb: Tensor = xb, kw: Dict[str, Any] = kw, b: int = b) -> Iterator[Tensor]:
+            def draw(xb: Tensor = xb, kw: Dict[str, Any] = kw, b: int = b, g: Callable = g) -> Iterator[Tensor]:
                 with seeded(None if seed is None else block_seed(seed, b * batch_size), xb.device):
                     for start in range(0, num_samples, particle_batch_size):
                         k = min(particle_batch_size, num_samples - start)
                         yield log_importance_weights(
-                            model, guide, xb, num_particles=k, max_plate_nesting=max_plate_nesting, **kw
+                            model, g, xb, num_particles=k, max_plate_nesting=max_plate_nesting, **kw
                         )
                         bar.update(1)
 

@@ -69,9 +69,8 @@ class RefineResult:
     layout: Optional[Layout] = None
 
     def guide(self) -> MeanFieldGuide:
-        """The refined q_K as a guide over the N datapoints. It holds one row per datapoint, so
-        call ``importance_estimate(model, result.guide(), x, batch_size=len(x), ...)`` with the
-        same ``x`` in one batch (or ``result.guide().take(rows)`` per batch of rows)."""
+        """The refined q_K as a guide over the N datapoints (one row per datapoint, in the order of
+        ``x``): ``importance_estimate(model, result.guide(), x, ...)`` gives each batch its rows."""
         return MeanFieldGuide(self.loc, self.scale.log(), layout=self.layout)
 
     def initial_guide(self) -> MeanFieldGuide:
