@@ -928,11 +928,17 @@ def options_table() -> str:
 def render_options_doc(text: str) -> str:
     """``text`` (docs/options.md) with the part between the table's markers replaced by
     :func:`options_table`."""
-    head, sep, rest = text.partition(OPTIONS_TABLE_BEGIN)
-    _, sep2, tail = rest.partition(OPTIONS_TABLE_END)
+    return replace_between(text, OPTIONS_TABLE_BEGIN, OPTIONS_TABLE_END, options_table(), "options table")
+
+
+def replace_between(text: str, begin: str, end: str, table: str, what: str) -> str:
+    """``text`` with the part between the markers ``begin`` and ``end`` replaced by ``table``
+    (the docs' generated tables: options, methods, estimators)."""
+    head, sep, rest = text.partition(begin)
+    _, sep2, tail = rest.partition(end)
     if not sep or not sep2:
-        raise ValueError("the text lacks the options table's markers")
-    return f"{head}{OPTIONS_TABLE_BEGIN}\n{options_table()}{OPTIONS_TABLE_END}{tail}"
+        raise ValueError(f"the text lacks the {what}'s markers")
+    return f"{head}{begin}\n{table}{end}{tail}"
 
 
 def _type_name(hint: Any) -> str:

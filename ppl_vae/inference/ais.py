@@ -656,6 +656,21 @@ def _one_step_count(num_steps: int | Sequence[int]) -> int:
     return int(num_steps)  # type: ignore[arg-type]
 
 
+def _estimator_settings(
+    start: str, num_leapfrog_steps: int, step_size: float, adaptation: str, schedule: str, batch_size: int
+) -> AISSettings:
+    """The :class:`AISSettings` of the "ais" and "bdmc" estimators' options (``start`` checked)."""
+    if start not in ("prior", "guide"):
+        raise ValueError(f"start must be 'prior' or 'guide', got {start!r}")
+    return AISSettings(
+        num_leapfrog_steps=num_leapfrog_steps,
+        step_size=step_size,
+        adaptation=adaptation,
+        schedule=schedule,
+        batch_size=batch_size,
+    )
+
+
 def _ais_warnings(ds: xr.Dataset, names: Dict[str, str]) -> List[str]:
     n = ds.sizes["datapoint"]
     out = []
@@ -706,15 +721,7 @@ def ais(
     """AIS log p̂(x) per datapoint (:func:`ais_log_px`): ``num_chains`` chains of
     ``num_steps`` temperatures from the prior (``start="prior"``; the guide is not used) or from
     the guide (``start="guide"``), settings as in :class:`AISSettings`."""
-    if start not in ("prior", "guide"):
-        raise ValueError(f"start must be 'prior' or 'guide', got {start!r}")
-    settings = AISSettings(
-        num_leapfrog_steps=num_leapfrog_steps,
-        step_size=step_size,
-        adaptation=adaptation,
-        schedule=schedule,
-        batch_size=batch_size,
-    )
+    settings = _estimator_settings(start, num_leapfrog_steps, step_size, adaptation, schedule, batch_size)
     ds = ais_log_px(
         model,
         None if start == "prior" else guide,
@@ -791,16 +798,8 @@ def bdmc_estimate(
     their number and shape): for each T in ``num_steps``, forward AIS (a stochastic lower bound)
     and reverse AIS from the exact z* (a stochastic upper bound) (:func:`bdmc`). ``log_px`` is
     the lower bound at the largest T; ``upper`` over (num_steps, datapoint) the upper bounds."""
-    if start not in ("prior", "guide"):
-        raise ValueError(f"start must be 'prior' or 'guide', got {start!r}")
     counts = [int(t) for t in num_steps] if isinstance(num_steps, (list, tuple)) else [int(num_steps)]  # type: ignore[arg-type]
-    settings = AISSettings(
-        num_leapfrog_steps=num_leapfrog_steps,
-        step_size=step_size,
-        adaptation=adaptation,
-        schedule=schedule,
-        batch_size=batch_size,
-    )
+    settings = _estimator_settings(start, num_leapfrog_steps, step_size, adaptation, schedule, batch_size)
     with seeded(seed, x.device):
         x_sim, z_sim = simulate_data(model, x, **kwargs)
         ds = bdmc(

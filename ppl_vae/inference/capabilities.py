@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, FrozenSet, Optional, Tuple
 
 import torch
 
-from ppl_vae.config import TrainConfig, declarations
+from ppl_vae.config import TrainConfig, declarations, replace_between
 from ppl_vae.errors import ConfigError
 from ppl_vae.registry import Registry
 
@@ -277,11 +277,7 @@ def declarations_table() -> str:
 
 def render_declarations_doc(text: str) -> str:
     """``text`` with the part between the declarations table's markers replaced by :func:`declarations_table`."""
-    head, sep, rest = text.partition(DECLARATIONS_BEGIN)
-    _, sep2, tail = rest.partition(DECLARATIONS_END)
-    if not sep or not sep2:
-        raise ValueError("the text lacks the declarations table's markers")
-    return f"{head}{DECLARATIONS_BEGIN}\n{declarations_table()}{DECLARATIONS_END}{tail}"
+    return replace_between(text, DECLARATIONS_BEGIN, DECLARATIONS_END, declarations_table(), "declarations table")
 
 
 __all__ = [

@@ -523,8 +523,6 @@ def estimators_table() -> str:
 def render_estimators_doc(text: str) -> str:
     """``text`` (docs/estimators.md) with the part between the table's markers replaced by
     :func:`estimators_table`."""
-    head, sep, rest = text.partition(TABLE_BEGIN)
-    _, sep2, tail = rest.partition(TABLE_END)
-    if not sep or not sep2:
-        raise ValueError("the text lacks the estimators table's markers")
-    return f"{head}{TABLE_BEGIN}\n{estimators_table()}{TABLE_END}{tail}"
+    from ppl_vae.config import replace_between
+
+    return replace_between(text, TABLE_BEGIN, TABLE_END, estimators_table(), "estimators table")

@@ -12,28 +12,12 @@ to the numbers must re-pin them.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from ppl_vae.inference import estimators
 from ppl_vae.inference.modes import seeded
-from ppl_vae.models.linear_gaussian import LinearGaussianVAE
-from ppl_vae.models.zoo import build_vae
+from tests.inference.test_local_fit import _bernoulli_mlp, _linear_gaussian  # the same models, pinned there too
 
 REL, ABS = 1e-5, 1e-6
-
-
-def _linear_gaussian():
-    torch.manual_seed(1)
-    W = torch.randn(4, 2)
-    W[:, 1] += 0.8 * W[:, 0]
-    vae = LinearGaussianVAE(4, 2, sigma=0.5, W=W, b=torch.randn(4))
-    return vae, torch.randn(5, 4) * 2
-
-
-def _bernoulli_mlp():
-    torch.manual_seed(2)
-    vae = build_vae("bernoulli_mlp", (1, 8, 8), latent_dim=2, hidden_dim=8)
-    return vae, torch.bernoulli(torch.full((5, 1, 8, 8), 0.4))
 
 
 BUILD = {"linear_gaussian": _linear_gaussian, "bernoulli_mlp": _bernoulli_mlp}
@@ -112,14 +96,6 @@ PINNED = {
         },
     },
 }
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("model", list(PINNED))
