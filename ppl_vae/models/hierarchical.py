@@ -53,8 +53,8 @@ from torch.distributions.utils import _standard_normal
 
 from ppl_vae.models.densities import normal_log_prob
 from ppl_vae.models.likelihoods import Likelihood
-from ppl_vae.models.networks import ACTIVATIONS, GaussianMLPEncoder, MLPDecoder, mlp
-from ppl_vae.models.priors import Prior
+from ppl_vae.models.networks import ACTIVATIONS, GaussianMLPEncoder, MLPDecoder, hidden_body
+from ppl_vae.models.priors import Prior, StandardNormalPrior, make_prior
 from ppl_vae.models.vae import VAE, data_plate
 from ppl_vae.models.zoo import MODELS, Choice, ModelSpec, PositiveInt, UnitFraction
 
@@ -133,6 +133,10 @@ class HierarchicalVAE(VAE):
     ``hidden_dims``: one list per layer (an integer: a list of one); layer l's list gives the hidden sizes of the networks
     into z_l (from x or z_{l-1}) and, mirrored, out of it (to x or z_{l-1}). ``activation``:
     a name from :data:`ppl_vae.models.networks.ACTIVATIONS` ("identity" makes every map linear).
+    ``batch_norm``: batch normalisation in every hidden layer of every network (inference,
+    generative, decoder; :class:`ppl_vae.models.networks.BatchNorm`, over all leading dims;
+    None: the class's ``batch_norm_default``, False here). In training mode a datapoint's terms
+    then depend on its minibatch; the estimators score in eval mode (running statistics).
 
     Parts: ``encoder`` (one Gaussian network per layer: q(z_1|x), q(z_2|z_1), ...),
     ``generative`` (p(z_l | z_{l+1}) for l = 1 .. L-1), ``decoder`` (p(x | z_1)), ``prior``
@@ -141,6 +145,8 @@ class HierarchicalVAE(VAE):
 
     has_fast_path = True
     encoder_is_guide = False  # the guide is a chain of Gaussians, not the encoder's one Gaussian
+    batch_norm_default = False
+    """``batch_norm`` when the constructor is given None (the ladder's is True, as published)."""
 
     def __init__(
         self,
@@ -152,8 +158,10 @@ class HierarchicalVAE(VAE):
         hidden_dims: Optional[Sequence[Union[int, Sequence[int]]]] = None,
         activation: str = "tanh",
         kl_warmup_fractions: Optional[Sequence[float]] = None,
+        batch_norm: Optional[bool] = None,
     ):
         latent_dims = _positive_ints("latent_dims", latent_dims)
+        batch_norm = self.batch_norm_default if batch_norm is None else bool(batch_norm)
         num_layers = len(latent_dims)
         hidden = _check_hidden([[200, 200]] * num_layers if hidden_dims is None else hidden_dims, num_layers)
         if activation not in ACTIVATIONS:
@@ -168,16 +176,29 @@ class HierarchicalVAE(VAE):
                 f"a hierarchical model needs a prior that does not evaluate an encoder ({type(prior).__name__} does)"
             )
         event_shape = tuple(int(s) for s in event_shape)
-        encoder = self._inference_networks(event_shape, latent_dims, hidden, activation)
-        decoder = MLPDecoder(latent_dims[0], event_shape, likelihood.num_params, tuple(reversed(hidden[0])), activation)
+        encoder = self._inference_networks(event_shape, latent_dims, hidden, activation, batch_norm)
+        decoder = MLPDecoder(
+            latent_dims[0],
+            event_shape,
+            likelihood.num_params,
+            tuple(reversed(hidden[0])),
+            activation,
+            batch_norm=batch_norm,
+        )
         super().__init__(encoder, decoder, prior, likelihood, event_shape)
         # p(z_l | z_{l+1}), l = 1 .. L-1: its hidden sizes mirror layer l+1's inference network
         self.generative = nn.ModuleList(
             GaussianMLPEncoder(
-                (latent_dims[layer],), latent_dims[layer - 1], tuple(reversed(hidden[layer])), activation
+                (latent_dims[layer],),
+                latent_dims[layer - 1],
+                tuple(reversed(hidden[layer])),
+                activation,
+                batch_norm=batch_norm,
             )
             for layer in range(1, num_layers)
         )
+        self.batch_norm = batch_norm
+        """Whether every hidden layer of every network (inference, generative, decoder) is batch-normalised."""
         self.latent_dims = tuple(latent_dims)
         self.hidden_dims = tuple(tuple(h) for h in hidden)
         self.activation = activation
@@ -186,11 +207,15 @@ class HierarchicalVAE(VAE):
         """True when layers get different KL weights: the fused ELBO (one weight) cannot serve it."""
 
     @staticmethod
-    def _inference_networks(event_shape, latent_dims, hidden, activation) -> nn.ModuleList:
+    def _inference_networks(event_shape, latent_dims, hidden, activation, batch_norm: bool) -> nn.ModuleList:
         sizes = [None, *latent_dims]
         return nn.ModuleList(
             GaussianMLPEncoder(
-                event_shape if layer == 0 else (sizes[layer],), latent_dims[layer], hidden[layer], activation
+                event_shape if layer == 0 else (sizes[layer],),
+                latent_dims[layer],
+                hidden[layer],
+                activation,
+                batch_norm=batch_norm,
             )
             for layer in range(len(latent_dims))
         )
@@ -306,11 +331,14 @@ class HierarchicalVAE(VAE):
 
 class _BottomUpStep(nn.Module):
     """d_l = act(MLP(d_{l-1})) and the Gaussian head (mu^_l, sigma^_l) on it; inputs may have
-    leading batch dims. With no hidden sizes, d_l = d_{l-1}."""
+    leading batch dims. With no hidden sizes, d_l = d_{l-1}. ``batch_norm``: every hidden layer
+    is linear, batch normalisation, activation (Sønderby et al. 2016)."""
 
-    def __init__(self, in_dim: int, latent_dim: int, hidden_dims: Sequence[int], activation: str):
+    def __init__(
+        self, in_dim: int, latent_dim: int, hidden_dims: Sequence[int], activation: str, batch_norm: bool = False
+    ):
         super().__init__()
-        self.body = mlp([in_dim, *hidden_dims], activation)
+        self.body = hidden_body([in_dim, *hidden_dims], activation, batch_norm=batch_norm)
         self.act = ACTIVATIONS[activation]()
         self.out_dim = hidden_dims[-1] if hidden_dims else in_dim
         self.head = nn.Linear(self.out_dim, 2 * latent_dim)
@@ -330,16 +358,18 @@ class LadderVAE(HierarchicalVAE):
     ``encoder`` holds the bottom-up steps (layer l's ``hidden_dims`` list is its deterministic
     MLP); the guide calls ``generative`` too, so those networks get gradients from both terms
     of the ELBO (as in the paper; for reweighted wake-sleep it means the guide's wake phase
-    also moves them).
+    also moves them). ``batch_norm`` defaults to True here: the bottom-up MLPs, the generative
+    conditionals and the decoder normalise every hidden layer, as in the paper.
     """
 
     has_fast_path = True  # its guide and sample_guide run the same bottom-up pass (tests compare them)
+    batch_norm_default = True  # as Sønderby et al. train it: without it the ladder sits on the mean-image plateau
 
     @staticmethod
-    def _inference_networks(event_shape, latent_dims, hidden, activation) -> nn.ModuleList:
+    def _inference_networks(event_shape, latent_dims, hidden, activation, batch_norm: bool) -> nn.ModuleList:
         steps, in_dim = [], math.prod(event_shape)
         for layer, d in enumerate(latent_dims):
-            step = _BottomUpStep(in_dim, d, hidden[layer], activation)
+            step = _BottomUpStep(in_dim, d, hidden[layer], activation, batch_norm)
             steps.append(step)
             in_dim = step.out_dim
         return nn.ModuleList(steps)
@@ -403,23 +433,62 @@ class LadderVAE(HierarchicalVAE):
 # The registry entries
 
 
-def _two_layer_sizes(
+DEFAULT_LATENT_DIM = 50  # the registry's latent_dim of two_layer and ladder (the top layer's size)
+
+
+def _layer_sizes(
     latent_dim: int,
     hidden_dim: int,
     z1_dim: Optional[int],
     hidden_dims: Optional[Sequence[Union[int, Sequence[int]]]],
+    latent_dims: Optional[Sequence[int]],
 ) -> Tuple[List[int], Sequence[Union[int, Sequence[int]]]]:
-    z1 = 2 * latent_dim if z1_dim is None else z1_dim
-    if isinstance(z1, bool) or not isinstance(z1, int) or z1 < 1:
-        raise ValueError(f"z1_dim must be a positive integer, got {z1_dim!r}")
+    """(latent sizes bottom to top, hidden sizes per layer) from the builder's arguments.
+
+    Without ``latent_dims``: two layers, z1 = ``z1_dim`` (default 2 x ``latent_dim``), z2 =
+    ``latent_dim``. With it: its sizes; the top must be ``latent_dim`` unless ``latent_dim`` is the
+    model's default (then the top decides). Hidden sizes by default: layer l (from 1) has two
+    layers of ``hidden_dim // 2^(l-1)`` units (Burda et al.'s 200-200, 100-100 for two layers;
+    with ``--hidden-dim 512`` and five layers Sønderby et al.'s 512, 256, 128, 64, 32)."""
+    if latent_dims is None:
+        z1 = 2 * latent_dim if z1_dim is None else z1_dim
+        if isinstance(z1, bool) or not isinstance(z1, int) or z1 < 1:
+            raise ValueError(f"z1_dim must be a positive integer, got {z1_dim!r}")
+        dims = [z1, latent_dim]
+    else:
+        if z1_dim is not None:
+            raise ValueError(
+                f"give z1_dim or latent_dims, not both (latent_dims={list(latent_dims)} sets z1 to its first entry)"
+            )
+        dims = _positive_ints("latent_dims", latent_dims)
+        if latent_dim not in (dims[-1], DEFAULT_LATENT_DIM):
+            raise ValueError(
+                f"latent_dims={dims} puts {dims[-1]} units in the top layer but latent_dim (--latent-dim) "
+                f"is {latent_dim}: leave --latent-dim out or set it to {dims[-1]}"
+            )
     hidden: Sequence[Union[int, Sequence[int]]] = (
-        [[hidden_dim] * 2, [max(1, hidden_dim // 2)] * 2] if hidden_dims is None else hidden_dims
+        [[max(1, hidden_dim // 2**layer)] * 2 for layer in range(len(dims))] if hidden_dims is None else hidden_dims
     )
-    return [z1, latent_dim], hidden
+    return dims, hidden
 
 
-def _hierarchy_builder(cls: Type[HierarchicalVAE], doc: str) -> Callable[..., HierarchicalVAE]:
-    """The registry's builder of ``cls`` with the two-layer sizes (:func:`_two_layer_sizes`)."""
+def _top_prior(prior: Prior, top: int) -> Prior:
+    """``prior``, or a standard normal over ``top`` dims where the builder was given one over the
+    default size and ``latent_dims`` asks for another top layer."""
+    if prior.latent_dim == top:
+        return prior
+    if type(prior) is StandardNormalPrior:
+        return make_prior("standard_normal", top)
+    raise ValueError(
+        f"latent_dims puts {top} units in the top layer but the prior ({type(prior).__name__}) is over "
+        f"{prior.latent_dim}: give --latent-dim {top}"
+    )
+
+
+def _hierarchy_builder(
+    cls: Type[HierarchicalVAE], doc: str, batch_norm_default: bool
+) -> Callable[..., HierarchicalVAE]:
+    """The registry's builder of ``cls`` (sizes from :func:`_layer_sizes`)."""
 
     def build(
         event_shape: Sequence[int],
@@ -432,17 +501,20 @@ def _hierarchy_builder(cls: Type[HierarchicalVAE], doc: str) -> Callable[..., Hi
         hidden_dims: Optional[Sequence[Union[PositiveInt, Sequence[PositiveInt]]]] = None,
         activation: Activation = "tanh",
         kl_warmup_fractions: Optional[Sequence[UnitFraction]] = None,
+        latent_dims: Optional[Sequence[PositiveInt]] = None,
+        batch_norm: bool = batch_norm_default,
         **data_info: Any,
     ) -> HierarchicalVAE:
-        dims, hidden = _two_layer_sizes(latent_dim, hidden_dim, z1_dim, hidden_dims)
+        dims, hidden = _layer_sizes(latent_dim, hidden_dim, z1_dim, hidden_dims, latent_dims)
         return cls(
             event_shape,
             dims,
-            prior,
+            _top_prior(prior, dims[-1]),
             likelihood,
             hidden_dims=hidden,
             activation=activation,
             kl_warmup_fractions=kl_warmup_fractions,
+            batch_norm=batch_norm,
         )
 
     build.__doc__ = doc
@@ -450,9 +522,16 @@ def _hierarchy_builder(cls: Type[HierarchicalVAE], doc: str) -> Callable[..., Hi
 
 
 build_two_layer = _hierarchy_builder(
-    HierarchicalVAE, "The ``two_layer`` model: z2 has ``latent_dim`` units, z1 ``z1_dim`` (default twice that)."
+    HierarchicalVAE,
+    "The ``two_layer`` model: z2 has ``latent_dim`` units, z1 ``z1_dim`` (default twice that); "
+    "``latent_dims`` gives any number of layers; ``batch_norm`` off by default.",
+    batch_norm_default=False,
 )
-build_ladder = _hierarchy_builder(LadderVAE, "The ``ladder`` model, with the sizes of ``two_layer``.")
+build_ladder = _hierarchy_builder(
+    LadderVAE,
+    "The ``ladder`` model, with the sizes of ``two_layer``; ``batch_norm`` on by default (Sønderby et al.).",
+    batch_norm_default=True,
+)
 
 
 def build_one_layer(

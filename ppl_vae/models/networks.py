@@ -1,9 +1,16 @@
-"""Networks: MLP encoders and decoders (AEVB appendix C). All accept extra leading batch dims."""
+"""Networks: MLP encoders and decoders (AEVB appendix C). All accept extra leading batch dims.
+
+Batch normalisation (``batch_norm=True``, off by default) goes after the linear map of every
+hidden layer, before its activation (Ioffe & Szegedy 2015; Sønderby et al. 2016 use it in every
+deterministic layer of the ladder VAE); those linear maps then have no bias (the normalisation's
+shift replaces it). :class:`BatchNorm` normalises over all leading dims, so particle dims
+(K, N, C) are normalised as K * N rows; in eval mode it uses its running statistics.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -17,22 +24,53 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def mlp(sizes: Sequence[int], activation: str = "tanh") -> nn.Sequential:
-    """Linear layers of the given sizes with ``activation`` between them (none after the last)."""
+class BatchNorm(nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` over the last dim of an input with any number of leading dims: the
+    statistics (and, in training mode, the running-statistics update) are over all of them, as
+    if the input were reshaped to ``(-1, C)``. In eval mode the running statistics are used."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2:
+            return super().forward(x)
+        return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
+def mlp(sizes: Sequence[int], activation: str = "tanh", *, batch_norm: bool = False) -> nn.Sequential:
+    """Linear layers of the given sizes with ``activation`` between them (none after the last).
+
+    ``batch_norm``: a :class:`BatchNorm` after each linear map that an activation follows (every
+    one but the last), which then has no bias."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(n_in, n_out))
-        if i < len(sizes) - 2:
+        hidden = i < len(sizes) - 2
+        layers.append(nn.Linear(n_in, n_out, bias=not (hidden and batch_norm)))
+        if hidden:
+            if batch_norm:
+                layers.append(BatchNorm(n_out))
             layers.append(ACTIVATIONS[activation]())
     return nn.Sequential(*layers)
+
+
+def hidden_body(sizes: Sequence[int], activation: str = "tanh", *, batch_norm: bool = False) -> nn.Sequential:
+    """The hidden layers of an encoder: :func:`mlp` of ``sizes`` whose output the caller passes
+    through ``activation``; with ``batch_norm`` the last linear map too is normalised (and has no
+    bias), so every hidden layer is linear, BatchNorm, activation."""
+    if not batch_norm or len(sizes) < 2:
+        return mlp(sizes, activation)
+    body = mlp(sizes, activation, batch_norm=True)
+    last = cast(nn.Linear, body[-1])
+    body[-1] = nn.Linear(last.in_features, last.out_features, bias=False)
+    body.append(BatchNorm(sizes[-1]))
+    return body
 
 
 class GaussianMLPEncoder(nn.Module):
     """x -> (loc, scale) of a diagonal Gaussian q(z|x); the net outputs log sigma^2 (AEVB C.2).
 
     Input ``x`` has shape ``(..., *event_shape)``; outputs have shape ``(..., latent_dim)``.
+    ``batch_norm``: normalise every hidden layer (:func:`hidden_body`).
     """
 
     def __init__(
@@ -41,12 +79,14 @@ class GaussianMLPEncoder(nn.Module):
         latent_dim: int,
         hidden_dims: Sequence[int] = (500,),
         activation: str = "tanh",
+        *,
+        batch_norm: bool = False,
     ):
         super().__init__()
         self.event_shape = tuple(event_shape)
         self.latent_dim = latent_dim
         in_dim = math.prod(self.event_shape)
-        self.body = mlp([in_dim, *hidden_dims], activation)
+        self.body = hidden_body([in_dim, *hidden_dims], activation, batch_norm=batch_norm)
         self.act = ACTIVATIONS[activation]()
         self.head = nn.Linear(hidden_dims[-1] if hidden_dims else in_dim, 2 * latent_dim)
 
@@ -61,7 +101,8 @@ class GaussianMLPEncoder(nn.Module):
 
 
 class MLPDecoder(nn.Module):
-    """z -> ``num_params`` tensors shaped ``(..., *event_shape)`` for a likelihood."""
+    """z -> ``num_params`` tensors shaped ``(..., *event_shape)`` for a likelihood;
+    ``batch_norm``: normalise every hidden layer (:func:`mlp`)."""
 
     def __init__(
         self,
@@ -70,12 +111,14 @@ class MLPDecoder(nn.Module):
         num_params: int = 1,
         hidden_dims: Sequence[int] = (500,),
         activation: str = "tanh",
+        *,
+        batch_norm: bool = False,
     ):
         super().__init__()
         self.event_shape = tuple(event_shape)
         self.num_params = num_params
         out_dim = math.prod(self.event_shape)
-        self.net = mlp([latent_dim, *hidden_dims, num_params * out_dim], activation)
+        self.net = mlp([latent_dim, *hidden_dims, num_params * out_dim], activation, batch_norm=batch_norm)
 
     def forward(self, z: Tensor) -> Tuple[Tensor, ...]:
         out = self.net(z)
