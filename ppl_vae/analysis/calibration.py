@@ -14,7 +14,9 @@ that is too wide gives a hump, a biased one skewed ranks.
   ECDF of the ranks against a *simultaneous* band (Säilynoja, Bürkner & Vehtari 2022,
   "Graphical test for discrete uniformity and its applications in goodness-of-fit evaluation
   and multiple sample comparison"), with the band's own p-value.
-- :func:`coverage` gives the empirical coverage of central intervals of the L draws.
+- :func:`coverage` gives the empirical coverage of central intervals of the L draws, and
+  :func:`dispersion` pools it over the latent dimensions and says whether the posterior is too
+  narrow (under-dispersed) or too wide (over-dispersed).
 - :func:`plot_sbc_ecdf` draws the ECDF differences and their bands, one panel per quantity.
 
 The library never reads a run directory here: the caller passes a model and a guide.
@@ -61,6 +63,10 @@ LOG_LIKELIHOOD = "log p(x|z)"
 
 
 SIR_REFERENCE = "Rubin (1988), Using the SIR algorithm to simulate posterior distributions; Smith & Gelfand (1992)"
+REFINE_REFERENCE = (
+    "Kim, Wiseman, Miller, Sontag & Rush (2018), Semi-amortized variational autoencoders; "
+    "Marino, Yue & Mandt (2018), Iterative amortized inference"
+)
 MAX_SAMPLES_PER_CHUNK = 2**16
 """SIR scores its K proposals in chunks of about this many latent draws (datapoints x proposals)."""
 
@@ -210,6 +216,8 @@ def sbc_ranks(
     x_like: Optional[Tensor] = None,
     batch_size: int = 256,
     sir_num_samples: Optional[int] = None,
+    refine_steps: Optional[int] = None,
+    refine_options: Optional[Mapping[str, Any]] = None,
     **kwargs: Any,
 ) -> xr.Dataset:
     """SBC ranks of the guide q(z|x) against the model's prior predictive (Talts et al. 2018).
@@ -235,14 +243,27 @@ def sbc_ranks(
     with K proposals (:func:`sir_draws`) instead of the guide's own draws, so that the guide's
     miscalibration can be set beside SIR's on the same simulations.
 
+    ``refine_steps`` K: rank among L draws of each simulation's *refined* q_K(z|x) instead: the
+    encoder's Gaussian refined by K Adam steps on that x's own ELBO with the model frozen
+    (:func:`ppl_vae.inference.refine.refine`, semi-amortized inference; ``refine_options`` go to
+    it: ``lr``, ``num_samples``, ``average``, ...). The simulations are the same as the guide's.
+    Adds ``refine_gap`` and ``refine_gap_se`` ``(simulation)``: the ELBO the K steps gained on each
+    simulated x (the part of the amortization gap they close) and its paired Monte Carlo se.
+
     Returns a Dataset with ``rank`` ``(simulation, quantity)`` (int), coordinates ``quantity``
     (``"z[0]"``, ..., ``"|z|"``, ``"log p(x|z)"``), ``site`` and ``kind`` (``"dimension"``,
     ``"norm"``, ``"log_likelihood"``) per quantity; attrs ``num_posterior_samples``, ``seed``,
-    ``posterior`` (``"guide"`` or ``"sir"``, with ``sir_num_samples``), ``reference``.
+    ``posterior`` (``"guide"``, ``"sir"`` with ``sir_num_samples``, or ``"refined"`` with
+    ``refine_steps`` and the refinement's options), ``reference``.
     """
     check_positive("num_simulations", num_simulations)
     if sir_num_samples is not None:
         _check_sir(sir_num_samples, num_posterior_samples)
+    if refine_steps is not None:
+        if sir_num_samples is not None:
+            raise ValueError("sir_num_samples and refine_steps choose different posteriors: give one of them")
+        check_positive("refine_steps", refine_steps)
+    options = _refine_options(refine_options)
     check_positive("num_posterior_samples", num_posterior_samples)
     check_positive("batch_size", batch_size)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -272,7 +293,7 @@ def sbc_ranks(
     )
     names, sites, kinds = _quantities(ranked)
 
-    blocks, esses = [], []
+    blocks, esses, gaps = [], [], []
     for start in range(0, n, batch_size):
         sl = slice(start, min(start + batch_size, n))
         count = sl.stop - sl.start
@@ -280,12 +301,18 @@ def sbc_ranks(
         with seeded(block_seed(int(seed), start, 0), template.device):
             x, z_star = simulate_data(model, shaped(count), seed=None, **kw)  # (B, ...), (B, size)
         with seeded(block_seed(int(seed), start, 1), template.device):
-            if sir_num_samples is None:
-                draws, _ = sample_guide(model, guide, x, L, **kw)
-            else:
+            if sir_num_samples is not None:
                 draws, ess = _sir_batch(model, guide, x, int(sir_num_samples), L, kw)
                 esses.append(ess.cpu().numpy())
-        z = layout.join({s: draws[s] for s in layout.names}, 2)  # (L, B, size)
+            elif refine_steps is None:
+                draws, _ = sample_guide(model, guide, x, L, **kw)
+        if refine_steps is not None:
+            z, gap = _refined_draws(
+                model, guide, x, L, kw, layout, int(refine_steps), options, block_seed(int(seed), start, 3)
+            )
+            gaps.append(gap)
+        else:
+            z = layout.join({s: draws[s] for s in layout.names}, 2)  # (L, B, size)
         # per-quantity values at z* (B, Q) and at the draws (L, B, Q)
         true_parts = [z_star[:, columns]]
         draw_parts = [z[..., columns]]
@@ -310,7 +337,17 @@ def sbc_ranks(
             "sir_num_samples": int(sir_num_samples),
             "sir_reference": SIR_REFERENCE,
         }
-    return xr.Dataset(
+    if refine_steps is not None:
+        gap_values = np.concatenate([g[0] for g in gaps])
+        data["refine_gap"] = ("simulation", gap_values)
+        data["refine_gap_se"] = ("simulation", np.concatenate([g[1] for g in gaps]))
+        posterior = {
+            "posterior": "refined",
+            "refine_steps": int(refine_steps),
+            **{f"refine_{k}": (int(v) if isinstance(v, bool) else v) for k, v in options.items() if v is not None},
+            "refine_reference": REFINE_REFERENCE,
+        }
+    dataset = xr.Dataset(
         data,
         coords={
             "simulation": np.arange(n),
@@ -327,6 +364,52 @@ def sbc_ranks(
             "reference": SBC_REFERENCE,
         },
     )
+    if refine_steps is not None:
+        dataset["refine_gap"].attrs["long_name"] = (
+            "ELBO of the refined q minus ELBO of the encoder's q on each simulated x, nats (common draws)"
+        )
+        dataset["refine_gap_se"].attrs["long_name"] = "Monte Carlo standard error of refine_gap (paired draws)"
+    return dataset
+
+
+REFINE_DEFAULTS: Dict[str, Any] = {"lr": 0.02, "num_samples": 4, "average": True, "num_eval_samples": 100}
+"""The refinement :func:`sbc_ranks` uses unless ``refine_options`` says otherwise: Adam at 0.02,
+4 draws per step, the mean iterate of the last window (Polyak averaging, far less noise in the
+refined (loc, scale) than the last iterate), the ELBOs before and after from 100 common draws."""
+REFINE_OPTIONS = ("lr", "num_samples", "average", "num_eval_samples", "tol", "window", "batch_size")
+
+
+def _refine_options(options: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    unknown = sorted(set(options or {}) - set(REFINE_OPTIONS))
+    if unknown:
+        raise ValueError(f"refine_options: unknown {', '.join(unknown)}; allowed: {', '.join(REFINE_OPTIONS)}")
+    return {**REFINE_DEFAULTS, **dict(options or {})}
+
+
+def _refined_draws(
+    model: Callable,
+    guide: Callable,
+    x: Tensor,
+    num_draws: int,
+    kw: Dict[str, Any],
+    layout: Layout,
+    num_steps: int,
+    options: Dict[str, Any],
+    seed: int,
+) -> Tuple[Tensor, Tuple[np.ndarray, np.ndarray]]:
+    """``(L, B, layout.size)`` draws of each datapoint's refined q_K(z|x) (a diagonal Gaussian over
+    the flat latents, :func:`ppl_vae.inference.refine.refine` from the encoder's q, ``seed`` its
+    stream), and (gap, gap se) ``(B,)``: the ELBO the steps gained. Draws from the current stream."""
+    from ppl_vae.inference.refine import refine
+
+    with torch.enable_grad():
+        result = refine(model, guide, x, seed=seed, num_steps=num_steps, **options, **kw)
+    b = x.shape[0]
+    loc, scale = result.loc.reshape(b, -1), result.scale.reshape(b, -1)
+    assert loc.shape[1] == layout.size, (loc.shape, layout.size)
+    eps = torch.randn((num_draws,) + tuple(loc.shape), dtype=loc.dtype, device=loc.device)
+    gap = (result.gap.double().cpu().numpy(), result.gap_stderr.double().cpu().numpy())
+    return loc + scale * eps, gap
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,6 +596,68 @@ def coverage(ranks: xr.Dataset, levels: Sequence[float] = (0.5, 0.8, 0.9, 0.95))
     )
 
 
+def dispersion(ranks: xr.Dataset, levels: Sequence[float] = (0.5, 0.9), *, kind: str = "dimension") -> xr.Dataset:
+    """Coverage of central intervals pooled over the quantities of one ``kind`` (default: every
+    latent dimension), with a standard error that is valid although the quantities share their
+    simulations, and a verdict on the posterior's width.
+
+    Per simulation, the share of the quantities whose z* falls inside its central interval at
+    level a (as :func:`coverage`) is one number; ``coverage`` is their mean over the N
+    simulations and ``coverage_se`` their standard deviation over sqrt(N) (the simulations are
+    independent, the quantities are not). ``excess`` = coverage - nominal: below 0 the intervals
+    are too narrow for where z* falls (the posterior is under-dispersed, over-confident, or
+    biased), above 0 too wide (over-dispersed). ``verdict`` ``(level)``: ``"too narrow"`` or
+    ``"too wide"`` when ``excess`` is beyond :data:`SIGNIFICANCE` se, else ``"consistent"``.
+    ``mean_fractional_rank``, ``rank_sd_ratio``: the mean of rank / L over the quantities and
+    simulations (1/2 without bias) and the standard deviation of rank / L over that of a uniform
+    (1 when calibrated, above 1 for U-shaped ranks of a too narrow posterior, below 1 for the hump
+    of a too wide one).
+    """
+    num_ranks = _num_ranks(ranks)
+    if "kind" not in ranks.coords:
+        raise ValueError("ranks must carry the 'kind' coordinate sbc_ranks gives")
+    chosen = np.asarray(ranks["kind"].values).astype(str) == kind
+    if not chosen.any():
+        raise ValueError(f"no quantity of kind {kind!r} among {sorted(set(ranks['kind'].values.astype(str)))}")
+    subset = ranks.isel(quantity=np.flatnonzero(chosen))
+    levels_arr = np.asarray(list(levels), dtype=np.float64)
+    r = np.asarray(subset["rank"].transpose("simulation", "quantity").values)
+    n = r.shape[0]
+    k = np.floor(np.round((1.0 - levels_arr) * num_ranks / 2.0, 9)).astype(np.int64)
+    if np.any(num_ranks - 2 * k <= 0):
+        raise ValueError("a level is too low for num_posterior_samples: its central interval holds no rank")
+    inside = (r[None] >= k[:, None, None]) & (r[None] <= (num_ranks - 1 - k)[:, None, None])
+    per_simulation = inside.mean(2)  # (level, N)
+    cov = per_simulation.mean(1)
+    se = per_simulation.std(1, ddof=1) / math.sqrt(n) if n > 1 else np.full_like(cov, np.nan)
+    nominal = (num_ranks - 2 * k) / num_ranks
+    excess = cov - nominal
+    verdict = np.where(
+        excess < -SIGNIFICANCE * se, "too narrow", np.where(excess > SIGNIFICANCE * se, "too wide", "consistent")
+    )
+    frac = r / (num_ranks - 1)
+    uniform_sd = math.sqrt((num_ranks**2 - 1) / 12.0) / (num_ranks - 1)
+    return xr.Dataset(
+        {
+            "coverage": ("level", cov),
+            "coverage_se": ("level", se),
+            "nominal": ("level", nominal),
+            "excess": ("level", excess),
+            "verdict": ("level", verdict.astype(object)),
+            "mean_fractional_rank": float(frac.mean()),
+            "rank_sd_ratio": float(frac.std() / uniform_sd),
+        },
+        coords={"level": levels_arr},
+        attrs={
+            "kind": kind,
+            "num_quantities": int(chosen.sum()),
+            "num_simulations": n,
+            "num_posterior_samples": num_ranks - 1,
+            "significance_se": SIGNIFICANCE,
+        },
+    )
+
+
 def plot_sbc_ecdf(
     uniformity: xr.Dataset,
     *,
@@ -525,9 +670,12 @@ def plot_sbc_ecdf(
     panel per quantity: the first ``max_dimensions`` latent dimensions and every summary (norms,
     log-likelihood). A curve leaving the grey band rejects uniformity at the band's level.
 
-    ``compare``: other posteriors' uniformity on the same simulations and L (e.g. SIR's, from
-    ``sbc_ranks(..., sir_num_samples=K)``), drawn dashed in the same panels, ``{label: dataset}``;
-    ``label`` names the first. Solid blue / dashed green stay inside the band; red / orange leave it."""
+    Alone, the curve is blue inside the band and red where the quantity leaves it. ``compare``:
+    other posteriors' uniformity on the same simulations and L (SIR's, from
+    ``sbc_ranks(..., sir_num_samples=K)``; the refined q's, ``refine_steps=K``), ``{label:
+    dataset}``, ``label`` naming the first: then each posterior keeps one colour and line style
+    (solid blue, dashed green, dotted purple, ...), dots mark where a curve leaves the band, and
+    each panel's title gives every posterior's ECDF p-value."""
     from ppl_vae.analysis.plots import plt  # selects the Agg backend
 
     others = dict(compare or {})
@@ -551,8 +699,12 @@ def plot_sbc_ecdf(
         layout="constrained",
     )  # fmt: skip
     lower, upper = uniformity["band_lower"].values, uniformity["band_upper"].values
-    curves = [(label, uniformity, "-", ("#1f4e79", "#c0392b"))]
-    curves += [(name, other, "--", ("#2e8b57", "#e67e22")) for name, other in others.items()]
+    curves = [(label, uniformity, "-", ("#1f4e79", "#c0392b" if not others else "#1f4e79"))]
+    styles = [("--", "#2e8b57"), (":", "#7b3fa0"), ("-.", "#d35400")]
+    curves += [
+        (name, other, styles[i % len(styles)][0], (styles[i % len(styles)][1],) * 2)
+        for i, (name, other) in enumerate(others.items())
+    ]
     for ax, j in zip(axes.flat, chosen):
         ax.fill_between(frac, lower, upper, step="mid", color="0.85", label=f"{uniformity.attrs['level']:.0%} band")
         low, high = float(lower.min()), float(upper.max())
@@ -566,10 +718,12 @@ def plot_sbc_ecdf(
             low, high = min(low, float(diff.min())), max(high, float(diff.max()))
             p_values.append(float(u["ecdf_p_value"].values[j]))
         ax.axhline(0.0, color="0.4", lw=0.6)
-        shown = f"p = {p_values[0]:.2g}" + "".join(
-            f"; {name.split(' ')[0]} {p:.2g}" for (name, *_), p in zip(curves[1:], p_values[1:])
-        )
-        ax.set_title(f"{uniformity['quantity'].values[j]}  ({shown})", fontsize=9 if others else None)
+        quantity = uniformity["quantity"].values[j]
+        if others:
+            shown = ", ".join(f"{name.split(' ')[0]} {p:.2g}" for (name, *_), p in zip(curves, p_values))
+            ax.set_title(f"{quantity}\nECDF p: {shown}", fontsize=7.5)
+        else:
+            ax.set_title(f"{quantity}  (p = {p_values[0]:.2g})")
         ax.set_xlim(0, 1)
         pad = 0.05 * (high - low or 1.0)
         ax.set_ylim(low - pad, high + pad)
@@ -579,16 +733,14 @@ def plot_sbc_ecdf(
         ax.set_xlabel("fractional rank")
     for row in axes:
         row[0].set_ylabel("ECDF difference")
-    if others:  # proxies: a curve's colour in a panel says whether it leaves the band there
+    if others:
         from matplotlib.lines import Line2D
         from matplotlib.patches import Patch
 
-        handles: List[Any] = [Patch(color="0.85", label=f"{uniformity.attrs['level']:.0%} band")]
-        handles += [
-            Line2D([], [], color=inside, ls=style, label=f"{name} ({'red' if i == 0 else 'orange'}: leaves the band)")
-            for i, (name, _, style, (inside, _outside)) in enumerate(curves)
-        ]
-        fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8)
+        handles: List[Any] = [Patch(color="0.85", label=f"{uniformity.attrs['level']:.0%} simultaneous band")]
+        handles += [Line2D([], [], color=colour, ls=style, label=name) for name, _, style, (colour, _) in curves]
+        handles.append(Line2D([], [], color="0.3", ls="", marker="o", ms=3, label="outside the band"))
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3), fontsize=8)
     fig.suptitle(
         f"SBC: {uniformity.attrs['num_simulations']} simulations, L = {uniformity.attrs['num_posterior_samples']}"
     )
@@ -996,9 +1148,11 @@ def plot_reliability(calibration: xr.Dataset) -> Figure:
 
 __all__ = [
     "LOG_LIKELIHOOD",
+    "REFINE_DEFAULTS",
     "SIRDraws",
     "coverage",
     "discrete_calibration",
+    "dispersion",
     "discrete_posterior",
     "enumerated_num_values",
     "expected_calibration_error",

@@ -3,6 +3,7 @@ SIR beside the guide, and the calibration of a discrete site's q(c|x)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +17,8 @@ MAX_NUM_POSTERIOR_SAMPLES = 100_000
 MAX_NUM_REPLICATES = 100_000
 MAX_SIR = 1_000_000
 MAX_DISCRETE_NUM_SAMPLES = 1_000_000
+MAX_REFINE = 100_000
+MAX_REFINE_NUM_SAMPLES = 10_000
 
 
 @click.command()
@@ -46,6 +49,25 @@ MAX_DISCRETE_NUM_SAMPLES = 1_000_000
     "on the same simulations; 0: off.",
 )
 @click.option(
+    "--refine",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Also SBC of the refined q: each simulated x's q(z|x) refined by K Adam steps on its own ELBO "
+    "(semi-amortized inference), on the same simulations, and the amortization gap K steps close on the "
+    "--split datapoints; 0: off.",
+)
+@click.option(
+    "--refine-lr", type=float, default=0.02, show_default=True, help="Refinement: Adam's learning rate (--refine K)."
+)
+@click.option(
+    "--refine-num-samples",
+    type=int,
+    default=4,
+    show_default=True,
+    help="Refinement: draws of z per datapoint per step (--refine K).",
+)
+@click.option(
     "--discrete-num-samples",
     type=int,
     default=100,
@@ -63,7 +85,7 @@ MAX_DISCRETE_NUM_SAMPLES = 1_000_000
 @opt.num_datapoints_option(500, "the same rule as evaluate")
 @opt.split_option("Which split of the run's dataset the predictive checks use.")
 @opt.seed_option()
-@opt.out_option("Folder for calibration_*.nc and calibration_*.png (default: the run directory).")
+@opt.out_option("Folder for calibration.html, calibration_*.nc and calibration_*.png (default: the run directory).")
 @opt.device_option()
 @opt.progress_option()
 def calibrate(
@@ -72,6 +94,9 @@ def calibrate(
     num_posterior_samples: int,
     num_replicates: int,
     sir: int,
+    refine: int,
+    refine_lr: float,
+    refine_num_samples: int,
     discrete_num_samples: int,
     ece_bins: int,
     ece_binning: str,
@@ -82,8 +107,9 @@ def calibrate(
     device: str,
     progress: bool,
 ) -> None:
-    """Is the encoder calibrated? SBC of q(z|x) against the run's model (and of SIR with --sir K),
-    posterior predictive checks, and for a discrete site q(c|x) against the model's p(c|x)."""
+    """Is the encoder calibrated? SBC of q(z|x) against the run's model (and of SIR with --sir K, of
+    the refined q with --refine K), posterior predictive checks, and for a discrete site q(c|x)
+    against the model's p(c|x). Writes calibration.html beside the netCDF and PNG files."""
     from ppl_vae.reports.calibration import calibrate_run
     from ppl_vae.runs import load_config
 
@@ -93,6 +119,8 @@ def calibrate(
         ("--num-replicates", num_replicates, 1),
         ("--num-datapoints", num_datapoints, 0),
         ("--sir", sir, 0),
+        ("--refine", refine, 0),
+        ("--refine-num-samples", refine_num_samples, 1),
         ("--discrete-num-samples", discrete_num_samples, 1),
         ("--ece-bins", ece_bins, 1),
     ):
@@ -103,10 +131,23 @@ def calibrate(
             f"--sir must be 0 (off) or >= --num-posterior-samples ({num_posterior_samples}) and >= 2: "
             f"L draws resampled from fewer proposals repeat them, got {sir}"
         )
+    if not math.isfinite(refine_lr) or refine_lr <= 0:
+        raise ValueError(f"--refine-lr must be a positive number, got {refine_lr}")
+    if not refine:
+        ctx = click.get_current_context()
+        given = [
+            flag
+            for flag, param in (("--refine-lr", "refine_lr"), ("--refine-num-samples", "refine_num_samples"))
+            if ctx.get_parameter_source(param) not in (None, click.core.ParameterSource.DEFAULT)
+        ]
+        if given:
+            raise ValueError(f"{' and '.join(given)} apply to the refinement only: give --refine K (K >= 1) too")
     opt.check_size("--num-simulations", num_simulations, MAX_NUM_SIMULATIONS, "SBC simulations")
     opt.check_size("--num-posterior-samples", num_posterior_samples, MAX_NUM_POSTERIOR_SAMPLES, "guide draws each")
     opt.check_size("--num-replicates", num_replicates, MAX_NUM_REPLICATES, "replicates per datapoint")
     opt.check_size("--sir", sir, MAX_SIR, "SIR proposals per simulation")
+    opt.check_size("--refine", refine, MAX_REFINE, "refinement steps")
+    opt.check_size("--refine-num-samples", refine_num_samples, MAX_REFINE_NUM_SAMPLES, "draws per step")
     opt.check_size("--discrete-num-samples", discrete_num_samples, MAX_DISCRETE_NUM_SAMPLES, "draws per value")
     load_config(run_dir)  # a missing or broken run directory is refused before anything else
     result = calibrate_run(
@@ -121,6 +162,9 @@ def calibrate(
         progress=progress,
         device=device,
         sir=sir or None,
+        refine=refine or None,
+        refine_lr=refine_lr,
+        refine_num_samples=refine_num_samples,
         discrete_num_samples=discrete_num_samples,
         num_bins=ece_bins,
         binning=ece_binning.replace("-", "_"),
@@ -132,6 +176,9 @@ def calibrate(
 calibrate.field_flags = {  # type: ignore[attr-defined]  # library errors name the flag
     "out_dir": "--out",
     "sir": "--sir",
+    "refine": "--refine",
+    "refine_lr": "--refine-lr",
+    "refine_num_samples": "--refine-num-samples",
     "num_bins": "--ece-bins",
     "binning": "--ece-binning",
 }

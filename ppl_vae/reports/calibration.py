@@ -13,7 +13,13 @@
   datapoints (ECE and its debiased square with bootstrap se, reliability diagram, mean total
   variation and KL), and against the split's labels when the site is the labels' ``y``;
 - with ``sir`` K: SBC of sampling-importance-resampling from the guide (K proposals) on the
-  same simulations, beside the guide's.
+  same simulations, beside the guide's;
+- with ``refine`` K: SBC of the refined q_K(z|x) (each simulated x's encoder Gaussian refined by
+  K Adam steps on its own ELBO, semi-amortized inference) on the same simulations, and the
+  amortization gap the K steps close on the selected datapoints of the split.
+
+Besides the netCDF files and PNG figures it writes ``calibration.html``, one self-contained page
+(figures embedded) with every number of the summary and what each one is.
 
 It writes only files of its own names (:data:`FILES`) into ``out_dir`` (default: the run
 directory, as ``evaluate``), checked before any work; never the run's ``config.json``,
@@ -22,6 +28,7 @@ checkpoint or history, and never through a symlink.
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -31,20 +38,25 @@ import torch
 import xarray as xr
 
 from ppl_vae import io
-from ppl_vae.reports.common import check_out_dir
+from ppl_vae.reports.common import CSS, check_out_dir, figure_to_data_uri
 
 FILES = {
     "sbc": "calibration_sbc.nc",
     "sir": "calibration_sbc_sir.nc",
+    "refined": "calibration_sbc_refined.nc",
+    "refine": "calibration_refine.nc",
     "ppc": "calibration_ppc.nc",
     "discrete": "calibration_discrete.nc",
     "sbc_figure": "calibration_sbc.png",
     "ppc_figure": "calibration_ppc.png",
     "worst_figure": "calibration_worst.png",
     "discrete_figure": "calibration_discrete.png",
+    "report": "calibration.html",
 }
 COVERAGE_LEVEL = 0.9
 """The central-interval level the summary reports."""
+DISPERSION_LEVELS = (0.5, 0.9)
+"""The levels of the coverage pooled over latent dimensions (:func:`~ppl_vae.analysis.calibration.dispersion`)."""
 EXTREME = 0.05
 """A predictive p-value is called extreme when min(p, 1 - p) is below this."""
 MAX_LISTED_DIMENSIONS = 8
@@ -155,6 +167,18 @@ class Calibration:
     discrete: Optional[xr.Dataset] = None
     sir: Optional[xr.Dataset] = None
     skipped: List[str] = field(default_factory=list)
+    refined: Optional[xr.Dataset] = None
+    refine: Optional[xr.Dataset] = None
+
+    def posteriors(self) -> List[Tuple[str, xr.Dataset]]:
+        """(label, SBC dataset) of each posterior checked on the simulations: the guide, then the
+        refined q and SIR when they were asked for."""
+        out = [] if self.sbc is None else [("encoder q(z|x)", self.sbc)]
+        if self.refined is not None:
+            out.append((f"refined q, K={self.refined.attrs['refine_steps']}", self.refined))
+        if self.sir is not None:
+            out.append((f"SIR, K={self.sir.attrs['sir_num_samples']}", self.sir))
+        return out
 
     @property
     def outside_band(self) -> List[str]:
@@ -174,6 +198,14 @@ class Calibration:
                 f"SIR from the guide (K = {self.sir.attrs['sir_num_samples']} proposals, resampled by "
                 f"p(x,z)/q(z|x); median ESS {float(self.sir['sir_ess'].median()):.1f}) on the same simulations",
             )
+        if self.refined is not None:
+            lines += self._sbc_lines(
+                self.refined, f"the refined q ({_refine_words(self.refined)}) on the same simulations"
+            )
+        if len(self.posteriors()) > 1 or self.refined is not None:
+            lines += self._dispersion_lines(self.posteriors())
+        if self.refine is not None:
+            lines += self._gap_lines(self.refine)
         if self.ppc is not None:
             lines += self._ppc_lines(self.ppc)
         if self.discrete is not None:
@@ -225,6 +257,37 @@ class Calibration:
         return lines
 
     @staticmethod
+    def _dispersion_lines(posteriors: List[Tuple[str, xr.Dataset]]) -> List[str]:
+        lines = [
+            "coverage of central intervals pooled over the latent dimensions (se over simulations); "
+            "below nominal: too narrow (under-dispersed) or biased, above: too wide (over-dispersed)"
+        ]
+        for label, s in posteriors:
+            d = dispersion_of(s)
+            parts = [
+                f"{float(d['coverage'].sel(level=a)):.3f} ± {float(d['coverage_se'].sel(level=a)):.3f} "
+                f"(nominal {float(d['nominal'].sel(level=a)):.2f})"
+                for a in DISPERSION_LEVELS
+            ]
+            lines.append(
+                f"{label:<22} 50%: {parts[0]}; 90%: {parts[1]}; "
+                f"{d.attrs['num_outside']} of {d.attrs['num_quantities']} dimensions leave the band; "
+                f"{_verdict_words(d)}"
+            )
+        return lines
+
+    @staticmethod
+    def _gap_lines(r: xr.Dataset) -> List[str]:
+        g = gap_summary(r)
+        return [
+            f"refinement on {r.sizes['datapoint']} {r.attrs.get('split', '')} datapoints ({_refine_words(r)}): "
+            f"ELBO of the encoder's q {g['elbo_before']:.3f}, of the refined q {g['elbo_after']:.3f} nats "
+            f"(means; se over datapoints {g['elbo_before_se']:.3f}, {g['elbo_after_se']:.3f})",
+            f"amortization gap closed by the K steps: {g['gap']:.3f} ± {g['gap_se']:.3f} nats per datapoint "
+            f"(se over datapoints; Monte Carlo se of the mean {g['gap_mc_se']:.4f}, paired draws)",
+        ]
+
+    @staticmethod
     def _ppc_lines(p: xr.Dataset) -> List[str]:
         lines = [
             f"posterior predictive checks (Gelman et al. 1996): {p.sizes['datapoint']} {p.attrs.get('split', '')} "
@@ -267,6 +330,66 @@ class Calibration:
             f"{float(d['mean_tv_se']):.4f}, mean KL(p || q) {float(d['mean_kl']):.4f} ± {float(d['mean_kl_se']):.4f} nats"
         )
         return lines
+
+
+def dispersion_of(sbc: xr.Dataset) -> xr.Dataset:
+    """:func:`~ppl_vae.analysis.calibration.dispersion` of an SBC result over its latent
+    dimensions at :data:`DISPERSION_LEVELS`, with ``num_outside`` (dimensions whose ECDF leaves
+    the band) in its attrs."""
+    from ppl_vae.analysis.calibration import dispersion
+
+    d = dispersion(sbc[["rank"]].assign_attrs(sbc.attrs), DISPERSION_LEVELS)
+    dims = np.asarray(sbc["kind"].values).astype(str) == "dimension"
+    d.attrs["num_outside"] = int(np.asarray(sbc["outside_band"].values, dtype=bool)[dims].sum())
+    d.attrs["min_chi2_p_value"] = float(np.min(sbc["chi2_p_value"].values[dims]))
+    return d
+
+
+def _verdict_words(d: xr.Dataset) -> str:
+    verdict = str(d["verdict"].sel(level=COVERAGE_LEVEL).values)
+    excess = float(d["excess"].sel(level=COVERAGE_LEVEL))
+    se = float(d["coverage_se"].sel(level=COVERAGE_LEVEL))
+    if verdict == "consistent":
+        return f"90% coverage within {d.attrs['significance_se']:.0f} se of nominal"
+    what = "under-dispersed (too narrow) or biased" if verdict == "too narrow" else "over-dispersed (too wide)"
+    return f"{what}: 90% coverage {excess:+.3f} from nominal ({abs(excess) / se:.0f} se)"
+
+
+def _refine_words(ds: xr.Dataset) -> str:
+    a = ds.attrs
+    return f"K = {a['refine_steps']} Adam steps, lr {a['refine_lr']:g}, {a['refine_num_samples']} draws per step" + (
+        ", mean iterate of the last window" if int(a.get("refine_average", 0)) else ""
+    )
+
+
+def gap_summary(refine: xr.Dataset) -> Dict[str, float]:
+    """Means over datapoints of the encoder's and the refined q's ELBO and of the gap closed, with
+    their se over datapoints, and the gap's Monte Carlo se of the mean (from the paired draws)."""
+    n = refine.sizes["datapoint"]
+    out: Dict[str, float] = {}
+    for name in ("elbo_before", "elbo_after", "gap"):
+        v = np.asarray(refine[name].values, dtype=np.float64)
+        out[name] = float(v.mean())
+        out[f"{name}_se"] = float(v.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+    out["gap_mc_se"] = float(np.sqrt(np.sum(np.asarray(refine["gap_stderr"].values) ** 2)) / n)
+    return out
+
+
+def check_refine(refine: Optional[int], refine_lr: float, refine_num_samples: int) -> None:
+    """One-line ValueErrors for the refinement's options: K (``refine``) None or a positive
+    integer, a positive finite learning rate, a positive number of draws per step."""
+    import math
+
+    if refine is not None and (isinstance(refine, bool) or int(refine) != refine or refine < 1):
+        raise ValueError(f"refine (steps K) must be None (off) or an integer >= 1, got {refine}")
+    if (
+        isinstance(refine_lr, bool)
+        or not (isinstance(refine_lr, (int, float)) and math.isfinite(refine_lr))
+        or refine_lr <= 0
+    ):
+        raise ValueError(f"refine_lr must be a positive number, got {refine_lr}")
+    if isinstance(refine_num_samples, bool) or int(refine_num_samples) != refine_num_samples or refine_num_samples < 1:
+        raise ValueError(f"refine_num_samples must be a positive integer, got {refine_num_samples}")
 
 
 def _labels_for_simulations(kwargs: Dict[str, Any], n_data: int, num_simulations: int) -> Dict[str, Any]:
@@ -322,6 +445,9 @@ def calibrate_run(
     num_bins: int = 10,
     binning: str = "equal_width",
     num_bootstrap: int = 1000,
+    refine: Optional[int] = None,
+    refine_lr: float = 0.02,
+    refine_num_samples: int = 4,
 ) -> Calibration:
     """SBC of the run's guide and posterior predictive checks of ``split``; write :data:`FILES`.
 
@@ -344,6 +470,14 @@ def calibrate_run(
     and against the split's labels when the site is ``y`` (the labels' site). When such a
     model's program cannot be simulated, SBC and predictive checks are skipped (with the reason)
     and the discrete calibration still runs.
+
+    ``refine`` K (default None: off): also SBC of the refined q on the same simulations (each
+    simulated x's encoder Gaussian refined by K Adam steps of rate ``refine_lr`` with
+    ``refine_num_samples`` draws per step and the mean iterate of the last 20 steps,
+    :func:`~ppl_vae.inference.refine.refine`), and the same refinement of the selected
+    datapoints, whose ELBO before and after give the amortization gap the K steps close
+    (``calibration_refine.nc``). A model whose guide cannot be refined (no Gaussian moments) has
+    this part skipped with the reason.
     """
     from ppl_vae.analysis import results
     from ppl_vae.analysis.calibration import (
@@ -375,6 +509,7 @@ def calibrate_run(
     if binning not in BINNINGS:
         raise ValueError(f"binning must be one of {', '.join(BINNINGS)}, got {binning!r}")
     check_sir(sir, num_posterior_samples)
+    check_refine(refine, refine_lr, refine_num_samples)
     run = load_run(run_dir, device)
     sel = select_datapoints(run, split, num_datapoints or None, seed)
     vae, name = run.vae, run.config.model.model
@@ -395,7 +530,7 @@ def calibrate_run(
 
     from tqdm.auto import tqdm
 
-    steps = (2 + (sir is not None) if simulable else 0) + (site is not None)
+    steps = (2 + (sir is not None) + 2 * (refine is not None) if simulable else 0) + (site is not None)
     bar = tqdm(total=steps, desc="calibrate", disable=not progress, leave=False)
     common = {
         "run_dir": str(run.run_dir),
@@ -403,7 +538,8 @@ def calibrate_run(
         "dataset": run.config.data.dataset,
         "seed": int(seed),
     }
-    sbc = sir_sbc = ppc = discrete = None
+    sbc = sir_sbc = refined_sbc = refined_split = ppc = discrete = None
+    refine_options = {"lr": float(refine_lr), "num_samples": int(refine_num_samples), "average": True}
     figures: List[Tuple[str, Any]] = []
     try:
         if simulable:
@@ -417,13 +553,28 @@ def calibrate_run(
             )
             sbc, uniformity = _merged_sbc(sbc_ranks(vae.model, vae.guide, **sim), common)
             bar.update()
-            compare = {}
+            compare: Dict[str, xr.Dataset] = {}
             if sir is not None:
                 bar.set_postfix_str(f"SBC of SIR, K={sir}")
                 sir_sbc, sir_uniformity = _merged_sbc(
                     sbc_ranks(vae.model, vae.guide, sir_num_samples=int(sir), **sim), common
                 )
-                compare = {f"SIR K={sir}": sir_uniformity}
+                compare[f"SIR K={sir}"] = sir_uniformity
+                bar.update()
+            if refine is not None:
+                bar.set_postfix_str(f"SBC of the refined q, K={refine}")
+                try:
+                    ranks = sbc_ranks(
+                        vae.model, vae.guide, refine_steps=int(refine), refine_options=refine_options, **sim
+                    )
+                except ValueError as exc:
+                    skipped.append(f"refinement of q(z|x) (model {name!r}: {exc})")
+                else:
+                    refined_sbc, refined_uniformity = _merged_sbc(ranks, common)
+                    compare = {f"refined K={refine}": refined_uniformity, **compare}
+                    bar.update()
+                    bar.set_postfix_str(f"refining {split} datapoints, K={refine}")
+                    refined_split = _refine_split(vae, sel, kwargs, int(refine), refine_options, seed, common, split)
                 bar.update()
             figures.append(("sbc_figure", plot_sbc_ecdf(uniformity, compare=compare)))
             bar.set_postfix_str("predictive checks")
@@ -472,16 +623,339 @@ def calibrate_run(
     finally:
         bar.close()
 
-    result = Calibration(sbc, ppc, discrete=discrete, sir=sir_sbc, skipped=skipped)
-    for key, ds in (("sbc", sbc), ("sir", sir_sbc), ("ppc", ppc), ("discrete", discrete)):
+    result = Calibration(
+        sbc, ppc, discrete=discrete, sir=sir_sbc, skipped=skipped, refined=refined_sbc, refine=refined_split
+    )
+    for key, ds in (
+        ("sbc", sbc),
+        ("sir", sir_sbc),
+        ("refined", refined_sbc),
+        ("refine", refined_split),
+        ("ppc", ppc),
+        ("discrete", discrete),
+    ):
         if ds is not None:
             result.files[key] = results.save_netcdf(ds, paths[key])
     import matplotlib.pyplot as plt
 
+    images: Dict[str, str] = {}
     for key, fig in figures:
         result.files[key] = io.write_figure(fig, paths[key], dpi=120)
+        images[key] = figure_to_data_uri(fig, dpi=100)  # closes the figure
         plt.close(fig)
+    result.files["report"] = io.write_text(paths["report"], render_html(run, result, images))
     return result
 
 
-__all__ = ["FILES", "Calibration", "calibrate_run", "check_simulable", "check_sir", "check_targets"]
+def _refine_split(
+    vae: Any,
+    sel: Any,
+    kwargs: Dict[str, Any],
+    num_steps: int,
+    options: Dict[str, Any],
+    seed: int,
+    common: Dict[str, Any],
+    split: str,
+) -> xr.Dataset:
+    """The selected datapoints' q(z|x) refined by K steps: ELBOs before and after and the gap
+    closed per datapoint (:meth:`~ppl_vae.inference.refine.RefineResult.to_dataset`)."""
+    from ppl_vae.inference.refine import refine
+
+    result = refine(vae.model, vae.guide, sel.x, seed=seed, num_steps=num_steps, **options, **kwargs)
+    ds = result.to_dataset().assign_coords(datapoint=sel.index)
+    ds.attrs.update(
+        {
+            **common,
+            "split": split,
+            "num_datapoints": int(len(sel.index)),
+            "preprocessing": str(sel.preprocessing),
+            "refine_steps": int(num_steps),
+            **{f"refine_{k}": int(v) if isinstance(v, bool) else v for k, v in options.items()},
+        }
+    )
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# calibration.html: one self-contained page
+
+
+LEAD = (
+    "<p><b>What is checked.</b> <i>Simulation-based calibration</i> (SBC; Talts et al. 2018) asks whether "
+    "the amortized posterior q(z|x) puts its mass where the run's own model puts the posterior p(z|x). It "
+    "draws z* from the prior p(z) and x from the likelihood p(x|z*), then L draws from q(z|x), and records "
+    "the <i>rank</i> of z* among them (how many draws lie below it) for each latent dimension, each site's "
+    "norm |z| and log p(x|z). If q(z|x) were the exact posterior every rank would be uniform on 0..L. "
+    "Ranks piled at both ends (U-shape) say q is too narrow (<i>under-dispersed</i>, over-confident); "
+    "ranks piled in the middle say it is too wide (<i>over-dispersed</i>); ranks piled at one end say it "
+    "is biased. The same is shown for the posteriors the library can compute from the encoder's: the "
+    "<i>refined</i> q (the encoder's Gaussian improved by K gradient steps on each x's own ELBO, "
+    "semi-amortized inference, Kim et al. 2018) and <i>SIR</i> (K proposals from q resampled by their "
+    "importance weights, Rubin 1988), on the same simulations, so the encoder's miscalibration is seen "
+    "next to how much of it is fixable.</p>"
+    "<p><b>Reading the numbers.</b> <i>Coverage</i> is the share of simulations whose z* falls inside the "
+    "central interval of the L draws; a calibrated posterior covers the nominal share. Below nominal: too "
+    "narrow or biased; above: too wide. A <i>p-value</i> tests uniformity of the ranks (small: not "
+    "uniform). The figure's grey band holds a uniform ECDF everywhere at once with 95% probability "
+    "(Säilynoja et al. 2022); a curve leaving it rejects calibration for that quantity.</p>"
+)
+
+
+PAGE_CSS = "td { white-space: nowrap; } td.text { white-space: normal; } th { vertical-align: bottom; }"
+
+
+def _ecdf_p(s: xr.Dataset, j: int) -> str:
+    """The ECDF p-value, written as a bound when it is the smallest the band's simulations can give."""
+    p = float(s["ecdf_p_value"][j])
+    floor = 1.0 / (1 + int(s.attrs.get("num_band_simulations", 10000)))
+    return f"≤ {_fmt_p(floor)}" if p <= floor * (1 + 1e-9) else _fmt_p(p)
+
+
+def _short_verdict(d: xr.Dataset) -> str:
+    verdict = str(d["verdict"].sel(level=COVERAGE_LEVEL).values)
+    if verdict == "consistent":
+        return "consistent with calibrated"
+    excess = float(d["excess"].sel(level=COVERAGE_LEVEL))
+    se = float(d["coverage_se"].sel(level=COVERAGE_LEVEL))
+    what = "too narrow or biased" if verdict == "too narrow" else "too wide"
+    return f"{what} ({excess:+.3f}, {abs(excess) / se:.0f} se)"
+
+
+def _dispersion_table(result: Calibration) -> str:
+    esc = html.escape
+    first = dispersion_of(result.posteriors()[0][1])
+    nominal = {a: float(first["nominal"].sel(level=a)) for a in DISPERSION_LEVELS}
+    head = (
+        "<tr><th>posterior</th><th>dimensions outside the band</th><th>smallest χ² p</th>"
+        + "".join(f"<th>coverage {a:.0%} ± se (nominal {nominal[a]:.2f})</th>" for a in DISPERSION_LEVELS)
+        + "<th>mean rank / L</th><th>rank sd ratio</th><th>verdict at 90%</th></tr>"
+    )
+    rows = [head]
+    for label, s in result.posteriors():
+        d = dispersion_of(s)
+        cells = "".join(
+            f"<td>{float(d['coverage'].sel(level=a)):.3f} ± {float(d['coverage_se'].sel(level=a)):.3f}</td>"
+            for a in DISPERSION_LEVELS
+        )
+        rows.append(
+            f"<tr><td class='text'>{esc(label)}</td><td>{d.attrs['num_outside']} of {d.attrs['num_quantities']}</td>"
+            f"<td>{_fmt_p(d.attrs['min_chi2_p_value'])}</td>{cells}"
+            f"<td>{float(d['mean_fractional_rank']):.3f}</td><td>{float(d['rank_sd_ratio']):.3f}</td>"
+            f"<td class='text'>{esc(_short_verdict(d))}</td></tr>"
+        )
+    note = (
+        "<p class='note'><i>Dimensions outside the band</i>: latent dimensions whose rank ECDF leaves the 95% "
+        "simultaneous band (each alone would leave it 5% of the time under calibration). <i>Smallest χ² p</i>: "
+        "the smallest p-value of the χ² test of uniform ranks over the latent dimensions. <i>Coverage</i>: the "
+        "share of (simulation, dimension) pairs whose z* lies inside the central interval of the L draws, pooled "
+        "over the latent dimensions, ± its se over simulations. <i>Mean rank / L</i>: 0.5 without bias; below, "
+        "the posterior's draws sit above z*. <i>Rank sd ratio</i>: the standard deviation of rank / L over that "
+        "of uniform ranks: 1 when calibrated, above 1 for the U-shaped ranks of a too narrow posterior, below 1 "
+        "for a too wide one. <i>Verdict</i>: 90% coverage minus nominal, called when beyond "
+        f"{first.attrs['significance_se']:.0f} se.</p>"
+    )
+    return "<table>" + "".join(rows) + "</table>" + note
+
+
+def _quantity_table(result: Calibration) -> str:
+    esc = html.escape
+    posts = result.posteriors()
+    first = posts[0][1]
+    kinds = np.asarray(first["kind"].values).astype(str)
+    dims = np.flatnonzero(kinds == "dimension")
+    shown = sorted(set(dims[:MAX_LISTED_DIMENSIONS].tolist()) | set(np.flatnonzero(kinds != "dimension").tolist()))
+    head = (
+        "<tr><th rowspan='2'>quantity</th>"
+        + "".join(f"<th colspan='3'>{esc(label)}</th>" for label, _ in posts)
+        + "</tr><tr>"
+        + "<th>χ² p-value</th><th>ECDF p-value</th><th>90% coverage ± se</th>" * len(posts)
+        + "</tr>"
+    )
+    rows = [head]
+    for j in shown:
+        cells = []
+        for _, s in posts:
+            cov = s.sel(level=COVERAGE_LEVEL)
+            flag = " style='color:#c0392b'" if bool(s["outside_band"].values[j]) else ""
+            cells.append(
+                f"<td>{_fmt_p(float(s['chi2_p_value'][j]))}</td><td{flag}>{_ecdf_p(s, j)}</td>"
+                f"<td>{float(cov['coverage'][j]):.3f} ± {float(cov['coverage_se'][j]):.3f}</td>"
+            )
+        rows.append(f"<tr><td class='text'>{esc(str(first['quantity'].values[j]))}</td>{''.join(cells)}</tr>")
+    note = (
+        f"<p class='note'>Per quantity: the χ² test of uniformity over {first.attrs['num_bins']} bins of ranks "
+        f"({first.attrs['chi2_df']} degrees of freedom), the p-value of the ECDF's band test (red: the ECDF "
+        f"leaves the band), and the coverage of the central 90% interval of the L draws (nominal "
+        f"{float(first.sel(level=COVERAGE_LEVEL)['nominal']):.3f}) with its binomial se."
+    )
+    if len(dims) > MAX_LISTED_DIMENSIONS:
+        note += (
+            f" The first {MAX_LISTED_DIMENSIONS} of {len(dims)} latent dimensions are listed; all are in the netCDF."
+        )
+    return "<table>" + "".join(rows) + "</table>" + note + "</p>"
+
+
+def _gap_table(result: Calibration) -> str:
+    r = result.refine
+    assert r is not None
+    g = gap_summary(r)
+    rows = [
+        "<tr><th>quantity</th><th>mean over datapoints (nats)</th><th>se over datapoints</th><th>what it is</th></tr>",
+        f"<tr><td class='text'>ELBO, encoder's q(z|x)</td><td>{g['elbo_before']:.3f}</td><td>{g['elbo_before_se']:.3f}</td>"
+        "<td class='text note'>lower bound on log p(x); Monte Carlo estimate from "
+        f"{r.attrs['num_eval_samples']} draws per datapoint</td></tr>",
+        f"<tr><td class='text'>ELBO, refined q</td><td>{g['elbo_after']:.3f}</td><td>{g['elbo_after_se']:.3f}</td>"
+        "<td class='text note'>lower bound on log p(x), from the same standard-normal draws</td></tr>",
+        f"<tr><td class='text'>gap closed by refinement</td><td>{g['gap']:.3f}</td><td>{g['gap_se']:.3f}</td>"
+        f"<td class='text note'>refined minus encoder ELBO: the part of the amortization gap the K steps close "
+        f"(Monte Carlo se of the mean {g['gap_mc_se']:.4f}, from paired draws)</td></tr>",
+    ]
+    text = (
+        f"<p>{r.sizes['datapoint']} {html.escape(str(r.attrs.get('split', '')))} datapoints "
+        f"(preprocessing: {html.escape(str(r.attrs.get('preprocessing', 'none')))}); "
+        f"{html.escape(_refine_words(r))}. The same refinement of each simulated x gives the refined "
+        "posterior of the SBC above"
+    )
+    if result.refined is not None and "refine_gap" in result.refined:
+        sim_gap = np.asarray(result.refined["refine_gap"].values)
+        text += (
+            f"; on those {len(sim_gap)} simulated x the K steps gained {sim_gap.mean():.3f} ± "
+            f"{sim_gap.std(ddof=1) / np.sqrt(len(sim_gap)):.3f} nats of ELBO (mean ± se over simulations)"
+        )
+    return text + ".</p><table>" + "".join(rows) + "</table>"
+
+
+def _ppc_table(p: xr.Dataset) -> str:
+    rows = [
+        "<tr><th>statistic T</th><th>mean predictive p-value</th>"
+        f"<th>share of extreme p-values (p &lt; {EXTREME} or p &gt; {1 - EXTREME})</th></tr>"
+    ]
+    for stat in p["statistic"].values:
+        pv = p["p_value"].sel(statistic=stat).values
+        extreme = float(np.mean(np.minimum(pv, 1.0 - pv) < EXTREME))
+        rows.append(
+            f"<tr><td class='text'>{html.escape(str(stat))}</td><td>{pv.mean():.3f}</td><td>{extreme:.3f}</td></tr>"
+        )
+    return (
+        f"<p>{p.sizes['datapoint']} {html.escape(str(p.attrs.get('split', '')))} datapoints, "
+        f"R = {p.attrs['num_replicates']} replicates x<sub>rep</sub> ~ p(x|z) with z ~ q(z|x) each "
+        "(Gelman, Meng &amp; Stern 1996). The p-value P(T(x<sub>rep</sub>) ≥ T(x)) near 0 or 1 says the model "
+        "rarely makes data like x in what T measures; posterior predictive p-values gather toward 0.5 even "
+        "for a correct model (Meng 1994), so extremes count, not the mean.</p><table>" + "".join(rows) + "</table>"
+    )
+
+
+def _discrete_table(d: xr.Dataset) -> str:
+    esc = html.escape
+    site = str(d.attrs["site"])
+    rows = [
+        "<tr><th>comparison</th><th>accuracy</th><th>mean confidence</th><th>ECE ± se</th>"
+        "<th>debiased CE² ± se</th><th>flag</th></tr>"
+    ]
+    for name in d["comparison"].values:
+        r = d.sel(comparison=name)
+        rows.append(
+            f"<tr><td class='text'>{esc(str(name))}</td><td>{float(r['accuracy']):.3f}</td>"
+            f"<td>{float(r['confidence']):.3f}</td><td>{float(r['ece']):.4f} ± {float(r['ece_se']):.4f}</td>"
+            f"<td>{float(r['ce2']):.2e} ± {float(r['ce2_se']):.1e}</td>"
+            f"<td class='text'>{'miscalibrated (CE² &gt; 3 se)' if int(r['miscalibrated']) else 'no evidence'}</td></tr>"
+        )
+    return (
+        f"<p>q({esc(site)}|x), the guide's distribution over the discrete site, against the model's own posterior "
+        f"p({esc(site)}|x) computed by enumeration over {d.sizes['value']} values with importance-weighted "
+        f"p(x, {esc(site)}) (K = {d.attrs['num_samples']} draws of z each), on {d.sizes['datapoint']} "
+        f"{esc(str(d.attrs.get('split', '')))} datapoints; and against the split's labels where the site is "
+        f"the labels' own. <i>Accuracy</i>: the reference's probability of q's top value (or the share of "
+        f"correct labels); <i>confidence</i>: q's top probability; <i>ECE</i>: expected calibration error "
+        f"(mean |accuracy − confidence| over {d.attrs['num_bins']} {esc(str(d.attrs['binning']).replace('_', '-'))} "
+        "bins, above 0 by noise alone); <i>debiased CE²</i> (Kumar et al. 2019): 0 in expectation for a "
+        "calibrated q. Bootstrap se.</p><table>"
+        + "".join(rows)
+        + f"</table><p>Distance of q({esc(site)}|x) to p({esc(site)}|x): mean total variation "
+        f"{float(d['mean_tv']):.4f} ± {float(d['mean_tv_se']):.4f}; mean KL(p ‖ q) {float(d['mean_kl']):.4f} ± "
+        f"{float(d['mean_kl_se']):.4f} nats (± se over datapoints).</p>"
+    )
+
+
+def _img(images: Dict[str, str], key: str, alt: str) -> str:
+    return f"<img alt='{html.escape(alt)}' src='{images[key]}'>" if key in images else ""
+
+
+def render_html(run: Any, result: Calibration, images: Dict[str, str]) -> str:
+    """``calibration.html`` as one string: the summary of every check that ran, each number with
+    what it is, and the figures as embedded PNGs (``images``: :data:`FILES` key -> data URI)."""
+    import datetime as _dt
+
+    esc = html.escape
+    cfg = run.config
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>ppl-vae calibrate: {esc(str(run.run_dir))}</title><style>{CSS}{PAGE_CSS}</style></head><body>",
+        f"<h1>Is the amortized posterior calibrated? {esc(cfg.model.model)} on {esc(cfg.data.dataset)}</h1>",
+        f"<div class='lead'>{LEAD}</div>",
+        f"<p>Run <code>{esc(str(run.run_dir))}</code> (guide {esc(str(cfg.model.guide))}, method "
+        f"{esc(str(cfg.train.method))}). Generated {_dt.datetime.now():%Y-%m-%d %H:%M}.</p>",
+    ]
+    for reason in result.skipped:
+        parts.append(f"<p class='warning'><b>Skipped:</b> {esc(reason)}</p>")
+    if result.sbc is not None:
+        s = result.sbc
+        parts += [
+            "<h2>Simulation-based calibration</h2>",
+            f"<p>{s.attrs['num_simulations']} simulations (z* ~ p(z), x ~ p(x|z*)), each ranked among "
+            f"L = {s.attrs['num_posterior_samples']} draws of each posterior (ranks 0..L); seed {s.attrs['seed']}. "
+            "Coverage pooled over the latent dimensions: the share of (simulation, dimension) pairs whose z* "
+            "lies in the central interval, with its se over simulations (the dimensions share simulations).</p>",
+            _dispersion_table(result),
+        ]
+        if result.sir is not None:
+            parts.append(
+                f"<p class='note'>SIR: median effective sample size of the {result.sir.attrs['sir_num_samples']} "
+                f"proposals' weights {float(result.sir['sir_ess'].median()):.1f} (near 1: the L draws repeat one "
+                "proposal and inherit the encoder's errors).</p>"
+            )
+        parts += [
+            _quantity_table(result),
+            "<h3>Rank ECDFs minus the uniform CDF, with the simultaneous 95% band</h3>",
+            _img(images, "sbc_figure", "SBC rank ECDF differences"),
+        ]
+    if result.refine is not None:
+        parts += ["<h2>Amortization gap closed by refinement</h2>", _gap_table(result)]
+    if result.ppc is not None:
+        parts += [
+            "<h2>Posterior predictive checks</h2>",
+            _ppc_table(result.ppc),
+            _img(images, "ppc_figure", "posterior predictive p-values"),
+        ]
+        if "worst_figure" in images:
+            parts += [
+                "<h3>The datapoints that fit worst</h3>",
+                _img(images, "worst_figure", "worst-fitting datapoints"),
+            ]
+    if result.discrete is not None:
+        parts += [
+            f"<h2>Discrete site {esc(str(result.discrete.attrs['site']))}: calibration of q against p</h2>",
+            _discrete_table(result.discrete),
+            _img(images, "discrete_figure", "reliability diagram"),
+        ]
+    files = ", ".join(f"<code>{esc(p.name)}</code>" for k, p in result.files.items() if k != "report")
+    parts.append(
+        f"<p class='note'>Files beside this page: {files}. Summary also printed by "
+        "<code>ppl-vae calibrate</code>.</p></body></html>"
+    )
+    return "\n".join(parts)
+
+
+__all__ = [
+    "DISPERSION_LEVELS",
+    "FILES",
+    "Calibration",
+    "calibrate_run",
+    "check_refine",
+    "check_simulable",
+    "check_sir",
+    "check_targets",
+    "dispersion_of",
+    "gap_summary",
+    "render_html",
+]

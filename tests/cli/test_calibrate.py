@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -56,7 +57,12 @@ def test_calibrate_writes_results_and_leaves_the_run_alone(bernoulli_run, tmp_pa
         "calibration_sbc.png",
         "calibration_ppc.png",
         "calibration_worst.png",
+        "calibration.html",
     } <= names
+    page = (out / "calibration.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<h2>Simulation-based calibration</h2>" in page
+    assert page.count("data:image/png;base64,") == 3  # SBC, predictive p-values, worst-fitting datapoints
+    assert "refined" not in page.split("</div>", 1)[1].split("Posterior predictive")[0]
     sbc = results.load_netcdf(out / "calibration_sbc.nc")
     for var in ("rank", "chi2_p_value", "ecdf_diff", "band_lower", "outside_band", "coverage", "coverage_se"):
         assert var in sbc, var
@@ -176,4 +182,59 @@ def test_a_discrete_model_that_cannot_be_simulated_still_gets_its_discrete_site_
     )
     assert result.exit_code == 0, result.output
     assert result.output.startswith("skipped: SBC and predictive checks of the continuous sites (model 'm2'")
-    assert sorted(p.name for p in out.iterdir()) == ["calibration_discrete.nc", "calibration_discrete.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "calibration.html",
+        "calibration_discrete.nc",
+        "calibration_discrete.png",
+    ]
+    page = (out / "calibration.html").read_text()
+    assert "Skipped:" in page and "Discrete site y" in page and "<h2>Simulation-based calibration</h2>" not in page
+
+
+def test_calibrate_refine_ranks_the_refined_q_on_the_same_simulations_and_reports_the_gap(bernoulli_run, tmp_path):
+    before = _hashes(bernoulli_run)
+    out = tmp_path / "out"
+    args = ["calibrate", str(bernoulli_run), *SMALL, "--out", str(out), "--refine", "5", "--sir", "40"]
+    result = CliRunner().invoke(cli, [*args, "--refine-lr", "0.05", "--refine-num-samples", "2"])
+    assert result.exit_code == 0, result.output
+    assert _hashes(bernoulli_run) == before
+    sbc = results.load_netcdf(out / "calibration_sbc.nc")
+    refined = results.load_netcdf(out / "calibration_sbc_refined.nc")
+    assert refined.attrs["posterior"] == "refined" and refined.attrs["refine_steps"] == 5
+    assert refined.attrs["refine_lr"] == 0.05 and refined.attrs["refine_num_samples"] == 2
+    assert refined.sizes["simulation"] == sbc.sizes["simulation"] == 40
+    assert list(refined["quantity"].values) == list(sbc["quantity"].values)
+    for var in ("rank", "chi2_p_value", "coverage", "outside_band", "refine_gap", "refine_gap_se"):
+        assert var in refined, var
+    gap = results.load_netcdf(out / "calibration_refine.nc")
+    assert gap.sizes["datapoint"] == 20 and gap.attrs["refine_steps"] == 5 and gap.attrs["split"] == "test"
+    for var in ("elbo_before", "elbo_after", "gap", "gap_stderr"):
+        assert var in gap, var
+    assert "SBC of the refined q (K = 5 Adam steps, lr 0.05, 2 draws per step" in result.output
+    assert "amortization gap closed by the K steps" in result.output
+    assert "coverage of central intervals pooled over the latent dimensions" in result.output
+    page = (out / "calibration.html").read_text()
+    for text in ("encoder q(z|x)", "refined q, K=5", "SIR, K=40", "Amortization gap closed by refinement",
+                 "mean rank / L", "rank sd ratio", "gap closed by refinement"):  # fmt: skip
+        assert text in page, text
+    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
+    assert not re.search(r"\bnan\b", text, re.IGNORECASE)  # every number on the page is defined
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--refine", "-1"], "--refine must be >= 0"),
+        (["--refine", "5", "--refine-lr", "0"], "--refine-lr must be a positive number"),
+        (["--refine", "5", "--refine-lr", "nan"], "--refine-lr must be a positive number"),
+        (["--refine", "5", "--refine-num-samples", "0"], "--refine-num-samples must be >= 1"),
+        (["--refine-lr", "0.1"], "--refine-lr apply to the refinement only: give --refine K"),
+        (["--refine-num-samples", "3"], "--refine-num-samples apply to the refinement only"),
+        (["--refine", "1000000"], "--refine 1000000 is far beyond"),
+    ],
+)
+def test_calibrate_refuses_bad_refine_options_and_writes_nothing(bernoulli_run, tmp_path, extra, message):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["calibrate", str(bernoulli_run), *SMALL, "--out", str(out), *extra])
+    one_line_error(result, message)
+    assert not out.exists()
