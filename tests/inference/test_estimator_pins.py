@@ -7,6 +7,11 @@ registry (computed with the code of commit c30545c, six decimals). They are not 
 (test_importance.py, test_jackknife.py, test_ais.py, test_marginal.py and the gap tests check the
 estimators against closed forms); a change that moves any number shows here. A deliberate change
 to the numbers must re-pin them.
+
+Re-pinned once (issue 28): ``mis`` log_px, when mean-field VI's polish became one L-BFGS per
+datapoint instead of one over the batch. The polish's optimum is the same; with ``polish_steps=10``
+it stops at another point short of it, moving log_px by at most 6e-4 nats (its MC se here is
+~0.1-1 nats). The other estimators' numbers are those of commit c30545c.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ PINNED = {
         },
         "appendix_d": {"log_px": [-16.246384, -7.503054]},
         "mis": {
-            "log_px": [-15.637401, -5.039426, -58.854881, -6.15476, -37.473901],
+            "log_px": [-15.637601, -5.040054, -58.85507, -6.154733, -37.474014],
             "elbo_amortized": [-46.607348, -14.473672, -139.815405, -27.822281, -95.406578],
         },
     },
@@ -91,7 +96,7 @@ PINNED = {
         },
         "appendix_d": {"log_px": [-42.909176, -44.242825]},
         "mis": {
-            "log_px": [-43.233956, -44.374257, -45.755416, -45.232018, -46.38968],
+            "log_px": [-43.233977, -44.374193, -45.755402, -45.23201, -46.38947],
             "elbo_amortized": [-44.070406, -46.325033, -46.04722, -45.382791, -46.949333],
         },
     },
