@@ -124,6 +124,8 @@ def check_simulable(model: Any, guide: Any, x: torch.Tensor, kwargs: Dict[str, A
 
 
 def _fmt_p(p: float) -> str:
+    if p < 1e-300:  # underflows to 0 in double precision
+        return "< 1e-300"
     return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
@@ -701,7 +703,10 @@ LEAD = (
 )
 
 
-PAGE_CSS = "td { white-space: nowrap; } td.text { white-space: normal; } th { vertical-align: bottom; }"
+PAGE_CSS = (
+    "td { white-space: nowrap; } td.text { white-space: normal; } th { vertical-align: bottom; } "
+    "div.wide { overflow-x: auto; } div.wide table { font-size: 0.85em; }"
+)
 
 
 def _ecdf_p(s: xr.Dataset, j: int) -> str:
@@ -792,7 +797,7 @@ def _quantity_table(result: Calibration) -> str:
         note += (
             f" The first {MAX_LISTED_DIMENSIONS} of {len(dims)} latent dimensions are listed; all are in the netCDF."
         )
-    return "<table>" + "".join(rows) + "</table>" + note + "</p>"
+    return "<div class='wide'><table>" + "".join(rows) + "</table></div>" + note + "</p>"
 
 
 def _gap_table(result: Calibration) -> str:
