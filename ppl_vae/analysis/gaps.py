@@ -27,13 +27,11 @@ Only the model/guide contract is used, so any conforming pair can be analysed.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import pandas as pd
 import pyro
 import torch
-import xarray as xr
 from pyro import poutine
 from torch import Tensor
 
@@ -44,6 +42,10 @@ from ppl_vae.inference.modes import batches as data_batches
 from ppl_vae.inference.modes import block_seed, check_positive, eval_mode, in_eval_mode, seeded
 from ppl_vae.inference.stats import THRESHOLDS, ess, log_mean_exp, mean_se, psis_khat
 from ppl_vae.inference.traces import PARTICLE_PLATE, log_probs, trace_pair
+
+if TYPE_CHECKING:  # imported where a dataset or table is built: after the scoring, off compare's path to it
+    import pandas as pd
+    import xarray as xr
 
 ESTIMATORS = ("log_px", "iw_amortized", "iw_meanfield", "elbo_meanfield", "elbo_amortized")
 """estimator coordinate: log p̂ by multiple importance sampling over ½q + ½q*; log p̂_K with q
@@ -323,6 +325,8 @@ def _gap_decomposition(
     for g in GAPS:
         data[g] = ("datapoint", as_np(est[g]))
         data[f"{g}_stderr"] = ("datapoint", as_np(est[f"{g}_stderr"]))
+    import xarray as xr
+
     ds = xr.Dataset(data, coords=coords)
     ds = ds.assign_coords(
         bound=("estimator", [BOUNDS[e] for e in ESTIMATORS]), meaning=("estimator", [MEANINGS[e] for e in ESTIMATORS])
@@ -383,6 +387,8 @@ def gap_table(gaps: xr.Dataset) -> pd.DataFrame:
         row(str(e), gaps["estimate"].sel(estimator=e), gaps["stderr"].sel(estimator=e))
     for g in GAPS:
         row(g, gaps[g], gaps[f"{g}_stderr"])
+    import pandas as pd
+
     return pd.DataFrame(rows).set_index("quantity")
 
 

@@ -3,13 +3,14 @@ datapoints with paired differences; an HTML report and tables either way."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Dict
 
 import click
 
 from ppl_vae.cli import options as opt
-from ppl_vae.cli.evaluate import estimator_option
+from ppl_vae.cli.evaluate import estimator_option, print_profile, profile_option
 
 
 @click.command()
@@ -69,6 +70,7 @@ from ppl_vae.cli.evaluate import estimator_option
 @opt.nproc_option("mean-field VI's 500, or --batch-size 100 for --estimator iw")
 @opt.threads_option()
 @opt.progress_option("Show progress bars.")
+@profile_option()
 def compare(
     run_dirs,
     num_samples: int,
@@ -88,6 +90,7 @@ def compare(
     nproc: int,
     threads,
     progress: bool,
+    profile: bool,
 ) -> None:
     """Gap decomposition (Cremer et al. 2018), diagnostics and a self-contained HTML report.
 
@@ -134,8 +137,11 @@ def compare(
         "gtol": mf_gtol,
     }
     if len(run_dirs) > 1:
+        start = time.perf_counter()
+        from ppl_vae.reports.common import Stages
         from ppl_vae.reports.multirun import compare_runs, format_paired_table
 
+        stages = Stages({"import": time.perf_counter() - start})
         if "mean_field_options" in takes:
             options["mean_field_options"] = mean_field_options
         multi = compare_runs(
@@ -150,6 +156,7 @@ def compare(
             progress=progress,
             nproc=nproc,
             threads=threads,
+            stages=stages,
         )
         if not multi.files:  # a torchrun rank other than 0
             return
@@ -157,9 +164,15 @@ def compare(
         for warning in multi.warnings:
             opt.warn(warning)
         click.echo("wrote " + ", ".join(str(p) for p in multi.files.values()))
+        if profile:
+            print_profile(stages)
         return
+    start = time.perf_counter()
     from ppl_vae.analysis.gaps import format_gap_table
+    from ppl_vae.reports.common import Stages
     from ppl_vae.reports.compare import compare_run
+
+    stages = Stages({"import": time.perf_counter() - start})
 
     result = compare_run(
         run_dirs[0],
@@ -174,6 +187,7 @@ def compare(
         mean_field_options=mean_field_options,
         nproc=nproc,
         threads=threads,
+        stages=stages,
     )
     if not result.files:  # a torchrun rank other than 0
         return
@@ -186,3 +200,5 @@ def compare(
     for note in result.notes:
         click.echo(f"note: {note}")
     click.echo("wrote " + ", ".join(str(p) for p in result.files.values()))
+    if profile:
+        print_profile(stages)

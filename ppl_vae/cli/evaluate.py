@@ -8,6 +8,7 @@ in one line, never ignored.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -40,6 +41,23 @@ def estimator_option(default: str, help: str, *names: str) -> Callable[[Callable
     return click.option(
         *(names or ("--estimator",)), type=EstimatorChoice(), default=default, show_default=True, help=help
     )
+
+
+def profile_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--profile``: print each stage's wall time (import, load, scoring, writing, report) to stderr."""
+    return click.option(
+        "--profile",
+        is_flag=True,
+        default=False,
+        help="Print the wall time of each stage (import, load, scoring, writing, report) and when the scoring "
+        "began, to stderr.",
+    )
+
+
+def print_profile(stages: Any) -> None:
+    """The ``--profile`` lines of a :class:`~ppl_vae.reports.common.Stages`, on stderr."""
+    for line in stages.lines():
+        click.echo(f"profile: {line}", err=True)
 
 
 def _flag_option(name: str, o: Option) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -109,6 +127,7 @@ def _pairs(flag: str, items: Any) -> Dict[str, Any]:
 @opt.nproc_option("--batch-size")
 @opt.threads_option()
 @opt.progress_option()
+@profile_option()
 def evaluate(
     run_dir: Path,
     estimator: str,
@@ -121,11 +140,15 @@ def evaluate(
     nproc: int,
     threads: Optional[int],
     progress: bool,
+    profile: bool,
     **values: Any,
 ) -> None:
     """Estimate log p(x) of a run's datapoints; every number printed and saved says which bound it is."""
+    start = time.perf_counter()
     from ppl_vae.inference import estimators
-    from ppl_vae.reports.evaluation import check_out_dir, evaluate_run
+    from ppl_vae.reports.evaluation import Stages, check_out_dir, evaluate_run
+
+    stages = Stages({"import": time.perf_counter() - start})
 
     options = estimators.check_options(estimator, given_options(values), given=list(given_options(values)))
     checks = [("--batch-size", batch_size, 1), ("--nproc", nproc, 1), ("--num-datapoints", num_datapoints, 0)]
@@ -148,6 +171,7 @@ def evaluate(
         progress=progress,
         nproc=nproc,
         threads=threads,
+        stages=stages,
         **options,
     )
     if not result.files:  # a torchrun rank other than 0: rank 0 prints and writes
@@ -156,3 +180,5 @@ def evaluate(
     for line in result.warnings:
         opt.warn(line)
     click.echo("wrote " + ", ".join(str(p) for p in result.files.values()))
+    if profile:
+        print_profile(stages)

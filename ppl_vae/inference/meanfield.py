@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, cast
 
 import numpy as np
 import pyro
 import torch
-import xarray as xr
 from pyro import distributions as dist
 from pyro import poutine
 from torch import Tensor
@@ -36,6 +35,9 @@ from ppl_vae.inference.latents import Layout, Site, guide_layout, log_joint, mod
 from ppl_vae.inference.local_fit import LocalBlock, fit_local
 from ppl_vae.inference.modes import check_call_convention, check_positive, in_eval_mode, rows
 from ppl_vae.registry import Registry
+
+if TYPE_CHECKING:  # imported by to_dataset, after the fit
+    import xarray as xr
 
 Moments = Tuple[Tensor, Tensor]
 

@@ -10,20 +10,65 @@ before any work is done.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from torch import Tensor
 
 from ppl_vae.pipeline import Run, load_data
 
+if TYPE_CHECKING:  # matplotlib is imported by the report stage, after the scoring
+    from matplotlib.figure import Figure
+
 SPLITS = ("test", "train")
+
+
+def process_age() -> Optional[float]:
+    """Seconds since this process started (from Linux's /proc; None where that is unavailable)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclass
+class Stages:
+    """Wall-clock seconds of each stage of a command (``--profile``): import, load, scoring,
+    writing, report. ``scoring_began``: seconds from the process's start to the start of the
+    scoring (:func:`process_age`), the time a user waits before any estimate is computed."""
+
+    seconds: Dict[str, float] = field(default_factory=dict)
+    scoring_began: Optional[float] = None
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the block as stage ``name`` (times of a stage entered twice add up)."""
+        if name == "scoring" and self.scoring_began is None:
+            self.scoring_began = process_age()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def lines(self) -> List[str]:
+        """One line per stage, then the total and when the scoring began."""
+        out = [f"{name:<10} {secs:8.2f} s" for name, secs in self.seconds.items()]
+        out.append(f"{'total':<10} {sum(self.seconds.values()):8.2f} s (of the stages above)")
+        if self.scoring_began is not None:
+            out.append(f"scoring began {self.scoring_began:.2f} s after the process started")
+        return out
 
 
 @dataclass

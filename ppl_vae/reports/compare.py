@@ -13,16 +13,11 @@ import datetime as _dt
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
-import pandas as pd
 import torch
-import xarray as xr
-from matplotlib.figure import Figure
 
-from ppl_vae.analysis import plots, results
-from ppl_vae.analysis.diagnostics import collapse_diagnostics
 from ppl_vae.analysis.gaps import fit_and_decompose, format_gap_table, gap_table, mean_field_batch, mis_warnings
 from ppl_vae.inference.latents import model_layout
 from ppl_vae.inference.meanfield import MeanFieldGuide, guide_moments
@@ -30,7 +25,12 @@ from ppl_vae.inference.modes import block_seed, eval_mode, seeded
 from ppl_vae.io import write_text
 from ppl_vae.pipeline import Run, load_run
 from ppl_vae.reports.blocks import BlockTask, is_writer, map_blocks, rank_device
-from ppl_vae.reports.common import CSS, Selection, figure_to_data_uri, run_out_dir, select_datapoints
+from ppl_vae.reports.common import CSS, Selection, Stages, figure_to_data_uri, run_out_dir, select_datapoints
+
+if TYPE_CHECKING:  # xarray, pandas, plotting and ArviZ are imported after the scoring, where they are used
+    import pandas as pd
+    import xarray as xr
+    from matplotlib.figure import Figure
 
 COMPARE_FILES = {
     "report": "report.html",
@@ -155,6 +155,7 @@ def compare_run(
     progress: bool = True,
     nproc: int = 1,
     threads: Optional[int] = None,
+    stages: Optional[Stages] = None,
 ) -> Comparison:
     """Gap decomposition, diagnostics, ArviZ draws and an HTML report for a run directory.
 
@@ -170,17 +171,23 @@ def compare_run(
     ``mean_field_options``, default 500), each seeded from (``seed``, its first datapoint)
     (:mod:`ppl_vae.reports.blocks`), so ``nproc > 1`` or a ``torchrun`` launch splits the
     blocks across processes and gives one process's numbers. ``threads``: torch threads per
-    process (default: the available cores, shared).
+    process (default: the available cores, shared). ``stages``, if given, gets the wall time of
+    each stage (load, scoring, writing, report: ``--profile``).
+
+    The scoring runs before anything else is imported or drawn; the tables (netCDF, CSV) are
+    written before the diagnostics, the ArviZ draws and the report, which come last.
     """
+    stages = Stages() if stages is None else stages
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if num_draws < 1:
         raise ValueError(f"num_draws must be >= 1, got {num_draws}")
     device = rank_device(device)  # under torchrun: this rank's GPU
-    run = load_run(run_dir, device)
-    writer = is_writer()
-    out = run_out_dir(run, out_dir) if writer else None
-    sel = select_datapoints(run, split, num_datapoints or None, seed)
+    with stages.stage("load"):
+        run = load_run(run_dir, device)
+        writer = is_writer()
+        out = run_out_dir(run, out_dir) if writer else None
+        sel = select_datapoints(run, split, num_datapoints or None, seed)
     kwargs = sel.model_kwargs(run)
     mf_options = dict(mean_field_options or {})
     block = mean_field_block_size(mf_options)
@@ -195,9 +202,12 @@ def compare_run(
         mf_options,
         loaded=(run, sel),
     )
-    gaps = join_gap_blocks(
-        map_blocks(task, len(sel.index), block, seed, nproc=nproc, threads=threads, progress=progress)
-    )
+    with stages.stage("scoring"):
+        gaps = join_gap_blocks(
+            map_blocks(task, len(sel.index), block, seed, nproc=nproc, threads=threads, progress=progress)
+        )
+    import xarray as xr
+
     gaps.attrs.update(
         {
             "split": split,
@@ -217,15 +227,29 @@ def compare_run(
         return comparison
     # the rest runs once, on the writing process, under its own seed (the caller's RNG is left alone)
     with seeded(block_seed(seed, 0, 1), sel.x.device):
-        _diagnostics_and_files(run, sel, kwargs, comparison, num_draws, out)
+        _diagnostics_and_files(run, sel, kwargs, comparison, num_draws, out, stages)
     return comparison
 
 
 def _diagnostics_and_files(
-    run: Run, sel: Selection, kwargs: Dict[str, Any], comparison: Comparison, num_draws: int, out: Path
+    run: Run,
+    sel: Selection,
+    kwargs: Dict[str, Any],
+    comparison: Comparison,
+    num_draws: int,
+    out: Path,
+    stages: Stages,
 ) -> None:
+    from ppl_vae.analysis import results
+    from ppl_vae.analysis.diagnostics import collapse_diagnostics
+
     vae, gaps = run.vae, comparison.gaps
-    with eval_mode(vae):
+    files = comparison.files
+    with stages.stage("writing"):  # the scores first: they are what the command is for
+        files["gaps_netcdf"] = results.save_netcdf(gaps, out / COMPARE_FILES["gaps_netcdf"])
+        files["gaps_csv"] = results.save_csv(per_datapoint_table(gaps), out / COMPARE_FILES["gaps_csv"])
+        files["table_csv"] = results.save_csv(comparison.table, out / COMPARE_FILES["table_csv"])
+    with stages.stage("report"), eval_mode(vae):
         comparison.diagnostics = collapse_diagnostics(vae.model, vae.guide, sel.x, **kwargs)
         draw_n = min(sel.x.shape[0], 100)  # keep the InferenceData small: the first 100 datapoints
         draw_kwargs = {k: v[:draw_n] for k, v in kwargs.items()}
@@ -246,10 +270,6 @@ def _diagnostics_and_files(
         comparison.inference_data = results.to_inference_data(
             draws, datapoint=sel.index[:draw_n], attrs={"run_dir": str(run.run_dir), "split": sel.split}
         )
-        files = comparison.files
-        files["gaps_netcdf"] = results.save_netcdf(gaps, out / COMPARE_FILES["gaps_netcdf"])
-        files["gaps_csv"] = results.save_csv(per_datapoint_table(gaps), out / COMPARE_FILES["gaps_csv"])
-        files["table_csv"] = results.save_csv(comparison.table, out / COMPARE_FILES["table_csv"])
         files["diagnostics_netcdf"] = results.save_netcdf(
             comparison.diagnostics, out / COMPARE_FILES["diagnostics_netcdf"]
         )
@@ -301,6 +321,8 @@ def _report_figures(
     run: Run, sel: Selection, gaps: xr.Dataset, diagnostics: xr.Dataset, notes: List[str]
 ) -> List[Tuple[str, Figure]]:
     """(title, figure) pairs; a figure that does not apply to this model becomes a note."""
+    from ppl_vae.analysis import plots
+
     vae = run.vae
     device = sel.x.device
     makers: List[Tuple[str, Callable[[], Figure]]] = [

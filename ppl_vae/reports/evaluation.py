@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
-import xarray as xr
-
-from ppl_vae.analysis import results
 from ppl_vae.inference import estimators
 from ppl_vae.reports.blocks import BlockTask, is_writer, map_blocks, rank_device
-from ppl_vae.reports.common import check_out_dir  # noqa: F401  (re-exported for the CLI)
+from ppl_vae.reports.common import Stages, check_out_dir  # noqa: F401  (check_out_dir re-exported for the CLI)
+
+if TYPE_CHECKING:  # xarray and the writers (ArviZ, pandas) are imported after the scoring
+    import xarray as xr
 
 NAMES = {k: f"{o.flag} ({k})" for k, o in estimators.OPTIONS.items()}
 NAMES["estimator"] = "another --estimator, e.g. ais (estimator='ais')"
@@ -116,6 +116,8 @@ def join_blocks(parts: Sequence[xr.Dataset]) -> xr.Dataset:
     attributes come from the first block)."""
     if len(parts) == 1:
         return parts[0]
+    import xarray as xr
+
     ds = xr.concat(
         parts, dim="datapoint", data_vars="minimal", coords="minimal", compat="override", combine_attrs="override"
     )
@@ -135,6 +137,7 @@ def evaluate_run(
     progress: bool = True,
     nproc: int = 1,
     threads: Optional[int] = None,
+    stages: Optional[Stages] = None,
     **options: Any,
 ) -> Evaluation:
     """Estimate log p(x) for a run's datapoints by ``estimator``; write netCDF + CSV.
@@ -153,10 +156,13 @@ def evaluate_run(
     block's first datapoint (:mod:`ppl_vae.reports.blocks`), so the numbers do not depend on
     ``nproc``: with ``nproc > 1`` (or under ``torchrun``) the blocks are split across processes
     and joined exactly. ``threads``: torch threads per process (default: the available cores,
-    shared among the processes). The caller's RNG state is left as it was.
+    shared among the processes). The caller's RNG state is left as it was. ``stages``, if given,
+    gets the wall time of each stage (load, scoring, writing: ``--profile``).
     """
     from ppl_vae.pipeline import load_run
     from ppl_vae.reports.common import select_datapoints
+
+    stages = Stages() if stages is None else stages
 
     est = estimators.get(estimator)
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
@@ -165,15 +171,18 @@ def evaluate_run(
     options.pop("seed", None)
     options.pop("progress", None)
     device = rank_device(device)  # under torchrun: this rank's GPU
-    run = load_run(run_dir, device)
-    writer = is_writer()
-    out = check_out_dir(Path(run.run_dir) if out_dir is None else Path(out_dir)) if writer else None
-    sel = select_datapoints(run, split, num_datapoints or None, seed)
+    with stages.stage("load"):
+        run = load_run(run_dir, device)
+        writer = is_writer()
+        out = check_out_dir(Path(run.run_dir) if out_dir is None else Path(out_dir)) if writer else None
+        sel = select_datapoints(run, split, num_datapoints or None, seed)
     block = est.blocks(options) or int(batch_size)
     task = _EvaluateTask(
         Path(run_dir), device, split, num_datapoints or None, seed, estimator, options, loaded=(run, sel)
     )
-    ds = join_blocks(map_blocks(task, len(sel.index), block, seed, nproc=nproc, threads=threads, progress=progress))
+    with stages.stage("scoring"):
+        parts = map_blocks(task, len(sel.index), block, seed, nproc=nproc, threads=threads, progress=progress)
+        ds = join_blocks(parts)
     ds.attrs.update(
         {
             "split": split,
@@ -193,11 +202,14 @@ def evaluate_run(
     ds.attrs["warnings"] = " | ".join(evaluation.warnings) or "none"
     if not writer or out is None:
         return evaluation
-    nc_name, csv_name = est.files
-    per_chain = [v for v in ds.data_vars if "chain" in ds[v].dims]  # the CSV keeps one row per datapoint (and T)
-    table = ds.drop_vars(per_chain + (["chain"] if "chain" in ds.coords else []))
-    evaluation.files = {
-        "netcdf": results.save_netcdf(ds, out / nc_name),
-        "csv": results.save_csv(table, out / csv_name),
-    }
+    with stages.stage("writing"):
+        from ppl_vae.analysis import results
+
+        nc_name, csv_name = est.files
+        per_chain = [v for v in ds.data_vars if "chain" in ds[v].dims]  # the CSV keeps one row per datapoint (and T)
+        table = ds.drop_vars(per_chain + (["chain"] if "chain" in ds.coords else []))
+        evaluation.files = {
+            "netcdf": results.save_netcdf(ds, out / nc_name),
+            "csv": results.save_csv(table, out / csv_name),
+        }
     return evaluation

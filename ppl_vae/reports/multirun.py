@@ -24,20 +24,21 @@ import datetime as _dt
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
-import xarray as xr
 
-from ppl_vae.analysis import results
 from ppl_vae.inference import estimators
 from ppl_vae.io import write_text
 from ppl_vae.pipeline import load_run
 from ppl_vae.reports.blocks import BlockTask, is_writer, map_blocks, rank_device
-from ppl_vae.reports.common import CSS, figure_to_data_uri, run_out_dir, select_datapoints
+from ppl_vae.reports.common import CSS, Stages, figure_to_data_uri, run_out_dir, select_datapoints
 from ppl_vae.reports.evaluation import join_blocks, score_block
+
+if TYPE_CHECKING:  # xarray, pandas and the writers are imported after the scoring
+    import pandas as pd
+    import xarray as xr
 
 MULTIRUN_FILES = {
     "report": "report.html",
@@ -155,6 +156,7 @@ def compare_runs(
     progress: bool = True,
     nproc: int = 1,
     threads: Optional[int] = None,
+    stages: Optional[Stages] = None,
     **options: Any,
 ) -> MultiComparison:
     """Score every run on the same datapoints with the same estimator; paired differences and a report.
@@ -174,8 +176,10 @@ def compare_runs(
     (``batch_size``, or the estimator's own block: mean-field VI's batch, default 500, for
     "mis"), each seeded from (``seed``, its first datapoint), so ``nproc > 1`` or a ``torchrun``
     launch splits the blocks across processes and gives one process's numbers
-    (:mod:`ppl_vae.reports.blocks`).
+    (:mod:`ppl_vae.reports.blocks`). ``stages``, if given, gets the wall time of each stage (load,
+    scoring, writing, report: ``--profile``).
     """
+    stages = Stages() if stages is None else stages
     est = estimators.get(estimator)
     if len(run_dirs) < 2:
         raise ValueError(f"run_dirs must name at least two runs to compare, got {len(run_dirs)}")
@@ -185,11 +189,16 @@ def compare_runs(
     options.pop("seed", None)
     options.pop("progress", None)
     device = rank_device(device)  # under torchrun: this rank's GPU
-    runs = [load_run(Path(p), device) for p in run_dirs]
-    names = _run_names(run_dirs)
-    writer = is_writer()
-    out = run_out_dir(runs[0], Path(run_dirs[0]) / "multirun" if out_dir is None else Path(out_dir)) if writer else None
-    selections = [select_datapoints(run, split, num_datapoints or None, seed) for run in runs]
+    with stages.stage("load"):
+        runs = [load_run(Path(p), device) for p in run_dirs]
+        names = _run_names(run_dirs)
+        writer = is_writer()
+        out = (
+            run_out_dir(runs[0], Path(run_dirs[0]) / "multirun" if out_dir is None else Path(out_dir))
+            if writer
+            else None
+        )
+        selections = [select_datapoints(run, split, num_datapoints or None, seed) for run in runs]
     ref = selections[0]
     for name, sel in zip(names[1:], selections[1:]):
         if (
@@ -206,8 +215,11 @@ def compare_runs(
     task = _MultiTask(
         list(run_dirs), device, split, num_datapoints or None, seed, estimator, options, loaded=(runs, selections)
     )
-    parts = map_blocks(task, n, block, seed, nproc=nproc, threads=threads, progress=progress)
-    scores = [join_blocks([p[r] for p in parts]) for r in range(len(runs))]
+    with stages.stage("scoring"):
+        parts = map_blocks(task, n, block, seed, nproc=nproc, threads=threads, progress=progress)
+        scores = [join_blocks([p[r] for p in parts]) for r in range(len(runs))]
+    import xarray as xr
+
     compared = quantities(scores[0])
     values = np.full((len(runs), n, len(compared)), np.nan)
     stderr = np.full_like(values, np.nan)
@@ -248,19 +260,23 @@ def compare_runs(
     comparison = MultiComparison(ds, table, warnings=warnings)
     if not writer or out is None:
         return comparison
+    from ppl_vae.analysis import results
+
     files = comparison.files
-    files["netcdf"] = results.save_netcdf(ds, out / MULTIRUN_FILES["netcdf"])
-    files["table_csv"] = results.save_csv(table, out / MULTIRUN_FILES["table_csv"])
-    per_dp = (
-        ds["value"]
-        .to_dataframe()
-        .reset_index()
-        .pivot_table(index="datapoint", columns=["run", "quantity"], values="value")
-    )
-    per_dp.columns = [f"{r}:{q}" for r, q in per_dp.columns]
-    files["per_datapoint_csv"] = results.save_csv(per_dp, out / MULTIRUN_FILES["per_datapoint_csv"])
-    files["report"] = out / MULTIRUN_FILES["report"]
-    write_text(files["report"], render_multirun_html(comparison))
+    with stages.stage("writing"):
+        files["netcdf"] = results.save_netcdf(ds, out / MULTIRUN_FILES["netcdf"])
+        files["table_csv"] = results.save_csv(table, out / MULTIRUN_FILES["table_csv"])
+        per_dp = (
+            ds["value"]
+            .to_dataframe()
+            .reset_index()
+            .pivot_table(index="datapoint", columns=["run", "quantity"], values="value")
+        )
+        per_dp.columns = [f"{r}:{q}" for r, q in per_dp.columns]
+        files["per_datapoint_csv"] = results.save_csv(per_dp, out / MULTIRUN_FILES["per_datapoint_csv"])
+    with stages.stage("report"):
+        files["report"] = out / MULTIRUN_FILES["report"]
+        write_text(files["report"], render_multirun_html(comparison))
     return comparison
 
 
@@ -312,6 +328,8 @@ def paired_table(ds: xr.Dataset) -> pd.DataFrame:
                     beyond_noise=bool(abs(z) > 2) if np.isfinite(z) else None,
                 )
             rows.append(row)
+    import pandas as pd
+
     return pd.DataFrame(rows).set_index(["run", "quantity"])
 
 
@@ -337,6 +355,7 @@ def plot_paired_differences(ds: xr.Dataset):
     distribution over datapoints of the headline difference (log p̂), one row per run.
     """
     import matplotlib.pyplot as plt
+    import pandas as pd
     import seaborn as sns
 
     table = paired_table(ds)

@@ -60,3 +60,57 @@ def test_first_step_imports_none_of_the_heavy_libraries_and_the_folder_resumes(t
     for (name, a), (_, b) in zip(straight.vae.state_dict().items(), resumed.vae.state_dict().items()):
         assert torch.equal(a, b), name
     assert resumed.final["test_elbo"] == pytest.approx(straight.final["test_elbo"], abs=1e-9)
+
+
+NOT_BEFORE_SCORING = ("torch._dynamo", "matplotlib", "seaborn", "arviz")
+"""(xarray is there: the run's history is netCDF, and the estimator registry's modules use it.)"""
+
+SCORING_CHILD = r"""
+import json, os, sys
+import ppl_vae.reports.compare as compare
+import ppl_vae.reports.evaluation as evaluation
+
+def watch(real):
+    def first_block(*args, **kwargs):
+        before = {m: m in sys.modules for m in WATCHED}
+        real(*args, **kwargs)
+        print("MODULES " + json.dumps({"before": before, "dynamo_after": "torch._dynamo" in sys.modules}), flush=True)
+        os._exit(9)
+    return first_block
+
+compare.score_gaps = watch(compare.score_gaps)
+evaluation.score_block = watch(evaluation.score_block)
+from ppl_vae.cli.main import cli
+cli.main(sys.argv[1:], standalone_mode=False)
+"""
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["compare", "--mf-steps", "20", "--mf-polish-steps", "5", "-k", "10", "--num-datapoints", "20"],
+        ["evaluate", "-k", "10", "--num-datapoints", "20"],
+    ],
+)
+def test_scoring_starts_before_plotting_arviz_or_dynamo_are_imported(tmp_path, command, one_thread):
+    """evaluate and compare score before they import the report's libraries; mean-field VI's fit
+    (Adam and the L-BFGS polish) never imports torch._dynamo (issue 28)."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    made = subprocess.run(
+        [sys.executable, "-m", "ppl_vae.cli", "fit", "--epochs", "1", "--out", str(run), *ARGS],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert made.returncode == 0, made.stderr
+    code = f"WATCHED = {NOT_BEFORE_SCORING!r}\n" + SCORING_CHILD
+    cmd = [sys.executable, "-c", code, *command[:1], str(run), *command[1:], "--out", str(tmp_path / "out")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 9, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith("MODULES ")]
+    assert lines, out.stdout + out.stderr
+    seen = json.loads(lines[0][len("MODULES ") :])
+    assert not [m for m, yes in seen["before"].items() if yes], seen
+    assert not seen["dynamo_after"], seen
