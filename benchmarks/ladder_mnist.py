@@ -36,6 +36,9 @@ RUNS = {
     "ladder": ["--model", "ladder"],  # batch normalisation on: the default
     "ladder_no_bn": ["--model", "ladder", "--model-option", "batch_norm=false"],
     "ladder_warmup": ["--model", "ladder", "--kl-warmup", "2"],
+    "ladder_warmup_layers": [
+        *("--model", "ladder", "--kl-warmup", "2", "--model-option", "kl_warmup_fractions=[0.5,1.0]"),
+    ],
     "two_layer": ["--model", "two_layer"],
     "two_layer_bn": ["--model", "two_layer", "--model-option", "batch_norm=true"],
     "ladder5": ["--model", "ladder", "--model-option", "latent_dims=[64,32,16,8,4]", "--hidden-dim", "512"],
@@ -86,6 +89,8 @@ def main() -> None:
     p.add_argument("--runs", nargs="+", default=["ladder", "ladder_no_bn", "two_layer"], choices=list(RUNS))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    from ppl_vae.runs import checkpoint_epoch
+
     args.out.mkdir(parents=True, exist_ok=True)
     data = write_data(args)
     common = [
@@ -96,7 +101,10 @@ def main() -> None:
     for name in args.runs:
         run_dir = args.out / name
         cmd = [*PPL_VAE, "fit", *RUNS[name], *common, "--out", str(run_dir)]
-        if (run_dir / "history.nc").exists():
+        if (run_dir / "history.nc").exists():  # done before: continued to --epochs, or kept as it is
+            if checkpoint_epoch(run_dir) >= args.epochs:
+                print(f"{name}: {run_dir} has done {args.epochs} epochs already", flush=True)
+                continue
             cmd = [*PPL_VAE, "fit", "--resume", str(run_dir), "--epochs", str(args.epochs), "--no-progress"]
         total += timed(cmd, args.out / f"{name}.log")
     print(f"CPU time of the fits: {total / 60:.1f} min; load average {Path('/proc/loadavg').read_text().strip()}")

@@ -30,12 +30,24 @@ warm-up. Above 1 (after warm-up or a beta > 1 schedule) the loop's weight applie
 layer. With non-uniform fractions the model declares ``kl_weight_per_site``, so training goes
 through Pyro's traces (the fused ELBO scales all latent terms by one weight).
 
+**Batch normalisation** (``batch_norm``; on by default for ``ladder``, off for ``two_layer``):
+every hidden layer of every network (the inference or bottom-up MLPs, the generative
+conditionals, the decoder) is linear, batch normalisation, activation, as Sønderby et al. train
+the ladder; without it the ladder sits on the mean-image plateau (the decoder ignores z).
+:class:`ppl_vae.models.networks.BatchNorm` normalises over all leading dims (particles and
+datapoints alike), identically in the Pyro program and the fast path. In training mode a
+datapoint's terms depend on its minibatch; the estimators score in eval mode (running
+statistics, ``ppl_vae.inference.modes``), and the statistics are buffers of the state dict, so
+checkpoints keep them and a resume continues exactly.
+
 Sizes from the command line: ``--latent-dim`` is the top layer's size (z_L, the prior's) and
 ``--hidden-dim`` the first layer's hidden units; the second layer has twice the latent size
 and half the hidden units, so the defaults 50 and 200 give Burda et al.'s 784-200-200-100
 (z1) - 100-100-50 (z2). The model options ``z1_dim``, ``hidden_dims`` (one list per layer),
-``activation`` and ``kl_warmup_fractions`` set them one by one; from Python the classes take
-any number of layers.
+``activation``, ``kl_warmup_fractions``, ``latent_dims`` (any number of layers, bottom to top,
+e.g. Sønderby et al.'s ``[64, 32, 16, 8, 4]``; layer l then has two hidden layers of
+``hidden_dim // 2^(l-1)`` units unless ``hidden_dims`` says otherwise) and ``batch_norm`` set
+them one by one.
 """
 
 from __future__ import annotations
