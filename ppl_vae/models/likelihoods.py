@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +67,27 @@ class Likelihood(nn.Module):
     name: str = "likelihood"
     #: what to suggest when data falls outside ``support``
     support_hint: str = "rescale the data or choose a likelihood for its range"
+
+    fuses_linear_head: bool = False
+    """Declares :meth:`linear_head_scorer`: log p(x | decoder output) from the decoder's last
+    hidden features when its last layer is linear, faster than materializing the parameters and
+    equal to :meth:`log_prob` to float rounding. A subclass that overrides ``forward`` or
+    ``log_prob`` without declaring ``fuses_linear_head`` itself loses the declaration (the
+    fused scorer would no longer compute what it scores)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "fuses_linear_head" not in vars(cls) and any(name in vars(cls) for name in ("forward", "log_prob")):
+            cls.fuses_linear_head = False
+
+    def linear_head_scorer(
+        self, x: Tensor, weight: Tensor, bias: Optional[Tensor], event_shape: Tuple[int, ...]
+    ) -> Optional[Callable[[Tensor], Tensor]]:
+        """A function ``h -> log p(x | h @ weight.T + bias)`` for features ``h`` ``(..., N, H)``
+        (the decoder's one parameter tensor, reshaped to ``event_shape``), returning ``(..., N)``;
+        ``x`` is ``(N, *event_shape)``. None where this likelihood offers no fused scorer for
+        that layout (the caller then scores the decoder's output with :meth:`log_prob`)."""
+        return None
 
     # Each likelihood takes its own number of decoder outputs (``num_params`` tensors): the
     # signatures below accept any arguments, so subclasses may name theirs.
@@ -164,6 +185,36 @@ class BernoulliLikelihood(Likelihood):
 
     def mean(self, logits: Tensor) -> Tensor:
         return torch.sigmoid(logits)
+
+    fuses_linear_head = True
+
+    def linear_head_scorer(
+        self, x: Tensor, weight: Tensor, bias: Optional[Tensor], event_shape: Tuple[int, ...]
+    ) -> Optional[Callable[[Tensor], Tensor]]:
+        """log p(x | l) = sum_j x_j l_j - softplus(l_j) with l = h W^T + b: the first sum is
+        h . (W^T x) + b . x, one matrix-vector product per datapoint computed here once, so only
+        the softplus term needs every logit; it is computed block by block in place."""
+        if self.event_dims != len(event_shape) or x.shape[1:] != torch.Size(event_shape):
+            return None  # events smaller than a datapoint: log_prob keeps the extra dims
+        flat = x.reshape(x.shape[0], -1).to(weight.dtype)
+        x_w = flat @ weight  # (N, H): W^T x per datapoint
+        x_b = flat @ bias if bias is not None else flat.new_zeros(flat.shape[0])
+        weight_t = weight.t()
+
+        def score(h: Tensor) -> Tensor:
+            rows = h.reshape(-1, h.shape[-1])
+            logits = torch.mm(rows, weight_t) if bias is None else torch.addmm(bias, rows, weight_t)
+            # softplus(l) = -log sigmoid(-l): BCE-with-logits' log1p(exp(.)) form (threshold 20
+            # returns l itself, off by log1p(exp(-20)) < 3e-9)
+            softplus = torch.nn.functional.softplus(logits) if torch.is_grad_enabled() else _softplus_(logits)
+            return torch.linalg.vecdot(h, x_w) + x_b - softplus.sum(-1).reshape(h.shape[:-1])
+
+        return score
+
+
+def _softplus_(t: Tensor) -> Tensor:
+    """softplus in place (no autograd): one pass over a block that is still in cache."""
+    return torch._C._nn.softplus(t, 1, 20, out=t)  # type: ignore[call-arg]
 
 
 class ContinuousBernoulliLikelihood(Likelihood):

@@ -104,6 +104,18 @@ class MLPDecoder(nn.Module):
     """z -> ``num_params`` tensors shaped ``(..., *event_shape)`` for a likelihood;
     ``batch_norm``: normalise every hidden layer (:func:`mlp`)."""
 
+    has_linear_head: bool = True
+    """Declares ``forward(z)`` = ``head(features(z))`` split into ``num_params`` parts and reshaped
+    to the event, ``head`` an ``nn.Linear``: a likelihood that offers a fused scorer
+    (:meth:`ppl_vae.models.likelihoods.Likelihood.linear_head_scorer`) then scores the features
+    without materializing every parameter. A subclass that overrides ``forward``, ``features``
+    or ``head`` without declaring ``has_linear_head`` itself loses the declaration."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "has_linear_head" not in vars(cls) and any(name in vars(cls) for name in ("forward", "features", "head")):
+            cls.has_linear_head = False
+
     def __init__(
         self,
         latent_dim: int,
@@ -119,6 +131,17 @@ class MLPDecoder(nn.Module):
         self.num_params = num_params
         out_dim = math.prod(self.event_shape)
         self.net = mlp([latent_dim, *hidden_dims, num_params * out_dim], activation, batch_norm=batch_norm)
+
+    @property
+    def head(self) -> nn.Linear:
+        """The last layer: the decoder's output is ``head(features(z))``."""
+        return cast(nn.Linear, self.net[-1])
+
+    def features(self, z: Tensor) -> Tensor:
+        """The last hidden layer's activations (the input of :attr:`head`), ``(..., hidden)``."""
+        for layer in list(self.net)[:-1]:
+            z = layer(z)
+        return z
 
     def forward(self, z: Tensor) -> Tuple[Tensor, ...]:
         out = self.net(z)
