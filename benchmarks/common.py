@@ -113,6 +113,25 @@ def interleave(
     return ratios, t_ours, t_theirs
 
 
+def loadavg() -> str:
+    """The machine's 1, 5 and 15 minute load averages (``/proc/loadavg``), or "n/a"."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def matmul_gflops(device: torch.device, n: int = 2048, repeats: int = 3) -> float:
+    """GFLOP/s of an ``n`` x ``n`` fp32 matrix product on ``device`` with the current threads
+    (the best of ``repeats``): the machine's practical limit for matrix-product-bound work."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    a @ b  # warm-up
+    best = min(timed(lambda: a @ b, device) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
 def summarize(name: str, ratios: List[float]) -> str:
     return (
         f"{name}: median {statistics.median(ratios):.3f}x, range {min(ratios):.3f}-{max(ratios):.3f}x "

@@ -237,7 +237,7 @@ def weight_chunks(
         for b, (xb, kw) in enumerate(batches(x, kwargs, batch_size)):
             # a guide with one row per datapoint (mean-field q*, a refined q) offers take(rows)
             rows = slice(b * batch_size, b * batch_size + xb.shape[0])
-            g = guide.take(rows) if callable(getattr(guide, "take", None)) else guide
+            g = cast(Any, guide).take(rows) if callable(getattr(guide, "take", None)) else guide
 
             def draw(xb: Tensor = xb, kw: Dict[str, Any] = kw, b: int = b, g: Callable = g) -> Iterator[Tensor]:
                 with seeded(None if seed is None else block_seed(seed, b * batch_size), xb.device):
