@@ -39,11 +39,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import numpy as np
 import torch
-import xarray as xr
 from pyro import poutine
 from pyro.ops.integrator import potential_grad, velocity_verlet
 from torch import Tensor
@@ -52,6 +51,9 @@ from ppl_vae.inference.estimators import Estimate, Variable, register_estimator
 from ppl_vae.inference.latents import Layout, flat_terms, model_layout
 from ppl_vae.inference.modes import in_eval_mode, rows, seeded
 from ppl_vae.inference.stats import THRESHOLDS, log_mean_exp_stats
+
+if TYPE_CHECKING:  # xarray is imported where a dataset is built: choosing an estimator imports none of it
+    import xarray as xr
 
 
 def sigmoid_schedule(num_steps: int, delta: float = 4.0) -> Tensor:
@@ -421,6 +423,8 @@ def ais_log_px(
         )
     log_px, se, ess = log_mean_exp_stats(res.log_weight)
     n = x.shape[0]
+    import xarray as xr
+
     ds = xr.Dataset(
         {
             "log_px": ("datapoint", _np(log_px)),
@@ -579,6 +583,8 @@ def bdmc(
             out[k].append(_np(v))
     n = x.shape[0]
     dims = ("num_steps", "datapoint")
+    import xarray as xr
+
     ds = xr.Dataset(
         {k: (dims, np.stack(v)) for k, v in out.items()},
         coords={
