@@ -218,6 +218,8 @@ def sbc_ranks(
     sir_num_samples: Optional[int] = None,
     refine_steps: Optional[int] = None,
     refine_options: Optional[Mapping[str, Any]] = None,
+    mean_field: bool = False,
+    mean_field_options: Optional[Mapping[str, Any]] = None,
     **kwargs: Any,
 ) -> xr.Dataset:
     """SBC ranks of the guide q(z|x) against the model's prior predictive (Talts et al. 2018).
@@ -250,20 +252,45 @@ def sbc_ranks(
     Adds ``refine_gap`` and ``refine_gap_se`` ``(simulation)``: the ELBO the K steps gained on each
     simulated x (the part of the amortization gap they close) and its paired Monte Carlo se.
 
+    ``mean_field``: rank among L draws of each simulation's *mean-field* q*(z) instead: a diagonal
+    Gaussian fitted to that x alone with the model frozen (Adam, then an L-BFGS polish,
+    :func:`ppl_vae.inference.meanfield.fit_mean_field`; ``mean_field_options`` go to it:
+    ``max_steps``, ``lr``, ``init``, ``polish_steps``, ``gtol``, ...). It is the best a diagonal
+    Gaussian can do per datapoint, so its miscalibration is the family's, not the encoder's. Adds
+    ``meanfield_gap`` and ``meanfield_gap_se`` ``(simulation)``: ELBO of q* minus the encoder's on
+    each simulated x (each from ``num_eval_samples`` independent draws, default 100) and its Monte
+    Carlo se, and ``meanfield_converged`` ``(simulation)``: whether the polish met its gradient
+    tolerance. One of ``sir_num_samples``, ``refine_steps`` and ``mean_field`` at most.
+
     Returns a Dataset with ``rank`` ``(simulation, quantity)`` (int), coordinates ``quantity``
     (``"z[0]"``, ..., ``"|z|"``, ``"log p(x|z)"``), ``site`` and ``kind`` (``"dimension"``,
     ``"norm"``, ``"log_likelihood"``) per quantity; attrs ``num_posterior_samples``, ``seed``,
-    ``posterior`` (``"guide"``, ``"sir"`` with ``sir_num_samples``, or ``"refined"`` with
-    ``refine_steps`` and the refinement's options), ``reference``.
+    ``posterior`` (``"guide"``, ``"sir"`` with ``sir_num_samples``, ``"refined"`` with
+    ``refine_steps`` and the refinement's options, or ``"meanfield"`` with the fit's options as
+    ``meanfield_*``), ``reference``.
     """
     check_positive("num_simulations", num_simulations)
+    if not isinstance(mean_field, (bool, np.bool_)):
+        raise ValueError(f"mean_field must be True or False, got {mean_field!r}")
+    chosen = [
+        name
+        for name, on in (
+            ("sir_num_samples", sir_num_samples is not None),
+            ("refine_steps", refine_steps is not None),
+            ("mean_field", bool(mean_field)),
+        )
+        if on
+    ]
+    if len(chosen) > 1:
+        raise ValueError(f"{' and '.join(chosen)} choose different posteriors: give one of them")
     if sir_num_samples is not None:
         _check_sir(sir_num_samples, num_posterior_samples)
     if refine_steps is not None:
-        if sir_num_samples is not None:
-            raise ValueError("sir_num_samples and refine_steps choose different posteriors: give one of them")
         check_positive("refine_steps", refine_steps)
     options = _refine_options(refine_options)
+    if mean_field_options is not None and not mean_field:
+        raise ValueError("mean_field_options apply to the mean-field q* only: give mean_field=True too")
+    mf_options = _mean_field_options(mean_field_options)
     check_positive("num_posterior_samples", num_posterior_samples)
     check_positive("batch_size", batch_size)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -293,7 +320,7 @@ def sbc_ranks(
     )
     names, sites, kinds = _quantities(ranked)
 
-    blocks, esses, gaps = [], [], []
+    blocks, esses, gaps, converged_parts = [], [], [], []
     for start in range(0, n, batch_size):
         sl = slice(start, min(start + batch_size, n))
         count = sl.stop - sl.start
@@ -311,6 +338,20 @@ def sbc_ranks(
                 model, guide, x, L, kw, layout, int(refine_steps), options, block_seed(int(seed), start, 3)
             )
             gaps.append(gap)
+        elif mean_field:
+            z, gap, converged = _mean_field_draws(
+                model,
+                guide,
+                x,
+                L,
+                kw,
+                layout,
+                mf_options,
+                block_seed(int(seed), start, 4),
+                block_seed(int(seed), start, 5),
+            )
+            gaps.append(gap)
+            converged_parts.append(converged)
         else:
             z = layout.join({s: draws[s] for s in layout.names}, 2)  # (L, B, size)
         # per-quantity values at z* (B, Q) and at the draws (L, B, Q)
@@ -347,6 +388,15 @@ def sbc_ranks(
             **{f"refine_{k}": (int(v) if isinstance(v, bool) else v) for k, v in options.items() if v is not None},
             "refine_reference": REFINE_REFERENCE,
         }
+    if mean_field:
+        data["meanfield_gap"] = ("simulation", np.concatenate([g[0] for g in gaps]))
+        data["meanfield_gap_se"] = ("simulation", np.concatenate([g[1] for g in gaps]))
+        data["meanfield_converged"] = ("simulation", np.concatenate(converged_parts))
+        posterior = {
+            "posterior": "meanfield",
+            **{f"meanfield_{k}": (int(v) if isinstance(v, bool) else v) for k, v in mf_options.items()},
+            "meanfield_reference": MEAN_FIELD_REFERENCE,
+        }
     dataset = xr.Dataset(
         data,
         coords={
@@ -369,6 +419,13 @@ def sbc_ranks(
             "ELBO of the refined q minus ELBO of the encoder's q on each simulated x, nats (common draws)"
         )
         dataset["refine_gap_se"].attrs["long_name"] = "Monte Carlo standard error of refine_gap (paired draws)"
+    if mean_field:
+        dataset["meanfield_gap"].attrs["long_name"] = (
+            "ELBO of the mean-field q* minus ELBO of the encoder's q on each simulated x, nats "
+            "(the amortization gap; independent draws)"
+        )
+        dataset["meanfield_gap_se"].attrs["long_name"] = "Monte Carlo standard error of meanfield_gap"
+        dataset["meanfield_converged"].attrs["long_name"] = "the fit of q* met its gradient tolerance (gtol)"
     return dataset
 
 
@@ -410,6 +467,82 @@ def _refined_draws(
     eps = torch.randn((num_draws,) + tuple(loc.shape), dtype=loc.dtype, device=loc.device)
     gap = (result.gap.double().cpu().numpy(), result.gap_stderr.double().cpu().numpy())
     return loc + scale * eps, gap
+
+
+MEAN_FIELD_REFERENCE = "Cremer, Li & Duvenaud (2018), Inference suboptimality in variational autoencoders"
+MEAN_FIELD_OPTIONS = (
+    "init",
+    "elbo",
+    "lr",
+    "max_steps",
+    "num_particles",
+    "tol",
+    "window",
+    "num_lr_decays",
+    "polish",
+    "polish_particles",
+    "polish_steps",
+    "gtol",
+    "batch_size",
+    "num_eval_samples",
+)
+"""The options of :func:`ppl_vae.inference.meanfield.fit_mean_field` that ``mean_field_options`` may set."""
+
+
+def _mean_field_options(options: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The fit's options: ``options`` over fit_mean_field's own defaults (all recorded in attrs)."""
+    import inspect
+
+    from ppl_vae.inference.meanfield import fit_mean_field
+
+    unknown = sorted(set(options or {}) - set(MEAN_FIELD_OPTIONS))
+    if unknown:
+        raise ValueError(f"mean_field_options: unknown {', '.join(unknown)}; allowed: {', '.join(MEAN_FIELD_OPTIONS)}")
+    params = inspect.signature(fit_mean_field).parameters
+    return {**{k: params[k].default for k in MEAN_FIELD_OPTIONS}, **dict(options or {})}
+
+
+def _mean_field_draws(
+    model: Callable,
+    guide: Callable,
+    x: Tensor,
+    num_draws: int,
+    kw: Dict[str, Any],
+    layout: Layout,
+    options: Dict[str, Any],
+    seed: int,
+    encoder_seed: int,
+) -> Tuple[Tensor, Tuple[np.ndarray, np.ndarray], np.ndarray]:
+    """``(L, B, layout.size)`` draws of each datapoint's mean-field q*(z) (a diagonal Gaussian over
+    the flat latents, :func:`ppl_vae.inference.meanfield.fit_mean_field`, ``seed`` its stream),
+    (gap, gap se) ``(B,)``: L[q*] minus the encoder's ELBO, each from ``num_eval_samples``
+    independent draws (the encoder's from ``encoder_seed``), and whether each fit converged.
+    Draws z from the current stream."""
+    from ppl_vae.inference.importance import importance_estimate
+    from ppl_vae.inference.meanfield import fit_mean_field
+
+    with torch.enable_grad():
+        result = fit_mean_field(model, guide, x, seed=seed, **options, **kw)
+    b = x.shape[0]
+    loc, scale = result.loc.detach().reshape(b, -1), result.scale.detach().reshape(b, -1)
+    if loc.shape[1] != layout.size:
+        raise ValueError(f"the mean-field q* has {loc.shape[1]} latent numbers, the model's sites {layout.size}")
+    encoder = importance_estimate(
+        model,
+        guide,
+        x,
+        num_samples=int(options["num_eval_samples"]),
+        batch_size=b,
+        tail_diagnostic=False,
+        seed=encoder_seed,
+        **kw,
+    )
+    as_np = lambda t: t.detach().double().cpu().numpy()  # noqa: E731
+    gap = as_np(result.elbo) - as_np(encoder.elbo)
+    gap_se = np.sqrt(as_np(result.estimate.elbo_stderr) ** 2 + as_np(encoder.elbo_stderr) ** 2)
+    eps = torch.randn((num_draws,) + tuple(loc.shape), dtype=loc.dtype, device=loc.device)
+    converged = result.converged.cpu().numpy().astype(bool)
+    return loc + scale * eps, (gap, gap_se), converged
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1148,6 +1281,7 @@ def plot_reliability(calibration: xr.Dataset) -> Figure:
 
 __all__ = [
     "LOG_LIKELIHOOD",
+    "MEAN_FIELD_OPTIONS",
     "REFINE_DEFAULTS",
     "SIRDraws",
     "coverage",

@@ -1,7 +1,8 @@
-"""SBC of the refined posterior (semi-amortized inference) against a closed form: on a
-linear-Gaussian VAE whose exact posterior is a diagonal Gaussian, an encoder biased by one
-posterior sd and twice too wide fails SBC, and the same encoder refined per simulated x by K
-Adam steps on its own ELBO passes it on the same simulations.
+"""SBC of the refined posterior (semi-amortized inference) and of the per-datapoint mean-field
+q* against a closed form: on a linear-Gaussian VAE whose exact posterior is a diagonal Gaussian,
+an encoder biased by one posterior sd and twice too wide fails SBC, and the same encoder refined
+per simulated x by K Adam steps on its own ELBO passes it on the same simulations, as does the
+mean-field q* fitted to each simulated x (whose family holds the exact posterior).
 
 Thresholds come from the statistics' null distributions, as in test_calibration.py: the refined
 q's chi-square p-values are above 1e-3 / (runs * Q) (Bonferroni: a calibrated posterior fails
@@ -20,11 +21,16 @@ import torch
 from ppl_vae.analysis.calibration import REFINE_DEFAULTS, dispersion, sbc_ranks, sbc_uniformity
 from ppl_vae.models.linear_gaussian import LinearGaussianVAE
 
+SHIFT, WIDEN = 1.0, 2.0
+ENCODER_KL = 2 * (math.log(1 / WIDEN) + (WIDEN**2 + SHIFT**2) / 2 - 0.5)
+"""KL(encoder || exact posterior) in nats, the same for every x: per dimension N(mu + s sd, (w sd)^2)
+against N(mu, sd^2) gives log(1 / w) + (w^2 + s^2) / 2 - 1/2; two dimensions."""
+
 N, L = 400, 99
 SIGMA = 0.5
 
 
-def _biased_vae(shift: float = 1.0, widen: float = 2.0) -> LinearGaussianVAE:
+def _biased_vae(shift: float = SHIFT, widen: float = WIDEN) -> LinearGaussianVAE:
     """Decoder W with orthogonal columns (the posterior precision I + W^T W / sigma^2 is diagonal,
     so the exact posterior N(A (x - b), Sigma) lies in the encoder's family); the encoder is that
     posterior with its mean moved up by ``shift`` posterior sds and its scale times ``widen``."""
@@ -82,6 +88,34 @@ def test_a_biased_encoder_fails_sbc_and_its_refined_q_passes(one_thread):
     assert int(np.array(outside).sum()) <= 3, outside
 
 
+def test_a_biased_encoder_fails_sbc_and_its_mean_field_q_star_passes(one_thread):
+    """q* per simulated x (its family holds the exact posterior) passes where the encoder fails, on
+    the same simulations; the ELBO it gains over the encoder is KL(encoder || posterior), a known
+    number, within 4 se of its Monte Carlo error."""
+    vae = _biased_vae()
+    runs, chi2_p, outside = 2, [], []
+    for seed in range(runs):
+        encoder = _ranks(vae, seed)
+        q_star = _ranks(vae, seed, mean_field=True, mean_field_options={"max_steps": 300})
+        assert q_star.attrs["posterior"] == "meanfield" and q_star.attrs["meanfield_max_steps"] == 300
+        assert q_star.attrs["meanfield_init"] == "encoder" and q_star.attrs["meanfield_polish"] == 1
+        assert bool((sbc_uniformity(encoder)["chi2_p_value"] < 1e-6).all())
+        u = sbc_uniformity(q_star)
+        chi2_p.append(u["chi2_p_value"].values)
+        outside.append(u["outside_band"].values)
+        d = dispersion(q_star)
+        z = (d["coverage"] - d["nominal"]) / d["coverage_se"]
+        assert float(abs(z).max()) < 4, (d["coverage"].values, d["coverage_se"].values)
+        assert abs(float(d["mean_fractional_rank"]) - 0.5) < 4 * math.sqrt(1 / 12 / N)
+        assert q_star["meanfield_converged"].values.mean() > 0.99
+        gap, gap_se = q_star["meanfield_gap"].values, q_star["meanfield_gap_se"].values
+        se = max(math.sqrt(float((gap_se**2).sum())) / N, float(gap.std(ddof=1)) / math.sqrt(N))
+        assert abs(gap.mean() - ENCODER_KL) < 4 * se, (gap.mean(), ENCODER_KL, se)
+    chi2_p = np.array(chi2_p)
+    assert chi2_p.min() > 1e-3 / chi2_p.size, chi2_p
+    assert int(np.array(outside).sum()) <= 3, outside  # as for the refined q above
+
+
 def test_dispersion_calls_a_narrow_and_a_wide_posterior(one_thread):
     """Exact mean, scale x0.5 and x2: the pooled 90% coverage is called too narrow and too wide,
     and the rank sd ratio is above and below 1 (by far more than 4 se of the uniform's)."""
@@ -101,5 +135,17 @@ def test_refined_sbc_refuses_bad_arguments():
         _ranks(vae, 0, refine_steps=5, sir_num_samples=200)
     with pytest.raises(ValueError, match="refine_options: unknown step_size"):
         _ranks(vae, 0, refine_steps=5, refine_options={"step_size": 0.1})
+    with pytest.raises(ValueError, match="refine_steps and mean_field choose different posteriors"):
+        _ranks(vae, 0, refine_steps=5, mean_field=True)
+    with pytest.raises(ValueError, match="sir_num_samples and mean_field choose different posteriors"):
+        _ranks(vae, 0, sir_num_samples=200, mean_field=True)
+    with pytest.raises(ValueError, match="mean_field_options: unknown steps"):
+        _ranks(vae, 0, mean_field=True, mean_field_options={"steps": 10})
+    with pytest.raises(ValueError, match="mean_field_options apply to the mean-field q. only"):
+        _ranks(vae, 0, mean_field_options={"max_steps": 10})
+    with pytest.raises(ValueError, match="mean_field must be True or False"):
+        _ranks(vae, 0, mean_field="yes")
+    with pytest.raises(ValueError, match="max_steps must be a positive integer"):
+        _ranks(vae, 0, mean_field=True, mean_field_options={"max_steps": 0})
     with pytest.raises(ValueError, match="kind 'norm2'"):
         dispersion(_ranks(vae, 0).isel(simulation=slice(0, 20)), kind="norm2")
