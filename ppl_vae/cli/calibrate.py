@@ -19,6 +19,7 @@ MAX_SIR = 1_000_000
 MAX_DISCRETE_NUM_SAMPLES = 1_000_000
 MAX_REFINE = 100_000
 MAX_REFINE_NUM_SAMPLES = 10_000
+MAX_MF_STEPS = 100_000
 
 
 @click.command()
@@ -68,6 +69,21 @@ MAX_REFINE_NUM_SAMPLES = 10_000
     help="Refinement: draws of z per datapoint per step (--refine K).",
 )
 @click.option(
+    "--mean-field",
+    is_flag=True,
+    default=False,
+    help="Also SBC of the mean-field q*: a diagonal Gaussian fitted to each simulated x alone (Adam from the "
+    "encoder's q, then an L-BFGS polish; the best the encoder's family can do per datapoint), on the same "
+    "simulations, and the ELBO it gains over the encoder.",
+)
+@click.option(
+    "--mf-steps",
+    type=int,
+    default=500,
+    show_default=True,
+    help="Mean-field q*: most Adam steps (before the L-BFGS polish); with --mean-field.",
+)
+@click.option(
     "--discrete-num-samples",
     type=int,
     default=100,
@@ -97,6 +113,8 @@ def calibrate(
     refine: int,
     refine_lr: float,
     refine_num_samples: int,
+    mean_field: bool,
+    mf_steps: int,
     discrete_num_samples: int,
     ece_bins: int,
     ece_binning: str,
@@ -108,7 +126,7 @@ def calibrate(
     progress: bool,
 ) -> None:
     """Is the encoder calibrated? SBC of q(z|x) against the run's model (and of SIR with --sir K, of
-    the refined q with --refine K), posterior predictive checks, and for a discrete site q(c|x)
+    the refined q with --refine K, of the mean-field q* with --mean-field), posterior predictive checks, and for a discrete site q(c|x)
     against the model's p(c|x). Writes calibration.html beside the netCDF and PNG files."""
     from ppl_vae.reports.calibration import calibrate_run
     from ppl_vae.runs import load_config
@@ -121,6 +139,7 @@ def calibrate(
         ("--sir", sir, 0),
         ("--refine", refine, 0),
         ("--refine-num-samples", refine_num_samples, 1),
+        ("--mf-steps", mf_steps, 1),
         ("--discrete-num-samples", discrete_num_samples, 1),
         ("--ece-bins", ece_bins, 1),
     ):
@@ -133,8 +152,10 @@ def calibrate(
         )
     if not math.isfinite(refine_lr) or refine_lr <= 0:
         raise ValueError(f"--refine-lr must be a positive number, got {refine_lr}")
+    ctx = click.get_current_context()
+    if not mean_field and ctx.get_parameter_source("mf_steps") not in (None, click.core.ParameterSource.DEFAULT):
+        raise ValueError("--mf-steps applies to the mean-field q* only: give --mean-field too")
     if not refine:
-        ctx = click.get_current_context()
         given = [
             flag
             for flag, param in (("--refine-lr", "refine_lr"), ("--refine-num-samples", "refine_num_samples"))
@@ -148,6 +169,7 @@ def calibrate(
     opt.check_size("--sir", sir, MAX_SIR, "SIR proposals per simulation")
     opt.check_size("--refine", refine, MAX_REFINE, "refinement steps")
     opt.check_size("--refine-num-samples", refine_num_samples, MAX_REFINE_NUM_SAMPLES, "draws per step")
+    opt.check_size("--mf-steps", mf_steps, MAX_MF_STEPS, "Adam steps of each q*")
     opt.check_size("--discrete-num-samples", discrete_num_samples, MAX_DISCRETE_NUM_SAMPLES, "draws per value")
     load_config(run_dir)  # a missing or broken run directory is refused before anything else
     result = calibrate_run(
@@ -165,6 +187,8 @@ def calibrate(
         refine=refine or None,
         refine_lr=refine_lr,
         refine_num_samples=refine_num_samples,
+        mean_field=mean_field,
+        mean_field_options={"max_steps": mf_steps} if mean_field else None,
         discrete_num_samples=discrete_num_samples,
         num_bins=ece_bins,
         binning=ece_binning.replace("-", "_"),
@@ -179,6 +203,8 @@ calibrate.field_flags = {  # type: ignore[attr-defined]  # library errors name t
     "refine": "--refine",
     "refine_lr": "--refine-lr",
     "refine_num_samples": "--refine-num-samples",
+    "mean_field": "--mean-field",
+    "mean_field_options": "--mf-steps",
     "num_bins": "--ece-bins",
     "binning": "--ece-binning",
 }

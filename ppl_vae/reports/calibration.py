@@ -16,7 +16,10 @@
   same simulations, beside the guide's;
 - with ``refine`` K: SBC of the refined q_K(z|x) (each simulated x's encoder Gaussian refined by
   K Adam steps on its own ELBO, semi-amortized inference) on the same simulations, and the
-  amortization gap the K steps close on the selected datapoints of the split.
+  amortization gap the K steps close on the selected datapoints of the split;
+- with ``mean_field``: SBC of the mean-field q*(z) fitted to each simulated x alone (the best
+  diagonal Gaussian per datapoint, Cremer et al. 2018) on the same simulations, and the ELBO
+  q* gains over the encoder on each of them.
 
 Besides the netCDF files and PNG figures it writes ``calibration.html``, one self-contained page
 (figures embedded) with every number of the summary and what each one is.
@@ -44,6 +47,7 @@ FILES = {
     "sbc": "calibration_sbc.nc",
     "sir": "calibration_sbc_sir.nc",
     "refined": "calibration_sbc_refined.nc",
+    "meanfield": "calibration_sbc_meanfield.nc",
     "refine": "calibration_refine.nc",
     "ppc": "calibration_ppc.nc",
     "discrete": "calibration_discrete.nc",
@@ -171,13 +175,16 @@ class Calibration:
     skipped: List[str] = field(default_factory=list)
     refined: Optional[xr.Dataset] = None
     refine: Optional[xr.Dataset] = None
+    meanfield: Optional[xr.Dataset] = None
 
     def posteriors(self) -> List[Tuple[str, xr.Dataset]]:
         """(label, SBC dataset) of each posterior checked on the simulations: the guide, then the
-        refined q and SIR when they were asked for."""
+        refined q, the mean-field q* and SIR when they were asked for."""
         out = [] if self.sbc is None else [("encoder q(z|x)", self.sbc)]
         if self.refined is not None:
             out.append((f"refined q, K={self.refined.attrs['refine_steps']}", self.refined))
+        if self.meanfield is not None:
+            out.append((MEAN_FIELD_LABEL, self.meanfield))
         if self.sir is not None:
             out.append((f"SIR, K={self.sir.attrs['sir_num_samples']}", self.sir))
         return out
@@ -204,7 +211,12 @@ class Calibration:
             lines += self._sbc_lines(
                 self.refined, f"the refined q ({_refine_words(self.refined)}) on the same simulations"
             )
-        if len(self.posteriors()) > 1 or self.refined is not None:
+        if self.meanfield is not None:
+            lines += self._sbc_lines(
+                self.meanfield, f"the mean-field q* ({_mean_field_words(self.meanfield)}) on the same simulations"
+            )
+            lines.append(_mean_field_gap_words(self.meanfield))
+        if len(self.posteriors()) > 1:
             lines += self._dispersion_lines(self.posteriors())
         if self.refine is not None:
             lines += self._gap_lines(self.refine)
@@ -357,6 +369,65 @@ def _verdict_words(d: xr.Dataset) -> str:
     return f"{what}: 90% coverage {excess:+.3f} from nominal ({abs(excess) / se:.0f} se)"
 
 
+MEAN_FIELD_LABEL = "mean-field q*"
+"""The mean-field q*'s name in the tables and the figure's legend."""
+
+
+def _mean_field_words(ds: xr.Dataset) -> str:
+    a = ds.attrs
+    polish = (
+        f", then at most {a['meanfield_polish_steps']} L-BFGS iterations to gradient {a['meanfield_gtol']:g}"
+        if int(a.get("meanfield_polish", 0))
+        else ""
+    )
+    return (
+        f"a diagonal Gaussian fitted to each x alone from the {a['meanfield_init']}'s: at most "
+        f"{a['meanfield_max_steps']} Adam steps, lr {a['meanfield_lr']:g}{polish}"
+    )
+
+
+def mean_field_gain(ds: xr.Dataset) -> Dict[str, float]:
+    """Mean over simulations of the ELBO q* gains over the encoder, its se over simulations, its
+    Monte Carlo se of the mean, and the number of fits that met their gradient tolerance."""
+    gap = np.asarray(ds["meanfield_gap"].values, dtype=np.float64)
+    n = len(gap)
+    return {
+        "gap": float(gap.mean()),
+        "gap_se": float(gap.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
+        "gap_mc_se": float(np.sqrt(np.sum(np.asarray(ds["meanfield_gap_se"].values) ** 2)) / n),
+        "converged": int(np.asarray(ds["meanfield_converged"].values).sum()),
+        "num_simulations": n,
+    }
+
+
+def _mean_field_gap_words(ds: xr.Dataset) -> str:
+    g = mean_field_gain(ds)
+    return (
+        f"ELBO gained by q* over the encoder on the simulated x (the amortization gap): {g['gap']:.3f} ± "
+        f"{g['gap_se']:.3f} nats (mean ± se over simulations; Monte Carlo se of the mean {g['gap_mc_se']:.4f}); "
+        f"{g['converged']} of {g['num_simulations']} fits met their gradient tolerance"
+    )
+
+
+def check_mean_field(mean_field: bool, options: Optional[Dict[str, Any]]) -> None:
+    """One-line ValueErrors: ``mean_field`` a bool, ``options`` only with it, naming options of
+    :func:`~ppl_vae.inference.meanfield.fit_mean_field`, ``max_steps`` a positive integer."""
+    from ppl_vae.analysis.calibration import MEAN_FIELD_OPTIONS
+
+    if not isinstance(mean_field, bool):
+        raise ValueError(f"mean_field must be True or False, got {mean_field!r}")
+    if not options:
+        return
+    if not mean_field:
+        raise ValueError("mean_field_options apply to the mean-field q* only: give mean_field=True too")
+    unknown = sorted(set(options) - set(MEAN_FIELD_OPTIONS))
+    if unknown:
+        raise ValueError(f"mean_field_options: unknown {', '.join(unknown)}; allowed: {', '.join(MEAN_FIELD_OPTIONS)}")
+    steps = options.get("max_steps", 1)
+    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+        raise ValueError(f"mean_field_options: max_steps must be a positive integer, got {steps}")
+
+
 def _refine_words(ds: xr.Dataset) -> str:
     a = ds.attrs
     return f"K = {a['refine_steps']} Adam steps, lr {a['refine_lr']:g}, {a['refine_num_samples']} draws per step" + (
@@ -450,6 +521,8 @@ def calibrate_run(
     refine: Optional[int] = None,
     refine_lr: float = 0.02,
     refine_num_samples: int = 4,
+    mean_field: bool = False,
+    mean_field_options: Optional[Dict[str, Any]] = None,
 ) -> Calibration:
     """SBC of the run's guide and posterior predictive checks of ``split``; write :data:`FILES`.
 
@@ -480,6 +553,13 @@ def calibrate_run(
     datapoints, whose ELBO before and after give the amortization gap the K steps close
     (``calibration_refine.nc``). A model whose guide cannot be refined (no Gaussian moments) has
     this part skipped with the reason.
+
+    ``mean_field`` (default False): also SBC of the mean-field q* on the same simulations: each
+    simulated x's own diagonal Gaussian fitted with the model frozen
+    (:func:`~ppl_vae.inference.meanfield.fit_mean_field`, started at the encoder's q;
+    ``mean_field_options`` go to it, e.g. ``max_steps``), with the ELBO it gains over the
+    encoder per simulation (``calibration_sbc_meanfield.nc``). A model q* cannot be fitted to
+    has this part skipped with the reason.
     """
     from ppl_vae.analysis import results
     from ppl_vae.analysis.calibration import (
@@ -512,6 +592,7 @@ def calibrate_run(
         raise ValueError(f"binning must be one of {', '.join(BINNINGS)}, got {binning!r}")
     check_sir(sir, num_posterior_samples)
     check_refine(refine, refine_lr, refine_num_samples)
+    check_mean_field(mean_field, mean_field_options)
     run = load_run(run_dir, device)
     sel = select_datapoints(run, split, num_datapoints or None, seed)
     vae, name = run.vae, run.config.model.model
@@ -532,7 +613,7 @@ def calibrate_run(
 
     from tqdm.auto import tqdm
 
-    steps = (2 + (sir is not None) + 2 * (refine is not None) if simulable else 0) + (site is not None)
+    steps = (2 + (sir is not None) + 2 * (refine is not None) + mean_field if simulable else 0) + (site is not None)
     bar = tqdm(total=steps, desc="calibrate", disable=not progress, leave=False)
     common = {
         "run_dir": str(run.run_dir),
@@ -540,7 +621,7 @@ def calibrate_run(
         "dataset": run.config.data.dataset,
         "seed": int(seed),
     }
-    sbc = sir_sbc = refined_sbc = refined_split = ppc = discrete = None
+    sbc = sir_sbc = refined_sbc = refined_split = meanfield_sbc = ppc = discrete = None
     refine_options = {"lr": float(refine_lr), "num_samples": int(refine_num_samples), "average": True}
     figures: List[Tuple[str, Any]] = []
     try:
@@ -577,6 +658,18 @@ def calibrate_run(
                     bar.update()
                     bar.set_postfix_str(f"refining {split} datapoints, K={refine}")
                     refined_split = _refine_split(vae, sel, kwargs, int(refine), refine_options, seed, common, split)
+                bar.update()
+            if mean_field:
+                bar.set_postfix_str("SBC of the mean-field q*")
+                try:
+                    ranks = sbc_ranks(
+                        vae.model, vae.guide, mean_field=True, mean_field_options=dict(mean_field_options or {}), **sim
+                    )
+                except ValueError as exc:
+                    skipped.append(f"mean-field q* (model {name!r}: {exc})")
+                else:
+                    meanfield_sbc, meanfield_uniformity = _merged_sbc(ranks, common)
+                    compare = {MEAN_FIELD_LABEL: meanfield_uniformity, **compare}
                 bar.update()
             figures.append(("sbc_figure", plot_sbc_ecdf(uniformity, compare=compare)))
             bar.set_postfix_str("predictive checks")
@@ -626,12 +719,20 @@ def calibrate_run(
         bar.close()
 
     result = Calibration(
-        sbc, ppc, discrete=discrete, sir=sir_sbc, skipped=skipped, refined=refined_sbc, refine=refined_split
+        sbc,
+        ppc,
+        discrete=discrete,
+        sir=sir_sbc,
+        skipped=skipped,
+        refined=refined_sbc,
+        refine=refined_split,
+        meanfield=meanfield_sbc,
     )
     for key, ds in (
         ("sbc", sbc),
         ("sir", sir_sbc),
         ("refined", refined_sbc),
+        ("meanfield", meanfield_sbc),
         ("refine", refined_split),
         ("ppc", ppc),
         ("discrete", discrete),
@@ -692,7 +793,8 @@ LEAD = (
     "ranks piled in the middle say it is too wide (<i>over-dispersed</i>); ranks piled at one end say it "
     "is biased. The same is shown for the posteriors the library can compute from the encoder's: the "
     "<i>refined</i> q (the encoder's Gaussian improved by K gradient steps on each x's own ELBO, "
-    "semi-amortized inference, Kim et al. 2018) and <i>SIR</i> (K proposals from q resampled by their "
+    "semi-amortized inference, Kim et al. 2018), the <i>mean-field q*</i> (a diagonal Gaussian fitted to "
+    "each x alone, the best the encoder's family can do per datapoint, Cremer et al. 2018) and <i>SIR</i> (K proposals from q resampled by their "
     "importance weights, Rubin 1988), on the same simulations, so the encoder's miscalibration is seen "
     "next to how much of it is fixable.</p>"
     "<p><b>Reading the numbers.</b> <i>Coverage</i> is the share of simulations whose z* falls inside the "
@@ -913,6 +1015,11 @@ def render_html(run: Any, result: Calibration, images: Dict[str, str]) -> str:
             "lies in the central interval, with its se over simulations (the dimensions share simulations).</p>",
             _dispersion_table(result),
         ]
+        if result.meanfield is not None:
+            parts.append(
+                f"<p class='note'>Mean-field q*: {esc(_mean_field_words(result.meanfield))}. "
+                f"{esc(_mean_field_gap_words(result.meanfield))}.</p>"
+            )
         if result.sir is not None:
             parts.append(
                 f"<p class='note'>SIR: median effective sample size of the {result.sir.attrs['sir_num_samples']} "
@@ -956,11 +1063,13 @@ __all__ = [
     "FILES",
     "Calibration",
     "calibrate_run",
+    "check_mean_field",
     "check_refine",
     "check_simulable",
     "check_sir",
     "check_targets",
     "dispersion_of",
     "gap_summary",
+    "mean_field_gain",
     "render_html",
 ]

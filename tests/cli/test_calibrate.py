@@ -238,3 +238,46 @@ def test_calibrate_refuses_bad_refine_options_and_writes_nothing(bernoulli_run, 
     result = CliRunner().invoke(cli, ["calibrate", str(bernoulli_run), *SMALL, "--out", str(out), *extra])
     one_line_error(result, message)
     assert not out.exists()
+
+
+def test_calibrate_mean_field_ranks_q_star_on_the_same_simulations(bernoulli_run, tmp_path):
+    before = _hashes(bernoulli_run)
+    out = tmp_path / "out"
+    args = ["calibrate", str(bernoulli_run), *SMALL, "--out", str(out), "--mean-field", "--mf-steps", "60"]
+    result = CliRunner().invoke(cli, [*args, "--sir", "40"])
+    assert result.exit_code == 0, result.output
+    assert _hashes(bernoulli_run) == before
+    sbc = results.load_netcdf(out / "calibration_sbc.nc")
+    q_star = results.load_netcdf(out / "calibration_sbc_meanfield.nc")
+    assert q_star.attrs["posterior"] == "meanfield" and q_star.attrs["meanfield_max_steps"] == 60
+    assert q_star.attrs["meanfield_init"] == "encoder"
+    assert q_star.sizes["simulation"] == sbc.sizes["simulation"] == 40
+    assert list(q_star["quantity"].values) == list(sbc["quantity"].values)
+    for var in ("rank", "chi2_p_value", "coverage", "outside_band", "meanfield_gap", "meanfield_gap_se"):
+        assert var in q_star, var
+    assert q_star["meanfield_converged"].dtype == bool
+    assert not (out / "calibration_sbc_refined.nc").exists()
+    assert "SBC of the mean-field q* (a diagonal Gaussian fitted to each x alone" in result.output
+    assert "ELBO gained by q* over the encoder on the simulated x" in result.output
+    assert "coverage of central intervals pooled over the latent dimensions" in result.output
+    page = (out / "calibration.html").read_text()
+    for text in ("encoder q(z|x)", "mean-field q*", "SIR, K=40", "Mean-field q*: a diagonal Gaussian"):
+        assert text in page, text
+    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
+    assert not re.search(r"\bnan\b", text, re.IGNORECASE)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--mean-field", "--mf-steps", "0"], "--mf-steps must be >= 1"),
+        (["--mf-steps", "50"], "--mf-steps applies to the mean-field q* only: give --mean-field too"),
+        (["--mean-field", "--mf-steps", "1000000"], "--mf-steps 1000000 is far beyond"),
+        (["--mean-field", "--mf-steps", "x"], "--mf-steps"),
+    ],
+)
+def test_calibrate_refuses_bad_mean_field_options_and_writes_nothing(bernoulli_run, tmp_path, extra, message):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["calibrate", str(bernoulli_run), *SMALL, "--out", str(out), *extra])
+    one_line_error(result, message)
+    assert not out.exists()
