@@ -517,7 +517,7 @@ def _mean_field_draws(
     the flat latents, :func:`ppl_vae.inference.meanfield.fit_mean_field`, ``seed`` its stream),
     (gap, gap se) ``(B,)``: L[q*] minus the encoder's ELBO, each from ``num_eval_samples``
     independent draws (the encoder's from ``encoder_seed``), and whether each fit converged.
-    Draws z from the current stream."""
+    The draws of z come from their own generator seeded with ``encoder_seed``."""
     from ppl_vae.inference.importance import importance_estimate
     from ppl_vae.inference.meanfield import fit_mean_field
 
@@ -540,7 +540,9 @@ def _mean_field_draws(
     as_np = lambda t: t.detach().double().cpu().numpy()  # noqa: E731
     gap = as_np(result.elbo) - as_np(encoder.elbo)
     gap_se = np.sqrt(as_np(result.estimate.elbo_stderr) ** 2 + as_np(encoder.elbo_stderr) ** 2)
-    eps = torch.randn((num_draws,) + tuple(loc.shape), dtype=loc.dtype, device=loc.device)
+    # the draws' own generator: the global stream's state after the fit is not reproducible here
+    generator = torch.Generator(device=loc.device).manual_seed(encoder_seed)
+    eps = torch.randn((num_draws,) + tuple(loc.shape), dtype=loc.dtype, device=loc.device, generator=generator)
     converged = result.converged.cpu().numpy().astype(bool)
     return loc + scale * eps, (gap, gap_se), converged
 
@@ -853,7 +855,9 @@ def plot_sbc_ecdf(
         ax.axhline(0.0, color="0.4", lw=0.6)
         quantity = uniformity["quantity"].values[j]
         if others:
-            shown = ", ".join(f"{name.split(' ')[0]} {p:.2g}" for (name, *_), p in zip(curves, p_values))
+            entries = [f"{name.split(' ')[0]} {p:.2g}" for (name, *_), p in zip(curves, p_values)]
+            per_line = 2 if len(entries) > 3 else 3  # four posteriors' p-values overrun a panel on one line
+            shown = ",\n".join(", ".join(entries[i : i + per_line]) for i in range(0, len(entries), per_line))
             ax.set_title(f"{quantity}\nECDF p: {shown}", fontsize=7.5)
         else:
             ax.set_title(f"{quantity}  (p = {p_values[0]:.2g})")

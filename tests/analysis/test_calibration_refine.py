@@ -149,3 +149,10 @@ def test_refined_sbc_refuses_bad_arguments():
         _ranks(vae, 0, mean_field=True, mean_field_options={"max_steps": 0})
     with pytest.raises(ValueError, match="kind 'norm2'"):
         dispersion(_ranks(vae, 0).isel(simulation=slice(0, 20)), kind="norm2")
+
+
+def test_mean_field_ranks_repeat_with_the_seed(one_thread):
+    vae = _biased_vae()
+    kw = dict(num_simulations=30, num_posterior_samples=19, x_like=torch.zeros(1, 5), mean_field=True)
+    a, b = (sbc_ranks(vae.model, vae.guide, seed=4, **kw) for _ in range(2))
+    np.testing.assert_array_equal(a["rank"].values, b["rank"].values)
