@@ -31,9 +31,10 @@ from ppl_vae.inference.importance import default_particle_batch_size, importance
 from ppl_vae.inference.modes import block_seed
 from ppl_vae.models import build_vae
 
-#: the hand-written loop's chunk, from --tune on a 2-core AMD EPYC (1 MiB L2 per core, 1 thread):
-#: 10 images x 100 particles (1,000 samples: a 3 MB logits block), within noise of 20 x 50
-#: and 10 x 50; 100 x 655 (the library's draw chunk) and 10 x 500 were slower
+#: the hand-written loop's chunk, from --tune on a 2-core AMD EPYC (1 MiB L2 per core, 1 thread,
+#: K = 1000, load 2-3): 10 images x 100 particles (1,000 samples: a 3 MB logits block), within
+#: 1% of the best (50 x 20: 1.255 s against 1.269 s); chunks of 2,000-5,000 samples were 10-20%
+#: slower (this script used the library's draw chunk, 100 x 655, and BCE-with-logits before)
 HAND_IMAGES = 10
 HAND_PARTICLES = 100
 
