@@ -669,7 +669,8 @@ def calibrate_run(
                     skipped.append(f"mean-field q* (model {name!r}: {exc})")
                 else:
                     meanfield_sbc, meanfield_uniformity = _merged_sbc(ranks, common)
-                    compare = {MEAN_FIELD_LABEL: meanfield_uniformity, **compare}
+                    refined_first = {k: v for k, v in compare.items() if k.startswith("refined")}
+                    compare = {**refined_first, MEAN_FIELD_LABEL: meanfield_uniformity, **compare}  # the table's order
                 bar.update()
             figures.append(("sbc_figure", plot_sbc_ecdf(uniformity, compare=compare)))
             bar.set_postfix_str("predictive checks")
