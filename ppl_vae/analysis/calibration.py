@@ -456,7 +456,8 @@ def _refined_draws(
 ) -> Tuple[Tensor, Tuple[np.ndarray, np.ndarray]]:
     """``(L, B, layout.size)`` draws of each datapoint's refined q_K(z|x) (a diagonal Gaussian over
     the flat latents, :func:`ppl_vae.inference.refine.refine` from the encoder's q, ``seed`` its
-    stream), and (gap, gap se) ``(B,)``: the ELBO the steps gained. Draws from the current stream."""
+    stream), and (gap, gap se) ``(B,)``: the ELBO the steps gained. The draws come from their own
+    generator seeded from ``seed``, so the same call repeats exactly."""
     from ppl_vae.inference.refine import refine
 
     with torch.enable_grad():
@@ -464,7 +465,10 @@ def _refined_draws(
     b = x.shape[0]
     loc, scale = result.loc.reshape(b, -1), result.scale.reshape(b, -1)
     assert loc.shape[1] == layout.size, (loc.shape, layout.size)
-    eps = torch.randn((num_draws,) + tuple(loc.shape), dtype=loc.dtype, device=loc.device)
+    # the draws' own generator (a stream of ``seed`` other than the refinement's): the global
+    # stream's state after the refinement did not repeat between identical runs
+    generator = torch.Generator(device=loc.device).manual_seed(block_seed(seed, 0, 1))
+    eps = torch.randn((num_draws,) + tuple(loc.shape), dtype=loc.dtype, device=loc.device, generator=generator)
     gap = (result.gap.double().cpu().numpy(), result.gap_stderr.double().cpu().numpy())
     return loc + scale * eps, gap
 

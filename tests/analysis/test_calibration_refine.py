@@ -156,3 +156,12 @@ def test_mean_field_ranks_repeat_with_the_seed(one_thread):
     kw = dict(num_simulations=30, num_posterior_samples=19, x_like=torch.zeros(1, 5), mean_field=True)
     a, b = (sbc_ranks(vae.model, vae.guide, seed=4, **kw) for _ in range(2))
     np.testing.assert_array_equal(a["rank"].values, b["rank"].values)
+
+
+def test_refined_ranks_repeat_with_the_seed(one_thread):
+    """The refined q's draws come from their own generator: two identical calls (and two identical
+    ``ppl-vae calibrate --refine`` processes: 100 simulations of a digits run, 1,096 ranks used to differ) agree."""
+    vae = _biased_vae()
+    kw = dict(num_simulations=30, num_posterior_samples=19, x_like=torch.zeros(1, 5), refine_steps=20)
+    a, b = (sbc_ranks(vae.model, vae.guide, seed=4, **kw) for _ in range(2))
+    np.testing.assert_array_equal(a["rank"].values, b["rank"].values)
