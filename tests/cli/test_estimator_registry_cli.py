@@ -44,9 +44,7 @@ def test_a_registered_estimator_is_evaluated_and_compared(two_runs, half_iw, tmp
         cli, ["evaluate", str(a), "--estimator", "iw_half", "-k", "10", "--num-datapoints", "8", "--out", str(tmp_path)]
     )
     assert result.exit_code == 0, result.output
-    assert (
-        "log p(x) estimate" in result.output and "(iw_half: a stochastic lower bound" in result.output
-    )
+    assert "log p(x) estimate" in result.output and "(iw_half: a stochastic lower bound" in result.output
     ds = results.load_netcdf(tmp_path / "evaluation_iw_half.nc")
     assert ds.attrs["estimator"] == "iw_half" and ds.sizes["datapoint"] == 8 and np.isfinite(ds["log_px"]).all()
     result = runner.invoke(

@@ -55,9 +55,7 @@ def _estimators(model, x):
                 mean_field_options={"max_steps": 20, "window": 10, "polish_steps": 20, "progress": False},
             )["estimate"].values
         ),
-        "ais": lambda: torch.from_numpy(
-            ais_log_px(m, g, x, num_steps=5, num_chains=2, seed=1)["log_px"].values
-        ),
+        "ais": lambda: torch.from_numpy(ais_log_px(m, g, x, num_steps=5, num_chains=2, seed=1)["log_px"].values),
         "bdmc": lambda: torch.from_numpy(
             bdmc(m, None, *simulate_data(m, x, seed=2), step_counts=(3,), num_chains=2, seed=1)["upper"].values
         ),
