@@ -161,6 +161,8 @@ def compare(
         if not multi.files:  # a torchrun rank other than 0
             return
         click.echo(format_paired_table(multi.table))
+        for line in multi.label_metrics:
+            click.echo(line)
         for warning in multi.warnings:
             opt.warn(warning)
         click.echo("wrote " + ", ".join(str(p) for p in multi.files.values()))

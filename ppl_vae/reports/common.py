@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -166,3 +166,20 @@ img { max-width: 100%; } .note { color: #666; font-size: 0.9em; } code { backgro
 .warning { background: #fff4e5; border-left: 4px solid #e69500; padding: 0.4em 0.8em; margin: 0.5em 0; }
 .lead { background: #f3f6fa; border-left: 4px solid #4a78b0; padding: 0.6em 1em; }
 """
+
+
+def label_metric_lines(run: Run, sel: Selection) -> Tuple[Dict[str, float], List[str]]:
+    """The label metrics the run's model declares (``label_metrics``: M2's test error of q(y|x),
+    a GMVAE's cluster accuracy and clusters used), on the selected datapoints against their
+    labels, and one line each saying what it is; nothing where the model declares none or the
+    data has no class labels. ``evaluate`` and multi-run ``compare`` print them beside log p̂(x)."""
+    if not tuple(getattr(run.vae, "label_metrics", ())) or sel.labels is None:
+        return {}, []
+    from ppl_vae.analysis.semisupervised import describe_label_metrics, label_metrics
+
+    try:
+        values = label_metrics(run.vae, sel.x, sel.labels)
+    except ValueError:  # labels that are not class indices: nothing to measure against
+        return {}, []
+    lines = describe_label_metrics(run.vae, values, int(sel.x.shape[0]))
+    return values, [line.replace("test images", f"{sel.split} datapoints") for line in lines]

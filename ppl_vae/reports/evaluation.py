@@ -67,7 +67,9 @@ class Evaluation:
 
     def summary(self) -> str:
         """What was estimated, each number with the kind of bound it is (nats per datapoint)."""
-        return "\n".join(estimators.get(self.estimator).lines(self.dataset))
+        lines = estimators.get(self.estimator).lines(self.dataset)
+        metrics = str(self.dataset.attrs.get("label_metrics", ""))
+        return "\n".join(lines + (metrics.split(" | ") if metrics else []))
 
 
 class _EvaluateTask(BlockTask):
@@ -198,6 +200,12 @@ def evaluate_run(
     )
     if getattr(sel, "preprocessing", None):  # how the split was binarized for scoring
         ds.attrs["preprocessing"] = str(sel.preprocessing)
+    from ppl_vae.reports.common import label_metric_lines
+
+    metrics, metric_lines = label_metric_lines(run, sel)
+    ds.attrs.update({f"label_metric_{name}": value for name, value in metrics.items()})
+    if metric_lines:
+        ds.attrs["label_metrics"] = " | ".join(metric_lines)
     evaluation = Evaluation(ds)
     ds.attrs["warnings"] = " | ".join(evaluation.warnings) or "none"
     if not writer or out is None:

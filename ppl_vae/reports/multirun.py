@@ -33,7 +33,7 @@ from ppl_vae.inference import estimators
 from ppl_vae.io import write_text
 from ppl_vae.pipeline import load_run
 from ppl_vae.reports.blocks import BlockTask, is_writer, map_blocks, rank_device
-from ppl_vae.reports.common import CSS, Stages, figure_to_data_uri, run_out_dir, select_datapoints
+from ppl_vae.reports.common import CSS, Stages, figure_to_data_uri, label_metric_lines, run_out_dir, select_datapoints
 from ppl_vae.reports.evaluation import join_blocks, score_block
 
 if TYPE_CHECKING:  # xarray, pandas and the writers are imported after the scoring
@@ -80,6 +80,8 @@ class MultiComparison:
     table: pd.DataFrame
     files: Dict[str, Path] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
+    #: "run: metric ..." for each label metric a run's model declares (M2's error, a GMVAE's clusters)
+    label_metrics: List[str] = field(default_factory=list)
 
     @property
     def num_datapoints(self) -> int:
@@ -228,6 +230,9 @@ def compare_runs(
         for j, q in enumerate(compared):
             values[r, :, j], stderr[r, :, j] = scores[r][q].values, scores[r][f"{q}_stderr"].values
         warnings.extend(f"{name}: {w}" for w in run_warnings(scores[r], estimator))
+    label_lines = [
+        f"{name}: {line}" for name, run, sel in zip(names, runs, selections) for line in label_metric_lines(run, sel)[1]
+    ]
     first = scores[0]
     ds = xr.Dataset(
         {"value": (("run", "datapoint", "quantity"), values), "stderr": (("run", "datapoint", "quantity"), stderr)},
@@ -257,7 +262,9 @@ def compare_runs(
     ds["stderr"].attrs.update({"units": "nats", "long_name": "Monte Carlo standard error"})
     ds.attrs["warnings"] = " | ".join(warnings) or "none"
     table = paired_table(ds)
-    comparison = MultiComparison(ds, table, warnings=warnings)
+    if label_lines:
+        ds.attrs["label_metrics"] = " | ".join(label_lines)
+    comparison = MultiComparison(ds, table, warnings=warnings, label_metrics=label_lines)
     if not writer or out is None:
         return comparison
     from ppl_vae.analysis import results
@@ -465,6 +472,9 @@ def render_multirun_html(comparison: MultiComparison) -> str:
             f"<td>{fmt(r['z'])}</td><td class='text'>{beyond}</td></tr>"
         )
     parts.append("<h2>Table</h2><table>" + "".join(rows) + "</table>")
+    if comparison.label_metrics:  # what the models declare beside log p̂: M2's error, a GMVAE's clusters
+        items = "".join(f"<li>{esc(line)}</li>" for line in comparison.label_metrics)
+        parts.append(f"<h2>Label metrics</h2><ul>{items}</ul>")
     parts.append(
         "<h2>Paired differences</h2>"
         f"<img alt='paired differences' src='{figure_to_data_uri(plot_paired_differences(ds))}'>"
