@@ -109,10 +109,65 @@ def mean_se(u: Tensor) -> Tuple[Tensor, Tensor]:
     return u.mean(0), se
 
 
-def psis_khat(log_weights: np.ndarray | Tensor) -> np.ndarray:
-    """Pareto k̂ of each datapoint's importance weights ``(K, N)`` (PSIS, Vehtari et al. 2024):
-    :func:`ppl_vae.arviz_compat.psis_khat`, with ArviZ imported on first use. Above
-    :attr:`Thresholds.khat` (0.7) an IW estimate and its standard error are unreliable."""
-    from ppl_vae.arviz_compat import psis_khat as khat
+#: nats: log-weights spread less than this are constant up to rounding (no tail for k̂ to fit); the
+#: same threshold as ppl_vae.arviz_compat (torch-free, so it cannot import this module)
+FLAT_LOG_WEIGHTS = 1e-4
 
-    return khat(log_weights)
+
+def psis_khat(log_weights: np.ndarray | Tensor) -> np.ndarray:
+    """Pareto k̂ of each datapoint's importance weights ``(K, N)`` (PSIS, Vehtari et al. 2024).
+
+    For each datapoint, a generalized Pareto distribution is fitted to its largest
+    ceil(min(K/5, 3 sqrt(K))) weights by the empirical-Bayes estimate of Zhang & Stephens (2009),
+    with the weakly informative prior on k of Vehtari et al. (the same steps and constants as
+    ArviZ 0.x's ``psislw``, which :func:`ppl_vae.arviz_compat.psis_khat` calls and a test
+    compares against; computed here in NumPy, so scoring imports no ArviZ). Above
+    :attr:`Thresholds.khat` (0.7) an IW estimate and its standard error are unreliable; below 0.5
+    the weights have finite variance. -inf where the log-weights are constant to within
+    :data:`FLAT_LOG_WEIGHTS` (q equal to the posterior); NaN where K < 21 (fewer than 5 tail
+    draws) or the tail cannot be fitted.
+    """
+    lw = log_weights.detach().cpu().double().numpy() if isinstance(log_weights, Tensor) else np.asarray(log_weights)
+    lw = np.asarray(lw, dtype=np.float64)
+    if lw.ndim != 2:
+        raise ValueError(f"log_weights must have shape (num_samples, num_datapoints), got {lw.shape}")
+    k_draws = lw.shape[0]
+    out = np.full(lw.shape[1], np.nan)
+    if k_draws < 21:  # the top ceil(0.2 K) draws must be at least 5
+        return out
+    cutoff_index = -int(np.ceil(min(k_draws / 5.0, 3 * k_draws**0.5))) - 1
+    cutoff_min = np.log(np.finfo(float).tiny)
+    for i in range(lw.shape[1]):
+        x = lw[:, i] - lw[:, i].max()
+        if x.min() > -FLAT_LOG_WEIGHTS:
+            out[i] = -np.inf
+            continue
+        cutoff = max(np.sort(x)[cutoff_index], cutoff_min)
+        tail = np.sort(x[x > cutoff])
+        if tail.size <= 4:
+            continue
+        out[i] = _gpd_shape(np.exp(tail) - np.exp(cutoff))
+    return out
+
+
+def _gpd_shape(tail: np.ndarray) -> float:
+    """The generalized Pareto shape k fitted to the sorted exceedances ``tail`` (Zhang & Stephens
+    2009, with Vehtari et al.'s prior pulling k toward 0.5 with weight 10); NaN if it cannot be fitted."""
+    n = tail.size
+    m = 30 + int(n**0.5)
+    b = 1 - np.sqrt(m / (np.arange(1, m + 1, dtype=float) - 0.5))
+    b /= 3 * tail[int(n / 4 + 0.5) - 1]
+    b += 1 / tail[-1]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        k = np.log1p(-b[:, None] * tail).mean(axis=1)
+        profile = n * (np.log(-(b / k)) - k - 1)
+        weights = 1 / np.exp(profile - profile[:, None]).sum(axis=1)
+    keep = weights >= 10 * np.finfo(float).eps
+    weights, b = weights[keep], b[keep]
+    if not weights.size or not np.isfinite(weights).all():
+        return float("nan")
+    weights /= weights.sum()
+    b_post = float(np.sum(b * weights))
+    k_post = float(np.log1p(-b_post * tail).mean())
+    k_post = (n * k_post + 10 * 0.5) / (n + 10)
+    return k_post if np.isfinite(k_post) else float("nan")
