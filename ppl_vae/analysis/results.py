@@ -30,7 +30,21 @@ from ppl_vae.io import write_netcdf, write_with
 if TYPE_CHECKING:
     from torch import Tensor
 
-from ppl_vae.arviz_compat import ARVIZ_MAJOR, az
+
+def _arviz() -> Any:
+    """(ArviZ's major version, the arviz module), imported on first use: writing a netCDF file of
+    estimates (``evaluate``) needs neither ArviZ nor its 1 s import."""
+    from ppl_vae import arviz_compat
+
+    return arviz_compat.ARVIZ_MAJOR, arviz_compat.az
+
+
+def __getattr__(name: str) -> Any:  # results.az and results.ARVIZ_MAJOR, as before, imported when read
+    if name in ("az", "ARVIZ_MAJOR"):
+        major, az = _arviz()
+        return az if name == "az" else major
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: what :func:`to_inference_data` returns: ``xarray.DataTree`` (ArviZ 1.x) or ``arviz.InferenceData`` (0.x)
 InferenceData = Any
@@ -89,7 +103,8 @@ def to_inference_data(
     coords = {"datapoint": np.arange(n) if datapoint is None else np.asarray(datapoint)}
     all_attrs = {"inference_library": "pyro", "guides": ", ".join(draws), **(attrs or {})}
     groups: Dict[str, Any] = {"posterior": posterior, "log_likelihood": log_lik, "sample_stats": stats}
-    if ARVIZ_MAJOR >= 1:  # groups in one mapping; the attrs go on the root, as 0.x's on the InferenceData
+    major, az = _arviz()
+    if major >= 1:  # groups in one mapping; the attrs go on the root, as 0.x's on the InferenceData
         tree = az.from_dict(groups, coords=coords, dims=dims)
         tree.attrs.update(all_attrs)
         return tree
@@ -98,7 +113,7 @@ def to_inference_data(
 
 def inference_data_groups(idata: InferenceData) -> List[str]:
     """The group names of ``idata`` (``posterior``, ``log_likelihood``, ...), for either ArviZ."""
-    if ARVIZ_MAJOR >= 1:  # an xarray.DataTree: one child per group
+    if _arviz()[0] >= 1:  # an xarray.DataTree: one child per group
         return list(idata.children)
     return list(idata.groups())
 
@@ -113,8 +128,9 @@ def load_inference_data(path: Path) -> InferenceData:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
+    major, az = _arviz()
     idata = az.from_netcdf(str(path), engine="h5netcdf")
-    if ARVIZ_MAJOR >= 1:
+    if major >= 1:
         return idata.load()
     for group in idata.groups():
         idata[group] = idata[group].load()
