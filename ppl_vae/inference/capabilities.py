@@ -78,6 +78,14 @@ CAPABILITIES: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
         "model and guide offer per-datapoint log densities and guide draws (has_fast_path)",
         _fast_path,
     ),
+    "enumerated_fast_path": (
+        "discrete sites are summed out in one batched tensor computation (has_enumerated_fast_path)",
+        lambda vae: (
+            bool(_declared("has_enumerated_fast_path", False)(vae))
+            and bool(tuple(_declared("enumerated_sites", ())(vae)))
+            and callable(getattr(vae, "enumerated_elbo", None))
+        ),
+    ),
     "encoder_guide": (
         "guide is the encoder's Gaussian (encoder_is_guide; not a flow, not a hierarchy's chain)",
         lambda vae: bool(_declared("encoder_is_guide", False)(vae)),

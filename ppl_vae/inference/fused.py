@@ -33,8 +33,26 @@ class _EncoderGuide(FastPair, Protocol):
 def supports_fused_elbo(vae: object) -> bool:
     """True when ``vae`` declares the fast-path protocol (``has_fast_path``) and scales every
     latent site's KL term by the one loop weight (a model declaring ``kl_weight_per_site``,
-    e.g. a per-layer warm-up, trains through Pyro's traces)."""
-    return offers(vae, "fast_path", "one_kl_weight")
+    e.g. a per-layer warm-up, trains through Pyro's traces), or sums its discrete sites out in
+    one batched computation (``has_enumerated_fast_path``: M2, the GMVAE)."""
+    return offers(vae, "fast_path", "one_kl_weight") or offers(vae, "enumerated_fast_path")
+
+
+def fused_enumerated_loss(
+    vae: Any,
+    x: Tensor,
+    *,
+    y: Optional[Tensor] = None,
+    num_data: int | None = None,
+    kl_weight: float = 1.0,
+    num_particles: int = 1,
+) -> Tensor:
+    """-ELBO of the minibatch ``x`` with the discrete site summed out (TraceEnum_ELBO's
+    estimator), scaled by ``num_data / len(x)`` and averaged over particles, from the model's
+    ``enumerated_elbo`` (one batched computation over the site's values)."""
+    scale = 1.0 if num_data is None else num_data / x.shape[0]
+    elbo = vae.enumerated_elbo(x, y, kl_weight=kl_weight, num_particles=num_particles if num_particles > 1 else None)
+    return -elbo.sum() * (scale / num_particles)
 
 
 def fused_elbo_loss(

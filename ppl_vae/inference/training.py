@@ -44,9 +44,10 @@ from ppl_vae.inference.capabilities import (  # the declarations and their regis
     METHODS,
     OBJECTIVES,  # noqa: F401
     check_compatible,
+    offers,
     stepper_class,
 )
-from ppl_vae.inference.fused import fused_elbo_loss, supports_fused_elbo
+from ppl_vae.inference.fused import fused_elbo_loss, fused_enumerated_loss, supports_fused_elbo
 from ppl_vae.inference.importance import elbo_per_datapoint
 from ppl_vae.inference.optim import LR_SCHEDULES, EagerAdam
 from ppl_vae.models.vae import VAE
@@ -584,7 +585,7 @@ class SVIStepper(Stepper):
 
     label = "method 'svi'"
     data_parallel = True
-    compile_note = "on the fused path (a fast-path pair, fused_elbo)"
+    compile_note = "on the fused path (a fast-path pair, or a model that sums its discrete site in one batched computation; fused_elbo)"
     uses = frozenset(METHOD_FIELDS)
 
     def __init__(self, vae: VAE, config: TrainConfig):
@@ -595,6 +596,7 @@ class SVIStepper(Stepper):
         )
         # The fused path computes the same estimator without Pyro's tracing (see inference/fused.py).
         self.fused = self.compiles(vae, config)
+        self._enumerated = self.fused and offers(vae, "enumerated_fast_path")
         self._num_particles = config.num_particles
         self._analytic_kl = config.elbo == "mean_field"
         super().__init__(vae, config)
@@ -605,6 +607,15 @@ class SVIStepper(Stepper):
 
     def loss(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> torch.Tensor:
         """The differentiable minibatch loss (negative ELBO scaled to ``num_data``)."""
+        if self._enumerated:
+            return fused_enumerated_loss(
+                self.vae,
+                x,
+                y=kwargs.get("y"),
+                num_data=num_data,
+                kl_weight=kl_weight,
+                num_particles=self._num_particles,
+            )
         if self.fused:  # the base VAE ignores labels
             return fused_elbo_loss(
                 cast(Any, self.vae),  # a FastPair: compiles() checked the protocol

@@ -14,7 +14,7 @@ Networks accept extra leading batch dims (a particle dim in front of z); y is br
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union, cast
 
 import pyro
 import torch
@@ -28,6 +28,18 @@ from ppl_vae.models.networks import mlp
 from ppl_vae.models.priors import Prior
 from ppl_vae.models.vae import VAE, data_plate
 from ppl_vae.models.zoo import MODELS, ModelSpec
+
+
+def conditioned(net: nn.Sequential, h: Tensor, y_onehot: Tensor) -> Tensor:
+    """``net(cat([h, y_onehot], -1))`` with the two broadcast against each other, computed without
+    building the concatenation: the first linear map is split into its columns for ``h`` and
+    for ``y_onehot`` (W [h; y] + b = W_h h + W_y y + b), so ``h`` goes through it once however
+    many labels it is paired with (an enumerated site's C values: C times fewer products in
+    that layer). The same function as before, to float rounding."""
+    first = cast(nn.Linear, net[0])
+    width = h.shape[-1]
+    out = F.linear(h, first.weight[:, :width], first.bias) + F.linear(y_onehot, first.weight[:, width:])
+    return net[1:](out)
 
 
 class ConditionalGaussianEncoder(nn.Module):
@@ -50,9 +62,7 @@ class ConditionalGaussianEncoder(nn.Module):
 
     def forward(self, x: Tensor, y_onehot: Tensor) -> Tuple[Tensor, Tensor]:
         h = x.reshape(*x.shape[: x.dim() - len(self.event_shape)], -1)
-        batch = torch.broadcast_shapes(h.shape[:-1], y_onehot.shape[:-1])
-        h = torch.cat([h.expand(*batch, -1), y_onehot.expand(*batch, -1)], dim=-1)
-        loc, log_var = self.head(self.act(self.net(h))).chunk(2, dim=-1)
+        loc, log_var = self.head(self.act(conditioned(self.net, h, y_onehot))).chunk(2, dim=-1)
         # The clamp keeps exp() finite early in training; it is inactive at sane values.
         return loc, torch.exp(0.5 * log_var.clamp(-30.0, 20.0))
 
@@ -76,8 +86,8 @@ class ConditionalDecoder(nn.Module):
         self.net = mlp([latent_dim + num_classes, *hidden_dims, num_params * math.prod(self.event_shape)], activation)
 
     def forward(self, z: Tensor, y_onehot: Tensor) -> Tuple[Tensor, ...]:
-        batch = torch.broadcast_shapes(z.shape[:-1], y_onehot.shape[:-1])
-        out = self.net(torch.cat([z.expand(*batch, -1), y_onehot.expand(*batch, -1)], dim=-1))
+        out = conditioned(self.net, z, y_onehot)
+        batch = out.shape[:-1]
         return tuple(p.reshape(*batch, *self.event_shape) for p in out.chunk(self.num_params, -1))
 
 

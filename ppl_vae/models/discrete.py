@@ -42,8 +42,10 @@ import torch.nn.functional as F
 from pyro import distributions as dist
 from pyro import poutine
 from torch import Tensor, nn
+from torch.distributions.utils import _standard_normal
 
 from ppl_vae.models.cvae import ConditionalDecoder, ConditionalGaussianEncoder
+from ppl_vae.models.densities import normal_log_prob
 from ppl_vae.models.likelihoods import Likelihood
 from ppl_vae.models.networks import MLPDecoder, mlp
 from ppl_vae.models.priors import MixtureOfGaussiansPrior, Prior, StandardNormalPrior
@@ -90,6 +92,26 @@ def clamp_logits(logits: Tensor, values: Optional[Tensor]) -> Tensor:
     return torch.where(clamped.unsqueeze(-1), point, logits)
 
 
+#: what :meth:`EnumeratedCategoricalVAE.enumerated_elbo` and the Pyro program must agree on:
+#: overriding one without re-declaring ``has_enumerated_fast_path`` drops the batched ELBO
+ENUMERATED_FAST_PATH_MEMBERS = (
+    "model",
+    "guide",
+    "value_logits",
+    "clamped_values",
+    "value_prior",
+    "value_log_prior",
+    "guide_value_dist",
+    "sample_value",
+    "z_prior",
+    "z_log_prior",
+    "decoder_params",
+    "extra_model_terms",
+    "extra_terms",
+    "enumerated_elbo",
+)
+
+
 class EnumeratedCategoricalVAE(VAE):
     """Base of the VAEs with one categorical latent site ``self.site`` over ``num_values`` values
     and a continuous site ``"z"`` whose guide q(z | x, value) depends on it (see the module
@@ -98,6 +120,19 @@ class EnumeratedCategoricalVAE(VAE):
     has_fast_path = False  # the model sums a discrete site: analysis goes through Pyro's traces
     encoder_is_guide = False  # q(z | x) is a mixture over values, not the encoder's one Gaussian
     site: str = "c"
+
+    has_enumerated_fast_path: bool = False
+    """Declares :meth:`enumerated_elbo`: the ELBO with the discrete site summed out, computed as
+    one batched tensor computation over its values, equal to ``TraceEnum_ELBO`` on ``model`` and
+    ``guide`` at the same random state (the training step then skips Pyro's tracing). As with
+    :attr:`~ppl_vae.models.vae.VAE.has_fast_path`, the declaration is a class's own: a subclass
+    that overrides a member of :data:`ENUMERATED_FAST_PATH_MEMBERS` without declaring it again
+    trains the program it wrote, through Pyro."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "has_enumerated_fast_path" not in vars(cls) and any(n in vars(cls) for n in ENUMERATED_FAST_PATH_MEMBERS):
+            cls.has_enumerated_fast_path = False
 
     def __init__(
         self,
@@ -167,7 +202,15 @@ class EnumeratedCategoricalVAE(VAE):
     def value_prior(self) -> dist.Distribution:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def value_log_prior(self) -> Tensor:  # pragma: no cover - abstract
+        """log p(value) ``(num_values,)``, as ``value_prior()`` scores each value."""
+        raise NotImplementedError
+
     def z_prior(self, value_onehot: Tensor) -> dist.Distribution:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def z_log_prior(self, z: Tensor, value_onehot: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """log p(z | value) ``(...)``, as ``z_prior(value_onehot).log_prob(z)`` (broadcast)."""
         raise NotImplementedError
 
     def decoder_params(self, z: Tensor, value_onehot: Tensor) -> Tuple[Tensor, ...]:  # pragma: no cover
@@ -178,8 +221,49 @@ class EnumeratedCategoricalVAE(VAE):
         value = pyro.sample(name, fn, infer={"enumerate": "parallel"})
         return self.one_hot(value)
 
+    def extra_terms(self, x: Tensor, y: Optional[Tensor], logits: Optional[Tensor] = None) -> Optional[Tensor]:
+        """Per-datapoint terms ``(N,)`` the model adds to log p outside the latent sites (M2's
+        classifier term in training mode), or None; ``logits``: ``value_logits(x)`` if already
+        computed. The model adds them as a factor, :meth:`enumerated_elbo` directly."""
+        return None
+
     def extra_model_terms(self, x: Tensor, y: Optional[Tensor]) -> None:
-        """Factors the model adds (M2's classifier term in training mode); default none."""
+        """The factor of :meth:`extra_terms` in the model, where there is one."""
+        terms = self.extra_terms(x, y)
+        if terms is not None:
+            pyro.factor("extra_terms", terms)
+
+    def enumerated_elbo(
+        self, x: Tensor, y: Optional[Tensor] = None, *, kl_weight: float = 1.0, num_particles: Optional[int] = None
+    ) -> Tensor:
+        """The ELBO per datapoint with the discrete site summed out exactly, ``(N,)`` (or
+        ``(num_particles, N)``, one reparameterized z per value and particle):
+
+            sum_c q(c | x) [log p(x | z_c, c) + w (log p(c) + log p(z_c | c) - log q(c | x) - log q(z_c | x, c))]
+
+        plus :meth:`extra_terms`, with w = ``kl_weight`` (the model's and guide's scale on both
+        latent sites) and z_c ~ q(z | x, c). It is what ``TraceEnum_ELBO`` computes from
+        ``model`` and ``guide`` (guide-side parallel enumeration: Pyro's enumerated one-hot
+        ``(C, 1, C)``, or ``(C, 1, 1, C)`` with a particle plate, and the z draws of the same
+        shape from the same standard-normal call), as one batched computation without tracing;
+        the tests compare the two at the same random state. Clamped points (labels,
+        ``component``) give q(c | x) no mass off their value, so those terms weigh 0."""
+        clamped = self.clamped_values(x, y, None)
+        logits = self.value_logits(x)
+        log_q_value = clamp_logits(logits, clamped).transpose(0, 1)  # (C, N)
+        onehot = self.one_hot(torch.arange(self.num_values, device=x.device)).unsqueeze(-2)  # (C, 1, C)
+        if num_particles is not None:
+            onehot = onehot.unsqueeze(-2)  # (C, 1, 1, C): the particle plate at dim -2
+            log_q_value = log_q_value.unsqueeze(-2)
+        loc, scale = self.encoder(x, onehot)  # (C, N, d) or (C, 1, N, d)
+        shape = loc.shape if num_particles is None else loc.shape[:1] + (num_particles,) + loc.shape[2:]
+        z = loc + _standard_normal(shape, dtype=loc.dtype, device=loc.device) * scale
+        log_prior = self.value_log_prior().reshape((-1,) + (1,) * (z.dim() - 2))
+        latent = log_prior + self.z_log_prior(z, onehot) - normal_log_prob(z, loc, scale).sum(-1) - log_q_value
+        per_value = self.likelihood.log_prob(x, *self.decoder_params(z, onehot)) + kl_weight * latent
+        elbo = (log_q_value.exp() * per_value).sum(0)
+        extra = self.extra_terms(x, y, logits)
+        return elbo if extra is None else elbo + extra
 
     # -- model and guide
 
@@ -252,6 +336,7 @@ class SemiSupervisedVAE(EnumeratedCategoricalVAE):
 
     site = "y"
     label_metrics = ("test_error",)
+    has_enumerated_fast_path = True  # enumerated_elbo and model/guide below agree (tests compare them)
 
     def __init__(
         self,
@@ -289,21 +374,30 @@ class SemiSupervisedVAE(EnumeratedCategoricalVAE):
         param = next(self.parameters())
         return dist.Categorical(logits=param.new_zeros(self.num_values))
 
+    def value_log_prior(self) -> Tensor:
+        param = next(self.parameters())
+        return param.new_full((self.num_values,), -math.log(self.num_values))
+
     def z_prior(self, value_onehot: Tensor) -> dist.Distribution:
         return self.prior()
+
+    def z_log_prior(self, z: Tensor, value_onehot: Tensor) -> Tensor:
+        return self.prior.log_prob(z)
 
     def decoder_params(self, z: Tensor, value_onehot: Tensor) -> Tuple[Tensor, ...]:
         return self.decoder(z, value_onehot)
 
-    def extra_model_terms(self, x: Tensor, y: Optional[Tensor]) -> None:
+    def extra_terms(self, x: Tensor, y: Optional[Tensor], logits: Optional[Tensor] = None) -> Optional[Tensor]:
+        """The classifier term (alpha / N_l) log q(y | x) of each labelled point, in training mode."""
         if not self.training or y is None or self.alpha == 0:
-            return
+            return None
         labels = self.given_values(y, x.shape[0], "labels y", allow_unlabelled=True)
         labelled = labels >= 0
         if not bool(labelled.any()):
-            return
-        log_q = self.value_logits(x).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        pyro.factor("classifier", self.classifier_weight * torch.where(labelled, log_q, torch.zeros_like(log_q)))
+            return None
+        logits = self.value_logits(x) if logits is None else logits
+        log_q = logits.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        return self.classifier_weight * torch.where(labelled, log_q, torch.zeros_like(log_q))
 
     # generation: the same z (style) under every class
 
@@ -338,6 +432,7 @@ class GaussianMixtureVAE(EnumeratedCategoricalVAE):
 
     site = "c"
     label_metrics = ("cluster_accuracy", "clusters_used")
+    has_enumerated_fast_path = True  # enumerated_elbo and model/guide below agree (tests compare them)
 
     def __init__(
         self,
@@ -411,8 +506,15 @@ class GaussianMixtureVAE(EnumeratedCategoricalVAE):
     def component_scales(self) -> Tensor:
         return F.softplus(self.mixture.raw_scales) + 1e-4
 
+    def value_log_prior(self) -> Tensor:
+        return torch.log_softmax(self.mixture.logits, -1)
+
     def z_prior(self, value_onehot: Tensor) -> dist.Distribution:
         return dist.Normal(value_onehot @ self.mixture.locs, value_onehot @ self.component_scales()).to_event(1)
+
+    def z_log_prior(self, z: Tensor, value_onehot: Tensor) -> Tensor:
+        loc, scale = value_onehot @ self.mixture.locs, value_onehot @ self.component_scales()
+        return normal_log_prob(z, loc, scale).sum(-1)
 
     def decoder_params(self, z: Tensor, value_onehot: Tensor) -> Tuple[Tensor, ...]:
         return self.decoder(z)
