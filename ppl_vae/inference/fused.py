@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.distributions import Distribution, kl_divergence
 
 from ppl_vae.inference.capabilities import offers
-from ppl_vae.inference.latents import FastPair
+from ppl_vae.inference.latents import FastPair, guide_and_prior
 
 
 class _EncoderGuide(FastPair, Protocol):
@@ -83,10 +83,11 @@ def fused_elbo_loss(
             latent = -kl_divergence(dist.Normal(loc, z_scale).to_event(1), gaussian.prior())
         except NotImplementedError:
             latent = None
+        if latent is None:
+            latent = vae.log_prior(x, latents) - log_q
     else:
-        latents, log_q = vae.sample_guide(x, particles)
+        latents, log_q, log_prior = guide_and_prior(vae, x, particles)
+        latent = log_prior - log_q
     log_lik = vae.log_likelihood(x, latents)
-    if latent is None:
-        latent = vae.log_prior(x, latents) - log_q
     elbo = log_lik.sum() + kl_weight * latent.expand(log_lik.shape).sum()
     return -elbo * (scale / num_particles)

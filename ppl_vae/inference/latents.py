@@ -358,6 +358,19 @@ def sample_guide(
     return latents, log_q
 
 
+def guide_and_prior(
+    pair: FastPair, x: Tensor, num_particles: Optional[int] = None, **kwargs: Any
+) -> Tuple[Latents, Tensor, Tensor]:
+    """(latents, log q, log p(latents)) of a fast-path pair: its ``guide_and_prior`` where it has
+    one (one pass, :meth:`ppl_vae.models.VAE.guide_and_prior`), else ``sample_guide`` then
+    ``log_prior`` (a hand-written pair needs only the protocol's members)."""
+    method = getattr(pair, "guide_and_prior", None)
+    if method is not None:
+        return method(x, num_particles, **kwargs)
+    latents, log_q = pair.sample_guide(x, num_particles, **kwargs)
+    return latents, log_q, pair.log_prior(x, latents, **kwargs)
+
+
 def log_importance_weights(
     model: Callable,
     guide: Callable,
@@ -377,8 +390,8 @@ def log_importance_weights(
         raise ValueError(f"num_particles must be >= 1, got {num_particles}")
     owner = None if args else fast_pair(model, guide, kwargs)
     if owner is not None:
-        latents, log_q = owner.sample_guide(x, num_particles, **kwargs)
-        return owner.log_prior(x, latents, **kwargs) + owner.log_likelihood(x, latents, **kwargs) - log_q
+        latents, log_q, log_prior = guide_and_prior(owner, x, num_particles, **kwargs)
+        return log_prior + owner.log_likelihood(x, latents, **kwargs) - log_q
     model_trace, guide_trace = trace_pair(
         model, guide, x, *args, num_particles=num_particles, max_plate_nesting=max_plate_nesting, **kwargs
     )
@@ -410,6 +423,7 @@ def check_fast_path(pair: Any, x: Tensor, *, num_particles: int = 4, atol: float
     if not isinstance(pair, FastPair) or not getattr(pair, "has_fast_path", False):
         raise ValueError(f"{type(pair).__name__} does not declare the fast-path protocol")
     with torch.no_grad():
+        start = torch.get_rng_state()
         latents, log_q = pair.sample_guide(x, num_particles, **kwargs)
         fast = pair.log_prior(x, latents, **kwargs) + pair.log_likelihood(x, latents, **kwargs)
         layout = Layout(tuple(Site(k, tuple(v.shape[2:])) for k, v in latents.items()))
@@ -420,10 +434,17 @@ def check_fast_path(pair: Any, x: Tensor, *, num_particles: int = 4, atol: float
         trace.compute_log_prob()
         traced_q = sum(trace.nodes[name]["log_prob"] for name in latents)
         diff = max(diff, float((traced_q - log_q).abs().max()))
+        if getattr(pair, "guide_and_prior", None) is not None:  # one pass: the same draws and numbers
+            state = torch.get_rng_state()
+            torch.set_rng_state(start)
+            one_latents, one_q, one_prior = guide_and_prior(pair, x, num_particles, **kwargs)
+            torch.set_rng_state(state)
+            diff = max(diff, float((one_q - log_q).abs().max()), float((one_prior - prior).abs().max()))
+            diff = max(diff, *(float((one_latents[k] - v).abs().max()) for k, v in latents.items()))
     if not diff <= atol:
         raise ValueError(
             f"the fast path of {type(pair).__name__} differs from its model/guide by {diff:.3g} "
-            f"(> {atol}): override log_prior/log_likelihood/sample_guide to match, or set "
+            f"(> {atol}): override log_prior/log_likelihood/sample_guide/guide_and_prior to match, or set "
             "has_fast_path = False"
         )
     return diff
@@ -436,6 +457,7 @@ __all__ = [
     "Site",
     "check_fast_path",
     "fast_pair",
+    "guide_and_prior",
     "log_importance_weights",
     "log_joint",
     "log_prior_and_likelihood",

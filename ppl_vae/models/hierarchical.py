@@ -430,6 +430,37 @@ class LadderVAE(HierarchicalVAE):
             log_q = log_q + normal_log_prob(z, loc, scale).sum(-1)
         return latents, log_q
 
+    def guide_and_prior(self, x: Tensor, num_particles: Optional[int] = None, y: Optional[Tensor] = None):
+        """(latents, log q, log p(latents)) from one top-down pass: p(z_l | z_{l+1}) is computed
+        once, for the precision-weighted q(z_l | z_{l+1}, x) and for log p (sample_guide then
+        log_prior computes it twice; in training mode that also moved batch normalisation's running
+        statistics twice per step). The same draws (the same standard-normal calls in the same
+        order) and the same numbers. A subclass that changes ``log_prior`` or ``sample_guide``
+        gets the two-pass composition of what it wrote."""
+        if (
+            type(self).log_prior is not HierarchicalVAE.log_prior
+            or type(self).sample_guide is not LadderVAE.sample_guide
+        ):
+            return super().guide_and_prior(x, num_particles, y)
+        up = self.bottom_up(x)
+        latents: Dict[str, Tensor] = {}
+        log_q: Any = 0.0
+        log_p: Any = 0.0
+        z: Optional[Tensor] = None
+        for layer in range(self.num_layers, 0, -1):
+            if z is None:
+                loc, scale = up[layer - 1]
+                z = _draw(loc, scale, num_particles)
+                log_p = self.prior.log_prob(z)
+            else:
+                p_loc, p_scale = self.generative[layer - 1](z)
+                loc, scale = precision_weighted(up[layer - 1][0], up[layer - 1][1], p_loc, p_scale)
+                z = _draw(loc, scale, None)
+                log_p = log_p + normal_log_prob(z, p_loc, p_scale).sum(-1)
+            latents[f"z{layer}"] = z
+            log_q = log_q + normal_log_prob(z, loc, scale).sum(-1)
+        return latents, log_q, log_p
+
     def guide_means(self, x: Tensor) -> Dict[str, Params]:
         """{site: (loc, scale)} of q along its mean path (top-down, each z_l at its mean)."""
         up = self.bottom_up(x)

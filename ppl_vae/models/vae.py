@@ -35,7 +35,16 @@ def data_plate(x: Tensor, num_data: Optional[int]) -> pyro.plate:
 
 #: what the fast path and the Pyro program must agree on: overriding one without re-declaring
 #: ``has_fast_path`` drops the protocol (see :attr:`VAE.has_fast_path`)
-FAST_PATH_MEMBERS = ("model", "guide", "latent_shapes", "log_prior", "log_likelihood", "log_joint", "sample_guide")
+FAST_PATH_MEMBERS = (
+    "model",
+    "guide",
+    "latent_shapes",
+    "log_prior",
+    "log_likelihood",
+    "log_joint",
+    "sample_guide",
+    "guide_and_prior",
+)
 
 
 class VAE(nn.Module):
@@ -193,6 +202,14 @@ class VAE(nn.Module):
         (``Normal(loc, scale).rsample``: the same standard-normal call and RNG stream)."""
         loc, scale = self.encoder(x)
         return self.sample_gaussian_guide(loc, scale, num_particles)
+
+    def guide_and_prior(self, x: Tensor, num_particles: Optional[int] = None, y: Optional[Tensor] = None):
+        """(latents, log q, log p(latents)): :meth:`sample_guide` and :meth:`log_prior` of its
+        draws, what the fused ELBO and importance weighting need; a model whose guide already
+        computes parts of the prior (the ladder's top-down pass computes p(z_l | z_{l+1})) gives
+        them from one pass, with the same draws and numbers."""
+        latents, log_q = self.sample_guide(x, num_particles, y)
+        return latents, log_q, self.log_prior(x, latents, y)
 
     @staticmethod
     def sample_gaussian_guide(loc: Tensor, scale: Tensor, num_particles: Optional[int] = None):

@@ -229,3 +229,51 @@ def test_the_recorded_option_rebuilds_the_model(tmp_path):
     assert saved == {"latent_dims": [6, 4, 2], "batch_norm": False}
     loaded = ppl_vae.load_run(tmp_path / "run")
     assert loaded.vae.latent_dims == (6, 4, 2) and not norms(loaded.vae) and run.vae.num_layers == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# One top-down pass: p(z_l | z_{l+1}) once per step (issue 26, item 6)
+
+
+@pytest.mark.parametrize("latent_dims", [[4, 2], [6, 4, 2]])
+def test_the_one_pass_gives_the_draws_and_numbers_of_sample_guide_then_log_prior(latent_dims):
+    vae = trained(small("ladder", latent_dims=latent_dims))
+    x = binary(seed=9)
+    for mode in ("train", "eval"):
+        getattr(vae, mode)()
+        state = {k: v.clone() for k, v in vae.state_dict().items()}
+        torch.manual_seed(4)
+        latents, log_q = vae.sample_guide(x, 3)
+        log_p = vae.log_prior(x, latents)
+        vae.load_state_dict(state)  # the two-pass call moved the running statistics in train mode
+        torch.manual_seed(4)
+        one_latents, one_q, one_p = vae.guide_and_prior(x, 3)
+        assert set(one_latents) == set(latents)
+        for k in latents:
+            assert torch.equal(one_latents[k], latents[k])
+        assert torch.allclose(one_q, log_q, atol=1e-5) and torch.allclose(one_p, log_p, atol=1e-5)
+
+
+def test_a_fused_step_runs_the_generative_network_once():
+    vae = small("ladder")
+    stepper = METHODS.get("svi")(vae, TrainConfig(lr=1e-2))
+    assert stepper.fused
+    stepper.step(binary(), num_data=60)
+    tracked = {int(m.num_batches_tracked) for m in norms(vae)}
+    assert tracked == {1}  # every normalisation, the generative one included, saw one batch (it saw two before)
+
+
+def test_a_subclass_that_changes_log_prior_gets_the_two_pass_composition():
+    base = small("ladder")
+
+    class Warmer(type(base)):  # type: ignore[misc]
+        has_fast_path = True  # it keeps its fast path, so its log_prior must be the one scored
+
+        def log_prior(self, x, latents, y=None):
+            return super().log_prior(x, latents, y) * 0.5
+
+    user = Warmer((1, 4, 4), [4, 2], base.prior, base.likelihood, hidden_dims=[[8, 8], [4, 4]])
+    x = binary()
+    torch.manual_seed(1)
+    latents, _, log_p = user.guide_and_prior(x, 2)
+    assert torch.allclose(log_p, 0.5 * type(base).log_prior(user, x, latents), atol=1e-5)
