@@ -50,7 +50,7 @@ from ppl_vae.models.likelihoods import Likelihood
 from ppl_vae.models.networks import MLPDecoder, mlp
 from ppl_vae.models.priors import MixtureOfGaussiansPrior, Prior, StandardNormalPrior
 from ppl_vae.models.vae import VAE, data_plate
-from ppl_vae.models.zoo import MODELS, ModelSpec, NonNegativeFloat, PositiveFloat
+from ppl_vae.models.zoo import MODELS, ModelSpec, NonNegativeFloat, PositiveFloat, PositiveInt
 
 UNLABELLED = -1
 """The label value of a point whose label is unknown."""
@@ -621,6 +621,7 @@ def _mixture_vae(
     likelihood: Likelihood,
     num_components: int,
     uniform_weights: bool,
+    hidden_dims: Optional[Sequence[int]] = None,
     **relaxation: Any,
 ) -> GaussianMixtureVAE:
     prior = _mixture_prior(name, prior, latent_dim, num_components)
@@ -629,7 +630,9 @@ def _mixture_vae(
         raise ValueError(f"the mixture needs at least 2 components, got {k}")
     if uniform_weights:  # a learned p(c) can collapse onto one component
         prior.logits.requires_grad_(False)
-    hidden = (hidden_dim,)
+    hidden = (hidden_dim,) if hidden_dims is None else tuple(int(h) for h in hidden_dims)
+    if not hidden or any(h < 1 for h in hidden):
+        raise ValueError(f"hidden_dims must be a non-empty list of positive integers, got {hidden_dims!r}")
     classifier = ClassifierMLP(event_shape, k, hidden)
     encoder = ConditionalGaussianEncoder(event_shape, k, latent_dim, hidden)
     decoder = MLPDecoder(latent_dim, event_shape, likelihood.num_params, hidden, "relu")
@@ -645,13 +648,16 @@ def build_gmvae(
     num_components: int = 10,
     *,
     uniform_weights: bool = True,
+    hidden_dims: Optional[Sequence[PositiveInt]] = None,
     **data_info,
 ) -> GaussianMixtureVAE:
-    """The ``gmvae`` model: ReLU MLPs with one hidden layer of ``hidden_dim`` units; ``num_components``
+    """The ``gmvae`` model: ReLU MLPs with one hidden layer of ``hidden_dim`` units (the model
+    option ``hidden_dims``, e.g. ``[512, 512]``, gives every network those hidden layers: Rui
+    Shu's configuration is ``hidden_dims=[512,512]`` with ``--latent-dim 64``); ``num_components``
     (default 10) unless the prior given is a mixture_of_gaussians with its own count; p(c) uniform
     (its logits not trained) unless the model option ``uniform_weights`` is false."""
     return _mixture_vae(
-        "gmvae", event_shape, latent_dim, hidden_dim, prior, likelihood, num_components, uniform_weights
+        "gmvae", event_shape, latent_dim, hidden_dim, prior, likelihood, num_components, uniform_weights, hidden_dims
     )
 
 
@@ -664,13 +670,14 @@ def build_relaxed_gmvae(
     num_components: int = 10,
     *,
     uniform_weights: bool = True,
+    hidden_dims: Optional[Sequence[PositiveInt]] = None,
     temperature: PositiveFloat = 1.0,
     min_temperature: PositiveFloat = 0.5,
     anneal_rate: NonNegativeFloat = 1e-3,
     **data_info,
 ) -> GaussianMixtureVAE:
     """The ``relaxed_gmvae`` model: the gmvae with c relaxed. Its model options (``--model-option``,
-    kept in the run's config) are the gmvae's ``uniform_weights`` and the temperature schedule
+    kept in the run's config) are the gmvae's ``uniform_weights`` and ``hidden_dims`` and the temperature schedule
     tau = max(``min_temperature``, ``temperature`` exp(-``anneal_rate`` step))."""
     return _mixture_vae(
         "relaxed_gmvae",
@@ -681,6 +688,7 @@ def build_relaxed_gmvae(
         likelihood,
         num_components,
         uniform_weights,
+        hidden_dims,
         relaxed=True,
         temperature=temperature,
         min_temperature=min_temperature,
