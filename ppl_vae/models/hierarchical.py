@@ -61,9 +61,8 @@ import torch
 from pyro import distributions as dist
 from pyro import poutine
 from torch import Tensor, nn
-from torch.distributions.utils import _standard_normal
 
-from ppl_vae.models.densities import normal_log_prob
+from ppl_vae.models.densities import normal_draw, normal_log_prob
 from ppl_vae.models.likelihoods import Likelihood
 from ppl_vae.models.networks import ACTIVATIONS, GaussianMLPEncoder, MLPDecoder, hidden_body
 from ppl_vae.models.priors import Prior, StandardNormalPrior, make_prior
@@ -89,14 +88,6 @@ def precision_weighted(loc_a: Tensor, scale_a: Tensor, loc_b: Tensor, scale_b: T
     var_a, var_b = scale_a**2, scale_b**2
     total = var_a + var_b
     return (loc_a * var_b + loc_b * var_a) / total, (var_a * var_b / total).sqrt()
-
-
-def _draw(loc: Tensor, scale: Tensor, num_particles: Optional[int]) -> Tensor:
-    """loc + eps * scale with eps the standard-normal call Pyro's ``Normal.rsample`` makes for
-    the same batch shape; ``num_particles`` (or None) adds a particle dim in front of ``loc``'s
-    (for a layer whose parameters do not carry one yet)."""
-    shape = loc.shape if num_particles is None else torch.Size((num_particles,)) + loc.shape
-    return loc + _standard_normal(shape, dtype=loc.dtype, device=loc.device) * scale
 
 
 def _scaled(weight: float):
@@ -309,9 +300,9 @@ class HierarchicalVAE(VAE):
         h = x
         for layer, net in enumerate(self.inference_steps, start=1):
             loc, scale = net(h)
-            h = _draw(loc, scale, num_particles if layer == 1 else None)  # layers above inherit the particle dim
+            h, log_q_layer = normal_draw(loc, scale, num_particles if layer == 1 else None)  # layers above inherit it
             latents[f"z{layer}"] = h
-            log_q = log_q + normal_log_prob(h, loc, scale).sum(-1)
+            log_q = log_q + log_q_layer
         return latents, log_q
 
     # Conveniences that bypass tracing
@@ -425,9 +416,9 @@ class LadderVAE(HierarchicalVAE):
         z: Optional[Tensor] = None
         for layer in range(self.num_layers, 0, -1):
             loc, scale = self._posterior(up, layer, z)
-            z = _draw(loc, scale, num_particles if z is None else None)  # lower layers inherit the particle dim
+            z, log_q_layer = normal_draw(loc, scale, num_particles if z is None else None)  # lower layers inherit it
             latents[f"z{layer}"] = z
-            log_q = log_q + normal_log_prob(z, loc, scale).sum(-1)
+            log_q = log_q + log_q_layer
         return latents, log_q
 
     def guide_and_prior(self, x: Tensor, num_particles: Optional[int] = None, y: Optional[Tensor] = None):
@@ -450,15 +441,15 @@ class LadderVAE(HierarchicalVAE):
         for layer in range(self.num_layers, 0, -1):
             if z is None:
                 loc, scale = up[layer - 1]
-                z = _draw(loc, scale, num_particles)
+                z, log_q_layer = normal_draw(loc, scale, num_particles)
                 log_p = self.prior.log_prob(z)
             else:
                 p_loc, p_scale = self.generative[layer - 1](z)
                 loc, scale = precision_weighted(up[layer - 1][0], up[layer - 1][1], p_loc, p_scale)
-                z = _draw(loc, scale, None)
+                z, log_q_layer = normal_draw(loc, scale)
                 log_p = log_p + normal_log_prob(z, p_loc, p_scale).sum(-1)
             latents[f"z{layer}"] = z
-            log_q = log_q + normal_log_prob(z, loc, scale).sum(-1)
+            log_q = log_q + log_q_layer
         return latents, log_q, log_p
 
     def guide_means(self, x: Tensor) -> Dict[str, Params]:
