@@ -460,7 +460,10 @@ class TrainConfig:
     )
     checkpoint_every: int = option(1, help="Write a checkpoint every N epochs.", flag=None, check=AT_LEAST_1)
     fused_elbo: bool = option(
-        True, help="Compute the base VAE's ELBO without Pyro's tracing (equal values, faster).", flag=None
+        True,
+        help="Compute the ELBO without Pyro's tracing where the model offers it (a fast-path pair, or a model "
+        "that sums its discrete site in one batched computation): equal values, faster.",
+        flag=None,
     )
     finite_check: str = option(
         "auto",

@@ -135,3 +135,20 @@ def test_conditioned_equals_the_concatenation_it_replaces():
     onehot = torch.eye(3).unsqueeze(-2)  # (3, 1, 3): an enumerated site's values against 6 points
     cat = torch.cat([h.expand(3, 6, 7), onehot.expand(3, 6, 3)], -1)
     assert torch.allclose(conditioned(net, h, onehot), net(cat), atol=1e-6)
+
+
+def test_hidden_dims_give_every_network_those_layers_and_the_batched_elbo_still_equals_pyros():
+    """Rui Shu's GMVAE configuration is ``hidden_dims=[512, 512]`` with z = 64; here small."""
+    torch.manual_seed(0)
+    vae = build_vae("gmvae", (1, 8, 8), latent_dim=3, hidden_dim=16, model_options={"hidden_dims": [8, 6]})
+    widths = lambda m: [layer.out_features for layer in m.modules() if isinstance(layer, torch.nn.Linear)]  # noqa: E731
+    assert (
+        widths(vae.classifier) == [8, 6, 10] and widths(vae.encoder) == [8, 6, 6] and widths(vae.decoder) == [8, 6, 64]
+    )
+    x = torch.bernoulli(torch.full((N, 1, 8, 8), 0.3), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(5)
+    pyro_loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(vae.model, vae.guide, x, num_data=100)
+    torch.manual_seed(5)
+    assert torch.allclose(fused_enumerated_loss(vae, x, num_data=100), pyro_loss, rtol=1e-6, atol=1e-3)
+    with pytest.raises(ValueError, match="hidden_dims"):
+        build_vae("gmvae", (1, 8, 8), model_options={"hidden_dims": [8, 0]})
