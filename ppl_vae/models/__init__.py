@@ -4,6 +4,7 @@ from ppl_vae.models import (  # noqa: E402,F401  (registers the "conv" and "cvae
     conv,
     cvae,
     discrete,  # noqa: E402,F401  (registers "m2", "gmvae", "relaxed_gmvae")
+    disentangle_nets,  # noqa: E402,F401  (registers "chen_mlp", "conv64")
     hierarchical,  # noqa: E402,F401  (registers "one_layer", "two_layer", "ladder")
     scvae,
     text,

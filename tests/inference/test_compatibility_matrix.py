@@ -24,7 +24,7 @@ VOCAB = 5
 N = 8
 
 #: datapoint shape for the models whose builders need one of their own (else 8x8 images)
-SHAPES: Dict[str, Tuple[int, ...]] = {"conv": (1, 28, 28)}
+SHAPES: Dict[str, Tuple[int, ...]] = {"conv": (1, 28, 28), "chen_mlp": (1, 64, 64), "conv64": (1, 64, 64)}
 
 
 def _shape(name: str) -> Tuple[int, ...]:
