@@ -34,6 +34,7 @@ COMMANDS: Dict[str, str] = {
     "inpaint": "ppl_vae.cli.generate:inpaint",
     "animate": "ppl_vae.cli.generate:animate",
     "calibrate": "ppl_vae.cli.calibrate:calibrate",
+    "data": "ppl_vae.cli.data:data",
 }
 
 # ctx.meta key of the plugin specs loaded for this invocation (explicit first, then installed)

@@ -342,6 +342,9 @@ def load_dataset(
         label = path.name
     train, test, train_labels, test_labels = arrays[:4]
     factors: Optional[Factors] = arrays[4] if len(arrays) > 4 else None
+    if isinstance(train, NpyRows):  # a loader that leaves its rows on disk (dsprites' rendered file)
+        assert test is None and train_labels is None, f"{label}: an on-disk loader returns train rows only"
+        return _split_on_disk(train, label, binarize, test_fraction, split_seed, train_size, factors)
     train_fac = None if factors is None else torch.as_tensor(np.asarray(factors.train))
     test_fac = None if factors is None or factors.test is None else torch.as_tensor(np.asarray(factors.test))
     if train_fac is not None and len(train_fac) != len(train):
@@ -412,35 +415,69 @@ def _load_on_disk(
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     check_npy_magic(path)
+    _refuse_dynamic_on_disk(path.name, binarize)  # before the scan of a large file
+    return _split_on_disk(open_npy(path), path.name, binarize, test_fraction, split_seed, train_size)
+
+
+def _refuse_dynamic_on_disk(label: str, binarize: str) -> None:
     if binarize == "dynamic":
         raise DataError(
-            f"{path.name} stays on disk (rows are read per batch), and binarize='dynamic' needs a test set "
+            f"{label} stays on disk (rows are read per batch), and binarize='dynamic' needs a test set "
             "sampled once in memory; use binarize='threshold', or binarize the file beforehand"
         )
-    data = open_npy(path)
+
+
+def _split_on_disk(
+    data: NpyRows,
+    label: str,
+    binarize: str,
+    test_fraction: float,
+    split_seed: int,
+    train_size: Optional[int],
+    factors: Optional[Factors] = None,
+) -> Dataset:
+    """The train/test split of rows on disk (views of row indices, nothing read), with their
+    factors (``factors.train``: one row per row of ``data``), as the in-memory path splits."""
+    _refuse_dynamic_on_disk(label, binarize)
     n = data.num_rows
     n_test = max(1, int(round(test_fraction * n)))
     if n - n_test < 1:
-        raise DataError(f"{path.name} has {n} datapoint(s): too few to hold out a test set")
+        raise DataError(f"{label} has {n} datapoint(s): too few to hold out a test set")
     # the same permutation as the in-memory path, so a file gets the same split either way
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed)).numpy()
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    perm = order.numpy()
     test, train = data.take(perm[:n_test]), data.take(perm[n_test:])
+    train_fac = test_fac = None
+    if factors is not None:
+        all_fac = torch.as_tensor(np.asarray(factors.train))
+        if len(all_fac) != n:
+            raise DataError(f"{label}: {len(all_fac)} factor rows for {n} datapoints")
+        test_fac, train_fac = all_fac[order[:n_test]], all_fac[order[n_test:]]
     if train_size is not None:
         train = train.take(np.arange(min(train_size, train.num_rows)))
+        train_fac = None if train_fac is None else train_fac[:train_size]
     if binarize == "threshold":
         for view, what in ((train, "train"), (test, "test")):
             low, high, _ = view.value_range()
             if low < 0 or high > 1:
-                raise DataError(f"cannot binarize {path.name} ({what}): values must lie in [0, 1]")
+                raise DataError(f"cannot binarize {label} ({what}): values must lie in [0, 1]")
         train, test = replace(train, threshold=True), replace(test, threshold=True)
-    return Dataset(name=path.name, train=train, test=test, info={"binarize": binarize})
+    return Dataset(
+        name=label,
+        train=train,
+        test=test,
+        info={"binarize": binarize},
+        train_factors=train_fac,
+        test_factors=test_fac,
+        factor_names=() if factors is None else tuple(factors.names),
+    )
 
 
 @DATASETS.register("dsprites")
 def load_dsprites_arrays(data_dir: Optional[Path] = None, *, num_images: Optional[int] = None, seed: int = 0):
     """dSprites (Matthey et al. 2017): 64x64 binary shapes with known factors; a seeded subset of
-    num_images (default 10,000) re-rendered here, or read from the original .npz in --data-dir
-    (see :mod:`ppl_vae.data.dsprites`)."""
+    num_images (default 10,000) re-rendered here, or read from the original .npz in --data-dir, or
+    from the full render in --data-dir, on disk (see :mod:`ppl_vae.data.dsprites`)."""
     from ppl_vae.data import dsprites
 
     images, classes = dsprites.load_dsprites(data_dir, num_images=num_images, seed=seed)

@@ -11,20 +11,27 @@ each other, not with published dSprites numbers. Rendering is deterministic, wit
 
 ``load_dataset("dsprites")`` renders a seeded random subset (``num_images``, default
 :data:`DEFAULT_NUM_IMAGES`) of the 737,280 combinations; with ``data_dir`` holding the original
-``.npz`` the same subset of the original images is read instead. Either way the dataset's
-``train_factors``/``test_factors`` hold each image's factor classes (integer indices into the
-grids, columns :data:`FACTOR_NAMES`).
+``.npz`` the same subset of the original images is read instead, and with ``data_dir`` holding
+:data:`RENDERED_FILE` (all combinations rendered once by :func:`write_dsprites`, ``ppl-vae data
+dsprites --out DIR``) the subset's rows are read from that file per minibatch, never loaded
+(:class:`~ppl_vae.data.ondisk.NpyRows`). Every way the dataset's ``train_factors``/
+``test_factors`` hold each image's factor classes (integer indices into the grids, columns
+:data:`FACTOR_NAMES`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
-from typing import Dict, Optional, Tuple, TypedDict
+from typing import TYPE_CHECKING, Dict, Optional, Tuple, TypedDict, Union
 
 import numpy as np
 
 from ppl_vae.errors import DataError
+
+if TYPE_CHECKING:  # the on-disk reader imports torch; rendering needs only numpy
+    from ppl_vae.data.ondisk import NpyRows
 
 FACTOR_NAMES: Tuple[str, ...] = ("shape", "scale", "orientation", "pos_x", "pos_y")
 FACTOR_SIZES: Tuple[int, ...] = (3, 6, 40, 32, 32)
@@ -33,6 +40,12 @@ NUM_COMBINATIONS = int(np.prod(FACTOR_SIZES))  # 737,280
 IMAGE_SIZE = 64
 DEFAULT_NUM_IMAGES = 10_000
 ORIGINAL_FILE = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
+#: :func:`write_dsprites`' file: every combination in the original's order, uint8 0/1, (N, 1, 64, 64)
+RENDERED_FILE = "dsprites_rendered_64x64.npy"
+#: combinations rendered per write of :func:`write_dsprites` (8,192 images: 32 MiB of pixels)
+WRITE_CHUNK = 8192
+#: rows of a rendered file that :func:`open_rendered` renders again and compares
+NUM_CHECKED_ROWS = 32
 
 
 class Geometry(TypedDict):
@@ -139,19 +152,101 @@ def read_original(path: Path, indices: np.ndarray) -> Tuple[np.ndarray, np.ndarr
     return imgs[indices], classes[indices, 1:].astype(np.int64)
 
 
+def write_dsprites(
+    out_dir: Union[str, Path], *, chunk: Optional[int] = None, overwrite: bool = False, progress: bool = False
+) -> Path:
+    """Render all :data:`NUM_COMBINATIONS` combinations, in the original file's order, into
+    ``out_dir/`` :data:`RENDERED_FILE`: a C-ordered ``.npy`` of uint8 0/1, shape ``(N, 1, 64, 64)``
+    (3.0 GB for the 737,280 images), whose row ``i`` is :func:`render` of
+    ``index_to_classes(i)``, so the factors need no file of their own. Returns the file's path.
+
+    ``chunk`` combinations (default :data:`WRITE_CHUNK`) are rendered and appended at a time, so
+    memory holds one chunk, never the whole array. The file is written under a temporary name in
+    ``out_dir`` and renamed when complete: an interrupted render leaves no file under
+    :data:`RENDERED_FILE`, and an existing file stays as it was until the new one replaces it. An
+    existing file is refused unless ``overwrite``. ``progress``: a progress bar (tqdm) of images.
+    """
+    chunk = WRITE_CHUNK if chunk is None else chunk
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir: {out_dir} is a file, not a folder")
+    target = out_dir / RENDERED_FILE
+    if target.is_symlink() or target.is_dir():
+        raise ValueError(f"out_dir: {target} is a symbolic link or a folder; refusing to write there")
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; remove it, or render it again with overwrite=True (--overwrite)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from tqdm.auto import tqdm
+
+    n = NUM_COMBINATIONS
+    shape = (n, 1, IMAGE_SIZE, IMAGE_SIZE)
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
+    partial = out_dir / f".{RENDERED_FILE}.{os.getpid()}.partial"
+    try:
+        with open(partial, "wb") as f, tqdm(total=n, disable=not progress, unit="img", desc="dsprites") as bar:
+            np.lib.format.write_array_header_1_0(f, header)
+            for start in range(0, n, int(chunk)):
+                stop = min(n, start + int(chunk))
+                f.write(render(index_to_classes(np.arange(start, stop))).tobytes())
+                bar.update(stop - start)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, target)
+    finally:
+        if partial.exists():
+            partial.unlink()
+    return target
+
+
+def open_rendered(path: Union[str, Path]) -> "NpyRows":
+    """The rows of a :func:`write_dsprites` file, on disk (:class:`~ppl_vae.data.ondisk.NpyRows`),
+    after checking its shape and dtype, that its values are 0 or 1, and that
+    :data:`NUM_CHECKED_ROWS` of its rows (the first, the last and a fixed spread between) equal
+    this module's :func:`render`: a file from another version of the geometry, or damaged, is
+    refused with a :class:`DataError` rather than trained on."""
+    from ppl_vae.data.ondisk import open_npy
+
+    path = Path(path)
+    again = f"render it again with `ppl-vae data dsprites --out {path.parent} --overwrite`"
+    rows = open_npy(path)
+    expected = (NUM_COMBINATIONS, 1, IMAGE_SIZE, IMAGE_SIZE)
+    if rows.file.shape != expected or rows.file.dtype != np.uint8:
+        raise DataError(
+            f"{path} holds {rows.file.dtype} {rows.file.shape}; a complete dSprites render is uint8 {expected}: {again}"
+        )
+    low, high, _ = rows.value_range()
+    if low < 0 or high > 1:
+        raise DataError(f"{path} holds values outside 0..1, not a dSprites render: {again}")
+    checked = np.unique(np.linspace(0, NUM_COMBINATIONS - 1, NUM_CHECKED_ROWS).astype(np.int64))
+    expected_rows = render(index_to_classes(checked))[:, None]
+    if not np.array_equal(rows[checked].numpy().astype(np.uint8), expected_rows):
+        raise DataError(
+            f"{path}: rows differ from this version's rendering (another geometry, or a damaged file): {again}"
+        )
+    return rows
+
+
 def load_dsprites(data_dir: Optional[Path] = None, *, num_images: Optional[int] = None, seed: int = 0):
-    """(images ``(n, 1, 64, 64)`` float32, factor classes ``(n, 5)``): the seeded subset, rendered,
-    or read from ``data_dir/`` :data:`ORIGINAL_FILE` when ``data_dir`` is given."""
+    """(images ``(n, 1, 64, 64)``, factor classes ``(n, 5)``) of the seeded subset: rendered here
+    (float32), read from ``data_dir/`` :data:`ORIGINAL_FILE` when ``data_dir`` holds it (float32),
+    else the subset's rows of ``data_dir/`` :data:`RENDERED_FILE`, left on disk (an
+    :class:`~ppl_vae.data.ondisk.NpyRows`)."""
     indices = subset_indices(DEFAULT_NUM_IMAGES if num_images is None else num_images, seed)
     if data_dir is not None:
         path = Path(data_dir) / ORIGINAL_FILE
-        if not path.is_file():
+        rendered = Path(data_dir) / RENDERED_FILE
+        if path.is_file():
+            images, classes = read_original(path, indices)
+        elif rendered.is_file():
+            return open_rendered(rendered).take(indices), index_to_classes(indices)
+        else:
             raise DataError(
                 f"dsprites: {ORIGINAL_FILE} not found in {data_dir} (the original file from "
-                "https://github.com/deepmind/dsprites-dataset); without data_dir the images are "
-                "re-rendered here"
+                f"https://github.com/deepmind/dsprites-dataset), nor {RENDERED_FILE} (write it with "
+                f"`ppl-vae data dsprites --out {data_dir}`); without data_dir the images are re-rendered here"
             )
-        images, classes = read_original(path, indices)
     else:
         classes = index_to_classes(indices)
         images = render(classes)
