@@ -150,3 +150,19 @@ def test_the_command_renders_and_refuses_with_one_line(small, tmp_path):
     (tmp_path / "a_file").write_text("")
     one_line_error(invoke("data", "dsprites", "--out", tmp_path / "a_file"), "is a file, not a folder")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_run_trains_on_the_render_and_reloads_it(rendered, tmp_path, one_thread):
+    import ppl_vae
+    from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from ppl_vae.pipeline import load_data
+
+    config = RunConfig(
+        model=ModelConfig(model="chen_mlp", latent_dim=3, hidden_dim=16),
+        data=DataConfig(dataset="dsprites", data_dir=str(rendered), num_images=200),
+        train=TrainConfig(epochs=1, batch_size=50, device="cpu", train_eval_size=40),
+    )
+    run = ppl_vae.fit(config, tmp_path / "run", progress=False)
+    assert np.isfinite(run.final["test_elbo"])
+    data = load_data(ppl_vae.load_run(tmp_path / "run").config)
+    assert isinstance(data.train, NpyRows) and data.train_factors is not None and len(data.test_factors) == 40
