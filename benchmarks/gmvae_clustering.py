@@ -14,6 +14,8 @@ the component summed out exactly, 10 components, p(c) uniform, seed s for everyt
   ``torch.optim.Adam``), and its own evaluation (the one-sample enumerated ELBO per test image
   in eval mode; argmax q(c | x) on the test images, each cluster mapped to the majority label of
   the test images it holds, computed here with NumPy).
+- ``plain_library_init``: the plain side started from the weights ``pipeline.fit`` starts from at
+  that seed (its own data order and noise afterwards): tells the initialisation from the training.
 - ``shu``: the library with Rui Shu's configuration (ReLU 512-512 networks, z = 64:
   ``--model-option hidden_dims=[512,512] --latent-dim 64``).
 
@@ -72,20 +74,28 @@ def majority_accuracy(clusters: np.ndarray, labels: np.ndarray) -> float:
     return float(hits / len(labels))
 
 
-def plain_run(args, seed: int) -> dict:
+def plain_run(args, seed: int, library_init: bool = False) -> dict:
     from ppl_vae import pipeline  # the data only: the same arrays the library side reads
-    from ppl_vae.config import DataConfig, RunConfig
+    from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
-    data = pipeline.load_data(
-        RunConfig(
-            data=DataConfig(dataset="mnist", data_dir=args.data_dir, binarize="dynamic", train_size=args.train_size)
-        )
+    config = RunConfig(
+        model=ModelConfig(model="gmvae"),
+        data=DataConfig(dataset="mnist", data_dir=args.data_dir, binarize="dynamic", train_size=args.train_size),
+        train=TrainConfig(seed=seed, device="cpu"),
     )
+    data = pipeline.load_data(config)
     x_train = torch.as_tensor(np.asarray(data.train)).flatten(1)
     x_test = torch.as_tensor(np.asarray(data.test)).flatten(1)
     test_labels = np.asarray(data.test_labels)
-    torch.manual_seed(seed)
-    model = PlainGMVAE(x_train.shape[1], 10, 10, 500)
+    if library_init:  # the weights pipeline.fit starts from at this seed, then the plain loop's own RNG
+        from plain_structured import from_library
+
+        vae, _, _ = pipeline.prepare(config)
+        model = from_library("gmvae", vae)
+        torch.manual_seed(10_000 + seed)
+    else:
+        torch.manual_seed(seed)
+        model = PlainGMVAE(x_train.shape[1], 10, 10, 500)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     n = x_train.shape[0]
     for _ in range(args.epochs):
@@ -112,7 +122,7 @@ def plain_run(args, seed: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--sides", nargs="+", default=["library", "plain"], choices=["library", "plain", "shu"])
+    parser.add_argument("--sides", nargs="+", default=["library", "plain"], choices=["library", "plain", "plain_library_init", "shu"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=100)
@@ -128,7 +138,10 @@ def main() -> None:
     for seed in args.seeds:
         for side in args.sides:
             start = time.perf_counter()
-            row = plain_run(args, seed) if side == "plain" else library_run(args, seed, out, shu=side == "shu")
+            if side.startswith("plain"):
+                row = plain_run(args, seed, library_init=side == "plain_library_init")
+            else:
+                row = library_run(args, seed, out, shu=side == "shu")
             row = {"side": side, "seed": seed, **row, "seconds": round(time.perf_counter() - start, 1)}
             row["load_average"] = loadavg()
             rows[side].append(row)
