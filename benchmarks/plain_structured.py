@@ -96,15 +96,18 @@ def scaled(neg_elbo: Tensor, batch_size: int, num_data: Optional[int]) -> Tensor
 class PlainHierarchical(nn.Module):
     """``two_layer``: L diagonal-Gaussian layers, inference bottom-up, generation top-down."""
 
+    batch_norm_default = False  # batch_norm=None: the class's default (the ladder's is True)
+
     def __init__(
         self,
         x_dim: int,
         latent_dims: Sequence[int],
         hidden_dims: Sequence[Sequence[int]],
         activation: str = "tanh",
-        batch_norm: bool = False,
+        batch_norm: Optional[bool] = None,
     ):
         super().__init__()
+        batch_norm = self.batch_norm_default if batch_norm is None else batch_norm
         num_layers = len(latent_dims)
         self.encoder = self.inference_networks(x_dim, latent_dims, hidden_dims, activation, batch_norm)
         self.decoder = Decoder(latent_dims[0], x_dim, list(reversed(hidden_dims[0])), activation, batch_norm)
@@ -148,15 +151,7 @@ class PlainLadder(PlainHierarchical):
     pass d_l = MLP_l(d_{l-1}) with Gaussian heads, then top-down q(z_L|x) = the top head and
     q(z_l | z_{l+1}, x) the precision-weighted product of the head with p(z_l | z_{l+1})."""
 
-    def __init__(
-        self,
-        x_dim: int,
-        latent_dims: Sequence[int],
-        hidden_dims: Sequence[Sequence[int]],
-        activation: str = "tanh",
-        batch_norm: bool = True,
-    ):
-        super().__init__(x_dim, latent_dims, hidden_dims, activation, batch_norm)
+    batch_norm_default = True
 
     @staticmethod
     def inference_networks(x_dim, latent_dims, hidden_dims, activation, batch_norm) -> nn.ModuleList:

@@ -45,7 +45,43 @@ def _flatten_batch(t: Tensor, event_dims: int) -> Tuple[Tensor, Tuple[int, ...]]
     return t.reshape(-1, *t.shape[t.dim() - event_dims :]), batch
 
 
-class ConvEncoder(nn.Module):
+class ImageEncoder(nn.Module):
+    """The forward pass of the convolutional encoders: images ``(..., C, H, W)`` through ``body``
+    (to features ``(B, F)``) and ``head`` (to loc and log-variance), leading dims restored.
+    A subclass builds ``body``, ``head`` and ``latent_dim``."""
+
+    body: nn.Module
+    head: nn.Module
+    latent_dim: int
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        flat, batch = _flatten_batch(x, 3)
+        loc, log_var = self.head(self.body(flat)).chunk(2, dim=-1)
+        # The clamp keeps exp() finite early in training; it is inactive at sane values.
+        scale = torch.exp(0.5 * log_var.clamp(-30.0, 20.0))
+        return loc.reshape(*batch, self.latent_dim), scale.reshape(*batch, self.latent_dim)
+
+
+class ImageDecoder(nn.Module):
+    """The forward pass of the convolutional decoders: z ``(..., latent_dim)`` through ``project``
+    to a ``map_shape`` feature map, then ``body`` to ``num_params`` maps of ``event_shape``,
+    leading dims restored. A subclass builds ``project``, ``body``, ``map_shape``,
+    ``event_shape`` and ``num_params``."""
+
+    project: nn.Module
+    body: nn.Module
+    map_shape: Tuple[int, int, int]
+    event_shape: Tuple[int, ...]
+    num_params: int
+
+    def forward(self, z: Tensor) -> Tuple[Tensor, ...]:
+        flat, batch = _flatten_batch(z, 1)
+        h = self.project(flat).reshape(-1, *self.map_shape)
+        out = self.body(h).reshape(*batch, self.num_params, *self.event_shape)
+        return tuple(out.unbind(dim=len(batch)))
+
+
+class ConvEncoder(ImageEncoder):
     """x ``(..., C, 28, 28)`` -> (loc, scale) of a diagonal Gaussian, each ``(..., latent_dim)``."""
 
     def __init__(self, event_shape: Sequence[int], latent_dim: int, hidden_dim: int = 32):
@@ -62,15 +98,8 @@ class ConvEncoder(nn.Module):
         )
         self.head = nn.Linear(2 * hidden_dim * 6 * 6, 2 * latent_dim)
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        flat, batch = _flatten_batch(x, 3)
-        loc, log_var = self.head(self.body(flat)).chunk(2, dim=-1)
-        # The clamp keeps exp() finite early in training; it is inactive at sane values.
-        scale = torch.exp(0.5 * log_var.clamp(-30.0, 20.0))
-        return loc.reshape(*batch, self.latent_dim), scale.reshape(*batch, self.latent_dim)
 
-
-class ConvDecoder(nn.Module):
+class ConvDecoder(ImageDecoder):
     """z ``(..., latent_dim)`` -> ``num_params`` tensors shaped ``(..., C, 28, 28)``."""
 
     def __init__(self, latent_dim: int, event_shape: Sequence[int], num_params: int = 1, hidden_dim: int = 32):
@@ -79,6 +108,7 @@ class ConvDecoder(nn.Module):
         self.event_shape = (channels, *IMAGE_SIZE)
         self.num_params = num_params
         self.hidden_dim = hidden_dim
+        self.map_shape = (hidden_dim, 7, 7)
         self.project = nn.Sequential(nn.Linear(latent_dim, 7 * 7 * hidden_dim), nn.ReLU())
         self.body = nn.Sequential(
             nn.ConvTranspose2d(hidden_dim, 2 * hidden_dim, 3, stride=2, padding=1, output_padding=1),  # 7 -> 14
@@ -87,12 +117,6 @@ class ConvDecoder(nn.Module):
             nn.ReLU(),
             nn.ConvTranspose2d(hidden_dim, num_params * channels, 3, stride=1, padding=1),  # 28 -> 28
         )
-
-    def forward(self, z: Tensor) -> Tuple[Tensor, ...]:
-        flat, batch = _flatten_batch(z, 1)
-        h = self.project(flat).reshape(-1, self.hidden_dim, 7, 7)
-        out = self.body(h).reshape(*batch, self.num_params, *self.event_shape)
-        return tuple(out.unbind(dim=len(batch)))
 
 
 def build_conv_vae(

@@ -32,10 +32,9 @@ from __future__ import annotations
 
 from typing import Sequence, Tuple
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from ppl_vae.models.conv import _flatten_batch
+from ppl_vae.models.conv import ImageDecoder, ImageEncoder
 from ppl_vae.models.likelihoods import Likelihood
 from ppl_vae.models.networks import GaussianMLPEncoder, MLPDecoder
 from ppl_vae.models.priors import Prior
@@ -78,7 +77,7 @@ def build_chen_mlp(
 # -- conv64 -----------------------------------------------------------------------------------
 
 
-class Conv64Encoder(nn.Module):
+class Conv64Encoder(ImageEncoder):
     """x ``(..., C, 64, 64)`` -> (loc, scale) of a diagonal Gaussian, each ``(..., latent_dim)``."""
 
     def __init__(self, event_shape: Sequence[int], latent_dim: int, hidden_dim: int = 256):
@@ -101,15 +100,8 @@ class Conv64Encoder(nn.Module):
         )
         self.head = nn.Linear(hidden_dim, 2 * latent_dim)
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        flat, batch = _flatten_batch(x, 3)
-        loc, log_var = self.head(self.body(flat)).chunk(2, dim=-1)
-        # The clamp keeps exp() finite early in training; it is inactive at sane values.
-        scale = torch.exp(0.5 * log_var.clamp(-30.0, 20.0))
-        return loc.reshape(*batch, self.latent_dim), scale.reshape(*batch, self.latent_dim)
 
-
-class Conv64Decoder(nn.Module):
+class Conv64Decoder(ImageDecoder):
     """z ``(..., latent_dim)`` -> ``num_params`` tensors shaped ``(..., C, 64, 64)``."""
 
     def __init__(self, latent_dim: int, event_shape: Sequence[int], num_params: int = 1, hidden_dim: int = 256):
@@ -117,6 +109,7 @@ class Conv64Decoder(nn.Module):
         channels, _, _ = check_image_shape_64(event_shape, "conv64")
         self.event_shape = (channels, *IMAGE_SIZE)
         self.num_params = num_params
+        self.map_shape = (64, 4, 4)
         self.project = nn.Sequential(
             nn.Linear(latent_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 64 * 4 * 4), nn.ReLU()
         )
@@ -129,12 +122,6 @@ class Conv64Decoder(nn.Module):
             nn.ReLU(),
             nn.ConvTranspose2d(32, num_params * channels, 4, stride=2, padding=1),  # 32 -> 64
         )
-
-    def forward(self, z: Tensor) -> Tuple[Tensor, ...]:
-        flat, batch = _flatten_batch(z, 1)
-        h = self.project(flat).reshape(-1, 64, 4, 4)
-        out = self.body(h).reshape(*batch, self.num_params, *self.event_shape)
-        return tuple(out.unbind(dim=len(batch)))
 
 
 def build_conv64(
