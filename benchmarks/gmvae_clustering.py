@@ -45,10 +45,16 @@ def library_run(args, seed: int, out: Path, shu: bool) -> dict:
     from ppl_vae import pipeline
     from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
+    # the mixture's component means start at N(0, init_scale^2) (--init-scale; None: the model's default)
+    prior = (
+        {}
+        if args.init_scale is None
+        else dict(prior="mixture_of_gaussians", prior_options={"num_components": 10, "init_scale": args.init_scale})
+    )
     model = (
-        ModelConfig(model="gmvae", hidden_dim=512, latent_dim=64, model_options={"hidden_dims": [512, 512]})
+        ModelConfig(model="gmvae", hidden_dim=512, latent_dim=64, model_options={"hidden_dims": [512, 512]}, **prior)
         if shu
-        else ModelConfig(model="gmvae")
+        else ModelConfig(model="gmvae", **prior)
     )
     config = RunConfig(
         model=model,
@@ -122,12 +128,20 @@ def plain_run(args, seed: int, library_init: bool = False) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--sides", nargs="+", default=["library", "plain"], choices=["library", "plain", "plain_library_init", "shu"])
+    parser.add_argument(
+        "--sides", nargs="+", default=["library", "plain"], choices=["library", "plain", "plain_library_init", "shu"]
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--train-size", type=int, default=None, help="first N training images (default: all)")
+    parser.add_argument(
+        "--init-scale",
+        type=float,
+        default=None,
+        help="library sides: the component means' initial scale (prior option)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="run folders of the library side (default: a temporary folder)")
     args = parser.parse_args()
