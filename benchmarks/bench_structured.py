@@ -70,6 +70,11 @@ def mnist_labels(args, n: int) -> torch.Tensor:
 def main() -> None:
     parser = base_parser(__doc__, num_data=10000, repeats=5)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument(
+        "--compile",
+        default=None,
+        help="torch.compile backend for the library's loss (e.g. inductor); the plain side is not compiled",
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--labels", type=int, default=100, help="labelled training points for m2 (the rest: -1)")
     parser.add_argument(
@@ -101,7 +106,9 @@ def main() -> None:
         plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3, **adam_options)
         y = data.train_labels
         # train_eval_size 2: the per-epoch train ELBO, outside the timed span, on 2 points (not 1000)
-        config = TrainConfig(epochs=0, batch_size=args.batch_size, device=args.device, train_eval_size=2)
+        config = TrainConfig(
+            epochs=0, batch_size=args.batch_size, device=args.device, train_eval_size=2, compile=args.compile
+        )
         stepper = METHODS.get("svi")(vae, config)
         path = "fused (no Pyro tracing)" if getattr(stepper, "fused", False) else f"Pyro {type(stepper.elbo).__name__}"
         state = TrainState()
