@@ -16,7 +16,7 @@ restored after.
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Callable, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -119,19 +119,39 @@ class ConvDecoder(ImageDecoder):
         )
 
 
-def build_conv_vae(
-    event_shape: Sequence[int],
-    latent_dim: int,
-    hidden_dim: int,
-    prior: Prior,
-    likelihood: Likelihood,
-    **data_info,
-) -> VAE:
-    """The ``conv`` model; ``hidden_dim`` is the number of filters of the first convolution."""
-    event_shape = check_image_shape(event_shape)
-    encoder = ConvEncoder(event_shape, latent_dim, hidden_dim)
-    decoder = ConvDecoder(latent_dim, event_shape, likelihood.num_params, hidden_dim)
-    return VAE(encoder, decoder, prior, likelihood, event_shape)
+def image_vae_builder(
+    check: Callable[[Sequence[int]], Tuple[int, int, int]], encoder: type, decoder: type, doc: str
+) -> Callable[..., VAE]:
+    """The registry's builder of a VAE from an image encoder and decoder class: ``check`` refuses
+    another image shape in one line; ``hidden_dim`` goes to both networks."""
+
+    def build(
+        event_shape: Sequence[int],
+        latent_dim: int,
+        hidden_dim: int,
+        prior: Prior,
+        likelihood: Likelihood,
+        **data_info,
+    ) -> VAE:
+        event_shape = check(event_shape)
+        return VAE(
+            encoder(event_shape, latent_dim, hidden_dim),
+            decoder(latent_dim, event_shape, likelihood.num_params, hidden_dim),
+            prior,
+            likelihood,
+            event_shape,
+        )
+
+    build.__doc__ = doc
+    return build
+
+
+build_conv_vae = image_vae_builder(
+    check_image_shape,
+    ConvEncoder,
+    ConvDecoder,
+    "The ``conv`` model; ``hidden_dim`` is the number of filters of the first convolution.",
+)
 
 
 MODELS.register("conv", doc="TensorFlow's CVAE tutorial: strided conv encoder, transposed-conv decoder, 28x28 images")(

@@ -34,7 +34,7 @@ from typing import Sequence, Tuple
 
 from torch import nn
 
-from ppl_vae.models.conv import ImageDecoder, ImageEncoder
+from ppl_vae.models.conv import ImageDecoder, ImageEncoder, image_vae_builder
 from ppl_vae.models.likelihoods import Likelihood
 from ppl_vae.models.networks import GaussianMLPEncoder, MLPDecoder
 from ppl_vae.models.priors import Prior
@@ -124,19 +124,12 @@ class Conv64Decoder(ImageDecoder):
         )
 
 
-def build_conv64(
-    event_shape: Sequence[int],
-    latent_dim: int,
-    hidden_dim: int,
-    prior: Prior,
-    likelihood: Likelihood,
-    **data_info,
-) -> VAE:
-    """The ``conv64`` model; ``hidden_dim`` is the width of the FC layer of each side (256)."""
-    event_shape = check_image_shape_64(event_shape, "conv64")
-    encoder = Conv64Encoder(event_shape, latent_dim, hidden_dim)
-    decoder = Conv64Decoder(latent_dim, event_shape, likelihood.num_params, hidden_dim)
-    return VAE(encoder, decoder, prior, likelihood, event_shape)
+build_conv64 = image_vae_builder(
+    lambda event_shape: check_image_shape_64(event_shape, "conv64"),
+    Conv64Encoder,
+    Conv64Decoder,
+    "The ``conv64`` model; ``hidden_dim`` is the width of the FC layer of each side (256).",
+)
 
 
 MODELS.register("chen_mlp", doc="Chen et al. 2018's dSprites MLP (4096-1200-1200 ReLU / 1200x3 tanh), 64x64 images")(
