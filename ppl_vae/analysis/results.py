@@ -19,7 +19,7 @@ Files are written atomically (:mod:`ppl_vae.io`) as netCDF (h5netcdf).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -78,17 +78,16 @@ def guide_draws(
         return {name: importance_samples(model, g, x, num_samples=num_draws, **kwargs) for name, g in guides.items()}
 
 
-def to_inference_data(
+def _groups(
     draws: Mapping[str, Mapping[str, Any]],
-    *,
-    datapoint: Optional[Sequence[int] | np.ndarray] = None,
-    attrs: Optional[Dict[str, Any]] = None,
-) -> InferenceData:
-    """ArviZ InferenceData (a DataTree under ArviZ 1.x) from :func:`guide_draws` output (one chain per guide)."""
+    datapoint: Optional[Sequence[int] | np.ndarray],
+    attrs: Optional[Dict[str, Any]],
+) -> Tuple[Dict[str, Dict[str, np.ndarray]], Dict[str, np.ndarray], Dict[str, List[str]], Dict[str, Any]]:
+    """(groups {group: {variable: array}}, coords, dims, root attrs) of :func:`guide_draws` output."""
     if not draws:
         raise ValueError("draws is empty: give at least one guide's draws")
     posterior, log_lik, stats = {}, {}, {}
-    dims: Dict[str, list] = {}
+    dims: Dict[str, List[str]] = {}
     n = 0
     for name, d in draws.items():
         for site, value in d["latents"].items():
@@ -102,13 +101,58 @@ def to_inference_data(
         dims[f"log_weight_{name}"] = ["datapoint"]
     coords = {"datapoint": np.arange(n) if datapoint is None else np.asarray(datapoint)}
     all_attrs = {"inference_library": "pyro", "guides": ", ".join(draws), **(attrs or {})}
-    groups: Dict[str, Any] = {"posterior": posterior, "log_likelihood": log_lik, "sample_stats": stats}
+    groups = {"posterior": posterior, "log_likelihood": log_lik, "sample_stats": stats}
+    return groups, coords, dims, all_attrs
+
+
+def to_inference_data(
+    draws: Mapping[str, Mapping[str, Any]],
+    *,
+    datapoint: Optional[Sequence[int] | np.ndarray] = None,
+    attrs: Optional[Dict[str, Any]] = None,
+) -> InferenceData:
+    """ArviZ InferenceData (a DataTree under ArviZ 1.x) from :func:`guide_draws` output (one chain per guide)."""
+    groups, coords, dims, all_attrs = _groups(draws, datapoint, attrs)
     major, az = _arviz()
     if major >= 1:  # groups in one mapping; the attrs go on the root, as 0.x's on the InferenceData
         tree = az.from_dict(groups, coords=coords, dims=dims)
         tree.attrs.update(all_attrs)
         return tree
     return az.from_dict(**groups, coords=coords, dims=dims, attrs=all_attrs)
+
+
+def save_draws(
+    draws: Mapping[str, Mapping[str, Any]],
+    path: Path,
+    *,
+    datapoint: Optional[Sequence[int] | np.ndarray] = None,
+    attrs: Optional[Dict[str, Any]] = None,
+) -> Path:
+    """:func:`to_inference_data` of ``draws`` written as :func:`save_inference_data` writes it, without
+    importing ArviZ (about 1 s): each group a netCDF group of (chain, draw, datapoint, ...) with
+    integer coordinates, the attrs on the root. :func:`load_inference_data` (ArviZ 0.x or 1.x)
+    reads it back as the same groups, values, dims and coordinates; written atomically."""
+    from datetime import datetime, timezone
+
+    groups, coords, dims, all_attrs = _groups(draws, datapoint, attrs)
+    created = {"created_at": datetime.now(timezone.utc).isoformat(), "creation_library": "ppl_vae"}
+    datasets = {}
+    for group, variables in groups.items():
+        data_vars: Dict[str, Any] = {}
+        ds_coords: Dict[str, np.ndarray] = {}
+        for var, value in variables.items():
+            names = ["chain", "draw", *dims[var]]
+            data_vars[var] = (names, value)
+            for dim, size in zip(names, value.shape):
+                ds_coords.setdefault(dim, coords[dim] if dim in coords else np.arange(size))
+        datasets[group] = xr.Dataset(data_vars, coords=ds_coords, attrs=created)
+
+    def write(tmp: Path) -> None:
+        xr.Dataset(attrs=all_attrs).to_netcdf(tmp, mode="w", engine="h5netcdf")
+        for group, ds in datasets.items():
+            ds.to_netcdf(tmp, mode="a", group=group, engine="h5netcdf")
+
+    return write_with(Path(path), write)
 
 
 def inference_data_groups(idata: InferenceData) -> List[str]:
@@ -133,7 +177,7 @@ def load_inference_data(path: Path) -> InferenceData:
     if major >= 1:
         return idata.load()
     for group in idata.groups():
-        idata[group] = idata[group].load()
+        idata[group].load()  # in place: assigning the group again would list it twice in groups()
     return idata
 
 

@@ -41,10 +41,34 @@ def test_groups_dims_attrs_and_round_trip(tmp_path):
     np.testing.assert_array_equal(back.posterior["z_amortized"].values, draws["amortized"]["latents"]["z"][None])
     assert back.posterior["z2_meanfield"].dims == ("chain", "draw", "datapoint", "z2_latent")  # one variable per site
     assert back.posterior.datapoint.values.tolist() == [10, 11, 12, 13]
-    assert set(results.inference_data_groups(back)) == {"posterior", "log_likelihood", "sample_stats"}
+    assert results.inference_data_groups(back) == ["posterior", "log_likelihood", "sample_stats"]  # each once
     assert back.attrs["guides"] == "amortized, meanfield"
     with pytest.raises(ValueError, match="draws is empty"):
         results.to_inference_data({})
+
+
+def test_save_draws_without_arviz_reads_back_as_to_inference_data(tmp_path):
+    """compare writes its draws with save_draws, which builds the file without ArviZ; ArviZ (0.x here,
+    1.x under make test-arviz1) reads it back as the groups to_inference_data builds."""
+    draws = numpy_draws(seed=3)
+    ref = results.to_inference_data(draws, datapoint=[5, 7, 9, 11], attrs={"run_dir": "r"})
+    back = results.load_inference_data(
+        results.save_draws(draws, tmp_path / "d.nc", datapoint=[5, 7, 9, 11], attrs={"run_dir": "r"})
+    )
+    assert results.inference_data_groups(back) == results.inference_data_groups(ref)
+    for group in results.inference_data_groups(ref):
+        a, b = ref[group], back[group]
+        assert sorted(a.data_vars) == sorted(b.data_vars) and a.sizes == b.sizes, group
+        for var in a.data_vars:
+            assert a[var].dims == b[var].dims, var
+            np.testing.assert_array_equal(a[var].values, b[var].values)
+        for coord in a.coords:
+            np.testing.assert_array_equal(a[coord].values, b[coord].values)
+    assert back.attrs["guides"] == "amortized, meanfield" and back.attrs["run_dir"] == "r"
+    assert not list(tmp_path.glob(".*")), "a temporary file was left behind"
+    with pytest.raises(ValueError, match="draws is empty"):
+        results.save_draws({}, tmp_path / "e.nc")
+    assert not (tmp_path / "e.nc").exists()
 
 
 @pytest.mark.parametrize("k", [0.3, 0.9])

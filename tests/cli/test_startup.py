@@ -114,3 +114,34 @@ def test_scoring_starts_before_plotting_arviz_or_dynamo_are_imported(tmp_path, c
     seen = json.loads(lines[0][len("MODULES ") :])
     assert not [m for m, yes in seen["before"].items() if yes], seen
     assert not seen["dynamo_after"], seen
+
+
+def test_compare_writes_every_file_without_importing_arviz(tmp_path, one_thread):
+    """A whole single-run compare, report and inference_data.nc included, never imports ArviZ (about
+    1 s of its time, issue 28); the file still reads back through ArviZ with both guides' draws."""
+    from ppl_vae.analysis import results
+
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    made = subprocess.run(
+        [sys.executable, "-m", "ppl_vae.cli", "fit", "--epochs", "1", "--out", str(run), *ARGS],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert made.returncode == 0, made.stderr
+    out_dir = tmp_path / "out"
+    args = ["compare", str(run), "--mf-steps", "20", "-k", "10", "--num-datapoints", "20", "--out", str(out_dir)]
+    code = (
+        "import sys\nfrom ppl_vae.cli.main import cli\n"
+        f"cli.main({args!r}, standalone_mode=False)\n"
+        "print('ARVIZ_IMPORTED', 'arviz' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "ARVIZ_IMPORTED False" in done.stdout, done.stdout[-2000:]
+    idata = results.load_inference_data(out_dir / "inference_data.nc")
+    assert set(idata.posterior.data_vars) == {"z_amortized", "z_meanfield"}
+    assert idata.posterior["z_amortized"].sizes["datapoint"] == 20
+    assert (out_dir / "report.html").is_file()
