@@ -111,6 +111,49 @@ def _draws(
     return lp.log_joint, lp.log_guide, log_probs(model_trace, other_trace, shape).log_guide
 
 
+def _fast_mixture_pair(model: Callable, guide: Callable, meanfield_guide: Callable, kw: Dict[str, Any]) -> Any:
+    """The pair whose protocol draws and scores both proposals without tracing, or None.
+
+    It must offer the fast path (:func:`~ppl_vae.inference.latents.fast_pair`), its guide must be
+    its encoder's Gaussian over the one site ``z`` (``encoder_is_guide``: log q(z|x) at q*'s draws
+    is then a Normal density of the encoder's output), and q* a :class:`MeanFieldGuide` of that
+    site. The draws are the traced path's (the same standard-normal calls in the same order:
+    q's, then q*'s) and the log densities equal it to float rounding; the model's log p(x | z)
+    goes through its blocked, fused scorer (:meth:`ppl_vae.models.VAE.log_likelihood`)."""
+    from ppl_vae.inference.capabilities import offers
+    from ppl_vae.inference.latents import fast_pair
+
+    owner = fast_pair(model, guide, kw)
+    if owner is None or not offers(owner, "fast_path", "encoder_guide") or not hasattr(owner, "encoder"):
+        return None
+    if not isinstance(meanfield_guide, MeanFieldGuide) or meanfield_guide.latent_site != "z":
+        return None
+    shapes = owner.latent_shapes() if callable(getattr(owner, "latent_shapes", None)) else None
+    if shapes is None or list(shapes) != ["z"] or meanfield_guide.loc.dim() != 2:
+        return None
+    return owner
+
+
+def _fast_draws(owner: Any, meanfield: MeanFieldGuide, x: Tensor, k: int, kw: Dict[str, Any]) -> List[Tensor]:
+    """:func:`_draws` of q, then of q*, through the pair's protocol: [log p(x,z), log q, log q*] at
+    K draws of q, then [log p(x,z), log q*, log q] at K draws of q*, each ``(k, B)``."""
+    from torch.distributions.utils import _standard_normal
+
+    from ppl_vae.inference.latents import guide_and_prior
+    from ppl_vae.models.densities import normal_log_prob
+
+    latents, log_q, log_prior = guide_and_prior(owner, x, k, **kw)  # q's standard-normal call first
+    joint_q = log_prior + owner.log_likelihood(x, latents, **kw)
+    loc_s, scale_s = meanfield.loc, meanfield.log_scale.exp()
+    log_s_at_q = normal_log_prob(latents["z"], loc_s, scale_s).sum(-1)
+    z_s = loc_s + _standard_normal((k,) + tuple(loc_s.shape), dtype=loc_s.dtype, device=loc_s.device) * scale_s
+    log_s = normal_log_prob(z_s, loc_s, scale_s).sum(-1)
+    loc_q, scale_q = owner.encoder(x)
+    log_q_at_s = normal_log_prob(z_s, loc_q, scale_q).sum(-1)
+    joint_s = owner.log_prior(x, {"z": z_s}, **kw) + owner.log_likelihood(x, {"z": z_s}, **kw)
+    return [joint_q, log_q, log_s_at_q, joint_s, log_s, log_q_at_s]
+
+
 @torch.no_grad()
 @in_eval_mode("model", "guide")
 def mixture_estimates(
@@ -124,6 +167,7 @@ def mixture_estimates(
     particle_batch_size: Optional[int] = None,
     progress: bool = False,
     seed: Optional[int] = None,
+    fast_path: bool = True,
     **kwargs: Any,
 ) -> Dict[str, Tensor]:
     """Every estimator of :data:`ESTIMATORS` and every gap from K draws of q and K of q*.
@@ -134,6 +178,11 @@ def mixture_estimates(
     the q, q* and mixture weights, out of K, K and 2K) with the PSIS Pareto k̂ of the same
     weights as ``khat_*`` (Vehtari et al. 2024; above 0.7 the estimate and its standard error
     are not to be trusted).
+
+    ``fast_path``: where the pair offers the fast-path protocol with its encoder's Gaussian as
+    guide and q* is a :class:`MeanFieldGuide` (:func:`_fast_mixture_pair`), draw and score
+    without Pyro's traces, through the model's fused scorer: the same draws, and the same numbers
+    to float rounding (a test compares both ways); False always traces.
 
     Standard errors: the K draws of q and the K of q* form K independent pairs; each quantity
     is (to first order) a mean over pairs of an influence term, whose sample sd / sqrt(K) is
@@ -164,10 +213,15 @@ def mixture_estimates(
         for i, ((xb, kw), mf) in enumerate(zip(batches, mf_batches)):
             parts: Dict[str, List[Tensor]] = {"a": [], "b": [], "mq": [], "ms": []}
             with seeded(None if seed is None else block_seed(seed, i * batch_size), xb.device):
+                owner = _fast_mixture_pair(model, guide, mf, kw) if fast_path else None
                 for start in range(0, num_samples, particle_batch_size):
                     k = min(particle_batch_size, num_samples - start)
-                    joint_q, log_q, log_s_at_q = (t.double() for t in _draws(model, guide, mf, xb, k, kw))
-                    joint_s, log_s, log_q_at_s = (t.double() for t in _draws(model, mf, guide, xb, k, kw))
+                    if owner is not None:
+                        terms = [t.double() for t in _fast_draws(owner, mf, xb, k, kw)]
+                        joint_q, log_q, log_s_at_q, joint_s, log_s, log_q_at_s = terms
+                    else:
+                        joint_q, log_q, log_s_at_q = (t.double() for t in _draws(model, guide, mf, xb, k, kw))
+                        joint_s, log_s, log_q_at_s = (t.double() for t in _draws(model, mf, guide, xb, k, kw))
                     parts["a"].append(joint_q - log_q)
                     parts["b"].append(joint_s - log_s)
                     parts["mq"].append(joint_q - torch.logaddexp(log_q + log_half, log_s_at_q + log_half))

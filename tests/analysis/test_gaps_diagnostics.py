@@ -122,3 +122,60 @@ def test_inference_data_groups_and_round_trip(lg, tmp_path):
     back = results.load_inference_data(path)
     np.testing.assert_array_equal(back.posterior["z_amortized"].values, idata.posterior["z_amortized"].values)
     assert back.posterior.datapoint.values.tolist() == list(range(10, 18))
+
+
+@pytest.mark.parametrize(
+    "name, shape, prior", [("bernoulli_mlp", (1, 12, 12), None), ("gaussian_mlp", (20,), "mixture_of_gaussians")]
+)
+def test_mixture_estimates_fast_path_draws_and_scores_as_the_traced_path(name, shape, prior, monkeypatch):
+    """Without Pyro's traces (the pair's protocol; Bernoulli through its fused scorer) the MIS
+    estimates take the same draws and give the traced numbers to float32 rounding (issue 28)."""
+    import ppl_vae.analysis.gaps as gaps
+    from ppl_vae.models import build_vae
+
+    torch.manual_seed(0)
+    vae = build_vae(name, shape, latent_dim=4, **({"prior": prior} if prior else {})).eval()
+    x = (torch.rand(13, *shape) < 0.3).float() if name == "bernoulli_mlp" else torch.randn(13, *shape)
+    loc, scale = vae.encoder(x)
+    mf = MeanFieldGuide(loc.detach() + 0.3, (1.5 * scale.detach()).log())
+    call = dict(num_samples=90, batch_size=5, particle_batch_size=40, seed=3)
+    traced = mixture_estimates(vae.model, vae.guide, mf, x, fast_path=False, **call)
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("the fast path traced")
+
+    monkeypatch.setattr(gaps, "_draws", no_trace)
+    fast = mixture_estimates(vae.model, vae.guide, mf, x, **call)
+    assert set(fast) == set(traced)
+    for key in fast:
+        if key.startswith("khat"):  # a tail fit over the largest weights: amplifies rounding
+            torch.testing.assert_close(fast[key], traced[key], rtol=0, atol=5e-3)
+        elif key.startswith("ess"):  # exp of log-weight differences: 1e-5 nats of rounding move it 1e-5
+            torch.testing.assert_close(fast[key], traced[key], rtol=1e-4, atol=0, msg=key)
+        else:
+            torch.testing.assert_close(fast[key], traced[key], rtol=2e-6, atol=1e-4, msg=key)
+
+
+def test_mixture_estimates_trace_pairs_without_the_encoder_guide(monkeypatch):
+    """A flow guide (IAF) is no encoder Gaussian: log q at q*'s draws needs its trace, so the MIS
+    estimates keep Pyro's path for it, and for a subclass that overrides the guide."""
+    import ppl_vae.analysis.gaps as gaps
+    from ppl_vae.models import build_vae
+    from ppl_vae.models.guides import GUIDES
+
+    torch.manual_seed(0)
+    base = build_vae("bernoulli_mlp", (1, 8, 8), latent_dim=3)
+    flow = GUIDES.get("iaf")(base)
+
+    class Tempered(type(base)):
+        def guide(self, x, *args, **kwargs):
+            return super().guide(x, *args, **kwargs)
+
+    tempered = build_vae("bernoulli_mlp", (1, 8, 8), latent_dim=3)
+    tempered.__class__ = Tempered
+    mf = MeanFieldGuide(torch.zeros(4, 3), torch.zeros(4, 3))
+    for vae in (flow, tempered):
+        assert gaps._fast_mixture_pair(vae.model, vae.guide, mf, {}) is None
+    assert gaps._fast_mixture_pair(base.model, base.guide, mf, {}) is base
+    assert gaps._fast_mixture_pair(base.model, base.guide, mf.take(slice(0, 2)), {"y": None}) is base
+    assert gaps._fast_mixture_pair(base.model, base.guide, lambda x: None, {}) is None
