@@ -497,13 +497,16 @@ def _mean_field_options(options: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     """The fit's options: ``options`` over fit_mean_field's own defaults (all recorded in attrs)."""
     import inspect
 
-    from ppl_vae.inference.meanfield import fit_mean_field
+    from ppl_vae.inference.meanfield import default_max_steps, fit_mean_field
 
     unknown = sorted(set(options or {}) - set(MEAN_FIELD_OPTIONS))
     if unknown:
         raise ValueError(f"mean_field_options: unknown {', '.join(unknown)}; allowed: {', '.join(MEAN_FIELD_OPTIONS)}")
     params = inspect.signature(fit_mean_field).parameters
-    return {**{k: params[k].default for k in MEAN_FIELD_OPTIONS}, **dict(options or {})}
+    out = {**{k: params[k].default for k in MEAN_FIELD_OPTIONS}, **dict(options or {})}
+    if out["max_steps"] is None:  # the fit's own default, which depends on the polish
+        out["max_steps"] = default_max_steps(bool(out["polish"]))
+    return out
 
 
 def _mean_field_draws(

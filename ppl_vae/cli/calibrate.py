@@ -10,6 +10,7 @@ from typing import Optional
 import click
 
 from ppl_vae.cli import options as opt
+from ppl_vae.estimator_options import ADAM_STEPS_BEFORE_POLISH
 
 # Far beyond a useful check (SBC papers use hundreds to a few thousand): refused up front.
 MAX_NUM_SIMULATIONS = 1_000_000
@@ -79,9 +80,9 @@ MAX_MF_STEPS = 100_000
 @click.option(
     "--mf-steps",
     type=int,
-    default=500,
-    show_default=True,
-    help="Mean-field q*: most Adam steps (before the L-BFGS polish); with --mean-field.",
+    default=None,
+    help=f"Mean-field q*: most Adam steps before the L-BFGS polish (default: {ADAM_STEPS_BEFORE_POLISH}); "
+    "with --mean-field.",
 )
 @click.option(
     "--discrete-num-samples",
@@ -114,7 +115,7 @@ def calibrate(
     refine_lr: float,
     refine_num_samples: int,
     mean_field: bool,
-    mf_steps: int,
+    mf_steps: Optional[int],
     discrete_num_samples: int,
     ece_bins: int,
     ece_binning: str,
@@ -139,7 +140,7 @@ def calibrate(
         ("--sir", sir, 0),
         ("--refine", refine, 0),
         ("--refine-num-samples", refine_num_samples, 1),
-        ("--mf-steps", mf_steps, 1),
+        ("--mf-steps", 1 if mf_steps is None else mf_steps, 1),
         ("--discrete-num-samples", discrete_num_samples, 1),
         ("--ece-bins", ece_bins, 1),
     ):
@@ -169,7 +170,8 @@ def calibrate(
     opt.check_size("--sir", sir, MAX_SIR, "SIR proposals per simulation")
     opt.check_size("--refine", refine, MAX_REFINE, "refinement steps")
     opt.check_size("--refine-num-samples", refine_num_samples, MAX_REFINE_NUM_SAMPLES, "draws per step")
-    opt.check_size("--mf-steps", mf_steps, MAX_MF_STEPS, "Adam steps of each q*")
+    if mf_steps is not None:
+        opt.check_size("--mf-steps", mf_steps, MAX_MF_STEPS, "Adam steps of each q*")
     opt.check_size("--discrete-num-samples", discrete_num_samples, MAX_DISCRETE_NUM_SAMPLES, "draws per value")
     load_config(run_dir)  # a missing or broken run directory is refused before anything else
     result = calibrate_run(
@@ -188,7 +190,7 @@ def calibrate(
         refine_lr=refine_lr,
         refine_num_samples=refine_num_samples,
         mean_field=mean_field,
-        mean_field_options={"max_steps": mf_steps} if mean_field else None,
+        mean_field_options=({} if mf_steps is None else {"max_steps": mf_steps}) if mean_field else None,
         discrete_num_samples=discrete_num_samples,
         num_bins=ece_bins,
         binning=ece_binning.replace("-", "_"),

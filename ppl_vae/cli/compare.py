@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import click
 
 from ppl_vae.cli import options as opt
 from ppl_vae.cli.evaluate import estimator_option, print_profile, profile_option
+from ppl_vae.estimator_options import ADAM_STEPS_BEFORE_POLISH
 
 
 @click.command()
@@ -38,9 +39,9 @@ from ppl_vae.cli.evaluate import estimator_option, print_profile, profile_option
 @click.option(
     "--mf-steps",
     type=int,
-    default=500,
-    show_default=True,
-    help="Most Adam steps of mean-field VI (before the L-BFGS polish).",
+    default=None,
+    help="Most Adam steps of mean-field VI before the L-BFGS polish (default: "
+    f"{ADAM_STEPS_BEFORE_POLISH}; the polish finishes the fit).",
 )
 @click.option(
     "--mf-polish-steps",
@@ -79,7 +80,7 @@ def compare(
     num_datapoints: int,
     num_draws: int,
     init: str,
-    mf_steps: int,
+    mf_steps: Optional[int],
     mf_polish_steps: int,
     mf_gtol: float,
     mf_lr: float,
@@ -130,7 +131,7 @@ def compare(
         check_out_dir(out, "--out")  # before any work, naming the flag
     mean_field_options = {
         "init": init,
-        "max_steps": mf_steps,
+        **({} if mf_steps is None else {"max_steps": mf_steps}),
         "lr": mf_lr,
         "tol": mf_tol,
         "polish_steps": mf_polish_steps,

@@ -386,6 +386,14 @@ _BlockResult = Tuple[Tensor, Tensor, ImportanceEstimate, Optional[Tensor], Tenso
 """What a block of :func:`fit_mean_field` leaves: loc, scale, estimate, polish gradient, polish iterations."""
 
 
+def default_max_steps(polish: bool) -> int:
+    """Adam's most steps when ``max_steps`` is not given: :data:`~ppl_vae.estimator_options.ADAM_STEPS_BEFORE_POLISH`
+    with the L-BFGS polish, :data:`~ppl_vae.estimator_options.ADAM_STEPS_WITHOUT_POLISH` without it."""
+    from ppl_vae.estimator_options import ADAM_STEPS_BEFORE_POLISH, ADAM_STEPS_WITHOUT_POLISH
+
+    return ADAM_STEPS_BEFORE_POLISH if polish else ADAM_STEPS_WITHOUT_POLISH
+
+
 @in_eval_mode("model", "guide")
 def fit_mean_field(
     model: Callable,
@@ -395,13 +403,13 @@ def fit_mean_field(
     init: str = "encoder",
     elbo: str = "mean_field",
     lr: float = 1e-2,
-    max_steps: int = 500,
+    max_steps: Optional[int] = None,
     num_particles: int = 1,
     tol: float = 1e-4,
     window: int = 50,
     num_lr_decays: int = 3,
     polish: bool = True,
-    polish_particles: int = 64,
+    polish_particles: int = 32,
     polish_steps: int = 300,
     gtol: float = 1e-3,
     batch_size: int = 500,
@@ -422,7 +430,8 @@ def fit_mean_field(
     steps the mean ELBO over the last window is compared with the previous window's; when the
     relative change is below ``tol`` the learning rate is halved, and after ``num_lr_decays``
     halvings the next plateau (or ``max_steps``) ends the phase; the mean iterate of the last
-    full window is kept (Polyak averaging). (2) With ``polish`` (default), L-BFGS on the
+    full window is kept (Polyak averaging). ``max_steps`` None: :func:`default_max_steps`
+    (50 with the polish, which finishes the fit, 500 without it). (2) With ``polish`` (default), L-BFGS on the
     fixed-sample ELBO with ``polish_particles`` moment-matched common random numbers, for at
     most ``polish_steps`` iterations, until the largest gradient component is <= ``gtol``;
     ``converged`` then says, per datapoint, whether it got there. L-BFGS finds the optimum of
@@ -438,6 +447,7 @@ def fit_mean_field(
     ``seed``: the fit's own random stream (the caller's RNG state is left as it was).
     """
     check_call_convention("fit_mean_field", guide, x)
+    max_steps = default_max_steps(polish) if max_steps is None else max_steps
     MEAN_FIELD_INITS.get(init)
     elbo_cls = MEAN_FIELD_ELBOS.get(elbo)
     for name, value in (
