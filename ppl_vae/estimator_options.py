@@ -36,7 +36,8 @@ ADAM_STEPS_BEFORE_POLISH = 50
 """Mean-field VI's most Adam steps by default when the L-BFGS polish follows
 (:func:`ppl_vae.inference.meanfield.fit_mean_field`, ``max_steps=None``): Adam only brings each q*
 near its optimum, which the polish then reaches to ``gtol`` whatever the start. Measured against
-500 steps (issue 28, benchmarks/README.md): L[q*] the same to 1e-4 nats, the fit 1.3x faster."""
+500 steps (issue 28, benchmarks/bench_meanfield_defaults.py): L[q*] moves no more than another
+seed of the old fit moves it, and the fit is 1.3-2x faster."""
 
 ADAM_STEPS_WITHOUT_POLISH = 500
 """Mean-field VI's most Adam steps by default without the polish (``polish=False``): Adam alone must

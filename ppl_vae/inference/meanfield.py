@@ -409,7 +409,7 @@ def fit_mean_field(
     window: int = 50,
     num_lr_decays: int = 3,
     polish: bool = True,
-    polish_particles: int = 32,
+    polish_particles: int = 64,
     polish_steps: int = 300,
     gtol: float = 1e-3,
     batch_size: int = 500,
