@@ -29,13 +29,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from common import run_command
 
 PPL_VAE = [sys.executable, "-m", "ppl_vae.cli"]
 
@@ -122,23 +119,9 @@ def epochs_done(run_dir: Path) -> int:
         return int(hist.sizes["epoch"])
 
 
-def loadavg() -> str:
-    return Path("/proc/loadavg").read_text().split()[0]
-
-
 def timed(cmd: list, log: Path) -> dict:
-    start, load = time.perf_counter(), loadavg()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    info = dict(wall_s=time.perf_counter() - start, cpu_s=cpu, load_before=load, load_after=loadavg())
-    print(f"  rc {proc.returncode}; {json.dumps(info)}; log {log}", flush=True)
-    if proc.returncode:
-        print(log.read_text()[-2000:])
-        raise SystemExit(proc.returncode)
+    """:func:`common.run_command`, its times kept beside the log for the table."""
+    info = run_command(cmd, log)
     log.with_suffix(".json").write_text(json.dumps(info))
     return info
 

@@ -7,6 +7,7 @@ import math
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, List
 
 import torch
@@ -137,3 +138,27 @@ def summarize(name: str, ratios: List[float]) -> str:
         f"{name}: median {statistics.median(ratios):.3f}x, range {min(ratios):.3f}-{max(ratios):.3f}x "
         f"over {len(ratios)} interleaved runs"
     )
+
+
+def run_command(cmd: List[str], log: Path) -> dict:
+    """Run ``cmd`` (one torch thread) with its output in ``log``; returns its wall and CPU seconds
+    and the load average before and after. A failing command prints its log's tail and exits."""
+    import json
+    import os
+    import resource
+    import shlex
+    import subprocess
+
+    start, load = time.perf_counter(), loadavg()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print("$ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    info = dict(wall_s=time.perf_counter() - start, cpu_s=cpu, load_before=load, load_after=loadavg())
+    print(f"  rc {proc.returncode}; {json.dumps(info)}; log {log}", flush=True)
+    if proc.returncode:
+        print(Path(log).read_text()[-2000:])
+        raise SystemExit(proc.returncode)
+    return info

@@ -62,6 +62,19 @@ def test_first_step_imports_none_of_the_heavy_libraries_and_the_folder_resumes(t
     assert resumed.final["test_elbo"] == pytest.approx(straight.final["test_elbo"], abs=1e-9)
 
 
+def _fit_one_epoch(run, env):
+    """A one-epoch run of ``ppl-vae fit`` with :data:`ARGS` (a fresh process)."""
+    made = subprocess.run(
+        [sys.executable, "-m", "ppl_vae.cli", "fit", "--epochs", "1", "--out", str(run), *ARGS],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert made.returncode == 0, made.stderr
+    return run
+
+
 NOT_BEFORE_SCORING = ("torch._dynamo", "matplotlib", "seaborn", "arviz")
 """(xarray is there: the run's history is netCDF, and the estimator registry's modules use it.)"""
 
@@ -95,16 +108,8 @@ cli.main(sys.argv[1:], standalone_mode=False)
 def test_scoring_starts_before_plotting_arviz_or_dynamo_are_imported(tmp_path, command, one_thread):
     """evaluate and compare score before they import the report's libraries; mean-field VI's fit
     (Adam and the L-BFGS polish) never imports torch._dynamo (issue 28)."""
-    run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    made = subprocess.run(
-        [sys.executable, "-m", "ppl_vae.cli", "fit", "--epochs", "1", "--out", str(run), *ARGS],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert made.returncode == 0, made.stderr
+    run = _fit_one_epoch(tmp_path / "run", env)
     code = f"WATCHED = {NOT_BEFORE_SCORING!r}\n" + SCORING_CHILD
     cmd = [sys.executable, "-c", code, *command[:1], str(run), *command[1:], "--out", str(tmp_path / "out")]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -121,16 +126,8 @@ def test_compare_writes_every_file_without_importing_arviz(tmp_path, one_thread)
     1 s of its time, issue 28); the file still reads back through ArviZ with both guides' draws."""
     from ppl_vae.analysis import results
 
-    run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    made = subprocess.run(
-        [sys.executable, "-m", "ppl_vae.cli", "fit", "--epochs", "1", "--out", str(run), *ARGS],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert made.returncode == 0, made.stderr
+    run = _fit_one_epoch(tmp_path / "run", env)
     out_dir = tmp_path / "out"
     args = ["compare", str(run), "--mf-steps", "20", "-k", "10", "--num-datapoints", "20", "--out", str(out_dir)]
     code = (
