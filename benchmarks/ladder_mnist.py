@@ -20,15 +20,11 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import os
-import resource
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from common import run_command  # benchmarks/ is the script's folder, first on sys.path
 
 PPL_VAE = [sys.executable, "-m", "ppl_vae.cli"]
 
@@ -65,18 +61,8 @@ def write_data(args) -> Path:
 
 
 def timed(cmd, log) -> float:
-    start = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    print("$ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    print(f"  rc {proc.returncode}, wall {time.perf_counter() - start:.0f} s, CPU {cpu:.0f} s; log {log}", flush=True)
-    if proc.returncode:
-        print(Path(log).read_text()[-2000:])
-        raise SystemExit(proc.returncode)
-    return cpu
+    """CPU seconds of the command (:func:`common.run_command`)."""
+    return run_command(cmd, log)["cpu_s"]
 
 
 def main() -> None:
