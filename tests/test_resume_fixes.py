@@ -213,8 +213,13 @@ def test_ctrl_c_inside_the_history_write_leaves_a_whole_file_and_no_noise(tiny_r
     monkeypatch.setattr(h5netcdf.File, "__init__", interrupted_init)
     ignored = unraisable(monkeypatch)
     capfd.readouterr()
-    with pytest.raises(KeyboardInterrupt):
-        runs.save(tiny_run, run.vae, None, state)
+    # a shell starts background jobs (`cmd &`, nohup) with SIGINT ignored: Ctrl-C as a terminal delivers it
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            runs.save(tiny_run, run.vae, None, state)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.setattr(h5netcdf.File, "__init__", real_init)
     gc.collect()
     err = capfd.readouterr().err
