@@ -44,13 +44,14 @@ def estimator_option(default: str, help: str, *names: str) -> Callable[[Callable
 
 
 def profile_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """``--profile``: print each stage's wall time (import, load, scoring, writing, report) to stderr."""
+    """``--profile``: print each stage's wall time (import, load, scoring, writing, report), with the
+    kernel time and page faults of the stage, to stderr."""
     return click.option(
         "--profile",
         is_flag=True,
         default=False,
-        help="Print the wall time of each stage (import, load, scoring, writing, report) and when the scoring "
-        "began, to stderr.",
+        help="Print the wall time of each stage (import, load, scoring, writing, report), its system time and "
+        "page faults, and when the scoring began, to stderr.",
     )
 
 

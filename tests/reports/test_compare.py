@@ -106,3 +106,26 @@ def test_warnings_name_the_weak_estimates_and_what_to_do():
     assert "effective sample size: for 2 of 40" in text and "--num-samples" in text
     assert "k̂ > 0.7 for 3 of 40" in text and "AIS" in text
     assert "Only 5 datapoints" in " ".join(estimate_warnings(_gaps_for_warnings([True] * 5, [150.0] * 5, [0.1] * 5)))
+
+
+def test_profile_stages_record_wall_time_kernel_time_and_page_faults():
+    """``--profile``'s stages: wall seconds, and the system time and minor page faults of the
+    process while each ran. 64 MiB of fresh memory (above glibc's largest mmap threshold, so
+    mapped from the kernel) written in a stage must show at least one fault per page: 32 if
+    the kernel backs it with 2 MiB huge pages, 16,384 with 4 KiB ones."""
+    resource = pytest.importorskip("resource")
+    from ppl_vae.reports.common import Stages
+
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt > 0
+    stages = Stages({"import": 0.5})
+    with stages.stage("scoring"):
+        block = torch.ones(16 * 2**20)  # 64 MiB, every page written
+    with stages.stage("scoring"):  # a stage entered twice adds up
+        pass
+    del block
+    assert stages.faults["scoring"] >= 32 and stages.system["scoring"] >= 0.0
+    assert stages.seconds["scoring"] > 0 and stages.scoring_began is not None
+    lines = stages.lines()
+    assert lines[0].split() == ["import", "0.50", "s"]  # measured before Stages existed: wall time only
+    assert lines[1].startswith("scoring") and f"{stages.faults['scoring']:,} page faults" in lines[1]
+    assert lines[2].startswith("total") and lines[3].startswith("scoring began")
