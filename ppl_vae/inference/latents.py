@@ -392,6 +392,9 @@ def log_importance_weights(
     if owner is not None:
         latents, log_q, log_prior = guide_and_prior(owner, x, num_particles, **kwargs)
         return log_prior + owner.log_likelihood(x, latents, **kwargs) - log_q
+    weights = None if args else _fast_model_weights(model, guide, x, num_particles, kwargs)
+    if weights is not None:
+        return weights
     model_trace, guide_trace = trace_pair(
         model, guide, x, *args, num_particles=num_particles, max_plate_nesting=max_plate_nesting, **kwargs
     )
@@ -411,6 +414,32 @@ def log_importance_weights(
     layout = Layout(tuple(Site(k, event_shapes[k]) for k in latents))
     prior, lik = _traced_terms(model, x, latents, kwargs, max_plate_nesting, layout=layout)
     return prior + lik - log_q
+
+
+def _fast_model_weights(
+    model: Callable, guide: Callable, x: Tensor, num_particles: int, kwargs: Mapping[str, Any]
+) -> Optional[Tensor]:
+    """The log-weights of a guide that draws its own latents without tracing
+    (``latent_shapes`` and ``draw_latents``: mean-field q*,
+    :class:`~ppl_vae.inference.meanfield.MeanFieldGuide`) under a model that offers the
+    fast-path protocol, scored by the model's ``log_prior`` and blocked ``log_likelihood``: the
+    traced path's numbers to float rounding, from the same draws. None (trace them) where it
+    does not apply, decided before anything is drawn: the model sums out discrete sites, the
+    guide's sites or event shapes are not the model's, or an event is not a vector."""
+    guide_shapes = getattr(guide, "latent_shapes", None)
+    if not callable(guide_shapes) or not callable(getattr(guide, "draw_latents", None)):
+        return None
+    owner = fast_pair(model, None, kwargs)
+    if owner is None or tuple(getattr(owner, "enumerated_sites", ())):
+        return None
+    model_shapes = getattr(owner, "latent_shapes", None)
+    if not callable(model_shapes):
+        return None
+    shapes = {name: tuple(shape) for name, shape in model_shapes().items()}
+    if shapes != dict(guide_shapes()) or any(len(shape) != 1 for shape in shapes.values()):
+        return None
+    latents, log_q = guide.draw_latents(num_particles)  # type: ignore[attr-defined]
+    return owner.log_prior(x, latents, **kwargs) + owner.log_likelihood(x, latents, **kwargs) - log_q
 
 
 def check_fast_path(pair: Any, x: Tensor, *, num_particles: int = 4, atol: float = 1e-4, **kwargs: Any) -> float:

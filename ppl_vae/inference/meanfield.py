@@ -177,6 +177,34 @@ class MeanFieldGuide:
                 )
         return None
 
+    def latent_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """``{site: event_shape}`` of the sites this guide draws, in its order."""
+        if self._single:
+            return {self.latent_site: tuple(self.loc.shape[1:])}
+        assert self.layout is not None
+        return {site.name: tuple(site.event_shape) for site in self.layout.sites}
+
+    def draw_latents(self, num_particles: int) -> Tuple[Dict[str, Tensor], Tensor]:
+        """``num_particles`` draws without tracing: ``({site: (K, N, *event)}, log q (K, N))``,
+        the same numbers as the traced guide under a particle plate for the same random stream
+        (each site's standard-normal call in the order the guide makes them, as Pyro's
+        ``Normal.rsample``). Every site's event must be a vector (:meth:`latent_shapes`)."""
+        from ppl_vae.models.densities import normal_draw
+
+        if any(len(shape) != 1 for shape in self.latent_shapes().values()):
+            raise ValueError("draw_latents needs vector-valued sites; trace the guide instead")
+        if self._single:
+            z, log_q = normal_draw(self.loc, self.log_scale.exp(), num_particles)
+            return {self.latent_site: z}, log_q
+        assert self.layout is not None
+        locs, log_scales = self.layout.split(self.loc), self.layout.split(self.log_scale)
+        latents: Dict[str, Tensor] = {}
+        total = self.loc.new_zeros((num_particles, self.loc.shape[0]))
+        for site in self.layout.sites:
+            latents[site.name], log_q = normal_draw(locs[site.name], log_scales[site.name].exp(), num_particles)
+            total = total + log_q
+        return latents, total
+
     def take(self, index: Any) -> "MeanFieldGuide":
         """The guide of the datapoints ``index`` (a slice or index tensor)."""
         return MeanFieldGuide(self.loc[index], self.log_scale[index], self.latent_site, self.layout)

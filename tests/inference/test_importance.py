@@ -229,3 +229,33 @@ def test_importance_estimate_scores_the_model_in_eval_mode_and_restores_its_mode
         scores[mode] = importance_estimate(vae.model, vae.guide, x, num_samples=50).log_px
         assert vae.training is mode and vae.encoder.drop.training is mode
     torch.testing.assert_close(scores[True], scores[False])
+
+
+@pytest.mark.parametrize("name, options", [("bernoulli_mlp", {}), ("two_layer", {"latent_dims": [4, 3]})])
+def test_mean_field_q_star_is_scored_without_traces_as_with_them(name, options, monkeypatch, one_thread):
+    """IW with mean-field q* as proposal (L[q*] in every fit_mean_field) under a model with the
+    fast-path protocol: q* draws its own latents (MeanFieldGuide.draw_latents, one site or the
+    flat vector of several) and the model scores them through its blocked log-likelihood. The
+    same draws as Pyro's traces for the same seed, the same estimates to float32 rounding."""
+    import ppl_vae.inference.latents as latents
+    from ppl_vae.inference.meanfield import MeanFieldGuide
+    from ppl_vae.models import build_vae
+
+    torch.manual_seed(0)
+    vae = build_vae(name, (1, 10, 10), hidden_dim=16, model_options=options).eval()
+    x = (torch.rand(11, 1, 10, 10) < 0.3).float()
+    layout = latents.model_layout(vae.model, x)
+    loc = torch.randn(11, layout.size)
+    mf = MeanFieldGuide(loc, torch.full_like(loc, -0.7), layout=layout)
+    traced_model = lambda x_, **kw: vae.model(x_, **kw)  # noqa: E731  (no fast path: Pyro's traces)
+    call = dict(num_samples=60, batch_size=4, particle_batch_size=25, seed=5)
+    traced = importance_estimate(traced_model, mf, x, **call)
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("q* was traced")
+
+    monkeypatch.setattr(latents, "trace_pair", no_trace)
+    fast = importance_estimate(vae.model, mf, x, **call)
+    for key in ("log_px", "elbo", "log_px_stderr", "elbo_stderr"):
+        torch.testing.assert_close(getattr(fast, key), getattr(traced, key), rtol=2e-6, atol=1e-4, msg=key)
+    torch.testing.assert_close(fast.ess, traced.ess, rtol=1e-4, atol=0)
