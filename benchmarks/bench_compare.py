@@ -4,7 +4,7 @@ Each command runs as a fresh process, old and new alternately, ``--repeats`` tim
 run directory with the same flags (``--threads 1`` by default). The old side is another checkout
 of the library (e.g. ``git worktree add /tmp/base HEAD`` before a change) put first on
 PYTHONPATH. Printed per pair: wall seconds, CPU seconds (user + system: steadier than wall on a
-shared machine), the seconds from the process's start to the start of the scoring (read from
+shared machine; the system part of it, the kernel's, apart), the seconds from the process's start to the start of the scoring (read from
 ``/proc`` when ``ppl_vae.reports.blocks.map_blocks`` is first entered, so both sides are
 measured the same way) and the load average; then the ratios old / new (medians over pairs).
 
@@ -60,8 +60,8 @@ def loadavg() -> str:
         return "?"
 
 
-def run_once(library: Path, args: list[str]) -> tuple[float, float, float]:
-    """(wall s, CPU s, s to the start of the scoring) of one fresh process importing ``library``."""
+def run_once(library: Path, args: list[str]) -> tuple[float, float, float, float]:
+    """(wall s, CPU s, s to the start of the scoring, system CPU s) of one fresh process importing ``library``."""
     env = {**os.environ, "PYTHONPATH": str(library.resolve()), "OMP_NUM_THREADS": "1"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -75,7 +75,8 @@ def run_once(library: Path, args: list[str]) -> tuple[float, float, float]:
         raise SystemExit(f"{library}: {' '.join(args)} failed:\n{out.stderr[-2000:]}")
     began = [float(line.split()[1]) for line in out.stderr.splitlines() if line.startswith("SCORING_BEGAN ")]
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, began[0] if began else float("nan")
+    system = after.ru_stime - before.ru_stime
+    return wall, cpu, began[0] if began else float("nan"), system
 
 
 def main() -> None:
@@ -98,9 +99,10 @@ def main() -> None:
                     args += shlex.split(a.extra)
                     load = loadavg()
                     got[side] = run_once(lib, args)
-                wall, cpu, began = got[side]
+                wall, cpu, began, system = got[side]
                 print(
-                    f"{command:<9} {side}: wall {wall:7.2f} s  cpu {cpu:7.2f} s  scoring began {began:6.2f} s"
+                    f"{command:<9} {side}: wall {wall:7.2f} s  cpu {cpu:7.2f} s (system {system:6.2f} s)"
+                    f"  scoring began {began:6.2f} s"
                     f"  (load average {load} before, {loadavg()} after)",
                     flush=True,
                 )

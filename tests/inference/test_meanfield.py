@@ -138,7 +138,7 @@ def test_bad_arguments(lg):
 
 
 def test_the_polish_in_chunks_of_datapoints_reaches_the_same_optimum(monkeypatch):
-    """The polish scores POLISH_CHUNK_DRAWS draws per forward and backward pass (fewer fresh
+    """The polish scores POLISH_CHUNK_VALUES values of x per forward and backward pass (fewer fresh
     pages from the allocator); each datapoint's objective is its own, so a polish in chunks of
     2 datapoints must reach the closed-form optimum (Bishop 2006, 10.1.2) as the whole batch
     does, and every pass must hold at most 2 datapoints."""
@@ -157,12 +157,12 @@ def test_the_polish_in_chunks_of_datapoints_reaches_the_same_optimum(monkeypatch
 
     monkeypatch.setattr(mf, "_flat_log_joint", spy)
     results = {}
-    for draws in (10**9, 2 * 64):
-        monkeypatch.setattr(mf, "POLISH_CHUNK_DRAWS", draws)
+    for draws in (10**9, 2 * 64 * 5):  # x has 5 values: 2 datapoints at 64 particles
+        monkeypatch.setattr(mf, "POLISH_CHUNK_VALUES", draws)
         widths.clear()
         results[draws] = fit_mean_field(model.model, model.guide, x, max_steps=5, progress=False, seed=0)
         assert widths and max(widths) == (x.shape[0] if draws == 10**9 else 2), widths
-    whole, chunked = results[10**9], results[2 * 64]
+    whole, chunked = results[10**9], results[2 * 64 * 5]
     with torch.no_grad():
         loc, scale = model.optimal_mean_field(x)
     for r in (whole, chunked):
