@@ -332,7 +332,9 @@ class DataConfig:
         "digits",
         help="digits (embedded), mnist, fashion-mnist, frey-face, dsprites (generated), or a .npy/.npz/.csv path.",
     )
-    data_dir: Optional[str] = option(None, help="Folder holding the dataset's files.", metavar="PATH")
+    data_dir: Optional[str] = option(
+        None, help="Folder holding the dataset's files (a new run records a relative path as absolute).", metavar="PATH"
+    )
     binarize: str = option(
         "none",
         help="none, dynamic (x ~ Bernoulli(pixel), drawn each epoch) or threshold (x > 0.5).",

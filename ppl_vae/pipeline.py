@@ -101,6 +101,24 @@ def load_plugins(config: RunConfig, trust: Optional[bool] = None, source: str = 
         plugins.load_run_plugins(config.plugins, trust=plugins.trust_all() if trust is None else trust, source=source)
 
 
+def absolute_data_paths(config: RunConfig) -> RunConfig:
+    """``config`` with a relative ``data_dir``, or a dataset given as a relative file path,
+    made absolute from the working folder, as a new run records them: ``evaluate`` and
+    ``compare`` then find the data from any folder (a relative path would be read from
+    theirs). Registered dataset names and absolute paths stay as they are."""
+    from ppl_vae.data.datasets import DATASETS
+
+    d = config.data
+    data_dir, dataset = d.data_dir, d.dataset
+    if data_dir is not None and not Path(data_dir).is_absolute():
+        data_dir = str(Path(data_dir).absolute())
+    if dataset not in DATASETS and not Path(dataset).is_absolute() and Path(dataset).exists():
+        dataset = str(Path(dataset).absolute())
+    if (data_dir, dataset) == (d.data_dir, d.dataset):
+        return config
+    return replace(config, data=replace(d, data_dir=data_dir, dataset=dataset))
+
+
 def data_config(config: RunConfig, dataset: Optional[str] = None, data_dir: Optional[str] = None) -> DataConfig:
     """The run's data config, with another ``dataset`` and/or ``data_dir`` when given: the run's
     binarization, split and training size stay, so the new data is prepared as the training data was."""
@@ -437,6 +455,7 @@ def fit(
     The returned :class:`Run`'s model is in eval mode, on the device it trained on (see :class:`Run`).
     """
     distributed.check_timeout(timeout_s)
+    config = absolute_data_paths(config)
     world = world_size(nproc)
     prepared = prepare(config, world) if world == 1 or not distributed.launched_by_torchrun() else None
     if world > 1 and prepared is not None:

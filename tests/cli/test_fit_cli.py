@@ -220,3 +220,38 @@ def test_fit_announces_compilation_before_the_first_step(runner, tmp_path):
         "--no-progress",
     )
     assert "compiling" not in plain.output
+
+
+def test_relative_data_paths_are_recorded_absolute_so_analyses_run_from_any_folder(runner, tmp_path, monkeypatch):
+    """A run fitted with a relative --data-dir (or a dataset file given by a relative path)
+    records it absolute, so ``evaluate`` from another working folder finds the data; names of
+    registered datasets stay names."""
+    import json
+
+    from tests.data.test_core_datasets import write_idx
+
+    rng = np.random.default_rng(0)
+    work = tmp_path / "work"
+    (work / "mnist").mkdir(parents=True)
+    for name, shape in [("train-images-idx3-ubyte.gz", (40, 6, 6)), ("t10k-images-idx3-ubyte.gz", (12, 6, 6))]:
+        write_idx(work / "mnist" / name, rng.integers(0, 256, shape))
+    for name, n in [("train-labels-idx1-ubyte.gz", 40), ("t10k-labels-idx1-ubyte.gz", 12)]:
+        write_idx(work / "mnist" / name, rng.integers(0, 10, n))
+    np.save(work / "points.npy", rng.random((60, 3)).astype(np.float32))
+    monkeypatch.chdir(work)
+    small = ["--epochs", "1", "--hidden-dim", "8", "--latent-dim", "2", "--no-progress"]
+    fit = [
+        ("mnist", ["--dataset", "mnist", "--data-dir", "mnist", "--model", "bernoulli_mlp"]),
+        ("npy", ["--dataset", "points.npy", "--model", "gaussian_mlp"]),
+    ]
+    for name, args in fit:
+        result = invoke(runner, "fit", *args, "--out", str(tmp_path / name), *small)
+        assert result.exit_code == 0, result.output
+    data = {name: json.loads((tmp_path / name / "config.json").read_text())["data"] for name, _ in fit}
+    assert data["mnist"]["data_dir"] == str(work / "mnist") and data["mnist"]["dataset"] == "mnist"
+    assert data["npy"]["dataset"] == str(work / "points.npy")
+    monkeypatch.chdir(tmp_path)  # another folder: the relative paths would not resolve here
+    for name, _ in fit:
+        result = invoke(runner, "evaluate", str(tmp_path / name), "-k", "5", "--no-progress")
+        assert result.exit_code == 0, result.output
+        assert result.output.startswith("log p(x) estimate ") and "mean over 12 test datapoints" in result.output
