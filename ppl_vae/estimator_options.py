@@ -43,6 +43,20 @@ ADAM_STEPS_WITHOUT_POLISH = 500
 """Mean-field VI's most Adam steps by default without the polish (``polish=False``): Adam alone must
 then reach the optimum (its plateau rule usually stops it first)."""
 
+MEAN_FIELD_INIT_CHOICES = ("encoder", "prior")
+"""Where mean-field VI may start each q*: the encoder's q(z|x) or p(z) (the names of
+:data:`ppl_vae.inference.meanfield.MEAN_FIELD_INITS`; a test holds them equal)."""
+MEAN_FIELD_INIT = "encoder"
+"""Where mean-field VI starts each q* by default."""
+MEAN_FIELD_LR = 1e-2
+"""Mean-field VI's Adam learning rate by default."""
+MEAN_FIELD_TOL = 1e-4
+"""Relative change of the windowed mean ELBO that counts as a plateau in mean-field VI's Adam phase."""
+MEAN_FIELD_POLISH_STEPS = 300
+"""Most L-BFGS iterations of mean-field VI's polish by default."""
+MEAN_FIELD_GTOL = 1e-3
+"""A q* counts as converged when its largest gradient component of the polish's objective is below this."""
+
 #: every option an estimator may take beyond ``seed``, ``batch_size`` and ``progress``.
 OPTIONS: Dict[str, Option] = {
     "num_samples": Option(

@@ -11,7 +11,15 @@ import click
 
 from ppl_vae.cli import options as opt
 from ppl_vae.cli.evaluate import estimator_option, print_profile, profile_option
-from ppl_vae.estimator_options import ADAM_STEPS_BEFORE_POLISH
+from ppl_vae.estimator_options import (
+    ADAM_STEPS_BEFORE_POLISH,
+    MEAN_FIELD_GTOL,
+    MEAN_FIELD_INIT,
+    MEAN_FIELD_INIT_CHOICES,
+    MEAN_FIELD_LR,
+    MEAN_FIELD_POLISH_STEPS,
+    MEAN_FIELD_TOL,
+)
 
 
 @click.command()
@@ -31,8 +39,8 @@ from ppl_vae.estimator_options import ADAM_STEPS_BEFORE_POLISH
 @click.option("--num-draws", type=int, default=100, show_default=True, help="Draws of z per guide kept for ArviZ.")
 @click.option(
     "--init",
-    type=click.Choice(["encoder", "prior"]),
-    default="encoder",
+    type=click.Choice(MEAN_FIELD_INIT_CHOICES),
+    default=MEAN_FIELD_INIT,
     show_default=True,
     help="Where mean-field VI starts.",
 )
@@ -46,22 +54,24 @@ from ppl_vae.estimator_options import ADAM_STEPS_BEFORE_POLISH
 @click.option(
     "--mf-polish-steps",
     type=int,
-    default=300,
+    default=MEAN_FIELD_POLISH_STEPS,
     show_default=True,
     help="Most L-BFGS iterations of the deterministic polish of q*.",
 )
 @click.option(
     "--mf-gtol",
     type=float,
-    default=1e-3,
+    default=MEAN_FIELD_GTOL,
     show_default=True,
     help="q* counts as converged when its largest ELBO gradient component is below this.",
 )
-@click.option("--mf-lr", type=float, default=1e-2, show_default=True, help="Adam learning rate of mean-field VI.")
+@click.option(
+    "--mf-lr", type=float, default=MEAN_FIELD_LR, show_default=True, help="Adam learning rate of mean-field VI."
+)
 @click.option(
     "--mf-tol",
     type=float,
-    default=1e-4,
+    default=MEAN_FIELD_TOL,
     show_default=True,
     help="Relative ELBO change that counts as a plateau (Adam's stopping rule).",
 )

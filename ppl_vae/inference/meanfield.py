@@ -30,6 +30,13 @@ from pyro import distributions as dist
 from pyro import poutine
 from torch import Tensor
 
+from ppl_vae.estimator_options import (
+    MEAN_FIELD_GTOL,
+    MEAN_FIELD_INIT,
+    MEAN_FIELD_LR,
+    MEAN_FIELD_POLISH_STEPS,
+    MEAN_FIELD_TOL,
+)
 from ppl_vae.inference.importance import ImportanceEstimate, concat_estimates, importance_estimate
 from ppl_vae.inference.latents import Layout, Site, guide_layout, log_joint, model_layout
 from ppl_vae.inference.local_fit import LocalBlock, fit_local
@@ -453,18 +460,18 @@ def fit_mean_field(
     guide: Optional[Callable],
     x: Tensor,
     *,
-    init: str = "encoder",
+    init: str = MEAN_FIELD_INIT,
     elbo: str = "mean_field",
-    lr: float = 1e-2,
+    lr: float = MEAN_FIELD_LR,
     max_steps: Optional[int] = None,
     num_particles: int = 1,
-    tol: float = 1e-4,
+    tol: float = MEAN_FIELD_TOL,
     window: int = 50,
     num_lr_decays: int = 3,
     polish: bool = True,
     polish_particles: int = 64,
-    polish_steps: int = 300,
-    gtol: float = 1e-3,
+    polish_steps: int = MEAN_FIELD_POLISH_STEPS,
+    gtol: float = MEAN_FIELD_GTOL,
     batch_size: int = 500,
     num_eval_samples: int = 100,
     progress: bool = False,

@@ -169,3 +169,20 @@ def test_the_polish_in_chunks_of_datapoints_reaches_the_same_optimum(monkeypatch
         assert bool(r.converged.all())
         assert (r.loc - loc).abs().max() < 0.01 and (r.scale - scale).abs().max() < 0.01
     assert torch.allclose(whole.loc, chunked.loc, atol=1e-4) and torch.allclose(whole.scale, chunked.scale, atol=1e-4)
+
+
+def test_compare_flags_show_and_pass_fit_mean_fields_own_defaults():
+    """The mean-field settings are declared once (ppl_vae.estimator_options): compare's --mf-*
+    flags and --init default to fit_mean_field's own defaults, and --init offers exactly the
+    registered starts."""
+    import inspect
+
+    from ppl_vae.cli.compare import compare
+
+    signature = inspect.signature(fit_mean_field).parameters
+    flags = {p.name: p for p in compare.params}
+    pairs = {"init": "init", "mf_lr": "lr", "mf_tol": "tol", "mf_polish_steps": "polish_steps", "mf_gtol": "gtol"}
+    for flag, arg in pairs.items():
+        assert flags[flag].default == signature[arg].default, (flag, flags[flag].default, signature[arg].default)
+    assert flags["mf_steps"].default is None and signature["max_steps"].default is None  # default_max_steps decides
+    assert tuple(flags["init"].type.choices) == tuple(MEAN_FIELD_INITS.names())
