@@ -1,0 +1,42 @@
+"""The image rows of the reports (prior samples, reconstructions): one tiled canvas per titled
+row, drawn by one imshow, holding exactly the images given, in order."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ppl_vae.analysis import plots
+
+
+def _drawn(ax) -> np.ndarray:
+    (image,) = ax.get_images()
+    return np.ma.filled(image.get_array().astype(float), np.nan)
+
+
+def test_prior_samples_are_one_canvas_of_every_sample_in_order():
+    torch.manual_seed(0)
+    samples = torch.rand(30, 1, 6, 5)
+    fig = plots.plot_samples(samples)
+    (ax,) = fig.axes
+    want = plots.tile_images(samples[:, 0].numpy(), 10)
+    assert want.shape == (3 * 7 - 1, 10 * 6 - 1)
+    np.testing.assert_array_equal(np.isnan(_drawn(ax)), np.isnan(want))
+    np.testing.assert_allclose(_drawn(ax)[~np.isnan(want)], want[~np.isnan(want)], rtol=1e-6)
+    assert fig._suptitle.get_text() == "Samples from the prior"
+
+
+def test_reconstructions_are_two_labelled_rows():
+    torch.manual_seed(1)
+    x, r = torch.rand(4, 1, 3, 3), torch.rand(4, 1, 3, 3)
+    fig = plots.plot_reconstructions(x, r)
+    assert [ax.get_ylabel() for ax in fig.axes] == ["data", "reconstruction"]
+    for ax, batch in zip(fig.axes, (x, r)):
+        want = plots.tile_images(batch[:, 0].numpy(), 4)
+        np.testing.assert_allclose(_drawn(ax)[~np.isnan(want)], want[~np.isnan(want)], rtol=1e-6)
+
+
+def test_rows_that_are_not_images_are_drawn_as_lines():
+    fig = plots.plot_reconstructions(torch.rand(3, 7), torch.rand(3, 7))  # 7 features: no square image
+    assert len(fig.axes) == 3 and not any(ax.get_images() for ax in fig.axes)
+    assert all(len(ax.get_lines()) == 2 for ax in fig.axes)
