@@ -43,8 +43,9 @@ def map_blocks(*args, **kwargs):
     print(f"SCORING_BEGAN {process_age():.3f}", file=sys.stderr, flush=True)
     return real(*args, **kwargs)
 blocks.map_blocks = map_blocks
-from ppl_vae.cli.main import cli
-cli.main(sys.argv[1:])
+import ppl_vae.cli.main as entry
+sys.argv = ["ppl-vae", *sys.argv[1:]]
+entry.main()  # the console entry point, as a user runs it (its exit included)
 """
 
 COMMANDS = {
