@@ -67,9 +67,12 @@ POLISH_HISTORY = 20
 """Curvature pairs each datapoint's L-BFGS keeps in the polish."""
 POLISH_BACKTRACKS = 20
 """Halvings of the step the polish's line search tries before a datapoint stops where it is."""
+POLISH_CHUNK_DRAWS = 2048
+"""Most draws (particles x datapoints) in one forward and backward pass of the polish
+(:func:`polish_chunk_rows`)."""
 POLISH_CHUNK_VALUES = 2048 * 784
-"""Values of x scored in one forward and backward pass of the polish: particles x datapoints x
-values per datapoint (:func:`polish_chunk_rows`); 2,048 draws of an MNIST image."""
+"""Most values of x scored in one forward and backward pass of the polish: particles x
+datapoints x values per datapoint (:func:`polish_chunk_rows`); 2,048 draws of an MNIST image."""
 ARMIJO = 1e-4
 """The sufficient-decrease constant c1 of the polish's line search (Nocedal & Wright's usual value)."""
 ROUNDING = 1e-6
@@ -430,16 +433,22 @@ def _polish(
 
 
 def polish_chunk_rows(num_particles: int, values_per_datapoint: int) -> int:
-    """Datapoints per forward and backward pass of the polish: :data:`POLISH_CHUNK_VALUES` values
-    of x over the particles. A whole 500-datapoint MNIST batch at 64 particles holds about
-    100 MB per decoder-sized tensor, which glibc's malloc maps fresh from the kernel and unmaps
-    at every evaluation: on the MNIST run of benchmarks/README.md, 2.4 million page faults and
-    4.8 s of kernel time in an 11.6 s fit. At 2,048 draws (6.4 MB per such tensor) the freed
-    blocks are reused: 0.16 million faults, 0.3 s, the fit in 6.9 s; chunks of 4,096 and 8,192
-    draws fault again (one thread; at two threads too, so the chunk is not scaled by threads).
-    Small data (the 8x8 digits) stays one pass: smaller chunks would only add Python's
-    per-pass cost."""
-    return max(1, POLISH_CHUNK_VALUES // max(1, num_particles * values_per_datapoint))
+    """Datapoints per forward and backward pass of the polish: at most :data:`POLISH_CHUNK_DRAWS`
+    draws and :data:`POLISH_CHUNK_VALUES` values of x over the particles.
+
+    A whole 500-datapoint MNIST batch at 64 particles holds about 100 MB per decoder-sized
+    tensor, which glibc's malloc maps fresh from the kernel and unmaps at every evaluation: on
+    the MNIST run of benchmarks/README.md, 2.4 million page faults and 4.8 s of kernel time in
+    an 11.6 s fit. At 2,048 draws (6.4 MB per such tensor) the freed blocks are reused: 0.16
+    million faults, 0.3 s, the fit in 6.9 s; chunks of 4,096 and 8,192 draws fault again (one
+    thread; at two threads too, so the chunk is not scaled by threads). The draws bound the
+    hidden layers and outputs, which can be wider than x (the 8x8 digits' ``gaussian_mlp``: 64
+    values, 200 hidden units, 128 outputs; its 359 test points in one pass: 0.71-0.74 s, 64-70k
+    faults; in passes of 2,048 draws: 0.57-0.60 s, under 10k faults); the values bound larger
+    images."""
+    by_draws = POLISH_CHUNK_DRAWS // max(1, num_particles)
+    by_values = POLISH_CHUNK_VALUES // max(1, num_particles * values_per_datapoint)
+    return max(1, min(by_draws, by_values))
 
 
 _BlockResult = Tuple[Tensor, Tensor, ImportanceEstimate, Optional[Tensor], Tensor]

@@ -138,7 +138,7 @@ def test_bad_arguments(lg):
 
 
 def test_the_polish_in_chunks_of_datapoints_reaches_the_same_optimum(monkeypatch):
-    """The polish scores POLISH_CHUNK_VALUES values of x per forward and backward pass (fewer fresh
+    """The polish scores at most POLISH_CHUNK_VALUES values of x per forward and backward pass (fewer fresh
     pages from the allocator); each datapoint's objective is its own, so a polish in chunks of
     2 datapoints must reach the closed-form optimum (Bishop 2006, 10.1.2) as the whole batch
     does, and every pass must hold at most 2 datapoints."""
@@ -186,3 +186,15 @@ def test_compare_flags_show_and_pass_fit_mean_fields_own_defaults():
         assert flags[flag].default == signature[arg].default, (flag, flags[flag].default, signature[arg].default)
     assert flags["mf_steps"].default is None and signature["max_steps"].default is None  # default_max_steps decides
     assert tuple(flags["init"].type.choices) == tuple(MEAN_FIELD_INITS.names())
+
+
+def test_polish_chunks_are_bounded_by_draws_and_by_values_of_x():
+    """At most 2,048 draws (hidden layers can be wider than x) and 2,048 MNIST images' worth of
+    values of x per pass, and at least one datapoint."""
+    from ppl_vae.inference.meanfield import POLISH_CHUNK_DRAWS, POLISH_CHUNK_VALUES, polish_chunk_rows
+
+    assert (POLISH_CHUNK_DRAWS, POLISH_CHUNK_VALUES) == (2048, 2048 * 784)
+    assert polish_chunk_rows(64, 784) == 32  # MNIST: both bounds
+    assert polish_chunk_rows(64, 64) == 32  # the 8x8 digits: the draws bound
+    assert polish_chunk_rows(64, 64 * 64) == 6  # dSprites' 64x64: the values bound
+    assert polish_chunk_rows(4096, 784) == 1
