@@ -94,7 +94,11 @@ def _as_numpy(t: Tensor | np.ndarray) -> np.ndarray:
 def plot_training_curves(history: xr.Dataset) -> Figure:
     """Train and test ELBO per epoch (nats per datapoint) from a run's history."""
     fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
-    names = [v for v in history.data_vars if "elbo" in str(v) and "epoch" in history[v].dims]
+    names = [
+        v
+        for v in history.data_vars
+        if "elbo" in str(v) and "epoch" in history[v].dims and bool(np.isfinite(history[v].values).any())
+    ]  # a series the run never recorded (val_elbo without a validation split) gets no legend entry
     if not names or not history.sizes.get("epoch"):
         ax.text(0.5, 0.5, "no training history", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()

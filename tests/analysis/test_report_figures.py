@@ -1,5 +1,6 @@
-"""The image rows of the reports (prior samples, reconstructions): one tiled canvas per titled
-row, drawn by one imshow, holding exactly the images given, in order."""
+"""Figures of compare's report: the image rows (prior samples, reconstructions) are one tiled
+canvas per titled row, drawn by one imshow, holding exactly the images given, in order; the
+training curves show the series the run recorded."""
 
 from __future__ import annotations
 
@@ -40,3 +41,21 @@ def test_rows_that_are_not_images_are_drawn_as_lines():
     fig = plots.plot_reconstructions(torch.rand(3, 7), torch.rand(3, 7))  # 7 features: no square image
     assert len(fig.axes) == 3 and not any(ax.get_images() for ax in fig.axes)
     assert all(len(ax.get_lines()) == 2 for ax in fig.axes)
+
+
+def test_training_curves_draw_only_the_series_the_run_recorded():
+    import xarray as xr
+
+    epochs = np.arange(1, 4)
+    history = xr.Dataset(
+        {
+            "train_elbo": ("epoch", [-3.0, -2.0, -1.5]),
+            "test_elbo": ("epoch", [-3.2, -2.1, -1.7]),
+            "val_elbo": ("epoch", [np.nan] * 3),  # no validation split
+        },
+        coords={"epoch": epochs},
+    )
+    fig = plots.plot_training_curves(history)
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train_elbo", "test_elbo"]
+    np.testing.assert_array_equal(ax.get_lines()[1].get_ydata(), [-3.2, -2.1, -1.7])
