@@ -134,8 +134,13 @@ def data_config(config: RunConfig, dataset: Optional[str] = None, data_dir: Opti
     return new if new.dataset == d.dataset else replace(new, num_images=None)
 
 
-def load_data(config: RunConfig, *, dataset: Optional[str] = None, data_dir: Optional[str] = None) -> Dataset:
-    """The run's data (see :func:`data_config` for ``dataset``/``data_dir``)."""
+def load_data(
+    config: RunConfig, *, dataset: Optional[str] = None, data_dir: Optional[str] = None, test_only: bool = False
+) -> Dataset:
+    """The run's data (see :func:`data_config` for ``dataset``/``data_dir``). ``test_only``: the
+    caller reads the test split alone, so a dataset with its own test files skips the training
+    files (:func:`~ppl_vae.data.datasets.load_dataset`); a semi-supervised run's labelled split
+    is drawn from the training labels, so it loads whole."""
     d = data_config(config, dataset, data_dir)
     data = load_dataset(
         d.dataset,
@@ -145,6 +150,7 @@ def load_data(config: RunConfig, *, dataset: Optional[str] = None, data_dir: Opt
         split_seed=d.split_seed,
         train_size=d.train_size,
         num_images=d.num_images,
+        test_only=test_only and d.labels is None,
     )
     if d.labels is not None:  # semi-supervised: the same seeded split wherever the run is loaded
         from ppl_vae.data.labels import keep_labels

@@ -113,7 +113,7 @@ def generate(
     if traverse:
         if run.vae.num_classes is not None:
             raise ValueError("--traverse needs an unconditional model (its decoder takes z alone)")
-        x = load_data(run.config).test[:500]
+        x = load_data(run.config, test_only=True).test[:500]
         trav = latent_traversal(run.vae, x, dims=list(dims) or None, num_steps=num_steps, span=span)
         path = save_figure(plot_traversal(trav), out or run_dir / "traversal.png")
         order = ", ".join(f"z{int(j)}" for j in trav.latent.values)

@@ -23,7 +23,8 @@ from ppl_vae.registry import Registry
 
 Arrays = Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]
 """(train, test or None, train labels or None, test labels or None); a loader of a data set with
-known generative factors appends a fifth item, :class:`Factors`."""
+known generative factors appends a fifth item, :class:`Factors`. train is None only from a
+loader that declares ``reads_test_alone``, called with ``train_split=False``."""
 
 
 @dataclass
@@ -134,11 +135,14 @@ def _idx_labels(path: Path, n: int) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _idx_dataset(data_dir: Path) -> Arrays:
-    train = _idx_images(data_dir / "train-images-idx3-ubyte.gz")
+def _idx_dataset(data_dir: Path, train_split: bool = True) -> Arrays:
+    """The four IDX files; without ``train_split``, the test images and labels only (train None)."""
     test = _idx_images(data_dir / "t10k-images-idx3-ubyte.gz")
-    train_labels = _idx_labels(data_dir / "train-labels-idx1-ubyte.gz", len(train))
     test_labels = _idx_labels(data_dir / "t10k-labels-idx1-ubyte.gz", len(test))
+    if not train_split:  # no training rows (load_dataset's test_only; Arrays' train is None only here)
+        return cast(Arrays, (None, test, None, test_labels))
+    train = _idx_images(data_dir / "train-images-idx3-ubyte.gz")
+    train_labels = _idx_labels(data_dir / "train-labels-idx1-ubyte.gz", len(train))
     return train, test, train_labels, test_labels
 
 
@@ -170,19 +174,24 @@ def _bundled_digits() -> Tuple[np.ndarray, np.ndarray]:
 
 
 @DATASETS.register("mnist")
-def load_mnist_arrays(data_dir: Optional[Path]) -> Arrays:
+def load_mnist_arrays(data_dir: Optional[Path], *, train_split: bool = True) -> Arrays:
     """MNIST (LeCun et al. 1998), the four original IDX gzip files in --data-dir."""
     where = "the original files from http://yann.lecun.com/exdb/mnist/ or a mirror"
-    return _idx_dataset(_require_dir(data_dir, "mnist", MNIST_SHA256, where))
+    return _idx_dataset(_require_dir(data_dir, "mnist", MNIST_SHA256, where), train_split)
 
 
 @DATASETS.register("fashion-mnist")
-def load_fashion_mnist_arrays(data_dir: Optional[Path]) -> Arrays:
+def load_fashion_mnist_arrays(data_dir: Optional[Path], *, train_split: bool = True) -> Arrays:
     """Fashion-MNIST (Xiao et al. 2017), IDX gzip files; default dir from Debian's package."""
     files = {name: "" for name in MNIST_SHA256}
     where = "Debian's package dataset-fashion-mnist installs them in /usr/share/datasets/fashion-mnist"
     data_dir = FASHION_MNIST_DEFAULT_DIR if data_dir is None else data_dir
-    return _idx_dataset(_require_dir(data_dir, "fashion-mnist", files, where))
+    return _idx_dataset(_require_dir(data_dir, "fashion-mnist", files, where), train_split)
+
+
+# a declared capability, read with getattr by load_dataset: train_split=False reads the test split alone
+for _loader in (load_mnist_arrays, load_fashion_mnist_arrays):
+    _loader.__dict__["reads_test_alone"] = True
 
 
 @DATASETS.register("frey-face")
@@ -290,6 +299,7 @@ def load_dataset(
     train_size: Optional[int] = None,
     on_disk: Optional[bool] = None,
     num_images: Optional[int] = None,
+    test_only: bool = False,
 ) -> Dataset:
     """Load a dataset by registered name or from a user's array file.
 
@@ -302,6 +312,11 @@ def load_dataset(
     :data:`ON_DISK_MIN_BYTES` (1 GiB). The split is the same either way.
     ``num_images``: for a data set drawn from a large or generated collection (``dsprites``), the
     size of the seeded random subset taken (seeded by ``split_seed``; None: its default).
+    ``test_only``: the caller reads the test split alone (``evaluate``, ``compare``). A dataset
+    whose files hold their own test split (MNIST, Fashion-MNIST: the loader declares
+    ``reads_test_alone``) then skips its training files and returns no training rows (``train``
+    has 0 rows); the test split is the one a full load gives, its binarization draw included.
+    Other datasets load whole (their test split is drawn from the rest).
     """
     if binarize not in BINARIZE:
         raise ValueError(f"binarize must be one of {', '.join(BINARIZE)}, got {binarize!r}")
@@ -321,6 +336,8 @@ def load_dataset(
         if getattr(loader, "takes_num_images", False):  # a declared capability of the loader
             subset_loader = cast(Callable[..., Arrays], loader)  # it takes the keywords too
             arrays = subset_loader(data_dir, num_images=num_images, seed=split_seed)
+        elif test_only and getattr(loader, "reads_test_alone", False) and num_images is None:
+            arrays = cast(Callable[..., Arrays], loader)(data_dir, train_split=False)
         elif num_images is not None:
             raise ValueError(f"num_images applies to generated or subsampled data sets (dsprites), not {name!r}")
         else:
@@ -355,7 +372,12 @@ def load_dataset(
             raise DataError(f"{label}: {len(test_fac)} factor rows for {len(test)} test points")
 
     generator = torch.Generator().manual_seed(split_seed)
-    train_t = _as_float_tensor(train, f"{label} (train)")
+    if train is None:  # a test-only load: no training rows, of the test split's shape
+        if test is None:
+            raise DataError(f"{label}: its loader returned neither a training nor a test split")
+        train_t = torch.zeros((0,) + tuple(np.shape(test)[1:]), dtype=torch.float32)
+    else:
+        train_t = _as_float_tensor(train, f"{label} (train)")
     train_lab = None if train_labels is None else _as_labels(train_labels, f"{label} (train labels)")
     if train_lab is not None and len(train_lab) != len(train_t):
         raise DataError(f"{label}: {len(train_lab)} labels for {len(train_t)} training points")
@@ -388,7 +410,7 @@ def load_dataset(
 
     if binarize != "none":
         for t, what in ((train_t, "train"), (test_t, "test")):
-            if float(t.min()) < 0 or float(t.max()) > 1:
+            if t.numel() and (float(t.min()) < 0 or float(t.max()) > 1):
                 raise DataError(f"cannot binarize {label} ({what}): values must lie in [0, 1]")
         if binarize == "threshold":
             train_t, test_t = (train_t > 0.5).float(), (test_t > 0.5).float()

@@ -131,7 +131,7 @@ def select_datapoints(run: Run, split: str = "test", num_datapoints: Optional[in
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if num_datapoints is not None and num_datapoints < 1:
         raise ValueError(f"num_datapoints must be >= 1, got {num_datapoints}")
-    data = load_data(run.config)
+    data = load_data(run.config, test_only=split == "test")  # MNIST: the 60,000 training images unread
     x = data.test if split == "test" else data.train
     labels = data.test_labels if split == "test" else data.train_labels
     n = x.shape[0]

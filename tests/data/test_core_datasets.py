@@ -188,3 +188,28 @@ def test_embedded_digits_equal_scikit_learns_load_digits():
     bunch = load_digits()
     np.testing.assert_array_equal(images, (bunch.images[:, None] / 16.0).astype(np.float32))
     np.testing.assert_array_equal(labels, bunch.target)
+
+
+@pytest.mark.parametrize("binarize", ["none", "dynamic", "threshold"])
+def test_a_test_only_load_gives_the_full_loads_test_split_without_reading_the_training_files(idx_dir, binarize):
+    """``test_only`` (evaluate and compare on the test split): MNIST's training files are not
+    read (here they are made unreadable after a full load), no training rows are returned, and
+    the test split, its labels and its binarization draw are the full load's."""
+    full = load_dataset("mnist", idx_dir, binarize=binarize, split_seed=3)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (idx_dir / name).write_bytes(b"\x1f\x8b not gzip")  # a read of it would fail
+    with pytest.raises(DataError, match="corrupt or truncated gzip"):
+        load_dataset("mnist", idx_dir, binarize=binarize, split_seed=3)
+    alone = load_dataset("mnist", idx_dir, binarize=binarize, split_seed=3, test_only=True)
+    assert torch.equal(alone.test, full.test) and torch.equal(alone.test_labels, full.test_labels)
+    assert alone.train.shape == (0, 1, 5, 4) and alone.event_shape == full.event_shape
+    assert alone.dynamic_binarization == full.dynamic_binarization
+    if binarize != "none":
+        assert set(alone.test.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_a_test_only_load_of_data_without_test_files_loads_whole():
+    """The embedded digits draw their test split from all the images: test_only changes nothing."""
+    full = load_dataset("digits", split_seed=1)
+    alone = load_dataset("digits", split_seed=1, test_only=True)
+    assert torch.equal(alone.test, full.test) and torch.equal(alone.train, full.train)
