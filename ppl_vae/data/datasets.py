@@ -137,12 +137,13 @@ def _idx_labels(path: Path, n: int) -> np.ndarray:
 
 def _idx_dataset(data_dir: Path, train_split: bool = True) -> Arrays:
     """The four IDX files; without ``train_split``, the test images and labels only (train None)."""
+    # in the order a full load has always read them (the first bad file is the one reported)
+    train = _idx_images(data_dir / "train-images-idx3-ubyte.gz") if train_split else None
     test = _idx_images(data_dir / "t10k-images-idx3-ubyte.gz")
+    train_labels = None if train is None else _idx_labels(data_dir / "train-labels-idx1-ubyte.gz", len(train))
     test_labels = _idx_labels(data_dir / "t10k-labels-idx1-ubyte.gz", len(test))
-    if not train_split:  # no training rows (load_dataset's test_only; Arrays' train is None only here)
+    if train is None:  # no training rows (load_dataset's test_only; Arrays' train is None only here)
         return cast(Arrays, (None, test, None, test_labels))
-    train = _idx_images(data_dir / "train-images-idx3-ubyte.gz")
-    train_labels = _idx_labels(data_dir / "train-labels-idx1-ubyte.gz", len(train))
     return train, test, train_labels, test_labels
 
 
