@@ -138,13 +138,13 @@ def _fast_draws(owner: Any, meanfield: MeanFieldGuide, x: Tensor, k: int, kw: Di
     """:func:`_draws` of q, then of q*, through the pair's protocol: [log p(x,z), log q, log q*] at
     K draws of q, then [log p(x,z), log q*, log q] at K draws of q*, each ``(k, B)``."""
     from ppl_vae.inference.latents import guide_and_prior
-    from ppl_vae.models.densities import normal_draw, normal_log_prob
+    from ppl_vae.models.densities import normal_log_prob
 
     latents, log_q, log_prior = guide_and_prior(owner, x, k, **kw)  # q's standard-normal call first
     joint_q = log_prior + owner.log_likelihood(x, latents, **kw)
-    loc_s, scale_s = meanfield.loc, meanfield.log_scale.exp()
-    log_s_at_q = normal_log_prob(latents["z"], loc_s, scale_s).sum(-1)
-    z_s, log_s = normal_draw(loc_s, scale_s, k)  # q*'s: the call Pyro's Normal.rsample makes
+    log_s_at_q = normal_log_prob(latents["z"], meanfield.loc, meanfield.log_scale.exp()).sum(-1)
+    drawn, log_s = meanfield.draw_latents(k)  # q*'s: the call Pyro's Normal.rsample makes
+    z_s = drawn["z"]
     loc_q, scale_q = owner.encoder(x)
     log_q_at_s = normal_log_prob(z_s, loc_q, scale_q).sum(-1)
     joint_s = owner.log_prior(x, {"z": z_s}, **kw) + owner.log_likelihood(x, {"z": z_s}, **kw)
