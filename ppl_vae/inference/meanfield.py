@@ -31,6 +31,8 @@ from pyro import poutine
 from torch import Tensor
 
 from ppl_vae.estimator_options import (
+    ADAM_STEPS_BEFORE_POLISH,
+    ADAM_STEPS_WITHOUT_POLISH,
     MEAN_FIELD_GTOL,
     MEAN_FIELD_INIT,
     MEAN_FIELD_LR,
@@ -458,8 +460,6 @@ _BlockResult = Tuple[Tensor, Tensor, ImportanceEstimate, Optional[Tensor], Tenso
 def default_max_steps(polish: bool) -> int:
     """Adam's most steps when ``max_steps`` is not given: :data:`~ppl_vae.estimator_options.ADAM_STEPS_BEFORE_POLISH`
     with the L-BFGS polish, :data:`~ppl_vae.estimator_options.ADAM_STEPS_WITHOUT_POLISH` without it."""
-    from ppl_vae.estimator_options import ADAM_STEPS_BEFORE_POLISH, ADAM_STEPS_WITHOUT_POLISH
-
     return ADAM_STEPS_BEFORE_POLISH if polish else ADAM_STEPS_WITHOUT_POLISH
 
 
