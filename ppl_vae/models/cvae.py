@@ -24,7 +24,7 @@ from pyro import poutine
 from torch import Tensor, nn
 
 from ppl_vae.models.likelihoods import Likelihood
-from ppl_vae.models.networks import mlp
+from ppl_vae.models.networks import ACTIVATIONS, mlp
 from ppl_vae.models.priors import Prior
 from ppl_vae.models.vae import VAE, data_plate
 from ppl_vae.models.zoo import MODELS, ModelSpec
@@ -57,7 +57,7 @@ class ConditionalGaussianEncoder(nn.Module):
         self.event_shape = tuple(event_shape)
         self.latent_dim = latent_dim
         self.net = mlp([math.prod(self.event_shape) + num_classes, *hidden_dims], activation)
-        self.act = nn.ReLU() if activation == "relu" else nn.Tanh()
+        self.act = ACTIVATIONS[activation]()
         self.head = nn.Linear(hidden_dims[-1], 2 * latent_dim)
 
     def forward(self, x: Tensor, y_onehot: Tensor) -> Tuple[Tensor, Tensor]:

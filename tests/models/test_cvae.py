@@ -12,6 +12,8 @@ from ppl_vae.data.datasets import Dataset
 from ppl_vae.inference.importance import elbo_per_datapoint, iw_log_px
 from ppl_vae.inference.training import train
 from ppl_vae.models import MODELS, build_vae
+from ppl_vae.models.cvae import ConditionalGaussianEncoder
+from ppl_vae.models.networks import ACTIVATIONS
 
 NUM_CLASSES = 3
 SHAPE = (1, 8, 8)
@@ -148,3 +150,11 @@ def test_true_labels_score_higher_than_wrong_ones(trained):
     right = elbo_per_datapoint(vae.model, vae.guide, x_test, y=y_test, num_particles=4)
     wrong = elbo_per_datapoint(vae.model, vae.guide, x_test, y=(y_test + 1) % NUM_CLASSES, num_particles=4)
     assert (right > wrong).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_conditional_encoder_uses_the_activation_it_is_given(activation):
+    """It used ReLU for "relu" and tanh for every other name."""
+    encoder = ConditionalGaussianEncoder((6,), 3, 2, (5,), activation)
+    assert type(encoder.act) is ACTIVATIONS[activation]
+    assert all(type(m) is ACTIVATIONS[activation] for m in encoder.net if not isinstance(m, torch.nn.Linear))
