@@ -33,6 +33,7 @@ from ppl_vae.inference.latents import Layout, log_joint, model_layout
 from ppl_vae.inference.local_fit import LocalBlock, fit_local
 from ppl_vae.inference.meanfield import LATENT_SITE, MEAN_FIELD_INITS
 from ppl_vae.inference.modes import check_call_convention
+from ppl_vae.models.networks import tanh
 
 __all__ = ["LocalFlowGuide", "LocalFlowResult", "LocalFlows", "fit_local_flow"]
 
@@ -73,7 +74,7 @@ class _BatchedMADE(nn.Module):
         w_in, b_in, w_out, b_out, w_skip = (
             (p.detach() if detach else p) for p in (self.w_in, self.b_in, self.w_out, self.b_out, self.w_skip)
         )
-        h = torch.tanh(torch.einsum("...nd,nhd->...nh", x, w_in * self.mask_in) + b_in)
+        h = tanh(torch.einsum("...nd,nhd->...nh", x, w_in * self.mask_in) + b_in)
         d = x.shape[-1]
         mask = torch.cat([self.mask_out, self.mask_out])
         out = torch.einsum("...nh,nkh->...nk", h, w_out * mask) + b_out

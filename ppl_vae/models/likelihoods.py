@@ -204,17 +204,43 @@ class BernoulliLikelihood(Likelihood):
         def score(h: Tensor) -> Tensor:
             rows = h.reshape(-1, h.shape[-1])
             logits = torch.mm(rows, weight_t) if bias is None else torch.addmm(bias, rows, weight_t)
-            # softplus(l) = -log sigmoid(-l): BCE-with-logits' log1p(exp(.)) form (threshold 20
-            # returns l itself, off by log1p(exp(-20)) < 3e-9)
-            softplus = torch.nn.functional.softplus(logits) if torch.is_grad_enabled() else _softplus_(logits)
-            return torch.linalg.vecdot(h, x_w) + x_b - softplus.sum(-1).reshape(h.shape[:-1])
+            if torch.is_grad_enabled():
+                softplus_sum = F.softplus(logits).sum(-1)
+            else:
+                softplus_sum = _softplus_sum_(logits)
+            return torch.linalg.vecdot(h, x_w) + x_b - softplus_sum.reshape(h.shape[:-1])
 
         return score
 
 
-def _softplus_(t: Tensor) -> Tensor:
-    """softplus in place (no autograd): one pass over a block that is still in cache."""
-    return torch._C._nn.softplus(t, 1, 20, out=t)  # type: ignore[call-arg]
+SOFTPLUS_GROUP = 32
+"""At most this many sigmoid(|l|) multiplied before one log in :func:`_softplus_sum_`: each lies
+in [1/2, 1], so a product stays at or above 2^-32, far from float32's smallest normal number."""
+
+
+def _softplus_sum_(t: Tensor) -> Tensor:
+    """sum_j softplus(t_j) over the last dim, overwriting ``t`` (no autograd): the IW scorer's
+    elementwise term, one value per image and particle over K x 784 logits.
+
+    softplus(l) = relu(l) - log sigmoid(|l|); with sigmoid(|l|) in [1/2, 1], the log of a
+    product of up to :data:`SOFTPLUS_GROUP` of them replaces as many logs. On CPU float32 that is
+    0.9 ns a value against torch's softplus at 1.7-2.1 (one thread, MNIST logits), whose time is
+    its log1p(exp(.)). Rounding: sigmoid(|l|) is 1 in float32 for |l| > 17, dropping
+    log1p(exp(-|l|)) < 4.2e-8 a value, and a product of 32 values is within 32 ulp: the sum over
+    784 pixels is within 1e-4 of float64's (tests/models/test_likelihood_softplus_sum.py)."""
+    relu = t.clamp_min(0).sum(-1)
+    t.abs_().sigmoid_()
+    n, factors = t.shape[-1], 1  # factors: the most sigmoids multiplied into one column so far
+    while n > 1:
+        half, odd = n // 2, n % 2
+        grown = factors * (3 if odd else 2)
+        if grown > SOFTPLUS_GROUP:
+            break
+        t[..., :half].mul_(t[..., half : 2 * half])
+        if odd:
+            t[..., :1].mul_(t[..., 2 * half : n])
+        n, factors = half, grown
+    return relu - t[..., :n].log_().sum(-1)
 
 
 class ContinuousBernoulliLikelihood(Likelihood):

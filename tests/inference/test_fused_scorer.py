@@ -8,6 +8,8 @@ likelihood's ``log_prob``) and the traced path's to float tolerance.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -132,3 +134,44 @@ def test_overriding_what_the_scorer_relies_on_drops_the_declarations():
     z = torch.randn(4, x.shape[0], 3)
     with torch.no_grad():
         assert torch.allclose(vae.log_likelihood(x, {"z": z}), tempered.log_prob(x, *vae.decoder(z)))
+
+
+#: float32's unit roundoff
+U32 = torch.finfo(torch.float32).eps / 2
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 5, 7, 8, 31, 33, 64, 97, 784, 4096])
+def test_softplus_sum_is_the_sum_of_softplus_to_float32_rounding(width):
+    """The scorer's grouped sum (one log per 32 sigmoid(|l|)) against float64, within float32
+    rounding: 16 u relative to the sum, plus 2 u absolute per value (the log of a product
+    near 1 is off by about as many u as it has factors), a bound torch's own float32 softplus
+    sum meets too. Every value's softplus is at least 2.4e-3; up to width 97 the bound is
+    below that, so a value left out or counted twice fails, and the widths cover every
+    odd/even halving; wider rows hold one logit of 40 at the start, middle and end."""
+    from ppl_vae.models.likelihoods import _softplus_sum_
+
+    g = torch.Generator().manual_seed(width)
+    logits = (torch.rand(6, width, generator=g) * 14 - 6).to(torch.float32)
+    if width > 97:
+        logits[0, 0] = logits[1, width // 2] = logits[2, -1] = 40.0
+    exact = torch.nn.functional.softplus(logits.double()).sum(-1)
+    tol = 16 * U32 * exact + 2 * U32 * width
+    if width <= 97:
+        assert tol.max() < torch.nn.functional.softplus(torch.tensor(-6.0)).item()
+    torch_f32 = torch.nn.functional.softplus(logits).sum(-1).double()
+    assert ((torch_f32 - exact).abs() <= tol).all()
+    ours = _softplus_sum_(logits.clone()).double()
+    assert ((ours - exact).abs() <= tol).all(), (ours - exact).abs().max().item()
+
+
+def test_softplus_sum_at_extreme_logits():
+    from ppl_vae.models.likelihoods import _softplus_sum_
+
+    values = [0.0, 17.0, -17.0, 30.0, -30.0, 100.0, -100.0, 1e30, -1e30]
+    logits = torch.tensor([values], dtype=torch.float32)
+    exact = sum(torch.nn.functional.softplus(torch.tensor(v, dtype=torch.float64)).item() for v in values)
+    # sigmoid(|l|) rounds to 1 above |l| = 17: each such value drops log1p(exp(-|l|)) < 4.2e-8
+    assert abs(_softplus_sum_(logits.clone()).item() - exact) <= 16 * U32 * exact + 8 * 4.2e-8
+    assert _softplus_sum_(torch.tensor([[1.0, float("inf")]])).item() == float("inf")
+    assert _softplus_sum_(torch.tensor([[-float("inf"), 0.0]])).item() == pytest.approx(math.log(2), rel=1e-7)
+    assert torch.isnan(_softplus_sum_(torch.tensor([[1.0, float("nan"), 2.0]]))).all()
