@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_iw import handwritten_iw
+from bench_iw import handwritten_iw, users_networks
 from common import machine_description
 
 from ppl_vae import pipeline
@@ -80,13 +80,14 @@ def bench_iw(args, run_dir: Path, run, sel, tmp: Path) -> None:
     vae = run.vae.eval()
     k, n = args.num_samples, len(sel.index)
     pbs = default_particle_batch_size(args.batch_size)
+    networks = users_networks(vae)
     print(f"IW: K={k} on {n} of {FULL_DATAPOINTS} MNIST test images, {args.batch_size} per block")
     times = {"evaluate nproc=1": [], "evaluate nproc=2": [], "hand-written": []}
     values = {}
     common = dict(num_samples=k, num_datapoints=args.num_datapoints, batch_size=args.batch_size, progress=False)
     for _ in range(args.repeats):
         for name, fn in (
-            ("hand-written", lambda: torch.manual_seed(0) and handwritten_iw(vae, sel.x, k, args.batch_size, pbs)),
+            ("hand-written", lambda: torch.manual_seed(0) and handwritten_iw(networks, sel.x, k, args.batch_size, pbs)),
             ("evaluate nproc=1", lambda: evaluate_run(run_dir, out_dir=tmp / "e1", nproc=1, **common)),
             ("evaluate nproc=2", lambda: evaluate_run(run_dir, out_dir=tmp / "e2", nproc=2, **common)),
         ):

@@ -18,13 +18,14 @@ FLOPs of the networks' matrix products over the time that matrix product's GFLOP
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
-from common import base_parser, loadavg, matmul_gflops, setup, summarize, timed
+from common import add_tanh_option, base_parser, loadavg, matmul_gflops, setup, summarize, timed, users_tanh
 from torch import nn
 
 from ppl_vae.inference.importance import default_particle_batch_size, importance_estimate
@@ -39,19 +40,26 @@ HAND_IMAGES = 10
 HAND_PARTICLES = 100
 
 
+def users_networks(vae, tanh: str = "torch"):
+    """Copies of the run's encoder and decoder MLP (``nn.Sequential``: z -> logits), with
+    tanh layers as :func:`common.users_tanh` makes them."""
+    return users_tanh(copy.deepcopy(vae.encoder), tanh), users_tanh(copy.deepcopy(vae.decoder.net), tanh)
+
+
 @torch.no_grad()
-def handwritten_iw(vae, x: torch.Tensor, num_samples: int, images: int, particles: int, seed=None) -> torch.Tensor:
+def handwritten_iw(networks, x: torch.Tensor, num_samples: int, images: int, particles: int, seed=None) -> torch.Tensor:
     """log p̂_K(x) per datapoint, the way a careful user writes it in eager PyTorch.
 
-    ``seed``: a function of a block's first index giving the seed its draws start from (the
-    check reproduces the library's draws with it); None draws from the current stream."""
-    decoder = vae.decoder.net  # the decoder's own nn.Sequential (a user's MLP): z -> logits
+    ``networks``: (encoder, decoder) from :func:`users_networks`. ``seed``: a function of a
+    block's first index giving the seed its draws start from (the check reproduces the
+    library's draws with it); None draws from the current stream."""
+    encoder, decoder = networks
     out = []
     for start in range(0, x.shape[0], images):
         xb = x[start : start + images].flatten(1)
         if seed is not None:
             torch.manual_seed(seed(start))
-        loc, scale = vae.encoder(xb)
+        loc, scale = encoder(xb)
         log_scale = scale.log().sum(-1)
         parts = []
         for k0 in range(0, num_samples, particles):
@@ -100,12 +108,14 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="both sides on the same draws: equal numbers?")
     parser.add_argument("--run", default=None, help="a run directory: its weights and test points")
     parser.add_argument("--only", choices=["hand", "lib"], default=None, help="time one side once and exit")
+    add_tanh_option(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     vae, x = load_model_and_data(args, device)
     vae.eval()
+    networks = users_networks(vae, args.hand_tanh)
     k = args.num_samples
     print(f"load average {loadavg()}; {torch.get_num_threads()} thread(s); data {tuple(x.shape)}, K={k}")
 
@@ -113,7 +123,7 @@ def main() -> None:
         return importance_estimate(vae.model, vae.guide, x, num_samples=k, batch_size=args.batch_size, seed=0).log_px
 
     def theirs(images=None, particles=None):
-        return handwritten_iw(vae, x, k, images or args.hand_images, particles or args.hand_particles)
+        return handwritten_iw(networks, x, k, images or args.hand_images, particles or args.hand_particles)
 
     if args.only:
         t = timed(ours if args.only == "lib" else theirs, device)
@@ -123,7 +133,7 @@ def main() -> None:
     if args.check:
         pbs = default_particle_batch_size(args.batch_size)
         a = ours()
-        b = handwritten_iw(vae, x, k, args.batch_size, pbs, seed=lambda start: block_seed(0, start))
+        b = handwritten_iw(networks, x, k, args.batch_size, pbs, seed=lambda start: block_seed(0, start))
         rel = ((a - b).abs() / b.abs()).max().item()
         print(f"same draws: max |ppl_vae - hand-written| / |hand-written| = {rel:.2e} (mean log p(x) {a.mean():.4f})")
 
@@ -140,7 +150,7 @@ def main() -> None:
                 print(f"  {images:4d} x {particles:4d}: {table[images, particles]:.3f} s   (load {loadavg()})")
         args.hand_images, args.hand_particles = min(table, key=table.__getitem__)
 
-    print(f"hand-written chunk {args.hand_images} images x {args.hand_particles} particles")
+    print(f"hand-written chunk {args.hand_images} images x {args.hand_particles} particles, tanh: {args.hand_tanh}")
     a, b = ours(), theirs()  # warm-up, and a check that both estimate the same thing
     print(f"mean log p(x): ppl_vae {a.mean():.3f}, hand-written {b.mean():.3f} (independent draws)")
     flops = matmul_flops(vae, x.shape[0], k)

@@ -82,13 +82,13 @@ HANDWRITTEN = (
     + r"""
 import sys, time, torch
 sys.path.insert(0, sys.argv[6])
-from common import handwritten_epoch
+from common import handwritten_epoch, users_tanh
 from ppl_vae.models import build_vae
 data_dir, n, batch, epochs, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(threads)
 x = load_mnist(data_dir, n)
 torch.manual_seed(0)
-vae = build_vae("bernoulli_mlp", x.shape[1:], latent_dim=20, hidden_dim=500)
+vae = users_tanh(build_vae("bernoulli_mlp", x.shape[1:], latent_dim=20, hidden_dim=500))
 opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
 print("TRAIN_SECONDS", sum(handwritten_epoch(vae, opt, x, batch) for _ in range(epochs)))
 """
@@ -116,7 +116,7 @@ def side(python: str, script: str, args: list) -> tuple[float, float]:
     start = time.perf_counter()
     out = subprocess.run([python, "-c", script, *map(str, args)], capture_output=True, text=True)
     wall = time.perf_counter() - start
-    line = [l for l in out.stdout.splitlines() if l.startswith("TRAIN_SECONDS")]
+    line = [s for s in out.stdout.splitlines() if s.startswith("TRAIN_SECONDS")]
     if out.returncode or not line:
         raise SystemExit(f"{python} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
     return float(line[0].split()[1]), wall

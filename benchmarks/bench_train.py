@@ -13,7 +13,7 @@ import copy
 import statistics
 
 import torch
-from common import base_parser, handwritten_epoch, setup, summarize
+from common import add_tanh_option, base_parser, handwritten_epoch, setup, summarize, users_tanh
 
 from ppl_vae.config import TrainConfig
 from ppl_vae.data.datasets import Dataset
@@ -54,17 +54,19 @@ def main() -> None:
     parser.add_argument("--elbo", default="trace")
     parser.add_argument("--no-fused", action="store_true", help="train through Pyro's traced ELBO (no fused path)")
     parser.add_argument("--compile", default=None, help="torch.compile backend for the fused loss (e.g. inductor)")
+    add_tanh_option(parser)
     args = parser.parse_args()
     device, x = setup(args)
     print(
         f"data: {tuple(x.shape)} on {device}; network 784-{args.hidden_dim}-{args.latent_dim}; elbo {args.elbo}"
         f"{' through Pyro tracing (no fused path)' if args.no_fused else ''}"
         f"{f'; loss compiled with torch.compile backend {args.compile}' if args.compile else ''}"
+        f"; hand-written tanh: {args.hand_tanh}"
     )
     for batch_size in args.batch_size:
         torch.manual_seed(0)
         vae = build_vae("bernoulli_mlp", x.shape[1:], latent_dim=args.latent_dim, hidden_dim=args.hidden_dim).to(device)
-        hand = copy.deepcopy(vae)
+        hand = users_tanh(copy.deepcopy(vae), args.hand_tanh)
         hand_opt = torch.optim.Adam(hand.parameters(), lr=1e-3)
         config = TrainConfig(
             epochs=0,
