@@ -18,11 +18,11 @@ Re-pinned (issue 28, the fused Bernoulli scorer): ``iw`` k̂ of bernoulli_mlp's 
 log_px, elbo and ess stay within 1e-6 relative); PSIS k̂, a tail fit over 40 weights, amplifies
 that rounding (test_fused_scorer.py compares the fused and generic paths).
 
-Re-pinned (issue 28, tanh as 2 sigmoid(2x) - 1 and the grouped softplus sum, both within float32
-rounding: tests/models/test_networks.py, test_fused_scorer.py): bernoulli_mlp's ``iw`` k̂ (at
-most 1.1e-4 relative, 0.395568 -> 0.395613 on datapoint 3) and ``ais`` log_px_stderr (at most
-6.8e-5 relative: a spread of 3 chains' weights after 20 HMC transitions, which carry the
-rounding forward). Every log_px, elbo and bound stays within 1e-6 relative of the pins.
+Re-pinned (issue 28, scoring's tanh as 2 sigmoid(2x) - 1 and the grouped softplus sum, both
+within float32 rounding: tests/models/test_networks.py, test_fused_scorer.py): bernoulli_mlp's
+``iw`` k̂ (at most 1.1e-4 relative, 0.395568 -> 0.395613 on datapoint 3). Every log_px, elbo and
+bound stays within 1e-6 relative of the pins (AIS and HMC, which record gradients, compute
+torch's tanh as before).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ PINNED = {
         },
         "ais": {
             "log_px": [-43.18382, -44.276255, -45.669259, -45.208416, -46.151872],
-            "log_px_stderr": [0.11915, 0.220257, 0.035743, 0.0835, 0.140048],
+            "log_px_stderr": [0.119158, 0.220257, 0.035742, 0.083501, 0.140039],
             "ess": [2.91716, 2.734666, 2.992354, 2.958741, 2.886775],
         },
         "bdmc": {
