@@ -22,7 +22,7 @@ import time
 from typing import Optional
 
 import torch
-from common import base_parser, loadavg, setup, summarize, sync
+from common import add_tanh_option, base_parser, loadavg, setup, summarize, sync, users_tanh
 from plain_structured import from_library
 
 from ppl_vae.config import TrainConfig
@@ -83,13 +83,14 @@ def main() -> None:
         default="default",
         help="the plain side's torch.optim.Adam: default (foreach) or fused=True (the library's trains with fused)",
     )
+    add_tanh_option(parser)
     args = parser.parse_args()
     device, x = setup(args)
     n = x.shape[0]
     adam_options = {"fused": True} if args.plain_adam == "fused" else {}
     print(
         f"data: {tuple(x.shape)} on {device}; batch {args.batch_size}; plain Adam: torch.optim.Adam "
-        f"{'fused=True' if adam_options else 'default (foreach)'}, lr 1e-3"
+        f"{'fused=True' if adam_options else 'default (foreach)'}, lr 1e-3; plain tanh: {args.hand_tanh}"
     )
     labels = mnist_labels(args, n).to(device) if "m2" in args.models else None
     for name in args.models:
@@ -102,7 +103,7 @@ def main() -> None:
             data_info = {"num_classes": 10, "num_train": n, "num_labelled": args.labels}
         torch.manual_seed(0)
         vae = build_vae(name, x.shape[1:], data_info=data_info).to(device)
-        plain = from_library(name, vae)
+        plain = users_tanh(from_library(name, vae), args.hand_tanh)
         plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3, **adam_options)
         y = data.train_labels
         # train_eval_size 2: the per-epoch train ELBO, outside the timed span, on 2 points (not 1000)

@@ -60,14 +60,16 @@ def users_tanh(module: torch.nn.Module, tanh: str = "torch") -> torch.nn.Module:
     """``module`` (changed in place) with its tanh layers as a user writes them: ``tanh="torch"``
     makes each an ``nn.Tanh`` (the library's :class:`~ppl_vae.models.networks.Tanh` computes
     2 sigmoid(2x) - 1 on CPU float32, about four times faster than torch's tanh there);
-    ``tanh="sigmoid"`` keeps the library's, for a hand-written side that knows the trick too."""
+    ``tanh="sigmoid"`` makes each the library's, for a hand-written side that knows the trick too."""
+    from ppl_vae.models.networks import Tanh
+
     if tanh not in ("torch", "sigmoid"):
         raise ValueError(f"tanh must be 'torch' or 'sigmoid', got {tanh!r}")
-    if tanh == "torch":
-        for parent in list(module.modules()):
-            for name, child in parent.named_children():
-                if isinstance(child, torch.nn.Tanh):
-                    setattr(parent, name, torch.nn.Tanh())
+    make = torch.nn.Tanh if tanh == "torch" else Tanh
+    for parent in list(module.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, torch.nn.Tanh):
+                setattr(parent, name, make())
     return module
 
 
