@@ -175,3 +175,12 @@ def test_softplus_sum_at_extreme_logits():
     assert _softplus_sum_(torch.tensor([[1.0, float("inf")]])).item() == float("inf")
     assert _softplus_sum_(torch.tensor([[-float("inf"), 0.0]])).item() == pytest.approx(math.log(2), rel=1e-7)
     assert torch.isnan(_softplus_sum_(torch.tensor([[1.0, float("nan"), 2.0]]))).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_softplus_sum_on_cuda_is_softplus_then_sum():
+    from ppl_vae.models.likelihoods import _softplus_sum_
+
+    logits = torch.randn(6, 784, device="cuda") * 4
+    want = torch.nn.functional.softplus(logits).sum(-1)
+    assert torch.allclose(_softplus_sum_(logits.clone()), want, rtol=1e-6, atol=1e-5)
