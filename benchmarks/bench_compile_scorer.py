@@ -26,7 +26,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import base_parser, loadavg, setup
+from common import base_parser, loadavg, machine_description, setup
 
 
 def main() -> None:
@@ -34,19 +34,22 @@ def main() -> None:
     parser.add_argument("--run", default=None, help="a run directory (bernoulli_mlp): its weights and test images")
     parser.add_argument("--num-samples", type=int, default=1000, help="draws of z per image (K)")
     args = parser.parse_args()
-    device, x = setup(args)
-    if args.run:
+    if args.run:  # the run's own test images: no other data is loaded
         from ppl_vae.pipeline import load_run
         from ppl_vae.reports.common import select_datapoints
 
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = torch.device(args.device)
+        print(f"machine: {machine_description()}")
         run = load_run(args.run, str(device))
         vae, x = run.vae, select_datapoints(run, "test", args.num_data, seed=0).x
     else:
         from ppl_vae.models import build_vae
 
+        device, x = setup(args)
         torch.manual_seed(0)
         vae = build_vae("bernoulli_mlp", x.shape[1:], latent_dim=20, hidden_dim=500).to(device)
-        x = x[: args.num_data]
     vae.eval()
     net = vae.decoder.net
     if len(net) != 3 or not isinstance(net[1], torch.nn.Tanh):

@@ -16,7 +16,7 @@ import torch
 from ppl_vae.inference.importance import importance_estimate
 from ppl_vae.inference.latents import check_fast_path
 from ppl_vae.models import build_vae
-from ppl_vae.models.likelihoods import BernoulliLikelihood, make_likelihood
+from ppl_vae.models.likelihoods import BernoulliLikelihood, _softplus_sum_, make_likelihood
 from ppl_vae.models.networks import MLPDecoder
 
 REL = 1e-5
@@ -148,8 +148,6 @@ def test_softplus_sum_is_the_sum_of_softplus_to_float32_rounding(width):
     sum meets too. Every value's softplus is at least 2.4e-3; up to width 97 the bound is
     below that, so a value left out or counted twice fails, and the widths cover every
     odd/even halving; wider rows hold one logit of 40 at the start, middle and end."""
-    from ppl_vae.models.likelihoods import _softplus_sum_
-
     g = torch.Generator().manual_seed(width)
     logits = (torch.rand(6, width, generator=g) * 14 - 6).to(torch.float32)
     if width > 97:
@@ -165,8 +163,6 @@ def test_softplus_sum_is_the_sum_of_softplus_to_float32_rounding(width):
 
 
 def test_softplus_sum_at_extreme_logits():
-    from ppl_vae.models.likelihoods import _softplus_sum_
-
     values = [0.0, 17.0, -17.0, 30.0, -30.0, 100.0, -100.0, 1e30, -1e30]
     logits = torch.tensor([values], dtype=torch.float32)
     exact = sum(torch.nn.functional.softplus(torch.tensor(v, dtype=torch.float64)).item() for v in values)
@@ -179,8 +175,6 @@ def test_softplus_sum_at_extreme_logits():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_softplus_sum_on_cuda_is_softplus_then_sum():
-    from ppl_vae.models.likelihoods import _softplus_sum_
-
     logits = torch.randn(6, 784, device="cuda") * 4
     want = torch.nn.functional.softplus(logits).sum(-1)
     assert torch.allclose(_softplus_sum_(logits.clone()), want, rtol=1e-6, atol=1e-5)
