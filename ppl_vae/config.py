@@ -265,7 +265,11 @@ def _uses_labels(model: Any) -> bool:
 # The built-in priors whose constructor takes num_components (ppl_vae.models.priors).
 COMPONENT_PRIORS = ("mixture_of_gaussians", "vamp")
 
-_ADAM = when("train.optimizer", "adam")
+#: the optimizers that take Adam's eps and betas (train.adam_eps, adam_beta1, adam_beta2): Adam and
+#: Adamax (Kingma & Ba 2015, section 7.1); declared here once, read by the optimizer's construction
+#: (ppl_vae.inference.training.optimizer_options) and by these fields' applies-to rule
+ADAM_FAMILY = ("adam", "adamax")
+_ADAM = when("train.optimizer", *ADAM_FAMILY)
 _UNIT_OPEN_ABOVE = Range(0.0, 1.0, high_open=True)
 _BETA_VAE = when("train.objective", "beta_vae")
 _CAPACITY = when("train.objective", "capacity")
@@ -428,18 +432,24 @@ class TrainConfig:
         check=positive(high=FLOAT32_MAX, high_why="the largest float32"),
         resumable=True,
     )
-    optimizer: str = option("adam", help="adam, adagrad or sgd.", resumable=True)
+    optimizer: str = option("adam", help="adam, adamax, adagrad or sgd (see `ppl-vae models`).", resumable=True)
     adam_eps: float = option(
         1e-8,
-        help="Adam's epsilon (torch's default 1e-8; Burda et al. 2015 train with 1e-4).",
+        help="Adam's (and Adamax's) epsilon (torch's default 1e-8; Burda et al. 2015 train with 1e-4).",
         check=positive(),
         applies=_ADAM,
     )
     adam_beta1: float = option(
-        0.9, help="Adam's beta1, the decay of its first-moment average.", check=_UNIT_OPEN_ABOVE, applies=_ADAM
+        0.9,
+        help="Adam's (and Adamax's) beta1, the decay of its first-moment average.",
+        check=_UNIT_OPEN_ABOVE,
+        applies=_ADAM,
     )
     adam_beta2: float = option(
-        0.999, help="Adam's beta2, the decay of its second-moment average.", check=_UNIT_OPEN_ABOVE, applies=_ADAM
+        0.999,
+        help="Adam's beta2, the decay of its second-moment average (Adamax's: of its infinity norm).",
+        check=_UNIT_OPEN_ABOVE,
+        applies=_ADAM,
     )
     weight_decay: float = option(
         0.0, help="L2 weight decay of the optimizer (every optimizer takes it).", check=NONNEGATIVE

@@ -35,7 +35,7 @@ import pyro
 import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 
-from ppl_vae.config import TrainConfig
+from ppl_vae.config import ADAM_FAMILY, TrainConfig
 from ppl_vae.data.datasets import Dataset
 from ppl_vae.errors import ConfigError, DataError, TrainingDiverged
 from ppl_vae.inference.capabilities import (  # the declarations and their registries, re-exported here
@@ -71,6 +71,9 @@ OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer
 OPTIMIZERS.register(
     "adam", doc="Adam (Kingma & Ba 2015): torch's, bound so that it does not import torch._dynamo (inference/optim.py)"
 )(EagerAdam)
+OPTIMIZERS.register("adamax", doc="Adamax (Kingma & Ba 2015, section 7.1): Adam with the infinity norm")(
+    torch.optim.Adamax
+)
 OPTIMIZERS.register("adagrad", doc="Adagrad (Duchi et al. 2011), AEVB's choice")(torch.optim.Adagrad)
 OPTIMIZERS.register("sgd", doc="plain stochastic gradient descent")(torch.optim.SGD)
 
@@ -307,9 +310,10 @@ FUSED_OPTIMIZERS = ("adam",)
 
 def optimizer_options(config: TrainConfig) -> Dict[str, Any]:
     """The keyword arguments of ``config.optimizer``: the learning rate, weight decay and, for Adam,
-    its eps and betas (Burda et al. 2015 train with eps = 1e-4; torch's default is 1e-8)."""
+    for Adam and Adamax (:data:`ppl_vae.config.ADAM_FAMILY`) their eps and betas (Burda et al. 2015
+    train with eps = 1e-4; torch's default is 1e-8)."""
     options: Dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
-    if config.optimizer == "adam":
+    if config.optimizer in ADAM_FAMILY:
         options.update(eps=config.adam_eps, betas=(config.adam_beta1, config.adam_beta2))
     return options
 

@@ -1,22 +1,27 @@
-"""Adam's eps and betas and weight decay, declared once, reach every optimizer a method builds."""
+"""Adam's (and Adamax's) eps and betas and weight decay, declared once, reach every optimizer a method builds."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ppl_vae.config import TrainConfig
+from ppl_vae.config import ADAM_FAMILY, TrainConfig
 from ppl_vae.errors import ConfigError
-from ppl_vae.inference.training import METHODS, make_stepper, validate_train_config
+from ppl_vae.inference.training import METHODS, OPTIMIZERS, make_stepper, validate_train_config
 from ppl_vae.models import build_vae
 
 
+@pytest.mark.parametrize("optimizer_name", ADAM_FAMILY)
 @pytest.mark.parametrize("method", METHODS.names())
-def test_every_optimizer_of_every_method_takes_the_settings(method):
+def test_every_optimizer_of_every_method_takes_the_settings(method, optimizer_name):
     vae = build_vae("bernoulli_mlp", (1, 8, 8), latent_dim=2, hidden_dim=8)
-    config = TrainConfig(method=method, adam_eps=1e-4, adam_beta1=0.5, adam_beta2=0.99, weight_decay=1e-3)
+    config = TrainConfig(
+        method=method, optimizer=optimizer_name, adam_eps=1e-4, adam_beta1=0.5, adam_beta2=0.99, weight_decay=1e-3
+    )
     stepper = make_stepper(vae, config)
+    expected = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}[optimizer_name]
     for optimizer in stepper.optimizers.values():
+        assert isinstance(optimizer, expected)
         for group in optimizer.param_groups:
             assert group["eps"] == 1e-4 and tuple(group["betas"]) == (0.5, 0.99) and group["weight_decay"] == 1e-3
     sgd = make_stepper(vae, TrainConfig(method=method, optimizer="sgd", weight_decay=1e-3))
@@ -46,6 +51,69 @@ def test_defaults_are_torchs_so_training_is_unchanged_and_eps_moves_it():
     assert not torch.allclose(trained(adam_eps=1e-4), expected, rtol=0, atol=1e-7)
 
 
+def test_the_adam_family_is_the_registered_optimizers_that_take_eps_and_betas():
+    """ADAM_FAMILY (config.py) is declared by hand because the config does not import torch: it must
+    be exactly the registered optimizers whose constructor takes betas, and every registered
+    optimizer is named in --optimizer's help and the training docs."""
+    import inspect
+    import re
+    from pathlib import Path
+
+    from ppl_vae.config import declarations
+
+    takes_betas = {n for n in OPTIMIZERS.names() if "betas" in inspect.signature(OPTIMIZERS.get(n)).parameters}
+    assert takes_betas == set(ADAM_FAMILY)
+    help_text = next(d.option.help for d in declarations() if d.path == "train.optimizer")
+    docs = (Path(__file__).parents[2] / "docs" / "training.md").read_text()
+    row = next(line for line in docs.splitlines() if line.startswith("| `--optimizer"))
+    for name in OPTIMIZERS.names():
+        word = re.compile(rf"\b{name}\b")
+        assert word.search(help_text) and word.search(row), name
+
+
+def test_adamax_steps_as_torchs_with_the_settings_and_a_resume_continues_exactly(tmp_path, one_thread):
+    """Adamax with Burda-style settings: one step equals torch.optim.Adamax's bit for bit; the run
+    records the settings and the optimizer, and 2 epochs + a resume to 4 equal 4 straight ones."""
+    import json
+
+    import ppl_vae
+    from ppl_vae import runs
+    from ppl_vae.config import DataConfig, ModelConfig, RunConfig
+
+    settings = dict(optimizer="adamax", adam_eps=1e-4, adam_beta1=0.5, adam_beta2=0.99, weight_decay=1e-3)
+    x = (torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    weights = []
+    for reference in (False, True):
+        torch.manual_seed(1)
+        vae = build_vae("bernoulli_mlp", (1, 8, 8), latent_dim=2, hidden_dim=8)
+        stepper = make_stepper(vae, TrainConfig(**settings))
+        if reference:
+            stepper.optimizers["svi"] = torch.optim.Adamax(
+                vae.parameters(), lr=1e-3, eps=1e-4, betas=(0.5, 0.99), weight_decay=1e-3
+            )
+        for _ in range(3):
+            stepper.step(x, num_data=16)
+        weights.append(torch.cat([p.detach().flatten() for p in vae.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+
+    def config(epochs):
+        return RunConfig(
+            model=ModelConfig(model="bernoulli_mlp", latent_dim=2, hidden_dim=8),
+            data=DataConfig(dataset="digits", binarize="threshold", train_size=50),
+            train=TrainConfig(epochs=epochs, batch_size=25, device="cpu", train_eval_size=10, **settings),
+        )
+
+    straight = ppl_vae.fit(config(4), tmp_path / "straight", progress=False)
+    ppl_vae.fit(config(2), tmp_path / "split", progress=False)
+    recorded = json.loads((tmp_path / "split" / "config.json").read_text())["train"]
+    assert {k: recorded[k] for k in settings} == settings
+    assert runs.read_checkpoint(tmp_path / "split")[1]["optimizers"]["svi"]["type"] == "Adamax"
+    resumed = ppl_vae.resume(tmp_path / "split", epochs=4, progress=False)
+    for (name, a), (_, b) in zip(straight.vae.state_dict().items(), resumed.vae.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert resumed.history.test_elbo.values.tolist() == straight.history.test_elbo.values.tolist()
+
+
 @pytest.mark.parametrize(
     "settings,message",
     [
@@ -54,7 +122,11 @@ def test_defaults_are_torchs_so_training_is_unchanged_and_eps_moves_it():
         ({"weight_decay": -1.0}, "train.weight_decay must be a finite number >= 0"),
         (
             {"optimizer": "sgd", "adam_eps": 1e-4},
-            "train.adam_eps applies to optimizer 'adam' only; train.optimizer is 'sgd'",
+            "train.adam_eps applies to optimizer 'adam' or 'adamax' only; train.optimizer is 'sgd'",
+        ),
+        (
+            {"optimizer": "adagrad", "adam_beta1": 0.5},
+            "train.adam_beta1 applies to optimizer 'adam' or 'adamax' only; train.optimizer is 'adagrad'",
         ),
     ],
 )
