@@ -100,7 +100,7 @@ def test_models_lists_every_registry(runner):
         (["--dataset", "absent.npy"], "data file not found"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--device", "tpu"], "device must be"),
-        (["--optimizer", "nope"], "--optimizer must be one of adagrad, adam, sgd"),
+        (["--optimizer", "nope"], "--optimizer must be one of adagrad, adam, adamax, sgd"),
     ],
 )
 def test_bad_inputs_give_one_line_errors_and_no_run_directory(runner, tmp_path, args, pattern):

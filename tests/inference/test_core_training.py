@@ -187,7 +187,7 @@ def test_bad_train_settings_are_value_errors(tmp_path):
     for train, message in [
         ({"batch_size": 0}, "train.batch_size must be >= 1"),
         ({"lr": -1.0}, "train.lr must be a positive number"),
-        ({"optimizer": "lbfgs"}, "train.optimizer must be one of adagrad, adam, sgd"),
+        ({"optimizer": "lbfgs"}, "train.optimizer must be one of adagrad, adam, adamax, sgd"),
         ({"elbo": "renyi"}, "train.elbo must be one of"),
         ({"elbo": "jit_trace"}, "no longer offered .* use elbo 'trace' with compile 'inductor'"),
         ({"method": "gibbs"}, "train.method must be one of"),
