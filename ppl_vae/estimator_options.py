@@ -68,7 +68,9 @@ OPTIONS: Dict[str, Option] = {
         short="-k",
     ),
     "particle_batch_size": Option(
-        "--particle-batch-size", "Draws per chunk (default: about 65,536 samples of z per chunk).", low=1
+        "--particle-batch-size",
+        "Draws per chunk (default: about 65,536 samples of z per chunk; 4,096 where the model is scored through Pyro's traces).",
+        low=1,
     ),
     "num_steps": Option(
         "--ais-steps",

@@ -188,9 +188,6 @@ def mixture_estimates(
     """
     check_positive("num_samples", num_samples)
     check_positive("batch_size", batch_size)
-    if particle_batch_size is None:
-        particle_batch_size = default_particle_batch_size(batch_size)
-    check_positive("particle_batch_size", particle_batch_size)
     if x.shape[0] == 0:
         raise ValueError("x holds no datapoints")
     from tqdm.auto import tqdm
@@ -198,8 +195,12 @@ def mixture_estimates(
     log_half = math.log(0.5)
     out: Dict[str, list] = {}
     batches = list(data_batches(x, kwargs, batch_size))
-    chunks = math.ceil(num_samples / particle_batch_size)
     mf_batches = _split_guide(meanfield_guide, x.shape[0], batch_size)
+    if particle_batch_size is None:
+        traced = not fast_path or _fast_mixture_pair(model, guide, mf_batches[0], batches[0][1]) is None
+        particle_batch_size = default_particle_batch_size(batch_size, traced=traced)
+    check_positive("particle_batch_size", particle_batch_size)
+    chunks = math.ceil(num_samples / particle_batch_size)
     with tqdm(
         total=len(batches) * chunks,
         disable=not progress,

@@ -416,16 +416,8 @@ def log_importance_weights(
     return prior + lik - log_q
 
 
-def _fast_model_weights(
-    model: Callable, guide: Callable, x: Tensor, num_particles: int, kwargs: Mapping[str, Any]
-) -> Optional[Tensor]:
-    """The log-weights of a guide that draws its own latents without tracing
-    (``latent_shapes`` and ``draw_latents``: mean-field q*,
-    :class:`~ppl_vae.inference.meanfield.MeanFieldGuide`) under a model that offers the
-    fast-path protocol, scored by the model's ``log_prior`` and blocked ``log_likelihood``: the
-    traced path's numbers to float rounding, from the same draws. None (trace them) where it
-    does not apply, decided before anything is drawn: the model sums out discrete sites, the
-    guide's sites or event shapes are not the model's, or an event is not a vector."""
+def _fast_model_owner(model: Callable, guide: Callable, kwargs: Mapping[str, Any]) -> Optional[Any]:
+    """The model's fast-path owner where :func:`_fast_model_weights` applies, else None."""
     guide_shapes = getattr(guide, "latent_shapes", None)
     if not callable(guide_shapes) or not callable(getattr(guide, "draw_latents", None)):
         return None
@@ -438,8 +430,56 @@ def _fast_model_weights(
     shapes = {name: tuple(shape) for name, shape in model_shapes().items()}
     if shapes != dict(guide_shapes()) or any(len(shape) != 1 for shape in shapes.values()):
         return None
+    return owner
+
+
+def _fast_model_weights(
+    model: Callable, guide: Callable, x: Tensor, num_particles: int, kwargs: Mapping[str, Any]
+) -> Optional[Tensor]:
+    """The log-weights of a guide that draws its own latents without tracing
+    (``latent_shapes`` and ``draw_latents``: mean-field q*,
+    :class:`~ppl_vae.inference.meanfield.MeanFieldGuide`) under a model that offers the
+    fast-path protocol, scored by the model's ``log_prior`` and blocked ``log_likelihood``: the
+    traced path's numbers to float rounding, from the same draws. None (trace them) where it
+    does not apply, decided before anything is drawn: the model sums out discrete sites, the
+    guide's sites or event shapes are not the model's, or an event is not a vector."""
+    owner = _fast_model_owner(model, guide, kwargs)
+    if owner is None:
+        return None
     latents, log_q = guide.draw_latents(num_particles)  # type: ignore[attr-defined]
     return owner.log_prior(x, latents, **kwargs) + owner.log_likelihood(x, latents, **kwargs) - log_q
+
+
+def scored_by_traces(model: Callable, guide: Callable, kwargs: Mapping[str, Any] = {}) -> bool:
+    """Whether :func:`log_importance_weights` scores ``(model, guide)`` through Pyro's traces:
+    neither the pair's fast path nor the model's under a self-drawing guide applies. Traced
+    scoring holds every intermediate tensor of a chunk at once, so its chunks are sized
+    smaller (:func:`ppl_vae.inference.importance.default_particle_batch_size`)."""
+    return fast_pair(model, guide, kwargs) is None and _fast_model_owner(model, guide, kwargs) is None
+
+
+def scored_values_per_draw(model: Callable, x: Tensor, layout: Layout, **kwargs: Any) -> int:
+    """How many values the model's observed sites score for one draw of the continuous latents
+    of one datapoint, traced as :func:`log_joint` traces it: with the discrete sites it sums out
+    (``layout.enumerated``) expanded. M2's p(x | z, y) over 10 classes scores 10 x 784 values
+    per draw; a GMVAE's p(x | z) 784 (its p(z | c) is what the components expand). The tensors
+    of a traced evaluation grow with it, so chunks of draws are sized by it
+    (:func:`ppl_vae.inference.meanfield.polish_chunk_rows`). From two traces on (at most) two
+    rows of ``x``; the caller's random stream is left alone."""
+    n = min(int(x.shape[0]), 2)
+    xb = x[:n]
+    kw = {k: (v[:n] if torch.is_tensor(v) and v.dim() and v.shape[0] == x.shape[0] else v) for k, v in kwargs.items()}
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        probe = poutine.trace(poutine.block(model, hide_types=["param"])).get_trace(xb, **kw)
+        latents = {site.name: probe.nodes[site.name]["value"] for site in layout.sites}
+        conditioned = poutine.condition(model, data=latents)
+        trace = poutine.trace(poutine.enum(conditioned, first_available_dim=-2)).get_trace(xb, **kw)
+    values = 0
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and site["is_observed"] and name not in latents and not site_is_subsample(site):
+            fn = site["fn"]
+            values += fn.batch_shape.numel() * fn.event_shape.numel()
+    return max(1, values // n)
 
 
 def check_fast_path(pair: Any, x: Tensor, *, num_particles: int = 4, atol: float = 1e-4, **kwargs: Any) -> float:
