@@ -139,8 +139,9 @@ def load_data(
 ) -> Dataset:
     """The run's data (see :func:`data_config` for ``dataset``/``data_dir``). ``test_only``: the
     caller reads the test split alone, so a dataset with its own test files skips the training
-    files (:func:`~ppl_vae.data.datasets.load_dataset`); a semi-supervised run's labelled split
-    is drawn from the training labels, so it loads whole."""
+    files (:func:`~ppl_vae.data.datasets.load_dataset`), and a semi-supervised run's labelled
+    split, drawn from the training labels, is not drawn: the test split and its labels are the
+    same either way (:func:`~ppl_vae.data.labels.keep_labels` masks training labels only)."""
     d = data_config(config, dataset, data_dir)
     data = load_dataset(
         d.dataset,
@@ -150,9 +151,9 @@ def load_data(
         split_seed=d.split_seed,
         train_size=d.train_size,
         num_images=d.num_images,
-        test_only=test_only and d.labels is None,
+        test_only=test_only,
     )
-    if d.labels is not None:  # semi-supervised: the same seeded split wherever the run is loaded
+    if d.labels is not None and not test_only:  # semi-supervised: the same seeded split wherever the run is loaded
         from ppl_vae.data.labels import keep_labels
 
         data = keep_labels(data, d.labels, d.label_seed)

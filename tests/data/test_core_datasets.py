@@ -208,6 +208,27 @@ def test_a_test_only_load_gives_the_full_loads_test_split_without_reading_the_tr
         assert set(alone.test.unique().tolist()) <= {0.0, 1.0}
 
 
+def test_a_labelled_runs_test_only_load_reads_no_training_file(idx_dir):
+    """A semi-supervised run (M2, ``--labels``): its labelled split is drawn from the training
+    labels, which a test-only load (evaluate, compare) leaves unread; the test split and its
+    labels are the full load's, and a full load still masks all but the kept training labels."""
+    from ppl_vae.config import DataConfig, ModelConfig, RunConfig
+    from ppl_vae.data.labels import UNLABELLED
+    from ppl_vae.pipeline import load_data
+
+    config = RunConfig(
+        model=ModelConfig(model="m2"),
+        data=DataConfig(dataset="mnist", data_dir=str(idx_dir), binarize="dynamic", labels=10),
+    )
+    full = load_data(config)
+    assert int((full.train_labels != UNLABELLED).sum()) == 10
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (idx_dir / name).write_bytes(b"\x1f\x8b not gzip")
+    alone = load_data(config, test_only=True)
+    assert torch.equal(alone.test, full.test) and torch.equal(alone.test_labels, full.test_labels)
+    assert alone.train.shape[0] == 0
+
+
 def test_a_test_only_load_of_data_without_test_files_loads_whole():
     """The embedded digits draw their test split from all the images: test_only changes nothing."""
     full = load_dataset("digits", split_seed=1)
