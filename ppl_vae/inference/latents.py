@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple, runtime_checkable
+from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple, cast, runtime_checkable
 
 import numpy as np
 import pyro
@@ -471,13 +471,13 @@ def scored_values_per_draw(model: Callable, x: Tensor, layout: Layout, **kwargs:
     kw = {k: (v[:n] if torch.is_tensor(v) and v.dim() and v.shape[0] == x.shape[0] else v) for k, v in kwargs.items()}
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         probe = poutine.trace(poutine.block(model, hide_types=["param"])).get_trace(xb, **kw)
-        latents = {site.name: probe.nodes[site.name]["value"] for site in layout.sites}
+        latents: Dict[str, Tensor] = {s.name: cast(Tensor, probe.nodes[s.name]["value"]) for s in layout.sites}
         conditioned = poutine.condition(model, data=latents)
         trace = poutine.trace(poutine.enum(conditioned, first_available_dim=-2)).get_trace(xb, **kw)
     values = 0
     for name, site in trace.nodes.items():
         if site["type"] == "sample" and site["is_observed"] and name not in latents and not site_is_subsample(site):
-            fn = site["fn"]
+            fn: Any = site["fn"]
             values += fn.batch_shape.numel() * fn.event_shape.numel()
     return max(1, values // n)
 
