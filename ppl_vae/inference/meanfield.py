@@ -77,6 +77,10 @@ POLISH_CHUNK_VALUES = 2048 * 784
 datapoints x values per datapoint (:func:`polish_chunk_rows`); 2,048 draws of an MNIST image."""
 ARMIJO = 1e-4
 """The sufficient-decrease constant c1 of the polish's line search (Nocedal & Wright's usual value)."""
+POLISH_STALL = 10
+"""Iterations a datapoint's L-BFGS may go without lowering its objective by more than the
+rounding slack (:data:`ROUNDING`) before it stops, short of ``gtol``: there float32 rounding,
+not the optimum, limits the gradient."""
 ROUNDING = 1e-6
 """Relative rise of the float32 objective that the line search counts as rounding, not ascent."""
 
@@ -232,7 +236,8 @@ class MeanFieldResult:
     ``num_eval_samples`` fresh samples. ``num_steps``: ``(N,)`` Adam steps plus L-BFGS
     iterations taken by each datapoint (Adam's per batch). ``converged``: ``(N,)`` bool, whether each
     datapoint met the stopping rule: with the polish, its largest gradient component of the
-    fixed-sample ELBO is <= ``gtol``; without it, its batch met the Adam plateau rule before
+    fixed-sample ELBO is <= ``gtol``, or that ELBO stopped rising beyond float32 rounding
+    (:data:`POLISH_STALL` iterations; ``grad_norm`` then shows how far from ``gtol``); without it, its batch met the Adam plateau rule before
     ``max_steps``. ``grad_norm``: ``(N,)`` that largest gradient component at the end (NaN
     without the polish). ``trace``: ``(batch, step)`` mean ELBO per datapoint at every Adam
     step (NaN after a batch stopped).
@@ -318,7 +323,7 @@ def _polish(
     max_iter: int,
     gtol: float,
     history_size: int = POLISH_HISTORY,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Maximize each datapoint's fixed-sample ELBO over its own (loc, log_scale) by L-BFGS.
 
     The objective for datapoint i is mean_s log p(x_i, loc_i + scale_i * eps_s) + H[q_i] with
@@ -331,8 +336,15 @@ def _polish(
     still moving. (One L-BFGS over the whole batch, as this polish was before, shares a line
     search and a curvature memory among all datapoints: no datapoint reached ``gtol`` before
     the batch as a whole did, about 60 iterations on the digits run against 10-20 here.)
-    Returns (loc, log_scale, largest |gradient| per datapoint, iterations per datapoint); a
-    datapoint whose objective is not finite at the start keeps its start and a NaN gradient.
+    A datapoint also leaves when its objective has not fallen by more than float32 rounding
+    (:data:`ROUNDING` relative) for :data:`POLISH_STALL` iterations: there rounding, not the
+    distance to the optimum, holds its gradient above ``gtol`` (the rule of scipy's L-BFGS-B
+    ``factr``, a relative reduction of f at machine precision). On the GMVAE's 100 MNIST test
+    images (2 epochs) 42 datapoints ran all 300 iterations with largest gradients of 0.001-0.03
+    and gained 0.001 nats in their last 200; with the rule the fit took 5 s instead of 30.
+    Returns (loc, log_scale, largest |gradient| per datapoint, iterations per datapoint,
+    whether each met a stopping rule); a datapoint whose objective is not finite at the start
+    keeps its start and a NaN gradient, and meets none.
     """
     shape = loc.shape
     n = shape[0]
@@ -372,6 +384,8 @@ def _polish(
     y_hist = torch.zeros_like(s_hist)
     rho = torch.zeros(n, history_size, dtype=theta.dtype, device=theta.device)  # 0: an empty slot
     active = torch.nonzero(finite & (grad_max > gtol)).flatten()
+    best = f.clone()  # the objective at each datapoint's last real improvement
+    stalled = torch.zeros(n, dtype=torch.long, device=loc.device)  # iterations since then
     for _ in range(max_iter):
         if active.numel() == 0:
             break
@@ -428,10 +442,14 @@ def _polish(
         y_hist[keep] = torch.cat([y_hist[keep, 1:], y_new[curved, None]], 1)
         rho[keep] = torch.cat([rho[keep, 1:], (1.0 / sy[curved])[:, None]], 1)
         grad_max[idx] = g[idx].abs().amax(-1)
-        active = idx[grad_max[idx] > gtol]
+        improved = f[idx] < best[idx] - ROUNDING * best[idx].abs()
+        best[idx[improved]] = f[idx[improved]]
+        stalled[idx] = torch.where(improved, torch.zeros_like(stalled[idx]), stalled[idx] + 1)
+        active = idx[(grad_max[idx] > gtol) & (stalled[idx] < POLISH_STALL)]
     new_loc = theta[:, :d].reshape(shape)
     new_log_scale = theta[:, d:].reshape(shape)
-    return new_loc, new_log_scale, grad_max, iterations
+    met = finite & ((grad_max <= gtol) | (stalled >= POLISH_STALL))
+    return new_loc, new_log_scale, grad_max, iterations, met
 
 
 def polish_chunk_rows(num_particles: int, values_per_datapoint: int) -> int:
@@ -457,8 +475,9 @@ def polish_chunk_rows(num_particles: int, values_per_datapoint: int) -> int:
     return max(1, min(by_draws, by_values))
 
 
-_BlockResult = Tuple[Tensor, Tensor, ImportanceEstimate, Optional[Tensor], Tensor]
-"""What a block of :func:`fit_mean_field` leaves: loc, scale, estimate, polish gradient, polish iterations."""
+_BlockResult = Tuple[Tensor, Tensor, ImportanceEstimate, Optional[Tensor], Tensor, Optional[Tensor]]
+"""What a block of :func:`fit_mean_field` leaves: loc, scale, estimate, polish gradient, polish
+iterations, whether the polish met a stopping rule."""
 
 
 def default_max_steps(polish: bool) -> int:
@@ -506,7 +525,8 @@ def fit_mean_field(
     full window is kept (Polyak averaging). ``max_steps`` None: :func:`default_max_steps`
     (50 with the polish, which finishes the fit, 500 without it). (2) With ``polish`` (default), L-BFGS on the
     fixed-sample ELBO with ``polish_particles`` moment-matched common random numbers, for at
-    most ``polish_steps`` iterations, until the largest gradient component is <= ``gtol``;
+    most ``polish_steps`` iterations, until the largest gradient component is <= ``gtol`` or
+    the objective stops falling beyond float32 rounding (:data:`POLISH_STALL` iterations);
     ``converged`` then says, per datapoint, whether it got there. L-BFGS finds the optimum of
     that fixed-sample objective, which is the ELBO's own optimum exactly when log p(x, z) is
     quadratic in z and close to it otherwise (more ``polish_particles`` bring it closer).
@@ -569,9 +589,9 @@ def fit_mean_field(
 
         def finish(fitted: List[Tensor], history: List[float], done: bool) -> _BlockResult:
             avg_loc, avg_log_scale = fitted  # the last window's mean iterate
-            grad, iters = None, torch.zeros(xb.shape[0], dtype=torch.long)
+            grad, iters, met = None, torch.zeros(xb.shape[0], dtype=torch.long), None
             if polish:
-                avg_loc, avg_log_scale, grad, iters = _polish(
+                avg_loc, avg_log_scale, grad, iters, met = _polish(
                     model,
                     layout,
                     xb,
@@ -591,6 +611,7 @@ def fit_mean_field(
                 estimate,
                 grad,
                 iters.cpu(),
+                met,
             )
 
         return LocalBlock([loc, log_scale], loss, finish)
@@ -611,14 +632,14 @@ def fit_mean_field(
         seed=seed,
         average=True,
     )
-    locs, scales, estimates, grads, polish_iters = zip(*fit.blocks)
+    locs, scales, estimates, grads, polish_iters, polish_met = zip(*fit.blocks)
     grad_norm = torch.cat(grads).cpu() if polish else None
     return MeanFieldResult(
         torch.cat(locs),
         torch.cat(scales),
         concat_estimates(list(estimates)),
         fit.num_steps + torch.cat(polish_iters),
-        fit.converged if grad_norm is None else grad_norm <= gtol,
+        fit.converged if grad_norm is None else torch.cat(polish_met).cpu(),
         fit.trace,
         grad_norm,
         layout,

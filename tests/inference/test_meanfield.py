@@ -171,6 +171,28 @@ def test_the_polish_in_chunks_of_datapoints_reaches_the_same_optimum(monkeypatch
     assert torch.allclose(whole.loc, chunked.loc, atol=1e-4) and torch.allclose(whole.scale, chunked.scale, atol=1e-4)
 
 
+def test_a_polish_held_above_gtol_by_rounding_stops_and_says_it_converged():
+    """gtol = 1e-12 is below what float32 rounding lets the gradient reach: each datapoint's
+    L-BFGS reaches the closed-form optimum (Bishop 2006, 10.1.2), then its objective stops
+    falling beyond rounding, and after POLISH_STALL such iterations it stops, long before
+    polish_steps, and counts as converged; the gradient it stopped at is reported."""
+    import ppl_vae.inference.meanfield as mf
+
+    torch.manual_seed(5)
+    model = LinearGaussianVAE(x_dim=5, latent_dim=3, sigma=0.5)
+    x = torch.randn(6, 5)
+    options = dict(max_steps=50, progress=False, seed=0)
+    result = fit_mean_field(model.model, model.guide, x, polish_steps=500, gtol=1e-12, **options)
+    adam_only = fit_mean_field(model.model, model.guide, x, polish=False, **options)  # the same first phase
+    polish_iterations = result.num_steps - adam_only.num_steps
+    with torch.no_grad():
+        loc, scale = model.optimal_mean_field(x)
+    assert (result.loc - loc).abs().max() < 0.01 and (result.scale - scale).abs().max() < 0.01
+    assert bool(result.converged.all())
+    assert bool((result.grad_norm > 1e-12).all())  # not by the gradient rule
+    assert bool((polish_iterations >= mf.POLISH_STALL).all()) and int(polish_iterations.max()) < 100, polish_iterations
+
+
 def test_compare_flags_show_and_pass_fit_mean_fields_own_defaults():
     """The mean-field settings are declared once (ppl_vae.estimator_options): compare's --mf-*
     flags and --init default to fit_mean_field's own defaults, and --init offers exactly the
