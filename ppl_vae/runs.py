@@ -532,6 +532,23 @@ def check_writable(run_dir: Path, *, files: Sequence[str] = (), folders: Sequenc
             raise RunDirError(f"{path} is a {other} where the run writes a {kind}; move it away and resume again")
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+"""The first 8 bytes of an HDF5 file, which a netCDF-4 history is."""
+
+
+def check_history_file(run_dir: Path) -> None:
+    """A one-line RunDirError unless the run's history, where it has one, starts as an HDF5 file
+    does: what can be told without importing xarray (a truncated or foreign file fails here; a
+    damaged inside fails when :func:`load_history` reads it)."""
+    path = Path(run_dir) / HISTORY
+    if not path.is_file():
+        return
+    with open(path, "rb") as f:
+        head = f.read(len(HDF5_SIGNATURE))
+    if head != HDF5_SIGNATURE:
+        raise RunDirError(f"{path} is corrupt (not an HDF5/netCDF-4 file)")
+
+
 def load_history(run_dir: Path) -> xr.Dataset:
     path = Path(run_dir) / HISTORY
     if not path.is_file():

@@ -161,7 +161,7 @@ def _report(run, opts: dict) -> None:
         return
     from ppl_vae.inference.training import history_records, stopped_early
 
-    early = stopped_early(history_records(run.history), run.config.train) if run.epochs_done else None
+    early = stopped_early(history_records(run.read_history()), run.config.train) if run.epochs_done else None
     if run.new_epochs == 0:
         if early:
             click.echo(f"nothing to do: {run.run_dir} {early}")
@@ -180,7 +180,7 @@ def _report(run, opts: dict) -> None:
     if run.vae.label_metrics:
         from ppl_vae.analysis.semisupervised import describe_label_metrics
 
-        num_test = int(run.history.attrs.get("num_test", 0))
+        num_test = int(run.read_history().attrs.get("num_test", 0))
         for line in describe_label_metrics(run.vae, final, num_test):
             click.echo(f"epoch {run.epochs_done}: {line}")
     click.echo(f"run directory: {run.run_dir}")

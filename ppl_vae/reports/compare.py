@@ -94,7 +94,7 @@ class _GapTask(BlockTask):
         self._cache = loaded
 
     def load(self) -> Tuple[Run, Selection]:
-        run = load_run(self.run_dir, self.device_name)
+        run = load_run(self.run_dir, self.device_name, history=False)
         return run, select_datapoints(run, self.split, self.num_datapoints, self.seed)
 
     def score(self, start: int, stop: int) -> xr.Dataset:
@@ -196,7 +196,7 @@ def compare_run(
         raise ValueError(f"num_draws must be >= 1, got {num_draws}")
     device = rank_device(device)  # under torchrun: this rank's GPU
     with stages.stage("load"):
-        run = load_run(run_dir, device)
+        run = load_run(run_dir, device, history=False)
         writer = is_writer()
         out = run_out_dir(run, out_dir) if writer else None
         sel = select_datapoints(run, split, num_datapoints or None, seed)
@@ -336,7 +336,7 @@ def _report_figures(
     vae = run.vae
     device = sel.x.device
     makers: List[Tuple[str, Callable[[], Figure]]] = [
-        ("Training curves", lambda: plots.plot_training_curves(run.history)),
+        ("Training curves", lambda: plots.plot_training_curves(run.read_history())),
         ("Per-datapoint gaps", lambda: plots.plot_gap_distributions(gaps)),
         ("Estimators", lambda: plots.plot_estimators(gaps)),
         ("KL per dimension and active units", lambda: plots.plot_kl_per_dimension(diagnostics)),

@@ -135,7 +135,7 @@ def disentanglement_report(
             f"the run's dataset {data.name!r} has none"
         )
     paths = check_targets(out_dir)
-    vae, history = run.vae, run.history
+    vae, history = run.vae, run.read_history()
     run_name, config_text = str(run.run_dir), run.config.to_json()
     metrics = disentanglement_metrics(vae, data, num_points=num_points, num_test_points=num_test_points, seed=seed)
     x = data.test[: min(500, data.test.shape[0])]

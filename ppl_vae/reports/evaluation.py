@@ -95,7 +95,7 @@ class _EvaluateTask(BlockTask):
         from ppl_vae.pipeline import load_run
         from ppl_vae.reports.common import select_datapoints
 
-        run = load_run(self.run_dir, self.device_name)
+        run = load_run(self.run_dir, self.device_name, history=False)
         return run, select_datapoints(run, self.split, self.num_datapoints, self.seed)
 
     def score(self, start: int, stop: int) -> xr.Dataset:
@@ -174,7 +174,7 @@ def evaluate_run(
     options.pop("progress", None)
     device = rank_device(device)  # under torchrun: this rank's GPU
     with stages.stage("load"):
-        run = load_run(run_dir, device)
+        run = load_run(run_dir, device, history=False)
         writer = is_writer()
         out = check_out_dir(Path(run.run_dir) if out_dir is None else Path(out_dir)) if writer else None
         sel = select_datapoints(run, split, num_datapoints or None, seed)

@@ -119,7 +119,7 @@ class _MultiTask(BlockTask):
         self._cache = loaded
 
     def load(self):
-        runs = [load_run(Path(p), self.device_name) for p in self.run_dirs]
+        runs = [load_run(Path(p), self.device_name, history=False) for p in self.run_dirs]
         return runs, [select_datapoints(run, self.split, self.num_datapoints, self.seed) for run in runs]
 
     def score(self, start: int, stop: int) -> List[xr.Dataset]:
@@ -192,7 +192,7 @@ def compare_runs(
     options.pop("progress", None)
     device = rank_device(device)  # under torchrun: this rank's GPU
     with stages.stage("load"):
-        runs = [load_run(Path(p), device) for p in run_dirs]
+        runs = [load_run(Path(p), device, history=False) for p in run_dirs]
         names = _run_names(run_dirs)
         writer = is_writer()
         out = (

@@ -75,8 +75,8 @@ def _fit_one_epoch(run, env, *extra):
     return run
 
 
-NOT_BEFORE_SCORING = ("torch._dynamo", "matplotlib", "seaborn", "arviz")
-"""(xarray is there: the run's history is netCDF, and the estimator registry's modules use it.)"""
+NOT_BEFORE_SCORING = ("torch._dynamo", "matplotlib", "seaborn", "arviz", "xarray", "pandas")
+"""(the run's history, netCDF read through xarray, is checked before the scoring but read after it)"""
 
 SCORING_CHILD = r"""
 import json, os, sys

@@ -173,9 +173,14 @@ def test_damaged_checkpoint_gives_a_clear_error(tmp_path, damage):
 
 def test_damaged_history_and_config(tmp_path):
     ppl_vae.fit(small_config(epochs=1), tmp_path / "run", progress=False)
+    eager = ppl_vae.load_run(tmp_path / "run")
+    lazy = ppl_vae.load_run(tmp_path / "run", history=False)  # evaluate and compare: read after the scoring
+    assert lazy.history is None and lazy.read_history().identical(eager.history) and lazy.epochs_done == 1
     (tmp_path / "run" / "history.nc").write_bytes(b"not netcdf")
     with pytest.raises(RunDirError, match="history.nc is corrupt"):
         ppl_vae.load_run(tmp_path / "run")
+    with pytest.raises(RunDirError, match="history.nc is corrupt"):  # told before any scoring
+        ppl_vae.load_run(tmp_path / "run", history=False)
     (tmp_path / "run" / "config.json").write_text("{")
     with pytest.raises(RunDirError, match="not valid JSON"):
         ppl_vae.load_run(tmp_path / "run")
