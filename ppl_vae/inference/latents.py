@@ -196,6 +196,14 @@ def _latent_sample_sites(trace: poutine.Trace):
 
 
 @torch.no_grad()
+def _probe_rows(x: Tensor, kwargs: Mapping[str, Any]) -> Tuple[Tensor, Dict[str, Any]]:
+    """(at most) the first two rows of ``x``, and of each tensor kwarg with one row per datapoint:
+    what a structural probe trace runs on."""
+    n = min(int(x.shape[0]), 2)
+    kw = {k: (v[:n] if torch.is_tensor(v) and v.dim() and v.shape[0] == x.shape[0] else v) for k, v in kwargs.items()}
+    return x[:n], kw
+
+
 def model_layout(model: Callable, x: Tensor, *, continuous_only: bool = True, **kwargs: Any) -> Layout:
     """The :class:`Layout` of ``model``'s latent sites, from one trace on (a few rows of) ``x``.
 
@@ -204,9 +212,8 @@ def model_layout(model: Callable, x: Tensor, *, continuous_only: bool = True, **
     real line first). A discrete site is summed out when the model marks it with
     ``infer={"enumerate": "parallel"}`` and refused otherwise (with ``continuous_only``).
     """
-    n = min(int(x.shape[0]), 2)
-    xb = x[:n]
-    kw = {k: (v[:n] if torch.is_tensor(v) and v.dim() and v.shape[0] == x.shape[0] else v) for k, v in kwargs.items()}
+    xb, kw = _probe_rows(x, kwargs)
+    n = xb.shape[0]
     with torch.random.fork_rng(devices=[]):  # a structural probe: it must not advance the caller's stream
         trace = poutine.trace(poutine.block(model, hide_types=["param"])).get_trace(xb, **kw)
     sites, enumerated = [], []
@@ -466,9 +473,8 @@ def scored_values_per_draw(model: Callable, x: Tensor, layout: Layout, **kwargs:
     of a traced evaluation grow with it, so chunks of draws are sized by it
     (:func:`ppl_vae.inference.meanfield.polish_chunk_rows`). From two traces on (at most) two
     rows of ``x``; the caller's random stream is left alone."""
-    n = min(int(x.shape[0]), 2)
-    xb = x[:n]
-    kw = {k: (v[:n] if torch.is_tensor(v) and v.dim() and v.shape[0] == x.shape[0] else v) for k, v in kwargs.items()}
+    xb, kw = _probe_rows(x, kwargs)
+    n = xb.shape[0]
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         probe = poutine.trace(poutine.block(model, hide_types=["param"])).get_trace(xb, **kw)
         latents: Dict[str, Tensor] = {s.name: cast(Tensor, probe.nodes[s.name]["value"]) for s in layout.sites}
@@ -550,10 +556,9 @@ def flat_log_joint(model: Callable, x: Tensor, z: Tensor, layout: Layout, **kwar
 def guide_layout(guide: Callable, x: Tensor, layout: Layout, **kwargs: Any) -> None:
     """Check that ``guide`` samples every continuous latent site of ``layout`` with its event shape
     (a one-line ValueError naming the site otherwise)."""
-    n = min(int(x.shape[0]), 2)
-    kw = {k: (v[:n] if torch.is_tensor(v) and v.dim() and v.shape[0] == x.shape[0] else v) for k, v in kwargs.items()}
+    xb, kw = _probe_rows(x, kwargs)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        trace = poutine.trace(poutine.block(guide, hide_types=["param"])).get_trace(x[:n], **kw)
+        trace = poutine.trace(poutine.block(guide, hide_types=["param"])).get_trace(xb, **kw)
     for site in layout.sites:
         node = trace.nodes.get(site.name)
         if node is None or node["type"] != "sample":
