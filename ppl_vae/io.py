@@ -128,3 +128,35 @@ def remove_stale_temp_files(folder: Path) -> List[Path]:
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+
+# folders this process made for its output, newest last (:func:`make_folder`)
+_MADE_FOLDERS: List[Path] = []
+
+
+def make_folder(folder: Path) -> Path:
+    """Create ``folder`` and its missing parents (``mkdir -p``), remembering the ones made here,
+    so that a command that then fails or is interrupted before writing anything into them can
+    remove them (:func:`remove_empty_made_folders`) instead of leaving empty folders behind."""
+    folder = Path(folder)
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    _MADE_FOLDERS.extend(reversed(missing))  # parents before children
+    return folder
+
+
+def remove_empty_made_folders(*, keep: bool = False) -> List[Path]:
+    """Remove the folders :func:`make_folder` made in this process that are still empty, deepest
+    first; a folder that holds anything (a file written, or someone else's) stays. Returns the
+    removed ones. ``keep``: forget them instead (a command that succeeded keeps what it made)."""
+    removed: List[Path] = []
+    while _MADE_FOLDERS:
+        folder = _MADE_FOLDERS.pop()
+        if keep:
+            continue
+        try:
+            folder.rmdir()  # only an empty folder
+        except OSError:
+            continue
+        removed.append(folder)
+    return removed

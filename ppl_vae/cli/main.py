@@ -3,7 +3,8 @@
 Exit codes: 0 success; 1 an error in what was asked (bad value, missing or corrupt file, data
 outside a likelihood's support, not enough memory), printed as one ``Error: ...`` line;
 2 a command line click cannot parse (unknown option, wrong type, missing argument), printed by
-click with the usage; 130 interrupted with Ctrl-C (files already written stay complete).
+click with the usage; 130 interrupted with Ctrl-C (files already written stay complete). A command
+that fails or is interrupted removes the output folders it made and left empty.
 
 Importing this module imports neither torch nor Pyro, so ``ppl-vae --help`` is fast.
 """
@@ -143,6 +144,20 @@ class PplVaeGroup(click.Group):
         return getattr(importlib.import_module(module), attr)
 
     def invoke(self, ctx: click.Context) -> Any:
+        from ppl_vae.io import remove_empty_made_folders
+
+        done = False
+        try:
+            result = self._invoke(ctx)
+            done = True
+            return result
+        except click.exceptions.Exit as exc:
+            done = not exc.exit_code
+            raise
+        finally:  # a failed command leaves no empty output folder it made (files written stay)
+            remove_empty_made_folders(keep=done)
+
+    def _invoke(self, ctx: click.Context) -> Any:
         from ppl_vae.errors import PplVaeError
 
         try:

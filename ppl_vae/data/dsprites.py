@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Dict, Optional, Tuple, TypedDict, Union
 import numpy as np
 
 from ppl_vae.errors import DataError
+from ppl_vae.io import make_folder
 
 if TYPE_CHECKING:  # the on-disk reader imports torch; rendering needs only numpy
     from ppl_vae.data.ondisk import NpyRows
@@ -177,7 +178,7 @@ def write_dsprites(
         raise ValueError(f"out_dir: {target} is a symbolic link or a folder; refusing to write there")
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; remove it, or render it again with overwrite=True (--overwrite)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)  # removed again by the CLI if the rendering fails before writing
     from tqdm.auto import tqdm
 
     n = NUM_COMBINATIONS

@@ -155,14 +155,14 @@ def select_datapoints(run: Run, split: str = "test", num_datapoints: Optional[in
 
 def check_out_dir(out: Path, name: str = "out_dir") -> Path:
     """Create the folder ``out`` if needed; a one-line ValueError naming ``name`` when it cannot hold files."""
-    from ppl_vae.io import check_target
+    from ppl_vae.io import check_target, make_folder
 
     out = Path(out)
     check_target(out / ".probe")  # no folder is made through a symlink leaving a run directory
     if out.exists() and not out.is_dir():
         raise ValueError(f"{name} {out} is an existing file; give a folder (it is created if missing)")
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out)
     except OSError as exc:
         raise ValueError(f"{name} {out} cannot be created: {exc.strerror or exc}") from None
     if not os.access(out, os.W_OK | os.X_OK):

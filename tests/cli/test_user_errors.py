@@ -119,6 +119,58 @@ def test_ctrl_c_in_any_run_command_is_one_line_and_exit_130(run_dir, monkeypatch
     assert "Aborted" not in result.output
 
 
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, ValueError("a bad value found while scoring")])
+def test_a_failed_command_removes_the_empty_output_folders_it_made_and_nothing_else(
+    run_dir, tmp_path, monkeypatch, failure
+):
+    """evaluate makes --out (and its missing parents) before it scores, so that an unwritable
+    folder is refused first; when the scoring then fails or is interrupted, the folders it made
+    and left empty are removed, while a folder that existed before, or that holds a file, stays."""
+    from ppl_vae.reports import evaluation
+
+    def fails(*a, **k):
+        raise failure
+
+    monkeypatch.setattr(evaluation, "score_block", fails)
+    made = tmp_path / "new" / "deeper" / "out"
+    result = invoke("evaluate", run_dir, "--num-samples", "2", "--out", made)
+    assert result.exit_code in (EXIT_ERROR, EXIT_INTERRUPTED), result.output
+    assert not (tmp_path / "new").exists()
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    result = invoke("evaluate", run_dir, "--num-samples", "2", "--out", existing / "out")
+    assert result.exit_code in (EXIT_ERROR, EXIT_INTERRUPTED), result.output
+    assert existing.is_dir() and not (existing / "out").exists()
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    result = invoke("evaluate", run_dir, "--num-samples", "2", "--out", kept)
+    assert result.exit_code in (EXIT_ERROR, EXIT_INTERRUPTED), result.output
+    assert (kept / "notes.txt").read_text() == "mine"
+
+
+def test_a_command_that_succeeds_keeps_its_output_folder_even_after_a_later_failure(run_dir, tmp_path, monkeypatch):
+    """(in one process: a notebook, these tests) a later command's failure removes only what it made"""
+    from ppl_vae.reports import evaluation
+
+    made = tmp_path / "new" / "out"
+    result = invoke("evaluate", run_dir, "--num-samples", "2", "--num-datapoints", "5", "--out", made)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.suffix for p in made.iterdir()) == [".csv", ".nc"]
+    for path in made.iterdir():
+        path.unlink()  # the folder the successful command made, emptied by its user
+
+    def fails(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "score_block", fails)
+    result = invoke("evaluate", run_dir, "--num-samples", "2", "--out", tmp_path / "later")
+    assert result.exit_code == EXIT_INTERRUPTED, result.output
+    assert made.is_dir() and not (tmp_path / "later").exists()
+
+
 def test_ctrl_c_in_experiment_is_one_line_and_exit_130(tmp_path, monkeypatch):
     from ppl_vae.experiments import fig4
 
