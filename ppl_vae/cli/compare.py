@@ -29,7 +29,7 @@ from ppl_vae.estimator_options import (
 )
 @estimator_option(
     "mis",
-    "With several runs: any estimator of log p(x) (docs/estimators.md), e.g. 'mis' (gap decomposition, q* fitted "
+    "With several runs: any estimator of log p(x) on the data (docs/estimators.md; not one that simulates its own), e.g. 'mis' (gap decomposition, q* fitted "
     "per run) or 'iw' (amortized IW only). One run's compare is always the gap decomposition.",
 )
 @opt.split_option()

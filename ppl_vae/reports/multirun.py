@@ -185,6 +185,12 @@ def compare_runs(
     est = estimators.get(estimator)
     if len(run_dirs) < 2:
         raise ValueError(f"run_dirs must name at least two runs to compare, got {len(run_dirs)}")
+    if est.simulated:
+        raise ValueError(
+            f"estimator {estimator!r} scores data simulated from each run's own model, so several runs "
+            "have no datapoints in common to pair: run ppl-vae evaluate RUN --estimator "
+            f"{estimator} on each run"
+        )
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     options = estimators.check_options(estimator, {**options, "batch_size": batch_size}, given=list(options))

@@ -125,6 +125,15 @@ def test_iw_estimator_and_refusals(two_runs, tmp_path):
         compare_runs([a, b], estimator="nope", progress=False)
     with pytest.raises(ValueError, match="--num-samples does not apply to estimator 'ais'"):
         compare_runs([a, b], estimator="ais", num_samples=5, progress=False)
+    from ppl_vae.inference import estimators
+
+    simulated = [name for name in estimators.ESTIMATORS if estimators.get(name).simulated]
+    assert simulated == ["bdmc"]  # every estimator on data simulated from the model is refused
+    for name in simulated:
+        out = tmp_path / name
+        result = CliRunner().invoke(cli, ["compare", str(a), str(b), "--estimator", name, "--out", str(out)])
+        one_line_error(result, f"estimator '{name}' scores data simulated from each run's own model")
+        assert not out.exists()
     other = _fit(tmp_path / "binary", binarize="threshold")  # other test data: no pairing possible
     result = CliRunner().invoke(
         cli,
