@@ -309,6 +309,10 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
     vae, data, stepper = prepared
     config, run_dir = job.config, job.run_dir
     writer = dist is None or dist.is_main
+    if job.sample_grids:  # before the run directory is made or written
+        from ppl_vae.analysis.generation import check_images
+
+        check_images(vae, "--sample-grids")
     if job.fresh and writer:
         run_dir.mkdir(parents=True, exist_ok=True)
         runs.save_config(run_dir, config)

@@ -285,6 +285,17 @@ def save_figure(fig, path: Union[str, Path], dpi: int = 100) -> Path:
 # Grids saved as training goes
 
 
+def check_images(vae: Any, what: str, hint: str = "") -> None:
+    """Refuse (ValueError, one line) ``what`` (sample grids, an inpainting) for a model whose
+    datapoints are not images (``generates_images`` False: a text VAE's rows of character
+    indices, whose grid would be a 1-pixel strip per sample saying nothing)."""
+    if not getattr(vae, "generates_images", True):
+        raise ValueError(
+            f"{what} needs a model whose datapoints are images; {type(vae).__name__}'s are not "
+            f"(generates_images is False){hint}"
+        )
+
+
 class SampleGridRecorder:
     """Saves a grid of samples from fixed z after each epoch, and an animated GIF of them.
 
@@ -542,10 +553,7 @@ def inpaint(
     mask_t = make_mask(mask, event_shape) if isinstance(mask, str) else mask.to(torch.bool)
     if tuple(mask_t.shape) != event_shape:
         raise ValueError(f"mask must have the datapoints' shape {event_shape}, got {tuple(mask_t.shape)}")
-    if not vae.generates_images:
-        raise ValueError(
-            f"model {type(vae).__name__} cannot be inpainted: its datapoints are not images (generates_images is False)"
-        )
+    check_images(vae, "inpainting")
     device = _device(vae)
     x, mask_t = x.to(device), mask_t.to(device)
     maskf = mask_t.to(x.dtype)

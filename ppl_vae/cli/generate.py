@@ -95,6 +95,7 @@ def generate(
     mean of the first test image, rows in decreasing KL (measured on up to 500 test images)."""
     check_generate_options(click.get_current_context(), traverse)
     from ppl_vae.analysis.generation import (
+        check_images,
         latent_traversal,
         plot_image_grid,
         plot_traversal,
@@ -105,11 +106,7 @@ def generate(
 
     opt.check_size("--num-samples", num_samples, MAX_GRID_SAMPLES, "images in one grid")
     run = load_run(run_dir)
-    if not run.vae.generates_images:
-        raise ValueError(
-            f"{run_dir} holds model {run.config.model.model!r}, whose datapoints are not images "
-            "(a 1-pixel strip per sample would say nothing); use `ppl-vae text RUN` to decode samples"
-        )
+    check_images(run.vae, f"a sample grid of {run_dir}", "; use `ppl-vae text RUN` to decode samples")
     if traverse:
         if run.vae.num_classes is not None:
             raise ValueError("--traverse needs an unconditional model (its decoder takes z alone)")

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Union
 
 from ppl_vae import pipeline, runs
-from ppl_vae.analysis.generation import EveryFewEpochs, SampleGridRecorder
+from ppl_vae.analysis.generation import EveryFewEpochs, SampleGridRecorder, check_images
 
 
 def train_with_sample_grids(
@@ -29,9 +29,12 @@ def train_with_sample_grids(
         raise ValueError(f"every must be >= 1, got {every}")
     run_dir = Path(run_dir)
     run = pipeline.load_run(run_dir)
+    check_images(run.vae, f"sample grids of {run_dir}", "; use `ppl-vae text RUN` to decode samples")
     epoch = runs.checkpoint_epoch(run_dir)
     if epochs < epoch:
         raise ValueError(f"epochs must be >= the run's {epoch} epochs done, got {epochs}")
+    # before the first frame: a link or a folder in the way refuses the run with nothing written
+    runs.check_writable(run_dir, files=("samples.gif",), folders=("samples",))
     recorder = SampleGridRecorder(run_dir / "samples", num_samples=num_samples, seed=seed)
     recorder.check_frames()  # before any training: a damaged frame would fail the animation at the end
     recorder(epoch, run.vae)

@@ -193,7 +193,7 @@ def test_a_decoder_blind_to_the_latents_gives_the_likelihood_mean_with_equal_wei
 def test_a_model_that_cannot_be_inpainted_is_refused_up_front_naming_it():
     vae = build_vae("bernoulli_mlp", (1, 4, 4), latent_dim=2, hidden_dim=8)
     vae.generates_images = False  # as the text models declare: x is not an image
-    with pytest.raises(ValueError, match="model VAE .*not images"):
+    with pytest.raises(ValueError, match="inpainting needs a model whose datapoints are images; VAE's are not"):
         inpaint(vae, torch.rand(2, 1, 4, 4), "top", num_samples=10)
 
     class NoObservedX(type(vae)):  # type: ignore[misc]

@@ -156,6 +156,28 @@ def test_animate_with_a_frame_that_is_not_an_image_is_one_line(run):
     assert runs.checkpoint_epoch(run) == 1  # refused before training
 
 
+@pytest.mark.parametrize("linked", ["config.json", "samples.gif", "samples"])
+def test_animate_of_a_run_with_a_link_in_it_writes_no_frame(run, tmp_path, linked):
+    """A received run directory whose files are links elsewhere is refused by animate before its
+    first frame: nothing is written into it or through the link (the resume's own check came
+    after the first frame)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    target = elsewhere / linked
+    if linked == "config.json":
+        shutil.move(str(run / linked), target)
+    elif linked == "samples":
+        target.mkdir()
+    else:
+        target.write_bytes(b"GIF89a")
+    (run / linked).symlink_to(target)
+    before = sorted(p.name for p in run.iterdir())
+    result = invoke("animate", run, "--epochs", 2, "--no-progress")
+    one_line_error(result, "is a symlink")
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert sorted(p.name for p in elsewhere.rglob("*")) == [linked]
+
+
 # -- wrong input accepted ---------------------------------------------------------------------------
 
 
@@ -210,7 +232,9 @@ def test_resume_with_history_but_no_checkpoint_is_refused(run):
     assert (run / runs.HISTORY).read_bytes() == history
 
 
-def test_generate_refuses_a_text_model(tmp_path):
+def test_generate_animate_and_sample_grids_refuse_a_text_model(tmp_path):
+    """Sample grids of a model whose datapoints are not images (1-pixel strips) are refused by
+    every command that draws them, before anything is written or trained."""
     (tmp_path / "lines.txt").write_text("\n".join(f"sentence number {i}" for i in range(20)) + "\n")
     config = RunConfig(
         model=ModelConfig(model="text_hybrid", latent_dim=2, hidden_dim=8),
@@ -218,9 +242,19 @@ def test_generate_refuses_a_text_model(tmp_path):
         train=TrainConfig(epochs=0, batch_size=10, device="cpu"),
     )
     pipeline.fit(config, tmp_path / "text", progress=False)
+    before = sorted(p.name for p in (tmp_path / "text").iterdir())
     result = invoke("generate", tmp_path / "text")
-    one_line_error(result, "not images")
-    assert not (tmp_path / "text" / "samples.png").exists()
+    one_line_error(result, "needs a model whose datapoints are images")
+    result = invoke("animate", tmp_path / "text", "--epochs", 1, "--no-progress")
+    one_line_error(result, "needs a model whose datapoints are images; TextHybridVAE's are not")
+    assert sorted(p.name for p in (tmp_path / "text").iterdir()) == before  # no samples/, no samples.gif
+    assert runs.checkpoint_epoch(tmp_path / "text") == 0  # not trained either
+    data = ["--dataset", "text-lines", "--data-dir", tmp_path / "lines.txt", "--batch-size", 10, "--device", "cpu"]
+    result = invoke(
+        "fit", "--model", "text_hybrid", *data, "--epochs", 1, "--sample-grids", "--out", tmp_path / "fresh"
+    )
+    one_line_error(result, "--sample-grids needs a model whose datapoints are images")
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_cvae_test_labels_of_the_wrong_length_fail_at_load(tmp_path):
