@@ -25,7 +25,9 @@ class Option:
     multiple: bool = False
     integer: bool = True
     positive: bool = False
-    checked: bool = True  # False: a dict of another function's options, checked there
+    checked: bool = True  # False: a dict of another function's options, checked by ``check``
+    #: "module:function" that checks a dict option's value (one-line ValueError), imported when called
+    check: Optional[str] = None
     #: far beyond any useful estimate (Burda et al. use K = 5000): refused up front, not run for hours
     high: Optional[int] = None
     what: str = ""
@@ -107,6 +109,7 @@ OPTIONS: Dict[str, Option] = {
         "Keys: fit_mean_field's arguments.",
         checked=False,
         multiple=True,
+        check="ppl_vae.inference.meanfield:check_mean_field_options",
     ),
 }
 #: the arguments every estimator takes, with the same meaning everywhere

@@ -45,6 +45,7 @@ from ppl_vae.inference.latents import (
     model_layout,
     sample_guide,
 )
+from ppl_vae.inference.meanfield import MEAN_FIELD_OPTIONS as MEAN_FIELD_FIT_OPTIONS
 from ppl_vae.inference.modes import batches, block_seed, check_positive, in_eval_mode, rows, seeded
 
 if TYPE_CHECKING:
@@ -474,34 +475,18 @@ def _refined_draws(
 
 
 MEAN_FIELD_REFERENCE = "Cremer, Li & Duvenaud (2018), Inference suboptimality in variational autoencoders"
-MEAN_FIELD_OPTIONS = (
-    "init",
-    "elbo",
-    "lr",
-    "max_steps",
-    "num_particles",
-    "tol",
-    "window",
-    "num_lr_decays",
-    "polish",
-    "polish_particles",
-    "polish_steps",
-    "gtol",
-    "batch_size",
-    "num_eval_samples",
-)
-"""The options of :func:`ppl_vae.inference.meanfield.fit_mean_field` that ``mean_field_options`` may set."""
+MEAN_FIELD_OPTIONS = tuple(k for k in MEAN_FIELD_FIT_OPTIONS if k != "seed")
+"""The options of :func:`ppl_vae.inference.meanfield.fit_mean_field` that ``mean_field_options`` may
+set (all but ``seed``: each simulation's fit is seeded from the calibration's own)."""
 
 
 def _mean_field_options(options: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     """The fit's options: ``options`` over fit_mean_field's own defaults (all recorded in attrs)."""
     import inspect
 
-    from ppl_vae.inference.meanfield import default_max_steps, fit_mean_field
+    from ppl_vae.inference.meanfield import check_mean_field_options, default_max_steps, fit_mean_field
 
-    unknown = sorted(set(options or {}) - set(MEAN_FIELD_OPTIONS))
-    if unknown:
-        raise ValueError(f"mean_field_options: unknown {', '.join(unknown)}; allowed: {', '.join(MEAN_FIELD_OPTIONS)}")
+    check_mean_field_options(dict(options or {}), without=("seed",))
     params = inspect.signature(fit_mean_field).parameters
     out = {**{k: params[k].default for k in MEAN_FIELD_OPTIONS}, **dict(options or {})}
     if out["max_steps"] is None:  # the fit's own default, which depends on the polish

@@ -37,7 +37,13 @@ from torch import Tensor
 
 from ppl_vae.inference.estimators import Estimate, diagnostic, register_estimator, variable
 from ppl_vae.inference.importance import default_particle_batch_size
-from ppl_vae.inference.meanfield import MeanFieldGuide, MeanFieldResult, fit_mean_field, guide_moments
+from ppl_vae.inference.meanfield import (
+    MeanFieldGuide,
+    MeanFieldResult,
+    check_mean_field_options,
+    fit_mean_field,
+    guide_moments,
+)
 from ppl_vae.inference.modes import batches as data_batches
 from ppl_vae.inference.modes import block_seed, check_positive, eval_mode, in_eval_mode, seeded
 from ppl_vae.inference.stats import THRESHOLDS, ess, log_mean_exp, mean_se, psis_khat
@@ -494,6 +500,7 @@ def fit_and_decompose(
     the caller's random stream: one number is drawn first and seeds the decomposition's draws,
     so a fit that takes a step more or less (as rounding under another thread count can cause)
     changes q* but not the draws. ``compare``'s blocks and the ``"mis"`` estimator both call it."""
+    check_mean_field_options(dict(mean_field_options or {}))  # an unknown key would reach the model
     draw_seed = int(torch.randint(0, 2**62, (), device="cpu"))
     with eval_mode(model, guide):
         mean_field = fit_mean_field(model, guide, x, **{"progress": progress, **(mean_field_options or {})}, **kwargs)

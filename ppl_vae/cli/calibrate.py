@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import click
 
@@ -191,12 +191,18 @@ def calibrate(
         refine_num_samples=refine_num_samples,
         mean_field=mean_field,
         mean_field_options=({} if mf_steps is None else {"max_steps": mf_steps}) if mean_field else None,
-        discrete_num_samples=discrete_num_samples,
-        num_bins=ece_bins,
-        binning=ece_binning.replace("-", "_"),
+        # the discrete site's settings only where given: a model without one refuses them
+        discrete_num_samples=_if_given(ctx, "discrete_num_samples", discrete_num_samples),
+        num_bins=_if_given(ctx, "ece_bins", ece_bins),
+        binning=_if_given(ctx, "ece_binning", ece_binning.replace("-", "_")),
     )
     click.echo(result.summary())
     click.echo("wrote " + ", ".join(str(p) for p in result.files.values()))
+
+
+def _if_given(ctx: click.Context, param: str, value: Any) -> Any:
+    """``value`` where the user set ``param``, None where it is click's default."""
+    return None if ctx.get_parameter_source(param) in (None, click.core.ParameterSource.DEFAULT) else value
 
 
 calibrate.field_flags = {  # type: ignore[attr-defined]  # library errors name the flag
@@ -209,4 +215,5 @@ calibrate.field_flags = {  # type: ignore[attr-defined]  # library errors name t
     "mean_field_options": "--mf-steps",
     "num_bins": "--ece-bins",
     "binning": "--ece-binning",
+    "discrete_num_samples": "--discrete-num-samples",
 }

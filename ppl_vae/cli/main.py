@@ -59,9 +59,10 @@ def one_line(exc: BaseException) -> str:
 def with_flags(message: str, flags: Dict[str, str]) -> str:
     """``message`` with every name in ``flags`` (a config field like ``train.lr`` or an argument
     like ``data_dir``) replaced by the flag that sets it: library errors name what Python
-    callers pass, the CLI shows what its users type."""
+    callers pass, the CLI shows what its users type. A quoted name ('batch_size') is a key the
+    user typed as a value (``--mf-option batch_size=0``), not an argument, and stays."""
     for name in sorted(flags, key=len, reverse=True):
-        message = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w])", flags[name], message)
+        message = re.sub(rf"(?<![\w.'-]){re.escape(name)}(?![\w'])", flags[name], message)
     return message
 
 

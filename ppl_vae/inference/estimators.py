@@ -368,6 +368,9 @@ def check_options(name: str, options: Dict[str, Any], *, given: Sequence[str] = 
 
 def _check_value(key: str, opt: Option, value: Any) -> None:
     if not opt.checked:
+        if opt.check is not None:
+            module, function = opt.check.split(":")
+            getattr(importlib.import_module(module), function)(value)
         return
     values = list(value) if opt.multiple and isinstance(value, (list, tuple)) else [value]
     if opt.multiple and not values:

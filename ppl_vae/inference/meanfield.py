@@ -42,7 +42,7 @@ from ppl_vae.estimator_options import (
 from ppl_vae.inference.importance import ImportanceEstimate, concat_estimates, importance_estimate
 from ppl_vae.inference.latents import Layout, Site, guide_layout, log_joint, model_layout, scored_values_per_draw
 from ppl_vae.inference.local_fit import LocalBlock, fit_local
-from ppl_vae.inference.modes import check_call_convention, check_positive, in_eval_mode, rows
+from ppl_vae.inference.modes import check_call_convention, in_eval_mode, rows
 from ppl_vae.registry import Registry
 
 if TYPE_CHECKING:  # imported by to_dataset, after the fit
@@ -486,6 +486,66 @@ def default_max_steps(polish: bool) -> int:
     return ADAM_STEPS_BEFORE_POLISH if polish else ADAM_STEPS_WITHOUT_POLISH
 
 
+MEAN_FIELD_OPTIONS: Dict[str, str] = {
+    "init": "choice",
+    "elbo": "choice",
+    "lr": "positive",
+    "max_steps": "count",
+    "num_particles": "count",
+    "tol": "nonnegative",
+    "window": "count",
+    "num_lr_decays": "count",
+    "polish": "bool",
+    "polish_particles": "count",
+    "polish_steps": "count",
+    "gtol": "positive",
+    "batch_size": "count",
+    "num_eval_samples": "count",
+    "seed": "count",
+}
+"""The settings of :func:`fit_mean_field` (its keyword-only arguments but ``progress``; a test
+holds them equal) and what each takes: a name of its registry, true/false, an integer, a
+positive number or a number >= 0."""
+
+
+def check_mean_field_options(
+    options: Dict[str, Any], what: Optional[str] = "mean_field_options", without: Tuple[str, ...] = ()
+) -> None:
+    """Refuse (ValueError, one line naming the key) a setting of :func:`fit_mean_field` that it
+    does not take (or one of ``without``, which the caller sets itself) or a value of the wrong
+    type or range: the one check of its settings, made by the fit itself (``what`` None) and up
+    front, before any work, by every caller that passes a dict of them on (``mean_field_options``,
+    ``--mf-option KEY=VALUE``: an unknown key would otherwise reach the model as a keyword)."""
+    prefix = f"{what}: " if what else ""
+    allowed = [k for k in MEAN_FIELD_OPTIONS if k not in without]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:  # keys quoted: the CLI names its own flags, never these (ppl_vae.cli.main.with_flags)
+        raise ValueError(f"{prefix}unknown {', '.join(map(repr, unknown))}; allowed: {', '.join(map(repr, allowed))}")
+    for item, value in options.items():
+        key = repr(item) if what else item
+        kind = MEAN_FIELD_OPTIONS[item]
+        if kind == "choice":
+            (MEAN_FIELD_INITS if item == "init" else MEAN_FIELD_ELBOS).get(value)
+            continue
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError(f"{prefix}{key} must be true or false, got {value!r}")
+            continue
+        if value is None and item in ("max_steps", "seed"):  # the fit's default / the caller's stream
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if kind == "count":
+            if item in ("num_lr_decays", "seed"):
+                if not number or int(value) != value or value < 0:
+                    raise ValueError(f"{prefix}{key} must be an integer >= 0, got {value!r}")
+            elif not number or int(value) != value or value < 1:
+                raise ValueError(f"{prefix}{key} must be a positive integer, got {value!r}")
+        elif kind == "positive" and not (number and value > 0):
+            raise ValueError(f"{prefix}{key} must be a positive number, got {value!r}")
+        elif kind == "nonnegative" and not (number and value >= 0):
+            raise ValueError(f"{prefix}{key} must be >= 0, got {value!r}")
+
+
 @in_eval_mode("model", "guide")
 def fit_mean_field(
     model: Callable,
@@ -540,27 +600,10 @@ def fit_mean_field(
     ``seed``: the fit's own random stream (the caller's RNG state is left as it was).
     """
     check_call_convention("fit_mean_field", guide, x)
+    settings = dict(locals())
+    check_mean_field_options({k: settings[k] for k in MEAN_FIELD_OPTIONS}, what=None)
     max_steps = default_max_steps(polish) if max_steps is None else max_steps
-    MEAN_FIELD_INITS.get(init)
     elbo_cls = MEAN_FIELD_ELBOS.get(elbo)
-    for name, value in (
-        ("max_steps", max_steps),
-        ("num_particles", num_particles),
-        ("window", window),
-        ("batch_size", batch_size),
-        ("num_eval_samples", num_eval_samples),
-        ("polish_particles", polish_particles),
-        ("polish_steps", polish_steps),
-    ):
-        check_positive(name, value)
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive number, got {lr}")
-    if int(num_lr_decays) != num_lr_decays or num_lr_decays < 0:
-        raise ValueError(f"num_lr_decays must be an integer >= 0, got {num_lr_decays}")
-    if not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
-    if not (gtol > 0 and math.isfinite(gtol)):
-        raise ValueError(f"gtol must be a positive number, got {gtol}")
     if init == "encoder" and guide is None:
         raise ValueError("init='encoder' needs the amortized guide; pass guide=... or use init='prior'")
 

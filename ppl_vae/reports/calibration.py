@@ -34,7 +34,7 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 import numpy as np
 import torch
@@ -412,7 +412,7 @@ def _mean_field_gap_words(ds: xr.Dataset) -> str:
 def check_mean_field(mean_field: bool, options: Optional[Dict[str, Any]]) -> None:
     """One-line ValueErrors: ``mean_field`` a bool, ``options`` only with it, naming options of
     :func:`~ppl_vae.inference.meanfield.fit_mean_field`, ``max_steps`` a positive integer."""
-    from ppl_vae.analysis.calibration import MEAN_FIELD_OPTIONS
+    from ppl_vae.inference.meanfield import check_mean_field_options
 
     if not isinstance(mean_field, bool):
         raise ValueError(f"mean_field must be True or False, got {mean_field!r}")
@@ -420,12 +420,7 @@ def check_mean_field(mean_field: bool, options: Optional[Dict[str, Any]]) -> Non
         return
     if not mean_field:
         raise ValueError("mean_field_options apply to the mean-field q* only: give mean_field=True too")
-    unknown = sorted(set(options) - set(MEAN_FIELD_OPTIONS))
-    if unknown:
-        raise ValueError(f"mean_field_options: unknown {', '.join(unknown)}; allowed: {', '.join(MEAN_FIELD_OPTIONS)}")
-    steps = options.get("max_steps", 1)
-    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
-        raise ValueError(f"mean_field_options: max_steps must be a positive integer, got {steps}")
+    check_mean_field_options(options, without=("seed",))  # each simulation's fit is seeded here
 
 
 def _refine_words(ds: xr.Dataset) -> str:
@@ -501,6 +496,11 @@ def _discrete_site(vae: Any, name: str) -> Optional[str]:
     return sites[0] if sites else None
 
 
+DISCRETE_DEFAULTS: Dict[str, Any] = {"discrete_num_samples": 100, "num_bins": 10, "binning": "equal_width"}
+"""The settings of a discrete site's calibration (:func:`calibrate_run`) when not given; given for a
+model without a discrete site, they are refused."""
+
+
 def calibrate_run(
     run_dir: Path,
     *,
@@ -514,9 +514,9 @@ def calibrate_run(
     progress: bool = True,
     device: str = "cpu",
     sir: Optional[int] = None,
-    discrete_num_samples: int = 100,
-    num_bins: int = 10,
-    binning: str = "equal_width",
+    discrete_num_samples: Optional[int] = None,
+    num_bins: Optional[int] = None,
+    binning: Optional[str] = None,
     num_bootstrap: int = 1000,
     refine: Optional[int] = None,
     refine_lr: float = 0.02,
@@ -541,6 +541,7 @@ def calibrate_run(
     A model with a discrete site it enumerates (``enumerated_sites``: M2's y, the GMVAE's c) also
     gets the calibration of q(c|x) against its posterior p(c|x) on the selected datapoints, with
     ``discrete_num_samples`` IW draws of z per value, ECE over ``num_bins`` ``binning`` bins
+    (:data:`DISCRETE_DEFAULTS` where None; refused for a model without a discrete site)
     (``"equal_width"`` or ``"equal_mass"``) and ``num_bootstrap`` bootstrap resamples for the se;
     and against the split's labels when the site is ``y`` (the labels' site). When such a
     model's program cannot be simulated, SBC and predictive checks are skipped (with the reason)
@@ -582,13 +583,15 @@ def calibrate_run(
         ("num_bins", num_bins),
         ("num_bootstrap", num_bootstrap),
     ):
-        if isinstance(value, bool) or int(value) != value or value < 1:
+        if value is None and arg in DISCRETE_DEFAULTS:
+            continue
+        if isinstance(value, bool) or int(cast(int, value)) != value or cast(int, value) < 1:
             raise ValueError(f"{arg} must be a positive integer, got {value}")
     if num_simulations < 2:
         raise ValueError(f"num_simulations must be >= 2 (uniformity needs several ranks), got {num_simulations}")
     if num_datapoints is not None and num_datapoints < 0:
         raise ValueError(f"num_datapoints must be >= 0 (0: all), got {num_datapoints}")
-    if binning not in BINNINGS:
+    if binning is not None and binning not in BINNINGS:
         raise ValueError(f"binning must be one of {', '.join(BINNINGS)}, got {binning!r}")
     check_sir(sir, num_posterior_samples)
     check_refine(refine, refine_lr, refine_num_samples)
@@ -598,6 +601,13 @@ def calibrate_run(
     vae, name = run.vae, run.config.model.model
     kwargs = sel.model_kwargs(run)
     site = _discrete_site(vae, name)
+    discrete_given = {"discrete_num_samples": discrete_num_samples, "num_bins": num_bins, "binning": binning}
+    if site is None and any(v is not None for v in discrete_given.values()):
+        raise ValueError(
+            f"{', '.join(k for k, v in discrete_given.items() if v is not None)} apply to a model with a "
+            f"discrete latent site it sums out (M2's y, a GMVAE's c); model {name!r} has none"
+        )
+    discrete_settings: Dict[str, Any] = {k: DISCRETE_DEFAULTS[k] if v is None else v for k, v in discrete_given.items()}
     if site is not None and sel.x.shape[0] < 2:
         raise ValueError(f"num_datapoints must be >= 2 for the calibration of site {site!r}, got {sel.x.shape[0]}")
     skipped: List[str] = []
@@ -697,13 +707,24 @@ def calibrate_run(
         if site is not None:
             bar.set_postfix_str(f"discrete site {site}")
             posterior = discrete_posterior(
-                vae.model, vae.guide, sel.x, site=site, seed=seed, num_samples=discrete_num_samples, **kwargs
+                vae.model,
+                vae.guide,
+                sel.x,
+                site=site,
+                seed=seed,
+                num_samples=discrete_settings["discrete_num_samples"],
+                **kwargs,
             )
             labels = None
             if site == "y" and sel.labels is not None and bool((sel.labels >= 0).all()):
                 labels = sel.labels.cpu().numpy()  # the site is the labels' own: compare with them
             discrete = discrete_calibration(
-                posterior, labels, num_bins=num_bins, binning=binning, num_bootstrap=num_bootstrap, seed=seed
+                posterior,
+                labels,
+                num_bins=discrete_settings["num_bins"],
+                binning=discrete_settings["binning"],
+                num_bootstrap=num_bootstrap,
+                seed=seed,
             )
             discrete = discrete.assign_coords(datapoint=sel.index)
             discrete.attrs.update(

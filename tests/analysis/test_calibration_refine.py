@@ -139,14 +139,16 @@ def test_refined_sbc_refuses_bad_arguments():
         _ranks(vae, 0, refine_steps=5, mean_field=True)
     with pytest.raises(ValueError, match="sir_num_samples and mean_field choose different posteriors"):
         _ranks(vae, 0, sir_num_samples=200, mean_field=True)
-    with pytest.raises(ValueError, match="mean_field_options: unknown steps"):
+    with pytest.raises(ValueError, match="mean_field_options: unknown 'steps'"):
         _ranks(vae, 0, mean_field=True, mean_field_options={"steps": 10})
     with pytest.raises(ValueError, match="mean_field_options apply to the mean-field q. only"):
         _ranks(vae, 0, mean_field_options={"max_steps": 10})
     with pytest.raises(ValueError, match="mean_field must be True or False"):
         _ranks(vae, 0, mean_field="yes")
-    with pytest.raises(ValueError, match="max_steps must be a positive integer"):
+    with pytest.raises(ValueError, match="mean_field_options: 'max_steps' must be a positive integer"):
         _ranks(vae, 0, mean_field=True, mean_field_options={"max_steps": 0})
+    with pytest.raises(ValueError, match="mean_field_options: unknown 'seed'"):  # each fit is seeded by the SBC
+        _ranks(vae, 0, mean_field=True, mean_field_options={"seed": 3})
     with pytest.raises(ValueError, match="kind 'norm2'"):
         dispersion(_ranks(vae, 0).isel(simulation=slice(0, 20)), kind="norm2")
 

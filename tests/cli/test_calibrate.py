@@ -156,6 +156,22 @@ def test_calibrate_m2_gets_its_discrete_site_calibrated_and_sir_beside_the_guide
     assert "mean total variation" in result.output and "SBC of SIR from the guide (K = 40" in result.output
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [["--ece-bins", "5"], ["--ece-binning", "equal-mass"], ["--discrete-num-samples", "5", "--ece-bins", "10"]],
+)
+def test_the_discrete_sites_settings_are_refused_for_a_model_without_one(bernoulli_run, tmp_path, flags):
+    """--discrete-num-samples, --ece-bins and --ece-binning set the calibration of a discrete site
+    (M2's y, a GMVAE's c); given for a model with none they were accepted and ignored. Given at
+    their default value they are still refused (what was typed, not what it equals)."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["calibrate", str(bernoulli_run), *SMALL, *flags, "--out", str(out)])
+    named = [f for f in flags if f.startswith("--")]
+    line = one_line_error(result, f"{', '.join(named)} apply to a model with a discrete latent site")
+    assert "model 'bernoulli_mlp' has none" in line
+    assert not out.exists()
+
+
 def test_calibrate_refuses_too_few_sir_proposals_or_draws(m2_run, tmp_path):
     runner = CliRunner()
     out = tmp_path / "out"

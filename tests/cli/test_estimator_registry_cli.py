@@ -79,3 +79,25 @@ def test_flags_that_do_not_apply_are_refused_before_any_work(two_runs, tmp_path)
         "--num-draws applies to one run's compare",
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "pair,message",
+    [
+        ("bogus=3", "--mf-option: unknown 'bogus'; allowed: 'init', 'elbo', 'lr'"),
+        ("lr=abc", "--mf-option: 'lr' must be a positive number, got 'abc'"),
+        ("batch_size=0", "--mf-option: 'batch_size' must be a positive integer, got 0"),  # not evaluate's --batch-size
+        ("polish=1", "--mf-option: 'polish' must be true or false, got 1"),
+        ("init=nowhere", "unknown mean-field init 'nowhere'; valid mean-field inits: encoder, prior"),
+    ],
+)
+def test_a_bad_mean_field_option_is_one_line_before_any_work(two_runs, tmp_path, pair, message):
+    """--mf-option KEY=VALUE is checked against fit_mean_field's settings up front: an unknown key
+    reached the model as a keyword argument and a wrong type failed inside the fit, both as
+    tracebacks after the run was loaded."""
+    out = tmp_path / "never"
+    result = CliRunner().invoke(
+        cli, ["evaluate", str(two_runs[0]), "--estimator", "mis", "--mf-option", pair, "-k", "5", "--out", str(out)]
+    )
+    one_line_error(result, message)
+    assert not out.exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pyro
 import pytest
 import torch
@@ -10,6 +12,7 @@ from torch.distributions.transforms import AffineTransform
 
 from ppl_vae.inference.meanfield import MEAN_FIELD_INITS, fit_mean_field, guide_moments, matched_normals, prior_moments
 from ppl_vae.models.linear_gaussian import LinearGaussianVAE
+from ppl_vae.models.zoo import build_vae
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small loops: one thread is several times faster
 
@@ -220,3 +223,28 @@ def test_polish_chunks_are_bounded_by_draws_and_by_values_of_x():
     assert polish_chunk_rows(64, 64) == 32  # the 8x8 digits: the draws bound
     assert polish_chunk_rows(64, 64 * 64) == 6  # dSprites' 64x64: the values bound
     assert polish_chunk_rows(4096, 784) == 1
+
+
+def test_the_declared_mean_field_settings_are_the_fits_arguments_and_each_is_checked():
+    """MEAN_FIELD_OPTIONS, which every caller's options dict is checked against, names exactly
+    fit_mean_field's keyword-only arguments but progress, and the fit's own messages are kept."""
+    import inspect
+
+    from ppl_vae.inference.meanfield import MEAN_FIELD_OPTIONS, check_mean_field_options
+
+    params = inspect.signature(fit_mean_field).parameters.values()
+    assert list(MEAN_FIELD_OPTIONS) == [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "progress"]
+    check_mean_field_options({"max_steps": None, "seed": None, "polish": False, "tol": 0.0, "init": "prior"})
+    for options, message in [
+        ({"max_steps": 2.5}, "'max_steps' must be a positive integer, got 2.5"),
+        ({"num_lr_decays": -1}, "'num_lr_decays' must be an integer >= 0, got -1"),
+        ({"tol": float("nan")}, "'tol' must be >= 0, got nan"),
+        ({"gtol": "1e-3"}, "'gtol' must be a positive number, got '1e-3'"),
+        ({"elbo": "exact"}, "unknown mean-field elbo 'exact'"),
+        ({"progress": True}, "unknown 'progress'"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check_mean_field_options(options)
+    vae = build_vae("bernoulli_mlp", (1, 2, 2), latent_dim=2, hidden_dim=4)
+    with pytest.raises(ValueError, match=r"^max_steps must be a positive integer, got 0$"):
+        fit_mean_field(vae.model, vae.guide, torch.rand(3, 1, 2, 2).round(), max_steps=0)
