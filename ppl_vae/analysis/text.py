@@ -63,9 +63,9 @@ def text_metrics(vae, x: Tensor, *, num_samples: int = 10, batch_size: int = 200
             "bits_per_character_iw": (
                 (),
                 -float(iw.sum()) * to_bits,
-                {"description": f"-IW bound (K={num_samples}) in bits per scored symbol"},
+                {"description": f"-IW bound (K={num_samples}) in bits per scored symbol (a stochastic upper bound)"},
             ),
-            "kl": ((), float(kl.mean()), {"description": "mean KL(q(z|x) || p(z)) per sentence, nats"}),
+            "kl": ((), float(kl.mean()), {"description": "mean KL(q(z|x) || p(z)) per sentence, nats (a Monte Carlo estimate)"}),
             "kl_bits_per_character": (
                 (),
                 float(kl.sum()) * to_bits,

@@ -59,6 +59,12 @@ def text(
         raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {temperature}")
     if steps < 2 and interpolate:
         raise ValueError(f"--steps must be >= 2 to interpolate between two sentences, got {steps}")
+    ctx = click.get_current_context()
+    set_by_user = lambda p: ctx.get_parameter_source(p) not in (None, click.core.ParameterSource.DEFAULT)  # noqa: E731
+    if set_by_user("steps") and not interpolate:
+        raise ValueError("--steps applies to an interpolation only: give --interpolate FIRST SECOND too")
+    if set_by_user("temperature") and not num_sentences:
+        raise ValueError("--temperature applies to the sampled sentences only; --samples is 0")
     pipeline.seed_everything(seed)
     run = pipeline.load_run(run_dir)
     if not isinstance(run.vae, TextHybridVAE):
@@ -69,9 +75,10 @@ def text(
     m = text_metrics(run.vae, x, num_samples=num_samples)
     click.echo(
         f"{m.attrs['num_sentences']} {split} sentences, {m.attrs['num_scored_characters']} scored symbols: "
-        f"{float(m['bits_per_character_iw']):.3f} bits/char (IW, K={num_samples}), "
-        f"{float(m['bits_per_character_elbo']):.3f} (ELBO); KL {float(m['kl']):.2f} nats/sentence "
-        f"({float(m['kl_bits_per_character']):.3f} bits/char)"
+        f"{float(m['bits_per_character_iw']):.3f} bits/char (IW, K={num_samples}: a stochastic upper bound), "
+        f"{float(m['bits_per_character_elbo']):.3f} (ELBO: a stochastic upper bound); KL "
+        f"{float(m['kl']):.2f} nats/sentence ({float(m['kl_bits_per_character']):.3f} bits/char; a Monte Carlo "
+        "estimate)"
     )
     if num_sentences:
         click.echo("samples:")

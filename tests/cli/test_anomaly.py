@@ -177,6 +177,14 @@ def test_text_cli_reports_bits_per_character_samples_and_interpolation(tmp_path)
     assert result.exit_code == 0, result.output
     assert "bits/char" in result.output and "KL" in result.output
     assert result.output.count("\n") >= 1 + 1 + 2 + 1 + 3
+    first = result.output.splitlines()[0]  # every number says what it is
+    assert "(IW, K=2: a stochastic upper bound)" in first and "(ELBO: a stochastic upper bound)" in first
+    assert "a Monte Carlo estimate" in first
+    for flags, message in [
+        (["--steps", "3"], "--steps applies to an interpolation only"),
+        (["--samples", "0", "--temperature", "0.5"], "--temperature applies to the sampled sentences only"),
+    ]:
+        assert message in _one_line_error(runner.invoke(cli, ["text", str(run), *flags]))
 
 
 def test_text_bad_inputs_give_one_line_errors(tmp_path):
