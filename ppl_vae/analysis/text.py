@@ -65,7 +65,11 @@ def text_metrics(vae, x: Tensor, *, num_samples: int = 10, batch_size: int = 200
                 -float(iw.sum()) * to_bits,
                 {"description": f"-IW bound (K={num_samples}) in bits per scored symbol (a stochastic upper bound)"},
             ),
-            "kl": ((), float(kl.mean()), {"description": "mean KL(q(z|x) || p(z)) per sentence, nats (a Monte Carlo estimate)"}),
+            "kl": (
+                (),
+                float(kl.mean()),
+                {"description": "mean KL(q(z|x) || p(z)) per sentence, nats (a Monte Carlo estimate)"},
+            ),
             "kl_bits_per_character": (
                 (),
                 float(kl.sum()) * to_bits,

@@ -152,6 +152,15 @@ def evaluate(
     stages = Stages({"import": time.perf_counter() - start})
 
     options = estimators.check_options(estimator, given_options(values), given=list(given_options(values)))
+    ctx = click.get_current_context()
+    if estimators.get(estimator).simulated and ctx.get_parameter_source("split") not in (
+        None,
+        click.core.ParameterSource.DEFAULT,
+    ):
+        raise ValueError(
+            f"--split does not apply to estimator {estimator!r}: it scores data simulated from the model "
+            "(--num-datapoints sets how many)"
+        )
     checks = [("--batch-size", batch_size, 1), ("--nproc", nproc, 1), ("--num-datapoints", num_datapoints, 0)]
     if threads is not None:
         checks.append(("--threads", threads, 1))

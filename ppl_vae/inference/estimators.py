@@ -413,8 +413,12 @@ def mean_se(v: "xr.DataArray") -> str:
 
 
 def mc_se_of_mean(se: "xr.DataArray") -> float:
-    """The Monte Carlo standard error of the mean over datapoints (independent estimates)."""
-    return float(np.sqrt((se**2).sum())) / se.sizes["datapoint"]
+    """The Monte Carlo standard error of the mean over datapoints (independent estimates); NaN
+    when a datapoint's estimate has none (one draw, K = 1), never a sum that skips it."""
+    values = np.asarray(se.values, dtype=float)
+    if not np.isfinite(values).all():
+        return float("nan")
+    return float(np.sqrt((values**2).sum())) / se.sizes["datapoint"]
 
 
 def default_summary(ds: "xr.Dataset") -> List[str]:
@@ -447,7 +451,12 @@ def default_summary(ds: "xr.Dataset") -> List[str]:
         if v.attrs.get("diagnostic"):
             continue
         lines.append(f"{name:<30} {mean_se(v)}  {_bound_words(v.attrs.get('bound', 'neither'))}")
-    lines.append(f"{'Monte Carlo se of mean log p̂':<30} {mc_se_of_mean(ds['log_px_stderr']):12.3f}")
+    mc_se = mc_se_of_mean(ds["log_px_stderr"])
+    lines.append(
+        f"{'Monte Carlo se of mean log p̂':<30} {mc_se:12.3f}"
+        if math.isfinite(mc_se)
+        else f"{'Monte Carlo se of mean log p̂':<30} {'n/a':>12}  (a datapoint's estimate has no standard error: one draw)"
+    )
     for key in ds.data_vars:
         name, v = str(key), ds[key]
         if v.attrs.get("diagnostic") and v.dims == ("datapoint",):

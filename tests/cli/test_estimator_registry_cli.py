@@ -101,3 +101,31 @@ def test_a_bad_mean_field_option_is_one_line_before_any_work(two_runs, tmp_path,
     )
     one_line_error(result, message)
     assert not out.exists()
+
+
+def test_one_draw_per_datapoint_has_no_monte_carlo_se_and_says_so(two_runs, tmp_path):
+    """With K = 1 each datapoint's log p̂ has no standard error (NaN in the file); the printed Monte
+    Carlo se of the mean was 0.000 (a sum that skipped the NaNs), claiming an exact result."""
+    result = CliRunner().invoke(
+        cli, ["evaluate", str(two_runs[0]), "-k", "1", "--num-datapoints", "6", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("Monte Carlo se of mean"))
+    assert "n/a" in line and "0.000" not in line
+    assert np.isnan(results.load_netcdf(tmp_path / "evaluation.nc")["log_px_stderr"].values).all()
+    result = CliRunner().invoke(
+        cli, ["evaluate", str(two_runs[0]), "-k", "4", "--num-datapoints", "6", "--out", str(tmp_path / "k4")]
+    )
+    line = next(line for line in result.output.splitlines() if line.startswith("Monte Carlo se of mean"))
+    ds = results.load_netcdf(tmp_path / "k4" / "evaluation.nc")
+    expected = np.sqrt((ds["log_px_stderr"].values ** 2).sum()) / 6
+    assert line.split()[-1] == f"{expected:.3f}"
+
+
+def test_split_is_refused_for_an_estimator_on_simulated_data(two_runs, tmp_path):
+    out = tmp_path / "never"
+    result = CliRunner().invoke(
+        cli, ["evaluate", str(two_runs[0]), "--estimator", "bdmc", "--split", "train", "--out", str(out)]
+    )
+    one_line_error(result, "--split does not apply to estimator 'bdmc': it scores data simulated from the model")
+    assert not out.exists()
