@@ -638,7 +638,10 @@ def inpaint(
         "log_evidence": (
             "image",
             torch.stack(log_evidence).cpu().numpy(),
-            {"description": "log p(x_obs) estimated as log (1/K) sum_k w_k, nats"},
+            {
+                "description": "log p(x_obs) estimated as log (1/K) sum_k w_k, nats (a stochastic lower bound)",
+                "bound": "lower bound",
+            },
         ),
         "ess": ("image", torch.stack(ess).cpu().numpy(), {"description": "effective sample size of the K weights"}),
     }

@@ -194,7 +194,8 @@ def inpaint(
     weights = result.attrs["num_weights"]
     per = "" if weights == num_samples else f" ({num_samples} draws of z x {weights // num_samples} labels)"
     click.echo(
-        f"{len(x)} images, mask {mask!r}: mean log p(x_obs) {float(result.log_evidence.mean()):.2f} nats, "
+        f"{len(x)} images, mask {mask!r}: mean log p(x_obs) {float(result.log_evidence.mean()):.2f} nats "
+        "(importance-weighted: a stochastic lower bound), "
         f"mean ESS {float(result.ess.mean()):.1f} of {weights} weights{per}"
     )
     if "label_posterior" in result and data.test_labels is not None:

@@ -47,6 +47,7 @@ def test_inpaint_reports_evidence_ess_and_inferred_labels(cvae_run, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "mean log p(x_obs)" in result.output and "of 500 weights" in result.output
+    assert "(importance-weighted: a stochastic lower bound)" in result.output
     assert "label inferred from the observed part:" in result.output
     assert (tmp_path / "inp.png").is_file()
 
