@@ -46,6 +46,7 @@ from ppl_vae.inference.training import (
     train,
     validate_train_config,
 )
+from ppl_vae.io import write_text
 from ppl_vae.models.vae import VAE
 from ppl_vae.models.zoo import build_vae
 
@@ -239,8 +240,12 @@ class Job:
 
     ``fresh``: a new run written into ``run_dir`` (which :func:`fit` checked is reusable);
     otherwise continue from its checkpoint. ``write_config``: a resumed run's writing rank
-    rewrites ``config.json`` first (a new number of epochs); a fresh run always writes it. ``created``: ``run_dir`` did not exist before, so a
-    fresh run that fails before its first checkpoint removes it. ``callbacks`` run on rank 0.
+    rewrites ``config.json`` (a new number of epochs, learning rate or optimizer) together with
+    the first checkpoint it writes, never before, so a resume that fails first leaves the
+    config describing the checkpoint; a fresh run writes it first. ``created``: ``run_dir`` did
+    not exist before, so a fresh run that fails before its first checkpoint removes it.
+    ``resumed_config``: the config.json text of a resumed run that never started (``fresh``
+    too), put back if it fails before finishing an epoch. ``callbacks`` run on rank 0.
     """
 
     config: RunConfig
@@ -248,6 +253,7 @@ class Job:
     fresh: bool
     created: bool = False
     write_config: bool = False
+    resumed_config: Optional[str] = None
     progress: bool = True
     sample_grids: bool = False
     callbacks: Tuple[Any, ...] = ()
@@ -313,7 +319,7 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
         from ppl_vae.analysis.generation import check_images
 
         check_images(vae, "--sample-grids")
-    if job.fresh and writer:
+    if job.fresh and writer and job.resumed_config is None:
         run_dir.mkdir(parents=True, exist_ok=True)
         runs.save_config(run_dir, config)
     if not job.fresh:
@@ -327,13 +333,13 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
         runs.restore_learning_rates(
             run_dir, stepper, config.train, lr_scale=job.lr_scale or 1.0, fresh_optimizer=job.reset_optimizer
         )
-    if job.write_config and not job.fresh and writer:
-        runs.save_config(run_dir, config)  # only once the checkpoint is known to restore
     start = state.epoch
     checkpointer = runs.Checkpointer(
         run_dir,
         config.train.checkpoint_every,
         extra={"event_shape": list(data.event_shape), "data_info": data.data_info},
+        # a resume's new settings are written with the first checkpoint trained under them
+        before_first_save=(lambda: runs.save_config(run_dir, config)) if job.write_config and writer else None,
     )
     callbacks: list = [checkpointer] if writer else []
     if job.sample_grids and writer:
@@ -363,12 +369,12 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
     except TrainingDiverged as exc:
         if writer:
             _discard_unstarted(job)
-        last = checkpointer.last_epoch
-        kept = (
-            "no checkpoint was written"
-            if last is None
-            else f"the last good checkpoint is from epoch {last} in {run_dir}"
-        )
+        if runs.started(run_dir):
+            kept = f"the last good checkpoint is from epoch {runs.checkpoint_epoch(run_dir)} in {run_dir}"
+        elif job.created:
+            kept = f"no epoch finished, so {run_dir} was removed"
+        else:
+            kept = f"no epoch finished; {run_dir} holds what it held before"
         raise TrainingDiverged(f"{exc}; {kept}", step=exc.step) from None
     except BaseException:
         if writer:
@@ -435,6 +441,12 @@ def _discard_unstarted(job: Job) -> None:
             return
     if job.created:
         shutil.rmtree(job.run_dir, ignore_errors=True)
+    elif job.resumed_config is not None:  # a resumed run that had never started: as it was
+        for name in (runs.CHECKPOINT, runs.HISTORY):  # it had neither (resume refuses a lone history)
+            (job.run_dir / name).unlink(missing_ok=True)
+        if (job.run_dir / runs.CONFIG).read_text() != job.resumed_config:
+            write_text(job.run_dir / runs.CONFIG, job.resumed_config, run_files=True)
+        runs.remove_stale_temp_files(job.run_dir)
     else:
         for name in (runs.CONFIG, runs.CHECKPOINT, runs.HISTORY):  # the folder held nothing else (is_reusable)
             (job.run_dir / name).unlink(missing_ok=True)
@@ -569,6 +581,7 @@ def resume(
             run_dir, files=("samples.gif",) if sample_grids else (), folders=("samples",) if sample_grids else ()
         )
     config = runs.load_config(run_dir)
+    original_config = (run_dir / runs.CONFIG).read_text()
     load_plugins(config, trust_plugins, source=str(run_dir))  # before anything imports its parts
     world = world_size(nproc)
     if not distributed.launched_by_torchrun():
@@ -614,6 +627,7 @@ def resume(
         fresh=fresh,
         created=False,
         write_config=epochs is not None or bool(changed),
+        resumed_config=original_config if fresh else None,
         progress=progress,
         sample_grids=sample_grids,
         callbacks=tuple(callbacks),

@@ -598,15 +598,26 @@ class Checkpointer(Callback):
     """Saves the run (:func:`save`) before a fresh run's first step, every ``every`` epochs and
     after the last (or the one training stops early after); ``last_epoch`` is the epoch of the
     newest checkpoint written. With a validation split, the epoch with the best validation
-    ELBO so far is also saved as :data:`CHECKPOINT_BEST`."""
+    ELBO so far is also saved as :data:`CHECKPOINT_BEST`. ``before_first_save`` runs once, just
+    before the first checkpoint (a resume writes its new settings to config.json there)."""
 
-    def __init__(self, run_dir: Path, every: int = 1, extra: Optional[Dict[str, Any]] = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        every: int = 1,
+        extra: Optional[Dict[str, Any]] = None,
+        before_first_save: Optional[Callable[[], None]] = None,
+    ):
         self.run_dir = Path(run_dir)
         self.every = every
         self.extra = extra or {}
         self.last_epoch: Optional[int] = None
+        self.before_first_save = before_first_save
 
     def _save(self, ctx: TrainContext) -> None:
+        if self.before_first_save is not None:  # once, just before the first checkpoint
+            self.before_first_save()
+            self.before_first_save = None
         save(
             self.run_dir,
             ctx.vae,

@@ -268,3 +268,44 @@ def test_a_history_without_val_elbo_is_refused_for_a_run_with_early_stopping(tmp
     assert "\n" not in str(info.value)
     assert snapshot(tmp_path / "r") == before
     assert math.isfinite(runs.checkpoint_epoch(tmp_path / "r"))
+
+
+# -- 6. a resume that fails leaves the run directory describing its checkpoint ----------------------
+
+
+DIVERGE = ["--optimizer", "sgd", "--lr", "3e38", "--no-progress"]  # non-finite at the second step
+
+
+def test_a_failed_resume_of_a_run_that_never_started_leaves_its_config(tmp_path, one_thread):
+    """A run with its config only resumes from scratch; when that fails before an epoch ends, its
+    config.json was deleted (the clean-up of a fresh fit) and the error named an epoch-0
+    checkpoint that was gone. It stays, byte for byte, and the error says so."""
+    run = tmp_path / "unstarted"
+    run.mkdir()
+    runs.save_config(run, small_config(epochs=1))
+    (run / "NOTES.txt").write_text("mine")
+    before = snapshot(run)
+    line = one_line_error(invoke("fit", "--resume", run, "--epochs", 2, *DIVERGE), "the loss became")
+    assert line.endswith(f"no epoch finished; {run} holds what it held before")
+    assert snapshot(run) == before
+
+
+def test_a_failed_resume_with_new_settings_leaves_the_config_of_its_checkpoint(tiny_run, tmp_path):
+    """config.json took a resume's new optimizer and rate before training; when the first new epoch
+    diverged, the config said SGD while the checkpoint held Adam's state, and the next resume
+    dropped that state. The new settings are now written with the first checkpoint trained
+    under them: the run resumes as an untouched copy does."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run, copy)
+    before = snapshot(tiny_run)
+    line = one_line_error(invoke("fit", "--resume", tiny_run, "--epochs", 2, *DIVERGE), "the loss became")
+    assert line.endswith(f"the last good checkpoint is from epoch 1 in {tiny_run}")
+    assert snapshot(tiny_run) == before
+    for run in (tiny_run, copy):
+        assert invoke("fit", "--resume", run, "--epochs", 2, "--no-progress").exit_code == 0
+    torch.testing.assert_close(runs.read_checkpoint(tiny_run)[0], runs.read_checkpoint(copy)[0], rtol=0, atol=0)
+    # a resume with new settings that trains records them with its checkpoint
+    assert invoke("fit", "--resume", tiny_run, "--epochs", 3, "--lr", "0.002", "--no-progress").exit_code == 0
+    assert runs.load_config(tiny_run).train.lr == 0.002 and runs.checkpoint_epoch(tiny_run) == 3
