@@ -194,10 +194,80 @@ def check_compatible(
                 f"leave it at {getattr(defaults, name)!r}",
                 field=f"train.{name}",
             )
+    if config.elbo == "mean_field" and "elbo" in cls.uses and offers(vae, "reparameterized"):  # else enumerated
+        reason = _no_closed_form_kl(vae, traced=not cls.computes_kl_itself(vae, config))
+        if reason:
+            raise ConfigError(
+                f"train.elbo 'mean_field' (AEVB's estimator B, the KL in closed form) does not apply to {what}: "
+                f"{reason}; use train.elbo 'trace'",
+                field="train.elbo",
+            )
     min_batch = getattr(cls, "min_batch_size", 1)
     if num_train is not None and min_batch > 1:
         _check_last_batch(config, num_train, min_batch, side, world_size)
     return cls
+
+
+def closed_form_kl(vae) -> bool:
+    """Whether the KL of the encoder's Gaussian q(z|x) to the prior is known in closed form (torch's
+    ``kl_divergence``), which is what a loss that computes the KL itself (the fused ELBO, the
+    disentangling objectives) needs for estimator B: an encoder guide and a prior with a KL."""
+    if not offers(vae, "encoder_guide") or not hasattr(vae, "prior"):
+        return False
+    from pyro import distributions as dist
+
+    prior = vae.prior()
+    param = next(iter(vae.parameters()), None)
+    loc = torch.zeros(prior.event_shape, device=None if param is None else param.device)
+    try:
+        torch.distributions.kl_divergence(dist.Normal(loc, 1.0).to_event(1), prior)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _no_closed_form_kl(vae, traced: bool) -> str:
+    """Why no latent site's KL would be in closed form ("" when one is): on Pyro's traces,
+    TraceMeanField_ELBO's own rule for each site (``kl_divergence`` of the guide's distribution
+    to the model's, probed on two zero datapoints); else :func:`closed_form_kl`."""
+    if not traced:
+        return (
+            ""
+            if closed_form_kl(vae)
+            else "its prior has no closed-form KL from the encoder's Gaussian (estimator A would train)"
+        )
+    import pyro.poutine as poutine
+    from pyro.poutine.util import site_is_subsample
+    from torch.distributions import kl_divergence
+
+    shape = tuple(getattr(vae, "event_shape", ()) or ())
+    if not shape:
+        return ""  # a pair written by hand without an event shape: not probed
+    param = next(iter(vae.parameters()), None)
+    x = torch.zeros((2, *shape), device=None if param is None else param.device)
+    kwargs = {"y": torch.zeros(2, dtype=torch.long, device=x.device)} if getattr(vae, "num_classes", None) else {}
+    with torch.no_grad():
+        guide = poutine.trace(vae.guide).get_trace(x, **kwargs)
+        model = poutine.trace(poutine.replay(vae.model, trace=guide)).get_trace(x, **kwargs)
+    sites = [
+        n for n, s in model.nodes.items() if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
+    ]
+    order = [n for n in guide.nodes if n in sites]
+    if order != sites:  # TraceMeanField_ELBO's own requirement (it only warns): else a biased objective
+        return (
+            f"its guide samples {', '.join(order)} and its model {', '.join(sites)}, and a KL in closed form "
+            "given the sampled parents needs the model's order (Pyro's mean-field restriction; else a biased objective)"
+        )
+    for name in sites:
+        try:
+            kl_divergence(guide.nodes[name]["fn"], model.nodes[name]["fn"])
+            return ""
+        except (NotImplementedError, KeyError):
+            continue
+    return (
+        f"at no latent site ({', '.join(sites)}) is the KL of the guide's distribution to the model's known "
+        "(estimator A would train)"
+    )
 
 
 def _check_options(config: TrainConfig, objective: Any) -> None:

@@ -44,6 +44,7 @@ from ppl_vae.inference.capabilities import (  # the declarations and their regis
     METHODS,
     OBJECTIVES,  # noqa: F401
     check_compatible,
+    closed_form_kl,
     offers,
     stepper_class,
 )
@@ -433,6 +434,13 @@ class Stepper:
         return cls.compilable
 
     @classmethod
+    def computes_kl_itself(cls, vae: VAE, config: TrainConfig) -> bool:
+        """Whether the loss computes its KL term itself (then ``train.elbo`` "mean_field" needs
+        :func:`~ppl_vae.inference.capabilities.closed_form_kl`) rather than through Pyro's
+        TraceMeanField_ELBO, which decides site by site; read only where ``elbo`` is in ``uses``."""
+        return True
+
+    @classmethod
     def describe(cls) -> str:
         return getattr(cls, "label", cls.__name__)
 
@@ -607,7 +615,17 @@ class SVIStepper(Stepper):
 
     @classmethod
     def compiles(cls, vae: VAE, config: TrainConfig) -> bool:
-        return config.fused_elbo and supports_fused_elbo(vae)  # only the fused path is plain torch
+        # only the fused path is plain torch; estimator B takes Pyro's path (TraceMeanField_ELBO,
+        # a closed-form KL site by site) where the fused loss has no closed-form KL (a hierarchy)
+        return (
+            config.fused_elbo
+            and supports_fused_elbo(vae)
+            and (config.elbo != "mean_field" or offers(vae, "enumerated_fast_path") or closed_form_kl(vae))
+        )
+
+    @classmethod
+    def computes_kl_itself(cls, vae: VAE, config: TrainConfig) -> bool:
+        return cls.compiles(vae, config)
 
     def loss(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> torch.Tensor:
         """The differentiable minibatch loss (negative ELBO scaled to ``num_data``)."""
