@@ -59,11 +59,17 @@ def one_line(exc: BaseException) -> str:
 def with_flags(message: str, flags: Dict[str, str]) -> str:
     """``message`` with every name in ``flags`` (a config field like ``train.lr`` or an argument
     like ``data_dir``) replaced by the flag that sets it: library errors name what Python
-    callers pass, the CLI shows what its users type. A quoted name ('batch_size') is a key the
-    user typed as a value (``--mf-option batch_size=0``), not an argument, and stays."""
-    for name in sorted(flags, key=len, reverse=True):
-        message = re.sub(rf"(?<![\w.'-]){re.escape(name)}(?![\w'])", flags[name], message)
-    return message
+    callers pass, the CLI shows what its users type. Values stay as they are: a quoted name
+    ('batch_size', a key typed as ``--mf-option batch_size=0``) and the names in a list of
+    choices ("must be one of ..., free_bits, got ...", "valid objectives: ...")."""
+    parts = _CHOICES.split(message)  # odd parts are lists of choices
+    for i in range(0, len(parts), 2):
+        for name in sorted(flags, key=len, reverse=True):
+            parts[i] = re.sub(rf"(?<![\w.'-]){re.escape(name)}(?![\w'])", flags[name], parts[i])
+    return "".join(parts)
+
+
+_CHOICES = re.compile(r"((?:one of|valid [\w -]+?:) [^;]*?(?=, got |; |$))")
 
 
 def option_flags(command: Optional[click.Command]) -> Dict[str, str]:

@@ -497,8 +497,8 @@ def _layer_sizes(
         dims = _positive_ints("latent_dims", latent_dims)
         if latent_dim not in (dims[-1], DEFAULT_LATENT_DIM):
             raise ValueError(
-                f"latent_dims={dims} puts {dims[-1]} units in the top layer but latent_dim (--latent-dim) "
-                f"is {latent_dim}: leave --latent-dim out or set it to {dims[-1]}"
+                f"latent_dims={dims} puts {dims[-1]} units in the top layer but latent_dim is {latent_dim}: "
+                f"leave latent_dim out or set it to {dims[-1]}"
             )
     hidden: Sequence[Union[int, Sequence[int]]] = (
         [[max(1, hidden_dim // 2**layer)] * 2 for layer in range(len(dims))] if hidden_dims is None else hidden_dims

@@ -312,3 +312,41 @@ def test_a_received_run_whose_config_is_out_of_range_or_does_not_apply_is_refuse
     line = one_line_error(result, message)
     assert result.exit_code == EXIT_ERROR and "config.json" in line
     assert sorted(p.name for p in received.iterdir()) == sorted(p.name for p in run_dir.iterdir())
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--objective", "bogus"],
+            "--objective must be one of beta_tc, beta_vae, capacity, elbo, free_bits, got 'bogus'",
+        ),
+        (["--free-bits", "1"], "--free-bits applies to objective 'free_bits' only; --objective is 'elbo'"),
+        (
+            ["--model", "ladder", "--model-option", "latent_dims=[8,4,2]", "--latent-dim", "3"],
+            "but --latent-dim is 3: leave --latent-dim out or set it to 2",
+        ),
+    ],
+)
+def test_errors_name_flags_but_leave_values_that_spell_like_them(tmp_path, args, message):
+    """Library messages name arguments (free_bits, latent_dim), which the CLI shows as the flags
+    users type; a value that is spelled like one (the objective 'free_bits', an entry of a list of
+    choices) stayed garbled as '--free-bits'."""
+    one_line_error(invoke("fit", *args, "--out", tmp_path / "r"), message)
+    assert not (tmp_path / "r").exists()
+
+
+def test_with_flags_replaces_arguments_only():
+    from ppl_vae.cli.main import with_flags
+
+    flags = {"free_bits": "--free-bits", "batch_size": "--batch-size", "train.lr": "--lr"}
+    assert with_flags("free_bits must be >= 0 and train.lr > 0", flags) == "--free-bits must be >= 0 and --lr > 0"
+    assert (
+        with_flags("unknown 'batch_size'; allowed: 'batch_size'", flags)
+        == "unknown 'batch_size'; allowed: 'batch_size'"
+    )
+    assert (
+        with_flags("x must be one of elbo, free_bits, got 'y'; batch_size too", flags)
+        == "x must be one of elbo, free_bits, got 'y'; --batch-size too"
+    )
+    assert with_flags("unknown objective 'z'; valid objectives: elbo, free_bits", flags).endswith("elbo, free_bits")
