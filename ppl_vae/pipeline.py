@@ -32,7 +32,7 @@ import torch
 
 from ppl_vae import runs
 from ppl_vae.config import DataConfig, RunConfig, check_config
-from ppl_vae.data.datasets import Dataset, load_dataset
+from ppl_vae.data.datasets import Dataset, check_data_dir, load_dataset
 from ppl_vae.errors import ConfigError, RunDirError, TrainingDiverged
 from ppl_vae.inference import distributed
 from ppl_vae.inference.capabilities import check_compatible
@@ -489,6 +489,7 @@ def fit(
     The returned :class:`Run`'s model is in eval mode, on the device it trained on (see :class:`Run`).
     """
     distributed.check_timeout(timeout_s)
+    check_data_dir(config.data.dataset, config.data.data_dir)  # a new run records no ignored setting
     config = absolute_data_paths(config)
     world = world_size(nproc)
     prepared = prepare(config, world) if world == 1 or not distributed.launched_by_torchrun() else None

@@ -54,7 +54,7 @@ RULES = {
     "--tc-gamma": ("2", ["--objective", "beta_tc"]),
     "--tc-estimator": ("mss", ["--objective", "beta_tc"]),
     "--free-bits": ("0.5", ["--objective", "free_bits"]),
-    "--free-bits-groups": ("2", ["--objective", "free_bits"]),
+    "--free-bits-groups": ("2", ["--objective", "free_bits", "--free-bits", "0.5"]),
     "--adam-eps": ("1e-4", ["--optimizer", "adam"]),
     "--adam-beta1": ("0.5", ["--optimizer", "adam"]),
     "--adam-beta2": ("0.99", ["--optimizer", "adam"]),

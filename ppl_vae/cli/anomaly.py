@@ -46,10 +46,18 @@ def anomaly(run_dir: Path, **opts) -> None:
     from ppl_vae import io, pipeline
     from ppl_vae.analysis.anomaly import score_dataset
 
-    if opts["out"] is not None:
-        io.check_target(opts["out"])  # before any work: never a run's own file, never through a link
+    out = opts["out"]
+    if out is not None:  # before any work: a file, never a run's own, never through a link
+        io.check_target(out)
+        if Path(out).is_dir():
+            raise ValueError(f"--out {out} is a folder; give the netCDF file to write (e.g. {Path(out) / 'scores.nc'})")
+        io.make_folder(Path(out).parent)  # removed again if the command fails before writing
     pipeline.seed_everything(opts["seed"])
     run = pipeline.load_run(run_dir, device=opts["device"])
+    if opts["data_dir"] is not None:  # read only by datasets kept in a folder
+        from ppl_vae.data.datasets import check_data_dir
+
+        check_data_dir(opts["dataset"] or run.config.data.dataset, opts["data_dir"])
     # another dataset is prepared as the run's training data was (binarization, split, size)
     data = pipeline.load_data(run.config, dataset=opts["dataset"], data_dir=opts["data_dir"])
     x = data.test if opts["split"] == "test" else data.train

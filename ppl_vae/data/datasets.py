@@ -149,10 +149,14 @@ def _idx_dataset(data_dir: Path, train_split: bool = True) -> Arrays:
 
 @DATASETS.register("digits")
 def load_digits_arrays(data_dir: Optional[Path] = None) -> Arrays:
-    """scikit-learn's bundled 8x8 handwritten digits (1,797 images), the embedded default."""
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images), the embedded default (it reads
+    no folder: ``reads_data_dir`` False, so a new run refuses a data_dir with it, :func:`check_data_dir`)."""
     pixels, target = _bundled_digits()
     images = (pixels.reshape(-1, 1, 8, 8) / 16.0).astype(np.float32)
     return images, None, target.astype(np.int64), None
+
+
+load_digits_arrays.reads_data_dir = False  # type: ignore[attr-defined]
 
 
 def _bundled_digits() -> Tuple[np.ndarray, np.ndarray]:
@@ -288,6 +292,22 @@ def _as_labels(array: np.ndarray, what: str) -> Tensor:
     if array.size and array.min() < 0:
         raise DataError(f"{what} must be class indices >= 0, got {array.min()}")
     return torch.as_tensor(array.astype(np.int64))
+
+
+def check_data_dir(name: str, data_dir: "str | Path | None") -> None:
+    """Refuse (ValueError, one line) a ``data_dir`` for a dataset that reads none: the embedded
+    digits (its loader declares ``reads_data_dir`` False) or a user's array file (read from its
+    own path). :func:`load_dataset` ignores it there, so a new run checks it first instead of
+    recording a setting that did nothing (runs already recorded with one still load)."""
+    if data_dir is None:
+        return
+    if name in DATASETS:
+        if getattr(DATASETS.get(name), "reads_data_dir", True):
+            return
+        what = f"dataset {name!r} is embedded"
+    else:
+        what = f"dataset {name!r} is a file, read from its own path"
+    raise ValueError(f"data_dir applies to a dataset read from a folder; {what}: leave data_dir out")
 
 
 def load_dataset(

@@ -407,6 +407,12 @@ def _check_tc(config: TrainConfig) -> None:
 
 def _check_free_bits(config: TrainConfig) -> None:
     _field_check(("free_bits", _nonnegative))(config)
+    if config.free_bits == 0:  # no floor: the objective would train the ELBO under its own name
+        raise ConfigError(
+            "train.objective 'free_bits' needs a KL floor: train.free_bits is 0, which trains the ELBO; "
+            "set train.free_bits > 0 (nats per latent dimension or group), or train the objective 'elbo'",
+            field="train.free_bits",
+        )
     if config.free_bits_groups is not None and config.free_bits_groups < 1:
         raise ConfigError(
             f"train.free_bits_groups must be >= 1 or null (one group per dimension), got {config.free_bits_groups}",

@@ -350,3 +350,39 @@ def test_with_flags_replaces_arguments_only():
         == "x must be one of elbo, free_bits, got 'y'; --batch-size too"
     )
     assert with_flags("unknown objective 'z'; valid objectives: elbo, free_bits", flags).endswith("elbo, free_bits")
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--data-dir", "{tmp}"], "--data-dir applies to a dataset read from a folder; dataset 'digits' is embedded"),
+        (
+            ["--dataset", "{tmp}/a.npy", "--data-dir", "{tmp}"],
+            "is a file, read from its own path: leave --data-dir out",
+        ),
+        (["--log-every-steps", "10"], "--log-every-steps applies to a training log only: give --log NAME"),
+        (
+            ["--objective", "free_bits", "--free-bits-groups", "3"],
+            "--objective 'free_bits' needs a KL floor: --free-bits is 0",
+        ),
+    ],
+    ids=["data-dir-embedded", "data-dir-file", "log-every-steps", "free-bits-zero"],
+)
+def test_fit_refuses_settings_that_would_do_nothing(tmp_path, args, message):
+    """Each was accepted, recorded in config.json and ignored (a data_dir the dataset never reads,
+    a logging interval with no log, a free-bits objective without a floor: the ELBO)."""
+    np.save(tmp_path / "a.npy", np.random.default_rng(0).random((40, 4)).astype(np.float32))
+    out = tmp_path / "run"
+    one_line_error(invoke("fit", *[a.format(tmp=tmp_path) for a in args], "--epochs", 1, "--out", out), message)
+    assert not out.exists()
+
+
+def test_anomaly_refuses_a_data_dir_its_dataset_does_not_read_and_a_folder_as_out(run_dir, tmp_path):
+    one_line_error(
+        invoke("anomaly", run_dir, "--normal-class", 3, "--data-dir", tmp_path, "--out", tmp_path / "new" / "s.nc"),
+        "--data-dir applies to a dataset read from a folder; dataset 'digits' is embedded",
+    )
+    assert not (tmp_path / "new").exists()
+    one_line_error(
+        invoke("anomaly", run_dir, "--normal-class", 3, "--out", tmp_path), "is a folder; give the netCDF file"
+    )

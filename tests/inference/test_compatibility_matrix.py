@@ -120,7 +120,8 @@ def test_iaf_flows_train_under_every_objective(one_thread):
     flows without a gradient, while the run recorded guide 'iaf'."""
     for objective in OBJECTIVES.names():
         vae, x, _ = tiny("bernoulli_mlp", "iaf")
-        config = TrainConfig(objective=objective, lr=1e-2, free_bits_groups=1 if objective == "free_bits" else None)
+        fb = {"free_bits": 0.5, "free_bits_groups": 1} if objective == "free_bits" else {}
+        config = TrainConfig(objective=objective, lr=1e-2, **fb)
         if objective == "beta_tc":
             with pytest.raises(ConfigError, match="objective 'beta_tc' needs a model whose guide is the encoder's"):
                 make_stepper(vae, config)
@@ -199,6 +200,8 @@ def _run_config(model: str, guide: str, method: str, objective: str, epochs: int
     train = dict(method=method, objective=objective, epochs=epochs, batch_size=25, lr=1e-2, device="cpu")
     if "num_particles" in (OBJECTIVES.get(objective) or METHODS.get(method)).uses:
         train["num_particles"] = 2
+    if objective == "free_bits":
+        train["free_bits"] = 0.5  # a floor: with none the objective is the ELBO, and refused
     return RunConfig(
         model=ModelConfig(model=model, guide=guide, latent_dim=2, hidden_dim=8),
         data=DataConfig(dataset="digits", binarize="threshold", train_size=50, labels=20 if model == "m2" else None),
