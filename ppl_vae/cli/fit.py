@@ -178,7 +178,8 @@ def _report(run, opts: dict) -> None:
         click.echo(early)
     click.echo(
         f"epoch {run.epochs_done}: train ELBO {final['train_elbo']:.3f}, test ELBO {final['test_elbo']:.3f} "
-        f"nats per datapoint (Monte Carlo estimates of lower bounds on log p(x); {final['wall_time']:.1f} s training)"
+        f"nats per datapoint (Monte Carlo estimates of lower bounds on {getattr(run.vae, 'evidence', 'log p(x)')}; "
+        f"{final['wall_time']:.1f} s training)"
     )
     if run.vae.label_metrics:
         from ppl_vae.analysis.semisupervised import describe_label_metrics

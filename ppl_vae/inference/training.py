@@ -674,7 +674,8 @@ HISTORY_VARS = {
     "train_loss": "mean minibatch loss per datapoint during the epoch, nats: the training method's objective "
     "negated (svi: the negative ELBO with its KL weight; iwae, dreg, rws: the negative IW bound)",
     "val_elbo": "ELBO per datapoint on the validation split (train.val_fraction of the training data, never "
-    "trained on), nats (KL weight 1); NaN without a validation split",
+    "trained on), nats (KL weight 1); a Monte Carlo estimate of a lower bound on log p(x); NaN without a "
+    "validation split",
     "kl_weight": "KL weight at the end of the epoch",
     "lr": "learning rate of the (first) optimizer during the epoch",
     "wall_time": "cumulative training time, seconds (evaluation excluded)",
@@ -705,7 +706,11 @@ def history_to_xarray(
     beside :data:`HISTORY_VARS` and :data:`TERM_VARS` are (:attr:`EpochMetrics.descriptions`)."""
     epochs = np.array([int(r["epoch"]) for r in records], dtype=np.int64)
     data_vars = {
-        name: ("epoch", np.array([r[name] for r in records], dtype=np.float64), {"description": desc})
+        name: (
+            "epoch",
+            np.array([r[name] for r in records], dtype=np.float64),
+            {"description": (descriptions or {}).get(name, desc)},
+        )
         for name, desc in HISTORY_VARS.items()
     }
     extra = sorted({k for r in records for k in r} - set(HISTORY_VARS) - {"epoch"})
@@ -935,6 +940,11 @@ def train(
     fit_idx = None if split is None else split[0].to(x_train.device)
     n_train = x_train.shape[0] if split is None else len(split[0])
     ctx = TrainContext(vae, data, config, stepper, state, dict(history_attrs or {}), num_train=n_train)
+    evidence = getattr(vae, "evidence", "log p(x)")  # what the ELBO bounds: log p(x | y) for a conditional model
+    if evidence != "log p(x)":
+        ctx.descriptions.update(
+            {k: HISTORY_VARS[k].replace("log p(x)", evidence) for k in ("train_elbo", "test_elbo", "val_elbo")}
+        )
     if metrics is not None:
         ctx.descriptions.update(metrics.descriptions)
     device = x_train.device

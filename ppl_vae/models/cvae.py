@@ -97,6 +97,8 @@ class ConditionalVAE(VAE):
     ``y`` is an integer tensor ``(N,)`` with values in ``[0, num_classes)``, one per datapoint.
     """
 
+    evidence = "log p(x | y)"  # the label is given: the ELBO bounds the conditional evidence
+
     has_fast_path = False  # model/guide differ from the parts-based VAE's: analysis goes through traces
     num_classes: int  # always set here (Optional only on the base class)
 

@@ -62,6 +62,8 @@ class VAE(nn.Module):
 
     num_classes: Optional[int] = None
     generates_images: bool = True
+    #: what the ELBO bounds, as printed and recorded: log p(x | y) for a model conditioned on labels
+    evidence: str = "log p(x)"
 
     has_fast_path: bool = True
     """Declares the fast-path protocol (:class:`ppl_vae.inference.latents.FastPair`): ``log_prior``,

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ppl_vae import runs
 from tests.conftest import invoke, one_line_error
 
 SMALL = ["--hidden-dim", "16", "--latent-dim", "2", "--train-size", "200", "--batch-size", "100", "--no-progress"]
@@ -17,6 +18,11 @@ def cvae_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "cvae"
     result = invoke("fit", "--model", "cvae", "--epochs", "1", "--out", out, *SMALL)
     assert result.exit_code == 0, result.output
+    # the label is given: every ELBO it prints and records bounds log p(x | y), not log p(x)
+    assert "Monte Carlo estimates of lower bounds on log p(x | y);" in result.output
+    history = runs.load_history(out)
+    for name in ("train_elbo", "test_elbo", "val_elbo"):
+        assert "lower bound on log p(x | y)" in history[name].attrs["description"], name
     return out
 
 
