@@ -518,6 +518,11 @@ def fit(
 
 
 def _check_parent(run_dir: Path) -> None:
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise RunDirError(
+            f"cannot create {run_dir}: it is a symbolic link to {run_dir.readlink()}, which does not exist; "
+            "remove the link or give another folder"
+        )
     for parent in run_dir.absolute().parents:
         if parent.exists():
             if not parent.is_dir():

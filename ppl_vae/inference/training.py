@@ -1069,7 +1069,9 @@ def train(
                     scheduler.step()
             stop = ctx.stopping = should_stop_early()
             bar.update(1)
-            bar.set_postfix(train=f"{record['train_elbo']:.2f}", test=f"{record['test_elbo']:.2f}")
+            bar.set_postfix_str(
+                f"ELBO (a lower bound) train {record['train_elbo']:.2f}, test {record['test_elbo']:.2f}"
+            )
             for hook in hooks:
                 hook.on_epoch_end(ctx)
     finally:

@@ -386,3 +386,10 @@ def test_anomaly_refuses_a_data_dir_its_dataset_does_not_read_and_a_folder_as_ou
     one_line_error(
         invoke("anomaly", run_dir, "--normal-class", 3, "--out", tmp_path), "is a folder; give the netCDF file"
     )
+
+
+def test_fit_into_a_dangling_link_is_one_line_naming_it(tmp_path):
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "nowhere" / "target")
+    one_line_error(invoke("fit", "--epochs", 1, "--out", link), "is a symbolic link to")
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists()
