@@ -157,11 +157,25 @@ def epoch_label_metrics(vae: Any, x: Any, labels: Optional[Any], batch_size: int
     )
 
 
-def describe_label_metrics(vae: Any, values: Mapping[str, float], num_points: int) -> List[str]:
+def describe_label_metrics(
+    vae: Any, values: Mapping[str, float], num_points: int, split: Optional[str] = None
+) -> List[str]:
     """One line per metric ``vae`` declares among ``values`` (a run's final record, computed on
     ``num_points`` test images), saying what it is: ``test error
     of q(y|x) 0.3570 ± 0.0048 (argmax, n = 10000 test images; ± is the binomial standard error
-    sqrt(p(1-p)/n))``. Metrics missing or NaN (not computed) are left out."""
+    sqrt(p(1-p)/n))``. Metrics missing or NaN (not computed) are left out. ``split``: the split
+    a selection of datapoints came from (``evaluate``), named in every line ("train error of
+    q(y|x) ... n = 300 train datapoints")."""
+    lines = _describe(vae, values, num_points)
+    if split is None:
+        return lines
+    renames = [("test images", f"{split} datapoints"), ("test image", f"{split} datapoint"), ("test ", f"{split} ")]
+    for old, new in renames:
+        lines = [line.replace(old, new) for line in lines]
+    return lines
+
+
+def _describe(vae: Any, values: Mapping[str, float], num_points: int) -> List[str]:
     lines = []
     for name in vae.label_metrics:
         value = values.get(name)

@@ -82,6 +82,8 @@ def option_flags(command: Optional[click.Command]) -> Dict[str, str]:
             if isinstance(param, click.Option) and param.name and "_" in param.name:
                 long = [o for o in param.opts if o.startswith("--")]
                 flags.setdefault(param.name, long[0] if long else param.opts[0])
+            if isinstance(param, click.Option) and param.name == "device":  # the device check names the field
+                flags.setdefault("train.device", "--device")
     return flags
 
 

@@ -208,5 +208,4 @@ def label_metric_lines(run: Run, sel: Selection) -> Tuple[Dict[str, float], List
         values = label_metrics(run.vae, sel.x, sel.labels)
     except ValueError:  # labels that are not class indices: nothing to measure against
         return {}, []
-    lines = describe_label_metrics(run.vae, values, int(sel.x.shape[0]))
-    return values, [line.replace("test images", f"{sel.split} datapoints") for line in lines]
+    return values, describe_label_metrics(run.vae, values, int(sel.x.shape[0]), sel.split)

@@ -73,3 +73,18 @@ def test_a_model_without_label_metrics_prints_none(tmp_path_factory, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "test error" not in result.output and "cluster accuracy" not in result.output
+
+
+def test_the_train_split_is_named_in_every_label_metric_line(tmp_path):
+    """A GMVAE evaluated on --split train said 'at least one test image, n = 10 train datapoints'."""
+    config = RunConfig(
+        model=ModelConfig(model="gmvae", latent_dim=2, hidden_dim=16),
+        data=DataConfig(dataset="digits", train_size=200),
+        train=TrainConfig(epochs=1, batch_size=50, device="cpu"),
+    )
+    run = pipeline.fit(config, tmp_path / "gm", progress=False).run_dir
+    args = ["evaluate", str(run), "-k", "5", "--num-datapoints", "20", "--split", "train", "--no-progress"]
+    result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "ev")])
+    assert result.exit_code == 0, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.startswith(("cluster accuracy", "clusters used"))]
+    assert len(lines) == 2 and all("n = 20 train datapoints" in ln and "test" not in ln for ln in lines), lines

@@ -393,3 +393,12 @@ def test_fit_into_a_dangling_link_is_one_line_naming_it(tmp_path):
     link.symlink_to(tmp_path / "nowhere" / "target")
     one_line_error(invoke("fit", "--epochs", 1, "--out", link), "is a symbolic link to")
     assert link.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where there is no CUDA device")
+@pytest.mark.parametrize("command", ["evaluate", "compare", "calibrate", "anomaly"])
+def test_cuda_without_a_gpu_names_the_flag(run_dir, tmp_path, command):
+    extra = ["--normal-class", 3] if command == "anomaly" else []
+    out = tmp_path / ("x.nc" if command == "anomaly" else "out")
+    line = one_line_error(invoke(command, run_dir, "--device", "cuda", *extra, "--out", out), "--device 'cuda'")
+    assert "train.device" not in line and not out.exists()
