@@ -32,6 +32,7 @@ checkpoint or history, and never through a symlink.
 from __future__ import annotations
 
 import html
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, cast
@@ -60,6 +61,26 @@ FILES = {
 COVERAGE_LEVEL = 0.9
 """The central-interval level the summary reports."""
 DISPERSION_LEVELS = (0.5, 0.9)
+COVERAGE_LEVELS = (0.5, 0.8, COVERAGE_LEVEL, 0.95)
+"""The levels of central intervals whose coverage is reported, where L draws can form them."""
+
+
+def _left_out(level: float, num_posterior_samples: int) -> int:
+    """Draws a central interval at ``level`` leaves out on each side (as :func:`coverage` forms it)."""
+    return int(math.floor(round((1.0 - level) * (num_posterior_samples + 1) / 2.0, 9)))
+
+
+def coverage_levels(num_posterior_samples: int) -> List[float]:
+    """The levels of :data:`COVERAGE_LEVELS` whose central interval of L draws leaves out at least
+    one draw on each side: with none left out every rank lies inside, and the 'coverage' is 1 by
+    construction (at L = 9 the 90% interval was all ten ranks, printed as coverage 1.000)."""
+    return [a for a in COVERAGE_LEVELS if _left_out(a, num_posterior_samples) >= 1]
+
+
+#: the fewest draws L for which the headline and dispersion levels' intervals leave a draw out
+MIN_POSTERIOR_SAMPLES = next(
+    n for n in range(1, 10_000) if all(_left_out(a, n) >= 1 for a in {COVERAGE_LEVEL, *DISPERSION_LEVELS})
+)
 """The levels of the coverage pooled over latent dimensions (:func:`~ppl_vae.analysis.calibration.dispersion`)."""
 EXTREME = 0.05
 """A predictive p-value is called extreme when min(p, 1 - p) is below this."""
@@ -138,7 +159,7 @@ def _merged_sbc(ranks: xr.Dataset, common: Dict[str, Any]) -> Tuple[xr.Dataset, 
     from ppl_vae.analysis.calibration import coverage, sbc_uniformity
 
     uniformity = sbc_uniformity(ranks)
-    covered = coverage(ranks, levels=sorted({0.5, 0.8, COVERAGE_LEVEL, 0.95}))
+    covered = coverage(ranks, levels=coverage_levels(int(ranks.attrs["num_posterior_samples"])))
     sbc = xr.merge([ranks, uniformity, covered], combine_attrs="drop_conflicts")
     sbc["outside_band"] = sbc["outside_band"].astype(np.int8)
     sbc["outside_band"].attrs["description"] = "1 when the rank ECDF leaves the simultaneous band"
@@ -589,6 +610,12 @@ def calibrate_run(
             raise ValueError(f"{arg} must be a positive integer, got {value}")
     if num_simulations < 2:
         raise ValueError(f"num_simulations must be >= 2 (uniformity needs several ranks), got {num_simulations}")
+    if num_posterior_samples < MIN_POSTERIOR_SAMPLES:
+        raise ValueError(
+            f"num_posterior_samples must be >= {MIN_POSTERIOR_SAMPLES}: a central {COVERAGE_LEVEL:.0%} interval "
+            f"of L draws leaves a draw out on each side only from L = {MIN_POSTERIOR_SAMPLES} (with fewer it "
+            f"holds every rank, and its coverage is 1 by construction), got {num_posterior_samples}"
+        )
     if num_datapoints is not None and num_datapoints < 0:
         raise ValueError(f"num_datapoints must be >= 0 (0: all), got {num_datapoints}")
     if binning is not None and binning not in BINNINGS:

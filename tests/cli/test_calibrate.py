@@ -297,3 +297,23 @@ def test_calibrate_refuses_bad_mean_field_options_and_writes_nothing(bernoulli_r
     result = CliRunner().invoke(cli, ["calibrate", str(bernoulli_run), *SMALL, "--out", str(out), *extra])
     one_line_error(result, message)
     assert not out.exists()
+
+
+def test_too_few_posterior_draws_for_a_central_interval_are_refused(bernoulli_run, tmp_path):
+    """With L = 9 draws the central 90% interval held all ten ranks: 'coverage 1.000 ± 0.000' on
+    every dimension, by construction. L is refused below the 19 draws the interval needs, and a
+    level whose interval would leave nothing out (95% at L = 19) is not reported."""
+    from ppl_vae.analysis import results
+
+    out = tmp_path / "out"
+    small = [a if a != "19" else "9" for a in SMALL]
+    one_line_error(
+        CliRunner().invoke(cli, ["calibrate", str(bernoulli_run), *small, "--out", str(out)]),
+        "--num-posterior-samples must be >= 19: a central 90% interval of L draws leaves a draw out",
+    )
+    assert not out.exists()
+    result = CliRunner().invoke(cli, ["calibrate", str(bernoulli_run), *SMALL, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    sbc = results.load_netcdf(out / "calibration_sbc.nc")
+    assert list(sbc["level"].values) == [0.5, 0.8, 0.9]
+    assert (sbc["nominal"].values < 1).all()
