@@ -5,6 +5,14 @@ from __future__ import annotations
 from typing import Optional
 
 
+def one_line(exc: BaseException) -> str:
+    """The error as one line, without the table of trace shapes that Pyro appends to an error
+    raised inside a model or guide (a Python caller's debugging aid, noise to a CLI user or in
+    a report's note)."""
+    text = str(exc).split("\nTrace Shapes:", 1)[0]
+    return " ".join(text.split()) or type(exc).__name__
+
+
 class PplVaeError(Exception):
     """Base class of the library's user-facing errors."""
 

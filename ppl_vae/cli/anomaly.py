@@ -54,6 +54,12 @@ def anomaly(run_dir: Path, **opts) -> None:
         io.make_folder(Path(out).parent)  # removed again if the command fails before writing
     pipeline.seed_everything(opts["seed"])
     run = pipeline.load_run(run_dir, device=opts["device"])
+    evidence = getattr(run.vae, "evidence", "log p(x)")
+    if evidence != "log p(x)":  # a conditional model scores x given its label
+        raise ValueError(
+            f"anomaly scores each datapoint by a bound on log p(x); {run_dir} holds model "
+            f"{run.config.model.model!r}, whose ELBO bounds {evidence}: score a run of an unconditional model"
+        )
     if opts["data_dir"] is not None:  # read only by datasets kept in a folder
         from ppl_vae.data.datasets import check_data_dir
 

@@ -24,6 +24,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import click
 
+from ppl_vae.errors import one_line
+
 # name -> "module:attribute"; a command's module is imported only when it runs.
 COMMANDS: Dict[str, str] = {
     "fit": "ppl_vae.cli.fit:fit",
@@ -51,9 +53,6 @@ EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 
-def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text
 
 
 def with_flags(message: str, flags: Dict[str, str]) -> str:

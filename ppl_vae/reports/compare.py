@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ppl_vae.analysis.gaps import fit_and_decompose, format_gap_table, gap_table, mean_field_batch, mis_warnings
+from ppl_vae.errors import one_line
 from ppl_vae.inference.latents import model_layout
 from ppl_vae.inference.meanfield import MeanFieldGuide, guide_moments
 from ppl_vae.inference.modes import block_seed, eval_mode, seeded
@@ -358,7 +359,7 @@ def _report_figures(
             with torch.no_grad():
                 figures.append((title, make()))
         except (TypeError, ValueError, RuntimeError) as exc:
-            notes.append(f"{title}: not drawn ({' '.join(str(exc).split())})")
+            notes.append(f"{title}: not drawn ({one_line(exc)})")
     return figures
 
 

@@ -141,3 +141,21 @@ def test_inpaint_label_flag_on_an_unconditional_model_is_an_error(two_layer_run,
         line = one_line_error(result, "--label/--no-label")
         assert "two_layer" in line and "conditional" in line
         assert not out.exists()
+
+
+def test_anomaly_refuses_a_conditional_model_in_one_line(cvae_run, tmp_path):
+    """anomaly scores log p(x); a cvae's ELBO bounds log p(x | y). It failed while scoring with
+    Pyro's advice to pass y and its table of trace shapes."""
+    out = tmp_path / "s.nc"
+    line = one_line_error(
+        invoke("anomaly", cvae_run, "--normal-class", "3", "--out", out), "whose ELBO bounds log p(x | y)"
+    )
+    assert "Trace Shapes" not in line and not out.exists()
+
+
+def test_errors_from_inside_a_pyro_program_lose_the_trace_shapes():
+    from ppl_vae.errors import one_line
+
+    exc = ValueError("the model needs labels: pass y\nTrace Shapes:\n Param Sites:\n Sample Sites:")
+    assert one_line(exc) == "the model needs labels: pass y"
+    assert one_line(ValueError("a\n  b")) == "a b" and one_line(ValueError()) == "ValueError"
