@@ -194,6 +194,14 @@ def check_compatible(
                 f"leave it at {getattr(defaults, name)!r}",
                 field=f"train.{name}",
             )
+    if getattr(vae, "kl_weight_per_site", False) and _constant_kl_weight(config) >= 1.0:
+        raise ConfigError(
+            "model option kl_warmup_fractions sets when each layer's KL weight reaches 1 during a KL warm-up; "
+            f"the KL weight is {_constant_kl_weight(config):g} from the first step (train.kl_schedule "
+            f"{config.kl_schedule!r}, train.kl_warmup_epochs {config.kl_warmup_epochs}), so it would change "
+            "nothing: give train.kl_warmup_epochs > 0 (train.kl_schedule 'linear')",
+            field="train.kl_warmup_epochs",
+        )
     if config.elbo == "mean_field" and "elbo" in cls.uses and offers(vae, "reparameterized"):  # else enumerated
         reason = _no_closed_form_kl(vae, traced=not cls.computes_kl_itself(vae, config))
         if reason:
@@ -206,6 +214,13 @@ def check_compatible(
     if num_train is not None and min_batch > 1:
         _check_last_batch(config, num_train, min_batch, side, world_size)
     return cls
+
+
+def _constant_kl_weight(config: TrainConfig) -> float:
+    """The KL weight when it never changes during training (no warm-up, no cycle), else -inf."""
+    if config.kl_schedule == "constant" or (config.kl_schedule == "linear" and config.kl_warmup_epochs == 0):
+        return float(config.kl_weight)
+    return float("-inf")
 
 
 def closed_form_kl(vae) -> bool:

@@ -134,10 +134,23 @@ def test_per_layer_kl_warmup_scales_each_layers_kl_term(name):
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
     assert float(loss) != pytest.approx(float(-(lik + 0.3 * (terms["z1"] + terms["z2"]))), rel=1e-5)
     # and the training step goes through the traces with those weights
-    stepper = METHODS.get("svi")(vae, TrainConfig())
+    stepper = METHODS.get("svi")(vae, TrainConfig(kl_warmup_epochs=2))  # (without a warm-up: refused)
     assert not stepper.fused
     torch.manual_seed(2)
     assert float(stepper.loss(x, num_data=6, kl_weight=0.3)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_per_layer_warmup_fractions_without_a_warmup_are_refused():
+    """With the KL weight 1 from the first step every layer's weight is min(1, 1 / f) = 1: the
+    fractions changed nothing but moved training onto Pyro's traces (a slower path)."""
+    from ppl_vae.errors import ConfigError
+
+    vae = small("ladder", kl_warmup_fractions=[0.5, 1.0])
+    for config in (TrainConfig(), TrainConfig(kl_schedule="constant")):
+        with pytest.raises(ConfigError, match=r"kl_warmup_fractions .* the KL weight is 1 from the first step"):
+            METHODS.get("svi")(vae, config)
+    METHODS.get("svi")(vae, TrainConfig(kl_schedule="constant", kl_weight=0.5))  # a weight below 1: it applies
+    METHODS.get("svi")(vae, TrainConfig(kl_schedule="cyclical"))
 
 
 # ---------------------------------------------------------------------------------------------
