@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional
 import click
 
 from ppl_vae.cli import options as opt
-from ppl_vae.cli.evaluate import estimator_option, print_profile, profile_option
+from ppl_vae.cli.evaluate import estimator_option, estimator_options, given_options, print_profile, profile_option
 from ppl_vae.estimator_options import (
     ADAM_STEPS_BEFORE_POLISH,
     MEAN_FIELD_GTOL,
@@ -32,6 +32,7 @@ from ppl_vae.estimator_options import (
     "With several runs: any estimator of log p(x) on the data (docs/estimators.md; not one that simulates its own), e.g. 'mis' (gap decomposition, q* fitted "
     "per run) or 'iw' (amortized IW only). One run's compare is always the gap decomposition.",
 )
+@estimator_options(skip=("num_samples", "mean_field_options"))  # (compare's own -k and --mf-* flags)
 @opt.split_option()
 @opt.num_datapoints_option(
     500, "the same rule as evaluate, whose default is all: q* is fitted per datapoint, hence 500 here"
@@ -102,6 +103,7 @@ def compare(
     threads,
     progress: bool,
     profile: bool,
+    **values: Any,
 ) -> None:
     """Gap decomposition (Cremer et al. 2018), diagnostics and a self-contained HTML report.
 
@@ -123,8 +125,16 @@ def compare(
     if num_datapoints < 0:
         raise ValueError(f"--num-datapoints must be >= 0, got {num_datapoints}")
     opt.check_processes(nproc, threads)
-    options: Dict[str, Any] = {}
+    options: Dict[str, Any] = given_options(values)  # the estimator's own flags (--ais-steps, ...)
     takes: Dict[str, Any] = {}
+    if len(run_dirs) == 1 and options:
+        from ppl_vae.estimator_options import OPTIONS
+
+        flags = ", ".join(OPTIONS[name].flag for name in options)
+        raise ValueError(
+            f"{flags} apply to a comparison of several runs with --estimator; one run's compare is the gap "
+            "decomposition (mis), set by -k and the --mf-* flags"
+        )
     if len(run_dirs) > 1:  # what the estimator takes, checked before anything is written
         from ppl_vae.inference import estimators
 

@@ -129,3 +129,28 @@ def test_split_is_refused_for_an_estimator_on_simulated_data(two_runs, tmp_path)
     )
     one_line_error(result, "--split does not apply to estimator 'bdmc': it scores data simulated from the model")
     assert not out.exists()
+
+
+def test_multirun_compare_takes_the_estimators_own_options(two_runs, tmp_path):
+    """compare RUN1 RUN2 --estimator ais had no --ais-steps or --num-chains (always T = 500 and
+    16 chains); they are the flags evaluate takes, declared once, and refused where they do not
+    apply (one run's compare, an estimator without them)."""
+    a, b = two_runs
+    runner = CliRunner()
+    args = ["compare", str(a), str(b), "--estimator", "ais", "--ais-steps", "3", "--num-chains", "2"]
+    result = runner.invoke(cli, [*args, "--num-datapoints", "4", "--out", str(tmp_path / "m"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    multi = results.load_netcdf(tmp_path / "m" / "multirun.nc")
+    assert multi.attrs["estimator"] == "ais"
+    assert {int(v) for k, v in multi.attrs.items() if k.endswith("num_steps")} == {3}, multi.attrs
+    assert {int(v) for k, v in multi.attrs.items() if k.endswith("num_chains")} == {2}, multi.attrs
+    out = tmp_path / "never"
+    one_line_error(
+        runner.invoke(cli, ["compare", str(a), "--ais-steps", "3", "--out", str(out)]),
+        "--ais-steps apply to a comparison of several runs with --estimator",
+    )
+    one_line_error(
+        runner.invoke(cli, ["compare", str(a), str(b), "--estimator", "iw", "--ais-steps", "3", "--out", str(out)]),
+        "--ais-steps does not apply to estimator 'iw' (it applies to ais, bdmc)",
+    )
+    assert not out.exists()
