@@ -53,8 +53,6 @@ EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 
-
-
 def with_flags(message: str, flags: Dict[str, str]) -> str:
     """``message`` with every name in ``flags`` (a config field like ``train.lr`` or an argument
     like ``data_dir``) replaced by the flag that sets it: library errors name what Python
