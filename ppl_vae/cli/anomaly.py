@@ -53,7 +53,7 @@ def anomaly(run_dir: Path, **opts) -> None:
             raise ValueError(f"--out {out} is a folder; give the netCDF file to write (e.g. {Path(out) / 'scores.nc'})")
         io.make_folder(Path(out).parent)  # removed again if the command fails before writing
     pipeline.seed_everything(opts["seed"])
-    run = pipeline.load_run(run_dir, device=opts["device"])
+    run = pipeline.load_run(run_dir, device=opts["device"], history=False)
     evidence = getattr(run.vae, "evidence", "log p(x)")
     if evidence != "log p(x)":  # a conditional model scores x given its label
         raise ValueError(

@@ -41,7 +41,7 @@ def disentanglement(
     from ppl_vae.reports.disentanglement import disentanglement_report
 
     report = disentanglement_report(
-        load_run(run_dir),
+        load_run(run_dir, history=False),
         out,
         num_points=num_points or None,
         num_test_points=num_test_points or None,

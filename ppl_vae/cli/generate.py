@@ -105,7 +105,7 @@ def generate(
     from ppl_vae.pipeline import load_data, load_run
 
     opt.check_size("--num-samples", num_samples, MAX_GRID_SAMPLES, "images in one grid")
-    run = load_run(run_dir)
+    run = load_run(run_dir, history=False)
     check_images(run.vae, f"a sample grid of {run_dir}", "; use `ppl-vae text RUN` to decode samples")
     if traverse:
         if run.vae.num_classes is not None:
@@ -170,7 +170,7 @@ def inpaint(
     opt.check_size("--num-draws", num_draws, MAX_NUM_DRAWS, "completions drawn in one figure per image")
     opt.check_size("--num-samples", num_samples, MAX_INPAINT_SAMPLES, "decoded images held per test image")
     opt.check_size("--num-images", num_images, MAX_NUM_IMAGES, "rows of one figure")
-    run = load_run(run_dir)
+    run = load_run(run_dir, history=False)
     if run.vae.num_classes is None:
         given = given_options(click.get_current_context(), ["use_label"])
         if given:

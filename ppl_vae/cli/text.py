@@ -66,7 +66,7 @@ def text(
     if set_by_user("temperature") and not num_sentences:
         raise ValueError("--temperature applies to the sampled sentences only; --samples is 0")
     pipeline.seed_everything(seed)
-    run = pipeline.load_run(run_dir)
+    run = pipeline.load_run(run_dir, history=False)
     if not isinstance(run.vae, TextHybridVAE):
         raise ValueError(f"{run_dir} holds model {run.config.model.model!r}, not a text VAE (text_hybrid...)")
     data = pipeline.load_data(run.config)

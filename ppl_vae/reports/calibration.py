@@ -623,7 +623,7 @@ def calibrate_run(
     check_sir(sir, num_posterior_samples)
     check_refine(refine, refine_lr, refine_num_samples)
     check_mean_field(mean_field, mean_field_options)
-    run = load_run(run_dir, device)
+    run = load_run(run_dir, device, history=False)  # the calibration reads no training curve
     sel = select_datapoints(run, split, num_datapoints or None, seed)
     vae, name = run.vae, run.config.model.model
     kwargs = sel.model_kwargs(run)

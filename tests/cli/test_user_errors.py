@@ -402,3 +402,30 @@ def test_cuda_without_a_gpu_names_the_flag(run_dir, tmp_path, command):
     out = tmp_path / ("x.nc" if command == "anomaly" else "out")
     line = one_line_error(invoke(command, run_dir, "--device", "cuda", *extra, "--out", out), "--device 'cuda'")
     assert "train.device" not in line and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "{run}", "--out", "{tmp}/g.png"],
+        ["anomaly", "{run}", "--normal-class", "3", "--num-samples", "2", "--out", "{tmp}/a.nc"],
+        ["evaluate", "{run}", "-k", "2", "--num-datapoints", "5", "--out", "{tmp}/e"],
+    ],
+    ids=lambda a: a[0],
+)
+def test_commands_that_read_no_training_curve_treat_a_damaged_history_alike(run_dir, tmp_path, args):
+    """A history.nc cut short passes the HDF5 signature check: the commands that do not read it
+    (everything but compare's training-curve figure and disentanglement's report) all run, where
+    calibrate and anomaly used to read it and fail while evaluate ran; one that is not HDF5 at
+    all is refused by every one of them, before any work."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    history = (run / "history.nc").read_bytes()
+    (run / "history.nc").write_bytes(history[:3000])
+    result = invoke(*[a.format(run=run, tmp=tmp_path) for a in args])
+    assert result.exit_code == 0, result.output
+    (run / "history.nc").write_bytes(b"not a netCDF file")
+    one_line_error(invoke(*[a.format(run=run, tmp=tmp_path / "x") for a in args]), "history.nc")
+    assert not (tmp_path / "x").exists()
