@@ -261,7 +261,8 @@ def _no_closed_form_kl(vae, traced: bool) -> str:
     param = next(iter(vae.parameters()), None)
     x = torch.zeros((2, *shape), device=None if param is None else param.device)
     kwargs = {"y": torch.zeros(2, dtype=torch.long, device=x.device)} if getattr(vae, "num_classes", None) else {}
-    with torch.no_grad():
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():  # the caller's random stream untouched
         guide = poutine.trace(vae.guide).get_trace(x, **kwargs)
         model = poutine.trace(poutine.replay(vae.model, trace=guide)).get_trace(x, **kwargs)
     sites = [

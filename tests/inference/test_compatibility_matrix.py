@@ -327,3 +327,13 @@ def test_estimator_b_refusals_name_the_setting_and_the_model():
         check_compatible(two, TrainConfig(elbo="mean_field"), model="two_layer")
     ladder, _, _ = tiny("ladder", "diagonal_normal")  # through Pyro's TraceMeanField_ELBO, not the fused loss
     assert not make_stepper(ladder, TrainConfig(elbo="mean_field")).fused and make_stepper(ladder, TrainConfig()).fused
+
+
+def test_the_closed_form_probe_leaves_the_random_stream_alone():
+    """The check of estimator B traces the model and guide once; the draws it makes must not shift
+    training's (a run with the check and one without would differ)."""
+    ladder, _, _ = tiny("ladder", "diagonal_normal")
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    check_compatible(ladder, TrainConfig(elbo="mean_field"), model="ladder")
+    assert torch.equal(torch.get_rng_state(), before)
