@@ -431,18 +431,20 @@ def default_summary(ds: "xr.Dataset") -> List[str]:
     bound = ds["log_px"].attrs["bound"]
     shown = [k for k in est.options if k in ds.attrs and not isinstance(ds.attrs[k], dict)]
     settings = "".join(f", {k}={ds.attrs[k]}" for k in shown)
+    evidence = str(ds.attrs.get("evidence", "log p(x)"))  # log p(x | y) for a model given labels
     kind = (
-        "a stochastic lower bound, below log p(x) in expectation"
+        f"a stochastic lower bound, below {evidence} in expectation"
         if bound == "lower bound"
-        else "a stochastic upper bound, above log p(x) in expectation"
+        else f"a stochastic upper bound, above {evidence} in expectation"
         if bound == "upper bound"
         else "an estimate, neither a lower nor an upper bound"
     )
+    hat = evidence.replace("log p", "log p̂", 1)
     lines = [
-        f"log p(x) estimate {float(ds['log_px'].mean()):.3f} ({est.name}{settings}: {kind}; "
+        f"{evidence} estimate {float(ds['log_px'].mean()):.3f} ({est.name}{settings}: {kind}; "
         f"mean over {n}{split} datapoints)",
         f"{'quantity':<30} {'mean ± se over datapoints':>26}  what it is (nats per datapoint)",
-        f"{'log p̂(x) (' + est.name + ')':<30} {mean_se(ds['log_px'])}  {_bound_words(bound)}",
+        f"{hat + ' (' + est.name + ')':<30} {mean_se(ds['log_px'])}  {_bound_words(bound)}",
     ]
     for key in ds.data_vars:
         name, v = str(key), ds[key]

@@ -194,6 +194,7 @@ def evaluate_run(
             "seed": seed,
             "block_size": int(block),
             "num_datapoints": int(len(sel.index)),
+            "evidence": str(getattr(run.vae, "evidence", "log p(x)")),  # what log_px estimates
             "seeding": "each block of block_size datapoints draws from a seed derived from "
             "(seed, its first datapoint): results do not depend on the number of processes",
         }

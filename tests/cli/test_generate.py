@@ -159,3 +159,13 @@ def test_errors_from_inside_a_pyro_program_lose_the_trace_shapes():
     exc = ValueError("the model needs labels: pass y\nTrace Shapes:\n Param Sites:\n Sample Sites:")
     assert one_line(exc) == "the model needs labels: pass y"
     assert one_line(ValueError("a\n  b")) == "a b" and one_line(ValueError()) == "ValueError"
+
+
+def test_evaluate_of_a_conditional_model_says_it_estimates_log_p_x_given_y(cvae_run, tmp_path):
+    result = invoke("evaluate", cvae_run, "-k", "5", "--num-datapoints", "10", "--out", tmp_path, "--no-progress")
+    assert result.exit_code == 0, result.output
+    first = result.output.splitlines()[0]
+    assert first.startswith("log p(x | y) estimate ") and "below log p(x | y) in expectation" in first
+    from ppl_vae.analysis import results
+
+    assert results.load_netcdf(tmp_path / "evaluation.nc").attrs["evidence"] == "log p(x | y)"
