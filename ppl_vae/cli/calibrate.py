@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import click
 
@@ -154,13 +154,13 @@ def calibrate(
     if not math.isfinite(refine_lr) or refine_lr <= 0:
         raise ValueError(f"--refine-lr must be a positive number, got {refine_lr}")
     ctx = click.get_current_context()
-    if not mean_field and ctx.get_parameter_source("mf_steps") not in (None, click.core.ParameterSource.DEFAULT):
+    if not mean_field and opt.given("mf_steps", ctx):
         raise ValueError("--mf-steps applies to the mean-field q* only: give --mean-field too")
     if not refine:
         given = [
             flag
             for flag, param in (("--refine-lr", "refine_lr"), ("--refine-num-samples", "refine_num_samples"))
-            if ctx.get_parameter_source(param) not in (None, click.core.ParameterSource.DEFAULT)
+            if opt.given(param, ctx)
         ]
         if given:
             raise ValueError(f"{' and '.join(given)} apply to the refinement only: give --refine K (K >= 1) too")
@@ -192,17 +192,12 @@ def calibrate(
         mean_field=mean_field,
         mean_field_options=({} if mf_steps is None else {"max_steps": mf_steps}) if mean_field else None,
         # the discrete site's settings only where given: a model without one refuses them
-        discrete_num_samples=_if_given(ctx, "discrete_num_samples", discrete_num_samples),
-        num_bins=_if_given(ctx, "ece_bins", ece_bins),
-        binning=_if_given(ctx, "ece_binning", ece_binning.replace("-", "_")),
+        discrete_num_samples=discrete_num_samples if opt.given("discrete_num_samples", ctx) else None,
+        num_bins=ece_bins if opt.given("ece_bins", ctx) else None,
+        binning=ece_binning.replace("-", "_") if opt.given("ece_binning", ctx) else None,
     )
     click.echo(result.summary())
     click.echo("wrote " + ", ".join(str(p) for p in result.files.values()))
-
-
-def _if_given(ctx: click.Context, param: str, value: Any) -> Any:
-    """``value`` where the user set ``param``, None where it is click's default."""
-    return None if ctx.get_parameter_source(param) in (None, click.core.ParameterSource.DEFAULT) else value
 
 
 calibrate.field_flags = {  # type: ignore[attr-defined]  # library errors name the flag

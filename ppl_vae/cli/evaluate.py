@@ -152,11 +152,7 @@ def evaluate(
     stages = Stages({"import": time.perf_counter() - start})
 
     options = estimators.check_options(estimator, given_options(values), given=list(given_options(values)))
-    ctx = click.get_current_context()
-    if estimators.get(estimator).simulated and ctx.get_parameter_source("split") not in (
-        None,
-        click.core.ParameterSource.DEFAULT,
-    ):
+    if estimators.get(estimator).simulated and opt.given("split"):
         raise ValueError(
             f"--split does not apply to estimator {estimator!r}: it scores data simulated from the model "
             "(--num-datapoints sets how many)"

@@ -125,8 +125,7 @@ def _loggers(opts: dict, run_dir: Path) -> tuple:
     """The training loggers ``--log`` names, writing under ``run_dir``."""
     from ppl_vae.loggers import CompileNotice, make_logger
 
-    source = click.get_current_context().get_parameter_source("log_every_steps")
-    if not opts["log"] and source not in (None, ParameterSource.DEFAULT):
+    if not opts["log"] and opt.given("log_every_steps"):
         raise ValueError("--log-every-steps applies to a training log only: give --log NAME (tensorboard) too")
     loggers = tuple(make_logger(name, run_dir, every_steps=opts["log_every_steps"]) for name in opts["log"])
     return (CompileNotice(), *loggers)

@@ -98,6 +98,13 @@ def progress_option(help: str = "Show a progress bar.") -> Decorator:
     return click.option("--progress/--no-progress", default=True, show_default=True, help=help)
 
 
+def given(name: str, ctx: Optional[click.Context] = None) -> bool:
+    """Whether the user set the parameter ``name`` (on the command line or through the environment),
+    not left it at click's default: an option that does not apply is refused only when given."""
+    ctx = ctx or click.get_current_context()
+    return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+
+
 def warn(message: str) -> None:
     """Print one ``Warning: ...`` line to stderr: every command warns this way (the group shows
     the library's ``warnings.warn`` calls through it too)."""

@@ -59,11 +59,9 @@ def text(
         raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {temperature}")
     if steps < 2 and interpolate:
         raise ValueError(f"--steps must be >= 2 to interpolate between two sentences, got {steps}")
-    ctx = click.get_current_context()
-    set_by_user = lambda p: ctx.get_parameter_source(p) not in (None, click.core.ParameterSource.DEFAULT)  # noqa: E731
-    if set_by_user("steps") and not interpolate:
+    if opt.given("steps") and not interpolate:
         raise ValueError("--steps applies to an interpolation only: give --interpolate FIRST SECOND too")
-    if set_by_user("temperature") and not num_sentences:
+    if opt.given("temperature") and not num_sentences:
         raise ValueError("--temperature applies to the sampled sentences only; --samples is 0")
     pipeline.seed_everything(seed)
     run = pipeline.load_run(run_dir, history=False)
