@@ -24,7 +24,7 @@ import pandas as pd
 import xarray as xr
 
 from ppl_vae.config import TrainConfig
-from ppl_vae.data.datasets import Dataset, load_dataset
+from ppl_vae.data.datasets import DATASETS, Dataset, check_data_dir, load_dataset
 from ppl_vae.errors import TrainingDiverged
 from ppl_vae.inference.importance import elbo_per_datapoint
 from ppl_vae.inference.training import METHODS, Callback, TrainContext, resolve_device, train
@@ -64,10 +64,18 @@ def dataset_dir(name: str, data_dir: Optional[Path]) -> Optional[Path]:
     return sub if sub.is_dir() else Path(data_dir)
 
 
-def load_experiment_data(name: str, data_dir: Optional[Path], *, train_size: Optional[int] = None) -> Dataset:
-    """A dataset of the experiments, by name (see :data:`DATA_MODELS`)."""
-    DATA_MODELS.get(name)
-    return load_dataset(name, dataset_dir(name, data_dir), train_size=train_size)
+def load_experiment_data(
+    names: Sequence[str], data_dir: Optional[Path], *, train_size: Optional[int] = None
+) -> Dict[str, Dataset]:
+    """The experiments' datasets, by name (see :data:`DATA_MODELS`). A ``data_dir`` that none of
+    them reads (the embedded digits alone) is refused in one line, not recorded and ignored."""
+    for name in names:
+        DATA_MODELS.get(name)
+    if data_dir is not None and names:
+        readers = [n for n in names if getattr(DATASETS.get(n), "reads_data_dir", True)]
+        if not readers:
+            check_data_dir(names[0], data_dir)  # raises, naming the dataset
+    return {name: load_dataset(name, dataset_dir(name, data_dir), train_size=train_size) for name in names}
 
 
 def build_model(dataset: str, data: Dataset, latent_dim: int, hidden_dim: int) -> VAE:

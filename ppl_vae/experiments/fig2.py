@@ -82,7 +82,7 @@ def run(settings: Fig2Settings, out_dir: Path, *, data_dir: Optional[Path] = Non
     from tqdm.auto import tqdm
 
     settings.validate()
-    data = {d: common.load_experiment_data(d, data_dir, train_size=settings.train_size) for d in settings.datasets}
+    data = common.load_experiment_data(settings.datasets, data_dir, train_size=settings.train_size)
     common.check_settings(out_dir, settings)
     table = common.ResultTable(
         out_dir,

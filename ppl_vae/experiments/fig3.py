@@ -134,7 +134,7 @@ def run(settings: Fig3Settings, out_dir: Path, *, data_dir: Optional[Path] = Non
     from tqdm.auto import tqdm
 
     settings.validate()
-    full = common.load_experiment_data(settings.dataset, data_dir)
+    full = common.load_experiment_data([settings.dataset], data_dir)[settings.dataset]
     too_big = [n for n in settings.train_sizes if n > full.train.shape[0]]
     if too_big:
         raise ValueError(

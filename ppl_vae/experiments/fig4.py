@@ -84,7 +84,7 @@ def run(settings: Fig4Settings, out_dir: Path, *, data_dir: Optional[Path] = Non
     from tqdm.auto import tqdm
 
     settings.validate()
-    data = {d: common.load_experiment_data(d, data_dir) for d in settings.datasets}
+    data = common.load_experiment_data(settings.datasets, data_dir)
     out_dir = Path(out_dir)
     common.check_settings(out_dir, settings)
     table = common.ResultTable(out_dir, "fig4", ["dataset"], ["dataset"])

@@ -58,7 +58,7 @@ def run(
     from tqdm.auto import tqdm
 
     settings.validate()
-    data = common.load_experiment_data(settings.dataset, data_dir)
+    data = common.load_experiment_data([settings.dataset], data_dir)[settings.dataset]
     out_dir = Path(out_dir)
     common.check_settings(out_dir, settings)
     table = common.ResultTable(out_dir, "fig5", ["latent_dim"], ["latent_dim"])

@@ -122,7 +122,7 @@ def test_fig3_refuses_large_latent_dim(tmp_path):
 
 
 def test_manifold_grid_decodes_inverse_cdf_points():
-    data = common.load_experiment_data("digits", None)
+    data = common.load_experiment_data(["digits"], None)["digits"]
     vae = common.build_model("digits", data, 2, 8)
     grid = fig4.manifold_grid(vae, 4)
     u = np.array([0.125, 0.375, 0.625, 0.875])
@@ -160,7 +160,17 @@ def test_fig4_and_fig5_small_runs(tmp_path):
 
 def test_missing_mnist_names_source_and_checksum(tmp_path):
     with pytest.raises(ValueError, match="sha256"):
-        common.load_experiment_data("mnist", tmp_path)
+        common.load_experiment_data(["mnist"], tmp_path)
+
+
+def test_a_data_dir_that_no_dataset_reads_is_refused(tmp_path):
+    """fig2 --dataset digits --data-dir DIR ran on the embedded digits and recorded DIR."""
+    with pytest.raises(
+        ValueError, match="data_dir applies to a dataset read from a folder; dataset 'digits' is embedded"
+    ):
+        common.load_experiment_data(["digits"], tmp_path)
+    with pytest.raises(ValueError, match="sha256"):  # read by mnist, so given for the pair: mnist's files are checked
+        common.load_experiment_data(["digits", "mnist"], tmp_path)
 
 
 def test_dataset_dir_finds_subfolder(tmp_path):
@@ -171,7 +181,7 @@ def test_dataset_dir_finds_subfolder(tmp_path):
 
 
 def test_mnist_fig2_loads_shared_data(shared_datasets):
-    data = common.load_experiment_data("mnist", shared_datasets, train_size=500)
+    data = common.load_experiment_data(["mnist"], shared_datasets, train_size=500)["mnist"]
     assert data.train.shape == (500, 1, 28, 28) and data.test.shape == (10000, 1, 28, 28)
 
 
