@@ -45,6 +45,7 @@ def anomaly(run_dir: Path, **opts) -> None:
     """Score each datapoint of a dataset with a trained run (higher = more anomalous)."""
     from ppl_vae import io, pipeline
     from ppl_vae.analysis.anomaly import score_dataset
+    from ppl_vae.models.vae import evidence_of
 
     out = opts["out"]
     if out is not None:  # before any work: a file, never a run's own, never through a link
@@ -54,7 +55,7 @@ def anomaly(run_dir: Path, **opts) -> None:
         io.make_folder(Path(out).parent)  # removed again if the command fails before writing
     pipeline.seed_everything(opts["seed"])
     run = pipeline.load_run(run_dir, device=opts["device"], history=False)
-    evidence = getattr(run.vae, "evidence", "log p(x)")
+    evidence = evidence_of(run.vae)
     if evidence != "log p(x)":  # a conditional model scores x given its label
         raise ValueError(
             f"anomaly scores each datapoint by a bound on log p(x); {run_dir} holds model "

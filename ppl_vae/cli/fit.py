@@ -175,9 +175,11 @@ def _report(run, opts: dict) -> None:
         return
     if early:
         click.echo(early)
+    from ppl_vae.models.vae import evidence_of
+
     click.echo(
         f"epoch {run.epochs_done}: train ELBO {final['train_elbo']:.3f}, test ELBO {final['test_elbo']:.3f} "
-        f"nats per datapoint (Monte Carlo estimates of lower bounds on {getattr(run.vae, 'evidence', 'log p(x)')}; "
+        f"nats per datapoint (Monte Carlo estimates of lower bounds on {evidence_of(run.vae)}; "
         f"{final['wall_time']:.1f} s training)"
     )
     if run.vae.label_metrics:

@@ -47,6 +47,12 @@ FAST_PATH_MEMBERS = (
 )
 
 
+def evidence_of(model: Any) -> str:
+    """What ``model``'s ELBO bounds and its estimates estimate (:attr:`VAE.evidence`): log p(x)
+    unless it declares another (a cvae's log p(x | y)); a pair written by hand declares none."""
+    return str(getattr(model, "evidence", "log p(x)"))
+
+
 class VAE(nn.Module):
     """A variational autoencoder: encoder, decoder, prior over z, likelihood of x.
 

@@ -185,6 +185,8 @@ def evaluate_run(
     with stages.stage("scoring"):
         parts = map_blocks(task, len(sel.index), block, seed, nproc=nproc, threads=threads, progress=progress)
         ds = join_blocks(parts)
+    from ppl_vae.models.vae import evidence_of
+
     ds.attrs.update(
         {
             "split": split,
@@ -194,7 +196,7 @@ def evaluate_run(
             "seed": seed,
             "block_size": int(block),
             "num_datapoints": int(len(sel.index)),
-            "evidence": str(getattr(run.vae, "evidence", "log p(x)")),  # what log_px estimates
+            "evidence": evidence_of(run.vae),  # what log_px estimates
             "seeding": "each block of block_size datapoints draws from a seed derived from "
             "(seed, its first datapoint): results do not depend on the number of processes",
         }
