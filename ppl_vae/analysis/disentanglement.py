@@ -308,11 +308,20 @@ def plot_mutual_info(metrics: xr.Dataset):
         fmt=".2f",
         annot_kws={"fontsize": 7},
         cbar_kws={"label": "I(z_j; v_k) / H(v_k)"},
-        xticklabels=[f"{f}\nMIG {float(m):.2f}" for f, m in zip(metrics.factor.values, metrics.mig_per_factor.values)],
+        xticklabels=[
+            f"{f}\nMIG {float(m):.2f}" if np.isfinite(m) else f"{f}\nMIG n/a"
+            for f, m in zip(metrics.factor.values, metrics.mig_per_factor.values)
+        ],
         yticklabels=[f"z{int(j)}" for j in metrics.latent.values],
     )
     ax.tick_params(labelsize=7)
-    ax.set_title(f"normalized mutual information; MIG {float(metrics.mig):.3f}", fontsize=9)
+    mig = float(metrics.mig)
+    ax.set_title(
+        f"normalized mutual information; MIG {mig:.3f}"
+        if np.isfinite(mig)
+        else "normalized mutual information; MIG n/a",
+        fontsize=9,
+    )
     return fig
 
 

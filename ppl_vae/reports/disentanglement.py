@@ -9,6 +9,7 @@ name that is a symlink or a folder, so nothing is written outside the folder.
 from __future__ import annotations
 
 import html
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
@@ -48,6 +49,11 @@ def check_targets(out_dir: Path) -> Dict[str, Path]:
     return paths
 
 
+def mig_text(value: float) -> str:
+    """A MIG to 3 decimals, or "n/a" where it is undefined (NaN: no factor varies among the points)."""
+    return f"{value:.3f}" if math.isfinite(value) else "n/a"
+
+
 @dataclass
 class DisentanglementReport:
     metrics: xr.Dataset
@@ -56,9 +62,16 @@ class DisentanglementReport:
 
     def summary(self) -> str:
         m = self.metrics
-        per = ", ".join(f"{f} {float(v):.3f}" for f, v in zip(m.factor.values, m.mig_per_factor.values))
+        per_factor = [float(v) for v in m.mig_per_factor.values]
+        per = ", ".join(f"{f} {mig_text(v)}" for f, v in zip(m.factor.values, per_factor))
+        undefined = sum(1 for v in per_factor if not math.isfinite(v))
+        if undefined:  # a factor with one value among the points has no entropy to normalize by
+            per += (
+                f"; n/a: the factor takes one value among the {m.attrs['num_points']} points, mean over the "
+                f"other {len(per_factor) - undefined} factors"
+            )
         return (
-            f"MIG {float(m.mig):.3f} ({per}); DCI disentanglement {float(m.dci_disentanglement):.3f}, "
+            f"MIG {mig_text(float(m.mig))} ({per}); DCI disentanglement {float(m.dci_disentanglement):.3f}, "
             f"completeness {float(m.dci_completeness):.3f}, informativeness "
             f"{float(m.dci_informativeness.mean()):.3f} (mean accuracy); active units {int(m.active_units)} "
             f"of {m.sizes['latent']} ({m.attrs['num_points']} points of {m.attrs['dataset']})"
@@ -90,7 +103,7 @@ def render_html(
                 [
                     f"<td class='text'>{html.escape(str(f))}</td>",
                     f"<td>{float(m.factor_entropy[k]):.3f}</td>",
-                    f"<td>{float(m.mig_per_factor[k]):.3f}</td>",
+                    f"<td>{mig_text(float(m.mig_per_factor[k]))}</td>",
                     f"<td>{float(m.completeness_per_factor[k]):.3f}</td>",
                     f"<td>{float(m.dci_informativeness[k]):.3f}</td>",
                 ]

@@ -121,3 +121,26 @@ def test_traversal_sweeps_one_dimension_sorted_by_kl():
     assert fig.__class__.__name__ == "Figure"
     with pytest.raises(ValueError, match="latent dimension.*do not exist.*0..3"):
         latent_traversal(vae, x, dims=[7])
+
+
+def test_a_factor_constant_among_the_points_is_reported_as_undefined_and_left_out_of_the_mean():
+    """MIG normalizes by the factor's entropy: a factor with one value among the points has none,
+    so its MIG is undefined. The summary says "n/a" and over how many factors the mean runs,
+    instead of printing "nan" beside a mean that silently dropped it."""
+    import xarray as xr
+
+    from ppl_vae.reports.disentanglement import DisentanglementReport
+
+    factors = _factors()
+    factors[:, 0] = 3.0  # one value
+    ds = mig(factors.copy(), factors, factor_names=["shape", "scale", "pos"])
+    assert math.isnan(float(ds.mig_per_factor[0]))
+    assert float(ds.mig) == pytest.approx(float(ds.mig_per_factor[1:].mean()))
+    ds["dci_disentanglement"] = 0.5
+    ds["dci_completeness"] = 0.5
+    ds["dci_informativeness"] = ("factor", np.full(3, 0.5))
+    ds["active_units"] = 3
+    ds.attrs.update(dataset="dsprites", num_points=N)
+    line = DisentanglementReport(ds, xr.Dataset()).summary()
+    assert "nan" not in line
+    assert "shape n/a" in line and f"one value among the {N} points, mean over the other 2 factors" in line
