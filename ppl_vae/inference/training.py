@@ -746,9 +746,10 @@ def stopped_early(records: Sequence[Dict[str, float]], config: TrainConfig) -> O
         return None
     best = len(records) - since
     return (
-        f"stopped early after epoch {len(records)}: the validation ELBO has not improved for {since} epochs "
-        f"(best {records[best - 1]['val_elbo']:.3f} at epoch {best}, kept in checkpoint-best.safetensors; "
-        "train.early_stopping_patience sets the patience)"
+        f"stopped early after epoch {len(records)}: the validation ELBO has not improved for {since} "
+        f"epoch{'' if since == 1 else 's'} (best {records[best - 1]['val_elbo']:.3f} at epoch {best}, kept in "
+        f"checkpoint-best.safetensors; patience {config.early_stopping_patience}, set when the run is made: "
+        "--early-stopping-patience, train.early_stopping_patience)"
     )
 
 

@@ -202,6 +202,9 @@ def test_early_stopping_keeps_the_best_checkpoint_and_a_resume_trains_no_further
     )
     result = invoke("fit", "--resume", tmp_path / "run", "--no-progress")
     assert result.exit_code == 0 and "nothing to do" in result.output and "stopped early after epoch 3" in result.output
+    assert "patience 2, set when the run is made: --early-stopping-patience" in result.output
+    result = invoke("fit", "--resume", tmp_path / "run", "--early-stopping-patience", "5", "--no-progress")
+    assert result.exit_code != 0 and "drop --early-stopping-patience" in result.output  # as the line says
 
 
 def test_a_history_written_before_the_new_variables_still_resumes(tmp_path):
