@@ -124,6 +124,34 @@ def test_anomaly_refuses_a_normal_class_the_data_does_not_have(tmp_path):
     one_line_error(result, "--normal-class 11 is not one of the data's classes (0..9)")
 
 
+def test_anomaly_of_class_labelled_data_scores_it_and_says_how_to_get_auroc(tmp_path, monkeypatch):
+    """Without --normal-class the digits' class labels failed the command after every datapoint
+    was scored ("labels must be 0 or 1"): it now writes the scores, equal to those with
+    --normal-class, and says which flag gives AUROC. The library refuses such labels before scoring."""
+    from ppl_vae.analysis import anomaly
+
+    run_dir = tmp_path / "run"
+    run = ppl_vae.fit(small_config(epochs=1), run_dir, progress=False)
+    result = CliRunner().invoke(cli, ["anomaly", str(run_dir), "--no-progress", "--out", str(tmp_path / "s.nc")])
+    assert result.exit_code == 0, result.output
+    assert "digits has class labels: --normal-class C gives AUROC and AUPRC" in result.output
+    assert "an upper bound on -log p(x)" in result.output  # what neg_elbo is
+    labelled = CliRunner().invoke(
+        cli, ["anomaly", str(run_dir), "--no-progress", "--normal-class", "3", "--out", str(tmp_path / "c.nc")]
+    )
+    assert labelled.exit_code == 0, labelled.output
+    import xarray as xr
+
+    plain, with_class = xr.load_dataset(tmp_path / "s.nc"), xr.load_dataset(tmp_path / "c.nc")
+    assert "auroc" not in plain.attrs and "label" not in plain and "auroc" in with_class.attrs
+    assert (plain.score == with_class.score).all()
+    scored = []
+    monkeypatch.setattr(anomaly, "anomaly_scores", lambda *a, **k: scored.append(1))
+    with pytest.raises(ValueError, match="for class labels pass normal_class"):
+        anomaly.score_dataset(run.vae, torch.zeros(3, 1, 8, 8), torch.tensor([0, 3, 1]))
+    assert not scored  # refused before any datapoint was scored
+
+
 def test_stale_temp_files_removed_by_two_processes_at_once_are_no_error(tmp_path, monkeypatch):
     """Ctrl-C during `fit --nproc 2` left a temp file; both ranks removed it on resume and one
     failed. Now only the deciding process cleans, and cleaning tolerates a file already gone."""

@@ -33,7 +33,10 @@ ScoreFn = Callable[[VAE, Tensor, int], Tensor]
 SCORES: Registry[ScoreFn] = Registry("anomaly score")
 
 
-@SCORES.register("neg_elbo", doc="negative ELBO, -E_q[log p(x,z) - log q(z|x)] (Kim et al. 2017)")
+@SCORES.register(
+    "neg_elbo",
+    doc="-ELBO, -E_q[log p(x,z) - log q(z|x)]: a Monte Carlo estimate of an upper bound on -log p(x) (Kim et al. 2017)",
+)
 def neg_elbo_score(vae: VAE, x: Tensor, num_samples: int) -> Tensor:
     """-ELBO of each datapoint with ``num_samples`` draws of z, shape ``(N,)``."""
     return -elbo_per_datapoint(vae.model, vae.guide, x, num_particles=num_samples, batch_size=len(x))
@@ -41,7 +44,7 @@ def neg_elbo_score(vae: VAE, x: Tensor, num_samples: int) -> Tensor:
 
 @SCORES.register(
     "reconstruction_probability",
-    doc="-log of p(x|z) averaged over z ~ q(z|x) (An & Cho 2015)",
+    doc="-log of p(x|z) averaged over draws z ~ q(z|x), a Monte Carlo estimate (An & Cho 2015)",
 )
 @torch.no_grad()
 def reconstruction_probability_score(vae: VAE, x: Tensor, num_samples: int) -> Tensor:
@@ -96,6 +99,12 @@ def detection_metrics(scores: Tensor | np.ndarray, labels: Tensor | np.ndarray) 
     }
 
 
+def are_anomaly_labels(labels: Tensor | np.ndarray) -> bool:
+    """Whether ``labels`` are anomaly labels (0 normal, 1 anomaly), not class labels."""
+    values = torch.unique(torch.as_tensor(labels))
+    return bool(((values == 0) | (values == 1)).all())
+
+
 def score_dataset(
     vae: VAE,
     x: Tensor | NpyRows,
@@ -119,6 +128,8 @@ def score_dataset(
         if normal_class not in classes:
             shown = f"{classes[0]}..{classes[-1]}" if classes == list(range(classes[0], classes[-1] + 1)) else classes
             raise ValueError(f"normal_class {normal_class} is not one of the data's classes ({shown})")
+    elif labels is not None and not are_anomaly_labels(labels):  # refused before the scoring, not after
+        raise ValueError("labels must be 0 (normal) or 1 (anomaly); for class labels pass normal_class")
     scores = anomaly_scores(vae, x, score=score, num_samples=num_samples, batch_size=batch_size, progress=progress)
     data_vars = {
         "score": (

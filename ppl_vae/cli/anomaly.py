@@ -44,7 +44,7 @@ from ppl_vae.cli import options as opt
 def anomaly(run_dir: Path, **opts) -> None:
     """Score each datapoint of a dataset with a trained run (higher = more anomalous)."""
     from ppl_vae import io, pipeline
-    from ppl_vae.analysis.anomaly import score_dataset
+    from ppl_vae.analysis.anomaly import SCORES, are_anomaly_labels, score_dataset
     from ppl_vae.models.vae import evidence_of
 
     out = opts["out"]
@@ -75,6 +75,9 @@ def anomaly(run_dir: Path, **opts) -> None:
             f"expects {tuple(run.vae.event_shape)}"
         )
     run.vae.likelihood.check_support(x, what=f"the {opts['split']} data of {data.name}")
+    class_labels = labels is not None and opts["normal_class"] is None and not are_anomaly_labels(labels)
+    if class_labels:  # scores need no labels; AUROC and AUPRC need to know which class is normal
+        labels = None
     device = next(run.vae.parameters()).device
     result = score_dataset(
         run.vae,
@@ -88,7 +91,8 @@ def anomaly(run_dir: Path, **opts) -> None:
     )
     scores = result["score"]
     click.echo(
-        f"{len(x)} datapoints of {data.name} ({opts['split']}) scored by {opts['score']}: "
+        f"{len(x)} datapoints of {data.name} ({opts['split']}) scored by {opts['score']} "
+        f"({SCORES.describe(opts['score'])}; higher = more anomalous): "
         f"median {float(scores.median()):.3f}, max {float(scores.max()):.3f}"
     )
     if "auroc" in result.attrs:
@@ -98,6 +102,11 @@ def anomaly(run_dir: Path, **opts) -> None:
         )
     elif "label" in result:
         click.echo(f"the labels hold one class only ({result.attrs['num_anomalies']} anomalies): no AUROC or AUPRC")
+    elif class_labels:
+        click.echo(
+            f"{data.name} has class labels: --normal-class C gives AUROC and AUPRC with every other class "
+            "as the anomalies"
+        )
     else:
         click.echo("no labels: AUROC and AUPRC need 0/1 labels (or class labels with --normal-class)")
     if opts["out"] is not None:
