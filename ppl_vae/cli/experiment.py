@@ -53,9 +53,12 @@ def _names(value):
     return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-def _report(out: Path, lines) -> None:
-    for key, value in lines.items():
-        click.echo(f"{key}: {value:.2f}")
+def _report(out: Path, sections) -> None:
+    """Each (heading saying what the numbers are, {key: number}) section, then where the files are."""
+    for heading, lines in sections:
+        click.echo(heading)
+        for key, value in lines.items():
+            click.echo(f"  {key}: {value:.2f}")
     click.echo(f"figure and numbers: {out}")
 
 
@@ -86,7 +89,7 @@ def fig2(out, data_dir, paper, seed, progress, datasets, methods, **opts) -> Non
     settings = _settings(lib.Fig2Settings, paper, seed=seed, datasets=_names(datasets), methods=_names(methods), **opts)
     out = out or Path("experiments/fig2")
     result = lib.run(settings, out, data_dir=data_dir, progress=progress)
-    _report(out, lib.summary(result))
+    _report(out, lib.summary_sections(result))
 
 
 @experiment.command()
@@ -114,7 +117,7 @@ def fig3(out, data_dir, paper, seed, progress, methods, **opts) -> None:
     settings = _settings(lib.Fig3Settings, paper, seed=seed, methods=_names(methods), **opts)
     out = out or Path("experiments/fig3")
     result = lib.run(settings, out, data_dir=data_dir, progress=progress)
-    _report(out, lib.summary(result))
+    _report(out, lib.summary_sections(result))
 
 
 @experiment.command()

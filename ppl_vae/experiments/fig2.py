@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import xarray as xr
 
@@ -182,4 +182,11 @@ def summary(result: xr.Dataset) -> Dict[str, float]:
     }
 
 
-__all__ = ["Fig2Settings", "plot", "run", "summary"]
+def summary_sections(result: xr.Dataset) -> List[Tuple[str, Dict[str, float]]]:
+    """[(what the numbers are, :func:`summary`)], as ``ppl-vae experiment fig2`` prints them."""
+    attrs = result["lower_bound"].attrs
+    heading = f"final {attrs['description']} ({attrs['bound']}), by dataset, latent dimension, method and split:"
+    return [(heading, summary(result))]
+
+
+__all__ = ["Fig2Settings", "plot", "run", "summary", "summary_sections"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import xarray as xr
@@ -224,10 +224,23 @@ def plot(frame, estimators=ESTIMATORS):
     return legend.finish(fig)
 
 
+def summary_sections(result: xr.Dataset) -> List[Tuple[str, Dict[str, float]]]:
+    """[(what the numbers are, :func:`summary`)] per estimator, as ``ppl-vae experiment fig3`` prints them."""
+    return [
+        (
+            f"final estimate of log p(x), nats per datapoint, by {ESTIMATOR_LABELS[estimator]}; by training-set "
+            "size N, method and split:",
+            summary(result, estimator),
+        )
+        for estimator in ESTIMATORS
+        if estimator in result["log_marginal"].estimator.values
+    ]
+
+
 def summary(result: xr.Dataset, estimator: str = "appendix_d") -> Dict[str, float]:
     """Last estimate per (train_size, method, split)."""
     curves = result["log_marginal"].sel(estimator=estimator).transpose("train_size", "method", "split", ...)
     return {
-        f"N={int(k['train_size'])} {k['method']} {k['split']} @{int(at)}": value
+        f"N={int(k['train_size'])} {k['method']} {k['split']}, after {int(at)} training samples": value
         for k, value, at in common.final_values(curves)
     }

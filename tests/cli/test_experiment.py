@@ -39,6 +39,7 @@ def test_fig2_command_writes_figure_and_numbers(tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert "digits z=2 AEVB train" in res.output and "wake-sleep" in res.output
+    assert "final ELBO per datapoint, nats (lower bound: Monte Carlo estimate of the ELBO" in res.output
     frame = pd.read_csv(out / "fig2.csv")
     assert set(frame["method"]) == {"AEVB", "wake-sleep"}
     assert (out / "fig2.png").is_file() and (out / "fig2.svg").is_file()

@@ -114,6 +114,18 @@ def test_fig3_small_run(tmp_path):
     # cross-entropy of 64 grey pixels in [0, 1]: a negative log-likelihood. The IW estimate is a
     # stochastic lower bound; appendix D's estimate (of 1/p(x)) is too noisy at 6 HMC draws to bound.
     assert float(aevb.sel(estimator="iw").max()) < 0 and float(mcem.sel(estimator="iw").max()) < 0
+    # what `ppl-vae experiment fig3` prints: each estimator's final values under a line saying what they are
+    sections = dict(fig3.summary_sections(result))
+    assert list(sections) == [
+        "final estimate of log p(x), nats per datapoint, by appendix D (HMC): stochastic upper bound; by "
+        "training-set size N, method and split:",
+        "final estimate of log p(x), nats per datapoint, by IW with the encoder: stochastic lower bound; by "
+        "training-set size N, method and split:",
+    ]
+    iw = list(sections.values())[1]
+    assert iw["N=100 MCEM test, after 100 training samples"] == pytest.approx(
+        float(mcem.sel(estimator="iw", split="test", train_size=100))
+    )
 
 
 def test_fig3_refuses_large_latent_dim(tmp_path):
