@@ -61,9 +61,9 @@ def _factorized_prior(vae) -> bool:
 
 
 def _fast_path(vae) -> bool:
-    from ppl_vae.inference.latents import FastPair
+    from ppl_vae.inference.latents import declares_fast_path
 
-    return bool(getattr(vae, "has_fast_path", False)) and isinstance(vae, FastPair)
+    return declares_fast_path(vae)
 
 
 def _declared(name: str, default):

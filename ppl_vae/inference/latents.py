@@ -68,6 +68,16 @@ FAST_PATH_KWARGS = frozenset({"y"})
 """Keyword arguments the protocol's methods take; a call with others goes through traces."""
 
 
+def declares_fast_path(pair: Any) -> bool:
+    """Whether ``pair`` offers the protocol: it declares ``has_fast_path`` and has its members.
+    The declaration is its class's, so a member set on the instance (``vae.model = ...``, one of
+    ``model``, ``guide`` and the class's ``fast_path_members``) is a program it does not cover."""
+    if not getattr(pair, "has_fast_path", False) or not isinstance(pair, FastPair):
+        return False
+    members = {"model", "guide", *getattr(type(pair), "fast_path_members", ())}
+    return not any(name in vars(pair) for name in members)
+
+
 def fast_pair(model: Callable, guide: Optional[Callable] = None, kwargs: Mapping[str, Any] = {}) -> Optional[Any]:
     """The object whose protocol serves ``model`` (and ``guide``), or None for the traced path.
 
@@ -76,7 +86,7 @@ def fast_pair(model: Callable, guide: Optional[Callable] = None, kwargs: Mapping
     ``has_fast_path``, and ``kwargs`` must be ones the protocol takes.
     """
     owner = getattr(model, "__self__", None)
-    if owner is None or not getattr(owner, "has_fast_path", False) or not isinstance(owner, FastPair):
+    if owner is None or not declares_fast_path(owner):
         return None
     if model != owner.model or (guide is not None and guide != owner.guide):
         return None

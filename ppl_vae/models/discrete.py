@@ -49,7 +49,7 @@ from ppl_vae.models.densities import normal_log_prob
 from ppl_vae.models.likelihoods import Likelihood
 from ppl_vae.models.networks import MLPDecoder, mlp
 from ppl_vae.models.priors import MixtureOfGaussiansPrior, Prior, StandardNormalPrior
-from ppl_vae.models.vae import VAE, data_plate
+from ppl_vae.models.vae import VAE, data_plate, declaration_covers
 from ppl_vae.models.zoo import MODELS, ModelSpec, NonNegativeFloat, PositiveFloat, PositiveInt
 
 UNLABELLED = -1
@@ -131,7 +131,7 @@ class EnumeratedCategoricalVAE(VAE):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "has_enumerated_fast_path" not in vars(cls) and any(n in vars(cls) for n in ENUMERATED_FAST_PATH_MEMBERS):
+        if not declaration_covers(cls, "has_enumerated_fast_path", ENUMERATED_FAST_PATH_MEMBERS):
             cls.has_enumerated_fast_path = False
 
     def __init__(

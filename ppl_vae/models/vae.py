@@ -47,6 +47,24 @@ FAST_PATH_MEMBERS = (
 )
 
 
+def _defining_class(cls: type, name: str) -> Optional[type]:
+    return next((k for k in cls.__mro__ if name in vars(k)), None)
+
+
+def declaration_covers(cls: type, flag: str, members: Sequence[str]) -> bool:
+    """Whether the class-level declaration ``flag`` (e.g. ``has_fast_path``) that ``cls`` has
+    still covers each of ``members``: true where ``cls`` declares it itself, or where every
+    member comes from the class it would come from in the class that declared ``flag``. A member
+    overridden since, by ``cls`` or by a mixin earlier in its MRO, is a program the declaration
+    never vouched for (a mixin's tempered ``model`` must not be scored as the base model)."""
+    if flag in vars(cls):
+        return True
+    declarer = _defining_class(cls, flag)
+    if declarer is None:
+        return False
+    return all(_defining_class(cls, name) is _defining_class(declarer, name) for name in members)
+
+
 def evidence_of(model: Any) -> str:
     """What ``model``'s ELBO bounds and its estimates estimate (:attr:`VAE.evidence`): log p(x)
     unless it declares another (a cvae's log p(x | y)); a pair written by hand declares none."""
@@ -93,9 +111,13 @@ class VAE(nn.Module):
     """The guide is the encoder's diagonal Gaussian N(loc(x), scale(x)^2) itself (a flow guide is not);
     methods that fit or call the encoder directly (wake-sleep, MCEM, the fused analytic-KL ELBO) need it."""
 
+    fast_path_members: Tuple[str, ...] = FAST_PATH_MEMBERS
+    """The members :attr:`has_fast_path` vouches for: set on an instance, one of them is not what
+    the declaration covered, and :func:`ppl_vae.inference.latents.fast_pair` traces the pair."""
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "has_fast_path" not in vars(cls) and any(name in vars(cls) for name in FAST_PATH_MEMBERS):
+        if not declaration_covers(cls, "has_fast_path", FAST_PATH_MEMBERS):
             cls.has_fast_path = False
 
     def __init__(

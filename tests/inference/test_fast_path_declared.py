@@ -3,6 +3,8 @@ program it wrote: the issue's tempered model (the joint scaled by 0.5, a power p
 
 from __future__ import annotations
 
+import types
+
 import pyro
 import pytest
 import torch
@@ -58,3 +60,45 @@ def test_overriding_any_member_drops_the_declaration_and_re_declaring_keeps_it(m
     kept = type("Kept", (VAE,), {member: passthrough, "has_fast_path": True})
     plain = type("Plain", (VAE,), {"extra": 1})
     assert not dropped.has_fast_path and kept.has_fast_path and plain.has_fast_path
+
+
+def test_a_member_from_a_mixin_or_set_on_the_instance_is_not_covered_by_the_declaration():
+    """The declaration covers the members as the declaring class had them. A mixin earlier in the
+    MRO (class MyVAE(Tempered, VAE)) supplied a tempered `model` that kept has_fast_path, so
+    `fit --model` of such a plugin trained and scored the base model; a `model` set on the
+    instance was scored as the base's too. Both now go through the program written."""
+    base, user, x = _pair()
+
+    class TemperedMixin:
+        def model(self, x, y=None, **kwargs):
+            return _scaled(lambda *a, **k: VAE.model(self, *a, **k), x, y=y, **kwargs)
+
+    class Mixed(TemperedMixin, type(base)):  # type: ignore[misc]
+        pass
+
+    class Subclass(type(base)):  # type: ignore[misc]  (inherits the declaration with its members)
+        pass
+
+    mixed = Mixed(base.encoder, base.decoder, base.prior, base.likelihood, base.event_shape)
+    assert not Mixed.has_fast_path and Subclass.has_fast_path
+    assert fast_pair(mixed.model, mixed.guide) is None and not supports_fused_elbo(mixed)
+    est = importance_estimate(mixed.model, mixed.guide, x, num_samples=200, seed=0)
+    assert torch.allclose(est.log_px, importance_estimate(user.model, user.guide, x, num_samples=200, seed=0).log_px)
+
+    patched = build_vae("bernoulli_mlp", (1, 8, 8), latent_dim=2, hidden_dim=16)
+    patched.load_state_dict(base.state_dict())
+    patched.model = types.MethodType(TemperedMixin.model, patched)
+    assert patched.has_fast_path and fast_pair(patched.model, patched.guide) is None
+    assert not supports_fused_elbo(patched)
+    est = importance_estimate(patched.model, patched.guide, x, num_samples=200, seed=0)
+    assert torch.allclose(est.log_px, importance_estimate(user.model, user.guide, x, num_samples=200, seed=0).log_px)
+
+
+def test_a_mixin_member_drops_the_batched_enumerated_elbo_too():
+    from ppl_vae.models.discrete import ENUMERATED_FAST_PATH_MEMBERS, GaussianMixtureVAE
+
+    for member in ENUMERATED_FAST_PATH_MEMBERS:
+        mixin = type("Mixin", (), {member: lambda self, *a, **k: None})
+        mixed = type("Mixed", (mixin, GaussianMixtureVAE), {})
+        assert not mixed.has_enumerated_fast_path, member
+    assert type("Plain", (GaussianMixtureVAE,), {}).has_enumerated_fast_path
