@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from ppl_vae.data.ondisk import NpyRows
 from ppl_vae.inference.importance import elbo_per_datapoint
+from ppl_vae.inference.latents import traced_log_probs
 from ppl_vae.inference.modes import eval_mode
-from ppl_vae.inference.traces import log_probs, trace_pair
 from ppl_vae.models.vae import VAE
 from ppl_vae.registry import Registry
 
@@ -49,8 +49,7 @@ def neg_elbo_score(vae: VAE, x: Tensor, num_samples: int) -> Tensor:
 @torch.no_grad()
 def reconstruction_probability_score(vae: VAE, x: Tensor, num_samples: int) -> Tensor:
     """-log (1/L) sum_l p(x | z_l) with z_l ~ q(z|x), ``L = num_samples``, shape ``(N,)``."""
-    model_trace, guide_trace = trace_pair(vae.model, vae.guide, x, num_particles=num_samples)
-    log_px = log_probs(model_trace, guide_trace, (num_samples, len(x))).log_likelihood
+    log_px = traced_log_probs(vae.model, vae.guide, x, num_particles=num_samples)[0].log_likelihood
     return -(torch.logsumexp(log_px, 0) - math.log(num_samples))
 
 

@@ -27,16 +27,18 @@ Only the model/guide contract is used, so any conforming pair can be analysed.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, cast
 
 import numpy as np
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from ppl_vae.inference.estimators import Estimate, diagnostic, register_estimator, variable
 from ppl_vae.inference.importance import default_particle_batch_size
+from ppl_vae.inference.latents import log_joint, sample_enumerated, sample_guide, traced_log_probs
 from ppl_vae.inference.meanfield import (
     MeanFieldGuide,
     MeanFieldResult,
@@ -47,7 +49,7 @@ from ppl_vae.inference.meanfield import (
 from ppl_vae.inference.modes import batches as data_batches
 from ppl_vae.inference.modes import block_seed, check_positive, eval_mode, in_eval_mode, seeded
 from ppl_vae.inference.stats import THRESHOLDS, ess, log_mean_exp, mean_se, psis_khat
-from ppl_vae.inference.traces import PARTICLE_PLATE, log_probs, trace_pair
+from ppl_vae.inference.traces import PARTICLE_PLATE
 
 if TYPE_CHECKING:  # imported where a dataset or table is built: after the scoring, off compare's path to it
     import pandas as pd
@@ -101,20 +103,66 @@ def describe(name: str) -> str:
     return f"{LABELS[name]}: {MEANINGS[name]}"
 
 
-def _draws(
-    model: Callable, proposal: Callable, other: Callable, x: Tensor, k: int, kw: Dict[str, Any]
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """(log p(x,z), log proposal(z), log other(z)), each ``(k, B)``, for z ~ proposal.
-
-    ``other`` is replayed on the proposal's draws, so any guide that follows the contract can
-    be scored at points it did not draw.
-    """
-    model_trace, guide_trace = trace_pair(model, proposal, x, num_particles=k, **kw)
-    shape = (k, x.shape[0])
-    lp = log_probs(model_trace, guide_trace, shape)
+def _guide_log_prob(guide: Callable, x: Tensor, values: Dict[str, Tensor], k: int, kw: Dict[str, Any]) -> Tensor:
+    """log guide(values) ``(k, B)``: the guide run with every site it samples fixed to ``values``."""
     with pyro.plate(PARTICLE_PLATE, k, dim=-2):
-        other_trace = poutine.trace(poutine.replay(other, trace=guide_trace)).get_trace(x, **kw)
-    return lp.log_joint, lp.log_guide, log_probs(model_trace, other_trace, shape).log_guide
+        trace = poutine.trace(poutine.condition(guide, data=values)).get_trace(x, **kw)
+    trace.compute_log_prob()
+    total = x.new_zeros((k, x.shape[0]))
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        if name not in values:
+            raise ValueError(
+                f"the guide samples site {name!r}, which the other proposal does not draw: the two "
+                "cannot be mixed over the same latents"
+            )
+        total = total + site["log_prob"].expand(total.shape)
+    return total
+
+
+def _draws(
+    model: Callable, guide: Callable, meanfield: Callable, x: Tensor, k: int, kw: Dict[str, Any]
+) -> List[Tensor]:
+    """[log p(x,z), log q, log r, then the same at K draws of r], each ``(k, B)``: K draws of the
+    amortized guide q, then K of r, q* made a proposal over every site q samples, through Pyro's
+    traces (:func:`_fast_draws` is the same without them).
+
+    Discrete sites the model enumerates and q does not sample are summed out of every term. A
+    discrete site q samples and q* (continuous) does not gets its exact conditional:
+    r(z, d) = q*(z) p(d | x, z), drawn by :func:`~ppl_vae.inference.latents.sample_enumerated`;
+    L[r] is then E_q*[log p(x, z) - log q*(z)], the ELBO the mean-field fit maximizes. The
+    weights are the same as scoring both proposals on the continuous sites alone with d summed
+    out of p, where q has no discrete site.
+    """
+    lp, guide_trace = traced_log_probs(model, guide, x, num_particles=k, **kw)
+    shape = (k, x.shape[0])
+    continuous: Dict[str, Tensor] = {}
+    discrete: Dict[str, Tensor] = {}
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+            continue
+        fn: Any = site["fn"]
+        value = cast(Tensor, site["value"])
+        value = value.expand(shape + value.shape[value.dim() - len(fn.event_shape) :])
+        (discrete if fn.support.is_discrete else continuous)[name] = value
+    log_s_at_q = _guide_log_prob(meanfield, x, continuous, k, kw)
+    s_draws, log_s = sample_guide(model, meanfield, x, k, **kw)
+    if not discrete:
+        joint_s = log_joint(model, x, s_draws, **kw)
+        return [lp.log_joint, lp.log_guide, log_s_at_q, joint_s, log_s, _guide_log_prob(guide, x, s_draws, k, kw)]
+    # r(z, d) = q*(z) p(d | x, z): at q's draws p(d | x, z) = p(x, d, z) / p(x, z)
+    log_px_z_at_q = log_joint(model, x, continuous, **kw)
+    log_r_at_q = log_s_at_q + lp.log_joint - log_px_z_at_q
+    d_s, joint_s, log_px_z_s = sample_enumerated(model, x, s_draws, **kw)
+    if set(d_s) != set(discrete):
+        raise ValueError(
+            f"the guide samples the discrete sites {sorted(discrete)} and the model enumerates {sorted(d_s)}: "
+            "the gap decomposition needs the guide to sample every enumerated site or none"
+        )
+    log_r = log_s + joint_s - log_px_z_s
+    log_q_at_r = _guide_log_prob(guide, x, {**s_draws, **d_s}, k, kw)
+    return [lp.log_joint, lp.log_guide, log_r_at_q, joint_s, log_r, log_q_at_r]
 
 
 def _fast_mixture_pair(model: Callable, guide: Callable, meanfield_guide: Callable, kw: Dict[str, Any]) -> Any:
@@ -224,8 +272,8 @@ def mixture_estimates(
                         terms = [t.double() for t in _fast_draws(owner, mf, xb, k, kw)]
                         joint_q, log_q, log_s_at_q, joint_s, log_s, log_q_at_s = terms
                     else:
-                        joint_q, log_q, log_s_at_q = (t.double() for t in _draws(model, guide, mf, xb, k, kw))
-                        joint_s, log_s, log_q_at_s = (t.double() for t in _draws(model, mf, guide, xb, k, kw))
+                        terms = [t.double() for t in _draws(model, guide, mf, xb, k, kw)]
+                        joint_q, log_q, log_s_at_q, joint_s, log_s, log_q_at_s = terms
                     parts["a"].append(joint_q - log_q)
                     parts["b"].append(joint_s - log_s)
                     parts["mq"].append(joint_q - torch.logaddexp(log_q + log_half, log_s_at_q + log_half))

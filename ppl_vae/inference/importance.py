@@ -19,7 +19,11 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from ppl_vae.inference.estimators import Estimate, diagnostic, register_estimator, variable, weight_warnings
-from ppl_vae.inference.latents import log_importance_weights, scored_by_traces  # noqa: F401  (re-exported)
+from ppl_vae.inference.latents import (  # noqa: F401  (re-exported)
+    log_importance_weights,
+    scored_by_traces,
+    traced_log_probs,
+)
 from ppl_vae.inference.modes import batches, block_seed, check_positive, in_eval_mode, seeded
 from ppl_vae.inference.stats import log_mean_exp_se_from_ess, psis_khat
 from ppl_vae.inference.traces import PARTICLE_PLATE, log_probs, trace_pair  # noqa: F401 (PARTICLE_PLATE re-exported)
@@ -391,10 +395,9 @@ def importance_samples(
     """
     check_positive("num_samples", num_samples)
     shape = (num_samples, x.shape[0])
-    model_trace, guide_trace = trace_pair(
+    lp, guide_trace = traced_log_probs(
         model, guide, x, num_particles=num_samples, max_plate_nesting=max_plate_nesting, **kwargs
     )
-    lp = log_probs(model_trace, guide_trace, shape)
     latents = {}
     for name, site in guide_trace.nodes.items():
         if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):

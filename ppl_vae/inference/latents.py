@@ -36,7 +36,7 @@ from pyro.distributions import constraints
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from ppl_vae.inference.traces import PARTICLE_PLATE, log_probs, trace_pair
+from ppl_vae.inference.traces import PARTICLE_PLATE, LogProbs, log_probs, trace_pair
 
 Latents = Dict[str, Tensor]
 
@@ -266,7 +266,7 @@ def _sample_dims(latents: Mapping[str, Tensor], layout: Optional[Layout], n: int
         shape = value.shape[: value.dim() - len(site.event_shape)]
     else:
         value = next(iter(latents.values()))
-        shape = value.shape[:1] if value.dim() >= 2 and value.shape[1] == n else value.shape[:0]
+        shape = value.shape[:2] if value.dim() >= 2 and value.shape[1] == n else value.shape[:1]
     if shape[-1:] != (n,):
         raise ValueError(f"latents must have shape (*draws, {n}, *event_shape); got {tuple(value.shape)}")
     if len(shape) > 2:
@@ -274,16 +274,17 @@ def _sample_dims(latents: Mapping[str, Tensor], layout: Optional[Layout], n: int
     return tuple(shape[:-1])
 
 
-def _traced_terms(
+def _enumerated_terms(
     model: Callable,
     x: Tensor,
     latents: Mapping[str, Tensor],
     kwargs: Mapping[str, Any],
     max_plate_nesting: int = 1,
     layout: Optional[Layout] = None,
-) -> Tuple[Tensor, Tensor]:
-    """(log p(latents), log p(x | latents)) through a trace of the conditioned model; enumerated
-    discrete sites summed out (log-sum-exp over their enumeration dims)."""
+) -> Tuple[Tensor, Tensor, Tuple[int, ...], poutine.Trace]:
+    """(log p(latents, d), log p(x, latents, d), (*draws, N), trace): a trace of the model
+    conditioned on ``latents`` with every discrete site d it marks for enumeration enumerated, its
+    values on enumeration dims to the left of ``(*draws, N)`` (not yet summed out)."""
     n = x.shape[0]
     sample_shape = _sample_dims(latents, layout, n)
     conditioned = poutine.condition(model, data=dict(latents))
@@ -314,16 +315,60 @@ def _traced_terms(
     zero = x.new_zeros(shape)
     prior = zero if prior is None else prior
     lik = zero if lik is None else lik
-    joint = prior + lik
-    keep = len(shape)
+    return prior, prior + lik, shape, trace
 
-    def marginal(t: Tensor) -> Tensor:
-        if t.dim() > keep:  # enumeration dims on the left: sum the discrete sites out
-            t = t.reshape((-1,) + tuple(t.shape[-keep:])).logsumexp(0)
-        return t.expand(shape)
 
-    log_prior = marginal(prior)
-    return log_prior, marginal(joint) - log_prior
+def _sum_out(t: Tensor, shape: Tuple[int, ...]) -> Tensor:
+    """``t`` ``(*enumeration dims, *shape)`` with the enumeration dims summed out (log-sum-exp)."""
+    if t.dim() > len(shape):
+        t = t.reshape((-1,) + tuple(t.shape[-len(shape) :])).logsumexp(0)
+    return t.expand(shape)
+
+
+def _traced_terms(
+    model: Callable,
+    x: Tensor,
+    latents: Mapping[str, Tensor],
+    kwargs: Mapping[str, Any],
+    max_plate_nesting: int = 1,
+    layout: Optional[Layout] = None,
+) -> Tuple[Tensor, Tensor]:
+    """(log p(latents), log p(x | latents)) through a trace of the conditioned model; enumerated
+    discrete sites summed out (log-sum-exp over their enumeration dims)."""
+    prior, joint, shape, _ = _enumerated_terms(model, x, latents, kwargs, max_plate_nesting, layout)
+    log_prior = _sum_out(prior, shape)
+    return log_prior, _sum_out(joint, shape) - log_prior
+
+
+def sample_enumerated(
+    model: Callable,
+    x: Tensor,
+    latents: Mapping[str, Tensor],
+    *,
+    layout: Optional[Layout] = None,
+    **kwargs: Any,
+) -> Tuple[Dict[str, Tensor], Tensor, Tensor]:
+    """Draws of the discrete sites the model enumerates from their exact conditional
+    p(d | x, latents), one per draw of ``latents`` ``{site: (*draws, N, *event_shape)}``.
+
+    Returns ``({site: (*draws, N)}, log p(x, latents, d), log p(x, latents))``: the drawn values,
+    the joint at them, and the joint with d summed out, each ``(*draws, N)``. What a proposal
+    over the continuous sites alone needs to become one over every site (q*(z) p(d | x, z): the
+    gap decomposition of a model whose guide samples its discrete sites)."""
+    _, joint, shape, trace = _enumerated_terms(model, x, latents, kwargs, layout=layout)
+    sites = [(name, site) for name, site in trace.nodes.items() if site["type"] == "sample" and _enumerated(site)]
+    if not sites:
+        raise ValueError("the model marks no discrete site for enumeration: there is nothing to draw")
+    enum_shape = tuple(joint.shape[: joint.dim() - len(shape)])
+    full = enum_shape + shape
+    flat = joint.expand(full).reshape((-1,) + shape)  # (values, *shape)
+    index = torch.distributions.Categorical(logits=flat.movedim(0, -1)).sample()  # (*shape)
+    values = {}
+    for name, site in sites:
+        value = cast(Tensor, site["value"])  # the site's support on its enumeration dim, 1 elsewhere
+        values[name] = value.expand(full).reshape((-1,) + shape).gather(0, index.unsqueeze(0)).squeeze(0)
+    at_draw = flat.gather(0, index.unsqueeze(0)).squeeze(0)
+    return values, at_draw, flat.logsumexp(0)
 
 
 def log_prior_and_likelihood(
@@ -412,16 +457,38 @@ def log_importance_weights(
     weights = None if args else _fast_model_weights(model, guide, x, num_particles, kwargs)
     if weights is not None:
         return weights
+    lp, _ = traced_log_probs(
+        model, guide, x, *args, num_particles=num_particles, max_plate_nesting=max_plate_nesting, **kwargs
+    )
+    return lp.log_weight
+
+
+def traced_log_probs(
+    model: Callable,
+    guide: Callable,
+    x: Tensor,
+    *args: Any,
+    num_particles: int,
+    max_plate_nesting: int = 1,
+    **kwargs: Any,
+) -> Tuple[LogProbs, poutine.Trace]:
+    """(:class:`~ppl_vae.inference.traces.LogProbs` ``(num_particles, N)``, the guide's trace)
+    for z ~ q over every site the guide samples: the guide traced, the model replayed on its draws.
+
+    Discrete sites the model marks for enumeration and the guide does not sample are summed out
+    of log p(x, z) and log p(x | z): replayed, the model would draw them from their prior, and a
+    weight p(x, d, z) / q(z) with d ~ p(d) counts p(d) twice.
+    """
     model_trace, guide_trace = trace_pair(
         model, guide, x, *args, num_particles=num_particles, max_plate_nesting=max_plate_nesting, **kwargs
     )
+    shape = (num_particles, x.shape[0])
     if not any(
         _enumerated(site) for _, site in _latent_sample_sites(model_trace) if site["name"] not in guide_trace.nodes
     ):
-        return log_probs(model_trace, guide_trace, (num_particles, x.shape[0])).log_weight
+        return log_probs(model_trace, guide_trace, shape), guide_trace
     # the model sums out discrete sites the guide leaves to it: score the guide's draws exactly
     guide_trace.compute_log_prob()
-    shape = (num_particles, x.shape[0])
     latents, log_q = {}, x.new_zeros(shape)
     for name, site in _latent_sample_sites(guide_trace):
         latents[name] = site["value"]
@@ -430,7 +497,7 @@ def log_importance_weights(
     latents = {k: v.expand(shape + v.shape[v.dim() - len(event_shapes[k]) :]) for k, v in latents.items()}
     layout = Layout(tuple(Site(k, event_shapes[k]) for k in latents))
     prior, lik = _traced_terms(model, x, latents, kwargs, max_plate_nesting, layout=layout)
-    return prior + lik - log_q
+    return LogProbs(prior + lik, lik, log_q), guide_trace
 
 
 def _fast_model_owner(model: Callable, guide: Callable, kwargs: Mapping[str, Any]) -> Optional[Any]:
