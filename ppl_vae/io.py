@@ -75,7 +75,10 @@ def atomic_path(path: Path, *, run_files: bool = False) -> Iterator[Path]:
     if not path.parent.is_dir():
         what = "is not a folder" if path.parent.exists() else "does not exist"
         raise NotADirectoryError(f"cannot write {path}: {path.parent} {what}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    except OSError as exc:  # a read-only or full file system, a folder without write permission
+        raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
     os.close(fd)
     try:
         yield Path(tmp)

@@ -186,15 +186,7 @@ class PplVaeGroup(click.Group):
                 err=True,
             )
             sys.exit(EXIT_INTERRUPTED)
-        except (
-            PplVaeError,
-            ValueError,
-            FileNotFoundError,
-            PermissionError,
-            IsADirectoryError,
-            NotADirectoryError,
-            FileExistsError,
-        ) as exc:
+        except (PplVaeError, ValueError, OSError) as exc:  # OSError: a read-only or full disk, a missing file...
             name = ctx.invoked_subcommand
             command = self.get_command(ctx, name) if name else None
             click.echo(f"Error: {with_flags(one_line(exc), option_flags(command))}", err=True)

@@ -429,3 +429,32 @@ def test_commands_that_read_no_training_curve_treat_a_damaged_history_alike(run_
     (run / "history.nc").write_bytes(b"not a netCDF file")
     one_line_error(invoke(*[a.format(run=run, tmp=tmp_path / "x") for a in args]), "history.nc")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "{run}"],
+        ["inpaint", "{run}", "--num-images", "2"],
+        ["animate", "{run}", "--epochs", "2"],
+        ["fit", "--resume", "{run}", "--epochs", "3", "--no-progress"],
+    ],
+)
+def test_a_read_only_file_system_is_one_line_naming_the_file(run_dir, tmp_path, monkeypatch, args):
+    """generate, inpaint, animate and resume wrote into a read-only run folder with a traceback
+    (OSError EROFS from the temporary file, a folder or the config). Every write here fails as
+    the file system would (root writes through chmod, so the failure is simulated)."""
+    import errno
+    import os
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr("ppl_vae.io.tempfile.mkstemp", read_only)
+    monkeypatch.setattr("pathlib.Path.mkdir", lambda self, *a, **k: read_only())
+    result = invoke(*[str(run) if a == "{run}" else a for a in args])
+    one_line_error(result, "Read-only file system")
