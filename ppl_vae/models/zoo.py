@@ -10,7 +10,7 @@ import collections.abc
 import math
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 from ppl_vae.config import Range  # one declaration of a range, for config fields and builder options
 from ppl_vae.models.likelihoods import LIKELIHOODS, Likelihood, make_likelihood
@@ -233,6 +233,30 @@ def check_model_options(name: str, build: Builder, options: dict) -> None:
     check_keyword_options(f"model {name!r}", build, options)
 
 
+def _check_sizes_given_once(
+    model: str, latent_dim: Optional[int], hidden_dim: Optional[int], model_options: Dict[str, Any]
+) -> None:
+    """Refuse a size given twice: ``hidden_dim`` beside the option ``hidden_dims``, which sets
+    every layer (``hidden_dim`` would be recorded and ignored), or ``latent_dim`` beside a
+    ``latent_dims`` whose top layer differs."""
+    if hidden_dim is not None and "hidden_dims" in model_options:
+        raise ValueError(
+            f"hidden_dim={hidden_dim} and model option hidden_dims={model_options['hidden_dims']} both set the "
+            f"hidden sizes of {model!r}: give one"
+        )
+    latent_dims = model_options.get("latent_dims")
+    if (
+        latent_dim is not None
+        and isinstance(latent_dims, (list, tuple))
+        and latent_dims
+        and latent_dims[-1] != latent_dim
+    ):
+        raise ValueError(
+            f"model option latent_dims={list(latent_dims)} puts {latent_dims[-1]} units in the top layer but "
+            f"latent_dim is {latent_dim}: leave latent_dim out or set it to {latent_dims[-1]}"
+        )
+
+
 def build_vae(
     model: str,
     event_shape: Sequence[int],
@@ -264,10 +288,17 @@ def build_vae(
     from ppl_vae.models.guides import GUIDES, make_guide
 
     GUIDES.get(guide)
+    given_latent_dim, given_hidden_dim = latent_dim, hidden_dim
     spec = MODELS.get(model)
     event_shape = tuple(int(s) for s in event_shape)
     if not event_shape or min(event_shape) < 1:
         raise ValueError(f"event_shape must be a non-empty shape of positive sizes, got {event_shape}")
+    for what, given, options in (("prior", prior, prior_options), ("likelihood", likelihood, likelihood_options)):
+        if options and not isinstance(given, str) and given is not None:
+            raise ValueError(
+                f"{what}_options {dict(options)} apply to a {what} named by string; the {type(given).__name__} "
+                f"given is already built: pass the options to its constructor"
+            )
     if isinstance(prior, Prior):
         if latent_dim is not None and latent_dim != prior.latent_dim:
             raise ValueError(f"latent_dim={latent_dim} disagrees with the prior's {prior.latent_dim}")
@@ -286,8 +317,15 @@ def build_vae(
     if not isinstance(likelihood, Likelihood):
         check_options("likelihood", likelihood, LIKELIHOODS.get(likelihood), likelihood_options or {}, skip=1)
         likelihood = make_likelihood(likelihood, event_dims=event_dims, **(likelihood_options or {}))
+    elif getattr(likelihood, "event_dims", event_dims) != event_dims:
+        raise ValueError(
+            f"the {type(likelihood).__name__} given sums {likelihood.event_dims} trailing dim(s) of a datapoint, "
+            f"but {model!r} datapoints of shape {event_shape} need {event_dims}: build it with "
+            f"event_dims={event_dims} (make_likelihood(name, event_dims={event_dims}))"
+        )
     model_options = dict(model_options or {})
     check_model_options(model, spec.build, model_options)
+    _check_sizes_given_once(model, given_latent_dim, given_hidden_dim, model_options)
     vae = spec.build(event_shape, latent_dim, hidden_dim, prior, likelihood, **{**(data_info or {}), **model_options})
     vae = make_guide(guide, vae, **(guide_options or {}))
     vae.prior.attach_to(vae.encoder, vae.event_shape, num_classes=vae.num_classes)

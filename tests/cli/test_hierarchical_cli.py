@@ -55,7 +55,7 @@ def runs(tmp_path_factory):
         "2",
         "--out",
         ladder,
-        *FAST,
+        *[a for a in FAST if a not in ("--hidden-dim", "16")],  # hidden_dims sets the sizes
     )
     assert result.exit_code == 0, result.output
     return two, ladder

@@ -365,8 +365,16 @@ def test_with_flags_replaces_arguments_only():
             ["--objective", "free_bits", "--free-bits-groups", "3"],
             "--objective 'free_bits' needs a KL floor: --free-bits is 0",
         ),
+        (
+            ["--model", "two_layer", "--latent-dim", "50", "--model-option", "latent_dims=[8,4]"],
+            "latent_dims=[8, 4] puts 4 units in the top layer but --latent-dim is 50",
+        ),
+        (
+            ["--model", "two_layer", "--hidden-dim", "7", "--model-option", "hidden_dims=[[16],[8]]"],
+            "both set the hidden sizes of 'two_layer': give one",
+        ),
     ],
-    ids=["data-dir-embedded", "data-dir-file", "log-every-steps", "free-bits-zero"],
+    ids=["data-dir-embedded", "data-dir-file", "log-every-steps", "free-bits-zero", "latent-dims", "hidden-dims"],
 )
 def test_fit_refuses_settings_that_would_do_nothing(tmp_path, args, message):
     """Each was accepted, recorded in config.json and ignored (a data_dir the dataset never reads,

@@ -159,3 +159,35 @@ def test_bernoulli_likelihood_equals_pyro_bernoulli_and_broadcasts():
     expanded = d.expand((2, 3, 5))
     assert torch.allclose(expanded.log_prob(x), expected.expand(2, 3, 5), rtol=1e-6)
     assert torch.equal(d.mean, torch.sigmoid(logits))
+
+
+def test_build_vae_refuses_settings_it_would_drop_or_that_cannot_score_the_data():
+    """QA of 2026-12-07: each of these built, then ignored what was asked or failed deep in Pyro."""
+    from ppl_vae.models.likelihoods import make_likelihood
+    from ppl_vae.models.priors import make_prior
+
+    with pytest.raises(ValueError, match="prior_options .* apply to a prior named by string"):
+        build_vae(
+            "bernoulli_mlp",
+            (1, 8, 8),
+            prior=make_prior("mixture_of_gaussians", 2),
+            latent_dim=2,
+            prior_options={"num_components": 3},
+        )
+    with pytest.raises(ValueError, match="likelihood_options .* apply to a likelihood named by string"):
+        build_vae(
+            "gaussian_mlp",
+            (1, 8, 8),
+            likelihood=make_likelihood("gaussian", event_dims=3),
+            likelihood_options={"min_scale": 5.0},
+        )
+    with pytest.raises(ValueError, match=r"sums 1 trailing dim\(s\) .* need 3: build it with event_dims=3"):
+        build_vae("gaussian_mlp", (1, 8, 8), likelihood=make_likelihood("laplace"))
+    with pytest.raises(ValueError, match="both set the hidden sizes of 'two_layer': give one"):
+        build_vae("two_layer", (1, 8, 8), hidden_dim=7, model_options={"hidden_dims": [[16], [8]]})
+    with pytest.raises(ValueError, match="puts 4 units in the top layer but latent_dim is 50"):
+        build_vae("two_layer", (1, 8, 8), latent_dim=50, model_options={"latent_dims": [8, 4]})
+    vae = build_vae("two_layer", (1, 8, 8), model_options={"latent_dims": [8, 4], "hidden_dims": [[16], [8]]})
+    assert vae.latent_dim == 4  # given alone, the options decide
+    laplace = build_vae("gaussian_mlp", (1, 8, 8), likelihood=make_likelihood("laplace", event_dims=3))
+    assert laplace.likelihood.event_dims == 3

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(name, **options):
-    return build_vae(name, (1, 4, 4), latent_dim=2, hidden_dim=8, model_options=options)
+    hidden = {} if "hidden_dims" in options else {"hidden_dim": 8}  # both would be refused: one sets the sizes
+    return build_vae(name, (1, 4, 4), latent_dim=2, model_options=options, **hidden)
 
 
 def binary(n=12, seed=0):
