@@ -49,6 +49,7 @@ from ppl_vae.inference.training import (
 from ppl_vae.io import write_text
 from ppl_vae.models.vae import VAE
 from ppl_vae.models.zoo import build_vae
+from ppl_vae.plugins import check_recordable
 
 if TYPE_CHECKING:  # xarray is imported where used: fit needs none of it before its first step
     import xarray as xr
@@ -490,6 +491,7 @@ def fit(
     """
     distributed.check_timeout(timeout_s)
     check_data_dir(config.data.dataset, config.data.data_dir)  # a new run records no ignored setting
+    check_recordable(config.plugins)  # nor a plugin later commands would refuse to load
     config = absolute_data_paths(config)
     world = world_size(nproc)
     prepared = prepare(config, world) if world == 1 or not distributed.launched_by_torchrun() else None

@@ -192,6 +192,25 @@ def _installed_specs() -> set:
     return specs
 
 
+def check_recordable(names: Sequence[str]) -> None:
+    """Refuse a plugin a run could not load again by itself: a ``module:function`` hook that is
+    not an installed entry point. A run records its plugins so that evaluate, compare and resume
+    import them; a hook runs a function, which a received run never does (only an explicit
+    ``--plugin`` may), so the run would be refused by every later command."""
+    hooks = [n for n in names if isinstance(n, str) and ":" in n]
+    if not hooks:
+        return
+    installed = _installed_specs()
+    unrecordable = [n for n in hooks if n not in installed]
+    if unrecordable:
+        raise PluginError(
+            f"plugin {unrecordable[0]!r} is a module:function hook, which a run cannot record (later commands "
+            f"would refuse to run it): make module {unrecordable[0].partition(':')[0]!r} register its parts "
+            f"when imported and load it as --plugin {unrecordable[0].partition(':')[0]}, or install it as a "
+            f"{ENTRY_POINT_GROUP} entry point"
+        )
+
+
 def load_run_plugins(names: Sequence[str], *, trust: bool = False, source: str = "the run") -> List[str]:
     """Import the plugins a run's config names, when they are trusted (see the module docstring).
 
@@ -220,11 +239,15 @@ def load_run_plugins(names: Sequence[str], *, trust: bool = False, source: str =
         untrusted.append(name)
     if untrusted:
         flags = " ".join(f"--plugin {n}" for n in untrusted)
+        trust_too = (
+            ""
+            if any(":" in n for n in untrusted)  # --trust-plugins imports modules; it never runs a hook
+            else " (or `ppl-vae --trust-plugins ...` to import every plugin the run names)"
+        )
         raise PluginError(
             f"{source} names plugin{'s' if len(untrusted) > 1 else ''} {', '.join(map(repr, untrusted))}, "
             f"not installed as a {ENTRY_POINT_GROUP} entry point; a received run never imports code by itself: "
-            f"load it with `ppl-vae {flags} ...` (or `ppl-vae --trust-plugins ...` to import every plugin "
-            "the run names) if you trust it"
+            f"load it with `ppl-vae {flags} ...`{trust_too} if you trust it"
         )
     return load_plugins(names)
 

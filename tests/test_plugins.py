@@ -243,3 +243,19 @@ def test_entry_points_in_the_current_folder_are_never_discovered(tmp_path, monke
         assert not marker.exists() and "evil_mod" not in sys.modules
     finally:
         sys.modules.pop("evil_mod", None)
+
+
+def test_fit_refuses_to_record_a_hook_and_a_hook_is_never_offered_to_trust(tmp_path, monkeypatch, clean_registries):
+    """`--plugin mod:register fit` recorded the hook in config.json, which every later command then
+    refused, suggesting `--trust-plugins`, which never runs a hook. fit now refuses the hook
+    before anything is written; a run that names one (written before) gets only `--plugin`."""
+    root = write_plugin(tmp_path / "src", "plugpkg_h", entry_point=False)
+    (root / "plugpkg_h" / "hooks.py").write_text("def register():\n    pass\n")
+    monkeypatch.syspath_prepend(str(root))
+    out = tmp_path / "run"
+    result = invoke("--plugin", "plugpkg_h.hooks:register", "fit", "--out", out, *SMALL)
+    line = one_line_error(result, "plugin 'plugpkg_h.hooks:register' is a module:function hook")
+    assert "load it as --plugin plugpkg_h.hooks" in line and not out.exists()
+    with pytest.raises(plugins.PluginError) as refused:  # a hook this process has not run
+        plugins.load_run_plugins(["plugpkg_h.hooks:other"], trust=True)
+    assert "--plugin plugpkg_h.hooks:other" in str(refused.value) and "--trust-plugins" not in str(refused.value)
