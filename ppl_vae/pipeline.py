@@ -20,6 +20,7 @@ a folder that holds only a config (a run killed before its first checkpoint) is 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import random
 import shutil
 from dataclasses import dataclass, replace
@@ -338,7 +339,11 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
     checkpointer = runs.Checkpointer(
         run_dir,
         config.train.checkpoint_every,
-        extra={"event_shape": list(data.event_shape), "data_info": data.data_info},
+        extra={
+            "event_shape": list(data.event_shape),
+            "data_info": data.data_info,
+            runs.CONFIG_KEY: json.loads(config.to_json()),  # what these weights are trained under
+        },
         # a resume's new settings are written with the first checkpoint trained under them
         before_first_save=(lambda: runs.save_config(run_dir, config)) if job.write_config and writer else None,
     )
@@ -601,6 +606,10 @@ def resume(
             "so it cannot be continued; restore the checkpoint, or start a new run in another folder"
         )
     done = 0 if fresh else runs.checkpoint_epoch(run_dir)
+    if not fresh:  # a config.json edited since its checkpoint would train something else
+        runs.check_config_matches_checkpoint(
+            run_dir, config, runs.read_checkpoint(run_dir, tensors=False)[1], may_differ=runs.RESUME_MAY_DIFFER
+        )
     changed: Dict[str, Any] = {}
     if lr is not None and lr != config.train.lr:
         changed["lr"] = lr
@@ -676,6 +685,8 @@ def load_run(
         data = load_data(config)
         event_shape, data_info = data.event_shape, data.data_info
     vae = build_model(config, event_shape, data_info)
+    # scored as trained: the model and data the checkpoint's weights were trained with
+    runs.check_config_matches_checkpoint(run_dir, config, meta, sections=("model", "data"), may_differ=runs.MAY_MOVE)
     runs.load_weights(vae, tensors, str(run_dir / name))
     vae.eval()
     run = Run(run_dir, config, vae.to(resolve_device(device)), None)

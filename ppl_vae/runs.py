@@ -92,6 +92,61 @@ def load_config(run_dir: Path) -> RunConfig:
         raise RunDirError(f"{path}: {exc}") from None
 
 
+CONFIG_KEY = "config"
+"""The key of the checkpoint's metadata ``extra`` holding the config its weights were trained under."""
+
+MAY_MOVE = ("data.data_dir",)
+"""Settings config.json may hold apart from its checkpoint's wherever the run is read: where its
+data files are (a folder moved to another machine)."""
+
+RESUME_MAY_DIFFER = ("train.epochs", "train.device", "plugins", *MAY_MOVE)
+"""Settings config.json may hold apart from its checkpoint's on resume: the target it trains
+to, where it runs and where its data is (and the plugins, which only register parts by name and
+are imported under the trust rules of :mod:`ppl_vae.plugins`). Learning rate and optimizer change through ``fit
+--resume --lr/--optimizer``, which write both together; every other setting is fixed when the
+run is made."""
+
+
+def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(tree, dict):
+        out: Dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def check_config_matches_checkpoint(
+    run_dir: Path,
+    config: RunConfig,
+    meta: Dict[str, Any],
+    *,
+    sections: Sequence[str] = (),
+    may_differ: Sequence[str] = (),
+) -> None:
+    """Refuse a config.json edited by hand since its checkpoint was written: a different model,
+    likelihood, batch size or objective would be trained or scored on weights made under another
+    (a RunDirError naming the first setting that differs). ``sections``: compare only these
+    (``("model", "data")`` to score a run); ``may_differ``: dotted settings left out.
+    A checkpoint written before the config was kept with it is not checked."""
+    import dataclasses
+
+    saved = (meta.get("extra") or {}).get(CONFIG_KEY)
+    if not isinstance(saved, dict):
+        return
+    now = json.loads(json.dumps(dataclasses.asdict(config)))
+    keep = lambda path: (not sections or path.split(".")[0] in sections) and path not in may_differ  # noqa: E731
+    old_flat, new_flat = _flat(saved), _flat(now)
+    for path in sorted(set(old_flat) | set(new_flat)):
+        if keep(path) and old_flat.get(path) != new_flat.get(path):
+            raise RunDirError(
+                f"{Path(run_dir) / CONFIG} has '{path}' = {json.dumps(new_flat.get(path))} but the run's "
+                f"checkpoint was trained with {json.dumps(old_flat.get(path))}: a run's settings are fixed when "
+                "it is made (fit --resume changes --epochs, --lr and --optimizer); restore config.json, or "
+                "start a new run"
+            )
+
+
 def started(run_dir: Path) -> bool:
     """Whether the run has a checkpoint (a run whose first checkpoint was never written has not)."""
     return (Path(run_dir) / CHECKPOINT).is_file()

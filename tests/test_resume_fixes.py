@@ -309,3 +309,53 @@ def test_a_failed_resume_with_new_settings_leaves_the_config_of_its_checkpoint(t
     # a resume with new settings that trains records them with its checkpoint
     assert invoke("fit", "--resume", tiny_run, "--epochs", 3, "--lr", "0.002", "--no-progress").exit_code == 0
     assert runs.load_config(tiny_run).train.lr == 0.002 and runs.checkpoint_epoch(tiny_run) == 3
+
+
+# -- a config.json edited by hand since its checkpoint ---------------------------------------------
+
+
+def _edit(run_dir, section, key, value) -> None:
+    path = run_dir / runs.CONFIG
+    raw = json.loads(path.read_text())
+    raw[section][key] = value
+    path.write_text(json.dumps(raw))
+
+
+@pytest.mark.parametrize(
+    "section,key,value",
+    [
+        ("train", "batch_size", 7),
+        ("train", "objective", "free_bits"),
+        ("data", "train_size", 60),
+        ("model", "likelihood", "continuous_bernoulli"),
+    ],
+)
+def test_resume_refuses_a_config_edited_since_its_checkpoint(tmp_path, one_thread, section, key, value):
+    """Resume refused these as flags but took them from a hand-edited config.json, training epoch 2
+    on other settings than epoch 1 (QA: a likelihood, batch size, objective, training subset)."""
+    run_dir = tmp_path / "r"
+    pipeline.fit(small_config(epochs=1), run_dir, progress=False)
+    _edit(run_dir, section, key, value)
+    before = snapshot(run_dir)
+    with pytest.raises(RunDirError, match=f"has '{section}.{key}' = .* but the run's checkpoint was trained with"):
+        pipeline.resume(run_dir, epochs=2, progress=False)
+    assert snapshot(run_dir) == before
+    if section == "train":  # scoring does not depend on how the weights were trained
+        assert pipeline.load_run(run_dir).config.train.batch_size in (7, 50)
+    else:  # the model or data a run is scored with is the one it was trained with
+        with pytest.raises(RunDirError, match=f"'{section}.{key}'"):
+            pipeline.load_run(run_dir)
+
+
+def test_resume_flags_keep_config_and_checkpoint_in_step(tmp_path, one_thread):
+    run_dir = tmp_path / "r"
+    pipeline.fit(small_config(epochs=1), run_dir, progress=False)
+    pipeline.resume(run_dir, epochs=2, lr=1e-2, optimizer="adagrad", progress=False)
+    pipeline.resume(run_dir, epochs=3, progress=False)  # the first resume's settings are the checkpoint's
+    assert pipeline.load_run(run_dir).config.train.optimizer == "adagrad"
+    _edit(run_dir, "train", "device", "cpu")  # where it runs may change, and where its data is
+    _edit(run_dir, "data", "data_dir", str(tmp_path))
+    assert pipeline.load_run(run_dir).config.data.data_dir == str(tmp_path)
+    _edit(run_dir, "data", "data_dir", None)
+    _edit(run_dir, "train", "epochs", 9)
+    assert pipeline.resume(run_dir, progress=False).epochs_done == 9

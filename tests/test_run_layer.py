@@ -14,7 +14,7 @@ from ppl_vae import io, runs
 from ppl_vae.cli.main import cli
 from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from ppl_vae.errors import ConfigError, RunDirError
-from tests.conftest import one_line_error
+from tests.conftest import drop_checkpoint_config, one_line_error
 
 
 def small_config(**train) -> RunConfig:
@@ -313,6 +313,9 @@ def test_a_checkpoint_that_does_not_fit_says_what_differs(tmp_path):
     config = runs.load_config(run_dir)
     config.model.hidden_dim = 17
     runs.save_config(run_dir, config)
+    with pytest.raises(RunDirError, match="has 'model.hidden_dim' = 17 but the run's checkpoint was trained with 16"):
+        ppl_vae.load_run(run_dir)
+    drop_checkpoint_config(run_dir)  # a checkpoint written before it kept its config: the shapes say what differs
     with pytest.raises(
         RunDirError,
         match=r"do not fit the model .* of other shape \(saved vs model\): "

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from ppl_vae import io, pipeline, plugins
 from ppl_vae.cli.main import cli
 from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from tests.conftest import drop_checkpoint_config
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +169,10 @@ def test_text_on_a_config_naming_another_folder_reads_none_of_its_files(tmp_path
     raw = json.loads((run_dir / "config.json").read_text())
     raw["data"].update(dataset="fortunes", data_dir=str(secrets))
     (run_dir / "config.json").write_text(json.dumps(raw))
+    result = invoke("text", run_dir, "--num-samples", 1, "--samples", 0)
+    assert result.exit_code == 1  # the edit itself is refused: the checkpoint was trained on text-lines
+    assert "has 'data.dataset' = \"fortunes\"" in result.stderr and "/bin/bash" not in result.output
+    drop_checkpoint_config(run_dir)  # a run from before checkpoints kept their config
     result = invoke("text", run_dir, "--num-samples", 1, "--samples", 0)
     assert result.exit_code == 1
     assert "no fortune files" in result.stderr and "/bin/bash" not in result.output
