@@ -23,7 +23,7 @@ import json
 import math
 import re
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 from ppl_vae.errors import ConfigError
@@ -801,6 +801,22 @@ def check_applicability(config: RunConfig, sections: Sequence[str] = tuple(SECTI
                 f"{_show(config_value(config, rule.field))}",
                 field=d.path,
             )
+
+
+def reset_inapplicable(config: RunConfig, setting: str) -> List[str]:
+    """Put back to their defaults the fields whose declared rule reads ``setting`` and no longer
+    holds, after ``setting`` changed (``fit --resume --optimizer sgd`` of a run made with
+    ``--adam-eps``: Adam's eps does not apply to SGD); returns ``"train.adam_eps 0.0001"`` for
+    each field reset, what it was."""
+    reset = []
+    for d in declarations():
+        rule = d.option.applies
+        section = getattr(config, d.section)
+        if rule is None or rule.field != setting or d.option.key or not d.is_set(section) or rule(config):
+            continue
+        reset.append(f"{d.path} {_show(getattr(section, d.name))}")
+        setattr(config, d.section, replace(section, **{d.name: d.default}))
+    return reset
 
 
 def check_types(section: Any, name: str) -> None:

@@ -37,6 +37,14 @@ class RunDirError(PplVaeError, ValueError):
     """A run directory is missing, incomplete, or holds files that cannot be read safely."""
 
 
+class RunConfigError(RunDirError):
+    """A run's config.json holds a setting that is out of range, unknown, or differs from what
+    its checkpoint was trained under. The message names the file and the setting as the file
+    spells it (``train.device``): the user typed no flag, so the CLI names none."""
+
+    names_flags = False
+
+
 class TrainingDiverged(PplVaeError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 

@@ -23,6 +23,7 @@ import datetime as _dt
 import json
 import random
 import shutil
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
@@ -32,9 +33,9 @@ import pyro
 import torch
 
 from ppl_vae import runs
-from ppl_vae.config import DataConfig, RunConfig, check_config
+from ppl_vae.config import DataConfig, RunConfig, check_config, reset_inapplicable
 from ppl_vae.data.datasets import Dataset, check_data_dir, load_dataset
-from ppl_vae.errors import ConfigError, RunDirError, TrainingDiverged
+from ppl_vae.errors import ConfigError, RunConfigError, RunDirError, TrainingDiverged
 from ppl_vae.inference import distributed
 from ppl_vae.inference.capabilities import check_compatible
 from ppl_vae.inference.training import (
@@ -618,6 +619,14 @@ def resume(
     old_lr = config.train.lr
     if changed:
         config.train = replace(config.train, **changed)
+    if "optimizer" in changed:  # Adam's eps and betas do not apply to SGD: the record drops them
+        dropped = reset_inapplicable(config, "train.optimizer")
+        if dropped:
+            warnings.warn(
+                f"optimizer {changed['optimizer']!r} does not take {', '.join(dropped)}: "
+                "config.json records the defaults from here on",
+                stacklevel=2,
+            )
     if epochs is not None:
         if epochs <= done:
             raise ConfigError(
@@ -633,7 +642,12 @@ def resume(
                 field="train.epochs",
             )
         return load_run(run_dir)  # complete: nothing to do
-    prepared = prepare(config, world) if not distributed.launched_by_torchrun() else None
+    try:
+        prepared = prepare(config, world) if not distributed.launched_by_torchrun() else None
+    except ConfigError as exc:  # a setting the user did not give now: config.json's, named as it spells it
+        if exc.field is not None and exc.field.split(".")[-1] not in {*changed, "epochs"}:
+            raise RunConfigError(f"{run_dir / runs.CONFIG}: {exc}") from None
+        raise
     if world > 1 and prepared is not None:
         prepared[2].close()
         prepared = None

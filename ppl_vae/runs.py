@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from ppl_vae.config import RunConfig, TrainConfig
-from ppl_vae.errors import RunDirError
+from ppl_vae.errors import RunConfigError, RunDirError
 from ppl_vae.inference.optim import optimizer_kind
 from ppl_vae.inference.training import (
     Callback,
@@ -38,6 +38,7 @@ from ppl_vae.inference.training import (
     TrainContext,
     TrainState,
     attach_lr_schedulers,
+    check_train_names,
     epochs_since_best,
     history_records,
     history_to_xarray,
@@ -87,9 +88,11 @@ def load_config(run_dir: Path) -> RunConfig:
     if not path.is_file():
         raise RunDirError(f"{run_dir} is not a run directory: {CONFIG} is missing")
     try:
-        return RunConfig.from_json(path.read_text())
+        config = RunConfig.from_json(path.read_text())
+        check_train_names(config.train)  # an optimizer 'Adam' would be read, recorded and never run
     except (ValueError, TypeError) as exc:
-        raise RunDirError(f"{path}: {exc}") from None
+        raise RunConfigError(f"{path}: {exc}") from None
+    return config
 
 
 CONFIG_KEY = "config"
@@ -139,7 +142,7 @@ def check_config_matches_checkpoint(
     old_flat, new_flat = _flat(saved), _flat(now)
     for path in sorted(set(old_flat) | set(new_flat)):
         if keep(path) and old_flat.get(path) != new_flat.get(path):
-            raise RunDirError(
+            raise RunConfigError(
                 f"{Path(run_dir) / CONFIG} has '{path}' = {json.dumps(new_flat.get(path))} but the run's "
                 f"checkpoint was trained with {json.dumps(old_flat.get(path))}: a run's settings are fixed when "
                 "it is made (fit --resume changes --epochs, --lr and --optimizer); restore config.json, or "

@@ -359,3 +359,31 @@ def test_resume_flags_keep_config_and_checkpoint_in_step(tmp_path, one_thread):
     _edit(run_dir, "data", "data_dir", None)
     _edit(run_dir, "train", "epochs", 9)
     assert pipeline.resume(run_dir, progress=False).epochs_done == 9
+
+
+def test_errors_from_config_json_name_the_file_and_its_setting_not_a_flag(tmp_path, one_thread):
+    """Resume of a config.json holding optimizer 'Adam' or device 'gpu7' said "--optimizer must
+    be ..." / "--device must be ...", flags the user never typed and resume refuses; evaluate read
+    optimizer 'Adam' and ran."""
+    run_dir = tmp_path / "r"
+    pipeline.fit(small_config(epochs=1), run_dir, progress=False)
+    _edit(run_dir, "train", "optimizer", "Adam")
+    for args in (["fit", "--resume", run_dir, "--epochs", "2", "--no-progress"], ["evaluate", run_dir, "-k", "2"]):
+        line = one_line_error(invoke(*args), f"{run_dir / 'config.json'}: train.optimizer must be one of")
+        assert "--optimizer" not in line
+    _edit(run_dir, "train", "optimizer", "adam")
+    _edit(run_dir, "train", "device", "gpu7")  # the device may differ from the checkpoint's, but must be one
+    line = one_line_error(invoke("fit", "--resume", run_dir, "--epochs", "2", "--no-progress"), "train.device must be")
+    assert "--device" not in line and str(run_dir / "config.json") in line
+
+
+def test_a_new_optimizer_on_resume_drops_settings_only_the_old_one_took(tmp_path, one_thread):
+    """A run made with --adam-eps could not change optimizer: "--adam-eps applies to optimizer
+    'adam' or 'adamax' only", a flag the user could not drop. The record now drops it, saying so."""
+    run_dir = tmp_path / "r"
+    pipeline.fit(small_config(epochs=1, adam_eps=1e-4), run_dir, progress=False)
+    with pytest.warns(UserWarning, match=r"optimizer 'sgd' does not take train.adam_eps 0.0001"):
+        pipeline.resume(run_dir, epochs=2, optimizer="sgd", progress=False)
+    config = runs.load_config(run_dir)
+    assert config.train.optimizer == "sgd" and config.train.adam_eps == TrainConfig().adam_eps
+    assert pipeline.resume(run_dir, epochs=3, progress=False).epochs_done == 3

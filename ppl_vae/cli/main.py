@@ -189,7 +189,10 @@ class PplVaeGroup(click.Group):
         except (PplVaeError, ValueError, OSError) as exc:  # OSError: a read-only or full disk, a missing file...
             name = ctx.invoked_subcommand
             command = self.get_command(ctx, name) if name else None
-            click.echo(f"Error: {with_flags(one_line(exc), option_flags(command))}", err=True)
+            line = one_line(exc)
+            if getattr(exc, "names_flags", True):  # a setting read from a file keeps the file's name for it
+                line = with_flags(line, option_flags(command))
+            click.echo(f"Error: {line}", err=True)
             sys.exit(EXIT_ERROR)
         except (MemoryError, RuntimeError) as exc:
             message = memory_message(exc, _size_flags(self, ctx))

@@ -200,6 +200,30 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_train_names(config: TrainConfig) -> None:
+    """The names the training registries hold (method, elbo, optimizer, kl_schedule, objective)
+    and the learning-rate schedule's class: a ConfigError naming the first one no registry has.
+    What a run's config.json is checked for when it is read, wherever it runs."""
+    for name, registry in (
+        ("method", METHODS),
+        ("elbo", ELBOS),
+        ("optimizer", OPTIMIZERS),
+        ("kl_schedule", KL_SCHEDULES),
+        ("objective", OBJECTIVES),
+    ):
+        value = getattr(config, name)
+        if name == "elbo" and value in _REMOVED_ELBOS:
+            raise ConfigError(
+                f"train.elbo {value!r} is no longer offered (it used torch.jit.trace, deprecated in torch 2); "
+                f"use elbo {_REMOVED_ELBOS[value]!r} with compile 'inductor'",
+                field="train.elbo",
+            )
+        if value not in registry:
+            raise ConfigError(
+                f"train.{name} must be one of {', '.join(registry.names())}, got {value!r}", field=f"train.{name}"
+            )
+
+
 def validate_train_config(config: TrainConfig) -> None:
     """Raise :class:`ConfigError` naming the first bad field (``train.NAME``).
 
@@ -213,22 +237,7 @@ def validate_train_config(config: TrainConfig) -> None:
 
     as_run = RunConfig(train=config)
     check_values(as_run, ("train",))
-    for name, registry in (
-        ("method", METHODS),
-        ("elbo", ELBOS),
-        ("optimizer", OPTIMIZERS),
-        ("kl_schedule", KL_SCHEDULES),
-        ("objective", OBJECTIVES),
-    ):
-        value = getattr(config, name)
-        if name == "elbo" and value in _REMOVED_ELBOS:
-            raise bad(
-                "elbo",
-                f"{value!r} is no longer offered (it used torch.jit.trace, deprecated in torch 2); "
-                f"use elbo {_REMOVED_ELBOS[value]!r} with compile 'inductor'",
-            )
-        if value not in registry:
-            raise bad(name, f"must be one of {', '.join(registry.names())}, got {value!r}")
+    check_train_names(config)
     check_applicability(as_run, ("train",))
     if config.compile is not None:
         import torch._dynamo  # only when compiling: importing dynamo costs a second

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from ppl_vae import pipeline, runs
-from tests.conftest import invoke, one_line_error
+from tests.conftest import drop_checkpoint_config, invoke, one_line_error
 
 SMALL = ["--hidden-dim", "16", "--latent-dim", "2", "--train-size", "200", "--batch-size", "100", "--no-progress"]
 
@@ -130,6 +130,8 @@ def test_resume_refuses_another_labelled_split(m2_run, tmp_path):
     config = json.loads((copy / "config.json").read_text())
     config["data"]["label_seed"] = 4
     (copy / "config.json").write_text(json.dumps(config))
+    one_line_error(invoke("fit", "--resume", copy, "--epochs", "2", "--no-progress"), "has 'data.label_seed' = 4")
+    drop_checkpoint_config(copy)  # a run from before checkpoints kept their config: the split itself is compared
     one_line_error(invoke("fit", "--resume", copy, "--epochs", "2", "--no-progress"), "labelled training points differ")
     result = invoke("fit", "--resume", m2_run, "--epochs", "2", "--no-progress")  # the same split resumes
     assert result.exit_code == 0, result.output
