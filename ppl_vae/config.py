@@ -455,7 +455,9 @@ class TrainConfig:
         0.0, help="L2 weight decay of the optimizer (every optimizer takes it).", check=NONNEGATIVE
     )
     elbo: str = option(
-        "trace", help="trace (SGVB estimator A, Monte Carlo KL) or mean_field (estimator B, analytic KL)."
+        "trace",
+        help="trace (SGVB estimator A, Monte Carlo KL), mean_field (estimator B, analytic KL) or enum "
+        "(discrete sites summed out; what trace means for M2 and the GMVAE).",
     )
     num_particles: int = option(1, help="Samples of z per datapoint per step.", check=AT_LEAST_1)
     kl_warmup_epochs: int = option(
@@ -485,7 +487,8 @@ class TrainConfig:
     )
     train_eval_size: Optional[int] = option(
         1000,
-        help="Training points (a fixed seeded subset) the per-epoch train ELBO uses; 0: all of them.",
+        help="Training points (a fixed seeded subset) the per-epoch train ELBO uses; 0 (null in config.json): "
+        "all of them.",
         check=AT_LEAST_1,
         from_flag=zero_is_none,
     )

@@ -210,6 +210,12 @@ def check_compatible(
                 f"{reason}; use train.elbo 'trace'",
                 field="train.elbo",
             )
+    if config.elbo == "enum" and "elbo" in cls.uses and offers(vae, "reparameterized"):
+        raise ConfigError(
+            f"train.elbo 'enum' sums out discrete sites the model marks for enumeration; {what} has none "
+            "(every latent site is continuous), so it would train as train.elbo 'trace': use 'trace'",
+            field="train.elbo",
+        )
     min_batch = getattr(cls, "min_batch_size", 1)
     if num_train is not None and min_batch > 1:
         _check_last_batch(config, num_train, min_batch, side, world_size)

@@ -373,8 +373,17 @@ def test_with_flags_replaces_arguments_only():
             ["--model", "two_layer", "--hidden-dim", "7", "--model-option", "hidden_dims=[[16],[8]]"],
             "both set the hidden sizes of 'two_layer': give one",
         ),
+        (["--elbo", "enum"], "--elbo 'enum' sums out discrete sites the model marks for enumeration; model"),
     ],
-    ids=["data-dir-embedded", "data-dir-file", "log-every-steps", "free-bits-zero", "latent-dims", "hidden-dims"],
+    ids=[
+        "data-dir-embedded",
+        "data-dir-file",
+        "log-every-steps",
+        "free-bits-zero",
+        "latent-dims",
+        "hidden-dims",
+        "elbo-enum",
+    ],
 )
 def test_fit_refuses_settings_that_would_do_nothing(tmp_path, args, message):
     """Each was accepted, recorded in config.json and ignored (a data_dir the dataset never reads,
