@@ -23,8 +23,11 @@ LOGGERS: Registry[Callable[..., Callback]] = Registry("logger")
 class ScalarLogger(Callback):
     """Logs every ``every_steps`` optimizer steps (``step/loss``: the minibatch loss per
     datapoint, ``step/kl_weight``, ``step/lr``) and at each epoch's end (``epoch/NAME`` for each
-    history variable, against the epoch). Subclasses implement :meth:`log_scalars` and may
-    override :meth:`log_epoch_end` to add images."""
+    history variable, and ``epoch/epoch``, the epoch's number). Every call's ``step`` is the
+    optimizer step count, which never decreases, as W&B's ``wandb.log(step=...)`` and MLflow need
+    (an epoch's scalars at the step that ended it; plot them against ``epoch/epoch`` for an epoch
+    axis). Subclasses implement :meth:`log_scalars` and may override :meth:`log_epoch_end` to add
+    images."""
 
     def __init__(self, every_steps: int = 50):
         if every_steps < 1:
@@ -45,7 +48,8 @@ class ScalarLogger(Callback):
         scalars = {
             f"epoch/{name}": record[name] for name in HISTORY_VARS if name in record and math.isfinite(record[name])
         }
-        self.log_scalars(scalars, ctx.state.epoch)
+        scalars["epoch/epoch"] = float(ctx.state.epoch)
+        self.log_scalars(scalars, ctx.state.step)  # one axis for every call: W&B drops a step that goes back
         self.log_epoch_end(ctx)
 
     def log_epoch_end(self, ctx: TrainContext) -> None:
@@ -112,7 +116,7 @@ class TensorBoardLogger(ScalarLogger):
 
                 grid = np.stack([tile_images(images[:, k], ncols) for k in range(images.shape[1])])
                 grid = np.nan_to_num(grid, nan=0.0).clip(0, 1)  # the gaps between tiles are NaN
-                self.writer.add_image("samples", grid, ctx.state.epoch, dataformats="CHW")
+                self.writer.add_image("samples", grid, ctx.state.step, dataformats="CHW")
         self.writer.flush()
 
     def on_train_end(self, ctx: TrainContext) -> None:
