@@ -468,7 +468,9 @@ class TrainConfig:
         applies=when("train.kl_schedule", "linear"),
     )
     seed: int = option(0, help="Seed of every random draw.", check=NONNEGATIVE)
-    device: str = option("auto", help="cpu, cuda, cuda:N or auto.")
+    device: str = option(
+        "auto", help="cpu, cuda, cuda:N or auto (a resume may move a run: a GPU run on to a CPU).", resumable=True
+    )
     eval_num_particles: int = option(
         1, help="Samples of z per datapoint in the per-epoch ELBOs.", flag=None, check=AT_LEAST_1
     )

@@ -575,6 +575,7 @@ def resume(
     trust_plugins: Optional[bool] = None,
     lr: Optional[float] = None,
     optimizer: Optional[str] = None,
+    device: Optional[str] = None,
 ) -> Run:
     """Continue a run from its checkpoint up to ``epochs`` epochs (default: the config's).
 
@@ -585,7 +586,8 @@ def resume(
 
     ``lr`` and ``optimizer`` change those settings: the learning-rate schedule continues (its
     epoch count and decayed rate; a new ``lr`` scales the rates by new/old), and a new optimizer
-    starts its own state afresh. Every check of the run directory (links, damaged checkpoint,
+    starts its own state afresh. ``device`` moves the run (a GPU-trained run on to a CPU).
+    Every check of the run directory (links, damaged checkpoint,
     scheduler state or history) comes before anything is written.
     """
     distributed.check_timeout(timeout_s)
@@ -616,6 +618,8 @@ def resume(
         changed["lr"] = lr
     if optimizer is not None and optimizer != config.train.optimizer:
         changed["optimizer"] = optimizer
+    if device is not None and device != config.train.device:  # where it runs: the same training
+        changed["device"] = device
     old_lr = config.train.lr
     if changed:
         config.train = replace(config.train, **changed)

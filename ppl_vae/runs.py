@@ -145,7 +145,7 @@ def check_config_matches_checkpoint(
             raise RunConfigError(
                 f"{Path(run_dir) / CONFIG} has '{path}' = {json.dumps(new_flat.get(path))} but the run's "
                 f"checkpoint was trained with {json.dumps(old_flat.get(path))}: a run's settings are fixed when "
-                "it is made (fit --resume changes --epochs, --lr and --optimizer); restore config.json, or "
+                "it is made (fit --resume changes --epochs, --lr, --optimizer and --device); restore config.json, or "
                 "start a new run"
             )
 

@@ -387,3 +387,13 @@ def test_a_new_optimizer_on_resume_drops_settings_only_the_old_one_took(tmp_path
     config = runs.load_config(run_dir)
     assert config.train.optimizer == "sgd" and config.train.adam_eps == TrainConfig().adam_eps
     assert pipeline.resume(run_dir, epochs=3, progress=False).epochs_done == 3
+
+
+def test_resume_may_move_a_run_to_another_device(tmp_path, one_thread):
+    """A run made with --device cuda could not continue on a CPU-only machine: resume refused
+    --device, and only a hand edit of config.json moved it."""
+    run_dir = tmp_path / "r"
+    pipeline.fit(small_config(epochs=1, device="auto"), run_dir, progress=False)
+    result = invoke("fit", "--resume", run_dir, "--epochs", "2", "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert runs.load_config(run_dir).train.device == "cpu"

@@ -77,7 +77,7 @@ def fit(ctx: click.Context, **opts) -> None:
     """Train a VAE with the --method chosen (svi: AEVB; see `ppl-vae models`) and write config,
     checkpoint and history to a run directory.
 
-    --resume RUN continues a run with its own config; --epochs, --lr and --optimizer may change.
+    --resume RUN continues a run with its own config; --epochs, --lr, --optimizer and --device may change.
     """
     from ppl_vae.inference import distributed
 
