@@ -13,7 +13,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Iterator, List, Optional
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -29,12 +29,14 @@ def _is_run_dir(folder: Path) -> bool:
     return (folder / RUN_CONFIG_NAME).is_file()
 
 
-def check_target(path: Path, *, run_files: bool = False) -> Path:
+def check_target(path: Path, *, run_files: bool = False, shown: Optional[Path] = None) -> Path:
     """Refuse (``ValueError``, one line) a write that would replace a run directory's own file
     (config.json, checkpoint*.safetensors, history.nc; unless ``run_files``), or that would go
     through a symlink leaving a run directory above it: a run directory may come from someone
-    else, and a link inside it (``RUN/multirun -> ~/elsewhere``) must not redirect our writes."""
+    else, and a link inside it (``RUN/multirun -> ~/elsewhere``) must not redirect our writes.
+    ``shown``: what the message names instead of ``path`` (the folder a probe file stands for)."""
     path = Path(path)
+    named = path if shown is None else shown
     absolute = Path(os.path.abspath(path))
     if (
         not run_files
@@ -42,7 +44,7 @@ def check_target(path: Path, *, run_files: bool = False) -> Path:
         and any(fnmatch.fnmatch(absolute.name, pattern) for pattern in RUN_FILE_PATTERNS)
     ):
         raise ValueError(
-            f"refusing to write {path}: it is one of the run directory's own files "
+            f"refusing to write {named}: it is one of the run directory's own files "
             f"({', '.join(RUN_FILE_PATTERNS)}); write the output elsewhere"
         )
     real_parent = os.path.realpath(absolute.parent)
@@ -55,7 +57,7 @@ def check_target(path: Path, *, run_files: bool = False) -> Path:
                     absolute.parent,
                 )
                 raise ValueError(
-                    f"refusing to write {path}: {link} is a symlink that leads out of the run "
+                    f"refusing to write {named}: {link} is a symlink that leads out of the run "
                     f"directory {ancestor} (to {os.path.realpath(link)}); remove the link or "
                     "write elsewhere"
                 )

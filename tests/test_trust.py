@@ -118,6 +118,7 @@ def test_compare_refuses_to_write_through_a_symlink_leaving_the_run(run, tmp_pat
     result = invoke("compare", run, run, "--num-datapoints", 2, "--num-samples", 2, "--mf-steps", 2, "--no-progress")
     assert result.exit_code == 1, result.output
     assert "symlink" in result.stderr and result.stderr.count("\n") == 1
+    assert ".probe" not in result.stderr  # the folder is named, not the file that probed it
     assert (elsewhere / "report.html").read_text() == "precious"
     assert sorted(p.name for p in elsewhere.iterdir()) == ["report.html"]
 

@@ -158,7 +158,7 @@ def check_out_dir(out: Path, name: str = "out_dir") -> Path:
     from ppl_vae.io import check_target, make_folder
 
     out = Path(out)
-    check_target(out / ".probe")  # no folder is made through a symlink leaving a run directory
+    check_target(out / ".probe", shown=out)  # no folder is made through a symlink leaving a run directory
     if out.exists() and not out.is_dir():
         raise ValueError(f"{name} {out} is an existing file; give a folder (it is created if missing)")
     try:
