@@ -15,6 +15,7 @@ from ppl_vae import runs
 from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from ppl_vae.errors import RunDirError, TrainingDiverged
 from ppl_vae.pipeline import Job, prepare, run_job
+from tests.conftest import drop_checkpoint_config
 
 
 def small_config(**train) -> RunConfig:
@@ -137,6 +138,10 @@ def test_resume_refuses_a_changed_optimizer(tmp_path):
     config = runs.load_config(tmp_path / "run")
     config.train.optimizer = "sgd"
     runs.save_config(tmp_path / "run", config)
+    # an edited config.json is refused for differing from the checkpoint's config (--optimizer changes it)
+    with pytest.raises(RunDirError, match="has 'train.optimizer' = \"sgd\" but the run's checkpoint was trained"):
+        ppl_vae.resume(tmp_path / "run", epochs=2, progress=False)
+    drop_checkpoint_config(tmp_path / "run")  # a checkpoint without it: the optimizer state says so
     with pytest.raises(RunDirError, match="holds Adam state but the config asks for SGD"):
         ppl_vae.resume(tmp_path / "run", epochs=2, progress=False)
 

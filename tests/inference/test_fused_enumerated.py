@@ -140,7 +140,7 @@ def test_conditioned_equals_the_concatenation_it_replaces():
 def test_hidden_dims_give_every_network_those_layers_and_the_batched_elbo_still_equals_pyros():
     """Rui Shu's GMVAE configuration is ``hidden_dims=[512, 512]`` with z = 64; here small."""
     torch.manual_seed(0)
-    vae = build_vae("gmvae", (1, 8, 8), latent_dim=3, hidden_dim=16, model_options={"hidden_dims": [8, 6]})
+    vae = build_vae("gmvae", (1, 8, 8), latent_dim=3, model_options={"hidden_dims": [8, 6]})
     widths = lambda m: [layer.out_features for layer in m.modules() if isinstance(layer, torch.nn.Linear)]  # noqa: E731
     assert (
         widths(vae.classifier) == [8, 6, 10] and widths(vae.encoder) == [8, 6, 6] and widths(vae.decoder) == [8, 6, 64]
