@@ -532,6 +532,9 @@ def _check_parent(run_dir: Path) -> None:
             "remove the link or give another folder"
         )
     for parent in run_dir.absolute().parents:
+        if (parent / runs.CONFIG).is_file() and runs.started(parent):  # a run holds its own files only
+            raise RunDirError(f"cannot create {run_dir} inside the run directory {parent}: give a folder outside it")
+    for parent in run_dir.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
                 raise RunDirError(f"cannot create {run_dir}: {parent} is a file, not a folder")

@@ -349,3 +349,20 @@ def test_sample_grids_are_written_by_a_two_process_run(tmp_path):
     frames = sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.png"))
     assert frames == ["epoch_0000.png", "epoch_0001.png", "epoch_0002.png"]
     assert (tmp_path / "run" / "samples.gif").is_file() and run.epochs_done == 2
+
+
+def test_a_new_run_inside_another_run_is_refused(tmp_path):
+    """`fit --out RUN/sub` made a run inside another run's folder; a folder that merely holds a
+    config.json of some other tool is no run (it has no checkpoint) and may hold runs."""
+    ppl_vae.fit(small_config(epochs=1), tmp_path / "run", progress=False)
+    with pytest.raises(RunDirError, match=r"cannot create .*sub inside the run directory .*run: give a folder outside"):
+        ppl_vae.fit(small_config(epochs=1), tmp_path / "run" / "a" / "sub", progress=False)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "checkpoint.safetensors",
+        "config.json",
+        "history.nc",
+    ]
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.json").write_text("{}")
+    ppl_vae.fit(small_config(epochs=1), project / "runs" / "a", progress=False)
