@@ -939,7 +939,7 @@ def train(
         dist.wrap_stepper(stepper)
     train_labels = data.train_labels
     labelled = train_labels is not None
-    if vae.num_classes is not None and (not labelled or data.test_labels is None):
+    if getattr(vae, "num_classes", None) is not None and (not labelled or data.test_labels is None):
         raise DataError(f"model {type(vae).__name__} is conditional and needs labels, but {data.name} has none")
     is_main = dist is None or dist.is_main
     hooks = as_callbacks(callbacks) if is_main else []

@@ -229,3 +229,37 @@ def test_callbacks_run_before_training_and_after_every_epoch(tmp_path):
         tmp_path / "run", epochs=3, progress=False, callbacks=[lambda epoch, vae: seen.append((epoch, None))]
     )
     assert [e for e, _ in seen] == [0, 1, 2, 3]
+
+
+def test_train_takes_a_hand_written_pair_that_declares_nothing(one_thread):
+    """train() read vae.num_classes and raised AttributeError for a module with only model and
+    guide; such a pair now trains through Pyro's traces, every parameter moving."""
+    import pyro
+    from pyro import distributions as dist
+
+    from ppl_vae.inference.training import train
+
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dec = torch.nn.Linear(2, 64)
+            self.enc = torch.nn.Linear(64, 4)
+
+        def model(self, x, y=None, *, num_data=None, kl_weight=1.0):
+            x = x.reshape(x.shape[0], -1)
+            with pyro.plate("data", x.shape[0]), pyro.poutine.scale(scale=(num_data or x.shape[0]) / x.shape[0]):
+                z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).expand([x.shape[0], 2]).to_event(1))
+                pyro.sample("x", dist.Normal(self.dec(z), 0.3).to_event(1), obs=x)
+
+        def guide(self, x, y=None, *, num_data=None, kl_weight=1.0):
+            h = self.enc(x.reshape(x.shape[0], -1))
+            with pyro.plate("data", x.shape[0]), pyro.poutine.scale(scale=(num_data or x.shape[0]) / x.shape[0]):
+                pyro.sample("z", dist.Normal(h[..., :2], torch.nn.functional.softplus(h[..., 2:]) + 1e-3).to_event(1))
+
+    torch.manual_seed(0)
+    pair = Pair()
+    before = {k: v.clone() for k, v in pair.state_dict().items()}
+    data = ppl_vae.load_dataset("digits", train_size=200)
+    history = train(pair, data, TrainConfig(epochs=1, device="cpu", batch_size=50), progress=False, evaluate=False)
+    assert history.sizes["epoch"] == 1
+    assert all(not torch.equal(v, before[k]) for k, v in pair.state_dict().items())
