@@ -242,7 +242,32 @@ class Estimator:
         }
 
     def __call__(self, model: Callable, guide: Optional[Callable], x: Tensor, **kwargs: Any) -> Estimate:
+        self._check_names(model, kwargs)
         return self.fn(model, guide, x, **kwargs)
+
+    def _check_names(self, model: Callable, kwargs: Dict[str, Any]) -> None:
+        """A keyword that is neither one of its options nor an argument the model takes (its
+        labels ``y``, ...) is a typo or another estimator's option: refused naming both sides,
+        instead of a TypeError from inside the model (or nothing, for a model taking **kwargs)."""
+        extra = set(kwargs) - set(self.defaults)
+        if not extra:
+            return
+        try:
+            params = inspect.signature(model).parameters
+        except (TypeError, ValueError):  # a callable without a signature: the model decides
+            return
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            unknown = sorted(
+                k for k in extra if k not in params and not (torch.is_tensor(kwargs[k]) or kwargs[k] is None)
+            )
+        else:
+            unknown = sorted(k for k in extra if k not in params)
+        if unknown:
+            raise ValueError(
+                f"estimator {self.name!r} has no option {unknown[0]!r}, and it is no argument of the model "
+                f"(a tensor with one row per datapoint, such as the labels y); its options: "
+                f"{', '.join(sorted(self.options)) or 'none'}"
+            )
 
     def lines(self, ds: "xr.Dataset") -> List[str]:
         """What was estimated, each number with the kind of bound it is."""

@@ -88,3 +88,33 @@ def test_a_seeded_call_leaves_the_callers_random_state_alone(name, one_thread):
     torch.manual_seed(999)  # another caller state: the seeded result does not depend on it
     second = torch.as_tensor(call())
     torch.testing.assert_close(first, second, rtol=0, atol=0, equal_nan=True)
+
+
+def test_an_unknown_keyword_is_refused_naming_the_estimator_and_its_options():
+    """estimate("iw", ..., num_chains=3) passed AIS's option on to the model, which raised a
+    TypeError from inside Pyro (and a model taking **kwargs would have ignored it)."""
+    import pyro
+    from pyro import distributions as dist
+
+    from ppl_vae.inference import estimators
+    from ppl_vae.models import build_vae
+
+    vae = build_vae("bernoulli_mlp", (1, 8, 8), latent_dim=2, hidden_dim=8)
+    x = torch.bernoulli(torch.full((4, 1, 8, 8), 0.3))
+    with pytest.raises(ValueError, match="estimator 'iw' has no option 'num_chains'.*its options: num_samples"):
+        estimators.estimate("iw", vae.model, vae.guide, x, seed=0, num_chains=3)
+
+    def model(x, **kwargs):  # a hand-written pair taking any keyword
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True), 1.0).to_event(1), obs=x)
+
+    def guide(x, **kwargs):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(1))
+
+    xs = torch.randn(3, 1)
+    with pytest.raises(ValueError, match="has no option 'num_sample'"):
+        estimators.estimate("iw", model, guide, xs, seed=0, num_sample=5)
+    est = estimators.estimate("iw", model, guide, xs, seed=0, num_samples=5, y=torch.zeros(3))  # a tensor: the model's
+    assert est.log_px.shape == (3,)
