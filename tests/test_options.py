@@ -116,10 +116,10 @@ def test_the_flags_are_generated_from_the_declarations_and_keep_their_names():
 
 
 def test_run_options_are_every_config_flag_a_resume_cannot_change():
-    assert RESUME_SETTINGS == ("lr", "optimizer")
-    assert "out" in RUN_OPTIONS and not {"epochs", "lr", "optimizer"} & set(RUN_OPTIONS)
+    assert RESUME_SETTINGS == ("lr", "optimizer", "device")
+    assert "out" in RUN_OPTIONS and not {"epochs", "lr", "optimizer", "device"} & set(RUN_OPTIONS)
     flagged = {d.param for d in declarations() if d.flag is not None}
-    assert set(RUN_OPTIONS) == (flagged - {"epochs", "lr", "optimizer"}) | {"out"}
+    assert set(RUN_OPTIONS) == (flagged - {"epochs", "lr", "optimizer", "device"}) | {"out"}
     assert {"kl_warmup", "num_components", "model_option", "lr_schedule_options"} <= set(RUN_OPTIONS)
 
 
