@@ -38,7 +38,13 @@ from torch import Tensor
 
 from ppl_vae.inference.estimators import Estimate, diagnostic, register_estimator, variable
 from ppl_vae.inference.importance import default_particle_batch_size
-from ppl_vae.inference.latents import log_joint, sample_enumerated, sample_guide, traced_log_probs
+from ppl_vae.inference.latents import (
+    log_joint,
+    richer_than_mean_field,
+    sample_enumerated,
+    sample_guide,
+    traced_log_probs,
+)
 from ppl_vae.inference.meanfield import (
     MeanFieldGuide,
     MeanFieldResult,
@@ -96,6 +102,10 @@ MEANINGS = {
     "if q* is not the best diagonal Gaussian",
     "inference_gap": "stochastic lower bound on log p(x) − L[q]",
 }
+
+
+MEAN_FIELD_FAMILY = "a diagonal Gaussian per latent site, as q*"
+"""The ``guide_family`` attribute of a gap decomposition whose amortized guide is in q*'s family."""
 
 
 def describe(name: str) -> str:
@@ -389,6 +399,7 @@ def _gap_decomposition(
     elif mean_field.loc.shape[0] != x.shape[0]:
         raise ValueError(f"mean_field holds {mean_field.loc.shape[0]} datapoints but x has {x.shape[0]}")
     layout = mean_field.layout
+    richer = richer_than_mean_field(guide, x, **kwargs)
     q_loc, q_scale = guide_moments(guide, x, layout if layout is not None and len(layout.sites) > 1 else None, **kwargs)
     est = mixture_estimates(
         model,
@@ -455,6 +466,7 @@ def _gap_decomposition(
             "log_px_estimator": "multiple importance sampling, balance heuristic, proposal ½q + ½q*, "
             f"K = {num_samples} draws of each",
             "num_samples": int(num_samples),
+            "guide_family": MEAN_FIELD_FAMILY if richer is None else f"richer than q*'s: {richer}",
             "meanfield_num_converged": int(mean_field.converged.sum()),
             "meanfield_num_datapoints": int(mean_field.converged.numel()),
             "meanfield_max_steps_taken": int(mean_field.num_steps.max()),
@@ -635,6 +647,23 @@ def mis_warnings(ds: xr.Dataset, names: Dict[str, str]) -> List[str]:
                 "their log p̂ and its standard error are unreliable (Vehtari et al. 2024). A better proposal "
                 f"(a flow guide) or {names['estimator']} gives trustworthy numbers there."
             )
+    for who, label in (("amortized", "q"), ("meanfield", "q*")):
+        name = f"khat_{who}"
+        high = int((ds[name].values > THRESHOLDS.khat).sum()) if name in ds else 0
+        if high:
+            out.append(
+                f"IW with {label} alone has heavy-tailed weights (PSIS k̂ > {THRESHOLDS.khat}) for {high} of {n} "
+                f"datapoints: its log p̂ may sit far below log p(x) with a standard error that understates it. "
+                "The mixture's log p̂ (MIS) is the estimate to read."
+            )
+    family = str(ds.attrs.get("guide_family", MEAN_FIELD_FAMILY))
+    if family != MEAN_FIELD_FAMILY:
+        out.append(
+            f"The amortized guide is {family}. q* is the best diagonal Gaussian, a smaller family than q's, so "
+            "L[q*] − L[q] mixes the amortization gap with the difference between the families (it may be "
+            "negative), and log p̂ − L[q*] is the diagonal Gaussian's approximation gap, not that of q's family. "
+            "log p̂, L[q] and L[q*] themselves are unaffected."
+        )
     if n < THRESHOLDS.min_datapoints:
         out.append(
             f"Only {n} datapoints: the means over datapoints have wide standard errors (se column); "

@@ -254,6 +254,45 @@ def model_layout(model: Callable, x: Tensor, *, continuous_only: bool = True, **
     return Layout(tuple(sites), tuple(enumerated))
 
 
+def _diagonal_normal(fn: Any) -> Optional[Any]:
+    """The Normal under ``fn``'s Independent wrappers, or None when it is another distribution."""
+    while isinstance(fn, torch.distributions.Independent):
+        fn = fn.base_dist
+    return fn if isinstance(fn, torch.distributions.Normal) else None
+
+
+@torch.no_grad()
+def richer_than_mean_field(guide: Callable, x: Tensor, **kwargs: Any) -> Optional[str]:
+    """None where ``guide`` is, per datapoint, a product over its latent sites of diagonal
+    Gaussians whose parameters depend on x alone: the family of mean-field q* (so Cremer et al.'s
+    amortization and approximation gaps are what a gap decomposition measures). Otherwise what
+    makes it richer, in words: a discrete site (a mixture over the continuous ones), a site that
+    is no diagonal Gaussian (a flow, a full covariance), or a site whose parameters depend on
+    another site's value (a conditional, hierarchical guide). Probed on (at most) two rows of
+    ``x``, the random state left as it was."""
+    xb, kw = _probe_rows(x, kwargs)
+    blocked = poutine.block(guide, hide_types=["param"])
+    with torch.random.fork_rng(devices=[]):
+        trace = poutine.trace(blocked).get_trace(xb, **kw)
+        sites = list(_latent_sample_sites(trace))
+        for name, site in sites:
+            if site["fn"].support.is_discrete:
+                return f"it samples the discrete site {name!r} (a mixture over the continuous sites)"
+            if _diagonal_normal(site["fn"]) is None:
+                return f"its site {name!r} is a {type(site['fn']).__name__}, not a diagonal Gaussian"
+        for name, site in sites if len(sites) > 1 else []:
+            moved = {other: s["value"] + 1.0 for other, s in sites if other != name}
+            again = poutine.trace(poutine.condition(blocked, data=moved)).get_trace(xb, **kw).nodes[name]
+            first, second = _diagonal_normal(site["fn"]), _diagonal_normal(again["fn"])
+            if (
+                first is None
+                or second is None
+                or not (torch.equal(first.loc, second.loc) and torch.equal(first.scale, second.scale))
+            ):
+                return f"its site {name!r} depends on the value of another site (a conditional guide)"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # log p(x, latents)
 

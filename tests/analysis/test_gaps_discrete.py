@@ -112,3 +112,45 @@ def test_arviz_draws_weigh_q_s_draws_with_the_site_summed_out():
     assert torch.allclose(out["log_weight"], _log_p_xz(cf, x, z) - log_q, atol=1e-10)
     lik = dist.Normal(z @ cf.W.T + cf.b, cf.s).log_prob(x).sum(-1)
     assert torch.allclose(out["log_likelihood"], lik, atol=1e-10)
+
+
+def test_a_guide_richer_than_q_stars_family_is_found_from_its_structure_and_warned_about():
+    """compare warned about the gaps' meaning only when config.json named a guide other than
+    diagonal_normal, so two_layer, ladder, gmvae and m2 (which all record diagonal_normal) never
+    got it; on the two-layer closed form with its exact guide the "amortization gap" was -1.32
+    with no word. The guide's structure decides now, and the mis estimator warns too."""
+    from ppl_vae.analysis.gaps import MEAN_FIELD_FAMILY, gap_decomposition, mis_warnings
+    from ppl_vae.inference.latents import richer_than_mean_field
+    from ppl_vae.models import build_vae
+    from ppl_vae.models.closed_form import TwoLayerLinearGaussian
+    from ppl_vae.models.linear_gaussian import LinearGaussianVAE
+
+    image = torch.zeros(2, 1, 8, 8)
+    expected = {
+        "bernoulli_mlp": None,
+        "two_layer": "its site 'z2' depends on the value of another site",
+        "ladder": "its site 'z1' depends on the value of another site",
+        "gmvae": "it samples the discrete site 'c'",
+    }
+    for name, reason in expected.items():
+        vae = build_vae(name, (1, 8, 8), latent_dim=2, hidden_dim=8).eval()
+        found = richer_than_mean_field(vae.guide, image)
+        assert (found is None) if reason is None else (found is not None and found.startswith(reason)), (name, found)
+    iaf = build_vae("bernoulli_mlp", (1, 8, 8), latent_dim=2, hidden_dim=8, guide="iaf").eval()
+    assert "not a diagonal Gaussian" in richer_than_mean_field(iaf.guide, image)
+    lg = LinearGaussianVAE(x_dim=4, latent_dim=2, sigma=0.5)
+    assert richer_than_mean_field(lg.guide, torch.randn(3, 4)) is None
+    cf = TwoLayerLinearGaussian()
+    x = torch.randn(6, cf.x_dim)
+    before = torch.get_rng_state()
+    assert "MultivariateNormal, not a diagonal Gaussian" in richer_than_mean_field(cf.exact_posterior_guide, x)
+    assert torch.equal(torch.get_rng_state(), before)  # a probe: the caller's random stream is untouched
+    gaps = gap_decomposition(cf.model, cf.exact_posterior_guide, x, num_samples=50, progress=False, seed=0)
+    assert gaps.attrs["guide_family"].startswith("richer than q*'s")
+    names = {"mean_field_steps": "m", "num_samples": "k", "estimator": "e"}
+    assert any(
+        "mixes the amortization gap with the difference between the families" in w for w in mis_warnings(gaps, names)
+    )
+    plain = gap_decomposition(lg.model, lg.guide, torch.randn(6, 4), num_samples=50, progress=False, seed=0)
+    assert plain.attrs["guide_family"] == MEAN_FIELD_FAMILY
+    assert not any("families" in w for w in mis_warnings(plain, names))
