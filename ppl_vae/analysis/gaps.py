@@ -653,8 +653,8 @@ def mis_warnings(ds: xr.Dataset, names: Dict[str, str]) -> List[str]:
         if high:
             out.append(
                 f"IW with {label} alone has heavy-tailed weights (PSIS k̂ > {THRESHOLDS.khat}) for {high} of {n} "
-                f"datapoints: its log p̂ may sit far below log p(x) with a standard error that understates it. "
-                "The mixture's log p̂ (MIS) is the estimate to read."
+                f"datapoints: its log p̂ may sit far below log p(x) with a standard error that understates it; "
+                f"where the mixture's k̂ is at most {THRESHOLDS.khat}, its log p̂ (MIS) is the estimate to read."
             )
     family = str(ds.attrs.get("guide_family", MEAN_FIELD_FAMILY))
     if family != MEAN_FIELD_FAMILY:
