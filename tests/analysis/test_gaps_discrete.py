@@ -148,9 +148,11 @@ def test_a_guide_richer_than_q_stars_family_is_found_from_its_structure_and_warn
     gaps = gap_decomposition(cf.model, cf.exact_posterior_guide, x, num_samples=50, progress=False, seed=0)
     assert gaps.attrs["guide_family"].startswith("richer than q*'s")
     names = {"mean_field_steps": "m", "num_samples": "k", "estimator": "e"}
-    assert any(
-        "mixes the amortization gap with the difference between the families" in w for w in mis_warnings(gaps, names)
-    )
+    warned = mis_warnings(gaps, names)
+    assert any("mixes the amortization gap with the difference between the families" in w for w in warned)
+    # the best diagonal Gaussian under a correlated posterior is too narrow: its own IW weights are heavy-tailed
+    assert float(gaps["khat_meanfield"].max()) > 0.7
+    assert any(w.startswith("IW with q* alone has heavy-tailed weights") for w in warned)
     plain = gap_decomposition(lg.model, lg.guide, torch.randn(6, 4), num_samples=50, progress=False, seed=0)
     assert plain.attrs["guide_family"] == MEAN_FIELD_FAMILY
     assert not any("families" in w for w in mis_warnings(plain, names))
