@@ -356,7 +356,8 @@ def format_paired_table(table: pd.DataFrame) -> str:
         )
     lines.append(
         "Δ vs ref: mean over datapoints of (run − reference run) on the same datapoints; "
-        "its se is the paired standard error"
+        "its se is the paired standard error; kind: what the mean is with respect to its target (a difference "
+        "of two bounds is neither)"
     )
     return "\n".join(lines)
 

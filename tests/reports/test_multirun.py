@@ -102,6 +102,7 @@ def test_compare_several_runs_from_the_cli(two_runs, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "Δ vs ref" in result.output and "lower bound" in result.output
+    assert "a difference of two bounds is neither" in result.output  # kind describes the mean, not Δ
     ds = results.load_netcdf(tmp_path / "multirun.nc")
     assert ds["value"].dims == ("run", "datapoint", "quantity") and ds.sizes["run"] == 3
     assert ds.attrs["estimator"] == "mis" and len(set(ds["run"].values)) == 3  # unique names for a repeated run
