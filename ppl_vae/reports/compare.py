@@ -24,6 +24,7 @@ from ppl_vae.inference.latents import model_layout
 from ppl_vae.inference.meanfield import MeanFieldGuide, guide_moments
 from ppl_vae.inference.modes import block_seed, eval_mode, seeded
 from ppl_vae.io import write_text
+from ppl_vae.models.vae import evidence_of
 from ppl_vae.pipeline import Run, load_run
 from ppl_vae.reports.blocks import BlockTask, is_writer, map_blocks, rank_device
 from ppl_vae.reports.common import CSS, Selection, Stages, figure_to_data_uri, run_out_dir, select_datapoints
@@ -328,17 +329,22 @@ def _report_figures(
     """(title, figure) pairs; a figure that does not apply to this model becomes a note."""
     from ppl_vae.analysis import plots
 
-    vae = run.vae
+    vae: Any = run.vae  # a ConditionalVAE's decode takes the labels too
     device = sel.x.device
     makers: List[Tuple[str, Callable[[], Figure]]] = [
         ("Training curves", lambda: plots.plot_training_curves(run.read_history())),
         ("Per-datapoint gaps", lambda: plots.plot_gap_distributions(gaps)),
         ("Estimators", lambda: plots.plot_estimators(gaps)),
         ("KL per dimension and active units", lambda: plots.plot_kl_per_dimension(diagnostics)),
-        ("Reconstructions", lambda: plots.plot_reconstructions(sel.x[:10], vae.reconstruct(sel.x[:10]))),
+        ("Reconstructions", lambda: plots.plot_reconstructions(sel.x[:10], _reconstruct(run, sel, 10))),
         ("Samples from the prior", lambda: plots.plot_samples(vae.sample(30))),
     ]
-    if vae.latent_dim == 2:  # decode maps the prior's (top) latent to x
+    labels = sel.model_kwargs(run).get("y")
+    if vae.latent_dim == 2 and labels is not None and evidence_of(vae) != "log p(x)":  # p(x | z, y): one label
+        label = int(labels[0])
+        decode = lambda z: vae.decode(z, torch.full(z.shape[:1], label, device=z.device))  # noqa: E731
+        makers.append((f"Learned manifold of label {label}", lambda: plots.plot_manifold(decode, device=device)))
+    elif vae.latent_dim == 2:  # decode maps the prior's (top) latent to x
         makers.append(("Learned manifold", lambda: plots.plot_manifold(vae.decode, device=device)))
     if gaps["amortized_loc"].shape[-1] == 2:  # one 2-D latent site in all
         makers.append(
@@ -355,6 +361,16 @@ def _report_figures(
         except (TypeError, ValueError, RuntimeError) as exc:
             notes.append(f"{title}: not drawn ({one_line(exc)})")
     return figures
+
+
+def _reconstruct(run: Run, sel: Selection, n: int) -> torch.Tensor:
+    """E[x | E_q[z | x]] of the first ``n`` selected datapoints; a conditional model (cvae, whose
+    ELBO bounds log p(x | y)) is given their labels, as it was scored."""
+    labels = sel.model_kwargs(run).get("y")
+    vae: Any = run.vae  # a ConditionalVAE's reconstruct takes the labels
+    if labels is not None and evidence_of(vae) != "log p(x)":
+        return vae.reconstruct(sel.x[:n], labels[:n])
+    return vae.reconstruct(sel.x[:n])
 
 
 GAP_EXPLANATION = (

@@ -169,3 +169,15 @@ def test_evaluate_of_a_conditional_model_says_it_estimates_log_p_x_given_y(cvae_
     from ppl_vae.analysis import results
 
     assert results.load_netcdf(tmp_path / "evaluation.nc").attrs["evidence"] == "log p(x | y)"
+
+
+def test_compare_of_a_conditional_run_draws_its_reconstructions_with_the_labels(cvae_run, tmp_path):
+    """compare's report left the cvae's reconstructions out ("not drawn: the conditional model
+    'cvae' needs labels"): they are decoded given each datapoint's label, as it is scored."""
+    out = tmp_path / "cmp"
+    result = invoke(
+        "compare", cvae_run, "-k", "30", "--num-datapoints", "12", "--mf-steps", "5", "--out", out, "--no-progress"
+    )
+    assert result.exit_code == 0, result.output
+    assert "not drawn" not in result.output
+    assert "<h2>Reconstructions</h2>" in (out / "report.html").read_text()
