@@ -47,6 +47,7 @@ from ppl_vae.inference.training import (
     resolve_device,
     train,
     validate_train_config,
+    validation_split,
 )
 from ppl_vae.io import write_text
 from ppl_vae.models.vae import VAE
@@ -171,7 +172,8 @@ def load_data(
     if d.labels is not None and not test_only:  # semi-supervised: the same seeded split wherever the run is loaded
         from ppl_vae.data.labels import keep_labels
 
-        data = keep_labels(data, d.labels, d.label_seed)
+        split = validation_split(data.train.shape[0], config.train)  # labels only among the points trained on
+        data = keep_labels(data, d.labels, d.label_seed, among=None if split is None else split[0])
     return data
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Optional
 
 import numpy as np
 import torch
@@ -40,15 +41,21 @@ def labelled_indices(labels: torch.Tensor, num_labels: int, seed: int) -> np.nda
     return np.sort(np.concatenate(chosen))
 
 
-def keep_labels(data: Dataset, num_labels: int, seed: int = 0) -> Dataset:
+def keep_labels(data: Dataset, num_labels: int, seed: int = 0, among: Optional[torch.Tensor] = None) -> Dataset:
     """``data`` with only ``num_labels`` training labels kept (see :func:`labelled_indices`), the
     others set to :data:`UNLABELLED`; test labels are kept (they measure the classifier).
+    ``among``: the indices of the training points the model trains on (the validation split
+    left out), which the labels are drawn from, so that all ``num_labels`` are trained on.
     ``info`` records ``num_labelled``, ``num_train`` and the indices (``labelled_indices``)."""
     if data.train_labels is None:
         raise DataError(f"--labels needs a dataset with labels; {data.name} has none")
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
         raise DataError(f"--labels must be a positive number of labelled points, got {num_labels!r}")
-    idx = labelled_indices(data.train_labels, num_labels, seed)
+    if among is None:
+        idx = labelled_indices(data.train_labels, num_labels, seed)
+    else:
+        pool = among.detach().cpu().numpy().astype(np.int64)
+        idx = np.sort(pool[labelled_indices(data.train_labels.cpu()[among.cpu()], num_labels, seed)])
     masked = torch.full_like(data.train_labels, UNLABELLED)
     keep = torch.as_tensor(idx, device=data.train_labels.device)
     masked[keep] = data.train_labels[keep]

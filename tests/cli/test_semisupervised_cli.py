@@ -162,3 +162,27 @@ def test_m2_alpha_and_the_relaxed_temperatures_are_model_options_kept_in_the_run
     result = invoke("fit", "--model", "gmvae", "--model-option", "temperature=2", "--out", tmp_path / "g", *SMALL)
     one_line_error(result, "has no option 'temperature'")
     assert not (tmp_path / "g").exists()
+
+
+def test_labels_are_drawn_among_the_points_trained_on(tmp_path):
+    """With --val-fraction the labels were drawn before the validation split: in --labels 20
+    --val-fraction 0.5, 11 of the 20 went to validation, so 9 unbalanced labels were trained on
+    while the run recorded 20. They are drawn from the training part now, balanced per class."""
+    import torch
+
+    from ppl_vae import runs
+    from ppl_vae.inference.training import validation_split
+
+    out = tmp_path / "m2"
+    result = invoke(
+        "fit", "--model", "m2", "--labels", "20", "--val-fraction", "0.5", "--epochs", "1", "--out", out, *SMALL
+    )
+    assert result.exit_code == 0, result.output
+    info = runs.read_checkpoint(out, tensors=False)[1]["extra"]["data_info"]
+    config = runs.load_config(out)
+    trained, held_out = validation_split(info["num_train"], config.train)
+    labelled = set(info["labelled_indices"])
+    assert len(labelled) == 20 and labelled <= set(trained.tolist()) and not labelled & set(held_out.tolist())
+    data = pipeline.load_data(config)
+    counts = torch.bincount(data.train_labels[data.train_labels >= 0], minlength=10)
+    assert counts.tolist() == [2] * 10  # balanced per class among the trained points
