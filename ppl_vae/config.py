@@ -368,7 +368,7 @@ class DataConfig:
         0,
         help="Which N points keep labels (--labels; see ppl_vae.data.labels.keep_labels).",
         check=NONNEGATIVE,
-        applies=_LABELLED,
+        applies=Applies("a semi-supervised split (labels N)", "data.labels", lambda v: v is not None),
     )
 
     def __post_init__(self) -> None:

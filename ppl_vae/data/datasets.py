@@ -8,6 +8,7 @@ absent give an error that says where to get them and which checksum to expect.
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple, Union, cast
@@ -310,6 +311,19 @@ def check_data_dir(name: str, data_dir: "str | Path | None") -> None:
     raise ValueError(f"data_dir applies to a dataset read from a folder; {what}: leave data_dir out")
 
 
+_TRAIN_SIZE_CAPPED: contextvars.ContextVar[bool] = contextvars.ContextVar("train_size_capped", default=False)
+
+
+def _check_train_size(train_size: int, available: int, label: str) -> None:
+    """Refuse a ``train_size`` beyond the training points there are (it was kept as given, and the
+    run recorded a size it never trained on); a test-only load takes what there is."""
+    if train_size > available and not _TRAIN_SIZE_CAPPED.get():
+        raise DataError(
+            f"train_size {train_size} is larger than the training set of {label} ({available} points): "
+            f"give at most {available}, or leave it out for all of them"
+        )
+
+
 def load_dataset(
     name: str = "digits",
     data_dir: str | Path | None = None,
@@ -345,6 +359,26 @@ def load_dataset(
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
     if train_size is not None and train_size < 1:
         raise ValueError(f"train_size must be >= 1, got {train_size}")
+    token = _TRAIN_SIZE_CAPPED.set(test_only)  # the test split alone: a run's recorded size is not checked again
+    try:
+        return _load_dataset(
+            name, data_dir, binarize, test_fraction, split_seed, train_size, on_disk, num_images, test_only
+        )
+    finally:
+        _TRAIN_SIZE_CAPPED.reset(token)
+
+
+def _load_dataset(
+    name: str,
+    data_dir: "str | Path | None",
+    binarize: str,
+    test_fraction: float,
+    split_seed: int,
+    train_size: Optional[int],
+    on_disk: Optional[bool],
+    num_images: Optional[int],
+    test_only: bool,
+) -> Dataset:
     data_dir = None if data_dir is None else Path(data_dir)
     if name not in DATASETS and Path(name).suffix.lower() == ".npy":
         path = Path(name)
@@ -425,6 +459,7 @@ def load_dataset(
         if test_lab is not None and len(test_lab) != len(test_t):
             raise DataError(f"{label}: {len(test_lab)} test labels for {len(test_t)} test points")
     if train_size is not None:
+        _check_train_size(train_size, len(train_t), label)
         train_t = train_t[:train_size]
         train_lab = None if train_lab is None else train_lab[:train_size]
         train_fac = None if train_fac is None else train_fac[:train_size]
@@ -497,6 +532,7 @@ def _split_on_disk(
             raise DataError(f"{label}: {len(all_fac)} factor rows for {n} datapoints")
         test_fac, train_fac = all_fac[order[:n_test]], all_fac[order[n_test:]]
     if train_size is not None:
+        _check_train_size(train_size, train.num_rows, label)
         train = train.take(np.arange(min(train_size, train.num_rows)))
         train_fac = None if train_fac is None else train_fac[:train_size]
     if binarize == "threshold":

@@ -374,6 +374,8 @@ def test_with_flags_replaces_arguments_only():
             "both set the hidden sizes of 'two_layer': give one",
         ),
         (["--elbo", "enum"], "--elbo 'enum' sums out discrete sites the model marks for enumeration; model"),
+        (["--train-size", "5000"], "--train-size 5000 is larger than the training set of digits (1438 points)"),
+        (["--model", "m2", "--label-seed", "3"], "--label-seed applies to a semi-supervised split (labels N) only"),
     ],
     ids=[
         "data-dir-embedded",
@@ -383,6 +385,8 @@ def test_with_flags_replaces_arguments_only():
         "latent-dims",
         "hidden-dims",
         "elbo-enum",
+        "train-size-beyond-the-data",
+        "label-seed-without-labels",
     ],
 )
 def test_fit_refuses_settings_that_would_do_nothing(tmp_path, args, message):

@@ -234,3 +234,15 @@ def test_a_test_only_load_of_data_without_test_files_loads_whole():
     full = load_dataset("digits", split_seed=1)
     alone = load_dataset("digits", split_seed=1, test_only=True)
     assert torch.equal(alone.test, full.test) and torch.equal(alone.train, full.train)
+
+
+def test_a_train_size_beyond_the_data_is_refused_except_where_the_test_split_alone_is_read():
+    """train_size 5000 on the digits' 1438 training points was kept as given: the run recorded a
+    size it never trained on. A test-only load (evaluate of a run) takes the test split as before."""
+    from ppl_vae.data import load_dataset
+    from ppl_vae.errors import DataError
+
+    with pytest.raises(DataError, match=r"train_size 5000 is larger than the training set of digits \(1438 points\)"):
+        load_dataset("digits", train_size=5000)
+    assert load_dataset("digits", train_size=5000, test_only=True).test.shape[0] == 359
+    assert load_dataset("digits", train_size=1438).train.shape[0] == 1438
