@@ -35,7 +35,7 @@ import torch
 from ppl_vae import runs
 from ppl_vae.config import DataConfig, RunConfig, check_config, reset_inapplicable
 from ppl_vae.data.datasets import Dataset, check_data_dir, load_dataset
-from ppl_vae.errors import ConfigError, RunConfigError, RunDirError, TrainingDiverged
+from ppl_vae.errors import ConfigError, DataError, RunConfigError, RunDirError, TrainingDiverged
 from ppl_vae.inference import distributed
 from ppl_vae.inference.capabilities import check_compatible
 from ppl_vae.inference.training import (
@@ -195,6 +195,22 @@ def build_model(config: RunConfig, event_shape, data_info: Optional[dict] = None
     )
 
 
+def _check_label_classes(vae: VAE, data: Dataset) -> None:
+    """Refuse test labels of a class no training label has, for a model whose classes are the
+    labels (cvae, M2): it would be built over max(label) + 1 classes (201 for a stray label 200)
+    and score the test split against classes it never saw. Anomaly labels are not classes."""
+    if getattr(vae, "num_classes", None) is None or data.train_labels is None or data.test_labels is None:
+        return
+    seen = set(data.train_labels[data.train_labels >= 0].unique().tolist())  # M2's unlabelled points are -1
+    unseen = sorted(set(data.test_labels.unique().tolist()) - seen)
+    if unseen:
+        shown = ", ".join(map(str, unseen[:5])) + (" ..." if len(unseen) > 5 else "")
+        raise DataError(
+            f"{data.name}: the test labels hold class{'es' if len(unseen) > 1 else ''} {shown}, which no training "
+            f"label has; model {type(vae).__name__} takes its classes from the labels"
+        )
+
+
 def prepare(
     config: RunConfig, world_size: int = 1, device: Optional[torch.device] = None, trust_plugins: Optional[bool] = True
 ) -> Tuple[VAE, Dataset, Stepper]:
@@ -211,6 +227,7 @@ def prepare(
     seed_everything(config.train.seed)
     data = load_data(config)
     vae = build_model(config, data.event_shape, data.data_info)
+    _check_label_classes(vae, data)
     vae.likelihood.check_support(data.train, what=f"the training data of {data.name}")
     vae.likelihood.check_support(data.test, what=f"the test data of {data.name}")
     device = resolve_device(config.train.device) if device is None else device

@@ -122,18 +122,30 @@ def _require_dir(data_dir: Optional[Path], dataset: str, files: Dict[str, str], 
     return data_dir
 
 
+def _from_8bit(images: np.ndarray, path: "Path | str") -> np.ndarray:
+    """8-bit grey levels 0-255 as float32 in [0, 1]; any other dtype is refused (float data already
+    in [0, 1] would become [0, 1/255], and signed or wide integers have no 0-255 scale)."""
+    if images.dtype != np.uint8:
+        raise DataError(
+            f"{path} holds {images.dtype.name} images; this dataset's files are 8-bit grey levels (uint8, 0-255), which "
+            "are divided by 255: to train on other values, save them as a .npy or .npz array in [0, 1] and give "
+            "that file as --dataset"
+        )
+    return images.astype(np.float32) / 255.0
+
+
 def _idx_images(path: Path) -> np.ndarray:
     images = read_idx(path)
     if images.ndim != 3:
         raise DataError(f"{path} holds an array of shape {images.shape}, expected (N, rows, cols) images")
-    return images[:, None].astype(np.float32) / 255.0
+    return _from_8bit(images[:, None], path)
 
 
 def _idx_labels(path: Path, n: int) -> np.ndarray:
     labels = read_idx(path)
     if labels.shape != (n,):
         raise DataError(f"{path} holds {labels.shape} labels for {n} images")
-    return labels.astype(np.int64)
+    return _as_labels(labels, str(path)).numpy()  # fractions, NaN and negatives refused, not truncated
 
 
 def _idx_dataset(data_dir: Path, train_split: bool = True) -> Arrays:
@@ -208,7 +220,7 @@ def load_frey_face_arrays(data_dir: Optional[Path]) -> Arrays:
     ff = read_mat_array(data_dir / "frey_rawface.mat", "ff")
     if ff.ndim != 2 or ff.shape[0] != 28 * 20:
         raise DataError(f"frey_rawface.mat: variable 'ff' has shape {ff.shape}, expected (560, N)")
-    images = ff.T.reshape(-1, 1, 28, 20).astype(np.float32) / 255.0
+    images = _from_8bit(ff.T.reshape(-1, 1, 28, 20), data_dir / "frey_rawface.mat")
     return images, None, None, None
 
 
@@ -458,6 +470,7 @@ def _load_dataset(
         test_lab = None if test_labels is None else _as_labels(test_labels, f"{label} (test labels)")
         if test_lab is not None and len(test_lab) != len(test_t):
             raise DataError(f"{label}: {len(test_lab)} test labels for {len(test_t)} test points")
+
     if train_size is not None:
         _check_train_size(train_size, len(train_t), label)
         train_t = train_t[:train_size]

@@ -246,3 +246,44 @@ def test_a_train_size_beyond_the_data_is_refused_except_where_the_test_split_alo
         load_dataset("digits", train_size=5000)
     assert load_dataset("digits", train_size=5000, test_only=True).test.shape[0] == 359
     assert load_dataset("digits", train_size=1438).train.shape[0] == 1438
+
+
+def _write_idx_typed(path, array: np.ndarray) -> None:
+    """An IDX file of another element type (0x0D float32, 0x0C int32), big-endian as the format is."""
+    code = {np.dtype(np.float32): 0x0D, np.dtype(np.int32): 0x0C}[array.dtype]
+    header = struct.pack(">BBBB", 0, 0, code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(array.dtype.newbyteorder(">")).tobytes()))
+
+
+def test_mnist_files_other_than_8_bit_images_and_whole_labels_are_refused(idx_dir):
+    """Images are divided by 255, so a float file already in [0, 1] became [0, 1/255] and an int32
+    file was refused only after the division; float labels 0.5 were truncated to class 0."""
+    rng = np.random.default_rng(1)
+    _write_idx_typed(idx_dir / "t10k-images-idx3-ubyte.gz", rng.random((7, 5, 4)).astype(np.float32))
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.gz holds float32 images; .* 8-bit grey levels"):
+        load_dataset("mnist", idx_dir)
+    write_idx(idx_dir / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (7, 5, 4)))
+    _write_idx_typed(idx_dir / "t10k-labels-idx1-ubyte.gz", np.full(7, 0.5, dtype=np.float32))
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.gz must be whole numbers"):
+        load_dataset("mnist", idx_dir)
+
+
+def test_a_test_class_no_training_label_has_is_refused_for_a_model_of_the_labels(idx_dir, tmp_path):
+    """m2 and cvae take num_classes = max(label) + 1: a stray test label 200 built 201 classes.
+    Anomaly labels (0/1 with only normal training data) stay allowed for other models."""
+    from ppl_vae import pipeline
+    from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+
+    rng = np.random.default_rng(2)
+    write_idx(idx_dir / "train-labels-idx1-ubyte.gz", rng.integers(0, 3, 20))
+    write_idx(idx_dir / "t10k-labels-idx1-ubyte.gz", np.array([0, 1, 2, 0, 1, 2, 200]))
+    config = RunConfig(
+        model=ModelConfig(model="cvae", latent_dim=2, hidden_dim=8),
+        data=DataConfig(dataset="mnist", data_dir=str(idx_dir)),
+        train=TrainConfig(epochs=1, batch_size=10, device="cpu"),
+    )
+    with pytest.raises(DataError, match="the test labels hold class 200, which no training label has"):
+        pipeline.fit(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    config.model = ModelConfig(model="bernoulli_mlp", latent_dim=2, hidden_dim=8)  # labels are not its classes
+    pipeline.fit(config, tmp_path / "plain", progress=False)
