@@ -366,3 +366,20 @@ def test_a_new_run_inside_another_run_is_refused(tmp_path):
     project.mkdir()
     (project / "config.json").write_text("{}")
     ppl_vae.fit(small_config(epochs=1), project / "runs" / "a", progress=False)
+
+
+def test_the_train_split_of_a_run_is_the_points_it_trained_on(tmp_path):
+    """evaluate --split train scored the validation hold-out as training data ("mean over 100
+    train datapoints" where 50 were held out for validation)."""
+    from ppl_vae.inference.training import validation_split
+    from ppl_vae.reports.common import select_datapoints
+
+    config = small_config(epochs=1)
+    config.data.train_size = 100
+    config.train.val_fraction = 0.5
+    run = ppl_vae.fit(config, tmp_path / "run", progress=False)
+    trained, held_out = validation_split(100, run.config.train)
+    sel = select_datapoints(run, "train")
+    assert sel.index.tolist() == trained.tolist() and not set(sel.index.tolist()) & set(held_out.tolist())
+    some = select_datapoints(run, "train", 10, seed=3)
+    assert len(some.index) == 10 and set(some.index.tolist()) <= set(trained.tolist())

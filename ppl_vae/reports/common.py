@@ -121,6 +121,7 @@ class Selection:
 
 def select_datapoints(run: Run, split: str = "test", num_datapoints: Optional[int] = None, seed: int = 0) -> Selection:
     """Load the run's data and pick ``num_datapoints`` of ``split`` (all when None; a seeded subset).
+    ``"train"`` is the points the run trained on: its validation split (``val_fraction``) is left out.
 
     Every split is scored as the model sees data: with dynamic binarization the training set
     is held as grey levels and binarized afresh for each minibatch, so here its selected points
@@ -134,12 +135,18 @@ def select_datapoints(run: Run, split: str = "test", num_datapoints: Optional[in
     data = load_data(run.config, test_only=split == "test")  # MNIST: the 60,000 training images unread
     x = data.test if split == "test" else data.train
     labels = data.test_labels if split == "test" else data.train_labels
-    n = x.shape[0]
+    pool = np.arange(x.shape[0])
+    if split == "train":  # the points trained on: a validation split (val_fraction) is held out of them
+        from ppl_vae.inference.training import validation_split
+
+        held = validation_split(x.shape[0], run.config.train)
+        pool = pool if held is None else held[0].numpy()
+    n = len(pool)
     if num_datapoints is None or num_datapoints >= n:
-        index = np.arange(n)
+        index = pool
     else:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:num_datapoints]
-        index = np.sort(perm.numpy())
+        index = np.sort(pool[perm.numpy()])
     device = next(run.vae.parameters()).device
     idx = torch.as_tensor(index)
     x, preprocessing = x[idx], "none"
