@@ -126,10 +126,14 @@ def absolute_data_paths(config: RunConfig) -> RunConfig:
 
     d = config.data
     data_dir, dataset = d.data_dir, d.dataset
-    if data_dir is not None and not Path(data_dir).is_absolute():
+    if data_dir is not None and not Path(data_dir).expanduser().is_absolute():
         data_dir = str(Path(data_dir).absolute())
-    if dataset not in DATASETS and not Path(dataset).is_absolute() and Path(dataset).exists():
+    elif data_dir is not None:
+        data_dir = str(Path(data_dir).expanduser())  # "~/data" recorded as the folder it names
+    if dataset not in DATASETS and not Path(dataset).expanduser().is_absolute() and Path(dataset).exists():
         dataset = str(Path(dataset).absolute())
+    elif dataset not in DATASETS and Path(dataset).expanduser().exists():
+        dataset = str(Path(dataset).expanduser())
     if (data_dir, dataset) == (d.data_dir, d.dataset):
         return config
     return replace(config, data=replace(d, data_dir=data_dir, dataset=dataset))

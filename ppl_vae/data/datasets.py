@@ -391,7 +391,9 @@ def _load_dataset(
     num_images: Optional[int],
     test_only: bool,
 ) -> Dataset:
-    data_dir = None if data_dir is None else Path(data_dir)
+    data_dir = None if data_dir is None else Path(data_dir).expanduser()  # "~/data" as a shell would read it
+    if name not in DATASETS:
+        name = str(Path(name).expanduser())
     if name not in DATASETS and Path(name).suffix.lower() == ".npy":
         path = Path(name)
         if on_disk or (on_disk is None and file_size(path) >= ON_DISK_MIN_BYTES):

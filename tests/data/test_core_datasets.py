@@ -287,3 +287,24 @@ def test_a_test_class_no_training_label_has_is_refused_for_a_model_of_the_labels
     assert not (tmp_path / "run").exists()
     config.model = ModelConfig(model="bernoulli_mlp", latent_dim=2, hidden_dim=8)  # labels are not its classes
     pipeline.fit(config, tmp_path / "plain", progress=False)
+
+
+def test_a_home_folder_tilde_is_expanded_in_data_dir_and_file_names(idx_dir, monkeypatch):
+    """--data-dir ~/datasets/mnist was read as a folder literally named '~'."""
+    home = idx_dir.parent
+    monkeypatch.setenv("HOME", str(home))
+    data = load_dataset("mnist", f"~/{idx_dir.name}")
+    assert data.test.shape[0] == 7
+    np.save(idx_dir / "a.npy", np.random.default_rng(0).random((30, 4)).astype(np.float32))
+    assert load_dataset(f"~/{idx_dir.name}/a.npy").train.shape[1:] == (4,)
+
+
+def test_a_new_run_records_a_tilde_data_dir_as_the_folder_it_names(idx_dir, monkeypatch, tmp_path):
+    from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from ppl_vae.pipeline import absolute_data_paths
+
+    monkeypatch.setenv("HOME", str(idx_dir.parent))
+    config = RunConfig(
+        model=ModelConfig(), data=DataConfig(dataset="mnist", data_dir=f"~/{idx_dir.name}"), train=TrainConfig()
+    )
+    assert absolute_data_paths(config).data.data_dir == str(idx_dir)
