@@ -24,8 +24,8 @@ def data(ctx: click.Context) -> None:
 @click.option(
     "--out",
     "out_dir",
-    type=click.Path(path_type=Path),
     required=True,
+    callback=opt.path_or_none,
     help="Folder for the rendered file (created if missing); pass it as --data-dir of runs.",
 )
 @click.option(

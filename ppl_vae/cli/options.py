@@ -15,7 +15,7 @@ import click
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
-def _path_or_none(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[Path]:
+def path_or_none(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[Path]:
     """An output path; an empty name (``--out ""``) is refused instead of meaning the current folder."""
     if value is None:
         return None
@@ -35,7 +35,7 @@ def seed_option(default: Optional[int] = 0, help: str = "Seed of every random dr
 def out_option(help: str, *names: str) -> Decorator:
     """``--out PATH`` (``None`` when absent); ``""`` is a usage error."""
     return click.option(
-        *(names or ("--out",)), type=str, default=None, metavar="PATH", callback=_path_or_none, help=help
+        *(names or ("--out",)), type=str, default=None, metavar="PATH", callback=path_or_none, help=help
     )
 
 

@@ -270,7 +270,8 @@ def _arrays_from_file(path: Path):
         return arrays["data"], None, arrays.get("labels"), None, _file_factors(path, arrays, "factors", None)
     if len(arrays) == 1:
         return next(iter(arrays.values())), None, None, None
-    raise DataError(f"{path} holds arrays {', '.join(arrays)}; expected 'train' and 'test', or one array")
+    held = f"arrays {', '.join(arrays)}" if arrays else "no array"
+    raise DataError(f"{path} holds {held}; expected 'train' and 'test', or one array")
 
 
 def _as_float_tensor(array: np.ndarray, what: str) -> Tensor:

@@ -7,6 +7,7 @@ truncated or malformed file; none downloads anything.
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from pathlib import Path
 from typing import Dict
@@ -39,7 +40,7 @@ def read_idx(path: str | Path) -> np.ndarray:
         raise DataError(f"{path} is not an IDX file (bad header)")
     shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = int(np.prod(shape)) * dtype.itemsize
+    expected = math.prod(int(d) for d in shape) * dtype.itemsize  # Python ints: np.prod wraps at 2**63
     if len(raw) - header != expected:
         raise DataError(
             f"{path} is truncated or corrupt: header says shape {shape} "
@@ -149,6 +150,11 @@ def read_array_file(path: str | Path) -> Dict[str, np.ndarray]:
     Never unpickles: a file that is not really ``.npy``/``.npz`` is refused by its first bytes.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(
+            f"{path} is a folder, not a data file: for a registered dataset's files give --dataset NAME "
+            "--data-dir FOLDER (ppl-vae models lists the names), or give a .npy, .npz or .csv file"
+        )
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     suffix = path.suffix.lower()

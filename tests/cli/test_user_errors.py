@@ -479,3 +479,10 @@ def test_a_read_only_file_system_is_one_line_naming_the_file(run_dir, tmp_path, 
     monkeypatch.setattr("pathlib.Path.mkdir", lambda self, *a, **k: read_only())
     result = invoke(*[str(run) if a == "{run}" else a for a in args])
     one_line_error(result, "Read-only file system")
+
+
+def test_data_dsprites_refuses_an_empty_out_name(tmp_path, monkeypatch):
+    """`data dsprites --out ''` rendered 3 GB into the working folder; fit's --out refused it."""
+    monkeypatch.chdir(tmp_path)
+    one_line_error(invoke("data", "dsprites", "--out", ""), "is an empty name")
+    assert list(tmp_path.iterdir()) == []

@@ -308,3 +308,19 @@ def test_a_new_run_records_a_tilde_data_dir_as_the_folder_it_names(idx_dir, monk
         model=ModelConfig(), data=DataConfig(dataset="mnist", data_dir=f"~/{idx_dir.name}"), train=TrainConfig()
     )
     assert absolute_data_paths(config).data.data_dir == str(idx_dir)
+
+
+def test_data_file_errors_say_what_is_wrong(tmp_path):
+    """A folder given as the data file read "data file not found"; an IDX header whose dimensions
+    overflow int64 gave a numpy reshape error naming no file; an .npz without arrays "holds arrays ;"."""
+    from ppl_vae.data.readers import read_idx
+
+    with pytest.raises(DataError, match="is a folder, not a data file: .* --data-dir FOLDER"):
+        load_dataset(str(tmp_path))
+    header = struct.pack(">BBBB", 0, 0, 0x08, 3) + struct.pack(">3I", 2**22, 2**21, 2**21)
+    (tmp_path / "huge.idx").write_bytes(header)
+    with pytest.raises(DataError, match=r"huge.idx is truncated or corrupt: header says shape \(4194304, 2097152"):
+        read_idx(tmp_path / "huge.idx")
+    np.savez(tmp_path / "empty.npz")
+    with pytest.raises(DataError, match="holds no array; expected 'train' and 'test', or one array"):
+        load_dataset(str(tmp_path / "empty.npz"))
