@@ -111,7 +111,7 @@ def test_bad_inputs_give_one_line_errors_and_no_run_directory(runner, tmp_path, 
 
 
 def test_data_outside_the_likelihood_support(runner, tmp_path):
-    np.save(tmp_path / "wide.npy", np.random.rand(50, 3) * 4 - 2)
+    np.save(tmp_path / "wide.npy", np.random.rand(400, 3) * 4 - 2)  # more rows than FAST's --train-size
     result = invoke(
         runner,
         "fit",
