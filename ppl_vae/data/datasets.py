@@ -112,6 +112,8 @@ def _require_dir(data_dir: Optional[Path], dataset: str, files: Dict[str, str], 
     if data_dir is None:
         raise DataError(f"dataset {dataset!r} needs data_dir: a folder holding {', '.join(files)} ({where})")
     data_dir = Path(data_dir)
+    if data_dir.is_file():
+        raise DataError(f"data_dir {data_dir} is a file; give the folder holding {', '.join(files)}")
     missing = [f for f in files if not (data_dir / f).is_file()]
     if missing:
         checks = "; ".join(f"{f} sha256 {files[f]}" for f in missing) if all(files.values()) else ""
@@ -320,6 +322,8 @@ def check_data_dir(name: str, data_dir: "str | Path | None") -> None:
             return
         what = f"dataset {name!r} is embedded"
     else:
+        if Path(name).suffix.lower() not in (".npy", ".npz", ".csv") and not Path(name).expanduser().exists():
+            DATASETS.get(name)  # raises: an unknown name, listing the valid ones (it is no file either)
         what = f"dataset {name!r} is a file, read from its own path"
     raise ValueError(f"data_dir applies to a dataset read from a folder; {what}: leave data_dir out")
 

@@ -32,6 +32,8 @@ def read_idx(path: str | Path) -> np.ndarray:
             raw = gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"cannot read {path}: corrupt or truncated gzip data ({exc})") from None
+    if not raw:
+        raise DataError(f"{path} is empty: restore the file (an IDX file starts with a 4-byte magic number)")
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path} is not an IDX file (bad magic number)")
     ndim = raw[3]

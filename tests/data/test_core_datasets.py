@@ -324,3 +324,18 @@ def test_data_file_errors_say_what_is_wrong(tmp_path):
     np.savez(tmp_path / "empty.npz")
     with pytest.raises(DataError, match="holds no array; expected 'train' and 'test', or one array"):
         load_dataset(str(tmp_path / "empty.npz"))
+
+
+def test_data_dir_errors_name_the_real_problem(idx_dir, tmp_path):
+    """An unknown name with a data_dir was called 'a file, read from its own path'; a data_dir
+    that is a file read 'not found in <file>'; an empty IDX file had a 'bad magic number'."""
+    from ppl_vae.data.datasets import check_data_dir
+    from ppl_vae.data.readers import read_idx
+
+    with pytest.raises(ValueError, match="unknown dataset 'binarized_mnist'; valid datasets: digits"):
+        check_data_dir("binarized_mnist", str(idx_dir))
+    with pytest.raises(DataError, match="data_dir .*train-images-idx3-ubyte.gz is a file; give the folder holding"):
+        load_dataset("mnist", idx_dir / "train-images-idx3-ubyte.gz")
+    (tmp_path / "empty.idx").write_bytes(b"")
+    with pytest.raises(DataError, match="empty.idx is empty"):
+        read_idx(tmp_path / "empty.idx")
