@@ -34,7 +34,7 @@ import torch
 
 from ppl_vae import runs
 from ppl_vae.config import DataConfig, RunConfig, check_config, reset_inapplicable
-from ppl_vae.data.datasets import Dataset, check_data_dir, load_dataset
+from ppl_vae.data.datasets import Dataset, check_data_dir, fingerprint, load_dataset
 from ppl_vae.errors import ConfigError, DataError, RunConfigError, RunDirError, TrainingDiverged
 from ppl_vae.inference import distributed
 from ppl_vae.inference.capabilities import check_compatible
@@ -72,6 +72,9 @@ class Run:
     vae: VAE
     history: Optional[xr.Dataset]  # None: not read yet (load_run(history=False)); read_history() reads it
     new_epochs: int = 0
+    test_data: Optional[Dict[str, Any]] = None
+    """The test split's fingerprint the checkpoint recorded (:func:`~ppl_vae.data.datasets.fingerprint`;
+    None for a run from before checkpoints kept one)."""
 
     def read_history(self) -> xr.Dataset:
         """The history, read from the run directory on first use where :func:`load_run` was told
@@ -197,6 +200,29 @@ def build_model(config: RunConfig, event_shape, data_info: Optional[dict] = None
         guide_options=m.guide_options,
         model_options=m.model_options,
     )
+
+
+TEST_DATA_KEY = "test_data"
+"""The key of the checkpoint's metadata ``extra`` holding its test split's fingerprint."""
+
+
+def check_test_data(run: "Run", test: Any, source: str) -> None:
+    """Refuse to score a run's test split when the data found now is not what the run recorded
+    (its files were replaced or regenerated since): the scores would carry the run's name for
+    other data. ``source``: where the data was read from, for the message."""
+    if run.test_data is None:
+        return
+    now: Dict[str, Any] = fingerprint(test)
+    if now != run.test_data:
+        what = (
+            f"{now['shape'][0]} test points where it recorded {run.test_data['shape'][0]}"
+            if now["shape"] != run.test_data["shape"]
+            else "test points of other values"
+        )
+        raise DataError(
+            f"the test data of {source} is not what {run.run_dir} was trained with: it has {what} (files "
+            "replaced or regenerated since); restore the files it was trained with"
+        )
 
 
 def _check_label_classes(vae: VAE, data: Dataset) -> None:
@@ -367,6 +393,7 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
             "event_shape": list(data.event_shape),
             "data_info": data.data_info,
             runs.CONFIG_KEY: json.loads(config.to_json()),  # what these weights are trained under
+            TEST_DATA_KEY: fingerprint(data.test),  # what evaluate and compare must find again
         },
         # a resume's new settings are written with the first checkpoint trained under them
         before_first_save=(lambda: runs.save_config(run_dir, config)) if job.write_config and writer else None,
@@ -733,7 +760,7 @@ def load_run(
     runs.check_config_matches_checkpoint(run_dir, config, meta, sections=("model", "data"), may_differ=runs.MAY_MOVE)
     runs.load_weights(vae, tensors, str(run_dir / name))
     vae.eval()
-    run = Run(run_dir, config, vae.to(resolve_device(device)), None)
+    run = Run(run_dir, config, vae.to(resolve_device(device)), None, test_data=extra.get(TEST_DATA_KEY))
     if history:
         run.read_history()
     else:

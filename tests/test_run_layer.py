@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 import ppl_vae
-from ppl_vae import io, runs
+from ppl_vae import io, pipeline, runs
 from ppl_vae.cli.main import cli
 from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from ppl_vae.errors import ConfigError, RunDirError
@@ -383,3 +383,30 @@ def test_the_train_split_of_a_run_is_the_points_it_trained_on(tmp_path):
     assert sel.index.tolist() == trained.tolist() and not set(sel.index.tolist()) & set(held_out.tolist())
     some = select_datapoints(run, "train", 10, seed=3)
     assert len(some.index) == 10 and set(some.index.tolist()) <= set(trained.tolist())
+
+
+def test_scoring_refuses_test_data_replaced_since_the_run_was_trained(tmp_path):
+    """evaluate scored 100 other points under a run's name after its test files were replaced:
+    the checkpoint now records its test split's fingerprint (shape and a hash of its rows)."""
+    import numpy as np
+
+    from ppl_vae.data.datasets import fingerprint
+    from ppl_vae.reports.common import select_datapoints
+
+    path = tmp_path / "a.npy"
+    np.save(path, np.random.default_rng(0).random((300, 6)).astype(np.float32))
+    config = RunConfig(
+        model=ModelConfig(model="gaussian_mlp", latent_dim=2, hidden_dim=8),
+        data=DataConfig(dataset=str(path)),
+        train=TrainConfig(epochs=1, batch_size=50, device="cpu"),
+    )
+    ppl_vae.fit(config, tmp_path / "run", progress=False)
+    run = ppl_vae.load_run(tmp_path / "run", history=False)
+    assert run.test_data == fingerprint(pipeline.load_data(run.config).test) and run.test_data["shape"] == [60, 6]
+    assert len(select_datapoints(run, "test").index) == 60
+    np.save(path, np.random.default_rng(1).random((300, 6)).astype(np.float32))  # same shape, other values
+    with pytest.raises(ValueError, match="is not what .*run was trained with: it has test points of other values"):
+        select_datapoints(run, "test")
+    np.save(path, np.random.default_rng(0).random((500, 6)).astype(np.float32))
+    with pytest.raises(ValueError, match="it has 100 test points where it recorded 60"):
+        select_datapoints(run, "test")

@@ -310,6 +310,24 @@ def _as_labels(array: np.ndarray, what: str) -> Tensor:
     return torch.as_tensor(array.astype(np.int64))
 
 
+FINGERPRINT_ROWS = 1000
+"""Rows (evenly spaced) whose bytes :func:`fingerprint` hashes: a file replaced since a run was
+trained is caught without reading a large split whole."""
+
+
+def fingerprint(x: "Tensor | NpyRows") -> Dict[str, object]:
+    """What identifies a split's data: its shape and the sha256 of up to :data:`FINGERPRINT_ROWS`
+    evenly spaced rows (float32 bytes, as the model scores them). A run records its test split's,
+    so that evaluate and compare refuse to score other data under the run's name."""
+    import hashlib
+
+    n = int(x.shape[0])
+    rows = np.unique(np.linspace(0, n - 1, min(n, FINGERPRINT_ROWS)).astype(np.int64)) if n else np.zeros(0, np.int64)
+    sample = x[torch.as_tensor(rows)] if n else torch.zeros(0)
+    data = torch.as_tensor(sample).detach().to("cpu", torch.float32).contiguous().numpy()
+    return {"shape": [int(d) for d in x.shape], "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
+
+
 def check_data_dir(name: str, data_dir: "str | Path | None") -> None:
     """Refuse (ValueError, one line) a ``data_dir`` for a dataset that reads none: the embedded
     digits (its loader declares ``reads_data_dir`` False) or a user's array file (read from its

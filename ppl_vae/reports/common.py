@@ -133,6 +133,10 @@ def select_datapoints(run: Run, split: str = "test", num_datapoints: Optional[in
     if num_datapoints is not None and num_datapoints < 1:
         raise ValueError(f"num_datapoints must be >= 1, got {num_datapoints}")
     data = load_data(run.config, test_only=split == "test")  # MNIST: the 60,000 training images unread
+    if split == "test":  # the test split the run recorded, not files replaced since
+        from ppl_vae.pipeline import check_test_data
+
+        check_test_data(run, data.test, data.name)
     x = data.test if split == "test" else data.train
     labels = data.test_labels if split == "test" else data.train_labels
     pool = np.arange(x.shape[0])
