@@ -538,8 +538,8 @@ def _load_on_disk(
 def _refuse_dynamic_on_disk(label: str, binarize: str) -> None:
     if binarize == "dynamic":
         raise DataError(
-            f"{label} stays on disk (rows are read per batch), and binarize='dynamic' needs a test set "
-            "sampled once in memory; use binarize='threshold', or binarize the file beforehand"
+            f"{label} stays on disk (rows are read per batch), and data.binarize 'dynamic' needs a test set "
+            "sampled once in memory; use data.binarize 'threshold', or binarize the file beforehand"
         )
 
 

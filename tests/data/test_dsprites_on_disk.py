@@ -104,7 +104,7 @@ def test_the_loader_reads_the_render_from_disk_as_the_in_memory_path_renders_it(
     full = load_dataset("dsprites", data_dir=rendered, num_images=N, train_size=100, binarize="threshold")
     assert len(full.train) == 100 == len(full.train_factors) and len(full.test) == 300 == len(full.test_factors)
     assert full.train.threshold and torch.equal(full.train[:10], (full.train[:10] > 0.5).float())
-    with pytest.raises(DataError, match="binarize='dynamic' needs a test set sampled once in memory"):
+    with pytest.raises(DataError, match="data.binarize 'dynamic' needs a test set sampled once in memory"):
         load_dataset("dsprites", data_dir=rendered, num_images=100, binarize="dynamic")
 
 
@@ -192,3 +192,13 @@ def test_a_terminated_render_cleans_up_as_an_interrupted_one(small, tmp_path, mo
     assert result.exit_code == 130 and "interrupted" in result.output
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) == before  # restored
+
+
+def test_the_dynamic_binarization_refusal_names_the_flag(rendered, tmp_path):
+    """It spelled the Python argument (binarize='dynamic') to a command-line user."""
+    result = invoke(
+        "fit", "--dataset", "dsprites", "--data-dir", rendered, "--num-images", 400, "--binarize", "dynamic",
+        "--epochs", 1, "--out", tmp_path / "run",
+    )  # fmt: skip
+    line = one_line_error(result, "--binarize 'dynamic' needs a test set sampled once in memory")
+    assert "use --binarize 'threshold'" in line and not (tmp_path / "run").exists()

@@ -61,7 +61,7 @@ def test_threshold_binarization_on_disk_and_dynamic_refused(npy):
     loaded = load_dataset(str(npy), binarize="threshold")
     assert torch.equal(disk.train[torch.arange(20)], loaded.train[:20])
     assert disk.train.value_range()[:2] == (0.0, 1.0)
-    with pytest.raises(DataError, match="binarize='dynamic'"):
+    with pytest.raises(DataError, match="data.binarize 'dynamic'"):
         load_dataset(str(npy), binarize="dynamic", on_disk=True)
 
 
