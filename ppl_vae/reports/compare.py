@@ -339,8 +339,8 @@ def _report_figures(
         ("Reconstructions", lambda: plots.plot_reconstructions(sel.x[:10], _reconstruct(run, sel, 10))),
         ("Samples from the prior", lambda: plots.plot_samples(vae.sample(30))),
     ]
-    labels = sel.model_kwargs(run).get("y")
-    if vae.latent_dim == 2 and labels is not None and evidence_of(vae) != "log p(x)":  # p(x | z, y): one label
+    labels = _conditioning_labels(run, sel)
+    if vae.latent_dim == 2 and labels is not None:  # p(x | z, y): one label
         label = int(labels[0])
         decode = lambda z: vae.decode(z, torch.full(z.shape[:1], label, device=z.device))  # noqa: E731
         makers.append((f"Learned manifold of label {label}", lambda: plots.plot_manifold(decode, device=device)))
@@ -363,14 +363,19 @@ def _report_figures(
     return figures
 
 
-def _reconstruct(run: Run, sel: Selection, n: int) -> torch.Tensor:
-    """E[x | E_q[z | x]] of the first ``n`` selected datapoints; a conditional model (cvae, whose
-    ELBO bounds log p(x | y)) is given their labels, as it was scored."""
+def _conditioning_labels(run: Run, sel: Selection) -> Optional[torch.Tensor]:
+    """The selected datapoints' labels where the model is conditioned on them (a cvae, whose ELBO
+    bounds log p(x | y): it decodes given a label); None otherwise."""
     labels = sel.model_kwargs(run).get("y")
+    return labels if labels is not None and evidence_of(run.vae) != "log p(x)" else None
+
+
+def _reconstruct(run: Run, sel: Selection, n: int) -> torch.Tensor:
+    """E[x | E_q[z | x]] of the first ``n`` selected datapoints, given their labels where the
+    model is conditioned on them, as it was scored."""
+    labels = _conditioning_labels(run, sel)
     vae: Any = run.vae  # a ConditionalVAE's reconstruct takes the labels
-    if labels is not None and evidence_of(vae) != "log p(x)":
-        return vae.reconstruct(sel.x[:n], labels[:n])
-    return vae.reconstruct(sel.x[:n])
+    return vae.reconstruct(sel.x[:n]) if labels is None else vae.reconstruct(sel.x[:n], labels[:n])
 
 
 GAP_EXPLANATION = (
