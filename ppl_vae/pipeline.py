@@ -144,14 +144,18 @@ def absolute_data_paths(config: RunConfig) -> RunConfig:
 
 def data_config(config: RunConfig, dataset: Optional[str] = None, data_dir: Optional[str] = None) -> DataConfig:
     """The run's data config, with another ``dataset`` and/or ``data_dir`` when given: the run's
-    binarization, split and training size stay, so the new data is prepared as the training data was."""
+    binarization, split and training size stay, so the new data is prepared as the training data was.
+    Another ``dataset`` without ``data_dir`` is read from its own default place, not the run's folder."""
     d = config.data
     if dataset is None and data_dir is None:
         return d
+    other = dataset is not None and str(dataset) != d.dataset
     new = replace(
         d,
         dataset=d.dataset if dataset is None else str(dataset),
-        data_dir=d.data_dir if data_dir is None else str(data_dir),
+        # the run's folder holds the run's data set: another one is read from its own default
+        # place (MNIST's folder also has files named as Fashion-MNIST's, which it would score)
+        data_dir=(None if other else d.data_dir) if data_dir is None else str(data_dir),
     )
     # a subset size belongs to the run's own (generated) data set, not to another one
     return new if new.dataset == d.dataset else replace(new, num_images=None)

@@ -410,3 +410,15 @@ def test_scoring_refuses_test_data_replaced_since_the_run_was_trained(tmp_path):
     np.save(path, np.random.default_rng(0).random((500, 6)).astype(np.float32))
     with pytest.raises(ValueError, match="it has 100 test points where it recorded 60"):
         select_datapoints(run, "test")
+
+
+def test_another_dataset_is_read_from_its_own_place_not_the_runs_folder():
+    """The run's data_dir holds the run's data set: `anomaly RUN --dataset fashion-mnist` on an
+    MNIST run scored the run's MNIST files (whose names Fashion-MNIST shares) as Fashion-MNIST."""
+    config = RunConfig(data=DataConfig(dataset="mnist", data_dir="/data/mnist"))
+    other = pipeline.data_config(config, dataset="fashion-mnist")
+    assert other.dataset == "fashion-mnist" and other.data_dir is None  # its own default folder
+    assert pipeline.data_config(config, dataset="mnist").data_dir == "/data/mnist"  # the same data set
+    given = pipeline.data_config(config, dataset="fashion-mnist", data_dir="/data/fashion")
+    assert given.data_dir == "/data/fashion"
+    assert pipeline.data_config(config, data_dir="/elsewhere").dataset == "mnist"
