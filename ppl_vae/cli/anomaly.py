@@ -45,6 +45,7 @@ def anomaly(run_dir: Path, **opts) -> None:
     """Score each datapoint of a dataset with a trained run (higher = more anomalous)."""
     from ppl_vae import io, pipeline
     from ppl_vae.analysis.anomaly import SCORES, are_anomaly_labels, score_dataset
+    from ppl_vae.data.datasets import labels_are_anomalies
     from ppl_vae.models.vae import evidence_of
 
     out = opts["out"]
@@ -67,6 +68,11 @@ def anomaly(run_dir: Path, **opts) -> None:
         check_data_dir(opts["dataset"] or run.config.data.dataset, opts["data_dir"])
     # another dataset is prepared as the run's training data was (binarization, split, size)
     data = pipeline.load_data(run.config, dataset=opts["dataset"], data_dir=opts["data_dir"])
+    if opts["normal_class"] is not None and labels_are_anomalies(data.name):
+        raise ValueError(
+            f"--normal-class turns class labels into anomaly labels, but {data.name} labels its points "
+            "0 (normal) / 1 (anomaly) already: leave it out"
+        )
     x = data.test if opts["split"] == "test" else data.train
     labels = data.test_labels if opts["split"] == "test" else data.train_labels
     if tuple(x.shape[1:]) != tuple(run.vae.event_shape):

@@ -214,6 +214,13 @@ for _loader in (load_mnist_arrays, load_fashion_mnist_arrays):
     _loader.__dict__["reads_test_alone"] = True
 
 
+def labels_are_anomalies(name: str) -> bool:
+    """Whether data set ``name`` labels its points 0 (normal) / 1 (anomaly) by construction (a
+    loader declaring ``anomaly_labels``: the sensor CSV's label column, Fashion-MNIST one-class),
+    rather than by class; a path or a data set with class labels gives False."""
+    return name in DATASETS and bool(getattr(DATASETS.get(name), "anomaly_labels", False))
+
+
 @DATASETS.register("frey-face")
 def load_frey_face_arrays(data_dir: Optional[Path]) -> Arrays:
     """Frey Face: 1,965 greyscale 28x20 faces from frey_rawface.mat in --data-dir."""

@@ -130,6 +130,9 @@ def load_timeseries_csv_arrays(data_dir: Optional[Path]) -> Arrays:
     return load_timeseries_arrays(data_dir)
 
 
+load_timeseries_csv_arrays.__dict__["anomaly_labels"] = True  # read by datasets.labels_are_anomalies
+
+
 def load_fashion_mnist_oneclass_arrays(normal_class: int, data_dir: Optional[Path] = None) -> Arrays:
     """Train on Fashion-MNIST training images of ``normal_class``; test on all test images,
     labelled 1 (anomaly) when their class differs."""
@@ -151,3 +154,4 @@ for _k in range(10):
         f"fashion-mnist-oneclass-{_k}",
         doc=f"Fashion-MNIST one-class: train on class {_k}; test labels 1 = any other class (anomaly)",
     )(partial(load_fashion_mnist_oneclass_arrays, _k))
+    DATASETS.get(f"fashion-mnist-oneclass-{_k}").anomaly_labels = True  # type: ignore[attr-defined]

@@ -85,6 +85,10 @@ def test_anomaly_bad_inputs_give_one_line_errors(tmp_path, sensor_run):
     _, run = sensor_run
     assert "valid anomaly scores" in _one_line_error(runner.invoke(cli, ["anomaly", str(run), "--score", "nope"]))
     assert "expects" in _one_line_error(runner.invoke(cli, ["anomaly", str(run), "--dataset", "digits"]))
+    # the sensor CSV's labels are anomaly labels already: --normal-class 1 inverted them (AUROC 1 -> 0)
+    out = tmp_path / "inverted.nc"
+    refused = runner.invoke(cli, ["anomaly", str(run), "--normal-class", "1", "--out", str(out)])
+    assert "already" in _one_line_error(refused) and "--normal-class" in refused.output and not out.exists()
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,oops\n")
     assert "non-numeric" in _one_line_error(
