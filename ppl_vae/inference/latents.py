@@ -35,6 +35,7 @@ from pyro import poutine
 from pyro.distributions import constraints
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
+from torch.distributions.constraints import MixtureSameFamilyConstraint
 
 from ppl_vae.inference.traces import PARTICLE_PLATE, LogProbs, log_probs, trace_pair
 
@@ -174,7 +175,8 @@ class Layout:
 
 
 def _is_real(support: constraints.Constraint) -> bool:
-    while isinstance(support, constraints.independent):
+    # a mixture's support is its components' (torch wraps it in MixtureSameFamilyConstraint)
+    while isinstance(support, (constraints.independent, MixtureSameFamilyConstraint)):
         support = support.base_constraint
     return (
         support is constraints.real or isinstance(support, type(constraints.real_vector)) or support == constraints.real
