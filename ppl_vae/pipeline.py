@@ -209,24 +209,45 @@ def build_model(config: RunConfig, event_shape, data_info: Optional[dict] = None
 TEST_DATA_KEY = "test_data"
 """The key of the checkpoint's metadata ``extra`` holding its test split's fingerprint."""
 
+TRAIN_DATA_KEY = "train_data"
+"""The key of the checkpoint's metadata ``extra`` holding its training split's fingerprint
+(checked when the run is continued; runs from before it kept none)."""
+
+
+def _check_split(
+    recorded: Optional[Dict[str, Any]], x: Any, split: str, source: str, run_dir: Path, doing: str
+) -> None:
+    """Refuse data whose fingerprint is not the one the run recorded for ``split``."""
+    if recorded is None:
+        return
+    now: Dict[str, Any] = fingerprint(x)
+    if now != recorded:
+        what = (
+            f"{now['shape'][0]} {split} points where it recorded {recorded['shape'][0]}"
+            if now["shape"] != recorded["shape"]
+            else f"{split} points of other values"
+        )
+        raise DataError(
+            f"the {split} data of {source} is not what {run_dir} was trained with: it has {what} (files "
+            f"replaced or regenerated since); restore the files it was trained with{doing}"
+        )
+
 
 def check_test_data(run: "Run", test: Any, source: str) -> None:
     """Refuse to score a run's test split when the data found now is not what the run recorded
     (its files were replaced or regenerated since): the scores would carry the run's name for
     other data. ``source``: where the data was read from, for the message."""
-    if run.test_data is None:
-        return
-    now: Dict[str, Any] = fingerprint(test)
-    if now != run.test_data:
-        what = (
-            f"{now['shape'][0]} test points where it recorded {run.test_data['shape'][0]}"
-            if now["shape"] != run.test_data["shape"]
-            else "test points of other values"
-        )
-        raise DataError(
-            f"the test data of {source} is not what {run.run_dir} was trained with: it has {what} (files "
-            "replaced or regenerated since); restore the files it was trained with"
-        )
+    _check_split(run.test_data, test, "test", source, run.run_dir, "")
+
+
+def _check_resumed_data(run_dir: Path, data: Dataset) -> None:
+    """A run continues on the data it was trained with: other data would make it a mix of two
+    data sets, and the next checkpoint would record the new test split's fingerprint, so that
+    evaluate no longer noticed."""
+    _, meta = runs.read_checkpoint(run_dir, tensors=False)
+    extra = meta.get("extra", {})
+    for key, split, x in ((TRAIN_DATA_KEY, "training", data.train), (TEST_DATA_KEY, "test", data.test)):
+        _check_split(extra.get(key), x, split, data.name, run_dir, ", or start a new run")
 
 
 def _check_label_classes(vae: VAE, data: Dataset) -> None:
@@ -380,6 +401,7 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
         runs.save_config(run_dir, config)
     if not job.fresh:
         _check_labelled_split(run_dir, data)
+        _check_resumed_data(run_dir, data)
     if job.fresh:
         state = TrainState()
     else:
@@ -398,6 +420,7 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
             "data_info": data.data_info,
             runs.CONFIG_KEY: json.loads(config.to_json()),  # what these weights are trained under
             TEST_DATA_KEY: fingerprint(data.test),  # what evaluate and compare must find again
+            TRAIN_DATA_KEY: fingerprint(data.train),  # what a resume must find again
         },
         # a resume's new settings are written with the first checkpoint trained under them
         before_first_save=(lambda: runs.save_config(run_dir, config)) if job.write_config and writer else None,

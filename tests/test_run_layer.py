@@ -422,3 +422,31 @@ def test_another_dataset_is_read_from_its_own_place_not_the_runs_folder():
     given = pipeline.data_config(config, dataset="fashion-mnist", data_dir="/data/fashion")
     assert given.data_dir == "/data/fashion"
     assert pipeline.data_config(config, data_dir="/elsewhere").dataset == "mnist"
+
+
+def test_a_resume_refuses_data_replaced_since_and_leaves_the_run_alone(tmp_path):
+    """`fit --resume` trained on replaced files and recorded the new test split's fingerprint, so
+    evaluate stopped noticing: a resume now checks both splits against the checkpoint's record."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "d.npz"
+    train, test = rng.random((200, 6)).astype(np.float32), rng.random((50, 6)).astype(np.float32)
+    np.savez(path, train=train, test=test)
+    config = RunConfig(
+        model=ModelConfig(model="gaussian_mlp", latent_dim=2, hidden_dim=8),
+        data=DataConfig(dataset=str(path)),
+        train=TrainConfig(epochs=1, batch_size=50, device="cpu"),
+    )
+    run_dir = tmp_path / "run"
+    ppl_vae.fit(config, run_dir, progress=False)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    np.savez(path, train=train[::-1].copy(), test=test)  # the training split alone changed
+    with pytest.raises(ValueError, match="the training data of d.npz is not what .*run was trained with"):
+        pipeline.resume(run_dir, epochs=2, progress=False)
+    np.savez(path, train=train, test=test[:40])
+    with pytest.raises(ValueError, match="it has 40 test points where it recorded 50"):
+        pipeline.resume(run_dir, epochs=2, progress=False)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+    np.savez(path, train=train, test=test)  # the files it was trained with: it continues
+    assert pipeline.resume(run_dir, epochs=2, progress=False).epochs_done == 2
