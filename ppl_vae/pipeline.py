@@ -75,6 +75,8 @@ class Run:
     test_data: Optional[Dict[str, Any]] = None
     """The test split's fingerprint the checkpoint recorded (:func:`~ppl_vae.data.datasets.fingerprint`;
     None for a run from before checkpoints kept one)."""
+    train_data: Optional[Dict[str, Any]] = None
+    """The training split's fingerprint the checkpoint recorded (None for a run from before)."""
 
     def read_history(self) -> xr.Dataset:
         """The history, read from the run directory on first use where :func:`load_run` was told
@@ -238,6 +240,17 @@ def check_test_data(run: "Run", test: Any, source: str) -> None:
     (its files were replaced or regenerated since): the scores would carry the run's name for
     other data. ``source``: where the data was read from, for the message."""
     _check_split(run.test_data, test, "test", source, run.run_dir, "")
+
+
+def load_run_data(run: "Run", *, test_only: bool = False) -> Dataset:
+    """The run's own data (:func:`load_data`), refused where a split differs from the one the run
+    recorded (files replaced or regenerated since): what a command scores under the run's name
+    is what the run was trained and tested on."""
+    data = load_data(run.config, test_only=test_only)
+    check_test_data(run, data.test, data.name)
+    if not test_only:
+        _check_split(run.train_data, data.train, "training", data.name, run.run_dir, "")
+    return data
 
 
 def _check_resumed_data(run_dir: Path, data: Dataset) -> None:
@@ -787,7 +800,14 @@ def load_run(
     runs.check_config_matches_checkpoint(run_dir, config, meta, sections=("model", "data"), may_differ=runs.MAY_MOVE)
     runs.load_weights(vae, tensors, str(run_dir / name))
     vae.eval()
-    run = Run(run_dir, config, vae.to(resolve_device(device)), None, test_data=extra.get(TEST_DATA_KEY))
+    run = Run(
+        run_dir,
+        config,
+        vae.to(resolve_device(device)),
+        None,
+        test_data=extra.get(TEST_DATA_KEY),
+        train_data=extra.get(TRAIN_DATA_KEY),
+    )
     if history:
         run.read_history()
     else:

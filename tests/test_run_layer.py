@@ -450,3 +450,32 @@ def test_a_resume_refuses_data_replaced_since_and_leaves_the_run_alone(tmp_path)
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
     np.savez(path, train=train, test=test)  # the files it was trained with: it continues
     assert pipeline.resume(run_dir, epochs=2, progress=False).epochs_done == 2
+
+
+def test_every_command_reading_a_runs_own_data_refuses_replaced_files(tmp_path):
+    """calibrate, evaluate and compare refused test files replaced since training; anomaly,
+    inpaint and generate --traverse scored them under the run's name, and the training split was
+    never checked (evaluate --split train)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "d.npz"
+    train, test = rng.random((200, 1, 4, 4)).astype(np.float32), rng.random((50, 1, 4, 4)).astype(np.float32)
+    np.savez(path, train=train, test=test)
+    run = tmp_path / "run"
+    fit = ["fit", "--dataset", str(path), "--epochs", "1", "--latent-dim", "2", "--hidden-dim", "8"]
+    assert CliRunner().invoke(cli, [*fit, "--out", str(run), "--no-progress"]).exit_code == 0
+    commands = {
+        "anomaly": ["anomaly", str(run), "--num-samples", "1", "--no-progress"],
+        "inpaint": ["inpaint", str(run), "--num-samples", "4", "--num-images", "1", "--out", str(tmp_path / "i.png")],
+        "traverse": ["generate", str(run), "--traverse", "--out", str(tmp_path / "t.png")],
+    }
+    for name, args in commands.items():  # the files it was trained with: accepted
+        assert CliRunner().invoke(cli, args).exit_code == 0, name
+    np.savez(path, train=train, test=test[::-1].copy())
+    for name, args in commands.items():
+        line = one_line_error(CliRunner().invoke(cli, args))
+        assert "the test data of d.npz is not what" in line, (name, line)
+    np.savez(path, train=train[::-1].copy(), test=test)
+    evaluate = ["evaluate", str(run), "--split", "train", "-k", "2", "--no-progress", "--out", str(tmp_path / "e")]
+    assert "the training data of d.npz is not what" in one_line_error(CliRunner().invoke(cli, evaluate))

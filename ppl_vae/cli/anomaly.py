@@ -66,8 +66,10 @@ def anomaly(run_dir: Path, **opts) -> None:
         from ppl_vae.data.datasets import check_data_dir
 
         check_data_dir(opts["dataset"] or run.config.data.dataset, opts["data_dir"])
-    # another dataset is prepared as the run's training data was (binarization, split, size)
-    data = pipeline.load_data(run.config, dataset=opts["dataset"], data_dir=opts["data_dir"])
+    if pipeline.data_config(run.config, opts["dataset"], opts["data_dir"]) == run.config.data:
+        data = pipeline.load_run_data(run)  # the run's own: the splits it recorded, not files replaced since
+    else:  # another dataset is prepared as the run's training data was (binarization, split, size)
+        data = pipeline.load_data(run.config, dataset=opts["dataset"], data_dir=opts["data_dir"])
     if opts["normal_class"] is not None and labels_are_anomalies(data.name):
         raise ValueError(
             f"--normal-class turns class labels into anomaly labels, but {data.name} labels its points "

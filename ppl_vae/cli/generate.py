@@ -102,7 +102,7 @@ def generate(
         sample_images,
         save_figure,
     )
-    from ppl_vae.pipeline import load_data, load_run
+    from ppl_vae.pipeline import load_run, load_run_data
 
     opt.check_size("--num-samples", num_samples, MAX_GRID_SAMPLES, "images in one grid")
     run = load_run(run_dir, history=False)
@@ -110,7 +110,7 @@ def generate(
     if traverse:
         if run.vae.num_classes is not None:
             raise ValueError("--traverse needs an unconditional model (its decoder takes z alone)")
-        x = load_data(run.config, test_only=True).test[:500]
+        x = load_run_data(run, test_only=True).test[:500]
         trav = latent_traversal(run.vae, x, dims=list(dims) or None, num_steps=num_steps, span=span)
         path = save_figure(plot_traversal(trav), out or run_dir / "traversal.png")
         order = ", ".join(f"z{int(j)}" for j in trav.latent.values)
@@ -162,7 +162,7 @@ def inpaint(
     """Complete test images from an observed part by importance sampling z given those pixels."""
     from ppl_vae.analysis.generation import MASKS, plot_inpainting, save_figure
     from ppl_vae.analysis.generation import inpaint as inpaint_images
-    from ppl_vae.pipeline import load_data, load_run
+    from ppl_vae.pipeline import load_run, load_run_data
 
     MASKS.get(mask)
     if num_images < 1:
@@ -178,7 +178,7 @@ def inpaint(
                 f"{given[0]} applies only to conditional models (cvae, m2); {run_dir} holds model "
                 f"{run.config.model.model!r}, which takes no labels"
             )
-    data = load_data(run.config)
+    data = load_run_data(run, test_only=True)
     if num_images > data.test.shape[0]:
         raise ValueError(
             f"--num-images {num_images} is more than the {data.test.shape[0]} test images of "

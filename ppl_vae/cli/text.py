@@ -67,7 +67,7 @@ def text(
     run = pipeline.load_run(run_dir, history=False)
     if not isinstance(run.vae, TextHybridVAE):
         raise ValueError(f"{run_dir} holds model {run.config.model.model!r}, not a text VAE (text_hybrid...)")
-    data = pipeline.load_data(run.config)
+    data = pipeline.load_run_data(run)  # the splits the run recorded
     x = data.test if split == "test" else data.train
     assert not isinstance(x, NpyRows)  # text data sets are held in memory
     m = text_metrics(run.vae, x, num_samples=num_samples)

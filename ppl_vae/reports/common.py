@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ppl_vae.pipeline import Run, load_data
+from ppl_vae.pipeline import Run, load_run_data
 
 if TYPE_CHECKING:  # matplotlib is imported by the report stage, after the scoring
     from matplotlib.figure import Figure
@@ -132,11 +132,8 @@ def select_datapoints(run: Run, split: str = "test", num_datapoints: Optional[in
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if num_datapoints is not None and num_datapoints < 1:
         raise ValueError(f"num_datapoints must be >= 1, got {num_datapoints}")
-    data = load_data(run.config, test_only=split == "test")  # MNIST: the 60,000 training images unread
-    if split == "test":  # the test split the run recorded, not files replaced since
-        from ppl_vae.pipeline import check_test_data
-
-        check_test_data(run, data.test, data.name)
+    # the splits the run recorded, not files replaced since; MNIST's test: the training images unread
+    data = load_run_data(run, test_only=split == "test")
     x = data.test if split == "test" else data.train
     labels = data.test_labels if split == "test" else data.train_labels
     pool = np.arange(x.shape[0])

@@ -19,7 +19,7 @@ import xarray as xr
 from ppl_vae import io
 from ppl_vae.analysis.disentanglement import disentanglement_metrics, plot_mutual_info, plot_objective_terms
 from ppl_vae.analysis.generation import latent_traversal, plot_traversal
-from ppl_vae.pipeline import Run, load_data
+from ppl_vae.pipeline import Run, load_run_data
 from ppl_vae.reports.common import CSS, check_out_dir, figure_to_data_uri
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ def disentanglement_report(
     into ``out_dir`` (default ``RUN/disentanglement``). Everything that can be refused (data
     without factor labels, a bad target) is refused before any file is written."""
     out_dir = Path(run.run_dir) / "disentanglement" if out_dir is None else Path(out_dir)
-    data = load_data(run.config)
+    data = load_run_data(run)  # the splits the run recorded
     if data.train_factors is None or data.test_factors is None:
         raise ValueError(
             f"MIG and DCI need a dataset with factor labels (dsprites, or an .npz with 'factors'); "
