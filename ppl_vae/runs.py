@@ -282,6 +282,9 @@ def save(
         tensors.update(optim_tensors)
     if stepper is not None and stepper.schedulers:
         meta["schedulers"] = {name: _encode_state(sched.state_dict()) for name, sched in stepper.schedulers.items()}
+    method_state = stepper.method_state() if stepper is not None else {}
+    if method_state:
+        meta["method_state"] = method_state
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -412,6 +415,13 @@ def restore(
                 raise RunDirError(f"optimizer state in {run_dir} does not fit: {' '.join(str(exc).split())}") from None
             _check_optimizer_shapes(stepper.optimizers[name], f"{run_dir / CHECKPOINT} (optimizer {name!r})")
     if stepper is not None:
+        method_state = meta.get("method_state", {})
+        try:
+            if not isinstance(method_state, dict):
+                raise ValueError("its metadata 'method_state' is not a JSON object")
+            stepper.load_method_state(method_state)
+        except ValueError as exc:
+            raise RunDirError(f"{run_dir / CHECKPOINT} is damaged: {exc}") from None
         # loaded by restore_learning_rates (or training.attach_lr_schedulers) once the schedulers exist;
         # kept when the optimizer's state starts afresh: the schedule continues across a new optimizer
         saved_schedules = meta.get("schedulers", {})

@@ -13,7 +13,7 @@ history a meaningful ELBO; the decoder's updates are the paper's.
 
 from __future__ import annotations
 
-from typing import Annotated, Dict, FrozenSet, Iterator, Optional
+from typing import Annotated, Any, Dict, FrozenSet, Iterator, Optional
 
 import torch
 
@@ -82,6 +82,17 @@ class MCEMStepper(Stepper):
             "mcem": make_optimizer(self._generative, config),
             "encoder": make_optimizer(vae.encoder, config),
         }
+
+    def method_state(self) -> Dict[str, Any]:
+        return {"step_size": self.step_size}  # adapted over the E-steps so far: a resume goes on from it
+
+    def load_method_state(self, state: Dict[str, Any]) -> None:
+        step_size = state.get("step_size")
+        if set(state) - {"step_size"} or not (step_size is None or (isinstance(step_size, float) and step_size > 0)):
+            raise ValueError(
+                f"{self.describe()}: a checkpoint's method state must be {{'step_size': > 0}}, got {state}"
+            )
+        self.step_size = step_size
 
     def e_step(self, x: torch.Tensor) -> torch.Tensor:
         """One HMC sample of z ~ p(z|x) per datapoint, ``(N, latent_dim)``, with the model frozen."""

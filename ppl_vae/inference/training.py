@@ -457,6 +457,17 @@ class Stepper:
         """``{name: optimizer}``; one ``config.optimizer`` over every parameter unless overridden."""
         return {self.optimizer_name: make_optimizer(vae, config)}
 
+    def method_state(self) -> Dict[str, Any]:
+        """What the method carries from one step to the next besides its optimizers and the RNG
+        (JSON-able: MCEM's adapted HMC step size), checkpointed with them so that a resumed run
+        continues exactly; none by default."""
+        return {}
+
+    def load_method_state(self, state: Dict[str, Any]) -> None:
+        """Take back :meth:`method_state` from a checkpoint."""
+        if state:
+            raise ValueError(f"{self.describe()} keeps no state between steps, but the checkpoint has {sorted(state)}")
+
     # -- what a method supplies ------------------------------------------------------------------
 
     def loss(self, x: torch.Tensor, *, num_data: int, kl_weight: float = 1.0, **kwargs) -> Any:

@@ -58,3 +58,28 @@ def test_mcem_refuses_large_latent_and_warmup():
         MCEMStepper(LinearGaussianVAE(30, 25), TrainConfig(method="mcem"))
     with pytest.raises(ValueError, match="kl_warmup_epochs"):
         MCEMStepper(LinearGaussianVAE(4, 2), TrainConfig(method="mcem", kl_warmup_epochs=1))
+
+
+def test_a_resumed_mcem_run_continues_its_adapted_step_size_exactly(tmp_path, one_thread):
+    """The HMC step size adapts across E-steps; it was not checkpointed, so a resumed run restarted
+    the adaptation at 1.0 and its losses and weights parted from an uninterrupted run's."""
+    import ppl_vae
+    from ppl_vae import runs
+    from ppl_vae.config import DataConfig, ModelConfig, RunConfig
+
+    def config(epochs):
+        options = {"num_leapfrog_steps": 2, "warmup_steps": 2, "num_weight_updates": 1}
+        train = TrainConfig(epochs=epochs, device="cpu", batch_size=50, train_eval_size=100, method="mcem")
+        train.method_options = options
+        return RunConfig(
+            ModelConfig(model="gaussian_mlp", latent_dim=2, hidden_dim=8), DataConfig(train_size=100), train
+        )
+
+    straight = ppl_vae.fit(config(3), tmp_path / "a", progress=False)
+    ppl_vae.fit(config(1), tmp_path / "b", progress=False)
+    step_size = runs.read_checkpoint(tmp_path / "b", tensors=False)[1]["method_state"]["step_size"]
+    assert isinstance(step_size, float) and step_size != 1.0  # adapted during the first epoch
+    resumed = ppl_vae.resume(tmp_path / "b", epochs=3, progress=False)
+    assert resumed.history.train_loss.values.tolist() == straight.history.train_loss.values.tolist()
+    for (name, a), (_, b) in zip(straight.vae.state_dict().items(), resumed.vae.state_dict().items()):
+        assert torch.equal(a, b), name
