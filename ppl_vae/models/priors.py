@@ -137,13 +137,21 @@ class VampPrior(Prior):
         device = next(iter(encoder.parameters()), torch.empty(0)).device
         self.pseudo_inputs = nn.Parameter(pseudo.to(device))
         self._encoder = (encoder,)
+        probe = self.pseudo_inputs.detach().clone().requires_grad_(True)
         try:
-            loc, _ = encoder(self.pseudo_inputs.detach())
+            with torch.enable_grad():
+                loc, _ = encoder(probe)
         except Exception as exc:  # e.g. an encoder of token ids
             raise ValueError(
                 f"prior 'vamp' needs an encoder of real-valued x; {type(encoder).__name__} failed on "
                 f"pseudo-inputs of shape {tuple(shape)}: {exc}"
             ) from None
+        # an encoder that rounds its input to token ids runs, but its pseudo-inputs would never train
+        if not loc.requires_grad or torch.autograd.grad(loc.sum(), probe, allow_unused=True)[0] is None:
+            raise ValueError(
+                f"prior 'vamp' needs an encoder differentiable in real-valued x; {type(encoder).__name__} "
+                "passes no gradient to its input (it takes token ids?), so the pseudo-inputs could not train"
+            )
         if tuple(loc.shape) != (self.num_components, self.latent_dim):
             raise ValueError(
                 f"prior 'vamp': the encoder returned loc of shape {tuple(loc.shape)}, "

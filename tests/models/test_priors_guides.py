@@ -54,6 +54,15 @@ def test_vamp_prior_needs_an_attached_unconditional_encoder():
         build_vae("cvae", (1, 4, 4), prior="vamp", latent_dim=2, hidden_dim=8, data_info={"num_classes": 3})
     with pytest.raises(ValueError, match="num_components must be >= 1"):
         make_prior("vamp", 2, num_components=0)
+    # the text encoder rounds its input to token ids: it ran on the pseudo-inputs, which then never trained
+    with pytest.raises(ValueError, match="ConvTextEncoder passes no gradient to its input"):
+        build_vae("text_hybrid", (16,), prior="vamp", latent_dim=2, hidden_dim=8, data_info={"vocab_size": 30})
+
+
+def test_vamp_pseudo_inputs_get_gradients_through_an_image_encoder():
+    vae = build_vae("gaussian_mlp", (1, 4, 4), prior="vamp", prior_options={"num_components": 3}, latent_dim=2)
+    vae.prior().log_prob(torch.randn(5, 2)).sum().backward()
+    assert vae.prior.pseudo_inputs.grad is not None and bool(vae.prior.pseudo_inputs.grad.abs().sum() > 0)
 
 
 def test_flow_prior_is_a_normalized_density_and_samples_match_it():
