@@ -48,6 +48,7 @@ from ppl_vae.inference.training import (
     train,
     validate_train_config,
     validation_split,
+    verify_fast_path_on,
 )
 from ppl_vae.io import write_text
 from ppl_vae.models.vae import VAE
@@ -308,6 +309,7 @@ def prepare(
         model=config.model.model,
         guide=config.model.guide,
     )
+    verify_fast_path_on(vae, data)  # a user's class that declares the fast path: before any file
     stepper = make_stepper(vae, config.train)
     return vae, data, stepper
 

@@ -24,6 +24,7 @@ on the same models). :func:`check_fast_path` compares the two for a user's own p
 
 from __future__ import annotations
 
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple, cast, runtime_checkable
@@ -643,6 +644,35 @@ def check_fast_path(pair: Any, x: Tensor, *, num_particles: int = 4, atol: float
     return diff
 
 
+_VERIFIED: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def verify_declared_fast_path(pair: Any, x: Tensor, *, rows: int = 8, **kwargs: Any) -> None:
+    """Check once, before training, that a pair of a class from outside the library that declares
+    ``has_fast_path`` computes what its ``model``/``guide`` do (:func:`check_fast_path` on the
+    first ``rows`` of ``x``; ``kwargs`` such as labels are cut to those rows too). A subclass that
+    overrides ``model`` and declares the flag again would otherwise train and be scored as its
+    base class. The library's own classes are checked by its tests; the RNG and the modules'
+    train/eval modes are left as they were (batch normalisation's statistics do not move)."""
+    if pair in _VERIFIED or not declares_fast_path(pair) or type(pair).__module__.split(".")[0] == "ppl_vae":
+        return
+    devices = [x.device] if x.device.type == "cuda" else []
+    modes = [(m, m.training) for m in pair.modules()] if isinstance(pair, torch.nn.Module) else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            for m, _ in modes:
+                m.eval()
+            rows_kwargs: Dict[str, Any] = {k: v[:rows] if torch.is_tensor(v) else v for k, v in kwargs.items()}
+            check_fast_path(pair, x[:rows], **rows_kwargs)
+        finally:
+            for m, mode in modes:
+                m.train(mode)
+    try:
+        _VERIFIED.add(pair)
+    except TypeError:  # an object that takes no weak reference is checked each time
+        pass
+
+
 __all__ = [
     "FastPair",
     "Latents",
@@ -656,6 +686,7 @@ __all__ = [
     "log_prior_and_likelihood",
     "model_layout",
     "sample_guide",
+    "verify_declared_fast_path",
 ]
 
 

@@ -907,6 +907,18 @@ def train_eval_set(data: Dataset, config: TrainConfig, indices: Optional[torch.T
     return x, labels
 
 
+def verify_fast_path_on(vae: VAE, data: Dataset) -> None:
+    """A user's class that declares the fast path is checked against its Pyro program on a few
+    test points (:func:`~ppl_vae.inference.latents.verify_declared_fast_path`), once per model."""
+    from ppl_vae.inference.latents import verify_declared_fast_path
+
+    x, labels = (data.test, data.test_labels) if data.test.shape[0] else (data.train, data.train_labels)
+    kwargs: Dict[str, Any] = {}
+    if getattr(vae, "num_classes", None) is not None and labels is not None:
+        kwargs["y"] = labels[:8]
+    verify_declared_fast_path(vae, torch.as_tensor(x[:8]), **kwargs)
+
+
 def train(
     vae: VAE,
     data: Dataset,
@@ -943,6 +955,7 @@ def train(
     from tqdm.auto import tqdm
 
     validate_train_config(config)
+    verify_fast_path_on(vae, data)
     state = state or TrainState()
     stepper = stepper or make_stepper(vae, config)
     schedulers = attach_lr_schedulers(stepper, config)

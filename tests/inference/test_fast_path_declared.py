@@ -102,3 +102,56 @@ def test_a_mixin_member_drops_the_batched_enumerated_elbo_too():
         mixed = type("Mixed", (mixin, GaussianMixtureVAE), {})
         assert not mixed.has_enumerated_fast_path, member
     assert type("Plain", (GaussianMixtureVAE,), {}).has_enumerated_fast_path
+
+
+def test_a_user_class_that_re_declares_the_fast_path_is_verified_before_training(tmp_path, monkeypatch, one_thread):
+    """A subclass overriding `model` and declaring has_fast_path again trained as its base class:
+    a user's class that declares the fast path is now checked against its Pyro program on a few
+    test points before any file is written; one that keeps its promise trains as before, on the
+    same random numbers."""
+    import dataclasses
+
+    import ppl_vae
+    from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from ppl_vae.inference.training import train
+    from ppl_vae.models.zoo import MODELS
+
+    class Lying(VAE):
+        has_fast_path = True
+
+        def model(self, x, y=None, *, num_data=None, kl_weight=1.0):
+            with pyro.poutine.scale(scale=0.5):
+                return super().model(x, y, num_data=num_data, kl_weight=kl_weight)
+
+    class Honest(VAE):
+        has_fast_path = True  # the same program: the declaration holds
+
+    data = ppl_vae.load_dataset("digits", train_size=100)
+    config = TrainConfig(epochs=1, batch_size=50, device="cpu", train_eval_size=50)
+
+    def built(cls):
+        torch.manual_seed(0)
+        vae = build_vae("gaussian_mlp", data.event_shape, latent_dim=2, hidden_dim=8)
+        return cls(vae.encoder, vae.decoder, vae.prior, vae.likelihood, vae.event_shape)
+
+    with pytest.raises(ValueError, match="the fast path of Lying differs from its model/guide"):
+        train(built(Lying), data, config, progress=False)
+    histories = []
+    for cls in (VAE, Honest):
+        torch.manual_seed(1)
+        histories.append(train(built(cls), data, config, progress=False))
+    assert histories[0].train_loss.values.tolist() == histories[1].train_loss.values.tolist()
+
+    # through fit and a registered model: refused before the run directory is made
+    spec = MODELS.get("gaussian_mlp")
+
+    def build_lying(*args, **kwargs):
+        vae = spec.build(*args, **kwargs)
+        vae.__class__ = Lying
+        return vae
+
+    monkeypatch.setitem(MODELS._entries, "lying", dataclasses.replace(spec, build=build_lying))
+    run = RunConfig(ModelConfig(model="lying", latent_dim=2, hidden_dim=8), DataConfig(train_size=100), config)
+    with pytest.raises(ValueError, match="the fast path of Lying differs"):
+        ppl_vae.fit(run, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
