@@ -108,9 +108,8 @@ def _fit_or_resume(ctx: click.Context, opts: dict, where: dict, common: dict):
     if opts["resume"] is not None:
         given = [o for o in RUN_OPTIONS if ctx.get_parameter_source(o) == ParameterSource.COMMANDLINE]
         if given:
-            raise click.UsageError(
-                f"--resume continues a run with its own config; drop {', '.join(flag(g) for g in given)}"
-            )
+            # the command parsed: a semantic refusal, one line and exit 1 (not click's usage text)
+            raise ValueError(f"--resume continues a run with its own config; drop {', '.join(flag(g) for g in given)}")
         epochs = opts["epochs"] if ctx.get_parameter_source("epochs") == ParameterSource.COMMANDLINE else None
         settings = {o: opts[o] for o in RESUME_SETTINGS if ctx.get_parameter_source(o) == ParameterSource.COMMANDLINE}
         return pipeline.resume(

@@ -310,7 +310,9 @@ def test_resume_may_change_the_learning_rate_and_the_optimizer(run):
     assert result.exit_code == 0, result.output
     assert runs.load_config(run).train.optimizer == "sgd"
     assert runs.read_checkpoint(run, tensors=False)[1]["optimizers"]["svi"]["type"] == "SGD"
-    one_line_error(invoke("fit", "--resume", run, "--model", "gaussian_mlp", "--no-progress"), "drop --model")
+    refused = invoke("fit", "--resume", run, "--model", "gaussian_mlp", "--beta", 4, "--no-progress")
+    one_line_error(refused, "drop --model, --beta")  # one line, exit 1: it printed click's usage text, exit 2
+    assert refused.exit_code == 1 and len(refused.output.strip().splitlines()) == 1, refused.output
 
 
 def test_fig4_grid_size_far_beyond_the_machine_is_refused_up_front(tmp_path):
