@@ -355,6 +355,9 @@ def _register(name: str, doc: str, check: Callable[[TrainConfig], None]):
     def wrap(cls):
         cls.name = name
         cls.label = f"objective {name!r}"
+        cls.loss_meaning = (
+            f"the objective {name!r} negated ({doc}); a bound on log p(x) only where its weights make it the ELBO"
+        )
         cls.check_config = staticmethod(check)
         OBJECTIVES.register(name, doc=doc)(cls)
         return cls

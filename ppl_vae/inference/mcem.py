@@ -38,6 +38,7 @@ class MCEMStepper(Stepper):
     """
 
     label = "method 'mcem'"
+    loss_meaning = "-log p(x, z) at the E-step's HMC draw of z (the M-step's first loss): not a bound on log p(x)"
 
     def __init__(
         self,

@@ -342,13 +342,24 @@ def _register(name: str, objective: Callable[..., Tensor], doc: str, **declared:
     return cls
 
 
+IW_LOSS = "the negative IW bound with K = num_particles draws (its KL weight inside each log weight)"
 IWAEStepper = _register(
-    "iwae", iwae_loss, "IWAE, K = num_particles per datapoint (Burda et al. 2015)", data_parallel=True
+    "iwae",
+    iwae_loss,
+    "IWAE, K = num_particles per datapoint (Burda et al. 2015)",
+    data_parallel=True,
+    loss_meaning=IW_LOSS,
 )
 # DReG's gradient surgery (torch.autograd.grad inside the loss) has not been verified under DDP.
-DReGStepper = _register("dreg", dreg_loss, "IWAE with doubly reparameterized guide gradients (Tucker et al. 2018)")
+DReGStepper = _register(
+    "dreg", dreg_loss, "IWAE with doubly reparameterized guide gradients (Tucker et al. 2018)", loss_meaning=IW_LOSS
+)
 STLStepper = _register(
-    "stl", stl_loss, "K-sample ELBO with sticking-the-landing gradients (Roeder et al. 2017)", data_parallel=True
+    "stl",
+    stl_loss,
+    "K-sample ELBO with sticking-the-landing gradients (Roeder et al. 2017)",
+    data_parallel=True,
+    loss_meaning="the negative ELBO averaged over K = num_particles draws, with its KL weight",
 )
 RWSStepper = _register(
     "rws",
@@ -356,4 +367,5 @@ RWSStepper = _register(
     "reweighted wake-sleep, wake phases, K = num_particles (Bornschein & Bengio 2015)",
     reparameterized=False,
     data_parallel=True,
+    loss_meaning=IW_LOSS + ", the wake phases' value",
 )

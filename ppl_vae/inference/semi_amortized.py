@@ -105,6 +105,7 @@ class SemiAmortizedStepper(Stepper):
     """
 
     label = "method 'sa'"
+    loss_meaning = "the negative ELBO, with its KL weight, at the encoder's output refined by sa_steps SGD steps"
     # DDP's gradient hooks are not made for the double backward through the unrolled steps: untried
     data_parallel = False
     # the loss calls torch.autograd.grad with create_graph=True; torch.compile cannot trace double backward

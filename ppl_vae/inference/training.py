@@ -396,6 +396,8 @@ class Stepper:
 
     #: the name of the one optimizer of a single-update method (checkpoints use it)
     optimizer_name: str = "svi"
+    #: what the step's loss value is (the history's ``train_loss`` says it; declared by each method)
+    loss_meaning: str = "the negative ELBO with its KL weight"
     #: per-datapoint terms recorded as epoch means in the history (names from :data:`TERM_VARS`)
     recorded: Tuple[str, ...] = ()
     data_parallel: bool = False
@@ -686,13 +688,14 @@ class TrainState:
         return self.epoch == 0 and self.step == 0
 
 
+TRAIN_LOSS = "mean minibatch loss per datapoint during the epoch, nats: "
+
 HISTORY_VARS = {
     "train_elbo": "ELBO per datapoint on the training set (or the fixed subset of train_eval_size points), "
     "nats (KL weight 1); a Monte Carlo estimate of a lower bound on log p(x)",
     "test_elbo": "ELBO per datapoint on the test set, nats (KL weight 1); a Monte Carlo estimate of a lower "
     "bound on log p(x)",
-    "train_loss": "mean minibatch loss per datapoint during the epoch, nats: the training method's objective "
-    "negated (svi: the negative ELBO with its KL weight; iwae, dreg, rws: the negative IW bound)",
+    "train_loss": TRAIN_LOSS + "the training method's objective negated (its Stepper.loss_meaning)",
     "val_elbo": "ELBO per datapoint on the validation split (train.val_fraction of the training data, never "
     "trained on), nats (KL weight 1); a Monte Carlo estimate of a lower bound on log p(x); NaN without a "
     "validation split",
@@ -979,6 +982,7 @@ def train(
         ctx.descriptions.update(
             {k: HISTORY_VARS[k].replace("log p(x)", evidence) for k in ("train_elbo", "test_elbo", "val_elbo")}
         )
+    ctx.descriptions["train_loss"] = TRAIN_LOSS + stepper.loss_meaning
     if metrics is not None:
         ctx.descriptions.update(metrics.descriptions)
     device = x_train.device

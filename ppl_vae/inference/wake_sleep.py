@@ -40,6 +40,7 @@ class WakeSleepStepper(Stepper):
     """
 
     label = "method 'wake-sleep'"
+    loss_meaning = "the negative one-draw ELBO of the wake phase (the sleep phase's loss not included)"
 
     @classmethod
     def requires(cls, config: TrainConfig) -> FrozenSet[str]:

@@ -16,7 +16,7 @@ import torch
 from ppl_vae.config import TrainConfig
 from ppl_vae.errors import ConfigError
 from ppl_vae.inference.capabilities import check_compatible
-from ppl_vae.inference.training import METHODS, OBJECTIVES, make_stepper, num_trained_on
+from ppl_vae.inference.training import METHODS, OBJECTIVES, TRAIN_LOSS, Stepper, make_stepper, num_trained_on
 from ppl_vae.models import GUIDES, MODELS, build_vae
 from ppl_vae.models.priors import PRIORS
 
@@ -216,6 +216,11 @@ def test_a_sample_fits_evaluates_and_resumes(tmp_path, model, guide, method, obj
 
     run = ppl_vae.fit(_run_config(model, guide, method, objective), tmp_path / "run", progress=False)
     assert run.config.model.guide == guide and run.config.train.objective == objective
+    # the history says what its train_loss is for this method (it gave svi's and IW's meaning for MCEM's
+    # -log p(x, z), wake-sleep's wake phase and the objectives); each one declares its own
+    stepper = OBJECTIVES.get(objective) or METHODS.get(method)
+    assert run.history.train_loss.attrs["description"] == TRAIN_LOSS + stepper.loss_meaning
+    assert (method, objective) == ("svi", "elbo") or stepper.loss_meaning != Stepper.loss_meaning, stepper
     evaluation = evaluate_run(run.run_dir, num_samples=4, num_datapoints=10, out_dir=tmp_path / "eval", progress=False)
     values = evaluation.dataset["log_px"].values if "log_px" in evaluation.dataset else None
     assert values is None or bool((values < 0).all())
