@@ -12,8 +12,9 @@ import fnmatch
 import os
 import tempfile
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -82,17 +83,57 @@ def atomic_path(path: Path, *, run_files: bool = False) -> Iterator[Path]:
     except OSError as exc:  # a read-only or full file system, a folder without write permission
         raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
     os.close(fd)
+    pending = _PENDING.get()
+    kept = False
     try:
         yield Path(tmp)
         # mkstemp makes 0600 (and some writers recreate the file): give it the usual mode
         os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
+        if pending is not None:  # inside file_set(): renamed with the rest of the set
+            pending.append((Path(tmp), path))
+            kept = True
+        else:
+            os.replace(tmp, path)
     except OSError as exc:
         # the caller should see the file it asked for, not our temporary name
         raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
-        if os.path.exists(tmp):
+        if not kept and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+# the (temporary, target) pairs of the files written inside file_set(), renamed when it ends
+_PENDING: ContextVar[Optional[List[Tuple[Path, Path]]]] = ContextVar("ppl_vae_pending_files", default=None)
+
+
+@contextmanager
+def file_set() -> Iterator[None]:
+    """The files written inside the block (through :func:`atomic_path` and the writers above) are
+    one set: each stays under its temporary name until the block ends without error, then all
+    are renamed into place; when it fails or is interrupted, none is, and the temporary files are
+    removed. A report's netCDF files, figures and HTML page therefore replace an earlier report
+    in the same folder together, never leaving new files beside an old page. Nested blocks
+    belong to the outermost one."""
+    if _PENDING.get() is not None:
+        yield
+        return
+    pending: List[Tuple[Path, Path]] = []
+    token = _PENDING.set(pending)
+    try:
+        yield
+    except BaseException:
+        for tmp, _ in pending:
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        _PENDING.reset(token)
+    for i, (tmp, path) in enumerate(pending):
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            for rest, _ in pending[i:]:
+                rest.unlink(missing_ok=True)
+            raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def write_with(path: Path, writer: Callable[[Path], Any], *, run_files: bool = False) -> Path:

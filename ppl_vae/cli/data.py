@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import click
 
@@ -21,25 +18,6 @@ def data(ctx: click.Context) -> None:
     from ppl_vae.cli.main import SUBCOMMAND_META_KEY
 
     ctx.meta[SUBCOMMAND_META_KEY] = ctx.invoked_subcommand  # the group's error hints name its options
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (``kill``, a job scheduler's stop) raises KeyboardInterrupt, so that the clean-up a
-    Ctrl-C gets runs too: Python's default for SIGTERM ends the process without it (a 940 MB
-    partial render stayed behind). The previous handler is restored afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @data.command()
@@ -65,6 +43,6 @@ def dsprites(out_dir: Path, chunk: Optional[int], overwrite: bool, progress: boo
     from ppl_vae.data import dsprites as lib
 
     start = time.perf_counter()
-    with _terminate_as_interrupt():  # a killed render removes its partial file, as Ctrl-C does
-        path = lib.write_dsprites(out_dir, chunk=chunk, overwrite=overwrite, progress=progress)
+    # a killed render removes its partial file, as Ctrl-C does (the command group turns SIGTERM into it)
+    path = lib.write_dsprites(out_dir, chunk=chunk, overwrite=overwrite, progress=progress)
     click.echo(f"wrote {path} ({lib.NUM_COMBINATIONS:,} images, {time.perf_counter() - start:.0f} s)")

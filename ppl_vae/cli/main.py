@@ -17,7 +17,9 @@ import functools
 import gc
 import importlib
 import re
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -45,6 +47,10 @@ COMMANDS: Dict[str, str] = {
 
 # the commands whose work needs neither torch nor Pyro (rendering data with numpy)
 WITHOUT_TORCH = ("data",)
+
+# the commands that write a report, a set of files read together (netCDF, figures, an HTML page):
+# the set replaces an earlier one in the same folder as a whole, or not at all (io.file_set)
+WRITES_A_REPORT = ("evaluate", "compare", "calibrate", "disentanglement")
 
 # ctx.meta key of the plugin specs loaded for this invocation (explicit first, then installed)
 PLUGINS_META_KEY = "ppl_vae.plugins"
@@ -153,7 +159,9 @@ class PplVaeGroup(click.Group):
         module, attr = COMMANDS[name].split(":")
         command = getattr(importlib.import_module(module), attr)
         if command.callback is not None and not getattr(command.callback, "collects_from_here", False):
-            command.callback = _collect_from_here(command.callback, imports=name not in WITHOUT_TORCH)
+            command.callback = _collect_from_here(
+                command.callback, imports=name not in WITHOUT_TORCH, as_a_set=name in WRITES_A_REPORT
+            )
         return command
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -161,7 +169,8 @@ class PplVaeGroup(click.Group):
 
         done = False
         try:
-            result = self._invoke(ctx)
+            with _terminate_as_interrupt():
+                result = self._invoke(ctx)
             done = True
             return result
         except click.exceptions.Exit as exc:
@@ -180,11 +189,11 @@ class PplVaeGroup(click.Group):
             raise
         except KeyboardInterrupt:
             # click would print "Aborted!" and exit 1; say what state the files are in instead
-            click.echo(
-                "Error: interrupted; files already written are complete (each is written to a "
-                "temporary name and renamed when done)",
-                err=True,
-            )
+            if ctx.invoked_subcommand in WRITES_A_REPORT:
+                state = "none of the report's files was written (an earlier report there is as it was)"
+            else:
+                state = "files already written are complete (each is written to a temporary name and renamed when done)"
+            click.echo(f"Error: interrupted; {state}", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except (PplVaeError, ValueError, OSError) as exc:  # OSError: a read-only or full disk, a missing file...
             name = ctx.invoked_subcommand
@@ -285,11 +294,12 @@ def cli(ctx: click.Context, plugin_modules: Tuple[str, ...], trust_plugins: bool
 _GC_DEFERRED = False
 
 
-def _collect_from_here(callback: Any, imports: bool = True) -> Any:
+def _collect_from_here(callback: Any, imports: bool = True, as_a_set: bool = False) -> Any:
     """``callback`` (a command's body) run with the garbage collector enabled again, after torch
     and Pyro are imported (with ``imports``: every command but :data:`WITHOUT_TORCH` imports them
     first thing) and the objects that exist by then are frozen out of its collections
-    (``gc.freeze``); a no-op unless :func:`main` deferred the collector."""
+    (``gc.freeze``); a no-op unless :func:`main` deferred the collector. ``as_a_set``: the files
+    the command writes replace earlier ones together or not at all (:func:`ppl_vae.io.file_set`)."""
 
     @functools.wraps(callback)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -301,10 +311,36 @@ def _collect_from_here(callback: Any, imports: bool = True) -> Any:
                 import torch  # noqa: F401
             gc.freeze()
             gc.enable()
-        return callback(*args, **kwargs)
+        if not as_a_set:
+            return callback(*args, **kwargs)
+        from ppl_vae.io import file_set
+
+        with file_set():
+            return callback(*args, **kwargs)
 
     run.collects_from_here = True  # type: ignore[attr-defined]
     return run
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill``, ``timeout``, a job scheduler's stop) raises KeyboardInterrupt, so that the
+    clean-up a Ctrl-C gets runs for every command too: Python's default for SIGTERM ends the
+    process without it (a 940 MB partial dSprites render, zero-byte temporary files and an empty
+    output folder of calibrate stayed behind). The previous handler is restored afterwards;
+    outside the main thread (a caller's worker) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main() -> None:  # console entry point

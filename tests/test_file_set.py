@@ -1,0 +1,64 @@
+"""A report's files replace an earlier report together or not at all (``io.file_set``), and
+SIGTERM gets the clean-up Ctrl-C gets. An interrupted ``calibrate`` into a folder holding an
+earlier calibration left its new SBC files beside the old page (300 simulations against the
+page's 100); SIGTERM left zero-byte temporary files and an empty output folder."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+from click.testing import CliRunner
+
+from ppl_vae import io
+from ppl_vae.cli.main import _terminate_as_interrupt, cli
+
+
+def test_a_file_set_is_renamed_into_place_when_it_ends_and_dropped_when_it_fails(tmp_path):
+    old = io.write_text(tmp_path / "a.txt", "old a")
+    with io.file_set():
+        io.write_text(tmp_path / "a.txt", "new a")
+        io.write_text(tmp_path / "b.txt", "new b")
+        with io.file_set():  # nested: part of the outer set
+            io.write_text(tmp_path / "c.txt", "new c")
+        assert old.read_text() == "old a" and not (tmp_path / "b.txt").exists()  # not yet
+    assert [p.read_text() for p in sorted(tmp_path.iterdir())] == ["new a", "new b", "new c"]
+    for error in (KeyboardInterrupt, ValueError):
+        with pytest.raises(error):
+            with io.file_set():
+                io.write_text(tmp_path / "a.txt", "newer a")
+                io.write_text(tmp_path / "d.txt", "d")
+                raise error
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "c.txt"]  # no temporary file
+        assert (tmp_path / "a.txt").read_text() == "new a"
+
+
+def test_sigterm_raises_keyboard_interrupt_inside_a_command_and_the_handler_is_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with _terminate_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler at the next bytecode
+            for _ in range(1000):
+                pass
+            pytest.fail("SIGTERM did not interrupt the block")
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_an_interrupted_compare_leaves_the_earlier_report_whole(tmp_path, monkeypatch, one_thread):
+    runner = CliRunner()
+    run, out = tmp_path / "run", tmp_path / "cmp"
+    fit = ["fit", "--epochs", "1", "--train-size", "100", "--latent-dim", "2", "--hidden-dim", "8", "--no-progress"]
+    assert runner.invoke(cli, [*fit, "--out", str(run)]).exit_code == 0
+    compare = ["compare", str(run), "--num-datapoints", "10", "-k", "10", "--no-progress", "--out", str(out)]
+    assert runner.invoke(cli, compare).exit_code == 0, "the first report"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "report.html" in before and "gaps.nc" in before
+
+    def interrupted(*args, **kwargs):  # after the netCDF files, before the page
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ppl_vae.reports.compare.render_html", interrupted)
+    result = runner.invoke(cli, [*compare, "--seed", "1"])
+    assert result.exit_code == 130 and "none of the report's files was written" in result.output, result.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new file beside the old page
