@@ -329,8 +329,49 @@ class SampleGridRecorder:
     def frame_path(self, epoch: int) -> Path:
         return self.out_dir / f"epoch_{epoch:04d}.png"
 
+    @property
+    def settings_path(self) -> Path:
+        """What the frames in ``out_dir`` were drawn with (written beside them with the first)."""
+        return self.out_dir / "frames.json"
+
+    def settings(self) -> Dict[str, Any]:
+        return {
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+            "labels": None if self.labels is None else list(self.labels),
+        }
+
+    def check_settings(self) -> None:
+        """A one-line ValueError when the frames on disk were drawn with other settings: one
+        animation must decode the same z in every frame (a second `animate --num-samples 16`
+        rewrote a frame of a 4-sample animation and rebuilt the GIF from mismatched frames)."""
+        import json
+
+        if not self.settings_path.is_file():
+            return
+        try:
+            saved = json.loads(self.settings_path.read_text())
+        except (OSError, ValueError):
+            raise ValueError(
+                f"{self.settings_path} is damaged; remove {self.out_dir} to draw the frames afresh"
+            ) from None
+        if saved != self.settings():
+
+            def words(s: Dict[str, Any]) -> str:
+                return ", ".join(f"{k} {v}" for k, v in s.items() if v is not None) if isinstance(s, dict) else str(s)
+
+            raise ValueError(
+                f"the frames in {self.out_dir} were drawn with {words(saved)}, not {words(self.settings())}: "
+                "every frame of one animation decodes the same z; give the same settings, or remove the folder"
+            )
+
     def __call__(self, epoch: int, vae: VAE) -> Path:
+        import json
+
+        self.check_settings()
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if not self.settings_path.is_file():
+            io.write_text(self.settings_path, json.dumps(self.settings()))
         images = sample_images(vae, self.num_samples, labels=self.labels, seed=self.seed)
         fig = plot_image_grid(images, title=f"epoch {epoch}")
         path = save_figure(fig, self.frame_path(epoch), dpi=self.dpi)
@@ -341,9 +382,11 @@ class SampleGridRecorder:
         return sorted(self.out_dir.glob("epoch_*.png"))
 
     def check_frames(self) -> None:
-        """A one-line ValueError naming the first frame on disk that is not a readable image."""
+        """A one-line ValueError naming the first frame on disk that is not a readable image, or
+        when the frames were drawn with other settings (:meth:`check_settings`)."""
         from PIL import Image
 
+        self.check_settings()
         for p in self.frames():
             try:
                 with Image.open(p) as im:

@@ -131,6 +131,23 @@ def test_recorder_writes_frames_and_an_animated_gif(tmp_path):
     assert len(fig.axes) == 2 * 4  # original, observed, mean, one draw
 
 
+def test_a_recorder_with_other_settings_refuses_the_frames_on_disk(tmp_path):
+    """A second `animate --num-samples 16` over 4-sample frames rewrote a frame with other z and
+    rebuilt the GIF from mismatched frames: the frames' settings are recorded beside them."""
+    vae = build_vae("bernoulli_mlp", (1, 6, 6), latent_dim=2, hidden_dim=8)
+    SampleGridRecorder(tmp_path / "samples", num_samples=4, dpi=30)(0, vae)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "samples").iterdir()}
+    for other in (dict(num_samples=16), dict(num_samples=4, seed=1)):
+        recorder = SampleGridRecorder(tmp_path / "samples", dpi=30, **other)
+        with pytest.raises(ValueError, match="were drawn with num_samples 4, seed 0, not"):
+            recorder.check_frames()
+        with pytest.raises(ValueError, match="every frame of one animation decodes the same z"):
+            recorder(1, vae)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "samples").iterdir()} == before
+    SampleGridRecorder(tmp_path / "samples", num_samples=4, dpi=30)(1, vae)  # the same settings go on
+    assert [p.name for p in SampleGridRecorder(tmp_path / "samples").frames()] == ["epoch_0000.png", "epoch_0001.png"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Inpainting any model that keeps the contract: draws come from the model's own program
 
