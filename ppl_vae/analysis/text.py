@@ -19,7 +19,7 @@ import torch
 import xarray as xr
 from torch import Tensor
 
-from ppl_vae.data.text import END_INDEX, decode_indices, encode_text
+from ppl_vae.data.text import END_INDEX, decode_indices, encode_text, normalize_text
 from ppl_vae.inference.importance import elbo_per_datapoint, iw_log_px
 from ppl_vae.inference.modes import eval_mode
 
@@ -88,12 +88,27 @@ def sample_sentences(vae, num_samples: int, temperature: float = 0.0) -> List[st
 
 
 @torch.no_grad()
+def check_endpoints(vae, first: str, second: str) -> None:
+    """Refuse an interpolation endpoint the model never read: the corpus loaders keep sentences
+    of 1 to length - 1 characters (room for the end token); a longer one would be cut without
+    its end token, an empty one is padding alone."""
+    length = vae.event_shape[0]
+    for which, sentence in (("first", first), ("second", second)):
+        n = len(normalize_text(sentence))
+        if not 0 < n < length:
+            raise ValueError(
+                f"the {which} sentence has {n} characters; the model reads sentences of 1 to {length - 1} "
+                "(with their end token), as it was trained"
+            )
+
+
 def interpolate_sentences(vae, first: str, second: str, num_steps: int = 5) -> List[str]:
     """Greedy decodings of ``num_steps`` points evenly spaced from E_q[z|first] to E_q[z|second]."""
     if num_steps < 2:
         raise ValueError(f"num_steps must be >= 2, got {num_steps}")
-    vae.eval()
+    check_endpoints(vae, first, second)
     length = vae.event_shape[0]
+    vae.eval()
     device = next(vae.parameters()).device
     x = torch.from_numpy(np.stack([encode_text(first, length), encode_text(second, length)])).float().to(device)
     loc, _ = vae.encode(x)

@@ -47,7 +47,7 @@ def text(
 ) -> None:
     """Score a text VAE run on its corpus and show samples (Semeniuta et al. 2017)."""
     from ppl_vae import pipeline
-    from ppl_vae.analysis.text import interpolate_sentences, sample_sentences, text_metrics
+    from ppl_vae.analysis.text import check_endpoints, interpolate_sentences, sample_sentences, text_metrics
     from ppl_vae.data.ondisk import NpyRows
     from ppl_vae.models.text import TextHybridVAE
 
@@ -67,6 +67,8 @@ def text(
     run = pipeline.load_run(run_dir, history=False)
     if not isinstance(run.vae, TextHybridVAE):
         raise ValueError(f"{run_dir} holds model {run.config.model.model!r}, not a text VAE (text_hybrid...)")
+    if interpolate:  # before the scoring
+        check_endpoints(run.vae, *interpolate)
     data = pipeline.load_run_data(run)  # the splits the run recorded
     x = data.test if split == "test" else data.train
     assert not isinstance(x, NpyRows)  # text data sets are held in memory

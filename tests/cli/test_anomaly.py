@@ -187,6 +187,9 @@ def test_text_cli_reports_bits_per_character_samples_and_interpolation(tmp_path)
     for flags, message in [
         (["--steps", "3"], "--steps applies to an interpolation only"),
         (["--samples", "0", "--temperature", "0.5"], "--temperature applies to the sampled sentences only"),
+        # endpoints the model never read: one truncated without its end token, or nothing at all
+        (["--interpolate", "x" * 80, "a dog ran"], "the first sentence has 80 characters"),
+        (["--interpolate", "a dog ran", "   "], "the second sentence has 0 characters"),
     ]:
         assert message in _one_line_error(runner.invoke(cli, ["text", str(run), *flags]))
 
