@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_iw import handwritten_iw, users_networks
-from common import machine_description
+from common import loadavg, machine_description
 
 from ppl_vae import pipeline
 from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
@@ -149,7 +149,7 @@ def report(times: dict, reference: str, n: int, full: int) -> None:
                 f"; ratio to {reference}: median {statistics.median(ratios):.3f}x "
                 f"({min(ratios):.3f}-{max(ratios):.3f}x)"
             )
-        print(line)
+        print(line + f" (load average {loadavg()})")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import loadavg
 
 ROW = (1, 28, 28)
 
@@ -182,7 +183,7 @@ def main() -> None:
             print(
                 f"[{mode}] fit: {r['fit_seconds']:.1f} s in all, {r['train_seconds']:.1f} s training "
                 f"({r['num_train'] * args.epochs / r['train_seconds']:,.0f} rows/s); test ELBO {r['test_elbo']:.2f} "
-                "nats per datapoint (Monte Carlo estimate of a lower bound)"
+                f"nats per datapoint (Monte Carlo estimate of a lower bound); load average {loadavg()}"
             )
             print(
                 f"[{mode}] RSS after imports {r['rss_after_imports_mib']:.0f} MiB, after opening the data "

@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import loadavg
+
 HERE = Path(__file__).resolve().parent
 
 LOAD = r"""
@@ -151,7 +153,9 @@ def main() -> None:
             train[name].append(t / args.epochs)
             wall[name].append(w)
             print(
-                f"  round {r + 1}: {name:<12} {t / args.epochs:7.2f} s/epoch training, {w:7.2f} s process", flush=True
+                f"  round {r + 1}: {name:<12} {t / args.epochs:7.2f} s/epoch training, {w:7.2f} s process "
+                f"(load average {loadavg()})",
+                flush=True,
             )
     for name in sides:
         print(

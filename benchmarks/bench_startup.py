@@ -25,6 +25,8 @@ import subprocess
 import sys
 import tempfile
 
+from common import loadavg
+
 HEAVY = ("xarray", "pandas", "arviz", "matplotlib", "seaborn", "scipy", "sklearn", "h5netcdf", "pyro", "torch._dynamo")
 
 PRELUDE = r"""
@@ -120,7 +122,10 @@ def main() -> None:
             if args.data_dir:
                 result = run_child(handwritten, ["--data-dir", args.data_dir, "--out", os.path.join(tmp, "hw")])
                 rows["hand-written first update"].append(result["first_update"])
-    print(f"process start to ..., {args.repeats} fresh processes each (/proc clock, 10 ms ticks):")
+    print(
+        f"process start to ..., {args.repeats} fresh processes each (/proc clock, 10 ms ticks; "
+        f"load average {loadavg()}):"
+    )
     for name, values in rows.items():
         print(f"  {name:28s} {summary(values)}")
     print(

@@ -162,7 +162,7 @@ def matmul_gflops(device: torch.device, n: int = 2048, repeats: int = 3) -> floa
 def summarize(name: str, ratios: List[float]) -> str:
     return (
         f"{name}: median {statistics.median(ratios):.3f}x, range {min(ratios):.3f}-{max(ratios):.3f}x "
-        f"over {len(ratios)} interleaved runs"
+        f"over {len(ratios)} interleaved runs (load average {loadavg()})"
     )
 
 
