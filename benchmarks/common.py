@@ -129,7 +129,11 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 def interleave(
     ours: Callable[[], object], theirs: Callable[[], object], repeats: int, device: torch.device
 ) -> tuple[List[float], List[float], List[float]]:
-    """Time the two alternately ``repeats`` times: (ratios ours/theirs, our times, their times)."""
+    """Time the two alternately ``repeats`` times, after one untimed call of each (one-time costs:
+    torch.optim.Adam's first construction imports torch._dynamo, about 1.4 s here, which fell on
+    the hand-written side's first timed call): (ratios ours/theirs, our times, their times)."""
+    theirs()
+    ours()
     ratios, t_ours, t_theirs = [], [], []
     for _ in range(repeats):
         t1 = timed(theirs, device)
