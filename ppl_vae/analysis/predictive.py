@@ -24,6 +24,7 @@ including decoders that take only flat batches.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
@@ -47,23 +48,87 @@ DEFAULT_STATISTICS = ("mean_intensity", "active_pixels")
 ROWS_PER_BATCH = 65536
 
 # ---------------------------------------------------------------------------------------------
-# Test statistics: name -> fn(x, event_dims) -> one value per datapoint.
+# Test statistics: name -> fn(x, event_dims) -> one value per datapoint, each declaring the data
+# it means something for (:attr:`BuiltinStatistic.applies_to`).
 
-STATISTICS: Registry[Callable[[Tensor, int], Tensor]] = Registry("statistic")
+
+@dataclass(frozen=True)
+class DataDomain:
+    """The data a statistic means something for: ``description`` (as printed) and
+    ``outside(x, images)``, the reason the datapoints ``x`` are not such data, or None;
+    ``images`` is what the model declares about its x (``VAE.generates_images``: False for
+    text's character indices)."""
+
+    description: str
+    outside: Callable[[Tensor, bool], Optional[str]]
 
 
-@STATISTICS.register("mean_intensity", doc="mean over the elements of a datapoint")
+def _outside_unit_interval_images(x: Tensor, images: bool) -> Optional[str]:
+    if not images:
+        return "the model declares that its x are not images (generates_images is False: e.g. character indices)"
+    if x.numel() and (bool((x < 0).any()) or bool((x > 1).any())):
+        return f"their values lie in [{float(x.min()):.3g}, {float(x.max()):.3g}], not in [0, 1]"
+    return None
+
+
+IMAGES_IN_UNIT_INTERVAL = DataDomain(
+    "images with values in [0, 1] (grey levels or binary pixels)", _outside_unit_interval_images
+)
+"""The data of the built-in statistics: an 'intensity' and a pixel 'above 0.5' mean nothing for
+character indices or standardized sensor readings."""
+
+
+@dataclass(frozen=True)
+class BuiltinStatistic:
+    """A registered statistic: ``fn(x, event_dims)`` -> one value per datapoint, and the data it
+    ``applies_to``."""
+
+    fn: Callable[[Tensor, int], Tensor]
+    applies_to: DataDomain
+
+    def __call__(self, x: Tensor, event_dims: int) -> Tensor:
+        return self.fn(x, event_dims)
+
+
+STATISTICS: Registry[BuiltinStatistic] = Registry("statistic")
+
+
+def _statistic(name: str, doc: str, applies_to: DataDomain) -> Callable:
+    def register(fn: Callable[[Tensor, int], Tensor]) -> Callable[[Tensor, int], Tensor]:
+        STATISTICS.register(name, doc=f"{doc}; for {applies_to.description}")(BuiltinStatistic(fn, applies_to))
+        return fn
+
+    return register
+
+
+@_statistic("mean_intensity", "mean over the elements of a datapoint", IMAGES_IN_UNIT_INTERVAL)
 def mean_intensity(x: Tensor, event_dims: int) -> Tensor:
     return x.flatten(x.dim() - event_dims).mean(-1) if event_dims else x
 
 
-@STATISTICS.register("active_pixels", doc="number of elements of a datapoint above 0.5")
+@_statistic("active_pixels", "number of elements of a datapoint above 0.5", IMAGES_IN_UNIT_INTERVAL)
 def active_pixels(x: Tensor, event_dims: int) -> Tensor:
     active = (x > 0.5).to(x.dtype)
     return active.flatten(x.dim() - event_dims).sum(-1) if event_dims else active
 
 
-def _resolve(statistics: Union[None, Sequence[str], Mapping[str, Statistic]], event_dims: int) -> Dict[str, Statistic]:
+def inapplicable_statistics(names: Sequence[str], x: Tensor, *, images: bool = True) -> Dict[str, str]:
+    """Built-in statistic name -> why it does not apply to the datapoints ``x`` (the data its
+    :class:`DataDomain` declares, and the reason ``x`` lies outside it: "images with values in
+    [0, 1] (...), and these data are not: ..."), for those of ``names`` that do not apply;
+    ``images``: the model's ``generates_images``. Unknown names: ValueError."""
+    out = {}
+    for name in names:
+        domain = STATISTICS.get(name).applies_to
+        reason = domain.outside(x, images)
+        if reason is not None:
+            out[name] = f"{domain.description}, and these data are not: {reason}"
+    return out
+
+
+def _resolve(
+    statistics: Union[None, Sequence[str], Mapping[str, Statistic]], x: Tensor, event_dims: int, images: bool
+) -> Dict[str, Statistic]:
     if statistics is None:
         statistics = DEFAULT_STATISTICS
     if isinstance(statistics, str):
@@ -78,6 +143,13 @@ def _resolve(statistics: Union[None, Sequence[str], Mapping[str, Statistic]], ev
         resolved = {}
         for name in statistics:
             resolved[name] = _builtin(STATISTICS.get(name), event_dims)  # unknown names: ValueError
+        refused = inapplicable_statistics(list(resolved), x, images=images)
+        if refused:
+            raise ValueError(
+                "statistics: "
+                + "; ".join(f"{name} applies to {why}" for name, why in refused.items())
+                + " (give statistics that apply as a mapping name -> fn)"
+            )
     if not resolved:
         raise ValueError("statistics: give at least one statistic")
     return resolved
@@ -158,13 +230,16 @@ def posterior_predictive_check(
     source: str = "posterior",
     batch_size: Optional[int] = None,
     elementwise: bool = True,
+    images: bool = True,
     **kwargs: Any,
 ) -> xr.Dataset:
     """Posterior (or prior) predictive checks of ``x`` ``(N, *event_shape)`` under a model/guide pair.
 
     ``statistics``: names of built-ins (:data:`STATISTICS`: ``"mean_intensity"``,
     ``"active_pixels"``; default both) or a mapping name -> fn(x ``(..., *event_shape)``) ->
-    ``(...)``. ``source``: ``"posterior"`` draws z ~ guide(x_i), ``"prior"`` z ~ p(z) (``guide``
+    ``(...)``. A built-in applies to the data it declares (``applies_to``: images with values in
+    [0, 1]); named for other ``x``, or for a model whose ``images`` is False (its
+    ``generates_images``: text's character indices), it is refused with a ValueError. ``source``: ``"posterior"`` draws z ~ guide(x_i), ``"prior"`` z ~ p(z) (``guide``
     is then unused). ``batch_size``: datapoints per program run (default: about
     ``65536 / num_replicates``); the draws are the same for the same ``seed`` and ``batch_size``.
     ``kwargs`` go to model and guide; tensors with one row per
@@ -187,7 +262,7 @@ def posterior_predictive_check(
     if source == "posterior" and guide is None:
         raise ValueError("guide: source='posterior' draws z from the guide; give one, or use source='prior'")
     event_shape = tuple(x.shape[1:])
-    stats = _resolve(statistics, len(event_shape))
+    stats = _resolve(statistics, x, len(event_shape), images)
     batch_size = batch_size or max(1, ROWS_PER_BATCH // num_replicates)
 
     observed, replicated, p_values = [], [], []
@@ -351,7 +426,11 @@ def plot_worst_fitting(x: Union[Tensor, np.ndarray], ds: xr.Dataset, statistic: 
 
 
 __all__ = [
+    "BuiltinStatistic",
+    "DataDomain",
+    "IMAGES_IN_UNIT_INTERVAL",
     "STATISTICS",
+    "inapplicable_statistics",
     "mean_intensity",
     "active_pixels",
     "mid_p_value",

@@ -553,7 +553,9 @@ def calibrate_run(
     datapoints of ``split`` (None or 0: all; else the seeded subset ``evaluate`` uses).
     Conditional models simulate with the selected datapoints' labels, cycled. Files go to
     ``out_dir`` (default: the run directory), checked before any work is done; the image of
-    the worst-fitting datapoints is drawn for image data only. Everything draws from ``seed``;
+    the worst-fitting datapoints is drawn for image data only. The predictive checks use the
+    built-in statistics that apply to the data (their declared ``applies_to``: images with values
+    in [0, 1]); the others, or the whole check, are skipped with the reason in ``skipped``. Everything draws from ``seed``;
     the caller's RNG state is left as it was.
 
     ``sir`` K (default None: off): also SBC of sampling-importance-resampling with K >= L
@@ -592,7 +594,13 @@ def calibrate_run(
         plot_sbc_ecdf,
         sbc_ranks,
     )
-    from ppl_vae.analysis.predictive import plot_p_values, plot_worst_fitting, posterior_predictive_check
+    from ppl_vae.analysis.predictive import (
+        DEFAULT_STATISTICS,
+        inapplicable_statistics,
+        plot_p_values,
+        plot_worst_fitting,
+        posterior_predictive_check,
+    )
     from ppl_vae.pipeline import load_run
     from ppl_vae.reports.common import select_datapoints
 
@@ -646,6 +654,13 @@ def calibrate_run(
             raise
         simulable = False
         skipped.append(f"SBC and predictive checks of the continuous sites ({exc})")
+    data_are_images = bool(getattr(vae, "generates_images", True))
+    refused = inapplicable_statistics(DEFAULT_STATISTICS, sel.x, images=data_are_images) if simulable else {}
+    statistics = [s for s in DEFAULT_STATISTICS if s not in refused]
+    for why in dict.fromkeys(refused.values()):  # one line per reason, naming its statistics
+        names = ", ".join(s for s, w in refused.items() if w == why)
+        what = "posterior predictive checks" if not statistics else "predictive statistics"
+        skipped.append(f"{what} with {names}: they apply to {why}")
     paths = check_targets(Path(run.run_dir) if out_dir is None else Path(out_dir))
 
     from tqdm.auto import tqdm
@@ -710,26 +725,34 @@ def calibrate_run(
                     compare = {**refined_first, MEAN_FIELD_LABEL: meanfield_uniformity, **compare}  # the table's order
                 bar.update()
             figures.append(("sbc_figure", plot_sbc_ecdf(uniformity, compare=compare)))
-            bar.set_postfix_str("predictive checks")
-            ppc = posterior_predictive_check(
-                vae.model, vae.guide, sel.x, num_replicates=num_replicates, seed=seed, **kwargs
-            )
-            ppc = ppc.assign_coords(datapoint=sel.index)
-            ppc.attrs.update(
-                {
-                    **common,
-                    "split": split,
-                    "num_datapoints": int(len(sel.index)),
-                    "preprocessing": str(sel.preprocessing),
-                }
-            )
-            figures.append(("ppc_figure", plot_p_values(ppc)))
-            if _is_images(run, sel.x):
-                statistic = str(ppc["statistic"].values[0])
-                worst = plot_worst_fitting(
-                    sel.x.cpu(), ppc.assign_coords(datapoint=np.arange(len(sel.index))), statistic
+            if statistics:
+                bar.set_postfix_str("predictive checks")
+                ppc = posterior_predictive_check(
+                    vae.model,
+                    vae.guide,
+                    sel.x,
+                    statistics=statistics,
+                    num_replicates=num_replicates,
+                    seed=seed,
+                    images=data_are_images,
+                    **kwargs,
                 )
-                figures.append(("worst_figure", worst))
+                ppc = ppc.assign_coords(datapoint=sel.index)
+                ppc.attrs.update(
+                    {
+                        **common,
+                        "split": split,
+                        "num_datapoints": int(len(sel.index)),
+                        "preprocessing": str(sel.preprocessing),
+                    }
+                )
+                figures.append(("ppc_figure", plot_p_values(ppc)))
+                if _is_images(run, sel.x):  # the statistics applied: images in [0, 1]; and image-shaped
+                    statistic = str(ppc["statistic"].values[0])
+                    worst = plot_worst_fitting(
+                        sel.x.cpu(), ppc.assign_coords(datapoint=np.arange(len(sel.index))), statistic
+                    )
+                    figures.append(("worst_figure", worst))
             bar.update()
         if site is not None:
             bar.set_postfix_str(f"discrete site {site}")

@@ -15,6 +15,10 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from ppl_vae.analysis.predictive import (
+    DEFAULT_STATISTICS,
+    IMAGES_IN_UNIT_INTERVAL,
+    STATISTICS,
+    inapplicable_statistics,
     mid_p_value,
     plot_p_values,
     plot_worst_fitting,
@@ -81,14 +85,14 @@ def test_posterior_predictive_p_values_match_the_gaussian_closed_form():
     n, r = 300, 400
     x = from_model(vae, n)
     ds = posterior_predictive_check(
-        vae.model, vae.exact_posterior_guide, x, statistics=["mean_intensity"], num_replicates=r, seed=2
+        vae.model, vae.exact_posterior_guide, x, statistics={"mean": lambda t: t.mean(-1)}, num_replicates=r, seed=2
     )
     mu, cov = vae.exact_posterior(x)
     a = torch.full((D,), 1.0 / D)
     loc = (mu @ vae.W.T + vae.b) @ a
     sd = (a @ (vae.W @ cov @ vae.W.T + SIGMA**2 * torch.eye(D)) @ a).sqrt()
     exact = (1 - torch.distributions.Normal(loc, sd).cdf(x.mean(-1))).double().numpy()
-    p = ds["p_value"].sel(statistic="mean_intensity").values
+    p = ds["p_value"].sel(statistic="mean").values
     se = np.sqrt(exact * (1 - exact) / r)
     assert (np.abs(p - exact) <= 5 * se + 1 / r).all()
     assert abs((p - exact).mean()) < 3 * math.sqrt((exact * (1 - exact)).mean() / r / n)
@@ -197,3 +201,27 @@ def test_bad_arguments_are_named(bernoulli):
         check(source="likelihood")
     with pytest.raises(ValueError, match="num_replicates"):
         check(num_replicates=0)
+
+
+def test_the_builtin_statistics_are_refused_for_data_they_do_not_apply_to(bernoulli):
+    """mean_intensity and active_pixels (elements > 0.5) declare images with values in [0, 1]:
+    standardized readings (negative values) and a model declaring non-image x (text's character
+    indices) are refused by name, never silently scored; a mapping of the caller's own
+    statistics still runs on them."""
+    assert all(STATISTICS.get(s).applies_to is IMAGES_IN_UNIT_INTERVAL for s in STATISTICS.names())
+    assert all(IMAGES_IN_UNIT_INTERVAL.description in STATISTICS.describe(s) for s in STATISTICS.names())
+    image = torch.bernoulli(torch.full((3, 1, 8, 8), 0.5))
+    readings = torch.randn(3, 1, 8, 8)
+    assert inapplicable_statistics(DEFAULT_STATISTICS, image) == {}
+    refused = inapplicable_statistics(DEFAULT_STATISTICS, readings)
+    assert set(refused) == set(DEFAULT_STATISTICS) and all("not in [0, 1]" in r for r in refused.values())
+    as_text = inapplicable_statistics(DEFAULT_STATISTICS, image, images=False)
+    assert set(as_text) == set(DEFAULT_STATISTICS) and all("not images" in r for r in as_text.values())
+
+    check = lambda x, **kw: posterior_predictive_check(bernoulli.model, bernoulli.guide, x, seed=0, **kw)  # noqa: E731
+    with pytest.raises(ValueError, match=r"active_pixels applies to images with values in \[0, 1\]"):
+        check(readings, statistics=["active_pixels"])
+    with pytest.raises(ValueError, match="mean_intensity applies to images.*not images"):
+        check(image, images=False)
+    ds = check(readings, statistics={"mean": lambda t: t.flatten(-3).mean(-1)}, num_replicates=3)
+    assert list(ds["statistic"].values) == ["mean"]

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from ppl_vae import pipeline
 from ppl_vae.analysis import results
+from ppl_vae.analysis.predictive import IMAGES_IN_UNIT_INTERVAL
 from ppl_vae.cli.main import cli
 from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from tests.cli.conftest import tiny_run
 from tests.conftest import one_line_error
+from tests.models.test_scvae import planted_sensor_series
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -317,3 +321,67 @@ def test_too_few_posterior_draws_for_a_central_interval_are_refused(bernoulli_ru
     sbc = results.load_netcdf(out / "calibration_sbc.nc")
     assert list(sbc["level"].values) == [0.5, 0.8, 0.9]
     assert (sbc["nominal"].values < 1).all()
+
+
+@pytest.fixture(scope="module")
+def non_image_runs(tmp_path_factory):
+    """Runs whose data are not images in [0, 1]: scvae on standardized sensor windows, and
+    text_hybrid_historyless on character indices."""
+    tmp = tmp_path_factory.mktemp("nonimage")
+    values, labels = planted_sensor_series(num_steps=600)
+    csv = tmp / "sensors.csv"
+    csv.write_text(
+        "a,b,c,label\n" + "\n".join(",".join([f"{v:.5f}" for v in row] + [str(k)]) for row, k in zip(values, labels))
+    )
+    words = ["red", "cat", "sat", "on", "mat", "blue", "tree", "far"]
+    rng = np.random.default_rng(0)
+    lines = tmp / "lines.txt"
+    lines.write_text("\n".join(" ".join(rng.choice(words, 4)) for _ in range(200)) + "\n")
+    runs = {}
+    for name, model, data in (
+        ("sensors", "scvae", ["timeseries-csv", str(csv)]),
+        ("text", "text_hybrid_historyless", ["text-lines", str(lines)]),
+    ):
+        runs[name] = tmp / name
+        result = CliRunner().invoke(
+            cli,
+            [
+                "fit",
+                "--model",
+                model,
+                "--dataset",
+                data[0],
+                "--data-dir",
+                data[1],
+                "--hidden-dim",
+                "8",
+                "--latent-dim",
+                "4",
+            ]
+            + ["--epochs", "1", "--batch-size", "50", "--no-progress", "--out", str(runs[name])],
+        )
+        assert result.exit_code == 0, result.output
+    return runs
+
+
+@pytest.mark.parametrize("data, why", [("sensors", "not in [0, 1]"), ("text", "not images")])
+def test_predictive_checks_are_skipped_with_a_note_on_data_that_are_not_images(non_image_runs, tmp_path, data, why):
+    """mean_intensity and active_pixels (elements > 0.5) mean nothing for standardized sensor
+    windows or character indices: calibrate says so and writes no predictive results, nor the
+    worst-datapoints image figure; SBC still runs."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["calibrate", str(non_image_runs[data]), *SMALL, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    skipped = [line for line in result.output.splitlines() if line.startswith("skipped: posterior predictive checks")]
+    assert len(skipped) == 1 and IMAGES_IN_UNIT_INTERVAL.description in skipped[0] and why in skipped[0], result.output
+    assert "mean p-value" not in result.output
+    names = {p.name for p in out.iterdir()}
+    assert {"calibration_sbc.nc", "calibration_sbc.png", "calibration.html"} <= names
+    assert not names & {"calibration_ppc.nc", "calibration_ppc.png", "calibration_worst.png"}
+    page = (out / "calibration.html").read_text()
+    assert "<b>Skipped:</b> posterior predictive checks" in page and "<h2>Posterior predictive checks</h2>" not in page
+
+
+def test_the_docs_name_the_data_the_predictive_statistics_apply_to():
+    docs = (Path(__file__).parents[2] / "docs" / "calibration.md").read_text()
+    assert IMAGES_IN_UNIT_INTERVAL.description in " ".join(docs.split())
