@@ -689,6 +689,21 @@ def sbc_uniformity(
     )
 
 
+def format_p_value(p: float) -> str:
+    """A p-value as printed: three decimals, or one significant digit and exponent below 0.001."""
+    if p < 1e-300:  # underflows to 0 in double precision
+        return "< 1e-300"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def format_ecdf_p_value(p: float, num_band_simulations: int) -> str:
+    """An ECDF p-value of :func:`sbc_uniformity` as printed: at its Monte Carlo floor
+    1 / (1 + num_band_simulations) (no simulated uniform sample was as extreme) it is an upper
+    bound, written "≤ 1.0e-04", not an estimate."""
+    floor = 1.0 / (1 + int(num_band_simulations))
+    return f"≤ {format_p_value(floor)}" if p <= floor * (1 + 1e-9) else format_p_value(p)
+
+
 def coverage(ranks: xr.Dataset, levels: Sequence[float] = (0.5, 0.8, 0.9, 0.95)) -> xr.Dataset:
     """Empirical coverage of central intervals of the L draws, per level and quantity.
 
@@ -826,6 +841,7 @@ def plot_sbc_ecdf(
         layout="constrained",
     )  # fmt: skip
     lower, upper = uniformity["band_lower"].values, uniformity["band_upper"].values
+    bands = int(uniformity.attrs["num_band_simulations"])
     curves = [(label, uniformity, "-", ("#1f4e79", "#c0392b" if not others else "#1f4e79"))]
     styles = [("--", "#2e8b57"), (":", "#7b3fa0"), ("-.", "#d35400")]
     curves += [
@@ -847,12 +863,14 @@ def plot_sbc_ecdf(
         ax.axhline(0.0, color="0.4", lw=0.6)
         quantity = uniformity["quantity"].values[j]
         if others:
-            entries = [f"{name.split(' ')[0]} {p:.2g}" for (name, *_), p in zip(curves, p_values)]
+            entries = [
+                f"{name.split(' ')[0]} {format_ecdf_p_value(p, bands)}" for (name, *_), p in zip(curves, p_values)
+            ]
             per_line = 2 if len(entries) > 3 else 3  # four posteriors' p-values overrun a panel on one line
             shown = ",\n".join(", ".join(entries[i : i + per_line]) for i in range(0, len(entries), per_line))
             ax.set_title(f"{quantity}\nECDF p: {shown}", fontsize=7.5)
         else:
-            ax.set_title(f"{quantity}  (p = {p_values[0]:.2g})")
+            ax.set_title(f"{quantity}  (ECDF p {_as_relation(format_ecdf_p_value(p_values[0], bands))})")
         ax.set_xlim(0, 1)
         pad = 0.05 * (high - low or 1.0)
         ax.set_ylim(low - pad, high + pad)
@@ -874,6 +892,11 @@ def plot_sbc_ecdf(
         f"SBC: {uniformity.attrs['num_simulations']} simulations, L = {uniformity.attrs['num_posterior_samples']}"
     )
     return fig
+
+
+def _as_relation(text: str) -> str:
+    """ "≤ 1.0e-04" as it is, "0.012" as "= 0.012"."""
+    return text if text[0] in "≤<" else f"= {text}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1286,6 +1309,8 @@ __all__ = [
     "discrete_posterior",
     "enumerated_num_values",
     "expected_calibration_error",
+    "format_ecdf_p_value",
+    "format_p_value",
     "plot_reliability",
     "plot_sbc_ecdf",
     "posterior_distance",

@@ -149,9 +149,9 @@ def check_simulable(model: Any, guide: Any, x: torch.Tensor, kwargs: Dict[str, A
 
 
 def _fmt_p(p: float) -> str:
-    if p < 1e-300:  # underflows to 0 in double precision
-        return "< 1e-300"
-    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+    from ppl_vae.analysis.calibration import format_p_value
+
+    return format_p_value(p)
 
 
 def _merged_sbc(ranks: xr.Dataset, common: Dict[str, Any]) -> Tuple[xr.Dataset, xr.Dataset]:
@@ -267,7 +267,7 @@ class Calibration:
                 continue
             lines.append(
                 f"{str(quantity):<14} {_fmt_p(float(s['chi2_p_value'][j])):>12} "
-                f"{_fmt_p(float(s['ecdf_p_value'][j])):>12}  "
+                f"{_ecdf_p(s, j):>12}  "
                 f"{float(cov['coverage'][j]):.3f} ± {float(cov['coverage_se'][j]):.3f}"
             )
         if len(dims) > MAX_LISTED_DIMENSIONS:
@@ -885,9 +885,9 @@ PAGE_CSS = (
 
 def _ecdf_p(s: xr.Dataset, j: int) -> str:
     """The ECDF p-value, written as a bound when it is the smallest the band's simulations can give."""
-    p = float(s["ecdf_p_value"][j])
-    floor = 1.0 / (1 + int(s.attrs.get("num_band_simulations", 10000)))
-    return f"≤ {_fmt_p(floor)}" if p <= floor * (1 + 1e-9) else _fmt_p(p)
+    from ppl_vae.analysis.calibration import format_ecdf_p_value
+
+    return format_ecdf_p_value(float(s["ecdf_p_value"][j]), int(s.attrs["num_band_simulations"]))
 
 
 def _short_verdict(d: xr.Dataset) -> str:

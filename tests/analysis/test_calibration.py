@@ -18,7 +18,14 @@ from matplotlib.figure import Figure
 from pyro import distributions as dist
 from scipy import stats
 
-from ppl_vae.analysis.calibration import LOG_LIKELIHOOD, coverage, plot_sbc_ecdf, sbc_ranks, sbc_uniformity
+from ppl_vae.analysis.calibration import (
+    LOG_LIKELIHOOD,
+    coverage,
+    format_ecdf_p_value,
+    plot_sbc_ecdf,
+    sbc_ranks,
+    sbc_uniformity,
+)
 from ppl_vae.models.closed_form import TwoComponentLinearGaussian, TwoLayerLinearGaussian
 from ppl_vae.models.linear_gaussian import LinearGaussianVAE
 from ppl_vae.models.vae import data_plate
@@ -216,6 +223,26 @@ def test_plot_has_one_panel_per_quantity_and_returns_a_figure(vae):
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def test_the_ecdf_p_values_floor_is_printed_as_a_bound(vae):
+    """(1 + 0) / (1 + B) is the smallest ECDF p-value B band simulations can give: an upper bound
+    ("≤ 1.0e-04" at B = 10000), not an estimate; one above it is a plain estimate."""
+    assert format_ecdf_p_value(1 / 10001, 10000) == "≤ 1.0e-04"
+    assert format_ecdf_p_value(2 / 10001, 10000) == "2.0e-04"
+    assert format_ecdf_p_value(1 / 101, 100) == "≤ 0.010" and format_ecdf_p_value(0.5, 100) == "0.500"
+    import matplotlib.pyplot as plt
+
+    # a guide 0.3 times too narrow: every quantity far outside the band, its p-value at the floor
+    u = sbc_uniformity(ranks_of(vae, gaussian_guide(vae, scale=0.3), seed=0, num_simulations=200))
+    floor = 1 / (1 + u.attrs["num_band_simulations"])
+    assert np.allclose(u["ecdf_p_value"].values, floor)
+    for fig in (plot_sbc_ecdf(u), plot_sbc_ecdf(u, compare={"other": u})):
+        titles = [ax.get_title() for ax in fig.axes if ax.get_visible() and ax.get_title()]
+        assert len(titles) == u.sizes["quantity"]
+        assert all(t.count("≤ 1.0e-04") == (2 if "other" in t else 1) for t in titles), titles
+        assert not any("0.0001" in t for t in titles), titles
+        plt.close(fig)
 
 
 def test_chi_square_expected_counts_are_exact_for_uneven_bins():

@@ -385,3 +385,27 @@ def test_predictive_checks_are_skipped_with_a_note_on_data_that_are_not_images(n
 def test_the_docs_name_the_data_the_predictive_statistics_apply_to():
     docs = (Path(__file__).parents[2] / "docs" / "calibration.md").read_text()
     assert IMAGES_IN_UNIT_INTERVAL.description in " ".join(docs.split())
+
+
+def test_the_ecdf_p_values_floor_is_printed_as_a_bound(bernoulli_run, tmp_path):
+    """At its Monte Carlo floor 1 / (1 + B) the ECDF p-value is a bound: the summary prints
+    "≤ 1.0e-04" for it, as the page does, and the estimate itself elsewhere."""
+    out = tmp_path / "out"
+    small = [*SMALL]
+    small[1] = "100"  # --num-simulations: enough for the 1-epoch guide to fail at the floor
+    result = CliRunner().invoke(cli, ["calibrate", str(bernoulli_run), *small, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    sbc = results.load_netcdf(out / "calibration_sbc.nc")
+    floor = 1 / (1 + sbc.attrs["num_band_simulations"])
+    at_floor = np.isclose(sbc["ecdf_p_value"].values, floor)
+    assert at_floor.any() and not at_floor.all()  # both kinds are printed
+    lines = result.output.splitlines()
+    for quantity, p, bound in zip(sbc["quantity"].values, sbc["ecdf_p_value"].values, at_floor):
+        (row,) = [line for line in lines if line.startswith(f"{quantity} ")]
+        cells = row[len(str(quantity)) :].split()  # chi2 p-value, ECDF p-value, coverage ± se
+        if bound:
+            assert cells[1:3] == ["≤", "1.0e-04"], row
+        else:
+            assert float(cells[1]) == pytest.approx(p, rel=0.06, abs=6e-4), row
+    page = (out / "calibration.html").read_text()
+    assert page.count(">≤ 1.0e-04<") == int(at_floor.sum())
