@@ -1018,7 +1018,8 @@ def _ppc_table(p: xr.Dataset) -> str:
     return (
         f"<p>{p.sizes['datapoint']} {html.escape(str(p.attrs.get('split', '')))} datapoints, "
         f"R = {p.attrs['num_replicates']} replicates x<sub>rep</sub> ~ p(x|z) with z ~ q(z|x) each "
-        "(Gelman, Meng &amp; Stern 1996). The p-value P(T(x<sub>rep</sub>) ≥ T(x)) near 0 or 1 says the model "
+        "(Gelman, Meng &amp; Stern 1996). The p-value, "
+        f"{html.escape(str(p['p_value'].attrs['description']))} (ties counted as half), near 0 or 1 says the model "
         "rarely makes data like x in what T measures; posterior predictive p-values gather toward 0.5 even "
         "for a correct model (Meng 1994), so extremes count, not the mean.</p><table>" + "".join(rows) + "</table>"
     )

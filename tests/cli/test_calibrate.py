@@ -80,6 +80,10 @@ def test_calibrate_writes_results_and_leaves_the_run_alone(bernoulli_run, tmp_pa
     assert "coverage of central 90% intervals" in result.output
     assert "verdict:" in result.output and "mean p-value" in result.output and "extreme" in result.output
     assert "Meng 1994" in result.output
+    # the page defines the p-value as computed: mid-p, P(>) + 0.5 P(=), not P(T(x_rep) >= T(x))
+    ppc_part = page.split("<h2>Posterior predictive checks</h2>")[1]
+    assert "P(T(x_rep) &gt; T(x_i)) + 0.5 P(T(x_rep) = T(x_i)) (mid-p)" in ppc_part and "≥" not in ppc_part
+    assert ppc.attrs["p_value_convention"].startswith("mid-p")
 
 
 def test_calibrate_refuses_bad_input_and_writes_nothing(bernoulli_run, tmp_path):
