@@ -245,6 +245,42 @@ def test_the_ecdf_p_values_floor_is_printed_as_a_bound(vae):
         plt.close(fig)
 
 
+COLOURS = {"blue": "#1f4e79", "red": "#c0392b", "green": "#2e8b57", "purple": "#7b3fa0", "orange": "#d35400"}
+STYLES = {"solid": "-", "dashed": "--", "dotted": ":", "dash-dot": "-."}
+
+
+def test_the_docs_describe_the_sbc_figures_colours_as_drawn(vae):
+    """docs/calibration.md names each posterior's colour and line style; the figure draws them."""
+    import re
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    docs = " ".join((Path(__file__).parents[2] / "docs" / "calibration.md").read_text().split())
+    alone = re.search(r"With the guide alone its curve is (\w+), or (\w+) when it leaves the band", docs)
+    order = re.search(
+        r"the guide (\S+) (\w+), then, in the order refined q, mean-field q\\\*, SIR, those drawn take "
+        r"(\S+) (\w+), (\S+) (\w+) and (\S+) (\w+)",
+        docs,
+    )
+    assert alone and order, "docs/calibration.md no longer describes the SBC figure's colours"
+    inside = sbc_uniformity(ranks_of(vae, gaussian_guide(vae), seed=0, num_simulations=100))
+    outside = sbc_uniformity(ranks_of(vae, gaussian_guide(vae, scale=0.3), seed=0, num_simulations=100))
+    assert not inside["outside_band"].values[0] and outside["outside_band"].values[0]
+    for u, colour in ((inside, alone[1]), (outside, alone[2])):
+        fig = plot_sbc_ecdf(u)
+        assert fig.axes[0].get_lines()[0].get_color() == COLOURS[colour]
+        plt.close(fig)
+    names = ["guide q(z|x)", "refined K=5", "mean-field q*", "SIR K=100"]
+    fig = plot_sbc_ecdf(inside, compare={name: inside for name in names[1:]}, label=names[0])
+    drawn = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    words = order.groups()
+    for k, name in enumerate(names):
+        style, colour = words[2 * k], words[2 * k + 1]
+        assert (drawn[name].get_linestyle(), drawn[name].get_color()) == (STYLES[style], COLOURS[colour]), name
+    plt.close(fig)
+
+
 def test_chi_square_expected_counts_are_exact_for_uneven_bins():
     """L + 1 = 7 rank values in 3 bins (3, 2, 2 values): uniform counts give chi2 = 0."""
     ranks = xr.Dataset(

@@ -413,3 +413,14 @@ def test_the_ecdf_p_values_floor_is_printed_as_a_bound(bernoulli_run, tmp_path):
             assert float(cells[1]) == pytest.approx(p, rel=0.06, abs=6e-4), row
     page = (out / "calibration.html").read_text()
     assert page.count(">≤ 1.0e-04<") == int(at_floor.sum())
+
+
+def test_the_docs_give_the_mf_steps_default_that_calibrate_uses():
+    """docs/calibration.md said (500); the default is ADAM_STEPS_BEFORE_POLISH, as --help says."""
+    from ppl_vae.estimator_options import ADAM_STEPS_BEFORE_POLISH
+
+    docs = " ".join((Path(__file__).parents[2] / "docs" / "calibration.md").read_text().split())
+    stated = re.findall(r"`--mf-steps` \((\d+)\)", docs)
+    assert stated == [str(ADAM_STEPS_BEFORE_POLISH)]
+    result = CliRunner().invoke(cli, ["calibrate", "--help"])
+    assert f"(default: {ADAM_STEPS_BEFORE_POLISH})" in " ".join(result.output.split())
