@@ -380,8 +380,8 @@ def plot_p_values(ds: xr.Dataset, bins: int = 20):
 
 def plot_worst_fitting(x: Union[Tensor, np.ndarray], ds: xr.Dataset, statistic: str, k: int = 8):
     """The ``k`` worst-fitting datapoints for ``statistic`` (:func:`worst_fitting`), each shown
-    above one replicate x_rep, titled with T(x) and the p-value. ``x`` is the data checked in
-    ``ds``, images ``(N, C, H, W)`` or ``(N, H, W)``; ``ds`` needs ``replicate_example``
+    above one replicate x_rep, titled with its ``datapoint`` coordinate in ``ds``, T(x) and the
+    p-value. ``x`` is the data checked in ``ds`` (row i of ``x`` is position i of ``ds``), images ``(N, C, H, W)`` or ``(N, H, W)``; ``ds`` needs ``replicate_example``
     (``elementwise=True``). Returns a Figure."""
     from matplotlib.figure import Figure
 
@@ -394,8 +394,10 @@ def plot_worst_fitting(x: Union[Tensor, np.ndarray], ds: xr.Dataset, statistic: 
         raise ValueError(f"x must hold the {ds.sizes['datapoint']} datapoints checked in ds, got {data.shape[0]}")
     if not (data.ndim == 3 or (data.ndim == 4 and data.shape[1] in (1, 3))):
         raise ValueError(f"x must be images (N, C, H, W) or (N, H, W), got shape {data.shape}")
-    worst = worst_fitting(ds, statistic, k)
+    # ranked by position in x and ds; labelled with ds's own datapoint ids (a subset's indices in its split)
+    worst = worst_fitting(ds.assign_coords(datapoint=np.arange(ds.sizes["datapoint"])), statistic, k)
     idx = worst["datapoint"].values
+    ids = ds["datapoint"].values[idx]
     rep = ds["replicate_example"].values
 
     def image(a: np.ndarray) -> np.ndarray:
@@ -406,8 +408,8 @@ def plot_worst_fitting(x: Union[Tensor, np.ndarray], ds: xr.Dataset, statistic: 
     n = len(idx)
     fig = Figure(figsize=(1.0 + 0.95 * n, 2.6), constrained_layout=True)
     axes = fig.subplots(2, n, squeeze=False)
-    t_obs = ds["observed"].sel(statistic=statistic)
-    for c, i in enumerate(idx):
+    t_obs = ds["observed"].sel(statistic=statistic).values
+    for c, (i, label) in enumerate(zip(idx, ids)):
         for r, img in enumerate((image(data[i]), image(rep[i]))):
             ax = axes[r, c]
             if img.ndim == 2:
@@ -416,12 +418,10 @@ def plot_worst_fitting(x: Union[Tensor, np.ndarray], ds: xr.Dataset, statistic: 
                 ax.imshow(img, interpolation="nearest")
                 ax.set_xticks([])
                 ax.set_yticks([])
-        axes[0, c].set_title(
-            f"#{int(i)}\nT={float(t_obs.sel(datapoint=i)):.3g}\np={float(worst['p_value'][c]):.3f}", fontsize=6
-        )
+        axes[0, c].set_title(f"#{label}\nT={float(t_obs[i]):.3g}\np={float(worst['p_value'][c]):.3f}", fontsize=6)
     axes[0, 0].set_ylabel("data", fontsize=7, rotation=0, ha="right", va="center")
     axes[1, 0].set_ylabel("replicate", fontsize=7, rotation=0, ha="right", va="center")
-    fig.suptitle(f"worst-fitting datapoints for {statistic}", fontsize=8)
+    fig.suptitle(f"worst-fitting datapoints for {statistic} (#: the datapoint coordinate of the results)", fontsize=8)
     return fig
 
 

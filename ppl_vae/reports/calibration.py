@@ -749,9 +749,7 @@ def calibrate_run(
                 figures.append(("ppc_figure", plot_p_values(ppc)))
                 if _is_images(run, sel.x):  # the statistics applied: images in [0, 1]; and image-shaped
                     statistic = str(ppc["statistic"].values[0])
-                    worst = plot_worst_fitting(
-                        sel.x.cpu(), ppc.assign_coords(datapoint=np.arange(len(sel.index))), statistic
-                    )
+                    worst = plot_worst_fitting(sel.x.cpu(), ppc, statistic)  # labelled with sel.index
                     figures.append(("worst_figure", worst))
             bar.update()
         if site is not None:

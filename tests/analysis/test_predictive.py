@@ -225,3 +225,19 @@ def test_the_builtin_statistics_are_refused_for_data_they_do_not_apply_to(bernou
         check(image, images=False)
     ds = check(readings, statistics={"mean": lambda t: t.flatten(-3).mean(-1)}, num_replicates=3)
     assert list(ds["statistic"].values) == ["mean"]
+
+
+def test_the_worst_fitting_figure_labels_datapoints_with_their_stored_ids(bernoulli):
+    """A subset's results carry the datapoints' ids in the split (``datapoint`` coordinate); the
+    figure labels each image with that id, not with its position in the subset, and draws the
+    row of x at that position."""
+    x = torch.bernoulli(torch.full((5, 1, 8, 8), 0.5))
+    x[1] = 1.0  # the worst datapoint below: all pixels on
+    ds = posterior_predictive_check(bernoulli.model, bernoulli.guide, x, num_replicates=10, seed=0)
+    ds = ds.assign_coords(datapoint=[20, 42, 7, 3, 99])
+    ds["p_value"].values[:, 0] = [0.5, 0.999, 0.02, 0.3, 0.97]
+    fig = plot_worst_fitting(x, ds, "mean_intensity", k=3)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert [t.split("\n")[0] for t in titles] == ["#42", "#7", "#99"]
+    assert f"T={float(x[1].mean()):.3g}" in titles[0]
+    assert float(fig.axes[0].get_images()[0].get_array().min()) == 1.0  # x[1], all on
