@@ -810,7 +810,7 @@ def plot_sbc_ecdf(
 ) -> Figure:
     """ECDF differences of the ranks with their simultaneous band (:func:`sbc_uniformity`), one
     panel per quantity: the first ``max_dimensions`` latent dimensions and every summary (norms,
-    log-likelihood). A curve leaving the grey band rejects uniformity at the band's level.
+    log-likelihood); the title says how many dimensions are left out. A curve leaving the grey band rejects uniformity at the band's level.
 
     Alone, the curve is blue inside the band and red where the quantity leaves it. ``compare``:
     other posteriors' uniformity on the same simulations and L (SIR's, from
@@ -829,10 +829,13 @@ def plot_sbc_ecdf(
             raise ValueError(f"compare[{name!r}] must rank the same quantities with the same N and L")
     if "kind" in uniformity.coords:
         kinds = np.asarray(uniformity["kind"].values)
-        dims = np.flatnonzero(kinds == "dimension")[:max_dimensions]
+        all_dims = np.flatnonzero(kinds == "dimension")
+        dims = all_dims[:max_dimensions]
         chosen = np.sort(np.concatenate([dims, np.flatnonzero(kinds != "dimension")]))
+        left_out = [str(q) for q in uniformity["quantity"].values[all_dims[max_dimensions:]]]
     else:
         chosen = np.arange(uniformity.sizes["quantity"])[:max_dimensions]
+        left_out = [str(q) for q in uniformity["quantity"].values[max_dimensions:]]
     num = len(chosen)
     ncols = max(1, min(ncols, num))
     nrows = math.ceil(num / ncols)
@@ -888,9 +891,12 @@ def plot_sbc_ecdf(
         handles += [Line2D([], [], color=colour, ls=style, label=name) for name, _, style, (colour, _) in curves]
         handles.append(Line2D([], [], color="0.3", ls="", marker="o", ms=3, label="outside the band"))
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3), fontsize=8)
-    fig.suptitle(
-        f"SBC: {uniformity.attrs['num_simulations']} simulations, L = {uniformity.attrs['num_posterior_samples']}"
-    )
+    title = f"SBC: {uniformity.attrs['num_simulations']} simulations, L = {uniformity.attrs['num_posterior_samples']}"
+    if left_out:  # say what is not drawn: the tables and the results hold every quantity
+        shown = "1 more latent dimension" if len(left_out) == 1 else f"{len(left_out)} more latent dimensions"
+        span = left_out[0] if len(left_out) == 1 else f"{left_out[0]} to {left_out[-1]}"
+        title += f"\n{shown} ({span}) left out of this figure; their tests are in the results"
+    fig.suptitle(title)
     return fig
 
 

@@ -281,6 +281,21 @@ def test_the_docs_describe_the_sbc_figures_colours_as_drawn(vae):
     plt.close(fig)
 
 
+def test_the_sbc_figure_says_which_latent_dimensions_it_leaves_out(vae):
+    import matplotlib.pyplot as plt
+
+    u = sbc_uniformity(ranks_of(vae, gaussian_guide(vae), seed=0, num_simulations=50))
+    dims = [str(q) for q, k in zip(u["quantity"].values, u["kind"].values) if k == "dimension"]
+    assert dims == ["z[0]", "z[1]"]
+    fig = plot_sbc_ecdf(u, max_dimensions=1)
+    panels = [ax.get_title().split("  (")[0] for ax in fig.axes if ax.get_visible()]
+    assert "z[1]" not in panels and "1 more latent dimension (z[1]) left out" in fig.get_suptitle()
+    plt.close(fig)
+    fig = plot_sbc_ecdf(u)  # every dimension drawn: nothing to say
+    assert "left out" not in fig.get_suptitle()
+    plt.close(fig)
+
+
 def test_chi_square_expected_counts_are_exact_for_uneven_bins():
     """L + 1 = 7 rank values in 3 bins (3, 2, 2 values): uniform counts give chi2 = 0."""
     ranks = xr.Dataset(
