@@ -21,19 +21,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from pyro import distributions as dist
+from pyro import poutine
 from pyro.infer.mcmc import HMC, MCMC
 from torch import Tensor
 
-from ppl_vae.inference.estimators import Estimate, diagnostic, register_estimator
-from ppl_vae.inference.latents import Layout, flat_log_joint, model_layout
+from ppl_vae.inference.estimators import Estimate, diagnostic, register_estimator, weight_warnings
+from ppl_vae.inference.latents import Layout, _probe_rows, flat_log_joint, model_layout
 from ppl_vae.inference.modes import batches, seeded
 from ppl_vae.inference.stats import log_mean_exp_stats
 
+if TYPE_CHECKING:  # xarray is imported where used
+    import xarray as xr
+
 MAX_LATENT_DIM = 4  # appendix D: "valid for latent dimension < 5"
+
+#: an HMC chain accepting fewer proposals than this after warm-up barely moved: its draws, the
+#: Gaussian fitted to them and the estimate rest on a few distinct points
+MIN_ACCEPT_RATE = 0.5
 
 
 def _layout(model: Callable, x: Tensor, latent_dim: Optional[int], kwargs: Dict[str, Any]) -> Layout:
@@ -235,8 +244,9 @@ def _appendix_d(
     progress: bool,
     seed: Optional[int],
     kwargs: Dict[str, Any],
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """(log p̂(x), its delta-method standard error, HMC acceptance rate), each ``(N,)``."""
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(log p̂(x), its delta-method standard error, HMC acceptance rate, ESS of the L ratios
+    q(z_l) / p(x, z_l)), each ``(N,)``."""
     from tqdm.auto import tqdm
 
     layout = _layout(model, x, latent_dim, kwargs)
@@ -247,7 +257,7 @@ def _appendix_d(
         )
     if num_samples < latent_dim + 2:
         raise ValueError(f"num_samples must be >= latent_dim + 2 to fit a covariance, got {num_samples}")
-    parts, errors, accepts = [], [], []
+    parts, errors, accepts, sizes = [], [], [], []
     bar = tqdm(
         batches(x, kwargs, batch_size),
         disable=not progress,
@@ -275,9 +285,50 @@ def _appendix_d(
             log_p = flat_log_joint(model, xb, eval_part, layout, **kw)  # (L, N)
             log_ratio = q.log_prob(eval_part) - log_p
             parts.append(-(torch.logsumexp(log_ratio, 0) - math.log(num_samples)))
-            errors.append(log_mean_exp_stats(log_ratio)[1])  # se of log mean(q/p) = se of its negative
+            _, se, ess = log_mean_exp_stats(log_ratio)
+            errors.append(se)  # se of log mean(q/p) = se of its negative
+            sizes.append(ess)
             accepts.append(torch.full((xb.shape[0],), float(result.accept_rate), dtype=x.dtype, device=x.device))
-    return torch.cat(parts), torch.cat(errors).to(x.dtype), torch.cat(accepts)
+    return torch.cat(parts), torch.cat(errors).to(x.dtype), torch.cat(accepts), torch.cat(sizes).to(x.dtype)
+
+
+def observed_is_discrete(model: Callable, x: Tensor, **kwargs: Any) -> bool:
+    """Whether every observed site of ``model`` has discrete support, from one trace on (a few
+    rows of) ``x``: then p(x) is a probability, at most 1, and log p(x) <= 0."""
+    xb, kw = _probe_rows(x, kwargs)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # a structural probe: the caller's stream is kept
+        trace = poutine.trace(poutine.block(model, hide_types=["param"])).get_trace(xb, **kw)
+    observed = [site for site in trace.nodes.values() if site["type"] == "sample" and site["is_observed"]]
+    return bool(observed) and all(
+        getattr(getattr(site["fn"], "support", None), "is_discrete", False) for site in observed
+    )
+
+
+def _appendix_d_warnings(ds: "xr.Dataset", names: Dict[str, str]) -> List[str]:
+    """The estimates appendix D itself can tell are wrong: log p̂(x) > 0 where p(x) is a
+    probability (discrete data), and chains that barely moved."""
+    n = ds.sizes["datapoint"]
+    out = weight_warnings(ds, names, num_draws=int(ds.attrs["num_samples"]), what="appendix-D")
+    limit = ds.attrs.get("log_px_max", "none")
+    if limit != "none":
+        bad = ds["log_px"].values > float(limit)
+        if bad.any():
+            out.append(
+                f"appendix D: log p̂(x) > {float(limit):g} for {int(bad.sum())} of {n} datapoints (max "
+                f"{float(ds['log_px'].values.max()):.2f}): impossible, p(x) of discrete data is a probability; the "
+                f"Gaussian fitted to the HMC draws does not cover them; raise {names['num_samples']} and "
+                f"{names['warmup_steps']}"
+            )
+    if "accept_rate" in ds:
+        accept = ds["accept_rate"].values
+        low = accept < MIN_ACCEPT_RATE
+        if low.any():
+            out.append(
+                f"appendix D: HMC acceptance rate below {MIN_ACCEPT_RATE:g} for {int(low.sum())} of {n} datapoints "
+                f"(min {float(np.nanmin(accept)):.2f}): the chain barely moved, so the estimate and its standard "
+                f"error rest on a few distinct draws; raise {names['warmup_steps']}"
+            )
+    return out
 
 
 @register_estimator(
@@ -286,6 +337,7 @@ def _appendix_d(
     bound="neither",
     reference="Kingma & Welling (2013), Auto-Encoding Variational Bayes, appendix D",
     needs_guide=False,
+    warnings=_appendix_d_warnings,
 )
 def appendix_d(
     model: Callable,
@@ -305,7 +357,7 @@ def appendix_d(
     Gaussian fitted to as many other draws. 1/p̂ would be unbiased for 1/p(x) with exact
     posterior draws, which would make log p̂ a stochastic upper bound; HMC's draws are only
     approximately exact, so it is reported as an estimate, neither bound."""
-    log_px, se, accept = _appendix_d(
+    log_px, se, accept, ess = _appendix_d(
         model,
         x,
         None,
@@ -325,11 +377,16 @@ def appendix_d(
         "neither",
         f"AEVB appendix-D estimate of log p(x) from L={num_samples} HMC draws (nats; an upper bound in expectation "
         "only if the draws were exact posterior samples: neither bound)",
-        {"accept_rate": diagnostic(accept, "HMC acceptance rate of the batch's chain after warm-up")},
+        {
+            "accept_rate": diagnostic(accept, "HMC acceptance rate of the batch's chain after warm-up"),
+            "ess": diagnostic(ess, "effective sample size of the L ratios q(z_l) / p(x, z_l)"),
+        },
         settings={
             "num_samples": int(num_samples),
             "warmup_steps": int(warmup_steps),
             "num_leapfrog_steps": int(num_leapfrog_steps),
+            # what log p(x) cannot exceed, where the estimator can tell (a probability is at most 1)
+            "log_px_max": 0.0 if observed_is_discrete(model, x, **kwargs) else None,
         },
         reference="Kingma & Welling (2013), appendix D",
     )

@@ -74,3 +74,28 @@ def test_hmc_rejects_bad_target(lg):
     vae, x = lg
     with pytest.raises(ValueError, match="target_accept_prob"):
         hmc_posterior(vae.model, x, 2, target_accept_prob=1.5)
+
+
+def test_appendix_d_knows_when_log_px_cannot_be_positive(lg):
+    """A Bernoulli model's p(x) is a probability: the estimate records log p(x) <= 0 and its
+    warnings flag a positive estimate as impossible; a Gaussian model's density has no such limit."""
+    from ppl_vae.inference import estimators
+    from ppl_vae.models.zoo import build_vae
+
+    vae, x = lg
+    gaussian = estimators.estimate("appendix_d", vae.model, None, x, seed=0, num_samples=8, warmup_steps=4)
+    assert gaussian.to_dataset().attrs["log_px_max"] == "none"
+    torch.manual_seed(0)
+    bern = build_vae("bernoulli_mlp", (6,), latent_dim=2, hidden_dim=4)
+    xb = torch.bernoulli(torch.full((3, 6), 0.5))
+    est = estimators.estimate("appendix_d", bern.model, None, xb, seed=0, num_samples=8, warmup_steps=4)
+    ds = est.to_dataset()
+    assert ds.attrs["log_px_max"] == 0.0
+    assert "accept_rate" in ds and "ess" in ds  # the estimator's own diagnostics
+    weak = estimators.get("appendix_d").weak
+    assert not any("impossible" in w for w in weak(ds))
+    ds["log_px"][1] = 15500.0  # what a chain that never left its start gave in QA
+    lines = [w for w in weak(ds) if "impossible" in w]
+    assert len(lines) == 1 and "for 1 of 3 datapoints" in lines[0] and "--num-samples" in lines[0]
+    ds["accept_rate"][:] = 0.1
+    assert any("acceptance rate below" in w for w in weak(ds))
