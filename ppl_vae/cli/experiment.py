@@ -58,7 +58,7 @@ def _report(out: Path, sections) -> None:
     for heading, lines in sections:
         click.echo(heading)
         for key, value in lines.items():
-            click.echo(f"  {key}: {value:.2f}")
+            click.echo(f"  {key}: {value}" if isinstance(value, str) else f"  {key}: {value:.2f}")
     click.echo(f"figure and numbers: {out}")
 
 

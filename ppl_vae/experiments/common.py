@@ -217,10 +217,21 @@ class ResultTable:
     """Rows of numbers in ``<out>/<name>.csv`` (and ``.nc``), grown one finished unit at a time.
 
     ``unit_keys`` name the columns that identify a unit of work; ``index`` the columns that
-    become the netCDF's dims (the rest become its variables).
+    become the netCDF's dims (the rest become its variables). ``attrs``: adds what each
+    variable is (``long_name``, ``bound``, ...) to the Dataset, in the netCDF and in
+    :meth:`to_xarray` alike.
     """
 
-    def __init__(self, out_dir: Path, name: str, unit_keys: Sequence[str], index: Sequence[str]):
+    def __init__(
+        self,
+        out_dir: Path,
+        name: str,
+        unit_keys: Sequence[str],
+        index: Sequence[str],
+        *,
+        attrs: Optional[Callable[[xr.Dataset], xr.Dataset]] = None,
+    ):
+        self.attrs = attrs
         self.out_dir = Path(out_dir)
         self.name = name
         self.unit_keys = list(unit_keys)
@@ -254,7 +265,8 @@ class ResultTable:
         return self._as_xarray(self.frame)
 
     def _as_xarray(self, frame: pd.DataFrame) -> xr.Dataset:
-        return frame.set_index(self.index).sort_index().to_xarray()
+        result = frame.set_index(self.index).sort_index().to_xarray()
+        return result if self.attrs is None else self.attrs(result)
 
 
 def final_values(curves: xr.DataArray, along: str = "num_train_samples") -> List[Tuple[Dict[str, Any], float, Any]]:

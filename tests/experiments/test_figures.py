@@ -10,6 +10,7 @@ import xarray as xr
 from scipy.stats import norm
 
 from ppl_vae.experiments import common, fig2, fig3, fig4, fig5
+from ppl_vae.inference import estimators
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small loops: one thread is several times faster
 
@@ -28,7 +29,7 @@ def test_fig2_small_run_resumes_and_improves(tmp_path, monkeypatch):
     for name in ("fig2.csv", "fig2.nc", "fig2.png", "fig2.svg", "settings.json"):
         assert (tmp_path / name).is_file()
     lb = result["lower_bound"]
-    assert lb.attrs["bound"].startswith("lower bound")
+    assert lb.attrs["bound"] == "lower bound"
     assert set(lb["method"].values) == {"AEVB", "wake-sleep"}
     for method in ("AEVB", "wake-sleep"):
         curve = lb.sel({"dataset": "digits", "latent_dim": 2, "method": method, "split": "train"}).dropna(
@@ -37,6 +38,9 @@ def test_fig2_small_run_resumes_and_improves(tmp_path, monkeypatch):
         assert float(curve[-1]) > float(curve[0]) + 5  # training raised the bound
     on_disk = xr.open_dataset(tmp_path / "fig2.nc", engine="h5netcdf").load()
     xr.testing.assert_allclose(on_disk["lower_bound"], lb)
+    # what the number is, in the file as well
+    assert on_disk["lower_bound"].attrs["bound"] == "lower bound"
+    assert on_disk["lower_bound"].attrs["long_name"].startswith("mean ELBO per datapoint")
     assert len(pd.read_csv(tmp_path / "fig2.csv")) == 2 * 2 * 4  # methods x splits x (0 + 3 evals)
 
     # a rerun trains nothing: every unit is done
@@ -105,7 +109,20 @@ def test_fig3_small_run(tmp_path):
     lm = result["log_marginal"]
     assert set(lm["method"].values) == {"AEVB", "MCEM"}
     assert set(lm["estimator"].values) == {"appendix_d", "iw"}
-    assert "appendix_d: appendix D (HMC): stochastic upper bound" in lm.attrs["bound"]
+    # what each number is, in the netCDF too, read from the estimator registry
+    on_disk = xr.open_dataset(tmp_path / "fig3.nc", engine="h5netcdf").load()
+    for name in ("log_marginal", "log_marginal_se", "accept_rate", "num_low_ess", "num_impossible"):
+        assert on_disk[name].attrs["long_name"] and on_disk[name].attrs["kind"], name
+    assert on_disk["log_marginal"].attrs["bound"] == "appendix_d: neither; iw: lower bound"
+    assert dict(zip(on_disk["estimator"].values, on_disk["estimator_bound"].values)) == {
+        e: estimators.get(e).bound for e in ("appendix_d", "iw")
+    }
+    se = on_disk["log_marginal_se"].sel({"num_train_samples": 200.0, "method": "AEVB"})
+    assert np.isfinite(se).all() and (se > 0).all()
+    assert np.isfinite(
+        on_disk["accept_rate"].sel({"estimator": "appendix_d", "method": "AEVB", "num_train_samples": 200.0})
+    ).all()
+    assert np.isnan(on_disk["accept_rate"].sel(estimator="iw")).all()
     # each method is evaluated at the end of its own budget (MCEM's is smaller)
     aevb = lm.sel({"method": "AEVB", "num_train_samples": 200.0})
     mcem = lm.sel({"method": "MCEM", "num_train_samples": 100.0})
@@ -117,14 +134,53 @@ def test_fig3_small_run(tmp_path):
     # what `ppl-vae experiment fig3` prints: each estimator's final values under a line saying what they are
     sections = dict(fig3.summary_sections(result))
     assert list(sections) == [
-        "final estimate of log p(x), nats per datapoint, by appendix D (HMC): stochastic upper bound; by "
-        "training-set size N, method and split:",
-        "final estimate of log p(x), nats per datapoint, by IW with the encoder: stochastic lower bound; by "
-        "training-set size N, method and split:",
+        "final estimate of log p(x), nats per datapoint, by appendix D (HMC): estimate, neither bound (mean over the "
+        "evaluated points ± its Monte Carlo standard error); by training-set size N, method and split:",
+        "final estimate of log p(x), nats per datapoint, by IW with the encoder: stochastic lower bound (mean over "
+        "the evaluated points ± its Monte Carlo standard error); by training-set size N, method and split:",
     ]
-    iw = list(sections.values())[1]
-    assert iw["N=100 MCEM test, after 100 training samples"] == pytest.approx(
-        float(mcem.sel(estimator="iw", split="test", train_size=100))
+    appendix_d, iw = sections.values()
+    row = on_disk.sel(
+        {"estimator": "iw", "split": "test", "train_size": 100, "method": "MCEM", "num_train_samples": 100.0}
+    )
+    assert iw["N=100 MCEM test, after 100 training samples"].startswith(
+        f"{float(row['log_marginal']):.2f} ± {float(row['log_marginal_se']):.2f} (Monte Carlo se)"
+    )
+    assert all("HMC acceptance" in line for line in appendix_d.values())
+
+
+def test_fig3_printout_flags_what_the_estimator_can_tell():
+    """+15500 nats on Bernoulli data (QA's short-HMC run) is printed with its se and flagged."""
+    coords = dict(
+        train_size=[100], method=["MCEM"], estimator=["appendix_d"], split=["train"], num_train_samples=[100.0]
+    )
+    dims = list(coords)
+
+    def var(value):
+        return (dims, np.full((1, 1, 1, 1, 1), value))
+
+    result = fig3.netcdf_attrs(
+        xr.Dataset(
+            dict(
+                log_marginal=var(15500.26),
+                log_marginal_se=var(0.35),
+                accept_rate=var(0.67),
+                num_low_ess=var(5.0),
+                num_impossible=var(5.0),
+            ),
+            coords=coords,
+        )
+    )
+    ((_, lines),) = fig3.summary_sections(result)
+    line = lines["N=100 MCEM train, after 100 training samples"]
+    assert line.startswith("15500.26 ± 0.35 (Monte Carlo se), HMC acceptance 0.67 [")
+    assert "IMPOSSIBLE: log p̂(x) > 0 for 5 datapoints" in line and "UNRELIABLE: low ESS for 5 datapoints" in line
+    assert "--hmc-samples" in line
+    result["num_impossible"][:] = 0.0
+    result["num_low_ess"][:] = 0.0
+    ((_, lines),) = fig3.summary_sections(result)
+    assert (
+        lines["N=100 MCEM train, after 100 training samples"] == "15500.26 ± 0.35 (Monte Carlo se), HMC acceptance 0.67"
     )
 
 
@@ -242,8 +298,11 @@ def test_figure_points_stay_inside_axes_and_fig3_names_each_bound():
     fig = fig3.plot(pd.DataFrame(rows))
     assert _points_inside(fig)
     legend = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    # the legend says what the estimator registry declares each estimate to be
+    assert estimators.get("appendix_d").bound == "neither" and estimators.get("iw").bound == "lower bound"
     assert (
-        "appendix D (HMC): stochastic upper bound" in legend and "IW with the encoder: stochastic lower bound" in legend
+        "appendix D (HMC): estimate, neither bound" in legend
+        and "IW with the encoder: stochastic lower bound" in legend
     )
 
 
