@@ -229,6 +229,13 @@ def open_rendered(path: Union[str, Path]) -> "NpyRows":
     return rows
 
 
+def provenance(data_dir: Union[str, Path, None] = None) -> str:
+    """Where :func:`load_dsprites` takes the images from for ``data_dir``, in one sentence."""
+    if data_dir is not None and (Path(data_dir) / ORIGINAL_FILE).is_file():
+        return f"dsprites images here are read from the original file ({ORIGINAL_FILE})."
+    return "dsprites here is a re-rendering, not the original file."
+
+
 def load_dsprites(data_dir: Optional[Path] = None, *, num_images: Optional[int] = None, seed: int = 0):
     """(images ``(n, 1, 64, 64)``, factor classes ``(n, 5)``) of the seeded subset: rendered here
     (float32), read from ``data_dir/`` :data:`ORIGINAL_FILE` when ``data_dir`` holds it (float32),

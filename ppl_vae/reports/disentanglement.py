@@ -83,8 +83,15 @@ def _row(cells: List[str]) -> str:
 
 
 def render_html(
-    run_name: str, config_text: str, report: DisentanglementReport, figures: List[Tuple[str, Figure]]
+    run_name: str,
+    config_text: str,
+    report: DisentanglementReport,
+    figures: List[Tuple[str, Figure]],
+    data_note: str = "",
 ) -> str:
+    """The report page; ``data_note``: a sentence on where the data came from (dsprites'
+    re-rendering), or empty."""
+    provenance = f" {data_note}" if data_note else ""
     m = report.metrics
     rows = [
         _row(
@@ -114,7 +121,7 @@ def render_html(
         f"<p class='lead'>{html.escape(report.summary())}</p>",
         "<p class='note'>MIG: the gap between the two latents most informative about each factor, over the "
         "factor's entropy (Chen et al. 2018), on encoder means in equal-width bins. DCI: random-forest "
-        "importances (Eastwood &amp; Williams 2018). dsprites here is a re-rendering, not the original file.</p>",
+        f"importances (Eastwood &amp; Williams 2018).{html.escape(provenance)}</p>",
         "<table>" + "".join(rows) + "</table>",
     ]
     for title, fig in figures:
@@ -168,5 +175,10 @@ def disentanglement_report(
     )
     for (_, fig), key in zip(figures, ("traversal", "mutual_info", "terms")):
         report.files[key] = io.write_figure(fig, paths[key], dpi=100)
-    report.files["report"] = io.write_text(paths["report"], render_html(run_name, config_text, report, figures))
+    note = ""
+    if run.config.data.dataset == "dsprites":  # the registered data set, not a user's file
+        from ppl_vae.data.dsprites import provenance
+
+        note = provenance(run.config.data.data_dir)
+    report.files["report"] = io.write_text(paths["report"], render_html(run_name, config_text, report, figures, note))
     return report

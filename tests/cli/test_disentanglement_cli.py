@@ -73,6 +73,7 @@ def test_disentanglement_writes_netcdf_figures_and_html_into_its_folder(sprites_
         assert 0 <= float(ds.mig) <= 1
     html = (out / "disentanglement.html").read_text()
     assert "Latent traversals" in html and "data:image/png;base64" in html and "Objective terms" in html
+    assert "dsprites here is a re-rendering, not the original file." in html  # rendered without --data-dir
     assert {p.name: p.stat().st_mtime_ns for p in sprites_run.iterdir()} == before  # the run is untouched
 
 
@@ -98,3 +99,23 @@ def test_generate_traverse_writes_a_png_and_refuses_a_missing_dimension(sprites_
         invoke("generate", sprites_run, "--traverse", "--dim", "3", "--out", png),
         "--dim: latent dimension(s) [3] do not exist",
     )
+
+
+def test_disentanglement_on_a_users_npz_says_nothing_about_dsprites(tmp_path):
+    """The note on dsprites' re-rendering belongs to dsprites only: a user's .npz with factors is
+    the user's own data, not a re-rendering of anything."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    fx, fy = rng.integers(0, 6, 200), rng.integers(0, 6, 200)
+    x = np.zeros((200, 1, 8, 8), np.float32)
+    for i in range(200):
+        x[i, 0, fy[i] : fy[i] + 3, fx[i] : fx[i] + 3] = 1
+    data = tmp_path / "squares.npz"
+    np.savez(data, data=x, factors=np.stack([fx, fy], 1), factor_names=np.array(["posx", "posy"]))
+    run = tmp_path / "run"
+    assert invoke("fit", "--dataset", data, "--out", run, *SMALL).exit_code == 0
+    result = invoke("disentanglement", run, "--num-points", "100", "--num-test-points", "30", "--num-steps", "3")
+    assert result.exit_code == 0, result.output
+    html = (run / "disentanglement" / "disentanglement.html").read_text()
+    assert "posx" in html and "dsprites" not in html and "re-rendering" not in html
