@@ -294,8 +294,10 @@ def plot_mutual_info(metrics: xr.Dataset):
     from matplotlib.figure import Figure
 
     normalized = (metrics["mutual_info"] / metrics["factor_entropy"]).transpose("latent", "factor")
+    # wide enough for the two-line title and the colour bar's label with few factors
     fig = Figure(
-        figsize=(1.2 + 0.9 * metrics.sizes["factor"], 0.9 + 0.35 * metrics.sizes["latent"]), constrained_layout=True
+        figsize=(max(3.6, 1.2 + 0.9 * metrics.sizes["factor"]), 1.2 + 0.35 * metrics.sizes["latent"]),
+        constrained_layout=True,
     )
     ax = fig.add_subplot()
     sns.heatmap(
@@ -317,9 +319,9 @@ def plot_mutual_info(metrics: xr.Dataset):
     ax.tick_params(labelsize=7)
     mig = float(metrics.mig)
     ax.set_title(
-        f"normalized mutual information; MIG {mig:.3f}"
+        f"normalized mutual information\nMIG {mig:.3f}"
         if np.isfinite(mig)
-        else "normalized mutual information; MIG n/a",
+        else "normalized mutual information\nMIG n/a",
         fontsize=9,
     )
     return fig

@@ -786,6 +786,12 @@ def latent_traversal(
     )
 
 
+def tick_label(value: float) -> str:
+    """``value`` as a tick label that shows it exactly (-2.25, 0.75, 3), not rounded to one
+    decimal; float noise of a linspace (0.30000000000000004) is dropped."""
+    return f"{float(value):.6g}"
+
+
 def plot_traversal(traversal: xr.Dataset, cell_inches: float = 0.55):
     """One row per latent dimension (in the traversal's order), one column per value; each row
     labelled with its dimension and KL. Returns a Figure."""
@@ -807,7 +813,7 @@ def plot_traversal(traversal: xr.Dataset, cell_inches: float = 0.55):
     ax.set_yticks([i * h + (h - 1) / 2 for i in range(nrows)])
     ax.set_yticklabels(labels, fontsize=7)
     ax.set_xticks([i * w + (w - 1) / 2 for i in range(ncols)])
-    ax.set_xticklabels([f"{v:.1f}" for v in traversal["value"].values], fontsize=6)
+    ax.set_xticklabels([tick_label(v) for v in traversal["value"].values], fontsize=6)
     ax.set_xlabel("value of the traversed dimension (others fixed)", fontsize=7)
     ax.set_title("latent traversals, sorted by KL (active units first)", fontsize=8)
     return fig

@@ -144,3 +144,38 @@ def test_a_factor_constant_among_the_points_is_reported_as_undefined_and_left_ou
     line = DisentanglementReport(ds, xr.Dataset()).summary()
     assert "nan" not in line
     assert "shape n/a" in line and f"one value among the {N} points, mean over the other 2 factors" in line
+
+
+def test_traversal_ticks_show_the_values_exactly():
+    """±2.25 and 0.75 are not rounded to one decimal (QA saw -2.2, 2.2 and 0.8)."""
+    vae, data = _dsprites_vae()
+    trav = latent_traversal(vae, data.train[:10], num_steps=7, span=2.25)
+    fig = plot_traversal(trav)
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels == ["-2.25", "-1.5", "-0.75", "0", "0.75", "1.5", "2.25"]
+
+
+def test_mutual_info_title_fits_in_the_figure_with_few_factors():
+    """2 factors x 3 latents: the title was wider than the figure and clipped on the left."""
+    import xarray as xr
+
+    from ppl_vae.analysis.disentanglement import plot_mutual_info
+
+    metrics = xr.Dataset(
+        {
+            "mutual_info": (("latent", "factor"), np.full((3, 2), 0.5)),
+            "factor_entropy": ("factor", np.ones(2)),
+            "mig_per_factor": ("factor", [0.028, 0.036]),
+            "mig": 0.032,
+        },
+        coords={"latent": [0, 1, 2], "factor": ["posx", "posy"]},
+    )
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = plot_mutual_info(metrics)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    box, page = fig.axes[0].title.get_window_extent(renderer), fig.bbox
+    assert box.x0 >= page.x0 and box.x1 <= page.x1, (box, page)
+    assert "MIG 0.032" in fig.axes[0].get_title()
