@@ -106,7 +106,9 @@ def fixed_latents(vae: VAE, num_samples: int, seed: int = 0) -> Tensor:
 def _check_labels(vae: VAE, labels: Optional[Sequence[int]]) -> Optional[List[int]]:
     if vae.num_classes is None:
         if labels is not None:
-            raise ValueError(f"labels need a conditional model (cvae); this model ({type(vae).__name__}) takes none")
+            raise ValueError(
+                f"labels need a conditional model (cvae, m2); this model ({type(vae).__name__}) takes none"
+            )
         return None
     num_classes = int(vae.num_classes)  # type: ignore[attr-defined]
     labels = list(range(num_classes)) if labels is None else [int(c) for c in labels]
@@ -149,6 +151,13 @@ def sample_images(
         name="mean",
         attrs={"description": "E[x | z] for z ~ p(z)", "seed": seed},
     )
+
+
+def sample_grid_title(images: xr.DataArray) -> str:
+    """What a grid of :func:`sample_images` shows, for its title."""
+    if "label" in images.dims:
+        return "samples E[x | z, y], z ~ p(z)\none row per label y, the same z in each column"
+    return "samples E[x | z], z ~ p(z)"
 
 
 def _image_shape(event_shape: Sequence[int]) -> tuple:
@@ -602,7 +611,7 @@ def inpaint(
     maskf = mask_t.to(x.dtype)
     conditional = vae.num_classes is not None
     if not conditional and y is not None:
-        raise ValueError(f"y needs a conditional model (cvae); this model ({type(vae).__name__}) takes no labels")
+        raise ValueError(f"y needs a conditional model (cvae, m2); this model ({type(vae).__name__}) takes no labels")
     classes: List[Optional[int]] = [None]
     if conditional:
         labelled = list(range(int(cast(int, vae.num_classes)))) if y is None else sorted({int(c) for c in y.tolist()})

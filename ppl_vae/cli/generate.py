@@ -37,11 +37,12 @@ def given_options(ctx: click.Context, names) -> list:
 
 
 def check_generate_options(ctx: click.Context, traverse: bool) -> None:
-    """A usage error for an option given where it does not apply (see :data:`TRAVERSAL_ONLY`)."""
+    """Refuse (one line, as every command refuses an option that does not apply) an option given
+    where it does not apply (see :data:`TRAVERSAL_ONLY`)."""
     if traverse:
         given = given_options(ctx, GRID_ONLY)
         if given:
-            raise click.UsageError(
+            raise ValueError(
                 f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply with --traverse "
                 "(a traversal decodes the first test image's latents, one row per dimension); "
                 "drop it or drop --traverse"
@@ -49,7 +50,7 @@ def check_generate_options(ctx: click.Context, traverse: bool) -> None:
     else:
         given = given_options(ctx, TRAVERSAL_ONLY)
         if given:
-            raise click.UsageError(
+            raise ValueError(
                 f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only with --traverse; "
                 "add --traverse or drop it"
             )
@@ -66,7 +67,10 @@ def check_generate_options(ctx: click.Context, traverse: bool) -> None:
     help="Conditional models: generate this label (repeatable; default: every label).",
 )
 @opt.seed_option(0, "Seed of the z draws.")
-@opt.out_option("Image file (default: RUN/samples.png, or RUN/traversal.png with --traverse).")
+@opt.out_file_option(
+    "Image file (default: RUN/samples.png, or RUN/traversal.png with --traverse); missing folders are created.",
+    "samples.png",
+)
 @click.option(
     "--traverse",
     is_flag=True,
@@ -99,6 +103,7 @@ def generate(
         latent_traversal,
         plot_image_grid,
         plot_traversal,
+        sample_grid_title,
         sample_images,
         save_figure,
     )
@@ -106,6 +111,7 @@ def generate(
 
     opt.check_size("--num-samples", num_samples, MAX_GRID_SAMPLES, "images in one grid")
     run = load_run(run_dir, history=False)
+    opt.prepare_out_file(out)
     check_images(run.vae, f"a sample grid of {run_dir}", "; use `ppl-vae text RUN` to decode samples")
     if traverse:
         if run.vae.num_classes is not None:
@@ -117,7 +123,7 @@ def generate(
         click.echo(f"traversals of {trav.sizes['latent']} dimensions ({order}, by decreasing KL) written to {path}")
         return
     images = sample_images(run.vae, num_samples, labels=list(labels) or None, seed=seed)
-    path = save_figure(plot_image_grid(images), out or run_dir / "samples.png")
+    path = save_figure(plot_image_grid(images, title=sample_grid_title(images)), out or run_dir / "samples.png")
     click.echo(f"{images.sizes.get('label', 1) * images.sizes['sample']} samples written to {path}")
 
 
@@ -147,7 +153,7 @@ def generate(
     help="Conditional models: give the true label, or infer it from the observed part.",
 )
 @opt.seed_option()
-@opt.out_option("Image file (default: RUN/inpainting-MASK.png).")
+@opt.out_file_option("Image file (default: RUN/inpainting-MASK.png); missing folders are created.", "inpainting.png")
 def inpaint(
     run_dir: Path,
     mask: str,
@@ -174,10 +180,11 @@ def inpaint(
     if run.vae.num_classes is None:
         given = given_options(click.get_current_context(), ["use_label"])
         if given:
-            raise click.UsageError(
+            raise ValueError(
                 f"{given[0]} applies only to conditional models (cvae, m2); {run_dir} holds model "
                 f"{run.config.model.model!r}, which takes no labels"
             )
+    opt.prepare_out_file(out)
     data = load_run_data(run, test_only=True)
     if num_images > data.test.shape[0]:
         raise ValueError(

@@ -7,6 +7,7 @@ help). Importing this module imports neither torch nor Pyro.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -37,6 +38,33 @@ def out_option(help: str, *names: str) -> Decorator:
     return click.option(
         *(names or ("--out",)), type=str, default=None, metavar="PATH", callback=path_or_none, help=help
     )
+
+
+def out_file_option(help: str, example: str) -> Decorator:
+    """``--out FILE`` for a command that writes one file: a name that says it is a folder (a
+    trailing slash, or an existing folder) is refused in one line (a ``ValueError``, exit 1)
+    rather than written as a file of that name; ``example``: the file name the message suggests
+    inside it. Missing parent folders are the command's to create (:func:`prepare_out_file`)."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[Path]:
+        path = path_or_none(ctx, param, value)
+        if value is not None and (value.endswith(("/", os.sep)) or Path(value).is_dir()):
+            raise ValueError(f"--out {value} names a folder; give the file to write, e.g. {Path(value) / example}")
+        return path
+
+    return click.option("--out", type=str, default=None, metavar="FILE", callback=callback, help=help)
+
+
+def prepare_out_file(out: Optional[Path]) -> None:
+    """Before any work: refuse an ``--out`` file that would replace a run's own file or go through
+    a link out of a run, and create its missing parent folders (as every command's output
+    folders are; removed again if the command fails before writing)."""
+    if out is None:
+        return
+    from ppl_vae import io
+
+    io.check_target(out)
+    io.make_folder(Path(out).parent)
 
 
 def split_option(help: Optional[str] = None) -> Decorator:

@@ -129,7 +129,8 @@ def test_generate_options_that_do_not_apply_are_errors_naming_both(two_layer_run
     out = tmp_path / "grid.png"
     result = invoke("generate", two_layer_run, *args, "--out", out)
     line = one_line_error(result)
-    assert result.exit_code != 0
+    # refused like every command refuses an option that does not apply: one line, exit 1, no usage text
+    assert result.exit_code == 1 and "Usage:" not in result.output
     assert all(flag in line for flag in named), line
     assert not out.exists()
 
@@ -139,8 +140,50 @@ def test_inpaint_label_flag_on_an_unconditional_model_is_an_error(two_layer_run,
     for flag in ("--label", "--no-label"):
         result = invoke("inpaint", two_layer_run, "--num-images", "1", "--num-samples", "4", flag, "--out", out)
         line = one_line_error(result, "--label/--no-label")
+        assert result.exit_code == 1 and "Usage:" not in result.output
         assert "two_layer" in line and "conditional" in line
         assert not out.exists()
+
+
+def test_generate_label_on_an_unconditional_model_names_every_model_that_takes_labels(two_layer_run, tmp_path):
+    result = invoke("generate", two_layer_run, "--label", "3", "--out", tmp_path / "grid.png")
+    line = one_line_error(result, "cvae, m2")
+    assert result.exit_code == 1 and "Usage:" not in result.output, line
+
+
+def test_out_naming_a_folder_is_refused_and_missing_parents_are_created(two_layer_run, tmp_path):
+    """--out dir/ wrote a PNG file called dir; --out missing/dir/x.png was refused by generate and
+    inpaint while anomaly (and every folder --out) created the folders."""
+    folder = tmp_path / "newdir"
+    for command in (["generate"], ["inpaint", "--num-images", "1", "--num-samples", "4"]):
+        result = invoke(*command[:1], two_layer_run, *command[1:], "--out", f"{folder}/")
+        line = one_line_error(result, "names a folder")
+        assert result.exit_code == 1 and not folder.exists(), line
+    png = tmp_path / "missing" / "deep" / "grid.png"
+    assert invoke("generate", two_layer_run, "--out", png).exit_code == 0 and png.is_file()
+    png = tmp_path / "missing2" / "inp.png"
+    result = invoke("inpaint", two_layer_run, "--num-images", "1", "--num-samples", "4", "--out", png)
+    assert result.exit_code == 0 and png.is_file(), result.output
+    # a refused command leaves no folder it made
+    result = invoke("generate", two_layer_run, "--num-samples", "0", "--out", tmp_path / "missing3" / "x.png")
+    assert result.exit_code == 1 and not (tmp_path / "missing3").exists(), result.output
+
+
+def test_generate_titles_the_sample_grid(two_layer_run, cvae_run, tmp_path, monkeypatch):
+    from ppl_vae.analysis import generation
+
+    titles = []
+    real = generation.save_figure
+
+    def spy(fig, path, **kw):
+        titles.append(fig.axes[0].get_title())
+        return real(fig, path, **kw)
+
+    monkeypatch.setattr(generation, "save_figure", spy)
+    assert invoke("generate", two_layer_run, "--out", tmp_path / "a.png").exit_code == 0
+    assert invoke("generate", cvae_run, "--num-samples", "2", "--out", tmp_path / "b.png").exit_code == 0
+    assert titles[0] == "samples E[x | z], z ~ p(z)"
+    assert titles[1].startswith("samples E[x | z, y], z ~ p(z)") and "label y" in titles[1]
 
 
 def test_anomaly_refuses_a_conditional_model_in_one_line(cvae_run, tmp_path):
