@@ -37,7 +37,7 @@ from ppl_vae.cli import options as opt
     help="Treat class labels as anomaly labels: 1 for every class but this one.",
 )
 @click.option("--batch-size", type=int, default=500, show_default=True)
-@opt.out_file_option("Write the scores to this netCDF file; missing folders are created.", "scores.nc")
+@opt.out_file_option("Write the scores to this netCDF file; missing folders are created.", "scores.nc", "netCDF file")
 @opt.device_option()
 @opt.seed_option()
 @opt.progress_option()

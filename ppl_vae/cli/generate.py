@@ -70,6 +70,7 @@ def check_generate_options(ctx: click.Context, traverse: bool) -> None:
 @opt.out_file_option(
     "Image file (default: RUN/samples.png, or RUN/traversal.png with --traverse); missing folders are created.",
     "samples.png",
+    "image file",
 )
 @click.option(
     "--traverse",
@@ -153,7 +154,9 @@ def generate(
     help="Conditional models: give the true label, or infer it from the observed part.",
 )
 @opt.seed_option()
-@opt.out_file_option("Image file (default: RUN/inpainting-MASK.png); missing folders are created.", "inpainting.png")
+@opt.out_file_option(
+    "Image file (default: RUN/inpainting-MASK.png); missing folders are created.", "inpainting.png", "image file"
+)
 def inpaint(
     run_dir: Path,
     mask: str,

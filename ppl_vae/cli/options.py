@@ -40,16 +40,17 @@ def out_option(help: str, *names: str) -> Decorator:
     )
 
 
-def out_file_option(help: str, example: str) -> Decorator:
+def out_file_option(help: str, example: str, what: str = "file") -> Decorator:
     """``--out FILE`` for a command that writes one file: a name that says it is a folder (a
     trailing slash, or an existing folder) is refused in one line (a ``ValueError``, exit 1)
     rather than written as a file of that name; ``example``: the file name the message suggests
-    inside it. Missing parent folders are the command's to create (:func:`prepare_out_file`)."""
+    inside it; ``what``: the file in words ("netCDF file"). Missing parent folders are the command's to create (:func:`prepare_out_file`)."""
 
     def callback(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[Path]:
         path = path_or_none(ctx, param, value)
         if value is not None and (value.endswith(("/", os.sep)) or Path(value).is_dir()):
-            raise ValueError(f"--out {value} names a folder; give the file to write, e.g. {Path(value) / example}")
+            verb = "is" if Path(value).is_dir() else "names"
+            raise ValueError(f"--out {value} {verb} a folder; give the {what} to write (e.g. {Path(value) / example})")
         return path
 
     return click.option("--out", type=str, default=None, metavar="FILE", callback=callback, help=help)
