@@ -486,3 +486,16 @@ def test_data_dsprites_refuses_an_empty_out_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     one_line_error(invoke("data", "dsprites", "--out", ""), "is an empty name")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_models_shows_whole_first_sentences():
+    """Descriptions were cut at the docstring's first line: "digits ... the embedded default (it reads"."""
+    from ppl_vae.registry import first_sentence
+
+    result = invoke("models")
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines() if line.startswith("  ")}
+    assert lines["digits"].endswith("so a new run refuses a data_dir with it, check_data_dir).")
+    assert lines["dsprites"].rstrip().endswith("(see ppl_vae.data.dsprites).")
+    assert "Chen et al. 2018's dSprites MLP" in lines["chen_mlp"]  # "et al." ends no sentence
+    assert first_sentence("One (a. b) two.\nthree. Four.\n\nFive.") == "One (a. b) two. three."
