@@ -131,6 +131,14 @@ def plot(grids):
         tiles = grid.values.reshape(rows * cols, h, w)
         show_images(ax, tile_images(tiles, cols))
         ax.set_title(f"learned 2-D manifold: {dataset}")
+        # each tile decodes the z at its centre: label a few of them with their values
+        for axis, size, step, values, name in (
+            (ax.xaxis, cols, w + 1, grid["z1"].values, "z1 (columns)"),
+            (ax.yaxis, rows, h + 1, grid["z2"].values, "z2 (rows)"),
+        ):
+            shown = np.unique(np.linspace(0, size - 1, min(size, 5)).round().astype(int))
+            axis.set_ticks([i * step + (step - 2) / 2 for i in shown], [f"{values[i]:.2f}" for i in shown])
+            axis.set_label_text(f"{name}, through the inverse Gaussian CDF")
         for spine in ax.spines.values():
             spine.set_visible(False)
     fig.tight_layout()

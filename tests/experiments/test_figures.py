@@ -211,6 +211,13 @@ def test_fig4_and_fig5_small_runs(tmp_path):
     assert float(grids["digits"].min()) >= 0 and float(grids["digits"].max()) <= 1
     for name in ("fig4.png", "fig4.svg", "fig4.csv", "fig4.nc", "fig4_digits.nc"):
         assert (tmp_path / "f4" / name).is_file()
+    # the manifold's axes say which z each tile decodes (QA: no labels or values for z1/z2)
+    ax = fig4.plot(grids).axes[0]
+    assert ax.get_xlabel().startswith("z1") and ax.get_ylabel().startswith("z2")
+    z = grids["digits"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [f"{v:.2f}" for v in z["z1"].values]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [f"{v:.2f}" for v in z["z2"].values]
+    assert float(z["z2"][0]) > 0 > float(z["z2"][-1])  # the top row is the largest z2
     samples = fig5.run(
         fig5.Fig5Settings(
             dataset="digits", latent_dims=(2, 3), hidden_dim=8, max_samples=200, num_images=4, eval_size=20
