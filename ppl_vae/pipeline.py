@@ -691,9 +691,10 @@ def resume(
         runs.check_writable(
             run_dir, files=("samples.gif",) if sample_grids else (), folders=("samples",) if sample_grids else ()
         )
-    config = runs.load_config(run_dir)
+    config = runs.load_config(run_dir, check_names=False)
     original_config = (run_dir / runs.CONFIG).read_text()
     load_plugins(config, trust_plugins, source=str(run_dir))  # before anything imports its parts
+    runs.check_config_names(run_dir, config)  # a plugin may register its method or objective
     world = world_size(nproc)
     if not distributed.launched_by_torchrun():
         runs.remove_stale_temp_files(run_dir)  # once, here: never by several ranks at a time
@@ -787,8 +788,9 @@ def load_run(
     not imported (about 0.35 s): ``evaluate`` and ``compare`` score first, and
     :meth:`Run.read_history` reads it when it is needed."""
     run_dir = Path(run_dir)
-    config = runs.load_config(run_dir)
+    config = runs.load_config(run_dir, check_names=False)
     load_plugins(config, trust_plugins, source=str(run_dir))
+    runs.check_config_names(run_dir, config)  # a plugin may register its method or objective
     name = runs.CHECKPOINT_BEST if best else runs.CHECKPOINT
     tensors, meta = runs.read_checkpoint(run_dir, checkpoint=name)
     extra = meta.get("extra", {})

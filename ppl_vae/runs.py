@@ -80,8 +80,12 @@ def save_config(run_dir: Path, config: RunConfig) -> None:
     write_text(Path(run_dir) / CONFIG, config.to_json() + "\n", run_files=True)
 
 
-def load_config(run_dir: Path) -> RunConfig:
-    """The run's config; a missing folder or file, bad JSON, unknown keys or wrong types raise RunDirError."""
+def load_config(run_dir: Path, *, check_names: bool = True) -> RunConfig:
+    """The run's config; a missing folder or file, bad JSON, unknown keys or wrong types raise RunDirError.
+
+    ``check_names``: also refuse a method, objective, optimizer... that no registry holds
+    (:func:`check_config_names`). A caller that imports the run's plugins first (they may
+    register those names) passes False and checks after them."""
     path = Path(run_dir) / CONFIG
     if not Path(run_dir).is_dir():
         raise RunDirError(f"run directory not found: {run_dir}")
@@ -89,10 +93,20 @@ def load_config(run_dir: Path) -> RunConfig:
         raise RunDirError(f"{run_dir} is not a run directory: {CONFIG} is missing")
     try:
         config = RunConfig.from_json(path.read_text())
-        check_train_names(config.train)  # an optimizer 'Adam' would be read, recorded and never run
     except (ValueError, TypeError) as exc:
         raise RunConfigError(f"{path}: {exc}") from None
+    if check_names:
+        check_config_names(run_dir, config)
     return config
+
+
+def check_config_names(run_dir: Path, config: RunConfig) -> None:
+    """Refuse a run config naming a method, objective, optimizer, elbo or KL schedule no registry
+    holds (an optimizer 'Adam' would be read, recorded and never run), naming the file."""
+    try:
+        check_train_names(config.train)
+    except (ValueError, TypeError) as exc:
+        raise RunConfigError(f"{Path(run_dir) / CONFIG}: {exc}") from None
 
 
 CONFIG_KEY = "config"

@@ -173,7 +173,8 @@ def calibrate(
     if mf_steps is not None:
         opt.check_size("--mf-steps", mf_steps, MAX_MF_STEPS, "Adam steps of each q*")
     opt.check_size("--discrete-num-samples", discrete_num_samples, MAX_DISCRETE_NUM_SAMPLES, "draws per value")
-    load_config(run_dir)  # a missing or broken run directory is refused before anything else
+    # a missing or broken run directory is refused before anything else (names: after its plugins)
+    load_config(run_dir, check_names=False)
     result = calibrate_run(
         run_dir,
         num_simulations=num_simulations,

@@ -111,3 +111,40 @@ def test_mcem_options_are_reachable_and_checked(tmp_path, one_thread):
     assert (stepper.num_leapfrog_steps, stepper.warmup_steps) == (3, 2)
     with pytest.raises(ConfigError, match=r"train.method_options: method 'mcem': option 'target_accept_prob'"):
         make_stepper(vae, TrainConfig(method="mcem", method_options={"target_accept_prob": 1.5}))
+
+
+def test_a_received_run_of_a_plugin_objective_loads_when_trusted_and_names_the_flag_when_not(
+    tmp_path, monkeypatch, one_thread
+):
+    """config.json's method and objective were checked against the registries before the run's
+    plugins were imported, so `--trust-plugins evaluate` (and `fit --resume`) of a run whose plugin
+    registers its objective failed with 'must be one of ...', and without the flag the message
+    naming --plugin never came. Checked as a new process sees it: plugin not imported yet."""
+    import sys
+
+    from ppl_vae import plugins
+    from ppl_vae.errors import PplVaeError
+
+    for registry in (METHODS, OBJECTIVES):
+        monkeypatch.setattr(registry, "_entries", dict(registry._entries))
+        monkeypatch.setattr(registry, "_docs", dict(registry._docs))
+    monkeypatch.setattr(plugins, "_LOADED", dict(plugins._LOADED))
+    block = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)[0]  # the objective's
+    (tmp_path / "doc_objective_plugin.py").write_text(block)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = _config(tmp_path, objective="tempered_elbo", objective_options={"temperature": 2.0})
+    config.plugins = ["doc_objective_plugin"]
+    run_dir = ppl_vae.fit(config, tmp_path / "run", progress=False).run_dir
+
+    def as_a_new_process():
+        OBJECTIVES._entries.pop("tempered_elbo", None)
+        OBJECTIVES._docs.pop("tempered_elbo", None)
+        sys.modules.pop("doc_objective_plugin", None)
+        plugins._LOADED.pop("doc_objective_plugin", None)
+
+    as_a_new_process()
+    with pytest.raises(PplVaeError, match="names plugin 'doc_objective_plugin'.*--plugin doc_objective_plugin"):
+        ppl_vae.load_run(run_dir)
+    assert ppl_vae.load_run(run_dir, trust_plugins=True).config.train.objective == "tempered_elbo"
+    as_a_new_process()
+    assert ppl_vae.resume(run_dir, epochs=2, trust_plugins=True, progress=False).epochs_done == 2
