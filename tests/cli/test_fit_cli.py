@@ -168,14 +168,15 @@ def test_existing_out_and_resume_misuse(runner, tmp_path):
         invoke(runner, "fit", "--resume", str(tmp_path / "absent"), "--no-progress"), "run directory not found"
     )
     result = invoke(runner, "fit", "--resume", str(out), "--model", "bernoulli_mlp")
-    assert result.exit_code == 2 and "drop --model" in result.output
+    assert result.exit_code == 1 and "drop --model" in result.output  # one Error line, not usage
 
 
 def test_fit_sample_grids_writes_frames_and_a_gif(runner, tmp_path):
     out = tmp_path / "run"
     result = invoke(runner, "fit", "--out", str(out), "--sample-grids", *FAST)
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (out / "samples").iterdir()) == [f"epoch_000{i}.png" for i in range(3)]
+    samples = sorted(p.name for p in (out / "samples").iterdir())
+    assert samples == [f"epoch_000{i}.png" for i in range(3)] + ["frames.json"]  # and what they were drawn with
     assert (out / "samples.gif").read_bytes()[:6] == b"GIF89a"
 
 
