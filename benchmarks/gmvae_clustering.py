@@ -52,7 +52,7 @@ def library_run(args, seed: int, out: Path, shu: bool) -> dict:
         else dict(prior="mixture_of_gaussians", prior_options={"num_components": 10, "init_scale": args.init_scale})
     )
     model = (
-        ModelConfig(model="gmvae", hidden_dim=512, latent_dim=64, model_options={"hidden_dims": [512, 512]}, **prior)
+        ModelConfig(model="gmvae", latent_dim=64, model_options={"hidden_dims": [512, 512]}, **prior)
         if shu
         else ModelConfig(model="gmvae", **prior)
     )

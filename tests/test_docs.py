@@ -186,6 +186,28 @@ def test_every_documented_fit_command_passes_the_config_checks():
     assert checked >= 10
 
 
+INLINE_FIT = re.compile(r"(?<!`)`(ppl-vae fit [^`\n]*--model [^`\n]+)`(?!`)")
+
+
+def test_every_inline_fit_command_with_a_model_passes_the_config_checks():
+    """A whole ``ppl-vae fit --model ...`` written inline in prose (not in a block) is checked too:
+    semisupervised.md's Rui Shu configuration gave --hidden-dim and hidden_dims, which fit refuses."""
+    from ppl_vae.cli.fit import fit, run_config
+
+    checked = 0
+    for path in DOC_FILES:
+        for match in INLINE_FIT.finditer(FENCE.sub("", path.read_text())):
+            line = match.group(1)
+            words = resolve_placeholders(line)
+            try:
+                parse_ppl_vae(words[1:])
+                run_config(fit.make_context("fit", words[2:]).params)
+            except (click.ClickException, ValueError) as exc:
+                pytest.fail(f"{path.name}: {line!r} is refused: {exc}")
+            checked += 1
+    assert checked >= 5
+
+
 def test_the_methods_table_is_the_one_the_declarations_generate(monkeypatch):
     """docs/methods.md holds :func:`ppl_vae.inference.capabilities.declarations_table`; a method or
     objective whose declaration changes changes the table (checked by adding one here)."""
