@@ -96,7 +96,7 @@ def commands(text: str):
 
 def resolve_placeholders(line: str) -> list:
     """Words of a documented command with its placeholders made concrete (see the module doc)."""
-    line = re.sub(r"\[[^\]]*\]", "", line)  # optional parts
+    line = re.sub(r"\[-[^\]]*\]", "", line)  # optional parts ([--seed 0]; not a JSON list such as '[512,512]')
     line = line.split(" / ")[0]  # "generate RUN / inpaint RUN": the first alternative
     return [w for w in shlex.split(line) if w != "..."]
 
@@ -193,6 +193,7 @@ def test_every_inline_fit_command_with_a_model_passes_the_config_checks():
     """A whole ``ppl-vae fit --model ...`` written inline in prose (not in a block) is checked too:
     semisupervised.md's Rui Shu configuration gave --hidden-dim and hidden_dims, which fit refuses."""
     from ppl_vae.cli.fit import fit, run_config
+    from ppl_vae.pipeline import build_model
 
     checked = 0
     for path in DOC_FILES:
@@ -201,8 +202,14 @@ def test_every_inline_fit_command_with_a_model_passes_the_config_checks():
             words = resolve_placeholders(line)
             try:
                 parse_ppl_vae(words[1:])
-                run_config(fit.make_context("fit", words[2:]).params)
+                config = run_config(fit.make_context("fit", words[2:]).params)
             except (click.ClickException, ValueError) as exc:
+                pytest.fail(f"{path.name}: {line!r} is refused: {exc}")
+            if len(config.model.model) == 1:  # a placeholder (--model M)
+                continue
+            try:  # the builder's own checks (hidden_dim beside hidden_dims), on 28x28 images
+                build_model(config, (1, 28, 28), {"num_classes": 10, "num_train": 100, "num_labelled": 10})
+            except ValueError as exc:
                 pytest.fail(f"{path.name}: {line!r} is refused: {exc}")
             checked += 1
     assert checked >= 5
