@@ -174,11 +174,17 @@ def _report(run, opts: dict) -> None:
         return
     if early:
         click.echo(early)
-    from ppl_vae.models.vae import evidence_of
+    from ppl_vae.models.vae import bounds_of_training_elbos
 
+    bounds = bounds_of_training_elbos(run.vae)
+    what = (
+        f" on {bounds['test_elbo']}"
+        if bounds["train_elbo"] == bounds["test_elbo"]
+        else f": the test ELBO on {bounds['test_elbo']}, the train ELBO on {bounds['train_elbo']}"
+    )
     click.echo(
         f"epoch {run.epochs_done}: train ELBO {final['train_elbo']:.3f}, test ELBO {final['test_elbo']:.3f} "
-        f"nats per datapoint (Monte Carlo estimates of lower bounds on {evidence_of(run.vae)}; "
+        f"nats per datapoint (Monte Carlo estimates of lower bounds{what}; "
         f"{final['wall_time']:.1f} s training)"
     )
     if run.vae.label_metrics:

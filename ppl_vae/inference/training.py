@@ -51,7 +51,7 @@ from ppl_vae.inference.capabilities import (  # the declarations and their regis
 from ppl_vae.inference.fused import fused_elbo_loss, fused_enumerated_loss, supports_fused_elbo
 from ppl_vae.inference.importance import elbo_per_datapoint
 from ppl_vae.inference.optim import LR_SCHEDULES, EagerAdam
-from ppl_vae.models.vae import VAE, evidence_of
+from ppl_vae.models.vae import VAE, bounds_of_training_elbos
 from ppl_vae.registry import Registry
 
 if TYPE_CHECKING:  # xarray is imported where used: fit needs none of it before its first step
@@ -977,11 +977,10 @@ def train(
     fit_idx = None if split is None else split[0].to(x_train.device)
     n_train = x_train.shape[0] if split is None else len(split[0])
     ctx = TrainContext(vae, data, config, stepper, state, dict(history_attrs or {}), num_train=n_train)
-    evidence = evidence_of(vae)  # what the ELBO bounds: log p(x | y) for a conditional model
-    if evidence != "log p(x)":
-        ctx.descriptions.update(
-            {k: HISTORY_VARS[k].replace("log p(x)", evidence) for k in ("train_elbo", "test_elbo", "val_elbo")}
-        )
+    # what each ELBO bounds: log p(x | y) for a conditional model, log p(x, y) for M2's labelled points
+    for name, bound in bounds_of_training_elbos(vae).items():
+        if bound != "log p(x)":
+            ctx.descriptions[name] = HISTORY_VARS[name].replace("log p(x)", bound)
     ctx.descriptions["train_loss"] = TRAIN_LOSS + stepper.loss_meaning
     if metrics is not None:
         ctx.descriptions.update(metrics.descriptions)

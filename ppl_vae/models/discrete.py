@@ -336,6 +336,7 @@ class SemiSupervisedVAE(EnumeratedCategoricalVAE):
 
     site = "y"
     label_metrics = ("test_error",)
+    labelled_evidence = "log p(x, y)"  # a point scored with its label: y is observed, not summed out
     has_enumerated_fast_path = True  # enumerated_elbo and model/guide below agree (tests compare them)
 
     def __init__(

@@ -10,7 +10,7 @@ Welling 2013, eq. 8); ``kl_weight`` scales log p(z) - log q(z|x) for KL warm-up.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import pyro
 import torch
@@ -65,6 +65,18 @@ def declaration_covers(cls: type, flag: str, members: Sequence[str]) -> bool:
     return all(_defining_class(cls, name) is _defining_class(declarer, name) for name in members)
 
 
+def bounds_of_training_elbos(model: Any) -> Dict[str, str]:
+    """What the history's ELBOs bound, by variable: ``evidence_of(model)`` for each, unless the
+    model declares a ``labelled_evidence`` (M2): then the test and validation ELBOs, scored with
+    their labels, bound it, and the training ELBO bounds it on the labelled points and the
+    evidence on the others."""
+    evidence, labelled = evidence_of(model), getattr(model, "labelled_evidence", None)
+    if labelled is None:
+        return {name: evidence for name in ("train_elbo", "test_elbo", "val_elbo")}
+    mixed = f"{labelled} on the labelled points and {evidence} on the others"
+    return {"train_elbo": mixed, "test_elbo": labelled, "val_elbo": labelled}
+
+
 def evidence_of(model: Any) -> str:
     """What ``model``'s ELBO bounds and its estimates estimate (:attr:`VAE.evidence`): log p(x)
     unless it declares another (a cvae's log p(x | y)); a pair written by hand declares none."""
@@ -88,6 +100,9 @@ class VAE(nn.Module):
     generates_images: bool = True
     #: what the ELBO bounds, as printed and recorded: log p(x | y) for a model conditioned on labels
     evidence: str = "log p(x)"
+    #: what the ELBO of a point scored with its label bounds, where that differs from ``evidence``
+    #: (M2: log p(x, y); training scores test points with their labels); None: ``evidence``
+    labelled_evidence: Optional[str] = None
 
     has_fast_path: bool = True
     """Declares the fast-path protocol (:class:`ppl_vae.inference.latents.FastPair`): ``log_prior``,

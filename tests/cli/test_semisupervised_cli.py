@@ -186,3 +186,21 @@ def test_labels_are_drawn_among_the_points_trained_on(tmp_path):
     data = pipeline.load_data(config)
     counts = torch.bincount(data.train_labels[data.train_labels >= 0], minlength=10)
     assert counts.tolist() == [2] * 10  # balanced per class among the trained points
+
+
+def test_m2_history_says_its_elbos_bound_log_p_x_y_where_scored_with_labels(m2_run):
+    """Training scores M2's test points with their labels, so the test ELBO bounds log p(x, y);
+    the output and history.nc said log p(x) (evaluate, which sums y out, does score log p(x))."""
+    from ppl_vae.models.vae import bounds_of_training_elbos
+
+    history = runs.load_history(m2_run)
+    assert "lower bound on log p(x, y)" in history.test_elbo.attrs["description"]
+    train = history.train_elbo.attrs["description"]
+    assert "log p(x, y) on the labelled points and log p(x) on the others" in train
+    run = pipeline.load_run(m2_run, history=False)
+    assert bounds_of_training_elbos(run.vae)["test_elbo"] == "log p(x, y)"
+    from ppl_vae.models.cvae import ConditionalVAE
+    from ppl_vae.models.vae import VAE
+
+    assert set(bounds_of_training_elbos(VAE).values()) == {"log p(x)"}
+    assert set(bounds_of_training_elbos(ConditionalVAE).values()) == {"log p(x | y)"}
