@@ -673,6 +673,13 @@ def calibrate_run(
         "dataset": run.config.data.dataset,
         "seed": int(seed),
     }
+    # what a result over the selected datapoints (predictive checks, the discrete site) records
+    selection = {
+        **common,
+        "split": split,
+        "num_datapoints": int(len(sel.index)),
+        "preprocessing": str(sel.preprocessing),
+    }
     sbc = sir_sbc = refined_sbc = refined_split = meanfield_sbc = ppc = discrete = None
     refine_options = {"lr": float(refine_lr), "num_samples": int(refine_num_samples), "average": True}
     figures: List[Tuple[str, Any]] = []
@@ -738,14 +745,7 @@ def calibrate_run(
                     **kwargs,
                 )
                 ppc = ppc.assign_coords(datapoint=sel.index)
-                ppc.attrs.update(
-                    {
-                        **common,
-                        "split": split,
-                        "num_datapoints": int(len(sel.index)),
-                        "preprocessing": str(sel.preprocessing),
-                    }
-                )
+                ppc.attrs.update(selection)
                 figures.append(("ppc_figure", plot_p_values(ppc)))
                 if _is_images(run, sel.x):  # the statistics applied: images in [0, 1]; and image-shaped
                     statistic = str(ppc["statistic"].values[0])
@@ -775,14 +775,7 @@ def calibrate_run(
                 seed=seed,
             )
             discrete = discrete.assign_coords(datapoint=sel.index)
-            discrete.attrs.update(
-                {
-                    **common,
-                    "split": split,
-                    "num_datapoints": int(len(sel.index)),
-                    "preprocessing": str(sel.preprocessing),
-                }
-            )
+            discrete.attrs.update(selection)
             figures.append(("discrete_figure", plot_reliability(discrete)))
             bar.update()
     finally:
