@@ -251,6 +251,9 @@ def load_run_data(run: "Run", *, test_only: bool = False) -> Dataset:
     check_test_data(run, data.test, data.name)
     if not test_only:
         _check_split(run.train_data, data.train, "training", data.name, run.run_dir, "")
+    # a user's class that declares the fast path is scored as it is checked in training (a run
+    # trained before the check, or a plugin edited since, would be scored as its base class)
+    verify_fast_path_on(run.vae, data)
     return data
 
 

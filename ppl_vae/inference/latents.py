@@ -663,7 +663,16 @@ def verify_declared_fast_path(pair: Any, x: Tensor, *, rows: int = 8, **kwargs: 
             for m, _ in modes:
                 m.eval()
             rows_kwargs: Dict[str, Any] = {k: v[:rows] if torch.is_tensor(v) else v for k, v in kwargs.items()}
-            check_fast_path(pair, x[:rows], **rows_kwargs)
+            try:
+                check_fast_path(pair, x[:rows], **rows_kwargs)
+            except ValueError:
+                raise
+            except Exception as exc:  # the protocol cannot even run on this model (a cvae's encoder takes y)
+                raise ValueError(
+                    f"{type(pair).__name__} declares has_fast_path, but its fast path fails on {rows} points "
+                    f"({type(exc).__name__}: {' '.join(str(exc).split())}); set has_fast_path = False or override "
+                    "log_prior/log_likelihood/sample_guide to match its model and guide"
+                ) from None
         finally:
             for m, mode in modes:
                 m.train(mode)

@@ -916,10 +916,11 @@ def verify_fast_path_on(vae: VAE, data: Dataset) -> None:
     from ppl_vae.inference.latents import verify_declared_fast_path
 
     x, labels = (data.test, data.test_labels) if data.test.shape[0] else (data.train, data.train_labels)
+    device = next(iter(vae.parameters()), torch.empty(0)).device  # a run's data is loaded on the CPU
     kwargs: Dict[str, Any] = {}
     if getattr(vae, "num_classes", None) is not None and labels is not None:
-        kwargs["y"] = labels[:8]
-    verify_declared_fast_path(vae, torch.as_tensor(x[:8]), **kwargs)
+        kwargs["y"] = labels[:8].to(device)
+    verify_declared_fast_path(vae, torch.as_tensor(x[:8]).to(device), **kwargs)
 
 
 def train(

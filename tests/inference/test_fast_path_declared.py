@@ -155,3 +155,54 @@ def test_a_user_class_that_re_declares_the_fast_path_is_verified_before_training
     with pytest.raises(ValueError, match="the fast path of Lying differs"):
         ppl_vae.fit(run, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_scoring_a_run_checks_the_declared_fast_path_too(tmp_path, monkeypatch, one_thread):
+    """A run trained before the check (or a plugin edited since) was scored by evaluate and
+    compare as its base class; a class whose fast path cannot run at all (a cvae's encoder needs y)
+    gave a raw TypeError. Both are one-line ValueErrors now, wherever a run's data is read."""
+    import dataclasses
+
+    import ppl_vae
+    from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from ppl_vae.inference import latents
+    from ppl_vae.inference.training import train
+    from ppl_vae.models.cvae import ConditionalVAE
+    from ppl_vae.models.zoo import MODELS
+    from ppl_vae.reports.common import select_datapoints
+
+    class Lying(VAE):
+        has_fast_path = True
+
+        def model(self, x, y=None, *, num_data=None, kl_weight=1.0):
+            with pyro.poutine.scale(scale=0.5):
+                return super().model(x, y, num_data=num_data, kl_weight=kl_weight)
+
+    spec = MODELS.get("gaussian_mlp")
+
+    def build_lying(*args, **kwargs):
+        vae = spec.build(*args, **kwargs)
+        vae.__class__ = Lying
+        return vae
+
+    monkeypatch.setitem(MODELS._entries, "lying", dataclasses.replace(spec, build=build_lying))
+    config = RunConfig(
+        ModelConfig(model="lying", latent_dim=2, hidden_dim=8),
+        DataConfig(train_size=100),
+        TrainConfig(epochs=1, batch_size=50, device="cpu", train_eval_size=50),
+    )
+    with monkeypatch.context() as before_the_check:
+        before_the_check.setattr(latents, "verify_declared_fast_path", lambda *a, **k: None)
+        ppl_vae.fit(config, tmp_path / "run", progress=False)
+    run = ppl_vae.load_run(tmp_path / "run", history=False)
+    with pytest.raises(ValueError, match="the fast path of Lying differs from its model/guide"):
+        select_datapoints(run, "test", 10)
+
+    class DeclaredCVAE(ConditionalVAE):
+        has_fast_path = True  # the base VAE's protocol calls the encoder without y: it cannot run
+
+    data = ppl_vae.load_dataset("digits", train_size=100)
+    vae = build_vae("cvae", data.event_shape, latent_dim=2, hidden_dim=8, data_info=data.data_info)
+    vae.__class__ = DeclaredCVAE
+    with pytest.raises(ValueError, match="DeclaredCVAE declares has_fast_path, but its fast path fails on 8 points"):
+        train(vae, data, config.train, progress=False)
