@@ -14,7 +14,7 @@ import tempfile
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -104,21 +104,71 @@ def atomic_path(path: Path, *, run_files: bool = False) -> Iterator[Path]:
 
 # the (temporary, target) pairs of the files written inside file_set(), renamed when it ends
 _PENDING: ContextVar[Optional[List[Tuple[Path, Path]]]] = ContextVar("ppl_vae_pending_files", default=None)
+# what to do once the set is in place (print what was written), in order
+_AFTER: ContextVar[Optional[List[Callable[[], Any]]]] = ContextVar("ppl_vae_after_commit", default=None)
+_LAST_SET_IN_PLACE = [False]
+
+
+def after_commit(action: Callable[[], Any]) -> None:
+    """Run ``action`` once the files of the current :func:`file_set` are in place (now, outside
+    one): a command's "wrote ..." line is printed only when it is true."""
+    pending = _AFTER.get()
+    if pending is None:
+        action()
+    else:
+        pending.append(action)
+
+
+def last_set_in_place() -> bool:
+    """Whether the last :func:`file_set` of this process renamed all its files into place (an
+    interrupt that arrives during the renames is held until they are done)."""
+    return _LAST_SET_IN_PLACE[0]
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive during the block are held and handled when it ends, as they
+    would have been (their handlers are swapped for one that records them: a thread mask would
+    not do, since the kernel hands a process's signal to any of its threads, torch's included)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # handlers are the main thread's
+        yield
+        return
+    received: List[int] = []
+    previous: Dict[int, Any] = {}
+    for held in (signal.SIGINT, signal.SIGTERM):
+        previous[held] = signal.signal(held, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if received:
+            first, handler = received[0], previous[received[0]]
+            if callable(handler):
+                handler(first, None)  # KeyboardInterrupt, as if it came now
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), first)
 
 
 @contextmanager
 def file_set() -> Iterator[None]:
     """The files written inside the block (through :func:`atomic_path` and the writers above) are
     one set: each stays under its temporary name until the block ends without error, then all
-    are renamed into place; when it fails or is interrupted, none is, and the temporary files are
-    removed. A report's netCDF files, figures and HTML page therefore replace an earlier report
-    in the same folder together, never leaving new files beside an old page. Nested blocks
-    belong to the outermost one."""
+    are renamed into place, with Ctrl-C and SIGTERM held until the renames are done, and the
+    :func:`after_commit` actions run; when the block fails or is interrupted, no file is renamed
+    and the temporary files are removed. A report's netCDF files, figures and HTML page therefore
+    replace an earlier report in the same folder together, never leaving new files beside an old
+    page. Nested blocks belong to the outermost one."""
     if _PENDING.get() is not None:
         yield
         return
     pending: List[Tuple[Path, Path]] = []
-    token = _PENDING.set(pending)
+    after: List[Callable[[], Any]] = []
+    tokens = _PENDING.set(pending), _AFTER.set(after)
+    _LAST_SET_IN_PLACE[0] = False
     try:
         yield
     except BaseException:
@@ -126,14 +176,49 @@ def file_set() -> Iterator[None]:
             tmp.unlink(missing_ok=True)
         raise
     finally:
-        _PENDING.reset(token)
-    for i, (tmp, path) in enumerate(pending):
-        try:
-            os.replace(tmp, path)
-        except OSError as exc:
-            for rest, _ in pending[i:]:
-                rest.unlink(missing_ok=True)
-            raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
+        _PENDING.reset(tokens[0])
+        _AFTER.reset(tokens[1])
+    with _signals_held():
+        _rename_all(pending)
+        _LAST_SET_IN_PLACE[0] = True
+        for action in after:
+            action()
+
+
+def _rename_all(pending: List[Tuple[Path, Path]]) -> None:
+    """Rename each temporary file onto its target. A rename that fails (the folder changed under
+    the command) undoes the ones before it: each replaced file was kept under a second name (a
+    hard link) until all are in place, and goes back."""
+    kept: List[Tuple[Path, Optional[Path], bool]] = []  # (target, its earlier file's second name, it existed)
+    try:
+        for tmp, path in pending:
+            backup: Optional[Path] = None
+            existed = path.is_file()
+            if existed:
+                backup = path.with_name(f".{path.name}.{os.getpid()}.earlier{TEMP_SUFFIX}")
+                try:
+                    os.link(path, backup)
+                except OSError:  # a file system without hard links: no undo for this one
+                    backup = None
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                if backup is not None:
+                    backup.unlink(missing_ok=True)
+                raise
+            kept.append((path, backup, existed))
+    except OSError as exc:
+        for target, backup, existed in reversed(kept):
+            if backup is not None:
+                os.replace(backup, target)
+            elif not existed:
+                target.unlink(missing_ok=True)  # new: the set is not in place, so neither is it
+        for tmp, _ in pending:
+            tmp.unlink(missing_ok=True)
+        raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
+    for _, backup, _ in kept:
+        if backup is not None:
+            backup.unlink(missing_ok=True)
 
 
 def write_with(path: Path, writer: Callable[[Path], Any], *, run_files: bool = False) -> Path:

@@ -62,3 +62,51 @@ def test_an_interrupted_compare_leaves_the_earlier_report_whole(tmp_path, monkey
     result = runner.invoke(cli, [*compare, "--seed", "1"])
     assert result.exit_code == 130 and "none of the report's files was written" in result.output, result.output
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new file beside the old page
+
+
+def test_an_interrupt_during_the_renames_waits_until_all_are_in_place(tmp_path, monkeypatch):
+    """SIGTERM in the middle of the renames (here from a thread, as the kernel may hand it to any
+    of torch's threads) left new netCDF files beside the old page and temporary files behind; it
+    now arrives after the last rename and after_commit's "wrote" line, and the set says so."""
+    import threading
+    import time
+
+    real = os.replace
+    renamed = []
+
+    def slow(src, dst, *args, **kwargs):
+        time.sleep(0.2)
+        renamed.append(os.path.basename(dst))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", slow)
+    printed = []
+    with pytest.raises(KeyboardInterrupt):
+        with _terminate_as_interrupt():
+            with io.file_set():
+                for name in "abcd":
+                    io.write_text(tmp_path / f"{name}.txt", name)
+                io.after_commit(lambda: printed.append("wrote a-d"))
+                threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+    assert renamed == ["a.txt", "b.txt", "c.txt", "d.txt"] and printed == ["wrote a-d"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "c.txt", "d.txt"]
+    assert io.last_set_in_place()
+
+
+def test_a_rename_that_fails_puts_the_earlier_files_back(tmp_path, monkeypatch):
+    for name in "ab":
+        io.write_text(tmp_path / f"{name}.txt", f"old {name}")
+    real = os.replace
+
+    def failing(src, dst, *args, **kwargs):
+        if os.path.basename(dst) == "c.txt" and ".tmp" in os.path.basename(src):
+            raise PermissionError(13, "Permission denied")
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(PermissionError, match="cannot write .*c.txt"):
+        with io.file_set():
+            for name in "abcd":
+                io.write_text(tmp_path / f"{name}.txt", f"new {name}")
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"a.txt": "old a", "b.txt": "old b"}
+    assert not io.last_set_in_place()

@@ -9,6 +9,7 @@ from typing import Optional
 
 import click
 
+from ppl_vae import io
 from ppl_vae.cli import options as opt
 from ppl_vae.estimator_options import ADAM_STEPS_BEFORE_POLISH
 
@@ -198,7 +199,7 @@ def calibrate(
         binning=ece_binning.replace("-", "_") if opt.given("ece_binning", ctx) else None,
     )
     click.echo(result.summary())
-    click.echo("wrote " + ", ".join(str(p) for p in result.files.values()))
+    io.after_commit(lambda: click.echo("wrote " + ", ".join(str(p) for p in result.files.values())))  # once in place
 
 
 calibrate.field_flags = {  # type: ignore[attr-defined]  # library errors name the flag

@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional
 
 import click
 
+from ppl_vae import io
 from ppl_vae.cli import options as opt
 from ppl_vae.cli.evaluate import estimator_option, estimator_options, given_options, print_profile, profile_option
 from ppl_vae.estimator_options import (
@@ -186,7 +187,7 @@ def compare(
             click.echo(line)
         for warning in multi.warnings:
             opt.warn(warning)
-        click.echo("wrote " + ", ".join(str(p) for p in multi.files.values()))
+        io.after_commit(lambda: click.echo("wrote " + ", ".join(str(p) for p in multi.files.values())))  # once in place
         if profile:
             print_profile(stages)
         return
@@ -222,6 +223,6 @@ def compare(
         opt.warn(warning)
     for note in result.notes:
         click.echo(f"note: {note}")
-    click.echo("wrote " + ", ".join(str(p) for p in result.files.values()))
+    io.after_commit(lambda: click.echo("wrote " + ", ".join(str(p) for p in result.files.values())))  # once in place
     if profile:
         print_profile(stages)

@@ -7,6 +7,8 @@ from typing import Optional
 
 import click
 
+from ppl_vae import io
+
 
 @click.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
@@ -50,4 +52,4 @@ def disentanglement(
         seed=seed,
     )
     click.echo(report.summary())
-    click.echo("wrote " + ", ".join(str(p) for p in report.files.values()))
+    io.after_commit(lambda: click.echo("wrote " + ", ".join(str(p) for p in report.files.values())))  # once in place

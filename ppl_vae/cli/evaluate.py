@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import click
 
+from ppl_vae import io
 from ppl_vae.cli import options as opt
 from ppl_vae.estimator_options import OPTIONS, Option
 
@@ -185,6 +186,6 @@ def evaluate(
     click.echo(result.summary())
     for line in result.warnings:
         opt.warn(line)
-    click.echo("wrote " + ", ".join(str(p) for p in result.files.values()))
+    io.after_commit(lambda: click.echo("wrote " + ", ".join(str(p) for p in result.files.values())))  # once in place
     if profile:
         print_profile(stages)

@@ -189,7 +189,11 @@ class PplVaeGroup(click.Group):
             raise
         except KeyboardInterrupt:
             # click would print "Aborted!" and exit 1; say what state the files are in instead
-            if ctx.invoked_subcommand in WRITES_A_REPORT:
+            from ppl_vae.io import last_set_in_place
+
+            if ctx.invoked_subcommand in WRITES_A_REPORT and last_set_in_place():
+                state = "the report's files had all been written (the interrupt was held until they were)"
+            elif ctx.invoked_subcommand in WRITES_A_REPORT:
                 state = "none of the report's files was written (an earlier report there is as it was)"
             else:
                 state = "files already written are complete (each is written to a temporary name and renamed when done)"
