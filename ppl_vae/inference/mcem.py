@@ -13,6 +13,7 @@ history a meaningful ELBO; the decoder's updates are the paper's.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Dict, FrozenSet, Iterator, Optional
 
 import torch
@@ -89,11 +90,12 @@ class MCEMStepper(Stepper):
 
     def load_method_state(self, state: Dict[str, Any]) -> None:
         step_size = state.get("step_size")
-        if set(state) - {"step_size"} or not (step_size is None or (isinstance(step_size, float) and step_size > 0)):
+        number = isinstance(step_size, (int, float)) and not isinstance(step_size, bool)
+        if set(state) - {"step_size"} or not (step_size is None or (number and 0 < step_size < math.inf)):
             raise ValueError(
-                f"{self.describe()}: a checkpoint's method state must be {{'step_size': > 0}}, got {state}"
+                f"{self.describe()}: a checkpoint's method state must be {{'step_size': a finite number > 0}}, got {state}"
             )
-        self.step_size = step_size
+        self.step_size = None if step_size is None else float(step_size)
 
     def e_step(self, x: torch.Tensor) -> torch.Tensor:
         """One HMC sample of z ~ p(z|x) per datapoint, ``(N, latent_dim)``, with the model frozen."""

@@ -147,10 +147,11 @@ class VampPrior(Prior):
                 f"pseudo-inputs of shape {tuple(shape)}: {exc}"
             ) from None
         # an encoder that rounds its input to token ids runs, but its pseudo-inputs would never train
-        if not loc.requires_grad or torch.autograd.grad(loc.sum(), probe, allow_unused=True)[0] is None:
+        grad = torch.autograd.grad(loc.sum(), probe, allow_unused=True)[0] if loc.requires_grad else None
+        if grad is None or not bool(grad.abs().sum() > 0):  # none, or zero everywhere (torch.round)
             raise ValueError(
                 f"prior 'vamp' needs an encoder differentiable in real-valued x; {type(encoder).__name__} "
-                "passes no gradient to its input (it takes token ids?), so the pseudo-inputs could not train"
+                "passes no gradient to its input (it takes token ids or rounds?), so the pseudo-inputs could not train"
             )
         if tuple(loc.shape) != (self.num_components, self.latent_dim):
             raise ValueError(

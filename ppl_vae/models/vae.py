@@ -67,14 +67,14 @@ def declaration_covers(cls: type, flag: str, members: Sequence[str]) -> bool:
 
 def bounds_of_training_elbos(model: Any) -> Dict[str, str]:
     """What the history's ELBOs bound, by variable: ``evidence_of(model)`` for each, unless the
-    model declares a ``labelled_evidence`` (M2): then the test and validation ELBOs, scored with
-    their labels, bound it, and the training ELBO bounds it on the labelled points and the
-    evidence on the others."""
+    model declares a ``labelled_evidence`` (M2): then the test ELBO, scored with the test labels,
+    bounds it, and the training and validation ELBOs (points of the training split, scored with
+    its partly hidden labels) bound it on the labelled points and the evidence on the others."""
     evidence, labelled = evidence_of(model), getattr(model, "labelled_evidence", None)
     if labelled is None:
         return {name: evidence for name in ("train_elbo", "test_elbo", "val_elbo")}
     mixed = f"{labelled} on the labelled points and {evidence} on the others"
-    return {"train_elbo": mixed, "test_elbo": labelled, "val_elbo": labelled}
+    return {"train_elbo": mixed, "test_elbo": labelled, "val_elbo": mixed}
 
 
 def evidence_of(model: Any) -> str:

@@ -198,7 +198,9 @@ def test_m2_history_says_its_elbos_bound_log_p_x_y_where_scored_with_labels(m2_r
     train = history.train_elbo.attrs["description"]
     assert "log p(x, y) on the labelled points and log p(x) on the others" in train
     run = pipeline.load_run(m2_run, history=False)
-    assert bounds_of_training_elbos(run.vae)["test_elbo"] == "log p(x, y)"
+    bounds = bounds_of_training_elbos(run.vae)
+    assert bounds["test_elbo"] == "log p(x, y)"
+    assert bounds["val_elbo"] == bounds["train_elbo"]  # validation points come from the partly labelled split
     from ppl_vae.models.cvae import ConditionalVAE
     from ppl_vae.models.vae import VAE
 

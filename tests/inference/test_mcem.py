@@ -83,3 +83,21 @@ def test_a_resumed_mcem_run_continues_its_adapted_step_size_exactly(tmp_path, on
     assert resumed.history.train_loss.values.tolist() == straight.history.train_loss.values.tolist()
     for (name, a), (_, b) in zip(straight.vae.state_dict().items(), resumed.vae.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_mcem_method_state_takes_a_finite_positive_step_size_only():
+    import math
+
+    vae = LinearGaussianVAE(x_dim=4, latent_dim=2)
+    stepper = MCEMStepper(vae, TrainConfig(method="mcem", device="cpu"))
+    for good, expected in (
+        ({"step_size": 1}, 1.0),
+        ({"step_size": 0.25}, 0.25),
+        ({}, None),
+        ({"step_size": None}, None),
+    ):
+        stepper.load_method_state(good)  # a JSON integer too; {} and null: an older run, adaptation restarts
+        assert stepper.step_size == expected
+    for bad in ({"step_size": math.inf}, {"step_size": math.nan}, {"step_size": -1.0}, {"step_size": True}, {"x": 1}):
+        with pytest.raises(ValueError, match="a finite number > 0"):
+            stepper.load_method_state(bad)

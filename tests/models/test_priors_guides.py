@@ -59,6 +59,23 @@ def test_vamp_prior_needs_an_attached_unconditional_encoder():
         build_vae("text_hybrid", (16,), prior="vamp", latent_dim=2, hidden_dim=8, data_info={"vocab_size": 30})
 
 
+def test_vamp_refuses_an_encoder_whose_gradient_is_zero_everywhere():
+    """torch.round passes a gradient of zero: the pseudo-inputs would never move either."""
+    from torch import nn
+
+    class Rounding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(16, 4)
+
+        def forward(self, x):
+            out = self.net(torch.round(x).flatten(1))
+            return out[:, :2], nn.functional.softplus(out[:, 2:])
+
+    with pytest.raises(ValueError, match="Rounding passes no gradient to its input"):
+        VampPrior(2, num_components=3).attach_to(Rounding(), (1, 4, 4))
+
+
 def test_vamp_pseudo_inputs_get_gradients_through_an_image_encoder():
     vae = build_vae("gaussian_mlp", (1, 4, 4), prior="vamp", prior_options={"num_components": 3}, latent_dim=2)
     vae.prior().log_prob(torch.randn(5, 2)).sum().backward()
