@@ -218,29 +218,31 @@ TRAIN_DATA_KEY = "train_data"
 
 
 def _check_split(
-    recorded: Optional[Dict[str, Any]], x: Any, split: str, source: str, run_dir: Path, doing: str
+    recorded: Optional[Dict[str, Any]], x: Any, split: str, source: str, run_dir: Path, doing: str, labels: Any = None
 ) -> None:
-    """Refuse data whose fingerprint is not the one the run recorded for ``split``."""
+    """Refuse data whose fingerprint is not the one the run recorded for ``split`` (its labels'
+    too, where the run recorded them: runs from before did not)."""
     if recorded is None:
         return
-    now: Dict[str, Any] = fingerprint(x)
+    now: Dict[str, Any] = fingerprint(x, labels if "labels_sha256" in recorded else None)
     if now != recorded:
-        what = (
-            f"{now['shape'][0]} {split} points where it recorded {recorded['shape'][0]}"
-            if now["shape"] != recorded["shape"]
-            else f"{split} points of other values"
-        )
+        if now["shape"] != recorded["shape"]:
+            what = f"{now['shape'][0]} {split} points where it recorded {recorded['shape'][0]}"
+        elif now["sha256"] != recorded["sha256"]:
+            what = f"{split} points of other values"
+        else:
+            what = f"other {split} labels" if "labels_sha256" in now else f"no {split} labels"
         raise DataError(
             f"the {split} data of {source} is not what {run_dir} was trained with: it has {what} (files "
             f"replaced or regenerated since); restore the files it was trained with{doing}"
         )
 
 
-def check_test_data(run: "Run", test: Any, source: str) -> None:
+def check_test_data(run: "Run", test: Any, source: str, labels: Any = None) -> None:
     """Refuse to score a run's test split when the data found now is not what the run recorded
     (its files were replaced or regenerated since): the scores would carry the run's name for
     other data. ``source``: where the data was read from, for the message."""
-    _check_split(run.test_data, test, "test", source, run.run_dir, "")
+    _check_split(run.test_data, test, "test", source, run.run_dir, "", labels)
 
 
 def load_run_data(run: "Run", *, test_only: bool = False) -> Dataset:
@@ -248,9 +250,9 @@ def load_run_data(run: "Run", *, test_only: bool = False) -> Dataset:
     recorded (files replaced or regenerated since): what a command scores under the run's name
     is what the run was trained and tested on."""
     data = load_data(run.config, test_only=test_only)
-    check_test_data(run, data.test, data.name)
+    check_test_data(run, data.test, data.name, data.test_labels)
     if not test_only:
-        _check_split(run.train_data, data.train, "training", data.name, run.run_dir, "")
+        _check_split(run.train_data, data.train, "training", data.name, run.run_dir, "", data.train_labels)
     # a user's class that declares the fast path is scored as it is checked in training (a run
     # trained before the check, or a plugin edited since, would be scored as its base class)
     verify_fast_path_on(run.vae, data)
@@ -263,8 +265,11 @@ def _check_resumed_data(run_dir: Path, data: Dataset) -> None:
     evaluate no longer noticed."""
     _, meta = runs.read_checkpoint(run_dir, tensors=False)
     extra = meta.get("extra", {})
-    for key, split, x in ((TRAIN_DATA_KEY, "training", data.train), (TEST_DATA_KEY, "test", data.test)):
-        _check_split(extra.get(key), x, split, data.name, run_dir, ", or start a new run")
+    for key, split, x, labels in (
+        (TRAIN_DATA_KEY, "training", data.train, data.train_labels),
+        (TEST_DATA_KEY, "test", data.test, data.test_labels),
+    ):
+        _check_split(extra.get(key), x, split, data.name, run_dir, ", or start a new run", labels)
 
 
 def _check_label_classes(vae: VAE, data: Dataset) -> None:
@@ -437,8 +442,8 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
             "event_shape": list(data.event_shape),
             "data_info": data.data_info,
             runs.CONFIG_KEY: json.loads(config.to_json()),  # what these weights are trained under
-            TEST_DATA_KEY: fingerprint(data.test),  # what evaluate and compare must find again
-            TRAIN_DATA_KEY: fingerprint(data.train),  # what a resume must find again
+            TEST_DATA_KEY: fingerprint(data.test, data.test_labels),  # what evaluate and compare must find again
+            TRAIN_DATA_KEY: fingerprint(data.train, data.train_labels),  # what a resume must find again
         },
         # a resume's new settings are written with the first checkpoint trained under them
         before_first_save=(lambda: runs.save_config(run_dir, config)) if job.write_config and writer else None,

@@ -479,3 +479,35 @@ def test_every_command_reading_a_runs_own_data_refuses_replaced_files(tmp_path):
     np.savez(path, train=train[::-1].copy(), test=test)
     evaluate = ["evaluate", str(run), "--split", "train", "-k", "2", "--no-progress", "--out", str(tmp_path / "e")]
     assert "the training data of d.npz is not what" in one_line_error(CliRunner().invoke(cli, evaluate))
+
+
+def test_replaced_labels_are_other_data_for_a_run_too(tmp_path):
+    """A cvae run (scored as log p(x | y)) was evaluated with a replaced test-labels file under its
+    name: the fingerprints now cover the labels where a split has them."""
+    import numpy as np
+
+    from ppl_vae.reports.common import select_datapoints
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "d.npz"
+    arrays = dict(
+        train=rng.random((120, 6)).astype(np.float32),
+        test=rng.random((40, 6)).astype(np.float32),
+        train_labels=rng.integers(0, 3, 120),
+        test_labels=rng.integers(0, 3, 40),
+    )
+    np.savez(path, **arrays)
+    config = RunConfig(
+        model=ModelConfig(model="cvae", latent_dim=2, hidden_dim=8),
+        data=DataConfig(dataset=str(path)),
+        train=TrainConfig(epochs=1, batch_size=40, device="cpu"),
+    )
+    ppl_vae.fit(config, tmp_path / "run", progress=False)
+    run = ppl_vae.load_run(tmp_path / "run", history=False)
+    assert len(select_datapoints(run, "test").index) == 40
+    np.savez(path, **{**arrays, "test_labels": (arrays["test_labels"] + 1) % 3})  # every label shifted
+    with pytest.raises(ValueError, match="it has other test labels"):
+        select_datapoints(run, "test")
+    np.savez(path, **{**arrays, "train_labels": arrays["train_labels"][::-1].copy()})
+    with pytest.raises(ValueError, match="the training data of d.npz .* it has other training labels"):
+        pipeline.resume(tmp_path / "run", epochs=2, progress=False)

@@ -323,7 +323,7 @@ FINGERPRINT_CHUNK = 50  # rows per read (the same hash as one read of them all)
 trained is caught without reading a large split whole."""
 
 
-def fingerprint(x: "Tensor | NpyRows") -> Dict[str, object]:
+def fingerprint(x: "Tensor | NpyRows", labels: Optional["Tensor"] = None) -> Dict[str, object]:
     """What identifies a split's data: its shape and the sha256 of up to :data:`FINGERPRINT_ROWS`
     evenly spaced rows (float32 bytes, as the model scores them). A run records its test split's,
     so that evaluate and compare refuse to score other data under the run's name."""
@@ -335,7 +335,12 @@ def fingerprint(x: "Tensor | NpyRows") -> Dict[str, object]:
     for start in range(0, len(rows), FINGERPRINT_CHUNK):  # data kept on disk is read a few rows at a time
         sample = x[torch.as_tensor(rows[start : start + FINGERPRINT_CHUNK])]
         digest.update(torch.as_tensor(sample).detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return {"shape": [int(d) for d in x.shape], "sha256": digest.hexdigest()}
+    out: Dict[str, object] = {"shape": [int(d) for d in x.shape], "sha256": digest.hexdigest()}
+    if labels is not None:  # a conditional model scores x given them: other labels are other data
+        out["labels_sha256"] = hashlib.sha256(
+            torch.as_tensor(labels).cpu().to(torch.int64).numpy().tobytes()
+        ).hexdigest()
+    return out
 
 
 def check_data_dir(name: str, data_dir: "str | Path | None") -> None:
