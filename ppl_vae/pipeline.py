@@ -452,7 +452,9 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
     if job.sample_grids and writer:
         from ppl_vae.analysis.generation import SampleGridRecorder
 
-        callbacks.append(SampleGridRecorder(run_dir / "samples"))
+        recorder = SampleGridRecorder(run_dir / "samples")
+        recorder.check_frames()  # a resume over frames drawn with other settings: refused before training
+        callbacks.append(recorder)
     callbacks.append(DivergenceCheck(int(np.prod(data.event_shape))))
     callbacks.extend(job.callbacks)
     metrics = None

@@ -379,16 +379,38 @@ class SampleGridRecorder:
 
         self.check_settings()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if not self.settings_path.is_file():
+        earlier = self.frames()
+        legacy = bool(earlier) and not self.settings_path.is_file()  # frames from before the record
+        if not legacy and not self.settings_path.is_file():
             io.write_text(self.settings_path, json.dumps(self.settings()))
         images = sample_images(vae, self.num_samples, labels=self.labels, seed=self.seed)
         fig = plot_image_grid(images, title=f"epoch {epoch}")
+        if legacy:  # their settings are unknown, but a grid of another size is other settings
+            self._check_size_against(fig, earlier[0])
         path = save_figure(fig, self.frame_path(epoch), dpi=self.dpi)
         self.write_gif()
         return path
 
     def frames(self) -> List[Path]:
         return sorted(self.out_dir.glob("epoch_*.png"))
+
+    def _check_size_against(self, fig: Any, frame: Path) -> None:
+        """Refuse a grid whose image size differs from ``frame``'s (frames written before the
+        settings were recorded: another --num-samples or set of labels gives another size)."""
+        import io as bytes_io
+
+        from PIL import Image
+
+        buffer = bytes_io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=self.dpi)
+        with Image.open(buffer) as new, Image.open(frame) as old:
+            new_size, old_size = new.size, old.size
+        if new_size != old_size:
+            raise ValueError(
+                f"the frames in {self.out_dir} were drawn with other settings than num_samples {self.num_samples}"
+                f" (their grids are {old_size[0]}x{old_size[1]} pixels, this one {new_size[0]}x{new_size[1]}): "
+                "every frame of one animation decodes the same z; give the same settings, or remove the folder"
+            )
 
     def check_frames(self) -> None:
         """A one-line ValueError naming the first frame on disk that is not a readable image, or

@@ -221,3 +221,16 @@ def test_a_model_that_cannot_be_inpainted_is_refused_up_front_naming_it():
     blind.__class__ = NoObservedX
     with pytest.raises(ValueError, match="model NoObservedX .*observed site 'x'"):
         inpaint(blind, torch.rand(2, 1, 4, 4), "top", num_samples=10)
+
+
+def test_frames_from_before_the_settings_record_refuse_a_grid_of_another_size(tmp_path):
+    """Frames drawn before frames.json existed: their settings are unknown, but a grid of another
+    size is other settings (a default 16-sample animate over 4-sample frames was accepted)."""
+    vae = build_vae("bernoulli_mlp", (1, 6, 6), latent_dim=2, hidden_dim=8)
+    SampleGridRecorder(tmp_path / "samples", num_samples=4, dpi=30)(0, vae)
+    (tmp_path / "samples" / "frames.json").unlink()  # as written before the record
+    with pytest.raises(ValueError, match="were drawn with other settings than num_samples 16"):
+        SampleGridRecorder(tmp_path / "samples", num_samples=16, dpi=30)(1, vae)
+    assert [p.name for p in (tmp_path / "samples").iterdir()] == ["epoch_0000.png"]
+    SampleGridRecorder(tmp_path / "samples", num_samples=4, dpi=30)(1, vae)  # the same size goes on
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["epoch_0000.png", "epoch_0001.png"]
