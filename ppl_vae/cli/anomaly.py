@@ -66,7 +66,9 @@ def anomaly(run_dir: Path, **opts) -> None:
         from ppl_vae.data.datasets import check_data_dir
 
         check_data_dir(opts["dataset"] or run.config.data.dataset, opts["data_dir"])
-    if pipeline.data_config(run.config, opts["dataset"], opts["data_dir"]) == run.config.data:
+    source = pipeline.data_config(run.config, opts["dataset"], opts["data_dir"])
+    own = source == run.config.data  # the run's own data: its recorded splits, not files replaced since
+    if own:
         data = pipeline.load_run_data(run)  # the run's own: the splits it recorded, not files replaced since
     else:  # another dataset is prepared as the run's training data was (binarization, split, size)
         data = pipeline.load_data(run.config, dataset=opts["dataset"], data_dir=opts["data_dir"])
@@ -97,9 +99,19 @@ def anomaly(run_dir: Path, **opts) -> None:
         normal_class=opts["normal_class"],
         progress=opts["progress"],
     )
+    result.attrs.update(  # which data these are: the run's own, or files the user named
+        {
+            "dataset": data.name,
+            "data_dir": "" if source.data_dir is None else str(source.data_dir),
+            "split": opts["split"],
+            "run_dir": str(run_dir),
+            "data": "the run's own" if own else "other data than the run was trained on",
+        }
+    )
+    where = "" if own or opts["data_dir"] is None else f" in {opts['data_dir']}"
     scores = result["score"]
     click.echo(
-        f"{len(x)} datapoints of {data.name} ({opts['split']}) scored by {opts['score']} "
+        f"{len(x)} datapoints of {data.name}{where} ({opts['split']}) scored by {opts['score']} "
         f"({SCORES.describe(opts['score'])}; higher = more anomalous): "
         f"median {float(scores.median()):.3f}, max {float(scores.max()):.3f}"
     )

@@ -77,6 +77,9 @@ def test_fit_scvae_then_anomaly_reports_auroc_and_writes_scores(tmp_path, sensor
     assert "AUROC" in result.output and "AUPRC" in result.output
     scores = xr.load_dataset(out)
     assert scores.sizes["datapoint"] == int(scores["label"].size) and 0.0 <= scores.attrs["auroc"] <= 1.0
+    # what was scored: the file says which data, so scores of other files are not taken for the run's
+    assert scores.attrs["dataset"] == "timeseries-csv" and scores.attrs["split"] == "test"
+    assert scores.attrs["data"] == "the run's own" and scores.attrs["data_dir"].endswith("sensors.csv")
     assert np.isfinite(scores["score"]).all()
 
 
