@@ -104,24 +104,40 @@ def test_a_mixin_member_drops_the_batched_enumerated_elbo_too():
     assert type("Plain", (GaussianMixtureVAE,), {}).has_enumerated_fast_path
 
 
+class Lying(VAE):
+    """Tempers the joint (a power posterior) and declares the fast path again: a promise it breaks."""
+
+    has_fast_path = True
+
+    def model(self, x, y=None, *, num_data=None, kl_weight=1.0):
+        with pyro.poutine.scale(scale=0.5):
+            return super().model(x, y, num_data=num_data, kl_weight=kl_weight)
+
+
+def _register_lying(monkeypatch) -> None:
+    """Model "lying": gaussian_mlp built as :class:`Lying`, registered for the test only."""
+    import dataclasses
+
+    from ppl_vae.models.zoo import MODELS
+
+    spec = MODELS.get("gaussian_mlp")
+
+    def build_lying(*args, **kwargs):
+        vae = spec.build(*args, **kwargs)
+        vae.__class__ = Lying
+        return vae
+
+    monkeypatch.setitem(MODELS._entries, "lying", dataclasses.replace(spec, build=build_lying))
+
+
 def test_a_user_class_that_re_declares_the_fast_path_is_verified_before_training(tmp_path, monkeypatch, one_thread):
     """A subclass overriding `model` and declaring has_fast_path again trained as its base class:
     a user's class that declares the fast path is now checked against its Pyro program on a few
     test points before any file is written; one that keeps its promise trains as before, on the
     same random numbers."""
-    import dataclasses
-
     import ppl_vae
     from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from ppl_vae.inference.training import train
-    from ppl_vae.models.zoo import MODELS
-
-    class Lying(VAE):
-        has_fast_path = True
-
-        def model(self, x, y=None, *, num_data=None, kl_weight=1.0):
-            with pyro.poutine.scale(scale=0.5):
-                return super().model(x, y, num_data=num_data, kl_weight=kl_weight)
 
     class Honest(VAE):
         has_fast_path = True  # the same program: the declaration holds
@@ -143,14 +159,7 @@ def test_a_user_class_that_re_declares_the_fast_path_is_verified_before_training
     assert histories[0].train_loss.values.tolist() == histories[1].train_loss.values.tolist()
 
     # through fit and a registered model: refused before the run directory is made
-    spec = MODELS.get("gaussian_mlp")
-
-    def build_lying(*args, **kwargs):
-        vae = spec.build(*args, **kwargs)
-        vae.__class__ = Lying
-        return vae
-
-    monkeypatch.setitem(MODELS._entries, "lying", dataclasses.replace(spec, build=build_lying))
+    _register_lying(monkeypatch)
     run = RunConfig(ModelConfig(model="lying", latent_dim=2, hidden_dim=8), DataConfig(train_size=100), config)
     with pytest.raises(ValueError, match="the fast path of Lying differs"):
         ppl_vae.fit(run, tmp_path / "run", progress=False)
@@ -161,31 +170,14 @@ def test_scoring_a_run_checks_the_declared_fast_path_too(tmp_path, monkeypatch, 
     """A run trained before the check (or a plugin edited since) was scored by evaluate and
     compare as its base class; a class whose fast path cannot run at all (a cvae's encoder needs y)
     gave a raw TypeError. Both are one-line ValueErrors now, wherever a run's data is read."""
-    import dataclasses
-
     import ppl_vae
     from ppl_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from ppl_vae.inference import latents
     from ppl_vae.inference.training import train
     from ppl_vae.models.cvae import ConditionalVAE
-    from ppl_vae.models.zoo import MODELS
     from ppl_vae.reports.common import select_datapoints
 
-    class Lying(VAE):
-        has_fast_path = True
-
-        def model(self, x, y=None, *, num_data=None, kl_weight=1.0):
-            with pyro.poutine.scale(scale=0.5):
-                return super().model(x, y, num_data=num_data, kl_weight=kl_weight)
-
-    spec = MODELS.get("gaussian_mlp")
-
-    def build_lying(*args, **kwargs):
-        vae = spec.build(*args, **kwargs)
-        vae.__class__ = Lying
-        return vae
-
-    monkeypatch.setitem(MODELS._entries, "lying", dataclasses.replace(spec, build=build_lying))
+    _register_lying(monkeypatch)
     config = RunConfig(
         ModelConfig(model="lying", latent_dim=2, hidden_dim=8),
         DataConfig(train_size=100),
