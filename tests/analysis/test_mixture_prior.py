@@ -6,8 +6,6 @@ refused every run with either prior."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from pyro import distributions as dist
 
@@ -57,8 +55,9 @@ def test_mis_and_ais_under_a_mixture_prior_match_the_closed_form():
     err, se = out.log_px - exact, out.log_px_stderr
     # log p̂ of an unbiased p̂: its mean sits at most a little below log p(x); 5 standard errors
     assert bool((err.abs() <= 5 * se + 1e-6).all()), (err, se)
-    elbo_q_star = out.variables["elbo_meanfield"].data
-    assert bool((elbo_q_star < exact).all())  # a bound, strictly: the posterior is not Gaussian
+    elbo_q_star, elbo_se = out.variables["elbo_meanfield"].data, out.variables["elbo_meanfield_stderr"].data
+    assert bool((elbo_q_star < exact + 5 * elbo_se).all())  # a lower bound on log p(x)
     res = ais(vae.model, vae.guide, x, seed=0, num_steps=200, num_chains=8)
     assert bool((res.log_px <= exact + 5 * res.log_px_stderr).all())  # a stochastic lower bound
-    assert float((exact - res.log_px).mean()) < 0.5 * math.log(3)  # and not far below
+    mean_se = float(res.log_px_stderr.pow(2).sum().sqrt()) / len(x)
+    assert abs(float((exact - res.log_px).mean())) <= 5 * mean_se  # and, at 200 steps, close to it
