@@ -14,7 +14,7 @@ import tempfile
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -107,6 +107,9 @@ _PENDING: ContextVar[Optional[List[Tuple[Path, Path]]]] = ContextVar("ppl_vae_pe
 # what to do once the set is in place (print what was written), in order
 _AFTER: ContextVar[Optional[List[Callable[[], Any]]]] = ContextVar("ppl_vae_after_commit", default=None)
 _LAST_SET_IN_PLACE = [False]
+_LAST_SET_REMOVED: List[List[Path]] = [[]]
+# files of an earlier report that the current file_set replaces as a whole (supersedes())
+_SUPERSEDED: ContextVar[Optional[List[Path]]] = ContextVar("ppl_vae_superseded_files", default=None)
 
 
 def after_commit(action: Callable[[], Any]) -> None:
@@ -117,6 +120,21 @@ def after_commit(action: Callable[[], Any]) -> None:
         action()
     else:
         pending.append(action)
+
+
+def supersedes(paths: Iterable[Path]) -> None:
+    """The current :func:`file_set` replaces the report ``paths`` belong to (all its file names):
+    those of them the set does not write are removed when it goes into place, since they are an
+    earlier report's optional files (calibrate's predictive checks, say) and would otherwise lie
+    beside a page that does not describe them. Outside a file_set: nothing is removed."""
+    pending = _SUPERSEDED.get()
+    if pending is not None:
+        pending.extend(Path(p) for p in paths)
+
+
+def last_set_removed() -> List[Path]:
+    """The earlier report's files the last :func:`file_set` removed (:func:`supersedes`)."""
+    return list(_LAST_SET_REMOVED[0])
 
 
 def last_set_in_place() -> bool:
@@ -167,8 +185,10 @@ def file_set() -> Iterator[None]:
         return
     pending: List[Tuple[Path, Path]] = []
     after: List[Callable[[], Any]] = []
-    tokens = _PENDING.set(pending), _AFTER.set(after)
+    superseded: List[Path] = []
+    tokens = _PENDING.set(pending), _AFTER.set(after), _SUPERSEDED.set(superseded)
     _LAST_SET_IN_PLACE[0] = False
+    _LAST_SET_REMOVED[0] = []
     try:
         yield
     except BaseException:
@@ -178,20 +198,42 @@ def file_set() -> Iterator[None]:
     finally:
         _PENDING.reset(tokens[0])
         _AFTER.reset(tokens[1])
+        _SUPERSEDED.reset(tokens[2])
+    written = {os.path.abspath(path) for _, path in pending}
+    stale = [
+        p for p in dict.fromkeys(superseded) if os.path.abspath(p) not in written and p.is_file() and not p.is_symlink()
+    ]
     with _signals_held():
-        _rename_all(pending)
+        _LAST_SET_REMOVED[0] = _rename_all(pending, stale)
         _LAST_SET_IN_PLACE[0] = True
         for action in after:
             action()
 
 
-def _rename_all(pending: List[Tuple[Path, Path]]) -> None:
-    """Rename each temporary file onto its target. A rename that fails (the folder changed under
-    the command) undoes the ones before it: each replaced file was kept under a second name (a
-    hard link) until all are in place, and goes back."""
+def _rename_all(pending: List[Tuple[Path, Path]], stale: Sequence[Path] = ()) -> List[Path]:
+    """Rename each temporary file onto its target, then remove the ``stale`` files (an earlier
+    report's, :func:`supersedes`). A rename or removal that fails (the folder changed under
+    the command) undoes the ones before it: each replaced or removed file was kept under a second
+    name (a hard link) until all are done, and goes back. Returns the files removed."""
     kept: List[Tuple[Path, Optional[Path], bool]] = []  # (target, its earlier file's second name, it existed)
+    removed: List[Path] = []
     try:
+        for path in stale:
+            doing = "remove"
+            second = path.with_name(f".{path.name}.{os.getpid()}.earlier{TEMP_SUFFIX}")
+            try:
+                os.link(path, second)
+            except OSError:  # a file system without hard links: no undo, so the file stays
+                continue
+            try:
+                os.unlink(path)
+            except OSError:
+                second.unlink(missing_ok=True)
+                raise
+            kept.append((path, second, True))
+            removed.append(path)
         for tmp, path in pending:
+            doing = "write"
             backup: Optional[Path] = None
             existed = path.is_file()
             if existed:
@@ -215,10 +257,11 @@ def _rename_all(pending: List[Tuple[Path, Path]]) -> None:
                 target.unlink(missing_ok=True)  # new: the set is not in place, so neither is it
         for tmp, _ in pending:
             tmp.unlink(missing_ok=True)
-        raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
+        raise type(exc)(exc.errno, f"cannot {doing} {path}: {exc.strerror or exc}") from None
     for _, backup, _ in kept:
         if backup is not None:
             backup.unlink(missing_ok=True)
+    return removed
 
 
 def write_with(path: Path, writer: Callable[[Path], Any], *, run_files: bool = False) -> Path:

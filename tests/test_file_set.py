@@ -34,6 +34,59 @@ def test_a_file_set_is_renamed_into_place_when_it_ends_and_dropped_when_it_fails
         assert (tmp_path / "a.txt").read_text() == "new a"
 
 
+def test_a_set_removes_the_earlier_reports_files_it_supersedes_and_does_not_write(tmp_path):
+    names = ["page.html", "optional.nc", "other.nc"]
+    for name in names:
+        io.write_text(tmp_path / name, f"old {name}")
+    outside = tmp_path / "outside.nc"
+    outside.write_text("not ours")
+    (tmp_path / "linked.nc").symlink_to(outside)  # a link is never followed or removed
+    with pytest.raises(ValueError):  # a failed set removes nothing
+        with io.file_set():
+            io.supersedes([tmp_path / n for n in [*names, "linked.nc"]])
+            io.write_text(tmp_path / "page.html", "new page")
+            raise ValueError
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "linked.nc",
+        "optional.nc",
+        "other.nc",
+        "outside.nc",
+        "page.html",
+    ]
+    with io.file_set():
+        io.supersedes([tmp_path / n for n in [*names, "linked.nc", "never_written.nc"]])
+        io.write_text(tmp_path / "page.html", "new page")
+        io.write_text(tmp_path / "other.nc", "new other")
+        assert (tmp_path / "optional.nc").exists()  # only once the set goes into place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["linked.nc", "other.nc", "outside.nc", "page.html"]
+    assert io.last_set_removed() == [tmp_path / "optional.nc"]
+    assert (tmp_path / "page.html").read_text() == "new page" and outside.read_text() == "not ours"
+    io.supersedes([tmp_path / "other.nc"])  # outside a set: nothing is removed
+    assert (tmp_path / "other.nc").exists()
+
+
+def test_a_failed_rename_puts_back_the_superseded_files_it_removed(tmp_path, monkeypatch):
+    io.write_text(tmp_path / "page.html", "old page")
+    io.write_text(tmp_path / "optional.nc", "old optional")
+    real = os.replace
+
+    def failing(src, dst, *args, **kwargs):
+        if str(dst).endswith("page.html"):
+            raise OSError(28, "No space left on device")
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="cannot write .*page.html"):
+        with io.file_set():
+            io.supersedes([tmp_path / "page.html", tmp_path / "optional.nc"])
+            io.write_text(tmp_path / "page.html", "new page")
+    monkeypatch.setattr(os, "replace", real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optional.nc", "page.html"]
+    assert (tmp_path / "optional.nc").read_text() == "old optional" and (
+        tmp_path / "page.html"
+    ).read_text() == "old page"
+
+
 def test_sigterm_raises_keyboard_interrupt_inside_a_command_and_the_handler_is_restored():
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):

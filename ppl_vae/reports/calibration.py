@@ -791,25 +791,29 @@ def calibrate_run(
         refine=refined_split,
         meanfield=meanfield_sbc,
     )
-    for key, ds in (
-        ("sbc", sbc),
-        ("sir", sir_sbc),
-        ("refined", refined_sbc),
-        ("meanfield", meanfield_sbc),
-        ("refine", refined_split),
-        ("ppc", ppc),
-        ("discrete", discrete),
-    ):
-        if ds is not None:
-            result.files[key] = results.save_netcdf(ds, paths[key])
     import matplotlib.pyplot as plt
 
-    images: Dict[str, str] = {}
-    for key, fig in figures:
-        result.files[key] = io.write_figure(fig, paths[key], dpi=120)
-        images[key] = figure_to_data_uri(fig, dpi=100)  # closes the figure
-        plt.close(fig)
-    result.files["report"] = io.write_text(paths["report"], render_html(run, result, images))
+    # one set: it replaces an earlier calibration as a whole, whose files this one does not
+    # write (its predictive checks, SIR, refinement ...) are removed, not left beside the page
+    with io.file_set():
+        io.supersedes(paths.values())
+        for key, ds in (
+            ("sbc", sbc),
+            ("sir", sir_sbc),
+            ("refined", refined_sbc),
+            ("meanfield", meanfield_sbc),
+            ("refine", refined_split),
+            ("ppc", ppc),
+            ("discrete", discrete),
+        ):
+            if ds is not None:
+                result.files[key] = results.save_netcdf(ds, paths[key])
+        images: Dict[str, str] = {}
+        for key, fig in figures:
+            result.files[key] = io.write_figure(fig, paths[key], dpi=120)
+            images[key] = figure_to_data_uri(fig, dpi=100)  # closes the figure
+            plt.close(fig)
+        result.files["report"] = io.write_text(paths["report"], render_html(run, result, images))
     return result
 
 

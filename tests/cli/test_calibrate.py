@@ -244,6 +244,17 @@ def test_calibrate_refine_ranks_the_refined_q_on_the_same_simulations_and_report
     text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
     assert not re.search(r"\bnan\b", text, re.IGNORECASE)  # every number on the page is defined
 
+    # a later calibration without refinement or SIR replaces this one as a whole: the refined,
+    # SIR and refinement files it does not write described the earlier page and are removed
+    again = CliRunner().invoke(cli, ["calibrate", str(bernoulli_run), *SMALL, "--out", str(out), "--seed", "1"])
+    assert again.exit_code == 0, again.output
+    stale = {"calibration_sbc_refined.nc", "calibration_refine.nc", "calibration_sbc_sir.nc"}
+    assert not stale & {p.name for p in out.iterdir()}
+    assert {"calibration_sbc.nc", "calibration_ppc.nc", "calibration.html"} <= {p.name for p in out.iterdir()}
+    removed = [line for line in again.output.splitlines() if line.startswith("removed the earlier calibration's")]
+    assert len(removed) == 1 and all(name in removed[0] for name in stale), again.output
+    assert "refined q" not in (out / "calibration.html").read_text()
+
 
 @pytest.mark.parametrize(
     "extra, message",
