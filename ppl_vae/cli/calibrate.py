@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import click
 
@@ -199,14 +199,7 @@ def calibrate(
         binning=ece_binning.replace("-", "_") if opt.given("ece_binning", ctx) else None,
     )
     click.echo(result.summary())
-    io.after_commit(lambda: _echo_written(result.files.values()))  # once in place
-
-
-def _echo_written(files: Iterable[Path]) -> None:
-    click.echo("wrote " + ", ".join(str(p) for p in files))
-    removed = io.last_set_removed()
-    if removed:  # the earlier calibration's files this one did not write: they described another
-        click.echo("removed the earlier calibration's " + ", ".join(str(p) for p in removed))
+    io.after_commit(lambda: opt.echo_written(result.files.values(), "calibration"))  # once in place
 
 
 calibrate.field_flags = {  # type: ignore[attr-defined]  # library errors name the flag

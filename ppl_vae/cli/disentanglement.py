@@ -8,6 +8,7 @@ from typing import Optional
 import click
 
 from ppl_vae import io
+from ppl_vae.cli import options as opt
 
 
 @click.command()
@@ -52,4 +53,4 @@ def disentanglement(
         seed=seed,
     )
     click.echo(report.summary())
-    io.after_commit(lambda: click.echo("wrote " + ", ".join(str(p) for p in report.files.values())))  # once in place
+    io.after_commit(lambda: opt.echo_written(report.files.values(), "report"))  # once in place

@@ -140,6 +140,17 @@ def warn(message: str) -> None:
     click.echo(f"Warning: {' '.join(str(message).split())}", err=True)
 
 
+def echo_written(files: Any, earlier: str) -> None:
+    """Once a report's set is in place (``io.after_commit``): "wrote ..." and, where the set
+    removed the ``earlier`` report's files it did not write (``io.supersedes``), which."""
+    from ppl_vae import io
+
+    click.echo("wrote " + ", ".join(str(p) for p in files))
+    removed = io.last_set_removed()
+    if removed:
+        click.echo(f"removed the earlier {earlier}'s " + ", ".join(str(p) for p in removed))
+
+
 def check_size(flag: str, value: int, limit: int, what: str) -> None:
     """Refuse, before any work, a size far beyond what a machine does in reasonable time or
     memory: a one-line error naming ``flag`` and the limit (``what``: the work it sizes)."""

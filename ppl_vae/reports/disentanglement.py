@@ -165,20 +165,23 @@ def disentanglement_report(
     terms = plot_objective_terms(history)
     if terms is not None:
         figures.append(("Objective terms per epoch", terms))
-    report.files["metrics"] = io.write_netcdf(
-        metrics.merge(
-            traversal[["kl", "activity"]]
-            .rename(kl="traversal_kl", activity="traversal_activity")
-            .rename(latent="traversal_latent")
-        ),
-        paths["metrics"],
-    )
-    for (_, fig), key in zip(figures, ("traversal", "mutual_info", "terms")):
-        report.files[key] = io.write_figure(fig, paths[key], dpi=100)
     note = ""
     if run.config.data.dataset == "dsprites":  # the registered data set, not a user's file
         from ppl_vae.data.dsprites import provenance
 
         note = provenance(run.config.data.data_dir)
-    report.files["report"] = io.write_text(paths["report"], render_html(run_name, config_text, report, figures, note))
+    with io.file_set():  # replaces an earlier report whole: its objective_terms.png goes when this has none
+        io.supersedes(paths.values())
+        report.files["metrics"] = io.write_netcdf(
+            metrics.merge(
+                traversal[["kl", "activity"]]
+                .rename(kl="traversal_kl", activity="traversal_activity")
+                .rename(latent="traversal_latent")
+            ),
+            paths["metrics"],
+        )
+        for (_, fig), key in zip(figures, ("traversal", "mutual_info", "terms")):
+            report.files[key] = io.write_figure(fig, paths[key], dpi=100)
+        page = render_html(run_name, config_text, report, figures, note)
+        report.files["report"] = io.write_text(paths["report"], page)
     return report

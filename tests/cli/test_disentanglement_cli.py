@@ -115,7 +115,12 @@ def test_disentanglement_on_a_users_npz_says_nothing_about_dsprites(tmp_path):
     np.savez(data, data=x, factors=np.stack([fx, fy], 1), factor_names=np.array(["posx", "posy"]))
     run = tmp_path / "run"
     assert invoke("fit", "--dataset", data, "--out", run, *SMALL).exit_code == 0
+    # an earlier report's figure of objective terms, which this run (the plain ELBO) has none of
+    (run / "disentanglement").mkdir()
+    (run / "disentanglement" / "objective_terms.png").write_bytes(b"an earlier report's figure")
     result = invoke("disentanglement", run, "--num-points", "100", "--num-test-points", "30", "--num-steps", "3")
     assert result.exit_code == 0, result.output
     html = (run / "disentanglement" / "disentanglement.html").read_text()
     assert "posx" in html and "dsprites" not in html and "re-rendering" not in html
+    assert "Objective terms" not in html and not (run / "disentanglement" / "objective_terms.png").exists()
+    assert "removed the earlier report's " in result.output and "objective_terms.png" in result.output
