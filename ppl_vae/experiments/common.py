@@ -200,15 +200,20 @@ def train_aevb(
 
 
 def elbo_evaluator(data: Dataset, eval_size: int, num_particles: int = 1) -> Callable[[VAE], Dict[str, float]]:
-    """Mean ELBO per datapoint (nats) on the first ``eval_size`` train and test points."""
+    """Mean ELBO per datapoint (nats) on the first ``eval_size`` train and test points, as
+    ``{"train": mean, "train_se": its standard error, "test": ..., "test_se": ...}``: the sd of
+    the per-datapoint values (one draw each) over sqrt(points), the error of the mean as an
+    estimate of the split's mean ELBO (it holds the Monte Carlo error; NaN for one point)."""
     x_train, x_test = data.train[:eval_size], data.test[:eval_size]
 
     def evaluate(vae: VAE) -> Dict[str, float]:
-        # elbo_per_datapoint scores in eval mode and restores the caller's mode
-        return {
-            split: float(elbo_per_datapoint(vae.model, vae.guide, x, num_particles=num_particles).mean())
-            for split, x in (("train", x_train), ("test", x_test))
-        }
+        out: Dict[str, float] = {}
+        for split, x in (("train", x_train), ("test", x_test)):
+            # elbo_per_datapoint scores in eval mode and restores the caller's mode
+            values = elbo_per_datapoint(vae.model, vae.guide, x, num_particles=num_particles).double()
+            out[split] = float(values.mean())
+            out[f"{split}_se"] = float(values.std() / math.sqrt(values.numel())) if values.numel() > 1 else math.nan
+        return out
 
     return evaluate
 

@@ -42,11 +42,44 @@ def test_fig2_small_run_resumes_and_improves(tmp_path, monkeypatch):
     assert on_disk["lower_bound"].attrs["bound"] == "lower bound"
     assert on_disk["lower_bound"].attrs["long_name"].startswith("mean ELBO per datapoint")
     assert len(pd.read_csv(tmp_path / "fig2.csv")) == 2 * 2 * 4  # methods x splits x (0 + 3 evals)
+    # each ELBO has its standard error over the evaluated points: the 100 points' ELBOs vary by
+    # several nats, so the error of their mean is a fraction of a nat, and the summary prints it
+    se = result["lower_bound_se"]
+    assert bool((se > 0).all()) and float(se.max()) < 5, se.values
+    ((heading, lines),) = fig2.summary_sections(result)
+    assert "± its standard error over the evaluated datapoints" in heading
+    curve = {"dataset": "digits", "latent_dim": 2, "method": "AEVB", "split": "test"}  # 'method' is sel's too
+    final = lb.sel(curve).dropna("num_train_samples")
+    final_se = float(se.sel(curve).sel(num_train_samples=final["num_train_samples"][-1]))
+    assert lines["digits z=2 AEVB test"] == f"{float(final[-1]):.2f} ± {final_se:.2f}"
 
     # a rerun trains nothing: every unit is done
     monkeypatch.setattr(common, "train_curve", lambda *a, **k: pytest.fail("a finished unit was retrained"))
     again = fig2.run(settings, tmp_path, progress=False)
     xr.testing.assert_allclose(again["lower_bound"], lb)
+
+
+def test_the_experiments_elbo_standard_error_is_the_sd_of_the_per_datapoint_elbos_over_root_n():
+    """Independently: the evaluator's error is the sample sd of elbo_per_datapoint at the same
+    RNG state over sqrt(n), and its mean the mean of the same values."""
+    from ppl_vae.data.datasets import load_dataset
+
+    data = load_dataset("digits")
+    vae = common.build_model("digits", data, 2, 8)
+    evaluate = common.elbo_evaluator(data, 40)
+    torch.manual_seed(3)
+    got = evaluate(vae)
+    torch.manual_seed(3)
+    for split, x in (("train", data.train[:40]), ("test", data.test[:40])):
+        values = estimators_elbo(vae, x).double()
+        assert got[split] == pytest.approx(float(values.mean()), rel=1e-6)
+        assert got[f"{split}_se"] == pytest.approx(float(np.std(values.numpy(), ddof=1) / np.sqrt(40)), rel=1e-6)
+
+
+def estimators_elbo(vae, x):
+    from ppl_vae.inference.importance import elbo_per_datapoint
+
+    return elbo_per_datapoint(vae.model, vae.guide, x, num_particles=1)
 
 
 def test_fig2_resumes_an_interrupted_run(tmp_path, monkeypatch):
