@@ -387,7 +387,13 @@ def _verdict_words(d: xr.Dataset) -> str:
     if verdict == "consistent":
         return f"90% coverage within {d.attrs['significance_se']:.0f} se of nominal"
     what = "under-dispersed (too narrow) or biased" if verdict == "too narrow" else "over-dispersed (too wide)"
-    return f"{what}: 90% coverage {excess:+.3f} from nominal ({abs(excess) / se:.0f} se)"
+    return f"{what}: 90% coverage {excess:+.3f} from nominal ({_in_se(excess, se)})"
+
+
+def _in_se(excess: float, se: float) -> str:
+    """How many standard errors ``excess`` is; a coverage of 0 or 1 over the simulations has a
+    standard error of 0, said as such (not a division by it)."""
+    return f"{abs(excess) / se:.0f} se" if se > 0 else "its se is 0: every simulation on the same side"
 
 
 MEAN_FIELD_LABEL = "mean-field q*"
@@ -892,7 +898,7 @@ def _short_verdict(d: xr.Dataset) -> str:
     excess = float(d["excess"].sel(level=COVERAGE_LEVEL))
     se = float(d["coverage_se"].sel(level=COVERAGE_LEVEL))
     what = "too narrow or biased" if verdict == "too narrow" else "too wide"
-    return f"{what} ({excess:+.3f}, {abs(excess) / se:.0f} se)"
+    return f"{what} ({excess:+.3f}, {_in_se(excess, se)})"
 
 
 def _dispersion_table(result: Calibration) -> str:

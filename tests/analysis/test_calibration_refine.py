@@ -127,6 +127,19 @@ def test_dispersion_calls_a_narrow_and_a_wide_posterior(one_thread):
     np.testing.assert_allclose(dn["nominal"].values, [0.5, 0.9])
 
 
+def test_a_coverage_of_one_in_every_simulation_has_se_zero_and_the_report_words_it(one_thread):
+    """A guide 50 times too wide puts every z* inside its 90% interval in every simulation: the
+    coverage is 1 with a standard error of 0, a 'too wide' verdict whose wording divided by
+    that se (ZeroDivisionError after all the work of ``calibrate``)."""
+    from ppl_vae.reports.calibration import _short_verdict, _verdict_words
+
+    d = dispersion(_ranks(_biased_vae(0.0, 50.0), 0))
+    assert float(d["coverage"].sel(level=0.9)) == 1.0 and float(d["coverage_se"].sel(level=0.9)) == 0.0
+    assert d["verdict"].sel(level=0.9).item() == "too wide"
+    assert _short_verdict(d) == "too wide (+0.100, its se is 0: every simulation on the same side)"
+    assert _verdict_words(d).startswith("over-dispersed (too wide): 90% coverage +0.100 from nominal (its se is 0")
+
+
 def test_refined_sbc_refuses_bad_arguments():
     vae = _biased_vae()
     with pytest.raises(ValueError, match="refine_steps must be a positive integer"):
