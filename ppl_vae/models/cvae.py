@@ -100,6 +100,7 @@ class ConditionalVAE(VAE):
     evidence = "log p(x | y)"  # the label is given: the ELBO bounds the conditional evidence
 
     has_fast_path = False  # model/guide differ from the parts-based VAE's: analysis goes through traces
+    encoder_is_guide = True  # its guide is the encoder's Gaussian given (x, y)
     num_classes: int  # always set here (Optional only on the base class)
 
     def __init__(

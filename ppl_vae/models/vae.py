@@ -51,6 +51,10 @@ def _defining_class(cls: type, name: str) -> Optional[type]:
     return next((k for k in cls.__mro__ if name in vars(k)), None)
 
 
+ENCODER_GUIDE_MEMBERS = ("guide", "sample_guide", "guide_and_prior")
+"""The members :attr:`VAE.encoder_is_guide` vouches for: the guide is ``encoder(x)``'s Gaussian."""
+
+
 def declaration_covers(cls: type, flag: str, members: Sequence[str]) -> bool:
     """Whether the class-level declaration ``flag`` (e.g. ``has_fast_path``) that ``cls`` has
     still covers each of ``members``: true where ``cls`` declares it itself, or where every
@@ -124,7 +128,12 @@ class VAE(nn.Module):
 
     encoder_is_guide: bool = True
     """The guide is the encoder's diagonal Gaussian N(loc(x), scale(x)^2) itself (a flow guide is not);
-    methods that fit or call the encoder directly (wake-sleep, MCEM, the fused analytic-KL ELBO) need it."""
+    methods that fit or call the encoder directly (wake-sleep, MCEM, SA, the fused analytic-KL
+    ELBO, the disentangling objectives' KL terms, the gap decomposition's q density) need it.
+    Like :attr:`has_fast_path` the declaration is a class's own: a subclass that overrides a
+    member of :data:`ENCODER_GUIDE_MEMBERS` (a guide widened or shifted from the encoder's output)
+    without declaring ``encoder_is_guide`` itself loses it, so those methods refuse it and the
+    analyses draw from its own guide."""
 
     fast_path_members: Tuple[str, ...] = FAST_PATH_MEMBERS
     """The members :attr:`has_fast_path` vouches for: set on an instance, one of them is not what
@@ -134,6 +143,8 @@ class VAE(nn.Module):
         super().__init_subclass__(**kwargs)
         if not declaration_covers(cls, "has_fast_path", FAST_PATH_MEMBERS):
             cls.has_fast_path = False
+        if not declaration_covers(cls, "encoder_is_guide", ENCODER_GUIDE_MEMBERS):
+            cls.encoder_is_guide = False
 
     def __init__(
         self,

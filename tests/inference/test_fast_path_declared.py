@@ -3,6 +3,7 @@ program it wrote: the issue's tempered model (the joint scaled by 0.5, a power p
 
 from __future__ import annotations
 
+import math
 import types
 
 import pyro
@@ -13,7 +14,7 @@ from ppl_vae.inference.fused import supports_fused_elbo
 from ppl_vae.inference.importance import importance_estimate
 from ppl_vae.inference.latents import fast_pair
 from ppl_vae.models import build_vae
-from ppl_vae.models.vae import FAST_PATH_MEMBERS, VAE
+from ppl_vae.models.vae import ENCODER_GUIDE_MEMBERS, FAST_PATH_MEMBERS, VAE
 
 
 def _pair():
@@ -198,3 +199,102 @@ def test_scoring_a_run_checks_the_declared_fast_path_too(tmp_path, monkeypatch, 
     vae.__class__ = DeclaredCVAE
     with pytest.raises(ValueError, match="DeclaredCVAE declares has_fast_path, but its fast path fails on 8 points"):
         train(vae, data, config.train, progress=False)
+
+
+class _WideGuide(VAE):
+    """QA's subclass: q widened x3 in both `guide` and `sample_guide`, the fast path re-declared
+    (the two sides are in step), `encoder_is_guide` inherited. The methods and analyses that call
+    the encoder directly trained and scored the base class's narrower q (compare printed an
+    approximation gap of -0.25 ± 0.01 nats, impossible in expectation)."""
+
+    has_fast_path = True
+
+    def guide(self, x, y=None, *, num_data=None, kl_weight=1.0):
+        from ppl_vae.models.vae import data_plate
+
+        with data_plate(x, num_data):
+            loc, scale = self.encoder(x)
+            with pyro.poutine.scale(scale=kl_weight):
+                return pyro.sample("z", pyro.distributions.Normal(loc, 3.0 * scale).to_event(1))
+
+    def sample_guide(self, x, num_particles=None, y=None):
+        loc, scale = self.encoder(x)
+        return self.sample_gaussian_guide(loc, 3.0 * scale, num_particles)
+
+
+@pytest.mark.parametrize("member", ENCODER_GUIDE_MEMBERS)
+def test_overriding_the_guide_drops_encoder_is_guide_unless_re_declared(member):
+    def passthrough(self, *args, **kwargs):
+        return getattr(super(type(self), self), member)(*args, **kwargs)
+
+    dropped = type("Dropped", (VAE,), {member: passthrough})
+    kept = type("Kept", (VAE,), {member: passthrough, "encoder_is_guide": True})
+    assert not dropped.encoder_is_guide and kept.encoder_is_guide and VAE.encoder_is_guide
+    assert not _WideGuide.encoder_is_guide and _WideGuide.has_fast_path
+
+
+@pytest.mark.parametrize(
+    "setting, refused",
+    [
+        (dict(method="wake-sleep"), "method 'wake-sleep'"),
+        (dict(method="sa"), "method 'sa'"),
+        (dict(method="mcem"), "method 'mcem'"),
+    ],
+)
+def test_methods_that_call_the_encoder_refuse_a_guide_that_is_not_its_gaussian(setting, refused):
+    from ppl_vae.config import TrainConfig
+    from ppl_vae.errors import ConfigError
+    from ppl_vae.inference.capabilities import check_compatible
+
+    torch.manual_seed(0)
+    base = build_vae("bernoulli_mlp", (1, 8, 8), latent_dim=2, hidden_dim=8)
+    wide = _WideGuide(base.encoder, base.decoder, base.prior, base.likelihood, base.event_shape)
+    with pytest.raises(ConfigError, match=refused) as caught:
+        check_compatible(wide, TrainConfig(device="cpu", **setting))
+    assert "\n" not in str(caught.value) and "encoder" in str(caught.value)
+    check_compatible(base, TrainConfig(device="cpu", **setting))  # the base class is accepted
+
+
+def test_the_disentangling_objectives_take_their_terms_from_the_widened_guide():
+    """beta-VAE's terms read the encoder's (loc, scale) for an encoder guide; for the widened
+    guide they now come from its own draws: log q is the x3-wider density at z drawn from it."""
+    from ppl_vae.inference.disentangle import latent_terms
+
+    torch.manual_seed(0)
+    base = build_vae("bernoulli_mlp", (1, 8, 8), latent_dim=2, hidden_dim=8)
+    wide = _WideGuide(base.encoder, base.decoder, base.prior, base.likelihood, base.event_shape)
+    x = (torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+    terms = latent_terms(wide, x, num_particles=4000)
+    _, scale = base.encoder(x)
+    # E_q[log q] is minus the entropy of N(loc, (3 scale)^2): log 3 = 1.1 nats per dimension below
+    # the encoder's own Gaussian's
+    neg_entropy = -(torch.log(3.0 * scale).sum(-1) + scale.shape[-1] * 0.5 * (1 + math.log(2 * math.pi)))
+    log_q = terms["log_q"]
+    se = log_q.std(0) / math.sqrt(log_q.shape[0])
+    assert bool(((log_q.mean(0) - neg_entropy).abs() < 4 * se).all()), (log_q.mean(0), neg_entropy, se)
+
+
+def test_the_gap_decomposition_scores_the_widened_guide_it_was_given(one_thread):
+    """MIS draws q from the subclass's own guide and scores q* draws under it: the approximation
+    gap log p̂ − L[q*] is >= 0 in expectation, and the fast path (which read the encoder) is not
+    taken for it."""
+    from ppl_vae.analysis.gaps import _fast_mixture_pair, mixture_estimates
+    from ppl_vae.inference.meanfield import fit_mean_field
+
+    torch.manual_seed(0)
+    base = build_vae("bernoulli_mlp", (1, 8, 8), latent_dim=2, hidden_dim=16)
+    wide = _WideGuide(base.encoder, base.decoder, base.prior, base.likelihood, base.event_shape).eval()
+    x = (torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+    q_star = fit_mean_field(wide.model, wide.guide, x, max_steps=200, seed=0).guide()
+    assert _fast_mixture_pair(wide.model, wide.guide, q_star, {}) is None
+    est = mixture_estimates(wide.model, wide.guide, q_star, x, num_samples=2000, seed=0)
+    gap, se = est["approximation_gap"], est["approximation_gap_stderr"]
+    mean, mean_se = float(gap.mean()), float((se**2).sum().sqrt()) / len(gap)
+    assert mean > -3 * mean_se, (mean, mean_se)
+    # and log q at q*'s draws is the widened density: L[q] is the subclass's own ELBO, below the
+    # base encoder's by the KL cost of the wider q on average (checked against Pyro's Trace_ELBO)
+    from ppl_vae.inference.importance import elbo_per_datapoint
+
+    traced = elbo_per_datapoint(wide.model, wide.guide, x, num_particles=2000)
+    diff = est["elbo_amortized"] - traced  # two estimates from 2000 draws of the same q: se sqrt(2) times each's
+    assert bool((diff.abs() < 4 * math.sqrt(2) * est["elbo_amortized_stderr"]).all()), diff
