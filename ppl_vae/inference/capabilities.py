@@ -212,8 +212,9 @@ def check_compatible(
             )
     if config.elbo == "enum" and "elbo" in cls.uses and offers(vae, "reparameterized"):
         raise ConfigError(
-            f"train.elbo 'enum' sums out discrete sites the model marks for enumeration; {what} has none "
-            "(every latent site is continuous), so it would train as train.elbo 'trace': use 'trace'",
+            f"train.elbo 'enum' sums out the discrete sites a model declares in enumerated_sites; {what} declares "
+            "none (a site marked infer={'enumerate': 'parallel'} must be declared there too), so it would train "
+            "as train.elbo 'trace': use 'trace'",
             field="train.elbo",
         )
     min_batch = getattr(cls, "min_batch_size", 1)

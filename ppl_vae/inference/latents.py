@@ -682,12 +682,64 @@ def verify_declared_fast_path(pair: Any, x: Tensor, *, rows: int = 8, **kwargs: 
         pass
 
 
+_ENUMERATION_CHECKED: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def verify_enumerated_sites(pair: Any, x: Tensor, **kwargs: Any) -> None:
+    """Refuse, once and before training, a pair of a class from outside the library whose model
+    marks a discrete latent site ``infer={"enumerate": "parallel"}`` that its guide does not
+    sample, without declaring it in ``enumerated_sites``. The estimators sum such a site out;
+    training sums out only the declared ones (TraceEnum_ELBO), and SVI's Trace_ELBO would draw
+    the site from its prior inside the model: another objective, with biased gradients, than the
+    one evaluation scores. One probe trace of model and guide on two rows of ``x``; the RNG and
+    the modules' train/eval modes are left as they were."""
+    model, guide = getattr(pair, "model", None), getattr(pair, "guide", None)
+    if not callable(model) or not callable(guide) or type(pair).__module__.split(".")[0] == "ppl_vae":
+        return
+    try:
+        if pair in _ENUMERATION_CHECKED:
+            return
+    except TypeError:  # an object that takes no weak reference is checked each time
+        pass
+    declared = set(getattr(pair, "enumerated_sites", ()) or ())
+    xb, kw = _probe_rows(x, kwargs)
+    modes = [(m, m.training) for m in pair.modules()] if isinstance(pair, torch.nn.Module) else []
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        try:
+            for m, _ in modes:
+                m.eval()
+            traces = [poutine.trace(poutine.block(f, hide_types=["param"])).get_trace(xb, **kw) for f in (guide, model)]
+        finally:
+            for m, mode in modes:
+                m.train(mode)
+    guided = {name for name, _ in _latent_sample_sites(traces[0])}
+    undeclared = [
+        name
+        for name, site in _latent_sample_sites(traces[1])
+        if _enumerated(site) and site["fn"].support.is_discrete and name not in guided and name not in declared
+    ]
+    if undeclared:
+        names = ", ".join(map(repr, undeclared))
+        raise ValueError(
+            f"{type(pair).__name__}'s model marks the discrete site(s) {names} for enumeration, which its guide "
+            f"does not sample, but the class does not declare them: add enumerated_sites = ({names},) to it, so "
+            "that training sums them out (TraceEnum_ELBO) as the estimators do; undeclared, SVI would sample them "
+            "from the prior inside the model"
+        )
+    try:
+        _ENUMERATION_CHECKED.add(pair)
+    except TypeError:
+        pass
+
+
 __all__ = [
     "FastPair",
     "Latents",
     "Layout",
     "Site",
     "check_fast_path",
+    "verify_enumerated_sites",
     "fast_pair",
     "guide_and_prior",
     "log_importance_weights",

@@ -912,8 +912,10 @@ def train_eval_set(data: Dataset, config: TrainConfig, indices: Optional[torch.T
 
 def verify_fast_path_on(vae: VAE, data: Dataset) -> None:
     """A user's class that declares the fast path is checked against its Pyro program on a few
-    test points (:func:`~ppl_vae.inference.latents.verify_declared_fast_path`), once per model."""
-    from ppl_vae.inference.latents import verify_declared_fast_path
+    test points (:func:`~ppl_vae.inference.latents.verify_declared_fast_path`), and one whose
+    model marks a discrete site for enumeration must declare it in ``enumerated_sites``
+    (:func:`~ppl_vae.inference.latents.verify_enumerated_sites`); once per model."""
+    from ppl_vae.inference.latents import verify_declared_fast_path, verify_enumerated_sites
 
     x, labels = (data.test, data.test_labels) if data.test.shape[0] else (data.train, data.train_labels)
     device = next(iter(vae.parameters()), torch.empty(0)).device  # a run's data is loaded on the CPU
@@ -921,6 +923,7 @@ def verify_fast_path_on(vae: VAE, data: Dataset) -> None:
     if getattr(vae, "num_classes", None) is not None and labels is not None:
         kwargs["y"] = labels[:8].to(device)
     verify_declared_fast_path(vae, torch.as_tensor(x[:8]).to(device), **kwargs)
+    verify_enumerated_sites(vae, torch.as_tensor(x[:8]).to(device), **kwargs)
 
 
 def train(

@@ -373,7 +373,7 @@ def test_with_flags_replaces_arguments_only():
             ["--model", "two_layer", "--hidden-dim", "7", "--model-option", "hidden_dims=[[16],[8]]"],
             "both set the hidden sizes of 'two_layer': give one",
         ),
-        (["--elbo", "enum"], "--elbo 'enum' sums out discrete sites the model marks for enumeration; model"),
+        (["--elbo", "enum"], "--elbo 'enum' sums out the discrete sites a model declares in enumerated_sites; model"),
         (["--train-size", "5000"], "--train-size 5000 is larger than the training set of digits (1438 points)"),
         (["--model", "m2", "--label-seed", "3"], "--label-seed applies to a semi-supervised split (labels N) only"),
     ],
