@@ -422,47 +422,48 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
     if job.fresh and writer and job.resumed_config is None:
         run_dir.mkdir(parents=True, exist_ok=True)
         runs.save_config(run_dir, config)
-    if not job.fresh:
-        _check_labelled_split(run_dir, data)
-        _check_resumed_data(run_dir, data)
-    if job.fresh:
-        state = TrainState()
-    else:
-        # a history without val_elbo would let a run with early stopping train on past its stop
-        needed = ("val_elbo",) if config.train.val_fraction > 0 else ()
-        state = runs.restore(run_dir, vae, stepper, optimizer_state=not job.reset_optimizer, history_vars=needed)
-        runs.restore_learning_rates(
-            run_dir, stepper, config.train, lr_scale=job.lr_scale or 1.0, fresh_optimizer=job.reset_optimizer
-        )
-    start = state.epoch
-    checkpointer = runs.Checkpointer(
-        run_dir,
-        config.train.checkpoint_every,
-        extra={
-            "event_shape": list(data.event_shape),
-            "data_info": data.data_info,
-            runs.CONFIG_KEY: json.loads(config.to_json()),  # what these weights are trained under
-            TEST_DATA_KEY: fingerprint(data.test, data.test_labels),  # what evaluate and compare must find again
-            TRAIN_DATA_KEY: fingerprint(data.train, data.train_labels),  # what a resume must find again
-        },
-        # a resume's new settings are written with the first checkpoint trained under them
-        before_first_save=(lambda: runs.save_config(run_dir, config)) if job.write_config and writer else None,
-    )
-    callbacks: list = [checkpointer] if writer else []
-    if job.sample_grids and writer:
-        from ppl_vae.analysis.generation import SampleGridRecorder
-
-        recorder = SampleGridRecorder(run_dir / "samples")
-        recorder.check_frames()  # a resume over frames drawn with other settings: refused before training
-        callbacks.append(recorder)
-    callbacks.append(DivergenceCheck(int(np.prod(data.event_shape))))
-    callbacks.extend(job.callbacks)
-    metrics = None
-    if vae.label_metrics:  # what the model declares, on the test set where the data has labels
-        from ppl_vae.analysis.semisupervised import epoch_label_metrics
-
-        metrics = epoch_label_metrics(vae, data.test, data.test_labels)
+    # from here until the first epoch ends, a failure removes what this fresh run wrote (config.json)
     try:
+        if not job.fresh:
+            _check_labelled_split(run_dir, data)
+            _check_resumed_data(run_dir, data)
+        if job.fresh:
+            state = TrainState()
+        else:
+            # a history without val_elbo would let a run with early stopping train on past its stop
+            needed = ("val_elbo",) if config.train.val_fraction > 0 else ()
+            state = runs.restore(run_dir, vae, stepper, optimizer_state=not job.reset_optimizer, history_vars=needed)
+            runs.restore_learning_rates(
+                run_dir, stepper, config.train, lr_scale=job.lr_scale or 1.0, fresh_optimizer=job.reset_optimizer
+            )
+        start = state.epoch
+        checkpointer = runs.Checkpointer(
+            run_dir,
+            config.train.checkpoint_every,
+            extra={
+                "event_shape": list(data.event_shape),
+                "data_info": data.data_info,
+                runs.CONFIG_KEY: json.loads(config.to_json()),  # what these weights are trained under
+                TEST_DATA_KEY: fingerprint(data.test, data.test_labels),  # what evaluate and compare must find again
+                TRAIN_DATA_KEY: fingerprint(data.train, data.train_labels),  # what a resume must find again
+            },
+            # a resume's new settings are written with the first checkpoint trained under them
+            before_first_save=(lambda: runs.save_config(run_dir, config)) if job.write_config and writer else None,
+        )
+        callbacks: list = [checkpointer] if writer else []
+        if job.sample_grids and writer:
+            from ppl_vae.analysis.generation import SampleGridRecorder
+
+            recorder = SampleGridRecorder(run_dir / "samples")
+            recorder.check_frames()  # a resume over frames drawn with other settings: refused before training
+            callbacks.append(recorder)
+        callbacks.append(DivergenceCheck(int(np.prod(data.event_shape))))
+        callbacks.extend(job.callbacks)
+        metrics = None
+        if vae.label_metrics:  # what the model declares, on the test set where the data has labels
+            from ppl_vae.analysis.semisupervised import epoch_label_metrics
+
+            metrics = epoch_label_metrics(vae, data.test, data.test_labels)
         history = train(
             vae,
             data,

@@ -204,6 +204,54 @@ def test_a_run_interrupted_before_its_first_checkpoint_leaves_nothing_behind(tmp
     assert ppl_vae.fit(small_config(), tmp_path / "run", progress=False).epochs_done == 2
 
 
+@pytest.mark.parametrize("failing", ["Checkpointer", "_check_labelled_split"])
+def test_a_failure_between_config_json_and_training_leaves_nothing_behind(tmp_path, monkeypatch, failing):
+    """QA: an error after config.json was written but before the training loop (the checkpointer's
+    set-up, the label metrics, a resume's checks) left a folder holding only config.json."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("broken on purpose")
+
+    target = runs if failing == "Checkpointer" else pipeline
+    monkeypatch.setattr(target, failing, broken)
+    if failing == "_check_labelled_split":  # read on resumes only: resume a run made just now
+        monkeypatch.undo()
+        ppl_vae.fit(small_config(epochs=1), tmp_path / "run", progress=False)
+        before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+        monkeypatch.setattr(target, failing, broken)
+        with pytest.raises(RuntimeError, match="broken on purpose"):
+            ppl_vae.resume(tmp_path / "run", epochs=2, progress=False)
+        assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before  # as it was
+        return
+    with pytest.raises(RuntimeError, match="broken on purpose"):
+        ppl_vae.fit(small_config(), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_registered_for_fit_must_build_a_vae(tmp_path, monkeypatch):
+    """QA: a hand-written Pyro pair registered as a model crashed fit with one AttributeError after
+    another (prior, likelihood, label_metrics, latent_dim); fit now says what --model takes."""
+    import dataclasses
+
+    from ppl_vae.models.zoo import MODELS
+
+    class Pair(torch.nn.Module):
+        def model(self, x, y=None, num_data=None, kl_weight=1.0): ...
+
+        def guide(self, x, y=None, num_data=None, kl_weight=1.0): ...
+
+    spec = dataclasses.replace(MODELS.get("bernoulli_mlp"), build=lambda *a, **k: Pair())
+    monkeypatch.setitem(MODELS._entries, "pair", spec)
+    config = small_config()
+    config.model.model = "pair"
+    with pytest.raises(ValueError) as caught:
+        ppl_vae.fit(config, tmp_path / "run", progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and "model 'pair' built a Pair, not a ppl_vae.models.VAE" in message
+    assert "ppl_vae.inference.train" in message
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_folder_with_only_a_config_can_be_resumed_and_reused(tmp_path):
     """A run killed between writing config.json and its first checkpoint (SIGKILL: no cleanup)."""
     straight = ppl_vae.fit(small_config(), tmp_path / "straight", progress=False)

@@ -327,6 +327,12 @@ def build_vae(
     check_model_options(model, spec.build, model_options)
     _check_sizes_given_once(model, given_latent_dim, given_hidden_dim, model_options)
     vae = spec.build(event_shape, latent_dim, hidden_dim, prior, likelihood, **{**(data_info or {}), **model_options})
+    if not isinstance(vae, VAE):  # a plugin's builder: what every command reads of a model is a VAE's
+        raise ValueError(
+            f"model {model!r} built a {type(vae).__name__}, not a ppl_vae.models.VAE: a model registered for "
+            "--model is a VAE (encoder, decoder, prior, likelihood; subclass it to write your own model or guide); "
+            "train a hand-written Pyro pair from Python with ppl_vae.inference.train(pair, data, TrainConfig(...))"
+        )
     vae = make_guide(guide, vae, **(guide_options or {}))
     vae.prior.attach_to(vae.encoder, vae.event_shape, num_classes=vae.num_classes)
     return vae
