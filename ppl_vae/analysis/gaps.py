@@ -175,7 +175,9 @@ def _draws(
     return [lp.log_joint, lp.log_guide, log_r_at_q, joint_s, log_r, log_q_at_r]
 
 
-def _fast_mixture_pair(model: Callable, guide: Callable, meanfield_guide: Callable, kw: Dict[str, Any]) -> Any:
+def _fast_mixture_pair(
+    model: Callable, guide: Callable, meanfield_guide: Callable, kw: Dict[str, Any], x: Optional[Tensor] = None
+) -> Any:
     """The pair whose protocol draws and scores both proposals without tracing, or None.
 
     It must offer the fast path (:func:`~ppl_vae.inference.latents.fast_pair`), its guide must be
@@ -187,7 +189,7 @@ def _fast_mixture_pair(model: Callable, guide: Callable, meanfield_guide: Callab
     from ppl_vae.inference.capabilities import offers
     from ppl_vae.inference.latents import fast_pair
 
-    owner = fast_pair(model, guide, kw)
+    owner = fast_pair(model, guide, kw, x)  # with x: a user's class is checked against its program first
     if owner is None or not offers(owner, "fast_path", "encoder_guide") or not hasattr(owner, "encoder"):
         return None
     if not isinstance(meanfield_guide, MeanFieldGuide) or meanfield_guide.latent_site != "z":
@@ -261,7 +263,7 @@ def mixture_estimates(
     batches = list(data_batches(x, kwargs, batch_size))
     mf_batches = _split_guide(meanfield_guide, x.shape[0], batch_size)
     if particle_batch_size is None:
-        traced = not fast_path or _fast_mixture_pair(model, guide, mf_batches[0], batches[0][1]) is None
+        traced = not fast_path or _fast_mixture_pair(model, guide, mf_batches[0], batches[0][1], batches[0][0]) is None
         particle_batch_size = default_particle_batch_size(batch_size, traced=traced)
     check_positive("particle_batch_size", particle_batch_size)
     chunks = math.ceil(num_samples / particle_batch_size)
@@ -275,7 +277,7 @@ def mixture_estimates(
         for i, ((xb, kw), mf) in enumerate(zip(batches, mf_batches)):
             parts: Dict[str, List[Tensor]] = {"a": [], "b": [], "mq": [], "ms": []}
             with seeded(None if seed is None else block_seed(seed, i * batch_size), xb.device):
-                owner = _fast_mixture_pair(model, guide, mf, kw) if fast_path else None
+                owner = _fast_mixture_pair(model, guide, mf, kw, xb) if fast_path else None
                 for start in range(0, num_samples, particle_batch_size):
                     k = min(particle_batch_size, num_samples - start)
                     if owner is not None:

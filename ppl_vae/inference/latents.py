@@ -80,12 +80,17 @@ def declares_fast_path(pair: Any) -> bool:
     return not any(name in vars(pair) for name in members)
 
 
-def fast_pair(model: Callable, guide: Optional[Callable] = None, kwargs: Mapping[str, Any] = {}) -> Optional[Any]:
+def fast_pair(
+    model: Callable, guide: Optional[Callable] = None, kwargs: Mapping[str, Any] = {}, x: Optional[Tensor] = None
+) -> Optional[Any]:
     """The object whose protocol serves ``model`` (and ``guide``), or None for the traced path.
 
     ``model`` (and ``guide``, when given) must be that object's own ``model``/``guide`` (bound
     methods compare equal when they are the same object's), the object must declare
-    ``has_fast_path``, and ``kwargs`` must be ones the protocol takes.
+    ``has_fast_path``, and ``kwargs`` must be ones the protocol takes. With the data ``x`` about
+    to be scored, a class from outside the library is checked against its Pyro program the
+    first time (:func:`verify_declared_fast_path`): a declaration the class does not keep is a
+    ValueError, not the base class's numbers.
     """
     owner = getattr(model, "__self__", None)
     if owner is None or not declares_fast_path(owner):
@@ -94,6 +99,8 @@ def fast_pair(model: Callable, guide: Optional[Callable] = None, kwargs: Mapping
         return None
     if set(kwargs) - FAST_PATH_KWARGS:
         return None
+    if x is not None:
+        verify_declared_fast_path(owner, x, **kwargs)
     return owner
 
 
@@ -425,7 +432,7 @@ def log_prior_and_likelihood(
     :func:`model_layout`) tells the draw dims from the event dims; without it they are inferred
     from the datapoint dim.
     """
-    owner = fast_pair(model, None, kwargs)
+    owner = fast_pair(model, None, kwargs, x)
     if owner is not None:
         return owner.log_prior(x, latents, **kwargs), owner.log_likelihood(x, latents, **kwargs)
     return _traced_terms(model, x, latents, kwargs, layout=layout)
@@ -447,7 +454,7 @@ def sample_guide(
     model: Callable, guide: Callable, x: Tensor, num_particles: int, **kwargs: Any
 ) -> Tuple[Latents, Tensor]:
     """Draws of the guide's latent sites ``{site: (K, N, *event_shape)}`` and log q ``(K, N)``."""
-    owner = fast_pair(model, guide, kwargs)
+    owner = fast_pair(model, guide, kwargs, x)
     if owner is not None:
         return owner.sample_guide(x, num_particles, **kwargs)
     with pyro.plate(PARTICLE_PLATE, num_particles, dim=-2):
@@ -492,7 +499,7 @@ def log_importance_weights(
     """
     if num_particles < 1:
         raise ValueError(f"num_particles must be >= 1, got {num_particles}")
-    owner = None if args else fast_pair(model, guide, kwargs)
+    owner = None if args else fast_pair(model, guide, kwargs, x)
     if owner is not None:
         latents, log_q, log_prior = guide_and_prior(owner, x, num_particles, **kwargs)
         return log_prior + owner.log_likelihood(x, latents, **kwargs) - log_q
@@ -542,12 +549,14 @@ def traced_log_probs(
     return LogProbs(prior + lik, lik, log_q), guide_trace
 
 
-def _fast_model_owner(model: Callable, guide: Callable, kwargs: Mapping[str, Any]) -> Optional[Any]:
+def _fast_model_owner(
+    model: Callable, guide: Callable, kwargs: Mapping[str, Any], x: Optional[Tensor] = None
+) -> Optional[Any]:
     """The model's fast-path owner where :func:`_fast_model_weights` applies, else None."""
     guide_shapes = getattr(guide, "latent_shapes", None)
     if not callable(guide_shapes) or not callable(getattr(guide, "draw_latents", None)):
         return None
-    owner = fast_pair(model, None, kwargs)
+    owner = fast_pair(model, None, kwargs, x)
     if owner is None or tuple(getattr(owner, "enumerated_sites", ())):
         return None
     model_shapes = getattr(owner, "latent_shapes", None)
@@ -569,7 +578,7 @@ def _fast_model_weights(
     traced path's numbers to float rounding, from the same draws. None (trace them) where it
     does not apply, decided before anything is drawn: the model sums out discrete sites, the
     guide's sites or event shapes are not the model's, or an event is not a vector."""
-    owner = _fast_model_owner(model, guide, kwargs)
+    owner = _fast_model_owner(model, guide, kwargs, x)
     if owner is None:
         return None
     latents, log_q = guide.draw_latents(num_particles)  # type: ignore[attr-defined]
@@ -645,6 +654,7 @@ def check_fast_path(pair: Any, x: Tensor, *, num_particles: int = 4, atol: float
 
 
 _VERIFIED: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_VERIFYING: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 def verify_declared_fast_path(pair: Any, x: Tensor, *, rows: int = 8, **kwargs: Any) -> None:
@@ -654,8 +664,25 @@ def verify_declared_fast_path(pair: Any, x: Tensor, *, rows: int = 8, **kwargs: 
     overrides ``model`` and declares the flag again would otherwise train and be scored as its
     base class. The library's own classes are checked by its tests; the RNG and the modules'
     train/eval modes are left as they were (batch normalisation's statistics do not move)."""
-    if pair in _VERIFIED or not declares_fast_path(pair) or type(pair).__module__.split(".")[0] == "ppl_vae":
+    if not declares_fast_path(pair) or type(pair).__module__.split(".")[0] == "ppl_vae":
         return
+    try:
+        if pair in _VERIFIED or pair in _VERIFYING:  # the check's own scoring does not check again
+            return
+        _VERIFYING.add(pair)
+    except TypeError:  # an object that takes no weak reference is checked each time
+        pass
+    try:
+        _verify(pair, x, rows, kwargs)
+    finally:
+        _VERIFYING.discard(pair)
+    try:
+        _VERIFIED.add(pair)
+    except TypeError:
+        pass
+
+
+def _verify(pair: Any, x: Tensor, rows: int, kwargs: Dict[str, Any]) -> None:
     devices = [x.device] if x.device.type == "cuda" else []
     modes = [(m, m.training) for m in pair.modules()] if isinstance(pair, torch.nn.Module) else []
     with torch.random.fork_rng(devices=devices):
@@ -676,10 +703,6 @@ def verify_declared_fast_path(pair: Any, x: Tensor, *, rows: int = 8, **kwargs: 
         finally:
             for m, mode in modes:
                 m.train(mode)
-    try:
-        _VERIFIED.add(pair)
-    except TypeError:  # an object that takes no weak reference is checked each time
-        pass
 
 
 _ENUMERATION_CHECKED: "weakref.WeakSet[Any]" = weakref.WeakSet()

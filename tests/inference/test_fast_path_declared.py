@@ -298,3 +298,33 @@ def test_the_gap_decomposition_scores_the_widened_guide_it_was_given(one_thread)
     traced = elbo_per_datapoint(wide.model, wide.guide, x, num_particles=2000)
     diff = est["elbo_amortized"] - traced  # two estimates from 2000 draws of the same q: se sqrt(2) times each's
     assert bool((diff.abs() < 4 * math.sqrt(2) * est["elbo_amortized_stderr"]).all()), diff
+
+
+def test_the_python_estimators_check_a_declared_fast_path_on_first_use(one_thread):
+    """QA: fit and the run commands check a user's re-declared fast path, but the Python API's
+    estimators trusted it and returned the base class's numbers (IW -49.8 for a tempered model
+    whose own program scores -25.0). Each now checks the class on the data it is given, once."""
+    from ppl_vae.inference import estimators
+    from ppl_vae.inference.importance import elbo_per_datapoint
+    from ppl_vae.inference.latents import _VERIFIED
+
+    torch.manual_seed(0)
+    base = build_vae("bernoulli_mlp", (1, 8, 8), latent_dim=2, hidden_dim=8)
+    x = (torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+    calls = [
+        lambda m: estimators.estimate("iw", m.model, m.guide, x, seed=0, num_samples=50),
+        lambda m: estimators.estimate("ais", m.model, m.guide, x, seed=0, num_steps=3, num_chains=2),
+        lambda m: elbo_per_datapoint(m.model, m.guide, x, num_particles=5),
+    ]
+    for call in calls:
+        lying = Lying(base.encoder, base.decoder, base.prior, base.likelihood, base.event_shape).eval()
+        with pytest.raises(ValueError, match="the fast path of Lying differs from its model/guide"):
+            call(lying)
+    honest = type("Honest", (VAE,), {"has_fast_path": True})(
+        base.encoder, base.decoder, base.prior, base.likelihood, base.event_shape
+    ).eval()
+    rng = torch.get_rng_state()
+    got = estimators.estimate("iw", honest.model, honest.guide, x, seed=0, num_samples=50).log_px
+    assert honest in _VERIFIED and torch.equal(torch.get_rng_state(), rng)
+    base.eval()
+    assert torch.equal(got, estimators.estimate("iw", base.model, base.guide, x, seed=0, num_samples=50).log_px)
