@@ -919,6 +919,35 @@ SIGNIFICANCE = 3.0
 
 @torch.no_grad()
 @in_eval_mode("model", "guide")
+def check_discrete_calibratable(model: Callable, guide: Callable, x: Tensor, site: str, **kwargs: Any) -> None:
+    """A one-line ValueError unless :func:`discrete_posterior` can run on the pair: the guide has a
+    categorical q(``site`` | x) to calibrate, and model and guide take ``component=`` that clamps
+    the site (as :class:`ppl_vae.models.discrete.EnumeratedCategoricalVAE` does). Two rows of
+    ``x`` are traced; the RNG is left as it was."""
+    import inspect
+
+    from ppl_vae.inference.enumerated import guide_value_log_probs
+
+    n = x.shape[0]
+    probe = {k: rows(v, n, slice(0, 2)) for k, v in kwargs.items()}
+    owner = type(getattr(guide, "__self__", guide)).__name__
+    try:
+        guide_value_log_probs(guide, x[:2], site, **probe)
+    except ValueError as exc:
+        raise ValueError(f"{owner}: {exc}, so there is no q({site} | x) to calibrate") from None
+    for what, fn in (("model", model), ("guide", guide)):
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        if not any(p.name == "component" or p.kind is p.VAR_KEYWORD for p in params):
+            raise ValueError(
+                f"the calibration of site {site!r} clamps it with component= (a LongTensor of values, one per "
+                f"datapoint), which {owner}'s {what} does not take: add component=None to its model and guide and "
+                "sample the site at that value where it is given"
+            )
+
+
 def discrete_posterior(
     model: Callable,
     guide: Callable,
@@ -963,6 +992,7 @@ def discrete_posterior(
         num_values = enumerated_num_values(model, x[:2], site, **probe)
     check_positive("num_values", num_values)
     check_enumerable(model, x[:2], site, num_values, **probe)
+    check_discrete_calibratable(model, guide, x, site, **kwargs)
     log_joint_c, log_joint_se = [], []
     for c in range(int(num_values)):  # the seeds of enumerated_estimate: the same p̂(x, c)
         est = importance_estimate(

@@ -652,6 +652,16 @@ def calibrate_run(
     if site is not None and sel.x.shape[0] < 2:
         raise ValueError(f"num_datapoints must be >= 2 for the calibration of site {site!r}, got {sel.x.shape[0]}")
     skipped: List[str] = []
+    if site is not None:  # up front: the discrete site's calibration comes last
+        from ppl_vae.analysis.calibration import check_discrete_calibratable
+
+        try:
+            check_discrete_calibratable(vae.model, vae.guide, sel.x, site, **kwargs)
+        except ValueError as exc:
+            if any(v is not None for v in discrete_given.values()):
+                raise
+            skipped.append(f"the calibration of the discrete site {site!r} ({exc})")
+            site = None
     try:
         check_simulable(vae.model, vae.guide, sel.x, kwargs, name, seed)  # a few datapoints: cheap
         simulable = True

@@ -94,6 +94,47 @@ def test_the_iw_posterior_matches_the_exact_one_within_its_se(mixture_data):
     assert float(post["posterior_se"].max()) < 0.05
 
 
+class _NoComponent(TemperedMixture):
+    """The same pair without ``component=``: what a user writing the contract's pair would have."""
+
+    def model(self, x, y=None):
+        super().model(x)
+
+    def guide(self, x, y=None):
+        super().guide(x)
+
+
+class _NoDiscreteGuide(TemperedMixture):
+    """A guide of z alone: there is no q(c|x) (the model sums c out)."""
+
+    def guide(self, x, y=None, component=None):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample(
+                "z", dist.MultivariateNormal(torch.zeros(x.shape[0], 2, dtype=x.dtype), torch.eye(2, dtype=x.dtype))
+            )
+
+
+def test_the_discrete_calibration_refuses_a_pair_it_cannot_run_on_before_any_estimate(mixture_data, monkeypatch):
+    """QA: calibrate of a user's pair that declares enumerated_sites crashed with TypeError
+    (guide() got an unexpected keyword argument 'component') after all the SBC work; now a
+    one-line ValueError before the first estimate, naming what is missing."""
+    from ppl_vae.analysis import calibration
+    from ppl_vae.inference import importance
+
+    _, x, _ = mixture_data
+    monkeypatch.setattr(importance, "importance_estimate", lambda *a, **k: pytest.fail("estimated before the check"))
+    for pair, message in (
+        (_NoComponent(), "clamps it with component=.*which _NoComponent's model does not take"),
+        (_NoDiscreteGuide(), "_NoDiscreteGuide: the guide has no categorical sample site 'c', so there is no q"),
+    ):
+        with pytest.raises(ValueError, match=message) as caught:
+            discrete_posterior(pair.model, pair.guide, x[:10], site="c", num_values=2, seed=0)
+        assert "\n" not in str(caught.value)
+        with pytest.raises(ValueError, match=message):
+            calibration.check_discrete_calibratable(pair.model, pair.guide, x[:10], "c")
+    calibration.check_discrete_calibratable(TemperedMixture().model, TemperedMixture().guide, x[:10], "c")
+
+
 @pytest.mark.parametrize("temper", [1.0, 0.3, 3.0])
 def test_exact_q_is_calibrated_and_tempered_q_is_flagged(mixture_data, temper):
     """The debiased squared error (Kumar et al. 2019) has mean 0 for a calibrated q; its

@@ -215,6 +215,30 @@ def test_a_discrete_model_that_cannot_be_simulated_still_gets_its_discrete_site_
     assert "Skipped:" in page and "Discrete site y" in page and "<h2>Simulation-based calibration</h2>" not in page
 
 
+def test_a_discrete_site_that_cannot_be_calibrated_is_skipped_up_front_or_refused_when_asked_for(
+    m2_run, tmp_path, monkeypatch
+):
+    """A pair whose discrete site cannot be clamped (no component=) crashed calibrate with a
+    TypeError after the SBC work; it is now named up front: skipped with the reason, or refused
+    in one line when the discrete site's settings were given."""
+    from ppl_vae.analysis import calibration
+
+    def refuse(*args, **kwargs):
+        raise ValueError("the calibration of site 'y' clamps it with component= (stand-in)")
+
+    monkeypatch.setattr(calibration, "check_discrete_calibratable", refuse)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["calibrate", str(m2_run), *SMALL, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "skipped: the calibration of the discrete site 'y' (the calibration of site 'y' clamps it" in result.output
+    assert "calibration_discrete.nc" not in {p.name for p in out.iterdir()}
+    asked = CliRunner().invoke(
+        cli, ["calibrate", str(m2_run), *SMALL, "--ece-bins", "5", "--out", str(tmp_path / "o2")]
+    )
+    one_line_error(asked, "clamps it with component=")
+    assert not (tmp_path / "o2").exists()
+
+
 def test_calibrate_refine_ranks_the_refined_q_on_the_same_simulations_and_reports_the_gap(bernoulli_run, tmp_path):
     before = _hashes(bernoulli_run)
     out = tmp_path / "out"
