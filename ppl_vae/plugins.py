@@ -71,6 +71,10 @@ def check_module_name(name: object, what: str = "plugin") -> str:
     """``name`` when it is a dotted module name such as ``mypkg.parts``; else a PluginError."""
     if not isinstance(name, str) or not _MODULE_NAME.match(name):
         raise PluginError(f"{what} must be a dotted module name such as 'mypkg.parts', got {name!r}")
+    if name.endswith(".py"):  # a file name: importing it would run 'mypkg' and then fail on '.py'
+        raise PluginError(
+            f"{what} must be a dotted module name such as 'mypkg.parts', got the file name {name!r}: use {name[:-3]!r}"
+        )
     return name
 
 

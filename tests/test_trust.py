@@ -102,6 +102,16 @@ def test_entry_point_syntax_in_a_config_runs_nothing(run, name):
         assert "Traceback" not in result.stderr
 
 
+def test_a_file_name_as_a_plugin_imports_nothing_even_trusted(run, planted):
+    """QA: "beside_run.py" in config.json is a dotted name (package beside_run, module py): under
+    --trust-plugins it imported beside_run, ran its code, then said it "cannot be imported"."""
+    name_plugin(run, ["beside_run.py"])
+    for flags in ([], ["--trust-plugins"]):
+        result = invoke(*flags, "evaluate", run, "-k", 2, "--num-datapoints", 2, "--no-progress")
+        assert result.exit_code == 1 and not planted.exists(), (flags, result.output)
+        assert result.stderr.count("\n") == 1 and "got the file name 'beside_run.py': use 'beside_run'" in result.stderr
+
+
 def test_fit_resume_of_a_received_run_imports_nothing(run, planted):
     name_plugin(run, ["beside_run"])
     result = invoke("fit", "--resume", run, "--epochs", 1, "--no-progress")
