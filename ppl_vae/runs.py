@@ -488,6 +488,10 @@ def _check_optimizer_shapes(optimizer: torch.optim.Optimizer, what: str) -> None
                 )
 
 
+MOMENTUM_KEYS = ("betas", "momentum")
+"""The param-group settings a momentum-cycling schedule moves; a resume puts back the checkpoint's."""
+
+
 def restore_learning_rates(
     run_dir: Path, stepper: Stepper, config: TrainConfig, *, lr_scale: float = 1.0, fresh_optimizer: bool = False
 ) -> None:
@@ -504,6 +508,12 @@ def restore_learning_rates(
     path = Path(run_dir) / CHECKPOINT
     saved = stepper.pending_scheduler_state or {}
     stepper.pending_scheduler_state = None
+    # a schedule that cycles the momentum (CyclicLR, OneCycleLR) sets each group's betas/momentum
+    # to its cycle's start when it is made; the checkpoint's optimizer state holds where it was
+    momenta = {
+        name: [{k: group[k] for k in MOMENTUM_KEYS if k in group} for group in optimizer.param_groups]
+        for name, optimizer in stepper.optimizers.items()
+    }
     schedulers = attach_lr_schedulers(stepper, config)  # made afresh: nothing is pending
     for name in saved:
         if name not in schedulers:
@@ -540,6 +550,8 @@ def restore_learning_rates(
         base = getattr(scheduler, "base_lrs", None)
         for i, group in enumerate(optimizer.param_groups):
             group["lr"] = float(last[i]) * lr_scale  # a fresh optimizer starts at the schedule's rate too
+            if not fresh_optimizer:
+                group.update(momenta[name][i])
             if base is not None:
                 base[i] = base[i] * lr_scale
                 if "initial_lr" in group:
