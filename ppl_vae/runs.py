@@ -43,7 +43,7 @@ from ppl_vae.inference.training import (
     history_records,
     history_to_xarray,
 )
-from ppl_vae.io import TEMP_SUFFIX, remove_stale_temp_files, write_netcdf, write_text, write_with
+from ppl_vae.io import TEMP_SUFFIX, file_set, remove_stale_temp_files, write_netcdf, write_text, write_with
 
 if TYPE_CHECKING:  # xarray is imported where used: fit needs none of it before its first step
     import xarray as xr
@@ -709,18 +709,22 @@ class Checkpointer(Callback):
         self.before_first_save = before_first_save
 
     def _save(self, ctx: TrainContext) -> None:
-        if self.before_first_save is not None:  # once, just before the first checkpoint
-            self.before_first_save()
-            self.before_first_save = None
-        save(
-            self.run_dir,
-            ctx.vae,
-            ctx.stepper,
-            ctx.state,
-            attrs=ctx.attrs,
-            extra=self.extra,
-            descriptions=ctx.descriptions,
-        )
+        # one set: config.json (a resume's new settings), the history and the checkpoint go into
+        # place together or not at all, so an interrupt never leaves a config the checkpoint was
+        # not trained under (every later resume refused it) or a history ahead of its checkpoint
+        with file_set():
+            if self.before_first_save is not None:  # once, just before the first checkpoint
+                self.before_first_save()
+            save(
+                self.run_dir,
+                ctx.vae,
+                ctx.stepper,
+                ctx.state,
+                attrs=ctx.attrs,
+                extra=self.extra,
+                descriptions=ctx.descriptions,
+            )
+        self.before_first_save = None
         self.last_epoch = ctx.state.epoch
 
     def on_train_start(self, ctx: TrainContext) -> None:

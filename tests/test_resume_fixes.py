@@ -95,6 +95,35 @@ def test_resume_with_a_new_lr_scales_the_schedule(tmp_path, one_thread, change):
     assert meta["schedulers"]["svi"]["base_lrs"] == pytest.approx([1e-2])
 
 
+@pytest.mark.parametrize("stage", ["history", "checkpoint"])
+def test_an_interrupted_resume_with_a_new_lr_leaves_config_and_checkpoint_in_step(
+    tmp_path, one_thread, monkeypatch, stage
+):
+    """QA: a resume with a new --lr wrote config.json first, then the history, then the
+    checkpoint; a Ctrl-C between them left config.json with the new rate beside a checkpoint
+    trained with the old one, and every later resume was refused ('restore config.json'). The
+    three now go into place as one set."""
+    import safetensors.torch
+
+    run_dir = tmp_path / "r"
+    pipeline.fit(small_config(epochs=2), run_dir, progress=False)
+    before = snapshot(run_dir)
+    target = (runs, "write_netcdf") if stage == "history" else (safetensors.torch, "save_file")
+    real = getattr(*target)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(*target, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.resume(run_dir, epochs=3, progress=False, lr=5e-4)
+    monkeypatch.setattr(*target, real)
+    assert snapshot(run_dir) == before  # config.json, history and checkpoint all as they were
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    resumed = pipeline.resume(run_dir, epochs=3, progress=False, lr=5e-4)  # the printed command works
+    assert resumed.history.epoch.values.tolist() == [1, 2, 3] and resumed.config.train.lr == 5e-4
+
+
 def test_resume_with_a_new_lr_scales_the_schedule_base_too(tmp_path, one_thread):
     """CosineAnnealingLR reads its base rate at a restart (epoch T_max + 1): scaled, it goes on
     as a run started at the new rate does."""
