@@ -315,6 +315,7 @@ def _collect_from_here(callback: Any, imports: bool = True, as_a_set: bool = Fal
                 import torch  # noqa: F401
             gc.freeze()
             gc.enable()
+        _deliver_held_signals()  # a Ctrl-C during the imports: now, as KeyboardInterrupt
         if not as_a_set:
             return callback(*args, **kwargs)
         from ppl_vae.io import file_set
@@ -324,6 +325,29 @@ def _collect_from_here(callback: Any, imports: bool = True, as_a_set: bool = Fal
 
     run.collects_from_here = True  # type: ignore[attr-defined]
     return run
+
+
+# While the console entry point starts (the command line parsed, torch, NumPy and Pyro imported),
+# SIGINT and SIGTERM are recorded here and delivered as KeyboardInterrupt once the command's body
+# begins: raised inside those imports, a Ctrl-C was swallowed (torch's import clears a pending
+# exception: the command trained to the end and exited 0) or left NumPy half-imported (a
+# traceback later). None: not holding (signals interrupt at once).
+_HELD_SIGNALS: Optional[List[int]] = None
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    if _HELD_SIGNALS is not None:
+        _HELD_SIGNALS.append(signum)
+        return
+    raise KeyboardInterrupt
+
+
+def _deliver_held_signals() -> None:
+    """Stop holding; raise KeyboardInterrupt if a signal arrived while the command started."""
+    global _HELD_SIGNALS
+    held, _HELD_SIGNALS = _HELD_SIGNALS, None
+    if held:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -337,10 +361,7 @@ def _terminate_as_interrupt() -> Iterator[None]:
         yield
         return
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, _on_signal)  # KeyboardInterrupt (held while starting)
     try:
         yield
     finally:
@@ -360,6 +381,9 @@ def main() -> None:  # console entry point
     atexit.register(gc.freeze)
     _GC_DEFERRED, enabled = True, gc.isenabled()
     gc.disable()
+    global _HELD_SIGNALS
+    _HELD_SIGNALS = []
+    previous = _hold_start_up_signals()
     try:
         cli()
     finally:  # no command ran (--help, a usage error): the collector as it was
@@ -367,3 +391,24 @@ def main() -> None:  # console entry point
             _GC_DEFERRED = False
             if enabled:
                 gc.enable()
+        held, _HELD_SIGNALS = _HELD_SIGNALS, None
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if held:  # arrived while a command that never reached its body (--help, an error) started
+            click.echo("Error: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+
+def _hold_start_up_signals() -> Dict[int, Any]:
+    """Route SIGINT and SIGTERM through :func:`_on_signal` (which holds them until the command's
+    body begins); returns the handlers to put back. A SIGINT the shell ignores (a background job)
+    stays ignored."""
+    previous: Dict[int, Any] = {}
+    if threading.current_thread() is not threading.main_thread():
+        return previous
+    for number in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(number)
+        if number == signal.SIGINT and handler is signal.SIG_IGN:
+            continue
+        previous[number] = signal.signal(number, _on_signal)
+    return previous

@@ -234,3 +234,36 @@ def test_commands_run_in_process_leave_the_collector_alone():
     result = invoke("models")
     assert result.exit_code == 0, result.output
     assert gc.isenabled() and gc.get_freeze_count() == frozen
+
+
+HELD_AT_START_UP = r"""
+import os, signal, sys
+import ppl_vae.cli.main as entry
+
+real, number = entry._hold_start_up_signals, getattr(signal, sys.argv[1])
+def hold_then_signal():
+    previous = real()
+    os.kill(os.getpid(), number)  # as if it came while torch is imported
+    return previous
+entry._hold_start_up_signals = hold_then_signal
+sys.argv = ["ppl-vae", *sys.argv[2:]]
+entry.main()
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_during_start_up_is_held_and_delivered_as_one_line_exit_130(tmp_path, name):
+    """QA: a Ctrl-C while torch and NumPy were imported (the first 0.3-0.9 s) was swallowed (the
+    command trained to the end and exited 0) or left NumPy half-imported (a traceback later). It
+    is now held until the command's body begins and delivered there: exit 130, one line, and
+    nothing written."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", HELD_AT_START_UP, name, "fit", "--epochs", "1", "--train-size", "100",
+           "--out", str(run), "--no-progress", "--device", "cpu"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 130, (done.returncode, done.stdout, done.stderr)
+    assert done.stderr.startswith("Error: interrupted") and done.stderr.count("\n") == 1, done.stderr
+    assert "Traceback" not in done.stderr and not run.exists()
+    helped = subprocess.run([*cmd[:4], "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert helped.returncode == 130 and helped.stderr == "Error: interrupted\n", helped.stderr  # no body ran
