@@ -283,14 +283,17 @@ def save(
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
-    if checkpoint == CHECKPOINT and state.records:
+    meta: Dict[str, Any] = {"epoch": state.epoch, "step": state.step, "extra": extra or {}}
+    if state.records:
         # no epoch finished (the checkpoint before a fresh run's first step): there is no history
         # to write yet, and restore() reads an epoch-0 checkpoint without one; skipping it keeps
         # xarray and h5netcdf (0.3 s of imports) out of fit's start-up
         history = history_to_xarray(state.records, attrs, descriptions)
-        _interruptible(lambda: write_netcdf(history, run_dir / HISTORY, run_files=True))
+        # which history these weights continue: restore() refuses another run's history.nc
+        meta[HISTORY_DIGEST_KEY] = records_digest(history_records(history))
+        if checkpoint == CHECKPOINT:
+            _interruptible(lambda: write_netcdf(history, run_dir / HISTORY, run_files=True))
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
-    meta: Dict[str, Any] = {"epoch": state.epoch, "step": state.step, "extra": extra or {}}
     if stepper is not None and stepper.optimizers:
         optim_tensors, meta["optimizers"] = _flatten_optimizers(stepper.optimizers)
         tensors.update(optim_tensors)
@@ -463,6 +466,13 @@ def restore(
         records = []
     if [r["epoch"] for r in records] != list(range(1, epoch + 1)):
         raise RunDirError(f"{run_dir / HISTORY} does not hold epochs 1..{epoch} of the checkpoint")
+    digest = meta.get(HISTORY_DIGEST_KEY)  # checkpoints from before it was recorded have none
+    if records and digest is not None and digest != records_digest(records):
+        raise RunDirError(
+            f"{run_dir / HISTORY} is not the history of {run_dir / CHECKPOINT}: its epochs 1..{epoch} hold other "
+            "numbers than the ones these weights were trained through (another run's history, or an edited one); "
+            "restore the run's own file or start a new run"
+        )
     try:
         torch.set_rng_state(tensors["rng.cpu"])
     except (KeyError, TypeError, RuntimeError):
@@ -486,6 +496,23 @@ def _check_optimizer_shapes(optimizer: torch.optim.Optimizer, what: str) -> None
                     f"{what} is damaged: state {key!r} has shape {tuple(value.shape)} but its "
                     f"parameter has shape {tuple(param.shape)}"
                 )
+
+
+HISTORY_DIGEST_KEY = "history_digest"
+"""The checkpoint metadata's digest of the history records it continues (:func:`records_digest`)."""
+
+
+def records_digest(records: Sequence[Dict[str, Any]]) -> str:
+    """A digest of the history records' numbers (every variable, as float64 bytes, NaN included)."""
+    import hashlib
+    import struct
+
+    h = hashlib.sha256()
+    for record in records:
+        for key in sorted(record):
+            h.update(key.encode())
+            h.update(struct.pack("<d", float(record[key])))
+    return h.hexdigest()[:32]
 
 
 MOMENTUM_KEYS = ("betas", "momentum")

@@ -65,6 +65,23 @@ def one_line_error(result, pattern: str = "") -> str:
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def drop_history_digest(run_dir) -> None:
+    """Make ``run_dir``'s checkpoint one written before checkpoints recorded which history they
+    continue (``runs.HISTORY_DIGEST_KEY``), as a test standing in for an old run layer needs."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from ppl_vae import runs
+
+    path = Path(run_dir) / runs.CHECKPOINT
+    with safe_open(str(path), framework="pt") as fh:
+        meta = json.loads(fh.metadata()["ppl_vae"])
+    del meta[runs.HISTORY_DIGEST_KEY]
+    save_file(load_file(str(path)), str(path), metadata={"ppl_vae": json.dumps(meta)})
+
+
 def drop_checkpoint_config(run_dir) -> None:
     """Make ``run_dir``'s checkpoint one written before checkpoints kept the config they were
     trained under (``runs.CONFIG_KEY``): a config.json edited since is then not caught by that

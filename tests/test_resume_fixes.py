@@ -124,6 +124,22 @@ def test_an_interrupted_resume_with_a_new_lr_leaves_config_and_checkpoint_in_ste
     assert resumed.history.epoch.values.tolist() == [1, 2, 3] and resumed.config.train.lr == 5e-4
 
 
+def test_a_history_from_another_run_is_refused_on_resume(tmp_path, one_thread):
+    """QA: resume checked only the epoch numbers of history.nc, so another run's history (seed 1)
+    was merged into this one's: its epochs 1-2 then this run's epoch 3, read by early stopping,
+    the best checkpoint and ReduceLROnPlateau. The checkpoint now records which history it
+    continues."""
+    pipeline.fit(small_config(epochs=2), tmp_path / "mine", progress=False)
+    pipeline.fit(small_config(epochs=2, seed=1), tmp_path / "other", progress=False)
+    (tmp_path / "mine" / runs.HISTORY).write_bytes((tmp_path / "other" / runs.HISTORY).read_bytes())
+    before = snapshot(tmp_path / "mine")
+    with pytest.raises(RunDirError, match="history.nc is not the history of .*checkpoint.safetensors") as caught:
+        pipeline.resume(tmp_path / "mine", epochs=3, progress=False)
+    assert "\n" not in str(caught.value) and snapshot(tmp_path / "mine") == before
+    resumed = pipeline.resume(tmp_path / "other", epochs=3, progress=False)  # its own history resumes
+    assert resumed.history.epoch.values.tolist() == [1, 2, 3]
+
+
 def test_resume_with_a_new_lr_scales_the_schedule_base_too(tmp_path, one_thread):
     """CosineAnnealingLR reads its base rate at a restart (epoch T_max + 1): scaled, it goes on
     as a run started at the new rate does."""
