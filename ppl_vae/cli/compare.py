@@ -80,7 +80,7 @@ from ppl_vae.estimator_options import (
 @opt.device_option()
 @opt.seed_option()
 @opt.out_option("Folder for report.html and the tables (default: the run directory; RUN1/multirun for several).")
-@opt.nproc_option("mean-field VI's 500, or --batch-size 100 for --estimator iw")
+@opt.nproc_option("mean-field VI's 500 datapoints, or of 100 for --estimator iw")
 @opt.threads_option()
 @opt.progress_option("Show progress bars.")
 @profile_option()

@@ -111,7 +111,8 @@ def seeded(seed: Optional[int], device: Any = None) -> Iterator[None]:
 def block_seed(seed: int, start: int, stream: int = 0) -> int:
     """A 63-bit seed for the block of datapoints starting at index ``start``, derived from
     ``seed`` (``stream`` separates independent uses, e.g. the scores and a report's draws):
-    results then do not depend on how the datapoints are split into batches or processes."""
+    results then do not depend on how the blocks are shared among processes (the block size
+    itself is part of the seeding: other blocks draw other samples)."""
     import numpy as np
 
     state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(stream), int(start)]).generate_state(2, np.uint32)
