@@ -120,16 +120,22 @@ def score_gaps(
     vae = run.vae
     x = sel.x[start:stop]
     kwargs = {k: v[start:stop] for k, v in sel.model_kwargs(run).items()}
-    return fit_and_decompose(
-        vae.model,
-        vae.guide,
-        x,
-        num_samples=num_samples,
-        batch_size=batch_size,
-        mean_field_options=mean_field_options,
-        datapoint=sel.index[start:stop],
-        **kwargs,
-    )
+    try:
+        return fit_and_decompose(
+            vae.model,
+            vae.guide,
+            x,
+            num_samples=num_samples,
+            batch_size=batch_size,
+            mean_field_options=mean_field_options,
+            datapoint=sel.index[start:stop],
+            **kwargs,
+        )
+    except ValueError as exc:  # a refusal names a site or a size: say which run and model too
+        raise ValueError(
+            f"the gap decomposition (mean-field q* and MIS) on model {run.config.model.model!r} "
+            f"(run {run.run_dir}): {exc}"
+        ) from None
 
 
 def join_gap_blocks(parts: List[xr.Dataset]) -> xr.Dataset:

@@ -103,13 +103,36 @@ class _EvaluateTask(BlockTask):
         return score_block(run, sel, start, stop, self.estimator, self.options)
 
 
+def _hints(run: Any, sel: Any) -> Dict[str, str]:
+    """How the warnings name another estimator: not AIS where it cannot run on the model (a
+    latent site off the real line, e.g. the relaxed GMVAE's simplex: AIS refuses it)."""
+    import torch
+
+    from ppl_vae.inference.latents import model_layout
+
+    kwargs: Dict[str, Any] = {k: v[:2] if torch.is_tensor(v) else v for k, v in sel.model_kwargs(run).items()}
+    try:
+        model_layout(run.vae.model, sel.x[:2], **kwargs)
+    except ValueError:
+        return {
+            "estimator": "another --estimator that applies to this model (not ais, mis or appendix_d, which move "
+            "latents freely: its latent sites are not all on the real line)"
+        }
+    return {}
+
+
 def score_block(run: Any, sel: Any, start: int, stop: int, estimator: str, options: Dict[str, Any]) -> xr.Dataset:
     """The estimator's dataset for the selection's datapoints [start, stop) of a run, drawn from
     the caller's random stream (:func:`~ppl_vae.reports.blocks.map_blocks` seeds it per block).
     ``evaluate`` and multi-run ``compare`` both score through it."""
     vae = run.vae
     kwargs = {k: v[start:stop] for k, v in sel.model_kwargs(run).items()}
-    est = estimators.get(estimator)(vae.model, vae.guide, sel.x[start:stop], seed=None, **options, **kwargs)
+    try:
+        est = estimators.get(estimator)(vae.model, vae.guide, sel.x[start:stop], seed=None, **options, **kwargs)
+    except ValueError as exc:  # the estimator's refusal names a site or a size: say which run and model too
+        raise ValueError(
+            f"estimator {estimator!r} on model {run.config.model.model!r} (run {run.run_dir}): {exc}"
+        ) from None
     return est.to_dataset(sel.index[start:stop])
 
 
@@ -209,7 +232,7 @@ def evaluate_run(
     ds.attrs.update({f"label_metric_{name}": value for name, value in metrics.items()})
     if metric_lines:
         ds.attrs["label_metrics"] = " | ".join(metric_lines)
-    evaluation = Evaluation(ds)
+    evaluation = Evaluation(ds, warnings=evaluation_warnings(ds, _hints(run, sel)))
     ds.attrs["warnings"] = " | ".join(evaluation.warnings) or "none"
     if not writer or out is None:
         return evaluation

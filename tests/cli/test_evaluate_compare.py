@@ -150,3 +150,37 @@ def test_bad_inputs_give_one_line_errors(run_dir, tmp_path, command):
         assert result.exit_code != 0
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], result.output
+
+
+def test_a_refusal_names_the_estimator_the_model_and_the_run_and_hints_skip_estimators_that_refuse(
+    tmp_path_factory, tmp_path
+):
+    """QA: the relaxed GMVAE's simplex site was refused by ais/mis/appendix_d and compare with
+    "latent site 'c' has support Simplex() ...", naming neither the estimator nor the model nor
+    (in a multi-run compare) the run; and evaluate's IW warning advised 'e.g. ais', which is
+    refused for that model."""
+    from tests.cli.conftest import tiny_run
+
+    run = tiny_run(tmp_path_factory, "relaxed_gmvae", epochs=1)
+    runner = CliRunner()
+    small = ["--num-datapoints", "8", "--no-progress", "--out", str(tmp_path / "o")]
+    for estimator in ("ais", "mis"):
+        result = runner.invoke(cli, ["evaluate", str(run), "--estimator", estimator, *small])
+        one_line_error(result, f"estimator {estimator!r} on model 'relaxed_gmvae' (run {run}): latent site 'c'")
+    result = runner.invoke(cli, ["compare", str(run), *small])
+    one_line_error(result, f"the gap decomposition (mean-field q* and MIS) on model 'relaxed_gmvae' (run {run})")
+    assert not (tmp_path / "o").exists()
+    from ppl_vae.reports import evaluation
+    from ppl_vae.reports.common import select_datapoints
+
+    hints = {}
+    for path in (run, tiny_run(tmp_path_factory, "gaussian_mlp", epochs=1)):
+        loaded = pipeline.load_run(path, history=False)
+        hints[loaded.config.model.model] = evaluation._hints(loaded, select_datapoints(loaded, "test", 4, 0))
+    assert hints["gaussian_mlp"] == {} and "not ais, mis or appendix_d" in hints["relaxed_gmvae"]["estimator"]
+    hint = hints["relaxed_gmvae"]
+    ds = xr.Dataset({"log_px": ("datapoint", np.zeros(4)), "ess": ("datapoint", np.ones(4))},
+                    attrs={"estimator": "iw", "num_samples": 100})  # fmt: skip
+    ds["log_px_stderr"] = ds["log_px"]
+    lines = evaluation.evaluation_warnings(ds, hint)  # ESS 1 of 100: advises another estimator
+    assert any("or use another --estimator that applies to this model (not ais" in line for line in lines), lines
