@@ -14,8 +14,11 @@ or ``"ais"``. The quantities compared are the estimator's log p̂ and every furt
 estimate it returns with a standard error. For each run and quantity it reports the mean
 over datapoints, and against the reference run (the first) the mean paired difference with
 two standard errors: ``se`` = sd_i(d_i) / sqrt(N) (what a new sample of datapoints would
-vary by; it includes the Monte Carlo noise) and ``mc_se`` = sqrt(Σ_i (se_A,i² + se_B,i²)) / N
-(the Monte Carlo part alone, for these datapoints; the runs' samples are independent).
+vary by; it includes the Monte Carlo noise actually present) and ``mc_se`` = sqrt(Σ_i (se_A,i² +
+se_B,i²)) / N, the Monte Carlo error Δ would have for these datapoints if the runs' draws were
+independent. They are not: every run is scored from the same seed (common random numbers), which
+usually makes the Monte Carlo part of Δ smaller than ``mc_se`` (a run against itself gives Δ = 0
+exactly), so ``mc_se`` is said as what it is, not as the Monte Carlo part of ``se``.
 """
 
 from __future__ import annotations
@@ -348,7 +351,7 @@ def paired_table(ds: xr.Dataset) -> pd.DataFrame:
 
 def format_paired_table(table: pd.DataFrame) -> str:
     """The table as aligned text for the terminal (nats)."""
-    lines = [f"{'run':<24} {'quantity':<36} {'mean':>10} {'± se':>7}  {'Δ vs ref':>9} {'± se':>7} {'MC se':>7}  kind"]
+    lines = [f"{'run':<24} {'quantity':<36} {'mean':>10} {'± se':>7}  {'Δ vs ref':>9} {'± se':>7} {'MC se*':>7}  kind"]
     for (run, _), r in table.iterrows():
         diff = "" if not np.isfinite(r["diff"]) else f"{r['diff']:>9.3f} {r['diff_se']:>7.3f} {r['diff_mc_se']:>7.3f}"
         lines.append(
@@ -358,6 +361,10 @@ def format_paired_table(table: pd.DataFrame) -> str:
         "Δ vs ref: mean over datapoints of (run − reference run) on the same datapoints; "
         "its se is the paired standard error; kind: what the mean is with respect to its target (a difference "
         "of two bounds is neither)"
+    )
+    lines.append(
+        "MC se*: the Monte Carlo se Δ would have if the runs' draws were independent; they share their random "
+        "numbers, which usually makes Δ's Monte Carlo part smaller (a run against itself: Δ = 0 exactly)"
     )
     return "\n".join(lines)
 
@@ -459,14 +466,16 @@ def render_multirun_html(comparison: MultiComparison) -> str:
         f"Differences are taken per datapoint against the reference run <code>{esc(ref)}</code> and then "
         "averaged, so the spread between easy and hard datapoints, which dominates each run's own standard "
         "error, cancels. A difference larger than about twice its paired standard error (|z| &gt; 2) is more "
-        "than noise; the Monte Carlo se is the part of that error due to sampling alone. Higher log p̂ and "
+        "than noise. The Monte Carlo se is what the sampling error of Δ would be if the runs' draws were independent; "
+        "they share their random numbers (the same seed), which usually makes it smaller, and the paired se holds "
+        "the sampling noise actually present. Higher log p̂ and "
         "ELBO are better; smaller gaps mean better inference.</p></div>",
     ]
     for w in comparison.warnings:
         parts.append(f"<p class='warning'><b>Warning.</b> {esc(w)}</p>")
     header = (
         "<tr><th>run</th><th>quantity</th><th>kind</th><th>mean (nats)</th><th>se</th>"
-        "<th>Δ vs reference</th><th>paired se</th><th>MC se</th><th>z</th><th>beyond noise?</th></tr>"
+        "<th>Δ vs reference</th><th>paired se</th><th>MC se if independent</th><th>z</th><th>beyond noise?</th></tr>"
     )
     rows = [header]
     fmt = lambda v: "" if v is None or not np.isfinite(v) else f"{v:.3f}"  # noqa: E731

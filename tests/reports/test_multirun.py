@@ -112,6 +112,10 @@ def test_compare_several_runs_from_the_cli(two_runs, tmp_path):
     html = (tmp_path / "report.html").read_text()
     assert "How to read this" in html and html.count("src='data:image/png;base64,") == 1
     assert "paired se" in html and "http://" not in html
+    # QA: the run against itself printed an 'MC se' of Δ of 0.040 beside Δ = 0.000: it is the se
+    # Δ would have with independent draws, and every number that says so now says that
+    assert "MC se*: the Monte Carlo se Δ would have if the runs' draws were independent" in result.output
+    assert "MC se if independent" in html and "they share their random numbers" in html
 
 
 def test_iw_estimator_and_refusals(two_runs, tmp_path):
