@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ppl_vae.inference.latents import Layout, guide_layout, log_joint, model_layout
+from ppl_vae.inference.latents import Layout, guide_layout, log_joint, model_layout, richer_than_mean_field
 from ppl_vae.inference.local_fit import LocalBlock, fit_local
 from ppl_vae.inference.meanfield import HALF_LOG_2PI_E, MeanFieldGuide, guide_moments
 from ppl_vae.inference.modes import check_positive, in_eval_mode
@@ -36,6 +36,17 @@ __all__ = ["RefineResult", "refine"]
 NEVER = -1.0
 """A plateau tolerance no window can meet: ``|change| <= -1 * |previous|`` never holds, so every
 block takes exactly ``num_steps`` steps (SA-VAE's fixed K)."""
+
+
+GUIDE_ITSELF = "the guide itself (a diagonal Gaussian per datapoint)"
+
+
+def start_words(richer: Optional[str]) -> str:
+    """:attr:`RefineResult.start` for a guide that is richer than a diagonal Gaussian in the way
+    ``richer`` says (:func:`~ppl_vae.inference.latents.richer_than_mean_field`), or is not (None)."""
+    if richer is None:
+        return GUIDE_ITSELF
+    return f"the diagonal Gaussian with the guide's per-datapoint moments, not the guide ({richer})"
 
 
 @dataclass
@@ -67,6 +78,10 @@ class RefineResult:
     trace: Tensor
     num_eval_samples: int
     layout: Optional[Layout] = None
+    start: str = GUIDE_ITSELF
+    """What q_0 is: the guide itself (a diagonal Gaussian per datapoint), or, for a richer guide
+    (a flow, a hierarchy's conditional chain, a mixture), the diagonal Gaussian with its moments,
+    whose ELBO is not the guide's."""
 
     def guide(self) -> MeanFieldGuide:
         """The refined q_K as a guide over the N datapoints (one row per datapoint, in the order of
@@ -87,8 +102,9 @@ class RefineResult:
         def flat(t: Tensor) -> Any:
             return t.detach().reshape(t.shape[0], -1).cpu().double().numpy()
 
+        q0 = "the encoder's q(z|x)" if self.start == GUIDE_ITSELF else f"q_0, {self.start}"
         described = {
-            "elbo_before": ("lower bound", "Monte Carlo ELBO of the encoder's q(z|x), nats (lower bound)"),
+            "elbo_before": ("lower bound", f"Monte Carlo ELBO of {q0}, nats (lower bound)"),
             "elbo_before_stderr": ("neither", "Monte Carlo standard error of elbo_before (nats)"),
             "elbo_after": ("lower bound", "Monte Carlo ELBO of the refined q(z|x), nats (lower bound)"),
             "elbo_after_stderr": ("neither", "Monte Carlo standard error of elbo_after (nats)"),
@@ -106,6 +122,7 @@ class RefineResult:
         ds["num_steps"] = ("datapoint", self.num_steps.cpu().numpy())
         ds.attrs.update(
             method="refine",
+            start=self.start,
             num_eval_samples=int(self.num_eval_samples),
             reference="Kim et al. (2018) SA-VAE; Marino et al. (2018) iterative amortized inference",
         )
@@ -254,4 +271,5 @@ def refine(
         trace=fit.trace,
         num_eval_samples=num_eval_samples,
         layout=layout,
+        start=start_words(richer_than_mean_field(guide, x, **model_kwargs)),
     )

@@ -128,6 +128,27 @@ def test_several_latent_sites_refine_as_one_diagonal_gaussian(one_thread):
     assert (result.elbo_after < log_p + Z * result.elbo_after_stderr).all()
 
 
+def test_a_flow_guides_refinement_says_its_start_is_a_gaussian_matched_to_it_not_the_guide(one_thread):
+    """QA: calibrate --refine on an IAF guide printed 'ELBO of the encoder's q' and 'amortization
+    gap closed' for q_0, the diagonal Gaussian with the guide's moments, whose ELBO is not the
+    flow's. The start is now said, in the result, its dataset and the ELBO's long name."""
+    from ppl_vae.inference.refine import GUIDE_ITSELF
+    from ppl_vae.models import build_vae
+
+    torch.manual_seed(0)
+    flow = build_vae("bernoulli_mlp", (1, 8, 8), latent_dim=2, hidden_dim=8, guide="iaf").eval()
+    x = (torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+    result = refine(flow.model, flow.guide, x, seed=0, num_steps=2, num_eval_samples=10)
+    assert result.start.startswith("the diagonal Gaussian with the guide's per-datapoint moments, not the guide")
+    ds = result.to_dataset()
+    assert (
+        ds.attrs["start"] == result.start
+        and "ELBO of q_0, the diagonal Gaussian" in ds["elbo_before"].attrs["long_name"]
+    )
+    plain = build_vae("bernoulli_mlp", (1, 8, 8), latent_dim=2, hidden_dim=8).eval()
+    assert refine(plain.model, plain.guide, x, seed=0, num_steps=1).start == GUIDE_ITSELF
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
