@@ -228,7 +228,14 @@ def evaluate_run(
         ds.attrs["preprocessing"] = str(sel.preprocessing)
     from ppl_vae.reports.common import label_metric_lines
 
-    metrics, metric_lines = label_metric_lines(run, sel)
+    if est.simulated:  # its rows are draws from the model, one per selected datapoint, not those datapoints
+        import numpy as np
+
+        ds = ds.assign_coords(datapoint=np.arange(ds.sizes["datapoint"]))
+        ds.attrs["split"] = f"none: {ds.sizes['datapoint']} datapoints simulated from the model"
+        metrics, metric_lines = {}, []  # a test-set metric does not describe simulated data
+    else:
+        metrics, metric_lines = label_metric_lines(run, sel)
     ds.attrs.update({f"label_metric_{name}": value for name, value in metrics.items()})
     if metric_lines:
         ds.attrs["label_metrics"] = " | ".join(metric_lines)

@@ -87,6 +87,10 @@ def test_bdmc_prints_the_sandwich_for_each_step_count(run_dir, tmp_path):
     assert all(ds[v].attrs.get("bound") in BOUNDS for v in ds.data_vars)
     gap = ds["gap"].mean("datapoint").values
     assert gap[1] < gap[0]  # the sandwich closes as steps grow
+    # its rows are simulated, not the test datapoints whose number they take (QA: they carried the
+    # test set's indices and split 'test')
+    assert ds.attrs["split"] == "none: 4 datapoints simulated from the model"
+    assert ds["datapoint"].values.tolist() == [0, 1, 2, 3]
 
 
 def test_warnings_name_weak_estimates_and_what_to_do():

@@ -253,3 +253,31 @@ def test_bad_arguments_name_the_argument(lg, kwargs, message):
     direct = {k: v for k, v in kwargs.items() if k not in fields}
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ais_log_px(vae.model, None, x, settings=settings, **{"num_steps": 2, **direct})
+
+
+def test_bdmc_says_when_its_bounds_cross_and_names_the_evidence():
+    """QA: BDMC printed "-44.051 <= log p(x) <= -44.170", an inequality false as printed, with no
+    word, and "log p(x)" for a cvae whose evidence is log p(x | y)."""
+    import numpy as np
+    import xarray as xr
+
+    from ppl_vae.inference.ais import _bdmc_summary, _bdmc_warnings
+
+    def sandwich(gaps, evidence="log p(x | y)"):
+        lower = np.full((1, len(gaps)), -44.0)
+        upper = lower + np.asarray(gaps)[None]
+        return xr.Dataset(
+            {"lower": (("num_steps", "datapoint"), lower), "upper": (("num_steps", "datapoint"), upper),
+             "gap": (("num_steps", "datapoint"), upper - lower)},
+            coords={"num_steps": [10]}, attrs={"num_chains": 2, "evidence": evidence},
+        )  # fmt: skip
+
+    names = {"num_steps": "--ais-steps", "num_chains": "--num-chains"}
+    closed = sandwich([0.3, -0.5, 0.1, -0.2])  # mean -0.075, se 0.175: crossed within noise
+    last = _bdmc_summary(closed)[-1]
+    assert last.startswith("the bounds cross by 0.075 ± 0.175 nats at T=10: log p(x | y) is about -44.038"), last
+    assert _bdmc_warnings(closed, names) == []
+    crossed = sandwich([-0.30, -0.31, -0.29, -0.30])  # far beyond its se
+    (warning,) = _bdmc_warnings(crossed, names)
+    assert "cross by 0.300 nats, more than 3 standard errors" in warning and "--num-chains" in warning
+    assert _bdmc_summary(sandwich([0.1, 0.2]))[-1].startswith("-44.000 <= log p(x | y) <= -43.850")
