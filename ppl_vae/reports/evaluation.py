@@ -233,7 +233,8 @@ def evaluate_run(
 
         ds = ds.assign_coords(datapoint=np.arange(ds.sizes["datapoint"]))
         ds.attrs["split"] = f"none: {ds.sizes['datapoint']} datapoints simulated from the model"
-        metrics, metric_lines = {}, []  # a test-set metric does not describe simulated data
+        metrics: Dict[str, Any] = {}  # a test-set metric does not describe simulated data
+        metric_lines: List[str] = []
     else:
         metrics, metric_lines = label_metric_lines(run, sel)
     ds.attrs.update({f"label_metric_{name}": value for name, value in metrics.items()})
