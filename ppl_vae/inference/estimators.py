@@ -477,7 +477,10 @@ def default_summary(ds: "xr.Dataset") -> List[str]:
             continue
         if v.attrs.get("diagnostic"):
             continue
-        lines.append(f"{name:<30} {mean_se(v)}  {_bound_words(v.attrs.get('bound', 'neither'))}")
+        words = _bound_words(v.attrs.get("bound", "neither"))
+        if name.endswith("_gap") and v.attrs.get("bound") in ("lower bound", "upper bound"):
+            words += " on the true gap"  # what it bounds: not log p(x), as the heading's estimate
+        lines.append(f"{name:<30} {mean_se(v)}  {words}")
     mc_se = mc_se_of_mean(ds["log_px_stderr"])
     lines.append(
         f"{'Monte Carlo se of mean log p̂':<30} {mc_se:12.3f}"

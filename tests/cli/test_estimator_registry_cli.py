@@ -130,6 +130,33 @@ def test_one_draw_per_datapoint_has_no_monte_carlo_se_and_says_so(two_runs, tmp_
     assert line.split()[-1] == f"{expected:.3f}"
 
 
+def test_evaluates_gaps_say_they_bound_the_true_gap_not_log_p_x(two_runs, tmp_path):
+    """QA: under a heading 'a stochastic lower bound, below log p(x)', the MIS gaps were listed as
+    'lower bound' with no word of what they bound."""
+    result = CliRunner().invoke(
+        cli,
+        [
+            "evaluate",
+            str(two_runs[0]),
+            "--estimator",
+            "mis",
+            "-k",
+            "5",
+            "--num-datapoints",
+            "4",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line for line in result.output.splitlines() if line.split()}
+    for gap in ("approximation_gap", "inference_gap"):
+        assert rows[gap].endswith("lower bound on the true gap"), rows[gap]
+    assert rows["amortization_gap"].endswith("estimate, neither bound") and rows["elbo_amortized"].endswith(
+        "lower bound"
+    )
+
+
 def test_split_is_refused_for_an_estimator_on_simulated_data(two_runs, tmp_path):
     out = tmp_path / "never"
     result = CliRunner().invoke(
