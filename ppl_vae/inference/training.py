@@ -1008,6 +1008,8 @@ def train(
         if dist is not None:
             x, labels = dist.shard(x), dist.shard(labels)
         kwargs: Dict[str, Any] = {"y": labels} if labels is not None else {}
+        if dist is not None and x.shape[0] == 0:  # fewer points than ranks (a 1-point validation set): none here
+            return dist.global_mean(torch.zeros(0, dtype=torch.float64, device=x.device))
         vae.eval()
         try:
             value = elbo_per_datapoint(vae.model, vae.guide, x, num_particles=config.eval_num_particles, **kwargs)

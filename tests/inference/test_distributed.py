@@ -85,6 +85,15 @@ def _ranks_worker(tmp: str) -> dict:
         whole = pipeline.fit(_digits_config(2), tmp / ("whole" if ctx.rank == 0 else "whole-rank1"), progress=False)
         pipeline.fit(_digits_config(1), tmp / "resumed", progress=False)
         resumed = pipeline.resume(tmp / "resumed", epochs=2, progress=False)
+        # QA: an evaluated set smaller than the number of ranks (1 train-ELBO point, a 1-point
+        # validation set) gave one rank an empty shard and stopped the run (torch.cat of nothing)
+        tiny = RunConfig(
+            model=ModelConfig(model="gaussian_mlp", hidden_dim=8, latent_dim=2),
+            data=DataConfig(train_size=10),
+            train=TrainConfig(epochs=1, batch_size=2, device="cpu", train_eval_size=1, val_fraction=0.1),
+        )
+        small = pipeline.fit(tiny, tmp / ("tiny" if ctx.rank == 0 else "tiny-rank1"), progress=False)
+        out["tiny_elbos"] = [float(small.history.train_elbo[0]), float(small.history.val_elbo[0])]
         out["digits_elbo"] = whole.history.train_elbo.values
         out["whole_params"] = {k: v.clone() for k, v in whole.vae.state_dict().items()}
         out["resumed_params"] = {k: v.clone() for k, v in resumed.vae.state_dict().items()}
@@ -140,6 +149,11 @@ def test_two_ranks_equal_single_process_with_the_same_global_batches(two_ranks):
     # the ELBO is averaged over both ranks' shards, so both report the same number
     assert list(r0["delta_elbo"]) == list(r1["delta_elbo"])
     assert losses[-1] < losses[0]
+
+
+def test_an_evaluated_set_smaller_than_the_number_of_ranks_is_scored(two_ranks):
+    _, (r0, r1) = two_ranks
+    assert all(math.isfinite(v) for v in r0["tiny_elbos"]) and r0["tiny_elbos"] == r1["tiny_elbos"]
 
 
 def test_gaussian_mlp_trajectory_matches_single_process(two_ranks, tmp_path):
