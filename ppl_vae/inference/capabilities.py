@@ -185,6 +185,14 @@ def check_compatible(
             f"average); nproc is {world_size}: use nproc 1",
             field="nproc",
         )
+    if world_size > 1 and isinstance(vae, torch.nn.Module) and _has_batch_norm(vae):
+        raise ConfigError(
+            f"{what} normalises its batches (batch normalisation), and data-parallel training with nproc "
+            f"{world_size} would normalise each process's share of a batch on its own: another gradient than one "
+            "process's, and running statistics that differ between processes (torch has no SyncBatchNorm on the "
+            "CPU); use nproc 1, or model option batch_norm=false",
+            field="nproc",
+        )
     defaults = TrainConfig()
     for name in METHOD_FIELDS:
         if name not in cls.uses and getattr(config, name) != getattr(defaults, name):
@@ -318,6 +326,10 @@ def _check_options(config: TrainConfig, objective: Any) -> None:
             check_keyword_options(owner, cls.__init__, options)
         except ValueError as exc:
             raise ConfigError(f"train.{name}: {exc}", field=f"train.{name}") from None
+
+
+def _has_batch_norm(vae: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in vae.modules())
 
 
 def _check_last_batch(config: TrainConfig, num_train: int, min_batch: int, side: str, world_size: int) -> None:

@@ -142,6 +142,13 @@ def test_refusals_name_both_sides():
     vae, _, _ = tiny("bernoulli_mlp", "diagonal_normal")
     with pytest.raises(ConfigError, match=r"objective 'capacity' cannot run data-parallel .* nproc is 2"):
         check_compatible(vae, TrainConfig(objective="capacity"), world_size=2)
+    # QA: the ladder's batch norm normalised each process's share on its own under --nproc 2 (no
+    # SyncBatchNorm on the CPU), a gradient other than one process's: refused, naming both sides
+    ladder, _, _ = tiny("ladder", "diagonal_normal")
+    with pytest.raises(ConfigError, match=r"model 'ladder' normalises its batches .* nproc 2 would normalise") as bn:
+        check_compatible(ladder, TrainConfig(), model="ladder", world_size=2)
+    assert "\n" not in str(bn.value) and "batch_norm=false" in str(bn.value)
+    check_compatible(ladder, TrainConfig(), model="ladder")  # one process: as before
     with pytest.raises(ConfigError, match=r"train.num_particles does not apply to method 'wake-sleep'"):
         check_compatible(vae, TrainConfig(method="wake-sleep", num_particles=3))
     with pytest.raises(ConfigError, match=r"train.compile applies to a loss written in plain torch; method 'iwae'"):
