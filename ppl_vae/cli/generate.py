@@ -227,15 +227,23 @@ def animate(run_dir: Path, epochs: int, every: int, num_samples: int, seed: int,
 
     Start from `ppl-vae fit ... --epochs 0 --out RUN` to include the untrained model's frame.
     """
+    from ppl_vae.inference.training import history_records, stopped_early
     from ppl_vae.reports.sample_grids import train_with_sample_grids
 
     run = train_with_sample_grids(run_dir, epochs, every=every, num_samples=num_samples, seed=seed, progress=progress)
     final = run.final
     frames = sorted((run_dir / "samples").glob("epoch_*.png"))
+    early = stopped_early(history_records(run.read_history()), run.config.train) if run.epochs_done else None
+    if early and run.epochs_done < epochs:  # as fit --resume says: the run trains no further
+        click.echo(f"nothing to train: {run_dir} {early}")
+    test = final.get("test_elbo", float("nan"))
     click.echo(
-        f"epoch {epochs}: test ELBO {final.get('test_elbo', float('nan')):.3f} nats per datapoint; "
-        f"{len(frames)} frames in {run_dir / 'samples'}, animation {run_dir / 'samples.gif'}"
+        f"epoch {run.epochs_done}: test ELBO {test:.3f} nats per datapoint (a Monte Carlo estimate of a lower "
+        f"bound); {len(frames)} frames in {run_dir / 'samples'}, animation {run_dir / 'samples.gif'}"
     )
+
+
+animate.field_flags = {"every": "--every", "epochs": "--epochs"}  # type: ignore[attr-defined]  # errors name the flag
 
 
 generate.__dict__["field_flags"] = {"dims": "--dim"}  # library errors name the argument; users typed the flag

@@ -71,11 +71,27 @@ def test_animate_continues_the_run_and_writes_frames_and_a_gif(tmp_path):
     assert list(load_history(out)["epoch"].values) == [1, 2]
 
 
+def test_animate_on_a_run_that_stopped_early_says_so_and_its_real_epoch(tmp_path):
+    """QA: animate --epochs 6 on a run early-stopped at epoch 2 printed 'epoch 6: test ELBO ...'
+    (epoch 2's) and trained nothing, where fit --resume says there is nothing to do."""
+    out = tmp_path / "early"
+    flags = ["--train-size", "100", "--epochs", "60", "--lr", "0.03", "--val-fraction", "0.5"]
+    fitted = invoke("fit", *flags, "--early-stopping-patience", "1", "--out", out, "--device", "cpu", "--no-progress")
+    assert fitted.exit_code == 0 and "stopped early after epoch" in fitted.output, fitted.output
+    done = runs.checkpoint_epoch(out)
+    assert done < 6
+    result = invoke("animate", out, "--epochs", "6", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert f"nothing to train: {out} stopped early after epoch {done}" in result.output
+    assert f"epoch {done}: test ELBO" in result.output and "epoch 6" not in result.output
+
+
 def test_bad_inputs_give_one_line_errors(cvae_run, tmp_path):
     one_line_error(invoke("generate", cvae_run, "--label", "12"), "labels must lie in [0, 9]")
     one_line_error(invoke("inpaint", cvae_run, "--mask", "diagonal"), "unknown mask 'diagonal'")
     one_line_error(invoke("generate", tmp_path / "absent"), "run directory not found")
-    one_line_error(invoke("animate", cvae_run, "--epochs", "0"), "epochs must be >=")
+    one_line_error(invoke("animate", cvae_run, "--epochs", "0"), "--epochs must be >=")
+    one_line_error(invoke("animate", cvae_run, "--epochs", "3", "--every", "0"), "--every must be >= 1, got 0")
 
 
 def test_conv_on_8x8_digits_is_refused_before_a_run_dir_is_made(tmp_path):
