@@ -105,7 +105,8 @@ class TensorBoardLogger(ScalarLogger):
             self.writer.add_scalar(name, value, step)
 
     def log_epoch_end(self, ctx: TrainContext) -> None:
-        if self.num_images:
+        # a sample grid only where a decoded mean is an image (not a text model's character indices)
+        if self.num_images and getattr(ctx.vae, "generates_images", True):
             from ppl_vae.analysis.generation import sample_images
             from ppl_vae.analysis.plots import tile_images
 

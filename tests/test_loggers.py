@@ -114,3 +114,22 @@ def test_an_unknown_logger_is_a_one_line_error(tmp_path):
     result = invoke("fit", "--log", "wandb", "--epochs", 1, "--device", "cpu", "--out", tmp_path / "run")
     one_line_error(result, "unknown logger 'wandb'; valid loggers: tensorboard")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_logger_named_twice_is_refused_and_a_text_model_logs_no_sample_image(tmp_path):
+    """QA: --log tensorboard --log tensorboard wrote two event files, every value twice; and a text
+    model, whose --sample-grids is refused, logged a 'samples' image of character indices."""
+    from tests.conftest import one_line_error
+
+    twice = invoke("fit", "--log", "tensorboard", "--log", "tensorboard", "--epochs", 1, "--out", tmp_path / "a")
+    one_line_error(twice, "--log tensorboard is given more than once")
+    assert not (tmp_path / "a").exists()
+    lines = tmp_path / "lines.txt"
+    lines.write_text("\n".join(f"line {i} of a small corpus" for i in range(80)) + "\n")
+    out = tmp_path / "text"
+    text = ["--model", "text_hybrid", "--dataset", "text-lines", "--data-dir", lines, "--hidden-dim", 16]
+    result = invoke("fit", *text, "--latent-dim", 4, "--epochs", 1, "--device", "cpu", "--no-progress",
+                    "--log", "tensorboard", "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    tags = events(out / "tensorboard").Tags()
+    assert "epoch/test_elbo" in tags["scalars"] and tags["images"] == []

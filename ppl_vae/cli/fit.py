@@ -48,7 +48,7 @@ RUN_OPTIONS: Tuple[str, ...] = (*(_param(d) for d in _FLAGGED if not d.option.re
     multiple=True,
     metavar="NAME",
     help="Log training to NAME under the run directory: tensorboard (RUN/tensorboard; needs the "
-    "tensorboard extra). Repeatable.",
+    "tensorboard extra). Repeatable, one service each.",
 )
 @click.option(
     "--log-every-steps",
@@ -126,6 +126,9 @@ def _loggers(opts: dict, run_dir: Path) -> tuple:
 
     if not opts["log"] and opt.given("log_every_steps"):
         raise ValueError("--log-every-steps applies to a training log only: give --log NAME (tensorboard) too")
+    twice = sorted({name for name in opts["log"] if opts["log"].count(name) > 1})
+    if twice:  # two loggers of one service write every value twice into the same folder
+        raise ValueError(f"--log {twice[0]} is given more than once: name each service once")
     loggers = tuple(make_logger(name, run_dir, every_steps=opts["log_every_steps"]) for name in opts["log"])
     return (CompileNotice(), *loggers)
 
