@@ -307,9 +307,18 @@ def check_settings(out_dir: Path, settings: Any) -> None:
             remove_stale_temp_files(out_dir)
             write_text(path, text)
             return
-        if json.loads(path.read_text()) != json.loads(text):
+        recorded, wanted = json.loads(path.read_text()), json.loads(text)
+        if recorded != wanted:
+            keys = sorted(set(recorded) | set(wanted), key=str)
+            differ = [k for k in keys if recorded.get(k) != wanted.get(k)] if isinstance(recorded, dict) else []
+            what = (
+                f"{differ[0]} {recorded.get(differ[0])!r} in its settings.json, {wanted.get(differ[0])!r} now"
+                + (f" (and {len(differ) - 1} more)" if len(differ) > 1 else "")
+                if differ
+                else "see its settings.json"
+            )
             raise ValueError(
-                f"out {out_dir} holds results made with other settings (see its settings.json); "
+                f"out {out_dir} holds results made with other settings ({what}); "
                 "choose another --out or delete the folder"
             )
         remove_stale_temp_files(out_dir)  # what a killed earlier run left half-written

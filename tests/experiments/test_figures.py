@@ -118,8 +118,11 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
         methods=("AEVB",),
     )
     fig2.run(settings, tmp_path, progress=False)
-    with pytest.raises(ValueError, match="other settings"):
+    # the refusal names the setting and both values (QA: it named none)
+    with pytest.raises(ValueError, match=r"other settings \(max_samples 100 in its settings.json, 200 now\)"):
         fig2.run(fig2.Fig2Settings(**{**settings.__dict__, "max_samples": 200}), tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"\(eval_size 20 in its settings.json, 30 now \(and 1 more\)\)"):
+        fig2.run(fig2.Fig2Settings(**{**settings.__dict__, "eval_size": 30, "seed": 4}), tmp_path, progress=False)
 
 
 def test_fig3_small_run(tmp_path):
