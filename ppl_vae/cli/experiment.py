@@ -134,7 +134,7 @@ def fig4(out, data_dir, paper, seed, progress, datasets, **opts) -> None:
     settings = _settings(lib.Fig4Settings, paper, seed=seed, datasets=_names(datasets), **opts)
     out = out or Path("experiments/fig4")
     lib.run(settings, out, data_dir=data_dir, progress=progress)
-    click.echo(f"figure and numbers: {out}")
+    _report(out, lib.summary_sections(out))
 
 
 @experiment.command()
@@ -154,7 +154,7 @@ def fig5(out, data_dir, paper, seed, progress, **opts) -> None:
     settings = _settings(lib.Fig5Settings, paper, seed=seed, **opts)
     out = out or Path("experiments/fig5")
     lib.run(settings, out, data_dir=data_dir, progress=progress)
-    click.echo(f"figure and numbers: {out}")
+    _report(out, lib.summary_sections(out))
 
 
 @experiment.command()

@@ -195,8 +195,53 @@ def train_aevb(
         evaluate_at_start=False,
     )
     vae.eval()
-    last = records[-1] if records else {"num_train_samples": 0.0, "train": float("nan"), "test": float("nan")}
-    return vae, {"num_train_samples": last["num_train_samples"], "train_elbo": last["train"], "test_elbo": last["test"]}
+    nan = float("nan")
+    last = records[-1] if records else {"num_train_samples": 0.0}
+    return vae, {
+        "num_train_samples": last["num_train_samples"],
+        "train_elbo": last.get("train", nan),
+        "train_elbo_se": last.get("train_se", nan),
+        "test_elbo": last.get("test", nan),
+        "test_elbo_se": last.get("test_se", nan),
+    }
+
+
+def elbo_attrs(result: xr.Dataset) -> xr.Dataset:
+    """``result`` with what the final ELBOs of :func:`train_aevb` are (figures 4 and 5)."""
+    for split in ("train", "test"):
+        if f"{split}_elbo" in result:
+            result[f"{split}_elbo"].attrs.update(
+                {
+                    "long_name": f"mean ELBO per datapoint over the first eval_size {split} points after training "
+                    "(one particle each)",
+                    "units": "nats",
+                    "kind": "Monte Carlo estimate",
+                    "bound": "lower bound",
+                }
+            )
+        if f"{split}_elbo_se" in result:  # tables written before it have none
+            result[f"{split}_elbo_se"].attrs.update(
+                {"long_name": f"standard error of {split}_elbo over the evaluated points", "units": "nats"}
+            )
+    return result
+
+
+def elbo_summary(result: xr.Dataset, by: str) -> List[Tuple[str, Dict[str, str]]]:
+    """[(what the numbers are, {unit: train and test ELBO ± se})] for ``ppl-vae experiment`` fig4/fig5."""
+    lines: Dict[str, str] = {}
+    for key in result[by].values:
+        row = result.sel({by: key})
+        parts = []
+        for split in ("train", "test"):
+            value = float(row[f"{split}_elbo"])
+            se = float(row[f"{split}_elbo_se"]) if f"{split}_elbo_se" in row else float("nan")
+            parts.append(f"{split} {value:.2f}" + (f" ± {se:.2f}" if math.isfinite(se) else " (se not recorded)"))
+        lines[f"{by} {key}"] = ", ".join(parts)
+    heading = (
+        "final ELBO per datapoint, nats (lower bound: Monte Carlo estimate of the ELBO, itself a lower bound on "
+        f"log p(x); ± its standard error over the evaluated datapoints), by {by.replace('_', ' ')}:"
+    )
+    return [(heading, lines)]
 
 
 def elbo_evaluator(data: Dataset, eval_size: int, num_particles: int = 1) -> Callable[[VAE], Dict[str, float]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -87,7 +87,7 @@ def run(settings: Fig4Settings, out_dir: Path, *, data_dir: Optional[Path] = Non
     data = common.load_experiment_data(settings.datasets, data_dir)
     out_dir = Path(out_dir)
     common.check_settings(out_dir, settings)
-    table = common.ResultTable(out_dir, "fig4", ["dataset"], ["dataset"])
+    table = common.ResultTable(out_dir, "fig4", ["dataset"], ["dataset"], attrs=common.elbo_attrs)
     for dataset in tqdm(settings.datasets, disable=not progress, desc="fig4 manifolds", unit="dataset"):
         if table.done(dataset=dataset) and (out_dir / f"fig4_{dataset}.nc").is_file():
             continue
@@ -143,3 +143,10 @@ def plot(grids):
             spine.set_visible(False)
     fig.tight_layout()
     return fig
+
+
+def summary_sections(out_dir: Path) -> List[Tuple[str, Dict[str, str]]]:
+    """[(what the numbers are, {dataset: final train and test ELBO ± se})] from ``out_dir``'s table,
+    as ``ppl-vae experiment fig4`` prints them."""
+    table = common.ResultTable(Path(out_dir), "fig4", ["dataset"], ["dataset"], attrs=common.elbo_attrs)
+    return common.elbo_summary(table.to_xarray(), "dataset")

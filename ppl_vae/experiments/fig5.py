@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ def run(
     data = common.load_experiment_data([settings.dataset], data_dir)[settings.dataset]
     out_dir = Path(out_dir)
     common.check_settings(out_dir, settings)
-    table = common.ResultTable(out_dir, "fig5", ["latent_dim"], ["latent_dim"])
+    table = common.ResultTable(out_dir, "fig5", ["latent_dim"], ["latent_dim"], attrs=common.elbo_attrs)
     for latent_dim in tqdm(settings.latent_dims, disable=not progress, desc="fig5 models", unit="model"):
         path = out_dir / f"fig5_z{latent_dim}.nc"
         if table.done(latent_dim=latent_dim) and path.is_file():
@@ -119,3 +119,10 @@ def plot(samples: xr.DataArray):
             spine.set_visible(False)
     fig.tight_layout()
     return fig
+
+
+def summary_sections(out_dir: Path) -> List[Tuple[str, Dict[str, str]]]:
+    """[(what the numbers are, {latent_dim: final train and test ELBO ± se})] from ``out_dir``'s table,
+    as ``ppl-vae experiment fig5`` prints them."""
+    table = common.ResultTable(Path(out_dir), "fig5", ["latent_dim"], ["latent_dim"], attrs=common.elbo_attrs)
+    return common.elbo_summary(table.to_xarray(), "latent_dim")

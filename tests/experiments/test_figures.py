@@ -267,6 +267,16 @@ def test_fig4_and_fig5_small_runs(tmp_path):
     assert list(table["latent_dim"]) == [2, 3] and (table["train_elbo"] < 0).all()
     for name in ("fig5.png", "fig5.svg", "fig5_samples.nc"):
         assert (tmp_path / "f5" / name).is_file()
+    # QA: their ELBOs had no attributes, no standard error and were not printed
+    for folder, fig, key in ((tmp_path / "f4", fig4, "dataset"), (tmp_path / "f5", fig5, "latent_dim")):
+        on_disk = xr.open_dataset(folder / f"{fig.__name__.rsplit('.', 1)[-1]}.nc", engine="h5netcdf").load()
+        assert on_disk["test_elbo"].attrs["bound"] == "lower bound" and on_disk["test_elbo"].attrs["units"] == "nats"
+        assert bool((on_disk["test_elbo_se"] > 0).all()) and float(on_disk["test_elbo_se"].max()) < 5
+        ((heading, lines),) = fig.summary_sections(folder)
+        assert "lower bound" in heading and "± its standard error" in heading
+        first = on_disk.isel({key: 0})
+        label = f"{key} {first[key].values.item()}"
+        assert lines[label].endswith(f"test {float(first.test_elbo):.2f} ± {float(first.test_elbo_se):.2f}")
 
 
 def test_missing_mnist_names_source_and_checksum(tmp_path):
