@@ -168,3 +168,7 @@ def download(dataset, data_dir, url, progress) -> None:
 
     for path in fetch(dataset, data_dir, url=url, progress=progress):
         click.echo(f"{path} (sha256 verified)")
+
+
+# library errors name the settings' fields; the command line shows the flags (a plain word, too)
+experiment.field_flags = {"methods": "--methods"}  # type: ignore[attr-defined]

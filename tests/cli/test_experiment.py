@@ -89,7 +89,7 @@ def test_fig5_and_fig4_commands(tmp_path):
     [
         (["fig2", "--dataset", "nope"], "experiment dataset"),
         (["fig2", "--latent-dims", "a,b"], "--latent-dims"),
-        (["fig2", "--dataset", "digits", "--methods", "MCEM"], "methods"),
+        (["fig2", "--dataset", "digits", "--methods", "MCEM"], "--methods must be among AEVB, wake-sleep"),
         (["fig2", "--dataset", "digits", "--max-samples", "0"], "--max-samples must be positive"),
         (["fig3", "--latent-dim", "7", "--dataset", "digits"], "--latent-dim must be between 1 and 4"),
         (["fig4", "--dataset", "mnist", "--data-dir", "/nonexistent"], "sha256"),
