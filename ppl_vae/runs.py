@@ -742,17 +742,21 @@ class Checkpointer(Callback):
         with file_set():
             if self.before_first_save is not None:  # once, just before the first checkpoint
                 self.before_first_save()
-            save(
-                self.run_dir,
-                ctx.vae,
-                ctx.stepper,
-                ctx.state,
-                attrs=ctx.attrs,
-                extra=self.extra,
-                descriptions=ctx.descriptions,
-            )
+            self._write(ctx, CHECKPOINT)
         self.before_first_save = None
         self.last_epoch = ctx.state.epoch
+
+    def _write(self, ctx: TrainContext, checkpoint: str) -> None:
+        save(
+            self.run_dir,
+            ctx.vae,
+            ctx.stepper,
+            ctx.state,
+            attrs=ctx.attrs,
+            extra=self.extra,
+            checkpoint=checkpoint,
+            descriptions=ctx.descriptions,
+        )
 
     def on_train_start(self, ctx: TrainContext) -> None:
         if ctx.state.fresh:
@@ -762,14 +766,6 @@ class Checkpointer(Callback):
 
     def on_epoch_end(self, ctx: TrainContext) -> None:
         if ctx.config.val_fraction > 0 and epochs_since_best(ctx.state.records) == 0:
-            save(
-                self.run_dir,
-                ctx.vae,
-                ctx.stepper,
-                ctx.state,
-                attrs=ctx.attrs,
-                extra=self.extra,
-                checkpoint=CHECKPOINT_BEST,
-            )
+            self._write(ctx, CHECKPOINT_BEST)
         if ctx.state.epoch % self.every == 0 or ctx.state.epoch == ctx.config.epochs or ctx.stopping:
             self._save(ctx)
