@@ -763,13 +763,17 @@ def _bdmc_summary(ds: xr.Dataset) -> List[str]:
             f"{lower:.3f} <= {evidence} <= {upper:.3f} "
             f"(BDMC, T={int(last['num_steps'])}: stochastic lower and upper bounds on simulated data)"
         )
-    else:  # each bound holds in expectation only: crossed means closed to within their noise
+    else:  # each bound holds in expectation only: crossed within their noise means closed
         gap, gap_se = _mean_gap(ds)
-        lines.append(
-            f"the bounds cross by {-gap:.3f} ± {gap_se:.3f} nats at T={int(last['num_steps'])}: {evidence} is about "
-            f"{0.5 * (lower + upper):.3f} on simulated data (each bound holds in expectation; the sandwich is closed "
-            "to within their Monte Carlo noise)"
-        )
+        by = f"{-gap:.3f} ± {gap_se:.3f}" if math.isfinite(gap_se) else f"{-gap:.3f} (one datapoint: no se)"
+        if math.isfinite(gap_se) and -gap <= 3 * gap_se:
+            verdict = f"{evidence} is about {0.5 * (lower + upper):.3f} on simulated data (each bound holds in "
+            verdict += "expectation; the sandwich is closed to within their Monte Carlo noise)"
+        else:
+            verdict = (
+                "more than their Monte Carlo noise can explain, or with no se to tell: no sandwich (see the warning)"
+            )
+        lines.append(f"the bounds cross by {by} nats at T={int(last['num_steps'])}: {verdict}")
     return lines
 
 
@@ -786,6 +790,11 @@ def _bdmc_warnings(ds: xr.Dataset, names: Dict[str, str]) -> List[str]:
         return [
             f"the BDMC sandwich is still {gap:.2f} nats wide at the largest step count: raise "
             f"{names['num_steps']} before trusting either bound to within a nat"
+        ]
+    if gap < 0 and not math.isfinite(gap_se):
+        return [
+            f"the BDMC bounds cross by {-gap:.3f} nats on one datapoint, with no standard error to tell noise from a "
+            f"failed sandwich; simulate more datapoints, or raise {names['num_chains']} and {names['num_steps']}"
         ]
     if gap < -3 * gap_se:  # beyond noise: the chains are too few to make either bound hold
         return [

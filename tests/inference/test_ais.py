@@ -280,4 +280,9 @@ def test_bdmc_says_when_its_bounds_cross_and_names_the_evidence():
     crossed = sandwich([-0.30, -0.31, -0.29, -0.30])  # far beyond its se
     (warning,) = _bdmc_warnings(crossed, names)
     assert "cross by 0.300 nats, more than 3 standard errors" in warning and "--num-chains" in warning
+    assert "no sandwich (see the warning)" in _bdmc_summary(crossed)[-1]  # not "closed" beside that warning
+    alone = sandwich([-0.2])  # one datapoint: no se to tell
+    assert "(one datapoint: no se)" in _bdmc_summary(alone)[-1] and "no sandwich" in _bdmc_summary(alone)[-1]
+    (warning,) = _bdmc_warnings(alone, names)
+    assert "on one datapoint, with no standard error" in warning
     assert _bdmc_summary(sandwich([0.1, 0.2]))[-1].startswith("-44.000 <= log p(x | y) <= -43.850")
