@@ -235,7 +235,7 @@ def animate(run_dir: Path, epochs: int, every: int, num_samples: int, seed: int,
     frames = sorted((run_dir / "samples").glob("epoch_*.png"))
     early = stopped_early(history_records(run.read_history()), run.config.train) if run.epochs_done else None
     if early and run.epochs_done < epochs:  # as fit --resume says: the run trains no further
-        click.echo(f"nothing to train: {run_dir} {early}")
+        click.echo(f"nothing to train: {run_dir} {early}" if not run.new_epochs else early)
     test = final.get("test_elbo", float("nan"))
     click.echo(
         f"epoch {run.epochs_done}: test ELBO {test:.3f} nats per datapoint (a Monte Carlo estimate of a lower "

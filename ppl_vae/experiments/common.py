@@ -354,14 +354,18 @@ def check_settings(out_dir: Path, settings: Any) -> None:
             return
         recorded, wanted = json.loads(path.read_text()), json.loads(text)
         if recorded != wanted:
-            keys = sorted(set(recorded) | set(wanted), key=str)
-            differ = [k for k in keys if recorded.get(k) != wanted.get(k)] if isinstance(recorded, dict) else []
-            what = (
-                f"{differ[0]} {recorded.get(differ[0])!r} in its settings.json, {wanted.get(differ[0])!r} now"
-                + (f" (and {len(differ) - 1} more)" if len(differ) > 1 else "")
-                if differ
-                else "see its settings.json"
+            differ = (
+                [k for k in sorted(set(recorded) | set(wanted)) if recorded.get(k) != wanted.get(k)]
+                if isinstance(recorded, dict)
+                else []
             )
+            what = "see its settings.json"
+            if differ:  # the settings' own name, quoted, and the values as settings.json writes them
+                key = differ[0]
+                what = (
+                    f"'{key}' {json.dumps(recorded.get(key))} in its settings.json, {json.dumps(wanted.get(key))} now"
+                )
+                what += f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
             raise ValueError(
                 f"out {out_dir} holds results made with other settings ({what}); "
                 "choose another --out or delete the folder"

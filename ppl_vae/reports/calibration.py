@@ -397,7 +397,7 @@ def _verdict_words(d: xr.Dataset) -> str:
 def _in_se(excess: float, se: float) -> str:
     """How many standard errors ``excess`` is; a coverage of 0 or 1 over the simulations has a
     standard error of 0, said as such (not a division by it)."""
-    return f"{abs(excess) / se:.0f} se" if se > 0 else "its se is 0: every simulation on the same side"
+    return f"{abs(excess) / se:.0f} se" if se > 0 else "its se is 0: every simulation gave the same coverage"
 
 
 MEAN_FIELD_LABEL = "mean-field q*"

@@ -136,7 +136,7 @@ def test_a_coverage_of_one_in_every_simulation_has_se_zero_and_the_report_words_
     d = dispersion(_ranks(_biased_vae(0.0, 50.0), 0))
     assert float(d["coverage"].sel(level=0.9)) == 1.0 and float(d["coverage_se"].sel(level=0.9)) == 0.0
     assert d["verdict"].sel(level=0.9).item() == "too wide"
-    assert _short_verdict(d) == "too wide (+0.100, its se is 0: every simulation on the same side)"
+    assert _short_verdict(d) == "too wide (+0.100, its se is 0: every simulation gave the same coverage)"
     assert _verdict_words(d).startswith("over-dispersed (too wide): 90% coverage +0.100 from nominal (its se is 0")
 
 

@@ -84,6 +84,13 @@ def test_animate_on_a_run_that_stopped_early_says_so_and_its_real_epoch(tmp_path
     assert result.exit_code == 0, result.output
     assert f"nothing to train: {out} stopped early after epoch {done}" in result.output
     assert f"epoch {done}: test ELBO" in result.output and "epoch 6" not in result.output
+    # the same run animated from epoch 1: it trains, then stops early in this call (not "nothing")
+    again = tmp_path / "again"
+    one = ["fit", *flags[:3], "1", *flags[4:], "--early-stopping-patience", "1", "--out", again, "--device", "cpu"]
+    assert invoke(*one, "--no-progress").exit_code == 0
+    result = invoke("animate", again, "--epochs", "6", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert f"stopped early after epoch {done}" in result.output and "nothing to train" not in result.output
 
 
 def test_bad_inputs_give_one_line_errors(cvae_run, tmp_path):

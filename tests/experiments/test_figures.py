@@ -119,10 +119,19 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     )
     fig2.run(settings, tmp_path, progress=False)
     # the refusal names the setting and both values (QA: it named none)
-    with pytest.raises(ValueError, match=r"other settings \(max_samples 100 in its settings.json, 200 now\)"):
+    with pytest.raises(ValueError, match=r"other settings \('max_samples' 100 in its settings.json, 200 now\)"):
         fig2.run(fig2.Fig2Settings(**{**settings.__dict__, "max_samples": 200}), tmp_path, progress=False)
-    with pytest.raises(ValueError, match=r"\(eval_size 20 in its settings.json, 30 now \(and 1 more\)\)"):
+    with pytest.raises(ValueError, match=r"\('eval_size' 20 in its settings.json, 30 now \(and 1 more\)\)"):
         fig2.run(fig2.Fig2Settings(**{**settings.__dict__, "eval_size": 30, "seed": 4}), tmp_path, progress=False)
+    with pytest.raises(
+        ValueError, match=r"\('methods' \[\"AEVB\"\] in its settings.json, \[\"AEVB\", \"wake-sleep\"\] now"
+    ):
+        fig2.run(
+            fig2.Fig2Settings(**{**settings.__dict__, "methods": ("AEVB", "wake-sleep")}), tmp_path, progress=False
+        )
+    (tmp_path / "settings.json").write_text("[1, 2]")  # damaged: not an object
+    with pytest.raises(ValueError, match=r"other settings \(see its settings.json\)"):
+        fig2.run(settings, tmp_path, progress=False)
 
 
 def test_fig3_small_run(tmp_path):
