@@ -756,7 +756,8 @@ def resume(
     try:
         prepared = prepare(config, world) if not distributed.launched_by_torchrun() else None
     except ConfigError as exc:  # a setting the user did not give now: config.json's, named as it spells it
-        if exc.field is not None and exc.field.split(".")[-1] not in {*changed, "epochs"}:
+        given_now = {*changed, "epochs", *(["nproc"] if world > 1 else [])}  # what this command says
+        if exc.field is not None and exc.field.split(".")[-1] not in given_now:
             raise RunConfigError(f"{run_dir / runs.CONFIG}: {exc}") from None
         raise
     if world > 1 and prepared is not None:

@@ -190,7 +190,7 @@ def check_compatible(
             f"{what} normalises its batches (batch normalisation), and data-parallel training with nproc "
             f"{world_size} would normalise each process's share of a batch on its own: another gradient than one "
             "process's, and running statistics that differ between processes (torch has no SyncBatchNorm on the "
-            "CPU); use nproc 1, or model option batch_norm=false",
+            "CPU); use nproc 1 (or, for a new run, model option batch_norm=false)",
             field="nproc",
         )
     defaults = TrainConfig()

@@ -133,7 +133,7 @@ def test_iaf_flows_train_under_every_objective(one_thread):
         assert all(moved), (objective, moved)
 
 
-def test_refusals_name_both_sides():
+def test_refusals_name_both_sides(tmp_path):
     vae, _, _ = tiny("two_layer", "diagonal_normal")
     with pytest.raises(ConfigError) as info:
         check_compatible(vae, TrainConfig(objective="beta_tc"), model="two_layer")
@@ -147,8 +147,18 @@ def test_refusals_name_both_sides():
     ladder, _, _ = tiny("ladder", "diagonal_normal")
     with pytest.raises(ConfigError, match=r"model 'ladder' normalises its batches .* nproc 2 would normalise") as bn:
         check_compatible(ladder, TrainConfig(), model="ladder", world_size=2)
-    assert "\n" not in str(bn.value) and "batch_norm=false" in str(bn.value)
+    assert "\n" not in str(bn.value) and "for a new run, model option batch_norm=false" in str(bn.value)
     check_compatible(ladder, TrainConfig(), model="ladder")  # one process: as before
+    # on a resume the refusal is this command's --nproc, not config.json's (QA review)
+    import ppl_vae
+    from ppl_vae.config import DataConfig, ModelConfig, RunConfig
+
+    run = RunConfig(ModelConfig(model="ladder", latent_dim=2, hidden_dim=8), DataConfig(train_size=50),
+                    TrainConfig(epochs=1, batch_size=50, device="cpu"))  # fmt: skip
+    ppl_vae.fit(run, tmp_path / "ladder", progress=False)
+    with pytest.raises(ConfigError, match="normalises its batches") as resumed:
+        ppl_vae.resume(tmp_path / "ladder", epochs=2, nproc=2, progress=False)
+    assert "config.json" not in str(resumed.value) and resumed.value.field == "nproc"
     with pytest.raises(ConfigError, match=r"train.num_particles does not apply to method 'wake-sleep'"):
         check_compatible(vae, TrainConfig(method="wake-sleep", num_particles=3))
     with pytest.raises(ConfigError, match=r"train.compile applies to a loss written in plain torch; method 'iwae'"):
