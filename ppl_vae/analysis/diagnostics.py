@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ppl_vae.inference.latents import model_layout
 from ppl_vae.inference.meanfield import guide_moments
-from ppl_vae.inference.modes import in_eval_mode
+from ppl_vae.inference.modes import in_eval_mode, seeded
 from ppl_vae.inference.traces import PARTICLE_PLATE, trace_pair
 
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -46,7 +46,13 @@ def _site_kl(model_trace, guide_trace, site: str, n: int) -> Tensor:
 @torch.no_grad()
 @in_eval_mode("model", "guide")
 def kl_per_dimension(
-    model: Callable, guide: Callable, x: Tensor, latent_site: Optional[str] = None, **kwargs: Any
+    model: Callable,
+    guide: Callable,
+    x: Tensor,
+    latent_site: Optional[str] = None,
+    *,
+    seed: Optional[int] = None,
+    **kwargs: Any,
 ) -> xr.DataArray:
     """KL(q(z_u|x) || p(z_u)) for each datapoint and latent dimension, dims (datapoint, latent).
 
@@ -55,9 +61,12 @@ def kl_per_dimension(
     datapoints, a value near 0 marks a collapsed dimension. Every continuous latent site is
     included (coordinate ``latent_site`` names each column's site) unless ``latent_site``
     picks one. For a hierarchical prior p(z1 | z2), the KL of z1 is that of its conditional at
-    one draw of z2 from the guide: a one-sample estimate of the expected KL.
+    one draw of z2 from the guide: a one-sample estimate of the expected KL. ``seed``: that draw
+    comes from a stream of its own and the caller's random state is left as it was (None: the
+    caller's stream).
     """
-    model_trace, guide_trace = trace_pair(model, guide, x, **kwargs)
+    with seeded(seed, x.device):
+        model_trace, guide_trace = trace_pair(model, guide, x, **kwargs)
     names = [latent_site] if latent_site is not None else list(model_layout(model, x, **kwargs).names)
     for name in names:
         if name not in guide_trace.nodes or name not in model_trace.nodes:

@@ -230,6 +230,8 @@ def animate(run_dir: Path, epochs: int, every: int, num_samples: int, seed: int,
     from ppl_vae.inference.training import history_records, stopped_early
     from ppl_vae.reports.sample_grids import train_with_sample_grids
 
+    if every < 1:  # here, by its flag: the library's word "every" is also plain English in its messages
+        raise ValueError(f"--every must be >= 1, got {every}")
     run = train_with_sample_grids(run_dir, epochs, every=every, num_samples=num_samples, seed=seed, progress=progress)
     final = run.final
     frames = sorted((run_dir / "samples").glob("epoch_*.png"))
@@ -243,7 +245,7 @@ def animate(run_dir: Path, epochs: int, every: int, num_samples: int, seed: int,
     )
 
 
-animate.field_flags = {"every": "--every", "epochs": "--epochs"}  # type: ignore[attr-defined]  # errors name the flag
+animate.field_flags = {"epochs": "--epochs"}  # type: ignore[attr-defined]  # errors name the flag
 
 
 generate.__dict__["field_flags"] = {"dims": "--dim"}  # library errors name the argument; users typed the flag

@@ -42,16 +42,20 @@ def elbo_per_datapoint(
     num_particles: int = 1,
     batch_size: int = 1000,
     max_plate_nesting: int = 1,
+    seed: Optional[int] = None,
     **kwargs: Any,
 ) -> Tensor:
     """Monte Carlo ELBO of each datapoint, E_q[log p(x,z) - log q(z|x)], shape ``(N,)``, with the
-    model and guide in eval mode (their modes restored)."""
-    parts = [
-        log_importance_weights(
-            model, guide, xb, num_particles=num_particles, max_plate_nesting=max_plate_nesting, **kw
-        ).mean(0)
-        for xb, kw in batches(x, kwargs, batch_size)
-    ]
+    model and guide in eval mode (their modes restored). ``seed``: each block of ``batch_size``
+    datapoints draws from a stream seeded from (seed, its first index), and the caller's random
+    state is left as it was; None draws from the caller's stream."""
+    parts = []
+    for i, (xb, kw) in enumerate(batches(x, kwargs, batch_size)):
+        with seeded(None if seed is None else block_seed(seed, i * batch_size), xb.device):
+            lw = log_importance_weights(
+                model, guide, xb, num_particles=num_particles, max_plate_nesting=max_plate_nesting, **kw
+            )
+        parts.append(lw.mean(0))
     return torch.cat(parts)
 
 

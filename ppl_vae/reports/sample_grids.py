@@ -32,7 +32,7 @@ def train_with_sample_grids(
     check_images(run.vae, f"sample grids of {run_dir}", "; use `ppl-vae text RUN` to decode samples")
     epoch = runs.checkpoint_epoch(run_dir)
     if epochs < epoch:
-        raise ValueError(f"epochs must be >= the run's {epoch} epochs done, got {epochs}")
+        raise ValueError(f"epochs must be >= the {epoch} the run has done, got {epochs}")
     # before the first frame: a link or a folder in the way refuses the run with nothing written
     runs.check_writable(run_dir, files=("samples.gif",), folders=("samples",))
     recorder = SampleGridRecorder(run_dir / "samples", num_samples=num_samples, seed=seed)

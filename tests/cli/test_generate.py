@@ -69,6 +69,10 @@ def test_animate_continues_the_run_and_writes_frames_and_a_gif(tmp_path):
     from ppl_vae.runs import load_history
 
     assert list(load_history(out)["epoch"].values) == [1, 2]
+    # other settings are refused in plain words (QA: "--every frame of one animation", the flag's
+    # name replacing the English word)
+    line = one_line_error(invoke("animate", out, "--epochs", "3", "--num-samples", "9"), "every frame of one animation")
+    assert "--every frame" not in line
 
 
 def test_animate_on_a_run_that_stopped_early_says_so_and_its_real_epoch(tmp_path):
@@ -97,7 +101,7 @@ def test_bad_inputs_give_one_line_errors(cvae_run, tmp_path):
     one_line_error(invoke("generate", cvae_run, "--label", "12"), "labels must lie in [0, 9]")
     one_line_error(invoke("inpaint", cvae_run, "--mask", "diagonal"), "unknown mask 'diagonal'")
     one_line_error(invoke("generate", tmp_path / "absent"), "run directory not found")
-    one_line_error(invoke("animate", cvae_run, "--epochs", "0"), "--epochs must be >=")
+    one_line_error(invoke("animate", cvae_run, "--epochs", "0"), "--epochs must be >= the 1 the run has done, got 0")
     one_line_error(invoke("animate", cvae_run, "--epochs", "3", "--every", "0"), "--every must be >= 1, got 0")
 
 
