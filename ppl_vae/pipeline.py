@@ -34,7 +34,7 @@ import torch
 
 from ppl_vae import runs
 from ppl_vae.config import DataConfig, RunConfig, check_config, reset_inapplicable
-from ppl_vae.data.datasets import Dataset, check_data_dir, fingerprint, load_dataset
+from ppl_vae.data.datasets import Dataset, check_data_dir, fingerprint, labels_are_anomalies, load_dataset
 from ppl_vae.errors import ConfigError, DataError, RunConfigError, RunDirError, TrainingDiverged
 from ppl_vae.inference import distributed
 from ppl_vae.inference.capabilities import check_compatible
@@ -460,7 +460,9 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
         callbacks.append(DivergenceCheck(int(np.prod(data.event_shape))))
         callbacks.extend(job.callbacks)
         metrics = None
-        if vae.label_metrics:  # what the model declares, on the test set where the data has labels
+        # what the model declares, on the test set where the data has class labels (0/1 anomaly
+        # flags are no classes: a cluster accuracy against them is the share of normal points)
+        if vae.label_metrics and not labels_are_anomalies(config.data.dataset):
             from ppl_vae.analysis.semisupervised import epoch_label_metrics
 
             metrics = epoch_label_metrics(vae, data.test, data.test_labels)

@@ -797,6 +797,13 @@ def calibrate_run(
             labels = None
             if site == "y" and sel.labels is not None and bool((sel.labels >= 0).all()):
                 labels = sel.labels.cpu().numpy()  # the site is the labels' own: compare with them
+            elif site == "y" and sel.labels is not None:  # a semi-supervised run's training split
+                given = int((sel.labels >= 0).sum())
+                skipped.append(
+                    f"the comparisons of q({site}|x) and p({site}|x) with the labels: {given} of the "
+                    f"{sel.x.shape[0]} {sel.split} datapoints have a label this run was given (it hid the "
+                    "others'); --split test compares with all the labels"
+                )
             discrete = discrete_calibration(
                 posterior,
                 labels,

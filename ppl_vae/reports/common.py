@@ -208,12 +208,30 @@ def label_metric_lines(run: Run, sel: Selection) -> Tuple[Dict[str, float], List
     a GMVAE's cluster accuracy and clusters used), on the selected datapoints against their
     labels, and one line each saying what it is; nothing where the model declares none or the
     data has no class labels. ``evaluate`` and multi-run ``compare`` print them beside log p̂(x)."""
+    from ppl_vae.data.datasets import labels_are_anomalies
+
     if not tuple(getattr(run.vae, "label_metrics", ())) or sel.labels is None:
+        return {}, []
+    if labels_are_anomalies(run.config.data.dataset):  # 0/1 anomaly flags are no classes
         return {}, []
     from ppl_vae.analysis.semisupervised import describe_label_metrics, label_metrics
 
+    x, labels, n = sel.x, sel.labels, int(sel.x.shape[0])
+    hidden = labels < 0  # a semi-supervised run's training split: the labels it was not given
+    if bool(hidden.all()):
+        return {}, [f"no label metric: none of the {n} {sel.split} datapoints has a label this run was given"]
+    if bool(hidden.any()):
+        keep = (~hidden).nonzero().squeeze(-1)
+        x, labels = x[keep.to(x.device)], labels[keep]
     try:
-        values = label_metrics(run.vae, sel.x, sel.labels)
+        values = label_metrics(run.vae, x, labels)
     except ValueError:  # labels that are not class indices: nothing to measure against
         return {}, []
-    return values, describe_label_metrics(run.vae, values, int(sel.x.shape[0]), sel.split)
+    lines = describe_label_metrics(run.vae, values, int(x.shape[0]), sel.split)
+    if bool(hidden.any()):
+        lines = [
+            f"{line} [on the {x.shape[0]} of the {n} {sel.split} datapoints whose labels the run was given; "
+            "it hid the others']"
+            for line in lines
+        ]
+    return values, lines

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from ppl_vae import pipeline
@@ -459,3 +460,45 @@ def test_the_docs_give_the_mf_steps_default_that_calibrate_uses():
     assert stated == [str(ADAM_STEPS_BEFORE_POLISH)]
     result = CliRunner().invoke(cli, ["calibrate", "--help"])
     assert f"(default: {ADAM_STEPS_BEFORE_POLISH})" in " ".join(result.output.split())
+
+
+def test_the_train_split_of_a_semi_supervised_run_scores_the_labels_it_was_given(m2_run, tmp_path):
+    """QA: on M2 fitted with --labels, evaluate --split train printed no label metric and
+    calibrate --split train dropped its comparisons with the labels, without a word (the hidden
+    labels are -1). evaluate now scores the labelled points and says so; calibrate says why."""
+    from ppl_vae.reports.common import label_metric_lines, select_datapoints
+
+    run = pipeline.load_run(m2_run, history=False)
+    sel = select_datapoints(run, "train", 200, 0)
+    given = int((sel.labels >= 0).sum())
+    assert 0 < given < 200
+    values, lines = label_metric_lines(run, sel)
+    (line,) = lines
+    assert line.startswith("train error of q(y|x)") and f"n = {given} train datapoints" in line
+    assert f"[on the {given} of the 200 train datapoints whose labels the run was given" in line
+    keep = (sel.labels >= 0).nonzero().squeeze(-1)  # independently: argmax q(y|x) on those points
+    with torch.no_grad():
+        logits = run.vae.value_logits(sel.x[keep])
+    error = float((logits.argmax(-1) != sel.labels[keep]).double().mean())
+    assert values["test_error"] == pytest.approx(error)
+    out = tmp_path / "cal"
+    result = CliRunner().invoke(cli, ["calibrate", str(m2_run), *SMALL, "--split", "train", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "skipped: the comparisons of q(y|x) and p(y|x) with the labels" in result.output
+
+
+def test_no_cluster_accuracy_against_anomaly_flags(tmp_path):
+    """QA: a GMVAE on sensor windows with 0/1 anomaly labels printed a 'cluster accuracy' of 0.8532,
+    the share of normal windows; anomaly flags are no classes."""
+    values, labels = planted_sensor_series(num_steps=800, anomaly_from=400)
+    csv = tmp_path / "sensors.csv"
+    csv.write_text(
+        "a,b,c,label\n" + "\n".join(",".join([f"{v:.5f}" for v in row] + [str(k)]) for row, k in zip(values, labels))
+    )
+    out = tmp_path / "gm"
+    data = ["--dataset", "timeseries-csv", "--data-dir", str(csv), "--likelihood", "gaussian"]
+    result = CliRunner().invoke(cli, ["fit", "--model", "gmvae", *data, "--epochs", "1", "--no-progress",
+                                      "--hidden-dim", "8", "--latent-dim", "2", "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "cluster accuracy" not in result.output and "clusters used" not in result.output
+    assert "cluster_accuracy" not in results.load_netcdf(out / "history.nc")
