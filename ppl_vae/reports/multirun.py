@@ -239,9 +239,12 @@ def compare_runs(
         for j, q in enumerate(compared):
             values[r, :, j], stderr[r, :, j] = scores[r][q].values, scores[r][f"{q}_stderr"].values
         warnings.extend(f"{name}: {w}" for w in run_warnings(scores[r], estimator))
-    label_lines = [
-        f"{name}: {line}" for name, run, sel in zip(names, runs, selections) for line in label_metric_lines(run, sel)[1]
-    ]
+    label_values: List[Dict[str, float]] = []
+    label_lines: List[str] = []
+    for name, run, sel in zip(names, runs, selections):
+        metric_values, metric_lines = label_metric_lines(run, sel)
+        label_values.append(metric_values)
+        label_lines.extend(f"{name}: {line}" for line in metric_lines)
     first = scores[0]
     ds = xr.Dataset(
         {"value": (("run", "datapoint", "quantity"), values), "stderr": (("run", "datapoint", "quantity"), stderr)},
@@ -269,6 +272,11 @@ def compare_runs(
     )
     ds["value"].attrs.update({"units": "nats", "long_name": "per-datapoint estimate"})
     ds["stderr"].attrs.update({"units": "nats", "long_name": "Monte Carlo standard error"})
+    for metric in sorted({m for v in label_values for m in v}):  # each run's, NaN where it has none
+        ds[f"label_metric_{metric}"] = ("run", [float(v.get(metric, np.nan)) for v in label_values])
+        ds[f"label_metric_{metric}"].attrs["long_name"] = (
+            f"{metric} of each run on these datapoints (see label_metrics)"
+        )
     ds.attrs["warnings"] = " | ".join(warnings) or "none"
     table = paired_table(ds)
     if label_lines:

@@ -502,3 +502,19 @@ def test_no_cluster_accuracy_against_anomaly_flags(tmp_path):
     assert result.exit_code == 0, result.output
     assert "cluster accuracy" not in result.output and "clusters used" not in result.output
     assert "cluster_accuracy" not in results.load_netcdf(out / "history.nc")
+
+
+def test_multirun_compare_saves_each_runs_label_metric_as_a_number(m2_run, tmp_path):
+    """QA: multirun.nc kept the label metrics as one line of text only, where the docs promise
+    label_metric_<name> numbers."""
+    from ppl_vae.reports.common import label_metric_lines, select_datapoints
+    from ppl_vae.reports.multirun import compare_runs
+
+    multi = compare_runs([m2_run, m2_run], estimator="iw", num_samples=5, num_datapoints=12, out_dir=tmp_path,
+                         progress=False)  # fmt: skip
+    saved = results.load_netcdf(tmp_path / "multirun.nc")
+    run = pipeline.load_run(m2_run, history=False)
+    expected = label_metric_lines(run, select_datapoints(run, "test", 12, 0))[0]["test_error"]
+    assert saved["label_metric_test_error"].dims == ("run",)
+    assert saved["label_metric_test_error"].values.tolist() == [expected, expected]
+    assert multi.values["label_metric_test_error"].values.tolist() == [expected, expected]
