@@ -603,19 +603,29 @@ def build_m2(
 
 
 #: The initial scale of the component means, N(0, scale^2) per dim, where a model builds its own
-#: mixture (the default prior); ``--prior mixture_of_gaussians --prior-option init_scale=...`` sets
-#: another. Measured on MNIST (docs/semisupervised.md): the enumerated ``gmvae`` started N(0, 1)
+#: mixture (the default prior, ``--model-option num_components=K`` for another count); a
+#: mixture_of_gaussians prior given instead keeps its own ``init_scale`` (1.0 unless set in Python
+#: or config.json). Measured on MNIST (docs/semisupervised.md): the enumerated ``gmvae`` started N(0, 1)
 #: apart settled on 1-5 of 10 components within the first epoch in 14 of 14 seeds, started at 0.1
 #: on all 10 (3 epochs: 45.5% cluster accuracy against 32.3%); the ``relaxed_gmvae`` goes the other
 #: way (3 epochs, 3 seeds: 39.2-41.1% at 1.0, 14.0-21.5% at 0.1), so each keeps its own.
 COMPONENT_INIT_SCALE = {"gmvae": 0.1, "relaxed_gmvae": 1.0}
 
 
-def _mixture_prior(name: str, prior: Prior, latent_dim: int, num_components: int) -> MixtureOfGaussiansPrior:
-    if isinstance(prior, MixtureOfGaussiansPrior):
+DEFAULT_NUM_COMPONENTS = 10
+
+
+def _mixture_prior(name: str, prior: Prior, latent_dim: int, num_components: Optional[int]) -> MixtureOfGaussiansPrior:
+    if isinstance(prior, MixtureOfGaussiansPrior):  # the user's own mixture, start included
+        if num_components is not None and num_components != prior.num_components:
+            raise ValueError(
+                f"model {name!r}: its model option 'num_components' ({num_components}) and the "
+                f"mixture_of_gaussians prior's {prior.num_components} components both set the count: give one"
+            )
         return prior
-    if isinstance(prior, StandardNormalPrior):  # the default: a mixture with the model's own count
-        return MixtureOfGaussiansPrior(latent_dim, num_components=num_components, init_scale=COMPONENT_INIT_SCALE[name])
+    if isinstance(prior, StandardNormalPrior):  # the default: a mixture with the model's own count and start
+        count = DEFAULT_NUM_COMPONENTS if num_components is None else num_components
+        return MixtureOfGaussiansPrior(latent_dim, num_components=count, init_scale=COMPONENT_INIT_SCALE[name])
     raise ValueError(
         f"model {name!r} enumerates the component of a Gaussian mixture over z: use prior "
         f"'mixture_of_gaussians' (num_components) or the default, got {type(prior).__name__}"
@@ -629,7 +639,7 @@ def _mixture_vae(
     hidden_dim: int,
     prior: Prior,
     likelihood: Likelihood,
-    num_components: int,
+    num_components: Optional[int],
     uniform_weights: bool,
     hidden_dims: Optional[Sequence[int]] = None,
     **relaxation: Any,
@@ -655,18 +665,19 @@ def build_gmvae(
     hidden_dim: int,
     prior: Prior,
     likelihood: Likelihood,
-    num_components: int = 10,
     *,
+    num_components: Optional[PositiveInt] = None,
     uniform_weights: bool = True,
     hidden_dims: Optional[Sequence[PositiveInt]] = None,
     **data_info,
 ) -> GaussianMixtureVAE:
     """The ``gmvae`` model: ReLU MLPs with one hidden layer of ``hidden_dim`` units (the model
     option ``hidden_dims``, e.g. ``[512, 512]``, gives every network those hidden layers: Rui
-    Shu's configuration is ``hidden_dims=[512,512]`` with ``--latent-dim 64``); ``num_components``
-    (default 10) unless the prior given is a mixture_of_gaussians with its own count (the model's own
-    mixture starts its component means at N(0, 0.1^2), :data:`COMPONENT_INIT_SCALE`); p(c) uniform
-    (its logits not trained) unless the model option ``uniform_weights`` is false."""
+    Shu's configuration is ``hidden_dims=[512,512]`` with ``--latent-dim 64``); the model option
+    ``num_components`` (default 10) sets the count of the model's own mixture, whose component
+    means start at N(0, 0.1^2) (:data:`COMPONENT_INIT_SCALE`); a mixture_of_gaussians prior given
+    instead is used as it is, its count and start included; p(c) uniform (its logits not
+    trained) unless the model option ``uniform_weights`` is false."""
     return _mixture_vae(
         "gmvae", event_shape, latent_dim, hidden_dim, prior, likelihood, num_components, uniform_weights, hidden_dims
     )
@@ -678,8 +689,8 @@ def build_relaxed_gmvae(
     hidden_dim: int,
     prior: Prior,
     likelihood: Likelihood,
-    num_components: int = 10,
     *,
+    num_components: Optional[PositiveInt] = None,
     uniform_weights: bool = True,
     hidden_dims: Optional[Sequence[PositiveInt]] = None,
     temperature: PositiveFloat = 1.0,
@@ -688,7 +699,7 @@ def build_relaxed_gmvae(
     **data_info,
 ) -> GaussianMixtureVAE:
     """The ``relaxed_gmvae`` model: the gmvae with c relaxed. Its model options (``--model-option``,
-    kept in the run's config) are the gmvae's ``uniform_weights`` and ``hidden_dims`` and the temperature schedule
+    kept in the run's config) are the gmvae's ``num_components``, ``uniform_weights`` and ``hidden_dims`` and the temperature schedule
     tau = max(``min_temperature``, ``temperature`` exp(-``anneal_rate`` step))."""
     return _mixture_vae(
         "relaxed_gmvae",
@@ -722,7 +733,7 @@ MODELS.register("gmvae", doc="Gaussian-mixture VAE: the component c is a latent 
     ModelSpec(
         build_gmvae,
         "Gaussian-mixture VAE: c ~ Cat(pi) (enumerated), z|c ~ N(mu_c, sigma_c^2), p(x|z); q(c|x) q(z|x,c), "
-        "ReLU MLPs, 10 components (--prior mixture_of_gaussians --num-components K for another count)",
+        "ReLU MLPs, 10 components (--model-option num_components=K for another count)",
         likelihood="bernoulli",
         latent_dim=10,
         hidden_dim=500,

@@ -395,3 +395,14 @@ def test_each_mixture_model_starts_its_component_means_at_its_own_scale():
         prior_options={"num_components": 10, "init_scale": 2.0},
     )
     assert abs(float(given.mixture.locs.detach().std()) / 2.0 - 1) < 0.25
+    # QA: the only command-line way to another count was --prior mixture_of_gaussians, which
+    # silently brought back the N(0, 1) start that collapses (1 of 10 clusters used). The count is
+    # now the model's option and keeps the model's start; given twice, it is refused.
+    for name in ("gmvae", "relaxed_gmvae"):
+        torch.manual_seed(0)
+        own = build_vae(name, (1, 8, 8), latent_dim=10, model_options={"num_components": 20})
+        assert own.mixture.locs.shape == (20, 10)
+        assert abs(float(own.mixture.locs.detach().std()) / COMPONENT_INIT_SCALE[name] - 1) < 0.25
+    with pytest.raises(ValueError, match=r"option 'num_components' \(5\) and the mixture_of_gaussians prior's 7"):
+        build_vae("gmvae", (1, 8, 8), latent_dim=10, model_options={"num_components": 5},
+                  prior="mixture_of_gaussians", prior_options={"num_components": 7})  # fmt: skip
