@@ -129,6 +129,14 @@ class CategoricalLikelihood(Likelihood):
         super().check_support(x, what)
         if not torch.equal(x, x.round()):
             raise DataError(f"likelihood {self.name!r} needs {what} to hold integer symbol indices")
+        if self.end_index is not None:  # end-padded texts: after the first end symbol, only end symbols
+            is_end = x == self.end_index
+            if bool(((is_end.cumsum(-1) > 0) & ~is_end).any()):
+                raise DataError(
+                    f"likelihood {self.name!r} reads {what} as end-padded texts (symbol {self.end_index} ends a "
+                    f"text and every element after it is unscored padding), but {what} has other symbols after "
+                    "an end symbol (images, say): use likelihood 'categorical', which scores every element"
+                )
 
 
 LIKELIHOODS.register("categorical", doc="categorical over num_categories symbols per element (character indices)")(
@@ -143,7 +151,9 @@ def text_likelihood(
     event_dims: int = 1, num_categories: int = VOCAB_SIZE, end_index: Optional[int] = END_INDEX
 ) -> CategoricalLikelihood:
     """:class:`CategoricalLikelihood` over ``ppl_vae.data.text``'s alphabet, ending at its end token."""
-    return CategoricalLikelihood(event_dims, num_categories, end_index)
+    likelihood = CategoricalLikelihood(event_dims, num_categories, end_index)
+    likelihood.name = "categorical_text"  # what errors call it: the name it was chosen by
+    return likelihood
 
 
 def _lead(x: Tensor, event_dims: int) -> Tuple[torch.Size, int]:
