@@ -353,14 +353,27 @@ class LaplaceLikelihood(Likelihood):
 LIKELIHOODS.register("bernoulli")(BernoulliLikelihood)
 LIKELIHOODS.register("continuous_bernoulli")(ContinuousBernoulliLikelihood)
 LIKELIHOODS.register("gaussian")(GaussianLikelihood)
-LIKELIHOODS.register(
+
+
+@LIKELIHOODS.register(
     "gaussian_sigmoid",
     doc="Diagonal Gaussian, learned scale, mean squashed into (0, 1) (AEVB appendix C.2).",
-)(lambda event_dims=1, **kw: GaussianLikelihood(event_dims, squash=True, **kw))
+)
+def gaussian_sigmoid(event_dims: int = 1, min_scale: float = 1e-2) -> GaussianLikelihood:
+    """:class:`GaussianLikelihood` with ``squash=True``; its one option is ``min_scale`` (declared
+    here, so that another option is refused by name, not a TypeError)."""
+    return GaussianLikelihood(event_dims, squash=True, min_scale=min_scale)
+
+
 LIKELIHOODS.register("gaussian_fixed")(FixedScaleGaussianLikelihood)
 LIKELIHOODS.register("laplace")(LaplaceLikelihood)
 
 
 def make_likelihood(name: str, event_dims: int = 1, **options) -> Likelihood:
-    """Build a registered likelihood by name; options go to its constructor."""
-    return LIKELIHOODS.get(name)(event_dims=event_dims, **options)
+    """Build a registered likelihood by name; options go to its constructor (unknown ones:
+    ValueError naming them, as for priors)."""
+    from ppl_vae.models.priors import check_options
+
+    factory = LIKELIHOODS.get(name)
+    check_options("likelihood", name, factory, options, skip=1)
+    return factory(event_dims=event_dims, **options)

@@ -62,6 +62,22 @@ def test_unknown_names_list_the_valid_ones():
         build_vae("gaussian_mlp", (4,), likelihood="nope")
 
 
+@pytest.mark.parametrize(
+    "options, bad",
+    [({"foo": 1}, "foo"), ({"squash": False}, "squash"), ({"event_dims": 1}, "event_dims")],
+)
+def test_an_option_gaussian_sigmoid_does_not_take_is_named(options, bad):
+    """QA: gaussian_mlp's default likelihood took any keyword (a lambda with **kw), so a bad option
+    was a raw TypeError from its constructor; make_likelihood checked nothing."""
+    from ppl_vae.models import make_likelihood
+
+    with pytest.raises(ValueError, match=f"likelihood 'gaussian_sigmoid' has no option '{bad}'; it takes min_scale"):
+        build_vae("gaussian_mlp", (1, 8, 8), likelihood="gaussian_sigmoid", likelihood_options=options)
+    with pytest.raises(ValueError, match="likelihood 'gaussian' has no option 'bogus'"):
+        make_likelihood("gaussian", bogus=2)
+    assert make_likelihood("gaussian_sigmoid", min_scale=0.05).min_scale == 0.05
+
+
 def test_bad_sizes_are_value_errors():
     with pytest.raises(ValueError, match="latent_dim must be >= 1"):
         build_vae("gaussian_mlp", (4,), latent_dim=0)
