@@ -278,6 +278,9 @@ class GaussianLikelihood(Likelihood):
 
     def __init__(self, event_dims: int = 1, squash: bool = False, min_scale: float = 1e-2):
         super().__init__()
+        _check_event_dims(event_dims)
+        if not (min_scale >= 0 and math.isfinite(min_scale)):
+            raise ValueError(f"min_scale must be a finite number >= 0, got {min_scale}")
         self.event_dims = event_dims
         self.squash = squash
         self.min_scale = min_scale
@@ -316,8 +319,8 @@ class FixedScaleGaussianLikelihood(GaussianLikelihood):
     def __init__(self, event_dims: int = 1, squash: bool = False, scale: float = 0.1):
         super().__init__(event_dims, squash)
         self.name = "gaussian_fixed"
-        if not scale > 0:
-            raise ValueError(f"scale must be > 0, got {scale}")
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"scale must be a finite number > 0, got {scale}")
         self.register_buffer("scale", torch.tensor(float(scale)))
 
     def forward(self, loc: Tensor) -> dist.Distribution:  # type: ignore[override]
@@ -348,6 +351,11 @@ class LaplaceLikelihood(Likelihood):
 
     def mean(self, loc: Tensor, scale: Tensor) -> Tensor:
         return loc
+
+
+def _check_event_dims(event_dims: int) -> None:
+    if isinstance(event_dims, bool) or not isinstance(event_dims, int) or event_dims < 1:
+        raise ValueError(f"event_dims must be an integer >= 1 (the trailing dims of a datapoint), got {event_dims!r}")
 
 
 LIKELIHOODS.register("bernoulli")(BernoulliLikelihood)

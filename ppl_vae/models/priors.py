@@ -82,8 +82,10 @@ class MixtureOfGaussiansPrior(Prior):
 
     def __init__(self, latent_dim: int, num_components: int = 10, init_scale: float = 1.0):
         super().__init__(latent_dim)
-        if num_components < 1:
-            raise ValueError(f"num_components must be >= 1, got {num_components}")
+        if isinstance(num_components, bool) or not isinstance(num_components, int) or num_components < 1:
+            raise ValueError(f"num_components must be an integer >= 1, got {num_components!r}")
+        if not (init_scale >= 0 and math.isfinite(init_scale)):
+            raise ValueError(f"init_scale must be a finite number >= 0, got {init_scale}")
         self.num_components = num_components
         self.logits = nn.Parameter(torch.zeros(num_components))
         self.locs = nn.Parameter(torch.randn(num_components, latent_dim) * init_scale)
@@ -116,6 +118,8 @@ class VampPrior(Prior):
             raise ValueError(f"num_components must be >= 1, got {num_components!r}")
         if not (init_scale >= 0 and math.isfinite(init_scale)):
             raise ValueError(f"init_scale must be a finite number >= 0, got {init_scale}")
+        if not math.isfinite(init_loc):
+            raise ValueError(f"init_loc must be a finite number, got {init_loc}")
         self.num_components = num_components
         self.init_loc, self.init_scale = float(init_loc), float(init_scale)
         self.register_parameter("pseudo_inputs", None)  # created by attach_to: it needs the datapoint shape

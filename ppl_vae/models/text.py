@@ -110,8 +110,8 @@ class CategoricalLikelihood(Likelihood):
 
     def __init__(self, event_dims: int = 1, num_categories: int = 2, end_index: Optional[int] = None):
         super().__init__()
-        if num_categories < 2:
-            raise ValueError(f"num_categories must be >= 2, got {num_categories}")
+        if isinstance(num_categories, bool) or not isinstance(num_categories, int) or num_categories < 2:
+            raise ValueError(f"num_categories must be an integer >= 2, got {num_categories!r}")
         self.event_dims = event_dims
         self.num_categories = num_categories
         self.num_params = num_categories

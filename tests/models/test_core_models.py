@@ -83,7 +83,7 @@ def test_bad_sizes_are_value_errors():
         build_vae("gaussian_mlp", (4,), latent_dim=0)
     with pytest.raises(ValueError, match="hidden_dim must be >= 1"):
         build_vae("gaussian_mlp", (4,), hidden_dim=0)
-    with pytest.raises(ValueError, match="num_components must be >= 1"):
+    with pytest.raises(ValueError, match="num_components must be an integer >= 1"):
         make_prior("mixture_of_gaussians", 2, num_components=0)
 
 
@@ -207,3 +207,21 @@ def test_build_vae_refuses_settings_it_would_drop_or_that_cannot_score_the_data(
     assert vae.latent_dim == 4  # given alone, the options decide
     laplace = build_vae("gaussian_mlp", (1, 8, 8), likelihood=make_likelihood("laplace", event_dims=3))
     assert laplace.likelihood.event_dims == 3
+
+
+@pytest.mark.parametrize(
+    "kind, name, options, message",
+    [
+        ("likelihood", "gaussian", {"min_scale": -1.0}, "min_scale must be a finite number >= 0"),
+        ("likelihood", "gaussian", {"min_scale": float("nan")}, "min_scale must be a finite number >= 0"),
+        ("likelihood", "gaussian_fixed", {"scale": float("inf")}, "scale must be a finite number > 0"),
+        ("likelihood", "categorical", {"num_categories": 2.5}, "num_categories must be an integer >= 2"),
+        ("prior", "mixture_of_gaussians", {"init_scale": float("nan")}, "init_scale must be a finite number >= 0"),
+        ("prior", "vamp", {"init_loc": float("nan")}, "init_loc must be a finite number"),
+    ],
+)
+def test_bad_option_values_are_refused_when_the_part_is_built(kind, name, options, message):
+    """QA: these were accepted and training stopped at step 1 with advice to lower the learning
+    rate, or deep inside Pyro."""
+    with pytest.raises(ValueError, match=message):
+        build_vae("gaussian_mlp", (1, 8, 8), **{kind: name, f"{kind}_options": options})
