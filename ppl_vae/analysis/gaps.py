@@ -512,8 +512,9 @@ def gap_table(gaps: xr.Dataset) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("quantity")
 
 
-def format_gap_table(table: pd.DataFrame) -> str:
-    """The table as aligned text: ``mean ± se`` per quantity (nats) and what each one bounds."""
+def format_gap_table(table: pd.DataFrame, evidence: str = "log p(x)") -> str:
+    """The table as aligned text: ``mean ± se`` per quantity (nats) and what each one bounds
+    (``evidence``: what log p̂ estimates, log p(x | y) for a model given labels)."""
     width = max(len(d) for d in table["description"])
     lines = [f"{'quantity':<{width}}  {'mean ± se (nats)':>22}  {'MC se':>7}  kind"]
     for _, r in table.iterrows():
@@ -521,7 +522,7 @@ def format_gap_table(table: pd.DataFrame) -> str:
             f"{r['description']:<{width}}  {r['mean']:>12.3f} ± {r['se']:<7.3f}  {r['mc_se']:>7.3f}  {r['bound']}"
         )
     lines.append(
-        "kind: stochastic lower bound on its target (log p(x) or a gap), or neither; "
+        f"kind: stochastic lower bound on its target ({evidence} or a gap), or neither; "
         "log p̂ by multiple importance sampling over ½q + ½q*"
     )
     return "\n".join(lines)

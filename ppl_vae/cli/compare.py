@@ -215,7 +215,7 @@ def compare(
     )
     if not result.files:  # a torchrun rank other than 0
         return
-    click.echo(format_gap_table(result.table))
+    click.echo(format_gap_table(result.table, str(result.gaps.attrs.get("evidence", "log p(x)"))))
     from ppl_vae.reports.compare import active_units_line
 
     click.echo(f"active units: {active_units_line(result.diagnostics)}")

@@ -240,7 +240,13 @@ def compare_run(
             "num_datapoints": int(len(sel.index)),
         }
     )
-    comparison = Comparison(gaps, gap_table(gaps), xr.Dataset())
+    table = gap_table(gaps)
+    evidence = evidence_of(run.vae)  # log p(x | y) for a model given labels (a cvae)
+    if evidence != "log p(x)":
+        hat = evidence.replace("log p", "log p̂", 1)
+        table["description"] = [d.replace("log p̂(x)", hat).replace("log p(x)", evidence) for d in table["description"]]
+        gaps.attrs["evidence"] = evidence
+    comparison = Comparison(gaps, table, xr.Dataset())
     comparison.warnings.extend(comparison_warnings(gaps))
     gaps.attrs["warnings"] = " | ".join(comparison.warnings) or "none"
     if not writer or out is None:

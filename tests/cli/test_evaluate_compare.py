@@ -184,3 +184,16 @@ def test_a_refusal_names_the_estimator_the_model_and_the_run_and_hints_skip_esti
     ds["log_px_stderr"] = ds["log_px"]
     lines = evaluation.evaluation_warnings(ds, hint)  # ESS 1 of 100: advises another estimator
     assert any("or use another --estimator that applies to this model (not ais" in line for line in lines), lines
+
+
+def test_compare_of_a_cvae_names_its_evidence_log_p_x_given_y(tmp_path_factory, tmp_path):
+    """QA: compare labelled a cvae's estimates log p̂(x), where evaluate (rightly) says log p(x | y)."""
+    from tests.cli.conftest import tiny_run
+
+    run = tiny_run(tmp_path_factory, "cvae", epochs=1)
+    result = CliRunner().invoke(cli, ["compare", str(run), "-k", "5", "--num-datapoints", "6", "--no-progress",
+                                      "--out", str(tmp_path)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "log p̂(x | y) (MIS, ½q + ½q*)" in result.output and "log p̂(x) (" not in result.output
+    assert "stochastic lower bound on its target (log p(x | y) or a gap)" in result.output
+    assert "log p̂(x | y)" in (tmp_path / "report.html").read_text()
