@@ -353,15 +353,20 @@ def build_text_hybrid(
     if not isinstance(likelihood, CategoricalLikelihood):
         raise ValueError(f"model 'text_hybrid' needs a categorical likelihood, got {likelihood.name!r}")
     if likelihood.num_categories != vocab_size:
+        name = likelihood.name
         likelihood = CategoricalLikelihood(likelihood.event_dims, vocab_size, likelihood.end_index)
+        likelihood.name = name
     encoder = ConvTextEncoder(event_shape[0], latent_dim, vocab_size, hidden_dim)
     decoder = HybridTextDecoder(latent_dim, event_shape[0], vocab_size, hidden_dim, history=history)
     return TextHybridVAE(encoder, decoder, prior, likelihood, event_shape, alpha=alpha)
 
 
-def _variant(**options):
+def _variant(name: str, **options):
     def build(*args, **kwargs):
-        return build_text_hybrid(*args, **options, **kwargs)
+        try:
+            return build_text_hybrid(*args, **options, **kwargs)
+        except ValueError as exc:  # the refusal names the model the user chose
+            raise ValueError(str(exc).replace("model 'text_hybrid'", f"model {name!r}")) from None
 
     return build
 
@@ -376,5 +381,5 @@ for _name, _options, _doc in (
     ),
 ):
     MODELS.register(_name, doc=_doc)(
-        ModelSpec(_variant(**_options), _doc, likelihood="categorical_text", latent_dim=32, hidden_dim=128)
+        ModelSpec(_variant(_name, **_options), _doc, likelihood="categorical_text", latent_dim=32, hidden_dim=128)
     )

@@ -157,3 +157,10 @@ def test_auxiliary_term_prevents_posterior_collapse():
         kl[alpha] = float(kl_per_datapoint(vae, x, num_samples=8).mean())
     assert kl[1.0] > 0.6 * math.log(10), kl
     assert kl[0.0] < 0.25 * math.log(10), kl
+
+
+def test_a_text_variants_refusal_names_the_variant():
+    """QA: text_hybrid_noaux and text_hybrid_historyless were refused as "model 'text_hybrid'"."""
+    for name in ("text_hybrid_noaux", "text_hybrid_historyless"):
+        with pytest.raises(ValueError, match=f"model '{name}' needs datapoints of shape \\(length,\\)"):
+            build_vae(name, (1, 8, 8))
