@@ -924,6 +924,52 @@ def verify_fast_path_on(vae: VAE, data: Dataset) -> None:
         kwargs["y"] = labels[:8].to(device)
     verify_declared_fast_path(vae, torch.as_tensor(x[:8]).to(device), **kwargs)
     verify_enumerated_sites(vae, torch.as_tensor(x[:8]).to(device), **kwargs)
+    _check_parts(vae, data, torch.as_tensor(x[:2]).to(device))
+
+
+def _check_parts(vae: Any, data: Dataset, x: torch.Tensor) -> None:
+    """A VAE put together by hand (the plain class, custom encoder or decoder) is probed once on
+    two datapoints before training: its event shape is the data's, the encoder gives the prior's
+    latent size, and the decoder one tensor shaped like a datapoint per parameter of the
+    likelihood; a mismatch is one line here, not a broadcasting error inside the first step."""
+    from ppl_vae.models.vae import VAE
+
+    if type(vae) is not VAE:  # the library's families are checked by their builders and tests
+        return
+    name = "the VAE"
+    if tuple(vae.event_shape) != tuple(data.event_shape):
+        raise ValueError(
+            f"{name} was built for datapoints of shape {tuple(vae.event_shape)}, but the data's are "
+            f"{tuple(data.event_shape)}: give event_shape={tuple(data.event_shape)}"
+        )
+    modes = [(m, m.training) for m in vae.modules()]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            for m, _ in modes:
+                m.eval()
+            loc = vae.encoder(x)[0]
+            if tuple(loc.shape) != (x.shape[0], vae.prior.latent_dim):
+                raise ValueError(
+                    f"{name}'s encoder gives latents of shape {tuple(loc.shape[1:])} but its prior is over "
+                    f"{vae.prior.latent_dim} dimensions: build them with the same latent_dim"
+                )
+            out = vae.decoder(loc)
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+    want = vae.likelihood.num_params
+    if not isinstance(out, (tuple, list)) or len(out) != want:
+        got = f"a {type(out).__name__}" if not isinstance(out, (tuple, list)) else f"{len(out)} tensor(s)"
+        raise ValueError(
+            f"{name}'s decoder returns {got}, but likelihood {vae.likelihood.name!r} takes a tuple of {want} "
+            f"tensor(s) shaped like a datapoint"
+        )
+    for i, t in enumerate(out):
+        if tuple(t.shape) != (x.shape[0], *data.event_shape):
+            raise ValueError(
+                f"{name}'s decoder output {i} has shape {tuple(t.shape[1:])} per datapoint, but a datapoint's is "
+                f"{tuple(data.event_shape)} (likelihood {vae.likelihood.name!r})"
+            )
 
 
 def train(

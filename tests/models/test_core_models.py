@@ -225,3 +225,41 @@ def test_bad_option_values_are_refused_when_the_part_is_built(kind, name, option
     rate, or deep inside Pyro."""
     with pytest.raises(ValueError, match=message):
         build_vae("gaussian_mlp", (1, 8, 8), **{kind: name, f"{kind}_options": options})
+
+
+def test_a_vae_put_together_by_hand_is_checked_before_training():
+    """QA: a custom decoder with one output for a two-parameter likelihood, a bare tensor instead
+    of a tuple, a prior of another latent size, or an event shape not the data's failed inside the
+    first step (or trained without a word); now one line before training."""
+    import ppl_vae
+    from ppl_vae.config import TrainConfig
+    from ppl_vae.inference.training import train
+    from ppl_vae.models import VAE, make_likelihood, make_prior
+
+    data = ppl_vae.load_dataset("digits", train_size=50)
+    base = build_vae("gaussian_mlp", data.event_shape, latent_dim=3, hidden_dim=8)
+    config = TrainConfig(epochs=1, batch_size=25, device="cpu", train_eval_size=10)
+
+    class Bare(torch.nn.Module):  # returns the mean tensor itself, not a tuple
+        def __init__(self, decoder):
+            super().__init__()
+            self.decoder = decoder
+
+        def forward(self, z):
+            return self.decoder(z)[0]
+
+    cases = [
+        (VAE(base.encoder, base.decoder, base.prior, base.likelihood, (1, 28, 28)), "built for datapoints of shape"),
+        (VAE(base.encoder, base.decoder, make_prior("standard_normal", 4), base.likelihood, data.event_shape),
+         r"encoder gives latents of shape \(3,\) but its prior is over 4"),
+        (VAE(base.encoder, Bare(base.decoder), base.prior, base.likelihood, data.event_shape),
+         "decoder returns a Tensor, but likelihood 'gaussian_sigmoid' takes a tuple of 2"),
+        (VAE(base.encoder, base.decoder, base.prior, make_likelihood("gaussian", event_dims=3), data.event_shape),
+         None),  # right: trains
+    ]  # fmt: skip
+    for vae, message in cases:
+        if message is None:
+            train(vae, data, config, progress=False)
+            continue
+        with pytest.raises(ValueError, match=message):
+            train(vae, data, config, progress=False)
