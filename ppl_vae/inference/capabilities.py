@@ -13,6 +13,7 @@ that names both sides. A new registry entry is covered by declaring these, nothi
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Dict, FrozenSet, Optional, Tuple
 
 import torch
@@ -182,15 +183,15 @@ def check_compatible(
     if world_size > 1 and not cls.data_parallel:
         raise ConfigError(
             f"{side} cannot run data-parallel (its step is not one loss over all parameters that DDP can "
-            f"average); nproc is {world_size}: use nproc 1",
+            f"average); {processes(world_size)}: {one_process()}",
             field="nproc",
         )
     if world_size > 1 and isinstance(vae, torch.nn.Module) and _has_batch_norm(vae):
         raise ConfigError(
-            f"{what} normalises its batches (batch normalisation), and data-parallel training with nproc "
-            f"{world_size} would normalise each process's share of a batch on its own: another gradient than one "
+            f"{what} normalises its batches (batch normalisation), and data-parallel training with "
+            f"{processes(world_size)} would normalise each process's share of a batch on its own: another gradient than one "
             "process's, and running statistics that differ between processes (torch has no SyncBatchNorm on the "
-            "CPU); use nproc 1 (or, for a new run, model option batch_norm=false)",
+            f"CPU); {one_process()} (or, for a new run, model option batch_norm=false)",
             field="nproc",
         )
     defaults = TrainConfig()
@@ -326,6 +327,23 @@ def _check_options(config: TrainConfig, objective: Any) -> None:
             check_keyword_options(owner, cls.__init__, options)
         except ValueError as exc:
             raise ConfigError(f"train.{name}: {exc}", field=f"train.{name}") from None
+
+
+def _under_torchrun() -> bool:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def processes(world_size: int) -> str:
+    """The process count as the user set it: torchrun's (WORLD_SIZE set above 1), else ``--nproc``."""
+    return f"{world_size} torchrun processes" if _under_torchrun() else f"nproc {world_size}"
+
+
+def one_process() -> str:
+    """How to train in one process: under torchrun the count is the launcher's, not ``--nproc``'s."""
+    return "launch it as one process (without torchrun)" if _under_torchrun() else "use nproc 1"
 
 
 def _has_batch_norm(vae: torch.nn.Module) -> bool:

@@ -37,6 +37,7 @@ from torch import nn
 
 from ppl_vae.config import TrainConfig
 from ppl_vae.errors import ConfigError, PplVaeError
+from ppl_vae.inference.capabilities import one_process, processes
 from ppl_vae.inference.training import Stepper, resolve_device, stepper_class, validate_train_config
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -83,8 +84,8 @@ def check_config(config: TrainConfig, world_size: int) -> None:
     stepper = stepper_class(config)
     if not stepper.data_parallel:
         raise ConfigError(
-            f"{stepper.describe()} cannot run data-parallel: nproc {world_size} needs a method and objective "
-            "whose step is one loss over all parameters (see `ppl-vae models`); use nproc 1",
+            f"{stepper.describe()} cannot run data-parallel ({processes(world_size)}): it needs a method and objective "
+            f"whose step is one loss over all parameters (see `ppl-vae models`); {one_process()}",
             field="train.method" if config.objective == "elbo" else "train.objective",
         )
     if config.batch_size % world_size:
@@ -199,7 +200,7 @@ class DistContext:
         single-process loss of the global batch), and a non-finite mean stops every rank alike."""
         if not stepper.data_parallel:
             raise ConfigError(
-                f"{stepper.describe()} cannot run data-parallel (train.method/train.objective); train it with nproc 1",
+                f"{stepper.describe()} cannot run data-parallel (train.method/train.objective); {one_process()}",
                 field="train.method",
             )
         stepper.dist = self

@@ -140,7 +140,7 @@ def test_refusals_name_both_sides(tmp_path):
     assert str(info.value).startswith("objective 'beta_tc' needs a model whose guide is the encoder's Gaussian")
     assert "model 'two_layer'" in str(info.value)
     vae, _, _ = tiny("bernoulli_mlp", "diagonal_normal")
-    with pytest.raises(ConfigError, match=r"objective 'capacity' cannot run data-parallel .* nproc is 2"):
+    with pytest.raises(ConfigError, match=r"objective 'capacity' cannot run data-parallel .* nproc 2: use nproc 1"):
         check_compatible(vae, TrainConfig(objective="capacity"), world_size=2)
     # QA: the ladder's batch norm normalised each process's share on its own under --nproc 2 (no
     # SyncBatchNorm on the CPU), a gradient other than one process's: refused, naming both sides
@@ -359,3 +359,23 @@ def test_the_closed_form_probe_leaves_the_random_stream_alone():
     before = torch.get_rng_state()
     check_compatible(ladder, TrainConfig(elbo="mean_field"), model="ladder")
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_refusals_under_torchrun_name_the_launcher(monkeypatch):
+    """Under torchrun the process count is the launcher's: a refusal advising --nproc 1 sent users to
+    a flag they had not given (QA)."""
+    from ppl_vae.inference.distributed import check_config
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    vae, _, _ = tiny("bernoulli_mlp", "diagonal_normal")
+    with pytest.raises(ConfigError) as info:
+        check_compatible(vae, TrainConfig(objective="capacity"), world_size=2)
+    assert str(info.value).endswith("2 torchrun processes: launch it as one process (without torchrun)")
+    assert "nproc" not in str(info.value)
+    ladder, _, _ = tiny("ladder", "diagonal_normal")
+    with pytest.raises(ConfigError, match="with 2 torchrun processes would normalise") as bn:
+        check_compatible(ladder, TrainConfig(), model="ladder", world_size=2)
+    assert "nproc" not in str(bn.value)
+    with pytest.raises(ConfigError) as method:
+        check_config(TrainConfig(method="wake-sleep"), 2)
+    assert "(2 torchrun processes): it needs" in str(method.value) and "nproc" not in str(method.value)
