@@ -78,6 +78,16 @@ class Run:
     None for a run from before checkpoints kept one)."""
     train_data: Optional[Dict[str, Any]] = None
     """The training split's fingerprint the checkpoint recorded (None for a run from before)."""
+    checkpoint_epoch: Optional[int] = None
+    """The epoch the loaded weights are from (:func:`load_run`; the best epoch's with ``best``)."""
+
+    @property
+    def made_from(self) -> str:
+        """Which weights this run's results describe: "RUN at epoch N" (the run's directory alone
+        where the epoch is not known)."""
+        return (
+            str(self.run_dir) if self.checkpoint_epoch is None else f"{self.run_dir} at epoch {self.checkpoint_epoch}"
+        )
 
     def read_history(self) -> xr.Dataset:
         """The history, read from the run directory on first use where :func:`load_run` was told
@@ -825,6 +835,7 @@ def load_run(
         None,
         test_data=extra.get(TEST_DATA_KEY),
         train_data=extra.get(TRAIN_DATA_KEY),
+        checkpoint_epoch=int(meta["epoch"]),
     )
     if history:
         run.read_history()

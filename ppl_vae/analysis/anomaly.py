@@ -134,7 +134,10 @@ def score_dataset(
         "score": (
             "datapoint",
             scores.cpu().numpy().astype(np.float64),
-            {"description": f"anomaly score {score} (higher = more anomalous)"},
+            {
+                "description": f"anomaly score {score} (higher = more anomalous): {SCORES.describe(score)}",
+                "units": "nats",
+            },
         )
     }
     attrs: Dict[str, object] = {"score": score, "num_samples": num_samples}

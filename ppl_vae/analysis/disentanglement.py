@@ -271,8 +271,9 @@ def disentanglement_metrics(
     ds = mig(codes_tr, f_tr, num_bins=num_bins, factor_names=names)
     ds = ds.merge(dci(codes_tr, f_tr, codes_te, f_te, seed=seed, num_trees=num_trees, factor_names=names))
     activity = codes_tr.var(axis=0, ddof=1)
-    ds["activity"] = ("latent", activity)
-    ds["active_units"] = ((), int((activity > 0.01).sum()))
+    on = f"the {len(tr)} training points the metrics use"
+    ds["activity"] = ("latent", activity, {"description": "Var_x(E_q[z_j|x]) (plug-in estimate)", "data": on})
+    ds["active_units"] = ((), int((activity > 0.01).sum()), {"description": "latents with activity > 0.01", "data": on})
     ds.attrs.update(
         {
             "dataset": data.name,

@@ -105,6 +105,7 @@ def anomaly(run_dir: Path, **opts) -> None:
             "data_dir": "" if source.data_dir is None else str(source.data_dir),
             "split": opts["split"],
             "run_dir": str(run_dir),
+            "made_from": run.made_from,  # which weights: a resume moves the run on, not this file
             "data": "the run's own" if own else "other data than the run was trained on",
         }
     )
@@ -117,8 +118,9 @@ def anomaly(run_dir: Path, **opts) -> None:
     )
     if "auroc" in result.attrs:
         click.echo(
-            f"AUROC {result.attrs['auroc']:.4f}, AUPRC {result.attrs['auprc']:.4f} "
-            f"({result.attrs['num_anomalies']} anomalies among {len(x)})"
+            f"AUROC {result.attrs['auroc']:.4f} (chance 0.5), AUPRC {result.attrs['auprc']:.4f} (chance "
+            f"{result.attrs['num_anomalies'] / len(x):.4f}, the share of anomalies: "
+            f"{result.attrs['num_anomalies']} among {len(x)})"
         )
     elif "label" in result:
         click.echo(f"the labels hold one class only ({result.attrs['num_anomalies']} anomalies): no AUROC or AUPRC")

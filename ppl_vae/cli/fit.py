@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
@@ -89,6 +90,7 @@ def fit(ctx: click.Context, **opts) -> None:
         timeout_s=opts["dist_timeout"],
     )
     where = {"run_dir": run_dir}
+    started = time.time()
     try:
         with _interrupts_are_never_lost() as interrupted:
             run = _fit_or_resume(ctx, opts, where, common)
@@ -99,6 +101,44 @@ def fit(ctx: click.Context, **opts) -> None:
     if distributed.env_rank() != 0:
         return  # under torchrun, rank 0 reports
     _report(run, opts)
+    if opts["resume"] is not None and run.new_epochs:
+        _note_earlier_outputs(run, started)
+
+
+#: what a resume rewrites or keeps as the training's own record (not results made from weights)
+_TRAINING_FILES = ("config.json", "history.nc", "checkpoint*.safetensors", "*.tmp")
+#: the suffixes of results other commands write from a run's weights (evaluate, compare, ...)
+_RESULT_SUFFIXES = (".nc", ".csv", ".html", ".png", ".svg", ".pdf")
+
+
+def _note_earlier_outputs(run, started: float) -> None:
+    """Say which results in the run directory were made before this resume: they describe the
+    weights of an earlier epoch (their ``made_from`` says which), not the run's new checkpoint,
+    and are kept, not removed (they are the user's); training's own frames (samples/) and loggers'
+    folders are records of the training and are left out."""
+    from ppl_vae.loggers import LOGGERS
+
+    skip_dirs = {"samples", *LOGGERS.names()}
+    earlier = []
+    for path in sorted(Path(run.run_dir).rglob("*")):
+        relative = path.relative_to(run.run_dir)
+        if (
+            not path.is_file()
+            or path.is_symlink()
+            or relative.parts[0] in skip_dirs
+            or any(relative.match(pattern) for pattern in _TRAINING_FILES)
+            or path.suffix not in _RESULT_SUFFIXES
+            or path.stat().st_mtime >= started
+        ):
+            continue
+        earlier.append(str(relative))
+    if earlier:
+        shown = ", ".join(earlier[:12]) + (f" and {len(earlier) - 12} more" if len(earlier) > 12 else "")
+        click.echo(
+            f"note: {len(earlier)} earlier result{'s' if len(earlier) > 1 else ''} in {run.run_dir} describe the "
+            f"weights before this resume, not epoch {run.epochs_done}'s: {shown} (kept; run the commands that made "
+            "them again for the new weights)"
+        )
 
 
 def _fit_or_resume(ctx: click.Context, opts: dict, where: dict, common: dict):

@@ -42,7 +42,7 @@ import torch
 import xarray as xr
 
 from ppl_vae import io
-from ppl_vae.reports.common import CSS, check_out_dir, figure_to_data_uri
+from ppl_vae.reports.common import CSS, check_out_dir, figure_to_data_uri, weights_scored
 
 FILES = {
     "sbc": "calibration_sbc.nc",
@@ -845,6 +845,7 @@ def calibrate_run(
             ("discrete", discrete),
         ):
             if ds is not None:
+                ds.attrs["made_from"] = run.made_from  # which weights: a resume moves the run on, not this file
                 result.files[key] = results.save_netcdf(ds, paths[key])
         images: Dict[str, str] = {}
         for key, fig in figures:
@@ -1112,7 +1113,7 @@ def render_html(run: Any, result: Calibration, images: Dict[str, str]) -> str:
         f"<title>ppl-vae calibrate: {esc(str(run.run_dir))}</title><style>{CSS}{PAGE_CSS}</style></head><body>",
         f"<h1>Is the amortized posterior calibrated? {esc(cfg.model.model)} on {esc(cfg.data.dataset)}</h1>",
         f"<div class='lead'>{LEAD}</div>",
-        f"<p>Run <code>{esc(str(run.run_dir))}</code> (guide {esc(str(cfg.model.guide))}, method "
+        f"<p>Run <code>{esc(str(run.run_dir))}</code>{esc(weights_scored(run))} (guide {esc(str(cfg.model.guide))}, method "
         f"{esc(str(cfg.train.method))}). Generated {_dt.datetime.now():%Y-%m-%d %H:%M}.</p>",
     ]
     for reason in result.skipped:

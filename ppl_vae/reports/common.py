@@ -161,6 +161,12 @@ def select_datapoints(run: Run, split: str = "test", num_datapoints: Optional[in
     return Selection(x.to(device), None if labels is None else labels[idx].to(device), index, split, preprocessing)
 
 
+def weights_scored(run: Run) -> str:
+    """ ", the weights after epoch N" for a page's run line (empty where the epoch is not known):
+    a page left in a run directory that a resume has since trained on says which weights it scored."""
+    return "" if run.checkpoint_epoch is None else f", the weights after epoch {run.checkpoint_epoch}"
+
+
 def check_out_dir(out: Path, name: str = "out_dir") -> Path:
     """Create the folder ``out`` if needed; a one-line ValueError naming ``name`` when it cannot hold files."""
     from ppl_vae.io import check_target, make_folder

@@ -27,7 +27,15 @@ from ppl_vae.io import write_text
 from ppl_vae.models.vae import evidence_of
 from ppl_vae.pipeline import Run, load_run
 from ppl_vae.reports.blocks import BlockTask, is_writer, map_blocks, rank_device
-from ppl_vae.reports.common import CSS, Selection, Stages, figure_to_data_uri, run_out_dir, select_datapoints
+from ppl_vae.reports.common import (
+    CSS,
+    Selection,
+    Stages,
+    figure_to_data_uri,
+    run_out_dir,
+    select_datapoints,
+    weights_scored,
+)
 
 if TYPE_CHECKING:  # xarray, pandas, plotting and ArviZ are imported after the scoring, where they are used
     import pandas as pd
@@ -232,6 +240,7 @@ def compare_run(
         {
             "split": split,
             "run_dir": str(run.run_dir),
+            "made_from": run.made_from,  # which weights: a resume moves the run on, not this file
             "model": run.config.model.model,
             "dataset": run.config.data.dataset,
             "seed": seed,
@@ -450,7 +459,7 @@ def render_html(run: Run, sel: Selection, comparison: Comparison, figures: List[
     for warning in comparison.warnings:
         parts.append(f"<p class='warning'><b>Warning.</b> {esc(warning)}</p>")
     parts += [
-        f"<p>Run <code>{esc(str(run.run_dir))}</code>; {n} {esc(sel.split)} datapoints "
+        f"<p>Run <code>{esc(str(run.run_dir))}</code>{esc(weights_scored(run))}; {n} {esc(sel.split)} datapoints "
         f"(preprocessing: {esc(sel.preprocessing)}); {esc(latent_description(comparison.diagnostics))}; "
         f"K = {gaps.attrs['num_samples']} draws from each of q and q*; mean-field VI converged for {converged} of "
         f"{n} datapoints. Generated {_dt.datetime.now():%Y-%m-%d %H:%M}.</p>",

@@ -156,7 +156,7 @@ def disentanglement_report(
         )
     paths = check_targets(out_dir)
     vae, history = run.vae, run.read_history()
-    run_name, config_text = str(run.run_dir), run.config.to_json()
+    run_name, config_text = run.made_from, run.config.to_json()  # "RUN at epoch N": the weights scored
     metrics = disentanglement_metrics(vae, data, num_points=num_points, num_test_points=num_test_points, seed=seed)
     x = data.test[: min(500, data.test.shape[0])]
     traversal = latent_traversal(vae, x, num_steps=num_steps, span=span)
@@ -172,14 +172,12 @@ def disentanglement_report(
         note = provenance(run.config.data.data_dir)
     with io.file_set():  # replaces an earlier report whole: its objective_terms.png goes when this has none
         io.supersedes(paths.values())
-        report.files["metrics"] = io.write_netcdf(
-            metrics.merge(
-                traversal[["kl", "activity"]]
-                .rename(kl="traversal_kl", activity="traversal_activity")
-                .rename(latent="traversal_latent")
-            ),
-            paths["metrics"],
-        )
+        traversal_terms = traversal[["kl", "activity"]].rename(kl="traversal_kl", activity="traversal_activity")
+        for name in ("traversal_kl", "traversal_activity"):
+            traversal_terms[name].attrs["data"] = f"the first {x.shape[0]} test images (the traversal's)"
+        merged = metrics.merge(traversal_terms.rename(latent="traversal_latent"))
+        merged.attrs["made_from"] = run.made_from
+        report.files["metrics"] = io.write_netcdf(merged, paths["metrics"])
         for (_, fig), key in zip(figures, ("traversal", "mutual_info", "terms")):
             report.files[key] = io.write_figure(fig, paths[key], dpi=100)
         page = render_html(run_name, config_text, report, figures, note)

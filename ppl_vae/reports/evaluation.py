@@ -214,6 +214,7 @@ def evaluate_run(
         {
             "split": split,
             "run_dir": str(run.run_dir),
+            "made_from": run.made_from,  # which weights: a resume moves the run on, not this file
             "model": run.config.model.model,
             "dataset": run.config.data.dataset,
             "seed": seed,

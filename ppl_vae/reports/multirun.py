@@ -255,6 +255,7 @@ def compare_runs(
             "bound": ("quantity", [str(first[q].attrs["bound"]) for q in compared]),
             "description": ("quantity", [label(first, q) for q in compared]),
             "run_dir": ("run", [str(r.run_dir) for r in runs]),
+            "made_from": ("run", [r.made_from for r in runs]),
         },
         attrs={
             "estimator": estimator,
@@ -504,8 +505,8 @@ def render_multirun_html(comparison: MultiComparison) -> str:
         f"<img alt='paired differences' src='{figure_to_data_uri(plot_paired_differences(ds))}'>"
     )
     runs = "".join(
-        f"<li><code>{esc(str(n))}</code>: <code>{esc(str(d))}</code></li>"
-        for n, d in zip(ds.run.values, ds.run_dir.values)
+        f"<li><code>{esc(str(n))}</code>: {esc(str(m))} (the weights scored)</li>"
+        for n, m in zip(ds.run.values, ds.made_from.values)
     )
     parts.append(f"<h2>Runs</h2><ul>{runs}</ul>")
     files = ", ".join(f"<code>{esc(p.name)}</code>" for k, p in comparison.files.items() if k != "report")

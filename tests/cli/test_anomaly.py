@@ -80,6 +80,9 @@ def test_fit_scvae_then_anomaly_reports_auroc_and_writes_scores(tmp_path, sensor
     # what was scored: the file says which data, so scores of other files are not taken for the run's
     assert scores.attrs["dataset"] == "timeseries-csv" and scores.attrs["split"] == "test"
     assert scores.attrs["data"] == "the run's own" and scores.attrs["data_dir"].endswith("sensors.csv")
+    assert scores.attrs["made_from"].startswith(f"{run} at epoch ")  # which weights scored them
+    assert scores["score"].attrs["units"] == "nats" and "Monte Carlo" in scores["score"].attrs["description"]
+    assert "(chance 0.5)" in result.output and "the share of anomalies" in result.output
     assert np.isfinite(scores["score"]).all()
 
 

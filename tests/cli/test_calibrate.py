@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ppl_vae import pipeline
+from ppl_vae import pipeline, runs
 from ppl_vae.analysis import results
 from ppl_vae.analysis.predictive import IMAGES_IN_UNIT_INTERVAL
 from ppl_vae.cli.main import cli
@@ -72,6 +72,7 @@ def test_calibrate_writes_results_and_leaves_the_run_alone(bernoulli_run, tmp_pa
     for var in ("rank", "chi2_p_value", "ecdf_diff", "band_lower", "outside_band", "coverage", "coverage_se"):
         assert var in sbc, var
     assert sbc.sizes["simulation"] == 40 and sbc.attrs["num_posterior_samples"] == 19
+    assert sbc.attrs["made_from"] == f"{bernoulli_run} at epoch {runs.checkpoint_epoch(bernoulli_run)}"
     assert {"z[0]", "z[1]", "|z|", "log p(x|z)"} <= {str(q) for q in sbc["quantity"].values}
     assert int(sbc["rank"].min()) >= 0 and int(sbc["rank"].max()) <= 19
     assert bool(((sbc["coverage"] >= 0) & (sbc["coverage"] <= 1)).all())

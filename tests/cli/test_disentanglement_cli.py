@@ -71,6 +71,11 @@ def test_disentanglement_writes_netcdf_figures_and_html_into_its_folder(sprites_
     with xr.open_dataset(out / "disentanglement.nc", engine="h5netcdf") as ds:
         assert ds.mutual_info.dims == ("latent", "factor") and "pos_x" in ds.factor.values
         assert 0 <= float(ds.mig) <= 1
+        assert " at epoch " in ds.attrs["made_from"]  # which weights were scored
+        assert (
+            "training points" in ds["activity"].attrs["data"]
+            and "test images" in ds["traversal_activity"].attrs["data"]
+        )
     html = (out / "disentanglement.html").read_text()
     assert "Latent traversals" in html and "data:image/png;base64" in html and "Objective terms" in html
     assert "dsprites here is a re-rendering, not the original file." in html  # rendered without --data-dir

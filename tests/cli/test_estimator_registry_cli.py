@@ -56,6 +56,7 @@ def test_a_registered_estimator_is_evaluated_and_compared(two_runs, half_iw, tmp
     assert "log p̂(x) (iw_half)" in result.output
     multi = results.load_netcdf(tmp_path / "multi" / "multirun.nc")
     assert list(multi.quantity.values) == ["log_px"] and multi.attrs["estimator"] == "iw_half"
+    assert [str(m) for m in multi["made_from"].values] == [f"{a} at epoch 2", f"{b} at epoch 1"]
 
 
 def test_flags_that_do_not_apply_are_refused_before_any_work(two_runs, tmp_path):

@@ -197,3 +197,33 @@ def test_compare_of_a_cvae_names_its_evidence_log_p_x_given_y(tmp_path_factory, 
     assert "log p̂(x | y) (MIS, ½q + ½q*)" in result.output and "log p̂(x) (" not in result.output
     assert "stochastic lower bound on its target (log p(x | y) or a gap)" in result.output
     assert "log p̂(x | y)" in (tmp_path / "report.html").read_text()
+
+
+def test_results_say_which_weights_and_a_resume_names_the_results_it_left_behind(tmp_path_factory):
+    """QA: after `fit --resume`, evaluation.nc and report.html beside the new checkpoint described
+    the old weights, and nothing said so (log p̂(x) -2.5 beside a test ELBO of +16.6)."""
+    from tests.cli.conftest import tiny_run
+
+    run = tiny_run(tmp_path_factory, epochs=1)
+    runner = CliRunner()
+    for command in (["evaluate", "--num-samples", "5"], ["compare", "--num-samples", "5", "--mf-steps", "5"]):
+        out = runner.invoke(cli, [command[0], str(run), *command[1:], "--num-datapoints", "6", "--no-progress"])
+        assert out.exit_code == 0, out.output
+    assert results.load_netcdf(run / "evaluation.nc").attrs["made_from"] == f"{run} at epoch 1"
+    assert results.load_netcdf(run / "gaps.nc").attrs["made_from"] == f"{run} at epoch 1"
+    assert f"<code>{run}</code>, the weights after epoch 1;" in (run / "report.html").read_text()
+    resumed = runner.invoke(cli, ["fit", "--resume", str(run), "--epochs", "2", "--no-progress"])
+    assert resumed.exit_code == 0, resumed.output
+    note = [line for line in resumed.output.splitlines() if line.startswith("note:")]
+    assert len(note) == 1, resumed.output
+    for name in ("evaluation.nc", "evaluation.csv", "gaps.nc", "report.html"):
+        assert name in note[0]
+    assert "history.nc" not in note[0] and "config.json" not in note[0] and "checkpoint" not in note[0]
+    assert "not epoch 2's" in note[0] and (run / "evaluation.nc").is_file()  # kept: the user's files
+    # scored again, the result names the new weights, and a resume with nothing left behind says nothing
+    again = runner.invoke(cli, ["evaluate", str(run), "--num-samples", "5", "--num-datapoints", "6", "--no-progress"])
+    assert again.exit_code == 0, again.output
+    assert results.load_netcdf(run / "evaluation.nc").attrs["made_from"] == f"{run} at epoch 2"
+    fresh = tiny_run(tmp_path_factory, epochs=1)
+    quiet = runner.invoke(cli, ["fit", "--resume", str(fresh), "--epochs", "2", "--no-progress"])
+    assert quiet.exit_code == 0 and "note:" not in quiet.output, quiet.output
