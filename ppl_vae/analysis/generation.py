@@ -763,7 +763,9 @@ def latent_traversal(
     The fixed point is the encoder's mean for ``x[0]`` when ``x`` is given, else the prior's
     mean (zero). ``x`` (a batch) also gives each dimension's mean KL(q(z_j|x) || p(z_j)) (closed form
     for a diagonal Normal prior; else NaN) and activity Var_x E_q[z_j|x]; with ``sort_by_kl`` the
-    rows come in decreasing KL (activity where KL is unknown), so active units come first.
+    rows come in decreasing KL (activity where KL is unknown); the ``order`` attribute says which.
+    KL and activity usually agree, but not always: a unit below the activity threshold can have more
+    KL than an active one.
     ``dims``: the latent dimensions to traverse (default all). Returns ``image`` with dims
     ``(latent, step, channel, row, col)``, ``value`` (step), ``kl`` and ``activity`` (latent).
     """
@@ -793,9 +795,12 @@ def latent_traversal(
                 kl, activity = diag["kl"].values, diag["activity"].values
         else:
             base = torch.zeros(latent_dim, device=device)
+        order = "as given"
         if sort_by_kl:
             key = np.where(np.isfinite(kl), kl, np.where(np.isfinite(activity), activity, 0.0))
             dims = sorted(dims, key=lambda d: -key[d])
+            known = np.isfinite(kl[dims]).all(), np.isfinite(activity[dims]).all()
+            order = "by KL, largest first" if known[0] else "by activity, largest first" if known[1] else "as given"
         values = torch.linspace(-span, span, num_steps, device=device)
         z = base.repeat(len(dims), num_steps, 1)
         for i, d in enumerate(dims):
@@ -813,6 +818,7 @@ def latent_traversal(
         attrs={
             "description": "E[x|z] with z_j swept and the other dimensions fixed",
             "fixed_point": "encoder mean of the first datapoint" if x is not None else "prior mean (zero)",
+            "order": order,
         },
     )
 
@@ -846,5 +852,6 @@ def plot_traversal(traversal: xr.Dataset, cell_inches: float = 0.55):
     ax.set_xticks([i * w + (w - 1) / 2 for i in range(ncols)])
     ax.set_xticklabels([tick_label(v) for v in traversal["value"].values], fontsize=6)
     ax.set_xlabel("value of the traversed dimension (others fixed)", fontsize=7)
-    ax.set_title("latent traversals, sorted by KL (active units first)", fontsize=8)
+    order = str(traversal.attrs.get("order", "as given"))
+    ax.set_title("latent traversals" + ("" if order == "as given" else f", sorted {order}"), fontsize=8)
     return fig

@@ -744,24 +744,30 @@ def ais(
 
 def _bdmc_summary(ds: xr.Dataset) -> List[str]:
     n = ds.sizes["datapoint"]
+
+    def mean_se(v: xr.DataArray) -> str:
+        values = np.asarray(v.values, dtype=float)
+        se = values.std(ddof=1) / math.sqrt(values.size) if values.size > 1 else math.nan
+        return f"{values.mean():.3f} ± {se:.3f}"
+
     lines = [
         f"BDMC on {n} datapoints simulated from the model (C={ds.attrs['num_chains']} chains; "
-        "nats per datapoint, mean over datapoints):",
-        f"{'steps':>8} {'lower (fwd AIS)':>16} {'upper (rev AIS)':>16} {'gap':>8}",
+        "nats per datapoint, mean ± se over datapoints; the gap's se is paired):",
+        f"{'steps':>8} {'lower (fwd AIS)':>20} {'upper (rev AIS)':>20} {'gap':>16}",
     ]
     for t in ds["num_steps"].values:
         s = ds.sel(num_steps=t)
-        lines.append(
-            f"{int(t):>8} {float(s['lower'].mean()):16.3f} {float(s['upper'].mean()):16.3f} "
-            f"{float(s['gap'].mean()):8.3f}"
-        )
+        lines.append(f"{int(t):>8} {mean_se(s['lower']):>20} {mean_se(s['upper']):>20} {mean_se(s['gap']):>16}")
     last = ds.isel(num_steps=-1)
     evidence = str(ds.attrs.get("evidence", "log p(x)"))
     lower, upper = float(last["lower"].mean()), float(last["upper"].mean())
     if lower <= upper:
+        gap, gap_se = _mean_gap(ds)
+        width = f"{gap:.3f} ± {gap_se:.3f}" if math.isfinite(gap_se) else f"{gap:.3f} (one datapoint: no se)"
         lines.append(
             f"{lower:.3f} <= {evidence} <= {upper:.3f} "
-            f"(BDMC, T={int(last['num_steps'])}: stochastic lower and upper bounds on simulated data)"
+            f"(BDMC, T={int(last['num_steps'])}: stochastic lower and upper bounds on simulated data, "
+            f"means over datapoints; the sandwich is {width} nats wide)"
         )
     else:  # each bound holds in expectation only: crossed within their noise means closed
         gap, gap_se = _mean_gap(ds)

@@ -466,8 +466,8 @@ def default_summary(ds: "xr.Dataset") -> List[str]:
     )
     hat = evidence.replace("log p", "log p̂", 1)
     lines = [
-        f"{evidence} estimate {float(ds['log_px'].mean()):.3f} ({est.name}{settings}: {kind}; "
-        f"mean over {n}{split} datapoints)",
+        f"{evidence} estimate {mean_se(ds['log_px']).strip()} ({est.name}{settings}: {kind}; "
+        f"mean ± se over {n}{split} datapoints)",
         f"{'quantity':<30} {'mean ± se over datapoints':>26}  what it is (nats per datapoint)",
         f"{hat + ' (' + est.name + ')':<30} {mean_se(ds['log_px'])}  {_bound_words(bound)}",
     ]
@@ -479,7 +479,9 @@ def default_summary(ds: "xr.Dataset") -> List[str]:
             continue
         words = _bound_words(v.attrs.get("bound", "neither"))
         if name.endswith("_gap") and v.attrs.get("bound") in ("lower bound", "upper bound"):
-            words += " on the true gap"  # what it bounds: not log p(x), as the heading's estimate
+            from ppl_vae.analysis.gaps import GAP_TARGETS  # what it bounds: not log p(x), the heading's
+
+            words += f" on {GAP_TARGETS.get(name, 'the gap').replace('log p(x)', evidence)}"
         lines.append(f"{name:<30} {mean_se(v)}  {words}")
     mc_se = mc_se_of_mean(ds["log_px_stderr"])
     lines.append(

@@ -483,7 +483,7 @@ def render_multirun_html(comparison: MultiComparison) -> str:
     for w in comparison.warnings:
         parts.append(f"<p class='warning'><b>Warning.</b> {esc(w)}</p>")
     header = (
-        "<tr><th>run</th><th>quantity</th><th>kind</th><th>mean (nats)</th><th>se</th>"
+        "<tr><th>run</th><th>quantity</th><th>kind of the mean</th><th>mean (nats)</th><th>se</th>"
         "<th>Δ vs reference</th><th>paired se</th><th>MC se if independent</th><th>z</th><th>beyond noise?</th></tr>"
     )
     rows = [header]
@@ -497,6 +497,12 @@ def render_multirun_html(comparison: MultiComparison) -> str:
             f"<td>{fmt(r['z'])}</td><td class='text'>{beyond}</td></tr>"
         )
     parts.append("<h2>Table</h2><table>" + "".join(rows) + "</table>")
+    parts.append(
+        "<p class='note'>Kind of the mean: what each run's own mean is with respect to its target (lower bound, "
+        "upper bound or neither). Δ vs reference is a difference of two such numbers on the same datapoints, "
+        "and a difference of two bounds is neither a lower nor an upper bound on the difference of the targets; "
+        "read it with its paired se.</p>"
+    )
     if comparison.label_metrics:  # what the models declare beside log p̂: M2's error, a GMVAE's clusters
         items = "".join(f"<li>{esc(line)}</li>" for line in comparison.label_metrics)
         parts.append(f"<h2>Label metrics</h2><ul>{items}</ul>")

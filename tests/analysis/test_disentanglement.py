@@ -119,6 +119,11 @@ def test_traversal_sweeps_one_dimension_sorted_by_kl():
     assert np.allclose(trav.image.sel(latent=2).values[2], vae.decode(z0[None]).detach().numpy()[0], atol=1e-6)
     fig = plot_traversal(trav)
     assert fig.__class__.__name__ == "Figure"
+    # the title says the order it has (QA: "active units first" above an inactive unit listed first)
+    assert trav.attrs["order"] == "by KL, largest first"
+    assert fig.axes[0].get_title() == "latent traversals, sorted by KL, largest first"
+    unsorted = latent_traversal(vae, x, num_steps=3, sort_by_kl=False)
+    assert unsorted.attrs["order"] == "as given" and plot_traversal(unsorted).axes[0].get_title() == "latent traversals"
     with pytest.raises(ValueError, match="latent dimension.*do not exist.*0..3"):
         latent_traversal(vae, x, dims=[7])
 

@@ -151,8 +151,9 @@ def test_evaluates_gaps_say_they_bound_the_true_gap_not_log_p_x(two_runs, tmp_pa
     )
     assert result.exit_code == 0, result.output
     rows = {line.split()[0]: line for line in result.output.splitlines() if line.split()}
-    for gap in ("approximation_gap", "inference_gap"):
-        assert rows[gap].endswith("lower bound on the true gap"), rows[gap]
+    # QA: "on the true gap" was false for the approximation gap, which a q* short of the best overstates
+    assert rows["approximation_gap"].endswith("lower bound on log p(x) − L[q*] for the fitted q*")
+    assert rows["inference_gap"].endswith("lower bound on log p(x) − L[q]"), rows["inference_gap"]
     assert rows["amortization_gap"].endswith("estimate, neither bound") and rows["elbo_amortized"].endswith(
         "lower bound"
     )

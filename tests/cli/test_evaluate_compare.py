@@ -34,6 +34,9 @@ def test_evaluate_prints_and_saves_estimates(run_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "num_samples=20" in result.output and "log p̂(x) (iw)" in result.output
     ds = results.load_netcdf(tmp_path / "evaluation.nc")
+    # the first line's mean carries its se over datapoints too (QA: it was a bare number)
+    se = float(ds["log_px"].std(ddof=1)) / np.sqrt(15)
+    assert result.output.startswith(f"log p(x) estimate {float(ds['log_px'].mean()):.3f} ± {se:.3f} (iw")
     assert ds.sizes["datapoint"] == 15 and ds.attrs["num_samples"] == 20
     # the IW estimate is the log of a mean of weights, so it is at least their log-mean (the ELBO)
     assert bool((ds["log_px"] >= ds["elbo"] - 1e-9).all())

@@ -255,4 +255,4 @@ def test_relative_data_paths_are_recorded_absolute_so_analyses_run_from_any_fold
     for name, _ in fit:
         result = invoke(runner, "evaluate", str(tmp_path / name), "-k", "5", "--no-progress")
         assert result.exit_code == 0, result.output
-        assert result.output.startswith("log p(x) estimate ") and "mean over 12 test datapoints" in result.output
+        assert result.output.startswith("log p(x) estimate ") and "mean ± se over 12 test datapoints" in result.output

@@ -285,4 +285,8 @@ def test_bdmc_says_when_its_bounds_cross_and_names_the_evidence():
     assert "(one datapoint: no se)" in _bdmc_summary(alone)[-1] and "no sandwich" in _bdmc_summary(alone)[-1]
     (warning,) = _bdmc_warnings(alone, names)
     assert "on one datapoint, with no standard error" in warning
-    assert _bdmc_summary(sandwich([0.1, 0.2]))[-1].startswith("-44.000 <= log p(x | y) <= -43.850")
+    summary = _bdmc_summary(sandwich([0.1, 0.2]))
+    assert summary[-1].startswith("-44.000 <= log p(x | y) <= -43.850")
+    # every mean with its se (QA: the bounds were bare numbers): gaps 0.1, 0.2 have sd 0.0707, se 0.05
+    assert summary[-1].endswith("the sandwich is 0.150 ± 0.050 nats wide)"), summary[-1]
+    assert summary[2].split() == ["10", "-44.000", "±", "0.000", "-43.850", "±", "0.050", "0.150", "±", "0.050"]

@@ -116,6 +116,9 @@ def test_compare_several_runs_from_the_cli(two_runs, tmp_path):
     # Δ would have with independent draws, and every number that says so now says that
     assert "MC se*: the Monte Carlo se Δ would have if the runs' draws were independent" in result.output
     assert "MC se if independent" in html and "they share their random numbers" in html
+    # QA: on the page the kind column sat beside Δ with no word that Δ is neither bound
+    assert "<th>kind of the mean</th>" in html and "a difference of two bounds is neither" in html
+    assert "(the weights scored)" in html and " at epoch " in html
 
 
 def test_iw_estimator_and_refusals(two_runs, tmp_path):
