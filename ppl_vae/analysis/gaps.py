@@ -116,6 +116,38 @@ MEAN_FIELD_FAMILY = "a diagonal Gaussian per latent site, as q*"
 """The ``guide_family`` attribute of a gap decomposition whose amortized guide is in q*'s family."""
 
 
+def for_evidence(text: str, evidence: str = "log p(x)") -> str:
+    """``text`` written for log p(x), said of ``evidence`` instead: for a model given labels
+    (``log p(x | y)``, a cvae) log p(x) and log p̂(x) become log p(x | y) and log p̂(x | y), and
+    the guide q(z|x) becomes q(z|x, y)."""
+    if evidence == "log p(x)" or not evidence.startswith("log p(x | "):
+        return text
+    given = evidence[len("log p(x | ") : -1]
+    for old, new in (
+        ("log p̂(x)", f"log p̂(x | {given})"),
+        ("log p(x)", evidence),
+        ("q(z|x)", f"q(z|x, {given})"),
+        ("q(z_u|x)", f"q(z_u|x, {given})"),
+    ):
+        text = text.replace(old, new)
+    return text
+
+
+def relabel(ds: xr.Dataset, evidence: str) -> xr.Dataset:
+    """``ds`` with every string attribute and string coordinate said of ``evidence``
+    (:func:`for_evidence`); ``ds`` itself where the evidence is log p(x)."""
+    if evidence == "log p(x)":
+        return ds
+    ds = ds.copy()
+    ds.attrs = {k: for_evidence(v, evidence) if isinstance(v, str) else v for k, v in ds.attrs.items()}
+    for name in list(ds.variables):
+        var = ds[name]
+        var.attrs = {k: for_evidence(v, evidence) if isinstance(v, str) else v for k, v in var.attrs.items()}
+        if name in ds.coords and var.dtype.kind in "OU":
+            ds = ds.assign_coords({name: (var.dims, [for_evidence(str(v), evidence) for v in var.values], var.attrs)})
+    return ds
+
+
 def describe(name: str) -> str:
     """``"<label>: <what it is>"`` for an estimator or gap name."""
     return f"{LABELS[name]}: {MEANINGS[name]}"

@@ -199,7 +199,10 @@ def plot_estimators(gaps: xr.Dataset) -> Figure:
     n = gaps.sizes["datapoint"]
     means = est.mean("datapoint").values
     ses = est.std("datapoint", ddof=1).values / math.sqrt(n) if n > 1 else np.zeros_like(means)
-    labels = [f"{LABELS[str(e)]}\n({BOUNDS[str(e)]} on log p(x))" for e in est.estimator.values]
+    from ppl_vae.analysis.gaps import for_evidence
+
+    evidence = str(gaps.attrs.get("evidence", "log p(x)"))  # log p(x | y) for a model given labels
+    labels = [for_evidence(f"{LABELS[str(e)]}\n({BOUNDS[str(e)]} on log p(x))", evidence) for e in est.estimator.values]
     fig, ax = plt.subplots(figsize=(7, 0.75 * len(labels) + 1.2), layout="constrained")
     ax.errorbar(means, np.arange(len(labels)), xerr=2 * ses, fmt="o", capsize=3)
     ax.set_yticks(np.arange(len(labels)), labels)
@@ -266,7 +269,10 @@ def plot_kl_per_dimension(diagnostics: xr.Dataset) -> Figure:
     legend_outside(axes[1])
     axes[1].axhline(diagnostics.attrs.get("threshold", 0.01), color="black", lw=0.8, ls="--")
     axes[1].set_yscale("log")
-    axes[0].set_title("KL(q(z_u|x) || p(z_u)) per dimension", pad=14 if len(set(sites)) > 1 else 6)
+    from ppl_vae.analysis.gaps import for_evidence
+
+    kl_title = for_evidence("KL(q(z_u|x) || p(z_u)) per dimension", str(diagnostics.attrs.get("evidence", "log p(x)")))
+    axes[0].set_title(kl_title, pad=14 if len(set(sites)) > 1 else 6)
     axes[1].set_title(
         f"Activity Cov_x(E_q[z_u]): {diagnostics.attrs.get('num_active', '?')} active",
         pad=14 if len(set(sites)) > 1 else 6,

@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ppl_vae.analysis.gaps import fit_and_decompose, format_gap_table, gap_table, mean_field_batch, mis_warnings
+from ppl_vae.analysis.gaps import (
+    fit_and_decompose,
+    for_evidence,
+    format_gap_table,
+    gap_table,
+    mean_field_batch,
+    mis_warnings,
+    relabel,
+)
 from ppl_vae.errors import one_line
 from ppl_vae.inference.latents import model_layout
 from ppl_vae.inference.meanfield import MeanFieldGuide, guide_moments
@@ -251,9 +259,10 @@ def compare_run(
     )
     table = gap_table(gaps)
     evidence = evidence_of(run.vae)  # log p(x | y) for a model given labels (a cvae)
-    if evidence != "log p(x)":
-        hat = evidence.replace("log p", "log p̂", 1)
-        table["description"] = [d.replace("log p̂(x)", hat).replace("log p(x)", evidence) for d in table["description"]]
+    if evidence != "log p(x)":  # every label, meaning and figure names it, not log p(x)
+        for column in ("description", "meaning"):
+            table[column] = [for_evidence(d, evidence) for d in table[column]]
+        gaps = relabel(gaps, evidence)
         gaps.attrs["evidence"] = evidence
     comparison = Comparison(gaps, table, xr.Dataset())
     comparison.warnings.extend(comparison_warnings(gaps))
@@ -285,7 +294,10 @@ def _diagnostics_and_files(
         files["gaps_csv"] = results.save_csv(per_datapoint_table(gaps), out / COMPARE_FILES["gaps_csv"])
         files["table_csv"] = results.save_csv(comparison.table, out / COMPARE_FILES["table_csv"])
     with stages.stage("report"), eval_mode(vae):
-        comparison.diagnostics = collapse_diagnostics(vae.model, vae.guide, sel.x, **kwargs)
+        evidence = str(gaps.attrs.get("evidence", "log p(x)"))
+        comparison.diagnostics = relabel(collapse_diagnostics(vae.model, vae.guide, sel.x, **kwargs), evidence)
+        if evidence != "log p(x)":
+            comparison.diagnostics.attrs["evidence"] = evidence
         draw_n = min(sel.x.shape[0], 100)  # keep the InferenceData small: the first 100 datapoints
         draw_kwargs = {k: v[:draw_n] for k, v in kwargs.items()}
         layout = model_layout(vae.model, sel.x[:draw_n], **draw_kwargs)
@@ -438,6 +450,7 @@ def render_html(run: Run, sel: Selection, comparison: Comparison, figures: List[
     gaps, table = comparison.gaps, comparison.table
     cfg = run.config
     esc = html.escape
+    evidence = str(gaps.attrs.get("evidence", "log p(x)"))  # log p(x | y) for a model given labels
     rows = [
         "<tr><th>quantity</th><th>kind</th><th>mean (nats)</th><th>se over datapoints</th>"
         "<th>Monte Carlo se</th><th>median</th><th>what it is</th></tr>"
@@ -454,7 +467,7 @@ def render_html(run: Run, sel: Selection, comparison: Comparison, figures: List[
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>ppl-vae compare: {esc(str(run.run_dir))}</title><style>{CSS}</style></head><body>",
         f"<h1>Inference comparison: {esc(cfg.model.model)} on {esc(cfg.data.dataset)}</h1>",
-        f"<div class='lead'>{GAP_EXPLANATION}</div>",
+        f"<div class='lead'>{for_evidence(GAP_EXPLANATION, evidence)}</div>",
     ]
     for warning in comparison.warnings:
         parts.append(f"<p class='warning'><b>Warning.</b> {esc(warning)}</p>")
@@ -464,7 +477,7 @@ def render_html(run: Run, sel: Selection, comparison: Comparison, figures: List[
         f"K = {gaps.attrs['num_samples']} draws from each of q and q*; mean-field VI converged for {converged} of "
         f"{n} datapoints. Generated {_dt.datetime.now():%Y-%m-%d %H:%M}.</p>",
         "<h2>Estimators and gaps</h2>",
-        _estimator_paragraph(gaps),
+        for_evidence(_estimator_paragraph(gaps), evidence),
         "<table>" + "".join(rows) + "</table>",
         f"<p>Active units (Cov<sub>x</sub>(E<sub>q</sub>[z<sub>u</sub>]) &gt; "
         f"{comparison.diagnostics.attrs['threshold']}): {esc(active_units_line(comparison.diagnostics))}.</p>",

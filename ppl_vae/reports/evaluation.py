@@ -225,6 +225,9 @@ def evaluate_run(
             "(seed, its first datapoint): results do not depend on the number of processes",
         }
     )
+    from ppl_vae.analysis.gaps import relabel
+
+    ds = relabel(ds, str(ds.attrs["evidence"]))  # its descriptions say log p(x | y) for a model given labels
     if getattr(sel, "preprocessing", None):  # how the split was binarized for scoring
         ds.attrs["preprocessing"] = str(sel.preprocessing)
     from ppl_vae.reports.common import label_metric_lines

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -200,6 +202,23 @@ def test_compare_of_a_cvae_names_its_evidence_log_p_x_given_y(tmp_path_factory, 
     assert "log p̂(x | y) (MIS, ½q + ½q*)" in result.output and "log p̂(x) (" not in result.output
     assert "stochastic lower bound on its target (log p(x | y) or a gap)" in result.output
     assert "log p̂(x | y)" in (tmp_path / "report.html").read_text()
+    # QA: the rest of the page, the files and the figures still said log p(x) and q(z|x)
+    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", (tmp_path / "report.html").read_text())
+    for unconditional in ("log p(x)", "log p̂(x)", "q(z|x)", "q(z_u|x)"):
+        assert unconditional not in text, unconditional
+    gaps = results.load_netcdf(tmp_path / "gaps.nc")
+    meanings = [str(m) for m in gaps["meaning"].values] + [
+        str(gaps[g].attrs["meaning"]) for g in ("approximation_gap",)
+    ]
+    assert all("log p(x)" not in m for m in meanings) and any("log p(x | y)" in m for m in meanings)
+    assert "log p(x)," not in (tmp_path / "gap_table.csv").read_text()
+    diagnostics = results.load_netcdf(tmp_path / "diagnostics.nc")
+    assert diagnostics["kl"].attrs["long_name"].endswith("KL(q(z_u|x, y) || p(z_u))")
+    evaluated = CliRunner().invoke(cli, ["evaluate", str(run), "-k", "5", "--num-datapoints", "6", "--no-progress",
+                                         "--out", str(tmp_path / "ev")])  # fmt: skip
+    assert evaluated.exit_code == 0, evaluated.output
+    ev = results.load_netcdf(tmp_path / "ev" / "evaluation.nc")
+    assert "log p(x | y)" in ev["log_px"].attrs["long_name"] and "log p(x)" not in ev["log_px"].attrs["long_name"]
 
 
 def test_results_say_which_weights_and_a_resume_names_the_results_it_left_behind(tmp_path_factory):
