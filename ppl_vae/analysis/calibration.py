@@ -869,7 +869,7 @@ def plot_sbc_ecdf(
             entries = [
                 f"{name.split(' ')[0]} {format_ecdf_p_value(p, bands)}" for (name, *_), p in zip(curves, p_values)
             ]
-            per_line = 2 if len(entries) > 3 else 3  # four posteriors' p-values overrun a panel on one line
+            per_line = 2  # three posteriors' p-values ("guide <= 1.0e-04, mean-field ...") overran a panel (QA)
             shown = ",\n".join(", ".join(entries[i : i + per_line]) for i in range(0, len(entries), per_line))
             ax.set_title(f"{quantity}\nECDF p: {shown}", fontsize=7.5)
         else:

@@ -104,13 +104,17 @@ def plot_training_curves(history: xr.Dataset) -> Figure:
         ax.set_axis_off()
         return fig
     epochs = history["epoch"].values
+    words = {"train_elbo": "train", "test_elbo": "test", "val_elbo": "validation"}
     for name in names:
-        ax.plot(epochs, history[name].values, marker="o", label=str(name))
-    ax.legend(title="series")
+        ax.plot(epochs, history[name].values, marker="o", label=words.get(str(name), str(name)))
+    ax.legend(title="ELBO on")
     ax.set_xlabel("epoch")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     legend_outside(ax)
     ax.set_ylabel("ELBO (nats per datapoint)")
-    ax.set_title("Training curves")
+    ax.set_title("Training curves (Monte Carlo estimates of lower bounds)", fontsize=10)
     return fig
 
 

@@ -243,6 +243,14 @@ def test_the_ecdf_p_values_floor_is_printed_as_a_bound(vae):
         assert all(t.count("≤ 1.0e-04") == (2 if "other" in t else 1) for t in titles), titles
         assert not any("0.0001" in t for t in titles), titles
         plt.close(fig)
+    # three posteriors' p-values at the floor, the widest title: inside the figure (QA: cut at its right edge)
+    fig = plot_sbc_ecdf(u, compare={"mean-field q*": u, "SIR K=100": u}, label="guide q(z|x)")
+    fig.canvas.draw()
+    edge = fig.bbox.x1
+    for ax in fig.axes:
+        if ax.get_visible() and ax.get_title():
+            assert ax.title.get_window_extent().x1 <= edge, ax.get_title()
+    plt.close(fig)
 
 
 COLOURS = {"blue": "#1f4e79", "red": "#c0392b", "green": "#2e8b57", "purple": "#7b3fa0", "orange": "#d35400"}

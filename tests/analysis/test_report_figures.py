@@ -57,5 +57,10 @@ def test_training_curves_draw_only_the_series_the_run_recorded():
     )
     fig = plots.plot_training_curves(history)
     (ax,) = fig.axes
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train_elbo", "test_elbo"]
+    # named in words, said to be estimates of bounds, whole epochs on the axis (QA: raw names, 1.5 epochs)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "test"]
+    assert ax.get_legend().get_title().get_text() == "ELBO on"
+    assert ax.get_title() == "Training curves (Monte Carlo estimates of lower bounds)"
+    fig.canvas.draw()
+    assert all(float(t).is_integer() for t in ax.get_xticks())
     np.testing.assert_array_equal(ax.get_lines()[1].get_ydata(), [-3.2, -2.1, -1.7])

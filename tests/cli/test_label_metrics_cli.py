@@ -54,7 +54,7 @@ def test_m2_records_and_prints_its_test_error(tmp_path):
     from ppl_vae.analysis.plots import plot_training_curves
 
     figure = plot_training_curves(history)
-    assert {t.get_text() for t in figure.axes[0].get_legend().get_texts()} >= {"train_elbo", "test_elbo"}
+    assert {t.get_text() for t in figure.axes[0].get_legend().get_texts()} >= {"train", "test"}
 
 
 def test_gmvae_records_cluster_accuracy_against_a_hand_computed_mapping(tmp_path):

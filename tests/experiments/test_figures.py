@@ -380,3 +380,37 @@ def test_tiles_have_gaps_and_one_colour_map():
     for module in (fig4, fig5):  # the figure modules draw through the shared helper, not their own map
         source = open(module.__file__).read()
         assert "show_images(" in source and "cmap=" not in source
+
+
+def _overlapping_tick_labels(ax) -> list:
+    """Pairs of x tick labels (major and minor, inside the view) whose drawn boxes overlap."""
+    low, high = ax.get_xlim()
+    labels = [
+        t
+        for t in ax.get_xticklabels() + ax.get_xticklabels(minor=True)
+        if t.get_visible() and t.get_text() and low <= t.get_position()[0] <= high
+    ]
+    boxes = [t.get_window_extent() for t in labels]
+    return [
+        (labels[i].get_text(), labels[j].get_text())
+        for i in range(len(boxes))
+        for j in range(i + 1, len(boxes))
+        if boxes[i].overlaps(boxes[j])
+    ]
+
+
+@pytest.mark.parametrize("samples", [[500 * i for i in range(1, 11)], [100 * 2**i for i in range(12)]])
+def test_fig2_tick_labels_do_not_run_into_each_other(samples):
+    """QA: on the zoomed panel of a one-decade run, "3x10^3" and "4x10^3" were drawn over each other."""
+    rows = [
+        dict(dataset="digits", latent_dim=3, method=m, split=s, num_train_samples=v, lower_bound=-100 + np.log(v))
+        for m in ("AEVB", "wake-sleep")
+        for s in ("train", "test")
+        for v in samples
+    ]
+    fig = fig2.plot(pd.DataFrame(rows))
+    fig.canvas.draw()
+    for ax in fig.axes:
+        assert _overlapping_tick_labels(ax) == [], ax.get_title()
+        shown = [t for t in ax.get_xticklabels() + ax.get_xticklabels(minor=True) if t.get_text()]
+        assert len(shown) >= 1, ax.get_title()  # every panel still has a scale
