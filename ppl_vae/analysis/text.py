@@ -42,8 +42,21 @@ def kl_per_datapoint(vae, x: Tensor, num_samples: int = 16) -> Tensor:
 
 
 @torch.no_grad()
+def ratio_se(numerator: Tensor, denominator: Tensor) -> float:
+    """Standard error over sentences of the ratio estimator sum(numerator) / sum(denominator)
+    (bits per character: nats of each sentence over its symbols), by the delta method:
+    sqrt(n / (n - 1) * sum((a_i - r c_i)^2)) / sum(c_i); NaN for one sentence."""
+    a, c = numerator.double().reshape(-1), denominator.double().reshape(-1)
+    n = a.numel()
+    if n < 2:
+        return math.nan
+    r = a.sum() / c.sum()
+    return float(torch.sqrt(n / (n - 1) * ((a - r * c) ** 2).sum()) / c.sum())
+
+
 def text_metrics(vae, x: Tensor, *, num_samples: int = 10, batch_size: int = 200) -> xr.Dataset:
-    """Corpus bits per character (ELBO bound and IW estimate with ``num_samples``) and mean KL.
+    """Corpus bits per character (ELBO bound and IW estimate with ``num_samples``) and mean KL,
+    each with its standard error over sentences (``*_se``; :func:`ratio_se` for the ratios).
 
     ``vae`` is put in eval mode, so an auxiliary training term is not counted.
     """
@@ -51,10 +64,17 @@ def text_metrics(vae, x: Tensor, *, num_samples: int = 10, batch_size: int = 200
         elbo = elbo_per_datapoint(vae.model, vae.guide, x, num_particles=num_samples, batch_size=batch_size)
         iw = iw_log_px(vae.model, vae.guide, x, num_samples=num_samples, batch_size=batch_size)
         kl = kl_per_datapoint(vae, x, num_samples)
-    chars = float(num_scored_characters(x).sum())
+    symbols = num_scored_characters(x).to(elbo.device)
+    chars = float(symbols.sum())
     to_bits = 1.0 / (chars * math.log(2.0))
+    bits = 1.0 / math.log(2.0)
+    n = kl.numel()
+    over = "standard error over sentences"
     return xr.Dataset(
         {
+            "bits_per_character_elbo_se": ((), ratio_se(-elbo * bits, symbols), {"description": over}),
+            "bits_per_character_iw_se": ((), ratio_se(-iw * bits, symbols), {"description": over}),
+            "kl_se": ((), float(kl.std()) / math.sqrt(n) if n > 1 else math.nan, {"description": over}),
             "bits_per_character_elbo": (
                 (),
                 -float(elbo.sum()) * to_bits,

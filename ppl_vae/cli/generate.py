@@ -204,8 +204,8 @@ def inpaint(
     weights = result.attrs["num_weights"]
     per = "" if weights == num_samples else f" ({num_samples} draws of z x {weights // num_samples} labels)"
     click.echo(
-        f"{len(x)} images, mask {mask!r}: mean log p(x_obs) {float(result.log_evidence.mean()):.2f} nats "
-        "(importance-weighted: a stochastic lower bound), "
+        f"{len(x)} images, mask {mask!r}: mean log p(x_obs) {float(result.log_evidence.mean()):.2f}"
+        f"{_se_over(result.log_evidence.values, 'images')} nats (importance-weighted: a stochastic lower bound), "
         f"mean ESS {float(result.ess.mean()):.1f} of {weights} weights{per}"
     )
     if "label_posterior" in result and data.test_labels is not None:
@@ -213,6 +213,16 @@ def inpaint(
         truth = data.test_labels[:num_images].numpy()
         click.echo(f"label inferred from the observed part: {int((predicted == truth).sum())}/{len(truth)} correct")
     click.echo(f"figure written to {path}")
+
+
+def _se_over(values, what: str) -> str:
+    """ " ± se" of the mean of ``values`` over ``what`` (empty for one value: no se)."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=float)
+    if values.size < 2:
+        return f" (one of the {what}: no se)"
+    return f" ± {values.std(ddof=1) / np.sqrt(values.size):.2f} (se over {what})"
 
 
 @click.command()

@@ -75,10 +75,11 @@ def text(
     m = text_metrics(run.vae, x, num_samples=num_samples)
     click.echo(
         f"{m.attrs['num_sentences']} {split} sentences, {m.attrs['num_scored_characters']} scored symbols: "
-        f"{float(m['bits_per_character_iw']):.3f} bits/char (IW, K={num_samples}: a stochastic upper bound), "
-        f"{float(m['bits_per_character_elbo']):.3f} (ELBO: a stochastic upper bound); KL "
-        f"{float(m['kl']):.2f} nats/sentence ({float(m['kl_bits_per_character']):.3f} bits/char; a Monte Carlo "
-        "estimate)"
+        f"{float(m['bits_per_character_iw']):.3f} ± {float(m['bits_per_character_iw_se']):.3f} bits/char (IW, "
+        f"K={num_samples}: a stochastic upper bound), {float(m['bits_per_character_elbo']):.3f} ± "
+        f"{float(m['bits_per_character_elbo_se']):.3f} (ELBO: a stochastic upper bound); KL "
+        f"{float(m['kl']):.2f} ± {float(m['kl_se']):.2f} nats/sentence ({float(m['kl_bits_per_character']):.3f} "
+        "bits/char; a Monte Carlo estimate); ± se over sentences"
     )
     if num_sentences:
         click.echo("samples:")

@@ -189,6 +189,7 @@ def test_text_cli_reports_bits_per_character_samples_and_interpolation(tmp_path)
     assert result.output.count("\n") >= 1 + 1 + 2 + 1 + 3
     first = result.output.splitlines()[0]  # every number says what it is
     assert "(IW, K=2: a stochastic upper bound)" in first and "(ELBO: a stochastic upper bound)" in first
+    assert first.count(" ± ") == 4 and first.endswith("; ± se over sentences")  # QA: bare numbers
     assert "a Monte Carlo estimate" in first
     for flags, message in [
         (["--steps", "3"], "--steps applies to an interpolation only"),

@@ -3,6 +3,8 @@ and the conv model's image-size error through `ppl-vae fit`."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -53,6 +55,7 @@ def test_inpaint_reports_evidence_ess_and_inferred_labels(cvae_run, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "mean log p(x_obs)" in result.output and "of 500 weights" in result.output
+    assert re.search(r"mean log p\(x_obs\) -?\d+\.\d\d ± \d+\.\d\d \(se over images\) nats", result.output)
     assert "(importance-weighted: a stochastic lower bound)" in result.output
     assert "label inferred from the observed part:" in result.output
     assert (tmp_path / "inp.png").is_file()
