@@ -334,11 +334,10 @@ class Calibration:
             "0.5 are expected even for a correct model (Meng 1994)"
         ]
         for stat in p["statistic"].values:
-            pv = p["p_value"].sel(statistic=stat).values
-            extreme = float(np.mean(np.minimum(pv, 1.0 - pv) < EXTREME))
+            mean, share = ppc_summary(p["p_value"].sel(statistic=stat).values)
             lines.append(
-                f"{str(stat):<14} mean p-value {float(pv.mean()):.3f}; share of extreme p-values "
-                f"(p < {EXTREME} or p > {1 - EXTREME}) {extreme:.3f}"
+                f"{str(stat):<14} mean p-value {mean}; share of extreme p-values "
+                f"(p < {EXTREME} or p > {1 - EXTREME}) {share} (± se over datapoints)"
             )
         return lines
 
@@ -1044,17 +1043,28 @@ def _gap_table(result: Calibration) -> str:
     return text + ".</p><table>" + "".join(rows) + "</table>"
 
 
+def ppc_summary(p_values: np.ndarray) -> Tuple[str, str]:
+    """The mean predictive p-value and the share of extreme ones over datapoints, each as
+    "mean ± se" (the share's se: the binomial sqrt(s (1 - s) / n)); "n/a" for a se of one datapoint."""
+    pv = np.asarray(p_values, dtype=float)
+    n = pv.size
+    share = float(np.mean(np.minimum(pv, 1.0 - pv) < EXTREME))
+    if n < 2:
+        return f"{pv.mean():.3f} ± n/a", f"{share:.3f} ± n/a"
+    return (
+        f"{pv.mean():.3f} ± {pv.std(ddof=1) / np.sqrt(n):.3f}",
+        f"{share:.3f} ± {np.sqrt(share * (1 - share) / n):.3f}",
+    )
+
+
 def _ppc_table(p: xr.Dataset) -> str:
     rows = [
-        "<tr><th>statistic T</th><th>mean predictive p-value</th>"
-        f"<th>share of extreme p-values (p &lt; {EXTREME} or p &gt; {1 - EXTREME})</th></tr>"
+        "<tr><th>statistic T</th><th>mean predictive p-value ± se</th>"
+        f"<th>share of extreme p-values (p &lt; {EXTREME} or p &gt; {1 - EXTREME}) ± se</th></tr>"
     ]
     for stat in p["statistic"].values:
-        pv = p["p_value"].sel(statistic=stat).values
-        extreme = float(np.mean(np.minimum(pv, 1.0 - pv) < EXTREME))
-        rows.append(
-            f"<tr><td class='text'>{html.escape(str(stat))}</td><td>{pv.mean():.3f}</td><td>{extreme:.3f}</td></tr>"
-        )
+        mean, share = ppc_summary(p["p_value"].sel(statistic=stat).values)
+        rows.append(f"<tr><td class='text'>{html.escape(str(stat))}</td><td>{mean}</td><td>{share}</td></tr>")
     return (
         f"<p>{p.sizes['datapoint']} {html.escape(str(p.attrs.get('split', '')))} datapoints, "
         f"R = {p.attrs['num_replicates']} replicates x<sub>rep</sub> ~ p(x|z) with z ~ q(z|x) each "

@@ -81,6 +81,12 @@ def test_calibrate_writes_results_and_leaves_the_run_alone(bernoulli_run, tmp_pa
     assert bool(((ppc["p_value"] >= 0) & (ppc["p_value"] <= 1)).all())
     assert "coverage of central 90% intervals" in result.output
     assert "verdict:" in result.output and "mean p-value" in result.output and "extreme" in result.output
+    # every PPC summary with its se over datapoints (QA: bare numbers), computed here independently
+    pv = ppc["p_value"].isel(statistic=0).values
+    share = float(np.mean(np.minimum(pv, 1 - pv) < 0.05))
+    line = next(t for t in result.output.splitlines() if t.startswith(str(ppc["statistic"].values[0]) + " "))
+    assert f"mean p-value {pv.mean():.3f} ± {pv.std(ddof=1) / np.sqrt(pv.size):.3f};" in line, line
+    assert f"{share:.3f} ± {np.sqrt(share * (1 - share) / pv.size):.3f} (± se over datapoints)" in line, line
     assert "Meng 1994" in result.output
     # the page defines the p-value as computed: mid-p, P(>) + 0.5 P(=), not P(T(x_rep) >= T(x))
     ppc_part = page.split("<h2>Posterior predictive checks</h2>")[1]
