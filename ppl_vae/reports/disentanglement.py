@@ -73,8 +73,10 @@ class DisentanglementReport:
         return (
             f"MIG {mig_text(float(m.mig))} ({per}); DCI disentanglement {float(m.dci_disentanglement):.3f}, "
             f"completeness {float(m.dci_completeness):.3f}, informativeness "
-            f"{float(m.dci_informativeness.mean()):.3f} (mean accuracy); active units {int(m.active_units)} "
-            f"of {m.sizes['latent']} ({m.attrs['num_points']} points of {m.attrs['dataset']})"
+            f"{float(m.dci_informativeness.mean()):.3f} (mean accuracy on {m.attrs['num_test_points']} held-out "
+            f"points); active units {int(m.active_units)} of {m.sizes['latent']} (plug-in estimates from "
+            f"{m.attrs['num_points']} points of {m.attrs['dataset']}: binned mutual information is biased up on few "
+            "points)"
         )
 
 

@@ -145,9 +145,11 @@ def test_a_factor_constant_among_the_points_is_reported_as_undefined_and_left_ou
     ds["dci_completeness"] = 0.5
     ds["dci_informativeness"] = ("factor", np.full(3, 0.5))
     ds["active_units"] = 3
-    ds.attrs.update(dataset="dsprites", num_points=N)
+    ds.attrs.update(dataset="dsprites", num_points=N, num_test_points=7)
     line = DisentanglementReport(ds, xr.Dataset()).summary()
     assert "nan" not in line
+    # what the numbers are: plug-in estimates, informativeness on held-out points (QA)
+    assert "(mean accuracy on 7 held-out points)" in line and f"(plug-in estimates from {N} points of dsprites" in line
     assert "shape n/a" in line and f"one value among the {N} points, mean over the other 2 factors" in line
 
 
