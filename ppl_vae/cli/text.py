@@ -81,11 +81,11 @@ def text(
         f"{float(m['kl']):.2f} ± {float(m['kl_se']):.2f} nats/sentence ({float(m['kl_bits_per_character']):.3f} "
         "bits/char; a Monte Carlo estimate); ± se over sentences"
     )
-    if num_sentences:
-        click.echo("samples:")
+    if num_sentences:  # quoted: a sentence's trailing spaces are part of it (QA)
+        click.echo("samples (quoted):")
         for s in sample_sentences(run.vae, num_sentences, temperature=temperature):
-            click.echo(f"  {s}")
+            click.echo(f"  {s!r}")
     if interpolate:
-        click.echo("interpolation:")
+        click.echo("interpolation (quoted):")
         for s in interpolate_sentences(run.vae, interpolate[0], interpolate[1], num_steps=steps):
-            click.echo(f"  {s}")
+            click.echo(f"  {s!r}")

@@ -412,7 +412,7 @@ def plot_paired_differences(ds: xr.Dataset):
                 label=str(ds["description"].sel(quantity=q).values) if i == 0 else None,
             )
             ypos.append(y)
-            labels.append(run if j == 0 else "")
+            labels.append(f"{run}: {q}" if j == 0 else q)  # every row named (QA: 1 of 8 ticks had a label)
     axes[0].axvline(0.0, color="black", lw=0.8)
     axes[0].set_yticks(ypos, labels)
     axes[0].invert_yaxis()

@@ -187,6 +187,9 @@ def test_text_cli_reports_bits_per_character_samples_and_interpolation(tmp_path)
     assert result.exit_code == 0, result.output
     assert "bits/char" in result.output and "KL" in result.output
     assert result.output.count("\n") >= 1 + 1 + 2 + 1 + 3
+    body = result.output.splitlines()
+    shown = body[body.index("interpolation (quoted):") + 1 :][:3]
+    assert all(line.startswith("  '") or line.startswith('  "') for line in shown), shown  # trailing spaces visible
     first = result.output.splitlines()[0]  # every number says what it is
     assert "(IW, K=2: a stochastic upper bound)" in first and "(ELBO: a stochastic upper bound)" in first
     assert first.count(" ± ") == 4 and first.endswith("; ± se over sentences")  # QA: bare numbers

@@ -59,6 +59,9 @@ def test_paired_differences_cancel_the_spread_between_datapoints():
     assert not paired_table(same).loc[("B", "iw_amortized")]["beyond_noise"]
     fig = plot_paired_differences(ds)
     assert len(fig.axes) == 2
+    ticks = [t.get_text() for t in fig.axes[0].get_yticklabels()]  # every row named, the run on its first
+    quantities = [str(q) for q in ds.quantity.values]
+    assert ticks == [f"B: {quantities[0]}", *quantities[1:]], ticks
 
 
 def _fit(out, binarize="none", seed=0):
