@@ -339,7 +339,11 @@ def plot_samples(samples: Tensor, ncol: int = 10) -> Figure:
     s = _as_numpy(samples)
     nrow = max(1, s.shape[0] // ncol)
     s = s[: nrow * ncol]
-    return _draw_rows([s[i * ncol : (i + 1) * ncol] for i in range(nrow)], [""] * nrow, "Samples from the prior")
+    return _draw_rows(
+        [s[i * ncol : (i + 1) * ncol] for i in range(nrow)],
+        [""] * nrow,
+        "Decoded prior draws: E[x|z] for z ~ p(z) (means, not draws of x)",
+    )
 
 
 def plot_manifold(

@@ -370,7 +370,7 @@ def _report_figures(
         ("Estimators", lambda: plots.plot_estimators(gaps)),
         ("KL per dimension and active units", lambda: plots.plot_kl_per_dimension(diagnostics)),
         ("Reconstructions", lambda: plots.plot_reconstructions(sel.x[:10], _reconstruct(run, sel, 10))),
-        ("Samples from the prior", lambda: plots.plot_samples(vae.sample(30))),
+        ("Decoded prior draws E[x|z], z ~ p(z)", lambda: plots.plot_samples(vae.sample(30))),
     ]
     labels = _conditioning_labels(run, sel)
     if vae.latent_dim == 2 and labels is not None:  # p(x | z, y): one label

@@ -24,7 +24,7 @@ def test_prior_samples_are_one_canvas_of_every_sample_in_order():
     assert want.shape == (3 * 7 - 1, 10 * 6 - 1)
     np.testing.assert_array_equal(np.isnan(_drawn(ax)), np.isnan(want))
     np.testing.assert_allclose(_drawn(ax)[~np.isnan(want)], want[~np.isnan(want)], rtol=1e-6)
-    assert fig._suptitle.get_text() == "Samples from the prior"
+    assert fig._suptitle.get_text() == "Decoded prior draws: E[x|z] for z ~ p(z) (means, not draws of x)"
 
 
 def test_reconstructions_are_two_labelled_rows():
