@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
+import stat
 import tempfile
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -292,13 +294,25 @@ def write_figure(fig: Any, path: Path, **savefig_kwargs: Any) -> Path:
     return write_with(path, lambda tmp: fig.savefig(tmp, format=fmt, **savefig_kwargs))
 
 
+# a temporary file of atomic_path: "." + the target's name + "." + mkstemp's 8 characters + ".tmp"
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX) + "$")
+
+
 def remove_stale_temp_files(folder: Path) -> List[Path]:
     """Delete the temporary files that a killed writer left in ``folder``; returns them.
 
-    Safe when several processes clean the same folder at once: a file another process
-    removed first is skipped.
+    Only this module's own temporary files (".NAME.XXXXXXXX.tmp", regular files, not links): a
+    user's ".notes.tmp" or a link of that name stays. Safe when several processes clean the same
+    folder at once: a file another process removed first is skipped.
     """
-    stale = [p for p in Path(folder).glob(f".*{TEMP_SUFFIX}") if p.is_file()]
+    stale = []
+    for path in Path(folder).glob(f".*{TEMP_SUFFIX}"):
+        try:
+            info = path.lstat()
+        except OSError:
+            continue
+        if _TEMP_NAME.match(path.name) and stat.S_ISREG(info.st_mode):
+            stale.append(path)
     for path in stale:
         path.unlink(missing_ok=True)
     return stale

@@ -155,7 +155,7 @@ def test_anomaly_of_class_labelled_data_scores_it_and_says_how_to_get_auroc(tmp_
 def test_stale_temp_files_removed_by_two_processes_at_once_are_no_error(tmp_path, monkeypatch):
     """Ctrl-C during `fit --nproc 2` left a temp file; both ranks removed it on resume and one
     failed. Now only the deciding process cleans, and cleaning tolerates a file already gone."""
-    gone = tmp_path / ".checkpoint.safetensors.abc.tmp"
+    gone = tmp_path / ".checkpoint.safetensors.abc12_yz.tmp"
     gone.write_bytes(b"x")
     real_glob = Path.glob
 
@@ -165,8 +165,25 @@ def test_stale_temp_files_removed_by_two_processes_at_once_are_no_error(tmp_path
         return found
 
     monkeypatch.setattr(Path, "glob", glob_then_other_process_removes)
-    monkeypatch.setattr(Path, "is_file", lambda self: True)
-    assert io.remove_stale_temp_files(tmp_path) == [gone]
+    assert io.remove_stale_temp_files(tmp_path) == []  # gone before this process looked: skipped, no error
+
+
+def test_cleaning_removes_only_this_librarys_temporary_files(tmp_path):
+    """QA: every hidden '*.tmp' in a run folder was deleted on resume, a user's '.notes.tmp' and
+    links of such names included; only atomic_path's own '.NAME.XXXXXXXX.tmp' files go."""
+    ours = tmp_path / ".history.nc.k3j_9x2a.tmp"
+    ours.write_bytes(b"half a history")
+    users = tmp_path / ".notes.tmp"
+    users.write_text("user data")
+    outside = tmp_path / "outside.tmp"
+    outside.write_text("keep")
+    link = tmp_path / ".report.html.abcdefgh.tmp"
+    link.symlink_to(outside)
+    with io.atomic_path(tmp_path / "evaluation.nc") as tmp:  # the name the writer really gives
+        assert io._TEMP_NAME.match(tmp.name), tmp.name
+        tmp.write_bytes(b"x")
+    assert io.remove_stale_temp_files(tmp_path) == [ours]
+    assert not ours.exists() and users.read_text() == "user data" and link.is_symlink() and outside.exists()
 
 
 def test_resume_cleans_stale_temp_files_in_the_deciding_process_only(tmp_path, monkeypatch):
@@ -174,7 +191,7 @@ def test_resume_cleans_stale_temp_files_in_the_deciding_process_only(tmp_path, m
 
     run_dir = tmp_path / "run"
     ppl_vae.fit(small_config(epochs=1), run_dir, progress=False)
-    stale = run_dir / ".checkpoint.safetensors.x1y2.tmp"
+    stale = run_dir / ".checkpoint.safetensors.x1y2_3z4.tmp"
     stale.write_bytes(b"half a checkpoint")
     cleaned = []
     real = runs.remove_stale_temp_files
