@@ -20,13 +20,14 @@ a folder that holds only a config (a run killed before its first checkpoint) is 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import random
 import shutil
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import pyro
@@ -681,6 +682,21 @@ def _check_name_lengths(path: Path) -> None:
         )
 
 
+def _one_trainer(resume_fn: Callable[..., "Run"]) -> Callable[..., "Run"]:
+    """``resume`` holding the run directory for this process (:func:`ppl_vae.runs.exclusive`);
+    torchrun's ranks leave it to their launch."""
+
+    @functools.wraps(resume_fn)
+    def holding(run_dir: Path, **kwargs: Any) -> "Run":
+        if distributed.launched_by_torchrun():
+            return resume_fn(run_dir, **kwargs)
+        with runs.exclusive(Path(run_dir)):
+            return resume_fn(run_dir, **kwargs)
+
+    return holding
+
+
+@_one_trainer
 def resume(
     run_dir: Path,
     *,

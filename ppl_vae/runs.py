@@ -24,8 +24,9 @@ import json
 import os
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
@@ -162,6 +163,47 @@ def check_config_matches_checkpoint(
                 "it is made (fit --resume changes --epochs, --lr, --optimizer and --device); restore config.json, or "
                 "start a new run"
             )
+
+
+@contextmanager
+def exclusive(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir`` for this process while it continues training it: a second ``fit --resume``
+    or ``animate`` of the same run is refused in one line instead of both reporting success while
+    the later one's files replace the other's epochs. An advisory lock on the folder itself
+    (flock), released when the process ends however it ends; nothing is written. Where the
+    filesystem has no locks the run is not guarded. Re-entrant within a process."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        yield
+        return
+    key = os.path.realpath(run_dir)
+    if key in _HELD:  # this process holds it already (animate, then the resume it calls)
+        yield
+        return
+    try:
+        fd = os.open(run_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # not a folder: the command's own checks say so
+        yield
+        return
+    _HELD.add(key)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirError(
+                f"{run_dir} is being trained by another process (a fit --resume or animate of it is running): "
+                "wait for it to end, then continue the run"
+            ) from None
+        except OSError:  # a filesystem without flock (some network mounts)
+            pass
+        yield
+    finally:
+        _HELD.discard(key)
+        os.close(fd)
+
+
+_HELD: set = set()  # the run directories this process holds (exclusive), by real path
 
 
 def started(run_dir: Path) -> bool:

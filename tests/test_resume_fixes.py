@@ -464,3 +464,34 @@ def test_resume_may_move_a_run_to_another_device(tmp_path, one_thread):
     result = invoke("fit", "--resume", run_dir, "--epochs", "2", "--device", "cpu", "--no-progress")
     assert result.exit_code == 0, result.output
     assert runs.load_config(run_dir).train.device == "cpu"
+
+
+def test_a_run_is_continued_by_one_process_at_a_time(tmp_path, one_thread):
+    """QA: two `fit --resume` of one run at once both printed success and exited 0, and the one
+    that finished first lost its epochs to the other's files. While one process continues a run,
+    another resume (or animate) is refused in one line and writes nothing."""
+    run_dir = tmp_path / "r"
+    pipeline.fit(small_config(epochs=1), run_dir, progress=False)
+    before = snapshot(run_dir)
+    import subprocess
+
+    holder = subprocess.Popen(  # another process holding the run, as a resume of it does while it trains
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)", str(run_dir)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirError, match="is being trained by another process") as refused:
+            pipeline.resume(run_dir, epochs=2, progress=False)
+        assert "\n" not in str(refused.value)
+        line = one_line_error(invoke("fit", "--resume", run_dir, "--epochs", 2, "--no-progress"), "another process")
+        assert str(run_dir) in line
+        line = one_line_error(invoke("animate", run_dir, "--epochs", 2, "--no-progress"), "another process")
+        assert snapshot(run_dir) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    with runs.exclusive(run_dir):  # this process's own hold does not refuse its own resume
+        assert pipeline.resume(run_dir, epochs=2, progress=False).epochs_done == 2
+    assert pipeline.resume(run_dir, epochs=3, progress=False).epochs_done == 3  # free again once it ends

@@ -28,6 +28,13 @@ def train_with_sample_grids(
     if every < 1:
         raise ValueError(f"every must be >= 1, got {every}")
     run_dir = Path(run_dir)
+    with runs.exclusive(run_dir):  # its first frame, too, waits for no other process's training
+        return _train_with_sample_grids(run_dir, epochs, every, num_samples, seed, progress)
+
+
+def _train_with_sample_grids(
+    run_dir: Path, epochs: int, every: int, num_samples: int, seed: int, progress: bool
+) -> "pipeline.Run":
     run = pipeline.load_run(run_dir)
     check_images(run.vae, f"sample grids of {run_dir}", "; use `ppl-vae text RUN` to decode samples")
     epoch = runs.checkpoint_epoch(run_dir)
