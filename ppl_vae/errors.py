@@ -8,7 +8,10 @@ from typing import Optional
 def one_line(exc: BaseException) -> str:
     """The error as one line, without the table of trace shapes that Pyro appends to an error
     raised inside a model or guide (a Python caller's debugging aid, noise to a CLI user or in
-    a report's note)."""
+    a report's note). An OSError reads as its message and file, without Python's "[Errno N]"."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+        return " ".join(text.split())
     text = str(exc).split("\nTrace Shapes:", 1)[0]
     return " ".join(text.split()) or type(exc).__name__
 

@@ -285,7 +285,10 @@ def write_bytes(path: Path, data: bytes) -> Path:
 
 def write_netcdf(dataset: Any, path: Path, *, run_files: bool = False) -> Path:
     """An xarray Dataset or DataArray as netCDF (h5netcdf engine)."""
-    return write_with(path, lambda tmp: dataset.to_netcdf(tmp, engine="h5netcdf"), run_files=run_files)
+    # made in memory, then written as plain bytes: HDF5 writing to a full disk crashed the process
+    # (SIGSEGV after pages of h5py errors); a plain write raises an OSError naming the file
+    data = dataset.to_netcdf(engine="h5netcdf")
+    return write_with(path, lambda tmp: tmp.write_bytes(data), run_files=run_files)
 
 
 def write_figure(fig: Any, path: Path, **savefig_kwargs: Any) -> Path:

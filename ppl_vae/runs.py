@@ -322,7 +322,7 @@ def save(
     ``checkpoint``: the file name (:data:`CHECKPOINT_BEST` writes the best epoch's, and no history).
     ``descriptions``: what the history's variables beside the ELBOs are (``TrainContext.descriptions``).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as serialize
 
     run_dir = Path(run_dir)
     meta: Dict[str, Any] = {"epoch": state.epoch, "step": state.step, "extra": extra or {}}
@@ -349,9 +349,10 @@ def save(
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda{i}"] = s
     text = json.dumps(meta, default=_json_safe)
-    write_with(
-        run_dir / checkpoint, lambda tmp: save_file(tensors, str(tmp), metadata={"ppl_vae": text}), run_files=True
-    )
+    # serialized in memory, then written as plain bytes: a full disk is an OSError naming the file
+    # (safetensors' own writer raised its SafetensorError, printed as a traceback)
+    data = serialize(tensors, metadata={"ppl_vae": text})
+    write_with(run_dir / checkpoint, lambda tmp: tmp.write_bytes(data), run_files=True)
 
 
 def read_checkpoint(

@@ -108,7 +108,7 @@ def test_an_interrupted_resume_with_a_new_lr_leaves_config_and_checkpoint_in_ste
     run_dir = tmp_path / "r"
     pipeline.fit(small_config(epochs=2), run_dir, progress=False)
     before = snapshot(run_dir)
-    target = (runs, "write_netcdf") if stage == "history" else (safetensors.torch, "save_file")
+    target = (runs, "write_netcdf") if stage == "history" else (safetensors.torch, "save")
     real = getattr(*target)
 
     def interrupted(*args, **kwargs):
@@ -495,3 +495,41 @@ def test_a_run_is_continued_by_one_process_at_a_time(tmp_path, one_thread):
     with runs.exclusive(run_dir):  # this process's own hold does not refuse its own resume
         assert pipeline.resume(run_dir, epochs=2, progress=False).epochs_done == 2
     assert pipeline.resume(run_dir, epochs=3, progress=False).epochs_done == 3  # free again once it ends
+
+
+def _ppl_vae_with_file_limit(args, limit_bytes: int):
+    """Run the ppl-vae CLI in a child process whose files may not grow beyond ``limit_bytes`` (a
+    full disk, as RLIMIT_FSIZE makes one: writes fail with EFBIG, as they would with ENOSPC)."""
+    import resource
+    import subprocess
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.run(
+        [sys.executable, "-m", "ppl_vae.cli", *map(str, args)],
+        capture_output=True, text=True, preexec_fn=limit, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("limit_kib", [12, 20])
+def test_a_full_disk_is_one_line_and_keeps_the_run(tmp_path, limit_kib):
+    """QA: a full disk while writing a netCDF file crashed the process (SIGSEGV after pages of h5py
+    errors, sometimes with no 'Error:' line), and while writing a checkpoint printed safetensors'
+    traceback. Files are now made in memory and written as bytes: one line naming the file, exit
+    1, and the run as it was. (At 12 KiB the history (13 KB) fails first, at 20 KiB the checkpoint (24 KB).)"""
+    run_dir = tmp_path / "r"
+    pipeline.fit(small_config(epochs=1), run_dir, progress=False)
+    before = snapshot(run_dir)
+    result = _ppl_vae_with_file_limit(["fit", "--resume", run_dir, "--epochs", 2, "--no-progress"], limit_kib * 1024)
+    lines = [line for line in (result.stdout + result.stderr).strip().splitlines() if line.strip()]
+    assert result.returncode == 1, (result.returncode, lines[-5:])
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr[-2000:]
+    assert lines[-1].startswith("Error: cannot write ") and "File too large" in lines[-1], lines[-3:]
+    assert ".tmp" not in lines[-1]  # the file it asked for, not the temporary name
+    assert snapshot(run_dir) == before
+    evaluated = _ppl_vae_with_file_limit(["evaluate", run_dir, "-k", 2, "--num-datapoints", 400, "--no-progress"], 4096)
+    err = [line for line in evaluated.stderr.strip().splitlines() if line.strip()]
+    assert evaluated.returncode == 1 and len(err) == 1 and err[0].startswith("Error: cannot write "), err[-5:]
+    assert snapshot(run_dir) == before and not (run_dir / "evaluation.nc").exists()

@@ -147,12 +147,14 @@ def save_draws(
                 ds_coords.setdefault(dim, coords[dim] if dim in coords else np.arange(size))
         datasets[group] = xr.Dataset(data_vars, coords=ds_coords, attrs=created)
 
-    def write(tmp: Path) -> None:
-        xr.Dataset(attrs=all_attrs).to_netcdf(tmp, mode="w", engine="h5netcdf")
-        for group, ds in datasets.items():
-            ds.to_netcdf(tmp, mode="a", group=group, engine="h5netcdf")
+    import io as _io
 
-    return write_with(Path(path), write)
+    buffer = _io.BytesIO()  # made in memory, written as plain bytes (io.write_netcdf says why)
+    xr.Dataset(attrs=all_attrs).to_netcdf(buffer, mode="w", engine="h5netcdf")
+    for group, ds in datasets.items():
+        ds.to_netcdf(buffer, mode="a", group=group, engine="h5netcdf")
+    data = buffer.getvalue()
+    return write_with(Path(path), lambda tmp: tmp.write_bytes(data))
 
 
 def inference_data_groups(idata: InferenceData) -> List[str]:
