@@ -633,6 +633,8 @@ class RunConfig:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"config is not valid JSON: {exc}") from None
+        except RecursionError:  # a RuntimeError, which no ValueError handler catches
+            raise ConfigError("config is not valid JSON: it is nested too deeply") from None
         return cls.from_dict(raw)
 
     @classmethod

@@ -374,7 +374,10 @@ def read_checkpoint(
         if head[:2] == b"\x80\x02" or head[:2] == b"PK":
             raise RunDirError(f"{path} is a pickle/zip file, not safetensors; refusing to load it")
         with safe_open(str(path), framework="pt") as fh:
-            meta = json.loads((fh.metadata() or {})["ppl_vae"])
+            try:
+                meta = json.loads((fh.metadata() or {})["ppl_vae"])
+            except RecursionError:
+                raise ValueError("its metadata is JSON nested too deeply") from None
         loaded = load_file(str(path)) if tensors else {}
     except RunDirError:
         raise

@@ -533,3 +533,33 @@ def test_a_full_disk_is_one_line_and_keeps_the_run(tmp_path, limit_kib):
     err = [line for line in evaluated.stderr.strip().splitlines() if line.strip()]
     assert evaluated.returncode == 1 and len(err) == 1 and err[0].startswith("Error: cannot write "), err[-5:]
     assert snapshot(run_dir) == before and not (run_dir / "evaluation.nc").exists()
+
+
+def test_json_nested_too_deeply_is_one_line_naming_the_file(tmp_path):
+    """QA: a config.json, a checkpoint's metadata or an experiment's settings.json of 200,000 nested
+    brackets gave a RecursionError traceback in every command (not a ValueError: it passed every
+    handler)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ppl_vae.experiments.common import check_settings
+
+    deep = "[" * 200_000 + "]" * 200_000
+    run_dir = tmp_path / "r"
+    pipeline.fit(small_config(epochs=1), run_dir, progress=False)
+    config = tmp_path / "config_deep"
+    shutil.copytree(run_dir, config)
+    (config / runs.CONFIG).write_text(deep)
+    line = one_line_error(invoke("evaluate", config, "-k", 2, "--no-progress"), "nested too deeply")
+    assert "config.json" in line
+    meta = tmp_path / "meta_deep"
+    shutil.copytree(run_dir, meta)
+    path = meta / runs.CHECKPOINT
+    save_file(load_file(str(path)), str(path), metadata={"ppl_vae": deep})
+    line = one_line_error(invoke("evaluate", meta, "-k", 2, "--no-progress"), "nested too deeply")
+    assert str(path) in line
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "settings.json").write_text(deep)
+    with pytest.raises(ValueError, match=r"settings.json is damaged \(it is nested too deeply\)"):
+        check_settings(tmp_path / "exp", small_config())

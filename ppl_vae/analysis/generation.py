@@ -360,7 +360,7 @@ class SampleGridRecorder:
             return
         try:
             saved = json.loads(self.settings_path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             raise ValueError(
                 f"{self.settings_path} is damaged; remove {self.out_dir} to draw the frames afresh"
             ) from None

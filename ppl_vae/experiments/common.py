@@ -332,6 +332,17 @@ def final_values(curves: xr.DataArray, along: str = "num_train_samples") -> List
     return out
 
 
+def _read_settings(path: Path) -> Any:
+    """An experiment folder's recorded settings.json, or a one-line ValueError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, RecursionError) as exc:
+        why = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ValueError(
+            f"{path} is damaged ({why}); remove the folder or write the experiment to another --out"
+        ) from None
+
+
 def check_settings(out_dir: Path, settings: Any) -> None:
     """Create ``out_dir`` and record ``settings``; refuse a folder made with other settings."""
     out_dir = Path(out_dir)
@@ -346,13 +357,14 @@ def check_settings(out_dir: Path, settings: Any) -> None:
             for p in out_dir.iterdir()
             if p.name != "settings.json" and not (p.name.startswith(".") and p.name.endswith(".tmp"))
         ]
-        if json.loads(path.read_text()) != json.loads(text) and not others:
+        recorded = _read_settings(path)
+        if recorded != json.loads(text) and not others:
             # an earlier attempt stopped before writing any result (out of memory, Ctrl-C): nothing
             # would be mixed, so the corrected command takes the folder
             remove_stale_temp_files(out_dir)
             write_text(path, text)
             return
-        recorded, wanted = json.loads(path.read_text()), json.loads(text)
+        wanted = json.loads(text)
         if recorded != wanted:
             differ = (
                 [k for k in sorted(set(recorded) | set(wanted)) if recorded.get(k) != wanted.get(k)]
