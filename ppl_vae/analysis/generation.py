@@ -419,6 +419,11 @@ class SampleGridRecorder:
 
         self.check_settings()
         for p in self.frames():
+            if p.is_symlink() or not p.is_file():  # a pipe hung the reader; a link put another file in the GIF
+                raise ValueError(
+                    f"{p} is not a regular file (a link, a pipe or a folder), so no animation takes it; remove "
+                    "it (the frame is saved again when its epoch is trained)"
+                )
             try:
                 with Image.open(p) as im:
                     im.convert("RGB")

@@ -156,6 +156,26 @@ def test_animate_with_a_frame_that_is_not_an_image_is_one_line(run):
     assert runs.checkpoint_epoch(run) == 1  # refused before training
 
 
+@pytest.mark.parametrize("kind", ["fifo", "link"])
+def test_animate_refuses_a_frame_that_is_a_pipe_or_a_link(run, tmp_path, kind):
+    """QA: a pipe named like a frame hung animate for ever, and a link out of the run put an
+    outside image into the run's samples.gif."""
+    import os
+
+    (run / "samples").mkdir()
+    frame = run / "samples" / "epoch_0000.png"
+    if kind == "fifo":
+        os.mkfifo(frame)
+    else:
+        from PIL import Image
+
+        Image.new("RGB", (4, 4)).save(tmp_path / "outside.png")
+        frame.symlink_to(tmp_path / "outside.png")
+    result = invoke("animate", run, "--epochs", 2, "--no-progress")
+    one_line_error(result, "is not a regular file (a link, a pipe or a folder)")
+    assert runs.checkpoint_epoch(run) == 1 and not (run / "samples.gif").exists()
+
+
 @pytest.mark.parametrize("linked", ["config.json", "samples.gif", "samples"])
 def test_animate_of_a_run_with_a_link_in_it_writes_no_frame(run, tmp_path, linked):
     """A received run directory whose files are links elsewhere is refused by animate before its
