@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 
 from ppl_vae.inference.training import HISTORY_VARS, Callback, TrainContext
 from ppl_vae.registry import Registry
@@ -127,6 +127,21 @@ class TensorBoardLogger(ScalarLogger):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+class StopWhenInterrupted(Callback):
+    """Raise KeyboardInterrupt at the step after an interrupt was recorded in ``hits`` (the CLI's
+    SIGINT handler appends to it): one whose exception Python swallowed (raised inside a weakref
+    callback or ``__del__``, printed as "Exception ignored") would otherwise let training run to
+    its last epoch before the command stopped."""
+
+    def __init__(self, hits: List[int]):
+        self.hits = hits
+
+    def on_step_end(self, ctx: TrainContext) -> bool:
+        if self.hits:
+            raise KeyboardInterrupt
+        return False
 
 
 class CompileNotice(Callback):

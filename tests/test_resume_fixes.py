@@ -563,3 +563,24 @@ def test_json_nested_too_deeply_is_one_line_naming_the_file(tmp_path):
     (tmp_path / "exp" / "settings.json").write_text(deep)
     with pytest.raises(ValueError, match=r"settings.json is damaged \(it is nested too deeply\)"):
         check_settings(tmp_path / "exp", small_config())
+
+
+def test_an_interrupt_python_swallowed_stops_training_at_the_next_step(tmp_path, monkeypatch, one_thread):
+    """QA: a Ctrl-C landing inside a weakref callback raised its KeyboardInterrupt where Python
+    prints "Exception ignored" and goes on; the handler recorded it, but training ran all its
+    epochs before the command exited 130. The recorded interrupt now stops it at the next step."""
+    import contextlib
+
+    from ppl_vae.cli import fit as fit_cli
+
+    run_dir = tmp_path / "r"
+    pipeline.fit(small_config(epochs=1), run_dir, progress=False)
+
+    @contextlib.contextmanager
+    def swallowed():
+        yield [signal.SIGINT]  # recorded by the handler, its exception lost on the way
+
+    monkeypatch.setattr(fit_cli, "_interrupts_are_never_lost", swallowed)
+    result = invoke("fit", "--resume", run_dir, "--epochs", 40, "--no-progress")
+    assert result.exit_code == 130, result.output
+    assert runs.checkpoint_epoch(run_dir) == 1  # stopped at its first step, not after 39 epochs

@@ -93,7 +93,7 @@ def fit(ctx: click.Context, **opts) -> None:
     started = time.time()
     try:
         with _interrupts_are_never_lost() as interrupted:
-            run = _fit_or_resume(ctx, opts, where, common)
+            run = _fit_or_resume(ctx, opts, where, common, interrupted)
         if interrupted:
             raise KeyboardInterrupt  # the KeyboardInterrupt raised for it was swallowed on the way
     except KeyboardInterrupt:
@@ -141,9 +141,13 @@ def _note_earlier_outputs(run, started: float) -> None:
         )
 
 
-def _fit_or_resume(ctx: click.Context, opts: dict, where: dict, common: dict):
-    """Train as the options say; ``where["run_dir"]`` holds the run directory as soon as it is known."""
+def _fit_or_resume(ctx: click.Context, opts: dict, where: dict, common: dict, interrupted: List[int]):
+    """Train as the options say; ``where["run_dir"]`` holds the run directory as soon as it is known;
+    a recorded interrupt (``interrupted``) stops training at the next step."""
     from ppl_vae import pipeline
+    from ppl_vae.loggers import StopWhenInterrupted
+
+    stop = StopWhenInterrupted(interrupted)
 
     if opts["resume"] is not None:
         given = [o for o in RUN_OPTIONS if ctx.get_parameter_source(o) == ParameterSource.COMMANDLINE]
@@ -152,12 +156,11 @@ def _fit_or_resume(ctx: click.Context, opts: dict, where: dict, common: dict):
             raise ValueError(f"--resume continues a run with its own config; drop {', '.join(flag(g) for g in given)}")
         epochs = opts["epochs"] if ctx.get_parameter_source("epochs") == ParameterSource.COMMANDLINE else None
         settings = {o: opts[o] for o in RESUME_SETTINGS if ctx.get_parameter_source(o) == ParameterSource.COMMANDLINE}
-        return pipeline.resume(
-            where["run_dir"], epochs=epochs, callbacks=_loggers(opts, Path(where["run_dir"])), **settings, **common
-        )
+        callbacks = (stop, *_loggers(opts, Path(where["run_dir"])))
+        return pipeline.resume(where["run_dir"], epochs=epochs, callbacks=callbacks, **settings, **common)
     config = run_config(opts)
     where["run_dir"] = where["run_dir"] or pipeline.default_run_dir(config)
-    return pipeline.fit(config, where["run_dir"], callbacks=_loggers(opts, Path(where["run_dir"])), **common)
+    return pipeline.fit(config, where["run_dir"], callbacks=(stop, *_loggers(opts, Path(where["run_dir"]))), **common)
 
 
 def _loggers(opts: dict, run_dir: Path) -> tuple:
