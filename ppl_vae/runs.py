@@ -265,6 +265,8 @@ def _optimizer_states(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) ->
                 "optim.OPTIMIZER.INDEX.KEY after an optimizer it records"
             )
         _, opt_name, idx, key = parts
+        if not torch.is_tensor(value) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise RunDirError(f"the checkpoint is damaged: optimizer state {name!r} is {_short(value)}, not a number")
         states[opt_name]["state"].setdefault(int(idx), {})[key] = value
     return states
 
@@ -400,6 +402,19 @@ def _check_meta(path: Path, meta: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             what = "lacks" if key not in meta else f"has an invalid ({value!r})"
             raise RunDirError(f"{path} is damaged: its metadata {what} {key!r}; restore the file or start a new run")
+    extra = meta.get("extra", {})
+    if not isinstance(extra, dict):
+        raise RunDirError(f"{path} is damaged: its metadata 'extra' is not a JSON object")
+    for key in ("data_info", "train_data", "test_data"):  # read as objects: built into the model, compared
+        if key in extra and not isinstance(extra[key], dict):
+            raise RunDirError(
+                f"{path} is damaged: its metadata 'extra.{key}' is {_short(extra[key])}, not a JSON object"
+            )
+    shape = extra.get("event_shape", [1])
+    if not isinstance(shape, list) or not shape or not all(type(d) is int and d > 0 for d in shape):
+        raise RunDirError(
+            f"{path} is damaged: its metadata 'extra.event_shape' is {_short(shape)}, not a list of positive integers"
+        )
     if not isinstance(meta.get("extra", {}), dict) or not isinstance(meta.get("optimizers", {}), dict):
         raise RunDirError(f"{path} is damaged: its metadata 'extra'/'optimizers' are not JSON objects")
 
@@ -472,6 +487,12 @@ def restore(
                 raise RunDirError(
                     f"{run_dir}: the checkpoint holds {saved_type} state but the config asks for {wanted_type}"
                 )
+            # the settings as the optimizer has them (a learning rate as text, eps null, three betas,
+            # params naming no parameter), or the first step fails with torch's words, after loading
+            fresh_groups = stepper.optimizers[name].state_dict()["param_groups"]
+            problem = _state_mismatch(saved.get("param_groups"), fresh_groups, "param_groups")
+            if problem is not None:
+                raise RunDirError(f"{run_dir / CHECKPOINT} is damaged: optimizer {name!r} {problem}")
             try:
                 stepper.optimizers[name].load_state_dict(saved)
             except (ValueError, KeyError, TypeError) as exc:

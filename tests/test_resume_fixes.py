@@ -584,3 +584,29 @@ def test_an_interrupt_python_swallowed_stops_training_at_the_next_step(tmp_path,
     result = invoke("fit", "--resume", run_dir, "--epochs", 40, "--no-progress")
     assert result.exit_code == 130, result.output
     assert runs.checkpoint_epoch(run_dir) == 1  # stopped at its first step, not after 39 epochs
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda m: m["extra"].update(data_info=5), "'extra.data_info' is 5, not a JSON object"),
+        (lambda m: m["extra"].update(train_data=7), "'extra.train_data' is 7, not a JSON object"),
+        (lambda m: m["extra"].update(event_shape="x"), "'extra.event_shape' is \"x\", not a list of positive"),
+        (lambda m: m["optimizers"]["svi"]["param_groups"][0].update(lr="a"), "['lr'] = \"a\", not a number"),
+        (lambda m: m["optimizers"]["svi"]["param_groups"][0].update(eps=None), "['eps'] = null, not a number"),
+        (lambda m: m["optimizers"]["svi"]["param_groups"][0].update(betas=[2, 3, 4]), "['betas'] = [2, 3, 4], not a list of 2"),
+        (lambda m: m["optimizers"]["svi"]["param_groups"][0].update(params=[0, 1, 2, 3, 4, 5, 6, "x"]), "not an integer"),
+        (lambda m: m["optimizers"]["svi"].update(scalars={"optim.svi.0.step": "abc"}), "is \"abc\", not a number"),
+    ],
+)  # fmt: skip
+def test_crafted_checkpoint_metadata_is_refused_in_one_line_before_training(tmp_path, edit, words):
+    """QA: a checkpoint's metadata is plain JSON anyone sending a run can edit; such values gave
+    tracebacks (TypeError in the model's builder, the split check, the learning-rate restore, the
+    first fused Adam step) or messages naming a generator object."""
+    run_dir = tmp_path / "r"
+    pipeline.fit(small_config(epochs=1), run_dir, progress=False)
+    rewrite_checkpoint(run_dir, lambda tensors, meta: edit(meta))
+    before = snapshot(run_dir)
+    line = one_line_error(invoke("fit", "--resume", run_dir, "--epochs", 2, "--no-progress"), words)
+    assert "is damaged" in line and str(run_dir) in line
+    assert snapshot(run_dir) == before
