@@ -752,9 +752,31 @@ def load_history(run_dir: Path) -> xr.Dataset:
             return ds.load()
 
     try:
-        return _interruptible(read)
+        history = _interruptible(read)
     except Exception as exc:  # h5py/h5netcdf raise many types for damaged files
         raise RunDirError(f"{path} is corrupt ({type(exc).__name__})") from None
+    problem = _history_problem(history)
+    if problem is not None:
+        raise RunDirError(f"{path} is damaged: {problem}; restore the file or start a new run")
+    return history
+
+
+def _history_problem(history: "xr.Dataset") -> Optional[str]:
+    """How a history read from disk is not one (epochs as integers along ``epoch``, every
+    variable a number per epoch), or None: read on, such a file failed with KeyError or TypeError
+    tracebacks in the middle of a resume."""
+    import numpy as np
+
+    if "epoch" not in history.dims and history.data_vars:
+        return "it has no 'epoch' dimension"
+    if "epoch" in history.coords and history["epoch"].dtype.kind not in "iu":
+        return f"its epochs are {history['epoch'].dtype} values, not integers"
+    for name, var in history.data_vars.items():
+        if var.dims != ("epoch",):
+            return f"its variable {name!r} has dimensions {var.dims}, not one value per epoch"
+        if not np.issubdtype(var.dtype, np.number) and var.dtype.kind != "b":
+            return f"its variable {name!r} holds {var.dtype} values, not numbers"
+    return None
 
 
 def _interruptible(io: Callable[[], Any]) -> Any:
@@ -764,11 +786,12 @@ def _interruptible(io: Callable[[], Any]) -> Any:
     ``__del__`` printed "Exception ignored ... AttributeError: 'File' object has no attribute
     '_closed'" when it was collected (about 1 Ctrl-C during ``fit`` in 12). The interrupted
     call's frames, which hold that File, are freed here with h5netcdf/h5py's errors from
-    ``__del__`` dropped; then the KeyboardInterrupt goes on. (Writes are atomic, so the previous
-    file stays whole.)"""
+    ``__del__`` dropped; then the KeyboardInterrupt goes on. A damaged file's error is handled
+    alike (its half-opened File printed the same noise under the one-line error). (Writes are
+    atomic, so the previous file stays whole.)"""
     try:
         return io()
-    except KeyboardInterrupt as exc:
+    except BaseException as exc:
         interrupted = exc  # keeps the frames, and any half-built File, alive until the hook is in place
     hook = sys.unraisablehook
 
