@@ -204,6 +204,8 @@ class FlowPrior(Prior):
 
     def forward(self) -> dist.Distribution:
         base = dist.Normal(self.loc, self.scale).to_event(1)
+        for t in self.transforms:  # each distribution starts with an empty cache of (x, y) pairs: a z
+            t._cached_x_y = None, None  # type: ignore[assignment]  # scored again after a backward (MCEM): freed graph
         return dist.TransformedDistribution(base, [t.inv for t in self.transforms])
 
 
