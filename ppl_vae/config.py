@@ -24,7 +24,20 @@ import math
 import re
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    TypeVar,
+    Union,
+)
 
 from ppl_vae.errors import ConfigError
 

@@ -104,14 +104,6 @@ MEANINGS = {
 }
 
 
-GAP_TARGETS = {
-    "approximation_gap": "log p(x) − L[q*] for the fitted q*",
-    "inference_gap": "log p(x) − L[q]",
-}
-"""What a bounded gap bounds: its target, with the q* that was fitted (not the best one in q*'s family,
-which would make the approximation gap smaller)."""
-
-
 MEAN_FIELD_FAMILY = "a diagonal Gaussian per latent site, as q*"
 """The ``guide_family`` attribute of a gap decomposition whose amortized guide is in q*'s family."""
 

@@ -159,6 +159,11 @@ def _fit_or_resume(ctx: click.Context, opts: dict, where: dict, common: dict, in
         callbacks = (stop, *_loggers(opts, Path(where["run_dir"])))
         return pipeline.resume(where["run_dir"], epochs=epochs, callbacks=callbacks, **settings, **common)
     config = run_config(opts)
+    from ppl_vae.inference.capabilities import check_given_applies
+
+    check_given_applies(  # a flag typed at its default value does not apply either (QA: --beta 1 with elbo)
+        config, [d.path for d in _FLAGGED if ctx.get_parameter_source(str(d.param)) == ParameterSource.COMMANDLINE]
+    )
     where["run_dir"] = where["run_dir"] or pipeline.default_run_dir(config)
     return pipeline.fit(config, where["run_dir"], callbacks=(stop, *_loggers(opts, Path(where["run_dir"]))), **common)
 

@@ -430,6 +430,14 @@ def estimate(
 # printing: the defaults an estimator may replace
 
 
+GAP_TARGETS = {
+    "approximation_gap": "log p(x) − L[q*] for the fitted q*",
+    "inference_gap": "log p(x) − L[q]",
+}
+"""What a bounded gap bounds: its target, with the q* that was fitted (not the best one in q*'s family,
+which would make the approximation gap smaller)."""
+
+
 def mean_se(v: "xr.DataArray") -> str:
     """``mean ± se`` over datapoints."""
     n = v.sizes["datapoint"]
@@ -479,8 +487,6 @@ def default_summary(ds: "xr.Dataset") -> List[str]:
             continue
         words = _bound_words(v.attrs.get("bound", "neither"))
         if name.endswith("_gap") and v.attrs.get("bound") in ("lower bound", "upper bound"):
-            from ppl_vae.analysis.gaps import GAP_TARGETS  # what it bounds: not log p(x), the heading's
-
             words += f" on {GAP_TARGETS.get(name, 'the gap').replace('log p(x)', evidence)}"
         lines.append(f"{name:<30} {mean_se(v)}  {words}")
     mc_se = mc_se_of_mean(ds["log_px_stderr"])

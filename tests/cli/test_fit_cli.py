@@ -256,3 +256,29 @@ def test_relative_data_paths_are_recorded_absolute_so_analyses_run_from_any_fold
         result = invoke(runner, "evaluate", str(tmp_path / name), "-k", "5", "--no-progress")
         assert result.exit_code == 0, result.output
         assert result.output.startswith("log p(x) estimate ") and "mean ± se over 12 test datapoints" in result.output
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--beta", "1"], "--beta applies to objective 'beta_vae' only; --objective is 'elbo'"),
+        (["--kl-cycle-epochs", "10"], "--kl-cycle-epochs applies to --kl-schedule 'cyclical' only"),
+        (["--method", "mcem", "--elbo", "trace"], "--elbo does not apply to method 'mcem' (it does not read it)"),
+        (["--method", "wake-sleep", "--kl-weight", "1"], "--kl-weight does not apply to method 'wake-sleep'"),
+        (["--optimizer", "sgd", "--adam-eps", "1e-8"], "--adam-eps applies to optimizer 'adam' or 'adamax' only"),
+        (["--label-seed", "0"], "--label-seed applies to a semi-supervised split"),
+    ],
+)
+def test_a_flag_that_does_not_apply_is_refused_even_at_its_default(tmp_path, flags, words):
+    """QA: the applicability check compared values with their defaults, so `--beta 1` with the
+    plain ELBO, or `--method mcem --elbo trace`, was accepted and silently dropped. A flag the user
+    typed must apply, whatever its value; nothing is written."""
+    result = CliRunner().invoke(
+        cli, ["fit", "--epochs", "0", "--train-size", "50", "--out", str(tmp_path / "r"), *flags]
+    )
+    one_line_error(result, words)
+    assert not (tmp_path / "r").exists()
+    # the same values, left to their defaults, or where they apply, are accepted
+    ok = CliRunner().invoke(cli, ["fit", "--epochs", "0", "--train-size", "50", "--out", str(tmp_path / "ok"),
+                                  "--objective", "beta_vae", "--beta", "1"])  # fmt: skip
+    assert ok.exit_code == 0, ok.output
