@@ -319,8 +319,8 @@ def _check_options(config: TrainConfig, objective: Any) -> None:
     for name, owner, cls, options in checks:
         if objective is not None and name == "method_options" and options:
             raise ConfigError(
-                f"train.method_options apply to {owner}'s own loss, which objective {config.objective!r} "
-                "replaces; give the objective's options as train.objective_options",
+                f"train.method_options are options of the own loss of {owner}, which objective "
+                f"{config.objective!r} replaces; give the objective's options as train.objective_options",
                 field="train.method_options",
             )
         try:

@@ -155,7 +155,8 @@ class VampPrior(Prior):
         if grad is None or not bool(grad.abs().sum() > 0):  # none, or zero everywhere (torch.round)
             raise ValueError(
                 f"prior 'vamp' needs an encoder differentiable in real-valued x; {type(encoder).__name__} "
-                "passes no gradient to its input (it takes token ids or rounds?), so the pseudo-inputs could not train"
+                "passes no gradient to its input (it reads token ids, or rounds its input), so the pseudo-inputs "
+                "could not train"
             )
         if tuple(loc.shape) != (self.num_components, self.latent_dim):
             raise ValueError(
