@@ -402,3 +402,12 @@ def test_every_method_trains_every_prior_or_refuses_it(method, prior, one_thread
     stepper.step(x, num_data=N)
     still = [name for name, p in vae.named_parameters() if name in before and torch.equal(p, before[name])]
     assert not still, (method, prior, still)
+
+
+def test_method_options_under_an_objective_are_refused_in_plain_words():
+    vae, _, _ = tiny("bernoulli_mlp", "diagonal_normal")
+    config = TrainConfig(objective="beta_vae", beta=2.0, method_options={"sa_steps": 2})
+    with pytest.raises(ConfigError) as info:
+        check_compatible(vae, config, model="bernoulli_mlp")
+    assert "options of the own loss of method 'svi', which objective 'beta_vae' replaces" in str(info.value)
+    assert "''" not in str(info.value)  # QA: "method 'svi''s own loss"
