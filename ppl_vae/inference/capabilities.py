@@ -426,7 +426,10 @@ def check_given_applies(config: RunConfig, given: Iterable[str]) -> None:
                 f"{_show(config_value(config, rule.field))}",
                 field=d.path,
             )
-    cls = stepper_class(config.train)
+    try:
+        cls = stepper_class(config.train)
+    except (KeyError, ValueError):  # an unknown method or objective: the full check says so, in its words
+        return
     side = getattr(cls, "label", None) or f"method {config.train.method!r}"
     for name in METHOD_FIELDS:
         if f"train.{name}" in given and name not in cls.uses:
