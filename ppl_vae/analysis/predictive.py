@@ -418,7 +418,7 @@ def plot_worst_fitting(x: Union[Tensor, np.ndarray], ds: xr.Dataset, statistic: 
                 ax.imshow(img, interpolation="nearest")
                 ax.set_xticks([])
                 ax.set_yticks([])
-        axes[0, c].set_title(f"#{label}\nT={float(t_obs[i]):.3g}\np={float(worst['p_value'][c]):.3f}", fontsize=6)
+        axes[0, c].set_title(f"#{label}\nT={float(t_obs[i]):.3f}\np={float(worst['p_value'][c]):.3f}", fontsize=6)
     axes[0, 0].set_ylabel("data", fontsize=7, rotation=0, ha="right", va="center")
     axes[1, 0].set_ylabel("replicate", fontsize=7, rotation=0, ha="right", va="center")
     fig.suptitle(f"worst-fitting datapoints for {statistic} (#: the datapoint coordinate of the results)", fontsize=8)

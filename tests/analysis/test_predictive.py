@@ -239,5 +239,7 @@ def test_the_worst_fitting_figure_labels_datapoints_with_their_stored_ids(bernou
     fig = plot_worst_fitting(x, ds, "mean_intensity", k=3)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert [t.split("\n")[0] for t in titles] == ["#42", "#7", "#99"]
-    assert f"T={float(x[1].mean()):.3g}" in titles[0]
+    assert f"T={float(x[1].mean()):.3f}" in titles[0]
+    # every T to the same three decimals (QA: T=0.25 beside T=0.263)
+    assert all(len(t.split("\n")[1].split("=")[1].split(".")[1]) == 3 for t in titles), titles
     assert float(fig.axes[0].get_images()[0].get_array().min()) == 1.0  # x[1], all on
