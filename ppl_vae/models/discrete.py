@@ -627,7 +627,8 @@ def _mixture_prior(name: str, prior: Prior, latent_dim: int, num_components: Opt
         count = DEFAULT_NUM_COMPONENTS if num_components is None else num_components
         return MixtureOfGaussiansPrior(latent_dim, num_components=count, init_scale=COMPONENT_INIT_SCALE[name])
     raise ValueError(
-        f"model {name!r} enumerates the component of a Gaussian mixture over z: use prior "
+        f"model {name!r} {'relaxes' if name == 'relaxed_gmvae' else 'enumerates'} the component of a Gaussian "
+        "mixture over z: use prior "
         f"'mixture_of_gaussians' (num_components) or the default, got {type(prior).__name__}"
     )
 

@@ -309,6 +309,7 @@ def build_vae(
         raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
     if hidden_dim < 1:
         raise ValueError(f"hidden_dim must be >= 1, got {hidden_dim}")
+    prior_name = prior if isinstance(prior, str) else None
     if not isinstance(prior, Prior):
         prior = make_prior(prior, latent_dim, **(prior_options or {}))
     event_dims = len(event_shape) if spec.event_dims is None else spec.event_dims
@@ -326,13 +327,25 @@ def build_vae(
     model_options = dict(model_options or {})
     check_model_options(model, spec.build, model_options)
     _check_sizes_given_once(model, given_latent_dim, given_hidden_dim, model_options)
-    vae = spec.build(event_shape, latent_dim, hidden_dim, prior, likelihood, **{**(data_info or {}), **model_options})
+    try:
+        vae = spec.build(
+            event_shape, latent_dim, hidden_dim, prior, likelihood, **{**(data_info or {}), **model_options}
+        )
+    except ValueError as exc:  # said with the names the user gave: prior 'vamp', not VampPrior
+        if prior_name is None or type(prior).__name__ not in str(exc):
+            raise
+        raise ValueError(str(exc).replace(type(prior).__name__, f"prior {prior_name!r}")) from None
     if not isinstance(vae, VAE):  # a plugin's builder: what every command reads of a model is a VAE's
         raise ValueError(
             f"model {model!r} built a {type(vae).__name__}, not a ppl_vae.models.VAE: a model registered for "
             "--model is a VAE (encoder, decoder, prior, likelihood; subclass it to write your own model or guide); "
             "train a hand-written Pyro pair from Python with ppl_vae.inference.train(pair, data, TrainConfig(...))"
         )
-    vae = make_guide(guide, vae, **(guide_options or {}))
+    try:
+        vae = make_guide(guide, vae, **(guide_options or {}))
+    except ValueError as exc:  # said with the names the user gave: model 'two_layer', not HierarchicalVAE
+        if type(vae).__name__ not in str(exc):
+            raise
+        raise ValueError(str(exc).replace(type(vae).__name__, f"model {model!r}")) from None
     vae.prior.attach_to(vae.encoder, vae.event_shape, num_classes=vae.num_classes)
     return vae

@@ -221,3 +221,23 @@ def test_a_run_with_flow_guide_and_vamp_prior_reloads_the_same_model(tmp_path):
     torch.manual_seed(5)
     b = iw_log_px(loaded.vae.model, loaded.vae.guide, x, num_samples=10)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "model, options, words",
+    [
+        ("two_layer", {"guide": "iaf"}, "model 'two_layer' is not"),
+        ("m2", {"prior": "vamp", "data_info": {"num_classes": 10}}, "got prior 'vamp'"),
+        ("gmvae", {"prior": "vamp"}, "model 'gmvae' enumerates the component"),
+        ("relaxed_gmvae", {"prior": "flow"}, "model 'relaxed_gmvae' relaxes the component"),
+    ],
+)
+def test_refusals_name_the_parts_as_the_user_named_them(model, options, words):
+    """QA: refusals named Python classes (HierarchicalVAE, VampPrior) instead of the --model and
+    --prior values typed, and said the relaxed GMVAE 'enumerates' its component."""
+    from ppl_vae.models import build_vae
+
+    with pytest.raises(ValueError) as info:
+        build_vae(model, (1, 8, 8), latent_dim=2, hidden_dim=8, **options)
+    assert words in str(info.value), str(info.value)
+    assert "VAE is not" not in str(info.value) and "Prior" not in str(info.value)
