@@ -386,6 +386,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "data")
+        for name in ("dataset", "data_dir"):  # "" would read the current folder, wherever a command runs
+            value = getattr(self, name)
+            if isinstance(value, str) and not value.strip():
+                raise ConfigError(f"data.{name} is an empty name; give a path (or null)", field=f"data.{name}")
 
 
 @dataclass
@@ -643,7 +647,7 @@ class RunConfig:
     @classmethod
     def from_json(cls, text: str) -> "RunConfig":
         try:
-            raw = json.loads(text)
+            raw = json.loads(text, object_pairs_hook=_no_duplicate_keys)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"config is not valid JSON: {exc}") from None
         except RecursionError:  # a RuntimeError, which no ValueError handler catches
@@ -837,6 +841,16 @@ def reset_inapplicable(config: RunConfig, setting: str) -> List[str]:
         reset.append(f"{d.path} {_show(getattr(section, d.name))}")
         setattr(config, d.section, replace(section, **{d.name: d.default}))
     return reset
+
+
+def _no_duplicate_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    """A JSON object that names no key twice (the last of two would win, silently)."""
+    seen: Dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ConfigError(f"config names {key!r} twice in one object; keep one")
+        seen[key] = value
+    return seen
 
 
 def check_types(section: Any, name: str) -> None:

@@ -102,3 +102,23 @@ def test_a_config_that_sets_what_applies_round_trips(tmp_path):
     assert RunConfig.from_json(config.to_json()) == config
     runs.save_config(tmp_path, RunConfig())
     assert runs.load_config(tmp_path) == RunConfig()  # defaults, through a run directory's config.json
+
+
+def test_config_json_with_a_key_twice_or_an_empty_data_path_is_refused():
+    """QA: '"lr": 0.001, "lr": 0.5' was read as 0.5 without a word, and a data_dir of "" read the
+    current folder (a text run scored every .txt file where the command ran)."""
+    import json
+
+    from ppl_vae.config import RunConfig
+    from ppl_vae.errors import ConfigError
+
+    text = RunConfig().to_json().replace('"lr": 0.001', '"lr": 0.001, "lr": 0.5')
+    assert '"lr": 0.5' in text
+    with pytest.raises(ConfigError, match="config names 'lr' twice in one object; keep one"):
+        RunConfig.from_json(text)
+    raw = json.loads(RunConfig().to_json())
+    for name in ("data_dir", "dataset"):
+        raw["data"][name] = " "
+        with pytest.raises(ConfigError, match=f"data.{name} is an empty name"):
+            RunConfig.from_dict(json.loads(json.dumps(raw)))
+        raw["data"][name] = "digits" if name == "dataset" else None
