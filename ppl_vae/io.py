@@ -283,11 +283,27 @@ def write_bytes(path: Path, data: bytes) -> Path:
     return write_with(path, lambda tmp: tmp.write_bytes(data))
 
 
+def netcdf_in_memory(write: Callable[[Any], Any]) -> Optional[bytes]:
+    """The bytes ``write(buffer)`` puts into an in-memory file (xarray's ``to_netcdf`` with the
+    h5netcdf engine), or None where xarray writes h5netcdf to paths only (releases before 2025).
+    Written to disk as plain bytes, a full disk is an OSError naming the file: HDF5 writing to a
+    full disk itself crashed the process (SIGSEGV after pages of h5py errors)."""
+    import io as _io
+
+    buffer = _io.BytesIO()
+    try:
+        write(buffer)
+    except (TypeError, ValueError, NotImplementedError):  # "only the scipy engine writes file-like objects"
+        return None
+    return buffer.getvalue()
+
+
 def write_netcdf(dataset: Any, path: Path, *, run_files: bool = False) -> Path:
-    """An xarray Dataset or DataArray as netCDF (h5netcdf engine)."""
-    # made in memory, then written as plain bytes: HDF5 writing to a full disk crashed the process
-    # (SIGSEGV after pages of h5py errors); a plain write raises an OSError naming the file
-    data = dataset.to_netcdf(engine="h5netcdf")
+    """An xarray Dataset or DataArray as netCDF (h5netcdf engine), made in memory where xarray can
+    (:func:`netcdf_in_memory`)."""
+    data = netcdf_in_memory(lambda buffer: dataset.to_netcdf(buffer, engine="h5netcdf"))
+    if data is None:
+        return write_with(path, lambda tmp: dataset.to_netcdf(tmp, engine="h5netcdf"), run_files=run_files)
     return write_with(path, lambda tmp: tmp.write_bytes(data), run_files=run_files)
 
 

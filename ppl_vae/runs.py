@@ -489,7 +489,12 @@ def restore(
                 )
             # the settings as the optimizer has them (a learning rate as text, eps null, three betas,
             # params naming no parameter), or the first step fails with torch's words, after loading
-            fresh_groups = stepper.optimizers[name].state_dict()["param_groups"]
+            # (a number where the fresh optimizer has a number: SGD's momentum 0 is an int until a
+            # cyclic schedule sets it to 0.87; only params, the parameters' indices, are integers)
+            fresh_groups = [
+                {k: float(v) if type(v) is int and k != "params" else v for k, v in group.items()}
+                for group in stepper.optimizers[name].state_dict()["param_groups"]
+            ]
             problem = _state_mismatch(saved.get("param_groups"), fresh_groups, "param_groups")
             if problem is not None:
                 raise RunDirError(f"{run_dir / CHECKPOINT} is damaged: optimizer {name!r} {problem}")

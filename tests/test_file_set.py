@@ -163,3 +163,28 @@ def test_a_rename_that_fails_puts_the_earlier_files_back(tmp_path, monkeypatch):
                 io.write_text(tmp_path / f"{name}.txt", f"new {name}")
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"a.txt": "old a", "b.txt": "old b"}
     assert not io.last_set_in_place()
+
+
+def test_netcdf_is_written_from_memory_and_through_a_path_where_xarray_cannot(tmp_path, monkeypatch):
+    """Files are made in memory (a full disk is then an OSError, not HDF5 crashing the process);
+    an xarray that writes h5netcdf to paths only (before 2025) still writes them, the old way."""
+    import numpy as np
+    import xarray as xr
+
+    from ppl_vae import io
+
+    ds = xr.Dataset({"a": ("x", np.arange(3.0))}, attrs={"k": "v"})
+    io.write_netcdf(ds, tmp_path / "mem.nc")
+    real = xr.Dataset.to_netcdf
+
+    def paths_only(self, path=None, *args, **kwargs):
+        if path is None or not isinstance(path, (str, os.PathLike)):
+            raise ValueError("invalid engine for creating bytes/file-like with to_netcdf: 'h5netcdf'")
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(xr.Dataset, "to_netcdf", paths_only)
+    assert io.netcdf_in_memory(lambda buffer: ds.to_netcdf(buffer, engine="h5netcdf")) is None
+    io.write_netcdf(ds, tmp_path / "path.nc")
+    for name in ("mem.nc", "path.nc"):
+        back = xr.load_dataset(tmp_path / name, engine="h5netcdf")
+        assert back.identical(ds), name

@@ -660,3 +660,15 @@ def test_a_failed_netcdf_read_leaves_no_exception_ignored_noise(monkeypatch):
 
     gc.collect()
     assert ignored == []
+
+
+def test_a_run_whose_schedule_sets_sgd_momentum_resumes(tmp_path, one_thread):
+    """QA review: the optimizer-state check compared kinds strictly, so SGD's momentum, an int (0)
+    in a fresh optimizer and a float once CyclicLR cycles it, refused a valid run as damaged."""
+    run_dir = tmp_path / "r"
+    config = small_config(
+        epochs=1, optimizer="sgd", lr=0.01, lr_schedule="CyclicLR",
+        lr_schedule_options={"base_lr": 0.001, "max_lr": 0.01, "step_size_up": 2},
+    )  # fmt: skip
+    pipeline.fit(config, run_dir, progress=False)
+    assert pipeline.resume(run_dir, epochs=2, progress=False).epochs_done == 2

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from ppl_vae.io import write_netcdf, write_with
+from ppl_vae.io import netcdf_in_memory, write_netcdf, write_with
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -147,13 +147,14 @@ def save_draws(
                 ds_coords.setdefault(dim, coords[dim] if dim in coords else np.arange(size))
         datasets[group] = xr.Dataset(data_vars, coords=ds_coords, attrs=created)
 
-    import io as _io
+    def write(target: Any) -> None:
+        xr.Dataset(attrs=all_attrs).to_netcdf(target, mode="w", engine="h5netcdf")
+        for group, ds in datasets.items():
+            ds.to_netcdf(target, mode="a", group=group, engine="h5netcdf")
 
-    buffer = _io.BytesIO()  # made in memory, written as plain bytes (io.write_netcdf says why)
-    xr.Dataset(attrs=all_attrs).to_netcdf(buffer, mode="w", engine="h5netcdf")
-    for group, ds in datasets.items():
-        ds.to_netcdf(buffer, mode="a", group=group, engine="h5netcdf")
-    data = buffer.getvalue()
+    data = netcdf_in_memory(write)  # in memory where xarray can (io.netcdf_in_memory says why)
+    if data is None:
+        return write_with(Path(path), write)
     return write_with(Path(path), lambda tmp: tmp.write_bytes(data))
 
 
