@@ -219,12 +219,21 @@ def zero_is_none(value: Optional[int]) -> Optional[int]:
     return value or None
 
 
+def loads(text: str) -> Any:
+    """``json.loads``, with JSON nested too deeply for Python's parser as a one-line ValueError
+    (a RecursionError, which no ValueError handler catches, gave a traceback)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("is JSON nested too deeply") from None
+
+
 def json_object(text: Optional[str]) -> Dict[str, Any]:
     """A JSON object given as text (None: ``{}``)."""
     if text is None:
         return {}
     try:
-        value = json.loads(text)
+        value = loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"must be a JSON object: {exc}") from None
     if not isinstance(value, dict):
@@ -240,7 +249,7 @@ def key_values(items: Sequence[str]) -> Dict[str, Any]:
         if not sep or not key.strip():
             raise ValueError(f"must be KEY=VALUE, got {item!r}")
         try:
-            out[key.strip()] = json.loads(value)
+            out[key.strip()] = loads(value)
         except json.JSONDecodeError:
             out[key.strip()] = value
     return out

@@ -757,7 +757,7 @@ def load_history(run_dir: Path) -> xr.Dataset:
             return ds.load()
 
     try:
-        history = _interruptible(read)
+        history = _interruptible(read, errors_too=True)
     except Exception as exc:  # h5py/h5netcdf raise many types for damaged files
         raise RunDirError(f"{path} is corrupt ({type(exc).__name__})") from None
     problem = _history_problem(history)
@@ -784,20 +784,25 @@ def _history_problem(history: "xr.Dataset") -> Optional[str]:
     return None
 
 
-def _interruptible(io: Callable[[], Any]) -> Any:
+def _interruptible(io: Callable[[], Any], *, errors_too: bool = False) -> Any:
     """``io()`` (a netCDF read or write), where a Ctrl-C inside it stops it without noise.
 
     An h5netcdf ``File`` interrupted while it was being built has no ``_closed`` yet: its
     ``__del__`` printed "Exception ignored ... AttributeError: 'File' object has no attribute
     '_closed'" when it was collected (about 1 Ctrl-C during ``fit`` in 12). The interrupted
     call's frames, which hold that File, are freed here with h5netcdf/h5py's errors from
-    ``__del__`` dropped; then the KeyboardInterrupt goes on. A damaged file's error is handled
-    alike (its half-opened File printed the same noise under the one-line error). (Writes are
-    atomic, so the previous file stays whole.)"""
+    ``__del__`` dropped; then the KeyboardInterrupt goes on. ``errors_too``: any error alike (a
+    read of a damaged file, said in one line by the caller, whose half-opened File printed the
+    same noise); other errors keep their traceback. (Writes are atomic, so the previous file
+    stays whole.)"""
     try:
         return io()
-    except BaseException as exc:
-        interrupted = exc  # keeps the frames, and any half-built File, alive until the hook is in place
+    except KeyboardInterrupt as exc:
+        interrupted: BaseException = exc  # keeps the frames, and any half-built File, alive until the hook is in place
+    except Exception as exc:
+        if not errors_too:
+            raise
+        interrupted = exc
     hook = sys.unraisablehook
 
     def quiet(args: Any) -> None:

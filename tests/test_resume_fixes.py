@@ -655,11 +655,19 @@ def test_a_failed_netcdf_read_leaves_no_exception_ignored_noise(monkeypatch):
 
     ignored = unraisable(monkeypatch)
     with pytest.raises(OSError, match="bad object header"):
-        runs._interruptible(read)
+        runs._interruptible(read, errors_too=True)
     import gc
 
     gc.collect()
     assert ignored == []
+    # a write's unexpected error keeps its traceback (review: every error's frames were dropped)
+
+    def failing_write():
+        raise ZeroDivisionError("a bug inside the writer")
+
+    with pytest.raises(ZeroDivisionError) as info:
+        runs._interruptible(failing_write)
+    assert any(entry.name == "failing_write" for entry in info.traceback)
 
 
 def test_a_run_whose_schedule_sets_sgd_momentum_resumes(tmp_path, one_thread):

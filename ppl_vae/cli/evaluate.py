@@ -16,6 +16,7 @@ import click
 
 from ppl_vae import io
 from ppl_vae.cli import options as opt
+from ppl_vae.config import loads
 from ppl_vae.estimator_options import OPTIONS, Option
 
 
@@ -106,7 +107,7 @@ def _pairs(flag: str, items: Any) -> Dict[str, Any]:
         if not sep or not key.strip():
             raise ValueError(f"{flag} takes KEY=VALUE, got {item!r}")
         try:
-            parsed[key.strip()] = json.loads(raw)
+            parsed[key.strip()] = loads(raw)
         except json.JSONDecodeError:
             parsed[key.strip()] = raw
     return parsed

@@ -411,6 +411,25 @@ def render_declarations_doc(text: str) -> str:
     return replace_between(text, DECLARATIONS_BEGIN, DECLARATIONS_END, declarations_table(), "declarations table")
 
 
+def _known(config: RunConfig, field: str) -> bool:
+    """Whether the setting ``field`` holds a registered name (or is not a named setting): a
+    misspelt one (``--optimizer adamw``) is left to the full check, which names it, rather than
+    called the other side of an 'applies to ... only' refusal."""
+    from ppl_vae.inference.training import KL_SCHEDULES, OPTIMIZERS
+    from ppl_vae.models.priors import PRIORS
+
+    registries = {
+        "train.optimizer": OPTIMIZERS,
+        "train.objective": OBJECTIVES,
+        "train.method": METHODS,
+        "train.kl_schedule": KL_SCHEDULES,
+        "model.prior": PRIORS,
+    }
+    value = config_value(config, field)
+    registry = registries.get(field)
+    return registry is None or not isinstance(value, str) or value in registry.names()
+
+
 def check_given_applies(config: RunConfig, given: Iterable[str]) -> None:
     """The fields the user gave (``given``: their paths, e.g. flags typed on the command line) must
     apply, whatever their value: ``--beta 1`` with objective 'elbo' is refused as ``--beta 4`` is,
@@ -420,7 +439,7 @@ def check_given_applies(config: RunConfig, given: Iterable[str]) -> None:
     given = set(given)
     for d in declarations():
         rule = d.option.applies
-        if d.path in given and rule is not None and not rule(config):
+        if d.path in given and rule is not None and _known(config, rule.field) and not rule(config):
             raise ConfigError(
                 f"{d.label} applies to {rule.description} only; {rule.field} is "
                 f"{_show(config_value(config, rule.field))}",

@@ -278,6 +278,10 @@ def test_a_flag_that_does_not_apply_is_refused_even_at_its_default(tmp_path, fla
     )
     one_line_error(result, words)
     assert not (tmp_path / "r").exists()
+    # a misspelt other side is named as misspelt, not as the side the flag does not apply to (review)
+    typo = CliRunner().invoke(cli, ["fit", "--epochs", "0", "--out", str(tmp_path / "t"), "--optimizer", "adamw",
+                                    "--adam-eps", "1e-8"])  # fmt: skip
+    one_line_error(typo, "--optimizer must be one of adagrad, adam, adamax, sgd, got 'adamw'")
     # the same values, left to their defaults, or where they apply, are accepted
     ok = CliRunner().invoke(cli, ["fit", "--epochs", "0", "--train-size", "50", "--out", str(tmp_path / "ok"),
                                   "--objective", "beta_vae", "--beta", "1"])  # fmt: skip

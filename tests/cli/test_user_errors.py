@@ -501,3 +501,14 @@ def test_models_shows_whole_first_sentences():
     assert lines["dsprites"].rstrip().endswith("(see ppl_vae.data.dsprites).")
     assert "Chen et al. 2018's dSprites MLP" in lines["chen_mlp"]  # "et al." ends no sentence
     assert first_sentence("One (a. b) two.\nthree. Four.\n\nFive.") == "One (a. b) two. three."
+
+
+@pytest.mark.parametrize("flag", ["--lr-schedule-options", "--model-option"])
+def test_command_line_json_nested_too_deeply_is_one_line(tmp_path, flag):
+    """QA review: JSON of ~1000 nested brackets on the command line gave a RecursionError traceback."""
+    deep = "[" * 3000 + "]" * 3000
+    value = deep if flag == "--lr-schedule-options" else f"x={deep}"
+    extra = ["--lr-schedule", "StepLR"] if flag == "--lr-schedule-options" else []
+    result = invoke("fit", "--epochs", 0, "--out", tmp_path / "r", *extra, flag, value)
+    one_line_error(result, f"{flag} is JSON nested too deeply")
+    assert not (tmp_path / "r").exists()
