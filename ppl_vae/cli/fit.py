@@ -159,7 +159,7 @@ def _fit_or_resume(ctx: click.Context, opts: dict, where: dict, common: dict, in
         callbacks = (stop, *_loggers(opts, Path(where["run_dir"])))
         return pipeline.resume(where["run_dir"], epochs=epochs, callbacks=callbacks, **settings, **common)
     config = run_config(opts)
-    from ppl_vae.inference.capabilities import check_given_applies
+    from ppl_vae.inference.training import check_given_applies
 
     check_given_applies(  # a flag typed at its default value does not apply either (QA: --beta 1 with elbo)
         config, [d.path for d in _FLAGGED if ctx.get_parameter_source(str(d.param)) == ParameterSource.COMMANDLINE]

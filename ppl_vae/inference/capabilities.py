@@ -14,11 +14,11 @@ that names both sides. A new registry entry is covered by declaring these, nothi
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, FrozenSet, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Optional, Tuple
 
 import torch
 
-from ppl_vae.config import RunConfig, TrainConfig, _show, config_value, declarations, replace_between
+from ppl_vae.config import TrainConfig, declarations, replace_between
 from ppl_vae.errors import ConfigError
 from ppl_vae.registry import Registry
 
@@ -409,51 +409,6 @@ def declarations_table() -> str:
 def render_declarations_doc(text: str) -> str:
     """``text`` with the part between the declarations table's markers replaced by :func:`declarations_table`."""
     return replace_between(text, DECLARATIONS_BEGIN, DECLARATIONS_END, declarations_table(), "declarations table")
-
-
-def _known(config: RunConfig, field: str) -> bool:
-    """Whether the setting ``field`` holds a registered name (or is not a named setting): a
-    misspelt one (``--optimizer adamw``) is left to the full check, which names it, rather than
-    called the other side of an 'applies to ... only' refusal."""
-    from ppl_vae.inference.training import KL_SCHEDULES, OPTIMIZERS
-    from ppl_vae.models.priors import PRIORS
-
-    registries = {
-        "train.optimizer": OPTIMIZERS,
-        "train.objective": OBJECTIVES,
-        "train.method": METHODS,
-        "train.kl_schedule": KL_SCHEDULES,
-        "model.prior": PRIORS,
-    }
-    value = config_value(config, field)
-    registry = registries.get(field)
-    return registry is None or not isinstance(value, str) or value in registry.names()
-
-
-def check_given_applies(config: RunConfig, given: Iterable[str]) -> None:
-    """The fields the user gave (``given``: their paths, e.g. flags typed on the command line) must
-    apply, whatever their value: ``--beta 1`` with objective 'elbo' is refused as ``--beta 4`` is,
-    where :func:`check_applicability` sees only values away from their defaults. Also the
-    method-specific fields (``train.elbo``, ``train.num_particles``, the KL schedule) a method does
-    not read (``--method mcem --elbo trace``)."""
-    given = set(given)
-    for d in declarations():
-        rule = d.option.applies
-        if d.path in given and rule is not None and _known(config, rule.field) and not rule(config):
-            raise ConfigError(
-                f"{d.label} applies to {rule.description} only; {rule.field} is "
-                f"{_show(config_value(config, rule.field))}",
-                field=d.path,
-            )
-    try:
-        cls = stepper_class(config.train)
-    except (KeyError, ValueError):  # an unknown method or objective: the full check says so, in its words
-        return
-    side = getattr(cls, "label", None) or f"method {config.train.method!r}"
-    for name in METHOD_FIELDS:
-        if f"train.{name}" in given and name not in cls.uses:
-            reason = "it optimizes no KL term" if name in KL_FIELDS else "it does not read it"
-            raise ConfigError(f"train.{name} does not apply to {side} ({reason}): leave it out", field=f"train.{name}")
 
 
 __all__ = [

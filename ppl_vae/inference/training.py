@@ -21,6 +21,7 @@ from typing import (
     Callable,
     Dict,
     FrozenSet,
+    Iterable,
     Iterator,
     List,
     Optional,
@@ -35,14 +36,14 @@ import pyro
 import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 
-from ppl_vae.config import ADAM_FAMILY, TrainConfig
+from ppl_vae.config import ADAM_FAMILY, RunConfig, TrainConfig, _show, config_value, declarations
 from ppl_vae.data.datasets import Dataset
 from ppl_vae.errors import ConfigError, DataError, TrainingDiverged
 from ppl_vae.inference.capabilities import (  # the declarations and their registries, re-exported here
-    KL_FIELDS,  # noqa: F401
+    KL_FIELDS,
     METHOD_FIELDS,
     METHODS,
-    OBJECTIVES,  # noqa: F401
+    OBJECTIVES,
     check_compatible,
     closed_form_kl,
     offers,
@@ -230,7 +231,7 @@ def validate_train_config(config: TrainConfig) -> None:
     Types, ranges and what each field applies to are declared with the fields and checked by
     :mod:`ppl_vae.config`; here, the names registries hold, the compile backend, the
     learning-rate schedule (built and stepped), the objective's own checks and the device."""
-    from ppl_vae.config import RunConfig, check_applicability, check_values
+    from ppl_vae.config import check_applicability, check_values
 
     def bad(name: str, message: str) -> ConfigError:
         return ConfigError(f"train.{name} {message}", field=f"train.{name}")
@@ -816,6 +817,50 @@ class TrainContext:
     def history(self) -> xr.Dataset:
         """The per-epoch records so far as the history Dataset."""
         return history_to_xarray(self.state.records, self.attrs, self.descriptions)
+
+
+def _known(config: RunConfig, field: str) -> bool:
+    """Whether the setting ``field`` holds a registered name (or is not a named setting): a
+    misspelt one (``--optimizer adamw``) is left to the full check, which names it, rather than
+    called the other side of an 'applies to ... only' refusal."""
+    from ppl_vae.models.priors import PRIORS
+
+    registries = {
+        "train.optimizer": OPTIMIZERS,
+        "train.objective": OBJECTIVES,
+        "train.method": METHODS,
+        "train.kl_schedule": KL_SCHEDULES,
+        "model.prior": PRIORS,
+    }
+    value = config_value(config, field)
+    registry = registries.get(field)
+    return registry is None or not isinstance(value, str) or value in registry.names()
+
+
+def check_given_applies(config: RunConfig, given: Iterable[str]) -> None:
+    """The fields the user gave (``given``: their paths, e.g. flags typed on the command line) must
+    apply, whatever their value: ``--beta 1`` with objective 'elbo' is refused as ``--beta 4`` is,
+    where :func:`check_applicability` sees only values away from their defaults. Also the
+    method-specific fields (``train.elbo``, ``train.num_particles``, the KL schedule) a method does
+    not read (``--method mcem --elbo trace``)."""
+    given = set(given)
+    for d in declarations():
+        rule = d.option.applies
+        if d.path in given and rule is not None and _known(config, rule.field) and not rule(config):
+            raise ConfigError(
+                f"{d.label} applies to {rule.description} only; {rule.field} is "
+                f"{_show(config_value(config, rule.field))}",
+                field=d.path,
+            )
+    try:
+        cls = stepper_class(config.train)
+    except (KeyError, ValueError):  # an unknown method or objective: the full check says so, in its words
+        return
+    side = getattr(cls, "label", None) or f"method {config.train.method!r}"
+    for name in METHOD_FIELDS:
+        if f"train.{name}" in given and name not in cls.uses:
+            reason = "it optimizes no KL term" if name in KL_FIELDS else "it does not read it"
+            raise ConfigError(f"train.{name} does not apply to {side} ({reason}): leave it out", field=f"train.{name}")
 
 
 class Callback:

@@ -99,7 +99,7 @@ def test_fig2_resumes_an_interrupted_run(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fig2.run(settings, tmp_path, progress=False)
     assert set(pd.read_csv(tmp_path / "fig2.csv")["method"]) == {"AEVB"}  # the first unit was kept
-    stale = tmp_path / ".fig2.csv.k1ll3d.tmp"  # what a SIGKILL mid-write would leave
+    stale = tmp_path / ".fig2.csv.k1ll3d_x.tmp"  # what a SIGKILL mid-write would leave
     stale.write_text("half a csv")
     monkeypatch.setattr(common, "train_curve", real)
     result = fig2.run(settings, tmp_path, progress=False)
