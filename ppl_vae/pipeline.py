@@ -504,7 +504,10 @@ def run_job(job: Job, prepared: Tuple[VAE, Dataset, Stepper], dist: Optional[dis
             _discard_unstarted(job)
         raise
     vae.eval()  # as load_run gives it: a model may compute another density in training mode (M2)
-    return Run(run_dir, config, vae, history, new_epochs=int(history.sizes.get("epoch", 0)) - start)
+    done = int(history.sizes.get("epoch", 0))
+    return Run(
+        run_dir, config, vae, history, new_epochs=done - start, checkpoint_epoch=done
+    )  # saved after its last epoch
 
 
 class DivergenceCheck(Callback):

@@ -296,6 +296,7 @@ def _diagnostics_and_files(
     with stages.stage("report"), eval_mode(vae):
         evidence = str(gaps.attrs.get("evidence", "log p(x)"))
         comparison.diagnostics = relabel(collapse_diagnostics(vae.model, vae.guide, sel.x, **kwargs), evidence)
+        comparison.diagnostics.attrs["made_from"] = run.made_from
         if evidence != "log p(x)":
             comparison.diagnostics.attrs["evidence"] = evidence
         draw_n = min(sel.x.shape[0], 100)  # keep the InferenceData small: the first 100 datapoints
@@ -314,7 +315,11 @@ def _diagnostics_and_files(
             num_draws=num_draws,
             **draw_kwargs,
         )
-        comparison._draws = (draws, sel.index[:draw_n], {"run_dir": str(run.run_dir), "split": sel.split})
+        comparison._draws = (
+            draws,
+            sel.index[:draw_n],
+            {"run_dir": str(run.run_dir), "made_from": run.made_from, "split": sel.split},
+        )
         files["diagnostics_netcdf"] = results.save_netcdf(
             comparison.diagnostics, out / COMPARE_FILES["diagnostics_netcdf"]
         )

@@ -233,6 +233,8 @@ def test_results_say_which_weights_and_a_resume_names_the_results_it_left_behind
         assert out.exit_code == 0, out.output
     assert results.load_netcdf(run / "evaluation.nc").attrs["made_from"] == f"{run} at epoch 1"
     assert results.load_netcdf(run / "gaps.nc").attrs["made_from"] == f"{run} at epoch 1"
+    assert results.load_netcdf(run / "diagnostics.nc").attrs["made_from"] == f"{run} at epoch 1"
+    assert results.load_inference_data(run / "inference_data.nc").attrs["made_from"] == f"{run} at epoch 1"
     assert f"<code>{run}</code>, the weights after epoch 1;" in (run / "report.html").read_text()
     resumed = runner.invoke(cli, ["fit", "--resume", str(run), "--epochs", "2", "--no-progress"])
     assert resumed.exit_code == 0, resumed.output
@@ -247,5 +249,6 @@ def test_results_say_which_weights_and_a_resume_names_the_results_it_left_behind
     assert again.exit_code == 0, again.output
     assert results.load_netcdf(run / "evaluation.nc").attrs["made_from"] == f"{run} at epoch 2"
     fresh = tiny_run(tmp_path_factory, epochs=1)
-    quiet = runner.invoke(cli, ["fit", "--resume", str(fresh), "--epochs", "2", "--no-progress"])
+    assert pipeline.resume(fresh, epochs=2, progress=False).made_from == f"{fresh} at epoch 2"  # a Run fit returns
+    quiet = runner.invoke(cli, ["fit", "--resume", str(fresh), "--epochs", "3", "--no-progress"])
     assert quiet.exit_code == 0 and "note:" not in quiet.output, quiet.output
