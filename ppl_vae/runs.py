@@ -415,8 +415,8 @@ def _check_meta(path: Path, meta: Any) -> None:
         raise RunDirError(
             f"{path} is damaged: its metadata 'extra.event_shape' is {_short(shape)}, not a list of positive integers"
         )
-    if not isinstance(meta.get("extra", {}), dict) or not isinstance(meta.get("optimizers", {}), dict):
-        raise RunDirError(f"{path} is damaged: its metadata 'extra'/'optimizers' are not JSON objects")
+    if not isinstance(meta.get("optimizers", {}), dict):
+        raise RunDirError(f"{path} is damaged: its metadata 'optimizers' is not a JSON object")
 
 
 def checkpoint_epoch(run_dir: Path) -> int:

@@ -41,7 +41,6 @@ def kl_per_datapoint(vae, x: Tensor, num_samples: int = 16) -> Tensor:
     return (q.log_prob(z).sum(-1) - vae.prior().log_prob(z)).mean(0)
 
 
-@torch.no_grad()
 def ratio_se(numerator: Tensor, denominator: Tensor) -> float:
     """Standard error over sentences of the ratio estimator sum(numerator) / sum(denominator)
     (bits per character: nats of each sentence over its symbols), by the delta method:
@@ -54,6 +53,7 @@ def ratio_se(numerator: Tensor, denominator: Tensor) -> float:
     return float(torch.sqrt(n / (n - 1) * ((a - r * c) ** 2).sum()) / c.sum())
 
 
+@torch.no_grad()
 def text_metrics(vae, x: Tensor, *, num_samples: int = 10, batch_size: int = 200) -> xr.Dataset:
     """Corpus bits per character (ELBO bound and IW estimate with ``num_samples``) and mean KL,
     each with its standard error over sentences (``*_se``; :func:`ratio_se` for the ratios).

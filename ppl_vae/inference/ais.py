@@ -747,8 +747,9 @@ def _bdmc_summary(ds: xr.Dataset) -> List[str]:
 
     def mean_se(v: xr.DataArray) -> str:
         values = np.asarray(v.values, dtype=float)
-        se = values.std(ddof=1) / math.sqrt(values.size) if values.size > 1 else math.nan
-        return f"{values.mean():.3f} ± {se:.3f}"
+        if values.size < 2:  # one datapoint: no se to give
+            return f"{values.mean():.3f} ± n/a"
+        return f"{values.mean():.3f} ± {values.std(ddof=1) / math.sqrt(values.size):.3f}"
 
     lines = [
         f"BDMC on {n} datapoints simulated from the model (C={ds.attrs['num_chains']} chains; "

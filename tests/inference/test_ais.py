@@ -282,6 +282,7 @@ def test_bdmc_says_when_its_bounds_cross_and_names_the_evidence():
     assert "cross by 0.300 nats, more than 3 standard errors" in warning and "--num-chains" in warning
     assert "no sandwich (see the warning)" in _bdmc_summary(crossed)[-1]  # not "closed" beside that warning
     alone = sandwich([-0.2])  # one datapoint: no se to tell
+    assert "± nan" not in "\n".join(_bdmc_summary(alone)) and "± n/a" in _bdmc_summary(alone)[2]
     assert "(one datapoint: no se)" in _bdmc_summary(alone)[-1] and "no sandwich" in _bdmc_summary(alone)[-1]
     (warning,) = _bdmc_warnings(alone, names)
     assert "on one datapoint, with no standard error" in warning
