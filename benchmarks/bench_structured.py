@@ -11,7 +11,16 @@ benchmarks/bench_train.py times it), after one warm-up epoch of each. Prints per
 median seconds per epoch of each side, the median and range of the ratio library / plain over
 ``--repeats`` interleaved pairs, the torch threads and the load average before and after.
 
+``--bound`` measures instead how far below the plain epoch any implementation of the same model
+could go with the same arithmetic: the plain epoch's matrix-product FLOPs (counted by
+``torch.utils.flop_counter``), the time its matrix products take (``torch.profiler``, self CPU of
+mm/addmm/bmm) and the rest. A library that did every matrix product at the plain side's rate and
+nothing else would take ``matmul / total`` of the plain epoch; 0.85x needs the rest cut to
+``0.85 - matmul / total`` of the epoch, which the line prints as the share of the plain side's
+non-matrix work that would have to go.
+
     python benchmarks/bench_structured.py --data-dir ../shared/datasets/mnist --repeats 3 --threads 1
+    python benchmarks/bench_structured.py --data-dir ../shared/datasets/mnist --num-data 5000 --threads 1 --bound
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import time
 from typing import Optional
 
 import torch
-from common import add_tanh_option, base_parser, loadavg, setup, summarize, sync, users_tanh
+from common import add_tanh_option, base_parser, loadavg, matmul_gflops, setup, summarize, sync, users_tanh
 from plain_structured import from_library
 
 from ppl_vae.config import TrainConfig
@@ -56,6 +65,40 @@ def plain_epoch(
     return time.perf_counter() - start
 
 
+MATMUL_KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def matmul_bound(
+    plain: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: Optional[torch.Tensor],
+    batch_size: int,
+) -> str:
+    """One profiled plain epoch: its matrix-product FLOPs, their time and share, what 0.85x would need."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        plain_epoch(plain, optimizer, x, y, batch_size)
+    flops = counter.get_total_flops()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        plain_epoch(plain, optimizer, x, y, batch_size)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 1e6
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_KERNELS) / 1e6
+    share = matmul / total
+    rest = 1 - share
+    needed = (1 - 0.85) / rest if rest > 0 else float("inf")
+    return (
+        f"plain epoch {total:.3f} s of CPU (profiled), {flops / 1e9:.1f} GFLOP in matrix products taking "
+        f"{matmul:.3f} s ({flops / matmul / 1e9:.1f} GFLOP/s; a 2048^2 product: {matmul_gflops(x.device):.1f} "
+        f"GFLOP/s): matrix products {share:.1%} of the epoch, so with the same products the floor is "
+        f"{share:.3f}x, and 0.85x would need {min(needed, 1):.0%} of the other {rest:.1%} removed"
+    )
+
+
 def mnist_labels(args, n: int) -> torch.Tensor:
     """The first ``n`` training labels of MNIST (--data-dir), or seeded random ones for the synthetic images."""
     if args.data_dir:
@@ -83,6 +126,11 @@ def main() -> None:
         default="default",
         help="the plain side's torch.optim.Adam: default (foreach) or fused=True (the library's trains with fused)",
     )
+    parser.add_argument(
+        "--bound",
+        action="store_true",
+        help="profile the plain side's epoch instead of timing pairs: its matrix products' share and the floor it sets",
+    )
     add_tanh_option(parser)
     args = parser.parse_args()
     device, x = setup(args)
@@ -106,6 +154,10 @@ def main() -> None:
         plain = users_tanh(from_library(name, vae), args.hand_tanh)
         plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3, **adam_options)
         y = data.train_labels
+        if args.bound:
+            plain_epoch(plain, plain_opt, x, y, args.batch_size)  # warm-up
+            print(f"{name}: {matmul_bound(plain, plain_opt, x, y, args.batch_size)}; load average {loadavg()}")
+            continue
         # train_eval_size 2: the per-epoch train ELBO, outside the timed span, on 2 points (not 1000)
         config = TrainConfig(
             epochs=0, batch_size=args.batch_size, device=args.device, train_eval_size=2, compile=args.compile
