@@ -334,7 +334,9 @@ def build_vae(
     except ValueError as exc:  # said with the names the user gave: prior 'vamp', not VampPrior
         if prior_name is None or type(prior).__name__ not in str(exc):
             raise
-        raise ValueError(str(exc).replace(type(prior).__name__, f"prior {prior_name!r}")) from None
+        cls = type(prior).__name__
+        said = str(exc).replace(f"({cls})", f"({prior_name!r})").replace(cls, f"prior {prior_name!r}")
+        raise ValueError(said) from None
     if not isinstance(vae, VAE):  # a plugin's builder: what every command reads of a model is a VAE's
         raise ValueError(
             f"model {model!r} built a {type(vae).__name__}, not a ppl_vae.models.VAE: a model registered for "

@@ -214,7 +214,7 @@ def test_bad_layer_sizes_are_one_line_errors():
         small("ladder", batch_norm="yes")
     with pytest.raises(ValueError, match=r"kl_warmup_fractions must be 3 numbers"):
         build_vae("ladder", (1, 4, 4), model_options={"latent_dims": [4, 3, 2], "kl_warmup_fractions": [1, 1]})
-    with pytest.raises(ValueError, match=r"the prior \(MixtureOfGaussiansPrior\) is over 50: give --latent-dim 2"):
+    with pytest.raises(ValueError, match=r"the prior \('mixture_of_gaussians'\) is over 50: give --latent-dim 2"):
         build_vae("ladder", (1, 4, 4), prior="mixture_of_gaussians", model_options={"latent_dims": [4, 2]})
     result = invoke(
         "fit", "--model", "ladder", "--model-option", "latent_dims=[4,3]", "--latent-dim", "5", "--epochs", "1"
