@@ -819,43 +819,30 @@ class TrainContext:
         return history_to_xarray(self.state.records, self.attrs, self.descriptions)
 
 
-def _known(config: RunConfig, field: str) -> bool:
-    """Whether the setting ``field`` holds a registered name (or is not a named setting): a
-    misspelt one (``--optimizer adamw``) is left to the full check, which names it, rather than
-    called the other side of an 'applies to ... only' refusal."""
-    from ppl_vae.models.priors import PRIORS
-
-    registries = {
-        "train.optimizer": OPTIMIZERS,
-        "train.objective": OBJECTIVES,
-        "train.method": METHODS,
-        "train.kl_schedule": KL_SCHEDULES,
-        "model.prior": PRIORS,
-    }
-    value = config_value(config, field)
-    registry = registries.get(field)
-    return registry is None or not isinstance(value, str) or value in registry.names()
-
-
 def check_given_applies(config: RunConfig, given: Iterable[str]) -> None:
     """The fields the user gave (``given``: their paths, e.g. flags typed on the command line) must
     apply, whatever their value: ``--beta 1`` with objective 'elbo' is refused as ``--beta 4`` is,
     where :func:`check_applicability` sees only values away from their defaults. Also the
     method-specific fields (``train.elbo``, ``train.num_particles``, the KL schedule) a method does
     not read (``--method mcem --elbo trace``)."""
+    from ppl_vae.models.priors import PRIORS
+
+    # a misspelt name (--optimizer adamw) is named first, as the full check names it, rather than
+    # called the other side of an 'applies to ... only' refusal
+    check_train_names(config.train)
+    unknown_prior = config.model.prior not in PRIORS
     given = set(given)
     for d in declarations():
         rule = d.option.applies
-        if d.path in given and rule is not None and _known(config, rule.field) and not rule(config):
+        if rule is None or d.path not in given or (unknown_prior and rule.field == "model.prior"):
+            continue
+        if not rule(config):
             raise ConfigError(
                 f"{d.label} applies to {rule.description} only; {rule.field} is "
                 f"{_show(config_value(config, rule.field))}",
                 field=d.path,
             )
-    try:
-        cls = stepper_class(config.train)
-    except (KeyError, ValueError):  # an unknown method or objective: the full check says so, in its words
-        return
+    cls = stepper_class(config.train)
     side = getattr(cls, "label", None) or f"method {config.train.method!r}"
     for name in METHOD_FIELDS:
         if f"train.{name}" in given and name not in cls.uses:
