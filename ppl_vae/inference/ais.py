@@ -47,6 +47,7 @@ from pyro import poutine
 from pyro.ops.integrator import potential_grad, velocity_verlet
 from torch import Tensor
 
+from ppl_vae.inference import estimators
 from ppl_vae.inference.estimators import Estimate, Variable, register_estimator
 from ppl_vae.inference.latents import Layout, flat_terms, model_layout
 from ppl_vae.inference.modes import in_eval_mode, rows, seeded
@@ -746,10 +747,7 @@ def _bdmc_summary(ds: xr.Dataset) -> List[str]:
     n = ds.sizes["datapoint"]
 
     def mean_se(v: xr.DataArray) -> str:
-        values = np.asarray(v.values, dtype=float)
-        if values.size < 2:  # one datapoint: no se to give
-            return f"{values.mean():.3f} ± n/a"
-        return f"{values.mean():.3f} ± {values.std(ddof=1) / math.sqrt(values.size):.3f}"
+        return estimators.mean_se(v).strip()
 
     lines = [
         f"BDMC on {n} datapoints simulated from the model (C={ds.attrs['num_chains']} chains; "

@@ -441,8 +441,9 @@ which would make the approximation gap smaller)."""
 def mean_se(v: "xr.DataArray") -> str:
     """``mean ± se`` over datapoints."""
     n = v.sizes["datapoint"]
-    se = float(v.std(ddof=1)) / np.sqrt(n) if n > 1 else float("nan")
-    return f"{float(v.mean()):12.3f} ± {se:.3f}"
+    if n < 2:  # one datapoint: no se to give
+        return f"{float(v.mean()):12.3f} ± n/a"
+    return f"{float(v.mean()):12.3f} ± {float(v.std(ddof=1)) / np.sqrt(n):.3f}"
 
 
 def mc_se_of_mean(se: "xr.DataArray") -> float:
